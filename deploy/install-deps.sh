@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs every Debian package duet needs to build, test and run (Debian 12 / bookworm).
+# Used by both README commands and by CI; safe to run again (apt-get skips what is present).
+set -euo pipefail
+
+pkgs=(
+    build-essential meson ninja-build pkg-config clang-format
+    libuv1-dev libcjson-dev libhttp-parser-dev libpcre2-dev libopenblas-dev
+    libprotobuf-c-dev protobuf-c-compiler
+    libucx-dev ucx-utils libopenmpi-dev openmpi-bin
+    curl procps psmisc
+    prometheus nginx-light wrk
+)
+
+# Node.js runs the tests' real OpenAI client; a machine may already carry its own build of it.
+command -v npm >/dev/null 2>&1 || pkgs+=(nodejs npm)
+
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+    echo "install-deps: all ${#pkgs[@]} packages present"
+    exit 0
+fi
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "install-deps: installed ${missing[*]}"

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian 12 machine: install dependencies, build, check
+# formatting, run every meson test suite (unit, golden, integration, fuzz corpora).
+# Usage: tests/run.sh [meson test args...]   (CI calls it through .ci/run)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash deploy/install-deps.sh
+bash tools/build.sh
+bash tools/format.sh --check
+# Integration tests start several ranks per instance on a 2-core machine.
+export OMPI_MCA_rmaps_base_oversubscribe=1
+meson test -C build --print-errorlogs --num-processes "${DUET_TEST_JOBS:-2}" "$@"
