@@ -1,0 +1,156 @@
+/* The backend interface: where the model's tensors live and how its ops run. The model
+ * (model.c) calls only these ops, so the CPU reference and the CUDA backend compute the same
+ * graph. A backend instance drives one device for one rank; all calls come from the thread
+ * that runs the engine step. Buffers ("be_buf") are device memory holding activations of the
+ * backend's activation type (float32 on the CPU, bf16 on CUDA); host data crosses only through
+ * be_upload / be_download. Shapes are written as [rows, cols], row-major.
+ *
+ * Optional slots may be NULL; the wrappers in backend.c apply the fallback once. */
+#ifndef DUET_BACKEND_H
+#define DUET_BACKEND_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config.h"
+#include "dtype.h"
+#include "status.h"
+
+typedef struct be_backend be_backend;
+
+/* A linear layer's weight W [n_out, n_in]: y = x @ W^T. Created from host float32. */
+typedef struct be_weight be_weight;
+
+/* Paged KV cache of MLA latents: n_blocks blocks, each [n_layers][block_size][kv_dim] with
+ * kv_dim = kv_lora_rank + qk_rope_head_dim. Block-major so one block of every layer is one
+ * contiguous byte range: KV transfer moves a run of blocks with one read. */
+typedef struct be_kv {
+    int n_blocks, n_layers, block_size, kv_dim;
+    dt_dtype dtype;
+    void *data;         /* device address of block 0 */
+    size_t block_bytes; /* bytes of one block, all layers */
+    bool on_device;     /* false: host memory, readable by the CPU directly */
+} be_kv;
+
+/* The current step's batch, flattened: tokens of sequence s are rows
+ * [seq_start[s], seq_start[s+1]) and sit at positions pos0[s] .. pos0[s] + n - 1.
+ * Each query token attends to positions 0 .. its own position of its sequence. */
+typedef struct be_batch {
+    int n_tokens, n_seqs;
+    const int32_t *token_pos;   /* [n_tokens] */
+    const int32_t *token_slot;  /* [n_tokens] KV slot to write: block * block_size + offset */
+    const int32_t *seq_start;   /* [n_seqs + 1] */
+    const int32_t *seq_ctx;     /* [n_seqs] context length after this step (= last pos + 1) */
+    const int32_t *block_table; /* [n_seqs][max_blocks] */
+    int max_blocks;
+} be_batch;
+
+/* MoE routing parameters, from the config. */
+typedef struct be_route_params {
+    int n_experts, top_k, n_group, topk_group;
+    cfg_scoring scoring;
+    cfg_topk_method method;
+    bool norm_topk_prob;
+    /* DeepSeek-V3 normalizes (when norm_topk_prob) and then scales by routed_scaling_factor;
+     * DeepSeek-V2 does one or the other. */
+    bool scale_after_norm;
+    float routed_scaling_factor;
+} be_route_params;
+
+/* One expert's (or a dense MLP's) weights, intermediate dim possibly split over TP ranks:
+ * gate_up [2*I, D] (gate rows then up rows), down [D, I]. */
+typedef struct be_ffn {
+    be_weight *gate_up;
+    be_weight *down;
+    int n_inter; /* I: this rank's intermediate width */
+} be_ffn;
+
+typedef struct be_ops {
+    const char *name;
+    dt_dtype act_dtype;
+
+    void (*destroy)(be_backend *be);
+
+    /* memory */
+    void *(*buf_alloc)(be_backend *be, size_t n_elems); /* activation elements */
+    void (*buf_free)(be_backend *be, void *buf);
+    /* host float32 <-> device activations, n elements at element offset off */
+    duet_status (*upload)(be_backend *be, void *dst, size_t off, const float *src, size_t n);
+    duet_status (*download)(be_backend *be, float *dst, const void *src, size_t off, size_t n);
+    duet_status (*sync)(be_backend *be);
+
+    duet_status (*weight_create)(be_backend *be, const float *w, int n_out, int n_in,
+                                 bool keep_f32, be_weight **w_p);
+    void (*weight_destroy)(be_backend *be, be_weight *w);
+    duet_status (*vec_create)(be_backend *be, const float *v, int n, void **dev_p); /* f32 */
+
+    duet_status (*kv_create)(be_backend *be, int n_blocks, int n_layers, int block_size,
+                             int kv_dim, be_kv **kv_p);
+    void (*kv_destroy)(be_backend *be, be_kv *kv);
+
+    /* RoPE frequencies (half = rope_dim / 2 of them) and the cos/sin magnitude; once */
+    duet_status (*rope_setup)(be_backend *be, const float *inv_freq, int half, float attn_factor);
+    /* the step's batch metadata; pointers in b are host memory, copied */
+    duet_status (*set_batch)(be_backend *be, const be_batch *b);
+
+    /* ops; x, y, out are device buffers of activations */
+    /* out[T, D] = table rows ids - row0 for ids in [row0, row0 + n_rows), zero otherwise;
+     * ids is host memory */
+    void (*embed)(be_backend *be, void *out, const int32_t *ids, int T, const be_weight *table,
+                  int row0);
+    /* y[T, n_out] = x[T, n_in] @ W^T; x rows are x_stride elements apart */
+    void (*linear)(be_backend *be, void *y, const void *x, int x_stride, int T,
+                   const be_weight *w);
+    /* out[T, D] (out_stride) = rmsnorm(x[T, D] (x_stride)) * w; out may be x */
+    void (*rmsnorm)(be_backend *be, void *out, int out_stride, const void *x, int x_stride,
+                    const void *w, int T, int D, float eps);
+    /* y += x, n elements */
+    void (*add)(be_backend *be, void *y, const void *x, size_t n);
+    /* out[T, I] = silu(gu[T, :I]) * gu[T, I:] */
+    void (*silu_mul)(be_backend *be, void *out, const void *gu, int T, int inter);
+    /* In place on each of n_heads slices of width rope_dim at column col0 + h * head_stride of
+     * rows x[t] (row_stride): rotate interleaved pairs by the batch's token positions. */
+    void (*rope)(be_backend *be, void *x, int T, int row_stride, int n_heads, int head_stride,
+                 int col0, int rope_dim);
+    /* writes kva[T, kv_dim] (row stride kv_stride) of layer into the batch's token slots */
+    void (*kv_write)(be_backend *be, be_kv *kv, int layer, const void *kva, int kv_stride);
+    /* MLA attention for the batch: q[T, H, nope + rope] (roped), cache of layer, kv_b
+     * weight [H * (nope + v), L] of the same H heads; out[T, H * v]. The backend chooses the
+     * absorbed form (attention over latents) or the expanded one per sequence. */
+    void (*mla_attention)(be_backend *be, void *out, const void *q, be_kv *kv, int layer,
+                          const be_weight *kv_b, int H, int nope, int rope, int v, float scale);
+    /* routing: logits = x[T, D] @ gate^T in float32, then scores, groups and top-k as the
+     * config says; bias (float32 device vector, or NULL) only steers the choice. Results go to
+     * host arrays ids[T, K], weights[T, K]. */
+    duet_status (*moe_route)(be_backend *be, const void *x, int T, const be_weight *gate,
+                             const void *bias, const be_route_params *p, int32_t *ids,
+                             float *weights);
+    /* out[T, D] += sum over k with ids[t, k] in [e0, e0 + n_local) of weights[t, k] *
+     * ffn_{ids[t,k]}(x[t]); ids/weights are host arrays [T, K]; experts[e - e0] */
+    void (*moe_experts)(be_backend *be, void *out, const void *x, int T, int D,
+                        const int32_t *ids, const float *weights, int K, const be_ffn *experts,
+                        int e0, int n_local);
+    /* dst[i] = src[idx[i]] rows of D elements (idx host) */
+    void (*gather_rows)(be_backend *be, void *dst, const void *src, const int32_t *idx, int n,
+                        int D);
+    /* dst[idx[i]] += src[i] (idx host, distinct) */
+    void (*scatter_add_rows)(be_backend *be, void *dst, const void *src, const int32_t *idx,
+                             int n, int D);
+    void (*zero)(be_backend *be, void *buf, size_t n);
+} be_ops;
+
+struct be_backend {
+    const be_ops *ops;
+};
+
+/* Creates a backend by name ("cpu", "cuda"); device is the local device index. */
+duet_status be_create(const char *name, int device, be_backend **be_p);
+void be_destroy(be_backend *be);
+/* Whether this build has the named backend. */
+bool be_available(const char *name);
+
+/* The CPU backend's constructor (cpu/backend_cpu.c). */
+duet_status be_cpu_create(be_backend **be_p);
+
+#endif

@@ -1,0 +1,206 @@
+/* comm over MPI (Open MPI): world bootstrap, group splits, and host-memory collectives run as
+ * non-blocking MPI calls polled against a deadline, so a dead or stuck peer becomes one clear
+ * error line and an instance-wide abort instead of a silent hang. */
+#include "comm.h"
+
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "log.h"
+
+struct comm_group {
+    MPI_Comm comm;
+    char name[16];
+    int rank, size;
+};
+
+static double g_timeout = 60.0;
+static bool g_mpi;
+static int g_world_rank;
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+void comm_set_timeout(double seconds) {
+    if (seconds > 0) g_timeout = seconds;
+}
+
+duet_status comm_init(int *argc, char ***argv, comm_world *world_p) {
+    comm_world w = {.rank = 0, .size = 1, .local_rank = 0, .local_size = 1, .mpi = false};
+    const char *t = getenv("DUET_COMM_TIMEOUT");
+    if (t && atof(t) > 0) g_timeout = atof(t);
+    /* Under mpirun (Open MPI sets these) start MPI; a plain run stays a single rank. */
+    if (getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMIX_RANK") || getenv("DUET_FORCE_MPI")) {
+        int provided = 0;
+        if (MPI_Init_thread(argc, argv, MPI_THREAD_SERIALIZED, &provided) != MPI_SUCCESS) {
+            LOG_ERROR("comm: MPI_Init_thread failed");
+            return DUET_ERR_COMM;
+        }
+        /* Errors come back to us so they can be reported with context. */
+        MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+        MPI_Comm_rank(MPI_COMM_WORLD, &w.rank);
+        MPI_Comm_size(MPI_COMM_WORLD, &w.size);
+        MPI_Comm local;
+        MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, w.rank, MPI_INFO_NULL, &local);
+        MPI_Comm_rank(local, &w.local_rank);
+        MPI_Comm_size(local, &w.local_size);
+        MPI_Comm_free(&local);
+        w.mpi = true;
+        g_mpi = true;
+        g_world_rank = w.rank;
+    }
+    *world_p = w;
+    return DUET_OK;
+}
+
+void comm_finalize(void) {
+    if (g_mpi) MPI_Finalize();
+    g_mpi = false;
+}
+
+void comm_abort(int code) {
+    if (g_mpi) MPI_Abort(MPI_COMM_WORLD, code);
+    exit(code);
+}
+
+duet_status comm_group_create(const char *name, int color, int key, comm_group **group_p) {
+    comm_group *g = calloc(1, sizeof *g);
+    if (!g) return DUET_ERR_NO_MEMORY;
+    snprintf(g->name, sizeof g->name, "%s", name);
+    if (!g_mpi) {
+        g->comm = MPI_COMM_NULL;
+        g->rank = 0;
+        g->size = 1;
+    } else {
+        if (MPI_Comm_split(MPI_COMM_WORLD, color, key, &g->comm) != MPI_SUCCESS) {
+            LOG_ERROR("comm: cannot create the %s group", name);
+            free(g);
+            return DUET_ERR_COMM;
+        }
+        MPI_Comm_set_errhandler(g->comm, MPI_ERRORS_RETURN);
+        MPI_Comm_rank(g->comm, &g->rank);
+        MPI_Comm_size(g->comm, &g->size);
+    }
+    *group_p = g;
+    return DUET_OK;
+}
+
+void comm_group_destroy(comm_group *g) {
+    if (!g) return;
+    if (g->comm != MPI_COMM_NULL) MPI_Comm_free(&g->comm);
+    free(g);
+}
+
+int comm_group_rank(const comm_group *g) {
+    return g ? g->rank : 0;
+}
+
+int comm_group_size(const comm_group *g) {
+    return g ? g->size : 1;
+}
+
+/* Waits for req until the deadline; on failure logs once and aborts the whole instance:
+ * a collective that did not complete leaves the ranks out of step for good. */
+static duet_status wait_req(comm_group *g, MPI_Request *req, const char *what, int rc) {
+    if (rc != MPI_SUCCESS) {
+        char err[MPI_MAX_ERROR_STRING];
+        int len = 0;
+        MPI_Error_string(rc, err, &len);
+        LOG_ERROR("comm: rank %d: %s on the %s group failed: %s", g_world_rank, what, g->name,
+                  err);
+        comm_abort(3);
+        return DUET_ERR_COMM;
+    }
+    double start = now_s();
+    struct timespec nap = {0, 20000}; /* 20 us: keeps latency low without spinning a core */
+    for (long spins = 0;; spins++) {
+        int done = 0;
+        rc = MPI_Test(req, &done, MPI_STATUS_IGNORE);
+        if (rc != MPI_SUCCESS) return wait_req(g, req, what, rc);
+        if (done) return DUET_OK;
+        if (spins > 200) nanosleep(&nap, NULL);
+        if ((spins & 255) == 0 && now_s() - start > g_timeout) {
+            LOG_ERROR("comm: rank %d: %s on the %s group did not complete within %.0f s (a "
+                      "peer rank died or hangs); stopping the instance",
+                      g_world_rank, what, g->name, g_timeout);
+            comm_abort(3);
+            return DUET_ERR_COMM;
+        }
+    }
+}
+
+duet_status comm_allreduce_f32(comm_group *g, float *buf, size_t n) {
+    if (g->size <= 1 || n == 0) return DUET_OK;
+    MPI_Request req;
+    int rc = MPI_Iallreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, g->comm, &req);
+    return wait_req(g, &req, "allreduce", rc);
+}
+
+duet_status comm_allreduce_i64(comm_group *g, long long *buf, size_t n, bool max) {
+    if (g->size <= 1 || n == 0) return DUET_OK;
+    MPI_Request req;
+    int rc = MPI_Iallreduce(MPI_IN_PLACE, buf, (int)n, MPI_LONG_LONG, max ? MPI_MAX : MPI_SUM,
+                            g->comm, &req);
+    return wait_req(g, &req, "allreduce", rc);
+}
+
+duet_status comm_bcast(comm_group *g, void *buf, size_t bytes, int root) {
+    if (g->size <= 1 || bytes == 0) return DUET_OK;
+    MPI_Request req;
+    int rc = MPI_Ibcast(buf, (int)bytes, MPI_BYTE, root, g->comm, &req);
+    return wait_req(g, &req, "broadcast", rc);
+}
+
+duet_status comm_allgather(comm_group *g, const void *src, void *dst, size_t bytes_each) {
+    if (g->size <= 1) {
+        memcpy(dst, src, bytes_each);
+        return DUET_OK;
+    }
+    MPI_Request req;
+    int rc = MPI_Iallgather(src, (int)bytes_each, MPI_BYTE, dst, (int)bytes_each, MPI_BYTE,
+                            g->comm, &req);
+    return wait_req(g, &req, "allgather", rc);
+}
+
+duet_status comm_alltoall_counts(comm_group *g, const int *send_counts, int *recv_counts) {
+    if (g->size <= 1) {
+        recv_counts[0] = send_counts[0];
+        return DUET_OK;
+    }
+    MPI_Request req;
+    int rc = MPI_Ialltoall(send_counts, 1, MPI_INT, recv_counts, 1, MPI_INT, g->comm, &req);
+    return wait_req(g, &req, "alltoall", rc);
+}
+
+duet_status comm_alltoallv(comm_group *g, const void *send, const int *send_counts, void *recv,
+                           const int *recv_counts) {
+    int n = g->size;
+    if (n <= 1) {
+        if (send_counts[0]) memcpy(recv, send, (size_t)send_counts[0]);
+        return DUET_OK;
+    }
+    int sd[256], rd[256];
+    if (n > 256) return DUET_ERR_UNSUPPORTED;
+    sd[0] = rd[0] = 0;
+    for (int i = 1; i < n; i++) {
+        sd[i] = sd[i - 1] + send_counts[i - 1];
+        rd[i] = rd[i - 1] + recv_counts[i - 1];
+    }
+    MPI_Request req;
+    int rc = MPI_Ialltoallv(send, send_counts, sd, MPI_BYTE, recv, recv_counts, rd, MPI_BYTE,
+                            g->comm, &req);
+    return wait_req(g, &req, "alltoallv", rc);
+}
+
+duet_status comm_barrier(comm_group *g) {
+    if (g->size <= 1) return DUET_OK;
+    MPI_Request req;
+    int rc = MPI_Ibarrier(g->comm, &req);
+    return wait_req(g, &req, "barrier", rc);
+}

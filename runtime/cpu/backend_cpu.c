@@ -1,0 +1,582 @@
+/* The CPU reference backend: float32 everywhere, GEMMs through OpenBLAS, the rest in plain
+ * loops parallelized with OpenMP. It is the readable statement of every op that faster
+ * backends must match (tests/unit/test_backend_ops.c compares them). */
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "log.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_max_threads(void) {
+    return 1;
+}
+static int omp_get_thread_num(void) {
+    return 0;
+}
+#endif
+
+struct be_weight {
+    int n_out, n_in;
+    float *w; /* [n_out, n_in] */
+};
+
+typedef struct cpu_backend {
+    be_backend base;
+    /* batch metadata, copied from be_batch */
+    int n_tokens, n_seqs, max_blocks;
+    int32_t *token_pos, *token_slot, *seq_start, *seq_ctx, *block_table;
+    size_t cap_pos, cap_slot, cap_start, cap_ctx, cap_table;
+    float inv_freq[256];
+    int rope_half;
+    float rope_attn;
+    /* scratch grown on demand, reused across steps */
+    float *scratch;
+    size_t scratch_cap;
+} cpu_backend;
+
+static cpu_backend *cpu(be_backend *be) {
+    return (cpu_backend *)be;
+}
+
+static float *scratch_get(cpu_backend *c, size_t n) {
+    if (n > c->scratch_cap) {
+        free(c->scratch);
+        c->scratch = malloc(n * sizeof(float));
+        c->scratch_cap = c->scratch ? n : 0;
+    }
+    return c->scratch;
+}
+
+static void cpu_destroy(be_backend *be) {
+    cpu_backend *c = cpu(be);
+    free(c->token_pos);
+    free(c->token_slot);
+    free(c->seq_start);
+    free(c->seq_ctx);
+    free(c->block_table);
+    free(c->scratch);
+    free(c);
+}
+
+static void *cpu_buf_alloc(be_backend *be, size_t n) {
+    (void)be;
+    return calloc(n ? n : 1, sizeof(float));
+}
+
+static void cpu_buf_free(be_backend *be, void *buf) {
+    (void)be;
+    free(buf);
+}
+
+static duet_status cpu_upload(be_backend *be, void *dst, size_t off, const float *src, size_t n) {
+    (void)be;
+    memcpy((float *)dst + off, src, n * sizeof(float));
+    return DUET_OK;
+}
+
+static duet_status cpu_download(be_backend *be, float *dst, const void *src, size_t off,
+                                size_t n) {
+    (void)be;
+    memcpy(dst, (const float *)src + off, n * sizeof(float));
+    return DUET_OK;
+}
+
+static duet_status cpu_sync(be_backend *be) {
+    (void)be;
+    return DUET_OK;
+}
+
+static duet_status cpu_weight_create(be_backend *be, const float *w, int n_out, int n_in,
+                                     bool keep_f32, be_weight **w_p) {
+    (void)be;
+    (void)keep_f32; /* everything is float32 here */
+    be_weight *bw = malloc(sizeof *bw);
+    float *data = malloc((size_t)n_out * (size_t)n_in * sizeof(float));
+    if (!bw || !data) {
+        free(bw);
+        free(data);
+        return DUET_ERR_NO_MEMORY;
+    }
+    memcpy(data, w, (size_t)n_out * (size_t)n_in * sizeof(float));
+    bw->n_out = n_out;
+    bw->n_in = n_in;
+    bw->w = data;
+    *w_p = bw;
+    return DUET_OK;
+}
+
+static void cpu_weight_destroy(be_backend *be, be_weight *w) {
+    (void)be;
+    if (!w) return;
+    free(w->w);
+    free(w);
+}
+
+static duet_status cpu_vec_create(be_backend *be, const float *v, int n, void **dev_p) {
+    (void)be;
+    float *d = malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
+    if (!d) return DUET_ERR_NO_MEMORY;
+    memcpy(d, v, (size_t)n * sizeof(float));
+    *dev_p = d;
+    return DUET_OK;
+}
+
+static duet_status cpu_kv_create(be_backend *be, int n_blocks, int n_layers, int block_size,
+                                 int kv_dim, be_kv **kv_p) {
+    (void)be;
+    be_kv *kv = calloc(1, sizeof *kv);
+    size_t block_bytes = (size_t)n_layers * (size_t)block_size * (size_t)kv_dim * sizeof(float);
+    /* page-aligned so the region registers cleanly with UCX */
+    void *data = NULL;
+    if (!kv || posix_memalign(&data, 4096, block_bytes * (size_t)n_blocks) != 0) {
+        free(kv);
+        LOG_ERROR("cpu backend: cannot allocate a KV cache of %zu bytes",
+                  block_bytes * (size_t)n_blocks);
+        return DUET_ERR_NO_MEMORY;
+    }
+    memset(data, 0, block_bytes * (size_t)n_blocks);
+    kv->n_blocks = n_blocks;
+    kv->n_layers = n_layers;
+    kv->block_size = block_size;
+    kv->kv_dim = kv_dim;
+    kv->dtype = DT_F32;
+    kv->data = data;
+    kv->block_bytes = block_bytes;
+    kv->on_device = false;
+    *kv_p = kv;
+    return DUET_OK;
+}
+
+static void cpu_kv_destroy(be_backend *be, be_kv *kv) {
+    (void)be;
+    if (!kv) return;
+    free(kv->data);
+    free(kv);
+}
+
+static int grow_i32(int32_t **p, size_t *cap, size_t n) {
+    if (n <= *cap) return 0;
+    int32_t *np = realloc(*p, n * sizeof **p);
+    if (!np) return -1;
+    *p = np;
+    *cap = n;
+    return 0;
+}
+
+static duet_status cpu_set_batch(be_backend *be, const be_batch *b) {
+    cpu_backend *c = cpu(be);
+    size_t nt = (size_t)b->n_tokens, ns = (size_t)b->n_seqs;
+    size_t table = ns * (size_t)b->max_blocks;
+    if (grow_i32(&c->token_pos, &c->cap_pos, nt) || grow_i32(&c->token_slot, &c->cap_slot, nt) ||
+        grow_i32(&c->seq_start, &c->cap_start, ns + 1) ||
+        grow_i32(&c->seq_ctx, &c->cap_ctx, ns + 1) ||
+        grow_i32(&c->block_table, &c->cap_table, table))
+        return DUET_ERR_NO_MEMORY;
+    memcpy(c->token_pos, b->token_pos, nt * sizeof(int32_t));
+    memcpy(c->token_slot, b->token_slot, nt * sizeof(int32_t));
+    memcpy(c->seq_start, b->seq_start, (ns + 1) * sizeof(int32_t));
+    memcpy(c->seq_ctx, b->seq_ctx, ns * sizeof(int32_t));
+    if (table) memcpy(c->block_table, b->block_table, table * sizeof(int32_t));
+    c->n_tokens = b->n_tokens;
+    c->n_seqs = b->n_seqs;
+    c->max_blocks = b->max_blocks;
+    return DUET_OK;
+}
+
+static duet_status cpu_rope_setup(be_backend *be, const float *inv_freq, int half,
+                                  float attn_factor) {
+    cpu_backend *c = cpu(be);
+    if (half <= 0 || half > 256) return DUET_ERR_UNSUPPORTED;
+    memcpy(c->inv_freq, inv_freq, (size_t)half * sizeof(float));
+    c->rope_half = half;
+    c->rope_attn = attn_factor;
+    return DUET_OK;
+}
+
+static void cpu_embed(be_backend *be, void *out, const int32_t *ids, int T,
+                      const be_weight *table, int row0) {
+    (void)be;
+    int D = table->n_in;
+    float *o = out;
+    for (int t = 0; t < T; t++) {
+        int r = ids[t] - row0;
+        if (r >= 0 && r < table->n_out)
+            memcpy(o + (size_t)t * D, table->w + (size_t)r * D, (size_t)D * sizeof(float));
+        else memset(o + (size_t)t * D, 0, (size_t)D * sizeof(float));
+    }
+}
+
+static void cpu_linear(be_backend *be, void *y, const void *x, int x_stride, int T,
+                       const be_weight *w) {
+    (void)be;
+    if (T <= 0) return;
+    /* y[T, n_out] = x[T, n_in] @ W[n_out, n_in]^T */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, w->n_out, w->n_in, 1.0f, x, x_stride,
+                w->w, w->n_in, 0.0f, y, w->n_out);
+}
+
+static void cpu_rmsnorm(be_backend *be, void *out, int out_stride, const void *x, int x_stride,
+                        const void *w, int T, int D, float eps) {
+    (void)be;
+    const float *wf = w;
+#pragma omp parallel for
+    for (int t = 0; t < T; t++) {
+        const float *xr = (const float *)x + (size_t)t * x_stride;
+        float *orow = (float *)out + (size_t)t * out_stride;
+        float ss = 0.0f;
+        for (int i = 0; i < D; i++) ss += xr[i] * xr[i];
+        float r = 1.0f / sqrtf(ss / (float)D + eps);
+        for (int i = 0; i < D; i++) orow[i] = wf[i] * (xr[i] * r);
+    }
+}
+
+static void cpu_add(be_backend *be, void *y, const void *x, size_t n) {
+    (void)be;
+    float *yf = y;
+    const float *xf = x;
+    for (size_t i = 0; i < n; i++) yf[i] += xf[i];
+}
+
+static void cpu_silu_mul(be_backend *be, void *out, const void *gu, int T, int inter) {
+    (void)be;
+#pragma omp parallel for
+    for (int t = 0; t < T; t++) {
+        const float *g = (const float *)gu + (size_t)t * 2 * inter, *u = g + inter;
+        float *o = (float *)out + (size_t)t * inter;
+        for (int i = 0; i < inter; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}
+
+static void cpu_rope(be_backend *be, void *x, int T, int row_stride, int n_heads,
+                     int head_stride, int col0, int rope_dim) {
+    cpu_backend *c = cpu(be);
+    int half = rope_dim / 2;
+#pragma omp parallel for
+    for (int t = 0; t < T; t++) {
+        float pos = (float)c->token_pos[t];
+        float cs[128], sn[128];
+        for (int i = 0; i < half; i++) {
+            float a = pos * c->inv_freq[i];
+            cs[i] = cosf(a) * c->rope_attn;
+            sn[i] = sinf(a) * c->rope_attn;
+        }
+        for (int h = 0; h < n_heads; h++) {
+            float *p = (float *)x + (size_t)t * row_stride + (size_t)h * head_stride + col0;
+            for (int i = 0; i < half; i++) {
+                float x0 = p[2 * i], x1 = p[2 * i + 1];
+                p[2 * i] = x0 * cs[i] - x1 * sn[i];
+                p[2 * i + 1] = x0 * sn[i] + x1 * cs[i];
+            }
+        }
+    }
+}
+
+/* The cache row of (layer, slot). */
+static float *kv_row(const be_kv *kv, int layer, int slot) {
+    int blk = slot / kv->block_size, off = slot % kv->block_size;
+    return (float *)kv->data +
+           (((size_t)blk * kv->n_layers + (size_t)layer) * kv->block_size + (size_t)off) *
+               kv->kv_dim;
+}
+
+static void cpu_kv_write(be_backend *be, be_kv *kv, int layer, const void *kva, int kv_stride) {
+    cpu_backend *c = cpu(be);
+    for (int t = 0; t < c->n_tokens; t++)
+        memcpy(kv_row(kv, layer, c->token_slot[t]), (const float *)kva + (size_t)t * kv_stride,
+               (size_t)kv->kv_dim * sizeof(float));
+}
+
+/* Row j of sequence s's context in the cache. */
+static const float *ctx_row(const cpu_backend *c, const be_kv *kv, int layer, int s, int j) {
+    int blk = c->block_table[(size_t)s * c->max_blocks + j / kv->block_size];
+    return kv_row(kv, layer, blk * kv->block_size + j % kv->block_size);
+}
+
+static void softmax_inplace(float *x, int n) {
+    float m = -INFINITY;
+    for (int i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) {
+        x[i] = expf(x[i] - m);
+        sum += x[i];
+    }
+    for (int i = 0; i < n; i++) x[i] /= sum;
+}
+
+/* Absorbed MLA for one query token and head: q_nope is folded into the latent space through
+ * W_uk, attention runs over cached latents, W_uv maps the result back. Cost O(ctx * L). */
+static void attend_absorbed(const cpu_backend *c, const be_kv *kv, int layer, int s, int ctx,
+                            const float *q, const float *wkvb_h, int nope, int rope, int v,
+                            float scale, float *out, float *tmp) {
+    int L = kv->kv_dim - rope;
+    float *q_lat = tmp, *o_lat = tmp + L, *sc = tmp + 2 * L;
+    /* q_lat[l] = sum_i q_nope[i] * W_uk[i][l] */
+    for (int l = 0; l < L; l++) q_lat[l] = 0.0f;
+    for (int i = 0; i < nope; i++) {
+        const float *wr = wkvb_h + (size_t)i * L;
+        for (int l = 0; l < L; l++) q_lat[l] += q[i] * wr[l];
+    }
+    for (int j = 0; j < ctx; j++) {
+        const float *row = ctx_row(c, kv, layer, s, j);
+        float d = 0.0f;
+        for (int l = 0; l < L; l++) d += q_lat[l] * row[l];
+        for (int r = 0; r < rope; r++) d += q[nope + r] * row[L + r];
+        sc[j] = d * scale;
+    }
+    softmax_inplace(sc, ctx);
+    for (int l = 0; l < L; l++) o_lat[l] = 0.0f;
+    for (int j = 0; j < ctx; j++) {
+        const float *row = ctx_row(c, kv, layer, s, j);
+        for (int l = 0; l < L; l++) o_lat[l] += sc[j] * row[l];
+    }
+    for (int i = 0; i < v; i++) {
+        const float *wr = wkvb_h + (size_t)(nope + i) * L;
+        float d = 0.0f;
+        for (int l = 0; l < L; l++) d += wr[l] * o_lat[l];
+        out[i] = d;
+    }
+}
+
+/* Expanded MLA for a chunk of query tokens of one sequence: keys and values of every context
+ * position are rebuilt from the latents through kv_b (one GEMM), then ordinary causal attention
+ * per head. Cost O(ctx * H * (nope + v) * L) once, shared by all the chunk's queries. */
+static void attend_expanded(cpu_backend *c, const be_kv *kv, int layer, int s, float *out,
+                            const float *q, const be_weight *kv_b, int H, int nope, int rope,
+                            int v, float scale) {
+    int L = kv->kv_dim - rope, ctx = c->seq_ctx[s];
+    int t0 = c->seq_start[s], n = c->seq_start[s + 1] - t0;
+    int kvw = H * (nope + v), qw = H * (nope + rope);
+    size_t need = (size_t)ctx * L + (size_t)ctx * kvw + (size_t)omp_get_max_threads() * ctx;
+    float *lat = scratch_get(c, need);
+    if (!lat) return;
+    float *kvx = lat + (size_t)ctx * L, *scores = kvx + (size_t)ctx * kvw;
+    for (int j = 0; j < ctx; j++)
+        memcpy(lat + (size_t)j * L, ctx_row(c, kv, layer, s, j), (size_t)L * sizeof(float));
+    /* kvx[ctx, H * (nope + v)] = lat[ctx, L] @ kv_b^T */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ctx, kvw, L, 1.0f, lat, L, kv_b->w, L,
+                0.0f, kvx, kvw);
+#pragma omp parallel for collapse(2)
+    for (int i = 0; i < n; i++) {
+        for (int h = 0; h < H; h++) {
+            float *sc = scores + (size_t)omp_get_thread_num() * ctx;
+            const float *qh = q + (size_t)(t0 + i) * qw + (size_t)h * (nope + rope);
+            int upto = c->token_pos[t0 + i] + 1; /* causal */
+            for (int j = 0; j < upto; j++) {
+                const float *k = kvx + (size_t)j * kvw + (size_t)h * (nope + v);
+                const float *pe = ctx_row(c, kv, layer, s, j) + L;
+                float d = 0.0f;
+                for (int e = 0; e < nope; e++) d += qh[e] * k[e];
+                for (int e = 0; e < rope; e++) d += qh[nope + e] * pe[e];
+                sc[j] = d * scale;
+            }
+            softmax_inplace(sc, upto);
+            float *o = out + (size_t)(t0 + i) * H * v + (size_t)h * v;
+            for (int e = 0; e < v; e++) o[e] = 0.0f;
+            for (int j = 0; j < upto; j++) {
+                const float *vv = kvx + (size_t)j * kvw + (size_t)h * (nope + v) + nope;
+                for (int e = 0; e < v; e++) o[e] += sc[j] * vv[e];
+            }
+        }
+    }
+}
+
+static void cpu_mla_attention(be_backend *be, void *out, const void *q, be_kv *kv, int layer,
+                              const be_weight *kv_b, int H, int nope, int rope, int v,
+                              float scale) {
+    cpu_backend *c = cpu(be);
+    int L = kv->kv_dim - rope, qw = H * (nope + rope);
+    int max_ctx = 0;
+    for (int s = 0; s < c->n_seqs; s++) max_ctx = c->seq_ctx[s] > max_ctx ? c->seq_ctx[s] : max_ctx;
+    for (int s = 0; s < c->n_seqs; s++) {
+        int t0 = c->seq_start[s], n = c->seq_start[s + 1] - t0;
+        if (n > 1) {
+            /* a prompt chunk: expanded form, as prefill kernels do */
+            attend_expanded(c, kv, layer, s, out, q, kv_b, H, nope, rope, v, scale);
+            continue;
+        }
+        if (n == 0) continue;
+        size_t per = (size_t)2 * L + (size_t)max_ctx;
+        float *tmp = scratch_get(c, per * (size_t)omp_get_max_threads());
+        if (!tmp) return;
+        int ctx = c->token_pos[t0] + 1;
+#pragma omp parallel for
+        for (int h = 0; h < H; h++) {
+            attend_absorbed(c, kv, layer, s, ctx, (const float *)q + (size_t)t0 * qw +
+                                                      (size_t)h * (nope + rope),
+                            kv_b->w + (size_t)h * (nope + v) * L, nope, rope, v, scale,
+                            (float *)out + (size_t)t0 * H * v + (size_t)h * v,
+                            tmp + per * (size_t)omp_get_thread_num());
+        }
+    }
+}
+
+/* Indices of the k largest of x[0..n) into idx, largest first; ties keep the lower index. */
+static void topk_indices(const float *x, int n, int k, int *idx) {
+    for (int i = 0; i < k; i++) idx[i] = -1;
+    for (int e = 0; e < n; e++) {
+        int p = k;
+        while (p > 0 && (idx[p - 1] < 0 || x[e] > x[idx[p - 1]])) p--;
+        if (p >= k) continue;
+        for (int q = k - 1; q > p; q--) idx[q] = idx[q - 1];
+        idx[p] = e;
+    }
+}
+
+static duet_status cpu_moe_route(be_backend *be, const void *x, int T, const be_weight *gate,
+                                 const void *bias, const be_route_params *p, int32_t *ids,
+                                 float *weights) {
+    cpu_backend *c = cpu(be);
+    int E = p->n_experts, K = p->top_k, G = p->n_group, per = E / G;
+    float *logits = scratch_get(c, (size_t)T * E);
+    if (!logits) return DUET_ERR_NO_MEMORY;
+    cpu_linear(be, logits, x, gate->n_in, T, gate);
+    const float *b = bias;
+    for (int t = 0; t < T; t++) {
+        float *s = logits + (size_t)t * E;
+        float choice[1024], gscore[256];
+        int gidx[256], eidx[64];
+        if (E > 1024 || G > 256 || K > 64) return DUET_ERR_UNSUPPORTED;
+        if (p->scoring == CFG_SCORING_SOFTMAX) softmax_inplace(s, E);
+        else
+            for (int e = 0; e < E; e++) s[e] = 1.0f / (1.0f + expf(-s[e]));
+        for (int e = 0; e < E; e++) choice[e] = s[e] + (b ? b[e] : 0.0f);
+        if (p->method != CFG_TOPK_GREEDY && G > 1) {
+            for (int g = 0; g < G; g++) {
+                const float *cg = choice + g * per;
+                if (p->method == CFG_TOPK_NOAUX_TC) {
+                    int two[2];
+                    topk_indices(cg, per, 2, two);
+                    gscore[g] = cg[two[0]] + cg[two[1]];
+                } else {
+                    float m = -INFINITY;
+                    for (int i = 0; i < per; i++) m = cg[i] > m ? cg[i] : m;
+                    gscore[g] = m;
+                }
+            }
+            topk_indices(gscore, G, p->topk_group, gidx);
+            char keep[256] = {0};
+            for (int i = 0; i < p->topk_group; i++) keep[gidx[i]] = 1;
+            for (int g = 0; g < G; g++)
+                if (!keep[g])
+                    for (int i = 0; i < per; i++) choice[g * per + i] = -INFINITY;
+        }
+        topk_indices(choice, E, K, eidx);
+        float sum = 0.0f;
+        for (int k = 0; k < K; k++) {
+            ids[(size_t)t * K + k] = eidx[k];
+            weights[(size_t)t * K + k] = s[eidx[k]];
+            sum += s[eidx[k]];
+        }
+        bool norm = p->norm_topk_prob && (p->scale_after_norm || K > 1);
+        for (int k = 0; k < K; k++) {
+            float w = weights[(size_t)t * K + k];
+            if (norm) w /= sum + 1e-20f;
+            if (p->scale_after_norm || !norm) w *= p->routed_scaling_factor;
+            weights[(size_t)t * K + k] = w;
+        }
+    }
+    return DUET_OK;
+}
+
+static void cpu_moe_experts(be_backend *be, void *out, const void *x, int T, int D,
+                            const int32_t *ids, const float *weights, int K,
+                            const be_ffn *experts, int e0, int n_local) {
+    cpu_backend *c = cpu(be);
+    if (T <= 0 || n_local <= 0) return;
+    int inter = experts[0].n_inter;
+    /* per expert: rows [n, D] gathered, gate_up [n, 2I], act [n, I], y [n, D] */
+    size_t need = (size_t)T * (D + 3 * (size_t)inter + D) + (size_t)T * 2;
+    float *buf = scratch_get(c, need);
+    if (!buf) return;
+    float *xs = buf, *gu = xs + (size_t)T * D, *act = gu + (size_t)T * 2 * inter,
+          *y = act + (size_t)T * inter, *wt = y + (size_t)T * D;
+    int *rows = (int *)(wt + T);
+    for (int e = 0; e < n_local; e++) {
+        int n = 0;
+        for (int t = 0; t < T; t++)
+            for (int k = 0; k < K; k++)
+                if (ids[(size_t)t * K + k] == e0 + e) {
+                    rows[n] = t;
+                    wt[n] = weights[(size_t)t * K + k];
+                    memcpy(xs + (size_t)n * D, (const float *)x + (size_t)t * D,
+                           (size_t)D * sizeof(float));
+                    n++;
+                }
+        if (!n) continue;
+        cpu_linear(be, gu, xs, D, n, experts[e].gate_up);
+        cpu_silu_mul(be, act, gu, n, inter);
+        cpu_linear(be, y, act, inter, n, experts[e].down);
+        for (int i = 0; i < n; i++) {
+            float *o = (float *)out + (size_t)rows[i] * D;
+            const float *yr = y + (size_t)i * D;
+            for (int d = 0; d < D; d++) o[d] += wt[i] * yr[d];
+        }
+    }
+}
+
+static void cpu_gather_rows(be_backend *be, void *dst, const void *src, const int32_t *idx,
+                            int n, int D) {
+    (void)be;
+    for (int i = 0; i < n; i++)
+        memcpy((float *)dst + (size_t)i * D, (const float *)src + (size_t)idx[i] * D,
+               (size_t)D * sizeof(float));
+}
+
+static void cpu_scatter_add_rows(be_backend *be, void *dst, const void *src,
+                                 const int32_t *idx, int n, int D) {
+    (void)be;
+    for (int i = 0; i < n; i++) {
+        float *d = (float *)dst + (size_t)idx[i] * D;
+        const float *s = (const float *)src + (size_t)i * D;
+        for (int j = 0; j < D; j++) d[j] += s[j];
+    }
+}
+
+static void cpu_zero(be_backend *be, void *buf, size_t n) {
+    (void)be;
+    memset(buf, 0, n * sizeof(float));
+}
+
+static const be_ops g_cpu_ops = {
+    .name = "cpu",
+    .act_dtype = DT_F32,
+    .destroy = cpu_destroy,
+    .buf_alloc = cpu_buf_alloc,
+    .buf_free = cpu_buf_free,
+    .upload = cpu_upload,
+    .download = cpu_download,
+    .sync = cpu_sync,
+    .weight_create = cpu_weight_create,
+    .weight_destroy = cpu_weight_destroy,
+    .vec_create = cpu_vec_create,
+    .kv_create = cpu_kv_create,
+    .kv_destroy = cpu_kv_destroy,
+    .rope_setup = cpu_rope_setup,
+    .set_batch = cpu_set_batch,
+    .embed = cpu_embed,
+    .linear = cpu_linear,
+    .rmsnorm = cpu_rmsnorm,
+    .add = cpu_add,
+    .silu_mul = cpu_silu_mul,
+    .rope = cpu_rope,
+    .kv_write = cpu_kv_write,
+    .mla_attention = cpu_mla_attention,
+    .moe_route = cpu_moe_route,
+    .moe_experts = cpu_moe_experts,
+    .gather_rows = cpu_gather_rows,
+    .scatter_add_rows = cpu_scatter_add_rows,
+    .zero = cpu_zero,
+};
+
+duet_status be_cpu_create(be_backend **be_p) {
+    cpu_backend *c = calloc(1, sizeof *c);
+    if (!c) return DUET_ERR_NO_MEMORY;
+    c->base.ops = &g_cpu_ops;
+    *be_p = &c->base;
+    return DUET_OK;
+}

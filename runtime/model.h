@@ -1,0 +1,70 @@
+/* The DeepSeek model (V2/V3 family: MLA attention + MoE) over the backend interface: loading
+ * a checkpoint into a backend (sharded for this rank's place in the TP/EP grid) and the forward
+ * pass of one engine step. Not thread-safe: one engine thread owns a model. */
+#ifndef DUET_MODEL_H
+#define DUET_MODEL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "backend.h"
+#include "config.h"
+#include "status.h"
+
+typedef struct comm_group comm_group;
+
+/* This rank's share of the model. tp splits attention heads, MLP/shared-expert intermediate
+ * dims and the vocabulary; ep (when ep_size > 1) places whole routed experts on ranks, the EP
+ * group spanning every rank of the instance. Groups are NULL for size 1. */
+typedef struct mdl_shard {
+    int tp_rank, tp_size;
+    int ep_rank, ep_size;
+    comm_group *tp;
+    comm_group *ep;
+} mdl_shard;
+
+typedef enum mdl_weights_source {
+    MDL_WEIGHTS_CHECKPOINT = 0, /* safetensors files in the model directory */
+    MDL_WEIGHTS_DUMMY = 1,      /* random weights of the config's shapes (--load-format dummy) */
+} mdl_weights_source;
+
+typedef struct mdl_load_opts {
+    mdl_weights_source source;
+    uint64_t dummy_seed;
+    int max_tokens; /* most tokens in one forward (activation buffers are sized for it) */
+} mdl_load_opts;
+
+typedef struct mdl_model mdl_model;
+
+/* Loads dir (config.json + safetensors) onto be. be is borrowed and must outlive the model. */
+duet_status mdl_load(const char *dir, be_backend *be, const mdl_shard *shard,
+                     const mdl_load_opts *opts, mdl_model **model_p);
+void mdl_destroy(mdl_model *m);
+
+const cfg_model *mdl_config(const mdl_model *m);
+be_backend *mdl_backend(const mdl_model *m);
+/* Bytes of KV cache per token over all layers, in the backend's KV dtype. */
+size_t mdl_kv_bytes_per_token(const mdl_model *m);
+/* Allocates a KV cache of n_blocks blocks of block_size tokens for this model. */
+duet_status mdl_kv_create(mdl_model *m, int n_blocks, int block_size, be_kv **kv_p);
+void mdl_kv_destroy(mdl_model *m, be_kv *kv);
+
+/* One sequence's share of a step: n_tokens new tokens at positions pos0.., appended to the
+ * KV cache through its block table (covering at least pos0 + n_tokens positions). The last
+ * n_logits of its tokens get a row of logits (0: none, 1: next-token, n_tokens: all). */
+typedef struct mdl_seq {
+    const int32_t *tokens;
+    int n_tokens;
+    int pos0;
+    const int32_t *block_table;
+    int n_blocks;
+    int n_logits;
+} mdl_seq;
+
+/* Runs one step over n_seqs sequences (n_seqs may be 0: an empty step that still joins the
+ * collectives of expert parallelism). logits receives sum(n_logits) rows of vocab_size
+ * float32, in sequence order. Tokens outside [0, vocab_size) are refused with
+ * DUET_ERR_INVALID before anything runs. */
+duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs, float *logits);
+
+#endif

@@ -1,0 +1,498 @@
+/* Loading a DeepSeek checkpoint onto a backend, sliced for this rank (see model.h): tensor
+ * names as Hugging Face stores them, FP8 e4m3 weights dequantized by their 128x128
+ * weight_scale_inv blocks, every shape checked against config.json. Dummy weights
+ * (--load-format dummy) follow the same path with values from a hash of (name, row, col). */
+#include "model-impl.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "safetensors.h"
+
+typedef struct loader {
+    const cfg_model *c;
+    const char *dir;
+    st_set *st;
+    mdl_load_opts opts;
+    be_backend *be;
+    float *tmp; /* host staging for one slice */
+    size_t tmp_cap;
+} loader;
+
+static float *tmp_get(loader *ld, size_t n) {
+    if (n > ld->tmp_cap) {
+        free(ld->tmp);
+        ld->tmp = malloc(n * sizeof(float));
+        ld->tmp_cap = ld->tmp ? n : 0;
+    }
+    return ld->tmp;
+}
+
+static uint64_t mix64(uint64_t x) {
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ull;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+static uint64_t name_hash(const char *s) {
+    uint64_t h = 1469598103934665603ull;
+    for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
+    return h;
+}
+
+/* What a tensor's values are when no checkpoint is read: norms are ones, the router bias
+ * zero, everything else uniform with the config's usual 0.02 standard deviation. */
+static void dummy_fill(loader *ld, const char *name, int full_in, int r0, int nrows, int c0,
+                       int ncols, float *dst) {
+    size_t len = strlen(name);
+    int is_norm = len > 11 && strstr(name, "norm.weight") != NULL;
+    int is_bias = strstr(name, "e_score_correction_bias") != NULL;
+    uint64_t h = name_hash(name) ^ mix64(ld->opts.dummy_seed + 0x9e3779b97f4a7c15ull);
+    const float a = 0.02f * 1.7320508f; /* uniform [-a, a] has std 0.02 */
+    for (int i = 0; i < nrows; i++)
+        for (int j = 0; j < ncols; j++) {
+            float v;
+            if (is_norm) v = 1.0f;
+            else if (is_bias) v = 0.0f;
+            else {
+                uint64_t k = mix64(h + (uint64_t)(r0 + i) * (uint64_t)(full_in ? full_in : 1) +
+                                   (uint64_t)(c0 + j));
+                v = ((float)(k >> 40) / 16777216.0f * 2.0f - 1.0f) * a;
+            }
+            dst[(size_t)i * ncols + j] = v;
+        }
+}
+
+static const char *display_dir(const loader *ld) {
+    return ld->dir;
+}
+
+/* Fills dst [nrows, ncols] with rows [r0, r0 + nrows) and columns [c0, c0 + ncols) of tensor
+ * name, whose shape config.json says is [full_out, full_in] ([full_out] when full_in == 0).
+ * Rows at or beyond full_out read as zero (padding of a vocabulary split over TP). */
+static duet_status load_slice(loader *ld, const char *name, int full_out, int full_in, int r0,
+                              int nrows, int c0, int ncols, float *dst) {
+    int real_rows = r0 >= full_out ? 0 : (r0 + nrows > full_out ? full_out - r0 : nrows);
+    memset(dst + (size_t)real_rows * ncols, 0, (size_t)(nrows - real_rows) * ncols * sizeof(float));
+    if (ld->opts.source == MDL_WEIGHTS_DUMMY) {
+        dummy_fill(ld, name, full_in, r0, real_rows, c0, ncols, dst);
+        return DUET_OK;
+    }
+    const st_tensor *t = st_find(ld->st, name);
+    if (!t) {
+        LOG_ERROR("%s: missing tensor %s", display_dir(ld), name);
+        return DUET_ERR_NOT_FOUND;
+    }
+    if (t->dtype < 0 || t->dtype == DT_I32 || t->dtype == DT_I64) {
+        LOG_ERROR("%s: tensor %s has dtype %s, which duet does not read (BF16, F16, F32, "
+                  "F8_E4M3 are read)",
+                  t->file, name, t->dtype_name);
+        return DUET_ERR_UNSUPPORTED;
+    }
+    int64_t dims[2] = {full_out, full_in};
+    duet_status st = st_expect_shape(t, full_in ? 2 : 1, dims);
+    if (st != DUET_OK) return st;
+    int cols = full_in ? full_in : 1;
+    size_t es = dt_size((dt_dtype)t->dtype);
+    for (int i = 0; i < real_rows; i++) {
+        const unsigned char *src = (const unsigned char *)t->data +
+                                   ((size_t)(r0 + i) * (size_t)cols + (size_t)c0) * es;
+        dt_to_f32((dt_dtype)t->dtype, src, dst + (size_t)i * ncols, (size_t)ncols);
+    }
+    if (t->dtype != DT_F8_E4M3) return DUET_OK;
+
+    /* FP8: dequantized = fp8 * scale_inv[row / bo][col / bi] */
+    char sname[512];
+    snprintf(sname, sizeof sname, "%s_scale_inv", name);
+    const st_tensor *s = st_find(ld->st, sname);
+    if (!s) {
+        LOG_ERROR("%s: tensor %s is F8_E4M3 but %s is missing", t->file, name, sname);
+        return DUET_ERR_NOT_FOUND;
+    }
+    int bo = ld->c->fp8 ? ld->c->fp8_block[0] : 128, bi = ld->c->fp8 ? ld->c->fp8_block[1] : 128;
+    int64_t sd[2] = {(full_out + bo - 1) / bo, (cols + bi - 1) / bi};
+    st = st_expect_shape(s, full_in ? 2 : 1, sd);
+    if (st != DUET_OK) return st;
+    if (s->dtype != DT_F32 && s->dtype != DT_BF16 && s->dtype != DT_F16) {
+        LOG_ERROR("%s: scale tensor %s has dtype %s (a float type is needed)", s->file, sname,
+                  s->dtype_name);
+        return DUET_ERR_FORMAT;
+    }
+    size_t ses = dt_size((dt_dtype)s->dtype);
+    for (int i = 0; i < real_rows; i++) {
+        int br = (r0 + i) / bo;
+        for (int j = 0; j < ncols; j++) {
+            float scale;
+            size_t idx = (size_t)br * (size_t)sd[1] + (size_t)((c0 + j) / bi);
+            dt_to_f32((dt_dtype)s->dtype, (const unsigned char *)s->data + idx * ses, &scale, 1);
+            dst[(size_t)i * ncols + j] *= scale;
+        }
+    }
+    return DUET_OK;
+}
+
+static duet_status upload_weight(loader *ld, const float *w, int n_out, int n_in, bool keep_f32,
+                                 be_weight **w_p) {
+    return ld->be->ops->weight_create(ld->be, w, n_out, n_in, keep_f32, w_p);
+}
+
+/* A whole or row/col-sliced linear weight onto the backend. */
+static duet_status load_linear(loader *ld, const char *name, int full_out, int full_in, int r0,
+                               int nrows, int c0, int ncols, bool keep_f32, be_weight **w_p) {
+    float *buf = tmp_get(ld, (size_t)nrows * ncols);
+    if (!buf) return DUET_ERR_NO_MEMORY;
+    duet_status st = load_slice(ld, name, full_out, full_in, r0, nrows, c0, ncols, buf);
+    if (st != DUET_OK) return st;
+    return upload_weight(ld, buf, nrows, ncols, keep_f32, w_p);
+}
+
+static duet_status load_vec(loader *ld, const char *name, int n, void **dev_p) {
+    float *buf = tmp_get(ld, (size_t)n);
+    if (!buf) return DUET_ERR_NO_MEMORY;
+    duet_status st = load_slice(ld, name, n, 0, 0, n, 0, 1, buf);
+    if (st != DUET_OK) return st;
+    return ld->be->ops->vec_create(ld->be, buf, n, dev_p);
+}
+
+/* prefix.gate_proj / up_proj rows [i0, i0 + n) fused as gate_up [2n, D]; down_proj columns
+ * [i0, i0 + n) as down [D, n]. full_i is the unsplit intermediate width. */
+static duet_status load_ffn(loader *ld, const char *prefix, int full_i, int i0, int n,
+                            be_ffn *f) {
+    int D = ld->c->hidden_size;
+    char name[512];
+    float *buf = tmp_get(ld, (size_t)2 * n * D > (size_t)D * n ? (size_t)2 * n * D : (size_t)D * n);
+    if (!buf) return DUET_ERR_NO_MEMORY;
+    snprintf(name, sizeof name, "%s.gate_proj.weight", prefix);
+    duet_status st = load_slice(ld, name, full_i, D, i0, n, 0, D, buf);
+    snprintf(name, sizeof name, "%s.up_proj.weight", prefix);
+    if (st == DUET_OK) st = load_slice(ld, name, full_i, D, i0, n, 0, D, buf + (size_t)n * D);
+    if (st == DUET_OK) st = upload_weight(ld, buf, 2 * n, D, false, &f->gate_up);
+    snprintf(name, sizeof name, "%s.down_proj.weight", prefix);
+    if (st == DUET_OK) st = load_linear(ld, name, D, full_i, 0, D, i0, n, false, &f->down);
+    f->n_inter = n;
+    return st;
+}
+
+static duet_status load_layer(loader *ld, mdl_model *m, int l) {
+    const cfg_model *c = ld->c;
+    mdl_layer *ly = &m->layers[l];
+    int D = c->hidden_size, L = c->kv_lora_rank, R = c->qk_rope_head_dim;
+    int qk = cfg_qk_head_dim(c), nv = c->qk_nope_head_dim + c->v_head_dim;
+    int H = c->num_attention_heads, Hl = m->n_heads_local, h0 = m->shard.tp_rank * Hl;
+    char p[256], n[512];
+    snprintf(p, sizeof p, "model.layers.%d", l);
+    duet_status st;
+
+#define NAME(suffix) (snprintf(n, sizeof n, "%s.%s", p, suffix), n)
+    st = load_vec(ld, NAME("input_layernorm.weight"), D, &ly->attn_norm);
+    if (st == DUET_OK) st = load_vec(ld, NAME("post_attention_layernorm.weight"), D, &ly->ffn_norm);
+    if (st == DUET_OK && c->q_lora_rank) {
+        int q = c->q_lora_rank;
+        st = load_linear(ld, NAME("self_attn.q_a_proj.weight"), q, D, 0, q, 0, D, false, &ly->q_a);
+        if (st == DUET_OK) st = load_vec(ld, NAME("self_attn.q_a_layernorm.weight"), q, &ly->q_a_norm);
+        if (st == DUET_OK)
+            st = load_linear(ld, NAME("self_attn.q_b_proj.weight"), H * qk, q, h0 * qk, Hl * qk, 0,
+                             q, false, &ly->q_b);
+    } else if (st == DUET_OK) {
+        st = load_linear(ld, NAME("self_attn.q_proj.weight"), H * qk, D, h0 * qk, Hl * qk, 0, D,
+                         false, &ly->q);
+    }
+    if (st == DUET_OK)
+        st = load_linear(ld, NAME("self_attn.kv_a_proj_with_mqa.weight"), L + R, D, 0, L + R, 0, D,
+                         false, &ly->kv_a);
+    if (st == DUET_OK) st = load_vec(ld, NAME("self_attn.kv_a_layernorm.weight"), L, &ly->kv_a_norm);
+    if (st == DUET_OK)
+        st = load_linear(ld, NAME("self_attn.kv_b_proj.weight"), H * nv, L, h0 * nv, Hl * nv, 0, L,
+                         false, &ly->kv_b);
+    if (st == DUET_OK)
+        st = load_linear(ld, NAME("self_attn.o_proj.weight"), D, H * c->v_head_dim, 0, D,
+                         h0 * c->v_head_dim, Hl * c->v_head_dim, false, &ly->o);
+    if (st != DUET_OK) return st;
+
+    ly->moe = cfg_layer_is_moe(c, l);
+    if (!ly->moe) {
+        return load_ffn(ld, NAME("mlp"), c->intermediate_size,
+                        m->shard.tp_rank * m->inter_local, m->inter_local, &ly->dense);
+    }
+    int E = c->n_routed_experts;
+    st = load_linear(ld, NAME("mlp.gate.weight"), E, D, 0, E, 0, D, true, &ly->gate);
+    if (st == DUET_OK && c->topk_method == CFG_TOPK_NOAUX_TC)
+        st = load_vec(ld, NAME("mlp.gate.e_score_correction_bias"), E, &ly->gate_bias);
+    if (st != DUET_OK) return st;
+    ly->experts = calloc((size_t)m->n_local_experts, sizeof *ly->experts);
+    if (!ly->experts) return DUET_ERR_NO_MEMORY;
+    /* without EP every rank holds every expert, its intermediate split over TP */
+    int ei0 = m->shard.ep_size > 1 ? 0 : m->shard.tp_rank * m->expert_inter_local;
+    for (int e = 0; e < m->n_local_experts && st == DUET_OK; e++) {
+        char ep[300];
+        snprintf(ep, sizeof ep, "%s.mlp.experts.%d", p, m->expert0 + e);
+        st = load_ffn(ld, ep, c->moe_intermediate_size, ei0, m->expert_inter_local,
+                      &ly->experts[e]);
+    }
+    if (st == DUET_OK && c->n_shared_experts > 0)
+        st = load_ffn(ld, NAME("mlp.shared_experts"), c->n_shared_experts * c->moe_intermediate_size,
+                      m->shard.tp_rank * m->shared_inter_local, m->shared_inter_local, &ly->shared);
+#undef NAME
+    return st;
+}
+
+/* Tensors of layers past num_hidden_layers are DeepSeek-V3's multi-token-prediction module. */
+static void note_skipped_layers(const loader *ld) {
+    if (!ld->st) return;
+    size_t n = 0;
+    int lo = -1, hi = -1;
+    for (size_t i = 0; i < st_count(ld->st); i++) {
+        int layer;
+        if (sscanf(st_at(ld->st, i)->name, "model.layers.%d.", &layer) == 1 &&
+            layer >= ld->c->num_hidden_layers) {
+            n++;
+            lo = lo < 0 || layer < lo ? layer : lo;
+            hi = layer > hi ? layer : hi;
+        }
+    }
+    if (n)
+        LOG_INFO("%s: skipping %zu tensors of layers %d..%d (beyond num_hidden_layers %d: MTP)",
+                 ld->dir, n, lo, hi, ld->c->num_hidden_layers);
+}
+
+static duet_status check_divisible(const char *what, int n, int by, const char *flag) {
+    if (by > 0 && n % by == 0) return DUET_OK;
+    LOG_ERROR("config.json: %s (%d) is not divisible by %s (%d)", what, n, flag, by);
+    return DUET_ERR_INVALID;
+}
+
+static duet_status plan_shard(mdl_model *m) {
+    const cfg_model *c = &m->cfg;
+    const mdl_shard *s = &m->shard;
+    int tp = s->tp_size;
+    duet_status st = check_divisible("num_attention_heads", c->num_attention_heads, tp,
+                                     "--tensor-parallel-size");
+    if (st == DUET_OK)
+        st = check_divisible("intermediate_size", c->intermediate_size, tp,
+                             "--tensor-parallel-size");
+    if (st == DUET_OK && c->n_shared_experts)
+        st = check_divisible("shared experts' intermediate size",
+                             c->n_shared_experts * c->moe_intermediate_size, tp,
+                             "--tensor-parallel-size");
+    if (st == DUET_OK && c->n_routed_experts && s->ep_size > 1)
+        st = check_divisible("n_routed_experts", c->n_routed_experts, s->ep_size,
+                             "the expert-parallel size");
+    if (st == DUET_OK && c->n_routed_experts && s->ep_size <= 1)
+        st = check_divisible("moe_intermediate_size", c->moe_intermediate_size, tp,
+                             "--tensor-parallel-size");
+    if (st != DUET_OK) return st;
+    m->n_heads_local = c->num_attention_heads / tp;
+    m->inter_local = c->intermediate_size / tp;
+    m->shared_inter_local = c->n_shared_experts * c->moe_intermediate_size / tp;
+    m->vocab_local = (c->vocab_size + tp - 1) / tp;
+    m->vocab0 = s->tp_rank * m->vocab_local;
+    if (s->ep_size > 1) {
+        m->n_local_experts = c->n_routed_experts / s->ep_size;
+        m->expert0 = s->ep_rank * m->n_local_experts;
+        m->expert_inter_local = c->moe_intermediate_size;
+    } else {
+        m->n_local_experts = c->n_routed_experts;
+        m->expert0 = 0;
+        m->expert_inter_local = c->moe_intermediate_size / tp;
+    }
+    return DUET_OK;
+}
+
+duet_status mdl_load(const char *dir, be_backend *be, const mdl_shard *shard,
+                     const mdl_load_opts *opts, mdl_model **model_p) {
+    mdl_model *m = calloc(1, sizeof *m);
+    if (!m) return DUET_ERR_NO_MEMORY;
+    loader ld = {.dir = dir, .be = be, .opts = *opts};
+    duet_status st = cfg_load(dir, &m->cfg);
+    m->be = be;
+    m->shard = *shard;
+    if (m->shard.tp_size < 1) m->shard.tp_size = 1;
+    if (m->shard.ep_size < 1) m->shard.ep_size = 1;
+    if (st == DUET_OK) st = plan_shard(m);
+    const cfg_model *c = &m->cfg;
+    ld.c = c;
+    if (st == DUET_OK && opts->source == MDL_WEIGHTS_CHECKPOINT) st = st_open_dir(dir, &ld.st);
+    if (st == DUET_OK) note_skipped_layers(&ld);
+
+    if (st == DUET_OK) {
+        m->kv_dim = c->kv_lora_rank + c->qk_rope_head_dim;
+        m->softmax_scale = cfg_softmax_scale(c);
+        m->route = (be_route_params){
+            .n_experts = c->n_routed_experts,
+            .top_k = c->num_experts_per_tok,
+            .n_group = c->n_group,
+            .topk_group = c->topk_group,
+            .scoring = c->scoring_func,
+            .method = c->topk_method,
+            .norm_topk_prob = c->norm_topk_prob,
+            .scale_after_norm = !strcmp(c->model_type, "deepseek_v3"),
+            .routed_scaling_factor = c->routed_scaling_factor,
+        };
+        float inv_freq[256], attn;
+        if (c->qk_rope_head_dim / 2 > 256) st = DUET_ERR_UNSUPPORTED;
+        else {
+            cfg_rope_inv_freq(c, inv_freq, &attn);
+            st = be->ops->rope_setup(be, inv_freq, c->qk_rope_head_dim / 2, attn);
+        }
+    }
+    int D = c->hidden_size, V = c->vocab_size;
+    if (st == DUET_OK)
+        st = load_linear(&ld, "model.embed_tokens.weight", V, D, m->vocab0, m->vocab_local, 0, D,
+                         false, &m->embed);
+    if (st == DUET_OK)
+        st = load_linear(&ld,
+                         c->tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight",
+                         V, D, m->vocab0, m->vocab_local, 0, D, false, &m->lm_head);
+    if (st == DUET_OK) st = load_vec(&ld, "model.norm.weight", D, &m->final_norm);
+    if (st == DUET_OK) {
+        m->layers = calloc((size_t)c->num_hidden_layers, sizeof *m->layers);
+        if (!m->layers) st = DUET_ERR_NO_MEMORY;
+    }
+    for (int l = 0; st == DUET_OK && l < c->num_hidden_layers; l++) st = load_layer(&ld, m, l);
+    if (st == DUET_OK) st = mdl_reserve(m, opts->max_tokens > 0 ? opts->max_tokens : 256, 1);
+    free(ld.tmp);
+    st_close(ld.st);
+    if (st != DUET_OK) {
+        mdl_destroy(m);
+        return st;
+    }
+    *model_p = m;
+    return DUET_OK;
+}
+
+static void ffn_free(be_backend *be, be_ffn *f) {
+    be->ops->weight_destroy(be, f->gate_up);
+    be->ops->weight_destroy(be, f->down);
+}
+
+static void vec_free(be_backend *be, void *v) {
+    if (v) be->ops->buf_free(be, v);
+}
+
+void mdl_destroy(mdl_model *m) {
+    if (!m) return;
+    be_backend *be = m->be;
+    const be_ops *o = be->ops;
+    for (int l = 0; m->layers && l < m->cfg.num_hidden_layers; l++) {
+        mdl_layer *ly = &m->layers[l];
+        vec_free(be, ly->attn_norm);
+        vec_free(be, ly->ffn_norm);
+        vec_free(be, ly->q_a_norm);
+        vec_free(be, ly->kv_a_norm);
+        vec_free(be, ly->gate_bias);
+        o->weight_destroy(be, ly->q_a);
+        o->weight_destroy(be, ly->q_b);
+        o->weight_destroy(be, ly->q);
+        o->weight_destroy(be, ly->kv_a);
+        o->weight_destroy(be, ly->kv_b);
+        o->weight_destroy(be, ly->o);
+        o->weight_destroy(be, ly->gate);
+        ffn_free(be, &ly->dense);
+        ffn_free(be, &ly->shared);
+        for (int e = 0; ly->experts && e < m->n_local_experts; e++) ffn_free(be, &ly->experts[e]);
+        free(ly->experts);
+    }
+    free(m->layers);
+    o->weight_destroy(be, m->embed);
+    o->weight_destroy(be, m->lm_head);
+    vec_free(be, m->final_norm);
+    mdl_buffers_free(m);
+    mdl_ep_destroy(m);
+    free(m->step.tokens);
+    free(m->step.token_pos);
+    free(m->step.token_slot);
+    free(m->step.out_rows);
+    free(m->step.seq_start);
+    free(m->step.seq_ctx);
+    free(m->step.block_table);
+    free(m);
+}
+
+static int grow(int32_t **p, size_t n) {
+    int32_t *np = realloc(*p, (n ? n : 1) * sizeof **p);
+    if (!np) return -1;
+    *p = np;
+    return 0;
+}
+
+duet_status mdl_step_reserve(mdl_step *s, int n_tokens, int n_seqs, int max_blocks) {
+    size_t nt = (size_t)n_tokens, ns = (size_t)n_seqs + 1, tb = (size_t)n_seqs * max_blocks;
+    if (nt > s->cap_tokens) {
+        if (grow(&s->tokens, nt) || grow(&s->token_pos, nt) || grow(&s->token_slot, nt) ||
+            grow(&s->out_rows, nt))
+            return DUET_ERR_NO_MEMORY;
+        s->cap_tokens = nt;
+    }
+    if (ns > s->cap_seqs) {
+        if (grow(&s->seq_start, ns) || grow(&s->seq_ctx, ns)) return DUET_ERR_NO_MEMORY;
+        s->cap_seqs = ns;
+    }
+    if (tb > s->cap_table) {
+        if (grow(&s->block_table, tb)) return DUET_ERR_NO_MEMORY;
+        s->cap_table = tb;
+    }
+    return DUET_OK;
+}
+
+void mdl_buffers_free(mdl_model *m) {
+    mdl_buffers *b = &m->buf;
+    void **bufs[] = {&b->h, &b->xn, &b->qa, &b->q, &b->kva, &b->attn,
+                     &b->o, &b->o2, &b->gu, &b->act, &b->logits};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
+        if (*bufs[i]) m->be->ops->buf_free(m->be, *bufs[i]);
+        *bufs[i] = NULL;
+    }
+    free(b->ids);
+    free(b->weights);
+    free(b->logits_host);
+    b->ids = NULL;
+    b->weights = NULL;
+    b->logits_host = NULL;
+    b->cap_tokens = b->cap_out = 0;
+}
+
+duet_status mdl_reserve(mdl_model *m, int T, int n_out) {
+    mdl_buffers *b = &m->buf;
+    if (T <= b->cap_tokens && n_out <= b->cap_out) return DUET_OK;
+    const cfg_model *c = &m->cfg;
+    int cap_t = T > b->cap_tokens ? T : b->cap_tokens;
+    int cap_o = n_out > b->cap_out ? n_out : b->cap_out;
+    if (cap_o > cap_t) cap_t = cap_o;
+    mdl_buffers_free(m);
+    size_t t = (size_t)cap_t, D = (size_t)c->hidden_size;
+    int H = m->n_heads_local, qk = cfg_qk_head_dim(c);
+    int I = m->inter_local;
+    if (m->shared_inter_local > I) I = m->shared_inter_local;
+    if (m->expert_inter_local > I) I = m->expert_inter_local;
+    int K = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1;
+    be_backend *be = m->be;
+    void *(*al)(be_backend *, size_t) = be->ops->buf_alloc;
+    b->h = al(be, t * D);
+    b->xn = al(be, t * D);
+    b->qa = al(be, t * (size_t)(c->q_lora_rank ? c->q_lora_rank : 1));
+    b->q = al(be, t * (size_t)H * qk);
+    b->kva = al(be, t * (size_t)m->kv_dim);
+    b->attn = al(be, t * (size_t)H * c->v_head_dim);
+    b->o = al(be, t * D);
+    b->o2 = al(be, t * D);
+    b->gu = al(be, t * 2 * (size_t)I);
+    b->act = al(be, t * (size_t)I);
+    b->logits = al(be, (size_t)cap_o * m->vocab_local);
+    b->ids = malloc(t * K * sizeof(int32_t));
+    b->weights = malloc(t * K * sizeof(float));
+    b->logits_host = malloc((size_t)cap_o * m->vocab_local * m->shard.tp_size * sizeof(float));
+    b->cap_tokens = cap_t;
+    b->cap_out = cap_o;
+    if (!b->h || !b->xn || !b->qa || !b->q || !b->kva || !b->attn || !b->o || !b->o2 || !b->gu ||
+        !b->act || !b->logits || !b->ids || !b->weights || !b->logits_host) {
+        LOG_ERROR("model: cannot allocate activations for %d tokens", cap_t);
+        mdl_buffers_free(m);
+        return DUET_ERR_NO_MEMORY;
+    }
+    return DUET_OK;
+}

@@ -1,0 +1,226 @@
+/* Instance bootstrap and DP lockstep; see parallel.h. */
+#include "parallel.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+
+struct par_instance {
+    par_options opt;
+    comm_world world;
+    int dp_rank, tp_rank;
+    comm_group *tp, *ep, *world_group;
+    be_backend *be;
+    mdl_model *model;
+    bool lockstep;
+};
+
+void par_options_init(par_options *o) {
+    memset(o, 0, sizeof *o);
+    snprintf(o->backend, sizeof o->backend, "cpu");
+    o->tp = 1;
+    o->dp = 1;
+    o->load_format = MDL_WEIGHTS_CHECKPOINT;
+    o->max_tokens = 2048;
+}
+
+void par_usage(FILE *f) {
+    fprintf(f, "  --backend cpu|cuda              device backend (default cpu)\n"
+               "  --tensor-parallel-size N, -tp N  ranks sharing each layer (default 1)\n"
+               "  --data-parallel-size N, -dp N    independent replicas in the instance (default 1)\n"
+               "  --enable-expert-parallel         place routed experts across all ranks\n"
+               "  --load-format auto|dummy         dummy: random weights of the config's shapes\n"
+               "  --seed N                         seed of dummy weights\n"
+               "(an instance of dp * tp ranks is started with mpirun -np dp*tp)\n");
+}
+
+static int int_arg(const char *flag, const char *v, int *out) {
+    char *end;
+    long x = strtol(v, &end, 10);
+    if (*v == '\0' || *end != '\0' || x < 1 || x > 4096) {
+        fprintf(stderr, "%s needs a positive integer, got '%s'\n", flag, v);
+        return -1;
+    }
+    *out = (int)x;
+    return 2;
+}
+
+int par_options_parse(par_options *o, int argc, char **argv, int i) {
+    const char *a = argv[i];
+    const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+    if (!strcmp(a, "--enable-expert-parallel")) {
+        o->ep = true;
+        return 1;
+    }
+    int is_tp = !strcmp(a, "--tensor-parallel-size") || !strcmp(a, "-tp");
+    int is_dp = !strcmp(a, "--data-parallel-size") || !strcmp(a, "-dp");
+    int is_be = !strcmp(a, "--backend"), is_lf = !strcmp(a, "--load-format");
+    int is_seed = !strcmp(a, "--seed");
+    if (!(is_tp || is_dp || is_be || is_lf || is_seed)) return 0;
+    if (!v) {
+        fprintf(stderr, "%s needs a value\n", a);
+        return -1;
+    }
+    if (is_tp) return int_arg(a, v, &o->tp);
+    if (is_dp) return int_arg(a, v, &o->dp);
+    if (is_seed) {
+        o->seed = strtoull(v, NULL, 10);
+        return 2;
+    }
+    if (is_be) {
+        if (strcmp(v, "cpu") != 0 && strcmp(v, "cuda") != 0) {
+            fprintf(stderr, "--backend must be cpu or cuda, got '%s'\n", v);
+            return -1;
+        }
+        snprintf(o->backend, sizeof o->backend, "%s", v);
+        return 2;
+    }
+    if (!strcmp(v, "dummy")) o->load_format = MDL_WEIGHTS_DUMMY;
+    else if (!strcmp(v, "auto") || !strcmp(v, "safetensors")) o->load_format = MDL_WEIGHTS_CHECKPOINT;
+    else {
+        fprintf(stderr, "--load-format must be auto, safetensors or dummy, got '%s'\n", v);
+        return -1;
+    }
+    return 2;
+}
+
+duet_status par_instance_create(const par_options *o, const char *model_dir, int *argc,
+                                char ***argv, par_instance **inst_p) {
+    par_instance *p = calloc(1, sizeof *p);
+    if (!p) return DUET_ERR_NO_MEMORY;
+    p->opt = *o;
+    duet_status st = comm_init(argc, argv, &p->world);
+    if (st != DUET_OK) {
+        free(p);
+        return st;
+    }
+    char tag[48];
+    if (p->world.size > 1) {
+        snprintf(tag, sizeof tag, "r%d", p->world.rank);
+        log_set_tag(tag);
+    }
+    int want = o->dp * o->tp;
+    if (p->world.size != want) {
+        if (p->world.rank == 0)
+            LOG_ERROR("the instance has %d ranks but --data-parallel-size %d x "
+                      "--tensor-parallel-size %d needs %d (start it with mpirun -np %d)",
+                      p->world.size, o->dp, o->tp, want, want);
+        par_instance_destroy(p);
+        return DUET_ERR_INVALID;
+    }
+    p->dp_rank = p->world.rank / o->tp;
+    p->tp_rank = p->world.rank % o->tp;
+    mdl_shard shard = {.tp_rank = p->tp_rank, .tp_size = o->tp, .ep_rank = 0, .ep_size = 1};
+    st = comm_group_create("tp", p->dp_rank, p->tp_rank, &p->tp);
+    if (st == DUET_OK) st = comm_group_create("world", 0, p->world.rank, &p->world_group);
+    if (st == DUET_OK && o->ep && want > 1) {
+        st = comm_group_create("ep", 0, p->world.rank, &p->ep);
+        shard.ep_rank = p->world.rank;
+        shard.ep_size = want;
+        p->lockstep = o->dp > 1;
+    }
+    shard.tp = p->tp;
+    shard.ep = p->ep;
+    if (st == DUET_OK) st = be_create(o->backend, p->world.local_rank, &p->be);
+    mdl_load_opts lo = {.source = o->load_format, .dummy_seed = o->seed, .max_tokens = o->max_tokens};
+    if (st == DUET_OK) st = mdl_load(model_dir, p->be, &shard, &lo, &p->model);
+    if (st != DUET_OK) {
+        /* every rank fails the same way on a bad checkpoint; one stuck rank must not hang
+         * the others, so the instance ends here. */
+        par_instance_destroy(p);
+        return st;
+    }
+    *inst_p = p;
+    return DUET_OK;
+}
+
+void par_instance_destroy(par_instance *p) {
+    if (!p) return;
+    mdl_destroy(p->model);
+    be_destroy(p->be);
+    comm_group_destroy(p->tp);
+    comm_group_destroy(p->ep);
+    comm_group_destroy(p->world_group);
+    free(p);
+    comm_finalize();
+}
+
+mdl_model *par_model(par_instance *p) {
+    return p->model;
+}
+
+const comm_world *par_world(const par_instance *p) {
+    return &p->world;
+}
+
+int par_dp_rank(const par_instance *p) {
+    return p->dp_rank;
+}
+
+int par_dp_size(const par_instance *p) {
+    return p->opt.dp;
+}
+
+int par_tp_rank(const par_instance *p) {
+    return p->tp_rank;
+}
+
+int par_tp_size(const par_instance *p) {
+    return p->opt.tp;
+}
+
+comm_group *par_tp_group(par_instance *p) {
+    return p->tp;
+}
+
+bool par_is_reporter(const par_instance *p) {
+    return p->tp_rank == 0;
+}
+
+bool par_lockstep(const par_instance *p) {
+    return p->lockstep;
+}
+
+/* Every rank says whether it has work; the maximum decides whether a step runs. */
+static duet_status agree(par_instance *p, int mine, int *any_p) {
+    long long v = mine;
+    duet_status st = comm_allreduce_i64(p->world_group, &v, 1, true);
+    *any_p = (int)v;
+    return st;
+}
+
+duet_status par_forward(par_instance *p, be_kv *kv, const mdl_seq *seqs, int n_seqs,
+                        float *logits) {
+    if (p->lockstep) {
+        int any;
+        duet_status st = agree(p, 1, &any);
+        if (st != DUET_OK) return st;
+    }
+    return mdl_forward(p->model, kv, seqs, n_seqs, logits);
+}
+
+duet_status par_idle_step(par_instance *p, be_kv *kv, bool *stepped_p) {
+    *stepped_p = false;
+    if (!p->lockstep) return DUET_OK;
+    int any;
+    duet_status st = agree(p, 0, &any);
+    if (st != DUET_OK || !any) return st;
+    *stepped_p = true;
+    return mdl_forward(p->model, kv, NULL, 0, NULL);
+}
+
+duet_status par_finish(par_instance *p) {
+    bool stepped = true;
+    duet_status st = DUET_OK;
+    while (st == DUET_OK && stepped) st = par_idle_step(p, NULL, &stepped);
+    return st;
+}
+
+void par_report_totals(par_instance *p, int *passed, int *failed) {
+    long long v[2] = {par_is_reporter(p) ? *passed : 0, par_is_reporter(p) ? *failed : 0};
+    if (comm_allreduce_i64(p->world_group, v, 2, false) == DUET_OK) {
+        *passed = (int)v[0];
+        *failed = (int)v[1];
+    }
+}

@@ -1,0 +1,63 @@
+/* An instance rank: MPI bootstrap, the DP x TP grid (and EP across all of it), this rank's
+ * backend and model shard, and the lockstep rule that keeps expert-parallel DP groups in step.
+ * Used by every program that runs the model (duet-check, duet-run, duet-prefill, duet-decode).
+ * Rank r of an instance of dp * tp ranks is DP rank r / tp, TP rank r % tp. */
+#ifndef DUET_PARALLEL_H
+#define DUET_PARALLEL_H
+
+#include <stdbool.h>
+#include <stdio.h>
+
+#include "comm.h"
+#include "model.h"
+
+typedef struct par_options {
+    char backend[16]; /* "cpu" or "cuda" */
+    int tp, dp;       /* --tensor-parallel-size, --data-parallel-size */
+    bool ep;          /* --enable-expert-parallel */
+    mdl_weights_source load_format;
+    unsigned long long seed;
+    int max_tokens;
+} par_options;
+
+void par_options_init(par_options *o);
+/* Consumes the parallel/backend flag at argv[i] (and its value): returns how many arguments
+ * it used, 0 if argv[i] is not one of them, -1 (after printing why) if its value is bad. */
+int par_options_parse(par_options *o, int argc, char **argv, int i);
+void par_usage(FILE *f);
+
+typedef struct par_instance par_instance;
+
+/* Starts MPI (when under mpirun), checks the world matches dp * tp, creates the groups, the
+ * backend on this rank's device and loads the model shard from model_dir. */
+duet_status par_instance_create(const par_options *o, const char *model_dir, int *argc,
+                                char ***argv, par_instance **inst_p);
+void par_instance_destroy(par_instance *inst);
+
+mdl_model *par_model(par_instance *inst);
+const comm_world *par_world(const par_instance *inst);
+int par_dp_rank(const par_instance *inst);
+int par_dp_size(const par_instance *inst);
+int par_tp_rank(const par_instance *inst);
+int par_tp_size(const par_instance *inst);
+comm_group *par_tp_group(par_instance *inst);
+/* True on the one rank per DP group that reports results (TP rank 0). */
+bool par_is_reporter(const par_instance *inst);
+/* True when DP groups must step together (EP spans more than one DP group). */
+bool par_lockstep(const par_instance *inst);
+
+/* One forward step (mdl_forward). Under lockstep it first agrees with the other DP groups
+ * that a step happens, so idle groups join with empty steps (see par_idle_step). */
+duet_status par_forward(par_instance *inst, be_kv *kv, const mdl_seq *seqs, int n_seqs,
+                        float *logits);
+/* Under lockstep: joins the other DP groups' steps with empty ones while any group still has
+ * work; returns once every group is idle. Without lockstep: returns at once. */
+duet_status par_finish(par_instance *inst);
+/* One round of the lockstep agreement for a rank without work: *stepped_p tells whether an
+ * empty step was run (another group had work). */
+duet_status par_idle_step(par_instance *inst, be_kv *kv, bool *stepped_p);
+
+/* Sums pass/fail counters of the reporters over the instance, in place, on every rank. */
+void par_report_totals(par_instance *inst, int *passed, int *failed);
+
+#endif

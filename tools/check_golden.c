@@ -1,0 +1,386 @@
+/* duet-check golden: runs every case of a golden directory (model/, cases.json, logits.f32, as
+ * ../shared/golden/tiny-v3 lays them out) through three paths and compares each logits row with
+ * the reference by relative L2 error:
+ *   prefill  - the whole prompt in one step, then greedy decode one token per step;
+ *   stepwise - the prompt fed one token per step on the KV cache;
+ *   batched  - all cases' prompts in one step, then all decodes batched.
+ * Greedy ids must agree wherever the reference's top-2 margin exceeds what the tolerance
+ * allows. Parallel flags shard the model exactly as the servers do. */
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "check.h"
+#include "fileio.h"
+#include "log.h"
+#include "parallel.h"
+
+typedef struct gcase {
+    char name[64];
+    int32_t *prompt;
+    int n_prompt;
+    int32_t *greedy;
+    int n_greedy;
+    double margin;
+    const float *prefill_ref; /* [n_prompt, V] */
+    const float *decode_ref;  /* [n_greedy - 1, V] */
+    /* results */
+    double err_prefill, err_stepwise, err_batched;
+    int greedy_bad;
+} gcase;
+
+typedef struct gctx {
+    par_instance *inst;
+    mdl_model *m;
+    be_kv *kv;
+    int V, block_size;
+    double tol;
+    int32_t *free_blocks; /* a scrambled list of block ids to hand out */
+    int n_free;
+    float *logits;
+} gctx;
+
+static int argmax(const float *x, int n) {
+    int b = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[b]) b = i;
+    return b;
+}
+
+static double rel_l2(const float *a, const float *ref, int n) {
+    double num = 0, den = 0;
+    for (int i = 0; i < n; i++) {
+        double d = (double)a[i] - (double)ref[i];
+        num += d * d;
+        den += (double)ref[i] * ref[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+/* Greedy agreement: our top token must be the reference's, except where the reference's own
+ * gap between the two is within what our error on this row can explain (if every logit is off
+ * by at most e, two logits whose reference values differ by at most 2e may swap). */
+static int greedy_ok(const float *row, const float *ref, int V, int want) {
+    int got = argmax(row, V);
+    if (got == want) return 1;
+    double e = 0;
+    for (int i = 0; i < V; i++) {
+        double d = fabs((double)row[i] - (double)ref[i]);
+        e = d > e ? d : e;
+    }
+    return (double)ref[want] - (double)ref[got] <= 2.0 * e;
+}
+
+static duet_status parse_cases(const char *dir, gcase **cases_p, int *n_p, fio_map *map,
+                               int V) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/cases.json", dir);
+    char *text = NULL;
+    duet_status st = fio_read_text(path, 64u << 20, &text);
+    if (st != DUET_OK) return st;
+    cJSON *root = cJSON_Parse(text);
+    free(text);
+    const cJSON *arr = root ? cJSON_GetObjectItemCaseSensitive(root, "cases") : NULL;
+    if (!cJSON_IsArray(arr)) {
+        LOG_ERROR("%s: no \"cases\" array", path);
+        cJSON_Delete(root);
+        return DUET_ERR_FORMAT;
+    }
+    snprintf(path, sizeof path, "%s/logits.f32", dir);
+    st = fio_map_file(path, map);
+    if (st != DUET_OK) {
+        cJSON_Delete(root);
+        return st;
+    }
+    int n = cJSON_GetArraySize(arr);
+    gcase *cs = calloc((size_t)n, sizeof *cs);
+    for (int i = 0; i < n && st == DUET_OK; i++) {
+        const cJSON *c = cJSON_GetArrayItem(arr, i);
+        const cJSON *name = cJSON_GetObjectItemCaseSensitive(c, "name");
+        const cJSON *p = cJSON_GetObjectItemCaseSensitive(c, "prompt_ids");
+        const cJSON *g = cJSON_GetObjectItemCaseSensitive(c, "greedy_ids");
+        const cJSON *mg = cJSON_GetObjectItemCaseSensitive(c, "greedy_min_margin");
+        const cJSON *pl = cJSON_GetObjectItemCaseSensitive(c, "prefill_logits");
+        const cJSON *dl = cJSON_GetObjectItemCaseSensitive(c, "decode_logits");
+        const cJSON *po = pl ? cJSON_GetObjectItemCaseSensitive(pl, "offset") : NULL;
+        const cJSON *dof = dl ? cJSON_GetObjectItemCaseSensitive(dl, "offset") : NULL;
+        if (!cJSON_IsArray(p) || !cJSON_IsArray(g) || !cJSON_IsNumber(po) || !cJSON_IsNumber(dof) ||
+            cJSON_GetArraySize(p) < 1 || cJSON_GetArraySize(g) < 1) {
+            LOG_ERROR("%s/cases.json: case %d is malformed", dir, i);
+            st = DUET_ERR_FORMAT;
+            break;
+        }
+        gcase *k = &cs[i];
+        snprintf(k->name, sizeof k->name, "%s", cJSON_IsString(name) ? name->valuestring : "?");
+        k->n_prompt = cJSON_GetArraySize(p);
+        k->n_greedy = cJSON_GetArraySize(g);
+        k->prompt = malloc((size_t)k->n_prompt * sizeof(int32_t));
+        k->greedy = malloc((size_t)k->n_greedy * sizeof(int32_t));
+        for (int j = 0; j < k->n_prompt; j++) k->prompt[j] = cJSON_GetArrayItem(p, j)->valueint;
+        for (int j = 0; j < k->n_greedy; j++) k->greedy[j] = cJSON_GetArrayItem(g, j)->valueint;
+        k->margin = cJSON_IsNumber(mg) ? mg->valuedouble : 0;
+        size_t need_p = (size_t)k->n_prompt * V * 4, need_d = (size_t)(k->n_greedy - 1) * V * 4;
+        if ((size_t)po->valuedouble + need_p > map->size ||
+            (size_t)dof->valuedouble + need_d > map->size) {
+            LOG_ERROR("%s/logits.f32: case %s points beyond the file", dir, k->name);
+            st = DUET_ERR_FORMAT;
+            break;
+        }
+        k->prefill_ref = (const float *)((const char *)map->data + (size_t)po->valuedouble);
+        k->decode_ref = (const float *)((const char *)map->data + (size_t)dof->valuedouble);
+    }
+    cJSON_Delete(root);
+    *cases_p = cs;
+    *n_p = n;
+    return st;
+}
+
+/* A sequence's KV blocks, taken from the scrambled free list. */
+typedef struct gseq {
+    int32_t blocks[512];
+    int n_blocks;
+    int pos;
+} gseq;
+
+static int seq_grow(gctx *g, gseq *s, int upto) {
+    while (s->n_blocks * g->block_size < upto) {
+        if (g->n_free == 0 || s->n_blocks == 512) return -1;
+        s->blocks[s->n_blocks++] = g->free_blocks[--g->n_free];
+    }
+    return 0;
+}
+
+static void seq_release(gctx *g, gseq *s) {
+    while (s->n_blocks > 0) g->free_blocks[g->n_free++] = s->blocks[--s->n_blocks];
+    s->pos = 0;
+}
+
+/* Runs one step for sequences seqs[i] feeding toks[i] (n[i] tokens each), with n_logits[i]
+ * rows of logits each, into g->logits. */
+static duet_status step(gctx *g, gseq **seqs, const int32_t **toks, const int *n,
+                        const int *n_logits, int count) {
+    mdl_seq ms[64] = {0};
+    for (int i = 0; i < count; i++) {
+        if (seq_grow(g, seqs[i], seqs[i]->pos + n[i]) != 0) return DUET_ERR_NO_MEMORY;
+        ms[i] = (mdl_seq){.tokens = toks[i],
+                          .n_tokens = n[i],
+                          .pos0 = seqs[i]->pos,
+                          .block_table = seqs[i]->blocks,
+                          .n_blocks = seqs[i]->n_blocks,
+                          .n_logits = n_logits[i]};
+    }
+    duet_status st = par_forward(g->inst, g->kv, ms, count, g->logits);
+    for (int i = 0; i < count; i++) seqs[i]->pos += n[i];
+    return st;
+}
+
+static double max_d(double a, double b) {
+    return a > b ? a : b;
+}
+
+/* prefill then greedy decode; or (stepwise) the prompt one token at a time first */
+static duet_status run_single(gctx *g, gcase *k, int stepwise) {
+    gseq s = {0};
+    gseq *sp = &s;
+    duet_status st = DUET_OK;
+    double err = 0;
+    int V = g->V;
+    if (!stepwise) {
+        const int32_t *t = k->prompt;
+        int n = k->n_prompt, nl = k->n_prompt;
+        st = step(g, &sp, &t, &n, &nl, 1);
+        for (int r = 0; st == DUET_OK && r < k->n_prompt; r++)
+            err = max_d(err, rel_l2(g->logits + (size_t)r * V, k->prefill_ref + (size_t)r * V, V));
+    } else {
+        for (int j = 0; st == DUET_OK && j < k->n_prompt; j++) {
+            const int32_t *t = k->prompt + j;
+            int n = 1, nl = 1;
+            st = step(g, &sp, &t, &n, &nl, 1);
+            if (st == DUET_OK)
+                err = max_d(err, rel_l2(g->logits, k->prefill_ref + (size_t)j * V, V));
+        }
+    }
+    if (st == DUET_OK) {
+        const float *last = stepwise ? g->logits : g->logits + (size_t)(k->n_prompt - 1) * V;
+        const float *ref = k->prefill_ref + (size_t)(k->n_prompt - 1) * V;
+        if (!greedy_ok(last, ref, V, k->greedy[0])) k->greedy_bad++;
+    }
+    for (int s_ = 0; st == DUET_OK && s_ < k->n_greedy - 1; s_++) {
+        const int32_t *t = k->greedy + s_;
+        int n = 1, nl = 1;
+        st = step(g, &sp, &t, &n, &nl, 1);
+        if (st != DUET_OK) break;
+        const float *ref = k->decode_ref + (size_t)s_ * V;
+        err = max_d(err, rel_l2(g->logits, ref, V));
+        if (!greedy_ok(g->logits, ref, V, k->greedy[s_ + 1])) k->greedy_bad++;
+    }
+    seq_release(g, &s);
+    if (stepwise) k->err_stepwise = err;
+    else k->err_prefill = err;
+    return st;
+}
+
+/* All cases at once: their prompts in one step, then their decodes batched step by step
+ * (cases with fewer greedy tokens drop out). */
+static duet_status run_batched(gctx *g, gcase *cs, int n) {
+    gseq *seqs = calloc((size_t)n, sizeof *seqs);
+    gseq *sp[64];
+    const int32_t *toks[64];
+    int nt[64], nl[64], idx[64];
+    int V = g->V;
+    if (n > 64 || !seqs) {
+        free(seqs);
+        return DUET_ERR_UNSUPPORTED;
+    }
+    for (int i = 0; i < n; i++) {
+        sp[i] = &seqs[i];
+        toks[i] = cs[i].prompt;
+        nt[i] = cs[i].n_prompt;
+        nl[i] = 1;
+        cs[i].err_batched = 0;
+    }
+    duet_status st = step(g, sp, toks, nt, nl, n);
+    for (int i = 0; st == DUET_OK && i < n; i++) {
+        const float *ref = cs[i].prefill_ref + (size_t)(cs[i].n_prompt - 1) * V;
+        cs[i].err_batched = rel_l2(g->logits + (size_t)i * V, ref, V);
+    }
+    for (int s_ = 0; st == DUET_OK; s_++) {
+        int cnt = 0;
+        for (int i = 0; i < n; i++) {
+            if (s_ >= cs[i].n_greedy - 1) continue;
+            idx[cnt] = i;
+            sp[cnt] = &seqs[i];
+            toks[cnt] = cs[i].greedy + s_;
+            nt[cnt] = 1;
+            nl[cnt] = 1;
+            cnt++;
+        }
+        if (!cnt) break;
+        st = step(g, sp, toks, nt, nl, cnt);
+        for (int j = 0; st == DUET_OK && j < cnt; j++) {
+            gcase *k = &cs[idx[j]];
+            double e = rel_l2(g->logits + (size_t)j * V, k->decode_ref + (size_t)s_ * V, V);
+            k->err_batched = max_d(k->err_batched, e);
+        }
+    }
+    for (int i = 0; i < n; i++) seq_release(g, &seqs[i]);
+    free(seqs);
+    return st;
+}
+
+static void usage(FILE *f) {
+    fprintf(f, "usage: duet-check golden [options] CASE_DIR\n"
+               "  --backend cpu|cuda      (default cpu)\n"
+               "  --tol X                 max relative L2 error per logits row (default 1e-4 on "
+               "cpu, 2e-2 on cuda)\n"
+               "  --block-size N          KV block size (default 16)\n");
+    par_usage(f);
+}
+
+int check_golden_main(int argc, char **argv) {
+    par_options po;
+    par_options_init(&po);
+    const char *dir = NULL;
+    double tol = -1;
+    int block_size = 16;
+    for (int i = 1; i < argc; i++) {
+        int used = par_options_parse(&po, argc, argv, i);
+        if (used < 0) return 2;
+        if (used > 0) {
+            i += used - 1;
+            continue;
+        }
+        if (!strcmp(argv[i], "--tol") && i + 1 < argc) tol = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--block-size") && i + 1 < argc) block_size = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            usage(stdout);
+            return 0;
+        } else if (argv[i][0] == '-') {
+            fprintf(stderr, "duet-check golden: unknown option %s\n", argv[i]);
+            usage(stderr);
+            return 2;
+        } else dir = argv[i];
+    }
+    if (!dir || block_size < 1) {
+        usage(stderr);
+        return 2;
+    }
+    if (tol < 0) tol = !strcmp(po.backend, "cpu") ? 1e-4 : 2e-2;
+
+    char model_dir[4096];
+    snprintf(model_dir, sizeof model_dir, "%s/model", dir);
+    gctx g = {.tol = tol, .block_size = block_size};
+    duet_status st = par_instance_create(&po, model_dir, &argc, &argv, &g.inst);
+    if (st != DUET_OK) return 1;
+    g.m = par_model(g.inst);
+    g.V = mdl_config(g.m)->vocab_size;
+
+    gcase *cs = NULL;
+    int n = 0;
+    fio_map map = {0};
+    st = parse_cases(dir, &cs, &n, &map, g.V);
+    int total_tokens = 0;
+    for (int i = 0; i < n; i++) total_tokens += cs[i].n_prompt + cs[i].n_greedy + block_size;
+    int n_blocks = total_tokens / block_size + n + 4;
+    if (st == DUET_OK) st = mdl_kv_create(g.m, n_blocks, block_size, &g.kv);
+    g.free_blocks = malloc((size_t)n_blocks * sizeof(int32_t));
+    int max_rows = 0;
+    for (int i = 0; i < n; i++) max_rows = cs[i].n_prompt > max_rows ? cs[i].n_prompt : max_rows;
+    if (n > max_rows) max_rows = n;
+    g.logits = malloc((size_t)max_rows * g.V * sizeof(float));
+    /* hand blocks out in a scrambled order so sequences are never contiguous in the pool */
+    for (int i = 0; i < n_blocks; i++) g.free_blocks[i] = (int32_t)((i * 7 + 3) % n_blocks);
+    g.n_free = n_blocks;
+    if (n_blocks % 7 == 0)
+        for (int i = 0; i < n_blocks; i++) g.free_blocks[i] = n_blocks - 1 - i;
+
+    /* This DP rank's cases; other DP ranks take the rest. */
+    int dp = par_dp_size(g.inst), dpr = par_dp_rank(g.inst);
+    gcase *mine = calloc((size_t)n, sizeof *mine);
+    int n_mine = 0;
+    for (int i = 0; i < n; i++)
+        if (i % dp == dpr) mine[n_mine++] = cs[i];
+    for (int i = 0; st == DUET_OK && i < n_mine; i++) {
+        st = run_single(&g, &mine[i], 0);
+        if (st == DUET_OK) st = run_single(&g, &mine[i], 1);
+    }
+    if (st == DUET_OK && n_mine) st = run_batched(&g, mine, n_mine);
+    if (st == DUET_OK) st = par_finish(g.inst); /* empty steps until every DP rank is done */
+
+    int passed = 0, failed = 0;
+    if (st == DUET_OK && par_is_reporter(g.inst)) {
+        for (int i = 0; i < n_mine; i++) {
+            gcase *k = &mine[i];
+            int ok = k->err_prefill <= tol && k->err_stepwise <= tol && k->err_batched <= tol &&
+                     k->greedy_bad == 0;
+            printf("%-28s prefill %.2e  stepwise %.2e  batched %.2e  greedy %s  %s\n", k->name,
+                   k->err_prefill, k->err_stepwise, k->err_batched,
+                   k->greedy_bad ? "MISMATCH" : "ok", ok ? "PASS" : "FAIL");
+            ok ? passed++ : failed++;
+        }
+    }
+    if (st != DUET_OK) {
+        fprintf(stderr, "duet-check golden: %s\n", duet_strerror(st));
+        failed = n_mine ? n_mine : 1;
+        passed = 0;
+    }
+    par_report_totals(g.inst, &passed, &failed);
+    if (par_is_reporter(g.inst) && par_dp_rank(g.inst) == 0)
+        printf("%d passed, %d failed\n", passed, failed);
+    fflush(stdout);
+
+    for (int i = 0; i < n; i++) {
+        free(cs[i].prompt);
+        free(cs[i].greedy);
+    }
+    free(cs);
+    free(mine);
+    free(g.free_blocks);
+    free(g.logits);
+    fio_unmap(&map);
+    if (g.kv) mdl_kv_destroy(g.m, g.kv);
+    par_instance_destroy(g.inst);
+    return failed || st != DUET_OK ? 1 : 0;
+}
