@@ -53,7 +53,8 @@ typedef struct be_route_params {
     cfg_topk_method method;
     bool norm_topk_prob;
     /* DeepSeek-V3 normalizes (when norm_topk_prob) and then scales by routed_scaling_factor;
-     * DeepSeek-V2 does one or the other. */
+     * V2, as transformers implements it, only scales (its checkpoints set norm_topk_prob
+     * false). */
     bool scale_after_norm;
     float routed_scaling_factor;
 } be_route_params;
@@ -80,13 +81,13 @@ typedef struct be_ops {
     duet_status (*download)(be_backend *be, float *dst, const void *src, size_t off, size_t n);
     duet_status (*sync)(be_backend *be);
 
-    duet_status (*weight_create)(be_backend *be, const float *w, int n_out, int n_in,
-                                 bool keep_f32, be_weight **w_p);
+    duet_status (*weight_create)(be_backend *be, const float *w, int n_out, int n_in, bool keep_f32,
+                                 be_weight **w_p);
     void (*weight_destroy)(be_backend *be, be_weight *w);
     duet_status (*vec_create)(be_backend *be, const float *v, int n, void **dev_p); /* f32 */
 
-    duet_status (*kv_create)(be_backend *be, int n_blocks, int n_layers, int block_size,
-                             int kv_dim, be_kv **kv_p);
+    duet_status (*kv_create)(be_backend *be, int n_blocks, int n_layers, int block_size, int kv_dim,
+                             be_kv **kv_p);
     void (*kv_destroy)(be_backend *be, be_kv *kv);
 
     /* RoPE frequencies (half = rope_dim / 2 of them) and the cos/sin magnitude; once */
@@ -100,8 +101,7 @@ typedef struct be_ops {
     void (*embed)(be_backend *be, void *out, const int32_t *ids, int T, const be_weight *table,
                   int row0);
     /* y[T, n_out] = x[T, n_in] @ W^T; x rows are x_stride elements apart */
-    void (*linear)(be_backend *be, void *y, const void *x, int x_stride, int T,
-                   const be_weight *w);
+    void (*linear)(be_backend *be, void *y, const void *x, int x_stride, int T, const be_weight *w);
     /* out[T, D] (out_stride) = rmsnorm(x[T, D] (x_stride)) * w; out may be x */
     void (*rmsnorm)(be_backend *be, void *out, int out_stride, const void *x, int x_stride,
                     const void *w, int T, int D, float eps);
@@ -128,15 +128,14 @@ typedef struct be_ops {
                              float *weights);
     /* out[T, D] += sum over k with ids[t, k] in [e0, e0 + n_local) of weights[t, k] *
      * ffn_{ids[t,k]}(x[t]); ids/weights are host arrays [T, K]; experts[e - e0] */
-    void (*moe_experts)(be_backend *be, void *out, const void *x, int T, int D,
-                        const int32_t *ids, const float *weights, int K, const be_ffn *experts,
-                        int e0, int n_local);
+    void (*moe_experts)(be_backend *be, void *out, const void *x, int T, int D, const int32_t *ids,
+                        const float *weights, int K, const be_ffn *experts, int e0, int n_local);
     /* dst[i] = src[idx[i]] rows of D elements (idx host) */
     void (*gather_rows)(be_backend *be, void *dst, const void *src, const int32_t *idx, int n,
                         int D);
     /* dst[idx[i]] += src[i] (idx host, distinct) */
-    void (*scatter_add_rows)(be_backend *be, void *dst, const void *src, const int32_t *idx,
-                             int n, int D);
+    void (*scatter_add_rows)(be_backend *be, void *dst, const void *src, const int32_t *idx, int n,
+                             int D);
     void (*zero)(be_backend *be, void *buf, size_t n);
 } be_ops;
 

@@ -112,8 +112,7 @@ static duet_status wait_req(comm_group *g, MPI_Request *req, const char *what, i
         char err[MPI_MAX_ERROR_STRING];
         int len = 0;
         MPI_Error_string(rc, err, &len);
-        LOG_ERROR("comm: rank %d: %s on the %s group failed: %s", g_world_rank, what, g->name,
-                  err);
+        LOG_ERROR("comm: rank %d: %s on the %s group failed: %s", g_world_rank, what, g->name, err);
         comm_abort(3);
         return DUET_ERR_COMM;
     }
@@ -163,8 +162,8 @@ duet_status comm_allgather(comm_group *g, const void *src, void *dst, size_t byt
         return DUET_OK;
     }
     MPI_Request req;
-    int rc = MPI_Iallgather(src, (int)bytes_each, MPI_BYTE, dst, (int)bytes_each, MPI_BYTE,
-                            g->comm, &req);
+    int rc = MPI_Iallgather(src, (int)bytes_each, MPI_BYTE, dst, (int)bytes_each, MPI_BYTE, g->comm,
+                            &req);
     return wait_req(g, &req, "allgather", rc);
 }
 

@@ -287,6 +287,10 @@ static float yarn_mscale(float scale, float mscale) {
 
 float cfg_softmax_scale(const cfg_model *c) {
     float s = 1.0f / sqrtf((float)cfg_qk_head_dim(c));
+    /* DeepSeek-V3 multiplies by the YaRN mscale squared. transformers' DeepseekV2 port, the
+     * reference duet is checked against, leaves the scale plain for deepseek_v2 checkpoints
+     * (DeepSeek's own V2 code and vLLM apply mscale there too); duet follows the reference. */
+    if (strcmp(c->model_type, "deepseek_v3") != 0) return s;
     if (c->rope_yarn && c->rope_mscale_all_dim != 0.0f) {
         float m = yarn_mscale(c->rope_factor, c->rope_mscale_all_dim);
         s *= m * m;

@@ -83,7 +83,7 @@ static inline bool cfg_layer_is_moe(const cfg_model *c, int i) {
     return c->n_routed_experts > 0 && i >= c->first_k_dense_replace &&
            i % (c->moe_layer_freq > 0 ? c->moe_layer_freq : 1) == 0;
 }
-/* Softmax scale of attention, qk_head_dim^-0.5 times the YaRN mscale^2 correction. */
+/* Softmax scale of attention: qk_head_dim^-0.5, times the YaRN mscale^2 correction for V3. */
 float cfg_softmax_scale(const cfg_model *c);
 /* YaRN inverse frequencies, rope_dim/2 of them, as transformers computes them; *attn_factor_p
  * receives the cos/sin magnitude factor. */

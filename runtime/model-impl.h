@@ -15,11 +15,11 @@ typedef struct mdl_layer {
     be_weight *kv_b;            /* [H_l * (nope + v), L] */
     be_weight *o;               /* [D, H_l * v] */
     bool moe;
-    be_ffn dense;      /* dense MLP, intermediate split over TP */
-    be_weight *gate;   /* router [E, D], float32 */
-    void *gate_bias;   /* e_score_correction_bias [E] or NULL */
-    be_ffn *experts;   /* this rank's routed experts, [n_local_experts] */
-    be_ffn shared;     /* shared experts fused, intermediate split over TP; gate_up NULL if none */
+    be_ffn dense;    /* dense MLP, intermediate split over TP */
+    be_weight *gate; /* router [E, D], float32 */
+    void *gate_bias; /* e_score_correction_bias [E] or NULL */
+    be_ffn *experts; /* this rank's routed experts, [n_local_experts] */
+    be_ffn shared;   /* shared experts fused, intermediate split over TP; gate_up NULL if none */
 } mdl_layer;
 
 /* Host-side arrays describing the step, reused across steps. */
@@ -34,8 +34,8 @@ typedef struct mdl_step {
 typedef struct mdl_buffers {
     int cap_tokens, cap_out;
     void *h, *xn, *qa, *q, *kva, *attn, *o, *o2, *gu, *act, *logits;
-    int32_t *ids;   /* host [cap_tokens, K] */
-    float *weights; /* host [cap_tokens, K] */
+    int32_t *ids;       /* host [cap_tokens, K] */
+    float *weights;     /* host [cap_tokens, K] */
     float *logits_host; /* host [cap_out, vocab_local * tp] */
 } mdl_buffers;
 

@@ -37,11 +37,11 @@ static duet_status tp_allreduce(mdl_model *m, void *buf, size_t n) {
 }
 
 /* Fills the host-side batch description and hands it to the backend. */
-static duet_status prepare_batch(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs,
-                                 int T) {
+static duet_status prepare_batch(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs, int T) {
     mdl_step *s = &m->step;
     int bs = kv->block_size, max_blocks = 1;
-    for (int i = 0; i < n_seqs; i++) max_blocks = seqs[i].n_blocks > max_blocks ? seqs[i].n_blocks : max_blocks;
+    for (int i = 0; i < n_seqs; i++)
+        max_blocks = seqs[i].n_blocks > max_blocks ? seqs[i].n_blocks : max_blocks;
     duet_status st = mdl_step_reserve(s, T, n_seqs, max_blocks);
     if (st != DUET_OK) return st;
     int t = 0;
@@ -197,7 +197,8 @@ duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs
         /* an empty step: nothing to compute, but expert parallelism's all-to-alls of every
          * MoE layer must still be joined so the other DP groups can step */
         for (int l = 0; l < c->num_hidden_layers && st == DUET_OK; l++)
-            if (m->layers[l].moe && m->shard.ep_size > 1) st = mdl_moe_dispatch(m, &m->layers[l], 0);
+            if (m->layers[l].moe && m->shard.ep_size > 1)
+                st = mdl_moe_dispatch(m, &m->layers[l], 0);
         return st;
     }
     st = prepare_batch(m, kv, seqs, n_seqs, T);

@@ -57,8 +57,10 @@ static void dummy_fill(loader *ld, const char *name, int full_in, int r0, int nr
     for (int i = 0; i < nrows; i++)
         for (int j = 0; j < ncols; j++) {
             float v;
-            if (is_norm) v = 1.0f;
-            else if (is_bias) v = 0.0f;
+            if (is_norm)
+                v = 1.0f;
+            else if (is_bias)
+                v = 0.0f;
             else {
                 uint64_t k = mix64(h + (uint64_t)(r0 + i) * (uint64_t)(full_in ? full_in : 1) +
                                    (uint64_t)(c0 + j));
@@ -100,8 +102,8 @@ static duet_status load_slice(loader *ld, const char *name, int full_out, int fu
     int cols = full_in ? full_in : 1;
     size_t es = dt_size((dt_dtype)t->dtype);
     for (int i = 0; i < real_rows; i++) {
-        const unsigned char *src = (const unsigned char *)t->data +
-                                   ((size_t)(r0 + i) * (size_t)cols + (size_t)c0) * es;
+        const unsigned char *src =
+            (const unsigned char *)t->data + ((size_t)(r0 + i) * (size_t)cols + (size_t)c0) * es;
         dt_to_f32((dt_dtype)t->dtype, src, dst + (size_t)i * ncols, (size_t)ncols);
     }
     if (t->dtype != DT_F8_E4M3) return DUET_OK;
@@ -161,8 +163,7 @@ static duet_status load_vec(loader *ld, const char *name, int n, void **dev_p) {
 
 /* prefix.gate_proj / up_proj rows [i0, i0 + n) fused as gate_up [2n, D]; down_proj columns
  * [i0, i0 + n) as down [D, n]. full_i is the unsplit intermediate width. */
-static duet_status load_ffn(loader *ld, const char *prefix, int full_i, int i0, int n,
-                            be_ffn *f) {
+static duet_status load_ffn(loader *ld, const char *prefix, int full_i, int i0, int n, be_ffn *f) {
     int D = ld->c->hidden_size;
     char name[512];
     float *buf = tmp_get(ld, (size_t)2 * n * D > (size_t)D * n ? (size_t)2 * n * D : (size_t)D * n);
@@ -194,7 +195,8 @@ static duet_status load_layer(loader *ld, mdl_model *m, int l) {
     if (st == DUET_OK && c->q_lora_rank) {
         int q = c->q_lora_rank;
         st = load_linear(ld, NAME("self_attn.q_a_proj.weight"), q, D, 0, q, 0, D, false, &ly->q_a);
-        if (st == DUET_OK) st = load_vec(ld, NAME("self_attn.q_a_layernorm.weight"), q, &ly->q_a_norm);
+        if (st == DUET_OK)
+            st = load_vec(ld, NAME("self_attn.q_a_layernorm.weight"), q, &ly->q_a_norm);
         if (st == DUET_OK)
             st = load_linear(ld, NAME("self_attn.q_b_proj.weight"), H * qk, q, h0 * qk, Hl * qk, 0,
                              q, false, &ly->q_b);
@@ -205,7 +207,8 @@ static duet_status load_layer(loader *ld, mdl_model *m, int l) {
     if (st == DUET_OK)
         st = load_linear(ld, NAME("self_attn.kv_a_proj_with_mqa.weight"), L + R, D, 0, L + R, 0, D,
                          false, &ly->kv_a);
-    if (st == DUET_OK) st = load_vec(ld, NAME("self_attn.kv_a_layernorm.weight"), L, &ly->kv_a_norm);
+    if (st == DUET_OK)
+        st = load_vec(ld, NAME("self_attn.kv_a_layernorm.weight"), L, &ly->kv_a_norm);
     if (st == DUET_OK)
         st = load_linear(ld, NAME("self_attn.kv_b_proj.weight"), H * nv, L, h0 * nv, Hl * nv, 0, L,
                          false, &ly->kv_b);
@@ -216,8 +219,8 @@ static duet_status load_layer(loader *ld, mdl_model *m, int l) {
 
     ly->moe = cfg_layer_is_moe(c, l);
     if (!ly->moe) {
-        return load_ffn(ld, NAME("mlp"), c->intermediate_size,
-                        m->shard.tp_rank * m->inter_local, m->inter_local, &ly->dense);
+        return load_ffn(ld, NAME("mlp"), c->intermediate_size, m->shard.tp_rank * m->inter_local,
+                        m->inter_local, &ly->dense);
     }
     int E = c->n_routed_experts;
     st = load_linear(ld, NAME("mlp.gate.weight"), E, D, 0, E, 0, D, true, &ly->gate);
@@ -231,12 +234,13 @@ static duet_status load_layer(loader *ld, mdl_model *m, int l) {
     for (int e = 0; e < m->n_local_experts && st == DUET_OK; e++) {
         char ep[300];
         snprintf(ep, sizeof ep, "%s.mlp.experts.%d", p, m->expert0 + e);
-        st = load_ffn(ld, ep, c->moe_intermediate_size, ei0, m->expert_inter_local,
-                      &ly->experts[e]);
+        st =
+            load_ffn(ld, ep, c->moe_intermediate_size, ei0, m->expert_inter_local, &ly->experts[e]);
     }
     if (st == DUET_OK && c->n_shared_experts > 0)
-        st = load_ffn(ld, NAME("mlp.shared_experts"), c->n_shared_experts * c->moe_intermediate_size,
-                      m->shard.tp_rank * m->shared_inter_local, m->shared_inter_local, &ly->shared);
+        st =
+            load_ffn(ld, NAME("mlp.shared_experts"), c->n_shared_experts * c->moe_intermediate_size,
+                     m->shard.tp_rank * m->shared_inter_local, m->shared_inter_local, &ly->shared);
 #undef NAME
     return st;
 }
@@ -320,6 +324,10 @@ duet_status mdl_load(const char *dir, be_backend *be, const mdl_shard *shard,
     if (st == DUET_OK) note_skipped_layers(&ld);
 
     if (st == DUET_OK) {
+        if (c->norm_topk_prob && strcmp(c->model_type, "deepseek_v3") != 0)
+            LOG_WARN("%s/config.json: norm_topk_prob is ignored for %s checkpoints, as "
+                     "transformers does; routed weights are only scaled",
+                     dir, c->model_type);
         m->kv_dim = c->kv_lora_rank + c->qk_rope_head_dim;
         m->softmax_scale = cfg_softmax_scale(c);
         m->route = (be_route_params){
@@ -334,7 +342,8 @@ duet_status mdl_load(const char *dir, be_backend *be, const mdl_shard *shard,
             .routed_scaling_factor = c->routed_scaling_factor,
         };
         float inv_freq[256], attn;
-        if (c->qk_rope_head_dim / 2 > 256) st = DUET_ERR_UNSUPPORTED;
+        if (c->qk_rope_head_dim / 2 > 256)
+            st = DUET_ERR_UNSUPPORTED;
         else {
             cfg_rope_inv_freq(c, inv_freq, &attn);
             st = be->ops->rope_setup(be, inv_freq, c->qk_rope_head_dim / 2, attn);
@@ -346,8 +355,8 @@ duet_status mdl_load(const char *dir, be_backend *be, const mdl_shard *shard,
                          false, &m->embed);
     if (st == DUET_OK)
         st = load_linear(&ld,
-                         c->tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight",
-                         V, D, m->vocab0, m->vocab_local, 0, D, false, &m->lm_head);
+                         c->tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight", V,
+                         D, m->vocab0, m->vocab_local, 0, D, false, &m->lm_head);
     if (st == DUET_OK) st = load_vec(&ld, "model.norm.weight", D, &m->final_norm);
     if (st == DUET_OK) {
         m->layers = calloc((size_t)c->num_hidden_layers, sizeof *m->layers);
@@ -441,7 +450,7 @@ duet_status mdl_step_reserve(mdl_step *s, int n_tokens, int n_seqs, int max_bloc
 
 void mdl_buffers_free(mdl_model *m) {
     mdl_buffers *b = &m->buf;
-    void **bufs[] = {&b->h, &b->xn, &b->qa, &b->q, &b->kva, &b->attn,
+    void **bufs[] = {&b->h, &b->xn, &b->qa, &b->q,   &b->kva,   &b->attn,
                      &b->o, &b->o2, &b->gu, &b->act, &b->logits};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
         if (*bufs[i]) m->be->ops->buf_free(m->be, *bufs[i]);

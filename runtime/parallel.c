@@ -26,13 +26,14 @@ void par_options_init(par_options *o) {
 }
 
 void par_usage(FILE *f) {
-    fprintf(f, "  --backend cpu|cuda              device backend (default cpu)\n"
-               "  --tensor-parallel-size N, -tp N  ranks sharing each layer (default 1)\n"
-               "  --data-parallel-size N, -dp N    independent replicas in the instance (default 1)\n"
-               "  --enable-expert-parallel         place routed experts across all ranks\n"
-               "  --load-format auto|dummy         dummy: random weights of the config's shapes\n"
-               "  --seed N                         seed of dummy weights\n"
-               "(an instance of dp * tp ranks is started with mpirun -np dp*tp)\n");
+    fprintf(f,
+            "  --backend cpu|cuda              device backend (default cpu)\n"
+            "  --tensor-parallel-size N, -tp N  ranks sharing each layer (default 1)\n"
+            "  --data-parallel-size N, -dp N    independent replicas in the instance (default 1)\n"
+            "  --enable-expert-parallel         place routed experts across all ranks\n"
+            "  --load-format auto|dummy         dummy: random weights of the config's shapes\n"
+            "  --seed N                         seed of dummy weights\n"
+            "(an instance of dp * tp ranks is started with mpirun -np dp*tp)\n");
 }
 
 static int int_arg(const char *flag, const char *v, int *out) {
@@ -76,8 +77,10 @@ int par_options_parse(par_options *o, int argc, char **argv, int i) {
         snprintf(o->backend, sizeof o->backend, "%s", v);
         return 2;
     }
-    if (!strcmp(v, "dummy")) o->load_format = MDL_WEIGHTS_DUMMY;
-    else if (!strcmp(v, "auto") || !strcmp(v, "safetensors")) o->load_format = MDL_WEIGHTS_CHECKPOINT;
+    if (!strcmp(v, "dummy"))
+        o->load_format = MDL_WEIGHTS_DUMMY;
+    else if (!strcmp(v, "auto") || !strcmp(v, "safetensors"))
+        o->load_format = MDL_WEIGHTS_CHECKPOINT;
     else {
         fprintf(stderr, "--load-format must be auto, safetensors or dummy, got '%s'\n", v);
         return -1;
@@ -123,7 +126,8 @@ duet_status par_instance_create(const par_options *o, const char *model_dir, int
     shard.tp = p->tp;
     shard.ep = p->ep;
     if (st == DUET_OK) st = be_create(o->backend, p->world.local_rank, &p->be);
-    mdl_load_opts lo = {.source = o->load_format, .dummy_seed = o->seed, .max_tokens = o->max_tokens};
+    mdl_load_opts lo = {
+        .source = o->load_format, .dummy_seed = o->seed, .max_tokens = o->max_tokens};
     if (st == DUET_OK) st = mdl_load(model_dir, p->be, &shard, &lo, &p->model);
     if (st != DUET_OK) {
         /* every rank fails the same way on a bad checkpoint; one stuck rank must not hang

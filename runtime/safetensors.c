@@ -236,8 +236,7 @@ static duet_status parse_file(st_set *set, size_t fi) {
     for (size_t i = 1; i < n && st == DUET_OK; i++) {
         const char *prev_end = (const char *)sorted[i - 1]->data + sorted[i - 1]->nbytes;
         if ((const char *)sorted[i]->data < prev_end) {
-            LOG_ERROR("%s: tensors %s and %s overlap", path, sorted[i - 1]->name,
-                      sorted[i]->name);
+            LOG_ERROR("%s: tensors %s and %s overlap", path, sorted[i - 1]->name, sorted[i]->name);
             st = DUET_ERR_FORMAT;
         }
     }
@@ -307,8 +306,7 @@ static duet_status open_index(st_set *set, const char *dir, const char *index_pa
     free(text);
     const cJSON *wm = root ? cJSON_GetObjectItemCaseSensitive(root, "weight_map") : NULL;
     if (!cJSON_IsObject(wm)) {
-        LOG_ERROR("%s: %s", index_path,
-                  root ? "no \"weight_map\" object" : "malformed JSON");
+        LOG_ERROR("%s: %s", index_path, root ? "no \"weight_map\" object" : "malformed JSON");
         cJSON_Delete(root);
         return DUET_ERR_FORMAT;
     }

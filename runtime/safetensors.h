@@ -14,10 +14,10 @@
 #define ST_MAX_DIMS 8
 
 typedef struct st_tensor {
-    const char *name;      /* owned by the set */
-    const char *file;      /* path of the file holding it, for messages */
-    int dtype;             /* a dt_dtype, or -1 when duet does not read this type */
-    const char *dtype_name;/* as the header spells it */
+    const char *name;       /* owned by the set */
+    const char *file;       /* path of the file holding it, for messages */
+    int dtype;              /* a dt_dtype, or -1 when duet does not read this type */
+    const char *dtype_name; /* as the header spells it */
     int ndim;
     int64_t shape[ST_MAX_DIMS];
     const void *data; /* into the mapping */

@@ -73,8 +73,7 @@ static int greedy_ok(const float *row, const float *ref, int V, int want) {
     return (double)ref[want] - (double)ref[got] <= 2.0 * e;
 }
 
-static duet_status parse_cases(const char *dir, gcase **cases_p, int *n_p, fio_map *map,
-                               int V) {
+static duet_status parse_cases(const char *dir, gcase **cases_p, int *n_p, fio_map *map, int V) {
     char path[4096];
     snprintf(path, sizeof path, "%s/cases.json", dir);
     char *text = NULL;
@@ -217,8 +216,10 @@ static duet_status run_single(gctx *g, gcase *k, int stepwise) {
         if (!greedy_ok(g->logits, ref, V, k->greedy[s_ + 1])) k->greedy_bad++;
     }
     seq_release(g, &s);
-    if (stepwise) k->err_stepwise = err;
-    else k->err_prefill = err;
+    if (stepwise)
+        k->err_stepwise = err;
+    else
+        k->err_prefill = err;
     return st;
 }
 
@@ -292,8 +293,10 @@ int check_golden_main(int argc, char **argv) {
             i += used - 1;
             continue;
         }
-        if (!strcmp(argv[i], "--tol") && i + 1 < argc) tol = atof(argv[++i]);
-        else if (!strcmp(argv[i], "--block-size") && i + 1 < argc) block_size = atoi(argv[++i]);
+        if (!strcmp(argv[i], "--tol") && i + 1 < argc)
+            tol = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--block-size") && i + 1 < argc)
+            block_size = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             usage(stdout);
             return 0;
@@ -301,7 +304,8 @@ int check_golden_main(int argc, char **argv) {
             fprintf(stderr, "duet-check golden: unknown option %s\n", argv[i]);
             usage(stderr);
             return 2;
-        } else dir = argv[i];
+        } else
+            dir = argv[i];
     }
     if (!dir || block_size < 1) {
         usage(stderr);

@@ -79,8 +79,7 @@ static duet_status cpu_upload(be_backend *be, void *dst, size_t off, const float
     return DUET_OK;
 }
 
-static duet_status cpu_download(be_backend *be, float *dst, const void *src, size_t off,
-                                size_t n) {
+static duet_status cpu_download(be_backend *be, float *dst, const void *src, size_t off, size_t n) {
     (void)be;
     memcpy(dst, (const float *)src + off, n * sizeof(float));
     return DUET_OK;
@@ -198,8 +197,8 @@ static duet_status cpu_rope_setup(be_backend *be, const float *inv_freq, int hal
     return DUET_OK;
 }
 
-static void cpu_embed(be_backend *be, void *out, const int32_t *ids, int T,
-                      const be_weight *table, int row0) {
+static void cpu_embed(be_backend *be, void *out, const int32_t *ids, int T, const be_weight *table,
+                      int row0) {
     (void)be;
     int D = table->n_in;
     float *o = out;
@@ -207,7 +206,8 @@ static void cpu_embed(be_backend *be, void *out, const int32_t *ids, int T,
         int r = ids[t] - row0;
         if (r >= 0 && r < table->n_out)
             memcpy(o + (size_t)t * D, table->w + (size_t)r * D, (size_t)D * sizeof(float));
-        else memset(o + (size_t)t * D, 0, (size_t)D * sizeof(float));
+        else
+            memset(o + (size_t)t * D, 0, (size_t)D * sizeof(float));
     }
 }
 
@@ -252,8 +252,8 @@ static void cpu_silu_mul(be_backend *be, void *out, const void *gu, int T, int i
     }
 }
 
-static void cpu_rope(be_backend *be, void *x, int T, int row_stride, int n_heads,
-                     int head_stride, int col0, int rope_dim) {
+static void cpu_rope(be_backend *be, void *x, int T, int row_stride, int n_heads, int head_stride,
+                     int col0, int rope_dim) {
     cpu_backend *c = cpu(be);
     int half = rope_dim / 2;
 #pragma omp parallel for
@@ -346,8 +346,8 @@ static void attend_absorbed(const cpu_backend *c, const be_kv *kv, int layer, in
  * position are rebuilt from the latents through kv_b (one GEMM), then ordinary causal attention
  * per head. Cost O(ctx * H * (nope + v) * L) once, shared by all the chunk's queries. */
 static void attend_expanded(cpu_backend *c, const be_kv *kv, int layer, int s, float *out,
-                            const float *q, const be_weight *kv_b, int H, int nope, int rope,
-                            int v, float scale) {
+                            const float *q, const be_weight *kv_b, int H, int nope, int rope, int v,
+                            float scale) {
     int L = kv->kv_dim - rope, ctx = c->seq_ctx[s];
     int t0 = c->seq_start[s], n = c->seq_start[s + 1] - t0;
     int kvw = H * (nope + v), qw = H * (nope + rope);
@@ -406,8 +406,8 @@ static void cpu_mla_attention(be_backend *be, void *out, const void *q, be_kv *k
         int ctx = c->token_pos[t0] + 1;
 #pragma omp parallel for
         for (int h = 0; h < H; h++) {
-            attend_absorbed(c, kv, layer, s, ctx, (const float *)q + (size_t)t0 * qw +
-                                                      (size_t)h * (nope + rope),
+            attend_absorbed(c, kv, layer, s, ctx,
+                            (const float *)q + (size_t)t0 * qw + (size_t)h * (nope + rope),
                             kv_b->w + (size_t)h * (nope + v) * L, nope, rope, v, scale,
                             (float *)out + (size_t)t0 * H * v + (size_t)h * v,
                             tmp + per * (size_t)omp_get_thread_num());
@@ -441,7 +441,8 @@ static duet_status cpu_moe_route(be_backend *be, const void *x, int T, const be_
         float choice[1024], gscore[256];
         int gidx[256], eidx[64];
         if (E > 1024 || G > 256 || K > 64) return DUET_ERR_UNSUPPORTED;
-        if (p->scoring == CFG_SCORING_SOFTMAX) softmax_inplace(s, E);
+        if (p->scoring == CFG_SCORING_SOFTMAX)
+            softmax_inplace(s, E);
         else
             for (int e = 0; e < E; e++) s[e] = 1.0f / (1.0f + expf(-s[e]));
         for (int e = 0; e < E; e++) choice[e] = s[e] + (b ? b[e] : 0.0f);
@@ -472,20 +473,19 @@ static duet_status cpu_moe_route(be_backend *be, const void *x, int T, const be_
             weights[(size_t)t * K + k] = s[eidx[k]];
             sum += s[eidx[k]];
         }
-        bool norm = p->norm_topk_prob && (p->scale_after_norm || K > 1);
+        bool norm = p->norm_topk_prob && p->scale_after_norm;
         for (int k = 0; k < K; k++) {
             float w = weights[(size_t)t * K + k];
             if (norm) w /= sum + 1e-20f;
-            if (p->scale_after_norm || !norm) w *= p->routed_scaling_factor;
-            weights[(size_t)t * K + k] = w;
+            weights[(size_t)t * K + k] = w * p->routed_scaling_factor;
         }
     }
     return DUET_OK;
 }
 
 static void cpu_moe_experts(be_backend *be, void *out, const void *x, int T, int D,
-                            const int32_t *ids, const float *weights, int K,
-                            const be_ffn *experts, int e0, int n_local) {
+                            const int32_t *ids, const float *weights, int K, const be_ffn *experts,
+                            int e0, int n_local) {
     cpu_backend *c = cpu(be);
     if (T <= 0 || n_local <= 0) return;
     int inter = experts[0].n_inter;
@@ -519,16 +519,16 @@ static void cpu_moe_experts(be_backend *be, void *out, const void *x, int T, int
     }
 }
 
-static void cpu_gather_rows(be_backend *be, void *dst, const void *src, const int32_t *idx,
-                            int n, int D) {
+static void cpu_gather_rows(be_backend *be, void *dst, const void *src, const int32_t *idx, int n,
+                            int D) {
     (void)be;
     for (int i = 0; i < n; i++)
         memcpy((float *)dst + (size_t)i * D, (const float *)src + (size_t)idx[i] * D,
                (size_t)D * sizeof(float));
 }
 
-static void cpu_scatter_add_rows(be_backend *be, void *dst, const void *src,
-                                 const int32_t *idx, int n, int D) {
+static void cpu_scatter_add_rows(be_backend *be, void *dst, const void *src, const int32_t *idx,
+                                 int n, int D) {
     (void)be;
     for (int i = 0; i < n; i++) {
         float *d = (float *)dst + (size_t)idx[i] * D;

@@ -60,6 +60,8 @@ int main(void) {
     CHECK(c.q_lora_rank == 0 && c.topk_method == CFG_TOPK_GREEDY);
     CHECK(c.scoring_func == CFG_SCORING_SOFTMAX && !c.norm_topk_prob);
     CHECK(c.rope_mscale_all_dim > 0.7f && c.bos_token_id == 100000);
+    /* transformers' DeepseekV2 leaves the softmax scale without the YaRN mscale^2 */
+    CHECK_NEAR(cfg_softmax_scale(&c), 1.0 / sqrt(192.0), 1e-7);
 
     log_set_level(LOG_LEVEL_ERROR + 1); /* the refusals below log; keep the output readable */
     CHECK(parse_with("\"deepseek_v2\"", "\"llama\"") == DUET_ERR_UNSUPPORTED);
