@@ -1,6 +1,7 @@
 /* Instance bootstrap and DP lockstep; see parallel.h. */
 #include "parallel.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -14,6 +15,8 @@ struct par_instance {
     be_backend *be;
     mdl_model *model;
     bool lockstep;
+    void *plan; /* TP plan buffer */
+    size_t plan_cap;
 };
 
 void par_options_init(par_options *o) {
@@ -146,6 +149,7 @@ void par_instance_destroy(par_instance *p) {
     comm_group_destroy(p->tp);
     comm_group_destroy(p->ep);
     comm_group_destroy(p->world_group);
+    free(p->plan);
     free(p);
     comm_finalize();
 }
@@ -227,4 +231,146 @@ void par_report_totals(par_instance *p, int *passed, int *failed) {
         *passed = (int)v[0];
         *failed = (int)v[1];
     }
+}
+
+/* ---- TP plans ---- */
+
+enum { PLAN_IDLE = 0, PLAN_STEP = 1, PLAN_QUIT = 2 };
+
+/* Header broadcast first; the payload (seq records, tokens, block tables) follows when
+ * n_seqs > 0. */
+typedef struct plan_hdr {
+    int32_t kind, n_seqs, n_tokens, n_table;
+} plan_hdr;
+
+typedef struct plan_seq {
+    int32_t n_tokens, pos0, n_blocks, n_logits;
+} plan_seq;
+
+static duet_status plan_buf(par_instance *p, size_t bytes) {
+    if (bytes <= p->plan_cap) return DUET_OK;
+    void *b = realloc(p->plan, bytes);
+    if (!b) return DUET_ERR_NO_MEMORY;
+    p->plan = b;
+    p->plan_cap = bytes;
+    return DUET_OK;
+}
+
+duet_status par_kv_agree(par_instance *p, int *n_blocks, int block_size) {
+    /* the maximum of the negated sizes is the minimum size */
+    long long v[2] = {-(long long)*n_blocks, block_size};
+    duet_status st = comm_allreduce_i64(p->tp, v, 2, true);
+    if (st != DUET_OK) return st;
+    if (v[1] != block_size) {
+        LOG_ERROR("parallel: TP ranks disagree on the KV block size (%d here, %lld elsewhere)",
+                  block_size, v[1]);
+        return DUET_ERR_INVALID;
+    }
+    *n_blocks = (int)-v[0];
+    return DUET_OK;
+}
+
+duet_status par_step(par_instance *p, be_kv *kv, const mdl_seq *seqs, int n_seqs, float *logits) {
+    if (p->opt.tp > 1) {
+        plan_hdr h = {PLAN_STEP, n_seqs, 0, 0};
+        for (int i = 0; i < n_seqs; i++) {
+            h.n_tokens += seqs[i].n_tokens;
+            h.n_table += seqs[i].n_blocks;
+        }
+        size_t bytes = (size_t)n_seqs * sizeof(plan_seq) +
+                       ((size_t)h.n_tokens + (size_t)h.n_table) * sizeof(int32_t);
+        duet_status st = plan_buf(p, bytes);
+        if (st != DUET_OK) return st;
+        plan_seq *ps = p->plan;
+        int32_t *tok = (int32_t *)(ps + n_seqs), *tab = tok + h.n_tokens;
+        for (int i = 0; i < n_seqs; i++) {
+            ps[i] = (plan_seq){seqs[i].n_tokens, seqs[i].pos0, seqs[i].n_blocks, seqs[i].n_logits};
+            memcpy(tok, seqs[i].tokens, (size_t)seqs[i].n_tokens * sizeof(int32_t));
+            memcpy(tab, seqs[i].block_table, (size_t)seqs[i].n_blocks * sizeof(int32_t));
+            tok += seqs[i].n_tokens;
+            tab += seqs[i].n_blocks;
+        }
+        st = comm_bcast(p->tp, &h, sizeof h, 0);
+        if (st == DUET_OK) st = comm_bcast(p->tp, p->plan, bytes, 0);
+        if (st != DUET_OK) return st;
+    }
+    return par_forward(p, kv, seqs, n_seqs, logits);
+}
+
+duet_status par_idle(par_instance *p, be_kv *kv, bool *stepped_p) {
+    *stepped_p = false;
+    if (p->opt.tp > 1) {
+        plan_hdr h = {PLAN_IDLE, 0, 0, 0};
+        duet_status st = comm_bcast(p->tp, &h, sizeof h, 0);
+        if (st != DUET_OK) return st;
+    }
+    return par_idle_step(p, kv, stepped_p);
+}
+
+duet_status par_stop_followers(par_instance *p) {
+    if (p->opt.tp <= 1) return DUET_OK;
+    plan_hdr h = {PLAN_QUIT, 0, 0, 0};
+    return comm_bcast(p->tp, &h, sizeof h, 0);
+}
+
+duet_status par_follow(par_instance *p, be_kv *kv) {
+    mdl_seq *seqs = NULL;
+    int cap_seqs = 0;
+    float *logits = NULL;
+    size_t cap_logits = 0;
+    int V = mdl_config(p->model)->vocab_size;
+    duet_status st = DUET_OK;
+    for (;;) {
+        plan_hdr h;
+        st = comm_bcast(p->tp, &h, sizeof h, 0);
+        if (st != DUET_OK || h.kind == PLAN_QUIT) break;
+        if (h.kind == PLAN_IDLE) {
+            bool stepped;
+            st = par_idle_step(p, kv, &stepped);
+            if (st != DUET_OK) break;
+            continue;
+        }
+        size_t bytes = (size_t)h.n_seqs * sizeof(plan_seq) +
+                       ((size_t)h.n_tokens + (size_t)h.n_table) * sizeof(int32_t);
+        st = plan_buf(p, bytes);
+        if (st == DUET_OK) st = comm_bcast(p->tp, p->plan, bytes, 0);
+        if (st != DUET_OK) break;
+        if (h.n_seqs > cap_seqs) {
+            mdl_seq *ns = realloc(seqs, (size_t)h.n_seqs * sizeof *ns);
+            if (!ns) {
+                st = DUET_ERR_NO_MEMORY;
+                break;
+            }
+            seqs = ns;
+            cap_seqs = h.n_seqs;
+        }
+        plan_seq *ps = p->plan;
+        const int32_t *tok = (const int32_t *)(ps + h.n_seqs), *tab = tok + h.n_tokens;
+        size_t rows = 0;
+        for (int i = 0; i < h.n_seqs; i++) {
+            seqs[i] = (mdl_seq){.tokens = tok,
+                                .n_tokens = ps[i].n_tokens,
+                                .pos0 = ps[i].pos0,
+                                .block_table = tab,
+                                .n_blocks = ps[i].n_blocks,
+                                .n_logits = ps[i].n_logits};
+            tok += ps[i].n_tokens;
+            tab += ps[i].n_blocks;
+            rows += (size_t)ps[i].n_logits;
+        }
+        if (rows * V > cap_logits) {
+            float *nl = realloc(logits, rows * V * sizeof(float));
+            if (!nl) {
+                st = DUET_ERR_NO_MEMORY;
+                break;
+            }
+            logits = nl;
+            cap_logits = rows * V;
+        }
+        st = par_forward(p, kv, seqs, h.n_seqs, logits);
+        if (st != DUET_OK) break;
+    }
+    free(seqs);
+    free(logits);
+    return st;
 }

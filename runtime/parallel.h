@@ -57,6 +57,23 @@ duet_status par_finish(par_instance *inst);
  * empty step was run (another group had work). */
 duet_status par_idle_step(par_instance *inst, be_kv *kv, bool *stepped_p);
 
+/* ---- engine steps across the TP group ----
+ * The TP leader (TP rank 0) schedules; each step's plan (the sequences of mdl_seq) is
+ * broadcast to the followers, which run the same forward. */
+
+/* All ranks of the TP group: agree on the KV pool's size (the smallest any rank proposes) so
+ * block ids mean the same everywhere. */
+duet_status par_kv_agree(par_instance *inst, int *n_blocks, int block_size);
+/* Leader: one step (broadcast plan, then par_forward). */
+duet_status par_step(par_instance *inst, be_kv *kv, const mdl_seq *seqs, int n_seqs, float *logits);
+/* Leader with nothing to run: a heartbeat to the followers, and under lockstep one round of
+ * agreement (joining another DP group's step with an empty one if needed). */
+duet_status par_idle(par_instance *inst, be_kv *kv, bool *stepped_p);
+/* Leader: tells the followers to return from par_follow. */
+duet_status par_stop_followers(par_instance *inst);
+/* Follower: runs the leader's plans until it stops them. */
+duet_status par_follow(par_instance *inst, be_kv *kv);
+
 /* Sums pass/fail counters of the reporters over the instance, in place, on every rank. */
 void par_report_totals(par_instance *inst, int *passed, int *failed);
 

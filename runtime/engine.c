@@ -1,0 +1,1052 @@
+/* The engine; see engine.h. One step: take the inbox, expire leases, schedule (running
+ * requests first, in admission order, then waiting ones FCFS), run the model on the
+ * scheduled tokens, sample where a request's tokens are all computed, detokenize and check
+ * stop conditions, emit events. */
+#include "engine.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kv_pool.h"
+#include "log.h"
+#include "parallel.h"
+#include "tokenizer.h"
+
+typedef enum req_state {
+    RS_WAITING = 0,
+    RS_RUNNING,
+    RS_FETCHING, /* decode side: blocks being filled by a remote prefill */
+} req_state;
+
+/* Prefill side: a finished request's blocks kept for the decode side to read. Shared with
+ * the transfer layer's threads (pin/release) under lease_mu; the blocks are freed by the
+ * engine thread only, once released, or expired and not read since. */
+typedef struct lease {
+    uint64_t id;
+    int32_t *blocks;
+    int n_blocks;
+    double deadline;
+    bool released;
+    struct lease *next;
+} lease;
+
+typedef struct ereq ereq;
+struct ereq {
+    uint64_t id;
+    void *user;
+    eng_sampling sp;
+    eng_kv_role role;
+    void *remote;
+    void (*on_logits)(void *user, int pos, const float *row, int V);
+    req_state state;
+    ereq *prev, *next; /* in its queue */
+    ereq *hnext;       /* id hash chain */
+
+    int32_t *tokens; /* prompt then output, capacity n_prompt + max_tokens */
+    int n_prompt, n_tokens, max_tokens;
+    int n_computed; /* tokens whose KV is written */
+    int32_t *blocks;
+    int n_blocks, cap_blocks;
+    int n_hashed;     /* full blocks entered in the prefix cache */
+    uint64_t last_hash;
+    int n_cached_tokens;
+    int n_sched; /* tokens scheduled in the current step */
+    bool abort_pending, fetched;
+
+    smp_rng rng;
+    tok_stream *detok;
+    char *text; /* detokenized output not yet sent (stop strings held back) */
+    size_t text_len, text_cap;
+    eng_token_lp *prompt_lp;
+    eng_token_lp last_lp;
+};
+
+typedef struct rqueue {
+    ereq *head, *tail;
+    int n;
+} rqueue;
+
+typedef enum cmd_kind { CMD_SUBMIT, CMD_ABORT, CMD_FETCHED } cmd_kind;
+
+typedef struct cmd {
+    cmd_kind kind;
+    uint64_t id;
+    ereq *req; /* CMD_SUBMIT */
+    bool ok;
+    char error[160];
+    struct cmd *next;
+} cmd;
+
+struct eng_engine {
+    eng_config cfg;
+    par_instance *inst;
+    mdl_model *model;
+    const tok_tokenizer *tok;
+    be_kv *kv;
+    kv_pool *pool;
+    int V, eos;
+    rqueue waiting, running, fetching;
+    pthread_mutex_t lease_mu;
+    lease *leases;
+    int n_leases;
+    ereq **table;
+    size_t table_cap;
+
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    cmd *inbox_head, *inbox_tail;
+    bool wake;
+
+    /* per-step scratch, sized at create */
+    ereq **sched;
+    mdl_seq *seqs;
+    float *logits;
+    int cap_logit_rows;
+    float *row_copy; /* [V]: a row kept raw while sampling modifies the other */
+    smp_scratch smp;
+    int32_t banned[ENG_MAX_STOP_IDS + 1];
+
+    eng_stats stats;
+    pthread_mutex_t stats_mu;
+    eng_stats snapshot;
+};
+
+const char *eng_finish_name(eng_finish f) {
+    switch (f) {
+    case ENG_FINISH_LENGTH: return "length";
+    case ENG_FINISH_STOP: return "stop";
+    case ENG_FINISH_ABORT: return "abort";
+    case ENG_FINISH_ERROR: return "error";
+    default: return NULL;
+    }
+}
+
+void eng_sampling_default(eng_sampling *s) {
+    memset(s, 0, sizeof *s);
+    smp_params_default(&s->smp);
+    s->max_tokens = 16;
+    s->skip_special_tokens = true;
+    s->logprobs = -1;
+    s->prompt_logprobs = -1;
+}
+
+void eng_config_default(eng_config *c) {
+    memset(c, 0, sizeof *c);
+    c->max_num_seqs = 256;
+    c->max_num_batched_tokens = 2048;
+    c->max_model_len = 4096;
+    c->block_size = 64;
+    c->n_blocks = 1024;
+    c->prefix_caching = true;
+    c->lease_timeout_s = 30.0;
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---- queues and the id table ---- */
+
+static void q_push_back(rqueue *q, ereq *r) {
+    r->prev = q->tail;
+    r->next = NULL;
+    if (q->tail) q->tail->next = r;
+    else q->head = r;
+    q->tail = r;
+    q->n++;
+}
+
+static void q_push_front(rqueue *q, ereq *r) {
+    r->next = q->head;
+    r->prev = NULL;
+    if (q->head) q->head->prev = r;
+    else q->tail = r;
+    q->head = r;
+    q->n++;
+}
+
+static void q_remove(rqueue *q, ereq *r) {
+    if (r->prev) r->prev->next = r->next;
+    else q->head = r->next;
+    if (r->next) r->next->prev = r->prev;
+    else q->tail = r->prev;
+    r->prev = r->next = NULL;
+    q->n--;
+}
+
+static rqueue *queue_of(eng_engine *e, ereq *r) {
+    switch (r->state) {
+    case RS_WAITING: return &e->waiting;
+    case RS_RUNNING: return &e->running;
+    default: return &e->fetching;
+    }
+}
+
+static size_t slot_of(const eng_engine *e, uint64_t id) {
+    id ^= id >> 31;
+    id *= 0x9e3779b97f4a7c15ull;
+    return (size_t)(id >> 20) & (e->table_cap - 1);
+}
+
+static ereq *table_find(eng_engine *e, uint64_t id) {
+    for (ereq *r = e->table[slot_of(e, id)]; r; r = r->hnext)
+        if (r->id == id) return r;
+    return NULL;
+}
+
+static void table_insert(eng_engine *e, ereq *r) {
+    size_t k = slot_of(e, r->id);
+    r->hnext = e->table[k];
+    e->table[k] = r;
+}
+
+static void table_remove(eng_engine *e, ereq *r) {
+    ereq **link = &e->table[slot_of(e, r->id)];
+    while (*link && *link != r) link = &(*link)->hnext;
+    if (*link) *link = r->hnext;
+}
+
+/* ---- request memory ---- */
+
+static void req_free(ereq *r) {
+    if (!r) return;
+    for (int i = 0; i < r->sp.n_stop; i++) free(r->sp.stop[i]);
+    tok_stream_destroy(r->detok);
+    free(r->tokens);
+    free(r->blocks);
+    free(r->text);
+    free(r->prompt_lp);
+    free(r);
+}
+
+static void release_blocks(eng_engine *e, ereq *r) {
+    /* last block first: the tail of a sequence is the least likely to be shared again */
+    for (int i = r->n_blocks - 1; i >= 0; i--) kv_pool_release(e->pool, &r->blocks[i], 1);
+    r->n_blocks = 0;
+    r->n_hashed = 0;
+    r->last_hash = 0;
+}
+
+static int text_append(ereq *r, const char *s, size_t n) {
+    if (r->text_len + n + 1 > r->text_cap) {
+        size_t cap = r->text_cap ? r->text_cap * 2 : 256;
+        while (cap < r->text_len + n + 1) cap *= 2;
+        char *t = realloc(r->text, cap);
+        if (!t) return -1;
+        r->text = t;
+        r->text_cap = cap;
+    }
+    memcpy(r->text + r->text_len, s, n);
+    r->text_len += n;
+    r->text[r->text_len] = '\0';
+    return 0;
+}
+
+/* ---- events ---- */
+
+static void emit(eng_engine *e, ereq *r, const eng_event *ev) {
+    if (e->cfg.on_event) e->cfg.on_event(e->cfg.event_user, ev);
+    (void)r;
+}
+
+static void event_init(eng_event *ev, const ereq *r) {
+    memset(ev, 0, sizeof *ev);
+    ev->id = r->id;
+    ev->user = r->user;
+    ev->n_prompt = r->n_prompt;
+    ev->n_output = r->n_tokens - r->n_prompt;
+    ev->n_cached = r->n_cached_tokens;
+    ev->stop_token = -1;
+}
+
+/* Ends a request: its final event, its blocks (unless leased), its memory. */
+static void finish(eng_engine *e, ereq *r, eng_finish why, const char *stop_reason,
+                   int32_t stop_token, const char *error, const int32_t *new_tok,
+                   const eng_token_lp *new_lp) {
+    eng_event ev;
+    event_init(&ev, r);
+    ev.finish = why;
+    ev.stop_reason = stop_reason;
+    ev.stop_token = stop_token;
+    ev.error = error;
+    if (new_tok) {
+        ev.tokens = new_tok;
+        ev.n_tokens = 1;
+        ev.logprobs = new_lp;
+    }
+    if (r->detok && why != ENG_FINISH_ABORT && why != ENG_FINISH_ERROR) {
+        const char *t;
+        size_t n;
+        tok_stream_finish(r->detok, &t, &n);
+        if (!stop_reason) text_append(r, t, n);
+    }
+    ev.text = r->text;
+    ev.text_len = r->text_len;
+    q_remove(queue_of(e, r), r);
+    bool keep = r->role == ENG_KV_LEASE && (why == ENG_FINISH_LENGTH || why == ENG_FINISH_STOP) &&
+                r->n_blocks > 0;
+    lease *l = keep ? calloc(1, sizeof *l) : NULL;
+    if (l) {
+        ev.lease_blocks = r->blocks;
+        ev.n_lease_blocks = r->n_blocks;
+    }
+    emit(e, r, &ev);
+    if (l) {
+        /* the blocks change hands: from the request to a lease */
+        l->id = r->id;
+        l->blocks = r->blocks;
+        l->n_blocks = r->n_blocks;
+        l->deadline = now_s() + e->cfg.lease_timeout_s;
+        r->blocks = NULL;
+        r->n_blocks = 0;
+        pthread_mutex_lock(&e->lease_mu);
+        l->next = e->leases;
+        e->leases = l;
+        e->n_leases++;
+        pthread_mutex_unlock(&e->lease_mu);
+    } else if (keep) {
+        LOG_ERROR("engine: out of memory keeping the lease of request %llu; its KV is freed",
+                  (unsigned long long)r->id);
+    }
+    release_blocks(e, r);
+    table_remove(e, r);
+    req_free(r);
+}
+
+/* ---- inbox ---- */
+
+static void post(eng_engine *e, cmd *c) {
+    pthread_mutex_lock(&e->mu);
+    if (e->inbox_tail) e->inbox_tail->next = c;
+    else e->inbox_head = c;
+    e->inbox_tail = c;
+    e->wake = true;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+}
+
+void eng_wake(eng_engine *e) {
+    pthread_mutex_lock(&e->mu);
+    e->wake = true;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+}
+
+void eng_wait(eng_engine *e, int timeout_ms) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += timeout_ms / 1000;
+    ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&e->mu);
+    while (!e->wake && !e->inbox_head)
+        if (pthread_cond_timedwait(&e->cv, &e->mu, &ts) != 0) break;
+    e->wake = false;
+    pthread_mutex_unlock(&e->mu);
+}
+
+static void post_simple(eng_engine *e, cmd_kind kind, uint64_t id, bool ok, const char *error) {
+    cmd *c = calloc(1, sizeof *c);
+    if (!c) {
+        LOG_ERROR("engine: out of memory posting a command for request %llu",
+                  (unsigned long long)id);
+        return;
+    }
+    c->kind = kind;
+    c->id = id;
+    c->ok = ok;
+    if (error) snprintf(c->error, sizeof c->error, "%s", error);
+    post(e, c);
+}
+
+void eng_abort(eng_engine *e, uint64_t id) {
+    post_simple(e, CMD_ABORT, id, false, NULL);
+}
+
+void eng_lease_release(eng_engine *e, uint64_t id) {
+    pthread_mutex_lock(&e->lease_mu);
+    for (lease *l = e->leases; l; l = l->next)
+        if (l->id == id) l->released = true;
+    pthread_mutex_unlock(&e->lease_mu);
+    eng_wake(e);
+}
+
+duet_status eng_lease_pin(eng_engine *e, uint64_t id, int32_t *blocks, int cap, int *n_p) {
+    duet_status st = DUET_ERR_NOT_FOUND;
+    pthread_mutex_lock(&e->lease_mu);
+    for (lease *l = e->leases; l; l = l->next) {
+        if (l->id != id || l->released) continue;
+        if (l->n_blocks > cap) {
+            st = DUET_ERR_TOO_LONG;
+            break;
+        }
+        memcpy(blocks, l->blocks, (size_t)l->n_blocks * sizeof(int32_t));
+        *n_p = l->n_blocks;
+        /* the reader has this long to finish before the blocks may be reused */
+        l->deadline = now_s() + e->cfg.lease_timeout_s;
+        st = DUET_OK;
+        break;
+    }
+    pthread_mutex_unlock(&e->lease_mu);
+    return st;
+}
+
+void eng_kv_fetched(eng_engine *e, uint64_t id, bool ok, const char *error) {
+    post_simple(e, CMD_FETCHED, id, ok, error);
+}
+
+static int fail(char *err, size_t err_len, const char *fmt, long long a, long long b) {
+    if (err && err_len) snprintf(err, err_len, fmt, a, b);
+    return -1;
+}
+
+duet_status eng_submit(eng_engine *e, const eng_request *req, char *err, size_t err_len) {
+    const eng_sampling *sp = &req->sampling;
+    int n = req->n_prompt;
+    if (n < 1) return fail(err, err_len, "the prompt is empty%.0lld%.0lld", 0, 0), DUET_ERR_INVALID;
+    if (n >= e->cfg.max_model_len)
+        return fail(err, err_len,
+                    "This model's maximum context length is %lld tokens and your request has "
+                    "%lld input tokens",
+                    e->cfg.max_model_len, n),
+               DUET_ERR_TOO_LONG;
+    for (int i = 0; i < n; i++)
+        if (req->prompt[i] < 0 || req->prompt[i] >= e->V)
+            return fail(err, err_len, "token id %lld is out of vocabulary (size %lld)",
+                        req->prompt[i], e->V),
+                   DUET_ERR_INVALID;
+    if (smp_params_check(&sp->smp, err, err_len) != DUET_OK) return DUET_ERR_INVALID;
+    if (sp->n_stop < 0 || sp->n_stop > ENG_MAX_STOP || sp->n_stop_ids < 0 ||
+        sp->n_stop_ids > ENG_MAX_STOP_IDS)
+        return fail(err, err_len, "at most %lld stop strings and %lld stop token ids",
+                    ENG_MAX_STOP, ENG_MAX_STOP_IDS),
+               DUET_ERR_INVALID;
+    if (sp->logprobs > ENG_MAX_LOGPROBS || sp->prompt_logprobs > ENG_MAX_LOGPROBS)
+        return fail(err, err_len, "logprobs must be at most %lld%.0lld", ENG_MAX_LOGPROBS, 0),
+               DUET_ERR_INVALID;
+    if (sp->min_tokens < 0 || (sp->max_tokens > 0 && sp->min_tokens > sp->max_tokens))
+        return fail(err, err_len, "min_tokens (%lld) must be between 0 and max_tokens (%lld)",
+                    sp->min_tokens, sp->max_tokens),
+               DUET_ERR_INVALID;
+    int room = e->cfg.max_model_len - n;
+    int max_tokens = sp->max_tokens > 0 ? sp->max_tokens : room;
+    if (max_tokens > room)
+        return fail(err, err_len,
+                    "This model's maximum context length is %lld tokens. However, you requested "
+                    "more tokens in the completion than fit after the prompt (%lld)",
+                    e->cfg.max_model_len, room),
+               DUET_ERR_TOO_LONG;
+    /* a prompt that cannot fit the whole pool would wait forever */
+    long long need = ((long long)n + 1 + e->cfg.block_size - 1) / e->cfg.block_size;
+    if (need > e->cfg.n_blocks)
+        return fail(err, err_len,
+                    "the prompt needs %lld KV blocks but the cache holds only %lld",
+                    need, e->cfg.n_blocks),
+               DUET_ERR_TOO_LONG;
+    if (req->kv_role == ENG_KV_REMOTE && !e->cfg.fetch)
+        return fail(err, err_len, "this instance cannot receive remote KV%.0lld%.0lld", 0, 0),
+               DUET_ERR_UNSUPPORTED;
+
+    ereq *r = calloc(1, sizeof *r);
+    if (!r) return DUET_ERR_NO_MEMORY;
+    r->id = req->id;
+    r->user = req->user;
+    r->sp = *sp;
+    r->role = req->kv_role;
+    r->remote = req->remote;
+    r->on_logits = req->on_logits;
+    r->n_prompt = r->n_tokens = n;
+    r->max_tokens = max_tokens;
+    r->tokens = malloc((size_t)(n + max_tokens) * sizeof(int32_t));
+    r->cap_blocks = (n + max_tokens + e->cfg.block_size - 1) / e->cfg.block_size + 1;
+    r->blocks = malloc((size_t)r->cap_blocks * sizeof(int32_t));
+    if (sp->prompt_logprobs >= 0) r->prompt_lp = calloc((size_t)n, sizeof *r->prompt_lp);
+    bool oom = !r->tokens || !r->blocks || (sp->prompt_logprobs >= 0 && !r->prompt_lp);
+    for (int i = 0; i < sp->n_stop; i++) {
+        r->sp.stop[i] = strdup(sp->stop[i] ? sp->stop[i] : "");
+        oom |= !r->sp.stop[i];
+    }
+    if (!oom && e->tok && tok_stream_create(e->tok, sp->skip_special_tokens, &r->detok) != DUET_OK)
+        oom = true;
+    if (oom) {
+        req_free(r);
+        return DUET_ERR_NO_MEMORY;
+    }
+    memcpy(r->tokens, req->prompt, (size_t)n * sizeof(int32_t));
+    static uint64_t counter;
+    uint64_t salt = __atomic_add_fetch(&counter, 1, __ATOMIC_RELAXED);
+    uint64_t seed = sp->has_seed ? sp->seed
+                                 : (uint64_t)(now_s() * 1e9) ^ (salt * 0x9e3779b97f4a7c15ull) ^ r->id;
+    smp_rng_seed(&r->rng, seed);
+    cmd *c = calloc(1, sizeof *c);
+    if (!c) {
+        req_free(r);
+        return DUET_ERR_NO_MEMORY;
+    }
+    c->kind = CMD_SUBMIT;
+    c->id = r->id;
+    c->req = r;
+    post(e, c);
+    return DUET_OK;
+}
+
+/* Abort by id, wherever the request is. A fetch in flight keeps its blocks until the transfer
+ * layer reports back: it may still be writing into them. */
+static void abort_req(eng_engine *e, ereq *r) {
+    if (r->state == RS_FETCHING) {
+        r->abort_pending = true;
+        return;
+    }
+    finish(e, r, ENG_FINISH_ABORT, NULL, -1, NULL, NULL, NULL);
+}
+
+static void drain_inbox(eng_engine *e) {
+    pthread_mutex_lock(&e->mu);
+    cmd *c = e->inbox_head;
+    e->inbox_head = e->inbox_tail = NULL;
+    pthread_mutex_unlock(&e->mu);
+    while (c) {
+        cmd *next = c->next;
+        ereq *r = c->kind == CMD_SUBMIT ? NULL : table_find(e, c->id);
+        switch (c->kind) {
+        case CMD_SUBMIT:
+            if (table_find(e, c->id)) {
+                /* ids are unique among live requests; a duplicate is refused at once */
+                eng_event ev;
+                event_init(&ev, c->req);
+                ev.finish = ENG_FINISH_ERROR;
+                ev.error = "duplicate request id";
+                emit(e, c->req, &ev);
+                req_free(c->req);
+                break;
+            }
+            c->req->state = RS_WAITING;
+            table_insert(e, c->req);
+            q_push_back(&e->waiting, c->req);
+            e->stats.prompt_tokens += (uint64_t)c->req->n_prompt;
+            break;
+        case CMD_ABORT:
+            if (r) abort_req(e, r);
+            break;
+        case CMD_FETCHED:
+            if (!r || r->state != RS_FETCHING) break;
+            q_remove(&e->fetching, r);
+            if (!c->ok || r->abort_pending) {
+                r->state = RS_RUNNING; /* so finish() finds it in a queue */
+                q_push_back(&e->running, r);
+                finish(e, r, r->abort_pending ? ENG_FINISH_ABORT : ENG_FINISH_ERROR, NULL, -1,
+                       c->ok ? NULL : (c->error[0] ? c->error : "KV transfer failed"), NULL,
+                       NULL);
+                break;
+            }
+            /* the prompt but its last token is in place: decode computes that one itself */
+            r->n_computed = r->n_prompt - 1;
+            r->fetched = true;
+            r->state = RS_RUNNING;
+            q_push_back(&e->running, r);
+            break;
+        }
+        free(c);
+        c = next;
+    }
+}
+
+/* Frees leases that were released, or that nobody read before their deadline. */
+static void expire_leases(eng_engine *e) {
+    double t = now_s();
+    lease *done = NULL;
+    pthread_mutex_lock(&e->lease_mu);
+    for (lease **link = &e->leases; *link;) {
+        lease *l = *link;
+        if (l->released || t >= l->deadline) {
+            *link = l->next;
+            l->next = done;
+            done = l;
+            e->n_leases--;
+        } else {
+            link = &l->next;
+        }
+    }
+    pthread_mutex_unlock(&e->lease_mu);
+    while (done) {
+        lease *l = done;
+        done = l->next;
+        if (!l->released)
+            LOG_WARN("engine: lease of request %llu expired after %.0f s unread; freeing its %d "
+                     "KV blocks",
+                     (unsigned long long)l->id, e->cfg.lease_timeout_s, l->n_blocks);
+        for (int i = l->n_blocks - 1; i >= 0; i--) kv_pool_release(e->pool, &l->blocks[i], 1);
+        free(l->blocks);
+        free(l);
+    }
+}
+
+/* ---- scheduling ---- */
+
+/* Makes r's block table cover `upto` tokens. */
+static duet_status ensure_blocks(eng_engine *e, ereq *r, int upto) {
+    int need = (upto + e->cfg.block_size - 1) / e->cfg.block_size - r->n_blocks;
+    if (need <= 0) return DUET_OK;
+    if (r->n_blocks + need > r->cap_blocks) return DUET_ERR_INTERNAL;
+    duet_status st = kv_pool_alloc(e->pool, need, r->blocks + r->n_blocks);
+    if (st == DUET_OK) r->n_blocks += need;
+    return st;
+}
+
+/* Frees everything a request holds and sends it back to the front of the waiting queue; it
+ * recomputes its tokens (prompt and output so far) when rescheduled. */
+static void preempt(eng_engine *e, ereq *r) {
+    q_remove(&e->running, r);
+    release_blocks(e, r);
+    r->n_computed = 0;
+    r->n_sched = 0;
+    r->state = RS_WAITING;
+    q_push_front(&e->waiting, r);
+    e->stats.n_preemptions++;
+    LOG_DEBUG("engine: preempted request %llu (%d tokens) to free KV blocks",
+              (unsigned long long)r->id, r->n_tokens);
+}
+
+/* Prefix-cache hits for a request starting from nothing: full blocks of its tokens, but never
+ * the last token (its logits must be computed). */
+static void match_prefix(eng_engine *e, ereq *r) {
+    int bs = e->cfg.block_size;
+    int full = (r->n_tokens - 1) / bs;
+    uint64_t parent = 0;
+    for (int b = 0; b < full; b++) {
+        uint64_t h = kv_pool_hash(parent, r->tokens + (size_t)b * bs, bs);
+        int32_t id = kv_pool_lookup(e->pool, h, parent, r->tokens + (size_t)b * bs);
+        if (id < 0) break;
+        r->blocks[r->n_blocks++] = id;
+        r->n_hashed = b + 1;
+        r->last_hash = h;
+        parent = h;
+    }
+    r->n_computed = r->n_blocks * bs;
+}
+
+/* Enters r's newly completed full blocks into the prefix cache. */
+static void commit_blocks(eng_engine *e, ereq *r) {
+    int bs = e->cfg.block_size;
+    while ((r->n_hashed + 1) * bs <= r->n_computed) {
+        const int32_t *t = r->tokens + (size_t)r->n_hashed * bs;
+        uint64_t h = kv_pool_hash(r->last_hash, t, bs);
+        kv_pool_commit(e->pool, r->blocks[r->n_hashed], h, r->last_hash, t);
+        r->last_hash = h;
+        r->n_hashed++;
+    }
+}
+
+static int schedule(eng_engine *e) {
+    int budget = e->cfg.max_num_batched_tokens, n = 0;
+    bool preempted = false;
+    for (ereq *r = e->running.head; r && budget > 0;) {
+        ereq *next = r->next;
+        int want = r->n_tokens - r->n_computed;
+        if (want > budget) want = budget;
+        if (want <= 0) {
+            r = next;
+            continue;
+        }
+        bool ok = true;
+        while (ensure_blocks(e, r, r->n_computed + want) != DUET_OK) {
+            ok = false;
+            if (r == e->running.head && r == e->running.tail && e->fetching.n == 0 &&
+                e->n_leases == 0) {
+                /* alone and still out of room: the pool is smaller than this sequence */
+                finish(e, r, ENG_FINISH_LENGTH, NULL, -1, NULL, NULL, NULL);
+                break;
+            }
+            /* out of blocks: the newest running request gives its blocks back */
+            ereq *victim = e->running.tail;
+            preempted = true;
+            preempt(e, victim);
+            if (victim == r) break;
+            ok = true;
+        }
+        if (ok) {
+            r->n_sched = want;
+            budget -= want;
+            e->sched[n++] = r;
+        }
+        if (next && next->state != RS_RUNNING) break; /* next was preempted: all after it too */
+        r = next;
+    }
+    /* New admissions only when nothing had to be preempted this step. */
+    while (!preempted && budget > 0 && e->waiting.head &&
+           e->running.n + e->fetching.n < e->cfg.max_num_seqs) {
+        ereq *r = e->waiting.head;
+        if (r->n_computed == 0 && r->n_blocks == 0) {
+            match_prefix(e, r);
+            if (r->n_prompt == r->n_tokens) r->n_cached_tokens = r->n_computed;
+        }
+        if (r->role == ENG_KV_REMOTE && !r->fetched) {
+            /* decode side: blocks for the whole prompt, then the transfer fills them */
+            int skip = r->n_blocks;
+            if (ensure_blocks(e, r, r->n_prompt) != DUET_OK) {
+                release_blocks(e, r);
+                r->n_computed = 0;
+                break;
+            }
+            q_remove(&e->waiting, r);
+            int need_tokens = r->n_prompt - 1;
+            int fetch_blocks = (need_tokens + e->cfg.block_size - 1) / e->cfg.block_size - skip;
+            if (fetch_blocks <= 0) { /* all in the prefix cache already */
+                r->fetched = true;
+                r->n_computed = need_tokens > r->n_computed ? need_tokens : r->n_computed;
+                r->state = RS_RUNNING;
+                q_push_back(&e->running, r);
+                continue;
+            }
+            r->state = RS_FETCHING;
+            q_push_back(&e->fetching, r);
+            duet_status st = e->cfg.fetch(e->cfg.fetch_user, r->id, r->remote, r->blocks + skip,
+                                          fetch_blocks, skip, need_tokens);
+            if (st != DUET_OK) {
+                q_remove(&e->fetching, r);
+                r->state = RS_RUNNING;
+                q_push_back(&e->running, r);
+                finish(e, r, ENG_FINISH_ERROR, NULL, -1, "KV transfer could not start", NULL,
+                       NULL);
+            }
+            continue;
+        }
+        int want = r->n_tokens - r->n_computed;
+        if (want > budget) want = budget;
+        if (ensure_blocks(e, r, r->n_computed + want) != DUET_OK) {
+            /* not enough room yet: give back the prefix hits and wait for blocks to free */
+            release_blocks(e, r);
+            r->n_computed = 0;
+            break;
+        }
+        q_remove(&e->waiting, r);
+        r->state = RS_RUNNING;
+        q_push_back(&e->running, r);
+        r->n_sched = want;
+        budget -= want;
+        e->sched[n++] = r;
+    }
+    return n;
+}
+
+/* ---- after the forward: sampling, text, stop conditions ---- */
+
+static bool in_stop_ids(const ereq *r, int32_t t) {
+    for (int i = 0; i < r->sp.n_stop_ids; i++)
+        if (r->sp.stop_ids[i] == t) return true;
+    return false;
+}
+
+/* Longest stop string, to know how much text must be held back while streaming. */
+static size_t max_stop_len(const ereq *r) {
+    size_t m = 0;
+    for (int i = 0; i < r->sp.n_stop; i++) {
+        size_t l = strlen(r->sp.stop[i]);
+        m = l > m ? l : m;
+    }
+    return m;
+}
+
+/* Looks for a stop string in r->text, where it could only have appeared with the new text
+ * (its last new_len bytes). Returns the index of the string found, -1 if none; cuts the
+ * text at the match (keeping the string when asked). */
+static int find_stop(ereq *r, size_t new_len) {
+    int found = -1;
+    size_t at = (size_t)-1;
+    for (int i = 0; i < r->sp.n_stop; i++) {
+        size_t l = strlen(r->sp.stop[i]);
+        if (!l) continue;
+        size_t from = r->text_len > new_len + l - 1 ? r->text_len - new_len - (l - 1) : 0;
+        char *p = memmem(r->text + from, r->text_len - from, r->sp.stop[i], l);
+        if (p && (size_t)(p - r->text) < at) {
+            at = (size_t)(p - r->text);
+            found = i;
+        }
+    }
+    if (found >= 0) {
+        r->text_len = at + (r->sp.include_stop_str_in_output ? strlen(r->sp.stop[found]) : 0);
+        r->text[r->text_len] = '\0';
+    }
+    return found;
+}
+
+static void emit_token(eng_engine *e, ereq *r, int32_t tok, const eng_token_lp *lp) {
+    size_t hold = max_stop_len(r);
+    hold = hold ? hold - 1 : 0;
+    size_t send = r->text_len > hold ? r->text_len - hold : 0;
+    eng_event ev;
+    event_init(&ev, r);
+    ev.tokens = &tok;
+    ev.n_tokens = 1;
+    ev.logprobs = lp;
+    ev.text = r->text;
+    ev.text_len = send;
+    if (r->prompt_lp && r->n_tokens - r->n_prompt == 1) ev.prompt_logprobs = r->prompt_lp;
+    emit(e, r, &ev);
+    memmove(r->text, r->text + send, r->text_len - send);
+    r->text_len -= send;
+    if (r->text) r->text[r->text_len] = '\0';
+}
+
+static void fill_lp(eng_engine *e, const float *row, int32_t tok, int n, eng_token_lp *lp) {
+    lp->token = tok;
+    lp->n_top = n > 0 ? n : 0;
+    smp_logprobs(row, e->V, tok, lp->n_top, &lp->logprob, lp->top, &e->smp);
+}
+
+/* A new token for r from its logits row (which sampling modifies). */
+static void sample_and_check(eng_engine *e, ereq *r, float *row) {
+    int n_out = r->n_tokens - r->n_prompt;
+    int nb = 0;
+    if (n_out < r->sp.min_tokens) {
+        if (!r->sp.ignore_eos) e->banned[nb++] = e->eos;
+        for (int i = 0; i < r->sp.n_stop_ids; i++) e->banned[nb++] = r->sp.stop_ids[i];
+    }
+    eng_token_lp *lp = NULL;
+    smp_history h = {r->tokens, r->n_prompt, r->tokens + r->n_prompt, n_out};
+    int32_t tok;
+    if (r->sp.logprobs >= 0) {
+        /* logprobs of the raw distribution, as vLLM reports by default */
+        int32_t pick;
+        float *copy = e->row_copy;
+        memcpy(copy, row, (size_t)e->V * sizeof(float));
+        pick = smp_sample(&r->sp.smp, &h, e->banned, nb, copy, e->V, &r->rng, &e->smp);
+        fill_lp(e, row, pick, r->sp.logprobs, &r->last_lp);
+        lp = &r->last_lp;
+        tok = pick;
+    } else {
+        tok = smp_sample(&r->sp.smp, &h, e->banned, nb, row, e->V, &r->rng, &e->smp);
+    }
+    r->tokens[r->n_tokens++] = tok;
+    n_out++;
+    e->stats.generation_tokens++;
+
+    size_t new_len = 0;
+    if (r->detok) {
+        const char *t;
+        size_t n;
+        if (tok_stream_put(r->detok, tok, &t, &n) == DUET_OK) {
+            text_append(r, t, n);
+            new_len = n;
+        }
+    }
+    bool can_stop = n_out >= r->sp.min_tokens;
+    bool is_eos = !r->sp.ignore_eos && tok == e->eos;
+    if (can_stop && (is_eos || in_stop_ids(r, tok))) {
+        /* the stopping token's own text is not part of the answer (vLLM drops it too) */
+        if (!r->sp.include_stop_str_in_output) {
+            r->text_len -= new_len;
+            if (r->text) r->text[r->text_len] = '\0';
+        }
+        finish(e, r, ENG_FINISH_STOP, NULL, is_eos ? -1 : tok, NULL, &tok, lp);
+        return;
+    }
+    if (can_stop && r->sp.n_stop) {
+        int s = find_stop(r, new_len);
+        if (s >= 0) {
+            finish(e, r, ENG_FINISH_STOP, r->sp.stop[s], -1, NULL, &tok, lp);
+            return;
+        }
+    }
+    if (n_out >= r->max_tokens || r->n_tokens >= e->cfg.max_model_len) {
+        finish(e, r, ENG_FINISH_LENGTH, NULL, -1, NULL, &tok, lp);
+        return;
+    }
+    emit_token(e, r, tok, lp);
+}
+
+static duet_status reserve_logits(eng_engine *e, int rows) {
+    if (rows + 1 <= e->cap_logit_rows) return DUET_OK;
+    int cap = rows + 1 > 2 * e->cap_logit_rows ? rows + 1 : 2 * e->cap_logit_rows;
+    float *l = realloc(e->logits, (size_t)cap * e->V * sizeof(float));
+    if (!l) return DUET_ERR_NO_MEMORY;
+    e->logits = l;
+    e->cap_logit_rows = cap;
+    return DUET_OK;
+}
+
+static void publish_stats(eng_engine *e) {
+    kv_pool_stats ps;
+    kv_pool_get_stats(e->pool, &ps);
+    e->stats.n_running = e->running.n + e->fetching.n;
+    e->stats.n_waiting = e->waiting.n;
+    pthread_mutex_lock(&e->lease_mu);
+    e->stats.n_leased = e->n_leases;
+    pthread_mutex_unlock(&e->lease_mu);
+    e->stats.n_blocks = ps.n_blocks;
+    e->stats.n_free_blocks = ps.n_free;
+    e->stats.prefix_queries = ps.queries;
+    e->stats.prefix_hits = ps.hits;
+    pthread_mutex_lock(&e->stats_mu);
+    e->snapshot = e->stats;
+    pthread_mutex_unlock(&e->stats_mu);
+}
+
+duet_status eng_step(eng_engine *e, bool *busy_p) {
+    drain_inbox(e);
+    expire_leases(e);
+    int n = schedule(e);
+    duet_status st = DUET_OK;
+    if (n == 0) {
+        bool stepped;
+        st = par_idle(e->inst, e->kv, &stepped);
+        publish_stats(e);
+        *busy_p = false;
+        return st;
+    }
+    int rows = 0;
+    for (int i = 0; i < n; i++) {
+        ereq *r = e->sched[i];
+        bool last = r->n_computed + r->n_sched == r->n_tokens;
+        bool prompt_rows = r->prompt_lp && r->n_computed < r->n_prompt;
+        int nl = prompt_rows ? r->n_sched : (last ? 1 : 0);
+        e->seqs[i] = (mdl_seq){.tokens = r->tokens + r->n_computed,
+                               .n_tokens = r->n_sched,
+                               .pos0 = r->n_computed,
+                               .block_table = r->blocks,
+                               .n_blocks = r->n_blocks,
+                               .n_logits = nl};
+        rows += nl;
+    }
+    st = reserve_logits(e, rows);
+    if (st == DUET_OK) st = par_step(e->inst, e->kv, e->seqs, n, e->logits);
+    if (st != DUET_OK) {
+        LOG_ERROR("engine: step failed: %s", duet_strerror(st));
+        for (int i = 0; i < n; i++)
+            finish(e, e->sched[i], ENG_FINISH_ERROR, NULL, -1, "model step failed", NULL, NULL);
+        publish_stats(e);
+        *busy_p = false;
+        return st;
+    }
+    e->stats.n_steps++;
+    int row = 0;
+    for (int i = 0; i < n; i++) {
+        ereq *r = e->sched[i];
+        int pos0 = r->n_computed, nl = e->seqs[i].n_logits;
+        r->n_computed += r->n_sched;
+        r->n_sched = 0;
+        commit_blocks(e, r);
+        float *rows_r = e->logits + (size_t)row * e->V;
+        row += nl;
+        for (int k = 0; k < nl; k++) {
+            int pos = pos0 + e->seqs[i].n_tokens - nl + k;
+            if (r->on_logits) r->on_logits(r->user, pos, rows_r + (size_t)k * e->V, e->V);
+            /* prompt logprobs: row at pos predicts prompt token pos + 1 */
+            if (r->prompt_lp && pos + 1 < r->n_prompt)
+                fill_lp(e, rows_r + (size_t)k * e->V, r->tokens[pos + 1], r->sp.prompt_logprobs,
+                        &r->prompt_lp[pos + 1]);
+        }
+        if (r->n_computed == r->n_tokens) {
+            if (r->prompt_lp && r->n_tokens == r->n_prompt) r->prompt_lp[0].token = r->tokens[0];
+            sample_and_check(e, r, rows_r + (size_t)(nl - 1) * e->V);
+        }
+    }
+    publish_stats(e);
+    *busy_p = true;
+    return DUET_OK;
+}
+
+duet_status eng_create(const eng_config *cfg, par_instance *inst, const tok_tokenizer *tok,
+                       eng_engine **eng_p) {
+    eng_engine *e = calloc(1, sizeof *e);
+    if (!e) return DUET_ERR_NO_MEMORY;
+    e->cfg = *cfg;
+    e->inst = inst;
+    e->model = par_model(inst);
+    e->tok = tok;
+    const cfg_model *mc = mdl_config(e->model);
+    e->V = mc->vocab_size;
+    e->eos = mc->eos_token_id;
+    if (e->cfg.max_num_batched_tokens < 1 || e->cfg.max_num_seqs < 1 || e->cfg.block_size < 1 ||
+        e->cfg.max_model_len < 2) {
+        LOG_ERROR("engine: max_num_seqs, max_num_batched_tokens, block_size and max_model_len "
+                  "must be positive");
+        free(e);
+        return DUET_ERR_INVALID;
+    }
+    pthread_mutex_init(&e->mu, NULL);
+    pthread_cond_init(&e->cv, NULL);
+    pthread_mutex_init(&e->stats_mu, NULL);
+    pthread_mutex_init(&e->lease_mu, NULL);
+    e->table_cap = 1024;
+    e->table = calloc(e->table_cap, sizeof *e->table);
+    e->sched = calloc((size_t)e->cfg.max_num_seqs, sizeof *e->sched);
+    e->seqs = calloc((size_t)e->cfg.max_num_seqs, sizeof *e->seqs);
+    e->row_copy = malloc((size_t)e->V * sizeof(float));
+    duet_status st =
+        (!e->table || !e->sched || !e->seqs || !e->row_copy) ? DUET_ERR_NO_MEMORY : DUET_OK;
+    if (st == DUET_OK) st = par_kv_agree(inst, &e->cfg.n_blocks, e->cfg.block_size);
+    if (st == DUET_OK) st = mdl_kv_create(e->model, e->cfg.n_blocks, e->cfg.block_size, &e->kv);
+    if (st == DUET_OK)
+        st = kv_pool_create(e->cfg.n_blocks, e->cfg.block_size, e->cfg.prefix_caching, &e->pool);
+    if (st == DUET_OK) st = reserve_logits(e, 16);
+    if (st != DUET_OK) {
+        eng_destroy(e);
+        return st;
+    }
+    publish_stats(e);
+    *eng_p = e;
+    return DUET_OK;
+}
+
+void eng_destroy(eng_engine *e) {
+    if (!e) return;
+    if (e->pool) {
+        drain_inbox(e);
+        while (e->fetching.head) {
+            /* nobody will report these transfers any more */
+            ereq *r = e->fetching.head;
+            q_remove(&e->fetching, r);
+            r->state = RS_RUNNING;
+            q_push_back(&e->running, r);
+        }
+        while (e->running.head) abort_req(e, e->running.head);
+        while (e->waiting.head) abort_req(e, e->waiting.head);
+        pthread_mutex_lock(&e->lease_mu);
+        for (lease *l = e->leases; l; l = l->next) l->released = true;
+        pthread_mutex_unlock(&e->lease_mu);
+        expire_leases(e);
+    }
+    /* commands posted after the drain (none should be) are dropped */
+    for (cmd *c = e->inbox_head, *n; c; c = n) {
+        n = c->next;
+        req_free(c->req);
+        free(c);
+    }
+    kv_pool_destroy(e->pool);
+    if (e->kv) mdl_kv_destroy(e->model, e->kv);
+    smp_scratch_free(&e->smp);
+    free(e->logits);
+    free(e->sched);
+    free(e->seqs);
+    free(e->row_copy);
+    free(e->table);
+    pthread_mutex_destroy(&e->mu);
+    pthread_cond_destroy(&e->cv);
+    pthread_mutex_destroy(&e->stats_mu);
+    pthread_mutex_destroy(&e->lease_mu);
+    free(e);
+}
+
+void eng_get_stats(eng_engine *e, eng_stats *st) {
+    pthread_mutex_lock(&e->stats_mu);
+    *st = e->snapshot;
+    pthread_mutex_unlock(&e->stats_mu);
+}
+
+be_kv *eng_kv(eng_engine *e) {
+    return e->kv;
+}
+
+int eng_vocab_size(const eng_engine *e) {
+    return e->V;
+}
