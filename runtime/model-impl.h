@@ -36,7 +36,7 @@ typedef struct mdl_buffers {
     void *h, *xn, *qa, *q, *kva, *attn, *o, *o2, *gu, *act, *logits;
     int32_t *ids;       /* host [cap_tokens, K] */
     float *weights;     /* host [cap_tokens, K] */
-    float *logits_host; /* host [cap_out, vocab_local * tp] */
+    float *logits_host; /* host [(tp + 1) * cap_out, vocab_local]: local rows, then gathered */
 } mdl_buffers;
 
 /* Expert parallel dispatch state (model_parallel.c). */

@@ -374,3 +374,23 @@ duet_status par_follow(par_instance *p, be_kv *kv) {
     free(logits);
     return st;
 }
+
+void par_print_ordered(par_instance *p, const char *text) {
+    enum { CHUNK = 16384 };
+    if (p->world.size <= 1) {
+        fputs(text, stdout);
+        return;
+    }
+    char *mine = calloc(1, CHUNK), *all = malloc((size_t)CHUNK * (size_t)p->world.size);
+    if (!mine || !all) {
+        free(mine);
+        free(all);
+        fputs(text, stdout);
+        return;
+    }
+    snprintf(mine, CHUNK, "%s", text);
+    if (comm_allgather(p->world_group, mine, all, CHUNK) == DUET_OK && p->world.rank == 0)
+        for (int r = 0; r < p->world.size; r++) fputs(all + (size_t)r * CHUNK, stdout);
+    free(mine);
+    free(all);
+}

@@ -74,6 +74,10 @@ duet_status par_stop_followers(par_instance *inst);
 /* Follower: runs the leader's plans until it stops them. */
 duet_status par_follow(par_instance *inst, be_kv *kv);
 
+/* Prints every rank's text (up to 16 KiB each) on world rank 0, in rank order, so reports of
+ * several DP groups come out whole and before any final line. */
+void par_print_ordered(par_instance *inst, const char *text);
+
 /* Sums pass/fail counters of the reporters over the instance, in place, on every rank. */
 void par_report_totals(par_instance *inst, int *passed, int *failed);
 

@@ -8,6 +8,7 @@
  * allows. Parallel flags shard the model exactly as the servers do. */
 #include <cjson/cJSON.h>
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -276,7 +277,10 @@ static void usage(FILE *f) {
                "  --backend cpu|cuda      (default cpu)\n"
                "  --tol X                 max relative L2 error per logits row (default 1e-4 on "
                "cpu, 2e-2 on cuda)\n"
-               "  --block-size N          KV block size (default 16)\n");
+               "  --block-size N          KV block size (default 16)\n"
+               "  --repeat N              run every case N times (a soak test; default 1)\n"
+               "  --dp-cases first|spread  give every case to DP rank 0 (the others only join "
+               "with empty steps) or spread them (default)\n");
     par_usage(f);
 }
 
@@ -285,7 +289,8 @@ int check_golden_main(int argc, char **argv) {
     par_options_init(&po);
     const char *dir = NULL;
     double tol = -1;
-    int block_size = 16;
+    int block_size = 16, repeat = 1;
+    bool dp_first = false;
     for (int i = 1; i < argc; i++) {
         int used = par_options_parse(&po, argc, argv, i);
         if (used < 0) return 2;
@@ -297,6 +302,16 @@ int check_golden_main(int argc, char **argv) {
             tol = atof(argv[++i]);
         else if (!strcmp(argv[i], "--block-size") && i + 1 < argc)
             block_size = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--repeat") && i + 1 < argc)
+            repeat = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--dp-cases") && i + 1 < argc) {
+            const char *v = argv[++i];
+            if (strcmp(v, "first") != 0 && strcmp(v, "spread") != 0) {
+                fprintf(stderr, "duet-check golden: --dp-cases must be first or spread\n");
+                return 2;
+            }
+            dp_first = !strcmp(v, "first");
+        }
         else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             usage(stdout);
             return 0;
@@ -307,7 +322,7 @@ int check_golden_main(int argc, char **argv) {
         } else
             dir = argv[i];
     }
-    if (!dir || block_size < 1) {
+    if (!dir || block_size < 1 || repeat < 1) {
         usage(stderr);
         return 2;
     }
@@ -345,23 +360,31 @@ int check_golden_main(int argc, char **argv) {
     gcase *mine = calloc((size_t)n, sizeof *mine);
     int n_mine = 0;
     for (int i = 0; i < n; i++)
-        if (i % dp == dpr) mine[n_mine++] = cs[i];
-    for (int i = 0; st == DUET_OK && i < n_mine; i++) {
-        st = run_single(&g, &mine[i], 0);
-        if (st == DUET_OK) st = run_single(&g, &mine[i], 1);
+        if (dp_first ? dpr == 0 : i % dp == dpr) mine[n_mine++] = cs[i];
+    for (int rep = 0; rep < repeat && st == DUET_OK; rep++) {
+        for (int i = 0; st == DUET_OK && i < n_mine; i++) {
+            st = run_single(&g, &mine[i], 0);
+            if (st == DUET_OK) st = run_single(&g, &mine[i], 1);
+        }
+        if (st == DUET_OK && n_mine) st = run_batched(&g, mine, n_mine);
     }
-    if (st == DUET_OK && n_mine) st = run_batched(&g, mine, n_mine);
     if (st == DUET_OK) st = par_finish(g.inst); /* empty steps until every DP rank is done */
 
     int passed = 0, failed = 0;
+    char report[16384];
+    size_t used = 0;
+    report[0] = '\0';
     if (st == DUET_OK && par_is_reporter(g.inst)) {
         for (int i = 0; i < n_mine; i++) {
             gcase *k = &mine[i];
             int ok = k->err_prefill <= tol && k->err_stepwise <= tol && k->err_batched <= tol &&
                      k->greedy_bad == 0;
-            printf("%-28s prefill %.2e  stepwise %.2e  batched %.2e  greedy %s  %s\n", k->name,
-                   k->err_prefill, k->err_stepwise, k->err_batched,
-                   k->greedy_bad ? "MISMATCH" : "ok", ok ? "PASS" : "FAIL");
+            if (used < sizeof report)
+                used += (size_t)snprintf(report + used, sizeof report - used,
+                                         "%-28s prefill %.2e  stepwise %.2e  batched %.2e  "
+                                         "greedy %s  %s\n",
+                                         k->name, k->err_prefill, k->err_stepwise, k->err_batched,
+                                         k->greedy_bad ? "MISMATCH" : "ok", ok ? "PASS" : "FAIL");
             ok ? passed++ : failed++;
         }
     }
@@ -370,9 +393,9 @@ int check_golden_main(int argc, char **argv) {
         failed = n_mine ? n_mine : 1;
         passed = 0;
     }
+    par_print_ordered(g.inst, report);
     par_report_totals(g.inst, &passed, &failed);
-    if (par_is_reporter(g.inst) && par_dp_rank(g.inst) == 0)
-        printf("%d passed, %d failed\n", passed, failed);
+    if (par_world(g.inst)->rank == 0) printf("%d passed, %d failed\n", passed, failed);
     fflush(stdout);
 
     for (int i = 0; i < n; i++) {

@@ -1,0 +1,330 @@
+/* The engine against the goldens: all cases submitted together at different steps, under
+ * chunk sizes 1, 7, 64 and unlimited, with a pool small enough to force preemption, with
+ * prefix-cache reuse; random aborts leak nothing; seeded sampling does not depend on the
+ * batch; min_tokens holds back stop tokens. After every scenario the pool is full again. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "check.h"
+#include "engine.h"
+#include "golden.h"
+#include "log.h"
+#include "parallel.h"
+
+#define MAXR 64
+
+typedef struct rec {
+    const golden_case *gc; /* NULL: not a golden request */
+    int32_t out[256];
+    int n_out;
+    int n_final;
+    eng_finish finish;
+    int32_t stop_token;
+    double max_err;
+    int n_rows;
+} rec;
+
+static golden_set G;
+static rec R[MAXR];
+
+static void on_event(void *user, const eng_event *ev) {
+    (void)user;
+    rec *r = &R[ev->id];
+    for (int i = 0; i < ev->n_tokens && r->n_out < 256; i++) r->out[r->n_out++] = ev->tokens[i];
+    if (ev->finish) {
+        r->n_final++;
+        r->finish = ev->finish;
+        r->stop_token = ev->stop_token;
+    }
+}
+
+static void on_logits(void *user, int pos, const float *row, int V) {
+    rec *r = user;
+    if (!r->gc) return;
+    const float *ref = golden_row(&G, r->gc, pos);
+    if (!ref) return;
+    double e = golden_rel_l2(row, ref, V);
+    if (e > r->max_err) r->max_err = e;
+    r->n_rows++;
+}
+
+static par_instance *g_inst;
+
+static eng_engine *make(int chunk, int block_size, int n_blocks, bool prefix) {
+    eng_config c;
+    eng_config_default(&c);
+    c.max_num_batched_tokens = chunk;
+    c.block_size = block_size;
+    c.n_blocks = n_blocks;
+    c.max_model_len = 1024;
+    c.max_num_seqs = 32;
+    c.prefix_caching = prefix;
+    c.on_event = on_event;
+    eng_engine *e = NULL;
+    CHECK(eng_create(&c, g_inst, NULL, &e) == DUET_OK);
+    return e;
+}
+
+static void submit_golden(eng_engine *e, int id, const golden_case *k) {
+    memset(&R[id], 0, sizeof R[id]);
+    R[id].gc = k;
+    eng_request q = {.id = (uint64_t)id, .prompt = k->prompt, .n_prompt = k->n_prompt};
+    eng_sampling_default(&q.sampling);
+    q.sampling.smp.temperature = 0;
+    q.sampling.ignore_eos = true;
+    q.sampling.max_tokens = k->n_greedy;
+    q.sampling.prompt_logprobs = 0; /* every prompt row's logits, for the comparison */
+    q.user = &R[id];
+    q.on_logits = on_logits;
+    char err[256];
+    CHECK_MSG(eng_submit(e, &q, err, sizeof err) == DUET_OK, "%s", err);
+}
+
+static int run_until_idle(eng_engine *e, int max_steps) {
+    int steps = 0;
+    for (; steps < max_steps; steps++) {
+        bool busy;
+        CHECK(eng_step(e, &busy) == DUET_OK);
+        eng_stats st;
+        eng_get_stats(e, &st);
+        if (!busy && st.n_running == 0 && st.n_waiting == 0) break;
+    }
+    return steps;
+}
+
+static void check_pool_full(eng_engine *e, const char *what) {
+    eng_stats st;
+    eng_get_stats(e, &st);
+    CHECK_MSG(st.n_free_blocks == st.n_blocks, "%s: %d of %d blocks free", what,
+              st.n_free_blocks, st.n_blocks);
+    CHECK_MSG(st.n_running == 0 && st.n_waiting == 0 && st.n_leased == 0, "%s: requests left",
+              what);
+}
+
+static void check_golden_results(const char *what) {
+    for (int i = 0; i < G.n; i++) {
+        rec *r = &R[i];
+        const golden_case *k = r->gc;
+        CHECK_MSG(r->n_final == 1, "%s %s: %d final events", what, k->name, r->n_final);
+        CHECK_MSG(r->n_out == k->n_greedy && !memcmp(r->out, k->greedy, k->n_greedy * 4),
+                  "%s %s: greedy ids differ (%d of %d tokens)", what, k->name, r->n_out,
+                  k->n_greedy);
+        CHECK_MSG(r->max_err < 1e-4, "%s %s: logits rel err %.3g", what, k->name, r->max_err);
+        CHECK_MSG(r->n_rows >= k->n_prompt + k->n_greedy - 1, "%s %s: only %d rows compared", what,
+                  k->name, r->n_rows);
+    }
+}
+
+/* All cases, case i arriving at step 2i. */
+static eng_stats golden_together(int chunk, int block_size, int n_blocks, bool prefix) {
+    eng_engine *e = make(chunk, block_size, n_blocks, prefix);
+    eng_stats st = {0};
+    if (!e) return st;
+    int next = 0;
+    for (int step = 0; step < 20000; step++) {
+        if (next < G.n && step == 2 * next) {
+            submit_golden(e, next, &G.cases[next]);
+            next++;
+        }
+        bool busy;
+        CHECK(eng_step(e, &busy) == DUET_OK);
+        eng_get_stats(e, &st);
+        if (next == G.n && st.n_running == 0 && st.n_waiting == 0) break;
+    }
+    char what[64];
+    snprintf(what, sizeof what, "chunk %d bs %d blocks %d", chunk, block_size, n_blocks);
+    check_golden_results(what);
+    check_pool_full(e, what);
+    eng_get_stats(e, &st);
+    eng_destroy(e);
+    return st;
+}
+
+static void prefix_reuse(void) {
+    eng_engine *e = make(64, 16, 64, true);
+    const golden_case *k = NULL;
+    for (int i = 0; i < G.n; i++)
+        if (G.cases[i].n_prompt >= 64) k = &G.cases[i];
+    submit_golden(e, 0, k);
+    run_until_idle(e, 1000);
+    eng_stats before;
+    eng_get_stats(e, &before);
+    submit_golden(e, 1, k);
+    run_until_idle(e, 1000);
+    eng_stats after;
+    eng_get_stats(e, &after);
+    int full = (k->n_prompt - 1) / 16;
+    CHECK_MSG(after.prefix_hits - before.prefix_hits == (uint64_t)full,
+              "prefix hits %llu, expected %d",
+              (unsigned long long)(after.prefix_hits - before.prefix_hits), full);
+    for (int i = 0; i < 2; i++) {
+        CHECK(R[i].n_out == k->n_greedy && !memcmp(R[i].out, k->greedy, k->n_greedy * 4));
+        CHECK_MSG(R[i].max_err < 1e-4, "prefix reuse run %d err %.3g", i, R[i].max_err);
+    }
+    check_pool_full(e, "prefix reuse");
+    eng_destroy(e);
+}
+
+static uint64_t rng_state = 88172645463325252ull;
+static uint32_t rnd(void) {
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (uint32_t)rng_state;
+}
+
+static void random_aborts(void) {
+    eng_engine *e = make(48, 16, 40, true);
+    const int N = 40;
+    static int32_t prompts[MAXR][80];
+    int aborted_at[MAXR];
+    for (int i = 0; i < N; i++) {
+        memset(&R[i], 0, sizeof R[i]);
+        int n = 1 + (int)(rnd() % 79);
+        for (int j = 0; j < n; j++) prompts[i][j] = (int32_t)(rnd() % 2048);
+        /* shared prefixes now and then, so cached blocks get aborted too */
+        if (i > 0 && rnd() % 3 == 0) memcpy(prompts[i], prompts[i - 1], 32 * sizeof(int32_t));
+        eng_request q = {.id = (uint64_t)i, .prompt = prompts[i], .n_prompt = n < 33 ? 33 : n};
+        eng_sampling_default(&q.sampling);
+        q.sampling.smp.temperature = 0.7f;
+        q.sampling.max_tokens = 1 + (int)(rnd() % 30);
+        q.sampling.ignore_eos = true;
+        char err[128];
+        CHECK(eng_submit(e, &q, err, sizeof err) == DUET_OK);
+        aborted_at[i] = rnd() % 2 ? (int)(rnd() % 40) : -1;
+    }
+    for (int step = 0; step < 5000; step++) {
+        for (int i = 0; i < N; i++)
+            if (aborted_at[i] == step) eng_abort(e, (uint64_t)i);
+        eng_abort(e, 999999); /* unknown ids are ignored */
+        bool busy;
+        CHECK(eng_step(e, &busy) == DUET_OK);
+        eng_stats st;
+        eng_get_stats(e, &st);
+        if (step > 40 && st.n_running == 0 && st.n_waiting == 0) break;
+    }
+    int aborts = 0;
+    for (int i = 0; i < N; i++) {
+        CHECK_MSG(R[i].n_final == 1, "request %d: %d final events", i, R[i].n_final);
+        aborts += R[i].finish == ENG_FINISH_ABORT;
+    }
+    CHECK(aborts > 0);
+    check_pool_full(e, "random aborts");
+    eng_destroy(e);
+}
+
+/* Seeded sampling gives the same tokens alone and in a batch with other requests. */
+static void seeded(void) {
+    const golden_case *k = &G.cases[1];
+    int32_t outs[3][16];
+    for (int round = 0; round < 3; round++) {
+        eng_engine *e = make(64, 16, 64, true);
+        int n_req = round == 0 ? 1 : 4;
+        for (int i = 0; i < n_req; i++) {
+            memset(&R[i], 0, sizeof R[i]);
+            eng_request q = {.id = (uint64_t)i,
+                             .prompt = i == 0 ? k->prompt : G.cases[i + 1].prompt,
+                             .n_prompt = i == 0 ? k->n_prompt : G.cases[i + 1].n_prompt};
+            eng_sampling_default(&q.sampling);
+            q.sampling.smp.temperature = 1.5f;
+            q.sampling.smp.top_p = 0.95f;
+            q.sampling.has_seed = true;
+            q.sampling.seed = i == 0 ? (round == 2 ? 99 : 1234) : 7 + (uint64_t)i;
+            q.sampling.max_tokens = 16;
+            q.sampling.ignore_eos = true;
+            char err[128];
+            CHECK(eng_submit(e, &q, err, sizeof err) == DUET_OK);
+            if (round == 1 && i == 0) { /* the seeded one arrives while others run */
+                bool busy;
+                eng_step(e, &busy);
+            }
+        }
+        run_until_idle(e, 1000);
+        CHECK(R[0].n_out == 16);
+        memcpy(outs[round], R[0].out, sizeof outs[round]);
+        check_pool_full(e, "seeded");
+        eng_destroy(e);
+    }
+    CHECK_MSG(!memcmp(outs[0], outs[1], sizeof outs[0]), "same seed, other batch: tokens differ");
+    CHECK_MSG(memcmp(outs[0], outs[2], sizeof outs[0]) != 0, "another seed gave the same tokens");
+}
+
+/* stop_token_ids end the request; min_tokens holds them back. */
+static void stops(void) {
+    const golden_case *k = &G.cases[1];
+    for (int variant = 0; variant < 2; variant++) {
+        eng_engine *e = make(64, 16, 64, true);
+        memset(&R[0], 0, sizeof R[0]);
+        eng_request q = {.id = 0, .prompt = k->prompt, .n_prompt = k->n_prompt};
+        eng_sampling_default(&q.sampling);
+        q.sampling.smp.temperature = 0;
+        q.sampling.max_tokens = 12;
+        q.sampling.n_stop_ids = 1;
+        q.sampling.stop_ids[0] = k->greedy[2];
+        q.sampling.min_tokens = variant ? 5 : 0;
+        char err[128];
+        CHECK(eng_submit(e, &q, err, sizeof err) == DUET_OK);
+        run_until_idle(e, 1000);
+        if (!variant) {
+            CHECK(R[0].n_out == 3 && R[0].finish == ENG_FINISH_STOP);
+            CHECK(R[0].stop_token == k->greedy[2]);
+        } else {
+            CHECK(R[0].n_out >= 5);
+            for (int i = 0; i < 5 && i < R[0].n_out; i++) CHECK(R[0].out[i] != k->greedy[2]);
+        }
+        check_pool_full(e, "stops");
+        eng_destroy(e);
+    }
+}
+
+/* Requests the engine must refuse, with a message. */
+static void refusals(void) {
+    eng_engine *e = make(64, 16, 8, true);
+    int32_t big[200], bad[2] = {5, 4096};
+    for (int i = 0; i < 200; i++) big[i] = i;
+    char err[256] = "";
+    eng_request q = {.id = 1, .prompt = big, .n_prompt = 200};
+    eng_sampling_default(&q.sampling);
+    CHECK(eng_submit(e, &q, err, sizeof err) == DUET_ERR_TOO_LONG); /* 13 blocks > 8 */
+    q.prompt = bad;
+    q.n_prompt = 2;
+    CHECK(eng_submit(e, &q, err, sizeof err) == DUET_ERR_INVALID && strstr(err, "4096"));
+    q.n_prompt = 0;
+    CHECK(eng_submit(e, &q, err, sizeof err) == DUET_ERR_INVALID);
+    q.prompt = big;
+    q.n_prompt = 4;
+    q.sampling.smp.top_p = 2;
+    CHECK(eng_submit(e, &q, err, sizeof err) == DUET_ERR_INVALID && strstr(err, "top_p"));
+    eng_sampling_default(&q.sampling);
+    q.sampling.max_tokens = 5000;
+    CHECK(eng_submit(e, &q, err, sizeof err) == DUET_ERR_TOO_LONG &&
+          strstr(err, "maximum context length is 1024"));
+    check_pool_full(e, "refusals");
+    eng_destroy(e);
+}
+
+int main(void) {
+    par_options po;
+    par_options_init(&po);
+    int argc = 0;
+    char **argv = NULL;
+    if (par_instance_create(&po, GOLDEN_DIR "/tiny-v3/model", &argc, &argv, &g_inst) != DUET_OK)
+        return 1;
+    if (golden_load(GOLDEN_DIR "/tiny-v3", 2048, &G) != 0) return 1;
+    int chunks[4] = {1, 7, 64, 1 << 20};
+    for (int c = 0; c < 4; c++) golden_together(chunks[c], 16, 256, true);
+    golden_together(64, 64, 64, true);
+    /* a pool smaller than all cases together needs: preemption by recompute */
+    eng_stats st = golden_together(32, 16, 12, true);
+    CHECK_MSG(st.n_preemptions > 0, "no preemption happened with 12 blocks");
+    st = golden_together(1 << 20, 16, 12, false);
+    CHECK(st.n_preemptions > 0);
+    prefix_reuse();
+    random_aborts();
+    seeded();
+    stops();
+    refusals();
+    fio_unmap(&G.map);
+    par_instance_destroy(g_inst);
+    CHECK_DONE();
+}
