@@ -11,7 +11,7 @@
 #include "status.h"
 
 /* Read-only after tok_load: any thread may call any function below on it at the same time.
- * Costs about 40 MB while loading and 10 MB after, for DeepSeek-V3. */
+ * For DeepSeek-V3 loading takes about 0.2 s and 45 MB at peak, and the tokenizer keeps 12 MB. */
 typedef struct tok_tokenizer tok_tokenizer;
 
 /* Reads DIR/tokenizer.json and DIR/tokenizer_config.json. A missing or malformed file, or a
