@@ -51,7 +51,7 @@ struct ereq {
     int n_computed; /* tokens whose KV is written */
     int32_t *blocks;
     int n_blocks, cap_blocks;
-    int n_hashed;     /* full blocks entered in the prefix cache */
+    int n_hashed; /* full blocks entered in the prefix cache */
     uint64_t last_hash;
     int n_cached_tokens;
     int n_sched; /* tokens scheduled in the current step */
@@ -117,11 +117,16 @@ struct eng_engine {
 
 const char *eng_finish_name(eng_finish f) {
     switch (f) {
-    case ENG_FINISH_LENGTH: return "length";
-    case ENG_FINISH_STOP: return "stop";
-    case ENG_FINISH_ABORT: return "abort";
-    case ENG_FINISH_ERROR: return "error";
-    default: return NULL;
+    case ENG_FINISH_LENGTH:
+        return "length";
+    case ENG_FINISH_STOP:
+        return "stop";
+    case ENG_FINISH_ABORT:
+        return "abort";
+    case ENG_FINISH_ERROR:
+        return "error";
+    default:
+        return NULL;
     }
 }
 
@@ -156,8 +161,10 @@ static double now_s(void) {
 static void q_push_back(rqueue *q, ereq *r) {
     r->prev = q->tail;
     r->next = NULL;
-    if (q->tail) q->tail->next = r;
-    else q->head = r;
+    if (q->tail)
+        q->tail->next = r;
+    else
+        q->head = r;
     q->tail = r;
     q->n++;
 }
@@ -165,26 +172,35 @@ static void q_push_back(rqueue *q, ereq *r) {
 static void q_push_front(rqueue *q, ereq *r) {
     r->next = q->head;
     r->prev = NULL;
-    if (q->head) q->head->prev = r;
-    else q->tail = r;
+    if (q->head)
+        q->head->prev = r;
+    else
+        q->tail = r;
     q->head = r;
     q->n++;
 }
 
 static void q_remove(rqueue *q, ereq *r) {
-    if (r->prev) r->prev->next = r->next;
-    else q->head = r->next;
-    if (r->next) r->next->prev = r->prev;
-    else q->tail = r->prev;
+    if (r->prev)
+        r->prev->next = r->next;
+    else
+        q->head = r->next;
+    if (r->next)
+        r->next->prev = r->prev;
+    else
+        q->tail = r->prev;
     r->prev = r->next = NULL;
     q->n--;
 }
 
 static rqueue *queue_of(eng_engine *e, ereq *r) {
     switch (r->state) {
-    case RS_WAITING: return &e->waiting;
-    case RS_RUNNING: return &e->running;
-    default: return &e->fetching;
+    case RS_WAITING:
+        return &e->waiting;
+    case RS_RUNNING:
+        return &e->running;
+    default:
+        return &e->fetching;
     }
 }
 
@@ -323,8 +339,10 @@ static void finish(eng_engine *e, ereq *r, eng_finish why, const char *stop_reas
 
 static void post(eng_engine *e, cmd *c) {
     pthread_mutex_lock(&e->mu);
-    if (e->inbox_tail) e->inbox_tail->next = c;
-    else e->inbox_head = c;
+    if (e->inbox_tail)
+        e->inbox_tail->next = c;
+    else
+        e->inbox_head = c;
     e->inbox_tail = c;
     e->wake = true;
     pthread_cond_signal(&e->cv);
@@ -427,8 +445,8 @@ duet_status eng_submit(eng_engine *e, const eng_request *req, char *err, size_t 
     if (smp_params_check(&sp->smp, err, err_len) != DUET_OK) return DUET_ERR_INVALID;
     if (sp->n_stop < 0 || sp->n_stop > ENG_MAX_STOP || sp->n_stop_ids < 0 ||
         sp->n_stop_ids > ENG_MAX_STOP_IDS)
-        return fail(err, err_len, "at most %lld stop strings and %lld stop token ids",
-                    ENG_MAX_STOP, ENG_MAX_STOP_IDS),
+        return fail(err, err_len, "at most %lld stop strings and %lld stop token ids", ENG_MAX_STOP,
+                    ENG_MAX_STOP_IDS),
                DUET_ERR_INVALID;
     if (sp->logprobs > ENG_MAX_LOGPROBS || sp->prompt_logprobs > ENG_MAX_LOGPROBS)
         return fail(err, err_len, "logprobs must be at most %lld%.0lld", ENG_MAX_LOGPROBS, 0),
@@ -448,8 +466,7 @@ duet_status eng_submit(eng_engine *e, const eng_request *req, char *err, size_t 
     /* a prompt that cannot fit the whole pool would wait forever */
     long long need = ((long long)n + 1 + e->cfg.block_size - 1) / e->cfg.block_size;
     if (need > e->cfg.n_blocks)
-        return fail(err, err_len,
-                    "the prompt needs %lld KV blocks but the cache holds only %lld",
+        return fail(err, err_len, "the prompt needs %lld KV blocks but the cache holds only %lld",
                     need, e->cfg.n_blocks),
                DUET_ERR_TOO_LONG;
     if (req->kv_role == ENG_KV_REMOTE && !e->cfg.fetch)
@@ -484,8 +501,9 @@ duet_status eng_submit(eng_engine *e, const eng_request *req, char *err, size_t 
     memcpy(r->tokens, req->prompt, (size_t)n * sizeof(int32_t));
     static uint64_t counter;
     uint64_t salt = __atomic_add_fetch(&counter, 1, __ATOMIC_RELAXED);
-    uint64_t seed = sp->has_seed ? sp->seed
-                                 : (uint64_t)(now_s() * 1e9) ^ (salt * 0x9e3779b97f4a7c15ull) ^ r->id;
+    uint64_t seed = sp->has_seed
+                        ? sp->seed
+                        : (uint64_t)(now_s() * 1e9) ^ (salt * 0x9e3779b97f4a7c15ull) ^ r->id;
     smp_rng_seed(&r->rng, seed);
     cmd *c = calloc(1, sizeof *c);
     if (!c) {
@@ -544,8 +562,7 @@ static void drain_inbox(eng_engine *e) {
                 r->state = RS_RUNNING; /* so finish() finds it in a queue */
                 q_push_back(&e->running, r);
                 finish(e, r, r->abort_pending ? ENG_FINISH_ABORT : ENG_FINISH_ERROR, NULL, -1,
-                       c->ok ? NULL : (c->error[0] ? c->error : "KV transfer failed"), NULL,
-                       NULL);
+                       c->ok ? NULL : (c->error[0] ? c->error : "KV transfer failed"), NULL, NULL);
                 break;
             }
             /* the prompt but its last token is in place: decode computes that one itself */
@@ -715,8 +732,7 @@ static int schedule(eng_engine *e) {
                 q_remove(&e->fetching, r);
                 r->state = RS_RUNNING;
                 q_push_back(&e->running, r);
-                finish(e, r, ENG_FINISH_ERROR, NULL, -1, "KV transfer could not start", NULL,
-                       NULL);
+                finish(e, r, ENG_FINISH_ERROR, NULL, -1, "KV transfer could not start", NULL, NULL);
             }
             continue;
         }

@@ -24,15 +24,15 @@ typedef struct eng_engine eng_engine;
 
 typedef enum eng_finish {
     ENG_FINISH_NONE = 0,
-    ENG_FINISH_LENGTH,  /* max_tokens or the model's context */
-    ENG_FINISH_STOP,    /* EOS, a stop token or a stop string */
-    ENG_FINISH_ABORT,   /* eng_abort, or the engine shutting down */
-    ENG_FINISH_ERROR,   /* e.g. a failed KV transfer */
+    ENG_FINISH_LENGTH, /* max_tokens or the model's context */
+    ENG_FINISH_STOP,   /* EOS, a stop token or a stop string */
+    ENG_FINISH_ABORT,  /* eng_abort, or the engine shutting down */
+    ENG_FINISH_ERROR,  /* e.g. a failed KV transfer */
 } eng_finish;
 
 const char *eng_finish_name(eng_finish f); /* "length", "stop", "abort", "error" */
 
-#define ENG_MAX_STOP 8
+#define ENG_MAX_STOP     8
 #define ENG_MAX_STOP_IDS 32
 #define ENG_MAX_LOGPROBS 20
 
@@ -40,7 +40,7 @@ typedef struct eng_sampling {
     smp_params smp;
     uint64_t seed;
     bool has_seed;
-    int max_tokens;   /* <= 0: up to the context length */
+    int max_tokens; /* <= 0: up to the context length */
     int min_tokens;
     bool ignore_eos;
     int n_stop;
@@ -92,14 +92,14 @@ typedef struct eng_event {
     void *user;
     const int32_t *tokens; /* new output tokens (0 or 1) */
     int n_tokens;
-    const eng_token_lp *logprobs; /* per new token, when asked */
+    const eng_token_lp *logprobs;        /* per new token, when asked */
     const eng_token_lp *prompt_logprobs; /* once, [n_prompt] (first has no logprob), if asked */
     const char *text; /* new detokenized text, with stop strings held back until decided */
     size_t text_len;
-    eng_finish finish; /* set on the last event of a request */
-    const char *stop_reason; /* matched stop string, or NULL */
-    int32_t stop_token;      /* matched stop token id, or -1 */
-    const char *error;       /* ENG_FINISH_ERROR: what went wrong */
+    eng_finish finish;                /* set on the last event of a request */
+    const char *stop_reason;          /* matched stop string, or NULL */
+    int32_t stop_token;               /* matched stop token id, or -1 */
+    const char *error;                /* ENG_FINISH_ERROR: what went wrong */
     int n_prompt, n_output, n_cached; /* usage; n_cached: prompt tokens from prefix cache */
     /* ENG_KV_LEASE, on the finishing event: the leased blocks holding the prompt's KV */
     const int32_t *lease_blocks;

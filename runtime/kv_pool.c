@@ -34,10 +34,14 @@ struct kv_pool {
 static void queue_remove(kv_pool *p, int32_t id) {
     kv_block *b = &p->blocks[id];
     if (!b->queued) return;
-    if (b->prev != NIL) p->blocks[b->prev].next = b->next;
-    else p->head = b->next;
-    if (b->next != NIL) p->blocks[b->next].prev = b->prev;
-    else p->tail = b->prev;
+    if (b->prev != NIL)
+        p->blocks[b->prev].next = b->next;
+    else
+        p->head = b->next;
+    if (b->next != NIL)
+        p->blocks[b->next].prev = b->prev;
+    else
+        p->tail = b->prev;
     b->prev = b->next = NIL;
     b->queued = false;
     p->n_free--;
@@ -47,8 +51,10 @@ static void queue_append(kv_pool *p, int32_t id) {
     kv_block *b = &p->blocks[id];
     b->prev = p->tail;
     b->next = NIL;
-    if (p->tail != NIL) p->blocks[p->tail].next = id;
-    else p->head = id;
+    if (p->tail != NIL)
+        p->blocks[p->tail].next = id;
+    else
+        p->head = id;
     p->tail = id;
     b->queued = true;
     p->n_free++;
@@ -188,8 +194,7 @@ int32_t kv_pool_lookup(kv_pool *p, uint64_t hash, uint64_t parent, const int32_t
     return id;
 }
 
-void kv_pool_commit(kv_pool *p, int32_t id, uint64_t hash, uint64_t parent,
-                    const int32_t *tokens) {
+void kv_pool_commit(kv_pool *p, int32_t id, uint64_t hash, uint64_t parent, const int32_t *tokens) {
     if (!p->prefix_caching || p->blocks[id].cached) return;
     if (find(p, hash, parent, tokens) != NIL) return;
     kv_block *b = &p->blocks[id];

@@ -15,10 +15,10 @@ typedef struct kv_pool kv_pool;
 
 typedef struct kv_pool_stats {
     int n_blocks;
-    int n_free;          /* reference count 0 (cached or not) */
-    int n_cached;        /* with a prefix hash */
-    uint64_t queries;    /* full blocks looked up */
-    uint64_t hits;       /* of which found */
+    int n_free;       /* reference count 0 (cached or not) */
+    int n_cached;     /* with a prefix hash */
+    uint64_t queries; /* full blocks looked up */
+    uint64_t hits;    /* of which found */
 } kv_pool_stats;
 
 duet_status kv_pool_create(int n_blocks, int block_size, bool prefix_caching, kv_pool **pool_p);
@@ -45,8 +45,7 @@ uint64_t kv_pool_hash(uint64_t parent, const int32_t *tokens, int n);
 int32_t kv_pool_lookup(kv_pool *p, uint64_t hash, uint64_t parent, const int32_t *tokens);
 /* Records that block id (in use) now holds this full block of tokens. A block already cached
  * under the same content elsewhere keeps that entry; the id stays uncached. */
-void kv_pool_commit(kv_pool *p, int32_t id, uint64_t hash, uint64_t parent,
-                    const int32_t *tokens);
+void kv_pool_commit(kv_pool *p, int32_t id, uint64_t hash, uint64_t parent, const int32_t *tokens);
 /* Drops every cache entry of blocks not in use (e.g. after the weights changed). */
 void kv_pool_reset_cache(kv_pool *p);
 

@@ -494,7 +494,8 @@ duet_status mdl_reserve(mdl_model *m, int T, int n_out) {
     b->logits = al(be, (size_t)cap_o * m->vocab_local);
     b->ids = malloc(t * K * sizeof(int32_t));
     b->weights = malloc(t * K * sizeof(float));
-    b->logits_host = malloc((size_t)cap_o * m->vocab_local * (m->shard.tp_size + 1) * sizeof(float));
+    b->logits_host =
+        malloc((size_t)cap_o * m->vocab_local * (m->shard.tp_size + 1) * sizeof(float));
     b->cap_tokens = cap_t;
     b->cap_out = cap_o;
     if (!b->h || !b->xn || !b->qa || !b->q || !b->kva || !b->attn || !b->o || !b->o2 || !b->gu ||

@@ -45,13 +45,13 @@ duet_status mdl_logits_collect(mdl_model *m, int n_out, float *logits) {
 /* Expert-parallel state: host index lists and device staging buffers, grown on demand. */
 struct mdl_ep_state {
     int ep;
-    int *send_counts, *recv_counts;       /* bytes per peer, for the current exchange */
-    int *send_rows, *recv_rows;           /* rows per peer */
-    int32_t *send_tok;                    /* [cap_send] token row of each sent record */
-    int32_t *meta_send, *meta_recv;       /* per row: K expert ids, then K weights (bits) */
-    int32_t *ids_recv;                    /* [cap_recv][K] */
-    float *w_recv;                        /* [cap_recv][K] */
-    size_t cap_send, cap_recv;            /* rows */
+    int *send_counts, *recv_counts;          /* bytes per peer, for the current exchange */
+    int *send_rows, *recv_rows;              /* rows per peer */
+    int32_t *send_tok;                       /* [cap_send] token row of each sent record */
+    int32_t *meta_send, *meta_recv;          /* per row: K expert ids, then K weights (bits) */
+    int32_t *ids_recv;                       /* [cap_recv][K] */
+    float *w_recv;                           /* [cap_recv][K] */
+    size_t cap_send, cap_recv;               /* rows */
     void *x_send, *x_recv, *y_recv, *y_back; /* device activations, rows x D */
 };
 
@@ -202,8 +202,7 @@ duet_status mdl_moe_dispatch(mdl_model *m, mdl_layer *ly, int T) {
         /* meta rows are [ids K][weights K]; split into the two arrays moe_experts reads */
         for (int i = 0; i < n_recv; i++) {
             memcpy(s->ids_recv + (size_t)i * K, s->meta_recv + (size_t)i * 2 * K, (size_t)K * 4);
-            memcpy(s->w_recv + (size_t)i * K, s->meta_recv + (size_t)i * 2 * K + K,
-                   (size_t)K * 4);
+            memcpy(s->w_recv + (size_t)i * K, s->meta_recv + (size_t)i * 2 * K + K, (size_t)K * 4);
         }
         st = mdl_moe_local(m, ly, s->y_recv, s->x_recv, n_recv, s->ids_recv, s->w_recv);
         if (st != DUET_OK) return st;
@@ -215,8 +214,8 @@ duet_status mdl_moe_dispatch(mdl_model *m, mdl_layer *ly, int T) {
     for (int r = 0, at = 0; r < ep; r++) {
         /* within one destination a token appears once: scatter indices are distinct */
         if (s->send_rows[r])
-            o->scatter_add_rows(be, m->buf.o, (const char *)s->y_back + (size_t)at * D *
-                                                                        dt_size(o->act_dtype),
+            o->scatter_add_rows(be, m->buf.o,
+                                (const char *)s->y_back + (size_t)at * D * dt_size(o->act_dtype),
                                 s->send_tok + at, s->send_rows[r], D);
         at += s->send_rows[r];
     }

@@ -50,9 +50,12 @@ duet_status smp_params_check(const smp_params *p, char *err, size_t err_len) {
     const char *msg = NULL;
     if (!(p->temperature >= 0.0f) || !isfinite(p->temperature))
         msg = "temperature must be non-negative";
-    else if (!(p->top_p > 0.0f && p->top_p <= 1.0f)) msg = "top_p must be in (0, 1]";
-    else if (p->top_k < -1) msg = "top_k must be -1 (disable), or at least 1";
-    else if (!(p->min_p >= 0.0f && p->min_p <= 1.0f)) msg = "min_p must be in [0, 1]";
+    else if (!(p->top_p > 0.0f && p->top_p <= 1.0f))
+        msg = "top_p must be in (0, 1]";
+    else if (p->top_k < -1)
+        msg = "top_k must be -1 (disable), or at least 1";
+    else if (!(p->min_p >= 0.0f && p->min_p <= 1.0f))
+        msg = "min_p must be in [0, 1]";
     else if (!(p->repetition_penalty > 0.0f) || !isfinite(p->repetition_penalty))
         msg = "repetition_penalty must be greater than zero";
     else if (!(p->presence_penalty >= -2.0f && p->presence_penalty <= 2.0f))
@@ -108,8 +111,9 @@ static void apply_penalties(const smp_params *p, const smp_history *h, float *lo
         for (int i = 0; i < n; i++) {
             int32_t t = toks[i];
             if (t < 0 || t >= V || !s->seen[t]) continue;
-            if (rep) logits[t] = logits[t] > 0 ? logits[t] / p->repetition_penalty
-                                               : logits[t] * p->repetition_penalty;
+            if (rep)
+                logits[t] = logits[t] > 0 ? logits[t] / p->repetition_penalty
+                                          : logits[t] * p->repetition_penalty;
             if (s->counts[t] > 0)
                 logits[t] -= p->frequency_penalty * (float)s->counts[t] + p->presence_penalty;
             s->seen[t] = 0; /* each token once */
@@ -152,16 +156,19 @@ static int top_candidates(const float *v, int32_t *idx, int m, int n) {
                 idx[j--] = t;
             }
         }
-        if (n - 1 <= j) hi = j;
-        else if (n - 1 >= i) lo = i;
-        else break;
+        if (n - 1 <= j)
+            hi = j;
+        else if (n - 1 >= i)
+            lo = i;
+        else
+            break;
     }
     qsort_r(idx, (size_t)n, sizeof *idx, cmp_desc, (void *)v);
     return n;
 }
 
-int32_t smp_sample(const smp_params *p, const smp_history *h, const int32_t *banned,
-                   int n_banned, float *logits, int V, smp_rng *rng, smp_scratch *s) {
+int32_t smp_sample(const smp_params *p, const smp_history *h, const int32_t *banned, int n_banned,
+                   float *logits, int V, smp_rng *rng, smp_scratch *s) {
     if (scratch_reserve(s, V) != 0) return (int32_t)argmax(logits, V);
     apply_penalties(p, h, logits, V, s);
     for (int i = 0; i < n_banned; i++)
@@ -172,8 +179,10 @@ int32_t smp_sample(const smp_params *p, const smp_history *h, const int32_t *ban
     float inv_t = 1.0f / p->temperature;
     int m = V;
     for (int i = 0; i < V; i++) s->idx[i] = i;
-    if (p->top_k > 0 && p->top_k < V) m = top_candidates(logits, s->idx, V, p->top_k);
-    else if (p->top_p < 1.0f) m = top_candidates(logits, s->idx, V, V);
+    if (p->top_k > 0 && p->top_k < V)
+        m = top_candidates(logits, s->idx, V, p->top_k);
+    else if (p->top_p < 1.0f)
+        m = top_candidates(logits, s->idx, V, V);
     float mx = -INFINITY;
     for (int i = 0; i < m; i++) mx = logits[s->idx[i]] > mx ? logits[s->idx[i]] : mx;
     double sum = 0;

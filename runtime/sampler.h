@@ -12,10 +12,10 @@
 #include "status.h"
 
 typedef struct smp_params {
-    float temperature; /* 0: greedy */
-    int top_k;         /* 0 or -1: off */
-    float top_p;       /* 1: off */
-    float min_p;       /* 0: off */
+    float temperature;        /* 0: greedy */
+    int top_k;                /* 0 or -1: off */
+    float top_p;              /* 1: off */
+    float min_p;              /* 0: off */
     float repetition_penalty; /* 1: off; prompt and output tokens */
     float presence_penalty;   /* 0: off; output tokens */
     float frequency_penalty;  /* 0: off; output tokens */
@@ -63,8 +63,8 @@ typedef struct smp_history {
  * If want_logprobs >= 0: *chosen_lp gets the chosen token's logprob and top[0..want) the
  * most likely alternatives, both from the raw logits (vLLM's default), so raw_lp must be
  * computed before this call with smp_logprobs. Returns the token. */
-int32_t smp_sample(const smp_params *p, const smp_history *h, const int32_t *banned,
-                   int n_banned, float *logits, int V, smp_rng *rng, smp_scratch *s);
+int32_t smp_sample(const smp_params *p, const smp_history *h, const int32_t *banned, int n_banned,
+                   float *logits, int V, smp_rng *rng, smp_scratch *s);
 
 /* log_softmax of the raw row: the logprob of token and the top n alternatives (n may be 0),
  * sorted most likely first. */

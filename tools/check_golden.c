@@ -311,8 +311,7 @@ int check_golden_main(int argc, char **argv) {
                 return 2;
             }
             dp_first = !strcmp(v, "first");
-        }
-        else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+        } else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             usage(stdout);
             return 0;
         } else if (argv[i][0] == '-') {

@@ -20,6 +20,9 @@ static int omp_get_thread_num(void) {
 }
 #endif
 
+/* Below this many multiply-adds a loop runs on one thread: waking a team costs more. */
+#define PAR_MIN_WORK 65536
+
 struct be_weight {
     int n_out, n_in;
     float *w; /* [n_out, n_in] */
@@ -224,7 +227,7 @@ static void cpu_rmsnorm(be_backend *be, void *out, int out_stride, const void *x
                         const void *w, int T, int D, float eps) {
     (void)be;
     const float *wf = w;
-#pragma omp parallel for
+#pragma omp parallel for if ((size_t)T * D > PAR_MIN_WORK)
     for (int t = 0; t < T; t++) {
         const float *xr = (const float *)x + (size_t)t * x_stride;
         float *orow = (float *)out + (size_t)t * out_stride;
@@ -244,7 +247,7 @@ static void cpu_add(be_backend *be, void *y, const void *x, size_t n) {
 
 static void cpu_silu_mul(be_backend *be, void *out, const void *gu, int T, int inter) {
     (void)be;
-#pragma omp parallel for
+#pragma omp parallel for if ((size_t)T * inter > PAR_MIN_WORK)
     for (int t = 0; t < T; t++) {
         const float *g = (const float *)gu + (size_t)t * 2 * inter, *u = g + inter;
         float *o = (float *)out + (size_t)t * inter;
@@ -256,7 +259,7 @@ static void cpu_rope(be_backend *be, void *x, int T, int row_stride, int n_heads
                      int col0, int rope_dim) {
     cpu_backend *c = cpu(be);
     int half = rope_dim / 2;
-#pragma omp parallel for
+#pragma omp parallel for if ((size_t)T * n_heads * rope_dim > PAR_MIN_WORK)
     for (int t = 0; t < T; t++) {
         float pos = (float)c->token_pos[t];
         float cs[128], sn[128];
@@ -360,7 +363,7 @@ static void attend_expanded(cpu_backend *c, const be_kv *kv, int layer, int s, f
     /* kvx[ctx, H * (nope + v)] = lat[ctx, L] @ kv_b^T */
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ctx, kvw, L, 1.0f, lat, L, kv_b->w, L,
                 0.0f, kvx, kvw);
-#pragma omp parallel for collapse(2)
+#pragma omp parallel for collapse(2) if ((size_t)n * H * ctx * (nope + rope) > PAR_MIN_WORK)
     for (int i = 0; i < n; i++) {
         for (int h = 0; h < H; h++) {
             float *sc = scores + (size_t)omp_get_thread_num() * ctx;
@@ -404,7 +407,7 @@ static void cpu_mla_attention(be_backend *be, void *out, const void *q, be_kv *k
         float *tmp = scratch_get(c, per * (size_t)omp_get_max_threads());
         if (!tmp) return;
         int ctx = c->token_pos[t0] + 1;
-#pragma omp parallel for
+#pragma omp parallel for if ((size_t)H * ctx * L > PAR_MIN_WORK)
         for (int h = 0; h < H; h++) {
             attend_absorbed(c, kv, layer, s, ctx,
                             (const float *)q + (size_t)t0 * qw + (size_t)h * (nope + rope),

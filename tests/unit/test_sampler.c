@@ -35,8 +35,7 @@ int main(void) {
     for (int i = 0; i < N; i++) counts[draw(&p, base, &r, &s)]++;
     double z = 0;
     for (int i = 0; i < V; i++) z += exp(base[i]);
-    for (int i = 0; i < V; i++)
-        CHECK_NEAR((double)counts[i] / N, exp(base[i]) / z, 0.01);
+    for (int i = 0; i < V; i++) CHECK_NEAR((double)counts[i] / N, exp(base[i]) / z, 0.01);
 
     /* top-k 2: only the two best */
     p.top_k = 2;
