@@ -1,0 +1,279 @@
+/* duet-run: generate from a prompt (or chat) on the command line, printing text as it streams.
+ * The quickest way to see a model work: one engine, one request at a time, the same sampling
+ * parameters the servers accept. Under mpirun (-tp/-dp) rank 0 generates and the other ranks
+ * follow its steps. */
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "chat.h"
+#include "engine.h"
+#include "log.h"
+#include "parallel.h"
+#include "tokenizer.h"
+
+typedef struct run_state {
+    bool done;
+    eng_finish finish;
+    int n_out;
+    int n_prompt;
+    bool show_logprobs;
+    char *answer; /* collected for chat history */
+    size_t answer_len;
+} run_state;
+
+static void on_event(void *user, const eng_event *ev) {
+    run_state *s = user;
+    if (ev->text_len) {
+        fwrite(ev->text, 1, ev->text_len, stdout);
+        fflush(stdout);
+        char *a = realloc(s->answer, s->answer_len + ev->text_len + 1);
+        if (a) {
+            memcpy(a + s->answer_len, ev->text, ev->text_len);
+            s->answer_len += ev->text_len;
+            a[s->answer_len] = '\0';
+            s->answer = a;
+        }
+    }
+    if (s->show_logprobs && ev->logprobs)
+        for (int i = 0; i < ev->n_tokens; i++)
+            fprintf(stderr, "[token %d logprob %.4f]\n", ev->tokens[i], ev->logprobs[i].logprob);
+    s->n_out = ev->n_output;
+    s->n_prompt = ev->n_prompt;
+    if (ev->finish) {
+        s->done = true;
+        s->finish = ev->finish;
+        if (ev->error) fprintf(stderr, "\nduet-run: %s\n", ev->error);
+    }
+}
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: duet-run --model DIR (--prompt TEXT | --message TEXT | --chat) [options]\n"
+            "  --tokenizer DIR          tokenizer.json + tokenizer_config.json (default: model "
+            "dir)\n"
+            "  --prompt TEXT            plain completion of TEXT (BOS prepended as the "
+            "tokenizer says)\n"
+            "  --message TEXT           one chat turn, rendered with the chat template\n"
+            "  --chat                   interactive chat: one user message per line on stdin\n"
+            "  --system TEXT            system prompt for --message / --chat\n"
+            "  --max-tokens N (256)  --min-tokens N  --temperature X (0.6)  --top-p X  --top-k N\n"
+            "  --min-p X  --seed N  --repetition-penalty X  --presence-penalty X\n"
+            "  --frequency-penalty X  --stop TEXT (repeatable)  --ignore-eos  --logprobs\n"
+            "  --max-model-len N (4096)  --block-size N (64)  --num-blocks N (512)\n");
+    par_usage(f);
+}
+
+static int float_arg(const char *v, float *out) {
+    char *end;
+    *out = strtof(v, &end);
+    return *v && !*end ? 0 : -1;
+}
+
+int main(int argc, char **argv) {
+    log_set_tag("duet-run");
+    par_options po;
+    par_options_init(&po);
+    const char *model = NULL, *tok_dir = NULL, *prompt = NULL, *message = NULL, *system = NULL;
+    bool chat = false, logprobs = false;
+    eng_sampling sp;
+    eng_sampling_default(&sp);
+    sp.max_tokens = 256;
+    sp.smp.temperature = 0.6f;
+    int max_model_len = 4096, block_size = 64, n_blocks = 512;
+    for (int i = 1; i < argc; i++) {
+        int used = par_options_parse(&po, argc, argv, i);
+        if (used < 0) return 2;
+        if (used > 0) {
+            i += used - 1;
+            continue;
+        }
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        int bad = 0;
+#define VAL (v ? (i++, v) : (bad = 1, ""))
+        if (!strcmp(a, "--model")) model = VAL;
+        else if (!strcmp(a, "--tokenizer")) tok_dir = VAL;
+        else if (!strcmp(a, "--prompt")) prompt = VAL;
+        else if (!strcmp(a, "--message")) message = VAL;
+        else if (!strcmp(a, "--system")) system = VAL;
+        else if (!strcmp(a, "--chat")) chat = true;
+        else if (!strcmp(a, "--ignore-eos")) sp.ignore_eos = true;
+        else if (!strcmp(a, "--logprobs")) logprobs = true;
+        else if (!strcmp(a, "--max-tokens")) sp.max_tokens = atoi(VAL);
+        else if (!strcmp(a, "--min-tokens")) sp.min_tokens = atoi(VAL);
+        else if (!strcmp(a, "--top-k")) sp.smp.top_k = atoi(VAL);
+        else if (!strcmp(a, "--seed")) {
+            sp.seed = strtoull(VAL, NULL, 10);
+            sp.has_seed = true;
+        } else if (!strcmp(a, "--temperature")) bad = float_arg(VAL, &sp.smp.temperature) || bad;
+        else if (!strcmp(a, "--top-p")) bad = float_arg(VAL, &sp.smp.top_p) || bad;
+        else if (!strcmp(a, "--min-p")) bad = float_arg(VAL, &sp.smp.min_p) || bad;
+        else if (!strcmp(a, "--repetition-penalty"))
+            bad = float_arg(VAL, &sp.smp.repetition_penalty) || bad;
+        else if (!strcmp(a, "--presence-penalty")) bad = float_arg(VAL, &sp.smp.presence_penalty) || bad;
+        else if (!strcmp(a, "--frequency-penalty"))
+            bad = float_arg(VAL, &sp.smp.frequency_penalty) || bad;
+        else if (!strcmp(a, "--stop")) {
+            const char *s = VAL;
+            if (sp.n_stop < ENG_MAX_STOP) sp.stop[sp.n_stop++] = (char *)s;
+        } else if (!strcmp(a, "--max-model-len")) max_model_len = atoi(VAL);
+        else if (!strcmp(a, "--block-size")) block_size = atoi(VAL);
+        else if (!strcmp(a, "--num-blocks")) n_blocks = atoi(VAL);
+        else if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            usage(stdout);
+            return 0;
+        } else {
+            fprintf(stderr, "duet-run: unknown option %s\n", a);
+            usage(stderr);
+            return 2;
+        }
+#undef VAL
+        if (bad) {
+            fprintf(stderr, "duet-run: %s needs a valid value\n", a);
+            return 2;
+        }
+    }
+    if (!model || (!prompt && !message && !chat)) {
+        usage(stderr);
+        return 2;
+    }
+    if (logprobs) sp.logprobs = 0;
+
+    par_instance *inst;
+    if (par_instance_create(&po, model, &argc, &argv, &inst) != DUET_OK) return 1;
+    int rc = 0;
+    if (par_tp_rank(inst) != 0 || par_dp_rank(inst) != 0) {
+        /* every other rank follows rank 0's steps; other DP groups only join with empty ones */
+        be_kv *kv = NULL;
+        if (par_tp_rank(inst) != 0) {
+            int nb = n_blocks;
+            if (par_kv_agree(inst, &nb, block_size) == DUET_OK &&
+                mdl_kv_create(par_model(inst), nb, block_size, &kv) == DUET_OK)
+                rc = par_follow(inst, kv) == DUET_OK ? 0 : 1;
+        } else {
+            rc = par_finish(inst) == DUET_OK ? 0 : 1;
+        }
+        mdl_kv_destroy(par_model(inst), kv);
+        par_instance_destroy(inst);
+        return rc;
+    }
+
+    tok_tokenizer *tok = NULL;
+    chat_template *tpl = NULL;
+    if (tok_load(tok_dir ? tok_dir : model, &tok) != DUET_OK ||
+        ((message || chat) && chat_load(tok_dir ? tok_dir : model, &tpl) != DUET_OK)) {
+        par_stop_followers(inst);
+        par_instance_destroy(inst);
+        return 1;
+    }
+    run_state rs = {.show_logprobs = logprobs};
+    eng_config ec;
+    eng_config_default(&ec);
+    ec.max_model_len = max_model_len;
+    ec.block_size = block_size;
+    ec.n_blocks = n_blocks;
+    ec.on_event = on_event;
+    ec.event_user = &rs;
+    eng_engine *eng = NULL;
+    if (eng_create(&ec, inst, tok, &eng) != DUET_OK) {
+        rc = 1;
+        goto out;
+    }
+
+    cJSON *history = cJSON_CreateArray();
+    if (system) {
+        cJSON *m = cJSON_CreateObject();
+        cJSON_AddStringToObject(m, "role", "system");
+        cJSON_AddStringToObject(m, "content", system);
+        cJSON_AddItemToArray(history, m);
+    }
+    char line[65536];
+    for (uint64_t turn = 1;; turn++) {
+        char *text = NULL;
+        size_t text_len = 0;
+        bool add_bos = false;
+        if (prompt) {
+            text = strdup(prompt);
+            text_len = strlen(prompt);
+            add_bos = tok_add_bos(tok);
+        } else {
+            const char *user = message;
+            if (chat) {
+                fprintf(stderr, "\n> ");
+                if (!fgets(line, sizeof line, stdin)) break;
+                line[strcspn(line, "\n")] = '\0';
+                if (!line[0]) continue;
+                user = line;
+            }
+            cJSON *m = cJSON_CreateObject();
+            cJSON_AddStringToObject(m, "role", "user");
+            cJSON_AddStringToObject(m, "content", user);
+            cJSON_AddItemToArray(history, m);
+            chat_opts co = chat_default_opts(tpl);
+            char err[256];
+            if (chat_render(tpl, history, &co, &text, &text_len, err, sizeof err) != DUET_OK) {
+                fprintf(stderr, "duet-run: %s\n", err);
+                rc = 1;
+                break;
+            }
+        }
+        int32_t *ids = NULL;
+        size_t n_ids = 0;
+        duet_status st = tok_encode(tok, text, text_len, false, &ids, &n_ids);
+        free(text);
+        if (st != DUET_OK) {
+            rc = 1;
+            break;
+        }
+        int32_t *prompt_ids = malloc((n_ids + 1) * sizeof(int32_t));
+        size_t n = 0;
+        if (add_bos) prompt_ids[n++] = tok_bos_id(tok);
+        memcpy(prompt_ids + n, ids, n_ids * sizeof(int32_t));
+        n += n_ids;
+        free(ids);
+        eng_request q = {.id = turn, .prompt = prompt_ids, .n_prompt = (int)n, .sampling = sp};
+        char err[256];
+        rs = (run_state){.show_logprobs = logprobs};
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        st = eng_submit(eng, &q, err, sizeof err);
+        free(prompt_ids);
+        if (st != DUET_OK) {
+            fprintf(stderr, "duet-run: %s\n", err);
+            rc = 1;
+            break;
+        }
+        while (!rs.done) {
+            bool busy;
+            if (eng_step(eng, &busy) != DUET_OK) {
+                rc = 1;
+                break;
+            }
+        }
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        double dt = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9;
+        fprintf(stderr, "\n[%d prompt tokens, %d generated, %.2f s, %.1f tokens/s, finish: %s]\n",
+                rs.n_prompt, rs.n_out, dt, dt > 0 ? rs.n_out / dt : 0.0,
+                eng_finish_name(rs.finish) ? eng_finish_name(rs.finish) : "?");
+        if (chat) {
+            cJSON *m = cJSON_CreateObject();
+            cJSON_AddStringToObject(m, "role", "assistant");
+            cJSON_AddStringToObject(m, "content", rs.answer ? rs.answer : "");
+            cJSON_AddItemToArray(history, m);
+        }
+        free(rs.answer);
+        rs.answer = NULL;
+        if (!chat || rc) break;
+    }
+    cJSON_Delete(history);
+out:
+    eng_destroy(eng);
+    par_stop_followers(inst);
+    par_finish(inst);
+    chat_destroy(tpl);
+    tok_destroy(tok);
+    par_instance_destroy(inst);
+    return rc;
+}
