@@ -565,7 +565,15 @@ static void drain_inbox(eng_engine *e) {
                        c->ok ? NULL : (c->error[0] ? c->error : "KV transfer failed"), NULL, NULL);
                 break;
             }
-            /* the prompt but its last token is in place: decode computes that one itself */
+            /* the prompt but its last token is in place: decode computes that one itself; TP
+             * followers hold their own copy of the latents and get the blocks from here */
+            if (par_kv_replicate(e->inst, e->kv, r->blocks, r->n_blocks) != DUET_OK) {
+                r->state = RS_RUNNING;
+                q_push_back(&e->running, r);
+                finish(e, r, ENG_FINISH_ERROR, NULL, -1, "KV replication to TP ranks failed",
+                       NULL, NULL);
+                break;
+            }
             r->n_computed = r->n_prompt - 1;
             r->fetched = true;
             r->state = RS_RUNNING;

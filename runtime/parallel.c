@@ -235,7 +235,7 @@ void par_report_totals(par_instance *p, int *passed, int *failed) {
 
 /* ---- TP plans ---- */
 
-enum { PLAN_IDLE = 0, PLAN_STEP = 1, PLAN_QUIT = 2 };
+enum { PLAN_IDLE = 0, PLAN_STEP = 1, PLAN_QUIT = 2, PLAN_KV_COPY = 3 };
 
 /* Header broadcast first; the payload (seq records, tokens, block tables) follows when
  * n_seqs > 0. */
@@ -307,6 +307,35 @@ duet_status par_idle(par_instance *p, be_kv *kv, bool *stepped_p) {
     return par_idle_step(p, kv, stepped_p);
 }
 
+/* The blocks' bytes go through the TP group's broadcast, one block at a time, from and into
+ * the KV memory itself. Host-memory caches only: a device cache needs the device collective. */
+static duet_status kv_copy(par_instance *p, be_kv *kv, const int32_t *blocks, int n) {
+    if (kv->on_device) {
+        LOG_ERROR("parallel: replicating device KV blocks to TP followers is not available yet");
+        return DUET_ERR_UNSUPPORTED;
+    }
+    for (int i = 0; i < n; i++) {
+        if (blocks[i] < 0 || blocks[i] >= kv->n_blocks) return DUET_ERR_INVALID;
+        duet_status st = comm_bcast(p->tp, (char *)kv->data + (size_t)blocks[i] * kv->block_bytes,
+                                    kv->block_bytes, 0);
+        if (st != DUET_OK) return st;
+    }
+    return DUET_OK;
+}
+
+duet_status par_kv_replicate(par_instance *p, be_kv *kv, const int32_t *blocks, int n) {
+    if (p->opt.tp <= 1 || n <= 0) return DUET_OK;
+    plan_hdr h = {PLAN_KV_COPY, 0, 0, n};
+    duet_status st = comm_bcast(p->tp, &h, sizeof h, 0);
+    if (st == DUET_OK) st = plan_buf(p, (size_t)n * sizeof(int32_t));
+    if (st == DUET_OK) {
+        memcpy(p->plan, blocks, (size_t)n * sizeof(int32_t));
+        st = comm_bcast(p->tp, p->plan, (size_t)n * sizeof(int32_t), 0);
+    }
+    if (st == DUET_OK) st = kv_copy(p, kv, blocks, n);
+    return st;
+}
+
 duet_status par_stop_followers(par_instance *p) {
     if (p->opt.tp <= 1) return DUET_OK;
     plan_hdr h = {PLAN_QUIT, 0, 0, 0};
@@ -327,6 +356,13 @@ duet_status par_follow(par_instance *p, be_kv *kv) {
         if (h.kind == PLAN_IDLE) {
             bool stepped;
             st = par_idle_step(p, kv, &stepped);
+            if (st != DUET_OK) break;
+            continue;
+        }
+        if (h.kind == PLAN_KV_COPY) {
+            st = plan_buf(p, (size_t)h.n_table * sizeof(int32_t));
+            if (st == DUET_OK) st = comm_bcast(p->tp, p->plan, (size_t)h.n_table * sizeof(int32_t), 0);
+            if (st == DUET_OK) st = kv_copy(p, kv, p->plan, h.n_table);
             if (st != DUET_OK) break;
             continue;
         }

@@ -69,6 +69,9 @@ duet_status par_step(par_instance *inst, be_kv *kv, const mdl_seq *seqs, int n_s
 /* Leader with nothing to run: a heartbeat to the followers, and under lockstep one round of
  * agreement (joining another DP group's step with an empty one if needed). */
 duet_status par_idle(par_instance *inst, be_kv *kv, bool *stepped_p);
+/* Leader: copies the contents of blocks[0..n) of its KV cache to the same blocks of every TP
+ * follower (KV that arrived from a remote prefill lands on the leader only). */
+duet_status par_kv_replicate(par_instance *inst, be_kv *kv, const int32_t *blocks, int n);
 /* Leader: tells the followers to return from par_follow. */
 duet_status par_stop_followers(par_instance *inst);
 /* Follower: runs the leader's plans until it stops them. */
