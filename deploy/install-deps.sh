@@ -4,9 +4,9 @@
 set -euo pipefail
 
 pkgs=(
-    build-essential meson ninja-build pkg-config clang-format
+    build-essential meson ninja-build pkg-config clang-format valgrind
     libuv1-dev libcjson-dev libhttp-parser-dev libpcre2-dev libopenblas-dev
-    libprotobuf-c-dev protobuf-c-compiler
+    libprotobuf-c-dev protobuf-c-compiler libssl-dev
     libucx-dev ucx-utils libopenmpi-dev openmpi-bin
     curl procps psmisc
     prometheus nginx-light wrk
