@@ -570,8 +570,8 @@ static void drain_inbox(eng_engine *e) {
             if (par_kv_replicate(e->inst, e->kv, r->blocks, r->n_blocks) != DUET_OK) {
                 r->state = RS_RUNNING;
                 q_push_back(&e->running, r);
-                finish(e, r, ENG_FINISH_ERROR, NULL, -1, "KV replication to TP ranks failed",
-                       NULL, NULL);
+                finish(e, r, ENG_FINISH_ERROR, NULL, -1, "KV replication to TP ranks failed", NULL,
+                       NULL);
                 break;
             }
             r->n_computed = r->n_prompt - 1;
@@ -725,13 +725,9 @@ static int schedule(eng_engine *e) {
             q_remove(&e->waiting, r);
             int need_tokens = r->n_prompt - 1;
             int fetch_blocks = (need_tokens + e->cfg.block_size - 1) / e->cfg.block_size - skip;
-            if (fetch_blocks <= 0) { /* all in the prefix cache already */
-                r->fetched = true;
-                r->n_computed = need_tokens > r->n_computed ? need_tokens : r->n_computed;
-                r->state = RS_RUNNING;
-                q_push_back(&e->running, r);
-                continue;
-            }
+            /* with nothing to read (all in the prefix cache, or a one-token prompt) the fetch
+             * still runs: it is what releases the prefill side's lease */
+            if (fetch_blocks < 0) fetch_blocks = 0;
             r->state = RS_FETCHING;
             q_push_back(&e->fetching, r);
             duet_status st = e->cfg.fetch(e->cfg.fetch_user, r->id, r->remote, r->blocks + skip,

@@ -108,8 +108,10 @@ typedef struct eng_event {
 
 typedef void (*eng_event_fn)(void *user, const eng_event *ev);
 
-/* Decode side of disaggregation: asked to fill blocks[0..n) (this engine's block ids) with
- * the KV of the first n_tokens prompt tokens described by remote; it later calls
+/* Decode side of disaggregation: asked to fill blocks[0..n) (this engine's block ids, n may be
+ * 0) with the KV of blocks skip_blocks.. of the prompt described by remote (the first
+ * skip_blocks are in this engine's prefix cache); n_tokens prompt tokens come from remote in
+ * all. It must also let the remote side free its lease, even when n is 0. It later calls
  * eng_kv_fetched from any thread. Returning an error fails the request at once. */
 typedef duet_status (*eng_fetch_fn)(void *user, uint64_t id, void *remote, const int32_t *blocks,
                                     int n_blocks, int skip_blocks, int n_tokens);

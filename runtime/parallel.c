@@ -361,7 +361,8 @@ duet_status par_follow(par_instance *p, be_kv *kv) {
         }
         if (h.kind == PLAN_KV_COPY) {
             st = plan_buf(p, (size_t)h.n_table * sizeof(int32_t));
-            if (st == DUET_OK) st = comm_bcast(p->tp, p->plan, (size_t)h.n_table * sizeof(int32_t), 0);
+            if (st == DUET_OK)
+                st = comm_bcast(p->tp, p->plan, (size_t)h.n_table * sizeof(int32_t), 0);
             if (st == DUET_OK) st = kv_copy(p, kv, p->plan, h.n_table);
             if (st != DUET_OK) break;
             continue;

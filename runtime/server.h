@@ -28,8 +28,8 @@ typedef struct srv_kv_context {
     eng_engine *engine;
     be_kv *kv;
     par_instance *inst;
-    const char *host;      /* --host the HTTP API listens on */
-    int http_port;         /* this DP rank's HTTP port */
+    const char *host; /* --host the HTTP API listens on */
+    int http_port;    /* this DP rank's HTTP port */
     int dp_rank, dp_size;
     int tp_size;
     const char *served_model_name;

@@ -93,34 +93,52 @@ int main(int argc, char **argv) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int bad = 0;
 #define VAL (v ? (i++, v) : (bad = 1, ""))
-        if (!strcmp(a, "--model")) model = VAL;
-        else if (!strcmp(a, "--tokenizer")) tok_dir = VAL;
-        else if (!strcmp(a, "--prompt")) prompt = VAL;
-        else if (!strcmp(a, "--message")) message = VAL;
-        else if (!strcmp(a, "--system")) system = VAL;
-        else if (!strcmp(a, "--chat")) chat = true;
-        else if (!strcmp(a, "--ignore-eos")) sp.ignore_eos = true;
-        else if (!strcmp(a, "--logprobs")) logprobs = true;
-        else if (!strcmp(a, "--max-tokens")) sp.max_tokens = atoi(VAL);
-        else if (!strcmp(a, "--min-tokens")) sp.min_tokens = atoi(VAL);
-        else if (!strcmp(a, "--top-k")) sp.smp.top_k = atoi(VAL);
+        if (!strcmp(a, "--model"))
+            model = VAL;
+        else if (!strcmp(a, "--tokenizer"))
+            tok_dir = VAL;
+        else if (!strcmp(a, "--prompt"))
+            prompt = VAL;
+        else if (!strcmp(a, "--message"))
+            message = VAL;
+        else if (!strcmp(a, "--system"))
+            system = VAL;
+        else if (!strcmp(a, "--chat"))
+            chat = true;
+        else if (!strcmp(a, "--ignore-eos"))
+            sp.ignore_eos = true;
+        else if (!strcmp(a, "--logprobs"))
+            logprobs = true;
+        else if (!strcmp(a, "--max-tokens"))
+            sp.max_tokens = atoi(VAL);
+        else if (!strcmp(a, "--min-tokens"))
+            sp.min_tokens = atoi(VAL);
+        else if (!strcmp(a, "--top-k"))
+            sp.smp.top_k = atoi(VAL);
         else if (!strcmp(a, "--seed")) {
             sp.seed = strtoull(VAL, NULL, 10);
             sp.has_seed = true;
-        } else if (!strcmp(a, "--temperature")) bad = float_arg(VAL, &sp.smp.temperature) || bad;
-        else if (!strcmp(a, "--top-p")) bad = float_arg(VAL, &sp.smp.top_p) || bad;
-        else if (!strcmp(a, "--min-p")) bad = float_arg(VAL, &sp.smp.min_p) || bad;
+        } else if (!strcmp(a, "--temperature"))
+            bad = float_arg(VAL, &sp.smp.temperature) || bad;
+        else if (!strcmp(a, "--top-p"))
+            bad = float_arg(VAL, &sp.smp.top_p) || bad;
+        else if (!strcmp(a, "--min-p"))
+            bad = float_arg(VAL, &sp.smp.min_p) || bad;
         else if (!strcmp(a, "--repetition-penalty"))
             bad = float_arg(VAL, &sp.smp.repetition_penalty) || bad;
-        else if (!strcmp(a, "--presence-penalty")) bad = float_arg(VAL, &sp.smp.presence_penalty) || bad;
+        else if (!strcmp(a, "--presence-penalty"))
+            bad = float_arg(VAL, &sp.smp.presence_penalty) || bad;
         else if (!strcmp(a, "--frequency-penalty"))
             bad = float_arg(VAL, &sp.smp.frequency_penalty) || bad;
         else if (!strcmp(a, "--stop")) {
             const char *s = VAL;
             if (sp.n_stop < ENG_MAX_STOP) sp.stop[sp.n_stop++] = (char *)s;
-        } else if (!strcmp(a, "--max-model-len")) max_model_len = atoi(VAL);
-        else if (!strcmp(a, "--block-size")) block_size = atoi(VAL);
-        else if (!strcmp(a, "--num-blocks")) n_blocks = atoi(VAL);
+        } else if (!strcmp(a, "--max-model-len"))
+            max_model_len = atoi(VAL);
+        else if (!strcmp(a, "--block-size"))
+            block_size = atoi(VAL);
+        else if (!strcmp(a, "--num-blocks"))
+            n_blocks = atoi(VAL);
         else if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             usage(stdout);
             return 0;

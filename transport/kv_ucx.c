@@ -8,7 +8,7 @@
 
 #include "log.h"
 
-#define UCS_CHECK(call, what)                                                                     \
+#define UCS_CHECK(call, what)                                                                      \
     do {                                                                                           \
         ucs_status_t us_ = (call);                                                                 \
         if (us_ != UCS_OK) {                                                                       \
@@ -19,12 +19,18 @@
 
 static duet_status from_ucs(ucs_status_t s) {
     switch (s) {
-    case UCS_OK: return DUET_OK;
-    case UCS_ERR_NO_MEMORY: return DUET_ERR_NO_MEMORY;
-    case UCS_ERR_TIMED_OUT: return DUET_ERR_TIMEOUT;
-    case UCS_ERR_CANCELED: return DUET_ERR_CANCELED;
-    case UCS_ERR_UNSUPPORTED: return DUET_ERR_UNSUPPORTED;
-    default: return DUET_ERR_PEER;
+    case UCS_OK:
+        return DUET_OK;
+    case UCS_ERR_NO_MEMORY:
+        return DUET_ERR_NO_MEMORY;
+    case UCS_ERR_TIMED_OUT:
+        return DUET_ERR_TIMEOUT;
+    case UCS_ERR_CANCELED:
+        return DUET_ERR_CANCELED;
+    case UCS_ERR_UNSUPPORTED:
+        return DUET_ERR_UNSUPPORTED;
+    default:
+        return DUET_ERR_PEER;
     }
 }
 
@@ -240,8 +246,8 @@ duet_status kvu_get(kvu_peer *p, kvu_region *region, void *local, size_t len, ui
     if (!op) return DUET_ERR_NO_MEMORY;
     *op = (get_op){p, done, arg};
     ucp_request_param_t rp = {
-        .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
-                        UCP_OP_ATTR_FIELD_MEMH,
+        .op_attr_mask =
+            UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_MEMH,
         .cb = {.send = get_done},
         .user_data = op,
         .memh = region->memh,

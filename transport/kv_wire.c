@@ -101,13 +101,17 @@ bool kvw_pools_compatible(const Duet__Kv__PoolInfo *d, const Duet__Kv__PoolInfo 
                           size_t why_len) {
     const char *what = NULL;
     unsigned long long dv = 0, pv = 0;
-    if (d->block_size != p->block_size) what = "block size", dv = d->block_size, pv = p->block_size;
-    else if (d->n_layers != p->n_layers) what = "layer count", dv = d->n_layers, pv = p->n_layers;
-    else if (d->kv_dim != p->kv_dim) what = "latent dims (kv_lora_rank + rope)", dv = d->kv_dim, pv = p->kv_dim;
+    if (d->block_size != p->block_size)
+        what = "block size", dv = d->block_size, pv = p->block_size;
+    else if (d->n_layers != p->n_layers)
+        what = "layer count", dv = d->n_layers, pv = p->n_layers;
+    else if (d->kv_dim != p->kv_dim)
+        what = "latent dims (kv_lora_rank + rope)", dv = d->kv_dim, pv = p->kv_dim;
     else if (d->block_bytes != p->block_bytes)
         what = "block bytes", dv = d->block_bytes, pv = p->block_bytes;
     if (what) {
-        snprintf(why, why_len, "KV layouts differ: %s %llu on decode, %llu on prefill", what, dv, pv);
+        snprintf(why, why_len, "KV layouts differ: %s %llu on decode, %llu on prefill", what, dv,
+                 pv);
         return false;
     }
     if (strcmp(d->dtype ? d->dtype : "", p->dtype ? p->dtype : "") != 0) {

@@ -11,9 +11,9 @@
 #include "kv.pb-c.h"
 #include "status.h"
 
-#define KVW_VERSION 1
+#define KVW_VERSION   1
 #define KVW_NONCE_LEN 32
-#define KVW_MAC_LEN 32
+#define KVW_MAC_LEN   32
 /* Larger frames are refused: a Welcome with a UCX address and rkey is a few KiB; a PinReply
  * of a 160k-token prompt in 64-token blocks is about 13 KiB. */
 #define KVW_MAX_FRAME (4u << 20)

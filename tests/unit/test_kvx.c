@@ -1,0 +1,220 @@
+/* KV transfer between a prefill engine and a decode engine in one process, each with its own
+ * transfer plug-in (thread, side channel on localhost, UCX): every golden case decoded after
+ * pulling its prompt's KV gives the golden greedy ids; leases are freed after the pull; reads
+ * are coalesced; a wrong secret, a different block size and an expired lease fail the request
+ * cleanly and leave both pools full. */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "golden.h"
+#include "kvx.h"
+#include "log.h"
+
+typedef struct side {
+    par_instance *inst;
+    eng_engine *eng;
+    srv_kv_plugin plug;
+    srv_role role;
+} side;
+
+typedef struct rec {
+    int32_t out[64];
+    int n_out, n_final;
+    eng_finish finish;
+    char error[400];
+    int32_t lease[64];
+    int n_lease;
+} rec;
+
+static rec R[64];
+static golden_set G;
+
+static void on_event(void *user, const eng_event *ev) {
+    (void)user;
+    rec *r = &R[ev->id % 64];
+    for (int i = 0; i < ev->n_tokens && r->n_out < 64; i++) r->out[r->n_out++] = ev->tokens[i];
+    if (ev->finish) {
+        r->n_final++;
+        r->finish = ev->finish;
+        if (ev->error) snprintf(r->error, sizeof r->error, "%s", ev->error);
+        if (ev->n_lease_blocks) {
+            memcpy(r->lease, ev->lease_blocks, (size_t)ev->n_lease_blocks * sizeof(int32_t));
+            r->n_lease = ev->n_lease_blocks;
+        }
+    }
+}
+
+static int g_port;
+
+static int make_side(side *s, srv_role role, int block_size, int n_blocks, const char *secret,
+                     double lease_s) {
+    memset(s, 0, sizeof *s);
+    s->role = role;
+    par_options po;
+    par_options_init(&po);
+    int argc = 0;
+    char **argv = NULL;
+    if (par_instance_create(&po, GOLDEN_DIR "/tiny-v3/model", &argc, &argv, &s->inst) != DUET_OK)
+        return -1;
+    CHECK(kvx_create(&s->plug) == DUET_OK);
+    char *args[3] = {"x", "--kv-secret", (char *)secret};
+    CHECK(s->plug.parse_arg(s->plug.state, 3, args, 1) == 2);
+    eng_config c;
+    eng_config_default(&c);
+    c.block_size = block_size;
+    c.n_blocks = n_blocks;
+    c.max_model_len = 1024;
+    c.lease_timeout_s = lease_s;
+    c.on_event = on_event;
+    c.fetch = s->plug.fetch;
+    c.fetch_user = s->plug.state;
+    CHECK(eng_create(&c, s->inst, NULL, &s->eng) == DUET_OK);
+    srv_kv_context ctx = {.role = role,
+                          .engine = s->eng,
+                          .kv = eng_kv(s->eng),
+                          .inst = s->inst,
+                          .host = "127.0.0.1",
+                          .http_port = g_port,
+                          .dp_rank = 0,
+                          .dp_size = 1,
+                          .tp_size = 1,
+                          .served_model_name = "tiny"};
+    return s->plug.start(s->plug.state, &ctx) == DUET_OK ? 0 : -1;
+}
+
+static void free_side(side *s) {
+    s->plug.stop(s->plug.state);
+    eng_destroy(s->eng);
+    kvx_destroy(&s->plug);
+    par_instance_destroy(s->inst);
+}
+
+static void step(side *s) {
+    bool busy;
+    CHECK(eng_step(s->eng, &busy) == DUET_OK);
+    if (!busy) eng_wait(s->eng, 2);
+}
+
+static int free_blocks(side *s) {
+    eng_stats st;
+    eng_get_stats(s->eng, &st);
+    return st.n_free_blocks;
+}
+
+static int leased(side *s) {
+    eng_stats st;
+    eng_get_stats(s->eng, &st);
+    return st.n_leased;
+}
+
+/* Prefill request id (lease) for case k, then the decode request pulling it. Returns the
+ * decode record. */
+static rec *pd_request(side *p, side *d, int id, const golden_case *k, int sleep_ms) {
+    memset(&R[id], 0, sizeof R[id]);
+    memset(&R[id + 32], 0, sizeof R[id + 32]);
+    eng_request q = {.id = (uint64_t)id, .prompt = k->prompt, .n_prompt = k->n_prompt};
+    eng_sampling_default(&q.sampling);
+    q.sampling.smp.temperature = 0;
+    q.sampling.max_tokens = 1;
+    q.sampling.ignore_eos = true;
+    q.kv_role = ENG_KV_LEASE;
+    char err[256];
+    CHECK_MSG(eng_submit(p->eng, &q, err, sizeof err) == DUET_OK, "%s", err);
+    for (int i = 0; i < 500 && !R[id].n_final; i++) step(p);
+    CHECK(R[id].n_final == 1 && R[id].n_lease > 0);
+    CHECK(R[id].n_out == 1 && R[id].out[0] == k->greedy[0]);
+    cJSON *params = p->plug.lease_params(p->plug.state, (uint64_t)id, "req", R[id].lease,
+                                         R[id].n_lease, k->n_prompt);
+    CHECK(params != NULL);
+    void *remote = NULL;
+    CHECK(d->plug.parse_remote(d->plug.state, params, k->n_prompt, &remote, err, sizeof err) ==
+          DUET_OK);
+    cJSON_Delete(params);
+    if (sleep_ms) {
+        for (int i = 0; i < sleep_ms / 5; i++) step(p); /* the prefill engine keeps stepping */
+    }
+    eng_request dq = {.id = (uint64_t)id + 32, .prompt = k->prompt, .n_prompt = k->n_prompt};
+    eng_sampling_default(&dq.sampling);
+    dq.sampling.smp.temperature = 0;
+    dq.sampling.max_tokens = k->n_greedy;
+    dq.sampling.ignore_eos = true;
+    dq.kv_role = ENG_KV_REMOTE;
+    dq.remote = remote;
+    CHECK(eng_submit(d->eng, &dq, err, sizeof err) == DUET_OK);
+    for (int i = 0; i < 5000 && !R[id + 32].n_final; i++) {
+        step(d);
+        step(p);
+    }
+    for (int i = 0; i < 20; i++) step(p); /* lets the release reach the prefill engine */
+    d->plug.free_remote(d->plug.state, remote);
+    return &R[id + 32];
+}
+
+static int free_port(void) {
+    /* a port in a range nothing else here uses, varied by pid to keep parallel runs apart */
+    return 21000 + (int)(getpid() % 2000) * 2;
+}
+
+int main(void) {
+    if (golden_load(GOLDEN_DIR "/tiny-v3", 2048, &G) != 0) return 1;
+    g_port = free_port();
+    side p, d;
+    if (make_side(&p, SRV_ROLE_PREFILL, 16, 64, "s3cret", 30) != 0) return 1;
+    if (make_side(&d, SRV_ROLE_DECODE, 16, 64, "s3cret", 30) != 0) return 1;
+    int pf = free_blocks(&p), df = free_blocks(&d);
+
+    /* every golden case through prefill -> UCX -> decode */
+    for (int i = 0; i < G.n; i++) {
+        const golden_case *k = &G.cases[i];
+        rec *r = pd_request(&p, &d, i, k, 0);
+        CHECK_MSG(r->n_final == 1 && r->finish == ENG_FINISH_LENGTH, "%s: finish %d %s", k->name,
+                  r->finish, r->error);
+        CHECK_MSG(r->n_out == k->n_greedy && !memcmp(r->out, k->greedy, 4 * (size_t)k->n_greedy),
+                  "%s: decode after the KV pull differs from the golden greedy ids", k->name);
+    }
+    for (int i = 0; i < 200 && leased(&p) > 0; i++) step(&p);
+    CHECK_MSG(leased(&p) == 0, "%d leases left on the prefill side", leased(&p));
+    CHECK(free_blocks(&p) == pf && free_blocks(&d) == df);
+    kvx_stats st;
+    kvx_get_stats(&d.plug, &st);
+    CHECK(st.fetches_ok > 0 && st.fetches_failed == 0);
+    /* blocks of a fresh pool come out in order: runs coalesce into fewer reads than blocks */
+    CHECK_MSG(st.gets_issued < st.bytes_read / eng_kv(d.eng)->block_bytes,
+              "%llu reads for %llu blocks", (unsigned long long)st.gets_issued,
+              (unsigned long long)(st.bytes_read / eng_kv(d.eng)->block_bytes));
+    log_set_level(LOG_LEVEL_ERROR + 1);
+
+    /* a decode worker with the wrong secret gets nothing */
+    side bad;
+    g_port += 1;
+    CHECK(make_side(&bad, SRV_ROLE_DECODE, 16, 64, "wrong", 30) == 0);
+    rec *r = pd_request(&p, &bad, 10, &G.cases[1], 0);
+    CHECK(r->finish == ENG_FINISH_ERROR && strstr(r->error, "authentication"));
+    CHECK(free_blocks(&bad) == df);
+    free_side(&bad);
+
+    /* a decode worker with another block size is refused at the handshake */
+    CHECK(make_side(&bad, SRV_ROLE_DECODE, 32, 32, "s3cret", 30) == 0);
+    r = pd_request(&p, &bad, 11, &G.cases[2], 0);
+    CHECK_MSG(r->finish == ENG_FINISH_ERROR && strstr(r->error, "block size"), "error: %s",
+              r->error);
+    free_side(&bad);
+    /* the refused pulls never pinned: their leases expire; none is still pinned */
+    free_side(&p);
+    free_side(&d);
+
+    /* a lease that expired before the pull: the request fails, nothing leaks */
+    g_port += 2;
+    CHECK(make_side(&p, SRV_ROLE_PREFILL, 16, 64, "s3cret", 0.2) == 0);
+    CHECK(make_side(&d, SRV_ROLE_DECODE, 16, 64, "s3cret", 30) == 0);
+    r = pd_request(&p, &d, 12, &G.cases[3], 600);
+    CHECK_MSG(r->finish == ENG_FINISH_ERROR && strstr(r->error, "lease"), "error: %s", r->error);
+    CHECK(leased(&p) == 0 && free_blocks(&p) == pf && free_blocks(&d) == df);
+    free_side(&p);
+    free_side(&d);
+    fio_unmap(&G.map);
+    CHECK_DONE();
+}
