@@ -188,8 +188,10 @@ static void count_fail(kvx_stats *s, const void *arg) {
 }
 
 static void count_pin(kvx_stats *s, const void *arg) {
-    if (*(const bool *)arg) s->pins_served++;
-    else s->pins_refused++;
+    if (*(const bool *)arg)
+        s->pins_served++;
+    else
+        s->pins_refused++;
 }
 
 static void count_refused(kvx_stats *s, const void *arg) {
@@ -368,8 +370,10 @@ static void peer_destroy_later(kvx_peer *p) {
             *l = p->next;
             break;
         }
-    if (p->tcp_open) uv_close((uv_handle_t *)&p->tcp, peer_handle_closed);
-    else if (!p->gai_pending) free(p); /* else peer_resolved frees it */
+    if (p->tcp_open)
+        uv_close((uv_handle_t *)&p->tcp, peer_handle_closed);
+    else if (!p->gai_pending)
+        free(p); /* else peer_resolved frees it */
 }
 
 /* Ends a peer: reads in flight are completed (failed) by closing the endpoint, then every job
@@ -378,8 +382,7 @@ static void peer_close(kvx_peer *p, const char *why) {
     if (p->state == PEER_DEAD) return;
     p->state = PEER_DEAD;
     kvx *x = p->x;
-    for (kvx_job *j = p->jobs; j; j = j->next)
-        job_fail(j, "%s", why);
+    for (kvx_job *j = p->jobs; j; j = j->next) job_fail(j, "%s", why);
     if (p->up) {
         /* completes every read in flight (their callbacks run here, see get_done) */
         kvu_peer_destroy(x->ucx, p->up);
@@ -425,7 +428,8 @@ static void peer_got(kvx_peer *p, Duet__Kv__Envelope *env) {
         out.msg_case = DUET__KV__ENVELOPE__MSG_AUTH;
         out.auth = &auth;
         p->state = PEER_AUTH_SENT;
-        if (send_env(&p->tcp, &out) != DUET_OK) peer_close(p, "sending to the prefill worker failed");
+        if (send_env(&p->tcp, &out) != DUET_OK)
+            peer_close(p, "sending to the prefill worker failed");
         return;
     }
     case DUET__KV__ENVELOPE__MSG_REFUSE: {
@@ -449,14 +453,15 @@ static void peer_got(kvx_peer *p, Duet__Kv__Envelope *env) {
             return;
         }
         if (!w->pool || !kvw_pools_compatible(&x->pool, w->pool, why, sizeof why)) {
-            LOG_ERROR("kv: prefill worker %.100s:%d: %s", p->host, p->port, w->pool ? why : "no pool");
+            LOG_ERROR("kv: prefill worker %.100s:%d: %s", p->host, p->port,
+                      w->pool ? why : "no pool");
             peer_close(p, w->pool ? why : "the prefill worker sent no KV pool description");
             return;
         }
         snprintf(p->engine_id, sizeof p->engine_id, "%s", w->engine_id ? w->engine_id : "");
-        duet_status st = kvu_peer_create(x->ucx, w->ucx_address.data, w->ucx_address.len,
-                                         w->rkey.data, w->rkey.len, w->base_addr, peer_on_ucx_error, p,
-                                         &p->up);
+        duet_status st =
+            kvu_peer_create(x->ucx, w->ucx_address.data, w->ucx_address.len, w->rkey.data,
+                            w->rkey.len, w->base_addr, peer_on_ucx_error, p, &p->up);
         if (st != DUET_OK) {
             peer_close(p, "cannot open a UCX endpoint to the prefill worker");
             return;
@@ -480,9 +485,9 @@ static void peer_got(kvx_peer *p, Duet__Kv__Envelope *env) {
         for (kvx_job *j = p->jobs; j; j = j->next) {
             if (j->seq != r->seq || j->pinned || j->failed) continue;
             if (!r->ok) {
-                snprintf(j->err, sizeof j->err, "the prefill worker %.100s:%d refused lease %llu: %.100s",
-                         p->host, p->port, (unsigned long long)j->rem.lease,
-                         r->error ? r->error : "?");
+                snprintf(j->err, sizeof j->err,
+                         "the prefill worker %.100s:%d refused lease %llu: %.100s", p->host,
+                         p->port, (unsigned long long)j->rem.lease, r->error ? r->error : "?");
                 j->failed = true;
                 job_finish(x, j);
                 return;
@@ -493,7 +498,8 @@ static void peer_got(kvx_peer *p, Duet__Kv__Envelope *env) {
         }
         return;
     }
-    default: break;
+    default:
+        break;
     }
     peer_close(p, "the prefill worker sent an unexpected message");
 }
@@ -519,8 +525,8 @@ static void peer_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
         }
     } else if (n < 0) {
         char why[300];
-        snprintf(why, sizeof why, "lost the connection to the prefill worker %.100s:%d (%s)", p->host,
-                 p->port, uv_strerror((int)n));
+        snprintf(why, sizeof why, "lost the connection to the prefill worker %.100s:%d (%s)",
+                 p->host, p->port, uv_strerror((int)n));
         peer_close(p, why);
     }
     free(buf->base);
@@ -650,8 +656,8 @@ static void sweep(uv_timer_t *t) {
         for (kvx_job *j = p->jobs; j; j = j->next) {
             if (now < j->deadline) continue;
             snprintf(why, sizeof why,
-                     "KV transfer from the prefill worker %.100s:%d timed out after %.0f s", p->host,
-                     p->port, x->timeout_s);
+                     "KV transfer from the prefill worker %.100s:%d timed out after %.0f s",
+                     p->host, p->port, x->timeout_s);
             peer_close(p, why);
             break;
         }
@@ -741,9 +747,9 @@ static void conn_got(kvx_conn *c, Duet__Kv__Envelope *env) {
         int cap = x->ctx.kv->n_blocks, n = 0;
         int32_t *blocks = malloc((size_t)cap * sizeof(int32_t));
         uint32_t *ids = malloc((size_t)cap * sizeof(uint32_t));
-        duet_status st = blocks && ids ? eng_lease_pin(x->ctx.engine, env->pin->lease, blocks,
-                                                       cap, &n)
-                                       : DUET_ERR_NO_MEMORY;
+        duet_status st = blocks && ids
+                             ? eng_lease_pin(x->ctx.engine, env->pin->lease, blocks, cap, &n)
+                             : DUET_ERR_NO_MEMORY;
         if (st == DUET_OK) {
             for (int i = 0; i < n; i++) ids[i] = (uint32_t)blocks[i];
             r.ok = true;
@@ -932,8 +938,8 @@ static duet_status x_start(void *state, const srv_kv_context *ctx) {
             LOG_ERROR("kv: cannot listen on the side channel port %d: %s", port, uv_strerror(rc));
             return DUET_ERR_IO;
         }
-        LOG_INFO("kv: leasing KV blocks to decode workers on %s:%d (engine %s)",
-                 x->advertise_host, port, x->engine_id);
+        LOG_INFO("kv: leasing KV blocks to decode workers on %s:%d (engine %s)", x->advertise_host,
+                 port, x->engine_id);
     }
     if (uv_thread_create(&x->thread, thread_main, x) != 0) return DUET_ERR_INTERNAL;
     x->thread_started = true;
