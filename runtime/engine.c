@@ -671,40 +671,53 @@ static void commit_blocks(eng_engine *e, ereq *r) {
     }
 }
 
+/* The request to preempt so that r can grow: the newest running one not yet scheduled this
+ * step (r itself when there is none). */
+static ereq *pick_victim(eng_engine *e, ereq *r) {
+    for (ereq *v = e->running.tail; v; v = v->prev)
+        if (v != r && v->n_sched == 0) return v;
+    return r;
+}
+
+/* Gives r up to `want` tokens of this step; false if r had to be dropped (preempted, or
+ * finished because it can never fit). */
+static bool schedule_running(eng_engine *e, ereq *r, int want, int *budget, int *n,
+                             bool *preempted) {
+    while (ensure_blocks(e, r, r->n_computed + want) != DUET_OK) {
+        if (r == e->running.head && r == e->running.tail && e->fetching.n == 0 &&
+            e->n_leases == 0) {
+            /* alone and still out of room: the pool is smaller than this sequence */
+            finish(e, r, ENG_FINISH_LENGTH, NULL, -1, NULL, NULL, NULL);
+            return false;
+        }
+        /* out of blocks: the newest running request gives its blocks back */
+        ereq *victim = pick_victim(e, r);
+        *preempted = true;
+        preempt(e, victim);
+        if (victim == r) return false;
+    }
+    r->n_sched = want;
+    *budget -= want;
+    e->sched[(*n)++] = r;
+    return true;
+}
+
 static int schedule(eng_engine *e) {
     int budget = e->cfg.max_num_batched_tokens, n = 0;
     bool preempted = false;
-    for (ereq *r = e->running.head; r && budget > 0;) {
-        ereq *next = r->next;
-        int want = r->n_tokens - r->n_computed;
-        if (want > budget) want = budget;
-        if (want <= 0) {
-            r = next;
-            continue;
-        }
-        bool ok = true;
-        while (ensure_blocks(e, r, r->n_computed + want) != DUET_OK) {
-            ok = false;
-            if (r == e->running.head && r == e->running.tail && e->fetching.n == 0 &&
-                e->n_leases == 0) {
-                /* alone and still out of room: the pool is smaller than this sequence */
-                finish(e, r, ENG_FINISH_LENGTH, NULL, -1, NULL, NULL, NULL);
-                break;
+    /* Decodes first (one token each, the latency-critical part), then the chunks of prompts
+     * already under way, in admission order, with what is left of the budget. */
+    for (int pass = 0; pass < 2; pass++) {
+        for (ereq *r = e->running.head, *next; r && budget > 0; r = next) {
+            next = r->next;
+            int want = r->n_tokens - r->n_computed;
+            if (r->n_sched || want <= 0 || (pass == 0) != (want == 1)) continue;
+            if (want > budget) want = budget;
+            if (!schedule_running(e, r, want, &budget, &n, &preempted)) {
+                /* r is gone from the running queue; so may be others: restart the walk */
+                next = e->running.head;
             }
-            /* out of blocks: the newest running request gives its blocks back */
-            ereq *victim = e->running.tail;
-            preempted = true;
-            preempt(e, victim);
-            if (victim == r) break;
-            ok = true;
         }
-        if (ok) {
-            r->n_sched = want;
-            budget -= want;
-            e->sched[n++] = r;
-        }
-        if (next && next->state != RS_RUNNING) break; /* next was preempted: all after it too */
-        r = next;
     }
     /* New admissions only when nothing had to be preempted this step. */
     while (!preempted && budget > 0 && e->waiting.head &&

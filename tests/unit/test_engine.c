@@ -277,6 +277,61 @@ static void stops(void) {
     }
 }
 
+/* Chunked prefill shares each step with running decodes: a long prompt that arrives first
+ * keeps getting chunks while short requests keep arriving and decoding, nobody starves, and
+ * waiting requests start in arrival order. */
+static void starvation(void) {
+    eng_engine *e = make(16, 16, 256, false);
+    const golden_case *longest = &G.cases[0];
+    for (int i = 0; i < G.n; i++)
+        if (G.cases[i].n_prompt > longest->n_prompt) longest = &G.cases[i];
+    int first_token_step[MAXR], done_step[MAXR];
+    for (int i = 0; i < MAXR; i++) first_token_step[i] = done_step[i] = -1;
+    memset(R, 0, sizeof R);
+    submit_golden(e, 0, longest);
+    const int N = 12;
+    for (int step = 0; step < 2000; step++) {
+        if (step >= 1 && step <= N) { /* one short request per step */
+            memset(&R[step], 0, sizeof R[step]);
+            eng_request q = {.id = (uint64_t)step, .prompt = G.cases[1].prompt, .n_prompt = 3};
+            eng_sampling_default(&q.sampling);
+            q.sampling.smp.temperature = 0;
+            q.sampling.max_tokens = 40;
+            q.sampling.ignore_eos = true;
+            char err[64];
+            CHECK(eng_submit(e, &q, err, sizeof err) == DUET_OK);
+        }
+        bool busy;
+        eng_step(e, &busy);
+        for (int i = 0; i <= N; i++) {
+            if (R[i].n_out > 0 && first_token_step[i] < 0) first_token_step[i] = step;
+            if (R[i].n_final && done_step[i] < 0) done_step[i] = step;
+        }
+        eng_stats st;
+        eng_get_stats(e, &st);
+        if (step > N && st.n_running == 0 && st.n_waiting == 0) break;
+    }
+    /* the long prompt needs ceil(n / 16) steps alone; with up to 12 decodes taking a token
+     * each from every step's budget of 16 it still gets at least 4 tokens a step */
+    int bound = (longest->n_prompt + 3) / 4 + longest->n_greedy + 4;
+    CHECK_MSG(done_step[0] >= 0 && done_step[0] <= bound, "long prompt done at step %d (bound %d)",
+              done_step[0], bound);
+    CHECK(R[0].n_out == longest->n_greedy &&
+          !memcmp(R[0].out, longest->greedy, 4 * (size_t)longest->n_greedy));
+    for (int i = 1; i <= N; i++) {
+        CHECK_MSG(done_step[i] >= 0, "short request %d never finished", i);
+        /* a running decode gets its token every step, long prefill or not */
+        CHECK_MSG(done_step[i] - first_token_step[i] == 39,
+                  "request %d took %d steps for 40 tokens", i,
+                  done_step[i] - first_token_step[i] + 1);
+        if (i > 1)
+            CHECK_MSG(first_token_step[i] >= first_token_step[i - 1],
+                      "request %d started before request %d", i, i - 1);
+    }
+    check_pool_full(e, "starvation");
+    eng_destroy(e);
+}
+
 /* Requests the engine must refuse, with a message. */
 static void refusals(void) {
     eng_engine *e = make(64, 16, 8, true);
@@ -323,6 +378,7 @@ int main(void) {
     random_aborts();
     seeded();
     stops();
+    starvation();
     refusals();
     fio_unmap(&G.map);
     par_instance_destroy(g_inst);
