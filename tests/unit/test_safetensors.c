@@ -45,6 +45,7 @@ static void check_failure(int line, duet_status st, duet_status want, char *log,
     for (int i = 0; phrases[i]; i++)
         CHECK_MSG(strstr(log, phrases[i]) != NULL, "line %d: log lacks \"%s\": %s", line,
                   phrases[i], log);
+    printf("line %d: %s", line, log); /* the test log shows what a user would read */
     free(log);
 }
 
