@@ -23,7 +23,7 @@ typedef struct mk_spec {
     cfg_model cfg;
     uint64_t seed;
     int shards;                /* 1: model.safetensors; N: N shards + index */
-    const char *tokenizer_dir; /* tokenizer.json + tokenizer_config.json copied from it, or NULL */
+    const char *tokenizer_dir; /* borrowed; tokenizer.json + tokenizer_config.json or NULL */
     bool force;                /* replace checkpoint files already in the output directory */
 } mk_spec;
 
