@@ -5,6 +5,7 @@
 
 #include <cjson/cJSON.h>
 #include <dirent.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -127,6 +128,12 @@ static duet_status push_tensor(st_set *set, const st_tensor *t) {
     return DUET_OK;
 }
 
+/* A dimension or byte offset: a whole number in [0, 2^53) (JSON numbers are doubles). */
+static int is_count(const cJSON *v) {
+    return cJSON_IsNumber(v) && v->valuedouble >= 0 && v->valuedouble < 9007199254740992.0 &&
+           v->valuedouble == floor(v->valuedouble);
+}
+
 /* Parses and validates the header of the file just mapped as set->files[fi]. */
 static duet_status parse_file(st_set *set, size_t fi) {
     const char *path = set->files[fi].path;
@@ -148,8 +155,14 @@ static duet_status parse_file(st_set *set, size_t fi) {
         LOG_ERROR("%s: header length %llu is not plausible", path, (unsigned long long)hlen);
         return DUET_ERR_FORMAT;
     }
-    cJSON *root = cJSON_ParseWithLength((const char *)base + 8, (size_t)hlen);
-    if (!root || !cJSON_IsObject(root)) {
+    /* Only the padding (spaces) may follow the JSON object, as in the reference reader; text
+     * after it means the length or the header is damaged. */
+    const char *hend = NULL;
+    cJSON *root = cJSON_ParseWithLengthOpts((const char *)base + 8, (size_t)hlen, &hend, 0);
+    while (root && hend < (const char *)base + 8 + hlen &&
+           (*hend == ' ' || *hend == '\t' || *hend == '\n' || *hend == '\r'))
+        hend++;
+    if (!root || !cJSON_IsObject(root) || hend != (const char *)base + 8 + hlen) {
         LOG_ERROR("%s: malformed header JSON", path);
         cJSON_Delete(root);
         return DUET_ERR_FORMAT;
@@ -184,7 +197,7 @@ static duet_status parse_file(st_set *set, size_t fi) {
         double numel = 1;
         for (int i = 0; i < ndim; i++) {
             const cJSON *d = cJSON_GetArrayItem(shape, i);
-            if (!cJSON_IsNumber(d) || d->valuedouble < 0 || d->valuedouble > 9.0e15) {
+            if (!is_count(d)) {
                 st = DUET_ERR_FORMAT;
                 break;
             }
@@ -192,8 +205,7 @@ static duet_status parse_file(st_set *set, size_t fi) {
             numel *= d->valuedouble;
         }
         const cJSON *b = cJSON_GetArrayItem(offs, 0), *en = cJSON_GetArrayItem(offs, 1);
-        if (st != DUET_OK || !cJSON_IsNumber(b) || !cJSON_IsNumber(en) || b->valuedouble < 0 ||
-            en->valuedouble < b->valuedouble) {
+        if (st != DUET_OK || !is_count(b) || !is_count(en) || en->valuedouble < b->valuedouble) {
             LOG_ERROR("%s: malformed shape or data_offsets for tensor %s", path, e->string);
             st = DUET_ERR_FORMAT;
             break;
@@ -333,6 +345,12 @@ static duet_status open_index(st_set *set, const char *dir, const char *index_pa
         if (i > 0 && !strcmp(names[i], names[i - 1])) continue;
         char path[4096];
         snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+        /* said here, where the index that names the shard is known */
+        if (!file_exists(path)) {
+            LOG_ERROR("%s: shard %s is missing from %s", index_path, names[i], dir);
+            st = DUET_ERR_NOT_FOUND;
+            break;
+        }
         st = add_file(set, path);
     }
     if (st == DUET_OK) st = index_build(set);
