@@ -79,6 +79,8 @@ typedef struct be_ops {
     /* host float32 <-> device activations, n elements at element offset off */
     duet_status (*upload)(be_backend *be, void *dst, size_t off, const float *src, size_t n);
     duet_status (*download)(be_backend *be, float *dst, const void *src, size_t off, size_t n);
+    /* Waits for queued work; returns (and clears) the first error any op met since the last
+     * sync: ops return nothing, so a failed scratch allocation or launch is reported here. */
     duet_status (*sync)(be_backend *be);
 
     duet_status (*weight_create)(be_backend *be, const float *w, int n_out, int n_in, bool keep_f32,

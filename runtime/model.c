@@ -64,7 +64,11 @@ static duet_status prepare_batch(mdl_model *m, be_kv *kv, const mdl_seq *seqs, i
         }
         for (int j = 0; j < q->n_tokens; j++, t++) {
             int32_t tok = q->tokens[j];
-            if (tok < 0 || tok >= m->cfg.vocab_size) return DUET_ERR_INVALID;
+            if (tok < 0 || tok >= m->cfg.vocab_size) {
+                LOG_ERROR("model: token id %d is outside the vocabulary (%d)", tok,
+                          m->cfg.vocab_size);
+                return DUET_ERR_INVALID;
+            }
             int pos = q->pos0 + j;
             s->tokens[t] = tok;
             s->token_pos[t] = pos;
@@ -213,6 +217,7 @@ duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs
     if (st != DUET_OK) return st;
     if (n_out == 0) return o->sync(be);
 
+
     /* final norm and lm_head only on the rows that want logits */
     int r = 0;
     for (int i = 0; i < n_seqs; i++) {
@@ -222,5 +227,8 @@ duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs
     o->gather_rows(be, m->buf.xn, m->buf.h, m->step.out_rows, n_out, D);
     o->rmsnorm(be, m->buf.xn, D, m->buf.xn, D, m->final_norm, n_out, D, c->rms_norm_eps);
     o->linear(be, m->buf.logits, m->buf.xn, D, n_out, m->lm_head);
+    /* ops cannot return errors one by one; the backend keeps the first and reports it here */
+    st = o->sync(be);
+    if (st != DUET_OK) return st;
     return mdl_logits_collect(m, n_out, logits);
 }

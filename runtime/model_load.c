@@ -125,16 +125,22 @@ static duet_status load_slice(loader *ld, const char *name, int full_out, int fu
                   s->dtype_name);
         return DUET_ERR_FORMAT;
     }
+    /* one row of block scales at a time, converted once, not once per element */
     size_t ses = dt_size((dt_dtype)s->dtype);
+    float *srow = malloc((size_t)sd[1] * sizeof(float));
+    if (!srow) return DUET_ERR_NO_MEMORY;
+    int cur = -1;
     for (int i = 0; i < real_rows; i++) {
         int br = (r0 + i) / bo;
-        for (int j = 0; j < ncols; j++) {
-            float scale;
-            size_t idx = (size_t)br * (size_t)sd[1] + (size_t)((c0 + j) / bi);
-            dt_to_f32((dt_dtype)s->dtype, (const unsigned char *)s->data + idx * ses, &scale, 1);
-            dst[(size_t)i * ncols + j] *= scale;
+        if (br != cur) {
+            dt_to_f32((dt_dtype)s->dtype, (const unsigned char *)s->data + (size_t)br * sd[1] * ses,
+                      srow, (size_t)sd[1]);
+            cur = br;
         }
+        float *row = dst + (size_t)i * ncols;
+        for (int j = 0; j < ncols; j++) row[j] *= srow[(c0 + j) / bi];
     }
+    free(srow);
     return DUET_OK;
 }
 
@@ -289,6 +295,18 @@ static duet_status plan_shard(mdl_model *m) {
     if (st == DUET_OK && c->n_routed_experts && s->ep_size <= 1)
         st = check_divisible("moe_intermediate_size", c->moe_intermediate_size, tp,
                              "--tensor-parallel-size");
+    if (st == DUET_OK && c->n_routed_experts &&
+        (c->n_routed_experts > 1024 || c->num_experts_per_tok > 64 || c->n_group > 256)) {
+        LOG_ERROR("config.json: %d routed experts, top-%d, %d groups exceed what duet routes "
+                  "(1024, 64, 256)",
+                  c->n_routed_experts, c->num_experts_per_tok, c->n_group);
+        st = DUET_ERR_UNSUPPORTED;
+    }
+    if (st == DUET_OK && c->qk_rope_head_dim > 256) {
+        LOG_ERROR("config.json: qk_rope_head_dim %d exceeds duet's limit of 256",
+                  c->qk_rope_head_dim);
+        st = DUET_ERR_UNSUPPORTED;
+    }
     if (st != DUET_OK) return st;
     m->n_heads_local = c->num_attention_heads / tp;
     m->inter_local = c->intermediate_size / tp;

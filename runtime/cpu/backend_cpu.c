@@ -40,6 +40,7 @@ typedef struct cpu_backend {
     /* scratch grown on demand, reused across steps */
     float *scratch;
     size_t scratch_cap;
+    duet_status err; /* first op failure since the last sync */
 } cpu_backend;
 
 static cpu_backend *cpu(be_backend *be) {
@@ -51,6 +52,10 @@ static float *scratch_get(cpu_backend *c, size_t n) {
         free(c->scratch);
         c->scratch = malloc(n * sizeof(float));
         c->scratch_cap = c->scratch ? n : 0;
+        if (!c->scratch && c->err == DUET_OK) {
+            LOG_ERROR("cpu backend: cannot allocate %zu bytes of scratch", n * sizeof(float));
+            c->err = DUET_ERR_NO_MEMORY;
+        }
     }
     return c->scratch;
 }
@@ -89,8 +94,10 @@ static duet_status cpu_download(be_backend *be, float *dst, const void *src, siz
 }
 
 static duet_status cpu_sync(be_backend *be) {
-    (void)be;
-    return DUET_OK;
+    cpu_backend *c = cpu(be);
+    duet_status st = c->err;
+    c->err = DUET_OK;
+    return st;
 }
 
 static duet_status cpu_weight_create(be_backend *be, const float *w, int n_out, int n_in,
