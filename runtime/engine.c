@@ -42,6 +42,7 @@ struct ereq {
     eng_kv_role role;
     void *remote;
     void (*on_logits)(void *user, int pos, const float *row, int V);
+    void (*on_kv_ready)(void *user, const int32_t *blocks, int n_blocks);
     req_state state;
     ereq *prev, *next; /* in its queue */
     ereq *hnext;       /* id hash chain */
@@ -335,6 +336,32 @@ static void finish(eng_engine *e, ereq *r, eng_finish why, const char *stop_reas
     req_free(r);
 }
 
+duet_status eng_lease_for_test(eng_engine *e, uint64_t id, int n_tokens, int32_t *blocks, int cap,
+                               int *n_p) {
+    int n = (n_tokens + e->cfg.block_size - 1) / e->cfg.block_size;
+    if (n <= 0 || n > cap) return DUET_ERR_INVALID;
+    lease *l = calloc(1, sizeof *l);
+    int32_t *ids = malloc((size_t)n * sizeof(int32_t));
+    duet_status st = l && ids ? kv_pool_alloc(e->pool, n, ids) : DUET_ERR_NO_MEMORY;
+    if (st != DUET_OK) {
+        free(l);
+        free(ids);
+        return st;
+    }
+    memcpy(blocks, ids, (size_t)n * sizeof(int32_t));
+    *n_p = n;
+    l->id = id;
+    l->blocks = ids;
+    l->n_blocks = n;
+    l->deadline = now_s() + e->cfg.lease_timeout_s;
+    pthread_mutex_lock(&e->lease_mu);
+    l->next = e->leases;
+    e->leases = l;
+    e->n_leases++;
+    pthread_mutex_unlock(&e->lease_mu);
+    return DUET_OK;
+}
+
 /* ---- inbox ---- */
 
 static void post(eng_engine *e, cmd *c) {
@@ -481,6 +508,7 @@ duet_status eng_submit(eng_engine *e, const eng_request *req, char *err, size_t 
     r->role = req->kv_role;
     r->remote = req->remote;
     r->on_logits = req->on_logits;
+    r->on_kv_ready = req->on_kv_ready;
     r->n_prompt = r->n_tokens = n;
     r->max_tokens = max_tokens;
     r->tokens = malloc((size_t)(n + max_tokens) * sizeof(int32_t));
@@ -576,6 +604,7 @@ static void drain_inbox(eng_engine *e) {
             }
             r->n_computed = r->n_prompt - 1;
             r->fetched = true;
+            if (r->on_kv_ready) r->on_kv_ready(r->user, r->blocks, r->n_blocks);
             r->state = RS_RUNNING;
             q_push_back(&e->running, r);
             break;

@@ -77,6 +77,9 @@ typedef struct eng_request {
     /* test hook: every logits row computed for this request (prompt rows when
      * prompt_logprobs >= 0, then one per generated token), before sampling */
     void (*on_logits)(void *user, int pos, const float *row, int V);
+    /* test hook (ENG_KV_REMOTE): the prompt's blocks right after the remote KV landed, before
+     * anything is computed into them */
+    void (*on_kv_ready)(void *user, const int32_t *blocks, int n_blocks);
 } eng_request;
 
 typedef struct eng_token_lp {
@@ -149,6 +152,11 @@ void eng_abort(eng_engine *e, uint64_t id);
  * (at most cap) and restarts its deadline, so the blocks stay put while the reader works;
  * DUET_ERR_NOT_FOUND when the lease is gone (released or expired): the reader must fail. */
 duet_status eng_lease_pin(eng_engine *e, uint64_t id, int32_t *blocks, int cap, int *n_p);
+/* Engine thread; benchmarks and tests of the transfer path only: takes blocks for n_tokens
+ * and leases them under id as if a prefill of that length had just finished (their contents
+ * are whatever the pool held: callers fill them). The ids go to blocks (at most cap). */
+duet_status eng_lease_for_test(eng_engine *e, uint64_t id, int n_tokens, int32_t *blocks, int cap,
+                               int *n_p);
 /* Any thread: the decode side finished (or gave up) reading a lease's blocks; they are
  * freed at the next step. */
 void eng_lease_release(eng_engine *e, uint64_t id);

@@ -217,7 +217,6 @@ duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs
     if (st != DUET_OK) return st;
     if (n_out == 0) return o->sync(be);
 
-
     /* final norm and lm_head only on the rows that want logits */
     int r = 0;
     for (int i = 0; i < n_seqs; i++) {

@@ -39,7 +39,6 @@ struct kvu_ctx {
     ucp_worker_h worker;
     ucp_address_t *addr;
     size_t addr_len;
-    int efd;
     bool cuda;
 };
 
@@ -77,7 +76,7 @@ duet_status kvu_create(kvu_ctx **ctx_p) {
     }
     ucp_params_t p = {
         .field_mask = UCP_PARAM_FIELD_FEATURES,
-        .features = UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP,
+        .features = UCP_FEATURE_RMA,
     };
     s = ucp_init(&p, cfg, &c->ucp);
     ucp_config_release(cfg);
@@ -95,7 +94,6 @@ duet_status kvu_create(kvu_ctx **ctx_p) {
     };
     s = ucp_worker_create(c->ucp, &wp, &c->worker);
     if (s == UCS_OK) s = ucp_worker_get_address(c->worker, &c->addr, &c->addr_len);
-    if (s == UCS_OK) s = ucp_worker_get_efd(c->worker, &c->efd);
     if (s != UCS_OK) {
         LOG_ERROR("ucx: creating the worker: %s", ucs_status_string(s));
         kvu_destroy(c);
@@ -114,16 +112,10 @@ void kvu_destroy(kvu_ctx *c) {
     free(c);
 }
 
-int kvu_efd(kvu_ctx *c) {
-    return c->efd;
-}
-
-void kvu_progress(kvu_ctx *c) {
-    /* arm only once idle: UCS_ERR_BUSY means events arrived meanwhile */
-    do {
-        while (ucp_worker_progress(c->worker)) {
-        }
-    } while (ucp_worker_arm(c->worker) == UCS_ERR_BUSY);
+unsigned kvu_progress(kvu_ctx *c) {
+    unsigned total = 0, n;
+    while ((n = ucp_worker_progress(c->worker)) != 0) total += n;
+    return total;
 }
 
 void kvu_address(kvu_ctx *c, const void **addr_p, size_t *len_p) {
@@ -203,6 +195,17 @@ duet_status kvu_peer_create(kvu_ctx *c, const void *addr, size_t addr_len, const
         .err_handler = {.cb = ep_error, .arg = p},
     };
     ucs_status_t s = ucp_ep_create(c->worker, &ep, &p->ep);
+    if (s != UCS_OK) {
+        /* Shared-memory transports cannot report a failed peer; without them there may be no
+         * path at all (UCX_TLS=shm). Peer loss is still caught by the side channel and the
+         * transfer deadline, which closes the endpoint forcibly. */
+        ep.field_mask &= ~(uint64_t)UCP_EP_PARAM_FIELD_ERR_HANDLER;
+        ep.err_mode = UCP_ERR_HANDLING_MODE_NONE;
+        s = ucp_ep_create(c->worker, &ep, &p->ep);
+        if (s == UCS_OK)
+            LOG_INFO("ucx: no transport here can report a failed KV peer (shared memory only?); "
+                     "peer loss is detected by the side channel and the transfer deadline");
+    }
     if (s == UCS_OK) s = ucp_ep_rkey_unpack(p->ep, rkey, &p->rkey);
     if (s != UCS_OK) {
         LOG_ERROR("ucx: connecting to a KV peer: %s", ucs_status_string(s));

@@ -19,13 +19,13 @@ typedef struct kvu_peer kvu_peer;
 /* Called once per operation, from kvu_progress (or kvu_peer_destroy): DUET_OK or the error. */
 typedef void (*kvu_done_fn)(void *arg, duet_status st);
 
+/* The worker has no wakeup event fd on purpose: asking UCX for one excludes the transports
+ * that cannot raise events (shared memory, CMA), which are the fast one-sided ones on a host.
+ * The caller polls kvu_progress instead (see kvx.c). */
 duet_status kvu_create(kvu_ctx **ctx_p);
 void kvu_destroy(kvu_ctx *c);
-/* A file descriptor that becomes readable when the worker has events (poll it, then call
- * kvu_progress). */
-int kvu_efd(kvu_ctx *c);
-/* Progresses until no more events, then re-arms the event fd. */
-void kvu_progress(kvu_ctx *c);
+/* Progresses until nothing more happens; returns how many events it handled. */
+unsigned kvu_progress(kvu_ctx *c);
 /* The worker's address, for peers to connect to (owned by the context). */
 void kvu_address(kvu_ctx *c, const void **addr_p, size_t *len_p);
 /* Whether the UCX build can move this memory type (false for device memory without CUDA

@@ -94,7 +94,9 @@ struct kvx {
     uv_thread_t thread;
     bool thread_started;
     uv_async_t async;
-    uv_poll_t ucx_poll;
+    uv_timer_t ucx_tick; /* progresses the UCX worker every millisecond */
+    uv_idle_t ucx_hot;   /* ... and on every loop turn while traffic flows */
+    double hot_last;     /* when progress last found work */
     uv_tcp_t listener;
     uv_timer_t sweep;
     kvu_ctx *ucx;
@@ -243,6 +245,28 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
     buf->len = buf->base ? suggested : 0;
 }
 
+/* UCX progress without an event fd (see kv_ucx.h): a 1 ms tick while idle; once a tick finds
+ * work, every loop turn progresses until 50 ms pass without any. Software transports (TCP,
+ * shared-memory active messages) need the target side to progress too, so both sides do this. */
+static void ucx_hot(uv_idle_t *h) {
+    kvx *x = h->data;
+    double t = now_s();
+    if (kvu_progress(x->ucx))
+        x->hot_last = t;
+    else if (t - x->hot_last > 0.05)
+        uv_idle_stop(&x->ucx_hot);
+}
+
+static void ucx_heat(kvx *x) {
+    x->hot_last = now_s();
+    if (!uv_is_active((uv_handle_t *)&x->ucx_hot)) uv_idle_start(&x->ucx_hot, ucx_hot);
+}
+
+static void ucx_tick(uv_timer_t *t) {
+    kvx *x = t->data;
+    if (kvu_progress(x->ucx)) ucx_heat(x);
+}
+
 /* ---- decode side: jobs ---- */
 
 static void job_report(kvx *x, kvx_job *j) {
@@ -340,7 +364,7 @@ static void job_read(kvx *x, kvx_job *j, const uint32_t *remote, size_t n_remote
         i = k;
     }
     if (--j->gets_left == 0) job_finish(x, j);
-    kvu_progress(x->ucx);
+    ucx_heat(x);
 }
 
 static void job_pin(kvx_job *j) {
@@ -832,20 +856,14 @@ static void on_connection(uv_stream_t *server, int status) {
 
 /* ---- the thread ---- */
 
-static void on_ucx_event(uv_poll_t *h, int status, int events) {
-    (void)status;
-    (void)events;
-    kvx *x = h->data;
-    kvu_progress(x->ucx);
-}
-
 static void shut_down(kvx *x) {
     while (x->peers) peer_close(x->peers, "the decode worker is shutting down");
     while (x->conns) conn_close(x->conns);
     take_inbox(x); /* fetches that raced the shutdown fail too */
     while (x->peers) peer_close(x->peers, "the decode worker is shutting down");
     uv_close((uv_handle_t *)&x->async, NULL);
-    uv_close((uv_handle_t *)&x->ucx_poll, NULL);
+    uv_close((uv_handle_t *)&x->ucx_tick, NULL);
+    uv_close((uv_handle_t *)&x->ucx_hot, NULL);
     uv_close((uv_handle_t *)&x->sweep, NULL);
     if (x->ctx.role == SRV_ROLE_PREFILL) uv_close((uv_handle_t *)&x->listener, NULL);
 }
@@ -860,7 +878,6 @@ static void on_async(uv_async_t *a) {
         return;
     }
     take_inbox(x);
-    kvu_progress(x->ucx);
 }
 
 /* Runs until shut_down has closed every handle (and pending resolutions have returned). */
@@ -916,9 +933,11 @@ static duet_status x_start(void *state, const srv_kv_context *ctx) {
     x->loop_ready = true;
     uv_async_init(&x->loop, &x->async, on_async);
     x->async.data = x;
-    uv_poll_init(&x->loop, &x->ucx_poll, kvu_efd(x->ucx));
-    x->ucx_poll.data = x;
-    uv_poll_start(&x->ucx_poll, UV_READABLE, on_ucx_event);
+    uv_timer_init(&x->loop, &x->ucx_tick);
+    x->ucx_tick.data = x;
+    uv_timer_start(&x->ucx_tick, ucx_tick, 1, 1);
+    uv_idle_init(&x->loop, &x->ucx_hot);
+    x->ucx_hot.data = x;
     uv_timer_init(&x->loop, &x->sweep);
     x->sweep.data = x;
     uv_timer_start(&x->sweep, sweep, 50, 50);

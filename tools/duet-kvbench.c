@@ -1,0 +1,343 @@
+/* duet-kvbench: KV transfer speed of the disaggregation path, prefill worker to decode worker,
+ * in two processes on this host. The prefill process leases blocks for prompts of the given
+ * lengths (filled with a known pattern, no model compute); the decode process pulls each lease
+ * the way duet-decode does (side channel pin, coalesced UCX GETs, release), checks every byte,
+ * and reports GB/s and per-request transfer latency. The KV geometry is DeepSeek-V3's latent
+ * (kv_lora_rank 512 + rope 64) over --layers layers in the CPU backend's float32.
+ * tools/bench-kv.sh runs it next to ucx_perftest on the same transport. */
+#include <cjson/cJSON.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "fileio.h"
+#include "kvx.h"
+#include "log.h"
+
+typedef struct bench_opts {
+    int tokens[16];
+    int n_sizes;
+    int layers, block_size, repeat, port;
+} bench_opts;
+
+static int write_model(const char *dir, int layers) {
+    char cfg[1024], path[512];
+    snprintf(cfg, sizeof cfg,
+             "{\"model_type\":\"deepseek_v3\",\"vocab_size\":256,\"hidden_size\":64,"
+             "\"intermediate_size\":64,\"num_hidden_layers\":%d,\"num_attention_heads\":1,"
+             "\"q_lora_rank\":null,\"kv_lora_rank\":512,\"qk_nope_head_dim\":16,"
+             "\"qk_rope_head_dim\":64,\"v_head_dim\":16,\"n_routed_experts\":0,"
+             "\"max_position_embeddings\":163840,\"rope_theta\":10000,\"bos_token_id\":0,"
+             "\"eos_token_id\":1}",
+             layers);
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    return fio_write_file(path, cfg, strlen(cfg)) == DUET_OK ? 0 : -1;
+}
+
+/* The value every byte of a leased block holds: block id and offset mixed. */
+static uint8_t pattern(int32_t block, size_t off) {
+    uint64_t x = (uint64_t)block * 0x9e3779b97f4a7c15ull + off * 0xbf58476d1ce4e5b9ull;
+    return (uint8_t)(x >> 56);
+}
+
+static void on_event(void *user, const eng_event *ev);
+
+typedef struct side {
+    par_instance *inst;
+    eng_engine *eng;
+    srv_kv_plugin plug;
+} side;
+
+static int make_side(side *s, const char *model, srv_role role, const bench_opts *o,
+                     int n_blocks) {
+    par_options po;
+    par_options_init(&po);
+    po.load_format = MDL_WEIGHTS_DUMMY;
+    int argc = 0;
+    char **argv = NULL;
+    if (par_instance_create(&po, model, &argc, &argv, &s->inst) != DUET_OK) return -1;
+    if (kvx_create(&s->plug) != DUET_OK) return -1;
+    eng_config c;
+    eng_config_default(&c);
+    c.block_size = o->block_size;
+    c.n_blocks = n_blocks;
+    c.max_model_len = 163840;
+    c.max_num_batched_tokens = 4096;
+    c.fetch = s->plug.fetch;
+    c.fetch_user = s->plug.state;
+    c.on_event = on_event;
+    if (eng_create(&c, s->inst, NULL, &s->eng) != DUET_OK) return -1;
+    srv_kv_context ctx = {.role = role,
+                          .engine = s->eng,
+                          .kv = eng_kv(s->eng),
+                          .inst = s->inst,
+                          .host = "127.0.0.1",
+                          .http_port = o->port - 1000,
+                          .dp_size = 1,
+                          .tp_size = 1,
+                          .served_model_name = "kvbench"};
+    return s->plug.start(s->plug.state, &ctx) == DUET_OK ? 0 : -1;
+}
+
+/* Prefill process: answers "N" lines on stdin with one JSON line of kv_transfer_params. */
+static int run_prefill(const char *model, const bench_opts *o, int n_blocks, FILE *in, FILE *out) {
+    side s = {0};
+    if (make_side(&s, model, SRV_ROLE_PREFILL, o, n_blocks) != 0) return 1;
+    be_kv *kv = eng_kv(s.eng);
+    int32_t *blocks = malloc((size_t)n_blocks * sizeof(int32_t));
+    char line[64];
+    uint64_t id = 1;
+    fprintf(out, "ready\n");
+    fflush(out);
+    while (fgets(line, sizeof line, in)) {
+        int n_tokens = atoi(line), n = 0;
+        bool busy;
+        for (int i = 0; i < 50; i++) eng_step(s.eng, &busy); /* frees released leases */
+        if (eng_lease_for_test(s.eng, id, n_tokens, blocks, n_blocks, &n) != DUET_OK) {
+            fprintf(out, "error\n");
+            fflush(out);
+            continue;
+        }
+        for (int b = 0; b < n; b++) {
+            uint8_t *p = (uint8_t *)kv->data + (size_t)blocks[b] * kv->block_bytes;
+            for (size_t k = 0; k < kv->block_bytes; k++) p[k] = pattern(blocks[b], k);
+        }
+        cJSON *params = s.plug.lease_params(s.plug.state, id, "bench", blocks, n, n_tokens);
+        char *txt = cJSON_PrintUnformatted(params);
+        fprintf(out, "%s\n", txt);
+        fflush(out);
+        free(txt);
+        cJSON_Delete(params);
+        id++;
+    }
+    free(blocks);
+    s.plug.stop(s.plug.state);
+    eng_destroy(s.eng);
+    kvx_destroy(&s.plug);
+    par_instance_destroy(s.inst);
+    return 0;
+}
+
+typedef struct result {
+    bool done;
+    eng_finish finish;
+    char error[256];
+    be_kv *kv;
+    const int32_t *remote;
+    int n_tokens;
+    size_t bad;
+    bool checked;
+} result;
+
+static size_t verify(be_kv *kv, const int32_t *local, const int32_t *remote, int n, int n_tokens);
+
+static void on_event(void *user, const eng_event *ev) {
+    result *r = ev->user;
+    (void)user;
+    if (!ev->finish) return;
+    r->done = true;
+    r->finish = ev->finish;
+    if (ev->error) snprintf(r->error, sizeof r->error, "%s", ev->error);
+}
+
+static void on_kv_ready(void *user, const int32_t *blocks, int n_blocks) {
+    result *r = user;
+    r->bad = verify(r->kv, blocks, r->remote, n_blocks, r->n_tokens);
+    r->checked = true;
+}
+
+/* Every byte of the pulled blocks but the last token's own slot (decode recomputes it). */
+static size_t verify(be_kv *kv, const int32_t *local, const int32_t *remote, int n, int n_tokens) {
+    size_t bad = 0, row = (size_t)kv->kv_dim * dt_size(kv->dtype);
+    int last_block = (n_tokens - 1) / kv->block_size, last_off = (n_tokens - 1) % kv->block_size;
+    for (int b = 0; b < n; b++) {
+        const uint8_t *p = (const uint8_t *)kv->data + (size_t)local[b] * kv->block_bytes;
+        for (size_t k = 0; k < kv->block_bytes; k++) {
+            size_t slot = (k / row) % (size_t)kv->block_size;
+            if (b == last_block && (int)slot >= last_off) continue;
+            if (p[k] != pattern(remote[b], k) && getenv("KVB_DEBUG") && bad < 5)
+                fprintf(stderr, "block %d (local %d remote %d) byte %zu: %u vs %u\n", b, local[b],
+                        remote[b], k, p[k], pattern(remote[b], k));
+            bad += p[k] != pattern(remote[b], k);
+        }
+    }
+    return bad;
+}
+
+int main(int argc, char **argv) {
+    log_set_tag("duet-kvbench");
+    bench_opts o = {.layers = 30, .block_size = 64, .repeat = 5, .port = 27600};
+    const int def[3] = {1024, 8192, 32768};
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!v) {
+            fprintf(stderr, "usage: duet-kvbench [--tokens 1024,8192,32768] [--layers 30] "
+                            "[--block-size 64] [--repeat 5] [--port 27600]\n");
+            return 2;
+        }
+        if (!strcmp(a, "--tokens")) {
+            char *s = strdup(v), *save = NULL;
+            for (char *t = strtok_r(s, ",", &save); t && o.n_sizes < 16; t = strtok_r(NULL, ",", &save))
+                o.tokens[o.n_sizes++] = atoi(t);
+            free(s);
+        } else if (!strcmp(a, "--layers")) o.layers = atoi(v);
+        else if (!strcmp(a, "--block-size")) o.block_size = atoi(v);
+        else if (!strcmp(a, "--repeat")) o.repeat = atoi(v);
+        else if (!strcmp(a, "--port")) o.port = atoi(v);
+        else {
+            fprintf(stderr, "duet-kvbench: unknown option %s\n", a);
+            return 2;
+        }
+        i++;
+    }
+    if (!o.n_sizes) {
+        memcpy(o.tokens, def, sizeof def);
+        o.n_sizes = 3;
+    }
+    int max_tokens = 0;
+    for (int i = 0; i < o.n_sizes; i++) max_tokens = o.tokens[i] > max_tokens ? o.tokens[i] : max_tokens;
+    int n_blocks = 2 * ((max_tokens + o.block_size - 1) / o.block_size) + 8;
+    char model[] = "/tmp/duet-kvbench-XXXXXX";
+    if (!mkdtemp(model) || write_model(model, o.layers) != 0) return 1;
+
+    int to_child[2], from_child[2];
+    if (pipe(to_child) || pipe(from_child)) return 1;
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(to_child[1]);
+        close(from_child[0]);
+        log_set_tag("kvbench-prefill");
+        int rc = run_prefill(model, &o, n_blocks, fdopen(to_child[0], "r"),
+                             fdopen(from_child[1], "w"));
+        _exit(rc);
+    }
+    close(to_child[0]);
+    close(from_child[1]);
+    FILE *cmd = fdopen(to_child[1], "w"), *reply = fdopen(from_child[0], "r");
+    char *line = malloc(1 << 22);
+    int rc = 0;
+    if (!fgets(line, 1 << 22, reply) || strncmp(line, "ready", 5) != 0) {
+        fprintf(stderr, "duet-kvbench: the prefill process did not start\n");
+        rc = 1;
+        goto out;
+    }
+    side d = {0};
+    result res = {0};
+    if (make_side(&d, model, SRV_ROLE_DECODE, &o, n_blocks) != 0) {
+        rc = 1;
+        goto out;
+    }
+    be_kv *kv = eng_kv(d.eng);
+    printf("KV geometry: %d layers x %d latent dims x %s = %zu bytes/token, blocks of %d tokens "
+           "(%zu bytes)\n",
+           kv->n_layers, kv->kv_dim, dt_name(kv->dtype), kv->block_bytes / (size_t)kv->block_size,
+           kv->block_size, kv->block_bytes);
+    printf("%8s %12s %10s %10s %10s %10s %8s %6s\n", "tokens", "bytes", "p50_ms", "min_ms",
+           "GB/s_p50", "GB/s_mean", "reads", "ok");
+    int32_t *prompt = calloc((size_t)max_tokens, sizeof(int32_t));
+    for (int i = 0; i < max_tokens; i++) prompt[i] = 2 + i % 200;
+    uint64_t rid = 1;
+    for (int si = 0; si < o.n_sizes && !rc; si++) {
+        int n_tokens = o.tokens[si];
+        double ms[64];
+        int n_ok = 0;
+        size_t bytes = 0, bytes_total = 0;
+        double secs_total = 0;
+        uint64_t reads0 = 0, reads1 = 0;
+        /* rep -1 warms up: the first pull to a peer also sets up the connection */
+        for (int rep = -1; rep < o.repeat && rep < 64; rep++) {
+            fprintf(cmd, "%d\n", n_tokens);
+            fflush(cmd);
+            if (!fgets(line, 1 << 22, reply) || line[0] != '{') {
+                rc = 1;
+                break;
+            }
+            cJSON *params = cJSON_Parse(line);
+            const cJSON *ids = cJSON_GetObjectItem(params, "remote_block_ids");
+            int n_remote = cJSON_GetArraySize(ids);
+            int32_t *remote = malloc((size_t)n_remote * sizeof(int32_t));
+            for (int i = 0; i < n_remote; i++) remote[i] = cJSON_GetArrayItem(ids, i)->valueint;
+            void *rem = NULL;
+            char err[256];
+            d.plug.parse_remote(d.plug.state, params, n_tokens, &rem, err, sizeof err);
+            cJSON_Delete(params);
+            kvx_stats s0, s1;
+            kvx_get_stats(&d.plug, &s0);
+            res = (result){.kv = kv, .remote = remote, .n_tokens = n_tokens};
+            /* a prompt of its own, or the decode's prefix cache would serve the blocks */
+            prompt[0] = 2 + (int32_t)(rid % 250);
+            eng_request q = {.id = rid++,
+                             .prompt = prompt,
+                             .n_prompt = n_tokens,
+                             .user = &res,
+                             .on_kv_ready = on_kv_ready};
+            eng_sampling_default(&q.sampling);
+            q.sampling.max_tokens = 1;
+            q.sampling.ignore_eos = true;
+            q.kv_role = ENG_KV_REMOTE;
+            q.remote = rem;
+            if (eng_submit(d.eng, &q, err, sizeof err) != DUET_OK) {
+                fprintf(stderr, "duet-kvbench: %s\n", err);
+                rc = 1;
+                break;
+            }
+            for (int it = 0; it < 2000000 && !res.done; it++) {
+                bool busy;
+                eng_step(d.eng, &busy);
+                if (!busy) eng_wait(d.eng, 1);
+            }
+            kvx_get_stats(&d.plug, &s1);
+            d.plug.free_remote(d.plug.state, rem);
+            free(remote);
+            if (!res.checked || res.bad) {
+                fprintf(stderr, "duet-kvbench: %d tokens: %s\n", n_tokens,
+                        res.checked ? "pulled bytes differ from the leased ones" : res.error);
+                rc = 1;
+                break;
+            }
+            if (s1.fetches_ok != s0.fetches_ok + 1) {
+                fprintf(stderr, "duet-kvbench: pull of %d tokens failed: %s\n", n_tokens, res.error);
+                rc = 1;
+                break;
+            }
+            if (rep < 0) continue;
+            ms[n_ok++] = (s1.fetch_seconds_total - s0.fetch_seconds_total) * 1e3;
+            bytes = s1.bytes_read - s0.bytes_read;
+            if (rep == 0) reads0 = s0.gets_issued, reads1 = s1.gets_issued;
+            bytes_total += s1.bytes_read - s0.bytes_read;
+            secs_total += s1.fetch_seconds_total - s0.fetch_seconds_total;
+        }
+        if (rc || !n_ok) break;
+        /* sort for the median */
+        for (int i = 1; i < n_ok; i++)
+            for (int k = i; k > 0 && ms[k] < ms[k - 1]; k--) {
+                double t = ms[k];
+                ms[k] = ms[k - 1];
+                ms[k - 1] = t;
+            }
+        double p50 = ms[n_ok / 2];
+        printf("%8d %12zu %10.3f %10.3f %10.2f %10.2f %8llu %6d\n", n_tokens, bytes, p50, ms[0],
+               (double)bytes / (p50 * 1e-3) / 1e9, (double)bytes_total / secs_total / 1e9,
+               (unsigned long long)(reads1 - reads0), n_ok);
+        fflush(stdout);
+    }
+    free(prompt);
+    d.plug.stop(d.plug.state);
+    eng_destroy(d.eng);
+    kvx_destroy(&d.plug);
+    par_instance_destroy(d.inst);
+out:
+    fclose(cmd);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    free(line);
+    char rm[256];
+    snprintf(rm, sizeof rm, "%s/config.json", model);
+    unlink(rm);
+    rmdir(model);
+    return rc;
+}
