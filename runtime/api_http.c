@@ -159,8 +159,9 @@ static bool json_content_type(const char *ct) {
 
 duet_status api_parse_body(const http_req *req, cJSON **root_p, api_err *e) {
     if (!json_content_type(http_req_header(req, "Content-Type")))
-        return api_err_set(e, 415, NULL, "Unsupported Media Type: Only 'application/json' is "
-                                         "allowed");
+        return api_err_set(e, 415, NULL,
+                           "Unsupported Media Type: Only 'application/json' is "
+                           "allowed");
     if (!api_utf8_valid(req->body, req->body_len))
         return api_err_set(e, 400, NULL, "The request body is not valid UTF-8");
     const char *end = NULL;
@@ -206,8 +207,7 @@ duet_status api_get_bool(const cJSON *obj, const char *name, bool *out, api_err 
     const cJSON *it = field(obj, name);
     if (!it) return DUET_OK;
     if (!cJSON_IsBool(it))
-        return api_err_set(e, 400, name, "'%s' must be a boolean, got %s", name,
-                           api_json_type(it));
+        return api_err_set(e, 400, name, "'%s' must be a boolean, got %s", name, api_json_type(it));
     *out = cJSON_IsTrue(it);
     return DUET_OK;
 }
@@ -223,8 +223,8 @@ duet_status api_get_int(const cJSON *obj, const char *name, long long min, long 
     if (v < (double)min || v > (double)max) {
         if (max >= (long long)1 << 53)
             return api_err_set(e, 400, name, "'%s' must be at least %lld, got %.0f", name, min, v);
-        return api_err_set(e, 400, name, "'%s' must be between %lld and %lld, got %.0f", name,
-                           min, max, v);
+        return api_err_set(e, 400, name, "'%s' must be between %lld and %lld, got %.0f", name, min,
+                           max, v);
     }
     *out = (long long)v;
     return DUET_OK;
@@ -261,7 +261,8 @@ bool api_auth_ok(const http_req *req, const char *key) {
     size_t a = strlen(h), b = strlen(key);
     /* constant time in the key's length: no early exit on the first differing byte */
     unsigned diff = (unsigned)(a != b);
-    for (size_t i = 0; i < b; i++) diff |= (unsigned char)(i < a ? h[i] : 0) ^ (unsigned char)key[i];
+    for (size_t i = 0; i < b; i++)
+        diff |= (unsigned char)(i < a ? h[i] : 0) ^ (unsigned char)key[i];
     return diff == 0;
 }
 

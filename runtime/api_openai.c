@@ -175,8 +175,9 @@ static duet_status parse_sampling(const cJSON *b, eng_sampling *sp, api_err *e) 
             const cJSON *x;
             cJSON_ArrayForEach(x, stop) {
                 if (!cJSON_IsString(x))
-                    return api_err_set(e, 400, "stop", "'stop' must be a string or a list of "
-                                                       "strings");
+                    return api_err_set(e, 400, "stop",
+                                       "'stop' must be a string or a list of "
+                                       "strings");
                 if (!x->valuestring[0]) continue;
                 if (sp->n_stop == ENG_MAX_STOP)
                     return api_err_set(e, 400, "stop", "at most %d stop strings are supported",
@@ -190,8 +191,9 @@ static duet_status parse_sampling(const cJSON *b, eng_sampling *sp, api_err *e) 
     const cJSON *ids = cJSON_GetObjectItemCaseSensitive(b, "stop_token_ids");
     if (ids && !cJSON_IsNull(ids)) {
         if (!cJSON_IsArray(ids))
-            return api_err_set(e, 400, "stop_token_ids", "'stop_token_ids' must be a list of "
-                                                         "integers");
+            return api_err_set(e, 400, "stop_token_ids",
+                               "'stop_token_ids' must be a list of "
+                               "integers");
         const cJSON *x;
         cJSON_ArrayForEach(x, ids) {
             double v = cJSON_IsNumber(x) ? x->valuedouble : -1;
@@ -215,8 +217,9 @@ static duet_status parse_sampling(const cJSON *b, eng_sampling *sp, api_err *e) 
                                "response_format other than {\"type\": \"text\"} (structured "
                                "output) is not supported");
     }
-    static const char *const unsupported[] = {"guided_json", "guided_regex", "guided_choice",
-                                              "guided_grammar", "structured_outputs", "suffix"};
+    static const char *const unsupported[] = {"guided_json",        "guided_regex",
+                                              "guided_choice",      "guided_grammar",
+                                              "structured_outputs", "suffix"};
     for (size_t i = 0; i < sizeof unsupported / sizeof *unsupported; i++)
         if (present(b, unsupported[i]))
             return api_err_set(e, 400, unsupported[i], "'%s' is not supported", unsupported[i]);
@@ -348,7 +351,7 @@ static duet_status parse_prompts(srv_server *s, srv_job *j, const cJSON *b, bool
         if (encode_text(s, p->valuestring, strlen(p->valuestring), add_special, &ids, &n))
             return api_err_set(e, 500, NULL, "tokenization failed");
         return add_prompt(j, ids, n, strdup(p->valuestring)) ? api_err_set(e, 500, NULL, "oom")
-                                                              : DUET_OK;
+                                                             : DUET_OK;
     }
     if (!cJSON_IsArray(p)) return api_err_set(e, 400, "prompt", "%s", shape);
     if (!p->child) return api_err_set(e, 400, "prompt", "'prompt' cannot be an empty list");
@@ -370,8 +373,7 @@ static duet_status parse_prompts(srv_server *s, srv_job *j, const cJSON *b, bool
             if (add_prompt(j, ids, n, strdup(x->valuestring)))
                 return api_err_set(e, 500, NULL, "oom");
         } else if (cJSON_IsArray(x)) {
-            if (!x->child)
-                return api_err_set(e, 400, "prompt", "a prompt cannot be an empty list");
+            if (!x->child) return api_err_set(e, 400, "prompt", "a prompt cannot be an empty list");
             if (token_array(x, &ids, &n, e)) return DUET_ERR_INVALID;
             if (add_prompt(j, ids, n, NULL)) return api_err_set(e, 500, NULL, "oom");
         } else {
@@ -385,7 +387,8 @@ static duet_status parse_prompts(srv_server *s, srv_job *j, const cJSON *b, bool
 static duet_status render_chat(srv_server *s, const cJSON *b, bool default_add_special,
                                int32_t **ids_p, int *n_p, api_err *e) {
     const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(b, "messages");
-    if (!msgs || cJSON_IsNull(msgs)) return api_err_set(e, 400, "messages", "'messages' is required");
+    if (!msgs || cJSON_IsNull(msgs))
+        return api_err_set(e, 400, "messages", "'messages' is required");
     if (!cJSON_IsArray(msgs) || !msgs->child)
         return api_err_set(e, 400, "messages", "'messages' must be a non-empty list");
     bool add_gen = true, cont = false, add_special = default_add_special;
@@ -518,8 +521,7 @@ static duet_status job_setup_choices(srv_job *j, int n) {
 static void job_start(srv_job *j, const eng_sampling *sp, int n, eng_kv_role role, void *remote);
 
 /* Submits every choice; on a failure aborts the ones already in and answers the error. */
-static void job_submit(srv_job *j, const eng_sampling *sp, int n, eng_kv_role role,
-                       void *remote) {
+static void job_submit(srv_job *j, const eng_sampling *sp, int n, eng_kv_role role, void *remote) {
     srv_server *s = j->srv;
     if (s->draining) {
         api_err e = {0};
@@ -764,7 +766,8 @@ static void stream_completion(srv_job *j, srv_choice *c, const srv_msg *m) {
                                   ids_json(j->prompts[c->prompt], c->n_prompt));
         cJSON_AddItemToObject(ch, "token_ids", ids_json(&m->token, m->has_token ? 1 : 0));
     }
-    if (j->continuous_usage) cJSON_AddItemToObject(o, "usage", usage_json(c->n_prompt, c->n_output));
+    if (j->continuous_usage)
+        cJSON_AddItemToObject(o, "usage", usage_json(c->n_prompt, c->n_output));
     if (m->finish != ENG_FINISH_NONE && j->kv_params_out)
         cJSON_AddItemToObject(o, "kv_transfer_params", cJSON_Duplicate(j->kv_params_out, true));
     c->sent_first = true;
@@ -791,7 +794,8 @@ static void stream_chat(srv_job *j, srv_choice *c, const srv_msg *m) {
         api_buf_add(&content, m->text ? m->text : "", m->text_len);
     }
     if (reason.len) cJSON_AddStringToObject(delta, "reasoning_content", reason.p);
-    if (content.len || !reason.len) cJSON_AddStringToObject(delta, "content", content.p ? content.p : "");
+    if (content.len || !reason.len)
+        cJSON_AddStringToObject(delta, "content", content.p ? content.p : "");
     api_buf_free(&reason);
     api_buf_free(&content);
     if (j->want_logprobs) {
@@ -804,7 +808,8 @@ static void stream_chat(srv_job *j, srv_choice *c, const srv_msg *m) {
     add_finish(ch, c, m->finish != ENG_FINISH_NONE);
     if (j->return_token_ids)
         cJSON_AddItemToObject(ch, "token_ids", ids_json(&m->token, m->has_token ? 1 : 0));
-    if (j->continuous_usage) cJSON_AddItemToObject(o, "usage", usage_json(c->n_prompt, c->n_output));
+    if (j->continuous_usage)
+        cJSON_AddItemToObject(o, "usage", usage_json(c->n_prompt, c->n_output));
     if (m->finish != ENG_FINISH_NONE && j->kv_params_out)
         cJSON_AddItemToObject(o, "kv_transfer_params", cJSON_Duplicate(j->kv_params_out, true));
     c->sent_first = true;
@@ -817,8 +822,8 @@ static void stream_end(srv_job *j) {
         api_sse_error(j->req, j->aborted ? 503 : (j->err_status ? j->err_status : 500),
                       j->err_msg[0] ? j->err_msg : "the request failed");
     } else if (j->include_usage) {
-        cJSON *o = chunk_head(j, j->kind == SRV_JOB_CHAT ? "chat.completion.chunk"
-                                                         : "text_completion");
+        cJSON *o =
+            chunk_head(j, j->kind == SRV_JOB_CHAT ? "chat.completion.chunk" : "text_completion");
         cJSON_AddArrayToObject(o, "choices");
         cJSON_AddItemToObject(o, "usage", job_usage(j));
         api_sse_json(j->req, o);
@@ -987,14 +992,15 @@ static void choice_finish(srv_job *j, srv_choice *c, srv_msg *m) {
         j->failed = true;
         j->err_status = 500;
         snprintf(j->err_msg, sizeof j->err_msg, "%s", m->error ? m->error : "the request failed");
-        LOG_WARN("api: %s: engine request %llu failed: %s", j->id,
-                 (unsigned long long)c->eng_id, j->err_msg);
+        LOG_WARN("api: %s: engine request %llu failed: %s", j->id, (unsigned long long)c->eng_id,
+                 j->err_msg);
         job_abort_live(j);
     } else if (m->finish == ENG_FINISH_ABORT && j->req && !j->failed && !j->aborted) {
         /* only the server aborts a request whose client is still there: shutdown */
         j->aborted = true;
-        snprintf(j->err_msg, sizeof j->err_msg, "The request was aborted: the server is shutting "
-                                                "down");
+        snprintf(j->err_msg, sizeof j->err_msg,
+                 "The request was aborted: the server is shutting "
+                 "down");
         job_abort_live(j);
     }
     if (m->n_lease_blocks > 0) {
@@ -1036,7 +1042,8 @@ void api_job_event(srv_server *s, const srv_msg *m) {
     }
     if (m->prompt_lp && !c->prompt_lp) {
         c->prompt_lp = malloc((size_t)m->n_prompt * sizeof *c->prompt_lp);
-        if (c->prompt_lp) memcpy(c->prompt_lp, m->prompt_lp, (size_t)m->n_prompt * sizeof *c->prompt_lp);
+        if (c->prompt_lp)
+            memcpy(c->prompt_lp, m->prompt_lp, (size_t)m->n_prompt * sizeof *c->prompt_lp);
     }
     c->n_prompt = m->n_prompt;
     c->n_output = m->n_output;
@@ -1091,20 +1098,21 @@ void api_handle_completions(srv_server *s, http_req *req, cJSON *body) {
         api_get_int(body, "logprobs", 0, ENG_MAX_LOGPROBS, &logprobs, &e) ||
         api_get_bool(body, "echo", &j->echo, &e) ||
         api_get_bool(body, "return_token_ids", &j->return_token_ids, &e) ||
-        api_get_bool(body, "add_special_tokens", &add_special, &e) ||
-        parse_sampling(body, &sp, &e))
+        api_get_bool(body, "add_special_tokens", &add_special, &e) || parse_sampling(body, &sp, &e))
         goto fail;
     if (best_of && best_of != n) {
         api_err_set(&e, 400, "best_of", "best_of other than n is not supported");
         goto fail;
     }
     const cJSON *mt = cJSON_GetObjectItemCaseSensitive(body, "max_tokens");
-    if (mt && cJSON_IsNull(mt)) max_tokens = 0; /* null: up to the context length */
+    if (mt && cJSON_IsNull(mt))
+        max_tokens = 0; /* null: up to the context length */
     else if (api_get_int(body, "max_tokens", 1, 1LL << 53, &max_tokens, &e))
         goto fail;
     const char *user = NULL;
     if (api_get_string(body, "user", &user, &e)) goto fail;
-    if (parse_prompts(s, j, body, add_special, &e) || check_lengths(s, j, max_tokens, &e)) goto fail;
+    if (parse_prompts(s, j, body, add_special, &e) || check_lengths(s, j, max_tokens, &e))
+        goto fail;
     if ((long long)j->n_prompts * n > MAX_CHOICES) {
         api_err_set(&e, 400, "n", "at most %d choices per request", MAX_CHOICES);
         goto fail;
@@ -1160,8 +1168,9 @@ void api_handle_chat(srv_server *s, http_req *req, cJSON *body) {
         parse_sampling(body, &sp, &e))
         goto fail;
     if (present(body, "top_logprobs") && top_logprobs > 0 && !logprobs) {
-        api_err_set(&e, 400, "top_logprobs", "when using `top_logprobs`, `logprobs` must be set "
-                                             "to true.");
+        api_err_set(&e, 400, "top_logprobs",
+                    "when using `top_logprobs`, `logprobs` must be set "
+                    "to true.");
         goto fail;
     }
     const char *user = NULL;

@@ -27,13 +27,14 @@ struct met_registry {
     uint64_t http[6]; /* by status / 100 */
 };
 
-static const double k_ttft[] = {0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1,
-                                0.25,  0.5,   0.75, 1.0,  2.5,  5.0,  7.5,  10.0,
+static const double k_ttft[] = {0.001, 0.005, 0.01, 0.02,  0.04,  0.06,  0.08, 0.1,
+                                0.25,  0.5,   0.75, 1.0,   2.5,   5.0,   7.5,  10.0,
                                 20.0,  40.0,  80.0, 160.0, 640.0, 2560.0};
-static const double k_itl[] = {0.01, 0.025, 0.05, 0.075, 0.1,  0.15, 0.2,  0.3,  0.4, 0.5,
-                               0.75, 1.0,   2.5,  5.0,   7.5,  10.0, 20.0, 40.0, 80.0};
-static const double k_e2e[] = {0.3,  0.5,  0.8,  1.0,  1.5,   2.0,   2.5,   5.0,   10.0,  15.0, 20.0,
-                               30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0};
+static const double k_itl[] = {0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2,  0.3,  0.4, 0.5,
+                               0.75, 1.0,   2.5,  5.0,   7.5, 10.0, 20.0, 40.0, 80.0};
+static const double k_e2e[] = {0.3,  0.5,   0.8,   1.0,   1.5,   2.0,    2.5,
+                               5.0,  10.0,  15.0,  20.0,  30.0,  40.0,   50.0,
+                               60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0};
 
 static void hist_set(met_histogram *h, const double *b, int n) {
     memcpy(h->bounds, b, (size_t)n * sizeof *b);
@@ -117,14 +118,28 @@ static void out(api_buf *b, const char *fmt, ...) {
     if (n > 0) api_buf_add(b, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
 }
 
+/* The shortest text that reads back as v ("0.005", not "0.0050000000000000001"); whole
+ * numbers as "100.0", the way Python's prometheus_client (and so vLLM) writes them. */
+static const char *num(char *buf, size_t cap, double v) {
+    if (v == (double)(long long)v && v > -1e15 && v < 1e15) {
+        snprintf(buf, cap, "%.1f", v);
+        return buf;
+    }
+    for (int prec = 1; prec <= 17; prec++) {
+        snprintf(buf, cap, "%.*g", prec, v);
+        if (strtod(buf, NULL) == v) break;
+    }
+    return buf;
+}
+
 static void head(api_buf *b, const char *name, const char *type, const char *help) {
     out(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
-static void gauge(api_buf *b, const met_registry *r, const char *name, const char *help,
-                  double v) {
+static void gauge(api_buf *b, const met_registry *r, const char *name, const char *help, double v) {
+    char n[32];
     head(b, name, "gauge", help);
-    out(b, "%s{%s} %.17g\n", name, r->label, v);
+    out(b, "%s{%s} %s\n", name, r->label, num(n, sizeof n, v));
 }
 
 static void counter(api_buf *b, const met_registry *r, const char *name, const char *help,
@@ -135,16 +150,17 @@ static void counter(api_buf *b, const met_registry *r, const char *name, const c
 
 static void histogram(api_buf *b, const met_registry *r, const char *name, const char *help,
                       const met_histogram *h) {
+    char n[32];
     head(b, name, "histogram", help);
     uint64_t cum = 0;
     for (int i = 0; i < h->n_bounds; i++) {
         cum += h->counts[i];
-        out(b, "%s_bucket{%s,le=\"%.17g\"} %llu\n", name, r->label, h->bounds[i],
+        out(b, "%s_bucket{%s,le=\"%s\"} %llu\n", name, r->label, num(n, sizeof n, h->bounds[i]),
             (unsigned long long)cum);
     }
     cum += h->counts[h->n_bounds];
     out(b, "%s_bucket{%s,le=\"+Inf\"} %llu\n", name, r->label, (unsigned long long)cum);
-    out(b, "%s_sum{%s} %.17g\n", name, r->label, h->sum);
+    out(b, "%s_sum{%s} %s\n", name, r->label, num(n, sizeof n, h->sum));
     out(b, "%s_count{%s} %llu\n", name, r->label, (unsigned long long)h->count);
 }
 
@@ -160,13 +176,12 @@ duet_status met_render(const met_registry *r, const met_gauges *g, char **text_p
             g->prompt_tokens);
     counter(&b, r, "vllm:generation_tokens_total", "Number of generation tokens processed.",
             g->generation_tokens);
-    head(&b, "vllm:request_success_total", "counter",
-         "Count of successfully processed requests.");
+    head(&b, "vllm:request_success_total", "counter", "Count of successfully processed requests.");
     for (int i = 0; i < FIN_COUNT; i++)
         out(&b, "vllm:request_success_total{%s,finished_reason=\"%s\"} %llu\n", r->label, k_fin[i],
             (unsigned long long)r->finished[i]);
-    counter(&b, r, "vllm:num_preemptions_total", "Cumulative number of preemptions from the engine.",
-            g->num_preemptions);
+    counter(&b, r, "vllm:num_preemptions_total",
+            "Cumulative number of preemptions from the engine.", g->num_preemptions);
     counter(&b, r, "vllm:prefix_cache_queries_total",
             "Prefix cache queries, in terms of number of queried tokens.", g->prefix_cache_queries);
     counter(&b, r, "vllm:prefix_cache_hits_total",

@@ -13,10 +13,10 @@
 typedef struct met_registry met_registry;
 
 typedef enum met_hist {
-    MET_HIST_TTFT = 0,         /* vllm:time_to_first_token_seconds */
-    MET_HIST_ITL,              /* vllm:inter_token_latency_seconds */
-    MET_HIST_E2E,              /* vllm:e2e_request_latency_seconds */
-    MET_HIST_PROMPT_TOKENS,    /* vllm:request_prompt_tokens */
+    MET_HIST_TTFT = 0,          /* vllm:time_to_first_token_seconds */
+    MET_HIST_ITL,               /* vllm:inter_token_latency_seconds */
+    MET_HIST_E2E,               /* vllm:e2e_request_latency_seconds */
+    MET_HIST_PROMPT_TOKENS,     /* vllm:request_prompt_tokens */
     MET_HIST_GENERATION_TOKENS, /* vllm:request_generation_tokens */
     MET_HIST_COUNT,
 } met_hist;
@@ -43,7 +43,6 @@ void met_count_finish(met_registry *reg, const char *reason);
 void met_count_http(met_registry *reg, int status);
 
 /* The exposition text in *text_p (heap, caller frees). */
-duet_status met_render(const met_registry *reg, const met_gauges *g, char **text_p,
-                       size_t *len_p);
+duet_status met_render(const met_registry *reg, const met_gauges *g, char **text_p, size_t *len_p);
 
 #endif

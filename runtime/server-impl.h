@@ -30,6 +30,7 @@ typedef struct srv_config {
     int max_model_len; /* 0: min(max_position_embeddings, 8192) */
     int max_num_seqs;
     int max_num_batched_tokens;
+    int max_waiting; /* engine requests beyond max_num_seqs before new ones get 503 */
     int block_size;
     long long kv_cache_memory; /* bytes; 0: default */
     int num_gpu_blocks_override;
@@ -118,8 +119,8 @@ struct srv_job {
     int n_choices;
     srv_choice *choices;
     int n_live;
-    bool failed;   /* a choice ended in error: answer 500 / an error event */
-    bool aborted;  /* ended by the server (shutdown): answer 503 */
+    bool failed;  /* a choice ended in error: answer 500 / an error event */
+    bool aborted; /* ended by the server (shutdown): answer 503 */
     int err_status;
     char err_msg[256];
     bool stream_started;

@@ -45,6 +45,8 @@ static void usage(FILE *f, const char *prog, const srv_kv_plugin *plugin) {
             "  --max-model-len N                context length (default min(config, 8192))\n"
             "  --max-num-seqs N                 sequences per step (default 256)\n"
             "  --max-num-batched-tokens N       tokens per step (default 2048)\n"
+            "  --max-waiting-requests N         queued beyond --max-num-seqs before new requests "
+            "get 503 (default 1024)\n"
             "  --block-size N                   tokens per KV block (default 64)\n"
             "  --kv-cache-memory BYTES          KV cache budget, K/M/G suffixes (default 1G)\n"
             "  --num-gpu-blocks-override N      KV cache size in blocks (overrides the budget)\n"
@@ -70,8 +72,11 @@ static int parse_bytes(const char *v, long long *out) {
     double mul = 1;
     if (*end) {
         char u = (char)(*end | 0x20);
-        mul = u == 'k' ? 1024.0 : u == 'm' ? 1048576.0 : u == 'g' ? 1073741824.0
-                                           : u == 't' ? 1099511627776.0 : 0;
+        mul = u == 'k'   ? 1024.0
+              : u == 'm' ? 1048576.0
+              : u == 'g' ? 1073741824.0
+              : u == 't' ? 1099511627776.0
+                         : 0;
         if (mul == 0) return -1;
         end++;
         if (!strcmp(end, "iB") || !strcmp(end, "ib") || !strcmp(end, "B") || !strcmp(end, "b"))
@@ -197,6 +202,10 @@ static int parse_args(srv_config *c, int argc, char **argv, const srv_kv_plugin 
             NEED_VALUE();
             if (parse_int(v, 1, 1 << 24, &x)) BAD_VALUE("a positive integer");
             c->max_num_batched_tokens = (int)x;
+        } else if (!strcmp(a, "--max-waiting-requests")) {
+            NEED_VALUE();
+            if (parse_int(v, 0, 1 << 24, &x)) BAD_VALUE("a non-negative integer");
+            c->max_waiting = (int)x;
         } else if (!strcmp(a, "--block-size")) {
             NEED_VALUE();
             if (parse_int(v, 1, 1 << 16, &x)) BAD_VALUE("a positive integer");
@@ -230,8 +239,8 @@ static int parse_args(srv_config *c, int argc, char **argv, const srv_kv_plugin 
             if (parse_bytes(v, &c->max_request_body) || c->max_request_body < 1024)
                 BAD_VALUE("a byte count of at least 1024");
         } else {
-            int n = plugin && plugin->parse_arg ? plugin->parse_arg(plugin->state, argc, argv, i)
-                                                : 0;
+            int n =
+                plugin && plugin->parse_arg ? plugin->parse_arg(plugin->state, argc, argv, i) : 0;
             if (n < 0) return 2;
             if (n > 0) {
                 i += n - 1;
@@ -256,6 +265,7 @@ static void config_defaults(srv_config *c) {
     c->port = 8000;
     c->max_num_seqs = 256;
     c->max_num_batched_tokens = 2048;
+    c->max_waiting = 1024;
     c->block_size = 64;
     c->prefix_caching = true;
     c->lease_timeout_s = 30.0;
@@ -603,8 +613,9 @@ static void on_request(http_req *req, void *user) {
         return;
     }
     if (!strncmp(req->path, "/v1/", 4) && !api_auth_ok(req, s->cfg.api_key)) {
-        respond_error(s, req, 401, "Unauthorized: a valid API key is required (Authorization: "
-                                   "Bearer KEY)");
+        respond_error(s, req, 401,
+                      "Unauthorized: a valid API key is required (Authorization: "
+                      "Bearer KEY)");
         return;
     }
     switch (r->kind) {
@@ -750,10 +761,9 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
         free(s);
         return 2;
     }
-    s->max_model_len = c->max_model_len ? c->max_model_len
-                                        : (mc.max_position_embeddings < 8192
-                                               ? mc.max_position_embeddings
-                                               : 8192);
+    s->max_model_len =
+        c->max_model_len ? c->max_model_len
+                         : (mc.max_position_embeddings < 8192 ? mc.max_position_embeddings : 8192);
     if (c->port + c->po.dp - 1 > 65535) {
         fprintf(stderr, "%s: --port %d + %d DP ranks passes 65535\n", name, c->port, c->po.dp);
         free(sargv);
@@ -778,9 +788,8 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
         return 1;
     }
     const comm_world *w = par_world(s->inst);
-    if (par_lockstep(s->inst) &&
-        comm_group_create("leaders", par_tp_rank(s->inst) == 0 ? 0 : 1, w->rank, &s->leaders) !=
-            DUET_OK)
+    if (par_lockstep(s->inst) && comm_group_create("leaders", par_tp_rank(s->inst) == 0 ? 0 : 1,
+                                                   w->rank, &s->leaders) != DUET_OK)
         goto out_inst;
     if (size_kv(s) != DUET_OK) goto out_inst;
     s->vocab = mdl_config(par_model(s->inst))->vocab_size;
@@ -817,7 +826,8 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
     }
     s->n_blocks = ec.n_blocks;
     s->created = (long long)time(NULL);
-    s->max_live = c->max_num_seqs * 4 > 1024 ? c->max_num_seqs * 4 : 1024;
+    /* vLLM queues without bound; a bound turns a flood into quick 503s instead of timeouts */
+    s->max_live = c->max_num_seqs + c->max_waiting;
     pthread_mutex_init(&s->mu, NULL);
     int port = c->port ? c->port + par_dp_rank(s->inst) : 0;
 

@@ -1,6 +1,7 @@
 // SIGTERM: a request in flight finishes within --shutdown-timeout and the process exits 0;
 // streams still running at the deadline end cleanly (an SSE error event, then [DONE]); new
-// connections are refused once draining starts.
+// connections are refused once draining starts. Also: a flood beyond --max-num-seqs +
+// --max-waiting-requests is answered 503 at once, the rest served.
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { test } from 'node:test';
@@ -61,4 +62,18 @@ test('SIGTERM: streams past --shutdown-timeout are aborted cleanly, exit 0 in ti
   assert.deepEqual(x, { code: 0, signal: null }, server.log);
   assert.ok(Date.now() - t0 < 8000, `took ${Date.now() - t0} ms`);
   assert.match(server.log, /aborting 4 requests/);
+});
+
+test('overload: beyond --max-num-seqs + --max-waiting-requests new requests get 503', async () => {
+  const server = await startGolden(['--max-num-seqs', '1', '--max-waiting-requests', '2']);
+  const body = JSON.stringify({ prompt: [1, 2, 3], max_tokens: 200, ignore_eos: true });
+  const reqs = [];
+  for (let i = 0; i < 8; i++) {
+    reqs.push(rawExchange(server.port, httpRequest('POST', '/v1/completions', { body, headers: json, close: true }), { timeoutMs: 30000 }));
+  }
+  const codes = (await Promise.all(reqs)).map((r) => parseResponses(r.data)[0].status);
+  assert.equal(codes.filter((c) => c === 200).length, 3, codes.join());
+  assert.equal(codes.filter((c) => c === 503).length, 5, codes.join());
+  const x = await server.stop();
+  assert.deepEqual(x, { code: 0, signal: null }, server.log);
 });
