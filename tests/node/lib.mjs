@@ -51,7 +51,7 @@ export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 // A server process: args after the program; mpi = {np} runs it under mpirun.
 export class Server {
-  constructor(args, { mpi = null, env = {}, port } = {}) {
+  constructor(args, { mpi = null, env = {}, port, bin = DECODE } = {}) {
     this.port = port;
     this.log = '';
     const childEnv = {
@@ -64,10 +64,10 @@ export class Server {
     if (mpi) {
       childEnv.OMPI_ALLOW_RUN_AS_ROOT = '1';
       childEnv.OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = '1';
-      this.proc = spawn(MPIRUN, ['--oversubscribe', '-np', String(mpi.np), DECODE, ...args],
+      this.proc = spawn(MPIRUN, ['--oversubscribe', '-np', String(mpi.np), bin, ...args],
         { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
     } else {
-      this.proc = spawn(DECODE, args, { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+      this.proc = spawn(bin, args, { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
     }
     this.proc.stdout.on('data', (d) => { this.log += d; });
     this.proc.stderr.on('data', (d) => { this.log += d; });
