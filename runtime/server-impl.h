@@ -130,6 +130,7 @@ typedef struct srv_server {
     srv_config cfg;
     srv_role role;
     const srv_kv_plugin *plugin;
+    bool plugin_started;
     par_instance *inst;
     eng_engine *eng;
     tok_tokenizer *tok;

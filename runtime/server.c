@@ -413,7 +413,8 @@ static void finish_shutdown(srv_server *s) {
     if (s->drained) return;
     s->drained = true;
     uv_timer_stop(&s->drain_timer);
-    if (s->plugin && s->plugin->stop) s->plugin->stop(s->plugin->state);
+    if (s->plugin_started && s->plugin->stop) s->plugin->stop(s->plugin->state);
+    s->plugin_started = false;
     if (s->engine_started) {
         atomic_store(&s->stop_engine, true);
         eng_wake(s->eng);
@@ -858,6 +859,7 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
                               .tp_size = par_tp_size(s->inst),
                               .served_model_name = c->served_name};
         ok = plugin->start(plugin->state, &ctx) == DUET_OK;
+        s->plugin_started = ok;
         if (!ok) LOG_ERROR("server: the KV transfer plug-in did not start");
     }
     if (ok && http_server_listen(s->http, c->host, port) != DUET_OK) ok = false;
@@ -882,9 +884,11 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
         s->exit_code = 1;
         s->draining = true;
         if (par_lockstep(s->inst)) {
-            /* the other DP leaders are (or will be) voting: leave with them */
-            s->engine_started = true;
-            pthread_create(&s->engine_thread, NULL, engine_main, s);
+            /* the other DP groups would wait for this one in every step until the collective
+             * deadline: end the instance now, as a bad checkpoint does */
+            LOG_ERROR("server: DP rank %d could not start; stopping the instance",
+                      par_dp_rank(s->inst));
+            comm_abort(1);
         }
         finish_shutdown(s);
     }
