@@ -134,6 +134,15 @@ test('completions: echo with logprobs covers the prompt, first prompt token with
   assert.equal(lp.token_logprobs[0], null);
   assert.equal(lp.top_logprobs[0], null);
   for (let i = 1; i < lp.token_logprobs.length; i++) assert.equal(typeof lp.token_logprobs[i], 'number');
+  // a request that ends on its first token still reports the prompt's logprobs
+  const one = await client.completions.create({
+    model: 'tiny', prompt: c.prompt_ids, max_tokens: 1, echo: true, logprobs: 0,
+  });
+  const lp1 = one.choices[0].logprobs.token_logprobs;
+  assert.equal(lp1.length, c.prompt_ids.length + 1);
+  assert.equal(lp1[0], null);
+  lp1.slice(1).forEach((x, i) => assert.equal(typeof x, 'number', `position ${i + 1}`));
+  assert.deepEqual(lp1.slice(1, c.prompt_ids.length), lp.token_logprobs.slice(1, c.prompt_ids.length));
 });
 
 test('completions: text prompt gets BOS; stop token ids and stop strings', async () => {
