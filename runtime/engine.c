@@ -296,6 +296,8 @@ static void finish(eng_engine *e, ereq *r, eng_finish why, const char *stop_reas
         ev.tokens = new_tok;
         ev.n_tokens = 1;
         ev.logprobs = new_lp;
+        /* finishing on the first output token: this is the event emit_token would have used */
+        if (r->prompt_lp && r->n_tokens - r->n_prompt == 1) ev.prompt_logprobs = r->prompt_lp;
     }
     if (r->detok && why != ENG_FINISH_ABORT && why != ENG_FINISH_ERROR) {
         const char *t;

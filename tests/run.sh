@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian 12 machine: install dependencies, build, check
-# formatting, run every meson test suite (unit, golden, integration, fuzz corpora).
+# formatting, install the OpenAI node client for the tests, run every meson test suite (unit,
+# golden, integration, fuzz corpora).
 # Usage: tests/run.sh [meson test args...]   (CI calls it through .ci/run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +9,8 @@ cd "$(dirname "$0")/.."
 bash deploy/install-deps.sh
 bash tools/build.sh
 bash tools/format.sh --check
+# The integration tests drive the servers with the official OpenAI client (tests/node).
+(cd tests/node && npm ci --no-audit --no-fund)
 # Integration tests start several ranks per instance on a 2-core machine.
 export OMPI_MCA_rmaps_base_oversubscribe=1
 meson test -C build --print-errorlogs --num-processes "${DUET_TEST_JOBS:-2}" "$@"

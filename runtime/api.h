@@ -1,0 +1,111 @@
+/* OpenAI-compatible HTTP pieces every server shares (workers and, later, the proxy): vLLM's
+ * nested error JSON, request body checks (content type, UTF-8, JSON object), typed field
+ * readers that answer vLLM-like 400 messages, bearer-key checks, request ids, SSE helpers, and
+ * the DeepSeek-R1 reasoning splitter. In libduet_base: no engine, MPI, UCX or CUDA here.
+ * Threads: the http_req functions on the loop thread (see http.h); the rest anywhere. */
+#ifndef DUET_API_H
+#define DUET_API_H
+
+#include <cjson/cJSON.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "http.h"
+#include "status.h"
+
+/* A client error being built: the status to answer, a message and the offending field. */
+typedef struct api_err {
+    int status; /* 0 = no error */
+    char message[512];
+    char param[64]; /* "" = null */
+} api_err;
+
+/* Records an error (the first one wins) and returns DUET_ERR_INVALID. */
+duet_status api_err_set(api_err *e, int status, const char *param, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* vLLM's/OpenAI's error type for a status: "BadRequestError", "NotFoundError", ... */
+const char *api_error_type(int status);
+
+/* {"error":{"message","type","param","code"}} as a heap string (cJSON_free), NULL on OOM. */
+char *api_error_json(int status, const char *message, const char *param);
+
+/* Answers an error with extra headers (may be NULL); finishes req. */
+duet_status api_respond_error(http_req *req, int status, const char *message, const char *param,
+                              const http_header *extra);
+duet_status api_respond_err(http_req *req, const api_err *e, const http_header *extra);
+
+/* Answers a JSON document (printed unformatted); finishes req. root stays the caller's. */
+duet_status api_respond_json(http_req *req, int status, const cJSON *root,
+                             const http_header *extra);
+
+/* Whether len bytes are well-formed UTF-8 (no overlongs, surrogates or values past U+10FFFF). */
+bool api_utf8_valid(const char *s, size_t len);
+
+/* Bytes of the longest prefix of s[0..len) that ends on a UTF-8 character boundary. */
+size_t api_utf8_prefix(const char *s, size_t len);
+
+/* Checks a POST body: JSON content type (415 otherwise; a missing header is accepted), valid
+ * UTF-8, a JSON object (400). On success *root_p is the caller's (cJSON_Delete). */
+duet_status api_parse_body(const http_req *req, cJSON **root_p, api_err *e);
+
+/* Field readers. Absent and null fields leave *out alone (the caller's default) and return
+ * DUET_OK; a present field of the wrong type or out of [min, max] sets a 400 naming it. */
+duet_status api_get_bool(const cJSON *obj, const char *name, bool *out, api_err *e);
+duet_status api_get_int(const cJSON *obj, const char *name, long long min, long long max,
+                        long long *out, api_err *e);
+duet_status api_get_float(const cJSON *obj, const char *name, double min, double max, double *out,
+                          api_err *e);
+/* *out points into obj. */
+duet_status api_get_string(const cJSON *obj, const char *name, const char **out, api_err *e);
+/* A field's JSON type as OpenAPI names it, for messages ("string", "integer", ...). */
+const char *api_json_type(const cJSON *item);
+
+/* Authorization: "Bearer <key>" compared in constant time. key NULL or "" = no key needed. */
+bool api_auth_ok(const http_req *req, const char *key);
+
+/* The request's X-Request-Id when it is 1..128 visible ASCII characters without quotes or
+ * backslashes, else a fresh random 32-hex-digit id. out must hold 129 bytes. */
+void api_request_id(const http_req *req, char *out, size_t cap);
+
+/* A fresh random id of n hex digits (n < cap) for objects ("cmpl-..."). Any thread. */
+void api_random_hex(char *out, size_t cap, int n);
+
+/* One SSE event carrying root, unformatted. DUET_ERR_IO when the client is gone. */
+duet_status api_sse_json(http_req *req, const cJSON *root);
+/* "data: [DONE]" */
+duet_status api_sse_done(http_req *req);
+/* An error inside a started stream: data: {"error":{...}} (as vLLM streams it). */
+duet_status api_sse_error(http_req *req, int status, const char *message);
+
+/* A growing byte string, NUL-terminated when non-empty. oom sticks once an append failed. */
+typedef struct api_buf {
+    char *p;
+    size_t len, cap;
+    bool oom;
+} api_buf;
+
+void api_buf_add(api_buf *b, const char *s, size_t n);
+void api_buf_str(api_buf *b, const char *s);
+void api_buf_free(api_buf *b);
+
+/* ---- DeepSeek-R1 reasoning split (--reasoning-parser deepseek_r1) ----
+ * Text fed in pieces (stream deltas) comes out as reasoning (up to "</think>") and content
+ * (after it). A leading "<think>" is dropped, so it works whether the prompt ended with
+ * "<think>\n" or the model writes the tag itself; a tag split across pieces is held back
+ * until it is decided. Without any "</think>" everything is reasoning, as in vLLM. */
+typedef struct api_reasoner {
+    int state;     /* 0: at the start, 1: reasoning, 2: content */
+    char hold[16]; /* undecided tail: a possible prefix of a tag */
+    size_t hold_len;
+} api_reasoner;
+
+void api_reasoner_init(api_reasoner *r);
+/* Appends the decided parts of text to reason and content. */
+void api_reasoner_feed(api_reasoner *r, const char *text, size_t len, api_buf *reason,
+                       api_buf *content);
+/* End of output: releases what was held back. */
+void api_reasoner_finish(api_reasoner *r, api_buf *reason, api_buf *content);
+
+#endif

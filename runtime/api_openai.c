@@ -1,0 +1,1292 @@
+/* The OpenAI endpoints of a worker over its engine: /v1/completions, /v1/chat/completions,
+ * /tokenize and /detokenize, with vLLM's request fields, defaults, validation messages and
+ * response shapes (streaming included). Requests become "jobs" of one engine request per
+ * choice; engine events arrive here on the loop thread (server.c copies them over). */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "log.h"
+#include "server-impl.h"
+
+enum {
+    MAX_PROMPTS = 256, /* prompts in one completions request */
+    MAX_N = 128,       /* choices per prompt */
+    MAX_CHOICES = 1024,
+};
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Jobs */
+
+static void on_client_gone(http_req *req, void *arg);
+
+static srv_job *job_create(srv_server *s, http_req *req, srv_job_kind kind) {
+    srv_job *j = calloc(1, sizeof *j);
+    if (!j) return NULL;
+    j->srv = s;
+    j->req = req;
+    j->kind = kind;
+    j->created = (long long)time(NULL);
+    j->t_arrival = now_s();
+    api_request_id(req, j->request_id, sizeof j->request_id);
+    snprintf(j->id, sizeof j->id, "%s-%s", kind == SRV_JOB_CHAT ? "chatcmpl" : "cmpl",
+             j->request_id);
+    j->extra[0] = (http_header){"X-Request-Id", j->request_id};
+    j->extra[1] = (http_header){NULL, NULL};
+    j->next = s->jobs;
+    if (s->jobs) s->jobs->prev = j;
+    s->jobs = j;
+    return j;
+}
+
+static void job_free(srv_job *j) {
+    srv_server *s = j->srv;
+    if (j->prev)
+        j->prev->next = j->next;
+    else
+        s->jobs = j->next;
+    if (j->next) j->next->prev = j->prev;
+    for (int i = 0; i < j->n_choices; i++) {
+        srv_choice *c = &j->choices[i];
+        if (c->remote && s->plugin && s->plugin->free_remote)
+            s->plugin->free_remote(s->plugin->state, c->remote);
+        api_buf_free(&c->text);
+        api_buf_free(&c->reason);
+        api_buf_free(&c->content);
+        free(c->ids);
+        free(c->lps);
+        free(c->prompt_lp);
+        free(c->stop_reason);
+        free(c->error);
+    }
+    for (int i = 0; i < j->n_prompts; i++) {
+        if (j->prompts) free(j->prompts[i]);
+        if (j->prompt_text) free(j->prompt_text[i]);
+    }
+    free(j->prompts);
+    free(j->n_prompt_ids);
+    free(j->prompt_text);
+    free(j->choices);
+    cJSON_Delete(j->kv_params_out);
+    free(j);
+}
+
+static void job_maybe_free(srv_job *j) {
+    if (!j->req && j->n_live == 0) job_free(j);
+}
+
+static void job_abort_live(srv_job *j) {
+    for (int i = 0; i < j->n_choices; i++)
+        if (j->choices[i].live) eng_abort(j->srv->eng, j->choices[i].eng_id);
+}
+
+/* Ends the HTTP side with an error (before streaming started). */
+static void job_respond_error(srv_job *j, int status, const char *msg, const char *param) {
+    if (!j->req) return;
+    http_req *req = j->req;
+    j->req = NULL;
+    srv_count_status(j->srv, status);
+    api_respond_error(req, status, msg, param, j->extra);
+}
+
+static void job_fail(srv_job *j, const api_err *e) {
+    job_respond_error(j, e->status ? e->status : 500, e->message, e->param);
+    job_abort_live(j);
+    job_maybe_free(j);
+}
+
+static void on_client_gone(http_req *req, void *arg) {
+    srv_job *j = arg;
+    (void)req;
+    if (!j->req) return;
+    LOG_DEBUG("api: %s: client left; aborting its %d engine requests", j->id, j->n_live);
+    http_req_release(j->req);
+    j->req = NULL;
+    job_abort_live(j);
+    job_maybe_free(j);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Request fields */
+
+static duet_status check_model(srv_server *s, const cJSON *body, api_err *e) {
+    const char *model = NULL;
+    if (api_get_string(body, "model", &model, e)) return DUET_ERR_INVALID;
+    if (model && strcmp(model, s->cfg.served_name) != 0)
+        return api_err_set(e, 404, "model", "The model `%s` does not exist.", model);
+    return DUET_OK;
+}
+
+static bool present(const cJSON *obj, const char *name) {
+    const cJSON *it = cJSON_GetObjectItemCaseSensitive(obj, name);
+    return it && !cJSON_IsNull(it);
+}
+
+/* Sampling fields common to both endpoints. */
+static duet_status parse_sampling(const cJSON *b, eng_sampling *sp, api_err *e) {
+    double temperature = 1.0, top_p = 1.0, min_p = 0.0, rep = 1.0, pres = 0.0, freq = 0.0;
+    long long top_k = 0, seed = 0, min_tokens = 0;
+    bool has_seed = false;
+    if (api_get_float(b, "temperature", 0.0, 1e6, &temperature, e) ||
+        api_get_float(b, "top_p", 0.0, 1.0, &top_p, e) ||
+        api_get_int(b, "top_k", -1, 1 << 30, &top_k, e) ||
+        api_get_float(b, "min_p", 0.0, 1.0, &min_p, e) ||
+        api_get_float(b, "repetition_penalty", 0.0, 1e6, &rep, e) ||
+        api_get_float(b, "presence_penalty", -2.0, 2.0, &pres, e) ||
+        api_get_float(b, "frequency_penalty", -2.0, 2.0, &freq, e) ||
+        api_get_int(b, "min_tokens", 0, 1 << 30, &min_tokens, e) ||
+        api_get_bool(b, "ignore_eos", &sp->ignore_eos, e) ||
+        api_get_bool(b, "skip_special_tokens", &sp->skip_special_tokens, e) ||
+        api_get_bool(b, "include_stop_str_in_output", &sp->include_stop_str_in_output, e))
+        return DUET_ERR_INVALID;
+    if (present(b, "top_p") && top_p <= 0.0)
+        return api_err_set(e, 400, "top_p", "top_p must be in (0, 1], got %g", top_p);
+    if (present(b, "repetition_penalty") && rep <= 0.0)
+        return api_err_set(e, 400, "repetition_penalty",
+                           "repetition_penalty must be greater than zero, got %g", rep);
+    if (present(b, "seed")) {
+        if (api_get_int(b, "seed", -(1LL << 53), 1LL << 53, &seed, e)) return DUET_ERR_INVALID;
+        has_seed = true;
+    }
+    sp->smp.temperature = (float)temperature;
+    sp->smp.top_p = (float)top_p;
+    sp->smp.top_k = (int)top_k;
+    sp->smp.min_p = (float)min_p;
+    sp->smp.repetition_penalty = (float)rep;
+    sp->smp.presence_penalty = (float)pres;
+    sp->smp.frequency_penalty = (float)freq;
+    sp->min_tokens = (int)min_tokens;
+    sp->has_seed = has_seed;
+    sp->seed = (uint64_t)seed;
+
+    const cJSON *stop = cJSON_GetObjectItemCaseSensitive(b, "stop");
+    if (stop && !cJSON_IsNull(stop)) {
+        if (cJSON_IsString(stop)) {
+            if (stop->valuestring[0]) sp->stop[sp->n_stop++] = stop->valuestring;
+        } else if (cJSON_IsArray(stop)) {
+            const cJSON *x;
+            cJSON_ArrayForEach(x, stop) {
+                if (!cJSON_IsString(x))
+                    return api_err_set(e, 400, "stop",
+                                       "'stop' must be a string or a list of "
+                                       "strings");
+                if (!x->valuestring[0]) continue;
+                if (sp->n_stop == ENG_MAX_STOP)
+                    return api_err_set(e, 400, "stop", "at most %d stop strings are supported",
+                                       ENG_MAX_STOP);
+                sp->stop[sp->n_stop++] = x->valuestring;
+            }
+        } else {
+            return api_err_set(e, 400, "stop", "'stop' must be a string or a list of strings");
+        }
+    }
+    const cJSON *ids = cJSON_GetObjectItemCaseSensitive(b, "stop_token_ids");
+    if (ids && !cJSON_IsNull(ids)) {
+        if (!cJSON_IsArray(ids))
+            return api_err_set(e, 400, "stop_token_ids",
+                               "'stop_token_ids' must be a list of "
+                               "integers");
+        const cJSON *x;
+        cJSON_ArrayForEach(x, ids) {
+            double v = cJSON_IsNumber(x) ? x->valuedouble : -1;
+            if (!cJSON_IsNumber(x) || v != floor(v) || v < 0 || v > 2147483647.0)
+                return api_err_set(e, 400, "stop_token_ids",
+                                   "'stop_token_ids' must be a list of non-negative integers");
+            if (sp->n_stop_ids == ENG_MAX_STOP_IDS)
+                return api_err_set(e, 400, "stop_token_ids", "at most %d stop token ids",
+                                   ENG_MAX_STOP_IDS);
+            sp->stop_ids[sp->n_stop_ids++] = (int32_t)v;
+        }
+    }
+    const cJSON *bias = cJSON_GetObjectItemCaseSensitive(b, "logit_bias");
+    if (bias && !cJSON_IsNull(bias) && !(cJSON_IsObject(bias) && !bias->child))
+        return api_err_set(e, 400, "logit_bias", "logit_bias is not supported");
+    const cJSON *rf = cJSON_GetObjectItemCaseSensitive(b, "response_format");
+    if (rf && !cJSON_IsNull(rf)) {
+        const cJSON *t = cJSON_GetObjectItemCaseSensitive(rf, "type");
+        if (!cJSON_IsObject(rf) || !cJSON_IsString(t) || strcmp(t->valuestring, "text") != 0)
+            return api_err_set(e, 400, "response_format",
+                               "response_format other than {\"type\": \"text\"} (structured "
+                               "output) is not supported");
+    }
+    static const char *const unsupported[] = {"guided_json",        "guided_regex",
+                                              "guided_choice",      "guided_grammar",
+                                              "structured_outputs", "suffix"};
+    for (size_t i = 0; i < sizeof unsupported / sizeof *unsupported; i++)
+        if (present(b, unsupported[i]))
+            return api_err_set(e, 400, unsupported[i], "'%s' is not supported", unsupported[i]);
+    return DUET_OK;
+}
+
+static duet_status parse_stream(srv_job *j, const cJSON *b, api_err *e) {
+    if (api_get_bool(b, "stream", &j->stream, e)) return DUET_ERR_INVALID;
+    const cJSON *so = cJSON_GetObjectItemCaseSensitive(b, "stream_options");
+    if (so && !cJSON_IsNull(so)) {
+        if (!cJSON_IsObject(so))
+            return api_err_set(e, 400, "stream_options", "'stream_options' must be an object");
+        if (!j->stream)
+            return api_err_set(e, 400, "stream_options",
+                               "Stream options can only be defined when `stream=True`.");
+        if (api_get_bool(so, "include_usage", &j->include_usage, e) ||
+            api_get_bool(so, "continuous_usage_stats", &j->continuous_usage, e))
+            return DUET_ERR_INVALID;
+    }
+    return DUET_OK;
+}
+
+/* Context-length checks with vLLM's wording, before anything is submitted. */
+static duet_status check_lengths(srv_server *s, srv_job *j, long long max_tokens, api_err *e) {
+    for (int p = 0; p < j->n_prompts; p++) {
+        int n = j->n_prompt_ids[p];
+        if (n < 1) return api_err_set(e, 400, "prompt", "The prompt cannot be empty");
+        if (n >= s->max_model_len)
+            return api_err_set(e, 400, NULL,
+                               "This model's maximum context length is %d tokens. However, your "
+                               "request has %d input tokens. Please reduce the length of the "
+                               "input messages.",
+                               s->max_model_len, n);
+        if (max_tokens > 0 && max_tokens > s->max_model_len - n)
+            return api_err_set(e, 400, "max_tokens",
+                               "'max_tokens' or 'max_completion_tokens' is too large: %lld. This "
+                               "model's maximum context length is %d tokens and your request "
+                               "has %d input tokens (%lld > %d - %d).",
+                               max_tokens, s->max_model_len, n, max_tokens, s->max_model_len, n);
+        for (int i = 0; i < n; i++)
+            if (j->prompts[p][i] < 0 || j->prompts[p][i] >= s->vocab)
+                return api_err_set(e, 400, NULL,
+                                   "Token id %d is out of vocabulary (the model has %d tokens)",
+                                   j->prompts[p][i], s->vocab);
+    }
+    return DUET_OK;
+}
+
+static duet_status add_prompt(srv_job *j, int32_t *ids, int n, char *text) {
+    int k = j->n_prompts;
+    int32_t **p = realloc(j->prompts, (size_t)(k + 1) * sizeof *p);
+    if (p) j->prompts = p;
+    int *np = realloc(j->n_prompt_ids, (size_t)(k + 1) * sizeof *np);
+    if (np) j->n_prompt_ids = np;
+    char **pt = realloc(j->prompt_text, (size_t)(k + 1) * sizeof *pt);
+    if (pt) j->prompt_text = pt;
+    if (!p || !np || !pt) {
+        free(ids);
+        free(text);
+        return DUET_ERR_NO_MEMORY;
+    }
+    j->prompts[k] = ids;
+    j->n_prompt_ids[k] = n;
+    j->prompt_text[k] = text;
+    j->n_prompts++;
+    return DUET_OK;
+}
+
+/* Text to ids, with BOS in front when asked and the tokenizer says so. */
+static duet_status encode_text(srv_server *s, const char *text, size_t len, bool add_special,
+                               int32_t **ids_p, int *n_p) {
+    int32_t *ids = NULL;
+    size_t n = 0;
+    duet_status st = tok_encode(s->tok, text, len, false, &ids, &n);
+    if (st != DUET_OK) return st;
+    bool bos = add_special && tok_add_bos(s->tok) && tok_bos_id(s->tok) >= 0;
+    int32_t *out = malloc((n + 1) * sizeof *out);
+    if (!out) {
+        free(ids);
+        return DUET_ERR_NO_MEMORY;
+    }
+    size_t k = 0;
+    if (bos) out[k++] = tok_bos_id(s->tok);
+    if (n) memcpy(out + k, ids, n * sizeof *ids);
+    free(ids);
+    *ids_p = out;
+    *n_p = (int)(k + n);
+    return DUET_OK;
+}
+
+static char *decode_ids(srv_server *s, const int32_t *ids, int n, bool skip_special) {
+    char *text = NULL;
+    size_t len = 0;
+    if (n == 0) return strdup("");
+    if (tok_decode(s->tok, ids, (size_t)n, skip_special, &text, &len) != DUET_OK) return NULL;
+    return text;
+}
+
+static duet_status token_array(const cJSON *arr, int32_t **ids_p, int *n_p, api_err *e) {
+    int n = cJSON_GetArraySize(arr);
+    int32_t *ids = malloc((size_t)(n > 0 ? n : 1) * sizeof *ids);
+    if (!ids) return api_err_set(e, 500, NULL, "out of memory");
+    int k = 0;
+    const cJSON *x;
+    cJSON_ArrayForEach(x, arr) {
+        double v = cJSON_IsNumber(x) ? x->valuedouble : -1;
+        if (!cJSON_IsNumber(x) || v != floor(v) || v < 0 || v > 2147483647.0) {
+            free(ids);
+            return api_err_set(e, 400, "prompt",
+                               "'prompt' must be a string, a list of strings, a list of token ids "
+                               "or a list of lists of token ids");
+        }
+        ids[k++] = (int32_t)v;
+    }
+    *ids_p = ids;
+    *n_p = k;
+    return DUET_OK;
+}
+
+static duet_status parse_prompts(srv_server *s, srv_job *j, const cJSON *b, bool add_special,
+                                 api_err *e) {
+    const cJSON *p = cJSON_GetObjectItemCaseSensitive(b, "prompt");
+    static const char shape[] = "'prompt' must be a string, a list of strings, a list of token "
+                                "ids or a list of lists of token ids";
+    if (!p || cJSON_IsNull(p)) return api_err_set(e, 400, "prompt", "'prompt' is required");
+    if (cJSON_IsString(p)) {
+        int32_t *ids;
+        int n;
+        if (encode_text(s, p->valuestring, strlen(p->valuestring), add_special, &ids, &n))
+            return api_err_set(e, 500, NULL, "tokenization failed");
+        return add_prompt(j, ids, n, strdup(p->valuestring)) ? api_err_set(e, 500, NULL, "oom")
+                                                             : DUET_OK;
+    }
+    if (!cJSON_IsArray(p)) return api_err_set(e, 400, "prompt", "%s", shape);
+    if (!p->child) return api_err_set(e, 400, "prompt", "'prompt' cannot be an empty list");
+    if (cJSON_IsNumber(p->child)) {
+        int32_t *ids;
+        int n;
+        if (token_array(p, &ids, &n, e)) return DUET_ERR_INVALID;
+        return add_prompt(j, ids, n, NULL) ? api_err_set(e, 500, NULL, "oom") : DUET_OK;
+    }
+    if (cJSON_GetArraySize(p) > MAX_PROMPTS)
+        return api_err_set(e, 400, "prompt", "at most %d prompts per request", MAX_PROMPTS);
+    const cJSON *x;
+    cJSON_ArrayForEach(x, p) {
+        int32_t *ids;
+        int n;
+        if (cJSON_IsString(x)) {
+            if (encode_text(s, x->valuestring, strlen(x->valuestring), add_special, &ids, &n))
+                return api_err_set(e, 500, NULL, "tokenization failed");
+            if (add_prompt(j, ids, n, strdup(x->valuestring)))
+                return api_err_set(e, 500, NULL, "oom");
+        } else if (cJSON_IsArray(x)) {
+            if (!x->child) return api_err_set(e, 400, "prompt", "a prompt cannot be an empty list");
+            if (token_array(x, &ids, &n, e)) return DUET_ERR_INVALID;
+            if (add_prompt(j, ids, n, NULL)) return api_err_set(e, 500, NULL, "oom");
+        } else {
+            return api_err_set(e, 400, "prompt", "%s", shape);
+        }
+    }
+    return DUET_OK;
+}
+
+/* messages → ids through the chat template. */
+static duet_status render_chat(srv_server *s, const cJSON *b, bool default_add_special,
+                               int32_t **ids_p, int *n_p, api_err *e) {
+    const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(b, "messages");
+    if (!msgs || cJSON_IsNull(msgs))
+        return api_err_set(e, 400, "messages", "'messages' is required");
+    if (!cJSON_IsArray(msgs) || !msgs->child)
+        return api_err_set(e, 400, "messages", "'messages' must be a non-empty list");
+    bool add_gen = true, cont = false, add_special = default_add_special;
+    if (api_get_bool(b, "add_generation_prompt", &add_gen, e) ||
+        api_get_bool(b, "continue_final_message", &cont, e) ||
+        api_get_bool(b, "add_special_tokens", &add_special, e))
+        return DUET_ERR_INVALID;
+    if (cont && add_gen && present(b, "add_generation_prompt"))
+        return api_err_set(e, 400, "continue_final_message",
+                           "Cannot set both `continue_final_message` and "
+                           "`add_generation_prompt` to True.");
+    const cJSON *kw = cJSON_GetObjectItemCaseSensitive(b, "chat_template_kwargs");
+    if (kw && !cJSON_IsNull(kw) && !cJSON_IsObject(kw))
+        return api_err_set(e, 400, "chat_template_kwargs",
+                           "'chat_template_kwargs' must be an object");
+    const cJSON *tools = cJSON_GetObjectItemCaseSensitive(b, "tools");
+    const cJSON *tc = cJSON_GetObjectItemCaseSensitive(b, "tool_choice");
+    if (tools && cJSON_IsArray(tools) && tools->child &&
+        !(cJSON_IsString(tc) && !strcmp(tc->valuestring, "none")))
+        return api_err_set(e, 400, "tool_choice",
+                           "tool calling is not supported: send tool_choice \"none\" or no tools");
+    chat_opts o = chat_default_opts(s->tpl);
+    o.add_generation_prompt = add_gen && !cont;
+    if (cont) o.think_prefix = false;
+    char *text = NULL;
+    size_t len = 0;
+    char err[256] = "";
+    duet_status st = chat_render(s->tpl, msgs, &o, &text, &len, err, sizeof err);
+    if (st == DUET_ERR_UNSUPPORTED || st == DUET_ERR_INVALID)
+        return api_err_set(e, 400, "messages", "%s", err[0] ? err : "invalid messages");
+    if (st != DUET_OK) return api_err_set(e, 500, NULL, "rendering the chat template failed");
+    if (cont) {
+        /* vLLM: keep the rendered text only up to the final message's own content, so the
+         * model continues it rather than starting a new turn */
+        const cJSON *last = cJSON_GetArrayItem(msgs, cJSON_GetArraySize(msgs) - 1);
+        const cJSON *role = cJSON_GetObjectItemCaseSensitive(last, "role");
+        const cJSON *content = cJSON_GetObjectItemCaseSensitive(last, "content");
+        char *hit = NULL;
+        if (cJSON_IsString(role) && !strcmp(role->valuestring, "assistant") &&
+            cJSON_IsString(content)) {
+            size_t cl = strlen(content->valuestring);
+            for (char *q = text; (q = strstr(q, content->valuestring)); q++) hit = q + cl;
+            if (cl == 0) hit = NULL;
+        }
+        if (!hit) {
+            free(text);
+            return api_err_set(e, 400, "continue_final_message",
+                               "continue_final_message needs a final assistant message with "
+                               "non-empty string content");
+        }
+        *hit = '\0';
+        len = (size_t)(hit - text);
+    }
+    st = encode_text(s, text, len, add_special, ids_p, n_p);
+    free(text);
+    if (st != DUET_OK) return api_err_set(e, 500, NULL, "tokenization failed");
+    return DUET_OK;
+}
+
+/* kv_transfer_params: which role the plug-in plays for this request. */
+static duet_status parse_kv_params(srv_server *s, srv_job *j, const cJSON *b, eng_kv_role *role,
+                                   void **remote, api_err *e) {
+    *role = ENG_KV_LOCAL;
+    *remote = NULL;
+    const cJSON *kv = cJSON_GetObjectItemCaseSensitive(b, "kv_transfer_params");
+    if (!kv || cJSON_IsNull(kv)) return DUET_OK;
+    if (!cJSON_IsObject(kv))
+        return api_err_set(e, 400, "kv_transfer_params", "'kv_transfer_params' must be an object");
+    if (!s->plugin) return DUET_OK; /* no connector: ignored, as vLLM without one */
+    bool remote_decode = false, remote_prefill = false;
+    if (api_get_bool(kv, "do_remote_decode", &remote_decode, e) ||
+        api_get_bool(kv, "do_remote_prefill", &remote_prefill, e))
+        return DUET_ERR_INVALID;
+    if (remote_decode && remote_prefill)
+        return api_err_set(e, 400, "kv_transfer_params",
+                           "do_remote_decode and do_remote_prefill exclude each other");
+    if ((remote_decode && s->plugin->lease_params) || (remote_prefill && s->plugin->parse_remote)) {
+        if (j->n_choices != 1)
+            return api_err_set(e, 400, "kv_transfer_params",
+                               "KV transfer needs exactly one prompt and n = 1");
+    }
+    if (remote_decode && s->plugin->lease_params) {
+        *role = ENG_KV_LEASE;
+        j->kv_lease = true;
+    } else if (remote_prefill && s->plugin->parse_remote) {
+        char err[256] = "";
+        duet_status st = s->plugin->parse_remote(s->plugin->state, kv, j->n_prompt_ids[0], remote,
+                                                 err, sizeof err);
+        if (st != DUET_OK)
+            return api_err_set(e, st == DUET_ERR_INVALID ? 400 : 500, "kv_transfer_params", "%s",
+                               err[0] ? err : "invalid kv_transfer_params");
+        *role = ENG_KV_REMOTE;
+    }
+    return DUET_OK;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Submission */
+
+static int status_of(duet_status st) {
+    switch (st) {
+    case DUET_ERR_INVALID:
+    case DUET_ERR_TOO_LONG:
+    case DUET_ERR_UNSUPPORTED:
+        return 400;
+    case DUET_ERR_BUSY:
+        return 503;
+    default:
+        return 500;
+    }
+}
+
+static duet_status job_setup_choices(srv_job *j, int n) {
+    j->n_choices = j->n_prompts * n;
+    j->choices = calloc((size_t)j->n_choices, sizeof *j->choices);
+    if (!j->choices) return DUET_ERR_NO_MEMORY;
+    for (int p = 0; p < j->n_prompts; p++)
+        for (int k = 0; k < n; k++) {
+            srv_choice *c = &j->choices[p * n + k];
+            c->job = j;
+            c->index = p * n + k;
+            c->prompt = p;
+            c->stop_token = -1;
+            c->n_prompt = j->n_prompt_ids[p];
+            api_reasoner_init(&c->reasoner);
+        }
+    return DUET_OK;
+}
+
+static void job_start(srv_job *j, const eng_sampling *sp, int n, eng_kv_role role, void *remote);
+
+/* Submits every choice; on a failure aborts the ones already in and answers the error. */
+static void job_submit(srv_job *j, const eng_sampling *sp, int n, eng_kv_role role, void *remote) {
+    srv_server *s = j->srv;
+    if (s->draining) {
+        api_err e = {0};
+        api_err_set(&e, 503, NULL, "The server is shutting down");
+        if (remote && s->plugin->free_remote) s->plugin->free_remote(s->plugin->state, remote);
+        job_fail(j, &e);
+        return;
+    }
+    if (s->live_requests + j->n_choices > s->max_live) {
+        api_err e = {0};
+        api_err_set(&e, 503, NULL,
+                    "The server is overloaded (%d requests in progress); retry later",
+                    s->live_requests);
+        if (remote && s->plugin->free_remote) s->plugin->free_remote(s->plugin->state, remote);
+        job_fail(j, &e);
+        return;
+    }
+    job_start(j, sp, n, role, remote);
+}
+
+static void job_start(srv_job *j, const eng_sampling *sp, int n, eng_kv_role role, void *remote) {
+    srv_server *s = j->srv;
+    for (int i = 0; i < j->n_choices; i++) {
+        srv_choice *c = &j->choices[i];
+        eng_request r = {.id = ++s->next_id,
+                         .prompt = j->prompts[c->prompt],
+                         .n_prompt = j->n_prompt_ids[c->prompt],
+                         .sampling = *sp,
+                         .kv_role = role,
+                         .remote = i == 0 ? remote : NULL,
+                         .user = c};
+        /* n > 1 with a seed: each choice its own stream (vLLM: seed + index) */
+        if (sp->has_seed) r.sampling.seed = sp->seed + (uint64_t)(i % n);
+        char err[256] = "";
+        duet_status st = eng_submit(s->eng, &r, err, sizeof err);
+        if (st != DUET_OK) {
+            if (i == 0 && remote && s->plugin->free_remote)
+                s->plugin->free_remote(s->plugin->state, remote);
+            api_err e = {0};
+            api_err_set(&e, status_of(st), NULL, "%s", err[0] ? err : duet_strerror(st));
+            job_fail(j, &e);
+            return;
+        }
+        if (i == 0) c->remote = remote;
+        c->eng_id = r.id;
+        c->live = true;
+        j->n_live++;
+        s->live_requests++;
+    }
+    if (http_req_on_close(j->req, on_client_gone, j) != DUET_OK) {
+        on_client_gone(j->req, j);
+        return;
+    }
+    if (j->stream) {
+        if (http_stream_start(j->req, 200, "text/event-stream", j->extra) != DUET_OK) {
+            /* the client went away meanwhile; on_close will come */
+            return;
+        }
+        j->stream_started = true;
+        srv_count_status(s, 200);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Response pieces */
+
+static double clamp_lp(float lp) {
+    return isfinite(lp) ? (double)lp : -9999.0;
+}
+
+/* A token's text as the client sees it in logprobs (decoded alone; invalid bytes U+FFFD). */
+static char *token_str(srv_server *s, int32_t id) {
+    char *t = decode_ids(s, &id, 1, false);
+    return t ? t : strdup("");
+}
+
+static cJSON *usage_json(int prompt, int completion) {
+    cJSON *u = cJSON_CreateObject();
+    cJSON_AddNumberToObject(u, "prompt_tokens", prompt);
+    cJSON_AddNumberToObject(u, "total_tokens", prompt + completion);
+    cJSON_AddNumberToObject(u, "completion_tokens", completion);
+    cJSON_AddNullToObject(u, "prompt_tokens_details");
+    return u;
+}
+
+static cJSON *job_usage(const srv_job *j) {
+    int prompt = 0, completion = 0;
+    for (int p = 0; p < j->n_prompts; p++) prompt += j->n_prompt_ids[p];
+    for (int i = 0; i < j->n_choices; i++) completion += j->choices[i].n_output;
+    return usage_json(prompt, completion);
+}
+
+static cJSON *ids_json(const int32_t *ids, int n) {
+    cJSON *a = cJSON_CreateArray();
+    for (int i = 0; i < n; i++) cJSON_AddItemToArray(a, cJSON_CreateNumber(ids[i]));
+    return a;
+}
+
+static const char *finish_str(eng_finish f) {
+    switch (f) {
+    case ENG_FINISH_STOP:
+        return "stop";
+    case ENG_FINISH_LENGTH:
+        return "length";
+    case ENG_FINISH_ABORT:
+        return "abort";
+    case ENG_FINISH_ERROR:
+        return "error";
+    default:
+        return NULL;
+    }
+}
+
+static void add_finish(cJSON *o, const srv_choice *c, bool final) {
+    const char *f = final ? finish_str(c->finish) : NULL;
+    if (f)
+        cJSON_AddStringToObject(o, "finish_reason", f);
+    else
+        cJSON_AddNullToObject(o, "finish_reason");
+    if (final && c->stop_reason)
+        cJSON_AddStringToObject(o, "stop_reason", c->stop_reason);
+    else if (final && c->stop_token >= 0)
+        cJSON_AddNumberToObject(o, "stop_reason", c->stop_token);
+    else
+        cJSON_AddNullToObject(o, "stop_reason");
+}
+
+/* Legacy completions logprobs: parallel arrays. */
+typedef struct legacy_lp {
+    cJSON *obj, *tokens, *token_logprobs, *top_logprobs, *text_offset;
+} legacy_lp;
+
+static void legacy_init(legacy_lp *l) {
+    l->obj = cJSON_CreateObject();
+    l->text_offset = cJSON_AddArrayToObject(l->obj, "text_offset");
+    l->token_logprobs = cJSON_AddArrayToObject(l->obj, "token_logprobs");
+    l->tokens = cJSON_AddArrayToObject(l->obj, "tokens");
+    l->top_logprobs = cJSON_AddArrayToObject(l->obj, "top_logprobs");
+}
+
+static void legacy_add(srv_server *s, legacy_lp *l, int32_t tok, const eng_token_lp *lp,
+                       size_t *offset) {
+    char *str = token_str(s, tok);
+    cJSON_AddItemToArray(l->text_offset, cJSON_CreateNumber((double)*offset));
+    *offset += strlen(str);
+    cJSON_AddItemToArray(l->tokens, cJSON_CreateString(str));
+    if (!lp) {
+        cJSON_AddItemToArray(l->token_logprobs, cJSON_CreateNull());
+        cJSON_AddItemToArray(l->top_logprobs, cJSON_CreateNull());
+        free(str);
+        return;
+    }
+    cJSON_AddItemToArray(l->token_logprobs, cJSON_CreateNumber(clamp_lp(lp->logprob)));
+    /* the top alternatives plus the chosen token, as vLLM lists them */
+    cJSON *top = cJSON_CreateObject();
+    for (int k = 0; k < lp->n_top; k++) {
+        char *t = token_str(s, lp->top[k].token);
+        if (!cJSON_GetObjectItemCaseSensitive(top, t))
+            cJSON_AddNumberToObject(top, t, clamp_lp(lp->top[k].logprob));
+        free(t);
+    }
+    if (!cJSON_GetObjectItemCaseSensitive(top, str))
+        cJSON_AddNumberToObject(top, str, clamp_lp(lp->logprob));
+    cJSON_AddItemToArray(l->top_logprobs, top);
+    free(str);
+}
+
+/* Chat logprobs entries: {"token","logprob","bytes","top_logprobs":[...]} */
+static cJSON *chat_lp_entry(srv_server *s, int32_t tok, float logprob) {
+    cJSON *o = cJSON_CreateObject();
+    char *str = token_str(s, tok);
+    cJSON_AddStringToObject(o, "token", str);
+    cJSON_AddNumberToObject(o, "logprob", clamp_lp(logprob));
+    cJSON *bytes = cJSON_AddArrayToObject(o, "bytes");
+    for (const unsigned char *p = (const unsigned char *)str; *p; p++)
+        cJSON_AddItemToArray(bytes, cJSON_CreateNumber(*p));
+    free(str);
+    return o;
+}
+
+static void chat_lp_add(srv_server *s, cJSON *content, const eng_token_lp *lp, int n_top) {
+    cJSON *o = chat_lp_entry(s, lp->token, lp->logprob);
+    cJSON *top = cJSON_AddArrayToObject(o, "top_logprobs");
+    for (int k = 0; k < lp->n_top && k < n_top; k++)
+        cJSON_AddItemToArray(top, chat_lp_entry(s, lp->top[k].token, lp->top[k].logprob));
+    cJSON_AddItemToArray(content, o);
+}
+
+static cJSON *chunk_head(const srv_job *j, const char *object) {
+    srv_server *s = j->srv;
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "id", j->id);
+    cJSON_AddStringToObject(o, "object", object);
+    cJSON_AddNumberToObject(o, "created", (double)j->created);
+    cJSON_AddStringToObject(o, "model", s->cfg.served_name);
+    return o;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Streaming */
+
+static void stream_send(srv_job *j, cJSON *chunk) {
+    if (j->req && api_sse_json(j->req, chunk) != DUET_OK) {
+        /* gone or stuck: on_close follows and aborts the rest */
+    }
+    cJSON_Delete(chunk);
+}
+
+/* One chunk for one engine event of a completions stream. */
+static void stream_completion(srv_job *j, srv_choice *c, const srv_msg *m) {
+    srv_server *s = j->srv;
+    cJSON *o = chunk_head(j, "text_completion");
+    cJSON *choices = cJSON_AddArrayToObject(o, "choices");
+    cJSON *ch = cJSON_CreateObject();
+    cJSON_AddItemToArray(choices, ch);
+    cJSON_AddNumberToObject(ch, "index", c->index);
+    api_buf text = {0};
+    legacy_lp l = {0};
+    if (j->want_logprobs) legacy_init(&l);
+    bool first = !c->sent_first;
+    if (first && j->echo) {
+        const char *pt = j->prompt_text[c->prompt];
+        api_buf_str(&text, pt ? pt : "");
+        if (j->want_logprobs)
+            for (int i = 0; i < c->n_prompt; i++)
+                legacy_add(s, &l, j->prompts[c->prompt][i],
+                           c->prompt_lp && i > 0 ? &c->prompt_lp[i] : NULL, &c->text_offset);
+    }
+    api_buf_add(&text, m->text ? m->text : "", m->text_len);
+    cJSON_AddStringToObject(ch, "text", text.p ? text.p : "");
+    api_buf_free(&text);
+    if (j->want_logprobs) {
+        if (m->has_token && m->has_lp) legacy_add(s, &l, m->token, &m->lp, &c->text_offset);
+        cJSON_AddItemToObject(ch, "logprobs", l.obj);
+    } else {
+        cJSON_AddNullToObject(ch, "logprobs");
+    }
+    add_finish(ch, c, m->finish != ENG_FINISH_NONE);
+    if (j->return_token_ids) {
+        if (first)
+            cJSON_AddItemToObject(ch, "prompt_token_ids",
+                                  ids_json(j->prompts[c->prompt], c->n_prompt));
+        cJSON_AddItemToObject(ch, "token_ids", ids_json(&m->token, m->has_token ? 1 : 0));
+    }
+    if (j->continuous_usage)
+        cJSON_AddItemToObject(o, "usage", usage_json(c->n_prompt, c->n_output));
+    if (m->finish != ENG_FINISH_NONE && j->kv_params_out)
+        cJSON_AddItemToObject(o, "kv_transfer_params", cJSON_Duplicate(j->kv_params_out, true));
+    c->sent_first = true;
+    stream_send(j, o);
+}
+
+static void stream_chat(srv_job *j, srv_choice *c, const srv_msg *m) {
+    srv_server *s = j->srv;
+    cJSON *o = chunk_head(j, "chat.completion.chunk");
+    bool first = !c->sent_first;
+    if (first && j->return_token_ids)
+        cJSON_AddItemToObject(o, "prompt_token_ids", ids_json(j->prompts[c->prompt], c->n_prompt));
+    cJSON *choices = cJSON_AddArrayToObject(o, "choices");
+    cJSON *ch = cJSON_CreateObject();
+    cJSON_AddItemToArray(choices, ch);
+    cJSON_AddNumberToObject(ch, "index", c->index);
+    cJSON *delta = cJSON_AddObjectToObject(ch, "delta");
+    if (first) cJSON_AddStringToObject(delta, "role", "assistant");
+    api_buf reason = {0}, content = {0};
+    if (s->cfg.reasoning_r1) {
+        api_reasoner_feed(&c->reasoner, m->text ? m->text : "", m->text_len, &reason, &content);
+        if (m->finish != ENG_FINISH_NONE) api_reasoner_finish(&c->reasoner, &reason, &content);
+    } else {
+        api_buf_add(&content, m->text ? m->text : "", m->text_len);
+    }
+    if (reason.len) cJSON_AddStringToObject(delta, "reasoning_content", reason.p);
+    if (content.len || !reason.len)
+        cJSON_AddStringToObject(delta, "content", content.p ? content.p : "");
+    api_buf_free(&reason);
+    api_buf_free(&content);
+    if (j->want_logprobs) {
+        cJSON *lp = cJSON_AddObjectToObject(ch, "logprobs");
+        cJSON *arr = cJSON_AddArrayToObject(lp, "content");
+        if (m->has_token && m->has_lp) chat_lp_add(s, arr, &m->lp, j->logprobs);
+    } else {
+        cJSON_AddNullToObject(ch, "logprobs");
+    }
+    add_finish(ch, c, m->finish != ENG_FINISH_NONE);
+    if (j->return_token_ids)
+        cJSON_AddItemToObject(ch, "token_ids", ids_json(&m->token, m->has_token ? 1 : 0));
+    if (j->continuous_usage)
+        cJSON_AddItemToObject(o, "usage", usage_json(c->n_prompt, c->n_output));
+    if (m->finish != ENG_FINISH_NONE && j->kv_params_out)
+        cJSON_AddItemToObject(o, "kv_transfer_params", cJSON_Duplicate(j->kv_params_out, true));
+    c->sent_first = true;
+    stream_send(j, o);
+}
+
+static void stream_end(srv_job *j) {
+    if (!j->req) return;
+    if (j->failed || j->aborted) {
+        api_sse_error(j->req, j->aborted ? 503 : (j->err_status ? j->err_status : 500),
+                      j->err_msg[0] ? j->err_msg : "the request failed");
+    } else if (j->include_usage) {
+        cJSON *o =
+            chunk_head(j, j->kind == SRV_JOB_CHAT ? "chat.completion.chunk" : "text_completion");
+        cJSON_AddArrayToObject(o, "choices");
+        cJSON_AddItemToObject(o, "usage", job_usage(j));
+        api_sse_json(j->req, o);
+        cJSON_Delete(o);
+    }
+    api_sse_done(j->req);
+    http_req *req = j->req;
+    j->req = NULL;
+    http_stream_end(req);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Whole responses */
+
+static void respond_completion(srv_job *j) {
+    srv_server *s = j->srv;
+    cJSON *o = chunk_head(j, "text_completion");
+    cJSON *choices = cJSON_AddArrayToObject(o, "choices");
+    for (int i = 0; i < j->n_choices; i++) {
+        srv_choice *c = &j->choices[i];
+        cJSON *ch = cJSON_CreateObject();
+        cJSON_AddItemToArray(choices, ch);
+        cJSON_AddNumberToObject(ch, "index", c->index);
+        api_buf text = {0};
+        if (j->echo) api_buf_str(&text, j->prompt_text[c->prompt] ? j->prompt_text[c->prompt] : "");
+        api_buf_add(&text, c->text.p ? c->text.p : "", c->text.len);
+        cJSON_AddStringToObject(ch, "text", text.p ? text.p : "");
+        api_buf_free(&text);
+        if (j->want_logprobs) {
+            legacy_lp l;
+            legacy_init(&l);
+            size_t off = 0;
+            if (j->echo)
+                for (int k = 0; k < c->n_prompt; k++)
+                    legacy_add(s, &l, j->prompts[c->prompt][k],
+                               c->prompt_lp && k > 0 ? &c->prompt_lp[k] : NULL, &off);
+            for (int k = 0; k < c->n_lps; k++) legacy_add(s, &l, c->lps[k].token, &c->lps[k], &off);
+            cJSON_AddItemToObject(ch, "logprobs", l.obj);
+        } else {
+            cJSON_AddNullToObject(ch, "logprobs");
+        }
+        add_finish(ch, c, true);
+        cJSON_AddNullToObject(ch, "prompt_logprobs");
+        if (j->return_token_ids) {
+            cJSON_AddItemToObject(ch, "prompt_token_ids",
+                                  ids_json(j->prompts[c->prompt], c->n_prompt));
+            cJSON_AddItemToObject(ch, "token_ids", ids_json(c->ids, c->n_ids));
+        }
+    }
+    cJSON_AddItemToObject(o, "usage", job_usage(j));
+    if (j->kv_params_out)
+        cJSON_AddItemToObject(o, "kv_transfer_params", cJSON_Duplicate(j->kv_params_out, true));
+    else
+        cJSON_AddNullToObject(o, "kv_transfer_params");
+    http_req *req = j->req;
+    j->req = NULL;
+    srv_count_status(s, 200);
+    api_respond_json(req, 200, o, j->extra);
+    cJSON_Delete(o);
+}
+
+static void respond_chat(srv_job *j) {
+    srv_server *s = j->srv;
+    cJSON *o = chunk_head(j, "chat.completion");
+    cJSON *choices = cJSON_AddArrayToObject(o, "choices");
+    for (int i = 0; i < j->n_choices; i++) {
+        srv_choice *c = &j->choices[i];
+        cJSON *ch = cJSON_CreateObject();
+        cJSON_AddItemToArray(choices, ch);
+        cJSON_AddNumberToObject(ch, "index", c->index);
+        cJSON *msg = cJSON_AddObjectToObject(ch, "message");
+        cJSON_AddStringToObject(msg, "role", "assistant");
+        if (s->cfg.reasoning_r1) {
+            api_buf reason = {0}, content = {0};
+            api_reasoner_feed(&c->reasoner, c->text.p ? c->text.p : "", c->text.len, &reason,
+                              &content);
+            api_reasoner_finish(&c->reasoner, &reason, &content);
+            /* vLLM: content null when nothing follows the reasoning */
+            if (content.len)
+                cJSON_AddStringToObject(msg, "content", content.p);
+            else
+                cJSON_AddNullToObject(msg, "content");
+            cJSON_AddStringToObject(msg, "reasoning_content", reason.p ? reason.p : "");
+            api_buf_free(&reason);
+            api_buf_free(&content);
+        } else {
+            cJSON_AddStringToObject(msg, "content", c->text.p ? c->text.p : "");
+            cJSON_AddNullToObject(msg, "reasoning_content");
+        }
+        cJSON_AddArrayToObject(msg, "tool_calls");
+        if (j->want_logprobs) {
+            cJSON *lp = cJSON_AddObjectToObject(ch, "logprobs");
+            cJSON *arr = cJSON_AddArrayToObject(lp, "content");
+            for (int k = 0; k < c->n_lps; k++) chat_lp_add(s, arr, &c->lps[k], j->logprobs);
+        } else {
+            cJSON_AddNullToObject(ch, "logprobs");
+        }
+        add_finish(ch, c, true);
+        if (j->return_token_ids) cJSON_AddItemToObject(ch, "token_ids", ids_json(c->ids, c->n_ids));
+    }
+    cJSON_AddItemToObject(o, "usage", job_usage(j));
+    if (j->return_token_ids)
+        cJSON_AddItemToObject(o, "prompt_token_ids", ids_json(j->prompts[0], j->n_prompt_ids[0]));
+    cJSON_AddNullToObject(o, "prompt_logprobs");
+    if (j->kv_params_out)
+        cJSON_AddItemToObject(o, "kv_transfer_params", cJSON_Duplicate(j->kv_params_out, true));
+    else
+        cJSON_AddNullToObject(o, "kv_transfer_params");
+    http_req *req = j->req;
+    j->req = NULL;
+    srv_count_status(s, 200);
+    api_respond_json(req, 200, o, j->extra);
+    cJSON_Delete(o);
+}
+
+static void job_complete(srv_job *j) {
+    if (!j->req) return;
+    if (j->stream_started) {
+        stream_end(j);
+        return;
+    }
+    if (j->failed || j->aborted) {
+        job_respond_error(j, j->aborted ? 503 : (j->err_status ? j->err_status : 500),
+                          j->err_msg[0] ? j->err_msg : "the request failed", NULL);
+        return;
+    }
+    if (j->kind == SRV_JOB_CHAT)
+        respond_chat(j);
+    else
+        respond_completion(j);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Engine events */
+
+static bool grow(void **p, int *cap, int need, size_t elem) {
+    if (need <= *cap) return true;
+    int c = *cap ? *cap * 2 : 16;
+    while (c < need) c *= 2;
+    void *q = realloc(*p, (size_t)c * elem);
+    if (!q) return false;
+    *p = q;
+    *cap = c;
+    return true;
+}
+
+static void choice_finish(srv_job *j, srv_choice *c, srv_msg *m) {
+    srv_server *s = j->srv;
+    c->done = true;
+    c->live = false;
+    j->n_live--;
+    s->live_requests--;
+    c->finish = m->finish;
+    c->stop_token = m->stop_token;
+    if (m->stop_reason) c->stop_reason = strdup(m->stop_reason);
+    const char *fs = finish_str(m->finish);
+    met_count_finish(s->met, fs);
+    met_observe(s->met, MET_HIST_E2E, m->t - j->t_arrival);
+    met_observe(s->met, MET_HIST_PROMPT_TOKENS, m->n_prompt);
+    met_observe(s->met, MET_HIST_GENERATION_TOKENS, m->n_output);
+    if (c->remote && s->plugin && s->plugin->free_remote) {
+        s->plugin->free_remote(s->plugin->state, c->remote);
+        c->remote = NULL;
+    }
+    if (m->finish == ENG_FINISH_ERROR && !j->failed && !j->aborted) {
+        j->failed = true;
+        j->err_status = 500;
+        snprintf(j->err_msg, sizeof j->err_msg, "%s", m->error ? m->error : "the request failed");
+        LOG_WARN("api: %s: engine request %llu failed: %s", j->id, (unsigned long long)c->eng_id,
+                 j->err_msg);
+        job_abort_live(j);
+    } else if (m->finish == ENG_FINISH_ABORT && j->req && !j->failed && !j->aborted) {
+        /* only the server aborts a request whose client is still there: shutdown */
+        j->aborted = true;
+        snprintf(j->err_msg, sizeof j->err_msg,
+                 "The request was aborted: the server is shutting "
+                 "down");
+        job_abort_live(j);
+    }
+    if (m->n_lease_blocks > 0) {
+        cJSON *params = NULL;
+        if (j->req && !j->failed && !j->aborted && s->plugin && s->plugin->lease_params)
+            params = s->plugin->lease_params(s->plugin->state, c->eng_id, j->request_id,
+                                             m->lease_blocks, m->n_lease_blocks, m->n_prompt);
+        if (params) {
+            cJSON_Delete(j->kv_params_out);
+            j->kv_params_out = params;
+        } else {
+            eng_lease_release(s->eng, c->eng_id);
+            if (j->req && !j->failed && !j->aborted) {
+                j->failed = true;
+                j->err_status = 500;
+                snprintf(j->err_msg, sizeof j->err_msg,
+                         "the KV transfer parameters for this request could not be produced");
+            }
+        }
+    }
+}
+
+void api_job_event(srv_server *s, const srv_msg *m) {
+    srv_choice *c = m->user;
+    srv_job *j = c->job;
+    (void)s;
+    if (m->has_token) {
+        if (grow((void **)&c->ids, &c->cap_ids, c->n_ids + 1, sizeof *c->ids))
+            c->ids[c->n_ids++] = m->token;
+        if (m->has_lp && grow((void **)&c->lps, &c->cap_lps, c->n_lps + 1, sizeof *c->lps))
+            c->lps[c->n_lps++] = m->lp;
+        if (c->t_first == 0) {
+            c->t_first = m->t;
+            met_observe(j->srv->met, MET_HIST_TTFT, m->t - j->t_arrival);
+        } else {
+            met_observe(j->srv->met, MET_HIST_ITL, m->t - c->t_last);
+        }
+        c->t_last = m->t;
+    }
+    if (m->prompt_lp && !c->prompt_lp) {
+        c->prompt_lp = malloc((size_t)m->n_prompt * sizeof *c->prompt_lp);
+        if (c->prompt_lp)
+            memcpy(c->prompt_lp, m->prompt_lp, (size_t)m->n_prompt * sizeof *c->prompt_lp);
+    }
+    c->n_prompt = m->n_prompt;
+    c->n_output = m->n_output;
+    c->n_cached = m->n_cached;
+    bool final = m->finish != ENG_FINISH_NONE;
+    if (final) choice_finish(j, c, (srv_msg *)m);
+    if (j->req && !j->failed && !j->aborted) {
+        if (j->stream_started) {
+            /* aborted/failed choices end the stream with an error event instead */
+            if (j->kind == SRV_JOB_CHAT)
+                stream_chat(j, c, m);
+            else
+                stream_completion(j, c, m);
+        } else {
+            api_buf_add(&c->text, m->text ? m->text : "", m->text_len);
+        }
+    }
+    if (j->n_live == 0 && j->req) job_complete(j);
+    job_maybe_free(j);
+}
+
+void api_jobs_abort_all(srv_server *s) {
+    for (srv_job *j = s->jobs; j; j = j->next) job_abort_live(j);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Endpoints */
+
+static srv_job *job_begin(srv_server *s, http_req *req, srv_job_kind kind) {
+    srv_job *j = job_create(s, req, kind);
+    if (!j) {
+        LOG_ERROR("api: out of memory starting a request");
+        srv_count_status(s, 500);
+        api_respond_error(req, 500, "out of memory", NULL, NULL);
+    }
+    return j;
+}
+
+void api_handle_completions(srv_server *s, http_req *req, cJSON *body) {
+    srv_job *j = job_begin(s, req, SRV_JOB_COMPLETION);
+    if (!j) return;
+    api_err e = {0};
+    eng_sampling sp;
+    eng_sampling_default(&sp);
+    long long n = 1, max_tokens = 16, logprobs = -1, best_of = 0;
+    bool add_special = true;
+    eng_kv_role role = ENG_KV_LOCAL;
+    void *remote = NULL;
+    if (check_model(s, body, &e) || parse_stream(j, body, &e) ||
+        api_get_int(body, "n", 1, MAX_N, &n, &e) ||
+        api_get_int(body, "best_of", 1, MAX_N, &best_of, &e) ||
+        api_get_int(body, "logprobs", 0, ENG_MAX_LOGPROBS, &logprobs, &e) ||
+        api_get_bool(body, "echo", &j->echo, &e) ||
+        api_get_bool(body, "return_token_ids", &j->return_token_ids, &e) ||
+        api_get_bool(body, "add_special_tokens", &add_special, &e) || parse_sampling(body, &sp, &e))
+        goto fail;
+    if (best_of && best_of != n) {
+        api_err_set(&e, 400, "best_of", "best_of other than n is not supported");
+        goto fail;
+    }
+    const cJSON *mt = cJSON_GetObjectItemCaseSensitive(body, "max_tokens");
+    if (mt && cJSON_IsNull(mt))
+        max_tokens = 0; /* null: up to the context length */
+    else if (api_get_int(body, "max_tokens", 1, 1LL << 53, &max_tokens, &e))
+        goto fail;
+    const char *user = NULL;
+    if (api_get_string(body, "user", &user, &e)) goto fail;
+    if (parse_prompts(s, j, body, add_special, &e) || check_lengths(s, j, max_tokens, &e))
+        goto fail;
+    if ((long long)j->n_prompts * n > MAX_CHOICES) {
+        api_err_set(&e, 400, "n", "at most %d choices per request", MAX_CHOICES);
+        goto fail;
+    }
+    if (sp.min_tokens > 0 && max_tokens > 0 && sp.min_tokens > max_tokens) {
+        api_err_set(&e, 400, "min_tokens", "min_tokens (%d) must be at most max_tokens (%lld)",
+                    sp.min_tokens, max_tokens);
+        goto fail;
+    }
+    if (j->echo) /* prompt text for ids given as ids */
+        for (int p = 0; p < j->n_prompts; p++)
+            if (!j->prompt_text[p])
+                j->prompt_text[p] = decode_ids(s, j->prompts[p], j->n_prompt_ids[p], false);
+    sp.max_tokens = max_tokens > 0 ? (int)max_tokens : s->max_model_len;
+    if (max_tokens <= 0) sp.max_tokens = 0;
+    sp.logprobs = (int)logprobs;
+    j->want_logprobs = logprobs >= 0;
+    j->logprobs = (int)logprobs;
+    if (j->echo && logprobs >= 0) sp.prompt_logprobs = (int)logprobs;
+    if (job_setup_choices(j, (int)n) != DUET_OK) {
+        api_err_set(&e, 500, NULL, "out of memory");
+        goto fail;
+    }
+    if (parse_kv_params(s, j, body, &role, &remote, &e)) goto fail;
+    job_submit(j, &sp, (int)n, role, remote);
+    return;
+fail:
+    job_fail(j, &e);
+}
+
+void api_handle_chat(srv_server *s, http_req *req, cJSON *body) {
+    srv_job *j = job_begin(s, req, SRV_JOB_CHAT);
+    if (!j) return;
+    api_err e = {0};
+    eng_sampling sp;
+    eng_sampling_default(&sp);
+    long long n = 1, max_tokens = 0, top_logprobs = 0;
+    bool logprobs = false;
+    eng_kv_role role = ENG_KV_LOCAL;
+    void *remote = NULL;
+    int32_t *ids = NULL;
+    int n_ids = 0;
+    if (!s->tpl) {
+        api_err_set(&e, 400, NULL, "this model has no chat template");
+        goto fail;
+    }
+    if (check_model(s, body, &e) || parse_stream(j, body, &e) ||
+        api_get_int(body, "n", 1, MAX_N, &n, &e) || api_get_bool(body, "logprobs", &logprobs, &e) ||
+        api_get_int(body, "top_logprobs", 0, ENG_MAX_LOGPROBS, &top_logprobs, &e) ||
+        api_get_bool(body, "return_token_ids", &j->return_token_ids, &e) ||
+        api_get_int(body, "max_tokens", 1, 1LL << 53, &max_tokens, &e) ||
+        api_get_int(body, "max_completion_tokens", 1, 1LL << 53, &max_tokens, &e) ||
+        parse_sampling(body, &sp, &e))
+        goto fail;
+    if (present(body, "top_logprobs") && top_logprobs > 0 && !logprobs) {
+        api_err_set(&e, 400, "top_logprobs",
+                    "when using `top_logprobs`, `logprobs` must be set "
+                    "to true.");
+        goto fail;
+    }
+    const char *user = NULL;
+    if (api_get_string(body, "user", &user, &e)) goto fail;
+    if (render_chat(s, body, false, &ids, &n_ids, &e)) goto fail;
+    if (add_prompt(j, ids, n_ids, NULL)) {
+        api_err_set(&e, 500, NULL, "out of memory");
+        goto fail;
+    }
+    if (check_lengths(s, j, max_tokens, &e)) goto fail;
+    if (sp.min_tokens > 0 && max_tokens > 0 && sp.min_tokens > max_tokens) {
+        api_err_set(&e, 400, "min_tokens", "min_tokens (%d) must be at most max_tokens (%lld)",
+                    sp.min_tokens, max_tokens);
+        goto fail;
+    }
+    sp.max_tokens = (int)max_tokens; /* 0: up to the context length */
+    sp.logprobs = logprobs ? (int)top_logprobs : -1;
+    j->want_logprobs = logprobs;
+    j->logprobs = (int)top_logprobs;
+    if (job_setup_choices(j, (int)n) != DUET_OK) {
+        api_err_set(&e, 500, NULL, "out of memory");
+        goto fail;
+    }
+    if (parse_kv_params(s, j, body, &role, &remote, &e)) goto fail;
+    job_submit(j, &sp, (int)n, role, remote);
+    return;
+fail:
+    job_fail(j, &e);
+}
+
+void api_handle_tokenize(srv_server *s, http_req *req, cJSON *body) {
+    api_err e = {0};
+    int32_t *ids = NULL;
+    int n = 0;
+    bool strs = false;
+    if (check_model(s, body, &e) || api_get_bool(body, "return_token_strs", &strs, &e)) goto fail;
+    if (present(body, "messages")) {
+        if (!s->tpl) {
+            api_err_set(&e, 400, NULL, "this model has no chat template");
+            goto fail;
+        }
+        if (render_chat(s, body, false, &ids, &n, &e)) goto fail;
+    } else {
+        const char *prompt = NULL;
+        bool add_special = true;
+        if (api_get_string(body, "prompt", &prompt, &e) ||
+            api_get_bool(body, "add_special_tokens", &add_special, &e))
+            goto fail;
+        if (!prompt) {
+            api_err_set(&e, 400, "prompt", "'prompt' (a string) or 'messages' is required");
+            goto fail;
+        }
+        if (encode_text(s, prompt, strlen(prompt), add_special, &ids, &n)) {
+            api_err_set(&e, 500, NULL, "tokenization failed");
+            goto fail;
+        }
+    }
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "count", n);
+    cJSON_AddNumberToObject(o, "max_model_len", s->max_model_len);
+    cJSON_AddItemToObject(o, "tokens", ids_json(ids, n));
+    if (strs) {
+        cJSON *a = cJSON_AddArrayToObject(o, "token_strs");
+        for (int i = 0; i < n; i++) {
+            char *t = token_str(s, ids[i]);
+            cJSON_AddItemToArray(a, cJSON_CreateString(t));
+            free(t);
+        }
+    } else {
+        cJSON_AddNullToObject(o, "token_strs");
+    }
+    free(ids);
+    srv_count_status(s, 200);
+    api_respond_json(req, 200, o, NULL);
+    cJSON_Delete(o);
+    return;
+fail:
+    free(ids);
+    srv_count_status(s, e.status);
+    api_respond_err(req, &e, NULL);
+}
+
+void api_handle_detokenize(srv_server *s, http_req *req, cJSON *body) {
+    api_err e = {0};
+    int32_t *ids = NULL;
+    int n = 0;
+    if (check_model(s, body, &e)) goto fail;
+    const cJSON *t = cJSON_GetObjectItemCaseSensitive(body, "tokens");
+    if (!cJSON_IsArray(t)) {
+        api_err_set(&e, 400, "tokens", "'tokens' must be a list of token ids");
+        goto fail;
+    }
+    if (token_array(t, &ids, &n, &e)) {
+        api_err_set(&e, 400, "tokens", "'tokens' must be a list of token ids");
+        goto fail;
+    }
+    for (int i = 0; i < n; i++)
+        if (ids[i] >= tok_vocab_size(s->tok)) {
+            api_err_set(&e, 400, "tokens", "token id %d is out of vocabulary", ids[i]);
+            goto fail;
+        }
+    char *text = decode_ids(s, ids, n, false);
+    if (!text) {
+        api_err_set(&e, 400, "tokens", "these token ids cannot be decoded");
+        goto fail;
+    }
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "prompt", text);
+    free(text);
+    free(ids);
+    srv_count_status(s, 200);
+    api_respond_json(req, 200, o, NULL);
+    cJSON_Delete(o);
+    return;
+fail:
+    free(ids);
+    srv_count_status(s, e.status);
+    api_respond_err(req, &e, NULL);
+}

@@ -1,0 +1,924 @@
+/* srv_main: a worker process (duet-prefill / duet-decode). Command line, the MPI instance, one
+ * engine thread stepping the engine (TP followers run par_follow instead), the libuv loop with
+ * the HTTP server and routing, engine events carried to the loop through a mutex queue and a
+ * uv_async_t, and the SIGTERM drain. The OpenAI endpoints themselves live in api_openai.c. */
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "comm.h"
+#include "config.h"
+#include "log.h"
+#include "server-impl.h"
+
+#ifndef DUET_VERSION
+#define DUET_VERSION "0.0.0"
+#endif
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Command line */
+
+static void usage(FILE *f, const char *prog, const srv_kv_plugin *plugin) {
+    fprintf(f,
+            "usage: %s --model DIR [options]\n"
+            "An OpenAI-compatible server (vLLM's flags where the meaning is the same).\n"
+            "  --model DIR                      checkpoint: config.json + safetensors\n"
+            "  --tokenizer DIR                  tokenizer.json + tokenizer_config.json "
+            "(default: --model)\n"
+            "  --served-model-name NAME         the model name clients use (default: --model)\n"
+            "  --host ADDR                      listen address (default: all IPv4)\n"
+            "  --port N                         HTTP port; DP rank r listens on N + r "
+            "(default 8000)\n"
+            "  --api-key KEY                    bearer key for /v1/* (also env DUET_API_KEY or "
+            "VLLM_API_KEY)\n"
+            "  --max-model-len N                context length (default min(config, 8192))\n"
+            "  --max-num-seqs N                 sequences per step (default 256)\n"
+            "  --max-num-batched-tokens N       tokens per step (default 2048)\n"
+            "  --max-waiting-requests N         queued beyond --max-num-seqs before new requests "
+            "get 503 (default 1024)\n"
+            "  --block-size N                   tokens per KV block (default 64)\n"
+            "  --kv-cache-memory BYTES          KV cache budget, K/M/G suffixes (default 1G)\n"
+            "  --num-gpu-blocks-override N      KV cache size in blocks (overrides the budget)\n"
+            "  --enable-prefix-caching, --no-enable-prefix-caching  (default on)\n"
+            "  --reasoning-parser deepseek_r1   split R1 reasoning into reasoning_content\n"
+            "  --kv-lease-timeout S             prefill: KV leases unread after S s are freed "
+            "(default 30)\n"
+            "  --shutdown-timeout S             SIGTERM: in-flight requests get S s before "
+            "abort (default 30)\n"
+            "  --max-request-body BYTES         larger bodies are answered 413 (default 32M)\n"
+            "  --help                           this text\n",
+            prog);
+    par_usage(f);
+    if (plugin && plugin->usage) plugin->usage(plugin->state, f);
+}
+
+/* "1073741824", "1G", "512MiB", "64k" */
+static int parse_bytes(const char *v, long long *out) {
+    char *end;
+    errno = 0;
+    double x = strtod(v, &end);
+    if (end == v || errno || !(x >= 0)) return -1;
+    double mul = 1;
+    if (*end) {
+        char u = (char)(*end | 0x20);
+        mul = u == 'k'   ? 1024.0
+              : u == 'm' ? 1048576.0
+              : u == 'g' ? 1073741824.0
+              : u == 't' ? 1099511627776.0
+                         : 0;
+        if (mul == 0) return -1;
+        end++;
+        if (!strcmp(end, "iB") || !strcmp(end, "ib") || !strcmp(end, "B") || !strcmp(end, "b"))
+            end += strlen(end);
+        if (*end) return -1;
+    }
+    x *= mul;
+    if (x > 9.0e18) return -1;
+    *out = (long long)x;
+    return 0;
+}
+
+static int parse_int(const char *v, long long lo, long long hi, long long *out) {
+    char *end;
+    errno = 0;
+    long long x = strtoll(v, &end, 10);
+    if (!*v || *end || errno || x < lo || x > hi) return -1;
+    *out = x;
+    return 0;
+}
+
+static int parse_secs(const char *v, double *out) {
+    char *end;
+    errno = 0;
+    double x = strtod(v, &end);
+    if (!*v || *end || errno || !(x >= 0) || x > 1e7) return -1;
+    *out = x;
+    return 0;
+}
+
+/* argv with "--flag=value" split in two, as argparse accepts. Pointers into argv or heap. */
+static char **split_equals(int argc, char **argv, int *argc_p, char **owned) {
+    char **out = calloc((size_t)argc * 2 + 1, sizeof *out);
+    if (!out) return NULL;
+    int k = 0;
+    char *buf = NULL;
+    size_t total = 0;
+    for (int i = 0; i < argc; i++) total += strlen(argv[i]) + 1;
+    buf = malloc(total + 1);
+    if (!buf) {
+        free(out);
+        return NULL;
+    }
+    char *p = buf;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        const char *eq = strchr(a, '=');
+        if (i > 0 && a[0] == '-' && a[1] == '-' && eq) {
+            size_t n = (size_t)(eq - a);
+            memcpy(p, a, n);
+            p[n] = '\0';
+            out[k++] = p;
+            p += n + 1;
+            out[k++] = (char *)eq + 1;
+        } else {
+            out[k++] = argv[i];
+        }
+    }
+    *argc_p = k;
+    *owned = buf;
+    return out;
+}
+
+/* 0: parsed, 1: --help printed, 2: bad usage (a line printed). */
+static int parse_args(srv_config *c, int argc, char **argv, const srv_kv_plugin *plugin) {
+    const char *prog = argv[0];
+    for (int i = 1; i < argc; i++) {
+        int used = par_options_parse(&c->po, argc, argv, i);
+        if (used < 0) return 2;
+        if (used > 0) {
+            i += used - 1;
+            continue;
+        }
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        long long x;
+        double d;
+#define NEED_VALUE()                                                                               \
+    do {                                                                                           \
+        if (!v) {                                                                                  \
+            fprintf(stderr, "%s: %s needs a value\n", prog, a);                                    \
+            return 2;                                                                              \
+        }                                                                                          \
+        i++;                                                                                       \
+    } while (0)
+#define BAD_VALUE(what)                                                                            \
+    do {                                                                                           \
+        fprintf(stderr, "%s: %s needs %s, got '%s'\n", prog, a, what, v);                          \
+        return 2;                                                                                  \
+    } while (0)
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            usage(stdout, prog, plugin);
+            return 1;
+        } else if (!strcmp(a, "--model")) {
+            NEED_VALUE();
+            c->model = v;
+        } else if (!strcmp(a, "--tokenizer")) {
+            NEED_VALUE();
+            c->tokenizer = v;
+        } else if (!strcmp(a, "--served-model-name")) {
+            NEED_VALUE();
+            if (!*v) BAD_VALUE("a non-empty name");
+            c->served_name = v;
+        } else if (!strcmp(a, "--host")) {
+            NEED_VALUE();
+            c->host = v;
+        } else if (!strcmp(a, "--port")) {
+            NEED_VALUE();
+            if (parse_int(v, 0, 65535, &x)) BAD_VALUE("a port number (0..65535)");
+            c->port = (int)x;
+        } else if (!strcmp(a, "--api-key")) {
+            NEED_VALUE();
+            c->api_key = v;
+        } else if (!strcmp(a, "--max-model-len")) {
+            NEED_VALUE();
+            if (parse_int(v, 2, 1 << 24, &x)) BAD_VALUE("an integer of at least 2");
+            c->max_model_len = (int)x;
+        } else if (!strcmp(a, "--max-num-seqs")) {
+            NEED_VALUE();
+            if (parse_int(v, 1, 1 << 16, &x)) BAD_VALUE("a positive integer");
+            c->max_num_seqs = (int)x;
+        } else if (!strcmp(a, "--max-num-batched-tokens")) {
+            NEED_VALUE();
+            if (parse_int(v, 1, 1 << 24, &x)) BAD_VALUE("a positive integer");
+            c->max_num_batched_tokens = (int)x;
+        } else if (!strcmp(a, "--max-waiting-requests")) {
+            NEED_VALUE();
+            if (parse_int(v, 0, 1 << 24, &x)) BAD_VALUE("a non-negative integer");
+            c->max_waiting = (int)x;
+        } else if (!strcmp(a, "--block-size")) {
+            NEED_VALUE();
+            if (parse_int(v, 1, 1 << 16, &x)) BAD_VALUE("a positive integer");
+            c->block_size = (int)x;
+        } else if (!strcmp(a, "--kv-cache-memory")) {
+            NEED_VALUE();
+            if (parse_bytes(v, &c->kv_cache_memory) || c->kv_cache_memory <= 0)
+                BAD_VALUE("a positive byte count (K/M/G suffixes allowed)");
+        } else if (!strcmp(a, "--num-gpu-blocks-override")) {
+            NEED_VALUE();
+            if (parse_int(v, 1, INT_MAX / 2, &x)) BAD_VALUE("a positive integer");
+            c->num_gpu_blocks_override = (int)x;
+        } else if (!strcmp(a, "--enable-prefix-caching")) {
+            c->prefix_caching = true;
+        } else if (!strcmp(a, "--no-enable-prefix-caching")) {
+            c->prefix_caching = false;
+        } else if (!strcmp(a, "--reasoning-parser")) {
+            NEED_VALUE();
+            if (strcmp(v, "deepseek_r1") != 0) BAD_VALUE("deepseek_r1 (the one parser duet has)");
+            c->reasoning_r1 = true;
+        } else if (!strcmp(a, "--kv-lease-timeout")) {
+            NEED_VALUE();
+            if (parse_secs(v, &d) || d <= 0) BAD_VALUE("a positive number of seconds");
+            c->lease_timeout_s = d;
+        } else if (!strcmp(a, "--shutdown-timeout")) {
+            NEED_VALUE();
+            if (parse_secs(v, &d)) BAD_VALUE("a number of seconds");
+            c->shutdown_timeout_s = d;
+        } else if (!strcmp(a, "--max-request-body")) {
+            NEED_VALUE();
+            if (parse_bytes(v, &c->max_request_body) || c->max_request_body < 1024)
+                BAD_VALUE("a byte count of at least 1024");
+        } else {
+            int n =
+                plugin && plugin->parse_arg ? plugin->parse_arg(plugin->state, argc, argv, i) : 0;
+            if (n < 0) return 2;
+            if (n > 0) {
+                i += n - 1;
+                continue;
+            }
+            fprintf(stderr, "%s: unknown option '%s' (see --help)\n", prog, a);
+            return 2;
+        }
+#undef NEED_VALUE
+#undef BAD_VALUE
+    }
+    if (!c->model) {
+        fprintf(stderr, "%s: --model DIR is required (see --help)\n", prog);
+        return 2;
+    }
+    return 0;
+}
+
+static void config_defaults(srv_config *c) {
+    memset(c, 0, sizeof *c);
+    par_options_init(&c->po);
+    c->port = 8000;
+    c->max_num_seqs = 256;
+    c->max_num_batched_tokens = 2048;
+    c->max_waiting = 1024;
+    c->block_size = 64;
+    c->prefix_caching = true;
+    c->lease_timeout_s = 30.0;
+    c->shutdown_timeout_s = 30.0;
+    c->max_request_body = 32LL * 1024 * 1024;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Engine thread and its events */
+
+static char *dup_n(const char *s, size_t n) {
+    char *d = malloc(n + 1);
+    if (d) {
+        if (n) memcpy(d, s, n);
+        d[n] = '\0';
+    }
+    return d;
+}
+
+static void msg_free(srv_msg *m) {
+    if (!m) return;
+    free(m->prompt_lp);
+    free(m->text);
+    free(m->stop_reason);
+    free(m->error);
+    free(m->lease_blocks);
+    free(m);
+}
+
+/* Engine thread (or the main thread inside eng_destroy): copy and hand to the loop. */
+static void on_engine_event(void *user, const eng_event *ev) {
+    srv_server *s = user;
+    srv_msg *m = calloc(1, sizeof *m);
+    bool oom = !m;
+    if (m) {
+        m->user = ev->user;
+        m->t = now_s();
+        if (ev->n_tokens > 0) {
+            m->has_token = true;
+            m->token = ev->tokens[0];
+            if (ev->logprobs) {
+                m->has_lp = true;
+                m->lp = ev->logprobs[0];
+            }
+        }
+        if (ev->prompt_logprobs && ev->n_prompt > 0) {
+            m->prompt_lp = malloc((size_t)ev->n_prompt * sizeof *m->prompt_lp);
+            if (m->prompt_lp)
+                memcpy(m->prompt_lp, ev->prompt_logprobs,
+                       (size_t)ev->n_prompt * sizeof *m->prompt_lp);
+        }
+        if (ev->text_len) {
+            m->text = dup_n(ev->text, ev->text_len);
+            m->text_len = m->text ? ev->text_len : 0;
+        }
+        m->finish = ev->finish;
+        if (ev->stop_reason) m->stop_reason = strdup(ev->stop_reason);
+        m->stop_token = ev->stop_token;
+        if (ev->error) m->error = strdup(ev->error);
+        m->n_prompt = ev->n_prompt;
+        m->n_output = ev->n_output;
+        m->n_cached = ev->n_cached;
+        if (ev->n_lease_blocks > 0) {
+            m->lease_blocks = malloc((size_t)ev->n_lease_blocks * sizeof *m->lease_blocks);
+            if (m->lease_blocks) {
+                memcpy(m->lease_blocks, ev->lease_blocks,
+                       (size_t)ev->n_lease_blocks * sizeof *m->lease_blocks);
+                m->n_lease_blocks = ev->n_lease_blocks;
+            }
+        }
+    }
+    if (oom) {
+        /* A lost final event would leave its response hanging for good; nothing better can be
+         * done without memory than to say so once. */
+        LOG_ERROR("server: out of memory passing an engine event to the HTTP loop");
+        return;
+    }
+    pthread_mutex_lock(&s->mu);
+    if (s->q_tail)
+        s->q_tail->next = m;
+    else
+        s->q_head = m;
+    s->q_tail = m;
+    bool send = s->engine_started;
+    pthread_mutex_unlock(&s->mu);
+    if (send) uv_async_send(&s->async);
+}
+
+static void process_messages(srv_server *s) {
+    pthread_mutex_lock(&s->mu);
+    srv_msg *m = s->q_head;
+    s->q_head = s->q_tail = NULL;
+    pthread_mutex_unlock(&s->mu);
+    while (m) {
+        srv_msg *next = m->next;
+        api_job_event(s, m);
+        msg_free(m);
+        m = next;
+    }
+}
+
+static void *engine_main(void *arg) {
+    srv_server *s = arg;
+    bool lock = par_lockstep(s->inst);
+    /* Under DP lockstep every idle group must join the busy ones' steps quickly; otherwise the
+     * wait only bounds how late lease expiry and TP heartbeats run (eng_wait wakes on work). */
+    int idle_ms = lock ? 2 : 100;
+    for (;;) {
+        bool busy = false;
+        duet_status st = eng_step(s->eng, &busy);
+        if (st != DUET_OK) {
+            LOG_ERROR("server: the engine failed (%s); shutting down", duet_strerror(st));
+            atomic_store(&s->engine_failed, true);
+            uv_async_send(&s->async);
+            break;
+        }
+        bool stop = atomic_load(&s->stop_engine);
+        if (lock) {
+            /* every DP leader leaves together, or the others would wait in a collective */
+            long long v = stop && !busy ? 0 : 1;
+            if (comm_allreduce_i64(s->leaders, &v, 1, true) != DUET_OK) {
+                atomic_store(&s->engine_failed, true);
+                uv_async_send(&s->async);
+                break;
+            }
+            if (v == 0) break;
+        } else if (stop) {
+            break;
+        }
+        if (!busy) eng_wait(s->eng, idle_ms);
+    }
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Shutdown */
+
+static void close_handle(uv_handle_t *h) {
+    if (!uv_is_closing(h)) uv_close(h, NULL);
+}
+
+/* After the drain (or its hard deadline): plug-in, engine thread, handles. The loop then ends;
+ * srv_main destroys the engine and delivers its last events. */
+static void finish_shutdown(srv_server *s) {
+    if (s->drained) return;
+    s->drained = true;
+    uv_timer_stop(&s->drain_timer);
+    if (s->plugin_started && s->plugin->stop) s->plugin->stop(s->plugin->state);
+    s->plugin_started = false;
+    if (s->engine_started) {
+        atomic_store(&s->stop_engine, true);
+        eng_wake(s->eng);
+        pthread_join(s->engine_thread, NULL);
+        pthread_mutex_lock(&s->mu);
+        s->engine_started = false;
+        pthread_mutex_unlock(&s->mu);
+    }
+    process_messages(s);
+    http_server_destroy(s->http); /* requests still held get on_close: their jobs let go */
+    s->http = NULL;
+    close_handle((uv_handle_t *)&s->async);
+    close_handle((uv_handle_t *)&s->sig_term);
+    close_handle((uv_handle_t *)&s->sig_int);
+    close_handle((uv_handle_t *)&s->drain_timer);
+}
+
+static void on_drained(http_server *http, void *arg) {
+    (void)http;
+    srv_server *s = arg;
+    LOG_INFO("server: drained; stopping");
+    finish_shutdown(s);
+}
+
+static void on_drain_timer(uv_timer_t *t) {
+    srv_server *s = t->data;
+    if (s->drain_phase == 0) {
+        int n = 0;
+        for (srv_job *j = s->jobs; j; j = j->next) n++;
+        if (n) LOG_WARN("server: shutdown timeout: aborting %d requests still running", n);
+        s->drain_phase = 1;
+        api_jobs_abort_all(s);
+        /* the aborted responses end within a few steps; a client that does not read them
+         * does not keep the process */
+        uv_timer_start(&s->drain_timer, on_drain_timer, 5000, 0);
+        return;
+    }
+    LOG_WARN("server: connections still open 5 s after the abort; closing them");
+    finish_shutdown(s);
+}
+
+static void start_drain(srv_server *s, const char *why) {
+    if (s->draining) return;
+    s->draining = true;
+    int n = 0;
+    for (srv_job *j = s->jobs; j; j = j->next) n++;
+    LOG_INFO("server: %s: no new requests; %d in flight get up to %.0f s", why, n,
+             s->cfg.shutdown_timeout_s);
+    http_server_close(s->http, on_drained, s);
+    uv_timer_start(&s->drain_timer, on_drain_timer, (uint64_t)(s->cfg.shutdown_timeout_s * 1000),
+                   0);
+}
+
+static void on_signal(uv_signal_t *h, int signum) {
+    srv_server *s = h->data;
+    if (s->draining) {
+        if (s->drain_phase == 0) {
+            LOG_WARN("server: second signal: aborting in-flight requests now");
+            uv_timer_stop(&s->drain_timer);
+            on_drain_timer(&s->drain_timer);
+        }
+        return;
+    }
+    start_drain(s, signum == SIGINT ? "SIGINT" : "SIGTERM");
+}
+
+static void on_async(uv_async_t *a) {
+    srv_server *s = a->data;
+    process_messages(s);
+    if (atomic_load(&s->engine_failed) && !s->drained) {
+        s->exit_code = 1;
+        s->draining = true;
+        pthread_join(s->engine_thread, NULL);
+        pthread_mutex_lock(&s->mu);
+        s->engine_started = false;
+        pthread_mutex_unlock(&s->mu);
+        finish_shutdown(s);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Routes */
+
+void srv_count_status(srv_server *s, int status) {
+    met_count_http(s->met, status);
+}
+
+static void respond_error(srv_server *s, http_req *req, int status, const char *msg) {
+    srv_count_status(s, status);
+    api_respond_error(req, status, msg, NULL, NULL);
+}
+
+static void handle_models(srv_server *s, http_req *req) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "object", "list");
+    cJSON *data = cJSON_AddArrayToObject(o, "data");
+    cJSON *m = cJSON_CreateObject();
+    cJSON_AddItemToArray(data, m);
+    cJSON_AddStringToObject(m, "id", s->cfg.served_name);
+    cJSON_AddStringToObject(m, "object", "model");
+    cJSON_AddNumberToObject(m, "created", (double)s->created);
+    cJSON_AddStringToObject(m, "owned_by", "duet");
+    cJSON_AddStringToObject(m, "root", s->cfg.model);
+    cJSON_AddNullToObject(m, "parent");
+    cJSON_AddNumberToObject(m, "max_model_len", s->max_model_len);
+    cJSON *perms = cJSON_AddArrayToObject(m, "permission");
+    cJSON *p = cJSON_CreateObject();
+    cJSON_AddItemToArray(perms, p);
+    char id[48] = "modelperm-";
+    api_random_hex(id + 10, sizeof id - 10, 32);
+    cJSON_AddStringToObject(p, "id", id);
+    cJSON_AddStringToObject(p, "object", "model_permission");
+    cJSON_AddNumberToObject(p, "created", (double)s->created);
+    cJSON_AddFalseToObject(p, "allow_create_engine");
+    cJSON_AddTrueToObject(p, "allow_sampling");
+    cJSON_AddTrueToObject(p, "allow_logprobs");
+    cJSON_AddFalseToObject(p, "allow_search_indices");
+    cJSON_AddTrueToObject(p, "allow_view");
+    cJSON_AddFalseToObject(p, "allow_fine_tuning");
+    cJSON_AddStringToObject(p, "organization", "*");
+    cJSON_AddNullToObject(p, "group");
+    cJSON_AddFalseToObject(p, "is_blocking");
+    srv_count_status(s, 200);
+    api_respond_json(req, 200, o, NULL);
+    cJSON_Delete(o);
+}
+
+static void handle_metrics(srv_server *s, http_req *req) {
+    eng_stats st;
+    eng_get_stats(s->eng, &st);
+    http_server_stats hs;
+    http_server_get_stats(s->http, &hs);
+    met_gauges g = {
+        .num_requests_running = st.n_running,
+        .num_requests_waiting = st.n_waiting,
+        .kv_cache_usage =
+            st.n_blocks > 0 ? (double)(st.n_blocks - st.n_free_blocks) / st.n_blocks : 0.0,
+        .prompt_tokens = st.prompt_tokens,
+        .generation_tokens = st.generation_tokens,
+        .num_preemptions = st.n_preemptions,
+        .prefix_cache_queries = st.prefix_queries * (uint64_t)s->cfg.block_size,
+        .prefix_cache_hits = st.prefix_hits * (uint64_t)s->cfg.block_size,
+        .http_connections_open = hs.connections_open,
+    };
+    char *text = NULL;
+    size_t len = 0;
+    srv_count_status(s, 200);
+    if (met_render(s->met, &g, &text, &len) != DUET_OK) {
+        respond_error(s, req, 500, "out of memory");
+        return;
+    }
+    http_respond(req, 200, "text/plain; version=0.0.4; charset=utf-8", text, len);
+    free(text);
+}
+
+typedef enum route_kind {
+    R_COMPLETIONS,
+    R_CHAT,
+    R_MODELS,
+    R_HEALTH,
+    R_VERSION,
+    R_METRICS,
+    R_TOKENIZE,
+    R_DETOKENIZE,
+} route_kind;
+
+static const struct route {
+    const char *path;
+    const char *method; /* GET routes also answer HEAD */
+    route_kind kind;
+} k_routes[] = {
+    {"/v1/completions", "POST", R_COMPLETIONS},
+    {"/v1/chat/completions", "POST", R_CHAT},
+    {"/v1/models", "GET", R_MODELS},
+    {"/health", "GET", R_HEALTH},
+    {"/version", "GET", R_VERSION},
+    {"/metrics", "GET", R_METRICS},
+    {"/tokenize", "POST", R_TOKENIZE},
+    {"/detokenize", "POST", R_DETOKENIZE},
+};
+
+static void on_request(http_req *req, void *user) {
+    srv_server *s = user;
+    const struct route *r = NULL;
+    for (size_t i = 0; i < sizeof k_routes / sizeof *k_routes; i++)
+        if (!strcmp(req->path, k_routes[i].path)) r = &k_routes[i];
+    if (!r) {
+        respond_error(s, req, 404, "Not Found");
+        return;
+    }
+    bool get_ok = !strcmp(r->method, "GET") && !strcmp(req->method, "HEAD");
+    if (strcmp(req->method, r->method) != 0 && !get_ok) {
+        http_header allow[2] = {{"Allow", !strcmp(r->method, "GET") ? "GET, HEAD" : r->method},
+                                {NULL, NULL}};
+        srv_count_status(s, 405);
+        api_respond_error(req, 405, "Method Not Allowed", NULL, allow);
+        return;
+    }
+    if (!strncmp(req->path, "/v1/", 4) && !api_auth_ok(req, s->cfg.api_key)) {
+        respond_error(s, req, 401,
+                      "Unauthorized: a valid API key is required (Authorization: "
+                      "Bearer KEY)");
+        return;
+    }
+    switch (r->kind) {
+    case R_HEALTH:
+        if (s->draining) {
+            respond_error(s, req, 503, "The server is shutting down");
+            return;
+        }
+        srv_count_status(s, 200);
+        http_respond(req, 200, NULL, "", 0);
+        return;
+    case R_VERSION: {
+        static const char v[] = "{\"version\":\"" DUET_VERSION "\"}";
+        srv_count_status(s, 200);
+        http_respond(req, 200, "application/json", v, sizeof v - 1);
+        return;
+    }
+    case R_METRICS:
+        handle_metrics(s, req);
+        return;
+    case R_MODELS:
+        handle_models(s, req);
+        return;
+    default:
+        break;
+    }
+    if (s->draining) {
+        respond_error(s, req, 503, "The server is shutting down");
+        return;
+    }
+    cJSON *body = NULL;
+    api_err e = {0};
+    if (api_parse_body(req, &body, &e) != DUET_OK) {
+        srv_count_status(s, e.status);
+        api_respond_err(req, &e, NULL);
+        return;
+    }
+    switch (r->kind) {
+    case R_COMPLETIONS:
+        api_handle_completions(s, req, body);
+        break;
+    case R_CHAT:
+        api_handle_chat(s, req, body);
+        break;
+    case R_TOKENIZE:
+        api_handle_tokenize(s, req, body);
+        break;
+    default:
+        api_handle_detokenize(s, req, body);
+        break;
+    }
+    cJSON_Delete(body);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Start-up */
+
+/* A TP follower: the leader's steps until it says stop. Signals are the leader's business:
+ * mpirun delivers them to every rank, and a follower that died would break the drain. */
+static int run_follower(srv_server *s) {
+    signal(SIGTERM, SIG_IGN);
+    signal(SIGINT, SIG_IGN);
+    be_kv *kv = NULL;
+    int nb = s->n_blocks;
+    duet_status st = par_kv_agree(s->inst, &nb, s->cfg.block_size);
+    if (st == DUET_OK) st = mdl_kv_create(par_model(s->inst), nb, s->cfg.block_size, &kv);
+    if (st == DUET_OK) st = par_follow(s->inst, kv);
+    if (kv) mdl_kv_destroy(par_model(s->inst), kv);
+    return st == DUET_OK ? 0 : 1;
+}
+
+static duet_status size_kv(srv_server *s) {
+    const cfg_model *mc = mdl_config(par_model(s->inst));
+    size_t per_token = mdl_kv_bytes_per_token(par_model(s->inst));
+    if (s->cfg.num_gpu_blocks_override > 0) {
+        s->n_blocks = s->cfg.num_gpu_blocks_override;
+    } else {
+        long long budget = s->cfg.kv_cache_memory > 0 ? s->cfg.kv_cache_memory : 1LL << 30;
+        long long per_block = (long long)per_token * s->cfg.block_size;
+        long long nb = per_block > 0 ? budget / per_block : 0;
+        if (nb > INT_MAX / 2) nb = INT_MAX / 2;
+        s->n_blocks = (int)nb;
+    }
+    if (s->n_blocks < 1) {
+        LOG_ERROR("server: --kv-cache-memory %lld bytes holds no block of %d tokens (%zu bytes "
+                  "per token)",
+                  s->cfg.kv_cache_memory, s->cfg.block_size, per_token);
+        return DUET_ERR_INVALID;
+    }
+    if ((long long)s->n_blocks * s->cfg.block_size < s->max_model_len)
+        LOG_WARN("server: the KV cache (%d blocks of %d tokens) is smaller than one sequence of "
+                 "--max-model-len %d",
+                 s->n_blocks, s->cfg.block_size, s->max_model_len);
+    (void)mc;
+    return DUET_OK;
+}
+
+int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) {
+    const char *name = role == SRV_ROLE_PREFILL ? "duet-prefill" : "duet-decode";
+    log_set_tag(name);
+    srv_server *s = calloc(1, sizeof *s);
+    if (!s) return 1;
+    s->role = role;
+    s->plugin = plugin;
+    srv_config *c = &s->cfg;
+    config_defaults(c);
+    int sargc = 0;
+    char *owned = NULL;
+    char **sargv = split_equals(argc, argv, &sargc, &owned);
+    if (!sargv) {
+        free(s);
+        return 1;
+    }
+    int pr = parse_args(c, sargc, sargv, plugin);
+    if (pr) {
+        free(sargv);
+        free(owned);
+        free(s);
+        return pr == 1 ? 0 : 2;
+    }
+    if (!c->tokenizer) c->tokenizer = c->model;
+    if (!c->served_name) c->served_name = c->model;
+    if (!c->api_key) c->api_key = getenv("DUET_API_KEY");
+    if (!c->api_key) c->api_key = getenv("VLLM_API_KEY");
+    if (c->api_key && !*c->api_key) c->api_key = NULL;
+    c->po.max_tokens = c->max_num_batched_tokens;
+
+    /* values that depend on the model, checked before MPI and the weights */
+    cfg_model mc;
+    if (cfg_load(c->model, &mc) != DUET_OK) {
+        free(sargv);
+        free(owned);
+        free(s);
+        return 1;
+    }
+    if (c->max_model_len > mc.max_position_embeddings) {
+        fprintf(stderr,
+                "%s: --max-model-len %d is longer than the model's max_position_embeddings "
+                "(%d)\n",
+                name, c->max_model_len, mc.max_position_embeddings);
+        free(sargv);
+        free(owned);
+        free(s);
+        return 2;
+    }
+    s->max_model_len =
+        c->max_model_len ? c->max_model_len
+                         : (mc.max_position_embeddings < 8192 ? mc.max_position_embeddings : 8192);
+    if (c->port + c->po.dp - 1 > 65535) {
+        fprintf(stderr, "%s: --port %d + %d DP ranks passes 65535\n", name, c->port, c->po.dp);
+        free(sargv);
+        free(owned);
+        free(s);
+        return 2;
+    }
+    /* every rank reads the tokenizer before any collective: a bad file fails all alike */
+    if (tok_load(c->tokenizer, &s->tok) != DUET_OK) {
+        free(sargv);
+        free(owned);
+        free(s);
+        return 1;
+    }
+
+    int rc = 1;
+    if (par_instance_create(&c->po, c->model, &argc, &argv, &s->inst) != DUET_OK) {
+        tok_destroy(s->tok);
+        free(sargv);
+        free(owned);
+        free(s);
+        return 1;
+    }
+    const comm_world *w = par_world(s->inst);
+    if (par_lockstep(s->inst) && comm_group_create("leaders", par_tp_rank(s->inst) == 0 ? 0 : 1,
+                                                   w->rank, &s->leaders) != DUET_OK)
+        goto out_inst;
+    if (size_kv(s) != DUET_OK) goto out_inst;
+    s->vocab = mdl_config(par_model(s->inst))->vocab_size;
+    if (par_tp_rank(s->inst) != 0) {
+        tok_destroy(s->tok);
+        s->tok = NULL;
+        rc = run_follower(s);
+        goto out_inst;
+    }
+
+    if (chat_load(c->tokenizer, &s->tpl) != DUET_OK) {
+        LOG_WARN("server: no chat template from %s; /v1/chat/completions answers 400",
+                 c->tokenizer);
+        s->tpl = NULL;
+    }
+    eng_config ec;
+    eng_config_default(&ec);
+    ec.max_num_seqs = c->max_num_seqs;
+    ec.max_num_batched_tokens = c->max_num_batched_tokens;
+    ec.max_model_len = s->max_model_len;
+    ec.block_size = c->block_size;
+    ec.n_blocks = s->n_blocks;
+    ec.prefix_caching = c->prefix_caching;
+    ec.lease_timeout_s = c->lease_timeout_s;
+    ec.on_event = on_engine_event;
+    ec.event_user = s;
+    if (plugin && plugin->fetch) {
+        ec.fetch = plugin->fetch;
+        ec.fetch_user = plugin->state;
+    }
+    if (eng_create(&ec, s->inst, s->tok, &s->eng) != DUET_OK) {
+        par_stop_followers(s->inst);
+        goto out_inst;
+    }
+    s->n_blocks = ec.n_blocks;
+    s->created = (long long)time(NULL);
+    /* vLLM queues without bound; a bound turns a flood into quick 503s instead of timeouts */
+    s->max_live = c->max_num_seqs + c->max_waiting;
+    pthread_mutex_init(&s->mu, NULL);
+    int port = c->port ? c->port + par_dp_rank(s->inst) : 0;
+
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    s->loop = &loop;
+    uv_async_init(&loop, &s->async, on_async);
+    s->async.data = s;
+    uv_signal_init(&loop, &s->sig_term);
+    uv_signal_init(&loop, &s->sig_int);
+    s->sig_term.data = s->sig_int.data = s;
+    uv_timer_init(&loop, &s->drain_timer);
+    s->drain_timer.data = s;
+    http_server_opts ho;
+    http_server_opts_init(&ho);
+    ho.max_body_bytes = (size_t)c->max_request_body;
+    bool ok = met_create(c->served_name, s->max_model_len, &s->met) == DUET_OK &&
+              http_server_create(&loop, &ho, on_request, s, &s->http) == DUET_OK;
+    if (ok && plugin && plugin->start) {
+        srv_kv_context ctx = {.role = role,
+                              .engine = s->eng,
+                              .kv = eng_kv(s->eng),
+                              .inst = s->inst,
+                              .host = c->host,
+                              .http_port = port,
+                              .dp_rank = par_dp_rank(s->inst),
+                              .dp_size = par_dp_size(s->inst),
+                              .tp_size = par_tp_size(s->inst),
+                              .served_model_name = c->served_name};
+        ok = plugin->start(plugin->state, &ctx) == DUET_OK;
+        s->plugin_started = ok;
+        if (!ok) LOG_ERROR("server: the KV transfer plug-in did not start");
+    }
+    if (ok && http_server_listen(s->http, c->host, port) != DUET_OK) ok = false;
+    if (ok) {
+        uv_signal_start(&s->sig_term, on_signal, SIGTERM);
+        uv_signal_start(&s->sig_int, on_signal, SIGINT);
+        s->engine_started = true;
+        if (pthread_create(&s->engine_thread, NULL, engine_main, s) != 0) {
+            LOG_ERROR("server: cannot start the engine thread");
+            s->engine_started = false;
+            ok = false;
+        }
+    }
+    if (ok) {
+        LOG_INFO("%s serving %s as '%s' on http://%s:%d (DP rank %d of %d, TP %d), "
+                 "max_model_len %d, KV cache %d blocks of %d tokens",
+                 name, c->model, c->served_name, c->host && *c->host ? c->host : "0.0.0.0",
+                 http_server_port(s->http), par_dp_rank(s->inst), par_dp_size(s->inst),
+                 par_tp_size(s->inst), s->max_model_len, s->n_blocks, c->block_size);
+        rc = 0;
+    } else {
+        s->exit_code = 1;
+        s->draining = true;
+        if (par_lockstep(s->inst)) {
+            /* the other DP groups would wait for this one in every step until the collective
+             * deadline: end the instance now, as a bad checkpoint does */
+            LOG_ERROR("server: DP rank %d could not start; stopping the instance",
+                      par_dp_rank(s->inst));
+            comm_abort(1);
+        }
+        finish_shutdown(s);
+    }
+    uv_run(&loop, UV_RUN_DEFAULT);
+    if (s->exit_code) rc = s->exit_code;
+
+    /* the engine thread is gone: the last events (aborts) come from eng_destroy, here */
+    eng_destroy(s->eng);
+    s->eng = NULL;
+    process_messages(s);
+    while (s->jobs) {
+        /* not reached: every job ended with its requests' final events */
+        srv_job *j = s->jobs;
+        s->jobs = j->next;
+        free(j);
+    }
+    uv_run(&loop, UV_RUN_DEFAULT);
+    if (uv_loop_close(&loop) != 0) LOG_WARN("server: handles left open at exit");
+    par_stop_followers(s->inst);
+    met_destroy(s->met);
+    pthread_mutex_destroy(&s->mu);
+    if (!rc) LOG_INFO("%s: stopped", name);
+
+out_inst:
+    comm_group_destroy(s->leaders);
+    chat_destroy(s->tpl);
+    tok_destroy(s->tok);
+    par_instance_destroy(s->inst);
+    free(sargv);
+    free(owned);
+    free(s);
+    return rc;
+}
