@@ -52,8 +52,7 @@ typedef struct side {
     srv_kv_plugin plug;
 } side;
 
-static int make_side(side *s, const char *model, srv_role role, const bench_opts *o,
-                     int n_blocks) {
+static int make_side(side *s, const char *model, srv_role role, const bench_opts *o, int n_blocks) {
     par_options po;
     par_options_init(&po);
     po.load_format = MDL_WEIGHTS_DUMMY;
@@ -181,13 +180,18 @@ int main(int argc, char **argv) {
         }
         if (!strcmp(a, "--tokens")) {
             char *s = strdup(v), *save = NULL;
-            for (char *t = strtok_r(s, ",", &save); t && o.n_sizes < 16; t = strtok_r(NULL, ",", &save))
+            for (char *t = strtok_r(s, ",", &save); t && o.n_sizes < 16;
+                 t = strtok_r(NULL, ",", &save))
                 o.tokens[o.n_sizes++] = atoi(t);
             free(s);
-        } else if (!strcmp(a, "--layers")) o.layers = atoi(v);
-        else if (!strcmp(a, "--block-size")) o.block_size = atoi(v);
-        else if (!strcmp(a, "--repeat")) o.repeat = atoi(v);
-        else if (!strcmp(a, "--port")) o.port = atoi(v);
+        } else if (!strcmp(a, "--layers"))
+            o.layers = atoi(v);
+        else if (!strcmp(a, "--block-size"))
+            o.block_size = atoi(v);
+        else if (!strcmp(a, "--repeat"))
+            o.repeat = atoi(v);
+        else if (!strcmp(a, "--port"))
+            o.port = atoi(v);
         else {
             fprintf(stderr, "duet-kvbench: unknown option %s\n", a);
             return 2;
@@ -199,7 +203,8 @@ int main(int argc, char **argv) {
         o.n_sizes = 3;
     }
     int max_tokens = 0;
-    for (int i = 0; i < o.n_sizes; i++) max_tokens = o.tokens[i] > max_tokens ? o.tokens[i] : max_tokens;
+    for (int i = 0; i < o.n_sizes; i++)
+        max_tokens = o.tokens[i] > max_tokens ? o.tokens[i] : max_tokens;
     int n_blocks = 2 * ((max_tokens + o.block_size - 1) / o.block_size) + 8;
     char model[] = "/tmp/duet-kvbench-XXXXXX";
     if (!mkdtemp(model) || write_model(model, o.layers) != 0) return 1;
@@ -211,8 +216,8 @@ int main(int argc, char **argv) {
         close(to_child[1]);
         close(from_child[0]);
         log_set_tag("kvbench-prefill");
-        int rc = run_prefill(model, &o, n_blocks, fdopen(to_child[0], "r"),
-                             fdopen(from_child[1], "w"));
+        int rc =
+            run_prefill(model, &o, n_blocks, fdopen(to_child[0], "r"), fdopen(from_child[1], "w"));
         _exit(rc);
     }
     close(to_child[0]);
@@ -300,7 +305,8 @@ int main(int argc, char **argv) {
                 break;
             }
             if (s1.fetches_ok != s0.fetches_ok + 1) {
-                fprintf(stderr, "duet-kvbench: pull of %d tokens failed: %s\n", n_tokens, res.error);
+                fprintf(stderr, "duet-kvbench: pull of %d tokens failed: %s\n", n_tokens,
+                        res.error);
                 rc = 1;
                 break;
             }
