@@ -18,6 +18,7 @@
 #include "status.h"
 
 typedef struct be_backend be_backend;
+typedef struct comm_group comm_group;
 
 /* A linear layer's weight W [n_out, n_in]: y = x @ W^T. Created from host float32. */
 typedef struct be_weight be_weight;
@@ -67,16 +68,34 @@ typedef struct be_ffn {
     int n_inter; /* I: this rank's intermediate width */
 } be_ffn;
 
+/* Sampling parameters of one row for be_ops.sample. Applied in this order: temperature,
+ * top-k (ties with the k-th logit are kept), top-p (a token is kept when the probability mass
+ * of tokens strictly more likely than it is below top_p), min-p (relative to the most likely
+ * token), then one draw: u from the Philox-4x32-10 stream (seed, offset) picks the token
+ * where the kept tokens' cumulative probability, in token id order, first exceeds u * total. */
+typedef struct be_sample_row {
+    float temperature; /* below 1e-5: greedy (argmax, the lowest id among ties) */
+    int top_k;         /* <= 0 or >= V: off */
+    float top_p;       /* >= 1: off */
+    float min_p;       /* <= 0: off */
+    uint64_t seed;     /* Philox key: the request's seed */
+    uint64_t offset;   /* Philox counter: e.g. the request's token index, so draws never repeat */
+} be_sample_row;
+
 typedef struct be_ops {
     const char *name;
     dt_dtype act_dtype;
+    /* buffers, weights and the KV cache live in device memory the host cannot address: host
+     * collectives (MPI) cannot move them, the device communicator attached by comm_attach must */
+    bool on_device;
 
     void (*destroy)(be_backend *be);
 
     /* memory */
     void *(*buf_alloc)(be_backend *be, size_t n_elems); /* activation elements */
     void (*buf_free)(be_backend *be, void *buf);
-    /* host float32 <-> device activations, n elements at element offset off */
+    /* host float32 <-> device activations, n elements at element offset off (a be_kv cache
+     * holds the same type: download reads it too) */
     duet_status (*upload)(be_backend *be, void *dst, size_t off, const float *src, size_t n);
     duet_status (*download)(be_backend *be, float *dst, const void *src, size_t off, size_t n);
     /* Waits for queued work; returns (and clears) the first error any op met since the last
@@ -139,6 +158,14 @@ typedef struct be_ops {
     void (*scatter_add_rows)(be_backend *be, void *dst, const void *src, const int32_t *idx, int n,
                              int D);
     void (*zero)(be_backend *be, void *buf, size_t n);
+
+    /* optional: ids[n] (host) = one token per row of logits[n, V] (activations, rows V apart)
+     * as be_sample_row says; NULL: be_sample downloads the rows and samples on the host */
+    duet_status (*sample)(be_backend *be, const void *logits, int n, int V,
+                          const be_sample_row *rows, int32_t *ids);
+    /* optional: attaches a device communicator (NCCL) for this backend's memory to group g;
+     * collective over g's ranks. NULL: the backend's memory is host memory (MPI moves it). */
+    duet_status (*comm_attach)(be_backend *be, comm_group *g);
 } be_ops;
 
 struct be_backend {
@@ -147,9 +174,20 @@ struct be_backend {
 
 /* Creates a backend by name ("cpu", "cuda"); device is the local device index. */
 duet_status be_create(const char *name, int device, be_backend **be_p);
+/* The same with the activation and weight type: DT_F32 or DT_BF16, DT_COUNT for the backend's
+ * default (float32 on the CPU, which has no other; bf16 on CUDA). Router weights created
+ * keep_f32 stay float32 either way. */
+duet_status be_create_dtype(const char *name, int device, dt_dtype dtype, be_backend **be_p);
 void be_destroy(be_backend *be);
 /* Whether this build has the named backend. */
 bool be_available(const char *name);
+
+/* ids[n] (host) sampled from logits[n, V] with be_ops.sample, or on the host when the
+ * backend has none (be_sample_host, same rule). */
+duet_status be_sample(be_backend *be, const void *logits, int n, int V, const be_sample_row *rows,
+                      int32_t *ids);
+/* The host rule of be_ops.sample for one row of float32 logits. scratch holds 2 * V floats. */
+int32_t be_sample_host(const float *logits, int V, const be_sample_row *row, float *scratch);
 
 /* The CPU backend's constructor (cpu/backend_cpu.c). */
 duet_status be_cpu_create(be_backend **be_p);

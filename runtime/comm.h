@@ -1,9 +1,9 @@
 /* Communicators of an instance: the MPI world that mpirun starts, and groups (TP, DP, EP) with
  * the collectives the model and the scheduler need. Implementations: MPI on host memory (the
  * CPU backend; also the control plane everywhere) and, in the CUDA build, NCCL on device
- * memory. Every collective has a deadline: a peer that died or hangs makes it fail with
- * DUET_ERR_COMM after logging which group, which collective and how long it waited.
- * A group is used by one thread at a time (the engine thread). */
+ * memory (comm-impl.h is the seam between them). Every collective has a deadline: a peer that died
+ * or hangs makes it fail with DUET_ERR_COMM after logging which group, which collective and how
+ * long it waited. A group is used by one thread at a time (the engine thread). */
 #ifndef DUET_COMM_H
 #define DUET_COMM_H
 
@@ -50,5 +50,30 @@ duet_status comm_alltoall_counts(comm_group *g, const int *send_counts, int *rec
 duet_status comm_alltoallv(comm_group *g, const void *send, const int *send_counts, void *recv,
                            const int *recv_counts);
 duet_status comm_barrier(comm_group *g);
+
+/* ---- collectives on device memory ----
+ * A group moves device buffers once a device communicator is attached to it (the CUDA
+ * backend attaches NCCL through be_ops.comm_attach). The calls are ordered on the stream
+ * given when attaching and return once the transfer completed, under the same deadline as
+ * above (a dead peer aborts the instance with one line naming the rank, group and wait).
+ * On a group of one rank with nothing attached, allreduce and bcast are no-ops. */
+bool comm_group_has_device(const comm_group *g);
+/* buf[n] of type t (DT_F32 or DT_BF16) summed over the group, in place */
+duet_status comm_dev_allreduce(comm_group *g, void *buf, size_t n, dt_dtype t);
+/* dst [size][bytes_each] = every rank's src, in group rank order */
+duet_status comm_dev_allgather(comm_group *g, const void *src, void *dst, size_t bytes_each);
+/* As comm_alltoallv (byte counts per peer, packed in peer order), on device memory */
+duet_status comm_dev_alltoallv(comm_group *g, const void *send, const int *send_counts, void *recv,
+                               const int *recv_counts);
+duet_status comm_dev_bcast(comm_group *g, void *buf, size_t bytes, int root);
+
+#ifdef DUET_HAVE_CUDA
+/* Creates an NCCL communicator over g's ranks on CUDA device `device` and attaches it to g;
+ * collective over g: every rank of g calls it, groups in the same order on every rank. The
+ * NCCL id travels over g's host (MPI) broadcast. stream is the cudaStream_t the collectives
+ * are ordered on. Sets NCCL_NVLS_ENABLE=0 unless the environment already says otherwise:
+ * NVLink multicast can take shared GPUs down. (runtime/cuda/comm_nccl.c) */
+duet_status comm_nccl_attach(comm_group *g, int device, void *stream);
+#endif
 
 #endif

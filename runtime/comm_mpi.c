@@ -1,7 +1,7 @@
 /* comm over MPI (Open MPI): world bootstrap, group splits, and host-memory collectives run as
  * non-blocking MPI calls polled against a deadline, so a dead or stuck peer becomes one clear
  * error line and an instance-wide abort instead of a silent hang. */
-#include "comm.h"
+#include "comm-impl.h"
 
 #include <mpi.h>
 #include <stdio.h>
@@ -15,13 +15,14 @@ struct comm_group {
     MPI_Comm comm;
     char name[16];
     int rank, size;
+    comm_dev *dev; /* device communicator, when a backend attached one */
 };
 
 static double g_timeout = 60.0;
 static bool g_mpi;
 static int g_world_rank;
 
-static double now_s(void) {
+double comm_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
@@ -29,6 +30,27 @@ static double now_s(void) {
 
 void comm_set_timeout(double seconds) {
     if (seconds > 0) g_timeout = seconds;
+}
+
+double comm_timeout(void) {
+    return g_timeout;
+}
+
+int comm_world_rank(void) {
+    return g_world_rank;
+}
+
+const char *comm_group_name(const comm_group *g) {
+    return g->name;
+}
+
+void comm_group_set_dev(comm_group *g, comm_dev *d) {
+    if (g->dev && g->dev != d) g->dev->ops->destroy(g->dev);
+    g->dev = d;
+}
+
+bool comm_group_has_device(const comm_group *g) {
+    return g && g->dev;
 }
 
 duet_status comm_init(int *argc, char ***argv, comm_world *world_p) {
@@ -93,6 +115,7 @@ duet_status comm_group_create(const char *name, int color, int key, comm_group *
 
 void comm_group_destroy(comm_group *g) {
     if (!g) return;
+    comm_group_set_dev(g, NULL);
     if (g->comm != MPI_COMM_NULL) MPI_Comm_free(&g->comm);
     free(g);
 }
@@ -116,7 +139,7 @@ static duet_status wait_req(comm_group *g, MPI_Request *req, const char *what, i
         comm_abort(3);
         return DUET_ERR_COMM;
     }
-    double start = now_s();
+    double start = comm_now();
     struct timespec nap = {0, 20000}; /* 20 us: keeps latency low without spinning a core */
     for (long spins = 0;; spins++) {
         int done = 0;
@@ -124,7 +147,7 @@ static duet_status wait_req(comm_group *g, MPI_Request *req, const char *what, i
         if (rc != MPI_SUCCESS) return wait_req(g, req, what, rc);
         if (done) return DUET_OK;
         if (spins > 200) nanosleep(&nap, NULL);
-        if ((spins & 255) == 0 && now_s() - start > g_timeout) {
+        if ((spins & 255) == 0 && comm_now() - start > g_timeout) {
             LOG_ERROR("comm: rank %d: %s on the %s group did not complete within %.0f s (a "
                       "peer rank died or hangs); stopping the instance",
                       g_world_rank, what, g->name, g_timeout);
@@ -202,4 +225,33 @@ duet_status comm_barrier(comm_group *g) {
     MPI_Request req;
     int rc = MPI_Ibarrier(g->comm, &req);
     return wait_req(g, &req, "barrier", rc);
+}
+
+/* ---- device memory: through the attached device communicator ---- */
+
+static duet_status no_dev(comm_group *g, const char *what) {
+    LOG_ERROR("comm: %s of device memory on the %s group, which has no device communicator", what,
+              g->name);
+    return DUET_ERR_UNSUPPORTED;
+}
+
+duet_status comm_dev_allreduce(comm_group *g, void *buf, size_t n, dt_dtype t) {
+    if (g->dev) return g->dev->ops->allreduce(g, g->dev, buf, n, t);
+    return g->size <= 1 ? DUET_OK : no_dev(g, "allreduce");
+}
+
+duet_status comm_dev_allgather(comm_group *g, const void *src, void *dst, size_t bytes_each) {
+    if (g->dev) return g->dev->ops->allgather(g, g->dev, src, dst, bytes_each);
+    return no_dev(g, "allgather");
+}
+
+duet_status comm_dev_alltoallv(comm_group *g, const void *send, const int *send_counts, void *recv,
+                               const int *recv_counts) {
+    if (g->dev) return g->dev->ops->alltoallv(g, g->dev, send, send_counts, recv, recv_counts);
+    return no_dev(g, "alltoallv");
+}
+
+duet_status comm_dev_bcast(comm_group *g, void *buf, size_t bytes, int root) {
+    if (g->dev) return g->dev->ops->bcast(g, g->dev, buf, bytes, root);
+    return g->size <= 1 ? DUET_OK : no_dev(g, "broadcast");
 }

@@ -34,6 +34,7 @@ typedef struct mdl_step {
 typedef struct mdl_buffers {
     int cap_tokens, cap_out;
     void *h, *xn, *qa, *q, *kva, *attn, *o, *o2, *gu, *act, *logits;
+    void *logits_all;   /* [tp * cap_out, vocab_local]: the vocab gather of device backends */
     int32_t *ids;       /* host [cap_tokens, K] */
     float *weights;     /* host [cap_tokens, K] */
     float *logits_host; /* host [(tp + 1) * cap_out, vocab_local]: local rows, then gathered */

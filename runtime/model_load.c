@@ -468,8 +468,8 @@ duet_status mdl_step_reserve(mdl_step *s, int n_tokens, int n_seqs, int max_bloc
 
 void mdl_buffers_free(mdl_model *m) {
     mdl_buffers *b = &m->buf;
-    void **bufs[] = {&b->h, &b->xn, &b->qa, &b->q,   &b->kva,   &b->attn,
-                     &b->o, &b->o2, &b->gu, &b->act, &b->logits};
+    void **bufs[] = {&b->h, &b->xn, &b->qa, &b->q,   &b->kva,    &b->attn,
+                     &b->o, &b->o2, &b->gu, &b->act, &b->logits, &b->logits_all};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
         if (*bufs[i]) m->be->ops->buf_free(m->be, *bufs[i]);
         *bufs[i] = NULL;
@@ -510,6 +510,8 @@ duet_status mdl_reserve(mdl_model *m, int T, int n_out) {
     b->gu = al(be, t * 2 * (size_t)I);
     b->act = al(be, t * (size_t)I);
     b->logits = al(be, (size_t)cap_o * m->vocab_local);
+    bool gather_dev = m->shard.tp_size > 1 && be->ops->on_device;
+    b->logits_all = gather_dev ? al(be, (size_t)cap_o * m->vocab_local * m->shard.tp_size) : NULL;
     b->ids = malloc(t * K * sizeof(int32_t));
     b->weights = malloc(t * K * sizeof(float));
     b->logits_host =
@@ -517,7 +519,8 @@ duet_status mdl_reserve(mdl_model *m, int T, int n_out) {
     b->cap_tokens = cap_t;
     b->cap_out = cap_o;
     if (!b->h || !b->xn || !b->qa || !b->q || !b->kva || !b->attn || !b->o || !b->o2 || !b->gu ||
-        !b->act || !b->logits || !b->ids || !b->weights || !b->logits_host) {
+        !b->act || !b->logits || (gather_dev && !b->logits_all) || !b->ids || !b->weights ||
+        !b->logits_host) {
         LOG_ERROR("model: cannot allocate activations for %d tokens", cap_t);
         mdl_buffers_free(m);
         return DUET_ERR_NO_MEMORY;

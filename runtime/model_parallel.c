@@ -1,7 +1,8 @@
 /* The collectives of a sharded forward pass: TP all-reduce of row-parallel outputs, vocabulary
  * all-gather of logits, and EP all-to-all dispatch/combine of routed experts' tokens.
- * Host-memory backends move activations through comm (MPI); device backends will route the
- * same calls to NCCL. */
+ * Host-memory backends move activations through comm's MPI collectives; device backends
+ * (be_ops.on_device) through the device communicator they attached to the group (NCCL).
+ * Routing metadata (counts, expert ids, weights) is host data and always goes through MPI. */
 #include "model-impl.h"
 
 #include <stdlib.h>
@@ -11,14 +12,44 @@
 #include "log.h"
 
 duet_status mdl_comm_allreduce(mdl_model *m, void *buf, size_t n) {
+    if (m->be->ops->on_device)
+        return comm_dev_allreduce(m->shard.tp, buf, n, m->be->ops->act_dtype);
     if (m->be->ops->act_dtype != DT_F32) return DUET_ERR_UNSUPPORTED;
     return comm_allreduce_f32(m->shard.tp, buf, n);
+}
+
+/* all [tp][n_out][Vl] -> logits [n_out][vocab] (the padding past vocab_size dropped) */
+static duet_status logits_reorder(mdl_model *m, int n_out, const float *all, float *logits) {
+    const cfg_model *c = &m->cfg;
+    int Vl = m->vocab_local, tp = m->shard.tp_size;
+    for (int r = 0; r < n_out; r++)
+        for (int k = 0; k < tp; k++) {
+            int v0 = k * Vl, nv = v0 + Vl > c->vocab_size ? c->vocab_size - v0 : Vl;
+            if (nv > 0)
+                memcpy(logits + (size_t)r * c->vocab_size + v0, all + ((size_t)k * n_out + r) * Vl,
+                       (size_t)nv * sizeof(float));
+        }
+    return DUET_OK;
+}
+
+/* Device memory: gathered on the device into buf.logits_all, then one download. */
+static duet_status logits_collect_device(mdl_model *m, int n_out, float *logits) {
+    const be_ops *o = m->be->ops;
+    size_t n = (size_t)n_out * m->vocab_local;
+    duet_status st = comm_dev_allgather(m->shard.tp, m->buf.logits, m->buf.logits_all,
+                                        n * dt_size(o->act_dtype));
+    float *all = m->buf.logits_host + n;
+    if (st == DUET_OK)
+        st = o->download(m->be, all, m->buf.logits_all, 0, n * (size_t)m->shard.tp_size);
+    if (st != DUET_OK) return st;
+    return logits_reorder(m, n_out, all, logits);
 }
 
 duet_status mdl_logits_collect(mdl_model *m, int n_out, float *logits) {
     const cfg_model *c = &m->cfg;
     int Vl = m->vocab_local, tp = m->shard.tp_size;
     float *host = m->buf.logits_host;
+    if (tp > 1 && m->be->ops->on_device) return logits_collect_device(m, n_out, logits);
     duet_status st = m->be->ops->download(m->be, host, m->buf.logits, 0, (size_t)n_out * Vl);
     if (st != DUET_OK) return st;
     if (tp <= 1) {
@@ -32,14 +63,7 @@ duet_status mdl_logits_collect(mdl_model *m, int n_out, float *logits) {
     float *all = host + (size_t)n_out * Vl;
     st = comm_allgather(m->shard.tp, host, all, (size_t)n_out * Vl * sizeof(float));
     if (st != DUET_OK) return st;
-    for (int r = 0; r < n_out; r++)
-        for (int k = 0; k < tp; k++) {
-            int v0 = k * Vl, nv = v0 + Vl > c->vocab_size ? c->vocab_size - v0 : Vl;
-            if (nv > 0)
-                memcpy(logits + (size_t)r * c->vocab_size + v0, all + ((size_t)k * n_out + r) * Vl,
-                       (size_t)nv * sizeof(float));
-        }
-    return DUET_OK;
+    return logits_reorder(m, n_out, all, logits);
 }
 
 /* Expert-parallel state: host index lists and device staging buffers, grown on demand. */
@@ -131,17 +155,19 @@ void mdl_ep_destroy(mdl_model *m) {
     m->ep = NULL;
 }
 
-/* Activations through the EP group's all-to-all. The MPI path moves host memory, which is
- * where the CPU backend keeps activations. */
+/* Activations through the EP group's all-to-all: NCCL for device memory, MPI for host
+ * memory (where the CPU backend keeps activations). */
 static duet_status ep_alltoallv_act(mdl_model *m, const void *send, const int *send_rows,
                                     void *recv, const int *recv_rows) {
     mdl_ep_state *s = m->ep;
     size_t row = (size_t)m->cfg.hidden_size * dt_size(m->be->ops->act_dtype);
-    if (m->be->ops->act_dtype != DT_F32) return DUET_ERR_UNSUPPORTED;
     for (int r = 0; r < s->ep; r++) {
         s->send_counts[r] = (int)(send_rows[r] * row);
         s->recv_counts[r] = (int)(recv_rows[r] * row);
     }
+    if (m->be->ops->on_device)
+        return comm_dev_alltoallv(m->shard.ep, send, s->send_counts, recv, s->recv_counts);
+    if (m->be->ops->act_dtype != DT_F32) return DUET_ERR_UNSUPPORTED;
     return comm_alltoallv(m->shard.ep, send, s->send_counts, recv, s->recv_counts);
 }
 

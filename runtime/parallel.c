@@ -22,6 +22,7 @@ struct par_instance {
 void par_options_init(par_options *o) {
     memset(o, 0, sizeof *o);
     snprintf(o->backend, sizeof o->backend, "cpu");
+    o->dtype = DT_COUNT;
     o->tp = 1;
     o->dp = 1;
     o->load_format = MDL_WEIGHTS_CHECKPOINT;
@@ -31,6 +32,8 @@ void par_options_init(par_options *o) {
 void par_usage(FILE *f) {
     fprintf(f,
             "  --backend cpu|cuda              device backend (default cpu)\n"
+            "  --dtype auto|bfloat16|float32   weights and activations (auto: float32 on cpu, "
+            "bfloat16 on cuda)\n"
             "  --tensor-parallel-size N, -tp N  ranks sharing each layer (default 1)\n"
             "  --data-parallel-size N, -dp N    independent replicas in the instance (default 1)\n"
             "  --enable-expert-parallel         place routed experts across all ranks\n"
@@ -60,14 +63,27 @@ int par_options_parse(par_options *o, int argc, char **argv, int i) {
     int is_tp = !strcmp(a, "--tensor-parallel-size") || !strcmp(a, "-tp");
     int is_dp = !strcmp(a, "--data-parallel-size") || !strcmp(a, "-dp");
     int is_be = !strcmp(a, "--backend"), is_lf = !strcmp(a, "--load-format");
-    int is_seed = !strcmp(a, "--seed");
-    if (!(is_tp || is_dp || is_be || is_lf || is_seed)) return 0;
+    int is_seed = !strcmp(a, "--seed"), is_dt = !strcmp(a, "--dtype");
+    if (!(is_tp || is_dp || is_be || is_lf || is_seed || is_dt)) return 0;
     if (!v) {
         fprintf(stderr, "%s needs a value\n", a);
         return -1;
     }
     if (is_tp) return int_arg(a, v, &o->tp);
     if (is_dp) return int_arg(a, v, &o->dp);
+    if (is_dt) {
+        if (!strcmp(v, "auto"))
+            o->dtype = DT_COUNT;
+        else if (!strcmp(v, "bfloat16") || !strcmp(v, "bf16"))
+            o->dtype = DT_BF16;
+        else if (!strcmp(v, "float32") || !strcmp(v, "float") || !strcmp(v, "f32"))
+            o->dtype = DT_F32;
+        else {
+            fprintf(stderr, "--dtype must be auto, bfloat16 or float32, got '%s'\n", v);
+            return -1;
+        }
+        return 2;
+    }
     if (is_seed) {
         o->seed = strtoull(v, NULL, 10);
         return 2;
@@ -128,7 +144,13 @@ duet_status par_instance_create(const par_options *o, const char *model_dir, int
     }
     shard.tp = p->tp;
     shard.ep = p->ep;
-    if (st == DUET_OK) st = be_create(o->backend, p->world.local_rank, &p->be);
+    if (st == DUET_OK) st = be_create_dtype(o->backend, p->world.local_rank, o->dtype, &p->be);
+    /* device memory: the TP and EP groups get the backend's device communicator (NCCL); every
+     * rank attaches the same groups in the same order */
+    if (st == DUET_OK && p->be->ops->comm_attach && comm_group_size(p->tp) > 1)
+        st = p->be->ops->comm_attach(p->be, p->tp);
+    if (st == DUET_OK && p->be->ops->comm_attach && p->ep && comm_group_size(p->ep) > 1)
+        st = p->be->ops->comm_attach(p->be, p->ep);
     mdl_load_opts lo = {
         .source = o->load_format, .dummy_seed = o->seed, .max_tokens = o->max_tokens};
     if (st == DUET_OK) st = mdl_load(model_dir, p->be, &shard, &lo, &p->model);

@@ -13,6 +13,7 @@
 
 typedef struct par_options {
     char backend[16]; /* "cpu" or "cuda" */
+    dt_dtype dtype;   /* --dtype: DT_COUNT (auto: the backend's default), DT_BF16 or DT_F32 */
     int tp, dp;       /* --tensor-parallel-size, --data-parallel-size */
     bool ep;          /* --enable-expert-parallel */
     mdl_weights_source load_format;

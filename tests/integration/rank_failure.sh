@@ -4,10 +4,12 @@
 #   1. kill -9 one rank of a TP2 instance: mpirun ends nonzero and names the rank;
 #   2. SIGSTOP one rank: the other's collective times out (DUET_COMM_TIMEOUT=3), it logs the
 #      rank, the group and the wait, and the instance ends nonzero.
-# Usage: rank_failure.sh DUET_CHECK GOLDEN_CASE_DIR
+# Usage: rank_failure.sh DUET_CHECK GOLDEN_CASE_DIR [GOLDEN_OPTIONS...] (e.g. --backend cuda)
 set -u
 check=$1
 case_dir=$2
+shift 2
+extra=("$@")
 tmp=$(mktemp -d)
 trap 'pkill -9 -f "$tmp" 2>/dev/null; rm -rf "$tmp"' EXIT
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1
@@ -27,7 +29,7 @@ start() {
     # the case dir is reached through a link inside $tmp so pgrep can tell our ranks apart
     ln -sfn "$case_dir" "$tmp/case"
     DUET_COMM_TIMEOUT=${1:-60} mpirun --oversubscribe -np 2 "$check" golden -tp 2 --repeat 100000 \
-        "$tmp/case" >"$tmp/log" 2>&1 &
+        "${extra[@]}" "$tmp/case" >"$tmp/log" 2>&1 &
     mpirun_pid=$!
     for _ in $(seq 100); do
         [ -n "$(rank_pid 1)" ] && [ -n "$(rank_pid 0)" ] && sleep 1 && return 0

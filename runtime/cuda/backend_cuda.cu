@@ -1,0 +1,389 @@
+/* The CUDA backend: the ops table of backend.h on one GPU. This file holds the object, memory
+ * (activations, weights, KV cache, scratch), host transfers and the batch; the ops live in
+ * gemm.cu, kernels.cu, mla.cu, moe.cu and sample.cu. All work is ordered on one stream; only
+ * the calls that return host data or a status wait for it. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda-impl.cuh"
+
+extern "C" {
+#include "backend_cuda.h"
+#include "comm.h"
+}
+
+duet_status cuda_status(cuda_backend *c, cudaError_t e, const char *what, const char *file,
+                        int line) {
+    if (e == cudaSuccess) return DUET_OK;
+    duet_status st = e == cudaErrorMemoryAllocation ? DUET_ERR_NO_MEMORY : DUET_ERR_DEVICE;
+    if (c && c->err != DUET_OK) return c->err; /* logged when first seen */
+    LOG_ERROR("cuda: %s failed at %s:%d: %s (%s)", what, file, line, cudaGetErrorName(e),
+              cudaGetErrorString(e));
+    if (st == DUET_ERR_NO_MEMORY) {
+        (void)cudaGetLastError(); /* not sticky for CUDA either: clear it */
+        return st;
+    }
+    if (c) c->err = st;
+    return st;
+}
+
+duet_status cublas_status(cuda_backend *c, cublasStatus_t e, const char *what, const char *file,
+                          int line) {
+    if (e == CUBLAS_STATUS_SUCCESS) return DUET_OK;
+    if (c && c->err != DUET_OK) return c->err;
+    LOG_ERROR("cublas: %s failed at %s:%d: %s (%s)", what, file, line, cublasGetStatusName(e),
+              cublasGetStatusString(e));
+    duet_status st = e == CUBLAS_STATUS_ALLOC_FAILED ? DUET_ERR_NO_MEMORY : DUET_ERR_DEVICE;
+    if (c) c->err = st;
+    return st;
+}
+
+void *cuda_scratch(cuda_backend *c, int which, size_t bytes) {
+    if (bytes <= c->scr_bytes[which]) return c->scr[which];
+    /* work queued on the stream may still read the old area */
+    if (CUDA_CHECK(c, cudaStreamSynchronize(c->stream)) != DUET_OK) return NULL;
+    CUDA_CHECK(c, cudaFree(c->scr[which]));
+    c->scr[which] = NULL;
+    c->scr_bytes[which] = 0;
+    size_t want = bytes + bytes / 2; /* headroom: fewer regrowths while sizes creep up */
+    if (CUDA_CHECK(c, cudaMalloc(&c->scr[which], want)) != DUET_OK) {
+        c->scr[which] = NULL;
+        if (c->err == DUET_OK) c->err = DUET_ERR_NO_MEMORY; /* the op cannot run */
+        return NULL;
+    }
+    c->scr_bytes[which] = want;
+    return c->scr[which];
+}
+
+int32_t *cuda_upload_idx(cuda_backend *c, const int32_t *src, size_t n) {
+    int32_t *d = (int32_t *)cuda_scratch(c, SCR_IDX, (n ? n : 1) * sizeof(int32_t));
+    if (!d) return NULL;
+    /* from pageable memory the copy is staged before the call returns: src may change after */
+    if (n && CUDA_CHECK(c, cudaMemcpyAsync(d, src, n * sizeof(int32_t), cudaMemcpyHostToDevice,
+                                           c->stream)) != DUET_OK)
+        return NULL;
+    return d;
+}
+
+void *cuda_host_tmp(cuda_backend *c, size_t bytes) {
+    if (bytes <= c->host_tmp_bytes) return c->host_tmp;
+    free(c->host_tmp);
+    c->host_tmp = malloc(bytes);
+    c->host_tmp_bytes = c->host_tmp ? bytes : 0;
+    if (!c->host_tmp && c->err == DUET_OK) {
+        LOG_ERROR("cuda: cannot allocate %zu bytes of host staging", bytes);
+        c->err = DUET_ERR_NO_MEMORY;
+    }
+    return c->host_tmp;
+}
+
+static void cuda_destroy(be_backend *be) {
+    cuda_backend *c = cuda_be(be);
+    cudaSetDevice(c->device);
+    cudaStreamSynchronize(c->stream);
+    for (int i = 0; i < SCR_COUNT; i++) cudaFree(c->scr[i]);
+    cudaFree(c->d_batch);
+    cudaFree(c->d_inv_freq);
+    if (c->blas) cublasDestroy(c->blas);
+    if (c->stream) cudaStreamDestroy(c->stream);
+    free(c->h_batch);
+    free(c->host_tmp);
+    free(c);
+}
+
+static void *cuda_buf_alloc(be_backend *be, size_t n) {
+    cuda_backend *c = cuda_be(be);
+    void *p = NULL;
+    if (CUDA_CHECK(c, cudaMalloc(&p, (n ? n : 1) * act_size(c))) != DUET_OK) return NULL;
+    return p;
+}
+
+static void cuda_buf_free(be_backend *be, void *buf) {
+    cuda_backend *c = cuda_be(be);
+    if (!buf) return;
+    /* cudaFree waits for the device; the stream's work on buf is done by then */
+    CUDA_CHECK(c, cudaFree(buf));
+}
+
+static duet_status cuda_upload(be_backend *be, void *dst, size_t off, const float *src, size_t n) {
+    cuda_backend *c = cuda_be(be);
+    if (c->err != DUET_OK) return c->err;
+    if (n == 0) return DUET_OK;
+    char *d = (char *)dst + off * act_size(c);
+    if (c->act == DT_F32)
+        return CUDA_CHECK(
+            c, cudaMemcpyAsync(d, src, n * sizeof(float), cudaMemcpyHostToDevice, c->stream));
+    float *stage = (float *)cuda_scratch(c, SCR_XFER, n * sizeof(float));
+    if (!stage) return c->err;
+    duet_status st = CUDA_CHECK(
+        c, cudaMemcpyAsync(stage, src, n * sizeof(float), cudaMemcpyHostToDevice, c->stream));
+    if (st == DUET_OK) cuda_f32_to_act(c, d, stage, n);
+    return c->err;
+}
+
+static duet_status cuda_download(be_backend *be, float *dst, const void *src, size_t off,
+                                 size_t n) {
+    cuda_backend *c = cuda_be(be);
+    if (c->err != DUET_OK) return c->err;
+    if (n == 0) return DUET_OK;
+    const char *s = (const char *)src + off * act_size(c);
+    const float *from = (const float *)s;
+    if (c->act != DT_F32) {
+        float *stage = (float *)cuda_scratch(c, SCR_XFER, n * sizeof(float));
+        if (!stage) return c->err;
+        cuda_act_to_f32(c, stage, s, n);
+        from = stage;
+    }
+    duet_status st = CUDA_CHECK(
+        c, cudaMemcpyAsync(dst, from, n * sizeof(float), cudaMemcpyDeviceToHost, c->stream));
+    if (st == DUET_OK) st = CUDA_CHECK(c, cudaStreamSynchronize(c->stream));
+    return st != DUET_OK ? st : c->err;
+}
+
+static duet_status cuda_sync(be_backend *be) {
+    cuda_backend *c = cuda_be(be);
+    if (c->err != DUET_OK) return c->err;
+    return CUDA_CHECK(c, cudaStreamSynchronize(c->stream));
+}
+
+static duet_status cuda_weight_create(be_backend *be, const float *w, int n_out, int n_in,
+                                      bool keep_f32, be_weight **w_p) {
+    cuda_backend *c = cuda_be(be);
+    if (c->err != DUET_OK) return c->err;
+    size_t n = (size_t)n_out * (size_t)n_in;
+    dt_dtype t = keep_f32 ? DT_F32 : c->act;
+    be_weight *bw = (be_weight *)calloc(1, sizeof *bw);
+    void *host = NULL;
+    const void *src = w;
+    if (!bw) return DUET_ERR_NO_MEMORY;
+    if (t == DT_BF16) {
+        /* round to nearest even, as torch's .to(bfloat16) */
+        uint16_t *h = (uint16_t *)malloc((n ? n : 1) * sizeof(uint16_t));
+        if (!h) {
+            free(bw);
+            return DUET_ERR_NO_MEMORY;
+        }
+        for (size_t i = 0; i < n; i++) h[i] = dt_f32_to_bf16(w[i]);
+        host = h;
+        src = h;
+    }
+    size_t bytes = n * dt_size(t);
+    duet_status st = CUDA_CHECK(c, cudaMalloc(&bw->w, bytes ? bytes : 1));
+    /* a synchronous copy: the loader reuses its staging buffer for the next weight */
+    if (st == DUET_OK && bytes)
+        st = CUDA_CHECK(c, cudaMemcpy(bw->w, src, bytes, cudaMemcpyHostToDevice));
+    free(host);
+    if (st != DUET_OK) {
+        if (bw->w) cudaFree(bw->w);
+        free(bw);
+        return st;
+    }
+    bw->n_out = n_out;
+    bw->n_in = n_in;
+    bw->dtype = t;
+    *w_p = bw;
+    return DUET_OK;
+}
+
+static void cuda_weight_destroy(be_backend *be, be_weight *w) {
+    if (!w) return;
+    CUDA_CHECK(cuda_be(be), cudaFree(w->w));
+    free(w);
+}
+
+static duet_status cuda_vec_create(be_backend *be, const float *v, int n, void **dev_p) {
+    cuda_backend *c = cuda_be(be);
+    if (c->err != DUET_OK) return c->err;
+    void *d = NULL;
+    size_t bytes = (size_t)(n > 0 ? n : 1) * sizeof(float);
+    duet_status st = CUDA_CHECK(c, cudaMalloc(&d, bytes));
+    if (st == DUET_OK && n > 0)
+        st = CUDA_CHECK(c, cudaMemcpy(d, v, (size_t)n * sizeof(float), cudaMemcpyHostToDevice));
+    if (st != DUET_OK) {
+        cudaFree(d);
+        return st;
+    }
+    *dev_p = d;
+    return DUET_OK;
+}
+
+static duet_status cuda_kv_create(be_backend *be, int n_blocks, int n_layers, int block_size,
+                                  int kv_dim, be_kv **kv_p) {
+    cuda_backend *c = cuda_be(be);
+    if (c->err != DUET_OK) return c->err;
+    be_kv *kv = (be_kv *)calloc(1, sizeof *kv);
+    if (!kv) return DUET_ERR_NO_MEMORY;
+    size_t block_bytes = (size_t)n_layers * (size_t)block_size * (size_t)kv_dim * act_size(c);
+    size_t bytes = block_bytes * (size_t)n_blocks;
+    duet_status st = CUDA_CHECK(c, cudaMalloc(&kv->data, bytes ? bytes : 1));
+    /* zeros, so a block read before it is written holds numbers, not garbage */
+    if (st == DUET_OK) st = CUDA_CHECK(c, cudaMemset(kv->data, 0, bytes));
+    if (st != DUET_OK) {
+        LOG_ERROR("cuda backend: cannot allocate a KV cache of %zu bytes", bytes);
+        if (kv->data) cudaFree(kv->data);
+        free(kv);
+        return st;
+    }
+    kv->n_blocks = n_blocks;
+    kv->n_layers = n_layers;
+    kv->block_size = block_size;
+    kv->kv_dim = kv_dim;
+    kv->dtype = c->act;
+    kv->block_bytes = block_bytes;
+    kv->on_device = true;
+    *kv_p = kv;
+    return DUET_OK;
+}
+
+static void cuda_kv_destroy(be_backend *be, be_kv *kv) {
+    if (!kv) return;
+    CUDA_CHECK(cuda_be(be), cudaFree(kv->data));
+    free(kv);
+}
+
+static duet_status cuda_rope_setup(be_backend *be, const float *inv_freq, int half,
+                                   float attn_factor) {
+    cuda_backend *c = cuda_be(be);
+    if (half <= 0 || half > 256) return DUET_ERR_UNSUPPORTED;
+    if (!c->d_inv_freq) {
+        duet_status st = CUDA_CHECK(c, cudaMalloc(&c->d_inv_freq, 256 * sizeof(float)));
+        if (st != DUET_OK) return st;
+    }
+    duet_status st = CUDA_CHECK(c, cudaMemcpy(c->d_inv_freq, inv_freq, (size_t)half * sizeof(float),
+                                              cudaMemcpyHostToDevice));
+    if (st != DUET_OK) return st;
+    c->rope_half = half;
+    c->rope_attn = attn_factor;
+    return DUET_OK;
+}
+
+static duet_status cuda_set_batch(be_backend *be, const be_batch *b) {
+    cuda_backend *c = cuda_be(be);
+    if (c->err != DUET_OK) return c->err;
+    size_t nt = (size_t)b->n_tokens, ns = (size_t)b->n_seqs;
+    size_t table = ns * (size_t)b->max_blocks;
+    /* one layout on both sides: pos [nt], slot [nt], start [ns + 1], ctx [ns], table */
+    size_t total = 2 * nt + (ns + 1) + ns + table;
+    if (total > c->cap_h_batch) {
+        int32_t *h = (int32_t *)realloc(c->h_batch, total * 2 * sizeof(int32_t));
+        if (!h) return DUET_ERR_NO_MEMORY;
+        c->h_batch = h;
+        c->cap_h_batch = total * 2;
+    }
+    if (total > c->cap_d_batch) {
+        CUDA_CHECK(c, cudaStreamSynchronize(c->stream)); /* queued ops may read the old copy */
+        CUDA_CHECK(c, cudaFree(c->d_batch));
+        c->d_batch = NULL;
+        c->cap_d_batch = 0;
+        duet_status st = CUDA_CHECK(c, cudaMalloc(&c->d_batch, total * 2 * sizeof(int32_t)));
+        if (st != DUET_OK) return st;
+        c->cap_d_batch = total * 2;
+    }
+    int32_t *h = c->h_batch, *d = c->d_batch;
+    c->h_pos = h;
+    c->h_slot = h + nt;
+    c->h_start = h + 2 * nt;
+    c->h_ctx = c->h_start + ns + 1;
+    c->h_table = c->h_ctx + ns;
+    c->d_pos = d;
+    c->d_slot = d + nt;
+    c->d_start = d + 2 * nt;
+    c->d_ctx = c->d_start + ns + 1;
+    c->d_table = c->d_ctx + ns;
+    memcpy(c->h_pos, b->token_pos, nt * sizeof(int32_t));
+    memcpy(c->h_slot, b->token_slot, nt * sizeof(int32_t));
+    memcpy(c->h_start, b->seq_start, (ns + 1) * sizeof(int32_t));
+    memcpy(c->h_ctx, b->seq_ctx, ns * sizeof(int32_t));
+    if (table) memcpy(c->h_table, b->block_table, table * sizeof(int32_t));
+    c->n_tokens = b->n_tokens;
+    c->n_seqs = b->n_seqs;
+    c->max_blocks = b->max_blocks;
+    /* from pageable memory the copy is staged before the call returns, so the next step may
+     * overwrite h_batch while this one still runs */
+    return CUDA_CHECK(
+        c, cudaMemcpyAsync(d, h, total * sizeof(int32_t), cudaMemcpyHostToDevice, c->stream));
+}
+
+static void cuda_zero(be_backend *be, void *buf, size_t n) {
+    cuda_backend *c = cuda_be(be);
+    if (c->err != DUET_OK || n == 0) return;
+    CUDA_CHECK(c, cudaMemsetAsync(buf, 0, n * act_size(c), c->stream));
+}
+
+static duet_status cuda_comm_attach(be_backend *be, comm_group *g) {
+    cuda_backend *c = cuda_be(be);
+    if (c->err != DUET_OK) return c->err;
+    return comm_nccl_attach(g, c->device, c->stream);
+}
+
+#define CUDA_OPS(act_type)                                                                         \
+    {                                                                                              \
+        .name = "cuda", .act_dtype = act_type, .on_device = true, .destroy = cuda_destroy,         \
+        .buf_alloc = cuda_buf_alloc, .buf_free = cuda_buf_free, .upload = cuda_upload,             \
+        .download = cuda_download, .sync = cuda_sync, .weight_create = cuda_weight_create,         \
+        .weight_destroy = cuda_weight_destroy, .vec_create = cuda_vec_create,                      \
+        .kv_create = cuda_kv_create, .kv_destroy = cuda_kv_destroy, .rope_setup = cuda_rope_setup, \
+        .set_batch = cuda_set_batch, .embed = cuda_embed, .linear = cuda_linear,                   \
+        .rmsnorm = cuda_rmsnorm, .add = cuda_add, .silu_mul = cuda_silu_mul, .rope = cuda_rope,    \
+        .kv_write = cuda_kv_write, .mla_attention = cuda_mla_attention,                            \
+        .moe_route = cuda_moe_route, .moe_experts = cuda_moe_experts,                              \
+        .gather_rows = cuda_gather_rows, .scatter_add_rows = cuda_scatter_add_rows,                \
+        .zero = cuda_zero, .sample = cuda_sample, .comm_attach = cuda_comm_attach,                 \
+    }
+
+static const be_ops g_cuda_ops_bf16 = CUDA_OPS(DT_BF16);
+static const be_ops g_cuda_ops_f32 = CUDA_OPS(DT_F32);
+
+extern "C" int be_cuda_device_count(void) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return 0;
+    }
+    return n;
+}
+
+extern "C" duet_status be_cuda_create(int device, dt_dtype dtype, be_backend **be_p) {
+    if (dtype == DT_COUNT) dtype = DT_BF16;
+    if (dtype != DT_BF16 && dtype != DT_F32) {
+        LOG_ERROR("cuda backend: activations can be bf16 or float32, not %s", dt_name(dtype));
+        return DUET_ERR_UNSUPPORTED;
+    }
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n == 0) {
+        LOG_ERROR("cuda backend: no CUDA device (%s)",
+                  e != cudaSuccess ? cudaGetErrorString(e) : "none visible");
+        (void)cudaGetLastError();
+        return DUET_ERR_NOT_FOUND;
+    }
+    if (device < 0 || device >= n) {
+        LOG_ERROR("cuda backend: device %d asked for, %d visible (one rank per GPU: start at "
+                  "most %d ranks per host)",
+                  device, n, n);
+        return DUET_ERR_NOT_FOUND;
+    }
+    cuda_backend *c = (cuda_backend *)calloc(1, sizeof *c);
+    if (!c) return DUET_ERR_NO_MEMORY;
+    c->base.ops = dtype == DT_BF16 ? &g_cuda_ops_bf16 : &g_cuda_ops_f32;
+    c->device = device;
+    c->act = dtype;
+    duet_status st = CUDA_CHECK(c, cudaSetDevice(device));
+    if (st == DUET_OK)
+        st = CUDA_CHECK(c, cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
+    if (st == DUET_OK) st = CUBLAS_CHECK(c, cublasCreate(&c->blas));
+    if (st == DUET_OK) st = CUBLAS_CHECK(c, cublasSetStream(c->blas, c->stream));
+    /* float32 stays float32: no TF32 shortcuts behind the reference precision */
+    if (st == DUET_OK) st = CUBLAS_CHECK(c, cublasSetMathMode(c->blas, CUBLAS_DEFAULT_MATH));
+    if (st != DUET_OK) {
+        cuda_destroy(&c->base);
+        return st;
+    }
+    cudaDeviceProp prop;
+    if (cudaGetDeviceProperties(&prop, device) == cudaSuccess)
+        LOG_INFO("cuda backend: device %d (%s, sm_%d%d, %.0f GiB), %s activations", device,
+                 prop.name, prop.major, prop.minor, (double)prop.totalGlobalMem / (1 << 30),
+                 dtype == DT_BF16 ? "bf16" : "float32");
+    *be_p = &c->base;
+    return DUET_OK;
+}

@@ -1,0 +1,180 @@
+/* Internals of the CUDA backend shared by its .cu files: the backend object, the one macro per
+ * foreign status (CUDA, cuBLAS) that converts and logs at first detection, growable scratch,
+ * element conversions, and the entry points each file gives the ops table. Not for other
+ * modules: the public face is backend_cuda.h. */
+#ifndef DUET_CUDA_IMPL_CUH
+#define DUET_CUDA_IMPL_CUH
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+extern "C" {
+#include "backend.h"
+#include "log.h"
+}
+
+typedef __nv_bfloat16 bf16;
+
+/* A weight [n_out, n_in] row-major in device memory: bf16, or float32 (keep_f32 weights, and
+ * every weight of a float32 backend). */
+struct be_weight {
+    int n_out, n_in;
+    dt_dtype dtype;
+    void *w;
+};
+
+/* Scratch areas: each op family owns one, so an op never reuses memory an op it calls is
+ * still using. Grown on demand; reused across steps. */
+enum cuda_scratch {
+    SCR_OP = 0, /* attention, MoE and sampling intermediates */
+    SCR_GEMM,   /* float32 staging of linear layers with float32 weights */
+    SCR_XFER,   /* float32 staging of upload / download */
+    SCR_IDX,    /* host index arrays copied for one op */
+    SCR_ROUTE,  /* routing logits and results */
+    SCR_COUNT
+};
+
+typedef struct cuda_backend {
+    be_backend base;
+    int device;
+    dt_dtype act; /* activations, KV cache and weights: DT_BF16 or DT_F32 */
+    cudaStream_t stream;
+    cublasHandle_t blas;
+    duet_status err; /* sticky: the first failure inside a void op, returned by the next call
+                        that returns a status */
+
+    /* the step's batch, the same layout on both sides: pos [n_tokens], slot [n_tokens],
+     * start [n_seqs + 1], ctx [n_seqs], table [n_seqs][max_blocks]; the host copy plans
+     * launches, kernels read the device copy */
+    int n_tokens, n_seqs, max_blocks;
+    int32_t *h_batch, *d_batch;
+    size_t cap_h_batch, cap_d_batch;
+    int32_t *h_pos, *h_slot, *h_start, *h_ctx, *h_table;
+    int32_t *d_pos, *d_slot, *d_start, *d_ctx, *d_table;
+
+    float *d_inv_freq; /* [rope_half] */
+    int rope_half;
+    float rope_attn;
+
+    void *scr[SCR_COUNT];
+    size_t scr_bytes[SCR_COUNT];
+    void *host_tmp; /* host staging for index tables, grown on demand */
+    size_t host_tmp_bytes;
+} cuda_backend;
+
+static inline cuda_backend *cuda_be(be_backend *be) {
+    return (cuda_backend *)be;
+}
+
+/* Converts a CUDA status; logs the first failure with what was called and where. Allocation
+ * failures leave the backend usable; any other failure makes it sticky. */
+duet_status cuda_status(cuda_backend *c, cudaError_t e, const char *what, const char *file,
+                        int line);
+duet_status cublas_status(cuda_backend *c, cublasStatus_t e, const char *what, const char *file,
+                          int line);
+#define CUDA_CHECK(c, call)   cuda_status((c), (call), #call, __FILE__, __LINE__)
+#define CUBLAS_CHECK(c, call) cublas_status((c), (call), #call, __FILE__, __LINE__)
+/* after a kernel launch: a bad configuration shows here, a fault at the next sync */
+#define CUDA_LAUNCHED(c, name) cuda_status((c), cudaGetLastError(), name, __FILE__, __LINE__)
+
+/* At least bytes of scratch area `which`, or NULL (error recorded). */
+void *cuda_scratch(cuda_backend *c, int which, size_t bytes);
+/* Copies n host int32 into scratch SCR_IDX (an op uploads all its indices at once); returns
+ * the device copy, or NULL (error recorded). */
+int32_t *cuda_upload_idx(cuda_backend *c, const int32_t *src, size_t n);
+/* Host staging of at least bytes, or NULL. */
+void *cuda_host_tmp(cuda_backend *c, size_t bytes);
+
+static inline size_t act_size(const cuda_backend *c) {
+    return c->act == DT_BF16 ? 2 : 4;
+}
+static inline cudaDataType_t cuda_type(dt_dtype t) {
+    return t == DT_BF16 ? CUDA_R_16BF : CUDA_R_32F;
+}
+
+/* Element conversions used by templated kernels. */
+__device__ __forceinline__ float to_f(float x) {
+    return x;
+}
+__device__ __forceinline__ float to_f(bf16 x) {
+    return __bfloat162float(x);
+}
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) {
+    return x;
+}
+template <> __device__ __forceinline__ bf16 from_f<bf16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+
+/* Block-wide sum of v over blockDim.x threads (a multiple of 32, at most 1024); every thread
+ * gets the result. red holds 32 floats; the call ends with the block synchronized. */
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ float block_sum(float v, float *red) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads(); /* red may still be read by a previous call */
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < nw ? red[lane] : 0.0f;
+    v = warp_sum(v);
+    return v;
+}
+
+/* ---- entry points of the op files ---- */
+
+/* gemm.cu: y[T, n_out] (act) = x[T, n_in] (act, rows x_stride apart) @ W^T */
+void cuda_linear(be_backend *be, void *y, const void *x, int x_stride, int T, const be_weight *w);
+/* y32[T, n_out] float32 = x @ W^T: a float32 W (the router) in float32 throughout, a W of the
+ * activation type with float32 accumulation */
+void cuda_linear_f32out(cuda_backend *c, float *y32, const void *x, int x_stride, int T,
+                        const be_weight *w);
+/* Raw GEMM on activations: y[m, n_out] = x[m, k] (x_stride) @ W[n_out, k]^T (W act-typed). */
+void cuda_gemm_act(cuda_backend *c, void *y, int y_stride, const void *x, int x_stride, int m,
+                   const void *w, int n_out, int k);
+
+/* kernels.cu */
+void cuda_embed(be_backend *be, void *out, const int32_t *ids, int T, const be_weight *table,
+                int row0);
+void cuda_rmsnorm(be_backend *be, void *out, int out_stride, const void *x, int x_stride,
+                  const void *w, int T, int D, float eps);
+void cuda_add(be_backend *be, void *y, const void *x, size_t n);
+void cuda_silu_mul(be_backend *be, void *out, const void *gu, int T, int inter);
+void cuda_rope(be_backend *be, void *x, int T, int row_stride, int n_heads, int head_stride,
+               int col0, int rope_dim);
+void cuda_kv_write(be_backend *be, be_kv *kv, int layer, const void *kva, int kv_stride);
+void cuda_gather_rows(be_backend *be, void *dst, const void *src, const int32_t *idx, int n, int D);
+void cuda_scatter_add_rows(be_backend *be, void *dst, const void *src, const int32_t *idx, int n,
+                           int D);
+/* dst[n] float32 <-> src[n] activations, on the stream */
+void cuda_act_to_f32(cuda_backend *c, float *dst, const void *src, size_t n);
+void cuda_f32_to_act(cuda_backend *c, void *dst, const float *src, size_t n);
+/* dst[rows, cols] float32 (contiguous) = src rows (src_stride apart) of activations */
+void cuda_act_to_f32_rows(cuda_backend *c, float *dst, const void *src, int rows, int cols,
+                          int src_stride);
+
+/* mla.cu */
+void cuda_mla_attention(be_backend *be, void *out, const void *q, be_kv *kv, int layer,
+                        const be_weight *kv_b, int H, int nope, int rope, int v, float scale);
+
+/* moe.cu */
+duet_status cuda_moe_route(be_backend *be, const void *x, int T, const be_weight *gate,
+                           const void *bias, const be_route_params *p, int32_t *ids,
+                           float *weights);
+void cuda_moe_experts(be_backend *be, void *out, const void *x, int T, int D, const int32_t *ids,
+                      const float *weights, int K, const be_ffn *experts, int e0, int n_local);
+
+/* sample.cu */
+duet_status cuda_sample(be_backend *be, const void *logits, int n, int V, const be_sample_row *rows,
+                        int32_t *ids);
+
+#endif
