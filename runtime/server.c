@@ -566,6 +566,18 @@ static void handle_metrics(srv_server *s, http_req *req) {
         respond_error(s, req, 500, "out of memory");
         return;
     }
+    if (s->plugin && s->plugin->metrics_text) {
+        char label[300];
+        snprintf(label, sizeof label, "model_name=\"%.250s\"", s->cfg.served_name);
+        char *more = s->plugin->metrics_text(s->plugin->state, label);
+        char *both = more ? realloc(text, len + strlen(more) + 1) : NULL;
+        if (both) {
+            memcpy(both + len, more, strlen(more) + 1);
+            len += strlen(more);
+            text = both;
+        }
+        free(more);
+    }
     http_respond(req, 200, "text/plain; version=0.0.4; charset=utf-8", text, len);
     free(text);
 }

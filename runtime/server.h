@@ -67,6 +67,10 @@ typedef struct srv_kv_plugin {
     void (*free_remote)(void *state, void *remote);
     /* The engine's fetch hook (engine thread); see eng_fetch_fn. */
     eng_fetch_fn fetch;
+    /* Prometheus text of the plug-in's own counters, each sample labelled with label (e.g.
+     * model_name="x"), appended to /metrics; heap string the server frees, or NULL. Loop
+     * thread. */
+    char *(*metrics_text)(void *state, const char *label);
 } srv_kv_plugin;
 
 /* Runs a worker until SIGTERM/SIGINT (then drains within --shutdown-timeout, exit 0).

@@ -1078,6 +1078,44 @@ static duet_status x_fetch(void *user, uint64_t id, void *remote, const int32_t 
     return DUET_OK;
 }
 
+static char *x_metrics_text(void *state, const char *label) {
+    kvx *x = state;
+    kvx_stats st;
+    pthread_mutex_lock(&x->stats_mu);
+    st = x->stats;
+    pthread_mutex_unlock(&x->stats_mu);
+    size_t cap = 4096;
+    char *t = malloc(cap);
+    if (!t) return NULL;
+    snprintf(t, cap,
+             "# HELP duet:kv_pulls_total KV pulls from prefill workers, by result.\n"
+             "# TYPE duet:kv_pulls_total counter\n"
+             "duet:kv_pulls_total{%s,result=\"ok\"} %llu\n"
+             "duet:kv_pulls_total{%s,result=\"failed\"} %llu\n"
+             "# HELP duet:kv_pull_bytes_total Bytes of KV read from prefill workers.\n"
+             "# TYPE duet:kv_pull_bytes_total counter\n"
+             "duet:kv_pull_bytes_total{%s} %llu\n"
+             "# HELP duet:kv_pull_reads_total UCX reads issued (contiguous runs coalesced).\n"
+             "# TYPE duet:kv_pull_reads_total counter\n"
+             "duet:kv_pull_reads_total{%s} %llu\n"
+             "# HELP duet:kv_pull_seconds_total Time spent in successful KV pulls.\n"
+             "# TYPE duet:kv_pull_seconds_total counter\n"
+             "duet:kv_pull_seconds_total{%s} %.6f\n"
+             "# HELP duet:kv_lease_pins_total Lease pins answered to decode workers, by result.\n"
+             "# TYPE duet:kv_lease_pins_total counter\n"
+             "duet:kv_lease_pins_total{%s,result=\"ok\"} %llu\n"
+             "duet:kv_lease_pins_total{%s,result=\"gone\"} %llu\n"
+             "# HELP duet:kv_peers_refused_total Side-channel peers refused (authentication, "
+             "layout).\n"
+             "# TYPE duet:kv_peers_refused_total counter\n"
+             "duet:kv_peers_refused_total{%s} %llu\n",
+             label, (unsigned long long)st.fetches_ok, label, (unsigned long long)st.fetches_failed,
+             label, (unsigned long long)st.bytes_read, label, (unsigned long long)st.gets_issued,
+             label, st.fetch_seconds_total, label, (unsigned long long)st.pins_served, label,
+             (unsigned long long)st.pins_refused, label, (unsigned long long)st.peers_refused);
+    return t;
+}
+
 duet_status kvx_create(srv_kv_plugin *plugin) {
     kvx *x = calloc(1, sizeof *x);
     if (!x) return DUET_ERR_NO_MEMORY;
@@ -1094,6 +1132,7 @@ duet_status kvx_create(srv_kv_plugin *plugin) {
     plugin->parse_remote = x_parse_remote;
     plugin->free_remote = x_free_remote;
     plugin->fetch = x_fetch;
+    plugin->metrics_text = x_metrics_text;
     return DUET_OK;
 }
 
