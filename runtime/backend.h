@@ -110,6 +110,16 @@ typedef struct be_ops {
     duet_status (*kv_create)(be_backend *be, int n_blocks, int n_layers, int block_size, int kv_dim,
                              be_kv **kv_p);
     void (*kv_destroy)(be_backend *be, be_kv *kv);
+    /* Optional; ANY thread (the KV transfer thread calls it): copies whole blocks between the
+     * cache and host memory, block blocks[i] to or from host + i * block_bytes, and returns when
+     * done. Only for blocks no step is using (leased, or being filled by a transfer). NULL for
+     * host caches: the caller copies with memcpy. */
+    duet_status (*kv_copy_host)(be_backend *be, be_kv *kv, const int32_t *blocks, int n, void *host,
+                                bool to_host);
+    /* Optional; any thread: page-locks host memory for fast copies with kv_copy_host (NULL
+     * where that means nothing). */
+    duet_status (*host_pin)(be_backend *be, void *ptr, size_t bytes);
+    void (*host_unpin)(be_backend *be, void *ptr);
 
     /* RoPE frequencies (half = rope_dim / 2 of them) and the cos/sin magnitude; once */
     duet_status (*rope_setup)(be_backend *be, const float *inv_freq, int half, float attn_factor);

@@ -22,6 +22,7 @@ typedef struct bench_opts {
     int tokens[16];
     int n_sizes;
     int layers, block_size, repeat, port;
+    const char *staging; /* --kv-staging of both workers */
 } bench_opts;
 
 static int write_model(const char *dir, int layers) {
@@ -60,6 +61,14 @@ static int make_side(side *s, const char *model, srv_role role, const bench_opts
     char **argv = NULL;
     if (par_instance_create(&po, model, &argc, &argv, &s->inst) != DUET_OK) return -1;
     if (kvx_create(&s->plug) != DUET_OK) return -1;
+    /* room for the largest prompt's blocks (576 float32 latent dims per token and layer) */
+    char staging_bytes[32];
+    snprintf(staging_bytes, sizeof staging_bytes, "%zu",
+             (size_t)(n_blocks / 2 + 1) * (size_t)o->layers * (size_t)o->block_size * 576 * 4);
+    char *args[5] = {"x", "--kv-staging", (char *)o->staging, "--kv-staging-bytes", staging_bytes};
+    if (s->plug.parse_arg(s->plug.state, 5, args, 1) != 2 ||
+        s->plug.parse_arg(s->plug.state, 5, args, 3) != 2)
+        return -1;
     eng_config c;
     eng_config_default(&c);
     c.block_size = o->block_size;
@@ -169,13 +178,14 @@ static size_t verify(be_kv *kv, const int32_t *local, const int32_t *remote, int
 
 int main(int argc, char **argv) {
     log_set_tag("duet-kvbench");
-    bench_opts o = {.layers = 30, .block_size = 64, .repeat = 5, .port = 27600};
+    bench_opts o = {.layers = 30, .block_size = 64, .repeat = 5, .port = 27600, .staging = "auto"};
     const int def[3] = {1024, 8192, 32768};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!v) {
             fprintf(stderr, "usage: duet-kvbench [--tokens 1024,8192,32768] [--layers 30] "
-                            "[--block-size 64] [--repeat 5] [--port 27600]\n");
+                            "[--block-size 64] [--repeat 5] [--port 27600] "
+                            "[--kv-staging auto|on|off]\n");
             return 2;
         }
         if (!strcmp(a, "--tokens")) {
@@ -192,6 +202,8 @@ int main(int argc, char **argv) {
             o.repeat = atoi(v);
         else if (!strcmp(a, "--port"))
             o.port = atoi(v);
+        else if (!strcmp(a, "--kv-staging"))
+            o.staging = v;
         else {
             fprintf(stderr, "duet-kvbench: unknown option %s\n", a);
             return 2;

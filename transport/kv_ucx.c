@@ -53,8 +53,6 @@ struct kvu_peer {
     ucp_ep_h ep;
     ucp_rkey_h rkey;
     uint64_t base;
-    kvu_done_fn on_error;
-    void *err_arg;
     int in_flight;
 };
 
@@ -153,6 +151,31 @@ duet_status kvu_register(kvu_ctx *c, void *base, size_t len, bool on_device, kvu
     return DUET_OK;
 }
 
+duet_status kvu_alloc(kvu_ctx *c, size_t len, void **ptr_p, kvu_region **reg_p) {
+    kvu_region *r = calloc(1, sizeof *r);
+    if (!r) return DUET_ERR_NO_MEMORY;
+    ucp_mem_map_params_t mp = {
+        .field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH |
+                      UCP_MEM_MAP_PARAM_FIELD_FLAGS,
+        .address = NULL,
+        .length = len,
+        .flags = UCP_MEM_MAP_ALLOCATE,
+    };
+    ucs_status_t s = ucp_mem_map(c->ucp, &mp, &r->memh);
+    ucp_mem_attr_t attr = {.field_mask = UCP_MEM_ATTR_FIELD_ADDRESS};
+    if (s == UCS_OK) s = ucp_mem_query(r->memh, &attr);
+    if (s == UCS_OK) s = ucp_rkey_pack(c->ucp, r->memh, &r->rkey, &r->rkey_len);
+    if (s != UCS_OK) {
+        LOG_ERROR("ucx: allocating %zu bytes of KV staging: %s", len, ucs_status_string(s));
+        if (r->memh) ucp_mem_unmap(c->ucp, r->memh);
+        free(r);
+        return from_ucs(s);
+    }
+    *ptr_p = attr.address;
+    *reg_p = r;
+    return DUET_OK;
+}
+
 void kvu_region_destroy(kvu_ctx *c, kvu_region *r) {
     if (!r) return;
     if (r->rkey) ucp_rkey_buffer_release(r->rkey);
@@ -165,51 +188,27 @@ void kvu_region_rkey(kvu_region *r, const void **rkey_p, size_t *len_p) {
     *len_p = r->rkey_len;
 }
 
-static void ep_error(void *arg, ucp_ep_h ep, ucs_status_t status) {
-    (void)ep;
-    kvu_peer *p = arg;
-    LOG_WARN("ucx: connection to a KV peer failed: %s", ucs_status_string(status));
-    if (p->on_error) {
-        kvu_done_fn cb = p->on_error;
-        p->on_error = NULL; /* once */
-        cb(p->err_arg, from_ucs(status));
-    }
-}
-
 duet_status kvu_peer_create(kvu_ctx *c, const void *addr, size_t addr_len, const void *rkey,
-                            size_t rkey_len, uint64_t remote_base, kvu_done_fn on_error,
-                            void *err_arg, kvu_peer **peer_p) {
+                            size_t rkey_len, uint64_t remote_base, kvu_peer **peer_p) {
     (void)addr_len;
     (void)rkey_len;
     kvu_peer *p = calloc(1, sizeof *p);
     if (!p) return DUET_ERR_NO_MEMORY;
     p->ctx = c;
     p->base = remote_base;
-    p->on_error = on_error;
-    p->err_arg = err_arg;
+    /* No UCX-level peer-failure handling: asking for it rules out the shared-memory transports
+     * (they cannot report a dead peer), the fast path between workers on one host. A dead or
+     * hung peer is caught by the side channel and the transfer deadline instead, which close
+     * the endpoint forcibly and so complete every read still in flight. */
     ucp_ep_params_t ep = {
-        .field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
-                      UCP_EP_PARAM_FIELD_ERR_HANDLER,
+        .field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE,
         .address = addr,
-        .err_mode = UCP_ERR_HANDLING_MODE_PEER,
-        .err_handler = {.cb = ep_error, .arg = p},
+        .err_mode = UCP_ERR_HANDLING_MODE_NONE,
     };
     ucs_status_t s = ucp_ep_create(c->worker, &ep, &p->ep);
-    if (s != UCS_OK) {
-        /* Shared-memory transports cannot report a failed peer; without them there may be no
-         * path at all (UCX_TLS=shm). Peer loss is still caught by the side channel and the
-         * transfer deadline, which closes the endpoint forcibly. */
-        ep.field_mask &= ~(uint64_t)UCP_EP_PARAM_FIELD_ERR_HANDLER;
-        ep.err_mode = UCP_ERR_HANDLING_MODE_NONE;
-        s = ucp_ep_create(c->worker, &ep, &p->ep);
-        if (s == UCS_OK)
-            LOG_INFO("ucx: no transport here can report a failed KV peer (shared memory only?); "
-                     "peer loss is detected by the side channel and the transfer deadline");
-    }
     if (s == UCS_OK) s = ucp_ep_rkey_unpack(p->ep, rkey, &p->rkey);
     if (s != UCS_OK) {
         LOG_ERROR("ucx: connecting to a KV peer: %s", ucs_status_string(s));
-        p->on_error = NULL;
         kvu_peer_destroy(c, p);
         return from_ucs(s);
     }
@@ -219,7 +218,6 @@ duet_status kvu_peer_create(kvu_ctx *c, const void *addr, size_t addr_len, const
 
 void kvu_peer_destroy(kvu_ctx *c, kvu_peer *p) {
     if (!p) return;
-    p->on_error = NULL;
     if (p->rkey) ucp_rkey_destroy(p->rkey);
     if (p->ep) {
         ucp_request_param_t rp = {.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS,

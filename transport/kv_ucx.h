@@ -32,6 +32,9 @@ void kvu_address(kvu_ctx *c, const void **addr_p, size_t *len_p);
  * support in UCX). */
 bool kvu_supports_device_memory(kvu_ctx *c);
 
+/* Allocates len bytes through UCX (shared memory where its transports offer it, so peers on
+ * this host read it one-sidedly at memory speed) and registers them; *ptr_p gets the address. */
+duet_status kvu_alloc(kvu_ctx *c, size_t len, void **ptr_p, kvu_region **reg_p);
 /* Registers [base, base + len) once for remote reads and local writes. */
 duet_status kvu_register(kvu_ctx *c, void *base, size_t len, bool on_device, kvu_region **reg_p);
 void kvu_region_destroy(kvu_ctx *c, kvu_region *r);
@@ -39,10 +42,10 @@ void kvu_region_destroy(kvu_ctx *c, kvu_region *r);
 void kvu_region_rkey(kvu_region *r, const void **rkey_p, size_t *len_p);
 
 /* Connects to a peer's worker address and unpacks its key for the memory at remote_base.
- * on_error (may be NULL) is called once if the connection fails later. */
+ * Without UCX-level failure reports (see kv_ucx.c): the caller bounds every read by a deadline
+ * and destroys the peer when one passes. */
 duet_status kvu_peer_create(kvu_ctx *c, const void *addr, size_t addr_len, const void *rkey,
-                            size_t rkey_len, uint64_t remote_base, kvu_done_fn on_error,
-                            void *err_arg, kvu_peer **peer_p);
+                            size_t rkey_len, uint64_t remote_base, kvu_peer **peer_p);
 /* Closes the endpoint forcibly: operations still in flight complete (with an error) before
  * this returns, so their local memory is no longer written afterwards. */
 void kvu_peer_destroy(kvu_ctx *c, kvu_peer *p);

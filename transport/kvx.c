@@ -22,6 +22,9 @@
 #include "log.h"
 
 #define KVX_MAX_HOST 256
+enum { STAGE_AUTO = 0, STAGE_ON = 1, STAGE_OFF = 2 };
+/* a staged pin whose reader vanished keeps its slots this long: the reads may still run */
+#define KVX_ORPHAN_S 30.0
 
 /* ---- state ---- */
 
@@ -42,6 +45,10 @@ typedef struct kvx_job {
     uint64_t seq;
     int gets_left;
     bool pinned, failed, reported;
+    uint32_t *remote_ids; /* from the pin reply: where to read, [skip + n_blocks] */
+    size_t n_remote;
+    int32_t *slots;  /* staging: local slots the reads land in, [n_blocks] */
+    double retry_at; /* > 0: pin (busy prefill) or read (no local slots) again then */
     char err[400];
     double deadline, t0;
     uint64_t bytes;
@@ -64,12 +71,31 @@ struct kvx_peer {
     uint8_t nonce_s[KVW_NONCE_LEN], nonce_c[KVW_NONCE_LEN];
     char engine_id[64];
     uint32_t remote_blocks; /* the prefill pool's size, to check the ids it pins */
-    bool gai_pending, ucx_failed;
+    bool gai_pending;
     kvu_peer *up;
     kvx_job *jobs; /* waiting for the peer, pinning, or reading */
     uint64_t next_seq;
     struct kvx_peer *next;
 };
+
+/* Staging: a host area in whole-block slots (allocated by UCX, page-locked by the backend)
+ * through which KV in device memory travels when UCX cannot read the device directly. */
+typedef struct kvx_stage {
+    uint8_t *base;
+    int n_slots;
+    uint8_t *used; /* [n_slots] */
+    kvu_region *reg;
+    bool pinned;
+} kvx_stage;
+
+/* Prefill side, staging: slots holding a lease's copy while a decode worker reads them. */
+typedef struct kvx_pin {
+    uint64_t lease;
+    int32_t *slots;
+    int n;
+    double deadline; /* when orphaned (its reader's connection closed) */
+    struct kvx_pin *next;
+} kvx_pin;
 
 typedef struct kvx_conn { /* prefill side: one decode worker connected to us */
     struct kvx *x;
@@ -77,6 +103,7 @@ typedef struct kvx_conn { /* prefill side: one decode worker connected to us */
     kvw_reader rd;
     uint8_t nonce_s[KVW_NONCE_LEN];
     bool authed, closing;
+    kvx_pin *pins;
     struct kvx_conn *next;
 } kvx_conn;
 
@@ -86,6 +113,8 @@ struct kvx {
     int kv_port; /* 0: http port + 1000 */
     char advertise_host[KVX_MAX_HOST];
     double timeout_s;
+    int staging_mode; /* STAGE_AUTO, STAGE_ON, STAGE_OFF */
+    size_t staging_bytes;
     srv_kv_context ctx;
     char model[256];
 
@@ -101,6 +130,10 @@ struct kvx {
     uv_timer_t sweep;
     kvu_ctx *ucx;
     kvu_region *region;
+    be_backend *be;
+    bool staged; /* reads and serves through the staging area, not the cache itself */
+    kvx_stage stage;
+    kvx_pin *orphans;
     char engine_id[33];
     Duet__Kv__PoolInfo pool;
     char dtype[8];
@@ -128,7 +161,8 @@ static int x_parse_arg(void *state, int argc, char **argv, int i) {
     const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
     int is_secret = !strcmp(a, "--kv-secret"), is_port = !strcmp(a, "--kv-port");
     int is_host = !strcmp(a, "--kv-host"), is_to = !strcmp(a, "--kv-transfer-timeout");
-    if (!(is_secret || is_port || is_host || is_to)) return 0;
+    int is_stage = !strcmp(a, "--kv-staging"), is_sb = !strcmp(a, "--kv-staging-bytes");
+    if (!(is_secret || is_port || is_host || is_to || is_stage || is_sb)) return 0;
     if (!v) {
         fprintf(stderr, "%s needs a value\n", a);
         return -1;
@@ -143,6 +177,32 @@ static int x_parse_arg(void *state, int argc, char **argv, int i) {
             return -1;
         }
         x->kv_port = (int)p;
+    }
+    if (is_stage) {
+        if (!strcmp(v, "auto"))
+            x->staging_mode = STAGE_AUTO;
+        else if (!strcmp(v, "on"))
+            x->staging_mode = STAGE_ON;
+        else if (!strcmp(v, "off"))
+            x->staging_mode = STAGE_OFF;
+        else {
+            fprintf(stderr, "--kv-staging must be auto, on or off, got '%s'\n", v);
+            return -1;
+        }
+    }
+    if (is_sb) {
+        char *end;
+        double b = strtod(v, &end);
+        double mul = *end == 'K'   ? 1024.0
+                     : *end == 'M' ? 1048576.0
+                     : *end == 'G' ? 1073741824.0
+                                   : 1.0;
+        if (mul != 1.0) end++;
+        if (*end || !(b > 0)) {
+            fprintf(stderr, "--kv-staging-bytes must be a size such as 256M, got '%s'\n", v);
+            return -1;
+        }
+        x->staging_bytes = (size_t)(b * mul);
     }
     if (is_to) {
         char *end;
@@ -166,7 +226,13 @@ static void x_usage(void *state, FILE *f) {
                "  --kv-secret S              shared secret of the side channel (also env "
                "DUET_KV_SECRET)\n"
                "  --kv-transfer-timeout S    decode side: fail a KV pull after S seconds "
-               "(default 10)\n");
+               "(default 10)\n"
+               "  --kv-staging auto|on|off   move KV through a host staging area (auto: when the "
+               "cache is in\n"
+               "                             device memory UCX cannot read; on: also for host "
+               "caches, which\n"
+               "                             lets same-host peers use UCX's shared-memory reads)\n"
+               "  --kv-staging-bytes N       size of the staging area (default 256M)\n");
 }
 
 /* ---- transfer thread: helpers ---- */
@@ -267,11 +333,86 @@ static void ucx_tick(uv_timer_t *t) {
     if (kvu_progress(x->ucx)) ucx_heat(x);
 }
 
+/* ---- staging ---- */
+
+/* Takes n slots, one contiguous run if there is one. 0: taken; -1: not now; -2: never (the
+ * area is smaller than n). */
+static int stage_alloc(kvx_stage *st, int n, int32_t *out) {
+    if (n > st->n_slots) return -2;
+    int run = 0, n_free = 0;
+    for (int i = 0; i < st->n_slots; i++) {
+        run = st->used[i] ? 0 : run + 1;
+        n_free += !st->used[i];
+        if (run == n) {
+            for (int k = 0; k < n; k++) {
+                out[k] = i - n + 1 + k;
+                st->used[out[k]] = 1;
+            }
+            return 0;
+        }
+    }
+    if (n_free < n) return -1;
+    for (int i = 0, k = 0; k < n; i++)
+        if (!st->used[i]) {
+            st->used[i] = 1;
+            out[k++] = i;
+        }
+    return 0;
+}
+
+static void stage_free(kvx_stage *st, const int32_t *slots, int n) {
+    for (int i = 0; i < n; i++)
+        if (slots[i] >= 0 && slots[i] < st->n_slots) st->used[slots[i]] = 0;
+}
+
+/* Copies cache blocks to (to_host) or from staging slots; a run of consecutive slots is one
+ * copy. Host caches are copied with memcpy, device caches by the backend. */
+static duet_status stage_copy(kvx *x, const int32_t *blocks, const int32_t *slots, int n,
+                              bool to_host) {
+    be_kv *kv = x->ctx.kv;
+    size_t bb = kv->block_bytes;
+    for (int i = 0; i < n;) {
+        int k = i + 1;
+        while (k < n && slots[k] == slots[k - 1] + 1) k++;
+        uint8_t *h = x->stage.base + (size_t)slots[i] * bb;
+        if (x->be->ops->kv_copy_host) {
+            duet_status st = x->be->ops->kv_copy_host(x->be, kv, blocks + i, k - i, h, to_host);
+            if (st != DUET_OK) return st;
+        } else {
+            for (int b = i; b < k; b++) {
+                uint8_t *c = (uint8_t *)kv->data + (size_t)blocks[b] * bb;
+                uint8_t *hb = h + (size_t)(b - i) * bb;
+                if (to_host)
+                    memcpy(hb, c, bb);
+                else
+                    memcpy(c, hb, bb);
+            }
+        }
+        i = k;
+    }
+    return DUET_OK;
+}
+
+static void pins_free(kvx *x, kvx_pin *p) {
+    while (p) {
+        kvx_pin *n = p->next;
+        stage_free(&x->stage, p->slots, p->n);
+        free(p->slots);
+        free(p);
+        p = n;
+    }
+}
+
 /* ---- decode side: jobs ---- */
 
 static void job_report(kvx *x, kvx_job *j) {
     if (j->reported) return;
     j->reported = true;
+    if (j->slots) { /* every read into them has completed by now */
+        stage_free(&x->stage, j->slots, j->n_blocks);
+        free(j->slots);
+        j->slots = NULL;
+    }
     if (j->failed) {
         LOG_WARN("kv: request %llu: %s", (unsigned long long)j->id, j->err);
         stats_add(x, count_fail, NULL);
@@ -284,6 +425,8 @@ static void job_report(kvx *x, kvx_job *j) {
 
 static void job_free(kvx_job *j) {
     free(j->local);
+    free(j->remote_ids);
+    free(j->slots);
     free(j);
 }
 
@@ -315,6 +458,12 @@ static void job_finish(kvx *x, kvx_job *j) {
             send_env(&p->tcp, &env);
         }
     }
+    if (j->slots && !j->failed) {
+        /* the reads landed in staging: now into the blocks of the cache */
+        duet_status st = stage_copy(x, j->local, j->slots, j->n_blocks, false);
+        if (st != DUET_OK)
+            job_fail(j, "copying the KV into the cache failed: %s", duet_strerror(st));
+    }
     job_report(x, j);
     job_free(j);
 }
@@ -328,22 +477,37 @@ static void get_done(void *arg, duet_status st) {
     if (--j->gets_left == 0 && j->peer->state != PEER_DEAD) job_finish(j->peer->x, j);
 }
 
-/* Reads the pinned blocks: runs where both the remote and the local block ids are
- * consecutive become one read. */
-static void job_read(kvx *x, kvx_job *j, const uint32_t *remote, size_t n_remote) {
+/* Reads the pinned blocks (into the cache, or into staging slots): runs where both the
+ * remote ids and the local destinations are consecutive become one read. Without free staging
+ * slots it tries again a little later. */
+static void job_start_reads(kvx *x, kvx_job *j) {
     kvx_peer *p = j->peer;
-    if (n_remote < (size_t)(j->skip + j->n_blocks)) {
-        job_fail(j, "the prefill worker's lease holds fewer blocks than the prompt needs%s", "");
-        job_finish(x, j);
-        return;
+    j->retry_at = 0;
+    if (x->staged && !j->slots) {
+        int32_t *slots = malloc((size_t)(j->n_blocks ? j->n_blocks : 1) * sizeof(int32_t));
+        int rc = slots ? stage_alloc(&x->stage, j->n_blocks, slots) : -2;
+        if (rc != 0) {
+            free(slots);
+            if (rc == -1) {
+                j->retry_at = now_s() + 0.005;
+                return;
+            }
+            job_fail(j, "the prompt's KV is larger than the staging area (--kv-staging-bytes)%s",
+                     "");
+            job_finish(x, j);
+            return;
+        }
+        j->slots = slots;
     }
+    const uint32_t *remote = j->remote_ids;
     be_kv *kv = x->ctx.kv;
     size_t bb = kv->block_bytes;
     j->gets_left = 1; /* held until every read is issued */
     for (int i = 0; i < j->n_blocks;) {
+        const int32_t *dst = j->slots ? j->slots : j->local;
         int k = i + 1;
         while (k < j->n_blocks && remote[j->skip + k] == remote[j->skip + k - 1] + 1 &&
-               j->local[k] == j->local[k - 1] + 1)
+               dst[k] == dst[k - 1] + 1)
             k++;
         uint32_t r0 = remote[j->skip + i];
         if ((uint64_t)r0 + (uint64_t)(k - i) > p->remote_blocks) {
@@ -351,10 +515,12 @@ static void job_read(kvx *x, kvx_job *j, const uint32_t *remote, size_t n_remote
             break;
         }
         size_t len = (size_t)(k - i) * bb;
+        uint8_t *local = j->slots ? x->stage.base + (size_t)dst[i] * bb
+                                  : (uint8_t *)kv->data + (size_t)dst[i] * bb;
         j->gets_left++;
         j->bytes += len;
         stats_add(x, count_get, NULL);
-        duet_status st = kvu_get(p->up, x->region, (char *)kv->data + (size_t)j->local[i] * bb, len,
+        duet_status st = kvu_get(p->up, j->slots ? x->stage.reg : x->region, local, len,
                                  (uint64_t)r0 * bb, get_done, j);
         if (st != DUET_OK) {
             j->gets_left--;
@@ -367,8 +533,26 @@ static void job_read(kvx *x, kvx_job *j, const uint32_t *remote, size_t n_remote
     ucx_heat(x);
 }
 
+static void job_read(kvx *x, kvx_job *j, const uint32_t *remote, size_t n_remote) {
+    if (n_remote < (size_t)(j->skip + j->n_blocks)) {
+        job_fail(j, "the prefill worker's lease holds fewer blocks than the prompt needs%s", "");
+        job_finish(x, j);
+        return;
+    }
+    j->remote_ids = malloc((n_remote ? n_remote : 1) * sizeof(uint32_t));
+    if (!j->remote_ids) {
+        job_fail(j, "out of memory%s", "");
+        job_finish(x, j);
+        return;
+    }
+    memcpy(j->remote_ids, remote, n_remote * sizeof(uint32_t));
+    j->n_remote = n_remote;
+    job_start_reads(x, j);
+}
+
 static void job_pin(kvx_job *j) {
     kvx_peer *p = j->peer;
+    j->retry_at = 0;
     Duet__Kv__Pin pin = DUET__KV__PIN__INIT;
     j->seq = ++p->next_seq;
     pin.seq = j->seq;
@@ -420,13 +604,6 @@ static void peer_close(kvx_peer *p, const char *why) {
         job_free(j);
     }
     peer_destroy_later(p);
-}
-
-static void peer_on_ucx_error(void *arg, duet_status st) {
-    kvx_peer *p = arg;
-    (void)st;
-    /* not from inside UCX's own call stack: the sweep closes the peer on its next turn */
-    p->ucx_failed = true;
 }
 
 static void peer_got(kvx_peer *p, Duet__Kv__Envelope *env) {
@@ -483,9 +660,8 @@ static void peer_got(kvx_peer *p, Duet__Kv__Envelope *env) {
             return;
         }
         snprintf(p->engine_id, sizeof p->engine_id, "%s", w->engine_id ? w->engine_id : "");
-        duet_status st =
-            kvu_peer_create(x->ucx, w->ucx_address.data, w->ucx_address.len, w->rkey.data,
-                            w->rkey.len, w->base_addr, peer_on_ucx_error, p, &p->up);
+        duet_status st = kvu_peer_create(x->ucx, w->ucx_address.data, w->ucx_address.len,
+                                         w->rkey.data, w->rkey.len, w->base_addr, &p->up);
         if (st != DUET_OK) {
             peer_close(p, "cannot open a UCX endpoint to the prefill worker");
             return;
@@ -508,6 +684,10 @@ static void peer_got(kvx_peer *p, Duet__Kv__Envelope *env) {
         if (p->state != PEER_READY) break;
         for (kvx_job *j = p->jobs; j; j = j->next) {
             if (j->seq != r->seq || j->pinned || j->failed) continue;
+            if (!r->ok && r->busy) { /* the prefill's staging area is full: pin again soon */
+                j->retry_at = now_s() + 0.005;
+                return;
+            }
             if (!r->ok) {
                 snprintf(j->err, sizeof j->err,
                          "the prefill worker %.100s:%d refused lease %llu: %.100s", p->host,
@@ -668,15 +848,30 @@ static void take_inbox(kvx *x) {
 static void sweep(uv_timer_t *t) {
     kvx *x = t->data;
     double now = now_s();
+    for (kvx_pin **l = &x->orphans; *l;) {
+        kvx_pin *o = *l;
+        if (now < o->deadline) {
+            l = &o->next;
+            continue;
+        }
+        *l = o->next;
+        o->next = NULL;
+        pins_free(x, o);
+    }
     for (kvx_peer *p = x->peers, *next; p; p = next) {
         next = p->next;
         char why[300];
-        if (p->ucx_failed) {
-            snprintf(why, sizeof why, "the UCX connection to the prefill worker %.100s:%d failed",
-                     p->host, p->port);
-            peer_close(p, why);
-            continue;
+        /* one retry per peer and tick: acting on a job may change the peer's list */
+        for (kvx_job *j = p->jobs; j; j = j->next) {
+            if (j->retry_at > 0 && now >= j->retry_at && now < j->deadline && !j->failed) {
+                if (j->pinned)
+                    job_start_reads(x, j);
+                else
+                    job_pin(j);
+                break;
+            }
         }
+        if (p->state == PEER_DEAD) continue;
         for (kvx_job *j = p->jobs; j; j = j->next) {
             if (now < j->deadline) continue;
             snprintf(why, sizeof why,
@@ -705,7 +900,15 @@ static void conn_close(kvx_conn *c) {
             *l = c->next;
             break;
         }
-    /* leases it pinned stay until released or expired: it may still be reading them */
+    /* leases it pinned stay until released or expired: it may still be reading them; so do
+     * the staging slots it reads, for a while */
+    while (c->pins) {
+        kvx_pin *p = c->pins;
+        c->pins = p->next;
+        p->deadline = now_s() + KVX_ORPHAN_S;
+        p->next = x->orphans;
+        x->orphans = p;
+    }
     uv_close((uv_handle_t *)&c->tcp, conn_closed);
 }
 
@@ -743,16 +946,18 @@ static void conn_got(kvx_conn *c, Duet__Kv__Envelope *env) {
         const void *addr, *rkey;
         size_t addr_len, rkey_len;
         kvu_address(x->ucx, &addr, &addr_len);
-        kvu_region_rkey(x->region, &rkey, &rkey_len);
+        kvu_region_rkey(x->staged ? x->stage.reg : x->region, &rkey, &rkey_len);
         Duet__Kv__Welcome w = DUET__KV__WELCOME__INIT;
+        Duet__Kv__PoolInfo served = x->pool;
+        if (x->staged) served.n_blocks = (uint32_t)x->stage.n_slots; /* what reads address */
         w.mac.data = mac;
         w.mac.len = KVW_MAC_LEN;
-        w.pool = &x->pool;
+        w.pool = &served;
         w.ucx_address.data = (uint8_t *)addr;
         w.ucx_address.len = addr_len;
         w.rkey.data = (uint8_t *)rkey;
         w.rkey.len = rkey_len;
-        w.base_addr = (uint64_t)(uintptr_t)x->ctx.kv->data;
+        w.base_addr = (uint64_t)(uintptr_t)(x->staged ? (void *)x->stage.base : x->ctx.kv->data);
         w.engine_id = x->engine_id;
         Duet__Kv__Envelope out = DUET__KV__ENVELOPE__INIT;
         out.msg_case = DUET__KV__ENVELOPE__MSG_WELCOME;
@@ -770,10 +975,38 @@ static void conn_got(kvx_conn *c, Duet__Kv__Envelope *env) {
         r.seq = env->pin->seq;
         int cap = x->ctx.kv->n_blocks, n = 0;
         int32_t *blocks = malloc((size_t)cap * sizeof(int32_t));
+        int32_t *slots = NULL;
         uint32_t *ids = malloc((size_t)cap * sizeof(uint32_t));
         duet_status st = blocks && ids
                              ? eng_lease_pin(x->ctx.engine, env->pin->lease, blocks, cap, &n)
                              : DUET_ERR_NO_MEMORY;
+        int rc = 0;
+        if (st == DUET_OK && x->staged) {
+            /* serve a copy in the staging area: UCX cannot read the cache itself */
+            slots = malloc((size_t)(n ? n : 1) * sizeof(int32_t));
+            rc = slots ? stage_alloc(&x->stage, n, slots) : -2;
+            kvx_pin *pin = rc == 0 ? calloc(1, sizeof *pin) : NULL;
+            if (rc == 0 && pin) {
+                st = stage_copy(x, blocks, slots, n, true);
+                if (st == DUET_OK) {
+                    pin->lease = env->pin->lease;
+                    pin->slots = slots;
+                    pin->n = n;
+                    pin->next = c->pins;
+                    c->pins = pin;
+                    memcpy(blocks, slots, (size_t)n * sizeof(int32_t));
+                    slots = NULL; /* the pin owns them */
+                } else {
+                    stage_free(&x->stage, slots, n);
+                    free(pin);
+                }
+            } else if (rc == 0) {
+                stage_free(&x->stage, slots, n);
+                st = DUET_ERR_NO_MEMORY;
+            } else {
+                st = rc == -1 ? DUET_ERR_BUSY : DUET_ERR_TOO_LONG;
+            }
+        }
         if (st == DUET_OK) {
             for (int i = 0; i < n; i++) ids[i] = (uint32_t)blocks[i];
             r.ok = true;
@@ -781,20 +1014,34 @@ static void conn_got(kvx_conn *c, Duet__Kv__Envelope *env) {
             r.n_block_ids = (size_t)n;
         } else {
             r.ok = false;
-            r.error = st == DUET_ERR_NOT_FOUND ? "the lease is gone (expired or released)"
-                                               : "cannot pin the lease";
+            r.busy = st == DUET_ERR_BUSY;
+            r.error =
+                st == DUET_ERR_NOT_FOUND ? "the lease is gone (expired or released)"
+                : st == DUET_ERR_BUSY    ? "busy: the staging area is full"
+                : st == DUET_ERR_TOO_LONG
+                    ? "the lease is larger than the prefill's staging area (--kv-staging-bytes)"
+                    : "cannot pin the lease";
         }
         bool ok = r.ok;
-        stats_add(x, count_pin, &ok);
+        if (!r.busy) stats_add(x, count_pin, &ok);
         Duet__Kv__Envelope out = DUET__KV__ENVELOPE__INIT;
         out.msg_case = DUET__KV__ENVELOPE__MSG_PIN_REPLY;
         out.pin_reply = &r;
         if (send_env(&c->tcp, &out) != DUET_OK) conn_close(c);
         free(blocks);
         free(ids);
+        free(slots);
         return;
     }
     if (env->msg_case == DUET__KV__ENVELOPE__MSG_RELEASE) {
+        for (kvx_pin **l = &c->pins; *l; l = &(*l)->next) {
+            if ((*l)->lease != env->release->lease) continue;
+            kvx_pin *p = *l;
+            *l = p->next;
+            p->next = NULL;
+            pins_free(x, p);
+            break;
+        }
         eng_lease_release(x->ctx.engine, env->release->lease);
         return;
     }
@@ -920,14 +1167,36 @@ static duet_status x_start(void *state, const srv_kv_context *ctx) {
 
     duet_status st = kvu_create(&x->ucx);
     if (st != DUET_OK) return st;
-    if (kv->on_device && !kvu_supports_device_memory(x->ucx)) {
-        LOG_ERROR("kv: the KV cache is in device memory and this UCX build cannot read it "
-                  "(staging through host memory is not implemented yet)");
+    x->be = mdl_backend(par_model(ctx->inst));
+    bool direct = !kv->on_device || kvu_supports_device_memory(x->ucx);
+    x->staged = x->staging_mode == STAGE_ON || (x->staging_mode == STAGE_AUTO && !direct);
+    if (!x->staged && !direct) {
+        LOG_ERROR("kv: the KV cache is in device memory, this UCX build cannot read it and "
+                  "--kv-staging is off");
         return DUET_ERR_UNSUPPORTED;
     }
-    st = kvu_register(x->ucx, kv->data, kv->block_bytes * (size_t)kv->n_blocks, kv->on_device,
-                      &x->region);
-    if (st != DUET_OK) return st;
+    if (x->staged) {
+        size_t want = x->staging_bytes ? x->staging_bytes : (size_t)256 << 20;
+        size_t slots = want / kv->block_bytes;
+        if (slots > (size_t)kv->n_blocks) slots = (size_t)kv->n_blocks;
+        if (slots < 1) slots = 1;
+        x->stage.n_slots = (int)slots;
+        x->stage.used = calloc(slots, 1);
+        void *base = NULL;
+        st = x->stage.used ? kvu_alloc(x->ucx, slots * kv->block_bytes, &base, &x->stage.reg)
+                           : DUET_ERR_NO_MEMORY;
+        if (st != DUET_OK) return st;
+        x->stage.base = base;
+        if (x->be->ops->host_pin &&
+            x->be->ops->host_pin(x->be, base, slots * kv->block_bytes) == DUET_OK)
+            x->stage.pinned = true;
+        LOG_INFO("kv: KV moves through a %zu MiB host staging area (%zu blocks)%s",
+                 (slots * kv->block_bytes) >> 20, slots, x->stage.pinned ? ", page-locked" : "");
+    } else {
+        st = kvu_register(x->ucx, kv->data, kv->block_bytes * (size_t)kv->n_blocks, kv->on_device,
+                          &x->region);
+        if (st != DUET_OK) return st;
+    }
 
     if (uv_loop_init(&x->loop) != 0) return DUET_ERR_INTERNAL;
     x->loop_ready = true;
@@ -940,7 +1209,7 @@ static duet_status x_start(void *state, const srv_kv_context *ctx) {
     x->ucx_hot.data = x;
     uv_timer_init(&x->loop, &x->sweep);
     x->sweep.data = x;
-    uv_timer_start(&x->sweep, sweep, 50, 50);
+    uv_timer_start(&x->sweep, sweep, 5, 5);
     if (ctx->role == SRV_ROLE_PREFILL) {
         int port = (x->kv_port ? x->kv_port : ctx->http_port - ctx->dp_rank + 1000) + ctx->dp_rank;
         x->kv_port = port;
@@ -1141,6 +1410,11 @@ void kvx_destroy(srv_kv_plugin *plugin) {
     if (!x) return;
     x_stop(x);
     if (x->loop_ready) uv_loop_close(&x->loop);
+    pins_free(x, x->orphans);
+    x->orphans = NULL;
+    if (x->stage.pinned) x->be->ops->host_unpin(x->be, x->stage.base);
+    kvu_region_destroy(x->ucx, x->stage.reg); /* unmapping frees UCX-allocated memory */
+    free(x->stage.used);
     kvu_region_destroy(x->ucx, x->region);
     kvu_destroy(x->ucx);
     pthread_mutex_destroy(&x->mu);

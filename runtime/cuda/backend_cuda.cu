@@ -235,6 +235,49 @@ static duet_status cuda_kv_create(be_backend *be, int n_blocks, int n_layers, in
     return DUET_OK;
 }
 
+/* Called from the KV transfer thread: its own device binding, plain synchronous copies (on
+ * the legacy stream, which the engine's non-blocking stream does not wait for: the blocks are
+ * not in any step), and errors reported without touching the engine's sticky error. */
+static duet_status copy_error(cudaError_t e, const char *what) {
+    LOG_ERROR("cuda: %s failed: %s (%s)", what, cudaGetErrorName(e), cudaGetErrorString(e));
+    (void)cudaGetLastError();
+    return e == cudaErrorMemoryAllocation ? DUET_ERR_NO_MEMORY : DUET_ERR_DEVICE;
+}
+
+static duet_status cuda_kv_copy_host(be_backend *be, be_kv *kv, const int32_t *blocks, int n,
+                                     void *host, bool to_host) {
+    cuda_backend *c = cuda_be(be);
+    cudaError_t e = cudaSetDevice(c->device);
+    if (e != cudaSuccess) return copy_error(e, "cudaSetDevice for a KV copy");
+    size_t bb = kv->block_bytes;
+    for (int i = 0; i < n;) {
+        int k = i + 1; /* a run of consecutive block ids is one copy */
+        while (k < n && blocks[k] == blocks[k - 1] + 1) k++;
+        if (blocks[i] < 0 || blocks[k - 1] >= kv->n_blocks) return DUET_ERR_INVALID;
+        char *dev = (char *)kv->data + (size_t)blocks[i] * bb;
+        char *h = (char *)host + (size_t)i * bb;
+        size_t len = (size_t)(k - i) * bb;
+        e = to_host ? cudaMemcpy(h, dev, len, cudaMemcpyDeviceToHost)
+                    : cudaMemcpy(dev, h, len, cudaMemcpyHostToDevice);
+        if (e != cudaSuccess) return copy_error(e, "cudaMemcpy of KV blocks");
+        i = k;
+    }
+    return DUET_OK;
+}
+
+static duet_status cuda_host_pin(be_backend *be, void *ptr, size_t bytes) {
+    cuda_backend *c = cuda_be(be);
+    cudaError_t e = cudaSetDevice(c->device);
+    if (e == cudaSuccess) e = cudaHostRegister(ptr, bytes, cudaHostRegisterPortable);
+    return e == cudaSuccess ? DUET_OK : copy_error(e, "cudaHostRegister of KV staging");
+}
+
+static void cuda_host_unpin(be_backend *be, void *ptr) {
+    cuda_backend *c = cuda_be(be);
+    if (cudaSetDevice(c->device) == cudaSuccess) (void)cudaHostUnregister(ptr);
+    (void)cudaGetLastError();
+}
+
 static void cuda_kv_destroy(be_backend *be, be_kv *kv) {
     if (!kv) return;
     CUDA_CHECK(cuda_be(be), cudaFree(kv->data));
@@ -322,13 +365,15 @@ static duet_status cuda_comm_attach(be_backend *be, comm_group *g) {
         .buf_alloc = cuda_buf_alloc, .buf_free = cuda_buf_free, .upload = cuda_upload,             \
         .download = cuda_download, .sync = cuda_sync, .weight_create = cuda_weight_create,         \
         .weight_destroy = cuda_weight_destroy, .vec_create = cuda_vec_create,                      \
-        .kv_create = cuda_kv_create, .kv_destroy = cuda_kv_destroy, .rope_setup = cuda_rope_setup, \
-        .set_batch = cuda_set_batch, .embed = cuda_embed, .linear = cuda_linear,                   \
-        .rmsnorm = cuda_rmsnorm, .add = cuda_add, .silu_mul = cuda_silu_mul, .rope = cuda_rope,    \
-        .kv_write = cuda_kv_write, .mla_attention = cuda_mla_attention,                            \
-        .moe_route = cuda_moe_route, .moe_experts = cuda_moe_experts,                              \
-        .gather_rows = cuda_gather_rows, .scatter_add_rows = cuda_scatter_add_rows,                \
-        .zero = cuda_zero, .sample = cuda_sample, .comm_attach = cuda_comm_attach,                 \
+        .kv_create = cuda_kv_create, .kv_destroy = cuda_kv_destroy,                                \
+        .kv_copy_host = cuda_kv_copy_host, .host_pin = cuda_host_pin,                              \
+        .host_unpin = cuda_host_unpin, .rope_setup = cuda_rope_setup, .set_batch = cuda_set_batch, \
+        .embed = cuda_embed, .linear = cuda_linear, .rmsnorm = cuda_rmsnorm, .add = cuda_add,      \
+        .silu_mul = cuda_silu_mul, .rope = cuda_rope, .kv_write = cuda_kv_write,                   \
+        .mla_attention = cuda_mla_attention, .moe_route = cuda_moe_route,                          \
+        .moe_experts = cuda_moe_experts, .gather_rows = cuda_gather_rows,                          \
+        .scatter_add_rows = cuda_scatter_add_rows, .zero = cuda_zero, .sample = cuda_sample,       \
+        .comm_attach = cuda_comm_attach,                                                           \
     }
 
 static const be_ops g_cuda_ops_bf16 = CUDA_OPS(DT_BF16);

@@ -48,6 +48,8 @@ static void on_event(void *user, const eng_event *ev) {
 }
 
 static int g_port;
+static const char *g_staging = "auto"; /* "on": both sides move KV through staging slots */
+static const char *g_staging_bytes = "256M";
 
 static int make_side(side *s, srv_role role, int block_size, int n_blocks, const char *secret,
                      double lease_s) {
@@ -60,8 +62,16 @@ static int make_side(side *s, srv_role role, int block_size, int n_blocks, const
     if (par_instance_create(&po, GOLDEN_DIR "/tiny-v3/model", &argc, &argv, &s->inst) != DUET_OK)
         return -1;
     CHECK(kvx_create(&s->plug) == DUET_OK);
-    char *args[3] = {"x", "--kv-secret", (char *)secret};
-    CHECK(s->plug.parse_arg(s->plug.state, 3, args, 1) == 2);
+    char *args[7] = {"x",
+                     "--kv-secret",
+                     (char *)secret,
+                     "--kv-staging",
+                     (char *)g_staging,
+                     "--kv-staging-bytes",
+                     (char *)g_staging_bytes};
+    CHECK(s->plug.parse_arg(s->plug.state, 7, args, 1) == 2);
+    CHECK(s->plug.parse_arg(s->plug.state, 7, args, 3) == 2);
+    CHECK(s->plug.parse_arg(s->plug.state, 7, args, 5) == 2);
     eng_config c;
     eng_config_default(&c);
     c.block_size = block_size;
@@ -158,7 +168,8 @@ static int free_port(void) {
     return 21000 + (int)(getpid() % 2000) * 2;
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+    if (argc > 1 && !strcmp(argv[1], "staging")) g_staging = "on";
     if (golden_load(GOLDEN_DIR "/tiny-v3", 2048, &G) != 0) return 1;
     g_port = free_port();
     side p, d;
@@ -215,6 +226,27 @@ int main(void) {
     CHECK(leased(&p) == 0 && free_blocks(&p) == pf && free_blocks(&d) == df);
     free_side(&p);
     free_side(&d);
+
+    if (!strcmp(g_staging, "on")) {
+        /* a staging area of 2 blocks cannot carry a 9-block prompt: a clear error, no leak */
+        g_port += 2;
+        g_staging_bytes = "20K"; /* blocks of 16 tokens are 10 KiB here */
+        CHECK(make_side(&p, SRV_ROLE_PREFILL, 16, 64, "s3cret", 30) == 0);
+        g_staging_bytes = "256M";
+        CHECK(make_side(&d, SRV_ROLE_DECODE, 16, 64, "s3cret", 30) == 0);
+        const golden_case *big = &G.cases[0];
+        for (int i = 0; i < G.n; i++)
+            if (G.cases[i].n_prompt > big->n_prompt) big = &G.cases[i];
+        r = pd_request(&p, &d, 13, big, 0);
+        CHECK_MSG(r->finish == ENG_FINISH_ERROR && strstr(r->error, "staging area"), "error: %s",
+                  r->error);
+        r = pd_request(&p, &d, 14, &G.cases[1], 0); /* a small one still goes through */
+        CHECK(r->finish == ENG_FINISH_LENGTH && r->n_out == G.cases[1].n_greedy);
+        for (int i = 0; i < 100 && leased(&p) > 0; i++) step(&p);
+        CHECK(leased(&p) == 1); /* the refused big lease waits for its expiry */
+        free_side(&p);
+        free_side(&d);
+    }
     fio_unmap(&G.map);
     CHECK_DONE();
 }
