@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "hash.h"
 #include "log.h"
 
 #define NIL (-1)
@@ -161,10 +162,12 @@ int kv_pool_refcount(const kv_pool *p, int32_t id) {
 
 uint64_t kv_pool_hash(uint64_t parent, const int32_t *tokens, int n) {
     /* FNV-1a over the parent hash and the token ids, then a final avalanche */
-    uint64_t h = 1469598103934665603ull ^ parent;
+    uint64_t h = HASH_FNV_BASIS ^ parent;
     for (int i = 0; i < n; i++) {
+        uint8_t le[4]; /* the id's bytes, least significant first, whatever the host order */
         uint32_t t = (uint32_t)tokens[i];
-        for (int k = 0; k < 4; k++) h = (h ^ ((t >> (8 * k)) & 0xff)) * 1099511628211ull;
+        for (int k = 0; k < 4; k++) le[k] = (uint8_t)(t >> (8 * k));
+        h = hash_fnv1a(h, le, 4);
     }
     h ^= h >> 33;
     h *= 0xff51afd7ed558ccdull;

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "hash.h"
 #include "log.h"
 #include "safetensors.h"
 
@@ -31,20 +32,6 @@ static float *tmp_get(loader *ld, size_t n) {
     return ld->tmp;
 }
 
-static uint64_t mix64(uint64_t x) {
-    x ^= x >> 30;
-    x *= 0xbf58476d1ce4e5b9ull;
-    x ^= x >> 27;
-    x *= 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-}
-
-static uint64_t name_hash(const char *s) {
-    uint64_t h = 1469598103934665603ull;
-    for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
-    return h;
-}
-
 /* What a tensor's values are when no checkpoint is read: norms are ones, the router bias
  * zero, everything else uniform with the config's usual 0.02 standard deviation. */
 static void dummy_fill(loader *ld, const char *name, int full_in, int r0, int nrows, int c0,
@@ -52,7 +39,7 @@ static void dummy_fill(loader *ld, const char *name, int full_in, int r0, int nr
     size_t len = strlen(name);
     int is_norm = len > 11 && strstr(name, "norm.weight") != NULL;
     int is_bias = strstr(name, "e_score_correction_bias") != NULL;
-    uint64_t h = name_hash(name) ^ mix64(ld->opts.dummy_seed + 0x9e3779b97f4a7c15ull);
+    uint64_t h = hash_fnv1a_str(name) ^ hash_mix64(ld->opts.dummy_seed + 0x9e3779b97f4a7c15ull);
     const float a = 0.02f * 1.7320508f; /* uniform [-a, a] has std 0.02 */
     for (int i = 0; i < nrows; i++)
         for (int j = 0; j < ncols; j++) {
@@ -62,8 +49,8 @@ static void dummy_fill(loader *ld, const char *name, int full_in, int r0, int nr
             else if (is_bias)
                 v = 0.0f;
             else {
-                uint64_t k = mix64(h + (uint64_t)(r0 + i) * (uint64_t)(full_in ? full_in : 1) +
-                                   (uint64_t)(c0 + j));
+                uint64_t k = hash_mix64(h + (uint64_t)(r0 + i) * (uint64_t)(full_in ? full_in : 1) +
+                                        (uint64_t)(c0 + j));
                 v = ((float)(k >> 40) / 16777216.0f * 2.0f - 1.0f) * a;
             }
             dst[(size_t)i * ncols + j] = v;

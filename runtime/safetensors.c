@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "fileio.h"
+#include "hash.h"
 #include "log.h"
 
 /* A header larger than this is not a checkpoint we can trust (DeepSeek-V3 shards use ~100 KB). */
@@ -31,12 +32,6 @@ struct st_set {
     size_t index_cap;
 };
 
-static uint64_t hash_str(const char *s) {
-    uint64_t h = 1469598103934665603ull;
-    for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
-    return h;
-}
-
 static duet_status index_build(st_set *set) {
     size_t cap = 16;
     while (cap < set->n_tensors * 2) cap *= 2;
@@ -45,7 +40,7 @@ static duet_status index_build(st_set *set) {
     set->index_cap = cap;
     for (size_t i = 0; i < cap; i++) set->index[i] = SIZE_MAX;
     for (size_t i = 0; i < set->n_tensors; i++) {
-        size_t h = hash_str(set->tensors[i].name) & (cap - 1);
+        size_t h = hash_fnv1a_str(set->tensors[i].name) & (cap - 1);
         while (set->index[h] != SIZE_MAX) {
             if (!strcmp(set->tensors[set->index[h]].name, set->tensors[i].name)) {
                 LOG_ERROR("%s: tensor %s appears twice (also in %s)", set->tensors[i].file,
@@ -61,7 +56,7 @@ static duet_status index_build(st_set *set) {
 
 const st_tensor *st_find(const st_set *set, const char *name) {
     if (!set->index_cap) return NULL;
-    size_t h = hash_str(name) & (set->index_cap - 1);
+    size_t h = hash_fnv1a_str(name) & (set->index_cap - 1);
     while (set->index[h] != SIZE_MAX) {
         const st_tensor *t = &set->tensors[set->index[h]];
         if (!strcmp(t->name, name)) return t;

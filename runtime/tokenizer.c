@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "fileio.h"
+#include "hash.h"
 #include "log.h"
 #include "tokenizer-impl.h"
 
@@ -46,11 +47,7 @@ static void lfail_oom(load_ctx *lc) {
 /* ---- hash maps ---------------------------------------------------------------------------- */
 
 static uint64_t hash_bytes(const char *s, size_t n) {
-    uint64_t h = 1469598103934665603ull; /* FNV-1a */
-    for (size_t i = 0; i < n; i++) {
-        h ^= (uint8_t)s[i];
-        h *= 1099511628211ull;
-    }
+    uint64_t h = hash_fnv1a(HASH_FNV_BASIS, s, n);
     return h ^ (h >> 29);
 }
 

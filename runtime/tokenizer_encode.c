@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "hash.h"
 #include "log.h"
 #include "tokenizer-impl.h"
 
@@ -201,11 +202,7 @@ static void bpe_word(enc_ctx *c, const uint8_t *s, size_t n) {
 }
 
 static uint64_t hash_piece(const uint8_t *s, size_t n) {
-    uint64_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < n; i++) {
-        h ^= s[i];
-        h *= 1099511628211ull;
-    }
+    uint64_t h = hash_fnv1a(HASH_FNV_BASIS, s, n);
     return h ^ (h >> 32);
 }
 

@@ -16,6 +16,7 @@
 
 #include "dtype.h"
 #include "fileio.h"
+#include "hash.h"
 #include "log.h"
 #include "safetensors_write.h"
 
@@ -564,20 +565,6 @@ typedef struct mk_tables {
     uint8_t e4m3[65536];  /* N(0, MK_FP8_SIGMA) quantiles as e4m3 */
 } mk_tables;
 
-static uint64_t mix64(uint64_t x) {
-    x ^= x >> 30;
-    x *= 0xbf58476d1ce4e5b9ull;
-    x ^= x >> 27;
-    x *= 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-}
-
-static uint64_t name_hash(const char *s) {
-    uint64_t h = 1469598103934665603ull;
-    for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
-    return h;
-}
-
 #define MK_GOLDEN 0x9e3779b97f4a7c15ull
 
 /* z with Phi(z) = q, by bisection on erfc: exact quantiles, no approximation constants. */
@@ -617,7 +604,7 @@ static void fill_chunk(const mk_tables *tb, const mk_tensor *t, uint64_t key, ui
             if (t->fill == MK_FILL_ONES) {
                 o[k] = 0x3f80; /* 1.0 */
             } else {
-                uint64_t r = mix64(key + (i >> 2) * MK_GOLDEN);
+                uint64_t r = hash_mix64(key + (i >> 2) * MK_GOLDEN);
                 o[k] = tb->bf16[(r >> (16 * (i & 3))) & 0xffff];
             }
         }
@@ -625,13 +612,13 @@ static void fill_chunk(const mk_tables *tb, const mk_tensor *t, uint64_t key, ui
         uint8_t *o = dst;
         for (size_t k = 0; k < n; k++) {
             uint64_t i = i0 + k;
-            uint64_t r = mix64(key + (i >> 2) * MK_GOLDEN);
+            uint64_t r = hash_mix64(key + (i >> 2) * MK_GOLDEN);
             o[k] = tb->e4m3[(r >> (16 * (i & 3))) & 0xffff];
         }
     } else { /* DT_F32: bias or scale */
         float *o = dst;
         for (size_t k = 0; k < n; k++) {
-            double u = (double)(mix64(key + (i0 + k) * MK_GOLDEN) >> 40) / 16777216.0;
+            double u = (double)(hash_mix64(key + (i0 + k) * MK_GOLDEN) >> 40) / 16777216.0;
             if (t->fill == MK_FILL_BIAS)
                 o[k] = (float)((2.0 * u - 1.0) * MK_BIAS_RANGE);
             else /* block scales vary by +-25% so a misplaced block changes the result */
@@ -799,11 +786,11 @@ static duet_status write_shard(const mk_spec *spec, const mk_plan *p, const int 
         if (shard_of_group[p->t[i].group] == shard)
             st = st_writer_declare(w, p->t[i].name, p->t[i].dtype, p->t[i].ndim, p->t[i].shape);
     if (st == DUET_OK) st = st_writer_begin(w);
-    uint64_t seed_key = mix64(spec->seed + MK_GOLDEN);
+    uint64_t seed_key = hash_mix64(spec->seed + MK_GOLDEN);
     for (size_t i = 0; st == DUET_OK && i < p->n; i++) {
         const mk_tensor *t = &p->t[i];
         if (shard_of_group[t->group] != shard) continue;
-        uint64_t key = mix64(name_hash(t->name) ^ seed_key);
+        uint64_t key = hash_mix64(hash_fnv1a_str(t->name) ^ seed_key);
         uint64_t numel = t->nbytes / dt_size(t->dtype);
         size_t es = dt_size(t->dtype);
         for (uint64_t i0 = 0; st == DUET_OK && i0 < numel; i0 += MK_CHUNK) {
