@@ -233,12 +233,18 @@ size_t px_backends_count(const px_backends *s, px_role role, bool healthy_only) 
     return n;
 }
 
-void px_backends_close(px_backends *s) {
+static void on_probe_timer_closed(uv_handle_t *h) {
+    px_backends *s = h->data;
+    if (s->on_closed) s->on_closed(s);
+}
+
+void px_backends_close(px_backends *s, void (*on_closed)(px_backends *s)) {
     if (s->closed) return;
     s->closed = true;
+    s->on_closed = on_closed;
     for (int r = 0; r < PX_ROLE_COUNT; r++)
         while (s->list[r]) unlist(s, s->list[r]);
-    uv_close((uv_handle_t *)&s->probe_timer, NULL);
+    uv_close((uv_handle_t *)&s->probe_timer, on_probe_timer_closed);
 }
 
 void px_backends_cleanup(px_backends *s) {

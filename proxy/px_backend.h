@@ -58,6 +58,7 @@ struct px_backends {
     px_target **cands; /* scratch for picks */
     size_t cands_cap;
     bool closed;
+    void (*on_closed)(px_backends *s);
 };
 
 const char *px_role_name(px_role r);
@@ -66,8 +67,9 @@ duet_status px_role_parse(const char *s, px_role *role_p); /* "prefill", "decode
 /* Starts the probe timer. */
 duet_status px_backends_init(px_backends *s, uv_loop_t *loop, const px_backends_opts *opts);
 /* Removes every backend and cancels probes; picks fail from here on, releases still work.
- * Backends still held by requests are freed at their last release. */
-void px_backends_close(px_backends *s);
+ * Backends still held by requests are freed at their last release. on_closed (may be NULL)
+ * runs from the loop once s's timer is closed: s may be freed from there. */
+void px_backends_close(px_backends *s, void (*on_closed)(px_backends *s));
 /* Frees the rest, once the loop has run the timer's close callback and nothing is held. */
 void px_backends_cleanup(px_backends *s);
 

@@ -13,8 +13,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "fileio.h"
-
 typedef enum opt_kind {
     OPT_HOST,     /* char[PX_HOST_MAX] */
     OPT_PORT,     /* int 1..65535 (0 allowed for --port: an ephemeral one) */
@@ -304,12 +302,19 @@ duet_status px_config_parse_json(px_config *cfg, const char *json, size_t len, c
     return st;
 }
 
+/* Plain stdio rather than fileio.h: that one logs, and a bad flag must be one line on stderr. */
 static duet_status load_file(px_config *cfg, const char *path, char *err, size_t errlen) {
-    fio_map m;
-    if (fio_map_file(path, &m) != DUET_OK)
-        return fail(err, errlen, "--config: cannot read %s", path);
-    duet_status st = px_config_parse_json(cfg, (const char *)m.data, m.size, err, errlen);
-    fio_unmap(&m);
+    enum { MAX_CONFIG = 1 << 20 };
+    FILE *f = fopen(path, "rb");
+    int e = errno;
+    char *text = f ? malloc(MAX_CONFIG + 1) : NULL;
+    size_t n = text ? fread(text, 1, MAX_CONFIG + 1, f) : 0;
+    bool bad = !f || !text || ferror(f) || n > MAX_CONFIG;
+    if (f) fclose(f);
+    duet_status st = bad ? fail(err, errlen, "--config: cannot read %s: %s", path,
+                                n > MAX_CONFIG ? "larger than 1 MiB" : strerror(f ? EIO : e))
+                         : px_config_parse_json(cfg, text, n, err, errlen);
+    free(text);
     return st;
 }
 

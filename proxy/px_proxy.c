@@ -9,6 +9,7 @@
 #include "px_proxy.h"
 
 #include <cjson/cJSON.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1105,13 +1106,18 @@ static void on_drain_timer_closed(uv_handle_t *h) {
     px_unref(h->data);
 }
 
+static void on_backends_closed(px_backends *s) {
+    px_unref((px_proxy *)((char *)s - offsetof(px_proxy, backends)));
+}
+
 void px_proxy_destroy(px_proxy *px) {
     if (!px || px->destroyed) return;
     px->destroyed = true;
     px->drained_cb = NULL;
     http_server_destroy(px->srv); /* jobs still open end through their on_close */
     px->srv = NULL;
-    px_backends_close(&px->backends);
+    px->refs++; /* the probe timer's, inside px */
+    px_backends_close(&px->backends, on_backends_closed);
     uv_close((uv_handle_t *)&px->drain_timer, on_drain_timer_closed);
     px_unref(px);
 }
