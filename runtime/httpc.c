@@ -121,11 +121,12 @@ static int hp_on_headers_complete(http_parser *hp) {
     if (!hp_append(p, "", 1)) return parse_fail(p, "out of memory");
     p->head_done = true;
     int status = (int)hp->status_code;
-    if (status >= 100 && status < 200) {
+    if (status < 100) return parse_fail(p, "invalid status %d", status);
+    if (status < 200) {
         /* Interim (100 Continue, 103 Early Hints): the real head follows. We never ask for an
          * upgrade, so 101 is an error. */
         if (status == 101) return parse_fail(p, "unexpected 101 Switching Protocols");
-        return 0;
+        return 1; /* no body, whatever Content-Length says */
     }
     if (hp->http_major != 1)
         return parse_fail(p, "HTTP/%u.%u response", hp->http_major, hp->http_minor);

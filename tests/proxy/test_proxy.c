@@ -346,12 +346,27 @@ static proxy_proc proxy_start_env(const char *env, const char *const *flags) {
     proxy_proc p = {.port = free_port()};
     char portbuf[16];
     snprintf(portbuf, sizeof portbuf, "%d", p.port);
-    char *argv[64] = {(char *)g_proxy_bin, "--host", "127.0.0.1", "--port", portbuf};
-    int n = 5;
-    for (; flags && *flags && n < 62; flags++) argv[n++] = (char *)*flags;
+    char *argv[72];
+    int n = 0;
+    /* TEST_PROXY_VALGRIND=path: the proxy runs under valgrind; leaks or memory errors make it
+     * exit 99 instead of 0 at SIGTERM. */
+    const char *vg = getenv("TEST_PROXY_VALGRIND");
+    if (vg && *vg) {
+        static const char *const vgargs[] = {"--quiet", "--leak-check=full",
+                                             "--errors-for-leak-kinds=definite,indirect",
+                                             "--error-exitcode=99"};
+        argv[n++] = (char *)vg;
+        for (size_t i = 0; i < sizeof vgargs / sizeof vgargs[0]; i++) argv[n++] = (char *)vgargs[i];
+    }
+    argv[n++] = (char *)g_proxy_bin;
+    argv[n++] = "--host";
+    argv[n++] = "127.0.0.1";
+    argv[n++] = "--port";
+    argv[n++] = portbuf;
+    for (; flags && *flags && n < 70; flags++) argv[n++] = (char *)*flags;
     argv[n] = NULL;
     p.pid = spawn(argv, "proxy.log", env);
-    CHECK_MSG(wait_listening(p.port, 5000), "proxy did not start");
+    CHECK_MSG(wait_listening(p.port, vg && *vg ? 20000 : 5000), "proxy did not start");
     return p;
 }
 
