@@ -301,10 +301,10 @@ static void handle_generate(http_req *req, bool chat) {
             bad = "decode: kv_transfer_params.remote_request_id differs from X-Request-Id";
         else if (!cJSON_IsArray(cJSON_GetObjectItemCaseSensitive(kv, "remote_block_ids")))
             bad = "decode: no remote_block_ids";
-    } else {
+    } else if (strcmp(g_stub.role, "both")) {
         bad = !strcmp(g_stub.role, "prefill") ? "prefill role: no do_remote_decode"
                                               : "decode role: no kv_transfer_params from prefill";
-    }
+    } /* role both: a plain request is answered like a non-disaggregated worker does */
     if (!bad) {
         const cJSON *mt = cJSON_GetObjectItemCaseSensitive(root, "min_tokens");
         if (mt && (!cJSON_IsNumber(mt) || mt->valuedouble < 0)) bad = "min_tokens must be >= 0";

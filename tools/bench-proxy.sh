@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# Measures duet-proxy's added latency and its highest request rate against a stub backend, next
+# to nginx proxying the same stub, in one run. nginx relays one request per client request;
+# duet-proxy makes two (prefill, then decode), so each is compared with its own direct baseline:
+#   added latency = latency through the proxy - latency of the same backend requests made
+#   directly (one request for nginx, the two legs back to back for duet-proxy, `--pd`).
+# Usage: tools/bench-proxy.sh [--quick] [--out FILE]   (build first: tools/build.sh)
+# Prints a Markdown table; --out also writes it to FILE.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+B=build
+STUB=$B/tests/proxy/stub_backend
+PROXY=$B/proxy/duet-proxy
+BENCH=$B/tools/duet-proxy-bench
+LAT_N=3000      # requests one at a time, for latency
+RATE_SECS=5     # seconds at high concurrency, for the rate
+RATE_CONC=64
+OUT=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --quick) LAT_N=500; RATE_SECS=2; shift ;;
+    --out) OUT="$2"; shift 2 ;;
+    *) echo "usage: $0 [--quick] [--out FILE]" >&2; exit 2 ;;
+    esac
+done
+for f in "$STUB" "$PROXY" "$BENCH"; do
+    [ -x "$f" ] || { echo "bench-proxy: $f missing: run tools/build.sh" >&2; exit 1; }
+done
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+[ -x "$NGINX" ] || { echo "bench-proxy: nginx not found (apt-get install nginx-light)" >&2; exit 1; }
+command -v wrk >/dev/null || { echo "bench-proxy: wrk not found (apt-get install wrk)" >&2; exit 1; }
+
+TMP=$(mktemp -d /tmp/bench-proxy.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+wait_port() {
+    for _ in $(seq 200); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "bench-proxy: nothing listens on port $1" >&2
+    exit 1
+}
+
+STUB_PORT=$(free_port)
+"$STUB" --port "$STUB_PORT" --role both --name bench >"$TMP/stub.log" 2>&1 &
+PIDS+=($!)
+wait_port "$STUB_PORT"
+
+PX_PORT=$(free_port)
+"$PROXY" --host 127.0.0.1 --port "$PX_PORT" --prefill "127.0.0.1:$STUB_PORT" \
+    --decode "127.0.0.1:$STUB_PORT" >"$TMP/proxy.log" 2>&1 &
+PIDS+=($!)
+wait_port "$PX_PORT"
+
+# nginx as an unprivileged process with a generated config: one worker (duet-proxy is one
+# thread), keep-alive to the backend, no buffering (streams pass through as they come).
+NG_PORT=$(free_port)
+mkdir -p "$TMP/nginx"
+cat >"$TMP/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $TMP/nginx/nginx.pid;
+error_log $TMP/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $TMP/nginx/body;
+    proxy_temp_path $TMP/nginx/proxy;
+    fastcgi_temp_path $TMP/nginx/fastcgi;
+    uwsgi_temp_path $TMP/nginx/uwsgi;
+    scgi_temp_path $TMP/nginx/scgi;
+    upstream stub { server 127.0.0.1:$STUB_PORT; keepalive 128; }
+    server {
+        listen 127.0.0.1:$NG_PORT;
+        keepalive_requests 1000000;
+        location / {
+            proxy_pass http://stub;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+    }
+}
+EOF
+"$NGINX" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" -e "$TMP/nginx/error.log" 2>"$TMP/nginx/start.log" &
+PIDS+=($!)
+wait_port "$NG_PORT"
+
+# Latency: one request at a time, non-streaming, 16 tokens.
+lat() { # url extra-flags... -> "p50 p99 rate errors"
+    local url=$1
+    shift
+    "$BENCH" --url "$url" --requests "$LAT_N" --concurrency 1 --json "$@" |
+        python3 -c 'import json,sys; j=json.load(sys.stdin); print(j["latency_ms"]["p50"], j["latency_ms"]["p99"], j["rate"], j["errors"])'
+}
+# Rate: wrk, one thread, RATE_CONC connections, a fixed non-streaming POST.
+cat >"$TMP/post.lua" <<'EOF'
+wrk.method = "POST"
+wrk.body = '{"model":"duet-stub","prompt":"abcdefgh abcdefgh abcdefgh abcdefgh","max_tokens":16}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["X-Request-Id"] = "wrk-bench"
+EOF
+rate() { # url -> "req/s non2xx"
+    wrk -t1 -c"$RATE_CONC" -d"${RATE_SECS}s" -s "$TMP/post.lua" "$1" >"$TMP/wrk.txt" 2>&1
+    local rps non
+    rps=$(awk '/Requests\/sec/ {print $2}' "$TMP/wrk.txt")
+    non=$(awk '/Non-2xx/ {print $5}' "$TMP/wrk.txt")
+    echo "$rps ${non:-0}"
+}
+
+U_STUB="http://127.0.0.1:$STUB_PORT/v1/completions"
+U_NG="http://127.0.0.1:$NG_PORT/v1/completions"
+U_PX="http://127.0.0.1:$PX_PORT/v1/completions"
+# Warm-up: connections, page faults.
+"$BENCH" --url "$U_PX" --requests 200 --concurrency 8 >/dev/null
+"$BENCH" --url "$U_NG" --requests 200 --concurrency 8 >/dev/null
+
+read -r d1_50 d1_99 _ d1_err < <(lat "$U_STUB")
+read -r d2_50 d2_99 _ d2_err < <(lat "$U_STUB" --pd)
+read -r ng_50 ng_99 _ ng_err < <(lat "$U_NG")
+read -r px_50 px_99 _ px_err < <(lat "$U_PX")
+read -r rs_rate rs_non < <(rate "$U_STUB")
+read -r ng_rate ng_non < <(rate "$U_NG")
+read -r px_rate px_non < <(rate "$U_PX")
+
+REPORT=$(python3 - "$d1_50" "$d1_99" "$d2_50" "$d2_99" "$ng_50" "$ng_99" "$px_50" "$px_99" \
+    "$rs_rate" "$ng_rate" "$px_rate" "$((d1_err + d2_err + ng_err + px_err))" \
+    "$rs_non" "$ng_non" "$px_non" "$LAT_N" "$RATE_SECS" "$RATE_CONC" <<'EOF'
+import sys
+a = sys.argv[1:]
+d1, d1q, d2, d2q, ng, ngq, px, pxq, rs, nr, pr = map(float, a[:11])
+errs, rsn, ngn, pxn, n, secs, conc = a[11:]
+ng_add, ng_add99 = ng - d1, ngq - d1q
+px_add, px_add99 = px - d2, pxq - d2q
+ratio = lambda x, y: f"{x / y:.2f}" if y > 0 else "n/a"
+print("| path | p50 ms | p99 ms | added p50 ms | added p99 ms | max rate req/s |")
+print("|---|---|---|---|---|---|")
+print(f"| stub directly, 1 request | {d1:.3f} | {d1q:.3f} | - | - | {rs:.0f} |")
+print(f"| stub directly, 2 legs (--pd) | {d2:.3f} | {d2q:.3f} | - | - | - |")
+print(f"| nginx -> stub (1 upstream request) | {ng:.3f} | {ngq:.3f} | {ng_add:.3f} | {ng_add99:.3f} | {nr:.0f} |")
+print(f"| duet-proxy -> stub (2 upstream requests) | {px:.3f} | {pxq:.3f} | {px_add:.3f} | {px_add99:.3f} | {pr:.0f} |")
+print()
+print(f"duet-proxy / nginx: added latency p50 {ratio(px_add, ng_add)}x, p99 {ratio(px_add99, ng_add99)}x; "
+      f"max client request rate {ratio(pr, nr)}x (upstream requests/s {ratio(2 * pr, nr)}x).")
+print(f"Latency: {n} non-streaming requests one at a time (16 tokens); rate: wrk -t1 -c{conc} -d{secs}s. "
+      f"Errors: {errs} (bench), non-2xx: stub {rsn}, nginx {ngn}, duet-proxy {pxn}.")
+EOF
+)
+echo "$REPORT"
+if [ -n "$OUT" ]; then echo "$REPORT" >"$OUT"; fi
