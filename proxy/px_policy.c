@@ -46,13 +46,13 @@ static size_t ll_select(px_policy *p, px_target *const *cands, size_t n, uint64_
     return best;
 }
 
-/* xorshift64*: plenty for spreading requests. */
-static uint64_t p2_next(p2_policy *p2) {
-    uint64_t x = p2->rng;
+/* Plenty for spreading requests; not for secrets. */
+uint64_t px_rand_next(uint64_t *state) {
+    uint64_t x = *state;
     x ^= x >> 12;
     x ^= x << 25;
     x ^= x >> 27;
-    p2->rng = x;
+    *state = x;
     return x * 0x2545F4914F6CDD1DULL;
 }
 
@@ -60,8 +60,8 @@ static size_t p2_select(px_policy *p, px_target *const *cands, size_t n, uint64_
     p2_policy *p2 = (p2_policy *)p;
     (void)load;
     if (n == 1) return 0;
-    size_t a = (size_t)(p2_next(p2) % n);
-    size_t b = (size_t)(p2_next(p2) % (n - 1));
+    size_t a = (size_t)(px_rand_next(&p2->rng) % n);
+    size_t b = (size_t)(px_rand_next(&p2->rng) % (n - 1));
     if (b >= a) b++; /* two distinct candidates */
     return lighter(cands[b], cands[a]) ? b : a;
 }

@@ -100,12 +100,7 @@ static double seconds_since(uint64_t t0) {
 }
 
 static uint64_t px_rand(px_proxy *px) {
-    uint64_t x = px->rng;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    px->rng = x;
-    return x * 0x2545F4914F6CDD1DULL;
+    return px_rand_next(&px->rng);
 }
 
 static void px_unref(px_proxy *px) {

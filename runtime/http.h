@@ -110,6 +110,11 @@ void http_server_destroy(http_server *srv);
 
 void http_server_get_stats(const http_server *srv, http_server_stats *stats_p);
 
+/* Whether s is an RFC 9110 token (a method or header name), and a header value free of control
+ * characters (CR and LF included, so nothing can be smuggled in). NULL is invalid. */
+bool http_token_valid(const char *s);
+bool http_value_valid(const char *s);
+
 /* First header named name (case-insensitive), or NULL. */
 const char *http_req_header(const http_req *req, const char *name);
 

@@ -673,24 +673,6 @@ const char *httpc_pool_name(const httpc_pool *pool) {
     return pool ? pool->name : "";
 }
 
-static bool is_tchar(unsigned char ch) {
-    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
-           (ch && strchr("!#$%&'*+-.^_`|~", ch));
-}
-
-static bool token_ok(const char *s) {
-    if (!s || !*s) return false;
-    for (; *s; s++)
-        if (!is_tchar((unsigned char)*s)) return false;
-    return true;
-}
-
-static bool value_ok(const char *s) {
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++)
-        if ((*p < 0x20 && *p != '\t') || *p == 0x7f) return false;
-    return true;
-}
-
 static bool path_ok(const char *s) {
     if (!s || s[0] != '/') return false;
     for (const unsigned char *p = (const unsigned char *)s; *p; p++)
@@ -725,13 +707,13 @@ static char *build_wire(const httpc_pool *pool, const httpc_request *rq, size_t 
 
 duet_status httpc_send(httpc_pool *pool, const httpc_request *rq, const httpc_callbacks *cb,
                        void *arg, httpc_req **req_p) {
-    if (!pool || !rq || !cb || !cb->on_end || !token_ok(rq->method) || !path_ok(rq->path) ||
+    if (!pool || !rq || !cb || !cb->on_end || !http_token_valid(rq->method) || !path_ok(rq->path) ||
         (rq->body_len && !rq->body)) {
         LOG_ERROR("httpc: invalid request (method, path, body or callbacks)");
         return DUET_ERR_INVALID;
     }
     for (const http_header *h = rq->headers; h && h->name; h++) {
-        if (!token_ok(h->name) || !h->value || !value_ok(h->value) || reserved_header(h->name)) {
+        if (!http_token_valid(h->name) || !http_value_valid(h->value) || reserved_header(h->name)) {
             LOG_ERROR("httpc: invalid request header %s", h->name);
             return DUET_ERR_INVALID;
         }
