@@ -15,10 +15,11 @@ BENCH=$B/tools/duet-proxy-bench
 LAT_N=3000      # requests one at a time, for latency
 RATE_SECS=5     # seconds at high concurrency, for the rate
 RATE_CONC=64
+ROUNDS=3        # every measurement this many times, interleaved; medians reported
 OUT=""
 while [ $# -gt 0 ]; do
     case "$1" in
-    --quick) LAT_N=500; RATE_SECS=2; shift ;;
+    --quick) LAT_N=500; RATE_SECS=2; ROUNDS=1; shift ;;
     --out) OUT="$2"; shift 2 ;;
     *) echo "usage: $0 [--quick] [--out FILE]" >&2; exit 2 ;;
     esac
@@ -125,35 +126,42 @@ U_PX="http://127.0.0.1:$PX_PORT/v1/completions"
 "$BENCH" --url "$U_PX" --requests 200 --concurrency 8 >/dev/null
 "$BENCH" --url "$U_NG" --requests 200 --concurrency 8 >/dev/null
 
-read -r d1_50 d1_99 _ d1_err < <(lat "$U_STUB")
-read -r d2_50 d2_99 _ d2_err < <(lat "$U_STUB" --pd)
-read -r ng_50 ng_99 _ ng_err < <(lat "$U_NG")
-read -r px_50 px_99 _ px_err < <(lat "$U_PX")
-read -r rs_rate rs_non < <(rate "$U_STUB")
-read -r ng_rate ng_non < <(rate "$U_NG")
-read -r px_rate px_non < <(rate "$U_PX")
+# One line per round; the summary takes medians, so one noisy round on a shared machine does
+# not decide the result.
+for r in $(seq "$ROUNDS"); do
+    echo "$(lat "$U_STUB") $(lat "$U_STUB" --pd) $(lat "$U_NG") $(lat "$U_PX") $(rate "$U_STUB") $(rate "$U_NG") $(rate "$U_PX")" >>"$TMP/rounds.txt"
+    echo "bench-proxy: round $r of $ROUNDS done" >&2
+done
 
-REPORT=$(python3 - "$d1_50" "$d1_99" "$d2_50" "$d2_99" "$ng_50" "$ng_99" "$px_50" "$px_99" \
-    "$rs_rate" "$ng_rate" "$px_rate" "$((d1_err + d2_err + ng_err + px_err))" \
-    "$rs_non" "$ng_non" "$px_non" "$LAT_N" "$RATE_SECS" "$RATE_CONC" <<'EOF'
-import sys
-a = sys.argv[1:]
-d1, d1q, d2, d2q, ng, ngq, px, pxq, rs, nr, pr = map(float, a[:11])
-errs, rsn, ngn, pxn, n, secs, conc = a[11:]
-ng_add, ng_add99 = ng - d1, ngq - d1q
-px_add, px_add99 = px - d2, pxq - d2q
-ratio = lambda x, y: f"{x / y:.2f}" if y > 0 else "n/a"
+REPORT=$(python3 - "$TMP/rounds.txt" "$LAT_N" "$RATE_SECS" "$RATE_CONC" "$(nproc)" <<'EOF'
+import statistics, sys
+rows = [list(map(float, l.split())) for l in open(sys.argv[1]) if l.strip()]
+n, secs, conc, cpus = sys.argv[2:]
+med = lambda i: statistics.median(r[i] for r in rows)
+# Per round: 4 x (p50 p99 rate errors), then 3 x (req/s non2xx).
+d1, d1q, d2, d2q = med(0), med(1), med(4), med(5)
+ng, ngq, px, pxq = med(8), med(9), med(12), med(13)
+rs, nr, pr = med(16), med(18), med(20)
+errs = sum(r[i] for r in rows for i in (3, 7, 11, 15))
+non = sum(r[i] for r in rows for i in (17, 19, 21))
+add = lambda f: statistics.median(f(r) for r in rows)
+ng_add, ng_add99 = add(lambda r: r[8] - r[0]), add(lambda r: r[9] - r[1])
+px_add, px_add99 = add(lambda r: r[12] - r[4]), add(lambda r: r[13] - r[5])
+spread = lambda f: f"{min(f(r) for r in rows):.3f}..{max(f(r) for r in rows):.3f}"
+ratio = lambda x, y: f"{x / y:.2f}" if y > 0 and x > 0 else "n/a"
 print("| path | p50 ms | p99 ms | added p50 ms | added p99 ms | max rate req/s |")
 print("|---|---|---|---|---|---|")
 print(f"| stub directly, 1 request | {d1:.3f} | {d1q:.3f} | - | - | {rs:.0f} |")
-print(f"| stub directly, 2 legs (--pd) | {d2:.3f} | {d2q:.3f} | - | - | - |")
+print(f"| stub directly, 2 legs (`--pd`) | {d2:.3f} | {d2q:.3f} | - | - | - |")
 print(f"| nginx -> stub (1 upstream request) | {ng:.3f} | {ngq:.3f} | {ng_add:.3f} | {ng_add99:.3f} | {nr:.0f} |")
 print(f"| duet-proxy -> stub (2 upstream requests) | {px:.3f} | {pxq:.3f} | {px_add:.3f} | {px_add99:.3f} | {pr:.0f} |")
 print()
 print(f"duet-proxy / nginx: added latency p50 {ratio(px_add, ng_add)}x, p99 {ratio(px_add99, ng_add99)}x; "
       f"max client request rate {ratio(pr, nr)}x (upstream requests/s {ratio(2 * pr, nr)}x).")
-print(f"Latency: {n} non-streaming requests one at a time (16 tokens); rate: wrk -t1 -c{conc} -d{secs}s. "
-      f"Errors: {errs} (bench), non-2xx: stub {rsn}, nginx {ngn}, duet-proxy {pxn}.")
+print(f"Medians of {len(rows)} rounds (added p50 per round: nginx {spread(lambda r: r[8] - r[0])} ms, "
+      f"duet-proxy {spread(lambda r: r[12] - r[4])} ms). Latency: {n} non-streaming requests one at "
+      f"a time (16 tokens); rate: wrk -t1 -c{conc} -d{secs}s; {cpus} CPUs shared by client, proxy and "
+      f"stub. Errors: {errs:.0f} (bench), non-2xx: {non:.0f}.")
 EOF
 )
 echo "$REPORT"
