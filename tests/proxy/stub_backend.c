@@ -184,6 +184,15 @@ static void prefill_answer(work *w) {
 /* One step of a decode answer: a chunk, or (not streaming) the whole thing. */
 static void decode_step(work *w) {
     if (!w->stream) {
+        if (w->fail == FAIL_CLOSE && g_stub.fail_after > 0) {
+            /* A JSON answer cut in the middle: head and part of the body, then the end. */
+            http_stream_start(w->req, 200, "application/json", NULL);
+            http_stream_write(w->req, "{\"id\":\"cmpl-", 13);
+            http_req_release(w->req);
+            w->req = NULL;
+            work_done(w);
+            return;
+        }
         if (maybe_cut(w)) return;
         if (w->fail == FAIL_EMPTY) {
             http_respond(w->req, 200, "application/json", "", 0);

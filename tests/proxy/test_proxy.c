@@ -709,6 +709,17 @@ static void scenario_midstream(void) {
         stub_control(&d1, "{\"fail\":\"none\"}");
         stub_control(&d2, "{\"fail\":\"none\"}");
     }
+    /* A non-streamed answer cut after its head: nothing reached the client, but the decode
+     * worker had begun: 502, not a truncated 200. */
+    stub_control(&d1, "{\"fail\":\"close\",\"after\":1}");
+    stub_control(&d2, "{\"fail\":\"close\",\"after\":1}");
+    r = http_do(px.port, "POST", "/v1/completions", NULL, "{\"prompt\":\"x\",\"max_tokens\":2}");
+    check_error_body(&r, 502, "decode");
+    resp_free(&r);
+    stub_control(&d1, "{\"fail\":\"none\"}");
+    stub_control(&d2, "{\"fail\":\"none\"}");
+    CHECK(proxy_health_counts(&px, 1, 2, 3000));
+
     /* Every decode failing: a clean 502, not a 200 with an empty body. */
     stub_control(&d1, "{\"fail\":\"503\"}");
     stub_control(&d2, "{\"fail\":\"503\"}");
