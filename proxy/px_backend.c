@@ -77,11 +77,10 @@ static void probe_on_head(httpc_req *req, const httpc_response *resp, void *arg)
 
 static void probe_on_end(httpc_req *req, duet_status st, void *arg) {
     px_backend *b = arg;
-    (void)req;
     b->probe = NULL;
-    char why[64];
+    char why[160];
     if (st)
-        snprintf(why, sizeof why, "health probe: %s", duet_strerror(st));
+        snprintf(why, sizeof why, "health probe: %s", httpc_req_reason(req));
     else
         snprintf(why, sizeof why, "health probe: HTTP %d", b->probe_status);
     probe_result(b, st == DUET_OK && b->probe_status == 200, why);

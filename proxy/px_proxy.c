@@ -83,7 +83,8 @@ typedef struct px_job {
     char up_ctype[128];
     bool up_body_seen;
     bool up_overflow;
-    px_buf buf; /* a buffered answer */
+    char up_why[128]; /* why the upstream request failed */
+    px_buf buf;       /* a buffered answer */
     char last_err[512];
     /* The client side of a stream. */
     bool started;
@@ -441,7 +442,7 @@ static void prefill_done(px_job *job, duet_status st) {
         }
         snprintf(job->last_err, sizeof job->last_err, "prefill %s: answer is not JSON", b->name);
     } else if (st) {
-        snprintf(job->last_err, sizeof job->last_err, "prefill %s: %s", b->name, duet_strerror(st));
+        snprintf(job->last_err, sizeof job->last_err, "prefill %s: %s", b->name, job->up_why);
     } else {
         snprintf(job->last_err, sizeof job->last_err, "prefill %s answered HTTP %d%s", b->name,
                  job->up_status, job->up_overflow ? " with an oversized body" : "");
@@ -458,8 +459,7 @@ static void decode_done(px_job *job, duet_status st) {
         px_backend_report(b, st == DUET_OK);
         char msg[512];
         if (st)
-            snprintf(msg, sizeof msg, "decode %s failed mid-stream: %s", b->name,
-                     duet_strerror(st));
+            snprintf(msg, sizeof msg, "decode %s failed mid-stream: %s", b->name, job->up_why);
         else
             snprintf(msg, sizeof msg, "decode %s ended the stream without [DONE]", b->name);
         leg_release(job);
@@ -484,7 +484,7 @@ static void decode_done(px_job *job, duet_status st) {
         return;
     }
     if (st)
-        snprintf(job->last_err, sizeof job->last_err, "decode %s: %s", b->name, duet_strerror(st));
+        snprintf(job->last_err, sizeof job->last_err, "decode %s: %s", b->name, job->up_why);
     else
         snprintf(job->last_err, sizeof job->last_err, "decode %s answered HTTP %d%s", b->name,
                  job->up_status,
@@ -509,8 +509,7 @@ static void forward_done(px_job *job, duet_status st) {
         return;
     }
     if (st)
-        snprintf(job->last_err, sizeof job->last_err, "%s %s: %s", job->path, b->name,
-                 duet_strerror(st));
+        snprintf(job->last_err, sizeof job->last_err, "%s %s: %s", job->path, b->name, job->up_why);
     else
         snprintf(job->last_err, sizeof job->last_err, "%s %s answered HTTP %d", job->path, b->name,
                  job->up_status);
@@ -546,8 +545,8 @@ static void up_on_body(httpc_req *req, const char *data, size_t len, void *arg) 
 
 static void up_on_end(httpc_req *req, duet_status st, void *arg) {
     px_job *job = arg;
-    (void)req;
     job->up = NULL;
+    snprintf(job->up_why, sizeof job->up_why, "%s", httpc_req_reason(req));
     double secs = seconds_since(job->leg_t0);
     px_hist_observe(&job->px->leg_latency[job->leg], secs);
     px_hist_observe(&job->b->latency, secs);

@@ -241,6 +241,7 @@ struct hc_conn {
     httpc_parse parse;
     conn_state state;
     duet_status end_status; /* why it was closed, for the request still on it */
+    char why[128];          /* the same in words */
     int handles_open;
     bool closing;
     bool in_parse; /* inside httpc_parse_feed: a cancel must not free req yet */
@@ -264,6 +265,7 @@ struct httpc_req {
     bool canceled;
     bool ending; /* inside on_end */
     bool paused;
+    char why[128]; /* why it failed, for httpc_req_reason */
 };
 
 typedef struct hc_wbuf {
@@ -305,7 +307,11 @@ static void req_free(httpc_req *r) {
     free(r);
 }
 
-static void req_end(httpc_req *r, duet_status st) {
+static void req_end(httpc_req *r, duet_status st, const char *why) {
+    snprintf(r->why, sizeof r->why, "%s",
+             st == DUET_OK ? ""
+             : why && *why ? why
+                           : duet_strerror(st));
     r->pool->stats.active--;
     r->conn = NULL;
     r->ending = true;
@@ -331,9 +337,9 @@ static void conn_handle_closed(uv_handle_t *h) {
             if (fresh)
                 conn_start(pool, r, fresh);
             else
-                req_end(r, DUET_ERR_NO_MEMORY);
+                req_end(r, DUET_ERR_NO_MEMORY, NULL);
         } else {
-            req_end(r, c->end_status);
+            req_end(r, c->end_status, c->why);
         }
     }
     free(c);
@@ -351,6 +357,20 @@ static void conn_close(hc_conn *c, duet_status st) {
     uv_close((uv_handle_t *)&c->tcp, conn_handle_closed);
 }
 
+static void conn_fail(hc_conn *c, duet_status st, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Closes with an error, in words for the request's owner (who decides whether to log it). */
+static void conn_fail(hc_conn *c, duet_status st, const char *fmt, ...) {
+    if (c->closing) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->why, sizeof c->why, fmt, ap);
+    va_end(ap);
+    LOG_DEBUG("httpc: %s: %s", c->pool->name, c->why);
+    conn_close(c, st);
+}
+
 static void on_conn_timer(uv_timer_t *t) {
     hc_conn *c = t->data;
     if (c->closing) return;
@@ -358,9 +378,9 @@ static void on_conn_timer(uv_timer_t *t) {
         conn_close(c, DUET_OK);
         return;
     }
-    static const char *what[] = {"connect", "first byte", "read"};
-    LOG_DEBUG("httpc: %s: %s timed out", c->pool->name, what[c->state <= CONN_BODY ? c->state : 2]);
-    conn_close(c, DUET_ERR_TIMEOUT);
+    static const char *what[] = {"connect timed out", "no answer in time",
+                                 "answer stalled (no data in time)"};
+    conn_fail(c, DUET_ERR_TIMEOUT, "%s", what[c->state <= CONN_BODY ? c->state : 2]);
 }
 
 static void conn_arm(hc_conn *c, unsigned ms) {
@@ -373,8 +393,7 @@ static void on_write(uv_write_t *w, int status) {
     hc_conn *c = b->conn; /* alive: write callbacks run before close callbacks */
     free(b);
     if (status < 0 && !c->closing) {
-        LOG_DEBUG("httpc: %s: write failed: %s", c->pool->name, uv_strerror(status));
-        conn_close(c, DUET_ERR_PEER);
+        conn_fail(c, DUET_ERR_PEER, "write failed: %s", uv_strerror(status));
     }
 }
 
@@ -388,15 +407,14 @@ static void conn_write_req(hc_conn *c) {
     if (n >= 0) {
         sent = (size_t)n;
     } else if (n != UV_EAGAIN) {
-        LOG_DEBUG("httpc: %s: write failed: %s", c->pool->name, uv_strerror(n));
-        conn_close(c, DUET_ERR_PEER);
+        conn_fail(c, DUET_ERR_PEER, "write failed: %s", uv_strerror(n));
         return;
     }
     if (sent == r->wire_len) return;
     hc_wbuf *b = malloc(sizeof *b + (r->wire_len - sent));
     if (!b) {
         LOG_ERROR("httpc: out of memory writing a request");
-        conn_close(c, DUET_ERR_NO_MEMORY);
+        conn_fail(c, DUET_ERR_NO_MEMORY, "out of memory");
         return;
     }
     b->conn = c;
@@ -405,8 +423,7 @@ static void conn_write_req(hc_conn *c) {
     int e = uv_write(&b->req, s, &rest, 1, on_write);
     if (e) {
         free(b);
-        LOG_DEBUG("httpc: %s: write failed: %s", c->pool->name, uv_strerror(e));
-        conn_close(c, DUET_ERR_PEER);
+        conn_fail(c, DUET_ERR_PEER, "write failed: %s", uv_strerror(e));
     }
 }
 
@@ -476,12 +493,11 @@ static void conn_feed(hc_conn *c, const char *data, size_t len) {
             conn_to_idle(c);
         else
             conn_close(c, DUET_OK);
-        req_end(r, DUET_OK);
+        req_end(r, DUET_OK, NULL);
         return;
     }
     if (c->parse.failed) {
-        LOG_DEBUG("httpc: %s: %s", c->pool->name, c->parse.err);
-        conn_close(c, DUET_ERR_PEER);
+        conn_fail(c, DUET_ERR_PEER, "%s", c->parse.err);
     }
 }
 
@@ -497,11 +513,13 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     if (nread < 0) {
         if (nread == UV_EOF && r->got_bytes) {
             conn_feed(c, NULL, 0); /* completes a close-delimited body, else fails */
-            if (!c->closing && c->req) conn_close(c, DUET_ERR_PEER);
+            if (c->req) conn_fail(c, DUET_ERR_PEER, "closed before the answer was complete");
             return;
         }
-        LOG_DEBUG("httpc: %s: read failed: %s", c->pool->name, uv_strerror((int)nread));
-        conn_close(c, DUET_ERR_PEER);
+        if (nread == UV_EOF)
+            conn_fail(c, DUET_ERR_PEER, "closed by the server before answering");
+        else
+            conn_fail(c, DUET_ERR_PEER, "read failed: %s", uv_strerror((int)nread));
         return;
     }
     if (!r->got_bytes) {
@@ -524,8 +542,7 @@ static bool conn_set_reading(hc_conn *c, bool on) {
     }
     int e = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
     if (e) {
-        LOG_DEBUG("httpc: %s: read failed: %s", c->pool->name, uv_strerror(e));
-        conn_close(c, DUET_ERR_PEER);
+        conn_fail(c, DUET_ERR_PEER, "read failed: %s", uv_strerror(e));
         return false;
     }
     c->reading = true;
@@ -546,8 +563,7 @@ static void on_connect(uv_connect_t *cr, int status) {
     hc_conn *c = cr->data;
     if (c->closing) return;
     if (status < 0) {
-        LOG_DEBUG("httpc: %s: connect failed: %s", c->pool->name, uv_strerror(status));
-        conn_close(c, DUET_ERR_PEER);
+        conn_fail(c, DUET_ERR_PEER, "connect failed: %s", uv_strerror(status));
         return;
     }
     uv_tcp_nodelay(&c->tcp, 1);
@@ -577,8 +593,7 @@ static void conn_start(httpc_pool *pool, httpc_req *r, hc_conn *c) {
     int e =
         uv_tcp_connect(&c->connect_req, &c->tcp, (const struct sockaddr *)&pool->addr, on_connect);
     if (e) {
-        LOG_DEBUG("httpc: %s: connect failed: %s", pool->name, uv_strerror(e));
-        conn_close(c, DUET_ERR_PEER);
+        conn_fail(c, DUET_ERR_PEER, "connect failed: %s", uv_strerror(e));
         return;
     }
     conn_arm(c, pool->opts.connect_timeout_ms);
@@ -768,6 +783,10 @@ void httpc_cancel(httpc_req *r) {
     if (c->in_parse) return; /* conn_feed frees it once the parser has returned */
     c->req = NULL;
     req_free(r);
+}
+
+const char *httpc_req_reason(const httpc_req *r) {
+    return r && r->why[0] ? r->why : "";
 }
 
 void httpc_req_pause(httpc_req *r, bool paused) {

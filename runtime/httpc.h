@@ -99,6 +99,11 @@ duet_status httpc_send(httpc_pool *pool, const httpc_request *rq, const httpc_ca
  * is called any more. Safe inside req's own callbacks except on_end. */
 void httpc_cancel(httpc_req *req);
 
+/* Inside on_end with an error: what went wrong in words ("connect failed: connection refused",
+ * "no answer in time", "malformed response: ..."); "" otherwise. For the caller's log lines and
+ * error messages: httpc itself logs failures at debug level only. */
+const char *httpc_req_reason(const httpc_req *req);
+
 /* Stops (true) or resumes (false) reading req's response: backpressure for a caller relaying it
  * to a slower reader. The idle timeout does not run while paused. */
 void httpc_req_pause(httpc_req *req, bool paused);

@@ -225,6 +225,7 @@ static void raw_stop(raw_server *srv) {
  * A recording client */
 
 typedef struct result {
+    char why[128];
     bool done;
     duet_status st;
     int status;
@@ -268,8 +269,8 @@ static void on_body(httpc_req *req, const char *data, size_t len, void *arg) {
 
 static void on_end(httpc_req *req, duet_status st, void *arg) {
     result *r = arg;
-    (void)req;
     r->st = st;
+    snprintf(r->why, sizeof r->why, "%s", httpc_req_reason(req));
     r->done = true;
 }
 
@@ -298,6 +299,7 @@ static void test_basic(httpc_pool *pool) {
     CHECK(do_send(pool, "GET", "/hello", NULL, 1000, 1000, &r) == DUET_OK);
     CHECK(run_until(&r.done, 3000));
     CHECK_EQ_INT(r.st, DUET_OK);
+    CHECK(!strcmp(r.why, ""));
     CHECK_EQ_INT(r.status, 200);
     CHECK(!strcmp(r.body, "hello"));
     CHECK_EQ_INT(r.heads, 1);
@@ -367,6 +369,7 @@ static void test_timeouts(httpc_pool *pool) {
     CHECK(do_send(pool, "GET", "/hang", NULL, 100, 1000, &r) == DUET_OK);
     CHECK(run_until(&r.done, 3000));
     CHECK_EQ_INT(r.st, DUET_ERR_TIMEOUT);
+    CHECK(!strcmp(r.why, "no answer in time"));
     CHECK_EQ_INT(r.heads, 0);
     run_for(50);
     CHECK_EQ_INT(g_server_closes, closes + 1); /* the backend saw us go */
@@ -435,6 +438,7 @@ static void test_refused(void) {
     CHECK(!r.done); /* never from inside httpc_send */
     CHECK(run_until(&r.done, 3000));
     CHECK_EQ_INT(r.st, DUET_ERR_PEER);
+    CHECK_MSG(strstr(r.why, "connect failed") != NULL, "%s", r.why);
     CHECK_EQ_INT(r.heads, 0);
     httpc_pool_destroy(pool);
 }
@@ -485,7 +489,7 @@ static void test_raw(void) {
             CHECK_MSG(!strcmp(r.body, odd[i][1]), "case %zu: body '%s'", i, r.body);
             CHECK_EQ_INT(r.heads, 1);
         } else {
-            CHECK_MSG(r.st == DUET_ERR_PEER, "case %zu: %s", i, duet_strerror(r.st));
+            CHECK_MSG(r.st == DUET_ERR_PEER && r.why[0], "case %zu: %s", i, duet_strerror(r.st));
         }
         httpc_pool_destroy(pool);
         raw_stop(&rs);
