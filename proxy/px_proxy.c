@@ -154,9 +154,8 @@ static void count_request(px_proxy *px, px_route route, int status, uint64_t t0)
 
 /* Answers a request that has no job (the proxy's own routes and early errors). */
 static void respond_simple(px_proxy *px, http_req *req, px_route route, uint64_t t0, int status,
-                           const char *ctype, const char *body, size_t len, const char *rid) {
-    http_header extra[] = {{"X-Request-Id", rid}, {NULL, NULL}};
-    http_respond_headers(req, status, ctype, rid ? extra : NULL, body, len);
+                           const char *ctype, const char *body, size_t len) {
+    http_respond(req, status, ctype, body, len);
     count_request(px, route, status, t0);
 }
 
@@ -170,7 +169,7 @@ static void respond_error_simple(px_proxy *px, http_req *req, px_route route, ui
         count_request(px, route, 500, t0);
         return;
     }
-    respond_simple(px, req, route, t0, status, "application/json", body, len, NULL);
+    respond_simple(px, req, route, t0, status, "application/json", body, len);
     cJSON_free(body);
 }
 
@@ -455,7 +454,8 @@ static void prefill_done(px_job *job, duet_status st) {
 static void decode_done(px_job *job, duet_status st) {
     px_backend *b = job->b;
     if (job->started) { /* bytes reached the client: no retry possible */
-        bool ok = st == DUET_OK && tail_is_done(job);
+        /* Once [DONE] went out the client has everything, even if the connection then broke. */
+        bool ok = tail_is_done(job);
         px_backend_report(b, st == DUET_OK);
         char msg[512];
         if (st)
@@ -720,8 +720,8 @@ static void handle_health(px_proxy *px, http_req *req, uint64_t t0) {
     if (b.oom) {
         respond_error_simple(px, req, PX_ROUTE_HEALTH, t0, 500, PX_ERROR_UPSTREAM, "out of memory");
     } else {
-        respond_simple(px, req, PX_ROUTE_HEALTH, t0, ok ? 200 : 503, "application/json", b.p, b.len,
-                       NULL);
+        respond_simple(px, req, PX_ROUTE_HEALTH, t0, ok ? 200 : 503, "application/json", b.p,
+                       b.len);
     }
     px_buf_cleanup(&b);
 }
@@ -908,7 +908,7 @@ static void handle_instances(px_proxy *px, http_req *req, px_route route, uint64
     if (b.oom)
         respond_error_simple(px, req, route, t0, 500, PX_ERROR_UPSTREAM, "out of memory");
     else
-        respond_simple(px, req, route, t0, 200, "application/json", b.p, b.len, NULL);
+        respond_simple(px, req, route, t0, 200, "application/json", b.p, b.len);
     px_buf_cleanup(&b);
 }
 
