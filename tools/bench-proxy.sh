@@ -31,36 +31,18 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 [ -x "$NGINX" ] || { echo "bench-proxy: nginx not found (apt-get install nginx-light)" >&2; exit 1; }
 command -v wrk >/dev/null || { echo "bench-proxy: wrk not found (apt-get install wrk)" >&2; exit 1; }
 
+# shellcheck source=tools/proxy-procs.sh
+. tools/proxy-procs.sh
 TMP=$(mktemp -d /tmp/bench-proxy.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_port() {
-    for _ in $(seq 200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "bench-proxy: nothing listens on port $1" >&2
-    exit 1
-}
+PROCS_CLEANUP+=("rm -rf '$TMP'")
 
 STUB_PORT=$(free_port)
-"$STUB" --port "$STUB_PORT" --role both --name bench >"$TMP/stub.log" 2>&1 &
-PIDS+=($!)
+procs_start "$STUB" --port "$STUB_PORT" --role both --name bench >"$TMP/stub.log" 2>&1
 wait_port "$STUB_PORT"
 
 PX_PORT=$(free_port)
-"$PROXY" --host 127.0.0.1 --port "$PX_PORT" --prefill "127.0.0.1:$STUB_PORT" \
-    --decode "127.0.0.1:$STUB_PORT" >"$TMP/proxy.log" 2>&1 &
-PIDS+=($!)
+procs_start "$PROXY" --host 127.0.0.1 --port "$PX_PORT" --prefill "127.0.0.1:$STUB_PORT" \
+    --decode "127.0.0.1:$STUB_PORT" >"$TMP/proxy.log" 2>&1
 wait_port "$PX_PORT"
 
 # nginx as an unprivileged process with a generated config: one worker (duet-proxy is one
@@ -93,8 +75,8 @@ http {
     }
 }
 EOF
-"$NGINX" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" -e "$TMP/nginx/error.log" 2>"$TMP/nginx/start.log" &
-PIDS+=($!)
+procs_start "$NGINX" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" -e "$TMP/nginx/error.log" \
+    2>"$TMP/nginx/start.log"
 wait_port "$NG_PORT"
 
 # Latency: one request at a time, non-streaming, 16 tokens.

@@ -15,33 +15,15 @@ if [ ! -f "$WORK/node_modules/openai/package.json" ] ||
 fi
 cp "$HERE/roundtrip.mjs" "$WORK/"
 
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-}
-trap cleanup EXIT
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_port() {
-    for _ in $(seq 200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "nothing listens on port $1"
-    exit 1
-}
+# shellcheck source=../../../tools/proxy-procs.sh
+. "$HERE/../../../tools/proxy-procs.sh"
 PP=$(free_port) DP=$(free_port) XP=$(free_port)
-"$STUB" --port "$PP" --role prefill --name p1 --api-key up &
-PIDS+=($!)
-"$STUB" --port "$DP" --role decode --name d1 --token-delay-ms 5 --api-key up &
-PIDS+=($!)
+procs_start "$STUB" --port "$PP" --role prefill --name p1 --api-key up
+procs_start "$STUB" --port "$DP" --role decode --name d1 --token-delay-ms 5 --api-key up
 wait_port "$PP"
 wait_port "$DP"
-"$PROXY" --host 127.0.0.1 --port "$XP" --prefill "127.0.0.1:$PP" --decode "127.0.0.1:$DP" \
-    --api-key test-key --upstream-api-key up &
-PIDS+=($!)
+procs_start "$PROXY" --host 127.0.0.1 --port "$XP" --prefill "127.0.0.1:$PP" \
+    --decode "127.0.0.1:$DP" --api-key test-key --upstream-api-key up
 wait_port "$XP"
 cd "$WORK"
 timeout 60 node roundtrip.mjs "$XP" "$DP"
