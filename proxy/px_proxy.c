@@ -112,20 +112,6 @@ static void px_unref(px_proxy *px) {
     free(px);
 }
 
-/* vLLM's nested error object. */
-static char *error_json(int status, const char *type, const char *message, size_t *len_p) {
-    cJSON *root = cJSON_CreateObject();
-    cJSON *err = root ? cJSON_AddObjectToObject(root, "error") : NULL;
-    char *s = NULL;
-    if (err && cJSON_AddStringToObject(err, "message", message) &&
-        cJSON_AddStringToObject(err, "type", type) && cJSON_AddNullToObject(err, "param") &&
-        cJSON_AddNumberToObject(err, "code", status))
-        s = cJSON_PrintUnformatted(root);
-    cJSON_Delete(root);
-    if (s) *len_p = strlen(s);
-    return s;
-}
-
 static const char *error_type(int status) {
     switch (status) {
     case 400:
@@ -161,16 +147,9 @@ static void respond_simple(px_proxy *px, http_req *req, px_route route, uint64_t
 
 static void respond_error_simple(px_proxy *px, http_req *req, px_route route, uint64_t t0,
                                  int status, px_error_kind kind, const char *msg) {
-    size_t len = 0;
-    char *body = error_json(status, error_type(status), msg, &len);
     px->m.errors[route][kind]++;
-    if (!body) {
-        http_req_release(req);
-        count_request(px, route, 500, t0);
-        return;
-    }
-    respond_simple(px, req, route, t0, status, "application/json", body, len);
-    cJSON_free(body);
+    http_respond_error(req, status, error_type(status), msg);
+    count_request(px, route, status, t0);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -222,7 +201,7 @@ static void job_fail(px_job *job, int status, px_error_kind kind, const char *ms
     if (kind != PX_ERROR_NO_BACKEND || job->attempts)
         LOG_WARN("proxy: %s %s: %d %s", job->rid, job->path, status, msg);
     size_t len = 0;
-    char *body = error_json(status, error_type(status), msg, &len);
+    char *body = http_error_body(status, error_type(status), msg, &len);
     http_header extra[] = {{"X-Request-Id", job->rid}, {NULL, NULL}};
     if (body)
         http_respond_headers(job->req, status, "application/json", extra, body, len);
@@ -396,7 +375,7 @@ static void stream_fail(px_job *job, const char *msg) {
     else if (job->tail_len >= 2 && job->tail[job->tail_len - 2] != '\n')
         px_buf_str(&e, "\n");
     size_t len = 0;
-    char *body = error_json(502, "BadGatewayError", msg, &len);
+    char *body = http_error_body(502, "BadGatewayError", msg, &len);
     if (body) {
         px_buf_str(&e, "data: ");
         px_buf_add(&e, body, len);

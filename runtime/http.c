@@ -356,7 +356,7 @@ char *http_error_body(int status, const char *type, const char *message, size_t 
     char *s = NULL;
     if (err && cJSON_AddStringToObject(err, "message", message ? message : "") &&
         cJSON_AddStringToObject(err, "type", type ? type : "Error") &&
-        cJSON_AddNumberToObject(err, "code", status))
+        cJSON_AddNullToObject(err, "param") && cJSON_AddNumberToObject(err, "code", status))
         s = cJSON_PrintUnformatted(root);
     cJSON_Delete(root);
     if (s && len_p) *len_p = strlen(s);

@@ -495,7 +495,7 @@ static void scenario_basic(void) {
     memcpy(big, "{\"prompt\":\"", 11);
     memcpy(big + sizeof big - 3, "\"}", 3);
     r = http_do(px.port, "POST", "/v1/completions", NULL, big);
-    CHECK_EQ_INT(r.status, 413);
+    check_error_body(&r, 413, "larger than the limit");
     resp_free(&r);
 
     /* A backend's validation error comes back as it is, and is not retried. */
