@@ -406,6 +406,9 @@ static void handle_stats(http_req *req) {
     cJSON_AddNumberToObject(o, "in_flight", g_stub.in_flight);
     cJSON_AddNumberToObject(o, "max_in_flight", g_stub.max_in_flight);
     cJSON_AddStringToObject(o, "last_rid", g_stub.last_rid);
+    http_server_stats hs;
+    http_server_get_stats(g_stub.srv, &hs);
+    cJSON_AddNumberToObject(o, "connections", (double)hs.connections_total);
     respond_json(req, 200, o);
 }
 

@@ -782,6 +782,10 @@ static void scenario_load(void) {
     CHECK(stub_stat(&d1, "decode") > 200 && stub_stat(&d2, "decode") > 200);
     CHECK_EQ_INT(stub_stat(&p1, "bad") + stub_stat(&d1, "bad") + stub_stat(&d2, "bad"), 0);
     CHECK(stub_stat(&d1, "max_in_flight") > 1);
+    /* Keep-alive pools: connections are reused, not opened per request. */
+    int conns = stub_stat(&p1, "connections") + stub_stat(&p2, "connections") +
+                stub_stat(&d1, "connections") + stub_stat(&d2, "connections");
+    CHECK_MSG(conns < 400, "%d upstream connections for 2000 upstream requests", conns);
     expect_exit(stop(px.pid, SIGTERM), 0);
 }
 
