@@ -8,6 +8,7 @@
 #include "check.h"
 #include "http.h"
 #include "httpc.h"
+#include "httpc-impl.h"
 #include "log.h"
 
 static uv_loop_t g_loop;
@@ -526,6 +527,38 @@ static void test_destroy_in_flight(int port) {
     CHECK(strstr(r.body, "data: 4") != NULL);
 }
 
+static int count_head(httpc_parse *p) {
+    (void)p;
+    return 0;
+}
+
+/* Headers as the parser hands them out: empty values, folded whitespace, duplicates. */
+static void test_parse_headers(void) {
+    static const char resp[] = "HTTP/1.1 200 OK\r\nX-Empty:\r\nX-A:  a b  \r\nX-A: second\r\n"
+                               "Content-Length: 0\r\n\r\n";
+    httpc_parse p;
+    httpc_parse_init(&p, 1024, false);
+    p.on_head = count_head;
+    CHECK_EQ_INT(httpc_parse_feed(&p, resp, sizeof resp - 1), sizeof resp - 1);
+    CHECK(p.complete && !p.failed);
+    CHECK_EQ_INT(p.resp.num_headers, 4);
+    if (p.resp.num_headers == 4) {
+        CHECK(!strcmp(p.resp.headers[0].name, "X-Empty") && !strcmp(p.resp.headers[0].value, ""));
+        CHECK(!strcmp(p.resp.headers[1].name, "X-A") && !strcmp(p.resp.headers[1].value, "a b"));
+        CHECK(!strcmp(p.resp.headers[2].value, "second"));
+        CHECK(!strcmp(p.resp.headers[3].name, "Content-Length"));
+    }
+    CHECK(p.keep_alive);
+    httpc_parse_cleanup(&p);
+    /* Over the header limit. */
+    httpc_parse_init(&p, 256, false);
+    char big[600];
+    int n = snprintf(big, sizeof big, "HTTP/1.1 200 OK\r\nX-Big: %0300d\r\n\r\n", 7);
+    httpc_parse_feed(&p, big, (size_t)n);
+    CHECK(p.failed && strstr(p.err, "larger than"));
+    httpc_parse_cleanup(&p);
+}
+
 static void on_walk_close(uv_handle_t *h, void *arg) {
     (void)arg;
     if (!uv_is_closing(h)) uv_close(h, NULL);
@@ -553,6 +586,7 @@ int main(void) {
     test_refused();
     test_raw();
     test_destroy_in_flight(port);
+    test_parse_headers();
 
     httpc_pool_destroy(pool);
     http_server_destroy(srv);
