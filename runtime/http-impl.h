@@ -1,5 +1,5 @@
 /* Internals of http.c that tests and the fuzz driver reach without a socket: the request reader
- * (libhttp-parser plus our limits, building http_req objects) and the JSON error body.
+ * (libhttp-parser plus our limits, building http_req objects).
  * Not for other modules. Any thread, one reader per thread at a time. */
 #ifndef DUET_HTTP_IMPL_H
 #define DUET_HTTP_IMPL_H
@@ -40,8 +40,5 @@ bool http_reader_req_keep_alive(const http_req *req);
 
 /* Frees a request that was never handed to a connection. Accepts NULL. */
 void http_reader_req_free(http_req *req);
-
-/* The error JSON body; *len_p its length. Free with cJSON_free. NULL only when out of memory. */
-char *http_error_body(int status, const char *type, const char *message, size_t *len_p);
 
 #endif

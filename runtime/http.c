@@ -356,7 +356,7 @@ char *http_error_body(int status, const char *type, const char *message, size_t 
     char *s = NULL;
     if (err && cJSON_AddStringToObject(err, "message", message ? message : "") &&
         cJSON_AddStringToObject(err, "type", type ? type : "Error") &&
-        cJSON_AddNumberToObject(err, "code", status))
+        cJSON_AddNullToObject(err, "param") && cJSON_AddNumberToObject(err, "code", status))
         s = cJSON_PrintUnformatted(root);
     cJSON_Delete(root);
     if (s && len_p) *len_p = strlen(s);
@@ -764,12 +764,17 @@ static void sb_printf(sbuf *b, const char *fmt, ...) {
     sb_add(b, tmp, (size_t)n);
 }
 
-static bool is_tchar(unsigned char ch) {
-    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
-           (ch && strchr("!#$%&'*+-.^_`|~", ch));
+bool http_token_valid(const char *s) {
+    if (!s || !*s) return false;
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
+              strchr("!#$%&'*+-.^_`|~", *p)))
+            return false;
+    return true;
 }
 
-static bool valid_value(const char *s) {
+bool http_value_valid(const char *s) {
+    if (!s) return false;
     for (const unsigned char *p = (const unsigned char *)s; *p; p++)
         if ((*p < 0x20 && *p != '\t') || *p == 0x7f) return false;
     return true;
@@ -777,9 +782,7 @@ static bool valid_value(const char *s) {
 
 static bool valid_extra(const http_header *extra) {
     for (; extra && extra->name; extra++) {
-        if (!*extra->name || !extra->value || !valid_value(extra->value)) return false;
-        for (const char *p = extra->name; *p; p++)
-            if (!is_tchar((unsigned char)*p)) return false;
+        if (!http_token_valid(extra->name) || !http_value_valid(extra->value)) return false;
         if (!strcasecmp(extra->name, "content-length") ||
             !strcasecmp(extra->name, "transfer-encoding") || !strcasecmp(extra->name, "connection"))
             return false;
@@ -1306,7 +1309,7 @@ duet_status http_respond_headers(http_req *req, int status, const char *content_
         return DUET_ERR_INVALID;
     }
     duet_status bad = DUET_OK;
-    if (status < 200 || status > 599 || (content_type && !valid_value(content_type)) ||
+    if (status < 200 || status > 599 || (content_type && !http_value_valid(content_type)) ||
         !valid_extra(extra) || (len && !body)) {
         LOG_ERROR("http: %s %s: invalid response (status %d, or a header); answering 500",
                   req->method, req->path, status);
@@ -1359,7 +1362,7 @@ duet_status http_stream_start(http_req *req, int status, const char *content_typ
     struct http_req_impl *q = REQ(req);
     if (!req_live(q)) return DUET_ERR_IO;
     if (q->state != REQ_HANDLER || status < 200 || status > 599 || status == 204 || status == 304 ||
-        (content_type && !valid_value(content_type)) || !valid_extra(extra)) {
+        (content_type && !http_value_valid(content_type)) || !valid_extra(extra)) {
         LOG_ERROR("http: %s %s: invalid stream start (status %d, a header, or started twice)",
                   req->method, req->path, status);
         return DUET_ERR_INVALID;

@@ -110,6 +110,11 @@ void http_server_destroy(http_server *srv);
 
 void http_server_get_stats(const http_server *srv, http_server_stats *stats_p);
 
+/* Whether s is an RFC 9110 token (a method or header name), and a header value free of control
+ * characters (CR and LF included, so nothing can be smuggled in). NULL is invalid. */
+bool http_token_valid(const char *s);
+bool http_value_valid(const char *s);
+
 /* First header named name (case-insensitive), or NULL. */
 const char *http_req_header(const http_req *req, const char *name);
 
@@ -142,8 +147,13 @@ duet_status http_respond(http_req *req, int status, const char *content_type, co
 duet_status http_respond_headers(http_req *req, int status, const char *content_type,
                                  const http_header *extra, const void *body, size_t len);
 
-/* {"error":{"message":message,"type":type,"code":status}} as application/json. */
+/* {"error":{"message":message,"type":type,"param":null,"code":status}} (vLLM's and OpenAI's
+ * shape) as application/json. */
 duet_status http_respond_error(http_req *req, int status, const char *type, const char *message);
+
+/* That error object as text, for callers that send it otherwise (with extra headers, inside an
+ * event stream); *len_p its length. Free with cJSON_free. NULL only when out of memory. */
+char *http_error_body(int status, const char *type, const char *message, size_t *len_p);
 
 /* Starts a streamed response: chunked for HTTP/1.1, delimited by closing the connection for
  * HTTP/1.0. Does not finish req; on DUET_ERR_INVALID nothing was sent and req may still be

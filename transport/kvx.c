@@ -1357,27 +1357,27 @@ static char *x_metrics_text(void *state, const char *label) {
     char *t = malloc(cap);
     if (!t) return NULL;
     snprintf(t, cap,
-             "# HELP duet:kv_pulls_total KV pulls from prefill workers, by result.\n"
-             "# TYPE duet:kv_pulls_total counter\n"
-             "duet:kv_pulls_total{%s,result=\"ok\"} %llu\n"
-             "duet:kv_pulls_total{%s,result=\"failed\"} %llu\n"
-             "# HELP duet:kv_pull_bytes_total Bytes of KV read from prefill workers.\n"
-             "# TYPE duet:kv_pull_bytes_total counter\n"
-             "duet:kv_pull_bytes_total{%s} %llu\n"
-             "# HELP duet:kv_pull_reads_total UCX reads issued (contiguous runs coalesced).\n"
-             "# TYPE duet:kv_pull_reads_total counter\n"
-             "duet:kv_pull_reads_total{%s} %llu\n"
-             "# HELP duet:kv_pull_seconds_total Time spent in successful KV pulls.\n"
-             "# TYPE duet:kv_pull_seconds_total counter\n"
-             "duet:kv_pull_seconds_total{%s} %.6f\n"
-             "# HELP duet:kv_lease_pins_total Lease pins answered to decode workers, by result.\n"
-             "# TYPE duet:kv_lease_pins_total counter\n"
-             "duet:kv_lease_pins_total{%s,result=\"ok\"} %llu\n"
-             "duet:kv_lease_pins_total{%s,result=\"gone\"} %llu\n"
-             "# HELP duet:kv_peers_refused_total Side-channel peers refused (authentication, "
+             "# HELP duet_kv_pulls_total KV pulls from prefill workers, by result.\n"
+             "# TYPE duet_kv_pulls_total counter\n"
+             "duet_kv_pulls_total{%s,result=\"ok\"} %llu\n"
+             "duet_kv_pulls_total{%s,result=\"failed\"} %llu\n"
+             "# HELP duet_kv_pull_bytes_total Bytes of KV read from prefill workers.\n"
+             "# TYPE duet_kv_pull_bytes_total counter\n"
+             "duet_kv_pull_bytes_total{%s} %llu\n"
+             "# HELP duet_kv_pull_reads_total UCX reads issued (contiguous runs coalesced).\n"
+             "# TYPE duet_kv_pull_reads_total counter\n"
+             "duet_kv_pull_reads_total{%s} %llu\n"
+             "# HELP duet_kv_pull_seconds_total Time spent in successful KV pulls.\n"
+             "# TYPE duet_kv_pull_seconds_total counter\n"
+             "duet_kv_pull_seconds_total{%s} %.6f\n"
+             "# HELP duet_kv_lease_pins_total Lease pins answered to decode workers, by result.\n"
+             "# TYPE duet_kv_lease_pins_total counter\n"
+             "duet_kv_lease_pins_total{%s,result=\"ok\"} %llu\n"
+             "duet_kv_lease_pins_total{%s,result=\"gone\"} %llu\n"
+             "# HELP duet_kv_peers_refused_total Side-channel peers refused (authentication, "
              "layout).\n"
-             "# TYPE duet:kv_peers_refused_total counter\n"
-             "duet:kv_peers_refused_total{%s} %llu\n",
+             "# TYPE duet_kv_peers_refused_total counter\n"
+             "duet_kv_peers_refused_total{%s} %llu\n",
              label, (unsigned long long)st.fetches_ok, label, (unsigned long long)st.fetches_failed,
              label, (unsigned long long)st.bytes_read, label, (unsigned long long)st.gets_issued,
              label, st.fetch_seconds_total, label, (unsigned long long)st.pins_served, label,

@@ -1,0 +1,45 @@
+/* The JSON side of the disaggregated flow: reading a client's completion request, the prefill
+ * leg's body (vLLM's NIXL-connector protocol: max_tokens 1, not streamed, do_remote_decode),
+ * the decode leg's body (the original plus the prefill's kv_transfer_params), and the load
+ * estimates the balancer weighs. Pure functions over cJSON; any thread. */
+#ifndef DUET_PX_BODY_H
+#define DUET_PX_BODY_H
+
+#include <cjson/cJSON.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "status.h"
+
+typedef struct px_gen {
+    cJSON *root;            /* the client's body; owned */
+    bool stream;            /* the client wants server-sent events */
+    uint64_t prompt_tokens; /* estimate: token ids counted, text as bytes / 4 */
+    uint64_t max_tokens;    /* max_completion_tokens or max_tokens, else a default */
+} px_gen;
+
+/* DUET_ERR_INVALID with err set (answered 400) for a body that is not a JSON object or whose
+ * "stream" is not a boolean. Deeper checks are the backend's (its 400 is passed through). */
+duet_status px_gen_parse(const char *body, size_t len, px_gen *g, char *err, size_t errlen);
+void px_gen_cleanup(px_gen *g);
+
+/* Load units charged to the prefill backend (prompt tokens still to compute) and the decode
+ * backend (tokens its KV cache will hold: prompt plus the most it may generate). */
+uint64_t px_gen_prefill_load(const px_gen *g);
+uint64_t px_gen_decode_load(const px_gen *g);
+
+/* The prefill leg's body: stream false, no stream_options, max_tokens 1 (and
+ * max_completion_tokens 1 when present), no min_tokens, kv_transfer_params
+ * {"do_remote_decode": true}. Free with cJSON_free. NULL when out of memory. */
+char *px_gen_prefill_body(const px_gen *g, size_t *len_p);
+
+/* The decode leg's body: the original with kv_transfer_params replaced by kv (dropped when kv
+ * is NULL). Free with cJSON_free. NULL when out of memory. */
+char *px_gen_decode_body(px_gen *g, const cJSON *kv, size_t *len_p);
+
+/* The kv_transfer_params object of a prefill answer, detached for the caller (cJSON_Delete);
+ * *kv_p is NULL when the answer has none. DUET_ERR_FORMAT when the answer is not a JSON object. */
+duet_status px_prefill_kv_params(const char *body, size_t len, cJSON **kv_p);
+
+#endif

@@ -1,0 +1,1096 @@
+/* The proxy's request handling. A generation request is a job that runs legs one after the
+ * other, each on one backend at a time: prefill (answer buffered, kv_transfer_params taken),
+ * then decode (streamed to the client as it arrives, or buffered when not streaming). A leg
+ * that fails before any byte reached the client is retried on another backend after a backoff;
+ * after that, the client gets an SSE error event and [DONE], never a silent end. Forwarded
+ * routes (/v1/models, /tokenize, /detokenize) are one-leg jobs with the same retry rules. A job
+ * ends when its client request is finished, no upstream request is open and nothing is held;
+ * its memory goes in its timer's close callback. */
+#include "px_proxy.h"
+
+#include <cjson/cJSON.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "http.h"
+#include "httpc.h"
+#include "log.h"
+#include "px_backend.h"
+#include "px_body.h"
+#include "px_buf.h"
+#include "px_metrics.h"
+
+enum {
+    RID_MAX = 96,
+    TAIL_MAX = 32,                        /* bytes of the stream remembered, to find [DONE] */
+    MAX_UPSTREAM_BODY = 64 * 1024 * 1024, /* buffered answers beyond this fail the leg */
+    PAUSE_BYTES = 1024 * 1024,            /* client write queue that pauses the upstream */
+    RESUME_BYTES = 256 * 1024,
+    PAUSE_POLL_MS = 10,
+    MAX_TRIED = 16,
+};
+
+struct px_proxy {
+    uv_loop_t *loop;
+    const px_config *cfg;
+    http_server *srv;
+    px_backends backends;
+    px_metrics m;
+    px_hist leg_latency[PX_LEG_COUNT];
+    char *auth_up;     /* "Bearer <upstream key>" or NULL */
+    char *auth_expect; /* "Bearer <api key>" or NULL */
+    uint64_t rng;
+    uint64_t rid_next;
+    unsigned jobs_open;
+    int refs; /* the owner's, one per job, the drain timer's */
+    uv_timer_t drain_timer;
+    bool draining, destroyed, drained_called;
+    px_drained_fn drained_cb;
+    void *drained_arg;
+};
+
+typedef struct px_job {
+    px_proxy *px;
+    http_req *req; /* NULL once finished */
+    px_route route;
+    char rid[RID_MAX];
+    char path[64]; /* upstream path */
+    const char *method;
+    uint64_t t0;
+    uv_timer_t timer; /* retry backoff, backpressure polling */
+    /* Generation. */
+    px_gen gen;
+    char *prefill_body, *decode_body; /* cJSON_free */
+    size_t prefill_len, decode_len;
+    /* Forwarded: the body (copied) and the roles to try, in order. */
+    char *fwd_body;
+    size_t fwd_len;
+    px_role fwd_roles[PX_ROLE_COUNT];
+    size_t n_fwd_roles;
+    /* The leg in progress. */
+    px_leg leg;
+    px_backend *b; /* picked and charged */
+    uint64_t b_load;
+    px_backend *tried[MAX_TRIED];
+    size_t ntried;
+    unsigned attempts;
+    httpc_req *up;
+    uint64_t leg_t0;
+    int up_status;
+    char up_ctype[128];
+    bool up_body_seen;
+    bool up_overflow;
+    char up_why[128]; /* why the upstream request failed */
+    px_buf buf;       /* a buffered answer */
+    char last_err[512];
+    /* The client side of a stream. */
+    bool started;
+    bool paused;
+    char tail[TAIL_MAX];
+    size_t tail_len;
+} px_job;
+
+/* ---------------------------------------------------------------------------------------------
+ * Small helpers */
+
+static double seconds_since(uint64_t t0) {
+    return (double)(uv_hrtime() - t0) / 1e9;
+}
+
+static uint64_t px_rand(px_proxy *px) {
+    return px_rand_next(&px->rng);
+}
+
+static void px_unref(px_proxy *px) {
+    if (--px->refs > 0) return;
+    px_backends_cleanup(&px->backends);
+    free(px->auth_up);
+    free(px->auth_expect);
+    free(px);
+}
+
+static const char *error_type(int status) {
+    switch (status) {
+    case 400:
+        return "BadRequestError";
+    case 401:
+        return "AuthenticationError";
+    case 404:
+        return "NotFoundError";
+    case 405:
+        return "MethodNotAllowedError";
+    case 413:
+        return "RequestEntityTooLargeError";
+    case 502:
+        return "BadGatewayError";
+    case 503:
+        return "ServiceUnavailableError";
+    default:
+        return status >= 500 ? "InternalServerError" : "BadRequestError";
+    }
+}
+
+static void count_request(px_proxy *px, px_route route, int status, uint64_t t0) {
+    if (status >= 0 && status < PX_STATUS_MAX) px->m.requests[route][status]++;
+    px_hist_observe(&px->m.duration[route], seconds_since(t0));
+}
+
+/* Answers a request that has no job (the proxy's own routes and early errors). */
+static void respond_simple(px_proxy *px, http_req *req, px_route route, uint64_t t0, int status,
+                           const char *ctype, const char *body, size_t len) {
+    http_respond(req, status, ctype, body, len);
+    count_request(px, route, status, t0);
+}
+
+static void respond_error_simple(px_proxy *px, http_req *req, px_route route, uint64_t t0,
+                                 int status, px_error_kind kind, const char *msg) {
+    px->m.errors[route][kind]++;
+    http_respond_error(req, status, error_type(status), msg);
+    count_request(px, route, status, t0);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Jobs: lifetime */
+
+static void job_free(uv_handle_t *h) {
+    px_job *job = h->data;
+    px_proxy *px = job->px;
+    px_gen_cleanup(&job->gen);
+    cJSON_free(job->prefill_body);
+    cJSON_free(job->decode_body);
+    free(job->fwd_body);
+    px_buf_cleanup(&job->buf);
+    free(job);
+    px_unref(px);
+}
+
+static void px_check_drained(px_proxy *px);
+
+static void leg_release(px_job *job) {
+    if (!job->b) return;
+    px_backends_release(&job->px->backends, job->b, job->b_load);
+    job->b = NULL;
+}
+
+/* Everything let go: the request finished, the upstream closed, the backend released. */
+static void job_end(px_job *job) {
+    px_proxy *px = job->px;
+    if (job->up) {
+        httpc_cancel(job->up);
+        job->up = NULL;
+    }
+    leg_release(job);
+    uv_timer_stop(&job->timer);
+    uv_close((uv_handle_t *)&job->timer, job_free);
+    px->jobs_open--;
+    px_check_drained(px);
+}
+
+static void job_finished(px_job *job, int status) {
+    count_request(job->px, job->route, status, job->t0);
+    job->req = NULL;
+    job_end(job);
+}
+
+static void job_fail(px_job *job, int status, px_error_kind kind, const char *msg) {
+    px_proxy *px = job->px;
+    px->m.errors[job->route][kind]++;
+    if (kind != PX_ERROR_NO_BACKEND || job->attempts)
+        LOG_WARN("proxy: %s %s: %d %s", job->rid, job->path, status, msg);
+    size_t len = 0;
+    char *body = http_error_body(status, error_type(status), msg, &len);
+    http_header extra[] = {{"X-Request-Id", job->rid}, {NULL, NULL}};
+    if (body)
+        http_respond_headers(job->req, status, "application/json", extra, body, len);
+    else
+        http_req_release(job->req);
+    cJSON_free(body);
+    job_finished(job, status);
+}
+
+static void job_on_client_close(http_req *req, void *arg) {
+    px_job *job = arg;
+    px_proxy *px = job->px;
+    /* Closing the upstream connection is what tells a decode worker to abort the request and
+     * free its KV blocks. */
+    if (job->up)
+        LOG_DEBUG("proxy: %s: client gone, canceling %s leg", job->rid, px_leg_name(job->leg));
+    px->m.errors[job->route][PX_ERROR_CLIENT_GONE]++;
+    http_req_release(req);
+    job_finished(job, 499); /* nginx's "client closed request" */
+}
+
+static px_job *job_new(px_proxy *px, http_req *req, px_route route, uint64_t t0) {
+    px_job *job = calloc(1, sizeof *job);
+    if (!job) return NULL;
+    job->px = px;
+    job->req = req;
+    job->route = route;
+    job->t0 = t0;
+    px_buf_init(&job->buf);
+    uv_timer_init(px->loop, &job->timer);
+    job->timer.data = job;
+    px->refs++;
+    px->jobs_open++;
+    snprintf(job->path, sizeof job->path, "%s", req->path);
+    return job;
+}
+
+/* The client's X-Request-Id when it is a sane token, else a new one. */
+static void job_set_rid(px_job *job) {
+    const char *id = http_req_header(job->req, "x-request-id");
+    size_t n = id ? strlen(id) : 0;
+    bool ok = n > 0 && n < RID_MAX;
+    for (size_t i = 0; ok && i < n; i++) {
+        char c = id[i];
+        ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+             strchr("-_.:", c);
+    }
+    px_proxy *px = job->px;
+    if (ok)
+        snprintf(job->rid, sizeof job->rid, "%s", id);
+    else
+        snprintf(job->rid, sizeof job->rid, "px-%016llx-%llu", (unsigned long long)px_rand(px),
+                 (unsigned long long)++px->rid_next);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Legs */
+
+static void leg_attempt(px_job *job);
+
+static void on_backoff(uv_timer_t *t) {
+    px_job *job = t->data;
+    leg_attempt(job);
+}
+
+/* Exponential backoff with equal jitter: half the delay fixed, half random. */
+static unsigned backoff_ms(px_job *job) {
+    const px_config *cfg = job->px->cfg;
+    uint64_t d = cfg->retry_backoff_ms;
+    for (unsigned i = 1; i < job->attempts && d < cfg->retry_backoff_max_ms; i++) d *= 2;
+    if (d > cfg->retry_backoff_max_ms) d = cfg->retry_backoff_max_ms;
+    uint64_t half = d / 2;
+    return (unsigned)(d - half + (half ? px_rand(job->px) % (half + 1) : 0));
+}
+
+static px_error_kind leg_error_kind(const px_job *job) {
+    return job->leg == PX_LEG_PREFILL  ? PX_ERROR_PREFILL
+           : job->leg == PX_LEG_DECODE ? PX_ERROR_DECODE
+                                       : PX_ERROR_UPSTREAM;
+}
+
+/* The leg failed before any byte reached the client: again elsewhere, or a 502. */
+static void leg_retry_or_fail(px_job *job) {
+    px_proxy *px = job->px;
+    unsigned max = job->leg == PX_LEG_PREFILL ? px->cfg->prefill_retries : px->cfg->decode_retries;
+    if (job->attempts > max) {
+        job_fail(job, 502, leg_error_kind(job), job->last_err);
+        return;
+    }
+    px->m.retries[job->leg]++;
+    LOG_INFO("proxy: %s: %s; retrying (%u of %u)", job->rid, job->last_err, job->attempts, max);
+    uv_timer_start(&job->timer, on_backoff, backoff_ms(job), 0);
+}
+
+/* The upstream answer as it is: status, content type, body. */
+static void pass_through(px_job *job) {
+    int status = job->up_status;
+    if (status < 200 || status > 599) {
+        job_fail(job, 502, leg_error_kind(job), "backend answered an invalid status");
+        return;
+    }
+    if (status >= 400 && status < 500) job->px->m.errors[job->route][PX_ERROR_BACKEND_4XX]++;
+    http_header extra[] = {{"X-Request-Id", job->rid}, {NULL, NULL}};
+    http_respond_headers(job->req, status, job->up_ctype[0] ? job->up_ctype : "application/json",
+                         extra, job->buf.p ? job->buf.p : "", job->buf.len);
+    job_finished(job, status);
+}
+
+static void tail_add(px_job *job, const char *data, size_t len) {
+    if (len >= TAIL_MAX) {
+        memcpy(job->tail, data + len - TAIL_MAX, TAIL_MAX);
+        job->tail_len = TAIL_MAX;
+        return;
+    }
+    size_t keep = job->tail_len + len > TAIL_MAX ? TAIL_MAX - len : job->tail_len;
+    memmove(job->tail, job->tail + job->tail_len - keep, keep);
+    memcpy(job->tail + keep, data, len);
+    job->tail_len = keep + len;
+}
+
+/* Whether the stream ended with vLLM's last event. */
+static bool tail_is_done(const px_job *job) {
+    static const char done[] = "data: [DONE]";
+    char t[TAIL_MAX + 1];
+    size_t n = job->tail_len;
+    memcpy(t, job->tail, n);
+    while (n && (t[n - 1] == '\n' || t[n - 1] == '\r')) n--;
+    t[n] = '\0';
+    return n >= sizeof done - 1 && !strcmp(t + n - (sizeof done - 1), done);
+}
+
+static void on_resume_poll(uv_timer_t *t) {
+    px_job *job = t->data;
+    if (!job->req || !job->up) return;
+    if (http_req_write_queue_size(job->req) > RESUME_BYTES) return; /* the repeat polls again */
+    uv_timer_stop(t);
+    job->paused = false;
+    httpc_req_pause(job->up, false);
+}
+
+/* Decode bytes on their way to a streaming client. */
+static void stream_forward(px_job *job, const char *data, size_t len) {
+    if (!job->started) {
+        const char *ct = job->up_ctype[0] ? job->up_ctype : "text/event-stream";
+        http_header extra[] = {
+            {"X-Request-Id", job->rid}, {"Cache-Control", "no-cache"}, {NULL, NULL}};
+        if (http_stream_start(job->req, 200, ct, extra)) return; /* gone: on_close follows */
+        job->started = true;
+    }
+    if (http_stream_write(job->req, data, len)) return;
+    tail_add(job, data, len);
+    /* A slow reader: stop reading the decode until the client catches up (TCP then slows the
+     * backend down) instead of buffering the whole answer here. */
+    if (!job->paused && http_req_write_queue_size(job->req) > PAUSE_BYTES) {
+        job->paused = true;
+        httpc_req_pause(job->up, true);
+        uv_timer_start(&job->timer, on_resume_poll, PAUSE_POLL_MS, PAUSE_POLL_MS);
+    }
+}
+
+/* The decode failed after bytes reached the client: say so inside the stream, then end it. */
+static void stream_fail(px_job *job, const char *msg) {
+    px_proxy *px = job->px;
+    px->m.errors[job->route][PX_ERROR_MIDSTREAM]++;
+    LOG_WARN("proxy: %s: stream cut: %s", job->rid, msg);
+    px_buf e;
+    px_buf_init(&e);
+    /* Finish the event the backend was in the middle of, so ours parses on its own. */
+    if (job->tail_len && job->tail[job->tail_len - 1] != '\n')
+        px_buf_str(&e, "\n\n");
+    else if (job->tail_len >= 2 && job->tail[job->tail_len - 2] != '\n')
+        px_buf_str(&e, "\n");
+    size_t len = 0;
+    char *body = http_error_body(502, "BadGatewayError", msg, &len);
+    if (body) {
+        px_buf_str(&e, "data: ");
+        px_buf_add(&e, body, len);
+        px_buf_str(&e, "\n\n");
+    }
+    cJSON_free(body);
+    px_buf_str(&e, "data: [DONE]\n\n");
+    if (!e.oom) http_stream_write(job->req, e.p, e.len);
+    px_buf_cleanup(&e);
+    http_stream_end(job->req);
+    job_finished(job, 200);
+}
+
+static void prefill_done(px_job *job, duet_status st) {
+    px_backend *b = job->b;
+    if (st == DUET_OK && job->up_status >= 400 && job->up_status < 500) {
+        px_backend_report(b, true); /* the request was wrong, not the backend */
+        leg_release(job);
+        pass_through(job);
+        return;
+    }
+    cJSON *kv = NULL;
+    if (st == DUET_OK && job->up_status == 200 && !job->up_overflow) {
+        if (px_prefill_kv_params(job->buf.p ? job->buf.p : "", job->buf.len, &kv) == DUET_OK) {
+            px_backend_report(b, true);
+            leg_release(job);
+            if (!kv)
+                LOG_DEBUG("proxy: %s: prefill answer without kv_transfer_params; decode will "
+                          "compute the prompt itself",
+                          job->rid);
+            job->decode_body = px_gen_decode_body(&job->gen, kv, &job->decode_len);
+            cJSON_Delete(kv);
+            if (!job->decode_body) {
+                job_fail(job, 500, PX_ERROR_DECODE, "out of memory");
+                return;
+            }
+            job->leg = PX_LEG_DECODE;
+            job->attempts = 0;
+            job->ntried = 0;
+            leg_attempt(job);
+            return;
+        }
+        snprintf(job->last_err, sizeof job->last_err, "prefill %s: answer is not JSON", b->name);
+    } else if (st) {
+        snprintf(job->last_err, sizeof job->last_err, "prefill %s: %s", b->name, job->up_why);
+    } else {
+        snprintf(job->last_err, sizeof job->last_err, "prefill %s answered HTTP %d%s", b->name,
+                 job->up_status, job->up_overflow ? " with an oversized body" : "");
+    }
+    px_backend_report(b, false);
+    leg_release(job);
+    leg_retry_or_fail(job);
+}
+
+static void decode_done(px_job *job, duet_status st) {
+    px_backend *b = job->b;
+    if (job->started) { /* bytes reached the client: no retry possible */
+        /* Once [DONE] went out the client has everything, even if the connection then broke. */
+        bool ok = tail_is_done(job);
+        px_backend_report(b, st == DUET_OK);
+        char msg[512];
+        if (st)
+            snprintf(msg, sizeof msg, "decode %s failed mid-stream: %s", b->name, job->up_why);
+        else
+            snprintf(msg, sizeof msg, "decode %s ended the stream without [DONE]", b->name);
+        leg_release(job);
+        if (ok) {
+            http_stream_end(job->req);
+            job_finished(job, 200);
+        } else {
+            stream_fail(job, msg);
+        }
+        return;
+    }
+    if (st == DUET_OK && job->up_status >= 400 && job->up_status < 500) {
+        px_backend_report(b, true);
+        leg_release(job);
+        pass_through(job);
+        return;
+    }
+    if (st == DUET_OK && job->up_status == 200 && job->buf.len > 0 && !job->up_overflow) {
+        px_backend_report(b, true);
+        leg_release(job);
+        pass_through(job);
+        return;
+    }
+    if (st)
+        snprintf(job->last_err, sizeof job->last_err, "decode %s: %s", b->name, job->up_why);
+    else
+        snprintf(job->last_err, sizeof job->last_err, "decode %s answered HTTP %d%s", b->name,
+                 job->up_status,
+                 job->up_status == 200
+                     ? (job->up_overflow ? " with an oversized body" : " with an empty body")
+                     : "");
+    px_backend_report(b, false);
+    leg_release(job);
+    if (st && job->up_body_seen) { /* a buffered answer cut in the middle */
+        job_fail(job, 502, PX_ERROR_DECODE, job->last_err);
+        return;
+    }
+    leg_retry_or_fail(job);
+}
+
+static void forward_done(px_job *job, duet_status st) {
+    px_backend *b = job->b;
+    if (st == DUET_OK && job->up_status < 500 && !job->up_overflow) {
+        px_backend_report(b, true);
+        leg_release(job);
+        pass_through(job);
+        return;
+    }
+    if (st)
+        snprintf(job->last_err, sizeof job->last_err, "%s %s: %s", job->path, b->name, job->up_why);
+    else
+        snprintf(job->last_err, sizeof job->last_err, "%s %s answered HTTP %d", job->path, b->name,
+                 job->up_status);
+    px_backend_report(b, false);
+    leg_release(job);
+    leg_retry_or_fail(job);
+}
+
+static void up_on_head(httpc_req *req, const httpc_response *resp, void *arg) {
+    px_job *job = arg;
+    (void)req;
+    job->up_status = resp->status;
+    for (size_t i = 0; i < resp->num_headers; i++)
+        if (!strcasecmp(resp->headers[i].name, "content-type"))
+            snprintf(job->up_ctype, sizeof job->up_ctype, "%s", resp->headers[i].value);
+}
+
+static void up_on_body(httpc_req *req, const char *data, size_t len, void *arg) {
+    px_job *job = arg;
+    (void)req;
+    job->up_body_seen = true;
+    if (job->leg == PX_LEG_DECODE && job->gen.stream && job->up_status == 200) {
+        stream_forward(job, data, len);
+        return;
+    }
+    if (job->up_overflow || job->buf.len + len > MAX_UPSTREAM_BODY) {
+        job->up_overflow = true;
+        return;
+    }
+    px_buf_add(&job->buf, data, len);
+    if (job->buf.oom) job->up_overflow = true;
+}
+
+static void up_on_end(httpc_req *req, duet_status st, void *arg) {
+    px_job *job = arg;
+    job->up = NULL;
+    snprintf(job->up_why, sizeof job->up_why, "%s", httpc_req_reason(req));
+    double secs = seconds_since(job->leg_t0);
+    px_hist_observe(&job->px->leg_latency[job->leg], secs);
+    px_hist_observe(&job->b->latency, secs);
+    if (job->paused) {
+        uv_timer_stop(&job->timer);
+        job->paused = false;
+    }
+    if (job->leg == PX_LEG_PREFILL)
+        prefill_done(job, st);
+    else if (job->leg == PX_LEG_DECODE)
+        decode_done(job, st);
+    else
+        forward_done(job, st);
+}
+
+/* Picks a backend for the current leg and sends its request. */
+static void leg_attempt(px_job *job) {
+    px_proxy *px = job->px;
+    const px_config *cfg = px->cfg;
+    px_role roles[PX_ROLE_COUNT];
+    size_t nroles = 0;
+    uint64_t load = 1;
+    const char *body = NULL;
+    size_t body_len = 0;
+    unsigned first_byte = cfg->decode_timeout_ms;
+    if (job->leg == PX_LEG_PREFILL) {
+        roles[nroles++] = PX_ROLE_PREFILL;
+        load = px_gen_prefill_load(&job->gen);
+        body = job->prefill_body;
+        body_len = job->prefill_len;
+        first_byte = cfg->prefill_timeout_ms;
+    } else if (job->leg == PX_LEG_DECODE) {
+        roles[nroles++] = PX_ROLE_DECODE;
+        load = px_gen_decode_load(&job->gen);
+        body = job->decode_body;
+        body_len = job->decode_len;
+    } else {
+        for (size_t i = 0; i < job->n_fwd_roles; i++) roles[nroles++] = job->fwd_roles[i];
+        body = job->fwd_body;
+        body_len = job->fwd_len;
+    }
+    px_backend *b = NULL;
+    for (size_t i = 0; i < nroles && !b; i++)
+        b = px_backends_pick(&px->backends, roles[i], load, job->tried, job->ntried);
+    if (!b) {
+        char msg[640];
+        if (job->attempts)
+            snprintf(msg, sizeof msg, "no healthy %s endpoint left (last error: %s)",
+                     px_role_name(roles[0]), job->last_err);
+        else
+            snprintf(msg, sizeof msg, "no healthy %s endpoint", px_role_name(roles[0]));
+        job_fail(job, job->attempts ? 502 : 503, PX_ERROR_NO_BACKEND, msg);
+        return;
+    }
+    job->b = b;
+    job->b_load = load;
+    if (job->ntried < MAX_TRIED) job->tried[job->ntried++] = b;
+    job->attempts++;
+    job->up_status = 0;
+    job->up_ctype[0] = '\0';
+    job->up_body_seen = false;
+    job->up_overflow = false;
+    px_buf_cleanup(&job->buf);
+
+    http_header hs[5];
+    size_t nh = 0;
+    if (body) hs[nh++] = (http_header){"Content-Type", "application/json"};
+    if (job->rid[0]) hs[nh++] = (http_header){"X-Request-Id", job->rid};
+    const char *client_auth = http_req_header(job->req, "authorization");
+    if (px->auth_up)
+        hs[nh++] = (http_header){"Authorization", px->auth_up};
+    else if (!px->auth_expect && client_auth) /* a transparent proxy passes the client's key */
+        hs[nh++] = (http_header){"Authorization", client_auth};
+    hs[nh] = (http_header){NULL, NULL};
+    httpc_request rq = {.method = job->method,
+                        .path = job->path,
+                        .headers = hs,
+                        .body = body,
+                        .body_len = body_len,
+                        .first_byte_timeout_ms = first_byte,
+                        .idle_timeout_ms = cfg->idle_timeout_ms};
+    static const httpc_callbacks cb = {up_on_head, up_on_body, up_on_end};
+    job->leg_t0 = uv_hrtime();
+    duet_status st = httpc_send(b->pool, &rq, &cb, job, &job->up);
+    if (st) {
+        job->up = NULL;
+        leg_release(job);
+        job_fail(job, 500, leg_error_kind(job), "cannot send the backend request");
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Routes */
+
+static void handle_generate(px_proxy *px, http_req *req, px_route route, uint64_t t0) {
+    char err[160];
+    px_gen gen;
+    if (px_gen_parse(req->body, req->body_len, &gen, err, sizeof err)) {
+        respond_error_simple(px, req, route, t0, 400, PX_ERROR_BAD_REQUEST, err);
+        return;
+    }
+    px_job *job = job_new(px, req, route, t0);
+    if (!job) {
+        px_gen_cleanup(&gen);
+        respond_error_simple(px, req, route, t0, 500, PX_ERROR_UPSTREAM, "out of memory");
+        return;
+    }
+    job->gen = gen;
+    job->method = "POST";
+    job_set_rid(job);
+    job->prefill_body = px_gen_prefill_body(&job->gen, &job->prefill_len);
+    if (!job->prefill_body) {
+        job_fail(job, 500, PX_ERROR_PREFILL, "out of memory");
+        return;
+    }
+    http_req_on_close(req, job_on_client_close, job);
+    job->leg = PX_LEG_PREFILL;
+    leg_attempt(job);
+}
+
+static void handle_forward(px_proxy *px, http_req *req, px_route route, uint64_t t0,
+                           const px_role *roles, size_t nroles) {
+    px_job *job = job_new(px, req, route, t0);
+    if (job && req->body_len) {
+        job->fwd_body = malloc(req->body_len);
+        if (job->fwd_body) memcpy(job->fwd_body, req->body, req->body_len);
+        job->fwd_len = req->body_len;
+    }
+    if (!job || (req->body_len && !job->fwd_body)) {
+        if (job) {
+            job_fail(job, 500, PX_ERROR_UPSTREAM, "out of memory");
+            return;
+        }
+        respond_error_simple(px, req, route, t0, 500, PX_ERROR_UPSTREAM, "out of memory");
+        return;
+    }
+    job->method = !strcmp(req->method, "GET") ? "GET" : "POST";
+    job_set_rid(job);
+    memcpy(job->fwd_roles, roles, nroles * sizeof *roles);
+    job->n_fwd_roles = nroles;
+    job->leg = PX_LEG_OTHER;
+    http_req_on_close(req, job_on_client_close, job);
+    leg_attempt(job);
+}
+
+static void add_instances(px_buf *b, const px_backends *s, px_role role) {
+    bool first = true;
+    for (const px_backend *be = s->list[role]; be; be = be->next) {
+        px_buf_printf(b, "%s{\"instance\":\"%s\",\"healthy\":%s,\"in_flight\":%u}",
+                      first ? "" : ",", be->name, be->healthy ? "true" : "false",
+                      be->target.active);
+        first = false;
+    }
+}
+
+static void handle_health(px_proxy *px, http_req *req, uint64_t t0) {
+    size_t hp = px_backends_count(&px->backends, PX_ROLE_PREFILL, true);
+    size_t hd = px_backends_count(&px->backends, PX_ROLE_DECODE, true);
+    bool ok = hp > 0 && hd > 0 && !px->draining;
+    px_buf b;
+    px_buf_init(&b);
+    px_buf_printf(&b,
+                  "{\"status\":\"%s\",\"prefill\":{\"healthy\":%zu,\"total\":%zu,\"instances\":[",
+                  ok ? "ok" : (px->draining ? "draining" : "unavailable"), hp,
+                  px_backends_count(&px->backends, PX_ROLE_PREFILL, false));
+    add_instances(&b, &px->backends, PX_ROLE_PREFILL);
+    px_buf_printf(&b, "]},\"decode\":{\"healthy\":%zu,\"total\":%zu,\"instances\":[", hd,
+                  px_backends_count(&px->backends, PX_ROLE_DECODE, false));
+    add_instances(&b, &px->backends, PX_ROLE_DECODE);
+    px_buf_str(&b, "]}}");
+    if (b.oom) {
+        respond_error_simple(px, req, PX_ROUTE_HEALTH, t0, 500, PX_ERROR_UPSTREAM, "out of memory");
+    } else {
+        respond_simple(px, req, PX_ROUTE_HEALTH, t0, ok ? 200 : 503, "application/json", b.p,
+                       b.len);
+    }
+    px_buf_cleanup(&b);
+}
+
+static void render_backend_family(px_buf *b, const px_backends *s, const char *name,
+                                  const char *type, const char *help, int which) {
+    px_metrics_family(b, name, type, help);
+    for (int r = 0; r < PX_ROLE_COUNT; r++)
+        for (const px_backend *be = s->list[r]; be; be = be->next) {
+            uint64_t v = which == 0   ? be->target.active
+                         : which == 1 ? be->target.load
+                         : which == 2 ? (uint64_t)be->healthy
+                         : which == 3 ? be->failures
+                         : which == 4 ? be->ejections
+                                      : be->readmissions;
+            px_buf_printf(b, "%s{role=\"%s\",backend=\"", name, px_role_name(be->role));
+            px_metrics_label_value(b, be->name);
+            px_buf_printf(b, "\"} %llu\n", (unsigned long long)v);
+        }
+}
+
+static void handle_metrics(px_proxy *px, http_req *req, uint64_t t0) {
+    /* Counted before rendering, so a scrape sees itself. */
+    px->m.requests[PX_ROUTE_METRICS][200]++;
+    px_buf b;
+    px_buf_init(&b);
+    const px_metrics *m = &px->m;
+    px_metrics_family(&b, "duet_proxy_requests_total", "counter",
+                      "Requests answered by the proxy, by route and HTTP status.");
+    for (int r = 0; r < PX_ROUTE_COUNT; r++)
+        for (int c = 0; c < PX_STATUS_MAX; c++)
+            if (m->requests[r][c])
+                px_buf_printf(&b, "duet_proxy_requests_total{route=\"%s\",code=\"%d\"} %llu\n",
+                              px_route_name((px_route)r), c, (unsigned long long)m->requests[r][c]);
+    px_metrics_family(&b, "duet_proxy_errors_total", "counter",
+                      "Requests that did not end well, by route and kind.");
+    for (int r = 0; r < PX_ROUTE_COUNT; r++)
+        for (int k = 0; k < PX_ERROR_COUNT; k++)
+            if (m->errors[r][k])
+                px_buf_printf(&b, "duet_proxy_errors_total{route=\"%s\",kind=\"%s\"} %llu\n",
+                              px_route_name((px_route)r), px_error_kind_name((px_error_kind)k),
+                              (unsigned long long)m->errors[r][k]);
+    px_metrics_family(&b, "duet_proxy_request_duration_seconds", "histogram",
+                      "Time from a request's arrival to its answer's end, by route.");
+    for (int r = 0; r < PX_ROUTE_COUNT; r++) {
+        if (!m->duration[r].count) continue;
+        char labels[64];
+        snprintf(labels, sizeof labels, "route=\"%s\"", px_route_name((px_route)r));
+        px_metrics_hist(&b, "duet_proxy_request_duration_seconds", labels, &m->duration[r]);
+    }
+    px_metrics_family(&b, "duet_proxy_leg_duration_seconds", "histogram",
+                      "Time of one backend request (a leg), sent to answer end, by leg.");
+    for (int l = 0; l < PX_LEG_COUNT; l++) {
+        char labels[64];
+        snprintf(labels, sizeof labels, "leg=\"%s\"", px_leg_name((px_leg)l));
+        px_metrics_hist(&b, "duet_proxy_leg_duration_seconds", labels, &px->leg_latency[l]);
+    }
+    px_metrics_family(&b, "duet_proxy_backend_request_duration_seconds", "histogram",
+                      "Time of the requests sent to one backend, sent to answer end.");
+    for (int r = 0; r < PX_ROLE_COUNT; r++)
+        for (const px_backend *be = px->backends.list[r]; be; be = be->next) {
+            px_buf labels;
+            px_buf_init(&labels);
+            px_buf_printf(&labels, "role=\"%s\",backend=\"", px_role_name(be->role));
+            px_metrics_label_value(&labels, be->name);
+            px_buf_str(&labels, "\"");
+            if (!labels.oom)
+                px_metrics_hist(&b, "duet_proxy_backend_request_duration_seconds", labels.p,
+                                &be->latency);
+            px_buf_cleanup(&labels);
+        }
+    render_backend_family(&b, &px->backends, "duet_proxy_backend_in_flight", "gauge",
+                          "Requests the proxy has open on a backend.", 0);
+    render_backend_family(&b, &px->backends, "duet_proxy_backend_load", "gauge",
+                          "Outstanding load charged to a backend (estimated tokens).", 1);
+    render_backend_family(&b, &px->backends, "duet_proxy_backend_healthy", "gauge",
+                          "1 while a backend is eligible, 0 while ejected.", 2);
+    render_backend_family(&b, &px->backends, "duet_proxy_backend_failures_total", "counter",
+                          "Requests to a backend that failed (refused, reset, timeout, 5xx).", 3);
+    render_backend_family(&b, &px->backends, "duet_proxy_ejections_total", "counter",
+                          "Times a backend was ejected for consecutive failures.", 4);
+    render_backend_family(&b, &px->backends, "duet_proxy_readmissions_total", "counter",
+                          "Times an ejected or added backend was admitted by health probes.", 5);
+    px_metrics_family(&b, "duet_proxy_retries_total", "counter",
+                      "Backend requests retried on another backend, by leg.");
+    for (int l = 0; l < PX_LEG_COUNT; l++)
+        px_buf_printf(&b, "duet_proxy_retries_total{leg=\"%s\"} %llu\n", px_leg_name((px_leg)l),
+                      (unsigned long long)m->retries[l]);
+    http_server_stats hs;
+    http_server_get_stats(px->srv, &hs);
+    px_metrics_family(&b, "duet_proxy_client_connections", "gauge", "Client connections open.");
+    px_buf_printf(&b, "duet_proxy_client_connections %llu\n",
+                  (unsigned long long)hs.connections_open);
+    px_metrics_family(&b, "duet_proxy_client_connections_rejected_total", "counter",
+                      "Client connections answered 503 for --max-connections.");
+    px_buf_printf(&b, "duet_proxy_client_connections_rejected_total %llu\n",
+                  (unsigned long long)hs.connections_rejected);
+    px_metrics_family(&b, "duet_proxy_requests_in_flight", "gauge",
+                      "Requests the proxy is working on.");
+    px_buf_printf(&b, "duet_proxy_requests_in_flight %u\n", px->jobs_open);
+    if (b.oom) {
+        http_respond_error(req, 500, "InternalServerError", "out of memory");
+    } else {
+        http_respond(req, 200, "text/plain; version=0.0.4; charset=utf-8", b.p, b.len);
+    }
+    px_hist_observe(&px->m.duration[PX_ROUTE_METRICS], seconds_since(t0));
+    px_buf_cleanup(&b);
+}
+
+/* vllm-ascend's admin body: {"type": "prefill"|"decode", "instance": "h:p"} or "instances":
+ * "h:p" | ["h:p", ...]. */
+static void handle_instances(px_proxy *px, http_req *req, px_route route, uint64_t t0) {
+    bool add = route == PX_ROUTE_INSTANCES_ADD;
+    cJSON *root = cJSON_ParseWithLength(req->body, req->body_len);
+    const cJSON *type = cJSON_GetObjectItemCaseSensitive(root, "type");
+    const cJSON *list = cJSON_GetObjectItemCaseSensitive(root, "instances");
+    if (!list) list = cJSON_GetObjectItemCaseSensitive(root, "instance");
+    px_role role;
+    const char *bad = NULL;
+    if (!cJSON_IsObject(root))
+        bad = "the request body must be a JSON object";
+    else if (!cJSON_IsString(type) || px_role_parse(type->valuestring, &role))
+        bad = "'type' must be \"prefill\" or \"decode\"";
+    else if (!cJSON_IsString(list) && !cJSON_IsArray(list))
+        bad = "'instances' must be \"host:port\" or a list of them";
+    px_endpoint eps[64];
+    size_t n = 0;
+    if (!bad) {
+        const cJSON *one = list, *e = NULL;
+        if (cJSON_IsArray(list)) e = list->child;
+        for (; !bad && (cJSON_IsArray(list) ? e != NULL : one != NULL);
+             e = e ? e->next : NULL, one = NULL) {
+            const cJSON *it = cJSON_IsArray(list) ? e : one;
+            if (n == sizeof eps / sizeof eps[0])
+                bad = "at most 64 instances per request";
+            else if (!cJSON_IsString(it) || px_endpoint_parse(it->valuestring, &eps[n]))
+                bad = "every instance must be \"host:port\"";
+            else
+                n++;
+        }
+        if (!bad && n == 0) bad = "no instance given";
+    }
+    if (bad) {
+        cJSON_Delete(root);
+        respond_error_simple(px, req, route, t0, 400, PX_ERROR_BAD_REQUEST, bad);
+        return;
+    }
+    cJSON_Delete(root);
+    size_t changed = 0;
+    int status = 200;
+    const char *why = NULL;
+    for (size_t i = 0; i < n; i++) {
+        char name[PX_HOST_MAX + 8];
+        px_endpoint_format(&eps[i], name, sizeof name);
+        duet_status st = add ? px_backends_add(&px->backends, role, &eps[i], false)
+                             : px_backends_remove(&px->backends, role, name);
+        if (st == DUET_OK) {
+            changed++;
+        } else if (st != DUET_ERR_BUSY && st != DUET_ERR_NOT_FOUND) {
+            status = 400;
+            why = add ? "cannot add the instance (does its host resolve?)" : "cannot remove it";
+        }
+    }
+    if (!add && changed == 0 && status == 200) {
+        status = 404;
+        why = "no such instance";
+    }
+    if (why) {
+        respond_error_simple(px, req, route, t0, status,
+                             status == 404 ? PX_ERROR_NOT_FOUND : PX_ERROR_BAD_REQUEST, why);
+        return;
+    }
+    px_buf b;
+    px_buf_init(&b);
+    px_buf_printf(&b, "{\"message\":\"%s %zu %s instance(s)%s\",\"current_prefill_instances\":[",
+                  add ? "added" : "removed", changed, px_role_name(role),
+                  add ? "; each serves once its health probes pass" : "");
+    for (int r = 0; r < PX_ROLE_COUNT; r++) {
+        if (r) px_buf_str(&b, "],\"current_decode_instances\":[");
+        for (const px_backend *be = px->backends.list[r]; be; be = be->next)
+            px_buf_printf(&b, "%s\"%s\"", be == px->backends.list[r] ? "" : ",", be->name);
+    }
+    px_buf_str(&b, "]}");
+    if (b.oom)
+        respond_error_simple(px, req, route, t0, 500, PX_ERROR_UPSTREAM, "out of memory");
+    else
+        respond_simple(px, req, route, t0, 200, "application/json", b.p, b.len);
+    px_buf_cleanup(&b);
+}
+
+/* Constant time in the length of the expected value: no early exit on the first difference. */
+static bool auth_ok(const px_proxy *px, const http_req *req) {
+    if (!px->auth_expect) return true;
+    const char *got = http_req_header(req, "authorization");
+    if (!got) return false;
+    size_t n = strlen(px->auth_expect), m = strlen(got);
+    unsigned char diff = (unsigned char)(n != m);
+    for (size_t i = 0; i < n; i++)
+        diff |= (unsigned char)(px->auth_expect[i] ^ (i < m ? got[i] : 0));
+    return diff == 0;
+}
+
+static void on_request(http_req *req, void *user) {
+    px_proxy *px = user;
+    uint64_t t0 = uv_hrtime();
+    const char *p = req->path;
+    bool post = !strcmp(req->method, "POST"), get = !strcmp(req->method, "GET");
+    px_route route = PX_ROUTE_OTHER;
+    if (!strcmp(p, "/v1/completions"))
+        route = PX_ROUTE_COMPLETIONS;
+    else if (!strcmp(p, "/v1/chat/completions"))
+        route = PX_ROUTE_CHAT_COMPLETIONS;
+    else if (!strcmp(p, "/v1/models"))
+        route = PX_ROUTE_MODELS;
+    else if (!strcmp(p, "/tokenize"))
+        route = PX_ROUTE_TOKENIZE;
+    else if (!strcmp(p, "/detokenize"))
+        route = PX_ROUTE_DETOKENIZE;
+    else if (!strcmp(p, "/health"))
+        route = PX_ROUTE_HEALTH;
+    else if (!strcmp(p, "/metrics"))
+        route = PX_ROUTE_METRICS;
+    else if (!strcmp(p, "/instances/add"))
+        route = PX_ROUTE_INSTANCES_ADD;
+    else if (!strcmp(p, "/instances/remove"))
+        route = PX_ROUTE_INSTANCES_REMOVE;
+    if (route == PX_ROUTE_OTHER) {
+        respond_error_simple(px, req, route, t0, 404, PX_ERROR_NOT_FOUND, "no such route");
+        return;
+    }
+    bool guarded = !strncmp(p, "/v1/", 4) || !strncmp(p, "/instances/", 11);
+    if (guarded && !auth_ok(px, req)) {
+        respond_error_simple(px, req, route, t0, 401, PX_ERROR_AUTH,
+                             "missing or invalid API key (Authorization: Bearer ...)");
+        return;
+    }
+    bool want_get =
+        route == PX_ROUTE_MODELS || route == PX_ROUTE_HEALTH || route == PX_ROUTE_METRICS;
+    if (want_get ? !(get || !strcmp(req->method, "HEAD")) : !post) {
+        respond_error_simple(px, req, route, t0, 405, PX_ERROR_NOT_FOUND,
+                             want_get ? "use GET" : "use POST");
+        return;
+    }
+    static const px_role decode_first[] = {PX_ROLE_DECODE, PX_ROLE_PREFILL};
+    switch (route) {
+    case PX_ROUTE_COMPLETIONS:
+    case PX_ROUTE_CHAT_COMPLETIONS:
+        handle_generate(px, req, route, t0);
+        return;
+    case PX_ROUTE_MODELS:
+        handle_forward(px, req, route, t0, decode_first, 2);
+        return;
+    case PX_ROUTE_TOKENIZE:
+    case PX_ROUTE_DETOKENIZE:
+        handle_forward(px, req, route, t0, decode_first, 1);
+        return;
+    case PX_ROUTE_HEALTH:
+        handle_health(px, req, t0);
+        return;
+    case PX_ROUTE_METRICS:
+        handle_metrics(px, req, t0);
+        return;
+    default:
+        handle_instances(px, req, route, t0);
+        return;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Life cycle */
+
+static char *bearer(const char *key) {
+    if (!key) return NULL;
+    size_t n = strlen(key) + 8;
+    char *s = malloc(n);
+    if (s) snprintf(s, n, "Bearer %s", key);
+    return s;
+}
+
+duet_status px_proxy_create(uv_loop_t *loop, const px_config *cfg, px_proxy **px_p) {
+    px_proxy *px = calloc(1, sizeof *px);
+    if (!px) return DUET_ERR_NO_MEMORY;
+    px->loop = loop;
+    px->cfg = cfg;
+    px->refs = 1;
+    px->rng = uv_hrtime() ^ ((uint64_t)(uintptr_t)px << 16) ^ 0x9E3779B97F4A7C15ULL;
+    px->auth_up = bearer(cfg->upstream_api_key);
+    px->auth_expect = bearer(cfg->api_key);
+    if ((cfg->upstream_api_key && !px->auth_up) || (cfg->api_key && !px->auth_expect)) {
+        px_unref(px);
+        return DUET_ERR_NO_MEMORY;
+    }
+    px_backends_opts bo = {
+        .health_interval_ms = cfg->health_interval_ms,
+        .health_timeout_ms = cfg->health_timeout_ms,
+        .eject_after = cfg->eject_after,
+        .readmit_after = cfg->readmit_after,
+        .connect_timeout_ms = cfg->connect_timeout_ms,
+        .auth = px->auth_up,
+        .policy = cfg->policy,
+    };
+    duet_status st = px_backends_init(&px->backends, loop, &bo);
+    if (st) {
+        free(px->auth_up);
+        free(px->auth_expect);
+        free(px);
+        return st;
+    }
+    uv_timer_init(loop, &px->drain_timer);
+    px->drain_timer.data = px;
+    px->refs++;
+    /* Backends start eligible: the proxy serves at once, and probes or failed requests eject
+     * the ones that are not there. */
+    for (size_t i = 0; i < cfg->n_prefill + cfg->n_decode && !st; i++) {
+        bool pre = i < cfg->n_prefill;
+        const px_endpoint *ep = pre ? &cfg->prefill[i] : &cfg->decode[i - cfg->n_prefill];
+        st = px_backends_add(&px->backends, pre ? PX_ROLE_PREFILL : PX_ROLE_DECODE, ep, true);
+        if (st == DUET_ERR_BUSY) st = DUET_OK; /* listed twice: once is enough */
+    }
+    http_server_opts so;
+    http_server_opts_init(&so);
+    so.max_body_bytes = cfg->max_body_bytes;
+    so.max_connections = cfg->max_connections;
+    so.header_timeout_ms = cfg->client_header_timeout_ms;
+    so.idle_timeout_ms = cfg->client_idle_timeout_ms;
+    if (!st) st = http_server_create(loop, &so, on_request, px, &px->srv);
+    if (!st) st = http_server_listen(px->srv, cfg->host, cfg->port);
+    if (st) {
+        px_proxy_destroy(px);
+        return st;
+    }
+    *px_p = px;
+    return DUET_OK;
+}
+
+int px_proxy_port(const px_proxy *px) {
+    return px ? http_server_port(px->srv) : 0;
+}
+
+static void px_check_drained(px_proxy *px) {
+    if (!px->draining || px->drained_called || px->jobs_open || px->srv) return;
+    px->drained_called = true;
+    uv_timer_stop(&px->drain_timer);
+    if (px->drained_cb) px->drained_cb(px, px->drained_arg);
+}
+
+static void on_server_drained(http_server *srv, void *arg) {
+    px_proxy *px = arg;
+    http_server_destroy(srv);
+    px->srv = NULL;
+    px_check_drained(px);
+}
+
+static void on_drain_deadline(uv_timer_t *t) {
+    px_proxy *px = t->data;
+    if (!px->srv) return;
+    LOG_WARN("proxy: drain deadline passed with %u requests in flight; closing them",
+             px->jobs_open);
+    /* Their on_close cancels the upstream legs. */
+    http_server_destroy(px->srv);
+    px->srv = NULL;
+    px_check_drained(px);
+}
+
+void px_proxy_drain(px_proxy *px, unsigned deadline_ms, px_drained_fn cb, void *arg) {
+    if (!px || px->draining) return;
+    px->draining = true;
+    px->drained_cb = cb;
+    px->drained_arg = arg;
+    LOG_INFO("proxy: draining %u requests in flight", px->jobs_open);
+    http_server_close(px->srv, on_server_drained, px);
+    if (deadline_ms) uv_timer_start(&px->drain_timer, on_drain_deadline, deadline_ms, 0);
+}
+
+static void on_drain_timer_closed(uv_handle_t *h) {
+    px_unref(h->data);
+}
+
+static void on_backends_closed(px_backends *s) {
+    px_unref((px_proxy *)((char *)s - offsetof(px_proxy, backends)));
+}
+
+void px_proxy_destroy(px_proxy *px) {
+    if (!px || px->destroyed) return;
+    px->destroyed = true;
+    px->drained_cb = NULL;
+    http_server_destroy(px->srv); /* jobs still open end through their on_close */
+    px->srv = NULL;
+    px->refs++; /* the probe timer's, inside px */
+    px_backends_close(&px->backends, on_backends_closed);
+    uv_close((uv_handle_t *)&px->drain_timer, on_drain_timer_closed);
+    px_unref(px);
+}

@@ -1,0 +1,294 @@
+/* Unit tests of duet-proxy's pure parts: the balancing policies (what each picks, how load is
+ * charged and released), the command line and JSON settings, and the two legs' JSON bodies. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "check.h"
+#include "px_body.h"
+#include "px_config.h"
+#include "px_policy.h"
+
+static void test_policies(void) {
+    px_policy_kind k;
+    CHECK(px_policy_parse("least-load", &k) == DUET_OK && k == PX_POLICY_LEAST_LOAD);
+    CHECK(px_policy_parse("round-robin", &k) == DUET_OK && k == PX_POLICY_ROUND_ROBIN);
+    CHECK(px_policy_parse("power-of-two", &k) == DUET_OK && k == PX_POLICY_POWER_OF_TWO);
+    CHECK(px_policy_parse("random", &k) == DUET_ERR_INVALID);
+    CHECK(!strcmp(px_policy_kind_name(PX_POLICY_POWER_OF_TWO), "power-of-two"));
+
+    px_target t[4];
+    px_target *c[4] = {&t[0], &t[1], &t[2], &t[3]};
+    memset(t, 0, sizeof t);
+
+    /* Round-robin: in order, whatever the load; charges anyway (in-flight metrics). */
+    px_policy *rr = NULL;
+    CHECK(px_policy_create(PX_POLICY_ROUND_ROBIN, 1, &rr) == DUET_OK);
+    t[0].load = 1000;
+    for (int i = 0; i < 8; i++) CHECK(px_policy_pick(rr, c, 4, 5) == c[i % 4]);
+    CHECK_EQ_INT(t[1].active, 2);
+    CHECK_EQ_INT(t[1].load, 10);
+    px_policy_release(rr, &t[1], 5);
+    CHECK_EQ_INT(t[1].active, 1);
+    CHECK_EQ_INT(t[1].load, 5);
+    px_policy_release(rr, &t[1], 50); /* never below zero */
+    CHECK_EQ_INT(t[1].load, 0);
+    CHECK(px_policy_pick(rr, c, 0, 1) == NULL);
+    px_policy_destroy(rr);
+
+    /* Least-load: the smallest load; ties go round so a burst spreads. */
+    memset(t, 0, sizeof t);
+    px_policy *ll = NULL;
+    CHECK(px_policy_create(PX_POLICY_LEAST_LOAD, 1, &ll) == DUET_OK);
+    int hits[4] = {0};
+    for (int i = 0; i < 400; i++) {
+        px_target *p = px_policy_pick(ll, c, 4, 10);
+        hits[p - t]++;
+    }
+    for (int i = 0; i < 4; i++) CHECK_EQ_INT(hits[i], 100); /* equal load kept equal */
+    t[2].load -= 500;                                       /* a backend whose requests finished */
+    CHECK(px_policy_pick(ll, c, 4, 10) == &t[2]);
+    /* A long prompt weighs more than many short ones. */
+    memset(t, 0, sizeof t);
+    px_target *heavy = px_policy_pick(ll, c, 2, 10000);
+    px_target *light = heavy == &t[0] ? &t[1] : &t[0];
+    for (int i = 0; i < 50; i++) CHECK(px_policy_pick(ll, c, 2, 10) == light);
+    /* Equal loads: fewer active requests wins. */
+    memset(t, 0, sizeof t);
+    t[0].load = t[1].load = 7;
+    t[0].active = 3;
+    t[1].active = 1;
+    for (int i = 0; i < 4; i++) {
+        CHECK(px_policy_pick(ll, c, 2, 0) == &t[1]);
+        px_policy_release(ll, &t[1], 0);
+    }
+    px_policy_destroy(ll);
+
+    /* Power of two: never the heaviest of 2 when it has a choice; spreads over all. */
+    memset(t, 0, sizeof t);
+    px_policy *p2 = NULL;
+    CHECK(px_policy_create(PX_POLICY_POWER_OF_TWO, 42, &p2) == DUET_OK);
+    t[3].load = 1000000;
+    memset(hits, 0, sizeof hits);
+    for (int i = 0; i < 1000; i++) {
+        px_target *p = px_policy_pick(p2, c, 4, 1);
+        hits[p - t]++;
+        px_policy_release(p2, p, 1);
+    }
+    CHECK_EQ_INT(hits[3], 0);
+    for (int i = 0; i < 3; i++) CHECK_MSG(hits[i] > 200, "target %d got %d", i, hits[i]);
+    CHECK(px_policy_pick(p2, c, 1, 1) == c[0]); /* one candidate */
+    px_policy_destroy(p2);
+    px_policy_destroy(NULL);
+}
+
+static duet_status parse(px_config *cfg, char *err, const char *const *args) {
+    char *argv[64] = {"duet-proxy"};
+    int argc = 1;
+    for (; *args; args++) argv[argc++] = (char *)*args;
+    px_config_init(cfg);
+    return px_config_parse_args(cfg, argc, argv, err, 256);
+}
+
+static void test_config(void) {
+    px_config cfg;
+    char err[256];
+    unsetenv("DUET_API_KEY");
+    unsetenv("DUET_UPSTREAM_API_KEY");
+    const char *a1[] = {"--host",
+                        "127.0.0.1",
+                        "--port",
+                        "9000",
+                        "--prefill",
+                        "a:1",
+                        "[::1]:2",
+                        "--decode=b:3",
+                        "--policy",
+                        "power-of-two",
+                        "--connect-timeout",
+                        "1.5",
+                        "--max-retries",
+                        "5",
+                        "--retry-delay",
+                        "0.2",
+                        "--max-body-bytes",
+                        "1000",
+                        NULL};
+    CHECK(parse(&cfg, err, a1) == DUET_OK);
+    CHECK(!strcmp(cfg.host, "127.0.0.1") && cfg.port == 9000);
+    CHECK_EQ_INT(cfg.n_prefill, 2);
+    CHECK(!strcmp(cfg.prefill[0].host, "a") && cfg.prefill[0].port == 1);
+    CHECK(!strcmp(cfg.prefill[1].host, "::1") && cfg.prefill[1].port == 2);
+    CHECK(cfg.n_decode == 1 && cfg.decode[0].port == 3);
+    CHECK(cfg.policy == PX_POLICY_POWER_OF_TWO);
+    CHECK_EQ_INT(cfg.connect_timeout_ms, 1500);
+    CHECK(cfg.prefill_retries == 5 && cfg.decode_retries == 5);
+    CHECK_EQ_INT(cfg.retry_backoff_ms, 200);
+    CHECK_EQ_INT(cfg.max_body_bytes, 1000);
+    char ep[300];
+    px_endpoint_format(&cfg.prefill[1], ep, sizeof ep);
+    CHECK(!strcmp(ep, "[::1]:2"));
+    px_config_cleanup(&cfg);
+
+    /* vllm-ascend's spelling, and the key from the environment. */
+    setenv("DUET_API_KEY", "k1", 1);
+    const char *a2[] = {
+        "--prefiller-hosts", "h1", "h2", "--prefiller-ports", "1", "2", "--decoder-hosts", "h3",
+        "--decoder-ports",   "3",  NULL};
+    CHECK(parse(&cfg, err, a2) == DUET_OK);
+    CHECK(cfg.n_prefill == 2 && !strcmp(cfg.prefill[1].host, "h2") && cfg.prefill[1].port == 2);
+    CHECK(cfg.n_decode == 1 && !strcmp(cfg.decode[0].host, "h3"));
+    CHECK(cfg.api_key && !strcmp(cfg.api_key, "k1"));
+    CHECK(cfg.policy == PX_POLICY_LEAST_LOAD); /* the default */
+    px_config_cleanup(&cfg);
+    unsetenv("DUET_API_KEY");
+
+    /* Each mistake is one line naming the flag. */
+    struct {
+        const char *args[12];
+        const char *needle;
+    } bad[] = {
+        {{"--port", "x", "--prefill", "a:1", "--decode", "b:2"}, "--port"},
+        {{"--port", "70000", "--prefill", "a:1", "--decode", "b:2"}, "--port"},
+        {{"--prefill", "a:1", "--decode", "b:2", "--what"}, "--what"},
+        {{"--prefill", "a", "--decode", "b:2"}, "--prefill"},
+        {{"--prefill", "a:0", "--decode", "b:2"}, "--prefill"},
+        {{"--prefill", "::1:2", "--decode", "b:2"}, "--prefill"},
+        {{"--prefill", "a:1"}, "no decode"},
+        {{"--decode", "a:1"}, "no prefill"},
+        {{"--prefill", "--decode", "a:1"}, "--prefill"},
+        {{"--prefill", "a:1", "--decode", "b:2", "--policy", "fifo"}, "--policy"},
+        {{"--prefill", "a:1", "--decode", "b:2", "--connect-timeout", "-1"}, "--connect-timeout"},
+        {{"--prefill", "a:1", "--decode", "b:2", "--eject-after", "0"}, "--eject-after"},
+        {{"--prefiller-hosts", "a", "--prefiller-ports", "1", "2", "--decode", "b:2"}, "prefiller"},
+        {{"--prefill", "a:1", "--decode", "b:2", "--port"}, "--port"},
+        {{"stray", "--prefill", "a:1", "--decode", "b:2"}, "stray"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        err[0] = '\0';
+        CHECK_MSG(parse(&cfg, err, bad[i].args) == DUET_ERR_INVALID, "case %zu accepted", i);
+        CHECK_MSG(strstr(err, bad[i].needle) && !strchr(err, '\n'), "case %zu: '%s'", i, err);
+        px_config_cleanup(&cfg);
+    }
+    const char *help[] = {"--help", NULL};
+    CHECK(parse(&cfg, err, help) == DUET_OK && cfg.help);
+    CHECK(strstr(px_config_usage(), "--prefill-timeout") != NULL);
+    px_config_cleanup(&cfg);
+
+    /* JSON settings; flags given after override them. */
+    px_config_init(&cfg);
+    const char *json = "{\"prefill\":[\"a:1\",\"b:2\"],\"decode\":\"c:3\",\"api_key\":\"s\","
+                       "\"health_interval\":0.5,\"eject_after\":4,\"port\":0}";
+    CHECK(px_config_parse_json(&cfg, json, strlen(json), err, sizeof err) == DUET_OK);
+    CHECK(cfg.n_prefill == 2 && cfg.n_decode == 1 && cfg.port == 0);
+    CHECK(cfg.health_interval_ms == 500 && cfg.eject_after == 4);
+    CHECK(cfg.api_key && !strcmp(cfg.api_key, "s"));
+    px_config_cleanup(&cfg);
+    const char *bad_json[] = {
+        "[]", "{\"nope\":1}", "{\"prefill\":[1]}", "{\"port\":true}", "{\"decode\":\"x\"}", "{"};
+    for (size_t i = 0; i < sizeof bad_json / sizeof bad_json[0]; i++) {
+        px_config_init(&cfg);
+        CHECK_MSG(px_config_parse_json(&cfg, bad_json[i], strlen(bad_json[i]), err, sizeof err) ==
+                      DUET_ERR_INVALID,
+                  "%s accepted", bad_json[i]);
+        px_config_cleanup(&cfg);
+    }
+}
+
+static const cJSON *get(const cJSON *o, const char *k) {
+    return cJSON_GetObjectItemCaseSensitive(o, k);
+}
+
+static void test_bodies(void) {
+    char err[128];
+    px_gen g;
+    const char *req =
+        "{\"model\":\"m\",\"prompt\":\"0123456789abcdef\",\"max_tokens\":50,"
+        "\"min_tokens\":5,\"stream\":true,\"stream_options\":{\"include_usage\":true},"
+        "\"kv_transfer_params\":{\"junk\":1},\"temperature\":0.5}";
+    CHECK(px_gen_parse(req, strlen(req), &g, err, sizeof err) == DUET_OK);
+    CHECK(g.stream);
+    CHECK_EQ_INT(g.prompt_tokens, 4);
+    CHECK_EQ_INT(g.max_tokens, 50);
+    CHECK_EQ_INT(px_gen_prefill_load(&g), 4);
+    CHECK_EQ_INT(px_gen_decode_load(&g), 54);
+
+    size_t len = 0;
+    char *pb = px_gen_prefill_body(&g, &len);
+    cJSON *p = cJSON_Parse(pb);
+    CHECK(cJSON_IsFalse(get(p, "stream")));
+    CHECK(get(p, "stream_options") == NULL);
+    CHECK(get(p, "min_tokens") == NULL);
+    CHECK(get(p, "max_completion_tokens") == NULL); /* only set when the client had it */
+    CHECK(cJSON_IsNumber(get(p, "max_tokens")) && get(p, "max_tokens")->valueint == 1);
+    const cJSON *kv = get(p, "kv_transfer_params");
+    CHECK(cJSON_IsTrue(get(kv, "do_remote_decode")) && cJSON_GetArraySize(kv) == 1);
+    CHECK(cJSON_IsNumber(get(p, "temperature"))); /* the rest untouched */
+    CHECK(strlen(pb) == len);
+    cJSON_Delete(p);
+    cJSON_free(pb);
+
+    /* The prefill's params into the original body. */
+    const char *answer = "{\"choices\":[],\"kv_transfer_params\":{\"do_remote_prefill\":true,"
+                         "\"remote_block_ids\":[1,2],\"remote_request_id\":\"r\"}}";
+    cJSON *kvp = NULL;
+    CHECK(px_prefill_kv_params(answer, strlen(answer), &kvp) == DUET_OK && kvp);
+    char *db = px_gen_decode_body(&g, kvp, &len);
+    cJSON *d = cJSON_Parse(db);
+    CHECK(cJSON_IsTrue(get(d, "stream")));
+    CHECK(get(d, "min_tokens")->valueint == 5);
+    CHECK(get(d, "max_tokens")->valueint == 50);
+    CHECK(get(d, "stream_options") != NULL);
+    kv = get(d, "kv_transfer_params");
+    CHECK(cJSON_IsTrue(get(kv, "do_remote_prefill")) && get(kv, "junk") == NULL);
+    cJSON_Delete(d);
+    cJSON_free(db);
+    cJSON_Delete(kvp);
+    /* An answer without params: the decode leg goes without them. */
+    CHECK(px_prefill_kv_params("{\"choices\":[]}", 14, &kvp) == DUET_OK && kvp == NULL);
+    db = px_gen_decode_body(&g, NULL, &len);
+    d = cJSON_Parse(db);
+    CHECK(get(d, "kv_transfer_params") == NULL);
+    cJSON_Delete(d);
+    cJSON_free(db);
+    CHECK(px_prefill_kv_params("<html>", 6, &kvp) == DUET_ERR_FORMAT && kvp == NULL);
+    CHECK(px_prefill_kv_params("{\"kv_transfer_params\":3}", 24, &kvp) == DUET_OK && !kvp);
+    px_gen_cleanup(&g);
+
+    /* Chat: max_completion_tokens follows to the prefill as 1; messages weigh by content. */
+    req = "{\"messages\":[{\"role\":\"user\",\"content\":\"12345678\"},"
+          "{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"abcd\"}]}],"
+          "\"max_completion_tokens\":7}";
+    CHECK(px_gen_parse(req, strlen(req), &g, err, sizeof err) == DUET_OK);
+    CHECK(!g.stream);
+    CHECK_EQ_INT(g.prompt_tokens, 2 + 4 + 1 + 4);
+    CHECK_EQ_INT(g.max_tokens, 7);
+    pb = px_gen_prefill_body(&g, &len);
+    p = cJSON_Parse(pb);
+    CHECK(get(p, "max_completion_tokens")->valueint == 1 && get(p, "max_tokens")->valueint == 1);
+    cJSON_Delete(p);
+    cJSON_free(pb);
+    px_gen_cleanup(&g);
+
+    /* Token ids count one each; defaults when max_tokens is absent. */
+    req = "{\"prompt\":[[1,2,3],[4,5]]}";
+    CHECK(px_gen_parse(req, strlen(req), &g, err, sizeof err) == DUET_OK);
+    CHECK_EQ_INT(g.prompt_tokens, 5);
+    CHECK_EQ_INT(g.max_tokens, 16);
+    px_gen_cleanup(&g);
+
+    const char *bad[] = {"", "nope", "[1]", "\"s\"", "{\"stream\":1}", "{\"stream\":\"true\"}"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        err[0] = '\0';
+        CHECK_MSG(px_gen_parse(bad[i], strlen(bad[i]), &g, err, sizeof err) == DUET_ERR_INVALID,
+                  "%s accepted", bad[i]);
+        CHECK(err[0] != '\0');
+        CHECK(g.root == NULL);
+    }
+}
+
+int main(void) {
+    test_policies();
+    test_config();
+    test_bodies();
+    CHECK_DONE();
+}
