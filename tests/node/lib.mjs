@@ -1,7 +1,7 @@
 // Helpers for the worker-server integration tests: free ports, starting duet-decode (or an
 // mpirun instance of it) with a deadline, raw HTTP over net sockets, SSE parsing, and the
 // golden cases. Paths come from the environment meson sets (see tests/integration/meson.build).
-import { spawn } from 'node:child_process';
+import { execSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -102,6 +102,25 @@ export class Server {
     if (this.exitInfo) return this.exitInfo;
     this.proc.kill(signal);
     return this.waitExit(ms);
+  }
+
+  // SIGKILL to the process and every descendant (mpirun's ranks too: killing mpirun alone can
+  // leave a rank running with its sockets open).
+  killTree() {
+    this.killed = true;
+    const all = [];
+    const walk = (pid) => {
+      let kids = [];
+      try {
+        kids = execSync(`pgrep -P ${pid} || true`).toString().trim().split(/\s+/).filter(Boolean);
+      } catch { /* gone */ }
+      for (const k of kids) walk(Number(k));
+      all.push(pid);
+    };
+    walk(this.proc.pid);
+    for (const pid of all) {
+      try { process.kill(pid, 'SIGKILL'); } catch { /* already gone */ }
+    }
   }
 
   async waitExit(ms) {

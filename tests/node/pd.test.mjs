@@ -146,8 +146,7 @@ if (layout === 'tcp' || layout === 'shm') {
       assert.ok(!(await poolFree(pPort, 300)), 'the lease should hold blocks');
       const req = decode(dPort, c, kv).catch(() => null);
       await sleep(5);
-      d.killed = true;
-      d.proc.kill('SIGKILL');
+      d.killTree();
       await req;
       const t0 = Date.now();
       assert.ok(await poolFree(pPort, 10000), 'prefill blocks never freed');
