@@ -20,25 +20,27 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-# 1. the build: release, CUDA required
+# 1. the build: optimized (as CI builds it), CUDA required
 if [ ! -f build-bundle/build.ninja ]; then
-    meson setup build-bundle -Dcuda=enabled --buildtype=release
+    meson setup build-bundle -Dcuda=enabled --buildtype=debugoptimized
 fi
 ninja -C build-bundle -j"${DUET_BUILD_JOBS:-2}"
 
 rm -rf "$out"
 mkdir -p "$out/bin" "$out/debs" "$out/golden"
 progs=(tools/duet-check tools/duet-run tests/gpu/test_backend_ops tests/gpu/test_sample
-       tests/gpu/gpu_guard)
+       tests/gpu/gpu_guard prefill/duet-prefill decode/duet-decode proxy/duet-proxy
+       tools/duet-kvbench)
 for p in "${progs[@]}"; do
     install -m 755 "build-bundle/$p" "$out/bin/"
     strip --strip-unneeded "$out/bin/$(basename "$p")"
 done
-install -m 755 tests/gpu/device_check.sh tests/integration/rank_failure.sh "$out/"
+install -m 755 tests/gpu/device_check.sh tests/gpu/pd_check.sh tests/gpu/pd_golden.py \
+    tests/integration/rank_failure.sh "$out/"
 
 # 2. runtime libraries: what the programs link, less what the host must provide itself (libc,
 # the compiler runtimes, Open MPI and its stack, CUDA), plus the libraries of duet's servers
-debs=(libuv1 libcjson1 libprotobuf-c1 libhttp-parser2.9)
+debs=(libuv1 libcjson1 libprotobuf-c1 libhttp-parser2.9 libssl3)
 host_owned='^(libc6|libstdc\+\+6|libgcc-s1|libgomp1|zlib1g|libopenmpi3.*|libhwloc.*|libevent-.*|libudev1|libucx0|libzstd1|liblzma5)$'
 for lib in $(ldd "$out"/bin/* 2>/dev/null | awk '/=> \//{print $3}' | sort -u); do
     pkg=$(dpkg -S "$(readlink -f "$lib")" 2>/dev/null | head -1 | cut -d: -f1) || true

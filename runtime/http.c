@@ -521,7 +521,8 @@ static void on_tcp_closed(uv_handle_t *h) {
         q->on_close = NULL;
         if (cb) cb(&q->pub, q->on_close_arg); /* may finish q */
     }
-    conn_handle_closed(c);
+    /* the socket's handle reference goes (never the last: ours is held), then ours */
+    if (--c->handles_open == 0) c->refs--;
     conn_unref(c);
     srv_check_drained(srv);
     srv_unref(srv);

@@ -1243,6 +1243,9 @@ static void x_stop(void *state) {
     uv_async_send(&x->async);
     uv_thread_join(&x->thread);
     x->thread_started = false;
+    /* the backend goes with the engine, right after this: nothing of it may be used later */
+    if (x->stage.pinned) x->be->ops->host_unpin(x->be, x->stage.base);
+    x->stage.pinned = false;
 }
 
 /* ---- plug-in hooks: per request ---- */
@@ -1412,7 +1415,6 @@ void kvx_destroy(srv_kv_plugin *plugin) {
     if (x->loop_ready) uv_loop_close(&x->loop);
     pins_free(x, x->orphans);
     x->orphans = NULL;
-    if (x->stage.pinned) x->be->ops->host_unpin(x->be, x->stage.base);
     kvu_region_destroy(x->ucx, x->stage.reg); /* unmapping frees UCX-allocated memory */
     free(x->stage.used);
     kvu_region_destroy(x->ucx, x->region);
