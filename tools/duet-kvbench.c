@@ -23,6 +23,7 @@ typedef struct bench_opts {
     int n_sizes;
     int layers, block_size, repeat, port;
     const char *staging; /* --kv-staging of both workers */
+    const char *backend; /* "cpu" or "cuda" */
 } bench_opts;
 
 static int write_model(const char *dir, int layers) {
@@ -57,6 +58,7 @@ static int make_side(side *s, const char *model, srv_role role, const bench_opts
     par_options po;
     par_options_init(&po);
     po.load_format = MDL_WEIGHTS_DUMMY;
+    snprintf(po.backend, sizeof po.backend, "%s", o->backend);
     int argc = 0;
     char **argv = NULL;
     if (par_instance_create(&po, model, &argc, &argv, &s->inst) != DUET_OK) return -1;
@@ -110,9 +112,17 @@ static int run_prefill(const char *model, const bench_opts *o, int n_blocks, FIL
             fflush(out);
             continue;
         }
+        /* the pattern goes in through a host copy when the cache is in device memory */
+        be_backend *be = mdl_backend(par_model(s.inst));
+        uint8_t *host = kv->on_device ? malloc((size_t)n * kv->block_bytes) : NULL;
         for (int b = 0; b < n; b++) {
-            uint8_t *p = (uint8_t *)kv->data + (size_t)blocks[b] * kv->block_bytes;
+            uint8_t *p = host ? host + (size_t)b * kv->block_bytes
+                              : (uint8_t *)kv->data + (size_t)blocks[b] * kv->block_bytes;
             for (size_t k = 0; k < kv->block_bytes; k++) p[k] = pattern(blocks[b], k);
+        }
+        if (host) {
+            be->ops->kv_copy_host(be, kv, blocks, n, host, false);
+            free(host);
         }
         cJSON *params = s.plug.lease_params(s.plug.state, id, "bench", blocks, n, n_tokens);
         char *txt = cJSON_PrintUnformatted(params);
@@ -159,11 +169,23 @@ static void on_kv_ready(void *user, const int32_t *blocks, int n_blocks) {
 }
 
 /* Every byte of the pulled blocks but the last token's own slot (decode recomputes it). */
+static be_backend *g_decode_be;
+
 static size_t verify(be_kv *kv, const int32_t *local, const int32_t *remote, int n, int n_tokens) {
     size_t bad = 0, row = (size_t)kv->kv_dim * dt_size(kv->dtype);
     int last_block = (n_tokens - 1) / kv->block_size, last_off = (n_tokens - 1) % kv->block_size;
+    uint8_t *host = NULL;
+    if (kv->on_device) { /* read the blocks back through a host copy */
+        host = malloc((size_t)n * kv->block_bytes);
+        if (!host ||
+            g_decode_be->ops->kv_copy_host(g_decode_be, kv, local, n, host, true) != DUET_OK) {
+            free(host);
+            return 1;
+        }
+    }
     for (int b = 0; b < n; b++) {
-        const uint8_t *p = (const uint8_t *)kv->data + (size_t)local[b] * kv->block_bytes;
+        const uint8_t *p = host ? host + (size_t)b * kv->block_bytes
+                                : (const uint8_t *)kv->data + (size_t)local[b] * kv->block_bytes;
         for (size_t k = 0; k < kv->block_bytes; k++) {
             size_t slot = (k / row) % (size_t)kv->block_size;
             if (b == last_block && (int)slot >= last_off) continue;
@@ -173,19 +195,25 @@ static size_t verify(be_kv *kv, const int32_t *local, const int32_t *remote, int
             bad += p[k] != pattern(remote[b], k);
         }
     }
+    free(host);
     return bad;
 }
 
 int main(int argc, char **argv) {
     log_set_tag("duet-kvbench");
-    bench_opts o = {.layers = 30, .block_size = 64, .repeat = 5, .port = 27600, .staging = "auto"};
+    bench_opts o = {.layers = 30,
+                    .block_size = 64,
+                    .repeat = 5,
+                    .port = 27600,
+                    .staging = "auto",
+                    .backend = "cpu"};
     const int def[3] = {1024, 8192, 32768};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!v) {
             fprintf(stderr, "usage: duet-kvbench [--tokens 1024,8192,32768] [--layers 30] "
                             "[--block-size 64] [--repeat 5] [--port 27600] "
-                            "[--kv-staging auto|on|off]\n");
+                            "[--kv-staging auto|on|off] [--backend cpu|cuda]\n");
             return 2;
         }
         if (!strcmp(a, "--tokens")) {
@@ -204,6 +232,8 @@ int main(int argc, char **argv) {
             o.port = atoi(v);
         else if (!strcmp(a, "--kv-staging"))
             o.staging = v;
+        else if (!strcmp(a, "--backend"))
+            o.backend = v;
         else {
             fprintf(stderr, "duet-kvbench: unknown option %s\n", a);
             return 2;
@@ -249,6 +279,7 @@ int main(int argc, char **argv) {
         goto out;
     }
     be_kv *kv = eng_kv(d.eng);
+    g_decode_be = mdl_backend(par_model(d.inst));
     printf("KV geometry: %d layers x %d latent dims x %s = %zu bytes/token, blocks of %d tokens "
            "(%zu bytes)\n",
            kv->n_layers, kv->kv_dim, dt_name(kv->dtype), kv->block_bytes / (size_t)kv->block_size,
