@@ -1,21 +1,21 @@
-/* px_buf: see px_buf.h. */
-#include "px_buf.h"
+/* strbuf: see strbuf.h. */
+#include "strbuf.h"
 
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-void px_buf_init(px_buf *b) {
+void strbuf_init(strbuf *b) {
     memset(b, 0, sizeof *b);
 }
 
-void px_buf_cleanup(px_buf *b) {
+void strbuf_free(strbuf *b) {
     free(b->p);
-    px_buf_init(b);
+    strbuf_init(b);
 }
 
-static bool reserve(px_buf *b, size_t n) {
+static bool reserve(strbuf *b, size_t n) {
     if (b->oom) return false;
     if (b->len + n + 1 <= b->cap) return true;
     size_t cap = b->cap ? b->cap : 256;
@@ -30,18 +30,18 @@ static bool reserve(px_buf *b, size_t n) {
     return true;
 }
 
-void px_buf_add(px_buf *b, const void *data, size_t n) {
+void strbuf_add(strbuf *b, const void *data, size_t n) {
     if (!reserve(b, n)) return;
     if (n) memcpy(b->p + b->len, data, n);
     b->len += n;
     b->p[b->len] = '\0';
 }
 
-void px_buf_str(px_buf *b, const char *s) {
-    px_buf_add(b, s, strlen(s));
+void strbuf_str(strbuf *b, const char *s) {
+    strbuf_add(b, s, strlen(s));
 }
 
-void px_buf_printf(px_buf *b, const char *fmt, ...) {
+void strbuf_printf(strbuf *b, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     int n = vsnprintf(NULL, 0, fmt, ap);

@@ -7,16 +7,16 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-typedef struct px_buf {
+typedef struct strbuf {
     char *p; /* NUL-terminated when not NULL */
     size_t len, cap;
     bool oom;
-} px_buf;
+} strbuf;
 
-void px_buf_init(px_buf *b);
-void px_buf_cleanup(px_buf *b);
-void px_buf_add(px_buf *b, const void *data, size_t n);
-void px_buf_str(px_buf *b, const char *s);
-void px_buf_printf(px_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void strbuf_init(strbuf *b);
+void strbuf_free(strbuf *b);
+void strbuf_add(strbuf *b, const void *data, size_t n);
+void strbuf_str(strbuf *b, const char *s);
+void strbuf_printf(strbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #endif

@@ -37,40 +37,40 @@ void px_hist_observe(px_hist *h, double seconds) {
     h->count++;
 }
 
-void px_metrics_family(px_buf *b, const char *name, const char *type, const char *help) {
-    px_buf_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+void px_metrics_family(strbuf *b, const char *name, const char *type, const char *help) {
+    strbuf_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
-void px_metrics_hist(px_buf *b, const char *name, const char *labels, const px_hist *h) {
+void px_metrics_hist(strbuf *b, const char *name, const char *labels, const px_hist *h) {
     const char *sep = labels && *labels ? "," : "";
     if (!labels) labels = "";
     uint64_t cum = 0;
     for (size_t i = 0; i < PX_HIST_BUCKETS; i++) {
         cum += h->counts[i];
-        px_buf_printf(b, "%s_bucket{%s%sle=\"%g\"} %llu\n", name, labels, sep, g_bounds[i],
+        strbuf_printf(b, "%s_bucket{%s%sle=\"%g\"} %llu\n", name, labels, sep, g_bounds[i],
                       (unsigned long long)cum);
     }
     cum += h->counts[PX_HIST_BUCKETS];
-    px_buf_printf(b, "%s_bucket{%s%sle=\"+Inf\"} %llu\n", name, labels, sep,
+    strbuf_printf(b, "%s_bucket{%s%sle=\"+Inf\"} %llu\n", name, labels, sep,
                   (unsigned long long)cum);
     if (*labels) {
-        px_buf_printf(b, "%s_sum{%s} %.9g\n%s_count{%s} %llu\n", name, labels, h->sum, name, labels,
+        strbuf_printf(b, "%s_sum{%s} %.9g\n%s_count{%s} %llu\n", name, labels, h->sum, name, labels,
                       (unsigned long long)h->count);
     } else {
-        px_buf_printf(b, "%s_sum %.9g\n%s_count %llu\n", name, h->sum, name,
+        strbuf_printf(b, "%s_sum %.9g\n%s_count %llu\n", name, h->sum, name,
                       (unsigned long long)h->count);
     }
 }
 
-void px_metrics_label_value(px_buf *b, const char *v) {
+void px_metrics_label_value(strbuf *b, const char *v) {
     for (; *v; v++) {
         if (*v == '\\')
-            px_buf_str(b, "\\\\");
+            strbuf_str(b, "\\\\");
         else if (*v == '"')
-            px_buf_str(b, "\\\"");
+            strbuf_str(b, "\\\"");
         else if (*v == '\n')
-            px_buf_str(b, "\\n");
+            strbuf_str(b, "\\n");
         else
-            px_buf_add(b, v, 1);
+            strbuf_add(b, v, 1);
     }
 }

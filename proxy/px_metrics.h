@@ -6,7 +6,7 @@
 
 #include <stdint.h>
 
-#include "px_buf.h"
+#include "strbuf.h"
 
 typedef enum px_route {
     PX_ROUTE_COMPLETIONS = 0,
@@ -61,10 +61,10 @@ const char *px_leg_name(px_leg l);
 void px_hist_observe(px_hist *h, double seconds);
 
 /* "# HELP name help\n# TYPE name type\n". */
-void px_metrics_family(px_buf *b, const char *name, const char *type, const char *help);
+void px_metrics_family(strbuf *b, const char *name, const char *type, const char *help);
 /* The _bucket, _sum and _count lines of one histogram; labels like `leg="prefill"` or "". */
-void px_metrics_hist(px_buf *b, const char *name, const char *labels, const px_hist *h);
+void px_metrics_hist(strbuf *b, const char *name, const char *labels, const px_hist *h);
 /* A label value with \, " and newlines escaped. */
-void px_metrics_label_value(px_buf *b, const char *v);
+void px_metrics_label_value(strbuf *b, const char *v);
 
 #endif

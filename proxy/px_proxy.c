@@ -20,7 +20,7 @@
 #include "log.h"
 #include "px_backend.h"
 #include "px_body.h"
-#include "px_buf.h"
+#include "strbuf.h"
 #include "px_metrics.h"
 
 enum {
@@ -84,7 +84,7 @@ typedef struct px_job {
     bool up_body_seen;
     bool up_overflow;
     char up_why[128]; /* why the upstream request failed */
-    px_buf buf;       /* a buffered answer */
+    strbuf buf;       /* a buffered answer */
     char last_err[512];
     /* The client side of a stream. */
     bool started;
@@ -162,7 +162,7 @@ static void job_free(uv_handle_t *h) {
     cJSON_free(job->prefill_body);
     cJSON_free(job->decode_body);
     free(job->fwd_body);
-    px_buf_cleanup(&job->buf);
+    strbuf_free(&job->buf);
     free(job);
     px_unref(px);
 }
@@ -230,7 +230,7 @@ static px_job *job_new(px_proxy *px, http_req *req, px_route route, uint64_t t0)
     job->req = req;
     job->route = route;
     job->t0 = t0;
-    px_buf_init(&job->buf);
+    strbuf_init(&job->buf);
     uv_timer_init(px->loop, &job->timer);
     job->timer.data = job;
     px->refs++;
@@ -367,24 +367,24 @@ static void stream_fail(px_job *job, const char *msg) {
     px_proxy *px = job->px;
     px->m.errors[job->route][PX_ERROR_MIDSTREAM]++;
     LOG_WARN("proxy: %s: stream cut: %s", job->rid, msg);
-    px_buf e;
-    px_buf_init(&e);
+    strbuf e;
+    strbuf_init(&e);
     /* Finish the event the backend was in the middle of, so ours parses on its own. */
     if (job->tail_len && job->tail[job->tail_len - 1] != '\n')
-        px_buf_str(&e, "\n\n");
+        strbuf_str(&e, "\n\n");
     else if (job->tail_len >= 2 && job->tail[job->tail_len - 2] != '\n')
-        px_buf_str(&e, "\n");
+        strbuf_str(&e, "\n");
     size_t len = 0;
     char *body = http_error_body(502, "BadGatewayError", msg, &len);
     if (body) {
-        px_buf_str(&e, "data: ");
-        px_buf_add(&e, body, len);
-        px_buf_str(&e, "\n\n");
+        strbuf_str(&e, "data: ");
+        strbuf_add(&e, body, len);
+        strbuf_str(&e, "\n\n");
     }
     cJSON_free(body);
-    px_buf_str(&e, "data: [DONE]\n\n");
+    strbuf_str(&e, "data: [DONE]\n\n");
     if (!e.oom) http_stream_write(job->req, e.p, e.len);
-    px_buf_cleanup(&e);
+    strbuf_free(&e);
     http_stream_end(job->req);
     job_finished(job, 200);
 }
@@ -518,7 +518,7 @@ static void up_on_body(httpc_req *req, const char *data, size_t len, void *arg) 
         job->up_overflow = true;
         return;
     }
-    px_buf_add(&job->buf, data, len);
+    strbuf_add(&job->buf, data, len);
     if (job->buf.oom) job->up_overflow = true;
 }
 
@@ -588,7 +588,7 @@ static void leg_attempt(px_job *job) {
     job->up_ctype[0] = '\0';
     job->up_body_seen = false;
     job->up_overflow = false;
-    px_buf_cleanup(&job->buf);
+    strbuf_free(&job->buf);
 
     http_header hs[5];
     size_t nh = 0;
@@ -671,10 +671,10 @@ static void handle_forward(px_proxy *px, http_req *req, px_route route, uint64_t
     leg_attempt(job);
 }
 
-static void add_instances(px_buf *b, const px_backends *s, px_role role) {
+static void add_instances(strbuf *b, const px_backends *s, px_role role) {
     bool first = true;
     for (const px_backend *be = s->list[role]; be; be = be->next) {
-        px_buf_printf(b, "%s{\"instance\":\"%s\",\"healthy\":%s,\"in_flight\":%u}",
+        strbuf_printf(b, "%s{\"instance\":\"%s\",\"healthy\":%s,\"in_flight\":%u}",
                       first ? "" : ",", be->name, be->healthy ? "true" : "false",
                       be->target.active);
         first = false;
@@ -685,27 +685,27 @@ static void handle_health(px_proxy *px, http_req *req, uint64_t t0) {
     size_t hp = px_backends_count(&px->backends, PX_ROLE_PREFILL, true);
     size_t hd = px_backends_count(&px->backends, PX_ROLE_DECODE, true);
     bool ok = hp > 0 && hd > 0 && !px->draining;
-    px_buf b;
-    px_buf_init(&b);
-    px_buf_printf(&b,
+    strbuf b;
+    strbuf_init(&b);
+    strbuf_printf(&b,
                   "{\"status\":\"%s\",\"prefill\":{\"healthy\":%zu,\"total\":%zu,\"instances\":[",
                   ok ? "ok" : (px->draining ? "draining" : "unavailable"), hp,
                   px_backends_count(&px->backends, PX_ROLE_PREFILL, false));
     add_instances(&b, &px->backends, PX_ROLE_PREFILL);
-    px_buf_printf(&b, "]},\"decode\":{\"healthy\":%zu,\"total\":%zu,\"instances\":[", hd,
+    strbuf_printf(&b, "]},\"decode\":{\"healthy\":%zu,\"total\":%zu,\"instances\":[", hd,
                   px_backends_count(&px->backends, PX_ROLE_DECODE, false));
     add_instances(&b, &px->backends, PX_ROLE_DECODE);
-    px_buf_str(&b, "]}}");
+    strbuf_str(&b, "]}}");
     if (b.oom) {
         respond_error_simple(px, req, PX_ROUTE_HEALTH, t0, 500, PX_ERROR_UPSTREAM, "out of memory");
     } else {
         respond_simple(px, req, PX_ROUTE_HEALTH, t0, ok ? 200 : 503, "application/json", b.p,
                        b.len);
     }
-    px_buf_cleanup(&b);
+    strbuf_free(&b);
 }
 
-static void render_backend_family(px_buf *b, const px_backends *s, const char *name,
+static void render_backend_family(strbuf *b, const px_backends *s, const char *name,
                                   const char *type, const char *help, int which) {
     px_metrics_family(b, name, type, help);
     for (int r = 0; r < PX_ROLE_COUNT; r++)
@@ -716,31 +716,31 @@ static void render_backend_family(px_buf *b, const px_backends *s, const char *n
                          : which == 3 ? be->failures
                          : which == 4 ? be->ejections
                                       : be->readmissions;
-            px_buf_printf(b, "%s{role=\"%s\",backend=\"", name, px_role_name(be->role));
+            strbuf_printf(b, "%s{role=\"%s\",backend=\"", name, px_role_name(be->role));
             px_metrics_label_value(b, be->name);
-            px_buf_printf(b, "\"} %llu\n", (unsigned long long)v);
+            strbuf_printf(b, "\"} %llu\n", (unsigned long long)v);
         }
 }
 
 static void handle_metrics(px_proxy *px, http_req *req, uint64_t t0) {
     /* Counted before rendering, so a scrape sees itself. */
     px->m.requests[PX_ROUTE_METRICS][200]++;
-    px_buf b;
-    px_buf_init(&b);
+    strbuf b;
+    strbuf_init(&b);
     const px_metrics *m = &px->m;
     px_metrics_family(&b, "duet_proxy_requests_total", "counter",
                       "Requests answered by the proxy, by route and HTTP status.");
     for (int r = 0; r < PX_ROUTE_COUNT; r++)
         for (int c = 0; c < PX_STATUS_MAX; c++)
             if (m->requests[r][c])
-                px_buf_printf(&b, "duet_proxy_requests_total{route=\"%s\",code=\"%d\"} %llu\n",
+                strbuf_printf(&b, "duet_proxy_requests_total{route=\"%s\",code=\"%d\"} %llu\n",
                               px_route_name((px_route)r), c, (unsigned long long)m->requests[r][c]);
     px_metrics_family(&b, "duet_proxy_errors_total", "counter",
                       "Requests that did not end well, by route and kind.");
     for (int r = 0; r < PX_ROUTE_COUNT; r++)
         for (int k = 0; k < PX_ERROR_COUNT; k++)
             if (m->errors[r][k])
-                px_buf_printf(&b, "duet_proxy_errors_total{route=\"%s\",kind=\"%s\"} %llu\n",
+                strbuf_printf(&b, "duet_proxy_errors_total{route=\"%s\",kind=\"%s\"} %llu\n",
                               px_route_name((px_route)r), px_error_kind_name((px_error_kind)k),
                               (unsigned long long)m->errors[r][k]);
     px_metrics_family(&b, "duet_proxy_request_duration_seconds", "histogram",
@@ -762,15 +762,15 @@ static void handle_metrics(px_proxy *px, http_req *req, uint64_t t0) {
                       "Time of the requests sent to one backend, sent to answer end.");
     for (int r = 0; r < PX_ROLE_COUNT; r++)
         for (const px_backend *be = px->backends.list[r]; be; be = be->next) {
-            px_buf labels;
-            px_buf_init(&labels);
-            px_buf_printf(&labels, "role=\"%s\",backend=\"", px_role_name(be->role));
+            strbuf labels;
+            strbuf_init(&labels);
+            strbuf_printf(&labels, "role=\"%s\",backend=\"", px_role_name(be->role));
             px_metrics_label_value(&labels, be->name);
-            px_buf_str(&labels, "\"");
+            strbuf_str(&labels, "\"");
             if (!labels.oom)
                 px_metrics_hist(&b, "duet_proxy_backend_request_duration_seconds", labels.p,
                                 &be->latency);
-            px_buf_cleanup(&labels);
+            strbuf_free(&labels);
         }
     render_backend_family(&b, &px->backends, "duet_proxy_backend_in_flight", "gauge",
                           "Requests the proxy has open on a backend.", 0);
@@ -787,27 +787,27 @@ static void handle_metrics(px_proxy *px, http_req *req, uint64_t t0) {
     px_metrics_family(&b, "duet_proxy_retries_total", "counter",
                       "Backend requests retried on another backend, by leg.");
     for (int l = 0; l < PX_LEG_COUNT; l++)
-        px_buf_printf(&b, "duet_proxy_retries_total{leg=\"%s\"} %llu\n", px_leg_name((px_leg)l),
+        strbuf_printf(&b, "duet_proxy_retries_total{leg=\"%s\"} %llu\n", px_leg_name((px_leg)l),
                       (unsigned long long)m->retries[l]);
     http_server_stats hs;
     http_server_get_stats(px->srv, &hs);
     px_metrics_family(&b, "duet_proxy_client_connections", "gauge", "Client connections open.");
-    px_buf_printf(&b, "duet_proxy_client_connections %llu\n",
+    strbuf_printf(&b, "duet_proxy_client_connections %llu\n",
                   (unsigned long long)hs.connections_open);
     px_metrics_family(&b, "duet_proxy_client_connections_rejected_total", "counter",
                       "Client connections answered 503 for --max-connections.");
-    px_buf_printf(&b, "duet_proxy_client_connections_rejected_total %llu\n",
+    strbuf_printf(&b, "duet_proxy_client_connections_rejected_total %llu\n",
                   (unsigned long long)hs.connections_rejected);
     px_metrics_family(&b, "duet_proxy_requests_in_flight", "gauge",
                       "Requests the proxy is working on.");
-    px_buf_printf(&b, "duet_proxy_requests_in_flight %u\n", px->jobs_open);
+    strbuf_printf(&b, "duet_proxy_requests_in_flight %u\n", px->jobs_open);
     if (b.oom) {
         http_respond_error(req, 500, "InternalServerError", "out of memory");
     } else {
         http_respond(req, 200, "text/plain; version=0.0.4; charset=utf-8", b.p, b.len);
     }
     px_hist_observe(&px->m.duration[PX_ROUTE_METRICS], seconds_since(t0));
-    px_buf_cleanup(&b);
+    strbuf_free(&b);
 }
 
 /* vllm-ascend's admin body: {"type": "prefill"|"decode", "instance": "h:p"} or "instances":
@@ -873,22 +873,22 @@ static void handle_instances(px_proxy *px, http_req *req, px_route route, uint64
                              status == 404 ? PX_ERROR_NOT_FOUND : PX_ERROR_BAD_REQUEST, why);
         return;
     }
-    px_buf b;
-    px_buf_init(&b);
-    px_buf_printf(&b, "{\"message\":\"%s %zu %s instance(s)%s\",\"current_prefill_instances\":[",
+    strbuf b;
+    strbuf_init(&b);
+    strbuf_printf(&b, "{\"message\":\"%s %zu %s instance(s)%s\",\"current_prefill_instances\":[",
                   add ? "added" : "removed", changed, px_role_name(role),
                   add ? "; each serves once its health probes pass" : "");
     for (int r = 0; r < PX_ROLE_COUNT; r++) {
-        if (r) px_buf_str(&b, "],\"current_decode_instances\":[");
+        if (r) strbuf_str(&b, "],\"current_decode_instances\":[");
         for (const px_backend *be = px->backends.list[r]; be; be = be->next)
-            px_buf_printf(&b, "%s\"%s\"", be == px->backends.list[r] ? "" : ",", be->name);
+            strbuf_printf(&b, "%s\"%s\"", be == px->backends.list[r] ? "" : ",", be->name);
     }
-    px_buf_str(&b, "]}");
+    strbuf_str(&b, "]}");
     if (b.oom)
         respond_error_simple(px, req, route, t0, 500, PX_ERROR_UPSTREAM, "out of memory");
     else
         respond_simple(px, req, route, t0, 200, "application/json", b.p, b.len);
-    px_buf_cleanup(&b);
+    strbuf_free(&b);
 }
 
 /* Constant time in the length of the expected value: no early exit on the first difference. */

@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "http.h"
+#include "strbuf.h"
 #include "status.h"
 
 /* A client error being built: the status to answer, a message and the offending field. */
@@ -79,17 +80,6 @@ duet_status api_sse_done(http_req *req);
 /* An error inside a started stream: data: {"error":{...}} (as vLLM streams it). */
 duet_status api_sse_error(http_req *req, int status, const char *message);
 
-/* A growing byte string, NUL-terminated when non-empty. oom sticks once an append failed. */
-typedef struct api_buf {
-    char *p;
-    size_t len, cap;
-    bool oom;
-} api_buf;
-
-void api_buf_add(api_buf *b, const char *s, size_t n);
-void api_buf_str(api_buf *b, const char *s);
-void api_buf_free(api_buf *b);
-
 /* ---- DeepSeek-R1 reasoning split (--reasoning-parser deepseek_r1) ----
  * Text fed in pieces (stream deltas) comes out as reasoning (up to "</think>") and content
  * (after it). A leading "<think>" is dropped, so it works whether the prompt ended with
@@ -103,9 +93,9 @@ typedef struct api_reasoner {
 
 void api_reasoner_init(api_reasoner *r);
 /* Appends the decided parts of text to reason and content. */
-void api_reasoner_feed(api_reasoner *r, const char *text, size_t len, api_buf *reason,
-                       api_buf *content);
+void api_reasoner_feed(api_reasoner *r, const char *text, size_t len, strbuf *reason,
+                       strbuf *content);
 /* End of output: releases what was held back. */
-void api_reasoner_finish(api_reasoner *r, api_buf *reason, api_buf *content);
+void api_reasoner_finish(api_reasoner *r, strbuf *reason, strbuf *content);
 
 #endif

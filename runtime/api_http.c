@@ -337,30 +337,3 @@ duet_status api_sse_error(http_req *req, int status, const char *message) {
     cJSON_free(s);
     return st;
 }
-
-void api_buf_add(api_buf *b, const char *s, size_t n) {
-    if (b->oom || !n) return;
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap * 2 : 64;
-        while (cap < b->len + n + 1) cap *= 2;
-        char *p = realloc(b->p, cap);
-        if (!p) {
-            b->oom = true;
-            return;
-        }
-        b->p = p;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-}
-
-void api_buf_str(api_buf *b, const char *s) {
-    api_buf_add(b, s, strlen(s));
-}
-
-void api_buf_free(api_buf *b) {
-    free(b->p);
-    memset(b, 0, sizeof *b);
-}

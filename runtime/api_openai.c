@@ -58,9 +58,9 @@ static void job_free(srv_job *j) {
         srv_choice *c = &j->choices[i];
         if (c->remote && s->plugin && s->plugin->free_remote)
             s->plugin->free_remote(s->plugin->state, c->remote);
-        api_buf_free(&c->text);
-        api_buf_free(&c->reason);
-        api_buf_free(&c->content);
+        strbuf_free(&c->text);
+        strbuf_free(&c->reason);
+        strbuf_free(&c->content);
         free(c->ids);
         free(c->lps);
         free(c->prompt_lp);
@@ -738,21 +738,21 @@ static void stream_completion(srv_job *j, srv_choice *c, const srv_msg *m) {
     cJSON *ch = cJSON_CreateObject();
     cJSON_AddItemToArray(choices, ch);
     cJSON_AddNumberToObject(ch, "index", c->index);
-    api_buf text = {0};
+    strbuf text = {0};
     legacy_lp l = {0};
     if (j->want_logprobs) legacy_init(&l);
     bool first = !c->sent_first;
     if (first && j->echo) {
         const char *pt = j->prompt_text[c->prompt];
-        api_buf_str(&text, pt ? pt : "");
+        strbuf_str(&text, pt ? pt : "");
         if (j->want_logprobs)
             for (int i = 0; i < c->n_prompt; i++)
                 legacy_add(s, &l, j->prompts[c->prompt][i],
                            c->prompt_lp && i > 0 ? &c->prompt_lp[i] : NULL, &c->text_offset);
     }
-    api_buf_add(&text, m->text ? m->text : "", m->text_len);
+    strbuf_add(&text, m->text ? m->text : "", m->text_len);
     cJSON_AddStringToObject(ch, "text", text.p ? text.p : "");
-    api_buf_free(&text);
+    strbuf_free(&text);
     if (j->want_logprobs) {
         if (m->has_token && m->has_lp) legacy_add(s, &l, m->token, &m->lp, &c->text_offset);
         cJSON_AddItemToObject(ch, "logprobs", l.obj);
@@ -786,18 +786,18 @@ static void stream_chat(srv_job *j, srv_choice *c, const srv_msg *m) {
     cJSON_AddNumberToObject(ch, "index", c->index);
     cJSON *delta = cJSON_AddObjectToObject(ch, "delta");
     if (first) cJSON_AddStringToObject(delta, "role", "assistant");
-    api_buf reason = {0}, content = {0};
+    strbuf reason = {0}, content = {0};
     if (s->cfg.reasoning_r1) {
         api_reasoner_feed(&c->reasoner, m->text ? m->text : "", m->text_len, &reason, &content);
         if (m->finish != ENG_FINISH_NONE) api_reasoner_finish(&c->reasoner, &reason, &content);
     } else {
-        api_buf_add(&content, m->text ? m->text : "", m->text_len);
+        strbuf_add(&content, m->text ? m->text : "", m->text_len);
     }
     if (reason.len) cJSON_AddStringToObject(delta, "reasoning_content", reason.p);
     if (content.len || !reason.len)
         cJSON_AddStringToObject(delta, "content", content.p ? content.p : "");
-    api_buf_free(&reason);
-    api_buf_free(&content);
+    strbuf_free(&reason);
+    strbuf_free(&content);
     if (j->want_logprobs) {
         cJSON *lp = cJSON_AddObjectToObject(ch, "logprobs");
         cJSON *arr = cJSON_AddArrayToObject(lp, "content");
@@ -847,11 +847,11 @@ static void respond_completion(srv_job *j) {
         cJSON *ch = cJSON_CreateObject();
         cJSON_AddItemToArray(choices, ch);
         cJSON_AddNumberToObject(ch, "index", c->index);
-        api_buf text = {0};
-        if (j->echo) api_buf_str(&text, j->prompt_text[c->prompt] ? j->prompt_text[c->prompt] : "");
-        api_buf_add(&text, c->text.p ? c->text.p : "", c->text.len);
+        strbuf text = {0};
+        if (j->echo) strbuf_str(&text, j->prompt_text[c->prompt] ? j->prompt_text[c->prompt] : "");
+        strbuf_add(&text, c->text.p ? c->text.p : "", c->text.len);
         cJSON_AddStringToObject(ch, "text", text.p ? text.p : "");
-        api_buf_free(&text);
+        strbuf_free(&text);
         if (j->want_logprobs) {
             legacy_lp l;
             legacy_init(&l);
@@ -897,7 +897,7 @@ static void respond_chat(srv_job *j) {
         cJSON *msg = cJSON_AddObjectToObject(ch, "message");
         cJSON_AddStringToObject(msg, "role", "assistant");
         if (s->cfg.reasoning_r1) {
-            api_buf reason = {0}, content = {0};
+            strbuf reason = {0}, content = {0};
             api_reasoner_feed(&c->reasoner, c->text.p ? c->text.p : "", c->text.len, &reason,
                               &content);
             api_reasoner_finish(&c->reasoner, &reason, &content);
@@ -907,8 +907,8 @@ static void respond_chat(srv_job *j) {
             else
                 cJSON_AddNullToObject(msg, "content");
             cJSON_AddStringToObject(msg, "reasoning_content", reason.p ? reason.p : "");
-            api_buf_free(&reason);
-            api_buf_free(&content);
+            strbuf_free(&reason);
+            strbuf_free(&content);
         } else {
             cJSON_AddStringToObject(msg, "content", c->text.p ? c->text.p : "");
             cJSON_AddNullToObject(msg, "reasoning_content");
@@ -1058,7 +1058,7 @@ void api_job_event(srv_server *s, const srv_msg *m) {
             else
                 stream_completion(j, c, m);
         } else {
-            api_buf_add(&c->text, m->text ? m->text : "", m->text_len);
+            strbuf_add(&c->text, m->text ? m->text : "", m->text_len);
         }
     }
     if (j->n_live == 0 && j->req) job_complete(j);

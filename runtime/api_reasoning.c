@@ -22,15 +22,15 @@ static size_t partial_tail(const char *s, size_t n, const char *tag) {
     return 0;
 }
 
-void api_reasoner_feed(api_reasoner *r, const char *text, size_t len, api_buf *reason,
-                       api_buf *content) {
-    api_buf all = {0};
-    api_buf_add(&all, r->hold, r->hold_len);
-    api_buf_add(&all, text, len);
+void api_reasoner_feed(api_reasoner *r, const char *text, size_t len, strbuf *reason,
+                       strbuf *content) {
+    strbuf all = {0};
+    strbuf_add(&all, r->hold, r->hold_len);
+    strbuf_add(&all, text, len);
     r->hold_len = 0;
     if (all.oom) {
         reason->oom = true;
-        api_buf_free(&all);
+        strbuf_free(&all);
         return;
     }
     const char *p = all.p ? all.p : "";
@@ -44,7 +44,7 @@ void api_reasoner_feed(api_reasoner *r, const char *text, size_t len, api_buf *r
         } else if (n < ol && !memcmp(p, k_open, n)) {
             memcpy(r->hold, p, n); /* could still become "<think>" */
             r->hold_len = n;
-            api_buf_free(&all);
+            strbuf_free(&all);
             return;
         } else {
             r->state = ST_REASON;
@@ -53,29 +53,29 @@ void api_reasoner_feed(api_reasoner *r, const char *text, size_t len, api_buf *r
     if (r->state == ST_REASON) {
         const char *end = n ? memmem(p, n, k_close, sizeof k_close - 1) : NULL;
         if (end) {
-            api_buf_add(reason, p, (size_t)(end - p));
+            strbuf_add(reason, p, (size_t)(end - p));
             size_t used = (size_t)(end - p) + sizeof k_close - 1;
             p += used;
             n -= used;
             r->state = ST_CONTENT;
         } else {
             size_t keep = partial_tail(p, n, k_close);
-            api_buf_add(reason, p, n - keep);
+            strbuf_add(reason, p, n - keep);
             memcpy(r->hold, p + n - keep, keep);
             r->hold_len = keep;
             n = 0;
         }
     }
-    if (r->state == ST_CONTENT) api_buf_add(content, p, n);
-    api_buf_free(&all);
+    if (r->state == ST_CONTENT) strbuf_add(content, p, n);
+    strbuf_free(&all);
 }
 
-void api_reasoner_finish(api_reasoner *r, api_buf *reason, api_buf *content) {
+void api_reasoner_finish(api_reasoner *r, strbuf *reason, strbuf *content) {
     if (r->hold_len) {
         if (r->state == ST_CONTENT)
-            api_buf_add(content, r->hold, r->hold_len);
+            strbuf_add(content, r->hold, r->hold_len);
         else
-            api_buf_add(reason, r->hold, r->hold_len);
+            strbuf_add(reason, r->hold, r->hold_len);
     }
     r->hold_len = 0;
     if (r->state == ST_START) r->state = ST_REASON;

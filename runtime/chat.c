@@ -11,6 +11,7 @@
 
 #include "fileio.h"
 #include "log.h"
+#include "strbuf.h"
 
 #define CHAT_CONFIG_MAX ((size_t)16 << 20)
 
@@ -18,34 +19,6 @@ struct chat_template {
     char *bos;
     bool r1;
 };
-
-typedef struct sbuf {
-    char *p;
-    size_t n, cap;
-    bool oom;
-} sbuf;
-
-static void sb_add(sbuf *b, const char *s, size_t n) {
-    if (b->oom) return;
-    if (b->n + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (cap < b->n + n + 1) cap *= 2;
-        char *p = realloc(b->p, cap);
-        if (!p) {
-            b->oom = true;
-            return;
-        }
-        b->p = p;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = '\0';
-}
-
-static void sb_str(sbuf *b, const char *s) {
-    sb_add(b, s, strlen(s));
-}
 
 /* ---- templates ---------------------------------------------------------------------------- */
 
@@ -140,7 +113,7 @@ typedef enum role {
 } role;
 
 typedef struct render_ctx {
-    sbuf out;
+    strbuf out;
     char *err;
     size_t err_cap;
     duet_status st;
@@ -199,7 +172,7 @@ static duet_status message_content(render_ctx *rc, const cJSON *m, size_t i, con
     if (!cJSON_IsArray(c))
         return fail(rc, DUET_ERR_INVALID,
                     "messages[%zu].content must be a string, an array of parts or null", i);
-    sbuf b = {0};
+    strbuf b = {0};
     size_t k = 0;
     const cJSON *part;
     cJSON_ArrayForEach(part, c) {
@@ -222,8 +195,8 @@ static duet_status message_content(render_ctx *rc, const cJSON *m, size_t i, con
             return fail(rc, DUET_ERR_INVALID, "messages[%zu].content[%zu].text must be a string", i,
                         k);
         }
-        if (k > 0) sb_add(&b, "\n", 1);
-        sb_str(&b, text->valuestring);
+        if (k > 0) strbuf_add(&b, "\n", 1);
+        strbuf_str(&b, text->valuestring);
         k++;
     }
     if (b.oom) {
@@ -261,14 +234,14 @@ static duet_status tool_call_body(render_ctx *rc, const cJSON *call, size_t i, s
                     "messages[%zu].tool_calls[%zu] needs \"type\" and \"function\" with string "
                     "\"name\" and \"arguments\"",
                     i, k);
-    sbuf *o = &rc->out;
-    sb_str(o, "<｜tool▁call▁begin｜>");
-    sb_str(o, type);
-    sb_str(o, "<｜tool▁sep｜>");
-    sb_str(o, name);
-    sb_str(o, "\n```json\n");
-    sb_str(o, args);
-    sb_str(o, "\n```<｜tool▁call▁end｜>");
+    strbuf *o = &rc->out;
+    strbuf_str(o, "<｜tool▁call▁begin｜>");
+    strbuf_str(o, type);
+    strbuf_str(o, "<｜tool▁sep｜>");
+    strbuf_str(o, name);
+    strbuf_str(o, "\n```json\n");
+    strbuf_str(o, args);
+    strbuf_str(o, "\n```<｜tool▁call▁end｜>");
     return DUET_OK;
 }
 
@@ -285,13 +258,13 @@ duet_status chat_render(const chat_template *tpl, const cJSON *messages, const c
     if (err && err_cap) err[0] = '\0';
     if (!tpl || !opts || !text_p || !len_p) return DUET_ERR_INVALID;
     if (!cJSON_IsArray(messages)) return fail(&rc, DUET_ERR_INVALID, "messages must be an array");
-    sbuf *o = &rc.out;
+    strbuf *o = &rc.out;
     const cJSON *m;
     size_t i = 0;
     role r;
 
     /* Pass 1: check every role, and gather the system prompt, which goes right after BOS. */
-    sb_str(o, tpl->bos);
+    strbuf_str(o, tpl->bos);
     bool first_sp = true;
     cJSON_ArrayForEach(m, messages) {
         if (message_role(&rc, m, i, &r) != DUET_OK) goto out;
@@ -299,8 +272,8 @@ duet_status chat_render(const chat_template *tpl, const cJSON *messages, const c
             const char *text;
             char *owned;
             if (required_content(&rc, m, i, r, &text, &owned) != DUET_OK) goto out;
-            if (!first_sp) sb_str(o, "\n\n");
-            sb_str(o, text);
+            if (!first_sp) strbuf_str(o, "\n\n");
+            strbuf_str(o, text);
             free(owned);
             first_sp = false;
         }
@@ -320,8 +293,8 @@ duet_status chat_render(const chat_template *tpl, const cJSON *messages, const c
         case ROLE_USER:
             if (required_content(&rc, m, i, r, &text, &owned) != DUET_OK) break;
             is_tool = false;
-            sb_str(o, "<｜User｜>");
-            sb_str(o, text);
+            strbuf_str(o, "<｜User｜>");
+            strbuf_str(o, text);
             break;
         case ROLE_ASSISTANT:
             if (message_content(&rc, m, i, &text, &owned) != DUET_OK) break;
@@ -337,48 +310,48 @@ duet_status chat_render(const chat_template *tpl, const cJSON *messages, const c
                 size_t k = 0;
                 cJSON_ArrayForEach(call, list) {
                     if (!is_first) {
-                        sb_str(o, "<｜Assistant｜><｜tool▁calls▁begin｜>");
+                        strbuf_str(o, "<｜Assistant｜><｜tool▁calls▁begin｜>");
                         if (tool_call_body(&rc, call, i, k) != DUET_OK) break;
                         is_first = true;
                     } else {
-                        sb_str(o, "\n");
+                        strbuf_str(o, "\n");
                         if (tool_call_body(&rc, call, i, k) != DUET_OK) break;
-                        sb_str(o, "<｜tool▁calls▁end｜><｜end▁of▁sentence｜>");
+                        strbuf_str(o, "<｜tool▁calls▁end｜><｜end▁of▁sentence｜>");
                     }
                     k++;
                 }
             } else if (is_tool) {
-                sb_str(o, "<｜tool▁outputs▁end｜>");
-                sb_str(o, text);
-                sb_str(o, "<｜end▁of▁sentence｜>");
+                strbuf_str(o, "<｜tool▁outputs▁end｜>");
+                strbuf_str(o, text);
+                strbuf_str(o, "<｜end▁of▁sentence｜>");
                 is_tool = false;
             } else {
-                sb_str(o, "<｜Assistant｜>");
-                sb_str(o, opts->strip_reasoning ? after_reasoning(text) : text);
-                sb_str(o, "<｜end▁of▁sentence｜>");
+                strbuf_str(o, "<｜Assistant｜>");
+                strbuf_str(o, opts->strip_reasoning ? after_reasoning(text) : text);
+                strbuf_str(o, "<｜end▁of▁sentence｜>");
             }
             break;
         case ROLE_TOOL:
             if (required_content(&rc, m, i, r, &text, &owned) != DUET_OK) break;
             is_tool = true;
             if (is_output_first) {
-                sb_str(o, "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>");
+                strbuf_str(o, "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>");
                 is_output_first = false;
             } else {
-                sb_str(o, "\n<｜tool▁output▁begin｜>");
+                strbuf_str(o, "\n<｜tool▁output▁begin｜>");
             }
-            sb_str(o, text);
-            sb_str(o, "<｜tool▁output▁end｜>");
+            strbuf_str(o, text);
+            strbuf_str(o, "<｜tool▁output▁end｜>");
             break;
         }
         free(owned);
         if (rc.st != DUET_OK) goto out;
         i++;
     }
-    if (is_tool) sb_str(o, "<｜tool▁outputs▁end｜>");
+    if (is_tool) strbuf_str(o, "<｜tool▁outputs▁end｜>");
     if (opts->add_generation_prompt && !is_tool) {
-        sb_str(o, "<｜Assistant｜>");
-        if (opts->think_prefix) sb_str(o, "<think>\n");
+        strbuf_str(o, "<｜Assistant｜>");
+        if (opts->think_prefix) strbuf_str(o, "<think>\n");
     }
     if (o->oom) fail(&rc, DUET_ERR_NO_MEMORY, "out of memory");
 
@@ -388,6 +361,6 @@ out:
         return rc.st;
     }
     *text_p = o->p;
-    *len_p = o->n;
+    *len_p = o->len;
     return DUET_OK;
 }

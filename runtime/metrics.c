@@ -107,15 +107,15 @@ void met_count_http(met_registry *reg, int status) {
     if (reg && status >= 100 && status < 600) reg->http[status / 100]++;
 }
 
-static void out(api_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void out(strbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
-static void out(api_buf *b, const char *fmt, ...) {
+static void out(strbuf *b, const char *fmt, ...) {
     char line[1024];
     va_list ap;
     va_start(ap, fmt);
     int n = vsnprintf(line, sizeof line, fmt, ap);
     va_end(ap);
-    if (n > 0) api_buf_add(b, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
+    if (n > 0) strbuf_add(b, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
 }
 
 /* The shortest text that reads back as v ("0.005", not "0.0050000000000000001"); whole
@@ -132,23 +132,23 @@ static const char *num(char *buf, size_t cap, double v) {
     return buf;
 }
 
-static void head(api_buf *b, const char *name, const char *type, const char *help) {
+static void head(strbuf *b, const char *name, const char *type, const char *help) {
     out(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
-static void gauge(api_buf *b, const met_registry *r, const char *name, const char *help, double v) {
+static void gauge(strbuf *b, const met_registry *r, const char *name, const char *help, double v) {
     char n[32];
     head(b, name, "gauge", help);
     out(b, "%s{%s} %s\n", name, r->label, num(n, sizeof n, v));
 }
 
-static void counter(api_buf *b, const met_registry *r, const char *name, const char *help,
+static void counter(strbuf *b, const met_registry *r, const char *name, const char *help,
                     uint64_t v) {
     head(b, name, "counter", help);
     out(b, "%s{%s} %llu\n", name, r->label, (unsigned long long)v);
 }
 
-static void histogram(api_buf *b, const met_registry *r, const char *name, const char *help,
+static void histogram(strbuf *b, const met_registry *r, const char *name, const char *help,
                       const met_histogram *h) {
     char n[32];
     head(b, name, "histogram", help);
@@ -165,7 +165,7 @@ static void histogram(api_buf *b, const met_registry *r, const char *name, const
 }
 
 duet_status met_render(const met_registry *r, const met_gauges *g, char **text_p, size_t *len_p) {
-    api_buf b = {0};
+    strbuf b = {0};
     gauge(&b, r, "vllm:num_requests_running", "Number of requests in model execution batches.",
           g->num_requests_running);
     gauge(&b, r, "vllm:num_requests_waiting", "Number of requests waiting to be processed.",
@@ -203,7 +203,7 @@ duet_status met_render(const met_registry *r, const met_gauges *g, char **text_p
     out(&b, "duet_http_connections_open{%s} %llu\n", r->label,
         (unsigned long long)g->http_connections_open);
     if (b.oom) {
-        api_buf_free(&b);
+        strbuf_free(&b);
         return DUET_ERR_NO_MEMORY;
     }
     *text_p = b.p;

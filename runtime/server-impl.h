@@ -74,7 +74,7 @@ typedef struct srv_choice {
     bool live; /* submitted and not finished */
     bool done;
     void *remote; /* plug-in transfer descriptor (decode side), freed when done */
-    api_buf text; /* all output text (non-stream), or unused */
+    strbuf text;  /* all output text (non-stream), or unused */
     int32_t *ids; /* output token ids */
     int n_ids, cap_ids;
     eng_token_lp *lps; /* per output token, when logprobs were asked */
@@ -86,9 +86,9 @@ typedef struct srv_choice {
     char *error;
     int n_prompt, n_output, n_cached;
     api_reasoner reasoner;
-    api_buf reason, content; /* chat: split text */
-    bool sent_first;         /* stream: the first chunk (role, prompt ids) went out */
-    size_t text_offset;      /* completions logprobs: bytes of token strings so far */
+    strbuf reason, content; /* chat: split text */
+    bool sent_first;        /* stream: the first chunk (role, prompt ids) went out */
+    size_t text_offset;     /* completions logprobs: bytes of token strings so far */
     double t_first, t_last;
 } srv_choice;
 

@@ -13,7 +13,7 @@
 #include "httpc.h"
 #include "log.h"
 #include "px_body.h"
-#include "px_buf.h"
+#include "strbuf.h"
 
 typedef struct bench_opts {
     char host[256];
@@ -35,7 +35,7 @@ typedef struct slot {
     uint64_t t0, t_first;
     int status;
     bool prefill_leg;
-    px_buf body;
+    strbuf body;
     char rid[48];
 } slot;
 
@@ -70,7 +70,7 @@ static void on_body(httpc_req *req, const char *data, size_t len, void *arg) {
     slot *s = arg;
     (void)req;
     if (!s->t_first) s->t_first = uv_hrtime();
-    px_buf_add(&s->body, data, len);
+    strbuf_add(&s->body, data, len);
 }
 
 static bool send_leg(slot *s, const char *body, size_t len);
@@ -85,7 +85,7 @@ static bool start_decode_leg(slot *s) {
     cJSON_Delete(kv);
     if (!body) return false;
     s->prefill_leg = false;
-    px_buf_cleanup(&s->body);
+    strbuf_free(&s->body);
     bool ok = send_leg(s, body, len);
     cJSON_free(body);
     return ok;
@@ -169,7 +169,7 @@ static void slot_next(slot *s) {
     }
     b->started++;
     b->active++;
-    px_buf_cleanup(&s->body);
+    strbuf_free(&s->body);
     s->t0 = uv_hrtime();
     s->t_first = 0;
     snprintf(s->rid, sizeof s->rid, "bench-%u-%u", s->id, b->started);
@@ -332,7 +332,7 @@ int main(int argc, char **argv) {
     if (b.first_error[0]) fprintf(stderr, "first error: %s\n", b.first_error);
     httpc_pool_destroy(b.pool);
     uv_run(&loop, UV_RUN_DEFAULT);
-    for (unsigned i = 0; i < o->concurrency; i++) px_buf_cleanup(&b.slots[i].body);
+    for (unsigned i = 0; i < o->concurrency; i++) strbuf_free(&b.slots[i].body);
     px_gen_cleanup(&b.gen);
     cJSON_free(b.body);
     cJSON_free(b.prefill_body);

@@ -30,7 +30,7 @@ static void split_case(const char *text, const char *want_reason, const char *wa
                        const size_t *cuts, int n_cuts) {
     api_reasoner r;
     api_reasoner_init(&r);
-    api_buf reason = {0}, content = {0};
+    strbuf reason = {0}, content = {0};
     size_t at = 0, len = strlen(text);
     for (int i = 0; i <= n_cuts; i++) {
         size_t end = i < n_cuts ? cuts[i] : len;
@@ -42,8 +42,8 @@ static void split_case(const char *text, const char *want_reason, const char *wa
               reason.p ? reason.p : "");
     CHECK_MSG(!strcmp(content.p ? content.p : "", want_content), "'%s': content '%s'", text,
               content.p ? content.p : "");
-    api_buf_free(&reason);
-    api_buf_free(&content);
+    strbuf_free(&reason);
+    strbuf_free(&content);
 }
 
 static void reasoning_case(const char *text, const char *want_reason, const char *want_content) {
