@@ -838,6 +838,20 @@ static void stream_end(srv_job *j) {
 /* ---------------------------------------------------------------------------------------------
  * Whole responses */
 
+/* The end every whole (not streamed) answer shares: kv_transfer_params, then the response;
+ * frees o. */
+static void respond_whole(srv_job *j, cJSON *o) {
+    if (j->kv_params_out)
+        cJSON_AddItemToObject(o, "kv_transfer_params", cJSON_Duplicate(j->kv_params_out, true));
+    else
+        cJSON_AddNullToObject(o, "kv_transfer_params");
+    http_req *req = j->req;
+    j->req = NULL;
+    srv_count_status(j->srv, 200);
+    api_respond_json(req, 200, o, j->extra);
+    cJSON_Delete(o);
+}
+
 static void respond_completion(srv_job *j) {
     srv_server *s = j->srv;
     cJSON *o = chunk_head(j, "text_completion");
@@ -874,15 +888,7 @@ static void respond_completion(srv_job *j) {
         }
     }
     cJSON_AddItemToObject(o, "usage", job_usage(j));
-    if (j->kv_params_out)
-        cJSON_AddItemToObject(o, "kv_transfer_params", cJSON_Duplicate(j->kv_params_out, true));
-    else
-        cJSON_AddNullToObject(o, "kv_transfer_params");
-    http_req *req = j->req;
-    j->req = NULL;
-    srv_count_status(s, 200);
-    api_respond_json(req, 200, o, j->extra);
-    cJSON_Delete(o);
+    respond_whole(j, o);
 }
 
 static void respond_chat(srv_job *j) {
@@ -928,15 +934,7 @@ static void respond_chat(srv_job *j) {
     if (j->return_token_ids)
         cJSON_AddItemToObject(o, "prompt_token_ids", ids_json(j->prompts[0], j->n_prompt_ids[0]));
     cJSON_AddNullToObject(o, "prompt_logprobs");
-    if (j->kv_params_out)
-        cJSON_AddItemToObject(o, "kv_transfer_params", cJSON_Duplicate(j->kv_params_out, true));
-    else
-        cJSON_AddNullToObject(o, "kv_transfer_params");
-    http_req *req = j->req;
-    j->req = NULL;
-    srv_count_status(s, 200);
-    api_respond_json(req, 200, o, j->extra);
-    cJSON_Delete(o);
+    respond_whole(j, o);
 }
 
 static void job_complete(srv_job *j) {
