@@ -16,6 +16,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "check.h"
+#include "status.h"
+
 /* A fresh directory under $TMPDIR (or /tmp); the caller frees the string. */
 static inline char *tu_mkdtemp(const char *tag) {
     const char *base = getenv("TMPDIR");
@@ -163,5 +166,29 @@ static inline int tu_st_rewrite(const char *src, const char *dst, tu_header_edit
     free(b);
     return r;
 }
+
+/* The failure is `want`, and the log holds exactly one error line containing every phrase. */
+static inline void tu_check_failure(int line, duet_status st, duet_status want, char *log,
+                                    const char *const *phrases) {
+    CHECK_MSG(st == want, "line %d: status %d (%s), expected %d (%s); log: %s", line, st,
+              duet_strerror(st), want, duet_strerror(want), log);
+    CHECK_MSG(tu_count_lines(log) == 1 && strstr(log, " E "),
+              "line %d: expected one error line, got: %s", line, log);
+    for (int i = 0; phrases[i]; i++)
+        CHECK_MSG(strstr(log, phrases[i]) != NULL, "line %d: log lacks \"%s\": %s", line,
+                  phrases[i], log);
+    printf("line %d: %s", line, log); /* the test log shows what a user would read */
+    free(log);
+}
+
+/* EXPECT_FAIL(call, status, phrases...): runs call with stderr captured and checks that it
+ * failed with status, logging one error line holding every phrase. */
+#define EXPECT_FAIL(call, want, ...)                                                               \
+    do {                                                                                           \
+        tu_capture_begin();                                                                        \
+        duet_status st_ = (call);                                                                  \
+        char *log_ = tu_capture_end();                                                             \
+        tu_check_failure(__LINE__, st_, want, log_, (const char *const[]){__VA_ARGS__, NULL});     \
+    } while (0)
 
 #endif

@@ -35,29 +35,6 @@ static duet_status open_dir(const char *dir) {
     return st;
 }
 
-/* The failure is `want`, and the log holds exactly one error line containing every phrase. */
-static void check_failure(int line, duet_status st, duet_status want, char *log,
-                          const char *const *phrases) {
-    CHECK_MSG(st == want, "line %d: status %d (%s), expected %d (%s); log: %s", line, st,
-              duet_strerror(st), want, duet_strerror(want), log);
-    CHECK_MSG(tu_count_lines(log) == 1 && strstr(log, " E "),
-              "line %d: expected one error line, got: %s", line, log);
-    for (int i = 0; phrases[i]; i++)
-        CHECK_MSG(strstr(log, phrases[i]) != NULL, "line %d: log lacks \"%s\": %s", line,
-                  phrases[i], log);
-    printf("line %d: %s", line, log); /* the test log shows what a user would read */
-    free(log);
-}
-
-/* EXPECT_FAIL(call, status, phrases...): runs call with stderr captured. */
-#define EXPECT_FAIL(call, want, ...)                                                               \
-    do {                                                                                           \
-        tu_capture_begin();                                                                        \
-        duet_status st_ = (call);                                                                  \
-        char *log_ = tu_capture_end();                                                             \
-        check_failure(__LINE__, st_, want, log_, (const char *const[]){__VA_ARGS__, NULL});        \
-    } while (0)
-
 /* A file of an exact header text followed by data_len zero bytes. */
 static void raw_file(const char *path, const char *header, size_t data_len) {
     size_t hl = strlen(header);
