@@ -9,6 +9,7 @@
 #include <time.h>
 
 #include "log.h"
+#include "clock.h"
 #include "server-impl.h"
 
 enum {
@@ -16,12 +17,6 @@ enum {
     MAX_N = 128,       /* choices per prompt */
     MAX_CHOICES = 1024,
 };
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 /* ---------------------------------------------------------------------------------------------
  * Jobs */
@@ -35,7 +30,7 @@ static srv_job *job_create(srv_server *s, http_req *req, srv_job_kind kind) {
     j->req = req;
     j->kind = kind;
     j->created = (long long)time(NULL);
-    j->t_arrival = now_s();
+    j->t_arrival = clock_now_s();
     api_request_id(req, j->request_id, sizeof j->request_id);
     snprintf(j->id, sizeof j->id, "%s-%s", kind == SRV_JOB_CHAT ? "chatcmpl" : "cmpl",
              j->request_id);

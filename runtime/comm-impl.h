@@ -30,6 +30,5 @@ const char *comm_group_name(const comm_group *g);
 /* The deadline of comm_set_timeout, in seconds, and this rank in the world (for error lines). */
 double comm_timeout(void);
 int comm_world_rank(void);
-double comm_now(void);
 
 #endif

@@ -9,6 +9,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "clock.h"
 #include "log.h"
 
 struct comm_group {
@@ -21,12 +22,6 @@ struct comm_group {
 static double g_timeout = 60.0;
 static bool g_mpi;
 static int g_world_rank;
-
-double comm_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 void comm_set_timeout(double seconds) {
     if (seconds > 0) g_timeout = seconds;
@@ -139,7 +134,7 @@ static duet_status wait_req(comm_group *g, MPI_Request *req, const char *what, i
         comm_abort(3);
         return DUET_ERR_COMM;
     }
-    double start = comm_now();
+    double start = clock_now_s();
     struct timespec nap = {0, 20000}; /* 20 us: keeps latency low without spinning a core */
     for (long spins = 0;; spins++) {
         int done = 0;
@@ -147,7 +142,7 @@ static duet_status wait_req(comm_group *g, MPI_Request *req, const char *what, i
         if (rc != MPI_SUCCESS) return wait_req(g, req, what, rc);
         if (done) return DUET_OK;
         if (spins > 200) nanosleep(&nap, NULL);
-        if ((spins & 255) == 0 && comm_now() - start > g_timeout) {
+        if ((spins & 255) == 0 && clock_now_s() - start > g_timeout) {
             LOG_ERROR("comm: rank %d: %s on the %s group did not complete within %.0f s (a "
                       "peer rank died or hangs); stopping the instance",
                       g_world_rank, what, g->name, g_timeout);

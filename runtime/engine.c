@@ -11,6 +11,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "clock.h"
 #include "kv_pool.h"
 #include "log.h"
 #include "parallel.h"
@@ -149,12 +150,6 @@ void eng_config_default(eng_config *c) {
     c->n_blocks = 1024;
     c->prefix_caching = true;
     c->lease_timeout_s = 30.0;
-}
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 /* ---- queues and the id table ---- */
@@ -321,7 +316,7 @@ static void finish(eng_engine *e, ereq *r, eng_finish why, const char *stop_reas
         l->id = r->id;
         l->blocks = r->blocks;
         l->n_blocks = r->n_blocks;
-        l->deadline = now_s() + e->cfg.lease_timeout_s;
+        l->deadline = clock_now_s() + e->cfg.lease_timeout_s;
         r->blocks = NULL;
         r->n_blocks = 0;
         pthread_mutex_lock(&e->lease_mu);
@@ -355,7 +350,7 @@ duet_status eng_lease_for_test(eng_engine *e, uint64_t id, int n_tokens, int32_t
     l->id = id;
     l->blocks = ids;
     l->n_blocks = n;
-    l->deadline = now_s() + e->cfg.lease_timeout_s;
+    l->deadline = clock_now_s() + e->cfg.lease_timeout_s;
     pthread_mutex_lock(&e->lease_mu);
     l->next = e->leases;
     e->leases = l;
@@ -439,7 +434,7 @@ duet_status eng_lease_pin(eng_engine *e, uint64_t id, int32_t *blocks, int cap, 
         memcpy(blocks, l->blocks, (size_t)l->n_blocks * sizeof(int32_t));
         *n_p = l->n_blocks;
         /* the reader has this long to finish before the blocks may be reused */
-        l->deadline = now_s() + e->cfg.lease_timeout_s;
+        l->deadline = clock_now_s() + e->cfg.lease_timeout_s;
         st = DUET_OK;
         break;
     }
@@ -533,7 +528,7 @@ duet_status eng_submit(eng_engine *e, const eng_request *req, char *err, size_t 
     uint64_t salt = __atomic_add_fetch(&counter, 1, __ATOMIC_RELAXED);
     uint64_t seed = sp->has_seed
                         ? sp->seed
-                        : (uint64_t)(now_s() * 1e9) ^ (salt * 0x9e3779b97f4a7c15ull) ^ r->id;
+                        : (uint64_t)(clock_now_s() * 1e9) ^ (salt * 0x9e3779b97f4a7c15ull) ^ r->id;
     smp_rng_seed(&r->rng, seed);
     cmd *c = calloc(1, sizeof *c);
     if (!c) {
@@ -618,7 +613,7 @@ static void drain_inbox(eng_engine *e) {
 
 /* Frees leases that were released, or that nobody read before their deadline. */
 static void expire_leases(eng_engine *e) {
-    double t = now_s();
+    double t = clock_now_s();
     lease *done = NULL;
     pthread_mutex_lock(&e->lease_mu);
     for (lease **link = &e->leases; *link;) {

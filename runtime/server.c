@@ -12,6 +12,7 @@
 #include <time.h>
 
 #include "comm.h"
+#include "clock.h"
 #include "config.h"
 #include "log.h"
 #include "server-impl.h"
@@ -19,12 +20,6 @@
 #ifndef DUET_VERSION
 #define DUET_VERSION "0.0.0"
 #endif
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 /* ---------------------------------------------------------------------------------------------
  * Command line */
@@ -302,7 +297,7 @@ static void on_engine_event(void *user, const eng_event *ev) {
     bool oom = !m;
     if (m) {
         m->user = ev->user;
-        m->t = now_s();
+        m->t = clock_now_s();
         if (ev->n_tokens > 0) {
             m->has_token = true;
             m->token = ev->tokens[0];

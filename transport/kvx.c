@@ -17,6 +17,7 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "clock.h"
 #include "kv_ucx.h"
 #include "kv_wire.h"
 #include "log.h"
@@ -148,12 +149,6 @@ struct kvx {
     pthread_mutex_t stats_mu;
 };
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 /* ---- plug-in hooks: command line ---- */
 
 static int x_parse_arg(void *state, int argc, char **argv, int i) {
@@ -247,7 +242,7 @@ static void count_ok(kvx_stats *s, const void *arg) {
     const kvx_job *j = arg;
     s->fetches_ok++;
     s->bytes_read += j->bytes;
-    s->fetch_seconds_total += now_s() - j->t0;
+    s->fetch_seconds_total += clock_now_s() - j->t0;
 }
 
 static void count_fail(kvx_stats *s, const void *arg) {
@@ -316,7 +311,7 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
  * shared-memory active messages) need the target side to progress too, so both sides do this. */
 static void ucx_hot(uv_idle_t *h) {
     kvx *x = h->data;
-    double t = now_s();
+    double t = clock_now_s();
     if (kvu_progress(x->ucx))
         x->hot_last = t;
     else if (t - x->hot_last > 0.05)
@@ -324,7 +319,7 @@ static void ucx_hot(uv_idle_t *h) {
 }
 
 static void ucx_heat(kvx *x) {
-    x->hot_last = now_s();
+    x->hot_last = clock_now_s();
     if (!uv_is_active((uv_handle_t *)&x->ucx_hot)) uv_idle_start(&x->ucx_hot, ucx_hot);
 }
 
@@ -489,7 +484,7 @@ static void job_start_reads(kvx *x, kvx_job *j) {
         if (rc != 0) {
             free(slots);
             if (rc == -1) {
-                j->retry_at = now_s() + 0.005;
+                j->retry_at = clock_now_s() + 0.005;
                 return;
             }
             job_fail(j, "the prompt's KV is larger than the staging area (--kv-staging-bytes)%s",
@@ -685,7 +680,7 @@ static void peer_got(kvx_peer *p, Duet__Kv__Envelope *env) {
         for (kvx_job *j = p->jobs; j; j = j->next) {
             if (j->seq != r->seq || j->pinned || j->failed) continue;
             if (!r->ok && r->busy) { /* the prefill's staging area is full: pin again soon */
-                j->retry_at = now_s() + 0.005;
+                j->retry_at = clock_now_s() + 0.005;
                 return;
             }
             if (!r->ok) {
@@ -847,7 +842,7 @@ static void take_inbox(kvx *x) {
  * reads), which fails every job of that peer. */
 static void sweep(uv_timer_t *t) {
     kvx *x = t->data;
-    double now = now_s();
+    double now = clock_now_s();
     for (kvx_pin **l = &x->orphans; *l;) {
         kvx_pin *o = *l;
         if (now < o->deadline) {
@@ -905,7 +900,7 @@ static void conn_close(kvx_conn *c) {
     while (c->pins) {
         kvx_pin *p = c->pins;
         c->pins = p->next;
-        p->deadline = now_s() + KVX_ORPHAN_S;
+        p->deadline = clock_now_s() + KVX_ORPHAN_S;
         p->next = x->orphans;
         x->orphans = p;
     }
@@ -1333,7 +1328,7 @@ static duet_status x_fetch(void *user, uint64_t id, void *remote, const int32_t 
     j->n_blocks = n_blocks;
     j->skip = skip_blocks;
     j->n_tokens = n_tokens;
-    j->t0 = now_s();
+    j->t0 = clock_now_s();
     j->deadline = j->t0 + x->timeout_s;
     pthread_mutex_lock(&x->mu);
     bool stopping = x->stopping;

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <time.h>
 
+#include "clock.h"
 #include "comm-impl.h"
 #include "log.h"
 
@@ -62,7 +63,8 @@ static void nap(long spins) {
 static duet_status wait_issued(comm_group *g, nccl_dev *d, const char *what, ncclResult_t rc,
                                double start) {
     for (long spins = 0; rc == ncclInProgress; spins++) {
-        if ((spins & 255) == 0 && comm_now() - start > comm_timeout()) return timed_out(g, d, what);
+        if ((spins & 255) == 0 && clock_now_s() - start > comm_timeout())
+            return timed_out(g, d, what);
         nap(spins);
         ncclResult_t q = ncclCommGetAsyncError(d->comm, &rc);
         if (q != ncclSuccess) rc = q;
@@ -74,7 +76,7 @@ static duet_status wait_issued(comm_group *g, nccl_dev *d, const char *what, ncc
 /* After a collective was issued: waits for the stream to pass it, watching for an
  * asynchronous NCCL error and the deadline. */
 static duet_status wait_done(comm_group *g, nccl_dev *d, const char *what, ncclResult_t rc) {
-    double start = comm_now();
+    double start = clock_now_s();
     duet_status st = wait_issued(g, d, what, rc, start);
     if (st != DUET_OK) return st;
     cudaError_t e = cudaEventRecord(d->done, d->stream);
@@ -94,7 +96,8 @@ static duet_status wait_done(comm_group *g, nccl_dev *d, const char *what, ncclR
         ncclResult_t async = ncclSuccess;
         ncclCommGetAsyncError(d->comm, &async);
         if (async != ncclSuccess && async != ncclInProgress) return NCCL_FAIL(g, d, what, async);
-        if ((spins & 255) == 0 && comm_now() - start > comm_timeout()) return timed_out(g, d, what);
+        if ((spins & 255) == 0 && clock_now_s() - start > comm_timeout())
+            return timed_out(g, d, what);
         nap(spins);
     }
 }
@@ -162,9 +165,9 @@ static void nccl_destroy(comm_dev *cd) {
     if (d->comm && !d->broken) {
         /* flush, then free; a finalize that cannot complete (a peer is gone) is aborted */
         ncclResult_t rc = ncclCommFinalize(d->comm);
-        double start = comm_now();
+        double start = clock_now_s();
         for (long spins = 0; rc == ncclInProgress; spins++) {
-            if (comm_now() - start > comm_timeout()) break;
+            if (clock_now_s() - start > comm_timeout()) break;
             nap(spins);
             ncclCommGetAsyncError(d->comm, &rc);
         }
@@ -221,7 +224,7 @@ duet_status comm_nccl_attach(comm_group *g, int device, void *stream) {
         nccl_destroy(&d->base);
         return NCCL_FAIL(g, NULL, "ncclCommInitRankConfig", rc);
     }
-    st = wait_issued(g, d, "NCCL communicator setup", rc, comm_now());
+    st = wait_issued(g, d, "NCCL communicator setup", rc, clock_now_s());
     if (st != DUET_OK) return st;
     int version = 0;
     ncclGetVersion(&version);
