@@ -1075,6 +1075,21 @@ static srv_job *job_begin(srv_server *s, http_req *req, srv_job_kind kind) {
     return j;
 }
 
+/* The end both generation handlers share: n choices, the disaggregation role from
+ * kv_transfer_params, then the engine requests. Returns nonzero with e set on failure. */
+static int job_launch(srv_server *s, srv_job *j, const cJSON *body, const eng_sampling *sp, int n,
+                      api_err *e) {
+    eng_kv_role role = ENG_KV_LOCAL;
+    void *remote = NULL;
+    if (job_setup_choices(j, n) != DUET_OK) {
+        api_err_set(e, 500, NULL, "out of memory");
+        return 1;
+    }
+    if (parse_kv_params(s, j, body, &role, &remote, e)) return 1;
+    job_submit(j, sp, n, role, remote);
+    return 0;
+}
+
 void api_handle_completions(srv_server *s, http_req *req, cJSON *body) {
     srv_job *j = job_begin(s, req, SRV_JOB_COMPLETION);
     if (!j) return;
@@ -1083,8 +1098,6 @@ void api_handle_completions(srv_server *s, http_req *req, cJSON *body) {
     eng_sampling_default(&sp);
     long long n = 1, max_tokens = 16, logprobs = -1, best_of = 0;
     bool add_special = true;
-    eng_kv_role role = ENG_KV_LOCAL;
-    void *remote = NULL;
     if (check_model(s, body, &e) || parse_stream(j, body, &e) ||
         api_get_int(body, "n", 1, MAX_N, &n, &e) ||
         api_get_int(body, "best_of", 1, MAX_N, &best_of, &e) ||
@@ -1119,18 +1132,12 @@ void api_handle_completions(srv_server *s, http_req *req, cJSON *body) {
         for (int p = 0; p < j->n_prompts; p++)
             if (!j->prompt_text[p])
                 j->prompt_text[p] = decode_ids(s, j->prompts[p], j->n_prompt_ids[p], false);
-    sp.max_tokens = max_tokens > 0 ? (int)max_tokens : s->max_model_len;
-    if (max_tokens <= 0) sp.max_tokens = 0;
+    sp.max_tokens = max_tokens > 0 ? (int)max_tokens : 0; /* 0: up to the context length */
     sp.logprobs = (int)logprobs;
     j->want_logprobs = logprobs >= 0;
     j->logprobs = (int)logprobs;
     if (j->echo && logprobs >= 0) sp.prompt_logprobs = (int)logprobs;
-    if (job_setup_choices(j, (int)n) != DUET_OK) {
-        api_err_set(&e, 500, NULL, "out of memory");
-        goto fail;
-    }
-    if (parse_kv_params(s, j, body, &role, &remote, &e)) goto fail;
-    job_submit(j, &sp, (int)n, role, remote);
+    if (job_launch(s, j, body, &sp, (int)n, &e)) goto fail;
     return;
 fail:
     job_fail(j, &e);
@@ -1144,8 +1151,6 @@ void api_handle_chat(srv_server *s, http_req *req, cJSON *body) {
     eng_sampling_default(&sp);
     long long n = 1, max_tokens = 0, top_logprobs = 0;
     bool logprobs = false;
-    eng_kv_role role = ENG_KV_LOCAL;
-    void *remote = NULL;
     int32_t *ids = NULL;
     int n_ids = 0;
     if (!s->tpl) {
@@ -1183,12 +1188,7 @@ void api_handle_chat(srv_server *s, http_req *req, cJSON *body) {
     sp.logprobs = logprobs ? (int)top_logprobs : -1;
     j->want_logprobs = logprobs;
     j->logprobs = (int)top_logprobs;
-    if (job_setup_choices(j, (int)n) != DUET_OK) {
-        api_err_set(&e, 500, NULL, "out of memory");
-        goto fail;
-    }
-    if (parse_kv_params(s, j, body, &role, &remote, &e)) goto fail;
-    job_submit(j, &sp, (int)n, role, remote);
+    if (job_launch(s, j, body, &sp, (int)n, &e)) goto fail;
     return;
 fail:
     job_fail(j, &e);
