@@ -4,7 +4,7 @@
 #include <stdio.h>
 
 #include "kvx.h"
-#include "server.h"
+#include "server/server.h"
 
 int main(int argc, char **argv) {
     srv_kv_plugin kv;

@@ -7,7 +7,7 @@
 #include <string.h>
 #include <uv.h>
 
-#include "log.h"
+#include "base/log.h"
 #include "px_config.h"
 #include "px_proxy.h"
 

@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "log.h"
+#include "base/log.h"
 
 static const char *const g_roles[PX_ROLE_COUNT] = {"prefill", "decode"};
 

@@ -10,7 +10,7 @@
 #include <stdint.h>
 #include <uv.h>
 
-#include "httpc.h"
+#include "net/httpc.h"
 #include "px_config.h"
 #include "px_metrics.h"
 #include "px_policy.h"

@@ -8,7 +8,7 @@
 #include <stddef.h>
 
 #include "px_policy.h"
-#include "status.h"
+#include "base/status.h"
 
 enum { PX_HOST_MAX = 256 };
 

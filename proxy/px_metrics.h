@@ -6,7 +6,7 @@
 
 #include <stdint.h>
 
-#include "strbuf.h"
+#include "base/strbuf.h"
 
 typedef enum px_route {
     PX_ROUTE_COMPLETIONS = 0,

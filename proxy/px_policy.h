@@ -8,7 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "status.h"
+#include "base/status.h"
 
 /* One candidate as a policy sees it; embedded in the proxy's backend objects. */
 typedef struct px_target {

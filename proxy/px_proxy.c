@@ -15,12 +15,12 @@
 #include <string.h>
 #include <strings.h>
 
-#include "http.h"
-#include "httpc.h"
-#include "log.h"
+#include "net/http.h"
+#include "net/httpc.h"
+#include "base/log.h"
 #include "px_backend.h"
 #include "px_body.h"
-#include "strbuf.h"
+#include "base/strbuf.h"
 #include "px_metrics.h"
 
 enum {

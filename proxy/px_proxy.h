@@ -7,7 +7,7 @@
 #include <uv.h>
 
 #include "px_config.h"
-#include "status.h"
+#include "base/status.h"
 
 typedef struct px_proxy px_proxy;
 

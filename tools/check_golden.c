@@ -14,9 +14,9 @@
 #include <string.h>
 
 #include "check.h"
-#include "fileio.h"
-#include "log.h"
-#include "parallel.h"
+#include "base/fileio.h"
+#include "base/log.h"
+#include "engine/parallel.h"
 
 typedef struct gcase {
     char name[64];

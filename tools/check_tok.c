@@ -6,10 +6,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "chat.h"
+#include "text/chat.h"
 #include "check.h"
-#include "fileio.h"
-#include "tokenizer.h"
+#include "base/fileio.h"
+#include "text/tokenizer.h"
 
 #define CASES_MAX ((size_t)64 << 20)
 

@@ -14,9 +14,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "fileio.h"
+#include "base/fileio.h"
 #include "kvx.h"
-#include "log.h"
+#include "base/log.h"
 
 typedef struct bench_opts {
     int tokens[16];

@@ -10,10 +10,10 @@
 #include <string.h>
 #include <uv.h>
 
-#include "httpc.h"
-#include "log.h"
+#include "net/httpc.h"
+#include "base/log.h"
 #include "px_body.h"
-#include "strbuf.h"
+#include "base/strbuf.h"
 
 typedef struct bench_opts {
     char host[256];

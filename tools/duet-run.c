@@ -8,11 +8,11 @@
 #include <string.h>
 #include <time.h>
 
-#include "chat.h"
-#include "engine.h"
-#include "log.h"
-#include "parallel.h"
-#include "tokenizer.h"
+#include "text/chat.h"
+#include "engine/engine.h"
+#include "base/log.h"
+#include "engine/parallel.h"
+#include "text/tokenizer.h"
 
 typedef struct run_state {
     bool done;

@@ -6,7 +6,7 @@
 #include <string.h>
 #include <ucp/api/ucp.h>
 
-#include "log.h"
+#include "base/log.h"
 
 #define UCS_CHECK(call, what)                                                                      \
     do {                                                                                           \

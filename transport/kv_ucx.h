@@ -10,7 +10,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "status.h"
+#include "base/status.h"
 
 typedef struct kvu_ctx kvu_ctx;
 typedef struct kvu_region kvu_region;

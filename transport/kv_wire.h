@@ -9,7 +9,7 @@
 #include <stdint.h>
 
 #include "kv.pb-c.h"
-#include "status.h"
+#include "base/status.h"
 
 #define KVW_VERSION   1
 #define KVW_NONCE_LEN 32

@@ -17,10 +17,10 @@
 #include <unistd.h>
 #include <uv.h>
 
-#include "clock.h"
+#include "base/clock.h"
 #include "kv_ucx.h"
 #include "kv_wire.h"
-#include "log.h"
+#include "base/log.h"
 
 #define KVX_MAX_HOST 256
 enum { STAGE_AUTO = 0, STAGE_ON = 1, STAGE_OFF = 2 };

@@ -10,7 +10,7 @@
 
 #include <stdint.h>
 
-#include "server.h"
+#include "server/server.h"
 
 typedef struct kvx_stats {
     uint64_t fetches_ok, fetches_failed;

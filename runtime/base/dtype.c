@@ -1,5 +1,5 @@
 /* Scalar dtype conversions; see dtype.h. */
-#include "dtype.h"
+#include "base/dtype.h"
 
 #include <math.h>
 #include <pthread.h>

@@ -1,5 +1,5 @@
 /* File helpers; see fileio.h. */
-#include "fileio.h"
+#include "base/fileio.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -9,7 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "log.h"
+#include "base/log.h"
 
 static duet_status from_errno(int e) {
     switch (e) {

@@ -5,7 +5,7 @@
 
 #include <stddef.h>
 
-#include "status.h"
+#include "base/status.h"
 
 /* Reads the file into a NUL-terminated heap buffer (*text_p, caller frees). Files larger than
  * max_bytes are refused. */

@@ -1,5 +1,5 @@
 /* Logging to stderr; see log.h. */
-#include "log.h"
+#include "base/log.h"
 
 #include <stdio.h>
 #include <stdlib.h>

@@ -1,5 +1,5 @@
 /* Strings for duet_status. */
-#include "status.h"
+#include "base/status.h"
 
 const char *duet_strerror(duet_status st) {
     switch (st) {

@@ -1,5 +1,5 @@
 /* strbuf: see strbuf.h. */
-#include "strbuf.h"
+#include "base/strbuf.h"
 
 #include <stdarg.h>
 #include <stdio.h>

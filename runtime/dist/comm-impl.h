@@ -4,7 +4,7 @@
 #ifndef DUET_COMM_IMPL_H
 #define DUET_COMM_IMPL_H
 
-#include "comm.h"
+#include "dist/comm.h"
 
 typedef struct comm_dev comm_dev;
 

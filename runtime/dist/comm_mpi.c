@@ -1,7 +1,7 @@
 /* comm over MPI (Open MPI): world bootstrap, group splits, and host-memory collectives run as
  * non-blocking MPI calls polled against a deadline, so a dead or stuck peer becomes one clear
  * error line and an instance-wide abort instead of a silent hang. */
-#include "comm-impl.h"
+#include "dist/comm-impl.h"
 
 #include <mpi.h>
 #include <stdio.h>
@@ -9,8 +9,8 @@
 #include <string.h>
 #include <time.h>
 
-#include "clock.h"
-#include "log.h"
+#include "base/clock.h"
+#include "base/log.h"
 
 struct comm_group {
     MPI_Comm comm;

@@ -8,9 +8,9 @@
 #include <stdlib.h>
 #include <time.h>
 
-#include "clock.h"
-#include "comm-impl.h"
-#include "log.h"
+#include "base/clock.h"
+#include "dist/comm-impl.h"
+#include "base/log.h"
 
 typedef struct nccl_dev {
     comm_dev base;

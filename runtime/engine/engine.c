@@ -2,7 +2,7 @@
  * requests first, in admission order, then waiting ones FCFS), run the model on the
  * scheduled tokens, sample where a request's tokens are all computed, detokenize and check
  * stop conditions, emit events. */
-#include "engine.h"
+#include "engine/engine.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -11,11 +11,11 @@
 #include <string.h>
 #include <time.h>
 
-#include "clock.h"
-#include "kv_pool.h"
-#include "log.h"
-#include "parallel.h"
-#include "tokenizer.h"
+#include "base/clock.h"
+#include "engine/kv_pool.h"
+#include "base/log.h"
+#include "engine/parallel.h"
+#include "text/tokenizer.h"
 
 typedef enum req_state {
     RS_WAITING = 0,

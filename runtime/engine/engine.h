@@ -14,9 +14,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "model.h"
-#include "sampler.h"
-#include "status.h"
+#include "model/model.h"
+#include "engine/sampler.h"
+#include "base/status.h"
 
 typedef struct tok_tokenizer tok_tokenizer;
 typedef struct par_instance par_instance;

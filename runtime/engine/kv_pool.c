@@ -1,13 +1,13 @@
 /* KV block manager; see kv_pool.h. Blocks live in three states: in use (ref > 0), free and
  * cached (ref 0, hash set: findable, evictable), free and blank. The free queue is a doubly
  * linked list over block ids: allocation takes the head, release appends to the tail. */
-#include "kv_pool.h"
+#include "engine/kv_pool.h"
 
 #include <stdlib.h>
 #include <string.h>
 
-#include "hash.h"
-#include "log.h"
+#include "base/hash.h"
+#include "base/log.h"
 
 #define NIL (-1)
 

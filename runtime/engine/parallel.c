@@ -1,11 +1,11 @@
 /* Instance bootstrap and DP lockstep; see parallel.h. */
-#include "parallel.h"
+#include "engine/parallel.h"
 
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "log.h"
+#include "base/log.h"
 
 struct par_instance {
     par_options opt;

@@ -8,8 +8,8 @@
 #include <stdbool.h>
 #include <stdio.h>
 
-#include "comm.h"
-#include "model.h"
+#include "dist/comm.h"
+#include "model/model.h"
 
 typedef struct par_options {
     char backend[16]; /* "cpu" or "cuda" */

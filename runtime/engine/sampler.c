@@ -1,6 +1,6 @@
 /* Sampling; see sampler.h. Order of operations as vLLM applies them: penalties, bans
  * (min_tokens), then greedy or temperature -> top-k -> top-p -> min-p -> draw. */
-#include "sampler.h"
+#include "engine/sampler.h"
 
 #include <float.h>
 #include <math.h>

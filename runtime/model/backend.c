@@ -1,14 +1,14 @@
 /* Backend registry: picks the implementation by name, and the wrappers that apply an optional
  * op's fallback. */
-#include "backend.h"
+#include "model/backend.h"
 
 #include <stdlib.h>
 #include <string.h>
 
-#include "log.h"
+#include "base/log.h"
 
 #ifdef DUET_HAVE_CUDA
-#include "cuda/backend_cuda.h"
+#include "model/backends/cuda/backend_cuda.h"
 #endif
 
 bool be_available(const char *name) {

@@ -13,9 +13,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "config.h"
-#include "dtype.h"
-#include "status.h"
+#include "model/config.h"
+#include "base/dtype.h"
+#include "base/status.h"
 
 typedef struct be_backend be_backend;
 typedef struct comm_group comm_group;

@@ -4,8 +4,8 @@
 #include <math.h>
 #include <stdlib.h>
 
-#include "backend.h"
-#include "philox.h"
+#include "model/backend.h"
+#include "base/philox.h"
 
 static int cmp_desc(const void *a, const void *b) {
     float x = *(const float *)a, y = *(const float *)b;

@@ -1,6 +1,6 @@
 /* config.json parsing for DeepSeek V2/V3 checkpoints; see config.h. Defaults below are those of
  * transformers' DeepseekV2Config / DeepseekV3Config for fields the file may leave out. */
-#include "config.h"
+#include "model/config.h"
 
 #include <cjson/cJSON.h>
 #include <math.h>
@@ -8,8 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "fileio.h"
-#include "log.h"
+#include "base/fileio.h"
+#include "base/log.h"
 
 /* Reads an integer field; missing -> def (or an error when def == REQUIRED). */
 #define REQUIRED (-0x7fffffff)

@@ -6,7 +6,7 @@
 
 #include <stdbool.h>
 
-#include "status.h"
+#include "base/status.h"
 
 typedef enum cfg_scoring {
     CFG_SCORING_SOFTMAX = 0,

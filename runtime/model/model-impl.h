@@ -3,7 +3,7 @@
 #ifndef DUET_MODEL_IMPL_H
 #define DUET_MODEL_IMPL_H
 
-#include "model.h"
+#include "model/model.h"
 
 typedef struct mdl_layer {
     void *attn_norm, *ffn_norm; /* [D] float32 device vectors */

@@ -1,12 +1,12 @@
 /* DeepSeek V2/V3 forward pass over the backend ops (see model.h). The layer structure follows
  * DeepSeek's reference inference/model.py: MLA with the latent KV cache, dense MLP for the
  * first layers, routed + shared experts after. Loading lives in model_load.c. */
-#include "model-impl.h"
+#include "model/model-impl.h"
 
 #include <stdlib.h>
 #include <string.h>
 
-#include "log.h"
+#include "base/log.h"
 
 const cfg_model *mdl_config(const mdl_model *m) {
     return &m->cfg;

@@ -7,9 +7,9 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "backend.h"
-#include "config.h"
-#include "status.h"
+#include "model/backend.h"
+#include "model/config.h"
+#include "base/status.h"
 
 typedef struct comm_group comm_group;
 

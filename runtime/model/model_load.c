@@ -2,16 +2,16 @@
  * names as Hugging Face stores them, FP8 e4m3 weights dequantized by their 128x128
  * weight_scale_inv blocks, every shape checked against config.json. Dummy weights
  * (--load-format dummy) follow the same path with values from a hash of (name, row, col). */
-#include "model-impl.h"
+#include "model/model-impl.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "hash.h"
-#include "log.h"
-#include "safetensors.h"
+#include "base/hash.h"
+#include "base/log.h"
+#include "model/safetensors.h"
 
 typedef struct loader {
     const cfg_model *c;

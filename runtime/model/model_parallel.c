@@ -3,13 +3,13 @@
  * Host-memory backends move activations through comm's MPI collectives; device backends
  * (be_ops.on_device) through the device communicator they attached to the group (NCCL).
  * Routing metadata (counts, expert ids, weights) is host data and always goes through MPI. */
-#include "model-impl.h"
+#include "model/model-impl.h"
 
 #include <stdlib.h>
 #include <string.h>
 
-#include "comm.h"
-#include "log.h"
+#include "dist/comm.h"
+#include "base/log.h"
 
 duet_status mdl_comm_allreduce(mdl_model *m, void *buf, size_t n) {
     if (m->be->ops->on_device)

@@ -1,7 +1,7 @@
 /* safetensors reader; see safetensors.h. Format: 8-byte little-endian header length N, N bytes
  * of JSON {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the
  * data area that the offsets index. */
-#include "safetensors.h"
+#include "model/safetensors.h"
 
 #include <cjson/cJSON.h>
 #include <dirent.h>
@@ -10,9 +10,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "fileio.h"
-#include "hash.h"
-#include "log.h"
+#include "base/fileio.h"
+#include "base/hash.h"
+#include "base/log.h"
 
 /* A header larger than this is not a checkpoint we can trust (DeepSeek-V3 shards use ~100 KB). */
 #define ST_MAX_HEADER (100u << 20)

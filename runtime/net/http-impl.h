@@ -6,7 +6,7 @@
 
 #include <http_parser.h>
 
-#include "http.h"
+#include "net/http.h"
 
 struct http_req_impl;
 

@@ -3,8 +3,8 @@
  * pipelined requests are answered in order with no reorder buffer. Lifetimes: a connection is
  * freed once both its handles are closed and its request is finished; a request is freed only by
  * its finishing call, so a handler holding one after a disconnect never touches freed memory. */
-#include "http.h"
-#include "http-impl.h"
+#include "net/http.h"
+#include "net/http-impl.h"
 
 #include <arpa/inet.h>
 #include <cjson/cJSON.h>
@@ -18,7 +18,7 @@
 #include <strings.h>
 #include <time.h>
 
-#include "log.h"
+#include "base/log.h"
 
 enum {
     HTTP_BACKLOG = 1024,

@@ -10,7 +10,7 @@
 #include <stdint.h>
 #include <uv.h>
 
-#include "status.h"
+#include "base/status.h"
 
 typedef struct http_server http_server;
 

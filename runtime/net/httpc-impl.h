@@ -6,7 +6,7 @@
 
 #include <http_parser.h>
 
-#include "httpc.h"
+#include "net/httpc.h"
 
 typedef struct httpc_parse httpc_parse;
 

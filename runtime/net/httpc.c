@@ -3,8 +3,8 @@
  * from the loop after the socket is gone, and the "stale pooled connection" retry happens in
  * one place. A request is freed right after on_end or at httpc_cancel; writes own copies of
  * their bytes, so nothing a pending write touches is freed under it. */
-#include "httpc.h"
-#include "httpc-impl.h"
+#include "net/httpc.h"
+#include "net/httpc-impl.h"
 
 #include <arpa/inet.h>
 #include <netdb.h>
@@ -14,7 +14,7 @@
 #include <string.h>
 #include <strings.h>
 
-#include "log.h"
+#include "base/log.h"
 
 enum {
     READ_BUF = 64 * 1024,

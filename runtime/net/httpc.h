@@ -10,8 +10,8 @@
 #include <stdint.h>
 #include <uv.h>
 
-#include "http.h"
-#include "status.h"
+#include "net/http.h"
+#include "base/status.h"
 
 typedef struct httpc_pool httpc_pool;
 typedef struct httpc_req httpc_req;

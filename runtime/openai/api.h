@@ -11,9 +11,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "http.h"
-#include "strbuf.h"
-#include "status.h"
+#include "net/http.h"
+#include "base/strbuf.h"
+#include "base/status.h"
 
 /* A client error being built: the status to answer, a message and the offending field. */
 typedef struct api_err {

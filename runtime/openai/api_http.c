@@ -1,6 +1,6 @@
 /* OpenAI-style HTTP helpers shared by every server; see api.h. Messages follow vLLM's wording
  * where clients (and tests written against vLLM) look at them. */
-#include "api.h"
+#include "openai/api.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -12,7 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "log.h"
+#include "base/log.h"
 
 duet_status api_err_set(api_err *e, int status, const char *param, const char *fmt, ...) {
     if (e && !e->status) {

@@ -3,7 +3,7 @@
  * also serves tokenizers where the tags are not single tokens; see api.h. */
 #include <string.h>
 
-#include "api.h"
+#include "openai/api.h"
 
 static const char k_open[] = "<think>";
 static const char k_close[] = "</think>";

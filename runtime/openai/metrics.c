@@ -1,13 +1,13 @@
 /* Prometheus text rendering and histograms; see metrics.h. Bucket bounds are vLLM's, so
  * dashboards built for vLLM read these the same way. */
-#include "metrics.h"
+#include "openai/metrics.h"
 
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "api.h"
+#include "openai/api.h"
 
 typedef struct met_histogram {
     double bounds[40];

@@ -8,9 +8,9 @@
 #include <string.h>
 #include <time.h>
 
-#include "log.h"
-#include "clock.h"
-#include "server-impl.h"
+#include "base/log.h"
+#include "base/clock.h"
+#include "server/server-impl.h"
 
 enum {
     MAX_PROMPTS = 256, /* prompts in one completions request */

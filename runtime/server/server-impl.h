@@ -11,14 +11,14 @@
 #include <stdint.h>
 #include <uv.h>
 
-#include "api.h"
-#include "chat.h"
-#include "engine.h"
-#include "http.h"
-#include "metrics.h"
-#include "parallel.h"
-#include "server.h"
-#include "tokenizer.h"
+#include "openai/api.h"
+#include "text/chat.h"
+#include "engine/engine.h"
+#include "net/http.h"
+#include "openai/metrics.h"
+#include "engine/parallel.h"
+#include "server/server.h"
+#include "text/tokenizer.h"
 
 typedef struct srv_config {
     const char *model;

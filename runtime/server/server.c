@@ -11,11 +11,11 @@
 #include <string.h>
 #include <time.h>
 
-#include "comm.h"
-#include "clock.h"
-#include "config.h"
-#include "log.h"
-#include "server-impl.h"
+#include "dist/comm.h"
+#include "base/clock.h"
+#include "model/config.h"
+#include "base/log.h"
+#include "server/server-impl.h"
 
 #ifndef DUET_VERSION
 #define DUET_VERSION "0.0.0"

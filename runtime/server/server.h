@@ -13,9 +13,9 @@
 #include <stdint.h>
 #include <stdio.h>
 
-#include "engine.h"
-#include "parallel.h"
-#include "status.h"
+#include "engine/engine.h"
+#include "engine/parallel.h"
+#include "base/status.h"
 
 typedef enum srv_role {
     SRV_ROLE_DECODE = 0,  /* a complete server; with a plug-in, also pulls remote prefills' KV */

@@ -1,7 +1,7 @@
 /* The DeepSeek-V3 / R1 chat template as C; see chat.h. Each branch below is one branch of the
  * Jinja template in tokenizer_config.json, in the same order, with the same namespace flags
  * (ns.is_first, ns.is_tool, ns.is_output_first), so the two can be read side by side. */
-#include "chat.h"
+#include "text/chat.h"
 
 #include <limits.h>
 #include <stdarg.h>
@@ -9,9 +9,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "fileio.h"
-#include "log.h"
-#include "strbuf.h"
+#include "base/fileio.h"
+#include "base/log.h"
+#include "base/strbuf.h"
 
 #define CHAT_CONFIG_MAX ((size_t)16 << 20)
 

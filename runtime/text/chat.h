@@ -9,7 +9,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#include "status.h"
+#include "base/status.h"
 
 /* Read-only after creation; any thread may render with it. */
 typedef struct chat_template chat_template;

@@ -9,7 +9,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "tokenizer.h"
+#include "text/tokenizer.h"
 
 /* String -> id, open addressing; keys point into memory the tokenizer owns. */
 typedef struct tok_strmap {

@@ -9,10 +9,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "fileio.h"
-#include "hash.h"
-#include "log.h"
-#include "tokenizer-impl.h"
+#include "base/fileio.h"
+#include "base/hash.h"
+#include "base/log.h"
+#include "text/tokenizer-impl.h"
 
 /* DeepSeek's tokenizer.json is 7.8 MB; anything near this limit is not a tokenizer. */
 #define TOK_JSON_MAX   ((size_t)256 << 20)

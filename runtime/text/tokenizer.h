@@ -8,7 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "status.h"
+#include "base/status.h"
 
 /* Read-only after tok_load: any thread may call any function below on it at the same time.
  * For DeepSeek-V3 loading takes about 0.2 s and 45 MB at peak, and the tokenizer keeps 12 MB. */

@@ -5,9 +5,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "hash.h"
-#include "log.h"
-#include "tokenizer-impl.h"
+#include "base/hash.h"
+#include "base/log.h"
+#include "text/tokenizer-impl.h"
 
 typedef struct enc_span {
     size_t start, end;

@@ -7,8 +7,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#include "backend.h"
-#include "model.h"
+#include "model/backend.h"
+#include "model/model.h"
 
 typedef struct tm_model {
     be_backend *be;

@@ -17,7 +17,7 @@
 #include <unistd.h>
 
 #include "check.h"
-#include "status.h"
+#include "base/status.h"
 
 /* A fresh directory under $TMPDIR (or /tmp); the caller frees the string. */
 static inline char *tu_mkdtemp(const char *tag) {

@@ -7,7 +7,7 @@
 
 #include <cjson/cJSON.h>
 
-#include "http-impl.h"
+#include "net/http-impl.h"
 
 /* What a handler may rely on for every request the reader hands out. */
 static void check_req(const http_req *req) {

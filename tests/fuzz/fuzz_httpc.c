@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "httpc-impl.h"
+#include "net/httpc-impl.h"
 
 typedef struct sink {
     int heads;

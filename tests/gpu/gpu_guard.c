@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
-#include "cuda/backend_cuda.h"
+#include "model/backends/cuda/backend_cuda.h"
 
 int main(int argc, char **argv) {
     if (argc < 3) {

@@ -9,9 +9,9 @@
 #include <string.h>
 #include <time.h>
 
-#include "backend.h"
+#include "model/backend.h"
 #include "check.h"
-#include "cuda/backend_cuda.h"
+#include "model/backends/cuda/backend_cuda.h"
 
 enum { CPU = 0, GPU = 1 };
 

@@ -9,10 +9,10 @@
 #include <string.h>
 #include <time.h>
 
-#include "backend.h"
+#include "model/backend.h"
 #include "check.h"
-#include "cuda/backend_cuda.h"
-#include "philox.h"
+#include "model/backends/cuda/backend_cuda.h"
+#include "base/philox.h"
 
 static uint64_t g_rng;
 

@@ -7,8 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "log.h"
-#include "server.h"
+#include "base/log.h"
+#include "server/server.h"
 
 typedef struct loopback {
     char tag[64];

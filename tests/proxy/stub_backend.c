@@ -11,8 +11,8 @@
 #include <unistd.h>
 #include <uv.h>
 
-#include "http.h"
-#include "log.h"
+#include "net/http.h"
+#include "base/log.h"
 
 typedef enum fail_mode {
     FAIL_NONE = 0,

@@ -20,7 +20,7 @@
 #include <cjson/cJSON.h>
 
 #include "check.h"
-#include "httpc-impl.h"
+#include "net/httpc-impl.h"
 
 static const char *g_stub_bin, *g_proxy_bin, *g_bench_bin;
 static char g_tmp[256]; /* logs of this run */

@@ -4,9 +4,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "api.h"
+#include "openai/api.h"
 #include "check.h"
-#include "metrics.h"
+#include "openai/metrics.h"
 
 static void test_utf8(void) {
     CHECK(api_utf8_valid("", 0));

@@ -5,9 +5,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "backend.h"
+#include "model/backend.h"
 #include "check.h"
-#include "philox.h"
+#include "base/philox.h"
 
 static int32_t draw(const float *l, int V, be_sample_row r) {
     float scratch[64];

@@ -8,10 +8,10 @@
 
 #include <cjson/cJSON.h>
 
-#include "chat.h"
+#include "text/chat.h"
 #include "check.h"
-#include "fileio.h"
-#include "log.h"
+#include "base/fileio.h"
+#include "base/log.h"
 
 static chat_template *g_v3, *g_r1;
 

@@ -3,8 +3,8 @@
 #include <string.h>
 
 #include "check.h"
-#include "config.h"
-#include "log.h"
+#include "model/config.h"
+#include "base/log.h"
 
 static const char *V2_LITE =
     "{\"model_type\":\"deepseek_v2\",\"vocab_size\":102400,\"hidden_size\":2048,"

@@ -3,7 +3,7 @@
 #include <string.h>
 
 #include "check.h"
-#include "dtype.h"
+#include "base/dtype.h"
 
 int main(void) {
     /* bf16: top 16 bits of the float; round to nearest even */

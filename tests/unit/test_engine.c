@@ -6,10 +6,10 @@
 #include <string.h>
 
 #include "check.h"
-#include "engine.h"
+#include "engine/engine.h"
 #include "golden.h"
-#include "log.h"
-#include "parallel.h"
+#include "base/log.h"
+#include "engine/parallel.h"
 
 #define MAXR 64
 

@@ -9,11 +9,11 @@
 #include <unistd.h>
 
 #include "check.h"
-#include "engine.h"
+#include "engine/engine.h"
 #include "golden.h"
-#include "log.h"
-#include "parallel.h"
-#include "tokenizer.h"
+#include "base/log.h"
+#include "engine/parallel.h"
+#include "text/tokenizer.h"
 
 typedef struct rec {
     char text[4096];

@@ -19,8 +19,8 @@
 #include <http_parser.h>
 
 #include "check.h"
-#include "http.h"
-#include "log.h"
+#include "net/http.h"
+#include "base/log.h"
 
 #define READ_TIMEOUT_MS 3000
 

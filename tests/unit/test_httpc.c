@@ -6,10 +6,10 @@
 #include <string.h>
 
 #include "check.h"
-#include "http.h"
-#include "httpc.h"
-#include "httpc-impl.h"
-#include "log.h"
+#include "net/http.h"
+#include "net/httpc.h"
+#include "net/httpc-impl.h"
+#include "base/log.h"
 
 static uv_loop_t g_loop;
 static uv_timer_t g_wake; /* so that UV_RUN_ONCE returns by the deadline */

@@ -4,7 +4,7 @@
 #include <string.h>
 
 #include "check.h"
-#include "kv_pool.h"
+#include "engine/kv_pool.h"
 
 static void fill(int32_t *t, int n, int base) {
     for (int i = 0; i < n; i++) t[i] = base + i;

@@ -11,7 +11,7 @@
 #include "check.h"
 #include "golden.h"
 #include "kvx.h"
-#include "log.h"
+#include "base/log.h"
 
 typedef struct side {
     par_instance *inst;

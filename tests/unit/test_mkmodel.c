@@ -6,10 +6,10 @@
 #include <string.h>
 
 #include "check.h"
-#include "dtype.h"
-#include "log.h"
+#include "base/dtype.h"
+#include "base/log.h"
 #include "mkmodel.h"
-#include "safetensors.h"
+#include "model/safetensors.h"
 #include "testutil.h"
 
 static char *g_root;

@@ -7,7 +7,7 @@
 #include <string.h>
 
 #include "check.h"
-#include "log.h"
+#include "base/log.h"
 #include "mkmodel.h"
 #include "testmodel.h"
 #include "testutil.h"

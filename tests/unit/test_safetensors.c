@@ -7,7 +7,7 @@
 #include <string.h>
 
 #include "check.h"
-#include "safetensors.h"
+#include "model/safetensors.h"
 #include "safetensors_write.h"
 #include "testutil.h"
 

@@ -13,9 +13,9 @@
 #include <cjson/cJSON.h>
 
 #include "check.h"
-#include "fileio.h"
-#include "log.h"
-#include "tokenizer.h"
+#include "base/fileio.h"
+#include "base/log.h"
+#include "text/tokenizer.h"
 
 static tok_tokenizer *g_v3;
 

@@ -14,10 +14,10 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
-#include "dtype.h"
-#include "fileio.h"
-#include "hash.h"
-#include "log.h"
+#include "base/dtype.h"
+#include "base/fileio.h"
+#include "base/hash.h"
+#include "base/log.h"
 #include "safetensors_write.h"
 
 /* FP8 weights are drawn in e4m3 units with this standard deviation (the largest draw, 4.33

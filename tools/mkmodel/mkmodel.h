@@ -10,8 +10,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "config.h"
-#include "status.h"
+#include "model/config.h"
+#include "base/status.h"
 
 /* Standard deviation of weights, as DeepSeek's initializer_range. */
 #define MK_INIT_STD 0.02

@@ -6,8 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "backend.h"
-#include "log.h"
+#include "model/backend.h"
+#include "base/log.h"
 
 #ifdef _OPENMP
 #include <omp.h>

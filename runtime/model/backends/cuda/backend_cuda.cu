@@ -5,11 +5,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cuda-impl.cuh"
+#include "model/backends/cuda/cuda-impl.cuh"
 
 extern "C" {
-#include "backend_cuda.h"
-#include "comm.h"
+#include "model/backends/cuda/backend_cuda.h"
+#include "dist/comm.h"
 }
 
 duet_status cuda_status(cuda_backend *c, cudaError_t e, const char *what, const char *file,

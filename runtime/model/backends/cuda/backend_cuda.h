@@ -4,7 +4,7 @@
 #ifndef DUET_BACKEND_CUDA_H
 #define DUET_BACKEND_CUDA_H
 
-#include "backend.h"
+#include "model/backend.h"
 
 #ifdef __cplusplus
 extern "C" {

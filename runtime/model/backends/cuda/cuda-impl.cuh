@@ -11,8 +11,8 @@
 #include <stdint.h>
 
 extern "C" {
-#include "backend.h"
-#include "log.h"
+#include "model/backend.h"
+#include "base/log.h"
 }
 
 typedef __nv_bfloat16 bf16;

@@ -1,7 +1,7 @@
 /* Linear layers through cuBLAS: y = x @ W^T with row-major x [T, n_in] and W [n_out, n_in],
  * which column-major cuBLAS sees as y^T [n_out, T] = W [n_in, n_out]^T * x^T [n_in, T].
  * bf16 operands accumulate in float32 (CUBLAS_COMPUTE_32F); float32 operands stay float32. */
-#include "cuda-impl.cuh"
+#include "model/backends/cuda/cuda-impl.cuh"
 
 /* y (ctype, ldc) [m, n] column-major = op(A) [m, k] * B [k, n] */
 static void gemm_raw(cuda_backend *c, void *y, cudaDataType_t yt, int ldc, const void *w,

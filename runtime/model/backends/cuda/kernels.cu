@@ -2,7 +2,7 @@
  * interleaved RoPE, KV cache writes, row gather/scatter and type conversions. Each kernel is
  * templated on the activation type T (bf16 or float) and computes in float32, following the
  * CPU reference (cpu/backend_cpu.c) operation by operation. */
-#include "cuda-impl.cuh"
+#include "model/backends/cuda/cuda-impl.cuh"
 
 /* Runs `body` with T bound to the backend's activation type. */
 #define ACT_DISPATCH(c, ...)                                                                       \

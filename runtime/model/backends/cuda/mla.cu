@@ -6,7 +6,7 @@
  *   expanded (prompt chunks): the sequence's latents go through kv_b once (a cuBLAS GEMM)
  *     into keys and values for every head, then plain causal attention.
  * Both take the rope part of the key from the cache. */
-#include "cuda-impl.cuh"
+#include "model/backends/cuda/cuda-impl.cuh"
 
 #define MLA_TILE    64  /* context positions scored per round */
 #define MLA_THREADS 128 /* 4 warps; MLA_TILE <= MLA_THREADS */

@@ -6,7 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cuda-impl.cuh"
+#include "model/backends/cuda/cuda-impl.cuh"
 
 #define ROUTE_WARPS 4
 

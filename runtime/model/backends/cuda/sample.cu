@@ -4,10 +4,10 @@
  * top-p) instead of a sort; the draw scans the kept probabilities in token id order. */
 #include <cub/block/block_scan.cuh>
 
-#include "cuda-impl.cuh"
+#include "model/backends/cuda/cuda-impl.cuh"
 
 extern "C" {
-#include "philox.h"
+#include "base/philox.h"
 }
 
 #define SAMPLE_THREADS 512
