@@ -16,6 +16,7 @@
 #include "check.h"
 #include "base/fileio.h"
 #include "base/log.h"
+#include "base/opt.h"
 #include "engine/parallel.h"
 
 typedef struct gcase {
@@ -272,59 +273,59 @@ static duet_status run_batched(gctx *g, gcase *cs, int n) {
     return st;
 }
 
-static void usage(FILE *f) {
-    fprintf(f, "usage: duet-check golden [options] CASE_DIR\n"
-               "  --backend cpu|cuda      (default cpu)\n"
-               "  --tol X                 max relative L2 error per logits row (default 1e-4 on "
-               "cpu, 2e-2 on cuda)\n"
-               "  --block-size N          KV block size (default 16)\n"
-               "  --repeat N              run every case N times (a soak test; default 1)\n"
-               "  --dp-cases first|spread  give every case to DP rank 0 (the others only join "
-               "with empty steps) or spread them (default)\n");
-    par_usage(f);
-}
-
 int check_golden_main(int argc, char **argv) {
     par_options po;
     par_options_init(&po);
-    const char *dir = NULL;
     double tol = -1;
-    int block_size = 16, repeat = 1;
-    bool dp_first = false;
-    for (int i = 1; i < argc; i++) {
-        int used = par_options_parse(&po, argc, argv, i);
-        if (used < 0) return 2;
-        if (used > 0) {
-            i += used - 1;
-            continue;
-        }
-        if (!strcmp(argv[i], "--tol") && i + 1 < argc)
-            tol = atof(argv[++i]);
-        else if (!strcmp(argv[i], "--block-size") && i + 1 < argc)
-            block_size = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--repeat") && i + 1 < argc)
-            repeat = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--dp-cases") && i + 1 < argc) {
-            const char *v = argv[++i];
-            if (strcmp(v, "first") != 0 && strcmp(v, "spread") != 0) {
-                fprintf(stderr, "duet-check golden: --dp-cases must be first or spread\n");
-                return 2;
-            }
-            dp_first = !strcmp(v, "first");
-        } else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            usage(stdout);
-            return 0;
-        } else if (argv[i][0] == '-') {
-            fprintf(stderr, "duet-check golden: unknown option %s\n", argv[i]);
-            usage(stderr);
-            return 2;
-        } else
-            dir = argv[i];
-    }
-    if (!dir || block_size < 1 || repeat < 1) {
-        usage(stderr);
+    int block_size = 16, repeat = 1, dp_cases = 1;
+    opt_parser *op;
+    if (opt_parser_create("duet-check golden", "[options] CASE_DIR",
+                          "Runs every case of CASE_DIR (model/ plus cases.json and logits.f32) "
+                          "and compares logits and greedy ids with the reference.",
+                          &op) != DUET_OK)
+        return 1;
+    const opt_spec specs[] = {
+        {.name = "--tol",
+         .type = OPT_DOUBLE,
+         .dest = &tol,
+         .min = 0,
+         .max = 10,
+         .help = "max relative L2 error per logits row (default 1e-4 on cpu, 2e-2 on cuda)"},
+        {.name = "--block-size",
+         .type = OPT_INT,
+         .dest = &block_size,
+         .def = "16",
+         .min = 1,
+         .max = 1 << 16,
+         .help = "KV block size"},
+        {.name = "--repeat",
+         .type = OPT_INT,
+         .dest = &repeat,
+         .def = "1",
+         .min = 1,
+         .max = 1 << 20,
+         .help = "run every case N times (a soak test)"},
+        {.name = "--dp-cases",
+         .type = OPT_CHOICE,
+         .dest = &dp_cases,
+         .def = "spread",
+         .choices = "first|spread",
+         .help = "give every case to DP rank 0 (the others only join with empty steps) or "
+                 "spread them"},
+    };
+    opt_allow_positional(op, 1, "CASE_DIR");
+    int rc = 2;
+    if (opt_add(op, "Golden check", specs, (int)(sizeof specs / sizeof specs[0])) == DUET_OK &&
+        par_options_add(op, &po) == DUET_OK)
+        rc = opt_parse(op, argc, argv);
+    const char *dir = opt_positional(op, 0);
+    opt_parser_destroy(op);
+    if (rc) return rc == 1 ? 0 : 2;
+    if (!dir) {
+        fprintf(stderr, "duet-check golden: CASE_DIR is required (see --help)\n");
         return 2;
     }
+    bool dp_first = dp_cases == 0;
     if (tol < 0) tol = !strcmp(po.backend, "cpu") ? 1e-4 : 2e-2;
 
     char model_dir[4096];

@@ -17,6 +17,7 @@
 #include "base/fileio.h"
 #include "kvx.h"
 #include "base/log.h"
+#include "base/opt.h"
 
 typedef struct bench_opts {
     int tokens[16];
@@ -68,9 +69,11 @@ static int make_side(side *s, const char *model, srv_role role, const bench_opts
     snprintf(staging_bytes, sizeof staging_bytes, "%zu",
              (size_t)(n_blocks / 2 + 1) * (size_t)o->layers * (size_t)o->block_size * 576 * 4);
     char *args[5] = {"x", "--kv-staging", (char *)o->staging, "--kv-staging-bytes", staging_bytes};
-    if (s->plug.parse_arg(s->plug.state, 5, args, 1) != 2 ||
-        s->plug.parse_arg(s->plug.state, 5, args, 3) != 2)
-        return -1;
+    opt_parser *op;
+    if (opt_parser_create("duet-kvbench", NULL, NULL, &op) != DUET_OK) return -1;
+    int prc = s->plug.add_options(s->plug.state, op) == DUET_OK ? opt_parse(op, 5, args) : 2;
+    opt_parser_destroy(op);
+    if (prc != 0) return -1;
     eng_config c;
     eng_config_default(&c);
     c.block_size = o->block_size;

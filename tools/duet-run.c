@@ -11,6 +11,7 @@
 #include "text/chat.h"
 #include "engine/engine.h"
 #include "base/log.h"
+#include "base/opt.h"
 #include "engine/parallel.h"
 #include "text/tokenizer.h"
 
@@ -49,29 +50,6 @@ static void on_event(void *user, const eng_event *ev) {
     }
 }
 
-static void usage(FILE *f) {
-    fprintf(f,
-            "usage: duet-run --model DIR (--prompt TEXT | --message TEXT | --chat) [options]\n"
-            "  --tokenizer DIR          tokenizer.json + tokenizer_config.json (default: model "
-            "dir)\n"
-            "  --prompt TEXT            plain completion of TEXT (BOS prepended as the "
-            "tokenizer says)\n"
-            "  --message TEXT           one chat turn, rendered with the chat template\n"
-            "  --chat                   interactive chat: one user message per line on stdin\n"
-            "  --system TEXT            system prompt for --message / --chat\n"
-            "  --max-tokens N (256)  --min-tokens N  --temperature X (0.6)  --top-p X  --top-k N\n"
-            "  --min-p X  --seed N  --repetition-penalty X  --presence-penalty X\n"
-            "  --frequency-penalty X  --stop TEXT (repeatable)  --ignore-eos  --logprobs\n"
-            "  --max-model-len N (4096)  --block-size N (64)  --num-blocks N (512)\n");
-    par_usage(f);
-}
-
-static int float_arg(const char *v, float *out) {
-    char *end;
-    *out = strtof(v, &end);
-    return *v && !*end ? 0 : -1;
-}
-
 int main(int argc, char **argv) {
     log_set_tag("duet-run");
     par_options po;
@@ -80,81 +58,125 @@ int main(int argc, char **argv) {
     bool chat = false, logprobs = false;
     eng_sampling sp;
     eng_sampling_default(&sp);
-    sp.max_tokens = 256;
-    sp.smp.temperature = 0.6f;
+    double temperature = 0.6, top_p = sp.smp.top_p, min_p = sp.smp.min_p;
+    double rep = sp.smp.repetition_penalty, pres = sp.smp.presence_penalty;
+    double freq = sp.smp.frequency_penalty;
+    int max_tokens = 256, min_tokens = 0, top_k = sp.smp.top_k;
+    opt_list stops = {0};
     int max_model_len = 4096, block_size = 64, n_blocks = 512;
-    for (int i = 1; i < argc; i++) {
-        int used = par_options_parse(&po, argc, argv, i);
-        if (used < 0) return 2;
-        if (used > 0) {
-            i += used - 1;
-            continue;
-        }
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        int bad = 0;
-#define VAL (v ? (i++, v) : (bad = 1, ""))
-        if (!strcmp(a, "--model"))
-            model = VAL;
-        else if (!strcmp(a, "--tokenizer"))
-            tok_dir = VAL;
-        else if (!strcmp(a, "--prompt"))
-            prompt = VAL;
-        else if (!strcmp(a, "--message"))
-            message = VAL;
-        else if (!strcmp(a, "--system"))
-            system = VAL;
-        else if (!strcmp(a, "--chat"))
-            chat = true;
-        else if (!strcmp(a, "--ignore-eos"))
-            sp.ignore_eos = true;
-        else if (!strcmp(a, "--logprobs"))
-            logprobs = true;
-        else if (!strcmp(a, "--max-tokens"))
-            sp.max_tokens = atoi(VAL);
-        else if (!strcmp(a, "--min-tokens"))
-            sp.min_tokens = atoi(VAL);
-        else if (!strcmp(a, "--top-k"))
-            sp.smp.top_k = atoi(VAL);
-        else if (!strcmp(a, "--seed")) {
-            sp.seed = strtoull(VAL, NULL, 10);
-            sp.has_seed = true;
-        } else if (!strcmp(a, "--temperature"))
-            bad = float_arg(VAL, &sp.smp.temperature) || bad;
-        else if (!strcmp(a, "--top-p"))
-            bad = float_arg(VAL, &sp.smp.top_p) || bad;
-        else if (!strcmp(a, "--min-p"))
-            bad = float_arg(VAL, &sp.smp.min_p) || bad;
-        else if (!strcmp(a, "--repetition-penalty"))
-            bad = float_arg(VAL, &sp.smp.repetition_penalty) || bad;
-        else if (!strcmp(a, "--presence-penalty"))
-            bad = float_arg(VAL, &sp.smp.presence_penalty) || bad;
-        else if (!strcmp(a, "--frequency-penalty"))
-            bad = float_arg(VAL, &sp.smp.frequency_penalty) || bad;
-        else if (!strcmp(a, "--stop")) {
-            const char *s = VAL;
-            if (sp.n_stop < ENG_MAX_STOP) sp.stop[sp.n_stop++] = (char *)s;
-        } else if (!strcmp(a, "--max-model-len"))
-            max_model_len = atoi(VAL);
-        else if (!strcmp(a, "--block-size"))
-            block_size = atoi(VAL);
-        else if (!strcmp(a, "--num-blocks"))
-            n_blocks = atoi(VAL);
-        else if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            usage(stdout);
-            return 0;
-        } else {
-            fprintf(stderr, "duet-run: unknown option %s\n", a);
-            usage(stderr);
-            return 2;
-        }
-#undef VAL
-        if (bad) {
-            fprintf(stderr, "duet-run: %s needs a valid value\n", a);
-            return 2;
-        }
+    const opt_spec specs[] = {
+        {.name = "--model",
+         .type = OPT_STRING,
+         .dest = &model,
+         .metavar = "DIR",
+         .help = "checkpoint folder"},
+        {.name = "--tokenizer",
+         .type = OPT_STRING,
+         .dest = &tok_dir,
+         .metavar = "DIR",
+         .help = "tokenizer.json + tokenizer_config.json (default: the model folder)"},
+        {.name = "--prompt",
+         .type = OPT_STRING,
+         .dest = &prompt,
+         .metavar = "TEXT",
+         .help = "plain completion of TEXT (BOS prepended as the tokenizer says)"},
+        {.name = "--message",
+         .type = OPT_STRING,
+         .dest = &message,
+         .metavar = "TEXT",
+         .help = "one chat turn, rendered with the chat template"},
+        {.name = "--chat",
+         .type = OPT_FLAG,
+         .dest = &chat,
+         .help = "interactive chat: one user message per line on stdin"},
+        {.name = "--system",
+         .type = OPT_STRING,
+         .dest = &system,
+         .metavar = "TEXT",
+         .help = "system prompt for --message / --chat"},
+        {.name = "--max-tokens",
+         .type = OPT_INT,
+         .dest = &max_tokens,
+         .min = 1,
+         .max = 1 << 24,
+         .def = "256"},
+        {.name = "--min-tokens", .type = OPT_INT, .dest = &min_tokens, .min = 0, .max = 1 << 24},
+        {.name = "--temperature",
+         .type = OPT_DOUBLE,
+         .dest = &temperature,
+         .min = 0,
+         .max = 100,
+         .def = "0.6"},
+        {.name = "--top-p", .type = OPT_DOUBLE, .dest = &top_p, .min = 1e-9, .max = 1},
+        {.name = "--top-k", .type = OPT_INT, .dest = &top_k, .min = -1, .max = 1 << 24},
+        {.name = "--min-p", .type = OPT_DOUBLE, .dest = &min_p, .min = 0, .max = 1},
+        {.name = "--repetition-penalty", .type = OPT_DOUBLE, .dest = &rep, .min = 1e-3, .max = 100},
+        {.name = "--presence-penalty", .type = OPT_DOUBLE, .dest = &pres, .min = -2, .max = 2},
+        {.name = "--frequency-penalty", .type = OPT_DOUBLE, .dest = &freq, .min = -2, .max = 2},
+        {.name = "--stop",
+         .type = OPT_LIST,
+         .dest = &stops,
+         .metavar = "TEXT...",
+         .help = "stop strings"},
+        {.name = "--ignore-eos", .type = OPT_FLAG, .dest = &sp.ignore_eos},
+        {.name = "--logprobs",
+         .type = OPT_FLAG,
+         .dest = &logprobs,
+         .help = "print each token's logprob"},
+        {.name = "--max-model-len",
+         .type = OPT_INT,
+         .dest = &max_model_len,
+         .min = 2,
+         .max = 1 << 24,
+         .def = "4096"},
+        {.name = "--block-size",
+         .type = OPT_INT,
+         .dest = &block_size,
+         .min = 1,
+         .max = 1 << 16,
+         .def = "64"},
+        {.name = "--num-blocks",
+         .type = OPT_INT,
+         .dest = &n_blocks,
+         .min = 1,
+         .max = 1 << 24,
+         .def = "512"},
+    };
+    opt_parser *op;
+    if (opt_parser_create("duet-run",
+                          "--model DIR (--prompt TEXT | --message TEXT | --chat) "
+                          "[options]",
+                          "Generates from the command line, streaming (--seed seeds sampling and "
+                          "dummy weights alike).",
+                          &op) != DUET_OK)
+        return 1;
+    int prc = 2;
+    if (opt_add(op, "Generation", specs, (int)(sizeof specs / sizeof specs[0])) == DUET_OK &&
+        par_options_add(op, &po) == DUET_OK)
+        prc = opt_parse(op, argc, argv);
+    if (prc == 0 && opt_given(op, "--seed")) {
+        sp.seed = po.seed;
+        sp.has_seed = true;
     }
+    if (prc == 0 && stops.n > ENG_MAX_STOP) {
+        fprintf(stderr, "duet-run: --stop: at most %d strings\n", ENG_MAX_STOP);
+        prc = 2;
+    }
+    for (int i = 0; prc == 0 && i < stops.n; i++) sp.stop[sp.n_stop++] = (char *)stops.v[i];
+    opt_parser_destroy(op);
+    if (prc) return prc == 1 ? 0 : 2;
+    sp.max_tokens = max_tokens;
+    sp.min_tokens = min_tokens;
+    sp.smp.temperature = (float)temperature;
+    sp.smp.top_p = (float)top_p;
+    sp.smp.top_k = top_k;
+    sp.smp.min_p = (float)min_p;
+    sp.smp.repetition_penalty = (float)rep;
+    sp.smp.presence_penalty = (float)pres;
+    sp.smp.frequency_penalty = (float)freq;
     if (!model || (!prompt && !message && !chat)) {
-        usage(stderr);
+        fprintf(stderr, "duet-run: --model and one of --prompt, --message, --chat are required "
+                        "(see --help)\n");
         return 2;
     }
     if (logprobs) sp.logprobs = 0;

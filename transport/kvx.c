@@ -110,12 +110,13 @@ typedef struct kvx_conn { /* prefill side: one decode worker connected to us */
 
 struct kvx {
     /* options */
+    const char *opt_secret, *opt_host; /* as given (argv or the environment) */
     char secret[512];
     int kv_port; /* 0: http port + 1000 */
     char advertise_host[KVX_MAX_HOST];
     double timeout_s;
-    int staging_mode; /* STAGE_AUTO, STAGE_ON, STAGE_OFF */
-    size_t staging_bytes;
+    int staging_mode;        /* STAGE_AUTO, STAGE_ON, STAGE_OFF */
+    long long staging_bytes; /* > 0 */
     srv_kv_context ctx;
     char model[256];
 
@@ -151,83 +152,52 @@ struct kvx {
 
 /* ---- plug-in hooks: command line ---- */
 
-static int x_parse_arg(void *state, int argc, char **argv, int i) {
+static duet_status x_add_options(void *state, opt_parser *p) {
     kvx *x = state;
-    const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-    int is_secret = !strcmp(a, "--kv-secret"), is_port = !strcmp(a, "--kv-port");
-    int is_host = !strcmp(a, "--kv-host"), is_to = !strcmp(a, "--kv-transfer-timeout");
-    int is_stage = !strcmp(a, "--kv-staging"), is_sb = !strcmp(a, "--kv-staging-bytes");
-    if (!(is_secret || is_port || is_host || is_to || is_stage || is_sb)) return 0;
-    if (!v) {
-        fprintf(stderr, "%s needs a value\n", a);
-        return -1;
-    }
-    if (is_secret) snprintf(x->secret, sizeof x->secret, "%s", v);
-    if (is_host) snprintf(x->advertise_host, sizeof x->advertise_host, "%s", v);
-    if (is_port) {
-        char *end;
-        long p = strtol(v, &end, 10);
-        if (*end || p < 1 || p > 65535) {
-            fprintf(stderr, "--kv-port must be a port number, got '%s'\n", v);
-            return -1;
-        }
-        x->kv_port = (int)p;
-    }
-    if (is_stage) {
-        if (!strcmp(v, "auto"))
-            x->staging_mode = STAGE_AUTO;
-        else if (!strcmp(v, "on"))
-            x->staging_mode = STAGE_ON;
-        else if (!strcmp(v, "off"))
-            x->staging_mode = STAGE_OFF;
-        else {
-            fprintf(stderr, "--kv-staging must be auto, on or off, got '%s'\n", v);
-            return -1;
-        }
-    }
-    if (is_sb) {
-        char *end;
-        double b = strtod(v, &end);
-        double mul = *end == 'K'   ? 1024.0
-                     : *end == 'M' ? 1048576.0
-                     : *end == 'G' ? 1073741824.0
-                                   : 1.0;
-        if (mul != 1.0) end++;
-        if (*end || !(b > 0)) {
-            fprintf(stderr, "--kv-staging-bytes must be a size such as 256M, got '%s'\n", v);
-            return -1;
-        }
-        x->staging_bytes = (size_t)(b * mul);
-    }
-    if (is_to) {
-        char *end;
-        double t = strtod(v, &end);
-        if (*end || !(t > 0)) {
-            fprintf(stderr, "--kv-transfer-timeout must be a positive number of seconds\n");
-            return -1;
-        }
-        x->timeout_s = t;
-    }
-    return 2;
-}
-
-static void x_usage(void *state, FILE *f) {
-    (void)state;
-    fprintf(f, "KV transfer (disaggregated prefill/decode):\n"
-               "  --kv-port N                side channel port of a prefill worker (default: its "
-               "HTTP port + 1000; DP rank r adds r)\n"
-               "  --kv-host HOST             address decode workers use to reach this prefill "
-               "worker (default: --host, or 127.0.0.1)\n"
-               "  --kv-secret S              shared secret of the side channel (also env "
-               "DUET_KV_SECRET)\n"
-               "  --kv-transfer-timeout S    decode side: fail a KV pull after S seconds "
-               "(default 10)\n"
-               "  --kv-staging auto|on|off   move KV through a host staging area (auto: when the "
-               "cache is in\n"
-               "                             device memory UCX cannot read; on: also for host "
-               "caches, which\n"
-               "                             lets same-host peers use UCX's shared-memory reads)\n"
-               "  --kv-staging-bytes N       size of the staging area (default 256M)\n");
+    const opt_spec specs[] = {
+        {.name = "--kv-port",
+         .type = OPT_INT,
+         .dest = &x->kv_port,
+         .min = 1,
+         .max = 65535,
+         .help = "side channel port of a prefill worker (default: its HTTP port + 1000; DP rank "
+                 "r adds r)"},
+        {.name = "--kv-host",
+         .type = OPT_STRING,
+         .dest = &x->opt_host,
+         .metavar = "HOST",
+         .help = "address decode workers use to reach this prefill worker (default: --host, or "
+                 "127.0.0.1)"},
+        {.name = "--kv-secret",
+         .type = OPT_STRING,
+         .dest = &x->opt_secret,
+         .metavar = "S",
+         .env = "DUET_KV_SECRET",
+         .help = "shared secret of the side channel"},
+        {.name = "--kv-transfer-timeout",
+         .type = OPT_DOUBLE,
+         .dest = &x->timeout_s,
+         .def = "10",
+         .min = 1e-3,
+         .max = 1e6,
+         .metavar = "S",
+         .help = "decode side: fail a KV pull after S seconds"},
+        {.name = "--kv-staging",
+         .type = OPT_CHOICE,
+         .dest = &x->staging_mode,
+         .def = "auto",
+         .choices = "auto|on|off",
+         .help = "move KV through a host staging area (auto: when the cache is in device "
+                 "memory UCX cannot read; on: also for host caches, which lets same-host peers "
+                 "use UCX's shared-memory reads)"},
+        {.name = "--kv-staging-bytes",
+         .type = OPT_SIZE,
+         .dest = &x->staging_bytes,
+         .def = "256M",
+         .help = "size of the staging area"},
+    };
+    return opt_add(p, "KV transfer (disaggregated prefill/decode)", specs,
+                   (int)(sizeof specs / sizeof specs[0]));
 }
 
 /* ---- transfer thread: helpers ---- */
@@ -1134,10 +1104,8 @@ static duet_status x_start(void *state, const srv_kv_context *ctx) {
     kvx *x = state;
     x->ctx = *ctx;
     snprintf(x->model, sizeof x->model, "%s", ctx->served_model_name ? ctx->served_model_name : "");
-    if (!x->secret[0]) {
-        const char *e = getenv("DUET_KV_SECRET");
-        if (e) snprintf(x->secret, sizeof x->secret, "%s", e);
-    }
+    if (x->opt_secret) snprintf(x->secret, sizeof x->secret, "%s", x->opt_secret);
+    if (x->opt_host) snprintf(x->advertise_host, sizeof x->advertise_host, "%s", x->opt_host);
     if (!x->secret[0])
         LOG_WARN("kv: no --kv-secret (or DUET_KV_SECRET): the KV side channel accepts any peer "
                  "that can reach it; set one shared secret on every prefill and decode worker");
@@ -1146,7 +1114,6 @@ static duet_status x_start(void *state, const srv_kv_context *ctx) {
         snprintf(x->advertise_host, sizeof x->advertise_host, "%s",
                  h && h[0] && strcmp(h, "0.0.0.0") != 0 && strcmp(h, "::") != 0 ? h : "127.0.0.1");
     }
-    if (!x->timeout_s) x->timeout_s = 10.0;
     be_kv *kv = ctx->kv;
     snprintf(x->dtype, sizeof x->dtype, "%s", dt_name(kv->dtype));
     x->pool.block_size = (uint32_t)kv->block_size;
@@ -1171,7 +1138,7 @@ static duet_status x_start(void *state, const srv_kv_context *ctx) {
         return DUET_ERR_UNSUPPORTED;
     }
     if (x->staged) {
-        size_t want = x->staging_bytes ? x->staging_bytes : (size_t)256 << 20;
+        size_t want = (size_t)x->staging_bytes;
         size_t slots = want / kv->block_bytes;
         if (slots > (size_t)kv->n_blocks) slots = (size_t)kv->n_blocks;
         if (slots < 1) slots = 1;
@@ -1391,8 +1358,7 @@ duet_status kvx_create(srv_kv_plugin *plugin) {
     duet__kv__pool_info__init(&x->pool);
     memset(plugin, 0, sizeof *plugin);
     plugin->state = x;
-    plugin->parse_arg = x_parse_arg;
-    plugin->usage = x_usage;
+    plugin->add_options = x_add_options;
     plugin->start = x_start;
     plugin->stop = x_stop;
     plugin->lease_params = x_lease_params;

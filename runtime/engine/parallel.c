@@ -1,7 +1,9 @@
 /* Instance bootstrap and DP lockstep; see parallel.h. */
 #include "engine/parallel.h"
 
+#include <errno.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -21,90 +23,122 @@ struct par_instance {
 
 void par_options_init(par_options *o) {
     memset(o, 0, sizeof *o);
-    snprintf(o->backend, sizeof o->backend, "cpu");
-    o->dtype = DT_COUNT;
-    o->tp = 1;
-    o->dp = 1;
-    o->load_format = MDL_WEIGHTS_CHECKPOINT;
     o->max_tokens = 2048;
+    /* the defaults are the option table's (par_options_add): parse an empty command line */
+    opt_parser *p;
+    char *argv[] = {(char *)"duet", NULL};
+    if (opt_parser_create("duet", NULL, NULL, &p) != DUET_OK) return;
+    if (par_options_add(p, o) == DUET_OK) (void)opt_parse(p, 1, argv);
+    opt_parser_destroy(p);
 }
 
-void par_usage(FILE *f) {
-    fprintf(f,
-            "  --backend cpu|cuda              device backend (default cpu)\n"
-            "  --dtype auto|bfloat16|float32   weights and activations (auto: float32 on cpu, "
-            "bfloat16 on cuda)\n"
-            "  --tensor-parallel-size N, -tp N  ranks sharing each layer (default 1)\n"
-            "  --data-parallel-size N, -dp N    independent replicas in the instance (default 1)\n"
-            "  --enable-expert-parallel         place routed experts across all ranks\n"
-            "  --load-format auto|dummy         dummy: random weights of the config's shapes\n"
-            "  --seed N                         seed of dummy weights\n"
-            "(an instance of dp * tp ranks is started with mpirun -np dp*tp)\n");
+static duet_status parse_backend(const opt_spec *s, const char *v, char *err, size_t len) {
+    if (strcmp(v, "cpu") != 0 && strcmp(v, "cuda") != 0) {
+        snprintf(err, len, "expected cpu or cuda, got '%s'", v);
+        return DUET_ERR_INVALID;
+    }
+    par_options *o = s->user;
+    snprintf(o->backend, sizeof o->backend, "%s", v);
+    return DUET_OK;
 }
 
-static int int_arg(const char *flag, const char *v, int *out) {
-    char *end;
-    long x = strtol(v, &end, 10);
-    if (*v == '\0' || *end != '\0' || x < 1 || x > 4096) {
-        fprintf(stderr, "%s needs a positive integer, got '%s'\n", flag, v);
-        return -1;
+static duet_status parse_dtype(const opt_spec *s, const char *v, char *err, size_t len) {
+    par_options *o = s->user;
+    if (!strcmp(v, "auto"))
+        o->dtype = DT_COUNT;
+    else if (!strcmp(v, "bfloat16") || !strcmp(v, "bf16"))
+        o->dtype = DT_BF16;
+    else if (!strcmp(v, "float32") || !strcmp(v, "float") || !strcmp(v, "f32"))
+        o->dtype = DT_F32;
+    else {
+        snprintf(err, len, "expected auto, bfloat16 or float32, got '%s'", v);
+        return DUET_ERR_INVALID;
     }
-    *out = (int)x;
-    return 2;
+    return DUET_OK;
 }
 
-int par_options_parse(par_options *o, int argc, char **argv, int i) {
-    const char *a = argv[i];
-    const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-    if (!strcmp(a, "--enable-expert-parallel")) {
-        o->ep = true;
-        return 1;
-    }
-    int is_tp = !strcmp(a, "--tensor-parallel-size") || !strcmp(a, "-tp");
-    int is_dp = !strcmp(a, "--data-parallel-size") || !strcmp(a, "-dp");
-    int is_be = !strcmp(a, "--backend"), is_lf = !strcmp(a, "--load-format");
-    int is_seed = !strcmp(a, "--seed"), is_dt = !strcmp(a, "--dtype");
-    if (!(is_tp || is_dp || is_be || is_lf || is_seed || is_dt)) return 0;
-    if (!v) {
-        fprintf(stderr, "%s needs a value\n", a);
-        return -1;
-    }
-    if (is_tp) return int_arg(a, v, &o->tp);
-    if (is_dp) return int_arg(a, v, &o->dp);
-    if (is_dt) {
-        if (!strcmp(v, "auto"))
-            o->dtype = DT_COUNT;
-        else if (!strcmp(v, "bfloat16") || !strcmp(v, "bf16"))
-            o->dtype = DT_BF16;
-        else if (!strcmp(v, "float32") || !strcmp(v, "float") || !strcmp(v, "f32"))
-            o->dtype = DT_F32;
-        else {
-            fprintf(stderr, "--dtype must be auto, bfloat16 or float32, got '%s'\n", v);
-            return -1;
-        }
-        return 2;
-    }
-    if (is_seed) {
-        o->seed = strtoull(v, NULL, 10);
-        return 2;
-    }
-    if (is_be) {
-        if (strcmp(v, "cpu") != 0 && strcmp(v, "cuda") != 0) {
-            fprintf(stderr, "--backend must be cpu or cuda, got '%s'\n", v);
-            return -1;
-        }
-        snprintf(o->backend, sizeof o->backend, "%s", v);
-        return 2;
-    }
+static duet_status parse_load_format(const opt_spec *s, const char *v, char *err, size_t len) {
+    par_options *o = s->user;
     if (!strcmp(v, "dummy"))
         o->load_format = MDL_WEIGHTS_DUMMY;
     else if (!strcmp(v, "auto") || !strcmp(v, "safetensors"))
         o->load_format = MDL_WEIGHTS_CHECKPOINT;
     else {
-        fprintf(stderr, "--load-format must be auto, safetensors or dummy, got '%s'\n", v);
-        return -1;
+        snprintf(err, len, "expected auto, safetensors or dummy, got '%s'", v);
+        return DUET_ERR_INVALID;
     }
-    return 2;
+    return DUET_OK;
+}
+
+static duet_status parse_seed(const opt_spec *s, const char *v, char *err, size_t len) {
+    char *end;
+    errno = 0;
+    unsigned long long x = strtoull(v, &end, 10);
+    if (!*v || *end || errno || v[0] == '-') {
+        snprintf(err, len, "expected a non-negative integer, got '%s'", v);
+        return DUET_ERR_INVALID;
+    }
+    ((par_options *)s->user)->seed = x;
+    return DUET_OK;
+}
+
+duet_status par_options_add(opt_parser *p, par_options *o) {
+    const opt_spec specs[] = {
+        {.name = "--backend",
+         .type = OPT_CUSTOM,
+         .parse = parse_backend,
+         .user = o,
+         .dest = o,
+         .metavar = "{cpu,cuda}",
+         .def = "cpu",
+         .help = "device backend"},
+        {.name = "--dtype",
+         .type = OPT_CUSTOM,
+         .parse = parse_dtype,
+         .user = o,
+         .dest = o,
+         .metavar = "{auto,bfloat16,float32}",
+         .def = "auto",
+         .help = "weights and activations (auto: float32 on cpu, bfloat16 on cuda)"},
+        {.name = "--tensor-parallel-size",
+         .alias = "-tp",
+         .type = OPT_INT,
+         .dest = &o->tp,
+         .def = "1",
+         .min = 1,
+         .max = 4096,
+         .help = "ranks sharing each layer"},
+        {.name = "--data-parallel-size",
+         .alias = "-dp",
+         .type = OPT_INT,
+         .dest = &o->dp,
+         .def = "1",
+         .min = 1,
+         .max = 4096,
+         .help = "independent replicas in the instance (an instance of dp * tp ranks is "
+                 "started with mpirun -np dp*tp)"},
+        {.name = "--enable-expert-parallel",
+         .alias = "-ep",
+         .type = OPT_FLAG,
+         .dest = &o->ep,
+         .help = "place routed experts across all ranks of the instance"},
+        {.name = "--load-format",
+         .type = OPT_CUSTOM,
+         .parse = parse_load_format,
+         .user = o,
+         .dest = o,
+         .metavar = "{auto,safetensors,dummy}",
+         .def = "auto",
+         .help = "dummy: random weights of the config's shapes"},
+        {.name = "--seed",
+         .type = OPT_CUSTOM,
+         .parse = parse_seed,
+         .user = o,
+         .dest = o,
+         .metavar = "N",
+         .help = "seed of dummy weights"},
+    };
+    return opt_add(p, "Parallelism and device", specs, (int)(sizeof specs / sizeof specs[0]));
 }
 
 duet_status par_instance_create(const par_options *o, const char *model_dir, int *argc,

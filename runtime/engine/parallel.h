@@ -8,6 +8,7 @@
 #include <stdbool.h>
 #include <stdio.h>
 
+#include "base/opt.h"
 #include "dist/comm.h"
 #include "model/model.h"
 
@@ -22,10 +23,9 @@ typedef struct par_options {
 } par_options;
 
 void par_options_init(par_options *o);
-/* Consumes the parallel/backend flag at argv[i] (and its value): returns how many arguments
- * it used, 0 if argv[i] is not one of them, -1 (after printing why) if its value is bad. */
-int par_options_parse(par_options *o, int argc, char **argv, int i);
-void par_usage(FILE *f);
+/* Adds the parallel and device options (--backend, --dtype, -tp, -dp, --enable-expert-parallel,
+ * --load-format, --seed) to p, writing into o (which must outlive p's parse). */
+duet_status par_options_add(opt_parser *p, par_options *o);
 
 typedef struct par_instance par_instance;
 

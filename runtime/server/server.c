@@ -15,6 +15,7 @@
 #include "base/clock.h"
 #include "model/config.h"
 #include "base/log.h"
+#include "base/opt.h"
 #include "server/server-impl.h"
 
 #ifndef DUET_VERSION
@@ -24,228 +25,178 @@
 /* ---------------------------------------------------------------------------------------------
  * Command line */
 
-static void usage(FILE *f, const char *prog, const srv_kv_plugin *plugin) {
-    fprintf(f,
-            "usage: %s --model DIR [options]\n"
-            "An OpenAI-compatible server (vLLM's flags where the meaning is the same).\n"
-            "  --model DIR                      checkpoint: config.json + safetensors\n"
-            "  --tokenizer DIR                  tokenizer.json + tokenizer_config.json "
-            "(default: --model)\n"
-            "  --served-model-name NAME         the model name clients use (default: --model)\n"
-            "  --host ADDR                      listen address (default: all IPv4)\n"
-            "  --port N                         HTTP port; DP rank r listens on N + r "
-            "(default 8000)\n"
-            "  --api-key KEY                    bearer key for /v1/* (also env DUET_API_KEY or "
-            "VLLM_API_KEY)\n"
-            "  --max-model-len N                context length (default min(config, 8192))\n"
-            "  --max-num-seqs N                 sequences per step (default 256)\n"
-            "  --max-num-batched-tokens N       tokens per step (default 2048)\n"
-            "  --max-waiting-requests N         queued beyond --max-num-seqs before new requests "
-            "get 503 (default 1024)\n"
-            "  --block-size N                   tokens per KV block (default 64)\n"
-            "  --kv-cache-memory BYTES          KV cache budget, K/M/G suffixes (default 1G)\n"
-            "  --num-gpu-blocks-override N      KV cache size in blocks (overrides the budget)\n"
-            "  --enable-prefix-caching, --no-enable-prefix-caching  (default on)\n"
-            "  --reasoning-parser deepseek_r1   split R1 reasoning into reasoning_content\n"
-            "  --kv-lease-timeout S             prefill: KV leases unread after S s are freed "
-            "(default 30)\n"
-            "  --shutdown-timeout S             SIGTERM: in-flight requests get S s before "
-            "abort (default 30)\n"
-            "  --max-request-body BYTES         larger bodies are answered 413 (default 32M)\n"
-            "  --help                           this text\n",
-            prog);
-    par_usage(f);
-    if (plugin && plugin->usage) plugin->usage(plugin->state, f);
-}
-
-/* "1073741824", "1G", "512MiB", "64k" */
-static int parse_bytes(const char *v, long long *out) {
-    char *end;
-    errno = 0;
-    double x = strtod(v, &end);
-    if (end == v || errno || !(x >= 0)) return -1;
-    double mul = 1;
-    if (*end) {
-        char u = (char)(*end | 0x20);
-        mul = u == 'k'   ? 1024.0
-              : u == 'm' ? 1048576.0
-              : u == 'g' ? 1073741824.0
-              : u == 't' ? 1099511627776.0
-                         : 0;
-        if (mul == 0) return -1;
-        end++;
-        if (!strcmp(end, "iB") || !strcmp(end, "ib") || !strcmp(end, "B") || !strcmp(end, "b"))
-            end += strlen(end);
-        if (*end) return -1;
+static duet_status parse_reasoning(const opt_spec *spec, const char *v, char *err, size_t len) {
+    if (strcmp(v, "deepseek_r1") != 0) {
+        snprintf(err, len, "expected deepseek_r1 (the one parser duet has), got '%s'", v);
+        return DUET_ERR_INVALID;
     }
-    x *= mul;
-    if (x > 9.0e18) return -1;
-    *out = (long long)x;
-    return 0;
+    *(bool *)spec->dest = true;
+    return DUET_OK;
 }
 
-static int parse_int(const char *v, long long lo, long long hi, long long *out) {
-    char *end;
-    errno = 0;
-    long long x = strtoll(v, &end, 10);
-    if (!*v || *end || errno || x < lo || x > hi) return -1;
-    *out = x;
-    return 0;
-}
-
-static int parse_secs(const char *v, double *out) {
-    char *end;
-    errno = 0;
-    double x = strtod(v, &end);
-    if (!*v || *end || errno || !(x >= 0) || x > 1e7) return -1;
-    *out = x;
-    return 0;
-}
-
-/* argv with "--flag=value" split in two, as argparse accepts. Pointers into argv or heap. */
-static char **split_equals(int argc, char **argv, int *argc_p, char **owned) {
-    char **out = calloc((size_t)argc * 2 + 1, sizeof *out);
-    if (!out) return NULL;
-    int k = 0;
-    char *buf = NULL;
-    size_t total = 0;
-    for (int i = 0; i < argc; i++) total += strlen(argv[i]) + 1;
-    buf = malloc(total + 1);
-    if (!buf) {
-        free(out);
-        return NULL;
+static duet_status parse_nonempty(const opt_spec *spec, const char *v, char *err, size_t len) {
+    if (!*v) {
+        snprintf(err, len, "expected a non-empty name");
+        return DUET_ERR_INVALID;
     }
-    char *p = buf;
-    for (int i = 0; i < argc; i++) {
-        const char *a = argv[i];
-        const char *eq = strchr(a, '=');
-        if (i > 0 && a[0] == '-' && a[1] == '-' && eq) {
-            size_t n = (size_t)(eq - a);
-            memcpy(p, a, n);
-            p[n] = '\0';
-            out[k++] = p;
-            p += n + 1;
-            out[k++] = (char *)eq + 1;
-        } else {
-            out[k++] = argv[i];
-        }
-    }
-    *argc_p = k;
-    *owned = buf;
-    return out;
+    *(const char **)spec->dest = v;
+    return DUET_OK;
+}
+
+/* The worker's own options (the instance's and the plug-in's are added beside them). */
+static duet_status server_options_add(opt_parser *p, srv_config *c) {
+    const opt_spec specs[] = {
+        {.name = "--model",
+         .type = OPT_STRING,
+         .dest = &c->model,
+         .metavar = "DIR",
+         .help = "checkpoint: config.json + safetensors (or the positional MODEL)"},
+        {.name = "--tokenizer",
+         .type = OPT_STRING,
+         .dest = &c->tokenizer,
+         .metavar = "DIR",
+         .help = "tokenizer.json + tokenizer_config.json (default: --model)"},
+        {.name = "--served-model-name",
+         .type = OPT_CUSTOM,
+         .parse = parse_nonempty,
+         .dest = &c->served_name,
+         .metavar = "NAME",
+         .help = "the model name clients use (default: --model)"},
+        {.name = "--host",
+         .type = OPT_STRING,
+         .dest = &c->host,
+         .metavar = "ADDR",
+         .help = "listen address (default: all IPv4)"},
+        {.name = "--port",
+         .type = OPT_INT,
+         .dest = &c->port,
+         .def = "8000",
+         .min = 0,
+         .max = 65535,
+         .help = "HTTP port; DP rank r listens on N + r"},
+        {.name = "--api-key",
+         .type = OPT_STRING,
+         .dest = &c->api_key,
+         .metavar = "KEY",
+         .env = "DUET_API_KEY|VLLM_API_KEY",
+         .help = "bearer key for /v1/*"},
+        {.name = "--max-model-len",
+         .type = OPT_INT,
+         .dest = &c->max_model_len,
+         .min = 2,
+         .max = 1 << 24,
+         .help = "context length (default min(config, 8192))"},
+        {.name = "--max-num-seqs",
+         .type = OPT_INT,
+         .dest = &c->max_num_seqs,
+         .def = "256",
+         .min = 1,
+         .max = 1 << 16,
+         .help = "sequences per step"},
+        {.name = "--max-num-batched-tokens",
+         .type = OPT_INT,
+         .dest = &c->max_num_batched_tokens,
+         .def = "2048",
+         .min = 1,
+         .max = 1 << 24,
+         .help = "tokens per step"},
+        {.name = "--max-waiting-requests",
+         .type = OPT_INT,
+         .dest = &c->max_waiting,
+         .def = "1024",
+         .min = 0,
+         .max = 1 << 24,
+         .help = "queued beyond --max-num-seqs before new requests get 503"},
+        {.name = "--block-size",
+         .type = OPT_INT,
+         .dest = &c->block_size,
+         .def = "64",
+         .min = 1,
+         .max = 1 << 16,
+         .help = "tokens per KV block"},
+        {.name = "--kv-cache-memory",
+         .type = OPT_SIZE,
+         .dest = &c->kv_cache_memory,
+         .help = "KV cache budget, K/M/G suffixes (default 1G)"},
+        {.name = "--num-gpu-blocks-override",
+         .type = OPT_INT,
+         .dest = &c->num_gpu_blocks_override,
+         .min = 1,
+         .max = INT_MAX / 2,
+         .help = "KV cache size in blocks (overrides the budget)"},
+        {.name = "--enable-prefix-caching",
+         .type = OPT_FLAG,
+         .dest = &c->prefix_caching,
+         .def = "true",
+         .flags = OPT_NEGATABLE,
+         .help = "reuse KV blocks of shared prefixes"},
+        {.name = "--reasoning-parser",
+         .type = OPT_CUSTOM,
+         .parse = parse_reasoning,
+         .dest = &c->reasoning_r1,
+         .metavar = "deepseek_r1",
+         .help = "split R1 reasoning into reasoning_content"},
+        {.name = "--kv-lease-timeout",
+         .type = OPT_DOUBLE,
+         .dest = &c->lease_timeout_s,
+         .def = "30",
+         .min = 1e-3,
+         .max = 1e7,
+         .metavar = "S",
+         .help = "prefill: KV leases unread after S seconds are freed"},
+        {.name = "--shutdown-timeout",
+         .type = OPT_DOUBLE,
+         .dest = &c->shutdown_timeout_s,
+         .def = "30",
+         .min = 0,
+         .max = 1e7,
+         .metavar = "S",
+         .help = "SIGTERM: in-flight requests get S seconds before abort"},
+        {.name = "--max-request-body",
+         .type = OPT_SIZE,
+         .dest = &c->max_request_body,
+         .def = "32M",
+         .help = "larger bodies are answered 413"},
+    };
+    return opt_add(p, "Server", specs, (int)(sizeof specs / sizeof specs[0]));
 }
 
 /* 0: parsed, 1: --help printed, 2: bad usage (a line printed). */
-static int parse_args(srv_config *c, int argc, char **argv, const srv_kv_plugin *plugin) {
-    const char *prog = argv[0];
-    for (int i = 1; i < argc; i++) {
-        int used = par_options_parse(&c->po, argc, argv, i);
-        if (used < 0) return 2;
-        if (used > 0) {
-            i += used - 1;
-            continue;
-        }
-        const char *a = argv[i];
-        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-        long long x;
-        double d;
-#define NEED_VALUE()                                                                               \
-    do {                                                                                           \
-        if (!v) {                                                                                  \
-            fprintf(stderr, "%s: %s needs a value\n", prog, a);                                    \
-            return 2;                                                                              \
-        }                                                                                          \
-        i++;                                                                                       \
-    } while (0)
-#define BAD_VALUE(what)                                                                            \
-    do {                                                                                           \
-        fprintf(stderr, "%s: %s needs %s, got '%s'\n", prog, a, what, v);                          \
-        return 2;                                                                                  \
-    } while (0)
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            usage(stdout, prog, plugin);
-            return 1;
-        } else if (!strcmp(a, "--model")) {
-            NEED_VALUE();
-            c->model = v;
-        } else if (!strcmp(a, "--tokenizer")) {
-            NEED_VALUE();
-            c->tokenizer = v;
-        } else if (!strcmp(a, "--served-model-name")) {
-            NEED_VALUE();
-            if (!*v) BAD_VALUE("a non-empty name");
-            c->served_name = v;
-        } else if (!strcmp(a, "--host")) {
-            NEED_VALUE();
-            c->host = v;
-        } else if (!strcmp(a, "--port")) {
-            NEED_VALUE();
-            if (parse_int(v, 0, 65535, &x)) BAD_VALUE("a port number (0..65535)");
-            c->port = (int)x;
-        } else if (!strcmp(a, "--api-key")) {
-            NEED_VALUE();
-            c->api_key = v;
-        } else if (!strcmp(a, "--max-model-len")) {
-            NEED_VALUE();
-            if (parse_int(v, 2, 1 << 24, &x)) BAD_VALUE("an integer of at least 2");
-            c->max_model_len = (int)x;
-        } else if (!strcmp(a, "--max-num-seqs")) {
-            NEED_VALUE();
-            if (parse_int(v, 1, 1 << 16, &x)) BAD_VALUE("a positive integer");
-            c->max_num_seqs = (int)x;
-        } else if (!strcmp(a, "--max-num-batched-tokens")) {
-            NEED_VALUE();
-            if (parse_int(v, 1, 1 << 24, &x)) BAD_VALUE("a positive integer");
-            c->max_num_batched_tokens = (int)x;
-        } else if (!strcmp(a, "--max-waiting-requests")) {
-            NEED_VALUE();
-            if (parse_int(v, 0, 1 << 24, &x)) BAD_VALUE("a non-negative integer");
-            c->max_waiting = (int)x;
-        } else if (!strcmp(a, "--block-size")) {
-            NEED_VALUE();
-            if (parse_int(v, 1, 1 << 16, &x)) BAD_VALUE("a positive integer");
-            c->block_size = (int)x;
-        } else if (!strcmp(a, "--kv-cache-memory")) {
-            NEED_VALUE();
-            if (parse_bytes(v, &c->kv_cache_memory) || c->kv_cache_memory <= 0)
-                BAD_VALUE("a positive byte count (K/M/G suffixes allowed)");
-        } else if (!strcmp(a, "--num-gpu-blocks-override")) {
-            NEED_VALUE();
-            if (parse_int(v, 1, INT_MAX / 2, &x)) BAD_VALUE("a positive integer");
-            c->num_gpu_blocks_override = (int)x;
-        } else if (!strcmp(a, "--enable-prefix-caching")) {
-            c->prefix_caching = true;
-        } else if (!strcmp(a, "--no-enable-prefix-caching")) {
-            c->prefix_caching = false;
-        } else if (!strcmp(a, "--reasoning-parser")) {
-            NEED_VALUE();
-            if (strcmp(v, "deepseek_r1") != 0) BAD_VALUE("deepseek_r1 (the one parser duet has)");
-            c->reasoning_r1 = true;
-        } else if (!strcmp(a, "--kv-lease-timeout")) {
-            NEED_VALUE();
-            if (parse_secs(v, &d) || d <= 0) BAD_VALUE("a positive number of seconds");
-            c->lease_timeout_s = d;
-        } else if (!strcmp(a, "--shutdown-timeout")) {
-            NEED_VALUE();
-            if (parse_secs(v, &d)) BAD_VALUE("a number of seconds");
-            c->shutdown_timeout_s = d;
-        } else if (!strcmp(a, "--max-request-body")) {
-            NEED_VALUE();
-            if (parse_bytes(v, &c->max_request_body) || c->max_request_body < 1024)
-                BAD_VALUE("a byte count of at least 1024");
-        } else {
-            int n =
-                plugin && plugin->parse_arg ? plugin->parse_arg(plugin->state, argc, argv, i) : 0;
-            if (n < 0) return 2;
-            if (n > 0) {
-                i += n - 1;
-                continue;
-            }
-            fprintf(stderr, "%s: unknown option '%s' (see --help)\n", prog, a);
+static int parse_args(srv_config *c, int argc, char **argv, const srv_kv_plugin *plugin,
+                      opt_parser **p_p) {
+    const char *prog = strrchr(argv[0], '/') ? strrchr(argv[0], '/') + 1 : argv[0];
+    opt_parser *p;
+    if (opt_parser_create(prog, "[options] [MODEL]",
+                          "An OpenAI-compatible server for DeepSeek-architecture models (vLLM's "
+                          "flags where the meaning is the same).",
+                          &p) != DUET_OK) {
+        fprintf(stderr, "%s: out of memory\n", prog);
+        return 2;
+    }
+    *p_p = p;
+    opt_allow_positional(p, 1, "MODEL");
+    if (server_options_add(p, c) != DUET_OK || par_options_add(p, &c->po) != DUET_OK ||
+        (plugin && plugin->add_options && plugin->add_options(plugin->state, p) != DUET_OK)) {
+        fprintf(stderr, "%s: internal error building the option table\n", prog);
+        return 2;
+    }
+    int rc = opt_parse(p, argc, argv);
+    if (rc) return rc;
+    if (opt_positional_count(p) == 1) {
+        if (c->model) {
+            fprintf(stderr, "%s: the model is given twice (--model and %s)\n", prog,
+                    opt_positional(p, 0));
             return 2;
         }
-#undef NEED_VALUE
-#undef BAD_VALUE
+        c->model = opt_positional(p, 0);
+    }
+    if (c->kv_cache_memory < 0 || (opt_given(p, "--kv-cache-memory") && c->kv_cache_memory == 0)) {
+        fprintf(stderr, "%s: --kv-cache-memory: expected a positive size\n", prog);
+        return 2;
+    }
+    if (c->max_request_body < 1024) {
+        fprintf(stderr, "%s: --max-request-body: expected at least 1024 bytes\n", prog);
+        return 2;
     }
     if (!c->model) {
         fprintf(stderr, "%s: --model DIR is required (see --help)\n", prog);
@@ -257,15 +208,6 @@ static int parse_args(srv_config *c, int argc, char **argv, const srv_kv_plugin 
 static void config_defaults(srv_config *c) {
     memset(c, 0, sizeof *c);
     par_options_init(&c->po);
-    c->port = 8000;
-    c->max_num_seqs = 256;
-    c->max_num_batched_tokens = 2048;
-    c->max_waiting = 1024;
-    c->block_size = 64;
-    c->prefix_caching = true;
-    c->lease_timeout_s = 30.0;
-    c->shutdown_timeout_s = 30.0;
-    c->max_request_body = 32LL * 1024 * 1024;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -730,32 +672,22 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
     s->plugin = plugin;
     srv_config *c = &s->cfg;
     config_defaults(c);
-    int sargc = 0;
-    char *owned = NULL;
-    char **sargv = split_equals(argc, argv, &sargc, &owned);
-    if (!sargv) {
-        free(s);
-        return 1;
-    }
-    int pr = parse_args(c, sargc, sargv, plugin);
+    opt_parser *op = NULL;
+    int pr = parse_args(c, argc, argv, plugin, &op);
     if (pr) {
-        free(sargv);
-        free(owned);
+        opt_parser_destroy(op);
         free(s);
         return pr == 1 ? 0 : 2;
     }
     if (!c->tokenizer) c->tokenizer = c->model;
     if (!c->served_name) c->served_name = c->model;
-    if (!c->api_key) c->api_key = getenv("DUET_API_KEY");
-    if (!c->api_key) c->api_key = getenv("VLLM_API_KEY");
     if (c->api_key && !*c->api_key) c->api_key = NULL;
     c->po.max_tokens = c->max_num_batched_tokens;
 
     /* values that depend on the model, checked before MPI and the weights */
     cfg_model mc;
     if (cfg_load(c->model, &mc) != DUET_OK) {
-        free(sargv);
-        free(owned);
+        opt_parser_destroy(op);
         free(s);
         return 1;
     }
@@ -764,8 +696,7 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
                 "%s: --max-model-len %d is longer than the model's max_position_embeddings "
                 "(%d)\n",
                 name, c->max_model_len, mc.max_position_embeddings);
-        free(sargv);
-        free(owned);
+        opt_parser_destroy(op);
         free(s);
         return 2;
     }
@@ -774,15 +705,13 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
                          : (mc.max_position_embeddings < 8192 ? mc.max_position_embeddings : 8192);
     if (c->port + c->po.dp - 1 > 65535) {
         fprintf(stderr, "%s: --port %d + %d DP ranks passes 65535\n", name, c->port, c->po.dp);
-        free(sargv);
-        free(owned);
+        opt_parser_destroy(op);
         free(s);
         return 2;
     }
     /* every rank reads the tokenizer before any collective: a bad file fails all alike */
     if (tok_load(c->tokenizer, &s->tok) != DUET_OK) {
-        free(sargv);
-        free(owned);
+        opt_parser_destroy(op);
         free(s);
         return 1;
     }
@@ -790,8 +719,7 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
     int rc = 1;
     if (par_instance_create(&c->po, c->model, &argc, &argv, &s->inst) != DUET_OK) {
         tok_destroy(s->tok);
-        free(sargv);
-        free(owned);
+        opt_parser_destroy(op);
         free(s);
         return 1;
     }
@@ -924,8 +852,7 @@ out_inst:
     chat_destroy(s->tpl);
     tok_destroy(s->tok);
     par_instance_destroy(s->inst);
-    free(sargv);
-    free(owned);
+    opt_parser_destroy(op);
     free(s);
     return rc;
 }

@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "base/opt.h"
 #include "engine/engine.h"
 #include "engine/parallel.h"
 #include "base/status.h"
@@ -38,11 +39,9 @@ typedef struct srv_kv_context {
 /* KV transfer plug-in. All hooks optional (NULL). state is the plug-in's own. */
 typedef struct srv_kv_plugin {
     void *state;
-    /* Command line: consume the flag at argv[i] (and its value): returns the number of
-     * arguments used, 0 if not the plug-in's, -1 after printing why the value is bad.
-     * Main thread, before anything starts. */
-    int (*parse_arg)(void *state, int argc, char **argv, int i);
-    void (*usage)(void *state, FILE *f);
+    /* Command line: adds the plug-in's options to the worker's table (they write into the
+     * plug-in's state). Main thread, before anything starts. */
+    duet_status (*add_options)(void *state, opt_parser *p);
     /* After the engine exists, before the HTTP server listens (main thread). An error ends
      * the program. */
     duet_status (*start)(void *state, const srv_kv_context *ctx);

@@ -23,20 +23,27 @@ typedef struct remote_desc {
     int32_t blocks[];
 } remote_desc;
 
-static int lb_parse_arg(void *state, int argc, char **argv, int i) {
-    loopback *lb = state;
-    if (strcmp(argv[i], "--loopback-tag") != 0) return 0;
-    if (i + 1 >= argc || !argv[i + 1][0]) {
-        fprintf(stderr, "--loopback-tag needs a value\n");
-        return -1;
+static duet_status lb_tag(const opt_spec *spec, const char *v, char *err, size_t len) {
+    loopback *lb = spec->user;
+    if (!*v) {
+        snprintf(err, len, "expected a non-empty tag");
+        return DUET_ERR_INVALID;
     }
-    snprintf(lb->tag, sizeof lb->tag, "%s", argv[i + 1]);
-    return 2;
+    snprintf(lb->tag, sizeof lb->tag, "%s", v);
+    return DUET_OK;
 }
 
-static void lb_usage(void *state, FILE *f) {
-    (void)state;
-    fprintf(f, "  --loopback-tag S                 (test plug-in) remote_engine_id to report\n");
+static duet_status lb_add_options(void *state, opt_parser *p) {
+    const opt_spec specs[] = {
+        {.name = "--loopback-tag",
+         .type = OPT_CUSTOM,
+         .parse = lb_tag,
+         .user = state,
+         .dest = state,
+         .metavar = "S",
+         .help = "(test plug-in) remote_engine_id to report"},
+    };
+    return opt_add(p, "Loopback plug-in", specs, 1);
 }
 
 static duet_status lb_start(void *state, const srv_kv_context *ctx) {
@@ -135,8 +142,7 @@ int main(int argc, char **argv) {
     static loopback lb = {.tag = "loopback"};
     srv_kv_plugin plugin = {
         .state = &lb,
-        .parse_arg = lb_parse_arg,
-        .usage = lb_usage,
+        .add_options = lb_add_options,
         .start = lb_start,
         .stop = lb_stop,
         .lease_params = lb_lease_params,

@@ -115,5 +115,8 @@ test('plug-in flags: parsed by the plug-in, listed in --help, bad values exit 2'
   const u = spawnSync(BIN, ['--model', 'x', '--no-such-flag'], { encoding: 'utf8' });
   assert.equal(u.status, 2);
   assert.equal(u.stderr.trim().split('\n').length, 1, u.stderr);
-  assert.match(u.stderr, /unknown option '--no-such-flag'/);
+  assert.match(u.stderr, /unknown option --no-such-flag/);
+  const t = spawnSync(BIN, ['--model', 'x', '--max-model-lenn', '8'], { encoding: 'utf8' });
+  assert.equal(t.status, 2);
+  assert.match(t.stderr, /unknown option --max-model-lenn \(did you mean --max-model-len\?\)/);
 });

@@ -8,6 +8,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "base/opt.h"
 #include "check.h"
 #include "golden.h"
 #include "kvx.h"
@@ -69,9 +70,11 @@ static int make_side(side *s, srv_role role, int block_size, int n_blocks, const
                      (char *)g_staging,
                      "--kv-staging-bytes",
                      (char *)g_staging_bytes};
-    CHECK(s->plug.parse_arg(s->plug.state, 7, args, 1) == 2);
-    CHECK(s->plug.parse_arg(s->plug.state, 7, args, 3) == 2);
-    CHECK(s->plug.parse_arg(s->plug.state, 7, args, 5) == 2);
+    opt_parser *op;
+    CHECK(opt_parser_create("test_kvx", NULL, NULL, &op) == DUET_OK);
+    CHECK(s->plug.add_options(s->plug.state, op) == DUET_OK);
+    CHECK(opt_parse(op, 7, args) == 0);
+    opt_parser_destroy(op);
     eng_config c;
     eng_config_default(&c);
     c.block_size = block_size;
