@@ -15,7 +15,8 @@
 #include <unistd.h>
 
 #include "base/fileio.h"
-#include "kvx.h"
+#include "kv_lease.h"
+#include "kv_pull.h"
 #include "base/log.h"
 #include "base/opt.h"
 
@@ -63,7 +64,8 @@ static int make_side(side *s, const char *model, srv_role role, const bench_opts
     int argc = 0;
     char **argv = NULL;
     if (par_instance_create(&po, model, &argc, &argv, &s->inst) != DUET_OK) return -1;
-    if (kvx_create(&s->plug) != DUET_OK) return -1;
+    if ((role == SRV_ROLE_PREFILL ? kvlease_create(&s->plug) : kvpull_create(&s->plug)) != DUET_OK)
+        return -1;
     /* room for the largest prompt's blocks (576 float32 latent dims per token and layer) */
     char staging_bytes[32];
     snprintf(staging_bytes, sizeof staging_bytes, "%zu",
@@ -127,9 +129,19 @@ static int run_prefill(const char *model, const bench_opts *o, int n_blocks, FIL
             be->ops->kv_copy_host(be, kv, blocks, n, host, false);
             free(host);
         }
-        cJSON *params = s.plug.lease_params(s.plug.state, id, "bench", blocks, n, n_tokens);
-        char *txt = cJSON_PrintUnformatted(params);
-        fprintf(out, "%s\n", txt);
+        /* what a prefill worker's answer carries (kv_transfer_params), as one JSON line */
+        srv_kv_params kp = {0};
+        cJSON *params = cJSON_CreateObject();
+        if (params && s.plug.lease(s.plug.state, id, "bench", &kp) == DUET_OK) {
+            cJSON *ids = cJSON_AddArrayToObject(params, "remote_block_ids");
+            for (int b = 0; b < n; b++) cJSON_AddItemToArray(ids, cJSON_CreateNumber(blocks[b]));
+            cJSON_AddStringToObject(params, "remote_engine_id", kp.engine_id);
+            cJSON_AddStringToObject(params, "remote_host", kp.host);
+            cJSON_AddNumberToObject(params, "remote_port", kp.port);
+            cJSON_AddNumberToObject(params, "remote_request_id", (double)id);
+        }
+        char *txt = params ? cJSON_PrintUnformatted(params) : NULL;
+        fprintf(out, "%s\n", txt ? txt : "error");
         fflush(out);
         free(txt);
         cJSON_Delete(params);
@@ -138,7 +150,7 @@ static int run_prefill(const char *model, const bench_opts *o, int n_blocks, FIL
     free(blocks);
     s.plug.stop(s.plug.state);
     eng_destroy(s.eng);
-    kvx_destroy(&s.plug);
+    kvlease_destroy(&s.plug);
     par_instance_destroy(s.inst);
     return 0;
 }
@@ -312,12 +324,20 @@ int main(int argc, char **argv) {
             int n_remote = cJSON_GetArraySize(ids);
             int32_t *remote = malloc((size_t)n_remote * sizeof(int32_t));
             for (int i = 0; i < n_remote; i++) remote[i] = cJSON_GetArrayItem(ids, i)->valueint;
-            void *rem = NULL;
+            srv_kv_params rem = {.port = 0};
             char err[256];
-            d.plug.parse_remote(d.plug.state, params, n_tokens, &rem, err, sizeof err);
+            const cJSON *f = cJSON_GetObjectItem(params, "remote_engine_id");
+            snprintf(rem.engine_id, sizeof rem.engine_id, "%s",
+                     cJSON_IsString(f) ? f->valuestring : "");
+            f = cJSON_GetObjectItem(params, "remote_host");
+            snprintf(rem.host, sizeof rem.host, "%s", cJSON_IsString(f) ? f->valuestring : "");
+            f = cJSON_GetObjectItem(params, "remote_port");
+            rem.port = cJSON_IsNumber(f) ? f->valueint : 0;
+            f = cJSON_GetObjectItem(params, "remote_request_id");
+            rem.lease = cJSON_IsNumber(f) ? (uint64_t)f->valuedouble : 0;
             cJSON_Delete(params);
-            kvx_stats s0, s1;
-            kvx_get_stats(&d.plug, &s0);
+            kvpull_stats s0, s1;
+            kvpull_get_stats(&d.plug, &s0);
             res = (result){.kv = kv, .remote = remote, .n_tokens = n_tokens};
             /* a prompt of its own, or the decode's prefix cache would serve the blocks */
             prompt[0] = 2 + (int32_t)(rid % 250);
@@ -330,7 +350,7 @@ int main(int argc, char **argv) {
             q.sampling.max_tokens = 1;
             q.sampling.ignore_eos = true;
             q.kv_role = ENG_KV_REMOTE;
-            q.remote = rem;
+            q.remote = &rem;
             if (eng_submit(d.eng, &q, err, sizeof err) != DUET_OK) {
                 fprintf(stderr, "duet-kvbench: %s\n", err);
                 rc = 1;
@@ -341,8 +361,7 @@ int main(int argc, char **argv) {
                 eng_step(d.eng, &busy);
                 if (!busy) eng_wait(d.eng, 1);
             }
-            kvx_get_stats(&d.plug, &s1);
-            d.plug.free_remote(d.plug.state, rem);
+            kvpull_get_stats(&d.plug, &s1);
             free(remote);
             if (!res.checked || res.bad) {
                 fprintf(stderr, "duet-kvbench: %d tokens: %s\n", n_tokens,
@@ -380,7 +399,7 @@ int main(int argc, char **argv) {
     free(prompt);
     d.plug.stop(d.plug.state);
     eng_destroy(d.eng);
-    kvx_destroy(&d.plug);
+    kvpull_destroy(&d.plug);
     par_instance_destroy(d.inst);
 out:
     fclose(cmd);

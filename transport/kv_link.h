@@ -1,29 +1,92 @@
-/* KV transfer for disaggregated serving (vLLM NIXL-connector protocol, "prefill first, decode
- * pulls"): the server plug-in (server.h) that duet-prefill and duet-decode load. Prefill side:
- * finished prompts' blocks stay leased and are served over a TCP side channel (protobuf-c,
- * HMAC challenge-response) that hands out the UCX worker address and memory key once per
- * peer. Decode side: pins a lease, reads the blocks with UCX RMA GET (contiguous runs
- * coalesced into one read), releases the lease, and tells the engine. One transfer thread
- * per worker process runs the side channel and the UCX worker. */
-#ifndef DUET_KVX_H
-#define DUET_KVX_H
+/* What both roles of KV transfer share (vLLM NIXL-connector protocol, "prefill first, decode
+ * pulls"): the transfer thread with its libuv loop, the UCX context and worker progressed from
+ * that loop, the KV pool registered for remote reads (or a host staging area when UCX cannot
+ * read the pool's memory), the side channel's framing and the options both roles take. The
+ * roles themselves live in their programs: prefill/kv_lease.c serves leases, decode/kv_pull.c
+ * pulls them; each plugs its callbacks into one kvl_link.
+ * Threads: kvl_create/kvl_stop/kvl_destroy on the main thread, kvl_wake and kvl_stopping on any
+ * thread, everything else on the transfer thread (inside the role's callbacks). */
+#ifndef DUET_KV_LINK_H
+#define DUET_KV_LINK_H
 
+#include <stdbool.h>
 #include <stdint.h>
+#include <uv.h>
 
-#include "server/server.h"
+#include "base/opt.h"
+#include "kv_ucx.h"
+#include "kv_wire.h"
+#include "server/kv_plugin.h"
 
-typedef struct kvx_stats {
-    uint64_t fetches_ok, fetches_failed;
-    uint64_t bytes_read, gets_issued;
-    uint64_t pins_served, pins_refused, peers_refused;
-    double fetch_seconds_total;
-} kvx_stats;
+/* Options both roles take (kvl_options_add writes them). */
+typedef struct kvl_options {
+    const char *secret;      /* --kv-secret / DUET_KV_SECRET; NULL: none (warned) */
+    int staging_mode;        /* KVL_STAGE_* */
+    long long staging_bytes; /* --kv-staging-bytes */
+} kvl_options;
 
-typedef struct kvx kvx;
+enum { KVL_STAGE_AUTO = 0, KVL_STAGE_ON = 1, KVL_STAGE_OFF = 2 };
 
-/* Fills *plugin with the hooks and a new state (kvx_destroy frees it after srv_main). */
-duet_status kvx_create(srv_kv_plugin *plugin);
-void kvx_destroy(srv_kv_plugin *plugin);
-void kvx_get_stats(const srv_kv_plugin *plugin, kvx_stats *st);
+duet_status kvl_options_add(opt_parser *p, kvl_options *o);
+
+typedef struct kvl_link kvl_link;
+
+/* A role's callbacks, each on the transfer thread; any may be NULL. */
+typedef struct kvl_role {
+    void *arg;
+    /* Before the thread starts, on the main thread: open the role's handles on the loop. */
+    duet_status (*open)(void *arg, kvl_link *l);
+    /* kvl_wake was called: work waits in the role's own inbox. */
+    void (*woken)(void *arg);
+    /* Every 5 ms: deadlines and retries. */
+    void (*tick)(void *arg, double now);
+    /* Stopping: fail what is pending and close every handle the role opened. */
+    void (*close)(void *arg);
+} kvl_role;
+
+/* Sets up UCX and the pool's registration (or the staging area), the loop, then role->open,
+ * then starts the transfer thread. The context stays the caller's. */
+duet_status kvl_create(const kvl_options *o, const srv_kv_context *ctx, const kvl_role *role,
+                       kvl_link **l_p);
+/* Stops the thread (role->close runs on it), after which nothing of the engine's backend is
+ * used. Then kvl_destroy frees the rest. Both accept NULL. */
+void kvl_stop(kvl_link *l);
+void kvl_destroy(kvl_link *l);
+
+/* Any thread: run role->woken on the transfer thread soon. */
+void kvl_wake(kvl_link *l);
+/* Any thread: whether kvl_stop has begun (new work should be refused). */
+bool kvl_stopping(kvl_link *l);
+
+uv_loop_t *kvl_loop(kvl_link *l);
+const srv_kv_context *kvl_context(const kvl_link *l);
+kvu_ctx *kvl_ucx(kvl_link *l);
+const char *kvl_secret(const kvl_link *l);    /* "" when none */
+const char *kvl_engine_id(const kvl_link *l); /* random per process: a restart changes it */
+/* The pool as the side channel describes it (compared at the handshake). */
+const Duet__Kv__PoolInfo *kvl_pool(const kvl_link *l);
+
+/* UCX progress is polled (see kv_ucx.h): call after issuing work so the loop polls hot. */
+void kvl_ucx_heat(kvl_link *l);
+
+/* Memory remote peers read and reads land in: the pool itself, or the staging area. */
+bool kvl_staged(const kvl_link *l);
+kvu_region *kvl_region(kvl_link *l); /* of the pool or of the staging area */
+uint8_t *kvl_base(kvl_link *l);      /* its first byte */
+int kvl_n_slots(const kvl_link *l);  /* blocks it holds */
+/* Staging slots: 0 taken (one contiguous run if there is one); -1 not now; -2 never (the area
+ * is smaller than n). */
+int kvl_stage_alloc(kvl_link *l, int n, int32_t *slots);
+void kvl_stage_free(kvl_link *l, const int32_t *slots, int n);
+/* Copies pool blocks to (to_host) or from staging slots; runs of consecutive slots are one copy
+ * each (by the backend for device pools, memcpy for host pools). */
+duet_status kvl_stage_copy(kvl_link *l, const int32_t *blocks, const int32_t *slots, int n,
+                           bool to_host);
+
+/* The side channel: one framed protobuf envelope (DUET_ERR_IO when the write cannot start; a
+ * failed write shows up as a read error on the same stream). */
+duet_status kvl_send(uv_tcp_t *tcp, const Duet__Kv__Envelope *env);
+/* libuv read buffers (heap; the read callback frees buf->base). */
+void kvl_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
 
 #endif

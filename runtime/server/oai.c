@@ -2,15 +2,20 @@
  * /tokenize and /detokenize, with vLLM's request fields, defaults, validation messages and
  * response shapes (streaming included). Requests become "jobs" of one engine request per
  * choice; engine events arrive here on the loop thread (server.c copies them over). */
+#include <errno.h>
 #include <math.h>
+#include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
-#include "base/log.h"
 #include "base/clock.h"
-#include "server/server-impl.h"
+#include "base/log.h"
+#include "base/strbuf.h"
+#include "openai/api.h"
+#include "server/oai.h"
 
 enum {
     MAX_PROMPTS = 256, /* prompts in one completions request */
@@ -18,21 +23,123 @@ enum {
     MAX_CHOICES = 1024,
 };
 
+typedef struct oai_job oai_job;
+
+/* An engine event copied for the loop thread. */
+typedef struct oai_msg {
+    struct oai_msg *next;
+    void *user; /* the oai_choice */
+    bool has_token;
+    int32_t token;
+    bool has_lp;
+    eng_token_lp lp;
+    eng_token_lp *prompt_lp; /* [n_prompt], heap, or NULL */
+    char *text;              /* heap, NUL-terminated, or NULL */
+    size_t text_len;
+    eng_finish finish;
+    char *stop_reason;
+    int32_t stop_token;
+    char *error;
+    int n_prompt, n_output, n_cached;
+    int32_t *lease_blocks;
+    int n_lease_blocks;
+    double t; /* seconds, CLOCK_MONOTONIC */
+} oai_msg;
+
+/* One engine request: a choice of a completion or chat response. */
+typedef struct oai_choice {
+    oai_job *job;
+    int index;  /* in the response */
+    int prompt; /* which prompt of the request */
+    uint64_t eng_id;
+    bool live; /* submitted and not finished */
+    bool done;
+    srv_kv_params *remote; /* decode side: where its KV comes from; freed when done */
+    strbuf text;           /* all output text (non-stream), or unused */
+    int32_t *ids;          /* output token ids */
+    int n_ids, cap_ids;
+    eng_token_lp *lps; /* per output token, when logprobs were asked */
+    int n_lps, cap_lps;
+    eng_token_lp *prompt_lp; /* echo with logprobs */
+    eng_finish finish;
+    char *stop_reason;
+    int32_t stop_token;
+    char *error;
+    int n_prompt, n_output, n_cached;
+    api_reasoner reasoner;
+    strbuf reason, content; /* chat: split text */
+    bool sent_first;        /* stream: the first chunk (role, prompt ids) went out */
+    size_t text_offset;     /* completions logprobs: bytes of token strings so far */
+    double t_first, t_last;
+} oai_choice;
+
+typedef enum oai_job_kind {
+    OAI_JOB_COMPLETION = 0,
+    OAI_JOB_CHAT = 1,
+} oai_job_kind;
+
+struct oai_job {
+    oai_frontend *fe;
+    oai_job *prev, *next; /* in srv->jobs */
+    http_req *req;        /* NULL once the response is finished (or the client left) */
+    oai_job_kind kind;
+    char id[160];         /* "cmpl-..." / "chatcmpl-..." */
+    char request_id[129]; /* X-Request-Id, echoed */
+    http_header extra[2];
+    long long created;
+    double t_arrival;
+    bool stream, include_usage, continuous_usage;
+    bool echo, return_token_ids, want_logprobs;
+    int logprobs; /* completions: legacy top-N; chat: top_logprobs */
+    bool kv_lease;
+    cJSON *kv_params_out; /* prefill side: the answer's kv_transfer_params */
+    int n_prompts;
+    int32_t **prompts; /* [n_prompts] token ids */
+    int *n_prompt_ids;
+    char **prompt_text; /* echo: the prompts as text */
+    int n_choices;
+    oai_choice *choices;
+    int n_live;
+    bool failed;  /* a choice ended in error: answer 500 / an error event */
+    bool aborted; /* ended by the server (shutdown): answer 503 */
+    int err_status;
+    char err_msg[256];
+    bool stream_started;
+};
+
+struct oai_frontend {
+    oai_config cfg;
+    tok_tokenizer *tok;
+    const chat_template *tpl; /* NULL: no chat template (chat answers 400) */
+    met_registry *met;
+    eng_engine *eng;
+    const srv_kv_plugin *plugin;
+    int vocab;
+    int max_model_len;
+    int max_live;
+    bool draining;
+    uint64_t next_id;
+    int live_requests; /* engine requests submitted and not finished */
+    oai_job *jobs;
+    pthread_mutex_t mu; /* the event queue, filled by the engine thread */
+    oai_msg *q_head, *q_tail;
+};
+
 /* ---------------------------------------------------------------------------------------------
  * Jobs */
 
 static void on_client_gone(http_req *req, void *arg);
 
-static srv_job *job_create(srv_server *s, http_req *req, srv_job_kind kind) {
-    srv_job *j = calloc(1, sizeof *j);
+static oai_job *job_create(oai_frontend *s, http_req *req, oai_job_kind kind) {
+    oai_job *j = calloc(1, sizeof *j);
     if (!j) return NULL;
-    j->srv = s;
+    j->fe = s;
     j->req = req;
     j->kind = kind;
     j->created = (long long)time(NULL);
     j->t_arrival = clock_now_s();
     api_request_id(req, j->request_id, sizeof j->request_id);
-    snprintf(j->id, sizeof j->id, "%s-%s", kind == SRV_JOB_CHAT ? "chatcmpl" : "cmpl",
+    snprintf(j->id, sizeof j->id, "%s-%s", kind == OAI_JOB_CHAT ? "chatcmpl" : "cmpl",
              j->request_id);
     j->extra[0] = (http_header){"X-Request-Id", j->request_id};
     j->extra[1] = (http_header){NULL, NULL};
@@ -42,17 +149,16 @@ static srv_job *job_create(srv_server *s, http_req *req, srv_job_kind kind) {
     return j;
 }
 
-static void job_free(srv_job *j) {
-    srv_server *s = j->srv;
+static void job_free(oai_job *j) {
+    oai_frontend *s = j->fe;
     if (j->prev)
         j->prev->next = j->next;
     else
         s->jobs = j->next;
     if (j->next) j->next->prev = j->prev;
     for (int i = 0; i < j->n_choices; i++) {
-        srv_choice *c = &j->choices[i];
-        if (c->remote && s->plugin && s->plugin->free_remote)
-            s->plugin->free_remote(s->plugin->state, c->remote);
+        oai_choice *c = &j->choices[i];
+        free(c->remote);
         strbuf_free(&c->text);
         strbuf_free(&c->reason);
         strbuf_free(&c->content);
@@ -74,32 +180,32 @@ static void job_free(srv_job *j) {
     free(j);
 }
 
-static void job_maybe_free(srv_job *j) {
+static void job_maybe_free(oai_job *j) {
     if (!j->req && j->n_live == 0) job_free(j);
 }
 
-static void job_abort_live(srv_job *j) {
+static void job_abort_live(oai_job *j) {
     for (int i = 0; i < j->n_choices; i++)
-        if (j->choices[i].live) eng_abort(j->srv->eng, j->choices[i].eng_id);
+        if (j->choices[i].live) eng_abort(j->fe->eng, j->choices[i].eng_id);
 }
 
 /* Ends the HTTP side with an error (before streaming started). */
-static void job_respond_error(srv_job *j, int status, const char *msg, const char *param) {
+static void job_respond_error(oai_job *j, int status, const char *msg, const char *param) {
     if (!j->req) return;
     http_req *req = j->req;
     j->req = NULL;
-    srv_count_status(j->srv, status);
+    met_count_http(j->fe->met, status);
     api_respond_error(req, status, msg, param, j->extra);
 }
 
-static void job_fail(srv_job *j, const api_err *e) {
+static void job_fail(oai_job *j, const api_err *e) {
     job_respond_error(j, e->status ? e->status : 500, e->message, e->param);
     job_abort_live(j);
     job_maybe_free(j);
 }
 
 static void on_client_gone(http_req *req, void *arg) {
-    srv_job *j = arg;
+    oai_job *j = arg;
     (void)req;
     if (!j->req) return;
     LOG_DEBUG("api: %s: client left; aborting its %d engine requests", j->id, j->n_live);
@@ -112,7 +218,7 @@ static void on_client_gone(http_req *req, void *arg) {
 /* ---------------------------------------------------------------------------------------------
  * Request fields */
 
-static duet_status check_model(srv_server *s, const cJSON *body, api_err *e) {
+static duet_status check_model(oai_frontend *s, const cJSON *body, api_err *e) {
     const char *model = NULL;
     if (api_get_string(body, "model", &model, e)) return DUET_ERR_INVALID;
     if (model && strcmp(model, s->cfg.served_name) != 0)
@@ -221,7 +327,7 @@ static duet_status parse_sampling(const cJSON *b, eng_sampling *sp, api_err *e) 
     return DUET_OK;
 }
 
-static duet_status parse_stream(srv_job *j, const cJSON *b, api_err *e) {
+static duet_status parse_stream(oai_job *j, const cJSON *b, api_err *e) {
     if (api_get_bool(b, "stream", &j->stream, e)) return DUET_ERR_INVALID;
     const cJSON *so = cJSON_GetObjectItemCaseSensitive(b, "stream_options");
     if (so && !cJSON_IsNull(so)) {
@@ -238,7 +344,7 @@ static duet_status parse_stream(srv_job *j, const cJSON *b, api_err *e) {
 }
 
 /* Context-length checks with vLLM's wording, before anything is submitted. */
-static duet_status check_lengths(srv_server *s, srv_job *j, long long max_tokens, api_err *e) {
+static duet_status check_lengths(oai_frontend *s, oai_job *j, long long max_tokens, api_err *e) {
     for (int p = 0; p < j->n_prompts; p++) {
         int n = j->n_prompt_ids[p];
         if (n < 1) return api_err_set(e, 400, "prompt", "The prompt cannot be empty");
@@ -263,7 +369,7 @@ static duet_status check_lengths(srv_server *s, srv_job *j, long long max_tokens
     return DUET_OK;
 }
 
-static duet_status add_prompt(srv_job *j, int32_t *ids, int n, char *text) {
+static duet_status add_prompt(oai_job *j, int32_t *ids, int n, char *text) {
     int k = j->n_prompts;
     int32_t **p = realloc(j->prompts, (size_t)(k + 1) * sizeof *p);
     if (p) j->prompts = p;
@@ -284,7 +390,7 @@ static duet_status add_prompt(srv_job *j, int32_t *ids, int n, char *text) {
 }
 
 /* Text to ids, with BOS in front when asked and the tokenizer says so. */
-static duet_status encode_text(srv_server *s, const char *text, size_t len, bool add_special,
+static duet_status encode_text(oai_frontend *s, const char *text, size_t len, bool add_special,
                                int32_t **ids_p, int *n_p) {
     int32_t *ids = NULL;
     size_t n = 0;
@@ -305,7 +411,7 @@ static duet_status encode_text(srv_server *s, const char *text, size_t len, bool
     return DUET_OK;
 }
 
-static char *decode_ids(srv_server *s, const int32_t *ids, int n, bool skip_special) {
+static char *decode_ids(oai_frontend *s, const int32_t *ids, int n, bool skip_special) {
     char *text = NULL;
     size_t len = 0;
     if (n == 0) return strdup("");
@@ -334,7 +440,7 @@ static duet_status token_array(const cJSON *arr, int32_t **ids_p, int *n_p, api_
     return DUET_OK;
 }
 
-static duet_status parse_prompts(srv_server *s, srv_job *j, const cJSON *b, bool add_special,
+static duet_status parse_prompts(oai_frontend *s, oai_job *j, const cJSON *b, bool add_special,
                                  api_err *e) {
     const cJSON *p = cJSON_GetObjectItemCaseSensitive(b, "prompt");
     static const char shape[] = "'prompt' must be a string, a list of strings, a list of token "
@@ -379,7 +485,7 @@ static duet_status parse_prompts(srv_server *s, srv_job *j, const cJSON *b, bool
 }
 
 /* messages → ids through the chat template. */
-static duet_status render_chat(srv_server *s, const cJSON *b, bool default_add_special,
+static duet_status render_chat(oai_frontend *s, const cJSON *b, bool default_add_special,
                                int32_t **ids_p, int *n_p, api_err *e) {
     const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(b, "messages");
     if (!msgs || cJSON_IsNull(msgs))
@@ -443,9 +549,68 @@ static duet_status render_chat(srv_server *s, const cJSON *b, bool default_add_s
     return DUET_OK;
 }
 
+/* kv_transfer_params of a decode worker's request (vLLM NIXL names) into C. */
+static duet_status kv_params_parse(const cJSON *kv, srv_kv_params *out, api_err *e) {
+    const cJSON *host = cJSON_GetObjectItemCaseSensitive(kv, "remote_host");
+    const cJSON *port = cJSON_GetObjectItemCaseSensitive(kv, "remote_port");
+    const cJSON *eng = cJSON_GetObjectItemCaseSensitive(kv, "remote_engine_id");
+    const cJSON *rid = cJSON_GetObjectItemCaseSensitive(kv, "remote_request_id");
+    const cJSON *tp = cJSON_GetObjectItemCaseSensitive(kv, "tp_size");
+    const char *p = "kv_transfer_params";
+    if (!cJSON_IsString(host) || !host->valuestring[0] ||
+        strlen(host->valuestring) >= sizeof out->host)
+        return api_err_set(e, 400, p, "kv_transfer_params: remote_host must be a host name");
+    if (!cJSON_IsNumber(port) || port->valuedouble < 1 || port->valuedouble > 65535 ||
+        port->valuedouble != (int)port->valuedouble)
+        return api_err_set(e, 400, p, "kv_transfer_params: remote_port must be a port number");
+    if (!cJSON_IsString(eng) || strlen(eng->valuestring) >= sizeof out->engine_id)
+        return api_err_set(e, 400, p, "kv_transfer_params: remote_engine_id must be a string");
+    char *end = NULL;
+    errno = 0;
+    unsigned long long lease = cJSON_IsString(rid) ? strtoull(rid->valuestring, &end, 10) : 0;
+    if (!cJSON_IsString(rid) || !rid->valuestring[0] || *end || errno || rid->valuestring[0] == '-')
+        return api_err_set(e, 400, p,
+                           "kv_transfer_params: remote_request_id must be the prefill worker's "
+                           "lease id");
+    if (tp && !cJSON_IsNull(tp) &&
+        (!cJSON_IsNumber(tp) || tp->valuedouble < 1 || tp->valuedouble > 65536 ||
+         tp->valuedouble != (int)tp->valuedouble))
+        return api_err_set(e, 400, p, "kv_transfer_params: tp_size must be a positive integer");
+    memset(out, 0, sizeof *out);
+    snprintf(out->host, sizeof out->host, "%s", host->valuestring);
+    out->port = port->valueint;
+    snprintf(out->engine_id, sizeof out->engine_id, "%s", eng->valuestring);
+    out->lease = lease;
+    out->tp_size = cJSON_IsNumber(tp) ? tp->valueint : 1;
+    return DUET_OK;
+}
+
+/* A prefill worker's answer: where the lease's blocks can be pulled. NULL without memory. */
+static cJSON *kv_params_json(const srv_kv_params *kp, const int32_t *blocks, int n_blocks) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON *ids = cJSON_CreateArray();
+    if (!o || !ids) {
+        cJSON_Delete(o);
+        cJSON_Delete(ids);
+        return NULL;
+    }
+    for (int i = 0; i < n_blocks; i++) cJSON_AddItemToArray(ids, cJSON_CreateNumber(blocks[i]));
+    char lease[32];
+    snprintf(lease, sizeof lease, "%llu", (unsigned long long)kp->lease);
+    cJSON_AddBoolToObject(o, "do_remote_prefill", 1);
+    cJSON_AddBoolToObject(o, "do_remote_decode", 0);
+    cJSON_AddStringToObject(o, "remote_engine_id", kp->engine_id);
+    cJSON_AddItemToObject(o, "remote_block_ids", ids);
+    cJSON_AddStringToObject(o, "remote_host", kp->host);
+    cJSON_AddNumberToObject(o, "remote_port", kp->port);
+    cJSON_AddStringToObject(o, "remote_request_id", lease);
+    cJSON_AddNumberToObject(o, "tp_size", kp->tp_size);
+    return o;
+}
+
 /* kv_transfer_params: which role the plug-in plays for this request. */
-static duet_status parse_kv_params(srv_server *s, srv_job *j, const cJSON *b, eng_kv_role *role,
-                                   void **remote, api_err *e) {
+static duet_status parse_kv_params(oai_frontend *s, oai_job *j, const cJSON *b, eng_kv_role *role,
+                                   srv_kv_params **remote, api_err *e) {
     *role = ENG_KV_LOCAL;
     *remote = NULL;
     const cJSON *kv = cJSON_GetObjectItemCaseSensitive(b, "kv_transfer_params");
@@ -460,21 +625,20 @@ static duet_status parse_kv_params(srv_server *s, srv_job *j, const cJSON *b, en
     if (remote_decode && remote_prefill)
         return api_err_set(e, 400, "kv_transfer_params",
                            "do_remote_decode and do_remote_prefill exclude each other");
-    if ((remote_decode && s->plugin->lease_params) || (remote_prefill && s->plugin->parse_remote)) {
+    if ((remote_decode && s->plugin->lease) || (remote_prefill && s->plugin->fetch)) {
         if (j->n_choices != 1)
             return api_err_set(e, 400, "kv_transfer_params",
                                "KV transfer needs exactly one prompt and n = 1");
     }
-    if (remote_decode && s->plugin->lease_params) {
+    if (remote_decode && s->plugin->lease) {
         *role = ENG_KV_LEASE;
         j->kv_lease = true;
-    } else if (remote_prefill && s->plugin->parse_remote) {
-        char err[256] = "";
-        duet_status st = s->plugin->parse_remote(s->plugin->state, kv, j->n_prompt_ids[0], remote,
-                                                 err, sizeof err);
-        if (st != DUET_OK)
-            return api_err_set(e, st == DUET_ERR_INVALID ? 400 : 500, "kv_transfer_params", "%s",
-                               err[0] ? err : "invalid kv_transfer_params");
+    } else if (remote_prefill && s->plugin->fetch) {
+        srv_kv_params kp;
+        if (kv_params_parse(kv, &kp, e) != DUET_OK) return DUET_ERR_INVALID;
+        *remote = malloc(sizeof **remote);
+        if (!*remote) return api_err_set(e, 500, NULL, "out of memory");
+        **remote = kp;
         *role = ENG_KV_REMOTE;
     }
     return DUET_OK;
@@ -496,13 +660,13 @@ static int status_of(duet_status st) {
     }
 }
 
-static duet_status job_setup_choices(srv_job *j, int n) {
+static duet_status job_setup_choices(oai_job *j, int n) {
     j->n_choices = j->n_prompts * n;
     j->choices = calloc((size_t)j->n_choices, sizeof *j->choices);
     if (!j->choices) return DUET_ERR_NO_MEMORY;
     for (int p = 0; p < j->n_prompts; p++)
         for (int k = 0; k < n; k++) {
-            srv_choice *c = &j->choices[p * n + k];
+            oai_choice *c = &j->choices[p * n + k];
             c->job = j;
             c->index = p * n + k;
             c->prompt = p;
@@ -513,15 +677,17 @@ static duet_status job_setup_choices(srv_job *j, int n) {
     return DUET_OK;
 }
 
-static void job_start(srv_job *j, const eng_sampling *sp, int n, eng_kv_role role, void *remote);
+static void job_start(oai_job *j, const eng_sampling *sp, int n, eng_kv_role role,
+                      srv_kv_params *remote);
 
 /* Submits every choice; on a failure aborts the ones already in and answers the error. */
-static void job_submit(srv_job *j, const eng_sampling *sp, int n, eng_kv_role role, void *remote) {
-    srv_server *s = j->srv;
+static void job_submit(oai_job *j, const eng_sampling *sp, int n, eng_kv_role role,
+                       srv_kv_params *remote) {
+    oai_frontend *s = j->fe;
     if (s->draining) {
         api_err e = {0};
         api_err_set(&e, 503, NULL, "The server is shutting down");
-        if (remote && s->plugin->free_remote) s->plugin->free_remote(s->plugin->state, remote);
+        free(remote);
         job_fail(j, &e);
         return;
     }
@@ -530,17 +696,18 @@ static void job_submit(srv_job *j, const eng_sampling *sp, int n, eng_kv_role ro
         api_err_set(&e, 503, NULL,
                     "The server is overloaded (%d requests in progress); retry later",
                     s->live_requests);
-        if (remote && s->plugin->free_remote) s->plugin->free_remote(s->plugin->state, remote);
+        free(remote);
         job_fail(j, &e);
         return;
     }
     job_start(j, sp, n, role, remote);
 }
 
-static void job_start(srv_job *j, const eng_sampling *sp, int n, eng_kv_role role, void *remote) {
-    srv_server *s = j->srv;
+static void job_start(oai_job *j, const eng_sampling *sp, int n, eng_kv_role role,
+                      srv_kv_params *remote) {
+    oai_frontend *s = j->fe;
     for (int i = 0; i < j->n_choices; i++) {
-        srv_choice *c = &j->choices[i];
+        oai_choice *c = &j->choices[i];
         eng_request r = {.id = ++s->next_id,
                          .prompt = j->prompts[c->prompt],
                          .n_prompt = j->n_prompt_ids[c->prompt],
@@ -553,8 +720,7 @@ static void job_start(srv_job *j, const eng_sampling *sp, int n, eng_kv_role rol
         char err[256] = "";
         duet_status st = eng_submit(s->eng, &r, err, sizeof err);
         if (st != DUET_OK) {
-            if (i == 0 && remote && s->plugin->free_remote)
-                s->plugin->free_remote(s->plugin->state, remote);
+            if (i == 0) free(remote);
             api_err e = {0};
             api_err_set(&e, status_of(st), NULL, "%s", err[0] ? err : duet_strerror(st));
             job_fail(j, &e);
@@ -576,7 +742,7 @@ static void job_start(srv_job *j, const eng_sampling *sp, int n, eng_kv_role rol
             return;
         }
         j->stream_started = true;
-        srv_count_status(s, 200);
+        met_count_http(s->met, 200);
     }
 }
 
@@ -588,7 +754,7 @@ static double clamp_lp(float lp) {
 }
 
 /* A token's text as the client sees it in logprobs (decoded alone; invalid bytes U+FFFD). */
-static char *token_str(srv_server *s, int32_t id) {
+static char *token_str(oai_frontend *s, int32_t id) {
     char *t = decode_ids(s, &id, 1, false);
     return t ? t : strdup("");
 }
@@ -602,7 +768,7 @@ static cJSON *usage_json(int prompt, int completion) {
     return u;
 }
 
-static cJSON *job_usage(const srv_job *j) {
+static cJSON *job_usage(const oai_job *j) {
     int prompt = 0, completion = 0;
     for (int p = 0; p < j->n_prompts; p++) prompt += j->n_prompt_ids[p];
     for (int i = 0; i < j->n_choices; i++) completion += j->choices[i].n_output;
@@ -630,7 +796,7 @@ static const char *finish_str(eng_finish f) {
     }
 }
 
-static void add_finish(cJSON *o, const srv_choice *c, bool final) {
+static void add_finish(cJSON *o, const oai_choice *c, bool final) {
     const char *f = final ? finish_str(c->finish) : NULL;
     if (f)
         cJSON_AddStringToObject(o, "finish_reason", f);
@@ -657,7 +823,7 @@ static void legacy_init(legacy_lp *l) {
     l->top_logprobs = cJSON_AddArrayToObject(l->obj, "top_logprobs");
 }
 
-static void legacy_add(srv_server *s, legacy_lp *l, int32_t tok, const eng_token_lp *lp,
+static void legacy_add(oai_frontend *s, legacy_lp *l, int32_t tok, const eng_token_lp *lp,
                        size_t *offset) {
     char *str = token_str(s, tok);
     cJSON_AddItemToArray(l->text_offset, cJSON_CreateNumber((double)*offset));
@@ -685,7 +851,7 @@ static void legacy_add(srv_server *s, legacy_lp *l, int32_t tok, const eng_token
 }
 
 /* Chat logprobs entries: {"token","logprob","bytes","top_logprobs":[...]} */
-static cJSON *chat_lp_entry(srv_server *s, int32_t tok, float logprob) {
+static cJSON *chat_lp_entry(oai_frontend *s, int32_t tok, float logprob) {
     cJSON *o = cJSON_CreateObject();
     char *str = token_str(s, tok);
     cJSON_AddStringToObject(o, "token", str);
@@ -697,7 +863,7 @@ static cJSON *chat_lp_entry(srv_server *s, int32_t tok, float logprob) {
     return o;
 }
 
-static void chat_lp_add(srv_server *s, cJSON *content, const eng_token_lp *lp, int n_top) {
+static void chat_lp_add(oai_frontend *s, cJSON *content, const eng_token_lp *lp, int n_top) {
     cJSON *o = chat_lp_entry(s, lp->token, lp->logprob);
     cJSON *top = cJSON_AddArrayToObject(o, "top_logprobs");
     for (int k = 0; k < lp->n_top && k < n_top; k++)
@@ -705,8 +871,8 @@ static void chat_lp_add(srv_server *s, cJSON *content, const eng_token_lp *lp, i
     cJSON_AddItemToArray(content, o);
 }
 
-static cJSON *chunk_head(const srv_job *j, const char *object) {
-    srv_server *s = j->srv;
+static cJSON *chunk_head(const oai_job *j, const char *object) {
+    oai_frontend *s = j->fe;
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "id", j->id);
     cJSON_AddStringToObject(o, "object", object);
@@ -718,7 +884,7 @@ static cJSON *chunk_head(const srv_job *j, const char *object) {
 /* ---------------------------------------------------------------------------------------------
  * Streaming */
 
-static void stream_send(srv_job *j, cJSON *chunk) {
+static void stream_send(oai_job *j, cJSON *chunk) {
     if (j->req && api_sse_json(j->req, chunk) != DUET_OK) {
         /* gone or stuck: on_close follows and aborts the rest */
     }
@@ -726,8 +892,8 @@ static void stream_send(srv_job *j, cJSON *chunk) {
 }
 
 /* One chunk for one engine event of a completions stream. */
-static void stream_completion(srv_job *j, srv_choice *c, const srv_msg *m) {
-    srv_server *s = j->srv;
+static void stream_completion(oai_job *j, oai_choice *c, const oai_msg *m) {
+    oai_frontend *s = j->fe;
     cJSON *o = chunk_head(j, "text_completion");
     cJSON *choices = cJSON_AddArrayToObject(o, "choices");
     cJSON *ch = cJSON_CreateObject();
@@ -769,8 +935,8 @@ static void stream_completion(srv_job *j, srv_choice *c, const srv_msg *m) {
     stream_send(j, o);
 }
 
-static void stream_chat(srv_job *j, srv_choice *c, const srv_msg *m) {
-    srv_server *s = j->srv;
+static void stream_chat(oai_job *j, oai_choice *c, const oai_msg *m) {
+    oai_frontend *s = j->fe;
     cJSON *o = chunk_head(j, "chat.completion.chunk");
     bool first = !c->sent_first;
     if (first && j->return_token_ids)
@@ -811,14 +977,14 @@ static void stream_chat(srv_job *j, srv_choice *c, const srv_msg *m) {
     stream_send(j, o);
 }
 
-static void stream_end(srv_job *j) {
+static void stream_end(oai_job *j) {
     if (!j->req) return;
     if (j->failed || j->aborted) {
         api_sse_error(j->req, j->aborted ? 503 : (j->err_status ? j->err_status : 500),
                       j->err_msg[0] ? j->err_msg : "the request failed");
     } else if (j->include_usage) {
         cJSON *o =
-            chunk_head(j, j->kind == SRV_JOB_CHAT ? "chat.completion.chunk" : "text_completion");
+            chunk_head(j, j->kind == OAI_JOB_CHAT ? "chat.completion.chunk" : "text_completion");
         cJSON_AddArrayToObject(o, "choices");
         cJSON_AddItemToObject(o, "usage", job_usage(j));
         api_sse_json(j->req, o);
@@ -835,24 +1001,24 @@ static void stream_end(srv_job *j) {
 
 /* The end every whole (not streamed) answer shares: kv_transfer_params, then the response;
  * frees o. */
-static void respond_whole(srv_job *j, cJSON *o) {
+static void respond_whole(oai_job *j, cJSON *o) {
     if (j->kv_params_out)
         cJSON_AddItemToObject(o, "kv_transfer_params", cJSON_Duplicate(j->kv_params_out, true));
     else
         cJSON_AddNullToObject(o, "kv_transfer_params");
     http_req *req = j->req;
     j->req = NULL;
-    srv_count_status(j->srv, 200);
+    met_count_http(j->fe->met, 200);
     api_respond_json(req, 200, o, j->extra);
     cJSON_Delete(o);
 }
 
-static void respond_completion(srv_job *j) {
-    srv_server *s = j->srv;
+static void respond_completion(oai_job *j) {
+    oai_frontend *s = j->fe;
     cJSON *o = chunk_head(j, "text_completion");
     cJSON *choices = cJSON_AddArrayToObject(o, "choices");
     for (int i = 0; i < j->n_choices; i++) {
-        srv_choice *c = &j->choices[i];
+        oai_choice *c = &j->choices[i];
         cJSON *ch = cJSON_CreateObject();
         cJSON_AddItemToArray(choices, ch);
         cJSON_AddNumberToObject(ch, "index", c->index);
@@ -886,12 +1052,12 @@ static void respond_completion(srv_job *j) {
     respond_whole(j, o);
 }
 
-static void respond_chat(srv_job *j) {
-    srv_server *s = j->srv;
+static void respond_chat(oai_job *j) {
+    oai_frontend *s = j->fe;
     cJSON *o = chunk_head(j, "chat.completion");
     cJSON *choices = cJSON_AddArrayToObject(o, "choices");
     for (int i = 0; i < j->n_choices; i++) {
-        srv_choice *c = &j->choices[i];
+        oai_choice *c = &j->choices[i];
         cJSON *ch = cJSON_CreateObject();
         cJSON_AddItemToArray(choices, ch);
         cJSON_AddNumberToObject(ch, "index", c->index);
@@ -932,7 +1098,7 @@ static void respond_chat(srv_job *j) {
     respond_whole(j, o);
 }
 
-static void job_complete(srv_job *j) {
+static void job_complete(oai_job *j) {
     if (!j->req) return;
     if (j->stream_started) {
         stream_end(j);
@@ -943,7 +1109,7 @@ static void job_complete(srv_job *j) {
                           j->err_msg[0] ? j->err_msg : "the request failed", NULL);
         return;
     }
-    if (j->kind == SRV_JOB_CHAT)
+    if (j->kind == OAI_JOB_CHAT)
         respond_chat(j);
     else
         respond_completion(j);
@@ -963,8 +1129,8 @@ static bool grow(void **p, int *cap, int need, size_t elem) {
     return true;
 }
 
-static void choice_finish(srv_job *j, srv_choice *c, srv_msg *m) {
-    srv_server *s = j->srv;
+static void choice_finish(oai_job *j, oai_choice *c, oai_msg *m) {
+    oai_frontend *s = j->fe;
     c->done = true;
     c->live = false;
     j->n_live--;
@@ -977,10 +1143,8 @@ static void choice_finish(srv_job *j, srv_choice *c, srv_msg *m) {
     met_observe(s->met, MET_HIST_E2E, m->t - j->t_arrival);
     met_observe(s->met, MET_HIST_PROMPT_TOKENS, m->n_prompt);
     met_observe(s->met, MET_HIST_GENERATION_TOKENS, m->n_output);
-    if (c->remote && s->plugin && s->plugin->free_remote) {
-        s->plugin->free_remote(s->plugin->state, c->remote);
-        c->remote = NULL;
-    }
+    free(c->remote);
+    c->remote = NULL;
     if (m->finish == ENG_FINISH_ERROR && !j->failed && !j->aborted) {
         j->failed = true;
         j->err_status = 500;
@@ -998,9 +1162,12 @@ static void choice_finish(srv_job *j, srv_choice *c, srv_msg *m) {
     }
     if (m->n_lease_blocks > 0) {
         cJSON *params = NULL;
-        if (j->req && !j->failed && !j->aborted && s->plugin && s->plugin->lease_params)
-            params = s->plugin->lease_params(s->plugin->state, c->eng_id, j->request_id,
-                                             m->lease_blocks, m->n_lease_blocks, m->n_prompt);
+        srv_kv_params kp = {.lease = c->eng_id};
+        if (j->req && !j->failed && !j->aborted && s->plugin && s->plugin->lease &&
+            s->plugin->lease(s->plugin->state, c->eng_id, j->request_id, &kp) == DUET_OK) {
+            kp.lease = c->eng_id;
+            params = kv_params_json(&kp, m->lease_blocks, m->n_lease_blocks);
+        }
         if (params) {
             cJSON_Delete(j->kv_params_out);
             j->kv_params_out = params;
@@ -1016,9 +1183,9 @@ static void choice_finish(srv_job *j, srv_choice *c, srv_msg *m) {
     }
 }
 
-void api_job_event(srv_server *s, const srv_msg *m) {
-    srv_choice *c = m->user;
-    srv_job *j = c->job;
+static void job_event(oai_frontend *s, const oai_msg *m) {
+    oai_choice *c = m->user;
+    oai_job *j = c->job;
     (void)s;
     if (m->has_token) {
         if (grow((void **)&c->ids, &c->cap_ids, c->n_ids + 1, sizeof *c->ids))
@@ -1027,9 +1194,9 @@ void api_job_event(srv_server *s, const srv_msg *m) {
             c->lps[c->n_lps++] = m->lp;
         if (c->t_first == 0) {
             c->t_first = m->t;
-            met_observe(j->srv->met, MET_HIST_TTFT, m->t - j->t_arrival);
+            met_observe(j->fe->met, MET_HIST_TTFT, m->t - j->t_arrival);
         } else {
-            met_observe(j->srv->met, MET_HIST_ITL, m->t - c->t_last);
+            met_observe(j->fe->met, MET_HIST_ITL, m->t - c->t_last);
         }
         c->t_last = m->t;
     }
@@ -1042,11 +1209,11 @@ void api_job_event(srv_server *s, const srv_msg *m) {
     c->n_output = m->n_output;
     c->n_cached = m->n_cached;
     bool final = m->finish != ENG_FINISH_NONE;
-    if (final) choice_finish(j, c, (srv_msg *)m);
+    if (final) choice_finish(j, c, (oai_msg *)m);
     if (j->req && !j->failed && !j->aborted) {
         if (j->stream_started) {
             /* aborted/failed choices end the stream with an error event instead */
-            if (j->kind == SRV_JOB_CHAT)
+            if (j->kind == OAI_JOB_CHAT)
                 stream_chat(j, c, m);
             else
                 stream_completion(j, c, m);
@@ -1058,18 +1225,18 @@ void api_job_event(srv_server *s, const srv_msg *m) {
     job_maybe_free(j);
 }
 
-void api_jobs_abort_all(srv_server *s) {
-    for (srv_job *j = s->jobs; j; j = j->next) job_abort_live(j);
+void oai_abort_all(oai_frontend *s) {
+    for (oai_job *j = s->jobs; j; j = j->next) job_abort_live(j);
 }
 
 /* ---------------------------------------------------------------------------------------------
  * Endpoints */
 
-static srv_job *job_begin(srv_server *s, http_req *req, srv_job_kind kind) {
-    srv_job *j = job_create(s, req, kind);
+static oai_job *job_begin(oai_frontend *s, http_req *req, oai_job_kind kind) {
+    oai_job *j = job_create(s, req, kind);
     if (!j) {
         LOG_ERROR("api: out of memory starting a request");
-        srv_count_status(s, 500);
+        met_count_http(s->met, 500);
         api_respond_error(req, 500, "out of memory", NULL, NULL);
     }
     return j;
@@ -1077,10 +1244,10 @@ static srv_job *job_begin(srv_server *s, http_req *req, srv_job_kind kind) {
 
 /* The end both generation handlers share: n choices, the disaggregation role from
  * kv_transfer_params, then the engine requests. Returns nonzero with e set on failure. */
-static int job_launch(srv_server *s, srv_job *j, const cJSON *body, const eng_sampling *sp, int n,
+static int job_launch(oai_frontend *s, oai_job *j, const cJSON *body, const eng_sampling *sp, int n,
                       api_err *e) {
     eng_kv_role role = ENG_KV_LOCAL;
-    void *remote = NULL;
+    srv_kv_params *remote = NULL;
     if (job_setup_choices(j, n) != DUET_OK) {
         api_err_set(e, 500, NULL, "out of memory");
         return 1;
@@ -1090,8 +1257,8 @@ static int job_launch(srv_server *s, srv_job *j, const cJSON *body, const eng_sa
     return 0;
 }
 
-void api_handle_completions(srv_server *s, http_req *req, cJSON *body) {
-    srv_job *j = job_begin(s, req, SRV_JOB_COMPLETION);
+void oai_handle_completions(oai_frontend *s, http_req *req, const cJSON *body) {
+    oai_job *j = job_begin(s, req, OAI_JOB_COMPLETION);
     if (!j) return;
     api_err e = {0};
     eng_sampling sp;
@@ -1143,8 +1310,8 @@ fail:
     job_fail(j, &e);
 }
 
-void api_handle_chat(srv_server *s, http_req *req, cJSON *body) {
-    srv_job *j = job_begin(s, req, SRV_JOB_CHAT);
+void oai_handle_chat(oai_frontend *s, http_req *req, const cJSON *body) {
+    oai_job *j = job_begin(s, req, OAI_JOB_CHAT);
     if (!j) return;
     api_err e = {0};
     eng_sampling sp;
@@ -1194,7 +1361,7 @@ fail:
     job_fail(j, &e);
 }
 
-void api_handle_tokenize(srv_server *s, http_req *req, cJSON *body) {
+void oai_handle_tokenize(oai_frontend *s, http_req *req, const cJSON *body) {
     api_err e = {0};
     int32_t *ids = NULL;
     int n = 0;
@@ -1236,17 +1403,17 @@ void api_handle_tokenize(srv_server *s, http_req *req, cJSON *body) {
         cJSON_AddNullToObject(o, "token_strs");
     }
     free(ids);
-    srv_count_status(s, 200);
+    met_count_http(s->met, 200);
     api_respond_json(req, 200, o, NULL);
     cJSON_Delete(o);
     return;
 fail:
     free(ids);
-    srv_count_status(s, e.status);
+    met_count_http(s->met, e.status);
     api_respond_err(req, &e, NULL);
 }
 
-void api_handle_detokenize(srv_server *s, http_req *req, cJSON *body) {
+void oai_handle_detokenize(oai_frontend *s, http_req *req, const cJSON *body) {
     api_err e = {0};
     int32_t *ids = NULL;
     int n = 0;
@@ -1274,12 +1441,152 @@ void api_handle_detokenize(srv_server *s, http_req *req, cJSON *body) {
     cJSON_AddStringToObject(o, "prompt", text);
     free(text);
     free(ids);
-    srv_count_status(s, 200);
+    met_count_http(s->met, 200);
     api_respond_json(req, 200, o, NULL);
     cJSON_Delete(o);
     return;
 fail:
     free(ids);
-    srv_count_status(s, e.status);
+    met_count_http(s->met, e.status);
     api_respond_err(req, &e, NULL);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Engine events */
+
+static char *dup_n(const char *s, size_t n) {
+    char *d = malloc(n + 1);
+    if (d) {
+        if (n) memcpy(d, s, n);
+        d[n] = '\0';
+    }
+    return d;
+}
+
+static void msg_free(oai_msg *m) {
+    if (!m) return;
+    free(m->prompt_lp);
+    free(m->text);
+    free(m->stop_reason);
+    free(m->error);
+    free(m->lease_blocks);
+    free(m);
+}
+
+/* Engine thread (or the main thread inside eng_destroy): copy and hand to the loop. */
+void oai_on_engine_event(void *user, const eng_event *ev) {
+    oai_frontend *s = user;
+    oai_msg *m = calloc(1, sizeof *m);
+    bool oom = !m;
+    if (m) {
+        m->user = ev->user;
+        m->t = clock_now_s();
+        if (ev->n_tokens > 0) {
+            m->has_token = true;
+            m->token = ev->tokens[0];
+            if (ev->logprobs) {
+                m->has_lp = true;
+                m->lp = ev->logprobs[0];
+            }
+        }
+        if (ev->prompt_logprobs && ev->n_prompt > 0) {
+            m->prompt_lp = malloc((size_t)ev->n_prompt * sizeof *m->prompt_lp);
+            if (m->prompt_lp)
+                memcpy(m->prompt_lp, ev->prompt_logprobs,
+                       (size_t)ev->n_prompt * sizeof *m->prompt_lp);
+        }
+        if (ev->text_len) {
+            m->text = dup_n(ev->text, ev->text_len);
+            m->text_len = m->text ? ev->text_len : 0;
+        }
+        m->finish = ev->finish;
+        if (ev->stop_reason) m->stop_reason = strdup(ev->stop_reason);
+        m->stop_token = ev->stop_token;
+        if (ev->error) m->error = strdup(ev->error);
+        m->n_prompt = ev->n_prompt;
+        m->n_output = ev->n_output;
+        m->n_cached = ev->n_cached;
+        if (ev->n_lease_blocks > 0) {
+            m->lease_blocks = malloc((size_t)ev->n_lease_blocks * sizeof *m->lease_blocks);
+            if (m->lease_blocks) {
+                memcpy(m->lease_blocks, ev->lease_blocks,
+                       (size_t)ev->n_lease_blocks * sizeof *m->lease_blocks);
+                m->n_lease_blocks = ev->n_lease_blocks;
+            }
+        }
+    }
+    if (oom) {
+        /* A lost final event would leave its response hanging for good; nothing better can be
+         * done without memory than to say so once. */
+        LOG_ERROR("server: out of memory passing an engine event to the HTTP loop");
+        return;
+    }
+    pthread_mutex_lock(&s->mu);
+    if (s->q_tail)
+        s->q_tail->next = m;
+    else
+        s->q_head = m;
+    s->q_tail = m;
+    pthread_mutex_unlock(&s->mu);
+    if (s->cfg.wake) s->cfg.wake(s->cfg.wake_arg);
+}
+
+void oai_process_events(oai_frontend *s) {
+    pthread_mutex_lock(&s->mu);
+    oai_msg *m = s->q_head;
+    s->q_head = s->q_tail = NULL;
+    pthread_mutex_unlock(&s->mu);
+    while (m) {
+        oai_msg *next = m->next;
+        job_event(s, m);
+        msg_free(m);
+        m = next;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The frontend */
+
+duet_status oai_create(const oai_config *cfg, tok_tokenizer *tok, const chat_template *tpl,
+                       met_registry *met, oai_frontend **fe_p) {
+    oai_frontend *fe = calloc(1, sizeof *fe);
+    if (!fe) return DUET_ERR_NO_MEMORY;
+    fe->cfg = *cfg;
+    fe->tok = tok;
+    fe->tpl = tpl;
+    fe->met = met;
+    fe->plugin = cfg->plugin;
+    fe->vocab = cfg->vocab;
+    fe->max_model_len = cfg->max_model_len;
+    fe->max_live = cfg->max_live;
+    pthread_mutex_init(&fe->mu, NULL);
+    *fe_p = fe;
+    return DUET_OK;
+}
+
+void oai_destroy(oai_frontend *fe) {
+    if (!fe) return;
+    oai_process_events(fe);
+    while (fe->jobs) {
+        /* not reached: every job ended with its requests' final events */
+        oai_job *j = fe->jobs;
+        fe->jobs = j->next;
+        free(j);
+    }
+    pthread_mutex_destroy(&fe->mu);
+    free(fe);
+}
+
+void oai_set_engine(oai_frontend *fe, eng_engine *eng) {
+    fe->eng = eng;
+}
+
+void oai_set_draining(oai_frontend *fe) {
+    fe->draining = true;
+}
+
+int oai_jobs_count(const oai_frontend *fe) {
+    int n = 0;
+    for (const oai_job *j = fe->jobs; j; j = j->next) n++;
+    return n;
 }

@@ -5,7 +5,10 @@
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
+#include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,11 +19,71 @@
 #include "model/config.h"
 #include "base/log.h"
 #include "base/opt.h"
-#include "server/server-impl.h"
+#include "openai/api.h"
+#include "server/oai.h"
+#include "server/server.h"
 
 #ifndef DUET_VERSION
 #define DUET_VERSION "0.0.0"
 #endif
+
+typedef struct srv_config {
+    const char *model;
+    const char *tokenizer;   /* default: model */
+    const char *served_name; /* default: model */
+    const char *host;
+    const char *api_key;
+    int port;
+    int max_model_len; /* 0: min(max_position_embeddings, 8192) */
+    int max_num_seqs;
+    int max_num_batched_tokens;
+    int max_waiting; /* engine requests beyond max_num_seqs before new ones get 503 */
+    int block_size;
+    long long kv_cache_memory; /* bytes; 0: default */
+    int num_gpu_blocks_override;
+    bool prefix_caching;
+    bool reasoning_r1;
+    double lease_timeout_s;
+    double shutdown_timeout_s;
+    long long max_request_body;
+    par_options po;
+} srv_config;
+
+typedef struct srv_server {
+    srv_config cfg;
+    srv_role role;
+    const srv_kv_plugin *plugin;
+    bool plugin_started;
+    par_instance *inst;
+    eng_engine *eng;
+    tok_tokenizer *tok;
+    chat_template *tpl; /* NULL: no chat template (chat answers 400) */
+    int vocab;          /* the model's */
+    int max_model_len;
+    int n_blocks;
+    long long created;
+    met_registry *met;
+
+    uv_loop_t *loop;
+    http_server *http;
+    uv_async_t async;
+    uv_signal_t sig_term, sig_int;
+    uv_timer_t drain_timer;
+    bool draining;
+    bool aborted_all;
+    bool drained;
+    int drain_phase;
+
+    pthread_t engine_thread;
+    bool engine_started;
+    pthread_mutex_t mu; /* engine_started, read by the engine thread's wake-ups */
+    atomic_bool stop_engine;
+    atomic_bool engine_failed;
+    comm_group *leaders; /* lockstep: the DP leaders' quit vote */
+
+    oai_frontend *fe; /* the OpenAI endpoints */
+    int exit_code;
+} srv_server;
 
 /* ---------------------------------------------------------------------------------------------
  * Command line */
@@ -213,95 +276,13 @@ static void config_defaults(srv_config *c) {
 /* ---------------------------------------------------------------------------------------------
  * Engine thread and its events */
 
-static char *dup_n(const char *s, size_t n) {
-    char *d = malloc(n + 1);
-    if (d) {
-        if (n) memcpy(d, s, n);
-        d[n] = '\0';
-    }
-    return d;
-}
-
-static void msg_free(srv_msg *m) {
-    if (!m) return;
-    free(m->prompt_lp);
-    free(m->text);
-    free(m->stop_reason);
-    free(m->error);
-    free(m->lease_blocks);
-    free(m);
-}
-
-/* Engine thread (or the main thread inside eng_destroy): copy and hand to the loop. */
-static void on_engine_event(void *user, const eng_event *ev) {
-    srv_server *s = user;
-    srv_msg *m = calloc(1, sizeof *m);
-    bool oom = !m;
-    if (m) {
-        m->user = ev->user;
-        m->t = clock_now_s();
-        if (ev->n_tokens > 0) {
-            m->has_token = true;
-            m->token = ev->tokens[0];
-            if (ev->logprobs) {
-                m->has_lp = true;
-                m->lp = ev->logprobs[0];
-            }
-        }
-        if (ev->prompt_logprobs && ev->n_prompt > 0) {
-            m->prompt_lp = malloc((size_t)ev->n_prompt * sizeof *m->prompt_lp);
-            if (m->prompt_lp)
-                memcpy(m->prompt_lp, ev->prompt_logprobs,
-                       (size_t)ev->n_prompt * sizeof *m->prompt_lp);
-        }
-        if (ev->text_len) {
-            m->text = dup_n(ev->text, ev->text_len);
-            m->text_len = m->text ? ev->text_len : 0;
-        }
-        m->finish = ev->finish;
-        if (ev->stop_reason) m->stop_reason = strdup(ev->stop_reason);
-        m->stop_token = ev->stop_token;
-        if (ev->error) m->error = strdup(ev->error);
-        m->n_prompt = ev->n_prompt;
-        m->n_output = ev->n_output;
-        m->n_cached = ev->n_cached;
-        if (ev->n_lease_blocks > 0) {
-            m->lease_blocks = malloc((size_t)ev->n_lease_blocks * sizeof *m->lease_blocks);
-            if (m->lease_blocks) {
-                memcpy(m->lease_blocks, ev->lease_blocks,
-                       (size_t)ev->n_lease_blocks * sizeof *m->lease_blocks);
-                m->n_lease_blocks = ev->n_lease_blocks;
-            }
-        }
-    }
-    if (oom) {
-        /* A lost final event would leave its response hanging for good; nothing better can be
-         * done without memory than to say so once. */
-        LOG_ERROR("server: out of memory passing an engine event to the HTTP loop");
-        return;
-    }
+/* Engine thread: events wait in the frontend; the loop picks them up. */
+static void wake_loop(void *arg) {
+    srv_server *s = arg;
     pthread_mutex_lock(&s->mu);
-    if (s->q_tail)
-        s->q_tail->next = m;
-    else
-        s->q_head = m;
-    s->q_tail = m;
     bool send = s->engine_started;
     pthread_mutex_unlock(&s->mu);
     if (send) uv_async_send(&s->async);
-}
-
-static void process_messages(srv_server *s) {
-    pthread_mutex_lock(&s->mu);
-    srv_msg *m = s->q_head;
-    s->q_head = s->q_tail = NULL;
-    pthread_mutex_unlock(&s->mu);
-    while (m) {
-        srv_msg *next = m->next;
-        api_job_event(s, m);
-        msg_free(m);
-        m = next;
-    }
 }
 
 static void *engine_main(void *arg) {
@@ -360,7 +341,7 @@ static void finish_shutdown(srv_server *s) {
         s->engine_started = false;
         pthread_mutex_unlock(&s->mu);
     }
-    process_messages(s);
+    oai_process_events(s->fe);
     http_server_destroy(s->http); /* requests still held get on_close: their jobs let go */
     s->http = NULL;
     close_handle((uv_handle_t *)&s->async);
@@ -379,11 +360,10 @@ static void on_drained(http_server *http, void *arg) {
 static void on_drain_timer(uv_timer_t *t) {
     srv_server *s = t->data;
     if (s->drain_phase == 0) {
-        int n = 0;
-        for (srv_job *j = s->jobs; j; j = j->next) n++;
+        int n = oai_jobs_count(s->fe);
         if (n) LOG_WARN("server: shutdown timeout: aborting %d requests still running", n);
         s->drain_phase = 1;
-        api_jobs_abort_all(s);
+        oai_abort_all(s->fe);
         /* the aborted responses end within a few steps; a client that does not read them
          * does not keep the process */
         uv_timer_start(&s->drain_timer, on_drain_timer, 5000, 0);
@@ -396,8 +376,8 @@ static void on_drain_timer(uv_timer_t *t) {
 static void start_drain(srv_server *s, const char *why) {
     if (s->draining) return;
     s->draining = true;
-    int n = 0;
-    for (srv_job *j = s->jobs; j; j = j->next) n++;
+    oai_set_draining(s->fe);
+    int n = oai_jobs_count(s->fe);
     LOG_INFO("server: %s: no new requests; %d in flight get up to %.0f s", why, n,
              s->cfg.shutdown_timeout_s);
     http_server_close(s->http, on_drained, s);
@@ -420,7 +400,7 @@ static void on_signal(uv_signal_t *h, int signum) {
 
 static void on_async(uv_async_t *a) {
     srv_server *s = a->data;
-    process_messages(s);
+    oai_process_events(s->fe);
     if (atomic_load(&s->engine_failed) && !s->drained) {
         s->exit_code = 1;
         s->draining = true;
@@ -435,12 +415,8 @@ static void on_async(uv_async_t *a) {
 /* ---------------------------------------------------------------------------------------------
  * Routes */
 
-void srv_count_status(srv_server *s, int status) {
-    met_count_http(s->met, status);
-}
-
 static void respond_error(srv_server *s, http_req *req, int status, const char *msg) {
-    srv_count_status(s, status);
+    met_count_http(s->met, status);
     api_respond_error(req, status, msg, NULL, NULL);
 }
 
@@ -474,7 +450,7 @@ static void handle_models(srv_server *s, http_req *req) {
     cJSON_AddStringToObject(p, "organization", "*");
     cJSON_AddNullToObject(p, "group");
     cJSON_AddFalseToObject(p, "is_blocking");
-    srv_count_status(s, 200);
+    met_count_http(s->met, 200);
     api_respond_json(req, 200, o, NULL);
     cJSON_Delete(o);
 }
@@ -498,7 +474,7 @@ static void handle_metrics(srv_server *s, http_req *req) {
     };
     char *text = NULL;
     size_t len = 0;
-    srv_count_status(s, 200);
+    met_count_http(s->met, 200);
     if (met_render(s->met, &g, &text, &len) != DUET_OK) {
         respond_error(s, req, 500, "out of memory");
         return;
@@ -558,7 +534,7 @@ static void on_request(http_req *req, void *user) {
     if (strcmp(req->method, r->method) != 0 && !get_ok) {
         http_header allow[2] = {{"Allow", !strcmp(r->method, "GET") ? "GET, HEAD" : r->method},
                                 {NULL, NULL}};
-        srv_count_status(s, 405);
+        met_count_http(s->met, 405);
         api_respond_error(req, 405, "Method Not Allowed", NULL, allow);
         return;
     }
@@ -574,12 +550,12 @@ static void on_request(http_req *req, void *user) {
             respond_error(s, req, 503, "The server is shutting down");
             return;
         }
-        srv_count_status(s, 200);
+        met_count_http(s->met, 200);
         http_respond(req, 200, NULL, "", 0);
         return;
     case R_VERSION: {
         static const char v[] = "{\"version\":\"" DUET_VERSION "\"}";
-        srv_count_status(s, 200);
+        met_count_http(s->met, 200);
         http_respond(req, 200, "application/json", v, sizeof v - 1);
         return;
     }
@@ -599,22 +575,22 @@ static void on_request(http_req *req, void *user) {
     cJSON *body = NULL;
     api_err e = {0};
     if (api_parse_body(req, &body, &e) != DUET_OK) {
-        srv_count_status(s, e.status);
+        met_count_http(s->met, e.status);
         api_respond_err(req, &e, NULL);
         return;
     }
     switch (r->kind) {
     case R_COMPLETIONS:
-        api_handle_completions(s, req, body);
+        oai_handle_completions(s->fe, req, body);
         break;
     case R_CHAT:
-        api_handle_chat(s, req, body);
+        oai_handle_chat(s->fe, req, body);
         break;
     case R_TOKENIZE:
-        api_handle_tokenize(s, req, body);
+        oai_handle_tokenize(s->fe, req, body);
         break;
     default:
-        api_handle_detokenize(s, req, body);
+        oai_handle_detokenize(s->fe, req, body);
         break;
     }
     cJSON_Delete(body);
@@ -670,6 +646,7 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
     if (!s) return 1;
     s->role = role;
     s->plugin = plugin;
+    pthread_mutex_init(&s->mu, NULL);
     srv_config *c = &s->cfg;
     config_defaults(c);
     opt_parser *op = NULL;
@@ -741,6 +718,20 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
                  c->tokenizer);
         s->tpl = NULL;
     }
+    /* vLLM queues without bound; a bound turns a flood into quick 503s instead of timeouts */
+    oai_config oc = {.served_name = c->served_name,
+                     .reasoning_r1 = c->reasoning_r1,
+                     .max_model_len = s->max_model_len,
+                     .vocab = s->vocab,
+                     .max_live = c->max_num_seqs + c->max_waiting,
+                     .plugin = plugin,
+                     .wake = wake_loop,
+                     .wake_arg = s};
+    if (met_create(c->served_name, s->max_model_len, &s->met) != DUET_OK ||
+        oai_create(&oc, s->tok, s->tpl, s->met, &s->fe) != DUET_OK) {
+        par_stop_followers(s->inst);
+        goto out_inst;
+    }
     eng_config ec;
     eng_config_default(&ec);
     ec.max_num_seqs = c->max_num_seqs;
@@ -750,8 +741,8 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
     ec.n_blocks = s->n_blocks;
     ec.prefix_caching = c->prefix_caching;
     ec.lease_timeout_s = c->lease_timeout_s;
-    ec.on_event = on_engine_event;
-    ec.event_user = s;
+    ec.on_event = oai_on_engine_event;
+    ec.event_user = s->fe;
     if (plugin && plugin->fetch) {
         ec.fetch = plugin->fetch;
         ec.fetch_user = plugin->state;
@@ -762,9 +753,7 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
     }
     s->n_blocks = ec.n_blocks;
     s->created = (long long)time(NULL);
-    /* vLLM queues without bound; a bound turns a flood into quick 503s instead of timeouts */
-    s->max_live = c->max_num_seqs + c->max_waiting;
-    pthread_mutex_init(&s->mu, NULL);
+    oai_set_engine(s->fe, s->eng);
     int port = c->port ? c->port + par_dp_rank(s->inst) : 0;
 
     uv_loop_t loop;
@@ -780,8 +769,7 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
     http_server_opts ho;
     http_server_opts_init(&ho);
     ho.max_body_bytes = (size_t)c->max_request_body;
-    bool ok = met_create(c->served_name, s->max_model_len, &s->met) == DUET_OK &&
-              http_server_create(&loop, &ho, on_request, s, &s->http) == DUET_OK;
+    bool ok = http_server_create(&loop, &ho, on_request, s, &s->http) == DUET_OK;
     if (ok && plugin && plugin->start) {
         srv_kv_context ctx = {.role = role,
                               .engine = s->eng,
@@ -833,21 +821,16 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
     /* the engine thread is gone: the last events (aborts) come from eng_destroy, here */
     eng_destroy(s->eng);
     s->eng = NULL;
-    process_messages(s);
-    while (s->jobs) {
-        /* not reached: every job ended with its requests' final events */
-        srv_job *j = s->jobs;
-        s->jobs = j->next;
-        free(j);
-    }
+    oai_process_events(s->fe);
     uv_run(&loop, UV_RUN_DEFAULT);
     if (uv_loop_close(&loop) != 0) LOG_WARN("server: handles left open at exit");
     par_stop_followers(s->inst);
-    met_destroy(s->met);
-    pthread_mutex_destroy(&s->mu);
     if (!rc) LOG_INFO("%s: stopped", name);
 
 out_inst:
+    oai_destroy(s->fe);
+    met_destroy(s->met);
+    pthread_mutex_destroy(&s->mu);
     comm_group_destroy(s->leaders);
     chat_destroy(s->tpl);
     tok_destroy(s->tok);

@@ -11,7 +11,8 @@
 #include "base/opt.h"
 #include "check.h"
 #include "golden.h"
-#include "kvx.h"
+#include "kv_lease.h"
+#include "kv_pull.h"
 #include "base/log.h"
 
 typedef struct side {
@@ -62,7 +63,8 @@ static int make_side(side *s, srv_role role, int block_size, int n_blocks, const
     char **argv = NULL;
     if (par_instance_create(&po, GOLDEN_DIR "/tiny-v3/model", &argc, &argv, &s->inst) != DUET_OK)
         return -1;
-    CHECK(kvx_create(&s->plug) == DUET_OK);
+    CHECK((role == SRV_ROLE_PREFILL ? kvlease_create(&s->plug) : kvpull_create(&s->plug)) ==
+          DUET_OK);
     char *args[7] = {"x",
                      "--kv-secret",
                      (char *)secret,
@@ -101,7 +103,10 @@ static int make_side(side *s, srv_role role, int block_size, int n_blocks, const
 static void free_side(side *s) {
     s->plug.stop(s->plug.state);
     eng_destroy(s->eng);
-    kvx_destroy(&s->plug);
+    if (s->role == SRV_ROLE_PREFILL)
+        kvlease_destroy(&s->plug);
+    else
+        kvpull_destroy(&s->plug);
     par_instance_destroy(s->inst);
 }
 
@@ -139,13 +144,10 @@ static rec *pd_request(side *p, side *d, int id, const golden_case *k, int sleep
     for (int i = 0; i < 500 && !R[id].n_final; i++) step(p);
     CHECK(R[id].n_final == 1 && R[id].n_lease > 0);
     CHECK(R[id].n_out == 1 && R[id].out[0] == k->greedy[0]);
-    cJSON *params = p->plug.lease_params(p->plug.state, (uint64_t)id, "req", R[id].lease,
-                                         R[id].n_lease, k->n_prompt);
-    CHECK(params != NULL);
-    void *remote = NULL;
-    CHECK(d->plug.parse_remote(d->plug.state, params, k->n_prompt, &remote, err, sizeof err) ==
-          DUET_OK);
-    cJSON_Delete(params);
+    /* what the server passes from the prefill answer to the decode request */
+    srv_kv_params *remote = calloc(1, sizeof *remote);
+    CHECK(remote && p->plug.lease(p->plug.state, (uint64_t)id, "req", remote) == DUET_OK);
+    remote->lease = (uint64_t)id;
     if (sleep_ms) {
         for (int i = 0; i < sleep_ms / 5; i++) step(p); /* the prefill engine keeps stepping */
     }
@@ -162,7 +164,7 @@ static rec *pd_request(side *p, side *d, int id, const golden_case *k, int sleep
         step(p);
     }
     for (int i = 0; i < 20; i++) step(p); /* lets the release reach the prefill engine */
-    d->plug.free_remote(d->plug.state, remote);
+    free(remote);
     return &R[id + 32];
 }
 
@@ -192,8 +194,8 @@ int main(int argc, char **argv) {
     for (int i = 0; i < 200 && leased(&p) > 0; i++) step(&p);
     CHECK_MSG(leased(&p) == 0, "%d leases left on the prefill side", leased(&p));
     CHECK(free_blocks(&p) == pf && free_blocks(&d) == df);
-    kvx_stats st;
-    kvx_get_stats(&d.plug, &st);
+    kvpull_stats st;
+    kvpull_get_stats(&d.plug, &st);
     CHECK(st.fetches_ok > 0 && st.fetches_failed == 0);
     /* blocks of a fresh pool come out in order: runs coalesce into fewer reads than blocks */
     CHECK_MSG(st.gets_issued < st.bytes_read / eng_kv(d.eng)->block_bytes,

@@ -1,0 +1,449 @@
+/* The prefill side of KV transfer; see kv_lease.h. Everything below the hooks runs on the
+ * transfer thread of transport/kv_link.h, which owns the listener, the connections and the
+ * pins; leases themselves are the engine's (eng_lease_pin, eng_lease_release). */
+#include "kv_lease.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/clock.h"
+#include "base/log.h"
+#include "kv_link.h"
+
+/* a staged pin whose reader vanished keeps its slots this long: the reads may still run */
+#define KVLEASE_ORPHAN_S 30.0
+
+/* Staging: slots holding a lease's copy while a decode worker reads them. */
+typedef struct kvlease_pin {
+    uint64_t lease;
+    int32_t *slots;
+    int n;
+    double deadline; /* when orphaned (its reader's connection closed) */
+    struct kvlease_pin *next;
+} kvlease_pin;
+
+typedef struct kvlease kvlease;
+
+typedef struct kvlease_conn { /* one decode worker connected to us */
+    kvlease *x;
+    uv_tcp_t tcp;
+    kvw_reader rd;
+    uint8_t nonce_s[KVW_NONCE_LEN];
+    bool authed, closing;
+    kvlease_pin *pins;
+    struct kvlease_conn *next;
+} kvlease_conn;
+
+struct kvlease {
+    kvl_options common;
+    int kv_port; /* 0: http port + 1000 */
+    const char *opt_host;
+    char advertise_host[SRV_KV_HOST_MAX];
+    kvl_link *link;
+    int tp_size;
+
+    uv_tcp_t listener;
+    kvlease_conn *conns;
+    kvlease_pin *orphans;
+
+    kvlease_stats stats;
+    pthread_mutex_t stats_mu;
+};
+
+static void count(kvlease *x, uint64_t *field) {
+    pthread_mutex_lock(&x->stats_mu);
+    (*field)++;
+    pthread_mutex_unlock(&x->stats_mu);
+}
+
+static void pins_free(kvlease *x, kvlease_pin *p) {
+    while (p) {
+        kvlease_pin *n = p->next;
+        kvl_stage_free(x->link, p->slots, p->n);
+        free(p->slots);
+        free(p);
+        p = n;
+    }
+}
+
+/* ---- connections from decode workers ---- */
+
+static void conn_closed(uv_handle_t *h) {
+    kvlease_conn *c = h->data;
+    kvw_reader_cleanup(&c->rd);
+    free(c);
+}
+
+static void conn_close(kvlease_conn *c) {
+    if (c->closing) return;
+    c->closing = true;
+    kvlease *x = c->x;
+    for (kvlease_conn **l = &x->conns; *l; l = &(*l)->next)
+        if (*l == c) {
+            *l = c->next;
+            break;
+        }
+    /* leases it pinned stay until released or expired: it may still be reading them; so do
+     * the staging slots it reads, for a while */
+    while (c->pins) {
+        kvlease_pin *p = c->pins;
+        c->pins = p->next;
+        p->deadline = clock_now_s() + KVLEASE_ORPHAN_S;
+        p->next = x->orphans;
+        x->orphans = p;
+    }
+    uv_close((uv_handle_t *)&c->tcp, conn_closed);
+}
+
+static void conn_refuse(kvlease_conn *c, const char *reason) {
+    Duet__Kv__Refuse r = DUET__KV__REFUSE__INIT;
+    r.reason = (char *)reason;
+    Duet__Kv__Envelope env = DUET__KV__ENVELOPE__INIT;
+    env.msg_case = DUET__KV__ENVELOPE__MSG_REFUSE;
+    env.refuse = &r;
+    kvl_send(&c->tcp, &env);
+    count(c->x, &c->x->stats.peers_refused);
+    conn_close(c);
+}
+
+static void conn_auth(kvlease_conn *c, const Duet__Kv__Auth *a) {
+    kvlease *x = c->x;
+    kvl_link *l = x->link;
+    const char *secret = kvl_secret(l);
+    char why[256];
+    if (a->nonce.len != KVW_NONCE_LEN ||
+        !kvw_mac_ok(secret, "duet-kv-c", c->nonce_s, KVW_NONCE_LEN, a->nonce.data, KVW_NONCE_LEN,
+                    a->mac.data, a->mac.len)) {
+        LOG_WARN("kv: refused a decode worker that failed authentication");
+        conn_refuse(c, "authentication failed (wrong --kv-secret?)");
+        return;
+    }
+    if (!a->pool || !kvw_pools_compatible(a->pool, kvl_pool(l), why, sizeof why)) {
+        LOG_WARN("kv: refused a decode worker: %s", a->pool ? why : "no pool description");
+        conn_refuse(c, a->pool ? why : "no KV pool description");
+        return;
+    }
+    uint8_t mac[KVW_MAC_LEN];
+    kvw_mac(secret, "duet-kv-s", a->nonce.data, KVW_NONCE_LEN, c->nonce_s, KVW_NONCE_LEN, mac);
+    const void *addr, *rkey;
+    size_t addr_len, rkey_len;
+    kvu_address(kvl_ucx(l), &addr, &addr_len);
+    kvu_region_rkey(kvl_region(l), &rkey, &rkey_len);
+    Duet__Kv__Welcome w = DUET__KV__WELCOME__INIT;
+    Duet__Kv__PoolInfo served = *kvl_pool(l);
+    served.n_blocks = (uint32_t)kvl_n_slots(l); /* what reads address */
+    w.mac.data = mac;
+    w.mac.len = KVW_MAC_LEN;
+    w.pool = &served;
+    w.ucx_address.data = (uint8_t *)addr;
+    w.ucx_address.len = addr_len;
+    w.rkey.data = (uint8_t *)rkey;
+    w.rkey.len = rkey_len;
+    w.base_addr = (uint64_t)(uintptr_t)kvl_base(l);
+    w.engine_id = (char *)kvl_engine_id(l);
+    Duet__Kv__Envelope out = DUET__KV__ENVELOPE__INIT;
+    out.msg_case = DUET__KV__ENVELOPE__MSG_WELCOME;
+    out.welcome = &w;
+    c->authed = true;
+    if (kvl_send(&c->tcp, &out) != DUET_OK) conn_close(c);
+}
+
+/* Pins a lease for this reader: its block ids (or, staged, a copy's slots) in the reply. */
+static void conn_pin(kvlease_conn *c, const Duet__Kv__Pin *pin_msg) {
+    kvlease *x = c->x;
+    kvl_link *l = x->link;
+    const srv_kv_context *ctx = kvl_context(l);
+    Duet__Kv__PinReply r = DUET__KV__PIN_REPLY__INIT;
+    r.seq = pin_msg->seq;
+    int cap = ctx->kv->n_blocks, n = 0;
+    int32_t *blocks = malloc((size_t)cap * sizeof(int32_t));
+    int32_t *slots = NULL;
+    uint32_t *ids = malloc((size_t)cap * sizeof(uint32_t));
+    duet_status st = blocks && ids ? eng_lease_pin(ctx->engine, pin_msg->lease, blocks, cap, &n)
+                                   : DUET_ERR_NO_MEMORY;
+    if (st == DUET_OK && kvl_staged(l)) {
+        /* serve a copy in the staging area: UCX cannot read the cache itself */
+        slots = malloc((size_t)(n ? n : 1) * sizeof(int32_t));
+        int rc = slots ? kvl_stage_alloc(l, n, slots) : -2;
+        kvlease_pin *pin = rc == 0 ? calloc(1, sizeof *pin) : NULL;
+        if (rc == 0 && pin) {
+            st = kvl_stage_copy(l, blocks, slots, n, true);
+            if (st == DUET_OK) {
+                pin->lease = pin_msg->lease;
+                pin->slots = slots;
+                pin->n = n;
+                pin->next = c->pins;
+                c->pins = pin;
+                memcpy(blocks, slots, (size_t)n * sizeof(int32_t));
+                slots = NULL; /* the pin owns them */
+            } else {
+                kvl_stage_free(l, slots, n);
+                free(pin);
+            }
+        } else if (rc == 0) {
+            kvl_stage_free(l, slots, n);
+            st = DUET_ERR_NO_MEMORY;
+        } else {
+            st = rc == -1 ? DUET_ERR_BUSY : DUET_ERR_TOO_LONG;
+        }
+    }
+    if (st == DUET_OK) {
+        for (int i = 0; i < n; i++) ids[i] = (uint32_t)blocks[i];
+        r.ok = true;
+        r.block_ids = ids;
+        r.n_block_ids = (size_t)n;
+    } else {
+        r.ok = false;
+        r.busy = st == DUET_ERR_BUSY;
+        r.error = st == DUET_ERR_NOT_FOUND ? "the lease is gone (expired or released)"
+                  : st == DUET_ERR_BUSY    ? "busy: the staging area is full"
+                  : st == DUET_ERR_TOO_LONG
+                      ? "the lease is larger than the prefill's staging area (--kv-staging-bytes)"
+                      : "cannot pin the lease";
+    }
+    if (!r.busy) count(x, r.ok ? &x->stats.pins_served : &x->stats.pins_refused);
+    Duet__Kv__Envelope out = DUET__KV__ENVELOPE__INIT;
+    out.msg_case = DUET__KV__ENVELOPE__MSG_PIN_REPLY;
+    out.pin_reply = &r;
+    if (kvl_send(&c->tcp, &out) != DUET_OK) conn_close(c);
+    free(blocks);
+    free(ids);
+    free(slots);
+}
+
+static void conn_got(kvlease_conn *c, Duet__Kv__Envelope *env) {
+    kvlease *x = c->x;
+    if (env->msg_case == DUET__KV__ENVELOPE__MSG_AUTH && !c->authed) {
+        conn_auth(c, env->auth);
+        return;
+    }
+    if (!c->authed) {
+        conn_refuse(c, "authenticate first");
+        return;
+    }
+    if (env->msg_case == DUET__KV__ENVELOPE__MSG_PIN) {
+        conn_pin(c, env->pin);
+        return;
+    }
+    if (env->msg_case == DUET__KV__ENVELOPE__MSG_RELEASE) {
+        for (kvlease_pin **l = &c->pins; *l; l = &(*l)->next) {
+            if ((*l)->lease != env->release->lease) continue;
+            kvlease_pin *p = *l;
+            *l = p->next;
+            p->next = NULL;
+            pins_free(x, p);
+            break;
+        }
+        eng_lease_release(kvl_context(x->link)->engine, env->release->lease);
+        return;
+    }
+    conn_refuse(c, "unexpected message");
+}
+
+static void conn_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
+    kvlease_conn *c = s->data;
+    if (n > 0 && !c->closing) {
+        if (kvw_reader_feed(&c->rd, buf->base, (size_t)n) != DUET_OK) {
+            conn_close(c);
+        } else {
+            for (;;) {
+                Duet__Kv__Envelope *env;
+                if (kvw_reader_next(&c->rd, &env) != DUET_OK) {
+                    conn_close(c);
+                    break;
+                }
+                if (!env) break;
+                conn_got(c, env);
+                duet__kv__envelope__free_unpacked(env, NULL);
+                if (c->closing) break;
+            }
+        }
+    } else if (n < 0) {
+        conn_close(c);
+    }
+    free(buf->base);
+}
+
+static void on_connection(uv_stream_t *server, int status) {
+    kvlease *x = server->data;
+    if (status != 0) return;
+    kvlease_conn *c = calloc(1, sizeof *c);
+    if (!c) return;
+    c->x = x;
+    uv_tcp_init(kvl_loop(x->link), &c->tcp);
+    c->tcp.data = c;
+    if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0 || kvw_nonce(c->nonce_s) != DUET_OK) {
+        uv_close((uv_handle_t *)&c->tcp, conn_closed);
+        return;
+    }
+    c->next = x->conns;
+    x->conns = c;
+    uv_tcp_nodelay(&c->tcp, 1);
+    Duet__Kv__Hello h = DUET__KV__HELLO__INIT;
+    h.version = KVW_VERSION;
+    h.nonce.data = c->nonce_s;
+    h.nonce.len = KVW_NONCE_LEN;
+    Duet__Kv__Envelope env = DUET__KV__ENVELOPE__INIT;
+    env.msg_case = DUET__KV__ENVELOPE__MSG_HELLO;
+    env.hello = &h;
+    if (kvl_send(&c->tcp, &env) != DUET_OK) {
+        conn_close(c);
+        return;
+    }
+    uv_read_start((uv_stream_t *)&c->tcp, kvl_alloc_cb, conn_read);
+}
+
+/* ---- the role's callbacks on the link ---- */
+
+static duet_status role_open(void *arg, kvl_link *l) {
+    kvlease *x = arg;
+    x->link = l;
+    const srv_kv_context *ctx = kvl_context(l);
+    struct sockaddr_storage sa;
+    const char *bind_host = ctx->host && ctx->host[0] ? ctx->host : "0.0.0.0";
+    int rc = uv_ip4_addr(bind_host, x->kv_port, (struct sockaddr_in *)&sa);
+    if (rc != 0) rc = uv_ip6_addr(bind_host, x->kv_port, (struct sockaddr_in6 *)&sa);
+    if (rc != 0) rc = uv_ip4_addr("0.0.0.0", x->kv_port, (struct sockaddr_in *)&sa);
+    uv_tcp_init(kvl_loop(l), &x->listener);
+    x->listener.data = x;
+    rc = uv_tcp_bind(&x->listener, (const struct sockaddr *)&sa, 0);
+    if (rc == 0) rc = uv_listen((uv_stream_t *)&x->listener, 128, on_connection);
+    if (rc != 0) {
+        LOG_ERROR("kv: cannot listen on the side channel port %d: %s", x->kv_port,
+                  uv_strerror(rc));
+        return DUET_ERR_IO;
+    }
+    LOG_INFO("kv: leasing KV blocks to decode workers on %s:%d (engine %s)", x->advertise_host,
+             x->kv_port, kvl_engine_id(l));
+    return DUET_OK;
+}
+
+/* Orphaned pins free their staging slots once their reads can no longer run. */
+static void role_tick(void *arg, double now) {
+    kvlease *x = arg;
+    for (kvlease_pin **l = &x->orphans; *l;) {
+        kvlease_pin *o = *l;
+        if (now < o->deadline) {
+            l = &o->next;
+            continue;
+        }
+        *l = o->next;
+        o->next = NULL;
+        pins_free(x, o);
+    }
+}
+
+static void role_close(void *arg) {
+    kvlease *x = arg;
+    while (x->conns) conn_close(x->conns);
+    uv_close((uv_handle_t *)&x->listener, NULL);
+}
+
+/* ---- plug-in hooks ---- */
+
+static duet_status x_add_options(void *state, opt_parser *p) {
+    kvlease *x = state;
+    const opt_spec specs[] = {
+        {.name = "--kv-port", .type = OPT_INT, .dest = &x->kv_port, .min = 1, .max = 65535,
+         .help = "side channel port of a prefill worker (default: its HTTP port + 1000; DP rank "
+                 "r adds r)"},
+        {.name = "--kv-host", .type = OPT_STRING, .dest = &x->opt_host, .metavar = "HOST",
+         .help = "address decode workers use to reach this prefill worker (default: --host, or "
+                 "127.0.0.1)"},
+    };
+    duet_status st = opt_add(p, "KV leases (prefill side)", specs,
+                             (int)(sizeof specs / sizeof specs[0]));
+    return st == DUET_OK ? kvl_options_add(p, &x->common) : st;
+}
+
+static duet_status x_start(void *state, const srv_kv_context *ctx) {
+    kvlease *x = state;
+    if (ctx->role != SRV_ROLE_PREFILL) return DUET_ERR_INVALID;
+    const char *h = x->opt_host ? x->opt_host : ctx->host;
+    snprintf(x->advertise_host, sizeof x->advertise_host, "%s",
+             h && h[0] && strcmp(h, "0.0.0.0") != 0 && strcmp(h, "::") != 0 ? h : "127.0.0.1");
+    x->kv_port = (x->kv_port ? x->kv_port : ctx->http_port - ctx->dp_rank + 1000) + ctx->dp_rank;
+    if (x->kv_port > 65535) {
+        LOG_ERROR("kv: side channel port %d (--kv-port + DP rank) passes 65535", x->kv_port);
+        return DUET_ERR_INVALID;
+    }
+    x->tp_size = ctx->tp_size;
+    kvl_role role = {.arg = x, .open = role_open, .tick = role_tick, .close = role_close};
+    return kvl_create(&x->common, ctx, &role, &x->link);
+}
+
+static void x_stop(void *state) {
+    kvlease *x = state;
+    kvl_stop(x->link);
+}
+
+static duet_status x_lease(void *state, uint64_t lease, const char *request_id,
+                           srv_kv_params *out) {
+    kvlease *x = state;
+    (void)lease;
+    (void)request_id;
+    if (!x->link) return DUET_ERR_INVALID;
+    snprintf(out->engine_id, sizeof out->engine_id, "%s", kvl_engine_id(x->link));
+    snprintf(out->host, sizeof out->host, "%s", x->advertise_host);
+    out->port = x->kv_port;
+    out->tp_size = x->tp_size;
+    return DUET_OK;
+}
+
+static char *x_metrics_text(void *state, const char *label) {
+    kvlease *x = state;
+    kvlease_stats st;
+    pthread_mutex_lock(&x->stats_mu);
+    st = x->stats;
+    pthread_mutex_unlock(&x->stats_mu);
+    size_t cap = 2048;
+    char *t = malloc(cap);
+    if (!t) return NULL;
+    snprintf(t, cap,
+             "# HELP duet_kv_lease_pins_total Lease pins answered to decode workers, by result.\n"
+             "# TYPE duet_kv_lease_pins_total counter\n"
+             "duet_kv_lease_pins_total{%s,result=\"ok\"} %llu\n"
+             "duet_kv_lease_pins_total{%s,result=\"gone\"} %llu\n"
+             "# HELP duet_kv_peers_refused_total Side-channel peers refused (authentication, "
+             "layout).\n"
+             "# TYPE duet_kv_peers_refused_total counter\n"
+             "duet_kv_peers_refused_total{%s} %llu\n",
+             label, (unsigned long long)st.pins_served, label, (unsigned long long)st.pins_refused,
+             label, (unsigned long long)st.peers_refused);
+    return t;
+}
+
+duet_status kvlease_create(srv_kv_plugin *plugin) {
+    kvlease *x = calloc(1, sizeof *x);
+    if (!x) return DUET_ERR_NO_MEMORY;
+    pthread_mutex_init(&x->stats_mu, NULL);
+    memset(plugin, 0, sizeof *plugin);
+    plugin->state = x;
+    plugin->add_options = x_add_options;
+    plugin->start = x_start;
+    plugin->stop = x_stop;
+    plugin->lease = x_lease;
+    plugin->metrics_text = x_metrics_text;
+    return DUET_OK;
+}
+
+void kvlease_destroy(srv_kv_plugin *plugin) {
+    kvlease *x = plugin->state;
+    if (!x) return;
+    kvl_stop(x->link);
+    pins_free(x, x->orphans); /* the thread is gone: nothing reads them any more */
+    x->orphans = NULL;
+    kvl_destroy(x->link);
+    pthread_mutex_destroy(&x->stats_mu);
+    free(x);
+    plugin->state = NULL;
+}
+
+void kvlease_get_stats(const srv_kv_plugin *plugin, kvlease_stats *st) {
+    kvlease *x = plugin->state;
+    pthread_mutex_lock(&x->stats_mu);
+    *st = x->stats;
+    pthread_mutex_unlock(&x->stats_mu);
+}
