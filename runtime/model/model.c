@@ -1,12 +1,46 @@
 /* DeepSeek V2/V3 forward pass over the backend ops (see model.h). The layer structure follows
  * DeepSeek's reference inference/model.py: MLA with the latent KV cache, dense MLP for the
- * first layers, routed + shared experts after. Loading lives in model_load.c. */
-#include "model/model-impl.h"
+ * first layers, routed + shared experts after. The model sits on the modules below it: the
+ * shard plan (shard.h), this rank's weights (weights.h: reading the checkpoint) and the TP/EP
+ * collectives (collectives.h: moving activations); what is left here is computing. */
+#include "model/model.h"
 
 #include <stdlib.h>
 #include <string.h>
 
 #include "base/log.h"
+#include "model/collectives.h"
+#include "model/shard.h"
+#include "model/weights.h"
+
+/* Host-side arrays describing the step, reused across steps. */
+typedef struct mdl_step {
+    int32_t *tokens, *token_pos, *token_slot, *out_rows; /* [cap_tokens] */
+    int32_t *seq_start, *seq_ctx;                        /* [cap_seqs + 1] */
+    int32_t *block_table;                                /* [cap_table] */
+    size_t cap_tokens, cap_seqs, cap_table;
+} mdl_step;
+
+/* Device activation buffers for up to cap_tokens tokens, and host routing results. */
+typedef struct mdl_buffers {
+    int cap_tokens, cap_out;
+    void *h, *xn, *qa, *q, *kva, *attn, *o, *o2, *gu, *act, *logits;
+    int32_t *ids;   /* host [cap_tokens, K] */
+    float *weights; /* host [cap_tokens, K] */
+} mdl_buffers;
+
+struct mdl_model {
+    cfg_model cfg;
+    be_backend *be;
+    mdl_plan plan; /* this rank's slices (shard.h) */
+    mdl_weights *w;
+    mdl_coll *coll;
+    int kv_dim;
+    float softmax_scale;
+    be_route_params route;
+    mdl_step step;
+    mdl_buffers buf;
+};
 
 const cfg_model *mdl_config(const mdl_model *m) {
     return &m->cfg;
@@ -30,10 +64,167 @@ void mdl_kv_destroy(mdl_model *m, be_kv *kv) {
     if (kv) m->be->ops->kv_destroy(m->be, kv);
 }
 
-/* Sums partial results over the TP group (row-parallel layers). */
-static duet_status tp_allreduce(mdl_model *m, void *buf, size_t n) {
-    if (m->shard.tp_size <= 1) return DUET_OK;
-    return mdl_comm_allreduce(m, buf, n);
+static int grow(int32_t **p, size_t n) {
+    int32_t *np = realloc(*p, (n ? n : 1) * sizeof **p);
+    if (!np) return -1;
+    *p = np;
+    return 0;
+}
+
+static duet_status step_reserve(mdl_step *s, int n_tokens, int n_seqs, int max_blocks) {
+    size_t nt = (size_t)n_tokens, ns = (size_t)n_seqs + 1, tb = (size_t)n_seqs * max_blocks;
+    if (nt > s->cap_tokens) {
+        if (grow(&s->tokens, nt) || grow(&s->token_pos, nt) || grow(&s->token_slot, nt) ||
+            grow(&s->out_rows, nt))
+            return DUET_ERR_NO_MEMORY;
+        s->cap_tokens = nt;
+    }
+    if (ns > s->cap_seqs) {
+        if (grow(&s->seq_start, ns) || grow(&s->seq_ctx, ns)) return DUET_ERR_NO_MEMORY;
+        s->cap_seqs = ns;
+    }
+    if (tb > s->cap_table) {
+        if (grow(&s->block_table, tb)) return DUET_ERR_NO_MEMORY;
+        s->cap_table = tb;
+    }
+    return DUET_OK;
+}
+
+static void step_free(mdl_step *s) {
+    free(s->tokens);
+    free(s->token_pos);
+    free(s->token_slot);
+    free(s->out_rows);
+    free(s->seq_start);
+    free(s->seq_ctx);
+    free(s->block_table);
+}
+
+static void buffers_free(mdl_model *m) {
+    mdl_buffers *b = &m->buf;
+    void **bufs[] = {&b->h, &b->xn, &b->qa, &b->q,   &b->kva,   &b->attn,
+                     &b->o, &b->o2, &b->gu, &b->act, &b->logits};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
+        if (*bufs[i]) m->be->ops->buf_free(m->be, *bufs[i]);
+        *bufs[i] = NULL;
+    }
+    free(b->ids);
+    free(b->weights);
+    b->ids = NULL;
+    b->weights = NULL;
+    b->cap_tokens = b->cap_out = 0;
+}
+
+/* Grows activation buffers (and the collectives' logits staging) to hold T tokens and n_out
+ * logits rows. */
+static duet_status reserve(mdl_model *m, int T, int n_out) {
+    mdl_buffers *b = &m->buf;
+    if (T <= b->cap_tokens && n_out <= b->cap_out) return DUET_OK;
+    const cfg_model *c = &m->cfg;
+    const mdl_plan *p = &m->plan;
+    int cap_t = T > b->cap_tokens ? T : b->cap_tokens;
+    int cap_o = n_out > b->cap_out ? n_out : b->cap_out;
+    if (cap_o > cap_t) cap_t = cap_o;
+    buffers_free(m);
+    size_t t = (size_t)cap_t, D = (size_t)c->hidden_size;
+    int H = p->n_heads_local, qk = cfg_qk_head_dim(c);
+    int I = p->inter_local;
+    if (p->shared_inter_local > I) I = p->shared_inter_local;
+    if (p->expert_inter_local > I) I = p->expert_inter_local;
+    int K = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1;
+    be_backend *be = m->be;
+    void *(*al)(be_backend *, size_t) = be->ops->buf_alloc;
+    b->h = al(be, t * D);
+    b->xn = al(be, t * D);
+    b->qa = al(be, t * (size_t)(c->q_lora_rank ? c->q_lora_rank : 1));
+    b->q = al(be, t * (size_t)H * qk);
+    b->kva = al(be, t * (size_t)m->kv_dim);
+    b->attn = al(be, t * (size_t)H * c->v_head_dim);
+    b->o = al(be, t * D);
+    b->o2 = al(be, t * D);
+    b->gu = al(be, t * 2 * (size_t)I);
+    b->act = al(be, t * (size_t)I);
+    b->logits = al(be, (size_t)cap_o * p->vocab_local);
+    b->ids = malloc(t * K * sizeof(int32_t));
+    b->weights = malloc(t * K * sizeof(float));
+    b->cap_tokens = cap_t;
+    b->cap_out = cap_o;
+    if (!b->h || !b->xn || !b->qa || !b->q || !b->kva || !b->attn || !b->o || !b->o2 || !b->gu ||
+        !b->act || !b->logits || !b->ids || !b->weights ||
+        mdl_coll_reserve(m->coll, cap_o) != DUET_OK) {
+        LOG_ERROR("model: cannot allocate activations for %d tokens", cap_t);
+        buffers_free(m);
+        return DUET_ERR_NO_MEMORY;
+    }
+    return DUET_OK;
+}
+
+/* What the forward derives from config.json once: routing, softmax scale, RoPE tables on the
+ * backend; and the limits of what duet routes and rotates. */
+static duet_status setup(mdl_model *m, const char *dir) {
+    const cfg_model *c = &m->cfg;
+    if (c->n_routed_experts &&
+        (c->n_routed_experts > 1024 || c->num_experts_per_tok > 64 || c->n_group > 256)) {
+        LOG_ERROR("config.json: %d routed experts, top-%d, %d groups exceed what duet routes "
+                  "(1024, 64, 256)",
+                  c->n_routed_experts, c->num_experts_per_tok, c->n_group);
+        return DUET_ERR_UNSUPPORTED;
+    }
+    if (c->qk_rope_head_dim > 256) {
+        LOG_ERROR("config.json: qk_rope_head_dim %d exceeds duet's limit of 256",
+                  c->qk_rope_head_dim);
+        return DUET_ERR_UNSUPPORTED;
+    }
+    if (c->norm_topk_prob && strcmp(c->model_type, "deepseek_v3") != 0)
+        LOG_WARN("%s/config.json: norm_topk_prob is ignored for %s checkpoints, as "
+                 "transformers does; routed weights are only scaled",
+                 dir, c->model_type);
+    m->kv_dim = c->kv_lora_rank + c->qk_rope_head_dim;
+    m->softmax_scale = cfg_softmax_scale(c);
+    m->route = (be_route_params){
+        .n_experts = c->n_routed_experts,
+        .top_k = c->num_experts_per_tok,
+        .n_group = c->n_group,
+        .topk_group = c->topk_group,
+        .scoring = c->scoring_func,
+        .method = c->topk_method,
+        .norm_topk_prob = c->norm_topk_prob,
+        .scale_after_norm = !strcmp(c->model_type, "deepseek_v3"),
+        .routed_scaling_factor = c->routed_scaling_factor,
+    };
+    float inv_freq[256], attn;
+    if (c->qk_rope_head_dim / 2 > 256) return DUET_ERR_UNSUPPORTED;
+    cfg_rope_inv_freq(c, inv_freq, &attn);
+    return m->be->ops->rope_setup(m->be, inv_freq, c->qk_rope_head_dim / 2, attn);
+}
+
+duet_status mdl_load(const char *dir, be_backend *be, const mdl_shard *shard,
+                     const mdl_load_opts *opts, mdl_model **model_p) {
+    mdl_model *m = calloc(1, sizeof *m);
+    if (!m) return DUET_ERR_NO_MEMORY;
+    m->be = be;
+    duet_status st = cfg_load(dir, &m->cfg);
+    if (st == DUET_OK) st = mdl_shard_plan(&m->cfg, shard, &m->plan);
+    if (st == DUET_OK) st = setup(m, dir);
+    if (st == DUET_OK)
+        st = mdl_weights_load(dir, &m->cfg, &m->plan, be, opts->source, opts->dummy_seed, &m->w);
+    if (st == DUET_OK) st = mdl_coll_create(be, &m->cfg, &m->plan, &m->coll);
+    if (st == DUET_OK) st = reserve(m, opts->max_tokens > 0 ? opts->max_tokens : 256, 1);
+    if (st != DUET_OK) {
+        mdl_destroy(m);
+        return st;
+    }
+    *model_p = m;
+    return DUET_OK;
+}
+
+void mdl_destroy(mdl_model *m) {
+    if (!m) return;
+    buffers_free(m);
+    mdl_coll_destroy(m->coll);
+    mdl_weights_destroy(m->w);
+    step_free(&m->step);
+    free(m);
 }
 
 /* Fills the host-side batch description and hands it to the backend. */
@@ -42,7 +233,7 @@ static duet_status prepare_batch(mdl_model *m, be_kv *kv, const mdl_seq *seqs, i
     int bs = kv->block_size, max_blocks = 1;
     for (int i = 0; i < n_seqs; i++)
         max_blocks = seqs[i].n_blocks > max_blocks ? seqs[i].n_blocks : max_blocks;
-    duet_status st = mdl_step_reserve(s, T, n_seqs, max_blocks);
+    duet_status st = step_reserve(s, T, n_seqs, max_blocks);
     if (st != DUET_OK) return st;
     int t = 0;
     s->seq_start[0] = 0;
@@ -104,9 +295,9 @@ static void ffn(mdl_model *m, void *out, const void *x, int T, const be_ffn *f) 
 static duet_status attention(mdl_model *m, be_kv *kv, int l, int T) {
     const be_ops *o = m->be->ops;
     const cfg_model *c = &m->cfg;
-    mdl_layer *ly = &m->layers[l];
+    const mdl_layer *ly = &m->w->layers[l];
     int D = c->hidden_size, L = c->kv_lora_rank, R = c->qk_rope_head_dim;
-    int nope = c->qk_nope_head_dim, qk = nope + R, H = m->n_heads_local;
+    int nope = c->qk_nope_head_dim, qk = nope + R, H = m->plan.n_heads_local;
     be_backend *be = m->be;
 
     o->rmsnorm(be, m->buf.xn, D, m->buf.h, D, ly->attn_norm, T, D, c->rms_norm_eps);
@@ -127,43 +318,34 @@ static duet_status attention(mdl_model *m, be_kv *kv, int l, int T) {
     o->mla_attention(be, m->buf.attn, m->buf.q, kv, l, ly->kv_b, H, nope, R, c->v_head_dim,
                      m->softmax_scale);
     o->linear(be, m->buf.o, m->buf.attn, H * c->v_head_dim, T, ly->o);
-    duet_status st = tp_allreduce(m, m->buf.o, (size_t)T * D);
+    duet_status st = mdl_coll_allreduce(m->coll, m->buf.o, (size_t)T * D);
     if (st != DUET_OK) return st;
     o->add(be, m->buf.h, m->buf.o, (size_t)T * D);
     return DUET_OK;
 }
 
-static duet_status mlp(mdl_model *m, int l, int T) {
-    const be_ops *o = m->be->ops;
-    const cfg_model *c = &m->cfg;
-    mdl_layer *ly = &m->layers[l];
-    int D = c->hidden_size;
-    be_backend *be = m->be;
-    duet_status st;
-
-    o->rmsnorm(be, m->buf.xn, D, m->buf.h, D, ly->ffn_norm, T, D, c->rms_norm_eps);
-    if (!ly->moe) {
-        ffn(m, m->buf.o, m->buf.xn, T, &ly->dense);
-    } else {
-        st = mdl_moe(m, ly, T);
-        if (st != DUET_OK) return st;
-    }
-    st = tp_allreduce(m, m->buf.o, (size_t)T * D);
-    if (st != DUET_OK) return st;
-    o->add(be, m->buf.h, m->buf.o, (size_t)T * D);
-    return DUET_OK;
-}
-
-duet_status mdl_moe_local(mdl_model *m, mdl_layer *ly, void *out, const void *x, int T,
-                          const int32_t *ids, const float *w) {
+/* out[T, D] = routed experts held by this rank applied to x (zeroed first); ids / w are
+ * host [T, K] routing results, ids of other ranks' experts skipped. */
+static void moe_local(mdl_model *m, const mdl_layer *ly, void *out, const void *x, int T,
+                      const int32_t *ids, const float *w) {
     const be_ops *o = m->be->ops;
     o->zero(m->be, out, (size_t)T * m->cfg.hidden_size);
     o->moe_experts(m->be, out, x, T, m->cfg.hidden_size, ids, w, m->cfg.num_experts_per_tok,
-                   ly->experts, m->expert0, m->n_local_experts);
-    return DUET_OK;
+                   ly->experts, m->plan.expert0, m->plan.n_local_experts);
 }
 
-duet_status mdl_moe(mdl_model *m, mdl_layer *ly, int T) {
+/* Routed experts over the EP group: buf.xn tokens with buf.ids / buf.weights out to the
+ * experts' ranks, this rank's experts over what arrives, the results summed into buf.o. */
+static duet_status moe_ep(mdl_model *m, const mdl_layer *ly, int T) {
+    mdl_ep_rows rows;
+    duet_status st = mdl_coll_dispatch(m->coll, m->buf.xn, m->buf.ids, m->buf.weights, T, &rows);
+    if (st != DUET_OK) return st;
+    if (rows.n) moe_local(m, ly, rows.y, rows.x, rows.n, rows.ids, rows.weights);
+    return mdl_coll_combine(m->coll, m->buf.o, T);
+}
+
+/* buf.o [T, D] = the MoE layer (routed + shared experts) on buf.xn. */
+static duet_status moe(mdl_model *m, const mdl_layer *ly, int T) {
     const be_ops *o = m->be->ops;
     be_backend *be = m->be;
     duet_status st;
@@ -172,16 +354,37 @@ duet_status mdl_moe(mdl_model *m, mdl_layer *ly, int T) {
                           m->buf.weights);
         if (st != DUET_OK) return st;
     }
-    if (m->shard.ep_size > 1) {
-        st = mdl_moe_dispatch(m, ly, T); /* routed experts over the EP group into buf.o */
+    if (m->plan.shard.ep_size > 1) {
+        st = moe_ep(m, ly, T);
+        if (st != DUET_OK) return st;
     } else {
-        st = mdl_moe_local(m, ly, m->buf.o, m->buf.xn, T, m->buf.ids, m->buf.weights);
+        moe_local(m, ly, m->buf.o, m->buf.xn, T, m->buf.ids, m->buf.weights);
     }
-    if (st != DUET_OK) return st;
     if (ly->shared.gate_up && T > 0) {
         ffn(m, m->buf.o2, m->buf.xn, T, &ly->shared);
         o->add(be, m->buf.o, m->buf.o2, (size_t)T * m->cfg.hidden_size);
     }
+    return DUET_OK;
+}
+
+static duet_status mlp(mdl_model *m, int l, int T) {
+    const be_ops *o = m->be->ops;
+    const cfg_model *c = &m->cfg;
+    const mdl_layer *ly = &m->w->layers[l];
+    int D = c->hidden_size;
+    be_backend *be = m->be;
+    duet_status st;
+
+    o->rmsnorm(be, m->buf.xn, D, m->buf.h, D, ly->ffn_norm, T, D, c->rms_norm_eps);
+    if (!ly->moe) {
+        ffn(m, m->buf.o, m->buf.xn, T, &ly->dense);
+    } else {
+        st = moe(m, ly, T);
+        if (st != DUET_OK) return st;
+    }
+    st = mdl_coll_allreduce(m->coll, m->buf.o, (size_t)T * D);
+    if (st != DUET_OK) return st;
+    o->add(be, m->buf.h, m->buf.o, (size_t)T * D);
     return DUET_OK;
 }
 
@@ -195,21 +398,21 @@ duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs
         T += seqs[i].n_tokens;
         n_out += seqs[i].n_logits;
     }
-    duet_status st = mdl_reserve(m, T, n_out);
+    duet_status st = reserve(m, T, n_out);
     if (st != DUET_OK) return st;
     if (T == 0) {
         /* an empty step: nothing to compute, but expert parallelism's all-to-alls of every
          * MoE layer must still be joined so the other DP groups can step */
         for (int l = 0; l < c->num_hidden_layers && st == DUET_OK; l++)
-            if (m->layers[l].moe && m->shard.ep_size > 1)
-                st = mdl_moe_dispatch(m, &m->layers[l], 0);
+            if (m->w->layers[l].moe && m->plan.shard.ep_size > 1)
+                st = moe_ep(m, &m->w->layers[l], 0);
         return st;
     }
     st = prepare_batch(m, kv, seqs, n_seqs, T);
     if (st != DUET_OK) return st;
 
-    o->embed(be, m->buf.h, m->step.tokens, T, m->embed, m->vocab0);
-    st = tp_allreduce(m, m->buf.h, (size_t)T * D);
+    o->embed(be, m->buf.h, m->step.tokens, T, m->w->embed, m->plan.vocab0);
+    st = mdl_coll_allreduce(m->coll, m->buf.h, (size_t)T * D);
     for (int l = 0; l < c->num_hidden_layers && st == DUET_OK; l++) {
         st = attention(m, kv, l, T);
         if (st == DUET_OK) st = mlp(m, l, T);
@@ -224,10 +427,10 @@ duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs
         for (int k = seqs[i].n_logits; k > 0; k--) m->step.out_rows[r++] = last - k;
     }
     o->gather_rows(be, m->buf.xn, m->buf.h, m->step.out_rows, n_out, D);
-    o->rmsnorm(be, m->buf.xn, D, m->buf.xn, D, m->final_norm, n_out, D, c->rms_norm_eps);
-    o->linear(be, m->buf.logits, m->buf.xn, D, n_out, m->lm_head);
+    o->rmsnorm(be, m->buf.xn, D, m->buf.xn, D, m->w->final_norm, n_out, D, c->rms_norm_eps);
+    o->linear(be, m->buf.logits, m->buf.xn, D, n_out, m->w->lm_head);
     /* ops cannot return errors one by one; the backend keeps the first and reports it here */
     st = o->sync(be);
     if (st != DUET_OK) return st;
-    return mdl_logits_collect(m, n_out, logits);
+    return mdl_coll_logits(m->coll, m->buf.logits, n_out, logits);
 }

@@ -1,6 +1,8 @@
 /* The DeepSeek model (V2/V3 family: MLA attention + MoE) over the backend interface: loading
  * a checkpoint into a backend (sharded for this rank's place in the TP/EP grid) and the forward
- * pass of one engine step. Not thread-safe: one engine thread owns a model. */
+ * pass of one engine step. The top of runtime/model: it puts together the shard plan
+ * (shard.h), the weights (weights.h) and the TP/EP collectives (collectives.h), none of which
+ * knows of it. Not thread-safe: one engine thread owns a model. */
 #ifndef DUET_MODEL_H
 #define DUET_MODEL_H
 
@@ -9,24 +11,9 @@
 
 #include "model/backend.h"
 #include "model/config.h"
+#include "model/shard.h"   /* mdl_shard */
+#include "model/weights.h" /* mdl_weights_source */
 #include "base/status.h"
-
-typedef struct comm_group comm_group;
-
-/* This rank's share of the model. tp splits attention heads, MLP/shared-expert intermediate
- * dims and the vocabulary; ep (when ep_size > 1) places whole routed experts on ranks, the EP
- * group spanning every rank of the instance. Groups are NULL for size 1. */
-typedef struct mdl_shard {
-    int tp_rank, tp_size;
-    int ep_rank, ep_size;
-    comm_group *tp;
-    comm_group *ep;
-} mdl_shard;
-
-typedef enum mdl_weights_source {
-    MDL_WEIGHTS_CHECKPOINT = 0, /* safetensors files in the model directory */
-    MDL_WEIGHTS_DUMMY = 1,      /* random weights of the config's shapes (--load-format dummy) */
-} mdl_weights_source;
 
 typedef struct mdl_load_opts {
     mdl_weights_source source;

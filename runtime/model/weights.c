@@ -1,8 +1,9 @@
-/* Loading a DeepSeek checkpoint onto a backend, sliced for this rank (see model.h): tensor
- * names as Hugging Face stores them, FP8 e4m3 weights dequantized by their 128x128
+/* Loading a DeepSeek checkpoint onto a backend, sliced by the shard plan (see weights.h):
+ * tensor names as Hugging Face stores them, FP8 e4m3 weights dequantized by their 128x128
  * weight_scale_inv blocks, every shape checked against config.json. Dummy weights
- * (--load-format dummy) follow the same path with values from a hash of (name, row, col). */
-#include "model/model-impl.h"
+ * (--load-format dummy) follow the same path with values from a hash of (name, row, col).
+ * Which slices to take is shard.c's decision, what to compute with them model.c's. */
+#include "model/weights.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -16,8 +17,10 @@
 typedef struct loader {
     const cfg_model *c;
     const char *dir;
+    const mdl_plan *plan;
     st_set *st;
-    mdl_load_opts opts;
+    mdl_weights_source source;
+    uint64_t dummy_seed;
     be_backend *be;
     float *tmp; /* host staging for one slice */
     size_t tmp_cap;
@@ -39,7 +42,7 @@ static void dummy_fill(loader *ld, const char *name, int full_in, int r0, int nr
     size_t len = strlen(name);
     int is_norm = len > 11 && strstr(name, "norm.weight") != NULL;
     int is_bias = strstr(name, "e_score_correction_bias") != NULL;
-    uint64_t h = hash_fnv1a_str(name) ^ hash_mix64(ld->opts.dummy_seed + 0x9e3779b97f4a7c15ull);
+    uint64_t h = hash_fnv1a_str(name) ^ hash_mix64(ld->dummy_seed + 0x9e3779b97f4a7c15ull);
     const float a = 0.02f * 1.7320508f; /* uniform [-a, a] has std 0.02 */
     for (int i = 0; i < nrows; i++)
         for (int j = 0; j < ncols; j++) {
@@ -68,7 +71,7 @@ static duet_status load_slice(loader *ld, const char *name, int full_out, int fu
                               int nrows, int c0, int ncols, float *dst) {
     int real_rows = r0 >= full_out ? 0 : (r0 + nrows > full_out ? full_out - r0 : nrows);
     memset(dst + (size_t)real_rows * ncols, 0, (size_t)(nrows - real_rows) * ncols * sizeof(float));
-    if (ld->opts.source == MDL_WEIGHTS_DUMMY) {
+    if (ld->source == MDL_WEIGHTS_DUMMY) {
         dummy_fill(ld, name, full_in, r0, real_rows, c0, ncols, dst);
         return DUET_OK;
     }
@@ -172,12 +175,13 @@ static duet_status load_ffn(loader *ld, const char *prefix, int full_i, int i0, 
     return st;
 }
 
-static duet_status load_layer(loader *ld, mdl_model *m, int l) {
+static duet_status load_layer(loader *ld, mdl_weights *w, int l) {
     const cfg_model *c = ld->c;
-    mdl_layer *ly = &m->layers[l];
+    const mdl_plan *pl = ld->plan;
+    mdl_layer *ly = &w->layers[l];
     int D = c->hidden_size, L = c->kv_lora_rank, R = c->qk_rope_head_dim;
     int qk = cfg_qk_head_dim(c), nv = c->qk_nope_head_dim + c->v_head_dim;
-    int H = c->num_attention_heads, Hl = m->n_heads_local, h0 = m->shard.tp_rank * Hl;
+    int H = c->num_attention_heads, Hl = pl->n_heads_local, h0 = pl->shard.tp_rank * Hl;
     char p[256], n[512];
     snprintf(p, sizeof p, "model.layers.%d", l);
     duet_status st;
@@ -212,28 +216,28 @@ static duet_status load_layer(loader *ld, mdl_model *m, int l) {
 
     ly->moe = cfg_layer_is_moe(c, l);
     if (!ly->moe) {
-        return load_ffn(ld, NAME("mlp"), c->intermediate_size, m->shard.tp_rank * m->inter_local,
-                        m->inter_local, &ly->dense);
+        return load_ffn(ld, NAME("mlp"), c->intermediate_size, pl->shard.tp_rank * pl->inter_local,
+                        pl->inter_local, &ly->dense);
     }
     int E = c->n_routed_experts;
     st = load_linear(ld, NAME("mlp.gate.weight"), E, D, 0, E, 0, D, true, &ly->gate);
     if (st == DUET_OK && c->topk_method == CFG_TOPK_NOAUX_TC)
         st = load_vec(ld, NAME("mlp.gate.e_score_correction_bias"), E, &ly->gate_bias);
     if (st != DUET_OK) return st;
-    ly->experts = calloc((size_t)m->n_local_experts, sizeof *ly->experts);
+    ly->experts = calloc((size_t)pl->n_local_experts, sizeof *ly->experts);
     if (!ly->experts) return DUET_ERR_NO_MEMORY;
     /* without EP every rank holds every expert, its intermediate split over TP */
-    int ei0 = m->shard.ep_size > 1 ? 0 : m->shard.tp_rank * m->expert_inter_local;
-    for (int e = 0; e < m->n_local_experts && st == DUET_OK; e++) {
+    int ei0 = pl->shard.ep_size > 1 ? 0 : pl->shard.tp_rank * pl->expert_inter_local;
+    for (int e = 0; e < pl->n_local_experts && st == DUET_OK; e++) {
         char ep[300];
-        snprintf(ep, sizeof ep, "%s.mlp.experts.%d", p, m->expert0 + e);
-        st =
-            load_ffn(ld, ep, c->moe_intermediate_size, ei0, m->expert_inter_local, &ly->experts[e]);
+        snprintf(ep, sizeof ep, "%s.mlp.experts.%d", p, pl->expert0 + e);
+        st = load_ffn(ld, ep, c->moe_intermediate_size, ei0, pl->expert_inter_local,
+                      &ly->experts[e]);
     }
     if (st == DUET_OK && c->n_shared_experts > 0)
-        st =
-            load_ffn(ld, NAME("mlp.shared_experts"), c->n_shared_experts * c->moe_intermediate_size,
-                     m->shard.tp_rank * m->shared_inter_local, m->shared_inter_local, &ly->shared);
+        st = load_ffn(
+            ld, NAME("mlp.shared_experts"), c->n_shared_experts * c->moe_intermediate_size,
+            pl->shard.tp_rank * pl->shared_inter_local, pl->shared_inter_local, &ly->shared);
 #undef NAME
     return st;
 }
@@ -257,125 +261,41 @@ static void note_skipped_layers(const loader *ld) {
                  ld->dir, n, lo, hi, ld->c->num_hidden_layers);
 }
 
-static duet_status check_divisible(const char *what, int n, int by, const char *flag) {
-    if (by > 0 && n % by == 0) return DUET_OK;
-    LOG_ERROR("config.json: %s (%d) is not divisible by %s (%d)", what, n, flag, by);
-    return DUET_ERR_INVALID;
-}
-
-static duet_status plan_shard(mdl_model *m) {
-    const cfg_model *c = &m->cfg;
-    const mdl_shard *s = &m->shard;
-    int tp = s->tp_size;
-    duet_status st = check_divisible("num_attention_heads", c->num_attention_heads, tp,
-                                     "--tensor-parallel-size");
-    if (st == DUET_OK)
-        st = check_divisible("intermediate_size", c->intermediate_size, tp,
-                             "--tensor-parallel-size");
-    if (st == DUET_OK && c->n_shared_experts)
-        st = check_divisible("shared experts' intermediate size",
-                             c->n_shared_experts * c->moe_intermediate_size, tp,
-                             "--tensor-parallel-size");
-    if (st == DUET_OK && c->n_routed_experts && s->ep_size > 1)
-        st = check_divisible("n_routed_experts", c->n_routed_experts, s->ep_size,
-                             "the expert-parallel size");
-    if (st == DUET_OK && c->n_routed_experts && s->ep_size <= 1)
-        st = check_divisible("moe_intermediate_size", c->moe_intermediate_size, tp,
-                             "--tensor-parallel-size");
-    if (st == DUET_OK && c->n_routed_experts &&
-        (c->n_routed_experts > 1024 || c->num_experts_per_tok > 64 || c->n_group > 256)) {
-        LOG_ERROR("config.json: %d routed experts, top-%d, %d groups exceed what duet routes "
-                  "(1024, 64, 256)",
-                  c->n_routed_experts, c->num_experts_per_tok, c->n_group);
-        st = DUET_ERR_UNSUPPORTED;
-    }
-    if (st == DUET_OK && c->qk_rope_head_dim > 256) {
-        LOG_ERROR("config.json: qk_rope_head_dim %d exceeds duet's limit of 256",
-                  c->qk_rope_head_dim);
-        st = DUET_ERR_UNSUPPORTED;
-    }
-    if (st != DUET_OK) return st;
-    m->n_heads_local = c->num_attention_heads / tp;
-    m->inter_local = c->intermediate_size / tp;
-    m->shared_inter_local = c->n_shared_experts * c->moe_intermediate_size / tp;
-    m->vocab_local = (c->vocab_size + tp - 1) / tp;
-    m->vocab0 = s->tp_rank * m->vocab_local;
-    if (s->ep_size > 1) {
-        m->n_local_experts = c->n_routed_experts / s->ep_size;
-        m->expert0 = s->ep_rank * m->n_local_experts;
-        m->expert_inter_local = c->moe_intermediate_size;
-    } else {
-        m->n_local_experts = c->n_routed_experts;
-        m->expert0 = 0;
-        m->expert_inter_local = c->moe_intermediate_size / tp;
-    }
-    return DUET_OK;
-}
-
-duet_status mdl_load(const char *dir, be_backend *be, const mdl_shard *shard,
-                     const mdl_load_opts *opts, mdl_model **model_p) {
-    mdl_model *m = calloc(1, sizeof *m);
-    if (!m) return DUET_ERR_NO_MEMORY;
-    loader ld = {.dir = dir, .be = be, .opts = *opts};
-    duet_status st = cfg_load(dir, &m->cfg);
-    m->be = be;
-    m->shard = *shard;
-    if (m->shard.tp_size < 1) m->shard.tp_size = 1;
-    if (m->shard.ep_size < 1) m->shard.ep_size = 1;
-    if (st == DUET_OK) st = plan_shard(m);
-    const cfg_model *c = &m->cfg;
-    ld.c = c;
-    if (st == DUET_OK && opts->source == MDL_WEIGHTS_CHECKPOINT) st = st_open_dir(dir, &ld.st);
+duet_status mdl_weights_load(const char *dir, const cfg_model *c, const mdl_plan *plan,
+                             be_backend *be, mdl_weights_source source, uint64_t dummy_seed,
+                             mdl_weights **w_p) {
+    mdl_weights *w = calloc(1, sizeof *w);
+    if (!w) return DUET_ERR_NO_MEMORY;
+    w->be = be;
+    w->n_local_experts = plan->n_local_experts;
+    loader ld = {
+        .c = c, .dir = dir, .plan = plan, .source = source, .dummy_seed = dummy_seed, .be = be};
+    duet_status st = DUET_OK;
+    if (source == MDL_WEIGHTS_CHECKPOINT) st = st_open_dir(dir, &ld.st);
     if (st == DUET_OK) note_skipped_layers(&ld);
 
-    if (st == DUET_OK) {
-        if (c->norm_topk_prob && strcmp(c->model_type, "deepseek_v3") != 0)
-            LOG_WARN("%s/config.json: norm_topk_prob is ignored for %s checkpoints, as "
-                     "transformers does; routed weights are only scaled",
-                     dir, c->model_type);
-        m->kv_dim = c->kv_lora_rank + c->qk_rope_head_dim;
-        m->softmax_scale = cfg_softmax_scale(c);
-        m->route = (be_route_params){
-            .n_experts = c->n_routed_experts,
-            .top_k = c->num_experts_per_tok,
-            .n_group = c->n_group,
-            .topk_group = c->topk_group,
-            .scoring = c->scoring_func,
-            .method = c->topk_method,
-            .norm_topk_prob = c->norm_topk_prob,
-            .scale_after_norm = !strcmp(c->model_type, "deepseek_v3"),
-            .routed_scaling_factor = c->routed_scaling_factor,
-        };
-        float inv_freq[256], attn;
-        if (c->qk_rope_head_dim / 2 > 256)
-            st = DUET_ERR_UNSUPPORTED;
-        else {
-            cfg_rope_inv_freq(c, inv_freq, &attn);
-            st = be->ops->rope_setup(be, inv_freq, c->qk_rope_head_dim / 2, attn);
-        }
-    }
     int D = c->hidden_size, V = c->vocab_size;
     if (st == DUET_OK)
-        st = load_linear(&ld, "model.embed_tokens.weight", V, D, m->vocab0, m->vocab_local, 0, D,
-                         false, &m->embed);
+        st = load_linear(&ld, "model.embed_tokens.weight", V, D, plan->vocab0, plan->vocab_local, 0,
+                         D, false, &w->embed);
     if (st == DUET_OK)
         st = load_linear(&ld,
                          c->tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight", V,
-                         D, m->vocab0, m->vocab_local, 0, D, false, &m->lm_head);
-    if (st == DUET_OK) st = load_vec(&ld, "model.norm.weight", D, &m->final_norm);
+                         D, plan->vocab0, plan->vocab_local, 0, D, false, &w->lm_head);
+    if (st == DUET_OK) st = load_vec(&ld, "model.norm.weight", D, &w->final_norm);
     if (st == DUET_OK) {
-        m->layers = calloc((size_t)c->num_hidden_layers, sizeof *m->layers);
-        if (!m->layers) st = DUET_ERR_NO_MEMORY;
+        w->layers = calloc((size_t)c->num_hidden_layers, sizeof *w->layers);
+        if (!w->layers) st = DUET_ERR_NO_MEMORY;
+        w->n_layers = w->layers ? c->num_hidden_layers : 0;
     }
-    for (int l = 0; st == DUET_OK && l < c->num_hidden_layers; l++) st = load_layer(&ld, m, l);
-    if (st == DUET_OK) st = mdl_reserve(m, opts->max_tokens > 0 ? opts->max_tokens : 256, 1);
+    for (int l = 0; st == DUET_OK && l < c->num_hidden_layers; l++) st = load_layer(&ld, w, l);
     free(ld.tmp);
     st_close(ld.st);
     if (st != DUET_OK) {
-        mdl_destroy(m);
+        mdl_weights_destroy(w);
         return st;
     }
-    *model_p = m;
+    *w_p = w;
     return DUET_OK;
 }
 
@@ -388,12 +308,12 @@ static void vec_free(be_backend *be, void *v) {
     if (v) be->ops->buf_free(be, v);
 }
 
-void mdl_destroy(mdl_model *m) {
-    if (!m) return;
-    be_backend *be = m->be;
+void mdl_weights_destroy(mdl_weights *w) {
+    if (!w) return;
+    be_backend *be = w->be;
     const be_ops *o = be->ops;
-    for (int l = 0; m->layers && l < m->cfg.num_hidden_layers; l++) {
-        mdl_layer *ly = &m->layers[l];
+    for (int l = 0; l < w->n_layers; l++) {
+        mdl_layer *ly = &w->layers[l];
         vec_free(be, ly->attn_norm);
         vec_free(be, ly->ffn_norm);
         vec_free(be, ly->q_a_norm);
@@ -408,109 +328,12 @@ void mdl_destroy(mdl_model *m) {
         o->weight_destroy(be, ly->gate);
         ffn_free(be, &ly->dense);
         ffn_free(be, &ly->shared);
-        for (int e = 0; ly->experts && e < m->n_local_experts; e++) ffn_free(be, &ly->experts[e]);
+        for (int e = 0; ly->experts && e < w->n_local_experts; e++) ffn_free(be, &ly->experts[e]);
         free(ly->experts);
     }
-    free(m->layers);
-    o->weight_destroy(be, m->embed);
-    o->weight_destroy(be, m->lm_head);
-    vec_free(be, m->final_norm);
-    mdl_buffers_free(m);
-    mdl_ep_destroy(m);
-    free(m->step.tokens);
-    free(m->step.token_pos);
-    free(m->step.token_slot);
-    free(m->step.out_rows);
-    free(m->step.seq_start);
-    free(m->step.seq_ctx);
-    free(m->step.block_table);
-    free(m);
-}
-
-static int grow(int32_t **p, size_t n) {
-    int32_t *np = realloc(*p, (n ? n : 1) * sizeof **p);
-    if (!np) return -1;
-    *p = np;
-    return 0;
-}
-
-duet_status mdl_step_reserve(mdl_step *s, int n_tokens, int n_seqs, int max_blocks) {
-    size_t nt = (size_t)n_tokens, ns = (size_t)n_seqs + 1, tb = (size_t)n_seqs * max_blocks;
-    if (nt > s->cap_tokens) {
-        if (grow(&s->tokens, nt) || grow(&s->token_pos, nt) || grow(&s->token_slot, nt) ||
-            grow(&s->out_rows, nt))
-            return DUET_ERR_NO_MEMORY;
-        s->cap_tokens = nt;
-    }
-    if (ns > s->cap_seqs) {
-        if (grow(&s->seq_start, ns) || grow(&s->seq_ctx, ns)) return DUET_ERR_NO_MEMORY;
-        s->cap_seqs = ns;
-    }
-    if (tb > s->cap_table) {
-        if (grow(&s->block_table, tb)) return DUET_ERR_NO_MEMORY;
-        s->cap_table = tb;
-    }
-    return DUET_OK;
-}
-
-void mdl_buffers_free(mdl_model *m) {
-    mdl_buffers *b = &m->buf;
-    void **bufs[] = {&b->h, &b->xn, &b->qa, &b->q,   &b->kva,    &b->attn,
-                     &b->o, &b->o2, &b->gu, &b->act, &b->logits, &b->logits_all};
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
-        if (*bufs[i]) m->be->ops->buf_free(m->be, *bufs[i]);
-        *bufs[i] = NULL;
-    }
-    free(b->ids);
-    free(b->weights);
-    free(b->logits_host);
-    b->ids = NULL;
-    b->weights = NULL;
-    b->logits_host = NULL;
-    b->cap_tokens = b->cap_out = 0;
-}
-
-duet_status mdl_reserve(mdl_model *m, int T, int n_out) {
-    mdl_buffers *b = &m->buf;
-    if (T <= b->cap_tokens && n_out <= b->cap_out) return DUET_OK;
-    const cfg_model *c = &m->cfg;
-    int cap_t = T > b->cap_tokens ? T : b->cap_tokens;
-    int cap_o = n_out > b->cap_out ? n_out : b->cap_out;
-    if (cap_o > cap_t) cap_t = cap_o;
-    mdl_buffers_free(m);
-    size_t t = (size_t)cap_t, D = (size_t)c->hidden_size;
-    int H = m->n_heads_local, qk = cfg_qk_head_dim(c);
-    int I = m->inter_local;
-    if (m->shared_inter_local > I) I = m->shared_inter_local;
-    if (m->expert_inter_local > I) I = m->expert_inter_local;
-    int K = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1;
-    be_backend *be = m->be;
-    void *(*al)(be_backend *, size_t) = be->ops->buf_alloc;
-    b->h = al(be, t * D);
-    b->xn = al(be, t * D);
-    b->qa = al(be, t * (size_t)(c->q_lora_rank ? c->q_lora_rank : 1));
-    b->q = al(be, t * (size_t)H * qk);
-    b->kva = al(be, t * (size_t)m->kv_dim);
-    b->attn = al(be, t * (size_t)H * c->v_head_dim);
-    b->o = al(be, t * D);
-    b->o2 = al(be, t * D);
-    b->gu = al(be, t * 2 * (size_t)I);
-    b->act = al(be, t * (size_t)I);
-    b->logits = al(be, (size_t)cap_o * m->vocab_local);
-    bool gather_dev = m->shard.tp_size > 1 && be->ops->on_device;
-    b->logits_all = gather_dev ? al(be, (size_t)cap_o * m->vocab_local * m->shard.tp_size) : NULL;
-    b->ids = malloc(t * K * sizeof(int32_t));
-    b->weights = malloc(t * K * sizeof(float));
-    b->logits_host =
-        malloc((size_t)cap_o * m->vocab_local * (m->shard.tp_size + 1) * sizeof(float));
-    b->cap_tokens = cap_t;
-    b->cap_out = cap_o;
-    if (!b->h || !b->xn || !b->qa || !b->q || !b->kva || !b->attn || !b->o || !b->o2 || !b->gu ||
-        !b->act || !b->logits || (gather_dev && !b->logits_all) || !b->ids || !b->weights ||
-        !b->logits_host) {
-        LOG_ERROR("model: cannot allocate activations for %d tokens", cap_t);
-        mdl_buffers_free(m);
-        return DUET_ERR_NO_MEMORY;
-    }
-    return DUET_OK;
+    free(w->layers);
+    o->weight_destroy(be, w->embed);
+    o->weight_destroy(be, w->lm_head);
+    vec_free(be, w->final_norm);
+    free(w);
 }
