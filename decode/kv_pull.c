@@ -204,8 +204,8 @@ static void job_start_reads(kvpull *x, kvpull_job *j) {
         j->gets_left++;
         j->bytes += len;
         count(x, &x->stats.gets_issued);
-        duet_status st = kvu_get(p->up, kvl_region(x->link), local, len,
-                                 (uint64_t)r0 * bb, get_done, j);
+        duet_status st =
+            kvu_get(p->up, kvl_region(x->link), local, len, (uint64_t)r0 * bb, get_done, j);
         if (st != DUET_OK) {
             j->gets_left--;
             job_fail(j, "KV read could not start: %s", duet_strerror(st));
@@ -303,7 +303,8 @@ static void peer_got(kvpull_peer *p, Duet__Kv__Envelope *env) {
         }
         Duet__Kv__Auth auth = DUET__KV__AUTH__INIT;
         uint8_t mac[KVW_MAC_LEN];
-        kvw_mac(kvl_secret(x->link), "duet-kv-c", p->nonce_s, KVW_NONCE_LEN, p->nonce_c, KVW_NONCE_LEN, mac);
+        kvw_mac(kvl_secret(x->link), "duet-kv-c", p->nonce_s, KVW_NONCE_LEN, p->nonce_c,
+                KVW_NONCE_LEN, mac);
         auth.nonce.data = p->nonce_c;
         auth.nonce.len = KVW_NONCE_LEN;
         auth.mac.data = mac;
@@ -527,7 +528,6 @@ static void take_inbox(kvpull *x) {
     }
 }
 
-
 /* Timeouts and deferred retries: a job past its deadline closes its peer (completing its reads),
  * which fails every job of that peer. */
 static void role_tick(void *arg, double now) {
@@ -557,7 +557,9 @@ static void role_tick(void *arg, double now) {
     }
 }
 
-static void role_woken(void *arg) { take_inbox(arg); }
+static void role_woken(void *arg) {
+    take_inbox(arg);
+}
 
 /* Shutdown: every peer closes (failing its jobs), and so do pulls that raced it. */
 static void role_close(void *arg) {
@@ -571,7 +573,6 @@ static void role_close(void *arg) {
 }
 
 /* ---- plug-in hooks ---- */
-
 
 /* Engine thread: queue the pull for the transfer thread. */
 static duet_status x_fetch(void *user, uint64_t id, void *remote, const int32_t *blocks,
@@ -608,12 +609,16 @@ static duet_status x_fetch(void *user, uint64_t id, void *remote, const int32_t 
     return DUET_OK;
 }
 
-
 static duet_status x_add_options(void *state, opt_parser *p) {
     kvpull *x = state;
     const opt_spec specs[] = {
-        {.name = "--kv-transfer-timeout", .type = OPT_DOUBLE, .dest = &x->timeout_s,
-         .def = "10", .min = 1e-3, .max = 1e6, .metavar = "S",
+        {.name = "--kv-transfer-timeout",
+         .type = OPT_DOUBLE,
+         .dest = &x->timeout_s,
+         .def = "10",
+         .min = 1e-3,
+         .max = 1e6,
+         .metavar = "S",
          .help = "fail a KV pull after S seconds"},
     };
     duet_status st = opt_add(p, "KV pulls (decode side)", specs, 1);

@@ -311,8 +311,7 @@ static duet_status role_open(void *arg, kvl_link *l) {
     rc = uv_tcp_bind(&x->listener, (const struct sockaddr *)&sa, 0);
     if (rc == 0) rc = uv_listen((uv_stream_t *)&x->listener, 128, on_connection);
     if (rc != 0) {
-        LOG_ERROR("kv: cannot listen on the side channel port %d: %s", x->kv_port,
-                  uv_strerror(rc));
+        LOG_ERROR("kv: cannot listen on the side channel port %d: %s", x->kv_port, uv_strerror(rc));
         return DUET_ERR_IO;
     }
     LOG_INFO("kv: leasing KV blocks to decode workers on %s:%d (engine %s)", x->advertise_host,
@@ -346,15 +345,22 @@ static void role_close(void *arg) {
 static duet_status x_add_options(void *state, opt_parser *p) {
     kvlease *x = state;
     const opt_spec specs[] = {
-        {.name = "--kv-port", .type = OPT_INT, .dest = &x->kv_port, .min = 1, .max = 65535,
+        {.name = "--kv-port",
+         .type = OPT_INT,
+         .dest = &x->kv_port,
+         .min = 1,
+         .max = 65535,
          .help = "side channel port of a prefill worker (default: its HTTP port + 1000; DP rank "
                  "r adds r)"},
-        {.name = "--kv-host", .type = OPT_STRING, .dest = &x->opt_host, .metavar = "HOST",
+        {.name = "--kv-host",
+         .type = OPT_STRING,
+         .dest = &x->opt_host,
+         .metavar = "HOST",
          .help = "address decode workers use to reach this prefill worker (default: --host, or "
                  "127.0.0.1)"},
     };
-    duet_status st = opt_add(p, "KV leases (prefill side)", specs,
-                             (int)(sizeof specs / sizeof specs[0]));
+    duet_status st =
+        opt_add(p, "KV leases (prefill side)", specs, (int)(sizeof specs / sizeof specs[0]));
     return st == DUET_OK ? kvl_options_add(p, &x->common) : st;
 }
 

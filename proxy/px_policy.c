@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "base/log.h"
+#include "base/rng.h"
 
 typedef struct rr_policy {
     px_policy base;
@@ -20,7 +21,7 @@ typedef struct ll_policy {
 
 typedef struct p2_policy {
     px_policy base;
-    uint64_t rng;
+    rng_state rng;
 } p2_policy;
 
 /* Lower load wins; equal loads, fewer active picks. */
@@ -46,22 +47,12 @@ static size_t ll_select(px_policy *p, px_target *const *cands, size_t n, uint64_
     return best;
 }
 
-/* Plenty for spreading requests; not for secrets. */
-uint64_t px_rand_next(uint64_t *state) {
-    uint64_t x = *state;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *state = x;
-    return x * 0x2545F4914F6CDD1DULL;
-}
-
 static size_t p2_select(px_policy *p, px_target *const *cands, size_t n, uint64_t load) {
     p2_policy *p2 = (p2_policy *)p;
     (void)load;
     if (n == 1) return 0;
-    size_t a = (size_t)(px_rand_next(&p2->rng) % n);
-    size_t b = (size_t)(px_rand_next(&p2->rng) % (n - 1));
+    size_t a = (size_t)(rng_next(&p2->rng) % n);
+    size_t b = (size_t)(rng_next(&p2->rng) % (n - 1));
     if (b >= a) b++; /* two distinct candidates */
     return lighter(cands[b], cands[a]) ? b : a;
 }
@@ -104,7 +95,7 @@ duet_status px_policy_create(px_policy_kind kind, uint64_t seed, px_policy **pol
         break;
     case PX_POLICY_POWER_OF_TWO: {
         p2_policy *p2 = calloc(1, sizeof *p2);
-        if (p2) p2->rng = seed ? seed : 0x9E3779B97F4A7C15ULL; /* xorshift needs nonzero */
+        if (p2) rng_seed(&p2->rng, seed);
         p = p2 ? &p2->base : NULL;
         break;
     }

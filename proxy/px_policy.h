@@ -45,9 +45,6 @@ const char *px_policy_kind_name(px_policy_kind kind);
 duet_status px_policy_create(px_policy_kind kind, uint64_t seed, px_policy **policy_p);
 void px_policy_destroy(px_policy *p); /* accepts NULL */
 
-/* xorshift64*: the policies' and the proxy's jitter source. *state must start nonzero. */
-uint64_t px_rand_next(uint64_t *state);
-
 /* Chooses among cands (n >= 1), charges load to it and returns it. NULL when n == 0. */
 px_target *px_policy_pick(px_policy *p, px_target *const *cands, size_t n, uint64_t load);
 /* Uncharges a pick made by px_policy_pick. */

@@ -18,6 +18,7 @@
 #include "net/http.h"
 #include "net/httpc.h"
 #include "base/log.h"
+#include "base/rng.h"
 #include "px_backend.h"
 #include "px_body.h"
 #include "base/strbuf.h"
@@ -42,7 +43,7 @@ struct px_proxy {
     px_hist leg_latency[PX_LEG_COUNT];
     char *auth_up;     /* "Bearer <upstream key>" or NULL */
     char *auth_expect; /* "Bearer <api key>" or NULL */
-    uint64_t rng;
+    rng_state rng;
     uint64_t rid_next;
     unsigned jobs_open;
     int refs; /* the owner's, one per job, the drain timer's */
@@ -101,7 +102,7 @@ static double seconds_since(uint64_t t0) {
 }
 
 static uint64_t px_rand(px_proxy *px) {
-    return px_rand_next(&px->rng);
+    return rng_next(&px->rng);
 }
 
 static void px_unref(px_proxy *px) {
@@ -986,7 +987,7 @@ duet_status px_proxy_create(uv_loop_t *loop, const px_config *cfg, px_proxy **px
     px->loop = loop;
     px->cfg = cfg;
     px->refs = 1;
-    px->rng = uv_hrtime() ^ ((uint64_t)(uintptr_t)px << 16) ^ 0x9E3779B97F4A7C15ULL;
+    rng_seed(&px->rng, uv_hrtime() ^ ((uint64_t)(uintptr_t)px << 16));
     px->auth_up = bearer(cfg->upstream_api_key);
     px->auth_expect = bearer(cfg->api_key);
     if ((cfg->upstream_api_key && !px->auth_up) || (cfg->api_key && !px->auth_expect)) {

@@ -59,7 +59,7 @@ struct ereq {
     int n_sched; /* tokens scheduled in the current step */
     bool abort_pending, fetched;
 
-    smp_rng rng;
+    rng_state rng;
     tok_stream *detok;
     char *text; /* detokenized output not yet sent (stop strings held back) */
     size_t text_len, text_cap;
@@ -529,7 +529,7 @@ duet_status eng_submit(eng_engine *e, const eng_request *req, char *err, size_t 
     uint64_t seed = sp->has_seed
                         ? sp->seed
                         : (uint64_t)(clock_now_s() * 1e9) ^ (salt * 0x9e3779b97f4a7c15ull) ^ r->id;
-    smp_rng_seed(&r->rng, seed);
+    rng_seed(&r->rng, seed);
     cmd *c = calloc(1, sizeof *c);
     if (!c) {
         req_free(r);

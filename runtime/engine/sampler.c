@@ -8,34 +8,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-static uint64_t rotl(uint64_t x, int k) {
-    return (x << k) | (x >> (64 - k));
-}
-
-static uint64_t splitmix(uint64_t *x) {
-    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-void smp_rng_seed(smp_rng *r, uint64_t seed) {
-    for (int i = 0; i < 4; i++) r->s[i] = splitmix(&seed);
-}
-
-double smp_rng_uniform(smp_rng *r) {
-    uint64_t *s = r->s;
-    uint64_t result = rotl(s[1] * 5, 7) * 9;
-    uint64_t t = s[1] << 17;
-    s[2] ^= s[0];
-    s[3] ^= s[1];
-    s[1] ^= s[2];
-    s[0] ^= s[3];
-    s[2] ^= t;
-    s[3] = rotl(s[3], 45);
-    return (double)(result >> 11) * 0x1.0p-53;
-}
-
 void smp_params_default(smp_params *p) {
     p->temperature = 1.0f;
     p->top_k = 0;
@@ -168,7 +140,7 @@ static int top_candidates(const float *v, int32_t *idx, int m, int n) {
 }
 
 int32_t smp_sample(const smp_params *p, const smp_history *h, const int32_t *banned, int n_banned,
-                   float *logits, int V, smp_rng *rng, smp_scratch *s) {
+                   float *logits, int V, rng_state *rng, smp_scratch *s) {
     if (scratch_reserve(s, V) != 0) return (int32_t)argmax(logits, V);
     apply_penalties(p, h, logits, V, s);
     for (int i = 0; i < n_banned; i++)
@@ -221,7 +193,7 @@ int32_t smp_sample(const smp_params *p, const smp_history *h, const int32_t *ban
             }
         m = w;
     }
-    double u = smp_rng_uniform(rng) * sum, acc = 0;
+    double u = rng_uniform(rng) * sum, acc = 0;
     for (int i = 0; i < m; i++) {
         acc += s->probs[i];
         if (u < acc) return s->idx[i];

@@ -9,6 +9,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "base/rng.h"
 #include "base/status.h"
 
 typedef struct smp_params {
@@ -20,15 +21,6 @@ typedef struct smp_params {
     float presence_penalty;   /* 0: off; output tokens */
     float frequency_penalty;  /* 0: off; output tokens */
 } smp_params;
-
-/* xoshiro256** state; one per request. */
-typedef struct smp_rng {
-    uint64_t s[4];
-} smp_rng;
-
-void smp_rng_seed(smp_rng *r, uint64_t seed);
-/* uniform in [0, 1) */
-double smp_rng_uniform(smp_rng *r);
 
 void smp_params_default(smp_params *p);
 /* Validates ranges as vLLM does; on error writes a message for the client into err. */
@@ -64,7 +56,7 @@ typedef struct smp_history {
  * most likely alternatives, both from the raw logits (vLLM's default), so raw_lp must be
  * computed before this call with smp_logprobs. Returns the token. */
 int32_t smp_sample(const smp_params *p, const smp_history *h, const int32_t *banned, int n_banned,
-                   float *logits, int V, smp_rng *rng, smp_scratch *s);
+                   float *logits, int V, rng_state *rng, smp_scratch *s);
 
 /* log_softmax of the raw row: the logprob of token and the top n alternatives (n may be 0),
  * sorted most likely first. */

@@ -12,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "base/rng.h"
 #include "base/log.h"
 
 duet_status api_err_set(api_err *e, int status, const char *param, const char *fmt, ...) {
@@ -267,23 +268,20 @@ bool api_auth_ok(const http_req *req, const char *key) {
 }
 
 static pthread_mutex_t g_rng_mu = PTHREAD_MUTEX_INITIALIZER;
-static uint64_t g_rng[2];
+static rng_state g_rng;
+static bool g_rng_seeded;
 
-/* xorshift128+, seeded from the clock and pid: ids need to be unique, not secret. */
-static uint64_t rng_next(void) {
+/* Seeded from the clock and pid: ids need to be unique, not secret. */
+static uint64_t id_random(void) {
     pthread_mutex_lock(&g_rng_mu);
-    if (!g_rng[0] && !g_rng[1]) {
+    if (!g_rng_seeded) {
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
-        g_rng[0] = (uint64_t)ts.tv_nsec * 0x9e3779b97f4a7c15ull ^ (uint64_t)ts.tv_sec;
-        g_rng[1] = ((uint64_t)getpid() << 32) ^ 0xbf58476d1ce4e5b9ull ^ (uint64_t)ts.tv_nsec;
+        rng_seed(&g_rng, ((uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec) ^
+                             ((uint64_t)getpid() << 40));
+        g_rng_seeded = true;
     }
-    uint64_t s1 = g_rng[0];
-    const uint64_t s0 = g_rng[1];
-    g_rng[0] = s0;
-    s1 ^= s1 << 23;
-    g_rng[1] = s1 ^ s0 ^ (s1 >> 17) ^ (s0 >> 26);
-    uint64_t r = g_rng[1] + s0;
+    uint64_t r = rng_next(&g_rng);
     pthread_mutex_unlock(&g_rng_mu);
     return r;
 }
@@ -294,7 +292,7 @@ void api_random_hex(char *out, size_t cap, int n) {
     if ((size_t)n >= cap) n = (int)cap - 1;
     uint64_t r = 0;
     for (int i = 0; i < n; i++) {
-        if (i % 16 == 0) r = rng_next();
+        if (i % 16 == 0) r = id_random();
         out[i] = hex[r & 15];
         r >>= 4;
     }

@@ -165,12 +165,9 @@ static void prefix_reuse(void) {
     eng_destroy(e);
 }
 
-static uint64_t rng_state = 88172645463325252ull;
+static rng_state g_rng = {{88172645463325252ull, 1, 2, 3}};
 static uint32_t rnd(void) {
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (uint32_t)rng_state;
+    return (uint32_t)rng_next(&g_rng);
 }
 
 static void random_aborts(void) {

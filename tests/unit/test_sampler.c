@@ -9,7 +9,7 @@
 
 #define V 8
 
-static int draw(const smp_params *p, const float *base, smp_rng *r, smp_scratch *s) {
+static int draw(const smp_params *p, const float *base, rng_state *r, smp_scratch *s) {
     float l[V];
     memcpy(l, base, sizeof l);
     smp_history h = {0};
@@ -18,8 +18,8 @@ static int draw(const smp_params *p, const float *base, smp_rng *r, smp_scratch 
 
 int main(void) {
     smp_scratch s = {0};
-    smp_rng r;
-    smp_rng_seed(&r, 42);
+    rng_state r;
+    rng_seed(&r, 42);
     smp_params p;
     smp_params_default(&p);
     float base[V] = {1.0f, 3.0f, 2.0f, 0.5f, 2.9f, -1.0f, 0.0f, 1.5f};
@@ -60,9 +60,9 @@ int main(void) {
     p.min_p = 0.0f;
 
     /* seeded: the same seed gives the same stream */
-    smp_rng r1, r2;
-    smp_rng_seed(&r1, 7);
-    smp_rng_seed(&r2, 7);
+    rng_state r1, r2;
+    rng_seed(&r1, 7);
+    rng_seed(&r2, 7);
     for (int i = 0; i < 100; i++) CHECK(draw(&p, base, &r1, &s) == draw(&p, base, &r2, &s));
 
     /* bans (min_tokens holding back EOS): greedy never picks a banned token */
