@@ -459,7 +459,7 @@ static bool json_scalar(const cJSON *v) {
 }
 
 /* Sets every member of root through p (opt_set), as if given as flags. where names the source
- * in messages. An empty list sets nothing. */
+ * in messages. */
 static duet_status apply_json(opt_parser *p, const cJSON *root, cJSON *texts, const char *where,
                               char *err, size_t errlen) {
     if (!cJSON_IsObject(root)) return fail(err, errlen, "%s: not a JSON object", where);
@@ -469,8 +469,7 @@ static duet_status apply_json(opt_parser *p, const cJSON *root, cJSON *texts, co
         if (!strcmp(key, "config") || !strcmp(key, "version"))
             return fail(err, errlen, "%s: '%s' is a command-line flag only", where, key);
         int n = cJSON_IsArray(it) ? cJSON_GetArraySize(it) : 1;
-        if (n == 0) continue;
-        const char **vals = malloc((size_t)n * sizeof *vals);
+        const char **vals = malloc((size_t)(n ? n : 1) * sizeof *vals);
         if (!vals) return fail(err, errlen, "out of memory");
         duet_status st = DUET_OK;
         if (!cJSON_IsArray(it)) {

@@ -275,6 +275,11 @@ static void test_config(void) {
     CHECK(cfg.api_key && !strcmp(cfg.api_key, "s"));
     CHECK(cfg.connect_timeout_ms == 5000); /* untouched */
     px_config_cleanup(&cfg);
+    px_config_init(&cfg);
+    const char *empty = "{\"prefill\":[],\"decode\":[\"a:1\"]}"; /* an empty list is one */
+    CHECK(px_config_parse_json(&cfg, empty, strlen(empty), err, sizeof err) == DUET_OK);
+    CHECK(cfg.n_prefill == 0 && cfg.n_decode == 1);
+    px_config_cleanup(&cfg);
     const char *bad_json[] = {"[]",
                               "{\"nope\":1}",
                               "{\"prefill\":[1]}",
@@ -284,7 +289,8 @@ static void test_config(void) {
                               "{\"eject_after\":0}",
                               "{\"port\":{}}",
                               "{\"prefill\":[[\"a:1\"]]}",
-                              "{\"config\":\"other.json\"}"};
+                              "{\"config\":\"other.json\"}",
+                              "{\"port\":[]}"};
     for (size_t i = 0; i < sizeof bad_json / sizeof bad_json[0]; i++) {
         px_config_init(&cfg);
         err[0] = '\0';
