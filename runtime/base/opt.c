@@ -20,7 +20,7 @@
 typedef struct opt_item {
     opt_spec spec;
     int group;
-    bool given;     /* by the command line or opt_set */
+    bool given;        /* by the command line or opt_set */
     const char **list; /* OPT_LIST values, [list_n] */
     int list_n, list_cap;
 } opt_item;
@@ -132,9 +132,13 @@ void opt_allow_positional(opt_parser *p, int max, const char *name) {
     p->pos_name = name;
 }
 
-void opt_disable_abbrev(opt_parser *p) { p->abbrev = false; }
+void opt_disable_abbrev(opt_parser *p) {
+    p->abbrev = false;
+}
 
-int opt_positional_count(const opt_parser *p) { return p->n_pos; }
+int opt_positional_count(const opt_parser *p) {
+    return p->n_pos;
+}
 
 const char *opt_positional(const opt_parser *p, int i) {
     return i >= 0 && i < p->n_pos ? p->pos[i] : NULL;
@@ -148,8 +152,11 @@ duet_status opt_parse_size(const char *v, long long *out) {
     double mul = 1;
     if (*end) {
         char u = (char)tolower((unsigned char)*end);
-        mul = u == 'k' ? 1024.0 : u == 'm' ? 1048576.0 : u == 'g' ? 1073741824.0
-            : u == 't' ? 1099511627776.0 : 0;
+        mul = u == 'k'   ? 1024.0
+              : u == 'm' ? 1048576.0
+              : u == 'g' ? 1073741824.0
+              : u == 't' ? 1099511627776.0
+                         : 0;
         if (mul == 0) return DUET_ERR_INVALID;
         end++;
         if (!strcmp(end, "iB") || !strcmp(end, "ib") || !strcmp(end, "B") || !strcmp(end, "b"))
@@ -181,7 +188,9 @@ static duet_status bad(char *err, size_t len, const char *fmt, ...) {
     return DUET_ERR_INVALID;
 }
 
-static bool has_range(const opt_spec *s) { return s->min != 0 || s->max != 0; }
+static bool has_range(const opt_spec *s) {
+    return s->min != 0 || s->max != 0;
+}
 
 /* The index of v among the canonical names of choices ("a|b|x=a"), or -1. */
 static int choice_index(const char *choices, const char *v) {
@@ -296,8 +305,7 @@ static duet_status apply(opt_item *it, const char *v, char *err, size_t len) {
         double x = strtod(v, &end);
         if (!*v || *end || errno || !isfinite(x) || (has_range(s) && (x < s->min || x > s->max))) {
             if (has_range(s))
-                return bad(err, len, "expected a number in [%g, %g], got '%s'", s->min, s->max,
-                           v);
+                return bad(err, len, "expected a number in [%g, %g], got '%s'", s->min, s->max, v);
             return bad(err, len, "expected a number, got '%s'", v);
         }
         *(double *)s->dest = x;
@@ -337,7 +345,9 @@ static duet_status apply(opt_item *it, const char *v, char *err, size_t len) {
     return bad(err, len, "internal: unknown option type");
 }
 
-static bool takes_value(const opt_spec *s) { return s->type != OPT_FLAG; }
+static bool takes_value(const opt_spec *s) {
+    return s->type != OPT_FLAG;
+}
 
 typedef struct lev_arg {
     const char *want; /* without leading dashes */
@@ -488,8 +498,8 @@ int opt_parse(opt_parser *p, int argc, char **argv) {
                     fprintf(stderr, "%s: unexpected argument '%s' (options start with --)\n",
                             p->prog, a);
                 else
-                    fprintf(stderr, "%s: unexpected argument '%s' (only %d %s expected)\n",
-                            p->prog, a, p->max_pos, p->pos_name ? p->pos_name : "arguments");
+                    fprintf(stderr, "%s: unexpected argument '%s' (only %d %s expected)\n", p->prog,
+                            a, p->max_pos, p->pos_name ? p->pos_name : "arguments");
                 return 2;
             }
             p->pos[p->n_pos++] = a;
@@ -523,8 +533,7 @@ int opt_parse(opt_parser *p, int argc, char **argv) {
             if (s)
                 fprintf(stderr, "%s: unknown option %s (did you mean %s?)\n", p->prog, norm, s);
             else
-                fprintf(stderr, "%s: unknown option %s (see %s --help)\n", p->prog, norm,
-                        p->prog);
+                fprintf(stderr, "%s: unknown option %s (see %s --help)\n", p->prog, norm, p->prog);
             return 2;
         }
         const opt_spec *s = &it->spec;
@@ -654,12 +663,18 @@ static const char *default_metavar(const opt_spec *s) {
     if (s->metavar) return s->metavar;
     switch (s->type) {
     case OPT_INT:
-    case OPT_LONG: return "N";
-    case OPT_DOUBLE: return "X";
-    case OPT_SIZE: return "BYTES";
-    case OPT_LIST: return "VALUE...";
-    case OPT_CHOICE: return "{...}";
-    default: return "VALUE";
+    case OPT_LONG:
+        return "N";
+    case OPT_DOUBLE:
+        return "X";
+    case OPT_SIZE:
+        return "BYTES";
+    case OPT_LIST:
+        return "VALUE...";
+    case OPT_CHOICE:
+        return "{...}";
+    default:
+        return "VALUE";
     }
 }
 

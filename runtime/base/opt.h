@@ -45,8 +45,8 @@ typedef struct opt_list {
 
 typedef struct opt_spec opt_spec;
 struct opt_spec {
-    const char *name;    /* "--tensor-parallel-size" */
-    const char *alias;   /* other spellings, '|'-separated: "-tp"; NULL for none */
+    const char *name;  /* "--tensor-parallel-size" */
+    const char *alias; /* other spellings, '|'-separated: "-tp"; NULL for none */
     opt_type type;
     void *dest;          /* where the value goes (type as above); NULL for OPT_IGNORED, whose
                           * type says whether it takes a value (OPT_FLAG: none) */

@@ -33,22 +33,44 @@ static opt_parser *make(cfg *c, int *even) {
     opt_parser *p;
     CHECK(opt_parser_create("prog", "[options] [MODEL]", "A test program.", &p) == DUET_OK);
     const opt_spec specs[] = {
-        {.name = "--tensor-parallel-size", .alias = "-tp", .type = OPT_INT, .dest = &c->tp,
-         .def = "1", .min = 1, .max = 64, .help = "TP ranks"},
-        {.name = "--port", .type = OPT_INT, .dest = &c->port, .def = "8000", .min = 0,
+        {.name = "--tensor-parallel-size",
+         .alias = "-tp",
+         .type = OPT_INT,
+         .dest = &c->tp,
+         .def = "1",
+         .min = 1,
+         .max = 64,
+         .help = "TP ranks"},
+        {.name = "--port",
+         .type = OPT_INT,
+         .dest = &c->port,
+         .def = "8000",
+         .min = 0,
          .max = 65535},
         {.name = "--kv-cache-memory", .type = OPT_SIZE, .dest = &c->mem, .def = "1G"},
-        {.name = "--gpu-memory-utilization", .type = OPT_DOUBLE, .dest = &c->util, .def = "0.9",
-         .min = 0.01, .max = 1},
+        {.name = "--gpu-memory-utilization",
+         .type = OPT_DOUBLE,
+         .dest = &c->util,
+         .def = "0.9",
+         .min = 0.01,
+         .max = 1},
         {.name = "--model", .type = OPT_STRING, .dest = &c->model, .env = "TEST_OPT_MODEL"},
         {.name = "--api-key", .type = OPT_STRING, .dest = &c->key, .env = "TEST_OPT_KEY"},
         {.name = "--enable-expert-parallel", .alias = "-ep", .type = OPT_FLAG, .dest = &c->ep},
-        {.name = "--enable-prefix-caching", .type = OPT_FLAG, .dest = &c->prefix, .def = "true",
+        {.name = "--enable-prefix-caching",
+         .type = OPT_FLAG,
+         .dest = &c->prefix,
+         .def = "true",
          .flags = OPT_NEGATABLE},
-        {.name = "--dtype", .type = OPT_CHOICE, .dest = &c->dtype, .def = "auto",
+        {.name = "--dtype",
+         .type = OPT_CHOICE,
+         .dest = &c->dtype,
+         .def = "auto",
          .choices = "auto|bfloat16|float32|bf16=bfloat16|float=float32"},
         {.name = "--hosts", .type = OPT_LIST, .dest = &c->hosts},
-        {.name = "--trust-remote-code", .type = OPT_FLAG, .flags = OPT_IGNORED,
+        {.name = "--trust-remote-code",
+         .type = OPT_FLAG,
+         .flags = OPT_IGNORED,
          .help = "duet runs no model code"},
         {.name = "--quantization", .type = OPT_STRING, .flags = OPT_IGNORED},
         {.name = "--even", .type = OPT_CUSTOM, .dest = even, .parse = parse_even},
@@ -74,7 +96,7 @@ static int run(cfg *c, int *even, opt_parser **p_p, int argc, const char **args)
 }
 
 #define RUN(...)                                                                                   \
-    run(&c, &even, &p, (int)(sizeof((const char *[]){__VA_ARGS__}) / sizeof(const char *)),      \
+    run(&c, &even, &p, (int)(sizeof((const char *[]){__VA_ARGS__}) / sizeof(const char *)),        \
         (const char *[]){__VA_ARGS__})
 
 /* Runs a failing parse with stderr captured; returns the message. */
@@ -119,8 +141,8 @@ int main(void) {
     opt_parser_destroy(p);
 
     /* every spelling */
-    CHECK(RUN("-tp", "4", "--port=1", "--kv_cache_memory", "512MiB", "--gpu-memory-util=0.5",
-              "-ep", "--no-enable-prefix-caching", "--dtype", "bf16", "/models/R1") == 0);
+    CHECK(RUN("-tp", "4", "--port=1", "--kv_cache_memory", "512MiB", "--gpu-memory-util=0.5", "-ep",
+              "--no-enable-prefix-caching", "--dtype", "bf16", "/models/R1") == 0);
     CHECK(c.tp == 4 && c.port == 1 && c.mem == 512LL * 1048576 && c.util == 0.5);
     CHECK(c.ep && !c.prefix && c.dtype == 1);
     CHECK(opt_positional_count(p) == 1 && !strcmp(opt_positional(p, 0), "/models/R1"));
