@@ -49,16 +49,10 @@ int main(int argc, char **argv) {
     log_set_tag("proxy");
     px_config cfg;
     px_config_init(&cfg);
-    char err[512];
-    if (px_config_parse_args(&cfg, argc, argv, err, sizeof err)) {
-        fprintf(stderr, "duet-proxy: %s\n", err);
+    int prc = px_config_parse_args(&cfg, argc, argv); /* 1: --help, 2: an error line */
+    if (prc) {
         px_config_cleanup(&cfg);
-        return 2;
-    }
-    if (cfg.help) {
-        fputs(px_config_usage(), stdout);
-        px_config_cleanup(&cfg);
-        return 0;
+        return prc == 1 ? 0 : 2;
     }
     if (cfg.version) {
         puts("duet-proxy " DUET_VERSION);

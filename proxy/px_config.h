@@ -1,6 +1,7 @@
-/* duet-proxy's settings: defaults, the command line (duet's own flags and vllm-ascend's
- * --prefiller-hosts/--prefiller-ports style), a JSON file (--config), environment variables.
- * Parsing only; nothing here opens sockets. Not thread-safe (start-up). */
+/* duet-proxy's settings: one option table (base/opt.h) read from the command line (duet's own
+ * flags and vllm-ascend's --prefiller-hosts/--prefiller-ports style), a JSON file (--config, set
+ * through the same table) and environment variables. Parsing only; nothing here opens sockets.
+ * Not thread-safe (start-up). */
 #ifndef DUET_PX_CONFIG_H
 #define DUET_PX_CONFIG_H
 
@@ -43,19 +44,23 @@ typedef struct px_config {
     unsigned decode_retries;
     unsigned max_connections;
     size_t max_body_bytes;
-    bool help;
     bool version;
 } px_config;
 
+/* The option table's defaults. */
 void px_config_init(px_config *cfg);
 void px_config_cleanup(px_config *cfg);
 
-/* Applies argv (argv[0] is the program) over the defaults, a --config file first wherever it
- * appears, and DUET_API_KEY / DUET_UPSTREAM_API_KEY where the flags leave them unset; checks the
- * result. On DUET_ERR_INVALID err holds one line saying what is wrong. */
-duet_status px_config_parse_args(px_config *cfg, int argc, char **argv, char *err, size_t errlen);
+/* Applies argv (argv[0] is the program) to cfg fresh from px_config_init: a --config file first
+ * wherever it appears, then the flags, then DUET_API_KEY / DUET_UPSTREAM_API_KEY where neither set
+ * the keys; checks the result (unless --version). Returns 0 to go on, 1 after --help was printed on
+ * stdout (exit 0), 2 after one line "duet-proxy: what is wrong" on stderr (exit 2). A list given
+ * both in the file and as a flag gets both's entries. */
+int px_config_parse_args(px_config *cfg, int argc, char **argv);
 
-/* A JSON object with the flags' names as keys ("prefill": ["h:p", ...], "connect_timeout": 3). */
+/* Applies a JSON object whose keys are the flags' names, dashes or underscores ("prefill":
+ * ["h:p", ...], "connect_timeout": 3), over what cfg holds. Values: strings, numbers, booleans,
+ * or lists of strings and numbers. On DUET_ERR_INVALID err holds one line. */
 duet_status px_config_parse_json(px_config *cfg, const char *json, size_t len, char *err,
                                  size_t errlen);
 
@@ -63,8 +68,5 @@ duet_status px_config_parse_json(px_config *cfg, const char *json, size_t len, c
 duet_status px_endpoint_parse(const char *s, px_endpoint *ep_p);
 /* "host:port" with brackets for IPv6; out must hold PX_HOST_MAX + 8. */
 void px_endpoint_format(const px_endpoint *ep, char *out, size_t cap);
-
-/* The --help text. */
-const char *px_config_usage(void);
 
 #endif

@@ -9,9 +9,30 @@
 #include "text/chat.h"
 #include "check.h"
 #include "base/fileio.h"
+#include "base/opt.h"
 #include "text/tokenizer.h"
 
 #define CASES_MAX ((size_t)64 << 20)
+
+/* A subcommand's command line: --help and exactly n arguments, into args. 0: go on, 1: help
+ * printed, 2: one error line printed. */
+static int parse_args(const char *prog, const char *usage, const char *about, int n, int argc,
+                      char **argv, const char **args) {
+    opt_parser *p;
+    if (opt_parser_create(prog, usage, about, &p) != DUET_OK) {
+        fprintf(stderr, "%s: out of memory\n", prog);
+        return 2;
+    }
+    opt_allow_positional(p, n, "arguments");
+    int rc = opt_parse(p, argc, argv);
+    if (rc == 0 && opt_positional_count(p) != n) {
+        fprintf(stderr, "%s: expected %s (see --help)\n", prog, usage);
+        rc = 2;
+    }
+    for (int i = 0; rc == 0 && i < n; i++) args[i] = opt_positional(p, i);
+    opt_parser_destroy(p);
+    return rc;
+}
 
 static cJSON *read_cases(const char *path) {
     char *text;
@@ -190,18 +211,20 @@ static bool run_tok_case(const tok_tokenizer *tok, const cJSON *c, char *why, si
 }
 
 int check_tokenizer_main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: duet-check tokenizer TOKENIZER_DIR CASES_JSON VARIANT\n"
-                        "  Encodes and decodes every case under cases.VARIANT of CASES_JSON.\n");
-        return 2;
-    }
+    const char *a[3];
+    int rc = parse_args("duet-check tokenizer", "TOKENIZER_DIR CASES_JSON VARIANT",
+                        "Encodes and decodes every case under cases.VARIANT of CASES_JSON with "
+                        "TOKENIZER_DIR/tokenizer.json, one line per case.",
+                        3, argc, argv, a);
+    if (rc) return rc == 1 ? 0 : 2;
+    const char *dir = a[0], *cases_path = a[1], *variant = a[2];
     tok_tokenizer *tok;
-    if (tok_load(argv[1], &tok) != DUET_OK) return 1;
-    cJSON *root = read_cases(argv[2]);
+    if (tok_load(dir, &tok) != DUET_OK) return 1;
+    cJSON *root = read_cases(cases_path);
     const cJSON *cases =
-        cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(root, "cases"), argv[3]);
+        cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(root, "cases"), variant);
     if (!cJSON_IsArray(cases)) {
-        if (root) fprintf(stderr, "%s: no array cases.%s\n", argv[2], argv[3]);
+        if (root) fprintf(stderr, "%s: no array cases.%s\n", cases_path, variant);
         cJSON_Delete(root);
         tok_destroy(tok);
         return 1;
@@ -293,24 +316,25 @@ static bool run_chat_case(const tok_tokenizer *tok, const chat_template *tpl, co
 }
 
 int check_chat_main(int argc, char **argv) {
-    if (argc != 3) {
-        fprintf(stderr, "usage: duet-check chat TOKENIZER_DIR CASES_JSON\n"
-                        "  Renders every case's messages with the chat template and tokenizes "
-                        "them.\n");
-        return 2;
-    }
+    const char *a[2];
+    int rc = parse_args("duet-check chat", "TOKENIZER_DIR CASES_JSON",
+                        "Renders every case's messages of CASES_JSON with TOKENIZER_DIR's chat "
+                        "template and tokenizes them, one line per case.",
+                        2, argc, argv, a);
+    if (rc) return rc == 1 ? 0 : 2;
+    const char *dir = a[0], *cases_path = a[1];
     tok_tokenizer *tok;
-    if (tok_load(argv[1], &tok) != DUET_OK) return 1;
+    if (tok_load(dir, &tok) != DUET_OK) return 1;
     chat_template *tpl;
-    if (chat_load(argv[1], &tpl) != DUET_OK) {
+    if (chat_load(dir, &tpl) != DUET_OK) {
         tok_destroy(tok);
         return 1;
     }
-    cJSON *root = read_cases(argv[2]);
+    cJSON *root = read_cases(cases_path);
     const cJSON *cases = cJSON_GetObjectItemCaseSensitive(root, "cases");
     int passed = 0, failed = 0, unusable = 0;
     if (!cJSON_IsArray(cases)) {
-        if (root) fprintf(stderr, "%s: no array \"cases\"\n", argv[2]);
+        if (root) fprintf(stderr, "%s: no array \"cases\"\n", cases_path);
         failed = -1;
     }
     const cJSON *c, *list = failed < 0 ? NULL : cases;

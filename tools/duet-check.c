@@ -1,31 +1,47 @@
 /* duet-check: validates a build against reference data nobody here wrote.
- * Dispatches to the subcommands declared in check.h. */
+ * Dispatches to the subcommands declared in check.h; each parses its own options (base/opt.h),
+ * and this program's own --help lists them. */
 #include <stdio.h>
 #include <string.h>
 
+#include "base/opt.h"
 #include "check.h"
 
-static void usage(FILE *f) {
-    fprintf(f, "usage: duet-check golden [options] CASE_DIR\n"
-               "       duet-check tokenizer TOKENIZER_DIR CASES_JSON VARIANT\n"
-               "       duet-check chat TOKENIZER_DIR CASES_JSON\n"
-               "Run a subcommand with --help for its options.\n");
-}
+typedef struct subcommand {
+    const char *name;
+    int (*run)(int argc, char **argv);
+} subcommand;
+
+static const subcommand g_subcommands[] = {
+    {"golden", check_golden_main},
+    {"tokenizer", check_tokenizer_main},
+    {"chat", check_chat_main},
+};
 
 int main(int argc, char **argv) {
-    if (argc < 2) {
-        usage(stderr);
+    /* "duet-check SUBCOMMAND ...": the rest of the line is the subcommand's */
+    if (argc >= 2 && argv[1][0] != '-') {
+        for (size_t i = 0; i < sizeof g_subcommands / sizeof g_subcommands[0]; i++)
+            if (!strcmp(argv[1], g_subcommands[i].name))
+                return g_subcommands[i].run(argc - 1, argv + 1);
+        fprintf(stderr, "duet-check: unknown subcommand '%s' (golden, tokenizer or chat)\n",
+                argv[1]);
         return 2;
     }
-    const char *cmd = argv[1];
-    if (!strcmp(cmd, "golden")) return check_golden_main(argc - 1, argv + 1);
-    if (!strcmp(cmd, "tokenizer")) return check_tokenizer_main(argc - 1, argv + 1);
-    if (!strcmp(cmd, "chat")) return check_chat_main(argc - 1, argv + 1);
-    if (!strcmp(cmd, "--help") || !strcmp(cmd, "-h")) {
-        usage(stdout);
-        return 0;
-    }
-    fprintf(stderr, "duet-check: unknown subcommand '%s'\n", cmd);
-    usage(stderr);
+    opt_parser *p;
+    if (opt_parser_create("duet-check", "{golden,tokenizer,chat} [options] ARGUMENTS...",
+                          "Checks a build against reference data: 'golden [options] CASE_DIR' "
+                          "compares the model's logits and greedy ids with the transformers "
+                          "reference; 'tokenizer TOKENIZER_DIR CASES_JSON VARIANT' and 'chat "
+                          "TOKENIZER_DIR CASES_JSON' compare the tokenizer and the chat template "
+                          "with the tokenizers reference. 'duet-check SUBCOMMAND --help' lists a "
+                          "subcommand's options.",
+                          &p) != DUET_OK)
+        return 1;
+    int rc = opt_parse(p, argc, argv);
+    opt_parser_destroy(p);
+    if (rc) return rc == 1 ? 0 : 2;
+    fprintf(stderr, "duet-check: a subcommand is required: golden, tokenizer or chat (see "
+                    "--help)\n");
     return 2;
 }

@@ -6,6 +6,7 @@
  * (kv_lora_rank 512 + rope 64) over --layers layers in the CPU backend's float32.
  * tools/bench-kv.sh runs it next to ucx_perftest on the same transport. */
 #include <cjson/cJSON.h>
+#include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -214,51 +215,99 @@ static size_t verify(be_kv *kv, const int32_t *local, const int32_t *remote, int
     return bad;
 }
 
+/* --tokens: prompt lengths separated by commas, into bench_opts. */
+static duet_status parse_tokens(const opt_spec *s, const char *v, char *err, size_t len) {
+    bench_opts *o = s->dest;
+    int n = 0, sizes[16];
+    const char *p = v;
+    for (;;) {
+        char *end;
+        errno = 0;
+        long x = strtol(p, &end, 10);
+        if (end == p || errno || x < 1 || x > 1 << 20 || (*end && *end != ',')) {
+            snprintf(err, len,
+                     "expected prompt lengths in [1, 1048576] separated by commas, got '%s'", v);
+            return DUET_ERR_INVALID;
+        }
+        if (n == 16) {
+            snprintf(err, len, "at most 16 lengths");
+            return DUET_ERR_INVALID;
+        }
+        sizes[n++] = (int)x;
+        if (!*end) break;
+        p = end + 1;
+    }
+    memcpy(o->tokens, sizes, sizeof sizes);
+    o->n_sizes = n;
+    return DUET_OK;
+}
+
 int main(int argc, char **argv) {
     log_set_tag("duet-kvbench");
-    bench_opts o = {.layers = 30,
-                    .block_size = 64,
-                    .repeat = 5,
-                    .port = 27600,
-                    .staging = "auto",
-                    .backend = "cpu"};
-    const int def[3] = {1024, 8192, 32768};
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!v) {
-            fprintf(stderr, "usage: duet-kvbench [--tokens 1024,8192,32768] [--layers 30] "
-                            "[--block-size 64] [--repeat 5] [--port 27600] "
-                            "[--kv-staging auto|on|off] [--backend cpu|cuda]\n");
-            return 2;
-        }
-        if (!strcmp(a, "--tokens")) {
-            char *s = strdup(v), *save = NULL;
-            for (char *t = strtok_r(s, ",", &save); t && o.n_sizes < 16;
-                 t = strtok_r(NULL, ",", &save))
-                o.tokens[o.n_sizes++] = atoi(t);
-            free(s);
-        } else if (!strcmp(a, "--layers"))
-            o.layers = atoi(v);
-        else if (!strcmp(a, "--block-size"))
-            o.block_size = atoi(v);
-        else if (!strcmp(a, "--repeat"))
-            o.repeat = atoi(v);
-        else if (!strcmp(a, "--port"))
-            o.port = atoi(v);
-        else if (!strcmp(a, "--kv-staging"))
-            o.staging = v;
-        else if (!strcmp(a, "--backend"))
-            o.backend = v;
-        else {
-            fprintf(stderr, "duet-kvbench: unknown option %s\n", a);
-            return 2;
-        }
-        i++;
-    }
-    if (!o.n_sizes) {
-        memcpy(o.tokens, def, sizeof def);
-        o.n_sizes = 3;
-    }
+    bench_opts o = {0};
+    int backend = 0;
+    const opt_spec specs[] = {
+        {.name = "--tokens",
+         .type = OPT_CUSTOM,
+         .parse = parse_tokens,
+         .dest = &o,
+         .def = "1024,8192,32768",
+         .metavar = "N,N...",
+         .help = "prompt lengths whose KV is pulled"},
+        {.name = "--layers",
+         .type = OPT_INT,
+         .dest = &o.layers,
+         .def = "30",
+         .min = 1,
+         .max = 4096,
+         .help = "layers of latent KV (DeepSeek-V3 has 61)"},
+        {.name = "--block-size",
+         .type = OPT_INT,
+         .dest = &o.block_size,
+         .def = "64",
+         .min = 1,
+         .max = 1 << 16,
+         .help = "tokens per KV block"},
+        {.name = "--repeat",
+         .type = OPT_INT,
+         .dest = &o.repeat,
+         .def = "5",
+         .min = 1,
+         .max = 64,
+         .help = "timed pulls per length, after one to warm up"},
+        {.name = "--port",
+         .type = OPT_INT,
+         .dest = &o.port,
+         .def = "27600",
+         .min = 1001,
+         .max = 65535,
+         .help = "the prefill side channel's port (N - 1000 is its nominal HTTP port)"},
+        {.name = "--kv-staging",
+         .type = OPT_STRING,
+         .dest = &o.staging,
+         .def = "auto",
+         .metavar = "{auto,on,off}",
+         .help = "--kv-staging of both workers"},
+        {.name = "--backend",
+         .type = OPT_CHOICE,
+         .dest = &backend,
+         .def = "cpu",
+         .choices = "cpu|cuda",
+         .help = "where the KV cache lives"},
+    };
+    opt_parser *op;
+    if (opt_parser_create("duet-kvbench", "[options]",
+                          "KV transfer speed of the disaggregation path: a prefill process leases "
+                          "blocks of a known pattern, this one pulls them as duet-decode does, "
+                          "checks every byte and reports GB/s and the latency of each pull.",
+                          &op) != DUET_OK)
+        return 1;
+    int prc = opt_add(op, "Benchmark", specs, (int)(sizeof specs / sizeof specs[0])) == DUET_OK
+                  ? opt_parse(op, argc, argv)
+                  : 2;
+    opt_parser_destroy(op);
+    if (prc) return prc == 1 ? 0 : 2;
+    o.backend = backend == 1 ? "cuda" : "cpu";
     int max_tokens = 0;
     for (int i = 0; i < o.n_sizes; i++)
         max_tokens = o.tokens[i] > max_tokens ? o.tokens[i] : max_tokens;

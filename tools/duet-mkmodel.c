@@ -1,41 +1,16 @@
 /* duet-mkmodel: writes a random-weight checkpoint in DeepSeek's Hugging Face layout from a preset
  * (tiny, v2-lite, v3) and overrides, so demos and benchmarks run without downloads. The work is
- * in tools/mkmodel/mkmodel.c; this file only turns arguments into an mk_spec. */
+ * in tools/mkmodel/mkmodel.c; this file only turns arguments (base/opt.h) into an mk_spec. */
 #include <errno.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "base/log.h"
+#include "base/opt.h"
 #include "mkmodel.h"
-
-static void usage(FILE *f) {
-    fprintf(f, "usage: duet-mkmodel --preset tiny|v2-lite|v3 --out DIR [options]\n"
-               "Writes DIR/config.json and model.safetensors (or shards + "
-               "model.safetensors.index.json)\nwith random weights, as DeepSeek lays out its "
-               "checkpoints.\n"
-               "  --preset NAME            tiny: V3-shaped, hidden 256, 4 layers, 16 experts, "
-               "vocab 129280\n"
-               "                           v2-lite: DeepSeek-V2-Lite (27 layers, bf16)\n"
-               "                           v3: DeepSeek-V3 cut to 4 layers (fp8)\n"
-               "  --out DIR                output directory (created if missing)\n"
-               "  --layers N               num_hidden_layers (first_k_dense_replace is capped at "
-               "it)\n"
-               "  --dtype bf16|fp8         fp8: linear weights F8_E4M3 with 128x128 "
-               "weight_scale_inv\n"
-               "  --shards N               split into N files + index (default 1)\n"
-               "  --seed S                 values are a function of seed and tensor name (default "
-               "0)\n"
-               "  --vocab-size V           vocabulary (bos/eos move to 0/1 if they do not fit)\n"
-               "  --hidden-size N, --intermediate-size N, --moe-intermediate-size N, --heads N,\n"
-               "  --q-lora-rank N (0: plain q_proj), --kv-lora-rank N, --experts N (0: dense),\n"
-               "  --experts-per-tok N, --shared-experts N, --n-group N, --topk-group N,\n"
-               "  --first-dense N          override the preset's dimensions\n"
-               "  --mtp                    also write an MTP layer (num_nextn_predict_layers 1)\n"
-               "  --tokenizer DIR          copy DIR/tokenizer.json and tokenizer_config.json\n"
-               "  --force                  replace a checkpoint already in DIR\n");
-}
 
 /* One line, exit status 2: what a script calling us needs to see. */
 static int bad_arg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -49,12 +24,19 @@ static int bad_arg(const char *fmt, ...) {
     return 2;
 }
 
-typedef struct int_flag {
-    const char *flag;
-    int min, max;
-    int value; /* -1: not given */
-} int_flag;
+static duet_status parse_seed(const opt_spec *s, const char *v, char *err, size_t len) {
+    char *end;
+    errno = 0;
+    unsigned long long x = strtoull(v, &end, 10);
+    if (!*v || *end || errno || v[0] == '-') {
+        snprintf(err, len, "expected a non-negative integer, got '%s'", v);
+        return DUET_ERR_INVALID;
+    }
+    *(uint64_t *)s->dest = x;
+    return DUET_OK;
+}
 
+/* Integers that override the preset's (and --shards); -1 until given. */
 enum {
     F_LAYERS,
     F_SHARDS,
@@ -74,80 +56,90 @@ enum {
     F_COUNT
 };
 
-static int parse_int(const char *v, int min, int max, int *out) {
-    char *end;
-    errno = 0;
-    long x = strtol(v, &end, 10);
-    if (*v == '\0' || *end != '\0' || errno || x < min || x > max) return -1;
-    *out = (int)x;
-    return 0;
-}
+#define DIM(flag, i, lo, hi, help_)                                                                \
+    { .name = flag, .type = OPT_INT, .dest = &dims[i], .min = lo, .max = hi, .help = help_ }
 
 int main(int argc, char **argv) {
     log_set_tag("duet-mkmodel");
-    int_flag ints[F_COUNT] = {
-        [F_LAYERS] = {"--layers", 1, 4096, -1},
-        [F_SHARDS] = {"--shards", 1, 99999, -1},
-        [F_VOCAB] = {"--vocab-size", 2, 1 << 24, -1},
-        [F_HIDDEN] = {"--hidden-size", 1, 1 << 20, -1},
-        [F_INTER] = {"--intermediate-size", 1, 1 << 22, -1},
-        [F_MOE_INTER] = {"--moe-intermediate-size", 1, 1 << 22, -1},
-        [F_HEADS] = {"--heads", 1, 4096, -1},
-        [F_Q_LORA] = {"--q-lora-rank", 0, 1 << 20, -1},
-        [F_KV_LORA] = {"--kv-lora-rank", 1, 1 << 20, -1},
-        [F_EXPERTS] = {"--experts", 0, 1 << 16, -1},
-        [F_TOPK] = {"--experts-per-tok", 1, 1 << 16, -1},
-        [F_SHARED] = {"--shared-experts", 0, 1 << 10, -1},
-        [F_N_GROUP] = {"--n-group", 1, 1 << 16, -1},
-        [F_TOPK_GROUP] = {"--topk-group", 1, 1 << 16, -1},
-        [F_FIRST_DENSE] = {"--first-dense", 0, 4096, -1},
+    int dims[F_COUNT];
+    for (int k = 0; k < F_COUNT; k++) dims[k] = -1;
+    const char *preset = NULL, *out = NULL, *tokenizer = NULL;
+    int dtype = -1; /* 0 bf16, 1 fp8; -1: the preset's */
+    bool mtp = false, force = false;
+    uint64_t seed = 0;
+    const opt_spec specs[] = {
+        {.name = "--preset",
+         .type = OPT_STRING,
+         .dest = &preset,
+         .metavar = "{tiny,v2-lite,v3}",
+         .help = "tiny: V3-shaped, hidden 256, 4 layers, 16 experts, vocab 129280; v2-lite: "
+                 "DeepSeek-V2-Lite (27 layers, bf16); v3: DeepSeek-V3 cut to 4 layers (fp8)"},
+        {.name = "--out",
+         .type = OPT_STRING,
+         .dest = &out,
+         .metavar = "DIR",
+         .help = "output directory (created if missing)"},
+        {.name = "--dtype",
+         .type = OPT_CHOICE,
+         .dest = &dtype,
+         .choices = "bf16|fp8",
+         .help = "fp8: linear weights F8_E4M3 with 128x128 weight_scale_inv (default: the "
+                 "preset's)"},
+        DIM("--shards", F_SHARDS, 1, 99999, "split into N files + index (default 1)"),
+        {.name = "--seed",
+         .type = OPT_CUSTOM,
+         .parse = parse_seed,
+         .dest = &seed,
+         .def = "0",
+         .metavar = "S",
+         .help = "values are a function of seed and tensor name"},
+        {.name = "--mtp",
+         .type = OPT_FLAG,
+         .dest = &mtp,
+         .help = "also write an MTP layer (num_nextn_predict_layers 1)"},
+        {.name = "--tokenizer",
+         .type = OPT_STRING,
+         .dest = &tokenizer,
+         .metavar = "DIR",
+         .help = "copy DIR/tokenizer.json and tokenizer_config.json"},
+        {.name = "--force",
+         .type = OPT_FLAG,
+         .dest = &force,
+         .help = "replace a checkpoint already in DIR"},
     };
-    const char *preset = NULL, *out = NULL, *dtype = NULL, *tokenizer = NULL, *seed = NULL;
-    int mtp = 0, force = 0;
-
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            usage(stdout);
-            return 0;
-        }
-        if (!strcmp(a, "--mtp")) {
-            mtp = 1;
-            continue;
-        }
-        if (!strcmp(a, "--force")) {
-            force = 1;
-            continue;
-        }
-        /* every other option takes a value: "--flag VALUE" or "--flag=VALUE" */
-        char flag[64];
-        const char *v = NULL, *eq = strchr(a, '=');
-        if (eq && eq - a < (int)sizeof flag) {
-            snprintf(flag, sizeof flag, "%.*s", (int)(eq - a), a);
-            v = eq + 1;
-        } else {
-            snprintf(flag, sizeof flag, "%s", a);
-        }
-        const char **str_dst = !strcmp(flag, "--preset")      ? &preset
-                               : !strcmp(flag, "--out")       ? &out
-                               : !strcmp(flag, "--dtype")     ? &dtype
-                               : !strcmp(flag, "--tokenizer") ? &tokenizer
-                               : !strcmp(flag, "--seed")      ? &seed
-                                                              : NULL;
-        int_flag *f = NULL;
-        for (int k = 0; k < F_COUNT && !str_dst; k++)
-            if (!strcmp(flag, ints[k].flag)) f = &ints[k];
-        if (!str_dst && !f) return bad_arg("unknown option %s", a);
-        if (!v) {
-            if (i + 1 >= argc) return bad_arg("%s needs a value", flag);
-            v = argv[++i];
-        }
-        if (str_dst) {
-            *str_dst = v;
-        } else if (parse_int(v, f->min, f->max, &f->value) != 0) {
-            return bad_arg("%s needs an integer in [%d, %d], got '%s'", flag, f->min, f->max, v);
-        }
-    }
+    const opt_spec dim_specs[] = {
+        DIM("--layers", F_LAYERS, 1, 4096,
+            "num_hidden_layers (first_k_dense_replace is capped at it)"),
+        DIM("--vocab-size", F_VOCAB, 2, 1 << 24,
+            "vocabulary (bos/eos move to 0/1 if they do not fit)"),
+        DIM("--hidden-size", F_HIDDEN, 1, 1 << 20, "hidden_size"),
+        DIM("--intermediate-size", F_INTER, 1, 1 << 22, "intermediate_size (dense MLPs)"),
+        DIM("--moe-intermediate-size", F_MOE_INTER, 1, 1 << 22,
+            "moe_intermediate_size (per expert)"),
+        DIM("--heads", F_HEADS, 1, 4096, "num_attention_heads"),
+        DIM("--q-lora-rank", F_Q_LORA, 0, 1 << 20, "q_lora_rank (0: plain q_proj)"),
+        DIM("--kv-lora-rank", F_KV_LORA, 1, 1 << 20, "kv_lora_rank"),
+        DIM("--experts", F_EXPERTS, 0, 1 << 16, "n_routed_experts (0: dense)"),
+        DIM("--experts-per-tok", F_TOPK, 1, 1 << 16, "num_experts_per_tok"),
+        DIM("--shared-experts", F_SHARED, 0, 1 << 10, "n_shared_experts"),
+        DIM("--n-group", F_N_GROUP, 1, 1 << 16, "n_group"),
+        DIM("--topk-group", F_TOPK_GROUP, 1, 1 << 16, "topk_group"),
+        DIM("--first-dense", F_FIRST_DENSE, 0, 4096, "first_k_dense_replace"),
+    };
+    opt_parser *op;
+    if (opt_parser_create("duet-mkmodel", "--preset {tiny,v2-lite,v3} --out DIR [options]",
+                          "Writes DIR/config.json and model.safetensors (or shards + "
+                          "model.safetensors.index.json) with random weights, as DeepSeek lays "
+                          "out its checkpoints.",
+                          &op) != DUET_OK)
+        return 1;
+    int prc = 2;
+    if (opt_add(op, "Checkpoint", specs, (int)(sizeof specs / sizeof specs[0])) == DUET_OK &&
+        opt_add(op, "Dimensions (override the preset's)", dim_specs,
+                (int)(sizeof dim_specs / sizeof dim_specs[0])) == DUET_OK)
+        prc = opt_parse(op, argc, argv);
+    opt_parser_destroy(op);
+    if (prc) return prc == 1 ? 0 : 2;
     if (!preset) return bad_arg("--preset is required (tiny, v2-lite or v3)");
     if (!out || !out[0]) return bad_arg("--out DIR is required");
 
@@ -155,22 +147,8 @@ int main(int argc, char **argv) {
     if (mk_preset(preset, &spec) != DUET_OK)
         return bad_arg("unknown preset '%s' (tiny, v2-lite or v3)", preset);
     cfg_model *c = &spec.cfg;
-    if (dtype) {
-        if (!strcmp(dtype, "fp8"))
-            c->fp8 = true;
-        else if (!strcmp(dtype, "bf16"))
-            c->fp8 = false;
-        else
-            return bad_arg("--dtype must be bf16 or fp8, got '%s'", dtype);
-    }
-    if (seed) {
-        char *end;
-        errno = 0;
-        unsigned long long s = strtoull(seed, &end, 10);
-        if (!seed[0] || *end || errno || seed[0] == '-')
-            return bad_arg("--seed needs a non-negative integer, got '%s'", seed);
-        spec.seed = s;
-    }
+    if (dtype >= 0) c->fp8 = dtype == 1;
+    spec.seed = seed;
     int *dst[F_COUNT] = {
         [F_LAYERS] = &c->num_hidden_layers,
         [F_SHARDS] = &spec.shards,
@@ -189,7 +167,7 @@ int main(int argc, char **argv) {
         [F_FIRST_DENSE] = &c->first_k_dense_replace,
     };
     for (int k = 0; k < F_COUNT; k++)
-        if (ints[k].value >= 0) *dst[k] = ints[k].value;
+        if (dims[k] >= 0) *dst[k] = dims[k];
     if (mtp) c->num_nextn_predict_layers = 1;
     spec.tokenizer_dir = tokenizer;
     spec.force = force;

@@ -12,6 +12,7 @@
 
 #include "net/httpc.h"
 #include "base/log.h"
+#include "base/opt.h"
 #include "px_body.h"
 #include "base/strbuf.h"
 
@@ -195,24 +196,24 @@ static double pct(const double *v, unsigned n, double p) {
     return v[i < n ? i : n - 1];
 }
 
-static int usage(void) {
-    fputs("usage: duet-proxy-bench --url http://HOST:PORT/v1/completions [--requests N]\n"
-          "  [--concurrency C] [--duration SECONDS] [--stream] [--chat] [--pd]\n"
-          "  [--max-tokens N] [--prompt-bytes B] [--api-key K] [--json] [--fail-on-error]\n",
-          stderr);
-    return 2;
-}
-
-static bool parse_url(const char *url, bench_opts *o) {
-    if (strncmp(url, "http://", 7)) return false;
-    const char *hp = url + 7, *slash = strchr(hp, '/');
-    size_t hl = slash ? (size_t)(slash - hp) : strlen(hp);
-    const char *colon = memrchr(hp, ':', hl);
-    if (!colon || (size_t)(colon - hp) >= sizeof o->host) return false;
+/* --url http://HOST:PORT[/PATH] into bench_opts. */
+static duet_status parse_url(const opt_spec *s, const char *url, char *err, size_t len) {
+    bench_opts *o = s->dest;
+    const char *hp = strncmp(url, "http://", 7) ? NULL : url + 7;
+    const char *slash = hp ? strchr(hp, '/') : NULL;
+    size_t hl = !hp ? 0 : slash ? (size_t)(slash - hp) : strlen(hp);
+    const char *colon = hp ? memrchr(hp, ':', hl) : NULL;
+    char *end = NULL;
+    long port = colon ? strtol(colon + 1, &end, 10) : 0;
+    if (!colon || colon == hp || (size_t)(colon - hp) >= sizeof o->host || end != hp + hl ||
+        port < 1 || port > 65535 || (slash && strlen(slash) >= sizeof o->path)) {
+        snprintf(err, len, "expected http://HOST:PORT/PATH, got '%s'", url);
+        return DUET_ERR_INVALID;
+    }
     snprintf(o->host, sizeof o->host, "%.*s", (int)(colon - hp), hp);
-    o->port = atoi(colon + 1);
+    o->port = (int)port;
     snprintf(o->path, sizeof o->path, "%s", slash ? slash : "/v1/completions");
-    return o->port > 0;
+    return DUET_OK;
 }
 
 static char *make_body(const bench_opts *o) {
@@ -242,44 +243,92 @@ int main(int argc, char **argv) {
     bench b;
     memset(&b, 0, sizeof b);
     bench_opts *o = &b.o;
-    o->requests = 1000;
-    o->concurrency = 50;
-    o->max_tokens = 16;
-    o->prompt_bytes = 64;
-    const char *url = NULL;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--stream"))
-            o->stream = true;
-        else if (!strcmp(a, "--chat"))
-            o->chat = true;
-        else if (!strcmp(a, "--pd"))
-            o->pd = true;
-        else if (!strcmp(a, "--json"))
-            o->json = true;
-        else if (!strcmp(a, "--fail-on-error"))
-            o->fail_on_error = true;
-        else if (!v)
-            return usage();
-        else if (!strcmp(a, "--url"))
-            url = argv[++i];
-        else if (!strcmp(a, "--requests"))
-            o->requests = (unsigned)strtoul(argv[++i], NULL, 10);
-        else if (!strcmp(a, "--concurrency"))
-            o->concurrency = (unsigned)strtoul(argv[++i], NULL, 10);
-        else if (!strcmp(a, "--duration"))
-            o->duration_s = strtod(argv[++i], NULL);
-        else if (!strcmp(a, "--max-tokens"))
-            o->max_tokens = (unsigned)strtoul(argv[++i], NULL, 10);
-        else if (!strcmp(a, "--prompt-bytes"))
-            o->prompt_bytes = (unsigned)strtoul(argv[++i], NULL, 10);
-        else if (!strcmp(a, "--api-key"))
-            o->api_key = argv[++i];
-        else
-            return usage();
+    int requests = 1000, concurrency = 50, max_tokens = 16, prompt_bytes = 64;
+    const opt_spec specs[] = {
+        {.name = "--url",
+         .type = OPT_CUSTOM,
+         .parse = parse_url,
+         .dest = o,
+         .metavar = "URL",
+         .help = "http://HOST:PORT/v1/completions (or another completion route)"},
+        {.name = "--requests",
+         .type = OPT_INT,
+         .dest = &requests,
+         .def = "1000",
+         .min = 1,
+         .max = 1 << 30,
+         .help = "requests in all (with --duration: its cap, unlimited if not given)"},
+        {.name = "--concurrency",
+         .type = OPT_INT,
+         .dest = &concurrency,
+         .def = "50",
+         .min = 1,
+         .max = 1 << 20,
+         .help = "connections, each sending its next request when the last one ends"},
+        {.name = "--duration",
+         .type = OPT_DOUBLE,
+         .dest = &o->duration_s,
+         .min = 0,
+         .max = 1e6,
+         .metavar = "S",
+         .help = "run for S seconds rather than a number of requests"},
+        {.name = "--stream", .type = OPT_FLAG, .dest = &o->stream, .help = "streamed answers"},
+        {.name = "--chat",
+         .type = OPT_FLAG,
+         .dest = &o->chat,
+         .help = "chat messages rather than a prompt"},
+        {.name = "--pd",
+         .type = OPT_FLAG,
+         .dest = &o->pd,
+         .help = "do both legs of disaggregated serving (prefill, then decode with its "
+                 "kv_transfer_params): the baseline for a proxy"},
+        {.name = "--max-tokens",
+         .type = OPT_INT,
+         .dest = &max_tokens,
+         .def = "16",
+         .min = 1,
+         .max = 1 << 24,
+         .help = "max_tokens of each request"},
+        {.name = "--prompt-bytes",
+         .type = OPT_INT,
+         .dest = &prompt_bytes,
+         .def = "64",
+         .min = 0,
+         .max = 1 << 26,
+         .help = "length of the prompt"},
+        {.name = "--api-key",
+         .type = OPT_STRING,
+         .dest = &o->api_key,
+         .metavar = "KEY",
+         .help = "sent as Bearer"},
+        {.name = "--json", .type = OPT_FLAG, .dest = &o->json, .help = "one JSON line of results"},
+        {.name = "--fail-on-error",
+         .type = OPT_FLAG,
+         .dest = &o->fail_on_error,
+         .help = "exit 1 if any request failed"},
+    };
+    opt_parser *op;
+    if (opt_parser_create("duet-proxy-bench", "--url http://HOST:PORT/v1/completions [options]",
+                          "A closed-loop load generator for OpenAI completion endpoints: reports "
+                          "the rate and the latency and time-to-first-byte percentiles, and counts "
+                          "non-200 answers, transport failures and broken streams as errors.",
+                          &op) != DUET_OK)
+        return 1;
+    int prc = opt_add(op, "Load", specs, (int)(sizeof specs / sizeof specs[0])) == DUET_OK
+                  ? opt_parse(op, argc, argv)
+                  : 2;
+    bool requests_given = prc == 0 && opt_given(op, "--requests");
+    opt_parser_destroy(op);
+    if (prc) return prc == 1 ? 0 : 2;
+    if (!o->port) {
+        fprintf(stderr, "duet-proxy-bench: --url is required (see --help)\n");
+        return 2;
     }
-    if (!url || !parse_url(url, o) || !o->concurrency || !o->requests) return usage();
-    if (o->duration_s > 0 && o->requests == 1000) o->requests = 100000000; /* the clock decides */
+    o->requests = (unsigned)requests;
+    o->concurrency = (unsigned)concurrency;
+    o->max_tokens = (unsigned)max_tokens;
+    o->prompt_bytes = (unsigned)prompt_bytes;
+    if (o->duration_s > 0 && !requests_given) o->requests = 100000000; /* the clock decides */
 
     uv_loop_t loop;
     uv_loop_init(&loop);

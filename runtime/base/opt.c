@@ -637,9 +637,12 @@ duet_status opt_set(opt_parser *p, const char *name, const char *const *values, 
         return DUET_ERR_INVALID;
     }
     if (s->flags & OPT_IGNORED) ignored_note(s);
-    if (s->type == OPT_LIST) it->list_n = 0;
+    if (s->type == OPT_LIST) { /* no values: an empty list (a file's "key": []) */
+        it->list_n = 0;
+        if (s->dest) ((opt_list *)s->dest)->n = 0;
+    }
     char why[500];
-    for (int i = 0; i < n_values || (i == 0 && n_values == 0); i++) {
+    for (int i = 0; i < n_values || (i == 0 && n_values == 0 && s->type == OPT_FLAG); i++) {
         if (apply(it, n_values ? values[i] : NULL, why, sizeof why) != DUET_OK) {
             snprintf(err, err_len, "%s: %s", name, why);
             return DUET_ERR_INVALID;

@@ -88,8 +88,9 @@ void opt_disable_abbrev(opt_parser *p);
 int opt_parse(opt_parser *p, int argc, char **argv);
 
 /* Sets one option by name ("port", "--port", "max_body_bytes") from values, as if given on
- * the command line (for configuration files). DUET_ERR_NOT_FOUND or DUET_ERR_INVALID with a
- * reason in err. Counts as given. */
+ * the command line (for configuration files): one value, none for a flag, any number for a list
+ * (which they replace; none empties it). DUET_ERR_NOT_FOUND or DUET_ERR_INVALID with a reason in
+ * err. Counts as given. */
 duet_status opt_set(opt_parser *p, const char *name, const char *const *values, int n_values,
                     char *err, size_t err_len);
 

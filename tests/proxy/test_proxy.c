@@ -890,8 +890,24 @@ static void scenario_admin(void) {
     expect_exit(stop(px.pid, SIGTERM), 0);
 }
 
+/* Runs duet-proxy with args (one shell word each, NULL-terminated); its stdout and stderr in
+ * out; returns its exit status (-1 if it did not exit). */
+static int proxy_run(const char *const *args, char *out, size_t cap) {
+    char cmd[1024];
+    int n = snprintf(cmd, sizeof cmd, "%s", g_proxy_bin);
+    for (size_t k = 0; args[k]; k++) n += snprintf(cmd + n, sizeof cmd - (size_t)n, " %s", args[k]);
+    snprintf(cmd + n, sizeof cmd - (size_t)n, " 2>&1");
+    FILE *f = popen(cmd, "r");
+    out[0] = '\0';
+    if (!f) return -1;
+    size_t got = fread(out, 1, cap - 1, f);
+    out[got] = '\0';
+    int st = pclose(f);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
 /* The command line: bad flags are one clear line and exit 2; vllm-ascend's flags and a JSON
- * file both start a working proxy. */
+ * file both start a working proxy; --help is the option table's. */
 static void scenario_cli(void) {
     const char *bad[][8] = {
         {"--port", "abc", "--prefill", "127.0.0.1:1", "--decode", "127.0.0.1:2", NULL},
@@ -901,28 +917,30 @@ static void scenario_cli(void) {
         {"--prefiller-hosts", "a", "b", "--prefiller-ports", "1", "--decode", "h:2", NULL},
         {"--policy", "random", "--prefill", "h:1", "--decode", "h:2", NULL},
         {"--config", "/nonexistent.json", NULL},
+        {"--prefill", "h:1", "--decode", "h:2", "--helth-interval", "1", NULL},
     };
+    char out[8192];
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
-        char cmd[1024];
-        int n = snprintf(cmd, sizeof cmd, "%s", g_proxy_bin);
-        for (size_t k = 0; bad[i][k]; k++)
-            n += snprintf(cmd + n, sizeof cmd - (size_t)n, " %s", bad[i][k]);
-        snprintf(cmd + n, sizeof cmd - (size_t)n, " 2>&1");
-        FILE *f = popen(cmd, "r");
-        char out[1024];
-        size_t got = fread(out, 1, sizeof out - 1, f);
-        out[got] = '\0';
-        int st = pclose(f);
-        CHECK_MSG(WIFEXITED(st) && WEXITSTATUS(st) == 2, "case %zu: exit %d", i, WEXITSTATUS(st));
+        int st = proxy_run(bad[i], out, sizeof out);
+        CHECK_MSG(st == 2, "case %zu: exit %d", i, st);
         CHECK_MSG(!strncmp(out, "duet-proxy: ", 12) && count_str(out, "\n") == 1,
                   "case %zu: not one clear line: %s", i, out);
     }
+    const char *typo[] = {"--prefill", "h:1", "--decode", "h:2", "--helth-interval", "1", NULL};
+    proxy_run(typo, out, sizeof out);
+    CHECK_MSG(strstr(out, "unknown option --helth-interval (did you mean --health-interval?)"),
+              "%s", out);
+    const char *help[] = {"--help", NULL};
+    CHECK_EQ_INT(proxy_run(help, out, sizeof out), 0);
+    CHECK(!strncmp(out, "usage: duet-proxy ", 18) && strstr(out, "--prefiller-hosts HOST...") &&
+          strstr(out, "--drain-timeout S") && strstr(out, "(default 30)"));
     stub_proc p = stub_start("p1", "prefill", 0, NULL);
     stub_proc d = stub_start("d1", "decode", 0, NULL);
     char pport[16], dport[16];
     snprintf(pport, sizeof pport, "%d", p.port);
     snprintf(dport, sizeof dport, "%d", d.port);
-    const char *vflags[] = {"--prefiller-hosts",
+    const char *vflags[] = {"--health-int=0.5", /* a prefix, and =value */
+                            "--prefiller-hosts",
                             "127.0.0.1",
                             "--prefiller-ports",
                             pport,

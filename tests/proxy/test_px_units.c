@@ -1,7 +1,10 @@
 /* Unit tests of duet-proxy's pure parts: the balancing policies (what each picks, how load is
  * charged and released), the command line and JSON settings, and the two legs' JSON bodies. */
+#include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "check.h"
 #include "px_body.h"
@@ -81,19 +84,53 @@ static void test_policies(void) {
     px_policy_destroy(NULL);
 }
 
-static duet_status parse(px_config *cfg, char *err, const char *const *args) {
+/* px_config_parse_args on args (NULL-terminated) with stdout and stderr captured in out. */
+static int parse(px_config *cfg, const char *const *args, char *out, size_t cap) {
     char *argv[64] = {"duet-proxy"};
     int argc = 1;
     for (; *args; args++) argv[argc++] = (char *)*args;
     px_config_init(cfg);
-    return px_config_parse_args(cfg, argc, argv, err, 256);
+    fflush(stdout);
+    fflush(stderr);
+    int saved_out = dup(1), saved_err = dup(2);
+    FILE *tmp = tmpfile();
+    dup2(fileno(tmp), 1);
+    dup2(fileno(tmp), 2);
+    int rc = px_config_parse_args(cfg, argc, argv);
+    fflush(stdout);
+    fflush(stderr);
+    dup2(saved_out, 1);
+    dup2(saved_err, 2);
+    close(saved_out);
+    close(saved_err);
+    rewind(tmp);
+    size_t n = fread(out, 1, cap - 1, tmp);
+    out[n] = '\0';
+    fclose(tmp);
+    return rc;
+}
+
+static int count_lines(const char *s) {
+    int n = 0;
+    for (; *s; s++) n += *s == '\n';
+    return n;
 }
 
 static void test_config(void) {
     px_config cfg;
-    char err[256];
+    char out[8192];
     unsetenv("DUET_API_KEY");
     unsetenv("DUET_UPSTREAM_API_KEY");
+
+    /* The defaults are the table's. */
+    px_config_init(&cfg);
+    CHECK(!strcmp(cfg.host, "0.0.0.0") && cfg.port == 8000 && cfg.policy == PX_POLICY_LEAST_LOAD);
+    CHECK(cfg.connect_timeout_ms == 5000 && cfg.prefill_timeout_ms == 600000);
+    CHECK(cfg.retry_backoff_ms == 20 && cfg.retry_backoff_max_ms == 1000);
+    CHECK(cfg.eject_after == 3 && cfg.decode_retries == 2 && cfg.max_connections == 4096);
+    CHECK(cfg.max_body_bytes == 32 * 1024 * 1024 && !cfg.api_key && !cfg.n_prefill);
+    px_config_cleanup(&cfg);
+
     const char *a1[] = {"--host",
                         "127.0.0.1",
                         "--port",
@@ -113,7 +150,7 @@ static void test_config(void) {
                         "--max-body-bytes",
                         "1000",
                         NULL};
-    CHECK(parse(&cfg, err, a1) == DUET_OK);
+    CHECK(parse(&cfg, a1, out, sizeof out) == 0);
     CHECK(!strcmp(cfg.host, "127.0.0.1") && cfg.port == 9000);
     CHECK_EQ_INT(cfg.n_prefill, 2);
     CHECK(!strcmp(cfg.prefill[0].host, "a") && cfg.prefill[0].port == 1);
@@ -129,12 +166,37 @@ static void test_config(void) {
     CHECK(!strcmp(ep, "[::1]:2"));
     px_config_cleanup(&cfg);
 
+    /* --flag=value, underscores, unique prefixes and size suffixes, as the workers take them. */
+    const char *a3[] = {"--prefill=a:1",
+                        "--decode",
+                        "b:2",
+                        "--policy=round-robin",
+                        "--idle_timeout=7",
+                        "--max-conn",
+                        "10",
+                        "--max-body-bytes",
+                        "64k",
+                        "--drain",
+                        "0.25",
+                        NULL};
+    CHECK(parse(&cfg, a3, out, sizeof out) == 0);
+    CHECK(cfg.policy == PX_POLICY_ROUND_ROBIN && cfg.idle_timeout_ms == 7000);
+    CHECK(cfg.max_connections == 10 && cfg.max_body_bytes == 65536 && cfg.drain_timeout_ms == 250);
+    px_config_cleanup(&cfg);
+
+    /* --max-retries sets what the two flags of their own leave alone, in any order. */
+    const char *a7[] = {
+        "--decode-retries", "1", "--max-retries", "5", "--prefill", "a:1", "--decode", "b:2", NULL};
+    CHECK(parse(&cfg, a7, out, sizeof out) == 0);
+    CHECK(cfg.prefill_retries == 5 && cfg.decode_retries == 1);
+    px_config_cleanup(&cfg);
+
     /* vllm-ascend's spelling, and the key from the environment. */
     setenv("DUET_API_KEY", "k1", 1);
     const char *a2[] = {
         "--prefiller-hosts", "h1", "h2", "--prefiller-ports", "1", "2", "--decoder-hosts", "h3",
         "--decoder-ports",   "3",  NULL};
-    CHECK(parse(&cfg, err, a2) == DUET_OK);
+    CHECK(parse(&cfg, a2, out, sizeof out) == 0);
     CHECK(cfg.n_prefill == 2 && !strcmp(cfg.prefill[1].host, "h2") && cfg.prefill[1].port == 2);
     CHECK(cfg.n_decode == 1 && !strcmp(cfg.decode[0].host, "h3"));
     CHECK(cfg.api_key && !strcmp(cfg.api_key, "k1"));
@@ -142,7 +204,7 @@ static void test_config(void) {
     px_config_cleanup(&cfg);
     unsetenv("DUET_API_KEY");
 
-    /* Each mistake is one line naming the flag. */
+    /* Each mistake is one line naming the flag, and exit status 2. */
     struct {
         const char *args[12];
         const char *needle;
@@ -159,39 +221,112 @@ static void test_config(void) {
         {{"--prefill", "a:1", "--decode", "b:2", "--policy", "fifo"}, "--policy"},
         {{"--prefill", "a:1", "--decode", "b:2", "--connect-timeout", "-1"}, "--connect-timeout"},
         {{"--prefill", "a:1", "--decode", "b:2", "--eject-after", "0"}, "--eject-after"},
+        {{"--prefill", "a:1", "--decode", "b:2", "--health-interval", "0"}, "--health-interval"},
         {{"--prefiller-hosts", "a", "--prefiller-ports", "1", "2", "--decode", "b:2"}, "prefiller"},
         {{"--prefill", "a:1", "--decode", "b:2", "--port"}, "--port"},
         {{"stray", "--prefill", "a:1", "--decode", "b:2"}, "stray"},
+        {{"--prefill", "a:1", "--decode", "b:2", "--api-key="}, "--api-key: empty key"},
+        {{"--prefill", "a:1", "--decode", "b:2", "--decod-timeout", "3"},
+         "unknown option --decod-timeout (did you mean --decode-timeout?)"},
+        {{"--prefill", "a:1", "--decode", "b:2", "--retry", "1"}, "ambiguous option --retry"},
+        {{"--config", "/nonexistent.json"}, "--config: cannot read /nonexistent.json"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
-        err[0] = '\0';
-        CHECK_MSG(parse(&cfg, err, bad[i].args) == DUET_ERR_INVALID, "case %zu accepted", i);
-        CHECK_MSG(strstr(err, bad[i].needle) && !strchr(err, '\n'), "case %zu: '%s'", i, err);
+        out[0] = '\0';
+        CHECK_MSG(parse(&cfg, bad[i].args, out, sizeof out) == 2, "case %zu accepted", i);
+        CHECK_MSG(!strncmp(out, "duet-proxy: ", 12) && strstr(out, bad[i].needle) &&
+                      count_lines(out) == 1,
+                  "case %zu: '%s'", i, out);
         px_config_cleanup(&cfg);
     }
+    setenv("DUET_UPSTREAM_API_KEY", "a\nb", 1);
+    const char *a4[] = {"--prefill", "a:1", "--decode", "b:2", NULL};
+    CHECK(parse(&cfg, a4, out, sizeof out) == 2);
+    CHECK_MSG(strstr(out, "DUET_UPSTREAM_API_KEY (for --upstream-api-key): control characters") &&
+                  count_lines(out) == 1,
+              "%s", out);
+    px_config_cleanup(&cfg);
+    unsetenv("DUET_UPSTREAM_API_KEY");
+
+    /* --help comes from the table: every flag, its default and its variable. */
     const char *help[] = {"--help", NULL};
-    CHECK(parse(&cfg, err, help) == DUET_OK && cfg.help);
-    CHECK(strstr(px_config_usage(), "--prefill-timeout") != NULL);
+    CHECK(parse(&cfg, help, out, sizeof out) == 1);
+    CHECK(strstr(out, "usage: duet-proxy --prefill HOST:PORT...") != NULL);
+    CHECK(strstr(out, "--prefill-timeout S") && strstr(out, "(default 600)"));
+    CHECK(strstr(out, "--prefiller-hosts HOST...") && strstr(out, "--max-retries N"));
+    CHECK(strstr(out, "--retry-delay, --retry-backoff S") != NULL);
+    CHECK(strstr(out, "DUET_API_KEY]") != NULL);
+    px_config_cleanup(&cfg);
+    const char *version[] = {"--version", NULL}; /* needs no endpoints */
+    CHECK(parse(&cfg, version, out, sizeof out) == 0 && cfg.version);
     px_config_cleanup(&cfg);
 
-    /* JSON settings; flags given after override them. */
+    /* JSON settings, through the same table: keys with underscores, lists, numbers. */
+    char err[256];
     px_config_init(&cfg);
     const char *json = "{\"prefill\":[\"a:1\",\"b:2\"],\"decode\":\"c:3\",\"api_key\":\"s\","
-                       "\"health_interval\":0.5,\"eject_after\":4,\"port\":0}";
+                       "\"health_interval\":0.5,\"eject_after\":4,\"port\":0,"
+                       "\"decoder_hosts\":[\"d\"],\"decoder_ports\":[4],\"max_retries\":1}";
     CHECK(px_config_parse_json(&cfg, json, strlen(json), err, sizeof err) == DUET_OK);
-    CHECK(cfg.n_prefill == 2 && cfg.n_decode == 1 && cfg.port == 0);
+    CHECK(cfg.n_prefill == 2 && cfg.n_decode == 2 && cfg.port == 0);
+    CHECK(!strcmp(cfg.decode[1].host, "d") && cfg.decode[1].port == 4);
     CHECK(cfg.health_interval_ms == 500 && cfg.eject_after == 4);
+    CHECK(cfg.prefill_retries == 1 && cfg.decode_retries == 1);
     CHECK(cfg.api_key && !strcmp(cfg.api_key, "s"));
+    CHECK(cfg.connect_timeout_ms == 5000); /* untouched */
     px_config_cleanup(&cfg);
-    const char *bad_json[] = {
-        "[]", "{\"nope\":1}", "{\"prefill\":[1]}", "{\"port\":true}", "{\"decode\":\"x\"}", "{"};
+    px_config_init(&cfg);
+    const char *empty = "{\"prefill\":[],\"decode\":[\"a:1\"]}"; /* an empty list is one */
+    CHECK(px_config_parse_json(&cfg, empty, strlen(empty), err, sizeof err) == DUET_OK);
+    CHECK(cfg.n_prefill == 0 && cfg.n_decode == 1);
+    px_config_cleanup(&cfg);
+    const char *bad_json[] = {"[]",
+                              "{\"nope\":1}",
+                              "{\"prefill\":[1]}",
+                              "{\"port\":true}",
+                              "{\"decode\":\"x\"}",
+                              "{",
+                              "{\"eject_after\":0}",
+                              "{\"port\":{}}",
+                              "{\"prefill\":[[\"a:1\"]]}",
+                              "{\"config\":\"other.json\"}",
+                              "{\"port\":[]}"};
     for (size_t i = 0; i < sizeof bad_json / sizeof bad_json[0]; i++) {
         px_config_init(&cfg);
+        err[0] = '\0';
         CHECK_MSG(px_config_parse_json(&cfg, bad_json[i], strlen(bad_json[i]), err, sizeof err) ==
                       DUET_ERR_INVALID,
                   "%s accepted", bad_json[i]);
+        CHECK_MSG(!strncmp(err, "config: ", 8) || !strncmp(err, "--", 2), "%s: '%s'", bad_json[i],
+                  err);
         px_config_cleanup(&cfg);
     }
+
+    /* The file goes under the flags wherever --config stands; lists get both's entries. */
+    char path[] = "/tmp/duet-px-units-XXXXXX";
+    int fd = mkstemp(path);
+    const char *file = "{\"prefill\":[\"f:1\"],\"decode\":\"f:2\",\"connect_timeout\":3,"
+                       "\"idle_timeout\":9,\"policy\":\"round-robin\"}";
+    CHECK(fd >= 0 && write(fd, file, strlen(file)) == (ssize_t)strlen(file));
+    close(fd);
+    const char *a5[] = {"--connect-timeout", "4", "--config", path, "--prefill", "g:1", NULL};
+    CHECK(parse(&cfg, a5, out, sizeof out) == 0);
+    CHECK(cfg.connect_timeout_ms == 4000 && cfg.idle_timeout_ms == 9000);
+    CHECK(cfg.policy == PX_POLICY_ROUND_ROBIN && cfg.n_decode == 1);
+    CHECK(cfg.n_prefill == 2 && !strcmp(cfg.prefill[0].host, "f") &&
+          !strcmp(cfg.prefill[1].host, "g"));
+    px_config_cleanup(&cfg);
+    fd = open(path, O_WRONLY | O_TRUNC);
+    const char *broken = "{\"prefill\":[\"f:1\"],\"decode\":\"f:2\",\"idle_timeout\":\"soon\"}";
+    CHECK(fd >= 0 && write(fd, broken, strlen(broken)) == (ssize_t)strlen(broken));
+    close(fd);
+    const char *a6[] = {"--config", path, NULL};
+    CHECK(parse(&cfg, a6, out, sizeof out) == 2);
+    CHECK_MSG(strstr(out, path) && strstr(out, "idle_timeout: expected seconds") &&
+                  count_lines(out) == 1,
+              "%s", out);
+    px_config_cleanup(&cfg);
+    unlink(path);
 }
 
 static const cJSON *get(const cJSON *o, const char *k) {

@@ -185,6 +185,8 @@ int main(void) {
     CHECK(opt_set(p, "port", bad, 1, err, sizeof err) == DUET_ERR_INVALID);
     CHECK(strstr(err, "port") && strstr(err, "abc"));
     CHECK(opt_set(p, "nope", bad, 1, err, sizeof err) == DUET_ERR_NOT_FOUND);
+    CHECK(opt_set(p, "hosts", NULL, 0, err, sizeof err) == DUET_OK && c.hosts.n == 0);
+    CHECK(opt_set(p, "port", NULL, 0, err, sizeof err) == DUET_ERR_INVALID);
     const char *one[] = {"64k"};
     CHECK(opt_set(p, "kv_cache_memory", one, 1, err, sizeof err) == DUET_OK && c.mem == 65536);
     opt_parser_destroy(p);
