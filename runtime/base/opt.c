@@ -559,7 +559,7 @@ int opt_parse(opt_parser *p, int argc, char **argv) {
             continue;
         }
         if (s->type == OPT_LIST && !it->given) {
-            it->list_n = 0; /* the command line replaces a list set earlier (opt_set, default) */
+            it->list_n = 0; /* the first use starts the list; repeats and opt_set add to it */
         }
         const char *v = eq ? eq + 1 : NULL;
         if (!v) {
@@ -735,15 +735,6 @@ void opt_print_help(const opt_parser *p, FILE *f) {
             } else if (takes_value(s)) {
                 snprintf(left + k, sizeof left - (size_t)k, " %s", default_metavar(s));
             }
-            fputs(left, f);
-            int col = (int)strlen(left);
-            if (col >= 30) {
-                fprintf(f, "\n%*s", 32, "");
-                col = 32;
-            } else {
-                fprintf(f, "%*s", 32 - col, "");
-                col = 32;
-            }
             char extra[400] = "";
             if (s->help) snprintf(extra, sizeof extra, "%s", s->help);
             size_t el = strlen(extra);
@@ -758,6 +749,19 @@ void opt_print_help(const opt_parser *p, FILE *f) {
             }
             if (s->flags & OPT_IGNORED)
                 snprintf(extra + el, sizeof extra - el, " [accepted, ignored]");
+            fputs(left, f);
+            int col = (int)strlen(left);
+            if (!extra[0]) {
+                fputc('\n', f);
+                continue;
+            }
+            if (col >= 30) {
+                fprintf(f, "\n%*s", 32, "");
+                col = 32;
+            } else {
+                fprintf(f, "%*s", 32 - col, "");
+                col = 32;
+            }
             wrap(f, extra, col - 1, 32);
             fputc('\n', f);
         }

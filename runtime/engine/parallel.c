@@ -1,4 +1,5 @@
 /* Instance bootstrap and DP lockstep; see parallel.h. */
+#include "model/backends/registry.h"
 #include "engine/parallel.h"
 
 #include <errno.h>

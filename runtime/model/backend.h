@@ -182,15 +182,8 @@ struct be_backend {
     const be_ops *ops;
 };
 
-/* Creates a backend by name ("cpu", "cuda"); device is the local device index. */
-duet_status be_create(const char *name, int device, be_backend **be_p);
-/* The same with the activation and weight type: DT_F32 or DT_BF16, DT_COUNT for the backend's
- * default (float32 on the CPU, which has no other; bf16 on CUDA). Router weights created
- * keep_f32 stay float32 either way. */
-duet_status be_create_dtype(const char *name, int device, dt_dtype dtype, be_backend **be_p);
+/* (Backends are created by name through model/backends/registry.h.) */
 void be_destroy(be_backend *be);
-/* Whether this build has the named backend. */
-bool be_available(const char *name);
 
 /* ids[n] (host) sampled from logits[n, V] with be_ops.sample, or on the host when the
  * backend has none (be_sample_host, same rule). */
@@ -198,8 +191,5 @@ duet_status be_sample(be_backend *be, const void *logits, int n, int V, const be
                       int32_t *ids);
 /* The host rule of be_ops.sample for one row of float32 logits. scratch holds 2 * V floats. */
 int32_t be_sample_host(const float *logits, int V, const be_sample_row *row, float *scratch);
-
-/* The CPU backend's constructor (cpu/backend_cpu.c). */
-duet_status be_cpu_create(be_backend **be_p);
 
 #endif

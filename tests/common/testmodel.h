@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "model/backends/registry.h"
 #include "model/backend.h"
 #include "model/model.h"
 

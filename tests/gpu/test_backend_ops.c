@@ -9,6 +9,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "model/backends/registry.h"
 #include "model/backend.h"
 #include "check.h"
 #include "model/backends/cuda/backend_cuda.h"

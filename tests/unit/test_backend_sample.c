@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "model/backends/registry.h"
 #include "model/backend.h"
 #include "check.h"
 #include "base/philox.h"

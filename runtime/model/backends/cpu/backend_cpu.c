@@ -6,7 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "model/backend.h"
+#include "model/backends/cpu/backend_cpu.h"
 #include "base/log.h"
 
 #ifdef _OPENMP
