@@ -39,4 +39,3 @@ duet_status be_create_dtype(const char *name, int device, dt_dtype dtype, be_bac
                                     : "known (cpu, cuda)");
     return DUET_ERR_UNSUPPORTED;
 }
-
