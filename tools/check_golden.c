@@ -344,6 +344,9 @@ int check_golden_main(int argc, char **argv) {
     for (int i = 0; i < n; i++) total_tokens += cs[i].n_prompt + cs[i].n_greedy + block_size;
     int n_blocks = total_tokens / block_size + n + 4;
     if (st == DUET_OK) st = mdl_kv_create(g.m, n_blocks, block_size, &g.kv);
+    if (st == DUET_OK && par_world(g.inst)->rank == 0)
+        LOG_INFO("golden: %d cases x %d on %d rank(s), backend %s", n, repeat,
+                 par_world(g.inst)->size, po.backend);
     g.free_blocks = malloc((size_t)n_blocks * sizeof(int32_t));
     int max_rows = 0;
     for (int i = 0; i < n; i++) max_rows = cs[i].n_prompt > max_rows ? cs[i].n_prompt : max_rows;

@@ -86,6 +86,8 @@ void comm_abort(int code) {
     exit(code);
 }
 
+static duet_status wait_req(comm_group *g, MPI_Request *req, const char *what, int rc);
+
 duet_status comm_group_create(const char *name, int color, int key, comm_group **group_p) {
     comm_group *g = calloc(1, sizeof *g);
     if (!g) return DUET_ERR_NO_MEMORY;
@@ -95,6 +97,16 @@ duet_status comm_group_create(const char *name, int color, int key, comm_group *
         g->rank = 0;
         g->size = 1;
     } else {
+        /* MPI_Comm_split blocks without a deadline: first meet every rank in a barrier that has
+         * one, so a rank that died or hangs while the instance starts ends it, as later */
+        comm_group world = {.comm = MPI_COMM_WORLD, .rank = g_world_rank};
+        snprintf(world.name, sizeof world.name, "world");
+        MPI_Request req;
+        int rc = MPI_Ibarrier(MPI_COMM_WORLD, &req);
+        if (wait_req(&world, &req, "start-up barrier", rc) != DUET_OK) {
+            free(g);
+            return DUET_ERR_COMM;
+        }
         if (MPI_Comm_split(MPI_COMM_WORLD, color, key, &g->comm) != MPI_SUCCESS) {
             LOG_ERROR("comm: cannot create the %s group", name);
             free(g);

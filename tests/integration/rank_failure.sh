@@ -31,11 +31,14 @@ start() {
     DUET_COMM_TIMEOUT=${1:-60} mpirun --oversubscribe -np 2 "$check" golden -tp 2 --repeat 100000 \
         "${extra[@]}" "$tmp/case" >"$tmp/log" 2>&1 &
     mpirun_pid=$!
-    for _ in $(seq 100); do
-        [ -n "$(rank_pid 1)" ] && [ -n "$(rank_pid 0)" ] && sleep 1 && return 0
-        sleep 0.2
+    # past MPI's start-up (which has no deadline to test): rank 0 has loaded the model and
+    # begins the cases
+    for _ in $(seq 600); do
+        grep -q "golden: .* cases" "$tmp/log" 2>/dev/null && [ -n "$(rank_pid 1)" ] &&
+            sleep 0.5 && return 0
+        sleep 0.1
     done
-    fail "instance did not start"
+    fail "instance did not start within 60 s"
 }
 
 wait_exit() { # seconds
