@@ -123,6 +123,10 @@ duet_status par_options_add(opt_parser *p, par_options *o) {
          .type = OPT_FLAG,
          .dest = &o->ep,
          .help = "place routed experts across all ranks of the instance"},
+        {.name = "--enforce-eager",
+         .type = OPT_FLAG,
+         .dest = &o->eager,
+         .help = "run every step op by op (no CUDA graphs), as vLLM's flag does"},
         {.name = "--load-format",
          .type = OPT_CUSTOM,
          .parse = parse_load_format,
@@ -186,8 +190,10 @@ duet_status par_instance_create(const par_options *o, const char *model_dir, int
         st = p->be->ops->comm_attach(p->be, p->tp);
     if (st == DUET_OK && p->be->ops->comm_attach && p->ep && comm_group_size(p->ep) > 1)
         st = p->be->ops->comm_attach(p->be, p->ep);
-    mdl_load_opts lo = {
-        .source = o->load_format, .dummy_seed = o->seed, .max_tokens = o->max_tokens};
+    mdl_load_opts lo = {.source = o->load_format,
+                        .dummy_seed = o->seed,
+                        .max_tokens = o->max_tokens,
+                        .eager = o->eager};
     if (st == DUET_OK) st = mdl_load(model_dir, p->be, &shard, &lo, &p->model);
     if (st != DUET_OK) {
         /* every rank fails the same way on a bad checkpoint; one stuck rank must not hang

@@ -17,6 +17,7 @@ typedef struct par_options {
     dt_dtype dtype;   /* --dtype: DT_COUNT (auto: the backend's default), DT_BF16 or DT_F32 */
     int tp, dp;       /* --tensor-parallel-size, --data-parallel-size */
     bool ep;          /* --enable-expert-parallel */
+    bool eager;       /* --enforce-eager: no recorded (CUDA graph) steps */
     mdl_weights_source load_format;
     unsigned long long seed;
     int max_tokens;

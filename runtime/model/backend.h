@@ -28,6 +28,9 @@ typedef struct be_weight be_weight;
  * contiguous byte range: KV transfer moves a run of blocks with one read. */
 typedef struct be_kv {
     int n_blocks, n_layers, block_size, kv_dim;
+    /* one more block past n_blocks that nothing leases or transfers: padding rows of a step
+     * (a batch rounded up to a captured size) write and read it */
+    int pad_block;
     dt_dtype dtype;
     void *data;         /* device address of block 0 */
     size_t block_bytes; /* bytes of one block, all layers */
@@ -39,6 +42,9 @@ typedef struct be_kv {
  * Each query token attends to positions 0 .. its own position of its sequence. */
 typedef struct be_batch {
     int n_tokens, n_seqs;
+    const int32_t *token_ids; /* [n_tokens] token ids (embed and gather_rows with NULL take */
+    const int32_t *out_rows;  /* [n_out] the rows whose logits are wanted   them from here) */
+    int n_out;
     const int32_t *token_pos;   /* [n_tokens] */
     const int32_t *token_slot;  /* [n_tokens] KV slot to write: block * block_size + offset */
     const int32_t *seq_start;   /* [n_seqs + 1] */
@@ -128,7 +134,7 @@ typedef struct be_ops {
 
     /* ops; x, y, out are device buffers of activations */
     /* out[T, D] = table rows ids - row0 for ids in [row0, row0 + n_rows), zero otherwise;
-     * ids is host memory */
+     * ids is host memory, or NULL for the batch's token_ids (already on the device) */
     void (*embed)(be_backend *be, void *out, const int32_t *ids, int T, const be_weight *table,
                   int row0);
     /* y[T, n_out] = x[T, n_in] @ W^T; x rows are x_stride elements apart */
@@ -161,7 +167,8 @@ typedef struct be_ops {
      * ffn_{ids[t,k]}(x[t]); ids/weights are host arrays [T, K]; experts[e - e0] */
     void (*moe_experts)(be_backend *be, void *out, const void *x, int T, int D, const int32_t *ids,
                         const float *weights, int K, const be_ffn *experts, int e0, int n_local);
-    /* dst[i] = src[idx[i]] rows of D elements (idx host) */
+    /* dst[i] = src[idx[i]] rows of D elements (idx host, or NULL for the batch's out_rows with
+     * n = its n_out) */
     void (*gather_rows)(be_backend *be, void *dst, const void *src, const int32_t *idx, int n,
                         int D);
     /* dst[idx[i]] += src[i] (idx host, distinct) */
@@ -176,6 +183,18 @@ typedef struct be_ops {
     /* optional: attaches a device communicator (NCCL) for this backend's memory to group g;
      * collective over g's ranks. NULL: the backend's memory is host memory (MPI moves it). */
     duet_status (*comm_attach)(be_backend *be, comm_group *g);
+
+    /* optional, all four or none: record the ops called between graph_begin and graph_end
+     * under key, instead of running them, and replay them later with graph_launch (CUDA
+     * graphs). Recorded ops must take every per-step input from device memory at fixed
+     * addresses (the batch of set_batch, buffers allocated before), so a replay after the next
+     * set_batch computes the next step. A recording is dropped when the backend had to move
+     * memory it refers to (scratch grown): graph_ready then says false and the caller records
+     * again. graph_end's error drops the recording, and the caller runs the step eagerly. */
+    duet_status (*graph_begin)(be_backend *be);
+    duet_status (*graph_end)(be_backend *be, uint64_t key);
+    bool (*graph_ready)(be_backend *be, uint64_t key);
+    duet_status (*graph_launch)(be_backend *be, uint64_t key);
 } be_ops;
 
 struct be_backend {

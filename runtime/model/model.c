@@ -29,6 +29,20 @@ typedef struct mdl_buffers {
     float *weights; /* host [cap_tokens, K] */
 } mdl_buffers;
 
+/* Decode steps (one new token per sequence) are recorded once per (batch bucket, block-table
+ * bucket) and replayed (CUDA graphs on backends that record): the launch of ~30 ops per layer
+ * becomes one. A bucket is recorded on its second use; its first runs eagerly and grows every
+ * scratch area the recording will refer to. */
+#define MDL_GRAPH_BUCKETS 16
+static const int k_graph_sizes[MDL_GRAPH_BUCKETS] = {1,  2,  4,   8,   16,  24,  32,  48,
+                                                     64, 96, 128, 160, 192, 224, 256, 0};
+
+typedef struct mdl_graphs {
+    bool on;                             /* the backend records and the model's ops all can be */
+    uint8_t seen[MDL_GRAPH_BUCKETS][32]; /* eager runs of (size, log2 table width) so far */
+    uint64_t launched, recorded;         /* replays and recordings, for tests and logs */
+} mdl_graphs;
+
 struct mdl_model {
     cfg_model cfg;
     be_backend *be;
@@ -40,6 +54,7 @@ struct mdl_model {
     be_route_params route;
     mdl_step step;
     mdl_buffers buf;
+    mdl_graphs graphs;
 };
 
 const cfg_model *mdl_config(const mdl_model *m) {
@@ -159,6 +174,13 @@ static duet_status reserve(mdl_model *m, int T, int n_out) {
     return DUET_OK;
 }
 
+/* Whether MoE layers run without host round trips. Routing results come back to the host in
+ * moe_route today, so a step with MoE layers cannot be recorded. */
+static bool mdl_moe_on_device(const mdl_model *m) {
+    (void)m;
+    return false;
+}
+
 /* What the forward derives from config.json once: routing, softmax scale, RoPE tables on the
  * backend; and the limits of what duet routes and rotates. */
 static duet_status setup(mdl_model *m, const char *dir) {
@@ -210,6 +232,21 @@ duet_status mdl_load(const char *dir, be_backend *be, const mdl_shard *shard,
         st = mdl_weights_load(dir, &m->cfg, &m->plan, be, opts->source, opts->dummy_seed, &m->w);
     if (st == DUET_OK) st = mdl_coll_create(be, &m->cfg, &m->plan, &m->coll);
     if (st == DUET_OK) st = reserve(m, opts->max_tokens > 0 ? opts->max_tokens : 256, 1);
+    if (st == DUET_OK) {
+        const be_ops *o = be->ops;
+        /* every op of a decode step must take its inputs from device memory: the MoE layers
+         * only can when the backend routes on the device; collectives wait on the host */
+        bool moe_dev = !m->cfg.n_routed_experts || mdl_moe_on_device(m);
+        m->graphs.on = !opts->eager && o->graph_begin && o->graph_end && o->graph_ready &&
+                       o->graph_launch && moe_dev && m->plan.shard.tp_size == 1 &&
+                       m->plan.shard.ep_size == 1;
+        if (m->graphs.on) {
+            int cap = opts->max_tokens > 0 ? opts->max_tokens : 256;
+            if (cap > k_graph_sizes[MDL_GRAPH_BUCKETS - 2])
+                cap = k_graph_sizes[MDL_GRAPH_BUCKETS - 2];
+            st = reserve(m, cap, cap); /* a bucket's rows all get logits */
+        }
+    }
     if (st != DUET_OK) {
         mdl_destroy(m);
         return st;
@@ -227,15 +264,21 @@ void mdl_destroy(mdl_model *m) {
     free(m);
 }
 
-/* Fills the host-side batch description and hands it to the backend. */
-static duet_status prepare_batch(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs, int T) {
+/* Fills the host-side batch description and hands it to the backend. pad_to > n_seqs (a
+ * recorded decode step): rows n_seqs..pad_to-1 are padding sequences of one token in the
+ * cache's padding block, each with a logits row; table_width > 0 fixes the block table's
+ * width. */
+static duet_status prepare_batch(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs, int T,
+                                 int pad_to, int table_width) {
     mdl_step *s = &m->step;
     int bs = kv->block_size, max_blocks = 1;
     for (int i = 0; i < n_seqs; i++)
         max_blocks = seqs[i].n_blocks > max_blocks ? seqs[i].n_blocks : max_blocks;
-    duet_status st = step_reserve(s, T, n_seqs, max_blocks);
+    if (table_width > 0) max_blocks = table_width;
+    int n_all = pad_to > n_seqs ? pad_to : n_seqs, T_all = T + (n_all - n_seqs);
+    duet_status st = step_reserve(s, T_all, n_all, max_blocks);
     if (st != DUET_OK) return st;
-    int t = 0;
+    int t = 0, r = 0;
     s->seq_start[0] = 0;
     for (int i = 0; i < n_seqs; i++) {
         const mdl_seq *q = &seqs[i];
@@ -265,14 +308,28 @@ static duet_status prepare_batch(mdl_model *m, be_kv *kv, const mdl_seq *seqs, i
             s->token_pos[t] = pos;
             s->token_slot[t] = q->block_table[pos / bs] * bs + pos % bs;
         }
+        for (int k = q->n_logits; k > 0; k--) s->out_rows[r++] = t - k;
         s->seq_start[i + 1] = t;
         s->seq_ctx[i] = q->pos0 + q->n_tokens;
         memcpy(s->block_table + (size_t)i * max_blocks, q->block_table,
                (size_t)q->n_blocks * sizeof(int32_t));
     }
+    for (int i = n_seqs; i < n_all; i++, t++) {
+        /* padding: token 0 at position 0 of the padding block, its own logits row */
+        s->tokens[t] = 0;
+        s->token_pos[t] = 0;
+        s->token_slot[t] = kv->pad_block * bs;
+        s->out_rows[r++] = t;
+        s->seq_start[i + 1] = t + 1;
+        s->seq_ctx[i] = 1;
+        s->block_table[(size_t)i * max_blocks] = kv->pad_block;
+    }
     be_batch b = {
-        .n_tokens = T,
-        .n_seqs = n_seqs,
+        .n_tokens = T_all,
+        .n_seqs = n_all,
+        .token_ids = s->tokens,
+        .out_rows = s->out_rows,
+        .n_out = r,
         .token_pos = s->token_pos,
         .token_slot = s->token_slot,
         .seq_start = s->seq_start,
@@ -388,11 +445,49 @@ static duet_status mlp(mdl_model *m, int l, int T) {
     return DUET_OK;
 }
 
-duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs, float *logits) {
+/* The ops of a step after set_batch, up to logits[n_out] on the device; no host data. */
+static duet_status compute(mdl_model *m, be_kv *kv, int T, int n_out) {
     const be_ops *o = m->be->ops;
     const cfg_model *c = &m->cfg;
     be_backend *be = m->be;
     int D = c->hidden_size;
+    o->embed(be, m->buf.h, NULL, T, m->w->embed, m->plan.vocab0);
+    duet_status st = mdl_coll_allreduce(m->coll, m->buf.h, (size_t)T * D);
+    for (int l = 0; l < c->num_hidden_layers && st == DUET_OK; l++) {
+        st = attention(m, kv, l, T);
+        if (st == DUET_OK) st = mlp(m, l, T);
+    }
+    if (st != DUET_OK || n_out == 0) return st;
+    /* final norm and lm_head only on the rows that want logits */
+    o->gather_rows(be, m->buf.xn, m->buf.h, NULL, n_out, D);
+    o->rmsnorm(be, m->buf.xn, D, m->buf.xn, D, m->w->final_norm, n_out, D, c->rms_norm_eps);
+    o->linear(be, m->buf.logits, m->buf.xn, D, n_out, m->w->lm_head);
+    return DUET_OK;
+}
+
+/* The recording bucket of a decode step of n sequences, or -1. */
+static int graph_bucket(const mdl_model *m, const mdl_seq *seqs, int n) {
+    if (!m->graphs.on || n <= 0) return -1;
+    for (int i = 0; i < n; i++)
+        if (seqs[i].n_tokens != 1 || seqs[i].n_logits != 1) return -1;
+    for (int b = 0; k_graph_sizes[b]; b++)
+        if (k_graph_sizes[b] >= n) return k_graph_sizes[b] <= m->buf.cap_out ? b : -1;
+    return -1;
+}
+
+bool mdl_graphs_on(const mdl_model *m) {
+    return m->graphs.on;
+}
+
+void mdl_graph_counts(const mdl_model *m, uint64_t *recorded, uint64_t *launched) {
+    *recorded = m->graphs.recorded;
+    *launched = m->graphs.launched;
+}
+
+duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs, float *logits) {
+    const be_ops *o = m->be->ops;
+    const cfg_model *c = &m->cfg;
+    be_backend *be = m->be;
     int T = 0, n_out = 0;
     for (int i = 0; i < n_seqs; i++) {
         T += seqs[i].n_tokens;
@@ -408,29 +503,48 @@ duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs
                 st = moe_ep(m, &m->w->layers[l], 0);
         return st;
     }
-    st = prepare_batch(m, kv, seqs, n_seqs, T);
-    if (st != DUET_OK) return st;
-
-    o->embed(be, m->buf.h, m->step.tokens, T, m->w->embed, m->plan.vocab0);
-    st = mdl_coll_allreduce(m->coll, m->buf.h, (size_t)T * D);
-    for (int l = 0; l < c->num_hidden_layers && st == DUET_OK; l++) {
-        st = attention(m, kv, l, T);
-        if (st == DUET_OK) st = mlp(m, l, T);
+    int bucket = graph_bucket(m, seqs, n_seqs);
+    if (bucket < 0) {
+        st = prepare_batch(m, kv, seqs, n_seqs, T, 0, 0);
+        if (st == DUET_OK) st = compute(m, kv, T, n_out);
+        /* ops cannot return errors one by one; the backend keeps the first, reported here */
+        if (st == DUET_OK) st = o->sync(be);
+        if (st != DUET_OK || n_out == 0) return st;
+        return mdl_coll_logits(m->coll, m->buf.logits, n_out, logits);
     }
+    /* a decode step of a recorded size: padded to B rows, block tables to a power of two */
+    int B = k_graph_sizes[bucket], width = 1, wlog = 0;
+    for (int i = 0; i < n_seqs; i++)
+        while (width < seqs[i].n_blocks) width *= 2, wlog++;
+    if (wlog >= 32) return DUET_ERR_TOO_LONG;
+    uint64_t key = (uint64_t)B << 8 | (uint64_t)wlog;
+    st = prepare_batch(m, kv, seqs, n_seqs, T, B, width);
     if (st != DUET_OK) return st;
-    if (n_out == 0) return o->sync(be);
-
-    /* final norm and lm_head only on the rows that want logits */
-    int r = 0;
-    for (int i = 0; i < n_seqs; i++) {
-        int last = m->step.seq_start[i + 1];
-        for (int k = seqs[i].n_logits; k > 0; k--) m->step.out_rows[r++] = last - k;
+    if (o->graph_ready(be, key)) {
+        st = o->graph_launch(be, key);
+        m->graphs.launched++;
+    } else if (m->graphs.seen[bucket][wlog] == 0) {
+        m->graphs.seen[bucket][wlog] = 1; /* first use: eagerly, growing what it needs */
+        st = compute(m, kv, B, B);
+    } else {
+        st = o->graph_begin(be);
+        if (st == DUET_OK) {
+            duet_status cst = compute(m, kv, B, B);
+            st = o->graph_end(be, key);
+            if (cst != DUET_OK) st = cst;
+        }
+        if (st == DUET_OK) {
+            m->graphs.recorded++;
+            st = o->graph_launch(be, key);
+            m->graphs.launched++;
+        } else if (st == DUET_ERR_UNSUPPORTED) {
+            /* this step cannot be recorded on this backend: stop trying */
+            m->graphs.on = false;
+            st = compute(m, kv, B, B);
+        }
     }
-    o->gather_rows(be, m->buf.xn, m->buf.h, m->step.out_rows, n_out, D);
-    o->rmsnorm(be, m->buf.xn, D, m->buf.xn, D, m->w->final_norm, n_out, D, c->rms_norm_eps);
-    o->linear(be, m->buf.logits, m->buf.xn, D, n_out, m->w->lm_head);
-    /* ops cannot return errors one by one; the backend keeps the first and reports it here */
-    st = o->sync(be);
+    if (st == DUET_OK) st = o->sync(be);
     if (st != DUET_OK) return st;
+    /* the first n_out rows are the real sequences' (padding rows come after) */
     return mdl_coll_logits(m->coll, m->buf.logits, n_out, logits);
 }

@@ -19,6 +19,7 @@ typedef struct mdl_load_opts {
     mdl_weights_source source;
     uint64_t dummy_seed;
     int max_tokens; /* most tokens in one forward (activation buffers are sized for it) */
+    bool eager;     /* never record steps as graphs (--enforce-eager) */
 } mdl_load_opts;
 
 typedef struct mdl_model mdl_model;
@@ -53,5 +54,10 @@ typedef struct mdl_seq {
  * float32, in sequence order. Tokens outside [0, vocab_size) are refused with
  * DUET_ERR_INVALID before anything runs. */
 duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs, float *logits);
+
+/* Whether decode steps are recorded and replayed (CUDA graphs), and how many recordings and
+ * replays happened so far. */
+bool mdl_graphs_on(const mdl_model *m);
+void mdl_graph_counts(const mdl_model *m, uint64_t *recorded, uint64_t *launched);
 
 #endif

@@ -32,8 +32,9 @@ typedef struct cpu_backend {
     be_backend base;
     /* batch metadata, copied from be_batch */
     int n_tokens, n_seqs, max_blocks;
-    int32_t *token_pos, *token_slot, *seq_start, *seq_ctx, *block_table;
-    size_t cap_pos, cap_slot, cap_start, cap_ctx, cap_table;
+    int32_t *token_ids, *out_rows, *token_pos, *token_slot, *seq_start, *seq_ctx, *block_table;
+    size_t cap_ids, cap_out, cap_pos, cap_slot, cap_start, cap_ctx, cap_table;
+    int n_out;
     float inv_freq[256];
     int rope_half;
     float rope_attn;
@@ -62,6 +63,8 @@ static float *scratch_get(cpu_backend *c, size_t n) {
 
 static void cpu_destroy(be_backend *be) {
     cpu_backend *c = cpu(be);
+    free(c->token_ids);
+    free(c->out_rows);
     free(c->token_pos);
     free(c->token_slot);
     free(c->seq_start);
@@ -142,14 +145,16 @@ static duet_status cpu_kv_create(be_backend *be, int n_blocks, int n_layers, int
     size_t block_bytes = (size_t)n_layers * (size_t)block_size * (size_t)kv_dim * sizeof(float);
     /* page-aligned so the region registers cleanly with UCX */
     void *data = NULL;
-    if (!kv || posix_memalign(&data, 4096, block_bytes * (size_t)n_blocks) != 0) {
+    /* one padding block past the pool (be_kv.pad_block) */
+    if (!kv || posix_memalign(&data, 4096, block_bytes * ((size_t)n_blocks + 1)) != 0) {
         free(kv);
         LOG_ERROR("cpu backend: cannot allocate a KV cache of %zu bytes",
                   block_bytes * (size_t)n_blocks);
         return DUET_ERR_NO_MEMORY;
     }
-    memset(data, 0, block_bytes * (size_t)n_blocks);
+    memset(data, 0, block_bytes * ((size_t)n_blocks + 1));
     kv->n_blocks = n_blocks;
+    kv->pad_block = n_blocks;
     kv->n_layers = n_layers;
     kv->block_size = block_size;
     kv->kv_dim = kv_dim;
@@ -181,11 +186,16 @@ static duet_status cpu_set_batch(be_backend *be, const be_batch *b) {
     cpu_backend *c = cpu(be);
     size_t nt = (size_t)b->n_tokens, ns = (size_t)b->n_seqs;
     size_t table = ns * (size_t)b->max_blocks;
-    if (grow_i32(&c->token_pos, &c->cap_pos, nt) || grow_i32(&c->token_slot, &c->cap_slot, nt) ||
+    size_t no = (size_t)b->n_out;
+    if (grow_i32(&c->token_ids, &c->cap_ids, nt) || grow_i32(&c->out_rows, &c->cap_out, no) ||
+        grow_i32(&c->token_pos, &c->cap_pos, nt) || grow_i32(&c->token_slot, &c->cap_slot, nt) ||
         grow_i32(&c->seq_start, &c->cap_start, ns + 1) ||
         grow_i32(&c->seq_ctx, &c->cap_ctx, ns + 1) ||
         grow_i32(&c->block_table, &c->cap_table, table))
         return DUET_ERR_NO_MEMORY;
+    if (b->token_ids) memcpy(c->token_ids, b->token_ids, nt * sizeof(int32_t));
+    if (b->out_rows && no) memcpy(c->out_rows, b->out_rows, no * sizeof(int32_t));
+    c->n_out = b->n_out;
     memcpy(c->token_pos, b->token_pos, nt * sizeof(int32_t));
     memcpy(c->token_slot, b->token_slot, nt * sizeof(int32_t));
     memcpy(c->seq_start, b->seq_start, (ns + 1) * sizeof(int32_t));
@@ -209,7 +219,7 @@ static duet_status cpu_rope_setup(be_backend *be, const float *inv_freq, int hal
 
 static void cpu_embed(be_backend *be, void *out, const int32_t *ids, int T, const be_weight *table,
                       int row0) {
-    (void)be;
+    if (!ids) ids = cpu(be)->token_ids;
     int D = table->n_in;
     float *o = out;
     for (int t = 0; t < T; t++) {
@@ -531,7 +541,10 @@ static void cpu_moe_experts(be_backend *be, void *out, const void *x, int T, int
 
 static void cpu_gather_rows(be_backend *be, void *dst, const void *src, const int32_t *idx, int n,
                             int D) {
-    (void)be;
+    if (!idx) {
+        idx = cpu(be)->out_rows;
+        n = cpu(be)->n_out;
+    }
     for (int i = 0; i < n; i++)
         memcpy((float *)dst + (size_t)i * D, (const float *)src + (size_t)idx[i] * D,
                (size_t)D * sizeof(float));

@@ -40,6 +40,14 @@ duet_status cublas_status(cuda_backend *c, cublasStatus_t e, const char *what, c
 
 void *cuda_scratch(cuda_backend *c, int which, size_t bytes) {
     if (bytes <= c->scr_bytes[which]) return c->scr[which];
+    if (c->capturing) {
+        /* a recorded op must find its memory in place: the caller runs the step eagerly
+         * once before recording it */
+        LOG_WARN("cuda: scratch %d would grow to %zu bytes while recording a step", which, bytes);
+        if (c->err == DUET_OK) c->err = DUET_ERR_INTERNAL;
+        return NULL;
+    }
+    c->mem_gen++; /* recordings that refer to the old area are void */
     /* work queued on the stream may still read the old area */
     if (CUDA_CHECK(c, cudaStreamSynchronize(c->stream)) != DUET_OK) return NULL;
     CUDA_CHECK(c, cudaFree(c->scr[which]));
@@ -77,10 +85,96 @@ void *cuda_host_tmp(cuda_backend *c, size_t bytes) {
     return c->host_tmp;
 }
 
+/* ---- recorded steps (CUDA graphs) ---- */
+
+struct cuda_graph_rec {
+    uint64_t key, gen;
+    cudaGraphExec_t exec;
+};
+
+static void graph_drop(cuda_graph_rec *g) {
+    if (g->exec) cudaGraphExecDestroy(g->exec);
+    g->exec = NULL;
+}
+
+static cuda_graph_rec *graph_find(cuda_backend *c, uint64_t key) {
+    for (int i = 0; i < c->n_graphs; i++)
+        if (c->graphs[i].key == key) return &c->graphs[i];
+    return NULL;
+}
+
+static duet_status cuda_graph_begin(be_backend *be) {
+    cuda_backend *c = cuda_be(be);
+    if (c->err != DUET_OK) return c->err;
+    if (c->capturing) return DUET_ERR_INTERNAL;
+    /* thread-local: the KV transfer thread's copies on other streams stay legal meanwhile */
+    duet_status st =
+        CUDA_CHECK(c, cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal));
+    if (st == DUET_OK) c->capturing = true;
+    return st;
+}
+
+static duet_status cuda_graph_end(be_backend *be, uint64_t key) {
+    cuda_backend *c = cuda_be(be);
+    if (!c->capturing) return DUET_ERR_INTERNAL;
+    c->capturing = false;
+    cudaGraph_t graph = NULL;
+    cudaError_t e = cudaStreamEndCapture(c->stream, &graph);
+    cudaGraphExec_t exec = NULL;
+    if (e == cudaSuccess && c->err == DUET_OK) e = cudaGraphInstantiate(&exec, graph, 0);
+    if (graph) cudaGraphDestroy(graph);
+    if (e != cudaSuccess || c->err != DUET_OK) {
+        /* an op that cannot be recorded: the step runs eagerly, the backend stays usable */
+        LOG_WARN("cuda: recording a step as a graph failed (%s); running it eagerly",
+                 e != cudaSuccess ? cudaGetErrorString(e) : duet_strerror(c->err));
+        if (exec) cudaGraphExecDestroy(exec);
+        (void)cudaGetLastError();
+        c->err = DUET_OK;
+        return DUET_ERR_UNSUPPORTED;
+    }
+    cuda_graph_rec *g = graph_find(c, key);
+    if (!g) {
+        if (c->n_graphs == c->cap_graphs) {
+            int cap = c->cap_graphs ? 2 * c->cap_graphs : 16;
+            cuda_graph_rec *ng = (cuda_graph_rec *)realloc(c->graphs, (size_t)cap * sizeof *ng);
+            if (!ng) {
+                cudaGraphExecDestroy(exec);
+                return DUET_ERR_NO_MEMORY;
+            }
+            c->graphs = ng;
+            c->cap_graphs = cap;
+        }
+        g = &c->graphs[c->n_graphs++];
+        g->exec = NULL;
+    }
+    graph_drop(g);
+    g->key = key;
+    g->gen = c->mem_gen;
+    g->exec = exec;
+    return DUET_OK;
+}
+
+static bool cuda_graph_ready(be_backend *be, uint64_t key) {
+    cuda_backend *c = cuda_be(be);
+    cuda_graph_rec *g = graph_find(c, key);
+    return g && g->exec && g->gen == c->mem_gen;
+}
+
+static duet_status cuda_graph_launch(be_backend *be, uint64_t key) {
+    cuda_backend *c = cuda_be(be);
+    if (c->err != DUET_OK) return c->err;
+    cuda_graph_rec *g = graph_find(c, key);
+    if (!g || !g->exec || g->gen != c->mem_gen) return DUET_ERR_NOT_FOUND;
+    return CUDA_CHECK(c, cudaGraphLaunch(g->exec, c->stream));
+}
+
 static void cuda_destroy(be_backend *be) {
     cuda_backend *c = cuda_be(be);
     cudaSetDevice(c->device);
     cudaStreamSynchronize(c->stream);
+    for (int i = 0; i < c->n_graphs; i++) graph_drop(&c->graphs[i]);
+    free(c->graphs);
+    cudaFree(c->blas_ws);
     for (int i = 0; i < SCR_COUNT; i++) cudaFree(c->scr[i]);
     cudaFree(c->d_batch);
     cudaFree(c->d_inv_freq);
@@ -214,7 +308,7 @@ static duet_status cuda_kv_create(be_backend *be, int n_blocks, int n_layers, in
     be_kv *kv = (be_kv *)calloc(1, sizeof *kv);
     if (!kv) return DUET_ERR_NO_MEMORY;
     size_t block_bytes = (size_t)n_layers * (size_t)block_size * (size_t)kv_dim * act_size(c);
-    size_t bytes = block_bytes * (size_t)n_blocks;
+    size_t bytes = block_bytes * ((size_t)n_blocks + 1); /* + the padding block */
     duet_status st = CUDA_CHECK(c, cudaMalloc(&kv->data, bytes ? bytes : 1));
     /* zeros, so a block read before it is written holds numbers, not garbage */
     if (st == DUET_OK) st = CUDA_CHECK(c, cudaMemset(kv->data, 0, bytes));
@@ -225,6 +319,7 @@ static duet_status cuda_kv_create(be_backend *be, int n_blocks, int n_layers, in
         return st;
     }
     kv->n_blocks = n_blocks;
+    kv->pad_block = n_blocks;
     kv->n_layers = n_layers;
     kv->block_size = block_size;
     kv->kv_dim = kv_dim;
@@ -303,10 +398,10 @@ static duet_status cuda_rope_setup(be_backend *be, const float *inv_freq, int ha
 static duet_status cuda_set_batch(be_backend *be, const be_batch *b) {
     cuda_backend *c = cuda_be(be);
     if (c->err != DUET_OK) return c->err;
-    size_t nt = (size_t)b->n_tokens, ns = (size_t)b->n_seqs;
+    size_t nt = (size_t)b->n_tokens, ns = (size_t)b->n_seqs, no = (size_t)b->n_out;
     size_t table = ns * (size_t)b->max_blocks;
-    /* one layout on both sides: pos [nt], slot [nt], start [ns + 1], ctx [ns], table */
-    size_t total = 2 * nt + (ns + 1) + ns + table;
+    /* one layout on both sides: ids, pos, slot [nt], out [no], start [ns + 1], ctx [ns], table */
+    size_t total = 3 * nt + no + (ns + 1) + ns + table;
     if (total > c->cap_h_batch) {
         int32_t *h = (int32_t *)realloc(c->h_batch, total * 2 * sizeof(int32_t));
         if (!h) return DUET_ERR_NO_MEMORY;
@@ -318,28 +413,39 @@ static duet_status cuda_set_batch(be_backend *be, const be_batch *b) {
         CUDA_CHECK(c, cudaFree(c->d_batch));
         c->d_batch = NULL;
         c->cap_d_batch = 0;
+        c->mem_gen++;
         duet_status st = CUDA_CHECK(c, cudaMalloc(&c->d_batch, total * 2 * sizeof(int32_t)));
         if (st != DUET_OK) return st;
         c->cap_d_batch = total * 2;
     }
     int32_t *h = c->h_batch, *d = c->d_batch;
-    c->h_pos = h;
-    c->h_slot = h + nt;
-    c->h_start = h + 2 * nt;
+    c->h_ids = h;
+    c->h_pos = h + nt;
+    c->h_slot = h + 2 * nt;
+    c->h_out = h + 3 * nt;
+    c->h_start = c->h_out + no;
     c->h_ctx = c->h_start + ns + 1;
     c->h_table = c->h_ctx + ns;
-    c->d_pos = d;
-    c->d_slot = d + nt;
-    c->d_start = d + 2 * nt;
+    c->d_ids = d;
+    c->d_pos = d + nt;
+    c->d_slot = d + 2 * nt;
+    c->d_out = d + 3 * nt;
+    c->d_start = c->d_out + no;
     c->d_ctx = c->d_start + ns + 1;
     c->d_table = c->d_ctx + ns;
+    if (b->token_ids)
+        memcpy(c->h_ids, b->token_ids, nt * sizeof(int32_t));
+    else
+        memset(c->h_ids, 0, nt * sizeof(int32_t));
     memcpy(c->h_pos, b->token_pos, nt * sizeof(int32_t));
     memcpy(c->h_slot, b->token_slot, nt * sizeof(int32_t));
+    if (no) memcpy(c->h_out, b->out_rows, no * sizeof(int32_t));
     memcpy(c->h_start, b->seq_start, (ns + 1) * sizeof(int32_t));
     memcpy(c->h_ctx, b->seq_ctx, ns * sizeof(int32_t));
     if (table) memcpy(c->h_table, b->block_table, table * sizeof(int32_t));
     c->n_tokens = b->n_tokens;
     c->n_seqs = b->n_seqs;
+    c->n_out = b->n_out;
     c->max_blocks = b->max_blocks;
     /* from pageable memory the copy is staged before the call returns, so the next step may
      * overwrite h_batch while this one still runs */
@@ -373,7 +479,9 @@ static duet_status cuda_comm_attach(be_backend *be, comm_group *g) {
         .mla_attention = cuda_mla_attention, .moe_route = cuda_moe_route,                          \
         .moe_experts = cuda_moe_experts, .gather_rows = cuda_gather_rows,                          \
         .scatter_add_rows = cuda_scatter_add_rows, .zero = cuda_zero, .sample = cuda_sample,       \
-        .comm_attach = cuda_comm_attach,                                                           \
+        .comm_attach = cuda_comm_attach, .graph_begin = cuda_graph_begin,                          \
+        .graph_end = cuda_graph_end, .graph_ready = cuda_graph_ready,                              \
+        .graph_launch = cuda_graph_launch,                                                         \
     }
 
 static const be_ops g_cuda_ops_bf16 = CUDA_OPS(DT_BF16);
@@ -420,6 +528,10 @@ extern "C" duet_status be_cuda_create(int device, dt_dtype dtype, be_backend **b
     if (st == DUET_OK) st = CUBLAS_CHECK(c, cublasSetStream(c->blas, c->stream));
     /* float32 stays float32: no TF32 shortcuts behind the reference precision */
     if (st == DUET_OK) st = CUBLAS_CHECK(c, cublasSetMathMode(c->blas, CUBLAS_DEFAULT_MATH));
+    /* a workspace of its own, so GEMMs recorded in a graph allocate nothing */
+    const size_t ws = 32u << 20;
+    if (st == DUET_OK) st = CUDA_CHECK(c, cudaMalloc(&c->blas_ws, ws));
+    if (st == DUET_OK) st = CUBLAS_CHECK(c, cublasSetWorkspace(c->blas, c->blas_ws, ws));
     if (st != DUET_OK) {
         cuda_destroy(&c->base);
         return st;

@@ -45,14 +45,23 @@ typedef struct cuda_backend {
     duet_status err; /* sticky: the first failure inside a void op, returned by the next call
                         that returns a status */
 
-    /* the step's batch, the same layout on both sides: pos [n_tokens], slot [n_tokens],
-     * start [n_seqs + 1], ctx [n_seqs], table [n_seqs][max_blocks]; the host copy plans
-     * launches, kernels read the device copy */
-    int n_tokens, n_seqs, max_blocks;
+    /* the step's batch, the same layout on both sides: ids [n_tokens], pos [n_tokens],
+     * slot [n_tokens], out rows [n_out], start [n_seqs + 1], ctx [n_seqs], table
+     * [n_seqs][max_blocks]; the host copy plans launches, kernels read the device copy. The
+     * device area only grows (a recorded graph keeps its addresses). */
+    int n_tokens, n_seqs, max_blocks, n_out;
     int32_t *h_batch, *d_batch;
     size_t cap_h_batch, cap_d_batch;
-    int32_t *h_pos, *h_slot, *h_start, *h_ctx, *h_table;
-    int32_t *d_pos, *d_slot, *d_start, *d_ctx, *d_table;
+    int32_t *h_ids, *h_pos, *h_slot, *h_out, *h_start, *h_ctx, *h_table;
+    int32_t *d_ids, *d_pos, *d_slot, *d_out, *d_start, *d_ctx, *d_table;
+
+    /* recorded steps (CUDA graphs): a recording is valid while mem_gen (bumped whenever memory
+     * an op refers to moves: scratch or the batch area regrown) equals the one it saw */
+    uint64_t mem_gen;
+    bool capturing;
+    struct cuda_graph_rec *graphs;
+    int n_graphs, cap_graphs;
+    void *blas_ws; /* cuBLAS workspace, fixed so recorded GEMMs allocate nothing */
 
     float *d_inv_freq; /* [rope_half] */
     int rope_half;

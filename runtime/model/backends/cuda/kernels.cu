@@ -38,7 +38,7 @@ void cuda_embed(be_backend *be, void *out, const int32_t *ids, int T_, const be_
                 int row0) {
     cuda_backend *c = cuda_be(be);
     if (c->err != DUET_OK || T_ <= 0) return;
-    int32_t *d_ids = cuda_upload_idx(c, ids, (size_t)T_);
+    const int32_t *d_ids = ids ? cuda_upload_idx(c, ids, (size_t)T_) : c->d_ids;
     if (!d_ids) return;
     int D = table->n_in;
     unsigned g = grid_for((size_t)T_ * D, 256);
@@ -192,8 +192,9 @@ __global__ void scatter_add_kernel(T *dst, const T *src, const int32_t *idx, int
 void cuda_gather_rows(be_backend *be, void *dst, const void *src, const int32_t *idx, int n,
                       int D) {
     cuda_backend *c = cuda_be(be);
+    if (!idx) n = c->n_out;
     if (c->err != DUET_OK || n <= 0) return;
-    int32_t *d_idx = cuda_upload_idx(c, idx, (size_t)n);
+    const int32_t *d_idx = idx ? cuda_upload_idx(c, idx, (size_t)n) : c->d_out;
     if (!d_idx) return;
     size_t total = (size_t)n * D;
     ACT_DISPATCH(c, gather_kernel<T><<<grid_for(total, 256), 256, 0, c->stream>>>(
