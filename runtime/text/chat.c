@@ -312,6 +312,13 @@ static bool copy_string_field(const cJSON *from, const char *name, const char *a
     return !cJSON_IsString(v) || cJSON_AddStringToObject(to, as, v->valuestring);
 }
 
+static bool known_role(const char *role) {
+    static const char *const roles[] = {"system", "developer", "user", "assistant", "tool"};
+    for (size_t i = 0; i < sizeof roles / sizeof *roles; i++)
+        if (!strcmp(role, roles[i])) return true;
+    return false;
+}
+
 static duet_status prep_messages(prep *p, const cJSON *messages, cJSON **out_p) {
     if (!cJSON_IsArray(messages)) return fail(p, DUET_ERR_INVALID, "messages must be an array");
     cJSON *list = cJSON_CreateArray();
@@ -326,7 +333,11 @@ static duet_status prep_messages(prep *p, const cJSON *messages, cJSON **out_p) 
             fail(p, DUET_ERR_INVALID, "messages[%zu] has no role", i);
         } else if (!cJSON_IsString(r)) {
             fail(p, DUET_ERR_INVALID, "messages[%zu].role must be a string", i);
-        }
+        } else if (!known_role(r->valuestring))
+            /* vLLM would pass it on, and DeepSeek's templates drop such a message silently */
+            fail(p, DUET_ERR_INVALID,
+                 "messages[%zu].role \"%.40s\" is not system, developer, user, assistant or tool",
+                 i, r->valuestring);
         if (p->st != DUET_OK) break;
         const char *role = !strcmp(r->valuestring, "developer") ? "system" : r->valuestring;
         cJSON *out = cJSON_CreateObject(), *content = NULL;

@@ -58,6 +58,8 @@ chat_opts chat_default_opts(const chat_template *tpl);
  *   templates tojson it; unparsable text becomes {}); an empty list is dropped.
  * - role, name, tool_call_id and (assistant) reasoning are kept; role "developer" is taken as
  *   "system". Other fields are dropped.
+ * - a role other than system, developer, user, assistant or tool is refused (vLLM would pass it
+ *   on, and DeepSeek's templates would drop the message without a word).
  * Input that cannot be prepared (not an array, a message not an object, a role not a string,
  * content of another type, malformed tool_calls) is DUET_ERR_INVALID; a template that fails on
  * the conversation (raise_exception, an undefined value used, ...) is DUET_ERR_INVALID too, and

@@ -81,8 +81,6 @@ static void test_prepare(void) {
        "\"function\": {\"name\": \"g\", \"arguments\": {}}}, {\"type\": \"function\", "
        "\"function\": {\"name\": \"h\", \"arguments\": {}}}]|-|-]"
        "[assistant|x|-|-|-][tool|r|-|f|c1]" TAIL);
-    /* the template decides about roles it does not know */
-    OK("[{\"role\":\"ipython\",\"content\":\"z\"}]", "[ipython|z|-|-|-]" TAIL);
 }
 
 static void test_refusals(void) {
@@ -90,6 +88,9 @@ static void test_refusals(void) {
     BAD("[5]", DUET_ERR_INVALID);
     BAD("[{}]", DUET_ERR_INVALID);
     BAD("[{\"role\":3,\"content\":\"x\"}]", DUET_ERR_INVALID);
+    BAD("[{\"role\":\"wizard\",\"content\":\"x\"}]", DUET_ERR_INVALID);
+    BAD("[{\"role\":\"user\",\"content\":\"ok\"},{\"role\":\"User\",\"content\":\"x\"}]",
+        DUET_ERR_INVALID);
     BAD("[{\"role\":\"user\",\"content\":5}]", DUET_ERR_INVALID);
     BAD("[{\"role\":\"user\",\"content\":{\"text\":\"x\"}}]", DUET_ERR_INVALID);
     BAD("[{\"role\":\"user\",\"content\":[5]}]", DUET_ERR_INVALID);
