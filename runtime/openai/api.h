@@ -1,8 +1,9 @@
 /* OpenAI-compatible HTTP pieces every server shares (workers and, later, the proxy): vLLM's
  * nested error JSON, request body checks (content type, UTF-8, JSON object), typed field
- * readers that answer vLLM-like 400 messages, bearer-key checks, request ids, SSE helpers, and
- * the DeepSeek-R1 reasoning splitter. In libduet_base: no engine, MPI, UCX or CUDA here.
- * Threads: the http_req functions on the loop thread (see http.h); the rest anywhere. */
+ * readers that answer vLLM-like 400 messages, bearer-key checks, request ids, SSE helpers, the
+ * DeepSeek-R1 reasoning splitter and the DeepSeek tool-call parser. In libduet_base: no engine,
+ * MPI, UCX or CUDA here. Threads: the http_req functions on the loop thread (see http.h); the rest
+ * anywhere. */
 #ifndef DUET_API_H
 #define DUET_API_H
 
@@ -97,5 +98,77 @@ void api_reasoner_feed(api_reasoner *r, const char *text, size_t len, strbuf *re
                        strbuf *content);
 /* End of output: releases what was held back. */
 void api_reasoner_finish(api_reasoner *r, strbuf *reason, strbuf *content);
+
+/* ---- DeepSeek tool calls (--tool-call-parser deepseek_v3 | deepseek_v31) ----
+ * The model's tool-call markup in the answer text (after the reasoning split, when there is one)
+ * becomes OpenAI tool calls, as vLLM's deepseek_v3 / deepseek_v31 parsers read it:
+ *   V3/R1: content<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\n
+ *          ARGS\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>...<｜tool▁calls▁end｜>
+ *   V3.1:  content<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS
+ *          <｜tool▁call▁end｜><｜tool▁call▁begin｜>...<｜tool▁calls▁end｜>
+ * Fed text deltas as the detokenizer yields them, it reports content, then for each call its
+ * start (index, id, name) once the call's header is complete, then its arguments as they come
+ * (ARGS verbatim: a JSON string in OpenAI's "arguments"). Text that may still become markup is
+ * held back until decided, so any split of the text gives the same events, concatenated.
+ * - Content is the text before <｜tool▁calls▁begin｜>; text after <｜tool▁calls▁end｜> is dropped
+ *   (as vLLM's non-streaming parser does); whitespace or stray text between calls is skipped.
+ * - Malformed markup before any call has started (another type than "function", a missing
+ *   "```json" fence or <｜tool▁sep｜>, an empty or multi-line name, a name over 256 bytes, or
+ *   the end of the text) falls back to plain content: the whole text, markup included. A
+ *   malformed call after a good one is skipped.
+ * - A call ends at <｜tool▁call▁end｜> (after "\n```" in V3, which is not part of ARGS). A call
+ *   the text cut short, or closed by <｜tool▁calls▁end｜> alone, is incomplete: streamed as far
+ *   as it went, but left out of the non-streamed result, as vLLM's regexes leave it out.
+ * Beyond vLLM: ARGS may span lines (vLLM's regexes, without DOTALL, lose such a call).
+ * One parser per choice of a response; one thread at a time. */
+typedef enum api_tool_format {
+    API_TOOL_FORMAT_DEEPSEEK_V3,  /* V3 and R1 */
+    API_TOOL_FORMAT_DEEPSEEK_V31, /* V3.1 */
+} api_tool_format;
+
+/* vLLM's parser names: "deepseek_v3", "deepseek_v31". DUET_ERR_NOT_FOUND for others. */
+duet_status api_tool_format_parse(const char *name, api_tool_format *fmt_p);
+
+typedef enum api_tool_event_kind {
+    API_TOOL_EVENT_CONTENT, /* text: content */
+    API_TOOL_EVENT_CALL,    /* a call starts: index, id, name */
+    API_TOOL_EVENT_ARGS,    /* more arguments of call index: text */
+} api_tool_event_kind;
+
+typedef struct api_tool_event {
+    api_tool_event_kind kind;
+    int index;
+    const char *id, *name; /* NUL-terminated */
+    const char *text;      /* len bytes, not NUL-terminated */
+    size_t len;
+} api_tool_event;
+
+/* Called for each event; the pointers are valid during the call only. */
+typedef void (*api_tool_cb)(void *user, const api_tool_event *ev);
+
+typedef struct api_tool_parser api_tool_parser;
+
+duet_status api_tool_parser_create(api_tool_format fmt, api_tool_parser **p_p);
+void api_tool_parser_destroy(api_tool_parser *p);
+/* Feeds a text delta; cb (may be NULL) sees the decided events. DUET_ERR_NO_MEMORY leaves the
+ * parser unusable. */
+duet_status api_tool_parser_feed(api_tool_parser *p, const char *text, size_t len, api_tool_cb cb,
+                                 void *user);
+/* End of the answer: releases what was held back. Returns how many calls were started (the
+ * streamed finish_reason is "tool_calls" when that is not 0). */
+int api_tool_parser_finish(api_tool_parser *p, api_tool_cb cb, void *user);
+
+/* The non-streamed answer, after finish. Content is the text before the calls (NULL when
+ * empty), or the whole text when no call was complete; *len_p its length. */
+const char *api_tool_parser_content(const api_tool_parser *p, size_t *len_p);
+/* The complete calls (finish_reason "tool_calls" when not 0), and as the message's
+ * "tool_calls": [{"id","type":"function","function":{"name","arguments"}}] (caller deletes;
+ * NULL when there is none or out of memory). */
+int api_tool_parser_n_calls(const api_tool_parser *p);
+cJSON *api_tool_calls_json(const api_tool_parser *p);
+/* A CALL or ARGS event as one entry of a stream chunk's delta.tool_calls, as vLLM sends them:
+ * {"index","id","type":"function","function":{"name"}} then {"index","function":{"arguments"}}.
+ * NULL for CONTENT or out of memory. */
+cJSON *api_tool_event_json(const api_tool_event *ev);
 
 #endif

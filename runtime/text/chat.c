@@ -1,6 +1,6 @@
-/* The DeepSeek-V3 / R1 chat template as C; see chat.h. Each branch below is one branch of the
- * Jinja template in tokenizer_config.json, in the same order, with the same namespace flags
- * (ns.is_first, ns.is_tool, ns.is_output_first), so the two can be read side by side. */
+/* Chat templates on the Jinja interpreter: finding the template (tokenizer_config.json,
+ * chat_template.jinja, --chat-template), preparing messages the way vLLM does before it calls
+ * the template, and the template variables transformers passes. See chat.h. */
 #include "text/chat.h"
 
 #include <limits.h>
@@ -8,41 +8,65 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "base/fileio.h"
 #include "base/log.h"
 #include "base/strbuf.h"
+#include "text/jinja.h"
 
-#define CHAT_CONFIG_MAX ((size_t)16 << 20)
+#define CHAT_CONFIG_MAX   ((size_t)16 << 20)
+#define CHAT_TEMPLATE_MAX ((size_t)4 << 20)
 
 struct chat_template {
-    char *bos;
-    bool r1;
+    jinja_template *jinja;
+    cJSON *tokens; /* {"bos_token": "...", "eos_token": "..."}: template variables */
 };
 
-/* ---- templates ---------------------------------------------------------------------------- */
+/* ---- loading ------------------------------------------------------------------------------- */
 
-duet_status chat_create(const char *bos_token, bool r1, chat_template **tpl_p) {
-    if (!tpl_p) return DUET_ERR_INVALID;
+/* Parses source; a refusal is logged with where the template came from. */
+static duet_status create(const char *source, const char *origin, cJSON *tokens,
+                          chat_template **tpl_p) {
     chat_template *t = calloc(1, sizeof *t);
-    if (!t || !(t->bos = strdup(bos_token ? bos_token : ""))) {
-        free(t);
+    if (!t) {
+        cJSON_Delete(tokens);
         return DUET_ERR_NO_MEMORY;
     }
-    t->r1 = r1;
+    t->tokens = tokens;
+    char err[256];
+    duet_status st = jinja_parse(source, strlen(source), &t->jinja, err, sizeof err);
+    if (st != DUET_OK) {
+        LOG_ERROR("%s: chat template %s", origin, err[0] ? err : duet_strerror(st));
+        chat_destroy(t);
+        return st;
+    }
     *tpl_p = t;
     return DUET_OK;
 }
 
+duet_status chat_create(const char *source, const char *bos, const char *eos,
+                        chat_template **tpl_p) {
+    if (!source || !tpl_p) return DUET_ERR_INVALID;
+    cJSON *tokens = cJSON_CreateObject();
+    if (!tokens || !cJSON_AddStringToObject(tokens, "bos_token", bos ? bos : "") ||
+        !cJSON_AddStringToObject(tokens, "eos_token", eos ? eos : "")) {
+        cJSON_Delete(tokens);
+        return DUET_ERR_NO_MEMORY;
+    }
+    return create(source, "chat_create", tokens, tpl_p);
+}
+
 void chat_destroy(chat_template *t) {
     if (!t) return;
-    free(t->bos);
+    jinja_destroy(t->jinja);
+    cJSON_Delete(t->tokens);
     free(t);
 }
 
 chat_opts chat_default_opts(const chat_template *t) {
-    return (chat_opts){
-        .add_generation_prompt = true, .think_prefix = t->r1, .strip_reasoning = t->r1};
+    (void)t;
+    return (chat_opts){.add_generation_prompt = true};
 }
 
 /* chat_template is a string, or a list of {name, template} where "default" is the one used. */
@@ -60,307 +84,353 @@ static const char *config_template(const cJSON *cfg) {
     return NULL;
 }
 
-duet_status chat_load(const char *dir, chat_template **tpl_p) {
+/* The special tokens transformers hands every template (special_tokens_map), as strings. */
+static duet_status config_tokens(const cJSON *cfg, const char *path, cJSON **tokens_p) {
+    static const char *const names[] = {"bos_token", "eos_token", "unk_token", "pad_token"};
+    cJSON *tokens = cJSON_CreateObject();
+    if (!tokens) return DUET_ERR_NO_MEMORY;
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(cfg, names[i]);
+        if (cJSON_IsObject(v)) v = cJSON_GetObjectItemCaseSensitive(v, "content");
+        if (v && !cJSON_IsNull(v) && !cJSON_IsString(v)) {
+            LOG_ERROR("%s: %s must be a string or an object with \"content\"", path, names[i]);
+            cJSON_Delete(tokens);
+            return DUET_ERR_FORMAT;
+        }
+        /* bos and eos are always defined (empty when the file names none), as the old C
+         * renderer treated them; the others only when present */
+        if ((cJSON_IsString(v) || i < 2) &&
+            !cJSON_AddStringToObject(tokens, names[i], cJSON_IsString(v) ? v->valuestring : "")) {
+            cJSON_Delete(tokens);
+            return DUET_ERR_NO_MEMORY;
+        }
+    }
+    *tokens_p = tokens;
+    return DUET_OK;
+}
+
+static bool file_exists(const char *path) {
+    struct stat sb;
+    return stat(path, &sb) == 0 && S_ISREG(sb.st_mode);
+}
+
+duet_status chat_load_template(const char *dir, const char *override, chat_template **tpl_p) {
     if (!dir || !tpl_p) return DUET_ERR_INVALID;
-    char path[PATH_MAX];
-    if (snprintf(path, sizeof path, "%s/tokenizer_config.json", dir) >= (int)sizeof path) {
+    char path[PATH_MAX], alt[PATH_MAX];
+    if (snprintf(path, sizeof path, "%s/tokenizer_config.json", dir) >= (int)sizeof path ||
+        snprintf(alt, sizeof alt, "%s/chat_template.jinja", dir) >= (int)sizeof alt) {
         LOG_ERROR("%s: tokenizer directory path is too long", dir);
         return DUET_ERR_INVALID;
     }
-    char *text;
-    duet_status st = fio_read_text(path, CHAT_CONFIG_MAX, &text);
-    if (st != DUET_OK) return st;
-    cJSON *cfg = cJSON_ParseWithLength(text, strlen(text));
-    free(text);
-    if (!cJSON_IsObject(cfg)) {
-        LOG_ERROR("%s: not a valid JSON object", path);
-        cJSON_Delete(cfg);
-        return DUET_ERR_FORMAT;
+    cJSON *cfg = NULL;
+    if (file_exists(path) || !override) {
+        char *text;
+        duet_status st = fio_read_text(path, CHAT_CONFIG_MAX, &text);
+        if (st != DUET_OK) return st;
+        cfg = cJSON_ParseWithLength(text, strlen(text));
+        free(text);
+        if (!cJSON_IsObject(cfg)) {
+            LOG_ERROR("%s: not a valid JSON object", path);
+            cJSON_Delete(cfg);
+            return DUET_ERR_FORMAT;
+        }
     }
-    const cJSON *bos = cJSON_GetObjectItemCaseSensitive(cfg, "bos_token");
-    if (cJSON_IsObject(bos)) bos = cJSON_GetObjectItemCaseSensitive(bos, "content");
-    if (bos && !cJSON_IsNull(bos) && !cJSON_IsString(bos)) {
-        LOG_ERROR("%s: bos_token must be a string or an object with \"content\"", path);
+    cJSON *tokens;
+    duet_status st = config_tokens(cfg, path, &tokens);
+    if (st != DUET_OK) {
         cJSON_Delete(cfg);
-        return DUET_ERR_FORMAT;
+        return st;
     }
-    const char *tpl = config_template(cfg);
-    bool r1 = false;
-    if (!tpl) {
-        LOG_WARN("%s: no chat_template; rendering chats the DeepSeek-V3 way", path);
+    char *source = NULL;
+    const char *origin = path;
+    if (override) {
+        if (file_exists(override)) {
+            st = fio_read_text(override, CHAT_TEMPLATE_MAX, &source);
+            origin = override;
+        } else if (strpbrk(override, "{}\n")) {
+            source = strdup(override);
+            st = source ? DUET_OK : DUET_ERR_NO_MEMORY;
+            origin = "--chat-template";
+        } else {
+            LOG_ERROR("--chat-template %s: no such file (and it does not look like a template)",
+                      override);
+            st = DUET_ERR_NOT_FOUND;
+        }
+    } else if (config_template(cfg)) {
+        source = strdup(config_template(cfg));
+        st = source ? DUET_OK : DUET_ERR_NO_MEMORY;
+    } else if (file_exists(alt)) {
+        st = fio_read_text(alt, CHAT_TEMPLATE_MAX, &source);
+        origin = alt;
     } else {
-        /* R1's template keeps only the answer of earlier turns and opens the reply with
-         * "<think>\n" (written as an escape inside a Jinja string, or as a real newline). */
-        r1 = strstr(tpl, "split('</think>')") || strstr(tpl, "split(\"</think>\")") ||
-             strstr(tpl, "<think>\\n'") || strstr(tpl, "<think>\n'");
-        if (!strstr(tpl, "<｜User｜>") || !strstr(tpl, "<｜Assistant｜>"))
-            LOG_WARN("%s: chat_template does not look like DeepSeek's; rendering chats the "
-                     "DeepSeek-V3 way all the same",
-                     path);
+        LOG_ERROR("%s: no chat_template (and no %s); give one with --chat-template", path, alt);
+        st = DUET_ERR_NOT_FOUND;
     }
-    st = chat_create(cJSON_IsString(bos) ? bos->valuestring : "", r1, tpl_p);
     cJSON_Delete(cfg);
+    if (st != DUET_OK) {
+        cJSON_Delete(tokens);
+        return st;
+    }
+    st = create(source, origin, tokens, tpl_p);
+    free(source);
     return st;
 }
 
-/* ---- rendering ---------------------------------------------------------------------------- */
+duet_status chat_load(const char *dir, chat_template **tpl_p) {
+    return chat_load_template(dir, NULL, tpl_p);
+}
 
-typedef enum role {
-    ROLE_SYSTEM,
-    ROLE_USER,
-    ROLE_ASSISTANT,
-    ROLE_TOOL,
-} role;
+/* ---- preparing messages -------------------------------------------------------------------- */
 
-typedef struct render_ctx {
-    strbuf out;
+typedef struct prep {
     char *err;
     size_t err_cap;
     duet_status st;
-} render_ctx;
+} prep;
 
-static duet_status fail(render_ctx *rc, duet_status st, const char *fmt, ...)
+static duet_status fail(prep *p, duet_status st, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
-static duet_status fail(render_ctx *rc, duet_status st, const char *fmt, ...) {
-    if (rc->st != DUET_OK) return rc->st;
-    if (rc->err && rc->err_cap) {
+static duet_status fail(prep *p, duet_status st, const char *fmt, ...) {
+    if (p->st != DUET_OK) return p->st;
+    if (p->err && p->err_cap) {
         va_list ap;
         va_start(ap, fmt);
-        vsnprintf(rc->err, rc->err_cap, fmt, ap);
+        vsnprintf(p->err, p->err_cap, fmt, ap);
         va_end(ap);
     }
-    rc->st = st;
+    p->st = st;
     return st;
 }
 
-static const char *const ROLE_NAMES[] = {"system", "user", "assistant", "tool"};
-
-static duet_status message_role(render_ctx *rc, const cJSON *m, size_t i, role *role_p) {
-    if (!cJSON_IsObject(m)) return fail(rc, DUET_ERR_INVALID, "messages[%zu] is not an object", i);
-    const cJSON *r = cJSON_GetObjectItemCaseSensitive(m, "role");
-    if (!r || cJSON_IsNull(r)) return fail(rc, DUET_ERR_INVALID, "messages[%zu] has no role", i);
-    if (!cJSON_IsString(r))
-        return fail(rc, DUET_ERR_INVALID, "messages[%zu].role must be a string", i);
-    for (int k = 0; k < 4; k++) {
-        if (!strcmp(r->valuestring, ROLE_NAMES[k])) {
-            *role_p = (role)k;
-            return DUET_OK;
-        }
-    }
-    if (!strcmp(r->valuestring, "developer")) {
-        *role_p = ROLE_SYSTEM;
-        return DUET_OK;
-    }
-    return fail(rc, DUET_ERR_INVALID,
-                "messages[%zu].role \"%.40s\" is not system, user, assistant or tool", i,
-                r->valuestring);
+/* The text parts vLLM reads, and the field that holds each one's text. */
+static const char *part_text_field(const char *type) {
+    static const char *const types[][2] = {
+        {"text", "text"},       {"input_text", "text"},   {"output_text", "text"},
+        {"refusal", "refusal"}, {"thinking", "thinking"},
+    };
+    for (size_t i = 0; i < sizeof types / sizeof *types; i++)
+        if (!strcmp(type, types[i][0])) return types[i][1];
+    return NULL;
 }
 
-/* A message's content as text. *text_p is NULL for null or missing content; *owned_p is a
- * heap string to free when content was an array of parts. */
-static duet_status message_content(render_ctx *rc, const cJSON *m, size_t i, const char **text_p,
-                                   char **owned_p) {
-    *text_p = NULL;
-    *owned_p = NULL;
+/* A message's content as one string: *out_p is a new cJSON string. */
+static duet_status prep_content(prep *p, const cJSON *m, size_t i, cJSON **out_p) {
     const cJSON *c = cJSON_GetObjectItemCaseSensitive(m, "content");
-    if (!c || cJSON_IsNull(c)) return DUET_OK;
     if (cJSON_IsString(c)) {
-        *text_p = c->valuestring;
-        return DUET_OK;
+        *out_p = cJSON_CreateString(c->valuestring);
+        return *out_p ? DUET_OK : fail(p, DUET_ERR_NO_MEMORY, "out of memory");
     }
-    if (!cJSON_IsArray(c))
-        return fail(rc, DUET_ERR_INVALID,
+    if (c && !cJSON_IsNull(c) && !cJSON_IsArray(c))
+        return fail(p, DUET_ERR_INVALID,
                     "messages[%zu].content must be a string, an array of parts or null", i);
     strbuf b = {0};
-    size_t k = 0;
+    size_t k = 0, n_text = 0;
     const cJSON *part;
-    cJSON_ArrayForEach(part, c) {
-        const cJSON *type = cJSON_GetObjectItemCaseSensitive(part, "type");
-        const cJSON *text = cJSON_GetObjectItemCaseSensitive(part, "text");
-        if (!cJSON_IsObject(part) || !cJSON_IsString(type)) {
-            free(b.p);
-            return fail(rc, DUET_ERR_INVALID,
-                        "messages[%zu].content[%zu] must be an object with a \"type\"", i, k);
+    const cJSON *parts = cJSON_IsArray(c) ? c : NULL;
+    cJSON_ArrayForEach(part, parts) {
+        const char *text = NULL;
+        if (cJSON_IsString(part)) {
+            text = part->valuestring;
+        } else {
+            const cJSON *type = cJSON_GetObjectItemCaseSensitive(part, "type");
+            if (!cJSON_IsObject(part) || !cJSON_IsString(type)) {
+                strbuf_free(&b);
+                return fail(p, DUET_ERR_INVALID,
+                            "messages[%zu].content[%zu] must be a string or an object with a "
+                            "\"type\"",
+                            i, k);
+            }
+            const char *field = part_text_field(type->valuestring);
+            if (!field) {
+                strbuf_free(&b);
+                return fail(p, DUET_ERR_UNSUPPORTED,
+                            "messages[%zu].content[%zu]: part type \"%.40s\" is not supported "
+                            "(only text is)",
+                            i, k, type->valuestring);
+            }
+            const cJSON *t = cJSON_GetObjectItemCaseSensitive(part, field);
+            if (t && !cJSON_IsNull(t) && !cJSON_IsString(t)) {
+                strbuf_free(&b);
+                return fail(p, DUET_ERR_INVALID, "messages[%zu].content[%zu].%s must be a string",
+                            i, k, field);
+            }
+            text = cJSON_IsString(t) ? t->valuestring : NULL; /* vLLM skips an empty part */
         }
-        if (strcmp(type->valuestring, "text") != 0) {
-            free(b.p);
-            return fail(rc, DUET_ERR_UNSUPPORTED,
-                        "messages[%zu].content[%zu]: part type \"%.40s\" is not supported (only "
-                        "\"text\" is)",
-                        i, k, type->valuestring);
+        if (text) {
+            if (n_text++) strbuf_add(&b, "\n", 1);
+            strbuf_str(&b, text);
         }
-        if (!cJSON_IsString(text)) {
-            free(b.p);
-            return fail(rc, DUET_ERR_INVALID, "messages[%zu].content[%zu].text must be a string", i,
-                        k);
-        }
-        if (k > 0) strbuf_add(&b, "\n", 1);
-        strbuf_str(&b, text->valuestring);
         k++;
     }
-    if (b.oom) {
-        free(b.p);
-        return fail(rc, DUET_ERR_NO_MEMORY, "out of memory");
+    *out_p = b.oom ? NULL : cJSON_CreateString(b.p ? b.p : "");
+    strbuf_free(&b);
+    return *out_p ? DUET_OK : fail(p, DUET_ERR_NO_MEMORY, "out of memory");
+}
+
+static duet_status prep_tool_calls(prep *p, const cJSON *calls, size_t i, cJSON *out) {
+    if (!cJSON_IsArray(calls))
+        return fail(p, DUET_ERR_INVALID, "messages[%zu].tool_calls must be an array", i);
+    if (!calls->child) return DUET_OK; /* vLLM drops an empty list */
+    cJSON *list = cJSON_AddArrayToObject(out, "tool_calls");
+    if (!list) return fail(p, DUET_ERR_NO_MEMORY, "out of memory");
+    const cJSON *call;
+    size_t k = 0;
+    cJSON_ArrayForEach(call, calls) {
+        const cJSON *fn = cJSON_GetObjectItemCaseSensitive(call, "function");
+        const cJSON *name = cJSON_GetObjectItemCaseSensitive(fn, "name");
+        if (!cJSON_IsObject(call) || !cJSON_IsObject(fn) || !cJSON_IsString(name))
+            return fail(p, DUET_ERR_INVALID,
+                        "messages[%zu].tool_calls[%zu] needs \"function\" with a string \"name\"",
+                        i, k);
+        cJSON *copy = cJSON_Duplicate(call, true);
+        if (!copy || !cJSON_AddItemToArray(list, copy)) {
+            cJSON_Delete(copy);
+            return fail(p, DUET_ERR_NO_MEMORY, "out of memory");
+        }
+        /* arguments arrive as JSON text; templates expect the value (and tojson it) */
+        cJSON *cfn = cJSON_GetObjectItemCaseSensitive(copy, "function");
+        const cJSON *args = cJSON_GetObjectItemCaseSensitive(cfn, "arguments");
+        cJSON *value = NULL;
+        if (cJSON_IsString(args)) value = cJSON_Parse(args->valuestring);
+        if (!value && (cJSON_IsObject(args) || cJSON_IsArray(args)))
+            value = cJSON_Duplicate(args, true);
+        if (!value) value = cJSON_CreateObject();
+        if (!value) return fail(p, DUET_ERR_NO_MEMORY, "out of memory");
+        cJSON_DeleteItemFromObjectCaseSensitive(cfn, "arguments");
+        if (!cJSON_AddItemToObject(cfn, "arguments", value)) {
+            cJSON_Delete(value);
+            return fail(p, DUET_ERR_NO_MEMORY, "out of memory");
+        }
+        k++;
     }
-    *owned_p = b.p ? b.p : strdup("");
-    if (!*owned_p) return fail(rc, DUET_ERR_NO_MEMORY, "out of memory");
-    *text_p = *owned_p;
     return DUET_OK;
 }
 
-/* Content that the template concatenates, where null would make Jinja fail. */
-static duet_status required_content(render_ctx *rc, const cJSON *m, size_t i, role r,
-                                    const char **text_p, char **owned_p) {
-    if (message_content(rc, m, i, text_p, owned_p) != DUET_OK) return rc->st;
-    if (!*text_p)
-        return fail(rc, DUET_ERR_INVALID, "messages[%zu] (%s) has no content", i, ROLE_NAMES[r]);
+static bool copy_string_field(const cJSON *from, const char *name, const char *as, cJSON *to) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(from, name);
+    return !cJSON_IsString(v) || cJSON_AddStringToObject(to, as, v->valuestring);
+}
+
+static bool known_role(const char *role) {
+    static const char *const roles[] = {"system", "developer", "user", "assistant", "tool"};
+    for (size_t i = 0; i < sizeof roles / sizeof *roles; i++)
+        if (!strcmp(role, roles[i])) return true;
+    return false;
+}
+
+static duet_status prep_messages(prep *p, const cJSON *messages, cJSON **out_p) {
+    if (!cJSON_IsArray(messages)) return fail(p, DUET_ERR_INVALID, "messages must be an array");
+    cJSON *list = cJSON_CreateArray();
+    if (!list) return fail(p, DUET_ERR_NO_MEMORY, "out of memory");
+    const cJSON *m;
+    size_t i = 0;
+    cJSON_ArrayForEach(m, messages) {
+        const cJSON *r = cJSON_GetObjectItemCaseSensitive(m, "role");
+        if (!cJSON_IsObject(m)) {
+            fail(p, DUET_ERR_INVALID, "messages[%zu] is not an object", i);
+        } else if (!r || cJSON_IsNull(r)) {
+            fail(p, DUET_ERR_INVALID, "messages[%zu] has no role", i);
+        } else if (!cJSON_IsString(r)) {
+            fail(p, DUET_ERR_INVALID, "messages[%zu].role must be a string", i);
+        } else if (!known_role(r->valuestring))
+            /* vLLM would pass it on, and DeepSeek's templates drop such a message silently */
+            fail(p, DUET_ERR_INVALID,
+                 "messages[%zu].role \"%.40s\" is not system, developer, user, assistant or tool",
+                 i, r->valuestring);
+        if (p->st != DUET_OK) break;
+        const char *role = !strcmp(r->valuestring, "developer") ? "system" : r->valuestring;
+        cJSON *out = cJSON_CreateObject(), *content = NULL;
+        if (!out || !cJSON_AddItemToArray(list, out)) {
+            cJSON_Delete(out);
+            fail(p, DUET_ERR_NO_MEMORY, "out of memory");
+            break;
+        }
+        if (!cJSON_AddStringToObject(out, "role", role)) {
+            fail(p, DUET_ERR_NO_MEMORY, "out of memory");
+            break;
+        }
+        if (prep_content(p, m, i, &content) != DUET_OK) break;
+        cJSON_AddItemToObject(out, "content", content);
+        const cJSON *calls = cJSON_GetObjectItemCaseSensitive(m, "tool_calls");
+        if (!strcmp(role, "assistant") && calls && !cJSON_IsNull(calls) &&
+            prep_tool_calls(p, calls, i, out) != DUET_OK)
+            break;
+        bool ok = copy_string_field(m, "name", "name", out);
+        if (!strcmp(role, "tool"))
+            ok = ok && copy_string_field(m, "tool_call_id", "tool_call_id", out);
+        if (!strcmp(role, "assistant"))
+            ok = ok && copy_string_field(m, "reasoning", "reasoning", out) &&
+                 copy_string_field(m, "reasoning", "reasoning_content", out);
+        if (!ok) {
+            fail(p, DUET_ERR_NO_MEMORY, "out of memory");
+            break;
+        }
+        i++;
+    }
+    if (p->st != DUET_OK) {
+        cJSON_Delete(list);
+        return p->st;
+    }
+    *out_p = list;
     return DUET_OK;
 }
 
-static const char *str_field(const cJSON *o, const char *k) {
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
-    return cJSON_IsString(v) ? v->valuestring : NULL;
-}
+/* ---- rendering ----------------------------------------------------------------------------- */
 
-/* One tool call as the template writes it, without its opening. */
-static duet_status tool_call_body(render_ctx *rc, const cJSON *call, size_t i, size_t k) {
-    const cJSON *fn = cJSON_GetObjectItemCaseSensitive(call, "function");
-    const char *type = str_field(call, "type");
-    const char *name = str_field(fn, "name");
-    const char *args = str_field(fn, "arguments");
-    if (!cJSON_IsObject(call) || !type || !name || !args)
-        return fail(rc, DUET_ERR_INVALID,
-                    "messages[%zu].tool_calls[%zu] needs \"type\" and \"function\" with string "
-                    "\"name\" and \"arguments\"",
-                    i, k);
-    strbuf *o = &rc->out;
-    strbuf_str(o, "<｜tool▁call▁begin｜>");
-    strbuf_str(o, type);
-    strbuf_str(o, "<｜tool▁sep｜>");
-    strbuf_str(o, name);
-    strbuf_str(o, "\n```json\n");
-    strbuf_str(o, args);
-    strbuf_str(o, "\n```<｜tool▁call▁end｜>");
-    return DUET_OK;
-}
-
-/* The part of an answer after its last "</think>" (R1 drops earlier turns' reasoning). */
-static const char *after_reasoning(const char *s) {
-    const char *p = s, *hit;
-    while ((hit = strstr(p, "</think>"))) p = hit + strlen("</think>");
-    return p;
+static bool reserved(const char *name) {
+    return !strcmp(name, "messages");
 }
 
 duet_status chat_render(const chat_template *tpl, const cJSON *messages, const chat_opts *opts,
                         char **text_p, size_t *len_p, char *err, size_t err_cap) {
-    render_ctx rc = {.err = err, .err_cap = err_cap, .st = DUET_OK};
+    prep p = {.err = err, .err_cap = err_cap};
     if (err && err_cap) err[0] = '\0';
     if (!tpl || !opts || !text_p || !len_p) return DUET_ERR_INVALID;
-    if (!cJSON_IsArray(messages)) return fail(&rc, DUET_ERR_INVALID, "messages must be an array");
-    strbuf *o = &rc.out;
-    const cJSON *m;
-    size_t i = 0;
-    role r;
-
-    /* Pass 1: check every role, and gather the system prompt, which goes right after BOS. */
-    strbuf_str(o, tpl->bos);
-    bool first_sp = true;
-    cJSON_ArrayForEach(m, messages) {
-        if (message_role(&rc, m, i, &r) != DUET_OK) goto out;
-        if (r == ROLE_SYSTEM) {
-            const char *text;
-            char *owned;
-            if (required_content(&rc, m, i, r, &text, &owned) != DUET_OK) goto out;
-            if (!first_sp) strbuf_str(o, "\n\n");
-            strbuf_str(o, text);
-            free(owned);
-            first_sp = false;
+    if (opts->tools && !cJSON_IsNull(opts->tools) && !cJSON_IsArray(opts->tools))
+        return fail(&p, DUET_ERR_INVALID, "tools must be an array");
+    if (opts->kwargs && !cJSON_IsNull(opts->kwargs) && !cJSON_IsObject(opts->kwargs))
+        return fail(&p, DUET_ERR_INVALID, "chat_template_kwargs must be an object");
+    cJSON *msgs = NULL;
+    if (prep_messages(&p, messages, &msgs) != DUET_OK) return p.st;
+    cJSON *flag = cJSON_CreateBool(opts->add_generation_prompt);
+    /* transformers' variables, then chat_template_kwargs over them (later ones win) */
+    size_t n_kw = (size_t)cJSON_GetArraySize(opts->kwargs);
+    size_t cap = 8 + n_kw, n = 0;
+    jinja_var *vars = malloc(cap * sizeof *vars);
+    if (!flag || !vars) {
+        cJSON_Delete(flag);
+        cJSON_Delete(msgs);
+        free(vars);
+        return fail(&p, DUET_ERR_NO_MEMORY, "out of memory");
+    }
+    const cJSON *k;
+    cJSON_ArrayForEach(k, tpl->tokens) vars[n++] = (jinja_var){k->string, k};
+    vars[n++] = (jinja_var){"messages", msgs};
+    vars[n++] = (jinja_var){"tools", opts->tools}; /* NULL: none, as transformers passes */
+    vars[n++] = (jinja_var){"documents", NULL};
+    vars[n++] = (jinja_var){"add_generation_prompt", flag};
+    if (cJSON_IsObject(opts->kwargs)) {
+        cJSON_ArrayForEach(k, opts->kwargs) {
+            if (k->string && !reserved(k->string)) vars[n++] = (jinja_var){k->string, k};
         }
-        i++;
     }
-
-    /* Pass 2: the conversation. */
-    bool is_first = false, is_tool = false, is_output_first = true;
-    i = 0;
-    cJSON_ArrayForEach(m, messages) {
-        message_role(&rc, m, i, &r);
-        const char *text = NULL;
-        char *owned = NULL;
-        switch (r) {
-        case ROLE_SYSTEM:
-            break;
-        case ROLE_USER:
-            if (required_content(&rc, m, i, r, &text, &owned) != DUET_OK) break;
-            is_tool = false;
-            strbuf_str(o, "<｜User｜>");
-            strbuf_str(o, text);
-            break;
-        case ROLE_ASSISTANT:
-            if (message_content(&rc, m, i, &text, &owned) != DUET_OK) break;
-            if (!text) {
-                /* Content null: a tool-call turn. Note ns.is_first is never reset. */
-                is_tool = false;
-                const cJSON *calls = cJSON_GetObjectItemCaseSensitive(m, "tool_calls");
-                if (calls && !cJSON_IsNull(calls) && !cJSON_IsArray(calls)) {
-                    fail(&rc, DUET_ERR_INVALID, "messages[%zu].tool_calls must be an array", i);
-                    break;
-                }
-                const cJSON *call, *list = cJSON_IsArray(calls) ? calls : NULL;
-                size_t k = 0;
-                cJSON_ArrayForEach(call, list) {
-                    if (!is_first) {
-                        strbuf_str(o, "<｜Assistant｜><｜tool▁calls▁begin｜>");
-                        if (tool_call_body(&rc, call, i, k) != DUET_OK) break;
-                        is_first = true;
-                    } else {
-                        strbuf_str(o, "\n");
-                        if (tool_call_body(&rc, call, i, k) != DUET_OK) break;
-                        strbuf_str(o, "<｜tool▁calls▁end｜><｜end▁of▁sentence｜>");
-                    }
-                    k++;
-                }
-            } else if (is_tool) {
-                strbuf_str(o, "<｜tool▁outputs▁end｜>");
-                strbuf_str(o, text);
-                strbuf_str(o, "<｜end▁of▁sentence｜>");
-                is_tool = false;
-            } else {
-                strbuf_str(o, "<｜Assistant｜>");
-                strbuf_str(o, opts->strip_reasoning ? after_reasoning(text) : text);
-                strbuf_str(o, "<｜end▁of▁sentence｜>");
-            }
-            break;
-        case ROLE_TOOL:
-            if (required_content(&rc, m, i, r, &text, &owned) != DUET_OK) break;
-            is_tool = true;
-            if (is_output_first) {
-                strbuf_str(o, "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>");
-                is_output_first = false;
-            } else {
-                strbuf_str(o, "\n<｜tool▁output▁begin｜>");
-            }
-            strbuf_str(o, text);
-            strbuf_str(o, "<｜tool▁output▁end｜>");
-            break;
-        }
-        free(owned);
-        if (rc.st != DUET_OK) goto out;
-        i++;
+    strbuf out = {0};
+    char jerr[400];
+    duet_status st = jinja_render(tpl->jinja, vars, n, NULL, &out, jerr, sizeof jerr);
+    free(vars);
+    cJSON_Delete(flag);
+    cJSON_Delete(msgs);
+    if (st == DUET_OK && out.oom) st = DUET_ERR_NO_MEMORY;
+    if (st != DUET_OK) {
+        strbuf_free(&out);
+        /* "line N: ..." is the template failing on this conversation; anything else is the
+         * template's own raise_exception message, passed on as written */
+        if (!strncmp(jerr, "line ", 5)) return fail(&p, st, "chat template %s", jerr);
+        return fail(&p, st, "%s", jerr[0] ? jerr : duet_strerror(st));
     }
-    if (is_tool) strbuf_str(o, "<｜tool▁outputs▁end｜>");
-    if (opts->add_generation_prompt && !is_tool) {
-        strbuf_str(o, "<｜Assistant｜>");
-        if (opts->think_prefix) strbuf_str(o, "<think>\n");
-    }
-    if (o->oom) fail(&rc, DUET_ERR_NO_MEMORY, "out of memory");
-
-out:
-    if (rc.st != DUET_OK) {
-        free(o->p);
-        return rc.st;
-    }
-    *text_p = o->p;
-    *len_p = o->len;
+    if (!out.p && !(out.p = strdup(""))) return fail(&p, DUET_ERR_NO_MEMORY, "out of memory");
+    *text_p = out.p;
+    *len_p = out.len;
     return DUET_OK;
 }

@@ -1,7 +1,7 @@
-/* Chat prompts for the DeepSeek family: OpenAI-style messages rendered to the text the Jinja
- * chat_template of DeepSeek-V3 / R1 (tokenizer_config.json) produces, by a renderer written in
- * C. Tokenizing that text is tokenizer.h's business (encode it with add_special false: the
- * template writes BOS itself). */
+/* Chat prompts: OpenAI-style messages rendered by the model's own Jinja chat_template (from
+ * tokenizer_config.json, or --chat-template), after the same message preparation vLLM does.
+ * Interpreting Jinja is jinja.h's business; tokenizing the text is tokenizer.h's (encode it with
+ * add_special false: the templates write BOS themselves). */
 #ifndef DUET_CHAT_H
 #define DUET_CHAT_H
 
@@ -15,43 +15,56 @@
 typedef struct chat_template chat_template;
 
 typedef struct chat_opts {
-    /* Append "<｜Assistant｜>" for the model's turn (not after a trailing tool output, whose
-     * closing tag already hands the turn over, as in the template). */
+    /* The template's add_generation_prompt. */
     bool add_generation_prompt;
-    /* R1: "<think>\n" after the generation prompt, so the model starts by reasoning. */
+    /* The request's "tools" (a JSON array), or NULL: the template sees none. */
+    const cJSON *tools;
+    /* The request's chat_template_kwargs (a JSON object) or NULL: each member becomes a template
+     * variable, over add_generation_prompt, tools and the special tokens as in vLLM (a member
+     * named "messages" is ignored). DeepSeek-V3.1 reads "thinking". */
+    const cJSON *kwargs;
+    /* Has no effect: the template decides what follows the generation prompt (R1's "<think>\n",
+     * V3.1's "</think>"). Kept until runtime/server stops setting it. */
     bool think_prefix;
-    /* R1: an earlier assistant turn keeps only the text after its last "</think>". */
-    bool strip_reasoning;
 } chat_opts;
 
-/* Reads bos_token and chat_template from DIR/tokenizer_config.json. The template is recognised,
- * not interpreted: one with R1's "</think>" stripping or "<think>\n" generation prompt turns
- * on those options in chat_default_opts(); a template that does not look like DeepSeek's gets a
- * warning, and is rendered the DeepSeek-V3 way all the same. */
+/* Reads the chat template of a tokenizer directory: tokenizer_config.json's "chat_template"
+ * (a string, or a list of {name, template} where "default" is used), else DIR/chat_template.jinja,
+ * and bos_token / eos_token (strings or {"content": ...}). The template is parsed here: one it
+ * cannot interpret is refused with one log line naming the construct and the line
+ * (DUET_ERR_UNSUPPORTED, or DUET_ERR_FORMAT for a syntax error); no template at all is
+ * DUET_ERR_NOT_FOUND. */
 duet_status chat_load(const char *dir, chat_template **tpl_p);
-/* A template from its parts (tests, or a model without tokenizer_config.json). bos_token is
- * copied; r1 sets the R1 defaults. */
-duet_status chat_create(const char *bos_token, bool r1, chat_template **tpl_p);
+/* The same with vLLM's --chat-template: override NULL = the checkpoint's; else the path of a
+ * file, or, when no such file exists and the text has "{", "}" or a newline in it, the template
+ * itself. The special tokens still come from DIR (empty when it has no tokenizer_config.json). */
+duet_status chat_load_template(const char *dir, const char *override, chat_template **tpl_p);
+/* A template from its text (tests, tools). bos and eos may be NULL (empty). Parse errors are
+ * logged as in chat_load. */
+duet_status chat_create(const char *source, const char *bos, const char *eos,
+                        chat_template **tpl_p);
 void chat_destroy(chat_template *tpl);
 
-/* The options the template itself implies, with add_generation_prompt true. */
+/* add_generation_prompt true, no tools, no kwargs. */
 chat_opts chat_default_opts(const chat_template *tpl);
 
-/* Renders messages (a JSON array of {role, content, tool_calls?}) to *text_p (heap,
- * NUL-terminated, caller frees) exactly as the DeepSeek-V3 template does, including its
- * quirks: system messages anywhere are joined with "\n\n" right after BOS; the second and later
- * tool calls of the whole conversation are each closed with "<｜tool▁calls▁end｜>
- * <｜end▁of▁sentence｜>" and the first is not; an assistant message with content ignores its
- * tool_calls.
- * Beyond the template:
- * - content may be an array of parts; the "text" parts are joined with "\n" (as vLLM does);
- *   other part types are DUET_ERR_UNSUPPORTED.
- * - an assistant message without content is taken as content null (a tool-call turn).
- * - role "developer" (OpenAI's newer name for system) is taken as "system".
- * Input the template would fail on or silently drop (not an array, a message not an object,
- * missing or unknown role, content not a string where one is needed, malformed tool_calls)
- * is DUET_ERR_INVALID, with a one-line reason for the client in err (err_cap bytes, may be
- * NULL). Nothing is logged: the caller owns the request. */
+/* Renders messages (a JSON array of {role, content, ...}) to *text_p (heap, NUL-terminated,
+ * caller frees). The messages are first prepared as vLLM prepares them for a template that
+ * takes string content:
+ * - content: a string as is; null or missing is ""; an array of parts becomes the text of its
+ *   text parts ("text", "input_text", "output_text", "refusal", "thinking", or plain strings)
+ *   joined by "\n"; any other part type is DUET_ERR_UNSUPPORTED.
+ * - assistant tool_calls: each function's "arguments" string is parsed into a JSON value (the
+ *   templates tojson it; unparsable text becomes {}); an empty list is dropped.
+ * - role, name, tool_call_id and (assistant) reasoning are kept; role "developer" is taken as
+ *   "system". Other fields are dropped.
+ * - a role other than system, developer, user, assistant or tool is refused (vLLM would pass it
+ *   on, and DeepSeek's templates would drop the message without a word).
+ * Input that cannot be prepared (not an array, a message not an object, a role not a string,
+ * content of another type, malformed tool_calls) is DUET_ERR_INVALID; a template that fails on
+ * the conversation (raise_exception, an undefined value used, ...) is DUET_ERR_INVALID too, and
+ * DUET_ERR_TOO_LONG past the rendering limits. Either way a one-line reason for the client is in
+ * err (err_cap bytes, may be NULL). Nothing is logged: the caller owns the request. */
 duet_status chat_render(const chat_template *tpl, const cJSON *messages, const chat_opts *opts,
                         char **text_p, size_t *len_p, char *err, size_t err_cap);
 

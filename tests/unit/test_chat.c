@@ -1,6 +1,8 @@
-/* Chat rendering beyond the golden cases: tool calls and outputs, the template's quirks, R1's
- * options, content parts, and refusals of bad messages, with the expected text worked out by
- * hand from the Jinja template in tokenizer_config.json. */
+/* Chat rendering around the Jinja interpreter: where templates come from (tokenizer_config.json
+ * in both forms, chat_template.jinja, --chat-template as file or text), refusals at load time,
+ * vLLM's message preparation (content parts, null content, tool-call arguments parsed), the
+ * variables the template sees (tools, add_generation_prompt, chat_template_kwargs) and the
+ * errors a client gets. Expected texts are jinja2's for the same prepared messages. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -8,258 +10,257 @@
 
 #include <cjson/cJSON.h>
 
-#include "text/chat.h"
-#include "check.h"
 #include "base/fileio.h"
 #include "base/log.h"
+#include "check.h"
+#include "testutil.h"
+#include "text/chat.h"
 
-static chat_template *g_v3, *g_r1;
+/* Shows what a template receives. */
+static const char SHOW[] =
+    "{% for m in messages %}[{{ m.role }}|{{ m.content }}|"
+    "{{ m.tool_calls | tojson if m.tool_calls is defined else '-' }}|"
+    "{{ m.name if m.name is defined else '-' }}|"
+    "{{ m.tool_call_id if m.tool_call_id is defined else '-' }}]{% endfor %}"
+    "{{ add_generation_prompt }}|{{ tools | tojson }}|{{ bos_token }}{{ eos_token }}|"
+    "{{ thinking if thinking is defined else '-' }}|{{ documents }}";
 
-/* Renders the JSON messages and compares with want; NULL want: expect status st. */
-static void expect(const chat_template *t, const char *json, bool gen, const char *want,
+static chat_template *g_show;
+
+/* Renders messages with opts; NULL want: expect st with a reason. */
+static void expect(const chat_template *t, const char *json, const chat_opts *o, const char *want,
                    duet_status st) {
     cJSON *m = cJSON_Parse(json);
     CHECK_MSG(m != NULL, "test JSON: %s", json);
-    chat_opts o = chat_default_opts(t);
-    o.add_generation_prompt = gen;
-    char *out = (char *)"untouched", err[160] = "stale";
+    chat_opts d = chat_default_opts(t);
+    char *out = (char *)"untouched", err[200] = "stale";
     size_t len = 99;
-    duet_status got = chat_render(t, m, &o, &out, &len, err, sizeof err);
+    duet_status got = chat_render(t, m, o ? o : &d, &out, &len, err, sizeof err);
     if (want) {
         CHECK_MSG(got == DUET_OK, "%s: %s (%s)", json, duet_strerror(got), err);
         if (got == DUET_OK) {
-            CHECK_MSG(len == strlen(out) && !strcmp(out, want), "%s:\n got  %s\n want %s", json,
+            CHECK_MSG(len == strlen(out) && !strcmp(out, want), "%s:\n got  [%s]\n want [%s]", json,
                       out, want);
             CHECK(err[0] == '\0');
             free(out);
         }
     } else {
-        CHECK_MSG(got == st, "%s: got %s, want %s", json, duet_strerror(got), duet_strerror(st));
+        CHECK_MSG(got == st, "%s: got %s (%s), want %s", json, duet_strerror(got), err,
+                  duet_strerror(st));
         CHECK_MSG(err[0] != '\0' && strcmp(err, "stale") != 0, "%s: no reason given", json);
         CHECK(!strcmp(out, "untouched") && len == 99);
-        /* the caller may not want the reason */
-        CHECK(chat_render(t, m, &o, &out, &len, NULL, 0) == st);
+        CHECK(chat_render(t, m, o ? o : &d, &out, &len, NULL, 0) == st);
     }
     cJSON_Delete(m);
 }
 
-#define OK(t, json, gen, want) expect(t, json, gen, want, DUET_OK)
-#define BAD(json, st)          expect(g_v3, json, true, NULL, st)
+#define OK(json, want) expect(g_show, json, NULL, want, DUET_OK)
+#define BAD(json, st)  expect(g_show, json, NULL, NULL, st)
+#define TAIL           "True|null|<B><E>|-|None"
 
-#define CALL_F                                                                                     \
-    "{\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":\"{\\\"x\\\":1}\"}}"
-#define CALL_G "{\"type\":\"function\",\"function\":{\"name\":\"g\",\"arguments\":\"{}\"}}"
-#define F_BODY                                                                                     \
-    "<｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{\"x\":1}\n```<｜tool▁call▁end｜>"
-#define G_BODY "<｜tool▁call▁begin｜>function<｜tool▁sep｜>g\n```json\n{}\n```<｜tool▁call▁end｜>"
-
-static void test_basic(void) {
-    OK(g_v3, "[]", true, "<B><｜Assistant｜>");
-    OK(g_v3, "[]", false, "<B>");
-    OK(g_v3, "[{\"role\":\"user\",\"content\":\"hi\"}]", true, "<B><｜User｜>hi<｜Assistant｜>");
-    /* System prompts go right after BOS wherever they are, joined by a blank line. */
-    OK(g_v3,
-       "[{\"role\":\"user\",\"content\":\"u\"},{\"role\":\"system\",\"content\":\"s1\"},"
-       "{\"role\":\"developer\",\"content\":\"s2\"},{\"role\":\"system\",\"content\":\"\"}]",
-       false, "<B>s1\n\ns2\n\n<｜User｜>u");
-    /* Assistant turns end with EOS; an empty answer is still a turn. */
-    OK(g_v3,
-       "[{\"role\":\"user\",\"content\":\"a\"},{\"role\":\"assistant\",\"content\":\"b\"},"
-       "{\"role\":\"assistant\",\"content\":\"\"}]",
-       true,
-       "<B><｜User｜>a<｜Assistant｜>b<｜end▁of▁sentence｜><｜Assistant｜><｜end▁of▁sentence｜>"
-       "<｜Assistant｜>");
-    /* Content parts are joined by newlines; unknown fields are ignored. */
-    OK(g_v3,
-       "[{\"role\":\"user\",\"name\":\"x\",\"content\":[{\"type\":\"text\",\"text\":\"one\"},"
-       "{\"type\":\"text\",\"text\":\"two\"}]}]",
-       false, "<B><｜User｜>one\ntwo");
-    OK(g_v3, "[{\"role\":\"user\",\"content\":[]}]", false, "<B><｜User｜>");
-    /* Special-token text in content is copied as is (the tokenizer will see it). */
-    OK(g_v3, "[{\"role\":\"user\",\"content\":\"<｜end▁of▁sentence｜>\"}]", false,
-       "<B><｜User｜><｜end▁of▁sentence｜>");
-}
-
-static void test_tools(void) {
-    /* Two calls in one turn: the first opens the block, the second is closed by
-     * calls_end + EOS (and the first never is, if alone). Then two outputs, the answer after
-     * the outputs (no Assistant tag: outputs_end hands over), and a new question. */
-    OK(g_v3,
-       "[{\"role\":\"system\",\"content\":\"S\"},{\"role\":\"user\",\"content\":\"q\"},"
-       "{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[" CALL_F "," CALL_G "]},"
-       "{\"role\":\"tool\",\"tool_call_id\":\"1\",\"content\":\"r1\"},"
-       "{\"role\":\"tool\",\"content\":\"r2\"},{\"role\":\"assistant\",\"content\":\"A\"},"
-       "{\"role\":\"user\",\"content\":\"thanks\"}]",
-       true,
-       "<B>S<｜User｜>q<｜Assistant｜><｜tool▁calls▁begin｜>" F_BODY "\n" G_BODY
-       "<｜tool▁calls▁end｜><｜end▁of▁sentence｜><｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>r1"
-       "<｜tool▁output▁end｜>\n<｜tool▁output▁begin｜>r2<｜tool▁output▁end｜><｜tool▁outputs▁end｜>"
-       "A"
-       "<｜end▁of▁sentence｜><｜User｜>thanks<｜Assistant｜>");
-    /* Ending on a tool output: outputs_end, and no generation prompt even when asked. Content
-     * missing is taken as null. */
-    OK(g_v3,
-       "[{\"role\":\"user\",\"content\":\"q\"},{\"role\":\"assistant\",\"tool_calls\":[" CALL_F
-       "]},{\"role\":\"tool\",\"content\":\"r\"}]",
-       true,
-       "<B><｜User｜>q<｜Assistant｜><｜tool▁calls▁begin｜>" F_BODY
-       "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>r<｜tool▁output▁end｜><"
-       "｜tool▁outputs▁end｜>");
-    /* The template never resets ns.is_first / ns.is_output_first: a later tool turn continues
-     * the first one's block. Reproduced as is. */
-    OK(g_v3,
-       "[{\"role\":\"user\",\"content\":\"a\"},{\"role\":\"assistant\",\"content\":null,"
-       "\"tool_calls\":[" CALL_F "]},{\"role\":\"tool\",\"content\":\"1\"},"
-       "{\"role\":\"assistant\",\"content\":\"x\"},{\"role\":\"user\",\"content\":\"b\"},"
-       "{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[" CALL_G "]},"
-       "{\"role\":\"tool\",\"content\":\"2\"}]",
-       true,
-       "<B><｜User｜>a<｜Assistant｜><｜tool▁calls▁begin｜>" F_BODY
-       "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>1<｜tool▁output▁end｜><｜tool▁outputs▁end｜>"
-       "x"
-       "<｜end▁of▁sentence｜><｜User｜>b\n" G_BODY "<｜tool▁calls▁end｜><｜end▁of▁sentence｜>\n"
-       "<｜tool▁output▁begin｜>2<｜tool▁output▁end｜><｜tool▁outputs▁end｜>");
-    /* Content wins over tool_calls; null content without calls writes nothing. */
-    OK(g_v3,
-       "[{\"role\":\"user\",\"content\":\"q\"},{\"role\":\"assistant\",\"content\":\"A\","
-       "\"tool_calls\":[" CALL_F "]},{\"role\":\"assistant\",\"content\":null},"
-       "{\"role\":\"assistant\",\"content\":null,\"tool_calls\":null}]",
-       false, "<B><｜User｜>q<｜Assistant｜>A<｜end▁of▁sentence｜>");
-    /* A user message after tool outputs: outputs_end is only written after the loop or
-     * before an assistant answer, as in the template. */
-    OK(g_v3, "[{\"role\":\"tool\",\"content\":\"r\"},{\"role\":\"user\",\"content\":\"u\"}]", true,
-       "<B><｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>r<｜tool▁output▁end｜><｜User｜>u"
-       "<｜Assistant｜>");
-}
-
-static void test_r1(void) {
-    /* R1: earlier answers lose their reasoning; the reply opens with <think>. */
-    OK(g_r1,
-       "[{\"role\":\"user\",\"content\":\"q\"},{\"role\":\"assistant\",\"content\":"
-       "\"<think>\\nA\\n</think>\\n\\nB</think>C\"},{\"role\":\"user\",\"content\":\"q2\"}]",
-       true,
-       "<B><｜User｜>q<｜Assistant｜>C<｜end▁of▁sentence｜><｜User｜>q2<｜Assistant｜><think>\n");
-    OK(g_r1, "[{\"role\":\"user\",\"content\":\"q\"}]", false, "<B><｜User｜>q");
-    chat_opts o = chat_default_opts(g_r1);
-    CHECK(o.add_generation_prompt && o.think_prefix && o.strip_reasoning);
-    o = chat_default_opts(g_v3);
-    CHECK(o.add_generation_prompt && !o.think_prefix && !o.strip_reasoning);
-    /* Options are the caller's: V3 with them on behaves like R1. */
-    cJSON *m = cJSON_Parse("[{\"role\":\"assistant\",\"content\":\"x</think>y\"}]");
-    o.think_prefix = o.strip_reasoning = true;
-    char *out;
-    size_t len;
-    CHECK(chat_render(g_v3, m, &o, &out, &len, NULL, 0) == DUET_OK);
-    CHECK(!strcmp(out, "<B><｜Assistant｜>y<｜end▁of▁sentence｜><｜Assistant｜><think>\n"));
-    free(out);
-    cJSON_Delete(m);
+static void test_prepare(void) {
+    OK("[]", TAIL);
+    OK("[{\"role\":\"user\",\"content\":\"hi\"}]", "[user|hi|-|-|-]" TAIL);
+    /* null or missing content is "", parts are joined by newlines, developer is system */
+    OK("[{\"role\":\"assistant\",\"content\":null},{\"role\":\"assistant\"},"
+       "{\"role\":\"developer\",\"content\":[{\"type\":\"text\",\"text\":\"a\"},\"b\","
+       "{\"type\":\"text\",\"text\":null},{\"type\":\"refusal\",\"refusal\":\"c\"}]}]",
+       "[assistant||-|-|-][assistant||-|-|-][system|a\nb\nc|-|-|-]" TAIL);
+    /* tool calls: arguments parsed (bad JSON is {}), an empty list dropped; name and
+     * tool_call_id kept, other fields not */
+    OK("[{\"role\":\"assistant\",\"content\":null,\"extra\":1,\"tool_calls\":["
+       "{\"id\":\"c1\",\"type\":\"function\",\"function\":{\"name\":\"f\","
+       "\"arguments\":\"{\\\"x\\\": \\\"\xc3\xa9\\\"}\"}},"
+       "{\"id\":\"c2\",\"type\":\"function\",\"function\":{\"name\":\"g\",\"arguments\":\"{oops\"}}"
+       ","
+       "{\"type\":\"function\",\"function\":{\"name\":\"h\"}}]},"
+       "{\"role\":\"assistant\",\"content\":\"x\",\"tool_calls\":[]},"
+       "{\"role\":\"tool\",\"tool_call_id\":\"c1\",\"name\":\"f\",\"content\":\"r\"}]",
+       "[assistant||[{\"id\": \"c1\", \"type\": \"function\", \"function\": {\"name\": \"f\", "
+       "\"arguments\": {\"x\": \"\xc3\xa9\"}}}, {\"id\": \"c2\", \"type\": \"function\", "
+       "\"function\": {\"name\": \"g\", \"arguments\": {}}}, {\"type\": \"function\", "
+       "\"function\": {\"name\": \"h\", \"arguments\": {}}}]|-|-]"
+       "[assistant|x|-|-|-][tool|r|-|f|c1]" TAIL);
 }
 
 static void test_refusals(void) {
     BAD("{\"role\":\"user\",\"content\":\"hi\"}", DUET_ERR_INVALID);
-    BAD("\"hi\"", DUET_ERR_INVALID);
     BAD("[5]", DUET_ERR_INVALID);
     BAD("[{}]", DUET_ERR_INVALID);
-    BAD("[{\"role\":null,\"content\":\"x\"}]", DUET_ERR_INVALID);
     BAD("[{\"role\":3,\"content\":\"x\"}]", DUET_ERR_INVALID);
-    BAD("[{\"role\":\"bot\",\"content\":\"x\"}]", DUET_ERR_INVALID);
+    BAD("[{\"role\":\"wizard\",\"content\":\"x\"}]", DUET_ERR_INVALID);
     BAD("[{\"role\":\"user\",\"content\":\"ok\"},{\"role\":\"User\",\"content\":\"x\"}]",
         DUET_ERR_INVALID);
     BAD("[{\"role\":\"user\",\"content\":5}]", DUET_ERR_INVALID);
     BAD("[{\"role\":\"user\",\"content\":{\"text\":\"x\"}}]", DUET_ERR_INVALID);
-    BAD("[{\"role\":\"user\"}]", DUET_ERR_INVALID);
-    BAD("[{\"role\":\"user\",\"content\":null}]", DUET_ERR_INVALID);
-    BAD("[{\"role\":\"system\",\"content\":null}]", DUET_ERR_INVALID);
-    BAD("[{\"role\":\"tool\"}]", DUET_ERR_INVALID);
-    BAD("[{\"role\":\"assistant\",\"content\":true}]", DUET_ERR_INVALID);
-    BAD("[{\"role\":\"user\",\"content\":[\"text\"]}]", DUET_ERR_INVALID);
-    BAD("[{\"role\":\"user\",\"content\":[{\"type\":\"text\"}]}]", DUET_ERR_INVALID);
-    BAD("[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"a\"},"
-        "{\"type\":\"image_url\",\"image_url\":{\"url\":\"http://x\"}}]}]",
+    BAD("[{\"role\":\"user\",\"content\":[5]}]", DUET_ERR_INVALID);
+    BAD("[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":7}]}]", DUET_ERR_INVALID);
+    BAD("[{\"role\":\"user\",\"content\":[{\"type\":\"image_url\",\"image_url\":{\"url\":\"x\"}}]}"
+        "]",
         DUET_ERR_UNSUPPORTED);
-    BAD("[{\"role\":\"assistant\",\"content\":null,\"tool_calls\":\"f()\"}]", DUET_ERR_INVALID);
-    BAD("[{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[5]}]", DUET_ERR_INVALID);
-    BAD("[{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"type\":\"function\"}]}]",
-        DUET_ERR_INVALID);
-    BAD("[{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[" CALL_F ","
-        "{\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":{\"x\":1}}}]}]",
+    BAD("[{\"role\":\"assistant\",\"tool_calls\":\"f()\"}]", DUET_ERR_INVALID);
+    BAD("[{\"role\":\"assistant\",\"tool_calls\":[5]}]", DUET_ERR_INVALID);
+    BAD("[{\"role\":\"assistant\",\"tool_calls\":[{\"function\":{\"arguments\":\"{}\"}}]}]",
         DUET_ERR_INVALID);
     char *out;
     size_t len;
-    chat_opts o = chat_default_opts(g_v3);
-    cJSON *m = cJSON_Parse("[]");
-    CHECK(chat_render(g_v3, NULL, &o, &out, &len, NULL, 0) == DUET_ERR_INVALID);
+    chat_opts o = chat_default_opts(g_show);
+    cJSON *m = cJSON_Parse("[]"), *bad = cJSON_Parse("{\"tools\":5}");
+    CHECK(chat_render(g_show, NULL, &o, &out, &len, NULL, 0) == DUET_ERR_INVALID);
     CHECK(chat_render(NULL, m, &o, &out, &len, NULL, 0) == DUET_ERR_INVALID);
-    CHECK(chat_render(g_v3, m, NULL, &out, &len, NULL, 0) == DUET_ERR_INVALID);
+    CHECK(chat_render(g_show, m, NULL, &out, &len, NULL, 0) == DUET_ERR_INVALID);
+    o.tools = cJSON_GetObjectItem(bad, "tools");
+    CHECK(chat_render(g_show, m, &o, &out, &len, NULL, 0) == DUET_ERR_INVALID);
+    o.tools = NULL;
+    o.kwargs = o.tools = NULL;
+    o.kwargs = cJSON_GetObjectItem(bad, "tools");
+    CHECK(chat_render(g_show, m, &o, &out, &len, NULL, 0) == DUET_ERR_INVALID);
     cJSON_Delete(m);
+    cJSON_Delete(bad);
 }
 
-static void write_cfg(const char *dir, const char *json) {
-    char path[128];
-    snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
-    CHECK(fio_write_file(path, json, strlen(json)) == DUET_OK);
+static void test_variables(void) {
+    cJSON *tools = cJSON_Parse("[{\"type\":\"function\",\"function\":{\"name\":\"f\"}}]");
+    cJSON *kw = cJSON_Parse("{\"thinking\":true,\"messages\":[1],\"tools\":null,"
+                            "\"add_generation_prompt\":false}");
+    chat_opts o = {.add_generation_prompt = true, .tools = tools};
+    expect(g_show, "[]", &o,
+           "True|[{\"type\": \"function\", \"function\": {\"name\": \"f\"}}]|<B><E>|-|None",
+           DUET_OK);
+    /* chat_template_kwargs go over the request's own variables, as in vLLM; never over
+     * messages */
+    o.kwargs = kw;
+    expect(g_show, "[{\"role\":\"user\",\"content\":\"u\"}]", &o,
+           "[user|u|-|-|-]False|null|<B><E>|True|None", DUET_OK);
+    cJSON_Delete(tools);
+    cJSON_Delete(kw);
+
+    /* DeepSeek-V3.1's own template: thinking from kwargs, tool-call arguments as JSON */
+    char *src = NULL;
+    chat_template *v31 = NULL;
+    CHECK(fio_read_text(GOLDEN_DIR "/chat-templates/deepseek_v31_tools.jinja", 1 << 20, &src) ==
+          DUET_OK);
+    CHECK(src && chat_create(src, "<B>", "<E>", &v31) == DUET_OK);
+    free(src);
+    if (!v31) return;
+    cJSON *think = cJSON_Parse("{\"thinking\":true}");
+    o = (chat_opts){.add_generation_prompt = true, .kwargs = think};
+    expect(v31, "[{\"role\":\"user\",\"content\":\"a\\nb\"}]", &o,
+           "\n\n<B><｜User｜>a\nb  <｜Assistant｜>    <think>", DUET_OK);
+    o.add_generation_prompt = false;
+    expect(v31, "[{\"role\":\"user\",\"content\":\"a\\nb\"}]", &o, "\n\n<B><｜User｜>a\nb",
+           DUET_OK);
+    o.add_generation_prompt = true;
+    expect(v31,
+           "[{\"role\":\"system\",\"content\":\"S\"},{\"role\":\"user\",\"content\":\"q\"},"
+           "{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":\"c1\","
+           "\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":"
+           "\"{\\\"x\\\":\\\"\xc3\xa9\\\"}\"}}]},"
+           "{\"role\":\"tool\",\"tool_call_id\":\"c1\",\"content\":\"r\"}]",
+           &o,
+           "\n\n<B>S<｜User｜>q      <｜Assistant｜></think>          <｜tool▁calls▁begin｜>"
+           "<｜tool▁call▁begin｜>f<｜tool▁sep｜>{\"x\": \"\xc3\xa9\"}<｜tool▁call▁end｜>    "
+           "<｜tool▁calls▁end｜><｜end▁of▁sentence｜><｜tool▁output▁begin｜>r"
+           "<｜tool▁output▁end｜>",
+           DUET_OK);
+    cJSON_Delete(think);
+    chat_destroy(v31);
+}
+
+static void test_template_errors(void) {
+    chat_template *t = NULL;
+    CHECK(chat_create("{% for m in messages %}{% if m.role == 'user' and loop.index0 % 2 %}"
+                      "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+                      "{% endif %}{% endfor %}\n{{ messages[0].x.y }}",
+                      NULL, NULL, &t) == DUET_OK);
+    if (!t) return;
+    char err[200] = "";
+    char *out;
+    size_t len;
+    chat_opts o = chat_default_opts(t);
+    cJSON *m = cJSON_Parse("[{\"role\":\"user\",\"content\":\"a\"},{\"role\":\"user\","
+                           "\"content\":\"b\"}]");
+    /* the template's own words for the client */
+    CHECK(chat_render(t, m, &o, &out, &len, err, sizeof err) == DUET_ERR_INVALID);
+    CHECK_MSG(!strcmp(err, "Conversation roles must alternate user/assistant"), "%s", err);
+    cJSON_DeleteItemFromArray(m, 1);
+    CHECK(chat_render(t, m, &o, &out, &len, err, sizeof err) == DUET_ERR_INVALID);
+    CHECK_MSG(!strcmp(err, "chat template line 2: 'x' is undefined"), "%s", err);
+    cJSON_Delete(m);
+    chat_destroy(t);
+}
+
+static void write_file(const char *dir, const char *name, const char *text) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    CHECK(fio_write_file(path, text, strlen(text)) == DUET_OK);
+}
+
+static void expect_loaded(const char *dir, const char *override, const char *want) {
+    chat_template *t = NULL;
+    duet_status st = chat_load_template(dir, override, &t);
+    CHECK_MSG(st == DUET_OK, "%s / %s: %s", dir, override ? override : "-", duet_strerror(st));
+    if (t) expect(t, "[{\"role\":\"user\",\"content\":\"Hi\"}]", NULL, want, DUET_OK);
+    chat_destroy(t);
 }
 
 static void test_load(void) {
+    expect_loaded(GOLDEN_DIR "/tokenizer", NULL,
+                  "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>");
     chat_template *t = NULL;
-    CHECK(chat_load(GOLDEN_DIR "/tokenizer", &t) == DUET_OK);
-    if (t) {
-        OK(t, "[{\"role\":\"user\",\"content\":\"Hello!\"}]", true,
-           "<｜begin▁of▁sentence｜><｜User｜>Hello!<｜Assistant｜>");
-        CHECK(!chat_default_opts(t).think_prefix);
-    }
-    chat_destroy(t);
+    CHECK(chat_load("/nonexistent/duet", &t) == DUET_ERR_NOT_FOUND && !t);
     chat_destroy(NULL);
-    CHECK(chat_load("/nonexistent/duet", &t) == DUET_ERR_NOT_FOUND);
 
-    char dir[] = "/tmp/duet-chat-XXXXXX";
-    CHECK(mkdtemp(dir) != NULL);
-    /* DeepSeek-R1's template (abridged to the parts that are recognised). */
-    write_cfg(dir,
-              "{\"bos_token\":\"<s>\",\"chat_template\":\"{% set content = "
-              "content.split('</think>')[-1] %}{{'<｜User｜>'}}{{'<｜Assistant｜><think>\\\\n'}}"
-              "\"}");
-    t = NULL;
-    CHECK(chat_load(dir, &t) == DUET_OK);
-    if (t) {
-        CHECK(chat_default_opts(t).think_prefix && chat_default_opts(t).strip_reasoning);
-        OK(t, "[]", true, "<s><｜Assistant｜><think>\n");
+    char *dir = tu_mkdtemp("chat");
+    if (!dir) return;
+    char path[512];
+    /* the named-list form; bos_token as an AddedToken object; unk_token passed on */
+    write_file(dir, "tokenizer_config.json",
+               "{\"bos_token\":{\"content\":\"<b>\"},\"unk_token\":\"<u>\",\"chat_template\":["
+               "{\"name\":\"tool_use\",\"template\":\"x\"},{\"name\":\"default\",\"template\":"
+               "\"{{ bos_token }}{{ unk_token }}{{ messages[0].content }}|{{ eos_token }}\"}]}");
+    expect_loaded(dir, NULL, "<b><u>Hi|");
+    /* --chat-template: a file, or the text itself; the tokens still come from DIR */
+    snprintf(path, sizeof path, "%s/t.jinja", dir);
+    write_file(dir, "t.jinja", "F{{ bos_token }}{{ messages | length }}\n");
+    expect_loaded(dir, path, "F<b>1");
+    expect_loaded(dir, "T{{ add_generation_prompt }}", "TTrue");
+    CHECK(chat_load_template(dir, "no-such-template.jinja", &t) == DUET_ERR_NOT_FOUND && !t);
+    /* no chat_template in the config: chat_template.jinja beside it */
+    write_file(dir, "tokenizer_config.json", "{\"bos_token\":\"<s>\"}");
+    CHECK(chat_load(dir, &t) == DUET_ERR_NOT_FOUND && !t);
+    write_file(dir, "chat_template.jinja", "J{{ bos_token }}");
+    expect_loaded(dir, NULL, "J<s>");
+    /* a template it cannot interpret is refused at load, naming construct and line */
+    write_file(dir, "tokenizer_config.json",
+               "{\"chat_template\":\"{% if x %}\\n{% include 'other' %}{% endif %}\"}");
+    CHECK(chat_load(dir, &t) == DUET_ERR_UNSUPPORTED && !t);
+    write_file(dir, "tokenizer_config.json", "{\"chat_template\":\"{% if x %}\"}");
+    CHECK(chat_load(dir, &t) == DUET_ERR_FORMAT && !t);
+    write_file(dir, "tokenizer_config.json", "{\"bos_token\":7,\"chat_template\":\"x\"}");
+    CHECK(chat_load(dir, &t) == DUET_ERR_FORMAT && !t);
+    write_file(dir, "tokenizer_config.json", "[1,2]");
+    CHECK(chat_load(dir, &t) == DUET_ERR_FORMAT && !t);
+    /* --chat-template without a tokenizer_config.json: empty special tokens */
+    char *empty = tu_mkdtemp("chat-empty");
+    if (empty) {
+        expect_loaded(empty, "[{{ bos_token }}]", "[]");
+        tu_rmtree(empty);
+        free(empty);
     }
-    chat_destroy(t);
-    /* A list of named templates, bos_token as an AddedToken object. */
-    write_cfg(dir,
-              "{\"bos_token\":{\"content\":\"<b>\"},\"chat_template\":[{\"name\":\"tool_use\","
-              "\"template\":\"x\"},{\"name\":\"default\",\"template\":\"<｜User｜><｜Assistant｜>"
-              "\"}]}");
-    CHECK(chat_load(dir, &t) == DUET_OK);
-    if (t) OK(t, "[]", false, "<b>");
-    chat_destroy(t);
-    /* Not DeepSeek's template: a warning, V3 rendering. No bos_token: empty. */
-    write_cfg(dir, "{\"chat_template\":\"{{ messages }}\"}");
-    CHECK(chat_load(dir, &t) == DUET_OK);
-    if (t) OK(t, "[]", true, "<｜Assistant｜>");
-    chat_destroy(t);
-    write_cfg(dir, "{\"bos_token\":7}");
-    CHECK(chat_load(dir, &t) == DUET_ERR_FORMAT);
-    write_cfg(dir, "[1,2]");
-    CHECK(chat_load(dir, &t) == DUET_ERR_FORMAT);
-    char path[128];
-    snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
-    unlink(path);
-    rmdir(dir);
+    tu_rmtree(dir);
+    free(dir);
 }
 
 int main(void) {
-    log_set_level(LOG_LEVEL_ERROR);
-    CHECK(chat_create("<B>", false, &g_v3) == DUET_OK);
-    CHECK(chat_create("<B>", true, &g_r1) == DUET_OK);
-    if (!g_v3 || !g_r1) CHECK_DONE();
-    test_basic();
-    test_tools();
-    test_r1();
+    log_set_level(LOG_LEVEL_ERROR + 1);
+    CHECK(chat_create(SHOW, "<B>", "<E>", &g_show) == DUET_OK);
+    if (!g_show) CHECK_DONE();
+    test_prepare();
     test_refusals();
+    test_variables();
+    test_template_errors();
     test_load();
-    chat_destroy(g_v3);
-    chat_destroy(g_r1);
+    chat_destroy(g_show);
     CHECK_DONE();
 }
