@@ -163,8 +163,7 @@ static int host_index(const dl_desc *d, const char *name) {
 
 static void parse_hosts(rd *r, dl_desc *d, const cJSON *root) {
     const cJSON *hs = cJSON_GetObjectItemCaseSensitive(root, "hosts");
-    if (!cJSON_IsArray(hs) || cJSON_GetArraySize(hs) < 1 ||
-        cJSON_GetArraySize(hs) > DL_MAX_HOSTS) {
+    if (!cJSON_IsArray(hs) || cJSON_GetArraySize(hs) < 1 || cJSON_GetArraySize(hs) > DL_MAX_HOSTS) {
         rd_fail(r, "\"hosts\" must be a non-empty array of {\"name\", \"gpus\"} objects");
         return;
     }
@@ -246,8 +245,7 @@ static void parse_instance(rd *r, dl_desc *d, const cJSON *o, int idx) {
     }
     int ranks = in->dp * in->tp;
     if (ranks % in->n_hosts)
-        return rd_fail(r,
-                       "%s: its %d ranks (dp %d x tp %d) do not split evenly over its %d hosts",
+        return rd_fail(r, "%s: its %d ranks (dp %d x tp %d) do not split evenly over its %d hosts",
                        where, ranks, in->dp, in->tp, in->n_hosts);
 }
 
@@ -297,8 +295,8 @@ static void parse_top(rd *r, dl_desc *d, const cJSON *root) {
         const char *kv = rd_str(r, sec, "secrets", "kv_secret_env", false);
         d->api_key_env = rd_str(r, sec, "secrets", "api_key_env", false);
         if (kv) d->kv_secret_env = kv;
-        if (rd_ok(r) && (!env_name_ok(d->kv_secret_env) ||
-                         (d->api_key_env && !env_name_ok(d->api_key_env))))
+        if (rd_ok(r) &&
+            (!env_name_ok(d->kv_secret_env) || (d->api_key_env && !env_name_ok(d->api_key_env))))
             rd_fail(r, "secrets: values are names of environment variables, like "
                        "\"DUET_KV_SECRET\" (the secrets themselves never go in this file)");
     }
@@ -352,15 +350,15 @@ static duet_status check_roles(const dl_desc *d, char *err, size_t len) {
             nd++;
     }
     if (np && !nd)
-        return fail(err, len,
-                    "prefill instances need a decode instance to send their KV cache to");
+        return fail(err, len, "prefill instances need a decode instance to send their KV cache to");
     if (d->has_proxy && (!np || !nd))
         return fail(err, len,
                     "the proxy needs at least one prefill and one decode instance (a single "
                     "instance is itself an OpenAI server: leave \"proxy\" out)");
     if (np && !d->has_proxy)
-        return fail(err, len, "a disaggregated deployment needs \"proxy\": clients reach the "
-                              "prefill and decode instances through it");
+        return fail(err, len,
+                    "a disaggregated deployment needs \"proxy\": clients reach the "
+                    "prefill and decode instances through it");
     return DUET_OK;
 }
 
@@ -379,9 +377,9 @@ static duet_status check_gpus(const dl_desc *d, char *err, size_t len) {
                 }
         }
         if (used > d->hosts[h].gpus) {
-            duet_status st = fail(err, len, "host \"%s\" has %d GPUs but %d ranks are placed on it (%s)",
-                                  d->hosts[h].name, d->hosts[h].gpus, used,
-                                  who.p ? who.p : "");
+            duet_status st =
+                fail(err, len, "host \"%s\" has %d GPUs but %d ranks are placed on it (%s)",
+                     d->hosts[h].name, d->hosts[h].gpus, used, who.p ? who.p : "");
             strbuf_free(&who);
             return st;
         }
@@ -501,9 +499,9 @@ duet_status dl_desc_check_model(const dl_desc *d, const dl_model_shape *m, const
             st = divides(err, err_len, in, config, "intermediate_size", m->intermediate,
                          "tensor parallelism (tp)", in->tp);
         if (st == DUET_OK && m->shared_experts)
-            st = divides(err, err_len, in, config, "the shared experts' intermediate size",
-                         m->shared_experts * m->moe_intermediate, "tensor parallelism (tp)",
-                         in->tp);
+            st =
+                divides(err, err_len, in, config, "the shared experts' intermediate size",
+                        m->shared_experts * m->moe_intermediate, "tensor parallelism (tp)", in->tp);
         if (st == DUET_OK && m->routed_experts && ep > 1)
             st = divides(err, err_len, in, config, "n_routed_experts", m->routed_experts,
                          "expert parallelism over dp x tp ranks", ep);
@@ -704,16 +702,20 @@ static void instance_cmd(const dl_desc *d, int idx, const dl_paths *paths, argv_
                   in->ep ? " + ep" : "", in->dp * in->tp, in->dp * in->tp > 1 ? "s" : "");
     for (int k = 0; k < in->n_hosts; k++)
         strbuf_printf(sum, "%s%s (%d)", k ? ", " : "", d->hosts[in->hosts[k]].name, per);
-    strbuf_printf(sum, "; HTTP ports %d..%d", in->port, in->port + in->dp - 1);
-    if (in->role == DL_ROLE_PREFILL) {
-        int kv = in->kv_port ? in->kv_port : in->port + 1000;
+    int kv = in->kv_port ? in->kv_port : in->port + 1000;
+    if (in->dp == 1)
+        strbuf_printf(sum, "; HTTP port %d", in->port);
+    else
+        strbuf_printf(sum, "; HTTP ports %d..%d", in->port, in->port + in->dp - 1);
+    if (in->role == DL_ROLE_PREFILL && in->dp == 1)
+        strbuf_printf(sum, ", KV side channel %d", kv);
+    else if (in->role == DL_ROLE_PREFILL)
         strbuf_printf(sum, ", KV side channel %d..%d", kv, kv + in->dp - 1);
-    }
     if (survives_lost_host(in)) strbuf_printf(sum, "; DP replicas outlive a lost host");
 }
 
-static void proxy_cmd(const dl_desc *d, const dl_plan *p, const char *prog, argv_b *a,
-                      argv_b *env, strbuf *sum) {
+static void proxy_cmd(const dl_desc *d, const dl_plan *p, const char *prog, argv_b *a, argv_b *env,
+                      strbuf *sum) {
     av_add(a, prog);
     av_add(a, "--host");
     av_add(a, d->proxy_listen);
@@ -758,8 +760,8 @@ duet_status dl_plan_create(const dl_desc *d, const dl_paths *bin_paths, dl_plan 
             e->host_port = malloc(n);
             oom |= !e->host_port;
             if (e->host_port)
-                snprintf(e->host_port, n, strchr(h->address, ':') ? "[%s]:%d" : "%s:%d",
-                         h->address, in->port + r);
+                snprintf(e->host_port, n, strchr(h->address, ':') ? "[%s]:%d" : "%s:%d", h->address,
+                         in->port + r);
             e->instance = i;
             e->role = in->role;
         }
@@ -846,9 +848,9 @@ char *dl_cmd_line(const dl_cmd *c) {
     }
     for (char **a = c->argv; *a; a++) {
         /* one line per app context (and per endpoint list) keeps long commands readable */
-        bool brk = a != c->argv && (!strcmp(*a, ":") || !strcmp(*a, "--prefill") ||
-                                    !strcmp(*a, "--decode") ||
-                                    (!strcmp(*a, "-np") && strcmp(a[-1], ":") != 0));
+        bool brk = a != c->argv &&
+                   (!strcmp(*a, ":") || !strcmp(*a, "--prefill") || !strcmp(*a, "--decode") ||
+                    (!strcmp(*a, "-np") && strcmp(a[-1], ":") != 0));
         if (a != c->argv) strbuf_str(&b, brk ? " \\\n    " : " ");
         quote(&b, *a, false);
     }

@@ -37,12 +37,12 @@ typedef struct dl_instance {
 
 typedef struct dl_desc {
     const char *model, *tokenizer, *served_name, *backend;
-    const char *bin; /* folder with duet-prefill, duet-decode, duet-proxy; NULL: the caller's */
-    const char *nic; /* IP interface: NCCL_SOCKET_IFNAME, MPI's TCP, UCX_NET_DEVICES */
+    const char *bin;   /* folder with duet-prefill, duet-decode, duet-proxy; NULL: the caller's */
+    const char *nic;   /* IP interface: NCCL_SOCKET_IFNAME, MPI's TCP, UCX_NET_DEVICES */
     const char **rdma; /* [n_rdma] UCX/NCCL devices ("mlx5_0:1"): UCX_NET_DEVICES, NCCL_IB_HCA */
     int n_rdma;
-    const char *kv_secret_env; /* environment variable holding the KV secret */
-    const char *api_key_env;   /* ... the API key; NULL: none */
+    const char *kv_secret_env;            /* environment variable holding the KV secret */
+    const char *api_key_env;              /* ... the API key; NULL: none */
     const char **env_names, **env_values; /* [n_env] exported to every rank */
     int n_env;
     const char **mpirun_args, **worker_args;
@@ -79,12 +79,12 @@ duet_status dl_desc_check_model(const dl_desc *d, const dl_model_shape *m, const
 
 /* One process the launcher starts. */
 typedef struct dl_cmd {
-    char *name;     /* instance name, or "proxy" */
-    char *summary;  /* one line: layout, hosts, endpoints */
-    char **argv;    /* NULL-terminated */
-    char **env;     /* NAME=VALUE to set for this process only, NULL-terminated; a VALUE of
-                     * "$VAR" means the launcher's own VAR */
-    int instance;   /* index into dl_desc.inst, -1 for the proxy */
+    char *name;    /* instance name, or "proxy" */
+    char *summary; /* one line: layout, hosts, endpoints */
+    char **argv;   /* NULL-terminated */
+    char **env;    /* NAME=VALUE to set for this process only, NULL-terminated; a VALUE of
+                    * "$VAR" means the launcher's own VAR */
+    int instance;  /* index into dl_desc.inst, -1 for the proxy */
 } dl_cmd;
 
 typedef struct dl_endpoint {

@@ -163,9 +163,8 @@ static void on_exit_cb(uv_process_t *p, int64_t status, int term_signal) {
         }
         return;
     }
-    LOG_ERROR("%s exited (%s %d); its log: %s/%s.log", cmd->name,
-              term_signal ? "signal" : "status", term_signal ? term_signal : (int)status,
-              l->log_dir, cmd->name);
+    LOG_ERROR("%s exited (%s %d); its log: %s/%s.log", cmd->name, term_signal ? "signal" : "status",
+              term_signal ? term_signal : (int)status, l->log_dir, cmd->name);
     if (!l->proxy_up || cmd->instance < 0) {
         stop_all(l, 1); /* not up yet, or the front door is gone: nothing left to serve */
         return;
@@ -244,8 +243,8 @@ static void on_probe_end(httpc_req *req, duet_status st, void *arg) {
 
 static void probe_send(probe *p) {
     if (p->ready || p->in_flight || !p->pool) return;
-    httpc_request rq = {.method = "GET", .path = "/health", .first_byte_timeout_ms = 2000,
-                        .idle_timeout_ms = 2000};
+    httpc_request rq = {
+        .method = "GET", .path = "/health", .first_byte_timeout_ms = 2000, .idle_timeout_ms = 2000};
     httpc_callbacks cb = {.on_head = on_probe_head, .on_end = on_probe_end};
     if (httpc_send(p->pool, &rq, &cb, p, NULL) == DUET_OK) p->in_flight = true;
 }
@@ -280,8 +279,7 @@ static void on_tick(uv_timer_t *t) {
         if (p->ready) {
             l->proxy_up = true;
             uv_timer_stop(&l->tick);
-            LOG_INFO("the proxy is healthy (%.1f s): OpenAI API at %s/v1", waited,
-                     plan->proxy_url);
+            LOG_INFO("the proxy is healthy (%.1f s): OpenAI API at %s/v1", waited, plan->proxy_url);
             printf("duet-launch: ready: %s\n", plan->proxy_url);
             fflush(stdout);
             return;
@@ -294,7 +292,8 @@ static void on_tick(uv_timer_t *t) {
                           plan->endpoints[e].host_port,
                           plan->cmds[plan->endpoints[e].instance].name, l->ready_timeout_s,
                           l->log_dir, plan->cmds[plan->endpoints[e].instance].name);
-        if (l->instances_up) LOG_ERROR("the proxy did not become healthy; see %s/proxy.log", l->log_dir);
+        if (l->instances_up)
+            LOG_ERROR("the proxy did not become healthy; see %s/proxy.log", l->log_dir);
         stop_all(l, 1);
     }
 }
@@ -348,8 +347,7 @@ static duet_status take_secrets(const dl_desc *d) {
     if (d->api_key_env) {
         const char *v = getenv(d->api_key_env);
         if (!v || !v[0]) {
-            LOG_ERROR("%s is not set: the description asks for an API key from it",
-                      d->api_key_env);
+            LOG_ERROR("%s is not set: the description asks for an API key from it", d->api_key_env);
             return DUET_ERR_INVALID;
         }
         setenv("DUET_API_KEY", v, 1);
@@ -364,8 +362,11 @@ static int run(const dl_plan *plan, const dl_desc *d, const char *log_dir, doubl
         LOG_ERROR("cannot use the log folder %s", log_dir);
         return 1;
     }
-    launcher l = {.loop = uv_default_loop(), .plan = plan, .log_dir = log_dir,
-                  .ready_timeout_s = ready_s, .stop_timeout_s = stop_s};
+    launcher l = {.loop = uv_default_loop(),
+                  .plan = plan,
+                  .log_dir = log_dir,
+                  .ready_timeout_s = ready_s,
+                  .stop_timeout_s = stop_s};
     l.kids = calloc((size_t)plan->n_cmds, sizeof *l.kids);
     l.probes = calloc((size_t)plan->n_endpoints + 1, sizeof *l.probes);
     if (!l.kids || !l.probes) {
@@ -407,15 +408,17 @@ static duet_status check_model(const dl_desc *d, const char *config_path) {
         snprintf(path, sizeof path, "%s/config.json", d->model);
         config_path = path;
     }
-    char *text = NULL;
-    if (fio_read_text(config_path, 16u << 20, &text) != DUET_OK) {
+    if (access(config_path, R_OK) != 0) {
         LOG_ERROR("cannot read %s: the layout is checked against the model's heads and experts "
                   "(give --model-config FILE when the model is not on this machine)",
                   config_path);
         return DUET_ERR_NOT_FOUND;
     }
+    char *text = NULL;
+    duet_status st = fio_read_text(config_path, 16u << 20, &text); /* logs its own error */
+    if (st != DUET_OK) return st;
     cfg_model c;
-    duet_status st = cfg_parse(text, config_path, &c);
+    st = cfg_parse(text, config_path, &c);
     free(text);
     if (st != DUET_OK) return st;
     dl_model_shape m = {.heads = c.num_attention_heads,
