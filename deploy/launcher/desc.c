@@ -173,16 +173,20 @@ static void parse_hosts(rd *r, dl_desc *d, const cJSON *root) {
     for (const cJSON *h = hs->child; h && rd_ok(r); h = h->next) {
         snprintf(where, sizeof where, "hosts[%d]", d->n_hosts);
         if (!cJSON_IsObject(h)) return rd_fail(r, "%s must be an object", where);
-        rd_keys(r, h, where, "name|address|gpus");
+        rd_keys(r, h, where, "name|address|listen|gpus");
         dl_host *x = &d->hosts[d->n_hosts];
         x->name = rd_str(r, h, where, "name", true);
         x->address = rd_str(r, h, where, "address", false);
+        x->listen = rd_str(r, h, where, "listen", false);
         x->gpus = rd_int(r, h, where, "gpus", REQUIRED_INT, 1, 4096);
         if (!rd_ok(r)) return;
         if (!name_ok(x->name) || (x->address && !name_ok(x->address)))
             return rd_fail(r, "%s: \"%s\" is not a host name or address", where,
                            name_ok(x->name) ? x->address : x->name);
+        if (x->listen && !name_ok(x->listen))
+            return rd_fail(r, "%s: \"listen\" must be an address, not \"%s\"", where, x->listen);
         if (!x->address) x->address = x->name;
+        if (!x->listen) x->listen = "0.0.0.0";
         if (host_index(d, x->name) >= 0)
             return rd_fail(r, "%s: host \"%s\" is listed twice", where, x->name);
         d->n_hosts++;
@@ -682,7 +686,7 @@ static void instance_cmd(const dl_desc *d, int idx, const dl_paths *paths, argv_
         }
         if (in->ep) av_add(a, "--enable-expert-parallel");
         av_add(a, "--host");
-        av_add(a, "0.0.0.0");
+        av_add(a, h->listen);
         av_add(a, "--port");
         av_addf(a, "%d", in->port);
         if (in->role == DL_ROLE_PREFILL) {
@@ -711,7 +715,8 @@ static void instance_cmd(const dl_desc *d, int idx, const dl_paths *paths, argv_
         strbuf_printf(sum, ", KV side channel %d", kv);
     else if (in->role == DL_ROLE_PREFILL)
         strbuf_printf(sum, ", KV side channel %d..%d", kv, kv + in->dp - 1);
-    if (survives_lost_host(in)) strbuf_printf(sum, "; DP replicas outlive a lost host");
+    if (survives_lost_host(in))
+        strbuf_printf(sum, "; a lost DP replica (rank or host) leaves the others serving");
 }
 
 static void proxy_cmd(const dl_desc *d, const dl_plan *p, const char *prog, argv_b *a, argv_b *env,

@@ -19,6 +19,7 @@ typedef enum dl_role {
 typedef struct dl_host {
     const char *name;    /* what mpirun's --host and the launch agent use */
     const char *address; /* what the proxy and decode workers connect to (default: name) */
+    const char *listen;  /* what its workers' HTTP servers bind (default: 0.0.0.0) */
     int gpus;            /* devices (or, on the CPU backend, rank slots) */
 } dl_host;
 

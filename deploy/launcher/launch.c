@@ -56,7 +56,7 @@ struct launcher {
     probe *probes; /* [n_endpoints + 1]: the last one is the proxy's */
     uv_timer_t tick, kill_timer;
     uv_signal_t sigint, sigterm;
-    uint64_t t0;
+    uint64_t t0, stop_t0;
     bool instances_up, proxy_up, stopping;
     int exit_code;
 };
@@ -109,16 +109,21 @@ static void finish(launcher *l) {
     uv_walk(l->loop, close_cb_none, NULL);
 }
 
-static void on_kill_timer(uv_timer_t *t) {
-    launcher *l = t->data;
+static void kill_all(launcher *l, const char *why) {
     for (int i = 0; i < l->plan->n_cmds; i++) {
         child *c = &l->kids[i];
         if (c->started && !c->exited) {
-            LOG_WARN("%s did not stop within %.0f s: killing its process group",
-                     l->plan->cmds[i].name, l->stop_timeout_s);
+            LOG_WARN("%s %s: killing its process group", l->plan->cmds[i].name, why);
             uv_kill(-c->proc.pid, SIGKILL);
         }
     }
+}
+
+static void on_kill_timer(uv_timer_t *t) {
+    launcher *l = t->data;
+    char why[64];
+    snprintf(why, sizeof why, "did not stop within %.0f s", l->stop_timeout_s);
+    kill_all(l, why);
 }
 
 /* SIGTERM to the proxy and to every mpirun (which passes it to its ranks: they drain and
@@ -127,6 +132,7 @@ static void stop_all(launcher *l, int code) {
     if (!l->stopping) l->exit_code = code;
     if (l->stopping) return;
     l->stopping = true;
+    l->stop_t0 = uv_now(l->loop);
     uv_timer_stop(&l->tick);
     for (int i = l->plan->n_cmds - 1; i >= 0; i--)
         if (l->kids[i].started && !l->kids[i].exited) uv_kill(l->kids[i].proc.pid, SIGTERM);
@@ -140,8 +146,10 @@ static void stop_all(launcher *l, int code) {
 static void on_signal(uv_signal_t *s, int signum) {
     launcher *l = s->data;
     if (l->stopping) {
-        LOG_WARN("second signal: killing everything now");
-        on_kill_timer(&l->kill_timer);
+        /* one Ctrl-C often arrives twice (the terminal's and a wrapper script's): only a
+         * second signal a moment later means "now" */
+        if (uv_now(l->loop) - l->stop_t0 >= 1000)
+            kill_all(l, "is still stopping at a second signal");
         return;
     }
     LOG_INFO("signal %d: stopping every instance and the proxy", signum);
