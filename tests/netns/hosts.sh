@@ -17,6 +17,7 @@ kill_ns() { # SIGKILL until none is left (a dying process may fork no more, but 
     for _ in $(seq 50); do
         pids=$(ip netns pids "$1" 2>/dev/null || true)
         [ -z "$pids" ] && return 0
+        # shellcheck disable=SC2086 # a list of pids
         kill -9 $pids 2>/dev/null || true
         sleep 0.1
     done
