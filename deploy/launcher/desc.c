@@ -49,6 +49,11 @@ static void rd_fail(rd *r, const char *fmt, ...) {
 /* Every key of o must be among the '|'-separated names: a typo is an error, not a default. */
 static void rd_keys(rd *r, const cJSON *o, const char *where, const char *names) {
     for (const cJSON *it = o->child; it && rd_ok(r); it = it->next) {
+        for (const cJSON *prev = o->child; prev != it; prev = prev->next)
+            if (!strcmp(prev->string, it->string)) {
+                rd_fail(r, "%s: \"%s\" is given twice", where, it->string);
+                return;
+            }
         size_t n = strlen(it->string);
         bool found = false;
         for (const char *p = names; *p && !found;) {
@@ -168,11 +173,17 @@ static void parse_hosts(rd *r, dl_desc *d, const cJSON *root) {
         return;
     }
     d->hosts = calloc((size_t)cJSON_GetArraySize(hs), sizeof *d->hosts);
-    if (!d->hosts) return rd_fail(r, "out of memory");
+    if (!d->hosts) {
+        rd_fail(r, "out of memory");
+        return;
+    }
     char where[64];
     for (const cJSON *h = hs->child; h && rd_ok(r); h = h->next) {
         snprintf(where, sizeof where, "hosts[%d]", d->n_hosts);
-        if (!cJSON_IsObject(h)) return rd_fail(r, "%s must be an object", where);
+        if (!cJSON_IsObject(h)) {
+            rd_fail(r, "%s must be an object", where);
+            return;
+        }
         rd_keys(r, h, where, "name|address|listen|gpus");
         dl_host *x = &d->hosts[d->n_hosts];
         x->name = rd_str(r, h, where, "name", true);
@@ -180,15 +191,25 @@ static void parse_hosts(rd *r, dl_desc *d, const cJSON *root) {
         x->listen = rd_str(r, h, where, "listen", false);
         x->gpus = rd_int(r, h, where, "gpus", REQUIRED_INT, 1, 4096);
         if (!rd_ok(r)) return;
-        if (!name_ok(x->name) || (x->address && !name_ok(x->address)))
-            return rd_fail(r, "%s: \"%s\" is not a host name or address", where,
-                           name_ok(x->name) ? x->address : x->name);
-        if (x->listen && !name_ok(x->listen))
-            return rd_fail(r, "%s: \"listen\" must be an address, not \"%s\"", where, x->listen);
+        /* mpirun reads --host NAME:SLOTS, so a name has no colon; an address may (IPv6) */
+        if (!name_ok(x->name) || strchr(x->name, ':')) {
+            rd_fail(r, "%s: \"%s\" is not a host name", where, x->name);
+            return;
+        }
+        if (x->address && !name_ok(x->address)) {
+            rd_fail(r, "%s: \"%s\" is not a host name or address", where, x->address);
+            return;
+        }
+        if (x->listen && !name_ok(x->listen)) {
+            rd_fail(r, "%s: \"listen\" must be an address, not \"%s\"", where, x->listen);
+            return;
+        }
         if (!x->address) x->address = x->name;
         if (!x->listen) x->listen = "0.0.0.0";
-        if (host_index(d, x->name) >= 0)
-            return rd_fail(r, "%s: host \"%s\" is listed twice", where, x->name);
+        if (host_index(d, x->name) >= 0) {
+            rd_fail(r, "%s: host \"%s\" is listed twice", where, x->name);
+            return;
+        }
         d->n_hosts++;
     }
 }
@@ -196,22 +217,33 @@ static void parse_hosts(rd *r, dl_desc *d, const cJSON *root) {
 static void parse_instance(rd *r, dl_desc *d, const cJSON *o, int idx) {
     char where[300];
     snprintf(where, sizeof where, "instances[%d]", idx);
-    if (!cJSON_IsObject(o)) return rd_fail(r, "%s must be an object", where);
+    if (!cJSON_IsObject(o)) {
+        rd_fail(r, "%s must be an object", where);
+        return;
+    }
     rd_keys(r, o, where, "name|role|hosts|dp|tp|ep|port|kv_port|args");
     dl_instance *in = &d->inst[idx];
     in->name = rd_str(r, o, where, "name", true);
     const char *role = rd_str(r, o, where, "role", true);
     if (!rd_ok(r)) return;
     snprintf(where, sizeof where, "instance \"%s\"", in->name);
-    if (!name_ok(in->name)) return rd_fail(r, "%s: the name may use letters, digits, - . _", where);
+    if (!name_ok(in->name)) {
+        rd_fail(r, "%s: the name may use letters, digits, - . _", where);
+        return;
+    }
     for (int i = 0; i < idx; i++)
-        if (!strcmp(d->inst[i].name, in->name)) return rd_fail(r, "%s is listed twice", where);
+        if (!strcmp(d->inst[i].name, in->name)) {
+            rd_fail(r, "%s is listed twice", where);
+            return;
+        }
     if (!strcmp(role, "prefill"))
         in->role = DL_ROLE_PREFILL;
     else if (!strcmp(role, "decode"))
         in->role = DL_ROLE_DECODE;
-    else
-        return rd_fail(r, "%s: role \"%s\" is neither \"prefill\" nor \"decode\"", where, role);
+    else {
+        rd_fail(r, "%s: role \"%s\" is neither \"prefill\" nor \"decode\"", where, role);
+        return;
+    }
     in->dp = rd_int(r, o, where, "dp", 1, 1, 4096);
     in->tp = rd_int(r, o, where, "tp", 1, 1, 4096);
     in->ep = rd_bool(r, o, where, "ep");
@@ -219,45 +251,70 @@ static void parse_instance(rd *r, dl_desc *d, const cJSON *o, int idx) {
     in->kv_port = rd_int(r, o, where, "kv_port", 0, 1, 65535);
     in->args = rd_strs(r, o, where, "args", &in->n_args);
     if (!rd_ok(r)) return;
-    if (in->kv_port && in->role != DL_ROLE_PREFILL)
-        return rd_fail(r, "%s: \"kv_port\" is a prefill setting (decode workers only connect)",
-                       where);
-    if ((long)in->dp * in->tp > DL_MAX_RANKS)
-        return rd_fail(r, "%s: dp x tp is more than %d ranks", where, DL_MAX_RANKS);
-    if (in->port + in->dp - 1 > 65535)
-        return rd_fail(r, "%s: DP ranks' ports %d..%d go past 65535", where, in->port,
-                       in->port + in->dp - 1);
+    if (in->kv_port && in->role != DL_ROLE_PREFILL) {
+        rd_fail(r, "%s: \"kv_port\" is a prefill setting (decode workers only connect)", where);
+        return;
+    }
+    if ((long)in->dp * in->tp > DL_MAX_RANKS) {
+        rd_fail(r, "%s: dp x tp is more than %d ranks", where, DL_MAX_RANKS);
+        return;
+    }
+    if (in->port + in->dp - 1 > 65535) {
+        rd_fail(r, "%s: DP ranks' ports %d..%d go past 65535", where, in->port,
+                in->port + in->dp - 1);
+        return;
+    }
     int kv = in->kv_port ? in->kv_port : in->port + 1000;
-    if (in->role == DL_ROLE_PREFILL && kv + in->dp - 1 > 65535)
-        return rd_fail(r, "%s: KV side-channel ports %d..%d go past 65535 (set \"kv_port\")", where,
-                       kv, kv + in->dp - 1);
+    if (in->role == DL_ROLE_PREFILL && kv + in->dp - 1 > 65535) {
+        rd_fail(r, "%s: KV side-channel ports %d..%d go past 65535 (set \"kv_port\")", where, kv,
+                kv + in->dp - 1);
+        return;
+    }
 
     const cJSON *hs = cJSON_GetObjectItemCaseSensitive(o, "hosts");
     int n = cJSON_IsArray(hs) ? cJSON_GetArraySize(hs) : 0;
-    if (n < 1) return rd_fail(r, "%s: \"hosts\" must be a non-empty array of host names", where);
+    if (n < 1) {
+        rd_fail(r, "%s: \"hosts\" must be a non-empty array of host names", where);
+        return;
+    }
     in->hosts = calloc((size_t)n, sizeof *in->hosts);
-    if (!in->hosts) return rd_fail(r, "out of memory");
+    if (!in->hosts) {
+        rd_fail(r, "out of memory");
+        return;
+    }
     for (const cJSON *h = hs->child; h; h = h->next) {
-        if (!cJSON_IsString(h))
-            return rd_fail(r, "%s: \"hosts\" must be an array of host names", where);
+        if (!cJSON_IsString(h)) {
+            rd_fail(r, "%s: \"hosts\" must be an array of host names", where);
+            return;
+        }
         int k = host_index(d, h->valuestring);
-        if (k < 0) return rd_fail(r, "%s: host \"%s\" is not in \"hosts\"", where, h->valuestring);
+        if (k < 0) {
+            rd_fail(r, "%s: host \"%s\" is not in \"hosts\"", where, h->valuestring);
+            return;
+        }
         for (int i = 0; i < in->n_hosts; i++)
-            if (in->hosts[i] == k)
-                return rd_fail(r, "%s: host \"%s\" is listed twice", where, h->valuestring);
+            if (in->hosts[i] == k) {
+                rd_fail(r, "%s: host \"%s\" is listed twice", where, h->valuestring);
+                return;
+            }
         in->hosts[in->n_hosts++] = k;
     }
     int ranks = in->dp * in->tp;
-    if (ranks % in->n_hosts)
-        return rd_fail(r, "%s: its %d ranks (dp %d x tp %d) do not split evenly over its %d hosts",
-                       where, ranks, in->dp, in->tp, in->n_hosts);
+    if (ranks % in->n_hosts) {
+        rd_fail(r, "%s: its %d ranks (dp %d x tp %d) do not split evenly over its %d hosts", where,
+                ranks, in->dp, in->tp, in->n_hosts);
+        return;
+    }
 }
 
 static void parse_proxy(rd *r, dl_desc *d, const cJSON *p) {
     d->proxy_host = -1;
     if (!p) return;
     const char *where = "proxy";
-    if (!cJSON_IsObject(p)) return rd_fail(r, "\"proxy\" must be an object");
+    if (!cJSON_IsObject(p)) {
+        rd_fail(r, "\"proxy\" must be an object");
+        return;
+    }
     rd_keys(r, p, where, "port|listen|host|args");
     d->has_proxy = true;
     d->proxy_port = rd_int(r, p, where, "port", REQUIRED_INT, 1, 65535);
@@ -266,10 +323,14 @@ static void parse_proxy(rd *r, dl_desc *d, const cJSON *p) {
     d->proxy_args = rd_strs(r, p, where, "args", &d->n_proxy_args);
     if (!rd_ok(r)) return;
     if (!d->proxy_listen) d->proxy_listen = "0.0.0.0";
-    if (!name_ok(d->proxy_listen))
-        return rd_fail(r, "proxy: \"listen\" must be an address, not \"%s\"", d->proxy_listen);
-    if (host && (d->proxy_host = host_index(d, host)) < 0)
-        return rd_fail(r, "proxy: host \"%s\" is not in \"hosts\"", host);
+    if (!name_ok(d->proxy_listen)) {
+        rd_fail(r, "proxy: \"listen\" must be an address, not \"%s\"", d->proxy_listen);
+        return;
+    }
+    if (host && (d->proxy_host = host_index(d, host)) < 0) {
+        rd_fail(r, "proxy: host \"%s\" is not in \"hosts\"", host);
+        return;
+    }
 }
 
 static void parse_top(rd *r, dl_desc *d, const cJSON *root) {
@@ -309,11 +370,15 @@ static void parse_top(rd *r, dl_desc *d, const cJSON *root) {
         int n = cJSON_GetArraySize(env);
         d->env_names = calloc((size_t)n + 1, sizeof *d->env_names);
         d->env_values = calloc((size_t)n + 1, sizeof *d->env_values);
-        if (!d->env_names || !d->env_values) return rd_fail(r, "out of memory");
+        if (!d->env_names || !d->env_values) {
+            rd_fail(r, "out of memory");
+            return;
+        }
         for (const cJSON *it = env->child; it && rd_ok(r); it = it->next) {
-            if (!env_name_ok(it->string) || !cJSON_IsString(it))
-                return rd_fail(r, "env: \"%s\" must be a variable name with a string value",
-                               it->string);
+            if (!env_name_ok(it->string) || !cJSON_IsString(it)) {
+                rd_fail(r, "env: \"%s\" must be a variable name with a string value", it->string);
+                return;
+            }
             d->env_names[d->n_env] = it->string;
             d->env_values[d->n_env++] = it->valuestring;
         }
@@ -323,10 +388,15 @@ static void parse_top(rd *r, dl_desc *d, const cJSON *root) {
     if (!rd_ok(r)) return;
     const cJSON *is = cJSON_GetObjectItemCaseSensitive(root, "instances");
     int n = cJSON_IsArray(is) ? cJSON_GetArraySize(is) : 0;
-    if (n < 1 || n > DL_MAX_INSTANCES)
-        return rd_fail(r, "\"instances\" must be a non-empty array of instances");
+    if (n < 1 || n > DL_MAX_INSTANCES) {
+        rd_fail(r, "\"instances\" must be a non-empty array of instances");
+        return;
+    }
     d->inst = calloc((size_t)n, sizeof *d->inst);
-    if (!d->inst) return rd_fail(r, "out of memory");
+    if (!d->inst) {
+        rd_fail(r, "out of memory");
+        return;
+    }
     for (const cJSON *o = is->child; o && rd_ok(r); o = o->next) {
         parse_instance(r, d, o, d->n_inst);
         d->n_inst++; /* counted even on failure: destroy frees what it allocated */
@@ -828,7 +898,10 @@ static void quote(strbuf *b, const char *s, bool allow_var) {
     for (const char *q = s; *q && plain; q++)
         plain = strchr("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.,/:=@+%",
                        *q) != NULL;
-    if (plain) return strbuf_str(b, s);
+    if (plain) {
+        strbuf_str(b, s);
+        return;
+    }
     const char *eq = allow_var ? strchr(s, '=') : NULL;
     if (eq && eq[1] == '$') {
         strbuf_add(b, s, (size_t)(eq - s) + 1);
