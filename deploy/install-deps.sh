@@ -8,12 +8,15 @@ pkgs=(
     libuv1-dev libcjson-dev libhttp-parser-dev libpcre2-dev libopenblas-dev
     libprotobuf-c-dev protobuf-c-compiler libssl-dev
     libucx-dev ucx-utils libopenmpi-dev openmpi-bin
-    curl procps psmisc
+    curl procps psmisc iproute2
     prometheus nginx-light wrk
 )
 
 # Node.js runs the tests' real OpenAI client; a machine may already carry its own build of it.
 command -v npm >/dev/null 2>&1 || pkgs+=(nodejs npm)
+# kubectl renders the Kubernetes overlays (kubectl kustomize) in the tests: Debian 12 ships it as
+# kubernetes-client; a machine with another kubectl package keeps it (both own /usr/bin/kubectl).
+command -v kubectl >/dev/null 2>&1 || pkgs+=(kubernetes-client)
 
 missing=()
 for p in "${pkgs[@]}"; do
