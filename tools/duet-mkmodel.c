@@ -65,7 +65,7 @@ int main(int argc, char **argv) {
     for (int k = 0; k < F_COUNT; k++) dims[k] = -1;
     const char *preset = NULL, *out = NULL, *tokenizer = NULL;
     int dtype = -1; /* 0 bf16, 1 fp8; -1: the preset's */
-    bool mtp = false, force = false;
+    bool mtp = false, force = false, config_only = false;
     uint64_t seed = 0;
     const opt_spec specs[] = {
         {.name = "--preset",
@@ -106,6 +106,11 @@ int main(int argc, char **argv) {
          .type = OPT_FLAG,
          .dest = &force,
          .help = "replace a checkpoint already in DIR"},
+        {.name = "--config-only",
+         .type = OPT_FLAG,
+         .dest = &config_only,
+         .help = "write config.json (and the tokenizer) without weights, for servers and "
+                 "benchmarks run with --load-format dummy at any size"},
     };
     const opt_spec dim_specs[] = {
         DIM("--layers", F_LAYERS, 1, 4096,
@@ -171,6 +176,7 @@ int main(int argc, char **argv) {
     if (mtp) c->num_nextn_predict_layers = 1;
     spec.tokenizer_dir = tokenizer;
     spec.force = force;
+    spec.config_only = config_only;
     mk_spec_fit(&spec);
 
     /* A combination config.json would not allow is an argument error: refuse it before
@@ -181,11 +187,17 @@ int main(int argc, char **argv) {
     size_t n_tensors = 0;
     uint64_t bytes = 0;
     if (mk_plan_size(&spec, &n_tensors, &bytes) != DUET_OK) return 1;
+    if (config_only) bytes = n_tensors = 0;
     if (bytes > (4ull << 30))
         LOG_WARN("this checkpoint is %.1f GiB (%zu tensors); --layers, --experts or "
                  "--vocab-size make it smaller",
                  (double)bytes / (1u << 30), n_tensors);
     if (mk_write(&spec, out) != DUET_OK) return 1;
+    if (config_only) {
+        printf("%s: %s config.json, %d layers (no weights: serve it with --load-format dummy)\n",
+               out, preset, c->num_hidden_layers);
+        return 0;
+    }
     printf("%s: %s checkpoint, %d layers, %s, %zu tensors, %.1f MiB in %d file%s\n", out, preset,
            c->num_hidden_layers, c->fp8 ? "fp8" : "bf16", n_tensors, (double)bytes / (1u << 20),
            spec.shards, spec.shards > 1 ? "s" : "");

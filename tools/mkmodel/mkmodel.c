@@ -881,11 +881,12 @@ duet_status mk_write(const mk_spec *spec, const char *dir) {
     if (st == DUET_OK) {
         tables_init(tb);
         if (n_shards > 1) plan_shard(&p, n_shards, shard_of_group);
-        LOG_INFO("%s: writing %zu tensors, %.2f GiB in %d file%s", dir, p.n,
-                 (double)p.bytes / (1u << 30), n_shards, n_shards > 1 ? "s" : "");
+        if (!spec->config_only)
+            LOG_INFO("%s: writing %zu tensors, %.2f GiB in %d file%s", dir, p.n,
+                     (double)p.bytes / (1u << 30), n_shards, n_shards > 1 ? "s" : "");
     }
     mk_progress pr = {0, p.bytes, 1ull << 30};
-    for (int k = 0; st == DUET_OK && k < n_shards; k++) {
+    for (int k = 0; st == DUET_OK && !spec->config_only && k < n_shards; k++) {
         if (n_shards == 1) {
             snprintf(path, sizeof path, "%s/model.safetensors", dir);
         } else {
@@ -896,7 +897,7 @@ duet_status mk_write(const mk_spec *spec, const char *dir) {
         st = files_note(&made, path);
         if (st == DUET_OK) st = write_shard(spec, &p, shard_of_group, k, path, tb, buf, &pr);
     }
-    if (st == DUET_OK && n_shards > 1) {
+    if (st == DUET_OK && n_shards > 1 && !spec->config_only) {
         st = index_json(&p, shard_of_group, n_shards, &index);
         snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
         if (st == DUET_OK) st = files_note(&made, path);

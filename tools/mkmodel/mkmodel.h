@@ -25,6 +25,8 @@ typedef struct mk_spec {
     int shards;                /* 1: model.safetensors; N: N shards + index */
     const char *tokenizer_dir; /* borrowed; tokenizer.json + tokenizer_config.json or NULL */
     bool force;                /* replace checkpoint files already in the output directory */
+    bool config_only;          /* config.json (and the tokenizer) without tensors: for runs with
+                                * --load-format dummy, which need the shapes only */
 } mk_spec;
 
 /* Fills *spec_p with "tiny" (V3-shaped, seconds on a CPU), "v2-lite" (DeepSeek-V2-Lite) or

@@ -1,0 +1,221 @@
+/* bench_step: the decode step of the model on one rank, timed next to its memory floor. Fills
+ * B sequences with ctx tokens of context (prompt chunks), then times decode steps of one new
+ * token per sequence through mdl_forward (what the engine calls), B from --batch. The floor is
+ * the bytes the step must read (every weight it touches once, plus the KV it attends to) over
+ * the device-copy bandwidth, which this program measures itself (cudaMemcpy device to device,
+ * bytes read + written) unless --copy-gbps gives it.
+ * Usage: bench_step --model DIR [--load-format dummy] [--backend cuda] [--batch 1,16,64]
+ *                   [--ctx 1024] [--steps 50] [--enforce-eager] [--dtype bfloat16] */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#ifdef DUET_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
+
+#include "base/clock.h"
+#include "base/log.h"
+#include "base/opt.h"
+#include "engine/parallel.h"
+#include "model/model.h"
+
+/* Device-to-device copy bandwidth in GB/s, counting bytes read plus written; 0 when unknown. */
+static double copy_gbps(void) {
+#ifdef DUET_HAVE_CUDA
+    size_t n = (size_t)2 << 30;
+    void *a = NULL, *b = NULL;
+    if (cudaMalloc(&a, n) != cudaSuccess || cudaMalloc(&b, n) != cudaSuccess) {
+        cudaFree(a);
+        (void)cudaGetLastError();
+        return 0;
+    }
+    cudaMemset(a, 1, n);
+    cudaMemcpy(b, a, n, cudaMemcpyDeviceToDevice); /* warm-up */
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    float best = 1e30f;
+    for (int r = 0; r < 10; r++) {
+        cudaEventRecord(e0, 0);
+        cudaMemcpy(b, a, n, cudaMemcpyDeviceToDevice);
+        cudaEventRecord(e1, 0);
+        cudaEventSynchronize(e1);
+        float ms = 0;
+        cudaEventElapsedTime(&ms, e0, e1);
+        if (ms < best) best = ms;
+    }
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cudaFree(a);
+    cudaFree(b);
+    return 2.0 * (double)n / (best * 1e-3) / 1e9;
+#else
+    return 0;
+#endif
+}
+
+/* Bytes of weights one decode step of B tokens reads (each once), activation dtype es. Routed
+ * experts: the expected number of distinct ones B tokens pick, with routing taken as uniform
+ * (dummy weights route nearly so; trained models' skew only lowers it). */
+static double step_weight_bytes(const cfg_model *c, int B, double es) {
+    double D = c->hidden_size, H = c->num_attention_heads, L = c->kv_lora_rank;
+    double R = c->qk_rope_head_dim, nope = c->qk_nope_head_dim, v = c->v_head_dim;
+    double qk = nope + R;
+    double attn = 0;
+    if (c->q_lora_rank)
+        attn += D * c->q_lora_rank + (double)c->q_lora_rank * H * qk;
+    else
+        attn += D * H * qk;
+    attn += D * (L + R) + L * H * (nope + v) + H * v * D;
+    double dense = 3.0 * D * c->intermediate_size;
+    double expert = 3.0 * D * c->moe_intermediate_size;
+    double shared = c->n_shared_experts * expert;
+    double E = c->n_routed_experts, K = c->num_experts_per_tok;
+    double touched = E > 0 ? E * (1.0 - pow(1.0 - K / E, B)) : 0;
+    double router = E * D * 4.0 / es; /* the gate stays float32 */
+    int n_dense = c->first_k_dense_replace < c->num_hidden_layers ? c->first_k_dense_replace
+                                                                   : c->num_hidden_layers;
+    int n_moe = E > 0 ? c->num_hidden_layers - n_dense : 0;
+    if (!(E > 0)) n_dense = c->num_hidden_layers;
+    double elems = c->num_hidden_layers * attn + n_dense * dense +
+                   n_moe * (shared + touched * expert + router) + (double)c->vocab_size * D;
+    return elems * es;
+}
+
+static int parse_list(const char *s, int *out, int cap) {
+    int n = 0;
+    while (*s && n < cap) {
+        char *end;
+        long v = strtol(s, &end, 10);
+        if (end == s || v < 1 || v > 4096) return -1;
+        out[n++] = (int)v;
+        s = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') return -1;
+    }
+    return n;
+}
+
+int main(int argc, char **argv) {
+    log_set_tag("bench_step");
+    par_options po;
+    par_options_init(&po);
+    const char *model = NULL, *batches = "1,16,64";
+    int ctx = 1024, steps = 50, block_size = 64;
+    double gbps = 0;
+    const opt_spec specs[] = {
+        {.name = "--model", .type = OPT_STRING, .dest = &model, .metavar = "DIR",
+         .help = "checkpoint folder (config.json alone with --load-format dummy)"},
+        {.name = "--batch", .type = OPT_STRING, .dest = &batches, .metavar = "B,B,...",
+         .help = "batch sizes (default 1,16,64)"},
+        {.name = "--ctx", .type = OPT_INT, .dest = &ctx, .min = 1, .max = 1 << 20,
+         .def = "1024", .help = "context tokens per sequence before the timed steps"},
+        {.name = "--steps", .type = OPT_INT, .dest = &steps, .min = 1, .max = 100000,
+         .def = "50", .help = "timed decode steps per batch size"},
+        {.name = "--block-size", .type = OPT_INT, .dest = &block_size, .min = 1, .max = 4096,
+         .def = "64"},
+        {.name = "--copy-gbps", .type = OPT_DOUBLE, .dest = &gbps, .min = 0, .max = 1e6,
+         .help = "device-copy bandwidth for the floor (default: measured here)"},
+    };
+    opt_parser *op;
+    if (opt_parser_create("bench_step", "--model DIR [options]",
+                          "Times decode steps of one token per sequence next to the step's "
+                          "memory floor.",
+                          &op) != DUET_OK)
+        return 1;
+    int prc = 2;
+    if (opt_add(op, "Benchmark", specs, (int)(sizeof specs / sizeof specs[0])) == DUET_OK &&
+        par_options_add(op, &po) == DUET_OK)
+        prc = opt_parse(op, argc, argv);
+    int bs_list[32];
+    int n_b = prc == 0 ? parse_list(batches, bs_list, 32) : 0;
+    opt_parser_destroy(op);
+    if (prc) return prc == 1 ? 0 : 2;
+    if (!model || n_b <= 0) {
+        fprintf(stderr, "bench_step: --model and a valid --batch list are required\n");
+        return 2;
+    }
+    int max_b = 1;
+    for (int i = 0; i < n_b; i++) max_b = bs_list[i] > max_b ? bs_list[i] : max_b;
+    po.max_tokens = 2048 > max_b ? 2048 : max_b;
+
+    par_instance *inst;
+    if (par_instance_create(&po, model, &argc, &argv, &inst) != DUET_OK) return 1;
+    mdl_model *m = par_model(inst);
+    const cfg_model *c = mdl_config(m);
+    int per_seq = (ctx + steps + 4) / block_size + 1;
+    be_kv *kv = NULL;
+    if (mdl_kv_create(m, max_b * per_seq + 1, block_size, &kv) != DUET_OK) return 1;
+    if (gbps <= 0) gbps = copy_gbps();
+
+    int32_t *tables = malloc((size_t)max_b * per_seq * sizeof(int32_t));
+    int32_t *tokens = malloc((size_t)(ctx > max_b ? ctx : max_b) * sizeof(int32_t));
+    float *logits = malloc((size_t)max_b * c->vocab_size * sizeof(float));
+    mdl_seq *seqs = calloc((size_t)max_b, sizeof *seqs);
+    if (!tables || !tokens || !logits || !seqs) return 1;
+    for (int i = 0; i < max_b * per_seq; i++) tables[i] = i;
+    uint64_t x = 12345;
+    for (int i = 0; i < ctx; i++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        tokens[i] = (int32_t)((x >> 33) % (uint64_t)c->vocab_size);
+    }
+    double es = dt_size(mdl_backend(m)->ops->act_dtype);
+    double kv_tok = (double)mdl_kv_bytes_per_token(m);
+    printf("model %s: %d layers, hidden %d, %d experts top-%d, vocab %d; %s; copy %.0f GB/s; "
+           "ctx %d; graphs %s\n",
+           model, c->num_hidden_layers, c->hidden_size, c->n_routed_experts,
+           c->num_experts_per_tok, c->vocab_size, dt_name(mdl_backend(m)->ops->act_dtype), gbps,
+           ctx, mdl_graphs_on(m) ? "on" : "off");
+    printf("%6s %10s %10s %10s %8s %12s\n", "batch", "ms/step", "floor_ms", "ratio", "GB/s",
+           "bytes/step");
+    int rc = 0;
+    for (int bi = 0; bi < n_b && !rc; bi++) {
+        int B = bs_list[bi];
+        /* context: each sequence's prompt in chunks, one sequence at a time */
+        for (int s = 0; s < B && !rc; s++) {
+            for (int p0 = 0; p0 < ctx && !rc; p0 += 2048) {
+                int n = ctx - p0 < 2048 ? ctx - p0 : 2048;
+                mdl_seq q = {.tokens = tokens + p0,
+                             .n_tokens = n,
+                             .pos0 = p0,
+                             .block_table = tables + (size_t)s * per_seq,
+                             .n_blocks = per_seq,
+                             .n_logits = 0};
+                if (mdl_forward(m, kv, &q, 1, NULL) != DUET_OK) rc = 1;
+            }
+        }
+        int warm = 3;
+        double t0 = 0;
+        for (int it = 0; it < warm + steps && !rc; it++) {
+            if (it == warm) t0 = clock_now_s();
+            for (int s = 0; s < B; s++)
+                seqs[s] = (mdl_seq){.tokens = tokens + (s + it) % ctx,
+                                    .n_tokens = 1,
+                                    .pos0 = ctx + it,
+                                    .block_table = tables + (size_t)s * per_seq,
+                                    .n_blocks = per_seq,
+                                    .n_logits = 1};
+            if (mdl_forward(m, kv, seqs, B, logits) != DUET_OK) rc = 1;
+        }
+        if (rc) break;
+        double ms = (clock_now_s() - t0) * 1e3 / steps;
+        double bytes = step_weight_bytes(c, B, es) + (double)B * (ctx + warm + steps / 2) * kv_tok;
+        double floor_ms = gbps > 0 ? bytes / (gbps * 1e9) * 1e3 : 0;
+        printf("%6d %10.3f %10.3f %10.2f %8.0f %12.3e\n", B, ms, floor_ms,
+               floor_ms > 0 ? ms / floor_ms : 0, bytes / (ms * 1e-3) / 1e9, bytes);
+        fflush(stdout);
+    }
+    uint64_t rec = 0, launched = 0;
+    mdl_graph_counts(m, &rec, &launched);
+    printf("graphs: %llu recorded, %llu replays\n", (unsigned long long)rec,
+           (unsigned long long)launched);
+    free(tables);
+    free(tokens);
+    free(logits);
+    free(seqs);
+    mdl_kv_destroy(m, kv);
+    par_instance_destroy(inst);
+    return rc;
+}
