@@ -79,17 +79,25 @@ static duet_status parse_rate(const opt_spec *spec, const char *v, char *err, si
     return DUET_OK;
 }
 
-/* Python's str(float): "inf", "1.0", "0.5". */
+/* Python's str(float): "inf", "1.0", "0.5", "100.0" (the shortest digits that read back, in
+ * positional notation for exponents -4..15 as Python's repr). */
 static void py_float(double x, char *buf, size_t len) {
     if (isinf(x)) {
         snprintf(buf, len, x > 0 ? "inf" : "-inf");
         return;
     }
-    for (int prec = 1; prec <= 17; prec++) {
-        snprintf(buf, len, "%.*g", prec, x);
+    int prec = 1;
+    for (; prec < 17; prec++) {
+        snprintf(buf, len, "%.*e", prec - 1, x);
         if (strtod(buf, NULL) == x) break;
     }
-    if (!strpbrk(buf, ".en")) strncat(buf, ".0", len - strlen(buf) - 1);
+    int exp = atoi(strchr(buf, 'e') + 1);
+    if (exp < -4 || exp >= 16) {
+        snprintf(buf, len, "%.*g", prec, x);
+        return;
+    }
+    int decimals = prec - 1 - exp;
+    snprintf(buf, len, "%.*f", decimals > 1 ? decimals : 1, x);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -1373,7 +1381,9 @@ int main(int argc, char **argv) {
                         strerror(errno));
                 rc = 1;
             }
-            snprintf(path, sizeof path, "%s/%s", o->result_dir, name);
+            size_t dl = strlen(o->result_dir);
+            snprintf(path, sizeof path, "%s%s%s", o->result_dir,
+                     dl && o->result_dir[dl - 1] == '/' ? "" : "/", name);
         } else {
             snprintf(path, sizeof path, "%s", name);
         }
