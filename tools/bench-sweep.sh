@@ -100,13 +100,22 @@ sweep() {
     {
         echo "label=$label"
         echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-        echo "commit=$(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo "${DUET_COMMIT:-unknown}")"
+        echo "commit=$(commit)"
         echo "machine=$(machine)"
         echo "model=${model:-the server default}"
         echo "cards=$cards"
         echo "scale=$scale"
         echo "command=$cmdline"
     } >"$out/info"
+}
+
+# what was measured: the offline bundle's COMMIT file, else this checkout's HEAD, else DUET_COMMIT
+commit() {
+    if [ -f "$here/COMMIT" ]; then
+        cat "$here/COMMIT"
+    else
+        git -C "$here" rev-parse --short HEAD 2>/dev/null || echo "${DUET_COMMIT:-unknown}"
+    fi
 }
 
 machine() {
