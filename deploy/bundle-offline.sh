@@ -36,7 +36,7 @@ for p in "${progs[@]}"; do
     strip --strip-unneeded "$out/bin/$(basename "$p")"
 done
 install -m 755 tests/gpu/device_check.sh tests/gpu/pd_check.sh tests/gpu/pd_golden.py \
-    tests/integration/rank_failure.sh tools/bench-sweep.sh "$out/"
+    tests/integration/rank_failure.sh tools/bench-sweep.sh deploy/launch-2p1d.sh "$out/"
 # the sweep's report names the commit it measured; there is no git checkout on that host
 git rev-parse --short HEAD >"$out/COMMIT"
 

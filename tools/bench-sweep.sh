@@ -62,7 +62,7 @@ sweep() {
     [ -n "$bench" ] || { echo "bench-sweep: duet-bench not found (build it, or set DUET_BENCH)" >&2; exit 1; }
     mkdir -p "$out/results" "$out/logs"
     local sum=$out/summary.tsv
-    printf 'workload\tinput\toutput\tconcurrency\tprompts\tcompleted\tfailed\tduration_s\treq_s\tout_tok_s\ttotal_tok_s\tmean_ttft_ms\tp99_ttft_ms\tmean_tpot_ms\tp99_tpot_ms\tmean_itl_ms\tp99_itl_ms\tmean_e2el_ms\tp99_e2el_ms\n' >"$sum"
+    printf 'workload\tinput\toutput\tconcurrency\tprompts\tcompleted\tfailed\tduration_s\treq_s\tout_tok_s\ttotal_tok_s\tmean_ttft_ms\tp99_ttft_ms\tmean_tpot_ms\tp99_tpot_ms\tmean_itl_ms\tp99_itl_ms\tmean_e2el_ms\tp99_e2el_ms\tload1\n' >"$sum"
     local margs=()
     [ -n "$model" ] && margs=(--model "$model")
     for w in $workloads; do
@@ -91,7 +91,8 @@ sweep() {
                 mean_itl_ms p99_itl_ms mean_e2el_ms p99_e2el_ms; do
                 printf '\t%s' "$(jnum "$f" "$k")" >>"$sum"
             done
-            printf '\n' >>"$sum"
+            # a shared machine's other work shows in its load: kept next to the numbers
+            printf '\t%s\n' "$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo -)" >>"$sum"
             local failed
             failed=$(jnum "$f" failed)
             [ "${failed:-0}" = 0 ] || echo "bench-sweep: $failed requests failed at $name (see its JSON's errors)" >&2
@@ -155,20 +156,21 @@ report() {
         done
         echo
         echo "Streamed requests with \`--ignore-eos\`; TTFT, TPOT, ITL and E2EL as \`vllm bench serve\`"
-        echo "defines them (docs/benchmarks.md). Each level: rounds x concurrency requests."
+        echo "defines them (docs/benchmarks.md). Each level: rounds x concurrency requests. load: the"
+        echo "machine's 1-minute load average when the level ended."
         for w in "${wls[@]}"; do
             echo
             echo "## $w input/output tokens"
             echo
-            echo "| series | sent | concurrency | requests (failed) | req/s | output tok/s | output tok/s/card | total tok/s | TTFT mean / P99 ms | TPOT mean / P99 ms | ITL mean / P99 ms | E2EL mean ms |"
-            echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+            echo "| series | sent | concurrency | requests (failed) | req/s | output tok/s | output tok/s/card | total tok/s | TTFT mean / P99 ms | TPOT mean / P99 ms | ITL mean / P99 ms | E2EL mean ms | load |"
+            echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
             for s in "${series[@]}"; do
                 lbl=${s%%=*} dir=${s#*=}
                 local cards
                 cards=$(info "$dir" cards)
                 awk -F'\t' -v w="$w" -v l="$lbl" -v cards="${cards:-1}" 'NR > 1 && $1 == w {
-                    printf "| %s | %s/%s | %s | %s (%s) | %.2f | %.1f | %.1f | %.1f | %.1f / %.1f | %.2f / %.2f | %.2f / %.2f | %.1f |\n",
-                        l, $2, $3, $4, $6, $7, $9, $10, $10 / cards, $11, $12, $13, $14, $15, $16, $17, $18 }' "$dir/summary.tsv"
+                    printf "| %s | %s/%s | %s | %s (%s) | %.2f | %.1f | %.1f | %.1f | %.1f / %.1f | %.2f / %.2f | %.2f / %.2f | %.1f | %s |\n",
+                        l, $2, $3, $4, $6, $7, $9, $10, $10 / cards, $11, $12, $13, $14, $15, $16, $17, $18, $20 == "" ? "-" : $20 }' "$dir/summary.tsv"
             done
         done
         echo

@@ -292,7 +292,7 @@ static int on_event(void *arg, const char *data, size_t len) {
         return 1;
     }
     const cJSON *err = cJSON_GetObjectItemCaseSensitive(root, "error");
-    if (err) {
+    if (err && !cJSON_IsNull(err)) {
         error_of_body(data, len, buf, sizeof buf);
         char msg[600];
         snprintf(msg, sizeof msg, "error event after %d chunks: %s", r->out->n_chunks, buf);
@@ -391,8 +391,9 @@ static void on_end(httpc_req *req, duet_status st, void *arg) {
     /* a whole answer: only its end is seen, so TTFT, TPOT and ITL are not measured */
     cJSON *root = cJSON_ParseWithLength(r->body.p ? r->body.p : "", r->body.len);
     const cJSON *choices = cJSON_GetObjectItemCaseSensitive(root, "choices");
-    bool ok = cJSON_IsArray(choices) && cJSON_GetArraySize(choices) > 0 &&
-              !cJSON_GetObjectItemCaseSensitive(root, "error");
+    const cJSON *err = cJSON_GetObjectItemCaseSensitive(root, "error");
+    bool ok =
+        cJSON_IsArray(choices) && cJSON_GetArraySize(choices) > 0 && (!err || cJSON_IsNull(err));
     if (ok) {
         out->latency = out->ttft = ns_to_s(now - r->t_send);
         out->n_chunks = 1;
@@ -737,6 +738,7 @@ int main(int argc, char **argv) {
     o->logprobs = -1;
     const opt_spec conn[] = {
         {.name = "--backend",
+         .alias = "--endpoint-type",
          .type = OPT_CHOICE,
          .dest = &o->backend,
          .choices = "openai|vllm|openai-chat",
@@ -1055,6 +1057,13 @@ int main(int argc, char **argv) {
     opt_parser_destroy(op);
     if (prc) return prc == 1 ? 0 : 2;
     if (!has_conc) o->max_concurrency = 0;
+    /* ids unique across runs, as vLLM's bench-<uuid>-, so a server's logs tell runs apart */
+    static char rid_prefix[32];
+    if (!o->request_id_prefix) {
+        snprintf(rid_prefix, sizeof rid_prefix, "bench-%08x-",
+                 (unsigned)(uv_hrtime() ^ ((uint64_t)getpid() << 16)));
+        o->request_id_prefix = rid_prefix;
+    }
     if (!has_share_len) o->sharegpt_output_len = 0;
 
     /* vLLM's general lengths map onto each dataset's */

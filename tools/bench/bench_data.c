@@ -211,8 +211,8 @@ static duet_status top_up(bds_set *out, int n, uint64_t seed, bool no_oversample
                           size_t err_len) {
     if (out->n >= n || no_oversample) return DUET_OK;
     if (out->n == 0) return fail(err, err_len, "the dataset has no usable prompt");
-    fprintf(stderr, "duet-bench: the dataset gave %d prompts; drawing %d more among them\n", out->n,
-            n - out->n);
+    fprintf(stderr, "duet-bench: %d usable prompts in the dataset; %d more drawn among them\n",
+            out->n, n - out->n);
     bds_rng g;
     bds_rng_init(&g, seed, 3);
     int have = out->n;
@@ -356,7 +356,7 @@ duet_status bds_custom(const char *path, const tok_tokenizer *tok, const chat_te
         }
         if (st != DUET_OK) break;
         it->output_len = output_len;
-        if (tok) it->prompt_len = count_tokens(tok, it->text);
+        if (tok && (it->prompt_len = count_tokens(tok, it->text)) < 0) it->prompt_len = 0;
         out->n++;
     }
     free(idx);
