@@ -126,7 +126,7 @@ machine() {
         gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sort | uniq -c |
             awk '{ n = $1; $1 = ""; printf "%s%dx%s", sep, n, substr($0, 2); sep = ", " }')
     fi
-    echo "$(uname -sm), ${cpu:-unknown CPU}, $(nproc) CPUs, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)${gpu:+, $gpu}"
+    echo "$(uname -sm), ${cpu:-unknown CPU}, $(nproc --all) CPUs, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)${gpu:+, $gpu}"
 }
 
 info() { sed -n "s/^$2=//p" "$1/info" 2>/dev/null | head -1; }
