@@ -1054,8 +1054,12 @@ int main(int argc, char **argv) {
          has_endpoint = opt_given(op, "--endpoint"),
          has_share_len = opt_given(op, "--sharegpt-output-len"),
          has_conc = opt_given(op, "--max-concurrency");
-    opt_parser_destroy(op);
-    if (prc) return prc == 1 ? 0 : 2;
+    /* the parser owns the arrays of the list options (--header, --metadata, --goodput): it
+     * lives until the end */
+    if (prc) {
+        opt_parser_destroy(op);
+        return prc == 1 ? 0 : 2;
+    }
     if (!has_conc) o->max_concurrency = 0;
     /* ids unique across runs, as vLLM's bench-<uuid>-, so a server's logs tell runs apart */
     static char rid_prefix[32];
@@ -1135,11 +1139,14 @@ int main(int argc, char **argv) {
         b.headers[b.n_headers++] = (http_header){"Authorization", b.auth};
     }
     for (int i = 0; i < o->headers.n; i++) {
-        char *kv = strdup(o->headers.v[i]), *eq = kv ? strchr(kv, '=') : NULL;
-        if (!eq || b.n_headers >= MAX_HEADERS - 1)
+        static char kv[MAX_HEADERS][1024];
+        char *eq = strchr(o->headers.v[i], '=');
+        if (!eq || b.n_headers >= MAX_HEADERS - 1 || strlen(o->headers.v[i]) >= sizeof kv[0])
             return usage_error("--header: '%s' is not KEY=VALUE", o->headers.v[i]);
-        *eq = '\0';
-        b.headers[b.n_headers++] = (http_header){kv, eq + 1};
+        snprintf(kv[b.n_headers], sizeof kv[0], "%.*s", (int)(eq - o->headers.v[i]),
+                 o->headers.v[i]);
+        b.headers[b.n_headers] = (http_header){kv[b.n_headers], eq + 1};
+        b.n_headers++;
     }
     for (int i = 0; i < o->metadata.n; i++)
         if (!strchr(o->metadata.v[i], '='))
@@ -1428,6 +1435,7 @@ int main(int argc, char **argv) {
     cJSON_Delete(b.extra_body);
     tok_destroy(b.tok);
     free(b.model_id);
+    opt_parser_destroy(op);
     if (rc) return rc;
     if (b.interrupted) return 130;
     return o->fail_on_error && res.failed ? 1 : 0;
