@@ -30,13 +30,15 @@ rm -rf "$out"
 mkdir -p "$out/bin" "$out/debs" "$out/golden"
 progs=(tools/duet-check tools/duet-run tests/gpu/test_backend_ops tests/gpu/test_sample
        tests/gpu/gpu_guard prefill/duet-prefill decode/duet-decode proxy/duet-proxy
-       tools/duet-kvbench tests/gpu/bench_step)
+       tools/duet-kvbench tools/duet-bench tests/gpu/bench_step)
 for p in "${progs[@]}"; do
     install -m 755 "build-bundle/$p" "$out/bin/"
     strip --strip-unneeded "$out/bin/$(basename "$p")"
 done
 install -m 755 tests/gpu/device_check.sh tests/gpu/pd_check.sh tests/gpu/pd_golden.py \
-    tests/integration/rank_failure.sh "$out/"
+    tests/integration/rank_failure.sh tools/bench-sweep.sh deploy/launch-2p1d.sh "$out/"
+# the sweep's report names the commit it measured; there is no git checkout on that host
+git rev-parse --short HEAD >"$out/COMMIT"
 
 # 2. runtime libraries: what the programs link, less what the host must provide itself (libc,
 # the compiler runtimes, Open MPI and its stack, CUDA), plus the libraries of duet's servers

@@ -10,6 +10,7 @@ pkgs=(
     libucx-dev ucx-utils libopenmpi-dev openmpi-bin
     curl procps psmisc iproute2
     prometheus nginx-light wrk
+    gnuplot-nox
 )
 
 # Node.js runs the tests' real OpenAI client; a machine may already carry its own build of it.

@@ -77,7 +77,7 @@ static double step_weight_bytes(const cfg_model *c, int B, double es) {
     double touched = E > 0 ? E * (1.0 - pow(1.0 - K / E, B)) : 0;
     double router = E * D * 4.0 / es; /* the gate stays float32 */
     int n_dense = c->first_k_dense_replace < c->num_hidden_layers ? c->first_k_dense_replace
-                                                                   : c->num_hidden_layers;
+                                                                  : c->num_hidden_layers;
     int n_moe = E > 0 ? c->num_hidden_layers - n_dense : 0;
     if (!(E > 0)) n_dense = c->num_hidden_layers;
     double elems = c->num_hidden_layers * attn + n_dense * dense +
@@ -106,17 +106,41 @@ int main(int argc, char **argv) {
     int ctx = 1024, steps = 50, block_size = 64;
     double gbps = 0;
     const opt_spec specs[] = {
-        {.name = "--model", .type = OPT_STRING, .dest = &model, .metavar = "DIR",
+        {.name = "--model",
+         .type = OPT_STRING,
+         .dest = &model,
+         .metavar = "DIR",
          .help = "checkpoint folder (config.json alone with --load-format dummy)"},
-        {.name = "--batch", .type = OPT_STRING, .dest = &batches, .metavar = "B,B,...",
+        {.name = "--batch",
+         .type = OPT_STRING,
+         .dest = &batches,
+         .metavar = "B,B,...",
          .help = "batch sizes (default 1,16,64)"},
-        {.name = "--ctx", .type = OPT_INT, .dest = &ctx, .min = 1, .max = 1 << 20,
-         .def = "1024", .help = "context tokens per sequence before the timed steps"},
-        {.name = "--steps", .type = OPT_INT, .dest = &steps, .min = 1, .max = 100000,
-         .def = "50", .help = "timed decode steps per batch size"},
-        {.name = "--block-size", .type = OPT_INT, .dest = &block_size, .min = 1, .max = 4096,
+        {.name = "--ctx",
+         .type = OPT_INT,
+         .dest = &ctx,
+         .min = 1,
+         .max = 1 << 20,
+         .def = "1024",
+         .help = "context tokens per sequence before the timed steps"},
+        {.name = "--steps",
+         .type = OPT_INT,
+         .dest = &steps,
+         .min = 1,
+         .max = 100000,
+         .def = "50",
+         .help = "timed decode steps per batch size"},
+        {.name = "--block-size",
+         .type = OPT_INT,
+         .dest = &block_size,
+         .min = 1,
+         .max = 4096,
          .def = "64"},
-        {.name = "--copy-gbps", .type = OPT_DOUBLE, .dest = &gbps, .min = 0, .max = 1e6,
+        {.name = "--copy-gbps",
+         .type = OPT_DOUBLE,
+         .dest = &gbps,
+         .min = 0,
+         .max = 1e6,
          .help = "device-copy bandwidth for the floor (default: measured here)"},
     };
     opt_parser *op;
@@ -165,9 +189,9 @@ int main(int argc, char **argv) {
     double kv_tok = (double)mdl_kv_bytes_per_token(m);
     printf("model %s: %d layers, hidden %d, %d experts top-%d, vocab %d; %s; copy %.0f GB/s; "
            "ctx %d; graphs %s\n",
-           model, c->num_hidden_layers, c->hidden_size, c->n_routed_experts,
-           c->num_experts_per_tok, c->vocab_size, dt_name(mdl_backend(m)->ops->act_dtype), gbps,
-           ctx, mdl_graphs_on(m) ? "on" : "off");
+           model, c->num_hidden_layers, c->hidden_size, c->n_routed_experts, c->num_experts_per_tok,
+           c->vocab_size, dt_name(mdl_backend(m)->ops->act_dtype), gbps, ctx,
+           mdl_graphs_on(m) ? "on" : "off");
     printf("%6s %10s %10s %10s %8s %12s\n", "batch", "ms/step", "floor_ms", "ratio", "GB/s",
            "bytes/step");
     int rc = 0;
