@@ -44,6 +44,9 @@ static void dummy_fill(loader *ld, const char *name, int full_in, int r0, int nr
     int is_bias = strstr(name, "e_score_correction_bias") != NULL;
     uint64_t h = hash_fnv1a_str(name) ^ hash_mix64(ld->dummy_seed + 0x9e3779b97f4a7c15ull);
     const float a = 0.02f * 1.7320508f; /* uniform [-a, a] has std 0.02 */
+    /* every value depends only on (name, row, col): rows in parallel (big models' dummy
+     * weights would otherwise take minutes on one core) */
+#pragma omp parallel for schedule(static) if ((size_t)nrows * ncols > 65536)
     for (int i = 0; i < nrows; i++)
         for (int j = 0; j < ncols; j++) {
             float v;

@@ -257,6 +257,8 @@ static duet_status cuda_weight_create(be_backend *be, const float *w, int n_out,
             free(bw);
             return DUET_ERR_NO_MEMORY;
         }
+        /* rows of big weights in parallel: loading is otherwise bound by this loop */
+#pragma omp parallel for schedule(static) if (n > (1u << 20))
         for (size_t i = 0; i < n; i++) h[i] = dt_f32_to_bf16(w[i]);
         host = h;
         src = h;
