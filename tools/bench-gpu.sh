@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The GPU benchmark of one device call, from the offline bundle (deploy/bundle-offline.sh packs
+# it with the programs and a DeepSeek-V2-Lite config.json for --load-format dummy):
+#   bash .bundle/run.sh bash .bundle/bench-gpu.sh [SECTIONS...]
+# Sections (default: all, in this order):
+#   kernels  the ceilings and each hot kernel: bench_mla, bench_moe, bench_sample, when packed
+#   step     decode steps through the model at batch 1, 16, 64 (context 1k) next to their
+#            memory floor, with recorded steps (CUDA graphs) and with --enforce-eager
+#   serve    duet-decode on the GPU behind duet-bench: TPOT at 1 and at 64 concurrent (greedy
+#            and top_p 0.95), 200 requests at once (1,000 in / 100 out), a lone prompt's TTFT
+# Output: a summary on stdout; every log and result JSON under $OUT (or /tmp/duet-bench-gpu).
+set -u
+here=${DUET_BUNDLE:?run through run.sh}
+out=${OUT:-/tmp/duet-bench-gpu}
+mkdir -p "$out"
+model=${DUET_BENCH_MODEL:-$here/models/v2-lite}
+sections=("$@")
+[ ${#sections[@]} -gt 0 ] || sections=(kernels step serve)
+log=$out/bench.log
+summary=$out/summary.txt
+: >"$summary"
+say() { echo "$*" | tee -a "$summary"; }
+has() { command -v "$1" >/dev/null 2>&1; }
+run() { # name timeout cmd...: output to $out/name.txt, tail to the summary
+    local name=$1 tmo=$2
+    shift 2
+    echo "=== $name: $*" >>"$log"
+    local t0=$SECONDS
+    timeout "$tmo" "$@" >"$out/$name.txt" 2>&1
+    local rc=$?
+    say "--- $name (rc=$rc, $((SECONDS - t0)) s): $*"
+    grep -v "^[0-9:.]* .* [IDW] " "$out/$name.txt" | tail -n "${TAIL:-14}" | tee -a "$summary"
+    return $rc
+}
+
+say "commit $(cat "$here/COMMIT" 2>/dev/null || echo '?'), $(date -u +%Y-%m-%dT%H:%MZ)"
+say "$(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | head -1)"
+
+for s in "${sections[@]}"; do
+    case "$s" in
+    kernels)
+        has bench_mla && run bench_mla 240 bench_mla
+        has bench_moe && run bench_moe 240 bench_moe
+        has bench_sample && run bench_sample 180 bench_sample
+        ;;
+    step)
+        run step_graphs 420 bench_step --model "$model" --backend cuda --load-format dummy \
+            --batch 1,16,64 --ctx 1024 --steps 50
+        run step_eager 420 bench_step --model "$model" --backend cuda --load-format dummy \
+            --batch 1,64 --ctx 1024 --steps 20 --enforce-eager
+        ;;
+    serve)
+        port=8600
+        duet-decode --model "$model" --served-model-name v2lite --backend cuda \
+            --load-format dummy --host 127.0.0.1 --port $port --max-model-len 4096 \
+            --max-num-seqs 256 --max-num-batched-tokens 8192 --kv-cache-memory 24G \
+            >"$out/server.log" 2>&1 &
+        srv=$!
+        ok=0
+        for _ in $(seq 300); do
+            curl -sf "http://127.0.0.1:$port/health" >/dev/null && ok=1 && break
+            kill -0 $srv 2>/dev/null || break
+            sleep 1
+        done
+        if [ $ok != 1 ]; then
+            say "--- serve: the server did not come up"
+            tail -20 "$out/server.log" | tee -a "$summary"
+            kill $srv 2>/dev/null
+            continue
+        fi
+        common=(--base-url "http://127.0.0.1:$port" --model "$model" --served-model-name v2lite
+            --dataset-name random --random-input-len 1000 --random-output-len 100 --ignore-eos
+            --save-result --result-dir "$out" --seed 7)
+        TAIL=24 run serve_batch1 300 duet-bench "${common[@]}" --num-prompts 8 \
+            --max-concurrency 1 --result-filename batch1.json
+        TAIL=24 run serve_conc64 300 duet-bench "${common[@]}" --num-prompts 128 \
+            --max-concurrency 64 --result-filename conc64.json
+        TAIL=24 run serve_conc64_topp 300 duet-bench "${common[@]}" --num-prompts 128 \
+            --max-concurrency 64 --temperature 0.6 --top-p 0.95 --result-filename conc64_topp.json
+        TAIL=24 run serve_200 400 duet-bench "${common[@]}" --num-prompts 200 \
+            --result-filename all200.json
+        kill -TERM $srv 2>/dev/null
+        wait $srv 2>/dev/null
+        grep -E "graph|KV cache|serving" "$out/server.log" | head -5 | tee -a "$summary"
+        ;;
+    *) say "unknown section $s" ;;
+    esac
+done
