@@ -40,7 +40,11 @@ grep -q "ERROR: AddressSanitizer: heap-buffer-overflow" "$scratch/planted.log" |
 echo "run-timed: planted bug caught ($(grep -m1 -o 'stat::number_of_executed_units: [0-9]*' \
     "$scratch/planted.log" || echo 'found'))"
 
-mapfile -t drivers < <(cd "$build/tests/fuzz" && ls fuzz_* | grep -v -e '_replay$' -e '\.p$' | sort)
+drivers=()
+for f in "$build"/tests/fuzz/fuzz_*; do
+    case $f in *_replay | *.p) continue ;; esac
+    [ -f "$f" ] && [ -x "$f" ] && drivers+=("${f##*/}")
+done
 [ ${#drivers[@]} -gt 0 ] || { echo "run-timed: no libFuzzer drivers in $build"; exit 1; }
 run_one() {
     local d=$1 name=${1#fuzz_}

@@ -4,14 +4,17 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The buffer escapes through it, so the compiler cannot elide the allocation or the read. */
+static char *volatile g_escape;
+
 int main(int argc, char **argv) {
     (void)argv;
     size_t n = 16 + (size_t)argc; /* not a constant: the compiler cannot prove the access */
-    char *buf = malloc(n);
-    if (!buf) return 2;
-    memset(buf, 'x', n);
-    volatile char c = buf[n]; /* one past the end */
+    g_escape = malloc(n);
+    if (!g_escape) return 2;
+    memset(g_escape, 'x', n);
+    char c = g_escape[n]; /* one past the end */
     printf("read %d\n", c);
-    free(buf);
+    free(g_escape);
     return 0;
 }
