@@ -55,10 +55,17 @@ static void check_decode_body(px_gen *g, const cJSON *kv) {
     cJSON *d = parse_printed(text, len);
     if (!d) return;
     int n = count(d, "kv_transfer_params");
-    if (kv && (n != 1 ||
-               !cJSON_Compare(cJSON_GetObjectItemCaseSensitive(d, "kv_transfer_params"), kv, 1)))
+    if (kv) {
+        /* compared as printed text: cJSON_Compare matches duplicate names to the first one */
+        char *want = cJSON_PrintUnformatted(kv);
+        char *got =
+            cJSON_PrintUnformatted(cJSON_GetObjectItemCaseSensitive(d, "kv_transfer_params"));
+        if (n != 1 || (want && got && strcmp(want, got))) abort();
+        cJSON_free(want);
+        cJSON_free(got);
+    } else if (n != 0) {
         abort();
-    if (!kv && n != 0) abort();
+    }
     cJSON_Delete(d);
 }
 
