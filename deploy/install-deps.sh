@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Installs every Debian package duet needs to build, test and run (Debian 12 / bookworm).
+# clang with its sanitizer and libFuzzer runtimes (libclang-rt-14-dev) and llvm-symbolizer
+# (llvm-14) serve CI's sanitizer and fuzzing jobs (tests/sanitize/run.sh).
 # Used by both README commands and by CI; safe to run again (apt-get skips what is present).
 set -euo pipefail
 
@@ -9,6 +11,7 @@ pkgs=(
     libprotobuf-c-dev protobuf-c-compiler libssl-dev
     libucx-dev ucx-utils libopenmpi-dev openmpi-bin
     curl procps psmisc iproute2
+    clang libclang-rt-14-dev llvm-14
     prometheus nginx-light wrk
     gnuplot-nox
 )

@@ -377,7 +377,12 @@ static duet_status x_start(void *state, const srv_kv_context *ctx) {
     }
     x->tp_size = ctx->tp_size;
     kvl_role role = {.arg = x, .open = role_open, .tick = role_tick, .close = role_close};
-    return kvl_create(&x->common, ctx, &role, &x->link);
+    /* role_open stores x->link before the transfer thread starts, and the thread reads it as
+     * soon as a decode worker connects: kvl_create must not store it again from here. */
+    kvl_link *link = NULL;
+    duet_status st = kvl_create(&x->common, ctx, &role, &link);
+    if (st != DUET_OK) x->link = NULL; /* freed by kvl_create */
+    return st;
 }
 
 static void x_stop(void *state) {

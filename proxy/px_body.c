@@ -93,10 +93,17 @@ uint64_t px_gen_decode_load(const px_gen *g) {
     return g->prompt_tokens + g->max_tokens;
 }
 
+/* Removes every member named key: a client may send a name twice, cJSON keeps both and the
+ * worker reads the first. */
+static void delete_all(cJSON *obj, const char *key) {
+    while (cJSON_GetObjectItemCaseSensitive(obj, key))
+        cJSON_DeleteItemFromObjectCaseSensitive(obj, key);
+}
+
 /* Sets key to item (taking it), replacing any earlier value. */
 static bool set_item(cJSON *obj, const char *key, cJSON *item) {
     if (!item) return false;
-    cJSON_DeleteItemFromObjectCaseSensitive(obj, key);
+    delete_all(obj, key);
     if (!cJSON_AddItemToObject(obj, key, item)) {
         cJSON_Delete(item);
         return false;
@@ -121,9 +128,9 @@ char *px_gen_prefill_body(const px_gen *g, size_t *len_p) {
     ok = ok && set_item(p, "max_tokens", cJSON_CreateNumber(1));
     if (ok && cJSON_HasObjectItem(p, "max_completion_tokens"))
         ok = set_item(p, "max_completion_tokens", cJSON_CreateNumber(1));
-    cJSON_DeleteItemFromObjectCaseSensitive(p, "stream_options");
+    delete_all(p, "stream_options");
     /* min_tokens > 1 with max_tokens 1 is a validation error in vLLM. */
-    cJSON_DeleteItemFromObjectCaseSensitive(p, "min_tokens");
+    delete_all(p, "min_tokens");
     char *s = ok ? print(p, len_p) : NULL;
     cJSON_Delete(p);
     return s;
@@ -131,7 +138,7 @@ char *px_gen_prefill_body(const px_gen *g, size_t *len_p) {
 
 char *px_gen_decode_body(px_gen *g, const cJSON *kv, size_t *len_p) {
     if (!kv) {
-        cJSON_DeleteItemFromObjectCaseSensitive(g->root, "kv_transfer_params");
+        delete_all(g->root, "kv_transfer_params");
         return print(g->root, len_p);
     }
     if (!set_item(g->root, "kv_transfer_params", cJSON_Duplicate(kv, 1))) return NULL;

@@ -35,6 +35,7 @@ static size_t frame_len(const kvw_reader *r) {
 }
 
 duet_status kvw_reader_feed(kvw_reader *r, const void *data, size_t len) {
+    if (len == 0) return DUET_OK; /* the buffer may not exist yet: no copy from or to NULL */
     if (r->len + len > r->cap) {
         size_t cap = r->cap ? r->cap : 4096;
         while (cap < r->len + len) cap *= 2;

@@ -87,8 +87,9 @@ static int rd_int(rd *r, const cJSON *o, const char *where, const char *key, int
         if (def == REQUIRED_INT) rd_fail(r, "%s: \"%s\" is required", where, key);
         return def;
     }
-    if (!cJSON_IsNumber(v) || v->valuedouble != (double)(long long)v->valuedouble ||
-        v->valuedouble < min || v->valuedouble > max) {
+    /* the range first: converting a double beyond long long's range is undefined */
+    if (!cJSON_IsNumber(v) || !(v->valuedouble >= min && v->valuedouble <= max) ||
+        v->valuedouble != (double)(long long)v->valuedouble) {
         rd_fail(r, "%s: \"%s\" must be an integer from %d to %d", where, key, min, max);
         return def;
     }

@@ -851,9 +851,11 @@ static void emit_token(eng_engine *e, ereq *r, int32_t tok, const eng_token_lp *
     ev.text_len = send;
     if (r->prompt_lp && r->n_tokens - r->n_prompt == 1) ev.prompt_logprobs = r->prompt_lp;
     emit(e, r, &ev);
-    memmove(r->text, r->text + send, r->text_len - send);
+    if (r->text) { /* NULL for a request without text (no tokenizer): nothing to move */
+        memmove(r->text, r->text + send, r->text_len - send);
+        r->text[r->text_len - send] = '\0';
+    }
     r->text_len -= send;
-    if (r->text) r->text[r->text_len] = '\0';
 }
 
 static void fill_lp(eng_engine *e, const float *row, int32_t tok, int n, eng_token_lp *lp) {

@@ -1205,7 +1205,7 @@ static bool parse_targets(parser *ps, jnode *n) {
     nvec names = {0};
     bool ok = true;
     do {
-        jstr name;
+        jstr name = {0};
         if (names.n) next(ps);
         ok = parse_name(ps, &name) && nvec_push(ps, &names, NULL, name);
     } while (ok && is_op(cur(ps), OP_COMMA));

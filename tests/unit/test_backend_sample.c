@@ -61,8 +61,10 @@ int main(void) {
     /* the wrapper's fallback on the CPU backend gives the same token */
     be_backend *be;
     CHECK(be_create("cpu", 0, &be) == DUET_OK);
-    void *dev = be->ops->buf_alloc(be, 8);
-    be->ops->upload(be, dev, 0, l, 8);
+    void *dev = be->ops->buf_alloc(be, 2 * 8); /* two rows of logits [2, 8], both l */
+    CHECK(dev != NULL);
+    CHECK(be->ops->upload(be, dev, 0, l, 8) == DUET_OK);
+    CHECK(be->ops->upload(be, dev, 8, l, 8) == DUET_OK);
     be_sample_row rows[2] = {g, {.temperature = 0.8f, .top_k = 3, .top_p = 0.9f, .seed = 1}};
     int32_t ids[2];
     CHECK(be_sample(be, dev, 2, 8, rows, ids) == DUET_OK);

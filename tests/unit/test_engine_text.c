@@ -31,11 +31,11 @@ static void on_event(void *user, const eng_event *ev) {
     (void)user;
     if (R.n_events < 64) {
         size_t n = ev->text_len < 255 ? ev->text_len : 255;
-        memcpy(R.piece[R.n_events], ev->text, n);
+        if (n) memcpy(R.piece[R.n_events], ev->text, n); /* text is NULL in a bare final event */
         R.piece[R.n_events][n] = '\0';
     }
     R.n_events++;
-    if (R.len + ev->text_len < sizeof R.text) {
+    if (ev->text_len && R.len + ev->text_len < sizeof R.text) {
         memcpy(R.text + R.len, ev->text, ev->text_len);
         R.len += ev->text_len;
         R.text[R.len] = '\0';

@@ -420,7 +420,8 @@ static void test_speed(void) {
     time_encode("one 100k-letter word", s, n);
     for (size_t i = 0; i < n; i++) s[i] = (char)('0' + i % 10);
     time_encode("digits", s, n);
-    for (size_t i = 0; i + 3 <= n; i += 3) memcpy(s + i, "中文字" + (i / 3 % 3) * 3, 3);
+    static const char cjk[] = "中文字";
+    for (size_t i = 0; i + 3 <= n; i += 3) memcpy(s + i, &cjk[(i / 3 % 3) * 3], 3);
     time_encode("one CJK run", s, n / 3 * 3);
     for (size_t i = 0; i < n; i++) s[i] = (char)(i % 2 ? '\n' : '\r');
     time_encode("line breaks", s, n);

@@ -7,6 +7,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -404,9 +405,30 @@ typedef struct mk_plan {
     duet_status st;
 } mk_plan;
 
+/* Tensor names are built in fixed buffers: one that does not fit is a defect of the plan, never
+ * written cut short (two cut names could collide in the checkpoint). Returns out. */
+__attribute__((format(printf, 4, 5))) static const char *
+plan_name(mk_plan *p, char *out, size_t cap, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(out, cap, fmt, ap);
+    va_end(ap);
+    if (n < 0 || (size_t)n >= cap) {
+        LOG_ERROR("mkmodel: tensor name too long: %s...", out);
+        if (p->st == DUET_OK) p->st = DUET_ERR_INTERNAL;
+    }
+    return out;
+}
+
 static mk_tensor *plan_add(mk_plan *p, const char *name, dt_dtype dt, int64_t rows, int64_t cols,
                            mk_fill fill, int new_group) {
     if (p->st != DUET_OK) return NULL;
+    size_t name_len = strlen(name);
+    if (name_len >= sizeof p->t[0].name) {
+        LOG_ERROR("mkmodel: tensor name too long: %s", name);
+        p->st = DUET_ERR_INTERNAL;
+        return NULL;
+    }
     if (p->n == p->cap) {
         size_t cap = p->cap ? p->cap * 2 : 256;
         mk_tensor *t = realloc(p->t, cap * sizeof *t);
@@ -419,7 +441,7 @@ static mk_tensor *plan_add(mk_plan *p, const char *name, dt_dtype dt, int64_t ro
     }
     mk_tensor *t = &p->t[p->n++];
     memset(t, 0, sizeof *t);
-    snprintf(t->name, sizeof t->name, "%s", name);
+    memcpy(t->name, name, name_len + 1);
     t->dtype = dt;
     t->ndim = cols > 0 ? 2 : 1;
     t->shape[0] = rows;
@@ -444,7 +466,7 @@ static void add_linear(mk_plan *p, const cfg_model *c, const char *name, int row
     }
     plan_add(p, name, DT_F8_E4M3, rows, cols, MK_FILL_NORMAL, 1);
     char sname[160];
-    snprintf(sname, sizeof sname, "%s_scale_inv", name);
+    plan_name(p, sname, sizeof sname, "%s_scale_inv", name);
     int bo = c->fp8_block[0], bi = c->fp8_block[1];
     plan_add(p, sname, DT_F32, (rows + bo - 1) / bo, (cols + bi - 1) / bi, MK_FILL_SCALE, 0);
 }
@@ -452,11 +474,11 @@ static void add_linear(mk_plan *p, const cfg_model *c, const char *name, int row
 static void add_ffn(mk_plan *p, const cfg_model *c, const char *prefix, int inter) {
     char n[160];
     int D = c->hidden_size;
-    snprintf(n, sizeof n, "%s.gate_proj.weight", prefix);
+    plan_name(p, n, sizeof n, "%s.gate_proj.weight", prefix);
     add_linear(p, c, n, inter, D);
-    snprintf(n, sizeof n, "%s.up_proj.weight", prefix);
+    plan_name(p, n, sizeof n, "%s.up_proj.weight", prefix);
     add_linear(p, c, n, inter, D);
-    snprintf(n, sizeof n, "%s.down_proj.weight", prefix);
+    plan_name(p, n, sizeof n, "%s.down_proj.weight", prefix);
     add_linear(p, c, n, D, inter);
 }
 
@@ -466,7 +488,7 @@ static void add_layer(mk_plan *p, const cfg_model *c, int l) {
     bool mtp = l >= c->num_hidden_layers;
     char pre[64], n[160];
     snprintf(pre, sizeof pre, "model.layers.%d", l);
-#define N(suffix) (snprintf(n, sizeof n, "%s.%s", pre, suffix), n)
+#define N(suffix) plan_name(p, n, sizeof n, "%s.%s", pre, suffix)
     if (mtp) {
         /* DeepSeek-V3's multi-token-prediction module: its own embedding and head copies, two
          * norms and eh_proj (BF16 in DeepSeek's files) around a full decoder layer. */
@@ -501,7 +523,7 @@ static void add_layer(mk_plan *p, const cfg_model *c, int l) {
             plan_add(p, N("mlp.gate.e_score_correction_bias"), DT_F32, E, 0, MK_FILL_BIAS, 1);
         for (int e = 0; e < E; e++) {
             char ep[96];
-            snprintf(ep, sizeof ep, "%s.mlp.experts.%d", pre, e);
+            plan_name(p, ep, sizeof ep, "%s.mlp.experts.%d", pre, e);
             add_ffn(p, c, ep, c->moe_intermediate_size);
         }
         if (c->n_shared_experts > 0)
