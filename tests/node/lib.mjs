@@ -49,7 +49,8 @@ export async function freePort(count = 1) {
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-// A server process: args after the program; mpi = {np} runs it under mpirun.
+// A server process: args after the program; mpi = {np} runs it under mpirun, mpi = {apps:
+// [{np, args}, ...]} as one mpirun job of several command lines.
 export class Server {
   constructor(args, { mpi = null, env = {}, port, bin = DECODE } = {}) {
     this.port = port;
@@ -64,8 +65,11 @@ export class Server {
     if (mpi) {
       childEnv.OMPI_ALLOW_RUN_AS_ROOT = '1';
       childEnv.OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = '1';
-      this.proc = spawn(MPIRUN, ['--oversubscribe', '-np', String(mpi.np), bin, ...args],
-        { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+      // mpi.apps: one command line per group of ranks, as 'mpirun -np A prog x : -np B prog y'
+      const apps = mpi.apps || [{ np: mpi.np, args }];
+      const argv = ['--oversubscribe'];
+      apps.forEach((a, i) => argv.push(...(i ? [':'] : []), '-np', String(a.np), bin, ...a.args));
+      this.proc = spawn(MPIRUN, argv, { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
     } else {
       this.proc = spawn(bin, args, { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
     }
