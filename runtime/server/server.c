@@ -1,7 +1,8 @@
-/* srv_main: a worker process (duet-prefill / duet-decode). Command line, the MPI instance, one
- * engine thread stepping the engine (TP followers run par_follow instead), the libuv loop with
- * the HTTP server and routing, engine events carried to the loop through a mutex queue and a
- * uv_async_t, and the SIGTERM drain. The OpenAI endpoints themselves live in api_openai.c. */
+/* srv_main: a worker process (duet-prefill / duet-decode). The MPI instance, one engine thread
+ * stepping the engine (TP followers run par_follow instead), the libuv loop with the HTTP
+ * server and routing, engine events carried to the loop through a mutex queue and a uv_async_t,
+ * the periodic stats line and the SIGTERM drain. The command line is options.c's, the OpenAI
+ * endpoints themselves oai.c's. */
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
