@@ -93,10 +93,11 @@ uint64_t px_gen_decode_load(const px_gen *g) {
     return g->prompt_tokens + g->max_tokens;
 }
 
-/* Sets key to item (taking it), replacing any earlier value. */
+/* Sets key to item (taking it), replacing any earlier value in its place (clients read JSON,
+ * but people read "id" first). */
 static bool set_item(cJSON *obj, const char *key, cJSON *item) {
     if (!item) return false;
-    cJSON_DeleteItemFromObjectCaseSensitive(obj, key);
+    if (cJSON_HasObjectItem(obj, key)) return cJSON_ReplaceItemInObjectCaseSensitive(obj, key, item);
     if (!cJSON_AddItemToObject(obj, key, item)) {
         cJSON_Delete(item);
         return false;

@@ -142,8 +142,8 @@ static duet_status parse_spec_config(const opt_spec *spec, const char *v, char *
     cJSON_ArrayForEach(x, o) {
         long long n;
         if (!strcmp(x->string, "method")) {
-            if (!cJSON_IsString(x) ||
-                (strcmp(x->valuestring, "mtp") != 0 && strcmp(x->valuestring, "deepseek_mtp") != 0)) {
+            if (!cJSON_IsString(x) || (strcmp(x->valuestring, "mtp") != 0 &&
+                                       strcmp(x->valuestring, "deepseek_mtp") != 0)) {
                 st = bad(err, len,
                          "method: duet's speculative decoding for DeepSeek is MTP (\"mtp\" or "
                          "\"deepseek_mtp\"), got %s",
@@ -193,13 +193,14 @@ static duet_status parse_compilation(const opt_spec *spec, const char *v, char *
             cJSON_ArrayForEach(e, list) {
                 long long n;
                 if (!json_int(e, 1, 1 << 16, &n)) {
-                    st = bad(err, len, "cudagraph_capture_sizes: entries must be integers in "
-                                       "1..65536");
+                    st = bad(err, len,
+                             "cudagraph_capture_sizes: entries must be integers in "
+                             "1..65536");
                     break;
                 }
                 if (c->n_capture_sizes == SRV_CAPTURE_MAX) {
-                    st = bad(err, len, "cudagraph_capture_sizes: at most %d sizes",
-                             SRV_CAPTURE_MAX);
+                    st =
+                        bad(err, len, "cudagraph_capture_sizes: at most %d sizes", SRV_CAPTURE_MAX);
                     break;
                 }
                 c->capture_sizes[c->n_capture_sizes++] = (int)n;
@@ -262,10 +263,14 @@ static duet_status parse_kv_transfer(const opt_spec *spec, const char *v, char *
     srv_config *c = spec->user;
     cJSON *o = parse_json_object(v, err, len);
     if (!o) return DUET_ERR_INVALID;
-    static const char *const ignored[] = {
-        "engine_id",        "kv_rank",                  "kv_parallel_size", "kv_buffer_device",
-        "kv_buffer_size",   "kv_connector_module_path", "kv_load_failure_policy",
-        "enable_permute_local_kv"};
+    static const char *const ignored[] = {"engine_id",
+                                          "kv_rank",
+                                          "kv_parallel_size",
+                                          "kv_buffer_device",
+                                          "kv_buffer_size",
+                                          "kv_connector_module_path",
+                                          "kv_load_failure_policy",
+                                          "enable_permute_local_kv"};
     duet_status st = DUET_OK;
     const cJSON *x;
     c->kvt_given = true;
@@ -298,7 +303,8 @@ static duet_status parse_kv_transfer(const opt_spec *spec, const char *v, char *
             else
                 snprintf(c->kvt_ip, sizeof c->kvt_ip, "%s", x->valuestring);
         } else if (!strcmp(k, "kv_connector_extra_config")) {
-            if (!cJSON_IsObject(x)) st = bad(err, len, "kv_connector_extra_config must be an object");
+            if (!cJSON_IsObject(x))
+                st = bad(err, len, "kv_connector_extra_config must be an object");
         } else {
             size_t i = 0;
             while (i < sizeof ignored / sizeof *ignored && strcmp(k, ignored[i]) != 0) i++;
@@ -311,8 +317,9 @@ static duet_status parse_kv_transfer(const opt_spec *spec, const char *v, char *
         if (st != DUET_OK) break;
     }
     if (st == DUET_OK && !c->kvt_role[0])
-        st = bad(err, len, "kv_role is required (kv_producer on duet-prefill, kv_consumer on "
-                           "duet-decode)");
+        st = bad(err, len,
+                 "kv_role is required (kv_producer on duet-prefill, kv_consumer on "
+                 "duet-decode)");
     cJSON_Delete(o);
     return st;
 }
@@ -488,9 +495,7 @@ static duet_status server_options_add(opt_parser *p, srv_config *c) {
          .type = OPT_FLAG,
          .flags = OPT_HIDDEN,
          .help = "vLLM's older spelling: requests are not logged (the default)"},
-        {.name = "--disable-log-stats",
-         .type = OPT_FLAG,
-         .help = "no periodic stats line"},
+        {.name = "--disable-log-stats", .type = OPT_FLAG, .help = "no periodic stats line"},
         {.name = "--log-stats-interval",
          .type = OPT_DOUBLE,
          .dest = &c->log_stats_interval_s,
@@ -664,8 +669,10 @@ static duet_status server_options_add(opt_parser *p, srv_config *c) {
          .help = "duet logs no access lines (see --enable-log-requests)"},
     };
     duet_status st = opt_add(p, "Server", specs, (int)(sizeof specs / sizeof specs[0]));
-    if (st == DUET_OK) st = opt_add(p, "Chat, tools, logging", chat, (int)(sizeof chat / sizeof chat[0]));
-    if (st == DUET_OK) st = opt_add(p, "HTTP: CORS and TLS", http, (int)(sizeof http / sizeof http[0]));
+    if (st == DUET_OK)
+        st = opt_add(p, "Chat, tools, logging", chat, (int)(sizeof chat / sizeof chat[0]));
+    if (st == DUET_OK)
+        st = opt_add(p, "HTTP: CORS and TLS", http, (int)(sizeof http / sizeof http[0]));
     if (st == DUET_OK)
         st = opt_add(p, "vLLM compatibility (docs/vllm-compat.md)", vllm,
                      (int)(sizeof vllm / sizeof vllm[0]));
@@ -688,8 +695,7 @@ static int apply_kv_transfer(srv_config *c, const char *prog, srv_role role, opt
         return 2;
     }
     if (producer != (role == SRV_ROLE_PREFILL)) {
-        fprintf(stderr,
-                "%s: --kv-transfer-config: kv_role %s belongs to %s, not to %s\n", prog,
+        fprintf(stderr, "%s: --kv-transfer-config: kv_role %s belongs to %s, not to %s\n", prog,
                 c->kvt_role, producer ? "duet-prefill" : "duet-decode", prog);
         return 2;
     }
@@ -774,8 +780,9 @@ int srv_config_parse(srv_config *c, int argc, char **argv, srv_role role,
         return 2;
     }
     if (c->auto_tool_choice && c->tool_parser < 0) {
-        fprintf(stderr, "%s: --enable-auto-tool-choice needs --tool-call-parser (deepseek_v3 or "
-                        "deepseek_v31)\n",
+        fprintf(stderr,
+                "%s: --enable-auto-tool-choice needs --tool-call-parser (deepseek_v3 or "
+                "deepseek_v31)\n",
                 prog);
         return 2;
     }
@@ -796,8 +803,9 @@ int srv_config_parse(srv_config *c, int argc, char **argv, srv_role role,
         return 2;
     }
     if (c->ssl_cert_reqs && !c->ssl_ca_certs) {
-        fprintf(stderr, "%s: --ssl-cert-reqs %d needs --ssl-ca-certs to check client "
-                        "certificates with\n",
+        fprintf(stderr,
+                "%s: --ssl-cert-reqs %d needs --ssl-ca-certs to check client "
+                "certificates with\n",
                 prog, c->ssl_cert_reqs);
         return 2;
     }
@@ -806,8 +814,9 @@ int srv_config_parse(srv_config *c, int argc, char **argv, srv_role role,
     c->seed_given = opt_given(p, "--seed");
     if (c->pp > 1) {
         if ((long long)c->po.tp * c->pp > 4096) {
-            fprintf(stderr, "%s: --pipeline-parallel-size %d x --tensor-parallel-size %d is too "
-                            "many ranks\n",
+            fprintf(stderr,
+                    "%s: --pipeline-parallel-size %d x --tensor-parallel-size %d is too "
+                    "many ranks\n",
                     prog, c->pp, c->po.tp);
             return 2;
         }
@@ -817,8 +826,9 @@ int srv_config_parse(srv_config *c, int argc, char **argv, srv_role role,
         c->po.tp *= c->pp;
     }
     if (c->dp_rank >= 0 && c->dp_start_rank >= 0) {
-        fprintf(stderr, "%s: --data-parallel-rank and --data-parallel-start-rank exclude each "
-                        "other\n",
+        fprintf(stderr,
+                "%s: --data-parallel-rank and --data-parallel-start-rank exclude each "
+                "other\n",
                 prog);
         return 2;
     }
@@ -829,8 +839,9 @@ int srv_config_parse(srv_config *c, int argc, char **argv, srv_role role,
         return 2;
     }
     if (c->dp_size_local > c->po.dp) {
-        fprintf(stderr, "%s: --data-parallel-size-local %d is larger than --data-parallel-size "
-                        "%d\n",
+        fprintf(stderr,
+                "%s: --data-parallel-size-local %d is larger than --data-parallel-size "
+                "%d\n",
                 prog, c->dp_size_local, c->po.dp);
         return 2;
     }

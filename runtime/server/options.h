@@ -44,17 +44,17 @@ typedef struct srv_config {
     par_options po;
 
     /* Chat and tools */
-    const char *chat_template;       /* --chat-template FILE|STRING, or NULL */
+    const char *chat_template;        /* --chat-template FILE|STRING, or NULL */
     bool trust_request_chat_template; /* a request's own chat_template is rendered */
     int tool_parser;                  /* an api_tool_format, or -1 (none) */
     bool auto_tool_choice;            /* --enable-auto-tool-choice */
     int max_logprobs;                 /* the most logprobs a request may ask */
 
     /* Logging */
-    bool log_requests;  /* one line per request received and finished */
-    bool log_stats;     /* the periodic stats line (--disable-log-stats turns it off) */
+    bool log_requests; /* one line per request received and finished */
+    bool log_stats;    /* the periodic stats line (--disable-log-stats turns it off) */
     double log_stats_interval_s;
-    bool seed_given;    /* --seed: unseeded requests draw their seeds from it */
+    bool seed_given; /* --seed: unseeded requests draw their seeds from it */
 
     /* HTTP */
     srv_strings cors_origins, cors_methods, cors_headers;
