@@ -8,7 +8,7 @@ pkgs=(
     libuv1-dev libcjson-dev libhttp-parser-dev libpcre2-dev libopenblas-dev
     libprotobuf-c-dev protobuf-c-compiler libssl-dev
     libucx-dev ucx-utils libopenmpi-dev openmpi-bin
-    curl procps psmisc iproute2
+    curl procps psmisc iproute2 openssl
     prometheus nginx-light wrk
 )
 

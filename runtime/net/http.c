@@ -1334,6 +1334,14 @@ static duet_status tls_context(const http_tls *t, SSL_CTX **ctx_p) {
     return DUET_OK;
 }
 
+duet_status http_tls_check(const http_tls *tls) {
+    SSL_CTX *ctx = NULL;
+    if (!tls) return DUET_ERR_INVALID;
+    duet_status st = tls_context(tls, &ctx);
+    SSL_CTX_free(ctx);
+    return st;
+}
+
 static void on_kick_closed(uv_handle_t *h) {
     srv_unref(h->data);
 }

@@ -107,6 +107,10 @@ typedef struct http_server_stats {
     uint64_t protocol_errors;      /* 400/408/413/414/417/431/505 answered by this layer */
 } http_server_stats;
 
+/* Loads tls's files as http_server_create will (one error line naming the file otherwise), so
+ * a program can refuse them before its slow start-up. */
+duet_status http_tls_check(const http_tls *tls);
+
 /* Fills opts with the defaults above. */
 void http_server_opts_init(http_server_opts *opts);
 

@@ -502,6 +502,14 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
     if (c->api_key && !*c->api_key) c->api_key = NULL;
     c->po.max_tokens = c->max_num_batched_tokens;
 
+    /* the certificate and key are read again by the HTTP server: a bad one stops us here,
+     * before MPI and the weights */
+    http_tls tls_files = {.cert_file = c->ssl_certfile,
+                          .key_file = c->ssl_keyfile,
+                          .ca_file = c->ssl_ca_certs,
+                          .verify_client = c->ssl_cert_reqs};
+    if (c->ssl_certfile && http_tls_check(&tls_files) != DUET_OK) return early_exit(s, op, 1);
+
     /* values that depend on the model, checked before MPI and the weights */
     cfg_model mc;
     if (cfg_load(c->model, &mc) != DUET_OK) return early_exit(s, op, 1);
