@@ -97,7 +97,8 @@ uint64_t px_gen_decode_load(const px_gen *g) {
  * but people read "id" first). */
 static bool set_item(cJSON *obj, const char *key, cJSON *item) {
     if (!item) return false;
-    if (cJSON_HasObjectItem(obj, key)) return cJSON_ReplaceItemInObjectCaseSensitive(obj, key, item);
+    if (cJSON_HasObjectItem(obj, key))
+        return cJSON_ReplaceItemInObjectCaseSensitive(obj, key, item);
     if (!cJSON_AddItemToObject(obj, key, item)) {
         cJSON_Delete(item);
         return false;

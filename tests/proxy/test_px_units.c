@@ -428,7 +428,8 @@ static void test_balancer_config(void) {
     const char *ok[] = {"--backend", "h:1", "h:2", NULL};
     px_config_init(&cfg);
     CHECK(parse(&cfg, ok, out, sizeof out) == 0);
-    CHECK(cfg.n_backend == 2 && cfg.backend[1].port == 2 && cfg.n_prefill == 0 && cfg.n_decode == 0);
+    CHECK(cfg.n_backend == 2 && cfg.backend[1].port == 2 && cfg.n_prefill == 0 &&
+          cfg.n_decode == 0);
     px_config_cleanup(&cfg);
     const char *mixed[] = {"--backend", "h:1", "--prefill", "h:2", "--decode", "h:3", NULL};
     px_config_init(&cfg);
