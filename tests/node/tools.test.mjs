@@ -162,6 +162,8 @@ test('tool_choice: required and named refused, none renders without parsing, bad
     (e) => e.status === 400 && /`tools` must be set/.test(e.message));
   await assert.rejects(c31.chat.completions.create({ ...base, tools: [{ type: 'function', function: {} }] }),
     (e) => e.status === 400 && /tools\[0\]/.test(e.message));
+  await assert.rejects(c31.chat.completions.create({ ...base, chat_template: '{{ messages }}' }),
+    (e) => e.status === 400 && /--trust-request-chat-template is not set/.test(e.message));
   const none = await c31.chat.completions.create({ ...base, tool_choice: 'none' });
   assert.equal(none.choices[0].message.content, MARKUP);
   assert.deepEqual(none.choices[0].message.tool_calls, []);

@@ -14,7 +14,7 @@ import path from 'node:path';
 import { after, before, test } from 'node:test';
 import OpenAI from 'openai';
 
-import { GOLDEN, Server, freePort, requireEnv, sleep } from './lib.mjs';
+import { GOLDEN, Server, freePort, requireEnv, sleep, startGolden } from './lib.mjs';
 
 requireEnv();
 const PREFILL = process.env.DUET_PREFILL;
@@ -211,4 +211,28 @@ test('unknown flags still fail, with a suggestion; bad JSON values name the flag
   refused(DECODE, ['serve', M, '--gpu-memory-utilization', '1.5'], /fraction in \(0, 1\]/);
   refused(DECODE, ['serve', M, '--ssl-keyfile', 'k.pem'], /--ssl-keyfile and --ssl-certfile go together/);
   refused(DECODE, ['serve', M, '--allowed-origins', '["a", 3]'], /--allowed-origins/);
+});
+
+test('--seed draws unseeded requests\' seeds (a restart replays them), --enable-log-requests, --max-logprobs', async () => {
+  const runs = [];
+  for (let k = 0; k < 2; k++) {
+    const s = await startGolden(['--seed', '1234', '--enable-log-requests', '--max-logprobs', '3']);
+    running.push(s);
+    const c = new OpenAI({ baseURL: `${s.url}/v1`, apiKey: 'none', maxRetries: 0 });
+    const ids = [];
+    for (let i = 0; i < 3; i++) {
+      const r = await c.completions.create({ model: 'tiny', prompt: [1, 2, 3], max_tokens: 6,
+        temperature: 1, ignore_eos: true, return_token_ids: true });
+      ids.push(r.choices[0].token_ids);
+    }
+    await assert.rejects(c.completions.create({ model: 'tiny', prompt: [1], logprobs: 4 }),
+      (e) => e.status === 400 && /logprobs/.test(e.message));
+    await sleep(300);
+    assert.match(s.log, /request cmpl-\S+: 1 prompt\(s\) of 3 tokens, n 1, max_tokens 6, temperature 1, top_p 1, top_k 0, seed \d+, stream no/);
+    assert.match(s.log, /request cmpl-\S+ finished: length, 6 output tokens in [\d.]+ s/);
+    assert.deepEqual(await s.stop(), { code: 0, signal: null }, s.log);
+    runs.push(ids);
+  }
+  assert.deepEqual(runs[0], runs[1], 'the same seeds after a restart');
+  assert.notDeepEqual(runs[0][0], runs[0][1], 'each request its own seed');
 });
