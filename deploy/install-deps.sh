@@ -10,7 +10,7 @@ pkgs=(
     libuv1-dev libcjson-dev libhttp-parser-dev libpcre2-dev libopenblas-dev
     libprotobuf-c-dev protobuf-c-compiler libssl-dev
     libucx-dev ucx-utils libopenmpi-dev openmpi-bin
-    curl procps psmisc iproute2
+    curl procps psmisc iproute2 openssl
     clang libclang-rt-14-dev llvm-14
     prometheus nginx-light wrk
     gnuplot-nox

@@ -9,7 +9,7 @@
 
 #include "base/log.h"
 
-static const char *const g_roles[PX_ROLE_COUNT] = {"prefill", "decode"};
+static const char *const g_roles[PX_ROLE_COUNT] = {"prefill", "decode", "backend"};
 
 const char *px_role_name(px_role r) {
     return (unsigned)r < PX_ROLE_COUNT ? g_roles[r] : "unknown";
@@ -40,6 +40,8 @@ static void eject(px_backend *b, const char *why) {
 }
 
 static void count_failure(px_backend *b, const char *why) {
+    /* a restarted backend may have come back at another address (a Kubernetes pod) */
+    httpc_pool_refresh(b->pool);
     b->fails++;
     b->oks = 0;
     if (b->healthy && b->fails >= b->set->opts.eject_after) eject(b, why);

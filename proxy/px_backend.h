@@ -15,7 +15,12 @@
 #include "px_metrics.h"
 #include "px_policy.h"
 
-typedef enum px_role { PX_ROLE_PREFILL = 0, PX_ROLE_DECODE, PX_ROLE_COUNT } px_role;
+typedef enum px_role {
+    PX_ROLE_PREFILL = 0,
+    PX_ROLE_DECODE,
+    PX_ROLE_BACKEND, /* balancer mode: a plain instance answering whole requests */
+    PX_ROLE_COUNT
+} px_role;
 
 typedef struct px_backends px_backends;
 typedef struct px_backend px_backend;

@@ -100,10 +100,19 @@ static void delete_all(cJSON *obj, const char *key) {
         cJSON_DeleteItemFromObjectCaseSensitive(obj, key);
 }
 
-/* Sets key to item (taking it), replacing any earlier value. */
+/* Sets key to item (taking it), replacing any earlier value in the first one's place (clients
+ * read JSON, but people read "id" first) and dropping later duplicates. */
 static bool set_item(cJSON *obj, const char *key, cJSON *item) {
     if (!item) return false;
-    delete_all(obj, key);
+    cJSON *first = cJSON_GetObjectItemCaseSensitive(obj, key);
+    if (first) {
+        for (cJSON *it = first->next, *next; it; it = next) {
+            next = it->next;
+            if (it->string && strcmp(it->string, key) == 0)
+                cJSON_Delete(cJSON_DetachItemViaPointer(obj, it));
+        }
+        return cJSON_ReplaceItemViaPointer(obj, first, item);
+    }
     if (!cJSON_AddItemToObject(obj, key, item)) {
         cJSON_Delete(item);
         return false;
@@ -131,6 +140,9 @@ char *px_gen_prefill_body(const px_gen *g, size_t *len_p) {
     delete_all(p, "stream_options");
     /* min_tokens > 1 with max_tokens 1 is a validation error in vLLM. */
     delete_all(p, "min_tokens");
+    /* One prompt's KV is computed once: the decode worker makes the n choices from it. */
+    if (ok && cJSON_HasObjectItem(p, "n")) ok = set_item(p, "n", cJSON_CreateNumber(1));
+    delete_all(p, "best_of");
     char *s = ok ? print(p, len_p) : NULL;
     cJSON_Delete(p);
     return s;
@@ -160,4 +172,106 @@ duet_status px_prefill_kv_params(const char *body, size_t len, cJSON **kv_p) {
     }
     *kv_p = kv;
     return DUET_OK;
+}
+
+/* A list of prompts: strings or token-id lists (a list of numbers is one prompt). */
+int px_gen_prompt_count(const px_gen *g) {
+    const cJSON *p = cJSON_GetObjectItemCaseSensitive(g->root, "prompt");
+    if (!cJSON_IsArray(p) || !p->child || cJSON_IsNumber(p->child)) return 1;
+    return cJSON_GetArraySize(p);
+}
+
+int px_gen_n(const px_gen *g) {
+    const cJSON *n = cJSON_GetObjectItemCaseSensitive(g->root, "n");
+    return cJSON_IsNumber(n) && n->valuedouble >= 1 && n->valuedouble <= 1e6 ? (int)n->valuedouble
+                                                                             : 1;
+}
+
+bool px_gen_include_usage(const px_gen *g) {
+    const cJSON *so = cJSON_GetObjectItemCaseSensitive(g->root, "stream_options");
+    return cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(so, "include_usage"));
+}
+
+duet_status px_gen_part(const px_gen *g, int i, px_gen *out) {
+    memset(out, 0, sizeof *out);
+    const cJSON *list = cJSON_GetObjectItemCaseSensitive(g->root, "prompt");
+    const cJSON *one = cJSON_GetArrayItem(list, i);
+    if (!one) return DUET_ERR_INVALID;
+    cJSON *root = cJSON_Duplicate(g->root, 1);
+    if (!root || !set_item(root, "prompt", cJSON_Duplicate(one, 1))) {
+        cJSON_Delete(root);
+        return DUET_ERR_NO_MEMORY;
+    }
+    out->root = root;
+    out->stream = g->stream;
+    out->prompt_tokens = prompt_tokens(one);
+    if (out->prompt_tokens == 0) out->prompt_tokens = 1;
+    out->max_tokens = g->max_tokens;
+    return DUET_OK;
+}
+
+/* ---- merging the parts of a split request ---- */
+
+static void usage_add(cJSON *sum, const cJSON *u) {
+    static const char *const keys[] = {"prompt_tokens", "completion_tokens", "total_tokens"};
+    for (size_t k = 0; k < sizeof keys / sizeof *keys; k++) {
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(u, keys[k]);
+        cJSON *s = cJSON_GetObjectItemCaseSensitive(sum, keys[k]);
+        if (!cJSON_IsNumber(v)) continue;
+        if (s)
+            cJSON_SetNumberValue(s, s->valuedouble + v->valuedouble);
+        else
+            cJSON_AddNumberToObject(sum, keys[k], v->valuedouble);
+    }
+}
+
+/* Choice i of part p is choice p * n + i of the whole: vLLM's prompt-major order. */
+static void reindex(cJSON *choices, int offset) {
+    cJSON *c;
+    cJSON_ArrayForEach(c, choices) {
+        cJSON *idx = cJSON_GetObjectItemCaseSensitive(c, "index");
+        if (cJSON_IsNumber(idx)) cJSON_SetNumberValue(idx, idx->valuedouble + offset);
+    }
+}
+
+px_chunk_kind px_merge_chunk(cJSON *chunk, int offset, const char *id, cJSON *usage_sum) {
+    if (!cJSON_IsObject(chunk)) return PX_CHUNK_ERROR;
+    if (cJSON_GetObjectItemCaseSensitive(chunk, "error")) return PX_CHUNK_ERROR;
+    cJSON *choices = cJSON_GetObjectItemCaseSensitive(chunk, "choices");
+    const cJSON *usage = cJSON_GetObjectItemCaseSensitive(chunk, "usage");
+    if (cJSON_IsArray(choices) && !choices->child && cJSON_IsObject(usage)) {
+        usage_add(usage_sum, usage);
+        return PX_CHUNK_USAGE;
+    }
+    reindex(choices, offset);
+    if (id && cJSON_HasObjectItem(chunk, "id")) set_item(chunk, "id", cJSON_CreateString(id));
+    return PX_CHUNK_DATA;
+}
+
+cJSON *px_merge_answers(cJSON *const *answers, int n_parts, int n, const char *id) {
+    if (n_parts < 1 || !cJSON_IsObject(answers[0])) return NULL;
+    cJSON *out = cJSON_Duplicate(answers[0], 1);
+    cJSON *choices = cJSON_CreateArray();
+    cJSON *usage = cJSON_CreateObject();
+    if (!out || !choices || !usage) {
+        cJSON_Delete(out);
+        cJSON_Delete(choices);
+        cJSON_Delete(usage);
+        return NULL;
+    }
+    for (int p = 0; p < n_parts; p++) {
+        cJSON *part = cJSON_Duplicate(cJSON_GetObjectItemCaseSensitive(answers[p], "choices"), 1);
+        reindex(part, p * n);
+        while (part && part->child)
+            cJSON_AddItemToArray(choices, cJSON_DetachItemViaPointer(part, part->child));
+        cJSON_Delete(part);
+        usage_add(usage, cJSON_GetObjectItemCaseSensitive(answers[p], "usage"));
+    }
+    cJSON_AddNullToObject(usage, "prompt_tokens_details");
+    set_item(out, "choices", choices);
+    set_item(out, "usage", usage);
+    if (id) set_item(out, "id", cJSON_CreateString(id));
+    if (cJSON_HasObjectItem(out, "kv_transfer_params"))
+        set_item(out, "kv_transfer_params", cJSON_CreateNull());
+    return out;
 }

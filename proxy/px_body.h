@@ -42,4 +42,30 @@ char *px_gen_decode_body(px_gen *g, const cJSON *kv, size_t *len_p);
  * *kv_p is NULL when the answer has none. DUET_ERR_FORMAT when the answer is not a JSON object. */
 duet_status px_prefill_kv_params(const char *body, size_t len, cJSON **kv_p);
 
+/* ---- a list of prompts split into one prefill -> decode chain per prompt ---- */
+
+/* How many prompts the request holds (1 unless "prompt" is a list of strings or of token-id
+ * lists). */
+int px_gen_prompt_count(const px_gen *g);
+/* The request's n (choices per prompt), 1 when absent or not a number. */
+int px_gen_n(const px_gen *g);
+/* stream_options.include_usage */
+bool px_gen_include_usage(const px_gen *g);
+/* The request for prompt i alone ("prompt" replaced, everything else kept). */
+duet_status px_gen_part(const px_gen *g, int i, px_gen *out);
+
+typedef enum px_chunk_kind {
+    PX_CHUNK_DATA = 0, /* forward it (rewritten) */
+    PX_CHUNK_USAGE,    /* the final usage chunk: summed into usage_sum, not forwarded */
+    PX_CHUNK_ERROR,    /* an error event (or not an object): the merged stream ends with it */
+} px_chunk_kind;
+
+/* One streamed chunk of part p: its choices' indexes moved by offset (p * n), its id set to
+ * id (NULL: kept). */
+px_chunk_kind px_merge_chunk(cJSON *chunk, int offset, const char *id, cJSON *usage_sum);
+/* The whole answer from every part's answer: choices in prompt-major order, usage summed, id
+ * set (NULL: the first part's), kv_transfer_params null. NULL when out of memory or the first
+ * answer is not an object. */
+cJSON *px_merge_answers(cJSON *const *answers, int n_parts, int n, const char *id);
+
 #endif

@@ -19,7 +19,7 @@
  * in has been read: the endpoint lists as given, --max-retries, and the file's name. */
 typedef struct px_cli {
     px_config *cfg;
-    opt_list prefill, decode;
+    opt_list prefill, decode, backend;
     opt_list prefiller_hosts, prefiller_ports, decoder_hosts, decoder_ports;
     unsigned max_retries;
     const char *config;
@@ -121,7 +121,7 @@ static duet_status parse_upstream_key(const opt_spec *s, const char *v, char *er
         .min = min_, .max = 1e9, .metavar = "N", .help = help_                                     \
     }
 
-enum { TABLE_MAX = 40 };
+enum { TABLE_MAX = 48 };
 
 static int cli_table(px_cli *cli, opt_spec out[TABLE_MAX]) {
     px_config *c = cli->cfg;
@@ -151,6 +151,12 @@ static int cli_table(px_cli *cli, opt_spec out[TABLE_MAX]) {
          .dest = &cli->decode,
          .metavar = "HOST:PORT...",
          .help = "decode endpoints"},
+        {.name = "--backend",
+         .type = OPT_LIST,
+         .dest = &cli->backend,
+         .metavar = "HOST:PORT...",
+         .help = "balancer mode: plain instances (every DP rank of one, or colocated ones) that "
+                 "serve whole requests; instead of --prefill/--decode"},
         {.name = "--prefiller-hosts",
          .type = OPT_LIST,
          .dest = &cli->prefiller_hosts,
@@ -289,9 +295,12 @@ static duet_status cli_parser_create(px_cli *cli, px_config *cfg, opt_parser **p
     int n = cli_table(cli, t);
     opt_parser *p;
     duet_status st = opt_parser_create(
-        "duet-proxy", "--prefill HOST:PORT... --decode HOST:PORT... [options]",
+        "duet-proxy",
+        "--prefill HOST:PORT... --decode HOST:PORT... | --backend HOST:PORT... [options]",
         "The OpenAI-compatible front door of a prefill/decode deployment: each request goes to a "
-        "prefill endpoint, then with the KV cache's whereabouts to a decode endpoint. The "
+        "prefill endpoint, then with the KV cache's whereabouts to a decode endpoint; a list of "
+        "prompts goes as one such chain per prompt. With --backend instead, one endpoint for "
+        "plain instances (the DP ranks of one): each request goes whole to one of them. The "
         "endpoints may also come as vllm-ascend's lists (--prefiller-hosts H... "
         "--prefiller-ports P... --decoder-hosts H... --decoder-ports P...) or from --config "
         "FILE.json ({\"prefill\": [\"h:8100\"], \"decode\": \"h:8200\", \"connect_timeout\": 3}).",
@@ -328,6 +337,9 @@ void px_config_init(px_config *cfg) {
 void px_config_cleanup(px_config *cfg) {
     free(cfg->prefill);
     free(cfg->decode);
+    free(cfg->backend);
+    cfg->backend = NULL;
+    cfg->n_backend = 0;
     free(cfg->api_key);
     free(cfg->upstream_api_key);
     cfg->prefill = cfg->decode = NULL;
@@ -425,6 +437,8 @@ static duet_status cli_finish(px_cli *cli, const opt_parser *p, char *err, size_
     duet_status st =
         add_endpoints(&c->prefill, &c->n_prefill, &cli->prefill, "--prefill", err, errlen);
     if (!st) st = add_endpoints(&c->decode, &c->n_decode, &cli->decode, "--decode", err, errlen);
+    if (!st)
+        st = add_endpoints(&c->backend, &c->n_backend, &cli->backend, "--backend", err, errlen);
     if (!st)
         st = zip_lists(&c->prefill, &c->n_prefill, &cli->prefiller_hosts, &cli->prefiller_ports,
                        "prefiller", err, errlen);
@@ -561,11 +575,19 @@ int px_config_parse_args(px_config *cfg, int argc, char **argv) {
         if (rc) goto out;
     }
     if (cli_finish(&cli, p, err, sizeof err) != DUET_OK) goto bad;
-    if (!cfg->n_prefill) {
-        fail(err, sizeof err, "no prefill endpoint (--prefill HOST:PORT ...)");
+    if (cfg->n_backend && (cfg->n_prefill || cfg->n_decode)) {
+        fail(err, sizeof err,
+             "--backend (balancer mode: plain instances) and --prefill/--decode (prefill -> "
+             "decode) exclude each other");
         goto bad;
     }
-    if (!cfg->n_decode) {
+    if (!cfg->n_backend && !cfg->n_prefill) {
+        fail(err, sizeof err,
+             "no prefill endpoint (--prefill HOST:PORT ...), or --backend HOST:PORT ... for "
+             "plain instances");
+        goto bad;
+    }
+    if (!cfg->n_backend && !cfg->n_decode) {
         fail(err, sizeof err, "no decode endpoint (--decode HOST:PORT ...)");
         goto bad;
     }

@@ -23,6 +23,10 @@ typedef struct px_config {
     int port;
     px_endpoint *prefill, *decode; /* owned */
     size_t n_prefill, n_decode;
+    /* Balancer mode (--backend): plain instances that answer whole requests themselves (DP
+     * ranks of one instance, or colocated instances); no prefill -> decode flow. */
+    px_endpoint *backend; /* owned */
+    size_t n_backend;
     char *api_key;          /* clients must send it (NULL: open); owned */
     char *upstream_api_key; /* sent to backends (NULL: none); owned */
     px_policy_kind policy;

@@ -45,6 +45,7 @@ struct px_proxy {
     char *auth_expect; /* "Bearer <api key>" or NULL */
     rng_state rng;
     uint64_t rid_next;
+    bool balancer; /* --backend: plain instances, one leg per request */
     unsigned jobs_open;
     int refs; /* the owner's, one per job, the drain timer's */
     uv_timer_t drain_timer;
@@ -53,9 +54,13 @@ struct px_proxy {
     void *drained_arg;
 };
 
+typedef struct px_fan px_fan;
+
 typedef struct px_job {
     px_proxy *px;
-    http_req *req; /* NULL once finished */
+    http_req *req; /* NULL once finished; always NULL for a part of a fan */
+    px_fan *fan;   /* a list of prompts split up: this job is prompt `part`'s chain */
+    int part;
     px_route route;
     char rid[RID_MAX];
     char path[64]; /* upstream path */
@@ -94,6 +99,31 @@ typedef struct px_job {
     size_t tail_len;
 } px_job;
 
+/* A completions request with a list of prompts, split into one prefill -> decode chain per
+ * prompt (each a px_job of its own, with the usual retries): the answers come back merged in
+ * vLLM's shape, choices prompt-major, usage summed; streamed chunks as they come, re-indexed,
+ * with one usage chunk and one [DONE] at the end. The first failure answers the client and
+ * cancels the other chains. */
+struct px_fan {
+    px_proxy *px;
+    http_req *req; /* NULL once answered or gone */
+    px_route route;
+    uint64_t t0;
+    char rid[RID_MAX];
+    char id[RID_MAX + 8]; /* the merged answer's id */
+    bool stream, include_usage;
+    int n;           /* choices per prompt */
+    int n_parts;     /* prompts */
+    int n_done;      /* parts answered (whole) or whose stream ended */
+    px_job **parts;  /* [n_parts], NULL once ended */
+    cJSON **answers; /* [n_parts] whole answers */
+    strbuf *pending; /* [n_parts] streamed bytes not yet a whole event */
+    cJSON *usage;    /* streamed usage chunks, summed */
+    cJSON *head;     /* "object", "created", "model" of the first chunk, for the usage chunk */
+    bool started;    /* the stream's headers went out */
+    int refs;        /* the client side's, one per part */
+};
+
 /* ---------------------------------------------------------------------------------------------
  * Small helpers */
 
@@ -103,6 +133,11 @@ static double seconds_since(uint64_t t0) {
 
 static uint64_t px_rand(px_proxy *px) {
     return rng_next(&px->rng);
+}
+
+/* The client request a job answers (a fan's, for its parts); NULL once answered or gone. */
+static http_req *job_client(const px_job *job) {
+    return job->fan ? job->fan->req : job->req;
 }
 
 static void px_unref(px_proxy *px) {
@@ -156,9 +191,17 @@ static void respond_error_simple(px_proxy *px, http_req *req, px_route route, ui
 /* ---------------------------------------------------------------------------------------------
  * Jobs: lifetime */
 
+static void fan_unref(px_fan *fan);
+static void fan_part_answer(px_fan *fan, px_job *job, int status, const char *ctype,
+                            const char *body, size_t len);
+static void fan_part_failed(px_fan *fan, px_job *job, int status, const char *msg);
+static void fan_part_data(px_fan *fan, px_job *job, const char *data, size_t len);
+static void fan_part_stream_done(px_fan *fan, px_job *job);
+
 static void job_free(uv_handle_t *h) {
     px_job *job = h->data;
     px_proxy *px = job->px;
+    if (job->fan) fan_unref(job->fan);
     px_gen_cleanup(&job->gen);
     cJSON_free(job->prefill_body);
     cJSON_free(job->decode_body);
@@ -179,6 +222,7 @@ static void leg_release(px_job *job) {
 /* Everything let go: the request finished, the upstream closed, the backend released. */
 static void job_end(px_job *job) {
     px_proxy *px = job->px;
+    if (job->fan) job->fan->parts[job->part] = NULL;
     if (job->up) {
         httpc_cancel(job->up);
         job->up = NULL;
@@ -191,7 +235,7 @@ static void job_end(px_job *job) {
 }
 
 static void job_finished(px_job *job, int status) {
-    count_request(job->px, job->route, status, job->t0);
+    if (!job->fan) count_request(job->px, job->route, status, job->t0); /* a fan counts once */
     job->req = NULL;
     job_end(job);
 }
@@ -201,6 +245,11 @@ static void job_fail(px_job *job, int status, px_error_kind kind, const char *ms
     px->m.errors[job->route][kind]++;
     if (kind != PX_ERROR_NO_BACKEND || job->attempts)
         LOG_WARN("proxy: %s %s: %d %s", job->rid, job->path, status, msg);
+    if (job->fan) {
+        fan_part_failed(job->fan, job, status, msg);
+        job_finished(job, status);
+        return;
+    }
     size_t len = 0;
     char *body = http_error_body(status, error_type(status), msg, &len);
     http_header extra[] = {{"X-Request-Id", job->rid}, {NULL, NULL}};
@@ -259,6 +308,229 @@ static void job_set_rid(px_job *job) {
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * Fans: a list of prompts as one chain per prompt */
+
+static void fan_unref(px_fan *fan) {
+    if (--fan->refs > 0) return;
+    for (int p = 0; p < fan->n_parts; p++) {
+        if (fan->answers) cJSON_Delete(fan->answers[p]);
+        if (fan->pending) strbuf_free(&fan->pending[p]);
+    }
+    free(fan->parts);
+    free(fan->answers);
+    free(fan->pending);
+    cJSON_Delete(fan->usage);
+    cJSON_Delete(fan->head);
+    free(fan);
+}
+
+/* The client has its answer (or left): the other chains stop, their legs canceled; the
+ * client side's reference goes (each part still holds its own until its memory goes). */
+static void fan_close(px_fan *fan, px_job *except, int status) {
+    if (!fan->req) return;
+    fan->req = NULL;
+    count_request(fan->px, fan->route, status, fan->t0);
+    for (int p = 0; p < fan->n_parts; p++)
+        if (fan->parts[p] && fan->parts[p] != except) job_end(fan->parts[p]);
+    fan_unref(fan);
+}
+
+static void fan_write(px_fan *fan, const char *data, size_t len) {
+    if (fan->req) http_stream_write(fan->req, data, len);
+}
+
+static bool fan_start_stream(px_fan *fan) {
+    if (fan->started) return true;
+    http_header extra[] = {{"X-Request-Id", fan->rid}, {"Cache-Control", "no-cache"}, {NULL, NULL}};
+    if (http_stream_start(fan->req, 200, "text/event-stream", extra)) return false;
+    fan->started = true;
+    return true;
+}
+
+/* An error for the client: a whole answer before the stream started, an SSE error event and
+ * [DONE] after. */
+static void fan_error(px_fan *fan, px_job *job, int status, const char *msg) {
+    if (!fan->req) return;
+    size_t len = 0;
+    char *body = http_error_body(status, error_type(status), msg, &len);
+    if (fan->started) {
+        strbuf e;
+        strbuf_init(&e);
+        if (body) {
+            strbuf_str(&e, "data: ");
+            strbuf_add(&e, body, len);
+            strbuf_str(&e, "\n\n");
+        }
+        strbuf_str(&e, "data: [DONE]\n\n");
+        if (!e.oom) fan_write(fan, e.p, e.len);
+        strbuf_free(&e);
+        http_stream_end(fan->req);
+        fan_close(fan, job, 200);
+    } else {
+        http_header extra[] = {{"X-Request-Id", fan->rid}, {NULL, NULL}};
+        if (body)
+            http_respond_headers(fan->req, status, "application/json", extra, body, len);
+        else
+            http_req_release(fan->req);
+        fan_close(fan, job, status);
+    }
+    cJSON_free(body);
+}
+
+static void fan_part_failed(px_fan *fan, px_job *job, int status, const char *msg) {
+    char m[640];
+    snprintf(m, sizeof m, "prompt %d: %s", job->part, msg);
+    fan_error(fan, job, status, m);
+}
+
+/* A part's whole answer: kept until every part has one (then merged), or, when it is not a
+ * 200, passed to the client as it is. */
+static void fan_part_answer(px_fan *fan, px_job *job, int status, const char *ctype,
+                            const char *body, size_t len) {
+    if (!fan->req) return;
+    if (status != 200 || fan->stream) {
+        if (fan->started) {
+            fan_error(fan, job, status >= 400 ? status : 502, "the backend answered out of turn");
+            return;
+        }
+        http_header extra[] = {{"X-Request-Id", fan->rid}, {NULL, NULL}};
+        http_respond_headers(fan->req, status, ctype && ctype[0] ? ctype : "application/json",
+                             extra, body, len);
+        fan_close(fan, job, status);
+        return;
+    }
+    cJSON *a = cJSON_ParseWithLength(body, len);
+    if (!cJSON_IsObject(a)) {
+        cJSON_Delete(a);
+        fan_part_failed(fan, job, 502, "the decode answer is not JSON");
+        return;
+    }
+    fan->answers[job->part] = a;
+    if (++fan->n_done < fan->n_parts) return;
+    cJSON *all = px_merge_answers(fan->answers, fan->n_parts, fan->n, fan->id);
+    char *text = all ? cJSON_PrintUnformatted(all) : NULL;
+    cJSON_Delete(all);
+    if (!text) {
+        fan_error(fan, job, 500, "out of memory");
+        return;
+    }
+    http_header extra[] = {{"X-Request-Id", fan->rid}, {NULL, NULL}};
+    http_respond_headers(fan->req, 200, "application/json", extra, text, strlen(text));
+    cJSON_free(text);
+    fan_close(fan, job, 200);
+}
+
+/* One whole SSE event of a part: rewritten and forwarded, summed (usage), or the end. */
+static void fan_event(px_fan *fan, px_job *job, const char *ev, size_t len) {
+    static const char data[] = "data: ";
+    if (len < sizeof data - 1 || memcmp(ev, data, sizeof data - 1) != 0) return;
+    const char *payload = ev + sizeof data - 1;
+    size_t n = len - (sizeof data - 1);
+    if (n == 6 && !memcmp(payload, "[DONE]", 6)) return; /* the end comes with the leg's end */
+    cJSON *chunk = cJSON_ParseWithLength(payload, n);
+    px_chunk_kind kind = px_merge_chunk(chunk, job->part * fan->n, fan->id, fan->usage);
+    if (kind == PX_CHUNK_ERROR) {
+        /* the backend's own error event ends the merged stream */
+        cJSON *err = cJSON_GetObjectItemCaseSensitive(chunk, "error");
+        const cJSON *msg = cJSON_GetObjectItemCaseSensitive(err, "message");
+        const cJSON *code = cJSON_GetObjectItemCaseSensitive(err, "code");
+        int status = cJSON_IsNumber(code) && code->valueint >= 400 && code->valueint < 600
+                         ? code->valueint
+                         : 502;
+        fan_part_failed(fan, job, status,
+                        cJSON_IsString(msg) ? msg->valuestring : "the decode stream failed");
+        cJSON_Delete(chunk);
+        return;
+    }
+    if (kind == PX_CHUNK_DATA) {
+        if (!fan->head) {
+            fan->head = cJSON_CreateObject();
+            static const char *const keys[] = {"object", "created", "model"};
+            for (size_t k = 0; fan->head && k < sizeof keys / sizeof *keys; k++) {
+                const cJSON *v = cJSON_GetObjectItemCaseSensitive(chunk, keys[k]);
+                if (v) cJSON_AddItemToObject(fan->head, keys[k], cJSON_Duplicate(v, 1));
+            }
+        }
+        char *text = cJSON_PrintUnformatted(chunk);
+        if (text) {
+            strbuf e;
+            strbuf_init(&e);
+            strbuf_str(&e, "data: ");
+            strbuf_str(&e, text);
+            strbuf_str(&e, "\n\n");
+            if (!e.oom) fan_write(fan, e.p, e.len);
+            strbuf_free(&e);
+            cJSON_free(text);
+        }
+    }
+    cJSON_Delete(chunk);
+}
+
+static void fan_part_data(px_fan *fan, px_job *job, const char *data, size_t len) {
+    if (!fan->req || !fan_start_stream(fan)) return;
+    strbuf *b = &fan->pending[job->part];
+    strbuf_add(b, data, len);
+    if (b->oom) {
+        fan_part_failed(fan, job, 500, "out of memory");
+        return;
+    }
+    /* events end with an empty line */
+    size_t at = 0;
+    for (;;) {
+        char *end = b->len > at ? memmem(b->p + at, b->len - at, "\n\n", 2) : NULL;
+        if (!end) break;
+        size_t n = (size_t)(end - (b->p + at));
+        fan_event(fan, job, b->p + at, n);
+        if (!fan->req) return;
+        at += n + 2;
+    }
+    memmove(b->p, b->p + at, b->len - at);
+    b->len -= at;
+}
+
+static void fan_part_stream_done(px_fan *fan, px_job *job) {
+    if (!fan->req) return;
+    if (!fan_start_stream(fan)) return;
+    if (++fan->n_done < fan->n_parts) return;
+    strbuf e;
+    strbuf_init(&e);
+    if (fan->include_usage) {
+        cJSON *u = cJSON_CreateObject();
+        cJSON_AddStringToObject(u, "id", fan->id);
+        const char *keys[] = {"object", "created", "model"};
+        for (size_t k = 0; k < sizeof keys / sizeof *keys; k++) {
+            const cJSON *v = cJSON_GetObjectItemCaseSensitive(fan->head, keys[k]);
+            if (v) cJSON_AddItemToObject(u, keys[k], cJSON_Duplicate(v, 1));
+        }
+        cJSON_AddArrayToObject(u, "choices");
+        cJSON *usage = cJSON_Duplicate(fan->usage, 1);
+        if (usage) cJSON_AddNullToObject(usage, "prompt_tokens_details");
+        cJSON_AddItemToObject(u, "usage", usage);
+        char *text = cJSON_PrintUnformatted(u);
+        if (text) {
+            strbuf_str(&e, "data: ");
+            strbuf_str(&e, text);
+            strbuf_str(&e, "\n\n");
+        }
+        cJSON_free(text);
+        cJSON_Delete(u);
+    }
+    strbuf_str(&e, "data: [DONE]\n\n");
+    if (!e.oom) fan_write(fan, e.p, e.len);
+    strbuf_free(&e);
+    http_stream_end(fan->req);
+    fan_close(fan, job, 200);
+}
+
+static void fan_on_client_close(http_req *req, void *arg) {
+    px_fan *fan = arg;
+    fan->px->m.errors[fan->route][PX_ERROR_CLIENT_GONE]++;
+    LOG_DEBUG("proxy: %s: client gone, canceling %d prompts' legs", fan->rid, fan->n_parts);
+    http_req_release(req);
+    fan_close(fan, NULL, 499);
+}
+
+/* ---------------------------------------------------------------------------------------------
  * Legs */
 
 static void leg_attempt(px_job *job);
@@ -305,6 +577,12 @@ static void pass_through(px_job *job) {
         return;
     }
     if (status >= 400 && status < 500) job->px->m.errors[job->route][PX_ERROR_BACKEND_4XX]++;
+    if (job->fan) {
+        fan_part_answer(job->fan, job, status, job->up_ctype, job->buf.p ? job->buf.p : "",
+                        job->buf.len);
+        job_finished(job, status);
+        return;
+    }
     http_header extra[] = {{"X-Request-Id", job->rid}, {NULL, NULL}};
     http_respond_headers(job->req, status, job->up_ctype[0] ? job->up_ctype : "application/json",
                          extra, job->buf.p ? job->buf.p : "", job->buf.len);
@@ -336,8 +614,8 @@ static bool tail_is_done(const px_job *job) {
 
 static void on_resume_poll(uv_timer_t *t) {
     px_job *job = t->data;
-    if (!job->req || !job->up) return;
-    if (http_req_write_queue_size(job->req) > RESUME_BYTES) return; /* the repeat polls again */
+    if (!job_client(job) || !job->up) return;
+    if (http_req_write_queue_size(job_client(job)) > RESUME_BYTES) return; /* polls again */
     uv_timer_stop(t);
     job->paused = false;
     httpc_req_pause(job->up, false);
@@ -345,6 +623,22 @@ static void on_resume_poll(uv_timer_t *t) {
 
 /* Decode bytes on their way to a streaming client. */
 static void stream_forward(px_job *job, const char *data, size_t len) {
+    if (job->fan) {
+        job->started = true; /* bytes reached the client: no retry from here */
+        tail_add(job, data, len);
+        fan_part_data(job->fan, job, data, len);
+        http_req *client = job_client(job);
+        if (!client) { /* another prompt's failure answered the client: stop this one too */
+            job_end(job);
+            return;
+        }
+        if (client && job->up && !job->paused && http_req_write_queue_size(client) > PAUSE_BYTES) {
+            job->paused = true;
+            httpc_req_pause(job->up, true);
+            uv_timer_start(&job->timer, on_resume_poll, PAUSE_POLL_MS, PAUSE_POLL_MS);
+        }
+        return;
+    }
     if (!job->started) {
         const char *ct = job->up_ctype[0] ? job->up_ctype : "text/event-stream";
         http_header extra[] = {
@@ -368,6 +662,11 @@ static void stream_fail(px_job *job, const char *msg) {
     px_proxy *px = job->px;
     px->m.errors[job->route][PX_ERROR_MIDSTREAM]++;
     LOG_WARN("proxy: %s: stream cut: %s", job->rid, msg);
+    if (job->fan) {
+        fan_part_failed(job->fan, job, 502, msg);
+        job_finished(job, 200);
+        return;
+    }
     strbuf e;
     strbuf_init(&e);
     /* Finish the event the backend was in the middle of, so ours parses on its own. */
@@ -443,7 +742,10 @@ static void decode_done(px_job *job, duet_status st) {
         else
             snprintf(msg, sizeof msg, "decode %s ended the stream without [DONE]", b->name);
         leg_release(job);
-        if (ok) {
+        if (ok && job->fan) {
+            fan_part_stream_done(job->fan, job);
+            job_finished(job, 200);
+        } else if (ok) {
             http_stream_end(job->req);
             job_finished(job, 200);
         } else {
@@ -559,7 +861,7 @@ static void leg_attempt(px_job *job) {
         body_len = job->prefill_len;
         first_byte = cfg->prefill_timeout_ms;
     } else if (job->leg == PX_LEG_DECODE) {
-        roles[nroles++] = PX_ROLE_DECODE;
+        roles[nroles++] = px->balancer ? PX_ROLE_BACKEND : PX_ROLE_DECODE;
         load = px_gen_decode_load(&job->gen);
         body = job->decode_body;
         body_len = job->decode_len;
@@ -595,7 +897,7 @@ static void leg_attempt(px_job *job) {
     size_t nh = 0;
     if (body) hs[nh++] = (http_header){"Content-Type", "application/json"};
     if (job->rid[0]) hs[nh++] = (http_header){"X-Request-Id", job->rid};
-    const char *client_auth = http_req_header(job->req, "authorization");
+    const char *client_auth = http_req_header(job_client(job), "authorization");
     if (px->auth_up)
         hs[nh++] = (http_header){"Authorization", px->auth_up};
     else if (!px->auth_expect && client_auth) /* a transparent proxy passes the client's key */
@@ -621,11 +923,100 @@ static void leg_attempt(px_job *job) {
 /* ---------------------------------------------------------------------------------------------
  * Routes */
 
+enum { MAX_FAN_PROMPTS = 256 }; /* as many as a worker takes in one request */
+
+/* A list of prompts: one chain per prompt, answers merged (see px_fan). */
+static void handle_fanout(px_proxy *px, http_req *req, px_route route, uint64_t t0, px_gen *gen,
+                          int n_prompts) {
+    px_fan *fan = calloc(1, sizeof *fan);
+    if (fan) {
+        fan->parts = calloc((size_t)n_prompts, sizeof *fan->parts);
+        fan->answers = calloc((size_t)n_prompts, sizeof *fan->answers);
+        fan->pending = calloc((size_t)n_prompts, sizeof *fan->pending);
+        fan->usage = cJSON_CreateObject();
+    }
+    if (!fan || !fan->parts || !fan->answers || !fan->pending || !fan->usage) {
+        if (fan) {
+            free(fan->parts);
+            free(fan->answers);
+            free(fan->pending);
+            cJSON_Delete(fan->usage);
+            free(fan);
+        }
+        px_gen_cleanup(gen);
+        respond_error_simple(px, req, route, t0, 500, PX_ERROR_UPSTREAM, "out of memory");
+        return;
+    }
+    fan->px = px;
+    fan->req = req;
+    fan->route = route;
+    fan->t0 = t0;
+    fan->refs = 1;
+    fan->stream = gen->stream;
+    fan->include_usage = px_gen_include_usage(gen);
+    fan->n = px_gen_n(gen);
+    fan->n_parts = n_prompts;
+    /* the request id the client gave (or a new one) for the whole; each chain adds its index */
+    px_job probe = {.px = px, .req = req};
+    job_set_rid(&probe);
+    snprintf(fan->rid, sizeof fan->rid, "%s", probe.rid);
+    snprintf(fan->id, sizeof fan->id, "cmpl-%s", fan->rid);
+    bool ok = true;
+    for (int p = 0; p < n_prompts && ok; p++) {
+        px_job *job = calloc(1, sizeof *job);
+        ok = job != NULL;
+        if (!ok) break;
+        job->px = px;
+        job->fan = fan;
+        job->part = p;
+        job->route = route;
+        job->t0 = t0;
+        job->method = "POST";
+        strbuf_init(&job->buf);
+        snprintf(job->path, sizeof job->path, "%s", req->path);
+        snprintf(job->rid, sizeof job->rid, "%.*s-%d", RID_MAX - 8, fan->rid, p);
+        ok = px_gen_part(gen, p, &job->gen) == DUET_OK &&
+             (job->prefill_body = px_gen_prefill_body(&job->gen, &job->prefill_len)) != NULL;
+        if (!ok) {
+            px_gen_cleanup(&job->gen);
+            free(job);
+            break;
+        }
+        uv_timer_init(px->loop, &job->timer);
+        job->timer.data = job;
+        px->refs++;
+        px->jobs_open++;
+        fan->refs++;
+        fan->parts[p] = job;
+        job->leg = PX_LEG_PREFILL;
+    }
+    px_gen_cleanup(gen);
+    if (!ok) {
+        fan_error(fan, NULL, 500, "out of memory");
+        return;
+    }
+    http_req_on_close(req, fan_on_client_close, fan);
+    /* a chain that fails at once answers the client and ends the others */
+    for (int p = 0; p < n_prompts && fan->req; p++)
+        if (fan->parts[p]) leg_attempt(fan->parts[p]);
+}
+
 static void handle_generate(px_proxy *px, http_req *req, px_route route, uint64_t t0) {
     char err[160];
     px_gen gen;
     if (px_gen_parse(req->body, req->body_len, &gen, err, sizeof err)) {
         respond_error_simple(px, req, route, t0, 400, PX_ERROR_BAD_REQUEST, err);
+        return;
+    }
+    int n_prompts = route == PX_ROUTE_COMPLETIONS && !px->balancer ? px_gen_prompt_count(&gen) : 1;
+    if (n_prompts > MAX_FAN_PROMPTS) {
+        px_gen_cleanup(&gen);
+        snprintf(err, sizeof err, "at most %d prompts per request", MAX_FAN_PROMPTS);
+        respond_error_simple(px, req, route, t0, 400, PX_ERROR_BAD_REQUEST, err);
+        return;
+    }
+    if (n_prompts > 1) {
+        handle_fanout(px, req, route, t0, &gen, n_prompts);
         return;
     }
     px_job *job = job_new(px, req, route, t0);
@@ -637,6 +1028,18 @@ static void handle_generate(px_proxy *px, http_req *req, px_route route, uint64_
     job->gen = gen;
     job->method = "POST";
     job_set_rid(job);
+    if (px->balancer) { /* a plain instance answers the request as it came */
+        job->decode_body = cJSON_PrintUnformatted(job->gen.root);
+        job->decode_len = job->decode_body ? strlen(job->decode_body) : 0;
+        if (!job->decode_body) {
+            job_fail(job, 500, PX_ERROR_DECODE, "out of memory");
+            return;
+        }
+        http_req_on_close(req, job_on_client_close, job);
+        job->leg = PX_LEG_DECODE;
+        leg_attempt(job);
+        return;
+    }
     job->prefill_body = px_gen_prefill_body(&job->gen, &job->prefill_len);
     if (!job->prefill_body) {
         job_fail(job, 500, PX_ERROR_PREFILL, "out of memory");
@@ -683,6 +1086,27 @@ static void add_instances(strbuf *b, const px_backends *s, px_role role) {
 }
 
 static void handle_health(px_proxy *px, http_req *req, uint64_t t0) {
+    if (px->balancer) {
+        size_t hb = px_backends_count(&px->backends, PX_ROLE_BACKEND, true);
+        bool ok = hb > 0 && !px->draining;
+        strbuf b;
+        strbuf_init(&b);
+        strbuf_printf(&b,
+                      "{\"status\":\"%s\",\"backend\":{\"healthy\":%zu,\"total\":%zu,"
+                      "\"instances\":[",
+                      ok ? "ok" : (px->draining ? "draining" : "unavailable"), hb,
+                      px_backends_count(&px->backends, PX_ROLE_BACKEND, false));
+        add_instances(&b, &px->backends, PX_ROLE_BACKEND);
+        strbuf_str(&b, "]}}");
+        if (b.oom)
+            respond_error_simple(px, req, PX_ROUTE_HEALTH, t0, 500, PX_ERROR_UPSTREAM,
+                                 "out of memory");
+        else
+            respond_simple(px, req, PX_ROUTE_HEALTH, t0, ok ? 200 : 503, "application/json", b.p,
+                           b.len);
+        strbuf_free(&b);
+        return;
+    }
     size_t hp = px_backends_count(&px->backends, PX_ROLE_PREFILL, true);
     size_t hd = px_backends_count(&px->backends, PX_ROLE_DECODE, true);
     bool ok = hp > 0 && hd > 0 && !px->draining;
@@ -823,8 +1247,10 @@ static void handle_instances(px_proxy *px, http_req *req, px_route route, uint64
     const char *bad = NULL;
     if (!cJSON_IsObject(root))
         bad = "the request body must be a JSON object";
-    else if (!cJSON_IsString(type) || px_role_parse(type->valuestring, &role))
-        bad = "'type' must be \"prefill\" or \"decode\"";
+    else if (!cJSON_IsString(type) || px_role_parse(type->valuestring, &role) ||
+             (role == PX_ROLE_BACKEND) != px->balancer)
+        bad = px->balancer ? "'type' must be \"backend\" (the proxy balances plain instances)"
+                           : "'type' must be \"prefill\" or \"decode\"";
     else if (!cJSON_IsString(list) && !cJSON_IsArray(list))
         bad = "'instances' must be \"host:port\" or a list of them";
     px_endpoint eps[64];
@@ -876,11 +1302,13 @@ static void handle_instances(px_proxy *px, http_req *req, px_route route, uint64
     }
     strbuf b;
     strbuf_init(&b);
-    strbuf_printf(&b, "{\"message\":\"%s %zu %s instance(s)%s\",\"current_prefill_instances\":[",
+    strbuf_printf(&b, "{\"message\":\"%s %zu %s instance(s)%s\",\"current_%s_instances\":[",
                   add ? "added" : "removed", changed, px_role_name(role),
-                  add ? "; each serves once its health probes pass" : "");
+                  add ? "; each serves once its health probes pass" : "",
+                  px->balancer ? "backend" : "prefill");
     for (int r = 0; r < PX_ROLE_COUNT; r++) {
-        if (r) strbuf_str(&b, "],\"current_decode_instances\":[");
+        if ((r == PX_ROLE_BACKEND) != px->balancer) continue;
+        if (r == PX_ROLE_DECODE) strbuf_str(&b, "],\"current_decode_instances\":[");
         for (const px_backend *be = px->backends.list[r]; be; be = be->next)
             strbuf_printf(&b, "%s\"%s\"", be == px->backends.list[r] ? "" : ",", be->name);
     }
@@ -946,17 +1374,19 @@ static void on_request(http_req *req, void *user) {
         return;
     }
     static const px_role decode_first[] = {PX_ROLE_DECODE, PX_ROLE_PREFILL};
+    static const px_role plain[] = {PX_ROLE_BACKEND};
     switch (route) {
     case PX_ROUTE_COMPLETIONS:
     case PX_ROUTE_CHAT_COMPLETIONS:
         handle_generate(px, req, route, t0);
         return;
     case PX_ROUTE_MODELS:
-        handle_forward(px, req, route, t0, decode_first, 2);
+        handle_forward(px, req, route, t0, px->balancer ? plain : decode_first,
+                       px->balancer ? 1 : 2);
         return;
     case PX_ROUTE_TOKENIZE:
     case PX_ROUTE_DETOKENIZE:
-        handle_forward(px, req, route, t0, decode_first, 1);
+        handle_forward(px, req, route, t0, px->balancer ? plain : decode_first, 1);
         return;
     case PX_ROUTE_HEALTH:
         handle_health(px, req, t0);
@@ -1015,11 +1445,16 @@ duet_status px_proxy_create(uv_loop_t *loop, const px_config *cfg, px_proxy **px
     px->refs++;
     /* Backends start eligible: the proxy serves at once, and probes or failed requests eject
      * the ones that are not there. */
+    px->balancer = cfg->n_backend > 0;
     for (size_t i = 0; i < cfg->n_prefill + cfg->n_decode && !st; i++) {
         bool pre = i < cfg->n_prefill;
         const px_endpoint *ep = pre ? &cfg->prefill[i] : &cfg->decode[i - cfg->n_prefill];
         st = px_backends_add(&px->backends, pre ? PX_ROLE_PREFILL : PX_ROLE_DECODE, ep, true);
         if (st == DUET_ERR_BUSY) st = DUET_OK; /* listed twice: once is enough */
+    }
+    for (size_t i = 0; i < cfg->n_backend && !st; i++) {
+        st = px_backends_add(&px->backends, PX_ROLE_BACKEND, &cfg->backend[i], true);
+        if (st == DUET_ERR_BUSY) st = DUET_OK;
     }
     http_server_opts so;
     http_server_opts_init(&so);

@@ -21,6 +21,7 @@ typedef enum req_state {
     RS_WAITING = 0,
     RS_RUNNING,
     RS_FETCHING, /* decode side: blocks being filled by a remote prefill */
+    RS_FORKING,  /* decode side: waits for the remote KV of the request it forks */
 } req_state;
 
 /* Prefill side: a finished request's blocks kept for the decode side to read. Shared with
@@ -42,6 +43,7 @@ struct ereq {
     eng_sampling sp;
     eng_kv_role role;
     void *remote;
+    uint64_t fork_of; /* ENG_KV_FORK */
     void (*on_logits)(void *user, int pos, const float *row, int V);
     void (*on_kv_ready)(void *user, const int32_t *blocks, int n_blocks);
     req_state state;
@@ -91,7 +93,7 @@ struct eng_engine {
     be_kv *kv;
     kv_pool *pool;
     int V, eos;
-    rqueue waiting, running, fetching;
+    rqueue waiting, running, fetching, forking;
     pthread_mutex_t lease_mu;
     lease *leases;
     int n_leases;
@@ -195,6 +197,8 @@ static rqueue *queue_of(eng_engine *e, ereq *r) {
         return &e->waiting;
     case RS_RUNNING:
         return &e->running;
+    case RS_FORKING:
+        return &e->forking;
     default:
         return &e->fetching;
     }
@@ -504,6 +508,7 @@ duet_status eng_submit(eng_engine *e, const eng_request *req, char *err, size_t 
     r->sp = *sp;
     r->role = req->kv_role;
     r->remote = req->remote;
+    r->fork_of = req->kv_role == ENG_KV_FORK ? req->fork_of : 0;
     r->on_logits = req->on_logits;
     r->on_kv_ready = req->on_kv_ready;
     r->n_prompt = r->n_tokens = n;
@@ -552,6 +557,89 @@ static void abort_req(eng_engine *e, ereq *r) {
     finish(e, r, ENG_FINISH_ABORT, NULL, -1, NULL, NULL, NULL);
 }
 
+/* ---- n > 1 of a remote prompt: forks of its pulled KV ---- */
+
+/* Whether child can wait for the KV of the request it forks: that one must be a remote
+ * request of the same prompt whose transfer has not landed yet. Otherwise the child computes
+ * its prompt itself (the same answer, only slower). */
+static bool fork_pending(eng_engine *e, const ereq *child) {
+    const ereq *p = table_find(e, child->fork_of);
+    bool ok = p && p != child && p->role == ENG_KV_REMOTE && !p->fetched &&
+              p->n_prompt == child->n_prompt &&
+              !memcmp(p->tokens, child->tokens, (size_t)p->n_prompt * sizeof(int32_t));
+    if (!ok)
+        LOG_DEBUG("engine: request %llu cannot fork request %llu's KV; computing its prompt",
+                  (unsigned long long)child->id, (unsigned long long)child->fork_of);
+    return ok;
+}
+
+/* Copies one block's KV (every layer) on this rank and its TP followers. */
+static duet_status kv_block_copy(eng_engine *e, int32_t src, int32_t dst) {
+    be_kv *kv = e->kv;
+    duet_status st = DUET_OK;
+    if (!kv->on_device) {
+        memcpy((char *)kv->data + (size_t)dst * kv->block_bytes,
+               (const char *)kv->data + (size_t)src * kv->block_bytes, kv->block_bytes);
+    } else {
+        be_backend *be = mdl_backend(e->model);
+        void *tmp = be->ops->kv_copy_host ? malloc(kv->block_bytes) : NULL;
+        if (!tmp) return be->ops->kv_copy_host ? DUET_ERR_NO_MEMORY : DUET_ERR_UNSUPPORTED;
+        st = be->ops->kv_copy_host(be, kv, &src, 1, tmp, true);
+        if (st == DUET_OK) st = be->ops->kv_copy_host(be, kv, &dst, 1, tmp, false);
+        free(tmp);
+    }
+    if (st == DUET_OK) st = par_kv_replicate(e->inst, kv, &dst, 1);
+    return st;
+}
+
+/* p's KV landed: each request forking it shares p's full prompt blocks and gets a copy of the
+ * partly filled one (it will write its own tokens there), then queues like a request whose
+ * prefix is computed: its next step computes the last prompt token, as p's does. A fork that
+ * finds no free block falls back to computing its prompt. Forks keep their order at the
+ * front of the waiting queue: p was admitted before anything waiting now. */
+static void forks_start(eng_engine *e, ereq *p) {
+    int bs = e->cfg.block_size;
+    int filled = p->n_prompt - 1; /* positions whose KV is in place */
+    int n_full = filled / bs;
+    bool tail = filled % bs != 0;
+    for (ereq *c = e->forking.tail, *prev; c; c = prev) {
+        prev = c->prev;
+        if (c->fork_of != p->id) continue;
+        q_remove(&e->forking, c);
+        for (int b = 0; b < n_full; b++) {
+            kv_pool_ref(e->pool, p->blocks[b]);
+            c->blocks[c->n_blocks++] = p->blocks[b];
+        }
+        bool ok = true;
+        if (tail) {
+            int32_t id;
+            ok = kv_pool_alloc(e->pool, 1, &id) == DUET_OK;
+            if (ok) c->blocks[c->n_blocks++] = id; /* released with the rest on failure */
+            ok = ok && kv_block_copy(e, p->blocks[n_full], id) == DUET_OK;
+        }
+        if (ok) {
+            c->n_computed = filled;
+            c->fetched = true;
+            c->n_cached_tokens = p->n_cached_tokens;
+        } else {
+            LOG_DEBUG("engine: request %llu could not fork request %llu's KV; computing its "
+                      "prompt",
+                      (unsigned long long)c->id, (unsigned long long)p->id);
+            release_blocks(e, c);
+        }
+        c->state = RS_WAITING;
+        q_push_front(&e->waiting, c);
+    }
+}
+
+/* p's transfer failed or p was aborted while it ran: the requests forking it end alike. */
+static void forks_end(eng_engine *e, uint64_t parent, eng_finish f, const char *why) {
+    for (ereq *c = e->forking.head, *next; c; c = next) {
+        next = c->next;
+        if (c->fork_of == parent) finish(e, c, f, NULL, -1, why, NULL, NULL);
+    }
+}
+
 static void drain_inbox(eng_engine *e) {
     pthread_mutex_lock(&e->mu);
     cmd *c = e->inbox_head;
@@ -572,10 +660,15 @@ static void drain_inbox(eng_engine *e) {
                 req_free(c->req);
                 break;
             }
-            c->req->state = RS_WAITING;
             table_insert(e, c->req);
-            q_push_back(&e->waiting, c->req);
             e->stats.prompt_tokens += (uint64_t)c->req->n_prompt;
+            if (c->req->role == ENG_KV_FORK && fork_pending(e, c->req)) {
+                c->req->state = RS_FORKING;
+                q_push_back(&e->forking, c->req);
+                break;
+            }
+            c->req->state = RS_WAITING;
+            q_push_back(&e->waiting, c->req);
             break;
         case CMD_ABORT:
             if (r) abort_req(e, r);
@@ -584,15 +677,18 @@ static void drain_inbox(eng_engine *e) {
             if (!r || r->state != RS_FETCHING) break;
             q_remove(&e->fetching, r);
             if (!c->ok || r->abort_pending) {
+                const char *why = c->ok ? NULL : (c->error[0] ? c->error : "KV transfer failed");
+                eng_finish f = r->abort_pending ? ENG_FINISH_ABORT : ENG_FINISH_ERROR;
+                forks_end(e, r->id, f, why);
                 r->state = RS_RUNNING; /* so finish() finds it in a queue */
                 q_push_back(&e->running, r);
-                finish(e, r, r->abort_pending ? ENG_FINISH_ABORT : ENG_FINISH_ERROR, NULL, -1,
-                       c->ok ? NULL : (c->error[0] ? c->error : "KV transfer failed"), NULL, NULL);
+                finish(e, r, f, NULL, -1, why, NULL, NULL);
                 break;
             }
             /* the prompt but its last token is in place: decode computes that one itself; TP
              * followers hold their own copy of the latents and get the blocks from here */
             if (par_kv_replicate(e->inst, e->kv, r->blocks, r->n_blocks) != DUET_OK) {
+                forks_end(e, r->id, ENG_FINISH_ERROR, "KV replication to TP ranks failed");
                 r->state = RS_RUNNING;
                 q_push_back(&e->running, r);
                 finish(e, r, ENG_FINISH_ERROR, NULL, -1, "KV replication to TP ranks failed", NULL,
@@ -604,6 +700,7 @@ static void drain_inbox(eng_engine *e) {
             if (r->on_kv_ready) r->on_kv_ready(r->user, r->blocks, r->n_blocks);
             r->state = RS_RUNNING;
             q_push_back(&e->running, r);
+            forks_start(e, r);
             break;
         }
         free(c);
@@ -938,7 +1035,7 @@ static duet_status reserve_logits(eng_engine *e, int rows) {
 static void publish_stats(eng_engine *e) {
     kv_pool_stats ps;
     kv_pool_get_stats(e->pool, &ps);
-    e->stats.n_running = e->running.n + e->fetching.n;
+    e->stats.n_running = e->running.n + e->fetching.n + e->forking.n;
     e->stats.n_waiting = e->waiting.n;
     pthread_mutex_lock(&e->lease_mu);
     e->stats.n_leased = e->n_leases;
@@ -1072,6 +1169,7 @@ void eng_destroy(eng_engine *e) {
         }
         while (e->running.head) abort_req(e, e->running.head);
         while (e->waiting.head) abort_req(e, e->waiting.head);
+        while (e->forking.head) abort_req(e, e->forking.head);
         pthread_mutex_lock(&e->lease_mu);
         for (lease *l = e->leases; l; l = l->next) l->released = true;
         pthread_mutex_unlock(&e->lease_mu);

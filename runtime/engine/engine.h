@@ -64,6 +64,13 @@ typedef enum eng_kv_role {
     /* decode side: the prompt's KV (but its last token) comes from a remote prefill; the
      * engine allocates blocks and asks the fetch hook to fill them */
     ENG_KV_REMOTE = 2,
+    /* decode side, n > 1 choices of one remote prompt: the prompt's KV is that of request
+     * fork_of (ENG_KV_REMOTE, same prompt, submitted before this one). When its transfer lands
+     * the full blocks are shared (reference counts) and the partly filled one is copied, so
+     * this request computes the last prompt token itself as fork_of does, then samples on its
+     * own. If fork_of is gone or not a pending remote request, the prompt is computed here;
+     * if its transfer fails, this request fails (or is aborted) with it. */
+    ENG_KV_FORK = 3,
 } eng_kv_role;
 
 typedef struct eng_request {
@@ -72,8 +79,9 @@ typedef struct eng_request {
     int n_prompt;
     eng_sampling sampling;
     eng_kv_role kv_role;
-    void *remote; /* ENG_KV_REMOTE: opaque transfer descriptor for the fetch hook */
-    void *user;   /* handed back in events */
+    void *remote;     /* ENG_KV_REMOTE: opaque transfer descriptor for the fetch hook */
+    uint64_t fork_of; /* ENG_KV_FORK: the ENG_KV_REMOTE request whose KV this one shares */
+    void *user;       /* handed back in events */
     /* test hook: every logits row computed for this request (prompt rows when
      * prompt_logprobs >= 0, then one per generated token), before sampling */
     void (*on_logits)(void *user, int pos, const float *row, int V);

@@ -51,8 +51,15 @@ static duet_status parse_dtype(const opt_spec *s, const char *v, char *err, size
         o->dtype = DT_BF16;
     else if (!strcmp(v, "float32") || !strcmp(v, "float") || !strcmp(v, "f32"))
         o->dtype = DT_F32;
-    else {
-        snprintf(err, len, "expected auto, bfloat16 or float32, got '%s'", v);
+    else if (!strcmp(v, "float16") || !strcmp(v, "half") || !strcmp(v, "fp16")) {
+        /* vLLM users ask for 16 bits (older GPUs, AWQ checkpoints); DeepSeek's weights and
+         * activations overflow float16's range, so duet runs the backend's own default */
+        o->dtype = DT_COUNT;
+        LOG_INFO("--dtype %s: duet has no float16 path; running the backend's default "
+                 "(bfloat16 on cuda, float32 on cpu)",
+                 v);
+    } else {
+        snprintf(err, len, "expected auto, bfloat16, float16 or float32, got '%s'", v);
         return DUET_ERR_INVALID;
     }
     return DUET_OK;
@@ -98,9 +105,10 @@ duet_status par_options_add(opt_parser *p, par_options *o) {
          .parse = parse_dtype,
          .user = o,
          .dest = o,
-         .metavar = "{auto,bfloat16,float32}",
+         .metavar = "{auto,bfloat16,float16,float32}",
          .def = "auto",
-         .help = "weights and activations (auto: float32 on cpu, bfloat16 on cuda)"},
+         .help = "weights and activations (auto: float32 on cpu, bfloat16 on cuda; float16 is "
+                 "read as auto)"},
         {.name = "--tensor-parallel-size",
          .alias = "-tp",
          .type = OPT_INT,
@@ -141,7 +149,8 @@ duet_status par_options_add(opt_parser *p, par_options *o) {
          .user = o,
          .dest = o,
          .metavar = "N",
-         .help = "seed of dummy weights"},
+         .help = "seed of dummy weights; servers also draw unseeded requests' seeds from it "
+                 "(vLLM's --seed)"},
     };
     return opt_add(p, "Parallelism and device", specs, (int)(sizeof specs / sizeof specs[0]));
 }

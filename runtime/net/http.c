@@ -10,6 +10,8 @@
 #include <cjson/cJSON.h>
 #include <limits.h>
 #include <netdb.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -50,9 +52,11 @@ struct http_req_impl {
     bool keep_alive;
     bool expect_continue;
     bool continue_sent;
-    bool head;        /* HEAD: headers only */
-    bool chunked_out; /* the stream is chunked (HTTP/1.1) rather than close-delimited */
-    bool gone;        /* the connection closed before the request was finished */
+    bool head;               /* HEAD: headers only */
+    bool chunked_out;        /* the stream is chunked (HTTP/1.1) rather than close-delimited */
+    bool gone;               /* the connection closed before the request was finished */
+    const char *cors_origin; /* Access-Control-Allow-Origin of the answer, or NULL */
+    bool cors_vary;          /* the origin is echoed: caches must key on it */
     http_close_fn on_close;
     void *on_close_arg;
     size_t header_bytes; /* counted against max_header_bytes */
@@ -398,6 +402,10 @@ typedef struct http_conn {
     bool eof_seen;
     bool closing;
     char addr[64];
+    /* HTTPS: OpenSSL on memory BIOs; the socket carries ciphertext, in[] holds plaintext */
+    SSL *ssl;
+    BIO *rbio, *wbio; /* owned by ssl */
+    char *raw;        /* ciphertext read buffer, IN_CHUNK */
 } http_conn;
 
 struct http_server {
@@ -419,6 +427,7 @@ struct http_server {
     void *drained_arg;
     time_t date_sec;
     char date[40];
+    SSL_CTX *tls; /* NULL: plain HTTP */
 };
 
 typedef struct conn_wbuf {
@@ -450,7 +459,9 @@ static duet_status from_uv(int r) {
 }
 
 static void srv_unref(http_server *srv) {
-    if (--srv->refs == 0) free(srv);
+    if (--srv->refs > 0) return;
+    SSL_CTX_free(srv->tls);
+    free(srv);
 }
 
 /* Calls the drained callback once nothing is open. The callback may destroy srv: callers that
@@ -489,6 +500,8 @@ static void conn_unref(http_conn *c) {
         srv->conns = c->next;
     if (c->next) c->next->prev = c->prev;
     http_reader_cleanup(&c->reader);
+    SSL_free(c->ssl);
+    free(c->raw);
     free(c->in);
     free(c);
     srv_unref(srv);
@@ -578,7 +591,7 @@ static void on_write(uv_write_t *req, int status) {
 
 /* Sends bufs, directly when nothing is queued, else copied behind what is. capped: apply
  * max_write_queue_bytes. Errors close the connection. */
-static duet_status conn_write(http_conn *c, const uv_buf_t *bufs, unsigned n, bool capped) {
+static duet_status conn_write_raw(http_conn *c, const uv_buf_t *bufs, unsigned n, bool capped) {
     if (c->closing || c->phase == PHASE_LINGER) return DUET_ERR_IO;
     uv_stream_t *s = (uv_stream_t *)&c->tcp;
     size_t total = 0;
@@ -630,9 +643,97 @@ static duet_status conn_write(http_conn *c, const uv_buf_t *bufs, unsigned n, bo
     return DUET_OK;
 }
 
+/* HTTPS: what OpenSSL has written (records, handshake messages, alerts) goes to the socket. */
+static duet_status tls_flush(http_conn *c, bool capped) {
+    char chunk[16 * 1024];
+    duet_status st = DUET_OK;
+    int n;
+    while (st == DUET_OK && (n = BIO_read(c->wbio, chunk, sizeof chunk)) > 0) {
+        uv_buf_t b = {.base = chunk, .len = (size_t)n};
+        st = conn_write_raw(c, &b, 1, capped);
+    }
+    return st;
+}
+
+/* Plain bytes out: as they are, or through TLS (a memory BIO never refuses a write once the
+ * handshake is done, and nothing is answered before a whole request arrived). */
+static duet_status conn_write(http_conn *c, const uv_buf_t *bufs, unsigned n, bool capped) {
+    if (!c->ssl) return conn_write_raw(c, bufs, n, capped);
+    if (c->closing || c->phase == PHASE_LINGER) return DUET_ERR_IO;
+    for (unsigned i = 0; i < n; i++) {
+        if (!bufs[i].len) continue;
+        int r = SSL_write(c->ssl, bufs[i].base, (int)bufs[i].len);
+        if (r <= 0) {
+            LOG_DEBUG("http: %s: TLS write failed: %s", c->addr,
+                      ERR_error_string(ERR_get_error(), NULL));
+            ERR_clear_error();
+            conn_close(c);
+            return DUET_ERR_IO;
+        }
+    }
+    return tls_flush(c, capped);
+}
+
+/* Makes room for at least IN_CHUNK / 4 more bytes in in[]. */
+static bool in_reserve(http_conn *c) {
+    if (c->in_off > 0) {
+        memmove(c->in, c->in + c->in_off, c->in_len - c->in_off);
+        c->in_len -= c->in_off;
+        c->in_off = 0;
+    }
+    if (c->in_cap - c->in_len >= IN_CHUNK / 4) return true;
+    size_t cap = c->in_cap ? c->in_cap : IN_CHUNK;
+    while (cap - c->in_len < IN_CHUNK / 4) cap *= 2;
+    char *p = realloc(c->in, cap);
+    if (!p) return false;
+    c->in = p;
+    c->in_cap = cap;
+    return true;
+}
+
+/* HTTPS: ciphertext in, plaintext appended to in[]. False when the connection was closed (a
+ * failed handshake, a bad record, no memory); *eof_p when the client sent close_notify. */
+static bool tls_on_read(http_conn *c, const char *data, size_t n, bool *eof_p) {
+    *eof_p = false;
+    if (BIO_write(c->rbio, data, (int)n) != (int)n) {
+        conn_close(c);
+        return false;
+    }
+    for (;;) {
+        if (!in_reserve(c)) {
+            LOG_ERROR("http: %s: out of memory reading a request", c->addr);
+            conn_close(c);
+            return false;
+        }
+        int r = SSL_read(c->ssl, c->in + c->in_len, (int)(c->in_cap - c->in_len));
+        if (r > 0) {
+            c->in_len += (size_t)r;
+            continue;
+        }
+        int e = SSL_get_error(c->ssl, r);
+        if (e == SSL_ERROR_WANT_READ) break;
+        if (e == SSL_ERROR_ZERO_RETURN) {
+            *eof_p = true;
+            break;
+        }
+        LOG_DEBUG("http: %s: TLS: %s", c->addr, ERR_error_string(ERR_get_error(), NULL));
+        ERR_clear_error();
+        tls_flush(c, false); /* the alert, if any */
+        conn_close(c);
+        return false;
+    }
+    return tls_flush(c, false) == DUET_OK;
+}
+
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
     http_conn *c = h->data;
     (void)suggested;
+    if (c->ssl) { /* ciphertext goes to its own buffer, decrypted into in[] */
+        if (!c->raw) c->raw = malloc(IN_CHUNK);
+        buf->base = c->raw;
+        buf->len = c->raw ? IN_CHUNK : 0;
+        return;
+    }
     if (c->in_off > 0) {
         memmove(c->in, c->in + c->in_off, c->in_len - c->in_off);
         c->in_len -= c->in_off;
@@ -691,6 +792,11 @@ static void on_shutdown(uv_shutdown_t *req, int status) {
  * is not destroyed by the reset that closing with unread input would cause. */
 static void conn_shutdown(http_conn *c) {
     if (c->closing || c->phase == PHASE_LINGER) return;
+    if (c->ssl && SSL_is_init_finished(c->ssl)) { /* close_notify before the FIN */
+        SSL_shutdown(c->ssl);
+        tls_flush(c, false);
+        if (c->closing) return;
+    }
     c->phase = PHASE_LINGER;
     c->in_off = c->in_len = 0;
     uv_timer_stop(&c->timer);
@@ -791,10 +897,11 @@ static bool valid_extra(const http_header *extra) {
     return true;
 }
 
-/* content_length < 0: none (chunked, close-delimited, or a status without a body). */
-static void build_head(sbuf *b, http_server *srv, int status, const char *content_type,
-                       const http_header *extra, long long content_length, bool chunked,
-                       bool keep_alive, bool http10) {
+/* content_length < 0: none (chunked, close-delimited, or a status without a body). q (may be
+ * NULL) brings its CORS headers. */
+static void build_head(sbuf *b, http_server *srv, const struct http_req_impl *q, int status,
+                       const char *content_type, const http_header *extra, long long content_length,
+                       bool chunked, bool keep_alive, bool http10) {
     const char *reason = http_status_str((enum http_status)status);
     if (!strcmp(reason, "<unknown>")) reason = "";
     sb_printf(b, "HTTP/1.1 %d %s\r\nDate: %s\r\n", status, reason, srv_date(srv));
@@ -815,6 +922,13 @@ static void build_head(sbuf *b, http_server *srv, int status, const char *conten
         sb_str(b, extra->value);
         sb_str(b, "\r\n");
     }
+    if (q && q->cors_origin) {
+        sb_str(b, "Access-Control-Allow-Origin: ");
+        sb_str(b, q->cors_origin);
+        sb_str(b, "\r\n");
+        if (srv->opts.cors->credentials) sb_str(b, "Access-Control-Allow-Credentials: true\r\n");
+        if (q->cors_vary) sb_str(b, "Vary: Origin\r\n");
+    }
     sb_str(b, "\r\n");
 }
 
@@ -826,7 +940,7 @@ static void conn_send_error(http_conn *c, int status, const char *type, const ch
     char *body = http_error_body(status, type, message, &len);
     sbuf head;
     sb_init(&head);
-    build_head(&head, c->srv, status, "application/json", NULL, (long long)len, false, false,
+    build_head(&head, c->srv, NULL, status, "application/json", NULL, (long long)len, false, false,
                false);
     if (body && !head.oom) {
         uv_buf_t bufs[2] = {{.base = head.p, .len = head.len}, {.base = body, .len = len}};
@@ -835,6 +949,100 @@ static void conn_send_error(http_conn *c, int status, const char *type, const ch
     sb_free(&head);
     cJSON_free(body);
     conn_shutdown(c);
+}
+
+/* ---- CORS (as Starlette's middleware behind vLLM answers) ---- */
+
+static bool cors_list_has(const char *const *v, int n, const char *s, bool fold) {
+    for (int i = 0; i < n; i++)
+        if (!strcmp(v[i], "*") || !(fold ? strcasecmp(v[i], s) : strcmp(v[i], s))) return true;
+    return false;
+}
+
+static bool cors_list_any(const char *const *v, int n) {
+    for (int i = 0; i < n; i++)
+        if (!strcmp(v[i], "*")) return true;
+    return false;
+}
+
+/* The request headers a preflight asks for, each allowed (browsers always may send the
+ * CORS-safelisted ones). */
+static bool cors_headers_ok(const http_cors *k, const char *list) {
+    static const char *const safe[] = {"accept", "accept-language", "content-language",
+                                       "content-type"};
+    if (cors_list_any(k->headers, k->n_headers)) return true;
+    while (list && *list) {
+        while (*list == ' ' || *list == ',' || *list == '\t') list++;
+        size_t n = strcspn(list, ",");
+        while (n && (list[n - 1] == ' ' || list[n - 1] == '\t')) n--;
+        if (n) {
+            char h[128];
+            if (n >= sizeof h) return false;
+            memcpy(h, list, n);
+            h[n] = '\0';
+            bool ok = cors_list_has(k->headers, k->n_headers, h, true);
+            for (size_t i = 0; !ok && i < sizeof safe / sizeof *safe; i++)
+                ok = !strcasecmp(h, safe[i]);
+            if (!ok) return false;
+        }
+        list += strcspn(list, ",");
+    }
+    return true;
+}
+
+static void cors_join(sbuf *b, const char *const *v, int n) {
+    for (int i = 0; i < n; i++) {
+        if (i) sb_str(b, ", ");
+        sb_str(b, v[i]);
+    }
+}
+
+/* Notes the CORS answer of q (an allowed Origin); answers a preflight itself. True when q was
+ * answered here. */
+static bool cors_dispatch(http_server *srv, struct http_req_impl *q) {
+    const http_cors *k = srv->opts.cors;
+    const char *origin = http_req_header(&q->pub, "origin");
+    if (!k || !origin) return false;
+    bool any = cors_list_any(k->origins, k->n_origins);
+    bool allowed = cors_list_has(k->origins, k->n_origins, origin, false);
+    if (allowed) {
+        q->cors_origin = any && !k->credentials ? "*" : origin;
+        q->cors_vary = !(any && !k->credentials);
+    }
+    const char *want = http_req_header(&q->pub, "access-control-request-method");
+    if (strcmp(q->pub.method, "OPTIONS") != 0 || !want) return false;
+    const char *want_headers = http_req_header(&q->pub, "access-control-request-headers");
+    bool method_ok = cors_list_has(k->methods, k->n_methods, want, false);
+    bool headers_ok = cors_headers_ok(k, want_headers);
+    if (!allowed || !method_ok || !headers_ok) {
+        char msg[96];
+        snprintf(msg, sizeof msg, "Disallowed CORS %s%s%s", !allowed ? "origin" : "",
+                 !method_ok ? (!allowed ? ", method" : "method") : "",
+                 !headers_ok ? (!allowed || !method_ok ? ", headers" : "headers") : "");
+        q->cors_origin = NULL;
+        http_respond(&q->pub, 400, "text/plain; charset=utf-8", msg, strlen(msg));
+        return true;
+    }
+    sbuf methods, headers;
+    sb_init(&methods);
+    sb_init(&headers);
+    if (cors_list_any(k->methods, k->n_methods))
+        sb_str(&methods, "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT");
+    else
+        cors_join(&methods, k->methods, k->n_methods);
+    if (cors_list_any(k->headers, k->n_headers))
+        sb_str(&headers, want_headers && http_value_valid(want_headers) ? want_headers : "");
+    else
+        cors_join(&headers, k->headers, k->n_headers);
+    http_header extra[] = {{"Access-Control-Allow-Methods", methods.oom ? "" : methods.p},
+                           {"Access-Control-Allow-Headers", headers.oom ? "" : headers.p},
+                           {"Access-Control-Max-Age", "600"},
+                           {NULL, NULL}};
+    if (!headers.len) extra[1] = extra[2], extra[2] = (http_header){NULL, NULL};
+    http_respond_headers(&q->pub, 200, "text/plain; charset=utf-8", extra, "OK", 2);
+    sb_free(&methods);
+    sb_free(&headers);
+    return true;
 }
 
 static void conn_dispatch(http_conn *c, struct http_req_impl *q) {
@@ -847,6 +1055,7 @@ static void conn_dispatch(http_conn *c, struct http_req_impl *q) {
     srv->stats.requests_total++;
     srv->stats.requests_active++;
     conn_set_phase(c, PHASE_ACTIVE);
+    if (cors_dispatch(srv, q)) return;
     srv->on_request(&q->pub, srv->user);
 }
 
@@ -920,6 +1129,13 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
         return;
     }
     if (c->phase == PHASE_LINGER) return; /* dropped: nothing more will be answered */
+    if (c->ssl) {
+        bool eof;
+        if (!tls_on_read(c, buf->base, (size_t)nread, &eof)) return;
+        conn_process(c);
+        if (eof && !c->closing) conn_on_read_end(c, UV_EOF);
+        return;
+    }
     c->in_len += (size_t)nread;
     conn_process(c);
     /* Pipelined input beyond the request in flight: let TCP push back on the client. */
@@ -1028,12 +1244,28 @@ static void on_connection(uv_stream_t *ls, int status) {
         srv->n_rejected_open++;
         srv->stats.connections_rejected++;
         LOG_DEBUG("http: %s: over %u connections, answering 503", c->addr, max);
-        if (srv->n_rejected_open > max) { /* a flood: do not spend memory answering it */
+        if (srv->n_rejected_open > max || srv->tls) { /* a flood: do not spend memory answering
+                                                       * it; over TLS, no handshake either */
             conn_close(c);
             return;
         }
         conn_send_error(c, 503, "ServiceUnavailableError", "too many connections");
         return;
+    }
+    if (srv->tls) {
+        c->ssl = SSL_new(srv->tls);
+        c->rbio = BIO_new(BIO_s_mem());
+        c->wbio = BIO_new(BIO_s_mem());
+        if (!c->ssl || !c->rbio || !c->wbio) {
+            LOG_ERROR("http: %s: out of memory starting TLS", c->addr);
+            BIO_free(c->rbio);
+            BIO_free(c->wbio);
+            c->rbio = c->wbio = NULL;
+            conn_close(c);
+            return;
+        }
+        SSL_set_bio(c->ssl, c->rbio, c->wbio);
+        SSL_set_accept_state(c->ssl);
     }
     c->counted = true;
     srv->n_open++;
@@ -1048,6 +1280,7 @@ static void on_connection(uv_stream_t *ls, int status) {
  * Public API: server */
 
 void http_server_opts_init(http_server_opts *opts) {
+    memset(opts, 0, sizeof *opts);
     opts->max_header_bytes = 64 * 1024;
     opts->max_body_bytes = 32 * 1024 * 1024;
     opts->header_timeout_ms = 10 * 1000;
@@ -1062,6 +1295,51 @@ static void ignore_sigpipe(void) {
         sa.sa_handler = SIG_IGN;
         sigaction(SIGPIPE, &sa, NULL);
     }
+}
+
+/* The one OpenSSL error line for a file that would not load. */
+static duet_status tls_fail(const char *what, const char *file) {
+    unsigned long e = ERR_get_error();
+    LOG_ERROR("http: TLS: cannot use %s %s: %s", what, file ? file : "(none)",
+              e ? ERR_error_string(e, NULL) : "unknown error");
+    ERR_clear_error();
+    return DUET_ERR_INVALID;
+}
+
+/* A server context from the PEM files: TLS 1.2 and later, the certificate chain and its key
+ * (checked to match), and client certificates when asked. */
+static duet_status tls_context(const http_tls *t, SSL_CTX **ctx_p) {
+    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+    if (!ctx) return tls_fail("a new context", NULL);
+    duet_status st = DUET_OK;
+    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    if (SSL_CTX_use_certificate_chain_file(ctx, t->cert_file) != 1)
+        st = tls_fail("the certificate file", t->cert_file);
+    else if (SSL_CTX_use_PrivateKey_file(ctx, t->key_file, SSL_FILETYPE_PEM) != 1)
+        st = tls_fail("the key file", t->key_file);
+    else if (SSL_CTX_check_private_key(ctx) != 1)
+        st = tls_fail("the key (it does not match the certificate)", t->key_file);
+    else if (t->ca_file && SSL_CTX_load_verify_locations(ctx, t->ca_file, NULL) != 1)
+        st = tls_fail("the CA file", t->ca_file);
+    if (st != DUET_OK) {
+        SSL_CTX_free(ctx);
+        return st;
+    }
+    if (t->verify_client)
+        SSL_CTX_set_verify(
+            ctx, SSL_VERIFY_PEER | (t->verify_client >= 2 ? SSL_VERIFY_FAIL_IF_NO_PEER_CERT : 0),
+            NULL);
+    *ctx_p = ctx;
+    return DUET_OK;
+}
+
+duet_status http_tls_check(const http_tls *tls) {
+    SSL_CTX *ctx = NULL;
+    if (!tls) return DUET_ERR_INVALID;
+    duet_status st = tls_context(tls, &ctx);
+    SSL_CTX_free(ctx);
+    return st;
 }
 
 static void on_kick_closed(uv_handle_t *h) {
@@ -1088,11 +1366,15 @@ duet_status http_server_create(uv_loop_t *loop, const http_server_opts *opts,
         LOG_ERROR("http: max_body_bytes %zu is out of range", o.max_body_bytes);
         return DUET_ERR_INVALID;
     }
+    SSL_CTX *tls = NULL;
+    if (o.tls && tls_context(o.tls, &tls) != DUET_OK) return DUET_ERR_INVALID;
     http_server *srv = calloc(1, sizeof *srv);
     if (!srv) {
         LOG_ERROR("http: out of memory creating a server");
+        SSL_CTX_free(tls);
         return DUET_ERR_NO_MEMORY;
     }
+    srv->tls = tls;
     ignore_sigpipe();
     srv->loop = loop;
     srv->opts = o;
@@ -1324,7 +1606,7 @@ duet_status http_respond_headers(http_req *req, int status, const char *content_
     bool no_body = status == 204 || status == 304;
     sbuf head;
     sb_init(&head);
-    build_head(&head, c->srv, status, content_type, extra, no_body ? -1 : (long long)len, false,
+    build_head(&head, c->srv, q, status, content_type, extra, no_body ? -1 : (long long)len, false,
                q->keep_alive && !c->srv->draining, req->version_minor == 0);
     duet_status st = DUET_ERR_NO_MEMORY;
     if (head.oom) {
@@ -1374,7 +1656,7 @@ duet_status http_stream_start(http_req *req, int status, const char *content_typ
     if (!q->chunked_out) q->keep_alive = false;
     sbuf head;
     sb_init(&head);
-    build_head(&head, c->srv, status, content_type, extra, -1, q->chunked_out,
+    build_head(&head, c->srv, q, status, content_type, extra, -1, q->chunked_out,
                q->keep_alive && !c->srv->draining, req->version_minor == 0);
     duet_status st = DUET_ERR_NO_MEMORY;
     if (head.oom) {

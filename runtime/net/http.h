@@ -14,6 +14,29 @@
 
 typedef struct http_server http_server;
 
+/* Cross-origin requests from browsers, answered as vLLM's CORS middleware answers them: a
+ * request with an Origin header that is allowed gets Access-Control-Allow-Origin (and -Allow-
+ * Credentials); a preflight (OPTIONS with Access-Control-Request-Method) is answered here, 200
+ * when origin, method and headers are allowed, else 400. "*" in a list allows anything. The
+ * strings must outlive the server. */
+typedef struct http_cors {
+    const char *const *origins;
+    int n_origins;
+    const char *const *methods;
+    int n_methods;
+    const char *const *headers;
+    int n_headers;
+    bool credentials;
+} http_cors;
+
+/* HTTPS (OpenSSL): PEM files read once at http_server_create; NULL tls = plain HTTP. */
+typedef struct http_tls {
+    const char *cert_file; /* certificate chain */
+    const char *key_file;  /* its private key */
+    const char *ca_file;   /* CAs for client certificates, or NULL */
+    int verify_client;     /* 0: none, 1: checked when offered, 2: required */
+} http_tls;
+
 typedef struct http_server_opts {
     /* Request line plus headers, counted as the bytes of the URL, names and values plus 4 per
      * header; beyond it the request is answered 431 (414 while still in the URL) and the
@@ -35,6 +58,10 @@ typedef struct http_server_opts {
     /* A stream whose unsent bytes exceed this is closed as a stuck client (its on_close fires).
      * Applies to http_stream_write/_sse only. Default 16 MiB, 0 = no limit. */
     size_t max_write_queue_bytes;
+    /* NULL: no CORS headers, OPTIONS is an ordinary request. Copied by pointer. */
+    const http_cors *cors;
+    /* NULL: plain HTTP. Copied by pointer. */
+    const http_tls *tls;
 } http_server_opts;
 
 /* One request header, NUL-terminated; the value without surrounding whitespace. */
@@ -79,6 +106,10 @@ typedef struct http_server_stats {
     uint64_t clients_gone;         /* on_close notifications */
     uint64_t protocol_errors;      /* 400/408/413/414/417/431/505 answered by this layer */
 } http_server_stats;
+
+/* Loads tls's files as http_server_create will (one error line naming the file otherwise), so
+ * a program can refuse them before its slow start-up. */
+duet_status http_tls_check(const http_tls *tls);
 
 /* Fills opts with the defaults above. */
 void http_server_opts_init(http_server_opts *opts);

@@ -224,7 +224,11 @@ struct httpc_pool {
     httpc_pool_opts opts;
     struct sockaddr_storage addr;
     char name[300]; /* host:port for the Host header and logs */
-    hc_conn *idle;  /* most recently used first */
+    char host[256]; /* a name to look up again (httpc_pool_refresh), or "" for an address */
+    int port;
+    uv_getaddrinfo_t lookup; /* in flight while looking_up */
+    bool looking_up;
+    hc_conn *idle; /* most recently used first */
     unsigned n_idle;
     int refs; /* the owner's, one per connection */
     bool destroyed;
@@ -660,6 +664,11 @@ duet_status httpc_pool_create(uv_loop_t *loop, const char *host, int port,
         free(pool);
         return st;
     }
+    struct sockaddr_in6 probe6;
+    struct sockaddr_in probe4;
+    if (uv_ip4_addr(bare, port, &probe4) != 0 && uv_ip6_addr(bare, port, &probe6) != 0)
+        snprintf(pool->host, sizeof pool->host, "%s", bare);
+    pool->port = port;
     if (strchr(bare, ':'))
         snprintf(pool->name, sizeof pool->name, "[%s]:%d", bare, port);
     else
@@ -668,6 +677,54 @@ duet_status httpc_pool_create(uv_loop_t *loop, const char *host, int port,
     pool->refs = 1;
     *pool_p = pool;
     return DUET_OK;
+}
+
+static void on_lookup(uv_getaddrinfo_t *req, int status, struct addrinfo *res) {
+    httpc_pool *pool = req->data;
+    pool->looking_up = false;
+    if (!pool->destroyed && status == 0 && res) {
+        const struct addrinfo *pick = res;
+        for (const struct addrinfo *ai = res; ai; ai = ai->ai_next)
+            if (ai->ai_family == AF_INET) {
+                pick = ai;
+                break;
+            }
+        struct sockaddr_storage ss;
+        memset(&ss, 0, sizeof ss);
+        memcpy(&ss, pick->ai_addr, pick->ai_addrlen);
+        if (ss.ss_family == AF_INET)
+            ((struct sockaddr_in *)&ss)->sin_port = htons((uint16_t)pool->port);
+        else
+            ((struct sockaddr_in6 *)&ss)->sin6_port = htons((uint16_t)pool->port);
+        if (memcmp(&ss, &pool->addr, sizeof ss) != 0) {
+            char ip[INET6_ADDRSTRLEN] = "?";
+            if (ss.ss_family == AF_INET)
+                uv_ip4_name((const struct sockaddr_in *)&ss, ip, sizeof ip);
+            else
+                uv_ip6_name((const struct sockaddr_in6 *)&ss, ip, sizeof ip);
+            LOG_INFO("httpc: %s now resolves to %s", pool->name, ip);
+            pool->addr = ss;
+            /* pooled connections go to the old address: new requests use the new one */
+            while (pool->idle) conn_close(pool->idle, DUET_OK);
+        }
+    } else if (!pool->destroyed) {
+        LOG_DEBUG("httpc: looking up %s again failed: %s", pool->host,
+                  status ? uv_strerror(status) : "no address");
+    }
+    if (res) uv_freeaddrinfo(res);
+    pool_unref(pool);
+}
+
+void httpc_pool_refresh(httpc_pool *pool) {
+    if (!pool || pool->destroyed || pool->looking_up || !pool->host[0]) return;
+    struct addrinfo hints;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    pool->lookup.data = pool;
+    if (uv_getaddrinfo(pool->loop, &pool->lookup, on_lookup, pool->host, NULL, &hints) != 0) return;
+    pool->looking_up = true;
+    pool->refs++;
 }
 
 void httpc_pool_destroy(httpc_pool *pool) {

@@ -87,6 +87,12 @@ void httpc_pool_destroy(httpc_pool *pool);
 
 void httpc_pool_get_stats(const httpc_pool *pool, httpc_pool_stats *stats_p);
 
+/* A pool made from a host name looks the name up again, without blocking the loop; new
+ * connections go to the address found (idle ones to the old one are closed). For backends
+ * whose address changes when they restart (Kubernetes pods): call it when they fail. No-op
+ * for an address, or while a lookup is already running. */
+void httpc_pool_refresh(httpc_pool *pool);
+
 /* Starts a request: reuses an idle connection or opens one. On an error return (invalid
  * request, no memory) nothing was started and no callback will be called. A request sent on a
  * reused connection that the server had already closed (no response byte received) is sent

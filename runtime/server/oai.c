@@ -13,6 +13,7 @@
 
 #include "base/clock.h"
 #include "base/log.h"
+#include "base/rng.h"
 #include "base/strbuf.h"
 #include "openai/api.h"
 #include "server/oai.h"
@@ -67,9 +68,11 @@ typedef struct oai_choice {
     char *error;
     int n_prompt, n_output, n_cached;
     api_reasoner reasoner;
-    strbuf reason, content; /* chat: split text */
-    bool sent_first;        /* stream: the first chunk (role, prompt ids) went out */
-    size_t text_offset;     /* completions logprobs: bytes of token strings so far */
+    strbuf reason, content;    /* chat: split text */
+    api_tool_parser *tools;    /* chat with tool_choice "auto": the model's tool calls */
+    const char *finish_reason; /* overrides finish's name ("tool_calls"), or NULL */
+    bool sent_first;           /* stream: the first chunk (role, prompt ids) went out */
+    size_t text_offset;        /* completions logprobs: bytes of token strings so far */
     double t_first, t_last;
 } oai_choice;
 
@@ -93,6 +96,10 @@ struct oai_job {
     int logprobs; /* completions: legacy top-N; chat: top_logprobs */
     bool kv_lease;
     cJSON *kv_params_out; /* prefill side: the answer's kv_transfer_params */
+    bool split_reasoning; /* chat: <think> text goes to reasoning_content */
+    bool parse_tools;     /* chat: tool-call markup becomes tool_calls */
+    bool logged;          /* --enable-log-requests: the arrival line went out */
+    bool gone;            /* the client left before the answer was complete */
     int n_prompts;
     int32_t **prompts; /* [n_prompts] token ids */
     int *n_prompt_ids;
@@ -121,6 +128,7 @@ struct oai_frontend {
     uint64_t next_id;
     int live_requests; /* engine requests submitted and not finished */
     oai_job *jobs;
+    rng_state seeds;    /* --seed: seeds of unseeded requests */
     pthread_mutex_t mu; /* the event queue, filled by the engine thread */
     oai_msg *q_head, *q_tail;
 };
@@ -129,6 +137,7 @@ struct oai_frontend {
  * Jobs */
 
 static void on_client_gone(http_req *req, void *arg);
+static const char *finish_str(eng_finish f);
 
 static oai_job *job_create(oai_frontend *s, http_req *req, oai_job_kind kind) {
     oai_job *j = calloc(1, sizeof *j);
@@ -151,6 +160,18 @@ static oai_job *job_create(oai_frontend *s, http_req *req, oai_job_kind kind) {
 
 static void job_free(oai_job *j) {
     oai_frontend *s = j->fe;
+    if (j->logged) {
+        int out = 0;
+        for (int i = 0; i < j->n_choices; i++) out += j->choices[i].n_output;
+        const char *f = j->n_choices ? finish_str(j->choices[0].finish) : NULL;
+        LOG_INFO("request %s finished: %s, %d output tokens in %.3f s", j->id,
+                 j->failed    ? "failed"
+                 : j->aborted ? "aborted"
+                 : j->gone    ? "client gone"
+                 : f          ? f
+                              : "not run",
+                 out, clock_now_s() - j->t_arrival);
+    }
     if (j->prev)
         j->prev->next = j->next;
     else
@@ -162,6 +183,7 @@ static void job_free(oai_job *j) {
         strbuf_free(&c->text);
         strbuf_free(&c->reason);
         strbuf_free(&c->content);
+        api_tool_parser_destroy(c->tools);
         free(c->ids);
         free(c->lps);
         free(c->prompt_lp);
@@ -209,6 +231,7 @@ static void on_client_gone(http_req *req, void *arg) {
     (void)req;
     if (!j->req) return;
     LOG_DEBUG("api: %s: client left; aborting its %d engine requests", j->id, j->n_live);
+    j->gone = true;
     http_req_release(j->req);
     j->req = NULL;
     job_abort_live(j);
@@ -484,15 +507,99 @@ static duet_status parse_prompts(oai_frontend *s, oai_job *j, const cJSON *b, bo
     return DUET_OK;
 }
 
-/* messages → ids through the chat template. */
-static duet_status render_chat(oai_frontend *s, const cJSON *b, bool default_add_special,
-                               int32_t **ids_p, int *n_p, api_err *e) {
+/* What a chat request asks of its answer, beside the prompt. */
+typedef struct chat_req {
+    bool parse_tools; /* tool_choice "auto": the answer's tool-call markup becomes tool_calls */
+    bool thinking;    /* chat_template_kwargs.thinking (or enable_thinking) is true */
+} chat_req;
+
+/* tools: [{"type": "function", "function": {"name": ..., ...}}, ...]; the first missing piece
+ * is named. Returns the list when it has entries, else NULL (none given, null or []). */
+static duet_status check_tools(const cJSON *b, const cJSON **tools_p, api_err *e) {
+    *tools_p = NULL;
+    const cJSON *tools = cJSON_GetObjectItemCaseSensitive(b, "tools");
+    if (!tools || cJSON_IsNull(tools)) return DUET_OK;
+    if (!cJSON_IsArray(tools))
+        return api_err_set(e, 400, "tools", "'tools' must be a list of function tools");
+    int i = 0;
+    const cJSON *t;
+    cJSON_ArrayForEach(t, tools) {
+        const cJSON *type = cJSON_GetObjectItemCaseSensitive(t, "type");
+        const cJSON *fn = cJSON_GetObjectItemCaseSensitive(t, "function");
+        const cJSON *name = cJSON_GetObjectItemCaseSensitive(fn, "name");
+        if (!cJSON_IsObject(t) || !cJSON_IsString(type) || strcmp(type->valuestring, "function"))
+            return api_err_set(e, 400, "tools", "tools[%d]: 'type' must be \"function\"", i);
+        if (!cJSON_IsObject(fn) || !cJSON_IsString(name) || !name->valuestring[0])
+            return api_err_set(e, 400, "tools", "tools[%d]: 'function' needs a 'name'", i);
+        i++;
+    }
+    if (i) *tools_p = tools;
+    return DUET_OK;
+}
+
+/* tool_choice as vLLM reads it: "none", "auto" (the default when tools are given; needs a
+ * parser), "required" or a named function. The last two need constrained decoding, which duet
+ * does not have: they are refused rather than answered without the guarantee they ask for. */
+static duet_status check_tool_choice(oai_frontend *s, const cJSON *b, const cJSON *tools,
+                                     chat_req *cr, api_err *e) {
+    const cJSON *tc = cJSON_GetObjectItemCaseSensitive(b, "tool_choice");
+    const char *p = "tool_choice";
+    if (!tc || cJSON_IsNull(tc)) {
+        if (!tools) return DUET_OK;
+    } else if (cJSON_IsString(tc) && !strcmp(tc->valuestring, "none")) {
+        return DUET_OK; /* the tools are rendered; the answer is plain text */
+    } else if (!tools) {
+        return api_err_set(e, 400, p, "When using `tool_choice`, `tools` must be set.");
+    }
+    if (!tc || cJSON_IsNull(tc) || (cJSON_IsString(tc) && !strcmp(tc->valuestring, "auto"))) {
+        if (!s->cfg.auto_tool_choice || s->cfg.tool_parser < 0)
+            return api_err_set(e, 400, p,
+                               "\"auto\" tool choice requires --enable-auto-tool-choice and "
+                               "--tool-call-parser to be set");
+        cr->parse_tools = true;
+        return DUET_OK;
+    }
+    if (cJSON_IsString(tc) && !strcmp(tc->valuestring, "required"))
+        return api_err_set(e, 400, p,
+                           "tool_choice \"required\" needs constrained decoding, which duet does "
+                           "not have; use \"auto\" (the model decides whether to call)");
+    const cJSON *fn = cJSON_GetObjectItemCaseSensitive(tc, "function");
+    const cJSON *name = cJSON_GetObjectItemCaseSensitive(fn, "name");
+    if (!cJSON_IsObject(tc) || !cJSON_IsString(name))
+        return api_err_set(e, 400, p,
+                           "'tool_choice' must be \"none\", \"auto\", \"required\" or "
+                           "{\"type\": \"function\", \"function\": {\"name\": ...}}");
+    const cJSON *t;
+    bool found = false;
+    cJSON_ArrayForEach(t, tools) {
+        const cJSON *n = cJSON_GetObjectItemCaseSensitive(
+            cJSON_GetObjectItemCaseSensitive(t, "function"), "name");
+        found = found || !strcmp(n->valuestring, name->valuestring);
+    }
+    if (!found)
+        return api_err_set(e, 400, p, "Tool choice function name '%s' not found in tools.",
+                           name->valuestring);
+    return api_err_set(e, 400, p,
+                       "a named tool_choice needs constrained decoding, which duet does not "
+                       "have; use \"auto\" (the model decides whether to call)");
+}
+
+static bool kwarg_true(const cJSON *kw, const char *name) {
+    return cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(kw, name));
+}
+
+/* messages (with tools, chat_template_kwargs, a request's own chat_template) → ids through
+ * the chat template. tokenize: /tokenize's form (no tool_choice; its own chat_template always
+ * allowed). */
+static duet_status render_chat(oai_frontend *s, const cJSON *b, bool tokenize, int32_t **ids_p,
+                               int *n_p, chat_req *cr, api_err *e) {
+    memset(cr, 0, sizeof *cr);
     const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(b, "messages");
     if (!msgs || cJSON_IsNull(msgs))
         return api_err_set(e, 400, "messages", "'messages' is required");
     if (!cJSON_IsArray(msgs) || !msgs->child)
         return api_err_set(e, 400, "messages", "'messages' must be a non-empty list");
-    bool add_gen = true, cont = false, add_special = default_add_special;
+    bool add_gen = true, cont = false, add_special = false;
     if (api_get_bool(b, "add_generation_prompt", &add_gen, e) ||
         api_get_bool(b, "continue_final_message", &cont, e) ||
         api_get_bool(b, "add_special_tokens", &add_special, e))
@@ -505,20 +612,43 @@ static duet_status render_chat(oai_frontend *s, const cJSON *b, bool default_add
     if (kw && !cJSON_IsNull(kw) && !cJSON_IsObject(kw))
         return api_err_set(e, 400, "chat_template_kwargs",
                            "'chat_template_kwargs' must be an object");
-    const cJSON *tools = cJSON_GetObjectItemCaseSensitive(b, "tools");
-    const cJSON *tc = cJSON_GetObjectItemCaseSensitive(b, "tool_choice");
-    if (tools && cJSON_IsArray(tools) && tools->child &&
-        !(cJSON_IsString(tc) && !strcmp(tc->valuestring, "none")))
-        return api_err_set(e, 400, "tool_choice",
-                           "tool calling is not supported: send tool_choice \"none\" or no tools");
-    chat_opts o = chat_default_opts(s->tpl);
+    const cJSON *tools;
+    if (check_tools(b, &tools, e)) return DUET_ERR_INVALID;
+    if (!tokenize && check_tool_choice(s, b, tools, cr, e)) return DUET_ERR_INVALID;
+    cr->thinking = kwarg_true(kw, "thinking") || kwarg_true(kw, "enable_thinking");
+    const chat_template *tpl = s->tpl;
+    chat_template *own = NULL;
+    const cJSON *ct = cJSON_GetObjectItemCaseSensitive(b, "chat_template");
+    if (ct && !cJSON_IsNull(ct)) {
+        char err[256];
+        if (!cJSON_IsString(ct))
+            return api_err_set(e, 400, "chat_template", "'chat_template' must be a string");
+        if (!tokenize && !s->cfg.trust_request_chat_template)
+            return api_err_set(e, 400, "chat_template",
+                               "Chat template is passed with request, but "
+                               "--trust-request-chat-template is not set. Refused request with "
+                               "untrusted chat template.");
+        duet_status st = chat_derive(s->tpl, ct->valuestring, &own, err, sizeof err);
+        if (st == DUET_ERR_NO_MEMORY) return api_err_set(e, 500, NULL, "out of memory");
+        if (st != DUET_OK)
+            return api_err_set(e, 400, "chat_template", "chat_template: %s",
+                               err[0] ? err : duet_strerror(st));
+        tpl = own;
+    }
+    if (!tpl)
+        return api_err_set(e, 400, NULL,
+                           "this model has no chat template (start the server with "
+                           "--chat-template, or send chat_template to /tokenize)");
+    chat_opts o = chat_default_opts(tpl);
     o.add_generation_prompt = add_gen && !cont;
-    if (cont) o.think_prefix = false;
+    o.tools = tools;
+    o.kwargs = cJSON_IsObject(kw) ? kw : NULL;
     char *text = NULL;
     size_t len = 0;
     char err[256] = "";
-    duet_status st = chat_render(s->tpl, msgs, &o, &text, &len, err, sizeof err);
-    if (st == DUET_ERR_UNSUPPORTED || st == DUET_ERR_INVALID)
+    duet_status st = chat_render(tpl, msgs, &o, &text, &len, err, sizeof err);
+    chat_destroy(own);
+    if (st == DUET_ERR_UNSUPPORTED || st == DUET_ERR_INVALID || st == DUET_ERR_TOO_LONG)
         return api_err_set(e, 400, "messages", "%s", err[0] ? err : "invalid messages");
     if (st != DUET_OK) return api_err_set(e, 500, NULL, "rendering the chat template failed");
     if (cont) {
@@ -625,11 +755,15 @@ static duet_status parse_kv_params(oai_frontend *s, oai_job *j, const cJSON *b, 
     if (remote_decode && remote_prefill)
         return api_err_set(e, 400, "kv_transfer_params",
                            "do_remote_decode and do_remote_prefill exclude each other");
-    if ((remote_decode && s->plugin->lease) || (remote_prefill && s->plugin->fetch)) {
-        if (j->n_choices != 1)
-            return api_err_set(e, 400, "kv_transfer_params",
-                               "KV transfer needs exactly one prompt and n = 1");
-    }
+    if (remote_decode && s->plugin->lease && j->n_choices != 1)
+        return api_err_set(e, 400, "kv_transfer_params",
+                           "do_remote_decode (a prefill leg) needs one prompt and n = 1: send "
+                           "one per prompt (duet-proxy does); the decode worker makes the n "
+                           "choices");
+    if (remote_prefill && s->plugin->fetch && j->n_prompts != 1)
+        return api_err_set(e, 400, "kv_transfer_params",
+                           "do_remote_prefill: kv_transfer_params describe one prompt's KV; send "
+                           "one request per prompt (duet-proxy does)");
     if (remote_decode && s->plugin->lease) {
         *role = ENG_KV_LEASE;
         j->kv_lease = true;
@@ -673,6 +807,9 @@ static duet_status job_setup_choices(oai_job *j, int n) {
             c->stop_token = -1;
             c->n_prompt = j->n_prompt_ids[p];
             api_reasoner_init(&c->reasoner);
+            if (j->parse_tools &&
+                api_tool_parser_create((api_tool_format)j->fe->cfg.tool_parser, &c->tools))
+                return DUET_ERR_NO_MEMORY;
         }
     return DUET_OK;
 }
@@ -715,6 +852,11 @@ static void job_start(oai_job *j, const eng_sampling *sp, int n, eng_kv_role rol
                          .kv_role = role,
                          .remote = i == 0 ? remote : NULL,
                          .user = c};
+        /* n > 1 of a remote prompt: choice 0 pulls the KV, the others fork it */
+        if (role == ENG_KV_REMOTE && i > 0) {
+            r.kv_role = ENG_KV_FORK;
+            r.fork_of = j->choices[0].eng_id;
+        }
         /* n > 1 with a seed: each choice its own stream (vLLM: seed + index) */
         if (sp->has_seed) r.sampling.seed = sp->seed + (uint64_t)(i % n);
         char err[256] = "";
@@ -775,6 +917,17 @@ static cJSON *job_usage(const oai_job *j) {
     return usage_json(prompt, completion);
 }
 
+/* A JSON string of n bytes that need not end in NUL. */
+static cJSON *json_string_n(const char *t, size_t n) {
+    char *d = malloc(n + 1);
+    if (!d) return NULL;
+    memcpy(d, t, n);
+    d[n] = '\0';
+    cJSON *x = cJSON_CreateString(d);
+    free(d);
+    return x;
+}
+
 static cJSON *ids_json(const int32_t *ids, int n) {
     cJSON *a = cJSON_CreateArray();
     for (int i = 0; i < n; i++) cJSON_AddItemToArray(a, cJSON_CreateNumber(ids[i]));
@@ -797,7 +950,7 @@ static const char *finish_str(eng_finish f) {
 }
 
 static void add_finish(cJSON *o, const oai_choice *c, bool final) {
-    const char *f = final ? finish_str(c->finish) : NULL;
+    const char *f = !final ? NULL : c->finish_reason ? c->finish_reason : finish_str(c->finish);
     if (f)
         cJSON_AddStringToObject(o, "finish_reason", f);
     else
@@ -935,10 +1088,28 @@ static void stream_completion(oai_job *j, oai_choice *c, const oai_msg *m) {
     stream_send(j, o);
 }
 
+/* Where a choice's tool parser puts its events: content text, and the entries of a delta's
+ * tool_calls (a call's start, then its argument pieces). */
+typedef struct tool_sink {
+    strbuf *content;
+    cJSON *calls; /* NULL until the first entry */
+} tool_sink;
+
+static void on_tool_event(void *user, const api_tool_event *ev) {
+    tool_sink *t = user;
+    if (ev->kind == API_TOOL_EVENT_CONTENT) {
+        strbuf_add(t->content, ev->text, ev->len);
+        return;
+    }
+    cJSON *x = api_tool_event_json(ev);
+    if (x && !t->calls) t->calls = cJSON_CreateArray();
+    if (x && !cJSON_AddItemToArray(t->calls, x)) cJSON_Delete(x);
+}
+
 static void stream_chat(oai_job *j, oai_choice *c, const oai_msg *m) {
     oai_frontend *s = j->fe;
     cJSON *o = chunk_head(j, "chat.completion.chunk");
-    bool first = !c->sent_first;
+    bool first = !c->sent_first, final = m->finish != ENG_FINISH_NONE;
     if (first && j->return_token_ids)
         cJSON_AddItemToObject(o, "prompt_token_ids", ids_json(j->prompts[c->prompt], c->n_prompt));
     cJSON *choices = cJSON_AddArrayToObject(o, "choices");
@@ -947,17 +1118,29 @@ static void stream_chat(oai_job *j, oai_choice *c, const oai_msg *m) {
     cJSON_AddNumberToObject(ch, "index", c->index);
     cJSON *delta = cJSON_AddObjectToObject(ch, "delta");
     if (first) cJSON_AddStringToObject(delta, "role", "assistant");
-    strbuf reason = {0}, content = {0};
-    if (s->cfg.reasoning_r1) {
-        api_reasoner_feed(&c->reasoner, m->text ? m->text : "", m->text_len, &reason, &content);
-        if (m->finish != ENG_FINISH_NONE) api_reasoner_finish(&c->reasoner, &reason, &content);
+    strbuf reason = {0}, text = {0}, content = {0};
+    if (j->split_reasoning) {
+        api_reasoner_feed(&c->reasoner, m->text ? m->text : "", m->text_len, &reason, &text);
+        if (final) api_reasoner_finish(&c->reasoner, &reason, &text);
     } else {
-        strbuf_add(&content, m->text ? m->text : "", m->text_len);
+        strbuf_add(&text, m->text ? m->text : "", m->text_len);
+    }
+    /* the answer after the reasoning goes through the tool parser: this token's events, all
+     * in this one chunk */
+    tool_sink ts = {&content, NULL};
+    if (c->tools) {
+        api_tool_parser_feed(c->tools, text.p ? text.p : "", text.len, on_tool_event, &ts);
+        if (final && api_tool_parser_finish(c->tools, on_tool_event, &ts) > 0)
+            c->finish_reason = "tool_calls";
+    } else {
+        strbuf_add(&content, text.p ? text.p : "", text.len);
     }
     if (reason.len) cJSON_AddStringToObject(delta, "reasoning_content", reason.p);
-    if (content.len || !reason.len)
+    if (content.len || (!reason.len && !ts.calls))
         cJSON_AddStringToObject(delta, "content", content.p ? content.p : "");
+    if (ts.calls) cJSON_AddItemToObject(delta, "tool_calls", ts.calls);
     strbuf_free(&reason);
+    strbuf_free(&text);
     strbuf_free(&content);
     if (j->want_logprobs) {
         cJSON *lp = cJSON_AddObjectToObject(ch, "logprobs");
@@ -966,12 +1149,12 @@ static void stream_chat(oai_job *j, oai_choice *c, const oai_msg *m) {
     } else {
         cJSON_AddNullToObject(ch, "logprobs");
     }
-    add_finish(ch, c, m->finish != ENG_FINISH_NONE);
+    add_finish(ch, c, final);
     if (j->return_token_ids)
         cJSON_AddItemToObject(ch, "token_ids", ids_json(&m->token, m->has_token ? 1 : 0));
     if (j->continuous_usage)
         cJSON_AddItemToObject(o, "usage", usage_json(c->n_prompt, c->n_output));
-    if (m->finish != ENG_FINISH_NONE && j->kv_params_out)
+    if (final && j->kv_params_out)
         cJSON_AddItemToObject(o, "kv_transfer_params", cJSON_Duplicate(j->kv_params_out, true));
     c->sent_first = true;
     stream_send(j, o);
@@ -1063,24 +1246,45 @@ static void respond_chat(oai_job *j) {
         cJSON_AddNumberToObject(ch, "index", c->index);
         cJSON *msg = cJSON_AddObjectToObject(ch, "message");
         cJSON_AddStringToObject(msg, "role", "assistant");
-        if (s->cfg.reasoning_r1) {
-            strbuf reason = {0}, content = {0};
+        strbuf reason = {0}, content = {0};
+        if (j->split_reasoning) {
             api_reasoner_feed(&c->reasoner, c->text.p ? c->text.p : "", c->text.len, &reason,
                               &content);
             api_reasoner_finish(&c->reasoner, &reason, &content);
-            /* vLLM: content null when nothing follows the reasoning */
-            if (content.len)
-                cJSON_AddStringToObject(msg, "content", content.p);
+        } else {
+            strbuf_add(&content, c->text.p ? c->text.p : "", c->text.len);
+        }
+        cJSON *calls = NULL;
+        if (c->tools) {
+            /* the text before the calls is the content (null when empty), or all of it when
+             * no call was complete; incomplete calls are left out, as vLLM's parser does */
+            api_tool_parser_feed(c->tools, content.p ? content.p : "", content.len, NULL, NULL);
+            api_tool_parser_finish(c->tools, NULL, NULL);
+            size_t n = 0;
+            const char *t = api_tool_parser_content(c->tools, &n);
+            if (t)
+                cJSON_AddItemToObject(msg, "content", json_string_n(t, n));
             else
                 cJSON_AddNullToObject(msg, "content");
-            cJSON_AddStringToObject(msg, "reasoning_content", reason.p ? reason.p : "");
-            strbuf_free(&reason);
-            strbuf_free(&content);
+            if (api_tool_parser_n_calls(c->tools) > 0) {
+                calls = api_tool_calls_json(c->tools);
+                c->finish_reason = "tool_calls";
+            }
+        } else if (content.len || !j->split_reasoning) {
+            cJSON_AddStringToObject(msg, "content", content.p ? content.p : "");
         } else {
-            cJSON_AddStringToObject(msg, "content", c->text.p ? c->text.p : "");
-            cJSON_AddNullToObject(msg, "reasoning_content");
+            cJSON_AddNullToObject(msg, "content"); /* vLLM: nothing followed the reasoning */
         }
-        cJSON_AddArrayToObject(msg, "tool_calls");
+        if (j->split_reasoning)
+            cJSON_AddStringToObject(msg, "reasoning_content", reason.p ? reason.p : "");
+        else
+            cJSON_AddNullToObject(msg, "reasoning_content");
+        strbuf_free(&reason);
+        strbuf_free(&content);
+        if (calls)
+            cJSON_AddItemToObject(msg, "tool_calls", calls);
+        else
+            cJSON_AddArrayToObject(msg, "tool_calls");
         if (j->want_logprobs) {
             cJSON *lp = cJSON_AddObjectToObject(ch, "logprobs");
             cJSON *arr = cJSON_AddArrayToObject(lp, "content");
@@ -1244,7 +1448,7 @@ static oai_job *job_begin(oai_frontend *s, http_req *req, oai_job_kind kind) {
 
 /* The end both generation handlers share: n choices, the disaggregation role from
  * kv_transfer_params, then the engine requests. Returns nonzero with e set on failure. */
-static int job_launch(oai_frontend *s, oai_job *j, const cJSON *body, const eng_sampling *sp, int n,
+static int job_launch(oai_frontend *s, oai_job *j, const cJSON *body, eng_sampling *sp, int n,
                       api_err *e) {
     eng_kv_role role = ENG_KV_LOCAL;
     srv_kv_params *remote = NULL;
@@ -1253,6 +1457,25 @@ static int job_launch(oai_frontend *s, oai_job *j, const cJSON *body, const eng_
         return 1;
     }
     if (parse_kv_params(s, j, body, &role, &remote, e)) return 1;
+    /* vLLM's --seed: a restarted server replays the same seeds for the same request order */
+    if (s->cfg.seeded && !sp->has_seed) {
+        sp->has_seed = true;
+        sp->seed = rng_next(&s->seeds) >> 11;
+    }
+    if (s->cfg.log_requests) {
+        int tokens = 0;
+        for (int p = 0; p < j->n_prompts; p++) tokens += j->n_prompt_ids[p];
+        char seed[24] = "none";
+        if (sp->has_seed) snprintf(seed, sizeof seed, "%llu", (unsigned long long)sp->seed);
+        LOG_INFO("request %s: %d prompt(s) of %d tokens, n %d, max_tokens %d, temperature %g, "
+                 "top_p %g, top_k %d, seed %s, stream %s%s",
+                 j->id, j->n_prompts, tokens, n, sp->max_tokens, (double)sp->smp.temperature,
+                 (double)sp->smp.top_p, sp->smp.top_k, seed, j->stream ? "yes" : "no",
+                 role == ENG_KV_LEASE    ? ", KV leased after"
+                 : role == ENG_KV_REMOTE ? ", KV pulled from a prefill"
+                                         : "");
+        j->logged = true;
+    }
     job_submit(j, sp, n, role, remote);
     return 0;
 }
@@ -1268,7 +1491,7 @@ void oai_handle_completions(oai_frontend *s, http_req *req, const cJSON *body) {
     if (check_model(s, body, &e) || parse_stream(j, body, &e) ||
         api_get_int(body, "n", 1, MAX_N, &n, &e) ||
         api_get_int(body, "best_of", 1, MAX_N, &best_of, &e) ||
-        api_get_int(body, "logprobs", 0, ENG_MAX_LOGPROBS, &logprobs, &e) ||
+        api_get_int(body, "logprobs", 0, s->cfg.max_logprobs, &logprobs, &e) ||
         api_get_bool(body, "echo", &j->echo, &e) ||
         api_get_bool(body, "return_token_ids", &j->return_token_ids, &e) ||
         api_get_bool(body, "add_special_tokens", &add_special, &e) || parse_sampling(body, &sp, &e))
@@ -1320,13 +1543,10 @@ void oai_handle_chat(oai_frontend *s, http_req *req, const cJSON *body) {
     bool logprobs = false;
     int32_t *ids = NULL;
     int n_ids = 0;
-    if (!s->tpl) {
-        api_err_set(&e, 400, NULL, "this model has no chat template");
-        goto fail;
-    }
+    chat_req cr;
     if (check_model(s, body, &e) || parse_stream(j, body, &e) ||
         api_get_int(body, "n", 1, MAX_N, &n, &e) || api_get_bool(body, "logprobs", &logprobs, &e) ||
-        api_get_int(body, "top_logprobs", 0, ENG_MAX_LOGPROBS, &top_logprobs, &e) ||
+        api_get_int(body, "top_logprobs", 0, s->cfg.max_logprobs, &top_logprobs, &e) ||
         api_get_bool(body, "return_token_ids", &j->return_token_ids, &e) ||
         api_get_int(body, "max_tokens", 1, 1LL << 53, &max_tokens, &e) ||
         api_get_int(body, "max_completion_tokens", 1, 1LL << 53, &max_tokens, &e) ||
@@ -1340,7 +1560,10 @@ void oai_handle_chat(oai_frontend *s, http_req *req, const cJSON *body) {
     }
     const char *user = NULL;
     if (api_get_string(body, "user", &user, &e)) goto fail;
-    if (render_chat(s, body, false, &ids, &n_ids, &e)) goto fail;
+    if (render_chat(s, body, false, &ids, &n_ids, &cr, &e)) goto fail;
+    j->split_reasoning = s->cfg.reasoning == OAI_REASONING_R1 ||
+                         (s->cfg.reasoning == OAI_REASONING_V3 && cr.thinking);
+    j->parse_tools = cr.parse_tools;
     if (add_prompt(j, ids, n_ids, NULL)) {
         api_err_set(&e, 500, NULL, "out of memory");
         goto fail;
@@ -1368,11 +1591,8 @@ void oai_handle_tokenize(oai_frontend *s, http_req *req, const cJSON *body) {
     bool strs = false;
     if (check_model(s, body, &e) || api_get_bool(body, "return_token_strs", &strs, &e)) goto fail;
     if (present(body, "messages")) {
-        if (!s->tpl) {
-            api_err_set(&e, 400, NULL, "this model has no chat template");
-            goto fail;
-        }
-        if (render_chat(s, body, false, &ids, &n, &e)) goto fail;
+        chat_req cr;
+        if (render_chat(s, body, true, &ids, &n, &cr, &e)) goto fail;
     } else {
         const char *prompt = NULL;
         bool add_special = true;
@@ -1559,6 +1779,7 @@ duet_status oai_create(const oai_config *cfg, tok_tokenizer *tok, const chat_tem
     fe->vocab = cfg->vocab;
     fe->max_model_len = cfg->max_model_len;
     fe->max_live = cfg->max_live;
+    rng_seed(&fe->seeds, cfg->seed);
     pthread_mutex_init(&fe->mu, NULL);
     *fe_p = fe;
     return DUET_OK;

@@ -9,6 +9,7 @@
 
 #include <cjson/cJSON.h>
 #include <stdbool.h>
+#include <stdint.h>
 
 #include "base/status.h"
 #include "engine/engine.h"
@@ -18,9 +19,23 @@
 #include "text/chat.h"
 #include "text/tokenizer.h"
 
+/* How chat answers split <think> reasoning into reasoning_content. */
+typedef enum oai_reasoning {
+    OAI_REASONING_NONE = 0,
+    OAI_REASONING_R1, /* deepseek_r1: always */
+    OAI_REASONING_V3, /* deepseek_v3 (V3.1): when chat_template_kwargs.thinking is true */
+} oai_reasoning;
+
 typedef struct oai_config {
     const char *served_name; /* the model name requests must use */
-    bool reasoning_r1;       /* split <think> reasoning into reasoning_content */
+    oai_reasoning reasoning;
+    int tool_parser;                  /* an api_tool_format, or -1: tool-call markup stays text */
+    bool auto_tool_choice;            /* tool_choice "auto" is served (--enable-auto-tool-choice) */
+    bool trust_request_chat_template; /* a chat request's own chat_template is rendered */
+    int max_logprobs;                 /* the most logprobs / top_logprobs a request may ask */
+    bool log_requests;                /* a line per request received and finished */
+    bool seeded;                      /* --seed: unseeded requests draw their seeds from seed */
+    uint64_t seed;
     int max_model_len;
     int vocab;    /* the model's vocabulary size (token ids are checked against it) */
     int max_live; /* engine requests in flight beyond which new requests are answered 503 */

@@ -1,7 +1,8 @@
-/* srv_main: a worker process (duet-prefill / duet-decode). Command line, the MPI instance, one
- * engine thread stepping the engine (TP followers run par_follow instead), the libuv loop with
- * the HTTP server and routing, engine events carried to the loop through a mutex queue and a
- * uv_async_t, and the SIGTERM drain. The OpenAI endpoints themselves live in api_openai.c. */
+/* srv_main: a worker process (duet-prefill / duet-decode). The MPI instance, one engine thread
+ * stepping the engine (TP followers run par_follow instead), the libuv loop with the HTTP
+ * server and routing, engine events carried to the loop through a mutex queue and a uv_async_t,
+ * the periodic stats line and the SIGTERM drain. The command line is options.c's, the OpenAI
+ * endpoints themselves oai.c's. */
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
@@ -21,33 +22,12 @@
 #include "base/opt.h"
 #include "openai/api.h"
 #include "server/oai.h"
+#include "server/options.h"
 #include "server/server.h"
 
 #ifndef DUET_VERSION
 #define DUET_VERSION "0.0.0"
 #endif
-
-typedef struct srv_config {
-    const char *model;
-    const char *tokenizer;   /* default: model */
-    const char *served_name; /* default: model */
-    const char *host;
-    const char *api_key;
-    int port;
-    int max_model_len; /* 0: min(max_position_embeddings, 8192) */
-    int max_num_seqs;
-    int max_num_batched_tokens;
-    int max_waiting; /* engine requests beyond max_num_seqs before new ones get 503 */
-    int block_size;
-    long long kv_cache_memory; /* bytes; 0: default */
-    int num_gpu_blocks_override;
-    bool prefix_caching;
-    bool reasoning_r1;
-    double lease_timeout_s;
-    double shutdown_timeout_s;
-    long long max_request_body;
-    par_options po;
-} srv_config;
 
 typedef struct srv_server {
     srv_config cfg;
@@ -69,6 +49,9 @@ typedef struct srv_server {
     uv_async_t async;
     uv_signal_t sig_term, sig_int;
     uv_timer_t drain_timer;
+    uv_timer_t stats_timer; /* the periodic stats line */
+    eng_stats stats_last;
+    double stats_t;
     bool draining;
     bool aborted_all;
     bool drained;
@@ -84,194 +67,6 @@ typedef struct srv_server {
     oai_frontend *fe; /* the OpenAI endpoints */
     int exit_code;
 } srv_server;
-
-/* ---------------------------------------------------------------------------------------------
- * Command line */
-
-static duet_status parse_reasoning(const opt_spec *spec, const char *v, char *err, size_t len) {
-    if (strcmp(v, "deepseek_r1") != 0) {
-        snprintf(err, len, "expected deepseek_r1 (the one parser duet has), got '%s'", v);
-        return DUET_ERR_INVALID;
-    }
-    *(bool *)spec->dest = true;
-    return DUET_OK;
-}
-
-static duet_status parse_nonempty(const opt_spec *spec, const char *v, char *err, size_t len) {
-    if (!*v) {
-        snprintf(err, len, "expected a non-empty name");
-        return DUET_ERR_INVALID;
-    }
-    *(const char **)spec->dest = v;
-    return DUET_OK;
-}
-
-/* The worker's own options (the instance's and the plug-in's are added beside them). */
-static duet_status server_options_add(opt_parser *p, srv_config *c) {
-    const opt_spec specs[] = {
-        {.name = "--model",
-         .type = OPT_STRING,
-         .dest = &c->model,
-         .metavar = "DIR",
-         .help = "checkpoint: config.json + safetensors (or the positional MODEL)"},
-        {.name = "--tokenizer",
-         .type = OPT_STRING,
-         .dest = &c->tokenizer,
-         .metavar = "DIR",
-         .help = "tokenizer.json + tokenizer_config.json (default: --model)"},
-        {.name = "--served-model-name",
-         .type = OPT_CUSTOM,
-         .parse = parse_nonempty,
-         .dest = &c->served_name,
-         .metavar = "NAME",
-         .help = "the model name clients use (default: --model)"},
-        {.name = "--host",
-         .type = OPT_STRING,
-         .dest = &c->host,
-         .metavar = "ADDR",
-         .help = "listen address (default: all IPv4)"},
-        {.name = "--port",
-         .type = OPT_INT,
-         .dest = &c->port,
-         .def = "8000",
-         .min = 0,
-         .max = 65535,
-         .help = "HTTP port; DP rank r listens on N + r"},
-        {.name = "--api-key",
-         .type = OPT_STRING,
-         .dest = &c->api_key,
-         .metavar = "KEY",
-         .env = "DUET_API_KEY|VLLM_API_KEY",
-         .help = "bearer key for /v1/*"},
-        {.name = "--max-model-len",
-         .type = OPT_INT,
-         .dest = &c->max_model_len,
-         .min = 2,
-         .max = 1 << 24,
-         .help = "context length (default min(config, 8192))"},
-        {.name = "--max-num-seqs",
-         .type = OPT_INT,
-         .dest = &c->max_num_seqs,
-         .def = "256",
-         .min = 1,
-         .max = 1 << 16,
-         .help = "sequences per step"},
-        {.name = "--max-num-batched-tokens",
-         .type = OPT_INT,
-         .dest = &c->max_num_batched_tokens,
-         .def = "2048",
-         .min = 1,
-         .max = 1 << 24,
-         .help = "tokens per step"},
-        {.name = "--max-waiting-requests",
-         .type = OPT_INT,
-         .dest = &c->max_waiting,
-         .def = "1024",
-         .min = 0,
-         .max = 1 << 24,
-         .help = "queued beyond --max-num-seqs before new requests get 503"},
-        {.name = "--block-size",
-         .type = OPT_INT,
-         .dest = &c->block_size,
-         .def = "64",
-         .min = 1,
-         .max = 1 << 16,
-         .help = "tokens per KV block"},
-        {.name = "--kv-cache-memory",
-         .type = OPT_SIZE,
-         .dest = &c->kv_cache_memory,
-         .help = "KV cache budget, K/M/G suffixes (default 1G)"},
-        {.name = "--num-gpu-blocks-override",
-         .type = OPT_INT,
-         .dest = &c->num_gpu_blocks_override,
-         .min = 1,
-         .max = INT_MAX / 2,
-         .help = "KV cache size in blocks (overrides the budget)"},
-        {.name = "--enable-prefix-caching",
-         .type = OPT_FLAG,
-         .dest = &c->prefix_caching,
-         .def = "true",
-         .flags = OPT_NEGATABLE,
-         .help = "reuse KV blocks of shared prefixes"},
-        {.name = "--reasoning-parser",
-         .type = OPT_CUSTOM,
-         .parse = parse_reasoning,
-         .dest = &c->reasoning_r1,
-         .metavar = "deepseek_r1",
-         .help = "split R1 reasoning into reasoning_content"},
-        {.name = "--kv-lease-timeout",
-         .type = OPT_DOUBLE,
-         .dest = &c->lease_timeout_s,
-         .def = "30",
-         .min = 1e-3,
-         .max = 1e7,
-         .metavar = "S",
-         .help = "prefill: KV leases unread after S seconds are freed"},
-        {.name = "--shutdown-timeout",
-         .type = OPT_DOUBLE,
-         .dest = &c->shutdown_timeout_s,
-         .def = "30",
-         .min = 0,
-         .max = 1e7,
-         .metavar = "S",
-         .help = "SIGTERM: in-flight requests get S seconds before abort"},
-        {.name = "--max-request-body",
-         .type = OPT_SIZE,
-         .dest = &c->max_request_body,
-         .def = "32M",
-         .help = "larger bodies are answered 413"},
-    };
-    return opt_add(p, "Server", specs, (int)(sizeof specs / sizeof specs[0]));
-}
-
-/* 0: parsed, 1: --help printed, 2: bad usage (a line printed). */
-static int parse_args(srv_config *c, int argc, char **argv, const srv_kv_plugin *plugin,
-                      opt_parser **p_p) {
-    const char *prog = strrchr(argv[0], '/') ? strrchr(argv[0], '/') + 1 : argv[0];
-    opt_parser *p;
-    if (opt_parser_create(prog, "[options] [MODEL]",
-                          "An OpenAI-compatible server for DeepSeek-architecture models (vLLM's "
-                          "flags where the meaning is the same).",
-                          &p) != DUET_OK) {
-        fprintf(stderr, "%s: out of memory\n", prog);
-        return 2;
-    }
-    *p_p = p;
-    opt_allow_positional(p, 1, "MODEL");
-    if (server_options_add(p, c) != DUET_OK || par_options_add(p, &c->po) != DUET_OK ||
-        (plugin && plugin->add_options && plugin->add_options(plugin->state, p) != DUET_OK)) {
-        fprintf(stderr, "%s: internal error building the option table\n", prog);
-        return 2;
-    }
-    int rc = opt_parse(p, argc, argv);
-    if (rc) return rc;
-    if (opt_positional_count(p) == 1) {
-        if (c->model) {
-            fprintf(stderr, "%s: the model is given twice (--model and %s)\n", prog,
-                    opt_positional(p, 0));
-            return 2;
-        }
-        c->model = opt_positional(p, 0);
-    }
-    if (c->kv_cache_memory < 0 || (opt_given(p, "--kv-cache-memory") && c->kv_cache_memory == 0)) {
-        fprintf(stderr, "%s: --kv-cache-memory: expected a positive size\n", prog);
-        return 2;
-    }
-    if (c->max_request_body < 1024) {
-        fprintf(stderr, "%s: --max-request-body: expected at least 1024 bytes\n", prog);
-        return 2;
-    }
-    if (!c->model) {
-        fprintf(stderr, "%s: --model DIR is required (see --help)\n", prog);
-        return 2;
-    }
-    return 0;
-}
-
-static void config_defaults(srv_config *c) {
-    memset(c, 0, sizeof *c);
-    par_options_init(&c->po);
-}
 
 /* ---------------------------------------------------------------------------------------------
  * Engine thread and its events */
@@ -318,6 +113,28 @@ static void *engine_main(void *arg) {
     return NULL;
 }
 
+/* vLLM's periodic line: throughput over the interval, queues, KV usage (leases count as used),
+ * the prefix cache's hit rate over the interval's lookups. Quiet while nothing happens. */
+static void on_stats_timer(uv_timer_t *t) {
+    srv_server *s = t->data;
+    eng_stats st;
+    eng_get_stats(s->eng, &st);
+    double now = clock_now_s(), dt = now - s->stats_t;
+    const eng_stats *o = &s->stats_last;
+    uint64_t dp = st.prompt_tokens - o->prompt_tokens;
+    uint64_t dg = st.generation_tokens - o->generation_tokens;
+    uint64_t dq = st.prefix_queries - o->prefix_queries, dh = st.prefix_hits - o->prefix_hits;
+    if ((st.n_running + st.n_waiting > 0 || dp || dg) && dt > 0)
+        LOG_INFO("stats: prompt throughput %.1f tokens/s, generation throughput %.1f tokens/s, "
+                 "running %d reqs, waiting %d reqs, KV cache usage %.1f%%, prefix cache hit "
+                 "rate %.1f%%",
+                 (double)dp / dt, (double)dg / dt, st.n_running, st.n_waiting,
+                 st.n_blocks > 0 ? 100.0 * (st.n_blocks - st.n_free_blocks) / st.n_blocks : 0.0,
+                 dq ? 100.0 * (double)dh / (double)dq : 0.0);
+    s->stats_last = st;
+    s->stats_t = now;
+}
+
 /* ---------------------------------------------------------------------------------------------
  * Shutdown */
 
@@ -348,6 +165,7 @@ static void finish_shutdown(srv_server *s) {
     close_handle((uv_handle_t *)&s->sig_term);
     close_handle((uv_handle_t *)&s->sig_int);
     close_handle((uv_handle_t *)&s->drain_timer);
+    close_handle((uv_handle_t *)&s->stats_timer);
 }
 
 static void on_drained(http_server *http, void *arg) {
@@ -639,6 +457,34 @@ static duet_status size_kv(srv_server *s) {
     return DUET_OK;
 }
 
+/* Before MPI: a bad command line or file ends every rank alike. */
+static int early_exit(srv_server *s, opt_parser *op, int code) {
+    chat_destroy(s->tpl);
+    tok_destroy(s->tok);
+    srv_config_cleanup(&s->cfg);
+    opt_parser_destroy(op);
+    pthread_mutex_destroy(&s->mu);
+    free(s);
+    return code;
+}
+
+/* The checkpoint's chat template (or --chat-template's). A template that cannot be read or
+ * interpreted ends the program (never a silent fallback); a tokenizer without any template
+ * only makes chat requests fail, as a base model has none. */
+static duet_status load_template(srv_server *s) {
+    const srv_config *c = &s->cfg;
+    duet_status st = chat_load_template(c->tokenizer, c->chat_template, &s->tpl);
+    if (st == DUET_ERR_NOT_FOUND && !c->chat_template) {
+        LOG_WARN("server: no chat template in %s; /v1/chat/completions answers 400 (give one "
+                 "with --chat-template)",
+                 c->tokenizer);
+        s->tpl = NULL;
+        return DUET_OK;
+    }
+    if (st != DUET_OK) LOG_ERROR("server: cannot use the chat template; stopping");
+    return st;
+}
+
 int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) {
     const char *name = role == SRV_ROLE_PREFILL ? "duet-prefill" : "duet-decode";
     log_set_tag(name);
@@ -648,59 +494,54 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
     s->plugin = plugin;
     pthread_mutex_init(&s->mu, NULL);
     srv_config *c = &s->cfg;
-    config_defaults(c);
     opt_parser *op = NULL;
-    int pr = parse_args(c, argc, argv, plugin, &op);
-    if (pr) {
-        opt_parser_destroy(op);
-        free(s);
-        return pr == 1 ? 0 : 2;
-    }
+    int pr = srv_config_parse(c, argc, argv, role, plugin, &op);
+    if (pr) return early_exit(s, op, pr == 1 ? 0 : 2);
     if (!c->tokenizer) c->tokenizer = c->model;
     if (!c->served_name) c->served_name = c->model;
     if (c->api_key && !*c->api_key) c->api_key = NULL;
     c->po.max_tokens = c->max_num_batched_tokens;
 
+    /* the certificate and key are read again by the HTTP server: a bad one stops us here,
+     * before MPI and the weights */
+    http_tls tls_files = {.cert_file = c->ssl_certfile,
+                          .key_file = c->ssl_keyfile,
+                          .ca_file = c->ssl_ca_certs,
+                          .verify_client = c->ssl_cert_reqs};
+    if (c->ssl_certfile && http_tls_check(&tls_files) != DUET_OK) return early_exit(s, op, 1);
+
     /* values that depend on the model, checked before MPI and the weights */
     cfg_model mc;
-    if (cfg_load(c->model, &mc) != DUET_OK) {
-        opt_parser_destroy(op);
-        free(s);
-        return 1;
-    }
+    if (cfg_load(c->model, &mc) != DUET_OK) return early_exit(s, op, 1);
     if (c->max_model_len > mc.max_position_embeddings) {
         fprintf(stderr,
                 "%s: --max-model-len %d is longer than the model's max_position_embeddings "
                 "(%d)\n",
                 name, c->max_model_len, mc.max_position_embeddings);
-        opt_parser_destroy(op);
-        free(s);
-        return 2;
+        return early_exit(s, op, 2);
     }
     s->max_model_len =
         c->max_model_len ? c->max_model_len
                          : (mc.max_position_embeddings < 8192 ? mc.max_position_embeddings : 8192);
-    if (c->port + c->po.dp - 1 > 65535) {
+    if (srv_config_http_port(c, c->po.dp - 1) > 65535) {
         fprintf(stderr, "%s: --port %d + %d DP ranks passes 65535\n", name, c->port, c->po.dp);
-        opt_parser_destroy(op);
-        free(s);
-        return 2;
+        return early_exit(s, op, 2);
     }
-    /* every rank reads the tokenizer before any collective: a bad file fails all alike */
-    if (tok_load(c->tokenizer, &s->tok) != DUET_OK) {
-        opt_parser_destroy(op);
-        free(s);
-        return 1;
-    }
+    /* every rank reads the tokenizer and the chat template before any collective: a bad file
+     * fails all alike */
+    if (tok_load(c->tokenizer, &s->tok) != DUET_OK || load_template(s) != DUET_OK)
+        return early_exit(s, op, 1);
 
     int rc = 1;
-    if (par_instance_create(&c->po, c->model, &argc, &argv, &s->inst) != DUET_OK) {
-        tok_destroy(s->tok);
-        opt_parser_destroy(op);
-        free(s);
-        return 1;
-    }
+    if (par_instance_create(&c->po, c->model, &argc, &argv, &s->inst) != DUET_OK)
+        return early_exit(s, op, 1);
     const comm_world *w = par_world(s->inst);
+    if (srv_config_check_instance(c, name, par_dp_rank(s->inst), par_dp_size(s->inst))) {
+        /* the other ranks may have passed: they would wait for this one in a collective */
+        if (w->size > 1) comm_abort(2);
+        rc = 2;
+        goto out_inst;
+    }
     if (par_lockstep(s->inst) && comm_group_create("leaders", par_tp_rank(s->inst) == 0 ? 0 : 1,
                                                    w->rank, &s->leaders) != DUET_OK)
         goto out_inst;
@@ -709,18 +550,21 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
     if (par_tp_rank(s->inst) != 0) {
         tok_destroy(s->tok);
         s->tok = NULL;
+        chat_destroy(s->tpl);
+        s->tpl = NULL;
         rc = run_follower(s);
         goto out_inst;
     }
-
-    if (chat_load(c->tokenizer, &s->tpl) != DUET_OK) {
-        LOG_WARN("server: no chat template from %s; /v1/chat/completions answers 400",
-                 c->tokenizer);
-        s->tpl = NULL;
-    }
     /* vLLM queues without bound; a bound turns a flood into quick 503s instead of timeouts */
     oai_config oc = {.served_name = c->served_name,
-                     .reasoning_r1 = c->reasoning_r1,
+                     .reasoning = c->reasoning,
+                     .tool_parser = c->tool_parser,
+                     .auto_tool_choice = c->auto_tool_choice,
+                     .trust_request_chat_template = c->trust_request_chat_template,
+                     .max_logprobs = c->max_logprobs,
+                     .log_requests = c->log_requests,
+                     .seeded = c->seed_given,
+                     .seed = c->po.seed,
                      .max_model_len = s->max_model_len,
                      .vocab = s->vocab,
                      .max_live = c->max_num_seqs + c->max_waiting,
@@ -754,7 +598,7 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
     s->n_blocks = ec.n_blocks;
     s->created = (long long)time(NULL);
     oai_set_engine(s->fe, s->eng);
-    int port = c->port ? c->port + par_dp_rank(s->inst) : 0;
+    int port = srv_config_http_port(c, par_dp_rank(s->inst));
 
     uv_loop_t loop;
     uv_loop_init(&loop);
@@ -766,9 +610,19 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
     s->sig_term.data = s->sig_int.data = s;
     uv_timer_init(&loop, &s->drain_timer);
     s->drain_timer.data = s;
+    uv_timer_init(&loop, &s->stats_timer);
+    s->stats_timer.data = s;
     http_server_opts ho;
     http_server_opts_init(&ho);
     ho.max_body_bytes = (size_t)c->max_request_body;
+    http_cors cors;
+    srv_config_cors(c, &cors);
+    ho.cors = &cors;
+    http_tls tls = {.cert_file = c->ssl_certfile,
+                    .key_file = c->ssl_keyfile,
+                    .ca_file = c->ssl_ca_certs,
+                    .verify_client = c->ssl_cert_reqs};
+    if (c->ssl_certfile) ho.tls = &tls;
     bool ok = http_server_create(&loop, &ho, on_request, s, &s->http) == DUET_OK;
     if (ok && plugin && plugin->start) {
         srv_kv_context ctx = {.role = role,
@@ -789,6 +643,12 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
     if (ok) {
         uv_signal_start(&s->sig_term, on_signal, SIGTERM);
         uv_signal_start(&s->sig_int, on_signal, SIGINT);
+        if (c->log_stats) {
+            uint64_t ms = (uint64_t)(c->log_stats_interval_s * 1000);
+            eng_get_stats(s->eng, &s->stats_last);
+            s->stats_t = clock_now_s();
+            uv_timer_start(&s->stats_timer, on_stats_timer, ms, ms);
+        }
         s->engine_started = true;
         if (pthread_create(&s->engine_thread, NULL, engine_main, s) != 0) {
             LOG_ERROR("server: cannot start the engine thread");
@@ -797,11 +657,12 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
         }
     }
     if (ok) {
-        LOG_INFO("%s serving %s as '%s' on http://%s:%d (DP rank %d of %d, TP %d), "
+        LOG_INFO("%s serving %s as '%s' on %s://%s:%d (DP rank %d of %d, TP %d), "
                  "max_model_len %d, KV cache %d blocks of %d tokens",
-                 name, c->model, c->served_name, c->host && *c->host ? c->host : "0.0.0.0",
-                 http_server_port(s->http), par_dp_rank(s->inst), par_dp_size(s->inst),
-                 par_tp_size(s->inst), s->max_model_len, s->n_blocks, c->block_size);
+                 name, c->model, c->served_name, c->ssl_certfile ? "https" : "http",
+                 c->host && *c->host ? c->host : "0.0.0.0", http_server_port(s->http),
+                 par_dp_rank(s->inst), par_dp_size(s->inst), par_tp_size(s->inst), s->max_model_len,
+                 s->n_blocks, c->block_size);
         rc = 0;
     } else {
         s->exit_code = 1;
@@ -835,6 +696,7 @@ out_inst:
     chat_destroy(s->tpl);
     tok_destroy(s->tok);
     par_instance_destroy(s->inst);
+    srv_config_cleanup(c);
     opt_parser_destroy(op);
     free(s);
     return rc;

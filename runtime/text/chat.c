@@ -57,6 +57,27 @@ duet_status chat_create(const char *source, const char *bos, const char *eos,
     return create(source, "chat_create", tokens, tpl_p);
 }
 
+duet_status chat_derive(const chat_template *like, const char *source, chat_template **tpl_p,
+                        char *err, size_t err_cap) {
+    if (err && err_cap) err[0] = '\0';
+    if (!source || !tpl_p) return DUET_ERR_INVALID;
+    chat_template *t = calloc(1, sizeof *t);
+    if (!t) return DUET_ERR_NO_MEMORY;
+    t->tokens = like ? cJSON_Duplicate(like->tokens, true) : cJSON_CreateObject();
+    duet_status st = t->tokens ? DUET_OK : DUET_ERR_NO_MEMORY;
+    if (st == DUET_OK && !like &&
+        (!cJSON_AddStringToObject(t->tokens, "bos_token", "") ||
+         !cJSON_AddStringToObject(t->tokens, "eos_token", "")))
+        st = DUET_ERR_NO_MEMORY;
+    if (st == DUET_OK) st = jinja_parse(source, strlen(source), &t->jinja, err, err_cap);
+    if (st != DUET_OK) {
+        chat_destroy(t);
+        return st;
+    }
+    *tpl_p = t;
+    return DUET_OK;
+}
+
 void chat_destroy(chat_template *t) {
     if (!t) return;
     jinja_destroy(t->jinja);

@@ -23,9 +23,6 @@ typedef struct chat_opts {
      * variable, over add_generation_prompt, tools and the special tokens as in vLLM (a member
      * named "messages" is ignored). DeepSeek-V3.1 reads "thinking". */
     const cJSON *kwargs;
-    /* Has no effect: the template decides what follows the generation prompt (R1's "<think>\n",
-     * V3.1's "</think>"). Kept until runtime/server stops setting it. */
-    bool think_prefix;
 } chat_opts;
 
 /* Reads the chat template of a tokenizer directory: tokenizer_config.json's "chat_template"
@@ -43,6 +40,11 @@ duet_status chat_load_template(const char *dir, const char *override, chat_templ
  * logged as in chat_load. */
 duet_status chat_create(const char *source, const char *bos, const char *eos,
                         chat_template **tpl_p);
+/* A template from its text with like's special tokens (like may be NULL: empty ones), for a
+ * request's own chat_template. Nothing is logged: a refusal ("line N: ...") goes to err
+ * (err_cap bytes) for the client; DUET_ERR_UNSUPPORTED or DUET_ERR_FORMAT as jinja_parse. */
+duet_status chat_derive(const chat_template *like, const char *source, chat_template **tpl_p,
+                        char *err, size_t err_cap);
 void chat_destroy(chat_template *tpl);
 
 /* add_generation_prompt true, no tools, no kwargs. */

@@ -49,7 +49,8 @@ export async function freePort(count = 1) {
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-// A server process: args after the program; mpi = {np} runs it under mpirun.
+// A server process: args after the program; mpi = {np} runs it under mpirun, mpi = {apps:
+// [{np, args}, ...]} as one mpirun job of several command lines.
 export class Server {
   constructor(args, { mpi = null, env = {}, port, bin = DECODE } = {}) {
     this.port = port;
@@ -64,8 +65,11 @@ export class Server {
     if (mpi) {
       childEnv.OMPI_ALLOW_RUN_AS_ROOT = '1';
       childEnv.OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = '1';
-      this.proc = spawn(MPIRUN, ['--oversubscribe', '-np', String(mpi.np), bin, ...args],
-        { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+      // mpi.apps: one command line per group of ranks, as 'mpirun -np A prog x : -np B prog y'
+      const apps = mpi.apps || [{ np: mpi.np, args }];
+      const argv = ['--oversubscribe'];
+      apps.forEach((a, i) => argv.push(...(i ? [':'] : []), '-np', String(a.np), bin, ...a.args));
+      this.proc = spawn(MPIRUN, argv, { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
     } else {
       this.proc = spawn(bin, args, { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
     }
@@ -254,4 +258,39 @@ export async function metrics(port) {
 export function metricValue(text, name) {
   const line = text.split('\n').find((l) => l.startsWith(name + '{') || l.startsWith(name + ' '));
   return line === undefined ? undefined : parseFloat(line.slice(line.lastIndexOf(' ') + 1));
+}
+
+// A "scripted" checkpoint: duet-mkmodel's tiny preset with every weight zero but the norms (1),
+// the embedding and lm_head, arranged so the model's greedy next token after token a is b for
+// each [a, b] of chain. With zero attention and MLPs the last hidden state is the input token's
+// embedding, a one-hot column k(a); lm_head's row b holds 1 in that column, so b wins every
+// other token by the norm's sqrt(hidden) margin. A real checkpoint (no hook in the engine or
+// the sampler) whose answers are known, for end-to-end parser tests. Returns the directory.
+export function scriptedModel(chain, tokenizerDir) {
+  const mk = process.env.DUET_MKMODEL;
+  if (!mk) throw new Error('DUET_MKMODEL must be set (meson sets it)');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'duet-scripted-'));
+  execSync(`${mk} --preset tiny --tokenizer ${tokenizerDir} --out ${dir} --force`, { stdio: 'ignore' });
+  const file = path.join(dir, 'model.safetensors');
+  const raw = fs.readFileSync(file);
+  const n = Number(raw.readBigUInt64LE(0));
+  const header = JSON.parse(raw.subarray(8, 8 + n).toString('utf8'));
+  const data = Buffer.alloc(raw.length - 8 - n); // zeros
+  const at = (name) => header[name].data_offsets[0];
+  const hidden = header['model.norm.weight'].shape[0];
+  const one = 0x3f80; // bfloat16 1.0
+  for (const [name, t] of Object.entries(header)) {
+    if (name === '__metadata__' || !/norm\.weight$/.test(name)) continue;
+    for (let i = 0; i < t.shape[0]; i++) data.writeUInt16LE(one, t.data_offsets[0] + 2 * i);
+  }
+  const col = new Map();
+  for (const [a] of chain) if (!col.has(a)) col.set(a, col.size);
+  if (col.size > hidden) throw new Error('chain longer than the hidden size');
+  for (const [a, b] of chain) {
+    const k = col.get(a);
+    data.writeUInt16LE(one, at('model.embed_tokens.weight') + 2 * (a * hidden + k));
+    data.writeUInt16LE(one, at('lm_head.weight') + 2 * (b * hidden + k));
+  }
+  fs.writeFileSync(file, Buffer.concat([raw.subarray(0, 8 + n), data]));
+  return dir;
 }

@@ -421,9 +421,107 @@ static void test_bodies(void) {
     }
 }
 
+/* Balancer mode's flag: plain backends alone, never with the prefill/decode lists. */
+static void test_balancer_config(void) {
+    px_config cfg;
+    char out[4096];
+    const char *ok[] = {"--backend", "h:1", "h:2", NULL};
+    px_config_init(&cfg);
+    CHECK(parse(&cfg, ok, out, sizeof out) == 0);
+    CHECK(cfg.n_backend == 2 && cfg.backend[1].port == 2 && cfg.n_prefill == 0 &&
+          cfg.n_decode == 0);
+    px_config_cleanup(&cfg);
+    const char *mixed[] = {"--backend", "h:1", "--prefill", "h:2", "--decode", "h:3", NULL};
+    px_config_init(&cfg);
+    CHECK(parse(&cfg, mixed, out, sizeof out) == 2);
+    CHECK(strstr(out, "exclude each other") && count_lines(out) == 1);
+    px_config_cleanup(&cfg);
+    const char *none[] = {"--port", "1", NULL};
+    px_config_init(&cfg);
+    CHECK(parse(&cfg, none, out, sizeof out) == 2 && strstr(out, "--backend HOST:PORT"));
+    px_config_cleanup(&cfg);
+}
+
+/* A list of prompts split into parts, and their answers merged back (vLLM's shape). */
+static void test_split_merge(void) {
+    char err[128];
+    px_gen g, part;
+    const char *req = "{\"prompt\":[\"ab\",[7,8,9]],\"n\":2,\"best_of\":2,\"stream\":true,"
+                      "\"stream_options\":{\"include_usage\":true},\"max_tokens\":5}";
+    CHECK(px_gen_parse(req, strlen(req), &g, err, sizeof err) == DUET_OK);
+    CHECK_EQ_INT(px_gen_prompt_count(&g), 2);
+    CHECK_EQ_INT(px_gen_n(&g), 2);
+    CHECK(px_gen_include_usage(&g));
+    CHECK(px_gen_part(&g, 1, &part) == DUET_OK);
+    CHECK_EQ_INT(cJSON_GetArraySize(get(part.root, "prompt")), 3);
+    CHECK_EQ_INT(part.prompt_tokens, 3);
+    CHECK(part.stream && part.max_tokens == 5);
+    size_t len;
+    char *pb = px_gen_prefill_body(&part, &len);
+    cJSON *p = cJSON_Parse(pb);
+    CHECK(get(p, "n")->valueint == 1 && get(p, "best_of") == NULL); /* decode makes the n */
+    cJSON_Delete(p);
+    cJSON_free(pb);
+    px_gen_cleanup(&part);
+    CHECK(px_gen_part(&g, 2, &part) == DUET_ERR_INVALID && part.root == NULL);
+    px_gen_cleanup(&g);
+    /* one prompt: a list of token ids, or a list of one */
+    const char *one[] = {"{\"prompt\":[1,2,3]}", "{\"prompt\":\"x\"}", "{\"messages\":[]}"};
+    for (size_t i = 0; i < 3; i++) {
+        CHECK(px_gen_parse(one[i], strlen(one[i]), &g, err, sizeof err) == DUET_OK);
+        CHECK_EQ_INT(px_gen_prompt_count(&g), 1);
+        CHECK_EQ_INT(px_gen_n(&g), 1);
+        px_gen_cleanup(&g);
+    }
+
+    /* streamed chunks: indexes moved, id set, usage summed and kept back, errors seen */
+    cJSON *usage = cJSON_CreateObject();
+    cJSON *c = cJSON_Parse("{\"id\":\"cmpl-x-1\",\"choices\":[{\"index\":1,\"text\":\"a\"}]}");
+    CHECK(px_merge_chunk(c, 4, "cmpl-x", usage) == PX_CHUNK_DATA);
+    CHECK(get(cJSON_GetArrayItem(get(c, "choices"), 0), "index")->valueint == 5);
+    CHECK(!strcmp(get(c, "id")->valuestring, "cmpl-x"));
+    cJSON_Delete(c);
+    for (int k = 0; k < 2; k++) {
+        c = cJSON_Parse("{\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":"
+                        "4,\"total_tokens\":7}}");
+        CHECK(px_merge_chunk(c, 0, NULL, usage) == PX_CHUNK_USAGE);
+        cJSON_Delete(c);
+    }
+    CHECK(get(usage, "prompt_tokens")->valueint == 6 && get(usage, "total_tokens")->valueint == 14);
+    cJSON_Delete(usage);
+    c = cJSON_Parse("{\"error\":{\"message\":\"m\",\"code\":500}}");
+    CHECK(px_merge_chunk(c, 0, NULL, NULL) == PX_CHUNK_ERROR);
+    cJSON_Delete(c);
+
+    /* whole answers: prompt-major choices, usage summed, kv_transfer_params null */
+    cJSON *a[2] = {
+        cJSON_Parse("{\"id\":\"cmpl-p0\",\"choices\":[{\"index\":0,\"text\":\"a\"},"
+                    "{\"index\":1,\"text\":\"b\"}],\"usage\":{\"prompt_tokens\":2,"
+                    "\"completion_tokens\":2,\"total_tokens\":4},\"kv_transfer_params\":{}}"),
+        cJSON_Parse("{\"id\":\"cmpl-p1\",\"choices\":[{\"index\":0,\"text\":\"c\"},"
+                    "{\"index\":1,\"text\":\"d\"}],\"usage\":{\"prompt_tokens\":3,"
+                    "\"completion_tokens\":2,\"total_tokens\":5}}")};
+    cJSON *m = px_merge_answers(a, 2, 2, "cmpl-all");
+    const cJSON *ch = get(m, "choices");
+    CHECK_EQ_INT(cJSON_GetArraySize(ch), 4);
+    for (int i = 0; i < 4; i++) {
+        const cJSON *x = cJSON_GetArrayItem(ch, i);
+        CHECK(get(x, "index")->valueint == i && get(x, "text")->valuestring[0] == "abcd"[i]);
+    }
+    CHECK(get(get(m, "usage"), "prompt_tokens")->valueint == 5);
+    CHECK(get(get(m, "usage"), "completion_tokens")->valueint == 4);
+    CHECK(cJSON_IsNull(get(m, "kv_transfer_params")));
+    CHECK(!strcmp(get(m, "id")->valuestring, "cmpl-all"));
+    cJSON_Delete(m);
+    cJSON_Delete(a[0]);
+    cJSON_Delete(a[1]);
+}
+
 int main(void) {
     test_policies();
     test_config();
+    test_split_merge();
+    test_balancer_config();
     test_bodies();
     CHECK_DONE();
 }
