@@ -56,7 +56,10 @@ static void setup(void) {
     }
     for (int i = 0; i < 2; i++) {
         oai_config cfg = {.served_name = "fuzz",
-                          .reasoning_r1 = i == 1,
+                          .reasoning = i ? OAI_REASONING_R1 : OAI_REASONING_NONE,
+                          .tool_parser = i ? API_TOOL_FORMAT_DEEPSEEK_V3 : -1,
+                          .auto_tool_choice = i == 1,
+                          .max_logprobs = 20,
                           .max_model_len = 4096,
                           .vocab = 129280,
                           .max_live = 0,
