@@ -28,17 +28,25 @@
  * experts' scratch must hold the busiest rank's rows. */
 #define EP_SKEW 2.0
 
-static double gib(long long b) {
-    return (double)b / (double)GIB;
-}
+/* A size as people read it: "94.1 GiB", "416 MiB", "3.5 MiB", "12 KiB". Returned by value so
+ * several can sit in one printf (a struct member of a call's result lives to the end of the
+ * full expression). */
+typedef struct size_str {
+    char s[24];
+} size_str;
 
-/* "94.1 GiB", or "416 MiB" below one GiB. */
-static const char *size_text(char *buf, size_t len, long long b) {
-    if (b < GIB && b > -GIB)
-        snprintf(buf, len, "%.0f MiB", (double)b / (double)MIB);
+static size_str sz(long long b) {
+    size_str r;
+    double a = (double)(b < 0 ? -b : b);
+    if (a < (double)MIB)
+        snprintf(r.s, sizeof r.s, "%.0f KiB", (double)b / 1024.0);
+    else if (a < 10.0 * (double)MIB)
+        snprintf(r.s, sizeof r.s, "%.1f MiB", (double)b / (double)MIB);
+    else if (a < (double)GIB)
+        snprintf(r.s, sizeof r.s, "%.0f MiB", (double)b / (double)MIB);
     else
-        snprintf(buf, len, "%.1f GiB", gib(b));
-    return buf;
+        snprintf(r.s, sizeof r.s, "%.1f GiB", (double)b / (double)GIB);
+    return r;
 }
 
 static void fail(char *err, size_t len, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -262,8 +270,8 @@ static void layout_text(const mplan *p, char *buf, size_t len) {
 static void setting_text(const mplan *p, char *buf, size_t len) {
     char lay[64];
     layout_text(p, lay, sizeof lay);
-    snprintf(buf, len, "%s on %d GPU%s of %.1f GiB with %s", p->name, p->ranks,
-             p->ranks == 1 ? "" : "s", gib(p->in.gpu_memory), lay);
+    snprintf(buf, len, "%s on %d GPU%s of %s with %s", p->name, p->ranks, p->ranks == 1 ? "" : "s",
+             sz(p->in.gpu_memory).s, lay);
 }
 
 /* Probability that one token's top-k (k of E experts, distinct) hits at least one of the El
@@ -378,40 +386,38 @@ static duet_status plan_weights(const cfg_model *c, mplan *p) {
 
 static void plan_verdict(mplan *p) {
     const mplan_inputs *in = &p->in;
-    char who[192], b1[32], b2[32], b3[32];
+    char who[192];
     setting_text(p, who, sizeof who);
     char budget[96];
     if (in->kv_cache_memory > 0)
-        snprintf(budget, sizeof budget, "%.1f GiB (the whole device: --kv-cache-memory is set)",
-                 gib(p->budget));
+        snprintf(budget, sizeof budget, "%s (the whole device: --kv-cache-memory is set)",
+                 sz(p->budget).s);
     else
-        snprintf(budget, sizeof budget, "%.1f GiB (%.2f of %.1f GiB)", gib(p->budget),
-                 in->gpu_memory_utilization, gib(in->gpu_memory));
+        snprintf(budget, sizeof budget, "%s (%.2f of %s)", sz(p->budget).s,
+                 in->gpu_memory_utilization, sz(in->gpu_memory).s);
     long long need_blocks = (in->max_model_len + in->block_size - 1) / in->block_size;
     p->fits = false;
     if (p->w.total > p->budget) {
-        snprintf(p->verdict, sizeof p->verdict, "%s: %.1f GiB of weights per rank exceed %s", who,
-                 gib(p->w.total), budget);
+        snprintf(p->verdict, sizeof p->verdict, "%s: %s of weights per rank exceed %s", who,
+                 sz(p->w.total).s, budget);
     } else if (p->w.total + p->act_total > p->budget) {
         snprintf(p->verdict, sizeof p->verdict,
-                 "%s: %.1f GiB of weights and %.1f GiB of activations per rank exceed %s by %s "
+                 "%s: %s of weights and %s of activations per rank exceed %s by %s "
                  "(lower --max-num-batched-tokens or --max-model-len)",
-                 who, gib(p->w.total), gib(p->act_total), budget,
-                 size_text(b1, sizeof b1, p->w.total + p->act_total - p->budget));
+                 who, sz(p->w.total).s, sz(p->act_total).s, budget,
+                 sz(p->w.total + p->act_total - p->budget).s);
     } else if (p->kv_blocks < need_blocks) {
         snprintf(p->verdict, sizeof p->verdict,
-                 "%s: no room for one sequence of max_model_len %d: %s left after %.1f GiB of "
+                 "%s: no room for one sequence of max_model_len %d: %s left after %s of "
                  "weights and %s of activations holds %lld tokens of KV cache, one sequence "
                  "needs %lld blocks of %d (%s)",
-                 who, in->max_model_len, size_text(b1, sizeof b1, p->kv_budget), gib(p->w.total),
-                 size_text(b2, sizeof b2, p->act_total), p->kv_tokens, need_blocks, in->block_size,
-                 size_text(b3, sizeof b3, need_blocks * p->kv_block_bytes));
+                 who, in->max_model_len, sz(p->kv_budget).s, sz(p->w.total).s, sz(p->act_total).s,
+                 p->kv_tokens, need_blocks, in->block_size, sz(need_blocks * p->kv_block_bytes).s);
     } else {
         p->fits = true;
         snprintf(p->verdict, sizeof p->verdict,
                  "KV cache: %lld blocks = %lld tokens (%s), %lld sequences of max_model_len %d",
-                 p->kv_blocks, p->kv_tokens,
-                 size_text(b1, sizeof b1, p->kv_blocks * p->kv_block_bytes),
+                 p->kv_blocks, p->kv_tokens, sz(p->kv_blocks * p->kv_block_bytes).s,
                  p->kv_tokens / in->max_model_len, in->max_model_len);
     }
 }
@@ -471,17 +477,17 @@ duet_status mplan_compute(const cfg_model *c, const mplan_inputs *in, mplan *pla
 
 void mplan_print(const mplan *p, FILE *f) {
     const mplan_inputs *in = &p->in;
-    char who[192], b[32];
+    char who[192];
     setting_text(p, who, sizeof who);
     fprintf(f, "Memory plan: %s", who);
     if (p->nodes > 1) fprintf(f, " (%d nodes)", p->nodes);
     fprintf(f, "\n");
     if (in->kv_cache_memory > 0)
-        fprintf(f, "  budget per rank: the whole device, %.1f GiB (--kv-cache-memory %s)\n",
-                gib(p->budget), size_text(b, sizeof b, in->kv_cache_memory));
+        fprintf(f, "  budget per rank: the whole device, %s (--kv-cache-memory %s)\n",
+                sz(p->budget).s, sz(in->kv_cache_memory).s);
     else
-        fprintf(f, "  budget per rank: %.2f of %.1f GiB = %.1f GiB (the CUDA context outside it)\n",
-                in->gpu_memory_utilization, gib(in->gpu_memory), gib(p->budget));
+        fprintf(f, "  budget per rank: %.2f of %s = %s (the CUDA context outside it)\n",
+                in->gpu_memory_utilization, sz(in->gpu_memory).s, sz(p->budget).s);
 
     const char *act = in->act_dtype == DT_F32 ? "float32" : "bf16";
     if (in->weights == MPLAN_WEIGHTS_FP8)
@@ -493,16 +499,15 @@ void mplan_print(const mplan *p, FILE *f) {
                 mplan_weight_format_name(in->weights));
     const mdl_plan *s = &p->shard;
     for (int k = 0; k < MPLAN_KIND_COUNT; k++) {
-        fprintf(f, "    %-22s %10s", mplan_kind_name((mplan_kind)k),
-                size_text(b, sizeof b, p->w.bytes[k]));
+        fprintf(f, "    %-22s %10s", mplan_kind_name((mplan_kind)k), sz(p->w.bytes[k]).s);
         switch (k) {
         case MPLAN_ATTENTION:
             fprintf(f, "   %d of %d heads x %d layers", s->n_heads_local, p->n_heads, p->n_layers);
             break;
         case MPLAN_DENSE_MLP:
             if (p->n_layers > p->moe_layers)
-                fprintf(f, "   %d layers, intermediate %d", p->n_layers - p->moe_layers,
-                        s->inter_local);
+                fprintf(f, "   %d layer%s, intermediate %d", p->n_layers - p->moe_layers,
+                        p->n_layers - p->moe_layers == 1 ? "" : "s", s->inter_local);
             break;
         case MPLAN_SHARED_EXPERTS:
             if (s->shared_inter_local)
@@ -522,33 +527,44 @@ void mplan_print(const mplan *p, FILE *f) {
         }
         fprintf(f, "\n");
     }
-    fprintf(f, "    %-22s %10s   %lld tensors\n", "total", size_text(b, sizeof b, p->w.total),
-            p->w.tensors);
+    fprintf(f, "    %-22s %10s   %lld tensors\n", "total", sz(p->w.total).s, p->w.tensors);
 
     fprintf(f, "  activations at the peak of a step (%d tokens, %d sequences, %s):\n",
             in->max_num_batched_tokens, in->max_num_seqs, act);
-    fprintf(f, "    %-22s %10s\n", "model buffers", size_text(b, sizeof b, p->act_model));
+    fprintf(f, "    %-22s %10s\n", "model buffers", sz(p->act_model).s);
     if (p->ep_size > 1)
         fprintf(f, "    %-22s %10s   routing even but %.0fx on the busiest rank\n", "EP staging",
-                size_text(b, sizeof b, p->act_ep), EP_SKEW);
+                sz(p->act_ep).s, EP_SKEW);
     fprintf(f, "    %-22s %10s   prefill attention over %d tokens, experts, routing\n",
-            "backend scratch", size_text(b, sizeof b, p->act_scratch), in->max_model_len);
-    fprintf(f, "    %-22s %10s   cuBLAS, step metadata%s\n", "fixed",
-            size_text(b, sizeof b, p->act_fixed),
+            "backend scratch", sz(p->act_scratch).s, in->max_model_len);
+    fprintf(f, "    %-22s %10s   cuBLAS, step metadata%s\n", "fixed", sz(p->act_fixed).s,
             in->tp > 1 || p->ep_size > 1
                 ? (in->graphs ? ", NCCL and graphs (allowances)" : ", NCCL (allowance)")
                 : (in->graphs ? ", graphs (allowance)" : ""));
-    fprintf(f, "    %-22s %10s\n", "total", size_text(b, sizeof b, p->act_total));
+    fprintf(f, "    %-22s %10s\n", "total", sz(p->act_total).s);
 
     fprintf(f, "  KV cache (%s, %lld bytes per token, blocks of %d tokens):\n",
             in->kv_dtype == DT_F8_E4M3 ? "fp8"
             : in->kv_dtype == DT_F32   ? "float32"
                                        : "bf16",
             p->kv_bytes_per_token, in->block_size);
-    fprintf(f, "    %-22s %10s\n", "left for it", size_text(b, sizeof b, p->kv_budget));
+    fprintf(f, "    %-22s %10s\n", "left for it", sz(p->kv_budget).s);
     fprintf(f, "    %-22s %10lld   = %lld tokens, %lld sequences of max_model_len %d\n", "blocks",
             p->kv_blocks, p->kv_tokens, p->kv_tokens / in->max_model_len, in->max_model_len);
     fprintf(f, "  %s: %s\n", p->fits ? "fits" : "does not fit", p->verdict);
+}
+
+void mplan_summary(const mplan *p, char *buf, size_t len) {
+    char budget[64];
+    if (p->in.kv_cache_memory > 0)
+        snprintf(budget, sizeof budget, "the whole %s", sz(p->budget).s);
+    else
+        snprintf(budget, sizeof budget, "%s (%.2f of %s)", sz(p->budget).s,
+                 p->in.gpu_memory_utilization, sz(p->in.gpu_memory).s);
+    snprintf(buf, len,
+             "%s of weights, %s of activations and %lld tokens (%s) of KV cache per rank, in %s",
+             sz(p->w.total).s, sz(p->act_total).s, p->kv_tokens,
+             sz(p->kv_blocks * p->kv_block_bytes).s, budget);
 }
 
 /* ---- after loading ---- */
@@ -559,11 +575,11 @@ duet_status mplan_check_start(const mplan *p, const mplan_measured *m, char *err
     /* the backend took its cuBLAS workspace before the reading */
     if (m->free_at_start + CUBLAS_WORKSPACE >= want) return DUET_OK;
     fail(err, err_len,
-         "the device had %.1f GiB free at start, less than --gpu-memory-utilization %.2f asks "
-         "for (%.1f GiB of %.1f GiB): another process holds %.1f GiB of it; lower "
+         "the device had %s free at start, less than --gpu-memory-utilization %.2f asks "
+         "for (%s of %s): another process holds %s of it; lower "
          "--gpu-memory-utilization or free the device",
-         gib(m->free_at_start), p->in.gpu_memory_utilization, gib(want), gib(m->total),
-         gib(want - m->free_at_start - CUBLAS_WORKSPACE));
+         sz(m->free_at_start).s, p->in.gpu_memory_utilization, sz(want).s, sz(m->total).s,
+         sz(want - m->free_at_start - CUBLAS_WORKSPACE).s);
     return DUET_ERR_NO_MEMORY;
 }
 
@@ -578,26 +594,22 @@ duet_status mplan_kv_after_load(const mplan *p, const mplan_measured *m, long lo
     long long kv = want - loaded - p->act_late - p->kv_block_bytes;
     if (p->in.kv_cache_memory > 0) {
         if (p->in.kv_cache_memory > kv) {
-            char b1[32], b2[32];
             fail(err, err_len,
-                 "--kv-cache-memory %s does not fit: of the device's %.1f GiB, loading took "
-                 "%.1f GiB and the first steps need %s more",
-                 size_text(b1, sizeof b1, p->in.kv_cache_memory), gib(m->total), gib(loaded),
-                 size_text(b2, sizeof b2, p->act_late));
+                 "--kv-cache-memory %s does not fit: of the device's %s, loading took "
+                 "%s and the first steps need %s more",
+                 sz(p->in.kv_cache_memory).s, sz(m->total).s, sz(loaded).s, sz(p->act_late).s);
             return DUET_ERR_NO_MEMORY;
         }
         kv = p->in.kv_cache_memory;
     }
     long long need_blocks = (p->in.max_model_len + p->in.block_size - 1) / p->in.block_size;
     if (kv < need_blocks * p->kv_block_bytes) {
-        char b1[32], b2[32], b3[32];
         fail(err, err_len,
-             "no room for one sequence of max_model_len %d: of %.1f GiB, loading took %.1f GiB "
+             "no room for one sequence of max_model_len %d: of %s, loading took %s "
              "and the first steps need %s more, leaving %s for the KV cache; one sequence needs "
              "%s",
-             p->in.max_model_len, gib(want), gib(loaded), size_text(b1, sizeof b1, p->act_late),
-             size_text(b2, sizeof b2, kv > 0 ? kv : 0),
-             size_text(b3, sizeof b3, need_blocks * p->kv_block_bytes));
+             p->in.max_model_len, sz(want).s, sz(loaded).s, sz(p->act_late).s,
+             sz(kv > 0 ? kv : 0).s, sz(need_blocks * p->kv_block_bytes).s);
         return DUET_ERR_NO_MEMORY;
     }
     *kv_bytes_p = kv;

@@ -126,6 +126,9 @@ duet_status mplan_compute(const cfg_model *c, const mplan_inputs *in, mplan *pla
 
 /* The plan as a table: layout, weights by kind, activations by part, KV cache, verdict. */
 void mplan_print(const mplan *p, FILE *f);
+/* The plan in one line: "94.1 GiB of weights, 5.2 GiB of activations and 412800 tokens
+ * (27.0 GiB) of KV cache per rank, in 126.4 GiB (0.90 of 140.4 GiB)". */
+void mplan_summary(const mplan *p, char *buf, size_t len);
 
 /* ---- after loading: the KV cache from what the device has left ---- */
 

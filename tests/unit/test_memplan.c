@@ -3,7 +3,8 @@
  * byte counts worked out by hand in the comments; bad inputs get one clear line; the KV cache
  * after loading follows the device's readings; and the plan's weights and load-time buffers
  * equal what mdl_load really creates, counted through a backend that wraps the CPU one, on
- * every layout (TP, EP, TP x EP) of a V3-shaped and a V2-shaped model. */
+ * every layout (TP, EP, TP x EP) of a V3-shaped and a V2-shaped model. An instance refuses a
+ * layout that does not fit before it loads a single weight. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -12,6 +13,7 @@
 #include "mkmodel.h"
 #include "model/backends/registry.h"
 #include "model/memplan.h"
+#include "engine/parallel.h"
 #include "model/model.h"
 #include "testutil.h"
 
@@ -472,6 +474,54 @@ static void test_against_load(const char *root) {
     }
 }
 
+/* par_instance_create with a plan (the CPU backend reports no device memory: the test gives
+ * one): a device too small is refused before loading, one that is big enough loads; without
+ * device readings the KV cache keeps the caller's default (par_kv_budget: unsupported). */
+static duet_status instance(long long device, double util, char **log_p) {
+    par_options po;
+    par_options_init(&po);
+    po.max_tokens = 256;
+    po.mem = (par_memory){.utilization = util,
+                          .max_model_len = 1024,
+                          .max_num_seqs = 16,
+                          .block_size = 16,
+                          .device_memory = device};
+    int argc = 0;
+    char **argv = NULL;
+    par_instance *inst = NULL;
+    log_set_level(LOG_LEVEL_INFO);
+    tu_capture_begin();
+    duet_status st = par_instance_create(&po, GOLDEN_DIR "/tiny-v3/model", &argc, &argv, &inst);
+    long long kv = 0;
+    if (st == DUET_OK) CHECK_EQ_INT(par_kv_budget(inst, &kv), DUET_ERR_UNSUPPORTED);
+    par_instance_destroy(inst);
+    *log_p = tu_capture_end();
+    log_set_level(LOG_LEVEL_WARN);
+    return st;
+}
+
+static void test_instance(void) {
+    char *log = NULL;
+    /* 8 MiB of float32 weights and ~40 MiB of activations do not fit 0.9 x 32 MiB */
+    CHECK_EQ_INT(instance(32 * MIB, 0.9, &log), DUET_ERR_NO_MEMORY);
+    check_has(log, "memory plan: model on 1 GPU of 32 MiB with TP1: ");
+    check_has(log, "per rank exceed 29 MiB (0.90 of 32 MiB)");
+    CHECK_MSG(!strstr(log, "weights: loading"), "loading started: %s", log);
+    free(log);
+    CHECK_EQ_INT(instance(4 * GIB, 0.9, &log), DUET_OK);
+    check_has(log, "memory plan: 8.0 MiB of weights, ");
+    check_has(log, "weights: loaded 201 tensors");
+    free(log);
+    /* no plan asked for, and none possible on the CPU without a device size: as before */
+    CHECK_EQ_INT(instance(0, 0.9, &log), DUET_OK);
+    CHECK(!strstr(log, "memory plan"));
+    check_has(log, "weights: loaded 201 tensors");
+    free(log);
+    CHECK_EQ_INT(instance(4 * GIB, 1.5, &log), DUET_ERR_INVALID);
+    check_has(log, "memory plan: --gpu-memory-utilization must be a fraction");
+    free(log);
+}
+
 int main(void) {
     log_set_level(LOG_LEVEL_WARN);
     if (cfg_load(TEST_DATA_DIR "/deepseek-v3", &g_v3) != DUET_OK ||
@@ -492,6 +542,7 @@ int main(void) {
     test_bad_inputs();
     test_kv_after_load();
     test_print();
+    test_instance();
     char *root = tu_mkdtemp("memplan");
     if (root) {
         test_against_load(root);
