@@ -416,9 +416,10 @@ static void plan_verdict(mplan *p) {
     } else {
         p->fits = true;
         snprintf(p->verdict, sizeof p->verdict,
-                 "KV cache: %lld blocks = %lld tokens (%s), %lld sequences of max_model_len %d",
+                 "KV cache: %lld blocks = %lld tokens (%s), %lld sequence%s of max_model_len %d",
                  p->kv_blocks, p->kv_tokens, sz(p->kv_blocks * p->kv_block_bytes).s,
-                 p->kv_tokens / in->max_model_len, in->max_model_len);
+                 p->kv_tokens / in->max_model_len, p->kv_tokens / in->max_model_len == 1 ? "" : "s",
+                 in->max_model_len);
     }
 }
 
@@ -549,8 +550,9 @@ void mplan_print(const mplan *p, FILE *f) {
                                        : "bf16",
             p->kv_bytes_per_token, in->block_size);
     fprintf(f, "    %-22s %10s\n", "left for it", sz(p->kv_budget).s);
-    fprintf(f, "    %-22s %10lld   = %lld tokens, %lld sequences of max_model_len %d\n", "blocks",
-            p->kv_blocks, p->kv_tokens, p->kv_tokens / in->max_model_len, in->max_model_len);
+    long long seqs = p->kv_tokens / in->max_model_len;
+    fprintf(f, "    %-22s %10lld   = %lld tokens, %lld sequence%s of max_model_len %d\n", "blocks",
+            p->kv_blocks, p->kv_tokens, seqs, seqs == 1 ? "" : "s", in->max_model_len);
     fprintf(f, "  %s: %s\n", p->fits ? "fits" : "does not fit", p->verdict);
 }
 
