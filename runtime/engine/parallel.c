@@ -9,7 +9,6 @@
 #include <string.h>
 
 #include "base/log.h"
-#include "model/memplan.h"
 
 struct par_instance {
     par_options opt;
@@ -240,6 +239,16 @@ static duet_status plan_memory(par_instance *p, const par_options *o, const char
     p->planned = true;
     p->measured = readings;
     return DUET_OK;
+}
+
+const mplan *par_memory_plan(const par_instance *p) {
+    return p->planned ? &p->mem : NULL;
+}
+
+bool par_memory_readings(const par_instance *p, mplan_measured *readings_p) {
+    if (!p->planned || !p->measured) return false;
+    *readings_p = p->readings;
+    return true;
 }
 
 duet_status par_kv_budget(par_instance *p, long long *bytes_p) {

@@ -10,6 +10,7 @@
 
 #include "base/opt.h"
 #include "dist/comm.h"
+#include "model/memplan.h"
 #include "model/model.h"
 
 /* The memory plan checked before loading (model/memplan.h). Set by the program from its own
@@ -71,6 +72,12 @@ bool par_lockstep(const par_instance *inst);
  * CPU backend, no plan asked for, or o->mem.device_memory given): the caller keeps its own
  * default. DUET_ERR_NO_MEMORY, logged, when one sequence of max_model_len does not fit. */
 duet_status par_kv_budget(par_instance *inst, long long *bytes_p);
+
+/* The memory plan par_instance_create computed, or NULL when none was asked for (or the
+ * backend has no device memory to plan against); and the device's readings before and after
+ * loading (false when there are none: the CPU backend, or a given device size). */
+const mplan *par_memory_plan(const par_instance *inst);
+bool par_memory_readings(const par_instance *inst, mplan_measured *readings_p);
 
 /* One forward step (mdl_forward). Under lockstep it first agrees with the other DP groups
  * that a step happens, so idle groups join with empty steps (see par_idle_step). */
