@@ -20,6 +20,9 @@ struct par_instance {
     bool lockstep;
     void *plan; /* TP plan buffer */
     size_t plan_cap;
+    mplan mem;              /* the memory plan, when o->mem asked for one */
+    bool planned, measured; /* mem holds a plan; readings holds the device's */
+    mplan_measured readings;
 };
 
 void par_options_init(par_options *o) {
@@ -155,6 +158,121 @@ duet_status par_options_add(opt_parser *p, par_options *o) {
     return opt_add(p, "Parallelism and device", specs, (int)(sizeof specs / sizeof specs[0]));
 }
 
+/* The last component of a model directory, for messages. */
+static void model_name(const char *dir, char *buf, size_t len) {
+    size_t n = strlen(dir);
+    while (n > 1 && dir[n - 1] == '/') n--;
+    size_t s = n;
+    while (s > 0 && dir[s - 1] != '/') s--;
+    snprintf(buf, len, "%.*s", (int)(n - s), dir + s);
+}
+
+/* The memory plan of this layout, before anything loads. Every rank plans against the smallest
+ * device of the instance, so all reach one verdict and fail together (world rank 0 says why);
+ * a device another process holds part of fails on its own rank, which says so. Keeps the
+ * device's free memory for par_kv_budget. */
+static duet_status plan_memory(par_instance *p, const par_options *o, const char *model_dir) {
+    const par_memory *mo = &o->mem;
+    if (mo->utilization <= 0 && !mo->print_plan) return DUET_OK;
+    bool rank0 = p->world.rank == 0;
+    long long total = 0, free_b = 0;
+    bool readings = mo->device_memory <= 0 && be_mem_info(p->be, &total, &free_b) == DUET_OK;
+    if (mo->device_memory > 0) total = mo->device_memory;
+    if (total <= 0) {
+        /* the CPU backend: host memory, nothing to plan against (every rank alike) */
+        if (rank0 && mo->print_plan)
+            LOG_INFO("memory plan: the %s backend reports no device memory; nothing to plan",
+                     p->be->ops->name);
+        return DUET_OK;
+    }
+    long long smallest = -total;
+    duet_status st = comm_allreduce_i64(p->world_group, &smallest, 1, true);
+    if (st != DUET_OK) return st;
+    cfg_model c;
+    st = cfg_load(model_dir, &c);
+    if (st != DUET_OK) return st;
+
+    char name[128], err[512];
+    model_name(model_dir, name, sizeof name);
+    dt_dtype act = p->be->ops->act_dtype;
+    mplan_inputs in;
+    mplan_inputs_default(&in);
+    in.model_name = name;
+    in.tp = o->tp;
+    in.dp = o->dp;
+    in.ep = o->ep;
+    in.gpus_per_node = p->world.local_size;
+    in.gpu_memory = -smallest;
+    in.gpu_memory_utilization = mo->utilization > 0 ? mo->utilization : 0.9;
+    /* the FP8-resident loader changes what mplan_weight_format_auto answers, not this */
+    in.weights = mplan_weight_format_auto(&c, act);
+    in.act_dtype = act;
+    in.kv_dtype = act; /* the backends keep the cache in the activation type */
+    in.max_model_len = mo->max_model_len;
+    if (mo->max_num_seqs > 0) in.max_num_seqs = mo->max_num_seqs;
+    if (o->max_tokens > 0) in.max_num_batched_tokens = o->max_tokens;
+    if (mo->block_size > 0) in.block_size = mo->block_size;
+    in.graphs = !o->eager;
+    in.kv_cache_memory = mo->kv_cache_memory;
+    st = mplan_compute(&c, &in, &p->mem, err, sizeof err);
+    if (st != DUET_OK) {
+        if (rank0) LOG_ERROR("memory plan: %s", err);
+        return st;
+    }
+    if (rank0 && mo->print_plan) {
+        mplan_print(&p->mem, stdout);
+        fflush(stdout);
+    }
+    p->readings = (mplan_measured){.total = total, .free_at_start = free_b};
+    bool ok = p->mem.fits;
+    if (ok && readings && mplan_check_start(&p->mem, &p->readings, err, sizeof err) != DUET_OK) {
+        LOG_ERROR("memory plan: %s", err);
+        ok = false;
+    }
+    long long failed = ok ? 0 : 1;
+    st = comm_allreduce_i64(p->world_group, &failed, 1, true);
+    if (st != DUET_OK) return st;
+    if (!p->mem.fits) {
+        if (rank0)
+            LOG_ERROR("memory plan: %s (duet-check plan shows the whole plan without a GPU)",
+                      p->mem.verdict);
+        return DUET_ERR_NO_MEMORY;
+    }
+    if (failed) return DUET_ERR_NO_MEMORY; /* the rank that failed said why */
+    if (rank0) {
+        char line[256];
+        mplan_summary(&p->mem, line, sizeof line);
+        LOG_INFO("memory plan: %s%s", line,
+                 mo->print_plan ? "" : " (--print-memory-plan shows the table)");
+    }
+    p->planned = true;
+    p->measured = readings;
+    return DUET_OK;
+}
+
+const mplan *par_memory_plan(const par_instance *p) {
+    return p->planned ? &p->mem : NULL;
+}
+
+bool par_memory_readings(const par_instance *p, mplan_measured *readings_p) {
+    if (!p->planned || !p->measured) return false;
+    *readings_p = p->readings;
+    return true;
+}
+
+duet_status par_kv_budget(par_instance *p, long long *bytes_p) {
+    if (!p->planned || !p->measured) return DUET_ERR_UNSUPPORTED;
+    char err[512];
+    long long kv = 0;
+    duet_status st = mplan_kv_after_load(&p->mem, &p->readings, &kv, err, sizeof err);
+    if (st != DUET_OK) {
+        LOG_ERROR("memory plan: %s", err);
+        return st;
+    }
+    *bytes_p = kv;
+    return DUET_OK;
+}
+
 duet_status par_instance_create(const par_options *o, const char *model_dir, int *argc,
                                 char ***argv, par_instance **inst_p) {
     par_instance *p = calloc(1, sizeof *p);
@@ -193,6 +311,9 @@ duet_status par_instance_create(const par_options *o, const char *model_dir, int
     shard.tp = p->tp;
     shard.ep = p->ep;
     if (st == DUET_OK) st = be_create_dtype(o->backend, p->world.local_rank, o->dtype, &p->be);
+    /* before NCCL's buffers and the weights: the plan's verdict, and the free memory that
+     * par_kv_budget measures loading against */
+    if (st == DUET_OK) st = plan_memory(p, o, model_dir);
     /* device memory: the TP and EP groups get the backend's device communicator (NCCL); every
      * rank attaches the same groups in the same order */
     if (st == DUET_OK && p->be->ops->comm_attach && comm_group_size(p->tp) > 1)
@@ -204,6 +325,10 @@ duet_status par_instance_create(const par_options *o, const char *model_dir, int
                         .max_tokens = o->max_tokens,
                         .eager = o->eager};
     if (st == DUET_OK) st = mdl_load(model_dir, p->be, &shard, &lo, &p->model);
+    if (st == DUET_OK && p->measured) {
+        long long total;
+        p->measured = be_mem_info(p->be, &total, &p->readings.free_after_load) == DUET_OK;
+    }
     if (st != DUET_OK) {
         /* every rank fails the same way on a bad checkpoint; one stuck rank must not hang
          * the others, so the instance ends here. */

@@ -10,7 +10,21 @@
 
 #include "base/opt.h"
 #include "dist/comm.h"
+#include "model/memplan.h"
 #include "model/model.h"
+
+/* The memory plan checked before loading (model/memplan.h). Set by the program from its own
+ * flags; par_options_add adds none of these. utilization 0 and no print_plan: nothing planned
+ * (print_plan alone plans with 0.9, vLLM's default). */
+typedef struct par_memory {
+    double utilization;        /* --gpu-memory-utilization: share of each device, (0, 1] */
+    long long kv_cache_memory; /* --kv-cache-memory: a fixed KV cache per rank; 0: none */
+    int max_model_len, max_num_seqs, block_size; /* the worker's limits (max_tokens: batched) */
+    bool print_plan; /* --print-memory-plan: the plan's table on stdout (world rank 0) */
+    /* bytes of one device instead of the backend's reading (tests, and backends that report
+     * none); no device readings are taken then */
+    long long device_memory;
+} par_memory;
 
 typedef struct par_options {
     char backend[16]; /* "cpu" or "cuda" */
@@ -21,6 +35,7 @@ typedef struct par_options {
     mdl_weights_source load_format;
     unsigned long long seed;
     int max_tokens;
+    par_memory mem;
 } par_options;
 
 void par_options_init(par_options *o);
@@ -31,7 +46,10 @@ duet_status par_options_add(opt_parser *p, par_options *o);
 typedef struct par_instance par_instance;
 
 /* Starts MPI (when under mpirun), checks the world matches dp * tp, creates the groups, the
- * backend on this rank's device and loads the model shard from model_dir. */
+ * backend on this rank's device and loads the model shard from model_dir. With o->mem set, the
+ * memory plan of the layout is computed first, against the smallest device of the instance,
+ * and a layout that does not fit is refused before any weight loads (DUET_ERR_NO_MEMORY, one
+ * line saying what does not fit by how much). */
 duet_status par_instance_create(const par_options *o, const char *model_dir, int *argc,
                                 char ***argv, par_instance **inst_p);
 void par_instance_destroy(par_instance *inst);
@@ -47,6 +65,19 @@ comm_group *par_tp_group(par_instance *inst);
 bool par_is_reporter(const par_instance *inst);
 /* True when DP groups must step together (EP spans more than one DP group). */
 bool par_lockstep(const par_instance *inst);
+
+/* This rank's KV cache in bytes from its device's readings before and after loading
+ * (mplan_kv_after_load): what o->mem.utilization of the device leaves after loading and after
+ * what the first steps will allocate. DUET_ERR_UNSUPPORTED when there are no readings (the
+ * CPU backend, no plan asked for, or o->mem.device_memory given): the caller keeps its own
+ * default. DUET_ERR_NO_MEMORY, logged, when one sequence of max_model_len does not fit. */
+duet_status par_kv_budget(par_instance *inst, long long *bytes_p);
+
+/* The memory plan par_instance_create computed, or NULL when none was asked for (or the
+ * backend has no device memory to plan against); and the device's readings before and after
+ * loading (false when there are none: the CPU backend, or a given device size). */
+const mplan *par_memory_plan(const par_instance *inst);
+bool par_memory_readings(const par_instance *inst, mplan_measured *readings_p);
 
 /* One forward step (mdl_forward). Under lockstep it first agrees with the other DP groups
  * that a step happens, so idle groups join with empty steps (see par_idle_step). */

@@ -11,6 +11,16 @@ void be_destroy(be_backend *be) {
     if (be) be->ops->destroy(be);
 }
 
+duet_status be_mem_info(be_backend *be, long long *total_p, long long *free_p) {
+    if (!be->ops->mem_info) return DUET_ERR_UNSUPPORTED;
+    size_t total = 0, free_b = 0;
+    duet_status st = be->ops->mem_info(be, &total, &free_b);
+    if (st != DUET_OK) return st;
+    *total_p = (long long)total;
+    *free_p = (long long)free_b;
+    return DUET_OK;
+}
+
 duet_status be_sample(be_backend *be, const void *logits, int n, int V, const be_sample_row *rows,
                       int32_t *ids) {
     if (n <= 0) return DUET_OK;

@@ -180,6 +180,10 @@ typedef struct be_ops {
      * as be_sample_row says; NULL: be_sample downloads the rows and samples on the host */
     duet_status (*sample)(be_backend *be, const void *logits, int n, int V,
                           const be_sample_row *rows, int32_t *ids);
+    /* optional: the device's total memory and what is free now, in bytes (CUDA:
+     * cudaMemGetInfo), for sizing the KV cache from what loading left (model/memplan.h). NULL
+     * where memory is the host's: be_mem_info answers DUET_ERR_UNSUPPORTED. */
+    duet_status (*mem_info)(be_backend *be, size_t *total_p, size_t *free_p);
     /* optional: attaches a device communicator (NCCL) for this backend's memory to group g;
      * collective over g's ranks. NULL: the backend's memory is host memory (MPI moves it). */
     duet_status (*comm_attach)(be_backend *be, comm_group *g);
@@ -203,6 +207,10 @@ struct be_backend {
 
 /* (Backends are created by name through model/backends/registry.h.) */
 void be_destroy(be_backend *be);
+
+/* The device's total and free memory (be_ops.mem_info); DUET_ERR_UNSUPPORTED for backends
+ * whose memory is the host's. Outputs set only on success. */
+duet_status be_mem_info(be_backend *be, long long *total_p, long long *free_p);
 
 /* ids[n] (host) sampled from logits[n, V] with be_ops.sample, or on the host when the
  * backend has none (be_sample_host, same rule). */

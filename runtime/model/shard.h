@@ -6,6 +6,8 @@
 #ifndef DUET_SHARD_H
 #define DUET_SHARD_H
 
+#include <stddef.h>
+
 #include "model/config.h"
 #include "base/status.h"
 
@@ -35,8 +37,12 @@ typedef struct mdl_plan {
     int expert0, n_local_experts; /* routed experts [expert0, expert0 + n_local_experts) */
 } mdl_plan;
 
-/* Checks that c divides over shard (one error line naming the config field and the flag) and
- * fills *plan_p. */
+/* Whether c divides over tp_size TP ranks and ep_size EP ranks (1: no EP); on DUET_ERR_INVALID
+ * err holds one line naming the config field and the flag. Logs nothing: for callers that
+ * report the reason their own way (the memory plan). */
+duet_status mdl_shard_check(const cfg_model *c, int tp_size, int ep_size, char *err,
+                            size_t err_len);
+/* Checks that c divides over shard (mdl_shard_check's line, logged) and fills *plan_p. */
 duet_status mdl_shard_plan(const cfg_model *c, const mdl_shard *shard, mdl_plan *plan_p);
 
 #endif

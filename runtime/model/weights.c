@@ -2,7 +2,8 @@
  * tensor names as Hugging Face stores them, FP8 e4m3 weights dequantized by their 128x128
  * weight_scale_inv blocks, every shape checked against config.json. Dummy weights
  * (--load-format dummy) follow the same path with values from a hash of (name, row, col).
- * Which slices to take is shard.c's decision, what to compute with them model.c's. */
+ * Which slices to take is shard.c's decision, what to compute with them model.c's. Progress is
+ * logged against totals the memory plan counts up front (memplan.h). */
 #include "model/weights.h"
 
 #include <math.h>
@@ -10,9 +11,64 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/clock.h"
 #include "base/hash.h"
 #include "base/log.h"
+#include "model/memplan.h"
 #include "model/safetensors.h"
+
+/* Loading a big checkpoint takes minutes: a line every interval seconds (DUET_LOAD_PROGRESS_S,
+ * default 5; 0 logs every tensor) with tensors and bytes done of this rank's totals, the rate
+ * and the time left, and a last line with the whole time and rate. Bytes are what the backend
+ * keeps: linear weights in its activation type, router gates and norms float32. */
+typedef struct load_progress {
+    long long tensors, bytes, total_tensors, total_bytes;
+    double t0, last, interval;
+} load_progress;
+
+static void progress_start(load_progress *pr, const cfg_model *c, const mdl_plan *plan,
+                           dt_dtype act) {
+    memset(pr, 0, sizeof *pr);
+    mplan_weights w;
+    if (mplan_weights_count(c, plan, mplan_weight_format_auto(c, act), act, &w) == DUET_OK) {
+        pr->total_tensors = w.tensors;
+        pr->total_bytes = w.total;
+    }
+    const char *e = getenv("DUET_LOAD_PROGRESS_S");
+    char *end = NULL;
+    double v = e && *e ? strtod(e, &end) : -1.0;
+    pr->interval = end && !*end && v >= 0.0 ? v : 5.0;
+    pr->t0 = pr->last = clock_now_s();
+    LOG_INFO("weights: loading %lld tensors, %.2f GiB on this rank", pr->total_tensors,
+             (double)pr->total_bytes / (1 << 30));
+}
+
+/* A tensor (tensors 1) or a weight's bytes arrived on the backend. */
+static void progress_add(load_progress *pr, long long tensors, long long bytes) {
+    pr->tensors += tensors;
+    pr->bytes += bytes;
+    double now = clock_now_s();
+    if (bytes == 0 || now - pr->last < pr->interval) return;
+    pr->last = now;
+    double dt = now - pr->t0, rate = dt > 0 ? (double)pr->bytes / dt : 0.0;
+    double left = rate > 0 ? (double)(pr->total_bytes - pr->bytes) / rate : 0.0;
+    LOG_INFO("weights: %lld of %lld tensors, %.2f of %.2f GiB (%.0f%%), %.2f GiB/s, %.0f s left",
+             pr->tensors, pr->total_tensors, (double)pr->bytes / (1 << 30),
+             (double)pr->total_bytes / (1 << 30),
+             pr->total_bytes > 0 ? 100.0 * (double)pr->bytes / (double)pr->total_bytes : 100.0,
+             rate / (1 << 30), left < 0 ? 0.0 : left);
+}
+
+static void progress_end(const load_progress *pr) {
+    double dt = clock_now_s() - pr->t0;
+    LOG_INFO("weights: loaded %lld tensors, %.2f GiB in %.1f s (%.2f GiB/s)", pr->tensors,
+             (double)pr->bytes / (1 << 30), dt, dt > 0 ? (double)pr->bytes / dt / (1 << 30) : 0.0);
+    /* the totals come from the memory plan's own walk: a difference means the two drifted */
+    if (pr->tensors != pr->total_tensors || pr->bytes != pr->total_bytes)
+        LOG_WARN("weights: the memory plan counted %lld tensors and %lld bytes, the loader "
+                 "created %lld and %lld (model/memplan.c no longer mirrors weights.c)",
+                 pr->total_tensors, pr->total_bytes, pr->tensors, pr->bytes);
+}
 
 typedef struct loader {
     const cfg_model *c;
@@ -24,6 +80,7 @@ typedef struct loader {
     be_backend *be;
     float *tmp; /* host staging for one slice */
     size_t tmp_cap;
+    load_progress prog;
 } loader;
 
 static float *tmp_get(loader *ld, size_t n) {
@@ -72,6 +129,7 @@ static const char *display_dir(const loader *ld) {
  * Rows at or beyond full_out read as zero (padding of a vocabulary split over TP). */
 static duet_status load_slice(loader *ld, const char *name, int full_out, int full_in, int r0,
                               int nrows, int c0, int ncols, float *dst) {
+    progress_add(&ld->prog, 1, 0);
     int real_rows = r0 >= full_out ? 0 : (r0 + nrows > full_out ? full_out - r0 : nrows);
     memset(dst + (size_t)real_rows * ncols, 0, (size_t)(nrows - real_rows) * ncols * sizeof(float));
     if (ld->source == MDL_WEIGHTS_DUMMY) {
@@ -139,7 +197,10 @@ static duet_status load_slice(loader *ld, const char *name, int full_out, int fu
 
 static duet_status upload_weight(loader *ld, const float *w, int n_out, int n_in, bool keep_f32,
                                  be_weight **w_p) {
-    return ld->be->ops->weight_create(ld->be, w, n_out, n_in, keep_f32, w_p);
+    duet_status st = ld->be->ops->weight_create(ld->be, w, n_out, n_in, keep_f32, w_p);
+    size_t es = keep_f32 ? sizeof(float) : dt_size(ld->be->ops->act_dtype);
+    if (st == DUET_OK) progress_add(&ld->prog, 0, (long long)n_out * n_in * (long long)es);
+    return st;
 }
 
 /* A whole or row/col-sliced linear weight onto the backend. */
@@ -156,8 +217,9 @@ static duet_status load_vec(loader *ld, const char *name, int n, void **dev_p) {
     float *buf = tmp_get(ld, (size_t)n);
     if (!buf) return DUET_ERR_NO_MEMORY;
     duet_status st = load_slice(ld, name, n, 0, 0, n, 0, 1, buf);
-    if (st != DUET_OK) return st;
-    return ld->be->ops->vec_create(ld->be, buf, n, dev_p);
+    if (st == DUET_OK) st = ld->be->ops->vec_create(ld->be, buf, n, dev_p);
+    if (st == DUET_OK) progress_add(&ld->prog, 0, (long long)n * (long long)sizeof(float));
+    return st;
 }
 
 /* prefix.gate_proj / up_proj rows [i0, i0 + n) fused as gate_up [2n, D]; down_proj columns
@@ -276,6 +338,7 @@ duet_status mdl_weights_load(const char *dir, const cfg_model *c, const mdl_plan
     duet_status st = DUET_OK;
     if (source == MDL_WEIGHTS_CHECKPOINT) st = st_open_dir(dir, &ld.st);
     if (st == DUET_OK) note_skipped_layers(&ld);
+    if (st == DUET_OK) progress_start(&ld.prog, c, plan, be->ops->act_dtype);
 
     int D = c->hidden_size, V = c->vocab_size;
     if (st == DUET_OK)
@@ -292,6 +355,7 @@ duet_status mdl_weights_load(const char *dir, const cfg_model *c, const mdl_plan
         w->n_layers = w->layers ? c->num_hidden_layers : 0;
     }
     for (int l = 0; st == DUET_OK && l < c->num_hidden_layers; l++) st = load_layer(&ld, w, l);
+    if (st == DUET_OK) progress_end(&ld.prog);
     free(ld.tmp);
     st_close(ld.st);
     if (st != DUET_OK) {

@@ -3,7 +3,8 @@
  * line; --load-format dummy needs no safetensors; and every bad checkpoint (missing tensor,
  * shape mismatch with config.json, unsupported dtype, missing or bad FP8 scales, truncated
  * file, missing shard, index naming a tensor its shard lacks, missing config) fails with one
- * error line naming the file and the problem. */
+ * error line naming the file and the problem. Loading logs its progress against the memory
+ * plan's totals, throttled in time, for checkpoints and dummy weights alike. */
 #include <string.h>
 
 #include "check.h"
@@ -66,6 +67,19 @@ static duet_status load_status(const char *dir) {
     duet_status st = tm_load(dir, MDL_WEIGHTS_CHECKPOINT, 0, &tm);
     if (st == DUET_OK) tm_unload(&tm);
     return st;
+}
+
+/* Lines of log holding s. */
+static int count_of(const char *log, const char *s) {
+    int n = 0;
+    for (const char *line = log; *line;) {
+        const char *nl = strchr(line, '\n');
+        size_t len = nl ? (size_t)(nl - line) : strlen(line);
+        const char *hit = strstr(line, s);
+        if (hit && hit < line + len) n++;
+        line += len + (nl ? 1 : 0);
+    }
+    return n;
 }
 
 /* EXPECT_LOAD_FAIL(dir, status, phrases...) */
@@ -184,13 +198,79 @@ static void test_mtp_skipped(void) {
     float *with = logits_of(at("mtp"), MDL_WEIGHTS_CHECKPOINT, 0);
     char *log = tu_capture_end();
     CHECK_MSG(strstr(log, want) && strstr(log, at("mtp")), "expected \"%s\" in: %s", want, log);
-    CHECK(tu_count_lines(log) == 1);
+    CHECK(count_of(log, "skipping") == 1);
+    CHECK(count_of(log, " W ") == 0 && count_of(log, " E ") == 0);
     free(log);
     /* same seed, same main-model tensors: the MTP layer changes nothing */
     float *without = logits_of(at("bf16"), MDL_WEIGHTS_CHECKPOINT, 0);
     if (with && without) CHECK(!memcmp(with, without, (size_t)PROMPT * VOCAB * sizeof(float)));
     free(with);
     free(without);
+}
+
+/* The progress lines of one load of dir with DUET_LOAD_PROGRESS_S = interval: every line
+ * counts against the totals of the first, done counts never go back, the last line has every
+ * tensor, and no line says the memory plan's totals and the loader disagree. Returns the
+ * number of lines in between (periodic ones), or -1. */
+static int progress_lines(const char *dir, mdl_weights_source src, const char *interval,
+                          long long *tensors_p) {
+    setenv("DUET_LOAD_PROGRESS_S", interval, 1);
+    log_set_level(LOG_LEVEL_INFO);
+    tu_capture_begin();
+    tm_model tm;
+    duet_status st = tm_load(dir, src, 5, &tm);
+    char *log = tu_capture_end();
+    log_set_level(LOG_LEVEL_WARN);
+    unsetenv("DUET_LOAD_PROGRESS_S");
+    CHECK_MSG(st == DUET_OK, "loading %s: %s", dir, duet_strerror(st));
+    if (st == DUET_OK) tm_unload(&tm);
+    long long total = -1, done = 0, last_done = -1;
+    double total_gib = -1;
+    int between = 0, bad = 0, ends = 0;
+    for (char *line = strtok(log, "\n"); line; line = strtok(NULL, "\n")) {
+        const char *w = strstr(line, "weights: ");
+        if (!w) continue;
+        long long d, t;
+        double gd, gt;
+        if (sscanf(w, "weights: loading %lld tensors, %lf GiB", &t, &gt) == 2) {
+            total = t;
+            total_gib = gt;
+        } else if (sscanf(w, "weights: %lld of %lld tensors, %lf of %lf GiB", &d, &t, &gd, &gt) ==
+                   4) {
+            between++;
+            bad += t != total || d < last_done || d > total || gt != total_gib || gd > gt ||
+                   !strstr(w, "GiB/s") || !strstr(w, " s left");
+            last_done = d;
+        } else if (sscanf(w, "weights: loaded %lld tensors, %lf GiB in", &d, &gd) == 2) {
+            ends++;
+            done = d;
+            bad += gd != total_gib || !strstr(w, "GiB/s");
+        } else {
+            bad++; /* the drift warning, or a line of another shape */
+            fprintf(stderr, "unexpected: %s\n", line);
+        }
+    }
+    CHECK_MSG(total > 0 && ends == 1 && done == total && !bad,
+              "%s: %lld tensors announced, %d end lines with %lld, %d bad lines", dir, total, ends,
+              done, bad);
+    free(log);
+    *tensors_p = total;
+    return total > 0 && ends == 1 && !bad ? between : -1;
+}
+
+static void test_progress(void) {
+    long long n_ckpt = 0, n_dummy = 0, n_fp8 = 0;
+    /* interval 0: a line after every tensor put on the backend (gate_up fuses two) */
+    int every = progress_lines(at("bf16"), MDL_WEIGHTS_CHECKPOINT, "0", &n_ckpt);
+    CHECK_MSG(every > n_ckpt / 2 && every <= n_ckpt, "%d lines for %lld tensors", every, n_ckpt);
+    /* the default 5 s: a load of milliseconds logs its start and end only */
+    CHECK_EQ_INT(progress_lines(at("bf16"), MDL_WEIGHTS_CHECKPOINT, "5", &n_ckpt), 0);
+    /* dummy weights follow the same path and count the same tensors */
+    CHECK_EQ_INT(progress_lines(at("bf16"), MDL_WEIGHTS_DUMMY, "0", &n_dummy), every);
+    CHECK_EQ_INT(n_dummy, n_ckpt);
+    /* FP8 scales count with their weights */
+    CHECK_EQ_INT(progress_lines(at("fp8"), MDL_WEIGHTS_CHECKPOINT, "0", &n_fp8), every);
+    CHECK_EQ_INT(n_fp8, n_ckpt);
 }
 
 static void test_dummy(void) {
@@ -343,6 +423,7 @@ int main(void) {
         CHECK_DONE();
     test_good_and_sharded();
     test_mtp_skipped();
+    test_progress();
     log_set_level(LOG_LEVEL_WARN);
     test_dummy();
     test_missing_tensor();

@@ -40,7 +40,7 @@ expect_bad() {
     fi
 }
 
-expect_help "usage: duet-check {golden,tokenizer,chat}" "$check" --help
+expect_help "usage: duet-check {golden,tokenizer,chat,plan}" "$check" --help
 expect_help "usage: duet-check golden [options] CASE_DIR" "$check" golden --help
 expect_help "usage: duet-check tokenizer TOKENIZER_DIR CASES_JSON VARIANT" "$check" tokenizer -h
 expect_help "usage: duet-check chat TOKENIZER_DIR CASES_JSON" "$check" chat --help
@@ -50,6 +50,39 @@ expect_bad "unknown option --tl (did you mean --tol?)" "$check" golden --tl 1 di
 expect_bad "--tol: expected a number in [0, 10], got 'x'" "$check" golden --tol=x dir
 expect_bad "expected TOKENIZER_DIR CASES_JSON VARIANT" "$check" tokenizer a b
 expect_bad "unexpected argument 'c'" "$check" chat a b c
+
+# duet-check plan on DeepSeek's published configs: exit 0 with the plan when it fits, exit 1 with
+# the plan on stdout and one stderr line naming what does not fit, exit 2 on bad input
+data="$(cd "$(dirname "$0")/../data" && pwd)"
+expect_help "usage: duet-check plan --model DIR --gpu-memory SIZE" "$check" plan --help
+expect_bad "--gpu-memory is required" "$check" plan --model "$data/deepseek-v3"
+expect_bad "--model DIR is required" "$check" plan --gpu-memory 80G
+expect_bad "--gpu-memory-utilization must be a fraction of the device's memory in (0, 1], got 0" \
+    "$check" plan "$data/deepseek-v3" --gpu-memory 80G --gpu-memory-utilization 0
+expect_bad "num_attention_heads (128) is not divisible by --tensor-parallel-size (6)" \
+    "$check" plan "$data/deepseek-v3" --gpu-memory 80G -tp 6
+expect_bad "--weights: expected one of auto, bf16, fp8, float32, got 'int4'" \
+    "$check" plan "$data/deepseek-v3" --gpu-memory 80G --weights int4
+"$check" plan "$data/deepseek-v3" --gpu-memory 80G -dp 8 --enable-expert-parallel --weights fp8 \
+    >"$tmp/out" 2>"$tmp/err"
+rc=$?
+want="deepseek-v3 on 8 GPUs of 80.0 GiB with DP8+EP8: 94.1 GiB of weights per rank exceed 72.0 GiB"
+if [ "$rc" -eq 1 ] && [ "$(wc -l <"$tmp/err")" -eq 1 ] && grep -qF "$want" "$tmp/err" &&
+    grep -q "^  does not fit: " "$tmp/out"; then
+    echo "ok   $(cat "$tmp/err")"
+else
+    echo "FAIL plan of DeepSeek-V3 on 8 H100s: exit $rc"
+    cat "$tmp/out" "$tmp/err"
+    fails=$((fails + 1))
+fi
+if "$check" plan --model "$data/deepseek-v3" -dp 8 -ep --gpu-memory 143771M --weights fp8 \
+    >"$tmp/out" 2>"$tmp/err" && grep -q "^  fits: KV cache: " "$tmp/out" && [ ! -s "$tmp/err" ]; then
+    echo "ok   plan: DeepSeek-V3 fits 8 H200s with DP8+EP8 and fp8 weights"
+else
+    echo "FAIL plan of DeepSeek-V3 on 8 H200s"
+    cat "$tmp/out" "$tmp/err"
+    fails=$((fails + 1))
+fi
 
 expect_help "usage: duet-kvbench" "$kvbench" --help
 expect_bad "unknown option --tokns (did you mean --tokens?)" "$kvbench" --tokns 5

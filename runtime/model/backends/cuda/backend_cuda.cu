@@ -461,6 +461,17 @@ static void cuda_zero(be_backend *be, void *buf, size_t n) {
     CUDA_CHECK(c, cudaMemsetAsync(buf, 0, n * act_size(c), c->stream));
 }
 
+static duet_status cuda_mem_info(be_backend *be, size_t *total_p, size_t *free_p) {
+    cuda_backend *c = cuda_be(be);
+    size_t free_b = 0, total = 0;
+    /* the calling thread's device: be_cuda_create set it on the engine thread */
+    duet_status st = CUDA_CHECK(c, cudaMemGetInfo(&free_b, &total));
+    if (st != DUET_OK) return st;
+    *total_p = total;
+    *free_p = free_b;
+    return DUET_OK;
+}
+
 static duet_status cuda_comm_attach(be_backend *be, comm_group *g) {
     cuda_backend *c = cuda_be(be);
     if (c->err != DUET_OK) return c->err;
@@ -481,9 +492,9 @@ static duet_status cuda_comm_attach(be_backend *be, comm_group *g) {
         .mla_attention = cuda_mla_attention, .moe_route = cuda_moe_route,                          \
         .moe_experts = cuda_moe_experts, .gather_rows = cuda_gather_rows,                          \
         .scatter_add_rows = cuda_scatter_add_rows, .zero = cuda_zero, .sample = cuda_sample,       \
-        .comm_attach = cuda_comm_attach, .graph_begin = cuda_graph_begin,                          \
-        .graph_end = cuda_graph_end, .graph_ready = cuda_graph_ready,                              \
-        .graph_launch = cuda_graph_launch,                                                         \
+        .mem_info = cuda_mem_info, .comm_attach = cuda_comm_attach,                                \
+        .graph_begin = cuda_graph_begin, .graph_end = cuda_graph_end,                              \
+        .graph_ready = cuda_graph_ready, .graph_launch = cuda_graph_launch,                        \
     }
 
 static const be_ops g_cuda_ops_bf16 = CUDA_OPS(DT_BF16);

@@ -1,0 +1,153 @@
+/* The memory plan of one rank: what its weights, activations and KV cache take on the device
+ * for a config.json, a parallel layout (TP, DP, EP) and the serving limits, and whether that fits
+ * the share of the device --gpu-memory-utilization grants it (vLLM's meaning: a fraction of the
+ * device's whole memory for this instance, the CUDA context outside it). Pure arithmetic from
+ * the config and the shard plan, so a layout that cannot fit is refused before anything loads.
+ * Measuring the device is the backend's (be_mem_info); choosing the KV cache size from those
+ * measurements after loading is here too (mplan_kv_after_load). Any thread. */
+#ifndef DUET_MEMPLAN_H
+#define DUET_MEMPLAN_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdio.h>
+
+#include "model/config.h"
+#include "model/shard.h"
+#include "base/dtype.h"
+#include "base/status.h"
+
+/* How the loader stores linear weights on the device. Router weights and norms are float32 in
+ * every format; the embedding and lm_head are kept in the activation type. */
+typedef enum mplan_weight_format {
+    MPLAN_WEIGHTS_F32 = 0,  /* float32 (--dtype float32, the CPU backend) */
+    MPLAN_WEIGHTS_BF16 = 1, /* bf16; FP8 checkpoints dequantized at load (CUDA today) */
+    /* the linear weights an FP8 checkpoint stores as e4m3 stay e4m3, each with its float32
+     * weight_scale_inv blocks (config's weight_block_size); needs an FP8 checkpoint */
+    MPLAN_WEIGHTS_FP8 = 2,
+} mplan_weight_format;
+
+/* What the loader does today for c with activations of type act: the one place that choice is
+ * written down (weights.c counts its progress with it, the server plans with it). */
+mplan_weight_format mplan_weight_format_auto(const cfg_model *c, dt_dtype act);
+const char *mplan_weight_format_name(mplan_weight_format f); /* "float32", "bf16", "fp8" */
+
+/* Weight kinds, as the plan reports them. */
+typedef enum mplan_kind {
+    MPLAN_ATTENTION = 0,  /* MLA projections of every layer */
+    MPLAN_DENSE_MLP,      /* the first_k_dense_replace layers' MLP */
+    MPLAN_SHARED_EXPERTS, /* MoE layers' shared experts */
+    MPLAN_ROUTED_EXPERTS, /* this rank's routed experts */
+    MPLAN_EMBED_HEAD,     /* embedding and lm_head rows of this rank's vocabulary slice */
+    MPLAN_NORMS_ROUTER,   /* RMSNorm weights, router gates and their score-correction bias */
+    MPLAN_KIND_COUNT
+} mplan_kind;
+const char *mplan_kind_name(mplan_kind k);
+
+/* This rank's weights as the loader creates them for plan's slices. */
+typedef struct mplan_weights {
+    long long bytes[MPLAN_KIND_COUNT];
+    long long total;   /* sum of bytes */
+    long long tensors; /* checkpoint tensors read (an FP8 scale counts with its weight) */
+} mplan_weights;
+
+/* Bytes of plan's slices of c stored as format f with activations of type act (DT_F32 or
+ * DT_BF16). DUET_ERR_INVALID when f is FP8 and c is not an FP8 checkpoint. */
+duet_status mplan_weights_count(const cfg_model *c, const mdl_plan *plan, mplan_weight_format f,
+                                dt_dtype act, mplan_weights *w_p);
+
+/* ---- the plan of an instance ---- */
+
+typedef struct mplan_inputs {
+    const char *model_name; /* for messages ("DeepSeek-V3"); NULL: config's model_type */
+    /* layout: an instance of tp * dp ranks, one device each */
+    int tp, dp;
+    bool ep;           /* --enable-expert-parallel: routed experts placed over all ranks */
+    int gpus_per_node; /* for the summary only; 0: all ranks on one node */
+    /* the device */
+    long long gpu_memory;          /* bytes of one device, as the backend (or nvidia-smi) says */
+    double gpu_memory_utilization; /* (0, 1]: the share of gpu_memory this rank may use */
+    /* storage */
+    mplan_weight_format weights;
+    dt_dtype act_dtype; /* DT_BF16 or DT_F32 */
+    dt_dtype kv_dtype;  /* DT_BF16, DT_F32 or DT_F8_E4M3 */
+    /* serving limits (the worker's flags of the same names) */
+    int max_model_len; /* 0: min(max_position_embeddings, 8192), the worker's default */
+    int max_num_seqs, max_num_batched_tokens, block_size;
+    bool graphs; /* decode steps may be recorded as CUDA graphs (not --enforce-eager) */
+    /* --kv-cache-memory: > 0 fixes the KV cache at this many bytes and, as in vLLM, sets the
+     * utilization aside: the budget is then the whole device */
+    long long kv_cache_memory;
+} mplan_inputs;
+
+/* The worker's defaults: one rank, utilization 0.9, bf16 weights/activations/KV, 256
+ * sequences, 2048 batched tokens, blocks of 64, graphs on. gpu_memory is left 0: the caller
+ * must say what the device has. */
+void mplan_inputs_default(mplan_inputs *in);
+
+typedef struct mplan {
+    mplan_inputs in; /* as given, max_model_len resolved */
+    char name[64];   /* model_name, or config's model_type */
+    int ranks, nodes;
+    int ep_size;              /* ranks the experts are spread over (1 without EP) */
+    mdl_plan shard;           /* the slices of the rank with the most weight bytes */
+    mplan_weights w;          /* that rank's weights */
+    int n_layers, moe_layers; /* layers, and those with routed experts */
+    int n_heads, vocab_size;  /* of the whole model */
+    int fp8_block[2];         /* the checkpoint's FP8 scale block (128x128 without one) */
+    /* activations at the peak of a step of max_num_batched_tokens tokens */
+    long long act_model;   /* model.c's buffers (and the device logits gather of TP) */
+    long long act_ep;      /* EP dispatch/combine staging (0 without EP) */
+    long long act_scratch; /* the backend's scratch: prefill attention, experts, routing */
+    long long act_fixed;   /* cuBLAS workspace, step metadata, NCCL buffers, CUDA graphs */
+    long long act_total;
+    long long act_at_load; /* of act_model: what mdl_load allocates (buffers, one logits row) */
+    /* of act_total: what only the first steps allocate (logits rows, EP staging, scratch,
+     * step metadata, NCCL, graphs), so a reading of the device after loading misses it */
+    long long act_late;
+    /* KV cache */
+    long long kv_bytes_per_token; /* all layers */
+    long long kv_block_bytes;
+    long long budget;    /* gpu_memory * gpu_memory_utilization (gpu_memory with kv_cache_memory) */
+    long long kv_budget; /* budget - weights - activations; negative when they do not fit */
+    long long kv_blocks; /* whole blocks in kv_budget, the backend's padding block left out */
+    long long kv_tokens; /* kv_blocks * block_size */
+    bool fits;
+    /* "KV cache: N blocks = M tokens (X GiB), S sequences of max_model_len L" when it fits;
+     * otherwise what does not fit, by how much */
+    char verdict[768];
+} mplan;
+
+/* The plan of c on in's layout. DUET_OK when the plan was computed, whether it fits or not
+ * (plan_p->fits); DUET_ERR_INVALID when the inputs make no sense for c (utilization outside
+ * (0, 1], a layout c does not divide over, ...), with one line in err and *plan_p untouched. */
+duet_status mplan_compute(const cfg_model *c, const mplan_inputs *in, mplan *plan_p, char *err,
+                          size_t err_len);
+
+/* The plan as a table: layout, weights by kind, activations by part, KV cache, verdict. */
+void mplan_print(const mplan *p, FILE *f);
+/* The plan in one line: "94.1 GiB of weights, 5.2 GiB of activations and 412800 tokens
+ * (27.0 GiB) of KV cache per rank, in 126.4 GiB (0.90 of 140.4 GiB)". */
+void mplan_summary(const mplan *p, char *buf, size_t len);
+
+/* ---- after loading: the KV cache from what the device has left ---- */
+
+/* Measured on the rank's device (be_mem_info): total memory; free memory when the backend was
+ * created (its CUDA context and cuBLAS workspace taken, nothing of the model yet); free memory
+ * after the model loaded (weights, activation buffers, NCCL buffers). */
+typedef struct mplan_measured {
+    long long total, free_at_start, free_after_load;
+} mplan_measured;
+
+/* Refuses (DUET_ERR_NO_MEMORY, one line in err) a device whose free memory at start is below
+ * what the utilization asks for: another process holds the difference. As vLLM does. */
+duet_status mplan_check_start(const mplan *p, const mplan_measured *m, char *err, size_t err_len);
+
+/* KV cache bytes for the device as measured: total * utilization, less what loading took, less
+ * what the plan expects the first steps to allocate still (backend scratch, EP staging, graphs),
+ * less the backend's padding block. Refuses (DUET_ERR_NO_MEMORY, one line in err) what
+ * mplan_check_start refuses, and a cache that would not hold one sequence of max_model_len. */
+duet_status mplan_kv_after_load(const mplan *p, const mplan_measured *m, long long *kv_bytes_p,
+                                char *err, size_t err_len);
+
+#endif

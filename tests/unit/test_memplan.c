@@ -1,0 +1,553 @@
+/* The memory plan (model/memplan.h) on DeepSeek-V3's and DeepSeek-V2-Lite's published
+ * config.json (tests/data): the issue's layouts fit or are refused naming what does not fit, with
+ * byte counts worked out by hand in the comments; bad inputs get one clear line; the KV cache
+ * after loading follows the device's readings; and the plan's weights and load-time buffers
+ * equal what mdl_load really creates, counted through a backend that wraps the CPU one, on
+ * every layout (TP, EP, TP x EP) of a V3-shaped and a V2-shaped model. An instance refuses a
+ * layout that does not fit before it loads a single weight. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "check.h"
+#include "base/log.h"
+#include "mkmodel.h"
+#include "model/backends/registry.h"
+#include "model/memplan.h"
+#include "engine/parallel.h"
+#include "model/model.h"
+#include "testutil.h"
+
+#define MIB  (1LL << 20)
+#define GIB  (1LL << 30)
+#define H200 (143771 * MIB) /* as nvidia-smi reports an H200 */
+#define H100 (80 * GIB)
+
+static cfg_model g_v3, g_lite;
+
+static mplan_inputs inputs(int tp, int dp, bool ep, long long gpu, mplan_weight_format f) {
+    mplan_inputs in;
+    mplan_inputs_default(&in);
+    in.tp = tp;
+    in.dp = dp;
+    in.ep = ep;
+    in.gpus_per_node = 8;
+    in.gpu_memory = gpu;
+    in.weights = f;
+    return in;
+}
+
+static bool plan(const cfg_model *c, const mplan_inputs *in, mplan *p) {
+    char err[512] = "";
+    duet_status st = mplan_compute(c, in, p, err, sizeof err);
+    CHECK_MSG(st == DUET_OK, "%s", err);
+    return st == DUET_OK;
+}
+
+static void check_has(const char *text, const char *want) {
+    CHECK_MSG(strstr(text, want) != NULL, "expected \"%s\" in: %s", want, text);
+}
+
+/* DeepSeek-V3 on one node of 8 H200s, DP8 + EP8, FP8 weights (TP 1: every rank holds whole
+ * attention, dense MLP and shared experts, and 256 / 8 = 32 routed experts per MoE layer).
+ * By hand, fp8(o, i) = o * i + 4 * ceil(o / 128) * ceil(i / 128) bytes:
+ *   attention per layer: q_a fp8(1536, 7168) = 11,010,048 + 2,688; q_b fp8(128 * 192, 1536) =
+ *     37,748,736 + 9,216; kv_a fp8(576, 7168) = 4,128,768 + 1,120; kv_b fp8(128 * 256, 512) =
+ *     16,777,216 + 4,096; o fp8(7168, 16384) = 117,440,512 + 28,672: 187,151,072; x 61 layers
+ *     = 11,416,215,392
+ *   dense MLP: 3 layers x (2 fp8(18432, 7168) + fp8(7168, 18432)) = 3 x 396,458,496
+ *     = 1,189,375,488
+ *   one expert: 3 x fp8(2048, 7168) (or transposed) = 3 x (14,680,064 + 3,584) = 44,050,944;
+ *     routed: 32 x 58 MoE layers x 44,050,944 = 81,758,552,064; shared: 58 x 44,050,944 =
+ *     2,554,954,752
+ *   embedding + lm_head: 2 x 129,280 x 7168 x 2 (bf16) = 3,706,716,160
+ *   norms and router, float32: 61 x (2 x 7168 + 1536 + 512) + 7168 = 1,006,592 floats, and
+ *     58 x (256 x 7168 + 256) = 106,445,312 router floats: 4 x 107,451,904 = 429,807,616 bytes
+ *   total 101,055,621,472 bytes = 94.1 GiB; tensors: 3 + 61 x 9 + 3 x 3 + 58 x 101 = 6,419 */
+static void test_v3_8xh200_dp8_ep8_fp8(void) {
+    mplan_inputs in = inputs(1, 8, true, H200, MPLAN_WEIGHTS_FP8);
+    in.model_name = "DeepSeek-V3";
+    mplan p;
+    if (!plan(&g_v3, &in, &p)) return;
+    CHECK_EQ_INT(p.ep_size, 8);
+    CHECK_EQ_INT(p.shard.n_local_experts, 32);
+    CHECK_EQ_INT(p.w.bytes[MPLAN_ATTENTION], 11416215392LL);
+    CHECK_EQ_INT(p.w.bytes[MPLAN_DENSE_MLP], 1189375488LL);
+    CHECK_EQ_INT(p.w.bytes[MPLAN_ROUTED_EXPERTS], 81758552064LL);
+    CHECK_EQ_INT(p.w.bytes[MPLAN_SHARED_EXPERTS], 2554954752LL);
+    CHECK_EQ_INT(p.w.bytes[MPLAN_EMBED_HEAD], 3706716160LL);
+    CHECK_EQ_INT(p.w.bytes[MPLAN_NORMS_ROUTER], 429807616LL);
+    CHECK_EQ_INT(p.w.total, 101055621472LL);
+    CHECK_EQ_INT(p.w.tensors, 6419);
+    /* 61 layers x (512 + 64) x 2 bytes */
+    CHECK_EQ_INT(p.kv_bytes_per_token, 70272);
+    CHECK_EQ_INT(p.budget, (long long)(0.9 * (double)H200));
+    CHECK_MSG(p.fits, "%s", p.verdict);
+    CHECK(p.kv_budget == p.budget - p.w.total - p.act_total);
+    /* well over one sequence of the default max_model_len 8192 */
+    CHECK(p.kv_tokens >= 8 * 8192);
+    check_has(p.verdict, "KV cache: ");
+}
+
+/* The same on 8 H100s: 94.1 GiB of weights per rank cannot fit 0.9 x 80 GiB = 72 GiB. */
+static void test_v3_8xh100_refused(void) {
+    mplan_inputs in = inputs(1, 8, true, H100, MPLAN_WEIGHTS_FP8);
+    in.model_name = "DeepSeek-V3";
+    mplan p;
+    if (!plan(&g_v3, &in, &p)) return;
+    CHECK(!p.fits);
+    CHECK_EQ_INT(p.kv_blocks, 0);
+    check_has(p.verdict, "DeepSeek-V3 on 8 GPUs of 80.0 GiB with DP8+EP8: 94.1 GiB of weights "
+                         "per rank exceed 72.0 GiB (0.90 of 80.0 GiB)");
+}
+
+/* Two nodes of 8 H100s, DP16 + EP16: 16 routed experts per layer. By hand: routed 16 x 58 x
+ * 44,050,944 = 40,879,276,032, the rest as on 8 GPUs: 60,176,345,440 bytes = 56.0 GiB. */
+static void test_v3_16xh100_dp16_ep16_fp8(void) {
+    mplan_inputs in = inputs(1, 16, true, H100, MPLAN_WEIGHTS_FP8);
+    mplan p;
+    if (!plan(&g_v3, &in, &p)) return;
+    CHECK_EQ_INT(p.nodes, 2);
+    CHECK_EQ_INT(p.w.bytes[MPLAN_ROUTED_EXPERTS], 40879276032LL);
+    CHECK_EQ_INT(p.w.total, 60176345440LL);
+    CHECK_MSG(p.fits, "%s", p.verdict);
+    CHECK(p.act_ep > 0);
+}
+
+/* bf16 weights (what the loader does today) on 8 H200s: by hand 2 bytes per element
+ *   attention 61 x 2 x 187,105,280 = 22,826,844,160; dense 3 x 2 x 396,361,728 = 2,378,170,368;
+ *   experts (32 + 1) x 58 x 2 x 44,040,192 = 168,585,854,976; embedding 3,706,716,160; norms
+ *   and router 429,807,616: 197,927,393,280 bytes = 184.3 GiB > 126.4 GiB. */
+static void test_v3_bf16_refused(void) {
+    mplan_inputs in = inputs(1, 8, true, H200, mplan_weight_format_auto(&g_v3, DT_BF16));
+    CHECK_EQ_INT(in.weights, MPLAN_WEIGHTS_BF16);
+    mplan p;
+    if (!plan(&g_v3, &in, &p)) return;
+    CHECK_EQ_INT(p.w.total, 197927393280LL);
+    CHECK(!p.fits);
+    check_has(p.verdict, "184.3 GiB of weights per rank exceed 126.4 GiB (0.90 of 140.4 GiB)");
+}
+
+/* DeepSeek-V2-Lite (bf16 checkpoint) on one H200 with the worker's defaults (2048 batched
+ * tokens, 256 sequences, max_model_len 8192, blocks of 64, graphs on). By hand:
+ *   weights, bf16: attention 27 x 2 x (3072 x 2048 + 576 x 2048 + 4096 x 512 + 2048 x 2048) =
+ *     743,178,240; dense 2 x 3 x 10944 x 2048 = 134,479,872; routed 26 x 64 x 2 x 3 x 1408 x
+ *     2048 = 28,789,702,656; shared 26 x 2 x 3 x 2816 x 2048 = 899,678,208; embedding + lm_head
+ *     2 x 2 x 102400 x 2048 = 838,860,800; norms and router 4 x (27 x (2 x 2048 + 512) + 2048 +
+ *     26 x 64 x 2048) = 14,137,344: total 31,420,037,120
+ *   model buffers, bf16, T = 2048 tokens, I = max(10944, 2816, 1408): T x (4 x 2048 + 1 +
+ *     16 x 192 + 576 + 16 x 128 + 3 x 10944) = 95,684,608 elements, plus 256 logits rows x
+ *     102400: 121,899,008 elements = 243,798,016 bytes
+ *   scratch: max(MLA 8192 x (512 + 16 x 256) x 2 = 75,497,472; experts 2048 x 6 slots x
+ *     (2 x 2048 + 3 x 1408) x 2 = 204,472,320; sampling 256 x 102400 x 4 + 256 x 64 =
+ *     104,873,984) = 204,472,320; routing 2048 x (64 + 12) x 4 = 622,592; router input 2048 x
+ *     2048 x 4 = 16,777,216; logits download 256 x 102400 x 4 = 104,857,600; indices 3 x 12288
+ *     x 4 = 147,456; sum 326,877,184 x 1.5 = 490,315,776
+ *   fixed: cuBLAS 33,554,432 + step metadata 2 x (3 x 2048 + 256 + 2 x 256 + 1 + 256 x 128) x 4
+ *     = 317,448 + graphs 268,435,456 = 302,307,336
+ *   activations 1,036,421,128; budget 0.9 x 143771 MiB = 135,679,338,086; left for the KV
+ *   cache 135,679,338,086 - 31,420,037,120 - 1,036,421,128 = 103,222,879,838; a block is
+ *   27 x 576 x 2 x 64 = 1,990,656 bytes: 51,853 whole blocks, less the padding block = 51,852
+ *   blocks = 3,318,528 tokens. */
+static void test_v2_lite_1xh200(void) {
+    mplan_inputs in = inputs(1, 1, false, H200, mplan_weight_format_auto(&g_lite, DT_BF16));
+    mplan p;
+    if (!plan(&g_lite, &in, &p)) return;
+    CHECK_EQ_INT(p.in.max_model_len, 8192);
+    CHECK_EQ_INT(p.w.total, 31420037120LL);
+    CHECK_EQ_INT(p.act_model, 243798016LL);
+    CHECK_EQ_INT(p.act_scratch, 490315776LL);
+    CHECK_EQ_INT(p.act_fixed, 302307336LL);
+    CHECK_EQ_INT(p.act_ep, 0);
+    CHECK_EQ_INT(p.kv_bytes_per_token, 31104);
+    CHECK_EQ_INT(p.kv_blocks, 51852);
+    CHECK_EQ_INT(p.kv_tokens, 3318528);
+    CHECK_MSG(p.fits, "%s", p.verdict);
+    check_has(p.verdict, "KV cache: 51852 blocks = 3318528 tokens");
+}
+
+/* What does not fit besides the weights: activations of a long context, and a KV cache too
+ * small for one sequence of max_model_len. */
+static void test_other_refusals(void) {
+    mplan p;
+    /* V3 over 16 H100s with max_model_len 163840: the expanded MLA of a prompt chunk needs
+     * 163840 x (512 + 128 x 256) x 2 x 1.5 bytes = 15.2 GiB of scratch on top of 56 GiB */
+    mplan_inputs in = inputs(1, 16, true, H100, MPLAN_WEIGHTS_FP8);
+    in.max_model_len = 163840;
+    if (plan(&g_v3, &in, &p)) {
+        CHECK(!p.fits);
+        check_has(p.verdict, "56.0 GiB of weights and ");
+        check_has(p.verdict, "GiB of activations per rank exceed 72.0 GiB");
+    }
+    /* V2-Lite with its whole 163840 context on a 40 GiB device: 36 GiB less 29.3 GiB of
+     * weights and 2.6 GiB of activations leaves ~4 GiB, one sequence needs 163840 x 31104
+     * bytes = 4.7 GiB */
+    in = inputs(1, 1, false, 40 * GIB, MPLAN_WEIGHTS_BF16);
+    in.max_model_len = 163840;
+    if (plan(&g_lite, &in, &p)) {
+        CHECK(!p.fits);
+        check_has(p.verdict, "no room for one sequence of max_model_len 163840");
+        CHECK(p.kv_tokens < 163840 && p.kv_budget > 0);
+    }
+    /* a fixed --kv-cache-memory: the whole device is the budget, the cache is what was asked */
+    in = inputs(1, 1, false, H200, MPLAN_WEIGHTS_BF16);
+    in.kv_cache_memory = 10 * GIB;
+    if (plan(&g_lite, &in, &p)) {
+        CHECK_EQ_INT(p.budget, H200);
+        CHECK_EQ_INT(p.kv_blocks, 10 * GIB / 1990656 - 1);
+        CHECK(p.fits);
+    }
+}
+
+/* Bad inputs: one line saying which, and the plan left alone. */
+static void expect_invalid(const cfg_model *c, const mplan_inputs *in, const char *want) {
+    mplan p;
+    memset(&p, 0x5a, sizeof p);
+    char err[512] = "";
+    duet_status st = mplan_compute(c, in, &p, err, sizeof err);
+    CHECK_EQ_INT(st, DUET_ERR_INVALID);
+    check_has(err, want);
+    CHECK(strchr(err, '\n') == NULL);
+    CHECK(((unsigned char *)&p)[0] == 0x5a && ((unsigned char *)&p)[sizeof p - 1] == 0x5a);
+}
+
+static void test_bad_inputs(void) {
+    mplan_inputs in = inputs(1, 8, true, H200, MPLAN_WEIGHTS_FP8);
+    in.gpu_memory_utilization = 0;
+    expect_invalid(&g_v3, &in,
+                   "--gpu-memory-utilization must be a fraction of the device's "
+                   "memory in (0, 1], got 0");
+    in.gpu_memory_utilization = 1.2;
+    expect_invalid(&g_v3, &in, "got 1.2");
+    in.gpu_memory_utilization = -0.5;
+    expect_invalid(&g_v3, &in, "got -0.5");
+    in.gpu_memory_utilization = 1.0; /* the whole device is allowed */
+    mplan p;
+    CHECK(plan(&g_v3, &in, &p));
+
+    in = inputs(3, 1, false, H200, MPLAN_WEIGHTS_FP8);
+    expect_invalid(&g_v3, &in,
+                   "config.json: num_attention_heads (128) is not divisible by "
+                   "--tensor-parallel-size (3)");
+    in = inputs(1, 3, true, H200, MPLAN_WEIGHTS_FP8);
+    expect_invalid(&g_v3, &in,
+                   "config.json: n_routed_experts (256) is not divisible by the expert-parallel "
+                   "size (all ranks of the instance) (3)");
+    in = inputs(2, 3, true, H200, MPLAN_WEIGHTS_FP8); /* EP over 6 ranks */
+    expect_invalid(&g_v3, &in, "n_routed_experts (256) is not divisible");
+    in = inputs(1, 3, false, H200, MPLAN_WEIGHTS_FP8); /* without EP nothing is split by DP */
+    CHECK(plan(&g_v3, &in, &p));
+
+    in = inputs(1, 1, false, H200, MPLAN_WEIGHTS_FP8);
+    expect_invalid(&g_lite, &in, "fp8 weights need an FP8 checkpoint");
+    in = inputs(1, 1, false, 0, MPLAN_WEIGHTS_BF16);
+    expect_invalid(&g_lite, &in, "the device's memory must be known");
+    in = inputs(1, 1, false, H200, MPLAN_WEIGHTS_BF16);
+    in.max_model_len = 200000;
+    expect_invalid(&g_lite, &in,
+                   "--max-model-len 200000 is longer than the model's max_position_embeddings "
+                   "(163840)");
+    in.max_model_len = 0;
+    in.block_size = 0;
+    expect_invalid(&g_lite, &in, "--block-size (0) must be at least 1");
+    in.block_size = 64;
+    in.kv_dtype = DT_I32;
+    expect_invalid(&g_lite, &in, "the KV cache can be bf16, fp8 or float32");
+}
+
+/* After loading: the KV cache is what the device has left of total x utilization. */
+static void test_kv_after_load(void) {
+    mplan_inputs in = inputs(1, 1, false, H200, MPLAN_WEIGHTS_BF16);
+    mplan p;
+    if (!plan(&g_lite, &in, &p)) return;
+    char err[512] = "";
+    long long want = (long long)(0.9 * (double)H200);
+    /* the context took 600 MiB, loading took the planned weights and buffers and 200 MiB of
+     * NCCL and allocator slack the plan does not know about */
+    long long start = H200 - 600 * MIB - 32 * MIB;
+    long long loaded = p.w.total + p.act_at_load + 200 * MIB;
+    mplan_measured m = {.total = H200, .free_at_start = start, .free_after_load = start - loaded};
+    long long kv = -1;
+    CHECK_EQ_INT(mplan_kv_after_load(&p, &m, &kv, err, sizeof err), DUET_OK);
+    /* everything the instance uses adds up to the utilization's share: what loading took, the
+     * cuBLAS workspace taken before the first reading, what the first steps will take, the
+     * padding block and the cache */
+    CHECK_EQ_INT(kv + loaded + 32 * MIB + p.act_late + p.kv_block_bytes, want);
+    /* 200 MiB of slack the estimate did not have: the cache is that much smaller */
+    CHECK_EQ_INT(kv, p.kv_blocks * p.kv_block_bytes +
+                         (p.kv_budget - (p.kv_blocks + 1) * p.kv_block_bytes) - 200 * MIB);
+
+    /* another process holds half the device: refused, as vLLM refuses it */
+    mplan_measured busy = {
+        .total = H200, .free_at_start = H200 / 2, .free_after_load = H200 / 2 - loaded};
+    CHECK_EQ_INT(mplan_kv_after_load(&p, &busy, &kv, err, sizeof err), DUET_ERR_NO_MEMORY);
+    check_has(err, "less than --gpu-memory-utilization 0.90 asks for");
+    check_has(err, "another process holds");
+    CHECK_EQ_INT(mplan_check_start(&p, &busy, err, sizeof err), DUET_ERR_NO_MEMORY);
+    CHECK_EQ_INT(mplan_check_start(&p, &m, err, sizeof err), DUET_OK);
+
+    /* loading took far more than planned: no room left for one sequence */
+    mplan_measured full = {.total = H200, .free_at_start = start, .free_after_load = 4 * GIB};
+    CHECK_EQ_INT(mplan_kv_after_load(&p, &full, &kv, err, sizeof err), DUET_ERR_NO_MEMORY);
+    check_has(err, "no room for one sequence of max_model_len 8192");
+
+    /* a fixed cache that fits is taken as asked; one that does not is refused */
+    in.kv_cache_memory = 20 * GIB;
+    if (!plan(&g_lite, &in, &p)) return;
+    CHECK_EQ_INT(mplan_kv_after_load(&p, &m, &kv, err, sizeof err), DUET_OK);
+    CHECK_EQ_INT(kv, 20 * GIB);
+    in.kv_cache_memory = 120 * GIB;
+    if (!plan(&g_lite, &in, &p)) return;
+    CHECK_EQ_INT(mplan_kv_after_load(&p, &m, &kv, err, sizeof err), DUET_ERR_NO_MEMORY);
+    check_has(err, "--kv-cache-memory 120.0 GiB does not fit");
+}
+
+static void test_print(void) {
+    mplan_inputs in = inputs(1, 8, true, H200, MPLAN_WEIGHTS_FP8);
+    in.model_name = "DeepSeek-V3";
+    mplan p;
+    if (!plan(&g_v3, &in, &p)) return;
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    mplan_print(&p, f);
+    fclose(f);
+    check_has(text, "Memory plan: DeepSeek-V3 on 8 GPUs of 140.4 GiB with DP8+EP8");
+    check_has(text, "0.90 of 140.4 GiB = 126.4 GiB");
+    check_has(text, "routed experts");
+    check_has(text, "76.1 GiB   32 experts x 58 MoE layers");
+    check_has(text, "94.1 GiB   6419 tensors");
+    check_has(text, "EP staging");
+    check_has(text, "fits: KV cache: ");
+    free(text);
+}
+
+/* ---- the plan against a real load ---- */
+
+/* The CPU backend with every weight, vector and buffer it is asked for counted: a device
+ * backend's view (on_device, so the TP logits gather is allocated as on a GPU). */
+typedef struct counting {
+    be_backend base;
+    be_ops ops;
+    be_backend *inner;
+    long long f32_bytes;  /* weights and vectors as float32 (the CPU, --dtype float32) */
+    long long bf16_bytes; /* as the CUDA backend keeps them with bf16 activations */
+    long long buf_elems;  /* activation elements */
+} counting;
+
+static counting *cnt(be_backend *be) {
+    return (counting *)be;
+}
+
+static duet_status c_weight_create(be_backend *be, const float *w, int n_out, int n_in,
+                                   bool keep_f32, be_weight **w_p) {
+    counting *c = cnt(be);
+    duet_status st = c->inner->ops->weight_create(c->inner, w, n_out, n_in, keep_f32, w_p);
+    long long n = (long long)n_out * n_in;
+    c->f32_bytes += 4 * n;
+    c->bf16_bytes += (keep_f32 ? 4 : 2) * n;
+    return st;
+}
+
+static void c_weight_destroy(be_backend *be, be_weight *w) {
+    cnt(be)->inner->ops->weight_destroy(cnt(be)->inner, w);
+}
+
+static duet_status c_vec_create(be_backend *be, const float *v, int n, void **dev_p) {
+    counting *c = cnt(be);
+    c->f32_bytes += 4LL * n;
+    c->bf16_bytes += 4LL * n;
+    return c->inner->ops->vec_create(c->inner, v, n, dev_p);
+}
+
+static void *c_buf_alloc(be_backend *be, size_t n) {
+    cnt(be)->buf_elems += (long long)n;
+    return cnt(be)->inner->ops->buf_alloc(cnt(be)->inner, n);
+}
+
+static void c_buf_free(be_backend *be, void *buf) {
+    cnt(be)->inner->ops->buf_free(cnt(be)->inner, buf);
+}
+
+static duet_status c_rope_setup(be_backend *be, const float *inv_freq, int half, float attn) {
+    return cnt(be)->inner->ops->rope_setup(cnt(be)->inner, inv_freq, half, attn);
+}
+
+static void c_destroy(be_backend *be) {
+    be_destroy(cnt(be)->inner);
+    free(be);
+}
+
+static counting *counting_create(void) {
+    counting *c = calloc(1, sizeof *c);
+    if (!c || be_create("cpu", 0, &c->inner) != DUET_OK) {
+        free(c);
+        return NULL;
+    }
+    c->ops = (be_ops){.name = "counting",
+                      .act_dtype = c->inner->ops->act_dtype,
+                      .on_device = true,
+                      .destroy = c_destroy,
+                      .buf_alloc = c_buf_alloc,
+                      .buf_free = c_buf_free,
+                      .weight_create = c_weight_create,
+                      .weight_destroy = c_weight_destroy,
+                      .vec_create = c_vec_create,
+                      .rope_setup = c_rope_setup};
+    c->base.ops = &c->ops;
+    return c;
+}
+
+/* Loads dir's dummy weights as rank (tp_rank, ep_rank) of tp x dp (EP over all when ep) and
+ * compares what was created with the plan of that layout. */
+static void compare_load(const char *what, const char *dir, int tp, int dp, bool ep, int tp_rank,
+                         int ep_rank) {
+    cfg_model c;
+    if (cfg_load(dir, &c) != DUET_OK) {
+        CHECK_MSG(0, "%s: config", what);
+        return;
+    }
+    const int T = 48;
+    mplan_inputs in = inputs(tp, dp, ep, 1LL << 40, MPLAN_WEIGHTS_F32);
+    in.act_dtype = DT_F32;
+    in.max_num_batched_tokens = T;
+    mplan p;
+    if (!plan(&c, &in, &p)) return;
+    counting *cb = counting_create();
+    if (!cb) return;
+    int ep_size = ep ? tp * dp : 1;
+    mdl_shard shard = {.tp_rank = tp_rank, .tp_size = tp, .ep_rank = ep_rank, .ep_size = ep_size};
+    mdl_load_opts lo = {.source = MDL_WEIGHTS_DUMMY, .dummy_seed = 1, .max_tokens = T};
+    mdl_model *m = NULL;
+    duet_status st = mdl_load(dir, &cb->base, &shard, &lo, &m);
+    CHECK_MSG(st == DUET_OK, "%s: load: %s", what, duet_strerror(st));
+    if (st == DUET_OK) {
+        CHECK_MSG(cb->f32_bytes == p.w.total, "%s: loaded %lld bytes of float32 weights, plan %lld",
+                  what, cb->f32_bytes, p.w.total);
+        /* bf16 storage, counted for this very rank's slices */
+        mdl_plan pl;
+        mplan_weights wb;
+        if (mdl_shard_plan(&c, &shard, &pl) == DUET_OK &&
+            mplan_weights_count(&c, &pl, MPLAN_WEIGHTS_BF16, DT_BF16, &wb) == DUET_OK)
+            CHECK_MSG(cb->bf16_bytes == wb.total, "%s: bf16 %lld, plan %lld", what, cb->bf16_bytes,
+                      wb.total);
+        CHECK_MSG(cb->buf_elems * 4 == p.act_at_load,
+                  "%s: mdl_load allocated %lld bytes of activations, plan %lld", what,
+                  cb->buf_elems * 4, p.act_at_load);
+        CHECK(p.act_at_load <= p.act_model);
+    }
+    mdl_destroy(m);
+    be_destroy(&cb->base);
+}
+
+static void test_against_load(const char *root) {
+    /* V3-shaped (q LoRA, sigmoid noaux_tc with its bias, one shared expert) with a vocabulary
+     * TP does not divide (padding rows), and V2-shaped (plain q_proj, softmax greedy, two
+     * shared experts) */
+    mk_spec v3;
+    mk_preset("tiny", &v3);
+    v3.cfg.vocab_size = 1001;
+    v3.cfg.num_hidden_layers = 3;
+    v3.config_only = true;
+    mk_spec v2 = v3;
+    snprintf(v2.cfg.model_type, sizeof v2.cfg.model_type, "deepseek_v2");
+    v2.cfg.q_lora_rank = 0;
+    v2.cfg.n_shared_experts = 2;
+    v2.cfg.scoring_func = CFG_SCORING_SOFTMAX;
+    v2.cfg.topk_method = CFG_TOPK_GREEDY;
+    v2.cfg.n_group = 1;
+    v2.cfg.topk_group = 1;
+    v2.cfg.norm_topk_prob = false;
+    v2.cfg.routed_scaling_factor = 1.0f;
+    char d3[4096], d2[4096];
+    snprintf(d3, sizeof d3, "%s/v3", root);
+    snprintf(d2, sizeof d2, "%s/v2", root);
+    mk_spec_fit(&v3);
+    mk_spec_fit(&v2);
+    CHECK(mk_write(&v3, d3) == DUET_OK);
+    CHECK(mk_write(&v2, d2) == DUET_OK);
+    const char *dirs[2] = {d3, d2};
+    for (int i = 0; i < 2; i++) {
+        compare_load("TP1", dirs[i], 1, 1, false, 0, 0);
+        compare_load("TP2 rank 1", dirs[i], 2, 1, false, 1, 0);
+        compare_load("DP4+EP4 rank 2", dirs[i], 1, 4, true, 0, 2);
+        compare_load("TP2xDP2+EP4 rank 3", dirs[i], 2, 2, true, 1, 3);
+    }
+}
+
+/* par_instance_create with a plan (the CPU backend reports no device memory: the test gives
+ * one): a device too small is refused before loading, one that is big enough loads; without
+ * device readings the KV cache keeps the caller's default (par_kv_budget: unsupported). */
+static duet_status instance(long long device, double util, char **log_p) {
+    par_options po;
+    par_options_init(&po);
+    po.max_tokens = 256;
+    po.mem = (par_memory){.utilization = util,
+                          .max_model_len = 1024,
+                          .max_num_seqs = 16,
+                          .block_size = 16,
+                          .device_memory = device};
+    int argc = 0;
+    char **argv = NULL;
+    par_instance *inst = NULL;
+    log_set_level(LOG_LEVEL_INFO);
+    tu_capture_begin();
+    duet_status st = par_instance_create(&po, GOLDEN_DIR "/tiny-v3/model", &argc, &argv, &inst);
+    long long kv = 0;
+    if (st == DUET_OK) CHECK_EQ_INT(par_kv_budget(inst, &kv), DUET_ERR_UNSUPPORTED);
+    par_instance_destroy(inst);
+    *log_p = tu_capture_end();
+    log_set_level(LOG_LEVEL_WARN);
+    return st;
+}
+
+static void test_instance(void) {
+    char *log = NULL;
+    /* 8 MiB of float32 weights and ~40 MiB of activations do not fit 0.9 x 32 MiB */
+    CHECK_EQ_INT(instance(32 * MIB, 0.9, &log), DUET_ERR_NO_MEMORY);
+    check_has(log, "memory plan: model on 1 GPU of 32 MiB with TP1: ");
+    check_has(log, "per rank exceed 29 MiB (0.90 of 32 MiB)");
+    CHECK_MSG(!strstr(log, "weights: loading"), "loading started: %s", log);
+    free(log);
+    CHECK_EQ_INT(instance(4 * GIB, 0.9, &log), DUET_OK);
+    check_has(log, "memory plan: 8.0 MiB of weights, ");
+    check_has(log, "weights: loaded 201 tensors");
+    free(log);
+    /* no plan asked for, and none possible on the CPU without a device size: as before */
+    CHECK_EQ_INT(instance(0, 0.9, &log), DUET_OK);
+    CHECK(!strstr(log, "memory plan"));
+    check_has(log, "weights: loaded 201 tensors");
+    free(log);
+    CHECK_EQ_INT(instance(4 * GIB, 1.5, &log), DUET_ERR_INVALID);
+    check_has(log, "memory plan: --gpu-memory-utilization must be a fraction");
+    free(log);
+}
+
+int main(void) {
+    log_set_level(LOG_LEVEL_WARN);
+    if (cfg_load(TEST_DATA_DIR "/deepseek-v3", &g_v3) != DUET_OK ||
+        cfg_load(TEST_DATA_DIR "/deepseek-v2-lite", &g_lite) != DUET_OK) {
+        fprintf(stderr, "cannot read the config.json files under %s\n", TEST_DATA_DIR);
+        return 1;
+    }
+    /* the test data is what DeepSeek publishes */
+    CHECK(g_v3.num_hidden_layers == 61 && g_v3.fp8 && g_v3.fp8_block[0] == 128 &&
+          g_v3.n_routed_experts == 256 && g_v3.num_experts_per_tok == 8);
+    CHECK(g_lite.num_hidden_layers == 27 && !g_lite.fp8 && g_lite.q_lora_rank == 0);
+    test_v3_8xh200_dp8_ep8_fp8();
+    test_v3_8xh100_refused();
+    test_v3_16xh100_dp16_ep16_fp8();
+    test_v3_bf16_refused();
+    test_v2_lite_1xh200();
+    test_other_refusals();
+    test_bad_inputs();
+    test_kv_after_load();
+    test_print();
+    test_instance();
+    char *root = tu_mkdtemp("memplan");
+    if (root) {
+        test_against_load(root);
+        tu_rmtree(root);
+        free(root);
+    }
+    CHECK_DONE();
+}
