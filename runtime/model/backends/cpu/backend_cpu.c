@@ -581,6 +581,11 @@ static const be_ops g_cpu_ops = {
     .gather_rows = cpu_gather_rows,
     .scatter_add_rows = cpu_scatter_add_rows,
     .zero = cpu_zero,
+    /* sampling: the host rule itself (backend_sample.c), reading the logits in place */
+    .sampler_create = be_host_sampler_create,
+    .sampler_destroy = be_host_sampler_destroy,
+    .sampler_slot_init = be_host_sampler_slot_init,
+    .sample = be_host_sample,
 };
 
 duet_status be_cpu_create(be_backend **be_p) {
