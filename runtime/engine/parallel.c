@@ -402,9 +402,6 @@ duet_status par_stop_followers(par_instance *p) {
 duet_status par_follow(par_instance *p, be_kv *kv) {
     mdl_seq *seqs = NULL;
     int cap_seqs = 0;
-    float *logits = NULL;
-    size_t cap_logits = 0;
-    int V = mdl_config(p->model)->vocab_size;
     duet_status st = DUET_OK;
     for (;;) {
         plan_hdr h;
@@ -440,7 +437,6 @@ duet_status par_follow(par_instance *p, be_kv *kv) {
         }
         plan_seq *ps = p->plan;
         const int32_t *tok = (const int32_t *)(ps + h.n_seqs), *tab = tok + h.n_tokens;
-        size_t rows = 0;
         for (int i = 0; i < h.n_seqs; i++) {
             seqs[i] = (mdl_seq){.tokens = tok,
                                 .n_tokens = ps[i].n_tokens,
@@ -450,22 +446,12 @@ duet_status par_follow(par_instance *p, be_kv *kv) {
                                 .n_logits = ps[i].n_logits};
             tok += ps[i].n_tokens;
             tab += ps[i].n_blocks;
-            rows += (size_t)ps[i].n_logits;
         }
-        if (rows * V > cap_logits) {
-            float *nl = realloc(logits, rows * V * sizeof(float));
-            if (!nl) {
-                st = DUET_ERR_NO_MEMORY;
-                break;
-            }
-            logits = nl;
-            cap_logits = rows * V;
-        }
-        st = par_forward(p, kv, seqs, h.n_seqs, logits);
+        /* the logits stay in backend memory (gathered): only the leader samples, from its copy */
+        st = par_forward(p, kv, seqs, h.n_seqs, NULL);
         if (st != DUET_OK) break;
     }
     free(seqs);
-    free(logits);
     return st;
 }
 

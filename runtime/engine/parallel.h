@@ -47,7 +47,8 @@ bool par_is_reporter(const par_instance *inst);
 /* True when DP groups must step together (EP spans more than one DP group). */
 bool par_lockstep(const par_instance *inst);
 
-/* One forward step (mdl_forward). Under lockstep it first agrees with the other DP groups
+/* One forward step (mdl_forward; logits NULL leaves them in backend memory for mdl_sample_queue,
+ * which followers' steps always do). Under lockstep it first agrees with the other DP groups
  * that a step happens, so idle groups join with empty steps (see par_idle_step). */
 duet_status par_forward(par_instance *inst, be_kv *kv, const mdl_seq *seqs, int n_seqs,
                         float *logits);
