@@ -515,9 +515,9 @@ int check_golden_main(int argc, char **argv) {
             bool bad = !(w->err <= tol) || (compare && !(w->err <= ratio * f));
             if (!per_row && !bad) continue;
             if (compare)
-                printf("  %-28s %-8s row %3d  err %.3e  ref %.3e  ratio %5.2f%s\n",
-                       cs[w->cas].name, PATH_NAME[w->path], w->row, w->err, f,
-                       f > 0 ? w->err / f : 0.0, bad ? "  FAIL" : "");
+                printf("  %-28s %-8s row %3d  err %.3e  ref %.3e  ratio %5.2f%s\n", cs[w->cas].name,
+                       PATH_NAME[w->path], w->row, w->err, f, f > 0 ? w->err / f : 0.0,
+                       bad ? "  FAIL" : "");
             else
                 printf("  %-28s %-8s row %3d  err %.3e%s\n", cs[w->cas].name, PATH_NAME[w->path],
                        w->row, w->err, bad ? "  FAIL" : "");
