@@ -61,7 +61,10 @@ single)
     TMO=150 run sanitizer-golden-bf16-fp8 "$san" --tool memcheck --error-exitcode 9 \
         duet-check golden --backend cuda --dtype bfloat16 "$G/tiny-v3-fp8"
     TMO=100 run sanitizer-op-test "$san" --tool memcheck --error-exitcode 9 test_backend_ops
-    TMO=200 run sanitizer-sample-test "$san" --tool memcheck --error-exitcode 9 test_sample
+    TMO=200 DUET_TEST_QUICK=1 run sanitizer-sample-test "$san" --tool memcheck \
+        --error-exitcode 9 test_sample
+    TMO=200 DUET_TEST_QUICK=1 run racecheck-sample-test "$san" --tool racecheck \
+        --error-exitcode 9 test_sample
     ;;
 multi)
     run op-test test_backend_ops
