@@ -100,7 +100,8 @@ duet_status par_options_add(opt_parser *p, par_options *o) {
          .dest = o,
          .metavar = "{auto,bfloat16,float32}",
          .def = "auto",
-         .help = "weights and activations (auto: float32 on cpu, bfloat16 on cuda)"},
+         .help = "weights and activations (auto: float32 on cpu, bfloat16 on cuda; bfloat16 on "
+                 "cpu emulates CUDA's bf16 storage in float32 arithmetic)"},
         {.name = "--tensor-parallel-size",
          .alias = "-tp",
          .type = OPT_INT,
