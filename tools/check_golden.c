@@ -208,6 +208,11 @@ static duet_status step(gctx *g, gseq **seqs, const int32_t **toks, const int *n
     return st;
 }
 
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
 static double max_d(double a, double b) {
     return a > b ? a : b;
 }
@@ -386,7 +391,7 @@ int check_golden_main(int argc, char **argv) {
     par_options po;
     par_options_init(&po);
     double tol = -1, ratio = 1.5;
-    int block_size = 16, repeat = 1, dp_cases = 1, compare = 0;
+    int block_size = 16, repeat = 1, dp_cases = 1, compare = 0, ratio_of = 0;
     bool per_row = false;
     opt_parser *op;
     if (opt_parser_create("duet-check golden", "[options] CASE_DIR",
@@ -439,6 +444,16 @@ int check_golden_main(int argc, char **argv) {
          .max = 1000,
          .help = "with --compare-to: most a row's error may exceed the reference's, as a "
                  "factor"},
+        {.name = "--ratio-of",
+         .type = OPT_CHOICE,
+         .dest = &ratio_of,
+         .def = "row",
+         .choices = "row|case|p90",
+         .help = "with --compare-to: what --ratio bounds: each row's error over the same row's "
+                 "reference error (row), over the largest reference error of the same case and "
+                 "path (case), or the 90th percentile over a case's rows of the first (p90). "
+                 "Single rows move by up to 2x between correct bf16 implementations (see "
+                 "docs/cuda.md)"},
         {.name = "--per-row",
          .type = OPT_FLAG,
          .dest = &per_row,
@@ -503,6 +518,18 @@ int check_golden_main(int argc, char **argv) {
         }
     }
 
+    /* the reference error each row is held to: its own row's, or the envelope of its case and
+     * path */
+    double *bound = compare && st == DUET_OK ? calloc((size_t)g.n_rows + 1, sizeof *bound) : NULL;
+    if (compare && st == DUET_OK && !bound) st = DUET_ERR_NO_MEMORY;
+    for (int j = 0; bound && j < g.n_rows; j++) {
+        bound[j] = ref.rows[j].err;
+        for (int k = 0; ratio_of == 1 && k < g.n_rows; k++)
+            if (ref.rows[k].cas == ref.rows[j].cas && ref.rows[k].path == ref.rows[j].path &&
+                ref.rows[k].err > bound[j])
+                bound[j] = ref.rows[k].err;
+    }
+
     int passed = 0, failed = 0;
     char report[16384];
     size_t used = 0;
@@ -512,7 +539,8 @@ int check_golden_main(int argc, char **argv) {
         for (int j = 0; j < g.n_rows; j++) {
             const grow *w = &g.rows[j];
             double f = compare ? ref.rows[j].err : 0;
-            bool bad = !(w->err <= tol) || (compare && !(w->err <= ratio * f));
+            bool bad =
+                !(w->err <= tol) || (compare && ratio_of != 2 && !(w->err <= ratio * bound[j]));
             if (!per_row && !bad) continue;
             if (compare)
                 printf("  %-28s %-8s row %3d  err %.3e  ref %.3e  ratio %5.2f%s\n", cs[w->cas].name,
@@ -524,20 +552,29 @@ int check_golden_main(int argc, char **argv) {
         }
         for (int i = 0; i < n_mine; i++) {
             gcase *k = &mine[i];
-            int ok = k->greedy_bad == 0, bad_rows = 0;
-            double ref_max = 0, worst = 0;
+            int ok = k->greedy_bad == 0, bad_rows = 0, n_q = 0;
+            double ref_max = 0, worst = 0, p90 = 0;
+            double *q = compare ? malloc((size_t)g.n_rows * sizeof *q) : NULL;
             for (int j = 0; j < g.n_rows; j++) {
                 const grow *w = &g.rows[j];
                 if (w->cas != k->idx) continue;
                 double f = compare ? ref.rows[j].err : 0;
-                bad_rows += !(w->err <= tol) || (compare && !(w->err <= ratio * f));
+                bad_rows +=
+                    !(w->err <= tol) || (compare && ratio_of != 2 && !(w->err <= ratio * bound[j]));
                 ref_max = f > ref_max ? f : ref_max;
                 if (compare && f > 0) worst = w->err / f > worst ? w->err / f : worst;
+                if (q) q[n_q++] = f > 0 ? w->err / f : 0;
             }
-            ok = ok && bad_rows == 0;
+            if (q && n_q) {
+                qsort(q, (size_t)n_q, sizeof *q, cmp_double);
+                p90 = q[(int)(n_q * 0.9)];
+            }
+            free(q);
+            ok = ok && bad_rows == 0 && !(compare && ratio_of == 2 && !(p90 <= ratio));
             char extra[96] = "";
             if (compare)
-                snprintf(extra, sizeof extra, "  ref max %.2e  worst ratio %.2f", ref_max, worst);
+                snprintf(extra, sizeof extra, "  ref max %.2e  ratio p90 %.2f max %.2f", ref_max,
+                         p90, worst);
             if (used < sizeof report)
                 used += (size_t)snprintf(report + used, sizeof report - used,
                                          "%-28s prefill %.2e  stepwise %.2e  batched %.2e%s  "
@@ -546,6 +583,26 @@ int check_golden_main(int argc, char **argv) {
                                          extra, k->greedy_bad ? "MISMATCH" : "ok",
                                          ok ? "PASS" : "FAIL");
             ok ? passed++ : failed++;
+        }
+        if (compare && g.n_rows && used < sizeof report) {
+            /* how the rows' errors spread against the reference's on the same rows */
+            double *q = malloc((size_t)g.n_rows * sizeof *q);
+            int over = 0;
+            for (int j = 0; q && j < g.n_rows; j++) {
+                q[j] = ref.rows[j].err > 0 ? g.rows[j].err / ref.rows[j].err : 0;
+                over += q[j] > ratio;
+            }
+            if (q) {
+                qsort(q, (size_t)g.n_rows, sizeof *q, cmp_double);
+                int n_r = g.n_rows;
+                used += (size_t)snprintf(report + used, sizeof report - used,
+                                         "error / reference error on the same row, %d rows: "
+                                         "median %.2f  p90 %.2f  p99 %.2f  max %.2f  (%d over "
+                                         "%.2f)\n",
+                                         n_r, q[n_r / 2], q[(int)(n_r * 0.9)], q[(int)(n_r * 0.99)],
+                                         q[n_r - 1], over, ratio);
+            }
+            free(q);
         }
         fflush(stdout);
     }
@@ -565,6 +622,7 @@ int check_golden_main(int argc, char **argv) {
     }
     free(cs);
     free(mine);
+    free(bound);
     free(ref.free_blocks);
     free(ref.logits);
     free(ref.rows);

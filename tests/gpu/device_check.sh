@@ -51,7 +51,7 @@ single)
     for c in tiny-v3-smooth tiny-v3-fp8-smooth; do
         [ -d "$G/$c" ] || continue
         run "golden-bf16-vs-emulated-$c" duet-check golden --backend cuda --dtype bfloat16 \
-            --compare-to bf16-emulated "$G/$c"
+            --compare-to bf16-emulated --per-row "$G/$c"
     done
     run "golden-default-tiny-v3" duet-check golden --backend cuda "$G/tiny-v3"
     run mpi-cpu-tp2 "${mpi[@]}" duet-check golden -tp 2 "$G/tiny-v3"
