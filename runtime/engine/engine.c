@@ -1,7 +1,13 @@
 /* The engine; see engine.h. One step: take the inbox, expire leases, schedule (running
  * requests first, in admission order, then waiting ones FCFS), run the model on the
  * scheduled tokens, sample where a request's tokens are all computed, detokenize and check
- * stop conditions, emit events. */
+ * stop conditions, emit events.
+ *
+ * Sampling is one call of the backend's sampling op per step (model/backend.h: the rule of
+ * be_sample_row), on the device where the backend has one: the logits stay where the forward
+ * left them, the step's rows go up in one upload and the tokens (with the logprobs asked for)
+ * come down in one download. Only prompt logprobs and the on_logits hook still take whole
+ * rows to the host. */
 #include "engine/engine.h"
 
 #include <math.h>
@@ -61,7 +67,8 @@ struct ereq {
     int n_sched; /* tokens scheduled in the current step */
     bool abort_pending, fetched;
 
-    rng_state rng;
+    uint64_t seed; /* Philox key of its draws; the counter is the output token's index */
+    int slot;      /* penalty slot of the sampler while it holds one, else -1 */
     tok_stream *detok;
     char *text; /* detokenized output not yet sent (stop strings held back) */
     size_t text_len, text_cap;
@@ -108,11 +115,19 @@ struct eng_engine {
     /* per-step scratch, sized at create */
     ereq **sched;
     mdl_seq *seqs;
-    float *logits;
+    int *row0;      /* [max_num_seqs]: each scheduled request's first logits row */
+    int *sample_at; /* [max_num_seqs]: its row among the sampler's, or -1 */
+    float *logits;  /* host rows: prompt logprobs and the on_logits hook only */
     int cap_logit_rows;
-    float *row_copy; /* [V]: a row kept raw while sampling modifies the other */
-    smp_scratch smp;
-    int32_t banned[ENG_MAX_STOP_IDS + 1];
+    int32_t *host_rows;
+    smp_scratch smp; /* prompt logprobs */
+
+    /* sampling on the backend: rows for up to max_num_seqs requests a step, and as many
+     * penalty slots (a request holds one from its first penalized draw to its end) */
+    be_backend *be;
+    be_sampler *sampler;
+    int32_t *free_slots;
+    int n_free_slots;
 
     eng_stats stats;
     pthread_mutex_t stats_mu;
@@ -281,6 +296,14 @@ static void event_init(eng_event *ev, const ereq *r) {
     ev->stop_token = -1;
 }
 
+/* A request's penalty slot back to the pool (its counts are rebuilt from its tokens when it
+ * samples again). */
+static void slot_release(eng_engine *e, ereq *r) {
+    if (r->slot < 0) return;
+    e->free_slots[e->n_free_slots++] = r->slot;
+    r->slot = -1;
+}
+
 /* Ends a request: its final event, its blocks (unless leased), its memory. */
 static void finish(eng_engine *e, ereq *r, eng_finish why, const char *stop_reason,
                    int32_t stop_token, const char *error, const int32_t *new_tok,
@@ -333,6 +356,7 @@ static void finish(eng_engine *e, ereq *r, eng_finish why, const char *stop_reas
                   (unsigned long long)r->id);
     }
     release_blocks(e, r);
+    slot_release(e, r);
     table_remove(e, r);
     req_free(r);
 }
@@ -513,6 +537,7 @@ duet_status eng_submit(eng_engine *e, const eng_request *req, char *err, size_t 
     r->on_kv_ready = req->on_kv_ready;
     r->n_prompt = r->n_tokens = n;
     r->max_tokens = max_tokens;
+    r->slot = -1;
     r->tokens = malloc((size_t)(n + max_tokens) * sizeof(int32_t));
     r->cap_blocks = (n + max_tokens + e->cfg.block_size - 1) / e->cfg.block_size + 1;
     r->blocks = malloc((size_t)r->cap_blocks * sizeof(int32_t));
@@ -534,7 +559,7 @@ duet_status eng_submit(eng_engine *e, const eng_request *req, char *err, size_t 
     uint64_t seed = sp->has_seed
                         ? sp->seed
                         : (uint64_t)(clock_now_s() * 1e9) ^ (salt * 0x9e3779b97f4a7c15ull) ^ r->id;
-    rng_seed(&r->rng, seed);
+    r->seed = seed;
     cmd *c = calloc(1, sizeof *c);
     if (!c) {
         req_free(r);
@@ -755,6 +780,7 @@ static duet_status ensure_blocks(eng_engine *e, ereq *r, int upto) {
 static void preempt(eng_engine *e, ereq *r) {
     q_remove(&e->running, r);
     release_blocks(e, r);
+    slot_release(e, r); /* while it waits, others may run: max_num_seqs slots must do */
     r->n_computed = 0;
     r->n_sched = 0;
     r->state = RS_WAITING;
@@ -961,28 +987,62 @@ static void fill_lp(eng_engine *e, const float *row, int32_t tok, int n, eng_tok
     smp_logprobs(row, e->V, tok, lp->n_top, &lp->logprob, lp->top, &e->smp);
 }
 
-/* A new token for r from its logits row (which sampling modifies). */
-static void sample_and_check(eng_engine *e, ereq *r, float *row) {
+static bool has_penalties(const smp_params *p) {
+    return p->repetition_penalty != 1.0f || p->presence_penalty != 0.0f ||
+           p->frequency_penalty != 0.0f;
+}
+
+/* r's parameters for this step's draw from logits row `row` (its penalty slot set up first
+ * when it has none yet). */
+static duet_status sample_row(eng_engine *e, ereq *r, int row, be_sample_row *p) {
+    const smp_params *sp = &r->sp.smp;
     int n_out = r->n_tokens - r->n_prompt;
-    int nb = 0;
+    be_sample_row_init(p);
+    p->logits_row = row;
+    p->temperature = sp->temperature;
+    p->top_k = sp->top_k;
+    p->top_p = sp->top_p;
+    p->min_p = sp->min_p;
+    p->repetition_penalty = sp->repetition_penalty;
+    p->presence_penalty = sp->presence_penalty;
+    p->frequency_penalty = sp->frequency_penalty;
+    p->seed = r->seed;
+    p->offset = (uint64_t)n_out;
+    p->n_logprobs = r->sp.logprobs;
     if (n_out < r->sp.min_tokens) {
-        if (!r->sp.ignore_eos) e->banned[nb++] = e->eos;
-        for (int i = 0; i < r->sp.n_stop_ids; i++) e->banned[nb++] = r->sp.stop_ids[i];
+        /* min_tokens: EOS and the stop tokens may not end the answer yet */
+        if (!r->sp.ignore_eos) p->ban[p->n_ban++] = e->eos;
+        for (int i = 0; i < r->sp.n_stop_ids; i++) p->ban[p->n_ban++] = r->sp.stop_ids[i];
     }
+    if (has_penalties(sp)) {
+        if (r->slot < 0) {
+            if (e->n_free_slots == 0) return DUET_ERR_INTERNAL; /* one per request: cannot be */
+            int slot = e->free_slots[e->n_free_slots - 1];
+            duet_status st = be_sampler_slot_init(e->be, e->sampler, slot, r->tokens, r->n_prompt,
+                                                  r->tokens + r->n_prompt, n_out);
+            if (st != DUET_OK) return st;
+            e->n_free_slots--;
+            r->slot = slot;
+        }
+        p->slot = r->slot;
+    }
+    return DUET_OK;
+}
+
+/* r's new token from its row of the sampler's results: text, stop conditions, events. */
+static void take_token(eng_engine *e, ereq *r, int k) {
+    int n_out = r->n_tokens - r->n_prompt;
+    int32_t tok = e->sampler->out[k].token;
     eng_token_lp *lp = NULL;
-    smp_history h = {r->tokens, r->n_prompt, r->tokens + r->n_prompt, n_out};
-    int32_t tok;
     if (r->sp.logprobs >= 0) {
-        /* logprobs of the raw distribution, as vLLM reports by default */
-        int32_t pick;
-        float *copy = e->row_copy;
-        memcpy(copy, row, (size_t)e->V * sizeof(float));
-        pick = smp_sample(&r->sp.smp, &h, e->banned, nb, copy, e->V, &r->rng, &e->smp);
-        fill_lp(e, row, pick, r->sp.logprobs, &r->last_lp);
         lp = &r->last_lp;
-        tok = pick;
-    } else {
-        tok = smp_sample(&r->sp.smp, &h, e->banned, nb, row, e->V, &r->rng, &e->smp);
+        lp->token = tok;
+        lp->logprob = e->sampler->out[k].logprob;
+        lp->n_top = r->sp.logprobs < e->V ? r->sp.logprobs : e->V;
+        for (int j = 0; j < lp->n_top; j++) {
+            lp->top[j].token = e->sampler->top[k].token[j];
+            lp->top[j].logprob = e->sampler->top[k].logprob[j];
+        }
     }
     r->tokens[r->n_tokens++] = tok;
     n_out++;
@@ -1049,16 +1109,44 @@ static void publish_stats(eng_engine *e) {
     pthread_mutex_unlock(&e->stats_mu);
 }
 
+/* Fails every scheduled request of a step that went wrong. */
+static duet_status step_failed(eng_engine *e, int n, duet_status st, const char *what) {
+    LOG_ERROR("engine: %s: %s", what, duet_strerror(st));
+    for (int i = 0; i < n; i++)
+        finish(e, e->sched[i], ENG_FINISH_ERROR, NULL, -1, "model step failed", NULL, NULL);
+    publish_stats(e);
+    return st;
+}
+
+/* Rows of the step's logits some request needs on the host: prompt logprobs (all its rows)
+ * and the test hook. */
+static duet_status host_rows(eng_engine *e, int n) {
+    int k = 0;
+    for (int i = 0; i < n; i++) {
+        ereq *r = e->sched[i];
+        /* (n_computed is still where this step began) */
+        if (!r->on_logits && !(r->prompt_lp && r->n_computed < r->n_prompt)) continue;
+        for (int j = 0; j < e->seqs[i].n_logits; j++) e->host_rows[k++] = e->row0[i] + j;
+    }
+    if (!k) return DUET_OK;
+    duet_status st = reserve_logits(e, e->row0[n]);
+    /* downloaded in place: row x of the step lands in e->logits row x */
+    for (int j = 0; j < k && st == DUET_OK; j++)
+        st = mdl_logits_rows(e->model, &e->host_rows[j], 1,
+                             e->logits + (size_t)e->host_rows[j] * e->V);
+    return st;
+}
+
 duet_status eng_step(eng_engine *e, bool *busy_p) {
     drain_inbox(e);
     expire_leases(e);
     int n = schedule(e);
+    *busy_p = false;
     duet_status st = DUET_OK;
     if (n == 0) {
         bool stepped;
         st = par_idle(e->inst, e->kv, &stepped);
         publish_stats(e);
-        *busy_p = false;
         return st;
     }
     int rows = 0;
@@ -1073,29 +1161,42 @@ duet_status eng_step(eng_engine *e, bool *busy_p) {
                                .block_table = r->blocks,
                                .n_blocks = r->n_blocks,
                                .n_logits = nl};
+        e->row0[i] = rows;
         rows += nl;
     }
-    st = reserve_logits(e, rows);
-    if (st == DUET_OK) st = par_step(e->inst, e->kv, e->seqs, n, e->logits);
-    if (st != DUET_OK) {
-        LOG_ERROR("engine: step failed: %s", duet_strerror(st));
-        for (int i = 0; i < n; i++)
-            finish(e, e->sched[i], ENG_FINISH_ERROR, NULL, -1, "model step failed", NULL, NULL);
-        publish_stats(e);
-        *busy_p = false;
-        return st;
-    }
+    e->row0[n] = rows;
+    /* the logits stay in backend memory: mdl_sample and mdl_logits_rows read them there */
+    st = par_step(e->inst, e->kv, e->seqs, n, NULL);
+    if (st != DUET_OK) return step_failed(e, n, st, "step failed");
     e->stats.n_steps++;
-    int row = 0;
+
+    /* one sampling call for every request whose tokens are all computed */
+    double t0 = clock_now_s();
+    int ns = 0;
+    for (int i = 0; i < n && st == DUET_OK; i++) {
+        ereq *r = e->sched[i];
+        e->sample_at[i] = -1;
+        if (r->n_computed + r->n_sched != r->n_tokens) continue;
+        st = sample_row(e, r, e->row0[i] + e->seqs[i].n_logits - 1, &e->sampler->rows[ns]);
+        e->sample_at[i] = ns++;
+    }
+    if (st == DUET_OK) st = mdl_sample_queue(e->model, e->sampler, ns);
+    double t1 = clock_now_s();
+    if (st == DUET_OK) st = be_sample_wait(e->be, e->sampler);
+    double t2 = clock_now_s();
+    if (st != DUET_OK) return step_failed(e, n, st, "sampling failed");
+    st = host_rows(e, n);
+    if (st != DUET_OK) return step_failed(e, n, st, "logits download failed");
+
     for (int i = 0; i < n; i++) {
         ereq *r = e->sched[i];
         int pos0 = r->n_computed, nl = e->seqs[i].n_logits;
         r->n_computed += r->n_sched;
         r->n_sched = 0;
         commit_blocks(e, r);
-        float *rows_r = e->logits + (size_t)row * e->V;
-        row += nl;
-        for (int k = 0; k < nl; k++) {
+        const float *rows_r = e->logits + (size_t)e->row0[i] * e->V;
+        bool on_host = r->on_logits || (r->prompt_lp && pos0 < r->n_prompt);
+        for (int k = 0; on_host && k < nl; k++) {
             int pos = pos0 + e->seqs[i].n_tokens - nl + k;
             if (r->on_logits) r->on_logits(r->user, pos, rows_r + (size_t)k * e->V, e->V);
             /* prompt logprobs: row at pos predicts prompt token pos + 1 */
@@ -1103,11 +1204,14 @@ duet_status eng_step(eng_engine *e, bool *busy_p) {
                 fill_lp(e, rows_r + (size_t)k * e->V, r->tokens[pos + 1], r->sp.prompt_logprobs,
                         &r->prompt_lp[pos + 1]);
         }
-        if (r->n_computed == r->n_tokens) {
+        if (e->sample_at[i] >= 0) {
             if (r->prompt_lp && r->n_tokens == r->n_prompt) r->prompt_lp[0].token = r->tokens[0];
-            sample_and_check(e, r, rows_r + (size_t)(nl - 1) * e->V);
+            take_token(e, r, e->sample_at[i]);
         }
     }
+    e->stats.sample_rows += (uint64_t)ns;
+    e->stats.sample_host_s += (t1 - t0) + (clock_now_s() - t2);
+    e->stats.sample_wait_s += t2 - t1;
     publish_stats(e);
     *busy_p = true;
     return DUET_OK;
@@ -1137,11 +1241,24 @@ duet_status eng_create(const eng_config *cfg, par_instance *inst, const tok_toke
     pthread_mutex_init(&e->lease_mu, NULL);
     e->table_cap = 1024;
     e->table = calloc(e->table_cap, sizeof *e->table);
-    e->sched = calloc((size_t)e->cfg.max_num_seqs, sizeof *e->sched);
-    e->seqs = calloc((size_t)e->cfg.max_num_seqs, sizeof *e->seqs);
-    e->row_copy = malloc((size_t)e->V * sizeof(float));
-    duet_status st =
-        (!e->table || !e->sched || !e->seqs || !e->row_copy) ? DUET_ERR_NO_MEMORY : DUET_OK;
+    size_t ms = (size_t)e->cfg.max_num_seqs;
+    e->sched = calloc(ms, sizeof *e->sched);
+    e->seqs = calloc(ms, sizeof *e->seqs);
+    e->row0 = calloc(ms + 1, sizeof *e->row0);
+    e->sample_at = calloc(ms, sizeof *e->sample_at);
+    e->free_slots = calloc(ms, sizeof *e->free_slots);
+    e->host_rows = calloc((size_t)e->cfg.max_num_batched_tokens + ms, sizeof *e->host_rows);
+    duet_status st = (!e->table || !e->sched || !e->seqs || !e->row0 || !e->sample_at ||
+                      !e->free_slots || !e->host_rows)
+                         ? DUET_ERR_NO_MEMORY
+                         : DUET_OK;
+    e->be = mdl_backend(e->model);
+    if (st == DUET_OK)
+        st = be_sampler_create(e->be, e->cfg.max_num_seqs, e->V, e->cfg.max_num_seqs, &e->sampler);
+    /* slots handed out from the top, so the first request takes slot 0 */
+    for (int i = 0; i < e->cfg.max_num_seqs && e->free_slots; i++)
+        e->free_slots[i] = e->cfg.max_num_seqs - 1 - i;
+    e->n_free_slots = e->free_slots ? e->cfg.max_num_seqs : 0;
     if (st == DUET_OK) st = par_kv_agree(inst, &e->cfg.n_blocks, e->cfg.block_size);
     if (st == DUET_OK) st = mdl_kv_create(e->model, e->cfg.n_blocks, e->cfg.block_size, &e->kv);
     if (st == DUET_OK)
@@ -1184,10 +1301,14 @@ void eng_destroy(eng_engine *e) {
     kv_pool_destroy(e->pool);
     if (e->kv) mdl_kv_destroy(e->model, e->kv);
     smp_scratch_free(&e->smp);
+    if (e->sampler) be_sampler_destroy(e->be, e->sampler);
     free(e->logits);
     free(e->sched);
     free(e->seqs);
-    free(e->row_copy);
+    free(e->row0);
+    free(e->sample_at);
+    free(e->free_slots);
+    free(e->host_rows);
     free(e->table);
     pthread_mutex_destroy(&e->mu);
     pthread_cond_destroy(&e->cv);

@@ -186,6 +186,10 @@ typedef struct eng_stats {
     uint64_t n_preemptions;
     uint64_t prompt_tokens, generation_tokens;
     uint64_t n_steps;
+    /* sampling: rows drawn; engine-thread seconds spent on it (filling the rows, queueing,
+     * taking the results: the host's part) and waiting for the device's part */
+    uint64_t sample_rows;
+    double sample_host_s, sample_wait_s;
 } eng_stats;
 
 /* Any thread: a snapshot, updated once per step. */

@@ -110,8 +110,8 @@ duet_status par_options_add(opt_parser *p, par_options *o) {
          .dest = o,
          .metavar = "{auto,bfloat16,float16,float32}",
          .def = "auto",
-         .help = "weights and activations (auto: float32 on cpu, bfloat16 on cuda; float16 is "
-                 "read as auto)"},
+         .help = "weights and activations (auto: float32 on cpu, bfloat16 on cuda; bfloat16 on "
+                 "cpu emulates CUDA's bf16 storage in float32 arithmetic; float16 is read as auto)"},
         {.name = "--tensor-parallel-size",
          .alias = "-tp",
          .type = OPT_INT,
@@ -542,9 +542,6 @@ duet_status par_stop_followers(par_instance *p) {
 duet_status par_follow(par_instance *p, be_kv *kv) {
     mdl_seq *seqs = NULL;
     int cap_seqs = 0;
-    float *logits = NULL;
-    size_t cap_logits = 0;
-    int V = mdl_config(p->model)->vocab_size;
     duet_status st = DUET_OK;
     for (;;) {
         plan_hdr h;
@@ -580,7 +577,6 @@ duet_status par_follow(par_instance *p, be_kv *kv) {
         }
         plan_seq *ps = p->plan;
         const int32_t *tok = (const int32_t *)(ps + h.n_seqs), *tab = tok + h.n_tokens;
-        size_t rows = 0;
         for (int i = 0; i < h.n_seqs; i++) {
             seqs[i] = (mdl_seq){.tokens = tok,
                                 .n_tokens = ps[i].n_tokens,
@@ -590,22 +586,12 @@ duet_status par_follow(par_instance *p, be_kv *kv) {
                                 .n_logits = ps[i].n_logits};
             tok += ps[i].n_tokens;
             tab += ps[i].n_blocks;
-            rows += (size_t)ps[i].n_logits;
         }
-        if (rows * V > cap_logits) {
-            float *nl = realloc(logits, rows * V * sizeof(float));
-            if (!nl) {
-                st = DUET_ERR_NO_MEMORY;
-                break;
-            }
-            logits = nl;
-            cap_logits = rows * V;
-        }
-        st = par_forward(p, kv, seqs, h.n_seqs, logits);
+        /* the logits stay in backend memory (gathered): only the leader samples, from its copy */
+        st = par_forward(p, kv, seqs, h.n_seqs, NULL);
         if (st != DUET_OK) break;
     }
     free(seqs);
-    free(logits);
     return st;
 }
 

@@ -79,7 +79,8 @@ duet_status par_kv_budget(par_instance *inst, long long *bytes_p);
 const mplan *par_memory_plan(const par_instance *inst);
 bool par_memory_readings(const par_instance *inst, mplan_measured *readings_p);
 
-/* One forward step (mdl_forward). Under lockstep it first agrees with the other DP groups
+/* One forward step (mdl_forward; logits NULL leaves them in backend memory for mdl_sample_queue,
+ * which followers' steps always do). Under lockstep it first agrees with the other DP groups
  * that a step happens, so idle groups join with empty steps (see par_idle_step). */
 duet_status par_forward(par_instance *inst, be_kv *kv, const mdl_seq *seqs, int n_seqs,
                         float *logits);

@@ -1,7 +1,8 @@
 /* Next-token sampling with the parameters OpenAI/vLLM clients send: penalties, min_tokens,
- * temperature, top-k, top-p, min-p, seeded per-request randomness (same seed, same tokens,
- * whatever else is in the batch), and logprobs with the top N alternatives.
- * Pure functions over one logits row; the caller (engine thread) owns all state. */
+ * temperature, top-k, top-p, min-p, and logprobs with the top N alternatives, on one host row.
+ * The engine samples through the backend's sampling op (model/backend.h, be_sample_row: the
+ * same parameters, Philox draws); smp_sample is the plain reference tests hold it to, and
+ * smp_logprobs serves prompt logprobs. Pure functions; the caller owns all state. */
 #ifndef DUET_SAMPLER_H
 #define DUET_SAMPLER_H
 

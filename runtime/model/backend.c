@@ -2,6 +2,7 @@
  * picks a backend by name sits above the backends: backends/registry.c). */
 #include "model/backend.h"
 
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -21,19 +22,71 @@ duet_status be_mem_info(be_backend *be, long long *total_p, long long *free_p) {
     return DUET_OK;
 }
 
-duet_status be_sample(be_backend *be, const void *logits, int n, int V, const be_sample_row *rows,
-                      int32_t *ids) {
-    if (n <= 0) return DUET_OK;
-    if (V <= 0) return DUET_ERR_INVALID;
-    if (be->ops->sample) return be->ops->sample(be, logits, n, V, rows, ids);
-    /* fallback: one row at a time through host memory */
-    float *buf = malloc((size_t)V * 3 * sizeof(float));
-    if (!buf) return DUET_ERR_NO_MEMORY;
-    duet_status st = DUET_OK;
-    for (int r = 0; r < n && st == DUET_OK; r++) {
-        st = be->ops->download(be, buf, logits, (size_t)r * V, (size_t)V);
-        if (st == DUET_OK) ids[r] = be_sample_host(buf, V, &rows[r], buf + V);
+/* ---- sampling: the ops when the backend has them, the host rule otherwise ---- */
+
+duet_status be_sampler_create(be_backend *be, int max_rows, int V, int n_slots, be_sampler **s_p) {
+    if (max_rows < 1 || V < 1 || n_slots < 0) return DUET_ERR_INVALID;
+    if (be->ops->sampler_create) return be->ops->sampler_create(be, max_rows, V, n_slots, s_p);
+    return be_host_sampler_create(be, max_rows, V, n_slots, s_p);
+}
+
+void be_sampler_destroy(be_backend *be, be_sampler *s) {
+    if (!s) return;
+    if (be->ops->sampler_destroy)
+        be->ops->sampler_destroy(be, s);
+    else
+        be_host_sampler_destroy(be, s);
+}
+
+duet_status be_sampler_slot_init(be_backend *be, be_sampler *s, int slot, const int32_t *prompt,
+                                 int n_prompt, const int32_t *output, int n_output) {
+    if (slot < 0 || slot >= s->n_slots || n_prompt < 0 || n_output < 0) return DUET_ERR_INVALID;
+    if (be->ops->sampler_slot_init)
+        return be->ops->sampler_slot_init(be, s, slot, prompt, n_prompt, output, n_output);
+    return be_host_sampler_slot_init(be, s, slot, prompt, n_prompt, output, n_output);
+}
+
+/* The rows a call may carry: every index in range, each slot named once. */
+static duet_status check_rows(const be_sampler *s, int n_logits, int n) {
+    if (n < 0 || n > s->max_rows || n_logits < 0) return DUET_ERR_INVALID;
+    for (int i = 0; i < n; i++) {
+        const be_sample_row *r = &s->rows[i];
+        const char *bad = NULL;
+        if (r->logits_row < 0 || r->logits_row >= n_logits)
+            bad = "names a logits row outside the step";
+        else if (r->slot < -1 || r->slot >= s->n_slots)
+            bad = "names a penalty slot the sampler does not have";
+        else if (r->n_ban < 0 || r->n_ban > BE_SAMPLE_MAX_BAN)
+            bad = "bans more tokens than BE_SAMPLE_MAX_BAN";
+        else if (r->n_logprobs < -1 || r->n_logprobs > BE_SAMPLE_MAX_TOP)
+            bad = "asks for more logprobs than BE_SAMPLE_MAX_TOP";
+        for (int j = 0; !bad && r->slot >= 0 && j < i; j++)
+            if (s->rows[j].slot == r->slot) bad = "shares its penalty slot with another row";
+        if (bad) {
+            LOG_ERROR("sampling: row %d %s", i, bad);
+            return DUET_ERR_INVALID;
+        }
     }
-    free(buf);
+    return DUET_OK;
+}
+
+duet_status be_sample_queue(be_backend *be, be_sampler *s, const void *logits, int stride,
+                            int n_logits, int n) {
+    duet_status st = check_rows(s, n_logits, n);
+    if (st != DUET_OK || n == 0) return st;
+    if (stride < s->V) return DUET_ERR_INVALID;
+    if (be->ops->sample) return be->ops->sample(be, s, logits, stride, n_logits, n);
+    return be_host_sample(be, s, logits, stride, n_logits, n);
+}
+
+duet_status be_sample_wait(be_backend *be, be_sampler *s) {
+    (void)s;
+    return be->ops->sync(be);
+}
+
+duet_status be_sample(be_backend *be, be_sampler *s, const void *logits, int stride, int n_logits,
+                      int n) {
+    duet_status st = be_sample_queue(be, s, logits, stride, n_logits, n);
+    if (st == DUET_OK) st = be_sample_wait(be, s);
     return st;
 }

@@ -74,19 +74,72 @@ typedef struct be_ffn {
     int n_inter; /* I: this rank's intermediate width */
 } be_ffn;
 
-/* Sampling parameters of one row for be_ops.sample. Applied in this order: temperature,
- * top-k (ties with the k-th logit are kept), top-p (a token is kept when the probability mass
- * of tokens strictly more likely than it is below top_p), min-p (relative to the most likely
- * token), then one draw: u from the Philox-4x32-10 stream (seed, offset) picks the token
- * where the kept tokens' cumulative probability, in token id order, first exceeds u * total. */
+/* ---- sampling ----
+ * The rule of one row (be_sample_row), stated in plain C by be_sample_host_row and run on the
+ * device by backends with the sampling ops; model/sample_rule.h holds the arithmetic both
+ * share, so a seeded row gives the same token on every backend given the same logits:
+ *  1. penalties (slot >= 0: the output-token counts and prompt tokens of the row's penalty
+ *     slot): repetition, then frequency * count + presence (sample_rule.h, smp_penalize);
+ *  2. bans: the ban list's tokens get -inf (min_tokens holding back EOS and stop ids);
+ *  3. temperature below 1e-5: greedy, the argmax (lowest id among ties); else probabilities
+ *     p = exp((z - max) / temperature), so the most likely token has p = 1;
+ *  4. top-k keeps p >= the k-th largest p (ties kept); top-p keeps a group of equal p while
+ *     the mass of the tokens strictly more likely, among those top-k kept, is below
+ *     top_p * their total; min-p keeps p >= min_p;
+ *  5. the draw: u = philox_uniform(seed, offset) picks the kept token where the cumulative
+ *     mass, in token id order, first exceeds u * total. Masses are p * 2^40 as integers.
+ *  6. the chosen token's count in the penalty slot goes up by one.
+ * With n_logprobs >= 0 the token's logprob and the n_logprobs most likely tokens (ties: lower
+ * id first) come from the log-softmax of the raw row, before penalties and temperature. */
+#define BE_SAMPLE_MAX_BAN 40 /* EOS and up to 32 stop token ids, with room */
+#define BE_SAMPLE_MAX_TOP 20
+
 typedef struct be_sample_row {
-    float temperature; /* below 1e-5: greedy (argmax, the lowest id among ties) */
-    int top_k;         /* <= 0 or >= V: off */
-    float top_p;       /* >= 1: off */
-    float min_p;       /* <= 0: off */
-    uint64_t seed;     /* Philox key: the request's seed */
-    uint64_t offset;   /* Philox counter: e.g. the request's token index, so draws never repeat */
+    uint64_t seed;            /* Philox key: the request's seed */
+    uint64_t offset;          /* Philox counter: the request's output token index */
+    int32_t logits_row;       /* the row of the step's logits to sample */
+    float temperature;        /* below 1e-5: greedy */
+    int32_t top_k;            /* <= 0 or >= V: off */
+    float top_p;              /* >= 1: off */
+    float min_p;              /* <= 0: off */
+    float repetition_penalty; /* 1 (or <= 0): off */
+    float presence_penalty;   /* 0: off */
+    float frequency_penalty;  /* 0: off */
+    int32_t slot;       /* penalty state (be_sampler_slot_init), -1: none; at most one row of a
+                           call may name a slot */
+    int32_t n_logprobs; /* -1: none; else the token's logprob and this many top ones (<= 20) */
+    int32_t n_ban;
+    int32_t ban[BE_SAMPLE_MAX_BAN];
 } be_sample_row;
+
+/* Greedy, no filters, no penalties, no logprobs, seed 0: the fields to change from. */
+void be_sample_row_init(be_sample_row *r);
+
+/* One row's result. */
+typedef struct be_sample_out {
+    int32_t token;
+    float logprob; /* of token (n_logprobs >= 0) */
+} be_sample_out;
+
+/* The n_logprobs most likely tokens of a row, most likely first. */
+typedef struct be_sample_top {
+    int32_t token[BE_SAMPLE_MAX_TOP];
+    float logprob[BE_SAMPLE_MAX_TOP];
+} be_sample_top;
+
+/* A backend's sampling state for up to max_rows rows a call over a vocabulary of V: the
+ * penalty slots (n_slots of them, each a request's output counts and prompt tokens) and the
+ * host side of one call. A backend embeds it first in its own object. Engine thread only. */
+typedef struct be_sampler {
+    int max_rows, V, n_slots;
+    /* host [max_rows], page-locked where the backend can: the caller fills rows[0..n) before
+     * be_sample_queue and leaves them alone until be_sample_wait (one upload per call) */
+    be_sample_row *rows;
+    /* host [max_rows]: results, valid after be_sample_wait (one download per call; top only
+     * when a row asked for more than the token's own logprob) */
+    be_sample_out *out;
+    be_sample_top *top;
+} be_sampler;
 
 typedef struct be_ops {
     const char *name;
@@ -176,14 +229,23 @@ typedef struct be_ops {
                              int D);
     void (*zero)(be_backend *be, void *buf, size_t n);
 
-    /* optional: ids[n] (host) = one token per row of logits[n, V] (activations, rows V apart)
-     * as be_sample_row says; NULL: be_sample downloads the rows and samples on the host */
-    duet_status (*sample)(be_backend *be, const void *logits, int n, int V,
-                          const be_sample_row *rows, int32_t *ids);
     /* optional: the device's total memory and what is free now, in bytes (CUDA:
      * cudaMemGetInfo), for sizing the KV cache from what loading left (model/memplan.h). NULL
      * where memory is the host's: be_mem_info answers DUET_ERR_UNSUPPORTED. */
     duet_status (*mem_info)(be_backend *be, size_t *total_p, size_t *free_p);
+    /* optional, all four or none: the sampling rule on the device (NULL: the host rule
+     * through be_ops.download, see be_sample_queue). sample queues one call: rows
+     * s->rows[0..n) of logits (activations, rows stride elements apart, V valid columns, at
+     * most n_logits rows) with one upload of the rows and one download of the results, no
+     * host synchronisation; its launch configuration depends on n and V only, so a step
+     * replayed as a graph per batch size can hold it. */
+    duet_status (*sampler_create)(be_backend *be, int max_rows, int V, int n_slots,
+                                  be_sampler **s_p);
+    void (*sampler_destroy)(be_backend *be, be_sampler *s);
+    duet_status (*sampler_slot_init)(be_backend *be, be_sampler *s, int slot, const int32_t *prompt,
+                                     int n_prompt, const int32_t *output, int n_output);
+    duet_status (*sample)(be_backend *be, be_sampler *s, const void *logits, int stride,
+                          int n_logits, int n);
     /* optional: attaches a device communicator (NCCL) for this backend's memory to group g;
      * collective over g's ranks. NULL: the backend's memory is host memory (MPI moves it). */
     duet_status (*comm_attach)(be_backend *be, comm_group *g);
@@ -212,11 +274,44 @@ void be_destroy(be_backend *be);
  * whose memory is the host's. Outputs set only on success. */
 duet_status be_mem_info(be_backend *be, long long *total_p, long long *free_p);
 
-/* ids[n] (host) sampled from logits[n, V] with be_ops.sample, or on the host when the
- * backend has none (be_sample_host, same rule). */
-duet_status be_sample(be_backend *be, const void *logits, int n, int V, const be_sample_row *rows,
-                      int32_t *ids);
-/* The host rule of be_ops.sample for one row of float32 logits. scratch holds 2 * V floats. */
-int32_t be_sample_host(const float *logits, int V, const be_sample_row *row, float *scratch);
+/* ---- sampling through the ops, or the host rule where a backend has none ---- */
+
+/* State for max_rows rows a call, vocabulary V, n_slots penalty slots (0: no penalties). */
+duet_status be_sampler_create(be_backend *be, int max_rows, int V, int n_slots, be_sampler **s_p);
+void be_sampler_destroy(be_backend *be, be_sampler *s);
+/* Sets penalty slot `slot` from a request's tokens so far: prompt tokens (repetition) and
+ * output tokens (counted). Queued before the call that samples the request (host arrays are
+ * copied before it returns). Tokens outside [0, V) are ignored. */
+duet_status be_sampler_slot_init(be_backend *be, be_sampler *s, int slot, const int32_t *prompt,
+                                 int n_prompt, const int32_t *output, int n_output);
+/* Queues sampling of s->rows[0..n) from logits [n_logits, stride] (a backend buffer, V valid
+ * columns); checks the rows first (DUET_ERR_INVALID: a row outside n_logits, a slot outside
+ * n_slots or named twice, more than BE_SAMPLE_MAX_BAN bans or BE_SAMPLE_MAX_TOP logprobs). */
+duet_status be_sample_queue(be_backend *be, be_sampler *s, const void *logits, int stride,
+                            int n_logits, int n);
+/* Waits for the queued call: s->out (and s->top) hold its results. */
+duet_status be_sample_wait(be_backend *be, be_sampler *s);
+/* be_sample_queue then be_sample_wait. */
+duet_status be_sample(be_backend *be, be_sampler *s, const void *logits, int stride, int n_logits,
+                      int n);
+
+/* The host rule of one row: logits[V] float32 (raw; not modified), the row's penalty slot
+ * (counts[V] output counts, updated with the chosen token, and prompt_bits[(V + 31) / 32]; both
+ * NULL without a slot), scratch of be_sample_host_scratch(V) bytes. */
+size_t be_sample_host_scratch(int V);
+void be_sample_host_row(const float *logits, int V, const be_sample_row *row, int32_t *counts,
+                        const uint32_t *prompt_bits, void *scratch, be_sample_out *out,
+                        be_sample_top *top);
+
+/* The sampling ops implemented on the host with be_sample_host_row, for host-memory backends
+ * (the CPU backend's table names them) and as the fallback of backends without the ops. */
+duet_status be_host_sampler_create(be_backend *be, int max_rows, int V, int n_slots,
+                                   be_sampler **s_p);
+void be_host_sampler_destroy(be_backend *be, be_sampler *s);
+duet_status be_host_sampler_slot_init(be_backend *be, be_sampler *s, int slot,
+                                      const int32_t *prompt, int n_prompt, const int32_t *output,
+                                      int n_output);
+duet_status be_host_sample(be_backend *be, be_sampler *s, const void *logits, int stride,
+                           int n_logits, int n);
 
 #endif

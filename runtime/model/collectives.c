@@ -31,14 +31,21 @@ struct mdl_coll {
     int cap_out;
     void *logits_all;   /* [tp * cap_out, vocab_local]: the vocab gather of device backends */
     float *logits_host; /* host [(tp + 1) * cap_out, vocab_local]: local rows, then gathered */
+    void *logits_rows;  /* tp > 1: [cap_out, tp * vocab_local], the gather in row order, left in
+                           backend memory for sampling */
+    int32_t *row_order; /* [tp * cap_out]: the gather's rows in that order */
     ep_state *ep;       /* NULL without EP */
 };
 
 static void logits_free(mdl_coll *c) {
     if (c->logits_all) c->be->ops->buf_free(c->be, c->logits_all);
+    if (c->logits_rows) c->be->ops->buf_free(c->be, c->logits_rows);
     free(c->logits_host);
+    free(c->row_order);
     c->logits_all = NULL;
+    c->logits_rows = NULL;
     c->logits_host = NULL;
+    c->row_order = NULL;
     c->cap_out = 0;
 }
 
@@ -49,8 +56,11 @@ duet_status mdl_coll_reserve(mdl_coll *c, int n_out) {
     size_t rows = (size_t)n_out * c->plan.vocab_local;
     bool gather_dev = tp > 1 && c->be->ops->on_device;
     c->logits_all = gather_dev ? c->be->ops->buf_alloc(c->be, rows * tp) : NULL;
+    c->logits_rows = tp > 1 ? c->be->ops->buf_alloc(c->be, rows * tp) : NULL;
+    c->row_order = tp > 1 ? malloc((size_t)n_out * tp * sizeof(int32_t)) : NULL;
     c->logits_host = malloc(rows * (tp + 1) * sizeof(float));
-    if ((gather_dev && !c->logits_all) || !c->logits_host) {
+    if ((gather_dev && !c->logits_all) || (tp > 1 && (!c->logits_rows || !c->row_order)) ||
+        !c->logits_host) {
         logits_free(c);
         return DUET_ERR_NO_MEMORY;
     }
@@ -110,6 +120,44 @@ duet_status mdl_coll_logits(mdl_coll *c, const void *logits_dev, int n_out, floa
     st = comm_allgather(c->plan.shard.tp, host, all, (size_t)n_out * Vl * sizeof(float));
     if (st != DUET_OK) return st;
     return logits_reorder(c, n_out, all, logits);
+}
+
+/* Sampling reads the logits where they are: the gather stays in backend memory. Device
+ * memory: NCCL all-gather, then one row gather reorders [tp][n_out][Vl] into rows of
+ * tp * Vl (the padding of the last slice stays, past vocab_size). Host memory: the MPI
+ * gather as mdl_coll_logits does it, reordered into rows of vocab_size. */
+duet_status mdl_coll_logits_gather(mdl_coll *c, const void *logits_dev, int n_out,
+                                   const void **rows_p, int *stride_p) {
+    const be_ops *o = c->be->ops;
+    int Vl = c->plan.vocab_local, tp = c->plan.shard.tp_size;
+    if (n_out > c->cap_out) return DUET_ERR_INVALID;
+    if (tp <= 1) {
+        *rows_p = logits_dev;
+        *stride_p = Vl;
+        return DUET_OK;
+    }
+    size_t n = (size_t)n_out * Vl;
+    duet_status st;
+    if (o->on_device) {
+        st = comm_dev_allgather(c->plan.shard.tp, logits_dev, c->logits_all,
+                                n * dt_size(o->act_dtype));
+        if (st != DUET_OK) return st;
+        for (int r = 0; r < n_out; r++)
+            for (int k = 0; k < tp; k++) c->row_order[r * tp + k] = k * n_out + r;
+        o->gather_rows(c->be, c->logits_rows, c->logits_all, c->row_order, n_out * tp, Vl);
+        *rows_p = c->logits_rows;
+        *stride_p = tp * Vl;
+        return DUET_OK;
+    }
+    if (o->act_dtype != DT_F32) return DUET_ERR_UNSUPPORTED; /* host buffers hold float32 */
+    float *host = c->logits_host, *all = host + n;
+    st = o->download(c->be, host, logits_dev, 0, n);
+    if (st == DUET_OK) st = comm_allgather(c->plan.shard.tp, host, all, n * sizeof(float));
+    if (st == DUET_OK) st = logits_reorder(c, n_out, all, c->logits_rows);
+    if (st != DUET_OK) return st;
+    *rows_p = c->logits_rows;
+    *stride_p = c->vocab_size;
+    return DUET_OK;
 }
 
 static duet_status ep_reserve(mdl_coll *c, size_t n_send, size_t n_recv) {

@@ -43,6 +43,12 @@ duet_status mdl_coll_allreduce(mdl_coll *coll, void *buf, size_t n);
  * most what mdl_coll_reserve made room for. */
 duet_status mdl_coll_logits(mdl_coll *coll, const void *logits_dev, int n_out, float *logits);
 
+/* The same gather left in backend memory (the step's logits for the sampling op): *rows_p
+ * [n_out, *stride_p] with vocab_size valid columns: logits_dev itself at tp 1, a buffer of the
+ * collectives (valid until the next gather) otherwise. Every TP rank calls. */
+duet_status mdl_coll_logits_gather(mdl_coll *coll, const void *logits_dev, int n_out,
+                                   const void **rows_p, int *stride_p);
+
 /* EP dispatch: of x [T, D] (the same tokens on every TP rank) this TP rank sends every tp-th
  * token, from its tp_rank, with its routing (ids / weights host [T, K], as be_ops.moe_route
  * gives them) to the ranks owning its experts; *rows_p receives what came to this rank. Every

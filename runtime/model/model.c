@@ -55,6 +55,10 @@ struct mdl_model {
     mdl_step step;
     mdl_buffers buf;
     mdl_graphs graphs;
+    /* the last forward's logits left in backend memory (mdl_forward with logits NULL):
+     * [n_out, stride] with vocab_size valid columns */
+    const void *out_logits;
+    int out_stride, n_out;
 };
 
 const cfg_model *mdl_config(const mdl_model *m) {
@@ -484,6 +488,16 @@ void mdl_graph_counts(const mdl_model *m, uint64_t *recorded, uint64_t *launched
     *launched = m->graphs.launched;
 }
 
+/* The step's n_out rows of logits: gathered over TP into logits (host), or with logits NULL
+ * left in backend memory for mdl_sample_queue and mdl_logits_rows. */
+static duet_status finish_logits(mdl_model *m, int n_out, float *logits) {
+    if (logits) return mdl_coll_logits(m->coll, m->buf.logits, n_out, logits);
+    duet_status st =
+        mdl_coll_logits_gather(m->coll, m->buf.logits, n_out, &m->out_logits, &m->out_stride);
+    if (st == DUET_OK) m->n_out = n_out;
+    return st;
+}
+
 duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs, float *logits) {
     const be_ops *o = m->be->ops;
     const cfg_model *c = &m->cfg;
@@ -493,6 +507,8 @@ duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs
         T += seqs[i].n_tokens;
         n_out += seqs[i].n_logits;
     }
+    m->out_logits = NULL;
+    m->n_out = 0;
     duet_status st = reserve(m, T, n_out);
     if (st != DUET_OK) return st;
     if (T == 0) {
@@ -510,7 +526,7 @@ duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs
         /* ops cannot return errors one by one; the backend keeps the first, reported here */
         if (st == DUET_OK) st = o->sync(be);
         if (st != DUET_OK || n_out == 0) return st;
-        return mdl_coll_logits(m->coll, m->buf.logits, n_out, logits);
+        return finish_logits(m, n_out, logits);
     }
     /* a decode step of a recorded size: padded to B rows, block tables to a power of two */
     int B = k_graph_sizes[bucket], width = 1, wlog = 0;
@@ -546,5 +562,25 @@ duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs
     if (st == DUET_OK) st = o->sync(be);
     if (st != DUET_OK) return st;
     /* the first n_out rows are the real sequences' (padding rows come after) */
-    return mdl_coll_logits(m->coll, m->buf.logits, n_out, logits);
+    return finish_logits(m, n_out, logits);
+}
+
+/* ---- after a forward that left its logits in backend memory ---- */
+
+duet_status mdl_sample_queue(mdl_model *m, be_sampler *s, int n) {
+    if (n <= 0) return DUET_OK;
+    if (!m->out_logits) return DUET_ERR_INVALID;
+    return be_sample_queue(m->be, s, m->out_logits, m->out_stride, m->n_out, n);
+}
+
+duet_status mdl_logits_rows(mdl_model *m, const int32_t *rows, int n, float *out) {
+    const be_ops *o = m->be->ops;
+    size_t V = (size_t)m->cfg.vocab_size;
+    for (int i = 0; i < n; i++) {
+        if (!m->out_logits || rows[i] < 0 || rows[i] >= m->n_out) return DUET_ERR_INVALID;
+        duet_status st = o->download(m->be, out + (size_t)i * V, m->out_logits,
+                                     (size_t)rows[i] * (size_t)m->out_stride, V);
+        if (st != DUET_OK) return st;
+    }
+    return DUET_OK;
 }

@@ -51,13 +51,22 @@ typedef struct mdl_seq {
 
 /* Runs one step over n_seqs sequences (n_seqs may be 0: an empty step that still joins the
  * collectives of expert parallelism). logits receives sum(n_logits) rows of vocab_size
- * float32, in sequence order. Tokens outside [0, vocab_size) are refused with
- * DUET_ERR_INVALID before anything runs. */
+ * float32, in sequence order; with logits NULL they stay in backend memory (gathered over TP)
+ * for mdl_sample and mdl_logits_rows, and nothing is downloaded. Tokens outside
+ * [0, vocab_size) are refused with DUET_ERR_INVALID before anything runs. */
 duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs, float *logits);
 
 /* Whether decode steps are recorded and replayed (CUDA graphs), and how many recordings and
  * replays happened so far. */
 bool mdl_graphs_on(const mdl_model *m);
 void mdl_graph_counts(const mdl_model *m, uint64_t *recorded, uint64_t *launched);
+/* After mdl_forward(..., NULL), on the rank that samples (the TP leader): queues the sampling
+ * of s->rows[0..n) (each naming its row of the step's logits, in the order above) with the
+ * backend's sampling op (model/backend.h: be_sample_queue); after be_sample_wait s->out and
+ * s->top hold the results. */
+duet_status mdl_sample_queue(mdl_model *m, be_sampler *s, int n);
+/* After mdl_forward(..., NULL): rows[i] of the step's logits into out[i][vocab_size] (host
+ * float32), for what still needs whole rows on the host (prompt logprobs, test hooks). */
+duet_status mdl_logits_rows(mdl_model *m, const int32_t *rows, int n, float *out);
 
 #endif

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks of one device-machine call, run from the offline bundle:
 #   bash .bundle/run.sh bash .bundle/device_check.sh single|multi
-# single (one GPU): op test, sampling test, goldens on CUDA in float32 and bf16, the host's
-# Open MPI with the CPU backend, compute-sanitizer memcheck over golden runs.
+# single (one GPU): op test, sampling test and benchmark, goldens on CUDA in float32 and bf16,
+# bf16 against the bf16-emulating CPU backend row by row (needs the bundle built with
+# --golden .../tiny-v3-smooth --golden .../tiny-v3-fp8-smooth), the host's Open MPI with the
+# CPU backend, compute-sanitizer memcheck over golden runs and the sampling test.
 # multi (two GPUs): goldens with -tp 2 and -dp 2 --enable-expert-parallel over NCCL, and the
 # rank-failure test on the CUDA backend (a killed or stopped rank ends the instance).
 # Full output goes to $OUT/all.log (few files come back), a summary to stdout at the end.
@@ -40,10 +42,16 @@ case "${1:-single}" in
 single)
     run op-test test_backend_ops
     run sample-test test_sample
+    run sample-bench bash -c "set -o pipefail; bench_sample cuda | tee $out/bench_sample.txt"
     for c in tiny-v3 tiny-v3-fp8; do
         for dt in float32 bfloat16; do
             run "golden-$dt-$c" duet-check golden --backend cuda --dtype "$dt" "$G/$c"
         done
+    done
+    for c in tiny-v3-smooth tiny-v3-fp8-smooth; do
+        [ -d "$G/$c" ] || continue
+        run "golden-bf16-vs-emulated-$c" duet-check golden --backend cuda --dtype bfloat16 \
+            --compare-to bf16-emulated --per-row "$G/$c"
     done
     run "golden-default-tiny-v3" duet-check golden --backend cuda "$G/tiny-v3"
     run mpi-cpu-tp2 "${mpi[@]}" duet-check golden -tp 2 "$G/tiny-v3"
@@ -53,6 +61,10 @@ single)
     TMO=150 run sanitizer-golden-bf16-fp8 "$san" --tool memcheck --error-exitcode 9 \
         duet-check golden --backend cuda --dtype bfloat16 "$G/tiny-v3-fp8"
     TMO=100 run sanitizer-op-test "$san" --tool memcheck --error-exitcode 9 test_backend_ops
+    TMO=200 DUET_TEST_QUICK=1 run sanitizer-sample-test "$san" --tool memcheck \
+        --error-exitcode 9 test_sample
+    TMO=200 DUET_TEST_QUICK=1 run racecheck-sample-test "$san" --tool racecheck \
+        --error-exitcode 9 test_sample
     ;;
 multi)
     run op-test test_backend_ops
@@ -72,7 +84,11 @@ multi)
     ;;
 esac
 # the report lines and failures of every run, then the summary
-grep -E "^=== |PASS|FAIL|passed|error|ERROR|did not complete|rel_l2|agree|chi-square|skipped|SUMMARY|unpacked|NCCL [0-9]" \
+grep -E "^=== |PASS|FAIL|passed|error|ERROR|did not complete|rel_l2|agree|differ from|chi-square|skipped|SUMMARY|unpacked|NCCL [0-9]" \
     "$log" | grep -v "^    row" | tail -c 9000
+if [ -f "$out/bench_sample.txt" ]; then
+    echo "---- bench_sample"
+    cat "$out/bench_sample.txt"
+fi
 echo "---- summary"
 cat "$summary"

@@ -1,7 +1,8 @@
 /* The engine against the goldens: all cases submitted together at different steps, under
  * chunk sizes 1, 7, 64 and unlimited, with a pool small enough to force preemption, with
  * prefix-cache reuse; random aborts leak nothing; seeded sampling does not depend on the
- * batch; min_tokens holds back stop tokens. After every scenario the pool is full again. */
+ * batch; min_tokens holds back stop tokens; every sampled token replays under the host rule
+ * (penalties, bans, filters, seeds, logprobs). After every scenario the pool is full again. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -329,6 +330,130 @@ static void starvation(void) {
     eng_destroy(e);
 }
 
+/* The engine samples by the rule of backend.h: every token of seeded requests with penalties,
+ * min_tokens bans, filters and logprobs is the host rule's on the row the hook saw, with the
+ * Philox counter at the output index and the penalty slot rebuilt from the tokens so far;
+ * logprobs agree with smp_logprobs on the raw row. */
+typedef struct replay {
+    float rows[40][2048];
+    int n_rows;
+} replay;
+static replay g_replay[2];
+
+static void on_replay_logits(void *user, int pos, const float *row, int V) {
+    replay *rp = user;
+    (void)pos;
+    if (rp->n_rows < 40 && V == 2048) memcpy(rp->rows[rp->n_rows++], row, sizeof rp->rows[0]);
+}
+
+static eng_token_lp g_lp[2][40];
+static int g_n_lp[2];
+static void on_replay_event(void *user, const eng_event *ev) {
+    on_event(user, ev);
+    if (ev->logprobs && ev->id < 2 && g_n_lp[ev->id] < 40)
+        g_lp[ev->id][g_n_lp[ev->id]++] = *ev->logprobs;
+}
+
+static void sampling_replay(void) {
+    eng_config c;
+    eng_config_default(&c);
+    c.max_num_seqs = 4;
+    c.n_blocks = 64;
+    c.block_size = 16;
+    c.max_model_len = 1024;
+    c.on_event = on_replay_event;
+    eng_engine *e = NULL;
+    CHECK(eng_create(&c, g_inst, NULL, &e) == DUET_OK);
+    if (!e) return;
+    const int n_tok = 24;
+    eng_sampling sp[2];
+    for (int i = 0; i < 2; i++) {
+        const golden_case *k = &G.cases[i + 1];
+        memset(&R[i], 0, sizeof R[i]);
+        memset(&g_replay[i], 0, sizeof g_replay[i]);
+        g_n_lp[i] = 0;
+        eng_request q = {.id = (uint64_t)i, .prompt = k->prompt, .n_prompt = k->n_prompt};
+        eng_sampling_default(&q.sampling);
+        q.sampling.smp.temperature = i ? 0.8f : 1.2f;
+        q.sampling.smp.top_p = i ? 0.9f : 1.0f;
+        q.sampling.smp.top_k = i ? 0 : 40;
+        q.sampling.smp.min_p = i ? 0.0f : 0.02f;
+        q.sampling.smp.repetition_penalty = 1.3f;
+        q.sampling.smp.frequency_penalty = i ? 0.7f : 0.0f;
+        q.sampling.smp.presence_penalty = 0.4f;
+        q.sampling.has_seed = true;
+        q.sampling.seed = 31 + (uint64_t)i;
+        q.sampling.max_tokens = n_tok;
+        q.sampling.min_tokens = 6;
+        q.sampling.n_stop_ids = 2;
+        q.sampling.stop_ids[0] = k->greedy[1];
+        q.sampling.stop_ids[1] = k->greedy[2];
+        q.sampling.logprobs = i ? 3 : 0;
+        q.user = &g_replay[i];
+        q.on_logits = on_replay_logits;
+        sp[i] = q.sampling;
+        char err[128];
+        CHECK(eng_submit(e, &q, err, sizeof err) == DUET_OK);
+    }
+    run_until_idle(e, 1000);
+    void *scratch = malloc(be_sample_host_scratch(2048));
+    static int32_t counts[2048];
+    static uint32_t bits[64];
+    smp_scratch ss = {0};
+    int replayed = 0;
+    for (int i = 0; i < 2; i++) {
+        const golden_case *k = &G.cases[i + 1];
+        CHECK(R[i].n_final == 1 && R[i].n_out >= 1 && R[i].n_out == g_replay[i].n_rows);
+        CHECK(g_n_lp[i] == R[i].n_out);
+        for (int j = 0; j < R[i].n_out && j < g_replay[i].n_rows; j++) {
+            memset(counts, 0, sizeof counts);
+            memset(bits, 0, sizeof bits);
+            for (int t = 0; t < k->n_prompt; t++)
+                bits[k->prompt[t] >> 5] |= 1u << (k->prompt[t] & 31);
+            for (int t = 0; t < j; t++) counts[R[i].out[t]]++;
+            be_sample_row r;
+            be_sample_row_init(&r);
+            r.temperature = sp[i].smp.temperature;
+            r.top_k = sp[i].smp.top_k;
+            r.top_p = sp[i].smp.top_p;
+            r.min_p = sp[i].smp.min_p;
+            r.repetition_penalty = sp[i].smp.repetition_penalty;
+            r.frequency_penalty = sp[i].smp.frequency_penalty;
+            r.presence_penalty = sp[i].smp.presence_penalty;
+            r.seed = sp[i].seed;
+            r.offset = (uint64_t)j;
+            r.n_logprobs = sp[i].logprobs;
+            if (j < 6) {
+                r.ban[r.n_ban++] = 1; /* EOS of the golden model */
+                r.ban[r.n_ban++] = sp[i].stop_ids[0];
+                r.ban[r.n_ban++] = sp[i].stop_ids[1];
+            }
+            be_sample_out o;
+            be_sample_top top;
+            be_sample_host_row(g_replay[i].rows[j], 2048, &r, counts, bits, scratch, &o, &top);
+            CHECK_MSG(o.token == R[i].out[j], "request %d token %d: engine %d, rule %d", i, j,
+                      R[i].out[j], o.token);
+            float lp;
+            smp_logprob want[3];
+            smp_logprobs(g_replay[i].rows[j], 2048, R[i].out[j], sp[i].logprobs, &lp, want, &ss);
+            const eng_token_lp *got = &g_lp[i][j];
+            CHECK(got->token == R[i].out[j] && got->n_top == sp[i].logprobs);
+            CHECK_NEAR(got->logprob, lp, 1e-5);
+            for (int t = 0; t < sp[i].logprobs; t++) {
+                CHECK(got->top[t].token == want[t].token);
+                CHECK_NEAR(got->top[t].logprob, want[t].logprob, 1e-5);
+            }
+            if (j < 6) CHECK(R[i].out[j] != sp[i].stop_ids[0] && R[i].out[j] != sp[i].stop_ids[1]);
+            replayed++;
+        }
+    }
+    CHECK(replayed >= 12);
+    smp_scratch_free(&ss);
+    free(scratch);
+    check_pool_full(e, "sampling replay");
+    eng_destroy(e);
+}
+
 /* Requests the engine must refuse, with a message. */
 static void refusals(void) {
     eng_engine *e = make(64, 16, 8, true);
@@ -375,6 +500,7 @@ int main(void) {
     random_aborts();
     seeded();
     stops();
+    sampling_replay();
     starvation();
     refusals();
     fio_unmap(&G.map);

@@ -25,8 +25,10 @@ duet_status be_create(const char *name, int device, be_backend **be_p) {
 duet_status be_create_dtype(const char *name, int device, dt_dtype dtype, be_backend **be_p) {
     (void)device;
     if (!strcmp(name, "cpu")) {
+        if (dtype == DT_BF16) return be_cpu_create_bf16(be_p); /* emulated, see backend_cpu.c */
         if (dtype != DT_COUNT && dtype != DT_F32) {
-            LOG_ERROR("the cpu backend computes in float32 only (asked for %s)", dt_name(dtype));
+            LOG_ERROR("the cpu backend computes in float32 (or emulates bf16), not %s",
+                      dt_name(dtype));
             return DUET_ERR_UNSUPPORTED;
         }
         return be_cpu_create(be_p);

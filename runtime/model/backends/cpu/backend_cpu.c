@@ -1,12 +1,19 @@
 /* The CPU reference backend: float32 everywhere, GEMMs through OpenBLAS, the rest in plain
  * loops parallelized with OpenMP. It is the readable statement of every op that faster
- * backends must match (tests/unit/test_backend_ops.c compares them). */
+ * backends must match (tests/unit/test_backend_ops.c compares them).
+ *
+ * bf16 emulation (be_cpu_create_bf16): the same ops with every value the CUDA backend stores in
+ * bf16 rounded to bf16 (round to nearest even) where it stores it: weights but the router's,
+ * uploads, and each op's output; what CUDA keeps in float32 stays float32 here (router logits
+ * and weights, norm weights, attention scores and its latent query, the accumulation of a
+ * token's experts). It is the reference for what bf16 costs (duet-check golden --compare-to). */
 #include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "model/backends/cpu/backend_cpu.h"
+#include "base/dtype.h"
 #include "base/log.h"
 
 #ifdef _OPENMP
@@ -42,10 +49,23 @@ typedef struct cpu_backend {
     float *scratch;
     size_t scratch_cap;
     duet_status err; /* first op failure since the last sync */
+    bool bf16;       /* emulate the CUDA backend's bf16 storage */
 } cpu_backend;
 
 static cpu_backend *cpu(be_backend *be) {
     return (cpu_backend *)be;
+}
+
+/* x[n] rounded to the nearest bf16 in place (the emulated store), when emulating. */
+static void store_bf16(const cpu_backend *c, float *x, size_t n) {
+    if (!c->bf16) return;
+    for (size_t i = 0; i < n; i++) x[i] = dt_bf16_to_f32(dt_f32_to_bf16(x[i]));
+}
+
+/* The same for rows [T, cols] of a matrix whose rows are stride elements apart. */
+static void store_bf16_rows(const cpu_backend *c, float *x, int T, int cols, int stride) {
+    if (!c->bf16) return;
+    for (int t = 0; t < T; t++) store_bf16(c, x + (size_t)t * stride, (size_t)cols);
 }
 
 static float *scratch_get(cpu_backend *c, size_t n) {
@@ -85,8 +105,8 @@ static void cpu_buf_free(be_backend *be, void *buf) {
 }
 
 static duet_status cpu_upload(be_backend *be, void *dst, size_t off, const float *src, size_t n) {
-    (void)be;
     memcpy((float *)dst + off, src, n * sizeof(float));
+    store_bf16(cpu(be), (float *)dst + off, n);
     return DUET_OK;
 }
 
@@ -105,8 +125,6 @@ static duet_status cpu_sync(be_backend *be) {
 
 static duet_status cpu_weight_create(be_backend *be, const float *w, int n_out, int n_in,
                                      bool keep_f32, be_weight **w_p) {
-    (void)be;
-    (void)keep_f32; /* everything is float32 here */
     be_weight *bw = malloc(sizeof *bw);
     float *data = malloc((size_t)n_out * (size_t)n_in * sizeof(float));
     if (!bw || !data) {
@@ -115,6 +133,8 @@ static duet_status cpu_weight_create(be_backend *be, const float *w, int n_out, 
         return DUET_ERR_NO_MEMORY;
     }
     memcpy(data, w, (size_t)n_out * (size_t)n_in * sizeof(float));
+    /* CUDA keeps keep_f32 weights (the router) in float32 and the rest in bf16 */
+    if (!keep_f32) store_bf16(cpu(be), data, (size_t)n_out * (size_t)n_in);
     bw->n_out = n_out;
     bw->n_in = n_in;
     bw->w = data;
@@ -229,20 +249,24 @@ static void cpu_embed(be_backend *be, void *out, const int32_t *ids, int T, cons
         else
             memset(o + (size_t)t * D, 0, (size_t)D * sizeof(float));
     }
+    store_bf16(cpu(be), o, (size_t)T * D); /* a float32 table is rounded on the way out */
 }
 
-static void cpu_linear(be_backend *be, void *y, const void *x, int x_stride, int T,
-                       const be_weight *w) {
-    (void)be;
+/* y[T, n_out] = x[T, n_in] @ W[n_out, n_in]^T in float32 */
+static void linear_f32(float *y, const void *x, int x_stride, int T, const be_weight *w) {
     if (T <= 0) return;
-    /* y[T, n_out] = x[T, n_in] @ W[n_out, n_in]^T */
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, w->n_out, w->n_in, 1.0f, x, x_stride,
                 w->w, w->n_in, 0.0f, y, w->n_out);
 }
 
+static void cpu_linear(be_backend *be, void *y, const void *x, int x_stride, int T,
+                       const be_weight *w) {
+    linear_f32(y, x, x_stride, T, w);
+    if (T > 0) store_bf16(cpu(be), y, (size_t)T * w->n_out);
+}
+
 static void cpu_rmsnorm(be_backend *be, void *out, int out_stride, const void *x, int x_stride,
                         const void *w, int T, int D, float eps) {
-    (void)be;
     const float *wf = w;
 #pragma omp parallel for if ((size_t)T * D > PAR_MIN_WORK)
     for (int t = 0; t < T; t++) {
@@ -253,23 +277,24 @@ static void cpu_rmsnorm(be_backend *be, void *out, int out_stride, const void *x
         float r = 1.0f / sqrtf(ss / (float)D + eps);
         for (int i = 0; i < D; i++) orow[i] = wf[i] * (xr[i] * r);
     }
+    store_bf16_rows(cpu(be), out, T, D, out_stride);
 }
 
 static void cpu_add(be_backend *be, void *y, const void *x, size_t n) {
-    (void)be;
     float *yf = y;
     const float *xf = x;
     for (size_t i = 0; i < n; i++) yf[i] += xf[i];
+    store_bf16(cpu(be), yf, n);
 }
 
 static void cpu_silu_mul(be_backend *be, void *out, const void *gu, int T, int inter) {
-    (void)be;
 #pragma omp parallel for if ((size_t)T * inter > PAR_MIN_WORK)
     for (int t = 0; t < T; t++) {
         const float *g = (const float *)gu + (size_t)t * 2 * inter, *u = g + inter;
         float *o = (float *)out + (size_t)t * inter;
         for (int i = 0; i < inter; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
+    store_bf16(cpu(be), out, (size_t)T * inter);
 }
 
 static void cpu_rope(be_backend *be, void *x, int T, int row_stride, int n_heads, int head_stride,
@@ -292,6 +317,7 @@ static void cpu_rope(be_backend *be, void *x, int T, int row_stride, int n_heads
                 p[2 * i] = x0 * cs[i] - x1 * sn[i];
                 p[2 * i + 1] = x0 * sn[i] + x1 * cs[i];
             }
+            store_bf16(c, p, (size_t)rope_dim);
         }
     }
 }
@@ -380,6 +406,7 @@ static void attend_expanded(cpu_backend *c, const be_kv *kv, int layer, int s, f
     /* kvx[ctx, H * (nope + v)] = lat[ctx, L] @ kv_b^T */
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ctx, kvw, L, 1.0f, lat, L, kv_b->w, L,
                 0.0f, kvx, kvw);
+    store_bf16(c, kvx, (size_t)ctx * kvw); /* CUDA's GEMM writes keys and values in bf16 */
 #pragma omp parallel for collapse(2) if ((size_t)n * H * ctx * (nope + rope) > PAR_MIN_WORK)
     for (int i = 0; i < n; i++) {
         for (int h = 0; h < H; h++) {
@@ -433,6 +460,9 @@ static void cpu_mla_attention(be_backend *be, void *out, const void *q, be_kv *k
                             tmp + per * (size_t)omp_get_thread_num());
         }
     }
+    /* scores, softmax and the latent query stay float32, as in CUDA's kernel; the output is
+     * stored */
+    store_bf16(c, out, (size_t)c->n_tokens * H * v);
 }
 
 /* Indices of the k largest of x[0..n) into idx, largest first; ties keep the lower index. */
@@ -454,7 +484,7 @@ static duet_status cpu_moe_route(be_backend *be, const void *x, int T, const be_
     int E = p->n_experts, K = p->top_k, G = p->n_group, per = E / G;
     float *logits = scratch_get(c, (size_t)T * E);
     if (!logits) return DUET_ERR_NO_MEMORY;
-    cpu_linear(be, logits, x, gate->n_in, T, gate);
+    linear_f32(logits, x, gate->n_in, T, gate); /* router logits stay float32 */
     const float *b = bias;
     for (int t = 0; t < T; t++) {
         float *s = logits + (size_t)t * E;
@@ -537,6 +567,8 @@ static void cpu_moe_experts(be_backend *be, void *out, const void *x, int T, int
             for (int d = 0; d < D; d++) o[d] += wt[i] * yr[d];
         }
     }
+    /* CUDA sums a token's experts in float32 and stores once */
+    store_bf16(c, out, (size_t)T * D);
 }
 
 static void cpu_gather_rows(be_backend *be, void *dst, const void *src, const int32_t *idx, int n,
@@ -552,11 +584,11 @@ static void cpu_gather_rows(be_backend *be, void *dst, const void *src, const in
 
 static void cpu_scatter_add_rows(be_backend *be, void *dst, const void *src, const int32_t *idx,
                                  int n, int D) {
-    (void)be;
     for (int i = 0; i < n; i++) {
         float *d = (float *)dst + (size_t)idx[i] * D;
         const float *s = (const float *)src + (size_t)i * D;
         for (int j = 0; j < D; j++) d[j] += s[j];
+        store_bf16(cpu(be), d, (size_t)D);
     }
 }
 
@@ -594,12 +626,27 @@ static const be_ops g_cpu_ops = {
     .gather_rows = cpu_gather_rows,
     .scatter_add_rows = cpu_scatter_add_rows,
     .zero = cpu_zero,
+    /* sampling: the host rule itself (backend_sample.c), reading the logits in place */
+    .sampler_create = be_host_sampler_create,
+    .sampler_destroy = be_host_sampler_destroy,
+    .sampler_slot_init = be_host_sampler_slot_init,
+    .sample = be_host_sample,
 };
 
-duet_status be_cpu_create(be_backend **be_p) {
+static duet_status create(bool bf16, be_backend **be_p) {
     cpu_backend *c = calloc(1, sizeof *c);
     if (!c) return DUET_ERR_NO_MEMORY;
     c->base.ops = &g_cpu_ops;
+    c->bf16 = bf16;
     *be_p = &c->base;
     return DUET_OK;
+}
+
+duet_status be_cpu_create(be_backend **be_p) {
+    return create(false, be_p);
+}
+
+duet_status be_cpu_create_bf16(be_backend **be_p) {
+    LOG_INFO("cpu backend: float32 arithmetic with bf16 storage emulated as on CUDA");
+    return create(true, be_p);
 }

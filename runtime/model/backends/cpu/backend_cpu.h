@@ -6,5 +6,8 @@
 #include "model/backend.h"
 
 duet_status be_cpu_create(be_backend **be_p);
+/* The same arithmetic with every value the CUDA backend stores as bf16 rounded to bf16 where it
+ * stores it (see backend_cpu.c): the reference for the cost of bf16. Buffers stay float32. */
+duet_status be_cpu_create_bf16(be_backend **be_p);
 
 #endif

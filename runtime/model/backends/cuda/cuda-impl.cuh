@@ -182,8 +182,12 @@ duet_status cuda_moe_route(be_backend *be, const void *x, int T, const be_weight
 void cuda_moe_experts(be_backend *be, void *out, const void *x, int T, int D, const int32_t *ids,
                       const float *weights, int K, const be_ffn *experts, int e0, int n_local);
 
-/* sample.cu */
-duet_status cuda_sample(be_backend *be, const void *logits, int n, int V, const be_sample_row *rows,
-                        int32_t *ids);
+/* sample.cu: the sampling ops */
+duet_status cuda_sampler_create(be_backend *be, int max_rows, int V, int n_slots, be_sampler **s_p);
+void cuda_sampler_destroy(be_backend *be, be_sampler *s);
+duet_status cuda_sampler_slot_init(be_backend *be, be_sampler *s, int slot, const int32_t *prompt,
+                                   int n_prompt, const int32_t *output, int n_output);
+duet_status cuda_sample(be_backend *be, be_sampler *s, const void *logits, int stride, int n_logits,
+                        int n);
 
 #endif
