@@ -111,7 +111,7 @@ static bool set_item(cJSON *obj, const char *key, cJSON *item) {
             if (it->string && strcmp(it->string, key) == 0)
                 cJSON_Delete(cJSON_DetachItemViaPointer(obj, it));
         }
-        return cJSON_ReplaceItemViaPointer(obj, first, item);
+        return cJSON_ReplaceItemInObjectCaseSensitive(obj, key, item);
     }
     if (!cJSON_AddItemToObject(obj, key, item)) {
         cJSON_Delete(item);
