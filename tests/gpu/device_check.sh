@@ -82,19 +82,21 @@ multi)
         "$G/tiny-v3" --backend cuda --dtype float32
     ;;
 mla)
-    run op-test test_backend_ops
-    san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-    TMO=240 run sanitizer-memcheck-op-test "$san" --tool memcheck --error-exitcode 9 test_backend_ops
-    TMO=240 run sanitizer-racecheck-mla "$san" --tool racecheck --error-exitcode 9 \
-        --kernel-name regex:mla_ test_backend_ops
-    TMO=180 run sanitizer-synccheck-mla "$san" --tool synccheck --error-exitcode 9 \
-        --kernel-name regex:mla_ test_backend_ops
+    # most telling first; the timeouts add up to under the device call's 10 minutes
+    TMO=120 run op-test test_backend_ops
+    TMO=150 run bench-mla bash -c "set -o pipefail; bench_mla 30 | tee '$out/bench_mla.txt'"
     # the tensor-core kernel's instructions: HMMA (mma.sync), LDSM (ldmatrix), LDGSTS
     # (cp.async), BAR; LDL/STL would be local-memory spills
-    export DIS=$(command -v cuobjdump || ls /usr/local/cuda*/bin/cuobjdump 2>/dev/null | head -1)
+    DIS=$(command -v cuobjdump || ls /usr/local/cuda*/bin/cuobjdump 2>/dev/null | head -1)
+    export DIS
     export -f sass_counts
-    run sass-mla bash -c 'sass_counts "$0"' "$(command -v test_backend_ops)"
-    TMO=300 run bench-mla bash -c "bench_mla 30 | tee '$out/bench_mla.txt'"
+    TMO=30 run sass-mla bash -c 'sass_counts "$0"' "$(command -v test_backend_ops)"
+    san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+    TMO=120 run sanitizer-memcheck-op-test "$san" --tool memcheck --error-exitcode 9 test_backend_ops
+    TMO=100 run sanitizer-racecheck-mla "$san" --tool racecheck --error-exitcode 9 \
+        --kernel-name regex:mla_ test_backend_ops
+    TMO=60 run sanitizer-synccheck-mla "$san" --tool synccheck --error-exitcode 9 \
+        --kernel-name regex:mla_ test_backend_ops
     ;;
 esac
 # the report lines and failures of every run, then the summary
