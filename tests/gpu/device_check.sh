@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks of one device-machine call, run from the offline bundle:
-#   bash .bundle/run.sh bash .bundle/device_check.sh single|multi
+#   bash .bundle/run.sh bash .bundle/device_check.sh single|multi|mla
 # single (one GPU): op test, sampling test and benchmark, goldens on CUDA in float32 and bf16,
 # bf16 against the bf16-emulating CPU backend row by row (needs the bundle built with
 # --golden .../tiny-v3-smooth --golden .../tiny-v3-fp8-smooth), the host's Open MPI with the
 # CPU backend, compute-sanitizer memcheck over golden runs and the sampling test.
 # multi (two GPUs): goldens with -tp 2 and -dp 2 --enable-expert-parallel over NCCL, and the
 # rank-failure test on the CUDA backend (a killed or stopped rank ends the instance).
+# mla (one GPU): the MLA decode kernels: op test, compute-sanitizer (memcheck over the op test,
+# racecheck and synccheck over its MLA kernels), their SASS, and bench_mla's table
+# (docs/kernels/mla.md).
 # Full output goes to $OUT/all.log (few files come back), a summary to stdout at the end.
 set -u
 out=${OUT:-/tmp/duet-device}
@@ -36,6 +39,14 @@ run() { # name cmd...
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
     ldd "$(command -v duet-check)" | grep -E "not found|nccl|cublas|libmpi|openblas|cjson"
 } >>"$log" 2>&1
+# SASS instruction counts of each mla_decode_tc kernel in a binary: "SASS <kernel> <op> <n>"
+sass_counts() {
+    "$DIS" -sass "$1" | awk '
+        /Function : / { f = ($3 ~ /mla_decode_tc/) ? $3 : "" }
+        f { for (i = 1; i <= NF; i++) if ($i ~ /^(HMMA|LDSM|LDGSTS|LDL|STL|BAR)/) {
+                split($i, a, "."); n[f " " a[1]]++ } }
+        END { for (k in n) print "SASS", k, n[k] }' | sort
+}
 mpi=(mpirun -np 2 -x LD_LIBRARY_PATH -x PATH -x NCCL_NVLS_ENABLE -x DUET_BUNDLE)
 
 case "${1:-single}" in
@@ -82,6 +93,23 @@ multi)
     run rank-failure-cuda bash "$DUET_BUNDLE/rank_failure.sh" "$(command -v duet-check)" \
         "$G/tiny-v3" --backend cuda --dtype float32
     ;;
+mla)
+    # most telling first; the timeouts add up to under the device call's 10 minutes
+    TMO=120 run op-test test_backend_ops
+    TMO=150 run bench-mla bash -c "set -o pipefail; bench_mla 30 | tee '$out/bench_mla.txt'"
+    # the tensor-core kernel's instructions: HMMA (mma.sync), LDSM (ldmatrix), LDGSTS
+    # (cp.async), BAR; LDL/STL would be local-memory spills
+    DIS=$(command -v cuobjdump || ls /usr/local/cuda*/bin/cuobjdump 2>/dev/null | head -1)
+    export DIS
+    export -f sass_counts
+    TMO=30 run sass-mla bash -c 'sass_counts "$0"' "$(command -v test_backend_ops)"
+    san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+    TMO=120 run sanitizer-memcheck-op-test "$san" --tool memcheck --error-exitcode 9 test_backend_ops
+    TMO=100 run sanitizer-racecheck-mla "$san" --tool racecheck --error-exitcode 9 \
+        --kernel-name regex:mla_ test_backend_ops
+    TMO=60 run sanitizer-synccheck-mla "$san" --tool synccheck --error-exitcode 9 \
+        --kernel-name regex:mla_ test_backend_ops
+    ;;
 esac
 # the report lines and failures of every run, then the summary
 grep -E "^=== |PASS|FAIL|passed|error|ERROR|did not complete|rel_l2|agree|differ from|chi-square|skipped|SUMMARY|unpacked|NCCL [0-9]" \
@@ -90,5 +118,7 @@ if [ -f "$out/bench_sample.txt" ]; then
     echo "---- bench_sample"
     cat "$out/bench_sample.txt"
 fi
+grep -E "^SASS " "$log"
+[ -f "$out/bench_mla.txt" ] && sed -n '/^device copy/p;/^per op/,$p' "$out/bench_mla.txt"
 echo "---- summary"
 cat "$summary"

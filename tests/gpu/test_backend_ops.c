@@ -270,6 +270,10 @@ typedef struct mla_case {
     int H, nope, R, v, L, bs, n_layers, layer;
     int n_seqs;
     int n_tok[8], pos0[8]; /* per sequence: new tokens and first position */
+    /* bf16 only: the decode sequences must take the tensor-core kernel; split > 0 forces its
+     * KV split count (0: the backend's choice) */
+    bool want_tc;
+    int split;
 } mla_case;
 
 static void test_mla(tb *t, const mla_case *mc) {
@@ -364,11 +368,24 @@ static void test_mla(tb *t, const mla_case *mc) {
     pweight kvb = pweight_new(t, H * (nope + v), L, 0.5f, false);
     pbuf out = pbuf_new(t, NULL, (size_t)T * H * v, true);
     float scale = 1.0f / sqrtf((float)(nope + R));
+    CHECK(be_cuda_mla_tune(t->be[GPU], mc->split, 0) == DUET_OK);
     for (int k = 0; k < 2; k++)
         t->be[k]->ops->mla_attention(t->be[k], out.b[k], q.b[k], kv[k], mc->layer, kvb.w[k], H,
                                      nope, R, v, scale);
-    snprintf(name, sizeof name, "mla_attention (%s)", mc->name);
+    be_cuda_mla_info info = {0};
+    CHECK(be_cuda_mla_last(t->be[GPU], &info) == DUET_OK);
+    CHECK(be_cuda_mla_tune(t->be[GPU], 0, 0) == DUET_OK);
+    if (info.tensor_cores)
+        snprintf(name, sizeof name, "mla_attention (%s; tc %d rows x %d groups, %d splits)",
+                 mc->name, info.rows_per_block, info.n_groups, info.n_split);
+    else
+        snprintf(name, sizeof name, "mla_attention (%s)", mc->name);
     compare(t, name, &out, t->tol);
+    if (t->dt == DT_BF16 && mc->want_tc) {
+        CHECK_MSG(info.tensor_cores, "%s: the tensor-core decode kernel did not run", mc->name);
+        if (!info.tensor_cores) t->failed++;
+        if (mc->split > 0) CHECK_EQ_INT(info.n_split, mc->split);
+    }
 
     pbuf_free(t, &kva);
     pbuf_free(t, &q);
@@ -383,6 +400,70 @@ static void test_mla(tb *t, const mla_case *mc) {
     free(slot);
     free(kvah);
     free(qh);
+}
+
+/* The decode path at DeepSeek's shapes (L 512, rope 64, nope 128, v 128): contexts of 1, 17,
+ * 300 and 4100 positions over scrambled blocks, one and three query rows per sequence (causal
+ * among them), V2-Lite's 16 heads and V3's 128 (and 32, V3 over TP 4), forced and chosen KV
+ * splits, and prompt chunks (expanded form) between decode sequences in one batch. */
+static void test_mla_decode(tb *t) {
+    mla_case c = {.H = 16,
+                  .nope = 128,
+                  .R = 64,
+                  .v = 128,
+                  .L = 512,
+                  .bs = 64,
+                  .n_layers = 2,
+                  .layer = 1,
+                  .n_seqs = 4,
+                  .n_tok = {1, 1, 1, 1},
+                  .pos0 = {0, 16, 299, 4099},
+                  .want_tc = true};
+    c.name = "V2-Lite decode";
+    test_mla(t, &c);
+    c.name = "V2-Lite decode, 1 split";
+    c.split = 1;
+    test_mla(t, &c);
+    c.name = "V2-Lite decode, 7 splits";
+    c.split = 7;
+    test_mla(t, &c);
+    c.split = 0;
+    c.name = "V2-Lite 3 rows";
+    for (int s = 0; s < 4; s++) {
+        c.n_tok[s] = 3;
+        c.pos0[s] -= s ? 2 : 0; /* contexts 3, 17, 300, 4100 */
+    }
+    test_mla(t, &c);
+    c.name = "V2-Lite mixed, 2 rows, chunk";
+    c.n_seqs = 5;
+    int tok_mix[5] = {1, 2, 20, 1, 2}, pos_mix[5] = {50, 7, 0, 1000, 4098};
+    memcpy(c.n_tok, tok_mix, sizeof tok_mix);
+    memcpy(c.pos0, pos_mix, sizeof pos_mix);
+    test_mla(t, &c);
+
+    mla_case v3 = c;
+    v3.H = 128;
+    v3.bs = 16; /* tiles of 32 positions straddle blocks */
+    v3.n_layers = 1;
+    v3.layer = 0;
+    v3.n_seqs = 4;
+    int tok1[4] = {1, 1, 1, 1}, pos1[4] = {0, 16, 299, 4099};
+    memcpy(v3.n_tok, tok1, sizeof tok1);
+    memcpy(v3.pos0, pos1, sizeof pos1);
+    v3.name = "V3 128 heads decode";
+    test_mla(t, &v3);
+    v3.name = "V3 128 heads 3 rows";
+    int tok3[4] = {3, 3, 3, 3}, pos3[4] = {0, 14, 297, 4097};
+    memcpy(v3.n_tok, tok3, sizeof tok3);
+    memcpy(v3.pos0, pos3, sizeof pos3);
+    test_mla(t, &v3);
+    v3.name = "V3 TP4 32 heads 2 rows, 5 splits";
+    v3.H = 32;
+    v3.split = 5;
+    int tok2[4] = {2, 2, 2, 2}, pos2[4] = {0, 15, 298, 4098};
+    memcpy(v3.n_tok, tok2, sizeof tok2);
+    memcpy(v3.pos0, pos2, sizeof pos2);
+    test_mla(t, &v3);
 }
 
 /* ---- MoE ---- */
@@ -514,6 +595,7 @@ static void run_all(tb *t) {
                     .n_tok = {1, 40, 1},
                     .pos0 = {300, 100, 5}};
     test_mla(t, &big);
+    test_mla_decode(t);
     be_route_params v3 = {.n_experts = 64,
                           .top_k = 6,
                           .n_group = 8,

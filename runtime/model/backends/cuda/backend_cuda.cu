@@ -182,6 +182,7 @@ static void cuda_destroy(be_backend *be) {
     if (c->stream) cudaStreamDestroy(c->stream);
     free(c->h_batch);
     free(c->host_tmp);
+    free(c->mla);
     free(c);
 }
 
@@ -501,6 +502,10 @@ static duet_status cuda_comm_attach(be_backend *be, comm_group *g) {
 
 static const be_ops g_cuda_ops_bf16 = CUDA_OPS(DT_BF16);
 static const be_ops g_cuda_ops_f32 = CUDA_OPS(DT_F32);
+
+extern "C" void *be_cuda_stream(be_backend *be) {
+    return cuda_be(be)->stream;
+}
 
 extern "C" int be_cuda_device_count(void) {
     int n = 0;

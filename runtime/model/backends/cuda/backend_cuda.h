@@ -19,6 +19,36 @@ duet_status be_cuda_create(int device, dt_dtype dtype, be_backend **be_p);
 /* CUDA devices visible to this process; 0 when there is no driver or device. */
 int be_cuda_device_count(void);
 
+/* ---- for tests and benchmarks (tests/gpu), not for the serving path ---- */
+
+/* The backend's stream (a cudaStream_t): every op is ordered on it, so a benchmark can time
+ * ops with events on it or capture them into a CUDA graph. */
+void *be_cuda_stream(be_backend *be);
+
+/* Phases of the MLA decode path that be_cuda_mla_tune can leave out. A run with any left out
+ * computes garbage: the mask exists to time the phases by difference. */
+enum {
+    BE_CUDA_MLA_SKIP_QABS = 1,    /* q_nope @ W_uk (cuBLAS) */
+    BE_CUDA_MLA_SKIP_ATTN = 2,    /* the tensor-core attention kernel */
+    BE_CUDA_MLA_SKIP_COMBINE = 4, /* the split-KV combine kernel */
+    BE_CUDA_MLA_SKIP_OUTABS = 8,  /* o_lat @ W_uv (cuBLAS) */
+};
+
+/* What the last mla_attention call did on its absorbed (decode) sequences. */
+typedef struct be_cuda_mla_info {
+    bool tensor_cores;  /* the bf16 tensor-core kernel ran (false: the CUDA-core kernel) */
+    int n_split;        /* KV splits per sequence */
+    int rows_per_block; /* (query row, head) pairs one block computes: 16, 32 or 64 */
+    int n_groups;       /* blocks per sequence and split: ceil(rows / rows_per_block) */
+    int n_blocks;       /* blocks of the attention launch */
+} be_cuda_mla_info;
+
+/* n_split > 0 forces the KV split count of later mla_attention calls (0: the backend
+ * chooses); skip is a mask of BE_CUDA_MLA_SKIP_*. DUET_ERR_INVALID for n_split outside [0, 4096].
+ */
+duet_status be_cuda_mla_tune(be_backend *be, int n_split, unsigned skip);
+duet_status be_cuda_mla_last(be_backend *be, be_cuda_mla_info *info_p);
+
 #ifdef __cplusplus
 }
 #endif

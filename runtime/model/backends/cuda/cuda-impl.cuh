@@ -71,6 +71,8 @@ typedef struct cuda_backend {
     size_t scr_bytes[SCR_COUNT];
     void *host_tmp; /* host staging for index tables, grown on demand */
     size_t host_tmp_bytes;
+
+    struct cuda_mla *mla; /* mla.cu's state (host memory, made at first use; freed by destroy) */
 } cuda_backend;
 
 static inline cuda_backend *cuda_be(be_backend *be) {

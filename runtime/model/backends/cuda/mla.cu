@@ -1,12 +1,29 @@
-/* MLA attention over the paged latent cache (see be_ops.mla_attention and the CPU reference's
- * attend_absorbed / attend_expanded). Both forms share one kernel, one block per (query
- * token, head), walking the context in tiles with an online (running max) float32 softmax:
- *   absorbed (single-token decode): q_nope is folded into the latent space through W_uk,
- *     scores and the weighted sum run over cached latents, W_uv maps the result back;
- *   expanded (prompt chunks): the sequence's latents go through kv_b once (a cuBLAS GEMM)
- *     into keys and values for every head, then plain causal attention.
- * Both take the rope part of the key from the cache. */
+/* MLA attention over the paged latent cache (be_ops.mla_attention; the CPU reference's
+ * attend_absorbed / attend_expanded). Sequences with at most MLA_ABS_MAX_Q new tokens (decode,
+ * speculative verify) take the absorbed form, longer prompt chunks the expanded one:
+ *   absorbed, bf16 with DeepSeek's latent (L = 512, rope 64): q_nope and the result go through
+ *     W_uk / W_uv as head-batched cuBLAS GEMMs; attention over the latents is a tensor-core
+ *     kernel that reads each cached tile once for up to 64 (query row, head) pairs, split over
+ *     the context so every SM has work, and a second kernel combines the splits;
+ *   absorbed otherwise (float32, other shapes), and expanded: one block per (query token,
+ *     head) on CUDA cores; the expanded form first rebuilds keys and values from the latents
+ *     with kv_b (a cuBLAS GEMM).
+ * Launch shapes depend only on the batch's shape (tokens and sequences, rows per sequence,
+ * max_blocks), never on context lengths, which the kernels read on the device: the decode
+ * path can be captured in a CUDA graph. Design and numbers: docs/kernels/mla.md. */
+#include <math.h>
+#include <stdlib.h>
+
 #include "model/backends/cuda/cuda-impl.cuh"
+#include "model/backends/cuda/mla-tc.cuh"
+
+extern "C" {
+#include "model/backends/cuda/backend_cuda.h"
+}
+
+#define MLA_ABS_MAX_Q 8 /* a sequence with more new tokens is a prompt chunk: expanded form */
+
+/* ---- the CUDA-core kernel (float32, any shape; the expanded form) ---- */
 
 #define MLA_TILE    64  /* context positions scored per round */
 #define MLA_THREADS 128 /* 4 warps; MLA_TILE <= MLA_THREADS */
@@ -15,14 +32,28 @@ template <typename T> struct mla_args {
     T *out;         /* [T, H * v] */
     const T *q;     /* [T, H * (nope + rope)] */
     const T *cache; /* the pool: [block][layer][bs][kv_dim] */
-    const int32_t *table, *pos;
-    const int32_t *tok, *seq; /* absorbed: token and sequence of each block row */
-    int t0, seq0;             /* expanded: the chunk's first token and its sequence */
-    const T *kvx;             /* expanded: [ctx, H * (nope + v)] keys and values */
-    const T *wkvb;            /* absorbed: kv_b [H * (nope + v), L] */
+    const int32_t *table, *pos, *start;
+    int n_seqs, max_q; /* absorbed: the batch's sequences; ones with more tokens are skipped */
+    int t0, seq0;      /* expanded: the chunk's first token and its sequence */
+    const T *kvx;      /* expanded: [ctx, H * (nope + v)] keys and values */
+    const T *wkvb;     /* absorbed: kv_b [H * (nope + v), L] */
     int H, nope, rope, v, L, kv_dim, n_layers, bs, max_blocks, layer;
     float scale;
 };
+
+/* The sequence holding token t: the last s with start[s] <= t (empty sequences share their
+ * start with the next one, so the last such s is the one that holds t). */
+__device__ __forceinline__ int seq_of(const int32_t *start, int n_seqs, int t) {
+    int lo = 0, hi = n_seqs - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if (start[mid] <= t)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    return lo;
+}
 
 template <typename T, bool ABS>
 __global__ void __launch_bounds__(MLA_THREADS) mla_kernel(mla_args<T> a) {
@@ -33,9 +64,10 @@ __global__ void __launch_bounds__(MLA_THREADS) mla_kernel(mla_args<T> a) {
     float *qa = sh, *qr = qa + A, *acc = qr + a.rope, *sc = acc + Vd;
     size_t *rowoff = (size_t *)(sh + ((A + a.rope + Vd + MLA_TILE + 1) & ~1));
     const int h = blockIdx.y;
-    const int t = ABS ? a.tok[blockIdx.x] : a.t0 + (int)blockIdx.x;
-    const int s = ABS ? a.seq[blockIdx.x] : a.seq0;
-    const int upto = a.pos[t] + 1; /* causal: positions 0 .. own */
+    const int t = ABS ? (int)blockIdx.x : a.t0 + (int)blockIdx.x;
+    const int s = ABS ? seq_of(a.start, a.n_seqs, t) : a.seq0;
+    if (ABS && a.start[s + 1] - a.start[s] > a.max_q) return; /* the expanded form's token */
+    const int upto = a.pos[t] + 1;                            /* causal: positions 0 .. own */
     const int hw = a.nope + a.v, kvw = a.H * hw;
     const T *qh = a.q + (size_t)t * a.H * (a.nope + a.rope) + (size_t)h * (a.nope + a.rope);
 
@@ -133,6 +165,186 @@ static size_t mla_smem(int A, int rope, int Vd) {
            MLA_TILE * sizeof(size_t);
 }
 
+/* ---- the tensor-core decode kernels (bodies in mla-tc.cuh) ---- */
+
+constexpr int MLA_MIN_SPLIT = 128; /* fewest positions worth a split of their own */
+constexpr int MLA_MAX_SPLIT = 128;
+
+template <int MT> __global__ void __launch_bounds__(TC_THREADS, 1) mla_decode_tc(tc_args a) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    tc_block<MT>(a, smem, (int)threadIdx.x, (int)blockIdx.x);
+}
+
+__global__ void __launch_bounds__(TC_COMBINE_THREADS) mla_combine(tc_combine_args a) {
+    tc_combine(a, (int)threadIdx.x, (int)blockIdx.x, (int)blockIdx.y);
+}
+
+/* ---- host side ---- */
+
+struct cuda_mla {
+    int n_sm;
+    int occ[3]; /* blocks per SM of mla_decode_tc<1, 2, 4>; 0 until first used */
+    int force_split;
+    unsigned skip;
+    be_cuda_mla_info last;
+};
+
+static cuda_mla *mla_state(cuda_backend *c) {
+    if (c->mla) return c->mla;
+    cuda_mla *m = (cuda_mla *)calloc(1, sizeof *m);
+    if (!m) {
+        LOG_ERROR("cuda backend: no memory for the MLA state");
+        c->err = DUET_ERR_NO_MEMORY;
+        return NULL;
+    }
+    if (CUDA_CHECK(c, cudaDeviceGetAttribute(&m->n_sm, cudaDevAttrMultiProcessorCount,
+                                             c->device)) != DUET_OK) {
+        free(m);
+        return NULL;
+    }
+    c->mla = m;
+    return m;
+}
+
+/* Once per kernel: the shared-memory opt-in, and how many blocks fit on one SM. */
+template <int MT> static int tc_prepare(cuda_backend *c, cuda_mla *m) {
+    const int idx = MT == 1 ? 0 : MT == 2 ? 1 : 2;
+    if (m->occ[idx]) return m->occ[idx];
+    const int smem = (int)tc_cfg<MT>::SMEM;
+    if (CUDA_CHECK(c, cudaFuncSetAttribute(mla_decode_tc<MT>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) !=
+        DUET_OK)
+        return 0;
+    int n = 0;
+    if (CUDA_CHECK(c, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, mla_decode_tc<MT>,
+                                                                    TC_THREADS, smem)) != DUET_OK)
+        return 0;
+    if (n < 1) {
+        LOG_ERROR("cuda backend: mla_decode_tc<%d> (%d bytes of shared memory) fits no SM", MT,
+                  smem);
+        c->err = DUET_ERR_DEVICE;
+        return 0;
+    }
+    m->occ[idx] = n;
+    return n;
+}
+
+template <int MT> static void tc_launch(cuda_backend *c, const tc_args &a, int n_blocks) {
+    mla_decode_tc<MT><<<n_blocks, TC_THREADS, tc_cfg<MT>::SMEM, c->stream>>>(a);
+    CUDA_LAUNCHED(c, "mla_decode_tc");
+}
+
+static char *carve(char **p, size_t bytes) {
+    char *r = *p;
+    *p += (bytes + 255) & ~(size_t)255;
+    return r;
+}
+
+/* The absorbed form on tensor cores for sequences of 1 .. MLA_ABS_MAX_Q tokens; qmax is the
+ * most any of them has, [t_lo, t_hi) the token rows they span (rows of prompt chunks in that
+ * range get garbage here and are rewritten by the expanded form afterwards). */
+static void mla_decode_tc_run(cuda_backend *c, bf16 *out, const bf16 *q, const be_kv *kv, int layer,
+                              const be_weight *kv_b, int H, int nope, int v, float scale, int qmax,
+                              int t_lo, int t_hi) {
+    cuda_mla *m = mla_state(c);
+    if (!m) return;
+    const int rows = qmax * H;
+    const int MT = rows <= 16 ? 1 : rows <= 32 ? 2 : 4, RT = 16 * MT;
+    const int n_groups = (rows + RT - 1) / RT, rows_pad = n_groups * RT;
+    const int occ = MT == 1   ? tc_prepare<1>(c, m)
+                    : MT == 2 ? tc_prepare<2>(c, m)
+                              : tc_prepare<4>(c, m);
+    if (!occ) return;
+
+    /* splits: enough blocks for one full wave, none shorter than MLA_MIN_SPLIT positions of
+     * the longest context the block table can hold; host values fixed for a batch shape */
+    const int per_split = c->n_seqs * n_groups;
+    int n_split = m->n_sm * occ / per_split;
+    const int longest = c->max_blocks * kv->block_size;
+    n_split = min(n_split, (longest + MLA_MIN_SPLIT - 1) / MLA_MIN_SPLIT);
+    n_split = max(1, min(n_split, MLA_MAX_SPLIT));
+    if (m->force_split > 0) n_split = m->force_split;
+
+    const int T = c->n_tokens, qw = nope + TC_R;
+    const size_t lat_b = (size_t)T * H * TC_L * sizeof(bf16);
+    const size_t part_rows = n_split > 1 ? (size_t)c->n_seqs * n_split * rows_pad : 0;
+    char *p = (char *)cuda_scratch(
+        c, SCR_OP, 2 * (lat_b + 256) + part_rows * (TC_L + 1) * sizeof(float) + 512);
+    if (!p) return;
+    bf16 *qlat = (bf16 *)carve(&p, lat_b), *olat = (bf16 *)carve(&p, lat_b);
+    float *opart = (float *)carve(&p, part_rows * TC_L * sizeof(float));
+    float *lse = (float *)carve(&p, part_rows * sizeof(float));
+
+    const bf16 *w = (const bf16 *)kv_b->w;
+    const long long w_stride = (long long)(nope + v) * TC_L; /* one head's rows of kv_b */
+    const int nt = t_hi - t_lo;
+    const float one = 1.0f, zero = 0.0f;
+    /* q_lat[t, h, :] = q_nope[t, h, :] @ W_uk[h]: per head, column-major,
+     * C [L, nt] = W_uk[h] ([nope, L] row-major = [L, nope] column-major) * q_nope [nope, nt] */
+    if (!(m->skip & BE_CUDA_MLA_SKIP_QABS) &&
+        CUBLAS_CHECK(c, cublasGemmStridedBatchedEx(
+                            c->blas, CUBLAS_OP_N, CUBLAS_OP_N, TC_L, nt, nope, &one, w, CUDA_R_16BF,
+                            TC_L, w_stride, q + (size_t)t_lo * H * qw, CUDA_R_16BF, H * qw, qw,
+                            &zero, qlat + (size_t)t_lo * H * TC_L, CUDA_R_16BF, H * TC_L, TC_L, H,
+                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)) != DUET_OK)
+        return;
+
+    tc_args a;
+    a.qlat = qlat;
+    a.q = q;
+    a.cache = (const bf16 *)kv->data;
+    a.start = c->d_start;
+    a.pos = c->d_pos;
+    a.table = c->d_table;
+    a.opart = opart;
+    a.lse = lse;
+    a.olat = olat;
+    a.H = H;
+    a.qw = qw;
+    a.nope = nope;
+    a.n_layers = kv->n_layers;
+    a.bs = kv->block_size;
+    a.max_blocks = c->max_blocks;
+    a.n_blocks = kv->n_blocks;
+    a.layer = layer;
+    a.n_split = n_split;
+    a.n_groups = n_groups;
+    a.max_q = MLA_ABS_MAX_Q;
+    a.scale_log2 = scale * 1.4426950408889634f;
+    const int n_blocks = c->n_seqs * n_split * n_groups;
+    if (!(m->skip & BE_CUDA_MLA_SKIP_ATTN)) {
+        if (MT == 1)
+            tc_launch<1>(c, a, n_blocks);
+        else if (MT == 2)
+            tc_launch<2>(c, a, n_blocks);
+        else
+            tc_launch<4>(c, a, n_blocks);
+        if (c->err != DUET_OK) return;
+    }
+    if (n_split > 1 && !(m->skip & BE_CUDA_MLA_SKIP_COMBINE)) {
+        const tc_combine_args ca = {opart, lse,     olat,     c->d_start,
+                                    H,     n_split, rows_pad, MLA_ABS_MAX_Q};
+        mla_combine<<<dim3(rows_pad, c->n_seqs), TC_COMBINE_THREADS, 0, c->stream>>>(ca);
+        if (CUDA_LAUNCHED(c, "mla_combine") != DUET_OK) return;
+    }
+    /* out[t, h * v + :] = W_uv[h] o_lat[t, h, :]: per head, column-major,
+     * C [v, nt] = W_uv[h]^T ([v, L] row-major = [L, v] column-major, transposed) * o_lat */
+    if (!(m->skip & BE_CUDA_MLA_SKIP_OUTABS) &&
+        CUBLAS_CHECK(c, cublasGemmStridedBatchedEx(
+                            c->blas, CUBLAS_OP_T, CUBLAS_OP_N, v, nt, TC_L, &one,
+                            w + (size_t)nope * TC_L, CUDA_R_16BF, TC_L, w_stride,
+                            olat + (size_t)t_lo * H * TC_L, CUDA_R_16BF, H * TC_L, TC_L, &zero,
+                            out + (size_t)t_lo * H * v, CUDA_R_16BF, H * v, v, H,
+                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)) != DUET_OK)
+        return;
+
+    m->last.tensor_cores = true;
+    m->last.n_split = n_split;
+    m->last.rows_per_block = RT;
+    m->last.n_groups = n_groups;
+    m->last.n_blocks = n_blocks;
+}
+
 template <typename T>
 static void mla_run(cuda_backend *c, void *out, const void *q, be_kv *kv, int layer,
                     const be_weight *kv_b, int H, int nope, int rope, int v, float scale) {
@@ -143,6 +355,9 @@ static void mla_run(cuda_backend *c, void *out, const void *q, be_kv *kv, int la
     a.cache = (const T *)kv->data;
     a.table = c->d_table;
     a.pos = c->d_pos;
+    a.start = c->d_start;
+    a.n_seqs = c->n_seqs;
+    a.max_q = MLA_ABS_MAX_Q;
     a.wkvb = (const T *)kv_b->w;
     a.H = H;
     a.nope = nope;
@@ -156,28 +371,31 @@ static void mla_run(cuda_backend *c, void *out, const void *q, be_kv *kv, int la
     a.layer = layer;
     a.scale = scale;
 
-    /* single-token sequences: one absorbed launch for all of them */
-    int n_dec = 0, max_ctx = 0;
+    /* the batch's shape: sequences short enough for the absorbed form, and prompt chunks */
+    int qmax = 0, t_lo = c->n_tokens, t_hi = 0, max_ctx = 0;
     for (int s = 0; s < c->n_seqs; s++) {
         int n = c->h_start[s + 1] - c->h_start[s];
-        if (n == 1) n_dec++;
-        if (n > 1 && c->h_ctx[s] > max_ctx) max_ctx = c->h_ctx[s];
+        if (n >= 1 && n <= MLA_ABS_MAX_Q) {
+            qmax = n > qmax ? n : qmax;
+            t_lo = c->h_start[s] < t_lo ? c->h_start[s] : t_lo;
+            t_hi = c->h_start[s + 1] > t_hi ? c->h_start[s + 1] : t_hi;
+        }
+        if (n > MLA_ABS_MAX_Q && c->h_ctx[s] > max_ctx) max_ctx = c->h_ctx[s];
     }
-    if (n_dec) {
-        int32_t *h = (int32_t *)cuda_host_tmp(c, (size_t)n_dec * 2 * sizeof(int32_t));
-        if (!h) return;
-        for (int s = 0, i = 0; s < c->n_seqs; s++)
-            if (c->h_start[s + 1] - c->h_start[s] == 1) {
-                h[i] = c->h_start[s];
-                h[n_dec + i] = s;
-                i++;
-            }
-        int32_t *d = cuda_upload_idx(c, h, (size_t)n_dec * 2);
-        if (!d) return;
-        a.tok = d;
-        a.seq = d + n_dec;
-        mla_kernel<T, true><<<dim3(n_dec, H), MLA_THREADS, mla_smem(L, rope, L), c->stream>>>(a);
-        if (CUDA_LAUNCHED(c, "mla_kernel (absorbed)") != DUET_OK) return;
+    if (c->mla) c->mla->last = be_cuda_mla_info{};
+    if (qmax) {
+        const bool tc = c->act == DT_BF16 && L == TC_L && rope == TC_R && nope % 8 == 0 &&
+                        (uintptr_t)q % 16 == 0 && (uintptr_t)kv->data % 16 == 0;
+        if (tc) {
+            mla_decode_tc_run(c, (bf16 *)out, (const bf16 *)q, kv, layer, kv_b, H, nope, v, scale,
+                              qmax, t_lo, t_hi);
+        } else {
+            /* every token's block; those of prompt chunks return at once */
+            mla_kernel<T, true>
+                <<<dim3(c->n_tokens, H), MLA_THREADS, mla_smem(L, rope, L), c->stream>>>(a);
+            CUDA_LAUNCHED(c, "mla_kernel (absorbed)");
+        }
+        if (c->err != DUET_OK) return;
     }
     if (!max_ctx) return;
 
@@ -190,7 +408,7 @@ static void mla_run(cuda_backend *c, void *out, const void *q, be_kv *kv, int la
     a.kvx = kvx;
     for (int s = 0; s < c->n_seqs; s++) {
         int t0 = c->h_start[s], n = c->h_start[s + 1] - t0, ctx = c->h_ctx[s];
-        if (n <= 1) continue;
+        if (n <= MLA_ABS_MAX_Q) continue;
         size_t cnt = (size_t)ctx * L;
         unsigned g = (unsigned)((cnt + 255) / 256 < 65535 * 16 ? (cnt + 255) / 256 : 65535 * 16);
         gather_latents<T><<<g, 256, 0, c->stream>>>(lat, (const T *)kv->data, c->d_table, s, ctx, L,
@@ -219,4 +437,22 @@ void cuda_mla_attention(be_backend *be, void *out, const void *q, be_kv *kv, int
         mla_run<bf16>(c, out, q, kv, layer, kv_b, H, nope, rope, v, scale);
     else
         mla_run<float>(c, out, q, kv, layer, kv_b, H, nope, rope, v, scale);
+}
+
+extern "C" duet_status be_cuda_mla_tune(be_backend *be, int n_split, unsigned skip) {
+    cuda_backend *c = cuda_be(be);
+    if (n_split < 0 || n_split > 4096) return DUET_ERR_INVALID;
+    cuda_mla *m = mla_state(c);
+    if (!m) return c->err;
+    m->force_split = n_split;
+    m->skip = skip;
+    return DUET_OK;
+}
+
+extern "C" duet_status be_cuda_mla_last(be_backend *be, be_cuda_mla_info *info_p) {
+    cuda_backend *c = cuda_be(be);
+    cuda_mla *m = mla_state(c);
+    if (!m) return c->err;
+    *info_p = m->last;
+    return DUET_OK;
 }

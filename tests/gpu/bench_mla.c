@@ -1,0 +1,336 @@
+/* MLA decode microbenchmark: times the CUDA backend's be_ops.mla_attention on decode batches
+ * (one or a few new tokens per sequence, absorbed form) at DeepSeek-V2-Lite and V3 shapes,
+ * and the device copy bandwidth it is measured against. Each timing is the median over
+ * replays of a CUDA graph holding the op once per layer of a cache large enough not to sit in
+ * L2; phases are timed by difference (be_cuda_mla_tune leaves them out). No engine, no model.
+ * Usage: bench_mla [replays]   (exit 77 without a device). docs/kernels/mla.md reads the table. */
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model/backend.h"
+#include "model/backends/cuda/backend_cuda.h"
+
+#define BS   64 /* the engine's default block size */
+#define L_   512
+#define R_   64
+#define NOPE 128
+#define V_   128
+
+static int g_fail;
+
+static int cuda_ok(cudaError_t e, const char *what) {
+    if (e == cudaSuccess) return 1;
+    fprintf(stderr, "bench_mla: %s: %s\n", what, cudaGetErrorString(e));
+    g_fail = 1;
+    return 0;
+}
+
+static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
+static uint64_t rnd(void) {
+    g_rng ^= g_rng << 13;
+    g_rng ^= g_rng >> 7;
+    g_rng ^= g_rng << 17;
+    return g_rng;
+}
+static float urand(float a) {
+    return ((float)(rnd() >> 40) / 16777216.0f * 2.0f - 1.0f) * a;
+}
+
+static int cmp_float(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return x < y ? -1 : x > y;
+}
+
+static float median(float *v, int n) {
+    qsort(v, (size_t)n, sizeof *v, cmp_float);
+    return n % 2 ? v[n / 2] : 0.5f * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* Device copy: median over 10 copies of 4 GiB, bytes read plus written, in GB/s. */
+static double copy_bandwidth(void) {
+    size_t bytes = (size_t)4 << 30;
+    void *a = NULL, *b = NULL;
+    cudaEvent_t e0, e1;
+    double gbs = 0;
+    if (!cuda_ok(cudaMalloc(&a, bytes), "cudaMalloc (copy source)")) return 0;
+    if (!cuda_ok(cudaMalloc(&b, bytes), "cudaMalloc (copy target)")) {
+        cudaFree(a);
+        return 0;
+    }
+    cuda_ok(cudaMemset(a, 0x5a, bytes), "cudaMemset");
+    cuda_ok(cudaEventCreate(&e0), "cudaEventCreate");
+    cuda_ok(cudaEventCreate(&e1), "cudaEventCreate");
+    float ms[10];
+    for (int i = -2; i < 10; i++) {
+        cuda_ok(cudaEventRecord(e0, 0), "cudaEventRecord");
+        cuda_ok(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, 0), "cudaMemcpyAsync");
+        cuda_ok(cudaEventRecord(e1, 0), "cudaEventRecord");
+        cuda_ok(cudaEventSynchronize(e1), "cudaEventSynchronize");
+        if (i >= 0) cuda_ok(cudaEventElapsedTime(&ms[i], e0, e1), "cudaEventElapsedTime");
+    }
+    float med = median(ms, 10);
+    if (!g_fail && med > 0) gbs = 2.0 * (double)bytes / (med * 1e-3) / 1e9;
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cudaFree(a);
+    cudaFree(b);
+    return gbs;
+}
+
+typedef struct bench_cfg {
+    const char *name;
+    int H, B, ctx, nq;
+} bench_cfg;
+
+typedef struct bench_res {
+    bench_cfg c;
+    be_cuda_mla_info info;
+    int layers;
+    double us_full, us_attn, us_comb; /* per op: everything; attention kernel alone; + combine */
+    double kv_bytes, all_bytes, attn_flops;
+    int ok;
+} bench_res;
+
+typedef struct setup {
+    be_backend *be;
+    be_kv *kv;
+    be_weight *kv_b;
+    void *q, *out;
+    int layers, T, H;
+    float scale;
+} setup;
+
+static void run_layers(setup *s) {
+    for (int l = 0; l < s->layers; l++)
+        s->be->ops->mla_attention(s->be, s->out, s->q, s->kv, l, s->kv_b, s->H, NOPE, R_, V_,
+                                  s->scale);
+}
+
+/* Median microseconds of one op (a graph of `layers` ops, replayed), with phases `skip` left
+ * out; -1 on failure. */
+static double time_variant(setup *s, unsigned skip, int reps) {
+    cudaStream_t st = (cudaStream_t)be_cuda_stream(s->be);
+    if (be_cuda_mla_tune(s->be, 0, skip) != DUET_OK) return -1;
+    run_layers(s); /* eager first: scratch grows outside the capture */
+    if (s->be->ops->sync(s->be) != DUET_OK) return -1;
+    cudaGraph_t graph = NULL;
+    cudaGraphExec_t exec = NULL;
+    if (!cuda_ok(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal), "begin capture"))
+        return -1;
+    run_layers(s);
+    cudaError_t ce = cudaStreamEndCapture(st, &graph);
+    if (!cuda_ok(ce, "end capture (is the decode path graph-capturable?)")) return -1;
+    if (s->be->ops->sync(s->be) != DUET_OK) {
+        fprintf(stderr, "bench_mla: an op failed during capture\n");
+        g_fail = 1;
+        cudaGraphDestroy(graph);
+        return -1;
+    }
+    if (!cuda_ok(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate")) {
+        cudaGraphDestroy(graph);
+        return -1;
+    }
+    cudaEvent_t *ev = malloc(2 * (size_t)reps * sizeof *ev);
+    float *ms = malloc((size_t)reps * sizeof *ms);
+    for (int i = 0; i < 2 * reps; i++) cuda_ok(cudaEventCreate(&ev[i]), "cudaEventCreate");
+    for (int i = 0; i < 3; i++) cuda_ok(cudaGraphLaunch(exec, st), "cudaGraphLaunch (warm-up)");
+    for (int i = 0; i < reps; i++) {
+        cuda_ok(cudaEventRecord(ev[2 * i], st), "cudaEventRecord");
+        cuda_ok(cudaGraphLaunch(exec, st), "cudaGraphLaunch");
+        cuda_ok(cudaEventRecord(ev[2 * i + 1], st), "cudaEventRecord");
+    }
+    cuda_ok(cudaStreamSynchronize(st), "cudaStreamSynchronize");
+    for (int i = 0; i < reps; i++)
+        cuda_ok(cudaEventElapsedTime(&ms[i], ev[2 * i], ev[2 * i + 1]), "cudaEventElapsedTime");
+    double us = g_fail ? -1 : median(ms, reps) * 1e3 / s->layers;
+    for (int i = 0; i < 2 * reps; i++) cudaEventDestroy(ev[i]);
+    free(ev);
+    free(ms);
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    be_cuda_mla_tune(s->be, 0, 0);
+    return us;
+}
+
+static bench_res bench_one(be_backend *be, bench_cfg c, int reps) {
+    bench_res r = {.c = c};
+    const be_ops *o = be->ops;
+    int nb = (c.ctx + BS - 1) / BS, T = c.B * c.nq, H = c.H;
+    double set_bytes = (double)c.B * nb * BS * (L_ + R_) * 2;
+    /* enough layers that one replay reads >= 512 MB: the cache cannot answer from L2 */
+    int layers = (int)ceil(512e6 / set_bytes);
+    layers = layers < 1 ? 1 : layers > 64 ? 64 : layers;
+    int n_blocks = c.B * nb + 1;
+    setup s = {.be = be, .layers = layers, .T = T, .H = H, .scale = 1.0f / sqrtf(NOPE + R_)};
+    r.layers = layers;
+    if (o->kv_create(be, n_blocks, layers, BS, L_ + R_, &s.kv) != DUET_OK) return r;
+
+    /* random latents everywhere (never time on zeros), 16M values at a time */
+    size_t total = (size_t)n_blocks * s.kv->block_bytes / 2, chunk = (size_t)1 << 24;
+    float *h = malloc((chunk + 8) * sizeof *h);
+    for (size_t i = 0; i < chunk + 8; i++) h[i] = urand(1.0f);
+    for (size_t off = 0; off < total; off += chunk) { /* shifted: chunks differ */
+        size_t n = total - off < chunk ? total - off : chunk;
+        if (o->upload(be, s.kv->data, off, h + (off / chunk) % 8, n) != DUET_OK) break;
+    }
+    free(h);
+
+    size_t qn = (size_t)T * H * (NOPE + R_), wn = (size_t)H * (NOPE + V_) * L_;
+    float *qh = malloc(qn * sizeof *qh), *wh = malloc(wn * sizeof *wh);
+    for (size_t i = 0; i < qn; i++) qh[i] = urand(1.0f);
+    for (size_t i = 0; i < wn; i++) wh[i] = urand(0.1f);
+    s.q = o->buf_alloc(be, qn);
+    s.out = o->buf_alloc(be, (size_t)T * H * V_);
+    if (!s.q || !s.out || o->upload(be, s.q, 0, qh, qn) != DUET_OK ||
+        o->weight_create(be, wh, H * (NOPE + V_), L_, false, &s.kv_b) != DUET_OK) {
+        g_fail = 1;
+        goto done;
+    }
+
+    /* the batch: sequence b holds blocks perm[b * nb ..], rows at the last nq positions */
+    int32_t *perm = malloc((size_t)n_blocks * sizeof *perm);
+    for (int i = 0; i < n_blocks; i++) perm[i] = i;
+    for (int i = n_blocks - 1; i > 0; i--) {
+        int j = (int)(rnd() % (uint64_t)(i + 1)), t = perm[i];
+        perm[i] = perm[j];
+        perm[j] = t;
+    }
+    int32_t *pos = malloc((size_t)T * sizeof *pos), *slot = malloc((size_t)T * sizeof *slot);
+    int32_t *start = malloc((size_t)(c.B + 1) * sizeof *start), *ctx = malloc(c.B * sizeof *ctx);
+    for (int b = 0, t = 0; b < c.B; b++) {
+        start[b] = t;
+        ctx[b] = c.ctx;
+        for (int i = 0; i < c.nq; i++, t++) {
+            pos[t] = c.ctx - c.nq + i;
+            slot[t] = perm[b * nb + pos[t] / BS] * BS + pos[t] % BS;
+        }
+    }
+    start[c.B] = T;
+    be_batch batch = {.n_tokens = T,
+                      .n_seqs = c.B,
+                      .token_pos = pos,
+                      .token_slot = slot,
+                      .seq_start = start,
+                      .seq_ctx = ctx,
+                      .block_table = perm,
+                      .max_blocks = nb};
+    duet_status st = o->set_batch(be, &batch);
+    free(pos);
+    free(slot);
+    free(start);
+    free(ctx);
+    free(perm);
+    if (st != DUET_OK) {
+        g_fail = 1;
+        goto done;
+    }
+
+    run_layers(&s);
+    if (o->sync(be) != DUET_OK || be_cuda_mla_last(be, &r.info) != DUET_OK) {
+        g_fail = 1;
+        goto done;
+    }
+    /* the full op's output must be finite */
+    size_t on = (size_t)T * H * V_;
+    float *oh = malloc(on * sizeof *oh);
+    int bad = o->download(be, oh, s.out, 0, on) != DUET_OK;
+    for (size_t i = 0; i < on && !bad; i++) bad = !isfinite(oh[i]);
+    free(oh);
+    if (bad) {
+        fprintf(stderr, "bench_mla: %s: non-finite output\n", c.name);
+        g_fail = 1;
+        goto done;
+    }
+
+    r.us_full = time_variant(&s, 0, reps);
+    r.us_attn = time_variant(
+        &s, BE_CUDA_MLA_SKIP_QABS | BE_CUDA_MLA_SKIP_COMBINE | BE_CUDA_MLA_SKIP_OUTABS, reps);
+    r.us_comb = r.info.n_split > 1
+                    ? time_variant(&s, BE_CUDA_MLA_SKIP_QABS | BE_CUDA_MLA_SKIP_OUTABS, reps)
+                    : r.us_attn;
+    r.ok = r.us_full > 0 && r.us_attn > 0 && r.us_comb > 0;
+
+    /* bytes: each cached latent once; q, q_lat and o_lat written and read, the split
+     * partials written and read, kv_b read twice (W_uk, W_uv), out written */
+    r.kv_bytes = (double)c.B * c.ctx * (L_ + R_) * 2;
+    double lat = (double)T * H * L_ * 2;
+    double part = r.info.n_split > 1 ? 2.0 * c.B * r.info.n_split * r.info.n_groups *
+                                           r.info.rows_per_block * (L_ + 1) * 4
+                                     : 0;
+    r.all_bytes =
+        r.kv_bytes + (double)qn * 2 + 4 * lat + part + 2.0 * wn * 2 + (double)T * H * V_ * 2;
+    /* scores over 576 dims and P V over 512, for every (row, head) and visible position */
+    double vis = 0;
+    for (int i = 0; i < c.nq; i++) vis += c.ctx - c.nq + i + 1;
+    r.attn_flops = (double)c.B * H * vis * (L_ + R_ + L_) * 2;
+
+done:
+    if (s.kv_b) o->weight_destroy(be, s.kv_b);
+    o->buf_free(be, s.q);
+    o->buf_free(be, s.out);
+    o->kv_destroy(be, s.kv);
+    free(qh);
+    free(wh);
+    return r;
+}
+
+int main(int argc, char **argv) {
+    int reps = argc > 1 ? atoi(argv[1]) : 30;
+    if (reps < 3) reps = 3;
+    if (be_cuda_device_count() < 1) {
+        fprintf(stderr, "no CUDA device: skipped\n");
+        return 77;
+    }
+    double copy = copy_bandwidth();
+    printf("device copy (4 GiB, read + write): %.0f GB/s\n", copy);
+    be_backend *be = NULL;
+    if (be_cuda_create(0, DT_BF16, &be) != DUET_OK) return 1;
+    bench_cfg cfgs[] = {
+        {"V2-Lite", 16, 1, 1024, 1},  {"V2-Lite", 16, 1, 4096, 1},   {"V2-Lite", 16, 64, 1024, 1},
+        {"V2-Lite", 16, 64, 4096, 1}, {"V2-Lite", 16, 128, 4096, 1}, {"V2-Lite", 16, 64, 4096, 3},
+        {"V3", 128, 1, 4096, 1},      {"V3", 128, 64, 1024, 1},      {"V3", 128, 64, 4096, 1},
+        {"V3 TP8", 16, 64, 4096, 1},
+    };
+    int n = (int)(sizeof cfgs / sizeof cfgs[0]);
+    bench_res res[16];
+    for (int i = 0; i < n; i++) {
+        res[i] = bench_one(be, cfgs[i], reps);
+        fprintf(stderr, "done %s H=%d B=%d ctx=%d q=%d\n", cfgs[i].name, cfgs[i].H, cfgs[i].B,
+                cfgs[i].ctx, cfgs[i].nq);
+    }
+    printf("\nper op (one layer), median of %d graph replays; attn = the attention kernel alone, "
+           "+comb = with the split combine, full = the whole op (absorptions included)\n",
+           reps);
+    printf("%-8s %4s %4s %5s %2s | %3s %3s %2s | %8s %8s %8s | %7s | %9s %5s | %9s %5s | "
+           "%7s\n",
+           "model", "H", "B", "ctx", "q", "spl", "row", "gr", "attn_us", "+comb_us", "full_us",
+           "KV_MB", "attn_GB/s", "%copy", "full_GB/s", "%copy", "attn_TF");
+    for (int i = 0; i < n; i++) {
+        bench_res *r = &res[i];
+        if (!r->ok) {
+            printf("%-8s %4d %4d %5d %2d | failed\n", r->c.name, r->c.H, r->c.B, r->c.ctx, r->c.nq);
+            continue;
+        }
+        double attn_gbs = r->kv_bytes / (r->us_attn * 1e-6) / 1e9;
+        double full_gbs = r->kv_bytes / (r->us_full * 1e-6) / 1e9;
+        printf("%-8s %4d %4d %5d %2d | %3d %3d %2d | %8.1f %8.1f %8.1f | %7.1f | %9.0f %5.1f | "
+               "%9.0f %5.1f | %7.1f\n",
+               r->c.name, r->c.H, r->c.B, r->c.ctx, r->c.nq, r->info.n_split,
+               r->info.rows_per_block, r->info.n_groups, r->us_attn, r->us_comb, r->us_full,
+               r->kv_bytes / 1e6, attn_gbs, copy > 0 ? 100 * attn_gbs / copy : 0, full_gbs,
+               copy > 0 ? 100 * full_gbs / copy : 0, r->attn_flops / (r->us_attn * 1e-6) / 1e12);
+    }
+    printf("(GB/s count the cached latents only; all bytes of the full op, q/q_lat/o_lat/partials/"
+           "kv_b/out included, add:");
+    for (int i = 0; i < n; i++)
+        if (res[i].ok) printf(" %.0f%%", 100 * (res[i].all_bytes / res[i].kv_bytes - 1));
+    printf(")\n");
+    int tc = 1;
+    for (int i = 0; i < n; i++) tc &= res[i].ok && res[i].info.tensor_cores;
+    be_destroy(be);
+    if (!tc) printf("FAIL: a configuration failed or did not run the tensor-core kernel\n");
+    return g_fail || !tc ? 1 : 0;
+}

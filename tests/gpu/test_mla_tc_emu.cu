@@ -1,0 +1,454 @@
+/* The tensor-core MLA decode kernels (runtime/model/backends/cuda/mla-tc.cuh) run on the CPU
+ * under an emulation of their warp primitives: 256 fibers per block (ucontext), ldmatrix and
+ * mma.sync computed from the PTX fragment layouts, shuffles, barriers that detect deadlock,
+ * cp.async as an immediate copy checked against the buffers it may read. Shared memory starts
+ * as NaN, outputs too. Checks the kernels' own indexing (rows and heads, pages, layers, splits,
+ * causal limits, the combine) against a float64 reference, with no GPU: suite 'unit'. What it
+ * cannot check is the hardware's side (real layouts, async copies, timing): the GPU op test. */
+#define MLA_TC_EMULATE
+#include "model/backends/cuda/mla-tc.cuh"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <ucontext.h>
+
+#include <vector>
+
+static int g_failures;
+#define EXPECT(cond, ...)                                                                          \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            g_failures++;                                                                          \
+            fprintf(stderr, "%s:%d: ", __FILE__, __LINE__);                                        \
+            fprintf(stderr, __VA_ARGS__);                                                          \
+            fputc('\n', stderr);                                                                   \
+        }                                                                                          \
+    } while (0)
+
+[[noreturn]] static void emu_abort(const char *what) {
+    fprintf(stderr, "emulator: %s\n", what);
+    exit(1);
+}
+
+/* ---- fibers and barriers ---- */
+
+enum { N_THREADS = TC_THREADS, N_WARPS = TC_THREADS / 32, STACK = 64 * 1024 };
+
+static ucontext_t g_main;
+static ucontext_t g_ctx[N_THREADS];
+static bool g_done[N_THREADS];
+static char *g_stacks;
+static int g_cur;
+static long g_progress; /* arrivals and departures at barriers: a round without any is a
+                           deadlock */
+static void (*g_body)(int tid);
+
+static void yield_to_main(void) {
+    if (swapcontext(&g_ctx[g_cur], &g_main) != 0) emu_abort("swapcontext");
+}
+
+struct barrier {
+    int arrived, gen;
+};
+static barrier g_block_bar, g_warp_bar[N_WARPS];
+
+static void barrier_wait(barrier *b, int n) {
+    int gen = b->gen;
+    g_progress++;
+    if (++b->arrived == n) {
+        b->arrived = 0;
+        b->gen++;
+        return;
+    }
+    while (b->gen == gen) yield_to_main();
+    g_progress++;
+}
+
+void tc_sync_block(void) {
+    barrier_wait(&g_block_bar, N_THREADS);
+}
+void tc_sync_warp(void) {
+    barrier_wait(&g_warp_bar[g_cur / 32], 32);
+}
+
+static void fiber_entry(void) {
+    g_body(g_cur);
+    g_done[g_cur] = true;
+    g_progress++;
+    yield_to_main(); /* never resumed */
+}
+
+/* Runs body(tid) for tid in [0, 256) as one block. */
+static void run_block(void (*body)(int)) {
+    g_body = body;
+    memset(&g_block_bar, 0, sizeof g_block_bar);
+    memset(g_warp_bar, 0, sizeof g_warp_bar);
+    for (int t = 0; t < N_THREADS; t++) {
+        g_done[t] = false;
+        if (getcontext(&g_ctx[t]) != 0) emu_abort("getcontext");
+        g_ctx[t].uc_stack.ss_sp = g_stacks + (size_t)t * STACK;
+        g_ctx[t].uc_stack.ss_size = STACK;
+        g_ctx[t].uc_link = NULL;
+        makecontext(&g_ctx[t], fiber_entry, 0);
+    }
+    for (;;) {
+        long before = g_progress;
+        int live = 0;
+        for (int t = 0; t < N_THREADS; t++) {
+            if (g_done[t]) continue;
+            live++;
+            g_cur = t;
+            if (swapcontext(&g_main, &g_ctx[t]) != 0) emu_abort("swapcontext");
+        }
+        if (!live) break;
+        if (g_progress == before) emu_abort("deadlock: threads wait at different barriers");
+    }
+    /* a block ends with every thread at the same point: barriers empty */
+    if (g_block_bar.arrived) emu_abort("a block barrier was left half-crossed");
+}
+
+/* ---- shared memory and the buffers cp.async may read ---- */
+
+static unsigned char *g_smem;
+static size_t g_smem_bytes;
+struct range {
+    const char *lo, *hi;
+};
+static std::vector<range> g_readable;
+
+uint32_t tc_smem_u32(const void *p) {
+    const unsigned char *c = (const unsigned char *)p;
+    if (c < g_smem || c > g_smem + g_smem_bytes) emu_abort("smem_u32 of a non-shared pointer");
+    return (uint32_t)(c - g_smem);
+}
+
+static void check_smem(uint32_t addr, size_t n, const char *what) {
+    if (addr % 16 || (size_t)addr + n > g_smem_bytes) {
+        fprintf(stderr, "emulator: %s at shared offset %u (%zu bytes of %zu)\n", what, addr, n,
+                g_smem_bytes);
+        exit(1);
+    }
+}
+
+void tc_cp_async16(uint32_t dst, const void *src, bool full) {
+    check_smem(dst, 16, "cp.async target");
+    if (!full) {
+        memset(g_smem + dst, 0, 16);
+        return;
+    }
+    const char *s = (const char *)src;
+    bool ok = (uintptr_t)s % 16 == 0;
+    bool inside = false;
+    for (const range &r : g_readable) inside |= s >= r.lo && s + 16 <= r.hi;
+    if (!ok || !inside) emu_abort("cp.async from outside the kernel's inputs, or misaligned");
+    memcpy(g_smem + dst, s, 16);
+}
+
+/* ---- warp primitives: lanes deposit, meet, read each other, meet again ---- */
+
+struct warp_slots {
+    uint32_t u[32][6];
+    float f[32];
+};
+static warp_slots g_ws[N_WARPS];
+
+static uint16_t smem16(uint32_t byte_addr) {
+    uint16_t v;
+    memcpy(&v, g_smem + byte_addr, 2);
+    return v;
+}
+
+static void ldsm(uint32_t (&r)[4], uint32_t addr, bool trans) {
+    int w = g_cur / 32, lane = g_cur % 32;
+    check_smem(addr, 16, "ldmatrix row");
+    g_ws[w].u[lane][0] = addr;
+    tc_sync_warp();
+    /* matrix i's 8 rows come from lanes 8i .. 8i + 7; this lane gets, of each, row lane / 4
+     * elements 2 (lane % 4) and + 1 (trans: column lane / 4 of rows 2 (lane % 4) and + 1) */
+    int g = lane / 4, q = lane % 4;
+    for (int i = 0; i < 4; i++) {
+        uint16_t lo, hi;
+        if (!trans) {
+            uint32_t row = g_ws[w].u[8 * i + g][0];
+            lo = smem16(row + 2 * (2 * q));
+            hi = smem16(row + 2 * (2 * q + 1));
+        } else {
+            lo = smem16(g_ws[w].u[8 * i + 2 * q][0] + 2 * g);
+            hi = smem16(g_ws[w].u[8 * i + 2 * q + 1][0] + 2 * g);
+        }
+        r[i] = (uint32_t)lo | (uint32_t)hi << 16;
+    }
+    tc_sync_warp();
+}
+
+void tc_ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+    ldsm(r, addr, false);
+}
+void tc_ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) {
+    ldsm(r, addr, true);
+}
+
+static float bf_lo(uint32_t x) {
+    uint32_t b = (x & 0xffffu) << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+static float bf_hi(uint32_t x) {
+    uint32_t b = x & 0xffff0000u;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+/* m16n8k16: lane (g = lane / 4, q = lane % 4) holds A rows g and g + 8, columns 2q, 2q + 1
+ * (a0, a1) and 2q + 8, 2q + 9 (a2, a3); B column g, rows 2q, 2q + 1 (b0) and 2q + 8, 2q + 9
+ * (b1); C rows g (c0, c1) and g + 8 (c2, c3), columns 2q, 2q + 1. */
+void tc_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    int w = g_cur / 32, lane = g_cur % 32;
+    for (int i = 0; i < 4; i++) g_ws[w].u[lane][i] = a[i];
+    g_ws[w].u[lane][4] = b0;
+    g_ws[w].u[lane][5] = b1;
+    tc_sync_warp();
+    int g = lane / 4, q = lane % 4;
+    float A[2][16], B[16][2];
+    for (int qq = 0; qq < 4; qq++) {
+        const uint32_t *s = g_ws[w].u[g * 4 + qq];
+        for (int h = 0; h < 2; h++) { /* rows g, g + 8 */
+            A[h][2 * qq] = bf_lo(s[h]);
+            A[h][2 * qq + 1] = bf_hi(s[h]);
+            A[h][2 * qq + 8] = bf_lo(s[2 + h]);
+            A[h][2 * qq + 9] = bf_hi(s[2 + h]);
+        }
+        for (int c = 0; c < 2; c++) { /* columns 2q, 2q + 1 */
+            const uint32_t *t = g_ws[w].u[(2 * q + c) * 4 + qq];
+            B[2 * qq][c] = bf_lo(t[4]);
+            B[2 * qq + 1][c] = bf_hi(t[4]);
+            B[2 * qq + 8][c] = bf_lo(t[5]);
+            B[2 * qq + 9][c] = bf_hi(t[5]);
+        }
+    }
+    for (int h = 0; h < 2; h++)
+        for (int c = 0; c < 2; c++) {
+            float acc = d[2 * h + c];
+            for (int k = 0; k < 16; k++) acc += A[h][k] * B[k][c];
+            d[2 * h + c] = acc;
+        }
+    tc_sync_warp();
+}
+
+float tc_shfl_xor(float v, int lane_mask) {
+    int w = g_cur / 32, lane = g_cur % 32;
+    g_ws[w].f[lane] = v;
+    tc_sync_warp();
+    float r = g_ws[w].f[lane ^ lane_mask];
+    tc_sync_warp();
+    return r;
+}
+
+/* ---- the cases ---- */
+
+static uint64_t g_rng = 88172645463325252ull;
+static uint64_t rnd(void) {
+    g_rng ^= g_rng << 13;
+    g_rng ^= g_rng >> 7;
+    g_rng ^= g_rng << 17;
+    return g_rng;
+}
+static float urand(float a) {
+    return ((float)(rnd() >> 40) / 16777216.0f * 2.0f - 1.0f) * a;
+}
+static __nv_bfloat16 nan_bf(void) {
+    return __float2bfloat16_rn(NAN);
+}
+
+struct emu_case {
+    const char *name;
+    int H, MT, n_split, bs, n_layers, layer;
+    std::vector<int> nq, ctx; /* per sequence: new tokens (query rows) and context length */
+};
+
+static tc_args g_args;
+static tc_combine_args g_cargs;
+static int g_block, g_row, g_seq;
+
+template <int MT> static void block_body(int tid) {
+    tc_block<MT>(g_args, g_smem, tid, g_block);
+}
+
+static void run_case(const emu_case &ec) {
+    const int H = ec.H, ns = (int)ec.nq.size(), bs = ec.bs, RT = 16 * ec.MT;
+    const int qw = 128 + TC_R;
+    /* batch layout and scrambled blocks */
+    std::vector<int32_t> start(ns + 1), pos;
+    int max_blocks = 1, n_blocks = 2, qmax = 0;
+    for (int s = 0; s < ns; s++) {
+        start[s] = (int)pos.size();
+        for (int i = 0; i < ec.nq[s]; i++) pos.push_back(ec.ctx[s] - ec.nq[s] + i);
+        int nb = (ec.ctx[s] + bs - 1) / bs;
+        max_blocks = nb > max_blocks ? nb : max_blocks;
+        n_blocks += nb;
+        if (ec.nq[s] <= 8 && ec.nq[s] > qmax) qmax = ec.nq[s];
+    }
+    start[ns] = (int)pos.size();
+    const int T = (int)pos.size();
+    std::vector<int32_t> perm(n_blocks), table((size_t)ns * max_blocks, -1);
+    for (int i = 0; i < n_blocks; i++) perm[i] = i;
+    for (int i = n_blocks - 1; i > 0; i--) {
+        int j = (int)(rnd() % (uint64_t)(i + 1));
+        int32_t t = perm[i];
+        perm[i] = perm[j];
+        perm[j] = t;
+    }
+    for (int s = 0, at = 0; s < ns; s++)
+        for (int b = 0; b < (ec.ctx[s] + bs - 1) / bs; b++)
+            table[(size_t)s * max_blocks + b] = perm[at++];
+
+    size_t cache_n = (size_t)n_blocks * ec.n_layers * bs * TC_D;
+    std::vector<__nv_bfloat16> cache(cache_n), qlat((size_t)T * H * TC_L), q((size_t)T * H * qw),
+        olat((size_t)T * H * TC_L, nan_bf());
+    for (auto &x : cache) x = __float2bfloat16_rn(urand(1.0f));
+    for (auto &x : qlat) x = __float2bfloat16_rn(urand(3.0f));
+    for (auto &x : q) x = __float2bfloat16_rn(urand(1.0f));
+    const int n_groups = (qmax * H + RT - 1) / RT, rows_pad = n_groups * RT;
+    const size_t part_rows = (size_t)ns * ec.n_split * rows_pad;
+    std::vector<float> opart(part_rows * TC_L, NAN), lse(part_rows, NAN);
+    const float scale = 1.0f / sqrtf(192.0f);
+
+    tc_args &a = g_args;
+    a.qlat = qlat.data();
+    a.q = q.data();
+    a.cache = cache.data();
+    a.start = start.data();
+    a.pos = pos.data();
+    a.table = table.data();
+    a.opart = opart.data();
+    a.lse = lse.data();
+    a.olat = olat.data();
+    a.H = H;
+    a.qw = qw;
+    a.nope = 128;
+    a.n_layers = ec.n_layers;
+    a.bs = bs;
+    a.max_blocks = max_blocks;
+    a.n_blocks = n_blocks;
+    a.layer = ec.layer;
+    a.n_split = ec.n_split;
+    a.n_groups = n_groups;
+    a.max_q = 8;
+    a.scale_log2 = scale * 1.4426950408889634f;
+    g_readable = {{(const char *)cache.data(), (const char *)(cache.data() + cache.size())},
+                  {(const char *)qlat.data(), (const char *)(qlat.data() + qlat.size())},
+                  {(const char *)q.data(), (const char *)(q.data() + q.size())}};
+
+    g_smem_bytes = ec.MT == 1 ? tc_cfg<1>::SMEM : ec.MT == 2 ? tc_cfg<2>::SMEM : tc_cfg<4>::SMEM;
+    for (int b = 0; b < ns * ec.n_split * n_groups; b++) {
+        memset(g_smem, 0xff, g_smem_bytes); /* NaN in bf16 and float */
+        g_block = b;
+        run_block(ec.MT == 1 ? block_body<1> : ec.MT == 2 ? block_body<2> : block_body<4>);
+    }
+    if (ec.n_split > 1) {
+        g_cargs = {opart.data(), lse.data(), olat.data(), start.data(), H, ec.n_split, rows_pad, 8};
+        for (g_seq = 0; g_seq < ns; g_seq++)
+            for (g_row = 0; g_row < rows_pad; g_row++)
+                for (int tid = 0; tid < TC_COMBINE_THREADS; tid++)
+                    tc_combine(g_cargs, tid, g_row, g_seq);
+    }
+
+    /* float64 reference over the same bf16 inputs */
+    double num = 0, den = 0, worst = 0;
+    long unwritten = 0, stray = 0;
+    std::vector<double> sc, o(TC_L);
+    for (int s = 0; s < ns; s++) {
+        bool absorbed = ec.nq[s] >= 1 && ec.nq[s] <= 8;
+        for (int i = 0; i < ec.nq[s]; i++) {
+            int t = start[s] + i, upto = pos[t] + 1;
+            for (int h = 0; h < H; h++) {
+                const __nv_bfloat16 *got = &olat[((size_t)t * H + h) * TC_L];
+                if (!absorbed) {
+                    for (int e = 0; e < TC_L; e++) stray += !isnan(__bfloat162float(got[e]));
+                    continue;
+                }
+                const __nv_bfloat16 *ql = &qlat[((size_t)t * H + h) * TC_L];
+                const __nv_bfloat16 *qr = &q[((size_t)t * H + h) * qw + 128];
+                sc.assign(upto, 0.0);
+                double mx = -INFINITY;
+                for (int j = 0; j < upto; j++) {
+                    int blk = table[(size_t)s * max_blocks + j / bs];
+                    const __nv_bfloat16 *row =
+                        &cache[(((size_t)blk * ec.n_layers + ec.layer) * bs + j % bs) * TC_D];
+                    double d = 0;
+                    for (int e = 0; e < TC_L; e++)
+                        d += (double)__bfloat162float(ql[e]) * __bfloat162float(row[e]);
+                    for (int e = 0; e < TC_R; e++)
+                        d += (double)__bfloat162float(qr[e]) * __bfloat162float(row[TC_L + e]);
+                    sc[j] = d * scale;
+                    mx = sc[j] > mx ? sc[j] : mx;
+                }
+                double sum = 0;
+                for (int j = 0; j < upto; j++) sum += sc[j] = exp(sc[j] - mx);
+                std::fill(o.begin(), o.end(), 0.0);
+                for (int j = 0; j < upto; j++) {
+                    int blk = table[(size_t)s * max_blocks + j / bs];
+                    const __nv_bfloat16 *row =
+                        &cache[(((size_t)blk * ec.n_layers + ec.layer) * bs + j % bs) * TC_D];
+                    for (int e = 0; e < TC_L; e++) o[e] += sc[j] / sum * __bfloat162float(row[e]);
+                }
+                double rn = 0, rd = 0;
+                for (int e = 0; e < TC_L; e++) {
+                    double g = __bfloat162float(got[e]);
+                    if (!isfinite(g)) {
+                        unwritten++;
+                        continue;
+                    }
+                    rn += (g - o[e]) * (g - o[e]);
+                    rd += o[e] * o[e];
+                }
+                num += rn;
+                den += rd;
+                double re = sqrt(rn / (rd > 0 ? rd : 1));
+                worst = re > worst ? re : worst;
+            }
+        }
+    }
+    double err = sqrt(num / (den > 0 ? den : 1));
+    bool ok = unwritten == 0 && stray == 0 && err <= 5e-3 && worst <= 2e-2;
+    printf("  %-44s rel_l2 %.2e, worst row %.2e, %ld unwritten, %ld stray  %s\n", ec.name, err,
+           worst, unwritten, stray, ok ? "PASS" : "FAIL");
+    EXPECT(ok, "%s", ec.name);
+}
+
+int main(void) {
+    size_t most = tc_cfg<1>::SMEM > tc_cfg<2>::SMEM ? tc_cfg<1>::SMEM : tc_cfg<2>::SMEM;
+    most = most > tc_cfg<4>::SMEM ? most : tc_cfg<4>::SMEM;
+    g_stacks = (char *)malloc((size_t)N_THREADS * STACK);
+    g_smem = (unsigned char *)malloc(most);
+    if (!g_stacks || !g_smem) return 1;
+    printf("tensor-core MLA decode kernels, emulated on the CPU:\n");
+    /* 16 heads, one row: 16-row blocks, Q in registers; direct write and split + combine;
+     * an empty sequence and a prompt chunk (left to the expanded form) among them */
+    run_case({"16 heads, 1 row, 1 split", 16, 1, 1, 64, 1, 0, {1, 1, 1, 1}, {1, 17, 100, 300}});
+    run_case({"16 heads, 1 row, 3 splits, empty + chunk",
+              16,
+              1,
+              3,
+              64,
+              2,
+              1,
+              {1, 0, 12, 1, 1},
+              {33, 5, 40, 130, 64}});
+    /* 2 rows of 16 heads: 32-row blocks; 16-position blocks, tiles straddle them */
+    run_case({"16 heads, 2 rows, 2 splits, bs 16", 16, 2, 2, 16, 1, 0, {2, 2, 1}, {2, 40, 129}});
+    /* 3 rows: 48 of 64 rows used */
+    run_case({"16 heads, 3 rows, 4 splits", 16, 4, 4, 64, 1, 0, {3, 3, 3}, {3, 70, 200}});
+    /* 128 heads: two 64-row groups per sequence */
+    run_case({"128 heads, 1 row, 2 splits", 128, 4, 2, 64, 1, 0, {1, 1, 1}, {1, 65, 150}});
+    /* 32 heads x 3 rows = 96 rows: the second group half used */
+    run_case({"32 heads, 3 rows, 1 split", 32, 4, 1, 32, 2, 0, {3, 2}, {5, 90}});
+    free(g_stacks);
+    free(g_smem);
+    printf("%s\n", g_failures ? "FAIL" : "PASS");
+    return g_failures ? 1 : 0;
+}
