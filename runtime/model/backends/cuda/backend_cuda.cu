@@ -82,6 +82,7 @@ static void cuda_destroy(be_backend *be) {
     cudaSetDevice(c->device);
     cudaStreamSynchronize(c->stream);
     for (int i = 0; i < SCR_COUNT; i++) cudaFree(c->scr[i]);
+    cuda_moe_cleanup(c);
     cudaFree(c->d_batch);
     cudaFree(c->d_inv_freq);
     if (c->blas) cublasDestroy(c->blas);
@@ -347,6 +348,35 @@ static duet_status cuda_set_batch(be_backend *be, const be_batch *b) {
         c, cudaMemcpyAsync(d, h, total * sizeof(int32_t), cudaMemcpyHostToDevice, c->stream));
 }
 
+/* Raw device bytes for the device MoE's tables (routing ids and weights, EP slots). */
+static void *cuda_mem_alloc(be_backend *be, size_t bytes) {
+    cuda_backend *c = cuda_be(be);
+    void *p = NULL;
+    if (CUDA_CHECK(c, cudaMalloc(&p, bytes ? bytes : 1)) != DUET_OK) return NULL;
+    return p;
+}
+
+static void cuda_mem_free(be_backend *be, void *p) {
+    if (p) CUDA_CHECK(cuda_be(be), cudaFree(p));
+}
+
+static duet_status cuda_mem_upload(be_backend *be, void *dst, const void *src, size_t bytes) {
+    cuda_backend *c = cuda_be(be);
+    if (c->err != DUET_OK) return c->err;
+    if (!bytes) return DUET_OK;
+    return CUDA_CHECK(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->stream));
+}
+
+static duet_status cuda_mem_download(be_backend *be, void *dst, const void *src, size_t bytes) {
+    cuda_backend *c = cuda_be(be);
+    if (c->err != DUET_OK) return c->err;
+    duet_status st = DUET_OK;
+    if (bytes)
+        st = CUDA_CHECK(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->stream));
+    if (st == DUET_OK) st = CUDA_CHECK(c, cudaStreamSynchronize(c->stream));
+    return st != DUET_OK ? st : c->err;
+}
+
 static void cuda_zero(be_backend *be, void *buf, size_t n) {
     cuda_backend *c = cuda_be(be);
     if (c->err != DUET_OK || n == 0) return;
@@ -373,7 +403,10 @@ static duet_status cuda_comm_attach(be_backend *be, comm_group *g) {
         .mla_attention = cuda_mla_attention, .moe_route = cuda_moe_route,                          \
         .moe_experts = cuda_moe_experts, .gather_rows = cuda_gather_rows,                          \
         .scatter_add_rows = cuda_scatter_add_rows, .zero = cuda_zero, .sample = cuda_sample,       \
-        .comm_attach = cuda_comm_attach,                                                           \
+        .comm_attach = cuda_comm_attach, .mem_alloc = cuda_mem_alloc, .mem_free = cuda_mem_free,   \
+        .mem_upload = cuda_mem_upload, .mem_download = cuda_mem_download,                          \
+        .moe_route_dev = cuda_moe_route_dev, .moe_experts_dev = cuda_moe_experts_dev,              \
+        .moe_ep_pack = cuda_moe_ep_pack, .moe_ep_unpack = cuda_moe_ep_unpack,                      \
     }
 
 static const be_ops g_cuda_ops_bf16 = CUDA_OPS(DT_BF16);
