@@ -19,6 +19,10 @@ duet_status be_cuda_create(int device, dt_dtype dtype, be_backend **be_p);
 /* CUDA devices visible to this process; 0 when there is no driver or device. */
 int be_cuda_device_count(void);
 
+/* The cudaStream_t (as void *) every op of be is ordered on: for tests and tools that time ops
+ * with events or capture them into a graph. */
+void *be_cuda_stream(be_backend *be);
+
 #ifdef __cplusplus
 }
 #endif

@@ -243,14 +243,21 @@ __global__ void __launch_bounds__(256) gg_simt_kernel(const __grid_constant__ gg
                 Bs[k][cidx] = col < N && k0 + k < K ? to_f(W[(long long)wrow * K + k0 + k]) : 0.0f;
             }
             __syncthreads();
+            /* a partial sum per k tile, then added: rounding grows with sqrt(BK) + sqrt(K / BK)
+             * instead of sqrt(K), which keeps long float32 rows (K = 7168) near the reference */
+            float part[RM][4];
+            for (int i = 0; i < RM; i++)
+                for (int j = 0; j < 4; j++) part[i][j] = 0.0f;
             for (int k = 0; k < BK; k++) {
                 float b[4];
                 for (int j = 0; j < 4; j++) b[j] = Bs[k][tc + 16 * j];
                 for (int i = 0; i < RM; i++) {
                     float a = As[k][tr * RM + i];
-                    for (int j = 0; j < 4; j++) acc[i][j] += a * b[j];
+                    for (int j = 0; j < 4; j++) part[i][j] += a * b[j];
                 }
             }
+            for (int i = 0; i < RM; i++)
+                for (int j = 0; j < 4; j++) acc[i][j] += part[i][j];
             __syncthreads();
         }
         T *Cout = reinterpret_cast<T *>(P.c);
@@ -304,9 +311,12 @@ static unsigned grid_for_items(const cuda_backend *c, const gg_args *a, const in
                                int per_sm) {
     long long items = 0;
     for (int i = 0; i < a->n_problems; i++) items += (long long)max_tiles[i] * a->p[i].col_tiles;
-    int n_sm = 0;
-    if (cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, c->device) != cudaSuccess)
+    static int n_sm = 0; /* read once (one device per process), never inside a capture */
+    if (!n_sm &&
+        cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, c->device) != cudaSuccess) {
+        (void)cudaGetLastError();
         n_sm = 132;
+    }
     long long cap = (long long)n_sm * (per_sm > 0 ? per_sm : 1);
     if (items > cap) items = cap;
     return (unsigned)(items > 0 ? items : 1);
