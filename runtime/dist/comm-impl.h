@@ -15,6 +15,9 @@ typedef struct comm_dev_ops {
     duet_status (*alltoallv)(comm_group *g, comm_dev *d, const void *send, const int *send_counts,
                              void *recv, const int *recv_counts);
     duet_status (*bcast)(comm_group *g, comm_dev *d, void *buf, size_t bytes, int root);
+    duet_status (*alltoall_async)(comm_group *g, comm_dev *d, const void *src, void *dst,
+                                  size_t bytes_each);
+    duet_status (*wait)(comm_group *g, comm_dev *d);
     void (*destroy)(comm_dev *d);
 } comm_dev_ops;
 

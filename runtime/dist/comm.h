@@ -66,6 +66,14 @@ duet_status comm_dev_allgather(comm_group *g, const void *src, void *dst, size_t
 duet_status comm_dev_alltoallv(comm_group *g, const void *send, const int *send_counts, void *recv,
                                const int *recv_counts);
 duet_status comm_dev_bcast(comm_group *g, void *buf, size_t bytes, int root);
+/* Equal blocks: dst [size][bytes_each] receives every rank's block for this rank, src
+ * [size][bytes_each] holds this rank's block for each. Only enqueued: the call returns once the
+ * transfer is ordered on the stream, without waiting for it, so later work on that stream
+ * (and a captured graph) follows it with no host synchronization; comm_dev_wait bounds the
+ * wait for it by the deadline. */
+duet_status comm_dev_alltoall_async(comm_group *g, const void *src, void *dst, size_t bytes_each);
+/* Waits, under the deadline, until the stream passed every collective enqueued on g. */
+duet_status comm_dev_wait(comm_group *g);
 
 #ifdef DUET_HAVE_CUDA
 /* Creates an NCCL communicator over g's ranks on CUDA device `device` and attaches it to g;

@@ -262,3 +262,12 @@ duet_status comm_dev_bcast(comm_group *g, void *buf, size_t bytes, int root) {
     if (g->dev) return g->dev->ops->bcast(g, g->dev, buf, bytes, root);
     return g->size <= 1 ? DUET_OK : no_dev(g, "broadcast");
 }
+
+duet_status comm_dev_alltoall_async(comm_group *g, const void *src, void *dst, size_t bytes_each) {
+    if (g->dev) return g->dev->ops->alltoall_async(g, g->dev, src, dst, bytes_each);
+    return no_dev(g, "alltoall");
+}
+
+duet_status comm_dev_wait(comm_group *g) {
+    return g->dev ? g->dev->ops->wait(g, g->dev) : DUET_OK;
+}

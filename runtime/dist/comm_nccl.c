@@ -159,6 +159,30 @@ static duet_status nccl_bcast(comm_group *g, comm_dev *cd, void *buf, size_t byt
     return wait_done(g, d, "broadcast", rc);
 }
 
+/* The fixed-size all-to-all of EP dispatch and combine: grouped sends and receives, only
+ * enqueued (wait_issued polls the communicator's setup, not the stream). */
+static duet_status nccl_alltoall_async(comm_group *g, comm_dev *cd, const void *src, void *dst,
+                                       size_t bytes_each) {
+    nccl_dev *d = (nccl_dev *)cd;
+    int n = comm_group_size(g);
+    if (bytes_each == 0) return DUET_OK;
+    ncclResult_t rc = ncclGroupStart();
+    for (int p = 0; p < n && (rc == ncclSuccess || rc == ncclInProgress); p++) {
+        rc = ncclSend((const char *)src + (size_t)p * bytes_each, bytes_each, ncclUint8, p, d->comm,
+                      d->stream);
+        if (rc == ncclSuccess || rc == ncclInProgress)
+            rc = ncclRecv((char *)dst + (size_t)p * bytes_each, bytes_each, ncclUint8, p, d->comm,
+                          d->stream);
+    }
+    ncclResult_t end = ncclGroupEnd();
+    if (rc == ncclSuccess || rc == ncclInProgress) rc = end;
+    return wait_issued(g, d, "alltoall", rc, clock_now_s());
+}
+
+static duet_status nccl_wait(comm_group *g, comm_dev *cd) {
+    return wait_done(g, (nccl_dev *)cd, "wait for enqueued collectives", ncclSuccess);
+}
+
 static void nccl_destroy(comm_dev *cd) {
     nccl_dev *d = (nccl_dev *)cd;
     if (!d) return;
@@ -185,6 +209,8 @@ static const comm_dev_ops g_nccl_ops = {
     .allgather = nccl_allgather,
     .alltoallv = nccl_alltoallv,
     .bcast = nccl_bcast,
+    .alltoall_async = nccl_alltoall_async,
+    .wait = nccl_wait,
     .destroy = nccl_destroy,
 };
 

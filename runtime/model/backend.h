@@ -94,6 +94,46 @@ typedef struct be_ffn {
 #define BE_SAMPLE_MAX_BAN 40 /* EOS and up to 32 stop token ids, with room */
 #define BE_SAMPLE_MAX_TOP 20
 
+/* Rows of tokens for the device MoE ops (be_ops.moe_experts_dev), everything in device memory:
+ * row r's activations are x + r * x_stride (D elements of the activation type), its K expert
+ * ids and K routing weights are ids + r * meta_stride and weights + r * meta_stride (int32 and
+ * float32; meta_stride counts 4-byte words). An id outside the experts a call covers (-1, or
+ * another rank's expert) selects nothing there. */
+typedef struct be_moe_rows {
+    int n, D, K;
+    const void *x;
+    int x_stride;
+    const int32_t *ids;
+    const float *weights;
+    int meta_stride;
+    /* the (row, id) pairs a call typically finds here, for picking launch shapes (a host
+     * value fixed per batch size, never a count of this step); 0: n * K */
+    int pairs_hint;
+} be_moe_rows;
+
+/* The fixed-capacity layout of EP dispatch (be_ops.moe_ep_pack): this rank sends its tokens
+ * t = tp_rank, tp_rank + tp, ... (local index i = t / tp) to the ranks owning their experts
+ * (expert e on rank e / experts_per_rank), each rank its own block of cap rows: send is
+ * [ep][cap] rows of be_ep_row_bytes bytes, a token's row holding its D activations, then (at
+ * byte be_ep_meta_offset) its K ids and K weights, with ids -1 in the rows a block leaves
+ * unused. cap is the same on every rank of the EP group and at least every rank's count of
+ * tokens, so nothing overflows and no count has to reach the host. */
+typedef struct be_ep_layout {
+    int ep, cap;
+    int tp, tp_rank;
+    int experts_per_rank;
+    int D, K;
+} be_ep_layout;
+
+/* Byte offset of the ids in a packed row, and the row's bytes: both multiples of 16 so rows
+ * stay aligned for vector loads. */
+static inline size_t be_ep_meta_offset(int D, size_t act_size) {
+    return ((size_t)D * act_size + 15) / 16 * 16;
+}
+static inline size_t be_ep_row_bytes(int D, int K, size_t act_size) {
+    return be_ep_meta_offset(D, act_size) + ((size_t)K * 8 + 15) / 16 * 16;
+}
+
 typedef struct be_sample_row {
     uint64_t seed;            /* Philox key: the request's seed */
     uint64_t offset;          /* Philox counter: the request's output token index */
@@ -261,6 +301,35 @@ typedef struct be_ops {
     duet_status (*graph_end)(be_backend *be, uint64_t key);
     bool (*graph_ready)(be_backend *be, uint64_t key);
     duet_status (*graph_launch)(be_backend *be, uint64_t key);
+    /* ---- optional: MoE on the device. All of these or none: with them the forward keeps
+     * routing results in device memory and never waits for them (no host copy, no per-layer
+     * synchronization), so a step can be captured and replayed; without them it uses
+     * moe_route / moe_experts and host routing. ---- */
+    /* bytes of device memory for int32 / float32 tables (not activations); free takes NULL */
+    void *(*mem_alloc)(be_backend *be, size_t bytes);
+    void (*mem_free)(be_backend *be, void *p);
+    /* host <-> device bytes; download waits for queued work */
+    duet_status (*mem_upload)(be_backend *be, void *dst, const void *src, size_t bytes);
+    duet_status (*mem_download)(be_backend *be, void *dst, const void *src, size_t bytes);
+    /* moe_route with its results in device memory: ids [T, K] int32, weights [T, K] float32 */
+    void (*moe_route_dev)(be_backend *be, const void *x, int T, const be_weight *gate,
+                          const void *bias, const be_route_params *p, int32_t *ids, float *weights);
+    /* out[n, D] = for each row, the sum in ascending expert order over its ids in
+     * [e0, e0 + n_local) of weight * ffn_id(x row), plus shared(x row) when shared is not NULL
+     * (added last); out is overwritten, rows with nothing here get zeros (or shared alone).
+     * experts[e - e0], one intermediate width for all. */
+    void (*moe_experts_dev)(be_backend *be, void *out, const be_moe_rows *rows,
+                            const be_ffn *experts, int e0, int n_local, const be_ffn *shared);
+    /* EP dispatch, first half: send [ep][cap] packed rows (be_ep_layout) from x [T, D] and its
+     * routing ids / weights [T, K] (device); slot [cap][ep] (device int32) = the row of block
+     * r that local token i went to, or -1. Tokens of a block keep their order. */
+    void (*moe_ep_pack)(be_backend *be, void *send, const void *x, int T, const int32_t *ids,
+                        const float *weights, const be_ep_layout *l, int32_t *slot);
+    /* EP combine, last half: out[T, D] = for this rank's tokens the sum over r = 0..ep-1 of
+     * back[r][slot[i][r]] (back [ep][cap][D], the experts' results returned), zero for the
+     * tokens other TP ranks send */
+    void (*moe_ep_unpack)(be_backend *be, void *out, const void *back, int T, const be_ep_layout *l,
+                          const int32_t *slot);
 } be_ops;
 
 struct be_backend {

@@ -2,8 +2,11 @@
  * outputs, vocabulary all-gather of logits, and EP all-to-all dispatch/combine of routed
  * experts' tokens. Host-memory backends move activations through comm's MPI collectives;
  * device backends (be_ops.on_device) through the device communicator they attached to the
- * group (NCCL). Routing metadata (counts, expert ids, weights) is host data and always goes
- * through MPI. The experts themselves run in the forward, between dispatch and combine. */
+ * group (NCCL). EP has two forms: with host routing (moe_route) the counts, expert ids and
+ * weights go through MPI and the rows through exact-size all-to-alls; with device routing
+ * (moe_route_dev) the rows travel in fixed-capacity blocks with their routing packed in, so
+ * nothing waits for the host. The experts themselves run in the forward, between dispatch and
+ * combine. */
 #include "model/collectives.h"
 
 #include <stdlib.h>
@@ -22,6 +25,13 @@ typedef struct ep_state {
     float *w_recv;                           /* [cap_recv][K] */
     size_t cap_send, cap_recv;               /* rows */
     void *x_send, *x_recv, *y_recv, *y_back; /* device activations, rows x D */
+    /* device routing: this step's capacity, and blocks for dev_rows rows per peer */
+    int cap;
+    size_t dev_rows;
+    void *d_send, *d_recv; /* [ep][cap] packed rows (be_ep_row_bytes) */
+    void *d_y, *d_back;    /* [ep][cap][D] activations */
+    int32_t *d_slot;       /* [cap][ep] (be_ops.moe_ep_pack) */
+    bool dev_pending;      /* device all-to-alls enqueued since begin */
 } ep_state;
 
 struct mdl_coll {
@@ -218,10 +228,23 @@ static duet_status ep_init(mdl_coll *c) {
     return DUET_OK;
 }
 
+static void ep_dev_free(mdl_coll *c) {
+    ep_state *s = c->ep;
+    be_backend *be = c->be;
+    void *bufs[4] = {s->d_send, s->d_recv, s->d_y, s->d_back};
+    for (int i = 0; i < 4; i++)
+        if (bufs[i]) be->ops->buf_free(be, bufs[i]);
+    if (s->d_slot) be->ops->mem_free(be, s->d_slot);
+    s->d_send = s->d_recv = s->d_y = s->d_back = NULL;
+    s->d_slot = NULL;
+    s->dev_rows = 0;
+}
+
 static void ep_destroy(mdl_coll *c) {
     ep_state *s = c->ep;
     if (!s) return;
     be_backend *be = c->be;
+    ep_dev_free(c);
     void *bufs[4] = {s->x_send, s->x_recv, s->y_recv, s->y_back};
     for (int i = 0; i < 4; i++)
         if (bufs[i]) be->ops->buf_free(be, bufs[i]);
@@ -360,4 +383,106 @@ duet_status mdl_coll_combine(mdl_coll *c, void *out, int T) {
         at += s->send_rows[r];
     }
     return DUET_OK;
+}
+
+/* ---- EP with device routing ---- */
+
+static be_ep_layout ep_layout(const mdl_coll *c) {
+    return (be_ep_layout){.ep = c->ep->ep,
+                          .cap = c->ep->cap,
+                          .tp = c->plan.shard.tp_size,
+                          .tp_rank = c->plan.shard.tp_rank,
+                          .experts_per_rank = c->plan.n_local_experts,
+                          .D = c->D,
+                          .K = c->K};
+}
+
+static size_t act_bytes(const mdl_coll *c) {
+    return dt_size(c->be->ops->act_dtype);
+}
+
+duet_status mdl_coll_ep_begin(mdl_coll *c, int T) {
+    ep_state *s = c->ep;
+    if (!s) return DUET_ERR_INTERNAL;
+    const be_ops *o = c->be->ops;
+    be_backend *be = c->be;
+    int tp = c->plan.shard.tp_size, tpr = c->plan.shard.tp_rank;
+    long long most = T > tpr ? (T - tpr + tp - 1) / tp : 0;
+    duet_status st = comm_allreduce_i64(c->plan.shard.ep, &most, 1, true);
+    if (st != DUET_OK) return st;
+    size_t row = be_ep_row_bytes(c->D, c->K, act_bytes(c));
+    /* the host all-to-all counts bytes in int */
+    if (most > (long long)(0x7fffffff / row / 2)) return DUET_ERR_UNSUPPORTED;
+    s->cap = most > 0 ? (int)most : 1;
+    s->dev_pending = false;
+    if ((size_t)s->cap <= s->dev_rows) return DUET_OK;
+    /* grown to a power of two: buckets of a growing batch reuse one allocation */
+    size_t rows = 16;
+    while (rows < (size_t)s->cap) rows *= 2;
+    ep_dev_free(c);
+    size_t blocks = rows * (size_t)s->ep, elems = row / act_bytes(c);
+    s->d_send = o->buf_alloc(be, blocks * elems);
+    s->d_recv = o->buf_alloc(be, blocks * elems);
+    s->d_y = o->buf_alloc(be, blocks * (size_t)c->D);
+    s->d_back = o->buf_alloc(be, blocks * (size_t)c->D);
+    s->d_slot = o->mem_alloc(be, blocks * sizeof(int32_t));
+    if (!s->d_send || !s->d_recv || !s->d_y || !s->d_back || !s->d_slot) {
+        ep_dev_free(c);
+        return DUET_ERR_NO_MEMORY;
+    }
+    s->dev_rows = rows;
+    return DUET_OK;
+}
+
+/* [ep][bytes_each] blocks each way: the device communicator (enqueued only) or MPI. */
+static duet_status ep_exchange(mdl_coll *c, const void *send, void *recv, size_t bytes_each) {
+    ep_state *s = c->ep;
+    if (c->be->ops->on_device) {
+        s->dev_pending = true;
+        return comm_dev_alltoall_async(c->plan.shard.ep, send, recv, bytes_each);
+    }
+    for (int r = 0; r < s->ep; r++) s->send_counts[r] = s->recv_counts[r] = (int)bytes_each;
+    return comm_alltoallv(c->plan.shard.ep, send, s->send_counts, recv, s->recv_counts);
+}
+
+duet_status mdl_coll_dispatch_dev(mdl_coll *c, const void *x, const int32_t *ids,
+                                  const float *weights, int T, be_moe_rows *rows_p, void **y_p) {
+    ep_state *s = c->ep;
+    if (!s || !s->dev_rows) return DUET_ERR_INTERNAL; /* begin first */
+    const be_ops *o = c->be->ops;
+    be_ep_layout l = ep_layout(c);
+    size_t act = act_bytes(c), row = be_ep_row_bytes(c->D, c->K, act);
+    o->moe_ep_pack(c->be, s->d_send, x, T, ids, weights, &l, s->d_slot);
+    duet_status st = ep_exchange(c, s->d_send, s->d_recv, (size_t)s->cap * row);
+    if (st != DUET_OK) return st;
+    const int32_t *meta = (const int32_t *)((const char *)s->d_recv + be_ep_meta_offset(c->D, act));
+    *rows_p = (be_moe_rows){.n = s->ep * s->cap,
+                            .D = c->D,
+                            .K = c->K,
+                            .x = s->d_recv,
+                            .x_stride = (int)(row / act),
+                            .ids = meta,
+                            .weights = (const float *)(meta + c->K),
+                            .meta_stride = (int)(row / 4),
+                            /* the tokens of all ranks spread over ep ranks' experts */
+                            .pairs_hint = s->cap * c->K};
+    *y_p = s->d_y;
+    return DUET_OK;
+}
+
+duet_status mdl_coll_combine_dev(mdl_coll *c, void *out, int T) {
+    ep_state *s = c->ep;
+    if (!s || !s->dev_rows) return DUET_ERR_INTERNAL;
+    be_ep_layout l = ep_layout(c);
+    duet_status st = ep_exchange(c, s->d_y, s->d_back, (size_t)s->cap * c->D * act_bytes(c));
+    if (st != DUET_OK) return st;
+    c->be->ops->moe_ep_unpack(c->be, out, s->d_back, T, &l, s->d_slot);
+    return DUET_OK;
+}
+
+duet_status mdl_coll_ep_end(mdl_coll *c) {
+    ep_state *s = c->ep;
+    if (!s || !s->dev_pending) return DUET_OK;
+    s->dev_pending = false;
+    return comm_dev_wait(c->plan.shard.ep);
 }

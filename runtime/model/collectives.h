@@ -61,4 +61,24 @@ duet_status mdl_coll_dispatch(mdl_coll *coll, const void *x, const int32_t *ids,
  * all-reduce after the MoE layer completes them). */
 duet_status mdl_coll_combine(mdl_coll *coll, void *out, int T);
 
+/* ---- EP with device routing (the backend has be_ops.moe_ep_pack and the other device MoE
+ * ops): the same exchange in fixed-capacity blocks, [ep][cap] rows each way, routing packed
+ * into the rows; no count, id or weight reaches the host, and on a device communicator the
+ * all-to-alls are only enqueued. Every rank of the EP group makes the same calls: begin once
+ * per step (T = 0 for an empty step), dispatch/combine per MoE layer, end once per step. ---- */
+
+/* Agrees on this step's block capacity, the most tokens any rank sends (one host all-reduce
+ * per step, not per layer), and makes room for it. */
+duet_status mdl_coll_ep_begin(mdl_coll *coll, int T);
+/* Dispatch: x [T, D] with device routing ids / weights [T, K] (be_ops.moe_route_dev). *rows_p
+ * receives the ep * cap rows that arrived (unused ones select no expert) and *y_p the buffer
+ * [ep * cap, D] the caller fills with their results (be_ops.moe_experts_dev), valid until the
+ * next combine. */
+duet_status mdl_coll_dispatch_dev(mdl_coll *coll, const void *x, const int32_t *ids,
+                                  const float *weights, int T, be_moe_rows *rows_p, void **y_p);
+/* Combine: out [T, D] as mdl_coll_combine gives it. */
+duet_status mdl_coll_combine_dev(mdl_coll *coll, void *out, int T);
+/* Waits, under the deadline, for the all-to-alls enqueued since begin. */
+duet_status mdl_coll_ep_end(mdl_coll *coll);
+
 #endif

@@ -27,6 +27,8 @@ typedef struct mdl_buffers {
     void *h, *xn, *qa, *q, *kva, *attn, *o, *o2, *gu, *act, *logits;
     int32_t *ids;   /* host [cap_tokens, K] */
     float *weights; /* host [cap_tokens, K] */
+    int32_t *d_ids; /* device [cap_tokens, K], with device routing (mem_alloc) */
+    float *d_weights;
 } mdl_buffers;
 
 /* Decode steps (one new token per sequence) are recorded once per (batch bucket, block-table
@@ -52,6 +54,9 @@ struct mdl_model {
     int kv_dim;
     float softmax_scale;
     be_route_params route;
+    /* routing stays on the device (the backend has the device MoE ops; DUET_MOE_PATH=host
+     * picks the host-routing path instead, for comparisons) */
+    bool moe_dev;
     mdl_step step;
     mdl_buffers buf;
     mdl_graphs graphs;
@@ -131,6 +136,10 @@ static void buffers_free(mdl_model *m) {
     free(b->weights);
     b->ids = NULL;
     b->weights = NULL;
+    if (b->d_ids) m->be->ops->mem_free(m->be, b->d_ids);
+    if (b->d_weights) m->be->ops->mem_free(m->be, b->d_weights);
+    b->d_ids = NULL;
+    b->d_weights = NULL;
     b->cap_tokens = b->cap_out = 0;
 }
 
@@ -166,10 +175,15 @@ static duet_status reserve(mdl_model *m, int T, int n_out) {
     b->logits = al(be, (size_t)cap_o * p->vocab_local);
     b->ids = malloc(t * K * sizeof(int32_t));
     b->weights = malloc(t * K * sizeof(float));
+    if (m->moe_dev) {
+        b->d_ids = be->ops->mem_alloc(be, t * K * sizeof(int32_t));
+        b->d_weights = be->ops->mem_alloc(be, t * K * sizeof(float));
+    }
     b->cap_tokens = cap_t;
     b->cap_out = cap_o;
     if (!b->h || !b->xn || !b->qa || !b->q || !b->kva || !b->attn || !b->o || !b->o2 || !b->gu ||
         !b->act || !b->logits || !b->ids || !b->weights ||
+        (m->moe_dev && (!b->d_ids || !b->d_weights)) ||
         mdl_coll_reserve(m->coll, cap_o) != DUET_OK) {
         LOG_ERROR("model: cannot allocate activations for %d tokens", cap_t);
         buffers_free(m);
@@ -178,11 +192,10 @@ static duet_status reserve(mdl_model *m, int T, int n_out) {
     return DUET_OK;
 }
 
-/* Whether MoE layers run without host round trips. Routing results come back to the host in
- * moe_route today, so a step with MoE layers cannot be recorded. */
+/* Whether MoE layers run without host round trips (the backend's device MoE ops: routing
+ * results stay in device memory), so a step with MoE layers can be recorded. */
 static bool mdl_moe_on_device(const mdl_model *m) {
-    (void)m;
-    return false;
+    return m->moe_dev;
 }
 
 /* What the forward derives from config.json once: routing, softmax scale, RoPE tables on the
@@ -205,6 +218,11 @@ static duet_status setup(mdl_model *m, const char *dir) {
         LOG_WARN("%s/config.json: norm_topk_prob is ignored for %s checkpoints, as "
                  "transformers does; routed weights are only scaled",
                  dir, c->model_type);
+    const be_ops *o = m->be->ops;
+    const char *path = getenv("DUET_MOE_PATH");
+    m->moe_dev = o->mem_alloc && o->mem_free && o->mem_upload && o->mem_download &&
+                 o->moe_route_dev && o->moe_experts_dev && o->moe_ep_pack && o->moe_ep_unpack &&
+                 !(path && !strcmp(path, "host"));
     m->kv_dim = c->kv_lora_rank + c->qk_rope_head_dim;
     m->softmax_scale = cfg_softmax_scale(c);
     m->route = (be_route_params){
@@ -405,11 +423,55 @@ static duet_status moe_ep(mdl_model *m, const mdl_layer *ly, int T) {
     return mdl_coll_combine(m->coll, m->buf.o, T);
 }
 
+/* The device form of moe_ep: routing from buf.d_ids / buf.d_weights, fixed-capacity blocks. */
+static duet_status moe_ep_dev(mdl_model *m, const mdl_layer *ly, int T) {
+    be_moe_rows rows;
+    void *y;
+    duet_status st =
+        mdl_coll_dispatch_dev(m->coll, m->buf.xn, m->buf.d_ids, m->buf.d_weights, T, &rows, &y);
+    if (st != DUET_OK) return st;
+    m->be->ops->moe_experts_dev(m->be, y, &rows, ly->experts, m->plan.expert0,
+                                m->plan.n_local_experts, NULL);
+    return mdl_coll_combine_dev(m->coll, m->buf.o, T);
+}
+
+/* buf.o [T, D] = the MoE layer with routing kept on the device: no host copy, no wait. Without
+ * EP the shared experts ride in the same grouped launches as the routed ones (the backend
+ * schedules them together); with EP they run after the combine, on this rank's tokens. */
+static duet_status moe_dev(mdl_model *m, const mdl_layer *ly, int T) {
+    const be_ops *o = m->be->ops;
+    be_backend *be = m->be;
+    int D = m->cfg.hidden_size, K = m->cfg.num_experts_per_tok;
+    const be_ffn *shared = ly->shared.gate_up ? &ly->shared : NULL;
+    if (T > 0)
+        o->moe_route_dev(be, m->buf.xn, T, ly->gate, ly->gate_bias, &m->route, m->buf.d_ids,
+                         m->buf.d_weights);
+    if (m->plan.shard.ep_size > 1) {
+        duet_status st = moe_ep_dev(m, ly, T);
+        if (st != DUET_OK || !shared || T == 0) return st;
+        ffn(m, m->buf.o2, m->buf.xn, T, shared);
+        o->add(be, m->buf.o, m->buf.o2, (size_t)T * D);
+        return DUET_OK;
+    }
+    be_moe_rows rows = {.n = T,
+                        .D = D,
+                        .K = K,
+                        .x = m->buf.xn,
+                        .x_stride = D,
+                        .ids = m->buf.d_ids,
+                        .weights = m->buf.d_weights,
+                        .meta_stride = K};
+    o->moe_experts_dev(be, m->buf.o, &rows, ly->experts, m->plan.expert0, m->plan.n_local_experts,
+                       shared);
+    return DUET_OK;
+}
+
 /* buf.o [T, D] = the MoE layer (routed + shared experts) on buf.xn. */
 static duet_status moe(mdl_model *m, const mdl_layer *ly, int T) {
     const be_ops *o = m->be->ops;
     be_backend *be = m->be;
     duet_status st;
+    if (m->moe_dev) return moe_dev(m, ly, T);
     if (T > 0) {
         st = o->moe_route(be, m->buf.xn, T, ly->gate, ly->gate_bias, &m->route, m->buf.ids,
                           m->buf.weights);
@@ -511,24 +573,35 @@ duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs
     m->n_out = 0;
     duet_status st = reserve(m, T, n_out);
     if (st != DUET_OK) return st;
+    /* device routing under EP: one agreement per step on the all-to-alls' block size */
+    bool ep_dev = m->moe_dev && m->plan.shard.ep_size > 1;
+    if (ep_dev) st = mdl_coll_ep_begin(m->coll, T);
+    if (st != DUET_OK) return st;
     if (T == 0) {
         /* an empty step: nothing to compute, but expert parallelism's all-to-alls of every
          * MoE layer must still be joined so the other DP groups can step */
         for (int l = 0; l < c->num_hidden_layers && st == DUET_OK; l++)
             if (m->w->layers[l].moe && m->plan.shard.ep_size > 1)
-                st = moe_ep(m, &m->w->layers[l], 0);
+                st = ep_dev ? moe_ep_dev(m, &m->w->layers[l], 0) : moe_ep(m, &m->w->layers[l], 0);
+        if (st == DUET_OK && ep_dev) st = mdl_coll_ep_end(m->coll);
         return st;
     }
     int bucket = graph_bucket(m, seqs, n_seqs);
     if (bucket < 0) {
         st = prepare_batch(m, kv, seqs, n_seqs, T, 0, 0);
         if (st == DUET_OK) st = compute(m, kv, T, n_out);
+        /* before any wait without a deadline: a dead peer must not hang the stream's sync */
+        if (ep_dev) {
+            duet_status est = mdl_coll_ep_end(m->coll);
+            if (st == DUET_OK) st = est;
+        }
         /* ops cannot return errors one by one; the backend keeps the first, reported here */
         if (st == DUET_OK) st = o->sync(be);
         if (st != DUET_OK || n_out == 0) return st;
         return finish_logits(m, n_out, logits);
     }
-    /* a decode step of a recorded size: padded to B rows, block tables to a power of two */
+    /* a decode step of a recorded size (graphs are on only without EP: ep_dev is false here):
+     * padded to B rows, block tables to a power of two */
     int B = k_graph_sizes[bucket], width = 1, wlog = 0;
     for (int i = 0; i < n_seqs; i++)
         while (width < seqs[i].n_blocks) width *= 2, wlog++;

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks of one device-machine call, run from the offline bundle:
-#   bash .bundle/run.sh bash .bundle/device_check.sh single|multi|mla
-# single (one GPU): op test, sampling test and benchmark, goldens on CUDA in float32 and bf16,
-# bf16 against the bf16-emulating CPU backend row by row (needs the bundle built with
+#   bash .bundle/run.sh bash .bundle/device_check.sh single|multi|mla|moe
+# single (one GPU): op test, sampling test and benchmark, goldens on CUDA in float32 and bf16
+# (the device MoE path, and the host-routing one for comparison), bf16 against the
+# bf16-emulating CPU backend row by row (needs the bundle built with
 # --golden .../tiny-v3-smooth --golden .../tiny-v3-fp8-smooth), the host's Open MPI with the
-# CPU backend, compute-sanitizer memcheck over golden runs and the sampling test.
+# CPU backend, compute-sanitizer memcheck over golden runs, the op test and the sampling test.
+# moe (one GPU): the MoE op tests and the microbenchmark alone.
 # multi (two GPUs): goldens with -tp 2 and -dp 2 --enable-expert-parallel over NCCL, and the
 # rank-failure test on the CUDA backend (a killed or stopped rank ends the instance).
 # mla (one GPU): the MLA decode kernels: op test, compute-sanitizer (memcheck over the op test,
@@ -48,6 +50,7 @@ sass_counts() {
         END { for (k in n) print "SASS", k, n[k] }' | sort
 }
 mpi=(mpirun -np 2 -x LD_LIBRARY_PATH -x PATH -x NCCL_NVLS_ENABLE -x DUET_BUNDLE)
+san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 
 case "${1:-single}" in
 single)
@@ -66,16 +69,25 @@ single)
     done
     run "golden-default-tiny-v3" duet-check golden --backend cuda "$G/tiny-v3"
     run mpi-cpu-tp2 "${mpi[@]}" duet-check golden -tp 2 "$G/tiny-v3"
-    san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
     TMO=200 run sanitizer-golden-f32 "$san" --tool memcheck --error-exitcode 9 \
         duet-check golden --backend cuda --dtype float32 "$G/tiny-v3"
     TMO=150 run sanitizer-golden-bf16-fp8 "$san" --tool memcheck --error-exitcode 9 \
         duet-check golden --backend cuda --dtype bfloat16 "$G/tiny-v3-fp8"
-    TMO=100 run sanitizer-op-test "$san" --tool memcheck --error-exitcode 9 test_backend_ops
+    TMO=200 DUET_TEST_MOE_QUICK=1 run sanitizer-op-test "$san" --tool memcheck \
+        --error-exitcode 9 test_backend_ops
     TMO=200 DUET_TEST_QUICK=1 run sanitizer-sample-test "$san" --tool memcheck \
         --error-exitcode 9 test_sample
     TMO=200 DUET_TEST_QUICK=1 run racecheck-sample-test "$san" --tool racecheck \
         --error-exitcode 9 test_sample
+    run "golden-bf16-tiny-v3-moe-host" env DUET_MOE_PATH=host duet-check golden --backend cuda \
+        --dtype bfloat16 "$G/tiny-v3"
+    ;;
+moe)
+    run op-test test_backend_ops
+    TMO=200 DUET_TEST_MOE_QUICK=1 run sanitizer-op-test "$san" --tool memcheck \
+        --error-exitcode 9 test_backend_ops
+    run golden-float32-tiny-v3 duet-check golden --backend cuda --dtype float32 "$G/tiny-v3"
+    TMO=400 run bench-moe bench_moe
     ;;
 multi)
     run op-test test_backend_ops
@@ -113,12 +125,14 @@ mla)
 esac
 # the report lines and failures of every run, then the summary
 grep -E "^=== |PASS|FAIL|passed|error|ERROR|did not complete|rel_l2|agree|differ from|chi-square|skipped|SUMMARY|unpacked|NCCL [0-9]" \
-    "$log" | grep -v "^    row" | tail -c 9000
+    "$log" | grep -v "^    row" | grep -v "PASS$" | tail -c 8000
 if [ -f "$out/bench_sample.txt" ]; then
     echo "---- bench_sample"
     cat "$out/bench_sample.txt"
 fi
 grep -E "^SASS " "$log"
 [ -f "$out/bench_mla.txt" ] && sed -n '/^device copy/p;/^per op/,$p' "$out/bench_mla.txt"
+# the MoE microbenchmark's table, whole
+sed -n '/^ceilings:/,/^PASS$\|^FAIL$/p' "$log" | tail -c 3000
 echo "---- summary"
 cat "$summary"

@@ -2,7 +2,9 @@
  * activations) with the same fresh random inputs, compared by relative L2 error per op. GPU
  * outputs are poisoned with NaN first, so an element the kernel never wrote fails the op.
  * Inputs are bf16-exact, so both backends start from identical values and the error measured
- * is the op's own. Exit 77 (skip) without a CUDA device. DUET_TEST_SEED fixes the inputs. */
+ * is the op's own. The device MoE ops run at DeepSeek-V2-Lite and -V3 shapes (T = 1, 7, 64,
+ * 300; DUET_TEST_MOE_QUICK=1 keeps T = 1, 7). Exit 77 (skip) without a CUDA device.
+ * DUET_TEST_SEED fixes the inputs. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -556,6 +558,383 @@ static void test_experts(tb *t) {
     free(oh);
 }
 
+/* ---- MoE on the device (moe_route_dev, moe_experts_dev, moe_ep_pack / unpack) ---- */
+
+/* device bytes on each backend, from host (or NaN-poisoned on the GPU side) */
+typedef struct pmem {
+    void *b[2];
+    size_t bytes;
+} pmem;
+
+static pmem pmem_new(tb *t, const void *host, size_t bytes, bool poison) {
+    pmem p = {{NULL, NULL}, bytes};
+    void *fill = NULL;
+    if (poison) {
+        fill = malloc(bytes);
+        float nan = NAN;
+        for (size_t i = 0; i + 4 <= bytes; i += 4) memcpy((char *)fill + i, &nan, 4);
+    }
+    for (int k = 0; k < 2; k++) {
+        p.b[k] = t->be[k]->ops->mem_alloc(t->be[k], bytes);
+        CHECK(p.b[k] != NULL);
+        const void *src = k == GPU && poison ? fill : host;
+        if (src) CHECK(t->be[k]->ops->mem_upload(t->be[k], p.b[k], src, bytes) == DUET_OK);
+    }
+    free(fill);
+    return p;
+}
+
+static void pmem_free(tb *t, pmem *p) {
+    for (int k = 0; k < 2; k++) t->be[k]->ops->mem_free(t->be[k], p->b[k]);
+}
+
+static void *mem_get(tb *t, int k, const void *dev, size_t bytes) {
+    void *h = malloc(bytes ? bytes : 1);
+    duet_status st = t->be[k]->ops->mem_download(t->be[k], h, dev, bytes);
+    CHECK_MSG(st == DUET_OK, "mem_download on %s: %s", t->be[k]->ops->name, duet_strerror(st));
+    return h;
+}
+
+/* A layer's routed experts (and shared experts, Is > 0) on both backends. */
+typedef struct pmoe {
+    int n, D, I, Is;
+    pweight *gu, *dn, sgu, sdn;
+    be_ffn *f[2], shared[2];
+} pmoe;
+
+static pmoe pmoe_new(tb *t, int n, int D, int I, int Is) {
+    pmoe m = {.n = n, .D = D, .I = I, .Is = Is};
+    m.gu = calloc((size_t)n, sizeof(pweight));
+    m.dn = calloc((size_t)n, sizeof(pweight));
+    for (int k = 0; k < 2; k++) m.f[k] = calloc((size_t)n, sizeof(be_ffn));
+    /* weights scaled so activations stay O(1) through both GEMMs */
+    float a_up = 1.7f / sqrtf((float)D), a_dn = 1.7f / sqrtf((float)I);
+    for (int e = 0; e < n; e++) {
+        m.gu[e] = pweight_new(t, 2 * I, D, a_up, false);
+        m.dn[e] = pweight_new(t, D, I, a_dn, false);
+        for (int k = 0; k < 2; k++) m.f[k][e] = (be_ffn){m.gu[e].w[k], m.dn[e].w[k], I};
+    }
+    if (Is) {
+        m.sgu = pweight_new(t, 2 * Is, D, a_up, false);
+        m.sdn = pweight_new(t, D, Is, 1.7f / sqrtf((float)Is), false);
+        for (int k = 0; k < 2; k++) m.shared[k] = (be_ffn){m.sgu.w[k], m.sdn.w[k], Is};
+    }
+    return m;
+}
+
+static void pmoe_free(tb *t, pmoe *m) {
+    for (int e = 0; e < m->n; e++) {
+        pweight_free(t, &m->gu[e]);
+        pweight_free(t, &m->dn[e]);
+    }
+    if (m->Is) {
+        pweight_free(t, &m->sgu);
+        pweight_free(t, &m->sdn);
+    }
+    free(m->gu);
+    free(m->dn);
+    for (int k = 0; k < 2; k++) free(m->f[k]);
+}
+
+/* Routing of T tokens over E experts, K distinct each, drawn from the first `pool` experts
+ * (so the others get no token); weights in (0.2, 1.2). */
+static void route_draw(int32_t *ids, float *w, int T, int K, int pool) {
+    for (int i = 0; i < T; i++)
+        for (int k = 0; k < K; k++) {
+            int e, dup;
+            do {
+                e = (int)(rnd() % (uint64_t)pool);
+                dup = 0;
+                for (int j = 0; j < k; j++) dup |= ids[i * K + j] == e;
+            } while (dup);
+            ids[i * K + k] = e;
+            w[i * K + k] = 0.2f + (float)(rnd() % 1000) / 1000.0f;
+        }
+}
+
+/* moe_experts_dev on host-drawn routing (the same on both sides): experts [e0, e0 + n_local)
+ * of E, K per token, only the first `pool` experts routed to. */
+static void test_experts_dev(tb *t, const char *name, pmoe *m, int T, int K, int e0, int pool,
+                             bool shared) {
+    int D = m->D;
+    float *xh = rand_vec((size_t)T * D, 1.0f);
+    int32_t *ids = malloc((size_t)T * K * sizeof(int32_t));
+    float *w = malloc((size_t)T * K * sizeof(float));
+    route_draw(ids, w, T, K, pool);
+    pbuf x = pbuf_new(t, xh, (size_t)T * D, false);
+    pmem di = pmem_new(t, ids, (size_t)T * K * sizeof(int32_t), false);
+    pmem dw = pmem_new(t, w, (size_t)T * K * sizeof(float), false);
+    pbuf out = pbuf_new(t, NULL, (size_t)T * D, true);
+    for (int k = 0; k < 2; k++) {
+        be_moe_rows rows = {.n = T,
+                            .D = D,
+                            .K = K,
+                            .x = x.b[k],
+                            .x_stride = D,
+                            .ids = di.b[k],
+                            .weights = dw.b[k],
+                            .meta_stride = K};
+        t->be[k]->ops->moe_experts_dev(t->be[k], out.b[k], &rows, m->f[k], e0, m->n,
+                                       shared ? &m->shared[k] : NULL);
+    }
+    char label[96];
+    snprintf(label, sizeof label, "%s T=%d", name, T);
+    compare(t, label, &out, t->tol);
+    pbuf_free(t, &x);
+    pbuf_free(t, &out);
+    pmem_free(t, &di);
+    pmem_free(t, &dw);
+    free(xh);
+    free(ids);
+    free(w);
+}
+
+/* The device path end to end: moe_route_dev, then moe_experts_dev on each backend's own
+ * device ids; rows whose routing differs (a near tie) are left out of the comparison. */
+static void test_moe_pipeline(tb *t, const char *name, pmoe *m, const be_route_params *p, int T) {
+    int D = m->D, E = p->n_experts, K = p->top_k;
+    float *xh = rand_vec((size_t)T * D, 1.0f), *bh = rand_vec((size_t)E, 0.05f);
+    pbuf x = pbuf_new(t, xh, (size_t)T * D, false);
+    pweight gate = pweight_new(t, E, D, 2.0f / sqrtf((float)D), true);
+    void *bias[2] = {NULL, NULL};
+    if (p->method == CFG_TOPK_NOAUX_TC)
+        for (int k = 0; k < 2; k++) bias[k] = vec_new(t, k, bh, E);
+    pmem di = pmem_new(t, NULL, (size_t)T * K * sizeof(int32_t), true);
+    pmem dw = pmem_new(t, NULL, (size_t)T * K * sizeof(float), true);
+    pbuf out = pbuf_new(t, NULL, (size_t)T * D, true);
+    for (int k = 0; k < 2; k++) {
+        t->be[k]->ops->moe_route_dev(t->be[k], x.b[k], T, gate.w[k], bias[k], p, di.b[k], dw.b[k]);
+        be_moe_rows rows = {.n = T,
+                            .D = D,
+                            .K = K,
+                            .x = x.b[k],
+                            .x_stride = D,
+                            .ids = di.b[k],
+                            .weights = dw.b[k],
+                            .meta_stride = K};
+        t->be[k]->ops->moe_experts_dev(t->be[k], out.b[k], &rows, m->f[k], 0, m->n,
+                                       m->Is ? &m->shared[k] : NULL);
+    }
+    int32_t *ids[2];
+    float *w[2];
+    for (int k = 0; k < 2; k++) {
+        ids[k] = mem_get(t, k, di.b[k], di.bytes);
+        w[k] = mem_get(t, k, dw.b[k], dw.bytes);
+    }
+    float *ref = download(t, CPU, out.b[CPU], out.n), *got = download(t, GPU, out.b[GPU], out.n);
+    int mism = 0;
+    double num = 0, den = 0, wnum = 0, wden = 0;
+    size_t bad = 0;
+    for (int i = 0; i < T; i++) {
+        if (memcmp(ids[0] + (size_t)i * K, ids[1] + (size_t)i * K, (size_t)K * 4) != 0) {
+            mism++;
+            continue;
+        }
+        for (int k = 0; k < K; k++) {
+            double d = (double)w[1][i * K + k] - w[0][i * K + k];
+            wnum += d * d;
+            wden += (double)w[0][i * K + k] * w[0][i * K + k];
+        }
+        for (int d = 0; d < D; d++) {
+            float g = got[(size_t)i * D + d], r = ref[(size_t)i * D + d];
+            if (!isfinite(g)) {
+                bad++;
+                continue;
+            }
+            num += ((double)g - r) * ((double)g - r);
+            den += (double)r * r;
+        }
+    }
+    double err = den > 0 ? sqrt(num / den) : 1.0, werr = wden > 0 ? sqrt(wnum / wden) : 1.0;
+    bool ok = bad == 0 && mism <= 1 + T / 100 && err <= t->tol && werr <= 1e-5;
+    printf("  %-22s %-5s T=%-3d rel_l2 %.3e, weights %.3e, %d of %d tokens routed otherwise  %s\n",
+           name, t->dt == DT_BF16 ? "bf16" : "f32", T, err, werr, mism, T, ok ? "PASS" : "FAIL");
+    if (bad) printf("    %zu non-finite elements\n", bad);
+    if (!ok) t->failed++;
+    CHECK_MSG(ok, "%s T=%d: rel_l2 %.3e, weights %.3e, %d mismatches, %zu non-finite", name, T, err,
+              werr, mism, bad);
+    for (int k = 0; k < 2; k++) {
+        free(ids[k]);
+        free(w[k]);
+        if (bias[k]) t->be[k]->ops->buf_free(t->be[k], bias[k]);
+    }
+    free(ref);
+    free(got);
+    pbuf_free(t, &x);
+    pbuf_free(t, &out);
+    pmem_free(t, &di);
+    pmem_free(t, &dw);
+    pweight_free(t, &gate);
+    free(xh);
+    free(bh);
+}
+
+/* EP packing: this rank's blocks for ep ranks, compared row by row (ids, weights, the used
+ * rows' activations, the slots exactly); the experts of rank `dst` over the packed rows (unused
+ * rows hold NaN on the GPU side: reading them would show); and the combine's sum. */
+static void test_ep_dev(tb *t, pmoe *m, int T, int K, int ep, int tp, int tp_rank, int cap_extra,
+                        int dst) {
+    int D = m->D, per = m->n; /* rank r owns experts [r * per, (r + 1) * per) */
+    int mine = T > tp_rank ? (T - tp_rank + tp - 1) / tp : 0, cap = mine + cap_extra;
+    if (cap < 1) cap = 1;
+    float *xh = rand_vec((size_t)T * D, 1.0f);
+    int32_t *ids = malloc((size_t)T * K * sizeof(int32_t));
+    float *w = malloc((size_t)T * K * sizeof(float));
+    route_draw(ids, w, T, K, ep * per);
+    pbuf x = pbuf_new(t, xh, (size_t)T * D, false);
+    pmem di = pmem_new(t, ids, (size_t)T * K * sizeof(int32_t), false);
+    pmem dw = pmem_new(t, w, (size_t)T * K * sizeof(float), false);
+    size_t act[2] = {sizeof(float), t->dt == DT_BF16 ? 2 : 4};
+    size_t row[2], meta[2];
+    pmem send;
+    void *sendb[2];
+    for (int k = 0; k < 2; k++) {
+        row[k] = be_ep_row_bytes(D, K, act[k]);
+        meta[k] = be_ep_meta_offset(D, act[k]);
+    }
+    /* the two sides' rows differ in size: one allocation each, NaN on the GPU side */
+    {
+        size_t bytes0 = (size_t)ep * cap * row[0], bytes1 = (size_t)ep * cap * row[1];
+        float *nan = malloc(bytes1);
+        for (size_t i = 0; i < bytes1 / 4; i++) nan[i] = NAN;
+        sendb[CPU] = t->be[CPU]->ops->mem_alloc(t->be[CPU], bytes0);
+        sendb[GPU] = t->be[GPU]->ops->mem_alloc(t->be[GPU], bytes1);
+        CHECK(t->be[GPU]->ops->mem_upload(t->be[GPU], sendb[GPU], nan, bytes1) == DUET_OK);
+        free(nan);
+        send.b[0] = sendb[0];
+        send.b[1] = sendb[1];
+    }
+    pmem slot = pmem_new(t, NULL, (size_t)cap * ep * sizeof(int32_t), true);
+    be_ep_layout l = {.ep = ep,
+                      .cap = cap,
+                      .tp = tp,
+                      .tp_rank = tp_rank,
+                      .experts_per_rank = per,
+                      .D = D,
+                      .K = K};
+    for (int k = 0; k < 2; k++)
+        t->be[k]->ops->moe_ep_pack(t->be[k], send.b[k], x.b[k], T, di.b[k], dw.b[k], &l, slot.b[k]);
+    char *sh[2];
+    for (int k = 0; k < 2; k++) sh[k] = mem_get(t, k, send.b[k], (size_t)ep * cap * row[k]);
+    int32_t *sl[2];
+    for (int k = 0; k < 2; k++) sl[k] = mem_get(t, k, slot.b[k], (size_t)mine * ep * 4);
+    int wrong = 0, used_rows = 0;
+    wrong += mine && memcmp(sl[0], sl[1], (size_t)mine * ep * 4) != 0;
+    for (int r = 0; r < ep; r++)
+        for (int p = 0; p < cap; p++) {
+            const char *a = sh[0] + ((size_t)r * cap + p) * row[0];
+            const char *b = sh[1] + ((size_t)r * cap + p) * row[1];
+            wrong += memcmp(a + meta[0], b + meta[1], (size_t)K * 8) != 0;
+            if (*(const int32_t *)(a + meta[0]) < 0) continue; /* unused */
+            used_rows++;
+            for (int d = 0; d < D; d++) {
+                float va = ((const float *)a)[d];
+                float vb = t->dt == DT_BF16 ? dt_bf16_to_f32(((const uint16_t *)b)[d])
+                                            : ((const float *)b)[d];
+                wrong += va != vb;
+            }
+        }
+    bool ok = wrong == 0;
+    printf("  %-22s %-5s T=%-3d ep %d tp %d/%d cap %d: %d rows used, %d differences  %s\n",
+           "moe_ep_pack", t->dt == DT_BF16 ? "bf16" : "f32", T, ep, tp_rank, tp, cap, used_rows,
+           wrong, ok ? "PASS" : "FAIL");
+    if (!ok) t->failed++;
+    CHECK_MSG(ok, "moe_ep_pack T=%d: %d differences", T, wrong);
+
+    /* rank dst's experts over its packed block as if it had arrived (cap rows of one source) */
+    pbuf y = pbuf_new(t, NULL, (size_t)cap * D, true);
+    for (int k = 0; k < 2; k++) {
+        const char *blk = (const char *)send.b[k] + (size_t)dst * cap * row[k];
+        be_moe_rows rows = {.n = cap,
+                            .D = D,
+                            .K = K,
+                            .x = blk,
+                            .x_stride = (int)(row[k] / act[k]),
+                            .ids = (const int32_t *)(blk + meta[k]),
+                            .weights = (const float *)(blk + meta[k] + (size_t)K * 4),
+                            .meta_stride = (int)(row[k] / 4),
+                            .pairs_hint = cap * K / ep + 1};
+        t->be[k]->ops->moe_experts_dev(t->be[k], y.b[k], &rows, m->f[k], dst * per, per, NULL);
+    }
+    compare(t, "moe_experts_dev (EP rows)", &y, t->tol);
+
+    /* combine: random returned blocks, summed per token */
+    float *bh = rand_vec((size_t)ep * cap * D, 1.0f);
+    pbuf back = pbuf_new(t, bh, (size_t)ep * cap * D, false);
+    pbuf out = pbuf_new(t, NULL, (size_t)T * D, true);
+    for (int k = 0; k < 2; k++)
+        t->be[k]->ops->moe_ep_unpack(t->be[k], out.b[k], back.b[k], T, &l, slot.b[k]);
+    compare(t, "moe_ep_unpack", &out, t->dt == DT_BF16 ? t->tol : 1e-6);
+
+    for (int k = 0; k < 2; k++) {
+        free(sh[k]);
+        free(sl[k]);
+        t->be[k]->ops->mem_free(t->be[k], sendb[k]);
+    }
+    pbuf_free(t, &y);
+    pbuf_free(t, &back);
+    pbuf_free(t, &out);
+    pmem_free(t, &slot);
+    pmem_free(t, &di);
+    pmem_free(t, &dw);
+    pbuf_free(t, &x);
+    free(bh);
+    free(xh);
+    free(ids);
+    free(w);
+}
+
+static void test_moe_dev(tb *t) {
+    static const int Ts[4] = {1, 7, 64, 300};
+    /* DUET_TEST_MOE_QUICK: the smaller token counts only (under compute-sanitizer) */
+    const char *quick = getenv("DUET_TEST_MOE_QUICK");
+    const int nT = quick && *quick && strcmp(quick, "0") ? 2 : 4;
+    /* DeepSeek-V2-Lite: 64 experts, top-6, D 2048, I 1408, two shared experts (2816) */
+    pmoe lite = pmoe_new(t, 64, 2048, 1408, 2816);
+    for (int i = 0; i < nT; i++)
+        test_experts_dev(t, "experts_dev V2-Lite", &lite, Ts[i], 6, 0, 58, true);
+    test_experts_dev(t, "experts_dev V2-Lite -sh", &lite, 64, 6, 0, 64, false);
+    be_route_params lite_p = {.n_experts = 64,
+                              .top_k = 6,
+                              .n_group = 1,
+                              .topk_group = 1,
+                              .scoring = CFG_SCORING_SOFTMAX,
+                              .method = CFG_TOPK_GREEDY,
+                              .routed_scaling_factor = 1.0f};
+    for (int i = 0; i < nT; i++) test_moe_pipeline(t, "moe V2-Lite", &lite, &lite_p, Ts[i]);
+    pmoe_free(t, &lite);
+
+    /* DeepSeek-V3 routing (256 experts, top-8, groups 8 / 4, noaux_tc bias) on narrow experts
+     * (D 1024, I 256, one shared) so the CPU reference stays small */
+    pmoe v3 = pmoe_new(t, 256, 1024, 256, 256);
+    be_route_params v3_p = {.n_experts = 256,
+                            .top_k = 8,
+                            .n_group = 8,
+                            .topk_group = 4,
+                            .scoring = CFG_SCORING_SIGMOID,
+                            .method = CFG_TOPK_NOAUX_TC,
+                            .norm_topk_prob = true,
+                            .scale_after_norm = true,
+                            .routed_scaling_factor = 2.5f};
+    for (int i = 0; i < nT; i++) test_moe_pipeline(t, "moe V3 routing", &v3, &v3_p, Ts[i]);
+    for (int i = 0; i < nT; i++)
+        test_experts_dev(t, "experts_dev V3 narrow", &v3, Ts[i], 8, 0, 200, true);
+    pmoe_free(t, &v3);
+
+    /* one EP rank of V3 (16 of 256 experts, 64..79) with V3's D = 7168, I 512: most tokens
+     * have no expert here, some local experts none */
+    pmoe v3r = pmoe_new(t, 16, 7168, 512, 0);
+    for (int i = 0; i < nT; i++)
+        test_experts_dev(t, "experts_dev V3 EP rank", &v3r, Ts[i], 8, 64, 256, false);
+    for (int i = 0; i < nT; i++) test_ep_dev(t, &v3r, Ts[i], 8, 16, 2, 1, 3, 4);
+    pmoe_free(t, &v3r);
+    /* odd shapes: the SIMT kernel on bf16 too */
+    pmoe odd = pmoe_new(t, 5, 100, 36, 20);
+    test_experts_dev(t, "experts_dev odd shapes", &odd, 33, 3, 0, 5, true);
+    test_ep_dev(t, &odd, 9, 3, 5, 1, 0, 0, 2);
+    pmoe_free(t, &odd);
+}
+
 static void run_all(tb *t) {
     float inv_freq[32];
     for (int i = 0; i < 32; i++) inv_freq[i] = powf(10000.0f, -2.0f * (float)i / 64.0f) * 0.7f;
@@ -623,6 +1002,7 @@ static void run_all(tb *t) {
     lite.routed_scaling_factor = 1.0f;
     test_route(t, "moe_route (V2-Lite)", lite, false);
     test_experts(t);
+    test_moe_dev(t);
 }
 
 int main(void) {

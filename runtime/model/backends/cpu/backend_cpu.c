@@ -533,10 +533,13 @@ static duet_status cpu_moe_route(be_backend *be, const void *x, int T, const be_
     return DUET_OK;
 }
 
-static void cpu_moe_experts(be_backend *be, void *out, const void *x, int T, int D,
-                            const int32_t *ids, const float *weights, int K, const be_ffn *experts,
-                            int e0, int n_local) {
-    cpu_backend *c = cpu(be);
+/* out[T, D] += the routed experts [e0, e0 + n_local) of rows x[t] (x_stride apart) whose ids
+ * and weights sit meta_stride words apart; experts visited in ascending order, each over its
+ * rows in token order. */
+static void experts_accumulate(cpu_backend *c, float *out, const float *x, int x_stride, int T,
+                               int D, const int32_t *ids, const float *weights, int meta_stride,
+                               int K, const be_ffn *experts, int e0, int n_local) {
+    be_backend *be = &c->base;
     if (T <= 0 || n_local <= 0) return;
     int inter = experts[0].n_inter;
     /* per expert: rows [n, D] gathered, gate_up [n, 2I], act [n, I], y [n, D] */
@@ -550,11 +553,10 @@ static void cpu_moe_experts(be_backend *be, void *out, const void *x, int T, int
         int n = 0;
         for (int t = 0; t < T; t++)
             for (int k = 0; k < K; k++)
-                if (ids[(size_t)t * K + k] == e0 + e) {
+                if (ids[(size_t)t * meta_stride + k] == e0 + e) {
                     rows[n] = t;
-                    wt[n] = weights[(size_t)t * K + k];
-                    memcpy(xs + (size_t)n * D, (const float *)x + (size_t)t * D,
-                           (size_t)D * sizeof(float));
+                    wt[n] = weights[(size_t)t * meta_stride + k];
+                    memcpy(xs + (size_t)n * D, x + (size_t)t * x_stride, (size_t)D * sizeof(float));
                     n++;
                 }
         if (!n) continue;
@@ -562,13 +564,123 @@ static void cpu_moe_experts(be_backend *be, void *out, const void *x, int T, int
         cpu_silu_mul(be, act, gu, n, inter);
         cpu_linear(be, y, act, inter, n, experts[e].down);
         for (int i = 0; i < n; i++) {
-            float *o = (float *)out + (size_t)rows[i] * D;
+            float *o = out + (size_t)rows[i] * D;
             const float *yr = y + (size_t)i * D;
             for (int d = 0; d < D; d++) o[d] += wt[i] * yr[d];
         }
     }
     /* CUDA sums a token's experts in float32 and stores once */
     store_bf16(c, out, (size_t)T * D);
+}
+
+static void cpu_moe_experts(be_backend *be, void *out, const void *x, int T, int D,
+                            const int32_t *ids, const float *weights, int K, const be_ffn *experts,
+                            int e0, int n_local) {
+    experts_accumulate(cpu(be), out, x, D, T, D, ids, weights, K, K, experts, e0, n_local);
+}
+
+/* ---- MoE on the "device": host memory plays device memory, so these are the plain statement
+ * of the device ops (the CUDA backend must match them) ---- */
+
+static void *cpu_mem_alloc(be_backend *be, size_t bytes) {
+    (void)be;
+    return calloc(bytes ? bytes : 1, 1);
+}
+
+static void cpu_mem_free(be_backend *be, void *p) {
+    (void)be;
+    free(p);
+}
+
+static duet_status cpu_mem_copy(be_backend *be, void *dst, const void *src, size_t bytes) {
+    (void)be;
+    if (bytes) memcpy(dst, src, bytes);
+    return DUET_OK;
+}
+
+static void cpu_moe_route_dev(be_backend *be, const void *x, int T, const be_weight *gate,
+                              const void *bias, const be_route_params *p, int32_t *ids,
+                              float *weights) {
+    cpu_backend *c = cpu(be);
+    if (T <= 0) return;
+    duet_status st = cpu_moe_route(be, x, T, gate, bias, p, ids, weights);
+    if (st != DUET_OK && c->err == DUET_OK) c->err = st;
+}
+
+static void cpu_moe_experts_dev(be_backend *be, void *out, const be_moe_rows *r,
+                                const be_ffn *experts, int e0, int n_local, const be_ffn *shared) {
+    cpu_backend *c = cpu(be);
+    if (r->n <= 0) return;
+    float *o = out;
+    const float *x = r->x;
+    memset(o, 0, (size_t)r->n * r->D * sizeof(float));
+    experts_accumulate(c, o, x, r->x_stride, r->n, r->D, r->ids, r->weights, r->meta_stride, r->K,
+                       experts, e0, n_local);
+    if (!shared || !shared->gate_up) return;
+    /* the shared experts last, as the forward adds them after the routed sum */
+    int n = r->n, D = r->D, inter = shared->n_inter;
+    float *buf = scratch_get(c, (size_t)n * (3 * (size_t)inter + D));
+    if (!buf) return;
+    float *gu = buf, *act = gu + (size_t)n * 2 * inter, *y = act + (size_t)n * inter;
+    cpu_linear(be, gu, x, r->x_stride, n, shared->gate_up);
+    cpu_silu_mul(be, act, gu, n, inter);
+    cpu_linear(be, y, act, inter, n, shared->down);
+    cpu_add(be, o, y, (size_t)n * D);
+}
+
+static void cpu_moe_ep_pack(be_backend *be, void *send, const void *x, int T, const int32_t *ids,
+                            const float *weights, const be_ep_layout *l, int32_t *slot) {
+    cpu_backend *c = cpu(be);
+    int D = l->D, K = l->K, ep = l->ep, cap = l->cap;
+    size_t row = be_ep_row_bytes(D, K, sizeof(float)), meta = be_ep_meta_offset(D, sizeof(float));
+    int mine = T > l->tp_rank ? (T - l->tp_rank + l->tp - 1) / l->tp : 0;
+    if (mine > cap) {
+        LOG_ERROR("cpu backend: EP dispatch of %d tokens into blocks of %d rows", mine, cap);
+        if (c->err == DUET_OK) c->err = DUET_ERR_INTERNAL;
+        return;
+    }
+    for (int r = 0; r < ep; r++) {
+        char *blk = (char *)send + (size_t)r * cap * row;
+        int p = 0;
+        for (int i = 0; i < mine; i++) {
+            int t = l->tp_rank + i * l->tp;
+            const int32_t *id = ids + (size_t)t * K;
+            int hit = 0;
+            for (int k = 0; k < K && !hit; k++)
+                hit = id[k] >= 0 && id[k] / l->experts_per_rank == r;
+            slot[(size_t)i * ep + r] = hit ? p : -1;
+            if (!hit) continue;
+            char *dst = blk + (size_t)p * row;
+            memcpy(dst, (const float *)x + (size_t)t * D, (size_t)D * sizeof(float));
+            memcpy(dst + meta, id, (size_t)K * sizeof(int32_t));
+            memcpy(dst + meta + (size_t)K * 4, weights + (size_t)t * K, (size_t)K * sizeof(float));
+            p++;
+        }
+        for (; p < cap; p++) { /* unused rows: defined bytes, ids that select nothing */
+            char *dst = blk + (size_t)p * row;
+            memset(dst, 0, row);
+            int32_t *id = (int32_t *)(dst + meta);
+            for (int k = 0; k < K; k++) id[k] = -1;
+        }
+    }
+}
+
+static void cpu_moe_ep_unpack(be_backend *be, void *out, const void *back, int T,
+                              const be_ep_layout *l, const int32_t *slot) {
+    (void)be;
+    int D = l->D, ep = l->ep, cap = l->cap;
+    float *o = out;
+    if (T <= 0) return;
+    memset(o, 0, (size_t)T * D * sizeof(float));
+    for (int t = l->tp_rank, i = 0; t < T; t += l->tp, i++) {
+        float *dst = o + (size_t)t * D;
+        for (int r = 0; r < ep; r++) {
+            int p = slot[(size_t)i * ep + r];
+            if (p < 0) continue;
+            const float *src = (const float *)back + ((size_t)r * cap + p) * D;
+            for (int d = 0; d < D; d++) dst[d] += src[d];
+        }
+    }
 }
 
 static void cpu_gather_rows(be_backend *be, void *dst, const void *src, const int32_t *idx, int n,
@@ -631,6 +743,14 @@ static const be_ops g_cpu_ops = {
     .sampler_destroy = be_host_sampler_destroy,
     .sampler_slot_init = be_host_sampler_slot_init,
     .sample = be_host_sample,
+    .mem_alloc = cpu_mem_alloc,
+    .mem_free = cpu_mem_free,
+    .mem_upload = cpu_mem_copy,
+    .mem_download = cpu_mem_copy,
+    .moe_route_dev = cpu_moe_route_dev,
+    .moe_experts_dev = cpu_moe_experts_dev,
+    .moe_ep_pack = cpu_moe_ep_pack,
+    .moe_ep_unpack = cpu_moe_ep_unpack,
 };
 
 static duet_status create(bool bf16, be_backend **be_p) {

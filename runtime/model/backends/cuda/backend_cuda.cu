@@ -176,6 +176,7 @@ static void cuda_destroy(be_backend *be) {
     free(c->graphs);
     cudaFree(c->blas_ws);
     for (int i = 0; i < SCR_COUNT; i++) cudaFree(c->scr[i]);
+    cuda_moe_cleanup(c);
     cudaFree(c->d_batch);
     cudaFree(c->d_inv_freq);
     if (c->blas) cublasDestroy(c->blas);
@@ -456,6 +457,35 @@ static duet_status cuda_set_batch(be_backend *be, const be_batch *b) {
         c, cudaMemcpyAsync(d, h, total * sizeof(int32_t), cudaMemcpyHostToDevice, c->stream));
 }
 
+/* Raw device bytes for the device MoE's tables (routing ids and weights, EP slots). */
+static void *cuda_mem_alloc(be_backend *be, size_t bytes) {
+    cuda_backend *c = cuda_be(be);
+    void *p = NULL;
+    if (CUDA_CHECK(c, cudaMalloc(&p, bytes ? bytes : 1)) != DUET_OK) return NULL;
+    return p;
+}
+
+static void cuda_mem_free(be_backend *be, void *p) {
+    if (p) CUDA_CHECK(cuda_be(be), cudaFree(p));
+}
+
+static duet_status cuda_mem_upload(be_backend *be, void *dst, const void *src, size_t bytes) {
+    cuda_backend *c = cuda_be(be);
+    if (c->err != DUET_OK) return c->err;
+    if (!bytes) return DUET_OK;
+    return CUDA_CHECK(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->stream));
+}
+
+static duet_status cuda_mem_download(be_backend *be, void *dst, const void *src, size_t bytes) {
+    cuda_backend *c = cuda_be(be);
+    if (c->err != DUET_OK) return c->err;
+    duet_status st = DUET_OK;
+    if (bytes)
+        st = CUDA_CHECK(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->stream));
+    if (st == DUET_OK) st = CUDA_CHECK(c, cudaStreamSynchronize(c->stream));
+    return st != DUET_OK ? st : c->err;
+}
+
 static void cuda_zero(be_backend *be, void *buf, size_t n) {
     cuda_backend *c = cuda_be(be);
     if (c->err != DUET_OK || n == 0) return;
@@ -498,6 +528,10 @@ static duet_status cuda_comm_attach(be_backend *be, comm_group *g) {
         .comm_attach = cuda_comm_attach,                                                           \
         .graph_begin = cuda_graph_begin, .graph_end = cuda_graph_end,                              \
         .graph_ready = cuda_graph_ready, .graph_launch = cuda_graph_launch,                        \
+        .mem_alloc = cuda_mem_alloc, .mem_free = cuda_mem_free,                                    \
+        .mem_upload = cuda_mem_upload, .mem_download = cuda_mem_download,                          \
+        .moe_route_dev = cuda_moe_route_dev, .moe_experts_dev = cuda_moe_experts_dev,              \
+        .moe_ep_pack = cuda_moe_ep_pack, .moe_ep_unpack = cuda_moe_ep_unpack,                      \
     }
 
 static const be_ops g_cuda_ops_bf16 = CUDA_OPS(DT_BF16);
@@ -514,6 +548,10 @@ extern "C" int be_cuda_device_count(void) {
         return 0;
     }
     return n;
+}
+
+extern "C" void *be_cuda_stream(be_backend *be) {
+    return cuda_be(be)->stream;
 }
 
 extern "C" duet_status be_cuda_create(int device, dt_dtype dtype, be_backend **be_p) {

@@ -73,6 +73,9 @@ typedef struct cuda_backend {
     size_t host_tmp_bytes;
 
     struct cuda_mla *mla; /* mla.cu's state (host memory, made at first use; freed by destroy) */
+    /* moe.cu: device tables of expert weight pointers, one per expert set (layer) seen */
+    struct moe_wtab *moe_tabs;
+    int n_moe_tabs;
 } cuda_backend;
 
 static inline cuda_backend *cuda_be(be_backend *be) {
@@ -183,6 +186,16 @@ duet_status cuda_moe_route(be_backend *be, const void *x, int T, const be_weight
                            float *weights);
 void cuda_moe_experts(be_backend *be, void *out, const void *x, int T, int D, const int32_t *ids,
                       const float *weights, int K, const be_ffn *experts, int e0, int n_local);
+void cuda_moe_route_dev(be_backend *be, const void *x, int T, const be_weight *gate,
+                        const void *bias, const be_route_params *p, int32_t *ids, float *weights);
+void cuda_moe_experts_dev(be_backend *be, void *out, const be_moe_rows *rows, const be_ffn *experts,
+                          int e0, int n_local, const be_ffn *shared);
+void cuda_moe_ep_pack(be_backend *be, void *send, const void *x, int T, const int32_t *ids,
+                      const float *weights, const be_ep_layout *l, int32_t *slot);
+void cuda_moe_ep_unpack(be_backend *be, void *out, const void *back, int T, const be_ep_layout *l,
+                        const int32_t *slot);
+/* frees the expert tables (backend destruction) */
+void cuda_moe_cleanup(cuda_backend *c);
 
 /* sample.cu: the sampling ops */
 duet_status cuda_sampler_create(be_backend *be, int max_rows, int V, int n_slots, be_sampler **s_p);
