@@ -311,9 +311,10 @@ static void plan_activations(const cfg_model *c, mplan *p) {
     long long K = moe ? c->num_experts_per_tok : 0, E = c->n_routed_experts;
 
     /* model.c reserve(): h, xn, o, o2 [T, D]; qa; q [T, Hl * qk]; kva; attn [T, Hl * v];
-     * gu [T, 2I]; act [T, I]; logits [O, Vl]; and collectives.c's device gather [tp * O, Vl] */
+     * gu [T, 2I]; act [T, I]; logits [O, Vl]; and collectives.c's device gather [tp * O, Vl]
+     * with its copy in row order for sampling (logits_rows, same size) */
     long long per_token = 4 * D + qa + Hl * qk + kvd + Hl * c->v_head_dim + 3 * I;
-    long long gather_rows = tp > 1 ? tp : 0;
+    long long gather_rows = tp > 1 ? 2 * tp : 0;
     p->act_at_load = a * (T * per_token + Vl + gather_rows * Vl);
     p->act_model = a * (T * per_token + O * Vl + gather_rows * O * Vl);
 

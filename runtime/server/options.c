@@ -412,8 +412,15 @@ static duet_status server_options_add(opt_parser *p, srv_config *c) {
          .parse = parse_fraction,
          .dest = &c->gpu_memory_utilization,
          .metavar = "F",
-         .help = "fraction of device memory for weights, activations and KV cache (the CUDA "
-                 "backend sizes its KV cache from it; --kv-cache-memory wins when given)"},
+         .def = "0.9",
+         .help = "fraction of each device's memory for weights, activations and KV cache: the "
+                 "KV cache gets what loading leaves of it (devices that report their memory; "
+                 "--kv-cache-memory and --num-gpu-blocks-override win when given)"},
+        {.name = "--print-memory-plan",
+         .type = OPT_FLAG,
+         .dest = &c->print_memory_plan,
+         .help = "print the memory plan (weights by kind, activations, graphs, KV cache per "
+                 "rank) at start-up"},
         {.name = "--enable-prefix-caching",
          .type = OPT_FLAG,
          .dest = &c->prefix_caching,

@@ -62,10 +62,11 @@ typedef struct srv_config {
     const char *ssl_keyfile, *ssl_certfile, *ssl_ca_certs;
     int ssl_cert_reqs; /* 0 none, 1 optional, 2 required (Python's ssl.CERT_*) */
 
-    /* Memory: the fraction of device memory the FP8/memory issue sizes the KV cache from.
-     * 0 = not given. Stored only: the CPU backend and today's CUDA sizing read
-     * --kv-cache-memory; that issue reads this field. */
+    /* Memory: the fraction of device memory for weights, activations and KV cache (default
+     * 0.9); the KV cache gets what loading leaves of it on devices that report their memory
+     * (engine/parallel.h: par_kv_budget). */
     double gpu_memory_utilization;
+    bool print_memory_plan; /* --print-memory-plan: the plan's table on stdout at start-up */
 
     /* --speculative-config: what MTP's issue will read. Refused at start-up while
      * num_speculative_tokens > 0, as duet has no MTP yet. */

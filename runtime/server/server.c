@@ -437,7 +437,16 @@ static duet_status size_kv(srv_server *s) {
     if (s->cfg.num_gpu_blocks_override > 0) {
         s->n_blocks = s->cfg.num_gpu_blocks_override;
     } else {
-        long long budget = s->cfg.kv_cache_memory > 0 ? s->cfg.kv_cache_memory : 1LL << 30;
+        /* --kv-cache-memory; else what --gpu-memory-utilization of the device leaves after
+         * loading (the memory plan's readings); else, on host memory, 1 GiB */
+        long long budget = s->cfg.kv_cache_memory;
+        if (budget <= 0) {
+            duet_status st = par_kv_budget(s->inst, &budget);
+            if (st == DUET_ERR_UNSUPPORTED)
+                budget = 1LL << 30;
+            else if (st != DUET_OK)
+                return st;
+        }
         long long per_block = (long long)per_token * s->cfg.block_size;
         long long nb = per_block > 0 ? budget / per_block : 0;
         if (nb > INT_MAX / 2) nb = INT_MAX / 2;
@@ -454,6 +463,10 @@ static duet_status size_kv(srv_server *s) {
                  "--max-model-len %d",
                  s->n_blocks, s->cfg.block_size, s->max_model_len);
     (void)mc;
+    long long tokens = (long long)s->n_blocks * s->cfg.block_size;
+    LOG_INFO("KV cache: %d blocks = %lld tokens (%.2f GiB per rank), %.1fx max-model-len",
+             s->n_blocks, tokens, (double)tokens * (double)per_token / (1 << 30),
+             (double)tokens / s->max_model_len);
     return DUET_OK;
 }
 
@@ -527,6 +540,13 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
         fprintf(stderr, "%s: --port %d + %d DP ranks passes 65535\n", name, c->port, c->po.dp);
         return early_exit(s, op, 2);
     }
+    /* the memory plan runs before any weight loads: a layout that does not fit is refused */
+    c->po.mem = (par_memory){.utilization = c->gpu_memory_utilization,
+                             .kv_cache_memory = c->kv_cache_memory,
+                             .max_model_len = s->max_model_len,
+                             .max_num_seqs = c->max_num_seqs,
+                             .block_size = c->block_size,
+                             .print_plan = c->print_memory_plan};
     /* every rank reads the tokenizer and the chat template before any collective: a bad file
      * fails all alike */
     if (tok_load(c->tokenizer, &s->tok) != DUET_OK || load_template(s) != DUET_OK)

@@ -550,10 +550,6 @@ extern "C" int be_cuda_device_count(void) {
     return n;
 }
 
-extern "C" void *be_cuda_stream(be_backend *be) {
-    return cuda_be(be)->stream;
-}
-
 extern "C" duet_status be_cuda_create(int device, dt_dtype dtype, be_backend **be_p) {
     if (dtype == DT_COUNT) dtype = DT_BF16;
     if (dtype != DT_BF16 && dtype != DT_F32) {
