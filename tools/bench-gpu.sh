@@ -53,7 +53,7 @@ for s in "${sections[@]}"; do
         port=8600
         duet-decode --model "$model" --served-model-name v2lite --backend cuda \
             --load-format dummy --host 127.0.0.1 --port $port --max-model-len 4096 \
-            --max-num-seqs 256 --max-num-batched-tokens 8192 --kv-cache-memory 24G \
+            --max-num-seqs 256 --max-num-batched-tokens 8192 --print-memory-plan \
             >"$out/server.log" 2>&1 &
         srv=$!
         ok=0

@@ -507,6 +507,12 @@ int check_golden_main(int argc, char **argv) {
         if (dp_first ? dpr == 0 : i % dp == dpr) mine[n_mine++] = cs[i];
     if (st == DUET_OK) st = run_all(&g, mine, n_mine, repeat);
     if (st == DUET_OK) st = par_finish(g.inst); /* empty steps until every DP rank is done */
+    if (st == DUET_OK && par_world(g.inst)->rank == 0 && mdl_graphs_on(g.m)) {
+        uint64_t rec = 0, launched = 0;
+        mdl_graph_counts(g.m, &rec, &launched);
+        LOG_INFO("golden: decode steps as graphs: %llu recorded, %llu replays",
+                 (unsigned long long)rec, (unsigned long long)launched);
+    }
 
     /* the reference mode, on each rank that reports, for its own cases */
     gctx ref = {.tol = tol, .block_size = block_size, .n_blocks = g.n_blocks, .V = g.V};

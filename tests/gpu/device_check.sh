@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of one device-machine call, run from the offline bundle:
-#   bash .bundle/run.sh bash .bundle/device_check.sh single|multi|mla|moe
+#   bash .bundle/run.sh bash .bundle/device_check.sh quick|single|multi|mla|moe
+# quick (one GPU): the op and sampling tests, the goldens on every path, the memory plan.
 # single (one GPU): op test, sampling test and benchmark, goldens on CUDA in float32 and bf16
 # (the device MoE path, and the host-routing one for comparison), bf16 against the
 # bf16-emulating CPU backend row by row (needs the bundle built with
@@ -53,6 +54,29 @@ mpi=(mpirun -np 2 -x LD_LIBRARY_PATH -x PATH -x NCCL_NVLS_ENABLE -x DUET_BUNDLE)
 san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 
 case "${1:-single}" in
+quick)
+    # correctness only, in a few minutes: the op tests (MLA, MoE, sampling kernels against the
+    # CPU rules), the goldens on every path (graphs replay from the third decode step on), bf16
+    # against its emulation, and the memory plan against a V2-Lite-sized dummy load
+    TMO=150 run op-test test_backend_ops
+    TMO=120 run sample-test test_sample
+    for c in tiny-v3 tiny-v3-fp8; do
+        for dt in float32 bfloat16; do
+            run "golden-$dt-$c" duet-check golden --backend cuda --dtype "$dt" "$G/$c"
+        done
+    done
+    run golden-f32-eager-tiny-v3 duet-check golden --backend cuda --dtype float32 \
+        --enforce-eager "$G/tiny-v3"
+    run golden-f32-moe-host-tiny-v3 env DUET_MOE_PATH=host duet-check golden --backend cuda \
+        --dtype float32 "$G/tiny-v3"
+    for c in tiny-v3-smooth tiny-v3-fp8-smooth; do
+        [ -d "$G/$c" ] || continue
+        run "golden-bf16-vs-emulated-$c" duet-check golden --backend cuda --dtype bfloat16 \
+            --compare-to bf16-emulated --per-row "$G/$c"
+    done
+    TMO=240 run memplan-check memplan_check --model "$DUET_BUNDLE/models/v2-lite" \
+        --backend cuda --load-format dummy
+    ;;
 single)
     run op-test test_backend_ops
     run sample-test test_sample
@@ -124,7 +148,7 @@ mla)
     ;;
 esac
 # the report lines and failures of every run, then the summary
-grep -E "^=== |PASS|FAIL|passed|error|ERROR|did not complete|rel_l2|agree|differ from|chi-square|skipped|SUMMARY|unpacked|NCCL [0-9]" \
+grep -E "^=== |PASS|FAIL|passed|error|ERROR|did not complete|rel_l2|agree|differ from|chi-square|skipped|SUMMARY|unpacked|as graphs|memplan_check|NCCL [0-9]" \
     "$log" | grep -v "^    row" | grep -v "PASS$" | tail -c 8000
 if [ -f "$out/bench_sample.txt" ]; then
     echo "---- bench_sample"
