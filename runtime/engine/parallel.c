@@ -110,8 +110,9 @@ duet_status par_options_add(opt_parser *p, par_options *o) {
          .dest = o,
          .metavar = "{auto,bfloat16,float16,float32}",
          .def = "auto",
-         .help = "weights and activations (auto: float32 on cpu, bfloat16 on cuda; bfloat16 on "
-                 "cpu emulates CUDA's bf16 storage in float32 arithmetic; float16 is read as auto)"},
+         .help =
+             "weights and activations (auto: float32 on cpu, bfloat16 on cuda; bfloat16 on "
+             "cpu emulates CUDA's bf16 storage in float32 arithmetic; float16 is read as auto)"},
         {.name = "--tensor-parallel-size",
          .alias = "-tp",
          .type = OPT_INT,

@@ -525,10 +525,9 @@ static duet_status cuda_comm_attach(be_backend *be, comm_group *g) {
         .scatter_add_rows = cuda_scatter_add_rows, .zero = cuda_zero, .mem_info = cuda_mem_info,   \
         .sampler_create = cuda_sampler_create, .sampler_destroy = cuda_sampler_destroy,            \
         .sampler_slot_init = cuda_sampler_slot_init, .sample = cuda_sample,                        \
-        .comm_attach = cuda_comm_attach,                                                           \
-        .graph_begin = cuda_graph_begin, .graph_end = cuda_graph_end,                              \
-        .graph_ready = cuda_graph_ready, .graph_launch = cuda_graph_launch,                        \
-        .mem_alloc = cuda_mem_alloc, .mem_free = cuda_mem_free,                                    \
+        .comm_attach = cuda_comm_attach, .graph_begin = cuda_graph_begin,                          \
+        .graph_end = cuda_graph_end, .graph_ready = cuda_graph_ready,                              \
+        .graph_launch = cuda_graph_launch, .mem_alloc = cuda_mem_alloc, .mem_free = cuda_mem_free, \
         .mem_upload = cuda_mem_upload, .mem_download = cuda_mem_download,                          \
         .moe_route_dev = cuda_moe_route_dev, .moe_experts_dev = cuda_moe_experts_dev,              \
         .moe_ep_pack = cuda_moe_ep_pack, .moe_ep_unpack = cuda_moe_ep_unpack,                      \
