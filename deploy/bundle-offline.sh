@@ -37,7 +37,8 @@ for p in "${progs[@]}"; do
     strip --strip-unneeded "$out/bin/$(basename "$p")"
 done
 install -m 755 tests/gpu/device_check.sh tests/gpu/pd_check.sh tests/gpu/pd_golden.py \
-    tests/integration/rank_failure.sh tools/bench-sweep.sh deploy/launch-2p1d.sh "$out/"
+    tests/gpu/ncu_summary.py tests/integration/rank_failure.sh tools/bench-sweep.sh \
+    deploy/launch-2p1d.sh "$out/"
 # the GPU benchmark and its model: DeepSeek-V2-Lite's config.json (weights: --load-format
 # dummy) with the DeepSeek-V3 tokenizer of the goldens (its ids cover V2-Lite's vocabulary)
 install -m 755 tools/bench-gpu.sh "$out/"

@@ -6,6 +6,7 @@
 #   kernels  the ceilings and each hot kernel: bench_mla, bench_moe, bench_sample, when packed
 #   step     decode steps through the model at batch 1, 16, 64 (context 1k) next to their
 #            memory floor, with recorded steps (CUDA graphs) and with --enforce-eager
+#   profile  one eager decode step at batch 1 and 64 under ncu, time and DRAM bytes per kernel
 #   serve    duet-decode on the GPU behind duet-bench: TPOT at 1 and at 64 concurrent (greedy
 #            and top_p 0.95), 200 requests at once (1,000 in / 100 out), a lone prompt's TTFT
 # Output: a summary on stdout; every log and result JSON under $OUT (or /tmp/duet-bench-gpu).
@@ -48,6 +49,18 @@ for s in "${sections[@]}"; do
             --batch 1,16,64 --ctx 1024 --steps 50
         run step_eager 420 bench_step --model "$model" --backend cuda --load-format dummy \
             --batch 1,64 --ctx 1024 --steps 20 --enforce-eager
+        ;;
+    profile)
+        # one eager decode step per batch size under Nsight Compute, summed by kernel
+        ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+        [ -n "$ncu" ] || { say "--- profile: no ncu"; continue; }
+        for b in ${DUET_PROFILE_BATCHES:-1 64}; do
+            run "ncu_b$b" 300 "$ncu" --profile-from-start off --clock-control none --csv \
+                --page raw --metrics gpu__time_duration.sum,dram__bytes_read.sum \
+                --log-file "$out/ncu_b$b.csv" bench_step --model "$model" --backend cuda \
+                --load-format dummy --batch "$b" --ctx 1024 --steps 3 --enforce-eager --profile
+            TAIL=30 run "ncu_b${b}_sum" 30 python3 "$here/ncu_summary.py" "$out/ncu_b$b.csv" 25
+        done
         ;;
     serve)
         port=8600

@@ -1,11 +1,15 @@
 /* bench_step: the decode step of the model on one rank, timed next to its memory floor. Fills
  * B sequences with ctx tokens of context (prompt chunks), then times decode steps of one new
- * token per sequence through mdl_forward (what the engine calls), B from --batch. The floor is
+ * token per sequence as the engine runs them (mdl_forward leaving the logits on the device, then
+ * greedy sampling on the device and one download of the ids), B from --batch. The floor is
  * the bytes the step must read (every weight it touches once, plus the KV it attends to) over
  * the device-copy bandwidth, which this program measures itself (cudaMemcpy device to device,
  * bytes read + written) unless --copy-gbps gives it.
  * Usage: bench_step --model DIR [--load-format dummy] [--backend cuda] [--batch 1,16,64]
- *                   [--ctx 1024] [--steps 50] [--enforce-eager] [--dtype bfloat16] */
+ *                   [--ctx 1024] [--steps 50] [--enforce-eager] [--dtype bfloat16]
+ *                   [--profile]
+ * --profile brackets one more step of each batch size with cudaProfilerStart/Stop, for
+ * `ncu --profile-from-start off` or `nsys --capture-range=cudaProfilerApi`. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,6 +17,7 @@
 #include <time.h>
 
 #ifdef DUET_HAVE_CUDA
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 #endif
 
@@ -105,6 +110,7 @@ int main(int argc, char **argv) {
     const char *model = NULL, *batches = "1,16,64";
     int ctx = 1024, steps = 50, block_size = 64;
     double gbps = 0;
+    bool profile = false;
     const opt_spec specs[] = {
         {.name = "--model",
          .type = OPT_STRING,
@@ -142,6 +148,10 @@ int main(int argc, char **argv) {
          .min = 0,
          .max = 1e6,
          .help = "device-copy bandwidth for the floor (default: measured here)"},
+        {.name = "--profile",
+         .type = OPT_FLAG,
+         .dest = &profile,
+         .help = "one more step per batch size between cudaProfilerStart and cudaProfilerStop"},
     };
     opt_parser *op;
     if (opt_parser_create("bench_step", "--model DIR [options]",
@@ -176,9 +186,15 @@ int main(int argc, char **argv) {
 
     int32_t *tables = malloc((size_t)max_b * per_seq * sizeof(int32_t));
     int32_t *tokens = malloc((size_t)(ctx > max_b ? ctx : max_b) * sizeof(int32_t));
-    float *logits = malloc((size_t)max_b * c->vocab_size * sizeof(float));
     mdl_seq *seqs = calloc((size_t)max_b, sizeof *seqs);
-    if (!tables || !tokens || !logits || !seqs) return 1;
+    be_sampler *smp = NULL;
+    if (!tables || !tokens || !seqs ||
+        be_sampler_create(mdl_backend(m), max_b, c->vocab_size, 0, &smp) != DUET_OK)
+        return 1;
+    for (int i = 0; i < max_b; i++) {
+        be_sample_row_init(&smp->rows[i]);
+        smp->rows[i].logits_row = i;
+    }
     for (int i = 0; i < max_b * per_seq; i++) tables[i] = i;
     uint64_t x = 12345;
     for (int i = 0; i < ctx; i++) {
@@ -211,9 +227,15 @@ int main(int argc, char **argv) {
             }
         }
         int warm = 3;
-        double t0 = 0;
-        for (int it = 0; it < warm + steps && !rc; it++) {
+        double t0 = 0, t1 = 0;
+        for (int it = 0; it < warm + steps + (profile ? 1 : 0) && !rc; it++) {
             if (it == warm) t0 = clock_now_s();
+            if (it == warm + steps) {
+                t1 = clock_now_s();
+#ifdef DUET_HAVE_CUDA
+                cudaProfilerStart();
+#endif
+            }
             for (int s = 0; s < B; s++)
                 seqs[s] = (mdl_seq){.tokens = tokens + (s + it) % ctx,
                                     .n_tokens = 1,
@@ -221,10 +243,17 @@ int main(int argc, char **argv) {
                                     .block_table = tables + (size_t)s * per_seq,
                                     .n_blocks = per_seq,
                                     .n_logits = 1};
-            if (mdl_forward(m, kv, seqs, B, logits) != DUET_OK) rc = 1;
+            /* the engine's step: logits stay on the device, the ids come back */
+            if (mdl_forward(m, kv, seqs, B, NULL) != DUET_OK ||
+                mdl_sample_queue(m, smp, B) != DUET_OK ||
+                be_sample_wait(mdl_backend(m), smp) != DUET_OK)
+                rc = 1;
         }
+#ifdef DUET_HAVE_CUDA
+        if (profile) cudaProfilerStop();
+#endif
         if (rc) break;
-        double ms = (clock_now_s() - t0) * 1e3 / steps;
+        double ms = ((profile ? t1 : clock_now_s()) - t0) * 1e3 / steps;
         double bytes = step_weight_bytes(c, B, es) + (double)B * (ctx + warm + steps / 2) * kv_tok;
         double floor_ms = gbps > 0 ? bytes / (gbps * 1e9) * 1e3 : 0;
         printf("%6d %10.3f %10.3f %10.2f %8.0f %12.3e\n", B, ms, floor_ms,
@@ -237,7 +266,7 @@ int main(int argc, char **argv) {
            (unsigned long long)launched);
     free(tables);
     free(tokens);
-    free(logits);
+    be_sampler_destroy(mdl_backend(m), smp);
     free(seqs);
     mdl_kv_destroy(m, kv);
     par_instance_destroy(inst);
