@@ -9,6 +9,8 @@
 #   profile  one eager decode step at batch 1 and 64 under ncu, time and DRAM bytes per kernel
 #   serve    duet-decode on the GPU behind duet-bench: TPOT at 1 and at 64 concurrent (greedy
 #            and top_p 0.95), 200 requests at once (1,000 in / 100 out), a lone prompt's TTFT
+#   pd       1P1D and 2P1D behind duet-proxy (duet-prefill, duet-decode, KV over UCX), 200
+#            requests at once; on one GPU every instance shares it
 # Output: a summary on stdout; every log and result JSON under $OUT (or /tmp/duet-bench-gpu).
 set -u
 here=${DUET_BUNDLE:?run through run.sh}
@@ -95,6 +97,62 @@ for s in "${sections[@]}"; do
         kill -TERM $srv 2>/dev/null
         wait $srv 2>/dev/null
         grep -E "graph|KV cache|serving" "$out/server.log" | head -5 | tee -a "$summary"
+        ;;
+    pd)
+        # 1P1D and 2P1D behind duet-proxy on the GPUs there are (all on GPU 0 when there is
+        # one: the instances then share its SMs and HBM bandwidth, so this shows what
+        # disaggregation costs there, not what it buys), 1,000 in / 100 out x 200 at once
+        export DUET_KV_SECRET=bench-gpu-pd
+        ngpu=$(nvidia-smi -L 2>/dev/null | grep -c GPU)
+        [ "$ngpu" -ge 1 ] || ngpu=1
+        for np in 1 2; do
+            pids=()
+            util=$(awk -v n=$((np + 1)) -v g="$ngpu" 'BEGIN { k = n / g; if (k < 1) k = 1;
+                printf "%.2f", 0.9 / (k > int(k) ? int(k) + 1 : k) }')
+            wargs=(--model "$model" --served-model-name v2lite --backend cuda
+                --load-format dummy --host 127.0.0.1 --max-model-len 4096
+                --gpu-memory-utilization "$util")
+            peers=()
+            for i in $(seq 0 $((np - 1))); do
+                CUDA_VISIBLE_DEVICES=$((i % ngpu)) duet-prefill "${wargs[@]}" \
+                    --port $((8700 + 10 * i)) >"$out/pd${np}_prefill$i.log" 2>&1 &
+                pids+=($!)
+                peers+=("127.0.0.1:$((8700 + 10 * i))")
+            done
+            CUDA_VISIBLE_DEVICES=$((np % ngpu)) duet-decode "${wargs[@]}" --port 8790 \
+                --max-num-seqs 256 >"$out/pd${np}_decode.log" 2>&1 &
+            pids+=($!)
+            up=1
+            for p in $(seq 0 $((np - 1))) 9; do
+                port=$((8700 + 10 * p))
+                for _ in $(seq 300); do
+                    curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
+                    sleep 1
+                done
+                curl -sf "http://127.0.0.1:$port/health" >/dev/null || up=0
+            done
+            duet-proxy --host 127.0.0.1 --port 8780 --prefill "${peers[@]}" --decode 127.0.0.1:8790 \
+                >"$out/pd${np}_proxy.log" 2>&1 &
+            pids+=($!)
+            for _ in $(seq 50); do
+                curl -sf http://127.0.0.1:8780/health >/dev/null && break
+                sleep 0.2
+            done
+            if [ $up = 1 ]; then
+                TAIL=24 run "pd_${np}p1d_200" 400 duet-bench --base-url http://127.0.0.1:8780 \
+                    --model "$model" --served-model-name v2lite --dataset-name random \
+                    --random-input-len 1000 --random-output-len 100 --ignore-eos --seed 7 \
+                    --num-prompts 200 --save-result --result-dir "$out" \
+                    --result-filename "pd${np}p1d.json"
+            else
+                say "--- pd ${np}P1D: an instance did not come up (util $util)"
+                tail -5 "$out"/pd"${np}"_*.log | tee -a "$summary"
+            fi
+            for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
+            sleep 3
+            for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null; done
+            wait 2>/dev/null
+        done
         ;;
     *) say "unknown section $s" ;;
     esac
