@@ -77,6 +77,20 @@ duet_status kvl_options_add(opt_parser *p, kvl_options *o) {
          .dest = &o->staging_bytes,
          .def = "256M",
          .help = "size of the staging area"},
+        {.name = "--kv-chunk-bytes",
+         .type = OPT_SIZE,
+         .dest = &o->chunk_bytes,
+         .def = "16M",
+         .help = "staged transfers move the KV in chunks of this size, each chunk's "
+                 "device->host copy, network read and host->device copy overlapping the other "
+                 "chunks' (rounded to whole blocks)"},
+        {.name = "--kv-chunks-in-flight",
+         .type = OPT_INT,
+         .dest = &o->chunks_in_flight,
+         .def = "3",
+         .min = 1,
+         .max = KVL_MAX_CHUNKS_IN_FLIGHT,
+         .help = "chunks one staged transfer keeps in flight (3: triple buffering)"},
     };
     return opt_add(p, "KV transfer", specs, (int)(sizeof specs / sizeof specs[0]));
 }
@@ -86,7 +100,9 @@ duet_status kvl_options_add(opt_parser *p, kvl_options *o) {
 static void ucx_hot(uv_idle_t *h) {
     kvl_link *l = h->data;
     double t = clock_now_s();
-    if (kvu_progress(l->ucx))
+    unsigned n = kvu_progress(l->ucx);
+    if (l->role.progress && l->role.progress(l->role.arg)) n++;
+    if (n)
         l->hot_last = t;
     else if (t - l->hot_last > 0.05)
         uv_idle_stop(&l->ucx_hot);
@@ -99,7 +115,9 @@ void kvl_ucx_heat(kvl_link *l) {
 
 static void ucx_tick(uv_timer_t *t) {
     kvl_link *l = t->data;
-    if (kvu_progress(l->ucx)) kvl_ucx_heat(l);
+    unsigned n = kvu_progress(l->ucx);
+    if (l->role.progress && l->role.progress(l->role.arg)) n++;
+    if (n) kvl_ucx_heat(l);
 }
 
 /* ---- the side channel ---- */
@@ -168,6 +186,18 @@ int kvl_stage_alloc(kvl_link *l, int n, int32_t *out) {
     return 0;
 }
 
+int kvl_stage_alloc_run(kvl_link *l, int n) {
+    if (n < 1 || n > l->stage_slots) return -2;
+    for (int i = 0, run = 0; i < l->stage_slots; i++) {
+        run = l->stage_used[i] ? 0 : run + 1;
+        if (run == n) {
+            memset(l->stage_used + i - n + 1, 1, (size_t)n);
+            return i - n + 1;
+        }
+    }
+    return -1;
+}
+
 void kvl_stage_free(kvl_link *l, const int32_t *slots, int n) {
     for (int i = 0; i < n; i++)
         if (slots[i] >= 0 && slots[i] < l->stage_slots) l->stage_used[slots[i]] = 0;
@@ -175,28 +205,39 @@ void kvl_stage_free(kvl_link *l, const int32_t *slots, int n) {
 
 duet_status kvl_stage_copy(kvl_link *l, const int32_t *blocks, const int32_t *slots, int n,
                            bool to_host) {
-    be_kv *kv = l->ctx.kv;
-    size_t bb = kv->block_bytes;
     for (int i = 0; i < n;) {
         int k = i + 1;
         while (k < n && slots[k] == slots[k - 1] + 1) k++;
-        uint8_t *h = l->stage_base + (size_t)slots[i] * bb;
-        if (l->be->ops->kv_copy_host) {
-            duet_status st = l->be->ops->kv_copy_host(l->be, kv, blocks + i, k - i, h, to_host);
-            if (st != DUET_OK) return st;
-        } else {
-            for (int b = i; b < k; b++) {
-                uint8_t *c = (uint8_t *)kv->data + (size_t)blocks[b] * bb;
-                uint8_t *hb = h + (size_t)(b - i) * bb;
-                if (to_host)
-                    memcpy(hb, c, bb);
-                else
-                    memcpy(c, hb, bb);
-            }
-        }
+        void *ticket = NULL;
+        duet_status st = kvl_stage_copy_start(l, blocks + i, slots[i], k - i, to_host, &ticket);
+        if (st == DUET_OK) st = kvl_copy_poll(l, ticket, true);
+        if (st != DUET_OK) return st;
         i = k;
     }
     return DUET_OK;
+}
+
+duet_status kvl_stage_copy_start(kvl_link *l, const int32_t *blocks, int slot0, int n, bool to_host,
+                                 void **ticket_p) {
+    if (slot0 < 0 || n < 0 || slot0 + n > l->stage_slots) return DUET_ERR_INVALID;
+    uint8_t *h = l->stage_base + (size_t)slot0 * l->ctx.kv->block_bytes;
+    return be_kv_copy_start(l->be, l->ctx.kv, blocks, n, h, to_host, ticket_p);
+}
+
+duet_status kvl_copy_poll(kvl_link *l, void *ticket, bool wait) {
+    return be_kv_copy_poll(l->be, ticket, wait);
+}
+
+int kvl_chunk_blocks(const kvl_link *l) {
+    long long per = l->opt.chunk_bytes / (long long)l->ctx.kv->block_bytes;
+    long long cap = l->stage_slots / kvl_chunks_in_flight(l);
+    if (per > cap) per = cap;
+    return per < 1 ? 1 : (int)per;
+}
+
+int kvl_chunks_in_flight(const kvl_link *l) {
+    int n = l->opt.chunks_in_flight;
+    return n < 1 ? 1 : n > KVL_MAX_CHUNKS_IN_FLIGHT ? KVL_MAX_CHUNKS_IN_FLIGHT : n;
 }
 
 /* ---- the thread ---- */
@@ -238,9 +279,15 @@ static duet_status setup_memory(kvl_link *l) {
                   "--kv-staging is off");
         return DUET_ERR_UNSUPPORTED;
     }
-    if (!l->staged)
-        return kvu_register(l->ucx, kv->data, kv->block_bytes * (size_t)kv->n_blocks, kv->on_device,
-                            &l->region);
+    if (!l->staged) {
+        duet_status st = kvu_register(l->ucx, kv->data, kv->block_bytes * (size_t)kv->n_blocks,
+                                      kv->on_device, &l->region);
+        if (st == DUET_OK)
+            LOG_INFO("kv: KV path: direct, UCX reads and writes the %s cache itself (no staging)%s",
+                     kv->on_device ? "device-memory" : "host-memory",
+                     kv->on_device ? "; UCX reports CUDA memory support" : "");
+        return st;
+    }
     size_t slots = (size_t)l->opt.staging_bytes / kv->block_bytes;
     if (slots > (size_t)kv->n_blocks) slots = (size_t)kv->n_blocks;
     if (slots < 1) slots = 1;
@@ -255,8 +302,13 @@ static duet_status setup_memory(kvl_link *l) {
     if (l->be->ops->host_pin &&
         l->be->ops->host_pin(l->be, base, slots * kv->block_bytes) == DUET_OK)
         l->stage_pinned = true;
-    LOG_INFO("kv: KV moves through a %zu MiB host staging area (%zu blocks)%s",
-             (slots * kv->block_bytes) >> 20, slots, l->stage_pinned ? ", page-locked" : "");
+    LOG_INFO("kv: KV path: staged (%s), a %zu MiB host staging area (%zu blocks)%s, chunks of "
+             "%d blocks, %d in flight",
+             l->opt.staging_mode == KVL_STAGE_ON ? "--kv-staging on"
+             : kv->on_device                     ? "this UCX build reports no CUDA memory support"
+                                                 : "host cache",
+             (slots * kv->block_bytes) >> 20, slots, l->stage_pinned ? ", page-locked" : "",
+             kvl_chunk_blocks(l), kvl_chunks_in_flight(l));
     return DUET_OK;
 }
 

@@ -215,6 +215,16 @@ typedef struct be_ops {
      * host caches: the caller copies with memcpy. */
     duet_status (*kv_copy_host)(be_backend *be, be_kv *kv, const int32_t *blocks, int n, void *host,
                                 bool to_host);
+    /* Optional; any thread (the KV transfer thread): starts the copy kv_copy_host does on a
+     * copy stream of its direction and returns at once, so device->host copies, host->device
+     * copies and network reads of other chunks overlap; *ticket_p is polled with kv_copy_poll.
+     * host should be page-locked (host_pin), else the copy may run synchronously. NULL: the
+     * wrapper be_kv_copy_start copies at once and hands back a NULL ticket (done). */
+    duet_status (*kv_copy_start)(be_backend *be, be_kv *kv, const int32_t *blocks, int n,
+                                 void *host, bool to_host, void **ticket_p);
+    /* With kv_copy_start: DUET_ERR_BUSY while the copy runs (wait: blocks until it ends);
+     * otherwise DUET_OK or the copy's error, and the ticket is freed. */
+    duet_status (*kv_copy_poll)(be_backend *be, void *ticket, bool wait);
     /* Optional; any thread: page-locks host memory for fast copies with kv_copy_host (NULL
      * where that means nothing). */
     duet_status (*host_pin)(be_backend *be, void *ptr, size_t bytes);
@@ -342,6 +352,12 @@ void be_destroy(be_backend *be);
 /* The device's total and free memory (be_ops.mem_info); DUET_ERR_UNSUPPORTED for backends
  * whose memory is the host's. Outputs set only on success. */
 duet_status be_mem_info(be_backend *be, long long *total_p, long long *free_p);
+/* KV blocks to or from host memory without waiting (see kv_copy_start): backends without the
+ * op copy at once (kv_copy_host, or memcpy for host caches) and set *ticket_p to NULL.
+ * be_kv_copy_poll(NULL) is DUET_OK. */
+duet_status be_kv_copy_start(be_backend *be, be_kv *kv, const int32_t *blocks, int n, void *host,
+                             bool to_host, void **ticket_p);
+duet_status be_kv_copy_poll(be_backend *be, void *ticket, bool wait);
 
 /* ---- sampling through the ops, or the host rule where a backend has none ---- */
 

@@ -2,7 +2,8 @@
  * transfer plug-in (thread, side channel on localhost, UCX): every golden case decoded after
  * pulling its prompt's KV gives the golden greedy ids; leases are freed after the pull; reads
  * are coalesced; a wrong secret, a different block size and an expired lease fail the request
- * cleanly and leave both pools full. */
+ * cleanly and leave both pools full. With "staging", KV also moves through host staging areas,
+ * and a decode whose area is a few blocks pulls large prompts as a pipeline of chunks. */
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -52,6 +53,8 @@ static void on_event(void *user, const eng_event *ev) {
 static int g_port;
 static const char *g_staging = "auto"; /* "on": both sides move KV through staging slots */
 static const char *g_staging_bytes = "256M";
+static const char *g_chunk_bytes = "16M";
+static const char *g_in_flight = "3";
 
 static int make_side(side *s, srv_role role, int block_size, int n_blocks, const char *secret,
                      double lease_s) {
@@ -65,17 +68,21 @@ static int make_side(side *s, srv_role role, int block_size, int n_blocks, const
         return -1;
     CHECK((role == SRV_ROLE_PREFILL ? kvlease_create(&s->plug) : kvpull_create(&s->plug)) ==
           DUET_OK);
-    char *args[7] = {"x",
-                     "--kv-secret",
-                     (char *)secret,
-                     "--kv-staging",
-                     (char *)g_staging,
-                     "--kv-staging-bytes",
-                     (char *)g_staging_bytes};
+    char *args[11] = {"x",
+                      "--kv-secret",
+                      (char *)secret,
+                      "--kv-staging",
+                      (char *)g_staging,
+                      "--kv-staging-bytes",
+                      (char *)g_staging_bytes,
+                      "--kv-chunk-bytes",
+                      (char *)g_chunk_bytes,
+                      "--kv-chunks-in-flight",
+                      (char *)g_in_flight};
     opt_parser *op;
     CHECK(opt_parser_create("test_kvx", NULL, NULL, &op) == DUET_OK);
     CHECK(s->plug.add_options(s->plug.state, op) == DUET_OK);
-    CHECK(opt_parse(op, 7, args) == 0);
+    CHECK(opt_parse(op, 11, args) == 0);
     opt_parser_destroy(op);
     eng_config c;
     eng_config_default(&c);
@@ -197,6 +204,10 @@ int main(int argc, char **argv) {
     kvpull_stats st;
     kvpull_get_stats(&d.plug, &st);
     CHECK(st.fetches_ok > 0 && st.fetches_failed == 0);
+    /* staged prefill pins stream their chunks (protocol version 2); direct ones do not */
+    CHECK_MSG(!strcmp(g_staging, "on") ? st.pins_streamed == st.fetches_ok : st.pins_streamed == 0,
+              "%llu of %llu pins streamed", (unsigned long long)st.pins_streamed,
+              (unsigned long long)st.fetches_ok);
     /* blocks of a fresh pool come out in order: runs coalesce into fewer reads than blocks */
     CHECK_MSG(st.gets_issued < st.bytes_read / eng_kv(d.eng)->block_bytes,
               "%llu reads for %llu blocks", (unsigned long long)st.gets_issued,
@@ -251,6 +262,43 @@ int main(int argc, char **argv) {
         CHECK(leased(&p) == 1); /* the refused big lease waits for its expiry */
         free_side(&p);
         free_side(&d);
+
+        /* the decode's staged pull is a pipeline of chunks through a few reused staging slots:
+         * a decode whose area holds 3 blocks (1-block chunks, 3 in flight), then 4 blocks
+         * (2-block chunks, 2 in flight), pulls every golden prompt, the largest 9 blocks, and
+         * decodes the golden ids; the slots and both pools are free afterwards */
+        const char *areas[2][3] = {{"30K", "10K", "3"}, {"40K", "20K", "2"}};
+        for (int a = 0; a < 2; a++) {
+            g_port += 2;
+            CHECK(make_side(&p, SRV_ROLE_PREFILL, 16, 64, "s3cret", 30) == 0);
+            g_staging_bytes = areas[a][0];
+            g_chunk_bytes = areas[a][1];
+            g_in_flight = areas[a][2];
+            CHECK(make_side(&d, SRV_ROLE_DECODE, 16, 64, "s3cret", 30) == 0);
+            g_staging_bytes = "256M";
+            g_chunk_bytes = "16M";
+            g_in_flight = "3";
+            kvpull_stats before;
+            kvpull_get_stats(&d.plug, &before);
+            for (int i = 0; i < G.n; i++) {
+                const golden_case *k = &G.cases[i];
+                r = pd_request(&p, &d, 20 + i % 10, k, 0);
+                CHECK_MSG(r->finish == ENG_FINISH_LENGTH && r->n_out == k->n_greedy &&
+                              !memcmp(r->out, k->greedy, 4 * (size_t)k->n_greedy),
+                          "%s through %s of staging: finish %d %s", k->name, areas[a][0], r->finish,
+                          r->error);
+            }
+            kvpull_stats after;
+            kvpull_get_stats(&d.plug, &after);
+            /* 1-block chunks: one read per block, never coalesced past a chunk */
+            if (a == 0)
+                CHECK(after.gets_issued - before.gets_issued ==
+                      (after.bytes_read - before.bytes_read) / eng_kv(d.eng)->block_bytes);
+            for (int i = 0; i < 200 && leased(&p) > 0; i++) step(&p);
+            CHECK(leased(&p) == 0 && free_blocks(&p) == pf && free_blocks(&d) == df);
+            free_side(&p);
+            free_side(&d);
+        }
     }
     fio_unmap(&G.map);
     CHECK_DONE();
