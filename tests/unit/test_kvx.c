@@ -9,8 +9,14 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+
 #include "base/opt.h"
 #include "check.h"
+#include "kv_wire.h"
 #include "golden.h"
 #include "kv_lease.h"
 #include "kv_pull.h"
@@ -175,6 +181,138 @@ static rec *pd_request(side *p, side *d, int id, const golden_case *k, int sleep
     return &R[id + 32];
 }
 
+/* ---- a side-channel client of a given protocol version, with blocking sockets ---- */
+
+static int raw_send(int fd, const Duet__Kv__Envelope *env) {
+    uint8_t *buf;
+    size_t len;
+    if (kvw_encode(env, &buf, &len) != DUET_OK) return -1;
+    ssize_t n = send(fd, buf, len, 0);
+    free(buf);
+    return n == (ssize_t)len ? 0 : -1;
+}
+
+/* The next envelope, or NULL when nothing arrives within the socket's receive timeout. */
+static Duet__Kv__Envelope *raw_recv(int fd, kvw_reader *rd) {
+    for (;;) {
+        Duet__Kv__Envelope *env = NULL;
+        if (kvw_reader_next(rd, &env) != DUET_OK) return NULL;
+        if (env) return env;
+        uint8_t buf[4096];
+        ssize_t n = recv(fd, buf, sizeof buf, 0);
+        if (n <= 0 || kvw_reader_feed(rd, buf, (size_t)n) != DUET_OK) return NULL;
+    }
+}
+
+typedef struct raw_result {
+    int n_ids;     /* block ids in the pin reply */
+    bool streamed; /* the reply said Ready messages follow */
+    int ready;     /* the ready count reached (the reply's, then the Ready messages') */
+    int extra;     /* messages after the reply that were not a rising Ready */
+} raw_result;
+
+/* Connects to the prefill's side channel as a decode worker of protocol version `version` (1:
+ * an Auth without a version, as version-1 workers send), pins lease, reads what follows for
+ * 300 ms after the pin reply, releases. 0 when the handshake and the pin succeeded. */
+static int raw_pin(int port, uint32_t version, const be_kv *kv, uint64_t lease, raw_result *res) {
+    memset(res, 0, sizeof *res);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    struct timeval tv = {.tv_sec = 5};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
+        close(fd);
+        return -1;
+    }
+    kvw_reader rd = {0};
+    int rc = -1;
+    Duet__Kv__Envelope *env = raw_recv(fd, &rd);
+    if (!env || env->msg_case != DUET__KV__ENVELOPE__MSG_HELLO ||
+        env->hello->nonce.len != KVW_NONCE_LEN || env->hello->version != KVW_VERSION)
+        goto out;
+    uint8_t nonce_s[KVW_NONCE_LEN], nonce_c[KVW_NONCE_LEN], mac[KVW_MAC_LEN];
+    memcpy(nonce_s, env->hello->nonce.data, KVW_NONCE_LEN);
+    duet__kv__envelope__free_unpacked(env, NULL);
+    env = NULL;
+    CHECK(kvw_nonce(nonce_c) == DUET_OK);
+    kvw_mac("s3cret", "duet-kv-c", nonce_s, KVW_NONCE_LEN, nonce_c, KVW_NONCE_LEN, mac);
+    Duet__Kv__PoolInfo pool = DUET__KV__POOL_INFO__INIT;
+    pool.block_size = (uint32_t)kv->block_size;
+    pool.n_layers = (uint32_t)kv->n_layers;
+    pool.kv_dim = (uint32_t)kv->kv_dim;
+    pool.dtype = (char *)dt_name(kv->dtype);
+    pool.block_bytes = kv->block_bytes;
+    pool.n_blocks = (uint32_t)kv->n_blocks;
+    pool.model = "tiny";
+    Duet__Kv__Auth auth = DUET__KV__AUTH__INIT;
+    auth.nonce.data = nonce_c;
+    auth.nonce.len = KVW_NONCE_LEN;
+    auth.mac.data = mac;
+    auth.mac.len = KVW_MAC_LEN;
+    auth.pool = &pool;
+    auth.version = version >= 2 ? version : 0;
+    Duet__Kv__Envelope out = DUET__KV__ENVELOPE__INIT;
+    out.msg_case = DUET__KV__ENVELOPE__MSG_AUTH;
+    out.auth = &auth;
+    if (raw_send(fd, &out) != 0) goto out;
+    env = raw_recv(fd, &rd);
+    if (!env || env->msg_case != DUET__KV__ENVELOPE__MSG_WELCOME) goto out;
+    duet__kv__envelope__free_unpacked(env, NULL);
+    Duet__Kv__Pin pin = DUET__KV__PIN__INIT;
+    pin.seq = 7;
+    pin.lease = lease;
+    out = (Duet__Kv__Envelope)DUET__KV__ENVELOPE__INIT;
+    out.msg_case = DUET__KV__ENVELOPE__MSG_PIN;
+    out.pin = &pin;
+    if (raw_send(fd, &out) != 0) goto out;
+    env = raw_recv(fd, &rd);
+    if (!env || env->msg_case != DUET__KV__ENVELOPE__MSG_PIN_REPLY || !env->pin_reply->ok ||
+        env->pin_reply->seq != 7)
+        goto out;
+    res->n_ids = (int)env->pin_reply->n_block_ids;
+    res->streamed = env->pin_reply->streamed;
+    res->ready = res->streamed ? (int)env->pin_reply->ready : res->n_ids;
+    duet__kv__envelope__free_unpacked(env, NULL);
+    tv = (struct timeval){.tv_usec = 300000};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    while ((env = raw_recv(fd, &rd)) != NULL) {
+        if (env->msg_case == DUET__KV__ENVELOPE__MSG_READY && env->ready->ok &&
+            env->ready->seq == 7 && (int)env->ready->ready > res->ready)
+            res->ready = (int)env->ready->ready;
+        else
+            res->extra++;
+        duet__kv__envelope__free_unpacked(env, NULL);
+    }
+    Duet__Kv__Release rel = DUET__KV__RELEASE__INIT;
+    rel.lease = lease;
+    out = (Duet__Kv__Envelope)DUET__KV__ENVELOPE__INIT;
+    out.msg_case = DUET__KV__ENVELOPE__MSG_RELEASE;
+    out.release = &rel;
+    rc = raw_send(fd, &out);
+    env = NULL;
+out:
+    if (env) duet__kv__envelope__free_unpacked(env, NULL);
+    kvw_reader_cleanup(&rd);
+    close(fd);
+    return rc;
+}
+
+/* A lease of case k's prompt on the prefill side (request id). */
+static void make_lease(side *p, int id, const golden_case *k) {
+    memset(&R[id], 0, sizeof R[id]);
+    eng_request q = {.id = (uint64_t)id, .prompt = k->prompt, .n_prompt = k->n_prompt};
+    eng_sampling_default(&q.sampling);
+    q.sampling.smp.temperature = 0;
+    q.sampling.max_tokens = 1;
+    q.sampling.ignore_eos = true;
+    q.kv_role = ENG_KV_LEASE;
+    char err[256];
+    CHECK_MSG(eng_submit(p->eng, &q, err, sizeof err) == DUET_OK, "%s", err);
+    for (int i = 0; i < 500 && !R[id].n_final; i++) step(p);
+    CHECK(R[id].n_final == 1 && R[id].n_lease > 0);
+}
+
 static int free_port(void) {
     /* a port in a range nothing else here uses, varied by pid to keep parallel runs apart */
     return 21000 + (int)(getpid() % 2000) * 2;
@@ -262,6 +400,28 @@ int main(int argc, char **argv) {
         CHECK(leased(&p) == 1); /* the refused big lease waits for its expiry */
         free_side(&p);
         free_side(&d);
+
+        /* protocol versions: a staged pin streams (Ready messages up to every block) to a
+         * version-2 reader only; a version-1 reader gets the plain reply and nothing more */
+        g_port += 2;
+        CHECK(make_side(&p, SRV_ROLE_PREFILL, 16, 64, "s3cret", 30) == 0);
+        const golden_case *k9 = &G.cases[0];
+        for (int i = 0; i < G.n; i++)
+            if (G.cases[i].n_prompt > k9->n_prompt) k9 = &G.cases[i];
+        for (uint32_t v = 1; v <= KVW_VERSION; v++) {
+            make_lease(&p, 15, k9);
+            raw_result rr;
+            CHECK_MSG(raw_pin(g_port + 1000, v, eng_kv(p.eng), 15, &rr) == 0,
+                      "version %u: handshake or pin failed", v);
+            CHECK(rr.n_ids == R[15].n_lease && rr.extra == 0);
+            CHECK_MSG(rr.streamed == (v >= 2) && rr.ready == rr.n_ids,
+                      "version %u: streamed %d, ready %d of %d", v, rr.streamed, rr.ready,
+                      rr.n_ids);
+            for (int i = 0; i < 200 && leased(&p) > 0; i++) step(&p);
+            CHECK_MSG(leased(&p) == 0, "version %u: the lease was not released", v);
+        }
+        CHECK(free_blocks(&p) == pf);
+        free_side(&p);
 
         /* the decode's staged pull is a pipeline of chunks through a few reused staging slots:
          * a decode whose area holds 3 blocks (1-block chunks, 3 in flight), then 4 blocks
