@@ -457,6 +457,8 @@ static bool role_progress(void *arg) {
 static void role_close(void *arg) {
     kvlease *x = arg;
     while (x->conns) conn_close(x->conns);
+    /* copies still in flight end here: after the thread stops the backend may be gone */
+    for (kvlease_pin *p = x->orphans; p; p = p->next) pin_drain(x, p);
     uv_close((uv_handle_t *)&x->listener, NULL);
 }
 

@@ -213,8 +213,10 @@ typedef struct raw_result {
 
 /* Connects to the prefill's side channel as a decode worker of protocol version `version` (1:
  * an Auth without a version, as version-1 workers send), pins lease, reads what follows for
- * 300 ms after the pin reply, releases. 0 when the handshake and the pin succeeded. */
-static int raw_pin(int port, uint32_t version, const be_kv *kv, uint64_t lease, raw_result *res) {
+ * 300 ms after the pin reply, releases (or, !release, closes without). 0 when the handshake and
+ * the pin succeeded. */
+static int raw_pin(int port, uint32_t version, const be_kv *kv, uint64_t lease, bool release,
+                   raw_result *res) {
     memset(res, 0, sizeof *res);
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
@@ -289,7 +291,7 @@ static int raw_pin(int port, uint32_t version, const be_kv *kv, uint64_t lease, 
     out = (Duet__Kv__Envelope)DUET__KV__ENVELOPE__INIT;
     out.msg_case = DUET__KV__ENVELOPE__MSG_RELEASE;
     out.release = &rel;
-    rc = raw_send(fd, &out);
+    rc = release ? raw_send(fd, &out) : 0; /* else: vanish, pinned */
     env = NULL;
 out:
     if (env) duet__kv__envelope__free_unpacked(env, NULL);
@@ -411,7 +413,7 @@ int main(int argc, char **argv) {
         for (uint32_t v = 1; v <= KVW_VERSION; v++) {
             make_lease(&p, 15, k9);
             raw_result rr;
-            CHECK_MSG(raw_pin(g_port + 1000, v, eng_kv(p.eng), 15, &rr) == 0,
+            CHECK_MSG(raw_pin(g_port + 1000, v, eng_kv(p.eng), 15, true, &rr) == 0,
                       "version %u: handshake or pin failed", v);
             CHECK(rr.n_ids == R[15].n_lease && rr.extra == 0);
             CHECK_MSG(rr.streamed == (v >= 2) && rr.ready == rr.n_ids,
@@ -421,6 +423,18 @@ int main(int argc, char **argv) {
             CHECK_MSG(leased(&p) == 0, "version %u: the lease was not released", v);
         }
         CHECK(free_blocks(&p) == pf);
+        free_side(&p);
+
+        /* a version-2 reader that vanishes after pinning a streamed lease: the pin restarted
+         * the lease clock, the lease expires after it, every block comes back */
+        g_port += 2;
+        CHECK(make_side(&p, SRV_ROLE_PREFILL, 16, 64, "s3cret", 0.5) == 0);
+        make_lease(&p, 16, k9);
+        raw_result rr;
+        CHECK(raw_pin(g_port + 1000, KVW_VERSION, eng_kv(p.eng), 16, false, &rr) == 0);
+        CHECK(rr.streamed && rr.ready == rr.n_ids && leased(&p) == 1);
+        for (int i = 0; i < 400 && leased(&p) > 0; i++) step(&p);
+        CHECK_MSG(leased(&p) == 0 && free_blocks(&p) == pf, "%d leases left", leased(&p));
         free_side(&p);
 
         /* the decode's staged pull is a pipeline of chunks through a few reused staging slots:
