@@ -437,6 +437,28 @@ int main(int argc, char **argv) {
         CHECK_MSG(leased(&p) == 0 && free_blocks(&p) == pf, "%d leases left", leased(&p));
         free_side(&p);
 
+        /* a staged prefill streams to a direct decode (its cache read in place): the decode
+         * reads once every block is ready; golden ids, nothing left */
+        g_port += 2;
+        CHECK(make_side(&p, SRV_ROLE_PREFILL, 16, 64, "s3cret", 30) == 0);
+        g_staging = "auto";
+        CHECK(make_side(&d, SRV_ROLE_DECODE, 16, 64, "s3cret", 30) == 0);
+        g_staging = "on";
+        for (int i = 0; i < G.n; i++) {
+            const golden_case *k = &G.cases[i];
+            r = pd_request(&p, &d, 20 + i % 10, k, 0);
+            CHECK_MSG(r->finish == ENG_FINISH_LENGTH && r->n_out == k->n_greedy &&
+                          !memcmp(r->out, k->greedy, 4 * (size_t)k->n_greedy),
+                      "%s, staged prefill to a direct decode: finish %d %s", k->name, r->finish,
+                      r->error);
+        }
+        kvpull_get_stats(&d.plug, &st);
+        CHECK(st.pins_streamed == (uint64_t)G.n);
+        for (int i = 0; i < 200 && leased(&p) > 0; i++) step(&p);
+        CHECK(leased(&p) == 0 && free_blocks(&p) == pf && free_blocks(&d) == df);
+        free_side(&p);
+        free_side(&d);
+
         /* the decode's staged pull is a pipeline of chunks through a few reused staging slots:
          * a decode whose area holds 3 blocks (1-block chunks, 3 in flight), then 4 blocks
          * (2-block chunks, 2 in flight), pulls every golden prompt, the largest 9 blocks, and
