@@ -42,9 +42,10 @@ struct kvpull_job {
     bool pinned, failed, reported;
     uint32_t *remote_ids; /* from the pin reply: where to read, [skip + n_blocks] */
     size_t n_remote;
-    bool staged;  /* reads go through staging lanes */
-    size_t ready; /* remote_ids [0, ready) are readable (a streamed pin grows it) */
-    bool reading; /* direct: the reads have been issued */
+    bool staged;    /* reads go through staging lanes */
+    size_t ready;   /* remote_ids [0, ready) are readable (a streamed pin grows it) */
+    bool reading;   /* direct: the reads have been issued */
+    void *ipc_copy; /* CUDA IPC: the device-to-device copy in flight */
     kvpull_lane lanes[KVL_MAX_CHUNKS_IN_FLIGHT];
     int next_block;  /* staged: the first block no lane has taken yet */
     int blocks_done; /* staged: blocks copied into the cache */
@@ -73,7 +74,9 @@ struct kvpull_peer {
     uint32_t remote_blocks; /* the prefill pool's size, to check the ids it pins */
     bool gai_pending;
     kvu_peer *up;
-    kvpull_job *jobs; /* waiting for the peer, pinning, or reading */
+    void *ipc_base;      /* CUDA IPC: the prefill's cache mapped here (NULL: UCX) */
+    uint32_t ipc_blocks; /* its block count */
+    kvpull_job *jobs;    /* waiting for the peer, pinning, or reading */
     uint64_t next_seq;
     struct kvpull_peer *next;
 };
@@ -137,9 +140,17 @@ static void lane_release(kvpull *x, kvpull_lane *ln) {
     ln->state = LANE_FREE;
 }
 
+static void job_fail(kvpull_job *j, const char *fmt, const char *a);
+
 static void job_report(kvpull *x, kvpull_job *j) {
     if (j->reported) return;
     j->reported = true;
+    if (j->ipc_copy) { /* it writes the blocks the engine frees on a failure */
+        duet_status st = kvl_copy_poll(x->link, j->ipc_copy, true);
+        j->ipc_copy = NULL;
+        if (st != DUET_OK)
+            job_fail(j, "copying the KV from the prefill's cache failed: %s", duet_strerror(st));
+    }
     for (int i = 0; i < KVL_MAX_CHUNKS_IN_FLIGHT; i++) lane_release(x, &j->lanes[i]);
     if (j->failed) {
         LOG_WARN("kv: request %llu: %s", (unsigned long long)j->id, j->err);
@@ -357,6 +368,39 @@ static void job_start_reads(kvpull *x, kvpull_job *j) {
     kvl_ucx_heat(x->link);
 }
 
+/* CUDA IPC: the pinned blocks of the mapped prefill cache are copied device to device into the
+ * cache (role_progress polls the copy, then the job finishes). */
+static void job_ipc_copy(kvpull *x, kvpull_job *j, const uint32_t *remote, size_t n_remote) {
+    kvpull_peer *p = j->peer;
+    if (n_remote < (size_t)(j->skip + j->n_blocks)) {
+        job_fail(j, "the prefill worker's lease holds fewer blocks than the prompt needs%s", "");
+        job_finish(x, j);
+        return;
+    }
+    for (int i = 0; i < j->n_blocks; i++)
+        if (remote[j->skip + i] >= p->ipc_blocks) {
+            job_fail(j, "the prefill worker pinned block ids outside its pool%s", "");
+            job_finish(x, j);
+            return;
+        }
+    j->bytes = (uint64_t)j->n_blocks * x->kv->block_bytes;
+    void *t = NULL;
+    duet_status st =
+        kvl_ipc_copy_start(x->link, j->local, j->n_blocks, p->ipc_base, remote + j->skip, &t);
+    if (st != DUET_OK) {
+        job_fail(j, "copying the KV from the prefill's cache failed: %s", duet_strerror(st));
+        job_finish(x, j);
+        return;
+    }
+    count(x, &x->stats.gets_issued);
+    j->ipc_copy = t;
+    if (!t) {
+        job_finish(x, j);
+        return;
+    }
+    kvl_ucx_heat(x->link); /* role_progress polls the copy */
+}
+
 static void job_read(kvpull *x, kvpull_job *j, const uint32_t *remote, size_t n_remote,
                      size_t ready) {
     if (n_remote < (size_t)(j->skip + j->n_blocks)) {
@@ -384,6 +428,7 @@ static void job_pin(kvpull_job *j) {
     j->seq = ++p->next_seq;
     pin.seq = j->seq;
     pin.lease = j->rem.lease;
+    pin.pool_ids = p->ipc_base != NULL;
     Duet__Kv__Envelope env = DUET__KV__ENVELOPE__INIT;
     env.msg_case = DUET__KV__ENVELOPE__MSG_PIN;
     env.pin = &pin;
@@ -427,9 +472,11 @@ static void peer_close(kvpull_peer *p, const char *why) {
         kvpull_job *j = p->jobs;
         p->jobs = j->next;
         j->peer = NULL;
-        job_report(x, j);
+        job_report(x, j); /* waits for its device copy, if any */
         job_free(j);
     }
+    kvl_ipc_close(x->link, p->ipc_base);
+    p->ipc_base = NULL;
     peer_destroy_later(p);
 }
 
@@ -496,6 +543,20 @@ static void peer_got(kvpull_peer *p, Duet__Kv__Envelope *env) {
             return;
         }
         p->remote_blocks = w->pool->n_blocks;
+        if (w->cuda_ipc.len && w->boot_id && w->boot_id[0] && kvl_ipc_usable(x->link) &&
+            !strcmp(w->boot_id, kvl_boot_id(x->link))) {
+            /* the same host: map its cache and copy device to device, no UCX reads */
+            if (kvl_ipc_open(x->link, w->cuda_ipc.data, w->cuda_ipc.len, &p->ipc_base) == DUET_OK) {
+                p->ipc_blocks = w->ipc_blocks;
+                LOG_INFO("kv: prefill worker %s:%d: its KV cache is mapped here (CUDA IPC)",
+                         p->host, p->port);
+            } else {
+                p->ipc_base = NULL;
+                LOG_WARN("kv: prefill worker %s:%d: cannot map its KV cache (CUDA IPC); reading "
+                         "through UCX",
+                         p->host, p->port);
+            }
+        }
         p->state = PEER_READY;
         for (kvpull_job *j = p->jobs, *next; j; j = next) {
             next = j->next;
@@ -526,6 +587,10 @@ static void peer_got(kvpull_peer *p, Duet__Kv__Envelope *env) {
                 return;
             }
             j->pinned = true;
+            if (p->ipc_base) {
+                job_ipc_copy(x, j, r->block_ids, r->n_block_ids);
+                return;
+            }
             if (r->streamed) count(x, &x->stats.pins_streamed);
             job_read(x, j, r->block_ids, r->n_block_ids, r->streamed ? r->ready : r->n_block_ids);
             return;
@@ -733,6 +798,19 @@ static bool role_progress(void *arg) {
         if (p->state != PEER_READY) continue;
         for (kvpull_job *j = p->jobs, *next; j; j = next) {
             next = j->next;
+            if (j->ipc_copy) {
+                duet_status st = kvl_copy_poll(x->link, j->ipc_copy, false);
+                if (st == DUET_ERR_BUSY) {
+                    busy = true;
+                    continue;
+                }
+                j->ipc_copy = NULL;
+                if (st != DUET_OK)
+                    job_fail(j, "copying the KV from the prefill's cache failed: %s",
+                             duet_strerror(st));
+                job_finish(x, j);
+                continue;
+            }
             bool copying = false;
             for (int i = 0; i < KVL_MAX_CHUNKS_IN_FLIGHT; i++)
                 copying |= j->lanes[i].state == LANE_COPYING;

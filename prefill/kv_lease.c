@@ -166,6 +166,15 @@ static void conn_auth(kvlease_conn *c, const Duet__Kv__Auth *a) {
     w.rkey.len = rkey_len;
     w.base_addr = (uint64_t)(uintptr_t)kvl_base(l);
     w.engine_id = (char *)kvl_engine_id(l);
+    const void *ipc;
+    size_t ipc_len;
+    kvl_ipc_handle(l, &ipc, &ipc_len);
+    if (c->version >= 2 && ipc_len) { /* same-host readers may map the cache itself */
+        w.cuda_ipc.data = (uint8_t *)ipc;
+        w.cuda_ipc.len = ipc_len;
+        w.boot_id = (char *)kvl_boot_id(l);
+        w.ipc_blocks = kvl_pool(l)->n_blocks;
+    }
     Duet__Kv__Envelope out = DUET__KV__ENVELOPE__INIT;
     out.msg_case = DUET__KV__ENVELOPE__MSG_WELCOME;
     out.welcome = &w;
@@ -257,7 +266,11 @@ static void conn_pin(kvlease_conn *c, const Duet__Kv__Pin *pin_msg) {
     uint32_t *ids = malloc((size_t)cap * sizeof(uint32_t));
     duet_status st = blocks && ids ? eng_lease_pin(ctx->engine, pin_msg->lease, blocks, cap, &n)
                                    : DUET_ERR_NO_MEMORY;
-    if (st == DUET_OK && kvl_staged(l)) {
+    const void *ipc;
+    size_t ipc_len;
+    kvl_ipc_handle(l, &ipc, &ipc_len);
+    bool pool_ids = pin_msg->pool_ids && ipc_len > 0; /* the reader maps the cache (CUDA IPC) */
+    if (st == DUET_OK && kvl_staged(l) && !pool_ids) {
         /* serve a copy in the staging area: UCX cannot read the cache itself */
         slots = malloc((size_t)(n ? n : 1) * sizeof(int32_t));
         int rc = slots ? kvl_stage_alloc(l, n, slots) : -2;

@@ -7,12 +7,13 @@
 #         layers x 576 latent dims, bf16, blocks of 64 tokens), byte-checked, on the path UCX
 #         picks (direct when it reports CUDA memory) and on the pipelined staged path, each next
 #         to the pinned host<->device copy bandwidth of the same blocks (pull/ref = the pull's
-#         share of the slower direction; the issue asks for >= 0.5)
+#         share of the slower direction; the issue asks for >= 0.5), and with --kv-cuda-ipc
+#         (the decode maps the prefill's cache and copies device to device)
 #   ttft  duet-prefill + duet-decode + duet-proxy on the GPU with a V3-geometry model (61
 #         layers, V3's attention and per-token expert compute, 8 routed experts so two copies
 #         fit; --load-format dummy): TTFT of an 8k-token prompt through the proxy (prefill,
 #         KV pull, first decode step) next to the prefill worker's own TTFT for the same prompt
-#         in the same run, on the auto KV path and with --kv-staging on
+#         in the same run, on the auto KV path, with --kv-staging on and with --kv-cuda-ipc
 # Output: a summary on stdout; every log under $OUT (or /tmp/duet-bench-kv).
 set -u
 here=${DUET_BUNDLE:?run through run.sh}
@@ -43,7 +44,7 @@ pull() { # name args...
     timeout 600 duet-kvbench --backend cuda --layers 61 --block-size 64 --tokens "$tokens" \
         --repeat 5 --copy-reference "$@" >"$out/pull-$name.txt" 2>&1
     local rc=$?
-    grep -E "kv: KV path" "$out/pull-$name.txt" | sed 's/.* kv: /  /' | sort -u | tee -a "$summary"
+    grep -E "kv: KV path|CUDA IPC" "$out/pull-$name.txt" | sed 's/.* kv: /  /' | sort -u | tee -a "$summary"
     grep -vE "^[0-9:.]+ [a-z-]+ [IDW] " "$out/pull-$name.txt" | tail -4 | tee -a "$summary"
     [ $rc = 0 ] || say "  (rc=$rc)"
 }
@@ -116,7 +117,7 @@ ttft_run() { # name extra-flags...
         say "--- ttft $name ($tokens-token prompt, median of 3): prefill-only ${solo} ms," \
             "disaggregated through the proxy ${pd} ms, KV transfer adds" \
             "$(awk -v a="$pd" -v b="$solo" 'BEGIN { if (b > 0) printf "%.1f%%", (a / b - 1) * 100; else print "?" }')"
-        grep -hE "kv: KV path" "$out/ttft-$name-prefill.log" "$out/ttft-$name-decode.log" |
+        grep -hE "kv: KV path|CUDA IPC" "$out/ttft-$name-prefill.log" "$out/ttft-$name-decode.log" |
             sed 's/.* kv: /  /' | sort -u | tee -a "$summary"
         curl -s http://127.0.0.1:8720/metrics | grep -E "^duet_kv_pull_(bytes|seconds)" |
             sed 's/^/  /' | tee -a "$summary"
@@ -135,10 +136,12 @@ for s in "${sections[@]}"; do
     pull)
         pull auto --kv-staging auto
         pull staged --kv-staging on
+        pull cuda-ipc --kv-cuda-ipc
         ;;
     ttft)
         ttft_run auto --kv-staging auto
         ttft_run staged --kv-staging on
+        ttft_run cuda-ipc --kv-cuda-ipc
         ;;
     *) say "unknown section $s" ;;
     esac

@@ -30,6 +30,7 @@ typedef struct bench_opts {
     long long chunk_bytes, staging_bytes;
     int in_flight;
     bool copy_ref; /* also time pinned host<->device copies of the same bytes */
+    bool cuda_ipc; /* --kv-cuda-ipc on both workers */
 } bench_opts;
 
 static int write_model(const char *dir, int layers) {
@@ -78,18 +79,21 @@ static int make_side(side *s, const char *model, srv_role role, const bench_opts
                                         (size_t)o->block_size * 576 * 4);
     snprintf(chunk, sizeof chunk, "%lld", o->chunk_bytes);
     snprintf(in_flight, sizeof in_flight, "%d", o->in_flight);
-    char *args[9] = {"x",
-                     "--kv-staging",
-                     (char *)o->staging,
-                     "--kv-staging-bytes",
-                     staging_bytes,
-                     "--kv-chunk-bytes",
-                     chunk,
-                     "--kv-chunks-in-flight",
-                     in_flight};
+    char *args[10] = {"x",
+                      "--kv-staging",
+                      (char *)o->staging,
+                      "--kv-staging-bytes",
+                      staging_bytes,
+                      "--kv-chunk-bytes",
+                      chunk,
+                      "--kv-chunks-in-flight",
+                      in_flight,
+                      "--kv-cuda-ipc"};
     opt_parser *op;
     if (opt_parser_create("duet-kvbench", NULL, NULL, &op) != DUET_OK) return -1;
-    int prc = s->plug.add_options(s->plug.state, op) == DUET_OK ? opt_parse(op, 9, args) : 2;
+    int prc = s->plug.add_options(s->plug.state, op) == DUET_OK
+                  ? opt_parse(op, o->cuda_ipc ? 10 : 9, args)
+                  : 2;
     opt_parser_destroy(op);
     if (prc != 0) return -1;
     eng_config c;
@@ -359,6 +363,10 @@ int main(int argc, char **argv) {
          .min = 1,
          .max = 8,
          .help = "--kv-chunks-in-flight of both workers"},
+        {.name = "--kv-cuda-ipc",
+         .type = OPT_FLAG,
+         .dest = &o.cuda_ipc,
+         .help = "--kv-cuda-ipc on both workers (CUDA caches: device-to-device copies)"},
         {.name = "--copy-reference",
          .type = OPT_FLAG,
          .dest = &o.copy_ref,

@@ -43,6 +43,9 @@ struct kvl_link {
     uint8_t *stage_used; /* [stage_slots] */
     kvu_region *stage_reg;
     bool stage_pinned;
+    uint8_t ipc_handle[BE_IPC_HANDLE_MAX];
+    size_t ipc_len;
+    char boot_id[64];
 };
 
 static duet_status parse_secret(const opt_spec *s, const char *v, char *err, size_t len) {
@@ -84,6 +87,12 @@ duet_status kvl_options_add(opt_parser *p, kvl_options *o) {
          .help = "staged transfers move the KV in chunks of this size, each chunk's "
                  "device->host copy, network read and host->device copy overlapping the other "
                  "chunks' (rounded to whole blocks)"},
+        {.name = "--kv-cuda-ipc",
+         .type = OPT_FLAG,
+         .dest = &o->cuda_ipc,
+         .help = "between workers on one host with CUDA caches: the decode maps the prefill's "
+                 "cache (CUDA IPC) and copies device to device, no UCX and no staging (both "
+                 "sides need it; off: UCX, direct or staged)"},
         {.name = "--kv-chunks-in-flight",
          .type = OPT_INT,
          .dest = &o->chunks_in_flight,
@@ -240,6 +249,67 @@ int kvl_chunks_in_flight(const kvl_link *l) {
     return n < 1 ? 1 : n > KVL_MAX_CHUNKS_IN_FLIGHT ? KVL_MAX_CHUNKS_IN_FLIGHT : n;
 }
 
+/* ---- same-host device copies (CUDA IPC) ---- */
+
+static void ipc_setup(kvl_link *l) {
+    FILE *f = fopen("/proc/sys/kernel/random/boot_id", "r");
+    if (f) {
+        if (!fgets(l->boot_id, sizeof l->boot_id, f)) l->boot_id[0] = 0;
+        l->boot_id[strcspn(l->boot_id, "\n")] = 0;
+        fclose(f);
+    }
+    if (kvl_ipc_usable(l) && l->boot_id[0] && l->ctx.role == SRV_ROLE_DECODE) {
+        LOG_INFO("kv: KV path from prefill workers on this host that offer it: CUDA IPC, device "
+                 "to device (--kv-cuda-ipc)");
+        return;
+    }
+    if (!kvl_ipc_usable(l) || !l->boot_id[0]) {
+        if (l->opt.cuda_ipc)
+            LOG_INFO("kv: --kv-cuda-ipc: not offered (%s)",
+                     !l->ctx.kv->on_device ? "the cache is in host memory"
+                     : !l->boot_id[0]      ? "no boot id"
+                                           : "the backend has no IPC");
+        return;
+    }
+    if (l->be->ops->ipc_export(l->be, l->ctx.kv, l->ipc_handle, &l->ipc_len) != DUET_OK) {
+        l->ipc_len = 0;
+        LOG_WARN("kv: --kv-cuda-ipc: the cache cannot be exported; peers use UCX");
+        return;
+    }
+    LOG_INFO("kv: KV path for readers on this host: CUDA IPC, device to device (--kv-cuda-ipc)");
+}
+
+void kvl_ipc_handle(const kvl_link *l, const void **handle_p, size_t *len_p) {
+    *handle_p = l->ipc_handle;
+    *len_p = l->ipc_len;
+}
+
+const char *kvl_boot_id(const kvl_link *l) {
+    return l->boot_id;
+}
+
+bool kvl_ipc_usable(const kvl_link *l) {
+    const be_ops *o = l->be->ops;
+    return l->opt.cuda_ipc && l->ctx.kv->on_device && o->ipc_export && o->ipc_open &&
+           o->ipc_close && o->kv_copy_device_start && o->kv_copy_poll;
+}
+
+duet_status kvl_ipc_open(kvl_link *l, const void *handle, size_t len, void **ptr_p) {
+    if (!kvl_ipc_usable(l)) return DUET_ERR_UNSUPPORTED;
+    return l->be->ops->ipc_open(l->be, handle, len, ptr_p);
+}
+
+void kvl_ipc_close(kvl_link *l, void *ptr) {
+    if (ptr) l->be->ops->ipc_close(l->be, ptr);
+}
+
+duet_status kvl_ipc_copy_start(kvl_link *l, const int32_t *blocks, int n, const void *src,
+                               const uint32_t *src_blocks, void **ticket_p) {
+    for (int i = 0; i < n; i++)
+        if (blocks[i] < 0 || blocks[i] >= l->ctx.kv->n_blocks) return DUET_ERR_INVALID;
+    return l->be->ops->kv_copy_device_start(l->be, l->ctx.kv, blocks, n, src, src_blocks, ticket_p);
+}
+
 /* ---- the thread ---- */
 
 static void on_tick(uv_timer_t *t) {
@@ -341,6 +411,7 @@ duet_status kvl_create(const kvl_options *o, const srv_kv_context *ctx, const kv
     l->be = mdl_backend(par_model(ctx->inst));
     if (st == DUET_OK) st = kvu_create(&l->ucx);
     if (st == DUET_OK) st = setup_memory(l);
+    if (st == DUET_OK) ipc_setup(l);
     if (st == DUET_OK && uv_loop_init(&l->loop) != 0) st = DUET_ERR_INTERNAL;
     if (st != DUET_OK) {
         kvl_destroy(l);

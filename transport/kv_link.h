@@ -25,6 +25,7 @@ typedef struct kvl_options {
     long long staging_bytes; /* --kv-staging-bytes */
     long long chunk_bytes;   /* --kv-chunk-bytes: staged transfers move chunks of this size */
     int chunks_in_flight;    /* --kv-chunks-in-flight: per transfer, each in its own buffer */
+    bool cuda_ipc;           /* --kv-cuda-ipc: same-host device-to-device copies */
 } kvl_options;
 
 #define KVL_MAX_CHUNKS_IN_FLIGHT 8
@@ -101,6 +102,18 @@ duet_status kvl_copy_poll(kvl_link *l, void *ticket, bool wait);
  * by the chunks in flight, at least 1) and the chunks one transfer keeps in flight. */
 int kvl_chunk_blocks(const kvl_link *l);
 int kvl_chunks_in_flight(const kvl_link *l);
+
+/* Same-host device-to-device transfer (--kv-cuda-ipc, CUDA caches): the cache's IPC handle
+ * (*len_p 0 when not offered) and this host's boot id ("" when unknown). */
+void kvl_ipc_handle(const kvl_link *l, const void **handle_p, size_t *len_p);
+const char *kvl_boot_id(const kvl_link *l);
+/* Whether this side may map a peer's cache: the option is on, the cache is on the device and the
+ * backend can; then open/close and the copies (tickets for kvl_copy_poll). */
+bool kvl_ipc_usable(const kvl_link *l);
+duet_status kvl_ipc_open(kvl_link *l, const void *handle, size_t len, void **ptr_p);
+void kvl_ipc_close(kvl_link *l, void *ptr);
+duet_status kvl_ipc_copy_start(kvl_link *l, const int32_t *blocks, int n, const void *src,
+                               const uint32_t *src_blocks, void **ticket_p);
 
 /* The side channel: one framed protobuf envelope (DUET_ERR_IO when the write cannot start; a
  * failed write shows up as a read error on the same stream). */

@@ -3,7 +3,8 @@
  * pulling its prompt's KV gives the golden greedy ids; leases are freed after the pull; reads
  * are coalesced; a wrong secret, a different block size and an expired lease fail the request
  * cleanly and leave both pools full. With "staging", KV also moves through host staging areas,
- * and a decode whose area is a few blocks pulls large prompts as a pipeline of chunks. */
+ * and a decode whose area is a few blocks pulls large prompts as a pipeline of chunks; every
+ * side also has --kv-cuda-ipc, which host caches must decline (UCX carries the KV). */
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -61,6 +62,7 @@ static const char *g_staging = "auto"; /* "on": both sides move KV through stagi
 static const char *g_staging_bytes = "256M";
 static const char *g_chunk_bytes = "16M";
 static const char *g_in_flight = "3";
+static bool g_ipc; /* --kv-cuda-ipc on every side: host caches must fall back to UCX */
 
 static int make_side(side *s, srv_role role, int block_size, int n_blocks, const char *secret,
                      double lease_s) {
@@ -88,7 +90,10 @@ static int make_side(side *s, srv_role role, int block_size, int n_blocks, const
     opt_parser *op;
     CHECK(opt_parser_create("test_kvx", NULL, NULL, &op) == DUET_OK);
     CHECK(s->plug.add_options(s->plug.state, op) == DUET_OK);
-    CHECK(opt_parse(op, 11, args) == 0);
+    char *args_ipc[12];
+    memcpy(args_ipc, args, sizeof args);
+    args_ipc[11] = "--kv-cuda-ipc";
+    CHECK(opt_parse(op, g_ipc ? 12 : 11, g_ipc ? args_ipc : args) == 0);
     opt_parser_destroy(op);
     eng_config c;
     eng_config_default(&c);
@@ -321,7 +326,7 @@ static int free_port(void) {
 }
 
 int main(int argc, char **argv) {
-    if (argc > 1 && !strcmp(argv[1], "staging")) g_staging = "on";
+    if (argc > 1 && !strcmp(argv[1], "staging")) g_staging = "on", g_ipc = true;
     if (golden_load(GOLDEN_DIR "/tiny-v3", 2048, &G) != 0) return 1;
     g_port = free_port();
     side p, d;
