@@ -10,11 +10,12 @@
 #         share of the slower direction; the issue asks for >= 0.5), and with --kv-cuda-ipc
 #         (the decode maps the prefill's cache and copies device to device)
 #   ttft  duet-prefill + duet-decode + duet-proxy on the GPU with a V3-geometry model (61
-#         layers, V3's attention and per-token expert compute, 8 routed experts so two copies
-#         fit; --load-format dummy): TTFT of an 8k-token prompt through the proxy (prefill,
+#         layers, V3's attention, 4 routed experts all picked per token, so two copies fit;
+#         --load-format dummy): TTFT of an 8k-token prompt through the proxy (prefill,
 #         KV pull, first decode step) next to the prefill worker's own TTFT for the same prompt
 #         in the same run, on the auto KV path, with --kv-staging on and with --kv-cuda-ipc
-# Output: a summary on stdout; every log under $OUT (or /tmp/duet-bench-kv).
+# Output: a summary on stdout; every log under $OUT (or /tmp/duet-bench-kv). KV_TOKENS (8192) and
+# KV_GPU_UTIL (0.47, --gpu-memory-utilization of each instance) change the setup.
 set -u
 here=${DUET_BUNDLE:?run through run.sh}
 out=${OUT:-/tmp/duet-bench-kv}
@@ -22,7 +23,7 @@ mkdir -p "$out"
 model=${DUET_KV_MODEL:-$here/models/v3-kv}
 tokens=${KV_TOKENS:-8192}
 backend=${KV_BACKEND:-cuda} # cpu: a smoke run of the script itself (KV_TOKENS small, a tiny model)
-mem=(--gpu-memory-utilization 0.42)
+mem=(--gpu-memory-utilization "${KV_GPU_UTIL:-0.47}") # each of the two instances
 [ "$backend" = cuda ] || mem=(--kv-cache-memory 256M)
 sections=("$@")
 [ ${#sections[@]} -gt 0 ] || sections=(pull ttft)
@@ -40,11 +41,11 @@ say "UCX CUDA transports: $(ucx_info -d 2>/dev/null | awk '/Transport:/ {print $
 pull() { # name args...
     local name=$1
     shift
-    say "--- pull $name: duet-kvbench --backend cuda --layers 61 --block-size 64 --tokens $tokens $*"
-    timeout 600 duet-kvbench --backend cuda --layers 61 --block-size 64 --tokens "$tokens" \
+    say "--- pull $name: duet-kvbench --backend $backend --layers 61 --block-size 64 --tokens $tokens $*"
+    timeout 600 duet-kvbench --backend "$backend" --layers 61 --block-size 64 --tokens "$tokens" \
         --repeat 5 --copy-reference "$@" >"$out/pull-$name.txt" 2>&1
     local rc=$?
-    grep -E "kv: KV path|CUDA IPC" "$out/pull-$name.txt" | sed 's/.* kv: /  /' | sort -u | tee -a "$summary"
+    grep -E "kv: KV path|cuda-ipc|CUDA IPC" "$out/pull-$name.txt" | sed 's/.* kv: /  /' | sort -u | tee -a "$summary"
     grep -vE "^[0-9:.]+ [a-z-]+ [IDW] " "$out/pull-$name.txt" | tail -4 | tee -a "$summary"
     [ $rc = 0 ] || say "  (rc=$rc)"
 }
@@ -117,7 +118,7 @@ ttft_run() { # name extra-flags...
         say "--- ttft $name ($tokens-token prompt, median of 3): prefill-only ${solo} ms," \
             "disaggregated through the proxy ${pd} ms, KV transfer adds" \
             "$(awk -v a="$pd" -v b="$solo" 'BEGIN { if (b > 0) printf "%.1f%%", (a / b - 1) * 100; else print "?" }')"
-        grep -hE "kv: KV path|CUDA IPC" "$out/ttft-$name-prefill.log" "$out/ttft-$name-decode.log" |
+        grep -hE "kv: KV path|cuda-ipc|CUDA IPC" "$out/ttft-$name-prefill.log" "$out/ttft-$name-decode.log" |
             sed 's/.* kv: /  /' | sort -u | tee -a "$summary"
         curl -s http://127.0.0.1:8720/metrics | grep -E "^duet_kv_pull_(bytes|seconds)" |
             sed 's/^/  /' | tee -a "$summary"
