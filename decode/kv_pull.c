@@ -16,7 +16,23 @@
 typedef struct kvpull kvpull;
 typedef struct kvpull_peer kvpull_peer;
 
-typedef struct kvpull_job {
+/* A staged transfer moves its blocks in chunks, each in a lane of its own (a run of staging
+ * slots): UCX reads into the slots, then the backend copies them host->device into the cache
+ * while the other lanes read (or copy) the next chunks. */
+enum lane_state { LANE_FREE, LANE_READING, LANE_COPYING };
+
+typedef struct kvpull_job kvpull_job;
+
+typedef struct kvpull_lane {
+    kvpull_job *job;
+    enum lane_state state;
+    int first, n;  /* the job's blocks [first, first + n) */
+    int slot0;     /* staging slots [slot0, slot0 + n) */
+    int gets_left; /* READING: reads not yet completed */
+    void *copy;    /* COPYING: the host->device copy's ticket */
+} kvpull_lane;
+
+struct kvpull_job {
     uint64_t id;
     srv_kv_params rem;
     int32_t *local; /* this engine's blocks to fill, [n_blocks] */
@@ -26,14 +42,20 @@ typedef struct kvpull_job {
     bool pinned, failed, reported;
     uint32_t *remote_ids; /* from the pin reply: where to read, [skip + n_blocks] */
     size_t n_remote;
-    int32_t *slots;  /* staging: local slots the reads land in, [n_blocks] */
+    bool staged;    /* reads go through staging lanes */
+    size_t ready;   /* remote_ids [0, ready) are readable (a streamed pin grows it) */
+    bool reading;   /* direct: the reads have been issued */
+    void *ipc_copy; /* CUDA IPC: the device-to-device copy in flight */
+    kvpull_lane lanes[KVL_MAX_CHUNKS_IN_FLIGHT];
+    int next_block;  /* staged: the first block no lane has taken yet */
+    int blocks_done; /* staged: blocks copied into the cache */
     double retry_at; /* > 0: pin (busy prefill) or read (no local slots) again then */
     char err[400];
     double deadline, t0;
     uint64_t bytes;
     kvpull_peer *peer;
     struct kvpull_job *next;
-} kvpull_job;
+};
 
 enum peer_state { PEER_CONNECTING, PEER_HELLO, PEER_AUTH_SENT, PEER_READY, PEER_DEAD };
 
@@ -52,7 +74,9 @@ struct kvpull_peer {
     uint32_t remote_blocks; /* the prefill pool's size, to check the ids it pins */
     bool gai_pending;
     kvu_peer *up;
-    kvpull_job *jobs; /* waiting for the peer, pinning, or reading */
+    void *ipc_base;      /* CUDA IPC: the prefill's cache mapped here (NULL: UCX) */
+    uint32_t ipc_blocks; /* its block count */
+    kvpull_job *jobs;    /* waiting for the peer, pinning, or reading */
     uint64_t next_seq;
     struct kvpull_peer *next;
 };
@@ -89,14 +113,45 @@ static void count(kvpull *x, uint64_t *field) {
 
 /* ---- decode side: jobs ---- */
 
+static int lanes_busy(const kvpull_job *j) {
+    int n = 0;
+    for (int i = 0; i < KVL_MAX_CHUNKS_IN_FLIGHT; i++) n += j->lanes[i].state != LANE_FREE;
+    return n;
+}
+
+/* Gives a lane's slots back; a host->device copy still running is waited for first, so nothing
+ * lands in blocks the engine frees after the report. Reads are over by now (completed, or the
+ * endpoint was closed, which completes them). */
+static void lane_release(kvpull *x, kvpull_lane *ln) {
+    if (ln->state == LANE_FREE) return;
+    if (ln->state == LANE_COPYING && ln->copy) {
+        duet_status st = kvl_copy_poll(x->link, ln->copy, true);
+        if (st != DUET_OK && !ln->job->failed) {
+            ln->job->failed = true;
+            snprintf(ln->job->err, sizeof ln->job->err, "copying the KV into the cache failed: %s",
+                     duet_strerror(st));
+        }
+    }
+    for (int i = 0; i < ln->n; i++) {
+        int32_t slot = ln->slot0 + i;
+        kvl_stage_free(x->link, &slot, 1);
+    }
+    ln->copy = NULL;
+    ln->state = LANE_FREE;
+}
+
+static void job_fail(kvpull_job *j, const char *fmt, const char *a);
+
 static void job_report(kvpull *x, kvpull_job *j) {
     if (j->reported) return;
     j->reported = true;
-    if (j->slots) { /* every read into them has completed by now */
-        kvl_stage_free(x->link, j->slots, j->n_blocks);
-        free(j->slots);
-        j->slots = NULL;
+    if (j->ipc_copy) { /* it writes the blocks the engine frees on a failure */
+        duet_status st = kvl_copy_poll(x->link, j->ipc_copy, true);
+        j->ipc_copy = NULL;
+        if (st != DUET_OK)
+            job_fail(j, "copying the KV from the prefill's cache failed: %s", duet_strerror(st));
     }
+    for (int i = 0; i < KVL_MAX_CHUNKS_IN_FLIGHT; i++) lane_release(x, &j->lanes[i]);
     if (j->failed) {
         LOG_WARN("kv: request %llu: %s", (unsigned long long)j->id, j->err);
         count(x, &x->stats.fetches_failed);
@@ -110,7 +165,6 @@ static void job_report(kvpull *x, kvpull_job *j) {
 static void job_free(kvpull_job *j) {
     free(j->local);
     free(j->remote_ids);
-    free(j->slots);
     free(j);
 }
 
@@ -142,12 +196,6 @@ static void job_finish(kvpull *x, kvpull_job *j) {
             kvl_send(&p->tcp, &env);
         }
     }
-    if (j->slots && !j->failed) {
-        /* the reads landed in staging: now into the blocks of the cache */
-        duet_status st = kvl_stage_copy(x->link, j->local, j->slots, j->n_blocks, false);
-        if (st != DUET_OK)
-            job_fail(j, "copying the KV into the cache failed: %s", duet_strerror(st));
-    }
     job_report(x, j);
     job_free(j);
 }
@@ -161,34 +209,138 @@ static void get_done(void *arg, duet_status st) {
     if (--j->gets_left == 0 && j->peer->state != PEER_DEAD) job_finish(j->peer->x, j);
 }
 
-/* Reads the pinned blocks (into the cache, or into staging slots): runs where both the
- * remote ids and the local destinations are consecutive become one read. Without free staging
- * slots it tries again a little later. */
+static void job_advance(kvpull *x, kvpull_job *j);
+
+static void lane_get_done(void *arg, duet_status st) {
+    kvpull_lane *ln = arg;
+    kvpull_job *j = ln->job;
+    if (st != DUET_OK) job_fail(j, "KV read from the prefill worker failed: %s", duet_strerror(st));
+    /* a closing peer reports its jobs itself once every read has come back */
+    if (--ln->gets_left == 0 && j->peer->state != PEER_DEAD) job_advance(j->peer->x, j);
+}
+
+/* Takes the next chunk into a free lane and issues its reads (runs whose remote ids are
+ * consecutive become one read; the lane's slots are consecutive). 1: issued; 0: no staging
+ * room now; 2: the prefill has not copied the chunk yet (streamed pin); -1: failed. */
+static int lane_issue(kvpull *x, kvpull_job *j, kvpull_lane *ln) {
+    kvpull_peer *p = j->peer;
+    int n = kvl_chunk_blocks(x->link);
+    if (n > j->n_blocks - j->next_block) n = j->n_blocks - j->next_block;
+    long avail = (long)j->ready - j->skip - j->next_block; /* streamed: copied so far */
+    if (avail < n) return 2; /* wait until the whole chunk is copied */
+    int s0 = kvl_stage_alloc_run(x->link, n);
+    if (s0 == -1) return 0;
+    if (s0 < 0) {
+        job_fail(j, "the KV chunk does not fit the staging area (--kv-staging-bytes)%s", "");
+        return -1;
+    }
+    *ln = (kvpull_lane){.job = j,
+                        .state = LANE_READING,
+                        .first = j->next_block,
+                        .n = n,
+                        .slot0 = s0,
+                        .gets_left = 1 /* held until every read is issued */};
+    j->next_block += n;
+    const uint32_t *remote = j->remote_ids + j->skip;
+    size_t bb = x->kv->block_bytes;
+    for (int i = ln->first; i < ln->first + n;) {
+        int k = i + 1;
+        while (k < ln->first + n && remote[k] == remote[k - 1] + 1) k++;
+        if ((uint64_t)remote[i] + (uint64_t)(k - i) > p->remote_blocks) {
+            job_fail(j, "the prefill worker pinned block ids outside its pool%s", "");
+            break;
+        }
+        size_t len = (size_t)(k - i) * bb;
+        uint8_t *local = kvl_base(x->link) + (size_t)(s0 + i - ln->first) * bb;
+        ln->gets_left++;
+        j->bytes += len;
+        count(x, &x->stats.gets_issued);
+        duet_status st = kvu_get(p->up, kvl_region(x->link), local, len, (uint64_t)remote[i] * bb,
+                                 lane_get_done, ln);
+        if (st != DUET_OK) {
+            ln->gets_left--;
+            job_fail(j, "KV read could not start: %s", duet_strerror(st));
+            break;
+        }
+        i = k;
+    }
+    ln->gets_left--;
+    return j->failed ? -1 : 1;
+}
+
+/* Moves a staged job's lanes along until nothing changes: finished copies free their lanes,
+ * finished reads start their copies, free lanes take the next chunks. The job is finished
+ * (released, reported, freed) once every block is in the cache, or once it failed and no lane
+ * is busy; the caller must not touch j afterwards. */
+static void job_advance(kvpull *x, kvpull_job *j) {
+    int n_lanes = kvl_chunks_in_flight(x->link);
+    bool no_room = false;
+    for (bool moved = true; moved;) {
+        moved = false;
+        for (int i = 0; i < n_lanes; i++) {
+            kvpull_lane *ln = &j->lanes[i];
+            if (ln->state == LANE_COPYING) {
+                duet_status st = kvl_copy_poll(x->link, ln->copy, false);
+                if (st == DUET_ERR_BUSY) continue;
+                ln->copy = NULL;
+                if (st != DUET_OK)
+                    job_fail(j, "copying the KV into the cache failed: %s", duet_strerror(st));
+                else
+                    j->blocks_done += ln->n;
+                lane_release(x, ln);
+                moved = true;
+            } else if (ln->state == LANE_READING && ln->gets_left == 0) {
+                moved = true;
+                duet_status st = DUET_OK;
+                if (!j->failed)
+                    st = kvl_stage_copy_start(x->link, j->local + ln->first, ln->slot0, ln->n,
+                                              false, &ln->copy);
+                if (st != DUET_OK)
+                    job_fail(j, "copying the KV into the cache failed: %s", duet_strerror(st));
+                if (!j->failed && ln->copy) {
+                    ln->state = LANE_COPYING;
+                    continue;
+                }
+                if (!j->failed) j->blocks_done += ln->n; /* copied at once (host cache) */
+                lane_release(x, ln);
+            }
+        }
+        for (int i = 0; i < n_lanes && !j->failed && j->next_block < j->n_blocks; i++) {
+            if (j->lanes[i].state != LANE_FREE) continue;
+            int rc = lane_issue(x, j, &j->lanes[i]);
+            no_room = rc == 0;
+            if (rc == 2) count(x, &x->stats.ready_waits);
+            if (rc == 0 || rc == 2) break;
+            moved = true;
+        }
+    }
+    kvl_ucx_heat(x->link);
+    int busy = lanes_busy(j);
+    if (busy == 0 && (j->failed || j->blocks_done == j->n_blocks)) {
+        job_finish(x, j);
+        return;
+    }
+    if (busy == 0 && no_room) j->retry_at = clock_now_s() + 0.005; /* the staging area is full */
+}
+
+/* Reads the pinned blocks. Direct: into the cache, runs where both the remote ids and the local
+ * blocks are consecutive as one read each. Staged: chunk by chunk through lanes (job_advance);
+ * without free staging slots it tries again a little later. */
 static void job_start_reads(kvpull *x, kvpull_job *j) {
     kvpull_peer *p = j->peer;
     j->retry_at = 0;
-    if (kvl_staged(x->link) && !j->slots) {
-        int32_t *slots = malloc((size_t)(j->n_blocks ? j->n_blocks : 1) * sizeof(int32_t));
-        int rc = slots ? kvl_stage_alloc(x->link, j->n_blocks, slots) : -2;
-        if (rc != 0) {
-            free(slots);
-            if (rc == -1) {
-                j->retry_at = clock_now_s() + 0.005;
-                return;
-            }
-            job_fail(j, "the prompt's KV is larger than the staging area (--kv-staging-bytes)%s",
-                     "");
-            job_finish(x, j);
-            return;
-        }
-        j->slots = slots;
+    if (j->staged) {
+        job_advance(x, j);
+        return;
     }
+    if (j->ready < (size_t)(j->skip + j->n_blocks)) return; /* Ready messages will come */
+    j->reading = true;
     const uint32_t *remote = j->remote_ids;
     be_kv *kv = x->kv;
     size_t bb = kv->block_bytes;
     j->gets_left = 1; /* held until every read is issued */
     for (int i = 0; i < j->n_blocks;) {
-        const int32_t *dst = j->slots ? j->slots : j->local;
+        const int32_t *dst = j->local;
         int k = i + 1;
         while (k < j->n_blocks && remote[j->skip + k] == remote[j->skip + k - 1] + 1 &&
                dst[k] == dst[k - 1] + 1)
@@ -199,8 +351,7 @@ static void job_start_reads(kvpull *x, kvpull_job *j) {
             break;
         }
         size_t len = (size_t)(k - i) * bb;
-        uint8_t *local = j->slots ? kvl_base(x->link) + (size_t)dst[i] * bb
-                                  : (uint8_t *)kv->data + (size_t)dst[i] * bb;
+        uint8_t *local = (uint8_t *)kv->data + (size_t)dst[i] * bb;
         j->gets_left++;
         j->bytes += len;
         count(x, &x->stats.gets_issued);
@@ -217,7 +368,41 @@ static void job_start_reads(kvpull *x, kvpull_job *j) {
     kvl_ucx_heat(x->link);
 }
 
-static void job_read(kvpull *x, kvpull_job *j, const uint32_t *remote, size_t n_remote) {
+/* CUDA IPC: the pinned blocks of the mapped prefill cache are copied device to device into the
+ * cache (role_progress polls the copy, then the job finishes). */
+static void job_ipc_copy(kvpull *x, kvpull_job *j, const uint32_t *remote, size_t n_remote) {
+    kvpull_peer *p = j->peer;
+    if (n_remote < (size_t)(j->skip + j->n_blocks)) {
+        job_fail(j, "the prefill worker's lease holds fewer blocks than the prompt needs%s", "");
+        job_finish(x, j);
+        return;
+    }
+    for (int i = 0; i < j->n_blocks; i++)
+        if (remote[j->skip + i] >= p->ipc_blocks) {
+            job_fail(j, "the prefill worker pinned block ids outside its pool%s", "");
+            job_finish(x, j);
+            return;
+        }
+    j->bytes = (uint64_t)j->n_blocks * x->kv->block_bytes;
+    void *t = NULL;
+    duet_status st =
+        kvl_ipc_copy_start(x->link, j->local, j->n_blocks, p->ipc_base, remote + j->skip, &t);
+    if (st != DUET_OK) {
+        job_fail(j, "copying the KV from the prefill's cache failed: %s", duet_strerror(st));
+        job_finish(x, j);
+        return;
+    }
+    count(x, &x->stats.gets_issued);
+    j->ipc_copy = t;
+    if (!t) {
+        job_finish(x, j);
+        return;
+    }
+    kvl_ucx_heat(x->link); /* role_progress polls the copy */
+}
+
+static void job_read(kvpull *x, kvpull_job *j, const uint32_t *remote, size_t n_remote,
+                     size_t ready) {
     if (n_remote < (size_t)(j->skip + j->n_blocks)) {
         job_fail(j, "the prefill worker's lease holds fewer blocks than the prompt needs%s", "");
         job_finish(x, j);
@@ -231,6 +416,8 @@ static void job_read(kvpull *x, kvpull_job *j, const uint32_t *remote, size_t n_
     }
     memcpy(j->remote_ids, remote, n_remote * sizeof(uint32_t));
     j->n_remote = n_remote;
+    j->staged = kvl_staged(x->link);
+    j->ready = ready < n_remote ? ready : n_remote;
     job_start_reads(x, j);
 }
 
@@ -241,6 +428,7 @@ static void job_pin(kvpull_job *j) {
     j->seq = ++p->next_seq;
     pin.seq = j->seq;
     pin.lease = j->rem.lease;
+    pin.pool_ids = p->ipc_base != NULL;
     Duet__Kv__Envelope env = DUET__KV__ENVELOPE__INIT;
     env.msg_case = DUET__KV__ENVELOPE__MSG_PIN;
     env.pin = &pin;
@@ -284,9 +472,11 @@ static void peer_close(kvpull_peer *p, const char *why) {
         kvpull_job *j = p->jobs;
         p->jobs = j->next;
         j->peer = NULL;
-        job_report(x, j);
+        job_report(x, j); /* waits for its device copy, if any */
         job_free(j);
     }
+    kvl_ipc_close(x->link, p->ipc_base);
+    p->ipc_base = NULL;
     peer_destroy_later(p);
 }
 
@@ -310,6 +500,7 @@ static void peer_got(kvpull_peer *p, Duet__Kv__Envelope *env) {
         auth.mac.data = mac;
         auth.mac.len = KVW_MAC_LEN;
         auth.pool = (Duet__Kv__PoolInfo *)kvl_pool(x->link);
+        auth.version = KVW_VERSION;
         Duet__Kv__Envelope out = DUET__KV__ENVELOPE__INIT;
         out.msg_case = DUET__KV__ENVELOPE__MSG_AUTH;
         out.auth = &auth;
@@ -352,6 +543,20 @@ static void peer_got(kvpull_peer *p, Duet__Kv__Envelope *env) {
             return;
         }
         p->remote_blocks = w->pool->n_blocks;
+        if (w->cuda_ipc.len && w->boot_id && w->boot_id[0] && kvl_ipc_usable(x->link) &&
+            !strcmp(w->boot_id, kvl_boot_id(x->link))) {
+            /* the same host: map its cache and copy device to device, no UCX reads */
+            if (kvl_ipc_open(x->link, w->cuda_ipc.data, w->cuda_ipc.len, &p->ipc_base) == DUET_OK) {
+                p->ipc_blocks = w->ipc_blocks;
+                LOG_INFO("kv: prefill worker %s:%d: its KV cache is mapped here (CUDA IPC)",
+                         p->host, p->port);
+            } else {
+                p->ipc_base = NULL;
+                LOG_WARN("kv: prefill worker %s:%d: cannot map its KV cache (CUDA IPC); reading "
+                         "through UCX",
+                         p->host, p->port);
+            }
+        }
         p->state = PEER_READY;
         for (kvpull_job *j = p->jobs, *next; j; j = next) {
             next = j->next;
@@ -382,10 +587,38 @@ static void peer_got(kvpull_peer *p, Duet__Kv__Envelope *env) {
                 return;
             }
             j->pinned = true;
-            job_read(x, j, r->block_ids, r->n_block_ids);
+            if (p->ipc_base) {
+                job_ipc_copy(x, j, r->block_ids, r->n_block_ids);
+                return;
+            }
+            if (r->streamed) count(x, &x->stats.pins_streamed);
+            job_read(x, j, r->block_ids, r->n_block_ids, r->streamed ? r->ready : r->n_block_ids);
             return;
         }
         return;
+    }
+    case DUET__KV__ENVELOPE__MSG_READY: { /* a streamed pin: more blocks are readable */
+        Duet__Kv__Ready *r = env->ready;
+        if (p->state != PEER_READY) break;
+        for (kvpull_job *j = p->jobs; j; j = j->next) {
+            if (j->seq != r->seq || !j->pinned || j->failed || !j->remote_ids) continue;
+            if (!r->ok) {
+                snprintf(why, sizeof why, "the prefill worker %.100s:%d failed lease %llu: %.160s",
+                         p->host, p->port, (unsigned long long)j->rem.lease,
+                         r->error ? r->error : "?");
+                job_fail(j, "%s", why);
+            } else if (r->ready > j->ready) {
+                j->ready = r->ready < j->n_remote ? r->ready : j->n_remote;
+            }
+            if (j->staged)
+                job_advance(x, j);
+            else if (j->failed && !j->reading)
+                job_finish(x, j);
+            else if (!j->reading && j->retry_at == 0)
+                job_start_reads(x, j);
+            return;
+        }
+        return; /* a pin this side gave up on */
     }
     default:
         break;
@@ -557,6 +790,38 @@ static void role_tick(void *arg, double now) {
     }
 }
 
+/* Host->device copies in flight: a finished one frees its lane for the next chunk. */
+static bool role_progress(void *arg) {
+    kvpull *x = arg;
+    bool busy = false;
+    for (kvpull_peer *p = x->peers; p; p = p->next) {
+        if (p->state != PEER_READY) continue;
+        for (kvpull_job *j = p->jobs, *next; j; j = next) {
+            next = j->next;
+            if (j->ipc_copy) {
+                duet_status st = kvl_copy_poll(x->link, j->ipc_copy, false);
+                if (st == DUET_ERR_BUSY) {
+                    busy = true;
+                    continue;
+                }
+                j->ipc_copy = NULL;
+                if (st != DUET_OK)
+                    job_fail(j, "copying the KV from the prefill's cache failed: %s",
+                             duet_strerror(st));
+                job_finish(x, j);
+                continue;
+            }
+            bool copying = false;
+            for (int i = 0; i < KVL_MAX_CHUNKS_IN_FLIGHT; i++)
+                copying |= j->lanes[i].state == LANE_COPYING;
+            if (!copying) continue;
+            busy = true;
+            job_advance(x, j);
+        }
+    }
+    return busy;
+}
+
 static void role_woken(void *arg) {
     take_inbox(arg);
 }
@@ -630,7 +895,11 @@ static duet_status x_start(void *state, const srv_kv_context *ctx) {
     if (ctx->role != SRV_ROLE_DECODE) return DUET_ERR_INVALID;
     x->engine = ctx->engine;
     x->kv = ctx->kv;
-    kvl_role role = {.arg = x, .woken = role_woken, .tick = role_tick, .close = role_close};
+    kvl_role role = {.arg = x,
+                     .woken = role_woken,
+                     .tick = role_tick,
+                     .progress = role_progress,
+                     .close = role_close};
     return kvl_create(&x->common, ctx, &role, &x->link);
 }
 

@@ -17,6 +17,8 @@ typedef struct kvpull_stats {
     uint64_t fetches_ok, fetches_failed;
     uint64_t bytes_read, gets_issued;
     uint64_t peers_refused;
+    uint64_t pins_streamed; /* pins whose blocks became readable chunk by chunk (Ready) */
+    uint64_t ready_waits;   /* times a staged pull waited for the prefill's next chunk */
     double fetch_seconds_total;
 } kvpull_stats;
 

@@ -46,6 +46,12 @@ tok=()
 [ -d ../shared/golden/tokenizer ] && tok=(--tokenizer ../shared/golden/tokenizer)
 build-bundle/tools/duet-mkmodel --preset v2-lite --config-only --out "$out/models/v2-lite" \
     "${tok[@]}" >/dev/null
+# the KV transfer benchmark (tools/bench-kv-gpu.sh): DeepSeek-V3's 61 layers and attention,
+# 4 routed experts (all picked: half of V3's 8 per token) so that a prefill and a decode instance
+# (bf16 weights, 50.7 GiB each) share one GPU
+install -m 755 tools/bench-kv-gpu.sh "$out/"
+build-bundle/tools/duet-mkmodel --preset v3 --config-only --layers 61 --experts 4 \
+    --experts-per-tok 4 --n-group 1 --topk-group 1 --out "$out/models/v3-kv" "${tok[@]}" >/dev/null
 # the sweep's report names the commit it measured; there is no git checkout on that host
 git rev-parse --short HEAD >"$out/COMMIT"
 

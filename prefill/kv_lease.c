@@ -15,11 +15,18 @@
 /* a staged pin whose reader vanished keeps its slots this long: the reads may still run */
 #define KVLEASE_ORPHAN_S 30.0
 
-/* Staging: slots holding a lease's copy while a decode worker reads them. */
+/* Staging: slots holding a lease's copy while a decode worker reads them. For a reader of
+ * protocol version 2 the copy is streamed: device->host copies are queued chunk by chunk and
+ * the reader learns through Ready messages how far they have come, so its reads of the first
+ * chunks overlap the copies of the later ones. */
 typedef struct kvlease_pin {
-    uint64_t lease;
+    uint64_t lease, seq;
     int32_t *slots;
     int n;
+    void **tickets; /* [n_tickets] device->host copies in flight, in order */
+    int *ends;      /* [n_tickets] blocks [0, ends[k]) are copied once ticket k is done */
+    int n_tickets, next_ticket;
+    int ready_sent;  /* the last ready count sent */
     double deadline; /* when orphaned (its reader's connection closed) */
     struct kvlease_pin *next;
 } kvlease_pin;
@@ -31,6 +38,7 @@ typedef struct kvlease_conn { /* one decode worker connected to us */
     uv_tcp_t tcp;
     kvw_reader rd;
     uint8_t nonce_s[KVW_NONCE_LEN];
+    uint32_t version; /* the reader's protocol version */
     bool authed, closing;
     kvlease_pin *pins;
     struct kvlease_conn *next;
@@ -58,9 +66,23 @@ static void count(kvlease *x, uint64_t *field) {
     pthread_mutex_unlock(&x->stats_mu);
 }
 
+/* Waits for the pin's copies still in flight (they write its slots); the first error. */
+static duet_status pin_drain(kvlease *x, kvlease_pin *p) {
+    duet_status first = DUET_OK;
+    for (; p->next_ticket < p->n_tickets; p->next_ticket++) {
+        duet_status st = kvl_copy_poll(x->link, p->tickets[p->next_ticket], true);
+        p->tickets[p->next_ticket] = NULL;
+        if (first == DUET_OK) first = st;
+    }
+    return first;
+}
+
 static void pins_free(kvlease *x, kvlease_pin *p) {
     while (p) {
         kvlease_pin *n = p->next;
+        pin_drain(x, p);
+        free(p->tickets);
+        free(p->ends);
         kvl_stage_free(x->link, p->slots, p->n);
         free(p->slots);
         free(p);
@@ -125,6 +147,7 @@ static void conn_auth(kvlease_conn *c, const Duet__Kv__Auth *a) {
         conn_refuse(c, a->pool ? why : "no KV pool description");
         return;
     }
+    c->version = a->version ? a->version : 1;
     uint8_t mac[KVW_MAC_LEN];
     kvw_mac(secret, "duet-kv-s", a->nonce.data, KVW_NONCE_LEN, c->nonce_s, KVW_NONCE_LEN, mac);
     const void *addr, *rkey;
@@ -143,11 +166,89 @@ static void conn_auth(kvlease_conn *c, const Duet__Kv__Auth *a) {
     w.rkey.len = rkey_len;
     w.base_addr = (uint64_t)(uintptr_t)kvl_base(l);
     w.engine_id = (char *)kvl_engine_id(l);
+    const void *ipc;
+    size_t ipc_len;
+    kvl_ipc_handle(l, &ipc, &ipc_len);
+    if (c->version >= 2 && ipc_len) { /* same-host readers may map the cache itself */
+        w.cuda_ipc.data = (uint8_t *)ipc;
+        w.cuda_ipc.len = ipc_len;
+        w.boot_id = (char *)kvl_boot_id(l);
+        w.ipc_blocks = kvl_pool(l)->n_blocks;
+    }
     Duet__Kv__Envelope out = DUET__KV__ENVELOPE__INIT;
     out.msg_case = DUET__KV__ENVELOPE__MSG_WELCOME;
     out.welcome = &w;
     c->authed = true;
     if (kvl_send(&c->tcp, &out) != DUET_OK) conn_close(c);
+}
+
+/* Queues the device->host copies of a streamed pin, chunk by chunk (a chunk's runs of
+ * consecutive slots are one copy each). On an error what was queued is waited for. */
+static duet_status pin_stream_start(kvlease *x, kvlease_pin *pin, const int32_t *blocks) {
+    kvl_link *l = x->link;
+    int n = pin->n, chunk = kvl_chunk_blocks(l);
+    pin->tickets = calloc((size_t)(n ? n : 1), sizeof(void *));
+    pin->ends = calloc((size_t)(n ? n : 1), sizeof(int));
+    if (!pin->tickets || !pin->ends) return DUET_ERR_NO_MEMORY;
+    for (int c0 = 0; c0 < n; c0 += chunk) {
+        int c1 = c0 + chunk < n ? c0 + chunk : n;
+        for (int i = c0; i < c1;) {
+            int k = i + 1;
+            while (k < c1 && pin->slots[k] == pin->slots[k - 1] + 1) k++;
+            void *t = NULL;
+            duet_status st = kvl_stage_copy_start(l, blocks + i, pin->slots[i], k - i, true, &t);
+            if (st != DUET_OK) {
+                pin_drain(x, pin);
+                return st;
+            }
+            pin->tickets[pin->n_tickets] = t;
+            pin->ends[pin->n_tickets++] = k;
+            i = k;
+        }
+    }
+    return DUET_OK;
+}
+
+static void send_ready(kvlease_conn *c, uint64_t seq, int ready, const char *error) {
+    Duet__Kv__Ready r = DUET__KV__READY__INIT;
+    r.seq = seq;
+    r.ok = error == NULL;
+    r.ready = (uint32_t)ready;
+    r.error = (char *)error;
+    Duet__Kv__Envelope out = DUET__KV__ENVELOPE__INIT;
+    out.msg_case = DUET__KV__ENVELOPE__MSG_READY;
+    out.ready = &r;
+    if (kvl_send(&c->tcp, &out) != DUET_OK) conn_close(c);
+}
+
+/* Finished copies of a streamed pin raise its ready count; the reader hears of each rise. A
+ * failed copy ends the stream with an error (the reader fails its pull and releases). Returns
+ * whether copies are still in flight. */
+static bool pin_progress(kvlease_conn *c, kvlease_pin *pin) {
+    kvlease *x = c->x;
+    int ready = pin->ready_sent;
+    while (pin->next_ticket < pin->n_tickets) {
+        duet_status st = kvl_copy_poll(x->link, pin->tickets[pin->next_ticket], false);
+        if (st == DUET_ERR_BUSY) break;
+        pin->tickets[pin->next_ticket] = NULL;
+        if (st != DUET_OK) {
+            pin->next_ticket++;
+            pin_drain(x, pin);
+            char why[160];
+            snprintf(why, sizeof why, "copying the KV to the staging area failed: %s",
+                     duet_strerror(st));
+            LOG_WARN("kv: lease %llu: %s", (unsigned long long)pin->lease, why);
+            pin->ready_sent = -1; /* no further Ready for this pin */
+            send_ready(c, pin->seq, 0, why);
+            return false;
+        }
+        ready = pin->ends[pin->next_ticket++];
+    }
+    if (pin->ready_sent >= 0 && ready > pin->ready_sent) {
+        pin->ready_sent = ready;
+        send_ready(c, pin->seq, ready, NULL);
+    }
+    return pin->next_ticket < pin->n_tickets;
 }
 
 /* Pins a lease for this reader: its block ids (or, staged, a copy's slots) in the reply. */
@@ -160,27 +261,40 @@ static void conn_pin(kvlease_conn *c, const Duet__Kv__Pin *pin_msg) {
     int cap = ctx->kv->n_blocks, n = 0;
     int32_t *blocks = malloc((size_t)cap * sizeof(int32_t));
     int32_t *slots = NULL;
+    bool streamed = false;
+    kvlease_pin *stream_pin = NULL;
     uint32_t *ids = malloc((size_t)cap * sizeof(uint32_t));
     duet_status st = blocks && ids ? eng_lease_pin(ctx->engine, pin_msg->lease, blocks, cap, &n)
                                    : DUET_ERR_NO_MEMORY;
-    if (st == DUET_OK && kvl_staged(l)) {
+    const void *ipc;
+    size_t ipc_len;
+    kvl_ipc_handle(l, &ipc, &ipc_len);
+    bool pool_ids = pin_msg->pool_ids && ipc_len > 0; /* the reader maps the cache (CUDA IPC) */
+    if (st == DUET_OK && kvl_staged(l) && !pool_ids) {
         /* serve a copy in the staging area: UCX cannot read the cache itself */
         slots = malloc((size_t)(n ? n : 1) * sizeof(int32_t));
         int rc = slots ? kvl_stage_alloc(l, n, slots) : -2;
         kvlease_pin *pin = rc == 0 ? calloc(1, sizeof *pin) : NULL;
         if (rc == 0 && pin) {
-            st = kvl_stage_copy(l, blocks, slots, n, true);
+            pin->lease = pin_msg->lease;
+            pin->seq = pin_msg->seq;
+            pin->slots = slots;
+            pin->n = n;
+            streamed = c->version >= 2;
+            st = streamed ? pin_stream_start(x, pin, blocks)
+                          : kvl_stage_copy(l, blocks, slots, n, true);
             if (st == DUET_OK) {
-                pin->lease = pin_msg->lease;
-                pin->slots = slots;
-                pin->n = n;
                 pin->next = c->pins;
                 c->pins = pin;
                 memcpy(blocks, slots, (size_t)n * sizeof(int32_t));
                 slots = NULL; /* the pin owns them */
+                stream_pin = streamed ? pin : NULL;
             } else {
                 kvl_stage_free(l, slots, n);
+                free(pin->tickets);
+                free(pin->ends);
                 free(pin);
+                streamed = false;
             }
         } else if (rc == 0) {
             kvl_stage_free(l, slots, n);
@@ -194,6 +308,8 @@ static void conn_pin(kvlease_conn *c, const Duet__Kv__Pin *pin_msg) {
         r.ok = true;
         r.block_ids = ids;
         r.n_block_ids = (size_t)n;
+        r.streamed = streamed;
+        r.ready = 0; /* streamed: Ready messages follow */
     } else {
         r.ok = false;
         r.busy = st == DUET_ERR_BUSY;
@@ -207,10 +323,15 @@ static void conn_pin(kvlease_conn *c, const Duet__Kv__Pin *pin_msg) {
     Duet__Kv__Envelope out = DUET__KV__ENVELOPE__INIT;
     out.msg_case = DUET__KV__ENVELOPE__MSG_PIN_REPLY;
     out.pin_reply = &r;
-    if (kvl_send(&c->tcp, &out) != DUET_OK) conn_close(c);
+    bool sent = kvl_send(&c->tcp, &out) == DUET_OK;
+    if (!sent) conn_close(c);
     free(blocks);
     free(ids);
     free(slots);
+    if (sent && stream_pin) {
+        pin_progress(c, stream_pin); /* copies already over (host caches) are announced now */
+        kvl_ucx_heat(l);             /* the rest are polled by role_progress */
+    }
 }
 
 static void conn_got(kvlease_conn *c, Duet__Kv__Envelope *env) {
@@ -334,9 +455,23 @@ static void role_tick(void *arg, double now) {
     }
 }
 
+/* Streamed pins: finished device->host copies are announced to their readers. */
+static bool role_progress(void *arg) {
+    kvlease *x = arg;
+    bool busy = false;
+    for (kvlease_conn *c = x->conns, *next; c; c = next) {
+        next = c->next;
+        for (kvlease_pin *p = c->pins; p && !c->closing; p = p->next)
+            if (p->next_ticket < p->n_tickets) busy |= pin_progress(c, p);
+    }
+    return busy;
+}
+
 static void role_close(void *arg) {
     kvlease *x = arg;
     while (x->conns) conn_close(x->conns);
+    /* copies still in flight end here: after the thread stops the backend may be gone */
+    for (kvlease_pin *p = x->orphans; p; p = p->next) pin_drain(x, p);
     uv_close((uv_handle_t *)&x->listener, NULL);
 }
 
@@ -376,7 +511,11 @@ static duet_status x_start(void *state, const srv_kv_context *ctx) {
         return DUET_ERR_INVALID;
     }
     x->tp_size = ctx->tp_size;
-    kvl_role role = {.arg = x, .open = role_open, .tick = role_tick, .close = role_close};
+    kvl_role role = {.arg = x,
+                     .open = role_open,
+                     .tick = role_tick,
+                     .progress = role_progress,
+                     .close = role_close};
     /* role_open stores x->link before the transfer thread starts, and the thread reads it as
      * soon as a decode worker connects: kvl_create must not store it again from here. */
     kvl_link *link = NULL;

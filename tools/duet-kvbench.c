@@ -27,6 +27,10 @@ typedef struct bench_opts {
     int layers, block_size, repeat, port;
     const char *staging; /* --kv-staging of both workers */
     const char *backend; /* "cpu" or "cuda" */
+    long long chunk_bytes, staging_bytes;
+    int in_flight;
+    bool copy_ref; /* also time pinned host<->device copies of the same bytes */
+    bool cuda_ipc; /* --kv-cuda-ipc on both workers */
 } bench_opts;
 
 static int write_model(const char *dir, int layers) {
@@ -68,13 +72,28 @@ static int make_side(side *s, const char *model, srv_role role, const bench_opts
     if ((role == SRV_ROLE_PREFILL ? kvlease_create(&s->plug) : kvpull_create(&s->plug)) != DUET_OK)
         return -1;
     /* room for the largest prompt's blocks (576 float32 latent dims per token and layer) */
-    char staging_bytes[32];
+    char staging_bytes[32], chunk[32], in_flight[16];
     snprintf(staging_bytes, sizeof staging_bytes, "%zu",
-             (size_t)(n_blocks / 2 + 1) * (size_t)o->layers * (size_t)o->block_size * 576 * 4);
-    char *args[5] = {"x", "--kv-staging", (char *)o->staging, "--kv-staging-bytes", staging_bytes};
+             o->staging_bytes > 0 ? (size_t)o->staging_bytes
+                                  : (size_t)(n_blocks / 2 + 1) * (size_t)o->layers *
+                                        (size_t)o->block_size * 576 * 4);
+    snprintf(chunk, sizeof chunk, "%lld", o->chunk_bytes);
+    snprintf(in_flight, sizeof in_flight, "%d", o->in_flight);
+    char *args[10] = {"x",
+                      "--kv-staging",
+                      (char *)o->staging,
+                      "--kv-staging-bytes",
+                      staging_bytes,
+                      "--kv-chunk-bytes",
+                      chunk,
+                      "--kv-chunks-in-flight",
+                      in_flight,
+                      "--kv-cuda-ipc"};
     opt_parser *op;
     if (opt_parser_create("duet-kvbench", NULL, NULL, &op) != DUET_OK) return -1;
-    int prc = s->plug.add_options(s->plug.state, op) == DUET_OK ? opt_parse(op, 5, args) : 2;
+    int prc = s->plug.add_options(s->plug.state, op) == DUET_OK
+                  ? opt_parse(op, o->cuda_ipc ? 10 : 9, args)
+                  : 2;
     opt_parser_destroy(op);
     if (prc != 0) return -1;
     eng_config c;
@@ -215,6 +234,44 @@ static size_t verify(be_kv *kv, const int32_t *local, const int32_t *remote, int
     return bad;
 }
 
+/* The reference a pull is held to: the best of reps copies of blocks [0, n) of the decode's
+ * cache to page-locked host memory and back (device->host first, so the cache keeps its bytes),
+ * through the same backend copy ops the staged path uses. GB/s each way; -1 on failure. */
+static int copy_reference(be_backend *be, be_kv *kv, int n, int reps, double *d2h_p,
+                          double *h2d_p) {
+    size_t bytes = (size_t)n * kv->block_bytes;
+    void *host = NULL;
+    int32_t *blocks = malloc((size_t)n * sizeof(int32_t));
+    if (!blocks || posix_memalign(&host, 4096, bytes) != 0) {
+        free(blocks);
+        return -1;
+    }
+    memset(host, 0, bytes);
+    bool pinned = be->ops->host_pin && be->ops->host_pin(be, host, bytes) == DUET_OK;
+    for (int i = 0; i < n; i++) blocks[i] = i;
+    double best[2] = {1e30, 1e30};
+    int rc = 0;
+    for (int rep = 0; rep < reps + 1 && !rc; rep++) {
+        for (int dir = 0; dir < 2 && !rc; dir++) {
+            struct timespec t0, t1;
+            clock_gettime(CLOCK_MONOTONIC, &t0);
+            void *t = NULL;
+            duet_status st = be_kv_copy_start(be, kv, blocks, n, host, dir == 0, &t);
+            if (st == DUET_OK) st = be_kv_copy_poll(be, t, true);
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+            if (st != DUET_OK) rc = -1;
+            double sec = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9;
+            if (rep > 0 && sec < best[dir]) best[dir] = sec; /* rep 0 warms up */
+        }
+    }
+    if (pinned) be->ops->host_unpin(be, host);
+    free(host);
+    free(blocks);
+    *d2h_p = rc ? -1 : (double)bytes / best[0] / 1e9;
+    *h2d_p = rc ? -1 : (double)bytes / best[1] / 1e9;
+    return rc;
+}
+
 /* --tokens: prompt lengths separated by commas, into bench_opts. */
 static duet_status parse_tokens(const opt_spec *s, const char *v, char *err, size_t len) {
     bench_opts *o = s->dest;
@@ -288,6 +345,34 @@ int main(int argc, char **argv) {
          .def = "auto",
          .metavar = "{auto,on,off}",
          .help = "--kv-staging of both workers"},
+        {.name = "--kv-staging-bytes",
+         .type = OPT_SIZE,
+         .dest = &o.staging_bytes,
+         .def = "0",
+         .help = "--kv-staging-bytes of both workers (0: room for half the largest prompt's "
+                 "blocks on each side, plus one)"},
+        {.name = "--kv-chunk-bytes",
+         .type = OPT_SIZE,
+         .dest = &o.chunk_bytes,
+         .def = "16M",
+         .help = "--kv-chunk-bytes of both workers"},
+        {.name = "--kv-chunks-in-flight",
+         .type = OPT_INT,
+         .dest = &o.in_flight,
+         .def = "3",
+         .min = 1,
+         .max = 8,
+         .help = "--kv-chunks-in-flight of both workers"},
+        {.name = "--kv-cuda-ipc",
+         .type = OPT_FLAG,
+         .dest = &o.cuda_ipc,
+         .help = "--kv-cuda-ipc on both workers (CUDA caches: device-to-device copies)"},
+        {.name = "--copy-reference",
+         .type = OPT_FLAG,
+         .dest = &o.copy_ref,
+         .help = "also time device->host and host->device copies of the same blocks between "
+                 "the decode's cache and page-locked host memory (the backend's KV copies; "
+                 "memcpy on the CPU backend), and print the pull's share of the slower one"},
         {.name = "--backend",
          .type = OPT_CHOICE,
          .dest = &backend,
@@ -348,8 +433,10 @@ int main(int argc, char **argv) {
            "(%zu bytes)\n",
            kv->n_layers, kv->kv_dim, dt_name(kv->dtype), kv->block_bytes / (size_t)kv->block_size,
            kv->block_size, kv->block_bytes);
-    printf("%8s %12s %10s %10s %10s %10s %8s %6s\n", "tokens", "bytes", "p50_ms", "min_ms",
+    printf("%8s %12s %10s %10s %10s %10s %8s %6s", "tokens", "bytes", "p50_ms", "min_ms",
            "GB/s_p50", "GB/s_mean", "reads", "ok");
+    if (o.copy_ref) printf(" %10s %10s %8s", "d2h_GB/s", "h2d_GB/s", "pull/ref");
+    printf("\n");
     int32_t *prompt = calloc((size_t)max_tokens, sizeof(int32_t));
     for (int i = 0; i < max_tokens; i++) prompt[i] = 2 + i % 200;
     uint64_t rid = 1;
@@ -439,10 +526,20 @@ int main(int argc, char **argv) {
                 ms[k] = ms[k - 1];
                 ms[k - 1] = t;
             }
-        double p50 = ms[n_ok / 2];
-        printf("%8d %12zu %10.3f %10.3f %10.2f %10.2f %8llu %6d\n", n_tokens, bytes, p50, ms[0],
-               (double)bytes / (p50 * 1e-3) / 1e9, (double)bytes_total / secs_total / 1e9,
-               (unsigned long long)(reads1 - reads0), n_ok);
+        double p50 = ms[n_ok / 2], gbs = (double)bytes / (p50 * 1e-3) / 1e9;
+        printf("%8d %12zu %10.3f %10.3f %10.2f %10.2f %8llu %6d", n_tokens, bytes, p50, ms[0], gbs,
+               (double)bytes_total / secs_total / 1e9, (unsigned long long)(reads1 - reads0), n_ok);
+        if (o.copy_ref) {
+            double d2h, h2d;
+            int nb = (int)(bytes / kv->block_bytes);
+            if (copy_reference(g_decode_be, kv, nb, o.repeat, &d2h, &h2d) != 0) {
+                fprintf(stderr, "duet-kvbench: the reference copies failed\n");
+                rc = 1;
+            }
+            /* the pull is held to the slower direction: a staged pull needs both */
+            printf(" %10.2f %10.2f %8.2f", d2h, h2d, gbs / (d2h < h2d ? d2h : h2d));
+        }
+        printf("\n");
         fflush(stdout);
     }
     free(prompt);

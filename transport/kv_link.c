@@ -43,6 +43,9 @@ struct kvl_link {
     uint8_t *stage_used; /* [stage_slots] */
     kvu_region *stage_reg;
     bool stage_pinned;
+    uint8_t ipc_handle[BE_IPC_HANDLE_MAX];
+    size_t ipc_len;
+    char boot_id[64];
 };
 
 static duet_status parse_secret(const opt_spec *s, const char *v, char *err, size_t len) {
@@ -77,6 +80,26 @@ duet_status kvl_options_add(opt_parser *p, kvl_options *o) {
          .dest = &o->staging_bytes,
          .def = "256M",
          .help = "size of the staging area"},
+        {.name = "--kv-chunk-bytes",
+         .type = OPT_SIZE,
+         .dest = &o->chunk_bytes,
+         .def = "16M",
+         .help = "staged transfers move the KV in chunks of this size, each chunk's "
+                 "device->host copy, network read and host->device copy overlapping the other "
+                 "chunks' (rounded to whole blocks)"},
+        {.name = "--kv-cuda-ipc",
+         .type = OPT_FLAG,
+         .dest = &o->cuda_ipc,
+         .help = "between workers on one host with CUDA caches: the decode maps the prefill's "
+                 "cache (CUDA IPC) and copies device to device, no UCX and no staging (both "
+                 "sides need it; off: UCX, direct or staged)"},
+        {.name = "--kv-chunks-in-flight",
+         .type = OPT_INT,
+         .dest = &o->chunks_in_flight,
+         .def = "3",
+         .min = 1,
+         .max = KVL_MAX_CHUNKS_IN_FLIGHT,
+         .help = "chunks one staged transfer keeps in flight (3: triple buffering)"},
     };
     return opt_add(p, "KV transfer", specs, (int)(sizeof specs / sizeof specs[0]));
 }
@@ -86,7 +109,9 @@ duet_status kvl_options_add(opt_parser *p, kvl_options *o) {
 static void ucx_hot(uv_idle_t *h) {
     kvl_link *l = h->data;
     double t = clock_now_s();
-    if (kvu_progress(l->ucx))
+    unsigned n = kvu_progress(l->ucx);
+    if (l->role.progress && l->role.progress(l->role.arg)) n++;
+    if (n)
         l->hot_last = t;
     else if (t - l->hot_last > 0.05)
         uv_idle_stop(&l->ucx_hot);
@@ -99,7 +124,9 @@ void kvl_ucx_heat(kvl_link *l) {
 
 static void ucx_tick(uv_timer_t *t) {
     kvl_link *l = t->data;
-    if (kvu_progress(l->ucx)) kvl_ucx_heat(l);
+    unsigned n = kvu_progress(l->ucx);
+    if (l->role.progress && l->role.progress(l->role.arg)) n++;
+    if (n) kvl_ucx_heat(l);
 }
 
 /* ---- the side channel ---- */
@@ -168,6 +195,18 @@ int kvl_stage_alloc(kvl_link *l, int n, int32_t *out) {
     return 0;
 }
 
+int kvl_stage_alloc_run(kvl_link *l, int n) {
+    if (n < 1 || n > l->stage_slots) return -2;
+    for (int i = 0, run = 0; i < l->stage_slots; i++) {
+        run = l->stage_used[i] ? 0 : run + 1;
+        if (run == n) {
+            memset(l->stage_used + i - n + 1, 1, (size_t)n);
+            return i - n + 1;
+        }
+    }
+    return -1;
+}
+
 void kvl_stage_free(kvl_link *l, const int32_t *slots, int n) {
     for (int i = 0; i < n; i++)
         if (slots[i] >= 0 && slots[i] < l->stage_slots) l->stage_used[slots[i]] = 0;
@@ -175,28 +214,100 @@ void kvl_stage_free(kvl_link *l, const int32_t *slots, int n) {
 
 duet_status kvl_stage_copy(kvl_link *l, const int32_t *blocks, const int32_t *slots, int n,
                            bool to_host) {
-    be_kv *kv = l->ctx.kv;
-    size_t bb = kv->block_bytes;
     for (int i = 0; i < n;) {
         int k = i + 1;
         while (k < n && slots[k] == slots[k - 1] + 1) k++;
-        uint8_t *h = l->stage_base + (size_t)slots[i] * bb;
-        if (l->be->ops->kv_copy_host) {
-            duet_status st = l->be->ops->kv_copy_host(l->be, kv, blocks + i, k - i, h, to_host);
-            if (st != DUET_OK) return st;
-        } else {
-            for (int b = i; b < k; b++) {
-                uint8_t *c = (uint8_t *)kv->data + (size_t)blocks[b] * bb;
-                uint8_t *hb = h + (size_t)(b - i) * bb;
-                if (to_host)
-                    memcpy(hb, c, bb);
-                else
-                    memcpy(c, hb, bb);
-            }
-        }
+        void *ticket = NULL;
+        duet_status st = kvl_stage_copy_start(l, blocks + i, slots[i], k - i, to_host, &ticket);
+        if (st == DUET_OK) st = kvl_copy_poll(l, ticket, true);
+        if (st != DUET_OK) return st;
         i = k;
     }
     return DUET_OK;
+}
+
+duet_status kvl_stage_copy_start(kvl_link *l, const int32_t *blocks, int slot0, int n, bool to_host,
+                                 void **ticket_p) {
+    if (slot0 < 0 || n < 0 || slot0 + n > l->stage_slots) return DUET_ERR_INVALID;
+    uint8_t *h = l->stage_base + (size_t)slot0 * l->ctx.kv->block_bytes;
+    return be_kv_copy_start(l->be, l->ctx.kv, blocks, n, h, to_host, ticket_p);
+}
+
+duet_status kvl_copy_poll(kvl_link *l, void *ticket, bool wait) {
+    return be_kv_copy_poll(l->be, ticket, wait);
+}
+
+int kvl_chunk_blocks(const kvl_link *l) {
+    long long per = l->opt.chunk_bytes / (long long)l->ctx.kv->block_bytes;
+    long long cap = l->stage_slots / kvl_chunks_in_flight(l);
+    if (per > cap) per = cap;
+    return per < 1 ? 1 : (int)per;
+}
+
+int kvl_chunks_in_flight(const kvl_link *l) {
+    int n = l->opt.chunks_in_flight;
+    return n < 1 ? 1 : n > KVL_MAX_CHUNKS_IN_FLIGHT ? KVL_MAX_CHUNKS_IN_FLIGHT : n;
+}
+
+/* ---- same-host device copies (CUDA IPC) ---- */
+
+static void ipc_setup(kvl_link *l) {
+    FILE *f = fopen("/proc/sys/kernel/random/boot_id", "r");
+    if (f) {
+        if (!fgets(l->boot_id, sizeof l->boot_id, f)) l->boot_id[0] = 0;
+        l->boot_id[strcspn(l->boot_id, "\n")] = 0;
+        fclose(f);
+    }
+    if (kvl_ipc_usable(l) && l->boot_id[0] && l->ctx.role == SRV_ROLE_DECODE) {
+        LOG_INFO("kv: KV path from prefill workers on this host that offer it: CUDA IPC, device "
+                 "to device (--kv-cuda-ipc)");
+        return;
+    }
+    if (!kvl_ipc_usable(l) || !l->boot_id[0]) {
+        if (l->opt.cuda_ipc)
+            LOG_INFO("kv: --kv-cuda-ipc: not offered (%s)",
+                     !l->ctx.kv->on_device ? "the cache is in host memory"
+                     : !l->boot_id[0]      ? "no boot id"
+                                           : "the backend has no IPC");
+        return;
+    }
+    if (l->be->ops->ipc_export(l->be, l->ctx.kv, l->ipc_handle, &l->ipc_len) != DUET_OK) {
+        l->ipc_len = 0;
+        LOG_WARN("kv: --kv-cuda-ipc: the cache cannot be exported; peers use UCX");
+        return;
+    }
+    LOG_INFO("kv: KV path for readers on this host: CUDA IPC, device to device (--kv-cuda-ipc)");
+}
+
+void kvl_ipc_handle(const kvl_link *l, const void **handle_p, size_t *len_p) {
+    *handle_p = l->ipc_handle;
+    *len_p = l->ipc_len;
+}
+
+const char *kvl_boot_id(const kvl_link *l) {
+    return l->boot_id;
+}
+
+bool kvl_ipc_usable(const kvl_link *l) {
+    const be_ops *o = l->be->ops;
+    return l->opt.cuda_ipc && l->ctx.kv->on_device && o->ipc_export && o->ipc_open &&
+           o->ipc_close && o->kv_copy_device_start && o->kv_copy_poll;
+}
+
+duet_status kvl_ipc_open(kvl_link *l, const void *handle, size_t len, void **ptr_p) {
+    if (!kvl_ipc_usable(l)) return DUET_ERR_UNSUPPORTED;
+    return l->be->ops->ipc_open(l->be, handle, len, ptr_p);
+}
+
+void kvl_ipc_close(kvl_link *l, void *ptr) {
+    if (ptr) l->be->ops->ipc_close(l->be, ptr);
+}
+
+duet_status kvl_ipc_copy_start(kvl_link *l, const int32_t *blocks, int n, const void *src,
+                               const uint32_t *src_blocks, void **ticket_p) {
+    for (int i = 0; i < n; i++)
+        if (blocks[i] < 0 || blocks[i] >= l->ctx.kv->n_blocks) return DUET_ERR_INVALID;
+    return l->be->ops->kv_copy_device_start(l->be, l->ctx.kv, blocks, n, src, src_blocks, ticket_p);
 }
 
 /* ---- the thread ---- */
@@ -238,9 +349,15 @@ static duet_status setup_memory(kvl_link *l) {
                   "--kv-staging is off");
         return DUET_ERR_UNSUPPORTED;
     }
-    if (!l->staged)
-        return kvu_register(l->ucx, kv->data, kv->block_bytes * (size_t)kv->n_blocks, kv->on_device,
-                            &l->region);
+    if (!l->staged) {
+        duet_status st = kvu_register(l->ucx, kv->data, kv->block_bytes * (size_t)kv->n_blocks,
+                                      kv->on_device, &l->region);
+        if (st == DUET_OK)
+            LOG_INFO("kv: KV path: direct, UCX reads and writes the %s cache itself (no staging)%s",
+                     kv->on_device ? "device-memory" : "host-memory",
+                     kv->on_device ? "; UCX reports CUDA memory support" : "");
+        return st;
+    }
     size_t slots = (size_t)l->opt.staging_bytes / kv->block_bytes;
     if (slots > (size_t)kv->n_blocks) slots = (size_t)kv->n_blocks;
     if (slots < 1) slots = 1;
@@ -255,8 +372,13 @@ static duet_status setup_memory(kvl_link *l) {
     if (l->be->ops->host_pin &&
         l->be->ops->host_pin(l->be, base, slots * kv->block_bytes) == DUET_OK)
         l->stage_pinned = true;
-    LOG_INFO("kv: KV moves through a %zu MiB host staging area (%zu blocks)%s",
-             (slots * kv->block_bytes) >> 20, slots, l->stage_pinned ? ", page-locked" : "");
+    LOG_INFO("kv: KV path: staged (%s), a %zu MiB host staging area (%zu blocks)%s, chunks of "
+             "%d blocks, %d in flight",
+             l->opt.staging_mode == KVL_STAGE_ON ? "--kv-staging on"
+             : kv->on_device                     ? "this UCX build reports no CUDA memory support"
+                                                 : "host cache",
+             (slots * kv->block_bytes) >> 20, slots, l->stage_pinned ? ", page-locked" : "",
+             kvl_chunk_blocks(l), kvl_chunks_in_flight(l));
     return DUET_OK;
 }
 
@@ -289,6 +411,7 @@ duet_status kvl_create(const kvl_options *o, const srv_kv_context *ctx, const kv
     l->be = mdl_backend(par_model(ctx->inst));
     if (st == DUET_OK) st = kvu_create(&l->ucx);
     if (st == DUET_OK) st = setup_memory(l);
+    if (st == DUET_OK) ipc_setup(l);
     if (st == DUET_OK && uv_loop_init(&l->loop) != 0) st = DUET_ERR_INTERNAL;
     if (st != DUET_OK) {
         kvl_destroy(l);

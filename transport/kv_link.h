@@ -23,7 +23,12 @@ typedef struct kvl_options {
     const char *secret;      /* --kv-secret / DUET_KV_SECRET; NULL: none (warned) */
     int staging_mode;        /* KVL_STAGE_* */
     long long staging_bytes; /* --kv-staging-bytes */
+    long long chunk_bytes;   /* --kv-chunk-bytes: staged transfers move chunks of this size */
+    int chunks_in_flight;    /* --kv-chunks-in-flight: per transfer, each in its own buffer */
+    bool cuda_ipc;           /* --kv-cuda-ipc: same-host device-to-device copies */
 } kvl_options;
+
+#define KVL_MAX_CHUNKS_IN_FLIGHT 8
 
 enum { KVL_STAGE_AUTO = 0, KVL_STAGE_ON = 1, KVL_STAGE_OFF = 2 };
 
@@ -40,6 +45,9 @@ typedef struct kvl_role {
     void (*woken)(void *arg);
     /* Every 5 ms: deadlines and retries. */
     void (*tick)(void *arg, double now);
+    /* After each UCX poll while traffic flows (and every millisecond): device copies in
+     * flight are checked here. Returns true while the role has copies in flight. */
+    bool (*progress)(void *arg);
     /* Stopping: fail what is pending and close every handle the role opened. */
     void (*close)(void *arg);
 } kvl_role;
@@ -78,10 +86,34 @@ int kvl_n_slots(const kvl_link *l);  /* blocks it holds */
  * is smaller than n). */
 int kvl_stage_alloc(kvl_link *l, int n, int32_t *slots);
 void kvl_stage_free(kvl_link *l, const int32_t *slots, int n);
+/* A run of n consecutive free slots: its first slot; -1 not now; -2 never (n > the area). */
+int kvl_stage_alloc_run(kvl_link *l, int n);
 /* Copies pool blocks to (to_host) or from staging slots; runs of consecutive slots are one copy
  * each (by the backend for device pools, memcpy for host pools). */
 duet_status kvl_stage_copy(kvl_link *l, const int32_t *blocks, const int32_t *slots, int n,
                            bool to_host);
+/* The same for n blocks and the consecutive slots from slot0, without waiting: *ticket_p is
+ * polled with kvl_copy_poll (NULL: already done, as on host pools). */
+duet_status kvl_stage_copy_start(kvl_link *l, const int32_t *blocks, int slot0, int n, bool to_host,
+                                 void **ticket_p);
+/* DUET_ERR_BUSY while the copy runs (wait: until it ends), else its result (ticket freed). */
+duet_status kvl_copy_poll(kvl_link *l, void *ticket, bool wait);
+/* Blocks per chunk of a staged transfer (--kv-chunk-bytes, at most the staging area divided
+ * by the chunks in flight, at least 1) and the chunks one transfer keeps in flight. */
+int kvl_chunk_blocks(const kvl_link *l);
+int kvl_chunks_in_flight(const kvl_link *l);
+
+/* Same-host device-to-device transfer (--kv-cuda-ipc, CUDA caches): the cache's IPC handle
+ * (*len_p 0 when not offered) and this host's boot id ("" when unknown). */
+void kvl_ipc_handle(const kvl_link *l, const void **handle_p, size_t *len_p);
+const char *kvl_boot_id(const kvl_link *l);
+/* Whether this side may map a peer's cache: the option is on, the cache is on the device and the
+ * backend can; then open/close and the copies (tickets for kvl_copy_poll). */
+bool kvl_ipc_usable(const kvl_link *l);
+duet_status kvl_ipc_open(kvl_link *l, const void *handle, size_t len, void **ptr_p);
+void kvl_ipc_close(kvl_link *l, void *ptr);
+duet_status kvl_ipc_copy_start(kvl_link *l, const int32_t *blocks, int n, const void *src,
+                               const uint32_t *src_blocks, void **ticket_p);
 
 /* The side channel: one framed protobuf envelope (DUET_ERR_IO when the write cannot start; a
  * failed write shows up as a read error on the same stream). */

@@ -11,7 +11,8 @@
 #include "kv.pb-c.h"
 #include "base/status.h"
 
-#define KVW_VERSION   1
+/* 2: streamed pins (PinReply.streamed, Ready); see kv.proto */
+#define KVW_VERSION   2
 #define KVW_NONCE_LEN 32
 #define KVW_MAC_LEN   32
 /* Larger frames are refused: a Welcome with a UCX address and rkey is a few KiB; a PinReply

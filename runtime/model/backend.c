@@ -3,6 +3,7 @@
 #include "model/backend.h"
 
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -20,6 +21,39 @@ duet_status be_mem_info(be_backend *be, long long *total_p, long long *free_p) {
     *total_p = (long long)total;
     *free_p = (long long)free_b;
     return DUET_OK;
+}
+
+/* ---- KV copies for the transfer thread ---- */
+
+duet_status be_kv_copy_start(be_backend *be, be_kv *kv, const int32_t *blocks, int n, void *host,
+                             bool to_host, void **ticket_p) {
+    for (int i = 0; i < n; i++)
+        if (blocks[i] < 0 || blocks[i] >= kv->n_blocks) return DUET_ERR_INVALID;
+    if (be->ops->kv_copy_start && be->ops->kv_copy_poll)
+        return be->ops->kv_copy_start(be, kv, blocks, n, host, to_host, ticket_p);
+    duet_status st = DUET_OK;
+    if (be->ops->kv_copy_host) {
+        st = be->ops->kv_copy_host(be, kv, blocks, n, host, to_host);
+    } else if (kv->on_device) {
+        st = DUET_ERR_UNSUPPORTED;
+    } else {
+        size_t bb = kv->block_bytes;
+        for (int i = 0; i < n; i++) {
+            uint8_t *c = (uint8_t *)kv->data + (size_t)blocks[i] * bb;
+            uint8_t *h = (uint8_t *)host + (size_t)i * bb;
+            if (to_host)
+                memcpy(h, c, bb);
+            else
+                memcpy(c, h, bb);
+        }
+    }
+    if (st == DUET_OK) *ticket_p = NULL;
+    return st;
+}
+
+duet_status be_kv_copy_poll(be_backend *be, void *ticket, bool wait) {
+    if (!ticket) return DUET_OK;
+    return be->ops->kv_copy_poll(be, ticket, wait);
 }
 
 /* ---- sampling: the ops when the backend has them, the host rule otherwise ---- */

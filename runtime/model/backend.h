@@ -20,6 +20,8 @@
 typedef struct be_backend be_backend;
 typedef struct comm_group comm_group;
 
+#define BE_IPC_HANDLE_MAX 128
+
 /* A linear layer's weight W [n_out, n_in]: y = x @ W^T. Created from host float32. */
 typedef struct be_weight be_weight;
 
@@ -215,6 +217,28 @@ typedef struct be_ops {
      * host caches: the caller copies with memcpy. */
     duet_status (*kv_copy_host)(be_backend *be, be_kv *kv, const int32_t *blocks, int n, void *host,
                                 bool to_host);
+    /* Optional; any thread (the KV transfer thread): starts the copy kv_copy_host does on a
+     * copy stream of its direction and returns at once, so device->host copies, host->device
+     * copies and network reads of other chunks overlap; *ticket_p is polled with kv_copy_poll.
+     * host should be page-locked (host_pin), else the copy may run synchronously. NULL: the
+     * wrapper be_kv_copy_start copies at once and hands back a NULL ticket (done). */
+    duet_status (*kv_copy_start)(be_backend *be, be_kv *kv, const int32_t *blocks, int n,
+                                 void *host, bool to_host, void **ticket_p);
+    /* With kv_copy_start: DUET_ERR_BUSY while the copy runs (wait: blocks until it ends);
+     * otherwise DUET_OK or the copy's error, and the ticket is freed. */
+    duet_status (*kv_copy_poll)(be_backend *be, void *ticket, bool wait);
+    /* Optional (CUDA); any thread: another process on this host reads the cache directly.
+     * ipc_export writes an IPC handle of the cache's allocation (kv->data, at most
+     * BE_IPC_HANDLE_MAX bytes) into handle; ipc_open maps a peer's handle here (*ptr_p: its
+     * kv->data), ipc_close unmaps it. kv_copy_device_start copies blocks src_blocks[i] of such a
+     * mapped peer cache (block_bytes each, from src) into blocks[i] of kv on the host->device
+     * copy stream, consecutive runs as one copy; the ticket is kv_copy_poll's. */
+    duet_status (*ipc_export)(be_backend *be, be_kv *kv, void *handle, size_t *len_p);
+    duet_status (*ipc_open)(be_backend *be, const void *handle, size_t len, void **ptr_p);
+    void (*ipc_close)(be_backend *be, void *ptr);
+    duet_status (*kv_copy_device_start)(be_backend *be, be_kv *kv, const int32_t *blocks, int n,
+                                        const void *src, const uint32_t *src_blocks,
+                                        void **ticket_p);
     /* Optional; any thread: page-locks host memory for fast copies with kv_copy_host (NULL
      * where that means nothing). */
     duet_status (*host_pin)(be_backend *be, void *ptr, size_t bytes);
@@ -342,6 +366,12 @@ void be_destroy(be_backend *be);
 /* The device's total and free memory (be_ops.mem_info); DUET_ERR_UNSUPPORTED for backends
  * whose memory is the host's. Outputs set only on success. */
 duet_status be_mem_info(be_backend *be, long long *total_p, long long *free_p);
+/* KV blocks to or from host memory without waiting (see kv_copy_start): backends without the
+ * op copy at once (kv_copy_host, or memcpy for host caches) and set *ticket_p to NULL.
+ * be_kv_copy_poll(NULL) is DUET_OK. */
+duet_status be_kv_copy_start(be_backend *be, be_kv *kv, const int32_t *blocks, int n, void *host,
+                             bool to_host, void **ticket_p);
+duet_status be_kv_copy_poll(be_backend *be, void *ticket, bool wait);
 
 /* ---- sampling through the ops, or the host rule where a backend has none ---- */
 

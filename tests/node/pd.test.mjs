@@ -4,6 +4,9 @@
 //   shm   UCX_TLS=shm: every golden case's greedy ids across the hand-over, 64 concurrent
 //         requests, both pools free afterwards, and the faults (wrong secret, other block size,
 //         decode killed -> prefill frees after the lease, prefill hung -> decode errors in time)
+//   staged  as shm (golden cases, concurrency, faults), with both workers moving the KV through
+//         their host staging areas (--kv-staging on) as a pipeline of 2-block chunks, 2 in flight
+//         (streamed pins, protocol version 2)
 //   tcp   UCX_TLS=tcp: the golden cases
 //   ptp2  prefill TP2 -> decode TP1: the golden cases
 //   ddp2  prefill DP1 -> decode DP2 (both DP ports): the golden cases
@@ -21,14 +24,18 @@ const cases = goldenCases();
 const SECRET = 'pd-test-secret';
 const servers = [];
 
-const ucx = { shm: 'shm', tcp: 'tcp', ptp2: 'shm', ddp2: 'shm' }[layout];
+const ucx = { shm: 'shm', staged: 'shm', tcp: 'tcp', ptp2: 'shm', ddp2: 'shm' }[layout];
 assert.ok(ucx, `unknown layout ${layout}`);
+// blocks of the tiny model are 10 KiB: 2-block chunks, so a prompt is many chunks
+const staging = layout === 'staged'
+  ? ['--kv-staging', 'on', '--kv-chunk-bytes', '20K', '--kv-chunks-in-flight', '2'] : [];
+const shmLike = layout === 'shm' || layout === 'staged';
 
 function common(port, extra = []) {
   return ['--model', path.join(GOLDEN, 'tiny-v3', 'model'),
     '--tokenizer', path.join(GOLDEN, 'tokenizer'), '--served-model-name', 'tiny',
     '--host', '127.0.0.1', '--port', String(port), '--kv-cache-memory', '32M',
-    '--block-size', '16', '--no-enable-prefix-caching', ...extra];
+    '--block-size', '16', '--no-enable-prefix-caching', ...staging, ...extra];
 }
 
 async function start(bin, port, { np = 1, extra = [], secret = SECRET, ports = [port] } = {}) {
@@ -93,12 +100,16 @@ async function goldenAcross(pPort, dPorts) {
   for (const p of dPorts) assert.ok(await poolFree(p), `decode pool on ${p} not free`);
 }
 
-if (layout === 'tcp' || layout === 'shm') {
+if (layout === 'tcp' || shmLike) {
   test(`1P1D over UCX_TLS=${ucx}: golden greedy ids across the KV hand-over`, async () => {
     const pPort = await freePort(), dPort = await freePort();
     const p = await start(PREFILL, pPort);
     const d = await start(DECODE, dPort);
     await goldenAcross(pPort, [dPort]);
+    if (layout === 'staged') {
+      assert.match(d.log, /KV path: staged \(--kv-staging on\).*chunks of 2 blocks, 2 in flight/);
+      assert.ok(metricValue(await metrics(dPort), 'duet_kv_pull_reads_total') > cases.length);
+    }
     if (layout === 'tcp') return;
 
     // 64 concurrent disaggregated requests
@@ -136,7 +147,7 @@ if (layout === 'tcp' || layout === 'shm') {
     void d;
   });
 
-  if (layout === 'shm') {
+  if (shmLike) {
     test('decode killed after the prefill: the prefill frees the blocks when the lease expires', async () => {
       const pPort = await freePort(), dPort = await freePort();
       await start(PREFILL, pPort, { extra: ['--kv-lease-timeout', '2'] });

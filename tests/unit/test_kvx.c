@@ -2,14 +2,22 @@
  * transfer plug-in (thread, side channel on localhost, UCX): every golden case decoded after
  * pulling its prompt's KV gives the golden greedy ids; leases are freed after the pull; reads
  * are coalesced; a wrong secret, a different block size and an expired lease fail the request
- * cleanly and leave both pools full. */
+ * cleanly and leave both pools full. With "staging", KV also moves through host staging areas,
+ * and a decode whose area is a few blocks pulls large prompts as a pipeline of chunks; every
+ * side also has --kv-cuda-ipc, which host caches must decline (UCX carries the KV). */
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+
 #include "base/opt.h"
 #include "check.h"
+#include "kv_wire.h"
 #include "golden.h"
 #include "kv_lease.h"
 #include "kv_pull.h"
@@ -52,6 +60,9 @@ static void on_event(void *user, const eng_event *ev) {
 static int g_port;
 static const char *g_staging = "auto"; /* "on": both sides move KV through staging slots */
 static const char *g_staging_bytes = "256M";
+static const char *g_chunk_bytes = "16M";
+static const char *g_in_flight = "3";
+static bool g_ipc; /* --kv-cuda-ipc on every side: host caches must fall back to UCX */
 
 static int make_side(side *s, srv_role role, int block_size, int n_blocks, const char *secret,
                      double lease_s) {
@@ -65,17 +76,24 @@ static int make_side(side *s, srv_role role, int block_size, int n_blocks, const
         return -1;
     CHECK((role == SRV_ROLE_PREFILL ? kvlease_create(&s->plug) : kvpull_create(&s->plug)) ==
           DUET_OK);
-    char *args[7] = {"x",
-                     "--kv-secret",
-                     (char *)secret,
-                     "--kv-staging",
-                     (char *)g_staging,
-                     "--kv-staging-bytes",
-                     (char *)g_staging_bytes};
+    char *args[11] = {"x",
+                      "--kv-secret",
+                      (char *)secret,
+                      "--kv-staging",
+                      (char *)g_staging,
+                      "--kv-staging-bytes",
+                      (char *)g_staging_bytes,
+                      "--kv-chunk-bytes",
+                      (char *)g_chunk_bytes,
+                      "--kv-chunks-in-flight",
+                      (char *)g_in_flight};
     opt_parser *op;
     CHECK(opt_parser_create("test_kvx", NULL, NULL, &op) == DUET_OK);
     CHECK(s->plug.add_options(s->plug.state, op) == DUET_OK);
-    CHECK(opt_parse(op, 7, args) == 0);
+    char *args_ipc[12];
+    memcpy(args_ipc, args, sizeof args);
+    args_ipc[11] = "--kv-cuda-ipc";
+    CHECK(opt_parse(op, g_ipc ? 12 : 11, g_ipc ? args_ipc : args) == 0);
     opt_parser_destroy(op);
     eng_config c;
     eng_config_default(&c);
@@ -168,13 +186,147 @@ static rec *pd_request(side *p, side *d, int id, const golden_case *k, int sleep
     return &R[id + 32];
 }
 
+/* ---- a side-channel client of a given protocol version, with blocking sockets ---- */
+
+static int raw_send(int fd, const Duet__Kv__Envelope *env) {
+    uint8_t *buf;
+    size_t len;
+    if (kvw_encode(env, &buf, &len) != DUET_OK) return -1;
+    ssize_t n = send(fd, buf, len, 0);
+    free(buf);
+    return n == (ssize_t)len ? 0 : -1;
+}
+
+/* The next envelope, or NULL when nothing arrives within the socket's receive timeout. */
+static Duet__Kv__Envelope *raw_recv(int fd, kvw_reader *rd) {
+    for (;;) {
+        Duet__Kv__Envelope *env = NULL;
+        if (kvw_reader_next(rd, &env) != DUET_OK) return NULL;
+        if (env) return env;
+        uint8_t buf[4096];
+        ssize_t n = recv(fd, buf, sizeof buf, 0);
+        if (n <= 0 || kvw_reader_feed(rd, buf, (size_t)n) != DUET_OK) return NULL;
+    }
+}
+
+typedef struct raw_result {
+    int n_ids;     /* block ids in the pin reply */
+    bool streamed; /* the reply said Ready messages follow */
+    int ready;     /* the ready count reached (the reply's, then the Ready messages') */
+    int extra;     /* messages after the reply that were not a rising Ready */
+} raw_result;
+
+/* Connects to the prefill's side channel as a decode worker of protocol version `version` (1:
+ * an Auth without a version, as version-1 workers send), pins lease, reads what follows for
+ * 300 ms after the pin reply, releases (or, !release, closes without). 0 when the handshake and
+ * the pin succeeded. */
+static int raw_pin(int port, uint32_t version, const be_kv *kv, uint64_t lease, bool release,
+                   raw_result *res) {
+    memset(res, 0, sizeof *res);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    struct timeval tv = {.tv_sec = 5};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
+        close(fd);
+        return -1;
+    }
+    kvw_reader rd = {0};
+    int rc = -1;
+    Duet__Kv__Envelope *env = raw_recv(fd, &rd);
+    if (!env || env->msg_case != DUET__KV__ENVELOPE__MSG_HELLO ||
+        env->hello->nonce.len != KVW_NONCE_LEN || env->hello->version != KVW_VERSION)
+        goto out;
+    uint8_t nonce_s[KVW_NONCE_LEN], nonce_c[KVW_NONCE_LEN], mac[KVW_MAC_LEN];
+    memcpy(nonce_s, env->hello->nonce.data, KVW_NONCE_LEN);
+    duet__kv__envelope__free_unpacked(env, NULL);
+    env = NULL;
+    CHECK(kvw_nonce(nonce_c) == DUET_OK);
+    kvw_mac("s3cret", "duet-kv-c", nonce_s, KVW_NONCE_LEN, nonce_c, KVW_NONCE_LEN, mac);
+    Duet__Kv__PoolInfo pool = DUET__KV__POOL_INFO__INIT;
+    pool.block_size = (uint32_t)kv->block_size;
+    pool.n_layers = (uint32_t)kv->n_layers;
+    pool.kv_dim = (uint32_t)kv->kv_dim;
+    pool.dtype = (char *)dt_name(kv->dtype);
+    pool.block_bytes = kv->block_bytes;
+    pool.n_blocks = (uint32_t)kv->n_blocks;
+    pool.model = "tiny";
+    Duet__Kv__Auth auth = DUET__KV__AUTH__INIT;
+    auth.nonce.data = nonce_c;
+    auth.nonce.len = KVW_NONCE_LEN;
+    auth.mac.data = mac;
+    auth.mac.len = KVW_MAC_LEN;
+    auth.pool = &pool;
+    auth.version = version >= 2 ? version : 0;
+    Duet__Kv__Envelope out = DUET__KV__ENVELOPE__INIT;
+    out.msg_case = DUET__KV__ENVELOPE__MSG_AUTH;
+    out.auth = &auth;
+    if (raw_send(fd, &out) != 0) goto out;
+    env = raw_recv(fd, &rd);
+    if (!env || env->msg_case != DUET__KV__ENVELOPE__MSG_WELCOME) goto out;
+    duet__kv__envelope__free_unpacked(env, NULL);
+    Duet__Kv__Pin pin = DUET__KV__PIN__INIT;
+    pin.seq = 7;
+    pin.lease = lease;
+    out = (Duet__Kv__Envelope)DUET__KV__ENVELOPE__INIT;
+    out.msg_case = DUET__KV__ENVELOPE__MSG_PIN;
+    out.pin = &pin;
+    if (raw_send(fd, &out) != 0) goto out;
+    env = raw_recv(fd, &rd);
+    if (!env || env->msg_case != DUET__KV__ENVELOPE__MSG_PIN_REPLY || !env->pin_reply->ok ||
+        env->pin_reply->seq != 7)
+        goto out;
+    res->n_ids = (int)env->pin_reply->n_block_ids;
+    res->streamed = env->pin_reply->streamed;
+    res->ready = res->streamed ? (int)env->pin_reply->ready : res->n_ids;
+    duet__kv__envelope__free_unpacked(env, NULL);
+    tv = (struct timeval){.tv_usec = 300000};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    while ((env = raw_recv(fd, &rd)) != NULL) {
+        if (env->msg_case == DUET__KV__ENVELOPE__MSG_READY && env->ready->ok &&
+            env->ready->seq == 7 && (int)env->ready->ready > res->ready)
+            res->ready = (int)env->ready->ready;
+        else
+            res->extra++;
+        duet__kv__envelope__free_unpacked(env, NULL);
+    }
+    Duet__Kv__Release rel = DUET__KV__RELEASE__INIT;
+    rel.lease = lease;
+    out = (Duet__Kv__Envelope)DUET__KV__ENVELOPE__INIT;
+    out.msg_case = DUET__KV__ENVELOPE__MSG_RELEASE;
+    out.release = &rel;
+    rc = release ? raw_send(fd, &out) : 0; /* else: vanish, pinned */
+    env = NULL;
+out:
+    if (env) duet__kv__envelope__free_unpacked(env, NULL);
+    kvw_reader_cleanup(&rd);
+    close(fd);
+    return rc;
+}
+
+/* A lease of case k's prompt on the prefill side (request id). */
+static void make_lease(side *p, int id, const golden_case *k) {
+    memset(&R[id], 0, sizeof R[id]);
+    eng_request q = {.id = (uint64_t)id, .prompt = k->prompt, .n_prompt = k->n_prompt};
+    eng_sampling_default(&q.sampling);
+    q.sampling.smp.temperature = 0;
+    q.sampling.max_tokens = 1;
+    q.sampling.ignore_eos = true;
+    q.kv_role = ENG_KV_LEASE;
+    char err[256];
+    CHECK_MSG(eng_submit(p->eng, &q, err, sizeof err) == DUET_OK, "%s", err);
+    for (int i = 0; i < 500 && !R[id].n_final; i++) step(p);
+    CHECK(R[id].n_final == 1 && R[id].n_lease > 0);
+}
+
 static int free_port(void) {
     /* a port in a range nothing else here uses, varied by pid to keep parallel runs apart */
     return 21000 + (int)(getpid() % 2000) * 2;
 }
 
 int main(int argc, char **argv) {
-    if (argc > 1 && !strcmp(argv[1], "staging")) g_staging = "on";
+    if (argc > 1 && !strcmp(argv[1], "staging")) g_staging = "on", g_ipc = true;
     if (golden_load(GOLDEN_DIR "/tiny-v3", 2048, &G) != 0) return 1;
     g_port = free_port();
     side p, d;
@@ -197,6 +349,10 @@ int main(int argc, char **argv) {
     kvpull_stats st;
     kvpull_get_stats(&d.plug, &st);
     CHECK(st.fetches_ok > 0 && st.fetches_failed == 0);
+    /* staged prefill pins stream their chunks (protocol version 2); direct ones do not */
+    CHECK_MSG(!strcmp(g_staging, "on") ? st.pins_streamed == st.fetches_ok : st.pins_streamed == 0,
+              "%llu of %llu pins streamed", (unsigned long long)st.pins_streamed,
+              (unsigned long long)st.fetches_ok);
     /* blocks of a fresh pool come out in order: runs coalesce into fewer reads than blocks */
     CHECK_MSG(st.gets_issued < st.bytes_read / eng_kv(d.eng)->block_bytes,
               "%llu reads for %llu blocks", (unsigned long long)st.gets_issued,
@@ -251,6 +407,99 @@ int main(int argc, char **argv) {
         CHECK(leased(&p) == 1); /* the refused big lease waits for its expiry */
         free_side(&p);
         free_side(&d);
+
+        /* protocol versions: a staged pin streams (Ready messages up to every block) to a
+         * version-2 reader only; a version-1 reader gets the plain reply and nothing more */
+        g_port += 2;
+        CHECK(make_side(&p, SRV_ROLE_PREFILL, 16, 64, "s3cret", 30) == 0);
+        const golden_case *k9 = &G.cases[0];
+        for (int i = 0; i < G.n; i++)
+            if (G.cases[i].n_prompt > k9->n_prompt) k9 = &G.cases[i];
+        for (uint32_t v = 1; v <= KVW_VERSION; v++) {
+            make_lease(&p, 15, k9);
+            raw_result rr;
+            CHECK_MSG(raw_pin(g_port + 1000, v, eng_kv(p.eng), 15, true, &rr) == 0,
+                      "version %u: handshake or pin failed", v);
+            CHECK(rr.n_ids == R[15].n_lease && rr.extra == 0);
+            CHECK_MSG(rr.streamed == (v >= 2) && rr.ready == rr.n_ids,
+                      "version %u: streamed %d, ready %d of %d", v, rr.streamed, rr.ready,
+                      rr.n_ids);
+            for (int i = 0; i < 200 && leased(&p) > 0; i++) step(&p);
+            CHECK_MSG(leased(&p) == 0, "version %u: the lease was not released", v);
+        }
+        CHECK(free_blocks(&p) == pf);
+        free_side(&p);
+
+        /* a version-2 reader that vanishes after pinning a streamed lease: the pin restarted
+         * the lease clock, the lease expires after it, every block comes back */
+        g_port += 2;
+        CHECK(make_side(&p, SRV_ROLE_PREFILL, 16, 64, "s3cret", 0.5) == 0);
+        make_lease(&p, 16, k9);
+        raw_result rr;
+        CHECK(raw_pin(g_port + 1000, KVW_VERSION, eng_kv(p.eng), 16, false, &rr) == 0);
+        CHECK(rr.streamed && rr.ready == rr.n_ids && leased(&p) == 1);
+        for (int i = 0; i < 400 && leased(&p) > 0; i++) step(&p);
+        CHECK_MSG(leased(&p) == 0 && free_blocks(&p) == pf, "%d leases left", leased(&p));
+        free_side(&p);
+
+        /* a staged prefill streams to a direct decode (its cache read in place): the decode
+         * reads once every block is ready; golden ids, nothing left */
+        g_port += 2;
+        CHECK(make_side(&p, SRV_ROLE_PREFILL, 16, 64, "s3cret", 30) == 0);
+        g_staging = "auto";
+        CHECK(make_side(&d, SRV_ROLE_DECODE, 16, 64, "s3cret", 30) == 0);
+        g_staging = "on";
+        for (int i = 0; i < G.n; i++) {
+            const golden_case *k = &G.cases[i];
+            r = pd_request(&p, &d, 20 + i % 10, k, 0);
+            CHECK_MSG(r->finish == ENG_FINISH_LENGTH && r->n_out == k->n_greedy &&
+                          !memcmp(r->out, k->greedy, 4 * (size_t)k->n_greedy),
+                      "%s, staged prefill to a direct decode: finish %d %s", k->name, r->finish,
+                      r->error);
+        }
+        kvpull_get_stats(&d.plug, &st);
+        CHECK(st.pins_streamed == (uint64_t)G.n);
+        for (int i = 0; i < 200 && leased(&p) > 0; i++) step(&p);
+        CHECK(leased(&p) == 0 && free_blocks(&p) == pf && free_blocks(&d) == df);
+        free_side(&p);
+        free_side(&d);
+
+        /* the decode's staged pull is a pipeline of chunks through a few reused staging slots:
+         * a decode whose area holds 3 blocks (1-block chunks, 3 in flight), then 4 blocks
+         * (2-block chunks, 2 in flight), pulls every golden prompt, the largest 9 blocks, and
+         * decodes the golden ids; the slots and both pools are free afterwards */
+        const char *areas[2][3] = {{"30K", "10K", "3"}, {"40K", "20K", "2"}};
+        for (int a = 0; a < 2; a++) {
+            g_port += 2;
+            CHECK(make_side(&p, SRV_ROLE_PREFILL, 16, 64, "s3cret", 30) == 0);
+            g_staging_bytes = areas[a][0];
+            g_chunk_bytes = areas[a][1];
+            g_in_flight = areas[a][2];
+            CHECK(make_side(&d, SRV_ROLE_DECODE, 16, 64, "s3cret", 30) == 0);
+            g_staging_bytes = "256M";
+            g_chunk_bytes = "16M";
+            g_in_flight = "3";
+            kvpull_stats before;
+            kvpull_get_stats(&d.plug, &before);
+            for (int i = 0; i < G.n; i++) {
+                const golden_case *k = &G.cases[i];
+                r = pd_request(&p, &d, 20 + i % 10, k, 0);
+                CHECK_MSG(r->finish == ENG_FINISH_LENGTH && r->n_out == k->n_greedy &&
+                              !memcmp(r->out, k->greedy, 4 * (size_t)k->n_greedy),
+                          "%s through %s of staging: finish %d %s", k->name, areas[a][0], r->finish,
+                          r->error);
+            }
+            kvpull_stats after;
+            kvpull_get_stats(&d.plug, &after);
+            /* 1-block chunks: one read per block, never coalesced past a chunk */
+            if (a == 0)
+                CHECK(after.gets_issued - before.gets_issued ==
+                      (after.bytes_read - before.bytes_read) / eng_kv(d.eng)->block_bytes);
+            for (int i = 0; i < 200 && leased(&p) > 0; i++) step(&p);
+            CHECK(leased(&p) == 0 && free_blocks(&p) == pf && free_blocks(&d) == df);
+            free_side(&p);
+            free_side(&d);
+        }
     }
     fio_unmap(&G.map);
     CHECK_DONE();

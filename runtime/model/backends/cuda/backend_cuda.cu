@@ -181,6 +181,8 @@ static void cuda_destroy(be_backend *be) {
     cudaFree(c->d_inv_freq);
     if (c->blas) cublasDestroy(c->blas);
     if (c->stream) cudaStreamDestroy(c->stream);
+    for (int i = 0; i < 2; i++)
+        if (c->xfer[i]) cudaStreamDestroy(c->xfer[i]);
     free(c->h_batch);
     free(c->host_tmp);
     free(c->mla);
@@ -364,6 +366,114 @@ static duet_status cuda_kv_copy_host(be_backend *be, be_kv *kv, const int32_t *b
     return DUET_OK;
 }
 
+/* The pipelined form (KV transfer thread): the runs are queued on the stream of their
+ * direction, so a chunk's device->host copy, another chunk's host->device copy and network
+ * reads overlap; the ticket is an event recorded after them. */
+static duet_status cuda_kv_copy_start(be_backend *be, be_kv *kv, const int32_t *blocks, int n,
+                                      void *host, bool to_host, void **ticket_p) {
+    cuda_backend *c = cuda_be(be);
+    cudaError_t e = cudaSetDevice(c->device);
+    if (e != cudaSuccess) return copy_error(e, "cudaSetDevice for a KV copy");
+    cudaStream_t s = c->xfer[to_host ? 0 : 1];
+    size_t bb = kv->block_bytes;
+    for (int i = 0; i < n && e == cudaSuccess;) {
+        int k = i + 1; /* a run of consecutive block ids is one copy */
+        while (k < n && blocks[k] == blocks[k - 1] + 1) k++;
+        char *dev = (char *)kv->data + (size_t)blocks[i] * bb;
+        char *h = (char *)host + (size_t)i * bb;
+        size_t len = (size_t)(k - i) * bb;
+        e = to_host ? cudaMemcpyAsync(h, dev, len, cudaMemcpyDeviceToHost, s)
+                    : cudaMemcpyAsync(dev, h, len, cudaMemcpyHostToDevice, s);
+        i = k;
+    }
+    cudaEvent_t ev = NULL;
+    if (e == cudaSuccess) e = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
+    if (e == cudaSuccess) e = cudaEventRecord(ev, s);
+    if (e != cudaSuccess) {
+        /* what was queued must be over before the caller reuses the memory */
+        (void)cudaStreamSynchronize(s);
+        if (ev) cudaEventDestroy(ev);
+        return copy_error(e, "queueing a KV copy");
+    }
+    *ticket_p = (void *)ev;
+    return DUET_OK;
+}
+
+static duet_status cuda_kv_copy_poll(be_backend *be, void *ticket, bool wait) {
+    cuda_backend *c = cuda_be(be);
+    cudaEvent_t ev = (cudaEvent_t)ticket;
+    cudaError_t e = cudaSetDevice(c->device);
+    if (e == cudaSuccess) e = wait ? cudaEventSynchronize(ev) : cudaEventQuery(ev);
+    if (e == cudaErrorNotReady) {
+        (void)cudaGetLastError();
+        return DUET_ERR_BUSY;
+    }
+    cudaEventDestroy(ev);
+    return e == cudaSuccess ? DUET_OK : copy_error(e, "a KV copy");
+}
+
+/* Same-host KV transfer without staging: the prefill exports its cache's allocation, the
+ * decode maps it and copies device to device (the same GPU, or peer access between two). */
+static duet_status cuda_ipc_export(be_backend *be, be_kv *kv, void *handle, size_t *len_p) {
+    cuda_backend *c = cuda_be(be);
+    static_assert(sizeof(cudaIpcMemHandle_t) <= BE_IPC_HANDLE_MAX, "IPC handle size");
+    cudaIpcMemHandle_t h;
+    cudaError_t e = cudaSetDevice(c->device);
+    if (e == cudaSuccess) e = cudaIpcGetMemHandle(&h, kv->data);
+    if (e != cudaSuccess) return copy_error(e, "cudaIpcGetMemHandle of the KV cache");
+    memcpy(handle, &h, sizeof h);
+    *len_p = sizeof h;
+    return DUET_OK;
+}
+
+static duet_status cuda_ipc_open(be_backend *be, const void *handle, size_t len, void **ptr_p) {
+    cuda_backend *c = cuda_be(be);
+    if (len != sizeof(cudaIpcMemHandle_t)) return DUET_ERR_INVALID;
+    cudaIpcMemHandle_t h;
+    memcpy(&h, handle, sizeof h);
+    void *p = NULL;
+    cudaError_t e = cudaSetDevice(c->device);
+    if (e == cudaSuccess) e = cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess);
+    if (e != cudaSuccess) return copy_error(e, "cudaIpcOpenMemHandle of a peer's KV cache");
+    *ptr_p = p;
+    return DUET_OK;
+}
+
+static void cuda_ipc_close(be_backend *be, void *ptr) {
+    cuda_backend *c = cuda_be(be);
+    if (cudaSetDevice(c->device) == cudaSuccess) (void)cudaIpcCloseMemHandle(ptr);
+    (void)cudaGetLastError();
+}
+
+static duet_status cuda_kv_copy_device_start(be_backend *be, be_kv *kv, const int32_t *blocks,
+                                             int n, const void *src, const uint32_t *src_blocks,
+                                             void **ticket_p) {
+    cuda_backend *c = cuda_be(be);
+    cudaError_t e = cudaSetDevice(c->device);
+    if (e != cudaSuccess) return copy_error(e, "cudaSetDevice for a KV copy");
+    cudaStream_t s = c->xfer[1];
+    size_t bb = kv->block_bytes;
+    for (int i = 0; i < n && e == cudaSuccess;) {
+        int k = i + 1; /* both sides consecutive: one copy */
+        while (k < n && blocks[k] == blocks[k - 1] + 1 && src_blocks[k] == src_blocks[k - 1] + 1)
+            k++;
+        char *dst = (char *)kv->data + (size_t)blocks[i] * bb;
+        const char *from = (const char *)src + (size_t)src_blocks[i] * bb;
+        e = cudaMemcpyAsync(dst, from, (size_t)(k - i) * bb, cudaMemcpyDeviceToDevice, s);
+        i = k;
+    }
+    cudaEvent_t ev = NULL;
+    if (e == cudaSuccess) e = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
+    if (e == cudaSuccess) e = cudaEventRecord(ev, s);
+    if (e != cudaSuccess) {
+        (void)cudaStreamSynchronize(s);
+        if (ev) cudaEventDestroy(ev);
+        return copy_error(e, "queueing a KV device copy");
+    }
+    *ticket_p = (void *)ev;
+    return DUET_OK;
+}
+
 static duet_status cuda_host_pin(be_backend *be, void *ptr, size_t bytes) {
     cuda_backend *c = cuda_be(be);
     cudaError_t e = cudaSetDevice(c->device);
@@ -516,7 +626,10 @@ static duet_status cuda_comm_attach(be_backend *be, comm_group *g) {
         .download = cuda_download, .sync = cuda_sync, .weight_create = cuda_weight_create,         \
         .weight_destroy = cuda_weight_destroy, .vec_create = cuda_vec_create,                      \
         .kv_create = cuda_kv_create, .kv_destroy = cuda_kv_destroy,                                \
-        .kv_copy_host = cuda_kv_copy_host, .host_pin = cuda_host_pin,                              \
+        .kv_copy_host = cuda_kv_copy_host, .kv_copy_start = cuda_kv_copy_start,                    \
+        .kv_copy_poll = cuda_kv_copy_poll, .ipc_export = cuda_ipc_export,                          \
+        .ipc_open = cuda_ipc_open, .ipc_close = cuda_ipc_close,                                    \
+        .kv_copy_device_start = cuda_kv_copy_device_start, .host_pin = cuda_host_pin,              \
         .host_unpin = cuda_host_unpin, .rope_setup = cuda_rope_setup, .set_batch = cuda_set_batch, \
         .embed = cuda_embed, .linear = cuda_linear, .rmsnorm = cuda_rmsnorm, .add = cuda_add,      \
         .silu_mul = cuda_silu_mul, .rope = cuda_rope, .kv_write = cuda_kv_write,                   \
@@ -577,6 +690,8 @@ extern "C" duet_status be_cuda_create(int device, dt_dtype dtype, be_backend **b
     duet_status st = CUDA_CHECK(c, cudaSetDevice(device));
     if (st == DUET_OK)
         st = CUDA_CHECK(c, cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
+    for (int i = 0; st == DUET_OK && i < 2; i++)
+        st = CUDA_CHECK(c, cudaStreamCreateWithFlags(&c->xfer[i], cudaStreamNonBlocking));
     if (st == DUET_OK) st = CUBLAS_CHECK(c, cublasCreate(&c->blas));
     if (st == DUET_OK) st = CUBLAS_CHECK(c, cublasSetStream(c->blas, c->stream));
     /* float32 stays float32: no TF32 shortcuts behind the reference precision */

@@ -41,6 +41,7 @@ typedef struct cuda_backend {
     int device;
     dt_dtype act; /* activations, KV cache and weights: DT_BF16 or DT_F32 */
     cudaStream_t stream;
+    cudaStream_t xfer[2]; /* KV transfer copies: [0] device->host, [1] host->device */
     cublasHandle_t blas;
     duet_status err; /* sticky: the first failure inside a void op, returned by the next call
                         that returns a status */
