@@ -204,6 +204,17 @@ typedef struct be_ops {
     duet_status (*weight_create)(be_backend *be, const float *w, int n_out, int n_in, bool keep_f32,
                                  be_weight **w_p);
     void (*weight_destroy)(be_backend *be, be_weight *w);
+    /* optional: a linear weight kept as FP8 e4m3 (DeepSeek-V3's format) instead of created
+     * from float32: q [n_out, n_in] bytes (n_in a multiple of 16), scales float32 with
+     * W[r][c] = e4m3(q[r][c]) * scale of (r, c)'s 128x128 block. Rows [0, split) and
+     * [split, n_out) are two parts with their own block grids (gate and up fused; split =
+     * n_out for one part): scales [ceil(split / 128) + ceil((n_out - split) / 128)]
+     * [ceil(n_in / 128)], the first part's block rows first. DUET_ERR_UNSUPPORTED: this
+     * backend (its activation type) does not compute with FP8 weights; the caller dequantizes
+     * and uses weight_create. Every op taking a weight takes it, except embed and
+     * mla_attention's kv_b. */
+    duet_status (*weight_create_fp8)(be_backend *be, const uint8_t *q, const float *scales,
+                                     int n_out, int n_in, int split, be_weight **w_p);
     duet_status (*vec_create)(be_backend *be, const float *v, int n, void **dev_p); /* f32 */
 
     duet_status (*kv_create)(be_backend *be, int n_blocks, int n_layers, int block_size, int kv_dim,

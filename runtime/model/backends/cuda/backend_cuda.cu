@@ -286,6 +286,8 @@ static duet_status cuda_weight_create(be_backend *be, const float *w, int n_out,
 static void cuda_weight_destroy(be_backend *be, be_weight *w) {
     if (!w) return;
     CUDA_CHECK(cuda_be(be), cudaFree(w->w));
+    if (w->scale) CUDA_CHECK(cuda_be(be), cudaFree(w->scale));
+    if (w->tab) CUDA_CHECK(cuda_be(be), cudaFree(w->tab));
     free(w);
 }
 
@@ -514,8 +516,8 @@ static duet_status cuda_comm_attach(be_backend *be, comm_group *g) {
         .name = "cuda", .act_dtype = act_type, .on_device = true, .destroy = cuda_destroy,         \
         .buf_alloc = cuda_buf_alloc, .buf_free = cuda_buf_free, .upload = cuda_upload,             \
         .download = cuda_download, .sync = cuda_sync, .weight_create = cuda_weight_create,         \
-        .weight_destroy = cuda_weight_destroy, .vec_create = cuda_vec_create,                      \
-        .kv_create = cuda_kv_create, .kv_destroy = cuda_kv_destroy,                                \
+        .weight_destroy = cuda_weight_destroy, .weight_create_fp8 = cuda_weight_create_fp8,        \
+        .vec_create = cuda_vec_create, .kv_create = cuda_kv_create, .kv_destroy = cuda_kv_destroy, \
         .kv_copy_host = cuda_kv_copy_host, .host_pin = cuda_host_pin,                              \
         .host_unpin = cuda_host_unpin, .rope_setup = cuda_rope_setup, .set_batch = cuda_set_batch, \
         .embed = cuda_embed, .linear = cuda_linear, .rmsnorm = cuda_rmsnorm, .add = cuda_add,      \

@@ -1,0 +1,172 @@
+/* The loader's FP8-resident path (weights.c with be_ops.weight_create_fp8) on the CPU: a CPU
+ * backend whose table gains a weight_create_fp8 that checks the arguments, dequantizes the
+ * bytes with the split block grids as backend.h states them and counts what it was given.
+ * Loading the golden tiny-v3-fp8 checkpoint through it, whole and as both ranks of TP 2 (where
+ * some slices do not start on a 128 boundary and must be dequantized by the loader instead),
+ * every linear layer must compute bit for bit what the plain CPU backend loads, and the bytes
+ * created must be what the memory plan counts for the FP8 format. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "check.h"
+#include "model/backends/registry.h"
+#include "model/config.h"
+#include "model/memplan.h"
+#include "model/shard.h"
+#include "model/weights.h"
+
+static const be_ops *g_cpu;  /* the CPU backend's own table */
+static be_ops g_ops;         /* the same with weight_create_fp8 */
+static long long g_fp8, g_bytes, g_bad;
+
+static duet_status t_weight_create(be_backend *be, const float *w, int n_out, int n_in,
+                                   bool keep_f32, be_weight **w_p) {
+    /* what the CUDA backend keeps: float32 router gates, bf16 for the rest */
+    g_bytes += (long long)n_out * n_in * (keep_f32 ? 4 : 2);
+    return g_cpu->weight_create(be, w, n_out, n_in, keep_f32, w_p);
+}
+
+static duet_status t_vec_create(be_backend *be, const float *v, int n, void **dev_p) {
+    g_bytes += 4LL * n;
+    return g_cpu->vec_create(be, v, n, dev_p);
+}
+
+static duet_status t_weight_create_fp8(be_backend *be, const uint8_t *q, const float *scales,
+                                       int n_out, int n_in, int split, be_weight **w_p) {
+    if (n_in % 16 || split <= 0 || split > n_out) {
+        g_bad++;
+        return DUET_ERR_INVALID;
+    }
+    int cb = (n_in + 127) / 128, rb0 = (split + 127) / 128;
+    int rb = rb0 + (n_out - split + 127) / 128;
+    float *w = malloc((size_t)n_out * n_in * sizeof(float));
+    for (int r = 0; r < n_out; r++) {
+        int br = r < split ? r / 128 : rb0 + (r - split) / 128;
+        for (int c = 0; c < n_in; c++)
+            w[(size_t)r * n_in + c] =
+                dt_e4m3_to_f32(q[(size_t)r * n_in + c]) * scales[(size_t)br * cb + c / 128];
+    }
+    g_fp8++;
+    g_bytes += (long long)n_out * n_in + 4LL * rb * cb;
+    duet_status st = g_cpu->weight_create(be, w, n_out, n_in, false, w_p);
+    free(w);
+    return st;
+}
+
+/* y = x @ W^T on each backend for a random x [3, n_in]: identical, bit for bit */
+static void same_linear(be_backend *a, be_backend *b, const be_weight *wa, const be_weight *wb,
+                        int n_out, int n_in, const char *what, int layer) {
+    if (!wa || !wb) {
+        CHECK_MSG(!wa && !wb, "%s of layer %d: loaded on one side only", what, layer);
+        return;
+    }
+    int T = 3;
+    float *x = malloc((size_t)T * n_in * sizeof(float));
+    for (int i = 0; i < T * n_in; i++) x[i] = sinf(0.37f * (float)i + (float)layer);
+    float *y[2];
+    be_backend *be[2] = {a, b};
+    const be_weight *w[2] = {wa, wb};
+    for (int k = 0; k < 2; k++) {
+        void *dx = be[k]->ops->buf_alloc(be[k], (size_t)T * n_in);
+        void *dy = be[k]->ops->buf_alloc(be[k], (size_t)T * n_out);
+        be[k]->ops->upload(be[k], dx, 0, x, (size_t)T * n_in);
+        be[k]->ops->linear(be[k], dy, dx, n_in, T, w[k]);
+        y[k] = malloc((size_t)T * n_out * sizeof(float));
+        CHECK(be[k]->ops->download(be[k], y[k], dy, 0, (size_t)T * n_out) == DUET_OK);
+        be[k]->ops->buf_free(be[k], dx);
+        be[k]->ops->buf_free(be[k], dy);
+    }
+    CHECK_MSG(memcmp(y[0], y[1], (size_t)T * n_out * sizeof(float)) == 0,
+              "%s of layer %d: the FP8-loaded weight computes something else", what, layer);
+    free(x);
+    free(y[0]);
+    free(y[1]);
+}
+
+static void same_ffn(be_backend *a, be_backend *b, const be_ffn *fa, const be_ffn *fb, int D,
+                     const char *what, int layer) {
+    CHECK_EQ_INT(fa->n_inter, fb->n_inter);
+    same_linear(a, b, fa->gate_up, fb->gate_up, 2 * fa->n_inter, D, what, layer);
+    same_linear(a, b, fa->down, fb->down, D, fa->n_inter, what, layer);
+}
+
+static void check_layout(const char *dir, const cfg_model *c, int tp, int rank) {
+    mdl_shard sh = {.tp_rank = rank, .tp_size = tp, .ep_rank = 0, .ep_size = 1};
+    mdl_plan plan;
+    if (mdl_shard_plan(c, &sh, &plan) != DUET_OK) {
+        CHECK_MSG(0, "no shard plan for tp %d", tp);
+        return;
+    }
+    be_backend *ref = NULL, *f8 = NULL;
+    CHECK(be_create("cpu", 0, &ref) == DUET_OK);
+    CHECK(be_create("cpu", 0, &f8) == DUET_OK);
+    if (!ref || !f8) return;
+    g_cpu = f8->ops;
+    g_ops = *f8->ops;
+    g_ops.weight_create = t_weight_create;
+    g_ops.vec_create = t_vec_create;
+    g_ops.weight_create_fp8 = t_weight_create_fp8;
+    f8->ops = &g_ops;
+    g_fp8 = g_bytes = g_bad = 0;
+
+    mdl_weights *wr = NULL, *wf = NULL;
+    CHECK(mdl_weights_load(dir, c, &plan, ref, MDL_WEIGHTS_CHECKPOINT, 0, &wr) == DUET_OK);
+    CHECK(mdl_weights_load(dir, c, &plan, f8, MDL_WEIGHTS_CHECKPOINT, 0, &wf) == DUET_OK);
+    if (wr && wf) {
+        int D = c->hidden_size, L = c->kv_lora_rank, R = c->qk_rope_head_dim;
+        int Hl = plan.n_heads_local, qk = cfg_qk_head_dim(c);
+        int nv = c->qk_nope_head_dim + c->v_head_dim;
+        for (int l = 0; l < c->num_hidden_layers; l++) {
+            const mdl_layer *a = &wr->layers[l], *b = &wf->layers[l];
+            same_linear(ref, f8, a->q_a, b->q_a, c->q_lora_rank, D, "q_a", l);
+            same_linear(ref, f8, a->q_b, b->q_b, Hl * qk, c->q_lora_rank, "q_b", l);
+            same_linear(ref, f8, a->kv_a, b->kv_a, L + R, D, "kv_a", l);
+            same_linear(ref, f8, a->kv_b, b->kv_b, Hl * nv, L, "kv_b", l);
+            same_linear(ref, f8, a->o, b->o, D, Hl * c->v_head_dim, "o", l);
+            if (!a->moe) {
+                same_ffn(ref, f8, &a->dense, &b->dense, D, "dense", l);
+                continue;
+            }
+            for (int e = 0; e < plan.n_local_experts; e++)
+                same_ffn(ref, f8, &a->experts[e], &b->experts[e], D, "expert", l);
+            if (a->shared.gate_up) same_ffn(ref, f8, &a->shared, &b->shared, D, "shared", l);
+        }
+    }
+    /* the memory plan's FP8 count is what was created */
+    mplan_weights mw;
+    CHECK(mplan_weights_count(c, &plan, MPLAN_WEIGHTS_FP8, DT_BF16, &mw) == DUET_OK);
+    CHECK_EQ_INT(g_bytes, mw.total);
+    CHECK_EQ_INT(g_bad, 0);
+    printf("tp %d rank %d: %lld FP8 weights, %lld bytes (plan %lld)\n", tp, rank, g_fp8, g_bytes,
+           mw.total);
+    /* whole layers go FP8 (kv_b never: the MLA kernels read it as bf16); TP 2's rank 1
+     * slices start mid-block for q_b, o and the MLPs, which stay dequantized */
+    int moe_layers = 0;
+    for (int l = 0; l < c->num_hidden_layers; l++) moe_layers += cfg_layer_is_moe(c, l);
+    long long whole = 4LL * c->num_hidden_layers + 2LL * (c->num_hidden_layers - moe_layers) +
+                      2LL * moe_layers * (c->n_routed_experts + (c->n_shared_experts > 0));
+    if (rank == 0) CHECK_EQ_INT(g_fp8, whole);
+    if (rank == 1) CHECK_EQ_INT(g_fp8, 2LL * c->num_hidden_layers); /* q_a, kv_a */
+    mdl_weights_destroy(wr);
+    mdl_weights_destroy(wf);
+    be_destroy(ref);
+    f8->ops = g_cpu;
+    be_destroy(f8);
+}
+
+int main(void) {
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s/tiny-v3-fp8/model", GOLDEN_DIR);
+    cfg_model c;
+    if (cfg_load(dir, &c) != DUET_OK) {
+        fprintf(stderr, "no golden tiny-v3-fp8 at %s: skipped\n", dir);
+        return 77;
+    }
+    CHECK(c.fp8 && c.fp8_block[0] == 128 && c.fp8_block[1] == 128);
+    check_layout(dir, &c, 1, 0);
+    check_layout(dir, &c, 2, 0);
+    check_layout(dir, &c, 2, 1);
+    CHECK_DONE();
+}
