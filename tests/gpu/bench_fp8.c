@@ -161,9 +161,9 @@ static double lt_fp8_tflops(cudaStream_t s, int M, int N, int K, bool block) {
     CU(cudaMemset(sa, 0, 16)); /* scales: values do not change the time */
     double tflops = 0;
     cublasLtMatmulPreference_t pref = NULL;
-    bool ok = cublasLtCreate(&a.lt) == CUBLAS_STATUS_SUCCESS &&
-              cublasLtMatmulDescCreate(&a.op, CUBLAS_COMPUTE_32F, CUDA_R_32F) ==
-                  CUBLAS_STATUS_SUCCESS;
+    bool ok =
+        cublasLtCreate(&a.lt) == CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatmulDescCreate(&a.op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS;
     cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
     ok = ok &&
          cublasLtMatmulDescSetAttribute(a.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta) == 0 &&
@@ -190,8 +190,9 @@ static double lt_fp8_tflops(cudaStream_t s, int M, int N, int K, bool block) {
                                               &a.ws_bytes, sizeof a.ws_bytes) == 0;
     cublasLtMatmulHeuristicResult_t h;
     int found = 0;
-    ok = ok && cublasLtMatmulAlgoGetHeuristic(a.lt, a.op, a.la, a.lb, a.ld, a.ld, pref, 1, &h,
-                                              &found) == 0 &&
+    ok = ok &&
+         cublasLtMatmulAlgoGetHeuristic(a.lt, a.op, a.la, a.lb, a.ld, a.ld, pref, 1, &h, &found) ==
+             0 &&
          found > 0;
     if (ok) {
         a.algo = h.algo;
@@ -258,8 +259,8 @@ int main(int argc, char **argv) {
     static const int Ms[3] = {1, 16, 64};
     printf("\ndecode: y[M, N] = x[M, K] @ W^T, FP8 W (bytes: W + scales + x + y) vs bf16 W "
            "(cuBLAS)\n");
-    printf("%-34s %4s %10s %9s %6s %10s %9s\n", "shape", "M", "fp8 us", "GB/s", "%copy",
-           "bf16 us", "GB/s");
+    printf("%-34s %4s %10s %9s %6s %10s %9s\n", "shape", "M", "fp8 us", "GB/s", "%copy", "bf16 us",
+           "GB/s");
     size_t max_x = (size_t)4096 * 18432, max_y = (size_t)4096 * 36864;
     void *x = o->buf_alloc(be, max_x), *y = o->buf_alloc(be, max_y);
     o->zero(be, x, max_x);
@@ -327,13 +328,13 @@ int main(int argc, char **argv) {
         void *di = o->mem_alloc(be, (size_t)T * K * 4), *dw = o->mem_alloc(be, (size_t)T * K * 4);
         o->mem_upload(be, di, ids, (size_t)T * K * 4);
         o->mem_upload(be, dw, wt, (size_t)T * K * 4);
-        moe_arg a = {be,
-                     y,
-                     {.n = T, .D = D, .K = K, .x = x, .x_stride = D, .ids = di, .weights = dw,
-                      .meta_stride = K},
-                     f,
-                     sh,
-                     E};
+        moe_arg a = {
+            be,
+            y,
+            {.n = T, .D = D, .K = K, .x = x, .x_stride = D, .ids = di, .weights = dw, .meta_stride = K},
+            f,
+            sh,
+            E};
         float ms = time_ms(s, moe_run, &a);
         double bytes = (double)(nt + 1) * 3.0 * I * D + 2.0 * T * D * 2;
         printf("%6d %9d %10.1f %9.0f %5.0f%%\n", T, nt, ms * 1e3, bytes / (ms * 1e-3) / 1e9,

@@ -225,14 +225,16 @@ static void test_fp8(tb *t) {
     CHECK_EQ_INT(g->ops->weight_create_fp8(g, q, s, 40, 24, 40, &bad), DUET_ERR_INVALID);
     CHECK_EQ_INT(g->ops->weight_create_fp8(g, q, s, 40, 16, 41, &bad), DUET_ERR_INVALID);
     CHECK(bad == NULL);
-    static const int Ts[5] = {1, 16, 33, 64, 300};
+    /* T <= 8: the one-pass kernel (dequantized in registers); more: the tensor-core tiles */
+    static const int Ts[8] = {1, 2, 3, 8, 16, 33, 64, 300};
     /* gate_up of a narrow MLP: two grids, partial blocks (200 rows, 1072 columns) */
-    for (int i = 0; i < 5; i++)
+    for (int i = 0; i < 8; i++)
         test_linear_fp8_case(t, "gate_up 2x200x1072", Ts[i], 400, 1072, 200, 1072);
-    /* DeepSeek-V3's kv_a_proj_with_mqa [576, 7168] */
-    for (int i = 0; i < 4; i++)
+    /* DeepSeek-V3's kv_a_proj_with_mqa [576, 7168]: K past one staged chunk of x */
+    for (int i = 0; i < 7; i++)
         test_linear_fp8_case(t, "V3 kv_a 576x7168", Ts[i], 576, 7168, 576, 7168);
-    /* rows of x at an odd stride: the SIMT kernel */
+    /* rows of x at an odd stride: unaligned rows in the one-pass kernel, the SIMT tiles */
+    test_linear_fp8_case(t, "odd stride", 5, 136, 272, 136, 275);
     test_linear_fp8_case(t, "odd stride", 20, 136, 272, 136, 275);
 }
 

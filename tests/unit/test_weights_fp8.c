@@ -17,8 +17,8 @@
 #include "model/shard.h"
 #include "model/weights.h"
 
-static const be_ops *g_cpu;  /* the CPU backend's own table */
-static be_ops g_ops;         /* the same with weight_create_fp8 */
+static const be_ops *g_cpu; /* the CPU backend's own table */
+static be_ops g_ops;        /* the same with weight_create_fp8 */
 static long long g_fp8, g_bytes, g_bad;
 
 static duet_status t_weight_create(be_backend *be, const float *w, int n_out, int n_in,
