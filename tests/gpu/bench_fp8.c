@@ -4,7 +4,8 @@
  * bf16 weights (cuBLAS); the grouped FP8 experts (moe_experts_dev) of one V3 EP rank; and at
  * prefill size (M = 4096) its TFLOP/s next to cuBLASLt's dense FP8 GEMM (per-tensor scales)
  * and, where the toolkit and device take it, cuBLASLt's block-scaled FP8 (1x128 activation,
- * 128x128 weight scales) on the same FLOPs. Exit 77 without a device.
+ * 128x128 weight scales) on the same FLOPs, after a probe of the layout cuBLASLt reads those
+ * block scales in. Exit 77 without a device.
  *   bench_fp8 [reps] */
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
@@ -15,6 +16,7 @@
 
 #include "model/backend.h"
 #include "model/backends/cuda/backend_cuda.h"
+#include "base/dtype.h"
 
 static int g_failed;
 static int g_reps = 20;
@@ -220,6 +222,124 @@ static double lt_fp8_tflops(cudaStream_t s, int M, int N, int K, bool block) {
     return tflops;
 }
 
+/* Which layout cuBLASLt reads block scales in (for the prefill path still to be built): D [M, N]
+ * = X [M, K] @ W [N, K]^T with W's scales per 128x128 block (A, BLK128x128_32F) and X's per
+ * token and 128 columns (B, VEC128_32F), each scale buffer written four ways: W's [N/128][K/128]
+ * or [K/128][N/128], X's [M][K/128] or [K/128][M]. The way whose result matches a host
+ * reference is the layout; prints each way's relative L2 error. */
+static void lt_block_probe(cudaStream_t s) {
+    enum { M = 256, N = 256, K = 512, NB = N / 128, KB = K / 128 };
+    uint8_t *w = malloc((size_t)N * K), *x = malloc((size_t)M * K);
+    float sw[NB * KB], *sx = malloc((size_t)M * KB * sizeof(float));
+    float *ref = calloc((size_t)M * N, sizeof(float));
+    /* codes with exponents 6..8 (2^-1 .. 2^1) and any mantissa: values in [0.5, 3.75], either sign
+     */
+    for (int i = 0; i < N * K; i++) w[i] = (uint8_t)((rnd() & 0x87) | (0x30 + (rnd() % 3) * 8));
+    for (int i = 0; i < M * K; i++) x[i] = (uint8_t)((rnd() & 0x87) | (0x30 + (rnd() % 3) * 8));
+    for (int i = 0; i < NB * KB; i++) sw[i] = 0.5f + (float)(rnd() % 1000) / 666.0f;
+    for (int i = 0; i < M * KB; i++) sx[i] = 0.5f + (float)(rnd() % 1000) / 666.0f;
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++) {
+            double acc = 0;
+            for (int k = 0; k < K; k++)
+                acc += (double)dt_e4m3_to_f32(x[m * K + k]) * sx[m * KB + k / 128] *
+                       dt_e4m3_to_f32(w[n * K + k]) * sw[(n / 128) * KB + k / 128];
+            ref[m * N + n] = (float)acc;
+        }
+    void *dw = NULL, *dx = NULL, *dd = NULL, *dsw = NULL, *dsx = NULL, *ws = NULL;
+    size_t ws_bytes = (size_t)32 << 20;
+    CU(cudaMalloc(&dw, (size_t)N * K));
+    CU(cudaMalloc(&dx, (size_t)M * K));
+    CU(cudaMalloc(&dd, (size_t)M * N * 2));
+    CU(cudaMalloc(&dsw, sizeof sw));
+    CU(cudaMalloc(&dsx, (size_t)M * KB * sizeof(float)));
+    CU(cudaMalloc(&ws, ws_bytes));
+    if (g_failed) return;
+    CU(cudaMemcpy(dw, w, (size_t)N * K, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(dx, x, (size_t)M * K, cudaMemcpyHostToDevice));
+    printf("cuBLASLt block-scaled FP8 layout probe (M %d, N %d, K %d):", M, N, K);
+    uint16_t *d = malloc((size_t)M * N * 2);
+    float tw[NB * KB], *tx = malloc((size_t)M * KB * sizeof(float));
+    for (int way = 0; way < 4; way++) {
+        bool w_t = way & 1, x_t = way & 2;
+        for (int nb = 0; nb < NB; nb++)
+            for (int kb = 0; kb < KB; kb++)
+                tw[w_t ? kb * NB + nb : nb * KB + kb] = sw[nb * KB + kb];
+        for (int m = 0; m < M; m++)
+            for (int kb = 0; kb < KB; kb++) tx[x_t ? kb * M + m : m * KB + kb] = sx[m * KB + kb];
+        CU(cudaMemcpy(dsw, tw, sizeof tw, cudaMemcpyHostToDevice));
+        CU(cudaMemcpy(dsx, tx, (size_t)M * KB * sizeof(float), cudaMemcpyHostToDevice));
+        cublasLtHandle_t lt = NULL;
+        cublasLtMatmulDesc_t op = NULL;
+        cublasLtMatrixLayout_t la = NULL, lb = NULL, ld = NULL;
+        cublasLtMatmulPreference_t pref = NULL;
+        cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+        int32_t ma = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;
+        int32_t mb = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+        cublasLtMatmulHeuristicResult_t h;
+        int found = 0;
+        bool ok =
+            cublasLtCreate(&lt) == 0 &&
+            cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == 0 &&
+            cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta) == 0 &&
+            cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb) == 0 &&
+            cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &ma, sizeof ma) ==
+                0 &&
+            cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mb, sizeof mb) ==
+                0 &&
+            cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &dsw,
+                                           sizeof dsw) == 0 &&
+            cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &dsx,
+                                           sizeof dsx) == 0 &&
+            cublasLtMatrixLayoutCreate(&la, CUDA_R_8F_E4M3, K, N, K) == 0 &&
+            cublasLtMatrixLayoutCreate(&lb, CUDA_R_8F_E4M3, K, M, K) == 0 &&
+            cublasLtMatrixLayoutCreate(&ld, CUDA_R_16BF, N, M, N) == 0 &&
+            cublasLtMatmulPreferenceCreate(&pref) == 0 &&
+            cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                 &ws_bytes, sizeof ws_bytes) == 0 &&
+            cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, ld, ld, pref, 1, &h, &found) == 0 &&
+            found > 0;
+        const float one = 1.0f, zero = 0.0f;
+        ok = ok && cublasLtMatmul(lt, op, &one, dw, la, dx, lb, &zero, dd, ld, dd, ld, &h.algo, ws,
+                                  ws_bytes, s) == 0;
+        ok = ok && cudaMemcpy(d, dd, (size_t)M * N * 2, cudaMemcpyDeviceToHost) == cudaSuccess;
+        if (ok) {
+            double num = 0, den = 0;
+            for (int i = 0; i < M * N; i++) {
+                uint32_t u = (uint32_t)d[i] << 16;
+                float f;
+                memcpy(&f, &u, 4);
+                num += ((double)f - ref[i]) * ((double)f - ref[i]);
+                den += (double)ref[i] * ref[i];
+            }
+            printf("  W %s, X %s: rel_l2 %.2e", w_t ? "[K/128][N/128]" : "[N/128][K/128]",
+                   x_t ? "[K/128][M]" : "[M][K/128]", sqrt(num / den));
+        } else {
+            printf("  way %d: not available", way);
+        }
+        if (pref) cublasLtMatmulPreferenceDestroy(pref);
+        if (la) cublasLtMatrixLayoutDestroy(la);
+        if (lb) cublasLtMatrixLayoutDestroy(lb);
+        if (ld) cublasLtMatrixLayoutDestroy(ld);
+        if (op) cublasLtMatmulDescDestroy(op);
+        if (lt) cublasLtDestroy(lt);
+        (void)cudaGetLastError();
+    }
+    printf("\n");
+    cudaFree(dw);
+    cudaFree(dx);
+    cudaFree(dd);
+    cudaFree(dsw);
+    cudaFree(dsx);
+    cudaFree(ws);
+    free(w);
+    free(x);
+    free(sx);
+    free(tx);
+    free(ref);
+    free(d);
+}
+
 /* ---- grouped FP8 experts (moe_experts_dev) ---- */
 
 typedef struct moe_arg {
@@ -247,6 +367,7 @@ int main(int argc, char **argv) {
     cudaStream_t s = (cudaStream_t)be_cuda_stream(be);
     double copy = copy_bandwidth(s);
     printf("ceilings: device copy %.0f GB/s (read + write)\n", copy / 1e9);
+    lt_block_probe(s);
 
     static const dshape shapes[] = {
         {"V2-Lite o_proj 2048x2048", 2048, 2048, 2048},
