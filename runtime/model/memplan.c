@@ -68,6 +68,20 @@ bool mplan_fp8_resident(const cfg_model *c, long long r0, long long c0, long lon
            c0 % 128 == 0 && ncols % 16 == 0;
 }
 
+bool mplan_fp8_ffn_resident(const cfg_model *c, long long i0, long long n) {
+    return mplan_fp8_resident(c, i0, 0, c->hidden_size) && mplan_fp8_resident(c, 0, i0, n);
+}
+
+bool mplan_fp8_moe_resident(const cfg_model *c, const mdl_plan *pl) {
+    long long ei0 =
+        pl->shard.ep_size > 1 ? 0 : (long long)pl->shard.tp_rank * pl->expert_inter_local;
+    bool ok = mplan_fp8_ffn_resident(c, ei0, pl->expert_inter_local);
+    if (c->n_shared_experts > 0)
+        ok = ok && mplan_fp8_ffn_resident(c, (long long)pl->shard.tp_rank * pl->shared_inter_local,
+                                          pl->shared_inter_local);
+    return ok;
+}
+
 const char *mplan_weight_format_name(mplan_weight_format f) {
     switch (f) {
     case MPLAN_WEIGHTS_F32:
@@ -130,12 +144,13 @@ static void count_f32(wwalk *ww, mplan_kind k, long long n) {
     ww->w.tensors++;
 }
 
-/* weights.c's load_ffn: gate_proj and up_proj rows [i0, i0 + n), down_proj columns. */
-static void count_ffn(wwalk *ww, mplan_kind k, long long i0, long long n) {
+/* weights.c's load_ffn: gate_proj and up_proj rows [i0, i0 + n), down_proj columns; resident:
+ * the layer's rule lets the MLP stay FP8 (mplan_fp8_ffn_resident, mplan_fp8_moe_resident) */
+static void count_ffn(wwalk *ww, mplan_kind k, long long i0, long long n, bool resident) {
     long long D = ww->c->hidden_size;
-    count_linear(ww, k, true, i0, n, 0, D);
-    count_linear(ww, k, true, i0, n, 0, D);
-    count_linear(ww, k, true, 0, D, i0, n);
+    count_linear_as(ww, k, true, resident, i0, n, 0, D);
+    count_linear_as(ww, k, true, resident, i0, n, 0, D);
+    count_linear_as(ww, k, true, resident, 0, D, i0, n);
 }
 
 static void count_layer(wwalk *ww, const mdl_plan *pl, int l) {
@@ -158,19 +173,21 @@ static void count_layer(wwalk *ww, const mdl_plan *pl, int l) {
     count_linear_as(ww, MPLAN_ATTENTION, true, false, h0 * nv, Hl * nv, 0, L); /* kv_b: bf16 */
     count_linear(ww, MPLAN_ATTENTION, true, 0, D, h0 * c->v_head_dim, Hl * c->v_head_dim);
     if (!cfg_layer_is_moe(c, l)) {
-        count_ffn(ww, MPLAN_DENSE_MLP, (long long)pl->shard.tp_rank * pl->inter_local,
-                  pl->inter_local);
+        long long i0 = (long long)pl->shard.tp_rank * pl->inter_local;
+        count_ffn(ww, MPLAN_DENSE_MLP, i0, pl->inter_local,
+                  mplan_fp8_ffn_resident(c, i0, pl->inter_local));
         return;
     }
+    const bool moe_fp8 = mplan_fp8_moe_resident(c, pl);
     count_f32(ww, MPLAN_NORMS_ROUTER, (long long)c->n_routed_experts * D); /* router gate */
     if (c->topk_method == CFG_TOPK_NOAUX_TC) count_f32(ww, MPLAN_NORMS_ROUTER, c->n_routed_experts);
     long long ei0 =
         pl->shard.ep_size > 1 ? 0 : (long long)pl->shard.tp_rank * pl->expert_inter_local;
     for (int e = 0; e < pl->n_local_experts; e++)
-        count_ffn(ww, MPLAN_ROUTED_EXPERTS, ei0, pl->expert_inter_local);
+        count_ffn(ww, MPLAN_ROUTED_EXPERTS, ei0, pl->expert_inter_local, moe_fp8);
     if (c->n_shared_experts > 0)
         count_ffn(ww, MPLAN_SHARED_EXPERTS, (long long)pl->shard.tp_rank * pl->shared_inter_local,
-                  pl->shared_inter_local);
+                  pl->shared_inter_local, moe_fp8);
 }
 
 duet_status mplan_weights_count(const cfg_model *c, const mdl_plan *plan, mplan_weight_format f,

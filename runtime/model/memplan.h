@@ -34,6 +34,11 @@ typedef enum mplan_weight_format {
  * multiple of 16 (the GEMMs read 16 bytes at a time). Otherwise it is dequantized to bf16.
  * kv_b_proj is always dequantized: the MLA kernels read it as bf16. */
 bool mplan_fp8_resident(const cfg_model *c, long long r0, long long c0, long long ncols);
+/* An MLP (gate and up rows [i0, i0 + n), down columns the same) stays FP8 only whole: both
+ * weights resident. An MoE layer's routed and shared experts stay FP8 only all together (the
+ * grouped GEMM runs them in one launch): mplan_fp8_moe_resident. */
+bool mplan_fp8_ffn_resident(const cfg_model *c, long long i0, long long n);
+bool mplan_fp8_moe_resident(const cfg_model *c, const mdl_plan *plan);
 
 /* What the loader does for c with activations of type act: the one place that choice is
  * written down (weights.c counts its progress with it, the server plans with it). FP8 for an

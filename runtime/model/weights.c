@@ -381,11 +381,14 @@ static duet_status load_vec(loader *ld, const char *name, int n, void **dev_p) {
 
 /* prefix.gate_proj / up_proj rows [i0, i0 + n) fused as gate_up [2n, D]; down_proj columns
  * [i0, i0 + n) as down [D, n]. full_i is the unsplit intermediate width. */
-static duet_status load_ffn(loader *ld, const char *prefix, int full_i, int i0, int n, be_ffn *f) {
+/* fp8: the layer's rule lets this MLP stay FP8 (memplan.h: whole MLPs, a MoE layer's experts
+ * all together); otherwise both weights are dequantized */
+static duet_status load_ffn(loader *ld, const char *prefix, int full_i, int i0, int n, bool fp8,
+                            be_ffn *f) {
     int D = ld->c->hidden_size;
     char name[512];
     f->n_inter = n;
-    {
+    if (fp8) {
         char gname[512], uname[512];
         snprintf(gname, sizeof gname, "%s.gate_proj.weight", prefix);
         snprintf(uname, sizeof uname, "%s.up_proj.weight", prefix);
@@ -406,8 +409,8 @@ static duet_status load_ffn(loader *ld, const char *prefix, int full_i, int i0, 
     if (st == DUET_OK) st = load_slice(ld, name, full_i, D, i0, n, 0, D, buf + (size_t)n * D);
     if (st == DUET_OK) st = upload_weight(ld, buf, 2 * n, D, false, &f->gate_up);
     snprintf(name, sizeof name, "%s.down_proj.weight", prefix);
-    if (st == DUET_OK) st = load_linear(ld, name, D, full_i, 0, D, i0, n, false, &f->down);
-    f->n_inter = n;
+    if (st == DUET_OK)
+        st = load_linear_as(ld, name, D, full_i, 0, D, i0, n, false, false, &f->down);
     return st;
 }
 
@@ -452,14 +455,16 @@ static duet_status load_layer(loader *ld, mdl_weights *w, int l) {
 
     ly->moe = cfg_layer_is_moe(c, l);
     if (!ly->moe) {
-        return load_ffn(ld, NAME("mlp"), c->intermediate_size, pl->shard.tp_rank * pl->inter_local,
-                        pl->inter_local, &ly->dense);
+        int i0 = pl->shard.tp_rank * pl->inter_local;
+        return load_ffn(ld, NAME("mlp"), c->intermediate_size, i0, pl->inter_local,
+                        mplan_fp8_ffn_resident(c, i0, pl->inter_local), &ly->dense);
     }
     int E = c->n_routed_experts;
     st = load_linear(ld, NAME("mlp.gate.weight"), E, D, 0, E, 0, D, true, &ly->gate);
     if (st == DUET_OK && c->topk_method == CFG_TOPK_NOAUX_TC)
         st = load_vec(ld, NAME("mlp.gate.e_score_correction_bias"), E, &ly->gate_bias);
     if (st != DUET_OK) return st;
+    const bool moe_fp8 = mplan_fp8_moe_resident(c, pl);
     ly->experts = calloc((size_t)pl->n_local_experts, sizeof *ly->experts);
     if (!ly->experts) return DUET_ERR_NO_MEMORY;
     /* without EP every rank holds every expert, its intermediate split over TP */
@@ -467,13 +472,14 @@ static duet_status load_layer(loader *ld, mdl_weights *w, int l) {
     for (int e = 0; e < pl->n_local_experts && st == DUET_OK; e++) {
         char ep[300];
         snprintf(ep, sizeof ep, "%s.mlp.experts.%d", p, pl->expert0 + e);
-        st = load_ffn(ld, ep, c->moe_intermediate_size, ei0, pl->expert_inter_local,
+        st = load_ffn(ld, ep, c->moe_intermediate_size, ei0, pl->expert_inter_local, moe_fp8,
                       &ly->experts[e]);
     }
     if (st == DUET_OK && c->n_shared_experts > 0)
-        st = load_ffn(
-            ld, NAME("mlp.shared_experts"), c->n_shared_experts * c->moe_intermediate_size,
-            pl->shard.tp_rank * pl->shared_inter_local, pl->shared_inter_local, &ly->shared);
+        st =
+            load_ffn(ld, NAME("mlp.shared_experts"), c->n_shared_experts * c->moe_intermediate_size,
+                     pl->shard.tp_rank * pl->shared_inter_local, pl->shared_inter_local, moe_fp8,
+                     &ly->shared);
 #undef NAME
     return st;
 }

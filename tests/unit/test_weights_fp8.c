@@ -106,9 +106,11 @@ static void same_ffn(be_backend *a, be_backend *b, const be_ffn *fa, const be_ff
     same_linear(a, b, fa->down, fb->down, D, fa->n_inter, what, layer);
 }
 
-static void check_layout(const char *dir, const cfg_model *c, int tp, int rank,
+/* ep: routed experts placed whole over the tp ranks (EP 2 with TP 2) */
+static void check_layout(const char *dir, const cfg_model *c, int tp, int rank, bool ep,
                          mdl_weights_source src) {
-    mdl_shard sh = {.tp_rank = rank, .tp_size = tp, .ep_rank = 0, .ep_size = 1};
+    mdl_shard sh = {
+        .tp_rank = rank, .tp_size = tp, .ep_rank = ep ? rank : 0, .ep_size = ep ? tp : 1};
     mdl_plan plan;
     if (mdl_shard_plan(c, &sh, &plan) != DUET_OK) {
         CHECK_MSG(0, "no shard plan for tp %d", tp);
@@ -159,14 +161,17 @@ static void check_layout(const char *dir, const cfg_model *c, int tp, int rank,
     CHECK(mplan_weights_count(c, &plan, MPLAN_WEIGHTS_FP8, DT_BF16, &mw) == DUET_OK);
     CHECK_EQ_INT(g_bytes, mw.total);
     CHECK_EQ_INT(g_bad, 0);
-    printf("%s tp %d rank %d: %lld FP8 weights, %lld bytes (plan %lld)\n",
-           src == MDL_WEIGHTS_DUMMY ? "dummy" : "checkpoint", tp, rank, g_fp8, g_bytes, mw.total);
+    printf("%s tp %d%s rank %d: %lld FP8 weights, %lld bytes (plan %lld)\n",
+           src == MDL_WEIGHTS_DUMMY ? "dummy" : "checkpoint", tp, ep ? " ep" : "", rank, g_fp8,
+           g_bytes, mw.total);
     /* whole layers go FP8 (kv_b never: the MLA kernels read it as bf16); TP 2's rank 1
-     * slices start mid-block for q_b, o and the MLPs, which stay dequantized */
+     * slices start mid-block for q_b, o and the MLPs, which stay dequantized; with EP its
+     * routed experts are whole, but its shared expert's slice is not, and a layer's experts
+     * stay FP8 only all together */
     int moe_layers = 0;
     for (int l = 0; l < c->num_hidden_layers; l++) moe_layers += cfg_layer_is_moe(c, l);
     long long whole = 4LL * c->num_hidden_layers + 2LL * (c->num_hidden_layers - moe_layers) +
-                      2LL * moe_layers * (c->n_routed_experts + (c->n_shared_experts > 0));
+                      2LL * moe_layers * (plan.n_local_experts + (c->n_shared_experts > 0));
     if (rank == 0) CHECK_EQ_INT(g_fp8, whole);
     if (rank == 1) CHECK_EQ_INT(g_fp8, 2LL * c->num_hidden_layers); /* q_a, kv_a */
     mdl_weights_destroy(wr);
@@ -185,9 +190,11 @@ int main(void) {
         return 77;
     }
     CHECK(c.fp8 && c.fp8_block[0] == 128 && c.fp8_block[1] == 128);
-    check_layout(dir, &c, 1, 0, MDL_WEIGHTS_CHECKPOINT);
-    check_layout(dir, &c, 2, 0, MDL_WEIGHTS_CHECKPOINT);
-    check_layout(dir, &c, 2, 1, MDL_WEIGHTS_CHECKPOINT);
-    check_layout(dir, &c, 1, 0, MDL_WEIGHTS_DUMMY);
+    check_layout(dir, &c, 1, 0, false, MDL_WEIGHTS_CHECKPOINT);
+    check_layout(dir, &c, 2, 0, false, MDL_WEIGHTS_CHECKPOINT);
+    check_layout(dir, &c, 2, 1, false, MDL_WEIGHTS_CHECKPOINT);
+    check_layout(dir, &c, 2, 0, true, MDL_WEIGHTS_CHECKPOINT);
+    check_layout(dir, &c, 2, 1, true, MDL_WEIGHTS_CHECKPOINT);
+    check_layout(dir, &c, 1, 0, false, MDL_WEIGHTS_DUMMY);
     CHECK_DONE();
 }
