@@ -113,11 +113,18 @@ typedef struct lin_arg {
     void *y, *x;
     int T, n_in;
     be_weight *w;
+    int n_out; /* be_cuda_fp8_gemm_lt's row stride of y */
 } lin_arg;
 
 static void lin_run(void *arg) {
     lin_arg *a = arg;
     a->be->ops->linear(a->be, a->y, a->x, a->n_in, a->T, a->w);
+}
+
+static void lt_gemm_run(void *arg) {
+    lin_arg *a = arg;
+    duet_status st = be_cuda_fp8_gemm_lt(a->be, a->y, a->n_out, a->x, a->n_in, a->T, a->w);
+    (void)st; /* checked once before timing */
 }
 
 typedef struct dshape {
@@ -394,7 +401,8 @@ int main(int argc, char **argv) {
                         ((d->n_in + 127) / 128);
         for (int m = 0; m < 3; m++) {
             int M = Ms[m];
-            lin_arg af = {be, y, x, M, d->n_in, wf}, ab = {be, y, x, M, d->n_in, wb};
+            lin_arg af = {be, y, x, M, d->n_in, wf, d->n_out},
+                    ab = {be, y, x, M, d->n_in, wb, d->n_out};
             float mf = time_ms(s, lin_run, &af), mb = time_ms(s, lin_run, &ab);
             double act = 2.0 * M * (d->n_in + d->n_out);
             double bf = (double)d->n_out * d->n_in + sbytes + act;
@@ -406,7 +414,8 @@ int main(int argc, char **argv) {
         /* prefill size on the biggest shapes */
         if (d->n_in >= 7168) {
             int M = 4096;
-            lin_arg af = {be, y, x, M, d->n_in, wf}, ab = {be, y, x, M, d->n_in, wb};
+            lin_arg af = {be, y, x, M, d->n_in, wf, d->n_out},
+                    ab = {be, y, x, M, d->n_in, wb, d->n_out};
             float mf = time_ms(s, lin_run, &af), mb = time_ms(s, lin_run, &ab);
             double fl = 2.0 * M * (double)d->n_out * d->n_in;
             double lt = lt_fp8_tflops(s, M, d->n_out, d->n_in, false);
@@ -416,6 +425,17 @@ int main(int argc, char **argv) {
                    "fp8)\n",
                    d->name, M, fl / (mf * 1e-3) / 1e12, fl / (mb * 1e-3) / 1e12, lt,
                    ltb > 0 ? "" : "n/a ", ltb, lt > 0 ? 100.0 * fl / (mf * 1e-3) / 1e12 / lt : 0);
+            /* the backend's block-scaled GEMM with its activation quantization */
+            lin_arg al = {be, y, x, M, d->n_in, wf, d->n_out};
+            duet_status st = be_cuda_fp8_gemm_lt(be, y, d->n_out, x, d->n_in, M, wf);
+            if (st == DUET_OK) {
+                float ml = time_ms(s, lt_gemm_run, &al);
+                printf("        be_cuda_fp8_gemm_lt (quantize + cuBLASLt block-scaled): %.0f "
+                       "TFLOP/s, %.0f%% of cuBLASLt fp8 per-tensor\n",
+                       fl / (ml * 1e-3) / 1e12, lt > 0 ? 100.0 * fl / (ml * 1e-3) / 1e12 / lt : 0);
+            } else {
+                printf("        be_cuda_fp8_gemm_lt: %s\n", duet_strerror(st));
+            }
         }
         o->weight_destroy(be, wf);
         o->weight_destroy(be, wb);

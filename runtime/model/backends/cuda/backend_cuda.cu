@@ -180,6 +180,7 @@ static void cuda_destroy(be_backend *be) {
     cudaFree(c->d_batch);
     cudaFree(c->d_inv_freq);
     if (c->blas) cublasDestroy(c->blas);
+    if (c->lt) cublasLtDestroy(c->lt);
     if (c->stream) cudaStreamDestroy(c->stream);
     free(c->h_batch);
     free(c->host_tmp);
@@ -288,6 +289,7 @@ static void cuda_weight_destroy(be_backend *be, be_weight *w) {
     CUDA_CHECK(cuda_be(be), cudaFree(w->w));
     if (w->scale) CUDA_CHECK(cuda_be(be), cudaFree(w->scale));
     if (w->tab) CUDA_CHECK(cuda_be(be), cudaFree(w->tab));
+    if (w->scale_lt) CUDA_CHECK(cuda_be(be), cudaFree(w->scale_lt));
     free(w);
 }
 
@@ -586,6 +588,7 @@ extern "C" duet_status be_cuda_create(int device, dt_dtype dtype, be_backend **b
     /* a workspace of its own, so GEMMs recorded in a graph allocate nothing */
     const size_t ws = 32u << 20;
     if (st == DUET_OK) st = CUDA_CHECK(c, cudaMalloc(&c->blas_ws, ws));
+    c->blas_ws_bytes = ws;
     if (st == DUET_OK) st = CUBLAS_CHECK(c, cublasSetWorkspace(c->blas, c->blas_ws, ws));
     if (st != DUET_OK) {
         cuda_destroy(&c->base);

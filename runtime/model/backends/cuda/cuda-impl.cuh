@@ -5,6 +5,7 @@
 #ifndef DUET_CUDA_IMPL_CUH
 #define DUET_CUDA_IMPL_CUH
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -28,6 +29,10 @@ struct be_weight {
     float *scale; /* FP8 only */
     int split;    /* FP8 only */
     void **tab;   /* FP8 only: device {w, scale}, the one-group table the grouped GEMM reads */
+    /* FP8 only, where one 128x128 grid covers the weight (split a multiple of 128 or n_out,
+     * n_in a multiple of 128), else NULL: the scales [n_in / 128][ceil(n_out / 128)] as the
+     * cuBLASLt block-scaled GEMM reads them (fp8.cu, be_cuda_fp8_gemm_lt) */
+    float *scale_lt;
 };
 
 /* Scratch areas: each op family owns one, so an op never reuses memory an op it calls is
@@ -67,6 +72,8 @@ typedef struct cuda_backend {
     struct cuda_graph_rec *graphs;
     int n_graphs, cap_graphs;
     void *blas_ws; /* cuBLAS workspace, fixed so recorded GEMMs allocate nothing */
+    size_t blas_ws_bytes;
+    cublasLtHandle_t lt; /* cuBLASLt (fp8.cu's prefill GEMM), made at first use */
 
     float *d_inv_freq; /* [rope_half] */
     int rope_half;

@@ -8,6 +8,10 @@
 
 #include "model/backends/cuda/moe-impl.cuh"
 
+extern "C" {
+#include "model/backends/cuda/backend_cuda.h"
+}
+
 /* up to this many rows of x take the one-pass kernel below, more the tensor-core tiles */
 #define FP8_GEMV_MAX_M 8
 
@@ -50,6 +54,22 @@ duet_status cuda_weight_create_fp8(be_backend *be, const uint8_t *q, const float
     bw->n_in = n_in;
     bw->dtype = DT_F8_E4M3;
     bw->split = split;
+    /* one 128x128 grid over the whole weight: the block-scaled GEMM's copy of the scales,
+     * transposed to [n_in / 128][ceil(n_out / 128)] */
+    if (n_in % 128 == 0 && (split % 128 == 0 || split == n_out)) {
+        float *t = (float *)malloc(sbytes);
+        if (t) {
+            for (size_t r = 0; r < rb; r++)
+                for (size_t k = 0; k < cb; k++) t[k * rb + r] = scales[r * cb + k];
+            if (cudaMalloc((void **)&bw->scale_lt, sbytes) != cudaSuccess ||
+                cudaMemcpy(bw->scale_lt, t, sbytes, cudaMemcpyHostToDevice) != cudaSuccess) {
+                (void)cudaGetLastError(); /* optional: the GEMM says unsupported without it */
+                cudaFree(bw->scale_lt);
+                bw->scale_lt = NULL;
+            }
+            free(t);
+        }
+    }
     *w_p = bw;
     return DUET_OK;
 }
@@ -212,4 +232,100 @@ void cuda_linear_fp8(cuda_backend *c, void *y, int y_stride, const void *x, int 
     p.tiles = tiles;
     p.n_tiles = count;
     moe_gemm_run(c, &a, bm, tc, &nt);
+}
+
+/* ---- prefill: FP8 tensor cores through cuBLASLt's block-scaled mode ----
+ * Scale layouts (to confirm with bench_fp8's probe on a device): x's scales [K / 128][T], T
+ * contiguous; W's [K / 128][ceil(N / 128)], N blocks contiguous (weight.scale_lt). */
+
+/* One warp per (row, 128 columns): amax, scale = amax / 448 (1 for an all-zero block), e4m3 of
+ * x / scale rounded to nearest (saturating). xq [T][K], xs [K / 128][T]. */
+__global__ void fp8_quant_1x128_kernel(uint8_t *xq, float *xs, const bf16 *x, int ldx, int T,
+                                       int K) {
+    const int lane = threadIdx.x & 31;
+    const long long wid = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int kbn = K / 128;
+    if (wid >= (long long)T * kbn) return;
+    const int t = (int)(wid / kbn), kb = (int)(wid % kbn);
+    const bf16 *src = x + (long long)t * ldx + kb * 128 + lane * 4;
+    float v[4], a = 0.0f;
+    for (int j = 0; j < 4; j++) {
+        v[j] = __bfloat162float(src[j]);
+        a = fmaxf(a, fabsf(v[j]));
+    }
+    a = warp_max(a);
+    const float sc = a > 0.0f ? a / 448.0f : 1.0f;
+    uint8_t *dst = xq + (long long)t * K + kb * 128 + lane * 4;
+    for (int j = 0; j < 4; j++)
+        dst[j] = (uint8_t)__nv_cvt_float_to_fp8(v[j] / sc, __NV_SATFINITE, __NV_E4M3);
+    if (lane == 0) xs[(long long)kb * T + t] = sc;
+}
+
+#define LT_CHECK(c, call) cublas_status((c), (call), #call, __FILE__, __LINE__)
+
+duet_status be_cuda_fp8_gemm_lt(be_backend *be, void *y, int y_stride, const void *x, int x_stride,
+                                int T, const be_weight *w) {
+    cuda_backend *c = cuda_be(be);
+    if (c->err != DUET_OK) return c->err;
+    if (T <= 0) return DUET_OK;
+    const int N = w->n_out, K = w->n_in;
+    if (w->dtype != DT_F8_E4M3 || !w->scale_lt || c->act != DT_BF16 || K % 128 || N % 16 ||
+        y_stride % 8)
+        return DUET_ERR_UNSUPPORTED;
+    size_t qbytes = ((size_t)T * K + 255) / 256 * 256;
+    uint8_t *xq = (uint8_t *)cuda_scratch(c, SCR_GEMM, qbytes + (size_t)T * (K / 128) * 4);
+    if (!xq) return c->err != DUET_OK ? c->err : DUET_ERR_NO_MEMORY;
+    float *xs = (float *)(xq + qbytes);
+    long long warps = (long long)T * (K / 128);
+    fp8_quant_1x128_kernel<<<(unsigned)((warps * 32 + 255) / 256), 256, 0, c->stream>>>(
+        xq, xs, (const bf16 *)x, x_stride, T, K);
+    duet_status st = CUDA_LAUNCHED(c, "fp8_quant_1x128_kernel");
+    if (st == DUET_OK && !c->lt) st = LT_CHECK(c, cublasLtCreate(&c->lt));
+    if (st != DUET_OK) return st;
+
+    cublasLtMatmulDesc_t op = NULL;
+    cublasLtMatrixLayout_t la = NULL, lb = NULL, ld = NULL;
+    cublasLtMatmulPreference_t pref = NULL;
+    cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    int32_t ma = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;
+    int32_t mb = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+    const void *sa = w->scale_lt, *sb = xs;
+    /* column-major: y^T [N, T] = W [K, N]^T (A, transposed) * q(x)^T [K, T] (B) */
+    bool ok =
+        cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta) == 0 &&
+        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb) == 0 &&
+        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &ma, sizeof ma) ==
+            0 &&
+        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mb, sizeof mb) ==
+            0 &&
+        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sa, sizeof sa) ==
+            0 &&
+        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sb, sizeof sb) ==
+            0 &&
+        cublasLtMatrixLayoutCreate(&la, CUDA_R_8F_E4M3, K, N, K) == 0 &&
+        cublasLtMatrixLayoutCreate(&lb, CUDA_R_8F_E4M3, K, T, K) == 0 &&
+        cublasLtMatrixLayoutCreate(&ld, CUDA_R_16BF, N, T, y_stride) == 0 &&
+        cublasLtMatmulPreferenceCreate(&pref) == 0 &&
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                             &c->blas_ws_bytes, sizeof c->blas_ws_bytes) == 0;
+    cublasLtMatmulHeuristicResult_t h;
+    int found = 0;
+    ok = ok &&
+         cublasLtMatmulAlgoGetHeuristic(c->lt, op, la, lb, ld, ld, pref, 1, &h, &found) ==
+             CUBLAS_STATUS_SUCCESS &&
+         found > 0;
+    if (ok) {
+        const float one = 1.0f, zero = 0.0f;
+        st = LT_CHECK(c, cublasLtMatmul(c->lt, op, &one, w->w, la, xq, lb, &zero, y, ld, y, ld,
+                                        &h.algo, c->blas_ws, c->blas_ws_bytes, c->stream));
+    } else {
+        st = DUET_ERR_UNSUPPORTED; /* this library or device has no such GEMM */
+    }
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (la) cublasLtMatrixLayoutDestroy(la);
+    if (lb) cublasLtMatrixLayoutDestroy(lb);
+    if (ld) cublasLtMatrixLayoutDestroy(ld);
+    if (op) cublasLtMatmulDescDestroy(op);
+    return st;
 }
