@@ -516,9 +516,10 @@ duet_status mdl_weights_load(const char *dir, const cfg_model *c, const mdl_plan
     if (source == MDL_WEIGHTS_CHECKPOINT) st = st_open_dir(dir, &ld.st);
     if (st == DUET_OK) note_skipped_layers(&ld);
     if (st == DUET_OK) progress_start(&ld.prog, c, plan, be->ops->act_dtype);
-    /* a backend that has the op decides per weight (CUDA refuses with float32 activations,
-     * which mplan_weight_format_auto mirrors) */
-    ld.fp8 = be->ops->weight_create_fp8 != NULL && c->fp8;
+    /* as the memory plan says: FP8 with bf16 activations (float32 ones are the reference
+     * path), where the backend has the op */
+    ld.fp8 = be->ops->weight_create_fp8 != NULL &&
+             mplan_weight_format_auto(c, be->ops->act_dtype) == MPLAN_WEIGHTS_FP8;
 
     int D = c->hidden_size, V = c->vocab_size;
     if (st == DUET_OK)

@@ -125,6 +125,9 @@ static void check_layout(const char *dir, const cfg_model *c, int tp, int rank, 
     g_ops.weight_create = t_weight_create;
     g_ops.vec_create = t_vec_create;
     g_ops.weight_create_fp8 = t_weight_create_fp8;
+    /* the loader offers FP8 to backends with bf16 activations (what it reads act_dtype for:
+     * that and the bytes it logs); the CPU ops themselves keep computing in float32 */
+    g_ops.act_dtype = DT_BF16;
     f8->ops = &g_ops;
     g_fp8 = g_bytes = g_bad = 0;
 

@@ -29,9 +29,8 @@ struct be_weight {
     float *scale; /* FP8 only */
     int split;    /* FP8 only */
     void **tab;   /* FP8 only: device {w, scale}, the one-group table the grouped GEMM reads */
-    /* FP8 only, where one 128x128 grid covers the weight (split a multiple of 128 or n_out,
-     * n_in a multiple of 128), else NULL: the scales [n_in / 128][ceil(n_out / 128)] as the
-     * cuBLASLt block-scaled GEMM reads them (fp8.cu, be_cuda_fp8_gemm_lt) */
+    /* FP8 only, NULL until be_cuda_fp8_gemm_lt first runs on the weight: the scales
+     * [n_in / 128][ceil(n_out / 128)] as the cuBLASLt block-scaled GEMM reads them */
     float *scale_lt;
 };
 
