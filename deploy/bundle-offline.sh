@@ -45,6 +45,9 @@ tok=()
 [ -d ../shared/golden/tokenizer ] && tok=(--tokenizer ../shared/golden/tokenizer)
 build-bundle/tools/duet-mkmodel --preset v2-lite --config-only --out "$out/models/v2-lite" \
     "${tok[@]}" >/dev/null
+# DeepSeek-V3 cut to 12 layers (3 dense + 9 MoE), FP8: the FP8-resident load on one GPU
+build-bundle/tools/duet-mkmodel --preset v3 --layers 12 --first-dense 3 --config-only \
+    --out "$out/models/v3-12l" "${tok[@]}" >/dev/null
 # the sweep's report names the commit it measured; there is no git checkout on that host
 git rev-parse --short HEAD >"$out/COMMIT"
 
