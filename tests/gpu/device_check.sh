@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of one device-machine call, run from the offline bundle:
-#   bash .bundle/run.sh bash .bundle/device_check.sh quick|single|multi|mla|moe|fp8
+#   bash .bundle/run.sh bash .bundle/device_check.sh quick|single|multi|mla|moe|fp8|fp8-plan
 # quick (one GPU): the op and sampling tests, the goldens on every path, the memory plan.
 # single (one GPU): op test, sampling test and benchmark, goldens on CUDA in float32 and bf16
 # (the device MoE path, and the host-routing one for comparison), bf16 against the
@@ -16,8 +16,8 @@
 # fp8 (one GPU): the FP8 weights (docs/kernels/fp8.md): op test (FP8 linear and experts
 # against the CPU), the FP8 goldens with bf16 activations (the FP8 path) against the
 # bf16-emulating CPU backend and alone, compute-sanitizer over the op test and an FP8 golden,
-# bench_fp8's table, and the memory plan against a DeepSeek-V3 cut to 12 layers (FP8 dummy
-# weights, ~95 GiB) on the device.
+# and bench_fp8's table. fp8-plan (one GPU): the memory plan against a DeepSeek-V3 cut to 12
+# layers (FP8 dummy weights, ~102 GiB) on the device.
 # Full output goes to $OUT/all.log (few files come back), a summary to stdout at the end.
 set -u
 out=${OUT:-/tmp/duet-device}
@@ -150,10 +150,11 @@ fp8)
     TMO=200 DUET_TEST_MOE_QUICK=1 run sanitizer-op-test "$san" --tool memcheck \
         --error-exitcode 9 test_backend_ops
     TMO=200 run bench-fp8 bash -c "set -o pipefail; bench_fp8 | tee '$out/bench_fp8.txt'"
-    # DeepSeek-V3 cut to 12 layers, FP8 dummy weights: the plan against the device
-    [ -d "$DUET_BUNDLE/models/v3-12l" ] &&
-        TMO=400 run memplan-check-v3-12l-fp8 memplan_check --model "$DUET_BUNDLE/models/v3-12l" \
-            --backend cuda --load-format dummy
+    ;;
+fp8-plan)
+    # DeepSeek-V3 cut to 12 layers, FP8 dummy weights (~102 GiB): the plan against the device
+    TMO=540 run memplan-check-v3-12l-fp8 memplan_check --model "$DUET_BUNDLE/models/v3-12l" \
+        --backend cuda --load-format dummy
     ;;
 mla)
     # most telling first; the timeouts add up to under the device call's 10 minutes
