@@ -136,7 +136,7 @@ static int cdiv(int a, int b) {
  * codes, which grow with their value (dt_f32_to_e4m3 scans all of them: too slow for GBs). */
 static uint8_t e4m3_quant(float f) {
     static float tab[127];
-    static bool ready; /* the loader runs on one thread; filled before the first use */
+    static bool ready; /* the loader's thread fills it before any parallel loop uses it */
     if (!ready) {
         for (int i = 0; i < 127; i++) tab[i] = dt_e4m3_to_f32((uint8_t)i);
         ready = true;
@@ -190,6 +190,7 @@ static duet_status load_slice_fp8(loader *ld, const char *name, int full_out, in
         if (st != DUET_OK) return st;
         const float scale = 0.02f * 1.7320508f / 448.0f, inv = 1.0f / scale;
         for (int i = 0; i < rb * cb; i++) s[i] = scale;
+        (void)e4m3_quant(0.0f); /* its table filled here, not by the threads below */
 #pragma omp parallel for schedule(static) if ((size_t)nrows * ncols > 65536)
         for (int i = 0; i < nrows; i++)
             for (int j = 0; j < ncols; j++)
