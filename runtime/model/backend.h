@@ -347,6 +347,19 @@ struct be_backend {
     const be_ops *ops;
 };
 
+/* ---- FP8 prefill GEMMs: opt-in until a device run confirms them (docs/kernels/fp8.md) ----
+ * With DUET_FP8_PREFILL_ROWS=N (N > 0), the linear op over an FP8 weight (weight_create_fp8)
+ * with at least N rows of x quantizes x per row and 128 columns to e4m3 (scale = amax / 448,
+ * x / scale rounded to nearest) and multiplies it with the FP8 weight unrounded (e4m3 x block
+ * scale), where be_fp8_prefill_eligible says the shapes allow it: CUDA through cuBLASLt's
+ * block-scaled FP8 GEMM (outside recorded steps), the CPU backend's bf16 emulation with the same
+ * rounding, so --compare-to bf16-emulated holds it to what that rounding costs. Unset or 0:
+ * off. Experts keep the other kernels. Read once. */
+int be_fp8_prefill_rows(void);
+static inline bool be_fp8_prefill_eligible(int n_out, int n_in, int split) {
+    return n_in % 128 == 0 && n_out % 16 == 0 && (split % 128 == 0 || split == n_out);
+}
+
 /* (Backends are created by name through model/backends/registry.h.) */
 void be_destroy(be_backend *be);
 

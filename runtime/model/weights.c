@@ -85,7 +85,8 @@ typedef struct loader {
     uint8_t *q; /* host staging of one FP8 weight and its scales */
     float *qs;
     size_t q_cap, qs_cap;
-    bool fp8; /* FP8 projections are offered to the backend as FP8 */
+    bool fp8;      /* FP8 projections are offered to the backend as FP8 */
+    bool fp8_plan; /* the memory plan counts them FP8 (else dequantized: progress does too) */
     load_progress prog;
 } loader;
 
@@ -254,11 +255,19 @@ static duet_status load_fp8_parts(loader *ld, const char *const names[2], int fu
     }
     duet_status st =
         ld->be->ops->weight_create_fp8(ld->be, ld->q, ld->qs, parts * nrows, ncols, nrows, w_p);
-    if (st == DUET_ERR_UNSUPPORTED) return DUET_OK;
+    if (st == DUET_ERR_UNSUPPORTED) {
+        ld->fp8 = false; /* this backend takes none: dequantize from here on */
+        /* dummy parts went through load_slice, which counted them; the caller loads again */
+        if (ld->source == MDL_WEIGHTS_DUMMY) ld->prog.tensors -= parts;
+        return DUET_OK;
+    }
     if (st != DUET_OK) return st;
     *done = true;
     if (ld->source != MDL_WEIGHTS_DUMMY) progress_add(&ld->prog, parts, 0); /* dummy: counted */
-    progress_add(&ld->prog, 0, (long long)parts * ((long long)nrows * ncols + 4LL * rb * cb));
+    long long n = (long long)parts * nrows * ncols;
+    progress_add(&ld->prog, 0,
+                 ld->fp8_plan ? n + 4LL * parts * (long long)(rb * cb)
+                              : n * (long long)dt_size(ld->be->ops->act_dtype));
     return DUET_OK;
 }
 
@@ -517,10 +526,10 @@ duet_status mdl_weights_load(const char *dir, const cfg_model *c, const mdl_plan
     if (source == MDL_WEIGHTS_CHECKPOINT) st = st_open_dir(dir, &ld.st);
     if (st == DUET_OK) note_skipped_layers(&ld);
     if (st == DUET_OK) progress_start(&ld.prog, c, plan, be->ops->act_dtype);
-    /* as the memory plan says: FP8 with bf16 activations (float32 ones are the reference
-     * path), where the backend has the op */
-    ld.fp8 = be->ops->weight_create_fp8 != NULL &&
-             mplan_weight_format_auto(c, be->ops->act_dtype) == MPLAN_WEIGHTS_FP8;
+    /* offered where the backend has the op; the first refusal (CUDA with float32 activations,
+     * the CPU backend unless it emulates the FP8 prefill GEMMs) ends the offers */
+    ld.fp8 = be->ops->weight_create_fp8 != NULL && c->fp8;
+    ld.fp8_plan = mplan_weight_format_auto(c, be->ops->act_dtype) == MPLAN_WEIGHTS_FP8;
 
     int D = c->hidden_size, V = c->vocab_size;
     if (st == DUET_OK)

@@ -143,6 +143,11 @@ fp8)
     done
     run golden-fp8-bf16-tiny-v3-fp8 duet-check golden --backend cuda --dtype bfloat16 \
         "$G/tiny-v3-fp8"
+    # the opt-in FP8 prefill GEMMs (cuBLASLt block-scaled) against their emulation
+    [ -d "$G/tiny-v3-fp8-smooth" ] &&
+        run golden-fp8-prefill-vs-emulated env DUET_FP8_PREFILL_ROWS=32 duet-check golden \
+            --backend cuda --dtype bfloat16 --compare-to bf16-emulated --tol 0.13 --per-row \
+            "$G/tiny-v3-fp8-smooth"
     run golden-fp8-f32-tiny-v3-fp8 duet-check golden --backend cuda --dtype float32 \
         "$G/tiny-v3-fp8"
     TMO=150 run sanitizer-golden-bf16-fp8 "$san" --tool memcheck --error-exitcode 9 \

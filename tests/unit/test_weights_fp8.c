@@ -184,7 +184,78 @@ static void check_layout(const char *dir, const cfg_model *c, int tp, int rank, 
     be_destroy(f8);
 }
 
+/* The CPU backend's bf16 emulation of the FP8 prefill GEMMs (DUET_FP8_PREFILL_ROWS, set to 4
+ * by main): loaded through it, an eligible FP8 layer over T >= 4 rows computes x quantized per
+ * row and 128 columns to e4m3 times the unrounded weight, rounded to bf16: here x is quantized
+ * by hand and multiplied on the plain CPU backend (whose weights are the same unrounded
+ * values), bit for bit; T < 4 rows and ineligible layers keep the bf16 path, which differs. */
+static float bf16r(float v) {
+    return dt_bf16_to_f32(dt_f32_to_bf16(v));
+}
+
+static void linear_of(be_backend *be, const be_weight *w, const float *x, int T, int n_in,
+                      int n_out, float *y) {
+    void *dx = be->ops->buf_alloc(be, (size_t)T * n_in),
+         *dy = be->ops->buf_alloc(be, (size_t)T * n_out);
+    be->ops->upload(be, dx, 0, x, (size_t)T * n_in);
+    be->ops->linear(be, dy, dx, n_in, T, w);
+    CHECK(be->ops->download(be, y, dy, 0, (size_t)T * n_out) == DUET_OK);
+    be->ops->buf_free(be, dx);
+    be->ops->buf_free(be, dy);
+}
+
+static void check_emulation(const char *dir, const cfg_model *c) {
+    mdl_shard sh = {.tp_rank = 0, .tp_size = 1, .ep_rank = 0, .ep_size = 1};
+    mdl_plan plan;
+    CHECK(mdl_shard_plan(c, &sh, &plan) == DUET_OK);
+    be_backend *ref = NULL, *emu = NULL;
+    CHECK(be_create("cpu", 0, &ref) == DUET_OK);
+    CHECK(be_create_dtype("cpu", 0, DT_BF16, &emu) == DUET_OK);
+    mdl_weights *wr = NULL, *we = NULL;
+    CHECK(mdl_weights_load(dir, c, &plan, ref, MDL_WEIGHTS_CHECKPOINT, 0, &wr) == DUET_OK);
+    CHECK(mdl_weights_load(dir, c, &plan, emu, MDL_WEIGHTS_CHECKPOINT, 0, &we) == DUET_OK);
+    if (!wr || !we) return;
+    int D = c->hidden_size, L = c->kv_lora_rank, R = c->qk_rope_head_dim;
+    /* kv_a_proj_with_mqa of layer 1: [L + R, D], D a multiple of 128, rows a multiple of 16 */
+    const be_weight *a = wr->layers[1].kv_a, *b = we->layers[1].kv_a;
+    int n_out = L + R, T = 5;
+    CHECK(be_fp8_prefill_eligible(n_out, D, n_out));
+    float *x = malloc((size_t)T * D * sizeof(float)), *xq = malloc((size_t)T * D * sizeof(float));
+    float *y0 = malloc((size_t)T * n_out * sizeof(float)),
+          *y1 = malloc((size_t)T * n_out * sizeof(float));
+    for (int i = 0; i < T * D; i++) x[i] = bf16r(sinf(0.71f * (float)i) * (1.0f + (float)(i % 7)));
+    for (int t = 0; t < T; t++)
+        for (int k0 = 0; k0 < D; k0 += 128) {
+            float amax = 0;
+            for (int k = 0; k < 128; k++) amax = fmaxf(amax, fabsf(x[t * D + k0 + k]));
+            float sc = amax > 0 ? amax / 448.0f : 1.0f;
+            for (int k = 0; k < 128; k++)
+                xq[t * D + k0 + k] = dt_e4m3_to_f32(dt_f32_to_e4m3(x[t * D + k0 + k] / sc)) * sc;
+        }
+    linear_of(ref, a, xq, T, D, n_out, y0);
+    linear_of(emu, b, x, T, D, n_out, y1);
+    int same = 0;
+    for (int i = 0; i < T * n_out; i++) same += bf16r(y0[i]) == y1[i];
+    CHECK_EQ_INT(same, T * n_out);
+    /* below the row count: the bf16 path (weights rounded, x not quantized), not the above */
+    linear_of(ref, a, xq, 3, D, n_out, y0);
+    linear_of(emu, b, x, 3, D, n_out, y1);
+    same = 0;
+    for (int i = 0; i < 3 * n_out; i++) same += bf16r(y0[i]) == y1[i];
+    CHECK(same < 3 * n_out);
+    printf("emulated FP8 prefill GEMM: kv_a [%d, %d], %d rows bit for bit\n", n_out, D, T);
+    free(x);
+    free(xq);
+    free(y0);
+    free(y1);
+    mdl_weights_destroy(wr);
+    mdl_weights_destroy(we);
+    be_destroy(ref);
+    be_destroy(emu);
+}
+
 int main(void) {
+    setenv("DUET_FP8_PREFILL_ROWS", "4", 1); /* before anything reads it */
     char dir[4096];
     snprintf(dir, sizeof dir, "%s/tiny-v3-fp8/model", GOLDEN_DIR);
     cfg_model c;
@@ -199,5 +270,6 @@ int main(void) {
     check_layout(dir, &c, 2, 0, true, MDL_WEIGHTS_CHECKPOINT);
     check_layout(dir, &c, 2, 1, true, MDL_WEIGHTS_CHECKPOINT);
     check_layout(dir, &c, 1, 0, false, MDL_WEIGHTS_DUMMY);
+    check_emulation(dir, &c);
     CHECK_DONE();
 }

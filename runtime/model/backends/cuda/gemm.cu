@@ -4,6 +4,10 @@
  * bf16 operands accumulate in float32 (CUBLAS_COMPUTE_32F); float32 operands stay float32. */
 #include "model/backends/cuda/cuda-impl.cuh"
 
+extern "C" {
+#include "model/backends/cuda/backend_cuda.h"
+}
+
 /* y (ctype, ldc) [m, n] column-major = op(A) [m, k] * B [k, n] */
 static void gemm_raw(cuda_backend *c, void *y, cudaDataType_t yt, int ldc, const void *w,
                      cudaDataType_t wt, int n_out, int k, const void *x, cudaDataType_t xt,
@@ -50,6 +54,20 @@ void cuda_linear(be_backend *be, void *y, const void *x, int x_stride, int T, co
     cuda_backend *c = cuda_be(be);
     if (c->err != DUET_OK || T <= 0) return;
     if (w->dtype == DT_F8_E4M3) {
+        /* opt-in FP8 tensor cores for prefill-sized T (backend.h, be_fp8_prefill_rows): not
+         * inside a recorded step (its first call on a weight allocates) */
+        int rows = be_fp8_prefill_rows();
+        if (rows > 0 && T >= rows && !c->capturing &&
+            be_fp8_prefill_eligible(w->n_out, w->n_in, w->split)) {
+            duet_status st = be_cuda_fp8_gemm_lt(be, y, w->n_out, x, x_stride, T, w);
+            if (st == DUET_OK || st != DUET_ERR_UNSUPPORTED) return; /* errors: c->err */
+            static bool told;
+            if (!told)
+                LOG_WARN("cuda: cuBLASLt has no block-scaled FP8 GEMM for [%d, %d]: the FP8 "
+                         "prefill GEMMs fall back to the bf16 tensor-core kernel",
+                         w->n_out, w->n_in);
+            told = true;
+        }
         cuda_linear_fp8(c, y, w->n_out, x, x_stride, T, w);
         return;
     }
