@@ -31,7 +31,7 @@ mkdir -p "$out/bin" "$out/debs" "$out/golden"
 progs=(tools/duet-check tools/duet-run tests/gpu/test_backend_ops tests/gpu/test_sample
        tests/gpu/bench_sample tests/gpu/gpu_guard tests/gpu/bench_mla tests/gpu/bench_moe
        prefill/duet-prefill decode/duet-decode proxy/duet-proxy tools/duet-kvbench tools/duet-bench
-       tests/gpu/bench_step tests/gpu/memplan_check)
+       tests/gpu/bench_step tests/gpu/memplan_check tests/gpu/bench_fp8)
 for p in "${progs[@]}"; do
     install -m 755 "build-bundle/$p" "$out/bin/"
     strip --strip-unneeded "$out/bin/$(basename "$p")"
@@ -52,6 +52,9 @@ build-bundle/tools/duet-mkmodel --preset v2-lite --config-only --out "$out/model
 install -m 755 tools/bench-kv-gpu.sh "$out/"
 build-bundle/tools/duet-mkmodel --preset v3 --config-only --layers 61 --experts 4 \
     --experts-per-tok 4 --n-group 1 --topk-group 1 --out "$out/models/v3-kv" "${tok[@]}" >/dev/null
+# DeepSeek-V3 cut to 12 layers (3 dense + 9 MoE), FP8: the FP8-resident load on one GPU
+build-bundle/tools/duet-mkmodel --preset v3 --layers 12 --first-dense 3 --config-only \
+    --out "$out/models/v3-12l" "${tok[@]}" >/dev/null
 # the sweep's report names the commit it measured; there is no git checkout on that host
 git rev-parse --short HEAD >"$out/COMMIT"
 

@@ -124,3 +124,17 @@ duet_status be_sample(be_backend *be, be_sampler *s, const void *logits, int str
     if (st == DUET_OK) st = be_sample_wait(be, s);
     return st;
 }
+
+int be_fp8_prefill_rows(void) {
+    static int rows = -1; /* the engine thread reads it first; the value never changes */
+    if (rows < 0) {
+        const char *e = getenv("DUET_FP8_PREFILL_ROWS");
+        char *end = NULL;
+        long v = e && *e ? strtol(e, &end, 10) : 0;
+        rows = end && *end == '\0' && v > 0 && v < (1L << 30) ? (int)v : 0;
+        if (e && *e && !rows)
+            LOG_WARN("DUET_FP8_PREFILL_ROWS=%s is not a positive row count: FP8 prefill GEMMs off",
+                     e);
+    }
+    return rows;
+}

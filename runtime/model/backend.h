@@ -206,6 +206,17 @@ typedef struct be_ops {
     duet_status (*weight_create)(be_backend *be, const float *w, int n_out, int n_in, bool keep_f32,
                                  be_weight **w_p);
     void (*weight_destroy)(be_backend *be, be_weight *w);
+    /* optional: a linear weight kept as FP8 e4m3 (DeepSeek-V3's format) instead of created
+     * from float32: q [n_out, n_in] bytes (n_in a multiple of 16), scales float32 with
+     * W[r][c] = e4m3(q[r][c]) * scale of (r, c)'s 128x128 block. Rows [0, split) and
+     * [split, n_out) are two parts with their own block grids (gate and up fused; split =
+     * n_out for one part): scales [ceil(split / 128) + ceil((n_out - split) / 128)]
+     * [ceil(n_in / 128)], the first part's block rows first. DUET_ERR_UNSUPPORTED: this
+     * backend (its activation type) does not compute with FP8 weights; the caller dequantizes
+     * and uses weight_create. Every op taking a weight takes it, except embed and
+     * mla_attention's kv_b. */
+    duet_status (*weight_create_fp8)(be_backend *be, const uint8_t *q, const float *scales,
+                                     int n_out, int n_in, int split, be_weight **w_p);
     duet_status (*vec_create)(be_backend *be, const float *v, int n, void **dev_p); /* f32 */
 
     duet_status (*kv_create)(be_backend *be, int n_blocks, int n_layers, int block_size, int kv_dim,
@@ -359,6 +370,19 @@ typedef struct be_ops {
 struct be_backend {
     const be_ops *ops;
 };
+
+/* ---- FP8 prefill GEMMs: opt-in until a device run confirms them (docs/kernels/fp8.md) ----
+ * With DUET_FP8_PREFILL_ROWS=N (N > 0), the linear op over an FP8 weight (weight_create_fp8)
+ * with at least N rows of x quantizes x per row and 128 columns to e4m3 (scale = amax / 448,
+ * x / scale rounded to nearest) and multiplies it with the FP8 weight unrounded (e4m3 x block
+ * scale), where be_fp8_prefill_eligible says the shapes allow it: CUDA through cuBLASLt's
+ * block-scaled FP8 GEMM (outside recorded steps), the CPU backend's bf16 emulation with the same
+ * rounding, so --compare-to bf16-emulated holds it to what that rounding costs. Unset or 0:
+ * off. Experts keep the other kernels. Read once. */
+int be_fp8_prefill_rows(void);
+static inline bool be_fp8_prefill_eligible(int n_out, int n_in, int split) {
+    return n_in % 128 == 0 && n_out % 16 == 0 && (split % 128 == 0 || split == n_out);
+}
 
 /* (Backends are created by name through model/backends/registry.h.) */
 void be_destroy(be_backend *be);

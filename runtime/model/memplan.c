@@ -59,10 +59,27 @@ static void fail(char *err, size_t len, const char *fmt, ...) {
 }
 
 mplan_weight_format mplan_weight_format_auto(const cfg_model *c, dt_dtype act) {
-    /* FP8 checkpoints are dequantized at load today; the FP8-resident path changes this line
-     * (and weights.c's storage with it) to MPLAN_WEIGHTS_FP8 when c->fp8 */
-    (void)c;
-    return act == DT_F32 ? MPLAN_WEIGHTS_F32 : MPLAN_WEIGHTS_BF16;
+    if (act == DT_F32) return MPLAN_WEIGHTS_F32;
+    return c->fp8 ? MPLAN_WEIGHTS_FP8 : MPLAN_WEIGHTS_BF16;
+}
+
+bool mplan_fp8_resident(const cfg_model *c, long long r0, long long c0, long long ncols) {
+    return c->fp8 && c->fp8_block[0] == 128 && c->fp8_block[1] == 128 && r0 % 128 == 0 &&
+           c0 % 128 == 0 && ncols % 16 == 0;
+}
+
+bool mplan_fp8_ffn_resident(const cfg_model *c, long long i0, long long n) {
+    return mplan_fp8_resident(c, i0, 0, c->hidden_size) && mplan_fp8_resident(c, 0, i0, n);
+}
+
+bool mplan_fp8_moe_resident(const cfg_model *c, const mdl_plan *pl) {
+    long long ei0 =
+        pl->shard.ep_size > 1 ? 0 : (long long)pl->shard.tp_rank * pl->expert_inter_local;
+    bool ok = mplan_fp8_ffn_resident(c, ei0, pl->expert_inter_local);
+    if (c->n_shared_experts > 0)
+        ok = ok && mplan_fp8_ffn_resident(c, (long long)pl->shard.tp_rank * pl->shared_inter_local,
+                                          pl->shared_inter_local);
+    return ok;
 }
 
 const char *mplan_weight_format_name(mplan_weight_format f) {
@@ -101,11 +118,12 @@ static long long blocks_over(long long start, long long n, int b) {
 }
 
 /* Rows [r0, r0 + nr) and columns [c0, c0 + nc) of a linear weight; fp8: FP8 checkpoints store
- * the tensor as e4m3 (every projection of a layer, not the embedding, lm_head or router). */
-static void count_linear(wwalk *ww, mplan_kind k, bool fp8, long long r0, long long nr,
-                         long long c0, long long nc) {
+ * the tensor as e4m3 (every projection of a layer, not the embedding, lm_head or router);
+ * resident: the loader may keep it e4m3 (not kv_b_proj, see mplan_fp8_resident). */
+static void count_linear_as(wwalk *ww, mplan_kind k, bool fp8, bool resident, long long r0,
+                            long long nr, long long c0, long long nc) {
     long long n = nr * nc, bytes;
-    if (ww->f == MPLAN_WEIGHTS_FP8 && fp8)
+    if (ww->f == MPLAN_WEIGHTS_FP8 && fp8 && resident && mplan_fp8_resident(ww->c, r0, c0, nc))
         bytes = n + 4 * blocks_over(r0, nr, ww->bo) * blocks_over(c0, nc, ww->bi);
     else if (!fp8)
         bytes = n * (long long)dt_size(ww->act); /* kept in the activation type */
@@ -115,18 +133,24 @@ static void count_linear(wwalk *ww, mplan_kind k, bool fp8, long long r0, long l
     ww->w.tensors++;
 }
 
+static void count_linear(wwalk *ww, mplan_kind k, bool fp8, long long r0, long long nr,
+                         long long c0, long long nc) {
+    count_linear_as(ww, k, fp8, true, r0, nr, c0, nc);
+}
+
 /* A norm weight, router gate or bias: float32 in every format. */
 static void count_f32(wwalk *ww, mplan_kind k, long long n) {
     ww->w.bytes[k] += 4 * n;
     ww->w.tensors++;
 }
 
-/* weights.c's load_ffn: gate_proj and up_proj rows [i0, i0 + n), down_proj columns. */
-static void count_ffn(wwalk *ww, mplan_kind k, long long i0, long long n) {
+/* weights.c's load_ffn: gate_proj and up_proj rows [i0, i0 + n), down_proj columns; resident:
+ * the layer's rule lets the MLP stay FP8 (mplan_fp8_ffn_resident, mplan_fp8_moe_resident) */
+static void count_ffn(wwalk *ww, mplan_kind k, long long i0, long long n, bool resident) {
     long long D = ww->c->hidden_size;
-    count_linear(ww, k, true, i0, n, 0, D);
-    count_linear(ww, k, true, i0, n, 0, D);
-    count_linear(ww, k, true, 0, D, i0, n);
+    count_linear_as(ww, k, true, resident, i0, n, 0, D);
+    count_linear_as(ww, k, true, resident, i0, n, 0, D);
+    count_linear_as(ww, k, true, resident, 0, D, i0, n);
 }
 
 static void count_layer(wwalk *ww, const mdl_plan *pl, int l) {
@@ -146,22 +170,24 @@ static void count_layer(wwalk *ww, const mdl_plan *pl, int l) {
     }
     count_linear(ww, MPLAN_ATTENTION, true, 0, L + R, 0, D); /* kv_a_proj_with_mqa */
     count_f32(ww, MPLAN_NORMS_ROUTER, L);
-    count_linear(ww, MPLAN_ATTENTION, true, h0 * nv, Hl * nv, 0, L);
+    count_linear_as(ww, MPLAN_ATTENTION, true, false, h0 * nv, Hl * nv, 0, L); /* kv_b: bf16 */
     count_linear(ww, MPLAN_ATTENTION, true, 0, D, h0 * c->v_head_dim, Hl * c->v_head_dim);
     if (!cfg_layer_is_moe(c, l)) {
-        count_ffn(ww, MPLAN_DENSE_MLP, (long long)pl->shard.tp_rank * pl->inter_local,
-                  pl->inter_local);
+        long long i0 = (long long)pl->shard.tp_rank * pl->inter_local;
+        count_ffn(ww, MPLAN_DENSE_MLP, i0, pl->inter_local,
+                  mplan_fp8_ffn_resident(c, i0, pl->inter_local));
         return;
     }
+    const bool moe_fp8 = mplan_fp8_moe_resident(c, pl);
     count_f32(ww, MPLAN_NORMS_ROUTER, (long long)c->n_routed_experts * D); /* router gate */
     if (c->topk_method == CFG_TOPK_NOAUX_TC) count_f32(ww, MPLAN_NORMS_ROUTER, c->n_routed_experts);
     long long ei0 =
         pl->shard.ep_size > 1 ? 0 : (long long)pl->shard.tp_rank * pl->expert_inter_local;
     for (int e = 0; e < pl->n_local_experts; e++)
-        count_ffn(ww, MPLAN_ROUTED_EXPERTS, ei0, pl->expert_inter_local);
+        count_ffn(ww, MPLAN_ROUTED_EXPERTS, ei0, pl->expert_inter_local, moe_fp8);
     if (c->n_shared_experts > 0)
         count_ffn(ww, MPLAN_SHARED_EXPERTS, (long long)pl->shard.tp_rank * pl->shared_inter_local,
-                  pl->shared_inter_local);
+                  pl->shared_inter_local, moe_fp8);
 }
 
 duet_status mplan_weights_count(const cfg_model *c, const mdl_plan *plan, mplan_weight_format f,
@@ -493,9 +519,11 @@ void mplan_print(const mplan *p, FILE *f) {
 
     const char *act = in->act_dtype == DT_F32 ? "float32" : "bf16";
     if (in->weights == MPLAN_WEIGHTS_FP8)
-        fprintf(f,
-                "  weights per rank (fp8 e4m3 + %dx%d float32 scales, embedding and lm_head %s):\n",
-                p->fp8_block[0], p->fp8_block[1], act);
+        fprintf(
+            f,
+            "  weights per rank (fp8 e4m3 + %dx%d float32 scales; kv_b_proj, embedding, lm_head "
+            "%s):\n",
+            p->fp8_block[0], p->fp8_block[1], act);
     else
         fprintf(f, "  weights per rank (%s, router and norms float32):\n",
                 mplan_weight_format_name(in->weights));

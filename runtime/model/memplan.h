@@ -21,14 +21,29 @@
  * every format; the embedding and lm_head are kept in the activation type. */
 typedef enum mplan_weight_format {
     MPLAN_WEIGHTS_F32 = 0,  /* float32 (--dtype float32, the CPU backend) */
-    MPLAN_WEIGHTS_BF16 = 1, /* bf16; FP8 checkpoints dequantized at load (CUDA today) */
+    MPLAN_WEIGHTS_BF16 = 1, /* bf16; FP8 checkpoints dequantized at load */
     /* the linear weights an FP8 checkpoint stores as e4m3 stay e4m3, each with its float32
-     * weight_scale_inv blocks (config's weight_block_size); needs an FP8 checkpoint */
+     * weight_scale_inv blocks, where mplan_fp8_resident says so (the rest bf16); needs an FP8
+     * checkpoint */
     MPLAN_WEIGHTS_FP8 = 2,
 } mplan_weight_format;
 
-/* What the loader does today for c with activations of type act: the one place that choice is
- * written down (weights.c counts its progress with it, the server plans with it). */
+/* Whether the loader keeps rows [r0, r0 + nrows) and columns [c0, c0 + ncols) of an FP8
+ * projection as e4m3 with its scales (format MPLAN_WEIGHTS_FP8): 128x128 scale blocks, a slice
+ * starting on a block boundary (its scales are a sub-grid of the checkpoint's), columns a
+ * multiple of 16 (the GEMMs read 16 bytes at a time). Otherwise it is dequantized to bf16.
+ * kv_b_proj is always dequantized: the MLA kernels read it as bf16. */
+bool mplan_fp8_resident(const cfg_model *c, long long r0, long long c0, long long ncols);
+/* An MLP (gate and up rows [i0, i0 + n), down columns the same) stays FP8 only whole: both
+ * weights resident. An MoE layer's routed and shared experts stay FP8 only all together (the
+ * grouped GEMM runs them in one launch): mplan_fp8_moe_resident. */
+bool mplan_fp8_ffn_resident(const cfg_model *c, long long i0, long long n);
+bool mplan_fp8_moe_resident(const cfg_model *c, const mdl_plan *plan);
+
+/* What the loader does for c with activations of type act: the one place that choice is
+ * written down (weights.c counts its progress with it, the server plans with it). FP8 for an
+ * FP8 checkpoint with bf16 activations (the CUDA backend; the CPU backend's activations are
+ * float32 and it dequantizes). */
 mplan_weight_format mplan_weight_format_auto(const cfg_model *c, dt_dtype act);
 const char *mplan_weight_format_name(mplan_weight_format f); /* "float32", "bf16", "fp8" */
 

@@ -1,6 +1,8 @@
 /* Loading a DeepSeek checkpoint onto a backend, sliced by the shard plan (see weights.h):
- * tensor names as Hugging Face stores them, FP8 e4m3 weights dequantized by their 128x128
- * weight_scale_inv blocks, every shape checked against config.json. Dummy weights
+ * tensor names as Hugging Face stores them, FP8 e4m3 weights kept FP8 with their 128x128
+ * weight_scale_inv blocks where the backend computes with them (be_ops.weight_create_fp8, the
+ * slices memplan.h's mplan_fp8_resident allows), dequantized otherwise, every shape checked
+ * against config.json. Dummy weights
  * (--load-format dummy) follow the same path with values from a hash of (name, row, col).
  * Which slices to take is shard.c's decision, what to compute with them model.c's. Progress is
  * logged against totals the memory plan counts up front (memplan.h). */
@@ -80,6 +82,11 @@ typedef struct loader {
     be_backend *be;
     float *tmp; /* host staging for one slice */
     size_t tmp_cap;
+    uint8_t *q; /* host staging of one FP8 weight and its scales */
+    float *qs;
+    size_t q_cap, qs_cap;
+    bool fp8;      /* FP8 projections are offered to the backend as FP8 */
+    bool fp8_plan; /* the memory plan counts them FP8 (else dequantized: progress does too) */
     load_progress prog;
 } loader;
 
@@ -118,6 +125,150 @@ static void dummy_fill(loader *ld, const char *name, int full_in, int r0, int nr
             }
             dst[(size_t)i * ncols + j] = v;
         }
+}
+
+/* ---- FP8 kept as FP8 ---- */
+
+static int cdiv(int a, int b) {
+    return (a + b - 1) / b;
+}
+
+/* Nearest e4m3 code of f (ties to the even code), saturating at 448: a binary search over the
+ * codes, which grow with their value (dt_f32_to_e4m3 scans all of them: too slow for GBs). */
+static uint8_t e4m3_quant(float f) {
+    static float tab[127];
+    static bool ready; /* the loader's thread fills it before any parallel loop uses it */
+    if (!ready) {
+        for (int i = 0; i < 127; i++) tab[i] = dt_e4m3_to_f32((uint8_t)i);
+        ready = true;
+    }
+    uint8_t sign = signbit(f) ? 0x80 : 0;
+    float a = fabsf(f);
+    if (!(a < 448.0f)) return sign | 0x7e;
+    int lo = 0, hi = 126; /* tab[lo] <= a < tab[hi] */
+    while (hi - lo > 1) {
+        int mid = (lo + hi) / 2;
+        if (tab[mid] <= a)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    float dl = a - tab[lo], dh = tab[hi] - a;
+    int c = dl < dh || (dl == dh && (lo & 1) == 0) ? lo : hi;
+    return sign | (uint8_t)c;
+}
+
+/* Staging for an FP8 weight of n bytes and ns scales. */
+static bool q_get(loader *ld, size_t n, size_t ns) {
+    if (n > ld->q_cap) {
+        free(ld->q);
+        ld->q = malloc(n);
+        ld->q_cap = ld->q ? n : 0;
+    }
+    if (ns > ld->qs_cap) {
+        free(ld->qs);
+        ld->qs = malloc(ns * sizeof(float));
+        ld->qs_cap = ld->qs ? ns : 0;
+    }
+    return ld->q && ld->qs;
+}
+
+static duet_status load_slice(loader *ld, const char *name, int full_out, int full_in, int r0,
+                              int nrows, int c0, int ncols, float *dst);
+
+/* Rows [r0, r0 + nrows) and columns [c0, c0 + ncols) of FP8 tensor name ([full_out, full_in])
+ * as e4m3 bytes q [nrows, ncols] and scales s [ceil(nrows / 128)][ceil(ncols / 128)], the
+ * slice on block boundaries (mplan_fp8_resident). DUET_ERR_UNSUPPORTED, nothing logged: the
+ * checkpoint stores this tensor in another type (the caller dequantizes). Dummy weights are
+ * quantized with one scale for every block (their values are uniform in [-a, a]). */
+static duet_status load_slice_fp8(loader *ld, const char *name, int full_out, int full_in, int r0,
+                                  int nrows, int c0, int ncols, uint8_t *q, float *s) {
+    int rb = cdiv(nrows, 128), cb = cdiv(ncols, 128);
+    if (ld->source == MDL_WEIGHTS_DUMMY) {
+        float *buf = tmp_get(ld, (size_t)nrows * ncols);
+        if (!buf) return DUET_ERR_NO_MEMORY;
+        duet_status st = load_slice(ld, name, full_out, full_in, r0, nrows, c0, ncols, buf);
+        if (st != DUET_OK) return st;
+        const float scale = 0.02f * 1.7320508f / 448.0f, inv = 1.0f / scale;
+        for (int i = 0; i < rb * cb; i++) s[i] = scale;
+        (void)e4m3_quant(0.0f); /* its table filled here, not by the threads below */
+#pragma omp parallel for schedule(static) if ((size_t)nrows * ncols > 65536)
+        for (int i = 0; i < nrows; i++)
+            for (int j = 0; j < ncols; j++)
+                q[(size_t)i * ncols + j] = e4m3_quant(buf[(size_t)i * ncols + j] * inv);
+        return DUET_OK;
+    }
+    const st_tensor *t = st_find(ld->st, name);
+    if (!t || t->dtype != DT_F8_E4M3 || r0 + nrows > full_out) return DUET_ERR_UNSUPPORTED;
+    int64_t dims[2] = {full_out, full_in};
+    duet_status st = st_expect_shape(t, 2, dims);
+    if (st != DUET_OK) return st;
+    char sname[512];
+    snprintf(sname, sizeof sname, "%s_scale_inv", name);
+    const st_tensor *sc = st_find(ld->st, sname);
+    if (!sc) {
+        LOG_ERROR("%s: tensor %s is F8_E4M3 but %s is missing", t->file, name, sname);
+        return DUET_ERR_NOT_FOUND;
+    }
+    int64_t sd[2] = {cdiv(full_out, 128), cdiv(full_in, 128)};
+    st = st_expect_shape(sc, 2, sd);
+    if (st != DUET_OK) return st;
+    if (sc->dtype != DT_F32 && sc->dtype != DT_BF16 && sc->dtype != DT_F16) {
+        LOG_ERROR("%s: scale tensor %s has dtype %s (a float type is needed)", sc->file, sname,
+                  sc->dtype_name);
+        return DUET_ERR_FORMAT;
+    }
+    for (int i = 0; i < nrows; i++)
+        memcpy(q + (size_t)i * ncols,
+               (const uint8_t *)t->data + (size_t)(r0 + i) * (size_t)full_in + (size_t)c0,
+               (size_t)ncols);
+    size_t ses = dt_size((dt_dtype)sc->dtype);
+    for (int i = 0; i < rb; i++)
+        dt_to_f32((dt_dtype)sc->dtype,
+                  (const unsigned char *)sc->data +
+                      ((size_t)(r0 / 128 + i) * (size_t)sd[1] + (size_t)(c0 / 128)) * ses,
+                  s + (size_t)i * cb, (size_t)cb);
+    for (int i = 0; i < rb * cb; i++)
+        if (!(s[i] > 0.0f) || !isfinite(s[i])) {
+            LOG_ERROR("%s: %s holds a scale that is not a positive finite number (%g)", sc->file,
+                      sname, s[i]);
+            return DUET_ERR_FORMAT;
+        }
+    return DUET_OK;
+}
+
+/* One or two parts (gate and up) of FP8 rows, then the backend's FP8 weight. *done false:
+ * the checkpoint or the backend said no, nothing was created, the caller dequantizes. */
+static duet_status load_fp8_parts(loader *ld, const char *const names[2], int full_out, int full_in,
+                                  int r0, int nrows, int c0, int ncols, int parts, be_weight **w_p,
+                                  bool *done) {
+    *done = false;
+    if (!ld->fp8 || !mplan_fp8_resident(ld->c, r0, c0, ncols)) return DUET_OK;
+    size_t cb = (size_t)cdiv(ncols, 128), rb = (size_t)cdiv(nrows, 128);
+    if (!q_get(ld, (size_t)parts * nrows * ncols, parts * rb * cb)) return DUET_ERR_NO_MEMORY;
+    for (int p = 0; p < parts; p++) {
+        duet_status st =
+            load_slice_fp8(ld, names[p], full_out, full_in, r0, nrows, c0, ncols,
+                           ld->q + (size_t)p * nrows * ncols, ld->qs + (size_t)p * rb * cb);
+        if (st == DUET_ERR_UNSUPPORTED) return DUET_OK;
+        if (st != DUET_OK) return st;
+    }
+    duet_status st =
+        ld->be->ops->weight_create_fp8(ld->be, ld->q, ld->qs, parts * nrows, ncols, nrows, w_p);
+    if (st == DUET_ERR_UNSUPPORTED) {
+        ld->fp8 = false; /* this backend takes none: dequantize from here on */
+        /* dummy parts went through load_slice, which counted them; the caller loads again */
+        if (ld->source == MDL_WEIGHTS_DUMMY) ld->prog.tensors -= parts;
+        return DUET_OK;
+    }
+    if (st != DUET_OK) return st;
+    *done = true;
+    if (ld->source != MDL_WEIGHTS_DUMMY) progress_add(&ld->prog, parts, 0); /* dummy: counted */
+    long long n = (long long)parts * nrows * ncols;
+    progress_add(&ld->prog, 0,
+                 ld->fp8_plan ? n + 4LL * parts * (long long)(rb * cb)
+                              : n * (long long)dt_size(ld->be->ops->act_dtype));
+    return DUET_OK;
 }
 
 static const char *display_dir(const loader *ld) {
@@ -203,14 +354,30 @@ static duet_status upload_weight(loader *ld, const float *w, int n_out, int n_in
     return st;
 }
 
-/* A whole or row/col-sliced linear weight onto the backend. */
-static duet_status load_linear(loader *ld, const char *name, int full_out, int full_in, int r0,
-                               int nrows, int c0, int ncols, bool keep_f32, be_weight **w_p) {
+/* A whole or row/col-sliced linear weight onto the backend; fp8: a projection an FP8
+ * checkpoint may store as e4m3, kept so where it can be. */
+static duet_status load_linear_as(loader *ld, const char *name, int full_out, int full_in, int r0,
+                                  int nrows, int c0, int ncols, bool keep_f32, bool fp8,
+                                  be_weight **w_p) {
+    if (fp8) {
+        const char *names[2] = {name, NULL};
+        bool done;
+        duet_status st =
+            load_fp8_parts(ld, names, full_out, full_in, r0, nrows, c0, ncols, 1, w_p, &done);
+        if (st != DUET_OK || done) return st;
+    }
     float *buf = tmp_get(ld, (size_t)nrows * ncols);
     if (!buf) return DUET_ERR_NO_MEMORY;
     duet_status st = load_slice(ld, name, full_out, full_in, r0, nrows, c0, ncols, buf);
     if (st != DUET_OK) return st;
     return upload_weight(ld, buf, nrows, ncols, keep_f32, w_p);
+}
+
+/* A projection of a layer (FP8 where the checkpoint and backend allow). */
+static duet_status load_linear(loader *ld, const char *name, int full_out, int full_in, int r0,
+                               int nrows, int c0, int ncols, bool keep_f32, be_weight **w_p) {
+    return load_linear_as(ld, name, full_out, full_in, r0, nrows, c0, ncols, keep_f32, !keep_f32,
+                          w_p);
 }
 
 static duet_status load_vec(loader *ld, const char *name, int n, void **dev_p) {
@@ -224,9 +391,26 @@ static duet_status load_vec(loader *ld, const char *name, int n, void **dev_p) {
 
 /* prefix.gate_proj / up_proj rows [i0, i0 + n) fused as gate_up [2n, D]; down_proj columns
  * [i0, i0 + n) as down [D, n]. full_i is the unsplit intermediate width. */
-static duet_status load_ffn(loader *ld, const char *prefix, int full_i, int i0, int n, be_ffn *f) {
+/* fp8: the layer's rule lets this MLP stay FP8 (memplan.h: whole MLPs, a MoE layer's experts
+ * all together); otherwise both weights are dequantized */
+static duet_status load_ffn(loader *ld, const char *prefix, int full_i, int i0, int n, bool fp8,
+                            be_ffn *f) {
     int D = ld->c->hidden_size;
     char name[512];
+    f->n_inter = n;
+    if (fp8) {
+        char gname[512], uname[512];
+        snprintf(gname, sizeof gname, "%s.gate_proj.weight", prefix);
+        snprintf(uname, sizeof uname, "%s.up_proj.weight", prefix);
+        const char *names[2] = {gname, uname};
+        bool done;
+        duet_status st = load_fp8_parts(ld, names, full_i, D, i0, n, 0, D, 2, &f->gate_up, &done);
+        if (st != DUET_OK) return st;
+        if (done) {
+            snprintf(name, sizeof name, "%s.down_proj.weight", prefix);
+            return load_linear(ld, name, D, full_i, 0, D, i0, n, false, &f->down);
+        }
+    }
     float *buf = tmp_get(ld, (size_t)2 * n * D > (size_t)D * n ? (size_t)2 * n * D : (size_t)D * n);
     if (!buf) return DUET_ERR_NO_MEMORY;
     snprintf(name, sizeof name, "%s.gate_proj.weight", prefix);
@@ -235,8 +419,8 @@ static duet_status load_ffn(loader *ld, const char *prefix, int full_i, int i0, 
     if (st == DUET_OK) st = load_slice(ld, name, full_i, D, i0, n, 0, D, buf + (size_t)n * D);
     if (st == DUET_OK) st = upload_weight(ld, buf, 2 * n, D, false, &f->gate_up);
     snprintf(name, sizeof name, "%s.down_proj.weight", prefix);
-    if (st == DUET_OK) st = load_linear(ld, name, D, full_i, 0, D, i0, n, false, &f->down);
-    f->n_inter = n;
+    if (st == DUET_OK)
+        st = load_linear_as(ld, name, D, full_i, 0, D, i0, n, false, false, &f->down);
     return st;
 }
 
@@ -272,8 +456,8 @@ static duet_status load_layer(loader *ld, mdl_weights *w, int l) {
     if (st == DUET_OK)
         st = load_vec(ld, NAME("self_attn.kv_a_layernorm.weight"), L, &ly->kv_a_norm);
     if (st == DUET_OK)
-        st = load_linear(ld, NAME("self_attn.kv_b_proj.weight"), H * nv, L, h0 * nv, Hl * nv, 0, L,
-                         false, &ly->kv_b);
+        st = load_linear_as(ld, NAME("self_attn.kv_b_proj.weight"), H * nv, L, h0 * nv, Hl * nv, 0,
+                            L, false, false, &ly->kv_b); /* MLA reads it as bf16 */
     if (st == DUET_OK)
         st = load_linear(ld, NAME("self_attn.o_proj.weight"), D, H * c->v_head_dim, 0, D,
                          h0 * c->v_head_dim, Hl * c->v_head_dim, false, &ly->o);
@@ -281,14 +465,16 @@ static duet_status load_layer(loader *ld, mdl_weights *w, int l) {
 
     ly->moe = cfg_layer_is_moe(c, l);
     if (!ly->moe) {
-        return load_ffn(ld, NAME("mlp"), c->intermediate_size, pl->shard.tp_rank * pl->inter_local,
-                        pl->inter_local, &ly->dense);
+        int i0 = pl->shard.tp_rank * pl->inter_local;
+        return load_ffn(ld, NAME("mlp"), c->intermediate_size, i0, pl->inter_local,
+                        mplan_fp8_ffn_resident(c, i0, pl->inter_local), &ly->dense);
     }
     int E = c->n_routed_experts;
     st = load_linear(ld, NAME("mlp.gate.weight"), E, D, 0, E, 0, D, true, &ly->gate);
     if (st == DUET_OK && c->topk_method == CFG_TOPK_NOAUX_TC)
         st = load_vec(ld, NAME("mlp.gate.e_score_correction_bias"), E, &ly->gate_bias);
     if (st != DUET_OK) return st;
+    const bool moe_fp8 = mplan_fp8_moe_resident(c, pl);
     ly->experts = calloc((size_t)pl->n_local_experts, sizeof *ly->experts);
     if (!ly->experts) return DUET_ERR_NO_MEMORY;
     /* without EP every rank holds every expert, its intermediate split over TP */
@@ -296,13 +482,14 @@ static duet_status load_layer(loader *ld, mdl_weights *w, int l) {
     for (int e = 0; e < pl->n_local_experts && st == DUET_OK; e++) {
         char ep[300];
         snprintf(ep, sizeof ep, "%s.mlp.experts.%d", p, pl->expert0 + e);
-        st = load_ffn(ld, ep, c->moe_intermediate_size, ei0, pl->expert_inter_local,
+        st = load_ffn(ld, ep, c->moe_intermediate_size, ei0, pl->expert_inter_local, moe_fp8,
                       &ly->experts[e]);
     }
     if (st == DUET_OK && c->n_shared_experts > 0)
-        st = load_ffn(
-            ld, NAME("mlp.shared_experts"), c->n_shared_experts * c->moe_intermediate_size,
-            pl->shard.tp_rank * pl->shared_inter_local, pl->shared_inter_local, &ly->shared);
+        st =
+            load_ffn(ld, NAME("mlp.shared_experts"), c->n_shared_experts * c->moe_intermediate_size,
+                     pl->shard.tp_rank * pl->shared_inter_local, pl->shared_inter_local, moe_fp8,
+                     &ly->shared);
 #undef NAME
     return st;
 }
@@ -339,15 +526,19 @@ duet_status mdl_weights_load(const char *dir, const cfg_model *c, const mdl_plan
     if (source == MDL_WEIGHTS_CHECKPOINT) st = st_open_dir(dir, &ld.st);
     if (st == DUET_OK) note_skipped_layers(&ld);
     if (st == DUET_OK) progress_start(&ld.prog, c, plan, be->ops->act_dtype);
+    /* offered where the backend has the op; the first refusal (CUDA with float32 activations,
+     * the CPU backend unless it emulates the FP8 prefill GEMMs) ends the offers */
+    ld.fp8 = be->ops->weight_create_fp8 != NULL && c->fp8;
+    ld.fp8_plan = mplan_weight_format_auto(c, be->ops->act_dtype) == MPLAN_WEIGHTS_FP8;
 
     int D = c->hidden_size, V = c->vocab_size;
     if (st == DUET_OK)
-        st = load_linear(&ld, "model.embed_tokens.weight", V, D, plan->vocab0, plan->vocab_local, 0,
-                         D, false, &w->embed);
+        st = load_linear_as(&ld, "model.embed_tokens.weight", V, D, plan->vocab0, plan->vocab_local,
+                            0, D, false, false, &w->embed);
     if (st == DUET_OK)
-        st = load_linear(&ld,
-                         c->tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight", V,
-                         D, plan->vocab0, plan->vocab_local, 0, D, false, &w->lm_head);
+        st = load_linear_as(&ld,
+                            c->tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight",
+                            V, D, plan->vocab0, plan->vocab_local, 0, D, false, false, &w->lm_head);
     if (st == DUET_OK) st = load_vec(&ld, "model.norm.weight", D, &w->final_norm);
     if (st == DUET_OK) {
         w->layers = calloc((size_t)c->num_hidden_layers, sizeof *w->layers);
@@ -357,6 +548,8 @@ duet_status mdl_weights_load(const char *dir, const cfg_model *c, const mdl_plan
     for (int l = 0; st == DUET_OK && l < c->num_hidden_layers; l++) st = load_layer(&ld, w, l);
     if (st == DUET_OK) progress_end(&ld.prog);
     free(ld.tmp);
+    free(ld.q);
+    free(ld.qs);
     st_close(ld.st);
     if (st != DUET_OK) {
         mdl_weights_destroy(w);

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of one device-machine call, run from the offline bundle:
-#   bash .bundle/run.sh bash .bundle/device_check.sh quick|single|multi|mla|moe
+#   bash .bundle/run.sh bash .bundle/device_check.sh quick|single|multi|mla|moe|fp8|fp8-plan
 # quick (one GPU): the op and sampling tests, the goldens on every path, the memory plan.
 # single (one GPU): op test, sampling test and benchmark, goldens on CUDA in float32 and bf16
 # (the device MoE path, and the host-routing one for comparison), bf16 against the
@@ -13,6 +13,11 @@
 # mla (one GPU): the MLA decode kernels: op test, compute-sanitizer (memcheck over the op test,
 # racecheck and synccheck over its MLA kernels), their SASS, and bench_mla's table
 # (docs/kernels/mla.md).
+# fp8 (one GPU): the FP8 weights (docs/kernels/fp8.md): op test (FP8 linear and experts
+# against the CPU), the FP8 goldens with bf16 activations (the FP8 path) against the
+# bf16-emulating CPU backend and alone, compute-sanitizer over the op test and an FP8 golden,
+# and bench_fp8's table. fp8-plan (one GPU): the memory plan against a DeepSeek-V3 cut to 12
+# layers (FP8 dummy weights, ~102 GiB) on the device.
 # Full output goes to $OUT/all.log (few files come back), a summary to stdout at the end.
 set -u
 out=${OUT:-/tmp/duet-device}
@@ -129,6 +134,33 @@ multi)
     run rank-failure-cuda bash "$DUET_BUNDLE/rank_failure.sh" "$(command -v duet-check)" \
         "$G/tiny-v3" --backend cuda --dtype float32
     ;;
+fp8)
+    TMO=150 run op-test test_backend_ops
+    for c in tiny-v3-fp8-smooth tiny-v3-fp8; do
+        [ -d "$G/$c" ] || continue
+        run "golden-fp8-bf16-vs-emulated-$c" duet-check golden --backend cuda --dtype bfloat16 \
+            --compare-to bf16-emulated --per-row "$G/$c"
+    done
+    run golden-fp8-bf16-tiny-v3-fp8 duet-check golden --backend cuda --dtype bfloat16 \
+        "$G/tiny-v3-fp8"
+    # the opt-in FP8 prefill GEMMs (cuBLASLt block-scaled) against their emulation
+    [ -d "$G/tiny-v3-fp8-smooth" ] &&
+        run golden-fp8-prefill-vs-emulated env DUET_FP8_PREFILL_ROWS=32 duet-check golden \
+            --backend cuda --dtype bfloat16 --compare-to bf16-emulated --tol 0.13 --per-row \
+            "$G/tiny-v3-fp8-smooth"
+    run golden-fp8-f32-tiny-v3-fp8 duet-check golden --backend cuda --dtype float32 \
+        "$G/tiny-v3-fp8"
+    TMO=150 run sanitizer-golden-bf16-fp8 "$san" --tool memcheck --error-exitcode 9 \
+        duet-check golden --backend cuda --dtype bfloat16 "$G/tiny-v3-fp8"
+    TMO=200 DUET_TEST_MOE_QUICK=1 run sanitizer-op-test "$san" --tool memcheck \
+        --error-exitcode 9 test_backend_ops
+    TMO=200 run bench-fp8 bash -c "set -o pipefail; bench_fp8 | tee '$out/bench_fp8.txt'"
+    ;;
+fp8-plan)
+    # DeepSeek-V3 cut to 12 layers, FP8 dummy weights (~102 GiB): the plan against the device
+    TMO=540 run memplan-check-v3-12l-fp8 memplan_check --model "$DUET_BUNDLE/models/v3-12l" \
+        --backend cuda --load-format dummy
+    ;;
 mla)
     # most telling first; the timeouts add up to under the device call's 10 minutes
     TMO=120 run op-test test_backend_ops
@@ -156,6 +188,10 @@ if [ -f "$out/bench_sample.txt" ]; then
 fi
 grep -E "^SASS " "$log"
 [ -f "$out/bench_mla.txt" ] && sed -n '/^device copy/p;/^per op/,$p' "$out/bench_mla.txt"
+if [ -f "$out/bench_fp8.txt" ]; then
+    echo "---- bench_fp8"
+    cat "$out/bench_fp8.txt"
+fi
 # the MoE microbenchmark's table, whole
 sed -n '/^ceilings:/,/^PASS$\|^FAIL$/p' "$log" | tail -c 3000
 echo "---- summary"

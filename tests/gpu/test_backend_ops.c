@@ -3,7 +3,9 @@
  * outputs are poisoned with NaN first, so an element the kernel never wrote fails the op.
  * Inputs are bf16-exact, so both backends start from identical values and the error measured
  * is the op's own. The device MoE ops run at DeepSeek-V2-Lite and -V3 shapes (T = 1, 7, 64,
- * 300; DUET_TEST_MOE_QUICK=1 keeps T = 1, 7). Exit 77 (skip) without a CUDA device.
+ * 300; DUET_TEST_MOE_QUICK=1 keeps T = 1, 7). FP8 weights (e4m3 with 128x128 block scales) run
+ * linear and the MoE ops against the same weights dequantized on the CPU. Exit 77 (skip)
+ * without a CUDA device.
  * DUET_TEST_SEED fixes the inputs. */
 #include <math.h>
 #include <stdio.h>
@@ -138,6 +140,166 @@ static void *vec_new(tb *t, int k, const float *v, int n) {
 
 static void set_batch(tb *t, const be_batch *b) {
     for (int k = 0; k < 2; k++) CHECK(t->be[k]->ops->set_batch(t->be[k], b) == DUET_OK);
+}
+
+/* ---- FP8 weights (be_ops.weight_create_fp8) ----
+ * Random e4m3 bytes (no NaN codes) and random positive 128x128 block scales: the GPU keeps them
+ * FP8, the CPU reference gets the same weight dequantized to float32 (what the loader gives a
+ * backend without FP8 weights). Only bf16 activations take FP8 weights. */
+
+static float fp8_scale_at(const float *s, int split, int n_in, int r, int c) {
+    int cb = (n_in + 127) / 128;
+    int br = r < split ? r / 128 : (split + 127) / 128 + (r - split) / 128;
+    return s[(size_t)br * cb + c / 128];
+}
+
+/* amax: the weight's magnitude bound (scales a / 448 times 0.5..1.5) */
+static bool pweight_fp8_new(tb *t, int n_out, int n_in, int split, float a, pweight *w) {
+    int cb = (n_in + 127) / 128, rb = (split + 127) / 128 + (n_out - split + 127) / 128;
+    uint8_t *q = malloc((size_t)n_out * n_in);
+    float *s = malloc((size_t)rb * cb * sizeof(float));
+    float *h = malloc((size_t)n_out * n_in * sizeof(float));
+    for (size_t i = 0; i < (size_t)n_out * n_in; i++) {
+        uint8_t v;
+        do v = (uint8_t)(rnd() >> 32);
+        while ((v & 0x7f) == 0x7f); /* NaN */
+        q[i] = v;
+    }
+    for (int i = 0; i < rb * cb; i++) s[i] = a / 448.0f * (0.5f + (float)(rnd() % 1000) / 1000.0f);
+    for (int r = 0; r < n_out; r++)
+        for (int c = 0; c < n_in; c++)
+            h[(size_t)r * n_in + c] =
+                dt_e4m3_to_f32(q[(size_t)r * n_in + c]) * fp8_scale_at(s, split, n_in, r, c);
+    duet_status st = t->be[CPU]->ops->weight_create(t->be[CPU], h, n_out, n_in, false, &w->w[CPU]);
+    CHECK(st == DUET_OK);
+    const be_ops *g = t->be[GPU]->ops;
+    bool ok = g->weight_create_fp8 != NULL;
+    CHECK_MSG(ok, "the CUDA backend has no weight_create_fp8");
+    if (ok) {
+        st = g->weight_create_fp8(t->be[GPU], q, s, n_out, n_in, split, &w->w[GPU]);
+        if (t->dt == DT_BF16) {
+            CHECK_MSG(st == DUET_OK, "weight_create_fp8: %s", duet_strerror(st));
+        } else {
+            /* float32 activations: the caller must dequantize */
+            CHECK_EQ_INT(st, DUET_ERR_UNSUPPORTED);
+        }
+        ok = st == DUET_OK;
+    }
+    if (!ok) t->be[CPU]->ops->weight_destroy(t->be[CPU], w->w[CPU]);
+    free(q);
+    free(s);
+    free(h);
+    return ok;
+}
+
+/* y = x @ W^T for an FP8 W [n_out, n_in] (two block grids split at row `split`), T rows of x
+ * x_stride apart (not a multiple of 8: the SIMT kernel) */
+static void test_linear_fp8_case(tb *t, const char *name, int T, int n_out, int n_in, int split,
+                                 int stride) {
+    pweight w;
+    if (!pweight_fp8_new(t, n_out, n_in, split, 1.7f / sqrtf((float)n_in), &w)) return;
+    float *xh = rand_vec((size_t)T * stride, 1.0f);
+    pbuf x = pbuf_new(t, xh, (size_t)T * stride, false);
+    pbuf y = pbuf_new(t, NULL, (size_t)T * n_out, true);
+    for (int k = 0; k < 2; k++) t->be[k]->ops->linear(t->be[k], y.b[k], x.b[k], stride, T, w.w[k]);
+    char label[96];
+    snprintf(label, sizeof label, "linear fp8 %s T=%d", name, T);
+    compare(t, label, &y, t->tol);
+    pbuf_free(t, &x);
+    pbuf_free(t, &y);
+    pweight_free(t, &w);
+    free(xh);
+}
+
+/* be_cuda_fp8_gemm_lt (the FP8 tensor-core GEMM for prefill, not yet used by linear) against
+ * a host reference applying the same quantization of x: per token and 128 columns, scale =
+ * amax / 448, e4m3 of x / scale rounded to nearest; W = e4m3 * its block's scale, unrounded. */
+static void test_fp8_lt(tb *t, int T, int N, int K) {
+    int cb = K / 128, rb = (N + 127) / 128;
+    uint8_t *q = malloc((size_t)N * K);
+    float *s = malloc((size_t)rb * cb * sizeof(float));
+    for (size_t i = 0; i < (size_t)N * K; i++) {
+        uint8_t v;
+        do v = (uint8_t)(rnd() >> 32);
+        while ((v & 0x7f) == 0x7f);
+        q[i] = v;
+    }
+    for (int i = 0; i < rb * cb; i++) s[i] = 0.01f * (0.5f + (float)(rnd() % 1000) / 1000.0f);
+    float *xh = rand_vec((size_t)T * K, 1.0f);
+    be_backend *g = t->be[GPU];
+    be_weight *w = NULL;
+    CHECK(g->ops->weight_create_fp8(g, q, s, N, K, N, &w) == DUET_OK);
+    void *x = g->ops->buf_alloc(g, (size_t)T * K);
+    g->ops->upload(g, x, 0, xh, (size_t)T * K);
+    pbuf y = pbuf_new(t, NULL, (size_t)T * N, true);
+    duet_status st = w ? be_cuda_fp8_gemm_lt(g, y.b[GPU], N, x, K, T, w) : DUET_ERR_INTERNAL;
+    char label[96];
+    snprintf(label, sizeof label, "fp8 cuBLASLt T=%d %dx%d", T, N, K);
+    if (st == DUET_ERR_UNSUPPORTED) {
+        printf("  %-22s bf16  cuBLASLt has no block-scaled FP8 GEMM here: not run\n", label);
+    } else if (st != DUET_OK) {
+        CHECK_MSG(0, "%s: %s", label, duet_strerror(st));
+        t->failed++;
+    } else {
+        /* the reference goes through the CPU side's buffer, so compare_raw can line them up */
+        float *ref = malloc((size_t)T * N * sizeof(float)), *xq = malloc((size_t)K * sizeof(float));
+        for (int i = 0; i < T; i++) {
+            for (int kb = 0; kb < cb; kb++) {
+                float a = 0;
+                for (int k = kb * 128; k < kb * 128 + 128; k++) a = fmaxf(a, fabsf(xh[i * K + k]));
+                float sc = a > 0 ? a / 448.0f : 1.0f;
+                for (int k = kb * 128; k < kb * 128 + 128; k++)
+                    xq[k] = dt_e4m3_to_f32(dt_f32_to_e4m3(xh[i * K + k] / sc)) * sc;
+            }
+            for (int n = 0; n < N; n++) {
+                double acc = 0;
+                for (int k = 0; k < K; k++)
+                    acc += (double)xq[k] * dt_e4m3_to_f32(q[(size_t)n * K + k]) *
+                           s[(n / 128) * cb + k / 128];
+                ref[(size_t)i * N + n] = (float)acc;
+            }
+        }
+        t->be[CPU]->ops->upload(t->be[CPU], y.b[CPU], 0, ref, (size_t)T * N);
+        compare(t, label, &y, t->tol);
+        free(ref);
+        free(xq);
+    }
+    g->ops->buf_free(g, x);
+    pbuf_free(t, &y);
+    if (w) g->ops->weight_destroy(g, w);
+    free(q);
+    free(s);
+    free(xh);
+}
+
+static void test_fp8(tb *t) {
+    if (t->dt != DT_BF16) {
+        pweight w;
+        CHECK(!pweight_fp8_new(t, 64, 64, 64, 0.1f, &w)); /* refused with float32 */
+        return;
+    }
+    /* bad shapes: columns not a multiple of 16, a split outside the rows */
+    be_weight *bad = NULL;
+    uint8_t q[40 * 24] = {0};
+    float s[4] = {1, 1, 1, 1};
+    be_backend *g = t->be[GPU];
+    CHECK_EQ_INT(g->ops->weight_create_fp8(g, q, s, 40, 24, 40, &bad), DUET_ERR_INVALID);
+    CHECK_EQ_INT(g->ops->weight_create_fp8(g, q, s, 40, 16, 41, &bad), DUET_ERR_INVALID);
+    CHECK(bad == NULL);
+    /* T <= 8: the one-pass kernel (dequantized in registers); more: the tensor-core tiles */
+    static const int Ts[8] = {1, 2, 3, 8, 16, 33, 64, 300};
+    /* gate_up of a narrow MLP: two grids, partial blocks (200 rows, 1072 columns) */
+    for (int i = 0; i < 8; i++)
+        test_linear_fp8_case(t, "gate_up 2x200x1072", Ts[i], 400, 1072, 200, 1072);
+    /* DeepSeek-V3's kv_a_proj_with_mqa [576, 7168]: K past one staged chunk of x */
+    for (int i = 0; i < 7; i++)
+        test_linear_fp8_case(t, "V3 kv_a 576x7168", Ts[i], 576, 7168, 576, 7168);
+    /* rows of x at an odd stride: unaligned rows in the one-pass kernel, the SIMT tiles */
+    test_linear_fp8_case(t, "odd stride", 5, 136, 272, 136, 275);
+    test_linear_fp8_case(t, "odd stride", 20, 136, 272, 136, 275);
+    test_fp8_lt(t, 300, 256, 1024);
+    test_fp8_lt(t, 64, 576, 7168);
+    test_fp8_lt(t, 1, 128, 512);
 }
 
 /* ---- simple ops ---- */
@@ -558,6 +720,43 @@ static void test_experts(tb *t) {
     free(oh);
 }
 
+/* moe_experts (host routing) over FP8 experts */
+static void test_experts_fp8(tb *t) {
+    int T = 40, D = 256, K = 4, E = 8, I = 160;
+    float *xh = rand_vec((size_t)T * D, 1.0f), *oh = rand_vec((size_t)T * D, 1.0f);
+    pbuf x = pbuf_new(t, xh, (size_t)T * D, false), out = pbuf_new(t, oh, (size_t)T * D, false);
+    int32_t *ids = malloc((size_t)T * K * sizeof(int32_t));
+    float *w = malloc((size_t)T * K * sizeof(float));
+    for (int i = 0; i < T; i++)
+        for (int k = 0; k < K; k++) {
+            ids[i * K + k] = (int32_t)((i + 3 * k) % E); /* distinct: K < E, steps of 3 */
+            w[i * K + k] = 0.1f + (float)(rnd() % 1000) / 1000.0f;
+        }
+    pweight gu[8], dn[8];
+    be_ffn f[2][8];
+    bool ok = true;
+    for (int e = 0; e < E; e++) {
+        ok = pweight_fp8_new(t, 2 * I, D, I, 1.7f / sqrtf((float)D), &gu[e]) && ok;
+        ok = pweight_fp8_new(t, D, I, D, 1.7f / sqrtf((float)I), &dn[e]) && ok;
+        for (int k = 0; k < 2; k++) f[k][e] = (be_ffn){gu[e].w[k], dn[e].w[k], I};
+    }
+    if (ok) {
+        for (int k = 0; k < 2; k++)
+            t->be[k]->ops->moe_experts(t->be[k], out.b[k], x.b[k], T, D, ids, w, K, f[k], 0, E);
+        compare(t, "moe_experts fp8", &out, t->tol);
+        for (int e = 0; e < E; e++) {
+            pweight_free(t, &gu[e]);
+            pweight_free(t, &dn[e]);
+        }
+    }
+    pbuf_free(t, &x);
+    pbuf_free(t, &out);
+    free(ids);
+    free(w);
+    free(xh);
+    free(oh);
+}
+
 /* ---- MoE on the device (moe_route_dev, moe_experts_dev, moe_ep_pack / unpack) ---- */
 
 /* device bytes on each backend, from host (or NaN-poisoned on the GPU side) */
@@ -602,7 +801,15 @@ typedef struct pmoe {
     be_ffn *f[2], shared[2];
 } pmoe;
 
-static pmoe pmoe_new(tb *t, int n, int D, int I, int Is) {
+/* a weight of pmoe_new: FP8 (gate_up split between gate and up) or of the activation type */
+static pweight moe_weight(tb *t, int n_out, int n_in, int split, float a, bool fp8) {
+    pweight w = {{NULL, NULL}};
+    if (!fp8) return pweight_new(t, n_out, n_in, a, false);
+    pweight_fp8_new(t, n_out, n_in, split, a, &w);
+    return w;
+}
+
+static pmoe pmoe_new_as(tb *t, int n, int D, int I, int Is, bool fp8) {
     pmoe m = {.n = n, .D = D, .I = I, .Is = Is};
     m.gu = calloc((size_t)n, sizeof(pweight));
     m.dn = calloc((size_t)n, sizeof(pweight));
@@ -610,16 +817,20 @@ static pmoe pmoe_new(tb *t, int n, int D, int I, int Is) {
     /* weights scaled so activations stay O(1) through both GEMMs */
     float a_up = 1.7f / sqrtf((float)D), a_dn = 1.7f / sqrtf((float)I);
     for (int e = 0; e < n; e++) {
-        m.gu[e] = pweight_new(t, 2 * I, D, a_up, false);
-        m.dn[e] = pweight_new(t, D, I, a_dn, false);
+        m.gu[e] = moe_weight(t, 2 * I, D, I, a_up, fp8);
+        m.dn[e] = moe_weight(t, D, I, D, a_dn, fp8);
         for (int k = 0; k < 2; k++) m.f[k][e] = (be_ffn){m.gu[e].w[k], m.dn[e].w[k], I};
     }
     if (Is) {
-        m.sgu = pweight_new(t, 2 * Is, D, a_up, false);
-        m.sdn = pweight_new(t, D, Is, 1.7f / sqrtf((float)Is), false);
+        m.sgu = moe_weight(t, 2 * Is, D, Is, a_up, fp8);
+        m.sdn = moe_weight(t, D, Is, D, 1.7f / sqrtf((float)Is), fp8);
         for (int k = 0; k < 2; k++) m.shared[k] = (be_ffn){m.sgu.w[k], m.sdn.w[k], Is};
     }
     return m;
+}
+
+static pmoe pmoe_new(tb *t, int n, int D, int I, int Is) {
+    return pmoe_new_as(t, n, D, I, Is, false);
 }
 
 static void pmoe_free(tb *t, pmoe *m) {
@@ -928,6 +1139,20 @@ static void test_moe_dev(tb *t) {
         test_experts_dev(t, "experts_dev V3 EP rank", &v3r, Ts[i], 8, 64, 256, false);
     for (int i = 0; i < nT; i++) test_ep_dev(t, &v3r, Ts[i], 8, 16, 2, 1, 3, 4);
     pmoe_free(t, &v3r);
+    if (t->dt == DT_BF16) {
+        /* FP8 experts (grouped GEMM dequantizing e4m3 tiles): V3's D 7168 with I 256 (one EP
+         * rank's 16 experts plus a shared one), decode and prefill token counts */
+        pmoe f8 = pmoe_new_as(t, 16, 7168, 256, 256, true);
+        for (int i = 0; i < nT; i++)
+            test_experts_dev(t, "experts_dev fp8 V3 rank", &f8, Ts[i], 8, 0, 16, true);
+        test_experts_dev(t, "experts_dev fp8 -sh", &f8, 64, 8, 0, 16, false);
+        be_route_params fp = v3_p;
+        fp.n_experts = 16;
+        fp.n_group = 1;
+        fp.topk_group = 1;
+        for (int i = 0; i < nT; i++) test_moe_pipeline(t, "moe fp8 V3 rank", &f8, &fp, Ts[i]);
+        pmoe_free(t, &f8);
+    }
     /* odd shapes: the SIMT kernel on bf16 too */
     pmoe odd = pmoe_new(t, 5, 100, 36, 20);
     test_experts_dev(t, "experts_dev odd shapes", &odd, 33, 3, 0, 5, true);
@@ -1003,6 +1228,8 @@ static void run_all(tb *t) {
     test_route(t, "moe_route (V2-Lite)", lite, false);
     test_experts(t);
     test_moe_dev(t);
+    test_fp8(t);
+    if (t->dt == DT_BF16) test_experts_fp8(t);
 }
 
 int main(void) {

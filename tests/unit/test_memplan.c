@@ -51,9 +51,9 @@ static void check_has(const char *text, const char *want) {
  * attention, dense MLP and shared experts, and 256 / 8 = 32 routed experts per MoE layer).
  * By hand, fp8(o, i) = o * i + 4 * ceil(o / 128) * ceil(i / 128) bytes:
  *   attention per layer: q_a fp8(1536, 7168) = 11,010,048 + 2,688; q_b fp8(128 * 192, 1536) =
- *     37,748,736 + 9,216; kv_a fp8(576, 7168) = 4,128,768 + 1,120; kv_b fp8(128 * 256, 512) =
- *     16,777,216 + 4,096; o fp8(7168, 16384) = 117,440,512 + 28,672: 187,151,072; x 61 layers
- *     = 11,416,215,392
+ *     37,748,736 + 9,216; kv_a fp8(576, 7168) = 4,128,768 + 1,120; kv_b bf16 (the MLA kernels
+ *     read it as bf16) 128 * 256 * 512 * 2 = 33,554,432; o fp8(7168, 16384) = 117,440,512 +
+ *     28,672: 203,924,192; x 61 layers = 12,439,375,712
  *   dense MLP: 3 layers x (2 fp8(18432, 7168) + fp8(7168, 18432)) = 3 x 396,458,496
  *     = 1,189,375,488
  *   one expert: 3 x fp8(2048, 7168) (or transposed) = 3 x (14,680,064 + 3,584) = 44,050,944;
@@ -62,7 +62,7 @@ static void check_has(const char *text, const char *want) {
  *   embedding + lm_head: 2 x 129,280 x 7168 x 2 (bf16) = 3,706,716,160
  *   norms and router, float32: 61 x (2 x 7168 + 1536 + 512) + 7168 = 1,006,592 floats, and
  *     58 x (256 x 7168 + 256) = 106,445,312 router floats: 4 x 107,451,904 = 429,807,616 bytes
- *   total 101,055,621,472 bytes = 94.1 GiB; tensors: 3 + 61 x 9 + 3 x 3 + 58 x 101 = 6,419 */
+ *   total 102,078,781,792 bytes = 95.1 GiB; tensors: 3 + 61 x 9 + 3 x 3 + 58 x 101 = 6,419 */
 static void test_v3_8xh200_dp8_ep8_fp8(void) {
     mplan_inputs in = inputs(1, 8, true, H200, MPLAN_WEIGHTS_FP8);
     in.model_name = "DeepSeek-V3";
@@ -70,13 +70,13 @@ static void test_v3_8xh200_dp8_ep8_fp8(void) {
     if (!plan(&g_v3, &in, &p)) return;
     CHECK_EQ_INT(p.ep_size, 8);
     CHECK_EQ_INT(p.shard.n_local_experts, 32);
-    CHECK_EQ_INT(p.w.bytes[MPLAN_ATTENTION], 11416215392LL);
+    CHECK_EQ_INT(p.w.bytes[MPLAN_ATTENTION], 12439375712LL);
     CHECK_EQ_INT(p.w.bytes[MPLAN_DENSE_MLP], 1189375488LL);
     CHECK_EQ_INT(p.w.bytes[MPLAN_ROUTED_EXPERTS], 81758552064LL);
     CHECK_EQ_INT(p.w.bytes[MPLAN_SHARED_EXPERTS], 2554954752LL);
     CHECK_EQ_INT(p.w.bytes[MPLAN_EMBED_HEAD], 3706716160LL);
     CHECK_EQ_INT(p.w.bytes[MPLAN_NORMS_ROUTER], 429807616LL);
-    CHECK_EQ_INT(p.w.total, 101055621472LL);
+    CHECK_EQ_INT(p.w.total, 102078781792LL);
     CHECK_EQ_INT(p.w.tensors, 6419);
     /* 61 layers x (512 + 64) x 2 bytes */
     CHECK_EQ_INT(p.kv_bytes_per_token, 70272);
@@ -88,7 +88,7 @@ static void test_v3_8xh200_dp8_ep8_fp8(void) {
     check_has(p.verdict, "KV cache: ");
 }
 
-/* The same on 8 H100s: 94.1 GiB of weights per rank cannot fit 0.9 x 80 GiB = 72 GiB. */
+/* The same on 8 H100s: 95.1 GiB of weights per rank cannot fit 0.9 x 80 GiB = 72 GiB. */
 static void test_v3_8xh100_refused(void) {
     mplan_inputs in = inputs(1, 8, true, H100, MPLAN_WEIGHTS_FP8);
     in.model_name = "DeepSeek-V3";
@@ -96,30 +96,33 @@ static void test_v3_8xh100_refused(void) {
     if (!plan(&g_v3, &in, &p)) return;
     CHECK(!p.fits);
     CHECK_EQ_INT(p.kv_blocks, 0);
-    check_has(p.verdict, "DeepSeek-V3 on 8 GPUs of 80.0 GiB with DP8+EP8: 94.1 GiB of weights "
+    check_has(p.verdict, "DeepSeek-V3 on 8 GPUs of 80.0 GiB with DP8+EP8: 95.1 GiB of weights "
                          "per rank exceed 72.0 GiB (0.90 of 80.0 GiB)");
 }
 
 /* Two nodes of 8 H100s, DP16 + EP16: 16 routed experts per layer. By hand: routed 16 x 58 x
- * 44,050,944 = 40,879,276,032, the rest as on 8 GPUs: 60,176,345,440 bytes = 56.0 GiB. */
+ * 44,050,944 = 40,879,276,032, the rest as on 8 GPUs: 61,199,505,760 bytes = 57.0 GiB. */
 static void test_v3_16xh100_dp16_ep16_fp8(void) {
     mplan_inputs in = inputs(1, 16, true, H100, MPLAN_WEIGHTS_FP8);
     mplan p;
     if (!plan(&g_v3, &in, &p)) return;
     CHECK_EQ_INT(p.nodes, 2);
     CHECK_EQ_INT(p.w.bytes[MPLAN_ROUTED_EXPERTS], 40879276032LL);
-    CHECK_EQ_INT(p.w.total, 60176345440LL);
+    CHECK_EQ_INT(p.w.total, 61199505760LL);
     CHECK_MSG(p.fits, "%s", p.verdict);
     CHECK(p.act_ep > 0);
 }
 
-/* bf16 weights (what the loader does today) on 8 H200s: by hand 2 bytes per element
+/* bf16 weights (FP8 dequantized at load) on 8 H200s: by hand 2 bytes per element
  *   attention 61 x 2 x 187,105,280 = 22,826,844,160; dense 3 x 2 x 396,361,728 = 2,378,170,368;
  *   experts (32 + 1) x 58 x 2 x 44,040,192 = 168,585,854,976; embedding 3,706,716,160; norms
  *   and router 429,807,616: 197,927,393,280 bytes = 184.3 GiB > 126.4 GiB. */
 static void test_v3_bf16_refused(void) {
-    mplan_inputs in = inputs(1, 8, true, H200, mplan_weight_format_auto(&g_v3, DT_BF16));
-    CHECK_EQ_INT(in.weights, MPLAN_WEIGHTS_BF16);
+    /* the loader keeps an FP8 checkpoint FP8 with bf16 activations, dequantizes for float32 */
+    CHECK_EQ_INT(mplan_weight_format_auto(&g_v3, DT_BF16), MPLAN_WEIGHTS_FP8);
+    CHECK_EQ_INT(mplan_weight_format_auto(&g_v3, DT_F32), MPLAN_WEIGHTS_F32);
+    CHECK_EQ_INT(mplan_weight_format_auto(&g_lite, DT_BF16), MPLAN_WEIGHTS_BF16);
+    mplan_inputs in = inputs(1, 8, true, H200, MPLAN_WEIGHTS_BF16);
     mplan p;
     if (!plan(&g_v3, &in, &p)) return;
     CHECK_EQ_INT(p.w.total, 197927393280LL);
@@ -170,12 +173,12 @@ static void test_v2_lite_1xh200(void) {
 static void test_other_refusals(void) {
     mplan p;
     /* V3 over 16 H100s with max_model_len 163840: the expanded MLA of a prompt chunk needs
-     * 163840 x (512 + 128 x 256) x 2 x 1.5 bytes = 15.2 GiB of scratch on top of 56 GiB */
+     * 163840 x (512 + 128 x 256) x 2 x 1.5 bytes = 15.2 GiB of scratch on top of 57 GiB */
     mplan_inputs in = inputs(1, 16, true, H100, MPLAN_WEIGHTS_FP8);
     in.max_model_len = 163840;
     if (plan(&g_v3, &in, &p)) {
         CHECK(!p.fits);
-        check_has(p.verdict, "56.0 GiB of weights and ");
+        check_has(p.verdict, "57.0 GiB of weights and ");
         check_has(p.verdict, "GiB of activations per rank exceed 72.0 GiB");
     }
     /* V2-Lite with its whole 163840 context on a 40 GiB device: 36 GiB less 29.3 GiB of
@@ -315,7 +318,7 @@ static void test_print(void) {
     check_has(text, "0.90 of 140.4 GiB = 126.4 GiB");
     check_has(text, "routed experts");
     check_has(text, "76.1 GiB   32 experts x 58 MoE layers");
-    check_has(text, "94.1 GiB   6419 tensors");
+    check_has(text, "95.1 GiB   6419 tensors");
     check_has(text, "EP staging");
     check_has(text, "fits: KV cache: ");
     free(text);

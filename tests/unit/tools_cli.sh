@@ -66,7 +66,7 @@ expect_bad "--weights: expected one of auto, bf16, fp8, float32, got 'int4'" \
 "$check" plan "$data/deepseek-v3" --gpu-memory 80G -dp 8 --enable-expert-parallel --weights fp8 \
     >"$tmp/out" 2>"$tmp/err"
 rc=$?
-want="deepseek-v3 on 8 GPUs of 80.0 GiB with DP8+EP8: 94.1 GiB of weights per rank exceed 72.0 GiB"
+want="deepseek-v3 on 8 GPUs of 80.0 GiB with DP8+EP8: 95.1 GiB of weights per rank exceed 72.0 GiB"
 if [ "$rc" -eq 1 ] && [ "$(wc -l <"$tmp/err")" -eq 1 ] && grep -qF "$want" "$tmp/err" &&
     grep -q "^  does not fit: " "$tmp/out"; then
     echo "ok   $(cat "$tmp/err")"

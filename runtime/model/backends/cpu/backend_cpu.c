@@ -33,6 +33,10 @@ static int omp_get_thread_num(void) {
 struct be_weight {
     int n_out, n_in;
     float *w; /* [n_out, n_in] */
+    /* FP8 weights (bf16 emulation with DUET_FP8_PREFILL_ROWS only): e4m3 x block scale
+     * unrounded, the form the FP8 prefill GEMM multiplies; w holds it rounded to bf16 */
+    float *raw;
+    int split;
 };
 
 typedef struct cpu_backend {
@@ -138,6 +142,8 @@ static duet_status cpu_weight_create(be_backend *be, const float *w, int n_out, 
     bw->n_out = n_out;
     bw->n_in = n_in;
     bw->w = data;
+    bw->raw = NULL;
+    bw->split = n_out;
     *w_p = bw;
     return DUET_OK;
 }
@@ -146,7 +152,36 @@ static void cpu_weight_destroy(be_backend *be, be_weight *w) {
     (void)be;
     if (!w) return;
     free(w->w);
+    free(w->raw);
     free(w);
+}
+
+/* FP8 weights only where the emulation has to tell them apart: bf16 emulation with the FP8
+ * prefill GEMMs on (be_fp8_prefill_rows); otherwise the loader dequantizes, as before. */
+static duet_status cpu_weight_create_fp8(be_backend *be, const uint8_t *q, const float *scales,
+                                         int n_out, int n_in, int split, be_weight **w_p) {
+    if (!cpu(be)->bf16 || be_fp8_prefill_rows() <= 0) return DUET_ERR_UNSUPPORTED;
+    if (n_out <= 0 || n_in <= 0 || n_in % 16 || split <= 0 || split > n_out) {
+        LOG_ERROR("cpu backend: an FP8 weight [%d, %d] split at row %d", n_out, n_in, split);
+        return DUET_ERR_INVALID;
+    }
+    size_t n = (size_t)n_out * (size_t)n_in;
+    int cb = (n_in + 127) / 128, rb0 = (split + 127) / 128;
+    float *raw = malloc(n * sizeof(float));
+    if (!raw) return DUET_ERR_NO_MEMORY;
+    for (int r = 0; r < n_out; r++) {
+        const float *srow = scales + (size_t)(r < split ? r / 128 : rb0 + (r - split) / 128) * cb;
+        for (int k = 0; k < n_in; k++)
+            raw[(size_t)r * n_in + k] = dt_e4m3_to_f32(q[(size_t)r * n_in + k]) * srow[k / 128];
+    }
+    duet_status st = cpu_weight_create(be, raw, n_out, n_in, false, w_p);
+    if (st != DUET_OK) {
+        free(raw);
+        return st;
+    }
+    (*w_p)->raw = raw;
+    (*w_p)->split = split;
+    return DUET_OK;
 }
 
 static duet_status cpu_vec_create(be_backend *be, const float *v, int n, void **dev_p) {
@@ -263,6 +298,39 @@ static void cpu_linear(be_backend *be, void *y, const void *x, int x_stride, int
                        const be_weight *w) {
     linear_f32(y, x, x_stride, T, w);
     if (T > 0) store_bf16(cpu(be), y, (size_t)T * w->n_out);
+}
+
+/* The linear op: cpu_linear, or for an FP8 weight over enough rows (be_fp8_prefill_rows) what
+ * CUDA's FP8 prefill GEMM computes: x quantized per row and 128 columns to e4m3 (scale =
+ * amax / 448, x / scale rounded to nearest), times the unrounded FP8 weight, in float32. */
+static void cpu_linear_layer(be_backend *be, void *y, const void *x, int x_stride, int T,
+                             const be_weight *w) {
+    cpu_backend *c = cpu(be);
+    int rows = be_fp8_prefill_rows();
+    if (!w->raw || !c->bf16 || rows <= 0 || T < rows ||
+        !be_fp8_prefill_eligible(w->n_out, w->n_in, w->split)) {
+        cpu_linear(be, y, x, x_stride, T, w);
+        return;
+    }
+    const int K = w->n_in;
+    float *xq = scratch_get(c, (size_t)T * K);
+    if (!xq) {
+        if (c->err == DUET_OK) c->err = DUET_ERR_NO_MEMORY;
+        return;
+    }
+#pragma omp parallel for if ((size_t)T * K > PAR_MIN_WORK)
+    for (int t = 0; t < T; t++)
+        for (int k0 = 0; k0 < K; k0 += 128) {
+            const float *xr = (const float *)x + (size_t)t * x_stride + k0;
+            float a = 0.0f;
+            for (int k = 0; k < 128; k++) a = fmaxf(a, fabsf(xr[k]));
+            float sc = a > 0.0f ? a / 448.0f : 1.0f;
+            for (int k = 0; k < 128; k++)
+                xq[(size_t)t * K + k0 + k] = dt_e4m3_to_f32(dt_f32_to_e4m3(xr[k] / sc)) * sc;
+        }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, w->n_out, K, 1.0f, xq, K, w->raw, K,
+                0.0f, y, w->n_out);
+    store_bf16(c, y, (size_t)T * w->n_out);
 }
 
 static void cpu_rmsnorm(be_backend *be, void *out, int out_stride, const void *x, int x_stride,
@@ -720,13 +788,14 @@ static const be_ops g_cpu_ops = {
     .sync = cpu_sync,
     .weight_create = cpu_weight_create,
     .weight_destroy = cpu_weight_destroy,
+    .weight_create_fp8 = cpu_weight_create_fp8,
     .vec_create = cpu_vec_create,
     .kv_create = cpu_kv_create,
     .kv_destroy = cpu_kv_destroy,
     .rope_setup = cpu_rope_setup,
     .set_batch = cpu_set_batch,
     .embed = cpu_embed,
-    .linear = cpu_linear,
+    .linear = cpu_linear_layer,
     .rmsnorm = cpu_rmsnorm,
     .add = cpu_add,
     .silu_mul = cpu_silu_mul,

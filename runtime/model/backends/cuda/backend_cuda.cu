@@ -180,6 +180,7 @@ static void cuda_destroy(be_backend *be) {
     cudaFree(c->d_batch);
     cudaFree(c->d_inv_freq);
     if (c->blas) cublasDestroy(c->blas);
+    if (c->lt) cublasLtDestroy(c->lt);
     if (c->stream) cudaStreamDestroy(c->stream);
     for (int i = 0; i < 2; i++)
         if (c->xfer[i]) cudaStreamDestroy(c->xfer[i]);
@@ -288,6 +289,9 @@ static duet_status cuda_weight_create(be_backend *be, const float *w, int n_out,
 static void cuda_weight_destroy(be_backend *be, be_weight *w) {
     if (!w) return;
     CUDA_CHECK(cuda_be(be), cudaFree(w->w));
+    if (w->scale) CUDA_CHECK(cuda_be(be), cudaFree(w->scale));
+    if (w->tab) CUDA_CHECK(cuda_be(be), cudaFree(w->tab));
+    if (w->scale_lt) CUDA_CHECK(cuda_be(be), cudaFree(w->scale_lt));
     free(w);
 }
 
@@ -624,8 +628,8 @@ static duet_status cuda_comm_attach(be_backend *be, comm_group *g) {
         .name = "cuda", .act_dtype = act_type, .on_device = true, .destroy = cuda_destroy,         \
         .buf_alloc = cuda_buf_alloc, .buf_free = cuda_buf_free, .upload = cuda_upload,             \
         .download = cuda_download, .sync = cuda_sync, .weight_create = cuda_weight_create,         \
-        .weight_destroy = cuda_weight_destroy, .vec_create = cuda_vec_create,                      \
-        .kv_create = cuda_kv_create, .kv_destroy = cuda_kv_destroy,                                \
+        .weight_destroy = cuda_weight_destroy, .weight_create_fp8 = cuda_weight_create_fp8,        \
+        .vec_create = cuda_vec_create, .kv_create = cuda_kv_create, .kv_destroy = cuda_kv_destroy, \
         .kv_copy_host = cuda_kv_copy_host, .kv_copy_start = cuda_kv_copy_start,                    \
         .kv_copy_poll = cuda_kv_copy_poll, .ipc_export = cuda_ipc_export,                          \
         .ipc_open = cuda_ipc_open, .ipc_close = cuda_ipc_close,                                    \
@@ -699,6 +703,7 @@ extern "C" duet_status be_cuda_create(int device, dt_dtype dtype, be_backend **b
     /* a workspace of its own, so GEMMs recorded in a graph allocate nothing */
     const size_t ws = 32u << 20;
     if (st == DUET_OK) st = CUDA_CHECK(c, cudaMalloc(&c->blas_ws, ws));
+    c->blas_ws_bytes = ws;
     if (st == DUET_OK) st = CUBLAS_CHECK(c, cublasSetWorkspace(c->blas, c->blas_ws, ws));
     if (st != DUET_OK) {
         cuda_destroy(&c->base);

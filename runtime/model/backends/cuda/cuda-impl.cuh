@@ -5,6 +5,7 @@
 #ifndef DUET_CUDA_IMPL_CUH
 #define DUET_CUDA_IMPL_CUH
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -18,11 +19,19 @@ extern "C" {
 typedef __nv_bfloat16 bf16;
 
 /* A weight [n_out, n_in] row-major in device memory: bf16, or float32 (keep_f32 weights, and
- * every weight of a float32 backend). */
+ * every weight of a float32 backend), or FP8 e4m3 (DT_F8_E4M3, fp8.cu) with float32 scales
+ * per 128x128 block: rows [0, split) and [split, n_out) have their own block grids (gate and
+ * up fused), scale [ceil(split / 128) + ceil((n_out - split) / 128)][ceil(n_in / 128)]. */
 struct be_weight {
     int n_out, n_in;
     dt_dtype dtype;
     void *w;
+    float *scale; /* FP8 only */
+    int split;    /* FP8 only */
+    void **tab;   /* FP8 only: device {w, scale}, the one-group table the grouped GEMM reads */
+    /* FP8 only, NULL until be_cuda_fp8_gemm_lt first runs on the weight: the scales
+     * [n_in / 128][ceil(n_out / 128)] as the cuBLASLt block-scaled GEMM reads them */
+    float *scale_lt;
 };
 
 /* Scratch areas: each op family owns one, so an op never reuses memory an op it calls is
@@ -63,6 +72,8 @@ typedef struct cuda_backend {
     struct cuda_graph_rec *graphs;
     int n_graphs, cap_graphs;
     void *blas_ws; /* cuBLAS workspace, fixed so recorded GEMMs allocate nothing */
+    size_t blas_ws_bytes;
+    cublasLtHandle_t lt; /* cuBLASLt (fp8.cu's prefill GEMM), made at first use */
 
     float *d_inv_freq; /* [rope_half] */
     int rope_half;
@@ -156,6 +167,17 @@ void cuda_linear_f32out(cuda_backend *c, float *y32, const void *x, int x_stride
 /* Raw GEMM on activations: y[m, n_out] = x[m, k] (x_stride) @ W[n_out, k]^T (W act-typed). */
 void cuda_gemm_act(cuda_backend *c, void *y, int y_stride, const void *x, int x_stride, int m,
                    const void *w, int n_out, int k);
+/* y[m, n_out] (y_stride) = x[m, n_in] (x_stride) @ W^T for W of the activation type or FP8 */
+void cuda_gemm_w(cuda_backend *c, void *y, int y_stride, const void *x, int x_stride, int m,
+                 const be_weight *w);
+
+/* fp8.cu: FP8 weights (be_ops.weight_create_fp8) and their GEMM: y[T, n_out] (act, y_stride)
+ * = x[T, n_in] (bf16) @ dequant(W)^T through the grouped GEMM with one group (weights
+ * dequantized in registers, bf16 tensor cores, float32 accumulation) */
+duet_status cuda_weight_create_fp8(be_backend *be, const uint8_t *q, const float *scales, int n_out,
+                                   int n_in, int split, be_weight **w_p);
+void cuda_linear_fp8(cuda_backend *c, void *y, int y_stride, const void *x, int x_stride, int T,
+                     const be_weight *w);
 
 /* kernels.cu */
 void cuda_embed(be_backend *be, void *out, const int32_t *ids, int T, const be_weight *table,

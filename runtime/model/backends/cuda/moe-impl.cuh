@@ -11,7 +11,9 @@
  *   C[slot, :N] = epilogue(A[a_row(slot), :K] @ W_group^T)
  * with W_group = w[group] row-major, K contiguous. silu: W is [2N, K] (gate rows, then up
  * rows) and C = silu(gate) * up; else W is [N, K] and C the product. a_row(slot) is
- * a_rows[slot], or slot itself when a_rows is NULL. */
+ * a_rows[slot], or slot itself when a_rows is NULL. With s (FP8 weights), w[group] holds e4m3
+ * bytes and s[group] their float32 128x128 block scales, rows [0, s_split) and the rest on
+ * grids of their own (be_weight); every problem of a launch is FP8 or none is. */
 struct gg_problem {
     const void *const *w;
     const int4 *tiles;
@@ -24,6 +26,8 @@ struct gg_problem {
     int N, K;
     int silu;
     int col_tiles; /* ceil(N / columns of one tile), set by moe_gemm_run */
+    const float *const *s;
+    int s_split;
 };
 
 /* Up to two problems share one launch (routed experts and the shared experts): their tiles
@@ -37,7 +41,7 @@ struct gg_args {
  * of a touched expert); the sort cuts each expert's rows into tiles of this height. */
 int moe_gemm_tile_rows(const cuda_backend *c, double rows_per_expert, bool tensor_cores);
 /* Whether the bf16 tensor-core kernels can take the problems (16-byte rows and K, N
- * multiples of 8); otherwise the SIMT kernel runs. */
+ * multiples of 8; K a multiple of 16 for FP8 weights); otherwise the SIMT kernel runs. */
 bool moe_gemm_mma_ok(const cuda_backend *c, const gg_args *a);
 /* Launches the grouped GEMM over a's problems with row tiles of bm rows (from
  * moe_gemm_tile_rows with the same tensor_cores); max_tiles[i] bounds problem i's tile list

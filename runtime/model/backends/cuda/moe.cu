@@ -257,20 +257,24 @@ static void experts_run(cuda_backend *c, void *out, const void *x, int T_, int D
         int n = off[e + 1] - off[e];
         if (!n) continue;
         const be_ffn *f = &experts[e];
-        cuda_gemm_act(c, gu + (size_t)off[e] * 2 * I, 2 * I, xs + (size_t)off[e] * D, D, n,
-                      f->gate_up->w, 2 * I, D);
+        cuda_gemm_w(c, gu + (size_t)off[e] * 2 * I, 2 * I, xs + (size_t)off[e] * D, D, n,
+                    f->gate_up);
     }
     cuda_silu_mul(&c->base, act, gu, N, I);
     for (int e = 0; e < n_local; e++) {
         int n = off[e + 1] - off[e];
         if (!n) continue;
         const be_ffn *f = &experts[e];
-        cuda_gemm_act(c, y + (size_t)off[e] * D, D, act + (size_t)off[e] * I, I, n, f->down->w, D,
-                      I);
+        cuda_gemm_w(c, y + (size_t)off[e] * D, D, act + (size_t)off[e] * I, I, n, f->down);
     }
     moe_combine<T>
         <<<grid_of((size_t)T_ * D), 256, 0, c->stream>>>((T *)out, y, d_tok, d_w, T_, K, D);
     CUDA_LAUNCHED(c, "moe_combine");
+}
+
+/* a weight the expert GEMMs take: the activation type, or FP8 with bf16 activations */
+static bool weight_usable(const cuda_backend *c, const be_weight *w) {
+    return w->dtype == c->act || (w->dtype == DT_F8_E4M3 && c->act == DT_BF16);
 }
 
 void cuda_moe_experts(be_backend *be, void *out, const void *x, int T_, int D, const int32_t *ids,
@@ -278,9 +282,10 @@ void cuda_moe_experts(be_backend *be, void *out, const void *x, int T_, int D, c
     cuda_backend *c = cuda_be(be);
     if (c->err != DUET_OK || T_ <= 0 || n_local <= 0) return;
     for (int e = 0; e < n_local; e++)
-        if (experts[e].gate_up->dtype != c->act || experts[e].down->dtype != c->act ||
+        if (!weight_usable(c, experts[e].gate_up) || !weight_usable(c, experts[e].down) ||
             experts[e].n_inter != experts[0].n_inter) {
-            LOG_ERROR("cuda backend: experts need weights of the activation type and one width");
+            LOG_ERROR("cuda backend: experts need weights of the activation type (or FP8) and one "
+                      "width");
             c->err = DUET_ERR_INTERNAL;
             return;
         }
@@ -314,26 +319,32 @@ void cuda_moe_route_dev(be_backend *be, const void *x, int T_, const be_weight *
 struct moe_wtab {
     const be_ffn *experts, *shared;
     int n_local;
-    const void **host; /* [2 * n_local + 2]: gate_up of each, down of each, shared gate_up, down */
+    /* [2 * (2 * n_local + 2)]: gate_up of each, down of each, shared gate_up, down; then the
+     * same weights' FP8 scales (NULL for bf16) */
+    const void **host;
     void **dev;
 };
 
+static bool wtab_set(const void **slot, const void *v, bool check) {
+    bool same = *slot == v;
+    if (!check) *slot = v;
+    return same;
+}
+
 static bool wtab_fill(const moe_wtab *t, const be_ffn *experts, const be_ffn *shared, bool check) {
-    int n = t->n_local;
+    const int n = t->n_local, ns = 2 * n + 2;
     bool same = true;
     for (int e = 0; e < n; e++) {
-        same = same && t->host[e] == experts[e].gate_up->w && t->host[n + e] == experts[e].down->w;
-        if (!check) {
-            t->host[e] = experts[e].gate_up->w;
-            t->host[n + e] = experts[e].down->w;
-        }
+        same = wtab_set(&t->host[e], experts[e].gate_up->w, check) && same;
+        same = wtab_set(&t->host[n + e], experts[e].down->w, check) && same;
+        same = wtab_set(&t->host[ns + e], experts[e].gate_up->scale, check) && same;
+        same = wtab_set(&t->host[ns + n + e], experts[e].down->scale, check) && same;
     }
-    const void *sg = shared ? shared->gate_up->w : NULL, *sd = shared ? shared->down->w : NULL;
-    same = same && t->host[2 * n] == sg && t->host[2 * n + 1] == sd;
-    if (!check) {
-        t->host[2 * n] = sg;
-        t->host[2 * n + 1] = sd;
-    }
+    const be_weight *sg = shared ? shared->gate_up : NULL, *sd = shared ? shared->down : NULL;
+    same = wtab_set(&t->host[2 * n], sg ? sg->w : NULL, check) && same;
+    same = wtab_set(&t->host[2 * n + 1], sd ? sd->w : NULL, check) && same;
+    same = wtab_set(&t->host[ns + 2 * n], sg ? sg->scale : NULL, check) && same;
+    same = wtab_set(&t->host[ns + 2 * n + 1], sd ? sd->scale : NULL, check) && same;
     return same;
 }
 
@@ -356,7 +367,7 @@ static void *const *wtab_get(cuda_backend *c, const be_ffn *experts, int n_local
         c->moe_tabs = grown;
         t = &c->moe_tabs[c->n_moe_tabs];
         memset(t, 0, sizeof *t);
-        size_t n = 2 * (size_t)n_local + 2;
+        size_t n = 2 * (2 * (size_t)n_local + 2);
         t->host = (const void **)calloc(n, sizeof(void *));
         if (!t->host || CUDA_CHECK(c, cudaMalloc(&t->dev, n * sizeof(void *))) != DUET_OK) {
             free(t->host);
@@ -370,8 +381,9 @@ static void *const *wtab_get(cuda_backend *c, const be_ffn *experts, int n_local
     }
     /* new, or the weights behind it changed: (re)built before any step is captured */
     wtab_fill(t, experts, shared, false);
-    if (CUDA_CHECK(c, cudaMemcpyAsync(t->dev, t->host, (2 * (size_t)n_local + 2) * sizeof(void *),
-                                      cudaMemcpyHostToDevice, c->stream)) != DUET_OK)
+    if (CUDA_CHECK(c,
+                   cudaMemcpyAsync(t->dev, t->host, 2 * (2 * (size_t)n_local + 2) * sizeof(void *),
+                                   cudaMemcpyHostToDevice, c->stream)) != DUET_OK)
         return NULL;
     return t->dev;
 }
@@ -566,8 +578,10 @@ static size_t moe_carve_at(char *base, long long pairs, long long max_tiles, lon
 
 /* The two grouped GEMMs' problems over a carving (all NULL when only checking shapes). */
 static void moe_problems(const be_moe_rows *rows, void *const *tab, int n_local, int I, int Is,
-                         const moe_carve *cv, gg_args *up, gg_args *down) {
+                         bool fp8, const moe_carve *cv, gg_args *up, gg_args *down) {
     const int D = rows->D;
+    /* FP8: the scales' table follows the weights' (wtab), entry for entry */
+    const float *const *stab = fp8 && tab ? (const float *const *)(tab + 2 * n_local + 2) : NULL;
     *up = gg_args{};
     *down = gg_args{};
     up->n_problems = down->n_problems = Is ? 2 : 1;
@@ -584,6 +598,8 @@ static void moe_problems(const be_moe_rows *rows, void *const *tab, int n_local,
     u.N = I;
     u.K = D;
     u.silu = 1;
+    u.s = stab;
+    u.s_split = I;
     /* down: y[slot] = act[slot] Wd^T */
     gg_problem &d = down->p[0];
     d.w = tab ? tab + n_local : NULL;
@@ -595,6 +611,8 @@ static void moe_problems(const be_moe_rows *rows, void *const *tab, int n_local,
     d.ldc = D;
     d.N = D;
     d.K = I;
+    d.s = stab ? stab + n_local : NULL;
+    d.s_split = D;
     if (!Is) return;
     /* the shared experts: every row, in row order */
     up->p[1] = u;
@@ -603,7 +621,8 @@ static void moe_problems(const be_moe_rows *rows, void *const *tab, int n_local,
     up->p[1].n_tiles = cv->counts ? cv->counts + 1 : NULL;
     up->p[1].a_rows = NULL;
     up->p[1].c = cv->act_s;
-    up->p[1].ldc = up->p[1].N = Is;
+    up->p[1].ldc = up->p[1].N = up->p[1].s_split = Is;
+    up->p[1].s = stab ? stab + 2 * n_local : NULL;
     down->p[1] = d;
     down->p[1].w = tab ? tab + 2 * n_local + 1 : NULL;
     down->p[1].tiles = cv->tiles_s;
@@ -611,6 +630,7 @@ static void moe_problems(const be_moe_rows *rows, void *const *tab, int n_local,
     down->p[1].a = cv->act_s;
     down->p[1].lda = down->p[1].K = Is;
     down->p[1].c = cv->y_s;
+    down->p[1].s = stab ? stab + 2 * n_local + 1 : NULL;
 }
 
 template <typename T>
@@ -627,7 +647,8 @@ static void experts_dev_run(cuda_backend *c, void *out, const be_moe_rows *rows,
     long long touched = hint < n_local ? hint : n_local;
     moe_carve none = {};
     gg_args up, down;
-    moe_problems(rows, NULL, n_local, I, Is, &none, &up, &down);
+    const bool fp8 = experts[0].gate_up->dtype == DT_F8_E4M3;
+    moe_problems(rows, NULL, n_local, I, Is, fp8, &none, &up, &down);
     const bool tc = moe_gemm_mma_ok(c, &up) && moe_gemm_mma_ok(c, &down);
     const int bm = moe_gemm_tile_rows(c, touched > 0 ? (double)hint / (double)touched : 1.0, tc);
     const long long max_tiles = (pairs < n_local ? pairs : n_local) + pairs / bm;
@@ -640,7 +661,7 @@ static void experts_dev_run(cuda_backend *c, void *out, const be_moe_rows *rows,
     if (!base) return;
     moe_carve cv;
     moe_carve_at(base, pairs, max_tiles, max_tiles_s, n, D, I, Is, sizeof(T), &cv);
-    moe_problems(rows, tab, n_local, I, Is, &cv, &up, &down);
+    moe_problems(rows, tab, n_local, I, Is, fp8, &cv, &up, &down);
 
     int threads = pairs > 4096 || n_local > 256 ? 1024 : 256;
     size_t sh = (size_t)(2 * n_local + 32) * sizeof(int);
@@ -666,8 +687,12 @@ static void experts_dev_run(cuda_backend *c, void *out, const be_moe_rows *rows,
     CUDA_LAUNCHED(c, "moe_combine_dev_kernel");
 }
 
-static bool ffn_fits(const cuda_backend *c, const be_ffn *f, int D, int I) {
-    return f->gate_up->dtype == c->act && f->down->dtype == c->act && f->n_inter == I &&
+/* f's weights of type t (the activation type, or FP8 with bf16 activations; FP8 gate_up split
+ * between its gate and up rows) and shapes [2I, D], [D, I] */
+static bool ffn_fits(const cuda_backend *c, const be_ffn *f, int D, int I, dt_dtype t) {
+    if (t != c->act && !(t == DT_F8_E4M3 && c->act == DT_BF16)) return false;
+    if (t == DT_F8_E4M3 && f->gate_up->split != I) return false;
+    return f->gate_up->dtype == t && f->down->dtype == t && f->n_inter == I &&
            f->gate_up->n_out == 2 * I && f->gate_up->n_in == D && f->down->n_out == D &&
            f->down->n_in == I;
 }
@@ -678,12 +703,14 @@ void cuda_moe_experts_dev(be_backend *be, void *out, const be_moe_rows *rows, co
     if (c->err != DUET_OK || rows->n <= 0) return;
     if (shared && !shared->gate_up) shared = NULL;
     bool ok = n_local >= 1 && n_local <= 1024 && rows->K > 0 && rows->K <= 64;
+    const dt_dtype t = n_local >= 1 ? experts[0].gate_up->dtype : c->act;
     for (int e = 0; ok && e < n_local; e++)
-        ok = ffn_fits(c, &experts[e], rows->D, experts[0].n_inter);
-    if (ok && shared) ok = ffn_fits(c, shared, rows->D, shared->n_inter);
+        ok = ffn_fits(c, &experts[e], rows->D, experts[0].n_inter, t);
+    if (ok && shared) ok = ffn_fits(c, shared, rows->D, shared->n_inter, t);
     if (!ok) {
         LOG_ERROR("cuda backend: device MoE needs 1..64 experts a token, at most 1024 local "
-                  "experts, weights of the activation type and one width");
+                  "experts, weights of one type (the activation type, or FP8 for routed and "
+                  "shared experts alike) and one width");
         c->err = DUET_ERR_INTERNAL;
         return;
     }

@@ -1,7 +1,12 @@
 /* Grouped GEMMs of the MoE experts: every touched expert's rows in one launch, tiles read from
  * the list the device counting sort wrote (moe.cu), so untouched experts cost nothing and no
  * count reaches the host. bf16 runs on tensor cores (mma.sync m16n8k16, ldmatrix, a cp.async
- * pipeline); float32, and shapes the tensor-core path cannot take, run a plain SIMT kernel. */
+ * pipeline); float32, and shapes the tensor-core path cannot take, run a plain SIMT kernel.
+ * FP8 weights (gg_problem.s) travel the same pipeline as e4m3 bytes, half the bytes of bf16,
+ * and are dequantized with their block scale into a bf16 tile in shared memory before the
+ * tensor cores read it (docs/kernels/fp8.md). */
+#include <cuda_fp8.h>
+
 #include "model/backends/cuda/moe-impl.cuh"
 
 /* ---- shared pieces ---- */
@@ -29,6 +34,37 @@ __device__ __forceinline__ float silu_f(float g) {
     return g / (1.0f + expf(-g));
 }
 
+/* FP8 weights: the block-scale row of weight row wrow (two grids when split < rows) */
+__device__ __forceinline__ const float *fp8_scale_row(const gg_problem &P, const float *S,
+                                                      int wrow) {
+    const int cb = (P.K + 127) / 128;
+    const int br =
+        wrow < P.s_split ? wrow / 128 : (P.s_split + 127) / 128 + (wrow - P.s_split) / 128;
+    return S + (long long)br * cb;
+}
+
+__device__ __forceinline__ float fp8_to_f(uint8_t v) {
+    __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)v, __NV_E4M3);
+    return __half2float(__half(h));
+}
+
+/* 16 e4m3 bytes times scale, rounded to 16 bf16 (as the CPU reference rounds the dequantized
+ * weight when it stores it in bf16) */
+__device__ __forceinline__ void fp8x16_to_bf16(bf16 *dst, uint4 q, float scale) {
+    const unsigned w[4] = {q.x, q.y, q.z, q.w};
+    unsigned out[8];
+    for (int i = 0; i < 4; i++)
+        for (int h = 0; h < 2; h++) {
+            __half2_raw r = __nv_cvt_fp8x2_to_halfraw2(
+                (__nv_fp8x2_storage_t)((w[i] >> (16 * h)) & 0xffffu), __NV_E4M3);
+            float2 f = __half22float2(__half2(r));
+            __nv_bfloat162 b = __floats2bfloat162_rn(f.x * scale, f.y * scale);
+            out[i * 2 + h] = *reinterpret_cast<unsigned *>(&b);
+        }
+    reinterpret_cast<uint4 *>(dst)[0] = make_uint4(out[0], out[1], out[2], out[3]);
+    reinterpret_cast<uint4 *>(dst)[1] = make_uint4(out[4], out[5], out[6], out[7]);
+}
+
 /* ---- tensor cores: bf16 in, float32 accumulate, bf16 out ----
  * Block tile BM x BN x BK, warps of WM x WN. The B tile's rows for a silu problem interleave
  * 8 gate rows and the 8 matching up rows, so every warp holds gate and up of the same output
@@ -42,7 +78,13 @@ template <int BM, int BN, int BK, int WM, int WN, int STAGES> struct mma_cfg {
     static constexpr int B_CHUNKS = BN * BK / 8 / THREADS;
     static constexpr int MF = WM / 16, NF = WN / 8;
     static constexpr size_t SMEM = (size_t)STAGES * (BM + BN) * LDS * sizeof(bf16);
+    /* FP8 weights: the stages hold e4m3 B tiles [BN][BK] (16-byte chunks), dequantized into
+     * one bf16 tile [BN][LDS] per k step */
+    static constexpr int Q_CHUNKS = BN * BK / 16 / THREADS;
+    static constexpr size_t SMEM_F8 = (size_t)STAGES * (BM * LDS * sizeof(bf16) + (size_t)BN * BK) +
+                                      (size_t)BN * LDS * sizeof(bf16);
     static_assert(BM * BK / 8 % THREADS == 0 && BN * BK / 8 % THREADS == 0, "whole chunks");
+    static_assert(BN * BK / 16 % THREADS == 0 && 128 % BK == 0, "whole FP8 chunks, one scale");
     static_assert(WM % 16 == 0 && WN % 16 == 0 && BK % 16 == 0, "mma shapes");
 };
 
@@ -78,13 +120,14 @@ __device__ __forceinline__ void store_bf16x2(bf16 *p, float x, float y) {
     *reinterpret_cast<__nv_bfloat162 *>(p) = __floats2bfloat162_rn(x, y);
 }
 
-template <int BM, int BN, int BK, int WM, int WN, int STAGES>
+template <int BM, int BN, int BK, int WM, int WN, int STAGES, bool FP8>
 __global__ void __launch_bounds__(mma_cfg<BM, BN, BK, WM, WN, STAGES>::THREADS, 2)
     gg_mma_kernel(const __grid_constant__ gg_args args) {
     using C = mma_cfg<BM, BN, BK, WM, WN, STAGES>;
     extern __shared__ uint4 smem_raw[];
     bf16 *As = reinterpret_cast<bf16 *>(smem_raw); /* [STAGES][BM][LDS] */
-    bf16 *Bs = As + (size_t)STAGES * BM * C::LDS;  /* [STAGES][BN][LDS] */
+    bf16 *Bs = As + (size_t)STAGES * BM * C::LDS;  /* [STAGES][BN][LDS]; FP8: [BN][LDS] */
+    uint8_t *Bq = reinterpret_cast<uint8_t *>(Bs + (size_t)BN * C::LDS); /* [STAGES][BN][BK] */
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int warp_m = warp / (BN / WN), warp_n = warp % (BN / WN);
     const int n0 = gg_items(args, 0), total = n0 + gg_items(args, 1);
@@ -121,17 +164,43 @@ __global__ void __launch_bounds__(mma_cfg<BM, BN, BK, WM, WN, STAGES>::THREADS, 
             int wrow = P.silu && (r & 15) >= 8 ? N + col : col;
             b_src[i] = col < N ? W + (long long)wrow * K + c8 * 8 : nullptr;
         }
+        /* FP8: each thread loads and later dequantizes the same 16-byte chunks */
+        const uint8_t *q_src[FP8 ? C::Q_CHUNKS : 1];
+        const float *q_scale[FP8 ? C::Q_CHUNKS : 1];
+        int q_row[FP8 ? C::Q_CHUNKS : 1], q_k[FP8 ? C::Q_CHUNKS : 1];
+        if constexpr (FP8) {
+            const uint8_t *Wq = reinterpret_cast<const uint8_t *>(P.w[w.tile.x]);
+            const float *S = P.s[w.tile.x];
+            for (int i = 0; i < C::Q_CHUNKS; i++) {
+                int ch = tid + i * C::THREADS, r = ch / (BK / 16), c16 = ch % (BK / 16);
+                q_row[i] = r;
+                q_k[i] = c16 * 16;
+                int col = P.silu ? j0 + (r / 16) * 8 + (r & 7) : j0 + r;
+                int wrow = P.silu && (r & 15) >= 8 ? N + col : col;
+                q_src[i] = col < N ? Wq + (long long)wrow * K + c16 * 16 : nullptr;
+                q_scale[i] = col < N ? fp8_scale_row(P, S, wrow) : nullptr;
+            }
+        }
         const int KT = (K + BK - 1) / BK;
         auto load_stage = [&](int stage, int kt) {
             const int k0 = kt * BK;
             bf16 *as = As + (size_t)stage * BM * C::LDS, *bs = Bs + (size_t)stage * BN * C::LDS;
             for (int i = 0; i < C::A_CHUNKS; i++) {
                 bool ok = a_src[i] && k0 + a_k[i] < K;
-                cp_async16(as + a_dst[i], ok ? a_src[i] + k0 : W, ok);
+                cp_async16(as + a_dst[i], ok ? a_src[i] + k0 : A, ok);
             }
-            for (int i = 0; i < C::B_CHUNKS; i++) {
-                bool ok = b_src[i] && k0 + b_k[i] < K;
-                cp_async16(bs + b_dst[i], ok ? b_src[i] + k0 : W, ok);
+            if constexpr (FP8) {
+                uint8_t *bq = Bq + (size_t)stage * BN * BK;
+                for (int i = 0; i < C::Q_CHUNKS; i++) {
+                    bool ok = q_src[i] && k0 + q_k[i] < K;
+                    cp_async16(bq + q_row[i] * BK + q_k[i], ok ? q_src[i] + k0 : (const void *)A,
+                               ok);
+                }
+            } else {
+                for (int i = 0; i < C::B_CHUNKS; i++) {
+                    bool ok = b_src[i] && k0 + b_k[i] < K;
+                    cp_async16(bs + b_dst[i], ok ? b_src[i] + k0 : W, ok);
+                }
             }
         };
 
@@ -151,6 +220,19 @@ __global__ void __launch_bounds__(mma_cfg<BM, BN, BK, WM, WN, STAGES>::THREADS, 
             cp_async_commit();
             const bf16 *as = As + (size_t)(kt % STAGES) * BM * C::LDS;
             const bf16 *bs = Bs + (size_t)(kt % STAGES) * BN * C::LDS;
+            if constexpr (FP8) {
+                /* every warp finished the previous k step's tile (the barrier above) */
+                const uint8_t *bq = Bq + (size_t)(kt % STAGES) * BN * BK;
+                const int k0 = kt * BK;
+                for (int i = 0; i < C::Q_CHUNKS; i++) {
+                    bool ok = q_src[i] && k0 + q_k[i] < K;
+                    float sc = ok ? q_scale[i][(k0 + q_k[i]) / 128] : 0.0f;
+                    uint4 q = *reinterpret_cast<const uint4 *>(bq + q_row[i] * BK + q_k[i]);
+                    fp8x16_to_bf16(Bs + q_row[i] * C::LDS + q_k[i], q, sc);
+                }
+                __syncthreads();
+                bs = Bs;
+            }
             for (int ks = 0; ks < BK; ks += 16) {
                 unsigned af[C::MF][4], bfr[C::NF][2];
                 for (int i = 0; i < C::MF; i++) {
@@ -240,7 +322,18 @@ __global__ void __launch_bounds__(256) gg_simt_kernel(const __grid_constant__ gg
                 int cidx = e / BK, k = e % BK;
                 int col = P.silu ? j0 + cidx % 32 : j0 + cidx;
                 int wrow = P.silu && cidx >= 32 ? N + col : col;
-                Bs[k][cidx] = col < N && k0 + k < K ? to_f(W[(long long)wrow * K + k0 + k]) : 0.0f;
+                float v = 0.0f;
+                if (col < N && k0 + k < K) {
+                    if (P.s) { /* FP8: rounded to bf16 like the tensor-core path's tile */
+                        const uint8_t *Wq = reinterpret_cast<const uint8_t *>(W);
+                        float sc = fp8_scale_row(P, P.s[w.tile.x], wrow)[(k0 + k) / 128];
+                        v = __bfloat162float(
+                            __float2bfloat16_rn(fp8_to_f(Wq[(long long)wrow * K + k0 + k]) * sc));
+                    } else {
+                        v = to_f(W[(long long)wrow * K + k0 + k]);
+                    }
+                }
+                Bs[k][cidx] = v;
             }
             __syncthreads();
             /* a partial sum per k tile, then added: rounding grows with sqrt(BK) + sqrt(K / BK)
@@ -301,6 +394,7 @@ bool moe_gemm_mma_ok(const cuda_backend *c, const gg_args *a) {
     for (int i = 0; i < a->n_problems; i++) {
         const gg_problem &p = a->p[i];
         if (p.K % 8 || p.N % 8 || p.lda % 8 || p.ldc % 2 || ((uintptr_t)p.a & 15)) return false;
+        if (p.s && p.K % 16) return false;
     }
     return true;
 }
@@ -322,20 +416,21 @@ static unsigned grid_for_items(const cuda_backend *c, const gg_args *a, const in
     return (unsigned)(items > 0 ? items : 1);
 }
 
-template <int BM, int BN, int BK, int WM, int WN, int STAGES>
-static void launch_mma(cuda_backend *c, gg_args *a, const int *max_tiles) {
+template <int BM, int BN, int BK, int WM, int WN, int STAGES, bool FP8>
+static void launch_mma_t(cuda_backend *c, gg_args *a, const int *max_tiles) {
     using C = mma_cfg<BM, BN, BK, WM, WN, STAGES>;
-    auto kern = gg_mma_kernel<BM, BN, BK, WM, WN, STAGES>;
+    auto kern = gg_mma_kernel<BM, BN, BK, WM, WN, STAGES, FP8>;
+    const size_t smem = FP8 ? C::SMEM_F8 : C::SMEM;
     static int per_sm = 0; /* once per process: one device per process */
     if (!per_sm) {
         if (CUDA_CHECK(c, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               (int)C::SMEM)) != DUET_OK)
+                                               (int)smem)) != DUET_OK)
             return;
         if (CUDA_CHECK(c, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, C::THREADS,
-                                                                        C::SMEM)) != DUET_OK)
+                                                                        smem)) != DUET_OK)
             return;
         if (per_sm < 1) {
-            LOG_ERROR("cuda: the MoE GEMM tile (%zu bytes of shared memory) fits no SM", C::SMEM);
+            LOG_ERROR("cuda: the MoE GEMM tile (%zu bytes of shared memory) fits no SM", smem);
             c->err = DUET_ERR_DEVICE;
             return;
         }
@@ -343,8 +438,16 @@ static void launch_mma(cuda_backend *c, gg_args *a, const int *max_tiles) {
     for (int i = 0; i < a->n_problems; i++)
         a->p[i].col_tiles =
             (a->p[i].N + (a->p[i].silu ? BN / 2 : BN) - 1) / (a->p[i].silu ? BN / 2 : BN);
-    kern<<<grid_for_items(c, a, max_tiles, per_sm), C::THREADS, C::SMEM, c->stream>>>(*a);
-    CUDA_LAUNCHED(c, "gg_mma_kernel");
+    kern<<<grid_for_items(c, a, max_tiles, per_sm), C::THREADS, smem, c->stream>>>(*a);
+    CUDA_LAUNCHED(c, FP8 ? "gg_mma_kernel (fp8)" : "gg_mma_kernel");
+}
+
+template <int BM, int BN, int BK, int WM, int WN, int STAGES>
+static void launch_mma(cuda_backend *c, gg_args *a, const int *max_tiles) {
+    if (a->p[0].s)
+        launch_mma_t<BM, BN, BK, WM, WN, STAGES, true>(c, a, max_tiles);
+    else
+        launch_mma_t<BM, BN, BK, WM, WN, STAGES, false>(c, a, max_tiles);
 }
 
 template <typename T, int BM>
@@ -357,6 +460,12 @@ static void launch_simt(cuda_backend *c, gg_args *a, const int *max_tiles) {
 
 void moe_gemm_run(cuda_backend *c, gg_args *a, int bm, bool tensor_cores, const int *max_tiles) {
     if (c->err != DUET_OK) return;
+    if (a->n_problems == 2 && !a->p[0].s != !a->p[1].s) {
+        LOG_ERROR("cuda: a grouped GEMM launch mixes FP8 and bf16 weights (routed and shared "
+                  "experts stored differently)");
+        c->err = DUET_ERR_INTERNAL;
+        return;
+    }
     if (tensor_cores) {
         if (bm == 16)
             launch_mma<GG_S>(c, a, max_tiles);

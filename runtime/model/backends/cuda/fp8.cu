@@ -1,0 +1,334 @@
+/* FP8 e4m3 weights with 128x128 block scales kept as they are on the device (DeepSeek-V3's
+ * checkpoint format), and the linear layer over them: up to 8 rows a one-pass kernel that
+ * dequantizes in registers, more rows the grouped GEMM of moe_gemm.cu with one group, whose
+ * tiles read e4m3 bytes and dequantize them in shared memory. Activations stay
+ * bf16 (no activation quantization): the CPU reference with bf16 emulation computes the same
+ * products. What the loader hands over is weights.c's; the GEMM kernels are moe_gemm.cu's. */
+#include <cuda_fp8.h>
+
+#include "model/backends/cuda/moe-impl.cuh"
+
+extern "C" {
+#include "model/backends/cuda/backend_cuda.h"
+}
+
+/* up to this many rows of x take the one-pass kernel below, more the tensor-core tiles */
+#define FP8_GEMV_MAX_M 8
+
+duet_status cuda_weight_create_fp8(be_backend *be, const uint8_t *q, const float *scales, int n_out,
+                                   int n_in, int split, be_weight **w_p) {
+    cuda_backend *c = cuda_be(be);
+    if (c->err != DUET_OK) return c->err;
+    /* float32 activations (the reference path) keep dequantized float32 weights */
+    if (c->act != DT_BF16) return DUET_ERR_UNSUPPORTED;
+    if (n_out <= 0 || n_in <= 0 || n_in % 16 || split <= 0 || split > n_out) {
+        LOG_ERROR("cuda backend: an FP8 weight [%d, %d] split at row %d (n_in must be a multiple "
+                  "of 16)",
+                  n_out, n_in, split);
+        return DUET_ERR_INVALID;
+    }
+    size_t bytes = (size_t)n_out * (size_t)n_in;
+    size_t cb = (size_t)(n_in + 127) / 128;
+    size_t rb = (size_t)(split + 127) / 128 + (size_t)(n_out - split + 127) / 128;
+    size_t sbytes = rb * cb * sizeof(float);
+    be_weight *bw = (be_weight *)calloc(1, sizeof *bw);
+    if (!bw) return DUET_ERR_NO_MEMORY;
+    duet_status st = CUDA_CHECK(c, cudaMalloc(&bw->w, bytes));
+    if (st == DUET_OK) st = CUDA_CHECK(c, cudaMalloc((void **)&bw->scale, sbytes));
+    if (st == DUET_OK) st = CUDA_CHECK(c, cudaMalloc((void **)&bw->tab, 2 * sizeof(void *)));
+    /* synchronous copies: the loader reuses its staging for the next weight */
+    if (st == DUET_OK) st = CUDA_CHECK(c, cudaMemcpy(bw->w, q, bytes, cudaMemcpyHostToDevice));
+    if (st == DUET_OK)
+        st = CUDA_CHECK(c, cudaMemcpy(bw->scale, scales, sbytes, cudaMemcpyHostToDevice));
+    void *tab[2] = {bw->w, bw->scale};
+    if (st == DUET_OK)
+        st = CUDA_CHECK(c, cudaMemcpy(bw->tab, tab, sizeof tab, cudaMemcpyHostToDevice));
+    if (st != DUET_OK) {
+        cudaFree(bw->w);
+        cudaFree(bw->scale);
+        cudaFree(bw->tab);
+        free(bw);
+        return st;
+    }
+    bw->n_out = n_out;
+    bw->n_in = n_in;
+    bw->dtype = DT_F8_E4M3;
+    bw->split = split;
+    *w_p = bw;
+    return DUET_OK;
+}
+
+/* ---- decode: M <= 8 rows of x, one pass over the weight ----
+ * Each warp owns FP8_ROWS output rows; each lane reads 16 weight bytes of a row with one
+ * 16-byte load, dequantizes them in registers with their block's scale (rounded to bf16, as the
+ * tile path and the CPU emulation round the weight) and multiplies them with the M rows of x
+ * held in shared memory a chunk of K at a time. Every weight byte is read once; x is read once
+ * per block from L2. */
+
+#define FP8_ROWS  2    /* output rows of a warp */
+#define FP8_WARPS 8    /* warps of a block: FP8_ROWS * FP8_WARPS rows a block */
+#define FP8_KC    2048 /* columns of x staged at a time */
+
+__device__ __forceinline__ void fp8x16_dequant(uint4 q, float scale, float (&w)[16]) {
+    const unsigned u[4] = {q.x, q.y, q.z, q.w};
+    for (int i = 0; i < 4; i++)
+        for (int h = 0; h < 2; h++) {
+            __half2_raw r = __nv_cvt_fp8x2_to_halfraw2(
+                (__nv_fp8x2_storage_t)((u[i] >> (16 * h)) & 0xffffu), __NV_E4M3);
+            float2 f = __half22float2(__half2(r));
+            __nv_bfloat162 b = __floats2bfloat162_rn(f.x * scale, f.y * scale);
+            w[i * 4 + h * 2] = __low2float(b);
+            w[i * 4 + h * 2 + 1] = __high2float(b);
+        }
+}
+
+template <int MT>
+__global__ void __launch_bounds__(FP8_WARPS * 32)
+    fp8_gemv_kernel(bf16 *__restrict__ y, int ldy, const bf16 *__restrict__ x, int ldx, int M,
+                    const uint8_t *__restrict__ wq, const float *__restrict__ sc, int N, int K,
+                    int split) {
+    __shared__ __align__(16) bf16 xs[MT][FP8_KC];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int row0 = (blockIdx.x * FP8_WARPS + warp) * FP8_ROWS;
+    const int cb = (K + 127) / 128, rb0 = (split + 127) / 128;
+    const uint8_t *wrow[FP8_ROWS];
+    const float *srow[FP8_ROWS];
+    for (int r = 0; r < FP8_ROWS; r++) {
+        int n = row0 + r < N ? row0 + r : N - 1; /* rows past N compute a copy, not stored */
+        wrow[r] = wq + (long long)n * K;
+        srow[r] = sc + (long long)(n < split ? n / 128 : rb0 + (n - split) / 128) * cb;
+    }
+    float acc[FP8_ROWS][MT];
+    for (int r = 0; r < FP8_ROWS; r++)
+        for (int m = 0; m < MT; m++) acc[r][m] = 0.0f;
+
+    for (int kc = 0; kc < K; kc += FP8_KC) {
+        const int kn = K - kc < FP8_KC ? K - kc : FP8_KC;
+        __syncthreads(); /* the previous chunk is no longer read */
+        for (int i = threadIdx.x; i < MT * (FP8_KC / 8); i += blockDim.x) {
+            int m = i / (FP8_KC / 8), k8 = (i % (FP8_KC / 8)) * 8;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (m < M && k8 < kn) {
+                const bf16 *src = x + (long long)m * ldx + kc + k8;
+                if ((((uintptr_t)src) & 15) == 0) {
+                    v = *reinterpret_cast<const uint4 *>(src);
+                } else { /* rows of x at a stride that breaks 16-byte alignment */
+                    unsigned short t[8];
+                    for (int j = 0; j < 8; j++)
+                        t[j] = reinterpret_cast<const unsigned short *>(src)[j];
+                    v = make_uint4(t[0] | (unsigned)t[1] << 16, t[2] | (unsigned)t[3] << 16,
+                                   t[4] | (unsigned)t[5] << 16, t[6] | (unsigned)t[7] << 16);
+                }
+            }
+            *reinterpret_cast<uint4 *>(&xs[m][k8]) = v;
+        }
+        __syncthreads();
+        for (int k = lane * 16; k < kn; k += 32 * 16) {
+            for (int r = 0; r < FP8_ROWS; r++) {
+                uint4 q = __ldg(reinterpret_cast<const uint4 *>(wrow[r] + kc + k));
+                float w[16];
+                fp8x16_dequant(q, __ldg(srow[r] + (kc + k) / 128), w);
+                for (int m = 0; m < MT; m++) {
+                    const uint4 *xv = reinterpret_cast<const uint4 *>(&xs[m][k]);
+                    float a = acc[r][m];
+                    for (int h = 0; h < 2; h++) {
+                        uint4 xx = xv[h];
+                        const unsigned u[4] = {xx.x, xx.y, xx.z, xx.w};
+                        for (int j = 0; j < 4; j++) {
+                            __nv_bfloat162 b = *reinterpret_cast<const __nv_bfloat162 *>(&u[j]);
+                            a += __low2float(b) * w[h * 8 + j * 2];
+                            a += __high2float(b) * w[h * 8 + j * 2 + 1];
+                        }
+                    }
+                    acc[r][m] = a;
+                }
+            }
+        }
+    }
+    for (int r = 0; r < FP8_ROWS; r++)
+        for (int m = 0; m < MT; m++) {
+            float v = warp_sum(acc[r][m]);
+            if (lane == 0 && m < M && row0 + r < N)
+                y[(long long)m * ldy + row0 + r] = __float2bfloat16_rn(v);
+        }
+}
+
+template <int MT>
+static void gemv_launch(cuda_backend *c, void *y, int ldy, const void *x, int ldx, int M,
+                        const be_weight *w) {
+    const int rows = FP8_ROWS * FP8_WARPS;
+    fp8_gemv_kernel<MT><<<(w->n_out + rows - 1) / rows, FP8_WARPS * 32, 0, c->stream>>>(
+        (bf16 *)y, ldy, (const bf16 *)x, ldx, M, (const uint8_t *)w->w, w->scale, w->n_out, w->n_in,
+        w->split);
+    CUDA_LAUNCHED(c, "fp8_gemv_kernel");
+}
+
+/* The tile list of T rows in tiles of bm: (group 0, first row, rows); its length in *n. Written
+ * on the device so a recorded step replays it without a host copy. */
+__global__ void fp8_tiles_kernel(int4 *tiles, int *n, int T, int bm) {
+    const int nt = (T + bm - 1) / bm;
+    for (int i = threadIdx.x; i < nt; i += blockDim.x) {
+        int r0 = i * bm;
+        tiles[i] = make_int4(0, r0, T - r0 < bm ? T - r0 : bm, 0);
+    }
+    if (threadIdx.x == 0) *n = nt;
+}
+
+void cuda_linear_fp8(cuda_backend *c, void *y, int y_stride, const void *x, int x_stride, int T,
+                     const be_weight *w) {
+    if (c->err != DUET_OK || T <= 0) return;
+    if (w->dtype != DT_F8_E4M3 || c->act != DT_BF16) {
+        LOG_ERROR("cuda backend: the FP8 GEMM got a weight that is not FP8 or float32 activations");
+        c->err = DUET_ERR_INTERNAL;
+        return;
+    }
+    if (T <= FP8_GEMV_MAX_M) {
+        if (T == 1)
+            gemv_launch<1>(c, y, y_stride, x, x_stride, T, w);
+        else if (T == 2)
+            gemv_launch<2>(c, y, y_stride, x, x_stride, T, w);
+        else if (T <= 4)
+            gemv_launch<4>(c, y, y_stride, x, x_stride, T, w);
+        else
+            gemv_launch<8>(c, y, y_stride, x, x_stride, T, w);
+        return;
+    }
+    gg_args a = {};
+    a.n_problems = 1;
+    gg_problem &p = a.p[0];
+    p.w = (const void *const *)w->tab;
+    p.s = (const float *const *)(w->tab + 1);
+    p.s_split = w->split;
+    p.a = x;
+    p.lda = x_stride;
+    p.c = y;
+    p.ldc = y_stride;
+    p.N = w->n_out;
+    p.K = w->n_in;
+    const bool tc = moe_gemm_mma_ok(c, &a);
+    const int bm = moe_gemm_tile_rows(c, (double)T, tc);
+    const int nt = (T + bm - 1) / bm;
+    int4 *tiles = (int4 *)cuda_scratch(c, SCR_GEMM, (size_t)(nt + 1) * sizeof(int4));
+    if (!tiles) return;
+    int *count = (int *)(tiles + nt);
+    fp8_tiles_kernel<<<1, 256, 0, c->stream>>>(tiles, count, T, bm);
+    if (CUDA_LAUNCHED(c, "fp8_tiles_kernel") != DUET_OK) return;
+    p.tiles = tiles;
+    p.n_tiles = count;
+    moe_gemm_run(c, &a, bm, tc, &nt);
+}
+
+/* ---- prefill: FP8 tensor cores through cuBLASLt's block-scaled mode ----
+ * Scale layouts (to confirm with bench_fp8's probe on a device): x's scales [K / 128][T], T
+ * contiguous; W's [K / 128][ceil(N / 128)], N blocks contiguous (weight.scale_lt). */
+
+/* One warp per (row, 128 columns): amax, scale = amax / 448 (1 for an all-zero block), e4m3 of
+ * x / scale rounded to nearest (saturating). xq [T][K], xs [K / 128][T]. */
+__global__ void fp8_quant_1x128_kernel(uint8_t *xq, float *xs, const bf16 *x, int ldx, int T,
+                                       int K) {
+    const int lane = threadIdx.x & 31;
+    const long long wid = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int kbn = K / 128;
+    if (wid >= (long long)T * kbn) return;
+    const int t = (int)(wid / kbn), kb = (int)(wid % kbn);
+    const bf16 *src = x + (long long)t * ldx + kb * 128 + lane * 4;
+    float v[4], a = 0.0f;
+    for (int j = 0; j < 4; j++) {
+        v[j] = __bfloat162float(src[j]);
+        a = fmaxf(a, fabsf(v[j]));
+    }
+    a = warp_max(a);
+    const float sc = a > 0.0f ? a / 448.0f : 1.0f;
+    uint8_t *dst = xq + (long long)t * K + kb * 128 + lane * 4;
+    for (int j = 0; j < 4; j++)
+        dst[j] = (uint8_t)__nv_cvt_float_to_fp8(v[j] / sc, __NV_SATFINITE, __NV_E4M3);
+    if (lane == 0) xs[(long long)kb * T + t] = sc;
+}
+
+#define LT_CHECK(c, call) cublas_status((c), (call), #call, __FILE__, __LINE__)
+
+/* dst [cb][rb] = src [rb][cb] */
+__global__ void fp8_scales_t_kernel(float *dst, const float *src, int rb, int cb) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < rb * cb) dst[(i % cb) * rb + i / cb] = src[i];
+}
+
+duet_status be_cuda_fp8_gemm_lt(be_backend *be, void *y, int y_stride, const void *x, int x_stride,
+                                int T, const be_weight *w) {
+    cuda_backend *c = cuda_be(be);
+    if (c->err != DUET_OK) return c->err;
+    if (T <= 0) return DUET_OK;
+    const int N = w->n_out, K = w->n_in;
+    if (w->dtype != DT_F8_E4M3 || c->act != DT_BF16 || K % 128 || N % 16 || y_stride % 8 ||
+        (w->split % 128 && w->split != N))
+        return DUET_ERR_UNSUPPORTED; /* (two block grids are not one 128x128 grid) */
+    duet_status st = DUET_OK;
+    if (!w->scale_lt) {
+        /* the transposed scales, made at first use: only tests and benchmarks call this yet,
+         * so the memory plan does not count them */
+        be_weight *mw = (be_weight *)w;
+        const int rb = (N + 127) / 128, cb = K / 128;
+        st = CUDA_CHECK(c, cudaMalloc((void **)&mw->scale_lt, (size_t)rb * cb * sizeof(float)));
+        if (st != DUET_OK) return st;
+        fp8_scales_t_kernel<<<(rb * cb + 255) / 256, 256, 0, c->stream>>>(mw->scale_lt, w->scale,
+                                                                          rb, cb);
+        st = CUDA_LAUNCHED(c, "fp8_scales_t_kernel");
+        if (st != DUET_OK) return st;
+    }
+    size_t qbytes = ((size_t)T * K + 255) / 256 * 256;
+    uint8_t *xq = (uint8_t *)cuda_scratch(c, SCR_GEMM, qbytes + (size_t)T * (K / 128) * 4);
+    if (!xq) return c->err != DUET_OK ? c->err : DUET_ERR_NO_MEMORY;
+    float *xs = (float *)(xq + qbytes);
+    long long warps = (long long)T * (K / 128);
+    fp8_quant_1x128_kernel<<<(unsigned)((warps * 32 + 255) / 256), 256, 0, c->stream>>>(
+        xq, xs, (const bf16 *)x, x_stride, T, K);
+    st = CUDA_LAUNCHED(c, "fp8_quant_1x128_kernel");
+    if (st == DUET_OK && !c->lt) st = LT_CHECK(c, cublasLtCreate(&c->lt));
+    if (st != DUET_OK) return st;
+
+    cublasLtMatmulDesc_t op = NULL;
+    cublasLtMatrixLayout_t la = NULL, lb = NULL, ld = NULL;
+    cublasLtMatmulPreference_t pref = NULL;
+    cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    int32_t ma = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;
+    int32_t mb = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+    const void *sa = w->scale_lt, *sb = xs;
+    /* column-major: y^T [N, T] = W [K, N]^T (A, transposed) * q(x)^T [K, T] (B) */
+    bool ok =
+        cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta) == 0 &&
+        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb) == 0 &&
+        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &ma, sizeof ma) ==
+            0 &&
+        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mb, sizeof mb) ==
+            0 &&
+        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sa, sizeof sa) ==
+            0 &&
+        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sb, sizeof sb) ==
+            0 &&
+        cublasLtMatrixLayoutCreate(&la, CUDA_R_8F_E4M3, K, N, K) == 0 &&
+        cublasLtMatrixLayoutCreate(&lb, CUDA_R_8F_E4M3, K, T, K) == 0 &&
+        cublasLtMatrixLayoutCreate(&ld, CUDA_R_16BF, N, T, y_stride) == 0 &&
+        cublasLtMatmulPreferenceCreate(&pref) == 0 &&
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                             &c->blas_ws_bytes, sizeof c->blas_ws_bytes) == 0;
+    cublasLtMatmulHeuristicResult_t h;
+    int found = 0;
+    ok = ok &&
+         cublasLtMatmulAlgoGetHeuristic(c->lt, op, la, lb, ld, ld, pref, 1, &h, &found) ==
+             CUBLAS_STATUS_SUCCESS &&
+         found > 0;
+    if (ok) {
+        const float one = 1.0f, zero = 0.0f;
+        st = LT_CHECK(c, cublasLtMatmul(c->lt, op, &one, w->w, la, xq, lb, &zero, y, ld, y, ld,
+                                        &h.algo, c->blas_ws, c->blas_ws_bytes, c->stream));
+    } else {
+        st = DUET_ERR_UNSUPPORTED; /* this library or device has no such GEMM */
+    }
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (la) cublasLtMatrixLayoutDestroy(la);
+    if (lb) cublasLtMatrixLayoutDestroy(lb);
+    if (ld) cublasLtMatrixLayoutDestroy(ld);
+    if (op) cublasLtMatmulDescDestroy(op);
+    return st;
+}
