@@ -635,6 +635,7 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
     http_server_opts ho;
     http_server_opts_init(&ho);
     ho.max_body_bytes = (size_t)c->max_request_body;
+    ho.max_connections_per_client = (unsigned)c->max_connections_per_client;
     http_cors cors;
     srv_config_cors(c, &cors);
     ho.cors = &cors;
