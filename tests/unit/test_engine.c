@@ -166,6 +166,58 @@ static void prefix_reuse(void) {
     eng_destroy(e);
 }
 
+/* A request that waits for blocks gives its prefix hits back every step it waits and looks
+ * them up again when it is next tried; the metrics count its lookup once, when it is admitted.
+ * A holds every block of the pool for its last 15 steps; B, the same prompt, finds A's full
+ * blocks cached but needs one more block, so it waits until A is done. */
+static void prefix_counted_once(void) {
+    const golden_case *k = NULL;
+    for (int i = 0; i < G.n; i++)
+        if (G.cases[i].n_prompt >= 33) k = &G.cases[i];
+    int n_blocks = (k->n_prompt + 15) / 16 + 1;
+    eng_engine *e = make(64, 16, n_blocks, true);
+    for (int id = 0; id < 2; id++) {
+        memset(&R[id], 0, sizeof R[id]);
+        eng_request q = {.id = (uint64_t)id, .prompt = k->prompt, .n_prompt = k->n_prompt};
+        eng_sampling_default(&q.sampling);
+        q.sampling.smp.temperature = 0;
+        q.sampling.ignore_eos = true;
+        q.sampling.max_tokens = id == 0 ? n_blocks * 16 - k->n_prompt : 2;
+        char err[256];
+        CHECK_MSG(eng_submit(e, &q, err, sizeof err) == DUET_OK, "%s", err);
+        if (id == 1) break;
+        eng_stats st;
+        for (int step = 0; step < 1000; step++) { /* until A holds the whole pool */
+            bool busy;
+            CHECK(eng_step(e, &busy) == DUET_OK);
+            eng_get_stats(e, &st);
+            if (st.n_free_blocks == 0) break;
+        }
+        CHECK_MSG(st.n_free_blocks == 0 && st.n_running == 1, "A holds %d of %d blocks",
+                  st.n_blocks - st.n_free_blocks, st.n_blocks);
+    }
+    eng_stats before, st;
+    eng_get_stats(e, &before);
+    int waited = 0;
+    for (int step = 0; step < 1000; step++) {
+        bool busy;
+        CHECK(eng_step(e, &busy) == DUET_OK);
+        eng_get_stats(e, &st);
+        if (st.n_waiting) waited++;
+        if (!busy && st.n_running == 0 && st.n_waiting == 0) break;
+    }
+    int full = (k->n_prompt - 1) / 16;
+    CHECK_MSG(waited >= 5, "B waited %d steps only", waited);
+    CHECK_MSG(st.prefix_queries - before.prefix_queries == (uint64_t)full &&
+                  st.prefix_hits - before.prefix_hits == (uint64_t)full,
+              "B waited %d steps: %llu queries, %llu hits counted, expected %d of each", waited,
+              (unsigned long long)(st.prefix_queries - before.prefix_queries),
+              (unsigned long long)(st.prefix_hits - before.prefix_hits), full);
+    CHECK(R[0].n_final == 1 && R[1].n_final == 1 && R[1].n_out == 2);
+    check_pool_full(e, "prefix counted once");
+    eng_destroy(e);
+}
+
 static rng_state g_rng = {{88172645463325252ull, 1, 2, 3}};
 static uint32_t rnd(void) {
     return (uint32_t)rng_next(&g_rng);
@@ -497,6 +549,7 @@ int main(void) {
     st = golden_together(1 << 20, 16, 9, false, 0);
     CHECK_MSG(st.n_preemptions > 0, "no preemption with all arriving at once");
     prefix_reuse();
+    prefix_counted_once();
     random_aborts();
     seeded();
     stops();
