@@ -2,8 +2,8 @@
  * them (smp_logprobs per prompt row), against the implementation before it (kept here as
  * `before_logprobs`: a double exp per vocabulary entry, the top n by quickselect over an index
  * array and qsort). Prints ms per row and per 2,048-row chunk for each, and the largest
- * difference between their answers. Times are this thread's CPU time. Numbers are in docs/hardening.md.
- * Usage: bench-logprobs [--vocab V] [--rows R] [--top N] [--reps K] */
+ * difference between their answers. Times are this thread's CPU time. Numbers are in
+ * docs/hardening.md. Usage: bench-logprobs [--vocab V] [--rows R] [--top N] [--reps K] */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -113,16 +113,15 @@ int main(int argc, char **argv) {
     double best_before = INFINITY, best_after = INFINITY;
     for (int k = 0; k < reps; k++) {
         double t0 = cpu_now_s();
-        for (int r = 0; r < R; r++)
-            before_logprobs(rows + (size_t)r * V, V, r % V, n, &la, a, idx);
+        for (int r = 0; r < R; r++) before_logprobs(rows + (size_t)r * V, V, r % V, n, &la, a, idx);
         double t1 = cpu_now_s();
-        for (int r = 0; r < R; r++)
-            smp_logprobs(rows + (size_t)r * V, V, r % V, n, &lb, b, &scr);
+        for (int r = 0; r < R; r++) smp_logprobs(rows + (size_t)r * V, V, r % V, n, &lb, b, &scr);
         double t2 = cpu_now_s();
         best_before = fmin(best_before, (t1 - t0) / R);
         best_after = fmin(best_after, (t2 - t1) / R);
     }
-    printf("bench-logprobs: vocab %d, top %d, %d rows x %d reps (thread CPU time, best rep)\n", V, n, R, reps);
+    printf("bench-logprobs: vocab %d, top %d, %d rows x %d reps (thread CPU time, best rep)\n", V,
+           n, R, reps);
     printf("  before: %.3f ms/row, %.0f ms per 2048-row chunk\n", best_before * 1e3,
            best_before * 2048 * 1e3);
     printf("  after:  %.3f ms/row, %.0f ms per 2048-row chunk (%.1fx)\n", best_after * 1e3,

@@ -131,6 +131,9 @@ struct oai_frontend {
     rng_state seeds;    /* --seed: seeds of unseeded requests */
     pthread_mutex_t mu; /* the event queue, filled by the engine thread */
     oai_msg *q_head, *q_tail;
+    /* stream chunks: the event being written, and the reasoning split's and tool parser's
+     * pieces of it; reused chunk after chunk (loop thread only) */
+    strbuf sse, sse_reason, sse_text, sse_content;
 };
 
 /* ---------------------------------------------------------------------------------------------
@@ -1037,55 +1040,146 @@ static cJSON *chunk_head(const oai_job *j, const char *object) {
 /* ---------------------------------------------------------------------------------------------
  * Streaming */
 
-static void stream_send(oai_job *j, cJSON *chunk) {
-    if (j->req && api_sse_json(j->req, chunk) != DUET_OK) {
+/* Stream chunks are written straight into the frontend's reused buffer (api_sse_begin/_send):
+ * no JSON tree and, once the buffer has grown, no allocation for a chunk of text. The parts a
+ * token rarely carries (logprobs, tool calls, kv_transfer_params) are still built with cJSON
+ * and printed into it. Keys come in the order the trees had them. */
+
+/* ,"key": */
+static void w_key(strbuf *b, const char *key) {
+    strbuf_add(b, ",\"", 2);
+    strbuf_str(b, key);
+    strbuf_add(b, "\":", 2);
+}
+
+static void w_cstr(strbuf *b, const char *t) {
+    api_json_str(b, t, strlen(t));
+}
+
+static void w_int(strbuf *b, long long x) {
+    char t[24];
+    int n = snprintf(t, sizeof t, "%lld", x);
+    strbuf_add(b, t, (size_t)n);
+}
+
+/* a subtree printed unformatted; x is not freed */
+static void w_tree(strbuf *b, const cJSON *x) {
+    char *t = x ? cJSON_PrintUnformatted(x) : NULL;
+    if (!t) {
+        b->oom = true;
+        return;
+    }
+    strbuf_str(b, t);
+    cJSON_free(t);
+}
+
+static void w_ids(strbuf *b, const int32_t *ids, int n) {
+    strbuf_add(b, "[", 1);
+    for (int i = 0; i < n; i++) {
+        if (i) strbuf_add(b, ",", 1);
+        w_int(b, ids[i]);
+    }
+    strbuf_add(b, "]", 1);
+}
+
+static void w_usage(strbuf *b, int prompt, int completion) {
+    strbuf_str(b, "{\"prompt_tokens\":");
+    w_int(b, prompt);
+    w_key(b, "total_tokens");
+    w_int(b, (long long)prompt + completion);
+    w_key(b, "completion_tokens");
+    w_int(b, completion);
+    strbuf_str(b, ",\"prompt_tokens_details\":null}");
+}
+
+/* {"id":..,"object":..,"created":..,"model":.. (left open) */
+static void w_head(strbuf *b, const oai_job *j, const char *object) {
+    strbuf_str(b, "{\"id\":");
+    w_cstr(b, j->id);
+    w_key(b, "object");
+    w_cstr(b, object);
+    w_key(b, "created");
+    w_int(b, j->created);
+    w_key(b, "model");
+    w_cstr(b, j->fe->cfg.served_name);
+}
+
+/* ,"finish_reason":..,"stop_reason":.. as add_finish */
+static void w_finish(strbuf *b, const oai_choice *c, bool final) {
+    const char *f = !final ? NULL : c->finish_reason ? c->finish_reason : finish_str(c->finish);
+    w_key(b, "finish_reason");
+    if (f)
+        w_cstr(b, f);
+    else
+        strbuf_add(b, "null", 4);
+    w_key(b, "stop_reason");
+    if (final && c->stop_reason)
+        w_cstr(b, c->stop_reason);
+    else if (final && c->stop_token >= 0)
+        w_int(b, c->stop_token);
+    else
+        strbuf_add(b, "null", 4);
+}
+
+/* the chunk's tail: the choice closed, usage, kv_transfer_params, the object closed; sent */
+static void stream_finish_chunk(oai_job *j, oai_choice *c, bool final) {
+    strbuf *b = &j->fe->sse;
+    strbuf_add(b, "}]", 2);
+    if (j->continuous_usage) {
+        w_key(b, "usage");
+        w_usage(b, c->n_prompt, c->n_output);
+    }
+    if (final && j->kv_params_out) {
+        w_key(b, "kv_transfer_params");
+        w_tree(b, j->kv_params_out);
+    }
+    strbuf_add(b, "}", 1);
+    c->sent_first = true;
+    if (j->req && api_sse_send(j->req, b) != DUET_OK) {
         /* gone or stuck: on_close follows and aborts the rest */
     }
-    cJSON_Delete(chunk);
 }
 
 /* One chunk for one engine event of a completions stream. */
 static void stream_completion(oai_job *j, oai_choice *c, const oai_msg *m) {
     oai_frontend *s = j->fe;
-    cJSON *o = chunk_head(j, "text_completion");
-    cJSON *choices = cJSON_AddArrayToObject(o, "choices");
-    cJSON *ch = cJSON_CreateObject();
-    cJSON_AddItemToArray(choices, ch);
-    cJSON_AddNumberToObject(ch, "index", c->index);
-    strbuf text = {0};
-    legacy_lp l = {0};
-    if (j->want_logprobs) legacy_init(&l);
-    bool first = !c->sent_first;
+    strbuf *b = &s->sse;
+    bool first = !c->sent_first, final = m->finish != ENG_FINISH_NONE;
+    api_sse_begin(b);
+    w_head(b, j, "text_completion");
+    strbuf_str(b, ",\"choices\":[{\"index\":");
+    w_int(b, c->index);
+    strbuf_str(b, ",\"text\":\"");
     if (first && j->echo) {
         const char *pt = j->prompt_text[c->prompt];
-        strbuf_str(&text, pt ? pt : "");
-        if (j->want_logprobs)
+        if (pt) api_json_escape(b, pt, strlen(pt));
+    }
+    api_json_escape(b, m->text ? m->text : "", m->text_len);
+    strbuf_add(b, "\"", 1);
+    w_key(b, "logprobs");
+    if (j->want_logprobs) {
+        legacy_lp l = {0};
+        legacy_init(&l);
+        if (first && j->echo)
             for (int i = 0; i < c->n_prompt; i++)
                 legacy_add(s, &l, j->prompts[c->prompt][i],
                            c->prompt_lp && i > 0 ? &c->prompt_lp[i] : NULL, &c->text_offset);
-    }
-    strbuf_add(&text, m->text ? m->text : "", m->text_len);
-    cJSON_AddStringToObject(ch, "text", text.p ? text.p : "");
-    strbuf_free(&text);
-    if (j->want_logprobs) {
         if (m->has_token && m->has_lp) legacy_add(s, &l, m->token, &m->lp, &c->text_offset);
-        cJSON_AddItemToObject(ch, "logprobs", l.obj);
+        w_tree(b, l.obj);
+        cJSON_Delete(l.obj);
     } else {
-        cJSON_AddNullToObject(ch, "logprobs");
+        strbuf_add(b, "null", 4);
     }
-    add_finish(ch, c, m->finish != ENG_FINISH_NONE);
+    w_finish(b, c, final);
     if (j->return_token_ids) {
-        if (first)
-            cJSON_AddItemToObject(ch, "prompt_token_ids",
-                                  ids_json(j->prompts[c->prompt], c->n_prompt));
-        cJSON_AddItemToObject(ch, "token_ids", ids_json(&m->token, m->has_token ? 1 : 0));
+        if (first) {
+            w_key(b, "prompt_token_ids");
+            w_ids(b, j->prompts[c->prompt], c->n_prompt);
+        }
+        w_key(b, "token_ids");
+        w_ids(b, &m->token, m->has_token ? 1 : 0);
     }
-    if (j->continuous_usage)
-        cJSON_AddItemToObject(o, "usage", usage_json(c->n_prompt, c->n_output));
-    if (m->finish != ENG_FINISH_NONE && j->kv_params_out)
-        cJSON_AddItemToObject(o, "kv_transfer_params", cJSON_Duplicate(j->kv_params_out, true));
-    c->sent_first = true;
-    stream_send(j, o);
+    stream_finish_chunk(j, c, final);
 }
 
 /* Where a choice's tool parser puts its events: content text, and the entries of a delta's
@@ -1108,56 +1202,78 @@ static void on_tool_event(void *user, const api_tool_event *ev) {
 
 static void stream_chat(oai_job *j, oai_choice *c, const oai_msg *m) {
     oai_frontend *s = j->fe;
-    cJSON *o = chunk_head(j, "chat.completion.chunk");
+    strbuf *b = &s->sse;
     bool first = !c->sent_first, final = m->finish != ENG_FINISH_NONE;
-    if (first && j->return_token_ids)
-        cJSON_AddItemToObject(o, "prompt_token_ids", ids_json(j->prompts[c->prompt], c->n_prompt));
-    cJSON *choices = cJSON_AddArrayToObject(o, "choices");
-    cJSON *ch = cJSON_CreateObject();
-    cJSON_AddItemToArray(choices, ch);
-    cJSON_AddNumberToObject(ch, "index", c->index);
-    cJSON *delta = cJSON_AddObjectToObject(ch, "delta");
-    if (first) cJSON_AddStringToObject(delta, "role", "assistant");
-    strbuf reason = {0}, text = {0}, content = {0};
-    if (j->split_reasoning) {
-        api_reasoner_feed(&c->reasoner, m->text ? m->text : "", m->text_len, &reason, &text);
-        if (final) api_reasoner_finish(&c->reasoner, &reason, &text);
-    } else {
-        strbuf_add(&text, m->text ? m->text : "", m->text_len);
+    api_sse_begin(b);
+    w_head(b, j, "chat.completion.chunk");
+    if (first && j->return_token_ids) {
+        w_key(b, "prompt_token_ids");
+        w_ids(b, j->prompts[c->prompt], c->n_prompt);
     }
-    /* the answer after the reasoning goes through the tool parser: this token's events, all
-     * in this one chunk */
-    tool_sink ts = {&content, NULL};
+    strbuf_str(b, ",\"choices\":[{\"index\":");
+    w_int(b, c->index);
+    strbuf_str(b, ",\"delta\":{");
+    bool any = false;
+    if (first) {
+        strbuf_str(b, "\"role\":\"assistant\"");
+        any = true;
+    }
+    /* this event's text: split off the reasoning, then through the tool parser (this token's
+     * events, all in this one chunk) */
+    strbuf *reason = &s->sse_reason, *content = &s->sse_content;
+    strbuf_clear(reason);
+    strbuf_clear(content);
+    const char *text = m->text ? m->text : "";
+    size_t text_len = m->text_len;
+    if (j->split_reasoning) {
+        strbuf *t = &s->sse_text;
+        strbuf_clear(t);
+        api_reasoner_feed(&c->reasoner, text, text_len, reason, t);
+        if (final) api_reasoner_finish(&c->reasoner, reason, t);
+        text = t->p ? t->p : "";
+        text_len = t->len;
+    }
+    tool_sink ts = {content, NULL};
     if (c->tools) {
-        api_tool_parser_feed(c->tools, text.p ? text.p : "", text.len, on_tool_event, &ts);
+        api_tool_parser_feed(c->tools, text, text_len, on_tool_event, &ts);
         if (final && api_tool_parser_finish(c->tools, on_tool_event, &ts) > 0)
             c->finish_reason = "tool_calls";
-    } else {
-        strbuf_add(&content, text.p ? text.p : "", text.len);
+        text = content->p ? content->p : "";
+        text_len = content->len;
     }
-    if (reason.len) cJSON_AddStringToObject(delta, "reasoning_content", reason.p);
-    if (content.len || (!reason.len && !ts.calls))
-        cJSON_AddStringToObject(delta, "content", content.p ? content.p : "");
-    if (ts.calls) cJSON_AddItemToObject(delta, "tool_calls", ts.calls);
-    strbuf_free(&reason);
-    strbuf_free(&text);
-    strbuf_free(&content);
+    if (reason->len) {
+        strbuf_str(b, any ? ",\"reasoning_content\":" : "\"reasoning_content\":");
+        api_json_str(b, reason->p, reason->len);
+        any = true;
+    }
+    if (text_len || (!reason->len && !ts.calls)) {
+        strbuf_str(b, any ? ",\"content\":" : "\"content\":");
+        api_json_str(b, text, text_len);
+        any = true;
+    }
+    if (ts.calls) {
+        strbuf_str(b, any ? ",\"tool_calls\":" : "\"tool_calls\":");
+        w_tree(b, ts.calls);
+        cJSON_Delete(ts.calls);
+    }
+    strbuf_add(b, "}", 1);
+    w_key(b, "logprobs");
     if (j->want_logprobs) {
-        cJSON *lp = cJSON_AddObjectToObject(ch, "logprobs");
-        cJSON *arr = cJSON_AddArrayToObject(lp, "content");
-        if (m->has_token && m->has_lp) chat_lp_add(s, arr, &m->lp, j->logprobs);
+        strbuf_str(b, "{\"content\":");
+        cJSON *arr = cJSON_CreateArray();
+        if (arr && m->has_token && m->has_lp) chat_lp_add(s, arr, &m->lp, j->logprobs);
+        w_tree(b, arr);
+        cJSON_Delete(arr);
+        strbuf_add(b, "}", 1);
     } else {
-        cJSON_AddNullToObject(ch, "logprobs");
+        strbuf_add(b, "null", 4);
     }
-    add_finish(ch, c, final);
-    if (j->return_token_ids)
-        cJSON_AddItemToObject(ch, "token_ids", ids_json(&m->token, m->has_token ? 1 : 0));
-    if (j->continuous_usage)
-        cJSON_AddItemToObject(o, "usage", usage_json(c->n_prompt, c->n_output));
-    if (final && j->kv_params_out)
-        cJSON_AddItemToObject(o, "kv_transfer_params", cJSON_Duplicate(j->kv_params_out, true));
-    c->sent_first = true;
-    stream_send(j, o);
+    w_finish(b, c, final);
+    if (j->return_token_ids) {
+        w_key(b, "token_ids");
+        w_ids(b, &m->token, m->has_token ? 1 : 0);
+    }
+    stream_finish_chunk(j, c, final);
 }
 
 static void stream_end(oai_job *j) {
@@ -1795,6 +1911,10 @@ void oai_destroy(oai_frontend *fe) {
         free(j);
     }
     pthread_mutex_destroy(&fe->mu);
+    strbuf_free(&fe->sse);
+    strbuf_free(&fe->sse_reason);
+    strbuf_free(&fe->sse_text);
+    strbuf_free(&fe->sse_content);
     free(fe);
 }
 
