@@ -883,7 +883,8 @@ static int schedule(eng_engine *e) {
     while (!preempted && budget > 0 && e->waiting.head &&
            e->running.n + e->fetching.n < e->cfg.max_num_seqs) {
         ereq *r = e->waiting.head;
-        if (r->n_computed == 0 && r->n_blocks == 0) {
+        /* prompt logprobs need every prompt row's logits, which cached blocks do not have */
+        if (r->n_computed == 0 && r->n_blocks == 0 && !r->prompt_lp) {
             match_prefix(e, r);
             if (r->n_prompt == r->n_tokens) r->n_cached_tokens = r->n_computed;
         }
