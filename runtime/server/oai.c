@@ -99,6 +99,7 @@ struct oai_job {
     bool split_reasoning; /* chat: <think> text goes to reasoning_content */
     bool parse_tools;     /* chat: tool-call markup becomes tool_calls */
     bool logged;          /* --enable-log-requests: the arrival line went out */
+    bool preparing;       /* its prompt is being tokenized on the worker pool: not freed */
     bool gone;            /* the client left before the answer was complete */
     int n_prompts;
     int32_t **prompts; /* [n_prompts] token ids */
@@ -134,6 +135,7 @@ struct oai_frontend {
     /* stream chunks: the event being written, and the reasoning split's and tool parser's
      * pieces of it; reused chunk after chunk (loop thread only) */
     strbuf sse, sse_reason, sse_text, sse_content;
+    uv_loop_t *loop; /* tokenization and chat rendering on its worker pool; NULL: inline */
 };
 
 /* ---------------------------------------------------------------------------------------------
@@ -206,7 +208,7 @@ static void job_free(oai_job *j) {
 }
 
 static void job_maybe_free(oai_job *j) {
-    if (!j->req && j->n_live == 0) job_free(j);
+    if (!j->req && j->n_live == 0 && !j->preparing) job_free(j);
 }
 
 static void job_abort_live(oai_job *j) {
@@ -1596,108 +1598,238 @@ static int job_launch(oai_frontend *s, oai_job *j, const cJSON *body, eng_sampli
     return 0;
 }
 
-void oai_handle_completions(oai_frontend *s, http_req *req, const cJSON *body) {
-    oai_job *j = job_begin(s, req, OAI_JOB_COMPLETION);
-    if (!j) return;
-    api_err e = {0};
+/* A generation request between its checks on the loop thread and its engine requests: the
+ * prompt's tokenization (a chat's rendering first) runs on libuv's worker pool in between, so
+ * a large prompt stalls no stream of this worker. While it runs the job is `preparing`: a
+ * client that leaves meanwhile releases its request at once, and the job (with everything the
+ * preparation made) is freed when the preparation is back. The worker thread touches only the
+ * job's prompt fields, which the loop thread leaves alone until then. */
+typedef struct oai_prep oai_prep;
+struct oai_prep {
+    uv_work_t work; /* first: a uv_work_t * converts back */
+    oai_job *j;
+    cJSON *body;                  /* the request's, owned */
+    void (*prepare)(oai_prep *p); /* worker pool: sets failed and e */
+    void (*finish)(oai_prep *p);  /* loop thread, when prepare succeeded and the client is there */
+    api_err e;
+    bool failed;
     eng_sampling sp;
-    eng_sampling_default(&sp);
-    long long n = 1, max_tokens = 16, logprobs = -1, best_of = 0;
-    bool add_special = true;
-    if (check_model(s, body, &e) || parse_stream(j, body, &e) ||
-        api_get_int(body, "n", 1, MAX_N, &n, &e) ||
-        api_get_int(body, "best_of", 1, MAX_N, &best_of, &e) ||
-        api_get_int(body, "logprobs", 0, s->cfg.max_logprobs, &logprobs, &e) ||
-        api_get_bool(body, "echo", &j->echo, &e) ||
-        api_get_bool(body, "return_token_ids", &j->return_token_ids, &e) ||
-        api_get_bool(body, "add_special_tokens", &add_special, &e) || parse_sampling(body, &sp, &e))
+    long long n, max_tokens, logprobs;
+    bool add_special, chat_logprobs;
+    chat_req cr;
+};
+
+static void prep_free(oai_prep *p) {
+    cJSON_Delete(p->body);
+    free(p);
+}
+
+static void prep_done(oai_prep *p) {
+    oai_job *j = p->j;
+    j->preparing = false;
+    if (!j->req || p->failed)
+        job_fail(j, &p->e); /* or, the client gone, frees the job */
+    else
+        p->finish(p);
+    prep_free(p);
+}
+
+static void on_prep_work(uv_work_t *w) {
+    oai_prep *p = (oai_prep *)w;
+    p->prepare(p);
+}
+
+static void on_prep_done(uv_work_t *w, int status) {
+    oai_prep *p = (oai_prep *)w;
+    if (status) { /* cancelled: never prepared */
+        p->failed = true;
+        api_err_set(&p->e, 503, NULL, "The server is shutting down");
+    }
+    prep_done(p);
+}
+
+static void prep_run(oai_prep *p) {
+    oai_frontend *s = p->j->fe;
+    if (s->loop) {
+        p->j->preparing = true;
+        if (uv_queue_work(s->loop, &p->work, on_prep_work, on_prep_done) == 0) return;
+        p->j->preparing = false; /* not queued: prepared here instead */
+    }
+    p->prepare(p);
+    prep_done(p);
+}
+
+/* A job and its preparation record, or NULL (answered 500, body freed). */
+static oai_prep *prep_begin(oai_frontend *s, http_req *req, oai_job_kind kind, cJSON *body) {
+    oai_job *j = job_begin(s, req, kind);
+    oai_prep *p = j ? calloc(1, sizeof *p) : NULL;
+    if (j && !p) {
+        api_err e = {0};
+        api_err_set(&e, 500, NULL, "out of memory");
+        job_fail(j, &e);
+    }
+    if (!p) {
+        cJSON_Delete(body);
+        return NULL;
+    }
+    p->j = j;
+    p->body = body;
+    eng_sampling_default(&p->sp);
+    return p;
+}
+
+/* A preparation that failed before it was queued: the job answers the error. */
+static void prep_fail(oai_prep *p) {
+    job_fail(p->j, &p->e);
+    prep_free(p);
+}
+
+static void completion_prepare(oai_prep *p) {
+    oai_job *j = p->j;
+    oai_frontend *s = j->fe;
+    if (parse_prompts(s, j, p->body, p->add_special, &p->e)) {
+        p->failed = true;
+        return;
+    }
+    if (j->echo) /* prompt text for ids given as ids */
+        for (int i = 0; i < j->n_prompts; i++)
+            if (!j->prompt_text[i])
+                j->prompt_text[i] = decode_ids(s, j->prompts[i], j->n_prompt_ids[i], false);
+}
+
+static void completion_finish(oai_prep *p) {
+    oai_job *j = p->j;
+    oai_frontend *s = j->fe;
+    api_err *e = &p->e;
+    eng_sampling *sp = &p->sp;
+    if (check_lengths(s, j, p->max_tokens, e)) goto fail;
+    if ((long long)j->n_prompts * p->n > MAX_CHOICES) {
+        api_err_set(e, 400, "n", "at most %d choices per request", MAX_CHOICES);
         goto fail;
-    if (best_of && best_of != n) {
-        api_err_set(&e, 400, "best_of", "best_of other than n is not supported");
+    }
+    if (sp->min_tokens > 0 && p->max_tokens > 0 && sp->min_tokens > p->max_tokens) {
+        api_err_set(e, 400, "min_tokens", "min_tokens (%d) must be at most max_tokens (%lld)",
+                    sp->min_tokens, p->max_tokens);
+        goto fail;
+    }
+    sp->max_tokens = p->max_tokens > 0 ? (int)p->max_tokens : 0; /* 0: up to the context */
+    sp->logprobs = (int)p->logprobs;
+    j->want_logprobs = p->logprobs >= 0;
+    j->logprobs = (int)p->logprobs;
+    if (j->echo && p->logprobs >= 0) sp->prompt_logprobs = (int)p->logprobs;
+    if (job_launch(s, j, p->body, sp, (int)p->n, e)) goto fail;
+    return;
+fail:
+    job_fail(j, e);
+}
+
+void oai_handle_completions(oai_frontend *s, http_req *req, cJSON *body) {
+    oai_prep *p = prep_begin(s, req, OAI_JOB_COMPLETION, body);
+    if (!p) return;
+    oai_job *j = p->j;
+    api_err *e = &p->e;
+    long long best_of = 0;
+    p->n = 1;
+    p->max_tokens = 16;
+    p->logprobs = -1;
+    p->add_special = true;
+    if (check_model(s, body, e) || parse_stream(j, body, e) ||
+        api_get_int(body, "n", 1, MAX_N, &p->n, e) ||
+        api_get_int(body, "best_of", 1, MAX_N, &best_of, e) ||
+        api_get_int(body, "logprobs", 0, s->cfg.max_logprobs, &p->logprobs, e) ||
+        api_get_bool(body, "echo", &j->echo, e) ||
+        api_get_bool(body, "return_token_ids", &j->return_token_ids, e) ||
+        api_get_bool(body, "add_special_tokens", &p->add_special, e) ||
+        parse_sampling(body, &p->sp, e))
+        goto fail;
+    if (best_of && best_of != p->n) {
+        api_err_set(e, 400, "best_of", "best_of other than n is not supported");
         goto fail;
     }
     const cJSON *mt = cJSON_GetObjectItemCaseSensitive(body, "max_tokens");
     if (mt && cJSON_IsNull(mt))
-        max_tokens = 0; /* null: up to the context length */
-    else if (api_get_int(body, "max_tokens", 1, 1LL << 53, &max_tokens, &e))
+        p->max_tokens = 0; /* null: up to the context length */
+    else if (api_get_int(body, "max_tokens", 1, 1LL << 53, &p->max_tokens, e))
         goto fail;
     const char *user = NULL;
-    if (api_get_string(body, "user", &user, &e)) goto fail;
-    if (parse_prompts(s, j, body, add_special, &e) || check_lengths(s, j, max_tokens, &e))
-        goto fail;
-    if ((long long)j->n_prompts * n > MAX_CHOICES) {
-        api_err_set(&e, 400, "n", "at most %d choices per request", MAX_CHOICES);
-        goto fail;
-    }
-    if (sp.min_tokens > 0 && max_tokens > 0 && sp.min_tokens > max_tokens) {
-        api_err_set(&e, 400, "min_tokens", "min_tokens (%d) must be at most max_tokens (%lld)",
-                    sp.min_tokens, max_tokens);
-        goto fail;
-    }
-    if (j->echo) /* prompt text for ids given as ids */
-        for (int p = 0; p < j->n_prompts; p++)
-            if (!j->prompt_text[p])
-                j->prompt_text[p] = decode_ids(s, j->prompts[p], j->n_prompt_ids[p], false);
-    sp.max_tokens = max_tokens > 0 ? (int)max_tokens : 0; /* 0: up to the context length */
-    sp.logprobs = (int)logprobs;
-    j->want_logprobs = logprobs >= 0;
-    j->logprobs = (int)logprobs;
-    if (j->echo && logprobs >= 0) sp.prompt_logprobs = (int)logprobs;
-    if (job_launch(s, j, body, &sp, (int)n, &e)) goto fail;
+    if (api_get_string(body, "user", &user, e)) goto fail;
+    p->prepare = completion_prepare;
+    p->finish = completion_finish;
+    prep_run(p);
     return;
 fail:
-    job_fail(j, &e);
+    prep_fail(p);
 }
 
-void oai_handle_chat(oai_frontend *s, http_req *req, const cJSON *body) {
-    oai_job *j = job_begin(s, req, OAI_JOB_CHAT);
-    if (!j) return;
-    api_err e = {0};
-    eng_sampling sp;
-    eng_sampling_default(&sp);
-    long long n = 1, max_tokens = 0, top_logprobs = 0;
-    bool logprobs = false;
+static void chat_prepare(oai_prep *p) {
+    oai_job *j = p->j;
     int32_t *ids = NULL;
     int n_ids = 0;
-    chat_req cr;
-    if (check_model(s, body, &e) || parse_stream(j, body, &e) ||
-        api_get_int(body, "n", 1, MAX_N, &n, &e) || api_get_bool(body, "logprobs", &logprobs, &e) ||
-        api_get_int(body, "top_logprobs", 0, s->cfg.max_logprobs, &top_logprobs, &e) ||
-        api_get_bool(body, "return_token_ids", &j->return_token_ids, &e) ||
-        api_get_int(body, "max_tokens", 1, 1LL << 53, &max_tokens, &e) ||
-        api_get_int(body, "max_completion_tokens", 1, 1LL << 53, &max_tokens, &e) ||
-        parse_sampling(body, &sp, &e))
+    if (render_chat(j->fe, p->body, false, &ids, &n_ids, &p->cr, &p->e)) {
+        p->failed = true;
+        return;
+    }
+    if (add_prompt(j, ids, n_ids, NULL)) {
+        api_err_set(&p->e, 500, NULL, "out of memory");
+        p->failed = true;
+    }
+}
+
+static void chat_finish(oai_prep *p) {
+    oai_job *j = p->j;
+    oai_frontend *s = j->fe;
+    api_err *e = &p->e;
+    eng_sampling *sp = &p->sp;
+    j->split_reasoning = s->cfg.reasoning == OAI_REASONING_R1 ||
+                         (s->cfg.reasoning == OAI_REASONING_V3 && p->cr.thinking);
+    j->parse_tools = p->cr.parse_tools;
+    if (check_lengths(s, j, p->max_tokens, e)) goto fail;
+    if (sp->min_tokens > 0 && p->max_tokens > 0 && sp->min_tokens > p->max_tokens) {
+        api_err_set(e, 400, "min_tokens", "min_tokens (%d) must be at most max_tokens (%lld)",
+                    sp->min_tokens, p->max_tokens);
         goto fail;
-    if (present(body, "top_logprobs") && top_logprobs > 0 && !logprobs) {
-        api_err_set(&e, 400, "top_logprobs",
+    }
+    sp->max_tokens = (int)p->max_tokens; /* 0: up to the context length */
+    sp->logprobs = p->chat_logprobs ? (int)p->logprobs : -1;
+    j->want_logprobs = p->chat_logprobs;
+    j->logprobs = (int)p->logprobs;
+    if (job_launch(s, j, p->body, sp, (int)p->n, e)) goto fail;
+    return;
+fail:
+    job_fail(j, e);
+}
+
+void oai_handle_chat(oai_frontend *s, http_req *req, cJSON *body) {
+    oai_prep *p = prep_begin(s, req, OAI_JOB_CHAT, body);
+    if (!p) return;
+    oai_job *j = p->j;
+    api_err *e = &p->e;
+    p->n = 1;
+    p->max_tokens = 0;
+    p->logprobs = 0; /* top_logprobs */
+    if (check_model(s, body, e) || parse_stream(j, body, e) ||
+        api_get_int(body, "n", 1, MAX_N, &p->n, e) ||
+        api_get_bool(body, "logprobs", &p->chat_logprobs, e) ||
+        api_get_int(body, "top_logprobs", 0, s->cfg.max_logprobs, &p->logprobs, e) ||
+        api_get_bool(body, "return_token_ids", &j->return_token_ids, e) ||
+        api_get_int(body, "max_tokens", 1, 1LL << 53, &p->max_tokens, e) ||
+        api_get_int(body, "max_completion_tokens", 1, 1LL << 53, &p->max_tokens, e) ||
+        parse_sampling(body, &p->sp, e))
+        goto fail;
+    if (present(body, "top_logprobs") && p->logprobs > 0 && !p->chat_logprobs) {
+        api_err_set(e, 400, "top_logprobs",
                     "when using `top_logprobs`, `logprobs` must be set "
                     "to true.");
         goto fail;
     }
     const char *user = NULL;
-    if (api_get_string(body, "user", &user, &e)) goto fail;
-    if (render_chat(s, body, false, &ids, &n_ids, &cr, &e)) goto fail;
-    j->split_reasoning = s->cfg.reasoning == OAI_REASONING_R1 ||
-                         (s->cfg.reasoning == OAI_REASONING_V3 && cr.thinking);
-    j->parse_tools = cr.parse_tools;
-    if (add_prompt(j, ids, n_ids, NULL)) {
-        api_err_set(&e, 500, NULL, "out of memory");
-        goto fail;
-    }
-    if (check_lengths(s, j, max_tokens, &e)) goto fail;
-    if (sp.min_tokens > 0 && max_tokens > 0 && sp.min_tokens > max_tokens) {
-        api_err_set(&e, 400, "min_tokens", "min_tokens (%d) must be at most max_tokens (%lld)",
-                    sp.min_tokens, max_tokens);
-        goto fail;
-    }
-    sp.max_tokens = (int)max_tokens; /* 0: up to the context length */
-    sp.logprobs = logprobs ? (int)top_logprobs : -1;
-    j->want_logprobs = logprobs;
-    j->logprobs = (int)top_logprobs;
-    if (job_launch(s, j, body, &sp, (int)n, &e)) goto fail;
+    if (api_get_string(body, "user", &user, e)) goto fail;
+    p->prepare = chat_prepare;
+    p->finish = chat_finish;
+    prep_run(p);
     return;
 fail:
-    job_fail(j, &e);
+    prep_fail(p);
 }
 
 void oai_handle_tokenize(oai_frontend *s, http_req *req, const cJSON *body) {
@@ -1920,6 +2052,10 @@ void oai_destroy(oai_frontend *fe) {
 
 void oai_set_engine(oai_frontend *fe, eng_engine *eng) {
     fe->eng = eng;
+}
+
+void oai_set_loop(oai_frontend *fe, uv_loop_t *loop) {
+    fe->loop = loop;
 }
 
 void oai_set_draining(oai_frontend *fe) {
