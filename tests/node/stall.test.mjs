@@ -115,3 +115,80 @@ test('a prompt at the context limit with prompt logprobs keeps the streams\' gap
   console.log(msg);
   assert.ok(withLong < 5 * base, msg);
 });
+
+// A large prompt's tokenization runs on the worker pool: while it runs the loop thread still
+// answers (here /health), and the request ends with the context-length 400 naming its tokens.
+function bigText(bytes) {
+  const words = ['alpha', 'beta', 'gamma', 'delta', 'epsilon', 'zeta', 'eta', 'theta', 'iota',
+    'kappa', '12345', 'naïve', 'über', '東京', '🙂', 'lambda', 'mu'];
+  const out = [];
+  let n = 0;
+  for (let i = 0; n < bytes; i++) {
+    const w = words[(i * 7 + (i >> 3)) % words.length] + (i % 13 === 0 ? '.\n' : ' ');
+    out.push(w);
+    n += Buffer.byteLength(w);
+  }
+  return out.join('');
+}
+
+async function healthWhile(promise) {
+  let done = false, worst = 0, probes = 0;
+  promise.finally(() => { done = true; });
+  while (!done) {
+    const t0 = performance.now();
+    const r = await fetch(`http://127.0.0.1:${server.port}/health`);
+    await r.text();
+    worst = Math.max(worst, performance.now() - t0);
+    probes++;
+    await new Promise((res) => setTimeout(res, 10));
+  }
+  return { worst, probes };
+}
+
+test('a large prompt is tokenized off the loop thread: /health answers meanwhile', async () => {
+  const text = bigText(3 << 20);
+  for (const [route, body] of [
+    ['/v1/completions', { model: 'tiny', prompt: text, max_tokens: 1 }],
+    ['/v1/chat/completions', { model: 'tiny', messages: [{ role: 'user', content: text }],
+      max_tokens: 1 }]]) {
+    const t0 = performance.now();
+    const req = fetch(`http://127.0.0.1:${server.port}${route}`, { method: 'POST',
+      headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(body) })
+      .then(async (r) => ({ status: r.status, text: await r.text() }));
+    const h = await healthWhile(req);
+    const r = await req;
+    const took = performance.now() - t0;
+    assert.equal(r.status, 400, r.text.slice(0, 300));
+    assert.match(r.text, /maximum context length is 512 tokens. However, your request has \d{6,} input tokens/);
+    const msg = `${route}: ${took.toFixed(0)} ms, /health worst ${h.worst.toFixed(0)} ms over ${h.probes} probes`;
+    console.log(msg);
+    // tokenized on the loop thread it would answer one probe or two (before and after)
+    assert.ok(h.probes >= 5, msg);
+  }
+});
+
+// Clients that leave while their chat prompt renders and tokenizes: nothing is left behind (the
+// server still serves, and SIGTERM finds no request to wait for; the asan stage checks leaks).
+test('clients gone while their prompt is prepared leave nothing behind', async () => {
+  const net = await import('node:net');
+  const body = JSON.stringify({ model: 'tiny', messages: [{ role: 'user', content: bigText(2 << 20) }],
+    max_tokens: 4 });
+  for (let i = 0; i < 4; i++) {
+    await new Promise((resolve) => {
+      const sock = net.connect(server.port, '127.0.0.1', () => {
+        sock.write(`POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n` +
+          `Content-Length: ${Buffer.byteLength(body)}\r\n\r\n`);
+        sock.write(body, () => setTimeout(() => { sock.destroy(); resolve(); }, 20 + 30 * i));
+      });
+      sock.on('error', resolve);
+    });
+  }
+  const r = await post({ model: 'tiny', prompt: [1, 2, 3], max_tokens: 2, ignore_eos: true });
+  assert.equal(r.status, 200, r.text);
+  // let the pool finish what the gone clients left, then the drain must find nothing open
+  await new Promise((res) => setTimeout(res, 3000));
+  const t0 = performance.now();
+  const x = await server.stop(10000);
+  assert.deepEqual(x, { code: 0, signal: null }, server.log.slice(-2000));
+  assert.ok(performance.now() - t0 < 8000, 'the drain waited for a request');
+});
