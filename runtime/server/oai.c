@@ -35,8 +35,9 @@ typedef struct oai_msg {
     bool has_lp;
     eng_token_lp lp;
     eng_token_lp *prompt_lp; /* [n_prompt], heap, or NULL */
-    char *text;              /* heap, NUL-terminated, or NULL */
+    char *text;              /* text_in or heap, NUL-terminated, or NULL */
     size_t text_len;
+    char text_in[48]; /* a token's text usually fits: no allocation for it */
     eng_finish finish;
     char *stop_reason;
     int32_t stop_token;
@@ -132,6 +133,8 @@ struct oai_frontend {
     rng_state seeds;    /* --seed: seeds of unseeded requests */
     pthread_mutex_t mu; /* the event queue, filled by the engine thread */
     oai_msg *q_head, *q_tail;
+    oai_msg *spare; /* delivered messages kept for the next events (under mu) */
+    int n_spare;
     /* stream chunks: the event being written, and the reasoning split's and tool parser's
      * pieces of it; reused chunk after chunk (loop thread only) */
     strbuf sse, sse_reason, sse_text, sse_content;
@@ -1931,20 +1934,34 @@ static char *dup_n(const char *s, size_t n) {
     return d;
 }
 
-static void msg_free(oai_msg *m) {
-    if (!m) return;
+/* What a message holds beyond itself: freed, so it can be reused for the next event. */
+static void msg_clear(oai_msg *m) {
     free(m->prompt_lp);
-    free(m->text);
+    if (m->text != m->text_in) free(m->text);
     free(m->stop_reason);
     free(m->error);
     free(m->lease_blocks);
-    free(m);
 }
+
+/* Messages delivered are kept for the next events, up to this many (the most a step of
+ * --max-num-seqs requests makes at once, roughly): once warm, a token's event allocates
+ * nothing when its text fits text_in. */
+enum { MSG_SPARE_MAX = 1024 };
 
 /* Engine thread (or the main thread inside eng_destroy): copy and hand to the loop. */
 void oai_on_engine_event(void *user, const eng_event *ev) {
     oai_frontend *s = user;
-    oai_msg *m = calloc(1, sizeof *m);
+    pthread_mutex_lock(&s->mu);
+    oai_msg *m = s->spare;
+    if (m) {
+        s->spare = m->next;
+        s->n_spare--;
+    }
+    pthread_mutex_unlock(&s->mu);
+    if (m)
+        memset(m, 0, sizeof *m);
+    else
+        m = calloc(1, sizeof *m);
     bool oom = !m;
     if (m) {
         m->user = ev->user;
@@ -1963,7 +1980,12 @@ void oai_on_engine_event(void *user, const eng_event *ev) {
                 memcpy(m->prompt_lp, ev->prompt_logprobs,
                        (size_t)ev->n_prompt * sizeof *m->prompt_lp);
         }
-        if (ev->text_len) {
+        if (ev->text_len < sizeof m->text_in) {
+            if (ev->text_len) memcpy(m->text_in, ev->text, ev->text_len);
+            m->text_in[ev->text_len] = '\0';
+            m->text = m->text_in;
+            m->text_len = ev->text_len;
+        } else {
             m->text = dup_n(ev->text, ev->text_len);
             m->text_len = m->text ? ev->text_len : 0;
         }
@@ -2004,12 +2026,32 @@ void oai_process_events(oai_frontend *s) {
     oai_msg *m = s->q_head;
     s->q_head = s->q_tail = NULL;
     pthread_mutex_unlock(&s->mu);
+    oai_msg *done = NULL, *done_tail = NULL;
+    int n_done = 0;
     while (m) {
         oai_msg *next = m->next;
         job_event(s, m);
-        msg_free(m);
+        msg_clear(m);
+        m->next = done;
+        done = m;
+        if (!done_tail) done_tail = m;
+        n_done++;
         m = next;
     }
+    if (!done) return;
+    pthread_mutex_lock(&s->mu);
+    while (done && s->n_spare + n_done > MSG_SPARE_MAX) { /* beyond the bound: freed */
+        oai_msg *x = done;
+        done = x->next;
+        n_done--;
+        free(x);
+    }
+    if (done) {
+        done_tail->next = s->spare;
+        s->spare = done;
+        s->n_spare += n_done;
+    }
+    pthread_mutex_unlock(&s->mu);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -2043,6 +2085,11 @@ void oai_destroy(oai_frontend *fe) {
         free(j);
     }
     pthread_mutex_destroy(&fe->mu);
+    while (fe->spare) {
+        oai_msg *m = fe->spare;
+        fe->spare = m->next;
+        free(m);
+    }
     strbuf_free(&fe->sse);
     strbuf_free(&fe->sse_reason);
     strbuf_free(&fe->sse_text);
