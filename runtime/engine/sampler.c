@@ -219,9 +219,11 @@ static inline f32x4 load4(const float *p) {
     return v;
 }
 
+#if !defined(__SSE__)
 static inline f32x4 select4(i32x4 mask, f32x4 a, f32x4 b) {
     return (f32x4)(((i32x4)a & mask) | ((i32x4)b & ~mask));
 }
+#endif
 
 static inline f32x4 splat4(float x) {
     return (f32x4){x, x, x, x};
