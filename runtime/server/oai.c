@@ -1620,10 +1620,13 @@ struct oai_prep {
     long long n, max_tokens, logprobs;
     bool add_special, chat_logprobs;
     chat_req cr;
+    bool token_strs; /* /tokenize: return_token_strs */
+    cJSON *out;      /* /tokenize: the answer, made on the pool */
 };
 
 static void prep_free(oai_prep *p) {
     cJSON_Delete(p->body);
+    cJSON_Delete(p->out);
     free(p);
 }
 
@@ -1835,35 +1838,38 @@ fail:
     prep_fail(p);
 }
 
-void oai_handle_tokenize(oai_frontend *s, http_req *req, const cJSON *body) {
-    api_err e = {0};
+/* /tokenize as a job too, so that its tokenization (or chat rendering) runs on the pool and a
+ * client leaving meanwhile is handled the same way; the answer is built there as well. */
+static void tokenize_prepare(oai_prep *p) {
+    oai_frontend *s = p->j->fe;
+    const cJSON *body = p->body;
+    api_err *e = &p->e;
     int32_t *ids = NULL;
     int n = 0;
-    bool strs = false;
-    if (check_model(s, body, &e) || api_get_bool(body, "return_token_strs", &strs, &e)) goto fail;
+    p->failed = true;
     if (present(body, "messages")) {
         chat_req cr;
-        if (render_chat(s, body, true, &ids, &n, &cr, &e)) goto fail;
+        if (render_chat(s, body, true, &ids, &n, &cr, e)) return;
     } else {
         const char *prompt = NULL;
         bool add_special = true;
-        if (api_get_string(body, "prompt", &prompt, &e) ||
-            api_get_bool(body, "add_special_tokens", &add_special, &e))
-            goto fail;
+        if (api_get_string(body, "prompt", &prompt, e) ||
+            api_get_bool(body, "add_special_tokens", &add_special, e))
+            return;
         if (!prompt) {
-            api_err_set(&e, 400, "prompt", "'prompt' (a string) or 'messages' is required");
-            goto fail;
+            api_err_set(e, 400, "prompt", "'prompt' (a string) or 'messages' is required");
+            return;
         }
         if (encode_text(s, prompt, strlen(prompt), add_special, &ids, &n)) {
-            api_err_set(&e, 500, NULL, "tokenization failed");
-            goto fail;
+            api_err_set(e, 500, NULL, "tokenization failed");
+            return;
         }
     }
     cJSON *o = cJSON_CreateObject();
     cJSON_AddNumberToObject(o, "count", n);
     cJSON_AddNumberToObject(o, "max_model_len", s->max_model_len);
     cJSON_AddItemToObject(o, "tokens", ids_json(ids, n));
-    if (strs) {
+    if (p->token_strs) {
         cJSON *a = cJSON_AddArrayToObject(o, "token_strs");
         for (int i = 0; i < n; i++) {
             char *t = token_str(s, ids[i]);
@@ -1874,14 +1880,31 @@ void oai_handle_tokenize(oai_frontend *s, http_req *req, const cJSON *body) {
         cJSON_AddNullToObject(o, "token_strs");
     }
     free(ids);
-    met_count_http(s->met, 200);
-    api_respond_json(req, 200, o, NULL);
-    cJSON_Delete(o);
-    return;
-fail:
-    free(ids);
-    met_count_http(s->met, e.status);
-    api_respond_err(req, &e, NULL);
+    p->out = o;
+    p->failed = !o;
+    if (!o) api_err_set(e, 500, NULL, "out of memory");
+}
+
+static void tokenize_finish(oai_prep *p) {
+    oai_job *j = p->j;
+    http_req *req = j->req;
+    j->req = NULL;
+    met_count_http(j->fe->met, 200);
+    api_respond_json(req, 200, p->out, NULL);
+    job_maybe_free(j);
+}
+
+void oai_handle_tokenize(oai_frontend *s, http_req *req, cJSON *body) {
+    oai_prep *p = prep_begin(s, req, OAI_JOB_COMPLETION, body);
+    if (!p) return;
+    if (check_model(s, body, &p->e) ||
+        api_get_bool(body, "return_token_strs", &p->token_strs, &p->e)) {
+        prep_fail(p);
+        return;
+    }
+    p->prepare = tokenize_prepare;
+    p->finish = tokenize_finish;
+    prep_run(p);
 }
 
 void oai_handle_detokenize(oai_frontend *s, http_req *req, const cJSON *body) {

@@ -64,11 +64,11 @@ void oai_set_engine(oai_frontend *fe, eng_engine *eng);
  * run until oai_jobs_count is 0: a request being tokenized counts. */
 void oai_set_loop(oai_frontend *fe, uv_loop_t *loop);
 
-/* The handlers take over req: they finish it now or later. The generation handlers take over
- * body too (it lives while the prompt is tokenized); the others leave it the caller's. */
+/* The handlers take over req: they finish it now or later. The tokenizing ones take over body
+ * too (it lives while the prompt is tokenized); /detokenize leaves it the caller's. */
 void oai_handle_completions(oai_frontend *fe, http_req *req, cJSON *body);
 void oai_handle_chat(oai_frontend *fe, http_req *req, cJSON *body);
-void oai_handle_tokenize(oai_frontend *fe, http_req *req, const cJSON *body);
+void oai_handle_tokenize(oai_frontend *fe, http_req *req, cJSON *body);
 void oai_handle_detokenize(oai_frontend *fe, http_req *req, const cJSON *body);
 
 /* The engine's on_event (eng_config.on_event with event_user = fe): copies the event for the

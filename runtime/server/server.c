@@ -406,7 +406,7 @@ static void on_request(http_req *req, void *user) {
         return;
     case R_TOKENIZE:
         oai_handle_tokenize(s->fe, req, body);
-        break;
+        return;
     default:
         oai_handle_detokenize(s->fe, req, body);
         break;

@@ -117,7 +117,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         break;
     case 2:
         oai_handle_tokenize(fe, req, body);
-        cJSON_Delete(body);
         break;
     default:
         oai_handle_detokenize(fe, req, body);
