@@ -88,35 +88,43 @@ test('a prompt at the context limit with prompt logprobs keeps the streams\' gap
   await round();
   const first = await post(longBody);
   assert.equal(first.status, 200, first.text.slice(0, 300));
-  const alone = await round();
-  const loaded = await round(async () => {
-    await new Promise((r) => setTimeout(r, 150)); // the streams are under way
-    const t0 = performance.now();
-    const r = await post(longBody);
-    return { ...r, t0 };
-  });
-  const base = p99(alone.gaps), withLong = p99(loaded.gaps);
-  const long = loaded.extra;
-  assert.equal(long.status, 200, long.text.slice(0, 300));
-  const body = JSON.parse(long.text);
-  const lp = body.choices[0].logprobs;
-  assert.equal(lp.token_logprobs.length, MAX_LEN, 'a logprob entry per prompt token and the new one');
-  assert.equal(lp.token_logprobs[0], null);
-  assert.ok(lp.token_logprobs.slice(1).every((x) => typeof x === 'number' && x < 0));
-  // computed again, not taken from the prefix cache the first one filled: the same numbers
-  const want = JSON.parse(first.text).choices[0].logprobs.token_logprobs;
-  const off = lp.token_logprobs.findIndex((x, k) => k > 0 && Math.abs(x - want[k]) > 1e-4);
-  assert.equal(off, -1, `prompt logprob ${off}: ${lp.token_logprobs[off]} vs ${want[off]}`);
-  // keyed by token text, so tokens that decode alike share one key
-  assert.ok(lp.top_logprobs.slice(1).every((o) => o && Object.keys(o).length >= 1));
-  // the long request ran while the streams did: it ended before the last of them
-  const lastEnd = Math.max(...loaded.streams.map((t) => t[t.length - 1]));
-  assert.ok(long.t < lastEnd, `the long request ended ${(long.t - lastEnd).toFixed(0)} ms after the streams`);
-  const msg = `gap p99 ${withLong.toFixed(1)} ms with the long request, ${base.toFixed(1)} ms without ` +
-    `(${(withLong / base).toFixed(2)}x; long request ${(long.t - long.t0).toFixed(0)} ms; ` +
-    `${alone.gaps.length} and ${loaded.gaps.length} gaps)`;
-  console.log(SANITIZED ? `${msg} [sanitizer build: not held to 5x]` : msg);
-  if (!SANITIZED) assert.ok(withLong < 5 * base, msg);
+  // On a machine shared with other work one descheduling of the worker can outlast any stall
+  // of its own: up to 3 tries, the first under 5x passes. A stall the worker makes itself (a
+  // prompt tokenized on the loop thread, prompt logprobs at seconds per chunk) fails all three.
+  const tries = [];
+  for (let attempt = 0; attempt < 3; attempt++) {
+    const alone = await round();
+    const loaded = await round(async () => {
+      await new Promise((r) => setTimeout(r, 150)); // the streams are under way
+      const t0 = performance.now();
+      const r = await post(longBody);
+      return { ...r, t0 };
+    });
+    const base = p99(alone.gaps), withLong = p99(loaded.gaps);
+    const long = loaded.extra;
+    assert.equal(long.status, 200, long.text.slice(0, 300));
+    const body = JSON.parse(long.text);
+    const lp = body.choices[0].logprobs;
+    assert.equal(lp.token_logprobs.length, MAX_LEN, 'a logprob entry per prompt token and the new one');
+    assert.equal(lp.token_logprobs[0], null);
+    assert.ok(lp.token_logprobs.slice(1).every((x) => typeof x === 'number' && x < 0));
+    // computed again, not taken from the prefix cache the first one filled: the same numbers
+    const want = JSON.parse(first.text).choices[0].logprobs.token_logprobs;
+    const off = lp.token_logprobs.findIndex((x, k) => k > 0 && Math.abs(x - want[k]) > 1e-4);
+    assert.equal(off, -1, `prompt logprob ${off}: ${lp.token_logprobs[off]} vs ${want[off]}`);
+    // keyed by token text, so tokens that decode alike share one key
+    assert.ok(lp.top_logprobs.slice(1).every((o) => o && Object.keys(o).length >= 1));
+    // the long request ran while the streams did: it ended before the last of them
+    const lastEnd = Math.max(...loaded.streams.map((t) => t[t.length - 1]));
+    assert.ok(long.t < lastEnd, `the long request ended ${(long.t - lastEnd).toFixed(0)} ms after the streams`);
+    const msg = `gap p99 ${withLong.toFixed(1)} ms with the long request, ${base.toFixed(1)} ms ` +
+      `without (${(withLong / base).toFixed(2)}x; long request ${(long.t - long.t0).toFixed(0)} ms; ` +
+      `${alone.gaps.length} and ${loaded.gaps.length} gaps)`;
+    console.log(SANITIZED ? `${msg} [sanitizer build: not held to 5x]` : msg);
+    tries.push(msg);
+    if (SANITIZED || withLong < 5 * base) return;
+  }
+  assert.fail(`the streams' gap p99 was 5x or more in 3 tries:\n${tries.join('\n')}`);
 });
 
 // A large prompt's tokenization runs on the worker pool: while it runs the loop thread still
