@@ -277,6 +277,9 @@ static int cli_table(px_cli *cli, opt_spec out[TABLE_MAX]) {
          .help = "larger request bodies are answered 413"},
         COUNT("--max-connections", max_connections, "4096", 0,
               "client connections served at once; more are answered 503"),
+        COUNT("--max-connections-per-client", max_connections_per_client, "0", 0,
+              "connections open at once from one client address; the one beyond is answered "
+              "429 and closed (0: no limit)"),
     };
     _Static_assert(sizeof t / sizeof t[0] <= TABLE_MAX, "raise TABLE_MAX");
     memcpy(out, t, sizeof t);

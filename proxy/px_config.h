@@ -47,6 +47,7 @@ typedef struct px_config {
     unsigned prefill_retries;      /* further attempts after the first */
     unsigned decode_retries;
     unsigned max_connections;
+    unsigned max_connections_per_client; /* 0: no limit */
     size_t max_body_bytes;
     bool version;
 } px_config;

@@ -1223,6 +1223,10 @@ static void handle_metrics(px_proxy *px, http_req *req, uint64_t t0) {
                       "Client connections answered 503 for --max-connections.");
     strbuf_printf(&b, "duet_proxy_client_connections_rejected_total %llu\n",
                   (unsigned long long)hs.connections_rejected);
+    px_metrics_family(&b, "duet_proxy_client_connections_rejected_per_client_total", "counter",
+                      "Client connections answered 429 for --max-connections-per-client.");
+    strbuf_printf(&b, "duet_proxy_client_connections_rejected_per_client_total %llu\n",
+                  (unsigned long long)hs.connections_rejected_client);
     px_metrics_family(&b, "duet_proxy_requests_in_flight", "gauge",
                       "Requests the proxy is working on.");
     strbuf_printf(&b, "duet_proxy_requests_in_flight %u\n", px->jobs_open);
@@ -1460,6 +1464,7 @@ duet_status px_proxy_create(uv_loop_t *loop, const px_config *cfg, px_proxy **px
     http_server_opts_init(&so);
     so.max_body_bytes = cfg->max_body_bytes;
     so.max_connections = cfg->max_connections;
+    so.max_connections_per_client = cfg->max_connections_per_client;
     so.header_timeout_ms = cfg->client_header_timeout_ms;
     so.idle_timeout_ms = cfg->client_idle_timeout_ms;
     if (!st) st = http_server_create(loop, &so, on_request, px, &px->srv);

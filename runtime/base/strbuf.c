@@ -15,6 +15,12 @@ void strbuf_free(strbuf *b) {
     strbuf_init(b);
 }
 
+void strbuf_clear(strbuf *b) {
+    b->len = 0;
+    b->oom = false;
+    if (b->p) b->p[0] = '\0';
+}
+
 static bool reserve(strbuf *b, size_t n) {
     if (b->oom) return false;
     if (b->len + n + 1 <= b->cap) return true;

@@ -16,6 +16,8 @@ typedef struct strbuf {
 void strbuf_init(strbuf *b);
 /* Frees the text and leaves b empty (reusable). */
 void strbuf_free(strbuf *b);
+/* Empties b but keeps its memory, for a buffer reused call after call; clears oom. */
+void strbuf_clear(strbuf *b);
 void strbuf_add(strbuf *b, const void *data, size_t n);
 void strbuf_str(strbuf *b, const char *s);
 void strbuf_printf(strbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

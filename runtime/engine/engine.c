@@ -64,7 +64,8 @@ struct ereq {
     int n_hashed; /* full blocks entered in the prefix cache */
     uint64_t last_hash;
     int n_cached_tokens;
-    int n_sched; /* tokens scheduled in the current step */
+    int prefix_queries, prefix_hits; /* of the last match_prefix, counted when admitted */
+    int n_sched;                     /* tokens scheduled in the current step */
     bool abort_pending, fetched;
 
     uint64_t seed; /* Philox key of its draws; the counter is the output token's index */
@@ -796,16 +797,26 @@ static void match_prefix(eng_engine *e, ereq *r) {
     int bs = e->cfg.block_size;
     int full = (r->n_tokens - 1) / bs;
     uint64_t parent = 0;
+    r->prefix_queries = r->prefix_hits = 0;
     for (int b = 0; b < full; b++) {
         uint64_t h = kv_pool_hash(parent, r->tokens + (size_t)b * bs, bs);
         int32_t id = kv_pool_lookup(e->pool, h, parent, r->tokens + (size_t)b * bs);
+        r->prefix_queries++;
         if (id < 0) break;
+        r->prefix_hits++;
         r->blocks[r->n_blocks++] = id;
         r->n_hashed = b + 1;
         r->last_hash = h;
         parent = h;
     }
     r->n_computed = r->n_blocks * bs;
+}
+
+/* r leaves the waiting queue: its prefix lookup counts now, once, however many steps it waited
+ * (each wait gave the hits back and looked them up again). */
+static void count_admission(eng_engine *e, ereq *r) {
+    kv_pool_count_lookups(e->pool, r->prefix_queries, r->prefix_hits);
+    r->prefix_queries = r->prefix_hits = 0;
 }
 
 /* Enters r's newly completed full blocks into the prefix cache. */
@@ -872,7 +883,8 @@ static int schedule(eng_engine *e) {
     while (!preempted && budget > 0 && e->waiting.head &&
            e->running.n + e->fetching.n < e->cfg.max_num_seqs) {
         ereq *r = e->waiting.head;
-        if (r->n_computed == 0 && r->n_blocks == 0) {
+        /* prompt logprobs need every prompt row's logits, which cached blocks do not have */
+        if (r->n_computed == 0 && r->n_blocks == 0 && !r->prompt_lp) {
             match_prefix(e, r);
             if (r->n_prompt == r->n_tokens) r->n_cached_tokens = r->n_computed;
         }
@@ -885,6 +897,7 @@ static int schedule(eng_engine *e) {
                 break;
             }
             q_remove(&e->waiting, r);
+            count_admission(e, r);
             int need_tokens = r->n_prompt - 1;
             int fetch_blocks = (need_tokens + e->cfg.block_size - 1) / e->cfg.block_size - skip;
             /* with nothing to read (all in the prefix cache, or a one-token prompt) the fetch
@@ -911,6 +924,7 @@ static int schedule(eng_engine *e) {
             break;
         }
         q_remove(&e->waiting, r);
+        count_admission(e, r);
         r->state = RS_RUNNING;
         q_push_back(&e->running, r);
         r->n_sched = want;

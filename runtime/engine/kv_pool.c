@@ -189,12 +189,16 @@ static int32_t find(const kv_pool *p, uint64_t hash, uint64_t parent, const int3
 
 int32_t kv_pool_lookup(kv_pool *p, uint64_t hash, uint64_t parent, const int32_t *tokens) {
     if (!p->prefix_caching) return NIL;
-    p->queries++;
     int32_t id = find(p, hash, parent, tokens);
     if (id == NIL) return NIL;
-    p->hits++;
     kv_pool_ref(p, id);
     return id;
+}
+
+void kv_pool_count_lookups(kv_pool *p, int queries, int hits) {
+    if (!p->prefix_caching) return;
+    p->queries += (uint64_t)queries;
+    p->hits += (uint64_t)hits;
 }
 
 void kv_pool_commit(kv_pool *p, int32_t id, uint64_t hash, uint64_t parent, const int32_t *tokens) {

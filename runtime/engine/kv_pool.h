@@ -17,7 +17,7 @@ typedef struct kv_pool_stats {
     int n_blocks;
     int n_free;       /* reference count 0 (cached or not) */
     int n_cached;     /* with a prefix hash */
-    uint64_t queries; /* full blocks looked up */
+    uint64_t queries; /* full blocks looked up, as counted by kv_pool_count_lookups */
     uint64_t hits;    /* of which found */
 } kv_pool_stats;
 
@@ -41,8 +41,12 @@ int kv_pool_refcount(const kv_pool *p, int32_t id);
 /* Hash of a full block of tokens following the block whose hash is parent (0 for the first). */
 uint64_t kv_pool_hash(uint64_t parent, const int32_t *tokens, int n);
 /* Finds the cached block with this hash and content; on a hit takes a reference (reviving it
- * from the free queue if needed) and returns its id, else -1. Counts queries and hits. */
+ * from the free queue if needed) and returns its id, else -1. Counts nothing: a lookup may be
+ * given back and repeated (a request waiting for blocks), so the caller counts the one that
+ * stands with kv_pool_count_lookups. */
 int32_t kv_pool_lookup(kv_pool *p, uint64_t hash, uint64_t parent, const int32_t *tokens);
+/* Adds to the queries and hits of kv_pool_stats (nothing when prefix caching is off). */
+void kv_pool_count_lookups(kv_pool *p, int queries, int hits);
 /* Records that block id (in use) now holds this full block of tokens. A block already cached
  * under the same content elsewhere keeps that entry; the id stays uncached. */
 void kv_pool_commit(kv_pool *p, int32_t id, uint64_t hash, uint64_t parent, const int32_t *tokens);

@@ -394,11 +394,13 @@ typedef struct http_conn {
     size_t last_queue; /* write queue size when the timer was armed */
     int refs;          /* one for the open handles, one for a dispatched request */
     int handles_open;
-    bool counted;    /* in srv->n_open */
-    bool rejected;   /* over max_connections: answered 503, in srv->n_rejected_open */
-    bool reading;    /* uv_read_start in effect */
-    bool processing; /* inside conn_process */
-    bool shutting;   /* uv_shutdown pending */
+    bool counted;          /* in srv->n_open */
+    bool rejected;         /* over a connection limit: answered 503/429, in srv->n_rejected_open */
+    bool keyed;            /* counted in srv->clients under client_ip */
+    uint8_t client_ip[16]; /* the peer's IPv6 address, IPv4 as ::ffff:a.b.c.d */
+    bool reading;          /* uv_read_start in effect */
+    bool processing;       /* inside conn_process */
+    bool shutting;         /* uv_shutdown pending */
     bool eof_seen;
     bool closing;
     char addr[64];
@@ -419,6 +421,13 @@ struct http_server {
     int port;
     http_conn *conns;
     unsigned n_open, n_rejected_open;
+    /* open connections per client address (max_connections_per_client): linear probing,
+     * count 0 = empty slot, cap a power of two or 0 */
+    struct client_slot {
+        uint8_t ip[16];
+        unsigned count;
+    } * clients;
+    size_t clients_cap, clients_used;
     http_server_stats stats;
     int refs; /* the owner's, the listener's, the kick timer's, one per connection */
     bool draining;
@@ -437,6 +446,7 @@ typedef struct conn_wbuf {
 } conn_wbuf;
 
 static void conn_close(http_conn *c);
+static void client_remove(http_server *srv, const uint8_t ip[16]);
 static void conn_shutdown(http_conn *c);
 static void conn_process(http_conn *c);
 static void on_timer(uv_timer_t *t);
@@ -461,6 +471,7 @@ static duet_status from_uv(int r) {
 static void srv_unref(http_server *srv) {
     if (--srv->refs > 0) return;
     SSL_CTX_free(srv->tls);
+    free(srv->clients);
     free(srv);
 }
 
@@ -526,6 +537,10 @@ static void on_tcp_closed(uv_handle_t *h) {
     } else if (c->counted) {
         srv->n_open--;
         srv->stats.connections_open--;
+    }
+    if (c->keyed) {
+        client_remove(srv, c->client_ip);
+        c->keyed = false;
     }
     struct http_req_impl *q = c->active;
     if (q) {
@@ -934,7 +949,7 @@ static void build_head(sbuf *b, http_server *srv, const struct http_req_impl *q,
 
 /* An error this layer answers itself (no handler involved), then the connection ends. */
 static void conn_send_error(http_conn *c, int status, const char *type, const char *message) {
-    if (status != 503) c->srv->stats.protocol_errors++;
+    if (status != 503 && status != 429) c->srv->stats.protocol_errors++;
     LOG_DEBUG("http: %s: %d %s", c->addr, status, message);
     size_t len = 0;
     char *body = http_error_body(status, type, message, &len);
@@ -1186,6 +1201,61 @@ static void on_timer(uv_timer_t *t) {
     }
 }
 
+/* ---- connections per client address ---- */
+
+static size_t client_hash(const uint8_t ip[16], size_t cap) {
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (int i = 0; i < 16; i++) h = (h ^ ip[i]) * 1099511628211ull;
+    return (size_t)(h ^ (h >> 29)) & (cap - 1);
+}
+
+/* The slot of ip, or the empty slot where it would go. cap must be > used. */
+static struct client_slot *client_find(struct client_slot *t, size_t cap, const uint8_t ip[16]) {
+    size_t i = client_hash(ip, cap);
+    while (t[i].count && memcmp(t[i].ip, ip, 16)) i = (i + 1) & (cap - 1);
+    return &t[i];
+}
+
+/* The open-connection count of ip after adding one, or 0 when out of memory. */
+static unsigned client_add(http_server *srv, const uint8_t ip[16]) {
+    if ((srv->clients_used + 1) * 2 > srv->clients_cap) {
+        size_t cap = srv->clients_cap ? srv->clients_cap * 2 : 64;
+        struct client_slot *t = calloc(cap, sizeof *t);
+        if (!t) return 0;
+        for (size_t i = 0; i < srv->clients_cap; i++)
+            if (srv->clients[i].count) *client_find(t, cap, srv->clients[i].ip) = srv->clients[i];
+        free(srv->clients);
+        srv->clients = t;
+        srv->clients_cap = cap;
+    }
+    struct client_slot *e = client_find(srv->clients, srv->clients_cap, ip);
+    if (!e->count) {
+        memcpy(e->ip, ip, 16);
+        srv->clients_used++;
+    }
+    return ++e->count;
+}
+
+/* Takes one connection of ip off; an emptied slot is removed by shifting back the entries of
+ * its probe run, so lookups never need tombstones. */
+static void client_remove(http_server *srv, const uint8_t ip[16]) {
+    size_t cap = srv->clients_cap;
+    struct client_slot *t = srv->clients;
+    struct client_slot *e = client_find(t, cap, ip);
+    if (!e->count || --e->count) return;
+    srv->clients_used--;
+    size_t hole = (size_t)(e - t);
+    for (size_t j = (hole + 1) & (cap - 1); t[j].count; j = (j + 1) & (cap - 1)) {
+        size_t home = client_hash(t[j].ip, cap);
+        /* t[j] may move into the hole when its home is not cyclically in (hole, j] */
+        bool stays = hole <= j ? (home > hole && home <= j) : (home > hole || home <= j);
+        if (stays) continue;
+        t[hole] = t[j];
+        t[j].count = 0;
+        hole = j;
+    }
+}
+
 static void conn_fill_addr(http_conn *c) {
     struct sockaddr_storage ss;
     int len = sizeof ss;
@@ -1194,10 +1264,14 @@ static void conn_fill_addr(http_conn *c) {
     if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &len)) return;
     if (ss.ss_family == AF_INET) {
         const struct sockaddr_in *a = (const struct sockaddr_in *)&ss;
+        static const uint8_t v4mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+        memcpy(c->client_ip, v4mapped, 12);
+        memcpy(c->client_ip + 12, &a->sin_addr, 4);
         if (!uv_ip4_name(a, ip, sizeof ip))
             snprintf(c->addr, sizeof c->addr, "%s:%u", ip, (unsigned)ntohs(a->sin_port));
     } else if (ss.ss_family == AF_INET6) {
         const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)&ss;
+        memcpy(c->client_ip, &a->sin6_addr, 16);
         if (!uv_ip6_name(a, ip, sizeof ip))
             snprintf(c->addr, sizeof c->addr, "[%s]:%u", ip, (unsigned)ntohs(a->sin6_port));
     }
@@ -1239,6 +1313,33 @@ static void on_connection(uv_stream_t *ls, int status) {
     uv_tcp_nodelay(&c->tcp, 1); /* tokens leave as soon as they are written */
     conn_fill_addr(c);
     unsigned max = srv->opts.max_connections;
+    unsigned per_client = srv->opts.max_connections_per_client;
+    if (per_client) {
+        unsigned n = client_add(srv, c->client_ip);
+        if (!n) {
+            LOG_ERROR("http: %s: out of memory counting its connections", c->addr);
+            conn_close(c);
+            return;
+        }
+        c->keyed = true;
+        if (n > per_client) {
+            c->rejected = true;
+            srv->n_rejected_open++;
+            srv->stats.connections_rejected_client++;
+            LOG_DEBUG("http: %s: over %u connections from this client, answering 429", c->addr,
+                      per_client);
+            /* a flood: closed unanswered, as for max_connections */
+            if (srv->n_rejected_open > (max ? max : 4096u) || srv->tls) {
+                conn_close(c);
+                return;
+            }
+            char msg[96];
+            snprintf(msg, sizeof msg,
+                     "too many connections from this client (at most %u open at once)", per_client);
+            conn_send_error(c, 429, "TooManyRequestsError", msg);
+            return;
+        }
+    }
     if (max && srv->n_open >= max) {
         c->rejected = true;
         srv->n_rejected_open++;

@@ -55,6 +55,11 @@ typedef struct http_server_opts {
      * read) and closed; beyond twice this many, closed without an answer. Default 4096,
      * 0 = no limit. */
     unsigned max_connections;
+    /* Connections open at once from one client address (the IP, any port; an IPv4-mapped IPv6
+     * address counts as its IPv4 one). The one beyond it is answered 429 at once (its request
+     * is not read) and closed, before max_connections is looked at. Default 0 = no limit: a
+     * proxy or load balancer in front is one address for all its users. */
+    unsigned max_connections_per_client;
     /* A stream whose unsent bytes exceed this is closed as a stuck client (its on_close fires).
      * Applies to http_stream_write/_sse only. Default 16 MiB, 0 = no limit. */
     size_t max_write_queue_bytes;
@@ -97,14 +102,15 @@ typedef void (*http_close_fn)(http_req *req, void *arg);
 typedef void (*http_drained_fn)(http_server *srv, void *arg);
 
 typedef struct http_server_stats {
-    uint64_t connections_open;     /* accepted, not yet closed (503-rejected not counted) */
-    uint64_t connections_total;    /* accepted and served (rejected not counted) */
-    uint64_t connections_rejected; /* answered 503 for max_connections */
-    uint64_t requests_total;       /* handed to the handler */
-    uint64_t requests_active;      /* handed to the handler and not yet finished */
-    uint64_t responses_total;      /* finished with a complete response queued */
-    uint64_t clients_gone;         /* on_close notifications */
-    uint64_t protocol_errors;      /* 400/408/413/414/417/431/505 answered by this layer */
+    uint64_t connections_open;            /* accepted, not yet closed (503-rejected not counted) */
+    uint64_t connections_total;           /* accepted and served (rejected not counted) */
+    uint64_t connections_rejected;        /* answered 503 for max_connections */
+    uint64_t connections_rejected_client; /* answered 429 for max_connections_per_client */
+    uint64_t requests_total;              /* handed to the handler */
+    uint64_t requests_active;             /* handed to the handler and not yet finished */
+    uint64_t responses_total;             /* finished with a complete response queued */
+    uint64_t clients_gone;                /* on_close notifications */
+    uint64_t protocol_errors;             /* 400/408/413/414/417/431/505 answered by this layer */
 } http_server_stats;
 
 /* Loads tls's files as http_server_create will (one error line naming the file otherwise), so

@@ -81,6 +81,23 @@ duet_status api_sse_done(http_req *req);
 /* An error inside a started stream: data: {"error":{...}} (as vLLM streams it). */
 duet_status api_sse_error(http_req *req, int status, const char *message);
 
+/* ---- SSE chunks written without a JSON tree (the per-token path) ----
+ * b is the caller's buffer, reused from chunk to chunk: api_sse_begin empties it (keeping its
+ * memory) and starts an event, the caller appends one JSON object with the writers below (no
+ * raw line end may appear in it: the escaper guarantees that for strings), api_sse_send ends
+ * the event and writes it. Once b has grown to a chunk's size nothing is allocated (the HTTP
+ * layer copies only what the socket does not take at once). DUET_ERR_IO: the client is gone. */
+void api_sse_begin(strbuf *b);
+duet_status api_sse_send(http_req *req, strbuf *b);
+/* s[0..n) as a JSON string, quotes included: '"', '\\' and control characters escaped
+ * (\n, \t, ... or \u00XX), every other byte as it is (cJSON does the same). */
+void api_json_str(strbuf *b, const char *s, size_t n);
+/* The same without the quotes, to build one string from pieces. */
+void api_json_escape(strbuf *b, const char *s, size_t n);
+/* A number as cJSON prints it: an integer without fraction, else 15 significant digits, or 17
+ * when 15 do not read back as x; null for NaN and infinities. */
+void api_json_number(strbuf *b, double x);
+
 /* ---- DeepSeek-R1 reasoning split (--reasoning-parser deepseek_r1) ----
  * Text fed in pieces (stream deltas) comes out as reasoning (up to "</think>") and content
  * (after it). A leading "<think>" is dropped, so it works whether the prompt ended with

@@ -324,6 +324,85 @@ duet_status api_sse_json(http_req *req, const cJSON *root) {
     return st;
 }
 
+void api_sse_begin(strbuf *b) {
+    strbuf_clear(b);
+    strbuf_add(b, "data: ", 6);
+}
+
+duet_status api_sse_send(http_req *req, strbuf *b) {
+    strbuf_add(b, "\n\n", 2);
+    if (b->oom) {
+        LOG_ERROR("api: out of memory writing a stream chunk");
+        return DUET_ERR_NO_MEMORY;
+    }
+    return http_stream_write(req, b->p, b->len);
+}
+
+void api_json_escape(strbuf *b, const char *s, size_t n) {
+    static const char hex[] = "0123456789abcdef";
+    size_t run = 0; /* bytes s[i - run, i) need no escape */
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if (ch >= 0x20 && ch != '"' && ch != '\\') {
+            run++;
+            continue;
+        }
+        strbuf_add(b, s + i - run, run);
+        run = 0;
+        char e[6] = {'\\', 0};
+        size_t len = 2;
+        switch (ch) {
+        case '"':
+        case '\\':
+            e[1] = (char)ch;
+            break;
+        case '\b':
+            e[1] = 'b';
+            break;
+        case '\f':
+            e[1] = 'f';
+            break;
+        case '\n':
+            e[1] = 'n';
+            break;
+        case '\r':
+            e[1] = 'r';
+            break;
+        case '\t':
+            e[1] = 't';
+            break;
+        default:
+            memcpy(e + 1, "u00", 3);
+            e[4] = hex[ch >> 4];
+            e[5] = hex[ch & 15];
+            len = 6;
+        }
+        strbuf_add(b, e, len);
+    }
+    strbuf_add(b, s + n - run, run);
+}
+
+void api_json_str(strbuf *b, const char *s, size_t n) {
+    strbuf_add(b, "\"", 1);
+    api_json_escape(b, s, n);
+    strbuf_add(b, "\"", 1);
+}
+
+void api_json_number(strbuf *b, double x) {
+    char t[32];
+    if (!isfinite(x)) {
+        strbuf_add(b, "null", 4);
+        return;
+    }
+    if (fabs(x) < 1e15 && x == (double)(long long)x) {
+        snprintf(t, sizeof t, "%lld", (long long)x);
+    } else {
+        snprintf(t, sizeof t, "%1.15g", x);
+        if (strtod(t, NULL) != x) snprintf(t, sizeof t, "%1.17g", x);
+    }
+    strbuf_str(b, t);
+}
+
 duet_status api_sse_done(http_req *req) {
     return http_stream_sse(req, "[DONE]");
 }

@@ -35,8 +35,9 @@ typedef struct oai_msg {
     bool has_lp;
     eng_token_lp lp;
     eng_token_lp *prompt_lp; /* [n_prompt], heap, or NULL */
-    char *text;              /* heap, NUL-terminated, or NULL */
+    char *text;              /* text_in or heap, NUL-terminated, or NULL */
     size_t text_len;
+    char text_in[48]; /* a token's text usually fits: no allocation for it */
     eng_finish finish;
     char *stop_reason;
     int32_t stop_token;
@@ -99,6 +100,7 @@ struct oai_job {
     bool split_reasoning; /* chat: <think> text goes to reasoning_content */
     bool parse_tools;     /* chat: tool-call markup becomes tool_calls */
     bool logged;          /* --enable-log-requests: the arrival line went out */
+    bool preparing;       /* its prompt is being tokenized on the worker pool: not freed */
     bool gone;            /* the client left before the answer was complete */
     int n_prompts;
     int32_t **prompts; /* [n_prompts] token ids */
@@ -131,6 +133,12 @@ struct oai_frontend {
     rng_state seeds;    /* --seed: seeds of unseeded requests */
     pthread_mutex_t mu; /* the event queue, filled by the engine thread */
     oai_msg *q_head, *q_tail;
+    oai_msg *spare; /* delivered messages kept for the next events (under mu) */
+    int n_spare;
+    /* stream chunks: the event being written, and the reasoning split's and tool parser's
+     * pieces of it; reused chunk after chunk (loop thread only) */
+    strbuf sse, sse_reason, sse_text, sse_content;
+    uv_loop_t *loop; /* tokenization and chat rendering on its worker pool; NULL: inline */
 };
 
 /* ---------------------------------------------------------------------------------------------
@@ -203,7 +211,7 @@ static void job_free(oai_job *j) {
 }
 
 static void job_maybe_free(oai_job *j) {
-    if (!j->req && j->n_live == 0) job_free(j);
+    if (!j->req && j->n_live == 0 && !j->preparing) job_free(j);
 }
 
 static void job_abort_live(oai_job *j) {
@@ -1037,55 +1045,146 @@ static cJSON *chunk_head(const oai_job *j, const char *object) {
 /* ---------------------------------------------------------------------------------------------
  * Streaming */
 
-static void stream_send(oai_job *j, cJSON *chunk) {
-    if (j->req && api_sse_json(j->req, chunk) != DUET_OK) {
+/* Stream chunks are written straight into the frontend's reused buffer (api_sse_begin/_send):
+ * no JSON tree and, once the buffer has grown, no allocation for a chunk of text. The parts a
+ * token rarely carries (logprobs, tool calls, kv_transfer_params) are still built with cJSON
+ * and printed into it. Keys come in the order the trees had them. */
+
+/* ,"key": */
+static void w_key(strbuf *b, const char *key) {
+    strbuf_add(b, ",\"", 2);
+    strbuf_str(b, key);
+    strbuf_add(b, "\":", 2);
+}
+
+static void w_cstr(strbuf *b, const char *t) {
+    api_json_str(b, t, strlen(t));
+}
+
+static void w_int(strbuf *b, long long x) {
+    char t[24];
+    int n = snprintf(t, sizeof t, "%lld", x);
+    strbuf_add(b, t, (size_t)n);
+}
+
+/* a subtree printed unformatted; x is not freed */
+static void w_tree(strbuf *b, const cJSON *x) {
+    char *t = x ? cJSON_PrintUnformatted(x) : NULL;
+    if (!t) {
+        b->oom = true;
+        return;
+    }
+    strbuf_str(b, t);
+    cJSON_free(t);
+}
+
+static void w_ids(strbuf *b, const int32_t *ids, int n) {
+    strbuf_add(b, "[", 1);
+    for (int i = 0; i < n; i++) {
+        if (i) strbuf_add(b, ",", 1);
+        w_int(b, ids[i]);
+    }
+    strbuf_add(b, "]", 1);
+}
+
+static void w_usage(strbuf *b, int prompt, int completion) {
+    strbuf_str(b, "{\"prompt_tokens\":");
+    w_int(b, prompt);
+    w_key(b, "total_tokens");
+    w_int(b, (long long)prompt + completion);
+    w_key(b, "completion_tokens");
+    w_int(b, completion);
+    strbuf_str(b, ",\"prompt_tokens_details\":null}");
+}
+
+/* {"id":..,"object":..,"created":..,"model":.. (left open) */
+static void w_head(strbuf *b, const oai_job *j, const char *object) {
+    strbuf_str(b, "{\"id\":");
+    w_cstr(b, j->id);
+    w_key(b, "object");
+    w_cstr(b, object);
+    w_key(b, "created");
+    w_int(b, j->created);
+    w_key(b, "model");
+    w_cstr(b, j->fe->cfg.served_name);
+}
+
+/* ,"finish_reason":..,"stop_reason":.. as add_finish */
+static void w_finish(strbuf *b, const oai_choice *c, bool final) {
+    const char *f = !final ? NULL : c->finish_reason ? c->finish_reason : finish_str(c->finish);
+    w_key(b, "finish_reason");
+    if (f)
+        w_cstr(b, f);
+    else
+        strbuf_add(b, "null", 4);
+    w_key(b, "stop_reason");
+    if (final && c->stop_reason)
+        w_cstr(b, c->stop_reason);
+    else if (final && c->stop_token >= 0)
+        w_int(b, c->stop_token);
+    else
+        strbuf_add(b, "null", 4);
+}
+
+/* the chunk's tail: the choice closed, usage, kv_transfer_params, the object closed; sent */
+static void stream_finish_chunk(oai_job *j, oai_choice *c, bool final) {
+    strbuf *b = &j->fe->sse;
+    strbuf_add(b, "}]", 2);
+    if (j->continuous_usage) {
+        w_key(b, "usage");
+        w_usage(b, c->n_prompt, c->n_output);
+    }
+    if (final && j->kv_params_out) {
+        w_key(b, "kv_transfer_params");
+        w_tree(b, j->kv_params_out);
+    }
+    strbuf_add(b, "}", 1);
+    c->sent_first = true;
+    if (j->req && api_sse_send(j->req, b) != DUET_OK) {
         /* gone or stuck: on_close follows and aborts the rest */
     }
-    cJSON_Delete(chunk);
 }
 
 /* One chunk for one engine event of a completions stream. */
 static void stream_completion(oai_job *j, oai_choice *c, const oai_msg *m) {
     oai_frontend *s = j->fe;
-    cJSON *o = chunk_head(j, "text_completion");
-    cJSON *choices = cJSON_AddArrayToObject(o, "choices");
-    cJSON *ch = cJSON_CreateObject();
-    cJSON_AddItemToArray(choices, ch);
-    cJSON_AddNumberToObject(ch, "index", c->index);
-    strbuf text = {0};
-    legacy_lp l = {0};
-    if (j->want_logprobs) legacy_init(&l);
-    bool first = !c->sent_first;
+    strbuf *b = &s->sse;
+    bool first = !c->sent_first, final = m->finish != ENG_FINISH_NONE;
+    api_sse_begin(b);
+    w_head(b, j, "text_completion");
+    strbuf_str(b, ",\"choices\":[{\"index\":");
+    w_int(b, c->index);
+    strbuf_str(b, ",\"text\":\"");
     if (first && j->echo) {
         const char *pt = j->prompt_text[c->prompt];
-        strbuf_str(&text, pt ? pt : "");
-        if (j->want_logprobs)
+        if (pt) api_json_escape(b, pt, strlen(pt));
+    }
+    api_json_escape(b, m->text ? m->text : "", m->text_len);
+    strbuf_add(b, "\"", 1);
+    w_key(b, "logprobs");
+    if (j->want_logprobs) {
+        legacy_lp l = {0};
+        legacy_init(&l);
+        if (first && j->echo)
             for (int i = 0; i < c->n_prompt; i++)
                 legacy_add(s, &l, j->prompts[c->prompt][i],
                            c->prompt_lp && i > 0 ? &c->prompt_lp[i] : NULL, &c->text_offset);
-    }
-    strbuf_add(&text, m->text ? m->text : "", m->text_len);
-    cJSON_AddStringToObject(ch, "text", text.p ? text.p : "");
-    strbuf_free(&text);
-    if (j->want_logprobs) {
         if (m->has_token && m->has_lp) legacy_add(s, &l, m->token, &m->lp, &c->text_offset);
-        cJSON_AddItemToObject(ch, "logprobs", l.obj);
+        w_tree(b, l.obj);
+        cJSON_Delete(l.obj);
     } else {
-        cJSON_AddNullToObject(ch, "logprobs");
+        strbuf_add(b, "null", 4);
     }
-    add_finish(ch, c, m->finish != ENG_FINISH_NONE);
+    w_finish(b, c, final);
     if (j->return_token_ids) {
-        if (first)
-            cJSON_AddItemToObject(ch, "prompt_token_ids",
-                                  ids_json(j->prompts[c->prompt], c->n_prompt));
-        cJSON_AddItemToObject(ch, "token_ids", ids_json(&m->token, m->has_token ? 1 : 0));
+        if (first) {
+            w_key(b, "prompt_token_ids");
+            w_ids(b, j->prompts[c->prompt], c->n_prompt);
+        }
+        w_key(b, "token_ids");
+        w_ids(b, &m->token, m->has_token ? 1 : 0);
     }
-    if (j->continuous_usage)
-        cJSON_AddItemToObject(o, "usage", usage_json(c->n_prompt, c->n_output));
-    if (m->finish != ENG_FINISH_NONE && j->kv_params_out)
-        cJSON_AddItemToObject(o, "kv_transfer_params", cJSON_Duplicate(j->kv_params_out, true));
-    c->sent_first = true;
-    stream_send(j, o);
+    stream_finish_chunk(j, c, final);
 }
 
 /* Where a choice's tool parser puts its events: content text, and the entries of a delta's
@@ -1108,56 +1207,78 @@ static void on_tool_event(void *user, const api_tool_event *ev) {
 
 static void stream_chat(oai_job *j, oai_choice *c, const oai_msg *m) {
     oai_frontend *s = j->fe;
-    cJSON *o = chunk_head(j, "chat.completion.chunk");
+    strbuf *b = &s->sse;
     bool first = !c->sent_first, final = m->finish != ENG_FINISH_NONE;
-    if (first && j->return_token_ids)
-        cJSON_AddItemToObject(o, "prompt_token_ids", ids_json(j->prompts[c->prompt], c->n_prompt));
-    cJSON *choices = cJSON_AddArrayToObject(o, "choices");
-    cJSON *ch = cJSON_CreateObject();
-    cJSON_AddItemToArray(choices, ch);
-    cJSON_AddNumberToObject(ch, "index", c->index);
-    cJSON *delta = cJSON_AddObjectToObject(ch, "delta");
-    if (first) cJSON_AddStringToObject(delta, "role", "assistant");
-    strbuf reason = {0}, text = {0}, content = {0};
-    if (j->split_reasoning) {
-        api_reasoner_feed(&c->reasoner, m->text ? m->text : "", m->text_len, &reason, &text);
-        if (final) api_reasoner_finish(&c->reasoner, &reason, &text);
-    } else {
-        strbuf_add(&text, m->text ? m->text : "", m->text_len);
+    api_sse_begin(b);
+    w_head(b, j, "chat.completion.chunk");
+    if (first && j->return_token_ids) {
+        w_key(b, "prompt_token_ids");
+        w_ids(b, j->prompts[c->prompt], c->n_prompt);
     }
-    /* the answer after the reasoning goes through the tool parser: this token's events, all
-     * in this one chunk */
-    tool_sink ts = {&content, NULL};
+    strbuf_str(b, ",\"choices\":[{\"index\":");
+    w_int(b, c->index);
+    strbuf_str(b, ",\"delta\":{");
+    bool any = false;
+    if (first) {
+        strbuf_str(b, "\"role\":\"assistant\"");
+        any = true;
+    }
+    /* this event's text: split off the reasoning, then through the tool parser (this token's
+     * events, all in this one chunk) */
+    strbuf *reason = &s->sse_reason, *content = &s->sse_content;
+    strbuf_clear(reason);
+    strbuf_clear(content);
+    const char *text = m->text ? m->text : "";
+    size_t text_len = m->text_len;
+    if (j->split_reasoning) {
+        strbuf *t = &s->sse_text;
+        strbuf_clear(t);
+        api_reasoner_feed(&c->reasoner, text, text_len, reason, t);
+        if (final) api_reasoner_finish(&c->reasoner, reason, t);
+        text = t->p ? t->p : "";
+        text_len = t->len;
+    }
+    tool_sink ts = {content, NULL};
     if (c->tools) {
-        api_tool_parser_feed(c->tools, text.p ? text.p : "", text.len, on_tool_event, &ts);
+        api_tool_parser_feed(c->tools, text, text_len, on_tool_event, &ts);
         if (final && api_tool_parser_finish(c->tools, on_tool_event, &ts) > 0)
             c->finish_reason = "tool_calls";
-    } else {
-        strbuf_add(&content, text.p ? text.p : "", text.len);
+        text = content->p ? content->p : "";
+        text_len = content->len;
     }
-    if (reason.len) cJSON_AddStringToObject(delta, "reasoning_content", reason.p);
-    if (content.len || (!reason.len && !ts.calls))
-        cJSON_AddStringToObject(delta, "content", content.p ? content.p : "");
-    if (ts.calls) cJSON_AddItemToObject(delta, "tool_calls", ts.calls);
-    strbuf_free(&reason);
-    strbuf_free(&text);
-    strbuf_free(&content);
+    if (reason->len) {
+        strbuf_str(b, any ? ",\"reasoning_content\":" : "\"reasoning_content\":");
+        api_json_str(b, reason->p, reason->len);
+        any = true;
+    }
+    if (text_len || (!reason->len && !ts.calls)) {
+        strbuf_str(b, any ? ",\"content\":" : "\"content\":");
+        api_json_str(b, text, text_len);
+        any = true;
+    }
+    if (ts.calls) {
+        strbuf_str(b, any ? ",\"tool_calls\":" : "\"tool_calls\":");
+        w_tree(b, ts.calls);
+        cJSON_Delete(ts.calls);
+    }
+    strbuf_add(b, "}", 1);
+    w_key(b, "logprobs");
     if (j->want_logprobs) {
-        cJSON *lp = cJSON_AddObjectToObject(ch, "logprobs");
-        cJSON *arr = cJSON_AddArrayToObject(lp, "content");
-        if (m->has_token && m->has_lp) chat_lp_add(s, arr, &m->lp, j->logprobs);
+        strbuf_str(b, "{\"content\":");
+        cJSON *arr = cJSON_CreateArray();
+        if (arr && m->has_token && m->has_lp) chat_lp_add(s, arr, &m->lp, j->logprobs);
+        w_tree(b, arr);
+        cJSON_Delete(arr);
+        strbuf_add(b, "}", 1);
     } else {
-        cJSON_AddNullToObject(ch, "logprobs");
+        strbuf_add(b, "null", 4);
     }
-    add_finish(ch, c, final);
-    if (j->return_token_ids)
-        cJSON_AddItemToObject(ch, "token_ids", ids_json(&m->token, m->has_token ? 1 : 0));
-    if (j->continuous_usage)
-        cJSON_AddItemToObject(o, "usage", usage_json(c->n_prompt, c->n_output));
-    if (final && j->kv_params_out)
-        cJSON_AddItemToObject(o, "kv_transfer_params", cJSON_Duplicate(j->kv_params_out, true));
-    c->sent_first = true;
-    stream_send(j, o);
+    w_finish(b, c, final);
+    if (j->return_token_ids) {
+        w_key(b, "token_ids");
+        w_ids(b, &m->token, m->has_token ? 1 : 0);
+    }
+    stream_finish_chunk(j, c, final);
 }
 
 static void stream_end(oai_job *j) {
@@ -1480,139 +1601,275 @@ static int job_launch(oai_frontend *s, oai_job *j, const cJSON *body, eng_sampli
     return 0;
 }
 
-void oai_handle_completions(oai_frontend *s, http_req *req, const cJSON *body) {
-    oai_job *j = job_begin(s, req, OAI_JOB_COMPLETION);
-    if (!j) return;
-    api_err e = {0};
+/* A generation request between its checks on the loop thread and its engine requests: the
+ * prompt's tokenization (a chat's rendering first) runs on libuv's worker pool in between, so
+ * a large prompt stalls no stream of this worker. While it runs the job is `preparing`: a
+ * client that leaves meanwhile releases its request at once, and the job (with everything the
+ * preparation made) is freed when the preparation is back. The worker thread touches only the
+ * job's prompt fields, which the loop thread leaves alone until then. */
+typedef struct oai_prep oai_prep;
+struct oai_prep {
+    uv_work_t work; /* first: a uv_work_t * converts back */
+    oai_job *j;
+    cJSON *body;                  /* the request's, owned */
+    void (*prepare)(oai_prep *p); /* worker pool: sets failed and e */
+    void (*finish)(oai_prep *p);  /* loop thread, when prepare succeeded and the client is there */
+    api_err e;
+    bool failed;
     eng_sampling sp;
-    eng_sampling_default(&sp);
-    long long n = 1, max_tokens = 16, logprobs = -1, best_of = 0;
-    bool add_special = true;
-    if (check_model(s, body, &e) || parse_stream(j, body, &e) ||
-        api_get_int(body, "n", 1, MAX_N, &n, &e) ||
-        api_get_int(body, "best_of", 1, MAX_N, &best_of, &e) ||
-        api_get_int(body, "logprobs", 0, s->cfg.max_logprobs, &logprobs, &e) ||
-        api_get_bool(body, "echo", &j->echo, &e) ||
-        api_get_bool(body, "return_token_ids", &j->return_token_ids, &e) ||
-        api_get_bool(body, "add_special_tokens", &add_special, &e) || parse_sampling(body, &sp, &e))
+    long long n, max_tokens, logprobs;
+    bool add_special, chat_logprobs;
+    chat_req cr;
+    bool token_strs; /* /tokenize: return_token_strs */
+    cJSON *out;      /* /tokenize: the answer, made on the pool */
+};
+
+static void prep_free(oai_prep *p) {
+    cJSON_Delete(p->body);
+    cJSON_Delete(p->out);
+    free(p);
+}
+
+static void prep_done(oai_prep *p) {
+    oai_job *j = p->j;
+    j->preparing = false;
+    if (!j->req || p->failed)
+        job_fail(j, &p->e); /* or, the client gone, frees the job */
+    else
+        p->finish(p);
+    prep_free(p);
+}
+
+static void on_prep_work(uv_work_t *w) {
+    oai_prep *p = (oai_prep *)w;
+    p->prepare(p);
+}
+
+static void on_prep_done(uv_work_t *w, int status) {
+    oai_prep *p = (oai_prep *)w;
+    if (status) { /* cancelled: never prepared */
+        p->failed = true;
+        api_err_set(&p->e, 503, NULL, "The server is shutting down");
+    }
+    prep_done(p);
+}
+
+static void prep_run(oai_prep *p) {
+    oai_frontend *s = p->j->fe;
+    if (s->loop) {
+        p->j->preparing = true;
+        if (uv_queue_work(s->loop, &p->work, on_prep_work, on_prep_done) == 0) return;
+        p->j->preparing = false; /* not queued: prepared here instead */
+    }
+    p->prepare(p);
+    prep_done(p);
+}
+
+/* A job and its preparation record, or NULL (answered 500, body freed). */
+static oai_prep *prep_begin(oai_frontend *s, http_req *req, oai_job_kind kind, cJSON *body) {
+    oai_job *j = job_begin(s, req, kind);
+    oai_prep *p = j ? calloc(1, sizeof *p) : NULL;
+    if (j && !p) {
+        api_err e = {0};
+        api_err_set(&e, 500, NULL, "out of memory");
+        job_fail(j, &e);
+    }
+    if (!p) {
+        cJSON_Delete(body);
+        return NULL;
+    }
+    p->j = j;
+    p->body = body;
+    eng_sampling_default(&p->sp);
+    return p;
+}
+
+/* A preparation that failed before it was queued: the job answers the error. */
+static void prep_fail(oai_prep *p) {
+    job_fail(p->j, &p->e);
+    prep_free(p);
+}
+
+static void completion_prepare(oai_prep *p) {
+    oai_job *j = p->j;
+    oai_frontend *s = j->fe;
+    if (parse_prompts(s, j, p->body, p->add_special, &p->e)) {
+        p->failed = true;
+        return;
+    }
+    if (j->echo) /* prompt text for ids given as ids */
+        for (int i = 0; i < j->n_prompts; i++)
+            if (!j->prompt_text[i])
+                j->prompt_text[i] = decode_ids(s, j->prompts[i], j->n_prompt_ids[i], false);
+}
+
+static void completion_finish(oai_prep *p) {
+    oai_job *j = p->j;
+    oai_frontend *s = j->fe;
+    api_err *e = &p->e;
+    eng_sampling *sp = &p->sp;
+    if (check_lengths(s, j, p->max_tokens, e)) goto fail;
+    if ((long long)j->n_prompts * p->n > MAX_CHOICES) {
+        api_err_set(e, 400, "n", "at most %d choices per request", MAX_CHOICES);
         goto fail;
-    if (best_of && best_of != n) {
-        api_err_set(&e, 400, "best_of", "best_of other than n is not supported");
+    }
+    if (sp->min_tokens > 0 && p->max_tokens > 0 && sp->min_tokens > p->max_tokens) {
+        api_err_set(e, 400, "min_tokens", "min_tokens (%d) must be at most max_tokens (%lld)",
+                    sp->min_tokens, p->max_tokens);
+        goto fail;
+    }
+    sp->max_tokens = p->max_tokens > 0 ? (int)p->max_tokens : 0; /* 0: up to the context */
+    sp->logprobs = (int)p->logprobs;
+    j->want_logprobs = p->logprobs >= 0;
+    j->logprobs = (int)p->logprobs;
+    if (j->echo && p->logprobs >= 0) sp->prompt_logprobs = (int)p->logprobs;
+    if (job_launch(s, j, p->body, sp, (int)p->n, e)) goto fail;
+    return;
+fail:
+    job_fail(j, e);
+}
+
+void oai_handle_completions(oai_frontend *s, http_req *req, cJSON *body) {
+    oai_prep *p = prep_begin(s, req, OAI_JOB_COMPLETION, body);
+    if (!p) return;
+    oai_job *j = p->j;
+    api_err *e = &p->e;
+    long long best_of = 0;
+    p->n = 1;
+    p->max_tokens = 16;
+    p->logprobs = -1;
+    p->add_special = true;
+    if (check_model(s, body, e) || parse_stream(j, body, e) ||
+        api_get_int(body, "n", 1, MAX_N, &p->n, e) ||
+        api_get_int(body, "best_of", 1, MAX_N, &best_of, e) ||
+        api_get_int(body, "logprobs", 0, s->cfg.max_logprobs, &p->logprobs, e) ||
+        api_get_bool(body, "echo", &j->echo, e) ||
+        api_get_bool(body, "return_token_ids", &j->return_token_ids, e) ||
+        api_get_bool(body, "add_special_tokens", &p->add_special, e) ||
+        parse_sampling(body, &p->sp, e))
+        goto fail;
+    if (best_of && best_of != p->n) {
+        api_err_set(e, 400, "best_of", "best_of other than n is not supported");
         goto fail;
     }
     const cJSON *mt = cJSON_GetObjectItemCaseSensitive(body, "max_tokens");
     if (mt && cJSON_IsNull(mt))
-        max_tokens = 0; /* null: up to the context length */
-    else if (api_get_int(body, "max_tokens", 1, 1LL << 53, &max_tokens, &e))
+        p->max_tokens = 0; /* null: up to the context length */
+    else if (api_get_int(body, "max_tokens", 1, 1LL << 53, &p->max_tokens, e))
         goto fail;
     const char *user = NULL;
-    if (api_get_string(body, "user", &user, &e)) goto fail;
-    if (parse_prompts(s, j, body, add_special, &e) || check_lengths(s, j, max_tokens, &e))
-        goto fail;
-    if ((long long)j->n_prompts * n > MAX_CHOICES) {
-        api_err_set(&e, 400, "n", "at most %d choices per request", MAX_CHOICES);
-        goto fail;
-    }
-    if (sp.min_tokens > 0 && max_tokens > 0 && sp.min_tokens > max_tokens) {
-        api_err_set(&e, 400, "min_tokens", "min_tokens (%d) must be at most max_tokens (%lld)",
-                    sp.min_tokens, max_tokens);
-        goto fail;
-    }
-    if (j->echo) /* prompt text for ids given as ids */
-        for (int p = 0; p < j->n_prompts; p++)
-            if (!j->prompt_text[p])
-                j->prompt_text[p] = decode_ids(s, j->prompts[p], j->n_prompt_ids[p], false);
-    sp.max_tokens = max_tokens > 0 ? (int)max_tokens : 0; /* 0: up to the context length */
-    sp.logprobs = (int)logprobs;
-    j->want_logprobs = logprobs >= 0;
-    j->logprobs = (int)logprobs;
-    if (j->echo && logprobs >= 0) sp.prompt_logprobs = (int)logprobs;
-    if (job_launch(s, j, body, &sp, (int)n, &e)) goto fail;
+    if (api_get_string(body, "user", &user, e)) goto fail;
+    p->prepare = completion_prepare;
+    p->finish = completion_finish;
+    prep_run(p);
     return;
 fail:
-    job_fail(j, &e);
+    prep_fail(p);
 }
 
-void oai_handle_chat(oai_frontend *s, http_req *req, const cJSON *body) {
-    oai_job *j = job_begin(s, req, OAI_JOB_CHAT);
-    if (!j) return;
-    api_err e = {0};
-    eng_sampling sp;
-    eng_sampling_default(&sp);
-    long long n = 1, max_tokens = 0, top_logprobs = 0;
-    bool logprobs = false;
+static void chat_prepare(oai_prep *p) {
+    oai_job *j = p->j;
     int32_t *ids = NULL;
     int n_ids = 0;
-    chat_req cr;
-    if (check_model(s, body, &e) || parse_stream(j, body, &e) ||
-        api_get_int(body, "n", 1, MAX_N, &n, &e) || api_get_bool(body, "logprobs", &logprobs, &e) ||
-        api_get_int(body, "top_logprobs", 0, s->cfg.max_logprobs, &top_logprobs, &e) ||
-        api_get_bool(body, "return_token_ids", &j->return_token_ids, &e) ||
-        api_get_int(body, "max_tokens", 1, 1LL << 53, &max_tokens, &e) ||
-        api_get_int(body, "max_completion_tokens", 1, 1LL << 53, &max_tokens, &e) ||
-        parse_sampling(body, &sp, &e))
+    if (render_chat(j->fe, p->body, false, &ids, &n_ids, &p->cr, &p->e)) {
+        p->failed = true;
+        return;
+    }
+    if (add_prompt(j, ids, n_ids, NULL)) {
+        api_err_set(&p->e, 500, NULL, "out of memory");
+        p->failed = true;
+    }
+}
+
+static void chat_finish(oai_prep *p) {
+    oai_job *j = p->j;
+    oai_frontend *s = j->fe;
+    api_err *e = &p->e;
+    eng_sampling *sp = &p->sp;
+    j->split_reasoning = s->cfg.reasoning == OAI_REASONING_R1 ||
+                         (s->cfg.reasoning == OAI_REASONING_V3 && p->cr.thinking);
+    j->parse_tools = p->cr.parse_tools;
+    if (check_lengths(s, j, p->max_tokens, e)) goto fail;
+    if (sp->min_tokens > 0 && p->max_tokens > 0 && sp->min_tokens > p->max_tokens) {
+        api_err_set(e, 400, "min_tokens", "min_tokens (%d) must be at most max_tokens (%lld)",
+                    sp->min_tokens, p->max_tokens);
         goto fail;
-    if (present(body, "top_logprobs") && top_logprobs > 0 && !logprobs) {
-        api_err_set(&e, 400, "top_logprobs",
+    }
+    sp->max_tokens = (int)p->max_tokens; /* 0: up to the context length */
+    sp->logprobs = p->chat_logprobs ? (int)p->logprobs : -1;
+    j->want_logprobs = p->chat_logprobs;
+    j->logprobs = (int)p->logprobs;
+    if (job_launch(s, j, p->body, sp, (int)p->n, e)) goto fail;
+    return;
+fail:
+    job_fail(j, e);
+}
+
+void oai_handle_chat(oai_frontend *s, http_req *req, cJSON *body) {
+    oai_prep *p = prep_begin(s, req, OAI_JOB_CHAT, body);
+    if (!p) return;
+    oai_job *j = p->j;
+    api_err *e = &p->e;
+    p->n = 1;
+    p->max_tokens = 0;
+    p->logprobs = 0; /* top_logprobs */
+    if (check_model(s, body, e) || parse_stream(j, body, e) ||
+        api_get_int(body, "n", 1, MAX_N, &p->n, e) ||
+        api_get_bool(body, "logprobs", &p->chat_logprobs, e) ||
+        api_get_int(body, "top_logprobs", 0, s->cfg.max_logprobs, &p->logprobs, e) ||
+        api_get_bool(body, "return_token_ids", &j->return_token_ids, e) ||
+        api_get_int(body, "max_tokens", 1, 1LL << 53, &p->max_tokens, e) ||
+        api_get_int(body, "max_completion_tokens", 1, 1LL << 53, &p->max_tokens, e) ||
+        parse_sampling(body, &p->sp, e))
+        goto fail;
+    if (present(body, "top_logprobs") && p->logprobs > 0 && !p->chat_logprobs) {
+        api_err_set(e, 400, "top_logprobs",
                     "when using `top_logprobs`, `logprobs` must be set "
                     "to true.");
         goto fail;
     }
     const char *user = NULL;
-    if (api_get_string(body, "user", &user, &e)) goto fail;
-    if (render_chat(s, body, false, &ids, &n_ids, &cr, &e)) goto fail;
-    j->split_reasoning = s->cfg.reasoning == OAI_REASONING_R1 ||
-                         (s->cfg.reasoning == OAI_REASONING_V3 && cr.thinking);
-    j->parse_tools = cr.parse_tools;
-    if (add_prompt(j, ids, n_ids, NULL)) {
-        api_err_set(&e, 500, NULL, "out of memory");
-        goto fail;
-    }
-    if (check_lengths(s, j, max_tokens, &e)) goto fail;
-    if (sp.min_tokens > 0 && max_tokens > 0 && sp.min_tokens > max_tokens) {
-        api_err_set(&e, 400, "min_tokens", "min_tokens (%d) must be at most max_tokens (%lld)",
-                    sp.min_tokens, max_tokens);
-        goto fail;
-    }
-    sp.max_tokens = (int)max_tokens; /* 0: up to the context length */
-    sp.logprobs = logprobs ? (int)top_logprobs : -1;
-    j->want_logprobs = logprobs;
-    j->logprobs = (int)top_logprobs;
-    if (job_launch(s, j, body, &sp, (int)n, &e)) goto fail;
+    if (api_get_string(body, "user", &user, e)) goto fail;
+    p->prepare = chat_prepare;
+    p->finish = chat_finish;
+    prep_run(p);
     return;
 fail:
-    job_fail(j, &e);
+    prep_fail(p);
 }
 
-void oai_handle_tokenize(oai_frontend *s, http_req *req, const cJSON *body) {
-    api_err e = {0};
+/* /tokenize as a job too, so that its tokenization (or chat rendering) runs on the pool and a
+ * client leaving meanwhile is handled the same way; the answer is built there as well. */
+static void tokenize_prepare(oai_prep *p) {
+    oai_frontend *s = p->j->fe;
+    const cJSON *body = p->body;
+    api_err *e = &p->e;
     int32_t *ids = NULL;
     int n = 0;
-    bool strs = false;
-    if (check_model(s, body, &e) || api_get_bool(body, "return_token_strs", &strs, &e)) goto fail;
+    p->failed = true;
     if (present(body, "messages")) {
         chat_req cr;
-        if (render_chat(s, body, true, &ids, &n, &cr, &e)) goto fail;
+        if (render_chat(s, body, true, &ids, &n, &cr, e)) return;
     } else {
         const char *prompt = NULL;
         bool add_special = true;
-        if (api_get_string(body, "prompt", &prompt, &e) ||
-            api_get_bool(body, "add_special_tokens", &add_special, &e))
-            goto fail;
+        if (api_get_string(body, "prompt", &prompt, e) ||
+            api_get_bool(body, "add_special_tokens", &add_special, e))
+            return;
         if (!prompt) {
-            api_err_set(&e, 400, "prompt", "'prompt' (a string) or 'messages' is required");
-            goto fail;
+            api_err_set(e, 400, "prompt", "'prompt' (a string) or 'messages' is required");
+            return;
         }
         if (encode_text(s, prompt, strlen(prompt), add_special, &ids, &n)) {
-            api_err_set(&e, 500, NULL, "tokenization failed");
-            goto fail;
+            api_err_set(e, 500, NULL, "tokenization failed");
+            return;
         }
     }
     cJSON *o = cJSON_CreateObject();
     cJSON_AddNumberToObject(o, "count", n);
     cJSON_AddNumberToObject(o, "max_model_len", s->max_model_len);
     cJSON_AddItemToObject(o, "tokens", ids_json(ids, n));
-    if (strs) {
+    if (p->token_strs) {
         cJSON *a = cJSON_AddArrayToObject(o, "token_strs");
         for (int i = 0; i < n; i++) {
             char *t = token_str(s, ids[i]);
@@ -1623,14 +1880,31 @@ void oai_handle_tokenize(oai_frontend *s, http_req *req, const cJSON *body) {
         cJSON_AddNullToObject(o, "token_strs");
     }
     free(ids);
-    met_count_http(s->met, 200);
-    api_respond_json(req, 200, o, NULL);
-    cJSON_Delete(o);
-    return;
-fail:
-    free(ids);
-    met_count_http(s->met, e.status);
-    api_respond_err(req, &e, NULL);
+    p->out = o;
+    p->failed = !o;
+    if (!o) api_err_set(e, 500, NULL, "out of memory");
+}
+
+static void tokenize_finish(oai_prep *p) {
+    oai_job *j = p->j;
+    http_req *req = j->req;
+    j->req = NULL;
+    met_count_http(j->fe->met, 200);
+    api_respond_json(req, 200, p->out, NULL);
+    job_maybe_free(j);
+}
+
+void oai_handle_tokenize(oai_frontend *s, http_req *req, cJSON *body) {
+    oai_prep *p = prep_begin(s, req, OAI_JOB_COMPLETION, body);
+    if (!p) return;
+    if (check_model(s, body, &p->e) ||
+        api_get_bool(body, "return_token_strs", &p->token_strs, &p->e)) {
+        prep_fail(p);
+        return;
+    }
+    p->prepare = tokenize_prepare;
+    p->finish = tokenize_finish;
+    prep_run(p);
 }
 
 void oai_handle_detokenize(oai_frontend *s, http_req *req, const cJSON *body) {
@@ -1683,20 +1957,34 @@ static char *dup_n(const char *s, size_t n) {
     return d;
 }
 
-static void msg_free(oai_msg *m) {
-    if (!m) return;
+/* What a message holds beyond itself: freed, so it can be reused for the next event. */
+static void msg_clear(oai_msg *m) {
     free(m->prompt_lp);
-    free(m->text);
+    if (m->text != m->text_in) free(m->text);
     free(m->stop_reason);
     free(m->error);
     free(m->lease_blocks);
-    free(m);
 }
+
+/* Messages delivered are kept for the next events, up to this many (the most a step of
+ * --max-num-seqs requests makes at once, roughly): once warm, a token's event allocates
+ * nothing when its text fits text_in. */
+enum { MSG_SPARE_MAX = 1024 };
 
 /* Engine thread (or the main thread inside eng_destroy): copy and hand to the loop. */
 void oai_on_engine_event(void *user, const eng_event *ev) {
     oai_frontend *s = user;
-    oai_msg *m = calloc(1, sizeof *m);
+    pthread_mutex_lock(&s->mu);
+    oai_msg *m = s->spare;
+    if (m) {
+        s->spare = m->next;
+        s->n_spare--;
+    }
+    pthread_mutex_unlock(&s->mu);
+    if (m)
+        memset(m, 0, sizeof *m);
+    else
+        m = calloc(1, sizeof *m);
     bool oom = !m;
     if (m) {
         m->user = ev->user;
@@ -1715,7 +2003,12 @@ void oai_on_engine_event(void *user, const eng_event *ev) {
                 memcpy(m->prompt_lp, ev->prompt_logprobs,
                        (size_t)ev->n_prompt * sizeof *m->prompt_lp);
         }
-        if (ev->text_len) {
+        if (ev->text_len < sizeof m->text_in) {
+            if (ev->text_len) memcpy(m->text_in, ev->text, ev->text_len);
+            m->text_in[ev->text_len] = '\0';
+            m->text = m->text_in;
+            m->text_len = ev->text_len;
+        } else {
             m->text = dup_n(ev->text, ev->text_len);
             m->text_len = m->text ? ev->text_len : 0;
         }
@@ -1756,12 +2049,32 @@ void oai_process_events(oai_frontend *s) {
     oai_msg *m = s->q_head;
     s->q_head = s->q_tail = NULL;
     pthread_mutex_unlock(&s->mu);
+    oai_msg *done = NULL, *done_tail = NULL;
+    int n_done = 0;
     while (m) {
         oai_msg *next = m->next;
         job_event(s, m);
-        msg_free(m);
+        msg_clear(m);
+        m->next = done;
+        done = m;
+        if (!done_tail) done_tail = m;
+        n_done++;
         m = next;
     }
+    if (!done) return;
+    pthread_mutex_lock(&s->mu);
+    while (done && s->n_spare + n_done > MSG_SPARE_MAX) { /* beyond the bound: freed */
+        oai_msg *x = done;
+        done = x->next;
+        n_done--;
+        free(x);
+    }
+    if (done) {
+        done_tail->next = s->spare;
+        s->spare = done;
+        s->n_spare += n_done;
+    }
+    pthread_mutex_unlock(&s->mu);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -1795,11 +2108,24 @@ void oai_destroy(oai_frontend *fe) {
         free(j);
     }
     pthread_mutex_destroy(&fe->mu);
+    while (fe->spare) {
+        oai_msg *m = fe->spare;
+        fe->spare = m->next;
+        free(m);
+    }
+    strbuf_free(&fe->sse);
+    strbuf_free(&fe->sse_reason);
+    strbuf_free(&fe->sse_text);
+    strbuf_free(&fe->sse_content);
     free(fe);
 }
 
 void oai_set_engine(oai_frontend *fe, eng_engine *eng) {
     fe->eng = eng;
+}
+
+void oai_set_loop(oai_frontend *fe, uv_loop_t *loop) {
+    fe->loop = loop;
 }
 
 void oai_set_draining(oai_frontend *fe) {

@@ -3,13 +3,16 @@
  * kv_transfer_params of disaggregated serving (through the KV plug-in). The worker process
  * around it (command line, threads, listening, routing, shutdown) is server.c's: this module
  * never calls back into it.
- * Threads: oai_on_engine_event on the engine thread; everything else on the loop thread. */
+ * Threads: oai_on_engine_event on the engine thread; everything else on the loop thread, but
+ * for the prompts' tokenization and chat rendering, which run on the loop's worker pool
+ * (uv_queue_work) once oai_set_loop gave it one. */
 #ifndef DUET_OAI_H
 #define DUET_OAI_H
 
 #include <cjson/cJSON.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <uv.h>
 
 #include "base/status.h"
 #include "engine/engine.h"
@@ -56,10 +59,16 @@ void oai_destroy(oai_frontend *fe);
 /* The engine requests go to eng (set once, before the first request). */
 void oai_set_engine(oai_frontend *fe, eng_engine *eng);
 
-/* The handlers take over req: they finish it now or later. body stays the caller's. */
-void oai_handle_completions(oai_frontend *fe, http_req *req, const cJSON *body);
-void oai_handle_chat(oai_frontend *fe, http_req *req, const cJSON *body);
-void oai_handle_tokenize(oai_frontend *fe, http_req *req, const cJSON *body);
+/* Tokenization and chat rendering of generation requests go to loop's worker pool (set once,
+ * before the first request; without it they run inline, on the calling thread). The loop must
+ * run until oai_jobs_count is 0: a request being tokenized counts. */
+void oai_set_loop(oai_frontend *fe, uv_loop_t *loop);
+
+/* The handlers take over req: they finish it now or later. The tokenizing ones take over body
+ * too (it lives while the prompt is tokenized); /detokenize leaves it the caller's. */
+void oai_handle_completions(oai_frontend *fe, http_req *req, cJSON *body);
+void oai_handle_chat(oai_frontend *fe, http_req *req, cJSON *body);
+void oai_handle_tokenize(oai_frontend *fe, http_req *req, cJSON *body);
 void oai_handle_detokenize(oai_frontend *fe, http_req *req, const cJSON *body);
 
 /* The engine's on_event (eng_config.on_event with event_user = fe): copies the event for the

@@ -457,6 +457,15 @@ static duet_status server_options_add(opt_parser *p, srv_config *c) {
          .dest = &c->max_request_body,
          .def = "32M",
          .help = "larger bodies are answered 413"},
+        {.name = "--max-connections-per-client",
+         .type = OPT_INT,
+         .dest = &c->max_connections_per_client,
+         .def = "0",
+         .min = 0,
+         .max = 1 << 20,
+         .metavar = "N",
+         .help = "connections open at once from one client address; the one beyond is "
+                 "answered 429 and closed (0: no limit)"},
     };
     const opt_spec chat[] = {
         {.name = "--chat-template",

@@ -41,6 +41,7 @@ typedef struct srv_config {
     double lease_timeout_s;
     double shutdown_timeout_s;
     long long max_request_body;
+    int max_connections_per_client; /* 0: no limit */
     par_options po;
 
     /* Chat and tools */

@@ -399,14 +399,14 @@ static void on_request(http_req *req, void *user) {
     }
     switch (r->kind) {
     case R_COMPLETIONS:
-        oai_handle_completions(s->fe, req, body);
-        break;
+        oai_handle_completions(s->fe, req, body); /* takes body over */
+        return;
     case R_CHAT:
         oai_handle_chat(s->fe, req, body);
-        break;
+        return;
     case R_TOKENIZE:
         oai_handle_tokenize(s->fe, req, body);
-        break;
+        return;
     default:
         oai_handle_detokenize(s->fe, req, body);
         break;
@@ -623,6 +623,7 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
     uv_loop_t loop;
     uv_loop_init(&loop);
     s->loop = &loop;
+    oai_set_loop(s->fe, &loop);
     uv_async_init(&loop, &s->async, on_async);
     s->async.data = s;
     uv_signal_init(&loop, &s->sig_term);
@@ -635,6 +636,7 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
     http_server_opts ho;
     http_server_opts_init(&ho);
     ho.max_body_bytes = (size_t)c->max_request_body;
+    ho.max_connections_per_client = (unsigned)c->max_connections_per_client;
     http_cors cors;
     srv_config_cors(c, &cors);
     ho.cors = &cors;

@@ -110,7 +110,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     switch (which) {
     case 0:
-        oai_handle_completions(fe, req, body);
+        oai_handle_completions(fe, req, body); /* takes body over; no loop: prepared inline */
         break;
     case 1:
         oai_handle_chat(fe, req, body);
@@ -120,9 +120,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         break;
     default:
         oai_handle_detokenize(fe, req, body);
+        cJSON_Delete(body);
         break;
     }
-    cJSON_Delete(body);
     /* Without an engine every request is answered at once: a job left means a request that
      * neither failed nor started. */
     if (oai_jobs_count(fe) != 0) abort();

@@ -160,9 +160,9 @@ export function largeVocabModel() {
 // ---- raw HTTP ----
 
 // Sends bytes, collects everything until the server closes or `until(buf)` says done.
-export function rawExchange(port, data, { until = null, timeoutMs = 10000, writes = null } = {}) {
+export function rawExchange(port, data, { until = null, timeoutMs = 10000, writes = null, localAddress = undefined } = {}) {
   return new Promise((resolve, reject) => {
-    const sock = net.connect(port, '127.0.0.1');
+    const sock = net.connect({ port, host: '127.0.0.1', localAddress });
     let buf = Buffer.alloc(0);
     const timer = setTimeout(() => { sock.destroy(); resolve({ data: buf.toString('latin1'), timedOut: true }); }, timeoutMs);
     sock.on('data', (d) => {

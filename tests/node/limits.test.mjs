@@ -3,9 +3,7 @@
 // in front of it with its own key. Each limit should end in a clear error, not in work done, a
 // hang or a lost server: prompt length, max_tokens, n, logprobs, body size, the time to send
 // headers, connections per client, the API key (every wrong form refused), and no secret in
-// any log line. A limit the servers do not have yet is a test marked `todo` naming what is
-// missing: node reports it, CI does not fail on it, and it turns into a plain test once the
-// limit exists (see docs/hardening.md).
+// any log line (see docs/hardening.md).
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import path from 'node:path';
@@ -20,6 +18,7 @@ const KV_SECRET = 'kv-limits-secret-93b0e6f2';
 const WRONG = 'sk-limits-wrong-5c2d8e1b7a';
 const MAX_LEN = 256;
 const MAX_BODY = 64 * 1024;
+const PER_CLIENT = 64;
 let worker = null, proxy = null, wPort = 0, xPort = 0;
 
 before(async () => {
@@ -28,11 +27,13 @@ before(async () => {
   worker = await new Server(['--model', path.join(GOLDEN, 'tiny-v3', 'model'),
     '--tokenizer', path.join(GOLDEN, 'tokenizer'), '--served-model-name', 'tiny',
     '--host', '127.0.0.1', '--port', String(wPort), '--kv-cache-memory', '32M',
-    '--max-model-len', String(MAX_LEN), '--max-request-body', String(MAX_BODY), '--api-key', KEY],
+    '--max-model-len', String(MAX_LEN), '--max-request-body', String(MAX_BODY), '--api-key', KEY,
+    '--max-connections-per-client', String(PER_CLIENT)],
   { port: wPort, env: { DUET_LOG: 'debug', DUET_KV_SECRET: KV_SECRET } }).ready();
   proxy = await new Server(['--host', '127.0.0.1', '--port', String(xPort),
     '--prefill', `127.0.0.1:${wPort}`, '--decode', `127.0.0.1:${wPort}`,
-    '--api-key', PROXY_KEY, '--upstream-api-key', KEY],
+    '--api-key', PROXY_KEY, '--upstream-api-key', KEY,
+    '--max-connections-per-client', String(PER_CLIENT)],
   { port: xPort, bin: process.env.DUET_PROXY, env: { DUET_LOG: 'debug' } }).ready();
 });
 
@@ -144,21 +145,51 @@ function openIdle(port, count, localAddress) {
 
 for (const [name, port] of [['worker', () => wPort], ['proxy', () => xPort]]) {
   test(`${name}: one client's 600 idle connections are capped, another client is served`,
-    { todo: 'missing: no per-client connection limit (only --max-connections for everyone, 4096)' },
     async () => {
+      const key = port() === xPort ? PROXY_KEY : KEY;
       const socks = await openIdle(port(), 600, '127.0.0.1');
       try {
-        await sleep(500);
+        const answered = () => socks.filter((s) => /^HTTP/.test(s.data)).length;
+        for (let i = 0; i < 50 && answered() < 600 - PER_CLIENT; i++) await sleep(100);
+        await sleep(200); // a refusal too many would show up by now
         const other = await rawExchange(port(), `GET /v1/models HTTP/1.1\r\nHost: x\r\n` +
-          `Authorization: Bearer ${port() === xPort ? PROXY_KEY : KEY}\r\nConnection: close\r\n\r\n`);
+          `Authorization: Bearer ${key}\r\nConnection: close\r\n\r\n`,
+        { localAddress: '127.0.0.2' });
         assert.match(other.data, /^HTTP\/1\.1 200 /, 'the other client was not served');
-        const refused = socks.filter((s) => s.destroyed || /^HTTP\/1\.1 (429|503) /.test(s.data));
-        assert.ok(refused.length > 0, 'all 600 connections of one client were kept open');
+        // The cap counts every connection from 127.0.0.1, so fetch's kept-alive connections
+        // of earlier tests may take a few of the 64.
+        const refused = socks.filter((s) => /^HTTP\/1\.1 429 /.test(s.data));
+        const kept = socks.filter((s) => !/^HTTP/.test(s.data) && !s.destroyed);
+        assert.equal(refused.length + kept.length, 600);
+        assert.ok(kept.length <= PER_CLIENT && kept.length >= PER_CLIENT - 8,
+          `${refused.length} of 600 answered 429, ${kept.length} kept (limit ${PER_CLIENT})`);
+        const [first] = refused;
+        const body = JSON.parse(first.data.slice(first.data.indexOf('\r\n\r\n') + 4));
+        assert.equal(body.error.code, 429, first.data);
+        assert.match(body.error.message, /too many connections from this client \(at most 64/);
+        // the ones kept are served
+        const answer = new Promise((resolve) => kept[0].once('data', () => resolve(kept[0].data)));
+        kept[0].write(`GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${key}\r\n\r\n`);
+        assert.match(await answer, /^HTTP\/1\.1 200 /);
       } finally {
         for (const s of socks) s.destroy();
       }
+      // once they are gone, the client is served again
+      await sleep(300);
+      const again = await rawExchange(port(), `GET /v1/models HTTP/1.1\r\nHost: x\r\n` +
+        `Authorization: Bearer ${key}\r\nConnection: close\r\n\r\n`);
+      assert.match(again.data, /^HTTP\/1\.1 200 /);
     });
 }
+
+test('proxy: its metrics count the connections refused per client', async () => {
+  const r = await fetch(`http://127.0.0.1:${xPort}/metrics`,
+    { headers: { Authorization: `Bearer ${PROXY_KEY}` } });
+  const text = await r.text();
+  const m = /^duet_proxy_client_connections_rejected_per_client_total (\d+)$/m.exec(text);
+  assert.ok(m, text);
+  assert.ok(Number(m[1]) >= 600 - PER_CLIENT, m[0]);
+});
 
 test('no secret in any log line: API keys, the KV secret, a client\'s wrong key', async () => {
   // exercise the paths that log: refused keys, good requests, a bad request, a debug log level

@@ -172,8 +172,10 @@ static void test_config(void) {
                         "b:2",
                         "--policy=round-robin",
                         "--idle_timeout=7",
-                        "--max-conn",
+                        "--max-connections", /* exact, also a prefix of the next */
                         "10",
+                        "--max-connections-per",
+                        "3",
                         "--max-body-bytes",
                         "64k",
                         "--drain",
@@ -182,6 +184,7 @@ static void test_config(void) {
     CHECK(parse(&cfg, a3, out, sizeof out) == 0);
     CHECK(cfg.policy == PX_POLICY_ROUND_ROBIN && cfg.idle_timeout_ms == 7000);
     CHECK(cfg.max_connections == 10 && cfg.max_body_bytes == 65536 && cfg.drain_timeout_ms == 250);
+    CHECK(cfg.max_connections_per_client == 3);
     px_config_cleanup(&cfg);
 
     /* --max-retries sets what the two flags of their own leave alone, in any order. */

@@ -87,7 +87,7 @@ tsan)
     TSAN_OPTIONS="$tsan:log_path=$logs/tsan" \
         meson test -C build-tsan --no-rebuild --print-errorlogs --num-processes 2 \
         test_engine test_engine_text test_kvx test_kvx_staging test_http test_httpc \
-        api-openai api-shutdown pd-shm \
+        api-openai api-shutdown stall pd-shm \
         proxy-basic proxy-auth proxy-midstream proxy-drain proxy-admin proxy-failover proxy-load
     check_reports
     ;;

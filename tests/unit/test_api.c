@@ -1,6 +1,8 @@
 /* The OpenAI HTTP helpers and metrics of libduet_base (linked without libduet: the proxy may use
  * them without MPI, UCX or CUDA): UTF-8 checks, the R1 reasoning split fed in every way a stream
- * can cut it, error JSON, field readers, bearer keys, request ids, Prometheus histograms. */
+ * can cut it, error JSON, field readers, bearer keys, request ids, Prometheus histograms, the
+ * JSON writers of stream chunks (strings of every byte and numbers read back by cJSON). */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -195,7 +197,78 @@ static void test_metrics(void) {
     met_destroy(m);
 }
 
+/* Every byte value, and random byte strings, written as a JSON string by api_json_str: cJSON
+ * reads back exactly the input (up to the first NUL, where a C string ends), and no raw line
+ * end reaches the event. Numbers read back as the value they were. */
+static void test_json_writers(void) {
+    strbuf b = {0};
+    char in[256];
+    for (int i = 0; i < 255; i++) in[i] = (char)(i + 1); /* 1..255: no NUL inside */
+    in[255] = 0;
+    uint64_t x = 88172645463325252ull;
+    for (int round = 0; round < 200; round++) {
+        size_t n = 255;
+        if (round) { /* random strings weighted to the bytes that need escapes */
+            n = (size_t)(x % 64);
+            for (size_t i = 0; i < n; i++) {
+                x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+                const char pick[] = "\"\\\n\r\t\b\f\x01\x1f\x7f/a\xc3\xa9";
+                in[i] = x & 1 ? pick[(x >> 1) % (sizeof pick - 1)] : (char)(1 + (x >> 8) % 255);
+            }
+            in[n] = 0;
+        }
+        strbuf_clear(&b);
+        strbuf_add(&b, "[", 1);
+        api_json_str(&b, in, n);
+        strbuf_add(&b, "]", 1);
+        CHECK(!b.oom && !memchr(b.p, '\n', b.len) && !memchr(b.p, '\r', b.len));
+        cJSON *a = cJSON_Parse(b.p);
+        cJSON *str = cJSON_GetArrayItem(a, 0);
+        CHECK_MSG(cJSON_IsString(str) && strlen(str->valuestring) == n &&
+                      !memcmp(str->valuestring, in, n),
+                  "round %d: %s", round, b.p);
+        cJSON_Delete(a);
+    }
+    /* a NUL inside is escaped, not a cut */
+    strbuf_clear(&b);
+    api_json_str(&b, "a\0b", 3);
+    CHECK_MSG(!strcmp(b.p, "\"a\\u0000b\""), "%s", b.p);
+    const double nums[] = {0,
+                           1,
+                           -1,
+                           42,
+                           1e14,
+                           -123456789012345.0,
+                           0.5,
+                           -0.125,
+                           1.0 / 3,
+                           -9999.0,
+                           3.14159265358979,
+                           1e-300,
+                           2.5e20,
+                           -7.1e-5};
+    for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++) {
+        strbuf_clear(&b);
+        api_json_number(&b, nums[i]);
+        cJSON *v = cJSON_Parse(b.p);
+        CHECK_MSG(cJSON_IsNumber(v) && v->valuedouble == nums[i], "%.17g printed %s", nums[i], b.p);
+        cJSON_Delete(v);
+    }
+    strbuf_clear(&b);
+    api_json_number(&b, NAN);
+    api_json_number(&b, -INFINITY);
+    CHECK(!strcmp(b.p, "nullnull"));
+    /* an event: "data: " + object + blank line, the buffer's memory kept */
+    api_sse_begin(&b);
+    strbuf_str(&b, "{}");
+    char *mem = b.p;
+    api_sse_begin(&b);
+    CHECK(b.p == mem && b.len == 6 && !strcmp(b.p, "data: "));
+    strbuf_free(&b);
+}
+
 int main(void) {
+    test_json_writers();
     test_utf8();
     test_reasoning();
     test_errors();

@@ -3,6 +3,7 @@
  * prefix-cache reuse; random aborts leak nothing; seeded sampling does not depend on the
  * batch; min_tokens holds back stop tokens; every sampled token replays under the host rule
  * (penalties, bans, filters, seeds, logprobs). After every scenario the pool is full again. */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -28,9 +29,17 @@ typedef struct rec {
 static golden_set G;
 static rec R[MAXR];
 
+/* prompt logprobs as the events hand them over, by request id */
+static eng_token_lp g_plp[4][512];
+static int g_n_plp[4];
+
 static void on_event(void *user, const eng_event *ev) {
     (void)user;
     rec *r = &R[ev->id];
+    if (ev->prompt_logprobs && ev->id < 4 && ev->n_prompt <= 512) {
+        memcpy(g_plp[ev->id], ev->prompt_logprobs, (size_t)ev->n_prompt * sizeof *g_plp[0]);
+        g_n_plp[ev->id] = ev->n_prompt;
+    }
     for (int i = 0; i < ev->n_tokens && r->n_out < 256; i++) r->out[r->n_out++] = ev->tokens[i];
     if (ev->finish) {
         r->n_final++;
@@ -66,6 +75,10 @@ static eng_engine *make(int chunk, int block_size, int n_blocks, bool prefix) {
     return e;
 }
 
+/* 0: every prompt row's logits reach on_logits; -1: the last ones only (prompt logprobs keep a
+ * request away from the prefix cache, so the prefix test asks none) */
+static int g_golden_prompt_lp = 0;
+
 static void submit_golden(eng_engine *e, int id, const golden_case *k) {
     memset(&R[id], 0, sizeof R[id]);
     R[id].gc = k;
@@ -74,7 +87,7 @@ static void submit_golden(eng_engine *e, int id, const golden_case *k) {
     q.sampling.smp.temperature = 0;
     q.sampling.ignore_eos = true;
     q.sampling.max_tokens = k->n_greedy;
-    q.sampling.prompt_logprobs = 0; /* every prompt row's logits, for the comparison */
+    q.sampling.prompt_logprobs = g_golden_prompt_lp; /* 0: every prompt row's logits */
     q.user = &R[id];
     q.on_logits = on_logits;
     char err[256];
@@ -146,6 +159,7 @@ static void prefix_reuse(void) {
     const golden_case *k = NULL;
     for (int i = 0; i < G.n; i++)
         if (G.cases[i].n_prompt >= 64) k = &G.cases[i];
+    g_golden_prompt_lp = -1;
     submit_golden(e, 0, k);
     run_until_idle(e, 1000);
     eng_stats before;
@@ -162,8 +176,100 @@ static void prefix_reuse(void) {
         CHECK(R[i].n_out == k->n_greedy && !memcmp(R[i].out, k->greedy, k->n_greedy * 4));
         CHECK_MSG(R[i].max_err < 1e-4, "prefix reuse run %d err %.3g", i, R[i].max_err);
     }
+    g_golden_prompt_lp = 0;
     check_pool_full(e, "prefix reuse");
     eng_destroy(e);
+}
+
+/* A request that waits for blocks gives its prefix hits back every step it waits and looks
+ * them up again when it is next tried; the metrics count its lookup once, when it is admitted.
+ * A holds every block of the pool for its last 15 steps; B, the same prompt, finds A's full
+ * blocks cached but needs one more block, so it waits until A is done. */
+static void prefix_counted_once(void) {
+    const golden_case *k = NULL;
+    for (int i = 0; i < G.n; i++)
+        if (G.cases[i].n_prompt >= 33) k = &G.cases[i];
+    int n_blocks = (k->n_prompt + 15) / 16 + 1;
+    eng_engine *e = make(64, 16, n_blocks, true);
+    for (int id = 0; id < 2; id++) {
+        memset(&R[id], 0, sizeof R[id]);
+        eng_request q = {.id = (uint64_t)id, .prompt = k->prompt, .n_prompt = k->n_prompt};
+        eng_sampling_default(&q.sampling);
+        q.sampling.smp.temperature = 0;
+        q.sampling.ignore_eos = true;
+        q.sampling.max_tokens = id == 0 ? n_blocks * 16 - k->n_prompt : 2;
+        char err[256];
+        CHECK_MSG(eng_submit(e, &q, err, sizeof err) == DUET_OK, "%s", err);
+        if (id == 1) break;
+        eng_stats st;
+        for (int step = 0; step < 1000; step++) { /* until A holds the whole pool */
+            bool busy;
+            CHECK(eng_step(e, &busy) == DUET_OK);
+            eng_get_stats(e, &st);
+            if (st.n_free_blocks == 0) break;
+        }
+        CHECK_MSG(st.n_free_blocks == 0 && st.n_running == 1, "A holds %d of %d blocks",
+                  st.n_blocks - st.n_free_blocks, st.n_blocks);
+    }
+    eng_stats before, st;
+    eng_get_stats(e, &before);
+    int waited = 0;
+    for (int step = 0; step < 1000; step++) {
+        bool busy;
+        CHECK(eng_step(e, &busy) == DUET_OK);
+        eng_get_stats(e, &st);
+        if (st.n_waiting) waited++;
+        if (!busy && st.n_running == 0 && st.n_waiting == 0) break;
+    }
+    int full = (k->n_prompt - 1) / 16;
+    CHECK_MSG(waited >= 5, "B waited %d steps only", waited);
+    CHECK_MSG(st.prefix_queries - before.prefix_queries == (uint64_t)full &&
+                  st.prefix_hits - before.prefix_hits == (uint64_t)full,
+              "B waited %d steps: %llu queries, %llu hits counted, expected %d of each", waited,
+              (unsigned long long)(st.prefix_queries - before.prefix_queries),
+              (unsigned long long)(st.prefix_hits - before.prefix_hits), full);
+    CHECK(R[0].n_final == 1 && R[1].n_final == 1 && R[1].n_out == 2);
+    check_pool_full(e, "prefix counted once");
+    eng_destroy(e);
+}
+
+/* A request asking for prompt logprobs computes every prompt row, whatever of its prompt is in
+ * the prefix cache (rows served from the cache have no logits): its prompt logprobs equal those
+ * of an engine without the cache. */
+static void prompt_logprobs_bypass_cache(void) {
+    const golden_case *k = NULL;
+    for (int i = 0; i < G.n; i++)
+        if (G.cases[i].n_prompt >= 48 && G.cases[i].n_prompt <= 512) k = &G.cases[i];
+    eng_engine *cached = make(64, 16, 64, true), *plain = make(64, 16, 64, false);
+    for (int id = 0; id < 3; id++) {
+        memset(&R[id], 0, sizeof R[id]);
+        g_n_plp[id] = 0;
+        eng_request q = {.id = (uint64_t)id, .prompt = k->prompt, .n_prompt = k->n_prompt};
+        eng_sampling_default(&q.sampling);
+        q.sampling.smp.temperature = 0;
+        q.sampling.ignore_eos = true;
+        q.sampling.max_tokens = 1;
+        q.sampling.prompt_logprobs = id == 0 ? -1 : 3; /* 0 fills the cache, 1 and 2 ask */
+        char err[256];
+        eng_engine *e = id == 2 ? plain : cached;
+        CHECK_MSG(eng_submit(e, &q, err, sizeof err) == DUET_OK, "%s", err);
+        run_until_idle(e, 1000);
+    }
+    CHECK(g_n_plp[1] == k->n_prompt && g_n_plp[2] == k->n_prompt);
+    int bad = 0;
+    for (int i = 1; i < k->n_prompt; i++) {
+        const eng_token_lp *a = &g_plp[1][i], *b = &g_plp[2][i];
+        bool same = a->token == k->prompt[i] && b->token == k->prompt[i] &&
+                    fabsf(a->logprob - b->logprob) < 1e-4f && a->n_top == 3 &&
+                    a->top[0].token == b->top[0].token;
+        bad += !same;
+    }
+    CHECK_MSG(bad == 0, "%d of %d prompt logprobs differ with the prefix cache", bad,
+              k->n_prompt - 1);
+    check_pool_full(cached, "prompt logprobs, cached");
+    check_pool_full(plain, "prompt logprobs, plain");
+    eng_destroy(cached);
+    eng_destroy(plain);
 }
 
 static rng_state g_rng = {{88172645463325252ull, 1, 2, 3}};
@@ -497,6 +603,8 @@ int main(void) {
     st = golden_together(1 << 20, 16, 9, false, 0);
     CHECK_MSG(st.n_preemptions > 0, "no preemption with all arriving at once");
     prefix_reuse();
+    prefix_counted_once();
+    prompt_logprobs_bypass_cache();
     random_aborts();
     seeded();
     stops();

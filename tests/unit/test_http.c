@@ -468,8 +468,8 @@ static void cli_free(client *c) {
 /* ---------------------------------------------------------------------------------------------
  * Servers */
 
-static http_server *g_srv, *g_small, *g_drain, *g_v6;
-static int g_port, g_small_port, g_drain_port, g_v6_port;
+static http_server *g_srv, *g_small, *g_drain, *g_v6, *g_per;
+static int g_port, g_small_port, g_drain_port, g_v6_port, g_per_port;
 static resp g_r; /* one response buffer, reused */
 
 static http_server *start_server(const http_server_opts *o, const char *host, int *port_p) {
@@ -794,6 +794,85 @@ static void test_max_connections(void) {
     cli_free(b);
 }
 
+/* A client from 127.0.0.<host>: bound before connecting, so the server sees that address. */
+static client *cli_new_from(int port, int host) {
+    client *c = calloc(1, sizeof *c);
+    c->fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK + (uint32_t)host - 1);
+    CHECK(bind(c->fd, (struct sockaddr *)&a, sizeof a) == 0);
+    a.sin_port = htons((uint16_t)port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    CHECK(connect(c->fd, (struct sockaddr *)&a, sizeof a) == 0);
+    return c;
+}
+
+static bool cli_served(client *c) {
+    return cli_sends(c->fd, "GET /echo HTTP/1.1\r\n\r\n") && cli_read(c, &g_r) && g_r.status == 200;
+}
+
+/* max_connections_per_client 2 on g_per: many client addresses (so the count table grows and
+ * entries leave it in every order), each at its limit; the third of each is answered 429 and
+ * closed while other addresses are served, and once one of its connections is gone an address
+ * is served again. */
+static void test_max_connections_per_client(void) {
+    enum { HOSTS = 100 };
+    static client *cs[HOSTS][2];
+    for (int h = 0; h < HOSTS; h++)
+        for (int k = 0; k < 2; k++) {
+            cs[h][k] = cli_new_from(g_per_port, 2 + h);
+            CHECK_MSG(cli_served(cs[h][k]), "127.0.0.%d connection %d not served", 2 + h, k);
+        }
+    for (int h = 0; h < HOSTS; h += 7) {
+        client *x = cli_new_from(g_per_port, 2 + h); /* answered without reading a request */
+        CHECK(cli_read(x, &g_r));
+        CHECK(resp_is_error(&g_r, 429, "TooManyRequestsError"));
+        CHECK_MSG(strstr(g_r.body, "too many connections from this client (at most 2"), "[%s]",
+                  g_r.body);
+        CHECK(cli_wait_eof(x->fd, READ_TIMEOUT_MS));
+        cli_free(x);
+    }
+    client *other = cli_new_from(g_per_port, 200); /* a new address is served */
+    CHECK(cli_served(other));
+    cli_free(other);
+    /* odd addresses drop one connection, so they are served again; even ones stay refused */
+    for (int h = 1; h < HOSTS; h += 2) {
+        cli_free(cs[h][0]);
+        cs[h][0] = NULL;
+    }
+    for (int h = 1; h < HOSTS; h += 2) {
+        bool served = false;
+        for (int i = 0; i < 50 && !served; i++) {
+            cs[h][0] = cli_new_from(g_per_port, 2 + h);
+            served = cli_served(cs[h][0]);
+            if (!served) {
+                cli_free(cs[h][0]);
+                sleep_ms(20); /* the server sees the close asynchronously */
+            }
+        }
+        CHECK_MSG(served, "127.0.0.%d not served after one of its connections closed", 2 + h);
+    }
+    for (int h = 0; h < HOSTS; h += 10) {
+        client *x = cli_new_from(g_per_port, 2 + h);
+        CHECK(cli_read(x, &g_r) && g_r.status == 429);
+        cli_free(x);
+    }
+    for (int h = 0; h < HOSTS; h++)
+        for (int k = 0; k < 2; k++) cli_free(cs[h][k]);
+    /* everything closed: each address has its two again */
+    bool served = false;
+    for (int i = 0; i < 50 && !served; i++) {
+        client *a = cli_new_from(g_per_port, 2), *b = cli_new_from(g_per_port, 2);
+        served = cli_served(a) && cli_served(b);
+        cli_free(a);
+        cli_free(b);
+        if (!served) sleep_ms(20);
+    }
+    CHECK(served);
+}
+
 static void test_expect_continue(void) {
     client *c = cli_new(g_port);
     CHECK(cli_sends(c->fd,
@@ -926,6 +1005,7 @@ static void stop_all(void *arg) {
     http_server_destroy(g_small);
     http_server_destroy(g_drain);
     http_server_destroy(g_v6);
+    http_server_destroy(g_per);
     uv_close((uv_handle_t *)&g_async, NULL);
 }
 
@@ -948,9 +1028,12 @@ int main(void) {
     o.max_connections = 2;
     g_small = start_server(&o, "localhost", &g_small_port);
     o.max_connections = 0;
+    o.max_connections_per_client = 2;
+    g_per = start_server(&o, "127.0.0.1", &g_per_port);
+    o.max_connections_per_client = 0;
     g_drain = start_server(&o, NULL, &g_drain_port);
     g_v6 = start_server(&o, "[::1]", &g_v6_port);
-    if (!g_srv || !g_small || !g_drain) {
+    if (!g_srv || !g_small || !g_drain || !g_per) {
         fprintf(stderr, "test_http: cannot start servers\n");
         return 1;
     }
@@ -980,6 +1063,7 @@ int main(void) {
     test_slowloris();
     test_idle_timeout();
     test_max_connections();
+    test_max_connections_per_client();
     test_expect_continue();
     test_concurrent();
     test_responses();
@@ -994,6 +1078,11 @@ int main(void) {
     CHECK(g_stats.connections_total >= 220);
     loop_call(get_stats, g_small);
     CHECK(g_stats.connections_rejected >= 1 && g_stats.connections_open <= 2);
+    loop_call(get_stats, g_per);
+    CHECK_MSG(g_stats.connections_rejected_client >= 15 + 10 && g_stats.protocol_errors == 0,
+              "rejected_client %llu protocol_errors %llu",
+              (unsigned long long)g_stats.connections_rejected_client,
+              (unsigned long long)g_stats.protocol_errors);
 
     /* Destroyed while the handler holds a request (and more is pipelined behind it): on_close
      * still fires, the handler's release frees the rest, and no handle is left open. */

@@ -51,7 +51,11 @@ int main(void) {
     /* same hash, other content (a forced collision) must miss */
     CHECK(kv_pool_lookup(p, h0, 0, t1) == -1);
     kv_pool_get_stats(p, &st);
-    CHECK(st.queries == 4 && st.hits == 2);
+    CHECK(st.queries == 0 && st.hits == 0); /* lookups count nothing: their caller counts */
+    kv_pool_count_lookups(p, 4, 2);
+    kv_pool_count_lookups(p, 3, 1);
+    kv_pool_get_stats(p, &st);
+    CHECK(st.queries == 7 && st.hits == 3);
     kv_pool_release(p, (int32_t[]){a[1], a[0]}, 2);
 
     /* eviction: the least recently freed cached block goes first; the other stays findable */

@@ -1,5 +1,7 @@
 /* Sampling: greedy, temperature statistics, top-k / top-p / min-p supports, penalties, bans,
- * seeded reproducibility, logprobs. */
+ * seeded reproducibility, logprobs; smp_logprobs (float, vectors, partial top-n selection)
+ * against a double-precision log_softmax and a full sort, on vocabularies of every length mod
+ * the vector width, with ties, -inf entries and large logits. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,7 +18,76 @@ static int draw(const smp_params *p, const float *base, rng_state *r, smp_scratc
     return smp_sample(p, &h, NULL, 0, l, V, r, s);
 }
 
+/* the reference: double log-sum-exp, the top n by sorting everything */
+static const float *g_ref_row;
+static int ref_cmp(const void *a, const void *b) {
+    int32_t i = *(const int32_t *)a, j = *(const int32_t *)b;
+    float x = g_ref_row[i], y = g_ref_row[j];
+    if (x != y) return x > y ? -1 : 1;
+    return i - j;
+}
+
+static void logprobs_against_reference(void) {
+    enum { BIG = 129280, N_TOP = 20 };
+    float *row = malloc(BIG * sizeof *row);
+    int32_t *order = malloc(BIG * sizeof *order);
+    smp_scratch s = {0};
+    rng_state r;
+    rng_seed(&r, 7);
+    const int sizes[] = {1, 2, 3, 4, 5, 7, 8, 9, 31, 255, 256, 257, 1000, 2048, BIG};
+    for (int si = 0; si < (int)(sizeof sizes / sizeof sizes[0]); si++) {
+        int n_v = sizes[si];
+        for (int kind = 0; kind < 4; kind++) {
+            for (int i = 0; i < n_v; i++) {
+                double u = rng_uniform(&r);
+                if (kind == 0) row[i] = (float)(u * 20 - 10); /* spread logits */
+                if (kind == 1) row[i] = (float)(int)(u * 5);  /* many ties */
+                if (kind == 2) row[i] = (float)(u * 60 + 40); /* large, one far ahead */
+                if (kind == 3) row[i] = u < 0.3 ? -INFINITY : (float)(u * 8); /* banned ones */
+            }
+            if (kind == 2) row[n_v / 2] = 300.0f;
+            if (kind == 3) row[n_v - 1] = 1.0f; /* at least one finite */
+            double mx = -INFINITY, sum = 0;
+            for (int i = 0; i < n_v; i++) mx = row[i] > mx ? row[i] : mx;
+            for (int i = 0; i < n_v; i++) sum += exp((double)row[i] - mx);
+            double lse = mx + log(sum);
+            for (int i = 0; i < n_v; i++) order[i] = i;
+            g_ref_row = row;
+            qsort(order, (size_t)n_v, sizeof *order, ref_cmp);
+            int n = n_v < N_TOP ? n_v : N_TOP;
+            int32_t tok = (int32_t)(rng_uniform(&r) * n_v);
+            float lp = 0;
+            smp_logprob top[N_TOP];
+            smp_logprobs(row, n_v, tok, n, &lp, top, &s);
+            double want = (double)row[tok] - lse;
+            CHECK_MSG(isinf(want) ? lp == (float)want
+                                  : fabs(lp - want) < 1e-5 * fmax(1, fabs(want)),
+                      "V %d kind %d token %d: %.7g, want %.7g", n_v, kind, tok, lp, want);
+            for (int i = 0; i < n; i++) {
+                CHECK_MSG(top[i].token == order[i], "V %d kind %d top[%d]: %d, want %d (%g/%g)",
+                          n_v, kind, i, top[i].token, order[i], row[top[i].token], row[order[i]]);
+                double w = (double)row[order[i]] - lse;
+                CHECK_MSG(isinf(w) ? top[i].logprob == (float)w
+                                   : fabs(top[i].logprob - w) < 1e-5 * fmax(1, fabs(w)),
+                          "V %d kind %d top[%d] logprob %.7g, want %.7g", n_v, kind, i,
+                          top[i].logprob, w);
+            }
+        }
+    }
+    /* out-of-range token: -inf, the top still filled */
+    float lp = 0;
+    smp_logprob top[2];
+    smp_logprobs(row, 9, 9, 2, &lp, top, &s);
+    int best = 0;
+    for (int i = 1; i < 9; i++) best = row[i] > row[best] ? i : best;
+    CHECK(isinf(lp) && lp < 0 && top[0].token == best);
+    smp_scratch_free(&s);
+    free(row);
+    free(order);
+}
+
 int main(void) {
+    logprobs_against_reference();
     smp_scratch s = {0};
     rng_state r;
     rng_seed(&r, 42);
