@@ -298,6 +298,14 @@ duet_status par_instance_create(const par_options *o, const char *model_dir, int
         par_instance_destroy(p);
         return DUET_ERR_INVALID;
     }
+    if (o->spec_tokens > 0 && (o->tp > 1 || (o->ep && want > 1))) {
+        if (p->world.rank == 0)
+            LOG_ERROR("MTP speculative decoding runs with data parallelism only for now: "
+                      "--tensor-parallel-size %d%s is not supported with --speculative-config",
+                      o->tp, o->ep && want > 1 ? " and --enable-expert-parallel" : "");
+        par_instance_destroy(p);
+        return DUET_ERR_UNSUPPORTED;
+    }
     p->dp_rank = p->world.rank / o->tp;
     p->tp_rank = p->world.rank % o->tp;
     mdl_shard shard = {.tp_rank = p->tp_rank, .tp_size = o->tp, .ep_rank = 0, .ep_size = 1};
@@ -324,7 +332,8 @@ duet_status par_instance_create(const par_options *o, const char *model_dir, int
     mdl_load_opts lo = {.source = o->load_format,
                         .dummy_seed = o->seed,
                         .max_tokens = o->max_tokens,
-                        .eager = o->eager};
+                        .eager = o->eager,
+                        .spec_tokens = o->spec_tokens};
     if (st == DUET_OK) st = mdl_load(model_dir, p->be, &shard, &lo, &p->model);
     if (st == DUET_OK && p->measured) {
         long long total;

@@ -35,6 +35,9 @@ typedef struct par_options {
     mdl_weights_source load_format;
     unsigned long long seed;
     int max_tokens;
+    /* MTP drafts per step (--speculative-config's num_speculative_tokens, 0: off); the model
+     * loads its MTP module. Refused with TP > 1 or EP for now (the drafts run on one rank). */
+    int spec_tokens;
     par_memory mem;
 } par_options;
 

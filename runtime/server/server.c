@@ -605,6 +605,7 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
     ec.n_blocks = s->n_blocks;
     ec.prefix_caching = c->prefix_caching;
     ec.lease_timeout_s = c->lease_timeout_s;
+    ec.spec_tokens = c->spec_tokens;
     ec.on_event = oai_on_engine_event;
     ec.event_user = s->fe;
     if (plugin && plugin->fetch) {

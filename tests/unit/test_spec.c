@@ -1,0 +1,362 @@
+/* MTP speculative decoding on duet-mkmodel --mtp checkpoints, CPU backend. The model: loading
+ * the MTP module (and the clear refusals: no MTP layer, too many drafts), and the module's own
+ * KV cache kept in step (drafts made step by step equal drafts made from scratch). The engine:
+ * greedy output with k = 1, 2, 3 drafts a step equals the output without drafts, token for
+ * token, with the same finish reasons and logprobs, under continuous batching, chunked prefill,
+ * preemption, prefix caching, stop tokens, max_tokens (never overshot) and aborts, once with
+ * the module's own drafts and once with drafts a test oracle steers (mostly right, sometimes
+ * wrong), so that acceptance, partial rejection and the KV rollback all happen; the counters
+ * agree with what was accepted. */
+#include <string.h>
+
+#include "check.h"
+#include "engine/engine.h"
+#include "engine/parallel.h"
+#include "base/log.h"
+#include "mkmodel.h"
+#include "testmodel.h"
+#include "testutil.h"
+
+#define VOCAB 512
+#define NREQ  12
+#define MAXO  64
+
+static char *g_root;
+static char g_mtp_dir[4200], g_plain_dir[4200];
+static par_instance *g_inst;
+
+typedef struct rec {
+    int32_t prompt[80];
+    int n_prompt;
+    int32_t out[MAXO];
+    float lp[MAXO];
+    int n_out, n_final;
+    eng_finish finish;
+    /* oracle drafts: the reference output of the same scenario, or NULL for the module's */
+    const int32_t *ref;
+    int n_ref, id;
+} rec;
+
+static rec R[NREQ], REF[NREQ];
+static int32_t g_stop[NREQ]; /* the stops scenario's stop token per request, or -1 */
+
+static void on_event(void *user, const eng_event *ev) {
+    (void)user;
+    rec *r = &R[ev->id];
+    for (int i = 0; i < ev->n_tokens && r->n_out < MAXO; i++) {
+        r->lp[r->n_out] = ev->logprobs ? ev->logprobs[i].logprob : 0.0f;
+        r->out[r->n_out++] = ev->tokens[i];
+    }
+    if (ev->finish) {
+        r->n_final++;
+        r->finish = ev->finish;
+    }
+}
+
+/* Drafts mostly right (the reference's next tokens), one in five wrong. */
+static void on_draft(void *user, int n_output, int32_t *draft, int n_draft) {
+    rec *r = user;
+    if (!r->ref) return;
+    for (int j = 0; j < n_draft; j++) {
+        int idx = n_output + j;
+        int32_t right = idx < r->n_ref ? r->ref[idx] : 0;
+        bool ok = (r->id * 7 + idx * 13 + j) % 5 != 0;
+        draft[j] = ok ? right : (right + 1) % VOCAB;
+    }
+}
+
+typedef struct scenario {
+    const char *name;
+    int chunk, block_size, n_blocks;
+    bool prefix, shared_prefix, stops;
+    int every; /* request i arrives at step every * i */
+} scenario;
+
+static void make_prompts(const scenario *sc) {
+    for (int i = 0; i < NREQ; i++) {
+        rec *r = &R[i];
+        memset(r, 0, sizeof *r);
+        r->id = i;
+        r->n_prompt = 3 + (i * 7) % 37;
+        tm_prompt(r->prompt, r->n_prompt, VOCAB, 100u + (uint32_t)i);
+        if (sc->shared_prefix && r->n_prompt > 20) /* the first 20 tokens shared by many */
+            tm_prompt(r->prompt, 20, VOCAB, 99u);
+    }
+}
+
+/* Runs the scenario with k drafts a step (oracle: steered drafts); outputs in R. */
+static eng_stats run(const scenario *sc, int k, bool oracle, bool abort_some) {
+    make_prompts(sc);
+    eng_config c;
+    eng_config_default(&c);
+    c.max_num_batched_tokens = sc->chunk;
+    c.block_size = sc->block_size;
+    c.n_blocks = sc->n_blocks;
+    c.max_model_len = 256;
+    c.max_num_seqs = 8;
+    c.prefix_caching = sc->prefix;
+    c.on_event = on_event;
+    c.spec_tokens = k;
+    eng_engine *e = NULL;
+    eng_stats st = {0};
+    CHECK(eng_create(&c, g_inst, NULL, &e) == DUET_OK);
+    if (!e) return st;
+    int next = 0;
+    for (int step = 0; step < 5000; step++) {
+        while (next < NREQ && step == sc->every * next) {
+            rec *r = &R[next];
+            eng_request q = {.id = (uint64_t)next, .prompt = r->prompt, .n_prompt = r->n_prompt};
+            eng_sampling_default(&q.sampling);
+            q.sampling.smp.temperature = 0;
+            q.sampling.ignore_eos = true;
+            /* 1..k+1 and longer: the last verify must stop exactly at max_tokens */
+            q.sampling.max_tokens = next < 4 ? next + 1 : 8 + (next * 5) % 17;
+            q.sampling.logprobs = next % 2 ? 2 : -1;
+            if (sc->stops && g_stop[next] >= 0)
+                q.sampling.stop_ids[q.sampling.n_stop_ids++] = g_stop[next];
+            if (oracle) {
+                r->ref = REF[next].out;
+                r->n_ref = REF[next].n_out;
+            }
+            q.user = r;
+            q.on_draft = on_draft;
+            char err[256];
+            CHECK_MSG(eng_submit(e, &q, err, sizeof err) == DUET_OK, "%s", err);
+            next++;
+        }
+        if (abort_some && step == 9) {
+            eng_abort(e, 2);
+            eng_abort(e, 7);
+        }
+        bool busy;
+        CHECK(eng_step(e, &busy) == DUET_OK);
+        eng_get_stats(e, &st);
+        if (next == NREQ && st.n_running == 0 && st.n_waiting == 0) break;
+    }
+    eng_get_stats(e, &st);
+    CHECK_MSG(st.n_free_blocks == st.n_blocks && st.n_running == 0 && st.n_waiting == 0,
+              "%s k=%d: %d of %d blocks free, %d running", sc->name, k, st.n_free_blocks,
+              st.n_blocks, st.n_running);
+    eng_destroy(e);
+    return st;
+}
+
+static void compare(const scenario *sc, int k, bool oracle, bool aborted) {
+    for (int i = 0; i < NREQ; i++) {
+        rec *a = &R[i], *b = &REF[i];
+        CHECK_MSG(a->n_final == 1, "%s k=%d: request %d had %d final events", sc->name, k, i,
+                  a->n_final);
+        if (aborted && (i == 2 || i == 7)) continue; /* cut at a step that depends on k */
+        CHECK_MSG(a->n_out == b->n_out && !memcmp(a->out, b->out, (size_t)b->n_out * 4),
+                  "%s k=%d%s: request %d: %d tokens vs %d without drafts, or others", sc->name, k,
+                  oracle ? " (oracle)" : "", i, a->n_out, b->n_out);
+        CHECK_MSG(a->finish == b->finish, "%s k=%d: request %d finish %d vs %d", sc->name, k, i,
+                  a->finish, b->finish);
+        for (int j = 0; j < a->n_out && j < b->n_out; j++)
+            CHECK_MSG(fabsf(a->lp[j] - b->lp[j]) < 1e-3f, "%s k=%d: request %d logprob %d: %g vs %g",
+                      sc->name, k, i, j, a->lp[j], b->lp[j]);
+    }
+}
+
+static void check_counters(const scenario *sc, int k, bool oracle, const eng_stats *st) {
+    uint64_t per = 0;
+    for (int j = 0; j < MDL_MAX_DRAFT; j++) {
+        per += st->spec_accepted_per_pos[j];
+        if (j > 0)
+            CHECK(st->spec_accepted_per_pos[j] <= st->spec_accepted_per_pos[j - 1]);
+        if (j >= k) CHECK(st->spec_accepted_per_pos[j] == 0);
+    }
+    CHECK_MSG(per == st->spec_accepted, "%s k=%d: per-position sum %llu vs %llu accepted",
+              sc->name, k, (unsigned long long)per, (unsigned long long)st->spec_accepted);
+    CHECK(st->spec_accepted <= st->spec_draft_tokens);
+    CHECK(st->spec_draft_tokens <= (uint64_t)k * st->spec_drafts);
+    CHECK_MSG(st->spec_drafts > 0, "%s k=%d: nothing was drafted", sc->name, k);
+    if (oracle) {
+        /* steered: many drafts stand (four in five are right, but one wrong voids the rest of
+         * its step's), some do not */
+        CHECK_MSG(st->spec_accepted * 10 > st->spec_draft_tokens * 4 &&
+                      st->spec_accepted < st->spec_draft_tokens,
+                  "%s k=%d: %llu of %llu oracle drafts accepted", sc->name, k,
+                  (unsigned long long)st->spec_accepted,
+                  (unsigned long long)st->spec_draft_tokens);
+        /* fewer steps than tokens: drafts were turned into output */
+        CHECK_MSG(st->n_steps < st->generation_tokens, "%s k=%d: %llu steps for %llu tokens",
+                  sc->name, k, (unsigned long long)st->n_steps,
+                  (unsigned long long)st->generation_tokens);
+    }
+}
+
+/* The reference without drafts, then oracle drafts for k = 1..3 and the module's own drafts
+ * for k = k_own (the scenarios take turns, to keep the test short). */
+static void scenario_all(const scenario *sc, int k_own, bool abort_some) {
+    if (sc->stops) {
+        /* a token the last reference (same prompts) makes somewhere in the middle */
+        for (int i = 0; i < NREQ; i++)
+            g_stop[i] = REF[i].n_out > 6 ? REF[i].out[REF[i].n_out / 2] : -1;
+    }
+    eng_stats ref = run(sc, 0, false, abort_some);
+    CHECK(ref.spec_drafts == 0 && ref.spec_draft_tokens == 0);
+    memcpy(REF, R, sizeof R);
+    for (int k = 1; k <= MDL_MAX_DRAFT; k++) {
+        for (int oracle = k == k_own ? 0 : 1; oracle < 2; oracle++) {
+            eng_stats st = run(sc, k, oracle, abort_some);
+            compare(sc, k, oracle, abort_some);
+            check_counters(sc, k, oracle, &st);
+            if (!strcmp(sc->name, "preemption"))
+                CHECK_MSG(st.n_preemptions > 0, "k=%d: no preemption with %d blocks", k,
+                          sc->n_blocks);
+        }
+    }
+}
+
+/* ---- the model: loading, refusals, the module's own cache ---- */
+
+static duet_status load(const char *dir, int spec, mdl_model **m_p, be_backend **be_p,
+                        char **log_p) {
+    CHECK(be_create("cpu", 0, be_p) == DUET_OK);
+    mdl_shard shard = {.tp_rank = 0, .tp_size = 1, .ep_rank = 0, .ep_size = 1};
+    mdl_load_opts lo = {.source = MDL_WEIGHTS_CHECKPOINT, .max_tokens = 128, .spec_tokens = spec};
+    tu_capture_begin();
+    duet_status st = mdl_load(dir, *be_p, &shard, &lo, m_p);
+    char *log = tu_capture_end();
+    if (log_p)
+        *log_p = log;
+    else
+        free(log);
+    return st;
+}
+
+static void refusals(void) {
+    mdl_model *m = NULL;
+    be_backend *be = NULL;
+    char *log = NULL;
+    CHECK(load(g_plain_dir, 1, &m, &be, &log) == DUET_ERR_UNSUPPORTED);
+    CHECK_MSG(strstr(log, "has no MTP layer (num_nextn_predict_layers is 0)") &&
+                  tu_count_lines(log) == 1,
+              "no-MTP refusal said: %s", log);
+    free(log);
+    be_destroy(be);
+    CHECK(load(g_mtp_dir, 4, &m, &be, &log) == DUET_ERR_INVALID);
+    CHECK_MSG(strstr(log, "MTP drafts 1..3") != NULL, "k=4 refusal said: %s", log);
+    free(log);
+    be_destroy(be);
+}
+
+/* Drafts made step by step (the module's cache filled as a sequence grows, with rejected
+ * positions overwritten) equal drafts made in one go from the whole sequence. */
+static void module_cache(void) {
+    mdl_model *m = NULL;
+    be_backend *be = NULL;
+    if (load(g_mtp_dir, 3, &m, &be, NULL) != DUET_OK) {
+        CHECK(0);
+        be_destroy(be);
+        return;
+    }
+    CHECK(mdl_spec_tokens(m) == 3);
+    enum { N = 40, BS = 16, NB = 4 };
+    int32_t seq[N + 1], table[NB] = {3, 1, 0, 2};
+    tm_prompt(seq, N + 1, VOCAB, 4242u);
+    be_kv *kv = NULL, *kv2 = NULL;
+    CHECK(mdl_kv_create(m, NB + 1, BS, &kv) == DUET_OK);
+    CHECK(mdl_kv_create(m, NB + 1, BS, &kv2) == DUET_OK);
+    /* incremental: a prompt of 10, then 1 or 3 tokens a step; drafts (3) after each */
+    int n = 10, mism = 0, checks = 0, pos = 0;
+    while (kv && kv2 && n <= N) {
+        mdl_seq s = {.tokens = seq + pos,
+                     .n_tokens = n - pos,
+                     .pos0 = pos,
+                     .block_table = table,
+                     .n_blocks = NB,
+                     .n_logits = 1};
+        CHECK(mdl_forward(m, kv, &s, 1, NULL) == DUET_OK);
+        int32_t d[MDL_MAX_DRAFT] = {0};
+        mdl_draft_seq q = {.tokens = seq + pos + 1,
+                           .n_tokens = n - pos,
+                           .pos0 = pos,
+                           .hid0 = 0,
+                           .block_table = table,
+                           .n_blocks = NB,
+                           .n_draft = n + 3 <= NB * BS ? 3 : 1};
+        CHECK(mdl_draft(m, kv, &q, 1, d) == DUET_OK);
+        /* from scratch on a fresh cache: the whole sequence, then the module over it */
+        mdl_seq s2 = {.tokens = seq, .n_tokens = n, .block_table = table, .n_blocks = NB};
+        CHECK(mdl_forward(m, kv2, &s2, 1, NULL) == DUET_OK);
+        int32_t d2[MDL_MAX_DRAFT] = {0};
+        mdl_draft_seq q2 = q;
+        q2.tokens = seq + 1;
+        q2.n_tokens = n;
+        q2.pos0 = 0;
+        CHECK(mdl_draft(m, kv2, &q2, 1, d2) == DUET_OK);
+        for (int j = 0; j < q.n_draft; j++, checks++) mism += d[j] != d2[j];
+        pos = n;
+        n += n % 2 ? 3 : 1;
+    }
+    CHECK_MSG(checks > 20 && mism == 0, "%d of %d drafts differ from the from-scratch ones",
+              mism, checks);
+    /* bad input: rows beyond the last forward */
+    int32_t d[MDL_MAX_DRAFT];
+    mdl_draft_seq bad = {.tokens = seq, .n_tokens = 5, .hid0 = 1000, .block_table = table,
+                         .n_blocks = NB};
+    CHECK(mdl_draft(m, kv, &bad, 1, d) == DUET_ERR_INVALID);
+    mdl_kv_destroy(m, kv);
+    mdl_kv_destroy(m, kv2);
+    mdl_destroy(m);
+    be_destroy(be);
+}
+
+static int make_models(void) {
+    for (int mtp = 0; mtp < 2; mtp++) {
+        mk_spec s;
+        mk_preset("tiny", &s);
+        s.cfg.vocab_size = VOCAB;
+        s.cfg.n_routed_experts = 8;
+        s.cfg.moe_intermediate_size = 64;
+        s.cfg.num_nextn_predict_layers = mtp;
+        s.seed = 11;
+        mk_spec_fit(&s);
+        const char *dir = mtp ? g_mtp_dir : g_plain_dir;
+        duet_status st = mk_write(&s, dir);
+        CHECK_MSG(st == DUET_OK, "writing %s: %s", dir, duet_strerror(st));
+        if (st != DUET_OK) return -1;
+    }
+    return 0;
+}
+
+int main(void) {
+    g_root = tu_mkdtemp("spec");
+    if (!g_root) return 1;
+    snprintf(g_mtp_dir, sizeof g_mtp_dir, "%s/mtp", g_root);
+    snprintf(g_plain_dir, sizeof g_plain_dir, "%s/plain", g_root);
+    log_set_level(LOG_LEVEL_WARN);
+    if (make_models() != 0) return 1;
+    refusals();
+    module_cache();
+
+    par_options po;
+    par_options_init(&po);
+    po.spec_tokens = 3;
+    int argc = 0;
+    char **argv = NULL;
+    if (par_instance_create(&po, g_mtp_dir, &argc, &argv, &g_inst) != DUET_OK) return 1;
+    /* the engine may not ask for more drafts than the module was loaded for */
+    eng_config c;
+    eng_config_default(&c);
+    c.spec_tokens = 4;
+    eng_engine *e = NULL;
+    CHECK(eng_create(&c, g_inst, NULL, &e) == DUET_ERR_INVALID && !e);
+
+    const scenario scs[] = {
+        {"batched", 4096, 16, 256, true, false, false, 0},
+        {"chunked", 7, 16, 256, true, false, false, 2},
+        {"stops", 4096, 16, 256, false, false, true, 1}, /* after "batched": its outputs */
+        {"preemption", 48, 16, 8, true, false, false, 0},
+        {"prefix", 64, 8, 256, true, true, false, 3},
+    };
+    for (int i = 0; i < (int)(sizeof scs / sizeof scs[0]); i++)
+        scenario_all(&scs[i], 1 + i % MDL_MAX_DRAFT, false);
+    scenario_all(&scs[0], 2, true);
+    par_instance_destroy(g_inst);
+    tu_rmtree(g_root);
+    free(g_root);
+    CHECK_DONE();
+}
