@@ -1154,13 +1154,20 @@ static duet_status host_rows(eng_engine *e, int n) {
 
 /* r's MTP work after the step (i its place in it, pos0 where its tokens began): the module
  * over the positions whose KV the step kept, and drafts when r just got a token it can
- * follow with more (greedy without penalties, room under max_tokens and the context). */
+ * follow with more (no penalties, room under max_tokens and the context).
+ *
+ * Acceptance is exact match against the target's own draw for each row, greedy or not. For
+ * the module's one-hot draft d this is rejection sampling: d stands with probability p(d),
+ * and after a rejection the token is p's draw given it is not d, i.e. from (p - q)+
+ * renormalized. Each emitted token is the draw of its own output index (Philox counter), so
+ * the output is the target's distribution, and with a seed the same tokens as without MTP.
+ * Penalties would need the drafts in the counts of the rows after them: those requests do not
+ * draft. */
 static void spec_add(eng_engine *e, ereq *r, int i, int pos0) {
     int k = spec_k(e->spec), n_out = r->n_tokens - r->n_prompt;
     int nd = 0;
     bool sampled = e->sample_at[i] >= 0;
-    if (sampled && r->sp.smp.temperature == 0.0f && !has_penalties(&r->sp.smp) &&
-        r->role != ENG_KV_LEASE) {
+    if (sampled && !has_penalties(&r->sp.smp) && r->role != ENG_KV_LEASE) {
         nd = k;
         if (nd > r->max_tokens - n_out - 1) nd = r->max_tokens - n_out - 1;
         if (nd > e->cfg.max_model_len - r->n_tokens - 1)

@@ -108,6 +108,13 @@ static eng_stats run(const scenario *sc, int k, bool oracle, bool abort_some) {
             eng_request q = {.id = (uint64_t)next, .prompt = r->prompt, .n_prompt = r->n_prompt};
             eng_sampling_default(&q.sampling);
             q.sampling.smp.temperature = 0;
+            if (next % 3 == 1) {
+                /* sampled, seeded: the same tokens with and without drafts */
+                q.sampling.smp.temperature = 0.8f;
+                q.sampling.smp.top_k = 20;
+                q.sampling.seed = 1000u + (uint64_t)next;
+                q.sampling.has_seed = true;
+            }
             q.sampling.ignore_eos = true;
             /* 1..k+1 and longer: the last verify must stop exactly at max_tokens */
             q.sampling.max_tokens = next < 4 ? next + 1 : 8 + (next * 5) % 17;
@@ -153,8 +160,9 @@ static void compare(const scenario *sc, int k, bool oracle, bool aborted) {
         CHECK_MSG(a->finish == b->finish, "%s k=%d: request %d finish %d vs %d", sc->name, k, i,
                   a->finish, b->finish);
         for (int j = 0; j < a->n_out && j < b->n_out; j++)
-            CHECK_MSG(fabsf(a->lp[j] - b->lp[j]) < 1e-3f, "%s k=%d: request %d logprob %d: %g vs %g",
-                      sc->name, k, i, j, a->lp[j], b->lp[j]);
+            CHECK_MSG(fabsf(a->lp[j] - b->lp[j]) < 1e-3f,
+                      "%s k=%d: request %d logprob %d: %g vs %g", sc->name, k, i, j, a->lp[j],
+                      b->lp[j]);
     }
 }
 
@@ -162,12 +170,11 @@ static void check_counters(const scenario *sc, int k, bool oracle, const eng_sta
     uint64_t per = 0;
     for (int j = 0; j < MDL_MAX_DRAFT; j++) {
         per += st->spec_accepted_per_pos[j];
-        if (j > 0)
-            CHECK(st->spec_accepted_per_pos[j] <= st->spec_accepted_per_pos[j - 1]);
+        if (j > 0) CHECK(st->spec_accepted_per_pos[j] <= st->spec_accepted_per_pos[j - 1]);
         if (j >= k) CHECK(st->spec_accepted_per_pos[j] == 0);
     }
-    CHECK_MSG(per == st->spec_accepted, "%s k=%d: per-position sum %llu vs %llu accepted",
-              sc->name, k, (unsigned long long)per, (unsigned long long)st->spec_accepted);
+    CHECK_MSG(per == st->spec_accepted, "%s k=%d: per-position sum %llu vs %llu accepted", sc->name,
+              k, (unsigned long long)per, (unsigned long long)st->spec_accepted);
     CHECK(st->spec_accepted <= st->spec_draft_tokens);
     CHECK(st->spec_draft_tokens <= (uint64_t)k * st->spec_drafts);
     CHECK_MSG(st->spec_drafts > 0, "%s k=%d: nothing was drafted", sc->name, k);
@@ -177,8 +184,7 @@ static void check_counters(const scenario *sc, int k, bool oracle, const eng_sta
         CHECK_MSG(st->spec_accepted * 10 > st->spec_draft_tokens * 4 &&
                       st->spec_accepted < st->spec_draft_tokens,
                   "%s k=%d: %llu of %llu oracle drafts accepted", sc->name, k,
-                  (unsigned long long)st->spec_accepted,
-                  (unsigned long long)st->spec_draft_tokens);
+                  (unsigned long long)st->spec_accepted, (unsigned long long)st->spec_draft_tokens);
         /* fewer steps than tokens: drafts were turned into output */
         CHECK_MSG(st->n_steps < st->generation_tokens, "%s k=%d: %llu steps for %llu tokens",
                   sc->name, k, (unsigned long long)st->n_steps,
@@ -207,6 +213,173 @@ static void scenario_all(const scenario *sc, int k_own, bool abort_some) {
                           sc->n_blocks);
         }
     }
+}
+
+/* ---- temperature > 0: the output distribution is the target's ---- */
+
+#define CHI_N  2000
+#define CHI_TK 4
+
+static int32_t g_chi_out[CHI_N][3];
+static int32_t g_chi_top[CHI_TK];  /* the first token's top-k */
+static int32_t g_chi_best[CHI_TK]; /* the likeliest second token after each */
+static int g_chi_drafts, g_chi_n_out[CHI_N];
+
+static void chi_event(void *user, const eng_event *ev) {
+    (void)user;
+    for (int i = 0; i < ev->n_tokens; i++)
+        if (g_chi_n_out[ev->id] < 3) g_chi_out[ev->id][g_chi_n_out[ev->id]++] = ev->tokens[i];
+}
+
+/* The draft after the first token: the likeliest second token, so drafts stand often. */
+static void chi_draft(void *user, int n_output, int32_t *draft, int n_draft) {
+    const int32_t *first = user;
+    (void)n_output;
+    for (int t = 0; t < CHI_TK; t++)
+        if (first && *first == g_chi_top[t] && n_draft > 0) draft[0] = g_chi_best[t];
+    g_chi_drafts++;
+}
+
+/* The k largest of row[V] (indices, descending) and their softmax at temperature 1. */
+static void top_probs(const float *row, int V, int32_t *idx, double *p) {
+    for (int t = 0; t < CHI_TK; t++) {
+        int best = -1;
+        for (int v = 0; v < V; v++) {
+            bool taken = false;
+            for (int u = 0; u < t; u++) taken |= idx[u] == v;
+            if (!taken && (best < 0 || row[v] > row[best])) best = v;
+        }
+        idx[t] = best;
+    }
+    double z = 0;
+    for (int t = 0; t < CHI_TK; t++) z += exp((double)row[idx[t]] - row[idx[0]]);
+    for (int t = 0; t < CHI_TK; t++) p[t] = exp((double)row[idx[t]] - row[idx[0]]) / z;
+}
+
+/* CHI_N seeded requests (temperature 1, top-k 4, 3 tokens, one draft a step, steered to the
+ * likeliest second token): the triples of output tokens against the target's exact joint
+ * distribution, computed from its logits without MTP. The third token is the one the rule
+ * decides: drawn after the draft, it stands only if the draft was the target's own draw. */
+static void chi_square(void) {
+    enum { P = 9 };
+    int32_t prompt[P + 2];
+    tm_prompt(prompt, P, VOCAB, 777u);
+    tm_model tm;
+    if (tm_load(g_mtp_dir, MDL_WEIGHTS_CHECKPOINT, 0, &tm) != DUET_OK) {
+        CHECK(0);
+        return;
+    }
+    float *rows = malloc((size_t)(P + 2) * VOCAB * sizeof(float));
+    double p0[CHI_TK], p1[CHI_TK][CHI_TK], p2[CHI_TK][CHI_TK][CHI_TK];
+    int32_t second[CHI_TK][CHI_TK], third[CHI_TK][CHI_TK][CHI_TK];
+    CHECK(tm_prefill(&tm, prompt, P, rows) == DUET_OK);
+    top_probs(rows + (size_t)(P - 1) * VOCAB, VOCAB, g_chi_top, p0);
+    for (int t = 0; t < CHI_TK; t++) {
+        prompt[P] = g_chi_top[t];
+        CHECK(tm_prefill(&tm, prompt, P + 1, rows) == DUET_OK);
+        top_probs(rows + (size_t)P * VOCAB, VOCAB, second[t], p1[t]);
+        g_chi_best[t] = second[t][0];
+        for (int u = 0; u < CHI_TK; u++) {
+            prompt[P + 1] = second[t][u];
+            CHECK(tm_prefill(&tm, prompt, P + 2, rows) == DUET_OK);
+            top_probs(rows + (size_t)(P + 1) * VOCAB, VOCAB, third[t][u], p2[t][u]);
+        }
+    }
+    tm_unload(&tm);
+    free(rows);
+
+    eng_config c;
+    eng_config_default(&c);
+    c.block_size = 16;
+    c.n_blocks = 512;
+    c.max_model_len = 64;
+    c.max_num_seqs = 64;
+    c.on_event = chi_event;
+    c.spec_tokens = 1;
+    eng_engine *e = NULL;
+    CHECK(eng_create(&c, g_inst, NULL, &e) == DUET_OK);
+    if (!e) return;
+    memset(g_chi_n_out, 0, sizeof g_chi_n_out);
+    g_chi_drafts = 0;
+    int next = 0;
+    for (int step = 0; step < 100000; step++) {
+        eng_stats st;
+        eng_get_stats(e, &st);
+        while (next < CHI_N && st.n_running + st.n_waiting < 64) {
+            eng_request q = {.id = (uint64_t)next, .prompt = prompt, .n_prompt = P};
+            eng_sampling_default(&q.sampling);
+            q.sampling.smp.temperature = 1.0f;
+            q.sampling.smp.top_k = CHI_TK;
+            q.sampling.max_tokens = 3;
+            q.sampling.ignore_eos = true;
+            q.sampling.seed = 5000u + (uint64_t)next;
+            q.sampling.has_seed = true;
+            q.on_draft = chi_draft;
+            q.user = &g_chi_out[next][0];
+            char err[256];
+            CHECK_MSG(eng_submit(e, &q, err, sizeof err) == DUET_OK, "%s", err);
+            next++;
+            st.n_waiting++;
+        }
+        bool busy;
+        CHECK(eng_step(e, &busy) == DUET_OK);
+        eng_get_stats(e, &st);
+        if (next == CHI_N && st.n_running == 0 && st.n_waiting == 0) break;
+    }
+    eng_stats st;
+    eng_get_stats(e, &st);
+    eng_destroy(e);
+    /* observed triples against the joint; triples outside the top-k never come */
+    double chi = 0;
+    int bins = 0, outside = 0;
+    static int cnt[CHI_TK][CHI_TK][CHI_TK];
+    memset(cnt, 0, sizeof cnt);
+    for (int i = 0; i < CHI_N; i++) {
+        int a = -1, b = -1, d = -1;
+        for (int t = 0; t < CHI_TK; t++)
+            if (g_chi_out[i][0] == g_chi_top[t]) a = t;
+        for (int t = 0; a >= 0 && t < CHI_TK; t++)
+            if (g_chi_out[i][1] == second[a][t]) b = t;
+        for (int t = 0; b >= 0 && t < CHI_TK; t++)
+            if (g_chi_out[i][2] == third[a][b][t]) d = t;
+        if (d < 0 || g_chi_n_out[i] != 3) {
+            outside++;
+            continue;
+        }
+        cnt[a][b][d]++;
+    }
+    double pooled_e = 0, pooled_o = 0;
+    for (int a = 0; a < CHI_TK; a++) {
+        for (int b = 0; b < CHI_TK; b++) {
+            for (int d = 0; d < CHI_TK; d++) {
+                double ex = CHI_N * p0[a] * p1[a][b] * p2[a][b][d];
+                if (ex < 5) { /* small bins pooled into one */
+                    pooled_e += ex;
+                    pooled_o += cnt[a][b][d];
+                    continue;
+                }
+                chi += pow(cnt[a][b][d] - ex, 2) / ex;
+                bins++;
+            }
+        }
+    }
+    if (pooled_e > 0) {
+        chi += pow(pooled_o - pooled_e, 2) / pooled_e;
+        bins++;
+    }
+    int dof = bins - 1;
+    /* the 0.999 quantile of chi-square with dof degrees of freedom (Wilson-Hilferty) */
+    double h = 2.0 / (9.0 * dof), crit = dof * pow(1 - h + 3.09 * sqrt(h), 3);
+    CHECK_MSG(outside == 0, "%d requests left the top-%d support or the 3 tokens", outside, CHI_TK);
+    CHECK_MSG(chi < crit, "chi-square %.2f over %d bins (0.999 quantile %.2f)", chi, bins, crit);
+    /* the path under test ran: drafts were verified and many stood */
+    CHECK_MSG(st.spec_draft_tokens > CHI_N / 2 && st.spec_accepted > st.spec_draft_tokens / 5 &&
+                  st.spec_accepted < st.spec_draft_tokens,
+              "%llu of %llu drafts accepted", (unsigned long long)st.spec_accepted,
+              (unsigned long long)st.spec_draft_tokens);
+    printf("chi-square %.2f over %d bins (0.999 quantile %.2f); %llu of %llu drafts accepted\n",
+           chi, bins, crit, (unsigned long long)st.spec_accepted,
+           (unsigned long long)st.spec_draft_tokens);
 }
 
 /* ---- the model: loading, refusals, the module's own cache ---- */
@@ -291,12 +464,12 @@ static void module_cache(void) {
         pos = n;
         n += n % 2 ? 3 : 1;
     }
-    CHECK_MSG(checks > 20 && mism == 0, "%d of %d drafts differ from the from-scratch ones",
-              mism, checks);
+    CHECK_MSG(checks > 20 && mism == 0, "%d of %d drafts differ from the from-scratch ones", mism,
+              checks);
     /* bad input: rows beyond the last forward */
     int32_t d[MDL_MAX_DRAFT];
-    mdl_draft_seq bad = {.tokens = seq, .n_tokens = 5, .hid0 = 1000, .block_table = table,
-                         .n_blocks = NB};
+    mdl_draft_seq bad = {
+        .tokens = seq, .n_tokens = 5, .hid0 = 1000, .block_table = table, .n_blocks = NB};
     CHECK(mdl_draft(m, kv, &bad, 1, d) == DUET_ERR_INVALID);
     mdl_kv_destroy(m, kv);
     mdl_kv_destroy(m, kv2);
@@ -322,7 +495,9 @@ static int make_models(void) {
     return 0;
 }
 
-int main(void) {
+/* argument "chi": the chi-square test alone */
+int main(int argc_, char **argv_) {
+    bool chi_only = argc_ > 1 && !strcmp(argv_[1], "chi");
     g_root = tu_mkdtemp("spec");
     if (!g_root) return 1;
     snprintf(g_mtp_dir, sizeof g_mtp_dir, "%s/mtp", g_root);
@@ -352,9 +527,10 @@ int main(void) {
         {"preemption", 48, 16, 8, true, false, false, 0},
         {"prefix", 64, 8, 256, true, true, false, 3},
     };
-    for (int i = 0; i < (int)(sizeof scs / sizeof scs[0]); i++)
+    for (int i = 0; !chi_only && i < (int)(sizeof scs / sizeof scs[0]); i++)
         scenario_all(&scs[i], 1 + i % MDL_MAX_DRAFT, false);
-    scenario_all(&scs[0], 2, true);
+    if (!chi_only) scenario_all(&scs[0], 2, true);
+    chi_square();
     par_instance_destroy(g_inst);
     tu_rmtree(g_root);
     free(g_root);
