@@ -384,6 +384,8 @@ duet_status mdl_weights_load_mtp(const char *dir, const cfg_model *c, const mdl_
     if (!t) return DUET_ERR_NO_MEMORY;
     loader ld = {
         .c = c, .dir = dir, .plan = plan, .source = source, .dummy_seed = dummy_seed, .be = w->be};
+    /* the memory plan does not count the module: no periodic progress lines, one at the end */
+    ld.prog.interval = 1e30;
     duet_status st = DUET_OK;
     if (source == MDL_WEIGHTS_CHECKPOINT) st = st_open_dir(dir, &ld.st);
     int D = c->hidden_size, V = c->vocab_size, l = c->num_hidden_layers;

@@ -852,8 +852,10 @@ int srv_config_parse(srv_config *c, int argc, char **argv, srv_role role,
         /* the drafts run on the TP leader only and outside EP's collectives (issue 17) */
         fprintf(stderr,
                 "%s: --speculative-config: MTP speculative decoding runs with data parallelism "
-                "only for now; %d tensor-parallel ranks%s are not supported with it\n",
-                prog, c->po.tp, c->po.ep ? " and --enable-expert-parallel" : "");
+                "only for now; %s is not supported with it\n",
+                prog,
+                c->po.tp > 1 ? "tensor parallelism (--tensor-parallel-size > 1)"
+                             : "expert parallelism over several ranks (--enable-expert-parallel)");
         return 2;
     }
     c->po.spec_tokens = c->spec_tokens;
