@@ -1352,7 +1352,7 @@ duet_status eng_create(const eng_config *cfg, par_instance *inst, const tok_toke
                   k, mdl_spec_tokens(e->model));
         st = DUET_ERR_INVALID;
     }
-    if (st == DUET_OK && k > 0) st = spec_create(e->model, e->cfg.max_num_seqs, k, &e->spec);
+    if (st == DUET_OK && k > 0) st = spec_create(e->inst, e->cfg.max_num_seqs, k, &e->spec);
     e->drafting = calloc(ms, sizeof *e->drafting);
     if (st == DUET_OK && !e->drafting) st = DUET_ERR_NO_MEMORY;
     /* a verify step samples a row after the last token and after each draft */

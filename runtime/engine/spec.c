@@ -6,7 +6,7 @@
 #include <string.h>
 
 struct spec_engine {
-    mdl_model *m;
+    par_instance *inst;
     int k, cap, n;
     mdl_draft_seq *seqs; /* [cap] */
     spec_req **owner;    /* [cap] */
@@ -14,11 +14,11 @@ struct spec_engine {
     spec_stats stats;
 };
 
-duet_status spec_create(mdl_model *m, int max_seqs, int k, spec_engine **s_p) {
-    if (k < 1 || k > mdl_spec_tokens(m) || max_seqs < 1) return DUET_ERR_INVALID;
+duet_status spec_create(par_instance *inst, int max_seqs, int k, spec_engine **s_p) {
+    if (k < 1 || k > mdl_spec_tokens(par_model(inst)) || max_seqs < 1) return DUET_ERR_INVALID;
     spec_engine *s = calloc(1, sizeof *s);
     if (!s) return DUET_ERR_NO_MEMORY;
-    s->m = m;
+    s->inst = inst;
     s->k = k;
     s->cap = max_seqs;
     s->seqs = calloc((size_t)max_seqs, sizeof *s->seqs);
@@ -76,7 +76,7 @@ void spec_batch_add(spec_engine *s, spec_req *q, const mdl_draft_seq *seq) {
 
 duet_status spec_batch_run(spec_engine *s, be_kv *kv) {
     if (s->n == 0) return DUET_OK;
-    duet_status st = mdl_draft(s->m, kv, s->seqs, s->n, s->drafts);
+    duet_status st = par_draft(s->inst, kv, s->seqs, s->n, s->drafts);
     for (int i = 0; i < s->n; i++) {
         spec_req *q = s->owner[i];
         q->n_draft = st == DUET_OK ? s->seqs[i].n_draft : 0;

@@ -9,6 +9,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "engine/parallel.h"
 #include "model/model.h"
 #include "base/status.h"
 
@@ -28,9 +29,9 @@ typedef struct spec_stats {
 
 typedef struct spec_engine spec_engine;
 
-/* k drafts per step (1 up to the model's mdl_spec_tokens) for up to max_seqs requests a step.
- * m is borrowed. */
-duet_status spec_create(mdl_model *m, int max_seqs, int k, spec_engine **s_p);
+/* k drafts per step (1 up to the model's mdl_spec_tokens) for up to max_seqs requests a step,
+ * run through inst (TP followers take part). inst is borrowed. */
+duet_status spec_create(par_instance *inst, int max_seqs, int k, spec_engine **s_p);
 void spec_destroy(spec_engine *s);
 int spec_k(const spec_engine *s);
 

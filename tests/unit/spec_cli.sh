@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # --speculative-config at start-up: an unknown method, num_speculative_tokens out of range, a
-# layout MTP does not run in yet (exit status 2, one line naming the problem), and a checkpoint
+# layout MTP does not run in yet (EP over several ranks) (exit status 2, one line naming the problem), and a checkpoint
 # without an MTP layer (one error line, non-zero exit, before any weight loads).
 # Usage: spec_cli.sh PATH_TO_duet-decode PATH_TO_duet-mkmodel TOKENIZER_DIR
 set -u
@@ -37,9 +37,7 @@ expect "k = -1" 2 'num_speculative_tokens must be an integer in 0..3' --model "$
     --speculative-config '{"method": "mtp", "num_speculative_tokens": -1}'
 expect "no method" 2 'method is required' --model "$M" \
     --speculative-config '{"num_speculative_tokens": 1}'
-expect "TP 2" 2 'runs with data parallelism only' --model "$M" -tp 2 \
-    --speculative-config '{"method": "mtp", "num_speculative_tokens": 1}'
-expect "DP 2 with EP" 2 'runs with data parallelism only' --model "$M" -dp 2 \
+expect "DP 2 with EP" 2 'does not run with expert parallelism over several ranks' --model "$M" -dp 2 \
     --enable-expert-parallel --speculative-config '{"method": "mtp", "num_speculative_tokens": 1}'
 expect "no MTP layer" 1 'has no MTP layer (num_nextn_predict_layers is 0)' --model "$M" \
     --load-format dummy --port 0 \
