@@ -16,6 +16,7 @@
 #include "mkmodel.h"
 #include "testmodel.h"
 #include "testutil.h"
+#include "text/tokenizer.h"
 
 #define VOCAB 512
 #define NREQ  12
@@ -211,6 +212,107 @@ static void scenario_all(const scenario *sc, int k_own, bool abort_some) {
             if (!strcmp(sc->name, "preemption"))
                 CHECK_MSG(st.n_preemptions > 0, "k=%d: no preemption with %d blocks", k,
                           sc->n_blocks);
+        }
+    }
+}
+
+/* ---- stop strings (argument "text": a checkpoint with DeepSeek's tokenizer) ---- */
+
+typedef struct trec {
+    char text[8192];
+    size_t len;
+    int32_t out[64];
+    int n_out, n_final;
+    eng_finish finish;
+    char stop_reason[64];
+} trec;
+
+static trec T;
+static const int32_t *g_text_ref; /* drafts from this answer (all right), or NULL */
+static int g_text_n_ref;
+
+static void text_draft(void *user, int n_output, int32_t *draft, int n_draft) {
+    (void)user;
+    for (int j = 0; g_text_ref && j < n_draft; j++)
+        if (n_output + j < g_text_n_ref) draft[j] = g_text_ref[n_output + j];
+}
+
+static void text_event(void *user, const eng_event *ev) {
+    (void)user;
+    for (int i = 0; i < ev->n_tokens && T.n_out < 64; i++) T.out[T.n_out++] = ev->tokens[i];
+    if (ev->text_len && T.len + ev->text_len < sizeof T.text) {
+        memcpy(T.text + T.len, ev->text, ev->text_len);
+        T.len += ev->text_len;
+    }
+    if (ev->finish) {
+        T.n_final++;
+        T.finish = ev->finish;
+        snprintf(T.stop_reason, sizeof T.stop_reason, "%s", ev->stop_reason ? ev->stop_reason : "");
+    }
+}
+
+static void run_text(const tok_tokenizer *tok, int k, const char *stop, int max_tokens) {
+    memset(&T, 0, sizeof T);
+    eng_config c;
+    eng_config_default(&c);
+    c.block_size = 16;
+    c.n_blocks = 64;
+    c.max_model_len = 256;
+    c.max_num_seqs = 4;
+    c.on_event = text_event;
+    c.spec_tokens = k;
+    eng_engine *e = NULL;
+    CHECK(eng_create(&c, g_inst, tok, &e) == DUET_OK);
+    if (!e) return;
+    int32_t prompt[12];
+    tm_prompt(prompt, 12, 120000, 31u);
+    eng_request q = {.id = 1, .prompt = prompt, .n_prompt = 12};
+    eng_sampling_default(&q.sampling);
+    q.sampling.smp.temperature = 0;
+    q.sampling.ignore_eos = true;
+    q.sampling.max_tokens = max_tokens;
+    q.on_draft = text_draft;
+    if (stop) q.sampling.stop[q.sampling.n_stop++] = (char *)stop;
+    char err[256];
+    CHECK_MSG(eng_submit(e, &q, err, sizeof err) == DUET_OK, "%s", err);
+    for (int step = 0; step < 500; step++) {
+        bool busy;
+        CHECK(eng_step(e, &busy) == DUET_OK);
+        eng_stats st;
+        eng_get_stats(e, &st);
+        if (st.n_running == 0 && st.n_waiting == 0) break;
+    }
+    eng_destroy(e);
+    CHECK(T.n_final == 1);
+}
+
+/* A stop string from the middle of the answer (its bytes may straddle tokens): with drafts the
+ * answer stops at the same token with the same text as without, with the module's drafts and
+ * with drafts that are all right (so the stop falls inside a run of accepted drafts). */
+static void stop_strings(const tok_tokenizer *tok) {
+    run_text(tok, 0, NULL, 40);
+    trec ref = T;
+    CHECK_MSG(ref.n_out == 40 && ref.len > 8, "reference: %d tokens, %zu bytes", ref.n_out,
+              ref.len);
+    if (ref.len <= 8) return;
+    for (int cut = 0; cut < 3; cut++) {
+        char stop[8] = {0};
+        size_t at = ref.len * (cut + 1) / 4;
+        memcpy(stop, ref.text + at, 3);
+        run_text(tok, 0, stop, 40);
+        trec off = T;
+        CHECK_MSG(off.finish == ENG_FINISH_STOP && !strcmp(off.stop_reason, stop),
+                  "stop '%s' not found without drafts", stop);
+        for (int k = 1; k <= 2 * MDL_MAX_DRAFT; k++) {
+            g_text_ref = k > MDL_MAX_DRAFT ? ref.out : NULL;
+            g_text_n_ref = ref.n_out;
+            run_text(tok, k > MDL_MAX_DRAFT ? k - MDL_MAX_DRAFT : k, stop, 40);
+            g_text_ref = NULL;
+            CHECK_MSG(T.n_out == off.n_out && !memcmp(T.out, off.out, sizeof(int32_t) * T.n_out) &&
+                          T.len == off.len && !memcmp(T.text, off.text, T.len) &&
+                          T.finish == off.finish && !strcmp(T.stop_reason, off.stop_reason),
+                      "k=%d, stop '%s': %d tokens, %zu bytes vs %d, %zu without drafts", k, stop,
+                      T.n_out, T.len, off.n_out, off.len);
         }
     }
 }
@@ -477,6 +579,38 @@ static void module_cache(void) {
     be_destroy(be);
 }
 
+static int main_text(void) {
+    g_root = tu_mkdtemp("spec-text");
+    if (!g_root) return 1;
+    snprintf(g_mtp_dir, sizeof g_mtp_dir, "%s/mtp", g_root);
+    log_set_level(LOG_LEVEL_WARN);
+    mk_spec s;
+    mk_preset("tiny", &s);
+    s.cfg.num_nextn_predict_layers = 1;
+    s.cfg.n_routed_experts = 8;
+    s.cfg.moe_intermediate_size = 64;
+    s.tokenizer_dir = GOLDEN_DIR "/tokenizer";
+    s.seed = 5;
+    mk_spec_fit(&s);
+    duet_status st = mk_write(&s, g_mtp_dir);
+    CHECK_MSG(st == DUET_OK, "writing %s: %s", g_mtp_dir, duet_strerror(st));
+    par_options po;
+    par_options_init(&po);
+    po.spec_tokens = 3;
+    int argc = 0;
+    char **argv = NULL;
+    tok_tokenizer *tok = NULL;
+    if (st != DUET_OK || par_instance_create(&po, g_mtp_dir, &argc, &argv, &g_inst) != DUET_OK ||
+        tok_load(g_mtp_dir, &tok) != DUET_OK)
+        return 1;
+    stop_strings(tok);
+    tok_destroy(tok);
+    par_instance_destroy(g_inst);
+    tu_rmtree(g_root);
+    free(g_root);
+    CHECK_DONE();
+}
+
 static int make_models(void) {
     for (int mtp = 0; mtp < 2; mtp++) {
         mk_spec s;
@@ -495,9 +629,11 @@ static int make_models(void) {
     return 0;
 }
 
-/* argument "chi": the chi-square test alone */
+/* argument "chi": the chi-square test alone; "text": stop strings on a checkpoint with
+ * DeepSeek's tokenizer (a process of its own: one instance per process) */
 int main(int argc_, char **argv_) {
     bool chi_only = argc_ > 1 && !strcmp(argv_[1], "chi");
+    if (argc_ > 1 && !strcmp(argv_[1], "text")) return main_text();
     g_root = tu_mkdtemp("spec");
     if (!g_root) return 1;
     snprintf(g_mtp_dir, sizeof g_mtp_dir, "%s/mtp", g_root);
