@@ -6,7 +6,9 @@
  * preemption, prefix caching, stop tokens, max_tokens (never overshot) and aborts, once with
  * the module's own drafts and once with drafts a test oracle steers (mostly right, sometimes
  * wrong), so that acceptance, partial rejection and the KV rollback all happen; the counters
- * agree with what was accepted. */
+ * agree with what was accepted. Sampled requests (seeded) give the same tokens with drafts, and
+ * a chi-square test over 2000 seeded requests shows the output distribution is the target's.
+ * Argument "text": stop strings on a checkpoint with DeepSeek's tokenizer. */
 #include <string.h>
 
 #include "check.h"
