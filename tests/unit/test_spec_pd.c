@@ -192,10 +192,9 @@ int main(void) {
             eng_get_stats(p.eng, &p0);
             eng_get_stats(d.eng, &d0);
             for (int i = 0; i < NREQ; i++) {
-                rec *r = pd_request(&p, &d, i, prompts[i], lens[i], 12 + i,
-                                    steer ? &ref[i] : NULL);
-                CHECK_MSG(r->n_final == 1 && r->finish == ENG_FINISH_LENGTH, "k=%d %d: %d %s", k,
-                          i, r->finish, r->error);
+                rec *r = pd_request(&p, &d, i, prompts[i], lens[i], 12 + i, steer ? &ref[i] : NULL);
+                CHECK_MSG(r->n_final == 1 && r->finish == ENG_FINISH_LENGTH, "k=%d %d: %d %s", k, i,
+                          r->finish, r->error);
                 if (k == 0) {
                     ref[i] = *r;
                     continue;
