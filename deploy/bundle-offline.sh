@@ -37,6 +37,7 @@ for p in "${progs[@]}"; do
     strip --strip-unneeded "$out/bin/$(basename "$p")"
 done
 install -m 755 tests/gpu/device_check.sh tests/gpu/pd_check.sh tests/gpu/pd_golden.py \
+    tests/gpu/mtp_check.sh \
     tests/integration/rank_failure.sh tools/bench-sweep.sh deploy/launch-2p1d.sh "$out/"
 # the GPU benchmark and its model: DeepSeek-V2-Lite's config.json (weights: --load-format
 # dummy) with the DeepSeek-V3 tokenizer of the goldens (its ids cover V2-Lite's vocabulary)
@@ -44,6 +45,11 @@ install -m 755 tools/bench-gpu.sh "$out/"
 tok=()
 [ -d ../shared/golden/tokenizer ] && tok=(--tokenizer ../shared/golden/tokenizer)
 build-bundle/tools/duet-mkmodel --preset v2-lite --config-only --out "$out/models/v2-lite" \
+    "${tok[@]}" >/dev/null
+# MTP (tests/gpu/mtp_check.sh): a tiny model and a V3-shaped one, each with an MTP layer
+build-bundle/tools/duet-mkmodel --preset tiny --mtp --config-only --out "$out/models/tiny-mtp" \
+    "${tok[@]}" >/dev/null
+build-bundle/tools/duet-mkmodel --preset v3 --mtp --config-only --out "$out/models/v3-mtp" \
     "${tok[@]}" >/dev/null
 # the sweep's report names the commit it measured; there is no git checkout on that host
 git rev-parse --short HEAD >"$out/COMMIT"
