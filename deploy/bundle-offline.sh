@@ -37,8 +37,8 @@ for p in "${progs[@]}"; do
     strip --strip-unneeded "$out/bin/$(basename "$p")"
 done
 install -m 755 tests/gpu/device_check.sh tests/gpu/pd_check.sh tests/gpu/pd_golden.py \
-    tests/gpu/ncu_summary.py tests/integration/rank_failure.sh tools/bench-sweep.sh \
-    deploy/launch-2p1d.sh "$out/"
+    tests/gpu/ncu_summary.py tests/gpu/mtp_check.sh tests/integration/rank_failure.sh \
+    tools/bench-sweep.sh deploy/launch-2p1d.sh "$out/"
 # the GPU benchmark and its model: DeepSeek-V2-Lite's config.json (weights: --load-format
 # dummy) with the DeepSeek-V3 tokenizer of the goldens (its ids cover V2-Lite's vocabulary)
 install -m 755 tools/bench-gpu.sh "$out/"
@@ -55,6 +55,11 @@ build-bundle/tools/duet-mkmodel --preset v3 --config-only --layers 61 --experts 
 # DeepSeek-V3 cut to 12 layers (3 dense + 9 MoE), FP8: the FP8-resident load on one GPU
 build-bundle/tools/duet-mkmodel --preset v3 --layers 12 --first-dense 3 --config-only \
     --out "$out/models/v3-12l" "${tok[@]}" >/dev/null
+# MTP (tests/gpu/mtp_check.sh): a tiny model and a V3-shaped one, each with an MTP layer
+build-bundle/tools/duet-mkmodel --preset tiny --mtp --config-only --out "$out/models/tiny-mtp" \
+    "${tok[@]}" >/dev/null
+build-bundle/tools/duet-mkmodel --preset v3 --mtp --config-only --out "$out/models/v3-mtp" \
+    "${tok[@]}" >/dev/null
 # the sweep's report names the commit it measured; there is no git checkout on that host
 git rev-parse --short HEAD >"$out/COMMIT"
 

@@ -63,7 +63,7 @@ int main(int argc, char **argv) {
     double freq = sp.smp.frequency_penalty;
     int max_tokens = 256, min_tokens = 0, top_k = sp.smp.top_k;
     opt_list stops = {0};
-    int max_model_len = 4096, block_size = 64, n_blocks = 512;
+    int max_model_len = 4096, block_size = 64, n_blocks = 512, spec_tokens = 0;
     const opt_spec specs[] = {
         {.name = "--model",
          .type = OPT_STRING,
@@ -141,6 +141,13 @@ int main(int argc, char **argv) {
          .min = 1,
          .max = 1 << 24,
          .def = "512"},
+        {.name = "--num-speculative-tokens",
+         .type = OPT_INT,
+         .dest = &spec_tokens,
+         .min = 0,
+         .max = MDL_MAX_DRAFT,
+         .def = "0",
+         .help = "MTP speculative decoding: drafts per step (the checkpoint's MTP module)"},
     };
     opt_parser *op;
     if (opt_parser_create("duet-run",
@@ -180,6 +187,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     if (logprobs) sp.logprobs = 0;
+    po.spec_tokens = spec_tokens;
 
     par_instance *inst;
     if (par_instance_create(&po, model, &argc, &argv, &inst) != DUET_OK) return 1;
@@ -216,6 +224,7 @@ int main(int argc, char **argv) {
     ec.n_blocks = n_blocks;
     ec.on_event = on_event;
     ec.event_user = &rs;
+    ec.spec_tokens = spec_tokens;
     eng_engine *eng = NULL;
     if (eng_create(&ec, inst, tok, &eng) != DUET_OK) {
         rc = 1;

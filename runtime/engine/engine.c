@@ -21,6 +21,7 @@
 #include "engine/kv_pool.h"
 #include "base/log.h"
 #include "engine/parallel.h"
+#include "engine/spec.h"
 #include "text/tokenizer.h"
 
 typedef enum req_state {
@@ -52,6 +53,7 @@ struct ereq {
     uint64_t fork_of; /* ENG_KV_FORK */
     void (*on_logits)(void *user, int pos, const float *row, int V);
     void (*on_kv_ready)(void *user, const int32_t *blocks, int n_blocks);
+    void (*on_draft)(void *user, int n_output, int32_t *draft, int n_draft);
     req_state state;
     ereq *prev, *next; /* in its queue */
     ereq *hnext;       /* id hash chain */
@@ -66,6 +68,8 @@ struct ereq {
     int n_cached_tokens;
     int prefix_queries, prefix_hits; /* of the last match_prefix, counted when admitted */
     int n_sched;                     /* tokens scheduled in the current step */
+    int n_spec;                      /* of which MTP drafts to verify (after its last token) */
+    spec_req spec;
     bool abort_pending, fetched;
 
     uint64_t seed; /* Philox key of its draws; the counter is the output token's index */
@@ -116,9 +120,13 @@ struct eng_engine {
     /* per-step scratch, sized at create */
     ereq **sched;
     mdl_seq *seqs;
-    int *row0;      /* [max_num_seqs]: each scheduled request's first logits row */
-    int *sample_at; /* [max_num_seqs]: its row among the sampler's, or -1 */
-    float *logits;  /* host rows: prompt logprobs and the on_logits hook only */
+    int *row0;         /* [max_num_seqs]: each scheduled request's first logits row */
+    int *sample_at;    /* [max_num_seqs]: its row among the sampler's, or -1 */
+    int *tok0;         /* [max_num_seqs]: its first token among the step's */
+    spec_engine *spec; /* MTP speculative decoding (cfg.spec_tokens > 0) */
+    ereq **drafting;   /* [max_num_seqs]: the requests of the step's MTP batch */
+    int n_drafting;
+    float *logits; /* host rows: prompt logprobs and the on_logits hook only */
     int cap_logit_rows;
     int32_t *host_rows;
     smp_scratch smp; /* prompt logprobs */
@@ -536,6 +544,7 @@ duet_status eng_submit(eng_engine *e, const eng_request *req, char *err, size_t 
     r->fork_of = req->kv_role == ENG_KV_FORK ? req->fork_of : 0;
     r->on_logits = req->on_logits;
     r->on_kv_ready = req->on_kv_ready;
+    r->on_draft = req->on_draft;
     r->n_prompt = r->n_tokens = n;
     r->max_tokens = max_tokens;
     r->slot = -1;
@@ -872,7 +881,10 @@ static int schedule(eng_engine *e) {
             next = r->next;
             int want = r->n_tokens - r->n_computed;
             if (r->n_sched || want <= 0 || (pass == 0) != (want == 1)) continue;
+            r->n_spec = pass == 0 ? r->spec.n_draft : 0; /* a decode verifies its drafts */
+            want += r->n_spec;
             if (want > budget) want = budget;
+            if (pass == 0) r->n_spec = want - 1;
             if (!schedule_running(e, r, want, &budget, &n, &preempted)) {
                 /* r is gone from the running queue; so may be others: restart the walk */
                 next = e->running.head;
@@ -927,6 +939,7 @@ static int schedule(eng_engine *e) {
         count_admission(e, r);
         r->state = RS_RUNNING;
         q_push_back(&e->running, r);
+        r->n_spec = 0;
         r->n_sched = want;
         budget -= want;
         e->sched[n++] = r;
@@ -1008,9 +1021,9 @@ static bool has_penalties(const smp_params *p) {
 
 /* r's parameters for this step's draw from logits row `row` (its penalty slot set up first
  * when it has none yet). */
-static duet_status sample_row(eng_engine *e, ereq *r, int row, be_sample_row *p) {
+static duet_status sample_row(eng_engine *e, ereq *r, int row, int j, be_sample_row *p) {
     const smp_params *sp = &r->sp.smp;
-    int n_out = r->n_tokens - r->n_prompt;
+    int n_out = r->n_tokens - r->n_prompt + j; /* j: the j-th draft's row of a verify step */
     be_sample_row_init(p);
     p->logits_row = row;
     p->temperature = sp->temperature;
@@ -1043,8 +1056,9 @@ static duet_status sample_row(eng_engine *e, ereq *r, int row, be_sample_row *p)
     return DUET_OK;
 }
 
-/* r's new token from its row of the sampler's results: text, stop conditions, events. */
-static void take_token(eng_engine *e, ereq *r, int k) {
+/* r's new token from its row of the sampler's results: text, stop conditions, events. True
+ * when r finished (and is freed). */
+static bool take_token(eng_engine *e, ereq *r, int k) {
     int n_out = r->n_tokens - r->n_prompt;
     int32_t tok = e->sampler->out[k].token;
     eng_token_lp *lp = NULL;
@@ -1080,20 +1094,21 @@ static void take_token(eng_engine *e, ereq *r, int k) {
             if (r->text) r->text[r->text_len] = '\0';
         }
         finish(e, r, ENG_FINISH_STOP, NULL, is_eos ? -1 : tok, NULL, &tok, lp);
-        return;
+        return true;
     }
     if (can_stop && r->sp.n_stop) {
         int s = find_stop(r, new_len);
         if (s >= 0) {
             finish(e, r, ENG_FINISH_STOP, r->sp.stop[s], -1, NULL, &tok, lp);
-            return;
+            return true;
         }
     }
     if (n_out >= r->max_tokens || r->n_tokens >= e->cfg.max_model_len) {
         finish(e, r, ENG_FINISH_LENGTH, NULL, -1, NULL, &tok, lp);
-        return;
+        return true;
     }
     emit_token(e, r, tok, lp);
+    return false;
 }
 
 static duet_status reserve_logits(eng_engine *e, int rows) {
@@ -1151,6 +1166,42 @@ static duet_status host_rows(eng_engine *e, int n) {
     return st;
 }
 
+/* r's MTP work after the step (i its place in it, pos0 where its tokens began): the module
+ * over the positions whose KV the step kept, and drafts when r just got a token it can
+ * follow with more (no penalties, room under max_tokens and the context).
+ *
+ * Acceptance is exact match against the target's own draw for each row, greedy or not. For
+ * the module's one-hot draft d this is rejection sampling: d stands with probability p(d),
+ * and after a rejection the token is p's draw given it is not d, i.e. from (p - q)+
+ * renormalized. Each emitted token is the draw of its own output index (Philox counter), so
+ * the output is the target's distribution, and with a seed the same tokens as without MTP.
+ * Penalties would need the drafts in the counts of the rows after them: those requests do not
+ * draft. */
+static void spec_add(eng_engine *e, ereq *r, int i, int pos0) {
+    int k = spec_k(e->spec), n_out = r->n_tokens - r->n_prompt;
+    int nd = 0;
+    bool sampled = e->sample_at[i] >= 0;
+    if (sampled && !has_penalties(&r->sp.smp) && r->role != ENG_KV_LEASE) {
+        nd = k;
+        if (nd > r->max_tokens - n_out - 1) nd = r->max_tokens - n_out - 1;
+        if (nd > e->cfg.max_model_len - r->n_tokens - 1)
+            nd = e->cfg.max_model_len - r->n_tokens - 1;
+        if (nd < 0) nd = 0;
+        /* the chain's further drafts write the module's KV one position further each; without
+         * a free block for them, one draft */
+        if (nd > 1 && ensure_blocks(e, r, r->n_computed + nd - 1) != DUET_OK) nd = 1;
+    }
+    mdl_draft_seq q = {.tokens = r->tokens + pos0 + 1,
+                       .n_tokens = r->n_computed - pos0,
+                       .pos0 = pos0,
+                       .hid0 = e->tok0[i],
+                       .block_table = r->blocks,
+                       .n_blocks = r->n_blocks,
+                       .n_draft = nd};
+    spec_batch_add(e->spec, &r->spec, &q);
+    e->drafting[e->n_drafting++] = r;
+}
+
 duet_status eng_step(eng_engine *e, bool *busy_p) {
     drain_inbox(e);
     expire_leases(e);
@@ -1163,12 +1214,17 @@ duet_status eng_step(eng_engine *e, bool *busy_p) {
         publish_stats(e);
         return st;
     }
-    int rows = 0;
+    int rows = 0, toks = 0;
     for (int i = 0; i < n; i++) {
         ereq *r = e->sched[i];
-        bool last = r->n_computed + r->n_sched == r->n_tokens;
+        bool last = r->n_computed + r->n_sched - r->n_spec == r->n_tokens;
         bool prompt_rows = r->prompt_lp && r->n_computed < r->n_prompt;
-        int nl = prompt_rows ? r->n_sched : (last ? 1 : 0);
+        /* a verify step: a row for the last token and one after each draft */
+        int nl = prompt_rows ? r->n_sched : (last ? 1 + r->n_spec : 0);
+        /* the drafts ride after the request's tokens (its array has room up to max_tokens) */
+        memcpy(r->tokens + r->n_tokens, r->spec.draft, (size_t)r->n_spec * sizeof(int32_t));
+        e->tok0[i] = toks;
+        toks += r->n_sched;
         e->seqs[i] = (mdl_seq){.tokens = r->tokens + r->n_computed,
                                .n_tokens = r->n_sched,
                                .pos0 = r->n_computed,
@@ -1190,9 +1246,11 @@ duet_status eng_step(eng_engine *e, bool *busy_p) {
     for (int i = 0; i < n && st == DUET_OK; i++) {
         ereq *r = e->sched[i];
         e->sample_at[i] = -1;
-        if (r->n_computed + r->n_sched != r->n_tokens) continue;
-        st = sample_row(e, r, e->row0[i] + e->seqs[i].n_logits - 1, &e->sampler->rows[ns]);
-        e->sample_at[i] = ns++;
+        if (r->n_computed + r->n_sched - r->n_spec != r->n_tokens) continue;
+        e->sample_at[i] = ns;
+        for (int j = 0; j <= r->n_spec && st == DUET_OK; j++)
+            st = sample_row(e, r, e->row0[i] + e->seqs[i].n_logits - 1 - r->n_spec + j, j,
+                            &e->sampler->rows[ns++]);
     }
     if (st == DUET_OK) st = mdl_sample_queue(e->model, e->sampler, ns);
     double t1 = clock_now_s();
@@ -1202,15 +1260,26 @@ duet_status eng_step(eng_engine *e, bool *busy_p) {
     st = host_rows(e, n);
     if (st != DUET_OK) return step_failed(e, n, st, "logits download failed");
 
+    if (e->spec) spec_batch_begin(e->spec);
+    e->n_drafting = 0;
     for (int i = 0; i < n; i++) {
         ereq *r = e->sched[i];
-        int pos0 = r->n_computed, nl = e->seqs[i].n_logits;
-        r->n_computed += r->n_sched;
+        int pos0 = r->n_computed, nl = e->seqs[i].n_logits, nd = r->n_spec, acc = 0;
+        if (nd > 0) {
+            /* drafts stand while they equal the target's own choices (greedy) */
+            int32_t target[MDL_MAX_DRAFT + 1];
+            for (int j = 0; j <= nd; j++) target[j] = e->sampler->out[e->sample_at[i] + j].token;
+            acc = spec_accept(r->spec.draft, nd, target);
+            spec_count(e->spec, nd, acc);
+        }
+        /* the KV of rejected drafts stays behind n_computed, to be overwritten */
+        r->n_computed += r->n_sched - nd + acc;
         r->n_sched = 0;
+        r->n_spec = 0;
         commit_blocks(e, r);
         const float *rows_r = e->logits + (size_t)e->row0[i] * e->V;
         bool on_host = r->on_logits || (r->prompt_lp && pos0 < r->n_prompt);
-        for (int k = 0; on_host && k < nl; k++) {
+        for (int k = 0; on_host && k < nl - nd + acc; k++) {
             int pos = pos0 + e->seqs[i].n_tokens - nl + k;
             if (r->on_logits) r->on_logits(r->user, pos, rows_r + (size_t)k * e->V, e->V);
             /* prompt logprobs: row at pos predicts prompt token pos + 1 */
@@ -1218,12 +1287,34 @@ duet_status eng_step(eng_engine *e, bool *busy_p) {
                 fill_lp(e, rows_r + (size_t)k * e->V, r->tokens[pos + 1], r->sp.prompt_logprobs,
                         &r->prompt_lp[pos + 1]);
         }
+        bool gone = false;
         if (e->sample_at[i] >= 0) {
             if (r->prompt_lp && r->n_tokens == r->n_prompt) r->prompt_lp[0].token = r->tokens[0];
-            take_token(e, r, e->sample_at[i]);
+            /* the accepted drafts, then the target's token after them; each one may end r */
+            for (int j = 0; j <= acc && !gone; j++) gone = take_token(e, r, e->sample_at[i] + j);
+        }
+        if (!gone && e->spec) spec_add(e, r, i, pos0);
+    }
+    if (e->spec) {
+        /* drafts only speed things up: without them the next step decodes one token */
+        st = spec_batch_run(e->spec, e->kv);
+        if (st != DUET_OK) LOG_WARN("engine: MTP drafts failed: %s", duet_strerror(st));
+        st = DUET_OK;
+        for (int i = 0; i < e->n_drafting; i++) {
+            ereq *r = e->drafting[i];
+            if (r->on_draft && r->spec.n_draft > 0)
+                r->on_draft(r->user, r->n_tokens - r->n_prompt, r->spec.draft, r->spec.n_draft);
         }
     }
     e->stats.sample_rows += (uint64_t)ns;
+    if (e->spec) {
+        const spec_stats *ss = spec_get_stats(e->spec);
+        e->stats.spec_drafts = ss->n_drafts;
+        e->stats.spec_draft_tokens = ss->n_draft_tokens;
+        e->stats.spec_accepted = ss->n_accepted;
+        memcpy(e->stats.spec_accepted_per_pos, ss->accepted_per_pos,
+               sizeof e->stats.spec_accepted_per_pos);
+    }
     e->stats.sample_host_s += (t1 - t0) + (clock_now_s() - t2);
     e->stats.sample_wait_s += t2 - t1;
     publish_stats(e);
@@ -1260,15 +1351,28 @@ duet_status eng_create(const eng_config *cfg, par_instance *inst, const tok_toke
     e->seqs = calloc(ms, sizeof *e->seqs);
     e->row0 = calloc(ms + 1, sizeof *e->row0);
     e->sample_at = calloc(ms, sizeof *e->sample_at);
+    e->tok0 = calloc(ms, sizeof *e->tok0);
     e->free_slots = calloc(ms, sizeof *e->free_slots);
     e->host_rows = calloc((size_t)e->cfg.max_num_batched_tokens + ms, sizeof *e->host_rows);
-    duet_status st = (!e->table || !e->sched || !e->seqs || !e->row0 || !e->sample_at ||
+    duet_status st = (!e->table || !e->sched || !e->seqs || !e->row0 || !e->sample_at || !e->tok0 ||
                       !e->free_slots || !e->host_rows)
                          ? DUET_ERR_NO_MEMORY
                          : DUET_OK;
     e->be = mdl_backend(e->model);
+    int k = e->cfg.spec_tokens;
+    if (st == DUET_OK && (k < 0 || k > mdl_spec_tokens(e->model))) {
+        LOG_ERROR("engine: %d speculative tokens, but the model was loaded for %d (its MTP "
+                  "module drafts that many at most)",
+                  k, mdl_spec_tokens(e->model));
+        st = DUET_ERR_INVALID;
+    }
+    if (st == DUET_OK && k > 0) st = spec_create(e->inst, e->cfg.max_num_seqs, k, &e->spec);
+    e->drafting = calloc(ms, sizeof *e->drafting);
+    if (st == DUET_OK && !e->drafting) st = DUET_ERR_NO_MEMORY;
+    /* a verify step samples a row after the last token and after each draft */
     if (st == DUET_OK)
-        st = be_sampler_create(e->be, e->cfg.max_num_seqs, e->V, e->cfg.max_num_seqs, &e->sampler);
+        st = be_sampler_create(e->be, e->cfg.max_num_seqs * (k + 1), e->V, e->cfg.max_num_seqs,
+                               &e->sampler);
     /* slots handed out from the top, so the first request takes slot 0 */
     for (int i = 0; i < e->cfg.max_num_seqs && e->free_slots; i++)
         e->free_slots[i] = e->cfg.max_num_seqs - 1 - i;
@@ -1321,6 +1425,9 @@ void eng_destroy(eng_engine *e) {
     free(e->seqs);
     free(e->row0);
     free(e->sample_at);
+    free(e->tok0);
+    free(e->drafting);
+    spec_destroy(e->spec);
     free(e->free_slots);
     free(e->host_rows);
     free(e->table);

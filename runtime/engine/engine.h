@@ -88,6 +88,9 @@ typedef struct eng_request {
     /* test hook (ENG_KV_REMOTE): the prompt's blocks right after the remote KV landed, before
      * anything is computed into them */
     void (*on_kv_ready)(void *user, const int32_t *blocks, int n_blocks);
+    /* test hook (MTP): the n_draft drafts the request will verify next, after n_output output
+     * tokens; it may change them (tests steer acceptance with it) */
+    void (*on_draft)(void *user, int n_output, int32_t *draft, int n_draft);
 } eng_request;
 
 typedef struct eng_token_lp {
@@ -139,6 +142,10 @@ typedef struct eng_config {
     void *event_user;
     eng_fetch_fn fetch;
     void *fetch_user;
+    /* MTP speculative decoding: drafts per step, 0 (off, the default) up to the model's
+     * mdl_spec_tokens (the module must be loaded: mdl_load_opts.spec_tokens). Greedy requests
+     * without penalties draft; the others decode one token a step. */
+    int spec_tokens;
 } eng_config;
 
 void eng_config_default(eng_config *c);
@@ -190,6 +197,10 @@ typedef struct eng_stats {
      * taking the results: the host's part) and waiting for the device's part */
     uint64_t sample_rows;
     double sample_host_s, sample_wait_s;
+    /* MTP speculative decoding (vLLM's spec_decode counters): verify steps with drafts,
+     * drafts verified, drafts accepted, and accepted at each draft position */
+    uint64_t spec_drafts, spec_draft_tokens, spec_accepted;
+    uint64_t spec_accepted_per_pos[MDL_MAX_DRAFT];
 } eng_stats;
 
 /* Any thread: a snapshot, updated once per step. */

@@ -298,6 +298,14 @@ duet_status par_instance_create(const par_options *o, const char *model_dir, int
         par_instance_destroy(p);
         return DUET_ERR_INVALID;
     }
+    if (o->spec_tokens > 0 && o->ep && want > 1) {
+        if (p->world.rank == 0)
+            LOG_ERROR("MTP speculative decoding does not run with expert parallelism over "
+                      "several ranks yet (--enable-expert-parallel with %d ranks)",
+                      want);
+        par_instance_destroy(p);
+        return DUET_ERR_UNSUPPORTED;
+    }
     p->dp_rank = p->world.rank / o->tp;
     p->tp_rank = p->world.rank % o->tp;
     mdl_shard shard = {.tp_rank = p->tp_rank, .tp_size = o->tp, .ep_rank = 0, .ep_size = 1};
@@ -324,7 +332,8 @@ duet_status par_instance_create(const par_options *o, const char *model_dir, int
     mdl_load_opts lo = {.source = o->load_format,
                         .dummy_seed = o->seed,
                         .max_tokens = o->max_tokens,
-                        .eager = o->eager};
+                        .eager = o->eager,
+                        .spec_tokens = o->spec_tokens};
     if (st == DUET_OK) st = mdl_load(model_dir, p->be, &shard, &lo, &p->model);
     if (st == DUET_OK && p->measured) {
         long long total;
@@ -433,7 +442,7 @@ void par_report_totals(par_instance *p, int *passed, int *failed) {
 
 /* ---- TP plans ---- */
 
-enum { PLAN_IDLE = 0, PLAN_STEP = 1, PLAN_QUIT = 2, PLAN_KV_COPY = 3 };
+enum { PLAN_IDLE = 0, PLAN_STEP = 1, PLAN_QUIT = 2, PLAN_KV_COPY = 3, PLAN_DRAFT = 4 };
 
 /* Header broadcast first; the payload (seq records, tokens, block tables) follows when
  * n_seqs > 0. */
@@ -444,6 +453,11 @@ typedef struct plan_hdr {
 typedef struct plan_seq {
     int32_t n_tokens, pos0, n_blocks, n_logits;
 } plan_seq;
+
+/* PLAN_DRAFT's records: an mdl_draft_seq without its pointers */
+typedef struct plan_dseq {
+    int32_t n_tokens, pos0, hid0, n_blocks, n_draft;
+} plan_dseq;
 
 static duet_status plan_buf(par_instance *p, size_t bytes) {
     if (bytes <= p->plan_cap) return DUET_OK;
@@ -493,6 +507,60 @@ duet_status par_step(par_instance *p, be_kv *kv, const mdl_seq *seqs, int n_seqs
         if (st != DUET_OK) return st;
     }
     return par_forward(p, kv, seqs, n_seqs, logits);
+}
+
+duet_status par_draft(par_instance *p, be_kv *kv, const mdl_draft_seq *seqs, int n_seqs,
+                      int32_t *drafts) {
+    if (p->opt.tp > 1) {
+        plan_hdr h = {PLAN_DRAFT, n_seqs, 0, 0};
+        for (int i = 0; i < n_seqs; i++) {
+            h.n_tokens += seqs[i].n_tokens;
+            h.n_table += seqs[i].n_blocks;
+        }
+        size_t bytes = (size_t)n_seqs * sizeof(plan_dseq) +
+                       ((size_t)h.n_tokens + (size_t)h.n_table) * sizeof(int32_t);
+        duet_status st = plan_buf(p, bytes);
+        if (st != DUET_OK) return st;
+        plan_dseq *ps = p->plan;
+        int32_t *tok = (int32_t *)(ps + n_seqs), *tab = tok + h.n_tokens;
+        for (int i = 0; i < n_seqs; i++) {
+            const mdl_draft_seq *q = &seqs[i];
+            ps[i] = (plan_dseq){q->n_tokens, q->pos0, q->hid0, q->n_blocks, q->n_draft};
+            memcpy(tok, q->tokens, (size_t)q->n_tokens * sizeof(int32_t));
+            memcpy(tab, q->block_table, (size_t)q->n_blocks * sizeof(int32_t));
+            tok += q->n_tokens;
+            tab += q->n_blocks;
+        }
+        st = comm_bcast(p->tp, &h, sizeof h, 0);
+        if (st == DUET_OK) st = comm_bcast(p->tp, p->plan, bytes, 0);
+        if (st != DUET_OK) return st;
+    }
+    /* every TP rank gathers the module's logits and takes the same argmax: the drafts agree */
+    return mdl_draft(p->model, kv, seqs, n_seqs, drafts);
+}
+
+/* A follower's share of PLAN_DRAFT, its payload already in p->plan. */
+static duet_status follow_draft(par_instance *p, be_kv *kv, const plan_hdr *h) {
+    mdl_draft_seq *seqs = calloc((size_t)(h->n_seqs ? h->n_seqs : 1), sizeof *seqs);
+    int32_t *drafts = malloc((size_t)(h->n_seqs ? h->n_seqs : 1) * MDL_MAX_DRAFT * sizeof *drafts);
+    duet_status st = seqs && drafts ? DUET_OK : DUET_ERR_NO_MEMORY;
+    const plan_dseq *ps = p->plan;
+    const int32_t *tok = (const int32_t *)(ps + h->n_seqs), *tab = tok + h->n_tokens;
+    for (int i = 0; st == DUET_OK && i < h->n_seqs; i++) {
+        seqs[i] = (mdl_draft_seq){.tokens = tok,
+                                  .n_tokens = ps[i].n_tokens,
+                                  .pos0 = ps[i].pos0,
+                                  .hid0 = ps[i].hid0,
+                                  .block_table = tab,
+                                  .n_blocks = ps[i].n_blocks,
+                                  .n_draft = ps[i].n_draft};
+        tok += ps[i].n_tokens;
+        tab += ps[i].n_blocks;
+    }
+    if (st == DUET_OK) st = mdl_draft(p->model, kv, seqs, h->n_seqs, drafts);
+    free(seqs);
+    free(drafts);
+    return st;
 }
 
 duet_status par_idle(par_instance *p, be_kv *kv, bool *stepped_p) {
@@ -559,6 +627,15 @@ duet_status par_follow(par_instance *p, be_kv *kv) {
             if (st == DUET_OK)
                 st = comm_bcast(p->tp, p->plan, (size_t)h.n_table * sizeof(int32_t), 0);
             if (st == DUET_OK) st = kv_copy(p, kv, p->plan, h.n_table);
+            if (st != DUET_OK) break;
+            continue;
+        }
+        if (h.kind == PLAN_DRAFT) {
+            size_t bytes = (size_t)h.n_seqs * sizeof(plan_dseq) +
+                           ((size_t)h.n_tokens + (size_t)h.n_table) * sizeof(int32_t);
+            st = plan_buf(p, bytes);
+            if (st == DUET_OK) st = comm_bcast(p->tp, p->plan, bytes, 0);
+            if (st == DUET_OK) st = follow_draft(p, kv, &h);
             if (st != DUET_OK) break;
             continue;
         }

@@ -35,6 +35,10 @@ typedef struct par_options {
     mdl_weights_source load_format;
     unsigned long long seed;
     int max_tokens;
+    /* MTP drafts per step (--speculative-config's num_speculative_tokens, 0: off); the model
+     * loads its MTP module. Refused with EP over several ranks for now (DP groups would have
+     * to join the module's all-to-alls in lockstep). */
+    int spec_tokens;
     par_memory mem;
 } par_options;
 
@@ -102,6 +106,10 @@ duet_status par_kv_agree(par_instance *inst, int *n_blocks, int block_size);
 duet_status par_step(par_instance *inst, be_kv *kv, const mdl_seq *seqs, int n_seqs, float *logits);
 /* Leader with nothing to run: a heartbeat to the followers, and under lockstep one round of
  * agreement (joining another DP group's step with an empty one if needed). */
+/* TP leader, after par_step: the MTP module's work of the step (mdl_draft), broadcast to the
+ * TP followers first, which run it too; drafts as mdl_draft gives them (on every rank). */
+duet_status par_draft(par_instance *inst, be_kv *kv, const mdl_draft_seq *seqs, int n_seqs,
+                      int32_t *drafts);
 duet_status par_idle(par_instance *inst, be_kv *kv, bool *stepped_p);
 /* Leader: copies the contents of blocks[0..n) of its KV cache to the same blocks of every TP
  * follower (KV that arrived from a remote prefill lands on the leader only). */

@@ -25,6 +25,9 @@ typedef struct mdl_step {
 typedef struct mdl_buffers {
     int cap_tokens, cap_out;
     void *h, *xn, *qa, *q, *kva, *attn, *o, *o2, *gu, *act, *logits;
+    /* with MTP: hid[T, D] the last forward's final-normed hidden states (what the drafts start
+     * from), mtp_prev[T, D] the MTP module's own output rows (what a further draft starts from) */
+    void *hid, *mtp_prev;
     int32_t *ids;   /* host [cap_tokens, K] */
     float *weights; /* host [cap_tokens, K] */
     int32_t *d_ids; /* device [cap_tokens, K], with device routing (mem_alloc) */
@@ -60,6 +63,11 @@ struct mdl_model {
     mdl_step step;
     mdl_buffers buf;
     mdl_graphs graphs;
+    int spec_tokens;     /* MTP drafts per step (0: no MTP module loaded) */
+    int n_kv_layers;     /* num_hidden_layers, + 1 for the MTP module's own cache */
+    int last_T;          /* tokens of the last mdl_forward (rows of buf.hid) */
+    float *draft_logits; /* host [cap_draft, vocab] */
+    int cap_draft;
     /* the last forward's logits left in backend memory (mdl_forward with logits NULL):
      * [n_out, stride] with vocab_size valid columns */
     const void *out_logits;
@@ -75,13 +83,12 @@ be_backend *mdl_backend(const mdl_model *m) {
 }
 
 size_t mdl_kv_bytes_per_token(const mdl_model *m) {
-    return (size_t)m->cfg.num_hidden_layers * (size_t)m->kv_dim * dt_size(m->be->ops->act_dtype);
+    return (size_t)m->n_kv_layers * (size_t)m->kv_dim * dt_size(m->be->ops->act_dtype);
 }
 
 duet_status mdl_kv_create(mdl_model *m, int n_blocks, int block_size, be_kv **kv_p) {
     if (n_blocks <= 0 || block_size <= 0) return DUET_ERR_INVALID;
-    return m->be->ops->kv_create(m->be, n_blocks, m->cfg.num_hidden_layers, block_size, m->kv_dim,
-                                 kv_p);
+    return m->be->ops->kv_create(m->be, n_blocks, m->n_kv_layers, block_size, m->kv_dim, kv_p);
 }
 
 void mdl_kv_destroy(mdl_model *m, be_kv *kv) {
@@ -126,8 +133,8 @@ static void step_free(mdl_step *s) {
 
 static void buffers_free(mdl_model *m) {
     mdl_buffers *b = &m->buf;
-    void **bufs[] = {&b->h, &b->xn, &b->qa, &b->q,   &b->kva,   &b->attn,
-                     &b->o, &b->o2, &b->gu, &b->act, &b->logits};
+    void **bufs[] = {&b->h,  &b->xn, &b->qa,  &b->q,      &b->kva, &b->attn,    &b->o,
+                     &b->o2, &b->gu, &b->act, &b->logits, &b->hid, &b->mtp_prev};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
         if (*bufs[i]) m->be->ops->buf_free(m->be, *bufs[i]);
         *bufs[i] = NULL;
@@ -173,6 +180,10 @@ static duet_status reserve(mdl_model *m, int T, int n_out) {
     b->gu = al(be, t * 2 * (size_t)I);
     b->act = al(be, t * (size_t)I);
     b->logits = al(be, (size_t)cap_o * p->vocab_local);
+    if (m->spec_tokens > 0) {
+        b->hid = al(be, t * D);
+        b->mtp_prev = al(be, t * D);
+    }
     b->ids = malloc(t * K * sizeof(int32_t));
     b->weights = malloc(t * K * sizeof(float));
     if (m->moe_dev) {
@@ -183,6 +194,7 @@ static duet_status reserve(mdl_model *m, int T, int n_out) {
     b->cap_out = cap_o;
     if (!b->h || !b->xn || !b->qa || !b->q || !b->kva || !b->attn || !b->o || !b->o2 || !b->gu ||
         !b->act || !b->logits || !b->ids || !b->weights ||
+        (m->spec_tokens > 0 && (!b->hid || !b->mtp_prev)) ||
         (m->moe_dev && (!b->d_ids || !b->d_weights)) ||
         mdl_coll_reserve(m->coll, cap_o) != DUET_OK) {
         LOG_ERROR("model: cannot allocate activations for %d tokens", cap_t);
@@ -250,8 +262,28 @@ duet_status mdl_load(const char *dir, be_backend *be, const mdl_shard *shard,
     duet_status st = cfg_load(dir, &m->cfg);
     if (st == DUET_OK) st = mdl_shard_plan(&m->cfg, shard, &m->plan);
     if (st == DUET_OK) st = setup(m, dir);
+    m->n_kv_layers = m->cfg.num_hidden_layers;
+    if (st == DUET_OK && (opts->spec_tokens < 0 || opts->spec_tokens > MDL_MAX_DRAFT)) {
+        LOG_ERROR("model: %d speculative tokens: MTP drafts 1..%d a step", opts->spec_tokens,
+                  MDL_MAX_DRAFT);
+        st = DUET_ERR_INVALID;
+    }
+    if (st == DUET_OK && opts->spec_tokens > 0 && m->cfg.num_nextn_predict_layers < 1) {
+        /* before the weights: a checkpoint without the module is refused at once */
+        LOG_ERROR("%s/config.json: the checkpoint has no MTP layer (num_nextn_predict_layers is "
+                  "0); MTP speculative decoding needs one: leave --speculative-config out",
+                  dir);
+        st = DUET_ERR_UNSUPPORTED;
+    }
     if (st == DUET_OK)
         st = mdl_weights_load(dir, &m->cfg, &m->plan, be, opts->source, opts->dummy_seed, &m->w);
+    if (st == DUET_OK && opts->spec_tokens > 0) {
+        st = mdl_weights_load_mtp(dir, &m->cfg, &m->plan, opts->source, opts->dummy_seed, m->w);
+        if (st == DUET_OK) {
+            m->spec_tokens = opts->spec_tokens;
+            m->n_kv_layers = m->cfg.num_hidden_layers + 1;
+        }
+    }
     if (st == DUET_OK) st = mdl_coll_create(be, &m->cfg, &m->plan, &m->coll);
     if (st == DUET_OK) st = reserve(m, opts->max_tokens > 0 ? opts->max_tokens : 256, 1);
     if (st == DUET_OK) {
@@ -280,6 +312,7 @@ duet_status mdl_load(const char *dir, be_backend *be, const mdl_shard *shard,
 void mdl_destroy(mdl_model *m) {
     if (!m) return;
     buffers_free(m);
+    free(m->draft_logits);
     mdl_coll_destroy(m->coll);
     mdl_weights_destroy(m->w);
     step_free(&m->step);
@@ -371,10 +404,10 @@ static void ffn(mdl_model *m, void *out, const void *x, int T, const be_ffn *f) 
     o->linear(m->be, out, m->buf.act, I, T, f->down);
 }
 
-static duet_status attention(mdl_model *m, be_kv *kv, int l, int T) {
+/* Layer ly's attention, its KV in cache layer l. */
+static duet_status attention(mdl_model *m, be_kv *kv, int l, const mdl_layer *ly, int T) {
     const be_ops *o = m->be->ops;
     const cfg_model *c = &m->cfg;
-    const mdl_layer *ly = &m->w->layers[l];
     int D = c->hidden_size, L = c->kv_lora_rank, R = c->qk_rope_head_dim;
     int nope = c->qk_nope_head_dim, qk = nope + R, H = m->plan.n_heads_local;
     be_backend *be = m->be;
@@ -490,10 +523,9 @@ static duet_status moe(mdl_model *m, const mdl_layer *ly, int T) {
     return DUET_OK;
 }
 
-static duet_status mlp(mdl_model *m, int l, int T) {
+static duet_status mlp(mdl_model *m, const mdl_layer *ly, int T) {
     const be_ops *o = m->be->ops;
     const cfg_model *c = &m->cfg;
-    const mdl_layer *ly = &m->w->layers[l];
     int D = c->hidden_size;
     be_backend *be = m->be;
     duet_status st;
@@ -520,13 +552,21 @@ static duet_status compute(mdl_model *m, be_kv *kv, int T, int n_out) {
     o->embed(be, m->buf.h, NULL, T, m->w->embed, m->plan.vocab0);
     duet_status st = mdl_coll_allreduce(m->coll, m->buf.h, (size_t)T * D);
     for (int l = 0; l < c->num_hidden_layers && st == DUET_OK; l++) {
-        st = attention(m, kv, l, T);
-        if (st == DUET_OK) st = mlp(m, l, T);
+        st = attention(m, kv, l, &m->w->layers[l], T);
+        if (st == DUET_OK) st = mlp(m, &m->w->layers[l], T);
     }
-    if (st != DUET_OK || n_out == 0) return st;
-    /* final norm and lm_head only on the rows that want logits */
-    o->gather_rows(be, m->buf.xn, m->buf.h, NULL, n_out, D);
-    o->rmsnorm(be, m->buf.xn, D, m->buf.xn, D, m->w->final_norm, n_out, D, c->rms_norm_eps);
+    if (st != DUET_OK) return st;
+    if (m->spec_tokens > 0) {
+        /* MTP drafts from every token's final-normed hidden state: all rows are kept (row by
+         * row the same values as normalizing only the gathered ones) */
+        o->rmsnorm(be, m->buf.hid, D, m->buf.h, D, m->w->final_norm, T, D, c->rms_norm_eps);
+        if (n_out > 0) o->gather_rows(be, m->buf.xn, m->buf.hid, NULL, n_out, D);
+    } else if (n_out > 0) {
+        /* final norm and lm_head only on the rows that want logits */
+        o->gather_rows(be, m->buf.xn, m->buf.h, NULL, n_out, D);
+        o->rmsnorm(be, m->buf.xn, D, m->buf.xn, D, m->w->final_norm, n_out, D, c->rms_norm_eps);
+    }
+    if (n_out == 0) return DUET_OK;
     o->linear(be, m->buf.logits, m->buf.xn, D, n_out, m->w->lm_head);
     return DUET_OK;
 }
@@ -571,6 +611,7 @@ duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs
     }
     m->out_logits = NULL;
     m->n_out = 0;
+    m->last_T = 0;
     duet_status st = reserve(m, T, n_out);
     if (st != DUET_OK) return st;
     /* device routing under EP: one agreement per step on the all-to-alls' block size */
@@ -597,6 +638,7 @@ duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs
         }
         /* ops cannot return errors one by one; the backend keeps the first, reported here */
         if (st == DUET_OK) st = o->sync(be);
+        if (st == DUET_OK) m->last_T = T;
         if (st != DUET_OK || n_out == 0) return st;
         return finish_logits(m, n_out, logits);
     }
@@ -634,6 +676,7 @@ duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs
     }
     if (st == DUET_OK) st = o->sync(be);
     if (st != DUET_OK) return st;
+    m->last_T = T;
     /* the first n_out rows are the real sequences' (padding rows come after) */
     return finish_logits(m, n_out, logits);
 }
@@ -656,4 +699,138 @@ duet_status mdl_logits_rows(mdl_model *m, const int32_t *rows, int n, float *out
         if (st != DUET_OK) return st;
     }
     return DUET_OK;
+}
+
+/* ---- MTP drafts ---- */
+
+int mdl_spec_tokens(const mdl_model *m) {
+    return m->spec_tokens;
+}
+
+/* One pass of the MTP module over the batch already set (T tokens, n_out logits rows):
+ * x = eh_proj [enorm(embed(token)) | hnorm(hidden)], hidden rows taken from src at host
+ * indices rows[T]; the decoder layer on its own cache layer; the output rows (pre-norm) kept
+ * in buf.mtp_prev; shared_head on them; the greedy token of each row into out[n_out]. */
+static duet_status mtp_pass(mdl_model *m, be_kv *kv, int T, int n_out, const void *src,
+                            const int32_t *rows, int32_t *out) {
+    const be_ops *o = m->be->ops;
+    const cfg_model *c = &m->cfg;
+    const mdl_mtp *t = m->w->mtp;
+    be_backend *be = m->be;
+    int D = c->hidden_size, V = c->vocab_size;
+    float eps = c->rms_norm_eps;
+    /* hidden rows first: src may be buf.mtp_prev, which this pass overwrites */
+    o->gather_rows(be, m->buf.xn, src, rows, T, D);
+    o->rmsnorm(be, m->buf.xn, D, m->buf.xn, D, t->hnorm, T, D, eps);
+    o->embed(be, m->buf.h, NULL, T, t->embed, m->plan.vocab0);
+    duet_status st = mdl_coll_allreduce(m->coll, m->buf.h, (size_t)T * D);
+    if (st != DUET_OK) return st;
+    o->rmsnorm(be, m->buf.o, D, m->buf.h, D, t->enorm, T, D, eps);
+    /* eh_proj over the concatenation, as its two column halves */
+    o->linear(be, m->buf.h, m->buf.o, D, T, t->eh_e);
+    o->linear(be, m->buf.o2, m->buf.xn, D, T, t->eh_h);
+    o->add(be, m->buf.h, m->buf.o2, (size_t)T * D);
+    st = attention(m, kv, c->num_hidden_layers, &t->layer, T);
+    if (st == DUET_OK) st = mlp(m, &t->layer, T);
+    if (st != DUET_OK || n_out == 0) return st == DUET_OK ? o->sync(be) : st;
+    o->gather_rows(be, m->buf.mtp_prev, m->buf.h, NULL, n_out, D);
+    o->rmsnorm(be, m->buf.xn, D, m->buf.mtp_prev, D, t->head_norm, n_out, D, eps);
+    o->linear(be, m->buf.logits, m->buf.xn, D, n_out, t->head);
+    st = o->sync(be);
+    if (st != DUET_OK) return st;
+    if (n_out > m->cap_draft) {
+        float *p = realloc(m->draft_logits, (size_t)n_out * (size_t)V * sizeof(float));
+        if (!p) return DUET_ERR_NO_MEMORY;
+        m->draft_logits = p;
+        m->cap_draft = n_out;
+    }
+    st = mdl_coll_logits(m->coll, m->buf.logits, n_out, m->draft_logits);
+    if (st != DUET_OK) return st;
+    for (int r = 0; r < n_out; r++) {
+        const float *l = m->draft_logits + (size_t)r * V;
+        int best = 0;
+        for (int v = 1; v < V; v++)
+            if (l[v] > l[best]) best = v;
+        out[r] = best;
+    }
+    return DUET_OK;
+}
+
+duet_status mdl_draft(mdl_model *m, be_kv *kv, const mdl_draft_seq *seqs, int n_seqs,
+                      int32_t *drafts) {
+    if (m->spec_tokens <= 0) return DUET_ERR_INVALID;
+    int T = 0, n_out = 0, K = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        const mdl_draft_seq *q = &seqs[i];
+        if (q->n_tokens < 1 || q->hid0 < 0 || q->hid0 + q->n_tokens > m->last_T || q->n_draft < 0 ||
+            q->n_draft > MDL_MAX_DRAFT) {
+            LOG_ERROR("model: draft sequence %d is malformed (%d tokens from hidden row %d of "
+                      "%d, %d drafts)",
+                      i, q->n_tokens, q->hid0, m->last_T, q->n_draft);
+            return DUET_ERR_INVALID;
+        }
+        T += q->n_tokens;
+        n_out += q->n_draft > 0;
+        K = q->n_draft > K ? q->n_draft : K;
+    }
+    if (T == 0) return DUET_OK;
+    /* within what the last forward used: growing the buffers would lose buf.hid */
+    if (T > m->buf.cap_tokens || n_out > m->buf.cap_out) return DUET_ERR_INVALID;
+    duet_status st = DUET_OK;
+    mdl_seq *ms = calloc((size_t)n_seqs, sizeof *ms);
+    int32_t *rows = malloc((size_t)T * sizeof *rows), *tok = malloc((size_t)T * sizeof *tok);
+    int32_t *got = malloc((size_t)(n_out + 1) * sizeof *got);
+    int *who = malloc((size_t)(n_out + 1) * sizeof *who);
+    if (!ms || !rows || !tok || !got || !who) {
+        st = DUET_ERR_NO_MEMORY;
+        goto out;
+    }
+    /* pass 1: every position of the last forward the caller names, tokens one ahead */
+    int t = 0, r = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        const mdl_draft_seq *q = &seqs[i];
+        ms[i] = (mdl_seq){.tokens = q->tokens,
+                          .n_tokens = q->n_tokens,
+                          .pos0 = q->pos0,
+                          .block_table = q->block_table,
+                          .n_blocks = q->n_blocks,
+                          .n_logits = q->n_draft > 0};
+        for (int j = 0; j < q->n_tokens; j++) rows[t++] = q->hid0 + j;
+        if (q->n_draft > 0) who[r++] = i;
+    }
+    st = prepare_batch(m, kv, ms, n_seqs, T, 0, 0);
+    if (st == DUET_OK) st = mtp_pass(m, kv, T, n_out, m->buf.hid, rows, got);
+    for (int k = 0; st == DUET_OK && k < n_out; k++)
+        drafts[(size_t)who[k] * MDL_MAX_DRAFT] = got[k];
+    /* passes 2..K: one token per sequence still drafting, from its previous MTP output */
+    for (int d = 1; st == DUET_OK && d < K; d++) {
+        int n = 0;
+        for (int k = 0; k < n_out; k++) {
+            const mdl_draft_seq *q = &seqs[who[k]];
+            if (q->n_draft <= d) continue;
+            tok[n] = drafts[(size_t)who[k] * MDL_MAX_DRAFT + d - 1];
+            rows[n] = k; /* its row of buf.mtp_prev from the pass before */
+            ms[n] = (mdl_seq){.tokens = &tok[n],
+                              .n_tokens = 1,
+                              .pos0 = q->pos0 + q->n_tokens - 1 + d,
+                              .block_table = q->block_table,
+                              .n_blocks = q->n_blocks,
+                              .n_logits = 1};
+            who[n] = who[k];
+            n++;
+        }
+        /* (who is compacted in place: entry n <= k is written after entry k is read) */
+        n_out = n;
+        st = prepare_batch(m, kv, ms, n, n, 0, 0);
+        if (st == DUET_OK) st = mtp_pass(m, kv, n, n, m->buf.mtp_prev, rows, got);
+        for (int k = 0; st == DUET_OK && k < n; k++)
+            drafts[(size_t)who[k] * MDL_MAX_DRAFT + d] = got[k];
+    }
+out:
+    free(ms);
+    free(rows);
+    free(tok);
+    free(got);
+    free(who);
+    return st;
 }

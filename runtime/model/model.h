@@ -20,7 +20,13 @@ typedef struct mdl_load_opts {
     uint64_t dummy_seed;
     int max_tokens; /* most tokens in one forward (activation buffers are sized for it) */
     bool eager;     /* never record steps as graphs (--enforce-eager) */
+    /* MTP speculative decoding: drafts per step, 0..MDL_MAX_DRAFT; > 0 loads the checkpoint's
+     * MTP module (refused with one clear line when it has none) and gives the KV cache one
+     * more layer, the module's own */
+    int spec_tokens;
 } mdl_load_opts;
+
+#define MDL_MAX_DRAFT 3
 
 typedef struct mdl_model mdl_model;
 
@@ -68,5 +74,34 @@ duet_status mdl_sample_queue(mdl_model *m, be_sampler *s, int n);
 /* After mdl_forward(..., NULL): rows[i] of the step's logits into out[i][vocab_size] (host
  * float32), for what still needs whole rows on the host (prompt logprobs, test hooks). */
 duet_status mdl_logits_rows(mdl_model *m, const int32_t *rows, int n, float *out);
+
+/* ---- MTP speculative decoding (mdl_load_opts.spec_tokens > 0) ---- */
+
+/* The drafts per step the model was loaded for (0: no MTP module). */
+int mdl_spec_tokens(const mdl_model *m);
+
+/* One sequence's MTP work after the last mdl_forward: the module runs at positions
+ * pos0..pos0+n_tokens-1, whose main-model hidden states are rows hid0.. of that forward's
+ * tokens (in its order), with tokens[j] = the token at position pos0 + j + 1 (accepted or
+ * sampled). This writes the module's own KV there (keeping its cache in step with the main
+ * one). With n_draft > 0 the last position's prediction is draft 0, and each further draft d
+ * runs the module once more at the next position on draft d - 1 and its own output. The
+ * block table must cover pos0 + n_tokens - 1 + n_draft - 1. */
+typedef struct mdl_draft_seq {
+    const int32_t *tokens;
+    int n_tokens;
+    int pos0;
+    int hid0;
+    const int32_t *block_table;
+    int n_blocks;
+    int n_draft;
+} mdl_draft_seq;
+
+/* Runs the MTP module for n_seqs sequences (after mdl_forward, whose logits it overwrites:
+ * sample them first); drafts[i * MDL_MAX_DRAFT + d] gets draft d of sequence i (greedy: the
+ * module's argmax). DUET_ERR_INVALID without an MTP module or for rows outside the last
+ * forward. */
+duet_status mdl_draft(mdl_model *m, be_kv *kv, const mdl_draft_seq *seqs, int n_seqs,
+                      int32_t *drafts);
 
 #endif

@@ -424,10 +424,10 @@ static duet_status load_ffn(loader *ld, const char *prefix, int full_i, int i0, 
     return st;
 }
 
-static duet_status load_layer(loader *ld, mdl_weights *w, int l) {
+/* Decoder layer l of the checkpoint into ly; moe: whether its MLP is the experts'. */
+static duet_status load_layer(loader *ld, mdl_layer *ly, int l, bool moe) {
     const cfg_model *c = ld->c;
     const mdl_plan *pl = ld->plan;
-    mdl_layer *ly = &w->layers[l];
     int D = c->hidden_size, L = c->kv_lora_rank, R = c->qk_rope_head_dim;
     int qk = cfg_qk_head_dim(c), nv = c->qk_nope_head_dim + c->v_head_dim;
     int H = c->num_attention_heads, Hl = pl->n_heads_local, h0 = pl->shard.tp_rank * Hl;
@@ -463,7 +463,7 @@ static duet_status load_layer(loader *ld, mdl_weights *w, int l) {
                          h0 * c->v_head_dim, Hl * c->v_head_dim, false, &ly->o);
     if (st != DUET_OK) return st;
 
-    ly->moe = cfg_layer_is_moe(c, l);
+    ly->moe = moe;
     if (!ly->moe) {
         int i0 = pl->shard.tp_rank * pl->inter_local;
         return load_ffn(ld, NAME("mlp"), c->intermediate_size, i0, pl->inter_local,
@@ -494,7 +494,8 @@ static duet_status load_layer(loader *ld, mdl_weights *w, int l) {
     return st;
 }
 
-/* Tensors of layers past num_hidden_layers are DeepSeek-V3's multi-token-prediction module. */
+/* Tensors of layers past num_hidden_layers are DeepSeek-V3's multi-token-prediction module,
+ * loaded apart (mdl_weights_load_mtp) when speculative decoding asks for it. */
 static void note_skipped_layers(const loader *ld) {
     if (!ld->st) return;
     size_t n = 0;
@@ -545,7 +546,8 @@ duet_status mdl_weights_load(const char *dir, const cfg_model *c, const mdl_plan
         if (!w->layers) st = DUET_ERR_NO_MEMORY;
         w->n_layers = w->layers ? c->num_hidden_layers : 0;
     }
-    for (int l = 0; st == DUET_OK && l < c->num_hidden_layers; l++) st = load_layer(&ld, w, l);
+    for (int l = 0; st == DUET_OK && l < c->num_hidden_layers; l++)
+        st = load_layer(&ld, &w->layers[l], l, cfg_layer_is_moe(c, l));
     if (st == DUET_OK) progress_end(&ld.prog);
     free(ld.tmp);
     free(ld.q);
@@ -559,6 +561,57 @@ duet_status mdl_weights_load(const char *dir, const cfg_model *c, const mdl_plan
     return DUET_OK;
 }
 
+/* The MTP module: layer num_hidden_layers as DeepSeek-V3 stores it (its own embedding and
+ * head copies, enorm, hnorm, eh_proj, shared_head.norm around one decoder layer, which has
+ * experts whenever the model has them, as in DeepSeek's files and duet-mkmodel's). */
+duet_status mdl_weights_load_mtp(const char *dir, const cfg_model *c, const mdl_plan *plan,
+                                 mdl_weights_source source, uint64_t dummy_seed, mdl_weights *w) {
+    if (c->num_nextn_predict_layers < 1) {
+        LOG_ERROR("%s/config.json: the checkpoint has no MTP layer (num_nextn_predict_layers is "
+                  "0): MTP speculative decoding needs one; leave --speculative-config out",
+                  dir);
+        return DUET_ERR_UNSUPPORTED;
+    }
+    if (w->mtp) return DUET_ERR_INVALID;
+    mdl_mtp *t = calloc(1, sizeof *t);
+    if (!t) return DUET_ERR_NO_MEMORY;
+    loader ld = {
+        .c = c, .dir = dir, .plan = plan, .source = source, .dummy_seed = dummy_seed, .be = w->be};
+    /* the memory plan does not count the module: no periodic progress lines, one at the end */
+    ld.prog.interval = 1e30;
+    duet_status st = DUET_OK;
+    if (source == MDL_WEIGHTS_CHECKPOINT) st = st_open_dir(dir, &ld.st);
+    int D = c->hidden_size, V = c->vocab_size, l = c->num_hidden_layers;
+    char n[256];
+#define NAME(suffix) (snprintf(n, sizeof n, "model.layers.%d.%s", l, suffix), n)
+    if (st == DUET_OK)
+        st = load_linear(&ld, NAME("embed_tokens.weight"), V, D, plan->vocab0, plan->vocab_local, 0,
+                         D, false, &t->embed);
+    if (st == DUET_OK)
+        st = load_linear(&ld, NAME("shared_head.head.weight"), V, D, plan->vocab0,
+                         plan->vocab_local, 0, D, false, &t->head);
+    if (st == DUET_OK) st = load_vec(&ld, NAME("enorm.weight"), D, &t->enorm);
+    if (st == DUET_OK) st = load_vec(&ld, NAME("hnorm.weight"), D, &t->hnorm);
+    if (st == DUET_OK) st = load_vec(&ld, NAME("shared_head.norm.weight"), D, &t->head_norm);
+    if (st == DUET_OK)
+        st = load_linear(&ld, NAME("eh_proj.weight"), D, 2 * D, 0, D, 0, D, false, &t->eh_e);
+    if (st == DUET_OK)
+        st = load_linear(&ld, NAME("eh_proj.weight"), D, 2 * D, 0, D, D, D, false, &t->eh_h);
+#undef NAME
+    if (st == DUET_OK) st = load_layer(&ld, &t->layer, l, c->n_routed_experts > 0);
+    if (st == DUET_OK)
+        LOG_INFO("weights: MTP module (layer %d) loaded, %.2f GiB", l,
+                 (double)ld.prog.bytes / (1 << 30));
+    free(ld.tmp);
+    st_close(ld.st);
+    w->mtp = t; /* destroy frees a partly loaded module too */
+    if (st != DUET_OK) {
+        mdl_weights_drop_mtp(w);
+        return st;
+    }
+    return DUET_OK;
+}
+
 static void ffn_free(be_backend *be, be_ffn *f) {
     be->ops->weight_destroy(be, f->gate_up);
     be->ops->weight_destroy(be, f->down);
@@ -568,29 +621,49 @@ static void vec_free(be_backend *be, void *v) {
     if (v) be->ops->buf_free(be, v);
 }
 
+static void layer_free(const mdl_weights *w, mdl_layer *ly) {
+    be_backend *be = w->be;
+    const be_ops *o = be->ops;
+    vec_free(be, ly->attn_norm);
+    vec_free(be, ly->ffn_norm);
+    vec_free(be, ly->q_a_norm);
+    vec_free(be, ly->kv_a_norm);
+    vec_free(be, ly->gate_bias);
+    o->weight_destroy(be, ly->q_a);
+    o->weight_destroy(be, ly->q_b);
+    o->weight_destroy(be, ly->q);
+    o->weight_destroy(be, ly->kv_a);
+    o->weight_destroy(be, ly->kv_b);
+    o->weight_destroy(be, ly->o);
+    o->weight_destroy(be, ly->gate);
+    ffn_free(be, &ly->dense);
+    ffn_free(be, &ly->shared);
+    for (int e = 0; ly->experts && e < w->n_local_experts; e++) ffn_free(be, &ly->experts[e]);
+    free(ly->experts);
+}
+
+void mdl_weights_drop_mtp(mdl_weights *w) {
+    mdl_mtp *t = w ? w->mtp : NULL;
+    if (!t) return;
+    const be_ops *o = w->be->ops;
+    layer_free(w, &t->layer);
+    o->weight_destroy(w->be, t->embed);
+    o->weight_destroy(w->be, t->head);
+    o->weight_destroy(w->be, t->eh_e);
+    o->weight_destroy(w->be, t->eh_h);
+    vec_free(w->be, t->enorm);
+    vec_free(w->be, t->hnorm);
+    vec_free(w->be, t->head_norm);
+    free(t);
+    w->mtp = NULL;
+}
+
 void mdl_weights_destroy(mdl_weights *w) {
     if (!w) return;
     be_backend *be = w->be;
     const be_ops *o = be->ops;
-    for (int l = 0; l < w->n_layers; l++) {
-        mdl_layer *ly = &w->layers[l];
-        vec_free(be, ly->attn_norm);
-        vec_free(be, ly->ffn_norm);
-        vec_free(be, ly->q_a_norm);
-        vec_free(be, ly->kv_a_norm);
-        vec_free(be, ly->gate_bias);
-        o->weight_destroy(be, ly->q_a);
-        o->weight_destroy(be, ly->q_b);
-        o->weight_destroy(be, ly->q);
-        o->weight_destroy(be, ly->kv_a);
-        o->weight_destroy(be, ly->kv_b);
-        o->weight_destroy(be, ly->o);
-        o->weight_destroy(be, ly->gate);
-        ffn_free(be, &ly->dense);
-        ffn_free(be, &ly->shared);
-        for (int e = 0; ly->experts && e < w->n_local_experts; e++) ffn_free(be, &ly->experts[e]);
-        free(ly->experts);
-    }
+    for (int l = 0; l < w->n_layers; l++) layer_free(w, &w->layers[l]);
+    mdl_weights_drop_mtp(w);
     free(w->layers);
     o->weight_destroy(be, w->embed);
     o->weight_destroy(be, w->lm_head);

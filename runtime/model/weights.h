@@ -37,12 +37,23 @@ typedef struct mdl_layer {
     be_ffn shared;   /* shared experts fused, intermediate split over TP; gate_up NULL if none */
 } mdl_layer;
 
+/* DeepSeek-V3's multi-token-prediction module, in this rank's slice: the draft of token
+ * i + 2 from the main model's hidden state at i and the embedding of token i + 1. */
+typedef struct mdl_mtp {
+    be_weight *embed, *head;         /* its own copies, [plan.vocab_local, D] from plan.vocab0 */
+    void *enorm, *hnorm, *head_norm; /* [D]; head_norm is shared_head.norm */
+    be_weight *eh_e, *eh_h;          /* eh_proj [D, 2D] as its halves: x = eh_e enorm(embed)
+                                      * + eh_h hnorm(hidden) (no concatenation on the device) */
+    mdl_layer layer;                 /* one decoder layer (experts when the model has them) */
+} mdl_mtp;
+
 typedef struct mdl_weights {
     be_backend *be;                /* borrowed: what the tensors live on */
     int n_layers, n_local_experts; /* what destroy walks */
     be_weight *embed, *lm_head;    /* [plan.vocab_local, D] rows from plan.vocab0 */
     void *final_norm;              /* [D] */
     mdl_layer *layers;             /* [n_layers] */
+    mdl_mtp *mtp;                  /* NULL unless mdl_weights_load_mtp ran */
 } mdl_weights;
 
 /* Loads this rank's slices (plan) of the checkpoint in dir whose config.json is c, or dummy
@@ -52,5 +63,12 @@ duet_status mdl_weights_load(const char *dir, const cfg_model *c, const mdl_plan
                              be_backend *be, mdl_weights_source source, uint64_t dummy_seed,
                              mdl_weights **w_p);
 void mdl_weights_destroy(mdl_weights *w);
+/* Loads the checkpoint's first MTP module (layer num_hidden_layers) into w->mtp, with the same
+ * slicing as the rest. DUET_ERR_UNSUPPORTED with one clear line when config.json has no MTP
+ * layer (num_nextn_predict_layers 0). On error w is as before. */
+duet_status mdl_weights_load_mtp(const char *dir, const cfg_model *c, const mdl_plan *plan,
+                                 mdl_weights_source source, uint64_t dummy_seed, mdl_weights *w);
+/* Frees w->mtp (none: nothing). */
+void mdl_weights_drop_mtp(mdl_weights *w);
 
 #endif

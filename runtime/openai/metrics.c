@@ -186,6 +186,19 @@ duet_status met_render(const met_registry *r, const met_gauges *g, char **text_p
             "Prefix cache queries, in terms of number of queried tokens.", g->prefix_cache_queries);
     counter(&b, r, "vllm:prefix_cache_hits_total",
             "Prefix cache hits, in terms of number of cached tokens.", g->prefix_cache_hits);
+    if (g->spec_k > 0) {
+        counter(&b, r, "vllm:spec_decode_num_drafts_total", "Number of spec decoding drafts.",
+                g->spec_num_drafts);
+        counter(&b, r, "vllm:spec_decode_num_draft_tokens_total", "Number of draft tokens.",
+                g->spec_num_draft_tokens);
+        counter(&b, r, "vllm:spec_decode_num_accepted_tokens_total", "Number of accepted tokens.",
+                g->spec_num_accepted_tokens);
+        head(&b, "vllm:spec_decode_num_accepted_tokens_per_pos_total", "counter",
+             "Accepted tokens per draft position.");
+        for (int i = 0; i < g->spec_k && i < 8; i++)
+            out(&b, "vllm:spec_decode_num_accepted_tokens_per_pos_total{%s,position=\"%d\"} %llu\n",
+                r->label, i, (unsigned long long)g->spec_accepted_per_pos[i]);
+    }
     static const char *const names[MET_HIST_COUNT][2] = {
         {"vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds."},
         {"vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds."},

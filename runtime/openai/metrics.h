@@ -30,6 +30,11 @@ typedef struct met_gauges {
     uint64_t num_preemptions;
     uint64_t prefix_cache_queries, prefix_cache_hits; /* tokens */
     uint64_t http_connections_open;
+    /* speculative decoding (vLLM's spec_decode counters), rendered when spec_k > 0: verify
+     * steps with drafts, drafts verified, drafts accepted, accepted at positions 0..spec_k-1 */
+    int spec_k;
+    uint64_t spec_num_drafts, spec_num_draft_tokens, spec_num_accepted_tokens;
+    uint64_t spec_accepted_per_pos[8];
 } met_gauges;
 
 /* max_model_len sizes the token-count histograms' 1-2-5 buckets. model_name is copied. */

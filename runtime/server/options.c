@@ -152,8 +152,11 @@ static duet_status parse_spec_config(const opt_spec *spec, const char *v, char *
             }
             snprintf(c->spec_method, sizeof c->spec_method, "%s", x->valuestring);
         } else if (!strcmp(x->string, "num_speculative_tokens")) {
-            if (!json_int(x, 0, 3, &n)) {
-                st = bad(err, len, "num_speculative_tokens must be an integer in 0..3");
+            if (!json_int(x, 0, MDL_MAX_DRAFT, &n)) {
+                st = bad(err, len,
+                         "num_speculative_tokens must be an integer in 0..%d (0: off; MTP "
+                         "drafts 1..%d tokens a step)",
+                         MDL_MAX_DRAFT, MDL_MAX_DRAFT);
                 break;
             }
             c->spec_tokens = (int)n;
@@ -578,8 +581,9 @@ static duet_status server_options_add(opt_parser *p, srv_config *c) {
          .dest = c,
          .user = c,
          .metavar = "JSON",
-         .help = "{\"method\": \"mtp\", \"num_speculative_tokens\": N}: MTP is not available yet, "
-                 "so N > 0 is refused at start-up"},
+         .help = "{\"method\": \"deepseek_mtp\" (or \"mtp\"), \"num_speculative_tokens\": N}: "
+                 "MTP speculative decoding with N = 1..3 drafts a step (0: off); the "
+                 "checkpoint must have an MTP layer"},
         {.name = "--compilation-config",
          .alias = "-O",
          .type = OPT_CUSTOM,
@@ -802,14 +806,6 @@ int srv_config_parse(srv_config *c, int argc, char **argv, srv_role role,
                 prog);
         return 2;
     }
-    if (c->spec_tokens > 0) {
-        fprintf(stderr,
-                "%s: --speculative-config: num_speculative_tokens %d: MTP (multi-token "
-                "prediction) is not available in duet yet; leave --speculative-config out or "
-                "set num_speculative_tokens to 0\n",
-                prog, c->spec_tokens);
-        return 2;
-    }
     if ((c->ssl_keyfile != NULL) != (c->ssl_certfile != NULL)) {
         fprintf(stderr, "%s: --ssl-keyfile and --ssl-certfile go together\n", prog);
         return 2;
@@ -861,6 +857,15 @@ int srv_config_parse(srv_config *c, int argc, char **argv, srv_role role,
                 prog, c->dp_size_local, c->po.dp);
         return 2;
     }
+    if (c->spec_tokens > 0 && c->po.ep && c->po.dp * c->po.tp > 1) {
+        /* the module's MoE layer would need every DP group in its all-to-alls (issue 17) */
+        fprintf(stderr,
+                "%s: --speculative-config: MTP speculative decoding does not run with expert "
+                "parallelism over several ranks yet (--enable-expert-parallel)\n",
+                prog);
+        return 2;
+    }
+    c->po.spec_tokens = c->spec_tokens;
     return apply_kv_transfer(c, prog, role, p);
 }
 

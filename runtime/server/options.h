@@ -69,8 +69,8 @@ typedef struct srv_config {
     double gpu_memory_utilization;
     bool print_memory_plan; /* --print-memory-plan: the plan's table on stdout at start-up */
 
-    /* --speculative-config: what MTP's issue will read. Refused at start-up while
-     * num_speculative_tokens > 0, as duet has no MTP yet. */
+    /* --speculative-config: MTP's method ("mtp" or "deepseek_mtp") and drafts per step
+     * (0..MDL_MAX_DRAFT); copied to po.spec_tokens, which loads the MTP module. */
     char spec_method[32];
     int spec_tokens;
 

@@ -131,6 +131,24 @@ static void on_stats_timer(uv_timer_t *t) {
                  (double)dp / dt, (double)dg / dt, st.n_running, st.n_waiting,
                  st.n_blocks > 0 ? 100.0 * (st.n_blocks - st.n_free_blocks) / st.n_blocks : 0.0,
                  dq ? 100.0 * (double)dh / (double)dq : 0.0);
+    uint64_t dd = st.spec_drafts - o->spec_drafts,
+             dt_ = st.spec_draft_tokens - o->spec_draft_tokens;
+    uint64_t da = st.spec_accepted - o->spec_accepted;
+    if (dd > 0) {
+        /* vLLM's SpecDecoding line: mean acceptance length counts the target's own token */
+        char per[96] = "";
+        size_t at = 0;
+        for (int i = 0; i < s->cfg.spec_tokens && i < MDL_MAX_DRAFT; i++)
+            at += (size_t)snprintf(
+                per + at, sizeof per - at, "%s%.3f", i ? ", " : "",
+                (double)(st.spec_accepted_per_pos[i] - o->spec_accepted_per_pos[i]) / (double)dd);
+        LOG_INFO("SpecDecoding metrics: mean acceptance length %.2f, accepted throughput %.2f "
+                 "tokens/s, drafted throughput %.2f tokens/s, accepted %llu tokens, drafted %llu "
+                 "tokens, per-position acceptance rate: %s, avg draft acceptance rate %.1f%%",
+                 1.0 + (double)da / (double)dd, dt > 0 ? (double)da / dt : 0.0,
+                 dt > 0 ? (double)dt_ / dt : 0.0, (unsigned long long)da, (unsigned long long)dt_,
+                 per, dt_ ? 100.0 * (double)da / (double)dt_ : 0.0);
+    }
     s->stats_last = st;
     s->stats_t = now;
 }
@@ -289,7 +307,13 @@ static void handle_metrics(srv_server *s, http_req *req) {
         .prefix_cache_queries = st.prefix_queries * (uint64_t)s->cfg.block_size,
         .prefix_cache_hits = st.prefix_hits * (uint64_t)s->cfg.block_size,
         .http_connections_open = hs.connections_open,
+        .spec_k = s->cfg.spec_tokens,
+        .spec_num_drafts = st.spec_drafts,
+        .spec_num_draft_tokens = st.spec_draft_tokens,
+        .spec_num_accepted_tokens = st.spec_accepted,
     };
+    for (int i = 0; i < MDL_MAX_DRAFT; i++)
+        g.spec_accepted_per_pos[i] = st.spec_accepted_per_pos[i];
     char *text = NULL;
     size_t len = 0;
     met_count_http(s->met, 200);
@@ -605,6 +629,7 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
     ec.n_blocks = s->n_blocks;
     ec.prefix_caching = c->prefix_caching;
     ec.lease_timeout_s = c->lease_timeout_s;
+    ec.spec_tokens = c->spec_tokens;
     ec.on_event = oai_on_engine_event;
     ec.event_user = s->fe;
     if (plugin && plugin->fetch) {

@@ -5,9 +5,13 @@
  * the bytes the step must read (every weight it touches once, plus the KV it attends to) over
  * the device-copy bandwidth, which this program measures itself (cudaMemcpy device to device,
  * bytes read + written) unless --copy-gbps gives it.
+ * With --spec K (an MTP checkpoint, e.g. duet-mkmodel --mtp --config-only with --load-format
+ * dummy) it also times the verify step of MTP speculative decoding (K + 1 tokens per sequence,
+ * a logits row each) and the K drafts after it (mdl_draft), and prints the speed-up they give
+ * at given acceptance rates: random weights accept nearly nothing, so acceptance is an input.
  * Usage: bench_step --model DIR [--load-format dummy] [--backend cuda] [--batch 1,16,64]
  *                   [--ctx 1024] [--steps 50] [--enforce-eager] [--dtype bfloat16]
- *                   [--profile]
+ *                   [--spec K] [--profile]
  * --profile brackets one more step of each batch size with cudaProfilerStart/Stop, for
  * `ncu --profile-from-start off` or `nsys --capture-range=cudaProfilerApi`. */
 #include <math.h>
@@ -108,7 +112,7 @@ int main(int argc, char **argv) {
     par_options po;
     par_options_init(&po);
     const char *model = NULL, *batches = "1,16,64";
-    int ctx = 1024, steps = 50, block_size = 64;
+    int ctx = 1024, steps = 50, block_size = 64, spec = 0;
     double gbps = 0;
     bool profile = false;
     const opt_spec specs[] = {
@@ -142,6 +146,13 @@ int main(int argc, char **argv) {
          .min = 1,
          .max = 4096,
          .def = "64"},
+        {.name = "--spec",
+         .type = OPT_INT,
+         .dest = &spec,
+         .min = 0,
+         .max = MDL_MAX_DRAFT,
+         .def = "0",
+         .help = "also time MTP's verify step of K + 1 tokens and its K drafts"},
         {.name = "--copy-gbps",
          .type = OPT_DOUBLE,
          .dest = &gbps,
@@ -173,19 +184,25 @@ int main(int argc, char **argv) {
     }
     int max_b = 1;
     for (int i = 0; i < n_b; i++) max_b = bs_list[i] > max_b ? bs_list[i] : max_b;
-    po.max_tokens = 2048 > max_b ? 2048 : max_b;
+    po.max_tokens = 2048 > max_b * (spec + 1) ? 2048 : max_b * (spec + 1);
+    po.spec_tokens = spec;
 
     par_instance *inst;
     if (par_instance_create(&po, model, &argc, &argv, &inst) != DUET_OK) return 1;
     mdl_model *m = par_model(inst);
     const cfg_model *c = mdl_config(m);
-    int per_seq = (ctx + steps + 4) / block_size + 1;
+    /* the timed steps: 3 + steps one-token ones, then as many verify steps of spec + 1 */
+    int per_seq = (ctx + (steps + 3) * (spec + 2) + 8) / block_size + 1;
     be_kv *kv = NULL;
     if (mdl_kv_create(m, max_b * per_seq + 1, block_size, &kv) != DUET_OK) return 1;
     if (gbps <= 0) gbps = copy_gbps();
 
     int32_t *tables = malloc((size_t)max_b * per_seq * sizeof(int32_t));
     int32_t *tokens = malloc((size_t)(ctx > max_b ? ctx : max_b) * sizeof(int32_t));
+    float *logits = malloc((size_t)max_b * (spec + 1) * c->vocab_size * sizeof(float));
+    mdl_draft_seq *dseqs = calloc((size_t)max_b, sizeof *dseqs);
+    int32_t *drafts = calloc((size_t)max_b * MDL_MAX_DRAFT, sizeof *drafts);
+    if (!dseqs || !drafts) return 1;
     mdl_seq *seqs = calloc((size_t)max_b, sizeof *seqs);
     be_sampler *smp = NULL;
     if (!tables || !tokens || !seqs ||
@@ -259,6 +276,53 @@ int main(int argc, char **argv) {
         printf("%6d %10.3f %10.3f %10.2f %8.0f %12.3e\n", B, ms, floor_ms,
                floor_ms > 0 ? ms / floor_ms : 0, bytes / (ms * 1e-3) / 1e9, bytes);
         fflush(stdout);
+        if (spec > 0) {
+            /* MTP: verify steps of spec + 1 tokens, each followed by the module's catch-up on
+             * one position and its spec drafts (what a step that accepted nothing runs) */
+            int pos = ctx + warm + steps;
+            double tv = 0, td = 0;
+            for (int it = 0; it < warm + steps && !rc; it++) {
+                for (int s = 0; s < B; s++)
+                    seqs[s] = (mdl_seq){.tokens = tokens + (s + it) % (ctx - spec),
+                                        .n_tokens = spec + 1,
+                                        .pos0 = pos,
+                                        .block_table = tables + (size_t)s * per_seq,
+                                        .n_blocks = per_seq,
+                                        .n_logits = spec + 1};
+                double a = clock_now_s();
+                if (mdl_forward(m, kv, seqs, B, logits) != DUET_OK) rc = 1;
+                double b = clock_now_s();
+                for (int s = 0; s < B; s++)
+                    dseqs[s] = (mdl_draft_seq){.tokens = tokens + (s + it + 1) % (ctx - spec),
+                                               .n_tokens = 1,
+                                               .pos0 = pos,
+                                               .hid0 = s * (spec + 1),
+                                               .block_table = tables + (size_t)s * per_seq,
+                                               .n_blocks = per_seq,
+                                               .n_draft = spec};
+                if (!rc && mdl_draft(m, kv, dseqs, B, drafts) != DUET_OK) rc = 1;
+                double d = clock_now_s();
+                if (it >= warm) {
+                    tv += b - a;
+                    td += d - b;
+                }
+                pos += 1;
+            }
+            if (rc) break;
+            double v_ms = tv * 1e3 / steps, d_ms = td * 1e3 / steps;
+            printf("  MTP k=%d: verify %.3f ms (%.2fx a one-token step), drafts %.3f ms; "
+                   "speed-up at acceptance",
+                   spec, v_ms, v_ms / ms, d_ms);
+            static const double acc[] = {0.7, 0.8, 0.85, 0.9};
+            for (int i = 0; i < 4; i++) {
+                /* tokens per step with each further draft accepted at the same rate */
+                double tok = 1, pa = 1;
+                for (int j = 0; j < spec; j++) tok += (pa *= acc[i]);
+                printf(" %.2f: %.2fx", acc[i], tok * ms / (v_ms + d_ms));
+            }
+            printf(" (random weights: acceptance not measured)\n");
+            fflush(stdout);
+        }
     }
     uint64_t rec = 0, launched = 0;
     mdl_graph_counts(m, &rec, &launched);
@@ -267,7 +331,10 @@ int main(int argc, char **argv) {
     free(tables);
     free(tokens);
     be_sampler_destroy(mdl_backend(m), smp);
+    free(logits);
     free(seqs);
+    free(dseqs);
+    free(drafts);
     mdl_kv_destroy(m, kv);
     par_instance_destroy(inst);
     return rc;

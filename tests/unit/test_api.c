@@ -193,6 +193,28 @@ static void test_metrics(void) {
     snprintf(want, sizeof want, "vllm:kv_cache_usage_perc{%s} 0.25\n", lab);
     CHECK(strstr(text, want) != NULL);
     CHECK(strstr(text, "# TYPE vllm:e2e_request_latency_seconds histogram\n") != NULL);
+    /* without speculative decoding no spec_decode lines */
+    CHECK(strstr(text, "spec_decode") == NULL);
+    free(text);
+    /* with MTP (k = 2): vLLM's spec_decode counters, one per-position line per draft */
+    g.spec_k = 2;
+    g.spec_num_drafts = 10;
+    g.spec_num_draft_tokens = 20;
+    g.spec_num_accepted_tokens = 13;
+    g.spec_accepted_per_pos[0] = 8;
+    g.spec_accepted_per_pos[1] = 5;
+    CHECK(met_render(m, &g, &text, &len) == DUET_OK);
+    const char *spec[] = {
+        "vllm:spec_decode_num_drafts_total{%s} 10\n",
+        "vllm:spec_decode_num_draft_tokens_total{%s} 20\n",
+        "vllm:spec_decode_num_accepted_tokens_total{%s} 13\n",
+        "vllm:spec_decode_num_accepted_tokens_per_pos_total{%s,position=\"0\"} 8\n",
+        "vllm:spec_decode_num_accepted_tokens_per_pos_total{%s,position=\"1\"} 5\n"};
+    for (size_t i = 0; i < sizeof spec / sizeof spec[0]; i++) {
+        snprintf(want, sizeof want, spec[i], lab);
+        CHECK_MSG(strstr(text, want) != NULL, "missing %s", want);
+    }
+    CHECK(strstr(text, "position=\"2\"") == NULL);
     free(text);
     met_destroy(m);
 }
