@@ -136,17 +136,17 @@ multi)
     ;;
 fp8)
     TMO=150 run op-test test_backend_ops
-    for c in tiny-v3-fp8-smooth tiny-v3-fp8; do
-        [ -d "$G/$c" ] || continue
-        run "golden-fp8-bf16-vs-emulated-$c" duet-check golden --backend cuda --dtype bfloat16 \
-            --compare-to bf16-emulated --per-row "$G/$c"
-    done
-    run golden-fp8-bf16-tiny-v3-fp8 duet-check golden --backend cuda --dtype bfloat16 \
-        "$G/tiny-v3-fp8"
+    # bf16 on the FP8 path, held to its emulation on the smooth-routing golden (tiny-v3-fp8's
+    # routing margins flip experts under any bf16 rounding: docs/cuda.md)
+    [ -d "$G/tiny-v3-fp8-smooth" ] &&
+        run "golden-fp8-bf16-vs-emulated-tiny-v3-fp8-smooth" duet-check golden --backend cuda \
+            --dtype bfloat16 --compare-to bf16-emulated --ratio-of p90 --per-row \
+            "$G/tiny-v3-fp8-smooth"
     # the opt-in FP8 prefill GEMMs (cuBLASLt block-scaled) against their emulation
     [ -d "$G/tiny-v3-fp8-smooth" ] &&
         run golden-fp8-prefill-vs-emulated env DUET_FP8_PREFILL_ROWS=32 duet-check golden \
-            --backend cuda --dtype bfloat16 --compare-to bf16-emulated --tol 0.13 --per-row \
+            --backend cuda --dtype bfloat16 --compare-to bf16-emulated --ratio-of p90 --tol 0.13 \
+            --per-row \
             "$G/tiny-v3-fp8-smooth"
     run golden-fp8-f32-tiny-v3-fp8 duet-check golden --backend cuda --dtype float32 \
         "$G/tiny-v3-fp8"
