@@ -63,10 +63,25 @@ asan)
     export LSAN_OPTIONS="suppressions=$supp/lsan.supp:print_suppressions=0"
     ASAN_OPTIONS=$asan UBSAN_OPTIONS=$ubsan \
         meson test -C build-asan --no-rebuild --print-errorlogs --suite planted
-    ASAN_OPTIONS="$asan:fast_unwind_on_malloc=0:log_path=$logs/asan" \
-        UBSAN_OPTIONS="$ubsan:log_path=$logs/ubsan" \
-        meson test -C build-asan --no-rebuild --print-errorlogs --num-processes 2 \
-        --suite parallel --suite mpi
+    multi_rank() {
+        ASAN_OPTIONS="$asan:fast_unwind_on_malloc=0:log_path=$logs/asan" \
+            UBSAN_OPTIONS="$ubsan:log_path=$logs/ubsan" \
+            meson test -C build-asan --no-rebuild --print-errorlogs --num-processes 2 \
+            --suite parallel --suite mpi
+    }
+    # LeakSanitizer's tracer thread itself may crash while it stops a process whose Open MPI
+    # threads come and go ("LeakSanitizer has encountered a fatal error", seen once in about
+    # ten runs): that is no finding about duet, so those suites then run once more. Any other
+    # failure, or the same crash twice, fails the stage.
+    if ! multi_rank; then
+        tracer=$(grep -l "LeakSanitizer has encountered a fatal" "$logs"/* 2>/dev/null || true)
+        others=$(grep -lE 'Sanitizer|runtime error|SUMMARY: ' "$logs"/* 2>/dev/null |
+            grep -vxF "$tracer" || true)
+        [ -n "$tracer" ] && [ -z "$others" ] || exit 1
+        echo "sanitize asan: LeakSanitizer's tracer crashed ($tracer); the multi-rank suites again"
+        rm -f $tracer
+        multi_rank
+    fi
     ASAN_OPTIONS="$asan:log_path=$logs/asan" UBSAN_OPTIONS="$ubsan:log_path=$logs/ubsan" \
         meson test -C build-asan --no-rebuild --print-errorlogs --num-processes 2 \
         --suite unit --suite golden --suite fuzz --suite integration --suite proxy \
