@@ -113,24 +113,32 @@ for s in "${sections[@]}"; do
                 --load-format dummy --host 127.0.0.1 --max-model-len 4096
                 --gpu-memory-utilization "$util")
             peers=()
+            # one instance after another: an instance sizes its KV cache from what its own load
+            # took of the device's memory, which a neighbour loading at the same time would
+            # inflate (seen on one H200: both refused to start)
+            up=1
+            wait_health() {
+                for _ in $(seq 120); do
+                    curl -sf "http://127.0.0.1:$1/health" >/dev/null && return 0
+                    kill -0 "$2" 2>/dev/null || return 1
+                    sleep 1
+                done
+                return 1
+            }
             for i in $(seq 0 $((np - 1))); do
+                [ $up = 1 ] || break
                 CUDA_VISIBLE_DEVICES=$((i % ngpu)) duet-prefill "${wargs[@]}" \
                     --port $((8700 + 10 * i)) >"$out/pd${np}_prefill$i.log" 2>&1 &
                 pids+=($!)
                 peers+=("127.0.0.1:$((8700 + 10 * i))")
+                wait_health $((8700 + 10 * i)) $! || up=0
             done
-            CUDA_VISIBLE_DEVICES=$((np % ngpu)) duet-decode "${wargs[@]}" --port 8790 \
-                --max-num-seqs 256 >"$out/pd${np}_decode.log" 2>&1 &
-            pids+=($!)
-            up=1
-            for p in $(seq 0 $((np - 1))) 9; do
-                port=$((8700 + 10 * p))
-                for _ in $(seq 300); do
-                    curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
-                    sleep 1
-                done
-                curl -sf "http://127.0.0.1:$port/health" >/dev/null || up=0
-            done
+            if [ $up = 1 ]; then
+                CUDA_VISIBLE_DEVICES=$((np % ngpu)) duet-decode "${wargs[@]}" --port 8790 \
+                    --max-num-seqs 256 >"$out/pd${np}_decode.log" 2>&1 &
+                pids+=($!)
+                wait_health 8790 $! || up=0
+            fi
             duet-proxy --host 127.0.0.1 --port 8780 --prefill "${peers[@]}" --decode 127.0.0.1:8790 \
                 >"$out/pd${np}_proxy.log" 2>&1 &
             pids+=($!)
