@@ -55,9 +55,9 @@ asan)
     ninja -C build-asan
     # The multi-rank tests (suites parallel and mpi) with full stacks (slow unwinding) so that
     # allocations made inside Open MPI's dlopen'ed components show the Open MPI frames
-    # lsan.supp names; the rest with
-    # ASan's fast unwinder: slow unwinding on every malloc made servers that load a 128k-entry
-    # tokenizer miss their tests' start-up deadlines on a 2-core machine.
+    # lsan.supp names; the rest with ASan's fast unwinder: slow unwinding on every malloc made
+    # servers that load a 128k-entry tokenizer miss their tests' start-up deadlines on a
+    # 2-core machine.
     asan="detect_leaks=1:strict_string_checks=1"
     ubsan="halt_on_error=1:print_stacktrace=1"
     export LSAN_OPTIONS="suppressions=$supp/lsan.supp:print_suppressions=0"
