@@ -370,6 +370,22 @@ static duet_status cuda_kv_copy_host(be_backend *be, be_kv *kv, const int32_t *b
     return DUET_OK;
 }
 
+/* The end of a queued KV copy on stream s (e: how queueing went): an event recorded after it is
+ * the ticket kv_copy_poll waits on; on any error what was queued is over before returning, so
+ * the caller may reuse the memory. */
+static duet_status copy_ticket(cudaError_t e, cudaStream_t s, const char *what, void **ticket_p) {
+    cudaEvent_t ev = NULL;
+    if (e == cudaSuccess) e = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
+    if (e == cudaSuccess) e = cudaEventRecord(ev, s);
+    if (e != cudaSuccess) {
+        (void)cudaStreamSynchronize(s);
+        if (ev) cudaEventDestroy(ev);
+        return copy_error(e, what);
+    }
+    *ticket_p = (void *)ev;
+    return DUET_OK;
+}
+
 /* The pipelined form (KV transfer thread): the runs are queued on the stream of their
  * direction, so a chunk's device->host copy, another chunk's host->device copy and network
  * reads overlap; the ticket is an event recorded after them. */
@@ -390,17 +406,7 @@ static duet_status cuda_kv_copy_start(be_backend *be, be_kv *kv, const int32_t *
                     : cudaMemcpyAsync(dev, h, len, cudaMemcpyHostToDevice, s);
         i = k;
     }
-    cudaEvent_t ev = NULL;
-    if (e == cudaSuccess) e = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
-    if (e == cudaSuccess) e = cudaEventRecord(ev, s);
-    if (e != cudaSuccess) {
-        /* what was queued must be over before the caller reuses the memory */
-        (void)cudaStreamSynchronize(s);
-        if (ev) cudaEventDestroy(ev);
-        return copy_error(e, "queueing a KV copy");
-    }
-    *ticket_p = (void *)ev;
-    return DUET_OK;
+    return copy_ticket(e, s, "queueing a KV copy", ticket_p);
 }
 
 static duet_status cuda_kv_copy_poll(be_backend *be, void *ticket, bool wait) {
@@ -466,16 +472,7 @@ static duet_status cuda_kv_copy_device_start(be_backend *be, be_kv *kv, const in
         e = cudaMemcpyAsync(dst, from, (size_t)(k - i) * bb, cudaMemcpyDeviceToDevice, s);
         i = k;
     }
-    cudaEvent_t ev = NULL;
-    if (e == cudaSuccess) e = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
-    if (e == cudaSuccess) e = cudaEventRecord(ev, s);
-    if (e != cudaSuccess) {
-        (void)cudaStreamSynchronize(s);
-        if (ev) cudaEventDestroy(ev);
-        return copy_error(e, "queueing a KV device copy");
-    }
-    *ticket_p = (void *)ev;
-    return DUET_OK;
+    return copy_ticket(e, s, "queueing a KV device copy", ticket_p);
 }
 
 static duet_status cuda_host_pin(be_backend *be, void *ptr, size_t bytes) {
