@@ -7,6 +7,9 @@
 #   step     decode steps through the model at batch 1, 16, 64 (context 1k) next to their
 #            memory floor, with recorded steps (CUDA graphs) and with --enforce-eager
 #   profile  one eager decode step at batch 1 and 64 under ncu, time and DRAM bytes per kernel
+#   prefill  prompts (TTFT's work): bench_mla's prompt-chunk table (the prefill attention kernel
+#            next to a dense GEMM), then bench_step --prefill 1k/4k/16k next to the compute floor
+#   prefill_profile  one 4k-token prompt under ncu, time per kernel
 #   serve    duet-decode on the GPU behind duet-bench: TPOT at 1 and at 64 concurrent (greedy
 #            and top_p 0.95), 200 requests at once (1,000 in / 100 out), a lone prompt's TTFT
 #   pd       1P1D and 2P1D behind duet-proxy (duet-prefill, duet-decode, KV over UCX), 200
@@ -64,9 +67,23 @@ for s in "${sections[@]}"; do
             TAIL=30 run "ncu_b${b}_sum" 30 python3 "$here/ncu_summary.py" "$out/ncu_b$b.csv" 25
         done
         ;;
+    prefill)
+        has bench_mla && TAIL=16 run bench_mla_prefill 240 bench_mla 10 prefill
+        TAIL=8 run prefill_v2lite 300 bench_step --model "$model" --backend cuda \
+            --load-format dummy --prefill 1024,4096,16384 --chunk 8192
+        ;;
+    prefill_profile)
+        ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+        [ -n "$ncu" ] || { say "--- prefill_profile: no ncu"; continue; }
+        run ncu_prefill 300 "$ncu" --profile-from-start off --clock-control none --csv \
+            --page raw --metrics gpu__time_duration.sum,dram__bytes_read.sum \
+            --log-file "$out/ncu_prefill.csv" bench_step --model "$model" --backend cuda \
+            --load-format dummy --prefill 4096 --chunk 8192 --profile
+        TAIL=30 run ncu_prefill_sum 30 python3 "$here/ncu_summary.py" "$out/ncu_prefill.csv" 25
+        ;;
     serve)
         port=8600
-        duet-decode --model "$model" --served-model-name v2lite --backend cuda \
+        DUET_LOG=debug duet-decode --model "$model" --served-model-name v2lite --backend cuda \
             --load-format dummy --host 127.0.0.1 --port $port --max-model-len 4096 \
             --max-num-seqs 256 --max-num-batched-tokens 8192 --print-memory-plan \
             >"$out/server.log" 2>&1 &
@@ -92,8 +109,22 @@ for s in "${sections[@]}"; do
             --max-concurrency 64 --result-filename conc64.json
         TAIL=24 run serve_conc64_topp 300 duet-bench "${common[@]}" --num-prompts 128 \
             --max-concurrency 64 --temperature 0.6 --top-p 0.95 --result-filename conc64_topp.json
+        # the engine's step lines (DUET_LOG=debug) of the 200-request run, summed
+        s0=$(grep -o 'engine: step [0-9]*' "$out/server.log" | tail -1 | grep -o '[0-9]*$')
         TAIL=24 run serve_200 400 duet-bench "${common[@]}" --num-prompts 200 \
             --result-filename all200.json
+        awk -v s0="${s0:-0}" '/engine: step [0-9]+:/ {
+                for (i = 1; i <= NF; i++) if ($i == "step") n = $(i + 1) + 0
+                if (n <= s0) next
+                match($0, /[0-9.]+ ms \(/); ms = substr($0, RSTART, RLENGTH - 4) + 0
+                match($0, /, [0-9]+ tokens/); tok = substr($0, RSTART + 2, RLENGTH - 9) + 0
+                match($0, /of [0-9]+ tokens\)/); pt = substr($0, RSTART + 3, RLENGTH - 11) + 0
+                match($0, /: [0-9]+ requests/); rq = substr($0, RSTART + 2, RLENGTH - 11) + 0
+                if (pt > 0) { pn++; pms += ms; ptok += pt; pall += tok } else { dn++; dms += ms; drq += rq }
+            }
+            END { printf "serve_200 steps: %d with prompt chunks (%.0f ms, %d prompt tokens, %.0f tokens a step), %d decode-only (%.0f ms, %.1f requests a step)\n",
+                pn, pms, ptok, pn ? pall / pn : 0, dn, dms, dn ? drq / dn : 0 }' \
+            "$out/server.log" | tee -a "$summary"
         kill -TERM $srv 2>/dev/null
         wait $srv 2>/dev/null
         grep -E "graph|KV cache|serving" "$out/server.log" | head -5 | tee -a "$summary"

@@ -1214,9 +1214,14 @@ duet_status eng_step(eng_engine *e, bool *busy_p) {
         publish_stats(e);
         return st;
     }
-    int rows = 0, toks = 0;
+    const double t_step = clock_now_s();
+    int rows = 0, toks = 0, n_chunks = 0, chunk_toks = 0;
     for (int i = 0; i < n; i++) {
         ereq *r = e->sched[i];
+        if (r->n_computed < r->n_prompt) {
+            n_chunks++;
+            chunk_toks += r->n_sched;
+        }
         bool last = r->n_computed + r->n_sched - r->n_spec == r->n_tokens;
         bool prompt_rows = r->prompt_lp && r->n_computed < r->n_prompt;
         /* a verify step: a row for the last token and one after each draft */
@@ -1318,6 +1323,11 @@ duet_status eng_step(eng_engine *e, bool *busy_p) {
     e->stats.sample_host_s += (t1 - t0) + (clock_now_s() - t2);
     e->stats.sample_wait_s += t2 - t1;
     publish_stats(e);
+    /* DUET_LOG=debug: one line a step, what a serving benchmark's steps were made of */
+    LOG_DEBUG("engine: step %llu: %d requests, %d tokens (%d prompt chunks of %d tokens), "
+              "%.2f ms (forward queued in %.2f, sampling waited %.2f)",
+              (unsigned long long)e->stats.n_steps, n, toks, n_chunks, chunk_toks,
+              (clock_now_s() - t_step) * 1e3, (t0 - t_step) * 1e3, (t2 - t1) * 1e3);
     *busy_p = true;
     return DUET_OK;
 }

@@ -1,9 +1,13 @@
-/* MLA decode microbenchmark: times the CUDA backend's be_ops.mla_attention on decode batches
- * (one or a few new tokens per sequence, absorbed form) at DeepSeek-V2-Lite and V3 shapes,
- * and the device copy bandwidth it is measured against. Each timing is the median over
- * replays of a CUDA graph holding the op once per layer of a cache large enough not to sit in
- * L2; phases are timed by difference (be_cuda_mla_tune leaves them out). No engine, no model.
- * Usage: bench_mla [replays]   (exit 77 without a device). docs/kernels/mla.md reads the table. */
+/* MLA microbenchmark: times the CUDA backend's be_ops.mla_attention on decode batches (one or
+ * a few new tokens per sequence, absorbed form) at DeepSeek-V2-Lite and V3 shapes, and the
+ * device copy bandwidth it is measured against. Each timing is the median over replays of a
+ * CUDA graph holding the op once per layer of a cache large enough not to sit in L2; phases
+ * are timed by difference (be_cuda_mla_tune leaves them out). Then prompt chunks (the expanded
+ * form: latents gathered and expanded by kv_b, then the tensor-core prefill kernel), timed
+ * eagerly, next to a large dense bf16 GEMM (the backend's linear op, 8192^3) measured in the
+ * same run. No engine, no model.
+ * Usage: bench_mla [replays] [decode|prefill]   (exit 77 without a device). docs/kernels/mla.md
+ * reads the tables. */
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdio.h>
@@ -277,9 +281,200 @@ done:
     return r;
 }
 
+/* ---- prompt chunks ---- */
+
+typedef struct prefill_cfg {
+    const char *name;
+    int H, B, nq, ctx; /* B sequences, each a chunk of nq tokens ending its ctx positions */
+} prefill_cfg;
+
+/* Median milliseconds of `calls` eager calls of fn(arg) on the backend's stream. */
+static double time_eager(be_backend *be, void (*fn)(void *), void *arg, int reps) {
+    cudaStream_t st = (cudaStream_t)be_cuda_stream(be);
+    cudaEvent_t e0, e1;
+    cuda_ok(cudaEventCreate(&e0), "cudaEventCreate");
+    cuda_ok(cudaEventCreate(&e1), "cudaEventCreate");
+    float *ms = malloc((size_t)reps * sizeof *ms);
+    fn(arg); /* warm-up: scratch grows here */
+    for (int i = 0; i < reps; i++) {
+        cuda_ok(cudaEventRecord(e0, st), "cudaEventRecord");
+        fn(arg);
+        cuda_ok(cudaEventRecord(e1, st), "cudaEventRecord");
+        cuda_ok(cudaEventSynchronize(e1), "cudaEventSynchronize");
+        cuda_ok(cudaEventElapsedTime(&ms[i], e0, e1), "cudaEventElapsedTime");
+    }
+    double r = be->ops->sync(be) == DUET_OK && !g_fail ? median(ms, reps) : -1;
+    free(ms);
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    return r;
+}
+
+static void run_one_layer(void *arg) {
+    setup *s = arg;
+    s->be->ops->mla_attention(s->be, s->out, s->q, s->kv, 0, s->kv_b, s->H, NOPE, R_, V_, s->scale);
+}
+
+typedef struct gemm_arg {
+    be_backend *be;
+    void *y, *x;
+    be_weight *w;
+    int n;
+} gemm_arg;
+
+static void run_gemm(void *arg) {
+    gemm_arg *g = arg;
+    g->be->ops->linear(g->be, g->y, g->x, g->n, g->n, g->w);
+}
+
+/* Dense bf16 GEMM TFLOP/s of the backend's linear op, [n, n] x [n, n]^T. */
+static double dense_tflops(be_backend *be, int n, int reps) {
+    const be_ops *o = be->ops;
+    size_t nn = (size_t)n * n;
+    float *h = malloc(nn * sizeof *h);
+    for (size_t i = 0; i < nn; i++) h[i] = urand(1.0f);
+    gemm_arg g = {.be = be, .n = n};
+    g.x = o->buf_alloc(be, nn);
+    g.y = o->buf_alloc(be, nn);
+    double r = -1;
+    if (g.x && g.y && o->upload(be, g.x, 0, h, nn) == DUET_OK &&
+        o->weight_create(be, h, n, n, false, &g.w) == DUET_OK) {
+        double ms = time_eager(be, run_gemm, &g, reps);
+        if (ms > 0) r = 2.0 * n * (double)nn / (ms * 1e-3) / 1e12;
+        o->weight_destroy(be, g.w);
+    }
+    o->buf_free(be, g.x);
+    o->buf_free(be, g.y);
+    free(h);
+    return r;
+}
+
+/* One prompt-chunk configuration: prints its row. */
+static void bench_prefill(be_backend *be, prefill_cfg c, int reps, double dense) {
+    const be_ops *o = be->ops;
+    int nb = (c.ctx + BS - 1) / BS, T = c.B * c.nq, H = c.H, n_blocks = c.B * nb + 1;
+    setup s = {.be = be, .layers = 1, .T = T, .H = H, .scale = 1.0f / sqrtf(NOPE + R_)};
+    float *qh = NULL, *wh = NULL;
+    int32_t *perm = NULL, *pos = NULL, *slot = NULL, *start = NULL, *ctx = NULL;
+    if (o->kv_create(be, n_blocks, 1, BS, L_ + R_, &s.kv) != DUET_OK) {
+        g_fail = 1;
+        return;
+    }
+    size_t total = (size_t)n_blocks * s.kv->block_bytes / 2, chunk = (size_t)1 << 24;
+    float *h = malloc((chunk + 8) * sizeof *h);
+    for (size_t i = 0; i < chunk + 8; i++) h[i] = urand(1.0f);
+    for (size_t off = 0; off < total; off += chunk) {
+        size_t n = total - off < chunk ? total - off : chunk;
+        if (o->upload(be, s.kv->data, off, h + (off / chunk) % 8, n) != DUET_OK) break;
+    }
+    free(h);
+    size_t qn = (size_t)T * H * (NOPE + R_), wn = (size_t)H * (NOPE + V_) * L_;
+    qh = malloc(qn * sizeof *qh);
+    wh = malloc(wn * sizeof *wh);
+    for (size_t i = 0; i < qn; i++) qh[i] = urand(1.0f);
+    for (size_t i = 0; i < wn; i++) wh[i] = urand(0.05f);
+    s.q = o->buf_alloc(be, qn);
+    s.out = o->buf_alloc(be, (size_t)T * H * V_);
+    perm = malloc((size_t)n_blocks * sizeof *perm);
+    pos = malloc((size_t)T * sizeof *pos);
+    slot = malloc((size_t)T * sizeof *slot);
+    start = malloc((size_t)(c.B + 1) * sizeof *start);
+    ctx = malloc((size_t)c.B * sizeof *ctx);
+    if (!s.q || !s.out || o->upload(be, s.q, 0, qh, qn) != DUET_OK ||
+        o->weight_create(be, wh, H * (NOPE + V_), L_, false, &s.kv_b) != DUET_OK) {
+        g_fail = 1;
+        goto done;
+    }
+    for (int i = 0; i < n_blocks; i++) perm[i] = i;
+    for (int i = n_blocks - 1; i > 0; i--) {
+        int j = (int)(rnd() % (uint64_t)(i + 1)), t = perm[i];
+        perm[i] = perm[j];
+        perm[j] = t;
+    }
+    for (int b = 0, t = 0; b < c.B; b++) {
+        start[b] = t;
+        ctx[b] = c.ctx;
+        for (int i = 0; i < c.nq; i++, t++) {
+            pos[t] = c.ctx - c.nq + i;
+            slot[t] = perm[b * nb + pos[t] / BS] * BS + pos[t] % BS;
+        }
+    }
+    start[c.B] = T;
+    be_batch batch = {.n_tokens = T,
+                      .n_seqs = c.B,
+                      .token_pos = pos,
+                      .token_slot = slot,
+                      .seq_start = start,
+                      .seq_ctx = ctx,
+                      .block_table = perm,
+                      .max_blocks = nb};
+    if (o->set_batch(be, &batch) != DUET_OK) {
+        g_fail = 1;
+        goto done;
+    }
+    be_cuda_mla_info info = {0};
+    run_one_layer(&s);
+    if (o->sync(be) != DUET_OK || be_cuda_mla_last(be, &info) != DUET_OK) {
+        g_fail = 1;
+        goto done;
+    }
+    double full = time_eager(be, run_one_layer, &s, reps);
+    be_cuda_mla_tune(be, 0, BE_CUDA_MLA_SKIP_PREFILL);
+    double expand = time_eager(be, run_one_layer, &s, reps);
+    be_cuda_mla_tune(be, 0, BE_CUDA_MLA_SKIP_EXPAND);
+    double attn = time_eager(be, run_one_layer, &s, reps);
+    be_cuda_mla_tune(be, 0, 0);
+    /* causal: query i of a chunk sees ctx - nq + i + 1 positions; QK^T over 192 dims, PV 128 */
+    double vis = 0;
+    for (int i = 0; i < c.nq; i++) vis += c.ctx - c.nq + i + 1;
+    double flops = (double)c.B * H * vis * 2.0 * (NOPE + R_ + V_);
+    double exp_flops = 2.0 * c.B * c.ctx * (double)L_ * H * (NOPE + V_);
+    double tf = attn > 0 ? flops / (attn * 1e-3) / 1e12 : 0;
+    printf("%-8s %4d %3d %6d %6d | %-3s %5d | %9.3f %9.3f %9.3f | %8.1f %6.1f%% | %8.1f\n", c.name,
+           H, c.B, c.nq, c.ctx, info.prefill_tc ? "tc" : "cc", info.prefill_blocks, full, expand,
+           attn, tf, dense > 0 ? 100 * tf / dense : 0,
+           expand > 0 ? exp_flops / (expand * 1e-3) / 1e12 : 0);
+    fflush(stdout);
+done:
+    if (s.kv_b) o->weight_destroy(be, s.kv_b);
+    o->buf_free(be, s.q);
+    o->buf_free(be, s.out);
+    o->kv_destroy(be, s.kv);
+    free(qh);
+    free(wh);
+    free(perm);
+    free(pos);
+    free(slot);
+    free(start);
+    free(ctx);
+}
+
+static void prefill_section(be_backend *be, int reps) {
+    double dense = dense_tflops(be, 8192, reps);
+    printf("\nprompt chunks (expanded form), one layer, median of %d eager calls; dense bf16 GEMM "
+           "(linear op, 8192^3): %.1f TFLOP/s\n",
+           reps, dense);
+    printf("%-8s %4s %3s %6s %6s | %-3s %5s | %9s %9s %9s | %8s %7s | %8s\n", "model", "H", "B",
+           "chunk", "ctx", "krn", "blks", "full_ms", "expand_ms", "attn_ms", "attn_TF", "%dense",
+           "exp_TF");
+    prefill_cfg cfgs[] = {
+        {"V2-Lite", 16, 1, 1024, 1024}, {"V2-Lite", 16, 8, 1024, 1024},
+        {"V2-Lite", 16, 1, 4096, 4096}, {"V2-Lite", 16, 1, 8192, 8192},
+        {"V2-Lite", 16, 1, 2048, 8192}, {"V2-Lite", 16, 1, 16384, 16384},
+        {"V3", 128, 1, 4096, 4096},     {"V3", 128, 1, 8192, 8192},
+        {"V3 TP8", 16, 1, 8192, 8192},
+    };
+    for (size_t i = 0; i < sizeof cfgs / sizeof cfgs[0]; i++)
+        bench_prefill(be, cfgs[i], reps, dense);
+    printf("(attn_TF: causal attention FLOPs, 2 x H x (192 + 128) per visible (query, position) "
+           "pair, over attn_ms, the prefill kernel alone; %%dense: of the GEMM above; exp_TF: the "
+           "expansion's GEMM FLOPs over expand_ms, gather included)\n");
+}
+
 int main(int argc, char **argv) {
     int reps = argc > 1 ? atoi(argv[1]) : 30;
     if (reps < 3) reps = 3;
+    const char *only = argc > 2 ? argv[2] : NULL;
     if (be_cuda_device_count() < 1) {
         fprintf(stderr, "no CUDA device: skipped\n");
         return 77;
@@ -288,6 +483,11 @@ int main(int argc, char **argv) {
     printf("device copy (4 GiB, read + write): %.0f GB/s\n", copy);
     be_backend *be = NULL;
     if (be_cuda_create(0, DT_BF16, &be) != DUET_OK) return 1;
+    if (only && !strcmp(only, "prefill")) {
+        prefill_section(be, reps);
+        be_destroy(be);
+        return g_fail;
+    }
     bench_cfg cfgs[] = {
         {"V2-Lite", 16, 1, 1024, 1},  {"V2-Lite", 16, 1, 4096, 1},   {"V2-Lite", 16, 64, 1024, 1},
         {"V2-Lite", 16, 64, 4096, 1}, {"V2-Lite", 16, 128, 4096, 1}, {"V2-Lite", 16, 64, 4096, 3},
@@ -330,6 +530,7 @@ int main(int argc, char **argv) {
     printf(")\n");
     int tc = 1;
     for (int i = 0; i < n; i++) tc &= res[i].ok && res[i].info.tensor_cores;
+    if (!only) prefill_section(be, reps < 10 ? reps : 10);
     be_destroy(be);
     if (!tc) printf("FAIL: a configuration failed or did not run the tensor-core kernel\n");
     return g_fail || !tc ? 1 : 0;

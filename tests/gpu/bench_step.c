@@ -13,7 +13,12 @@
  *                   [--ctx 1024] [--steps 50] [--enforce-eager] [--dtype bfloat16]
  *                   [--spec K] [--profile]
  * --profile brackets one more step of each batch size with cudaProfilerStart/Stop, for
- * `ncu --profile-from-start off` or `nsys --capture-range=cudaProfilerApi`. */
+ * `ncu --profile-from-start off` or `nsys --capture-range=cudaProfilerApi`.
+ * --prefill P,P,... times prompts instead (what TTFT is made of): one sequence's P tokens in
+ * chunks of --chunk, a logits row and the device's sampled id at the end, next to the compute
+ * floor: the prompt's FLOPs (each token through the weights it touches, causal attention over
+ * its prefix) over a dense bf16 GEMM's TFLOP/s measured in the same run (the backend's linear
+ * op, 8192^3). With --profile the last prompt runs once more between cudaProfilerStart/Stop. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -94,12 +99,12 @@ static double step_weight_bytes(const cfg_model *c, int B, double es) {
     return elems * es;
 }
 
-static int parse_list(const char *s, int *out, int cap) {
+static int parse_list(const char *s, int *out, int cap, long most) {
     int n = 0;
     while (*s && n < cap) {
         char *end;
         long v = strtol(s, &end, 10);
-        if (end == s || v < 1 || v > 4096) return -1;
+        if (end == s || v < 1 || v > most) return -1;
         out[n++] = (int)v;
         s = *end == ',' ? end + 1 : end;
         if (*end && *end != ',') return -1;
@@ -107,12 +112,133 @@ static int parse_list(const char *s, int *out, int cap) {
     return n;
 }
 
+/* Dense bf16 GEMM TFLOP/s of the backend's linear op, [n, n] x [n, n]^T; 0 on failure. */
+static double dense_tflops(be_backend *be, int n) {
+    const be_ops *o = be->ops;
+    size_t nn = (size_t)n * n;
+    float *h = malloc(nn * sizeof *h);
+    void *x = o->buf_alloc(be, nn), *y = o->buf_alloc(be, nn);
+    be_weight *w = NULL;
+    double best = 0;
+    if (h && x && y) {
+        uint64_t r = 99;
+        for (size_t i = 0; i < nn; i++) {
+            r = r * 6364136223846793005ull + 1442695040888963407ull;
+            h[i] = (float)((double)(r >> 40) / 16777216.0 - 0.5);
+        }
+        if (o->upload(be, x, 0, h, nn) == DUET_OK &&
+            o->weight_create(be, h, n, n, false, &w) == DUET_OK) {
+            for (int it = 0; it < 12; it++) {
+                double t0 = clock_now_s();
+                o->linear(be, y, x, n, n, w);
+                if (o->sync(be) != DUET_OK) break;
+                double tf = 2.0 * n * (double)nn / (clock_now_s() - t0) / 1e12;
+                if (it >= 2 && tf > best) best = tf;
+            }
+        }
+    }
+    if (w) o->weight_destroy(be, w);
+    o->buf_free(be, x);
+    o->buf_free(be, y);
+    free(h);
+    return best;
+}
+
+/* --prefill: each prompt length in p_list, as one sequence's chunks, timed. */
+static int prefill_main(par_options *po, const char *model, int *argc, char ***argv,
+                        const int *p_list, int n_p, int chunk, int block_size, bool profile) {
+    int max_p = 1;
+    for (int i = 0; i < n_p; i++) max_p = p_list[i] > max_p ? p_list[i] : max_p;
+    if (po->max_tokens < chunk) po->max_tokens = chunk;
+    par_instance *inst;
+    if (par_instance_create(po, model, argc, argv, &inst) != DUET_OK) return 1;
+    mdl_model *m = par_model(inst);
+    const cfg_model *c = mdl_config(m);
+    be_backend *be = mdl_backend(m);
+    int per_seq = max_p / block_size + 2;
+    be_kv *kv = NULL;
+    if (mdl_kv_create(m, per_seq + 1, block_size, &kv) != DUET_OK) return 1;
+    int32_t *table = malloc((size_t)per_seq * sizeof *table);
+    int32_t *tokens = malloc((size_t)max_p * sizeof *tokens);
+    be_sampler *smp = NULL;
+    if (!table || !tokens || be_sampler_create(be, 1, c->vocab_size, 0, &smp) != DUET_OK) return 1;
+    be_sample_row_init(&smp->rows[0]);
+    smp->rows[0].logits_row = 0;
+    for (int i = 0; i < per_seq; i++) table[i] = i;
+    uint64_t x = 777;
+    for (int i = 0; i < max_p; i++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        tokens[i] = (int32_t)((x >> 33) % (uint64_t)c->vocab_size);
+    }
+    double tflops = dense_tflops(be, 8192);
+    /* per token: every weight it touches once (bench_step's byte count at one byte an element,
+     * the float32 router counted once, the lm_head left out: one row a prompt) */
+    double E = c->n_routed_experts;
+    int n_dense = c->first_k_dense_replace < c->num_hidden_layers ? c->first_k_dense_replace
+                                                                  : c->num_hidden_layers;
+    int n_moe = E > 0 ? c->num_hidden_layers - n_dense : 0;
+    double params = step_weight_bytes(c, 1, 1.0) - (double)c->vocab_size * c->hidden_size -
+                    n_moe * E * c->hidden_size * 3.0;
+    double qkv = (double)c->num_attention_heads *
+                 (c->qk_nope_head_dim + c->qk_rope_head_dim + c->v_head_dim);
+    printf("model %s: %d layers, hidden %d, %d experts top-%d; %s; dense bf16 GEMM %.1f TFLOP/s; "
+           "chunks of %d; %.3g weight FLOPs a token\n",
+           model, c->num_hidden_layers, c->hidden_size, c->n_routed_experts, c->num_experts_per_tok,
+           dt_name(be->ops->act_dtype), tflops, chunk, 2 * params);
+    printf("%8s %10s %10s %10s %8s %10s\n", "prompt", "ms", "tok/s", "floor_ms", "ratio",
+           "TFLOP/s");
+    int rc = 0;
+    for (int pi = 0; pi < n_p && !rc; pi++) {
+        int P = p_list[pi];
+        double best = 1e30;
+        int runs = 3 + (profile && pi == n_p - 1 ? 1 : 0);
+        for (int it = 0; it <= runs && !rc; it++) { /* run 0 warms up */
+#ifdef DUET_HAVE_CUDA
+            if (it == 4) cudaProfilerStart();
+#endif
+            double t0 = clock_now_s();
+            for (int p0 = 0; p0 < P && !rc; p0 += chunk) {
+                int n = P - p0 < chunk ? P - p0 : chunk;
+                mdl_seq q = {.tokens = tokens + p0,
+                             .n_tokens = n,
+                             .pos0 = p0,
+                             .block_table = table,
+                             .n_blocks = per_seq,
+                             .n_logits = p0 + n == P};
+                if (mdl_forward(m, kv, &q, 1, NULL) != DUET_OK) rc = 1;
+            }
+            if (!rc &&
+                (mdl_sample_queue(m, smp, 1) != DUET_OK || be_sample_wait(be, smp) != DUET_OK))
+                rc = 1;
+            double ms = (clock_now_s() - t0) * 1e3;
+#ifdef DUET_HAVE_CUDA
+            if (it == 4) cudaProfilerStop();
+#endif
+            if (it >= 1 && it <= 3 && ms < best) best = ms;
+        }
+        if (rc) break;
+        double flops =
+            2.0 * params * P + (double)c->num_hidden_layers * 2.0 * qkv * P * (P + 1) / 2;
+        double floor_ms = tflops > 0 ? flops / (tflops * 1e12) * 1e3 : 0;
+        printf("%8d %10.2f %10.0f %10.2f %8.2f %10.1f\n", P, best, P / (best * 1e-3), floor_ms,
+               floor_ms > 0 ? best / floor_ms : 0, flops / (best * 1e-3) / 1e12);
+        fflush(stdout);
+    }
+    free(table);
+    free(tokens);
+    be_sampler_destroy(be, smp);
+    mdl_kv_destroy(m, kv);
+    par_instance_destroy(inst);
+    return rc;
+}
+
 int main(int argc, char **argv) {
     log_set_tag("bench_step");
     par_options po;
     par_options_init(&po);
     const char *model = NULL, *batches = "1,16,64";
-    int ctx = 1024, steps = 50, block_size = 64, spec = 0;
+    int ctx = 1024, steps = 50, block_size = 64, spec = 0, chunk = 8192;
+    const char *prefill = NULL;
     double gbps = 0;
     bool profile = false;
     const opt_spec specs[] = {
@@ -159,6 +285,18 @@ int main(int argc, char **argv) {
          .min = 0,
          .max = 1e6,
          .help = "device-copy bandwidth for the floor (default: measured here)"},
+        {.name = "--prefill",
+         .type = OPT_STRING,
+         .dest = &prefill,
+         .metavar = "P,P,...",
+         .help = "time prompts of P tokens (TTFT's work) instead of decode steps"},
+        {.name = "--chunk",
+         .type = OPT_INT,
+         .dest = &chunk,
+         .min = 1,
+         .max = 1 << 20,
+         .def = "8192",
+         .help = "--prefill: tokens per forward (the server's --max-num-batched-tokens)"},
         {.name = "--profile",
          .type = OPT_FLAG,
          .dest = &profile,
@@ -175,13 +313,17 @@ int main(int argc, char **argv) {
         par_options_add(op, &po) == DUET_OK)
         prc = opt_parse(op, argc, argv);
     int bs_list[32];
-    int n_b = prc == 0 ? parse_list(batches, bs_list, 32) : 0;
+    int n_b = prc == 0 ? parse_list(batches, bs_list, 32, 4096) : 0;
+    int p_list[16];
+    int n_p = prc == 0 && prefill ? parse_list(prefill, p_list, 16, 1 << 20) : 0;
     opt_parser_destroy(op);
     if (prc) return prc == 1 ? 0 : 2;
-    if (!model || n_b <= 0) {
-        fprintf(stderr, "bench_step: --model and a valid --batch list are required\n");
+    if (!model || n_b <= 0 || n_p < 0) {
+        fprintf(stderr, "bench_step: --model and valid --batch / --prefill lists are required\n");
         return 2;
     }
+    if (n_p > 0)
+        return prefill_main(&po, model, &argc, &argv, p_list, n_p, chunk, block_size, profile);
     int max_b = 1;
     for (int i = 0; i < n_b; i++) max_b = bs_list[i] > max_b ? bs_list[i] : max_b;
     po.max_tokens = 2048 > max_b * (spec + 1) ? 2048 : max_b * (spec + 1);

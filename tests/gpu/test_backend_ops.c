@@ -549,6 +549,11 @@ static void test_mla(tb *t, const mla_case *mc) {
         CHECK_MSG(info.tensor_cores, "%s: the tensor-core decode kernel did not run", mc->name);
         if (!info.tensor_cores) t->failed++;
         if (mc->split > 0) CHECK_EQ_INT(info.n_split, mc->split);
+        bool chunks = false;
+        for (int s = 0; s < ns; s++) chunks |= mc->n_tok[s] > 8;
+        CHECK_MSG(info.prefill_tc == chunks, "%s: the tensor-core prefill kernel %s", mc->name,
+                  chunks ? "did not run" : "ran without prompt chunks");
+        if (info.prefill_tc != chunks) t->failed++;
     }
 
     pbuf_free(t, &kva);
@@ -603,6 +608,14 @@ static void test_mla_decode(tb *t) {
     int tok_mix[5] = {1, 2, 20, 1, 2}, pos_mix[5] = {50, 7, 0, 1000, 4098};
     memcpy(c.n_tok, tok_mix, sizeof tok_mix);
     memcpy(c.pos0, pos_mix, sizeof pos_mix);
+    test_mla(t, &c);
+    /* prompt chunks on the tensor-core prefill kernel: several 128-row query tiles, a chunk
+     * after a prefix, a decode token among them */
+    c.name = "V2-Lite prompts: 300 after 200, 130, decode";
+    c.n_seqs = 3;
+    int tok_p[3] = {300, 130, 1}, pos_p[3] = {200, 0, 77};
+    memcpy(c.n_tok, tok_p, sizeof tok_p);
+    memcpy(c.pos0, pos_p, sizeof pos_p);
     test_mla(t, &c);
 
     mla_case v3 = c;

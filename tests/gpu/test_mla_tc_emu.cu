@@ -6,6 +6,7 @@
  * causal limits, the combine) against a float64 reference, with no GPU: suite 'unit'. What it
  * cannot check is the hardware's side (real layouts, async copies, timing): the GPU op test. */
 #define MLA_TC_EMULATE
+#include "model/backends/cuda/mla-prefill.cuh"
 #include "model/backends/cuda/mla-tc.cuh"
 
 #include <math.h>
@@ -420,9 +421,151 @@ static void run_case(const emu_case &ec) {
     EXPECT(ok, "%s", ec.name);
 }
 
+/* ---- the prefill kernel (mla-prefill.cuh) ---- */
+
+struct fp_case {
+    const char *name;
+    int H, bs, n_layers, layer, extra_blocks;
+    std::vector<int> nq, ctx; /* per sequence: the chunk's tokens, context after it */
+};
+
+static fp_args g_fargs;
+static void fp_body(int tid) {
+    fp_block(g_fargs, g_smem, tid, g_block);
+}
+
+static void run_fp_case(const fp_case &fc) {
+    const int H = fc.H, ns = (int)fc.nq.size(), bs = fc.bs, kv_dim = TC_D, L = TC_L;
+    const int qw = FP_QK, kvw = H * FP_HW;
+    /* a decode token before the chunks (the kernel must leave its rows alone) */
+    std::vector<int32_t> pos(1, 7), t0(ns), kvx_row(ns);
+    int max_blocks = 1, n_blocks = 2, rows = 5; /* kvx starts 5 rows in */
+    for (int s = 0; s < ns; s++) {
+        t0[s] = (int)pos.size();
+        for (int i = 0; i < fc.nq[s]; i++) pos.push_back(fc.ctx[s] - fc.nq[s] + i);
+        int nb = (fc.ctx[s] + bs - 1) / bs;
+        max_blocks = nb > max_blocks ? nb : max_blocks;
+        n_blocks += nb;
+        kvx_row[s] = rows;
+        rows += fc.ctx[s] + 3;
+    }
+    const int T = (int)pos.size();
+    std::vector<int32_t> perm(n_blocks), table((size_t)(ns + 1) * max_blocks, -1);
+    for (int i = 0; i < n_blocks; i++) perm[i] = i;
+    for (int i = n_blocks - 1; i > 0; i--) {
+        int j = (int)(rnd() % (uint64_t)(i + 1));
+        std::swap(perm[i], perm[j]);
+    }
+    /* table row 0 is the decode sequence's; the chunks' rows follow */
+    for (int s = 0, at = 0; s < ns; s++)
+        for (int b = 0; b < (fc.ctx[s] + bs - 1) / bs; b++)
+            table[(size_t)(s + 1) * max_blocks + b] = perm[at++];
+
+    std::vector<__nv_bfloat16> cache((size_t)n_blocks * fc.n_layers * bs * kv_dim),
+        kvx((size_t)rows * kvw), q((size_t)T * H * qw), out((size_t)T * H * FP_V, nan_bf());
+    for (auto &x : cache) x = __float2bfloat16_rn(urand(1.0f));
+    for (auto &x : kvx) x = __float2bfloat16_rn(urand(1.0f));
+    for (auto &x : q) x = __float2bfloat16_rn(urand(1.5f));
+    const float scale = 1.0f / sqrtf(192.0f);
+
+    fp_args &a = g_fargs;
+    a = fp_args{};
+    a.q = q.data();
+    a.kvx = kvx.data();
+    a.cache = cache.data();
+    a.pos = pos.data();
+    a.table = table.data();
+    a.out = out.data();
+    a.n_seqs = ns;
+    for (int s = 0; s < ns; s++) {
+        a.seq[s] = s + 1;
+        a.t0[s] = t0[s];
+        a.nq[s] = fc.nq[s];
+        a.ctx[s] = fc.ctx[s];
+        a.kvx_row[s] = kvx_row[s];
+    }
+    a.H = H;
+    a.qw = qw;
+    a.L = L;
+    a.kv_dim = kv_dim;
+    a.n_layers = fc.n_layers;
+    a.bs = bs;
+    a.max_blocks = max_blocks;
+    a.n_blocks = n_blocks;
+    a.layer = fc.layer;
+    a.scale_log2 = scale * 1.4426950408889634f;
+    g_readable = {{(const char *)cache.data(), (const char *)(cache.data() + cache.size())},
+                  {(const char *)kvx.data(), (const char *)(kvx.data() + kvx.size())},
+                  {(const char *)q.data(), (const char *)(q.data() + q.size())}};
+    g_smem_bytes = FP_SMEM;
+    const int n_launch = (fp_tiles(a) + fc.extra_blocks) * H;
+    for (int b = 0; b < n_launch; b++) {
+        memset(g_smem, 0xff, g_smem_bytes);
+        g_block = b;
+        run_block(fp_body);
+    }
+
+    double num = 0, den = 0, worst = 0;
+    long unwritten = 0, stray = 0;
+    for (int e = 0; e < H * FP_V; e++) stray += !isnan(__bfloat162float(out[e])); /* token 0 */
+    std::vector<double> sc, o(FP_V);
+    for (int s = 0; s < ns; s++) {
+        for (int i = 0; i < fc.nq[s]; i++) {
+            const int t = t0[s] + i, upto = pos[t] + 1;
+            for (int h = 0; h < H; h++) {
+                const __nv_bfloat16 *qh = &q[((size_t)t * H + h) * qw];
+                sc.assign(upto, 0.0);
+                double mx = -INFINITY;
+                for (int j = 0; j < upto; j++) {
+                    const __nv_bfloat16 *kn = &kvx[(size_t)(kvx_row[s] + j) * kvw + h * FP_HW];
+                    int blk = table[(size_t)(s + 1) * max_blocks + j / bs];
+                    const __nv_bfloat16 *kr =
+                        &cache[(((size_t)blk * fc.n_layers + fc.layer) * bs + j % bs) * kv_dim + L];
+                    double d = 0;
+                    for (int e = 0; e < FP_NOPE; e++)
+                        d += (double)__bfloat162float(qh[e]) * __bfloat162float(kn[e]);
+                    for (int e = 0; e < FP_R; e++)
+                        d += (double)__bfloat162float(qh[FP_NOPE + e]) * __bfloat162float(kr[e]);
+                    sc[j] = d * scale;
+                    mx = sc[j] > mx ? sc[j] : mx;
+                }
+                double sum = 0;
+                for (int j = 0; j < upto; j++) sum += sc[j] = exp(sc[j] - mx);
+                std::fill(o.begin(), o.end(), 0.0);
+                for (int j = 0; j < upto; j++) {
+                    const __nv_bfloat16 *vv =
+                        &kvx[(size_t)(kvx_row[s] + j) * kvw + h * FP_HW + FP_NOPE];
+                    for (int e = 0; e < FP_V; e++) o[e] += sc[j] / sum * __bfloat162float(vv[e]);
+                }
+                const __nv_bfloat16 *got = &out[((size_t)t * H + h) * FP_V];
+                double rn = 0, rd = 0;
+                for (int e = 0; e < FP_V; e++) {
+                    double g = __bfloat162float(got[e]);
+                    if (!isfinite(g)) {
+                        unwritten++;
+                        continue;
+                    }
+                    rn += (g - o[e]) * (g - o[e]);
+                    rd += o[e] * o[e];
+                }
+                num += rn;
+                den += rd;
+                double re = sqrt(rn / (rd > 0 ? rd : 1));
+                worst = re > worst ? re : worst;
+            }
+        }
+    }
+    double err = sqrt(num / (den > 0 ? den : 1));
+    bool ok = unwritten == 0 && stray == 0 && err <= 5e-3 && worst <= 2e-2;
+    printf("  %-44s rel_l2 %.2e, worst row %.2e, %ld unwritten, %ld stray  %s\n", fc.name, err,
+           worst, unwritten, stray, ok ? "PASS" : "FAIL");
+    EXPECT(ok, "%s", fc.name);
+}
+
 int main(void) {
     size_t most = tc_cfg<1>::SMEM > tc_cfg<2>::SMEM ? tc_cfg<1>::SMEM : tc_cfg<2>::SMEM;
     most = most > tc_cfg<4>::SMEM ? most : tc_cfg<4>::SMEM;
+    most = most > FP_SMEM ? most : FP_SMEM;
     g_stacks = (char *)malloc((size_t)N_THREADS * STACK);
     g_smem = (unsigned char *)malloc(most);
     if (!g_stacks || !g_smem) return 1;
@@ -447,6 +590,22 @@ int main(void) {
     run_case({"128 heads, 1 row, 2 splits", 128, 4, 2, 64, 1, 0, {1, 1, 1}, {1, 65, 150}});
     /* 32 heads x 3 rows = 96 rows: the second group half used */
     run_case({"32 heads, 3 rows, 1 split", 32, 4, 1, 32, 2, 0, {3, 2}, {5, 90}});
+    printf("tensor-core MLA prefill kernel, emulated on the CPU:\n");
+    /* one partial query tile, one partial position tile */
+    run_fp_case({"2 heads, one chunk of 20", 2, 16, 1, 0, 0, {20}, {20}});
+    /* two query tiles (the second with 2 rows); a chunk after a 260-position prefix (chunked
+     * prefill); a 9-token prompt; 2 layers, the second; blocks past the launch's tiles */
+    run_fp_case({"3 heads, 130 + chunk after prefix + 9, layer 1",
+                 3,
+                 64,
+                 2,
+                 1,
+                 2,
+                 {130, 40, 9},
+                 {130, 300, 9}});
+    /* positions cross 16-position pages inside every tile; a second tile of 128 rows whose
+     * warps see different numbers of tiles */
+    run_fp_case({"1 head, 256 after 100, pages of 16", 1, 16, 1, 0, 0, {256}, {356}});
     free(g_stacks);
     free(g_smem);
     printf("%s\n", g_failures ? "FAIL" : "PASS");

@@ -38,19 +38,25 @@ duet_status be_cuda_fp8_gemm_lt(be_backend *be, void *y, int y_stride, const voi
 /* Phases of the MLA decode path that be_cuda_mla_tune can leave out. A run with any left out
  * computes garbage: the mask exists to time the phases by difference. */
 enum {
-    BE_CUDA_MLA_SKIP_QABS = 1,    /* q_nope @ W_uk (cuBLAS) */
-    BE_CUDA_MLA_SKIP_ATTN = 2,    /* the tensor-core attention kernel */
-    BE_CUDA_MLA_SKIP_COMBINE = 4, /* the split-KV combine kernel */
-    BE_CUDA_MLA_SKIP_OUTABS = 8,  /* o_lat @ W_uv (cuBLAS) */
+    BE_CUDA_MLA_SKIP_QABS = 1,     /* q_nope @ W_uk (cuBLAS) */
+    BE_CUDA_MLA_SKIP_ATTN = 2,     /* the tensor-core attention kernel */
+    BE_CUDA_MLA_SKIP_COMBINE = 4,  /* the split-KV combine kernel */
+    BE_CUDA_MLA_SKIP_OUTABS = 8,   /* o_lat @ W_uv (cuBLAS) */
+    BE_CUDA_MLA_SKIP_EXPAND = 16,  /* prompt chunks: latents gathered and expanded by kv_b */
+    BE_CUDA_MLA_SKIP_PREFILL = 32, /* prompt chunks: the tensor-core attention kernel */
 };
 
-/* What the last mla_attention call did on its absorbed (decode) sequences. */
+/* What the last mla_attention call did on its absorbed (decode) sequences, and on its prompt
+ * chunks. */
 typedef struct be_cuda_mla_info {
-    bool tensor_cores;  /* the bf16 tensor-core kernel ran (false: the CUDA-core kernel) */
-    int n_split;        /* KV splits per sequence */
-    int rows_per_block; /* (query row, head) pairs one block computes: 16, 32 or 64 */
-    int n_groups;       /* blocks per sequence and split: ceil(rows / rows_per_block) */
-    int n_blocks;       /* blocks of the attention launch */
+    bool tensor_cores;    /* the bf16 tensor-core kernel ran (false: the CUDA-core kernel) */
+    int n_split;          /* KV splits per sequence */
+    int rows_per_block;   /* (query row, head) pairs one block computes: 16, 32 or 64 */
+    int n_groups;         /* blocks per sequence and split: ceil(rows / rows_per_block) */
+    int n_blocks;         /* blocks of the attention launch */
+    bool prefill_tc;      /* prompt chunks ran on the tensor-core prefill kernel */
+    int prefill_launches; /* its launches (groups of sequences) */
+    int prefill_blocks;   /* its blocks, all launches */
 } be_cuda_mla_info;
 
 /* n_split > 0 forces the KV split count of later mla_attention calls (0: the backend

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 
 #include "model/backends/cuda/cuda-impl.cuh"
+#include "model/backends/cuda/mla-prefill.cuh"
 #include "model/backends/cuda/mla-tc.cuh"
 
 extern "C" {
@@ -179,11 +180,19 @@ __global__ void __launch_bounds__(TC_COMBINE_THREADS) mla_combine(tc_combine_arg
     tc_combine(a, (int)threadIdx.x, (int)blockIdx.x, (int)blockIdx.y);
 }
 
+/* ---- the tensor-core prefill kernel (body in mla-prefill.cuh) ---- */
+
+__global__ void __launch_bounds__(FP_THREADS, 1) mla_prefill_tc(fp_args a) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    fp_block(a, smem, (int)threadIdx.x, (int)blockIdx.x);
+}
+
 /* ---- host side ---- */
 
 struct cuda_mla {
     int n_sm;
-    int occ[3]; /* blocks per SM of mla_decode_tc<1, 2, 4>; 0 until first used */
+    int occ[3];    /* blocks per SM of mla_decode_tc<1, 2, 4>; 0 until first used */
+    bool fp_ready; /* mla_prefill_tc's shared-memory opt-in done */
     int force_split;
     unsigned skip;
     be_cuda_mla_info last;
@@ -345,6 +354,97 @@ static void mla_decode_tc_run(cuda_backend *c, bf16 *out, const bf16 *q, const b
     m->last.n_blocks = n_blocks;
 }
 
+/* The expanded form on tensor cores for the batch's prompt chunks (more than MLA_ABS_MAX_Q
+ * tokens), bf16 with nope 128, rope 64, v 128: per group of sequences, their latents gathered
+ * from the pages and expanded through kv_b in one GEMM (kvx), then one mla_prefill_tc launch
+ * for all of the group's query tiles and heads. A group is at most FP_MAX_SEQS sequences and
+ * as many context rows as fit in ~256 MB of scratch (at least the longest context). */
+static void mla_prefill_tc_run(cuda_backend *c, bf16 *out, const bf16 *q, const be_kv *kv,
+                               int layer, const be_weight *kv_b, int H, int qw, float scale) {
+    cuda_mla *m = mla_state(c);
+    if (!m) return;
+    if (!m->fp_ready) {
+        if (CUDA_CHECK(c, cudaFuncSetAttribute(mla_prefill_tc,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               (int)FP_SMEM)) != DUET_OK)
+            return;
+        m->fp_ready = true;
+    }
+    const int L = kv->kv_dim - FP_R, kvw = H * FP_HW;
+    const size_t row_b = (size_t)(L + kvw) * sizeof(bf16);
+    size_t need = 0, longest = 0;
+    for (int s = 0; s < c->n_seqs; s++) {
+        if (c->h_start[s + 1] - c->h_start[s] <= MLA_ABS_MAX_Q) continue;
+        need += (size_t)c->h_ctx[s];
+        longest = (size_t)c->h_ctx[s] > longest ? (size_t)c->h_ctx[s] : longest;
+    }
+    size_t budget = ((size_t)256 << 20) / row_b;
+    budget = budget < longest ? longest : budget;
+    budget = budget > need ? need : budget;
+    if (!budget) return;
+    bf16 *lat = (bf16 *)cuda_scratch(c, SCR_OP, budget * row_b);
+    if (!lat) return;
+    bf16 *kvx = lat + budget * L;
+
+    fp_args a = {};
+    a.q = q;
+    a.kvx = kvx;
+    a.cache = (const bf16 *)kv->data;
+    a.pos = c->d_pos;
+    a.table = c->d_table;
+    a.out = out;
+    a.H = H;
+    a.qw = qw;
+    a.L = L;
+    a.kv_dim = kv->kv_dim;
+    a.n_layers = kv->n_layers;
+    a.bs = kv->block_size;
+    a.max_blocks = c->max_blocks;
+    a.n_blocks = kv->n_blocks;
+    a.layer = layer;
+    a.scale_log2 = scale * 1.4426950408889634f;
+    int launches = 0, blocks = 0;
+    for (int s = 0; s < c->n_seqs;) {
+        a.n_seqs = 0;
+        size_t rows = 0;
+        for (; s < c->n_seqs; s++) {
+            const int t0 = c->h_start[s], n = c->h_start[s + 1] - t0, ctx = c->h_ctx[s];
+            if (n <= MLA_ABS_MAX_Q) continue;
+            if (a.n_seqs == FP_MAX_SEQS || rows + (size_t)ctx > budget) break;
+            const size_t cnt = (size_t)ctx * L;
+            const unsigned g =
+                (unsigned)((cnt + 255) / 256 < 65535 * 16 ? (cnt + 255) / 256 : 65535 * 16);
+            if (!(m->skip & BE_CUDA_MLA_SKIP_EXPAND)) {
+                gather_latents<bf16><<<g, 256, 0, c->stream>>>(
+                    lat + rows * L, (const bf16 *)kv->data, c->d_table, s, ctx, L, kv->kv_dim,
+                    kv->n_layers, kv->block_size, c->max_blocks, layer);
+                if (CUDA_LAUNCHED(c, "gather_latents") != DUET_OK) return;
+            }
+            a.seq[a.n_seqs] = s;
+            a.t0[a.n_seqs] = t0;
+            a.nq[a.n_seqs] = n;
+            a.ctx[a.n_seqs] = ctx;
+            a.kvx_row[a.n_seqs] = (int)rows;
+            a.n_seqs++;
+            rows += (size_t)ctx;
+        }
+        if (!a.n_seqs) break;
+        /* kvx[rows, H * (nope + v)] = lat[rows, L] @ kv_b^T */
+        if (!(m->skip & BE_CUDA_MLA_SKIP_EXPAND))
+            cuda_gemm_act(c, kvx, kvw, lat, L, (int)rows, kv_b->w, kvw, L);
+        const int n_blocks = fp_tiles(a) * H;
+        if (!(m->skip & BE_CUDA_MLA_SKIP_PREFILL)) {
+            mla_prefill_tc<<<n_blocks, FP_THREADS, FP_SMEM, c->stream>>>(a);
+            if (CUDA_LAUNCHED(c, "mla_prefill_tc") != DUET_OK) return;
+        }
+        launches++;
+        blocks += n_blocks;
+    }
+    m->last.prefill_tc = true;
+    m->last.prefill_launches = launches;
+    m->last.prefill_blocks = blocks;
+}
+
 template <typename T>
 static void mla_run(cuda_backend *c, void *out, const void *q, be_kv *kv, int layer,
                     const be_weight *kv_b, int H, int nope, int rope, int v, float scale) {
@@ -398,8 +498,15 @@ static void mla_run(cuda_backend *c, void *out, const void *q, be_kv *kv, int la
         if (c->err != DUET_OK) return;
     }
     if (!max_ctx) return;
+    if (c->act == DT_BF16 && nope == FP_NOPE && rope == FP_R && v == FP_V &&
+        kv->kv_dim - rope > 0 && (kv->kv_dim - rope) % 8 == 0 && kv->kv_dim % 8 == 0 &&
+        (uintptr_t)q % 16 == 0 && (uintptr_t)kv->data % 16 == 0) {
+        mla_prefill_tc_run(c, (bf16 *)out, (const bf16 *)q, kv, layer, kv_b, H, nope + rope, scale);
+        return;
+    }
 
-    /* prompt chunks: per sequence, latents -> keys/values of every head, then attention */
+    /* prompt chunks on CUDA cores (float32, other shapes): per sequence, latents -> keys/values of
+     * every head, then attention */
     const int kvw = H * (nope + v);
     size_t lat_n = (size_t)max_ctx * L, kvx_n = (size_t)max_ctx * kvw;
     T *lat = (T *)cuda_scratch(c, SCR_OP, (lat_n + kvx_n) * sizeof(T));
