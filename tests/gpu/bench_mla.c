@@ -419,6 +419,12 @@ static void bench_prefill(be_backend *be, prefill_cfg c, int reps, double dense)
         goto done;
     }
     double full = time_eager(be, run_one_layer, &s, reps);
+    /* the CUDA-core kernel it replaced, where it takes less than a few seconds */
+    double cc = -1;
+    if ((double)H * c.nq * c.ctx <= 16.0 * 4096 * 4096) {
+        be_cuda_mla_tune(be, 0, BE_CUDA_MLA_PREFILL_CC);
+        cc = time_eager(be, run_one_layer, &s, 3);
+    }
     be_cuda_mla_tune(be, 0, BE_CUDA_MLA_SKIP_PREFILL);
     double expand = time_eager(be, run_one_layer, &s, reps);
     be_cuda_mla_tune(be, 0, BE_CUDA_MLA_SKIP_EXPAND);
@@ -430,10 +436,10 @@ static void bench_prefill(be_backend *be, prefill_cfg c, int reps, double dense)
     double flops = (double)c.B * H * vis * 2.0 * (NOPE + R_ + V_);
     double exp_flops = 2.0 * c.B * c.ctx * (double)L_ * H * (NOPE + V_);
     double tf = attn > 0 ? flops / (attn * 1e-3) / 1e12 : 0;
-    printf("%-8s %4d %3d %6d %6d | %-3s %5d | %9.3f %9.3f %9.3f | %8.1f %6.1f%% | %8.1f\n", c.name,
-           H, c.B, c.nq, c.ctx, info.prefill_tc ? "tc" : "cc", info.prefill_blocks, full, expand,
-           attn, tf, dense > 0 ? 100 * tf / dense : 0,
-           expand > 0 ? exp_flops / (expand * 1e-3) / 1e12 : 0);
+    printf("%-8s %4d %3d %6d %6d | %-3s %5d | %9.3f %9.3f %9.3f | %8.1f %6.1f%% | %8.1f | %9.3f\n",
+           c.name, H, c.B, c.nq, c.ctx, info.prefill_tc ? "tc" : "cc", info.prefill_blocks, full,
+           expand, attn, tf, dense > 0 ? 100 * tf / dense : 0,
+           expand > 0 ? exp_flops / (expand * 1e-3) / 1e12 : 0, cc);
     fflush(stdout);
 done:
     if (s.kv_b) o->weight_destroy(be, s.kv_b);
@@ -454,9 +460,9 @@ static void prefill_section(be_backend *be, int reps) {
     printf("\nprompt chunks (expanded form), one layer, median of %d eager calls; dense bf16 GEMM "
            "(linear op, 8192^3): %.1f TFLOP/s\n",
            reps, dense);
-    printf("%-8s %4s %3s %6s %6s | %-3s %5s | %9s %9s %9s | %8s %7s | %8s\n", "model", "H", "B",
-           "chunk", "ctx", "krn", "blks", "full_ms", "expand_ms", "attn_ms", "attn_TF", "%dense",
-           "exp_TF");
+    printf("%-8s %4s %3s %6s %6s | %-3s %5s | %9s %9s %9s | %8s %7s | %8s | %9s\n", "model", "H",
+           "B", "chunk", "ctx", "krn", "blks", "full_ms", "expand_ms", "attn_ms", "attn_TF",
+           "%dense", "exp_TF", "old_ms");
     prefill_cfg cfgs[] = {
         {"V2-Lite", 16, 1, 1024, 1024}, {"V2-Lite", 16, 8, 1024, 1024},
         {"V2-Lite", 16, 1, 4096, 4096}, {"V2-Lite", 16, 1, 8192, 8192},
@@ -468,7 +474,8 @@ static void prefill_section(be_backend *be, int reps) {
         bench_prefill(be, cfgs[i], reps, dense);
     printf("(attn_TF: causal attention FLOPs, 2 x H x (192 + 128) per visible (query, position) "
            "pair, over attn_ms, the prefill kernel alone; %%dense: of the GEMM above; exp_TF: the "
-           "expansion's GEMM FLOPs over expand_ms, gather included)\n");
+           "expansion's GEMM FLOPs over expand_ms, gather included; old_ms: the whole op with the "
+           "CUDA-core kernel it replaced, -1 where not run)\n");
 }
 
 int main(int argc, char **argv) {

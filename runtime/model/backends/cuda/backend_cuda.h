@@ -35,8 +35,9 @@ void *be_cuda_stream(be_backend *be);
 duet_status be_cuda_fp8_gemm_lt(be_backend *be, void *y, int y_stride, const void *x, int x_stride,
                                 int T, const be_weight *w);
 
-/* Phases of the MLA decode path that be_cuda_mla_tune can leave out. A run with any left out
- * computes garbage: the mask exists to time the phases by difference. */
+/* Phases of the MLA path that be_cuda_mla_tune can leave out. A run with any left out computes
+ * garbage: the mask exists to time the phases by difference (and to time the CUDA-core prefill
+ * kernel against the tensor-core one). */
 enum {
     BE_CUDA_MLA_SKIP_QABS = 1,     /* q_nope @ W_uk (cuBLAS) */
     BE_CUDA_MLA_SKIP_ATTN = 2,     /* the tensor-core attention kernel */
@@ -44,6 +45,7 @@ enum {
     BE_CUDA_MLA_SKIP_OUTABS = 8,   /* o_lat @ W_uv (cuBLAS) */
     BE_CUDA_MLA_SKIP_EXPAND = 16,  /* prompt chunks: latents gathered and expanded by kv_b */
     BE_CUDA_MLA_SKIP_PREFILL = 32, /* prompt chunks: the tensor-core attention kernel */
+    BE_CUDA_MLA_PREFILL_CC = 64,   /* not a skip: prompt chunks on the CUDA-core kernel */
 };
 
 /* What the last mla_attention call did on its absorbed (decode) sequences, and on its prompt

@@ -185,8 +185,8 @@ TC_FN void fp_block(const fp_args &a, unsigned char *smem, const int tid, const 
         if (it == 0) {
             TC_UNROLL
             for (int k = 0; k < FP_QK / 16; k++)
-                tc_ldsm_x4(qf[k], sQa + (uint32_t)((warp * 16 + a_row) * FP_LDQ + k * 16 + a_col) *
-                                            2);
+                tc_ldsm_x4(qf[k],
+                           sQa + (uint32_t)((warp * 16 + a_row) * FP_LDQ + k * 16 + a_col) * 2);
         }
         if (it + 1 < n_tiles) load_tile(it + 1);
         tc_cp_async_commit();
@@ -282,8 +282,7 @@ TC_FN void fp_block(const fp_args &a, unsigned char *smem, const int tid, const 
         const int r = hf ? r_hi : r_lo;
         if (r >= nrow) continue;
         const float l = hf ? l_hi : l_lo, inv = l > 0.0f ? 1.0f / l : 0.0f;
-        __nv_bfloat16 *dst =
-            a.out + (size_t)(t_first + r) * a.H * FP_V + (size_t)h * FP_V + 2 * qq;
+        __nv_bfloat16 *dst = a.out + (size_t)(t_first + r) * a.H * FP_V + (size_t)h * FP_V + 2 * qq;
         TC_UNROLL
         for (int n = 0; n < FP_V / 8; n++)
             *(__nv_bfloat162 *)(dst + n * 8) =

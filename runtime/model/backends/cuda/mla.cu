@@ -498,9 +498,10 @@ static void mla_run(cuda_backend *c, void *out, const void *q, be_kv *kv, int la
         if (c->err != DUET_OK) return;
     }
     if (!max_ctx) return;
-    if (c->act == DT_BF16 && nope == FP_NOPE && rope == FP_R && v == FP_V &&
-        kv->kv_dim - rope > 0 && (kv->kv_dim - rope) % 8 == 0 && kv->kv_dim % 8 == 0 &&
-        (uintptr_t)q % 16 == 0 && (uintptr_t)kv->data % 16 == 0) {
+    if (c->act == DT_BF16 && !(c->mla && (c->mla->skip & BE_CUDA_MLA_PREFILL_CC)) &&
+        nope == FP_NOPE && rope == FP_R && v == FP_V && kv->kv_dim - rope > 0 &&
+        (kv->kv_dim - rope) % 8 == 0 && kv->kv_dim % 8 == 0 && (uintptr_t)q % 16 == 0 &&
+        (uintptr_t)kv->data % 16 == 0) {
         mla_prefill_tc_run(c, (bf16 *)out, (const bf16 *)q, kv, layer, kv_b, H, nope + rope, scale);
         return;
     }
