@@ -77,6 +77,16 @@ static bool mem_take(uintptr_t p, mem_rec *r_p) {
     return true;
 }
 
+/* What an allocation of bytes takes of the device: from 1 MiB on the driver hands out whole
+ * 2 MiB pages; smaller ones share pages, 512-byte aligned. Per-expert weights of a few MiB each
+ * would otherwise be undercounted by up to a page apiece (memplan_check compares the count with
+ * the device's readings). */
+static size_t mem_taken(size_t bytes) {
+    const size_t page = 2u << 20, small = 512;
+    if (bytes >= (1u << 20)) return (bytes + page - 1) / page * page;
+    return (bytes + small - 1) / small * small;
+}
+
 cudaError_t cuda_counted_malloc(void **p, size_t bytes) {
     int device = 0;
     cudaError_t e = (cudaGetDevice)(&device);
@@ -86,9 +96,10 @@ cudaError_t cuda_counted_malloc(void **p, size_t bytes) {
     pthread_mutex_lock(&g_mem_lock);
     bool ok = device >= 0 && device < MEM_MAX_DEVICES && mem_reserve();
     if (ok) {
-        mem_put(g_mem_tab, g_mem_cap, (mem_rec){(uintptr_t)*p, bytes, device});
+        size_t taken = mem_taken(bytes);
+        mem_put(g_mem_tab, g_mem_cap, (mem_rec){(uintptr_t)*p, taken, device});
         g_mem_n++;
-        g_mem_bytes[device] += (long long)bytes;
+        g_mem_bytes[device] += (long long)taken;
     }
     pthread_mutex_unlock(&g_mem_lock);
     if (!ok) {

@@ -30,7 +30,8 @@ cudaError_t cuda_counted_free(void *p);
 template <typename T> static inline cudaError_t cuda_counted_malloc(T **p, size_t bytes) {
     return cuda_counted_malloc((void **)p, bytes);
 }
-/* Bytes allocated through cuda_counted_malloc on device and not freed yet. */
+/* Bytes allocated through cuda_counted_malloc on device and not freed yet, each allocation
+ * as the device holds it (rounded up to the driver's pages: backend_cuda.cu's mem_taken). */
 long long cuda_counted_bytes(int device);
 #define cudaMalloc(p, bytes) cuda_counted_malloc((p), (bytes))
 #define cudaFree(p)          cuda_counted_free(p)
