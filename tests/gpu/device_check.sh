@@ -170,10 +170,10 @@ shared)
     # become healthy. Their memory plan and KV cache lines, and the device's use with both
     # up, go to the summary.
     export DUET_KV_SECRET=device-check-shared
-    shared_start() { # out-dir
-        local out=$1 pids=() rc=0 port i ok p
+    shared_start() { # out-dir model-dir
+        local out=$1 model=$2 pids=() rc=0 port i ok p
         for i in 0 1; do
-            CUDA_VISIBLE_DEVICES=0 duet-decode --model "$DUET_BUNDLE/models/v2-lite" \
+            CUDA_VISIBLE_DEVICES=0 duet-decode --model "$model" \
                 --backend cuda --load-format dummy --host 127.0.0.1 --port $((8750 + i)) \
                 --max-model-len 4096 --gpu-memory-utilization 0.45 \
                 >"$out/shared$i.log" 2>&1 &
@@ -199,7 +199,8 @@ shared)
         return $rc
     }
     export -f shared_start
-    TMO=260 run shared-start-2x-decode-0.45 bash -c 'shared_start "$0"' "$out"
+    TMO=260 run shared-start-2x-decode-0.45 bash -c 'shared_start "$0" "$1"' "$out" \
+        "$DUET_BUNDLE/models/v2-lite"
     ;;
 mla)
     # most telling first; the timeouts add up to under the device call's 10 minutes
