@@ -225,6 +225,14 @@ static duet_status plan_memory(par_instance *p, const par_options *o, const char
         fflush(stdout);
     }
     p->readings = (mplan_measured){.total = total, .free_at_start = free_b};
+    if (readings) {
+        /* what the instance holds itself: a neighbour loading beside it must not count */
+        size_t own = 0, ctx = 0;
+        p->readings.counted =
+            p->be->ops->mem_used && p->be->ops->mem_used(p->be, &own, &ctx) == DUET_OK;
+        p->readings.own_at_start = (long long)own;
+        p->readings.context = (long long)ctx;
+    }
     bool ok = p->mem.fits;
     if (ok && readings && mplan_check_start(&p->mem, &p->readings, err, sizeof err) != DUET_OK) {
         LOG_ERROR("memory plan: %s", err);
@@ -270,6 +278,16 @@ duet_status par_kv_budget(par_instance *p, long long *bytes_p) {
         LOG_ERROR("memory plan: %s", err);
         return st;
     }
+    if (err[0]) LOG_WARN("memory plan: %s", err); /* a neighbour holds more than its share */
+    const mplan_measured *m = &p->readings;
+    const double gib = (double)(1LL << 30);
+    if (m->counted)
+        LOG_INFO("memory plan: this rank holds %.2f GiB after loading (its own allocations; "
+                 "context read as %.2f GiB, at most %.2f taken), the device has %.2f GiB free: "
+                 "%.2f GiB of KV cache",
+                 (double)m->own_after_load / gib, (double)m->context / gib,
+                 (double)MPLAN_CONTEXT_MAX / gib, (double)m->free_after_load / gib,
+                 (double)kv / gib);
     *bytes_p = kv;
     return DUET_OK;
 }
@@ -338,6 +356,10 @@ duet_status par_instance_create(const par_options *o, const char *model_dir, int
     if (st == DUET_OK && p->measured) {
         long long total;
         p->measured = be_mem_info(p->be, &total, &p->readings.free_after_load) == DUET_OK;
+        size_t own = 0, ctx = 0;
+        if (p->readings.counted && p->be->ops->mem_used(p->be, &own, &ctx) != DUET_OK)
+            p->readings.counted = false;
+        p->readings.own_after_load = (long long)own;
     }
     if (st != DUET_OK) {
         /* every rank fails the same way on a bad checkpoint; one stuck rank must not hang

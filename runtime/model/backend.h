@@ -308,6 +308,14 @@ typedef struct be_ops {
      * cudaMemGetInfo), for sizing the KV cache from what loading left (model/memplan.h). NULL
      * where memory is the host's: be_mem_info answers DUET_ERR_UNSUPPORTED. */
     duet_status (*mem_info)(be_backend *be, size_t *total_p, size_t *free_p);
+    /* optional, with mem_info: the device memory this process's backend holds now (every
+     * allocation it made and has not freed: weights, buffers, scratch, KV caches), and what the
+     * device used right after the backend was created beyond that (its CUDA context, plus any
+     * other process's memory at that moment: one reading cannot tell them apart). Memory that
+     * libraries allocate themselves (NCCL, graphs, lazily loaded kernels) is in neither. Lets
+     * the memory plan count this instance's own use while a neighbour on the same device
+     * loads at the same time. */
+    duet_status (*mem_used)(be_backend *be, size_t *own_p, size_t *context_p);
     /* optional, all four or none: the sampling rule on the device (NULL: the host rule
      * through be_ops.download, see be_sample_queue). sample queues one call: rows
      * s->rows[0..n) of logits (activations, rows stride elements apart, V valid columns, at

@@ -600,48 +600,99 @@ void mplan_summary(const mplan *p, char *buf, size_t len) {
 
 /* ---- after loading ---- */
 
+/* The instance's CUDA context, as far as one reading at start can tell it from others'. */
+static long long context_taken(const mplan_measured *m) {
+    long long ctx = m->context < MPLAN_CONTEXT_MAX ? m->context : MPLAN_CONTEXT_MAX;
+    return ctx > 0 ? ctx : 0;
+}
+
+/* What the instance held on the device at start: its own allocations and its context. */
+static long long own_at_start(const mplan_measured *m) {
+    if (!m->counted) return CUBLAS_WORKSPACE; /* the backend took it before the reading */
+    return m->own_at_start + context_taken(m);
+}
+
 duet_status mplan_check_start(const mplan *p, const mplan_measured *m, char *err, size_t err_len) {
     if (p->in.kv_cache_memory > 0) return DUET_OK; /* the utilization is set aside */
     long long want = (long long)((double)m->total * p->in.gpu_memory_utilization);
-    /* the backend took its cuBLAS workspace before the reading */
-    if (m->free_at_start + CUBLAS_WORKSPACE >= want) return DUET_OK;
+    long long ours = own_at_start(m);
+    if (m->free_at_start + ours >= want) return DUET_OK;
     fail(err, err_len,
          "the device had %s free at start, less than --gpu-memory-utilization %.2f asks "
          "for (%s of %s): another process holds %s of it; lower "
          "--gpu-memory-utilization or free the device",
          sz(m->free_at_start).s, p->in.gpu_memory_utilization, sz(want).s, sz(m->total).s,
-         sz(want - m->free_at_start - CUBLAS_WORKSPACE).s);
+         sz(m->total - m->free_at_start - ours).s);
     return DUET_ERR_NO_MEMORY;
 }
 
 duet_status mplan_kv_after_load(const mplan *p, const mplan_measured *m, long long *kv_bytes_p,
                                 char *err, size_t err_len) {
+    if (err_len) err[0] = '\0';
     duet_status st = mplan_check_start(p, m, err, err_len);
     if (st != DUET_OK) return st;
     long long want = p->in.kv_cache_memory > 0
                          ? m->total
                          : (long long)((double)m->total * p->in.gpu_memory_utilization);
-    long long loaded = m->free_at_start - m->free_after_load + CUBLAS_WORKSPACE;
-    long long kv = want - loaded - p->act_late - p->kv_block_bytes;
+    /* what the instance uses after loading */
+    long long used;
+    if (m->counted)
+        used = m->own_after_load + context_taken(m);
+    else
+        used = m->free_at_start - m->free_after_load + CUBLAS_WORKSPACE;
+    const char *took = m->counted ? "the instance holds" : "loading took";
+    long long kv = want - used - p->act_late - p->kv_block_bytes;
+    /* what the device really has for the cache now; other processes hold the rest */
+    long long room = m->free_after_load - p->act_late - p->kv_block_bytes;
+    long long others = m->total - m->free_after_load - used; /* said only when counted */
     if (p->in.kv_cache_memory > 0) {
         if (p->in.kv_cache_memory > kv) {
             fail(err, err_len,
-                 "--kv-cache-memory %s does not fit: of the device's %s, loading took "
-                 "%s and the first steps need %s more",
-                 sz(p->in.kv_cache_memory).s, sz(m->total).s, sz(loaded).s, sz(p->act_late).s);
+                 "--kv-cache-memory %s does not fit: of the device's %s, %s %s and the "
+                 "first steps need %s more",
+                 sz(p->in.kv_cache_memory).s, sz(m->total).s, took, sz(used).s, sz(p->act_late).s);
+            return DUET_ERR_NO_MEMORY;
+        }
+        if (p->in.kv_cache_memory > room) {
+            fail(err, err_len,
+                 "--kv-cache-memory %s does not fit: the device has %s free after loading "
+                 "(other processes hold %s) and the first steps need %s of it",
+                 sz(p->in.kv_cache_memory).s, sz(m->free_after_load).s, sz(others).s,
+                 sz(p->act_late).s);
             return DUET_ERR_NO_MEMORY;
         }
         kv = p->in.kv_cache_memory;
     }
     long long need_blocks = (p->in.max_model_len + p->in.block_size - 1) / p->in.block_size;
-    if (kv < need_blocks * p->kv_block_bytes) {
+    long long need = need_blocks * p->kv_block_bytes;
+    if (kv < need) {
         fail(err, err_len,
-             "no room for one sequence of max_model_len %d: of %s, loading took %s "
+             "no room for one sequence of max_model_len %d: of %s, %s %s "
              "and the first steps need %s more, leaving %s for the KV cache; one sequence needs "
              "%s",
-             p->in.max_model_len, sz(want).s, sz(loaded).s, sz(p->act_late).s,
-             sz(kv > 0 ? kv : 0).s, sz(need_blocks * p->kv_block_bytes).s);
+             p->in.max_model_len, sz(want).s, took, sz(used).s, sz(p->act_late).s,
+             sz(kv > 0 ? kv : 0).s, sz(need).s);
         return DUET_ERR_NO_MEMORY;
+    }
+    if (kv > room) {
+        /* a neighbour holds more than the rest of the device: the share cannot be had */
+        if (room < need) {
+            fail(err, err_len,
+                 "no room for one sequence of max_model_len %d: --gpu-memory-utilization %.2f "
+                 "leaves %s for the KV cache, but the device has only %s free after loading "
+                 "(other processes hold %s) and the first steps need %s of it; one sequence "
+                 "needs %s",
+                 p->in.max_model_len, p->in.gpu_memory_utilization, sz(kv).s,
+                 sz(m->free_after_load).s, sz(others).s, sz(p->act_late).s, sz(need).s);
+            return DUET_ERR_NO_MEMORY;
+        }
+        fail(err, err_len,
+             "--gpu-memory-utilization %.2f leaves %s for the KV cache, but the device has only "
+             "%s free after loading (other processes hold %s, more than the rest of the "
+             "device) and the first steps need %s of it: the KV cache takes the %s that is free",
+             p->in.gpu_memory_utilization, sz(kv).s, sz(m->free_after_load).s, sz(others).s,
+             sz(p->act_late).s, sz(room).s);
+        kv = room;
     }
     *kv_bytes_p = kv;
     return DUET_OK;

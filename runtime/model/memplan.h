@@ -1,8 +1,9 @@
 /* The memory plan of one rank: what its weights, activations and KV cache take on the device
  * for a config.json, a parallel layout (TP, DP, EP) and the serving limits, and whether that fits
  * the share of the device --gpu-memory-utilization grants it (vLLM's meaning: a fraction of the
- * device's whole memory for this instance, the CUDA context outside it). Pure arithmetic from
- * the config and the shard plan, so a layout that cannot fit is refused before anything loads.
+ * device's whole memory for this instance; after loading, its CUDA context counts in it too).
+ * Pure arithmetic from the config and the shard plan, so a layout that cannot fit is refused
+ * before anything loads.
  * Measuring the device is the backend's (be_mem_info); choosing the KV cache size from those
  * measurements after loading is here too (mplan_kv_after_load). Any thread. */
 #ifndef DUET_MEMPLAN_H
@@ -147,21 +148,40 @@ void mplan_summary(const mplan *p, char *buf, size_t len);
 
 /* ---- after loading: the KV cache from what the device has left ---- */
 
-/* Measured on the rank's device (be_mem_info): total memory; free memory when the backend was
- * created (its CUDA context and cuBLAS workspace taken, nothing of the model yet); free memory
- * after the model loaded (weights, activation buffers, NCCL buffers). */
+/* Measured on the rank's device: total memory; free memory when the backend was created (its
+ * CUDA context and cuBLAS workspace taken, nothing of the model yet) and after the model
+ * loaded (be_mem_info); and, where the backend counts it (be_ops.mem_used), what this instance
+ * holds itself. Free memory moves with every process on the device, so with the count the
+ * plan charges the instance only for its own memory, and a neighbour loading at the same time
+ * no longer counts against it; without it (counted false) the readings' difference stands in. */
 typedef struct mplan_measured {
     long long total, free_at_start, free_after_load;
+    bool counted;
+    long long own_at_start, own_after_load; /* the backend's own allocations */
+    /* what the device used right after the backend was created beyond its own allocations:
+     * the CUDA context, plus whatever other processes held then (taken as at most
+     * MPLAN_CONTEXT_MAX: more than that is a neighbour's) */
+    long long context;
 } mplan_measured;
 
-/* Refuses (DUET_ERR_NO_MEMORY, one line in err) a device whose free memory at start is below
- * what the utilization asks for: another process holds the difference. As vLLM does. */
+/* The most of mplan_measured.context taken as this instance's CUDA context (1 GiB: more than a
+ * context alone typically takes, so a larger reading holds a neighbour's memory). */
+#define MPLAN_CONTEXT_MAX (1LL << 30)
+
+/* Refuses (DUET_ERR_NO_MEMORY, one line in err) a device whose free memory at start, with
+ * what the instance held then, is below what the utilization asks for: another process holds
+ * the difference. As vLLM does. */
 duet_status mplan_check_start(const mplan *p, const mplan_measured *m, char *err, size_t err_len);
 
-/* KV cache bytes for the device as measured: total * utilization, less what loading took, less
- * what the plan expects the first steps to allocate still (backend scratch, EP staging, graphs),
- * less the backend's padding block. Refuses (DUET_ERR_NO_MEMORY, one line in err) what
- * mplan_check_start refuses, and a cache that would not hold one sequence of max_model_len. */
+/* KV cache bytes for the device as measured: total * utilization, less what the instance uses
+ * (counted: its own allocations and its context; otherwise what loading took of the device's
+ * free memory), less what the plan expects the first steps to allocate still (backend
+ * scratch, EP staging, graphs), less the backend's padding block. When the device has less
+ * free than that (a neighbour holds more than the rest of the device), the cache takes what is
+ * free and err holds a warning line naming both numbers (DUET_OK; err is "" otherwise).
+ * Refuses (DUET_ERR_NO_MEMORY, one line in err) what mplan_check_start refuses, a
+ * --kv-cache-memory that does not fit, and a cache that would not hold one sequence of
+ * max_model_len. */
 duet_status mplan_kv_after_load(const mplan *p, const mplan_measured *m, long long *kv_bytes_p,
                                 char *err, size_t err_len);
 

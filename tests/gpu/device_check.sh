@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of one device-machine call, run from the offline bundle:
-#   bash .bundle/run.sh bash .bundle/device_check.sh quick|single|multi|mla|moe|fp8|fp8-plan
+#   bash .bundle/run.sh bash .bundle/device_check.sh quick|single|multi|mla|moe|fp8|fp8-plan|shared
 # quick (one GPU): the op and sampling tests, the goldens on every path, the memory plan.
 # single (one GPU): op test, sampling test and benchmark, goldens on CUDA in float32 and bf16
 # (the device MoE path, and the host-routing one for comparison), bf16 against the
@@ -18,6 +18,8 @@
 # bf16-emulating CPU backend and alone, compute-sanitizer over the op test and an FP8 golden,
 # and bench_fp8's table. fp8-plan (one GPU): the memory plan against a DeepSeek-V3 cut to 12
 # layers (FP8 dummy weights, ~102 GiB) on the device.
+# shared (one GPU): two duet-decode instances started at the same moment on one GPU at
+# --gpu-memory-utilization 0.45 each; both must become healthy.
 # Full output goes to $OUT/all.log (few files come back), a summary to stdout at the end.
 set -u
 out=${OUT:-/tmp/duet-device}
@@ -160,6 +162,45 @@ fp8-plan)
     # DeepSeek-V3 cut to 12 layers, FP8 dummy weights (~102 GiB): the plan against the device
     TMO=540 run memplan-check-v3-12l-fp8 memplan_check --model "$DUET_BUNDLE/models/v3-12l" \
         --backend cuda --load-format dummy
+    ;;
+shared)
+    # two duet-decode instances of V2-Lite (dummy weights, 29.3 GiB each) on GPU 0, started at
+    # the same moment at --gpu-memory-utilization 0.45 each: each sizes its KV cache from its
+    # own allocations, so the other's load must not refuse it (docs/memory.md); both must
+    # become healthy. Their memory plan and KV cache lines, and the device's use with both
+    # up, go to the summary.
+    export DUET_KV_SECRET=device-check-shared
+    shared_start() { # out-dir model-dir
+        local out=$1 model=$2 pids=() rc=0 port i ok p
+        for i in 0 1; do
+            CUDA_VISIBLE_DEVICES=0 duet-decode --model "$model" \
+                --backend cuda --load-format dummy --host 127.0.0.1 --port $((8750 + i)) \
+                --max-model-len 4096 --gpu-memory-utilization 0.45 \
+                >"$out/shared$i.log" 2>&1 &
+            pids+=($!)
+        done
+        for i in 0 1; do
+            port=$((8750 + i)) ok=0
+            for _ in $(seq 200); do
+                curl -sf "http://127.0.0.1:$port/health" >/dev/null && ok=1 && break
+                kill -0 "${pids[$i]}" 2>/dev/null || break
+                sleep 1
+            done
+            [ $ok = 1 ] || rc=1
+            echo "memplan_check shared: instance $i $([ $ok = 1 ] && echo healthy || echo FAILED)"
+            grep -E "memory plan|KV cache:|ERROR|WARN" "$out/shared$i.log" | head -6
+        done
+        nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader |
+            sed 's/^/memplan_check shared: both up, device /'
+        for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
+        sleep 3
+        for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null; done
+        wait "${pids[@]}" 2>/dev/null
+        return $rc
+    }
+    export -f shared_start
+    TMO=260 run shared-start-2x-decode-0.45 bash -c 'shared_start "$0" "$1"' "$out" \
+        "$DUET_BUNDLE/models/v2-lite"
     ;;
 mla)
     # most telling first; the timeouts add up to under the device call's 10 minutes

@@ -4,9 +4,11 @@
  * activation peak: one sequence of max_model_len prefilled in chunks of max_num_batched_tokens
  * (the last chunk's attention over the whole context) and one step of max_num_seqs sequences.
  * Prints the plan next to what the device says, and passes when everything the instance took
- * stays within total x utilization. Exit 77 (skipped) where the backend reports no device
- * memory (the CPU).
- * Usage: memplan_check --model DIR --backend cuda [--load-format dummy] [--max-model-len N]
+ * (its CUDA context included) stays within total x utilization and, where the backend counts
+ * its own allocations (be_ops.mem_used), that count agrees with the device's readings of the
+ * load (within 2% + 128 MiB: the readings also see what libraries allocate themselves). Exit 77
+ * (skipped) where the backend reports no device memory (the CPU). Usage: memplan_check --model DIR
+ * --backend cuda [--load-format dummy] [--max-model-len N]
  *                      [--max-num-seqs N] [--max-num-batched-tokens N] [--block-size N]
  *                      [--gpu-memory-utilization F] */
 #include <stdio.h>
@@ -161,9 +163,22 @@ int main(int argc, char **argv) {
     printf("the steps took %.2f GiB more; the plan: %.2f GiB (scratch, EP staging, logits, "
            "metadata, allowances)\n",
            gib(steps), gib(plan->act_late));
+    bool count_ok = true;
+    if (rd.counted) {
+        /* alone on the device, the backend's own count must see what the readings see of the
+         * load: an allocation it missed would let a sharing instance take too much */
+        long long counted = rd.own_after_load - rd.own_at_start;
+        long long off = counted > loaded ? counted - loaded : loaded - counted;
+        count_ok = off <= loaded / 50 + (128LL << 20);
+        long long ctx = rd.context < MPLAN_CONTEXT_MAX ? rd.context : MPLAN_CONTEXT_MAX;
+        printf("the backend counted %.2f GiB of its own allocations while loading (the readings: "
+               "%.2f GiB): %s; context read as %.2f GiB\n",
+               gib(counted), gib(loaded), count_ok ? "agree" : "DIFFER", gib(rd.context));
+        used += ctx; /* the context is inside the utilization's share */
+    }
     printf("the instance uses %.2f GiB of %.2f GiB allowed (%.2f of %.2f GiB): %s\n", gib(used),
            gib(allowed), util, gib(total), used <= allowed ? "within" : "OVER");
-    rc = used <= allowed ? 0 : 1;
+    rc = used <= allowed && count_ok ? 0 : 1;
 out:
     free(tokens);
     free(table);

@@ -1,10 +1,11 @@
 /* The memory plan (model/memplan.h) on DeepSeek-V3's and DeepSeek-V2-Lite's published
  * config.json (tests/data): the issue's layouts fit or are refused naming what does not fit, with
  * byte counts worked out by hand in the comments; bad inputs get one clear line; the KV cache
- * after loading follows the device's readings; and the plan's weights and load-time buffers
- * equal what mdl_load really creates, counted through a backend that wraps the CPU one, on
- * every layout (TP, EP, TP x EP) of a V3-shaped and a V2-shaped model. An instance refuses a
- * layout that does not fit before it loads a single weight. */
+ * after loading follows the instance's own memory, whatever a neighbour on the device loads
+ * meanwhile (and the device's readings where the backend does not count); and the plan's weights
+ * and load-time buffers equal what mdl_load really creates, counted through a backend that wraps
+ * the CPU one, on every layout (TP, EP, TP x EP) of a V3-shaped and a V2-shaped model. An instance
+ * refuses a layout that does not fit before it loads a single weight. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -304,6 +305,105 @@ static void test_kv_after_load(void) {
     check_has(err, "--kv-cache-memory 120.0 GiB does not fit");
 }
 
+/* Two instances of V2-Lite on one H200 at 0.45 each, started at the same moment (the bug
+ * docs/memory.md used to carry: each measured its load as the device's free memory before
+ * minus after, so the other's load counted against it). With the backend's count of its own
+ * allocations, what a neighbour loads meanwhile leaves this instance's KV cache as it is
+ * while the device has room; a neighbour that takes more than the rest of the device
+ * shrinks it, said in a warning, or refuses it, naming both numbers. */
+static void test_kv_neighbours(void) {
+    mplan_inputs in = inputs(1, 1, false, H200, MPLAN_WEIGHTS_BF16);
+    in.gpu_memory_utilization = 0.45;
+    mplan p;
+    if (!plan(&g_lite, &in, &p)) return;
+    char err[512] = "";
+    long long want = (long long)(0.45 * (double)H200);
+    const long long ctx = 600 * MIB, ws = 32 * MIB;
+    /* after loading: the workspace, the weights, the buffers and 200 MiB the plan does not know */
+    long long own = ws + p.w.total + p.act_at_load + 200 * MIB;
+    mplan_measured alone = {.total = H200,
+                            .free_at_start = H200 - ctx - ws,
+                            .free_after_load = H200 - ctx - own,
+                            .counted = true,
+                            .own_at_start = ws,
+                            .own_after_load = own,
+                            .context = ctx};
+    long long kv_alone = -1;
+    CHECK_EQ_INT(mplan_kv_after_load(&p, &alone, &kv_alone, err, sizeof err), DUET_OK);
+    CHECK_MSG(err[0] == '\0', "a warning alone on the device: %s", err);
+    /* the instance's own memory, its context, the first steps, the padding block and the cache
+     * add up to its share */
+    CHECK_EQ_INT(kv_alone + own + ctx + p.act_late + p.kv_block_bytes, want);
+    /* by hand: 0.45 x 140.4 GiB = 63.2 GiB, less 29.3 GiB of weights, ~1.5 GiB of buffers,
+     * workspace and slack, 0.6 GiB of context and the first steps' share: ~31 GiB */
+    CHECK(kv_alone > 30 * GIB && kv_alone < 33 * GIB);
+
+    /* the neighbour created its context just after this one's, and had loaded 20 GiB of its
+     * weights when this one finished loading: the same cache */
+    mplan_measured shared = alone;
+    shared.free_at_start -= ctx + ws;
+    shared.free_after_load -= ctx + ws + 20 * GIB;
+    long long kv = -1;
+    CHECK_EQ_INT(mplan_kv_after_load(&p, &shared, &kv, err, sizeof err), DUET_OK);
+    CHECK_EQ_INT(kv, kv_alone);
+    CHECK_MSG(err[0] == '\0', "a warning with a neighbour in its share: %s", err);
+    /* the neighbour's readings, taken a moment later: it holds what this one does, the same
+     * cache, and the two fit the device together */
+    mplan_measured other = shared;
+    other.free_after_load = H200 - 2 * (ctx + own);
+    long long kv_other = -1;
+    CHECK_EQ_INT(mplan_kv_after_load(&p, &other, &kv_other, err, sizeof err), DUET_OK);
+    CHECK_EQ_INT(kv_other, kv_alone);
+    CHECK(2 * (kv_alone + own + ctx + p.act_late + p.kv_block_bytes) <= H200);
+    /* what the readings alone would have said (the old way): the neighbour's 20 GiB counted
+     * against this instance */
+    mplan_measured uncounted = shared;
+    uncounted.counted = false;
+    CHECK_EQ_INT(mplan_kv_after_load(&p, &uncounted, &kv, err, sizeof err), DUET_OK);
+    CHECK(kv < kv_alone - 19 * GIB);
+
+    /* the context reading caught the neighbour's weights too: taken as at most 1 GiB */
+    mplan_measured early = shared;
+    early.context = ctx + 20 * GIB;
+    CHECK_EQ_INT(mplan_kv_after_load(&p, &early, &kv, err, sizeof err), DUET_OK);
+    CHECK_EQ_INT(kv, kv_alone - (MPLAN_CONTEXT_MAX - ctx));
+
+    /* the neighbour took 90 GiB, more than the 0.55 of the device this one leaves: the cache
+     * takes what is free, and a warning names both numbers */
+    mplan_measured greedy = alone;
+    greedy.free_after_load -= 90 * GIB;
+    CHECK_EQ_INT(mplan_kv_after_load(&p, &greedy, &kv, err, sizeof err), DUET_OK);
+    CHECK_EQ_INT(kv, greedy.free_after_load - p.act_late - p.kv_block_bytes);
+    CHECK(kv < kv_alone);
+    check_has(err, "--gpu-memory-utilization 0.45 leaves ");
+    check_has(err, "other processes hold 90.0 GiB");
+    check_has(err, "the KV cache takes the ");
+    /* ... and left less than one sequence: refused, naming both numbers */
+    greedy.free_after_load = p.act_late + 100 * MIB;
+    CHECK_EQ_INT(mplan_kv_after_load(&p, &greedy, &kv, err, sizeof err), DUET_ERR_NO_MEMORY);
+    check_has(err, "no room for one sequence of max_model_len 8192: --gpu-memory-utilization "
+                   "0.45 leaves ");
+    check_has(err, "but the device has only ");
+
+    /* at start another process holds 100 GiB: refused before loading, the number its own */
+    mplan_measured busy = alone;
+    busy.free_at_start -= 100 * GIB;
+    CHECK_EQ_INT(mplan_check_start(&p, &busy, err, sizeof err), DUET_ERR_NO_MEMORY);
+    check_has(err, "another process holds 100.0 GiB of it");
+    CHECK_EQ_INT(mplan_check_start(&p, &shared, err, sizeof err), DUET_OK);
+
+    /* --kv-cache-memory: taken as asked while the device has it free, refused when not */
+    in.kv_cache_memory = 20 * GIB;
+    if (!plan(&g_lite, &in, &p)) return;
+    CHECK_EQ_INT(mplan_kv_after_load(&p, &shared, &kv, err, sizeof err), DUET_OK);
+    CHECK_EQ_INT(kv, 20 * GIB);
+    mplan_measured full = alone;
+    full.free_after_load = 10 * GIB;
+    CHECK_EQ_INT(mplan_kv_after_load(&p, &full, &kv, err, sizeof err), DUET_ERR_NO_MEMORY);
+    check_has(err, "--kv-cache-memory 20.0 GiB does not fit: the device has 10.0 GiB free after "
+                   "loading");
+}
+
 static void test_print(void) {
     mplan_inputs in = inputs(1, 8, true, H200, MPLAN_WEIGHTS_FP8);
     in.model_name = "DeepSeek-V3";
@@ -544,6 +644,7 @@ int main(void) {
     test_other_refusals();
     test_bad_inputs();
     test_kv_after_load();
+    test_kv_neighbours();
     test_print();
     test_instance();
     char *root = tu_mkdtemp("memplan");

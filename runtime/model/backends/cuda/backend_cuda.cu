@@ -2,6 +2,7 @@
  * (activations, weights, KV cache, scratch), host transfers and the batch; the ops live in
  * gemm.cu, kernels.cu, mla.cu, moe.cu and sample.cu. All work is ordered on one stream; only
  * the calls that return host data or a status wait for it. */
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -10,6 +11,122 @@
 extern "C" {
 #include "model/backends/cuda/backend_cuda.h"
 #include "dist/comm.h"
+}
+
+/* ---- device memory the backend holds (cuda-impl.cuh) ----
+ * An open-addressing table of live allocations (address -> bytes, device), so a free knows
+ * what it gives back, and one counter per device. Calls inside this block name the CUDA
+ * functions in parentheses, past the counting macros. */
+
+enum { MEM_MAX_DEVICES = 64 };
+typedef struct mem_rec {
+    uintptr_t p; /* 0: empty */
+    size_t bytes;
+    int device;
+} mem_rec;
+static pthread_mutex_t g_mem_lock = PTHREAD_MUTEX_INITIALIZER;
+static mem_rec *g_mem_tab;
+static size_t g_mem_cap, g_mem_n; /* capacity a power of two, at most half full */
+static long long g_mem_bytes[MEM_MAX_DEVICES];
+
+static size_t mem_home(uintptr_t p, size_t cap) {
+    uint64_t h = (uint64_t)p * 0x9E3779B97F4A7C15ull;
+    return (size_t)(h ^ (h >> 29)) & (cap - 1);
+}
+
+static void mem_put(mem_rec *tab, size_t cap, mem_rec r) {
+    size_t i = mem_home(r.p, cap);
+    while (tab[i].p) i = (i + 1) & (cap - 1);
+    tab[i] = r;
+}
+
+/* Room for one more record; false when the host is out of memory. Under g_mem_lock. */
+static bool mem_reserve(void) {
+    if ((g_mem_n + 1) * 2 <= g_mem_cap) return true;
+    size_t cap = g_mem_cap ? g_mem_cap * 2 : 1024;
+    mem_rec *tab = (mem_rec *)calloc(cap, sizeof *tab);
+    if (!tab) return false;
+    for (size_t i = 0; i < g_mem_cap; i++)
+        if (g_mem_tab[i].p) mem_put(tab, cap, g_mem_tab[i]);
+    free(g_mem_tab);
+    g_mem_tab = tab;
+    g_mem_cap = cap;
+    return true;
+}
+
+/* Removes p's record into *r_p; false when p was not allocated here. Under g_mem_lock.
+ * Later records of the same probe run move back into the hole (no tombstones). */
+static bool mem_take(uintptr_t p, mem_rec *r_p) {
+    if (!g_mem_cap) return false;
+    size_t mask = g_mem_cap - 1, i = mem_home(p, g_mem_cap);
+    while (g_mem_tab[i].p != p) {
+        if (!g_mem_tab[i].p) return false;
+        i = (i + 1) & mask;
+    }
+    *r_p = g_mem_tab[i];
+    for (size_t j = (i + 1) & mask; g_mem_tab[j].p; j = (j + 1) & mask) {
+        size_t k = mem_home(g_mem_tab[j].p, g_mem_cap);
+        /* j's record may fill the hole at i when its home is not in (i, j] (cyclically) */
+        bool stays = i <= j ? (i < k && k <= j) : (i < k || k <= j);
+        if (stays) continue;
+        g_mem_tab[i] = g_mem_tab[j];
+        i = j;
+    }
+    g_mem_tab[i].p = 0;
+    g_mem_n--;
+    return true;
+}
+
+/* What an allocation of bytes takes of the device: from 1 MiB on the driver hands out whole
+ * 2 MiB pages; smaller ones share pages, 512-byte aligned. Per-expert weights of a few MiB each
+ * would otherwise be undercounted by up to a page apiece (memplan_check compares the count with
+ * the device's readings). */
+static size_t mem_taken(size_t bytes) {
+    const size_t page = 2u << 20, small = 512;
+    if (bytes >= (1u << 20)) return (bytes + page - 1) / page * page;
+    return (bytes + small - 1) / small * small;
+}
+
+cudaError_t cuda_counted_malloc(void **p, size_t bytes) {
+    int device = 0;
+    cudaError_t e = (cudaGetDevice)(&device);
+    if (e != cudaSuccess) return e;
+    e = (cudaMalloc)(p, bytes);
+    if (e != cudaSuccess) return e;
+    pthread_mutex_lock(&g_mem_lock);
+    bool ok = device >= 0 && device < MEM_MAX_DEVICES && mem_reserve();
+    if (ok) {
+        size_t taken = mem_taken(bytes);
+        mem_put(g_mem_tab, g_mem_cap, (mem_rec){(uintptr_t)*p, taken, device});
+        g_mem_n++;
+        g_mem_bytes[device] += (long long)taken;
+    }
+    pthread_mutex_unlock(&g_mem_lock);
+    if (!ok) {
+        /* an allocation the count cannot hold would make the plan undercount: refuse it */
+        (cudaFree)(*p);
+        *p = NULL;
+        return cudaErrorMemoryAllocation;
+    }
+    return cudaSuccess;
+}
+
+cudaError_t cuda_counted_free(void *p) {
+    if (p) {
+        mem_rec r;
+        pthread_mutex_lock(&g_mem_lock);
+        if (mem_take((uintptr_t)p, &r)) g_mem_bytes[r.device] -= (long long)r.bytes;
+        pthread_mutex_unlock(&g_mem_lock);
+    }
+    return (cudaFree)(p);
+}
+
+long long cuda_counted_bytes(int device) {
+    if (device < 0 || device >= MEM_MAX_DEVICES) return 0;
+    pthread_mutex_lock(&g_mem_lock);
+    long long n = g_mem_bytes[device];
+    pthread_mutex_unlock(&g_mem_lock);
+    return n;
 }
 
 duet_status cuda_status(cuda_backend *c, cudaError_t e, const char *what, const char *file,
@@ -614,6 +731,14 @@ static duet_status cuda_mem_info(be_backend *be, size_t *total_p, size_t *free_p
     return DUET_OK;
 }
 
+static duet_status cuda_mem_used(be_backend *be, size_t *own_p, size_t *context_p) {
+    cuda_backend *c = cuda_be(be);
+    long long own = cuda_counted_bytes(c->device);
+    *own_p = own > 0 ? (size_t)own : 0;
+    *context_p = c->context_bytes;
+    return DUET_OK;
+}
+
 static duet_status cuda_comm_attach(be_backend *be, comm_group *g) {
     cuda_backend *c = cuda_be(be);
     if (c->err != DUET_OK) return c->err;
@@ -637,9 +762,9 @@ static duet_status cuda_comm_attach(be_backend *be, comm_group *g) {
         .mla_attention = cuda_mla_attention, .moe_route = cuda_moe_route,                          \
         .moe_experts = cuda_moe_experts, .gather_rows = cuda_gather_rows,                          \
         .scatter_add_rows = cuda_scatter_add_rows, .zero = cuda_zero, .mem_info = cuda_mem_info,   \
-        .sampler_create = cuda_sampler_create, .sampler_destroy = cuda_sampler_destroy,            \
-        .sampler_slot_init = cuda_sampler_slot_init, .sample = cuda_sample,                        \
-        .comm_attach = cuda_comm_attach, .graph_begin = cuda_graph_begin,                          \
+        .mem_used = cuda_mem_used, .sampler_create = cuda_sampler_create,                          \
+        .sampler_destroy = cuda_sampler_destroy, .sampler_slot_init = cuda_sampler_slot_init,      \
+        .sample = cuda_sample, .comm_attach = cuda_comm_attach, .graph_begin = cuda_graph_begin,   \
         .graph_end = cuda_graph_end, .graph_ready = cuda_graph_ready,                              \
         .graph_launch = cuda_graph_launch, .mem_alloc = cuda_mem_alloc, .mem_free = cuda_mem_free, \
         .mem_upload = cuda_mem_upload, .mem_download = cuda_mem_download,                          \
@@ -702,6 +827,14 @@ extern "C" duet_status be_cuda_create(int device, dt_dtype dtype, be_backend **b
     if (st == DUET_OK) st = CUDA_CHECK(c, cudaMalloc(&c->blas_ws, ws));
     c->blas_ws_bytes = ws;
     if (st == DUET_OK) st = CUBLAS_CHECK(c, cublasSetWorkspace(c->blas, c->blas_ws, ws));
+    /* the context's cost, read once while nothing else of this backend exists: what the device
+     * uses beyond this process's own allocations (a neighbour's memory reads the same) */
+    size_t free_b = 0, total_b = 0;
+    if (st == DUET_OK) st = CUDA_CHECK(c, cudaMemGetInfo(&free_b, &total_b));
+    if (st == DUET_OK) {
+        long long other = (long long)total_b - (long long)free_b - cuda_counted_bytes(device);
+        c->context_bytes = other > 0 ? (size_t)other : 0;
+    }
     if (st != DUET_OK) {
         cuda_destroy(&c->base);
         return st;

@@ -18,6 +18,24 @@ extern "C" {
 
 typedef __nv_bfloat16 bf16;
 
+/* ---- device memory the backend holds ----
+ * Every cudaMalloc and cudaFree in the files that include this header goes through the two
+ * functions below (the macros at the end of this block), so the backend knows the bytes it
+ * holds on each device without asking the device, whose free memory also moves with every
+ * other process on it (be_ops.mem_used, model/memplan.h). Counted per device (the calling
+ * thread's current one at cudaMalloc), for the whole process; any thread. A cudaFree of a
+ * pointer not allocated here counts nothing. */
+cudaError_t cuda_counted_malloc(void **p, size_t bytes);
+cudaError_t cuda_counted_free(void *p);
+template <typename T> static inline cudaError_t cuda_counted_malloc(T **p, size_t bytes) {
+    return cuda_counted_malloc((void **)p, bytes);
+}
+/* Bytes allocated through cuda_counted_malloc on device and not freed yet, each allocation
+ * as the device holds it (rounded up to the driver's pages: backend_cuda.cu's mem_taken). */
+long long cuda_counted_bytes(int device);
+#define cudaMalloc(p, bytes) cuda_counted_malloc((p), (bytes))
+#define cudaFree(p)          cuda_counted_free(p)
+
 /* A weight [n_out, n_in] row-major in device memory: bf16, or float32 (keep_f32 weights, and
  * every weight of a float32 backend), or FP8 e4m3 (DT_F8_E4M3, fp8.cu) with float32 scales
  * per 128x128 block: rows [0, split) and [split, n_out) have their own block grids (gate and
@@ -78,6 +96,11 @@ typedef struct cuda_backend {
     float *d_inv_freq; /* [rope_half] */
     int rope_half;
     float rope_attn;
+
+    /* what the device used right after this backend was created beyond the backend's own
+     * allocations: its CUDA context and cuBLAS handle, and whatever other processes held at
+     * that moment (one reading cannot tell them apart; model/memplan.h caps it) */
+    size_t context_bytes;
 
     void *scr[SCR_COUNT];
     size_t scr_bytes[SCR_COUNT];
