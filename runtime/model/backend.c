@@ -23,6 +23,19 @@ duet_status be_mem_info(be_backend *be, long long *total_p, long long *free_p) {
     return DUET_OK;
 }
 
+/* ---- fused ops ---- */
+
+void be_add_rmsnorm(be_backend *be, void *out, void *h, const void *x, const void *w, int T, int D,
+                    float eps) {
+    const be_ops *o = be->ops;
+    if (o->add_rmsnorm) {
+        o->add_rmsnorm(be, out, h, x, w, T, D, eps);
+        return;
+    }
+    o->add(be, h, x, (size_t)T * (size_t)D);
+    o->rmsnorm(be, out, D, h, D, w, T, D, eps);
+}
+
 /* ---- KV copies for the transfer thread ---- */
 
 duet_status be_kv_copy_start(be_backend *be, be_kv *kv, const int32_t *blocks, int n, void *host,

@@ -343,11 +343,46 @@ static void test_rmsnorm(tb *t) {
     for (int k = 0; k < 2; k++)
         t->be[k]->ops->rmsnorm(t->be[k], x.b[k], stride, x.b[k], stride, w[k], T, D - 8, 1e-6f);
     compare(t, "rmsnorm (in place)", &x, t->tol);
+    /* widths the 16-byte vectors cannot cover take the scalar kernel */
+    for (int k = 0; k < 2; k++)
+        t->be[k]->ops->rmsnorm(t->be[k], y.b[k], stride, x.b[k], stride, w[k], T, D - 2, 1e-6f);
+    compare(t, "rmsnorm (odd width)", &y, t->tol);
     for (int k = 0; k < 2; k++) t->be[k]->ops->buf_free(t->be[k], w[k]);
     pbuf_free(t, &x);
     pbuf_free(t, &y);
     free(xh);
     free(wh);
+}
+
+/* h += x; out = rmsnorm(h) * w, fused, at one row and several, the model's widths (V2-Lite
+ * 2048, V3 7168) and odd ones the vector kernel leaves to the two plain ops */
+static void test_add_rmsnorm_case(tb *t, int T, int D) {
+    size_t n = (size_t)T * D;
+    float *hh = rand_vec(n, 2.0f), *xh = rand_vec(n, 2.0f), *wh = rand_vec((size_t)D, 1.0f);
+    pbuf h = pbuf_new(t, hh, n, false), x = pbuf_new(t, xh, n, false);
+    pbuf out = pbuf_new(t, NULL, n, true);
+    void *w[2] = {vec_new(t, CPU, wh, D), vec_new(t, GPU, wh, D)};
+    for (int k = 0; k < 2; k++)
+        t->be[k]->ops->add_rmsnorm(t->be[k], out.b[k], h.b[k], x.b[k], w[k], T, D, 1e-6f);
+    char name[64];
+    snprintf(name, sizeof name, "add_rmsnorm %dx%d", T, D);
+    compare(t, name, &out, t->tol);
+    snprintf(name, sizeof name, "add_rmsnorm h %dx%d", T, D);
+    compare(t, name, &h, t->tol);
+    for (int k = 0; k < 2; k++) t->be[k]->ops->buf_free(t->be[k], w[k]);
+    pbuf_free(t, &h);
+    pbuf_free(t, &x);
+    pbuf_free(t, &out);
+    free(hh);
+    free(xh);
+    free(wh);
+}
+
+static void test_add_rmsnorm(tb *t) {
+    CHECK(t->be[CPU]->ops->add_rmsnorm && t->be[GPU]->ops->add_rmsnorm);
+    int shapes[][2] = {{1, 2048}, {1, 7168}, {1, 512}, {5, 7168}, {64, 2048}, {3, 200}, {2, 30}};
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
+        test_add_rmsnorm_case(t, shapes[i][0], shapes[i][1]);
 }
 
 static void test_add_silu(tb *t) {
@@ -1168,6 +1203,7 @@ static void run_all(tb *t) {
     test_linear(t, false);
     test_linear(t, true);
     test_rmsnorm(t);
+    test_add_rmsnorm(t);
     test_add_silu(t);
     test_rope(t);
     test_rows(t);

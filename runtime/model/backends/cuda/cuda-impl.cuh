@@ -185,6 +185,8 @@ void cuda_embed(be_backend *be, void *out, const int32_t *ids, int T, const be_w
 void cuda_rmsnorm(be_backend *be, void *out, int out_stride, const void *x, int x_stride,
                   const void *w, int T, int D, float eps);
 void cuda_add(be_backend *be, void *y, const void *x, size_t n);
+void cuda_add_rmsnorm(be_backend *be, void *out, void *h, const void *x, const void *w, int T,
+                      int D, float eps);
 void cuda_silu_mul(be_backend *be, void *out, const void *gu, int T, int inter);
 void cuda_rope(be_backend *be, void *x, int T, int row_stride, int n_heads, int head_stride,
                int col0, int rope_dim);

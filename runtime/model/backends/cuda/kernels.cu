@@ -49,7 +49,12 @@ void cuda_embed(be_backend *be, void *out, const int32_t *ids, int T_, const be_
     CUDA_LAUNCHED(c, "embed_kernel");
 }
 
-/* ---- RMSNorm: one block per row; out may alias x (each thread rewrites what it read) ---- */
+/* ---- RMSNorm: one block per row; out may alias x (each thread rewrites what it read) ----
+ * The scalar kernel serves rows whose width or alignment does not allow 16-byte vectors; the
+ * vector kernel reads each row once into registers (NV vectors of 16 bytes a thread, a block
+ * as wide as the row) so that one row costs one pass of loads, a shuffle + shared-memory sum
+ * and one pass of stores. With ADD it first adds x into h (the residual), stores h rounded to
+ * T, and normalizes that stored value, as add then rmsnorm would. */
 template <typename T>
 __global__ void rmsnorm_kernel(T *out, int out_stride, const T *x, int x_stride, const float *w,
                                int D, float eps) {
@@ -66,14 +71,114 @@ __global__ void rmsnorm_kernel(T *out, int out_stride, const T *x, int x_stride,
     for (int i = threadIdx.x; i < D; i += blockDim.x) orow[i] = from_f<T>(w[i] * (to_f(xr[i]) * r));
 }
 
+template <typename T, bool ADD, int NV>
+__global__ void rmsnorm_vec_kernel(T *out, int out_stride, T *h, int h_stride, const T *x,
+                                   int x_stride, const float *w, int D, float eps) {
+    constexpr int V = 16 / sizeof(T); /* elements per 16-byte vector */
+    __shared__ float red[32];
+    int nvec = D / V;
+    T *hr = h + (size_t)blockIdx.x * h_stride;
+    T *orow = out + (size_t)blockIdx.x * out_stride;
+    float v[NV][V];
+    float ss = 0.0f;
+#pragma unroll
+    for (int k = 0; k < NV; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        if (i >= nvec) continue;
+        alignas(16) T e[V];
+        *reinterpret_cast<uint4 *>(e) = *reinterpret_cast<const uint4 *>(hr + (size_t)i * V);
+        if (ADD) {
+            alignas(16) T a[V];
+            *reinterpret_cast<uint4 *>(a) =
+                *reinterpret_cast<const uint4 *>(x + (size_t)blockIdx.x * x_stride + (size_t)i * V);
+#pragma unroll
+            for (int j = 0; j < V; j++) e[j] = from_f<T>(to_f(e[j]) + to_f(a[j]));
+            *reinterpret_cast<uint4 *>(hr + (size_t)i * V) = *reinterpret_cast<const uint4 *>(e);
+        }
+#pragma unroll
+        for (int j = 0; j < V; j++) {
+            v[k][j] = to_f(e[j]);
+            ss += v[k][j] * v[k][j];
+        }
+    }
+    ss = block_sum(ss, red);
+    float r = 1.0f / sqrtf(ss / (float)D + eps);
+#pragma unroll
+    for (int k = 0; k < NV; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        if (i >= nvec) continue;
+        alignas(16) float wv[V];
+#pragma unroll
+        for (int j = 0; j < V; j += 4)
+            *reinterpret_cast<float4 *>(wv + j) =
+                *reinterpret_cast<const float4 *>(w + (size_t)i * V + j);
+        alignas(16) T e[V];
+#pragma unroll
+        for (int j = 0; j < V; j++) e[j] = from_f<T>(wv[j] * (v[k][j] * r));
+        *reinterpret_cast<uint4 *>(orow + (size_t)i * V) = *reinterpret_cast<const uint4 *>(e);
+    }
+}
+
+static inline bool aligned16(const void *p) {
+    return ((uintptr_t)p & 15u) == 0;
+}
+
+/* Launches the vector kernel when rows allow it (D a multiple of the vector, every row start
+ * 16-byte aligned, at most 8 vectors a thread); false: the caller takes another path. */
+template <typename T, bool ADD>
+static bool rmsnorm_vec_launch(cuda_backend *c, T *out, int out_stride, T *h, int h_stride,
+                               const T *x, int x_stride, const float *w, int T_, int D, float eps) {
+    const int V = 16 / (int)sizeof(T);
+    size_t sz = sizeof(T);
+    if (D % V || !aligned16(out) || !aligned16(h) || !aligned16(w) || (out_stride * sz) % 16 ||
+        (h_stride * sz) % 16)
+        return false;
+    if (ADD && (!aligned16(x) || (x_stride * sz) % 16)) return false;
+    int nvec = D / V, nv = 1;
+    while (nv < 8 && nvec > nv * 1024) nv *= 2;
+    if (nvec > nv * 1024) return false;
+    int per = (nvec + nv - 1) / nv, block = (per + 31) / 32 * 32;
+#define RMS_VEC(NV)                                                                                \
+    rmsnorm_vec_kernel<T, ADD, NV>                                                                 \
+        <<<T_, block, 0, c->stream>>>(out, out_stride, h, h_stride, x, x_stride, w, D, eps)
+    if (nv == 1)
+        RMS_VEC(1);
+    else if (nv == 2)
+        RMS_VEC(2);
+    else if (nv == 4)
+        RMS_VEC(4);
+    else
+        RMS_VEC(8);
+#undef RMS_VEC
+    return true;
+}
+
 void cuda_rmsnorm(be_backend *be, void *out, int out_stride, const void *x, int x_stride,
                   const void *w, int T_, int D, float eps) {
     cuda_backend *c = cuda_be(be);
     if (c->err != DUET_OK || T_ <= 0) return;
     int block = D >= 256 ? 256 : (D + 31) / 32 * 32;
-    ACT_DISPATCH(c, rmsnorm_kernel<T><<<T_, block, 0, c->stream>>>(
-                        (T *)out, out_stride, (const T *)x, x_stride, (const float *)w, D, eps));
+    ACT_DISPATCH(
+        c, if (!rmsnorm_vec_launch<T, false>(c, (T *)out, out_stride, (T *)x, x_stride,
+                                             (const T *)NULL, 0, (const float *)w, T_, D, eps))
+               rmsnorm_kernel<T><<<T_, block, 0, c->stream>>>((T *)out, out_stride, (const T *)x,
+                                                              x_stride, (const float *)w, D, eps));
     CUDA_LAUNCHED(c, "rmsnorm_kernel");
+}
+
+void cuda_add_rmsnorm(be_backend *be, void *out, void *h, const void *x, const void *w, int T_,
+                      int D, float eps) {
+    cuda_backend *c = cuda_be(be);
+    if (c->err != DUET_OK || T_ <= 0) return;
+    bool done = false;
+    ACT_DISPATCH(c, done = rmsnorm_vec_launch<T, true>(c, (T *)out, D, (T *)h, D, (const T *)x, D,
+                                                       (const float *)w, T_, D, eps));
+    if (done) {
+        CUDA_LAUNCHED(c, "rmsnorm_vec_kernel (add)");
+        return;
+    }
+    cuda_add(be, h, x, (size_t)T_ * D); /* rows the vectors cannot take: the two ops */
+    cuda_rmsnorm(be, out, D, h, D, w, T_, D, eps);
 }
 
 /* ---- y += x ---- */
