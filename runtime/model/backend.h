@@ -286,6 +286,11 @@ typedef struct be_ops {
                  int col0, int rope_dim);
     /* writes kva[T, kv_dim] (row stride kv_stride) of layer into the batch's token slots */
     void (*kv_write)(be_backend *be, be_kv *kv, int layer, const void *kva, int kv_stride);
+    /* optional: rope (one head) on columns [col0, col0 + rope_dim) of kva[T] (rows kv_stride
+     * apart, T the batch's tokens) in place, then kv_write of those rows into layer: the two in
+     * one pass, the same results. NULL: be_rope_kv_write runs rope then kv_write. */
+    void (*rope_kv_write)(be_backend *be, be_kv *kv, int layer, void *kva, int T, int kv_stride,
+                          int col0, int rope_dim);
     /* MLA attention for the batch: q[T, H, nope + rope] (roped), cache of layer, kv_b
      * weight [H * (nope + v), L] of the same H heads; out[T, H * v]. The backend chooses the
      * absorbed form (attention over latents) or the expanded one per sequence. */
@@ -395,6 +400,11 @@ static inline bool be_fp8_prefill_eligible(int n_out, int n_in, int split) {
 /* h[T, D] += x[T, D]; out[T, D] = rmsnorm(h) * w (be_ops.add_rmsnorm, or add then rmsnorm) */
 void be_add_rmsnorm(be_backend *be, void *out, void *h, const void *x, const void *w, int T, int D,
                     float eps);
+
+/* rope on kva's shared key columns [col0, col0 + rope_dim), then kv_write of kva[T] into
+ * layer (be_ops.rope_kv_write, or rope then kv_write); T is the batch's token count */
+void be_rope_kv_write(be_backend *be, be_kv *kv, int layer, void *kva, int T, int kv_stride,
+                      int col0, int rope_dim);
 
 /* (Backends are created by name through model/backends/registry.h.) */
 void be_destroy(be_backend *be);

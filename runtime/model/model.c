@@ -425,8 +425,7 @@ static duet_status attention(mdl_model *m, be_kv *kv, int l, const mdl_layer *ly
     o->linear(be, m->buf.kva, m->buf.xn, D, T, ly->kv_a);
     o->rmsnorm(be, m->buf.kva, L + R, m->buf.kva, L + R, ly->kv_a_norm, T, L, c->rms_norm_eps);
     o->rope(be, m->buf.q, T, H * qk, H, qk, nope, R);
-    o->rope(be, m->buf.kva, T, L + R, 1, 0, L, R);
-    o->kv_write(be, kv, l, m->buf.kva, L + R);
+    be_rope_kv_write(be, kv, l, m->buf.kva, T, L + R, L, R);
     o->mla_attention(be, m->buf.attn, m->buf.q, kv, l, ly->kv_b, H, nope, R, c->v_head_dim,
                      m->softmax_scale);
     o->linear(be, m->buf.o, m->buf.attn, H * c->v_head_dim, T, ly->o);

@@ -430,6 +430,77 @@ static void test_rope(tb *t) {
     free(qh);
 }
 
+/* rope on the shared key then the KV write, fused: cache rows of scattered slots (the rest
+ * filled by kv_write first, so every byte compares) and kva's roped columns, at one token and
+ * several, DeepSeek's widths (L 512, rope 64) and small ones; rows kv_dim + 6 apart */
+static void test_rope_kv_write_case(tb *t, int T, int L, int R) {
+    int kv_dim = L + R, bs = 4, n_layers = 2, layer = 1, n_blocks = (T + bs - 1) / bs + 2;
+    int stride = kv_dim + 6, n_slots = n_blocks * bs;
+    be_kv *kv[2];
+    for (int k = 0; k < 2; k++)
+        CHECK(t->be[k]->ops->kv_create(t->be[k], n_blocks, n_layers, bs, kv_dim, &kv[k]) ==
+              DUET_OK);
+    int32_t *pos = calloc((size_t)n_slots, sizeof(int32_t)),
+            *slot = malloc((size_t)n_slots * sizeof(int32_t));
+    for (int i = 0; i < n_slots; i++) slot[i] = i;
+    int32_t start[2] = {0, n_slots}, ctx[1] = {1}, table[1] = {0};
+    be_batch hb = {.n_tokens = n_slots,
+                   .n_seqs = 1,
+                   .token_pos = pos,
+                   .token_slot = slot,
+                   .seq_start = start,
+                   .seq_ctx = ctx,
+                   .block_table = table,
+                   .max_blocks = 1};
+    set_batch(t, &hb);
+    for (int l = 0; l < n_layers; l++) {
+        float *lat = rand_vec((size_t)n_slots * kv_dim, 1.0f);
+        pbuf fill = pbuf_new(t, lat, (size_t)n_slots * kv_dim, false);
+        for (int k = 0; k < 2; k++) t->be[k]->ops->kv_write(t->be[k], kv[k], l, fill.b[k], kv_dim);
+        pbuf_free(t, &fill);
+        free(lat);
+    }
+    /* the step: T tokens at distinct scrambled slots and positions up to the thousands */
+    for (int i = 0; i < n_slots; i++) {
+        int j = (int)(rnd() % (uint64_t)(i + 1));
+        int32_t tmp = slot[i];
+        slot[i] = slot[j];
+        slot[j] = tmp;
+    }
+    for (int i = 0; i < T; i++) pos[i] = (int32_t)(rnd() % 5000);
+    int32_t sstart[2] = {0, T}, sctx[1] = {5000};
+    be_batch b = {.n_tokens = T,
+                  .n_seqs = 1,
+                  .token_pos = pos,
+                  .token_slot = slot,
+                  .seq_start = sstart,
+                  .seq_ctx = sctx,
+                  .block_table = table,
+                  .max_blocks = 1};
+    set_batch(t, &b);
+    float *kvah = rand_vec((size_t)T * stride, 1.0f);
+    pbuf kva = pbuf_new(t, kvah, (size_t)T * stride, false);
+    for (int k = 0; k < 2; k++)
+        t->be[k]->ops->rope_kv_write(t->be[k], kv[k], layer, kva.b[k], T, stride, L, R);
+    char name[64];
+    snprintf(name, sizeof name, "rope_kv_write kva %dx%d", T, kv_dim);
+    compare(t, name, &kva, t->tol);
+    snprintf(name, sizeof name, "rope_kv_write cache %dx%d", T, kv_dim);
+    compare_raw(t, name, kv[CPU]->data, kv[GPU]->data,
+                (size_t)n_blocks * kv[0]->block_bytes / sizeof(float), t->tol);
+    for (int k = 0; k < 2; k++) t->be[k]->ops->kv_destroy(t->be[k], kv[k]);
+    pbuf_free(t, &kva);
+    free(kvah);
+    free(pos);
+    free(slot);
+}
+
+static void test_rope_kv_write(tb *t) {
+    CHECK(t->be[CPU]->ops->rope_kv_write && t->be[GPU]->ops->rope_kv_write);
+    test_rope_kv_write_case(t, 1, 32, 8);
+    test_rope_kv_write_case(t, 13, 32, 8);
+}
+
 static void test_rows(tb *t) {
     int n_src = 40, D = 24, n = 17;
     float *sh = rand_vec((size_t)n_src * D, 1.0f), *dh = rand_vec((size_t)n_src * D, 1.0f);
@@ -1206,6 +1277,7 @@ static void run_all(tb *t) {
     test_add_rmsnorm(t);
     test_add_silu(t);
     test_rope(t);
+    test_rope_kv_write(t);
     test_rows(t);
     /* decode (one token), prompt chunks from 0 and continuing, contexts past a 64-row tile */
     mla_case small = {.name = "small",
@@ -1235,6 +1307,8 @@ static void run_all(tb *t) {
                     .n_tok = {1, 40, 1},
                     .pos0 = {300, 100, 5}};
     test_mla(t, &big);
+    test_rope_kv_write_case(t, 1, 512, 64); /* DeepSeek's latent and rope widths */
+    test_rope_kv_write_case(t, 64, 512, 64);
     test_mla_decode(t);
     be_route_params v3 = {.n_experts = 64,
                           .top_k = 6,

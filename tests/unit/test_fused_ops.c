@@ -1,7 +1,8 @@
 /* The CPU backend's fused ops against the unfused sequences they replace, bit for bit, in
  * float32 and in the bf16-emulating mode (whose rounding points are where the CUDA kernels
- * store): add_rmsnorm = add then rmsnorm; and be_add_rmsnorm's fallback (a table without the
- * op) gives the same. tests/gpu/test_backend_ops.c holds the CUDA kernels to these ops. */
+ * store): add_rmsnorm = add then rmsnorm, rope_kv_write = rope then kv_write; and the
+ * wrappers' fallbacks (a table without the op) give the same. tests/gpu/test_backend_ops.c holds
+ * the CUDA kernels to these ops. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -72,6 +73,63 @@ static void test_add_rmsnorm(be_backend *be, int T, int D, bool fallback) {
     free(wh);
 }
 
+/* rope_kv_write (op, or the wrapper's fallback) against rope then kv_write: kva's columns
+ * and the whole cache, T tokens at scrambled slots and positions. */
+static void test_rope_kv_write(be_backend *be, int T, int L, int R, bool fallback) {
+    int kv_dim = L + R, stride = kv_dim + 3, bs = 4, n_blocks = T / bs + 2, n_slots = n_blocks * bs;
+    be_kv *kv[2];
+    for (int k = 0; k < 2; k++)
+        CHECK(be->ops->kv_create(be, n_blocks, 2, bs, kv_dim, &kv[k]) == DUET_OK);
+    size_t kv_n = (size_t)n_blocks * kv[0]->block_bytes / sizeof(float);
+    float *fill = rand_vec(kv_n, 1.0f);
+    for (int k = 0; k < 2; k++) memcpy(kv[k]->data, fill, kv_n * sizeof(float)); /* host caches */
+    int32_t *pos = malloc((size_t)T * sizeof(int32_t)), *slot = malloc((size_t)T * sizeof(int32_t));
+    for (int i = 0; i < T; i++) {
+        pos[i] = 1 + (int32_t)((urand(1.0f) + 1.0f) * 2000.0f);
+        slot[i] = (int32_t)((i * 7 + 3) % n_slots); /* distinct: 7 is prime to n_slots here */
+    }
+    int32_t start[2] = {0, T}, ctx[1] = {4002}, table[1] = {0};
+    be_batch b = {.n_tokens = T,
+                  .n_seqs = 1,
+                  .token_pos = pos,
+                  .token_slot = slot,
+                  .seq_start = start,
+                  .seq_ctx = ctx,
+                  .block_table = table,
+                  .max_blocks = 1};
+    CHECK(be->ops->set_batch(be, &b) == DUET_OK);
+    float *kh = rand_vec((size_t)T * stride, 1.0f);
+    void *k1 = buf(be, kh, (size_t)T * stride), *k2 = buf(be, kh, (size_t)T * stride);
+    be->ops->rope(be, k1, T, stride, 1, 0, L, R);
+    be->ops->kv_write(be, kv[0], 1, k1, stride);
+    const be_ops *keep = be->ops;
+    be_ops plain = *keep;
+    plain.rope_kv_write = NULL;
+    if (fallback) be->ops = &plain;
+    be_rope_kv_write(be, kv[1], 1, k2, T, stride, L, R);
+    be->ops = keep;
+    CHECK(be->ops->sync(be) == DUET_OK);
+    CHECK_MSG(same(be, k1, k2, (size_t)T * stride), "rope_kv_write %dx%d (%s): kva differs", T,
+              kv_dim, fallback ? "fallback" : "op");
+    CHECK_MSG(memcmp(kv[0]->data, kv[1]->data, kv_n * sizeof(float)) == 0,
+              "rope_kv_write %dx%d (%s): cache differs", T, kv_dim, fallback ? "fallback" : "op");
+    /* and it wrote: the first token's row holds kva's latent columns and rotated rope ones */
+    const float *row = (const float *)kv[1]->data +
+                       (((size_t)(slot[0] / bs) * 2 + 1) * bs + (size_t)(slot[0] % bs)) * kv_dim;
+    float *got = malloc((size_t)kv_dim * sizeof(float));
+    CHECK(be->ops->download(be, got, k2, 0, (size_t)kv_dim) == DUET_OK);
+    CHECK(memcmp(row, got, (size_t)kv_dim * sizeof(float)) == 0);
+    CHECK(memcmp(row + L, kh + L, (size_t)R * sizeof(float)) != 0);
+    free(got);
+    be->ops->buf_free(be, k1);
+    be->ops->buf_free(be, k2);
+    for (int k = 0; k < 2; k++) be->ops->kv_destroy(be, kv[k]);
+    free(fill);
+    free(kh);
+    free(pos);
+    free(slot);
+}
+
 int main(void) {
     dt_dtype dts[2] = {DT_F32, DT_BF16};
     for (int i = 0; i < 2; i++) {
@@ -82,6 +140,14 @@ int main(void) {
         for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
             test_add_rmsnorm(be, shapes[s][0], shapes[s][1], false);
             test_add_rmsnorm(be, shapes[s][0], shapes[s][1], true);
+        }
+        float inv_freq[32];
+        for (int i = 0; i < 32; i++) inv_freq[i] = powf(10000.0f, -2.0f * (float)i / 64.0f);
+        CHECK(be->ops->rope_setup(be, inv_freq, 32, 1.1f) == DUET_OK);
+        CHECK(be->ops->rope_kv_write != NULL);
+        for (int fb = 0; fb < 2; fb++) {
+            test_rope_kv_write(be, 1, 512, 64, fb);
+            test_rope_kv_write(be, 9, 64, 64, fb);
         }
         be_destroy(be);
     }

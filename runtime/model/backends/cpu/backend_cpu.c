@@ -425,6 +425,13 @@ static void cpu_kv_write(be_backend *be, be_kv *kv, int layer, const void *kva, 
                (size_t)kv->kv_dim * sizeof(float));
 }
 
+/* The reference of the fused op is the two ops themselves. */
+static void cpu_rope_kv_write(be_backend *be, be_kv *kv, int layer, void *kva, int T, int kv_stride,
+                              int col0, int rope_dim) {
+    cpu_rope(be, kva, T, kv_stride, 1, 0, col0, rope_dim);
+    cpu_kv_write(be, kv, layer, kva, kv_stride);
+}
+
 /* Row j of sequence s's context in the cache. */
 static const float *ctx_row(const cpu_backend *c, const be_kv *kv, int layer, int s, int j) {
     int blk = c->block_table[(size_t)s * c->max_blocks + j / kv->block_size];
@@ -822,6 +829,7 @@ static const be_ops g_cpu_ops = {
     .silu_mul = cpu_silu_mul,
     .rope = cpu_rope,
     .kv_write = cpu_kv_write,
+    .rope_kv_write = cpu_rope_kv_write,
     .mla_attention = cpu_mla_attention,
     .moe_route = cpu_moe_route,
     .moe_experts = cpu_moe_experts,

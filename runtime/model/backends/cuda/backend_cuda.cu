@@ -634,12 +634,13 @@ static duet_status cuda_comm_attach(be_backend *be, comm_group *g) {
         .host_unpin = cuda_host_unpin, .rope_setup = cuda_rope_setup, .set_batch = cuda_set_batch, \
         .embed = cuda_embed, .linear = cuda_linear, .rmsnorm = cuda_rmsnorm, .add = cuda_add,      \
         .add_rmsnorm = cuda_add_rmsnorm, .silu_mul = cuda_silu_mul, .rope = cuda_rope,             \
-        .kv_write = cuda_kv_write, .mla_attention = cuda_mla_attention,                            \
-        .moe_route = cuda_moe_route, .moe_experts = cuda_moe_experts,                              \
-        .gather_rows = cuda_gather_rows, .scatter_add_rows = cuda_scatter_add_rows,                \
-        .zero = cuda_zero, .mem_info = cuda_mem_info, .sampler_create = cuda_sampler_create,       \
-        .sampler_destroy = cuda_sampler_destroy, .sampler_slot_init = cuda_sampler_slot_init,      \
-        .sample = cuda_sample, .comm_attach = cuda_comm_attach, .graph_begin = cuda_graph_begin,   \
+        .kv_write = cuda_kv_write, .rope_kv_write = cuda_rope_kv_write,                            \
+        .mla_attention = cuda_mla_attention, .moe_route = cuda_moe_route,                          \
+        .moe_experts = cuda_moe_experts, .gather_rows = cuda_gather_rows,                          \
+        .scatter_add_rows = cuda_scatter_add_rows, .zero = cuda_zero, .mem_info = cuda_mem_info,   \
+        .sampler_create = cuda_sampler_create, .sampler_destroy = cuda_sampler_destroy,            \
+        .sampler_slot_init = cuda_sampler_slot_init, .sample = cuda_sample,                        \
+        .comm_attach = cuda_comm_attach, .graph_begin = cuda_graph_begin,                          \
         .graph_end = cuda_graph_end, .graph_ready = cuda_graph_ready,                              \
         .graph_launch = cuda_graph_launch, .mem_alloc = cuda_mem_alloc, .mem_free = cuda_mem_free, \
         .mem_upload = cuda_mem_upload, .mem_download = cuda_mem_download,                          \

@@ -191,6 +191,8 @@ void cuda_silu_mul(be_backend *be, void *out, const void *gu, int T, int inter);
 void cuda_rope(be_backend *be, void *x, int T, int row_stride, int n_heads, int head_stride,
                int col0, int rope_dim);
 void cuda_kv_write(be_backend *be, be_kv *kv, int layer, const void *kva, int kv_stride);
+void cuda_rope_kv_write(be_backend *be, be_kv *kv, int layer, void *kva, int T, int kv_stride,
+                        int col0, int rope_dim);
 void cuda_gather_rows(be_backend *be, void *dst, const void *src, const int32_t *idx, int n, int D);
 void cuda_scatter_add_rows(be_backend *be, void *dst, const void *src, const int32_t *idx, int n,
                            int D);

@@ -272,6 +272,57 @@ void cuda_kv_write(be_backend *be, be_kv *kv, int layer, const void *kva, int kv
     CUDA_LAUNCHED(c, "kv_write_kernel");
 }
 
+/* ---- RoPE + KV write: one thread per column pair of a token's row; the pairs in the rope
+ * columns rotate (the same arithmetic as rope_kernel) and go back to kva too, every pair goes
+ * to the token's cache row ---- */
+template <typename T>
+__global__ void rope_kv_write_kernel(T *cache, const int32_t *slot, const int32_t *pos, int n_tok,
+                                     int n_layers, int bs, int kv_dim, int layer, T *kva,
+                                     int kv_stride, int col0, int half, const float *inv_freq,
+                                     float attn) {
+    int npair = kv_dim / 2;
+    size_t n = (size_t)n_tok * npair;
+    for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < n;
+         k += (size_t)gridDim.x * blockDim.x) {
+        int t = (int)(k / npair), p = (int)(k % npair);
+        T *src = kva + (size_t)t * kv_stride + 2 * p;
+        T o0 = src[0], o1 = src[1];
+        int i = p - col0 / 2;
+        if (i >= 0 && i < half) {
+            float a = (float)pos[t] * inv_freq[i], sn, cs;
+            sincosf(a, &sn, &cs);
+            cs *= attn;
+            sn *= attn;
+            float x0 = to_f(o0), x1 = to_f(o1);
+            o0 = from_f<T>(x0 * cs - x1 * sn);
+            o1 = from_f<T>(x0 * sn + x1 * cs);
+            src[0] = o0;
+            src[1] = o1;
+        }
+        int s = slot[t], blk = s / bs, off = s % bs;
+        T *dst = cache + (((size_t)blk * n_layers + layer) * bs + off) * kv_dim + 2 * p;
+        dst[0] = o0;
+        dst[1] = o1;
+    }
+}
+
+void cuda_rope_kv_write(be_backend *be, be_kv *kv, int layer, void *kva, int T_, int kv_stride,
+                        int col0, int rope_dim) {
+    cuda_backend *c = cuda_be(be);
+    if (c->err != DUET_OK || T_ <= 0) return;
+    if (kv->kv_dim % 2 || col0 % 2 || T_ != c->n_tokens) { /* pairs would straddle: two ops */
+        cuda_rope(be, kva, T_, kv_stride, 1, 0, col0, rope_dim);
+        cuda_kv_write(be, kv, layer, kva, kv_stride);
+        return;
+    }
+    size_t n = (size_t)T_ * (kv->kv_dim / 2);
+    ACT_DISPATCH(c, rope_kv_write_kernel<T><<<grid_for(n, 256), 256, 0, c->stream>>>(
+                        (T *)kv->data, c->d_slot, c->d_pos, T_, kv->n_layers, kv->block_size,
+                        kv->kv_dim, layer, (T *)kva, kv_stride, col0, rope_dim / 2, c->d_inv_freq,
+                        c->rope_attn));
+    CUDA_LAUNCHED(c, "rope_kv_write_kernel");
+}
+
 /* ---- rows: dst[i] = src[idx[i]]; dst[idx[i]] += src[i] (idx distinct) ---- */
 template <typename T>
 __global__ void gather_kernel(T *dst, const T *src, const int32_t *idx, int n, int D) {
