@@ -738,8 +738,10 @@ static void test_mla_decode(tb *t) {
 
 /* ---- MoE ---- */
 
-static void test_route(tb *t, const char *name, be_route_params p, bool with_bias) {
-    int T = 50, D = 96, E = p.n_experts, K = p.top_k;
+/* T <= 64 takes the CUDA backend's one-launch router, more tokens the GEMM + route_kernel
+ * path: both must choose the CPU's experts */
+static void test_route_n(tb *t, const char *name, be_route_params p, bool with_bias, int T, int D) {
+    int E = p.n_experts, K = p.top_k;
     float *xh = rand_vec((size_t)T * D, 1.0f);
     pbuf x = pbuf_new(t, xh, (size_t)T * D, false);
     pweight gate = pweight_new(t, E, D, 0.1f, true);
@@ -772,8 +774,9 @@ static void test_route(tb *t, const char *name, be_route_params p, bool with_bia
     double err = den > 0 ? sqrt(num / den) : 1.0;
     /* identical inputs and float32 logits on both sides: a flip needs a near-exact tie */
     bool ok = mism <= 1 && err <= 1e-5 && isfinite(err);
-    printf("  %-22s %-5s weights rel_l2 %.3e, %d of %d tokens chose other experts  %s\n", name,
-           t->dt == DT_BF16 ? "bf16" : "f32", err, mism, T, ok ? "PASS" : "FAIL");
+    printf("  %-22s %-5s T %3d D %4d: weights rel_l2 %.3e, %d of %d tokens chose other experts  "
+           "%s\n",
+           name, t->dt == DT_BF16 ? "bf16" : "f32", T, D, err, mism, T, ok ? "PASS" : "FAIL");
     if (!ok) t->failed++;
     CHECK_MSG(ok, "%s: %d id mismatches, weights rel_l2 %.3e", name, mism, err);
     for (int k = 0; k < 2; k++) {
@@ -785,6 +788,12 @@ static void test_route(tb *t, const char *name, be_route_params p, bool with_bia
     pweight_free(t, &gate);
     free(xh);
     free(bh);
+}
+
+static void test_route(tb *t, const char *name, be_route_params p, bool with_bias) {
+    int shapes[][2] = {{1, 2048}, {7, 96}, {50, 96}, {64, 7168}, {100, 96}, {3, 90}};
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
+        test_route_n(t, name, p, with_bias, shapes[i][0], shapes[i][1]);
 }
 
 static void test_experts(tb *t) {

@@ -88,6 +88,9 @@ typedef struct cuda_backend {
     /* moe.cu: device tables of expert weight pointers, one per expert set (layer) seen */
     struct moe_wtab *moe_tabs;
     int n_moe_tabs;
+    /* moe.cu: the fused router's counts of finished blocks per row of tokens (zero between
+     * launches) */
+    unsigned *route_done;
 } cuda_backend;
 
 static inline cuda_backend *cuda_be(be_backend *be) {
