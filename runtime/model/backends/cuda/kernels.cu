@@ -72,8 +72,9 @@ __global__ void rmsnorm_kernel(T *out, int out_stride, const T *x, int x_stride,
 }
 
 template <typename T, bool ADD, int NV>
-__global__ void rmsnorm_vec_kernel(T *out, int out_stride, T *h, int h_stride, const T *x,
-                                   int x_stride, const float *w, int D, float eps) {
+__global__ void __launch_bounds__(1024)
+    rmsnorm_vec_kernel(T *out, int out_stride, T *h, int h_stride, const T *x, int x_stride,
+                       const float *w, int D, float eps) {
     constexpr int V = 16 / sizeof(T); /* elements per 16-byte vector */
     __shared__ float red[32];
     int nvec = D / V;
