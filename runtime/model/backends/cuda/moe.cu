@@ -620,21 +620,31 @@ __global__ void moe_sort_kernel(const int32_t *ids, int ms, int n, int K, int e0
 }
 
 /* out[r] = sum over the row's local pairs in ascending expert order of w * y[slot] (+ ys[r]).
- * One block per row (grid-stride), VEC columns per thread. */
+ * One block per row (grid-stride) and per chunk of `chunk` columns (blockIdx.y: a few rows
+ * spread over several blocks instead of queueing on one), VEC columns per thread. The row's K
+ * (slot, id, weight) triples are read by K threads at once, then put in expert order by one. */
 template <typename T, int VEC>
 __global__ void moe_combine_dev_kernel(T *out, int n, int D, int K, const int32_t *ids,
                                        const float *w, int ms, const int32_t *slot_of, const T *y,
-                                       const T *ys) {
-    __shared__ int s_id[64], s_slot[64], s_cnt;
-    __shared__ float s_w[64];
+                                       const T *ys, int chunk) {
+    __shared__ int s_id[64], s_slot[64], s_cnt, r_id[64], r_slot[64];
+    __shared__ float s_w[64], r_w[64];
+    const int d0 = blockIdx.y * chunk, d1 = min(D, d0 + chunk);
     for (int r = blockIdx.x; r < n; r += gridDim.x) {
+        for (int k = threadIdx.x; k < K; k += blockDim.x) {
+            int p = slot_of[(long long)r * K + k];
+            r_slot[k] = p;
+            r_id[k] = p < 0 ? 0 : ids[(long long)r * ms + k];
+            r_w[k] = p < 0 ? 0.0f : w[(long long)r * ms + k];
+        }
+        __syncthreads();
         if (threadIdx.x == 0) {
             int cnt = 0;
             for (int k = 0; k < K; k++) {
-                int p = slot_of[(long long)r * K + k];
+                int p = r_slot[k];
                 if (p < 0) continue;
-                int id = ids[(long long)r * ms + k], j = cnt++;
-                float wt = w[(long long)r * ms + k];
+                int id = r_id[k], j = cnt++;
+                float wt = r_w[k];
                 for (; j > 0 && s_id[j - 1] > id; j--) { /* insertion: ascending expert */
                     s_id[j] = s_id[j - 1];
                     s_slot[j] = s_slot[j - 1];
@@ -648,7 +658,7 @@ __global__ void moe_combine_dev_kernel(T *out, int n, int D, int K, const int32_
         }
         __syncthreads();
         const int cnt = s_cnt;
-        for (int d = threadIdx.x * VEC; d < D; d += blockDim.x * VEC) {
+        for (int d = d0 + threadIdx.x * VEC; d < d1; d += blockDim.x * VEC) {
             float acc[VEC], v[VEC];
             for (int i = 0; i < VEC; i++) acc[i] = 0.0f;
             for (int j = 0; j < cnt; j++) {
@@ -663,6 +673,15 @@ __global__ void moe_combine_dev_kernel(T *out, int n, int D, int K, const int32_
         }
         __syncthreads(); /* the lists are rebuilt for the next row */
     }
+}
+
+/* The combine's grid: rows, and for fewer rows than SMs to keep busy, the columns split into
+ * chunks of one pass of the block (chunk: a multiple of vec). */
+static dim3 combine_grid(long long n, int D, int vec, int *chunk_p) {
+    const int pass = 128 * vec;
+    int ny = n < 32 ? (D + pass - 1) / pass : 1;
+    *chunk_p = ny > 1 ? pass : D;
+    return dim3(n < 1 ? 1u : n > 65535 ? 65535u : (unsigned)n, (unsigned)(ny > 1 ? ny : 1));
 }
 
 static unsigned rows_grid(long long n) {
@@ -802,15 +821,23 @@ static void experts_dev_run(cuda_backend *c, void *out, const be_moe_rows *rows,
     if (c->err != DUET_OK) return;
     const T *y = (const T *)cv.y, *ys = shared ? (const T *)cv.y_s : NULL;
     const bool aligned = ((uintptr_t)out & 15) == 0;
-    if (aligned && sizeof(T) == 2 && D % 8 == 0)
-        moe_combine_dev_kernel<T, 8><<<rows_grid(n), 128, 0, c->stream>>>(
-            (T *)out, n, D, K, rows->ids, rows->weights, rows->meta_stride, cv.slot_of, y, ys);
-    else if (aligned && sizeof(T) == 4 && D % 4 == 0)
-        moe_combine_dev_kernel<T, 4><<<rows_grid(n), 128, 0, c->stream>>>(
-            (T *)out, n, D, K, rows->ids, rows->weights, rows->meta_stride, cv.slot_of, y, ys);
+    const int vec = aligned && sizeof(T) == 2 && D % 8 == 0   ? 8
+                    : aligned && sizeof(T) == 4 && D % 4 == 0 ? 4
+                                                              : 1;
+    int chunk;
+    const dim3 grid = combine_grid(n, D, vec, &chunk);
+    if (vec == 8)
+        moe_combine_dev_kernel<T, 8><<<grid, 128, 0, c->stream>>>((T *)out, n, D, K, rows->ids,
+                                                                  rows->weights, rows->meta_stride,
+                                                                  cv.slot_of, y, ys, chunk);
+    else if (vec == 4)
+        moe_combine_dev_kernel<T, 4><<<grid, 128, 0, c->stream>>>((T *)out, n, D, K, rows->ids,
+                                                                  rows->weights, rows->meta_stride,
+                                                                  cv.slot_of, y, ys, chunk);
     else
-        moe_combine_dev_kernel<T, 1><<<rows_grid(n), 128, 0, c->stream>>>(
-            (T *)out, n, D, K, rows->ids, rows->weights, rows->meta_stride, cv.slot_of, y, ys);
+        moe_combine_dev_kernel<T, 1><<<grid, 128, 0, c->stream>>>((T *)out, n, D, K, rows->ids,
+                                                                  rows->weights, rows->meta_stride,
+                                                                  cv.slot_of, y, ys, chunk);
     CUDA_LAUNCHED(c, "moe_combine_dev_kernel");
 }
 
