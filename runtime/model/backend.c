@@ -23,6 +23,30 @@ duet_status be_mem_info(be_backend *be, long long *total_p, long long *free_p) {
     return DUET_OK;
 }
 
+/* ---- fused ops ---- */
+
+void be_add_rmsnorm(be_backend *be, void *out, void *h, const void *x, const void *w, int T, int D,
+                    float eps) {
+    const be_ops *o = be->ops;
+    if (o->add_rmsnorm) {
+        o->add_rmsnorm(be, out, h, x, w, T, D, eps);
+        return;
+    }
+    o->add(be, h, x, (size_t)T * (size_t)D);
+    o->rmsnorm(be, out, D, h, D, w, T, D, eps);
+}
+
+void be_rope_kv_write(be_backend *be, be_kv *kv, int layer, void *kva, int T, int kv_stride,
+                      int col0, int rope_dim) {
+    const be_ops *o = be->ops;
+    if (o->rope_kv_write) {
+        o->rope_kv_write(be, kv, layer, kva, T, kv_stride, col0, rope_dim);
+        return;
+    }
+    o->rope(be, kva, T, kv_stride, 1, 0, col0, rope_dim);
+    o->kv_write(be, kv, layer, kva, kv_stride);
+}
+
 /* ---- KV copies for the transfer thread ---- */
 
 duet_status be_kv_copy_start(be_backend *be, be_kv *kv, const int32_t *blocks, int n, void *host,

@@ -272,6 +272,12 @@ typedef struct be_ops {
                     const void *w, int T, int D, float eps);
     /* y += x, n elements */
     void (*add)(be_backend *be, void *y, const void *x, size_t n);
+    /* optional: h[T, D] += x[T, D], then out[T, D] = rmsnorm(h) * w (all rows D apart; out
+     * apart from h and x): the residual add and the next norm in one pass. h is stored in the
+     * activation type before the norm reads it, so the results equal add then rmsnorm. NULL:
+     * be_add_rmsnorm runs those two. */
+    void (*add_rmsnorm)(be_backend *be, void *out, void *h, const void *x, const void *w, int T,
+                        int D, float eps);
     /* out[T, I] = silu(gu[T, :I]) * gu[T, I:] */
     void (*silu_mul)(be_backend *be, void *out, const void *gu, int T, int inter);
     /* In place on each of n_heads slices of width rope_dim at column col0 + h * head_stride of
@@ -280,6 +286,11 @@ typedef struct be_ops {
                  int col0, int rope_dim);
     /* writes kva[T, kv_dim] (row stride kv_stride) of layer into the batch's token slots */
     void (*kv_write)(be_backend *be, be_kv *kv, int layer, const void *kva, int kv_stride);
+    /* optional: rope (one head) on columns [col0, col0 + rope_dim) of kva[T] (rows kv_stride
+     * apart, T the batch's tokens) in place, then kv_write of those rows into layer: the two in
+     * one pass, the same results. NULL: be_rope_kv_write runs rope then kv_write. */
+    void (*rope_kv_write)(be_backend *be, be_kv *kv, int layer, void *kva, int T, int kv_stride,
+                          int col0, int rope_dim);
     /* MLA attention for the batch: q[T, H, nope + rope] (roped), cache of layer, kv_b
      * weight [H * (nope + v), L] of the same H heads; out[T, H * v]. The backend chooses the
      * absorbed form (attention over latents) or the expanded one per sequence. */
@@ -391,6 +402,17 @@ int be_fp8_prefill_rows(void);
 static inline bool be_fp8_prefill_eligible(int n_out, int n_in, int split) {
     return n_in % 128 == 0 && n_out % 16 == 0 && (split % 128 == 0 || split == n_out);
 }
+
+/* ---- fused ops: the backend's op where it has one, else the unfused sequence ---- */
+
+/* h[T, D] += x[T, D]; out[T, D] = rmsnorm(h) * w (be_ops.add_rmsnorm, or add then rmsnorm) */
+void be_add_rmsnorm(be_backend *be, void *out, void *h, const void *x, const void *w, int T, int D,
+                    float eps);
+
+/* rope on kva's shared key columns [col0, col0 + rope_dim), then kv_write of kva[T] into
+ * layer (be_ops.rope_kv_write, or rope then kv_write); T is the batch's token count */
+void be_rope_kv_write(be_backend *be, be_kv *kv, int layer, void *kva, int T, int kv_stride,
+                      int col0, int rope_dim);
 
 /* (Backends are created by name through model/backends/registry.h.) */
 void be_destroy(be_backend *be);

@@ -404,7 +404,8 @@ static void ffn(mdl_model *m, void *out, const void *x, int T, const be_ffn *f) 
     o->linear(m->be, out, m->buf.act, I, T, f->down);
 }
 
-/* Layer ly's attention, its KV in cache layer l. */
+/* buf.o [T, D] = layer ly's attention (summed over TP) on buf.xn = attn_norm(buf.h), its KV
+ * in cache layer l. */
 static duet_status attention(mdl_model *m, be_kv *kv, int l, const mdl_layer *ly, int T) {
     const be_ops *o = m->be->ops;
     const cfg_model *c = &m->cfg;
@@ -412,7 +413,6 @@ static duet_status attention(mdl_model *m, be_kv *kv, int l, const mdl_layer *ly
     int nope = c->qk_nope_head_dim, qk = nope + R, H = m->plan.n_heads_local;
     be_backend *be = m->be;
 
-    o->rmsnorm(be, m->buf.xn, D, m->buf.h, D, ly->attn_norm, T, D, c->rms_norm_eps);
     if (c->q_lora_rank) {
         o->linear(be, m->buf.qa, m->buf.xn, D, T, ly->q_a);
         o->rmsnorm(be, m->buf.qa, c->q_lora_rank, m->buf.qa, c->q_lora_rank, ly->q_a_norm, T,
@@ -425,15 +425,11 @@ static duet_status attention(mdl_model *m, be_kv *kv, int l, const mdl_layer *ly
     o->linear(be, m->buf.kva, m->buf.xn, D, T, ly->kv_a);
     o->rmsnorm(be, m->buf.kva, L + R, m->buf.kva, L + R, ly->kv_a_norm, T, L, c->rms_norm_eps);
     o->rope(be, m->buf.q, T, H * qk, H, qk, nope, R);
-    o->rope(be, m->buf.kva, T, L + R, 1, 0, L, R);
-    o->kv_write(be, kv, l, m->buf.kva, L + R);
+    be_rope_kv_write(be, kv, l, m->buf.kva, T, L + R, L, R);
     o->mla_attention(be, m->buf.attn, m->buf.q, kv, l, ly->kv_b, H, nope, R, c->v_head_dim,
                      m->softmax_scale);
     o->linear(be, m->buf.o, m->buf.attn, H * c->v_head_dim, T, ly->o);
-    duet_status st = mdl_coll_allreduce(m->coll, m->buf.o, (size_t)T * D);
-    if (st != DUET_OK) return st;
-    o->add(be, m->buf.h, m->buf.o, (size_t)T * D);
-    return DUET_OK;
+    return mdl_coll_allreduce(m->coll, m->buf.o, (size_t)T * D);
 }
 
 /* out[T, D] = routed experts held by this rank applied to x (zeroed first); ids / w are
@@ -523,23 +519,34 @@ static duet_status moe(mdl_model *m, const mdl_layer *ly, int T) {
     return DUET_OK;
 }
 
+/* buf.o [T, D] = layer ly's MLP (summed over TP) on buf.xn = ffn_norm(buf.h). */
 static duet_status mlp(mdl_model *m, const mdl_layer *ly, int T) {
-    const be_ops *o = m->be->ops;
-    const cfg_model *c = &m->cfg;
-    int D = c->hidden_size;
-    be_backend *be = m->be;
-    duet_status st;
-
-    o->rmsnorm(be, m->buf.xn, D, m->buf.h, D, ly->ffn_norm, T, D, c->rms_norm_eps);
     if (!ly->moe) {
         ffn(m, m->buf.o, m->buf.xn, T, &ly->dense);
     } else {
-        st = moe(m, ly, T);
+        duet_status st = moe(m, ly, T);
         if (st != DUET_OK) return st;
     }
-    st = mdl_coll_allreduce(m->coll, m->buf.o, (size_t)T * D);
+    return mdl_coll_allreduce(m->coll, m->buf.o, (size_t)T * m->cfg.hidden_size);
+}
+
+/* Layer ly on the residual stream buf.h, its KV in cache layer l; buf.xn holds
+ * attn_norm(buf.h) on entry. Each residual add runs fused with the norm after it (the MLP's,
+ * then next_norm: the next layer's attention norm, or NULL for a plain add after the last). */
+static duet_status decoder_layer(mdl_model *m, be_kv *kv, int l, const mdl_layer *ly, int T,
+                                 const void *next_norm) {
+    be_backend *be = m->be;
+    int D = m->cfg.hidden_size;
+    float eps = m->cfg.rms_norm_eps;
+    duet_status st = attention(m, kv, l, ly, T);
     if (st != DUET_OK) return st;
-    o->add(be, m->buf.h, m->buf.o, (size_t)T * D);
+    be_add_rmsnorm(be, m->buf.xn, m->buf.h, m->buf.o, ly->ffn_norm, T, D, eps);
+    st = mlp(m, ly, T);
+    if (st != DUET_OK) return st;
+    if (next_norm)
+        be_add_rmsnorm(be, m->buf.xn, m->buf.h, m->buf.o, next_norm, T, D, eps);
+    else
+        be->ops->add(be, m->buf.h, m->buf.o, (size_t)T * D);
     return DUET_OK;
 }
 
@@ -551,10 +558,12 @@ static duet_status compute(mdl_model *m, be_kv *kv, int T, int n_out) {
     int D = c->hidden_size;
     o->embed(be, m->buf.h, NULL, T, m->w->embed, m->plan.vocab0);
     duet_status st = mdl_coll_allreduce(m->coll, m->buf.h, (size_t)T * D);
-    for (int l = 0; l < c->num_hidden_layers && st == DUET_OK; l++) {
-        st = attention(m, kv, l, &m->w->layers[l], T);
-        if (st == DUET_OK) st = mlp(m, &m->w->layers[l], T);
-    }
+    int n_layers = c->num_hidden_layers;
+    const mdl_layer *ly = m->w->layers;
+    if (st == DUET_OK && n_layers > 0)
+        o->rmsnorm(be, m->buf.xn, D, m->buf.h, D, ly[0].attn_norm, T, D, c->rms_norm_eps);
+    for (int l = 0; l < n_layers && st == DUET_OK; l++)
+        st = decoder_layer(m, kv, l, &ly[l], T, l + 1 < n_layers ? ly[l + 1].attn_norm : NULL);
     if (st != DUET_OK) return st;
     if (m->spec_tokens > 0) {
         /* MTP drafts from every token's final-normed hidden state: all rows are kept (row by
@@ -729,9 +738,8 @@ static duet_status mtp_pass(mdl_model *m, be_kv *kv, int T, int n_out, const voi
     /* eh_proj over the concatenation, as its two column halves */
     o->linear(be, m->buf.h, m->buf.o, D, T, t->eh_e);
     o->linear(be, m->buf.o2, m->buf.xn, D, T, t->eh_h);
-    o->add(be, m->buf.h, m->buf.o2, (size_t)T * D);
-    st = attention(m, kv, c->num_hidden_layers, &t->layer, T);
-    if (st == DUET_OK) st = mlp(m, &t->layer, T);
+    be_add_rmsnorm(be, m->buf.xn, m->buf.h, m->buf.o2, t->layer.attn_norm, T, D, eps);
+    st = decoder_layer(m, kv, c->num_hidden_layers, &t->layer, T, NULL);
     if (st != DUET_OK || n_out == 0) return st == DUET_OK ? o->sync(be) : st;
     o->gather_rows(be, m->buf.mtp_prev, m->buf.h, NULL, n_out, D);
     o->rmsnorm(be, m->buf.xn, D, m->buf.mtp_prev, D, t->head_norm, n_out, D, eps);

@@ -343,11 +343,46 @@ static void test_rmsnorm(tb *t) {
     for (int k = 0; k < 2; k++)
         t->be[k]->ops->rmsnorm(t->be[k], x.b[k], stride, x.b[k], stride, w[k], T, D - 8, 1e-6f);
     compare(t, "rmsnorm (in place)", &x, t->tol);
+    /* widths the 16-byte vectors cannot cover take the scalar kernel */
+    for (int k = 0; k < 2; k++)
+        t->be[k]->ops->rmsnorm(t->be[k], y.b[k], stride, x.b[k], stride, w[k], T, D - 2, 1e-6f);
+    compare(t, "rmsnorm (odd width)", &y, t->tol);
     for (int k = 0; k < 2; k++) t->be[k]->ops->buf_free(t->be[k], w[k]);
     pbuf_free(t, &x);
     pbuf_free(t, &y);
     free(xh);
     free(wh);
+}
+
+/* h += x; out = rmsnorm(h) * w, fused, at one row and several, the model's widths (V2-Lite
+ * 2048, V3 7168) and odd ones the vector kernel leaves to the two plain ops */
+static void test_add_rmsnorm_case(tb *t, int T, int D) {
+    size_t n = (size_t)T * D;
+    float *hh = rand_vec(n, 2.0f), *xh = rand_vec(n, 2.0f), *wh = rand_vec((size_t)D, 1.0f);
+    pbuf h = pbuf_new(t, hh, n, false), x = pbuf_new(t, xh, n, false);
+    pbuf out = pbuf_new(t, NULL, n, true);
+    void *w[2] = {vec_new(t, CPU, wh, D), vec_new(t, GPU, wh, D)};
+    for (int k = 0; k < 2; k++)
+        t->be[k]->ops->add_rmsnorm(t->be[k], out.b[k], h.b[k], x.b[k], w[k], T, D, 1e-6f);
+    char name[64];
+    snprintf(name, sizeof name, "add_rmsnorm %dx%d", T, D);
+    compare(t, name, &out, t->tol);
+    snprintf(name, sizeof name, "add_rmsnorm h %dx%d", T, D);
+    compare(t, name, &h, t->tol);
+    for (int k = 0; k < 2; k++) t->be[k]->ops->buf_free(t->be[k], w[k]);
+    pbuf_free(t, &h);
+    pbuf_free(t, &x);
+    pbuf_free(t, &out);
+    free(hh);
+    free(xh);
+    free(wh);
+}
+
+static void test_add_rmsnorm(tb *t) {
+    CHECK(t->be[CPU]->ops->add_rmsnorm && t->be[GPU]->ops->add_rmsnorm);
+    int shapes[][2] = {{1, 2048}, {1, 7168}, {1, 512}, {5, 7168}, {64, 2048}, {3, 200}, {2, 30}};
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
+        test_add_rmsnorm_case(t, shapes[i][0], shapes[i][1]);
 }
 
 static void test_add_silu(tb *t) {
@@ -393,6 +428,77 @@ static void test_rope(tb *t) {
     compare(t, "rope (shared key)", &q, t->tol);
     pbuf_free(t, &q);
     free(qh);
+}
+
+/* rope on the shared key then the KV write, fused: cache rows of scattered slots (the rest
+ * filled by kv_write first, so every byte compares) and kva's roped columns, at one token and
+ * several, DeepSeek's widths (L 512, rope 64) and small ones; rows kv_dim + 6 apart */
+static void test_rope_kv_write_case(tb *t, int T, int L, int R) {
+    int kv_dim = L + R, bs = 4, n_layers = 2, layer = 1, n_blocks = (T + bs - 1) / bs + 2;
+    int stride = kv_dim + 6, n_slots = n_blocks * bs;
+    be_kv *kv[2];
+    for (int k = 0; k < 2; k++)
+        CHECK(t->be[k]->ops->kv_create(t->be[k], n_blocks, n_layers, bs, kv_dim, &kv[k]) ==
+              DUET_OK);
+    int32_t *pos = calloc((size_t)n_slots, sizeof(int32_t)),
+            *slot = malloc((size_t)n_slots * sizeof(int32_t));
+    for (int i = 0; i < n_slots; i++) slot[i] = i;
+    int32_t start[2] = {0, n_slots}, ctx[1] = {1}, table[1] = {0};
+    be_batch hb = {.n_tokens = n_slots,
+                   .n_seqs = 1,
+                   .token_pos = pos,
+                   .token_slot = slot,
+                   .seq_start = start,
+                   .seq_ctx = ctx,
+                   .block_table = table,
+                   .max_blocks = 1};
+    set_batch(t, &hb);
+    for (int l = 0; l < n_layers; l++) {
+        float *lat = rand_vec((size_t)n_slots * kv_dim, 1.0f);
+        pbuf fill = pbuf_new(t, lat, (size_t)n_slots * kv_dim, false);
+        for (int k = 0; k < 2; k++) t->be[k]->ops->kv_write(t->be[k], kv[k], l, fill.b[k], kv_dim);
+        pbuf_free(t, &fill);
+        free(lat);
+    }
+    /* the step: T tokens at distinct scrambled slots and positions up to the thousands */
+    for (int i = 0; i < n_slots; i++) {
+        int j = (int)(rnd() % (uint64_t)(i + 1));
+        int32_t tmp = slot[i];
+        slot[i] = slot[j];
+        slot[j] = tmp;
+    }
+    for (int i = 0; i < T; i++) pos[i] = (int32_t)(rnd() % 5000);
+    int32_t sstart[2] = {0, T}, sctx[1] = {5000};
+    be_batch b = {.n_tokens = T,
+                  .n_seqs = 1,
+                  .token_pos = pos,
+                  .token_slot = slot,
+                  .seq_start = sstart,
+                  .seq_ctx = sctx,
+                  .block_table = table,
+                  .max_blocks = 1};
+    set_batch(t, &b);
+    float *kvah = rand_vec((size_t)T * stride, 1.0f);
+    pbuf kva = pbuf_new(t, kvah, (size_t)T * stride, false);
+    for (int k = 0; k < 2; k++)
+        t->be[k]->ops->rope_kv_write(t->be[k], kv[k], layer, kva.b[k], T, stride, L, R);
+    char name[64];
+    snprintf(name, sizeof name, "rope_kv_write kva %dx%d", T, kv_dim);
+    compare(t, name, &kva, t->tol);
+    snprintf(name, sizeof name, "rope_kv_write cache %dx%d", T, kv_dim);
+    compare_raw(t, name, kv[CPU]->data, kv[GPU]->data,
+                (size_t)n_blocks * kv[0]->block_bytes / sizeof(float), t->tol);
+    for (int k = 0; k < 2; k++) t->be[k]->ops->kv_destroy(t->be[k], kv[k]);
+    pbuf_free(t, &kva);
+    free(kvah);
+    free(pos);
+    free(slot);
+}
+
+static void test_rope_kv_write(tb *t) {
+    CHECK(t->be[CPU]->ops->rope_kv_write && t->be[GPU]->ops->rope_kv_write);
+    test_rope_kv_write_case(t, 1, 32, 8);
+    test_rope_kv_write_case(t, 13, 32, 8);
 }
 
 static void test_rows(tb *t) {
@@ -645,8 +751,10 @@ static void test_mla_decode(tb *t) {
 
 /* ---- MoE ---- */
 
-static void test_route(tb *t, const char *name, be_route_params p, bool with_bias) {
-    int T = 50, D = 96, E = p.n_experts, K = p.top_k;
+/* T <= 64 takes the CUDA backend's one-launch router, more tokens the GEMM + route_kernel
+ * path: both must choose the CPU's experts */
+static void test_route_n(tb *t, const char *name, be_route_params p, bool with_bias, int T, int D) {
+    int E = p.n_experts, K = p.top_k;
     float *xh = rand_vec((size_t)T * D, 1.0f);
     pbuf x = pbuf_new(t, xh, (size_t)T * D, false);
     pweight gate = pweight_new(t, E, D, 0.1f, true);
@@ -679,8 +787,9 @@ static void test_route(tb *t, const char *name, be_route_params p, bool with_bia
     double err = den > 0 ? sqrt(num / den) : 1.0;
     /* identical inputs and float32 logits on both sides: a flip needs a near-exact tie */
     bool ok = mism <= 1 && err <= 1e-5 && isfinite(err);
-    printf("  %-22s %-5s weights rel_l2 %.3e, %d of %d tokens chose other experts  %s\n", name,
-           t->dt == DT_BF16 ? "bf16" : "f32", err, mism, T, ok ? "PASS" : "FAIL");
+    printf("  %-22s %-5s T %3d D %4d: weights rel_l2 %.3e, %d of %d tokens chose other experts  "
+           "%s\n",
+           name, t->dt == DT_BF16 ? "bf16" : "f32", T, D, err, mism, T, ok ? "PASS" : "FAIL");
     if (!ok) t->failed++;
     CHECK_MSG(ok, "%s: %d id mismatches, weights rel_l2 %.3e", name, mism, err);
     for (int k = 0; k < 2; k++) {
@@ -692,6 +801,12 @@ static void test_route(tb *t, const char *name, be_route_params p, bool with_bia
     pweight_free(t, &gate);
     free(xh);
     free(bh);
+}
+
+static void test_route(tb *t, const char *name, be_route_params p, bool with_bias) {
+    int shapes[][2] = {{1, 2048}, {7, 96}, {50, 96}, {64, 7168}, {100, 96}, {3, 90}};
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
+        test_route_n(t, name, p, with_bias, shapes[i][0], shapes[i][1]);
 }
 
 static void test_experts(tb *t) {
@@ -1181,8 +1296,10 @@ static void run_all(tb *t) {
     test_linear(t, false);
     test_linear(t, true);
     test_rmsnorm(t);
+    test_add_rmsnorm(t);
     test_add_silu(t);
     test_rope(t);
+    test_rope_kv_write(t);
     test_rows(t);
     /* decode (one token), prompt chunks from 0 and continuing, contexts past a 64-row tile */
     mla_case small = {.name = "small",
@@ -1212,6 +1329,8 @@ static void run_all(tb *t) {
                     .n_tok = {1, 40, 1},
                     .pos0 = {300, 100, 5}};
     test_mla(t, &big);
+    test_rope_kv_write_case(t, 1, 512, 64); /* DeepSeek's latent and rope widths */
+    test_rope_kv_write_case(t, 64, 512, 64);
     test_mla_decode(t);
     be_route_params v3 = {.n_experts = 64,
                           .top_k = 6,

@@ -355,6 +355,26 @@ static void cpu_add(be_backend *be, void *y, const void *x, size_t n) {
     store_bf16(cpu(be), yf, n);
 }
 
+/* add then rmsnorm row by row, the same arithmetic and the same bf16 stores (h after the add,
+ * out after the norm) as the two ops */
+static void cpu_add_rmsnorm(be_backend *be, void *out, void *h, const void *x, const void *w, int T,
+                            int D, float eps) {
+    const cpu_backend *c = cpu(be);
+    const float *wf = w;
+#pragma omp parallel for if ((size_t)T * D > PAR_MIN_WORK)
+    for (int t = 0; t < T; t++) {
+        float *hr = (float *)h + (size_t)t * D, *orow = (float *)out + (size_t)t * D;
+        const float *xr = (const float *)x + (size_t)t * D;
+        for (int i = 0; i < D; i++) hr[i] += xr[i];
+        store_bf16(c, hr, (size_t)D);
+        float ss = 0.0f;
+        for (int i = 0; i < D; i++) ss += hr[i] * hr[i];
+        float r = 1.0f / sqrtf(ss / (float)D + eps);
+        for (int i = 0; i < D; i++) orow[i] = wf[i] * (hr[i] * r);
+        store_bf16(c, orow, (size_t)D);
+    }
+}
+
 static void cpu_silu_mul(be_backend *be, void *out, const void *gu, int T, int inter) {
 #pragma omp parallel for if ((size_t)T * inter > PAR_MIN_WORK)
     for (int t = 0; t < T; t++) {
@@ -403,6 +423,13 @@ static void cpu_kv_write(be_backend *be, be_kv *kv, int layer, const void *kva, 
     for (int t = 0; t < c->n_tokens; t++)
         memcpy(kv_row(kv, layer, c->token_slot[t]), (const float *)kva + (size_t)t * kv_stride,
                (size_t)kv->kv_dim * sizeof(float));
+}
+
+/* The reference of the fused op is the two ops themselves. */
+static void cpu_rope_kv_write(be_backend *be, be_kv *kv, int layer, void *kva, int T, int kv_stride,
+                              int col0, int rope_dim) {
+    cpu_rope(be, kva, T, kv_stride, 1, 0, col0, rope_dim);
+    cpu_kv_write(be, kv, layer, kva, kv_stride);
 }
 
 /* Row j of sequence s's context in the cache. */
@@ -798,9 +825,11 @@ static const be_ops g_cpu_ops = {
     .linear = cpu_linear_layer,
     .rmsnorm = cpu_rmsnorm,
     .add = cpu_add,
+    .add_rmsnorm = cpu_add_rmsnorm,
     .silu_mul = cpu_silu_mul,
     .rope = cpu_rope,
     .kv_write = cpu_kv_write,
+    .rope_kv_write = cpu_rope_kv_write,
     .mla_attention = cpu_mla_attention,
     .moe_route = cpu_moe_route,
     .moe_experts = cpu_moe_experts,

@@ -758,7 +758,8 @@ static duet_status cuda_comm_attach(be_backend *be, comm_group *g) {
         .kv_copy_device_start = cuda_kv_copy_device_start, .host_pin = cuda_host_pin,              \
         .host_unpin = cuda_host_unpin, .rope_setup = cuda_rope_setup, .set_batch = cuda_set_batch, \
         .embed = cuda_embed, .linear = cuda_linear, .rmsnorm = cuda_rmsnorm, .add = cuda_add,      \
-        .silu_mul = cuda_silu_mul, .rope = cuda_rope, .kv_write = cuda_kv_write,                   \
+        .add_rmsnorm = cuda_add_rmsnorm, .silu_mul = cuda_silu_mul, .rope = cuda_rope,             \
+        .kv_write = cuda_kv_write, .rope_kv_write = cuda_rope_kv_write,                            \
         .mla_attention = cuda_mla_attention, .moe_route = cuda_moe_route,                          \
         .moe_experts = cuda_moe_experts, .gather_rows = cuda_gather_rows,                          \
         .scatter_add_rows = cuda_scatter_add_rows, .zero = cuda_zero, .mem_info = cuda_mem_info,   \

@@ -111,6 +111,9 @@ typedef struct cuda_backend {
     /* moe.cu: device tables of expert weight pointers, one per expert set (layer) seen */
     struct moe_wtab *moe_tabs;
     int n_moe_tabs;
+    /* moe.cu: the fused router's counts of finished blocks per row of tokens (zero between
+     * launches) */
+    unsigned *route_done;
 } cuda_backend;
 
 static inline cuda_backend *cuda_be(be_backend *be) {
@@ -208,10 +211,14 @@ void cuda_embed(be_backend *be, void *out, const int32_t *ids, int T, const be_w
 void cuda_rmsnorm(be_backend *be, void *out, int out_stride, const void *x, int x_stride,
                   const void *w, int T, int D, float eps);
 void cuda_add(be_backend *be, void *y, const void *x, size_t n);
+void cuda_add_rmsnorm(be_backend *be, void *out, void *h, const void *x, const void *w, int T,
+                      int D, float eps);
 void cuda_silu_mul(be_backend *be, void *out, const void *gu, int T, int inter);
 void cuda_rope(be_backend *be, void *x, int T, int row_stride, int n_heads, int head_stride,
                int col0, int rope_dim);
 void cuda_kv_write(be_backend *be, be_kv *kv, int layer, const void *kva, int kv_stride);
+void cuda_rope_kv_write(be_backend *be, be_kv *kv, int layer, void *kva, int T, int kv_stride,
+                        int col0, int rope_dim);
 void cuda_gather_rows(be_backend *be, void *dst, const void *src, const int32_t *idx, int n, int D);
 void cuda_scatter_add_rows(be_backend *be, void *dst, const void *src, const int32_t *idx, int n,
                            int D);

@@ -49,7 +49,12 @@ void cuda_embed(be_backend *be, void *out, const int32_t *ids, int T_, const be_
     CUDA_LAUNCHED(c, "embed_kernel");
 }
 
-/* ---- RMSNorm: one block per row; out may alias x (each thread rewrites what it read) ---- */
+/* ---- RMSNorm: one block per row; out may alias x (each thread rewrites what it read) ----
+ * The scalar kernel serves rows whose width or alignment does not allow 16-byte vectors; the
+ * vector kernel reads each row once into registers (NV vectors of 16 bytes a thread, a block
+ * as wide as the row) so that one row costs one pass of loads, a shuffle + shared-memory sum
+ * and one pass of stores. With ADD it first adds x into h (the residual), stores h rounded to
+ * T, and normalizes that stored value, as add then rmsnorm would. */
 template <typename T>
 __global__ void rmsnorm_kernel(T *out, int out_stride, const T *x, int x_stride, const float *w,
                                int D, float eps) {
@@ -66,14 +71,115 @@ __global__ void rmsnorm_kernel(T *out, int out_stride, const T *x, int x_stride,
     for (int i = threadIdx.x; i < D; i += blockDim.x) orow[i] = from_f<T>(w[i] * (to_f(xr[i]) * r));
 }
 
+template <typename T, bool ADD, int NV>
+__global__ void __launch_bounds__(1024)
+    rmsnorm_vec_kernel(T *out, int out_stride, T *h, int h_stride, const T *x, int x_stride,
+                       const float *w, int D, float eps) {
+    constexpr int V = 16 / sizeof(T); /* elements per 16-byte vector */
+    __shared__ float red[32];
+    int nvec = D / V;
+    T *hr = h + (size_t)blockIdx.x * h_stride;
+    T *orow = out + (size_t)blockIdx.x * out_stride;
+    float v[NV][V];
+    float ss = 0.0f;
+#pragma unroll
+    for (int k = 0; k < NV; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        if (i >= nvec) continue;
+        alignas(16) T e[V];
+        *reinterpret_cast<uint4 *>(e) = *reinterpret_cast<const uint4 *>(hr + (size_t)i * V);
+        if (ADD) {
+            alignas(16) T a[V];
+            *reinterpret_cast<uint4 *>(a) =
+                *reinterpret_cast<const uint4 *>(x + (size_t)blockIdx.x * x_stride + (size_t)i * V);
+#pragma unroll
+            for (int j = 0; j < V; j++) e[j] = from_f<T>(to_f(e[j]) + to_f(a[j]));
+            *reinterpret_cast<uint4 *>(hr + (size_t)i * V) = *reinterpret_cast<const uint4 *>(e);
+        }
+#pragma unroll
+        for (int j = 0; j < V; j++) {
+            v[k][j] = to_f(e[j]);
+            ss += v[k][j] * v[k][j];
+        }
+    }
+    ss = block_sum(ss, red);
+    float r = 1.0f / sqrtf(ss / (float)D + eps);
+#pragma unroll
+    for (int k = 0; k < NV; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        if (i >= nvec) continue;
+        alignas(16) float wv[V];
+#pragma unroll
+        for (int j = 0; j < V; j += 4)
+            *reinterpret_cast<float4 *>(wv + j) =
+                *reinterpret_cast<const float4 *>(w + (size_t)i * V + j);
+        alignas(16) T e[V];
+#pragma unroll
+        for (int j = 0; j < V; j++) e[j] = from_f<T>(wv[j] * (v[k][j] * r));
+        *reinterpret_cast<uint4 *>(orow + (size_t)i * V) = *reinterpret_cast<const uint4 *>(e);
+    }
+}
+
+static inline bool aligned16(const void *p) {
+    return ((uintptr_t)p & 15u) == 0;
+}
+
+/* Launches the vector kernel when rows allow it (D a multiple of the vector, every row start
+ * 16-byte aligned, at most 8 vectors a thread); false: the caller takes another path. */
+template <typename T, bool ADD>
+static bool rmsnorm_vec_launch(cuda_backend *c, T *out, int out_stride, T *h, int h_stride,
+                               const T *x, int x_stride, const float *w, int T_, int D, float eps) {
+    const int V = 16 / (int)sizeof(T);
+    size_t sz = sizeof(T);
+    if (D % V || !aligned16(out) || !aligned16(h) || !aligned16(w) || (out_stride * sz) % 16 ||
+        (h_stride * sz) % 16)
+        return false;
+    if (ADD && (!aligned16(x) || (x_stride * sz) % 16)) return false;
+    int nvec = D / V, nv = 1;
+    while (nv < 8 && nvec > nv * 1024) nv *= 2;
+    if (nvec > nv * 1024) return false;
+    int per = (nvec + nv - 1) / nv, block = (per + 31) / 32 * 32;
+#define RMS_VEC(NV)                                                                                \
+    rmsnorm_vec_kernel<T, ADD, NV>                                                                 \
+        <<<T_, block, 0, c->stream>>>(out, out_stride, h, h_stride, x, x_stride, w, D, eps)
+    if (nv == 1)
+        RMS_VEC(1);
+    else if (nv == 2)
+        RMS_VEC(2);
+    else if (nv == 4)
+        RMS_VEC(4);
+    else
+        RMS_VEC(8);
+#undef RMS_VEC
+    return true;
+}
+
 void cuda_rmsnorm(be_backend *be, void *out, int out_stride, const void *x, int x_stride,
                   const void *w, int T_, int D, float eps) {
     cuda_backend *c = cuda_be(be);
     if (c->err != DUET_OK || T_ <= 0) return;
     int block = D >= 256 ? 256 : (D + 31) / 32 * 32;
-    ACT_DISPATCH(c, rmsnorm_kernel<T><<<T_, block, 0, c->stream>>>(
-                        (T *)out, out_stride, (const T *)x, x_stride, (const float *)w, D, eps));
+    ACT_DISPATCH(
+        c, if (!rmsnorm_vec_launch<T, false>(c, (T *)out, out_stride, (T *)x, x_stride,
+                                             (const T *)NULL, 0, (const float *)w, T_, D, eps))
+               rmsnorm_kernel<T><<<T_, block, 0, c->stream>>>((T *)out, out_stride, (const T *)x,
+                                                              x_stride, (const float *)w, D, eps));
     CUDA_LAUNCHED(c, "rmsnorm_kernel");
+}
+
+void cuda_add_rmsnorm(be_backend *be, void *out, void *h, const void *x, const void *w, int T_,
+                      int D, float eps) {
+    cuda_backend *c = cuda_be(be);
+    if (c->err != DUET_OK || T_ <= 0) return;
+    bool done = false;
+    ACT_DISPATCH(c, done = rmsnorm_vec_launch<T, true>(c, (T *)out, D, (T *)h, D, (const T *)x, D,
+                                                       (const float *)w, T_, D, eps));
+    if (done) {
+        CUDA_LAUNCHED(c, "rmsnorm_vec_kernel (add)");
+        return;
+    }
+    cuda_add(be, h, x, (size_t)T_ * D); /* rows the vectors cannot take: the two ops */
+    cuda_rmsnorm(be, out, D, h, D, w, T_, D, eps);
 }
 
 /* ---- y += x ---- */
@@ -165,6 +271,57 @@ void cuda_kv_write(be_backend *be, be_kv *kv, int layer, const void *kva, int kv
                         (T *)kv->data, c->d_slot, c->n_tokens, kv->n_layers, kv->block_size,
                         kv->kv_dim, layer, (const T *)kva, kv_stride));
     CUDA_LAUNCHED(c, "kv_write_kernel");
+}
+
+/* ---- RoPE + KV write: one thread per column pair of a token's row; the pairs in the rope
+ * columns rotate (the same arithmetic as rope_kernel) and go back to kva too, every pair goes
+ * to the token's cache row ---- */
+template <typename T>
+__global__ void rope_kv_write_kernel(T *cache, const int32_t *slot, const int32_t *pos, int n_tok,
+                                     int n_layers, int bs, int kv_dim, int layer, T *kva,
+                                     int kv_stride, int col0, int half, const float *inv_freq,
+                                     float attn) {
+    int npair = kv_dim / 2;
+    size_t n = (size_t)n_tok * npair;
+    for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < n;
+         k += (size_t)gridDim.x * blockDim.x) {
+        int t = (int)(k / npair), p = (int)(k % npair);
+        T *src = kva + (size_t)t * kv_stride + 2 * p;
+        T o0 = src[0], o1 = src[1];
+        int i = p - col0 / 2;
+        if (i >= 0 && i < half) {
+            float a = (float)pos[t] * inv_freq[i], sn, cs;
+            sincosf(a, &sn, &cs);
+            cs *= attn;
+            sn *= attn;
+            float x0 = to_f(o0), x1 = to_f(o1);
+            o0 = from_f<T>(x0 * cs - x1 * sn);
+            o1 = from_f<T>(x0 * sn + x1 * cs);
+            src[0] = o0;
+            src[1] = o1;
+        }
+        int s = slot[t], blk = s / bs, off = s % bs;
+        T *dst = cache + (((size_t)blk * n_layers + layer) * bs + off) * kv_dim + 2 * p;
+        dst[0] = o0;
+        dst[1] = o1;
+    }
+}
+
+void cuda_rope_kv_write(be_backend *be, be_kv *kv, int layer, void *kva, int T_, int kv_stride,
+                        int col0, int rope_dim) {
+    cuda_backend *c = cuda_be(be);
+    if (c->err != DUET_OK || T_ <= 0) return;
+    if (kv->kv_dim % 2 || col0 % 2 || T_ != c->n_tokens) { /* pairs would straddle: two ops */
+        cuda_rope(be, kva, T_, kv_stride, 1, 0, col0, rope_dim);
+        cuda_kv_write(be, kv, layer, kva, kv_stride);
+        return;
+    }
+    size_t n = (size_t)T_ * (kv->kv_dim / 2);
+    ACT_DISPATCH(c, rope_kv_write_kernel<T><<<grid_for(n, 256), 256, 0, c->stream>>>(
+                        (T *)kv->data, c->d_slot, c->d_pos, T_, kv->n_layers, kv->block_size,
+                        kv->kv_dim, layer, (T *)kva, kv_stride, col0, rope_dim / 2, c->d_inv_freq,
+                        c->rope_attn));
+    CUDA_LAUNCHED(c, "rope_kv_write_kernel");
 }
 
 /* ---- rows: dst[i] = src[idx[i]]; dst[idx[i]] += src[i] (idx distinct) ---- */

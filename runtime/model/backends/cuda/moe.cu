@@ -30,31 +30,30 @@ __device__ __forceinline__ int warp_argmax(float bv, int bi) {
     return bi;
 }
 
-/* One warp per token. Shared per warp: s [E], choice [E], taken [E], gscore [G], gkeep [G]. */
-__global__ void route_kernel(const float *logits, int n_tok, int E, int K, int G, int topk_group,
-                             int softmax, int grouped, int noaux, const float *bias, int norm,
-                             float scale, int32_t *ids, float *weights) {
-    extern __shared__ float sh[];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int t = blockIdx.x * (blockDim.x >> 5) + warp;
-    if (t >= n_tok) return; /* whole warps leave: only warp-level sync below */
-    float *s = sh + (size_t)warp * (3 * E + 2 * G), *ch = s + E, *taken = ch + E;
+/* The routing of token t by one warp, from its float32 logits (read through L2: the fused
+ * kernel reads what other blocks wrote). Shared for the warp: s [E], choice [E], taken [E],
+ * gscore [G], gkeep [G]. */
+__device__ void route_token(const float *logits, float *sh, int t, int E, int K, int G,
+                            int topk_group, int softmax, int grouped, int noaux, const float *bias,
+                            int norm, float scale, int32_t *ids, float *weights) {
+    const int lane = threadIdx.x & 31;
+    float *s = sh, *ch = s + E, *taken = ch + E;
     float *gs = taken + E, *gk = gs + G;
     const float *lg = logits + (size_t)t * E;
 
     if (softmax) {
         float m = -INFINITY;
-        for (int e = lane; e < E; e += 32) m = fmaxf(m, lg[e]);
+        for (int e = lane; e < E; e += 32) m = fmaxf(m, __ldcg(lg + e));
         m = warp_max(m);
         float sum = 0.0f;
         for (int e = lane; e < E; e += 32) {
-            s[e] = expf(lg[e] - m);
+            s[e] = expf(__ldcg(lg + e) - m);
             sum += s[e];
         }
         sum = warp_sum(sum);
         for (int e = lane; e < E; e += 32) s[e] /= sum;
     } else {
-        for (int e = lane; e < E; e += 32) s[e] = 1.0f / (1.0f + expf(-lg[e]));
+        for (int e = lane; e < E; e += 32) s[e] = 1.0f / (1.0f + expf(-__ldcg(lg + e)));
     }
     for (int e = lane; e < E; e += 32) {
         ch[e] = s[e] + (bias ? bias[e] : 0.0f); /* the bias steers the choice only */
@@ -115,18 +114,144 @@ __global__ void route_kernel(const float *logits, int n_tok, int E, int K, int G
         }
 }
 
+/* One warp per token. */
+__global__ void route_kernel(const float *logits, int n_tok, int E, int K, int G, int topk_group,
+                             int softmax, int grouped, int noaux, const float *bias, int norm,
+                             float scale, int32_t *ids, float *weights) {
+    extern __shared__ float sh[];
+    const int warp = threadIdx.x >> 5;
+    const int t = blockIdx.x * (blockDim.x >> 5) + warp;
+    if (t >= n_tok) return; /* whole warps leave: only warp-level sync inside */
+    route_token(logits, sh + (size_t)warp * (3 * E + 2 * G), t, E, K, G, topk_group, softmax,
+                grouped, noaux, bias, norm, scale, ids, weights);
+}
+
+/* ---- the router in one launch for a few tokens (T <= ROUTE_FUSED_MAX_T) ----
+ * Block (bx, by): warp w computes the float32 logits of expert bx * ROUTE_GEMV_WARPS + w for
+ * the ROUTE_TOK tokens from by * ROUTE_TOK (the gate row read once for them in 16-byte loads,
+ * float32 products of the exact values, a warp-shuffle sum); the last block of row by to
+ * finish (a device counter per row, back to zero when it is done, so a replayed graph finds
+ * it zeroed) routes those tokens with route_token, a warp each. Replaces the conversion of x
+ * to float32, cuBLAS's GEMV and its reduction, and route_kernel. */
+#define ROUTE_FUSED_MAX_T 64
+#define ROUTE_GEMV_WARPS  4
+#define ROUTE_TOK         8
+#define ROUTE_ROWS        (ROUTE_FUSED_MAX_T / ROUTE_TOK)
+
+__device__ __forceinline__ void load4(const float *p, float *v) {
+    float4 q = *reinterpret_cast<const float4 *>(p);
+    v[0] = q.x;
+    v[1] = q.y;
+    v[2] = q.z;
+    v[3] = q.w;
+}
+__device__ __forceinline__ void load4(const bf16 *p, float *v) {
+    alignas(8) bf16 e[4];
+    *reinterpret_cast<uint2 *>(e) = *reinterpret_cast<const uint2 *>(p);
+    for (int j = 0; j < 4; j++) v[j] = __bfloat162float(e[j]);
+}
+
+template <typename X, typename W>
+__global__ void route_fused_kernel(const X *x, int x_stride, const W *gate, int D, float *logits,
+                                   int n_tok, int E, int K, int G, int topk_group, int softmax,
+                                   int grouped, int noaux, const float *bias, int norm, float scale,
+                                   int32_t *ids, float *weights, unsigned *done) {
+    extern __shared__ float sh[];
+    __shared__ bool last;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int e = blockIdx.x * nw + warp, t0 = blockIdx.y * ROUTE_TOK;
+    if (e < E) {
+        const W *wr = gate + (size_t)e * D;
+        float acc[ROUTE_TOK];
+#pragma unroll
+        for (int j = 0; j < ROUTE_TOK; j++) acc[j] = 0.0f;
+        for (int d = lane * 4; d < D; d += 128) {
+            float wv[4];
+            load4(wr + d, wv);
+#pragma unroll
+            for (int j = 0; j < ROUTE_TOK; j++) {
+                if (t0 + j >= n_tok) break;
+                float xv[4];
+                load4(x + (size_t)(t0 + j) * x_stride + d, xv);
+                acc[j] += xv[0] * wv[0] + xv[1] * wv[1] + xv[2] * wv[2] + xv[3] * wv[3];
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < ROUTE_TOK; j++) {
+            if (t0 + j >= n_tok) break;
+            float v = warp_sum(acc[j]);
+            if (lane == 0) logits[(size_t)(t0 + j) * E + e] = v;
+        }
+    }
+    __threadfence(); /* the logits are visible before the counter says so */
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(done + blockIdx.y, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    int t_end = min(t0 + ROUTE_TOK, n_tok);
+    for (int t = t0 + warp; t < t_end; t += nw)
+        route_token(logits, sh + (size_t)warp * (3 * E + 2 * G), t, E, K, G, topk_group, softmax,
+                    grouped, noaux, bias, norm, scale, ids, weights);
+    if (threadIdx.x == 0) done[blockIdx.y] = 0u;
+}
+
 static bool route_supported(const be_route_params *p, const be_weight *gate) {
     const int E = p->n_experts, K = p->top_k, G = p->n_group > 0 ? p->n_group : 1;
     /* the CPU reference's limits */
     return E <= 1024 && G <= 256 && K <= 64 && K <= E && E % G == 0 && gate->n_out == E;
 }
 
+/* The fused router's launch, when T, the gate's type and the alignment allow it (false: the
+ * caller runs the four-kernel path). */
+static bool route_fused(cuda_backend *c, float *logits, const void *x, int T_,
+                        const be_weight *gate, const void *bias, const be_route_params *p,
+                        int32_t *d_ids, float *d_w) {
+    const int E = p->n_experts, K = p->top_k, G = p->n_group > 0 ? p->n_group : 1, D = gate->n_in;
+    bool gate_f32 = gate->dtype == DT_F32, x_f32 = c->act == DT_F32;
+    if (T_ > ROUTE_FUSED_MAX_T || D % 4 || (!gate_f32 && gate->dtype != c->act) ||
+        ((uintptr_t)x & 15u) || ((uintptr_t)gate->w & 15u))
+        return false;
+    if (!c->route_done) {
+        /* the counter: allocated by an eager step, never inside a recording */
+        if (c->capturing) return false;
+        size_t bytes = ROUTE_ROWS * sizeof(unsigned);
+        if (CUDA_CHECK(c, cudaMalloc(&c->route_done, bytes)) != DUET_OK ||
+            CUDA_CHECK(c, cudaMemsetAsync(c->route_done, 0, bytes, c->stream)) != DUET_OK) {
+            cudaFree(c->route_done);
+            c->route_done = NULL;
+            return false;
+        }
+    }
+    size_t shm = (size_t)ROUTE_GEMV_WARPS * (3 * E + 2 * G) * sizeof(float);
+    if (shm > 40 * 1024) return false; /* route_kernel's limit; it runs fewer warps a block */
+    dim3 grid((unsigned)((E + ROUTE_GEMV_WARPS - 1) / ROUTE_GEMV_WARPS),
+              (unsigned)((T_ + ROUTE_TOK - 1) / ROUTE_TOK));
+    bool grouped = p->method != CFG_TOPK_GREEDY && G > 1;
+#define ROUTE_FUSED(X, W)                                                                          \
+    route_fused_kernel<X, W><<<grid, ROUTE_GEMV_WARPS * 32, shm, c->stream>>>(                     \
+        (const X *)x, D, (const W *)gate->w, D, logits, T_, E, K, G, grouped ? p->topk_group : 0,  \
+        p->scoring == CFG_SCORING_SOFTMAX, grouped, p->method == CFG_TOPK_NOAUX_TC,                \
+        (const float *)bias, p->norm_topk_prob && p->scale_after_norm, p->routed_scaling_factor,   \
+        d_ids, d_w, c->route_done)
+    if (x_f32)
+        ROUTE_FUSED(float, float);
+    else if (gate_f32)
+        ROUTE_FUSED(bf16, float);
+    else
+        ROUTE_FUSED(bf16, bf16);
+#undef ROUTE_FUSED
+    CUDA_LAUNCHED(c, "route_fused_kernel");
+    return true;
+}
+
 /* logits [T, E] (float32 scratch), then scores and the top-k into device ids [T, K] and
- * weights [T, K]; on the stream */
+ * weights [T, K]; on the stream. x rows are the gate's n_in apart. */
 static duet_status route_to_device(cuda_backend *c, float *logits, const void *x, int T_,
                                    const be_weight *gate, const void *bias,
                                    const be_route_params *p, int32_t *d_ids, float *d_w) {
     const int E = p->n_experts, K = p->top_k, G = p->n_group > 0 ? p->n_group : 1;
+    if (route_fused(c, logits, x, T_, gate, bias, p, d_ids, d_w)) return c->err;
     /* logits[T, E] = x @ gate^T in float32 */
     cuda_linear_f32out(c, logits, x, gate->n_in, T_, gate);
     size_t per_warp = (size_t)(3 * E + 2 * G) * sizeof(float);
@@ -389,6 +514,8 @@ static void *const *wtab_get(cuda_backend *c, const be_ffn *experts, int n_local
 }
 
 void cuda_moe_cleanup(cuda_backend *c) {
+    cudaFree(c->route_done);
+    c->route_done = NULL;
     for (int i = 0; i < c->n_moe_tabs; i++) {
         cudaFree(c->moe_tabs[i].dev);
         free(c->moe_tabs[i].host);
@@ -493,21 +620,31 @@ __global__ void moe_sort_kernel(const int32_t *ids, int ms, int n, int K, int e0
 }
 
 /* out[r] = sum over the row's local pairs in ascending expert order of w * y[slot] (+ ys[r]).
- * One block per row (grid-stride), VEC columns per thread. */
+ * One block per row (grid-stride) and per chunk of `chunk` columns (blockIdx.y: a few rows
+ * spread over several blocks instead of queueing on one), VEC columns per thread. The row's K
+ * (slot, id, weight) triples are read by K threads at once, then put in expert order by one. */
 template <typename T, int VEC>
 __global__ void moe_combine_dev_kernel(T *out, int n, int D, int K, const int32_t *ids,
                                        const float *w, int ms, const int32_t *slot_of, const T *y,
-                                       const T *ys) {
-    __shared__ int s_id[64], s_slot[64], s_cnt;
-    __shared__ float s_w[64];
+                                       const T *ys, int chunk) {
+    __shared__ int s_id[64], s_slot[64], s_cnt, r_id[64], r_slot[64];
+    __shared__ float s_w[64], r_w[64];
+    const int d0 = blockIdx.y * chunk, d1 = min(D, d0 + chunk);
     for (int r = blockIdx.x; r < n; r += gridDim.x) {
+        for (int k = threadIdx.x; k < K; k += blockDim.x) {
+            int p = slot_of[(long long)r * K + k];
+            r_slot[k] = p;
+            r_id[k] = p < 0 ? 0 : ids[(long long)r * ms + k];
+            r_w[k] = p < 0 ? 0.0f : w[(long long)r * ms + k];
+        }
+        __syncthreads();
         if (threadIdx.x == 0) {
             int cnt = 0;
             for (int k = 0; k < K; k++) {
-                int p = slot_of[(long long)r * K + k];
+                int p = r_slot[k];
                 if (p < 0) continue;
-                int id = ids[(long long)r * ms + k], j = cnt++;
-                float wt = w[(long long)r * ms + k];
+                int id = r_id[k], j = cnt++;
+                float wt = r_w[k];
                 for (; j > 0 && s_id[j - 1] > id; j--) { /* insertion: ascending expert */
                     s_id[j] = s_id[j - 1];
                     s_slot[j] = s_slot[j - 1];
@@ -521,7 +658,7 @@ __global__ void moe_combine_dev_kernel(T *out, int n, int D, int K, const int32_
         }
         __syncthreads();
         const int cnt = s_cnt;
-        for (int d = threadIdx.x * VEC; d < D; d += blockDim.x * VEC) {
+        for (int d = d0 + threadIdx.x * VEC; d < d1; d += blockDim.x * VEC) {
             float acc[VEC], v[VEC];
             for (int i = 0; i < VEC; i++) acc[i] = 0.0f;
             for (int j = 0; j < cnt; j++) {
@@ -536,6 +673,15 @@ __global__ void moe_combine_dev_kernel(T *out, int n, int D, int K, const int32_
         }
         __syncthreads(); /* the lists are rebuilt for the next row */
     }
+}
+
+/* The combine's grid: rows, and for fewer rows than SMs to keep busy, the columns split into
+ * chunks of one pass of the block (chunk: a multiple of vec). */
+static dim3 combine_grid(long long n, int D, int vec, int *chunk_p) {
+    const int pass = 128 * vec;
+    int ny = n < 32 ? (D + pass - 1) / pass : 1;
+    *chunk_p = ny > 1 ? pass : D;
+    return dim3(n < 1 ? 1u : n > 65535 ? 65535u : (unsigned)n, (unsigned)(ny > 1 ? ny : 1));
 }
 
 static unsigned rows_grid(long long n) {
@@ -675,15 +821,23 @@ static void experts_dev_run(cuda_backend *c, void *out, const be_moe_rows *rows,
     if (c->err != DUET_OK) return;
     const T *y = (const T *)cv.y, *ys = shared ? (const T *)cv.y_s : NULL;
     const bool aligned = ((uintptr_t)out & 15) == 0;
-    if (aligned && sizeof(T) == 2 && D % 8 == 0)
-        moe_combine_dev_kernel<T, 8><<<rows_grid(n), 128, 0, c->stream>>>(
-            (T *)out, n, D, K, rows->ids, rows->weights, rows->meta_stride, cv.slot_of, y, ys);
-    else if (aligned && sizeof(T) == 4 && D % 4 == 0)
-        moe_combine_dev_kernel<T, 4><<<rows_grid(n), 128, 0, c->stream>>>(
-            (T *)out, n, D, K, rows->ids, rows->weights, rows->meta_stride, cv.slot_of, y, ys);
+    const int vec = aligned && sizeof(T) == 2 && D % 8 == 0   ? 8
+                    : aligned && sizeof(T) == 4 && D % 4 == 0 ? 4
+                                                              : 1;
+    int chunk;
+    const dim3 grid = combine_grid(n, D, vec, &chunk);
+    if (vec == 8)
+        moe_combine_dev_kernel<T, 8><<<grid, 128, 0, c->stream>>>((T *)out, n, D, K, rows->ids,
+                                                                  rows->weights, rows->meta_stride,
+                                                                  cv.slot_of, y, ys, chunk);
+    else if (vec == 4)
+        moe_combine_dev_kernel<T, 4><<<grid, 128, 0, c->stream>>>((T *)out, n, D, K, rows->ids,
+                                                                  rows->weights, rows->meta_stride,
+                                                                  cv.slot_of, y, ys, chunk);
     else
-        moe_combine_dev_kernel<T, 1><<<rows_grid(n), 128, 0, c->stream>>>(
-            (T *)out, n, D, K, rows->ids, rows->weights, rows->meta_stride, cv.slot_of, y, ys);
+        moe_combine_dev_kernel<T, 1><<<grid, 128, 0, c->stream>>>((T *)out, n, D, K, rows->ids,
+                                                                  rows->weights, rows->meta_stride,
+                                                                  cv.slot_of, y, ys, chunk);
     CUDA_LAUNCHED(c, "moe_combine_dev_kernel");
 }
 
