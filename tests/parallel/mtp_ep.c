@@ -1,0 +1,174 @@
+/* mtp-ep: MTP speculative decoding under expert parallelism, driven the way the servers drive
+ * it: every DP group's leader runs its own engine on its own requests (token ids, no
+ * tokenizer), TP followers follow, idle groups join with empty steps and empty MTP passes.
+ * Prints each request's output ids in rank order; mtp_ep.sh compares runs with and without
+ * drafts. A broken lockstep ends in the collectives' timeout (DUET_COMM_TIMEOUT), not a hang.
+ * Usage: mpirun -np N mtp-ep --model DIR [-tp T] [-dp D] [--enable-expert-parallel]
+ *        [--num-speculative-tokens K] [--sampled] [--busy all|first] */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/log.h"
+#include "base/opt.h"
+#include "engine/engine.h"
+#include "engine/parallel.h"
+
+enum { MAX_REQ = 3, MAX_OUT = 64, BLOCK_SIZE = 16, N_BLOCKS = 128 };
+
+typedef struct out_req {
+    int32_t ids[MAX_OUT];
+    int n;
+    bool done;
+    bool failed;
+} out_req;
+
+static void on_event(void *user, const eng_event *ev) {
+    out_req *o = ev->user;
+    (void)user;
+    for (int i = 0; i < ev->n_tokens && o->n < MAX_OUT; i++) o->ids[o->n++] = ev->tokens[i];
+    if (ev->finish) {
+        o->done = true;
+        o->failed = ev->finish == ENG_FINISH_ERROR;
+        if (ev->error) fprintf(stderr, "mtp-ep: request failed: %s\n", ev->error);
+    }
+}
+
+/* Request i of DP group dp: its own prompt and length, so groups finish at different steps and
+ * one drafts while another idles. */
+static void make_request(int dp, int i, int vocab, bool sampled, int32_t *prompt, int *n_prompt,
+                         eng_sampling *sp) {
+    int n = 6 + 5 * i + 3 * dp;
+    for (int j = 0; j < n; j++) prompt[j] = (int32_t)((17 + 31 * dp + 7 * i + 13 * j) % vocab);
+    *n_prompt = n;
+    eng_sampling_default(sp);
+    sp->ignore_eos = true;
+    sp->max_tokens = dp == 0 ? 24 - 8 * i : 6 + 4 * i;
+    if (sampled) {
+        sp->smp.temperature = 0.8f;
+        sp->smp.top_k = 20;
+        sp->seed = 7 + (uint64_t)(100 * dp + i);
+        sp->has_seed = true;
+    } else {
+        sp->smp.temperature = 0;
+    }
+}
+
+/* A TP leader: its group's requests through the engine, then empty steps (with its
+ * followers) until every DP group is done. */
+static int lead(par_instance *inst, int k, bool sampled, bool busy) {
+    int dp = par_dp_rank(inst), n_req = busy ? (dp == 0 ? 3 : 2) : 0;
+    out_req outs[MAX_REQ];
+    memset(outs, 0, sizeof outs);
+    eng_config ec;
+    eng_config_default(&ec);
+    ec.max_model_len = 256;
+    ec.block_size = BLOCK_SIZE;
+    ec.n_blocks = N_BLOCKS;
+    ec.spec_tokens = k;
+    ec.on_event = on_event;
+    eng_engine *eng = NULL;
+    int rc = 0;
+    if (eng_create(&ec, inst, NULL, &eng) != DUET_OK) {
+        par_stop_followers(inst);
+        return 1;
+    }
+    int vocab = mdl_config(par_model(inst))->vocab_size;
+    for (int i = 0; i < n_req; i++) {
+        int32_t prompt[64];
+        eng_request q = {.id = (uint64_t)i + 1, .prompt = prompt, .user = &outs[i]};
+        make_request(dp, i, vocab, sampled, prompt, &q.n_prompt, &q.sampling);
+        char err[256];
+        if (eng_submit(eng, &q, err, sizeof err) != DUET_OK) {
+            fprintf(stderr, "mtp-ep: submit: %s\n", err);
+            rc = 1;
+            n_req = i;
+            break;
+        }
+    }
+    for (;;) {
+        bool all = true;
+        for (int i = 0; i < n_req; i++) all &= outs[i].done;
+        if (all) break;
+        bool busy_step;
+        if (eng_step(eng, &busy_step) != DUET_OK) {
+            rc = 1;
+            break;
+        }
+    }
+    /* join the other groups' steps (and their MTP passes) until all are idle */
+    bool stepped = true;
+    while (!rc && stepped)
+        if (par_idle(inst, NULL, &stepped) != DUET_OK) rc = 1;
+    char text[8192] = "";
+    size_t len = 0;
+    for (int i = 0; i < n_req; i++) {
+        rc |= outs[i].failed || outs[i].n == 0;
+        len += (size_t)snprintf(text + len, sizeof text - len, "dp %d req %d:", dp, i);
+        for (int j = 0; j < outs[i].n && len < sizeof text - 16; j++)
+            len += (size_t)snprintf(text + len, sizeof text - len, " %d", outs[i].ids[j]);
+        len += (size_t)snprintf(text + len, sizeof text - len, "\n");
+    }
+    if (rc) len += (size_t)snprintf(text + len, sizeof text - len, "dp %d FAILED\n", dp);
+    /* the followers leave par_follow first: the print is a collective of every rank */
+    par_stop_followers(inst);
+    par_print_ordered(inst, text);
+    eng_destroy(eng);
+    return rc;
+}
+
+int main(int argc, char **argv) {
+    par_options po;
+    par_options_init(&po);
+    const char *model = NULL;
+    int k = 0, busy = 0; /* busy: 0 all, 1 first */
+    bool sampled = false;
+    const opt_spec specs[] = {
+        {.name = "--model", .type = OPT_STRING, .dest = &model, .help = "checkpoint directory"},
+        {.name = "--num-speculative-tokens",
+         .type = OPT_INT,
+         .dest = &k,
+         .def = "0",
+         .min = 0,
+         .max = 3,
+         .help = "MTP drafts per step (0: off)"},
+        {.name = "--sampled",
+         .type = OPT_FLAG,
+         .dest = &sampled,
+         .help = "seeded sampling instead of greedy"},
+        {.name = "--busy",
+         .type = OPT_CHOICE,
+         .dest = &busy,
+         .def = "all",
+         .choices = "all|first",
+         .help = "requests on every DP group, or on DP group 0 only (the others idle)"},
+    };
+    opt_parser *op;
+    if (opt_parser_create("mtp-ep", "--model DIR", NULL, &op) != DUET_OK) return 1;
+    int perr = opt_add(op, "MTP under EP", specs, (int)(sizeof specs / sizeof specs[0])) != DUET_OK ||
+               par_options_add(op, &po) != DUET_OK || opt_parse(op, argc, argv) != DUET_OK;
+    opt_parser_destroy(op);
+    if (perr || !model) {
+        fprintf(stderr, "mtp-ep: --model DIR is required\n");
+        return 2;
+    }
+    po.spec_tokens = k;
+    par_instance *inst;
+    if (par_instance_create(&po, model, &argc, &argv, &inst) != DUET_OK) return 1;
+    int rc;
+    if (par_tp_rank(inst) == 0) {
+        rc = lead(inst, k, sampled, busy == 0 || par_dp_rank(inst) == 0);
+    } else {
+        be_kv *kv = NULL;
+        int nb = N_BLOCKS;
+        rc = 1;
+        if (par_kv_agree(inst, &nb, BLOCK_SIZE) == DUET_OK &&
+            mdl_kv_create(par_model(inst), nb, BLOCK_SIZE, &kv) == DUET_OK) {
+            rc = par_follow(inst, kv) == DUET_OK ? 0 : 1;
+            par_print_ordered(inst, "");
+        }
+        mdl_kv_destroy(par_model(inst), kv);
+    }
+    par_instance_destroy(inst);
+    return rc;
+}
