@@ -4,7 +4,7 @@
  * Prints each request's output ids in rank order; mtp_ep.sh compares runs with and without
  * drafts. A broken lockstep ends in the collectives' timeout (DUET_COMM_TIMEOUT), not a hang.
  * Usage: mpirun -np N mtp-ep --model DIR [-tp T] [-dp D] [--enable-expert-parallel]
- *        [--num-speculative-tokens K] [--sampled] [--busy all|first] */
+ *        [--num-speculative-tokens K] [--sampled] [--busy all|first] [--oracle FILE] */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,7 +21,44 @@ typedef struct out_req {
     int n;
     bool done;
     bool failed;
+    /* --oracle: the output of a run without drafts, which the drafts are steered to */
+    int32_t want[MAX_OUT];
+    int n_want;
+    int vocab;
 } out_req;
+
+/* --oracle: drafts made right (they are the reference's next tokens) so they are accepted and
+ * requests advance several tokens a step, except the last draft every other step, made wrong
+ * so some verify steps accept only part of their drafts. */
+static void on_draft(void *user, int n_output, int32_t *draft, int n_draft) {
+    out_req *o = user;
+    for (int j = 0; j < n_draft; j++)
+        if (n_output + j < o->n_want) draft[j] = o->want[n_output + j];
+    if (n_draft > 1 && n_output % 2) draft[n_draft - 1] = (draft[n_draft - 1] + 1) % o->vocab;
+}
+
+/* Reads DP group dp's lines "dp D req I: ids..." of a reference output into outs[].want. */
+static int read_oracle(const char *path, int dp, out_req *outs) {
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        fprintf(stderr, "mtp-ep: cannot read %s\n", path);
+        return 1;
+    }
+    char line[8192];
+    while (fgets(line, sizeof line, f)) {
+        int d, i, off;
+        if (sscanf(line, "dp %d req %d:%n", &d, &i, &off) != 2 || d != dp || i < 0 || i >= MAX_REQ)
+            continue;
+        char *p = line + off, *end;
+        for (long v = strtol(p, &end, 10); end != p && outs[i].n_want < MAX_OUT;
+             v = strtol(p, &end, 10)) {
+            outs[i].want[outs[i].n_want++] = (int32_t)v;
+            p = end;
+        }
+    }
+    fclose(f);
+    return 0;
+}
 
 static void on_event(void *user, const eng_event *ev) {
     out_req *o = ev->user;
@@ -56,10 +93,14 @@ static void make_request(int dp, int i, int vocab, bool sampled, int32_t *prompt
 
 /* A TP leader: its group's requests through the engine, then empty steps (with its
  * followers) until every DP group is done. */
-static int lead(par_instance *inst, int k, bool sampled, bool busy) {
+static int lead(par_instance *inst, int k, bool sampled, bool busy, const char *oracle) {
     int dp = par_dp_rank(inst), n_req = busy ? (dp == 0 ? 3 : 2) : 0;
     out_req outs[MAX_REQ];
     memset(outs, 0, sizeof outs);
+    if (oracle && read_oracle(oracle, dp, outs)) {
+        par_stop_followers(inst);
+        return 1;
+    }
     eng_config ec;
     eng_config_default(&ec);
     ec.max_model_len = 256;
@@ -77,6 +118,8 @@ static int lead(par_instance *inst, int k, bool sampled, bool busy) {
     for (int i = 0; i < n_req; i++) {
         int32_t prompt[64];
         eng_request q = {.id = (uint64_t)i + 1, .prompt = prompt, .user = &outs[i]};
+        outs[i].vocab = vocab;
+        if (oracle) q.on_draft = on_draft;
         make_request(dp, i, vocab, sampled, prompt, &q.n_prompt, &q.sampling);
         char err[256];
         if (eng_submit(eng, &q, err, sizeof err) != DUET_OK) {
@@ -110,6 +153,11 @@ static int lead(par_instance *inst, int k, bool sampled, bool busy) {
         len += (size_t)snprintf(text + len, sizeof text - len, "\n");
     }
     if (rc) len += (size_t)snprintf(text + len, sizeof text - len, "dp %d FAILED\n", dp);
+    eng_stats es;
+    eng_get_stats(eng, &es);
+    /* on stderr: the outputs compared must not depend on acceptance */
+    fprintf(stderr, "mtp-ep: dp %d drafted %llu, accepted %llu\n", dp,
+            (unsigned long long)es.spec_draft_tokens, (unsigned long long)es.spec_accepted);
     /* the followers leave par_follow first: the print is a collective of every rank */
     par_stop_followers(inst);
     par_print_ordered(inst, text);
@@ -120,7 +168,7 @@ static int lead(par_instance *inst, int k, bool sampled, bool busy) {
 int main(int argc, char **argv) {
     par_options po;
     par_options_init(&po);
-    const char *model = NULL;
+    const char *model = NULL, *oracle = NULL;
     int k = 0, busy = 0; /* busy: 0 all, 1 first */
     bool sampled = false;
     const opt_spec specs[] = {
@@ -136,6 +184,11 @@ int main(int argc, char **argv) {
          .type = OPT_FLAG,
          .dest = &sampled,
          .help = "seeded sampling instead of greedy"},
+        {.name = "--oracle",
+         .type = OPT_STRING,
+         .dest = &oracle,
+         .metavar = "FILE",
+         .help = "steer the drafts to this output of a run without drafts (most accepted)"},
         {.name = "--busy",
          .type = OPT_CHOICE,
          .dest = &busy,
@@ -145,8 +198,9 @@ int main(int argc, char **argv) {
     };
     opt_parser *op;
     if (opt_parser_create("mtp-ep", "--model DIR", NULL, &op) != DUET_OK) return 1;
-    int perr = opt_add(op, "MTP under EP", specs, (int)(sizeof specs / sizeof specs[0])) != DUET_OK ||
-               par_options_add(op, &po) != DUET_OK || opt_parse(op, argc, argv) != DUET_OK;
+    int perr =
+        opt_add(op, "MTP under EP", specs, (int)(sizeof specs / sizeof specs[0])) != DUET_OK ||
+        par_options_add(op, &po) != DUET_OK || opt_parse(op, argc, argv) != DUET_OK;
     opt_parser_destroy(op);
     if (perr || !model) {
         fprintf(stderr, "mtp-ep: --model DIR is required\n");
@@ -157,7 +211,7 @@ int main(int argc, char **argv) {
     if (par_instance_create(&po, model, &argc, &argv, &inst) != DUET_OK) return 1;
     int rc;
     if (par_tp_rank(inst) == 0) {
-        rc = lead(inst, k, sampled, busy == 0 || par_dp_rank(inst) == 0);
+        rc = lead(inst, k, sampled, busy == 0 || par_dp_rank(inst) == 0, oracle);
     } else {
         be_kv *kv = NULL;
         int nb = N_BLOCKS;

@@ -3,7 +3,9 @@
 # checkpoint: the greedy ids with k = 1 and 3 drafts equal those without drafts (and a one-rank
 # run's), and seeded sampling with drafts equals it without, in DP2+EP and TP2+DP2+EP, with
 # every DP group drafting on its own requests and with one group idle while the other drafts
-# (mtp-ep --busy first, and duet-run, whose other DP groups only join). Every run has a deadline
+# (mtp-ep --busy first, and duet-run, whose other DP groups only join), with the drafts as the
+# random module makes them (nearly none accepted) and steered to the reference's tokens
+# (mtp-ep --oracle: most accepted, checked in its counters). Every run has a deadline
 # and the collectives a short timeout: a broken lockstep fails here instead of hanging.
 # Usage: mtp_ep.sh PATH_TO_mtp-ep PATH_TO_duet-run PATH_TO_duet-mkmodel TOKENIZER_DIR
 set -u
@@ -63,6 +65,24 @@ gen dp2-k3-first 2 -dp 2 "${ep[@]}" --busy first --num-speculative-tokens 3
 same dp2-off-first dp2-k3-first
 same one-off dp2-k3-first
 
+# drafts steered to the reference's tokens: most are accepted, requests advance up to k + 1
+# tokens a step (and some steps accept only part), so DP groups drift apart in steps
+gen dp2-k3-oracle 2 -dp 2 "${ep[@]}" --num-speculative-tokens 3 --oracle "$tmp/dp2-off"
+same dp2-off dp2-k3-oracle
+gen dp2-k2-s-oracle 2 -dp 2 "${ep[@]}" --sampled --num-speculative-tokens 2 --oracle "$tmp/dp2-off-s"
+same dp2-off-s dp2-k2-s-oracle
+gen dp2-k3-first-oracle 2 -dp 2 "${ep[@]}" --busy first --num-speculative-tokens 3 \
+    --oracle "$tmp/dp2-off-first"
+same dp2-off-first dp2-k3-first-oracle
+for name in dp2-k3-oracle dp2-k2-s-oracle dp2-k3-first-oracle; do
+    if grep -q 'dp 0 drafted [1-9][0-9]*, accepted [1-9]' "$tmp/$name.err"; then
+        echo "ok   $name: drafts accepted"
+    else
+        echo "FAIL $name: no draft accepted ($(grep 'mtp-ep: dp' "$tmp/$name.err" | tr '\n' ' '))"
+        fails=$((fails + 1))
+    fi
+done
+
 gen tp2dp2-off 4 -tp 2 -dp 2 "${ep[@]}"
 for k in 1 3; do
     gen tp2dp2-k$k 4 -tp 2 -dp 2 "${ep[@]}" --num-speculative-tokens $k
@@ -71,6 +91,8 @@ done
 gen tp2dp2-off-s 4 -tp 2 -dp 2 "${ep[@]}" --sampled
 gen tp2dp2-k1-s 4 -tp 2 -dp 2 "${ep[@]}" --sampled --num-speculative-tokens 1
 same tp2dp2-off-s tp2dp2-k1-s
+gen tp2dp2-k3-oracle 4 -tp 2 -dp 2 "${ep[@]}" --num-speculative-tokens 3 --oracle "$tmp/tp2dp2-off"
+same tp2dp2-off tp2dp2-k3-oracle
 
 # duet-run: DP rank 0 generates, DP rank 1 only joins
 prompt="The quick brown fox jumps over the lazy dog and then"
