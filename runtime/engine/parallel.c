@@ -413,8 +413,8 @@ static duet_status draft_round(par_instance *p, be_kv *kv, const mdl_draft_seq *
     return mdl_draft_joined(p->model, kv, seqs, n_seqs, drafts, passes);
 }
 
-/* Before the next lockstep agreement: the owed MTP round of the last forward, with no drafts
- * of this rank's own (its scheduler drafted nothing, or it only joined). */
+/* The owed MTP round of the last forward with no drafts of this rank's own: right after an
+ * empty step, and before the next agreement for a caller that ran a step without par_draft. */
 static duet_status draft_settle(par_instance *p) {
     if (!p->draft_owed) return DUET_OK;
     return draft_round(p, NULL, NULL, 0, NULL);
@@ -446,7 +446,11 @@ duet_status par_idle_step(par_instance *p, be_kv *kv, bool *stepped_p) {
     if (st == DUET_OK) st = agree(p, 0, &any);
     if (st != DUET_OK || !any) return st;
     *stepped_p = true;
-    return lockstep_forward(p, kv, NULL, 0, NULL);
+    st = lockstep_forward(p, kv, NULL, 0, NULL);
+    /* a group without work drafts nothing: its round of MTP passes follows at once, inside the
+     * caller's step as the busy groups' par_draft is inside theirs (the server's loop runs
+     * another collective between steps) */
+    return st == DUET_OK ? draft_settle(p) : st;
 }
 
 duet_status par_finish(par_instance *p) {

@@ -108,10 +108,12 @@ duet_status par_step(par_instance *inst, be_kv *kv, const mdl_seq *seqs, int n_s
  * agreement (joining another DP group's step with an empty one if needed). */
 /* TP leader, after par_step: the MTP module's work of the step (mdl_draft), broadcast to the
  * TP followers first, which run it too; drafts as mdl_draft gives them (on every rank). Under
- * lockstep with MTP loaded, each forward owes the other DP groups one round of MTP passes:
- * this call pays it with the step's drafts; a rank that does not call it pays it with empty
- * passes at its next par_forward / par_idle_step / par_finish,
- * so every EP rank runs the same number of passes (mdl_draft_joined). */
+ * lockstep with MTP loaded, each forward owes the other DP groups one round of MTP passes, so
+ * every EP rank runs the same number of passes (mdl_draft_joined): after a step this call pays
+ * it (n_seqs may be 0: call it after every step, as spec_batch_run does); an empty step
+ * (par_idle_step) pays it at once with empty passes; a step not followed by par_draft pays it
+ * before the next agreement (a caller that runs other collectives between steps must not
+ * rely on that). */
 duet_status par_draft(par_instance *inst, be_kv *kv, const mdl_draft_seq *seqs, int n_seqs,
                       int32_t *drafts);
 duet_status par_idle(par_instance *inst, be_kv *kv, bool *stepped_p);

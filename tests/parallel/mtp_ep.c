@@ -11,6 +11,7 @@
 
 #include "base/log.h"
 #include "base/opt.h"
+#include "dist/comm.h"
 #include "engine/engine.h"
 #include "engine/parallel.h"
 
@@ -91,9 +92,10 @@ static void make_request(int dp, int i, int vocab, bool sampled, int32_t *prompt
     }
 }
 
-/* A TP leader: its group's requests through the engine, then empty steps (with its
- * followers) until every DP group is done. */
-static int lead(par_instance *inst, int k, bool sampled, bool busy, const char *oracle) {
+/* A TP leader: its group's requests through the engine, stepping (empty steps once its own
+ * are done) until every DP group is done. */
+static int lead(par_instance *inst, comm_group *leaders, int k, bool sampled, bool busy,
+                const char *oracle) {
     int dp = par_dp_rank(inst), n_req = busy ? (dp == 0 ? 3 : 2) : 0;
     out_req outs[MAX_REQ];
     memset(outs, 0, sizeof outs);
@@ -129,20 +131,22 @@ static int lead(par_instance *inst, int k, bool sampled, bool busy, const char *
             break;
         }
     }
+    /* the server's loop: a step, then the DP leaders' vote (its own collective between steps)
+     * on whether any of them still has work; an idle group's steps are empty ones */
     for (;;) {
-        bool all = true;
-        for (int i = 0; i < n_req; i++) all &= outs[i].done;
-        if (all) break;
         bool busy_step;
         if (eng_step(eng, &busy_step) != DUET_OK) {
             rc = 1;
             break;
         }
+        long long more = 0;
+        for (int i = 0; i < n_req; i++) more |= !outs[i].done;
+        if (comm_allreduce_i64(leaders, &more, 1, true) != DUET_OK) {
+            rc = 1;
+            break;
+        }
+        if (!more) break;
     }
-    /* join the other groups' steps (and their MTP passes) until all are idle */
-    bool stepped = true;
-    while (!rc && stepped)
-        if (par_idle(inst, NULL, &stepped) != DUET_OK) rc = 1;
     char text[8192] = "";
     size_t len = 0;
     for (int i = 0; i < n_req; i++) {
@@ -209,9 +213,16 @@ int main(int argc, char **argv) {
     po.spec_tokens = k;
     par_instance *inst;
     if (par_instance_create(&po, model, &argc, &argv, &inst) != DUET_OK) return 1;
+    /* every rank takes part in creating it; only the TP leaders use it */
+    comm_group *leaders = NULL;
+    if (comm_group_create("leaders", par_tp_rank(inst) == 0 ? 0 : 1, par_world(inst)->rank,
+                          &leaders) != DUET_OK) {
+        par_instance_destroy(inst);
+        return 1;
+    }
     int rc;
     if (par_tp_rank(inst) == 0) {
-        rc = lead(inst, k, sampled, busy == 0 || par_dp_rank(inst) == 0, oracle);
+        rc = lead(inst, leaders, k, sampled, busy == 0 || par_dp_rank(inst) == 0, oracle);
     } else {
         be_kv *kv = NULL;
         int nb = N_BLOCKS;
@@ -223,6 +234,7 @@ int main(int argc, char **argv) {
         }
         mdl_kv_destroy(par_model(inst), kv);
     }
+    comm_group_destroy(leaders);
     par_instance_destroy(inst);
     return rc;
 }

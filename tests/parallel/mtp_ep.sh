@@ -8,6 +8,7 @@
 # (mtp-ep --oracle: most accepted, checked in its counters). Every run has a deadline
 # and the collectives a short timeout: a broken lockstep fails here instead of hanging.
 # Usage: mtp_ep.sh PATH_TO_mtp-ep PATH_TO_duet-run PATH_TO_duet-mkmodel TOKENIZER_DIR
+# DUET_MTP_EP_ARGS: more arguments for every run (on GPUs: "--backend cuda").
 set -u
 prog="$1"
 run="$2"
@@ -16,6 +17,7 @@ tokdir="$4"
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/duet-mtpep-XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 export DUET_COMM_TIMEOUT=30
+read -r -a extra <<<"${DUET_MTP_EP_ARGS:-}"
 fails=0
 "$mk" --preset tiny --mtp --tokenizer "$tokdir" --out "$tmp/m" >/dev/null 2>&1 ||
     { echo "FAIL duet-mkmodel --mtp"; exit 1; }
@@ -24,7 +26,7 @@ fails=0
 gen() {
     local name="$1" np="$2"
     shift 2
-    timeout 200 mpirun --oversubscribe -np "$np" "$prog" --model "$tmp/m" "$@" \
+    timeout 200 mpirun --oversubscribe -np "$np" "$prog" --model "$tmp/m" "${extra[@]}" "$@" \
         >"$tmp/$name" 2>"$tmp/$name.err"
     local rc=$?
     if [ "$rc" -ne 0 ]; then
@@ -98,7 +100,7 @@ same tp2dp2-off tp2dp2-k3-oracle
 prompt="The quick brown fox jumps over the lazy dog and then"
 for k in 0 1 3; do
     timeout 200 mpirun --oversubscribe -np 2 "$run" --model "$tmp/m" --prompt "$prompt" \
-        --max-tokens 40 --ignore-eos --temperature 0 -dp 2 "${ep[@]}" \
+        --max-tokens 40 --ignore-eos --temperature 0 -dp 2 "${ep[@]}" "${extra[@]}" \
         --num-speculative-tokens "$k" >"$tmp/run-k$k" 2>"$tmp/run-k$k.err" ||
         { echo "FAIL duet-run k=$k: exit $?"; tail -3 "$tmp/run-k$k.err"; fails=$((fails + 1)); }
 done
