@@ -18,6 +18,9 @@ struct par_instance {
     be_backend *be;
     mdl_model *model;
     bool lockstep;
+    /* under lockstep with MTP: a forward ran and its round of MTP passes (par_draft, or
+     * draft_settle with none of this rank's own) is still owed to the other DP groups */
+    bool draft_owed;
     void *plan; /* TP plan buffer */
     size_t plan_cap;
     mplan mem;              /* the memory plan, when o->mem asked for one */
@@ -316,14 +319,6 @@ duet_status par_instance_create(const par_options *o, const char *model_dir, int
         par_instance_destroy(p);
         return DUET_ERR_INVALID;
     }
-    if (o->spec_tokens > 0 && o->ep && want > 1) {
-        if (p->world.rank == 0)
-            LOG_ERROR("MTP speculative decoding does not run with expert parallelism over "
-                      "several ranks yet (--enable-expert-parallel with %d ranks)",
-                      want);
-        par_instance_destroy(p);
-        return DUET_ERR_UNSUPPORTED;
-    }
     p->dp_rank = p->world.rank / o->tp;
     p->tp_rank = p->world.rank % o->tp;
     mdl_shard shard = {.tp_rank = p->tp_rank, .tp_size = o->tp, .ep_rank = 0, .ep_size = 1};
@@ -427,24 +422,57 @@ static duet_status agree(par_instance *p, int mine, int *any_p) {
     return st;
 }
 
+/* The MTP passes after a lockstepped forward: every rank says how many it runs (0: no drafts
+ * here) and all run the most, those with fewer joining the MTP layer's all-to-alls empty.
+ * Ranks without work of their own settle with seqs NULL. */
+static duet_status draft_round(par_instance *p, be_kv *kv, const mdl_draft_seq *seqs, int n_seqs,
+                               int32_t *drafts) {
+    if (!p->lockstep) return mdl_draft(p->model, kv, seqs, n_seqs, drafts);
+    p->draft_owed = false;
+    int passes;
+    duet_status st = agree(p, mdl_draft_passes(seqs, n_seqs), &passes);
+    if (st != DUET_OK) return st;
+    return mdl_draft_joined(p->model, kv, seqs, n_seqs, drafts, passes);
+}
+
+/* The owed MTP round of the last forward with no drafts of this rank's own: right after an
+ * empty step, and before the next agreement for a caller that ran a step without par_draft. */
+static duet_status draft_settle(par_instance *p) {
+    if (!p->draft_owed) return DUET_OK;
+    return draft_round(p, NULL, NULL, 0, NULL);
+}
+
+/* A lockstepped forward, after which every rank owes a round of MTP passes when MTP is on. */
+static duet_status lockstep_forward(par_instance *p, be_kv *kv, const mdl_seq *seqs, int n_seqs,
+                                    float *logits) {
+    duet_status st = mdl_forward(p->model, kv, seqs, n_seqs, logits);
+    p->draft_owed = st == DUET_OK && mdl_spec_tokens(p->model) > 0;
+    return st;
+}
+
 duet_status par_forward(par_instance *p, be_kv *kv, const mdl_seq *seqs, int n_seqs,
                         float *logits) {
-    if (p->lockstep) {
-        int any;
-        duet_status st = agree(p, 1, &any);
-        if (st != DUET_OK) return st;
-    }
-    return mdl_forward(p->model, kv, seqs, n_seqs, logits);
+    if (!p->lockstep) return mdl_forward(p->model, kv, seqs, n_seqs, logits);
+    int any;
+    duet_status st = draft_settle(p);
+    if (st == DUET_OK) st = agree(p, 1, &any);
+    if (st != DUET_OK) return st;
+    return lockstep_forward(p, kv, seqs, n_seqs, logits);
 }
 
 duet_status par_idle_step(par_instance *p, be_kv *kv, bool *stepped_p) {
     *stepped_p = false;
     if (!p->lockstep) return DUET_OK;
     int any;
-    duet_status st = agree(p, 0, &any);
+    duet_status st = draft_settle(p);
+    if (st == DUET_OK) st = agree(p, 0, &any);
     if (st != DUET_OK || !any) return st;
     *stepped_p = true;
-    return mdl_forward(p->model, kv, NULL, 0, NULL);
+    st = lockstep_forward(p, kv, NULL, 0, NULL);
+    /* a group without work drafts nothing: its round of MTP passes follows at once, inside the
+     * caller's step as the busy groups' par_draft is inside theirs (the server's loop runs
+     * another collective between steps) */
+    return st == DUET_OK ? draft_settle(p) : st;
 }
 
 duet_status par_finish(par_instance *p) {
@@ -558,7 +586,7 @@ duet_status par_draft(par_instance *p, be_kv *kv, const mdl_draft_seq *seqs, int
         if (st != DUET_OK) return st;
     }
     /* every TP rank gathers the module's logits and takes the same argmax: the drafts agree */
-    return mdl_draft(p->model, kv, seqs, n_seqs, drafts);
+    return draft_round(p, kv, seqs, n_seqs, drafts);
 }
 
 /* A follower's share of PLAN_DRAFT, its payload already in p->plan. */
@@ -579,7 +607,7 @@ static duet_status follow_draft(par_instance *p, be_kv *kv, const plan_hdr *h) {
         tok += ps[i].n_tokens;
         tab += ps[i].n_blocks;
     }
-    if (st == DUET_OK) st = mdl_draft(p->model, kv, seqs, h->n_seqs, drafts);
+    if (st == DUET_OK) st = draft_round(p, kv, seqs, h->n_seqs, drafts);
     free(seqs);
     free(drafts);
     return st;

@@ -36,8 +36,8 @@ typedef struct par_options {
     unsigned long long seed;
     int max_tokens;
     /* MTP drafts per step (--speculative-config's num_speculative_tokens, 0: off); the model
-     * loads its MTP module. Refused with EP over several ranks for now (DP groups would have
-     * to join the module's all-to-alls in lockstep). */
+     * loads its MTP module. Under lockstep every lockstepped forward is followed by one round
+     * of MTP passes that every DP group joins (par_draft, or empty passes; see par_draft). */
     int spec_tokens;
     par_memory mem;
 } par_options;
@@ -107,7 +107,13 @@ duet_status par_step(par_instance *inst, be_kv *kv, const mdl_seq *seqs, int n_s
 /* Leader with nothing to run: a heartbeat to the followers, and under lockstep one round of
  * agreement (joining another DP group's step with an empty one if needed). */
 /* TP leader, after par_step: the MTP module's work of the step (mdl_draft), broadcast to the
- * TP followers first, which run it too; drafts as mdl_draft gives them (on every rank). */
+ * TP followers first, which run it too; drafts as mdl_draft gives them (on every rank). Under
+ * lockstep with MTP loaded, each forward owes the other DP groups one round of MTP passes, so
+ * every EP rank runs the same number of passes (mdl_draft_joined): after a step this call pays
+ * it (n_seqs may be 0: call it after every step, as spec_batch_run does); an empty step
+ * (par_idle_step) pays it at once with empty passes; a step not followed by par_draft pays it
+ * before the next agreement (a caller that runs other collectives between steps must not
+ * rely on that). */
 duet_status par_draft(par_instance *inst, be_kv *kv, const mdl_draft_seq *seqs, int n_seqs,
                       int32_t *drafts);
 duet_status par_idle(par_instance *inst, be_kv *kv, bool *stepped_p);

@@ -75,7 +75,9 @@ void spec_batch_add(spec_engine *s, spec_req *q, const mdl_draft_seq *seq) {
 }
 
 duet_status spec_batch_run(spec_engine *s, be_kv *kv) {
-    if (s->n == 0) return DUET_OK;
+    /* under DP lockstep the round of MTP passes is joined even with nothing to draft: the
+     * other groups' passes need this group's ranks in their all-to-alls */
+    if (s->n == 0 && !par_lockstep(s->inst)) return DUET_OK;
     duet_status st = par_draft(s->inst, kv, s->seqs, s->n, s->drafts);
     for (int i = 0; i < s->n; i++) {
         spec_req *q = s->owner[i];

@@ -43,7 +43,9 @@ void spec_count(spec_engine *s, int n_draft, int n_accepted);
 const spec_stats *spec_get_stats(const spec_engine *s);
 
 /* The MTP work after a step, one request at a time (see mdl_draft_seq for the fields), then
- * run: each added request's drafts (n_draft of them, 0 for KV only) land in its spec_req. */
+ * run: each added request's drafts (n_draft of them, 0 for KV only) land in its spec_req. Run
+ * after every step: under DP lockstep it joins the other groups' MTP passes even when this
+ * group has nothing to draft (par_draft). */
 void spec_batch_begin(spec_engine *s);
 void spec_batch_add(spec_engine *s, spec_req *q, const mdl_draft_seq *seq);
 duet_status spec_batch_run(spec_engine *s, be_kv *kv);

@@ -739,7 +739,15 @@ static duet_status mtp_pass(mdl_model *m, be_kv *kv, int T, int n_out, const voi
     o->linear(be, m->buf.h, m->buf.o, D, T, t->eh_e);
     o->linear(be, m->buf.o2, m->buf.xn, D, T, t->eh_h);
     be_add_rmsnorm(be, m->buf.xn, m->buf.h, m->buf.o2, t->layer.attn_norm, T, D, eps);
-    st = decoder_layer(m, kv, c->num_hidden_layers, &t->layer, T, NULL);
+    /* device routing under EP: the pass is a step of its own for the all-to-alls' capacity */
+    bool ep_dev = m->moe_dev && m->plan.shard.ep_size > 1 && t->layer.moe;
+    if (ep_dev) st = mdl_coll_ep_begin(m->coll, T);
+    if (st == DUET_OK) st = decoder_layer(m, kv, c->num_hidden_layers, &t->layer, T, NULL);
+    if (ep_dev) {
+        /* before any wait without a deadline, as in mdl_forward */
+        duet_status est = mdl_coll_ep_end(m->coll);
+        if (st == DUET_OK) st = est;
+    }
     if (st != DUET_OK || n_out == 0) return st == DUET_OK ? o->sync(be) : st;
     o->gather_rows(be, m->buf.mtp_prev, m->buf.h, NULL, n_out, D);
     o->rmsnorm(be, m->buf.xn, D, m->buf.mtp_prev, D, t->head_norm, n_out, D, eps);
@@ -764,10 +772,36 @@ static duet_status mtp_pass(mdl_model *m, be_kv *kv, int T, int n_out, const voi
     return DUET_OK;
 }
 
+/* A pass of the MTP module with no tokens on this rank: only the MoE layer's all-to-alls,
+ * which other ranks of the EP group are running with theirs (the empty step's rule). */
+static duet_status mtp_join(mdl_model *m) {
+    const mdl_layer *ly = &m->w->mtp->layer;
+    if (!ly->moe || m->plan.shard.ep_size <= 1) return DUET_OK;
+    if (!m->moe_dev) return moe_ep(m, ly, 0);
+    duet_status st = mdl_coll_ep_begin(m->coll, 0);
+    if (st == DUET_OK) st = moe_ep_dev(m, ly, 0);
+    duet_status est = mdl_coll_ep_end(m->coll);
+    return st == DUET_OK ? est : st;
+}
+
+int mdl_draft_passes(const mdl_draft_seq *seqs, int n_seqs) {
+    int T = 0, K = 1;
+    for (int i = 0; i < n_seqs; i++) {
+        T += seqs[i].n_tokens > 0 ? seqs[i].n_tokens : 0;
+        if (seqs[i].n_draft > K) K = seqs[i].n_draft;
+    }
+    return T > 0 ? K : 0;
+}
+
 duet_status mdl_draft(mdl_model *m, be_kv *kv, const mdl_draft_seq *seqs, int n_seqs,
                       int32_t *drafts) {
+    return mdl_draft_joined(m, kv, seqs, n_seqs, drafts, 0);
+}
+
+duet_status mdl_draft_joined(mdl_model *m, be_kv *kv, const mdl_draft_seq *seqs, int n_seqs,
+                             int32_t *drafts, int n_passes) {
     if (m->spec_tokens <= 0) return DUET_ERR_INVALID;
-    int T = 0, n_out = 0, K = 0;
+    int T = 0, n_out = 0, K = 0, done = 0;
     for (int i = 0; i < n_seqs; i++) {
         const mdl_draft_seq *q = &seqs[i];
         if (q->n_tokens < 1 || q->hid0 < 0 || q->hid0 + q->n_tokens > m->last_T || q->n_draft < 0 ||
@@ -781,10 +815,10 @@ duet_status mdl_draft(mdl_model *m, be_kv *kv, const mdl_draft_seq *seqs, int n_
         n_out += q->n_draft > 0;
         K = q->n_draft > K ? q->n_draft : K;
     }
-    if (T == 0) return DUET_OK;
+    duet_status st = DUET_OK;
+    if (T == 0) goto join;
     /* within what the last forward used: growing the buffers would lose buf.hid */
     if (T > m->buf.cap_tokens || n_out > m->buf.cap_out) return DUET_ERR_INVALID;
-    duet_status st = DUET_OK;
     mdl_seq *ms = calloc((size_t)n_seqs, sizeof *ms);
     int32_t *rows = malloc((size_t)T * sizeof *rows), *tok = malloc((size_t)T * sizeof *tok);
     int32_t *got = malloc((size_t)(n_out + 1) * sizeof *got);
@@ -808,6 +842,7 @@ duet_status mdl_draft(mdl_model *m, be_kv *kv, const mdl_draft_seq *seqs, int n_
     }
     st = prepare_batch(m, kv, ms, n_seqs, T, 0, 0);
     if (st == DUET_OK) st = mtp_pass(m, kv, T, n_out, m->buf.hid, rows, got);
+    done = 1;
     for (int k = 0; st == DUET_OK && k < n_out; k++)
         drafts[(size_t)who[k] * MDL_MAX_DRAFT] = got[k];
     /* passes 2..K: one token per sequence still drafting, from its previous MTP output */
@@ -833,6 +868,7 @@ duet_status mdl_draft(mdl_model *m, be_kv *kv, const mdl_draft_seq *seqs, int n_
         if (st == DUET_OK) st = mtp_pass(m, kv, n, n, m->buf.mtp_prev, rows, got);
         for (int k = 0; st == DUET_OK && k < n; k++)
             drafts[(size_t)who[k] * MDL_MAX_DRAFT + d] = got[k];
+        done++;
     }
 out:
     free(ms);
@@ -840,5 +876,9 @@ out:
     free(tok);
     free(got);
     free(who);
+    if (st != DUET_OK) return st;
+join:
+    /* the passes other ranks of the EP group still run */
+    for (; st == DUET_OK && done < n_passes; done++) st = mtp_join(m);
     return st;
 }

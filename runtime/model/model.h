@@ -103,5 +103,15 @@ typedef struct mdl_draft_seq {
  * forward. */
 duet_status mdl_draft(mdl_model *m, be_kv *kv, const mdl_draft_seq *seqs, int n_seqs,
                       int32_t *drafts);
+/* How many passes of the MTP module mdl_draft runs for these sequences: 0 without tokens,
+ * else the most drafts any of them asks for (at least 1: the pass that writes the KV). */
+int mdl_draft_passes(const mdl_draft_seq *seqs, int n_seqs);
+/* mdl_draft under expert parallelism with DP groups in lockstep: n_passes passes (at least
+ * this rank's own mdl_draft_passes; the most any rank of the EP group runs), the passes past
+ * this rank's own joining the MTP layer's all-to-alls with no tokens, as empty steps do. Every
+ * rank of the EP group calls it with the same n_passes; n_seqs 0 (kv and drafts may be NULL)
+ * only joins. */
+duet_status mdl_draft_joined(mdl_model *m, be_kv *kv, const mdl_draft_seq *seqs, int n_seqs,
+                             int32_t *drafts, int n_passes);
 
 #endif

@@ -857,14 +857,6 @@ int srv_config_parse(srv_config *c, int argc, char **argv, srv_role role,
                 prog, c->dp_size_local, c->po.dp);
         return 2;
     }
-    if (c->spec_tokens > 0 && c->po.ep && c->po.dp * c->po.tp > 1) {
-        /* the module's MoE layer would need every DP group in its all-to-alls (issue 17) */
-        fprintf(stderr,
-                "%s: --speculative-config: MTP speculative decoding does not run with expert "
-                "parallelism over several ranks yet (--enable-expert-parallel)\n",
-                prog);
-        return 2;
-    }
     c->po.spec_tokens = c->spec_tokens;
     return apply_kv_transfer(c, prog, role, p);
 }

@@ -3,10 +3,9 @@
 // as deploy/quickstart.sh builds it), each answering a chat request with the official openai
 // client. Only the program, the model path, ports and sizes that do not fit this machine are
 // changed: TP 8 -> 2 or 1, DP 4 or 32 -> 2, one host for two (mpirun runs both command lines of
-// a two-node DP instance as one job). The MTP lines are refused as they are (duet's MTP does not
-// run with EP over several ranks yet, and the demo model has no MTP layer), then run without
-// --speculative-config. The 2P1D
-// pair with --kv-transfer-config runs behind duet-proxy, started with vllm-ascend's flags.
+// a two-node DP instance as one job). The demo model has an MTP layer (duet-mkmodel --mtp), so the
+// MTP lines run as they are, with expert parallelism over their DP ranks. The 2P1D pair with
+// --kv-transfer-config runs behind duet-proxy, started with vllm-ascend's flags.
 import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -27,7 +26,7 @@ const running = [];
 
 before(() => {
   M = fs.mkdtempSync(path.join(os.tmpdir(), 'duet-demo-'));
-  execFileSync(process.env.DUET_MKMODEL, ['--preset', 'tiny', '--tokenizer',
+  execFileSync(process.env.DUET_MKMODEL, ['--preset', 'tiny', '--mtp', '--tokenizer',
     path.join(GOLDEN, 'tokenizer'), '--out', M, '--force'], { stdio: 'ignore' });
 });
 
@@ -100,7 +99,7 @@ test('two nodes: the same plus --pipeline-parallel-size 2 (TP 1 x PP 2 ranks)', 
   await stopped(s);
 });
 
-test('single node DP4 x TP4 + EP with MTP (DP 2 x TP 1): MTP refused, then served', async () => {
+test('single node DP4 x TP4 + EP with MTP 3 (DP 2 x TP 1): served with MTP', async () => {
   for (const [name, tail] of [['deepseek_r1', ''],
     ['deepseek_v3', '--no-enable-prefix-caching']]) {
     const P = await freePort(2);
@@ -110,10 +109,16 @@ test('single node DP4 x TP4 + EP with MTP (DP 2 x TP 1): MTP refused, then serve
       --max-num-batched-tokens 4096 --trust-remote-code --gpu-memory-utilization 0.92
       --speculative-config '{"num_speculative_tokens":3,"method":"mtp"}'
       --compilation-config '{"cudagraph_capture_sizes":[4,16,32,48,64], "cudagraph_mode": "FULL_DECODE_ONLY"}' ${tail}`);
-    refused(DECODE, line, /--speculative-config: MTP speculative decoding does not run with expert parallelism over several ranks/);
-    const s = await serve(DECODE, { apps: [{ np: 2, args: withoutSpec(line) }] }, P, [P, P + 1]);
+    const s = await serve(DECODE, { apps: [{ np: 2, args: line }] }, P, [P, P + 1]);
     await chat(P, name);
     await chat(P + 1, name, 'none', { n: 2, seed: 5, temperature: 1 });
+    assert.match(s.log, /MTP module \(layer \d+\) loaded/);
+    // both DP ranks verified drafts (the other rank joining each one's MTP passes under EP)
+    await sleep(300);
+    for (const port of [P, P + 1]) {
+      const m = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+      assert.match(m, /vllm:spec_decode_num_draft_tokens_total\{[^}]*\} [1-9]/, `port ${port}`);
+    }
     assert.match(s.log, /--quantization: accepted for vLLM compatibility and ignored/);
     assert.match(s.log, /--async-scheduling: accepted/);
     assert.match(s.log, /cudagraph_capture_sizes noted/);
@@ -130,8 +135,7 @@ test('two nodes, DP across them (one mpirun job of both command lines)', async (
     --gpu-memory-utilization 0.92 --speculative-config '{"num_speculative_tokens":1,"method":"mtp"}'`;
   const node0 = words(`serve ${M} --host 0.0.0.0 --port ${P0} ${common}`);
   const node1 = words(`serve ${M} --host 0.0.0.0 --port ${P1} ${common} --headless --data-parallel-start-rank 1`);
-  refused(DECODE, node1, /MTP/);
-  const s = await serve(DECODE, { apps: [{ np: 1, args: withoutSpec(node0) }, { np: 1, args: withoutSpec(node1) }] },
+  const s = await serve(DECODE, { apps: [{ np: 1, args: node0 }, { np: 1, args: node1 }] },
     P0, [P0, P1]);
   await chat(P0, 'deepseek_r1');
   await chat(P1, 'deepseek_r1');
@@ -165,12 +169,11 @@ test('2P1D with --kv-transfer-config behind duet-proxy (vllm-ascend flags), one 
     --compilation-config '{"cudagraph_mode": "FULL_DECODE_ONLY", "cudagraph_capture_sizes":[2, 4, 8, 16, 24, 32, 48, 56]}'
     --additional-config '{"recompute_scheduler_enable":true, "multistream_overlap_shared_expert": true, "finegrained_tp_config": {"lmhead_tensor_parallel_size":16}}'
     --kv-transfer-config '{"kv_connector": "MooncakeConnectorV1", "kv_role": "kv_consumer", "kv_port": "${kvD}", "engine_id": "2", ${extra}}'`);
-  refused(PREFILL, prefill(pPorts[0], 0), /MTP/);
   // the role the config names must be the program's
   refused(PREFILL, withoutSpec(decode(pPorts[0], 0)), /kv_role kv_consumer belongs to duet-decode, not to duet-prefill/);
-  const p = await serve(PREFILL, { apps: [0, 1].map((r) => ({ np: 1, args: withoutSpec(prefill(pPorts[r], r)) })) },
+  const p = await serve(PREFILL, { apps: [0, 1].map((r) => ({ np: 1, args: prefill(pPorts[r], r) })) },
     pPorts[0], pPorts);
-  const d = await serve(DECODE, { apps: [0, 1].map((r) => ({ np: 1, args: withoutSpec(decode(dPorts[r], r)) })) },
+  const d = await serve(DECODE, { apps: [0, 1].map((r) => ({ np: 1, args: decode(dPorts[r], r) })) },
     dPorts[0], dPorts);
   const x = new Server(words(`--port ${xPort} --host 127.0.0.1
     --prefiller-hosts 127.0.0.1 127.0.0.1 --prefiller-ports ${pPorts.join(' ')}

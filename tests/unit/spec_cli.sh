@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# --speculative-config at start-up: an unknown method, num_speculative_tokens out of range, a
-# layout MTP does not run in yet (EP over several ranks) (exit status 2, one line naming the problem), and a checkpoint
-# without an MTP layer (one error line, non-zero exit, before any weight loads).
+# --speculative-config at start-up: an unknown method, num_speculative_tokens out of range
+# (exit status 2, one line naming the problem), and a checkpoint without an MTP layer (one
+# error line, non-zero exit, before any weight loads).
 # Usage: spec_cli.sh PATH_TO_duet-decode PATH_TO_duet-mkmodel TOKENIZER_DIR
 set -u
 dec="$1"
@@ -37,8 +37,6 @@ expect "k = -1" 2 'num_speculative_tokens must be an integer in 0..3' --model "$
     --speculative-config '{"method": "mtp", "num_speculative_tokens": -1}'
 expect "no method" 2 'method is required' --model "$M" \
     --speculative-config '{"num_speculative_tokens": 1}'
-expect "DP 2 with EP" 2 'does not run with expert parallelism over several ranks' --model "$M" -dp 2 \
-    --enable-expert-parallel --speculative-config '{"method": "mtp", "num_speculative_tokens": 1}'
 expect "no MTP layer" 1 'has no MTP layer (num_nextn_predict_layers is 0)' --model "$M" \
     --load-format dummy --port 0 \
     --speculative-config '{"method": "deepseek_mtp", "num_speculative_tokens": 1}'
