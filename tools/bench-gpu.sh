@@ -144,9 +144,8 @@ for s in "${sections[@]}"; do
                 --load-format dummy --host 127.0.0.1 --max-model-len 4096
                 --gpu-memory-utilization "$util")
             peers=()
-            # one instance after another: an instance sizes its KV cache from what its own load
-            # took of the device's memory, which a neighbour loading at the same time would
-            # inflate (seen on one H200: both refused to start)
+            # one instance after another: not needed since instances count their own memory
+            # (docs/memory.md), kept so one instance's start-up failure is seen by itself
             up=1
             wait_health() {
                 for _ in $(seq 120); do
