@@ -133,7 +133,7 @@ __global__ void route_kernel(const float *logits, int n_tok, int E, int K, int G
  * finish (a device counter per row, back to zero when it is done, so a replayed graph finds
  * it zeroed) routes those tokens with route_token, a warp each. Replaces the conversion of x
  * to float32, cuBLAS's GEMV and its reduction, and route_kernel. */
-#define ROUTE_FUSED_MAX_T 64
+#define ROUTE_FUSED_MAX_T 8 /* measured: one warp per expert loses to cuBLAS past a few tokens */
 #define ROUTE_GEMV_WARPS  4
 #define ROUTE_TOK         8
 #define ROUTE_ROWS        (ROUTE_FUSED_MAX_T / ROUTE_TOK)
