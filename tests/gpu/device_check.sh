@@ -215,9 +215,9 @@ mla)
     san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
     TMO=120 run sanitizer-memcheck-op-test "$san" --tool memcheck --error-exitcode 9 test_backend_ops
     TMO=100 run sanitizer-racecheck-mla "$san" --tool racecheck --error-exitcode 9 \
-        --kernel-name regex:mla_ test_backend_ops
+        --kernel-name kns=mla_ test_backend_ops
     TMO=60 run sanitizer-synccheck-mla "$san" --tool synccheck --error-exitcode 9 \
-        --kernel-name regex:mla_ test_backend_ops
+        --kernel-name kns=mla_ test_backend_ops
     ;;
 esac
 # the report lines and failures of every run, then the summary
