@@ -159,6 +159,61 @@ static double time_variant(setup *s, unsigned skip, int reps) {
     return us;
 }
 
+/* Random latents in every block of kv (never time on zeros), 16M values at a time, shifted
+ * so chunks differ. */
+static void fill_latents(be_backend *be, be_kv *kv, int n_blocks) {
+    size_t total = (size_t)n_blocks * kv->block_bytes / 2, chunk = (size_t)1 << 24;
+    float *h = malloc((chunk + 8) * sizeof *h);
+    for (size_t i = 0; i < chunk + 8; i++) h[i] = urand(1.0f);
+    for (size_t off = 0; off < total; off += chunk) {
+        size_t n = total - off < chunk ? total - off : chunk;
+        if (be->ops->upload(be, kv->data, off, h + (off / chunk) % 8, n) != DUET_OK) break;
+    }
+    free(h);
+}
+
+/* The batch: B sequences of ctx positions, sequence b on blocks perm[b * nb ..] of n_blocks
+ * scrambled ones, its nq rows at the last nq positions; set on the backend. */
+static duet_status set_tail_batch(be_backend *be, int B, int nq, int ctx_len, int n_blocks) {
+    int nb = (ctx_len + BS - 1) / BS, T = B * nq;
+    int32_t *perm = malloc((size_t)n_blocks * sizeof *perm);
+    int32_t *pos = malloc((size_t)T * sizeof *pos), *slot = malloc((size_t)T * sizeof *slot);
+    int32_t *start = malloc((size_t)(B + 1) * sizeof *start), *ctx = malloc(B * sizeof *ctx);
+    duet_status st = DUET_ERR_NO_MEMORY;
+    if (perm && pos && slot && start && ctx) {
+        for (int i = 0; i < n_blocks; i++) perm[i] = i;
+        for (int i = n_blocks - 1; i > 0; i--) {
+            int j = (int)(rnd() % (uint64_t)(i + 1)), t = perm[i];
+            perm[i] = perm[j];
+            perm[j] = t;
+        }
+        for (int b = 0, t = 0; b < B; b++) {
+            start[b] = t;
+            ctx[b] = ctx_len;
+            for (int i = 0; i < nq; i++, t++) {
+                pos[t] = ctx_len - nq + i;
+                slot[t] = perm[b * nb + pos[t] / BS] * BS + pos[t] % BS;
+            }
+        }
+        start[B] = T;
+        be_batch batch = {.n_tokens = T,
+                          .n_seqs = B,
+                          .token_pos = pos,
+                          .token_slot = slot,
+                          .seq_start = start,
+                          .seq_ctx = ctx,
+                          .block_table = perm,
+                          .max_blocks = nb};
+        st = be->ops->set_batch(be, &batch);
+    }
+    free(pos);
+    free(slot);
+    free(start);
+    free(ctx);
+    free(perm);
+    return st;
+}
+
 static bench_res bench_one(be_backend *be, bench_cfg c, int reps) {
     bench_res r = {.c = c};
     const be_ops *o = be->ops;
@@ -172,15 +227,7 @@ static bench_res bench_one(be_backend *be, bench_cfg c, int reps) {
     r.layers = layers;
     if (o->kv_create(be, n_blocks, layers, BS, L_ + R_, &s.kv) != DUET_OK) return r;
 
-    /* random latents everywhere (never time on zeros), 16M values at a time */
-    size_t total = (size_t)n_blocks * s.kv->block_bytes / 2, chunk = (size_t)1 << 24;
-    float *h = malloc((chunk + 8) * sizeof *h);
-    for (size_t i = 0; i < chunk + 8; i++) h[i] = urand(1.0f);
-    for (size_t off = 0; off < total; off += chunk) { /* shifted: chunks differ */
-        size_t n = total - off < chunk ? total - off : chunk;
-        if (o->upload(be, s.kv->data, off, h + (off / chunk) % 8, n) != DUET_OK) break;
-    }
-    free(h);
+    fill_latents(be, s.kv, n_blocks);
 
     size_t qn = (size_t)T * H * (NOPE + R_), wn = (size_t)H * (NOPE + V_) * L_;
     float *qh = malloc(qn * sizeof *qh), *wh = malloc(wn * sizeof *wh);
@@ -194,39 +241,7 @@ static bench_res bench_one(be_backend *be, bench_cfg c, int reps) {
         goto done;
     }
 
-    /* the batch: sequence b holds blocks perm[b * nb ..], rows at the last nq positions */
-    int32_t *perm = malloc((size_t)n_blocks * sizeof *perm);
-    for (int i = 0; i < n_blocks; i++) perm[i] = i;
-    for (int i = n_blocks - 1; i > 0; i--) {
-        int j = (int)(rnd() % (uint64_t)(i + 1)), t = perm[i];
-        perm[i] = perm[j];
-        perm[j] = t;
-    }
-    int32_t *pos = malloc((size_t)T * sizeof *pos), *slot = malloc((size_t)T * sizeof *slot);
-    int32_t *start = malloc((size_t)(c.B + 1) * sizeof *start), *ctx = malloc(c.B * sizeof *ctx);
-    for (int b = 0, t = 0; b < c.B; b++) {
-        start[b] = t;
-        ctx[b] = c.ctx;
-        for (int i = 0; i < c.nq; i++, t++) {
-            pos[t] = c.ctx - c.nq + i;
-            slot[t] = perm[b * nb + pos[t] / BS] * BS + pos[t] % BS;
-        }
-    }
-    start[c.B] = T;
-    be_batch batch = {.n_tokens = T,
-                      .n_seqs = c.B,
-                      .token_pos = pos,
-                      .token_slot = slot,
-                      .seq_start = start,
-                      .seq_ctx = ctx,
-                      .block_table = perm,
-                      .max_blocks = nb};
-    duet_status st = o->set_batch(be, &batch);
-    free(pos);
-    free(slot);
-    free(start);
-    free(ctx);
-    free(perm);
+    duet_status st = set_tail_batch(be, c.B, c.nq, c.ctx, n_blocks);
     if (st != DUET_OK) {
         g_fail = 1;
         goto done;
@@ -355,19 +370,11 @@ static void bench_prefill(be_backend *be, prefill_cfg c, int reps, double dense)
     int nb = (c.ctx + BS - 1) / BS, T = c.B * c.nq, H = c.H, n_blocks = c.B * nb + 1;
     setup s = {.be = be, .layers = 1, .T = T, .H = H, .scale = 1.0f / sqrtf(NOPE + R_)};
     float *qh = NULL, *wh = NULL;
-    int32_t *perm = NULL, *pos = NULL, *slot = NULL, *start = NULL, *ctx = NULL;
     if (o->kv_create(be, n_blocks, 1, BS, L_ + R_, &s.kv) != DUET_OK) {
         g_fail = 1;
         return;
     }
-    size_t total = (size_t)n_blocks * s.kv->block_bytes / 2, chunk = (size_t)1 << 24;
-    float *h = malloc((chunk + 8) * sizeof *h);
-    for (size_t i = 0; i < chunk + 8; i++) h[i] = urand(1.0f);
-    for (size_t off = 0; off < total; off += chunk) {
-        size_t n = total - off < chunk ? total - off : chunk;
-        if (o->upload(be, s.kv->data, off, h + (off / chunk) % 8, n) != DUET_OK) break;
-    }
-    free(h);
+    fill_latents(be, s.kv, n_blocks);
     size_t qn = (size_t)T * H * (NOPE + R_), wn = (size_t)H * (NOPE + V_) * L_;
     qh = malloc(qn * sizeof *qh);
     wh = malloc(wn * sizeof *wh);
@@ -375,40 +382,12 @@ static void bench_prefill(be_backend *be, prefill_cfg c, int reps, double dense)
     for (size_t i = 0; i < wn; i++) wh[i] = urand(0.05f);
     s.q = o->buf_alloc(be, qn);
     s.out = o->buf_alloc(be, (size_t)T * H * V_);
-    perm = malloc((size_t)n_blocks * sizeof *perm);
-    pos = malloc((size_t)T * sizeof *pos);
-    slot = malloc((size_t)T * sizeof *slot);
-    start = malloc((size_t)(c.B + 1) * sizeof *start);
-    ctx = malloc((size_t)c.B * sizeof *ctx);
     if (!s.q || !s.out || o->upload(be, s.q, 0, qh, qn) != DUET_OK ||
         o->weight_create(be, wh, H * (NOPE + V_), L_, false, &s.kv_b) != DUET_OK) {
         g_fail = 1;
         goto done;
     }
-    for (int i = 0; i < n_blocks; i++) perm[i] = i;
-    for (int i = n_blocks - 1; i > 0; i--) {
-        int j = (int)(rnd() % (uint64_t)(i + 1)), t = perm[i];
-        perm[i] = perm[j];
-        perm[j] = t;
-    }
-    for (int b = 0, t = 0; b < c.B; b++) {
-        start[b] = t;
-        ctx[b] = c.ctx;
-        for (int i = 0; i < c.nq; i++, t++) {
-            pos[t] = c.ctx - c.nq + i;
-            slot[t] = perm[b * nb + pos[t] / BS] * BS + pos[t] % BS;
-        }
-    }
-    start[c.B] = T;
-    be_batch batch = {.n_tokens = T,
-                      .n_seqs = c.B,
-                      .token_pos = pos,
-                      .token_slot = slot,
-                      .seq_start = start,
-                      .seq_ctx = ctx,
-                      .block_table = perm,
-                      .max_blocks = nb};
-    if (o->set_batch(be, &batch) != DUET_OK) {
+    if (set_tail_batch(be, c.B, c.nq, c.ctx, n_blocks) != DUET_OK) {
         g_fail = 1;
         goto done;
     }
@@ -448,11 +427,6 @@ done:
     o->kv_destroy(be, s.kv);
     free(qh);
     free(wh);
-    free(perm);
-    free(pos);
-    free(slot);
-    free(start);
-    free(ctx);
 }
 
 static void prefill_section(be_backend *be, int reps) {

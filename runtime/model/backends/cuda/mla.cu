@@ -161,6 +161,18 @@ __global__ void gather_latents(T *lat, const T *cache, const int32_t *table, int
     }
 }
 
+/* Queues gather_latents for sequence s's ctx positions of layer into lat; the launch status. */
+template <typename T>
+static duet_status gather_launch(cuda_backend *c, T *lat, const be_kv *kv, int s, int ctx, int L,
+                                 int layer) {
+    const size_t cnt = (size_t)ctx * L;
+    const unsigned g = (unsigned)((cnt + 255) / 256 < 65535 * 16 ? (cnt + 255) / 256 : 65535 * 16);
+    gather_latents<T><<<g, 256, 0, c->stream>>>(lat, (const T *)kv->data, c->d_table, s, ctx, L,
+                                                kv->kv_dim, kv->n_layers, kv->block_size,
+                                                c->max_blocks, layer);
+    return CUDA_LAUNCHED(c, "gather_latents");
+}
+
 static size_t mla_smem(int A, int rope, int Vd) {
     return (size_t)((A + rope + Vd + MLA_TILE + 1) & ~1) * sizeof(float) +
            MLA_TILE * sizeof(size_t);
@@ -411,15 +423,9 @@ static void mla_prefill_tc_run(cuda_backend *c, bf16 *out, const bf16 *q, const 
             const int t0 = c->h_start[s], n = c->h_start[s + 1] - t0, ctx = c->h_ctx[s];
             if (n <= MLA_ABS_MAX_Q) continue;
             if (a.n_seqs == FP_MAX_SEQS || rows + (size_t)ctx > budget) break;
-            const size_t cnt = (size_t)ctx * L;
-            const unsigned g =
-                (unsigned)((cnt + 255) / 256 < 65535 * 16 ? (cnt + 255) / 256 : 65535 * 16);
-            if (!(m->skip & BE_CUDA_MLA_SKIP_EXPAND)) {
-                gather_latents<bf16><<<g, 256, 0, c->stream>>>(
-                    lat + rows * L, (const bf16 *)kv->data, c->d_table, s, ctx, L, kv->kv_dim,
-                    kv->n_layers, kv->block_size, c->max_blocks, layer);
-                if (CUDA_LAUNCHED(c, "gather_latents") != DUET_OK) return;
-            }
+            if (!(m->skip & BE_CUDA_MLA_SKIP_EXPAND) &&
+                gather_launch(c, lat + rows * L, kv, s, ctx, L, layer) != DUET_OK)
+                return;
             a.seq[a.n_seqs] = s;
             a.t0[a.n_seqs] = t0;
             a.nq[a.n_seqs] = n;
@@ -517,12 +523,7 @@ static void mla_run(cuda_backend *c, void *out, const void *q, be_kv *kv, int la
     for (int s = 0; s < c->n_seqs; s++) {
         int t0 = c->h_start[s], n = c->h_start[s + 1] - t0, ctx = c->h_ctx[s];
         if (n <= MLA_ABS_MAX_Q) continue;
-        size_t cnt = (size_t)ctx * L;
-        unsigned g = (unsigned)((cnt + 255) / 256 < 65535 * 16 ? (cnt + 255) / 256 : 65535 * 16);
-        gather_latents<T><<<g, 256, 0, c->stream>>>(lat, (const T *)kv->data, c->d_table, s, ctx, L,
-                                                    kv->kv_dim, kv->n_layers, kv->block_size,
-                                                    c->max_blocks, layer);
-        if (CUDA_LAUNCHED(c, "gather_latents") != DUET_OK) return;
+        if (gather_launch(c, lat, kv, s, ctx, L, layer) != DUET_OK) return;
         /* kvx[ctx, H * (nope + v)] = lat[ctx, L] @ kv_b^T */
         cuda_gemm_act(c, kvx, kvw, lat, L, ctx, kv_b->w, kvw, L);
         a.t0 = t0;
