@@ -44,7 +44,10 @@ struct kvpull_job {
     size_t n_remote;
     bool staged;    /* reads go through staging lanes */
     size_t ready;   /* remote_ids [0, ready) are readable (a streamed pin grows it) */
-    bool reading;   /* direct: the reads have been issued */
+    int issued;     /* direct and CUDA IPC: blocks [0, issued) have their reads or copies
+                     * issued (a pin of a prompt still being computed grows ready, and more
+                     * are issued as it does) */
+    bool ipc;       /* CUDA IPC: copies from the mapped prefill cache */
     void *ipc_copy; /* CUDA IPC: the device-to-device copy in flight */
     kvpull_lane lanes[KVL_MAX_CHUNKS_IN_FLIGHT];
     int next_block;  /* staged: the first block no lane has taken yet */
@@ -205,8 +208,11 @@ static void peer_close(kvpull_peer *p, const char *why);
 static void get_done(void *arg, duet_status st) {
     kvpull_job *j = arg;
     if (st != DUET_OK) job_fail(j, "KV read from the prefill worker failed: %s", duet_strerror(st));
-    /* a closing peer reports its jobs itself once every read has come back */
-    if (--j->gets_left == 0 && j->peer->state != PEER_DEAD) job_finish(j->peer->x, j);
+    /* a closing peer reports its jobs itself once every read has come back; more reads may
+     * follow while the prefill computes */
+    if (--j->gets_left == 0 && j->peer->state != PEER_DEAD &&
+        (j->failed || j->issued == j->n_blocks))
+        job_finish(j->peer->x, j);
 }
 
 static void job_advance(kvpull *x, kvpull_job *j);
@@ -323,9 +329,16 @@ static void job_advance(kvpull *x, kvpull_job *j) {
     if (busy == 0 && no_room) j->retry_at = clock_now_s() + 0.005; /* the staging area is full */
 }
 
+/* Blocks of the job that the prefill says are readable now. */
+static int job_avail(const kvpull_job *j) {
+    long a = (long)j->ready - j->skip;
+    return a < 0 ? 0 : a > j->n_blocks ? j->n_blocks : (int)a;
+}
+
 /* Reads the pinned blocks. Direct: into the cache, runs where both the remote ids and the local
- * blocks are consecutive as one read each. Staged: chunk by chunk through lanes (job_advance);
- * without free staging slots it tries again a little later. */
+ * blocks are consecutive as one read each, those readable now (all, unless the prefill is
+ * still computing the prompt: then each Ready issues the next ones). Staged: chunk by chunk
+ * through lanes (job_advance); without free staging slots it tries again a little later. */
 static void job_start_reads(kvpull *x, kvpull_job *j) {
     kvpull_peer *p = j->peer;
     j->retry_at = 0;
@@ -333,16 +346,19 @@ static void job_start_reads(kvpull *x, kvpull_job *j) {
         job_advance(x, j);
         return;
     }
-    if (j->ready < (size_t)(j->skip + j->n_blocks)) return; /* Ready messages will come */
-    j->reading = true;
+    int avail = job_avail(j);
+    if (avail <= j->issued) { /* Ready messages will come, or everything is read */
+        if (j->gets_left == 0 && j->issued == j->n_blocks) job_finish(x, j);
+        return;
+    }
     const uint32_t *remote = j->remote_ids;
     be_kv *kv = x->kv;
     size_t bb = kv->block_bytes;
-    j->gets_left = 1; /* held until every read is issued */
-    for (int i = 0; i < j->n_blocks;) {
+    j->gets_left++; /* held until every read is issued */
+    for (int i = j->issued; i < avail;) {
         const int32_t *dst = j->local;
         int k = i + 1;
-        while (k < j->n_blocks && remote[j->skip + k] == remote[j->skip + k - 1] + 1 &&
+        while (k < avail && remote[j->skip + k] == remote[j->skip + k - 1] + 1 &&
                dst[k] == dst[k - 1] + 1)
             k++;
         uint32_t r0 = remote[j->skip + i];
@@ -364,13 +380,47 @@ static void job_start_reads(kvpull *x, kvpull_job *j) {
         }
         i = k;
     }
-    if (--j->gets_left == 0) job_finish(x, j);
+    j->issued = avail;
+    if (--j->gets_left == 0 && (j->failed || j->issued == j->n_blocks)) {
+        job_finish(x, j);
+        return;
+    }
     kvl_ucx_heat(x->link);
 }
 
 /* CUDA IPC: the pinned blocks of the mapped prefill cache are copied device to device into the
- * cache (role_progress polls the copy, then the job finishes). */
-static void job_ipc_copy(kvpull *x, kvpull_job *j, const uint32_t *remote, size_t n_remote) {
+ * cache, those readable now, one copy at a time (role_progress polls it and calls this again);
+ * the job finishes once every block is copied, or once it failed and no copy runs. */
+static void job_ipc_more(kvpull *x, kvpull_job *j) {
+    kvpull_peer *p = j->peer;
+    if (j->ipc_copy) return;
+    int avail = job_avail(j);
+    if (j->failed || (avail <= j->issued && j->issued == j->n_blocks)) {
+        job_finish(x, j);
+        return;
+    }
+    if (avail <= j->issued) return; /* Ready messages will come */
+    void *t = NULL;
+    duet_status st = kvl_ipc_copy_start(x->link, j->local + j->issued, avail - j->issued,
+                                        p->ipc_base, j->remote_ids + j->skip + j->issued, &t);
+    if (st != DUET_OK) {
+        job_fail(j, "copying the KV from the prefill's cache failed: %s", duet_strerror(st));
+        job_finish(x, j);
+        return;
+    }
+    count(x, &x->stats.gets_issued);
+    j->bytes += (uint64_t)(avail - j->issued) * x->kv->block_bytes;
+    j->issued = avail;
+    j->ipc_copy = t;
+    if (!t) {
+        job_ipc_more(x, j); /* copied at once: finished, or waits for Ready */
+        return;
+    }
+    kvl_ucx_heat(x->link); /* role_progress polls the copy */
+}
+
+static void job_ipc_copy(kvpull *x, kvpull_job *j, const uint32_t *remote, size_t n_remote,
+                         size_t ready) {
     kvpull_peer *p = j->peer;
     if (n_remote < (size_t)(j->skip + j->n_blocks)) {
         job_fail(j, "the prefill worker's lease holds fewer blocks than the prompt needs%s", "");
@@ -383,22 +433,17 @@ static void job_ipc_copy(kvpull *x, kvpull_job *j, const uint32_t *remote, size_
             job_finish(x, j);
             return;
         }
-    j->bytes = (uint64_t)j->n_blocks * x->kv->block_bytes;
-    void *t = NULL;
-    duet_status st =
-        kvl_ipc_copy_start(x->link, j->local, j->n_blocks, p->ipc_base, remote + j->skip, &t);
-    if (st != DUET_OK) {
-        job_fail(j, "copying the KV from the prefill's cache failed: %s", duet_strerror(st));
+    j->remote_ids = malloc((n_remote ? n_remote : 1) * sizeof(uint32_t));
+    if (!j->remote_ids) {
+        job_fail(j, "out of memory%s", "");
         job_finish(x, j);
         return;
     }
-    count(x, &x->stats.gets_issued);
-    j->ipc_copy = t;
-    if (!t) {
-        job_finish(x, j);
-        return;
-    }
-    kvl_ucx_heat(x->link); /* role_progress polls the copy */
+    memcpy(j->remote_ids, remote, n_remote * sizeof(uint32_t));
+    j->n_remote = n_remote;
+    j->ipc = true;
+    j->ready = ready < n_remote ? ready : n_remote;
+    job_ipc_more(x, j);
 }
 
 static void job_read(kvpull *x, kvpull_job *j, const uint32_t *remote, size_t n_remote,
@@ -588,7 +633,8 @@ static void peer_got(kvpull_peer *p, Duet__Kv__Envelope *env) {
             }
             j->pinned = true;
             if (p->ipc_base) {
-                job_ipc_copy(x, j, r->block_ids, r->n_block_ids);
+                job_ipc_copy(x, j, r->block_ids, r->n_block_ids,
+                             r->streamed ? r->ready : r->n_block_ids);
                 return;
             }
             if (r->streamed) count(x, &x->stats.pins_streamed);
@@ -609,12 +655,16 @@ static void peer_got(kvpull_peer *p, Duet__Kv__Envelope *env) {
                 job_fail(j, "%s", why);
             } else if (r->ready > j->ready) {
                 j->ready = r->ready < j->n_remote ? r->ready : j->n_remote;
+                /* the prefill (or its copies) moves on: the deadline counts from here */
+                j->deadline = clock_now_s() + x->timeout_s;
             }
             if (j->staged)
                 job_advance(x, j);
-            else if (j->failed && !j->reading)
+            else if (j->ipc)
+                job_ipc_more(x, j); /* after the copy in flight, if any */
+            else if (j->failed && j->gets_left == 0)
                 job_finish(x, j);
-            else if (!j->reading && j->retry_at == 0)
+            else if (!j->failed && j->retry_at == 0)
                 job_start_reads(x, j);
             return;
         }
@@ -808,7 +858,7 @@ static bool role_progress(void *arg) {
                 if (st != DUET_OK)
                     job_fail(j, "copying the KV from the prefill's cache failed: %s",
                              duet_strerror(st));
-                job_finish(x, j);
+                job_ipc_more(x, j); /* the next blocks, or the end */
                 continue;
             }
             bool copying = false;

@@ -15,18 +15,23 @@
 /* a staged pin whose reader vanished keeps its slots this long: the reads may still run */
 #define KVLEASE_ORPHAN_S 30.0
 
-/* Staging: slots holding a lease's copy while a decode worker reads them. For a reader of
- * protocol version 2 the copy is streamed: device->host copies are queued chunk by chunk and
- * the reader learns through Ready messages how far they have come, so its reads of the first
- * chunks overlap the copies of the later ones. */
+/* A streamed pin: the reader learns through Ready messages how far it may read. Two things
+ * hold a pin back, either or both: its prompt is still being computed (the lease was pinned
+ * before its request finished: the engine's progress is polled), and, staged, the
+ * device->host copies into the slots the reader reads, queued chunk by chunk as blocks are
+ * computed, so the reader's reads of the first chunks overlap the copies of later ones and
+ * the prefill of the rest. */
 typedef struct kvlease_pin {
     uint64_t lease, seq;
-    int32_t *slots;
+    int32_t *slots;  /* staged: the copy's slots, [n]; NULL: the reader reads the lease's blocks */
+    int32_t *blocks; /* staged: the lease's blocks, [n] (where the copies come from) */
     int n;
+    int computed;   /* blocks [0, computed) hold their whole KV (n once the prompt is done) */
+    int queued;     /* staged: blocks [0, queued) have their copies queued */
     void **tickets; /* [n_tickets] device->host copies in flight, in order */
     int *ends;      /* [n_tickets] blocks [0, ends[k]) are copied once ticket k is done */
     int n_tickets, next_ticket;
-    int ready_sent;  /* the last ready count sent */
+    int ready_sent;  /* the last ready count sent; -1: the stream ended in an error */
     double deadline; /* when orphaned (its reader's connection closed) */
     struct kvlease_pin *next;
 } kvlease_pin;
@@ -83,8 +88,9 @@ static void pins_free(kvlease *x, kvlease_pin *p) {
         pin_drain(x, p);
         free(p->tickets);
         free(p->ends);
-        kvl_stage_free(x->link, p->slots, p->n);
+        if (p->slots) kvl_stage_free(x->link, p->slots, p->n);
         free(p->slots);
+        free(p->blocks);
         free(p);
         p = n;
     }
@@ -182,21 +188,26 @@ static void conn_auth(kvlease_conn *c, const Duet__Kv__Auth *a) {
     if (kvl_send(&c->tcp, &out) != DUET_OK) conn_close(c);
 }
 
-/* Queues the device->host copies of a streamed pin, chunk by chunk (a chunk's runs of
- * consecutive slots are one copy each). On an error what was queued is waited for. */
-static duet_status pin_stream_start(kvlease *x, kvlease_pin *pin, const int32_t *blocks) {
+/* Queues the device->host copies of a staged streamed pin's computed blocks not queued yet,
+ * chunk by chunk (a chunk's runs of consecutive slots are one copy each; a chunk waits until
+ * all its blocks are computed). On an error what was queued is waited for. */
+static duet_status pin_queue_copies(kvlease *x, kvlease_pin *pin) {
     kvl_link *l = x->link;
     int n = pin->n, chunk = kvl_chunk_blocks(l);
-    pin->tickets = calloc((size_t)(n ? n : 1), sizeof(void *));
-    pin->ends = calloc((size_t)(n ? n : 1), sizeof(int));
-    if (!pin->tickets || !pin->ends) return DUET_ERR_NO_MEMORY;
-    for (int c0 = 0; c0 < n; c0 += chunk) {
-        int c1 = c0 + chunk < n ? c0 + chunk : n;
+    if (!pin->tickets) {
+        pin->tickets = calloc((size_t)(n ? n : 1), sizeof(void *));
+        pin->ends = calloc((size_t)(n ? n : 1), sizeof(int));
+        if (!pin->tickets || !pin->ends) return DUET_ERR_NO_MEMORY;
+    }
+    while (pin->queued < n) {
+        int c0 = pin->queued, c1 = c0 + chunk < n ? c0 + chunk : n;
+        if (c1 > pin->computed) break;
         for (int i = c0; i < c1;) {
             int k = i + 1;
             while (k < c1 && pin->slots[k] == pin->slots[k - 1] + 1) k++;
             void *t = NULL;
-            duet_status st = kvl_stage_copy_start(l, blocks + i, pin->slots[i], k - i, true, &t);
+            duet_status st =
+                kvl_stage_copy_start(l, pin->blocks + i, pin->slots[i], k - i, true, &t);
             if (st != DUET_OK) {
                 pin_drain(x, pin);
                 return st;
@@ -205,6 +216,7 @@ static duet_status pin_stream_start(kvlease *x, kvlease_pin *pin, const int32_t 
             pin->ends[pin->n_tickets++] = k;
             i = k;
         }
+        pin->queued = c1;
     }
     return DUET_OK;
 }
@@ -221,11 +233,52 @@ static void send_ready(kvlease_conn *c, uint64_t seq, int ready, const char *err
     if (kvl_send(&c->tcp, &out) != DUET_OK) conn_close(c);
 }
 
-/* Finished copies of a streamed pin raise its ready count; the reader hears of each rise. A
- * failed copy ends the stream with an error (the reader fails its pull and releases). Returns
- * whether copies are still in flight. */
+/* Ends a pin's stream with an error: the reader fails its pull and releases the lease. */
+static void pin_stream_fail(kvlease_conn *c, kvlease_pin *pin, const char *why) {
+    pin_drain(c->x, pin);
+    LOG_WARN("kv: lease %llu: %s", (unsigned long long)pin->lease, why);
+    pin->ready_sent = -1; /* no further Ready for this pin */
+    send_ready(c, pin->seq, 0, why);
+}
+
+/* A pin of a prompt still being computed: the engine's progress, and (staged) the copies
+ * it allows. False when the stream ended in an error. */
+static bool pin_compute_progress(kvlease_conn *c, kvlease_pin *pin) {
+    kvlease *x = c->x;
+    int ready = 0;
+    duet_status st = eng_lease_progress(kvl_context(x->link)->engine, pin->lease, &ready);
+    if (st != DUET_OK) {
+        pin_stream_fail(c, pin,
+                        st == DUET_ERR_CANCELED
+                            ? "the prefill of this prompt failed or was aborted"
+                            : "the lease is gone (expired or released) while being read");
+        return false;
+    }
+    if (ready > pin->n) ready = pin->n;
+    if (ready <= pin->computed) return true;
+    pin->computed = ready;
+    if (pin->slots && pin_queue_copies(x, pin) != DUET_OK) {
+        pin_stream_fail(c, pin, "copying the KV to the staging area failed");
+        return false;
+    }
+    return true;
+}
+
+/* Finished copies of a streamed pin, and the prompt's progress while it is being computed,
+ * raise its ready count; the reader hears of each rise. A failed copy or prefill ends the
+ * stream with an error (the reader fails its pull and releases). Returns whether copies are
+ * still in flight (a prompt being computed is polled every tick, not spun on). */
 static bool pin_progress(kvlease_conn *c, kvlease_pin *pin) {
     kvlease *x = c->x;
+    if (pin->ready_sent < 0) return false;
+    if (pin->computed < pin->n && !pin_compute_progress(c, pin)) return false;
+    if (!pin->slots) { /* the reader reads the lease's own blocks: computed is ready */
+        if (pin->computed > pin->ready_sent) {
+            pin->ready_sent = pin->computed;
+            send_ready(c, pin->seq, pin->computed, NULL);
+        }
+        return false;
+    }
     int ready = pin->ready_sent;
     while (pin->next_ticket < pin->n_tickets) {
         duet_status st = kvl_copy_poll(x->link, pin->tickets[pin->next_ticket], false);
@@ -233,13 +286,10 @@ static bool pin_progress(kvlease_conn *c, kvlease_pin *pin) {
         pin->tickets[pin->next_ticket] = NULL;
         if (st != DUET_OK) {
             pin->next_ticket++;
-            pin_drain(x, pin);
             char why[160];
             snprintf(why, sizeof why, "copying the KV to the staging area failed: %s",
                      duet_strerror(st));
-            LOG_WARN("kv: lease %llu: %s", (unsigned long long)pin->lease, why);
-            pin->ready_sent = -1; /* no further Ready for this pin */
-            send_ready(c, pin->seq, 0, why);
+            pin_stream_fail(c, pin, why);
             return false;
         }
         ready = pin->ends[pin->next_ticket++];
@@ -251,57 +301,73 @@ static bool pin_progress(kvlease_conn *c, kvlease_pin *pin) {
     return pin->next_ticket < pin->n_tickets;
 }
 
-/* Pins a lease for this reader: its block ids (or, staged, a copy's slots) in the reply. */
+/* Pins a lease for this reader: its block ids (or, staged, a copy's slots) in the reply. A
+ * streamed reply (version 2 on: staged copies; version 3 on: also a prompt still being
+ * computed) is followed by Ready messages; an older reader pinning a prompt still being
+ * computed is told to pin again later (busy). */
 static void conn_pin(kvlease_conn *c, const Duet__Kv__Pin *pin_msg) {
     kvlease *x = c->x;
     kvl_link *l = x->link;
     const srv_kv_context *ctx = kvl_context(l);
     Duet__Kv__PinReply r = DUET__KV__PIN_REPLY__INIT;
     r.seq = pin_msg->seq;
-    int cap = ctx->kv->n_blocks, n = 0;
+    int cap = ctx->kv->n_blocks, n = 0, computed = 0;
     int32_t *blocks = malloc((size_t)cap * sizeof(int32_t));
-    int32_t *slots = NULL;
-    bool streamed = false;
-    kvlease_pin *stream_pin = NULL;
     uint32_t *ids = malloc((size_t)cap * sizeof(uint32_t));
-    duet_status st = blocks && ids ? eng_lease_pin(ctx->engine, pin_msg->lease, blocks, cap, &n)
-                                   : DUET_ERR_NO_MEMORY;
+    kvlease_pin *pin = NULL;
+    duet_status st = blocks && ids
+                         ? eng_lease_pin(ctx->engine, pin_msg->lease, blocks, cap, &n, &computed)
+                         : DUET_ERR_NO_MEMORY;
     const void *ipc;
     size_t ipc_len;
     kvl_ipc_handle(l, &ipc, &ipc_len);
     bool pool_ids = pin_msg->pool_ids && ipc_len > 0; /* the reader maps the cache (CUDA IPC) */
-    if (st == DUET_OK && kvl_staged(l) && !pool_ids) {
+    bool staged = kvl_staged(l) && !pool_ids;
+    bool computing = st == DUET_OK && computed < n;
+    /* what this reader can follow: Ready for copies from version 2, for a prefill from 3 */
+    bool streamed = st == DUET_OK && (computing ? c->version >= 3 : staged && c->version >= 2);
+    if (computing && !streamed) st = DUET_ERR_BUSY;
+    if (st == DUET_OK && (streamed || staged)) {
+        pin = calloc(1, sizeof *pin);
+        if (!pin) st = DUET_ERR_NO_MEMORY;
+    }
+    if (pin) {
+        pin->lease = pin_msg->lease;
+        pin->seq = pin_msg->seq;
+        pin->n = n;
+        pin->computed = computed;
+    }
+    if (pin && staged) {
         /* serve a copy in the staging area: UCX cannot read the cache itself */
-        slots = malloc((size_t)(n ? n : 1) * sizeof(int32_t));
-        int rc = slots ? kvl_stage_alloc(l, n, slots) : -2;
-        kvlease_pin *pin = rc == 0 ? calloc(1, sizeof *pin) : NULL;
-        if (rc == 0 && pin) {
-            pin->lease = pin_msg->lease;
-            pin->seq = pin_msg->seq;
-            pin->slots = slots;
-            pin->n = n;
-            streamed = c->version >= 2;
-            st = streamed ? pin_stream_start(x, pin, blocks)
-                          : kvl_stage_copy(l, blocks, slots, n, true);
-            if (st == DUET_OK) {
-                pin->next = c->pins;
-                c->pins = pin;
-                memcpy(blocks, slots, (size_t)n * sizeof(int32_t));
-                slots = NULL; /* the pin owns them */
-                stream_pin = streamed ? pin : NULL;
-            } else {
-                kvl_stage_free(l, slots, n);
-                free(pin->tickets);
-                free(pin->ends);
-                free(pin);
-                streamed = false;
-            }
-        } else if (rc == 0) {
-            kvl_stage_free(l, slots, n);
-            st = DUET_ERR_NO_MEMORY;
+        pin->slots = malloc((size_t)(n ? n : 1) * sizeof(int32_t));
+        pin->blocks = malloc((size_t)(n ? n : 1) * sizeof(int32_t));
+        int rc = pin->slots && pin->blocks ? kvl_stage_alloc(l, n, pin->slots) : -3;
+        if (rc == 0) {
+            memcpy(pin->blocks, blocks, (size_t)n * sizeof(int32_t));
+            st = streamed ? pin_queue_copies(x, pin)
+                          : kvl_stage_copy(l, blocks, pin->slots, n, true);
+            if (st != DUET_OK)
+                kvl_stage_free(l, pin->slots, n);
+            else
+                memcpy(blocks, pin->slots, (size_t)n * sizeof(int32_t)); /* where to read */
         } else {
-            st = rc == -1 ? DUET_ERR_BUSY : DUET_ERR_TOO_LONG;
+            st = rc == -1 ? DUET_ERR_BUSY : rc == -2 ? DUET_ERR_TOO_LONG : DUET_ERR_NO_MEMORY;
         }
+        if (st != DUET_OK) {
+            free(pin->slots);
+            pin->slots = NULL;
+        }
+    }
+    if (pin && st != DUET_OK) {
+        free(pin->tickets);
+        free(pin->ends);
+        free(pin->blocks);
+        free(pin);
+        pin = NULL;
+    }
+    if (pin) {
+        pin->next = c->pins;
+        c->pins = pin;
     }
     if (st == DUET_OK) {
         for (int i = 0; i < n; i++) ids[i] = (uint32_t)blocks[i];
@@ -309,17 +375,23 @@ static void conn_pin(kvlease_conn *c, const Duet__Kv__Pin *pin_msg) {
         r.block_ids = ids;
         r.n_block_ids = (size_t)n;
         r.streamed = streamed;
-        r.ready = 0; /* streamed: Ready messages follow */
+        /* streamed: Ready messages follow; a direct read of a prompt being computed may start
+         * on the blocks computed so far */
+        r.ready = streamed && !staged ? (uint32_t)computed : 0;
+        if (pin && streamed && !staged) pin->ready_sent = computed;
     } else {
         r.ok = false;
         r.busy = st == DUET_ERR_BUSY;
-        r.error = st == DUET_ERR_NOT_FOUND ? "the lease is gone (expired or released)"
-                  : st == DUET_ERR_BUSY    ? "busy: the staging area is full"
+        r.error = st == DUET_ERR_NOT_FOUND  ? "the lease is gone (expired or released)"
+                  : st == DUET_ERR_CANCELED ? "the prefill of this prompt failed or was aborted"
+                  : st == DUET_ERR_BUSY ? (computing ? "busy: the prompt is still being computed"
+                                                     : "busy: the staging area is full")
                   : st == DUET_ERR_TOO_LONG
                       ? "the lease is larger than the prefill's staging area (--kv-staging-bytes)"
                       : "cannot pin the lease";
     }
     if (!r.busy) count(x, r.ok ? &x->stats.pins_served : &x->stats.pins_refused);
+    if (r.ok && computing) count(x, &x->stats.pins_computing);
     Duet__Kv__Envelope out = DUET__KV__ENVELOPE__INIT;
     out.msg_case = DUET__KV__ENVELOPE__MSG_PIN_REPLY;
     out.pin_reply = &r;
@@ -327,10 +399,9 @@ static void conn_pin(kvlease_conn *c, const Duet__Kv__Pin *pin_msg) {
     if (!sent) conn_close(c);
     free(blocks);
     free(ids);
-    free(slots);
-    if (sent && stream_pin) {
-        pin_progress(c, stream_pin); /* copies already over (host caches) are announced now */
-        kvl_ucx_heat(l);             /* the rest are polled by role_progress */
+    if (sent && pin && streamed) {
+        pin_progress(c, pin); /* copies already over (host caches) are announced now */
+        kvl_ucx_heat(l);      /* the rest are polled by role_progress */
     }
 }
 
@@ -455,14 +526,16 @@ static void role_tick(void *arg, double now) {
     }
 }
 
-/* Streamed pins: finished device->host copies are announced to their readers. */
+/* Streamed pins: finished device->host copies and a prompt's progress are announced to their
+ * readers (every UCX tick, 1 ms; every loop turn while copies are in flight). */
 static bool role_progress(void *arg) {
     kvlease *x = arg;
     bool busy = false;
     for (kvlease_conn *c = x->conns, *next; c; c = next) {
         next = c->next;
         for (kvlease_pin *p = c->pins; p && !c->closing; p = p->next)
-            if (p->next_ticket < p->n_tickets) busy |= pin_progress(c, p);
+            if (p->ready_sent >= 0 && (p->next_ticket < p->n_tickets || p->computed < p->n))
+                busy |= pin_progress(c, p);
     }
     return busy;
 }
@@ -559,9 +632,14 @@ static char *x_metrics_text(void *state, const char *label) {
              "# HELP duet_kv_peers_refused_total Side-channel peers refused (authentication, "
              "layout).\n"
              "# TYPE duet_kv_peers_refused_total counter\n"
-             "duet_kv_peers_refused_total{%s} %llu\n",
+             "duet_kv_peers_refused_total{%s} %llu\n"
+             "# HELP duet_kv_lease_pins_computing_total Lease pins served while the prompt was "
+             "still being computed (the decode read it as it was written).\n"
+             "# TYPE duet_kv_lease_pins_computing_total counter\n"
+             "duet_kv_lease_pins_computing_total{%s} %llu\n",
              label, (unsigned long long)st.pins_served, label, (unsigned long long)st.pins_refused,
-             label, (unsigned long long)st.peers_refused);
+             label, (unsigned long long)st.peers_refused, label,
+             (unsigned long long)st.pins_computing);
     return t;
 }
 

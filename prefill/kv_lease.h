@@ -13,6 +13,7 @@
 
 typedef struct kvlease_stats {
     uint64_t pins_served, pins_refused, peers_refused;
+    uint64_t pins_computing; /* of pins_served: the prompt was still being computed */
 } kvlease_stats;
 
 /* Fills *plugin with the hooks and a new state (kvlease_destroy frees it after srv_main). */

@@ -13,15 +13,21 @@
 #         layers, V3's attention, 4 routed experts all picked per token, so two copies fit;
 #         --load-format dummy): TTFT of an 8k-token prompt through the proxy (prefill,
 #         KV pull, first decode step) next to the prefill worker's own TTFT for the same prompt
-#         in the same run, on the auto KV path, with --kv-staging on and with --kv-cuda-ipc
-# Output: a summary on stdout; every log under $OUT (or /tmp/duet-bench-kv). KV_TOKENS (8192) and
-# KV_GPU_UTIL (0.47, --gpu-memory-utilization of each instance) change the setup.
+#         in the same run, on the auto KV path, with --kv-staging on and with --kv-cuda-ipc;
+#         both prefill in chunks of KV_CHUNK tokens (--max-num-batched-tokens), and the proxy
+#         starts the decode leg on the prefill's first event (early hand-over), so the pull
+#         overlaps every chunk but the last (docs/kv-transfer.md)
+# Output: a summary on stdout; every log under $OUT (or /tmp/duet-bench-kv). KV_TOKENS (8192),
+# KV_CHUNK (2048), KV_PATHS ("cuda-ipc auto staged": the paths each section runs, in this order)
+# and KV_GPU_UTIL (0.47, --gpu-memory-utilization of each instance) change the setup.
 set -u
 here=${DUET_BUNDLE:?run through run.sh}
 out=${OUT:-/tmp/duet-bench-kv}
 mkdir -p "$out"
 model=${DUET_KV_MODEL:-$here/models/v3-kv}
 tokens=${KV_TOKENS:-8192}
+chunk=${KV_CHUNK:-2048}
+read -r -a paths <<<"${KV_PATHS:-cuda-ipc auto staged}"
 backend=${KV_BACKEND:-cuda} # cpu: a smoke run of the script itself (KV_TOKENS small, a tiny model)
 mem=(--gpu-memory-utilization "${KV_GPU_UTIL:-0.47}") # each of the two instances
 [ "$backend" = cuda ] || mem=(--kv-cache-memory 256M)
@@ -93,7 +99,7 @@ ttft_run() { # name extra-flags...
     shift
     local common=(--model "$model" --served-model-name v3kv --backend "$backend"
         --load-format dummy --host 127.0.0.1 --max-model-len $((tokens + 1024))
-        --max-num-batched-tokens "$tokens" --max-num-seqs 8 --no-enable-prefix-caching "${mem[@]}"
+        --max-num-batched-tokens "$chunk" --max-num-seqs 8 --no-enable-prefix-caching "${mem[@]}"
         "$@")
     local pids=()
     mpirun -np 1 -x DUET_KV_SECRET -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE \
@@ -115,12 +121,14 @@ ttft_run() { # name extra-flags...
         local solo pd
         solo=$(python3 -c "$ttft_py" 8710 "$tokens" 3 solo 2>&1 | tail -1)
         pd=$(python3 -c "$ttft_py" 8700 "$tokens" 3 pd 2>&1 | tail -1)
-        say "--- ttft $name ($tokens-token prompt, median of 3): prefill-only ${solo} ms," \
+        say "--- ttft $name ($tokens-token prompt in $chunk-token chunks, median of 3): prefill-only ${solo} ms," \
             "disaggregated through the proxy ${pd} ms, KV transfer adds" \
             "$(awk -v a="$pd" -v b="$solo" 'BEGIN { if (b > 0) printf "%.1f%%", (a / b - 1) * 100; else print "?" }')"
         grep -hE "kv: KV path|cuda-ipc|CUDA IPC" "$out/ttft-$name-prefill.log" "$out/ttft-$name-decode.log" |
             sed 's/.* kv: /  /' | sort -u | tee -a "$summary"
         curl -s http://127.0.0.1:8720/metrics | grep -E "^duet_kv_pull_(bytes|seconds)" |
+            sed 's/^/  /' | tee -a "$summary"
+        curl -s http://127.0.0.1:8710/metrics | grep -E "^duet_kv_lease_pins_(computing_)?total" |
             sed 's/^/  /' | tee -a "$summary"
     else
         say "--- ttft $name: the decode worker or the proxy did not come up"
@@ -134,15 +142,19 @@ ttft_run() { # name extra-flags...
 
 for s in "${sections[@]}"; do
     case "$s" in
-    pull)
-        pull auto --kv-staging auto
-        pull staged --kv-staging on
-        pull cuda-ipc --kv-cuda-ipc
-        ;;
-    ttft)
-        ttft_run auto --kv-staging auto
-        ttft_run staged --kv-staging on
-        ttft_run cuda-ipc --kv-cuda-ipc
+    pull | ttft)
+        for p in "${paths[@]}"; do
+            case "$p" in
+            auto) args=(--kv-staging auto) ;;
+            staged) args=(--kv-staging on) ;;
+            cuda-ipc) args=(--kv-cuda-ipc) ;;
+            *)
+                say "unknown KV path $p"
+                continue
+                ;;
+            esac
+            if [ "$s" = pull ]; then pull "$p" "${args[@]}"; else ttft_run "$p" "${args[@]}"; fi
+        done
         ;;
     *) say "unknown section $s" ;;
     esac

@@ -11,8 +11,9 @@
 #include "kv.pb-c.h"
 #include "base/status.h"
 
-/* 2: streamed pins (PinReply.streamed, Ready); see kv.proto */
-#define KVW_VERSION   2
+/* 2: streamed pins (PinReply.streamed, Ready); 3: pins of a prompt still being computed
+ * (streamed for direct and CUDA IPC reads too); see kv.proto */
+#define KVW_VERSION   3
 #define KVW_NONCE_LEN 32
 #define KVW_MAC_LEN   32
 /* Larger frames are refused: a Welcome with a UCX address and rkey is a few KiB; a PinReply

@@ -31,14 +31,23 @@ typedef enum req_state {
     RS_FORKING,  /* decode side: waits for the remote KV of the request it forks */
 } req_state;
 
-/* Prefill side: a finished request's blocks kept for the decode side to read. Shared with
- * the transfer layer's threads (pin/release) under lease_mu; the blocks are freed by the
- * engine thread only, once released, or expired and not read since. */
+/* Prefill side: a prompt's blocks kept for the decode side to read. A lease is made when its
+ * request is admitted, with blocks for the whole prompt (a reference of its own on each), and
+ * is readable while the prompt is computed: ready_tokens says how far (after each step, once
+ * the step's KV is written). Its request finishing makes it whole (computing false, the
+ * deadline running) or failed. Shared with the transfer layer's threads (pin, progress,
+ * release) under lease_mu; the blocks are freed by the engine thread only, once released, or
+ * expired and not read since, never while computing (the request points at it then). */
 typedef struct lease {
     uint64_t id;
     int32_t *blocks;
     int n_blocks;
-    double deadline;
+    int n_tokens;     /* the prompt's tokens */
+    int ready_tokens; /* tokens [0, ready_tokens) have their KV written */
+    double deadline;  /* once not computing */
+    bool computing;   /* its request is still computing the prompt */
+    bool failed;      /* its request failed or was aborted before the prompt was computed */
+    bool pinned;      /* a reader pinned it */
     bool released;
     struct lease *next;
 } lease;
@@ -71,6 +80,7 @@ struct ereq {
     int n_spec;                      /* of which MTP drafts to verify (after its last token) */
     spec_req spec;
     bool abort_pending, fetched;
+    lease *lease; /* ENG_KV_LEASE once admitted, until it finishes */
 
     uint64_t seed; /* Philox key of its draws; the counter is the output token's index */
     int slot;      /* penalty slot of the sampler while it holds one, else -1 */
@@ -339,31 +349,26 @@ static void finish(eng_engine *e, ereq *r, eng_finish why, const char *stop_reas
     ev.text = r->text;
     ev.text_len = r->text_len;
     q_remove(queue_of(e, r), r);
-    bool keep = r->role == ENG_KV_LEASE && (why == ENG_FINISH_LENGTH || why == ENG_FINISH_STOP) &&
-                r->n_blocks > 0;
-    lease *l = keep ? calloc(1, sizeof *l) : NULL;
+    lease *l = r->lease;
     if (l) {
-        ev.lease_blocks = r->blocks;
-        ev.n_lease_blocks = r->n_blocks;
+        /* the lease made at admission outlives the request: whole when the prompt was
+         * computed, failed otherwise (a reader hears so and releases it) */
+        bool whole =
+            (why == ENG_FINISH_LENGTH || why == ENG_FINISH_STOP) && r->n_computed >= l->n_tokens;
+        pthread_mutex_lock(&e->lease_mu);
+        l->computing = false;
+        l->failed = !whole;
+        if (whole) l->ready_tokens = l->n_tokens;
+        l->deadline = clock_now_s() + e->cfg.lease_timeout_s;
+        if (!whole && !l->pinned) l->released = true; /* nobody reads it: freed now */
+        pthread_mutex_unlock(&e->lease_mu);
+        if (whole) {
+            ev.lease_blocks = l->blocks;
+            ev.n_lease_blocks = l->n_blocks;
+        }
+        r->lease = NULL;
     }
     emit(e, r, &ev);
-    if (l) {
-        /* the blocks change hands: from the request to a lease */
-        l->id = r->id;
-        l->blocks = r->blocks;
-        l->n_blocks = r->n_blocks;
-        l->deadline = clock_now_s() + e->cfg.lease_timeout_s;
-        r->blocks = NULL;
-        r->n_blocks = 0;
-        pthread_mutex_lock(&e->lease_mu);
-        l->next = e->leases;
-        e->leases = l;
-        e->n_leases++;
-        pthread_mutex_unlock(&e->lease_mu);
-    } else if (keep) {
-        LOG_ERROR("engine: out of memory keeping the lease of request %llu; its KV is freed",
-                  (unsigned long long)r->id);
-    }
     release_blocks(e, r);
     slot_release(e, r);
     table_remove(e, r);
@@ -387,6 +392,7 @@ duet_status eng_lease_for_test(eng_engine *e, uint64_t id, int n_tokens, int32_t
     l->id = id;
     l->blocks = ids;
     l->n_blocks = n;
+    l->n_tokens = l->ready_tokens = n_tokens;
     l->deadline = clock_now_s() + e->cfg.lease_timeout_s;
     pthread_mutex_lock(&e->lease_mu);
     l->next = e->leases;
@@ -459,20 +465,46 @@ void eng_lease_release(eng_engine *e, uint64_t id) {
     eng_wake(e);
 }
 
-duet_status eng_lease_pin(eng_engine *e, uint64_t id, int32_t *blocks, int cap, int *n_p) {
+/* Blocks [0, n) of l whose KV is all written (lease_mu held). */
+static int lease_ready_blocks(const eng_engine *e, const lease *l) {
+    if (!l->computing) return l->failed ? 0 : l->n_blocks;
+    return l->ready_tokens / e->cfg.block_size;
+}
+
+duet_status eng_lease_pin(eng_engine *e, uint64_t id, int32_t *blocks, int cap, int *n_p,
+                          int *ready_p) {
     duet_status st = DUET_ERR_NOT_FOUND;
     pthread_mutex_lock(&e->lease_mu);
     for (lease *l = e->leases; l; l = l->next) {
         if (l->id != id || l->released) continue;
+        if (l->failed) {
+            st = DUET_ERR_CANCELED;
+            break;
+        }
         if (l->n_blocks > cap) {
             st = DUET_ERR_TOO_LONG;
             break;
         }
         memcpy(blocks, l->blocks, (size_t)l->n_blocks * sizeof(int32_t));
         *n_p = l->n_blocks;
+        *ready_p = lease_ready_blocks(e, l);
+        l->pinned = true;
         /* the reader has this long to finish before the blocks may be reused */
         l->deadline = clock_now_s() + e->cfg.lease_timeout_s;
         st = DUET_OK;
+        break;
+    }
+    pthread_mutex_unlock(&e->lease_mu);
+    return st;
+}
+
+duet_status eng_lease_progress(eng_engine *e, uint64_t id, int *ready_p) {
+    duet_status st = DUET_ERR_NOT_FOUND;
+    pthread_mutex_lock(&e->lease_mu);
+    for (lease *l = e->leases; l; l = l->next) {
+        if (l->id != id || l->released) continue;
+        st = l->failed ? DUET_ERR_CANCELED : DUET_OK;
+        *ready_p = lease_ready_blocks(e, l);
         break;
     }
     pthread_mutex_unlock(&e->lease_mu);
@@ -580,6 +612,50 @@ duet_status eng_submit(eng_engine *e, const eng_request *req, char *err, size_t 
     c->req = r;
     post(e, c);
     return DUET_OK;
+}
+
+/* Prefill side: r (ENG_KV_LEASE) was admitted with blocks for its whole prompt; they are
+ * leased now, readable as the prompt is computed, and the lease is announced (an event with
+ * lease_open) so that a decode worker can start pulling before the prompt is done. */
+static duet_status lease_open(eng_engine *e, ereq *r) {
+    int nb = (r->n_prompt + e->cfg.block_size - 1) / e->cfg.block_size;
+    lease *l = calloc(1, sizeof *l);
+    int32_t *ids = malloc((size_t)nb * sizeof(int32_t));
+    if (!l || !ids || nb > r->n_blocks) {
+        free(l);
+        free(ids);
+        return l && ids ? DUET_ERR_INTERNAL : DUET_ERR_NO_MEMORY;
+    }
+    memcpy(ids, r->blocks, (size_t)nb * sizeof(int32_t));
+    for (int i = 0; i < nb; i++) kv_pool_ref(e->pool, ids[i]);
+    l->id = r->id;
+    l->blocks = ids;
+    l->n_blocks = nb;
+    l->n_tokens = r->n_prompt;
+    l->ready_tokens = r->n_computed; /* prefix-cache hits are there already */
+    l->computing = true;
+    pthread_mutex_lock(&e->lease_mu);
+    l->next = e->leases;
+    e->leases = l;
+    e->n_leases++;
+    pthread_mutex_unlock(&e->lease_mu);
+    r->lease = l;
+    eng_event ev;
+    event_init(&ev, r);
+    ev.lease_open = true;
+    ev.lease_blocks = ids;
+    ev.n_lease_blocks = nb;
+    emit(e, r, &ev);
+    return DUET_OK;
+}
+
+/* After a step whose KV is written (eng_step synchronized with the backend before this): r's
+ * lease is readable further. */
+static void lease_advance(eng_engine *e, ereq *r) {
+    lease *l = r->lease;
+    pthread_mutex_lock(&e->lease_mu);
+    l->ready_tokens = r->n_computed < l->n_tokens ? r->n_computed : l->n_tokens;
+    pthread_mutex_unlock(&e->lease_mu);
 }
 
 /* Abort by id, wherever the request is. A fetch in flight keeps its blocks until the transfer
@@ -750,7 +826,8 @@ static void expire_leases(eng_engine *e) {
     pthread_mutex_lock(&e->lease_mu);
     for (lease **link = &e->leases; *link;) {
         lease *l = *link;
-        if (l->released || t >= l->deadline) {
+        /* a lease whose prompt is still computed ends with its request (finish) */
+        if (!l->computing && (l->released || t >= l->deadline)) {
             *link = l->next;
             l->next = done;
             done = l;
@@ -844,7 +921,7 @@ static void commit_blocks(eng_engine *e, ereq *r) {
  * step (r itself when there is none). */
 static ereq *pick_victim(eng_engine *e, ereq *r) {
     for (ereq *v = e->running.tail; v; v = v->prev)
-        if (v != r && v->n_sched == 0) return v;
+        if (v != r && v->n_sched == 0 && !v->lease) return v; /* a lease may be being read */
     return r;
 }
 
@@ -861,6 +938,12 @@ static bool schedule_running(eng_engine *e, ereq *r, int want, int *budget, int 
         }
         /* out of blocks: the newest running request gives its blocks back */
         ereq *victim = pick_victim(e, r);
+        if (victim == r && r->lease) {
+            /* a leased request is never preempted (its lease may be being read); it only
+             * grows past its prompt, whose blocks it has had since admission: it stops here */
+            finish(e, r, ENG_FINISH_LENGTH, NULL, -1, NULL, NULL, NULL);
+            return false;
+        }
         *preempted = true;
         preempt(e, victim);
         if (victim == r) return false;
@@ -929,7 +1012,9 @@ static int schedule(eng_engine *e) {
         }
         int want = r->n_tokens - r->n_computed;
         if (want > budget) want = budget;
-        if (ensure_blocks(e, r, r->n_computed + want) != DUET_OK) {
+        /* a leased prompt gets all its blocks now: the lease made below covers them */
+        bool leased = r->role == ENG_KV_LEASE && !r->lease && r->n_tokens == r->n_prompt;
+        if (ensure_blocks(e, r, leased ? r->n_prompt : r->n_computed + want) != DUET_OK) {
             /* not enough room yet: give back the prefix hits and wait for blocks to free */
             release_blocks(e, r);
             r->n_computed = 0;
@@ -939,6 +1024,10 @@ static int schedule(eng_engine *e) {
         count_admission(e, r);
         r->state = RS_RUNNING;
         q_push_back(&e->running, r);
+        if (leased && lease_open(e, r) != DUET_OK)
+            LOG_WARN("engine: request %llu: its lease could not be made at admission (out of "
+                     "memory); it is computed without one",
+                     (unsigned long long)r->id);
         r->n_spec = 0;
         r->n_sched = want;
         budget -= want;
@@ -1282,6 +1371,8 @@ duet_status eng_step(eng_engine *e, bool *busy_p) {
         r->n_sched = 0;
         r->n_spec = 0;
         commit_blocks(e, r);
+        /* be_sample_wait above synchronized with the backend: this step's KV is written */
+        if (r->lease) lease_advance(e, r);
         const float *rows_r = e->logits + (size_t)e->row0[i] * e->V;
         bool on_host = r->on_logits || (r->prompt_lp && pos0 < r->n_prompt);
         for (int k = 0; on_host && k < nl - nd + acc; k++) {

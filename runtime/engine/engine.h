@@ -115,9 +115,13 @@ typedef struct eng_event {
     int32_t stop_token;               /* matched stop token id, or -1 */
     const char *error;                /* ENG_FINISH_ERROR: what went wrong */
     int n_prompt, n_output, n_cached; /* usage; n_cached: prompt tokens from prefix cache */
-    /* ENG_KV_LEASE, on the finishing event: the leased blocks holding the prompt's KV */
+    /* ENG_KV_LEASE: the leased blocks holding the prompt's KV, on the finishing event (when
+     * the prompt was computed) and on the lease_open event */
     const int32_t *lease_blocks;
     int n_lease_blocks;
+    /* ENG_KV_LEASE: the request was admitted and its lease made (no tokens, not finishing): a
+     * decode worker may pin it now and read its blocks as the prompt is computed */
+    bool lease_open;
 } eng_event;
 
 typedef void (*eng_event_fn)(void *user, const eng_event *ev);
@@ -165,8 +169,17 @@ duet_status eng_submit(eng_engine *e, const eng_request *req, char *err, size_t 
 void eng_abort(eng_engine *e, uint64_t id);
 /* Any thread (prefill side): the decode side is about to read lease id. Copies its block ids
  * (at most cap) and restarts its deadline, so the blocks stay put while the reader works;
- * DUET_ERR_NOT_FOUND when the lease is gone (released or expired): the reader must fail. */
-duet_status eng_lease_pin(eng_engine *e, uint64_t id, int32_t *blocks, int cap, int *n_p);
+ * *ready_p: blocks [0, ready) hold their whole KV now (all of them once the prompt is
+ * computed; fewer while it is: eng_lease_progress tells how far it has come since).
+ * DUET_ERR_NOT_FOUND when the lease is gone (released or expired), DUET_ERR_CANCELED when its
+ * request failed or was aborted before the prompt was computed: the reader must fail (and
+ * release a lease it pinned). A lease exists from its request's admission (the lease_open
+ * event) on. */
+duet_status eng_lease_pin(eng_engine *e, uint64_t id, int32_t *blocks, int cap, int *n_p,
+                          int *ready_p);
+/* Any thread (prefill side): how far a pinned lease's prompt has come (*ready_p as in
+ * eng_lease_pin); the same errors. */
+duet_status eng_lease_progress(eng_engine *e, uint64_t id, int *ready_p);
 /* Engine thread; benchmarks and tests of the transfer path only: takes blocks for n_tokens
  * and leases them under id as if a prefill of that length had just finished (their contents
  * are whatever the pool held: callers fill them). The ids go to blocks (at most cap). */

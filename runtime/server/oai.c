@@ -45,7 +45,8 @@ typedef struct oai_msg {
     int n_prompt, n_output, n_cached;
     int32_t *lease_blocks;
     int n_lease_blocks;
-    double t; /* seconds, CLOCK_MONOTONIC */
+    bool lease_open; /* the engine's lease_open event (prefill side) */
+    double t;        /* seconds, CLOCK_MONOTONIC */
 } oai_msg;
 
 /* One engine request: a choice of a completion or chat response. */
@@ -1508,10 +1509,46 @@ static void choice_finish(oai_job *j, oai_choice *c, oai_msg *m) {
     }
 }
 
+/* Prefill side, a streamed request with do_remote_decode: its lease exists as soon as the
+ * engine admitted it, so the stream's first event says where to pull the KV (the same
+ * kv_transfer_params as the answer's end), with no choices: a decode worker given them pins
+ * the lease and reads the prompt's blocks as they are computed. Non-streamed answers carry
+ * the params at their end only. */
+static void lease_announce(oai_job *j, const oai_msg *m) {
+    oai_frontend *s = j->fe;
+    oai_choice *c = m->user;
+    if (!j->req || j->failed || j->aborted || !j->stream_started || m->n_lease_blocks <= 0 ||
+        !s->plugin || !s->plugin->lease)
+        return;
+    srv_kv_params kp = {.lease = c->eng_id};
+    if (s->plugin->lease(s->plugin->state, c->eng_id, j->request_id, &kp) != DUET_OK)
+        return; /* the finishing event tries again, and fails the request if it cannot */
+    kp.lease = c->eng_id;
+    cJSON *params = kv_params_json(&kp, m->lease_blocks, m->n_lease_blocks);
+    if (!params) return;
+    cJSON_Delete(j->kv_params_out);
+    j->kv_params_out = params;
+    strbuf *b = &s->sse;
+    api_sse_begin(b);
+    w_head(b, j, j->kind == OAI_JOB_CHAT ? "chat.completion.chunk" : "text_completion");
+    strbuf_str(b, ",\"choices\":[]");
+    w_key(b, "kv_transfer_params");
+    w_tree(b, params);
+    strbuf_add(b, "}", 1);
+    if (api_sse_send(j->req, b) != DUET_OK) {
+        /* gone or stuck: on_close follows and aborts the rest */
+    }
+}
+
 static void job_event(oai_frontend *s, const oai_msg *m) {
     oai_choice *c = m->user;
     oai_job *j = c->job;
     (void)s;
+    if (m->lease_open) {
+        lease_announce(j, m);
+        job_maybe_free(j);
+        return;
+    }
     if (m->has_token) {
         if (grow((void **)&c->ids, &c->cap_ids, c->n_ids + 1, sizeof *c->ids))
             c->ids[c->n_ids++] = m->token;
@@ -2019,6 +2056,7 @@ void oai_on_engine_event(void *user, const eng_event *ev) {
         m->n_prompt = ev->n_prompt;
         m->n_output = ev->n_output;
         m->n_cached = ev->n_cached;
+        m->lease_open = ev->lease_open;
         if (ev->n_lease_blocks > 0) {
             m->lease_blocks = malloc((size_t)ev->n_lease_blocks * sizeof *m->lease_blocks);
             if (m->lease_blocks) {

@@ -10,6 +10,8 @@
 //   tcp   UCX_TLS=tcp: the golden cases
 //   ptp2  prefill TP2 -> decode TP1: the golden cases
 //   ddp2  prefill DP1 -> decode DP2 (both DP ports): the golden cases
+// shm and staged also hand the KV over early: a streamed prefill request announces its lease
+// in its first event and the decode pulls while the prefill computes (protocol version 3).
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import { after, test } from 'node:test';
@@ -187,6 +189,83 @@ if (layout === 'tcp' || shmLike) {
       assert.ok(await poolFree(dPort), 'decode blocks not freed');
     });
   }
+}
+
+// A streamed prefill request with do_remote_decode: its first SSE event (no choices) carries
+// the kv_transfer_params as soon as the prefill admitted the prompt; the rest of the stream
+// is read in the background. Returns { first, kv, rest } (rest: a promise of every later
+// event, [DONE] excluded).
+async function prefillStreamed(port, prompt, id) {
+  const r = await fetch(`http://127.0.0.1:${port}/v1/completions`, {
+    method: 'POST', headers: { 'Content-Type': 'application/json', 'X-Request-Id': id },
+    body: JSON.stringify({ model: 'tiny', prompt, max_tokens: 1, temperature: 0, stream: true,
+      kv_transfer_params: { do_remote_decode: true } }),
+  });
+  assert.equal(r.status, 200);
+  const reader = r.body.getReader();
+  const dec = new TextDecoder();
+  let buf = '';
+  const events = [];
+  let wake = null;
+  let ended = false;
+  const pump = (async () => {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += dec.decode(value, { stream: true });
+      let k;
+      while ((k = buf.indexOf('\n\n')) >= 0) {
+        const line = buf.slice(0, k).trim();
+        buf = buf.slice(k + 2);
+        if (line.startsWith('data: ') && line !== 'data: [DONE]') events.push(JSON.parse(line.slice(6)));
+        if (wake) wake();
+      }
+    }
+    ended = true;
+    if (wake) wake();
+  })();
+  while (events.length === 0 && !ended) await new Promise((res) => { wake = res; });
+  assert.ok(events.length > 0, 'the prefill stream ended without an event');
+  const first = events[0];
+  return { first, kv: first.kv_transfer_params, rest: pump.then(() => events.slice(1)) };
+}
+
+if (shmLike) {
+  test('streamed prefill: the decode pulls while the prefill computes the prompt', async () => {
+    // 32-token chunks: a 2,500-token prompt is ~80 prefill steps, long enough that the decode,
+    // started on the first event, pins the lease while the prompt is still being computed
+    const pPort = await freePort(), dPort = await freePort();
+    await start(PREFILL, pPort, { extra: ['--max-num-batched-tokens', '32'] });
+    await start(DECODE, dPort);
+    // the golden cases through the early hand-over: golden ids
+    for (const c of cases) {
+      const { first, kv, rest } = await prefillStreamed(pPort, c.prompt_ids, `early-${c.name}`);
+      assert.deepEqual(first.choices, [], JSON.stringify(first));
+      assert.equal(kv.do_remote_prefill, true);
+      const d = await decode(dPort, c, kv);
+      assert.equal(d.status, 200, JSON.stringify(d.json));
+      assert.deepEqual(d.json.choices[0].token_ids, c.greedy_ids, `${c.name}, early hand-over`);
+      const tail = await rest;
+      assert.deepEqual(tail.at(-1).kv_transfer_params, kv, 'the last event names the same lease');
+    }
+    // a long prompt: the same ids as the decode worker computing it alone
+    const long = [];
+    while (long.length < 2500) for (const c of cases) long.push(...c.prompt_ids);
+    long.length = 2500;
+    const ref = await post(dPort, { model: 'tiny', prompt: long, max_tokens: 8, temperature: 0,
+      ignore_eos: true, return_token_ids: true });
+    assert.equal(ref.status, 200, JSON.stringify(ref.json));
+    const before = metricValue(await metrics(pPort), 'duet_kv_lease_pins_computing_total') || 0;
+    const { kv, rest } = await prefillStreamed(pPort, long, 'early-long');
+    const d = await post(dPort, { model: 'tiny', prompt: long, max_tokens: 8, temperature: 0,
+      ignore_eos: true, return_token_ids: true, kv_transfer_params: kv });
+    assert.equal(d.status, 200, JSON.stringify(d.json));
+    assert.deepEqual(d.json.choices[0].token_ids, ref.json.choices[0].token_ids);
+    await rest;
+    const pinned = metricValue(await metrics(pPort), 'duet_kv_lease_pins_computing_total');
+    assert.equal(pinned, before + 1, 'the decode should have pinned the lease mid-prefill');
+    assert.ok(await poolFree(pPort) && await poolFree(dPort), 'pools not free');
+  });
 }
 
 if (layout === 'ptp2') {

@@ -37,6 +37,7 @@ typedef struct rec {
     char error[400];
     int32_t lease[64];
     int n_lease;
+    int n_open; /* lease_open events */
 } rec;
 
 static rec R[64];
@@ -45,6 +46,11 @@ static golden_set G;
 static void on_event(void *user, const eng_event *ev) {
     (void)user;
     rec *r = &R[ev->id % 64];
+    if (ev->lease_open) {
+        r->n_open++;
+        if (ev->tokens || ev->finish) r->n_open += 100; /* an open event is nothing else */
+        return;
+    }
     for (int i = 0; i < ev->n_tokens && r->n_out < 64; i++) r->out[r->n_out++] = ev->tokens[i];
     if (ev->finish) {
         r->n_final++;
@@ -62,7 +68,8 @@ static const char *g_staging = "auto"; /* "on": both sides move KV through stagi
 static const char *g_staging_bytes = "256M";
 static const char *g_chunk_bytes = "16M";
 static const char *g_in_flight = "3";
-static bool g_ipc; /* --kv-cuda-ipc on every side: host caches must fall back to UCX */
+static bool g_ipc;   /* --kv-cuda-ipc on every side: host caches must fall back to UCX */
+static int g_budget; /* > 0: --max-num-batched-tokens of the sides made now */
 
 static int make_side(side *s, srv_role role, int block_size, int n_blocks, const char *secret,
                      double lease_s) {
@@ -101,6 +108,7 @@ static int make_side(side *s, srv_role role, int block_size, int n_blocks, const
     c.n_blocks = n_blocks;
     c.max_model_len = 1024;
     c.lease_timeout_s = lease_s;
+    if (g_budget > 0) c.max_num_batched_tokens = g_budget;
     c.on_event = on_event;
     c.fetch = s->plug.fetch;
     c.fetch_user = s->plug.state;
@@ -180,6 +188,58 @@ static rec *pd_request(side *p, side *d, int id, const golden_case *k, int sleep
     for (int i = 0; i < 5000 && !R[id + 32].n_final; i++) {
         step(d);
         step(p);
+    }
+    for (int i = 0; i < 20; i++) step(p); /* lets the release reach the prefill engine */
+    free(remote);
+    return &R[id + 32];
+}
+
+/* The decode pulls while the prefill computes the prompt (a chunk a step: the test steps the
+ * prefill engine itself). The prefill computes its first chunk, which also admits it and
+ * announces its lease; the decode request is submitted with the lease's params at once and
+ * the prefill waits until the decode has pinned the lease (so the pin surely comes while the
+ * prompt is being computed), then both step to the end. abort_after >= 0: the prefill request
+ * is aborted after that many more steps. */
+static rec *pd_overlap(side *p, side *d, int id, const golden_case *k, int abort_after) {
+    memset(&R[id], 0, sizeof R[id]);
+    memset(&R[id + 32], 0, sizeof R[id + 32]);
+    eng_request q = {.id = (uint64_t)id, .prompt = k->prompt, .n_prompt = k->n_prompt};
+    eng_sampling_default(&q.sampling);
+    q.sampling.smp.temperature = 0;
+    q.sampling.max_tokens = 1;
+    q.sampling.ignore_eos = true;
+    q.kv_role = ENG_KV_LEASE;
+    char err[256];
+    CHECK_MSG(eng_submit(p->eng, &q, err, sizeof err) == DUET_OK, "%s", err);
+    for (int i = 0; i < 100 && !R[id].n_open; i++) step(p);
+    CHECK_MSG(R[id].n_open == 1 && R[id].n_final == 0 && R[id].n_out == 0,
+              "lease_open events %d, final %d", R[id].n_open, R[id].n_final);
+    srv_kv_params *remote = calloc(1, sizeof *remote);
+    CHECK(remote && p->plug.lease(p->plug.state, (uint64_t)id, "req", remote) == DUET_OK);
+    remote->lease = (uint64_t)id;
+    kvlease_stats ls0, ls;
+    kvlease_get_stats(&p->plug, &ls0);
+    eng_request dq = {.id = (uint64_t)id + 32, .prompt = k->prompt, .n_prompt = k->n_prompt};
+    eng_sampling_default(&dq.sampling);
+    dq.sampling.smp.temperature = 0;
+    dq.sampling.max_tokens = k->n_greedy;
+    dq.sampling.ignore_eos = true;
+    dq.kv_role = ENG_KV_REMOTE;
+    dq.remote = remote;
+    CHECK(eng_submit(d->eng, &dq, err, sizeof err) == DUET_OK);
+    ls = ls0;
+    for (int i = 0; i < 3000 && ls.pins_computing == ls0.pins_computing; i++) {
+        step(d);
+        kvlease_get_stats(&p->plug, &ls);
+    }
+    CHECK_MSG(ls.pins_computing == ls0.pins_computing + 1 && R[id].n_final == 0,
+              "the decode did not pin the lease while its prompt was computed (%llu)",
+              (unsigned long long)(ls.pins_computing - ls0.pins_computing));
+    for (int i = 0; i < abort_after; i++) step(p);
+    if (abort_after >= 0) eng_abort(p->eng, (uint64_t)id);
+    for (int i = 0; i < 5000 && !R[id + 32].n_final; i++) {
+        step(p);
+        step(d);
     }
     for (int i = 0; i < 20; i++) step(p); /* lets the release reach the prefill engine */
     free(remote);
@@ -357,7 +417,61 @@ int main(int argc, char **argv) {
     CHECK_MSG(st.gets_issued < st.bytes_read / eng_kv(d.eng)->block_bytes,
               "%llu reads for %llu blocks", (unsigned long long)st.gets_issued,
               (unsigned long long)(st.bytes_read / eng_kv(d.eng)->block_bytes));
-    log_set_level(LOG_LEVEL_ERROR + 1);
+
+    /* the decode pulls while the prefill computes: 16-token chunks, a step each (9 steps for
+     * the longest prompt). First the prefill aborted mid-prompt under a pinned lease: the
+     * decode fails with the prefill's reason, every block of both sides comes back. Then every
+     * longer golden prompt: the decode pins after the first chunk and reads (direct: a block
+     * range per Ready; staged: 2-block chunks as both sides copy them) as the prefill goes
+     * on; golden ids, nothing left. (Fresh prompts each: a prefix-cache hit on the prefill
+     * would leave nothing to overlap.) */
+    {
+        free_side(&p);
+        free_side(&d);
+        g_port += 2;
+        g_budget = 16;
+        const char *chunk = g_chunk_bytes;
+        g_chunk_bytes = "20K"; /* 2 blocks of 10 KiB */
+        CHECK(make_side(&p, SRV_ROLE_PREFILL, 16, 64, "s3cret", 30) == 0);
+        CHECK(make_side(&d, SRV_ROLE_DECODE, 16, 64, "s3cret", 30) == 0);
+        g_budget = 0;
+        g_chunk_bytes = chunk;
+        const golden_case *k9 = &G.cases[0];
+        for (int i = 0; i < G.n; i++)
+            if (G.cases[i].n_prompt > k9->n_prompt) k9 = &G.cases[i];
+        log_set_level(LOG_LEVEL_ERROR + 1); /* the abort's warnings are expected */
+        rec *ra = pd_overlap(&p, &d, 23, k9, 2);
+        CHECK_MSG(ra->n_final == 1 && ra->finish == ENG_FINISH_ERROR &&
+                      strstr(ra->error, "failed or was aborted"),
+                  "the prefill aborted under the pull: finish %d, %s", ra->finish, ra->error);
+        CHECK(R[23].n_final == 1 && R[23].finish == ENG_FINISH_ABORT);
+        for (int i = 0; i < 200 && leased(&p) > 0; i++) step(&p);
+        CHECK_MSG(leased(&p) == 0 && free_blocks(&p) == pf && free_blocks(&d) == df,
+                  "after the aborted prefill: %d leases, free %d/%d and %d/%d", leased(&p),
+                  free_blocks(&p), pf, free_blocks(&d), df);
+
+        kvpull_stats st0;
+        kvpull_get_stats(&d.plug, &st0);
+        int n_long = 0;
+        for (int i = 0; i < G.n; i++) {
+            const golden_case *k = &G.cases[i];
+            if (k->n_prompt <= 48) continue; /* one chunk or two: little to overlap */
+            n_long++;
+            rec *r = pd_overlap(&p, &d, 24 + i % 8, k, -1);
+            CHECK_MSG(r->n_final == 1 && r->finish == ENG_FINISH_LENGTH, "%s overlapped: %d %s",
+                      k->name, r->finish, r->error);
+            CHECK_MSG(r->n_out == k->n_greedy &&
+                          !memcmp(r->out, k->greedy, 4 * (size_t)k->n_greedy),
+                      "%s: decode after an overlapped pull differs from the golden ids", k->name);
+        }
+        CHECK(n_long >= 2);
+        kvpull_get_stats(&d.plug, &st);
+        CHECK_MSG(st.pins_streamed - st0.pins_streamed == (uint64_t)n_long,
+                  "%llu streamed pins for %d overlapped pulls",
+                  (unsigned long long)(st.pins_streamed - st0.pins_streamed), n_long);
+        for (int i = 0; i < 200 && leased(&p) > 0; i++) step(&p);
+        CHECK(leased(&p) == 0 && free_blocks(&p) == pf && free_blocks(&d) == df);
+    }
 
     /* a decode worker with the wrong secret gets nothing */
     side bad;
