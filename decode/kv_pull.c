@@ -419,50 +419,39 @@ static void job_ipc_more(kvpull *x, kvpull_job *j) {
     kvl_ucx_heat(x->link); /* role_progress polls the copy */
 }
 
-static void job_ipc_copy(kvpull *x, kvpull_job *j, const uint32_t *remote, size_t n_remote,
+/* The pin reply's block ids, checked (enough of them; for CUDA IPC, ids inside the mapped
+ * pool) and kept, with how many are readable now. False: the job failed and finished. */
+static bool job_take_ids(kvpull *x, kvpull_job *j, const uint32_t *remote, size_t n_remote,
                          size_t ready) {
-    kvpull_peer *p = j->peer;
-    if (n_remote < (size_t)(j->skip + j->n_blocks)) {
-        job_fail(j, "the prefill worker's lease holds fewer blocks than the prompt needs%s", "");
+    const char *why = NULL;
+    if (n_remote < (size_t)(j->skip + j->n_blocks))
+        why = "the prefill worker's lease holds fewer blocks than the prompt needs%s";
+    for (int i = 0; !why && j->peer->ipc_base && i < j->n_blocks; i++)
+        if (remote[j->skip + i] >= j->peer->ipc_blocks)
+            why = "the prefill worker pinned block ids outside its pool%s";
+    if (!why && !(j->remote_ids = malloc((n_remote ? n_remote : 1) * sizeof(uint32_t))))
+        why = "out of memory%s";
+    if (why) {
+        job_fail(j, why, "");
         job_finish(x, j);
-        return;
-    }
-    for (int i = 0; i < j->n_blocks; i++)
-        if (remote[j->skip + i] >= p->ipc_blocks) {
-            job_fail(j, "the prefill worker pinned block ids outside its pool%s", "");
-            job_finish(x, j);
-            return;
-        }
-    j->remote_ids = malloc((n_remote ? n_remote : 1) * sizeof(uint32_t));
-    if (!j->remote_ids) {
-        job_fail(j, "out of memory%s", "");
-        job_finish(x, j);
-        return;
+        return false;
     }
     memcpy(j->remote_ids, remote, n_remote * sizeof(uint32_t));
     j->n_remote = n_remote;
-    j->ipc = true;
     j->ready = ready < n_remote ? ready : n_remote;
-    job_ipc_more(x, j);
+    return true;
 }
 
+/* Reads (or, CUDA IPC, copies) the pinned blocks, as many as are readable now. */
 static void job_read(kvpull *x, kvpull_job *j, const uint32_t *remote, size_t n_remote,
                      size_t ready) {
-    if (n_remote < (size_t)(j->skip + j->n_blocks)) {
-        job_fail(j, "the prefill worker's lease holds fewer blocks than the prompt needs%s", "");
-        job_finish(x, j);
+    if (!job_take_ids(x, j, remote, n_remote, ready)) return;
+    if (j->peer->ipc_base) {
+        j->ipc = true;
+        job_ipc_more(x, j);
         return;
     }
-    j->remote_ids = malloc((n_remote ? n_remote : 1) * sizeof(uint32_t));
-    if (!j->remote_ids) {
-        job_fail(j, "out of memory%s", "");
-        job_finish(x, j);
-        return;
-    }
-    memcpy(j->remote_ids, remote, n_remote * sizeof(uint32_t));
-    j->n_remote = n_remote;
     j->staged = kvl_staged(x->link);
-    j->ready = ready < n_remote ? ready : n_remote;
     job_start_reads(x, j);
 }
 
@@ -632,11 +621,6 @@ static void peer_got(kvpull_peer *p, Duet__Kv__Envelope *env) {
                 return;
             }
             j->pinned = true;
-            if (p->ipc_base) {
-                job_ipc_copy(x, j, r->block_ids, r->n_block_ids,
-                             r->streamed ? r->ready : r->n_block_ids);
-                return;
-            }
             if (r->streamed) count(x, &x->stats.pins_streamed);
             job_read(x, j, r->block_ids, r->n_block_ids, r->streamed ? r->ready : r->n_block_ids);
             return;

@@ -154,37 +154,41 @@ static int leased(side *s) {
     return st.n_leased;
 }
 
-/* Prefill request id (lease) for case k, then the decode request pulling it. Returns the
- * decode record. */
-static rec *pd_request(side *p, side *d, int id, const golden_case *k, int sleep_ms) {
+/* Greedy request id of case k's prompt: the prefill's (leased, one token) or, remote given, the
+ * decode's pulling it (the golden length). */
+static void submit(side *s, int id, const golden_case *k, srv_kv_params *remote) {
     memset(&R[id], 0, sizeof R[id]);
-    memset(&R[id + 32], 0, sizeof R[id + 32]);
     eng_request q = {.id = (uint64_t)id, .prompt = k->prompt, .n_prompt = k->n_prompt};
     eng_sampling_default(&q.sampling);
     q.sampling.smp.temperature = 0;
-    q.sampling.max_tokens = 1;
+    q.sampling.max_tokens = remote ? k->n_greedy : 1;
     q.sampling.ignore_eos = true;
-    q.kv_role = ENG_KV_LEASE;
+    q.kv_role = remote ? ENG_KV_REMOTE : ENG_KV_LEASE;
+    q.remote = remote;
     char err[256];
-    CHECK_MSG(eng_submit(p->eng, &q, err, sizeof err) == DUET_OK, "%s", err);
-    for (int i = 0; i < 500 && !R[id].n_final; i++) step(p);
-    CHECK(R[id].n_final == 1 && R[id].n_lease > 0);
-    CHECK(R[id].n_out == 1 && R[id].out[0] == k->greedy[0]);
-    /* what the server passes from the prefill answer to the decode request */
+    CHECK_MSG(eng_submit(s->eng, &q, err, sizeof err) == DUET_OK, "%s", err);
+}
+
+/* What the server passes from the prefill answer to the decode request (heap). */
+static srv_kv_params *remote_of(side *p, int id) {
     srv_kv_params *remote = calloc(1, sizeof *remote);
     CHECK(remote && p->plug.lease(p->plug.state, (uint64_t)id, "req", remote) == DUET_OK);
     remote->lease = (uint64_t)id;
+    return remote;
+}
+
+/* Prefill request id (lease) for case k, then the decode request pulling it. Returns the
+ * decode record. */
+static rec *pd_request(side *p, side *d, int id, const golden_case *k, int sleep_ms) {
+    submit(p, id, k, NULL);
+    for (int i = 0; i < 500 && !R[id].n_final; i++) step(p);
+    CHECK(R[id].n_final == 1 && R[id].n_lease > 0);
+    CHECK(R[id].n_out == 1 && R[id].out[0] == k->greedy[0]);
+    srv_kv_params *remote = remote_of(p, id);
     if (sleep_ms) {
         for (int i = 0; i < sleep_ms / 5; i++) step(p); /* the prefill engine keeps stepping */
     }
-    eng_request dq = {.id = (uint64_t)id + 32, .prompt = k->prompt, .n_prompt = k->n_prompt};
-    eng_sampling_default(&dq.sampling);
-    dq.sampling.smp.temperature = 0;
-    dq.sampling.max_tokens = k->n_greedy;
-    dq.sampling.ignore_eos = true;
-    dq.kv_role = ENG_KV_REMOTE;
-    dq.remote = remote;
-    CHECK(eng_submit(d->eng, &dq, err, sizeof err) == DUET_OK);
+    submit(d, id + 32, k, remote);
     for (int i = 0; i < 5000 && !R[id + 32].n_final; i++) {
         step(d);
         step(p);
@@ -201,32 +205,14 @@ static rec *pd_request(side *p, side *d, int id, const golden_case *k, int sleep
  * prompt is being computed), then both step to the end. abort_after >= 0: the prefill request
  * is aborted after that many more steps. */
 static rec *pd_overlap(side *p, side *d, int id, const golden_case *k, int abort_after) {
-    memset(&R[id], 0, sizeof R[id]);
-    memset(&R[id + 32], 0, sizeof R[id + 32]);
-    eng_request q = {.id = (uint64_t)id, .prompt = k->prompt, .n_prompt = k->n_prompt};
-    eng_sampling_default(&q.sampling);
-    q.sampling.smp.temperature = 0;
-    q.sampling.max_tokens = 1;
-    q.sampling.ignore_eos = true;
-    q.kv_role = ENG_KV_LEASE;
-    char err[256];
-    CHECK_MSG(eng_submit(p->eng, &q, err, sizeof err) == DUET_OK, "%s", err);
+    submit(p, id, k, NULL);
     for (int i = 0; i < 100 && !R[id].n_open; i++) step(p);
     CHECK_MSG(R[id].n_open == 1 && R[id].n_final == 0 && R[id].n_out == 0,
               "lease_open events %d, final %d", R[id].n_open, R[id].n_final);
-    srv_kv_params *remote = calloc(1, sizeof *remote);
-    CHECK(remote && p->plug.lease(p->plug.state, (uint64_t)id, "req", remote) == DUET_OK);
-    remote->lease = (uint64_t)id;
+    srv_kv_params *remote = remote_of(p, id);
     kvlease_stats ls0, ls;
     kvlease_get_stats(&p->plug, &ls0);
-    eng_request dq = {.id = (uint64_t)id + 32, .prompt = k->prompt, .n_prompt = k->n_prompt};
-    eng_sampling_default(&dq.sampling);
-    dq.sampling.smp.temperature = 0;
-    dq.sampling.max_tokens = k->n_greedy;
-    dq.sampling.ignore_eos = true;
-    dq.kv_role = ENG_KV_REMOTE;
-    dq.remote = remote;
-    CHECK(eng_submit(d->eng, &dq, err, sizeof err) == DUET_OK);
+    submit(d, id + 32, k, remote);
     ls = ls0;
     for (int i = 0; i < 3000 && ls.pins_computing == ls0.pins_computing; i++) {
         step(d);
@@ -367,15 +353,7 @@ out:
 
 /* A lease of case k's prompt on the prefill side (request id). */
 static void make_lease(side *p, int id, const golden_case *k) {
-    memset(&R[id], 0, sizeof R[id]);
-    eng_request q = {.id = (uint64_t)id, .prompt = k->prompt, .n_prompt = k->n_prompt};
-    eng_sampling_default(&q.sampling);
-    q.sampling.smp.temperature = 0;
-    q.sampling.max_tokens = 1;
-    q.sampling.ignore_eos = true;
-    q.kv_role = ENG_KV_LEASE;
-    char err[256];
-    CHECK_MSG(eng_submit(p->eng, &q, err, sizeof err) == DUET_OK, "%s", err);
+    submit(p, id, k, NULL);
     for (int i = 0; i < 500 && !R[id].n_final; i++) step(p);
     CHECK(R[id].n_final == 1 && R[id].n_lease > 0);
 }
