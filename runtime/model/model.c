@@ -63,11 +63,13 @@ struct mdl_model {
     mdl_step step;
     mdl_buffers buf;
     mdl_graphs graphs;
-    int spec_tokens;     /* MTP drafts per step (0: no MTP module loaded) */
-    int n_kv_layers;     /* num_hidden_layers, + 1 for the MTP module's own cache */
-    int last_T;          /* tokens of the last mdl_forward (rows of buf.hid) */
-    float *draft_logits; /* host [cap_draft, vocab] */
-    int cap_draft;
+    int spec_tokens; /* MTP drafts per step (0: no MTP module loaded) */
+    int n_kv_layers; /* num_hidden_layers, + 1 for the MTP module's own cache */
+    int last_T;      /* tokens of the last mdl_forward (rows of buf.hid) */
+    /* MTP drafts are the module's argmax, taken where the logits are (the backend's sampling
+     * ops, greedy rows): no row of logits comes to the host */
+    be_sampler *draft_smp;
+    int cap_draft; /* its rows */
     /* the last forward's logits left in backend memory (mdl_forward with logits NULL):
      * [n_out, stride] with vocab_size valid columns */
     const void *out_logits;
@@ -312,7 +314,7 @@ duet_status mdl_load(const char *dir, be_backend *be, const mdl_shard *shard,
 void mdl_destroy(mdl_model *m) {
     if (!m) return;
     buffers_free(m);
-    free(m->draft_logits);
+    if (m->draft_smp) be_sampler_destroy(m->be, m->draft_smp);
     mdl_coll_destroy(m->coll);
     mdl_weights_destroy(m->w);
     step_free(&m->step);
@@ -752,24 +754,28 @@ static duet_status mtp_pass(mdl_model *m, be_kv *kv, int T, int n_out, const voi
     o->gather_rows(be, m->buf.mtp_prev, m->buf.h, NULL, n_out, D);
     o->rmsnorm(be, m->buf.xn, D, m->buf.mtp_prev, D, t->head_norm, n_out, D, eps);
     o->linear(be, m->buf.logits, m->buf.xn, D, n_out, t->head);
-    st = o->sync(be);
+    /* the rows gathered over TP in backend memory (collective), then one greedy sampling
+     * call: the device's argmax, n_out tokens downloaded */
+    const void *rows_dev;
+    int stride;
+    st = mdl_coll_logits_gather(m->coll, m->buf.logits, n_out, &rows_dev, &stride);
     if (st != DUET_OK) return st;
     if (n_out > m->cap_draft) {
-        float *p = realloc(m->draft_logits, (size_t)n_out * (size_t)V * sizeof(float));
-        if (!p) return DUET_ERR_NO_MEMORY;
-        m->draft_logits = p;
-        m->cap_draft = n_out;
+        if (m->draft_smp) be_sampler_destroy(be, m->draft_smp);
+        m->draft_smp = NULL;
+        m->cap_draft = 0;
+        st = be_sampler_create(be, m->buf.cap_out, V, 0, &m->draft_smp);
+        if (st != DUET_OK) return st;
+        m->cap_draft = m->buf.cap_out;
     }
-    st = mdl_coll_logits(m->coll, m->buf.logits, n_out, m->draft_logits);
-    if (st != DUET_OK) return st;
+    be_sampler *smp = m->draft_smp;
     for (int r = 0; r < n_out; r++) {
-        const float *l = m->draft_logits + (size_t)r * V;
-        int best = 0;
-        for (int v = 1; v < V; v++)
-            if (l[v] > l[best]) best = v;
-        out[r] = best;
+        be_sample_row_init(&smp->rows[r]); /* greedy: the first of equal maxima */
+        smp->rows[r].logits_row = r;
     }
-    return DUET_OK;
+    st = be_sample(be, smp, rows_dev, stride, n_out, n_out);
+    for (int r = 0; st == DUET_OK && r < n_out; r++) out[r] = smp->out[r].token;
+    return st;
 }
 
 /* A pass of the MTP module with no tokens on this rank: only the MoE layer's all-to-alls,

@@ -266,11 +266,17 @@ export function metricValue(text, name) {
 // embedding, a one-hot column k(a); lm_head's row b holds 1 in that column, so b wins every
 // other token by the norm's sqrt(hidden) margin. A real checkpoint (no hook in the engine or
 // the sampler) whose answers are known, for end-to-end parser tests. Returns the directory.
-export function scriptedModel(chain, tokenizerDir) {
+// With { mtp: true } it also has an MTP module (duet-mkmodel --mtp) scripted the same way: its
+// embedding and head are the model's, eh_proj passes the embedding half through (1 on the
+// diagonal of its first hidden-size columns) and its decoder layer is zero, so it drafts the
+// successor of the token it is given, which is what the model itself predicts next: greedy
+// decoding along a chain accepts every draft.
+export function scriptedModel(chain, tokenizerDir, { mtp = false } = {}) {
   const mk = process.env.DUET_MKMODEL;
   if (!mk) throw new Error('DUET_MKMODEL must be set (meson sets it)');
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'duet-scripted-'));
-  execSync(`${mk} --preset tiny --tokenizer ${tokenizerDir} --out ${dir} --force`, { stdio: 'ignore' });
+  execSync(`${mk} --preset tiny ${mtp ? '--mtp ' : ''}--tokenizer ${tokenizerDir} --out ${dir} --force`,
+    { stdio: 'ignore' });
   const file = path.join(dir, 'model.safetensors');
   const raw = fs.readFileSync(file);
   const n = Number(raw.readBigUInt64LE(0));
@@ -290,6 +296,16 @@ export function scriptedModel(chain, tokenizerDir) {
     const k = col.get(a);
     data.writeUInt16LE(one, at('model.embed_tokens.weight') + 2 * (a * hidden + k));
     data.writeUInt16LE(one, at('lm_head.weight') + 2 * (b * hidden + k));
+    if (mtp) {
+      const L = JSON.parse(fs.readFileSync(path.join(dir, 'config.json'), 'utf8')).num_hidden_layers;
+      data.writeUInt16LE(one, at(`model.layers.${L}.embed_tokens.weight`) + 2 * (a * hidden + k));
+      data.writeUInt16LE(one, at(`model.layers.${L}.shared_head.head.weight`) + 2 * (b * hidden + k));
+    }
+  }
+  if (mtp) {
+    const L = JSON.parse(fs.readFileSync(path.join(dir, 'config.json'), 'utf8')).num_hidden_layers;
+    const eh = at(`model.layers.${L}.eh_proj.weight`); // [hidden, 2 * hidden]
+    for (let j = 0; j < hidden; j++) data.writeUInt16LE(one, eh + 2 * (j * 2 * hidden + j));
   }
   fs.writeFileSync(file, Buffer.concat([raw.subarray(0, 8 + n), data]));
   return dir;
