@@ -876,7 +876,54 @@ static void scenario_early(void) {
     CHECK_EQ_INT(stub_stat(&d, "plain"), 2);
     CHECK_EQ_INT(metric_value(&px, "duet_proxy_retries_total{leg=\"prefill\"} "), retries + 2);
     stub_control(&p1, "{\"kv_events\":\"early\"}");
-    expect_exit(stop(px.pid, SIGTERM), 0);
+
+    /* A list of prompts: one chain per prompt, each with its early decode. */
+    stub_control(&p1, "{\"prefill_delay_ms\":300}");
+    int prefills = stub_stat(&p1, "prefill_streamed");
+    r = http_do(px.port, "POST", "/v1/completions", NULL,
+                "{\"prompt\":[\"a\",\"b\"],\"max_tokens\":2,\"stream\":true}");
+    CHECK_MSG(r.status == 200 && r.body && strstr(r.body, "\"index\":1") &&
+                  count_str(r.body, "data: [DONE]") == 1 && !strstr(r.body, "\"error\""),
+              "list streamed: %d %s", r.status, r.body ? r.body : "");
+    resp_free(&r);
+    r = http_do(px.port, "POST", "/v1/completions", NULL,
+                "{\"prompt\":[\"a\",\"b\"],\"max_tokens\":2}");
+    cJSON *j = resp_json(&r);
+    CHECK_MSG(r.status == 200 &&
+                  cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(j, "choices")) == 2,
+              "list: %d %s", r.status, r.body ? r.body : "");
+    cJSON_Delete(j);
+    resp_free(&r);
+    CHECK(stubs_idle(&p1, &d, 3000));
+    CHECK_EQ_INT(stub_stat(&p1, "prefill_streamed"), prefills + 4);
+    CHECK_EQ_INT(stub_stat(&p1, "aborted"), 0);
+
+    /* SIGTERM with a request answered but its prefill stream still open: the drain waits for
+     * the stream's end (the prefill is not aborted), then the proxy exits 0. */
+    stub_control(&p1, "{\"prefill_delay_ms\":800}");
+    r = http_do(px.port, "POST", "/v1/completions", NULL, "{\"prompt\":\"x\",\"max_tokens\":2}");
+    CHECK_EQ_INT(r.status, 200);
+    resp_free(&r);
+    long long t0 = now_ms();
+    kill(px.pid, SIGTERM);
+    expect_exit(wait_exit(px.pid, 5000), 0);
+    CHECK_MSG(now_ms() - t0 >= 400, "exited after %lld ms, before the prefill stream's end",
+              now_ms() - t0);
+    CHECK_EQ_INT(stub_stat(&p1, "aborted"), 0);
+    /* ... unless --drain-timeout comes first: then the stream is cut. */
+    const char *flags_dt[] = {"--prefill",       endpoint(&p1), "--decode", endpoint(&d),
+                              "--drain-timeout", "0.2",         NULL};
+    px = proxy_start(flags_dt);
+    r = http_do(px.port, "POST", "/v1/completions", NULL, "{\"prompt\":\"x\",\"max_tokens\":2}");
+    CHECK_EQ_INT(r.status, 200);
+    resp_free(&r);
+    t0 = now_ms();
+    kill(px.pid, SIGTERM);
+    expect_exit(wait_exit(px.pid, 5000), 0);
+    CHECK_MSG(now_ms() - t0 < 700, "drain took %lld ms", now_ms() - t0);
+    CHECK(stubs_idle(&p1, NULL, 2000));
+    CHECK_EQ_INT(stub_stat(&p1, "aborted"), 1);
+    stub_control(&p1, "{\"prefill_delay_ms\":0}");
 
     /* (c) The prefill fails after the decode leg started. Two prefills, each failing once. */
     stub_proc p2 = stub_start("p2", "prefill", 0, NULL);
@@ -904,6 +951,32 @@ static void scenario_early(void) {
         CHECK_EQ_INT(stub_stat(&d, "decode"), decodes + 3);
         CHECK_EQ_INT(metric_value(&px, "duet_proxy_retries_total{leg=\"prefill\"} "), retries + 2);
     }
+    /* A prefill stream that stalls after its first event times out (its gaps get
+     * max(--idle-timeout, --prefill-timeout)): the same. A client not streaming, so nothing
+     * reaches it before the decode answer's end, 1 s after its request. */
+    expect_exit(stop(px.pid, SIGTERM), 0);
+    const char *flags_t[] = {"--prefill",  endpoint(&p1),       endpoint(&p2), "--decode",
+                             endpoint(&d), "--policy",          "round-robin", "--retry-backoff",
+                             "0.005",      "--eject-after",     "100",         "--idle-timeout",
+                             "0.2",        "--prefill-timeout", "0.3",         NULL};
+    px = proxy_start(flags_t);
+    stub_control(&p1, "{\"fail\":\"stall\",\"after\":1,\"count\":1}");
+    stub_control(&p2, "{\"fail\":\"stall\",\"after\":1,\"count\":1}");
+    stub_control(&d, "{\"token_delay_ms\":1000}");
+    int aborted = stub_stat(&d, "aborted");
+    int p_aborted = stub_stat(&p1, "aborted") + stub_stat(&p2, "aborted");
+    t0 = now_ms();
+    r = http_do(px.port, "POST", "/v1/completions", NULL, "{\"prompt\":\"x\",\"max_tokens\":2}");
+    CHECK_MSG(r.status == 200 && r.body && strstr(r.body, "\"text\":\"tok0 tok1 \""),
+              "(c) stall: %d %s", r.status, r.body ? r.body : "");
+    resp_free(&r);
+    CHECK_MSG(now_ms() - t0 >= 1500, "(c) stall answered after %lld ms", now_ms() - t0);
+    CHECK_EQ_INT(stub_stat(&d, "aborted"), aborted + 2);
+    CHECK(stubs_idle(&p1, &p2, 2000));
+    CHECK_EQ_INT(stub_stat(&p1, "aborted") + stub_stat(&p2, "aborted"), p_aborted + 2);
+    expect_exit(stop(px.pid, SIGTERM), 0);
+    px = proxy_start(flags2);
+
     /* Every prefill failing so: 502 once the prefill retries are spent. */
     stub_control(&p1, "{\"fail\":\"close\",\"after\":1}");
     stub_control(&p2, "{\"fail\":\"close\",\"after\":1}");
@@ -916,7 +989,7 @@ static void scenario_early(void) {
     stub_control(&p2, "{\"fail\":\"close\",\"after\":1,\"count\":1,\"prefill_delay_ms\":300}");
     stub_control(&d, "{\"token_delay_ms\":20}");
     int pre = stub_stat(&p1, "prefill") + stub_stat(&p2, "prefill");
-    int aborted = stub_stat(&d, "aborted");
+    aborted = stub_stat(&d, "aborted");
     r = http_do(px.port, "POST", "/v1/completions", NULL,
                 "{\"prompt\":\"x\",\"max_tokens\":30,\"stream\":true}");
     check_clean_stream(&r, 30, "(c) after bytes");
@@ -929,7 +1002,7 @@ static void scenario_early(void) {
     /* (d) The client leaves while both legs are open: both upstreams are closed. */
     stub_control(&p1, "{\"prefill_delay_ms\":2000}");
     stub_control(&p2, "{\"prefill_delay_ms\":2000}");
-    int p_aborted = stub_stat(&p1, "aborted") + stub_stat(&p2, "aborted");
+    p_aborted = stub_stat(&p1, "aborted") + stub_stat(&p2, "aborted");
     aborted = stub_stat(&d, "aborted");
     int fd =
         stream_open(px.port, "{\"prompt\":\"x\",\"max_tokens\":50,\"stream\":true}", &r, "tok1 ");
