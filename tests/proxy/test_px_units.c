@@ -280,6 +280,7 @@ static void test_config(void) {
     CHECK(strstr(out, "--prefiller-hosts HOST...") && strstr(out, "--max-retries N"));
     CHECK(strstr(out, "--retry-delay, --retry-backoff S") != NULL);
     CHECK(strstr(out, "DUET_API_KEY]") != NULL);
+    CHECK(strstr(out, "--early-decode {on,off}") && strstr(out, "(default on)"));
     px_config_cleanup(&cfg);
     const char *version[] = {"--version", NULL}; /* needs no endpoints */
     CHECK(parse(&cfg, version, out, sizeof out) == 0 && cfg.version);
