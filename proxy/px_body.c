@@ -3,6 +3,7 @@
 #include "px_body.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 enum {
@@ -126,14 +127,14 @@ static char *print(const cJSON *root, size_t *len_p) {
     return s;
 }
 
-char *px_gen_prefill_body(const px_gen *g, size_t *len_p) {
+static char *prefill_body(const px_gen *g, bool stream, size_t *len_p) {
     cJSON *p = cJSON_Duplicate(g->root, 1);
     if (!p) return NULL;
     cJSON *kv = cJSON_CreateObject();
     bool ok = kv && cJSON_AddTrueToObject(kv, "do_remote_decode");
     if (!ok) cJSON_Delete(kv);
     ok = ok && set_item(p, "kv_transfer_params", kv);
-    ok = ok && set_item(p, "stream", cJSON_CreateFalse());
+    ok = ok && set_item(p, "stream", cJSON_CreateBool(stream));
     ok = ok && set_item(p, "max_tokens", cJSON_CreateNumber(1));
     if (ok && cJSON_HasObjectItem(p, "max_completion_tokens"))
         ok = set_item(p, "max_completion_tokens", cJSON_CreateNumber(1));
@@ -146,6 +147,14 @@ char *px_gen_prefill_body(const px_gen *g, size_t *len_p) {
     char *s = ok ? print(p, len_p) : NULL;
     cJSON_Delete(p);
     return s;
+}
+
+char *px_gen_prefill_body(const px_gen *g, size_t *len_p) {
+    return prefill_body(g, false, len_p);
+}
+
+char *px_gen_prefill_body_streamed(const px_gen *g, size_t *len_p) {
+    return prefill_body(g, true, len_p);
 }
 
 char *px_gen_decode_body(px_gen *g, const cJSON *kv, size_t *len_p) {
@@ -172,6 +181,66 @@ duet_status px_prefill_kv_params(const char *body, size_t len, cJSON **kv_p) {
     }
     *kv_p = kv;
     return DUET_OK;
+}
+
+/* ---- a streamed prefill answer ---- */
+
+size_t px_sse_next(const char *buf, size_t len, size_t *ev_len_p) {
+    /* Lines end with \n (a \r before it is dropped); an empty line ends the event. */
+    size_t at = 0;
+    while (at < len) {
+        const char *nl = memchr(buf + at, '\n', len - at);
+        if (!nl) return 0;
+        size_t end = (size_t)(nl - buf);
+        size_t line = end - at;
+        if (line && buf[end - 1] == '\r') line--;
+        if (line == 0) {
+            *ev_len_p = at;
+            return end + 1;
+        }
+        at = end + 1;
+    }
+    return 0;
+}
+
+px_sse_kind px_sse_prefill_event(const char *ev, size_t len, cJSON **kv_p) {
+    if (kv_p) *kv_p = NULL;
+    /* The data lines' values joined with \n (the SSE rule), "data:" and one space dropped. */
+    char *data = malloc(len + 1);
+    if (!data) return PX_SSE_OTHER;
+    size_t n = 0;
+    bool any = false;
+    for (size_t at = 0; at < len;) {
+        const char *nl = memchr(ev + at, '\n', len - at);
+        size_t end = nl ? (size_t)(nl - ev) : len;
+        size_t ll = end - at;
+        if (ll && ev[at + ll - 1] == '\r') ll--;
+        const char *line = ev + at;
+        if (ll >= 5 && !memcmp(line, "data:", 5)) {
+            size_t skip = ll > 5 && line[5] == ' ' ? 6 : 5;
+            if (any) data[n++] = '\n';
+            memcpy(data + n, line + skip, ll - skip);
+            n += ll - skip;
+            any = true;
+        }
+        at = end + 1;
+    }
+    px_sse_kind kind = PX_SSE_OTHER;
+    if (any && n == 6 && !memcmp(data, "[DONE]", 6)) {
+        kind = PX_SSE_DONE;
+    } else if (any) {
+        cJSON *root = cJSON_ParseWithLength(data, n);
+        cJSON *kv = cJSON_GetObjectItemCaseSensitive(root, "kv_transfer_params");
+        if (root && (!cJSON_IsObject(root) || cJSON_HasObjectItem(root, "error"))) {
+            kind = PX_SSE_ERROR;
+        } else if (cJSON_IsObject(kv)) {
+            kind = PX_SSE_KV;
+            if (kv_p) *kv_p = cJSON_DetachItemViaPointer(root, kv);
+        }
+        cJSON_Delete(root);
+    }
+    free(data);
+    return kind;
 }
 
 /* A list of prompts: strings or token-id lists (a list of numbers is one prompt). */

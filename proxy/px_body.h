@@ -1,7 +1,8 @@
 /* The JSON side of the disaggregated flow: reading a client's completion request, the prefill
- * leg's body (vLLM's NIXL-connector protocol: max_tokens 1, not streamed, do_remote_decode),
- * the decode leg's body (the original plus the prefill's kv_transfer_params), and the load
- * estimates the balancer weighs. Pure functions over cJSON; any thread. */
+ * leg's body (vLLM's NIXL-connector protocol: max_tokens 1, do_remote_decode; streamed or not),
+ * the events of a streamed prefill answer, the decode leg's body (the original plus the
+ * prefill's kv_transfer_params), and the load estimates the balancer weighs. Pure functions
+ * over cJSON; any thread. */
 #ifndef DUET_PX_BODY_H
 #define DUET_PX_BODY_H
 
@@ -33,6 +34,9 @@ uint64_t px_gen_decode_load(const px_gen *g);
  * max_completion_tokens 1 when present), no min_tokens, kv_transfer_params
  * {"do_remote_decode": true}. Free with cJSON_free. NULL when out of memory. */
 char *px_gen_prefill_body(const px_gen *g, size_t *len_p);
+/* The same with stream true (still no stream_options), for early decode: a duet prefill worker
+ * then sends kv_transfer_params in its first event, as soon as it admits the request. */
+char *px_gen_prefill_body_streamed(const px_gen *g, size_t *len_p);
 
 /* The decode leg's body: the original with kv_transfer_params replaced by kv (dropped when kv
  * is NULL). Free with cJSON_free. NULL when out of memory. */
@@ -41,6 +45,25 @@ char *px_gen_decode_body(px_gen *g, const cJSON *kv, size_t *len_p);
 /* The kv_transfer_params object of a prefill answer, detached for the caller (cJSON_Delete);
  * *kv_p is NULL when the answer has none. DUET_ERR_FORMAT when the answer is not a JSON object. */
 duet_status px_prefill_kv_params(const char *body, size_t len, cJSON **kv_p);
+
+/* ---- a streamed prefill answer (server-sent events) ---- */
+
+typedef enum px_sse_kind {
+    PX_SSE_OTHER = 0, /* a chunk without params, a comment, an empty event, not JSON */
+    PX_SSE_KV,        /* a JSON object with a top-level kv_transfer_params object */
+    PX_SSE_ERROR,     /* a JSON object with "error", or a JSON value that is not an object */
+    PX_SSE_DONE,      /* data: [DONE] */
+} px_sse_kind;
+
+/* The first whole event of buf[0, len): returns the bytes it takes with the empty line that ends
+ * it ("\n\n" or "\r\n\r\n" after its last line), 0 while none is whole; *ev_len_p gets its
+ * length up to that empty line (its last line's line end included). */
+size_t px_sse_next(const char *buf, size_t len, size_t *ev_len_p);
+
+/* What an event (as px_sse_next cut it) of a prefill stream is: its data lines joined, then
+ * read as JSON. For PX_SSE_KV, *kv_p (when kv_p is not NULL) gets the kv_transfer_params object
+ * (cJSON_Delete); otherwise it is set to NULL. */
+px_sse_kind px_sse_prefill_event(const char *ev, size_t len, cJSON **kv_p);
 
 /* ---- a list of prompts split into one prefill -> decode chain per prompt ---- */
 

@@ -76,6 +76,15 @@ static duet_status parse_bytes(const opt_spec *s, const char *v, char *err, size
     return DUET_OK;
 }
 
+/* on/off; true/false too, as a JSON file's booleans arrive. */
+static duet_status parse_on_off(const opt_spec *s, const char *v, char *err, size_t len) {
+    bool on = !strcmp(v, "on") || !strcmp(v, "true");
+    if (!on && strcmp(v, "off") && strcmp(v, "false"))
+        return fail(err, len, "expected on or off, got '%s'", v);
+    *(bool *)s->dest = on;
+    return DUET_OK;
+}
+
 static duet_status parse_policy(const opt_spec *s, const char *v, char *err, size_t len) {
     if (px_policy_parse(v, s->dest) != DUET_OK)
         return fail(err, len, "expected least-load, round-robin or power-of-two, got '%s'", v);
@@ -185,6 +194,15 @@ static int cli_table(px_cli *cli, opt_spec out[TABLE_MAX]) {
          .def = "least-load",
          .metavar = "{least-load,round-robin,power-of-two}",
          .help = "how a request's backend is picked"},
+        {.name = "--early-decode",
+         .type = OPT_CUSTOM,
+         .parse = parse_on_off,
+         .dest = &c->early_decode,
+         .def = "on",
+         .metavar = "{on,off}",
+         .help = "stream the prefill leg and start the decode leg at its first event carrying "
+                 "kv_transfer_params, while the prefill still computes; off: the decode leg "
+                 "after the whole prefill answer"},
         {.name = "--api-key",
          .type = OPT_CUSTOM,
          .parse = parse_client_key,

@@ -49,6 +49,9 @@ typedef struct px_config {
     unsigned max_connections;
     unsigned max_connections_per_client; /* 0: no limit */
     size_t max_body_bytes;
+    /* The prefill leg streamed and the decode leg started at the prefill's first event that
+     * carries kv_transfer_params, while the prefill still computes (--early-decode on). */
+    bool early_decode;
     bool version;
 } px_config;
 

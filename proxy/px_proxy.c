@@ -1,11 +1,14 @@
-/* The proxy's request handling. A generation request is a job that runs legs one after the
- * other, each on one backend at a time: prefill (answer buffered, kv_transfer_params taken),
- * then decode (streamed to the client as it arrives, or buffered when not streaming). A leg
- * that fails before any byte reached the client is retried on another backend after a backoff;
- * after that, the client gets an SSE error event and [DONE], never a silent end. Forwarded
- * routes (/v1/models, /tokenize, /detokenize) are one-leg jobs with the same retry rules. A job
- * ends when its client request is finished, no upstream request is open and nothing is held;
- * its memory goes in its timer's close callback. */
+/* The proxy's request handling. A generation request is a job that runs a prefill leg, then a
+ * decode leg (streamed to the client as it arrives, or buffered when not streaming). With early
+ * decode the prefill leg is streamed and the decode leg starts at its first event carrying
+ * kv_transfer_params, while the prefill stream stays open to its end beside it (closing it would
+ * abort the prefill and free the lease the decode reads); without it, the prefill answer is
+ * buffered whole first. A leg that fails before any byte reached the client is retried on
+ * another backend after a backoff (a prefill that fails under a started decode leg retries the
+ * whole chain); after that, the client gets an SSE error event and [DONE], never a silent end.
+ * Forwarded routes (/v1/models, /tokenize, /detokenize) are one-leg jobs with the same retry
+ * rules. A job ends when its client request is finished, no upstream request is open and
+ * nothing is held; its memory goes in its timer's close callback. */
 #include "px_proxy.h"
 
 #include <cjson/cJSON.h>
@@ -47,9 +50,11 @@ struct px_proxy {
     uint64_t rid_next;
     bool balancer; /* --backend: plain instances, one leg per request */
     unsigned jobs_open;
-    int refs; /* the owner's, one per job, the drain timer's */
+    struct px_job *lingering; /* jobs whose client has its answer, waiting for a prefill stream */
+    int refs;                 /* the owner's, one per job, the drain timer's */
     uv_timer_t drain_timer;
     bool draining, destroyed, drained_called;
+    bool warned_no_kv; /* a streamed prefill answer without kv_transfer_params was seen */
     px_drained_fn drained_cb;
     void *drained_arg;
 };
@@ -97,6 +102,23 @@ typedef struct px_job {
     bool paused;
     char tail[TAIL_MAX];
     size_t tail_len;
+    /* Early decode: the prefill leg streamed, its events read as they come (pre_buf holds the
+     * bytes of an event not yet whole). The first event with kv_transfer_params moves the
+     * prefill request to pre_up (its backend to pre_b, still charged, and its attempts and
+     * tried backends aside, for a retry of the whole chain) and starts the decode leg. */
+    bool pre_stream;
+    strbuf pre_buf;
+    bool pre_sse, pre_kv, pre_done, pre_error, pre_overflow;
+    httpc_req *pre_up;
+    px_backend *pre_b;
+    uint64_t pre_load, pre_t0;
+    unsigned pre_attempts;
+    px_backend *pre_tried[MAX_TRIED];
+    size_t pre_ntried;
+    /* The client has its answer; the job waits for the prefill stream's end (px->lingering). */
+    bool lingering;
+    struct px_job *lnext, *lprev;
+    bool ended;
 } px_job;
 
 /* A completions request with a list of prompts, split into one prefill -> decode chain per
@@ -207,6 +229,7 @@ static void job_free(uv_handle_t *h) {
     cJSON_free(job->decode_body);
     free(job->fwd_body);
     strbuf_free(&job->buf);
+    strbuf_free(&job->pre_buf);
     free(job);
     px_unref(px);
 }
@@ -219,15 +242,41 @@ static void leg_release(px_job *job) {
     job->b = NULL;
 }
 
-/* Everything let go: the request finished, the upstream closed, the backend released. */
+/* The prefill backend of an early decode, charged until its stream ends. */
+static void prefill_release(px_job *job) {
+    if (!job->pre_b) return;
+    px_backends_release(&job->px->backends, job->pre_b, job->pre_load);
+    job->pre_b = NULL;
+}
+
+static void linger_unlink(px_job *job) {
+    if (!job->lingering) return;
+    job->lingering = false;
+    if (job->lprev)
+        job->lprev->lnext = job->lnext;
+    else
+        job->px->lingering = job->lnext;
+    if (job->lnext) job->lnext->lprev = job->lprev;
+    job->lnext = job->lprev = NULL;
+}
+
+/* Everything let go: the request finished, the upstreams closed, the backends released. */
 static void job_end(px_job *job) {
     px_proxy *px = job->px;
+    if (job->ended) return;
+    job->ended = true;
     if (job->fan) job->fan->parts[job->part] = NULL;
     if (job->up) {
         httpc_cancel(job->up);
         job->up = NULL;
     }
+    if (job->pre_up) {
+        httpc_cancel(job->pre_up);
+        job->pre_up = NULL;
+    }
     leg_release(job);
+    prefill_release(job);
+    linger_unlink(job);
     uv_timer_stop(&job->timer);
     uv_close((uv_handle_t *)&job->timer, job_free);
     px->jobs_open--;
@@ -238,6 +287,29 @@ static void job_finished(px_job *job, int status) {
     if (!job->fan) count_request(job->px, job->route, status, job->t0); /* a fan counts once */
     job->req = NULL;
     job_end(job);
+}
+
+/* The client has its whole, good answer. With an early decode's prefill stream still open the
+ * job stays, holding only that stream, until it ends (closing it would abort the prefill
+ * request on its worker); otherwise it ends now. */
+static void job_succeeded(px_job *job, int status) {
+    if (!job->pre_up) {
+        job_finished(job, status);
+        return;
+    }
+    px_proxy *px = job->px;
+    if (!job->fan) count_request(px, job->route, status, job->t0);
+    job->req = NULL;
+    leg_release(job);
+    uv_timer_stop(&job->timer);
+    /* Out of the fan's list: the fan's end cancels the parts it lists, not this one. */
+    if (job->fan) job->fan->parts[job->part] = NULL;
+    LOG_DEBUG("proxy: %s: answered; waiting for the prefill stream to end", job->rid);
+    job->lingering = true;
+    job->lprev = NULL;
+    job->lnext = px->lingering;
+    if (px->lingering) px->lingering->lprev = job;
+    px->lingering = job;
 }
 
 static void job_fail(px_job *job, int status, px_error_kind kind, const char *msg) {
@@ -281,6 +353,7 @@ static px_job *job_new(px_proxy *px, http_req *req, px_route route, uint64_t t0)
     job->route = route;
     job->t0 = t0;
     strbuf_init(&job->buf);
+    strbuf_init(&job->pre_buf);
     uv_timer_init(px->loop, &job->timer);
     job->timer.data = job;
     px->refs++;
@@ -577,16 +650,23 @@ static void pass_through(px_job *job) {
         return;
     }
     if (status >= 400 && status < 500) job->px->m.errors[job->route][PX_ERROR_BACKEND_4XX]++;
+    bool ok = status >= 200 && status < 300;
     if (job->fan) {
         fan_part_answer(job->fan, job, status, job->up_ctype, job->buf.p ? job->buf.p : "",
                         job->buf.len);
-        job_finished(job, status);
+        if (ok)
+            job_succeeded(job, status);
+        else
+            job_finished(job, status);
         return;
     }
     http_header extra[] = {{"X-Request-Id", job->rid}, {NULL, NULL}};
     http_respond_headers(job->req, status, job->up_ctype[0] ? job->up_ctype : "application/json",
                          extra, job->buf.p ? job->buf.p : "", job->buf.len);
-    job_finished(job, status);
+    if (ok)
+        job_succeeded(job, status);
+    else
+        job_finished(job, status);
 }
 
 static void tail_add(px_job *job, const char *data, size_t len) {
@@ -689,6 +769,77 @@ static void stream_fail(px_job *job, const char *msg) {
     job_finished(job, 200);
 }
 
+/* The decode leg, with the prefill's kv_transfer_params (NULL: without them, and the decode
+ * worker computes the prompt itself). */
+static void decode_start(px_job *job, const cJSON *kv) {
+    cJSON_free(job->decode_body); /* an earlier chain's, when the whole chain was retried */
+    job->decode_body = px_gen_decode_body(&job->gen, kv, &job->decode_len);
+    if (!job->decode_body) {
+        job_fail(job, 500, PX_ERROR_DECODE, "out of memory");
+        return;
+    }
+    job->leg = PX_LEG_DECODE;
+    job->attempts = 0;
+    job->ntried = 0;
+    leg_attempt(job);
+}
+
+/* Early decode: the prefill's first event with kv_transfer_params. The prefill request becomes
+ * pre_up (its backend stays charged: it is still computing) and the decode leg starts beside
+ * it; the stream is read on to its end. */
+static void early_start(px_job *job, cJSON *kv) {
+    LOG_DEBUG("proxy: %s: prefill %s sent kv_transfer_params; starting the decode leg", job->rid,
+              job->b->name);
+    job->pre_up = job->up;
+    job->up = NULL;
+    job->pre_b = job->b;
+    job->b = NULL;
+    job->pre_load = job->b_load;
+    job->pre_t0 = job->leg_t0;
+    job->pre_attempts = job->attempts;
+    memcpy(job->pre_tried, job->tried, sizeof job->tried);
+    job->pre_ntried = job->ntried;
+    decode_start(job, kv);
+    cJSON_Delete(kv);
+}
+
+/* Bytes of a streamed prefill answer, before or after the decode leg started: whole events are
+ * looked at (the first with kv_transfer_params starts the decode leg; [DONE] and error events
+ * are noted for the stream's end) and dropped. */
+static void prefill_stream_read(px_job *job, const char *data, size_t len) {
+    strbuf *b = &job->pre_buf;
+    if (job->pre_overflow) return;
+    strbuf_add(b, data, len);
+    if (b->oom || b->len > MAX_UPSTREAM_BODY) { /* no event end in sight */
+        job->pre_overflow = true;
+        strbuf_free(b);
+        return;
+    }
+    size_t at = 0;
+    while (!job->ended) {
+        size_t ev_len = 0;
+        size_t used = px_sse_next(b->p + at, b->len - at, &ev_len);
+        if (!used) break;
+        const char *ev = b->p + at;
+        at += used;
+        cJSON *kv = NULL;
+        px_sse_kind kind = px_sse_prefill_event(ev, ev_len, job->pre_kv ? NULL : &kv);
+        if (kind == PX_SSE_DONE) {
+            job->pre_done = true;
+        } else if (kind == PX_SSE_ERROR) {
+            job->pre_error = true;
+        } else if (kind == PX_SSE_KV && !job->pre_kv) {
+            job->pre_kv = true;
+            early_start(job, kv); /* may end the job (no decode endpoint) */
+        }
+    }
+    if (job->ended) return;
+    memmove(b->p, b->p + at, b->len - at);
+    b->len -= at;
+}
+
+/* The prefill leg ended before any decode leg started: its whole answer (not streamed, or a
+ * stream that never carried kv_transfer_params) or a failure. */
 static void prefill_done(px_job *job, duet_status st) {
     px_backend *b = job->b;
     if (st == DUET_OK && job->up_status >= 400 && job->up_status < 500) {
@@ -698,7 +849,30 @@ static void prefill_done(px_job *job, duet_status st) {
         return;
     }
     cJSON *kv = NULL;
-    if (st == DUET_OK && job->up_status == 200 && !job->up_overflow) {
+    if (st == DUET_OK && job->up_status == 200 && job->pre_sse) {
+        if (job->pre_done && !job->pre_overflow) {
+            /* A whole stream without params (a prefill worker that does not send them, or an
+             * error event): as a JSON answer without them. */
+            if (!job->pre_error && !job->px->warned_no_kv) {
+                /* vLLM's prefill workers, for one, put the params in whole answers only. */
+                job->px->warned_no_kv = true;
+                LOG_WARN("proxy: prefill %s answered a streamed request without "
+                         "kv_transfer_params: its decode legs compute the prompt again; with "
+                         "such prefill workers run --early-decode off (said once)",
+                         b->name);
+            }
+            px_backend_report(b, true);
+            leg_release(job);
+            LOG_DEBUG("proxy: %s: prefill stream without kv_transfer_params%s; decode will "
+                      "compute the prompt itself",
+                      job->rid, job->pre_error ? " (it carried an error event)" : "");
+            decode_start(job, NULL);
+            return;
+        }
+        snprintf(job->last_err, sizeof job->last_err,
+                 "prefill %s: the stream ended before its kv_transfer_params%s", b->name,
+                 job->pre_overflow ? " (an event too large)" : " (no data: [DONE])");
+    } else if (st == DUET_OK && job->up_status == 200 && !job->up_overflow) {
         if (px_prefill_kv_params(job->buf.p ? job->buf.p : "", job->buf.len, &kv) == DUET_OK) {
             px_backend_report(b, true);
             leg_release(job);
@@ -706,16 +880,8 @@ static void prefill_done(px_job *job, duet_status st) {
                 LOG_DEBUG("proxy: %s: prefill answer without kv_transfer_params; decode will "
                           "compute the prompt itself",
                           job->rid);
-            job->decode_body = px_gen_decode_body(&job->gen, kv, &job->decode_len);
+            decode_start(job, kv);
             cJSON_Delete(kv);
-            if (!job->decode_body) {
-                job_fail(job, 500, PX_ERROR_DECODE, "out of memory");
-                return;
-            }
-            job->leg = PX_LEG_DECODE;
-            job->attempts = 0;
-            job->ntried = 0;
-            leg_attempt(job);
             return;
         }
         snprintf(job->last_err, sizeof job->last_err, "prefill %s: answer is not JSON", b->name);
@@ -727,6 +893,51 @@ static void prefill_done(px_job *job, duet_status st) {
     }
     px_backend_report(b, false);
     leg_release(job);
+    leg_retry_or_fail(job);
+}
+
+/* The end of an early decode's prefill stream (pre_up). A good end is a stream with [DONE] and
+ * no error event. A failure with nothing sent to the client yet takes the decode leg down (the
+ * lease it reads is gone) and retries the whole chain on another prefill endpoint; once bytes
+ * reached the client, the decode leg goes on, and its own end decides. */
+static void prefill_stream_end(px_job *job, httpc_req *req, duet_status st) {
+    px_proxy *px = job->px;
+    px_backend *b = job->pre_b;
+    job->pre_up = NULL;
+    double secs = seconds_since(job->pre_t0);
+    px_hist_observe(&px->leg_latency[PX_LEG_PREFILL], secs);
+    px_hist_observe(&b->latency, secs);
+    bool ok = st == DUET_OK && job->pre_done && !job->pre_error && !job->pre_overflow;
+    char msg[sizeof job->last_err];
+    snprintf(msg, sizeof msg, "prefill %s failed after the decode leg started: %s", b->name,
+             st                  ? httpc_req_reason(req)
+             : job->pre_error    ? "an error event"
+             : job->pre_overflow ? "an event too large"
+                                 : "the stream ended without data: [DONE]");
+    px_backend_report(b, ok);
+    prefill_release(job);
+    if (job->lingering) { /* the client has its answer: nothing else to wait for */
+        job_end(job);
+        return;
+    }
+    if (ok) return;
+    if (job->started) {
+        LOG_WARN("proxy: %s: %s; bytes reached the client, the decode leg goes on", job->rid, msg);
+        return;
+    }
+    LOG_INFO("proxy: %s: %s; canceling the decode leg", job->rid, msg);
+    snprintf(job->last_err, sizeof job->last_err, "%s", msg);
+    if (job->up) {
+        httpc_cancel(job->up);
+        job->up = NULL;
+    }
+    uv_timer_stop(&job->timer); /* a decode retry's backoff */
+    leg_release(job);           /* the decode backend is not at fault */
+    strbuf_free(&job->buf);
+    job->leg = PX_LEG_PREFILL;
+    job->attempts = job->pre_attempts;
+    memcpy(job->tried, job->pre_tried, sizeof job->tried);
+    job->ntried = job->pre_ntried;
     leg_retry_or_fail(job);
 }
 
@@ -744,10 +955,10 @@ static void decode_done(px_job *job, duet_status st) {
         leg_release(job);
         if (ok && job->fan) {
             fan_part_stream_done(job->fan, job);
-            job_finished(job, 200);
+            job_succeeded(job, 200);
         } else if (ok) {
             http_stream_end(job->req);
-            job_finished(job, 200);
+            job_succeeded(job, 200);
         } else {
             stream_fail(job, msg);
         }
@@ -802,17 +1013,26 @@ static void forward_done(px_job *job, duet_status st) {
 
 static void up_on_head(httpc_req *req, const httpc_response *resp, void *arg) {
     px_job *job = arg;
-    (void)req;
+    if (job->pre_up && req == job->pre_up) return; /* its head came while it was job->up */
     job->up_status = resp->status;
     for (size_t i = 0; i < resp->num_headers; i++)
         if (!strcasecmp(resp->headers[i].name, "content-type"))
             snprintf(job->up_ctype, sizeof job->up_ctype, "%s", resp->headers[i].value);
+    if (job->leg == PX_LEG_PREFILL && job->pre_stream)
+        job->pre_sse = resp->status == 200 && !strncasecmp(job->up_ctype, "text/event-stream", 17);
 }
 
 static void up_on_body(httpc_req *req, const char *data, size_t len, void *arg) {
     px_job *job = arg;
-    (void)req;
+    if (job->pre_up && req == job->pre_up) {
+        prefill_stream_read(job, data, len);
+        return;
+    }
     job->up_body_seen = true;
+    if (job->leg == PX_LEG_PREFILL && job->pre_sse) {
+        prefill_stream_read(job, data, len);
+        return;
+    }
     if (job->leg == PX_LEG_DECODE && job->gen.stream && job->up_status == 200) {
         stream_forward(job, data, len);
         return;
@@ -827,6 +1047,10 @@ static void up_on_body(httpc_req *req, const char *data, size_t len, void *arg) 
 
 static void up_on_end(httpc_req *req, duet_status st, void *arg) {
     px_job *job = arg;
+    if (job->pre_up && req == job->pre_up) {
+        prefill_stream_end(job, req, st);
+        return;
+    }
     job->up = NULL;
     snprintf(job->up_why, sizeof job->up_why, "%s", httpc_req_reason(req));
     double secs = seconds_since(job->leg_t0);
@@ -853,13 +1077,18 @@ static void leg_attempt(px_job *job) {
     uint64_t load = 1;
     const char *body = NULL;
     size_t body_len = 0;
-    unsigned first_byte = cfg->decode_timeout_ms;
+    unsigned first_byte = cfg->decode_timeout_ms, idle = cfg->idle_timeout_ms;
     if (job->leg == PX_LEG_PREFILL) {
         roles[nroles++] = PX_ROLE_PREFILL;
         load = px_gen_prefill_load(&job->gen);
         body = job->prefill_body;
         body_len = job->prefill_len;
         first_byte = cfg->prefill_timeout_ms;
+        /* A streamed prefill's first event comes at admission; the prompt's computation lies
+         * between it and the next, so the gaps get the prefill's time, not a stall's. */
+        if (job->pre_stream && idle && idle < first_byte) idle = first_byte;
+        job->pre_sse = job->pre_kv = job->pre_done = job->pre_error = job->pre_overflow = false;
+        strbuf_free(&job->pre_buf);
     } else if (job->leg == PX_LEG_DECODE) {
         roles[nroles++] = px->balancer ? PX_ROLE_BACKEND : PX_ROLE_DECODE;
         load = px_gen_decode_load(&job->gen);
@@ -909,7 +1138,7 @@ static void leg_attempt(px_job *job) {
                         .body = body,
                         .body_len = body_len,
                         .first_byte_timeout_ms = first_byte,
-                        .idle_timeout_ms = cfg->idle_timeout_ms};
+                        .idle_timeout_ms = idle};
     static const httpc_callbacks cb = {up_on_head, up_on_body, up_on_end};
     job->leg_t0 = uv_hrtime();
     duet_status st = httpc_send(b->pool, &rq, &cb, job, &job->up);
@@ -924,6 +1153,11 @@ static void leg_attempt(px_job *job) {
  * Routes */
 
 enum { MAX_FAN_PROMPTS = 256 }; /* as many as a worker takes in one request */
+
+static char *job_prefill_body(px_job *job) {
+    return job->pre_stream ? px_gen_prefill_body_streamed(&job->gen, &job->prefill_len)
+                           : px_gen_prefill_body(&job->gen, &job->prefill_len);
+}
 
 /* A list of prompts: one chain per prompt, answers merged (see px_fan). */
 static void handle_fanout(px_proxy *px, http_req *req, px_route route, uint64_t t0, px_gen *gen,
@@ -973,10 +1207,12 @@ static void handle_fanout(px_proxy *px, http_req *req, px_route route, uint64_t 
         job->t0 = t0;
         job->method = "POST";
         strbuf_init(&job->buf);
+        strbuf_init(&job->pre_buf);
         snprintf(job->path, sizeof job->path, "%s", req->path);
         snprintf(job->rid, sizeof job->rid, "%.*s-%d", RID_MAX - 8, fan->rid, p);
+        job->pre_stream = px->cfg->early_decode;
         ok = px_gen_part(gen, p, &job->gen) == DUET_OK &&
-             (job->prefill_body = px_gen_prefill_body(&job->gen, &job->prefill_len)) != NULL;
+             (job->prefill_body = job_prefill_body(job)) != NULL;
         if (!ok) {
             px_gen_cleanup(&job->gen);
             free(job);
@@ -1040,7 +1276,8 @@ static void handle_generate(px_proxy *px, http_req *req, px_route route, uint64_
         leg_attempt(job);
         return;
     }
-    job->prefill_body = px_gen_prefill_body(&job->gen, &job->prefill_len);
+    job->pre_stream = px->cfg->early_decode;
+    job->prefill_body = job_prefill_body(job);
     if (!job->prefill_body) {
         job_fail(job, 500, PX_ERROR_PREFILL, "out of memory");
         return;
@@ -1495,14 +1732,20 @@ static void on_server_drained(http_server *srv, void *arg) {
     px_check_drained(px);
 }
 
+/* Jobs whose client has its answer but whose prefill stream is still open: cut off. */
+static void px_end_lingering(px_proxy *px) {
+    while (px->lingering) job_end(px->lingering);
+}
+
 static void on_drain_deadline(uv_timer_t *t) {
     px_proxy *px = t->data;
-    if (!px->srv) return;
+    if (!px->srv && !px->lingering) return;
     LOG_WARN("proxy: drain deadline passed with %u requests in flight; closing them",
              px->jobs_open);
     /* Their on_close cancels the upstream legs. */
     http_server_destroy(px->srv);
     px->srv = NULL;
+    px_end_lingering(px);
     px_check_drained(px);
 }
 
@@ -1530,6 +1773,7 @@ void px_proxy_destroy(px_proxy *px) {
     px->drained_cb = NULL;
     http_server_destroy(px->srv); /* jobs still open end through their on_close */
     px->srv = NULL;
+    px_end_lingering(px);
     px->refs++; /* the probe timer's, inside px */
     px_backends_close(&px->backends, on_backends_closed);
     uv_close((uv_handle_t *)&px->drain_timer, on_drain_timer_closed);

@@ -1,8 +1,11 @@
 /* A stand-in for a duet/vLLM worker, for testing and benchmarking duet-proxy without a model:
- * the prefill role answers one token plus kv_transfer_params; the decode role checks that it got
- * them (with the same X-Request-Id as the prefill leg) and streams N SSE chunks or one JSON
- * completion. Delays and failures (500, 503, hang, empty answer, connection closed or process
- * exit mid-stream) come from flags or POST /stub/control; GET /stub/stats counts what it saw. */
+ * the prefill role answers one token plus kv_transfer_params (streamed: an event with the params
+ * at once, as a duet prefill worker sends when it admits the request, then after the prefill
+ * delay the token chunk with them again and [DONE]); the decode role checks that it got them
+ * (with the same X-Request-Id as the prefill leg) and streams N SSE chunks or one JSON
+ * completion. Delays and failures (500, 503, hang, empty answer, connection closed, process exit
+ * or a stall mid-stream, an error event) come from flags or POST /stub/control; GET /stub/stats
+ * counts what it saw and when the last prefill ended and the last decode request came. */
 #include <cjson/cJSON.h>
 #include <signal.h>
 #include <stdio.h>
@@ -22,9 +25,21 @@ typedef enum fail_mode {
     FAIL_EMPTY, /* 200 with no body (a stream with no event) */
     FAIL_CLOSE, /* close the connection after `after` chunks */
     FAIL_EXIT,  /* the process dies after `after` chunks */
+    FAIL_STALL, /* a streamed prefill sends `after` events, then nothing (the connection open) */
+    FAIL_ERROR, /* a streamed prefill sends an error event in place of its token chunk */
 } fail_mode;
 
-static const char *const g_fail_names[] = {"none", "500", "503", "hang", "empty", "close", "exit"};
+static const char *const g_fail_names[] = {"none",  "500",  "503",   "hang", "empty",
+                                           "close", "exit", "stall", "error"};
+
+/* Which events of a streamed prefill answer carry kv_transfer_params. */
+typedef enum kv_events {
+    KV_EVENTS_EARLY = 0, /* the first (before any token) and the last: a duet prefill worker */
+    KV_EVENTS_FINAL,     /* the last only (no early event is sent) */
+    KV_EVENTS_NONE,      /* none: a worker that does not do disaggregation */
+} kv_events;
+
+static const char *const g_kv_events_names[] = {"early", "final", "none"};
 
 typedef struct stub {
     uv_loop_t *loop;
@@ -38,9 +53,14 @@ typedef struct stub {
     fail_mode fail;
     int fail_after, fail_count; /* count -1: every request */
     int health_status;
+    kv_events kv_events;
     /* Stats. */
-    unsigned requests, prefills, decodes, aborted, bad, in_flight, max_in_flight;
+    unsigned requests, prefills, prefills_streamed, decodes, plain, aborted, bad, in_flight,
+        max_in_flight; /* plain: requests without kv_transfer_params (role both) */
     char last_rid[128];
+    /* uv_hrtime in ms (CLOCK_MONOTONIC, comparable across the stubs of one host): when the
+     * last prefill answer was finished, and when the last decode request came in. */
+    double last_prefill_end_ms, last_decode_start_ms;
 } stub;
 
 static stub g_stub;
@@ -78,6 +98,7 @@ typedef struct work {
     uv_timer_t timer;
     http_req *req; /* NULL once finished */
     bool prefill, stream, chat, usage, gone;
+    bool pstream; /* a streamed prefill answer */
     int i, n;
     fail_mode fail;
     char rid[128];
@@ -169,7 +190,12 @@ static bool maybe_cut(work *w) {
     return true;
 }
 
+static double now_ms(void) {
+    return (double)uv_hrtime() / 1e6;
+}
+
 static void prefill_answer(work *w) {
+    g_stub.last_prefill_end_ms = now_ms();
     cJSON *o = envelope(w, w->chat ? "chat.completion" : "text_completion");
     cJSON *cs = cJSON_AddArrayToObject(o, "choices");
     cJSON_AddItemToArray(cs, choice(w, 0, true));
@@ -242,9 +268,62 @@ static void decode_step(work *w) {
     work_done(w);
 }
 
+static void on_work_timer(uv_timer_t *t);
+
+/* One step of a streamed prefill answer: step 0 the head and (kv events "early") the event with
+ * the params; step 1, after the prefill delay, the token chunk (the params again unless "none")
+ * or an error event, then [DONE]. A cut or a stall comes before step `after`; "empty" ends the
+ * stream at step 0 with no event. */
+static void prefill_stream_step(work *w) {
+    if (maybe_cut(w)) return; /* at step 0: the connection closes without an answer */
+    if (w->fail == FAIL_STALL && w->i >= g_stub.fail_after) return; /* until the client goes */
+    const char *object = w->chat ? "chat.completion.chunk" : "text_completion";
+    if (w->i == 0) {
+        if (http_stream_start(w->req, 200, "text/event-stream", NULL)) return;
+        if (w->fail == FAIL_EMPTY) { /* a stream with no event at all */
+            http_stream_end(w->req);
+            w->req = NULL;
+            work_done(w);
+            return;
+        }
+        if (g_stub.kv_events == KV_EVENTS_EARLY) {
+            cJSON *o = envelope(w, object);
+            cJSON_AddArrayToObject(o, "choices");
+            cJSON_AddItemToObject(o, "kv_transfer_params", cJSON_Duplicate(w->kv, 1));
+            send_event(w, o);
+        }
+        w->i = 1;
+        uv_timer_start(&w->timer, on_work_timer, g_stub.prefill_delay_ms, 0);
+        return;
+    }
+    if (w->fail == FAIL_ERROR) {
+        static const char err[] = "data: {\"error\":{\"message\":\"stub prefill failed as "
+                                  "asked\",\"type\":\"InternalServerError\",\"param\":null,"
+                                  "\"code\":500}}\n\n";
+        http_stream_write(w->req, err, sizeof err - 1);
+    } else {
+        cJSON *o = envelope(w, object);
+        cJSON_AddItemToArray(cJSON_AddArrayToObject(o, "choices"), choice(w, 0, true));
+        if (g_stub.kv_events != KV_EVENTS_NONE) {
+            cJSON_AddItemToObject(o, "kv_transfer_params", w->kv);
+            w->kv = NULL;
+        }
+        send_event(w, o);
+    }
+    http_stream_write(w->req, "data: [DONE]\n\n", 14);
+    http_stream_end(w->req);
+    g_stub.last_prefill_end_ms = now_ms();
+    w->req = NULL;
+    work_done(w);
+}
+
 static void on_work_timer(uv_timer_t *t) {
     work *w = t->data;
     if (!w->req) return;
+    if (w->pstream) {
+        prefill_stream_step(w);
+        return;
+    }
     if (w->prefill) {
         if (w->fail == FAIL_EMPTY) {
             http_respond(w->req, 200, "application/json", "", 0);
@@ -293,8 +372,8 @@ static void handle_generate(http_req *req, bool chat) {
         bad = "'prompt' is required";
     else if (is_prefill && strcmp(g_stub.role, "decode")) {
         /* What vLLM's prefill side needs from the proxy. */
-        if (!cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(root, "stream")))
-            bad = "prefill: stream must be false";
+        if (!cJSON_IsBool(cJSON_GetObjectItemCaseSensitive(root, "stream")))
+            bad = "prefill: stream must be true or false";
         else if (!num_is(root, "max_tokens", 1))
             bad = "prefill: max_tokens must be 1";
         else if (cJSON_GetObjectItemCaseSensitive(root, "max_completion_tokens") &&
@@ -335,6 +414,7 @@ static void handle_generate(http_req *req, bool chat) {
     w->chat = chat;
     w->fail = f;
     w->stream = !is_prefill && cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(root, "stream"));
+    w->pstream = is_prefill && cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(root, "stream"));
     const cJSON *so = cJSON_GetObjectItemCaseSensitive(root, "stream_options");
     w->usage = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(so, "include_usage"));
     snprintf(w->rid, sizeof w->rid, "%s", rid);
@@ -345,6 +425,7 @@ static void handle_generate(http_req *req, bool chat) {
     cJSON_Delete(root);
     if (is_prefill) {
         g_stub.prefills++;
+        g_stub.prefills_streamed += w->pstream;
         w->kv = cJSON_CreateObject();
         char engine[96];
         snprintf(engine, sizeof engine, "stub-%s", g_stub.name);
@@ -359,6 +440,8 @@ static void handle_generate(http_req *req, bool chat) {
         cJSON_AddNumberToObject(w->kv, "tp_size", 1);
     } else {
         g_stub.decodes++;
+        g_stub.plain += !is_decode;
+        g_stub.last_decode_start_ms = now_ms();
     }
     g_stub.in_flight++;
     if (g_stub.in_flight > g_stub.max_in_flight) g_stub.max_in_flight = g_stub.in_flight;
@@ -366,6 +449,10 @@ static void handle_generate(http_req *req, bool chat) {
     w->timer.data = w;
     http_req_on_close(req, work_on_close, w);
     if (f == FAIL_HANG) return; /* until the client goes */
+    if (w->pstream) {           /* the first event at once: the request is admitted */
+        uv_timer_start(&w->timer, on_work_timer, 0, 0);
+        return;
+    }
     unsigned first = is_prefill ? g_stub.prefill_delay_ms : g_stub.token_delay_ms;
     unsigned every = is_prefill ? 0 : g_stub.token_delay_ms;
     uv_timer_start(&w->timer, on_work_timer, first, every);
@@ -391,6 +478,9 @@ static void handle_control(http_req *req) {
         g_stub.prefill_delay_ms = (unsigned)x->valueint;
     if (cJSON_IsNumber(x = cJSON_GetObjectItemCaseSensitive(root, "health")))
         g_stub.health_status = x->valueint;
+    if (cJSON_IsString(x = cJSON_GetObjectItemCaseSensitive(root, "kv_events")))
+        for (size_t i = 0; i < sizeof g_kv_events_names / sizeof g_kv_events_names[0]; i++)
+            if (!strcmp(x->valuestring, g_kv_events_names[i])) g_stub.kv_events = (kv_events)i;
     cJSON_Delete(root);
     http_respond(req, 200, "application/json", "{\"ok\":true}", 11);
 }
@@ -400,7 +490,11 @@ static void handle_stats(http_req *req) {
     cJSON_AddStringToObject(o, "name", g_stub.name);
     cJSON_AddNumberToObject(o, "requests", g_stub.requests);
     cJSON_AddNumberToObject(o, "prefill", g_stub.prefills);
+    cJSON_AddNumberToObject(o, "prefill_streamed", g_stub.prefills_streamed);
+    cJSON_AddNumberToObject(o, "last_prefill_end_ms", g_stub.last_prefill_end_ms);
+    cJSON_AddNumberToObject(o, "last_decode_start_ms", g_stub.last_decode_start_ms);
     cJSON_AddNumberToObject(o, "decode", g_stub.decodes);
+    cJSON_AddNumberToObject(o, "plain", g_stub.plain);
     cJSON_AddNumberToObject(o, "aborted", g_stub.aborted);
     cJSON_AddNumberToObject(o, "bad", g_stub.bad);
     cJSON_AddNumberToObject(o, "in_flight", g_stub.in_flight);
@@ -468,8 +562,8 @@ static void on_signal(uv_signal_t *s, int signum) {
 static int usage(void) {
     fputs("usage: stub_backend --port P [--role prefill|decode|both] [--name N] [--model M]\n"
           "  [--prefill-delay-ms D] [--token-delay-ms D] [--max-tokens-cap N]\n"
-          "  [--fail none|500|503|hang|empty|close|exit] [--fail-after K] [--fail-count C]\n"
-          "  [--api-key KEY]\n",
+          "  [--fail none|500|503|hang|empty|close|exit|stall|error] [--fail-after K]\n"
+          "  [--fail-count C] [--kv-events early|final|none] [--api-key KEY]\n",
           stderr);
     return 2;
 }
@@ -510,6 +604,11 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--api-key")) {
             s->auth = malloc(strlen(v) + 8);
             sprintf(s->auth, "Bearer %s", v);
+        } else if (!strcmp(a, "--kv-events")) {
+            bool found = false;
+            for (size_t k = 0; k < sizeof g_kv_events_names / sizeof g_kv_events_names[0]; k++)
+                if (!strcmp(v, g_kv_events_names[k])) s->kv_events = (kv_events)k, found = true;
+            if (!found) return usage();
         } else if (!strcmp(a, "--fail")) {
             bool found = false;
             for (size_t k = 0; k < sizeof g_fail_names / sizeof g_fail_names[0]; k++)

@@ -312,6 +312,17 @@ static int stub_stat(const stub_proc *s, const char *key) {
     return n;
 }
 
+/* A stub's stat as a double (the times in ms). */
+static double stub_stat_f(const stub_proc *s, const char *key) {
+    resp r = http_do(s->port, "GET", "/stub/stats", NULL, NULL);
+    cJSON *j = resp_json(&r);
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, key);
+    double x = cJSON_IsNumber(v) ? v->valuedouble : -1;
+    cJSON_Delete(j);
+    resp_free(&r);
+    return x;
+}
+
 static void stub_control(const stub_proc *s, const char *json) {
     resp r = http_do(s->port, "POST", "/stub/control", NULL, json);
     CHECK_EQ_INT(r.status, 200);
@@ -763,6 +774,265 @@ static void scenario_midstream(void) {
     expect_exit(stop(px.pid, SIGTERM), 0);
 }
 
+/* Waits until the stubs' in_flight add up to 0. */
+static bool stubs_idle(const stub_proc *a, const stub_proc *b, int ms) {
+    long long end = now_ms() + ms;
+    while (now_ms() < end) {
+        if (stub_stat(a, "in_flight") + (b ? stub_stat(b, "in_flight") : 0) == 0) return true;
+        sleep_ms(20);
+    }
+    return false;
+}
+
+/* A streamed answer that ended well: [DONE], no error event, n tokens. */
+static void check_clean_stream(const resp *r, int n, const char *what) {
+    CHECK_MSG(r->status == 200 && r->complete && r->body && strstr(r->body, "data: [DONE]\n\n") &&
+                  !strstr(r->body, "\"error\""),
+              "%s: %d %s", what, r->status, r->body ? r->body : "");
+    char tok[32];
+    snprintf(tok, sizeof tok, "tok%d ", n - 1);
+    CHECK_MSG(r->body && strstr(r->body, tok) && count_str(r->body, "data: {") == n, "%s: %s", what,
+              r->body ? r->body : "");
+}
+
+static int metric_value(const proxy_proc *px, const char *line_start) {
+    resp r = http_do(px->port, "GET", "/metrics", NULL, NULL);
+    const char *at = r.body ? strstr(r.body, line_start) : NULL;
+    int v = at ? atoi(at + strlen(line_start)) : -1;
+    resp_free(&r);
+    return v;
+}
+
+/* Early decode: the prefill leg streamed, the decode leg started at its first event with
+ * kv_transfer_params while the prefill still computes, and the failure rules around it. */
+static void scenario_early(void) {
+    stub_proc p1 = stub_start("p1", "prefill", 0, "--prefill-delay-ms", "400", NULL);
+    stub_proc d = stub_start("d1", "both", 0, NULL);
+    const char *flags[] = {
+        "--prefill", endpoint(&p1),   "--decode", endpoint(&d), "--retry-backoff",
+        "0.005",     "--eject-after", "100",      NULL};
+    proxy_proc px = proxy_start(flags);
+    const char *body3 = "{\"prompt\":\"x\",\"max_tokens\":3,\"stream\":true}";
+
+    /* The decode request comes while the prefill still computes (its answer ends 400 ms after
+     * its first event); the client has its answer, and the prefill stream is read to its end,
+     * never closed early (the worker would abort it and free the lease). */
+    resp r = http_do(px.port, "POST", "/v1/completions", NULL, body3);
+    check_clean_stream(&r, 3, "early");
+    resp_free(&r);
+    CHECK(stubs_idle(&p1, &d, 3000));
+    double pe = stub_stat_f(&p1, "last_prefill_end_ms"),
+           ds = stub_stat_f(&d, "last_decode_start_ms");
+    CHECK_MSG(pe > 0 && ds > 0 && ds + 250 < pe, "decode came at %.0f, prefill ended at %.0f", ds,
+              pe);
+    CHECK_EQ_INT(stub_stat(&p1, "prefill_streamed"), 1);
+    r = http_do(px.port, "POST", "/v1/completions", NULL, "{\"prompt\":\"x\",\"max_tokens\":3}");
+    CHECK_MSG(r.status == 200 && r.body && strstr(r.body, "\"text\":\"tok0 tok1 tok2 \""),
+              "not streamed: %d %s", r.status, r.body ? r.body : "");
+    resp_free(&r);
+    CHECK(stubs_idle(&p1, &d, 3000));
+    CHECK_EQ_INT(stub_stat(&p1, "aborted"), 0);
+    CHECK_EQ_INT(stub_stat(&p1, "bad") + stub_stat(&d, "bad") + stub_stat(&d, "plain"), 0);
+    /* The prefill leg's duration is its stream's, to the end (>= 0.4 s each). */
+    CHECK_EQ_INT(metric_value(&px, "duet_proxy_leg_duration_seconds_count{leg=\"prefill\"} "), 2);
+    CHECK_EQ_INT(
+        metric_value(&px, "duet_proxy_leg_duration_seconds_bucket{leg=\"prefill\",le=\"0.25\"} "),
+        0);
+    CHECK_EQ_INT(metric_value(&px, "duet_proxy_requests_in_flight "), 0);
+    stub_control(&p1, "{\"prefill_delay_ms\":0}");
+
+    /* (a) The prefill fails before its event with the params: retried as before. */
+    int retries = metric_value(&px, "duet_proxy_retries_total{leg=\"prefill\"} ");
+    stub_control(&p1, "{\"fail\":\"empty\",\"count\":1}");
+    r = http_do(px.port, "POST", "/v1/completions", NULL, body3);
+    check_clean_stream(&r, 3, "(a) a stream cut before the params");
+    resp_free(&r);
+    stub_control(&p1, "{\"fail\":\"500\",\"count\":1}");
+    r = http_do(px.port, "POST", "/v1/completions", NULL, body3);
+    check_clean_stream(&r, 3, "(a) 500");
+    resp_free(&r);
+    CHECK_EQ_INT(metric_value(&px, "duet_proxy_retries_total{leg=\"prefill\"} "), retries + 2);
+    CHECK_EQ_INT(stub_stat(&d, "decode"), 4);
+
+    /* (b) A stream without params in its first event: the final event's are taken; with none
+     * at all (or an error event instead of the token), the decode computes the prompt. */
+    stub_control(&p1, "{\"kv_events\":\"final\",\"prefill_delay_ms\":200}");
+    r = http_do(px.port, "POST", "/v1/completions", NULL, body3);
+    check_clean_stream(&r, 3, "(b) final event");
+    resp_free(&r);
+    pe = stub_stat_f(&p1, "last_prefill_end_ms");
+    ds = stub_stat_f(&d, "last_decode_start_ms");
+    CHECK_MSG(ds >= pe, "decode at %.0f before the prefill's final event at %.0f", ds, pe);
+    CHECK_EQ_INT(stub_stat(&d, "plain"), 0);
+    stub_control(&p1, "{\"kv_events\":\"none\",\"prefill_delay_ms\":0}");
+    r = http_do(px.port, "POST", "/v1/completions", NULL, body3);
+    check_clean_stream(&r, 3, "(b) no params");
+    resp_free(&r);
+    CHECK_EQ_INT(stub_stat(&d, "plain"), 1);
+    stub_control(&p1, "{\"fail\":\"error\",\"count\":1}");
+    r = http_do(px.port, "POST", "/v1/completions", NULL, body3);
+    check_clean_stream(&r, 3, "(b) error event");
+    resp_free(&r);
+    CHECK_EQ_INT(stub_stat(&d, "plain"), 2);
+    CHECK_EQ_INT(metric_value(&px, "duet_proxy_retries_total{leg=\"prefill\"} "), retries + 2);
+    stub_control(&p1, "{\"kv_events\":\"early\"}");
+
+    /* A list of prompts: one chain per prompt, each with its early decode. */
+    stub_control(&p1, "{\"prefill_delay_ms\":300}");
+    int prefills = stub_stat(&p1, "prefill_streamed");
+    r = http_do(px.port, "POST", "/v1/completions", NULL,
+                "{\"prompt\":[\"a\",\"b\"],\"max_tokens\":2,\"stream\":true}");
+    CHECK_MSG(r.status == 200 && r.body && strstr(r.body, "\"index\":1") &&
+                  count_str(r.body, "data: [DONE]") == 1 && !strstr(r.body, "\"error\""),
+              "list streamed: %d %s", r.status, r.body ? r.body : "");
+    resp_free(&r);
+    r = http_do(px.port, "POST", "/v1/completions", NULL,
+                "{\"prompt\":[\"a\",\"b\"],\"max_tokens\":2}");
+    cJSON *j = resp_json(&r);
+    CHECK_MSG(r.status == 200 &&
+                  cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(j, "choices")) == 2,
+              "list: %d %s", r.status, r.body ? r.body : "");
+    cJSON_Delete(j);
+    resp_free(&r);
+    CHECK(stubs_idle(&p1, &d, 3000));
+    CHECK_EQ_INT(stub_stat(&p1, "prefill_streamed"), prefills + 4);
+    CHECK_EQ_INT(stub_stat(&p1, "aborted"), 0);
+
+    /* SIGTERM with a request answered but its prefill stream still open: the drain waits for
+     * the stream's end (the prefill is not aborted), then the proxy exits 0. */
+    stub_control(&p1, "{\"prefill_delay_ms\":800}");
+    r = http_do(px.port, "POST", "/v1/completions", NULL, "{\"prompt\":\"x\",\"max_tokens\":2}");
+    CHECK_EQ_INT(r.status, 200);
+    resp_free(&r);
+    long long t0 = now_ms();
+    kill(px.pid, SIGTERM);
+    expect_exit(wait_exit(px.pid, 5000), 0);
+    CHECK_MSG(now_ms() - t0 >= 400, "exited after %lld ms, before the prefill stream's end",
+              now_ms() - t0);
+    CHECK_EQ_INT(stub_stat(&p1, "aborted"), 0);
+    /* ... unless --drain-timeout comes first: then the stream is cut. */
+    const char *flags_dt[] = {"--prefill",       endpoint(&p1), "--decode", endpoint(&d),
+                              "--drain-timeout", "0.2",         NULL};
+    px = proxy_start(flags_dt);
+    r = http_do(px.port, "POST", "/v1/completions", NULL, "{\"prompt\":\"x\",\"max_tokens\":2}");
+    CHECK_EQ_INT(r.status, 200);
+    resp_free(&r);
+    t0 = now_ms();
+    kill(px.pid, SIGTERM);
+    expect_exit(wait_exit(px.pid, 5000), 0);
+    CHECK_MSG(now_ms() - t0 < 700, "drain took %lld ms", now_ms() - t0);
+    CHECK(stubs_idle(&p1, NULL, 2000));
+    CHECK_EQ_INT(stub_stat(&p1, "aborted"), 1);
+    stub_control(&p1, "{\"prefill_delay_ms\":0}");
+
+    /* (c) The prefill fails after the decode leg started. Two prefills, each failing once. */
+    stub_proc p2 = stub_start("p2", "prefill", 0, NULL);
+    const char *flags2[] = {"--prefill",  endpoint(&p1),   endpoint(&p2), "--decode",
+                            endpoint(&d), "--policy",      "round-robin", "--retry-backoff",
+                            "0.005",      "--eject-after", "100",         NULL};
+    px = proxy_start(flags2);
+    /* Nothing reached the client yet (the decode's first token comes after 300 ms): the decode
+     * leg is canceled and the whole chain runs again on the other prefill, which fails too,
+     * then on the first once more. A cut stream, then an error event. */
+    stub_control(&d, "{\"token_delay_ms\":300}");
+    const char *cuts[] = {"{\"fail\":\"close\",\"after\":1,\"count\":1,\"prefill_delay_ms\":50}",
+                          "{\"fail\":\"error\",\"count\":1,\"prefill_delay_ms\":50}"};
+    for (int k = 0; k < 2; k++) {
+        stub_control(&p1, cuts[k]);
+        stub_control(&p2, cuts[k]);
+        int pre = stub_stat(&p1, "prefill") + stub_stat(&p2, "prefill");
+        int aborted = stub_stat(&d, "aborted"), decodes = stub_stat(&d, "decode");
+        retries = metric_value(&px, "duet_proxy_retries_total{leg=\"prefill\"} ");
+        r = http_do(px.port, "POST", "/v1/completions", NULL, body3);
+        check_clean_stream(&r, 3, k ? "(c) error event" : "(c) cut");
+        resp_free(&r);
+        CHECK_EQ_INT(stub_stat(&p1, "prefill") + stub_stat(&p2, "prefill"), pre + 3);
+        CHECK_EQ_INT(stub_stat(&d, "aborted"), aborted + 2);
+        CHECK_EQ_INT(stub_stat(&d, "decode"), decodes + 3);
+        CHECK_EQ_INT(metric_value(&px, "duet_proxy_retries_total{leg=\"prefill\"} "), retries + 2);
+    }
+    /* A prefill stream that stalls after its first event times out (its gaps get
+     * max(--idle-timeout, --prefill-timeout)): the same. A client not streaming, so nothing
+     * reaches it before the decode answer's end, 1 s after its request. */
+    expect_exit(stop(px.pid, SIGTERM), 0);
+    const char *flags_t[] = {"--prefill",  endpoint(&p1),       endpoint(&p2), "--decode",
+                             endpoint(&d), "--policy",          "round-robin", "--retry-backoff",
+                             "0.005",      "--eject-after",     "100",         "--idle-timeout",
+                             "0.2",        "--prefill-timeout", "0.3",         NULL};
+    px = proxy_start(flags_t);
+    stub_control(&p1, "{\"fail\":\"stall\",\"after\":1,\"count\":1}");
+    stub_control(&p2, "{\"fail\":\"stall\",\"after\":1,\"count\":1}");
+    stub_control(&d, "{\"token_delay_ms\":1000}");
+    int aborted = stub_stat(&d, "aborted");
+    int p_aborted = stub_stat(&p1, "aborted") + stub_stat(&p2, "aborted");
+    t0 = now_ms();
+    r = http_do(px.port, "POST", "/v1/completions", NULL, "{\"prompt\":\"x\",\"max_tokens\":2}");
+    CHECK_MSG(r.status == 200 && r.body && strstr(r.body, "\"text\":\"tok0 tok1 \""),
+              "(c) stall: %d %s", r.status, r.body ? r.body : "");
+    resp_free(&r);
+    CHECK_MSG(now_ms() - t0 >= 1500, "(c) stall answered after %lld ms", now_ms() - t0);
+    CHECK_EQ_INT(stub_stat(&d, "aborted"), aborted + 2);
+    CHECK(stubs_idle(&p1, &p2, 2000));
+    CHECK_EQ_INT(stub_stat(&p1, "aborted") + stub_stat(&p2, "aborted"), p_aborted + 2);
+    expect_exit(stop(px.pid, SIGTERM), 0);
+    px = proxy_start(flags2);
+
+    /* Every prefill failing so: 502 once the prefill retries are spent. */
+    stub_control(&p1, "{\"fail\":\"close\",\"after\":1}");
+    stub_control(&p2, "{\"fail\":\"close\",\"after\":1}");
+    r = http_do(px.port, "POST", "/v1/completions", NULL, body3);
+    check_error_body(&r, 502, "after the decode leg started");
+    resp_free(&r);
+    /* Bytes already reached the client (tokens every 20 ms, the prefill cut at 300 ms): the
+     * decode leg goes on to its end; no retry. */
+    stub_control(&p1, "{\"fail\":\"close\",\"after\":1,\"count\":1,\"prefill_delay_ms\":300}");
+    stub_control(&p2, "{\"fail\":\"close\",\"after\":1,\"count\":1,\"prefill_delay_ms\":300}");
+    stub_control(&d, "{\"token_delay_ms\":20}");
+    int pre = stub_stat(&p1, "prefill") + stub_stat(&p2, "prefill");
+    aborted = stub_stat(&d, "aborted");
+    r = http_do(px.port, "POST", "/v1/completions", NULL,
+                "{\"prompt\":\"x\",\"max_tokens\":30,\"stream\":true}");
+    check_clean_stream(&r, 30, "(c) after bytes");
+    resp_free(&r);
+    CHECK_EQ_INT(stub_stat(&p1, "prefill") + stub_stat(&p2, "prefill"), pre + 1);
+    CHECK_EQ_INT(stub_stat(&d, "aborted"), aborted);
+    stub_control(&p1, "{\"fail\":\"none\"}");
+    stub_control(&p2, "{\"fail\":\"none\"}");
+
+    /* (d) The client leaves while both legs are open: both upstreams are closed. */
+    stub_control(&p1, "{\"prefill_delay_ms\":2000}");
+    stub_control(&p2, "{\"prefill_delay_ms\":2000}");
+    p_aborted = stub_stat(&p1, "aborted") + stub_stat(&p2, "aborted");
+    aborted = stub_stat(&d, "aborted");
+    int fd =
+        stream_open(px.port, "{\"prompt\":\"x\",\"max_tokens\":50,\"stream\":true}", &r, "tok1 ");
+    CHECK_EQ_INT(stub_stat(&p1, "in_flight") + stub_stat(&p2, "in_flight"), 1);
+    close(fd);
+    resp_free(&r);
+    CHECK(stubs_idle(&p1, &p2, 1500) && stubs_idle(&d, NULL, 1500));
+    CHECK_EQ_INT(stub_stat(&p1, "aborted") + stub_stat(&p2, "aborted"), p_aborted + 1);
+    CHECK_EQ_INT(stub_stat(&d, "aborted"), aborted + 1);
+    CHECK_EQ_INT(metric_value(&px, "duet_proxy_requests_in_flight "), 0);
+    expect_exit(stop(px.pid, SIGTERM), 0);
+
+    /* --early-decode off: as before, the decode leg after the whole prefill answer. */
+    stub_control(&p1, "{\"prefill_delay_ms\":200}");
+    const char *flags3[] = {"--prefill",      endpoint(&p1), "--decode", endpoint(&d),
+                            "--early-decode", "off",         NULL};
+    px = proxy_start(flags3);
+    int streamed = stub_stat(&p1, "prefill_streamed");
+    r = http_do(px.port, "POST", "/v1/completions", NULL, body3);
+    check_clean_stream(&r, 3, "off");
+    resp_free(&r);
+    CHECK_EQ_INT(stub_stat(&p1, "prefill_streamed"), streamed);
+    pe = stub_stat_f(&p1, "last_prefill_end_ms");
+    ds = stub_stat_f(&d, "last_decode_start_ms");
+    CHECK_MSG(ds >= pe, "off: decode at %.0f, prefill ended at %.0f", ds, pe);
+    CHECK_EQ_INT(metric_value(&px, "duet_proxy_leg_duration_seconds_count{leg=\"prefill\"} "), 1);
+    CHECK_EQ_INT(stub_stat(&p1, "bad") + stub_stat(&p2, "bad") + stub_stat(&d, "bad"), 0);
+    expect_exit(stop(px.pid, SIGTERM), 0);
+}
+
 static void scenario_load(void) {
     stub_proc p1 = stub_start("p1", "prefill", 0, NULL);
     stub_proc p2 = stub_start("p2", "prefill", 0, NULL);
@@ -1006,6 +1276,8 @@ int main(int argc, char **argv) {
         scenario_admin();
     else if (!strcmp(s, "cli"))
         scenario_cli();
+    else if (!strcmp(s, "early"))
+        scenario_early();
     else {
         fprintf(stderr, "unknown scenario %s\n", s);
         return 2;

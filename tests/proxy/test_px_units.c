@@ -129,7 +129,26 @@ static void test_config(void) {
     CHECK(cfg.retry_backoff_ms == 20 && cfg.retry_backoff_max_ms == 1000);
     CHECK(cfg.eject_after == 3 && cfg.decode_retries == 2 && cfg.max_connections == 4096);
     CHECK(cfg.max_body_bytes == 32 * 1024 * 1024 && !cfg.api_key && !cfg.n_prefill);
+    CHECK(cfg.early_decode);
     px_config_cleanup(&cfg);
+
+    /* --early-decode on|off, and the file's booleans or words. */
+    const char *e1[] = {"--prefill", "a:1", "--decode", "b:2", "--early-decode", "off", NULL};
+    CHECK(parse(&cfg, e1, out, sizeof out) == 0 && !cfg.early_decode);
+    px_config_cleanup(&cfg);
+    const char *e2[] = {"--prefill", "a:1", "--decode", "b:2", "--early-decode=on", NULL};
+    CHECK(parse(&cfg, e2, out, sizeof out) == 0 && cfg.early_decode);
+    px_config_cleanup(&cfg);
+    const char *ej[] = {"{\"early_decode\":false}", "{\"early_decode\":\"off\"}",
+                        "{\"early-decode\":\"on\"}"};
+    for (size_t i = 0; i < 3; i++) {
+        char e[256];
+        px_config_init(&cfg);
+        CHECK_MSG(px_config_parse_json(&cfg, ej[i], strlen(ej[i]), e, sizeof e) == DUET_OK, "%s",
+                  ej[i]);
+        CHECK_MSG(cfg.early_decode == (i == 2), "%s", ej[i]);
+        px_config_cleanup(&cfg);
+    }
 
     const char *a1[] = {"--host",
                         "127.0.0.1",
@@ -233,6 +252,8 @@ static void test_config(void) {
          "unknown option --decod-timeout (did you mean --decode-timeout?)"},
         {{"--prefill", "a:1", "--decode", "b:2", "--retry", "1"}, "ambiguous option --retry"},
         {{"--config", "/nonexistent.json"}, "--config: cannot read /nonexistent.json"},
+        {{"--prefill", "a:1", "--decode", "b:2", "--early-decode", "maybe"},
+         "--early-decode: expected on or off, got 'maybe'"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         out[0] = '\0';
@@ -259,6 +280,7 @@ static void test_config(void) {
     CHECK(strstr(out, "--prefiller-hosts HOST...") && strstr(out, "--max-retries N"));
     CHECK(strstr(out, "--retry-delay, --retry-backoff S") != NULL);
     CHECK(strstr(out, "DUET_API_KEY]") != NULL);
+    CHECK(strstr(out, "--early-decode {on,off}") && strstr(out, "(default on)"));
     px_config_cleanup(&cfg);
     const char *version[] = {"--version", NULL}; /* needs no endpoints */
     CHECK(parse(&cfg, version, out, sizeof out) == 0 && cfg.version);
@@ -424,6 +446,87 @@ static void test_bodies(void) {
     }
 }
 
+/* Early decode: the streamed prefill body, and the events of a prefill stream. */
+static void test_prefill_stream(void) {
+    char err[128];
+    px_gen g;
+    const char *req = "{\"prompt\":\"abcd\",\"max_tokens\":9,\"min_tokens\":2,\"stream\":false,"
+                      "\"stream_options\":{\"include_usage\":true},\"n\":3}";
+    CHECK(px_gen_parse(req, strlen(req), &g, err, sizeof err) == DUET_OK);
+    size_t len = 0;
+    char *pb = px_gen_prefill_body_streamed(&g, &len);
+    cJSON *p = cJSON_Parse(pb);
+    CHECK(cJSON_IsTrue(get(p, "stream"))); /* streamed whatever the client asked */
+    CHECK(get(p, "stream_options") == NULL && get(p, "min_tokens") == NULL);
+    CHECK(get(p, "max_tokens")->valueint == 1 && get(p, "n")->valueint == 1);
+    CHECK(cJSON_IsTrue(get(get(p, "kv_transfer_params"), "do_remote_decode")));
+    CHECK(strlen(pb) == len);
+    cJSON_Delete(p);
+    cJSON_free(pb);
+    pb = px_gen_prefill_body(&g, &len); /* the other one is unchanged */
+    p = cJSON_Parse(pb);
+    CHECK(cJSON_IsFalse(get(p, "stream")));
+    cJSON_Delete(p);
+    cJSON_free(pb);
+    px_gen_cleanup(&g);
+
+    /* Cutting events: \n\n or \r\n\r\n ends one; nothing until one is whole. */
+    const char *sse = "data: {\"a\":1}\n\ndata: x\r\n\r\n: comment\ndata: [DONE]\n\ndata: part";
+    size_t n = strlen(sse), ev = 0, at = 0, used;
+    used = px_sse_next(sse, n, &ev);
+    CHECK_EQ_INT(used, 15);
+    CHECK_EQ_INT(ev, 14); /* its last line's newline included */
+    at += used;
+    used = px_sse_next(sse + at, n - at, &ev);
+    CHECK(used == 11 && ev == 9 && !memcmp(sse + at, "data: x\r\n", ev));
+    at += used;
+    used = px_sse_next(sse + at, n - at, &ev);
+    CHECK(used == 24 && px_sse_prefill_event(sse + at, ev, NULL) == PX_SSE_DONE);
+    at += used;
+    CHECK_EQ_INT(px_sse_next(sse + at, n - at, &ev), 0);
+    CHECK_EQ_INT(px_sse_next("data: {}\n", 9, &ev), 0);
+    CHECK_EQ_INT(px_sse_next("", 0, &ev), 0);
+
+    /* What an event is. */
+    const char *early = "data: {\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"choices\":[],"
+                        "\"kv_transfer_params\":{\"do_remote_prefill\":true,"
+                        "\"remote_block_ids\":[4,5],\"remote_request_id\":\"r\"}}";
+    cJSON *kv = NULL;
+    CHECK(px_sse_prefill_event(early, strlen(early), &kv) == PX_SSE_KV);
+    CHECK(cJSON_IsObject(kv) && cJSON_GetArraySize(get(kv, "remote_block_ids")) == 2);
+    cJSON_Delete(kv);
+    CHECK(px_sse_prefill_event(early, strlen(early), NULL) == PX_SSE_KV);
+    /* data split over two lines is joined with a newline (valid JSON whitespace here) */
+    const char *two = "data: {\"kv_transfer_params\":\ndata: {\"remote_block_ids\":[1]}}\r";
+    CHECK(px_sse_prefill_event(two, strlen(two), &kv) == PX_SSE_KV && kv);
+    cJSON_Delete(kv);
+    const char *cases[][2] = {
+        {"data: {\"choices\":[{\"text\":\"a\"}]}", "other"},
+        {"data:{\"kv_transfer_params\":null}", "other"},
+        {"data: {\"kv_transfer_params\":[1]}", "other"},
+        {": keep-alive", "other"},
+        {"event: x", "other"},
+        {"data: not json", "other"},
+        {"", "other"},
+        {"data: [DONE]", "done"},
+        {"data:[DONE]\r", "done"},
+        {"data: {\"error\":{\"message\":\"m\",\"code\":500}}", "error"},
+        {"data: {\"error\":{},\"kv_transfer_params\":{}}", "error"},
+        {"data: 42", "error"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        kv = (cJSON *)1;
+        px_sse_kind k = px_sse_prefill_event(cases[i][0], strlen(cases[i][0]), &kv);
+        const char *name = k == PX_SSE_OTHER   ? "other"
+                           : k == PX_SSE_DONE  ? "done"
+                           : k == PX_SSE_ERROR ? "error"
+                                               : "kv";
+        CHECK_MSG(!strcmp(name, cases[i][1]), "'%s': %s, wanted %s", cases[i][0], name,
+                  cases[i][1]);
+        CHECK(kv == NULL);
+    }
+}
+
 /* Balancer mode's flag: plain backends alone, never with the prefill/decode lists. */
 static void test_balancer_config(void) {
     px_config cfg;
@@ -526,5 +629,6 @@ int main(void) {
     test_split_merge();
     test_balancer_config();
     test_bodies();
+    test_prefill_stream();
     CHECK_DONE();
 }
