@@ -89,7 +89,12 @@ bool par_memory_readings(const par_instance *inst, mplan_measured *readings_p);
 duet_status par_forward(par_instance *inst, be_kv *kv, const mdl_seq *seqs, int n_seqs,
                         float *logits);
 /* Under lockstep: joins the other DP groups' steps with empty ones while any group still has
- * work; returns once every group is idle. Without lockstep: returns at once. */
+ * work; returns once every group is idle. Without lockstep: returns at once. For programs whose
+ * every rank runs its own forwards (duet-check golden) and calls this once its work is done:
+ * the first round in which no rank has work ends it everywhere. Not for a TP leader whose
+ * followers run par_follow (they do not join its rounds) nor for an engine that can go idle
+ * between requests (that round would end the other groups early); those vote among the TP
+ * leaders after every step instead, as the servers and duet-run do. */
 duet_status par_finish(par_instance *inst);
 /* One round of the lockstep agreement for a rank without work: *stepped_p tells whether an
  * empty step was run (another group had work). */
