@@ -77,6 +77,17 @@ bool par_lockstep(const par_instance *inst);
  * default. DUET_ERR_NO_MEMORY, logged, when one sequence of max_model_len does not fit. */
 duet_status par_kv_budget(par_instance *inst, long long *bytes_p);
 
+/* All ranks, before a fixed KV cache (--kv-cache-memory) of bytes per rank is allocated: the
+ * check the automatic path makes, applied to the size asked. With the plan's device readings,
+ * what mplan_kv_after_load allows (the instance's share of the device and its free memory after
+ * loading); with o->mem.device_memory instead of readings, what the plan leaves of that size
+ * after weights and activations; on a device without readings or plan, its free memory;
+ * on the CPU backend, the host's available memory (MemAvailable, lowered to what the cgroup's
+ * limit leaves) shared by this host's ranks. DUET_ERR_NO_MEMORY when it does not fit on some
+ * rank: every rank returns it, and the first such rank logs one line naming --kv-cache-memory,
+ * the size asked and what is free. */
+duet_status par_kv_fixed_check(par_instance *inst, long long bytes);
+
 /* The memory plan par_instance_create computed, or NULL when none was asked for (or the
  * backend has no device memory to plan against); and the device's readings before and after
  * loading (false when there are none: the CPU backend, or a given device size). */
