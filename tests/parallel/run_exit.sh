@@ -11,6 +11,7 @@
 # Every run has a wall-clock limit and the collectives a short deadline, so a rank left in a
 # collective fails the test instead of hanging it.
 # Usage: run_exit.sh PATH_TO_duet-run PATH_TO_duet-mkmodel GOLDEN_DIR
+# DUET_RUN_EXIT_ARGS: more arguments for every run (on GPUs: "--backend cuda").
 set -u
 run="$1"
 mk="$2"
@@ -20,6 +21,7 @@ tokdir="$golden/tokenizer"
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/duet-runexit-XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 export DUET_COMM_TIMEOUT=20
+read -r -a extra <<<"${DUET_RUN_EXIT_ARGS:-}"
 fails=0
 
 fail() {
@@ -34,7 +36,7 @@ gen() {
     shift 2
     local t0=$SECONDS
     timeout 120 mpirun --oversubscribe -np "$np" "$run" --model "$model" --tokenizer "$tokdir" \
-        "$@" >"$tmp/$name" 2>"$tmp/$name.err" </dev/null
+        "${extra[@]}" "$@" >"$tmp/$name" 2>"$tmp/$name.err" </dev/null
     echo $? >"$tmp/$name.rc"
     echo "     $name: exit $(cat "$tmp/$name.rc") after $((SECONDS - t0)) s"
 }
@@ -84,7 +86,7 @@ if "$mk" --preset tiny --tokenizer "$tokdir" --out "$tmp/m" >/dev/null 2>&1; the
     { echo "1 2 3"; sleep 7; echo "a b c"; } |
         DUET_COMM_TIMEOUT=4 timeout 120 mpirun --oversubscribe -np 4 "$run" --model "$tmp/m" \
             -tp 2 -dp 2 --enable-expert-parallel --chat --max-tokens 6 --ignore-eos \
-            --temperature 0 >"$tmp/chat" 2>"$tmp/chat.err"
+            --temperature 0 "${extra[@]}" >"$tmp/chat" 2>"$tmp/chat.err"
     rc=$?
     echo "     chat: exit $rc after $((SECONDS - t0)) s"
     turns=$(grep -c 'prompt tokens, 6 generated' "$tmp/chat.err")
