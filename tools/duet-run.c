@@ -1,17 +1,22 @@
 /* duet-run: generate from a prompt (or chat) on the command line, printing text as it streams.
  * The quickest way to see a model work: one engine, one request at a time, the same sampling
- * parameters the servers accept. Under mpirun (-tp/-dp) rank 0 generates and the other ranks
- * follow its steps. */
+ * parameters the servers accept. Under mpirun (-tp/-dp) DP rank 0 generates, its TP followers
+ * follow its steps, the other DP groups only join (empty steps under lockstep), and every TP
+ * leader votes after each step, as the servers' leaders do, so all leave in the same round. */
 #include <cjson/cJSON.h>
+#include <errno.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "text/chat.h"
 #include "engine/engine.h"
 #include "base/log.h"
 #include "base/opt.h"
+#include "dist/comm.h"
 #include "engine/parallel.h"
 #include "text/tokenizer.h"
 
@@ -47,6 +52,67 @@ static void on_event(void *user, const eng_event *ev) {
         s->done = true;
         s->finish = ev->finish;
         if (ev->error) fprintf(stderr, "\nduet-run: %s\n", ev->error);
+    }
+}
+
+/* One engine step and one round of the TP leaders' vote (NULL alone: mine is the answer):
+ * *more_p tells whether any leader still wants steps. An idle step is a heartbeat to the TP
+ * followers and, under lockstep, this group's empty step when another has work. A failure
+ * ends the whole instance: the other leaders would wait for this one until the deadline. */
+static duet_status step_and_vote(eng_engine *eng, comm_group *leaders, bool mine, bool *more_p) {
+    bool busy;
+    duet_status st = eng_step(eng, &busy);
+    long long v = mine;
+    if (st == DUET_OK && leaders) st = comm_allreduce_i64(leaders, &v, 1, true);
+    if (st != DUET_OK) {
+        if (leaders) {
+            LOG_ERROR("duet-run: a step failed (%s); stopping the instance", duet_strerror(st));
+            comm_abort(1);
+        }
+        return st;
+    }
+    *more_p = v != 0;
+    return DUET_OK;
+}
+
+/* --chat's input, read with read(2) so that poll(2) sees what is still unread. */
+typedef struct line_reader {
+    char line[65536]; /* the last line read, without its newline */
+    char buf[65536];
+    size_t n; /* bytes in buf */
+    bool eof;
+} line_reader;
+
+/* The next line of stdin into r->line (DUET_ERR_NOT_FOUND at the end of input). With other
+ * ranks, while no line is ready the engine keeps stepping and voting to stay, so the
+ * followers' and other groups' collectives never reach their deadline while someone types. */
+static duet_status read_line(line_reader *r, eng_engine *eng, comm_group *leaders) {
+    for (;;) {
+        char *nl = memchr(r->buf, '\n', r->n);
+        if (nl || r->eof || r->n == sizeof r->buf) {
+            if (!nl && r->n == 0) return DUET_ERR_NOT_FOUND;
+            size_t len = nl ? (size_t)(nl - r->buf) : r->n;
+            size_t take = nl ? len + 1 : len;
+            if (len >= sizeof r->line) len = sizeof r->line - 1;
+            memcpy(r->line, r->buf, len);
+            r->line[len] = '\0';
+            memmove(r->buf, r->buf + take, r->n - take);
+            r->n -= take;
+            return DUET_OK;
+        }
+        struct pollfd pfd = {.fd = STDIN_FILENO, .events = POLLIN};
+        int pr = poll(&pfd, 1, leaders ? 20 : -1);
+        if (pr < 0 && errno != EINTR) return DUET_ERR_IO;
+        if (pr <= 0) {
+            bool more;
+            duet_status st = leaders ? step_and_vote(eng, leaders, true, &more) : DUET_OK;
+            if (st != DUET_OK) return st;
+            continue;
+        }
+        ssize_t got = read(STDIN_FILENO, r->buf + r->n, sizeof r->buf - r->n);
+        if (got < 0 && errno != EINTR && errno != EAGAIN) return DUET_ERR_IO;
+        if (got == 0) r->eof = true;
+        if (got > 0) r->n += (size_t)got;
     }
 }
 
@@ -189,33 +255,45 @@ int main(int argc, char **argv) {
     if (logprobs) sp.logprobs = 0;
     po.spec_tokens = spec_tokens;
 
-    par_instance *inst;
-    if (par_instance_create(&po, model, &argc, &argv, &inst) != DUET_OK) return 1;
-    int rc = 0;
-    if (par_tp_rank(inst) != 0 || par_dp_rank(inst) != 0) {
-        /* every other rank follows rank 0's steps; other DP groups only join with empty ones */
-        be_kv *kv = NULL;
-        if (par_tp_rank(inst) != 0) {
-            int nb = n_blocks;
-            if (par_kv_agree(inst, &nb, block_size) == DUET_OK &&
-                mdl_kv_create(par_model(inst), nb, block_size, &kv) == DUET_OK)
-                rc = par_follow(inst, kv) == DUET_OK ? 0 : 1;
-        } else {
-            rc = par_finish(inst) == DUET_OK ? 0 : 1;
-        }
-        mdl_kv_destroy(par_model(inst), kv);
-        par_instance_destroy(inst);
-        return rc;
-    }
-
+    /* every rank reads the tokenizer and the chat template before any collective: a bad file
+     * fails all alike, before MPI */
     tok_tokenizer *tok = NULL;
     chat_template *tpl = NULL;
     if (tok_load(tok_dir ? tok_dir : model, &tok) != DUET_OK ||
         ((message || chat) && chat_load(tok_dir ? tok_dir : model, &tpl) != DUET_OK)) {
-        par_stop_followers(inst);
+        tok_destroy(tok);
+        return 1;
+    }
+    par_instance *inst;
+    if (par_instance_create(&po, model, &argc, &argv, &inst) != DUET_OK) {
+        chat_destroy(tpl);
+        tok_destroy(tok);
+        return 1;
+    }
+    int rc = 0;
+    /* the TP leaders' vote after every step (the server's rule): every leader, the generating
+     * one included, leaves in the same round, so none waits in a collective the others left */
+    comm_group *leaders = NULL;
+    if (par_world(inst)->size > 1 &&
+        comm_group_create("leaders", par_tp_rank(inst) == 0 ? 0 : 1, par_world(inst)->rank,
+                          &leaders) != DUET_OK) {
+        chat_destroy(tpl);
+        tok_destroy(tok);
         par_instance_destroy(inst);
         return 1;
     }
+    if (par_tp_rank(inst) != 0) {
+        /* a TP follower runs its leader's plans, steps and heartbeats alike, until it stops them */
+        be_kv *kv = NULL;
+        int nb = n_blocks;
+        rc = 1;
+        if (par_kv_agree(inst, &nb, block_size) == DUET_OK &&
+            mdl_kv_create(par_model(inst), nb, block_size, &kv) == DUET_OK)
+            rc = par_follow(inst, kv) == DUET_OK ? 0 : 1;
+        mdl_kv_destroy(par_model(inst), kv);
+        goto out_inst;
+    }
+
     run_state rs = {.show_logprobs = logprobs};
     eng_config ec;
     eng_config_default(&ec);
@@ -227,7 +305,17 @@ int main(int argc, char **argv) {
     ec.spec_tokens = spec_tokens;
     eng_engine *eng = NULL;
     if (eng_create(&ec, inst, tok, &eng) != DUET_OK) {
+        /* the other leaders would wait for this one in every step until the deadline */
+        if (leaders) comm_abort(1);
         rc = 1;
+        goto out;
+    }
+    bool more = true;
+    if (par_dp_rank(inst) != 0) {
+        /* another DP group: only heartbeats to its followers and, under lockstep, empty steps
+         * joining DP rank 0's, until rank 0 votes to leave */
+        while (more && rc == 0)
+            if (step_and_vote(eng, leaders, false, &more) != DUET_OK) rc = 1;
         goto out;
     }
 
@@ -238,7 +326,7 @@ int main(int argc, char **argv) {
         cJSON_AddStringToObject(m, "content", system);
         cJSON_AddItemToArray(history, m);
     }
-    char line[65536];
+    line_reader lr = {0};
     for (uint64_t turn = 1;; turn++) {
         char *text = NULL;
         size_t text_len = 0;
@@ -251,10 +339,14 @@ int main(int argc, char **argv) {
             const char *user = message;
             if (chat) {
                 fprintf(stderr, "\n> ");
-                if (!fgets(line, sizeof line, stdin)) break;
-                line[strcspn(line, "\n")] = '\0';
-                if (!line[0]) continue;
-                user = line;
+                duet_status rst = read_line(&lr, eng, leaders);
+                if (rst == DUET_ERR_NOT_FOUND) break; /* end of input */
+                if (rst != DUET_OK) {
+                    rc = 1;
+                    break;
+                }
+                if (!lr.line[0]) continue;
+                user = lr.line;
             }
             cJSON *m = cJSON_CreateObject();
             cJSON_AddStringToObject(m, "role", "user");
@@ -277,6 +369,11 @@ int main(int argc, char **argv) {
             break;
         }
         int32_t *prompt_ids = malloc((n_ids + 1) * sizeof(int32_t));
+        if (!prompt_ids) {
+            free(ids);
+            rc = 1;
+            break;
+        }
         size_t n = 0;
         if (add_bos) prompt_ids[n++] = tok_bos_id(tok);
         memcpy(prompt_ids + n, ids, n_ids * sizeof(int32_t));
@@ -294,13 +391,10 @@ int main(int argc, char **argv) {
             rc = 1;
             break;
         }
-        while (!rs.done) {
-            bool busy;
-            if (eng_step(eng, &busy) != DUET_OK) {
-                rc = 1;
-                break;
-            }
-        }
+        while (!rs.done && rc == 0)
+            if (step_and_vote(eng, leaders, true, &more) != DUET_OK) rc = 1;
+        if (rc) break;
+        if (rs.finish == ENG_FINISH_ERROR || rs.finish == ENG_FINISH_ABORT) rc = 1;
         clock_gettime(CLOCK_MONOTONIC, &t1);
         double dt = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9;
         fprintf(stderr, "\n[%d prompt tokens, %d generated, %.2f s, %.1f tokens/s, finish: %s]\n",
@@ -317,10 +411,15 @@ int main(int argc, char **argv) {
         if (!chat || rc) break;
     }
     cJSON_Delete(history);
+    /* DP rank 0 is done: one more round, voting to leave, which every other leader is
+     * already voting (a failed step above has ended the instance instead) */
+    while (more)
+        if (step_and_vote(eng, leaders, false, &more) != DUET_OK) rc = 1;
 out:
     eng_destroy(eng);
     par_stop_followers(inst);
-    par_finish(inst);
+out_inst:
+    comm_group_destroy(leaders);
     chat_destroy(tpl);
     tok_destroy(tok);
     par_instance_destroy(inst);

@@ -295,6 +295,105 @@ duet_status par_kv_budget(par_instance *p, long long *bytes_p) {
     return DUET_OK;
 }
 
+/* One number from a file of "name value" lines (/proc/meminfo: kB, "MemAvailable:";
+ * memory.stat: bytes, "inactive_file"), times mul. */
+static bool read_keyed(const char *path, const char *key, long long mul, long long *v_p) {
+    FILE *f = fopen(path, "r");
+    if (!f) return false;
+    char line[256];
+    size_t kl = strlen(key);
+    bool found = false;
+    while (!found && fgets(line, sizeof line, f)) {
+        long long v;
+        if (!strncmp(line, key, kl) && (line[kl] == ' ' || line[kl] == '\t') &&
+            sscanf(line + kl, "%lld", &v) == 1 && v >= 0) {
+            *v_p = v * mul;
+            found = true;
+        }
+    }
+    fclose(f);
+    return found;
+}
+
+/* One number alone in a file (cgroup limits and usage); false for "max" (no limit). */
+static bool read_number(const char *path, long long *v_p) {
+    FILE *f = fopen(path, "r");
+    if (!f) return false;
+    long long v;
+    bool ok = fscanf(f, "%lld", &v) == 1 && v >= 0;
+    fclose(f);
+    if (ok) *v_p = v;
+    return ok;
+}
+
+/* The host memory this process may still take: MemAvailable, or less where the cgroup's limit
+ * leaves less (limit - usage + inactive file cache, which the kernel reclaims first; v2, then
+ * v1). *what_p says which. */
+static bool host_available(long long *bytes_p, const char **what_p) {
+    long long avail;
+    if (!read_keyed("/proc/meminfo", "MemAvailable:", 1024, &avail)) return false;
+    *what_p = "available (MemAvailable)";
+    static const char *const cg[2][4] = {
+        {"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat",
+         "inactive_file"},
+        {"/sys/fs/cgroup/memory/memory.limit_in_bytes",
+         "/sys/fs/cgroup/memory/memory.usage_in_bytes", "/sys/fs/cgroup/memory/memory.stat",
+         "total_inactive_file"}};
+    for (int i = 0; i < 2; i++) {
+        long long limit, usage, inactive = 0;
+        if (!read_number(cg[i][0], &limit) || !read_number(cg[i][1], &usage)) continue;
+        (void)read_keyed(cg[i][2], cg[i][3], 1, &inactive);
+        long long left = limit - usage + (inactive < usage ? inactive : usage);
+        if (left < 0) left = 0;
+        if (left < avail) {
+            avail = left;
+            *what_p = "available (under its cgroup's memory limit)";
+        }
+        break;
+    }
+    *bytes_p = avail;
+    return true;
+}
+
+duet_status par_kv_fixed_check(par_instance *p, long long bytes) {
+    char err[512] = "";
+    duet_status st = DUET_OK;
+    long long total = 0, free_b = 0, avail = 0;
+    const char *what = NULL;
+    if (p->planned && p->measured) {
+        mplan m = p->mem;
+        m.in.kv_cache_memory = bytes;
+        long long kv;
+        st = mplan_kv_after_load(&m, &p->readings, &kv, err, sizeof err);
+    } else if (p->planned) {
+        /* a device size given instead of readings: what the plan leaves of it */
+        const mplan *m = &p->mem;
+        st = mplan_check_kv_fixed(
+            bytes, 1, m->in.gpu_memory - m->w.total - m->act_total - m->kv_block_bytes,
+            "the device", "left after the plan's weights and activations", err, sizeof err);
+    } else if (p->opt.mem.device_memory > 0) {
+        /* a device size given but no plan asked for: nothing to hold it to */
+    } else if (be_mem_info(p->be, &total, &free_b) == DUET_OK) {
+        st = mplan_check_kv_fixed(bytes, 1, free_b, "the device", "free", err, sizeof err);
+    } else if (host_available(&avail, &what)) {
+        /* host memory: every rank of the instance on this host allocates a cache of its own */
+        st = mplan_check_kv_fixed(bytes, p->world.local_size, avail, "the host", what, err,
+                                  sizeof err);
+    } else {
+        LOG_WARN("memory plan: cannot read the host's available memory (/proc/meminfo); "
+                 "--kv-cache-memory is taken unchecked");
+    }
+    /* one verdict for the instance, and one line: the lowest rank that does not fit says why */
+    long long first = st == DUET_OK ? 0 : p->world.size - p->world.rank;
+    if (p->world.size > 1) {
+        duet_status cst = comm_allreduce_i64(p->world_group, &first, 1, true);
+        if (cst != DUET_OK) return cst;
+    }
+    if (!first) return DUET_OK;
+    if (p->world.size - first == p->world.rank) LOG_ERROR("memory plan: %s", err);
+    return DUET_ERR_NO_MEMORY;
+}
+
 duet_status par_instance_create(const par_options *o, const char *model_dir, int *argc,
                                 char ***argv, par_instance **inst_p) {
     par_instance *p = calloc(1, sizeof *p);

@@ -77,6 +77,17 @@ bool par_lockstep(const par_instance *inst);
  * default. DUET_ERR_NO_MEMORY, logged, when one sequence of max_model_len does not fit. */
 duet_status par_kv_budget(par_instance *inst, long long *bytes_p);
 
+/* All ranks, before a fixed KV cache (--kv-cache-memory) of bytes per rank is allocated: the
+ * check the automatic path makes, applied to the size asked. With the plan's device readings,
+ * what mplan_kv_after_load allows (the instance's share of the device and its free memory after
+ * loading); with o->mem.device_memory instead of readings, what the plan leaves of that size
+ * after weights and activations; on a device without readings or plan, its free memory;
+ * on the CPU backend, the host's available memory (MemAvailable, lowered to what the cgroup's
+ * limit leaves) shared by this host's ranks. DUET_ERR_NO_MEMORY when it does not fit on some
+ * rank: every rank returns it, and the first such rank logs one line naming --kv-cache-memory,
+ * the size asked and what is free. */
+duet_status par_kv_fixed_check(par_instance *inst, long long bytes);
+
 /* The memory plan par_instance_create computed, or NULL when none was asked for (or the
  * backend has no device memory to plan against); and the device's readings before and after
  * loading (false when there are none: the CPU backend, or a given device size). */
@@ -89,7 +100,12 @@ bool par_memory_readings(const par_instance *inst, mplan_measured *readings_p);
 duet_status par_forward(par_instance *inst, be_kv *kv, const mdl_seq *seqs, int n_seqs,
                         float *logits);
 /* Under lockstep: joins the other DP groups' steps with empty ones while any group still has
- * work; returns once every group is idle. Without lockstep: returns at once. */
+ * work; returns once every group is idle. Without lockstep: returns at once. For programs whose
+ * every rank runs its own forwards (duet-check golden) and calls this once its work is done:
+ * the first round in which no rank has work ends it everywhere. Not for a TP leader whose
+ * followers run par_follow (they do not join its rounds) nor for an engine that can go idle
+ * between requests (that round would end the other groups early); those vote among the TP
+ * leaders after every step instead, as the servers and duet-run do. */
 duet_status par_finish(par_instance *inst);
 /* One round of the lockstep agreement for a rank without work: *stepped_p tells whether an
  * empty step was run (another group had work). */

@@ -697,3 +697,23 @@ duet_status mplan_kv_after_load(const mplan *p, const mplan_measured *m, long lo
     *kv_bytes_p = kv;
     return DUET_OK;
 }
+
+duet_status mplan_check_kv_fixed(long long asked, int n_ranks, long long available,
+                                 const char *where, const char *available_what, char *err,
+                                 size_t err_len) {
+    if (err_len) err[0] = '\0';
+    if (n_ranks < 1) n_ranks = 1;
+    /* asked is at most 9e18 (opt_parse_size): in double the product cannot wrap */
+    double need = (double)asked * n_ranks;
+    if (need <= (double)available) return DUET_OK;
+    if (n_ranks == 1)
+        fail(err, err_len, "--kv-cache-memory %s does not fit: %s has %s %s", sz(asked).s, where,
+             sz(available).s, available_what);
+    else
+        fail(err, err_len,
+             "--kv-cache-memory %s does not fit: the %d ranks on %s need %s for their KV caches, "
+             "%s has %s %s",
+             sz(asked).s, n_ranks, where, sz(need < 9e18 ? (long long)need : (long long)9e18).s,
+             where, sz(available).s, available_what);
+    return DUET_ERR_NO_MEMORY;
+}

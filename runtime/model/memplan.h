@@ -185,4 +185,15 @@ duet_status mplan_check_start(const mplan *p, const mplan_measured *m, char *err
 duet_status mplan_kv_after_load(const mplan *p, const mplan_measured *m, long long *kv_bytes_p,
                                 char *err, size_t err_len);
 
+/* A fixed KV cache (--kv-cache-memory) of asked bytes per rank where there is no plan with
+ * device readings to hold it to (mplan_kv_after_load does that): n_ranks ranks that each
+ * allocate one share memory with available bytes left (the CPU backend: the instance's ranks
+ * on one host and the host's available memory; a device: 1 and its free memory). where names
+ * the memory ("the host", "the device") and available_what how it was read ("available
+ * (MemAvailable)", "free"). Refuses (DUET_ERR_NO_MEMORY, one line in err naming the flag, the
+ * size asked and what is there) when n_ranks * asked exceeds available. Arithmetic only. */
+duet_status mplan_check_kv_fixed(long long asked, int n_ranks, long long available,
+                                 const char *where, const char *available_what, char *err,
+                                 size_t err_len);
+
 #endif

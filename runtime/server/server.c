@@ -464,7 +464,11 @@ static duet_status size_kv(srv_server *s) {
         /* --kv-cache-memory; else what --gpu-memory-utilization of the device leaves after
          * loading (the memory plan's readings); else, on host memory, 1 GiB */
         long long budget = s->cfg.kv_cache_memory;
-        if (budget <= 0) {
+        if (budget > 0) {
+            /* the size asked, held to what the device (or the host) has, as below */
+            duet_status st = par_kv_fixed_check(s->inst, budget);
+            if (st != DUET_OK) return st;
+        } else {
             duet_status st = par_kv_budget(s->inst, &budget);
             if (st == DUET_ERR_UNSUPPORTED)
                 budget = 1LL << 30;
