@@ -4,10 +4,12 @@
 #include "dist/comm-impl.h"
 
 #include <mpi.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "base/clock.h"
 #include "base/log.h"
@@ -48,6 +50,46 @@ bool comm_group_has_device(const comm_group *g) {
     return g && g->dev;
 }
 
+/* Open MPI binds each rank to one core when mpirun starts one or two ranks and nobody asked
+ * for a binding; every instance mpirun starts on a host then begins at core 0, so the
+ * instances of a one-host deployment (two prefills and a decode) share a core or two for their
+ * engine, transfer and HTTP threads and their OpenMP loops (dummy weights were made at a
+ * twentieth of their speed on an H200 host). Before main, a rank bound to a single CPU that
+ * way (no --bind-to given: Open MPI then exports no binding policy) takes every CPU its cgroup
+ * allows and runs itself again, so that the OpenMP and OpenBLAS runtimes, which size their
+ * thread pools when they load, see them. `mpirun --bind-to core` (or any --bind-to) keeps
+ * Open MPI's binding. */
+__attribute__((constructor)) static void comm_unbind(void) {
+    if (!getenv("OMPI_COMM_WORLD_SIZE") || getenv("OMPI_MCA_hwloc_base_binding_policy") ||
+        getenv("DUET_UNBOUND"))
+        return;
+    cpu_set_t cur, all;
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    if (n <= 1 || sched_getaffinity(0, sizeof cur, &cur) != 0 || CPU_COUNT(&cur) != 1) return;
+    int was = 0;
+    while (was < CPU_SETSIZE && !CPU_ISSET(was, &cur)) was++;
+    CPU_ZERO(&all);
+    for (long i = 0; i < n && i < CPU_SETSIZE; i++) CPU_SET((int)i, &all);
+    /* the kernel keeps what the cgroup's cpuset allows of it */
+    if (sched_setaffinity(0, sizeof all, &all) != 0 ||
+        sched_getaffinity(0, sizeof cur, &cur) != 0 || CPU_COUNT(&cur) <= 1)
+        return;
+    static char cmd[1 << 16];
+    static char *args[1024];
+    FILE *f = fopen("/proc/self/cmdline", "rb");
+    size_t len = f ? fread(cmd, 1, sizeof cmd - 1, f) : 0;
+    if (f) fclose(f);
+    if (len == 0 || len >= sizeof cmd - 1) return; /* widened; its pools stay as they are */
+    int argc = 0;
+    for (size_t i = 0; i < len && argc < 1023; i += strlen(cmd + i) + 1) args[argc++] = cmd + i;
+    args[argc] = NULL;
+    char mark[16];
+    snprintf(mark, sizeof mark, "%d", was);
+    setenv("DUET_UNBOUND", mark, 1);
+    execv("/proc/self/exe", args);
+    /* exec failed: go on widened (the thread pools keep the size they took) */
+}
+
 duet_status comm_init(int *argc, char ***argv, comm_world *world_p) {
     comm_world w = {.rank = 0, .size = 1, .local_rank = 0, .local_size = 1, .mpi = false};
     const char *t = getenv("DUET_COMM_TIMEOUT");
@@ -71,6 +113,12 @@ duet_status comm_init(int *argc, char ***argv, comm_world *world_p) {
         w.mpi = true;
         g_mpi = true;
         g_world_rank = w.rank;
+        const char *was = getenv("DUET_UNBOUND");
+        if (was && w.local_rank == 0)
+            LOG_INFO("comm: mpirun bound rank %d to CPU %s alone (its default for one or two "
+                     "ranks); duet runs it on every CPU it may use (mpirun --bind-to ... keeps "
+                     "a binding)",
+                     w.rank, was);
     }
     *world_p = w;
     return DUET_OK;
