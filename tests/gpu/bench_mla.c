@@ -16,6 +16,8 @@
 
 #include "model/backend.h"
 #include "model/backends/cuda/backend_cuda.h"
+#define XS_SEED 0x9e3779b97f4a7c15ull
+#include "optest.h"
 
 #define BS   64 /* the engine's default block size */
 #define L_   512
@@ -30,17 +32,6 @@ static int cuda_ok(cudaError_t e, const char *what) {
     fprintf(stderr, "bench_mla: %s: %s\n", what, cudaGetErrorString(e));
     g_fail = 1;
     return 0;
-}
-
-static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
-static uint64_t rnd(void) {
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return g_rng;
-}
-static float urand(float a) {
-    return ((float)(rnd() >> 40) / 16777216.0f * 2.0f - 1.0f) * a;
 }
 
 static int cmp_float(const void *a, const void *b) {
@@ -164,7 +155,7 @@ static double time_variant(setup *s, unsigned skip, int reps) {
 static void fill_latents(be_backend *be, be_kv *kv, int n_blocks) {
     size_t total = (size_t)n_blocks * kv->block_bytes / 2, chunk = (size_t)1 << 24;
     float *h = malloc((chunk + 8) * sizeof *h);
-    for (size_t i = 0; i < chunk + 8; i++) h[i] = urand(1.0f);
+    for (size_t i = 0; i < chunk + 8; i++) h[i] = xs_uniform(1.0f);
     for (size_t off = 0; off < total; off += chunk) {
         size_t n = total - off < chunk ? total - off : chunk;
         if (be->ops->upload(be, kv->data, off, h + (off / chunk) % 8, n) != DUET_OK) break;
@@ -182,11 +173,7 @@ static duet_status set_tail_batch(be_backend *be, int B, int nq, int ctx_len, in
     duet_status st = DUET_ERR_NO_MEMORY;
     if (perm && pos && slot && start && ctx) {
         for (int i = 0; i < n_blocks; i++) perm[i] = i;
-        for (int i = n_blocks - 1; i > 0; i--) {
-            int j = (int)(rnd() % (uint64_t)(i + 1)), t = perm[i];
-            perm[i] = perm[j];
-            perm[j] = t;
-        }
+        bt_shuffle(perm, n_blocks);
         for (int b = 0, t = 0; b < B; b++) {
             start[b] = t;
             ctx[b] = ctx_len;
@@ -231,8 +218,8 @@ static bench_res bench_one(be_backend *be, bench_cfg c, int reps) {
 
     size_t qn = (size_t)T * H * (NOPE + R_), wn = (size_t)H * (NOPE + V_) * L_;
     float *qh = malloc(qn * sizeof *qh), *wh = malloc(wn * sizeof *wh);
-    for (size_t i = 0; i < qn; i++) qh[i] = urand(1.0f);
-    for (size_t i = 0; i < wn; i++) wh[i] = urand(0.1f);
+    for (size_t i = 0; i < qn; i++) qh[i] = xs_uniform(1.0f);
+    for (size_t i = 0; i < wn; i++) wh[i] = xs_uniform(0.1f);
     s.q = o->buf_alloc(be, qn);
     s.out = o->buf_alloc(be, (size_t)T * H * V_);
     if (!s.q || !s.out || o->upload(be, s.q, 0, qh, qn) != DUET_OK ||
@@ -347,7 +334,7 @@ static double dense_tflops(be_backend *be, int n, int reps) {
     const be_ops *o = be->ops;
     size_t nn = (size_t)n * n;
     float *h = malloc(nn * sizeof *h);
-    for (size_t i = 0; i < nn; i++) h[i] = urand(1.0f);
+    for (size_t i = 0; i < nn; i++) h[i] = xs_uniform(1.0f);
     gemm_arg g = {.be = be, .n = n};
     g.x = o->buf_alloc(be, nn);
     g.y = o->buf_alloc(be, nn);
@@ -378,8 +365,8 @@ static void bench_prefill(be_backend *be, prefill_cfg c, int reps, double dense)
     size_t qn = (size_t)T * H * (NOPE + R_), wn = (size_t)H * (NOPE + V_) * L_;
     qh = malloc(qn * sizeof *qh);
     wh = malloc(wn * sizeof *wh);
-    for (size_t i = 0; i < qn; i++) qh[i] = urand(1.0f);
-    for (size_t i = 0; i < wn; i++) wh[i] = urand(0.05f);
+    for (size_t i = 0; i < qn; i++) qh[i] = xs_uniform(1.0f);
+    for (size_t i = 0; i < wn; i++) wh[i] = xs_uniform(0.05f);
     s.q = o->buf_alloc(be, qn);
     s.out = o->buf_alloc(be, (size_t)T * H * V_);
     if (!s.q || !s.out || o->upload(be, s.q, 0, qh, qn) != DUET_OK ||

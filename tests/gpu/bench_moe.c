@@ -14,21 +14,10 @@
 
 #include "model/backend.h"
 #include "model/backends/cuda/backend_cuda.h"
+#define XS_SEED 0x9e3779b97f4a7c15ull
+#include "optest.h"
 
 #define SETS 8 /* input sets rotated so routing, and the experts touched, change every run */
-
-static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
-
-static float urand(float a) {
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return ((float)(g_rng >> 40) / 16777216.0f * 2.0f - 1.0f) * a;
-}
-
-static void fill(float *v, size_t n, float a) {
-    for (size_t i = 0; i < n; i++) v[i] = urand(a);
-}
 
 static int g_failed;
 
@@ -90,7 +79,7 @@ static double gemm_tflops(be_backend *be) {
     int n = 8192;
     size_t nn = (size_t)n * n;
     float *h = malloc(nn * sizeof(float));
-    fill(h, nn, 0.05f);
+    xs_fill(h, nn, 0.05f);
     be_weight *w = NULL;
     if (o->weight_create(be, h, n, n, false, &w) != DUET_OK) {
         free(h);
@@ -141,7 +130,7 @@ static size_t g_pool_n;
 
 static be_weight *pool_weight(be_backend *be, int n_out, int n_in, bool keep_f32) {
     size_t n = (size_t)n_out * n_in,
-           off = (size_t)((urand(1.0f) + 1.0f) * 0.5f * (float)(g_pool_n - n));
+           off = (size_t)((xs_uniform(1.0f) + 1.0f) * 0.5f * (float)(g_pool_n - n));
     be_weight *w = NULL;
     if (be->ops->weight_create(be, g_pool + off, n_out, n_in, keep_f32, &w) != DUET_OK) {
         g_failed = 1;
@@ -161,7 +150,7 @@ static int layer_make(be_backend *be, const shape *s, layer *l) {
                          pool_weight(be, s->D, s->Is, false), s->Is};
     if (s->route.method == CFG_TOPK_NOAUX_TC) {
         float *b = malloc((size_t)s->E * sizeof(float));
-        fill(b, (size_t)s->E, 0.02f);
+        xs_fill(b, (size_t)s->E, 0.02f);
         if (be->ops->vec_create(be, b, s->E, &l->bias) != DUET_OK) g_failed = 1;
         free(b);
     }
@@ -215,17 +204,10 @@ static void bench_one(be_backend *be, const shape *s, layer *l, int T, int reps,
     float *hx = malloc(td * sizeof(float));
     for (int i = 0; i < SETS; i++) {
         x[i] = o->buf_alloc(be, td);
-        fill(hx, td, 1.0f);
+        xs_fill(hx, td, 1.0f);
         o->upload(be, x[i], 0, hx, td);
     }
-    be_moe_rows rows = {.n = T,
-                        .D = D,
-                        .K = K,
-                        .x = NULL,
-                        .x_stride = D,
-                        .ids = d_ids,
-                        .weights = d_w,
-                        .meta_stride = K};
+    be_moe_rows rows = bt_moe_rows(T, D, K, NULL, d_ids, d_w);
 #define LAYER(i)                                                                                   \
     do {                                                                                           \
         rows.x = x[i];                                                                             \
@@ -428,7 +410,7 @@ int main(int argc, char **argv) {
     /* one pool big enough for the largest tensor of any shape */
     g_pool_n = (size_t)2 * 2048 * 7168 + (1 << 20);
     g_pool = malloc(g_pool_n * sizeof(float));
-    fill(g_pool, g_pool_n, 0.03f);
+    xs_fill(g_pool, g_pool_n, 0.03f);
     for (int si = 0; si < 2; si++) {
         const shape *s = &all[si];
         if (!strstr(shapes, si == 0 ? "lite" : "v3")) continue;

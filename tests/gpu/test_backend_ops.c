@@ -16,6 +16,7 @@
 #include "model/backends/registry.h"
 #include "model/backend.h"
 #include "check.h"
+#include "optest.h"
 #include "model/backends/cuda/backend_cuda.h"
 
 enum { CPU = 0, GPU = 1 };
@@ -27,19 +28,9 @@ typedef struct tb {
     int failed;
 } tb;
 
-static uint64_t g_rng;
-
-static uint64_t rnd(void) {
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return g_rng;
-}
-
 /* uniform in [-a, a], rounded to bf16 so both backends see the same value */
 static float urand(float a) {
-    float u = ((float)(rnd() >> 40) / 16777216.0f * 2.0f - 1.0f) * a;
-    return dt_bf16_to_f32(dt_f32_to_bf16(u));
+    return dt_bf16_to_f32(dt_f32_to_bf16(xs_uniform(a)));
 }
 
 static float *rand_vec(size_t n, float a) {
@@ -159,13 +150,9 @@ static bool pweight_fp8_new(tb *t, int n_out, int n_in, int split, float a, pwei
     uint8_t *q = malloc((size_t)n_out * n_in);
     float *s = malloc((size_t)rb * cb * sizeof(float));
     float *h = malloc((size_t)n_out * n_in * sizeof(float));
-    for (size_t i = 0; i < (size_t)n_out * n_in; i++) {
-        uint8_t v;
-        do v = (uint8_t)(rnd() >> 32);
-        while ((v & 0x7f) == 0x7f); /* NaN */
-        q[i] = v;
-    }
-    for (int i = 0; i < rb * cb; i++) s[i] = a / 448.0f * (0.5f + (float)(rnd() % 1000) / 1000.0f);
+    bt_rand_e4m3(q, (size_t)n_out * n_in);
+    for (int i = 0; i < rb * cb; i++)
+        s[i] = a / 448.0f * (0.5f + (float)(xs_next() % 1000) / 1000.0f);
     for (int r = 0; r < n_out; r++)
         for (int c = 0; c < n_in; c++)
             h[(size_t)r * n_in + c] =
@@ -218,13 +205,8 @@ static void test_fp8_lt(tb *t, int T, int N, int K) {
     int cb = K / 128, rb = (N + 127) / 128;
     uint8_t *q = malloc((size_t)N * K);
     float *s = malloc((size_t)rb * cb * sizeof(float));
-    for (size_t i = 0; i < (size_t)N * K; i++) {
-        uint8_t v;
-        do v = (uint8_t)(rnd() >> 32);
-        while ((v & 0x7f) == 0x7f);
-        q[i] = v;
-    }
-    for (int i = 0; i < rb * cb; i++) s[i] = 0.01f * (0.5f + (float)(rnd() % 1000) / 1000.0f);
+    bt_rand_e4m3(q, (size_t)N * K);
+    for (int i = 0; i < rb * cb; i++) s[i] = 0.01f * (0.5f + (float)(xs_next() % 1000) / 1000.0f);
     float *xh = rand_vec((size_t)T * K, 1.0f);
     be_backend *g = t->be[GPU];
     be_weight *w = NULL;
@@ -308,7 +290,7 @@ static void test_embed(tb *t) {
     int V = 50, D = 64, T = 24, row0 = 10;
     pweight tab = pweight_new(t, V, D, 1.0f, false);
     int32_t ids[24];
-    for (int i = 0; i < T; i++) ids[i] = (int32_t)(rnd() % 75); /* some outside [10, 60) */
+    for (int i = 0; i < T; i++) ids[i] = (int32_t)(xs_next() % 75); /* some outside [10, 60) */
     pbuf out = pbuf_new(t, NULL, (size_t)T * D, true);
     for (int k = 0; k < 2; k++) t->be[k]->ops->embed(t->be[k], out.b[k], ids, T, tab.w[k], row0);
     compare(t, "embed", &out, 0);
@@ -410,16 +392,8 @@ static void test_add_silu(tb *t) {
 static void test_rope(tb *t) {
     int T = 6, H = 3, nope = 16, R = 8, qk = nope + R;
     int32_t pos[6] = {0, 1, 7, 63, 130, 3001}, slot[6] = {0, 1, 2, 3, 4, 5};
-    int32_t start[2] = {0, 6}, ctx[1] = {3002}, table[1] = {0};
-    be_batch b = {.n_tokens = T,
-                  .n_seqs = 1,
-                  .token_pos = pos,
-                  .token_slot = slot,
-                  .seq_start = start,
-                  .seq_ctx = ctx,
-                  .block_table = table,
-                  .max_blocks = 1};
-    set_batch(t, &b);
+    bt_seq1 b;
+    set_batch(t, bt_seq1_init(&b, T, pos, slot, 3002));
     float *qh = rand_vec((size_t)T * H * qk, 1.0f);
     pbuf q = pbuf_new(t, qh, (size_t)T * H * qk, false);
     for (int k = 0; k < 2; k++) t->be[k]->ops->rope(t->be[k], q.b[k], T, H * qk, H, qk, nope, R);
@@ -430,6 +404,32 @@ static void test_rope(tb *t) {
     free(qh);
 }
 
+/* a KV cache of the same shape on each backend */
+static void kv_pair_new(tb *t, be_kv *kv[2], int n_blocks, int n_layers, int bs, int kv_dim) {
+    for (int k = 0; k < 2; k++)
+        CHECK(t->be[k]->ops->kv_create(t->be[k], n_blocks, n_layers, bs, kv_dim, &kv[k]) ==
+              DUET_OK);
+}
+
+/* The history: every one of n_slots slots of every layer gets random latents through
+ * kv_write, rows `stride` floats apart, under a batch (in *hb) of one token per slot, the
+ * caller's pos (all 0) and slot (0, 1, ...) arrays of n_slots. */
+static void kv_pair_fill(tb *t, be_kv *kv[2], int n_layers, int n_slots, int stride, int32_t *pos,
+                         int32_t *slot, bt_seq1 *hb) {
+    for (int i = 0; i < n_slots; i++) {
+        pos[i] = 0;
+        slot[i] = i;
+    }
+    set_batch(t, bt_seq1_init(hb, n_slots, pos, slot, 1));
+    for (int l = 0; l < n_layers; l++) {
+        float *lat = rand_vec((size_t)n_slots * stride, 1.0f);
+        pbuf fill = pbuf_new(t, lat, (size_t)n_slots * stride, false);
+        for (int k = 0; k < 2; k++) t->be[k]->ops->kv_write(t->be[k], kv[k], l, fill.b[k], stride);
+        pbuf_free(t, &fill);
+        free(lat);
+    }
+}
+
 /* rope on the shared key then the KV write, fused: cache rows of scattered slots (the rest
  * filled by kv_write first, so every byte compares) and kva's roped columns, at one token and
  * several, DeepSeek's widths (L 512, rope 64) and small ones; rows kv_dim + 6 apart */
@@ -437,47 +437,21 @@ static void test_rope_kv_write_case(tb *t, int T, int L, int R) {
     int kv_dim = L + R, bs = 4, n_layers = 2, layer = 1, n_blocks = (T + bs - 1) / bs + 2;
     int stride = kv_dim + 6, n_slots = n_blocks * bs;
     be_kv *kv[2];
-    for (int k = 0; k < 2; k++)
-        CHECK(t->be[k]->ops->kv_create(t->be[k], n_blocks, n_layers, bs, kv_dim, &kv[k]) ==
-              DUET_OK);
+    kv_pair_new(t, kv, n_blocks, n_layers, bs, kv_dim);
     int32_t *pos = calloc((size_t)n_slots, sizeof(int32_t)),
             *slot = malloc((size_t)n_slots * sizeof(int32_t));
-    for (int i = 0; i < n_slots; i++) slot[i] = i;
-    int32_t start[2] = {0, n_slots}, ctx[1] = {1}, table[1] = {0};
-    be_batch hb = {.n_tokens = n_slots,
-                   .n_seqs = 1,
-                   .token_pos = pos,
-                   .token_slot = slot,
-                   .seq_start = start,
-                   .seq_ctx = ctx,
-                   .block_table = table,
-                   .max_blocks = 1};
-    set_batch(t, &hb);
-    for (int l = 0; l < n_layers; l++) {
-        float *lat = rand_vec((size_t)n_slots * kv_dim, 1.0f);
-        pbuf fill = pbuf_new(t, lat, (size_t)n_slots * kv_dim, false);
-        for (int k = 0; k < 2; k++) t->be[k]->ops->kv_write(t->be[k], kv[k], l, fill.b[k], kv_dim);
-        pbuf_free(t, &fill);
-        free(lat);
-    }
+    bt_seq1 hb;
+    kv_pair_fill(t, kv, n_layers, n_slots, kv_dim, pos, slot, &hb);
     /* the step: T tokens at distinct scrambled slots and positions up to the thousands */
     for (int i = 0; i < n_slots; i++) {
-        int j = (int)(rnd() % (uint64_t)(i + 1));
+        int j = (int)(xs_next() % (uint64_t)(i + 1));
         int32_t tmp = slot[i];
         slot[i] = slot[j];
         slot[j] = tmp;
     }
-    for (int i = 0; i < T; i++) pos[i] = (int32_t)(rnd() % 5000);
-    int32_t sstart[2] = {0, T}, sctx[1] = {5000};
-    be_batch b = {.n_tokens = T,
-                  .n_seqs = 1,
-                  .token_pos = pos,
-                  .token_slot = slot,
-                  .seq_start = sstart,
-                  .seq_ctx = sctx,
-                  .block_table = table,
-                  .max_blocks = 1};
-    set_batch(t, &b);
+    for (int i = 0; i < T; i++) pos[i] = (int32_t)(xs_next() % 5000);
+    bt_seq1 b;
+    set_batch(t, bt_seq1_init(&b, T, pos, slot, 5000));
     float *kvah = rand_vec((size_t)T * stride, 1.0f);
     pbuf kva = pbuf_new(t, kvah, (size_t)T * stride, false);
     for (int k = 0; k < 2; k++)
@@ -506,12 +480,7 @@ static void test_rows(tb *t) {
     float *sh = rand_vec((size_t)n_src * D, 1.0f), *dh = rand_vec((size_t)n_src * D, 1.0f);
     int32_t idx[17], perm[40];
     for (int i = 0; i < n_src; i++) perm[i] = i;
-    for (int i = n_src - 1; i > 0; i--) {
-        int j = (int)(rnd() % (uint64_t)(i + 1));
-        int32_t tmp = perm[i];
-        perm[i] = perm[j];
-        perm[j] = tmp;
-    }
+    bt_shuffle(perm, n_src);
     for (int i = 0; i < n; i++) idx[i] = perm[i]; /* distinct, for the scatter */
     pbuf src = pbuf_new(t, sh, (size_t)n_src * D, false);
     pbuf dst = pbuf_new(t, NULL, (size_t)n * D, true);
@@ -559,45 +528,21 @@ static void test_mla(tb *t, const mla_case *mc) {
     n_blocks += 3;
     int32_t *perm = malloc((size_t)n_blocks * sizeof(int32_t));
     for (int i = 0; i < n_blocks; i++) perm[i] = i;
-    for (int i = n_blocks - 1; i > 0; i--) {
-        int j = (int)(rnd() % (uint64_t)(i + 1));
-        int32_t tmp = perm[i];
-        perm[i] = perm[j];
-        perm[j] = tmp;
-    }
+    bt_shuffle(perm, n_blocks);
     int32_t *table = calloc((size_t)ns * max_blocks, sizeof(int32_t));
     for (int s = 0, at = 0; s < ns; s++) {
         int nb = (mc->pos0[s] + mc->n_tok[s] + bs - 1) / bs;
         for (int j = 0; j < nb; j++) table[s * max_blocks + j] = perm[at++];
     }
     be_kv *kv[2];
-    for (int k = 0; k < 2; k++)
-        CHECK(t->be[k]->ops->kv_create(t->be[k], n_blocks, mc->n_layers, bs, kv_dim, &kv[k]) ==
-              DUET_OK);
+    kv_pair_new(t, kv, n_blocks, mc->n_layers, bs, kv_dim);
 
-    /* 1. history: every slot of every layer gets random latents through kv_write */
+    /* 1. history: every slot of every layer gets random latents through kv_write (strided) */
     int n_slots = n_blocks * bs;
     int32_t *all_pos = calloc((size_t)n_slots, sizeof(int32_t));
     int32_t *all_slot = malloc((size_t)n_slots * sizeof(int32_t));
-    for (int i = 0; i < n_slots; i++) all_slot[i] = i;
-    int32_t hstart[2] = {0, n_slots}, hctx[1] = {1}, htab[1] = {0};
-    be_batch hb = {.n_tokens = n_slots,
-                   .n_seqs = 1,
-                   .token_pos = all_pos,
-                   .token_slot = all_slot,
-                   .seq_start = hstart,
-                   .seq_ctx = hctx,
-                   .block_table = htab,
-                   .max_blocks = 1};
-    set_batch(t, &hb);
-    for (int l = 0; l < mc->n_layers; l++) {
-        float *lat = rand_vec((size_t)n_slots * (kv_dim + 3), 1.0f);
-        pbuf kva = pbuf_new(t, lat, (size_t)n_slots * (kv_dim + 3), false);
-        for (int k = 0; k < 2; k++)
-            t->be[k]->ops->kv_write(t->be[k], kv[k], l, kva.b[k], kv_dim + 3); /* strided */
-        pbuf_free(t, &kva);
-        free(lat);
-    }
+    bt_seq1 hb;
+    kv_pair_fill(t, kv, mc->n_layers, n_slots, kv_dim + 3, all_pos, all_slot, &hb);
     size_t kv_n = (size_t)n_blocks * kv[0]->block_bytes / sizeof(float);
     char name[96];
     snprintf(name, sizeof name, "kv_write (%s)", mc->name);
@@ -819,12 +764,12 @@ static void test_experts(tb *t) {
         for (int k = 0; k < K; k++) {
             int e, dup;
             do { /* distinct experts per token */
-                e = (int)(rnd() % (uint64_t)E);
+                e = (int)(xs_next() % (uint64_t)E);
                 dup = 0;
                 for (int j = 0; j < k; j++) dup |= ids[i * K + j] == e;
             } while (dup);
             ids[i * K + k] = e;
-            w[i * K + k] = 0.1f + (float)(rnd() % 1000) / 1000.0f;
+            w[i * K + k] = 0.1f + (float)(xs_next() % 1000) / 1000.0f;
         }
     pweight gu[8], dn[8];
     be_ffn f[2][8];
@@ -858,7 +803,7 @@ static void test_experts_fp8(tb *t) {
     for (int i = 0; i < T; i++)
         for (int k = 0; k < K; k++) {
             ids[i * K + k] = (int32_t)((i + 3 * k) % E); /* distinct: K < E, steps of 3 */
-            w[i * K + k] = 0.1f + (float)(rnd() % 1000) / 1000.0f;
+            w[i * K + k] = 0.1f + (float)(xs_next() % 1000) / 1000.0f;
         }
     pweight gu[8], dn[8];
     be_ffn f[2][8];
@@ -982,12 +927,12 @@ static void route_draw(int32_t *ids, float *w, int T, int K, int pool) {
         for (int k = 0; k < K; k++) {
             int e, dup;
             do {
-                e = (int)(rnd() % (uint64_t)pool);
+                e = (int)(xs_next() % (uint64_t)pool);
                 dup = 0;
                 for (int j = 0; j < k; j++) dup |= ids[i * K + j] == e;
             } while (dup);
             ids[i * K + k] = e;
-            w[i * K + k] = 0.2f + (float)(rnd() % 1000) / 1000.0f;
+            w[i * K + k] = 0.2f + (float)(xs_next() % 1000) / 1000.0f;
         }
 }
 
@@ -1005,14 +950,7 @@ static void test_experts_dev(tb *t, const char *name, pmoe *m, int T, int K, int
     pmem dw = pmem_new(t, w, (size_t)T * K * sizeof(float), false);
     pbuf out = pbuf_new(t, NULL, (size_t)T * D, true);
     for (int k = 0; k < 2; k++) {
-        be_moe_rows rows = {.n = T,
-                            .D = D,
-                            .K = K,
-                            .x = x.b[k],
-                            .x_stride = D,
-                            .ids = di.b[k],
-                            .weights = dw.b[k],
-                            .meta_stride = K};
+        be_moe_rows rows = bt_moe_rows(T, D, K, x.b[k], di.b[k], dw.b[k]);
         t->be[k]->ops->moe_experts_dev(t->be[k], out.b[k], &rows, m->f[k], e0, m->n,
                                        shared ? &m->shared[k] : NULL);
     }
@@ -1043,14 +981,7 @@ static void test_moe_pipeline(tb *t, const char *name, pmoe *m, const be_route_p
     pbuf out = pbuf_new(t, NULL, (size_t)T * D, true);
     for (int k = 0; k < 2; k++) {
         t->be[k]->ops->moe_route_dev(t->be[k], x.b[k], T, gate.w[k], bias[k], p, di.b[k], dw.b[k]);
-        be_moe_rows rows = {.n = T,
-                            .D = D,
-                            .K = K,
-                            .x = x.b[k],
-                            .x_stride = D,
-                            .ids = di.b[k],
-                            .weights = dw.b[k],
-                            .meta_stride = K};
+        be_moe_rows rows = bt_moe_rows(T, D, K, x.b[k], di.b[k], dw.b[k]);
         t->be[k]->ops->moe_experts_dev(t->be[k], out.b[k], &rows, m->f[k], 0, m->n,
                                        m->Is ? &m->shared[k] : NULL);
     }
@@ -1370,9 +1301,9 @@ int main(void) {
         return 77;
     }
     const char *seed = getenv("DUET_TEST_SEED");
-    g_rng = seed ? strtoull(seed, NULL, 10) : (uint64_t)time(NULL) * 2654435761u;
-    if (!g_rng) g_rng = 1;
-    printf("seed %llu (DUET_TEST_SEED repeats it)\n", (unsigned long long)g_rng);
+    g_xs = seed ? strtoull(seed, NULL, 10) : (uint64_t)time(NULL) * 2654435761u;
+    if (!g_xs) g_xs = 1;
+    printf("seed %llu (DUET_TEST_SEED repeats it)\n", (unsigned long long)g_xs);
     int failed = 0;
     dt_dtype dts[2] = {DT_BF16, DT_F32};
     for (int i = 0; i < 2; i++) {

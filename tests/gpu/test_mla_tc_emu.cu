@@ -17,6 +17,9 @@
 
 #include <vector>
 
+#define XS_SEED 88172645463325252ull
+#include "xorshift.h"
+
 static int g_failures;
 #define EXPECT(cond, ...)                                                                          \
     do {                                                                                           \
@@ -251,16 +254,6 @@ float tc_shfl_xor(float v, int lane_mask) {
 
 /* ---- the cases ---- */
 
-static uint64_t g_rng = 88172645463325252ull;
-static uint64_t rnd(void) {
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return g_rng;
-}
-static float urand(float a) {
-    return ((float)(rnd() >> 40) / 16777216.0f * 2.0f - 1.0f) * a;
-}
 static __nv_bfloat16 nan_bf(void) {
     return __float2bfloat16_rn(NAN);
 }
@@ -298,7 +291,7 @@ static void run_case(const emu_case &ec) {
     std::vector<int32_t> perm(n_blocks), table((size_t)ns * max_blocks, -1);
     for (int i = 0; i < n_blocks; i++) perm[i] = i;
     for (int i = n_blocks - 1; i > 0; i--) {
-        int j = (int)(rnd() % (uint64_t)(i + 1));
+        int j = (int)(xs_next() % (uint64_t)(i + 1));
         int32_t t = perm[i];
         perm[i] = perm[j];
         perm[j] = t;
@@ -310,9 +303,9 @@ static void run_case(const emu_case &ec) {
     size_t cache_n = (size_t)n_blocks * ec.n_layers * bs * TC_D;
     std::vector<__nv_bfloat16> cache(cache_n), qlat((size_t)T * H * TC_L), q((size_t)T * H * qw),
         olat((size_t)T * H * TC_L, nan_bf());
-    for (auto &x : cache) x = __float2bfloat16_rn(urand(1.0f));
-    for (auto &x : qlat) x = __float2bfloat16_rn(urand(3.0f));
-    for (auto &x : q) x = __float2bfloat16_rn(urand(1.0f));
+    for (auto &x : cache) x = __float2bfloat16_rn(xs_uniform(1.0f));
+    for (auto &x : qlat) x = __float2bfloat16_rn(xs_uniform(3.0f));
+    for (auto &x : q) x = __float2bfloat16_rn(xs_uniform(1.0f));
     const int n_groups = (qmax * H + RT - 1) / RT, rows_pad = n_groups * RT;
     const size_t part_rows = (size_t)ns * ec.n_split * rows_pad;
     std::vector<float> opart(part_rows * TC_L, NAN), lse(part_rows, NAN);
@@ -453,7 +446,7 @@ static void run_fp_case(const fp_case &fc) {
     std::vector<int32_t> perm(n_blocks), table((size_t)(ns + 1) * max_blocks, -1);
     for (int i = 0; i < n_blocks; i++) perm[i] = i;
     for (int i = n_blocks - 1; i > 0; i--) {
-        int j = (int)(rnd() % (uint64_t)(i + 1));
+        int j = (int)(xs_next() % (uint64_t)(i + 1));
         std::swap(perm[i], perm[j]);
     }
     /* table row 0 is the decode sequence's; the chunks' rows follow */
@@ -463,9 +456,9 @@ static void run_fp_case(const fp_case &fc) {
 
     std::vector<__nv_bfloat16> cache((size_t)n_blocks * fc.n_layers * bs * kv_dim),
         kvx((size_t)rows * kvw), q((size_t)T * H * qw), out((size_t)T * H * FP_V, nan_bf());
-    for (auto &x : cache) x = __float2bfloat16_rn(urand(1.0f));
-    for (auto &x : kvx) x = __float2bfloat16_rn(urand(1.0f));
-    for (auto &x : q) x = __float2bfloat16_rn(urand(1.5f));
+    for (auto &x : cache) x = __float2bfloat16_rn(xs_uniform(1.0f));
+    for (auto &x : kvx) x = __float2bfloat16_rn(xs_uniform(1.0f));
+    for (auto &x : q) x = __float2bfloat16_rn(xs_uniform(1.5f));
     const float scale = 1.0f / sqrtf(192.0f);
 
     fp_args &a = g_fargs;
