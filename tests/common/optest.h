@@ -1,7 +1,8 @@
 /* Pieces the backend-op tests and benchmarks share (test_backend_ops, test_fused_ops,
  * test_moe_ops, bench_mla, bench_moe): a one-sequence batch over one block-table entry, the
- * dense be_moe_rows of T rows, a shuffle and random e4m3 codes drawn from xorshift.h's stream
- * (so a file defines XS_SEED, if it seeds statically, before including this). Header-only. */
+ * dense be_moe_rows of T rows, DeepSeek's routers, a shuffle and random e4m3 codes drawn from
+ * xorshift.h's stream (so a file defines XS_SEED, if it seeds statically, before including this).
+ * Header-only. */
 #ifndef DUET_TEST_OPTEST_H
 #define DUET_TEST_OPTEST_H
 
@@ -46,6 +47,31 @@ static inline be_moe_rows bt_moe_rows(int T, int D, int K, const void *x, const 
                          .ids = ids,
                          .weights = weights,
                          .meta_stride = K};
+}
+
+/* DeepSeek-V3's router at a size: sigmoid scores, noaux_tc (with the correction bias), 8 groups
+ * of which topk_group are kept, top_k weights normalized, then scaled by 2.5 */
+static inline be_route_params bt_route_v3(int n_experts, int top_k, int topk_group) {
+    return (be_route_params){.n_experts = n_experts,
+                             .top_k = top_k,
+                             .n_group = 8,
+                             .topk_group = topk_group,
+                             .scoring = CFG_SCORING_SIGMOID,
+                             .method = CFG_TOPK_NOAUX_TC,
+                             .norm_topk_prob = true,
+                             .scale_after_norm = true,
+                             .routed_scaling_factor = 2.5f};
+}
+
+/* DeepSeek-V2-Lite's router: softmax scores, greedy top-6 of 64 experts, weights as they are */
+static inline be_route_params bt_route_v2_lite(void) {
+    return (be_route_params){.n_experts = 64,
+                             .top_k = 6,
+                             .n_group = 1,
+                             .topk_group = 1,
+                             .scoring = CFG_SCORING_SOFTMAX,
+                             .method = CFG_TOPK_GREEDY,
+                             .routed_scaling_factor = 1.0f};
 }
 
 /* Fisher-Yates from the back: one draw for each of a[n-1] .. a[1] */

@@ -18,24 +18,10 @@
 #include "model/backends/cuda/backend_cuda.h"
 #include "base/dtype.h"
 #define XS_SEED 0x9e3779b97f4a7c15ull
+#include "cubench.h"
 #include "xorshift.h"
 
-static int g_failed;
 static int g_reps = 20;
-
-#define CU(call)                                                                                   \
-    do {                                                                                           \
-        cudaError_t e_ = (call);                                                                   \
-        if (e_ != cudaSuccess) {                                                                   \
-            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-            g_failed = 1;                                                                          \
-        }                                                                                          \
-    } while (0)
-
-static int cmp_f(const void *a, const void *b) {
-    float x = *(const float *)a, y = *(const float *)b;
-    return x < y ? -1 : x > y;
-}
 
 /* median milliseconds of g_reps runs of fn(arg) on stream s, after 3 warm-ups */
 static float time_ms(cudaStream_t s, void (*fn)(void *), void *arg) {

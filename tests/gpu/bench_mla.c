@@ -98,6 +98,26 @@ typedef struct setup {
     float scale;
 } setup;
 
+/* The step's inputs: query rows (qn uniform draws in [-1, 1)) and kv_b (wn in [-w_amp, w_amp))
+ * on the device, with the output buffer; the host copies in *qh_p and *wh_p (the caller frees
+ * them, also after a failure). 0, or -1 with g_fail set. */
+static int setup_q_kvb(setup *s, size_t qn, size_t wn, float w_amp, float **qh_p, float **wh_p) {
+    const be_ops *o = s->be->ops;
+    float *qh = malloc(qn * sizeof *qh), *wh = malloc(wn * sizeof *wh);
+    *qh_p = qh;
+    *wh_p = wh;
+    for (size_t i = 0; i < qn; i++) qh[i] = xs_uniform(1.0f);
+    for (size_t i = 0; i < wn; i++) wh[i] = xs_uniform(w_amp);
+    s->q = o->buf_alloc(s->be, qn);
+    s->out = o->buf_alloc(s->be, (size_t)s->T * s->H * V_);
+    if (!s->q || !s->out || o->upload(s->be, s->q, 0, qh, qn) != DUET_OK ||
+        o->weight_create(s->be, wh, s->H * (NOPE + V_), L_, false, &s->kv_b) != DUET_OK) {
+        g_fail = 1;
+        return -1;
+    }
+    return 0;
+}
+
 static void run_layers(setup *s) {
     for (int l = 0; l < s->layers; l++)
         s->be->ops->mla_attention(s->be, s->out, s->q, s->kv, l, s->kv_b, s->H, NOPE, R_, V_,
@@ -217,16 +237,8 @@ static bench_res bench_one(be_backend *be, bench_cfg c, int reps) {
     fill_latents(be, s.kv, n_blocks);
 
     size_t qn = (size_t)T * H * (NOPE + R_), wn = (size_t)H * (NOPE + V_) * L_;
-    float *qh = malloc(qn * sizeof *qh), *wh = malloc(wn * sizeof *wh);
-    for (size_t i = 0; i < qn; i++) qh[i] = xs_uniform(1.0f);
-    for (size_t i = 0; i < wn; i++) wh[i] = xs_uniform(0.1f);
-    s.q = o->buf_alloc(be, qn);
-    s.out = o->buf_alloc(be, (size_t)T * H * V_);
-    if (!s.q || !s.out || o->upload(be, s.q, 0, qh, qn) != DUET_OK ||
-        o->weight_create(be, wh, H * (NOPE + V_), L_, false, &s.kv_b) != DUET_OK) {
-        g_fail = 1;
-        goto done;
-    }
+    float *qh = NULL, *wh = NULL;
+    if (setup_q_kvb(&s, qn, wn, 0.1f, &qh, &wh) != 0) goto done;
 
     duet_status st = set_tail_batch(be, c.B, c.nq, c.ctx, n_blocks);
     if (st != DUET_OK) {
@@ -363,17 +375,7 @@ static void bench_prefill(be_backend *be, prefill_cfg c, int reps, double dense)
     }
     fill_latents(be, s.kv, n_blocks);
     size_t qn = (size_t)T * H * (NOPE + R_), wn = (size_t)H * (NOPE + V_) * L_;
-    qh = malloc(qn * sizeof *qh);
-    wh = malloc(wn * sizeof *wh);
-    for (size_t i = 0; i < qn; i++) qh[i] = xs_uniform(1.0f);
-    for (size_t i = 0; i < wn; i++) wh[i] = xs_uniform(0.05f);
-    s.q = o->buf_alloc(be, qn);
-    s.out = o->buf_alloc(be, (size_t)T * H * V_);
-    if (!s.q || !s.out || o->upload(be, s.q, 0, qh, qn) != DUET_OK ||
-        o->weight_create(be, wh, H * (NOPE + V_), L_, false, &s.kv_b) != DUET_OK) {
-        g_fail = 1;
-        goto done;
-    }
+    if (setup_q_kvb(&s, qn, wn, 0.05f, &qh, &wh) != 0) goto done;
     if (set_tail_batch(be, c.B, c.nq, c.ctx, n_blocks) != DUET_OK) {
         g_fail = 1;
         goto done;

@@ -15,30 +15,15 @@
 #include "model/backend.h"
 #include "model/backends/cuda/backend_cuda.h"
 #define XS_SEED 0x9e3779b97f4a7c15ull
+#include "cubench.h"
 #include "optest.h"
 
 #define SETS 8 /* input sets rotated so routing, and the experts touched, change every run */
-
-static int g_failed;
-
-#define CU(call)                                                                                   \
-    do {                                                                                           \
-        cudaError_t e_ = (call);                                                                   \
-        if (e_ != cudaSuccess) {                                                                   \
-            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-            g_failed = 1;                                                                          \
-        }                                                                                          \
-    } while (0)
 
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static int cmp_f(const void *a, const void *b) {
-    float x = *(const float *)a, y = *(const float *)b;
-    return x < y ? -1 : x > y;
 }
 
 static float median(float *v, int n) {
@@ -382,28 +367,14 @@ int main(int argc, char **argv) {
          .D = 2048,
          .I = 1408,
          .Is = 2816,
-         .route = {.n_experts = 64,
-                   .top_k = 6,
-                   .n_group = 1,
-                   .topk_group = 1,
-                   .scoring = CFG_SCORING_SOFTMAX,
-                   .method = CFG_TOPK_GREEDY,
-                   .routed_scaling_factor = 1.0f}},
+         .route = bt_route_v2_lite()},
         {.name = "V3",
          .E = v3_experts,
          .K = 8,
          .D = 7168,
          .I = 2048,
          .Is = 2048,
-         .route = {.n_experts = v3_experts,
-                   .top_k = 8,
-                   .n_group = 8,
-                   .topk_group = 4,
-                   .scoring = CFG_SCORING_SIGMOID,
-                   .method = CFG_TOPK_NOAUX_TC,
-                   .norm_topk_prob = true,
-                   .scale_after_norm = true,
-                   .routed_scaling_factor = 2.5f}},
+         .route = bt_route_v3(v3_experts, 8, 4)},
     };
     result res[32];
     int n_res = 0;

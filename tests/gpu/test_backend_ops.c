@@ -754,12 +754,54 @@ static void test_route(tb *t, const char *name, be_route_params p, bool with_bia
         test_route_n(t, name, p, with_bias, shapes[i][0], shapes[i][1]);
 }
 
+/* moe_experts (host routing) over T rows of D: random inputs and prior output (accumulated
+ * into), drawn first; the caller then fills the routing ids and w [T, K] and makes the experts */
+typedef struct experts_io {
+    int T, D, K;
+    float *xh, *oh;
+    pbuf x, out;
+    int32_t *ids;
+    float *w;
+} experts_io;
+
+static experts_io experts_io_new(tb *t, int T, int D, int K) {
+    experts_io io = {.T = T, .D = D, .K = K};
+    io.xh = rand_vec((size_t)T * D, 1.0f);
+    io.oh = rand_vec((size_t)T * D, 1.0f);
+    io.x = pbuf_new(t, io.xh, (size_t)T * D, false);
+    io.out = pbuf_new(t, io.oh, (size_t)T * D, false);
+    io.ids = malloc((size_t)T * K * sizeof(int32_t));
+    io.w = malloc((size_t)T * K * sizeof(float));
+    return io;
+}
+
+/* runs moe_experts on both backends with experts gu/dn [0, n_local) as experts e0.. and
+ * compares */
+static void experts_io_run(tb *t, experts_io *io, const char *name, const pweight *gu,
+                           const pweight *dn, int I, int e0, int n_local) {
+    be_ffn f[2][8];
+    for (int e = 0; e < n_local; e++)
+        for (int k = 0; k < 2; k++) f[k][e] = (be_ffn){gu[e].w[k], dn[e].w[k], I};
+    for (int k = 0; k < 2; k++)
+        t->be[k]->ops->moe_experts(t->be[k], io->out.b[k], io->x.b[k], io->T, io->D, io->ids, io->w,
+                                   io->K, f[k], e0, n_local);
+    compare(t, name, &io->out, t->tol);
+}
+
+static void experts_io_free(tb *t, experts_io *io) {
+    pbuf_free(t, &io->x);
+    pbuf_free(t, &io->out);
+    free(io->ids);
+    free(io->w);
+    free(io->xh);
+    free(io->oh);
+}
+
 static void test_experts(tb *t) {
     int T = 40, D = 64, K = 4, E = 16, e0 = 4, n_local = 8, I = 48;
-    float *xh = rand_vec((size_t)T * D, 1.0f), *oh = rand_vec((size_t)T * D, 1.0f);
-    pbuf x = pbuf_new(t, xh, (size_t)T * D, false), out = pbuf_new(t, oh, (size_t)T * D, false);
-    int32_t *ids = malloc((size_t)T * K * sizeof(int32_t));
-    float *w = malloc((size_t)T * K * sizeof(float));
+    experts_io io = experts_io_new(t, T, D, K);
+    int32_t *ids = io.ids;
+    float *w = io.w;
     for (int i = 0; i < T; i++)
         for (int k = 0; k < K; k++) {
             int e, dup;
@@ -772,62 +814,43 @@ static void test_experts(tb *t) {
             w[i * K + k] = 0.1f + (float)(xs_next() % 1000) / 1000.0f;
         }
     pweight gu[8], dn[8];
-    be_ffn f[2][8];
     for (int e = 0; e < n_local; e++) {
         gu[e] = pweight_new(t, 2 * I, D, 0.15f, false);
         dn[e] = pweight_new(t, D, I, 0.15f, false);
-        for (int k = 0; k < 2; k++) f[k][e] = (be_ffn){gu[e].w[k], dn[e].w[k], I};
     }
-    for (int k = 0; k < 2; k++)
-        t->be[k]->ops->moe_experts(t->be[k], out.b[k], x.b[k], T, D, ids, w, K, f[k], e0, n_local);
-    compare(t, "moe_experts", &out, t->tol);
+    experts_io_run(t, &io, "moe_experts", gu, dn, I, e0, n_local);
     for (int e = 0; e < n_local; e++) {
         pweight_free(t, &gu[e]);
         pweight_free(t, &dn[e]);
     }
-    pbuf_free(t, &x);
-    pbuf_free(t, &out);
-    free(ids);
-    free(w);
-    free(xh);
-    free(oh);
+    experts_io_free(t, &io);
 }
 
 /* moe_experts (host routing) over FP8 experts */
 static void test_experts_fp8(tb *t) {
     int T = 40, D = 256, K = 4, E = 8, I = 160;
-    float *xh = rand_vec((size_t)T * D, 1.0f), *oh = rand_vec((size_t)T * D, 1.0f);
-    pbuf x = pbuf_new(t, xh, (size_t)T * D, false), out = pbuf_new(t, oh, (size_t)T * D, false);
-    int32_t *ids = malloc((size_t)T * K * sizeof(int32_t));
-    float *w = malloc((size_t)T * K * sizeof(float));
+    experts_io io = experts_io_new(t, T, D, K);
+    int32_t *ids = io.ids;
+    float *w = io.w;
     for (int i = 0; i < T; i++)
         for (int k = 0; k < K; k++) {
             ids[i * K + k] = (int32_t)((i + 3 * k) % E); /* distinct: K < E, steps of 3 */
             w[i * K + k] = 0.1f + (float)(xs_next() % 1000) / 1000.0f;
         }
     pweight gu[8], dn[8];
-    be_ffn f[2][8];
     bool ok = true;
     for (int e = 0; e < E; e++) {
         ok = pweight_fp8_new(t, 2 * I, D, I, 1.7f / sqrtf((float)D), &gu[e]) && ok;
         ok = pweight_fp8_new(t, D, I, D, 1.7f / sqrtf((float)I), &dn[e]) && ok;
-        for (int k = 0; k < 2; k++) f[k][e] = (be_ffn){gu[e].w[k], dn[e].w[k], I};
     }
     if (ok) {
-        for (int k = 0; k < 2; k++)
-            t->be[k]->ops->moe_experts(t->be[k], out.b[k], x.b[k], T, D, ids, w, K, f[k], 0, E);
-        compare(t, "moe_experts fp8", &out, t->tol);
+        experts_io_run(t, &io, "moe_experts fp8", gu, dn, I, 0, E);
         for (int e = 0; e < E; e++) {
             pweight_free(t, &gu[e]);
             pweight_free(t, &dn[e]);
         }
     }
-    pbuf_free(t, &x);
-    pbuf_free(t, &out);
-    free(ids);
-    free(w);
-    free(xh);
-    free(oh);
+    experts_io_free(t, &io);
 }
 
 /* ---- MoE on the device (moe_route_dev, moe_experts_dev, moe_ep_pack / unpack) ---- */
@@ -1164,28 +1187,14 @@ static void test_moe_dev(tb *t) {
     for (int i = 0; i < nT; i++)
         test_experts_dev(t, "experts_dev V2-Lite", &lite, Ts[i], 6, 0, 58, true);
     test_experts_dev(t, "experts_dev V2-Lite -sh", &lite, 64, 6, 0, 64, false);
-    be_route_params lite_p = {.n_experts = 64,
-                              .top_k = 6,
-                              .n_group = 1,
-                              .topk_group = 1,
-                              .scoring = CFG_SCORING_SOFTMAX,
-                              .method = CFG_TOPK_GREEDY,
-                              .routed_scaling_factor = 1.0f};
+    be_route_params lite_p = bt_route_v2_lite();
     for (int i = 0; i < nT; i++) test_moe_pipeline(t, "moe V2-Lite", &lite, &lite_p, Ts[i]);
     pmoe_free(t, &lite);
 
     /* DeepSeek-V3 routing (256 experts, top-8, groups 8 / 4, noaux_tc bias) on narrow experts
      * (D 1024, I 256, one shared) so the CPU reference stays small */
     pmoe v3 = pmoe_new(t, 256, 1024, 256, 256);
-    be_route_params v3_p = {.n_experts = 256,
-                            .top_k = 8,
-                            .n_group = 8,
-                            .topk_group = 4,
-                            .scoring = CFG_SCORING_SIGMOID,
-                            .method = CFG_TOPK_NOAUX_TC,
-                            .norm_topk_prob = true,
-                            .scale_after_norm = true,
-                            .routed_scaling_factor = 2.5f};
+    be_route_params v3_p = bt_route_v3(256, 8, 4);
     for (int i = 0; i < nT; i++) test_moe_pipeline(t, "moe V3 routing", &v3, &v3_p, Ts[i]);
     for (int i = 0; i < nT; i++)
         test_experts_dev(t, "experts_dev V3 narrow", &v3, Ts[i], 8, 0, 200, true);
@@ -1263,16 +1272,7 @@ static void run_all(tb *t) {
     test_rope_kv_write_case(t, 1, 512, 64); /* DeepSeek's latent and rope widths */
     test_rope_kv_write_case(t, 64, 512, 64);
     test_mla_decode(t);
-    be_route_params v3 = {.n_experts = 64,
-                          .top_k = 6,
-                          .n_group = 8,
-                          .topk_group = 3,
-                          .scoring = CFG_SCORING_SIGMOID,
-                          .method = CFG_TOPK_NOAUX_TC,
-                          .norm_topk_prob = true,
-                          .scale_after_norm = true,
-                          .routed_scaling_factor = 2.5f};
-    test_route(t, "moe_route (V3)", v3, true);
+    test_route(t, "moe_route (V3)", bt_route_v3(64, 6, 3), true);
     be_route_params v2 = {.n_experts = 64,
                           .top_k = 6,
                           .n_group = 8,
@@ -1283,12 +1283,7 @@ static void run_all(tb *t) {
                           .scale_after_norm = false,
                           .routed_scaling_factor = 16.0f};
     test_route(t, "moe_route (V2)", v2, false);
-    be_route_params lite = v2;
-    lite.method = CFG_TOPK_GREEDY;
-    lite.n_group = 1;
-    lite.topk_group = 1;
-    lite.routed_scaling_factor = 1.0f;
-    test_route(t, "moe_route (V2-Lite)", lite, false);
+    test_route(t, "moe_route (V2-Lite)", bt_route_v2_lite(), false);
     test_experts(t);
     test_moe_dev(t);
     test_fp8(t);

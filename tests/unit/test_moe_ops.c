@@ -51,22 +51,7 @@ static void route_random(int32_t *ids, float *w, int T, int K, int E, int unused
 
 static void test_route(be_backend *be) {
     int T = 37, D = 48;
-    be_route_params ps[2] = {{.n_experts = 64,
-                              .top_k = 6,
-                              .n_group = 8,
-                              .topk_group = 3,
-                              .scoring = CFG_SCORING_SIGMOID,
-                              .method = CFG_TOPK_NOAUX_TC,
-                              .norm_topk_prob = true,
-                              .scale_after_norm = true,
-                              .routed_scaling_factor = 2.5f},
-                             {.n_experts = 64,
-                              .top_k = 6,
-                              .n_group = 1,
-                              .topk_group = 1,
-                              .scoring = CFG_SCORING_SOFTMAX,
-                              .method = CFG_TOPK_GREEDY,
-                              .routed_scaling_factor = 1.0f}};
+    be_route_params ps[2] = {bt_route_v3(64, 6, 3), bt_route_v2_lite()};
     for (int i = 0; i < 2; i++) {
         const be_route_params *p = &ps[i];
         int E = p->n_experts, K = p->top_k;
