@@ -118,6 +118,17 @@ static int setup_q_kvb(setup *s, size_t qn, size_t wn, float w_amp, float **qh_p
     return 0;
 }
 
+/* frees what setup_q_kvb and the caller's kv_create made, and the host copies */
+static void setup_free(setup *s, float *qh, float *wh) {
+    const be_ops *o = s->be->ops;
+    if (s->kv_b) o->weight_destroy(s->be, s->kv_b);
+    o->buf_free(s->be, s->q);
+    o->buf_free(s->be, s->out);
+    o->kv_destroy(s->be, s->kv);
+    free(qh);
+    free(wh);
+}
+
 static void run_layers(setup *s) {
     for (int l = 0; l < s->layers; l++)
         s->be->ops->mla_attention(s->be, s->out, s->q, s->kv, l, s->kv_b, s->H, NOPE, R_, V_,
@@ -286,12 +297,7 @@ static bench_res bench_one(be_backend *be, bench_cfg c, int reps) {
     r.attn_flops = (double)c.B * H * vis * (L_ + R_ + L_) * 2;
 
 done:
-    if (s.kv_b) o->weight_destroy(be, s.kv_b);
-    o->buf_free(be, s.q);
-    o->buf_free(be, s.out);
-    o->kv_destroy(be, s.kv);
-    free(qh);
-    free(wh);
+    setup_free(&s, qh, wh);
     return r;
 }
 
@@ -410,12 +416,7 @@ static void bench_prefill(be_backend *be, prefill_cfg c, int reps, double dense)
            expand > 0 ? exp_flops / (expand * 1e-3) / 1e12 : 0, cc);
     fflush(stdout);
 done:
-    if (s.kv_b) o->weight_destroy(be, s.kv_b);
-    o->buf_free(be, s.q);
-    o->buf_free(be, s.out);
-    o->kv_destroy(be, s.kv);
-    free(qh);
-    free(wh);
+    setup_free(&s, qh, wh);
 }
 
 static void prefill_section(be_backend *be, int reps) {

@@ -11,6 +11,7 @@
 #include "check.h"
 #define XS_SEED 88172645463325252ull
 #include "optest.h"
+#include "testmodel.h"
 #include "model/backend.h"
 #include "model/backends/registry.h"
 
@@ -20,16 +21,6 @@ static be_weight *weight(be_backend *be, int n_out, int n_in, float a) {
     CHECK(be->ops->weight_create(be, h, n_out, n_in, false, &w) == DUET_OK);
     free(h);
     return w;
-}
-
-static double rel_l2(const float *got, const float *ref, size_t n) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)got[i] - ref[i];
-        num += d * d;
-        den += (double)ref[i] * ref[i];
-    }
-    return den > 0 ? sqrt(num / den) : sqrt(num);
 }
 
 /* Random routing of T tokens: K distinct experts of E each, weights in (0.1, 1.1); experts
@@ -142,7 +133,7 @@ static void test_experts(be_backend *be, const moe_case *mc) {
     be->ops->moe_experts_dev(be, out, &rows, m.experts, 0, mc->E, mc->Is ? &m.shared : NULL);
     CHECK(be->ops->sync(be) == DUET_OK);
     CHECK_MSG(memcmp(out, ref, (size_t)T * D * sizeof(float)) == 0, "T %d: rel_l2 %.3e", T,
-              rel_l2(out, ref, (size_t)T * D));
+              tm_rel_l2(out, ref, (size_t)T * D));
 
     /* packed rows: activations, then ids and weights, in one strided row */
     int stride = D + 2 * K + 4;
@@ -236,7 +227,7 @@ static void test_ep(be_backend *be, const moe_case *mc, int ep, int tp, int cap_
         for (size_t i = 0; i < (size_t)T * D; i++) sum[i] += out[i];
     }
     CHECK(be->ops->sync(be) == DUET_OK);
-    double err = rel_l2(sum, ref, (size_t)T * D);
+    double err = tm_rel_l2(sum, ref, (size_t)T * D);
     CHECK_MSG(err < 1e-6, "EP %d x TP %d, T %d, cap %d: rel_l2 %.3e", ep, tp, T, cap, err);
     /* unused rows of every block select nothing */
     for (int r = 0; r < ep; r++)
