@@ -13,13 +13,6 @@
 #include "base/rng.h"
 #include "engine/sampler.h"
 
-static int cmp_desc(const void *a, const void *b, void *arg) {
-    const float *p = arg;
-    float x = p[*(const int32_t *)a], y = p[*(const int32_t *)b];
-    if (x != y) return x > y ? -1 : 1;
-    return *(const int32_t *)a - *(const int32_t *)b;
-}
-
 /* the implementation smp_logprobs replaced */
 static void before_logprobs(const float *logits, int V, int32_t token, int n, float *token_lp,
                             smp_logprob *top, int32_t *idx) {
@@ -30,28 +23,10 @@ static void before_logprobs(const float *logits, int V, int32_t token, int n, fl
     float lse = mx + (float)log(sum);
     *token_lp = logits[token] - lse;
     if (n <= 0) return;
+    /* its top n: quickselect over an index array and a sort of the front, which the sampler
+     * still uses for top-k */
     for (int i = 0; i < V; i++) idx[i] = i;
-    int lo = 0, hi = V - 1;
-    while (lo < hi) {
-        float pivot = logits[idx[(lo + hi) / 2]];
-        int i = lo, j = hi;
-        while (i <= j) {
-            while (logits[idx[i]] > pivot) i++;
-            while (logits[idx[j]] < pivot) j--;
-            if (i <= j) {
-                int32_t t = idx[i];
-                idx[i++] = idx[j];
-                idx[j--] = t;
-            }
-        }
-        if (n - 1 <= j)
-            hi = j;
-        else if (n - 1 >= i)
-            lo = i;
-        else
-            break;
-    }
-    qsort_r(idx, (size_t)n, sizeof *idx, cmp_desc, (void *)logits);
+    smp_top_candidates(logits, idx, V, n);
     for (int i = 0; i < n; i++) {
         top[i].token = idx[i];
         top[i].logprob = logits[idx[i]] - lse;

@@ -6,6 +6,7 @@
 
 #include "check.h"
 #include "base/opt.h"
+#include "plan_opts.h"
 #include "model/config.h"
 #include "model/memplan.h"
 
@@ -105,27 +106,9 @@ int check_plan_main(int argc, char **argv) {
          .min = 1,
          .max = 1 << 24,
          .help = "context length (default min(config, 8192), as the workers)"},
-        {.name = "--max-num-seqs",
-         .type = OPT_INT,
-         .dest = &in.max_num_seqs,
-         .def = "256",
-         .min = 1,
-         .max = 1 << 16,
-         .help = "sequences per step"},
-        {.name = "--max-num-batched-tokens",
-         .type = OPT_INT,
-         .dest = &in.max_num_batched_tokens,
-         .def = "2048",
-         .min = 1,
-         .max = 1 << 24,
-         .help = "tokens per step"},
-        {.name = "--block-size",
-         .type = OPT_INT,
-         .dest = &in.block_size,
-         .def = "64",
-         .min = 1,
-         .max = 1 << 16,
-         .help = "tokens per KV block"},
+        plan_spec_max_num_seqs(&in.max_num_seqs),
+        plan_spec_max_num_batched_tokens(&in.max_num_batched_tokens),
+        plan_spec_block_size(&in.block_size),
         {.name = "--kv-cache-memory",
          .type = OPT_SIZE,
          .dest = &in.kv_cache_memory,

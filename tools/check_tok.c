@@ -14,10 +14,12 @@
 
 #define CASES_MAX ((size_t)64 << 20)
 
-/* A subcommand's command line: --help and exactly n arguments, into args. 0: go on, 1: help
- * printed, 2: one error line printed. */
-static int parse_args(const char *prog, const char *usage, const char *about, int n, int argc,
-                      char **argv, const char **args) {
+/* A subcommand's start: --help and exactly n arguments, into args, then the tokenizer of the
+ * first (a directory) into *tok_p. Returns -1 to go on, or the exit status: 0 after --help, 2
+ * after one error line on the command line, 1 when the tokenizer does not load (tok_load said
+ * why). */
+static int start_command(const char *prog, const char *usage, const char *about, int n, int argc,
+                         char **argv, const char **args, tok_tokenizer **tok_p) {
     opt_parser *p;
     if (opt_parser_create(prog, usage, about, &p) != DUET_OK) {
         fprintf(stderr, "%s: out of memory\n", prog);
@@ -31,7 +33,8 @@ static int parse_args(const char *prog, const char *usage, const char *about, in
     }
     for (int i = 0; rc == 0 && i < n; i++) args[i] = opt_positional(p, i);
     opt_parser_destroy(p);
-    return rc;
+    if (rc) return rc == 1 ? 0 : 2;
+    return tok_load(args[0], tok_p) == DUET_OK ? -1 : 1;
 }
 
 static cJSON *read_cases(const char *path) {
@@ -212,14 +215,13 @@ static bool run_tok_case(const tok_tokenizer *tok, const cJSON *c, char *why, si
 
 int check_tokenizer_main(int argc, char **argv) {
     const char *a[3];
-    int rc = parse_args("duet-check tokenizer", "TOKENIZER_DIR CASES_JSON VARIANT",
-                        "Encodes and decodes every case under cases.VARIANT of CASES_JSON with "
-                        "TOKENIZER_DIR/tokenizer.json, one line per case.",
-                        3, argc, argv, a);
-    if (rc) return rc == 1 ? 0 : 2;
-    const char *dir = a[0], *cases_path = a[1], *variant = a[2];
     tok_tokenizer *tok;
-    if (tok_load(dir, &tok) != DUET_OK) return 1;
+    int rc = start_command("duet-check tokenizer", "TOKENIZER_DIR CASES_JSON VARIANT",
+                           "Encodes and decodes every case under cases.VARIANT of CASES_JSON with "
+                           "TOKENIZER_DIR/tokenizer.json, one line per case.",
+                           3, argc, argv, a, &tok);
+    if (rc >= 0) return rc;
+    const char *cases_path = a[1], *variant = a[2];
     cJSON *root = read_cases(cases_path);
     const cJSON *cases =
         cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(root, "cases"), variant);
@@ -317,14 +319,13 @@ static bool run_chat_case(const tok_tokenizer *tok, const chat_template *tpl, co
 
 int check_chat_main(int argc, char **argv) {
     const char *a[2];
-    int rc = parse_args("duet-check chat", "TOKENIZER_DIR CASES_JSON",
-                        "Renders every case's messages of CASES_JSON with TOKENIZER_DIR's chat "
-                        "template and tokenizes them, one line per case.",
-                        2, argc, argv, a);
-    if (rc) return rc == 1 ? 0 : 2;
-    const char *dir = a[0], *cases_path = a[1];
     tok_tokenizer *tok;
-    if (tok_load(dir, &tok) != DUET_OK) return 1;
+    int rc = start_command("duet-check chat", "TOKENIZER_DIR CASES_JSON",
+                           "Renders every case's messages of CASES_JSON with TOKENIZER_DIR's chat "
+                           "template and tokenizes them, one line per case.",
+                           2, argc, argv, a, &tok);
+    if (rc >= 0) return rc;
+    const char *dir = a[0], *cases_path = a[1];
     chat_template *tpl;
     if (chat_load(dir, &tpl) != DUET_OK) {
         tok_destroy(tok);

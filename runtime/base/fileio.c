@@ -25,19 +25,29 @@ static duet_status from_errno(int e) {
     }
 }
 
-duet_status fio_read_text(const char *path, size_t max_bytes, char **text_p) {
+/* Opens path for reading and checks that it is a regular file; on success *fd_p is open and
+ * *sb_p holds its stat. One error line on failure, nothing left open. */
+static duet_status open_regular(const char *path, int *fd_p, struct stat *sb_p) {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         int e = errno;
         LOG_ERROR("%s: cannot open: %s", path, strerror(e));
         return from_errno(e);
     }
-    struct stat sb;
-    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+    if (fstat(fd, sb_p) != 0 || !S_ISREG(sb_p->st_mode)) {
         LOG_ERROR("%s: not a regular file", path);
         close(fd);
         return DUET_ERR_IO;
     }
+    *fd_p = fd;
+    return DUET_OK;
+}
+
+duet_status fio_read_text(const char *path, size_t max_bytes, char **text_p) {
+    int fd;
+    struct stat sb;
+    duet_status st = open_regular(path, &fd, &sb);
+    if (st != DUET_OK) return st;
     if ((size_t)sb.st_size > max_bytes) {
         LOG_ERROR("%s: file is %lld bytes, more than the %zu allowed", path, (long long)sb.st_size,
                   max_bytes);
@@ -68,18 +78,10 @@ duet_status fio_read_text(const char *path, size_t max_bytes, char **text_p) {
 }
 
 duet_status fio_map_file(const char *path, fio_map *map_p) {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        int e = errno;
-        LOG_ERROR("%s: cannot open: %s", path, strerror(e));
-        return from_errno(e);
-    }
+    int fd;
     struct stat sb;
-    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
-        LOG_ERROR("%s: not a regular file", path);
-        close(fd);
-        return DUET_ERR_IO;
-    }
+    duet_status st = open_regular(path, &fd, &sb);
+    if (st != DUET_OK) return st;
     fio_map m = {NULL, (size_t)sb.st_size};
     if (m.size > 0) {
         void *p = mmap(NULL, m.size, PROT_READ, MAP_PRIVATE, fd, 0);

@@ -109,8 +109,7 @@ static int cmp_desc(const void *a, const void *b, void *arg) {
     return *(const int32_t *)a - *(const int32_t *)b;
 }
 
-/* Moves the n largest of v[idx[0..m)] to the front of idx, sorted descending. */
-static int top_candidates(const float *v, int32_t *idx, int m, int n) {
+int smp_top_candidates(const float *v, int32_t *idx, int m, int n) {
     if (n >= m) {
         qsort_r(idx, (size_t)m, sizeof *idx, cmp_desc, (void *)v);
         return m;
@@ -153,9 +152,9 @@ int32_t smp_sample(const smp_params *p, const smp_history *h, const int32_t *ban
     int m = V;
     for (int i = 0; i < V; i++) s->idx[i] = i;
     if (p->top_k > 0 && p->top_k < V)
-        m = top_candidates(logits, s->idx, V, p->top_k);
+        m = smp_top_candidates(logits, s->idx, V, p->top_k);
     else if (p->top_p < 1.0f)
-        m = top_candidates(logits, s->idx, V, V);
+        m = smp_top_candidates(logits, s->idx, V, V);
     float mx = -INFINITY;
     for (int i = 0; i < m; i++) mx = logits[s->idx[i]] > mx ? logits[s->idx[i]] : mx;
     double sum = 0;

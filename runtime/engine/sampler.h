@@ -59,6 +59,11 @@ typedef struct smp_history {
 int32_t smp_sample(const smp_params *p, const smp_history *h, const int32_t *banned, int n_banned,
                    float *logits, int V, rng_state *rng, smp_scratch *s);
 
+/* Moves the n largest of v[idx[0..m)] to the front of idx, sorted descending (ties: the lower
+ * index first), by quickselect and a sort of the front; returns how many are sorted there,
+ * min(n, m). The order of idx[n..m) is left unspecified. */
+int smp_top_candidates(const float *v, int32_t *idx, int m, int n);
+
 /* log_softmax of the raw row: the logprob of token and the top n alternatives (n may be 0),
  * sorted most likely first. */
 void smp_logprobs(const float *logits, int V, int32_t token, int n, float *token_lp,

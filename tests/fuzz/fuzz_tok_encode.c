@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "base/log.h"
+#include "fuzz_tok.h"
 #include "text/tokenizer.h"
 
 #ifndef GOLDEN_DIR
@@ -33,37 +34,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     int32_t *ids = NULL;
     size_t n = 0;
     if (tok_encode(tok, text, len, add_special, &ids, &n) != DUET_OK) abort();
-    size_t at = 0;
-    for (size_t i = 0; i < n; i++) {
-        const char *piece;
-        size_t plen;
-        if (ids[i] < 0 || ids[i] >= tok_vocab_size(tok)) abort();
-        if (tok_id_to_piece(tok, ids[i], &piece, &plen) != DUET_OK) abort();
-        if (plen > len - at || memcmp(text + at, piece, plen)) abort();
-        at += plen;
-    }
-    if (at != len) abort();
-
+    fuzz_tok_check_pieces(tok, ids, n, text, len);
     char *whole = NULL;
     size_t whole_len = 0;
-    if (tok_decode(tok, ids, n, skip_special, &whole, &whole_len) != DUET_OK) abort();
+    fuzz_tok_check_decode(tok, ids, n, skip_special, &whole, &whole_len);
     if (whole[whole_len] != '\0') abort(); /* NUL-terminated; the text itself may hold NULs */
-    tok_stream *s = NULL;
-    if (tok_stream_create(tok, skip_special, &s) != DUET_OK) abort();
-    size_t got = 0;
-    for (size_t i = 0; i <= n; i++) {
-        const char *t;
-        size_t tl;
-        if (i < n) {
-            if (tok_stream_put(s, ids[i], &t, &tl) != DUET_OK) abort();
-        } else {
-            tok_stream_finish(s, &t, &tl);
-        }
-        if (tl > whole_len - got || memcmp(whole + got, t, tl)) abort();
-        got += tl;
-    }
-    if (got != whole_len) abort();
-    tok_stream_destroy(s);
     free(whole);
     free(ids);
     return 0;

@@ -10,6 +10,7 @@
 
 #include "base/fileio.h"
 #include "base/log.h"
+#include "fuzz_tok.h"
 #include "text/tokenizer.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -33,31 +34,10 @@ static void check_encode(const tok_tokenizer *tok, const char *text, size_t len)
         if (st == DUET_ERR_NO_MEMORY || st == DUET_ERR_INVALID) abort();
         return; /* e.g. a pre-tokenizer regex that gives up on this text */
     }
-    for (size_t i = 0; i < n; i++) {
-        const char *piece;
-        size_t plen;
-        if (ids[i] < 0 || ids[i] >= tok_vocab_size(tok)) abort();
-        if (tok_id_to_piece(tok, ids[i], &piece, &plen) != DUET_OK) abort();
-    }
+    fuzz_tok_check_pieces(tok, ids, n, NULL, 0);
     char *whole = NULL;
     size_t whole_len = 0;
-    if (tok_decode(tok, ids, n, false, &whole, &whole_len) != DUET_OK) abort();
-    tok_stream *s = NULL;
-    if (tok_stream_create(tok, false, &s) != DUET_OK) abort();
-    size_t got = 0;
-    for (size_t i = 0; i <= n; i++) {
-        const char *t;
-        size_t tl;
-        if (i < n) {
-            if (tok_stream_put(s, ids[i], &t, &tl) != DUET_OK) abort();
-        } else {
-            tok_stream_finish(s, &t, &tl);
-        }
-        if (tl > whole_len - got || memcmp(whole + got, t, tl)) abort();
-        got += tl;
-    }
-    if (got != whole_len) abort();
-    tok_stream_destroy(s);
+    fuzz_tok_check_decode(tok, ids, n, false, &whole, &whole_len);
     free(whole);
     free(ids);
 }

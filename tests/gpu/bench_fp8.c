@@ -17,31 +17,11 @@
 #include "model/backend.h"
 #include "model/backends/cuda/backend_cuda.h"
 #include "base/dtype.h"
+#define XS_SEED 0x9e3779b97f4a7c15ull
+#include "cubench.h"
+#include "xorshift.h"
 
-static int g_failed;
 static int g_reps = 20;
-
-#define CU(call)                                                                                   \
-    do {                                                                                           \
-        cudaError_t e_ = (call);                                                                   \
-        if (e_ != cudaSuccess) {                                                                   \
-            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-            g_failed = 1;                                                                          \
-        }                                                                                          \
-    } while (0)
-
-static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
-static uint64_t rnd(void) {
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return g_rng;
-}
-
-static int cmp_f(const void *a, const void *b) {
-    float x = *(const float *)a, y = *(const float *)b;
-    return x < y ? -1 : x > y;
-}
 
 /* median milliseconds of g_reps runs of fn(arg) on stream s, after 3 warm-ups */
 static float time_ms(cudaStream_t s, void (*fn)(void *), void *arg) {
@@ -87,10 +67,10 @@ static be_weight *fp8_weight(be_backend *be, int n_out, int n_in, int split) {
     uint8_t *q = malloc(n);
     float *s = malloc((size_t)rb * cb * sizeof(float));
     for (size_t i = 0; i < n; i += 8) {
-        uint64_t r = rnd() & 0x7676767676767676ull; /* never 0x7f / 0xff */
+        uint64_t r = xs_next() & 0x7676767676767676ull; /* never 0x7f / 0xff */
         memcpy(q + i, &r, n - i < 8 ? n - i : 8);
     }
-    for (int i = 0; i < rb * cb; i++) s[i] = 1e-3f * (1.0f + (float)(rnd() % 100) / 100.0f);
+    for (int i = 0; i < rb * cb; i++) s[i] = 1e-3f * (1.0f + (float)(xs_next() % 100) / 100.0f);
     be_weight *w = NULL;
     if (be->ops->weight_create_fp8(be, q, s, n_out, n_in, split, &w) != DUET_OK) g_failed = 1;
     free(q);
@@ -101,7 +81,7 @@ static be_weight *fp8_weight(be_backend *be, int n_out, int n_in, int split) {
 static be_weight *bf16_weight(be_backend *be, int n_out, int n_in) {
     size_t n = (size_t)n_out * n_in;
     float *h = malloc(n * sizeof(float));
-    for (size_t i = 0; i < n; i++) h[i] = ((float)(rnd() % 2001) - 1000.0f) * 1e-5f;
+    for (size_t i = 0; i < n; i++) h[i] = ((float)(xs_next() % 2001) - 1000.0f) * 1e-5f;
     be_weight *w = NULL;
     if (be->ops->weight_create(be, h, n_out, n_in, false, &w) != DUET_OK) g_failed = 1;
     free(h);
@@ -241,10 +221,12 @@ static void lt_block_probe(cudaStream_t s) {
     float *ref = calloc((size_t)M * N, sizeof(float));
     /* codes with exponents 6..8 (2^-1 .. 2^1) and any mantissa: values in [0.5, 3.75], either sign
      */
-    for (int i = 0; i < N * K; i++) w[i] = (uint8_t)((rnd() & 0x87) | (0x30 + (rnd() % 3) * 8));
-    for (int i = 0; i < M * K; i++) x[i] = (uint8_t)((rnd() & 0x87) | (0x30 + (rnd() % 3) * 8));
-    for (int i = 0; i < NB * KB; i++) sw[i] = 0.5f + (float)(rnd() % 1000) / 666.0f;
-    for (int i = 0; i < M * KB; i++) sx[i] = 0.5f + (float)(rnd() % 1000) / 666.0f;
+    for (int i = 0; i < N * K; i++)
+        w[i] = (uint8_t)((xs_next() & 0x87) | (0x30 + (xs_next() % 3) * 8));
+    for (int i = 0; i < M * K; i++)
+        x[i] = (uint8_t)((xs_next() & 0x87) | (0x30 + (xs_next() % 3) * 8));
+    for (int i = 0; i < NB * KB; i++) sw[i] = 0.5f + (float)(xs_next() % 1000) / 666.0f;
+    for (int i = 0; i < M * KB; i++) sx[i] = 0.5f + (float)(xs_next() % 1000) / 666.0f;
     for (int m = 0; m < M; m++)
         for (int n = 0; n < N; n++) {
             double acc = 0;
@@ -459,7 +441,7 @@ int main(int argc, char **argv) {
         bool touched[32] = {false};
         for (int t = 0; t < T; t++)
             for (int k = 0; k < K; k++) {
-                int id = (int)(rnd() % 256); /* 1 in 8 land on this rank's experts 0..31 */
+                int id = (int)(xs_next() % 256); /* 1 in 8 land on this rank's experts 0..31 */
                 ids[t * K + k] = id < E ? id : -1;
                 if (id < E) touched[id] = true;
                 wt[t * K + k] = 0.1f;

@@ -16,6 +16,8 @@
 
 #include "model/backend.h"
 #include "model/backends/cuda/backend_cuda.h"
+#define XS_SEED 0x9e3779b97f4a7c15ull
+#include "optest.h"
 
 #define BS   64 /* the engine's default block size */
 #define L_   512
@@ -30,17 +32,6 @@ static int cuda_ok(cudaError_t e, const char *what) {
     fprintf(stderr, "bench_mla: %s: %s\n", what, cudaGetErrorString(e));
     g_fail = 1;
     return 0;
-}
-
-static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
-static uint64_t rnd(void) {
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return g_rng;
-}
-static float urand(float a) {
-    return ((float)(rnd() >> 40) / 16777216.0f * 2.0f - 1.0f) * a;
 }
 
 static int cmp_float(const void *a, const void *b) {
@@ -107,6 +98,37 @@ typedef struct setup {
     float scale;
 } setup;
 
+/* The step's inputs: query rows (qn uniform draws in [-1, 1)) and kv_b (wn in [-w_amp, w_amp))
+ * on the device, with the output buffer; the host copies in *qh_p and *wh_p (the caller frees
+ * them, also after a failure). 0, or -1 with g_fail set. */
+static int setup_q_kvb(setup *s, size_t qn, size_t wn, float w_amp, float **qh_p, float **wh_p) {
+    const be_ops *o = s->be->ops;
+    float *qh = malloc(qn * sizeof *qh), *wh = malloc(wn * sizeof *wh);
+    *qh_p = qh;
+    *wh_p = wh;
+    for (size_t i = 0; i < qn; i++) qh[i] = xs_uniform(1.0f);
+    for (size_t i = 0; i < wn; i++) wh[i] = xs_uniform(w_amp);
+    s->q = o->buf_alloc(s->be, qn);
+    s->out = o->buf_alloc(s->be, (size_t)s->T * s->H * V_);
+    if (!s->q || !s->out || o->upload(s->be, s->q, 0, qh, qn) != DUET_OK ||
+        o->weight_create(s->be, wh, s->H * (NOPE + V_), L_, false, &s->kv_b) != DUET_OK) {
+        g_fail = 1;
+        return -1;
+    }
+    return 0;
+}
+
+/* frees what setup_q_kvb and the caller's kv_create made, and the host copies */
+static void setup_free(setup *s, float *qh, float *wh) {
+    const be_ops *o = s->be->ops;
+    if (s->kv_b) o->weight_destroy(s->be, s->kv_b);
+    o->buf_free(s->be, s->q);
+    o->buf_free(s->be, s->out);
+    o->kv_destroy(s->be, s->kv);
+    free(qh);
+    free(wh);
+}
+
 static void run_layers(setup *s) {
     for (int l = 0; l < s->layers; l++)
         s->be->ops->mla_attention(s->be, s->out, s->q, s->kv, l, s->kv_b, s->H, NOPE, R_, V_,
@@ -164,7 +186,7 @@ static double time_variant(setup *s, unsigned skip, int reps) {
 static void fill_latents(be_backend *be, be_kv *kv, int n_blocks) {
     size_t total = (size_t)n_blocks * kv->block_bytes / 2, chunk = (size_t)1 << 24;
     float *h = malloc((chunk + 8) * sizeof *h);
-    for (size_t i = 0; i < chunk + 8; i++) h[i] = urand(1.0f);
+    for (size_t i = 0; i < chunk + 8; i++) h[i] = xs_uniform(1.0f);
     for (size_t off = 0; off < total; off += chunk) {
         size_t n = total - off < chunk ? total - off : chunk;
         if (be->ops->upload(be, kv->data, off, h + (off / chunk) % 8, n) != DUET_OK) break;
@@ -182,11 +204,7 @@ static duet_status set_tail_batch(be_backend *be, int B, int nq, int ctx_len, in
     duet_status st = DUET_ERR_NO_MEMORY;
     if (perm && pos && slot && start && ctx) {
         for (int i = 0; i < n_blocks; i++) perm[i] = i;
-        for (int i = n_blocks - 1; i > 0; i--) {
-            int j = (int)(rnd() % (uint64_t)(i + 1)), t = perm[i];
-            perm[i] = perm[j];
-            perm[j] = t;
-        }
+        bt_shuffle(perm, n_blocks);
         for (int b = 0, t = 0; b < B; b++) {
             start[b] = t;
             ctx[b] = ctx_len;
@@ -230,16 +248,8 @@ static bench_res bench_one(be_backend *be, bench_cfg c, int reps) {
     fill_latents(be, s.kv, n_blocks);
 
     size_t qn = (size_t)T * H * (NOPE + R_), wn = (size_t)H * (NOPE + V_) * L_;
-    float *qh = malloc(qn * sizeof *qh), *wh = malloc(wn * sizeof *wh);
-    for (size_t i = 0; i < qn; i++) qh[i] = urand(1.0f);
-    for (size_t i = 0; i < wn; i++) wh[i] = urand(0.1f);
-    s.q = o->buf_alloc(be, qn);
-    s.out = o->buf_alloc(be, (size_t)T * H * V_);
-    if (!s.q || !s.out || o->upload(be, s.q, 0, qh, qn) != DUET_OK ||
-        o->weight_create(be, wh, H * (NOPE + V_), L_, false, &s.kv_b) != DUET_OK) {
-        g_fail = 1;
-        goto done;
-    }
+    float *qh = NULL, *wh = NULL;
+    if (setup_q_kvb(&s, qn, wn, 0.1f, &qh, &wh) != 0) goto done;
 
     duet_status st = set_tail_batch(be, c.B, c.nq, c.ctx, n_blocks);
     if (st != DUET_OK) {
@@ -287,12 +297,7 @@ static bench_res bench_one(be_backend *be, bench_cfg c, int reps) {
     r.attn_flops = (double)c.B * H * vis * (L_ + R_ + L_) * 2;
 
 done:
-    if (s.kv_b) o->weight_destroy(be, s.kv_b);
-    o->buf_free(be, s.q);
-    o->buf_free(be, s.out);
-    o->kv_destroy(be, s.kv);
-    free(qh);
-    free(wh);
+    setup_free(&s, qh, wh);
     return r;
 }
 
@@ -347,7 +352,7 @@ static double dense_tflops(be_backend *be, int n, int reps) {
     const be_ops *o = be->ops;
     size_t nn = (size_t)n * n;
     float *h = malloc(nn * sizeof *h);
-    for (size_t i = 0; i < nn; i++) h[i] = urand(1.0f);
+    for (size_t i = 0; i < nn; i++) h[i] = xs_uniform(1.0f);
     gemm_arg g = {.be = be, .n = n};
     g.x = o->buf_alloc(be, nn);
     g.y = o->buf_alloc(be, nn);
@@ -376,17 +381,7 @@ static void bench_prefill(be_backend *be, prefill_cfg c, int reps, double dense)
     }
     fill_latents(be, s.kv, n_blocks);
     size_t qn = (size_t)T * H * (NOPE + R_), wn = (size_t)H * (NOPE + V_) * L_;
-    qh = malloc(qn * sizeof *qh);
-    wh = malloc(wn * sizeof *wh);
-    for (size_t i = 0; i < qn; i++) qh[i] = urand(1.0f);
-    for (size_t i = 0; i < wn; i++) wh[i] = urand(0.05f);
-    s.q = o->buf_alloc(be, qn);
-    s.out = o->buf_alloc(be, (size_t)T * H * V_);
-    if (!s.q || !s.out || o->upload(be, s.q, 0, qh, qn) != DUET_OK ||
-        o->weight_create(be, wh, H * (NOPE + V_), L_, false, &s.kv_b) != DUET_OK) {
-        g_fail = 1;
-        goto done;
-    }
+    if (setup_q_kvb(&s, qn, wn, 0.05f, &qh, &wh) != 0) goto done;
     if (set_tail_batch(be, c.B, c.nq, c.ctx, n_blocks) != DUET_OK) {
         g_fail = 1;
         goto done;
@@ -421,12 +416,7 @@ static void bench_prefill(be_backend *be, prefill_cfg c, int reps, double dense)
            expand > 0 ? exp_flops / (expand * 1e-3) / 1e12 : 0, cc);
     fflush(stdout);
 done:
-    if (s.kv_b) o->weight_destroy(be, s.kv_b);
-    o->buf_free(be, s.q);
-    o->buf_free(be, s.out);
-    o->kv_destroy(be, s.kv);
-    free(qh);
-    free(wh);
+    setup_free(&s, qh, wh);
 }
 
 static void prefill_section(be_backend *be, int reps) {

@@ -14,42 +14,16 @@
 
 #include "model/backend.h"
 #include "model/backends/cuda/backend_cuda.h"
+#define XS_SEED 0x9e3779b97f4a7c15ull
+#include "cubench.h"
+#include "optest.h"
 
 #define SETS 8 /* input sets rotated so routing, and the experts touched, change every run */
-
-static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
-
-static float urand(float a) {
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return ((float)(g_rng >> 40) / 16777216.0f * 2.0f - 1.0f) * a;
-}
-
-static void fill(float *v, size_t n, float a) {
-    for (size_t i = 0; i < n; i++) v[i] = urand(a);
-}
-
-static int g_failed;
-
-#define CU(call)                                                                                   \
-    do {                                                                                           \
-        cudaError_t e_ = (call);                                                                   \
-        if (e_ != cudaSuccess) {                                                                   \
-            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-            g_failed = 1;                                                                          \
-        }                                                                                          \
-    } while (0)
 
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static int cmp_f(const void *a, const void *b) {
-    float x = *(const float *)a, y = *(const float *)b;
-    return x < y ? -1 : x > y;
 }
 
 static float median(float *v, int n) {
@@ -90,7 +64,7 @@ static double gemm_tflops(be_backend *be) {
     int n = 8192;
     size_t nn = (size_t)n * n;
     float *h = malloc(nn * sizeof(float));
-    fill(h, nn, 0.05f);
+    xs_fill(h, nn, 0.05f);
     be_weight *w = NULL;
     if (o->weight_create(be, h, n, n, false, &w) != DUET_OK) {
         free(h);
@@ -141,7 +115,7 @@ static size_t g_pool_n;
 
 static be_weight *pool_weight(be_backend *be, int n_out, int n_in, bool keep_f32) {
     size_t n = (size_t)n_out * n_in,
-           off = (size_t)((urand(1.0f) + 1.0f) * 0.5f * (float)(g_pool_n - n));
+           off = (size_t)((xs_uniform(1.0f) + 1.0f) * 0.5f * (float)(g_pool_n - n));
     be_weight *w = NULL;
     if (be->ops->weight_create(be, g_pool + off, n_out, n_in, keep_f32, &w) != DUET_OK) {
         g_failed = 1;
@@ -161,7 +135,7 @@ static int layer_make(be_backend *be, const shape *s, layer *l) {
                          pool_weight(be, s->D, s->Is, false), s->Is};
     if (s->route.method == CFG_TOPK_NOAUX_TC) {
         float *b = malloc((size_t)s->E * sizeof(float));
-        fill(b, (size_t)s->E, 0.02f);
+        xs_fill(b, (size_t)s->E, 0.02f);
         if (be->ops->vec_create(be, b, s->E, &l->bias) != DUET_OK) g_failed = 1;
         free(b);
     }
@@ -215,17 +189,10 @@ static void bench_one(be_backend *be, const shape *s, layer *l, int T, int reps,
     float *hx = malloc(td * sizeof(float));
     for (int i = 0; i < SETS; i++) {
         x[i] = o->buf_alloc(be, td);
-        fill(hx, td, 1.0f);
+        xs_fill(hx, td, 1.0f);
         o->upload(be, x[i], 0, hx, td);
     }
-    be_moe_rows rows = {.n = T,
-                        .D = D,
-                        .K = K,
-                        .x = NULL,
-                        .x_stride = D,
-                        .ids = d_ids,
-                        .weights = d_w,
-                        .meta_stride = K};
+    be_moe_rows rows = bt_moe_rows(T, D, K, NULL, d_ids, d_w);
 #define LAYER(i)                                                                                   \
     do {                                                                                           \
         rows.x = x[i];                                                                             \
@@ -400,35 +367,21 @@ int main(int argc, char **argv) {
          .D = 2048,
          .I = 1408,
          .Is = 2816,
-         .route = {.n_experts = 64,
-                   .top_k = 6,
-                   .n_group = 1,
-                   .topk_group = 1,
-                   .scoring = CFG_SCORING_SOFTMAX,
-                   .method = CFG_TOPK_GREEDY,
-                   .routed_scaling_factor = 1.0f}},
+         .route = bt_route_v2_lite()},
         {.name = "V3",
          .E = v3_experts,
          .K = 8,
          .D = 7168,
          .I = 2048,
          .Is = 2048,
-         .route = {.n_experts = v3_experts,
-                   .top_k = 8,
-                   .n_group = 8,
-                   .topk_group = 4,
-                   .scoring = CFG_SCORING_SIGMOID,
-                   .method = CFG_TOPK_NOAUX_TC,
-                   .norm_topk_prob = true,
-                   .scale_after_norm = true,
-                   .routed_scaling_factor = 2.5f}},
+         .route = bt_route_v3(v3_experts, 8, 4)},
     };
     result res[32];
     int n_res = 0;
     /* one pool big enough for the largest tensor of any shape */
     g_pool_n = (size_t)2 * 2048 * 7168 + (1 << 20);
     g_pool = malloc(g_pool_n * sizeof(float));
-    fill(g_pool, g_pool_n, 0.03f);
+    xs_fill(g_pool, g_pool_n, 0.03f);
     for (int si = 0; si < 2; si++) {
         const shape *s = &all[si];
         if (!strstr(shapes, si == 0 ? "lite" : "v3")) continue;

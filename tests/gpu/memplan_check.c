@@ -19,6 +19,7 @@
 #include "base/opt.h"
 #include "engine/parallel.h"
 #include "model/model.h"
+#include "plan_opts.h"
 
 /* the CUDA backend's cuBLAS workspace: allocated when the backend is created, before the
  * first reading, so the readings do not see it */
@@ -43,27 +44,9 @@ int main(int argc, char **argv) {
          .min = 2,
          .max = 1 << 24,
          .help = "context length"},
-        {.name = "--max-num-seqs",
-         .type = OPT_INT,
-         .dest = &max_num_seqs,
-         .def = "256",
-         .min = 1,
-         .max = 1 << 16,
-         .help = "sequences per step"},
-        {.name = "--max-num-batched-tokens",
-         .type = OPT_INT,
-         .dest = &po.max_tokens,
-         .def = "2048",
-         .min = 1,
-         .max = 1 << 24,
-         .help = "tokens per step"},
-        {.name = "--block-size",
-         .type = OPT_INT,
-         .dest = &block_size,
-         .def = "64",
-         .min = 1,
-         .max = 1 << 16,
-         .help = "tokens per KV block"},
+        plan_spec_max_num_seqs(&max_num_seqs),
+        plan_spec_max_num_batched_tokens(&po.max_tokens),
+        plan_spec_block_size(&block_size),
         {.name = "--gpu-memory-utilization",
          .type = OPT_DOUBLE,
          .dest = &util,

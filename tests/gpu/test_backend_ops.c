@@ -16,6 +16,7 @@
 #include "model/backends/registry.h"
 #include "model/backend.h"
 #include "check.h"
+#include "optest.h"
 #include "model/backends/cuda/backend_cuda.h"
 
 enum { CPU = 0, GPU = 1 };
@@ -27,19 +28,9 @@ typedef struct tb {
     int failed;
 } tb;
 
-static uint64_t g_rng;
-
-static uint64_t rnd(void) {
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return g_rng;
-}
-
 /* uniform in [-a, a], rounded to bf16 so both backends see the same value */
 static float urand(float a) {
-    float u = ((float)(rnd() >> 40) / 16777216.0f * 2.0f - 1.0f) * a;
-    return dt_bf16_to_f32(dt_f32_to_bf16(u));
+    return dt_bf16_to_f32(dt_f32_to_bf16(xs_uniform(a)));
 }
 
 static float *rand_vec(size_t n, float a) {
@@ -159,13 +150,9 @@ static bool pweight_fp8_new(tb *t, int n_out, int n_in, int split, float a, pwei
     uint8_t *q = malloc((size_t)n_out * n_in);
     float *s = malloc((size_t)rb * cb * sizeof(float));
     float *h = malloc((size_t)n_out * n_in * sizeof(float));
-    for (size_t i = 0; i < (size_t)n_out * n_in; i++) {
-        uint8_t v;
-        do v = (uint8_t)(rnd() >> 32);
-        while ((v & 0x7f) == 0x7f); /* NaN */
-        q[i] = v;
-    }
-    for (int i = 0; i < rb * cb; i++) s[i] = a / 448.0f * (0.5f + (float)(rnd() % 1000) / 1000.0f);
+    bt_rand_e4m3(q, (size_t)n_out * n_in);
+    for (int i = 0; i < rb * cb; i++)
+        s[i] = a / 448.0f * (0.5f + (float)(xs_next() % 1000) / 1000.0f);
     for (int r = 0; r < n_out; r++)
         for (int c = 0; c < n_in; c++)
             h[(size_t)r * n_in + c] =
@@ -218,13 +205,8 @@ static void test_fp8_lt(tb *t, int T, int N, int K) {
     int cb = K / 128, rb = (N + 127) / 128;
     uint8_t *q = malloc((size_t)N * K);
     float *s = malloc((size_t)rb * cb * sizeof(float));
-    for (size_t i = 0; i < (size_t)N * K; i++) {
-        uint8_t v;
-        do v = (uint8_t)(rnd() >> 32);
-        while ((v & 0x7f) == 0x7f);
-        q[i] = v;
-    }
-    for (int i = 0; i < rb * cb; i++) s[i] = 0.01f * (0.5f + (float)(rnd() % 1000) / 1000.0f);
+    bt_rand_e4m3(q, (size_t)N * K);
+    for (int i = 0; i < rb * cb; i++) s[i] = 0.01f * (0.5f + (float)(xs_next() % 1000) / 1000.0f);
     float *xh = rand_vec((size_t)T * K, 1.0f);
     be_backend *g = t->be[GPU];
     be_weight *w = NULL;
@@ -308,7 +290,7 @@ static void test_embed(tb *t) {
     int V = 50, D = 64, T = 24, row0 = 10;
     pweight tab = pweight_new(t, V, D, 1.0f, false);
     int32_t ids[24];
-    for (int i = 0; i < T; i++) ids[i] = (int32_t)(rnd() % 75); /* some outside [10, 60) */
+    for (int i = 0; i < T; i++) ids[i] = (int32_t)(xs_next() % 75); /* some outside [10, 60) */
     pbuf out = pbuf_new(t, NULL, (size_t)T * D, true);
     for (int k = 0; k < 2; k++) t->be[k]->ops->embed(t->be[k], out.b[k], ids, T, tab.w[k], row0);
     compare(t, "embed", &out, 0);
@@ -410,16 +392,8 @@ static void test_add_silu(tb *t) {
 static void test_rope(tb *t) {
     int T = 6, H = 3, nope = 16, R = 8, qk = nope + R;
     int32_t pos[6] = {0, 1, 7, 63, 130, 3001}, slot[6] = {0, 1, 2, 3, 4, 5};
-    int32_t start[2] = {0, 6}, ctx[1] = {3002}, table[1] = {0};
-    be_batch b = {.n_tokens = T,
-                  .n_seqs = 1,
-                  .token_pos = pos,
-                  .token_slot = slot,
-                  .seq_start = start,
-                  .seq_ctx = ctx,
-                  .block_table = table,
-                  .max_blocks = 1};
-    set_batch(t, &b);
+    bt_seq1 b;
+    set_batch(t, bt_seq1_init(&b, T, pos, slot, 3002));
     float *qh = rand_vec((size_t)T * H * qk, 1.0f);
     pbuf q = pbuf_new(t, qh, (size_t)T * H * qk, false);
     for (int k = 0; k < 2; k++) t->be[k]->ops->rope(t->be[k], q.b[k], T, H * qk, H, qk, nope, R);
@@ -430,6 +404,32 @@ static void test_rope(tb *t) {
     free(qh);
 }
 
+/* a KV cache of the same shape on each backend */
+static void kv_pair_new(tb *t, be_kv *kv[2], int n_blocks, int n_layers, int bs, int kv_dim) {
+    for (int k = 0; k < 2; k++)
+        CHECK(t->be[k]->ops->kv_create(t->be[k], n_blocks, n_layers, bs, kv_dim, &kv[k]) ==
+              DUET_OK);
+}
+
+/* The history: every one of n_slots slots of every layer gets random latents through
+ * kv_write, rows `stride` floats apart, under a batch (in *hb) of one token per slot, the
+ * caller's pos (all 0) and slot (0, 1, ...) arrays of n_slots. */
+static void kv_pair_fill(tb *t, be_kv *kv[2], int n_layers, int n_slots, int stride, int32_t *pos,
+                         int32_t *slot, bt_seq1 *hb) {
+    for (int i = 0; i < n_slots; i++) {
+        pos[i] = 0;
+        slot[i] = i;
+    }
+    set_batch(t, bt_seq1_init(hb, n_slots, pos, slot, 1));
+    for (int l = 0; l < n_layers; l++) {
+        float *lat = rand_vec((size_t)n_slots * stride, 1.0f);
+        pbuf fill = pbuf_new(t, lat, (size_t)n_slots * stride, false);
+        for (int k = 0; k < 2; k++) t->be[k]->ops->kv_write(t->be[k], kv[k], l, fill.b[k], stride);
+        pbuf_free(t, &fill);
+        free(lat);
+    }
+}
+
 /* rope on the shared key then the KV write, fused: cache rows of scattered slots (the rest
  * filled by kv_write first, so every byte compares) and kva's roped columns, at one token and
  * several, DeepSeek's widths (L 512, rope 64) and small ones; rows kv_dim + 6 apart */
@@ -437,47 +437,21 @@ static void test_rope_kv_write_case(tb *t, int T, int L, int R) {
     int kv_dim = L + R, bs = 4, n_layers = 2, layer = 1, n_blocks = (T + bs - 1) / bs + 2;
     int stride = kv_dim + 6, n_slots = n_blocks * bs;
     be_kv *kv[2];
-    for (int k = 0; k < 2; k++)
-        CHECK(t->be[k]->ops->kv_create(t->be[k], n_blocks, n_layers, bs, kv_dim, &kv[k]) ==
-              DUET_OK);
+    kv_pair_new(t, kv, n_blocks, n_layers, bs, kv_dim);
     int32_t *pos = calloc((size_t)n_slots, sizeof(int32_t)),
             *slot = malloc((size_t)n_slots * sizeof(int32_t));
-    for (int i = 0; i < n_slots; i++) slot[i] = i;
-    int32_t start[2] = {0, n_slots}, ctx[1] = {1}, table[1] = {0};
-    be_batch hb = {.n_tokens = n_slots,
-                   .n_seqs = 1,
-                   .token_pos = pos,
-                   .token_slot = slot,
-                   .seq_start = start,
-                   .seq_ctx = ctx,
-                   .block_table = table,
-                   .max_blocks = 1};
-    set_batch(t, &hb);
-    for (int l = 0; l < n_layers; l++) {
-        float *lat = rand_vec((size_t)n_slots * kv_dim, 1.0f);
-        pbuf fill = pbuf_new(t, lat, (size_t)n_slots * kv_dim, false);
-        for (int k = 0; k < 2; k++) t->be[k]->ops->kv_write(t->be[k], kv[k], l, fill.b[k], kv_dim);
-        pbuf_free(t, &fill);
-        free(lat);
-    }
+    bt_seq1 hb;
+    kv_pair_fill(t, kv, n_layers, n_slots, kv_dim, pos, slot, &hb);
     /* the step: T tokens at distinct scrambled slots and positions up to the thousands */
     for (int i = 0; i < n_slots; i++) {
-        int j = (int)(rnd() % (uint64_t)(i + 1));
+        int j = (int)(xs_next() % (uint64_t)(i + 1));
         int32_t tmp = slot[i];
         slot[i] = slot[j];
         slot[j] = tmp;
     }
-    for (int i = 0; i < T; i++) pos[i] = (int32_t)(rnd() % 5000);
-    int32_t sstart[2] = {0, T}, sctx[1] = {5000};
-    be_batch b = {.n_tokens = T,
-                  .n_seqs = 1,
-                  .token_pos = pos,
-                  .token_slot = slot,
-                  .seq_start = sstart,
-                  .seq_ctx = sctx,
-                  .block_table = table,
-                  .max_blocks = 1};
-    set_batch(t, &b);
+    for (int i = 0; i < T; i++) pos[i] = (int32_t)(xs_next() % 5000);
+    bt_seq1 b;
+    set_batch(t, bt_seq1_init(&b, T, pos, slot, 5000));
     float *kvah = rand_vec((size_t)T * stride, 1.0f);
     pbuf kva = pbuf_new(t, kvah, (size_t)T * stride, false);
     for (int k = 0; k < 2; k++)
@@ -506,12 +480,7 @@ static void test_rows(tb *t) {
     float *sh = rand_vec((size_t)n_src * D, 1.0f), *dh = rand_vec((size_t)n_src * D, 1.0f);
     int32_t idx[17], perm[40];
     for (int i = 0; i < n_src; i++) perm[i] = i;
-    for (int i = n_src - 1; i > 0; i--) {
-        int j = (int)(rnd() % (uint64_t)(i + 1));
-        int32_t tmp = perm[i];
-        perm[i] = perm[j];
-        perm[j] = tmp;
-    }
+    bt_shuffle(perm, n_src);
     for (int i = 0; i < n; i++) idx[i] = perm[i]; /* distinct, for the scatter */
     pbuf src = pbuf_new(t, sh, (size_t)n_src * D, false);
     pbuf dst = pbuf_new(t, NULL, (size_t)n * D, true);
@@ -559,45 +528,21 @@ static void test_mla(tb *t, const mla_case *mc) {
     n_blocks += 3;
     int32_t *perm = malloc((size_t)n_blocks * sizeof(int32_t));
     for (int i = 0; i < n_blocks; i++) perm[i] = i;
-    for (int i = n_blocks - 1; i > 0; i--) {
-        int j = (int)(rnd() % (uint64_t)(i + 1));
-        int32_t tmp = perm[i];
-        perm[i] = perm[j];
-        perm[j] = tmp;
-    }
+    bt_shuffle(perm, n_blocks);
     int32_t *table = calloc((size_t)ns * max_blocks, sizeof(int32_t));
     for (int s = 0, at = 0; s < ns; s++) {
         int nb = (mc->pos0[s] + mc->n_tok[s] + bs - 1) / bs;
         for (int j = 0; j < nb; j++) table[s * max_blocks + j] = perm[at++];
     }
     be_kv *kv[2];
-    for (int k = 0; k < 2; k++)
-        CHECK(t->be[k]->ops->kv_create(t->be[k], n_blocks, mc->n_layers, bs, kv_dim, &kv[k]) ==
-              DUET_OK);
+    kv_pair_new(t, kv, n_blocks, mc->n_layers, bs, kv_dim);
 
-    /* 1. history: every slot of every layer gets random latents through kv_write */
+    /* 1. history: every slot of every layer gets random latents through kv_write (strided) */
     int n_slots = n_blocks * bs;
     int32_t *all_pos = calloc((size_t)n_slots, sizeof(int32_t));
     int32_t *all_slot = malloc((size_t)n_slots * sizeof(int32_t));
-    for (int i = 0; i < n_slots; i++) all_slot[i] = i;
-    int32_t hstart[2] = {0, n_slots}, hctx[1] = {1}, htab[1] = {0};
-    be_batch hb = {.n_tokens = n_slots,
-                   .n_seqs = 1,
-                   .token_pos = all_pos,
-                   .token_slot = all_slot,
-                   .seq_start = hstart,
-                   .seq_ctx = hctx,
-                   .block_table = htab,
-                   .max_blocks = 1};
-    set_batch(t, &hb);
-    for (int l = 0; l < mc->n_layers; l++) {
-        float *lat = rand_vec((size_t)n_slots * (kv_dim + 3), 1.0f);
-        pbuf kva = pbuf_new(t, lat, (size_t)n_slots * (kv_dim + 3), false);
-        for (int k = 0; k < 2; k++)
-            t->be[k]->ops->kv_write(t->be[k], kv[k], l, kva.b[k], kv_dim + 3); /* strided */
-        pbuf_free(t, &kva);
-        free(lat);
-    }
+    bt_seq1 hb;
+    kv_pair_fill(t, kv, mc->n_layers, n_slots, kv_dim + 3, all_pos, all_slot, &hb);
     size_t kv_n = (size_t)n_blocks * kv[0]->block_bytes / sizeof(float);
     char name[96];
     snprintf(name, sizeof name, "kv_write (%s)", mc->name);
@@ -809,80 +754,103 @@ static void test_route(tb *t, const char *name, be_route_params p, bool with_bia
         test_route_n(t, name, p, with_bias, shapes[i][0], shapes[i][1]);
 }
 
+/* moe_experts (host routing) over T rows of D: random inputs and prior output (accumulated
+ * into), drawn first; the caller then fills the routing ids and w [T, K] and makes the experts */
+typedef struct experts_io {
+    int T, D, K;
+    float *xh, *oh;
+    pbuf x, out;
+    int32_t *ids;
+    float *w;
+} experts_io;
+
+static experts_io experts_io_new(tb *t, int T, int D, int K) {
+    experts_io io = {.T = T, .D = D, .K = K};
+    io.xh = rand_vec((size_t)T * D, 1.0f);
+    io.oh = rand_vec((size_t)T * D, 1.0f);
+    io.x = pbuf_new(t, io.xh, (size_t)T * D, false);
+    io.out = pbuf_new(t, io.oh, (size_t)T * D, false);
+    io.ids = malloc((size_t)T * K * sizeof(int32_t));
+    io.w = malloc((size_t)T * K * sizeof(float));
+    return io;
+}
+
+/* runs moe_experts on both backends with experts gu/dn [0, n_local) as experts e0.. and
+ * compares */
+static void experts_io_run(tb *t, experts_io *io, const char *name, const pweight *gu,
+                           const pweight *dn, int I, int e0, int n_local) {
+    be_ffn f[2][8];
+    for (int e = 0; e < n_local; e++)
+        for (int k = 0; k < 2; k++) f[k][e] = (be_ffn){gu[e].w[k], dn[e].w[k], I};
+    for (int k = 0; k < 2; k++)
+        t->be[k]->ops->moe_experts(t->be[k], io->out.b[k], io->x.b[k], io->T, io->D, io->ids, io->w,
+                                   io->K, f[k], e0, n_local);
+    compare(t, name, &io->out, t->tol);
+}
+
+static void experts_io_free(tb *t, experts_io *io) {
+    pbuf_free(t, &io->x);
+    pbuf_free(t, &io->out);
+    free(io->ids);
+    free(io->w);
+    free(io->xh);
+    free(io->oh);
+}
+
 static void test_experts(tb *t) {
     int T = 40, D = 64, K = 4, E = 16, e0 = 4, n_local = 8, I = 48;
-    float *xh = rand_vec((size_t)T * D, 1.0f), *oh = rand_vec((size_t)T * D, 1.0f);
-    pbuf x = pbuf_new(t, xh, (size_t)T * D, false), out = pbuf_new(t, oh, (size_t)T * D, false);
-    int32_t *ids = malloc((size_t)T * K * sizeof(int32_t));
-    float *w = malloc((size_t)T * K * sizeof(float));
+    experts_io io = experts_io_new(t, T, D, K);
+    int32_t *ids = io.ids;
+    float *w = io.w;
     for (int i = 0; i < T; i++)
         for (int k = 0; k < K; k++) {
             int e, dup;
             do { /* distinct experts per token */
-                e = (int)(rnd() % (uint64_t)E);
+                e = (int)(xs_next() % (uint64_t)E);
                 dup = 0;
                 for (int j = 0; j < k; j++) dup |= ids[i * K + j] == e;
             } while (dup);
             ids[i * K + k] = e;
-            w[i * K + k] = 0.1f + (float)(rnd() % 1000) / 1000.0f;
+            w[i * K + k] = 0.1f + (float)(xs_next() % 1000) / 1000.0f;
         }
     pweight gu[8], dn[8];
-    be_ffn f[2][8];
     for (int e = 0; e < n_local; e++) {
         gu[e] = pweight_new(t, 2 * I, D, 0.15f, false);
         dn[e] = pweight_new(t, D, I, 0.15f, false);
-        for (int k = 0; k < 2; k++) f[k][e] = (be_ffn){gu[e].w[k], dn[e].w[k], I};
     }
-    for (int k = 0; k < 2; k++)
-        t->be[k]->ops->moe_experts(t->be[k], out.b[k], x.b[k], T, D, ids, w, K, f[k], e0, n_local);
-    compare(t, "moe_experts", &out, t->tol);
+    experts_io_run(t, &io, "moe_experts", gu, dn, I, e0, n_local);
     for (int e = 0; e < n_local; e++) {
         pweight_free(t, &gu[e]);
         pweight_free(t, &dn[e]);
     }
-    pbuf_free(t, &x);
-    pbuf_free(t, &out);
-    free(ids);
-    free(w);
-    free(xh);
-    free(oh);
+    experts_io_free(t, &io);
 }
 
 /* moe_experts (host routing) over FP8 experts */
 static void test_experts_fp8(tb *t) {
     int T = 40, D = 256, K = 4, E = 8, I = 160;
-    float *xh = rand_vec((size_t)T * D, 1.0f), *oh = rand_vec((size_t)T * D, 1.0f);
-    pbuf x = pbuf_new(t, xh, (size_t)T * D, false), out = pbuf_new(t, oh, (size_t)T * D, false);
-    int32_t *ids = malloc((size_t)T * K * sizeof(int32_t));
-    float *w = malloc((size_t)T * K * sizeof(float));
+    experts_io io = experts_io_new(t, T, D, K);
+    int32_t *ids = io.ids;
+    float *w = io.w;
     for (int i = 0; i < T; i++)
         for (int k = 0; k < K; k++) {
             ids[i * K + k] = (int32_t)((i + 3 * k) % E); /* distinct: K < E, steps of 3 */
-            w[i * K + k] = 0.1f + (float)(rnd() % 1000) / 1000.0f;
+            w[i * K + k] = 0.1f + (float)(xs_next() % 1000) / 1000.0f;
         }
     pweight gu[8], dn[8];
-    be_ffn f[2][8];
     bool ok = true;
     for (int e = 0; e < E; e++) {
         ok = pweight_fp8_new(t, 2 * I, D, I, 1.7f / sqrtf((float)D), &gu[e]) && ok;
         ok = pweight_fp8_new(t, D, I, D, 1.7f / sqrtf((float)I), &dn[e]) && ok;
-        for (int k = 0; k < 2; k++) f[k][e] = (be_ffn){gu[e].w[k], dn[e].w[k], I};
     }
     if (ok) {
-        for (int k = 0; k < 2; k++)
-            t->be[k]->ops->moe_experts(t->be[k], out.b[k], x.b[k], T, D, ids, w, K, f[k], 0, E);
-        compare(t, "moe_experts fp8", &out, t->tol);
+        experts_io_run(t, &io, "moe_experts fp8", gu, dn, I, 0, E);
         for (int e = 0; e < E; e++) {
             pweight_free(t, &gu[e]);
             pweight_free(t, &dn[e]);
         }
     }
-    pbuf_free(t, &x);
-    pbuf_free(t, &out);
-    free(ids);
-    free(w);
-    free(xh);
-    free(oh);
+    experts_io_free(t, &io);
 }
 
 /* ---- MoE on the device (moe_route_dev, moe_experts_dev, moe_ep_pack / unpack) ---- */
@@ -982,12 +950,12 @@ static void route_draw(int32_t *ids, float *w, int T, int K, int pool) {
         for (int k = 0; k < K; k++) {
             int e, dup;
             do {
-                e = (int)(rnd() % (uint64_t)pool);
+                e = (int)(xs_next() % (uint64_t)pool);
                 dup = 0;
                 for (int j = 0; j < k; j++) dup |= ids[i * K + j] == e;
             } while (dup);
             ids[i * K + k] = e;
-            w[i * K + k] = 0.2f + (float)(rnd() % 1000) / 1000.0f;
+            w[i * K + k] = 0.2f + (float)(xs_next() % 1000) / 1000.0f;
         }
 }
 
@@ -1005,14 +973,7 @@ static void test_experts_dev(tb *t, const char *name, pmoe *m, int T, int K, int
     pmem dw = pmem_new(t, w, (size_t)T * K * sizeof(float), false);
     pbuf out = pbuf_new(t, NULL, (size_t)T * D, true);
     for (int k = 0; k < 2; k++) {
-        be_moe_rows rows = {.n = T,
-                            .D = D,
-                            .K = K,
-                            .x = x.b[k],
-                            .x_stride = D,
-                            .ids = di.b[k],
-                            .weights = dw.b[k],
-                            .meta_stride = K};
+        be_moe_rows rows = bt_moe_rows(T, D, K, x.b[k], di.b[k], dw.b[k]);
         t->be[k]->ops->moe_experts_dev(t->be[k], out.b[k], &rows, m->f[k], e0, m->n,
                                        shared ? &m->shared[k] : NULL);
     }
@@ -1043,14 +1004,7 @@ static void test_moe_pipeline(tb *t, const char *name, pmoe *m, const be_route_p
     pbuf out = pbuf_new(t, NULL, (size_t)T * D, true);
     for (int k = 0; k < 2; k++) {
         t->be[k]->ops->moe_route_dev(t->be[k], x.b[k], T, gate.w[k], bias[k], p, di.b[k], dw.b[k]);
-        be_moe_rows rows = {.n = T,
-                            .D = D,
-                            .K = K,
-                            .x = x.b[k],
-                            .x_stride = D,
-                            .ids = di.b[k],
-                            .weights = dw.b[k],
-                            .meta_stride = K};
+        be_moe_rows rows = bt_moe_rows(T, D, K, x.b[k], di.b[k], dw.b[k]);
         t->be[k]->ops->moe_experts_dev(t->be[k], out.b[k], &rows, m->f[k], 0, m->n,
                                        m->Is ? &m->shared[k] : NULL);
     }
@@ -1233,28 +1187,14 @@ static void test_moe_dev(tb *t) {
     for (int i = 0; i < nT; i++)
         test_experts_dev(t, "experts_dev V2-Lite", &lite, Ts[i], 6, 0, 58, true);
     test_experts_dev(t, "experts_dev V2-Lite -sh", &lite, 64, 6, 0, 64, false);
-    be_route_params lite_p = {.n_experts = 64,
-                              .top_k = 6,
-                              .n_group = 1,
-                              .topk_group = 1,
-                              .scoring = CFG_SCORING_SOFTMAX,
-                              .method = CFG_TOPK_GREEDY,
-                              .routed_scaling_factor = 1.0f};
+    be_route_params lite_p = bt_route_v2_lite();
     for (int i = 0; i < nT; i++) test_moe_pipeline(t, "moe V2-Lite", &lite, &lite_p, Ts[i]);
     pmoe_free(t, &lite);
 
     /* DeepSeek-V3 routing (256 experts, top-8, groups 8 / 4, noaux_tc bias) on narrow experts
      * (D 1024, I 256, one shared) so the CPU reference stays small */
     pmoe v3 = pmoe_new(t, 256, 1024, 256, 256);
-    be_route_params v3_p = {.n_experts = 256,
-                            .top_k = 8,
-                            .n_group = 8,
-                            .topk_group = 4,
-                            .scoring = CFG_SCORING_SIGMOID,
-                            .method = CFG_TOPK_NOAUX_TC,
-                            .norm_topk_prob = true,
-                            .scale_after_norm = true,
-                            .routed_scaling_factor = 2.5f};
+    be_route_params v3_p = bt_route_v3(256, 8, 4);
     for (int i = 0; i < nT; i++) test_moe_pipeline(t, "moe V3 routing", &v3, &v3_p, Ts[i]);
     for (int i = 0; i < nT; i++)
         test_experts_dev(t, "experts_dev V3 narrow", &v3, Ts[i], 8, 0, 200, true);
@@ -1332,16 +1272,7 @@ static void run_all(tb *t) {
     test_rope_kv_write_case(t, 1, 512, 64); /* DeepSeek's latent and rope widths */
     test_rope_kv_write_case(t, 64, 512, 64);
     test_mla_decode(t);
-    be_route_params v3 = {.n_experts = 64,
-                          .top_k = 6,
-                          .n_group = 8,
-                          .topk_group = 3,
-                          .scoring = CFG_SCORING_SIGMOID,
-                          .method = CFG_TOPK_NOAUX_TC,
-                          .norm_topk_prob = true,
-                          .scale_after_norm = true,
-                          .routed_scaling_factor = 2.5f};
-    test_route(t, "moe_route (V3)", v3, true);
+    test_route(t, "moe_route (V3)", bt_route_v3(64, 6, 3), true);
     be_route_params v2 = {.n_experts = 64,
                           .top_k = 6,
                           .n_group = 8,
@@ -1352,12 +1283,7 @@ static void run_all(tb *t) {
                           .scale_after_norm = false,
                           .routed_scaling_factor = 16.0f};
     test_route(t, "moe_route (V2)", v2, false);
-    be_route_params lite = v2;
-    lite.method = CFG_TOPK_GREEDY;
-    lite.n_group = 1;
-    lite.topk_group = 1;
-    lite.routed_scaling_factor = 1.0f;
-    test_route(t, "moe_route (V2-Lite)", lite, false);
+    test_route(t, "moe_route (V2-Lite)", bt_route_v2_lite(), false);
     test_experts(t);
     test_moe_dev(t);
     test_fp8(t);
@@ -1370,9 +1296,9 @@ int main(void) {
         return 77;
     }
     const char *seed = getenv("DUET_TEST_SEED");
-    g_rng = seed ? strtoull(seed, NULL, 10) : (uint64_t)time(NULL) * 2654435761u;
-    if (!g_rng) g_rng = 1;
-    printf("seed %llu (DUET_TEST_SEED repeats it)\n", (unsigned long long)g_rng);
+    g_xs = seed ? strtoull(seed, NULL, 10) : (uint64_t)time(NULL) * 2654435761u;
+    if (!g_xs) g_xs = 1;
+    printf("seed %llu (DUET_TEST_SEED repeats it)\n", (unsigned long long)g_xs);
     int failed = 0;
     dt_dtype dts[2] = {DT_BF16, DT_F32};
     for (int i = 0; i < 2; i++) {

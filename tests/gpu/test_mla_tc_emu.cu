@@ -17,6 +17,9 @@
 
 #include <vector>
 
+#define XS_SEED 88172645463325252ull
+#include "xorshift.h"
+
 static int g_failures;
 #define EXPECT(cond, ...)                                                                          \
     do {                                                                                           \
@@ -251,19 +254,82 @@ float tc_shfl_xor(float v, int lane_mask) {
 
 /* ---- the cases ---- */
 
-static uint64_t g_rng = 88172645463325252ull;
-static uint64_t rnd(void) {
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return g_rng;
-}
-static float urand(float a) {
-    return ((float)(rnd() >> 40) / 16777216.0f * 2.0f - 1.0f) * a;
-}
 static __nv_bfloat16 nan_bf(void) {
     return __float2bfloat16_rn(NAN);
 }
+
+/* ---- what both kernels' cases share ---- */
+
+/* bf16 of uniform draws in [-a, a), in order */
+static void fill_bf(std::vector<__nv_bfloat16> &v, float a) {
+    for (auto &x : v) x = __float2bfloat16_rn(xs_uniform(a));
+}
+
+/* Blocks 0 .. n_blocks-1 handed out in a scrambled order: sequence s's context (ctx[s]
+ * positions, bs a block) takes the next ones into block-table row row0 + s (max_blocks entries a
+ * row, -1 where unused). */
+static std::vector<int32_t> scrambled_table(const std::vector<int> &ctx, int bs, int n_blocks,
+                                            int max_blocks, int row0) {
+    const int ns = (int)ctx.size();
+    std::vector<int32_t> perm(n_blocks), table((size_t)(ns + row0) * max_blocks, -1);
+    for (int i = 0; i < n_blocks; i++) perm[i] = i;
+    for (int i = n_blocks - 1; i > 0; i--) {
+        int j = (int)(xs_next() % (uint64_t)(i + 1));
+        std::swap(perm[i], perm[j]);
+    }
+    for (int s = 0, at = 0; s < ns; s++)
+        for (int b = 0; b < (ctx[s] + bs - 1) / bs; b++)
+            table[(size_t)(s + row0) * max_blocks + b] = perm[at++];
+    return table;
+}
+
+/* sc[0..n) -> exp(sc - max sc), in place; returns their sum (the softmax's denominator) */
+static double exp_scores(std::vector<double> &sc, int n) {
+    double mx = -INFINITY;
+    for (int j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
+    double sum = 0;
+    for (int j = 0; j < n; j++) sum += sc[j] = exp(sc[j] - mx);
+    return sum;
+}
+
+/* The float64 reference's verdict over a case's rows: relative L2 error overall (<= 5e-3) and
+ * of the worst row (<= 2e-2), no output left unwritten (non-finite), none written that must
+ * not be (stray). */
+struct ref_check {
+    double num = 0, den = 0, worst = 0;
+    long unwritten = 0, stray = 0;
+
+    /* one output row of n values against the reference o */
+    void row(const __nv_bfloat16 *got, const std::vector<double> &o, int n) {
+        double rn = 0, rd = 0;
+        for (int e = 0; e < n; e++) {
+            double g = __bfloat162float(got[e]);
+            if (!isfinite(g)) {
+                unwritten++;
+                continue;
+            }
+            rn += (g - o[e]) * (g - o[e]);
+            rd += o[e] * o[e];
+        }
+        num += rn;
+        den += rd;
+        double re = sqrt(rn / (rd > 0 ? rd : 1));
+        worst = re > worst ? re : worst;
+    }
+
+    /* n outputs the kernel must leave alone (NaN) */
+    void untouched(const __nv_bfloat16 *got, int n) {
+        for (int e = 0; e < n; e++) stray += !isnan(__bfloat162float(got[e]));
+    }
+
+    void verdict(const char *name) {
+        double err = sqrt(num / (den > 0 ? den : 1));
+        bool ok = unwritten == 0 && stray == 0 && err <= 5e-3 && worst <= 2e-2;
+        printf("  %-44s rel_l2 %.2e, worst row %.2e, %ld unwritten, %ld stray  %s\n", name, err,
+               worst, unwritten, stray, ok ? "PASS" : "FAIL");
+        EXPECT(ok, "%s", name);
+    }
+};
 
 struct emu_case {
     const char *name;
@@ -295,24 +361,14 @@ static void run_case(const emu_case &ec) {
     }
     start[ns] = (int)pos.size();
     const int T = (int)pos.size();
-    std::vector<int32_t> perm(n_blocks), table((size_t)ns * max_blocks, -1);
-    for (int i = 0; i < n_blocks; i++) perm[i] = i;
-    for (int i = n_blocks - 1; i > 0; i--) {
-        int j = (int)(rnd() % (uint64_t)(i + 1));
-        int32_t t = perm[i];
-        perm[i] = perm[j];
-        perm[j] = t;
-    }
-    for (int s = 0, at = 0; s < ns; s++)
-        for (int b = 0; b < (ec.ctx[s] + bs - 1) / bs; b++)
-            table[(size_t)s * max_blocks + b] = perm[at++];
+    std::vector<int32_t> table = scrambled_table(ec.ctx, bs, n_blocks, max_blocks, 0);
 
     size_t cache_n = (size_t)n_blocks * ec.n_layers * bs * TC_D;
     std::vector<__nv_bfloat16> cache(cache_n), qlat((size_t)T * H * TC_L), q((size_t)T * H * qw),
         olat((size_t)T * H * TC_L, nan_bf());
-    for (auto &x : cache) x = __float2bfloat16_rn(urand(1.0f));
-    for (auto &x : qlat) x = __float2bfloat16_rn(urand(3.0f));
-    for (auto &x : q) x = __float2bfloat16_rn(urand(1.0f));
+    fill_bf(cache, 1.0f);
+    fill_bf(qlat, 3.0f);
+    fill_bf(q, 1.0f);
     const int n_groups = (qmax * H + RT - 1) / RT, rows_pad = n_groups * RT;
     const size_t part_rows = (size_t)ns * ec.n_split * rows_pad;
     std::vector<float> opart(part_rows * TC_L, NAN), lse(part_rows, NAN);
@@ -359,8 +415,7 @@ static void run_case(const emu_case &ec) {
     }
 
     /* float64 reference over the same bf16 inputs */
-    double num = 0, den = 0, worst = 0;
-    long unwritten = 0, stray = 0;
+    ref_check rc;
     std::vector<double> sc, o(TC_L);
     for (int s = 0; s < ns; s++) {
         bool absorbed = ec.nq[s] >= 1 && ec.nq[s] <= 8;
@@ -369,13 +424,12 @@ static void run_case(const emu_case &ec) {
             for (int h = 0; h < H; h++) {
                 const __nv_bfloat16 *got = &olat[((size_t)t * H + h) * TC_L];
                 if (!absorbed) {
-                    for (int e = 0; e < TC_L; e++) stray += !isnan(__bfloat162float(got[e]));
+                    rc.untouched(got, TC_L);
                     continue;
                 }
                 const __nv_bfloat16 *ql = &qlat[((size_t)t * H + h) * TC_L];
                 const __nv_bfloat16 *qr = &q[((size_t)t * H + h) * qw + 128];
                 sc.assign(upto, 0.0);
-                double mx = -INFINITY;
                 for (int j = 0; j < upto; j++) {
                     int blk = table[(size_t)s * max_blocks + j / bs];
                     const __nv_bfloat16 *row =
@@ -386,10 +440,8 @@ static void run_case(const emu_case &ec) {
                     for (int e = 0; e < TC_R; e++)
                         d += (double)__bfloat162float(qr[e]) * __bfloat162float(row[TC_L + e]);
                     sc[j] = d * scale;
-                    mx = sc[j] > mx ? sc[j] : mx;
                 }
-                double sum = 0;
-                for (int j = 0; j < upto; j++) sum += sc[j] = exp(sc[j] - mx);
+                double sum = exp_scores(sc, upto);
                 std::fill(o.begin(), o.end(), 0.0);
                 for (int j = 0; j < upto; j++) {
                     int blk = table[(size_t)s * max_blocks + j / bs];
@@ -397,28 +449,11 @@ static void run_case(const emu_case &ec) {
                         &cache[(((size_t)blk * ec.n_layers + ec.layer) * bs + j % bs) * TC_D];
                     for (int e = 0; e < TC_L; e++) o[e] += sc[j] / sum * __bfloat162float(row[e]);
                 }
-                double rn = 0, rd = 0;
-                for (int e = 0; e < TC_L; e++) {
-                    double g = __bfloat162float(got[e]);
-                    if (!isfinite(g)) {
-                        unwritten++;
-                        continue;
-                    }
-                    rn += (g - o[e]) * (g - o[e]);
-                    rd += o[e] * o[e];
-                }
-                num += rn;
-                den += rd;
-                double re = sqrt(rn / (rd > 0 ? rd : 1));
-                worst = re > worst ? re : worst;
+                rc.row(got, o, TC_L);
             }
         }
     }
-    double err = sqrt(num / (den > 0 ? den : 1));
-    bool ok = unwritten == 0 && stray == 0 && err <= 5e-3 && worst <= 2e-2;
-    printf("  %-44s rel_l2 %.2e, worst row %.2e, %ld unwritten, %ld stray  %s\n", ec.name, err,
-           worst, unwritten, stray, ok ? "PASS" : "FAIL");
-    EXPECT(ok, "%s", ec.name);
+    rc.verdict(ec.name);
 }
 
 /* ---- the prefill kernel (mla-prefill.cuh) ---- */
@@ -450,22 +485,14 @@ static void run_fp_case(const fp_case &fc) {
         rows += fc.ctx[s] + 3;
     }
     const int T = (int)pos.size();
-    std::vector<int32_t> perm(n_blocks), table((size_t)(ns + 1) * max_blocks, -1);
-    for (int i = 0; i < n_blocks; i++) perm[i] = i;
-    for (int i = n_blocks - 1; i > 0; i--) {
-        int j = (int)(rnd() % (uint64_t)(i + 1));
-        std::swap(perm[i], perm[j]);
-    }
     /* table row 0 is the decode sequence's; the chunks' rows follow */
-    for (int s = 0, at = 0; s < ns; s++)
-        for (int b = 0; b < (fc.ctx[s] + bs - 1) / bs; b++)
-            table[(size_t)(s + 1) * max_blocks + b] = perm[at++];
+    std::vector<int32_t> table = scrambled_table(fc.ctx, bs, n_blocks, max_blocks, 1);
 
     std::vector<__nv_bfloat16> cache((size_t)n_blocks * fc.n_layers * bs * kv_dim),
         kvx((size_t)rows * kvw), q((size_t)T * H * qw), out((size_t)T * H * FP_V, nan_bf());
-    for (auto &x : cache) x = __float2bfloat16_rn(urand(1.0f));
-    for (auto &x : kvx) x = __float2bfloat16_rn(urand(1.0f));
-    for (auto &x : q) x = __float2bfloat16_rn(urand(1.5f));
+    fill_bf(cache, 1.0f);
+    fill_bf(kvx, 1.0f);
+    fill_bf(q, 1.5f);
     const float scale = 1.0f / sqrtf(192.0f);
 
     fp_args &a = g_fargs;
@@ -505,9 +532,8 @@ static void run_fp_case(const fp_case &fc) {
         run_block(fp_body);
     }
 
-    double num = 0, den = 0, worst = 0;
-    long unwritten = 0, stray = 0;
-    for (int e = 0; e < H * FP_V; e++) stray += !isnan(__bfloat162float(out[e])); /* token 0 */
+    ref_check rc;
+    rc.untouched(out.data(), H * FP_V); /* token 0 */
     std::vector<double> sc, o(FP_V);
     for (int s = 0; s < ns; s++) {
         for (int i = 0; i < fc.nq[s]; i++) {
@@ -515,7 +541,6 @@ static void run_fp_case(const fp_case &fc) {
             for (int h = 0; h < H; h++) {
                 const __nv_bfloat16 *qh = &q[((size_t)t * H + h) * qw];
                 sc.assign(upto, 0.0);
-                double mx = -INFINITY;
                 for (int j = 0; j < upto; j++) {
                     const __nv_bfloat16 *kn = &kvx[(size_t)(kvx_row[s] + j) * kvw + h * FP_HW];
                     int blk = table[(size_t)(s + 1) * max_blocks + j / bs];
@@ -527,39 +552,19 @@ static void run_fp_case(const fp_case &fc) {
                     for (int e = 0; e < FP_R; e++)
                         d += (double)__bfloat162float(qh[FP_NOPE + e]) * __bfloat162float(kr[e]);
                     sc[j] = d * scale;
-                    mx = sc[j] > mx ? sc[j] : mx;
                 }
-                double sum = 0;
-                for (int j = 0; j < upto; j++) sum += sc[j] = exp(sc[j] - mx);
+                double sum = exp_scores(sc, upto);
                 std::fill(o.begin(), o.end(), 0.0);
                 for (int j = 0; j < upto; j++) {
                     const __nv_bfloat16 *vv =
                         &kvx[(size_t)(kvx_row[s] + j) * kvw + h * FP_HW + FP_NOPE];
                     for (int e = 0; e < FP_V; e++) o[e] += sc[j] / sum * __bfloat162float(vv[e]);
                 }
-                const __nv_bfloat16 *got = &out[((size_t)t * H + h) * FP_V];
-                double rn = 0, rd = 0;
-                for (int e = 0; e < FP_V; e++) {
-                    double g = __bfloat162float(got[e]);
-                    if (!isfinite(g)) {
-                        unwritten++;
-                        continue;
-                    }
-                    rn += (g - o[e]) * (g - o[e]);
-                    rd += o[e] * o[e];
-                }
-                num += rn;
-                den += rd;
-                double re = sqrt(rn / (rd > 0 ? rd : 1));
-                worst = re > worst ? re : worst;
+                rc.row(&out[((size_t)t * H + h) * FP_V], o, FP_V);
             }
         }
     }
-    double err = sqrt(num / (den > 0 ? den : 1));
-    bool ok = unwritten == 0 && stray == 0 && err <= 5e-3 && worst <= 2e-2;
-    printf("  %-44s rel_l2 %.2e, worst row %.2e, %ld unwritten, %ld stray  %s\n", fc.name, err,
-           worst, unwritten, stray, ok ? "PASS" : "FAIL");
-    EXPECT(ok, "%s", fc.name);
+    rc.verdict(fc.name);
 }
 
 int main(void) {

@@ -8,23 +8,10 @@
 #include <string.h>
 
 #include "check.h"
+#define XS_SEED 0x9e3779b97f4a7c15ull
+#include "optest.h"
 #include "model/backend.h"
 #include "model/backends/registry.h"
-
-static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
-
-static float urand(float a) {
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return ((float)(g_rng >> 40) / 16777216.0f * 2.0f - 1.0f) * a;
-}
-
-static float *rand_vec(size_t n, float a) {
-    float *v = malloc((n ? n : 1) * sizeof(float));
-    for (size_t i = 0; i < n; i++) v[i] = urand(a);
-    return v;
-}
 
 /* a backend buffer holding host[n] */
 static void *buf(be_backend *be, const float *host, size_t n) {
@@ -46,7 +33,7 @@ static bool same(be_backend *be, const void *a, const void *b, size_t n) {
 /* The fused op (and the wrapper's fallback when fallback) against add + rmsnorm. */
 static void test_add_rmsnorm(be_backend *be, int T, int D, bool fallback) {
     size_t n = (size_t)T * D;
-    float *hh = rand_vec(n, 3.0f), *xh = rand_vec(n, 3.0f), *wh = rand_vec((size_t)D, 1.5f);
+    float *hh = xs_vec(n, 3.0f), *xh = xs_vec(n, 3.0f), *wh = xs_vec((size_t)D, 1.5f);
     void *w = NULL;
     CHECK(be->ops->vec_create(be, wh, D, &w) == DUET_OK);
     void *h1 = buf(be, hh, n), *h2 = buf(be, hh, n), *x = buf(be, xh, n);
@@ -81,24 +68,16 @@ static void test_rope_kv_write(be_backend *be, int T, int L, int R, bool fallbac
     for (int k = 0; k < 2; k++)
         CHECK(be->ops->kv_create(be, n_blocks, 2, bs, kv_dim, &kv[k]) == DUET_OK);
     size_t kv_n = (size_t)n_blocks * kv[0]->block_bytes / sizeof(float);
-    float *fill = rand_vec(kv_n, 1.0f);
+    float *fill = xs_vec(kv_n, 1.0f);
     for (int k = 0; k < 2; k++) memcpy(kv[k]->data, fill, kv_n * sizeof(float)); /* host caches */
     int32_t *pos = malloc((size_t)T * sizeof(int32_t)), *slot = malloc((size_t)T * sizeof(int32_t));
     for (int i = 0; i < T; i++) {
-        pos[i] = 1 + (int32_t)((urand(1.0f) + 1.0f) * 2000.0f);
+        pos[i] = 1 + (int32_t)((xs_uniform(1.0f) + 1.0f) * 2000.0f);
         slot[i] = (int32_t)((i * 7 + 3) % n_slots); /* distinct: 7 is prime to n_slots here */
     }
-    int32_t start[2] = {0, T}, ctx[1] = {4002}, table[1] = {0};
-    be_batch b = {.n_tokens = T,
-                  .n_seqs = 1,
-                  .token_pos = pos,
-                  .token_slot = slot,
-                  .seq_start = start,
-                  .seq_ctx = ctx,
-                  .block_table = table,
-                  .max_blocks = 1};
-    CHECK(be->ops->set_batch(be, &b) == DUET_OK);
-    float *kh = rand_vec((size_t)T * stride, 1.0f);
+    bt_seq1 b;
+    CHECK(be->ops->set_batch(be, bt_seq1_init(&b, T, pos, slot, 4002)) == DUET_OK);
+    float *kh = xs_vec((size_t)T * stride, 1.0f);
     void *k1 = buf(be, kh, (size_t)T * stride), *k2 = buf(be, kh, (size_t)T * stride);
     be->ops->rope(be, k1, T, stride, 1, 0, L, R);
     be->ops->kv_write(be, kv[0], 1, k1, stride);

@@ -21,14 +21,10 @@
 #include "golden.h"
 #include "kv_lease.h"
 #include "kv_pull.h"
+#include "pd_side.h"
 #include "base/log.h"
 
-typedef struct side {
-    par_instance *inst;
-    eng_engine *eng;
-    srv_kv_plugin plug;
-    srv_role role;
-} side;
+typedef pd_side side;
 
 typedef struct rec {
     int32_t out[64];
@@ -73,17 +69,9 @@ static int g_budget; /* > 0: --max-num-batched-tokens of the sides made now */
 
 static int make_side(side *s, srv_role role, int block_size, int n_blocks, const char *secret,
                      double lease_s) {
-    memset(s, 0, sizeof *s);
-    s->role = role;
     par_options po;
     par_options_init(&po);
-    int argc = 0;
-    char **argv = NULL;
-    if (par_instance_create(&po, GOLDEN_DIR "/tiny-v3/model", &argc, &argv, &s->inst) != DUET_OK)
-        return -1;
-    CHECK((role == SRV_ROLE_PREFILL ? kvlease_create(&s->plug) : kvpull_create(&s->plug)) ==
-          DUET_OK);
-    char *args[11] = {"x",
+    char *args[12] = {"x",
                       "--kv-secret",
                       (char *)secret,
                       "--kv-staging",
@@ -93,15 +81,8 @@ static int make_side(side *s, srv_role role, int block_size, int n_blocks, const
                       "--kv-chunk-bytes",
                       (char *)g_chunk_bytes,
                       "--kv-chunks-in-flight",
-                      (char *)g_in_flight};
-    opt_parser *op;
-    CHECK(opt_parser_create("test_kvx", NULL, NULL, &op) == DUET_OK);
-    CHECK(s->plug.add_options(s->plug.state, op) == DUET_OK);
-    char *args_ipc[12];
-    memcpy(args_ipc, args, sizeof args);
-    args_ipc[11] = "--kv-cuda-ipc";
-    CHECK(opt_parse(op, g_ipc ? 12 : 11, g_ipc ? args_ipc : args) == 0);
-    opt_parser_destroy(op);
+                      (char *)g_in_flight,
+                      "--kv-cuda-ipc"};
     eng_config c;
     eng_config_default(&c);
     c.block_size = block_size;
@@ -110,30 +91,12 @@ static int make_side(side *s, srv_role role, int block_size, int n_blocks, const
     c.lease_timeout_s = lease_s;
     if (g_budget > 0) c.max_num_batched_tokens = g_budget;
     c.on_event = on_event;
-    c.fetch = s->plug.fetch;
-    c.fetch_user = s->plug.state;
-    CHECK(eng_create(&c, s->inst, NULL, &s->eng) == DUET_OK);
-    srv_kv_context ctx = {.role = role,
-                          .engine = s->eng,
-                          .kv = eng_kv(s->eng),
-                          .inst = s->inst,
-                          .host = "127.0.0.1",
-                          .http_port = g_port,
-                          .dp_rank = 0,
-                          .dp_size = 1,
-                          .tp_size = 1,
-                          .served_model_name = "tiny"};
-    return s->plug.start(s->plug.state, &ctx) == DUET_OK ? 0 : -1;
+    return pd_side_start(s, role, GOLDEN_DIR "/tiny-v3/model", &po, "test_kvx", g_ipc ? 12 : 11,
+                         args, &c, g_port);
 }
 
 static void free_side(side *s) {
-    s->plug.stop(s->plug.state);
-    eng_destroy(s->eng);
-    if (s->role == SRV_ROLE_PREFILL)
-        kvlease_destroy(&s->plug);
-    else
-        kvpull_destroy(&s->plug);
-    par_instance_destroy(s->inst);
+    pd_side_stop(s);
 }
 
 static void step(side *s) {

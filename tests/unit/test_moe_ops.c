@@ -9,40 +9,18 @@
 #include <string.h>
 
 #include "check.h"
+#define XS_SEED 88172645463325252ull
+#include "optest.h"
+#include "testmodel.h"
 #include "model/backend.h"
 #include "model/backends/registry.h"
 
-static uint64_t g_rng = 88172645463325252ull;
-
-static float urand(float a) {
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return ((float)(g_rng >> 40) / 16777216.0f * 2.0f - 1.0f) * a;
-}
-
-static float *rand_vec(size_t n, float a) {
-    float *v = malloc((n ? n : 1) * sizeof(float));
-    for (size_t i = 0; i < n; i++) v[i] = urand(a);
-    return v;
-}
-
 static be_weight *weight(be_backend *be, int n_out, int n_in, float a) {
-    float *h = rand_vec((size_t)n_out * n_in, a);
+    float *h = xs_vec((size_t)n_out * n_in, a);
     be_weight *w = NULL;
     CHECK(be->ops->weight_create(be, h, n_out, n_in, false, &w) == DUET_OK);
     free(h);
     return w;
-}
-
-static double rel_l2(const float *got, const float *ref, size_t n) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)got[i] - ref[i];
-        num += d * d;
-        den += (double)ref[i] * ref[i];
-    }
-    return den > 0 ? sqrt(num / den) : sqrt(num);
 }
 
 /* Random routing of T tokens: K distinct experts of E each, weights in (0.1, 1.1); experts
@@ -52,38 +30,23 @@ static void route_random(int32_t *ids, float *w, int T, int K, int E, int unused
         for (int k = 0; k < K; k++) {
             int e, dup;
             do {
-                e = (int)((urand(1.0f) + 1.0f) * 0.5f * (float)unused) % unused;
+                e = (int)((xs_uniform(1.0f) + 1.0f) * 0.5f * (float)unused) % unused;
                 dup = 0;
                 for (int j = 0; j < k; j++) dup |= ids[t * K + j] == e;
             } while (dup);
             ids[t * K + k] = e;
-            w[t * K + k] = 0.6f + urand(0.5f);
+            w[t * K + k] = 0.6f + xs_uniform(0.5f);
         }
     (void)E;
 }
 
 static void test_route(be_backend *be) {
     int T = 37, D = 48;
-    be_route_params ps[2] = {{.n_experts = 64,
-                              .top_k = 6,
-                              .n_group = 8,
-                              .topk_group = 3,
-                              .scoring = CFG_SCORING_SIGMOID,
-                              .method = CFG_TOPK_NOAUX_TC,
-                              .norm_topk_prob = true,
-                              .scale_after_norm = true,
-                              .routed_scaling_factor = 2.5f},
-                             {.n_experts = 64,
-                              .top_k = 6,
-                              .n_group = 1,
-                              .topk_group = 1,
-                              .scoring = CFG_SCORING_SOFTMAX,
-                              .method = CFG_TOPK_GREEDY,
-                              .routed_scaling_factor = 1.0f}};
+    be_route_params ps[2] = {bt_route_v3(64, 6, 3), bt_route_v2_lite()};
     for (int i = 0; i < 2; i++) {
         const be_route_params *p = &ps[i];
         int E = p->n_experts, K = p->top_k;
-        float *x = rand_vec((size_t)T * D, 1.0f), *bias = rand_vec((size_t)E, 0.05f);
+        float *x = xs_vec((size_t)T * D, 1.0f), *bias = xs_vec((size_t)E, 0.05f);
         be_weight *gate = weight(be, E, D, 0.2f);
         int32_t ids[37 * 6], *d_ids = be->ops->mem_alloc(be, sizeof ids);
         float w[37 * 6], *d_w = be->ops->mem_alloc(be, sizeof w);
@@ -158,20 +121,19 @@ static void reference(be_backend *be, float *ref, const float *x, const int32_t 
 static void test_experts(be_backend *be, const moe_case *mc) {
     int T = mc->T, D = mc->D, K = mc->K;
     moe_model m = model_new(be, mc);
-    float *x = rand_vec((size_t)T * D, 1.0f), *w = malloc((size_t)T * K * sizeof(float));
+    float *x = xs_vec((size_t)T * D, 1.0f), *w = malloc((size_t)T * K * sizeof(float));
     int32_t *ids = malloc((size_t)T * K * sizeof(int32_t));
     route_random(ids, w, T, K, mc->E, mc->E - 3);
     float *ref = malloc((size_t)T * D * sizeof(float));
     reference(be, ref, x, ids, w, mc, &m);
 
     /* contiguous rows, as the forward passes them without EP */
-    float *out = rand_vec((size_t)T * D, 9.0f); /* overwritten, not accumulated */
-    be_moe_rows rows = {
-        .n = T, .D = D, .K = K, .x = x, .x_stride = D, .ids = ids, .weights = w, .meta_stride = K};
+    float *out = xs_vec((size_t)T * D, 9.0f); /* overwritten, not accumulated */
+    be_moe_rows rows = bt_moe_rows(T, D, K, x, ids, w);
     be->ops->moe_experts_dev(be, out, &rows, m.experts, 0, mc->E, mc->Is ? &m.shared : NULL);
     CHECK(be->ops->sync(be) == DUET_OK);
     CHECK_MSG(memcmp(out, ref, (size_t)T * D * sizeof(float)) == 0, "T %d: rel_l2 %.3e", T,
-              rel_l2(out, ref, (size_t)T * D));
+              tm_rel_l2(out, ref, (size_t)T * D));
 
     /* packed rows: activations, then ids and weights, in one strided row */
     int stride = D + 2 * K + 4;
@@ -209,7 +171,7 @@ static void test_ep(be_backend *be, const moe_case *mc, int ep, int tp, int cap_
     moe_case nosh = *mc;
     nosh.Is = 0;
     moe_model m = model_new(be, &nosh);
-    float *x = rand_vec((size_t)T * D, 1.0f), *w = malloc((size_t)T * K * sizeof(float));
+    float *x = xs_vec((size_t)T * D, 1.0f), *w = malloc((size_t)T * K * sizeof(float));
     int32_t *ids = malloc((size_t)T * K * sizeof(int32_t));
     route_random(ids, w, T, K, E, E);
     float *ref = malloc((size_t)T * D * sizeof(float));
@@ -265,7 +227,7 @@ static void test_ep(be_backend *be, const moe_case *mc, int ep, int tp, int cap_
         for (size_t i = 0; i < (size_t)T * D; i++) sum[i] += out[i];
     }
     CHECK(be->ops->sync(be) == DUET_OK);
-    double err = rel_l2(sum, ref, (size_t)T * D);
+    double err = tm_rel_l2(sum, ref, (size_t)T * D);
     CHECK_MSG(err < 1e-6, "EP %d x TP %d, T %d, cap %d: rel_l2 %.3e", ep, tp, T, cap, err);
     /* unused rows of every block select nothing */
     for (int r = 0; r < ep; r++)

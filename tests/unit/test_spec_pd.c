@@ -14,18 +14,12 @@
 #include "kv_lease.h"
 #include "kv_pull.h"
 #include "mkmodel.h"
+#include "pd_side.h"
 #include "testmodel.h"
 #include "testutil.h"
 
 #define VOCAB 512
 #define NREQ  6
-
-typedef struct side {
-    par_instance *inst;
-    eng_engine *eng;
-    srv_kv_plugin plug;
-    srv_role role;
-} side;
 
 typedef struct rec {
     int32_t out[64];
@@ -60,64 +54,29 @@ static void on_draft(void *user, int n_output, int32_t *draft, int n_draft) {
     }
 }
 
-static int make_side(side *s, srv_role role, int k) {
-    memset(s, 0, sizeof *s);
-    s->role = role;
+static int make_side(pd_side *s, srv_role role, int k) {
     par_options po;
     par_options_init(&po);
     po.spec_tokens = MDL_MAX_DRAFT;
-    int argc = 0;
-    char **argv = NULL;
-    if (par_instance_create(&po, g_dir, &argc, &argv, &s->inst) != DUET_OK) return -1;
-    CHECK((role == SRV_ROLE_PREFILL ? kvlease_create(&s->plug) : kvpull_create(&s->plug)) ==
-          DUET_OK);
     char *args[3] = {"x", "--kv-secret", "s3cret"};
-    opt_parser *op;
-    CHECK(opt_parser_create("test_spec_pd", NULL, NULL, &op) == DUET_OK);
-    CHECK(s->plug.add_options(s->plug.state, op) == DUET_OK);
-    CHECK(opt_parse(op, 3, args) == 0);
-    opt_parser_destroy(op);
     eng_config c;
     eng_config_default(&c);
     c.block_size = 16;
     c.n_blocks = 64;
     c.max_model_len = 256;
     c.on_event = on_event;
-    c.fetch = s->plug.fetch;
-    c.fetch_user = s->plug.state;
     c.spec_tokens = k;
-    CHECK(eng_create(&c, s->inst, NULL, &s->eng) == DUET_OK);
-    srv_kv_context ctx = {.role = role,
-                          .engine = s->eng,
-                          .kv = eng_kv(s->eng),
-                          .inst = s->inst,
-                          .host = "127.0.0.1",
-                          .http_port = g_port,
-                          .dp_rank = 0,
-                          .dp_size = 1,
-                          .tp_size = 1,
-                          .served_model_name = "tiny"};
-    return s->plug.start(s->plug.state, &ctx) == DUET_OK ? 0 : -1;
+    return pd_side_start(s, role, g_dir, &po, "test_spec_pd", 3, args, &c, g_port);
 }
 
-static void free_side(side *s) {
-    s->plug.stop(s->plug.state);
-    eng_destroy(s->eng);
-    if (s->role == SRV_ROLE_PREFILL)
-        kvlease_destroy(&s->plug);
-    else
-        kvpull_destroy(&s->plug);
-    par_instance_destroy(s->inst);
-}
-
-static void step(side *s) {
+static void step(pd_side *s) {
     bool busy;
     CHECK(eng_step(s->eng, &busy) == DUET_OK);
     if (!busy) eng_wait(s->eng, 2);
 }
 
 /* Prefill (lease) then the decode request pulling it; the decode record. */
-static rec *pd_request(side *p, side *d, int id, const int32_t *prompt, int n_prompt,
+static rec *pd_request(pd_side *p, pd_side *d, int id, const int32_t *prompt, int n_prompt,
                        int max_tokens, const rec *steer) {
     memset(&R[id], 0, sizeof R[id]);
     memset(&R[id + 32], 0, sizeof R[id + 32]);
@@ -184,7 +143,7 @@ int main(void) {
     eng_stats dst = {0};
     for (int k = 0; k <= MDL_MAX_DRAFT; k++) {
         for (int steer = 0; steer < (k ? 2 : 1); steer++) {
-            side p, d;
+            pd_side p, d;
             g_port += 2;
             if (make_side(&p, SRV_ROLE_PREFILL, k) != 0 || make_side(&d, SRV_ROLE_DECODE, k) != 0)
                 return 1;
@@ -217,8 +176,8 @@ int main(void) {
                           (unsigned long long)de.spec_draft_tokens);
                 dst = de;
             }
-            free_side(&p);
-            free_side(&d);
+            pd_side_stop(&p);
+            pd_side_stop(&d);
         }
     }
     printf("k=3 steered: %llu of %llu drafts accepted on the decode side\n",

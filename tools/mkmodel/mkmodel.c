@@ -32,6 +32,22 @@
 
 /* ---- presets ---------------------------------------------------------------------------- */
 
+/* What V2 and V3 share: the norm's epsilon, the context, YaRN RoPE (factor 40 over 4,096
+ * positions; mscale differs) and 128x128 FP8 blocks. */
+static void preset_deepseek_common(cfg_model *c, float rope_mscale) {
+    c->rms_norm_eps = 1e-6f;
+    c->max_position_embeddings = 163840;
+    c->rope_theta = 10000.0f;
+    c->rope_yarn = true;
+    c->rope_factor = 40.0f;
+    c->rope_beta_fast = 32.0f;
+    c->rope_beta_slow = 1.0f;
+    c->rope_mscale = rope_mscale;
+    c->rope_mscale_all_dim = rope_mscale;
+    c->rope_original_max_position = 4096;
+    c->fp8_block[0] = c->fp8_block[1] = 128;
+}
+
 static void preset_v3_common(cfg_model *c) {
     snprintf(c->model_type, sizeof c->model_type, "deepseek_v3");
     c->vocab_size = 129280;
@@ -43,19 +59,9 @@ static void preset_v3_common(cfg_model *c) {
     c->norm_topk_prob = true;
     c->scoring_func = CFG_SCORING_SIGMOID;
     c->topk_method = CFG_TOPK_NOAUX_TC;
-    c->rms_norm_eps = 1e-6f;
     c->bos_token_id = 0;
     c->eos_token_id = 1;
-    c->max_position_embeddings = 163840;
-    c->rope_theta = 10000.0f;
-    c->rope_yarn = true;
-    c->rope_factor = 40.0f;
-    c->rope_beta_fast = 32.0f;
-    c->rope_beta_slow = 1.0f;
-    c->rope_mscale = 1.0f;
-    c->rope_mscale_all_dim = 1.0f;
-    c->rope_original_max_position = 4096;
-    c->fp8_block[0] = c->fp8_block[1] = 128;
+    preset_deepseek_common(c, 1.0f);
 }
 
 duet_status mk_preset(const char *name, mk_spec *spec_p) {
@@ -125,19 +131,9 @@ duet_status mk_preset(const char *name, mk_spec *spec_p) {
         c->norm_topk_prob = false;
         c->scoring_func = CFG_SCORING_SOFTMAX;
         c->topk_method = CFG_TOPK_GREEDY;
-        c->rms_norm_eps = 1e-6f;
         c->bos_token_id = 100000;
         c->eos_token_id = 100001;
-        c->max_position_embeddings = 163840;
-        c->rope_theta = 10000.0f;
-        c->rope_yarn = true;
-        c->rope_factor = 40.0f;
-        c->rope_beta_fast = 32.0f;
-        c->rope_beta_slow = 1.0f;
-        c->rope_mscale = 0.707f;
-        c->rope_mscale_all_dim = 0.707f;
-        c->rope_original_max_position = 4096;
-        c->fp8_block[0] = c->fp8_block[1] = 128;
+        preset_deepseek_common(c, 0.707f);
     } else {
         return DUET_ERR_NOT_FOUND;
     }
