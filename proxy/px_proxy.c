@@ -822,12 +822,15 @@ static void early_start(px_job *job, cJSON *kv) {
 static void prefill_stream_read(px_job *job, const char *data, size_t len) {
     strbuf *b = &job->pre_buf;
     if (job->pre_overflow) return;
+    size_t old_len = b->len; /* held no whole event */
     strbuf_add(b, data, len);
     if (b->oom || b->len > MAX_UPSTREAM_BODY) { /* no event end in sight */
         job->pre_overflow = true;
         strbuf_free(b);
         return;
     }
+    /* A large event in small reads: only the new bytes are looked at until it is whole. */
+    if (!px_sse_may_be_whole(b->p, b->len, old_len)) return;
     size_t at = 0;
     while (!job->ended) {
         size_t ev_len = 0;
