@@ -1172,11 +1172,11 @@ static void scenario_race(void) {
     snprintf(dfail, sizeof dfail,
              "duet_proxy_backend_failures_total{role=\"decode\",backend=\"%s\"} ", endpoint(&d));
 
-    /* (a) Each prefill is cut 150 ms after its first event, once; the decode answers 500 at
+    /* (a) Each prefill is cut 300 ms after its first event, once; the decode answers 500 at
      * once, twice. Retried at once, the two decode failures would spend --decode-retries 1 and
      * answer 502; waiting, each prefill failure retries the whole chain, and the third chain
      * succeeds. The decode endpoint is not blamed. */
-    const char *cut = "{\"fail\":\"close\",\"after\":1,\"count\":1,\"prefill_delay_ms\":150}";
+    const char *cut = "{\"fail\":\"close\",\"after\":1,\"count\":1,\"prefill_delay_ms\":300}";
     stub_control(&p1, cut);
     stub_control(&p2, cut);
     stub_control(&d, "{\"fail\":\"500\",\"count\":2}");
@@ -1190,10 +1190,10 @@ static void scenario_race(void) {
     CHECK_EQ_INT(metric_value(&px, "duet_proxy_retries_total{leg=\"decode\"} "), 0);
     CHECK_EQ_INT(metric_value(&px, dfail), 0);
 
-    /* (b) The prefill ends well 150 ms after its first event; the decode fails once at once:
+    /* (b) The prefill ends well 300 ms after its first event; the decode fails once at once:
      * retried after the prefill's end, as a decode retry, and blamed. */
-    stub_control(&p1, "{\"prefill_delay_ms\":150}");
-    stub_control(&p2, "{\"prefill_delay_ms\":150}");
+    stub_control(&p1, "{\"prefill_delay_ms\":300}");
+    stub_control(&p2, "{\"prefill_delay_ms\":300}");
     stub_control(&d, "{\"fail\":\"500\",\"count\":1}");
     r = http_do(px.port, "POST", "/v1/completions", NULL, "{\"prompt\":\"x\",\"max_tokens\":2}");
     CHECK_MSG(r.status == 200 && r.body && strstr(r.body, "\"text\":\"tok0 tok1 \""), "(b): %d %s",
