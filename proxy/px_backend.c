@@ -227,6 +227,14 @@ void px_backends_release(px_backends *s, px_backend *b, uint64_t load) {
     backend_unref(b);
 }
 
+void px_backend_ref(px_backend *b) {
+    if (b) b->refs++;
+}
+
+void px_backend_unref(px_backend *b) {
+    if (b) backend_unref(b);
+}
+
 size_t px_backends_count(const px_backends *s, px_role role, bool healthy_only) {
     size_t n = 0;
     for (const px_backend *b = s->list[role]; b; b = b->next)

@@ -39,6 +39,11 @@ struct px_backend {
     unsigned oks;     /* consecutive good probes while ejected */
     httpc_req *probe; /* in flight */
     int probe_status; /* its HTTP status */
+    /* A prefill endpoint that answered a streamed prefill leg cleanly without any
+     * kv_transfer_params (vLLM's prefill workers put them in whole answers only): its prefill
+     * legs are sent whole from then on. Set by the proxy; a new (re-added) endpoint starts
+     * without it. */
+    bool no_early_kv;
     /* Metrics. */
     px_hist latency; /* its legs, request sent to answer complete */
     uint64_t ejections, readmissions, failures;
@@ -89,6 +94,10 @@ duet_status px_backends_remove(px_backends *s, px_role role, const char *name);
 px_backend *px_backends_pick(px_backends *s, px_role role, uint64_t load, px_backend *const *avoid,
                              size_t n_avoid);
 void px_backends_release(px_backends *s, px_backend *b, uint64_t load);
+/* A reference without a charge, for a request that must report on b later (NULL: nothing);
+ * px_backend_unref lets it go (freeing a removed backend at the last one). */
+void px_backend_ref(px_backend *b);
+void px_backend_unref(px_backend *b);
 
 /* A request's outcome on b, for health: failures count toward ejection like failed probes. */
 void px_backend_report(px_backend *b, bool ok);

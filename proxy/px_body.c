@@ -203,6 +203,16 @@ size_t px_sse_next(const char *buf, size_t len, size_t *ev_len_p) {
     return 0;
 }
 
+bool px_sse_may_be_whole(const char *buf, size_t len, size_t old_len) {
+    /* An event ends at an empty line: "\n" or "\r\n" at the start, else after a "\n". The old
+     * bytes held none, so a new one ends in the new bytes. */
+    if (len == 0) return false;
+    if (old_len > len) old_len = 0; /* not the same buffer: look at all of it */
+    size_t from = old_len > 2 ? old_len - 2 : 0;
+    if (from == 0 && (buf[0] == '\n' || (len > 1 && buf[0] == '\r' && buf[1] == '\n'))) return true;
+    return memmem(buf + from, len - from, "\n\n", 2) || memmem(buf + from, len - from, "\n\r\n", 3);
+}
+
 px_sse_kind px_sse_prefill_event(const char *ev, size_t len, cJSON **kv_p) {
     if (kv_p) *kv_p = NULL;
     /* The data lines' values joined with \n (the SSE rule), "data:" and one space dropped. */

@@ -59,6 +59,10 @@ typedef enum px_sse_kind {
  * it ("\n\n" or "\r\n\r\n" after its last line), 0 while none is whole; *ev_len_p gets its
  * length up to that empty line (its last line's line end included). */
 size_t px_sse_next(const char *buf, size_t len, size_t *ev_len_p);
+/* Whether buf[0, len) may hold a whole event when buf[0, old_len) held none (px_sse_next
+ * returned 0 on it): false means it holds none. Looks at the bytes after old_len (and the two
+ * before), so a reader of a large event that arrives in small reads stays linear. */
+bool px_sse_may_be_whole(const char *buf, size_t len, size_t old_len);
 
 /* What an event (as px_sse_next cut it) of a prefill stream is: its data lines joined, then
  * read as JSON. For PX_SSE_KV, *kv_p (when kv_p is not NULL) gets the kv_transfer_params object

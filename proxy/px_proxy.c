@@ -2,10 +2,13 @@
  * decode leg (streamed to the client as it arrives, or buffered when not streaming). With early
  * decode the prefill leg is streamed and the decode leg starts at its first event carrying
  * kv_transfer_params, while the prefill stream stays open to its end beside it (closing it would
- * abort the prefill and free the lease the decode reads); without it, the prefill answer is
- * buffered whole first. A leg that fails before any byte reached the client is retried on
- * another backend after a backoff (a prefill that fails under a started decode leg retries the
- * whole chain); after that, the client gets an SSE error event and [DONE], never a silent end.
+ * abort the prefill and free the lease the decode reads); without it, or to a prefill endpoint
+ * that once streamed a clean answer without any params (it puts them in whole answers only),
+ * the prefill answer is buffered whole first. A leg that fails before any byte reached the
+ * client is retried on another backend after a backoff (a prefill that fails under a started
+ * decode leg retries the whole chain; a decode that fails while that prefill stream is open
+ * waits for the stream's end to know which); after that, the client gets an SSE error event
+ * and [DONE], never a silent end.
  * Forwarded routes (/v1/models, /tokenize, /detokenize) are one-leg jobs with the same retry
  * rules. A job ends when its client request is finished, no upstream request is open and
  * nothing is held; its memory goes in its timer's close callback. */
@@ -54,7 +57,6 @@ struct px_proxy {
     int refs;                 /* the owner's, one per job, the drain timer's */
     uv_timer_t drain_timer;
     bool draining, destroyed, drained_called;
-    bool warned_no_kv; /* a streamed prefill answer without kv_transfer_params was seen */
     px_drained_fn drained_cb;
     void *drained_arg;
 };
@@ -74,8 +76,10 @@ typedef struct px_job {
     uv_timer_t timer; /* retry backoff, backpressure polling */
     /* Generation. */
     px_gen gen;
-    char *prefill_body, *decode_body; /* cJSON_free */
-    size_t prefill_len, decode_len;
+    /* The prefill leg's body whole (sequential) and streamed (early decode), each built when a
+     * picked endpoint first needs it; the decode leg's. cJSON_free. */
+    char *prefill_body, *prefill_body_sse, *decode_body;
+    size_t prefill_len, prefill_sse_len, decode_len;
     /* Forwarded: the body (copied) and the roles to try, in order. */
     char *fwd_body;
     size_t fwd_len;
@@ -102,10 +106,11 @@ typedef struct px_job {
     bool paused;
     char tail[TAIL_MAX];
     size_t tail_len;
-    /* Early decode: the prefill leg streamed, its events read as they come (pre_buf holds the
-     * bytes of an event not yet whole). The first event with kv_transfer_params moves the
-     * prefill request to pre_up (its backend to pre_b, still charged, and its attempts and
-     * tried backends aside, for a retry of the whole chain) and starts the decode leg. */
+    /* Early decode: the prefill leg streamed (pre_stream: this attempt's, decided by the
+     * endpoint picked), its events read as they come (pre_buf holds the bytes of an event not
+     * yet whole). The first event with kv_transfer_params moves the prefill request to pre_up
+     * (its backend to pre_b, still charged, and its attempts and tried backends aside, for a
+     * retry of the whole chain) and starts the decode leg. */
     bool pre_stream;
     strbuf pre_buf;
     bool pre_sse, pre_kv, pre_done, pre_error, pre_overflow;
@@ -115,6 +120,11 @@ typedef struct px_job {
     unsigned pre_attempts;
     px_backend *pre_tried[MAX_TRIED];
     size_t pre_ntried;
+    /* A decode leg that failed (nothing sent to the client) while pre_up was still open: its
+     * backend, referenced but no longer charged, until the prefill stream's end decides between
+     * a retry of the whole chain (the lease died: the decode was not at fault) and a decode
+     * retry (reported as the decode's failure). */
+    px_backend *wait_b;
     /* The client has its answer; the job waits for the prefill stream's end (px->lingering). */
     bool lingering;
     struct px_job *lnext, *lprev;
@@ -226,6 +236,7 @@ static void job_free(uv_handle_t *h) {
     if (job->fan) fan_unref(job->fan);
     px_gen_cleanup(&job->gen);
     cJSON_free(job->prefill_body);
+    cJSON_free(job->prefill_body_sse);
     cJSON_free(job->decode_body);
     free(job->fwd_body);
     strbuf_free(&job->buf);
@@ -276,6 +287,8 @@ static void job_end(px_job *job) {
     }
     leg_release(job);
     prefill_release(job);
+    px_backend_unref(job->wait_b);
+    job->wait_b = NULL;
     linger_unlink(job);
     uv_timer_stop(&job->timer);
     uv_close((uv_handle_t *)&job->timer, job_free);
@@ -809,12 +822,15 @@ static void early_start(px_job *job, cJSON *kv) {
 static void prefill_stream_read(px_job *job, const char *data, size_t len) {
     strbuf *b = &job->pre_buf;
     if (job->pre_overflow) return;
+    size_t old_len = b->len; /* held no whole event */
     strbuf_add(b, data, len);
     if (b->oom || b->len > MAX_UPSTREAM_BODY) { /* no event end in sight */
         job->pre_overflow = true;
         strbuf_free(b);
         return;
     }
+    /* A large event in small reads: only the new bytes are looked at until it is whole. */
+    if (!px_sse_may_be_whole(b->p, b->len, old_len)) return;
     size_t at = 0;
     while (!job->ended) {
         size_t ev_len = 0;
@@ -852,13 +868,14 @@ static void prefill_done(px_job *job, duet_status st) {
     if (st == DUET_OK && job->up_status == 200 && job->pre_sse) {
         if (job->pre_done && !job->pre_overflow) {
             /* A whole stream without params (a prefill worker that does not send them, or an
-             * error event): as a JSON answer without them. */
-            if (!job->pre_error && !job->px->warned_no_kv) {
-                /* vLLM's prefill workers, for one, put the params in whole answers only. */
-                job->px->warned_no_kv = true;
+             * error event): as a JSON answer without them. A clean one marks the endpoint:
+             * vLLM's prefill workers, for one, put the params in whole answers only, so its
+             * prefill legs go whole from now on and their decodes get the params again. */
+            if (!job->pre_error && !b->no_early_kv) {
+                b->no_early_kv = true;
                 LOG_WARN("proxy: prefill %s answered a streamed request without "
-                         "kv_transfer_params: its decode legs compute the prompt again; with "
-                         "such prefill workers run --early-decode off (said once)",
+                         "kv_transfer_params: its prefill legs are sent whole (not streamed) "
+                         "from now on; this request's decode computes the prompt again",
                          b->name);
             }
             px_backend_report(b, true);
@@ -916,11 +933,23 @@ static void prefill_stream_end(px_job *job, httpc_req *req, duet_status st) {
                                  : "the stream ended without data: [DONE]");
     px_backend_report(b, ok);
     prefill_release(job);
-    if (job->lingering) { /* the client has its answer: nothing else to wait for */
+    px_backend *waited = job->wait_b; /* a decode failure waiting for this end */
+    job->wait_b = NULL;
+    if (job->lingering) {         /* the client has its answer: nothing else to wait for */
+        px_backend_unref(waited); /* none: an answered job has no failed decode */
         job_end(job);
         return;
     }
-    if (ok) return;
+    if (ok) {
+        if (waited) { /* the prefill was fine: the decode failed on its own */
+            px_backend_report(waited, false);
+            px_backend_unref(waited);
+            leg_retry_or_fail(job);
+        }
+        return;
+    }
+    /* The decode that waited is not at fault: its lease died with the prefill. */
+    px_backend_unref(waited);
     if (job->started) {
         LOG_WARN("proxy: %s: %s; bytes reached the client, the decode leg goes on", job->rid, msg);
         return;
@@ -984,6 +1013,18 @@ static void decode_done(px_job *job, duet_status st) {
                  job->up_status == 200
                      ? (job->up_overflow ? " with an oversized body" : " with an empty body")
                      : "");
+    if (job->pre_up && !(st && job->up_body_seen)) {
+        /* The early decode's prefill stream is still open. A decode worker whose pull failed
+         * because the prefill died (its lease gone) often says so before the prefill stream
+         * does; retrying it now would try the same dead params again. The stream's end decides
+         * (prefill_stream_end), within its own timeouts. */
+        LOG_INFO("proxy: %s: %s; waiting for the prefill stream's end before a retry", job->rid,
+                 job->last_err);
+        px_backend_ref(b);
+        job->wait_b = b;
+        leg_release(job);
+        return;
+    }
     px_backend_report(b, false);
     leg_release(job);
     if (st && job->up_body_seen) { /* a buffered answer cut in the middle */
@@ -1068,6 +1109,20 @@ static void up_on_end(httpc_req *req, duet_status st, void *arg) {
         forward_done(job, st);
 }
 
+/* The prefill body this attempt sends (streamed or whole, as job->pre_stream says), built the
+ * first time it is needed; false when out of memory. */
+static bool job_prefill_body(px_job *job, const char **body_p, size_t *len_p) {
+    char **text = job->pre_stream ? &job->prefill_body_sse : &job->prefill_body;
+    size_t *len = job->pre_stream ? &job->prefill_sse_len : &job->prefill_len;
+    if (!*text)
+        *text = job->pre_stream ? px_gen_prefill_body_streamed(&job->gen, len)
+                                : px_gen_prefill_body(&job->gen, len);
+    if (!*text) return false;
+    *body_p = *text;
+    *len_p = *len;
+    return true;
+}
+
 /* Picks a backend for the current leg and sends its request. */
 static void leg_attempt(px_job *job) {
     px_proxy *px = job->px;
@@ -1081,12 +1136,7 @@ static void leg_attempt(px_job *job) {
     if (job->leg == PX_LEG_PREFILL) {
         roles[nroles++] = PX_ROLE_PREFILL;
         load = px_gen_prefill_load(&job->gen);
-        body = job->prefill_body;
-        body_len = job->prefill_len;
-        first_byte = cfg->prefill_timeout_ms;
-        /* A streamed prefill's first event comes at admission; the prompt's computation lies
-         * between it and the next, so the gaps get the prefill's time, not a stall's. */
-        if (job->pre_stream && idle && idle < first_byte) idle = first_byte;
+        first_byte = cfg->prefill_timeout_ms; /* the body comes with the endpoint, below */
         job->pre_sse = job->pre_kv = job->pre_done = job->pre_error = job->pre_overflow = false;
         strbuf_free(&job->pre_buf);
     } else if (job->leg == PX_LEG_DECODE) {
@@ -1111,6 +1161,18 @@ static void leg_attempt(px_job *job) {
             snprintf(msg, sizeof msg, "no healthy %s endpoint", px_role_name(roles[0]));
         job_fail(job, job->attempts ? 502 : 503, PX_ERROR_NO_BACKEND, msg);
         return;
+    }
+    if (job->leg == PX_LEG_PREFILL) {
+        /* Streamed for early decode, unless this endpoint answered one without params. */
+        job->pre_stream = cfg->early_decode && !b->no_early_kv;
+        if (!job_prefill_body(job, &body, &body_len)) {
+            px_backends_release(&px->backends, b, load);
+            job_fail(job, 500, PX_ERROR_PREFILL, "out of memory");
+            return;
+        }
+        /* A streamed prefill's first event comes at admission; the prompt's computation lies
+         * between it and the next, so the gaps get the prefill's time, not a stall's. */
+        if (job->pre_stream && idle && idle < first_byte) idle = first_byte;
     }
     job->b = b;
     job->b_load = load;
@@ -1153,11 +1215,6 @@ static void leg_attempt(px_job *job) {
  * Routes */
 
 enum { MAX_FAN_PROMPTS = 256 }; /* as many as a worker takes in one request */
-
-static char *job_prefill_body(px_job *job) {
-    return job->pre_stream ? px_gen_prefill_body_streamed(&job->gen, &job->prefill_len)
-                           : px_gen_prefill_body(&job->gen, &job->prefill_len);
-}
 
 /* A list of prompts: one chain per prompt, answers merged (see px_fan). */
 static void handle_fanout(px_proxy *px, http_req *req, px_route route, uint64_t t0, px_gen *gen,
@@ -1210,9 +1267,7 @@ static void handle_fanout(px_proxy *px, http_req *req, px_route route, uint64_t 
         strbuf_init(&job->pre_buf);
         snprintf(job->path, sizeof job->path, "%s", req->path);
         snprintf(job->rid, sizeof job->rid, "%.*s-%d", RID_MAX - 8, fan->rid, p);
-        job->pre_stream = px->cfg->early_decode;
-        ok = px_gen_part(gen, p, &job->gen) == DUET_OK &&
-             (job->prefill_body = job_prefill_body(job)) != NULL;
+        ok = px_gen_part(gen, p, &job->gen) == DUET_OK;
         if (!ok) {
             px_gen_cleanup(&job->gen);
             free(job);
@@ -1276,12 +1331,6 @@ static void handle_generate(px_proxy *px, http_req *req, px_route route, uint64_
         leg_attempt(job);
         return;
     }
-    job->pre_stream = px->cfg->early_decode;
-    job->prefill_body = job_prefill_body(job);
-    if (!job->prefill_body) {
-        job_fail(job, 500, PX_ERROR_PREFILL, "out of memory");
-        return;
-    }
     http_req_on_close(req, job_on_client_close, job);
     job->leg = PX_LEG_PREFILL;
     leg_attempt(job);
@@ -1312,12 +1361,17 @@ static void handle_forward(px_proxy *px, http_req *req, px_route route, uint64_t
     leg_attempt(job);
 }
 
-static void add_instances(strbuf *b, const px_backends *s, px_role role) {
+/* Every endpoint of a role; a prefill endpoint also says whether its prefill legs are streamed
+ * for early decode (not with --early-decode off, nor once it answered one without params). */
+static void add_instances(strbuf *b, const px_proxy *px, px_role role) {
     bool first = true;
-    for (const px_backend *be = s->list[role]; be; be = be->next) {
-        strbuf_printf(b, "%s{\"instance\":\"%s\",\"healthy\":%s,\"in_flight\":%u}",
-                      first ? "" : ",", be->name, be->healthy ? "true" : "false",
-                      be->target.active);
+    for (const px_backend *be = px->backends.list[role]; be; be = be->next) {
+        strbuf_printf(b, "%s{\"instance\":\"%s\",\"healthy\":%s,\"in_flight\":%u", first ? "" : ",",
+                      be->name, be->healthy ? "true" : "false", be->target.active);
+        if (role == PX_ROLE_PREFILL)
+            strbuf_printf(b, ",\"early_decode\":%s",
+                          px->cfg->early_decode && !be->no_early_kv ? "true" : "false");
+        strbuf_str(b, "}");
         first = false;
     }
 }
@@ -1333,7 +1387,7 @@ static void handle_health(px_proxy *px, http_req *req, uint64_t t0) {
                       "\"instances\":[",
                       ok ? "ok" : (px->draining ? "draining" : "unavailable"), hb,
                       px_backends_count(&px->backends, PX_ROLE_BACKEND, false));
-        add_instances(&b, &px->backends, PX_ROLE_BACKEND);
+        add_instances(&b, px, PX_ROLE_BACKEND);
         strbuf_str(&b, "]}}");
         if (b.oom)
             respond_error_simple(px, req, PX_ROUTE_HEALTH, t0, 500, PX_ERROR_UPSTREAM,
@@ -1353,10 +1407,10 @@ static void handle_health(px_proxy *px, http_req *req, uint64_t t0) {
                   "{\"status\":\"%s\",\"prefill\":{\"healthy\":%zu,\"total\":%zu,\"instances\":[",
                   ok ? "ok" : (px->draining ? "draining" : "unavailable"), hp,
                   px_backends_count(&px->backends, PX_ROLE_PREFILL, false));
-    add_instances(&b, &px->backends, PX_ROLE_PREFILL);
+    add_instances(&b, px, PX_ROLE_PREFILL);
     strbuf_printf(&b, "]},\"decode\":{\"healthy\":%zu,\"total\":%zu,\"instances\":[", hd,
                   px_backends_count(&px->backends, PX_ROLE_DECODE, false));
-    add_instances(&b, &px->backends, PX_ROLE_DECODE);
+    add_instances(&b, px, PX_ROLE_DECODE);
     strbuf_str(&b, "]}}");
     if (b.oom) {
         respond_error_simple(px, req, PX_ROUTE_HEALTH, t0, 500, PX_ERROR_UPSTREAM, "out of memory");

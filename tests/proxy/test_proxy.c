@@ -803,6 +803,39 @@ static int metric_value(const proxy_proc *px, const char *line_start) {
     return v;
 }
 
+/* The "early_decode" field of prefill endpoint s in the proxy's GET /health: 1, 0, or -1 when
+ * the endpoint or the field is missing. */
+static int health_early(const proxy_proc *px, const stub_proc *s) {
+    resp r = http_do(px->port, "GET", "/health", NULL, NULL);
+    cJSON *j = resp_json(&r);
+    const cJSON *list = cJSON_GetObjectItemCaseSensitive(
+        cJSON_GetObjectItemCaseSensitive(j, "prefill"), "instances");
+    int v = -1;
+    const cJSON *it;
+    cJSON_ArrayForEach(it, list) {
+        const cJSON *name = cJSON_GetObjectItemCaseSensitive(it, "instance");
+        const cJSON *e = cJSON_GetObjectItemCaseSensitive(it, "early_decode");
+        if (cJSON_IsString(name) && !strcmp(name->valuestring, endpoint(s)) && cJSON_IsBool(e))
+            v = cJSON_IsTrue(e);
+    }
+    cJSON_Delete(j);
+    resp_free(&r);
+    return v;
+}
+
+/* How many times needle occurs in the file under g_tmp. */
+static int log_count(const char *name, const char *needle) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s", g_tmp, name);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    static char buf[1 << 20];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    buf[n] = '\0';
+    fclose(f);
+    return count_str(buf, needle);
+}
+
 /* Early decode: the prefill leg streamed, the decode leg started at its first event with
  * kv_transfer_params while the prefill still computes, and the failure rules around it. */
 static void scenario_early(void) {
@@ -855,7 +888,8 @@ static void scenario_early(void) {
     CHECK_EQ_INT(stub_stat(&d, "decode"), 4);
 
     /* (b) A stream without params in its first event: the final event's are taken; with none
-     * at all (or an error event instead of the token), the decode computes the prompt. */
+     * at all and an error event instead of the token, the decode computes the prompt, and the
+     * endpoint's legs stay streamed (a clean stream without params: scenario fallback). */
     stub_control(&p1, "{\"kv_events\":\"final\",\"prefill_delay_ms\":200}");
     r = http_do(px.port, "POST", "/v1/completions", NULL, body3);
     check_clean_stream(&r, 3, "(b) final event");
@@ -864,17 +898,15 @@ static void scenario_early(void) {
     ds = stub_stat_f(&d, "last_decode_start_ms");
     CHECK_MSG(ds >= pe, "decode at %.0f before the prefill's final event at %.0f", ds, pe);
     CHECK_EQ_INT(stub_stat(&d, "plain"), 0);
-    stub_control(&p1, "{\"kv_events\":\"none\",\"prefill_delay_ms\":0}");
-    r = http_do(px.port, "POST", "/v1/completions", NULL, body3);
-    check_clean_stream(&r, 3, "(b) no params");
-    resp_free(&r);
-    CHECK_EQ_INT(stub_stat(&d, "plain"), 1);
-    stub_control(&p1, "{\"fail\":\"error\",\"count\":1}");
+    CHECK_EQ_INT(health_early(&px, &p1), 1);
+    stub_control(&p1, "{\"kv_events\":\"none\",\"prefill_delay_ms\":0,\"fail\":\"error\","
+                      "\"count\":1}");
     r = http_do(px.port, "POST", "/v1/completions", NULL, body3);
     check_clean_stream(&r, 3, "(b) error event");
     resp_free(&r);
-    CHECK_EQ_INT(stub_stat(&d, "plain"), 2);
+    CHECK_EQ_INT(stub_stat(&d, "plain"), 1);
     CHECK_EQ_INT(metric_value(&px, "duet_proxy_retries_total{leg=\"prefill\"} "), retries + 2);
+    CHECK_EQ_INT(health_early(&px, &p1), 1);
     stub_control(&p1, "{\"kv_events\":\"early\"}");
 
     /* A list of prompts: one chain per prompt, each with its early decode. */
@@ -1029,6 +1061,176 @@ static void scenario_early(void) {
     ds = stub_stat_f(&d, "last_decode_start_ms");
     CHECK_MSG(ds >= pe, "off: decode at %.0f, prefill ended at %.0f", ds, pe);
     CHECK_EQ_INT(metric_value(&px, "duet_proxy_leg_duration_seconds_count{leg=\"prefill\"} "), 1);
+    CHECK_EQ_INT(stub_stat(&p1, "bad") + stub_stat(&p2, "bad") + stub_stat(&d, "bad"), 0);
+    CHECK_EQ_INT(health_early(&px, &p1), 0);
+    expect_exit(stop(px.pid, SIGTERM), 0);
+}
+
+/* Early decode's fallback, per prefill endpoint: one that streams a clean answer without any
+ * kv_transfer_params (as vLLM's prefill workers do) gets its prefill legs whole from then on,
+ * and their decode legs the params of the whole answers; an endpoint added (again) starts
+ * streamed. */
+static void scenario_fallback(void) {
+    static const char warning[] = "answered a streamed request without kv_transfer_params";
+    stub_proc p1 = stub_start("p1", "prefill", 0, "--kv-events", "none", NULL);
+    stub_proc p2 = stub_start("p2", "prefill", 0, NULL);
+    stub_proc d = stub_start("d1", "both", 0, NULL);
+    const char *flags[] = {"--prefill", endpoint(&p1), "--decode",  endpoint(&d),
+                           "--policy",  "round-robin", FAST_HEALTH, NULL};
+    proxy_proc px = proxy_start(flags);
+    const char *body3 = "{\"prompt\":\"x\",\"max_tokens\":3,\"stream\":true}";
+    CHECK_EQ_INT(health_early(&px, &p1), 1);
+    /* The request that finds out: a streamed prefill leg, no params anywhere in it; its decode
+     * computes the prompt (no params), and p1 is marked. */
+    resp r = http_do(px.port, "POST", "/v1/completions", NULL, body3);
+    check_clean_stream(&r, 3, "first");
+    resp_free(&r);
+    CHECK_EQ_INT(stub_stat(&p1, "prefill_streamed"), 1);
+    CHECK_EQ_INT(stub_stat(&d, "plain"), 1);
+    CHECK_EQ_INT(health_early(&px, &p1), 0);
+    /* From then on p1's legs go whole, as with --early-decode off, and carry params again. */
+    r = http_do(px.port, "POST", "/v1/completions", NULL, body3);
+    check_clean_stream(&r, 3, "second");
+    resp_free(&r);
+    r = http_do(px.port, "POST", "/v1/chat/completions", NULL,
+                "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":2}");
+    CHECK_MSG(r.status == 200 && r.body && strstr(r.body, "tok0 tok1 "), "chat: %d %s", r.status,
+              r.body ? r.body : "");
+    resp_free(&r);
+    r = http_do(px.port, "POST", "/v1/completions", NULL,
+                "{\"prompt\":[\"a\",\"b\"],\"max_tokens\":2,\"stream\":true}");
+    CHECK_MSG(r.status == 200 && r.body && strstr(r.body, "\"index\":1") &&
+                  count_str(r.body, "data: [DONE]") == 1 && !strstr(r.body, "\"error\""),
+              "list: %d %s", r.status, r.body ? r.body : "");
+    resp_free(&r);
+    CHECK(stubs_idle(&p1, &d, 3000));
+    CHECK_EQ_INT(stub_stat(&p1, "prefill"), 5);
+    CHECK_EQ_INT(stub_stat(&p1, "prefill_streamed"), 1);
+    CHECK_EQ_INT(stub_stat(&d, "decode"), 5);
+    CHECK_EQ_INT(stub_stat(&d, "plain"), 1);
+    CHECK_EQ_INT(stub_stat(&p1, "bad") + stub_stat(&d, "bad") + stub_stat(&p1, "aborted"), 0);
+    CHECK_EQ_INT(log_count("proxy.log", warning), 1);
+    /* Other endpoints keep early decode: p2 (sending params early) added beside p1. */
+    char body[256];
+    snprintf(body, sizeof body, "{\"type\":\"prefill\",\"instance\":\"%s\"}", endpoint(&p2));
+    r = http_do(px.port, "POST", "/instances/add", NULL, body);
+    CHECK_EQ_INT(r.status, 200);
+    resp_free(&r);
+    CHECK_MSG(proxy_health_counts(&px, 2, 1, 3000), "p2 not admitted");
+    CHECK_EQ_INT(health_early(&px, &p2), 1);
+    for (int i = 0; i < 4; i++) {
+        r = http_do(px.port, "POST", "/v1/completions", NULL, body3);
+        check_clean_stream(&r, 3, "p1 and p2");
+        resp_free(&r);
+    }
+    CHECK_EQ_INT(stub_stat(&p2, "prefill_streamed"), 2);
+    CHECK_EQ_INT(stub_stat(&p1, "prefill"), 7);
+    CHECK_EQ_INT(stub_stat(&p1, "prefill_streamed"), 1);
+    CHECK_EQ_INT(stub_stat(&d, "plain"), 1);
+    /* p1 removed and added again: a new endpoint, streamed until it answers without params. */
+    snprintf(body, sizeof body, "{\"type\":\"prefill\",\"instance\":\"%s\"}", endpoint(&p1));
+    r = http_do(px.port, "POST", "/instances/remove", NULL, body);
+    CHECK_EQ_INT(r.status, 200);
+    resp_free(&r);
+    r = http_do(px.port, "POST", "/instances/add", NULL, body);
+    CHECK_EQ_INT(r.status, 200);
+    resp_free(&r);
+    CHECK_EQ_INT(health_early(&px, &p1), 1);
+    CHECK_MSG(proxy_health_counts(&px, 2, 1, 3000), "p1 not admitted again");
+    for (int i = 0; i < 4; i++) {
+        r = http_do(px.port, "POST", "/v1/completions", NULL, body3);
+        check_clean_stream(&r, 3, "p1 again");
+        resp_free(&r);
+    }
+    CHECK_EQ_INT(stub_stat(&p1, "prefill"), 9);
+    CHECK_EQ_INT(stub_stat(&p1, "prefill_streamed"), 2);
+    CHECK_EQ_INT(stub_stat(&d, "plain"), 2);
+    CHECK_EQ_INT(health_early(&px, &p1), 0);
+    CHECK_EQ_INT(health_early(&px, &p2), 1);
+    CHECK_EQ_INT(log_count("proxy.log", warning), 2);
+    CHECK_EQ_INT(stub_stat(&p1, "bad") + stub_stat(&p2, "bad") + stub_stat(&d, "bad"), 0);
+    expect_exit(stop(px.pid, SIGTERM), 0);
+}
+
+/* A decode leg that fails fast (its pull failed: the lease died with the prefill) while its
+ * early prefill stream is still open waits for that stream's end: a failed prefill retries the
+ * whole chain, a good one the decode. */
+static void scenario_race(void) {
+    stub_proc p1 = stub_start("p1", "prefill", 0, NULL);
+    stub_proc p2 = stub_start("p2", "prefill", 0, NULL);
+    stub_proc d = stub_start("d1", "decode", 0, NULL);
+    const char *flags[] = {"--prefill",   endpoint(&p1),
+                           endpoint(&p2), "--decode",
+                           endpoint(&d),  "--policy",
+                           "round-robin", "--retry-backoff",
+                           "0.005",       "--eject-after",
+                           "100",         "--decode-retries",
+                           "1",           NULL};
+    proxy_proc px = proxy_start(flags);
+    const char *body3 = "{\"prompt\":\"x\",\"max_tokens\":3,\"stream\":true}";
+    char dfail[160];
+    snprintf(dfail, sizeof dfail,
+             "duet_proxy_backend_failures_total{role=\"decode\",backend=\"%s\"} ", endpoint(&d));
+
+    /* (a) Each prefill is cut 300 ms after its first event, once; the decode answers 500 at
+     * once, twice. Retried at once, the two decode failures would spend --decode-retries 1 and
+     * answer 502; waiting, each prefill failure retries the whole chain, and the third chain
+     * succeeds. The decode endpoint is not blamed. */
+    const char *cut = "{\"fail\":\"close\",\"after\":1,\"count\":1,\"prefill_delay_ms\":300}";
+    stub_control(&p1, cut);
+    stub_control(&p2, cut);
+    stub_control(&d, "{\"fail\":\"500\",\"count\":2}");
+    resp r = http_do(px.port, "POST", "/v1/completions", NULL, body3);
+    check_clean_stream(&r, 3, "(a) prefill failing after the decode");
+    resp_free(&r);
+    CHECK_EQ_INT(stub_stat(&p1, "prefill") + stub_stat(&p2, "prefill"), 3);
+    CHECK_EQ_INT(stub_stat(&d, "requests"), 3);
+    CHECK_EQ_INT(stub_stat(&d, "aborted"), 0);
+    CHECK_EQ_INT(metric_value(&px, "duet_proxy_retries_total{leg=\"prefill\"} "), 2);
+    CHECK_EQ_INT(metric_value(&px, "duet_proxy_retries_total{leg=\"decode\"} "), 0);
+    CHECK_EQ_INT(metric_value(&px, dfail), 0);
+
+    /* (b) The prefill ends well 300 ms after its first event; the decode fails once at once:
+     * retried after the prefill's end, as a decode retry, and blamed. */
+    stub_control(&p1, "{\"prefill_delay_ms\":300}");
+    stub_control(&p2, "{\"prefill_delay_ms\":300}");
+    stub_control(&d, "{\"fail\":\"500\",\"count\":1}");
+    r = http_do(px.port, "POST", "/v1/completions", NULL, "{\"prompt\":\"x\",\"max_tokens\":2}");
+    CHECK_MSG(r.status == 200 && r.body && strstr(r.body, "\"text\":\"tok0 tok1 \""), "(b): %d %s",
+              r.status, r.body ? r.body : "");
+    resp_free(&r);
+    CHECK(stubs_idle(&p1, &p2, 2000));
+    double pe = stub_stat_f(&p1, "last_prefill_end_ms");
+    double pe2 = stub_stat_f(&p2, "last_prefill_end_ms");
+    if (pe2 > pe) pe = pe2;
+    double ds = stub_stat_f(&d, "last_decode_start_ms");
+    CHECK_MSG(ds >= pe, "(b) decode retried at %.0f, before the prefill's end at %.0f", ds, pe);
+    CHECK_EQ_INT(stub_stat(&d, "requests"), 5);
+    CHECK_EQ_INT(metric_value(&px, "duet_proxy_retries_total{leg=\"prefill\"} "), 2);
+    CHECK_EQ_INT(metric_value(&px, "duet_proxy_retries_total{leg=\"decode\"} "), 1);
+    CHECK_EQ_INT(metric_value(&px, dfail), 1);
+
+    /* (c) The client leaves while a failed decode waits for the prefill stream: the stream is
+     * closed (the prefill aborted) and nothing is left behind. */
+    stub_control(&p1, "{\"prefill_delay_ms\":3000}");
+    stub_control(&p2, "{\"prefill_delay_ms\":3000}");
+    stub_control(&d, "{\"fail\":\"500\",\"count\":1}");
+    int p_aborted = stub_stat(&p1, "aborted") + stub_stat(&p2, "aborted");
+    int fd = connect_to(px.port);
+    CHECK(fd >= 0);
+    send_request(fd, "POST", "/v1/completions", NULL, body3);
+    long long end = now_ms() + 3000;
+    while (stub_stat(&d, "requests") < 6 && now_ms() < end) sleep_ms(10);
+    CHECK_EQ_INT(stub_stat(&d, "requests"), 6);
+    sleep_ms(50);
+    CHECK_EQ_INT(stub_stat(&p1, "in_flight") + stub_stat(&p2, "in_flight"), 1);
+    close(fd);
+    CHECK(stubs_idle(&p1, &p2, 1500));
+    CHECK_EQ_INT(stub_stat(&p1, "aborted") + stub_stat(&p2, "aborted"), p_aborted + 1);
+    end = now_ms() + 1000;
+    while (metric_value(&px, "duet_proxy_requests_in_flight ") != 0 && now_ms() < end) sleep_ms(10);
+    CHECK_EQ_INT(metric_value(&px, "duet_proxy_requests_in_flight "), 0);
+    CHECK_EQ_INT(stub_stat(&d, "requests"), 6);
     CHECK_EQ_INT(stub_stat(&p1, "bad") + stub_stat(&p2, "bad") + stub_stat(&d, "bad"), 0);
     expect_exit(stop(px.pid, SIGTERM), 0);
 }
@@ -1278,6 +1480,10 @@ int main(int argc, char **argv) {
         scenario_cli();
     else if (!strcmp(s, "early"))
         scenario_early();
+    else if (!strcmp(s, "fallback"))
+        scenario_fallback();
+    else if (!strcmp(s, "race"))
+        scenario_race();
     else {
         fprintf(stderr, "unknown scenario %s\n", s);
         return 2;

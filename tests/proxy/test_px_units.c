@@ -486,6 +486,17 @@ static void test_prefill_stream(void) {
     CHECK_EQ_INT(px_sse_next(sse + at, n - at, &ev), 0);
     CHECK_EQ_INT(px_sse_next("data: {}\n", 9, &ev), 0);
     CHECK_EQ_INT(px_sse_next("", 0, &ev), 0);
+    /* Whether new bytes may have made an event whole (the old ones held none). */
+    CHECK(!px_sse_may_be_whole("", 0, 0));
+    CHECK(!px_sse_may_be_whole("data: {}", 8, 0));
+    CHECK(px_sse_may_be_whole("\n", 1, 0) && px_sse_may_be_whole("\r\n", 2, 1));
+    CHECK(px_sse_may_be_whole("data: {}\n\n", 10, 9));
+    CHECK(px_sse_may_be_whole("data: {}\n\r\n", 11, 9));
+    CHECK(px_sse_may_be_whole("data: {}\n\r\n", 11, 10));
+    CHECK(!px_sse_may_be_whole("data: {}\ndata: {", 16, 9));
+    CHECK(!px_sse_may_be_whole("data: {}\n\r", 10, 9));
+    /* only the new bytes (and two before) are looked at: old ones held no event */
+    CHECK(!px_sse_may_be_whole("\n\n  data", 10, 8));
 
     /* What an event is. */
     const char *early = "data: {\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"choices\":[],"
