@@ -47,8 +47,11 @@ struct kvpull_job {
     int issued;     /* direct and CUDA IPC: blocks [0, issued) have their reads or copies
                      * issued (a pin of a prompt still being computed grows ready, and more
                      * are issued as it does) */
-    bool ipc;       /* CUDA IPC: copies from the mapped prefill cache */
-    void *ipc_copy; /* CUDA IPC: the device-to-device copy in flight */
+    size_t partial; /* direct: remote_ids [ready, partial) hold their first `layers` layers */
+    int layers;
+    uint16_t *lread; /* direct: layers of each of the job's blocks read so far [n_blocks] */
+    bool ipc;        /* CUDA IPC: copies from the mapped prefill cache */
+    void *ipc_copy;  /* CUDA IPC: the device-to-device copy in flight */
     kvpull_lane lanes[KVL_MAX_CHUNKS_IN_FLIGHT];
     int next_block;  /* staged: the first block no lane has taken yet */
     int blocks_done; /* staged: blocks copied into the cache */
@@ -168,6 +171,7 @@ static void job_report(kvpull *x, kvpull_job *j) {
 static void job_free(kvpull_job *j) {
     free(j->local);
     free(j->remote_ids);
+    free(j->lread);
     free(j);
 }
 
@@ -335,52 +339,70 @@ static int job_avail(const kvpull_job *j) {
     return a < 0 ? 0 : a > j->n_blocks ? j->n_blocks : (int)a;
 }
 
+/* Direct: one read of bytes [off, off + len) of the job's blocks [i, k) (consecutive on both
+ * sides), into the same bytes of the local blocks. Fails the job on an error. */
+static void job_get(kvpull *x, kvpull_job *j, int i, int k, size_t off, size_t len) {
+    kvpull_peer *p = j->peer;
+    size_t bb = x->kv->block_bytes;
+    uint32_t r0 = j->remote_ids[j->skip + i];
+    if ((uint64_t)r0 + (uint64_t)(k - i) > p->remote_blocks) {
+        job_fail(j, "the prefill worker pinned block ids outside its pool%s", "");
+        return;
+    }
+    uint8_t *local = (uint8_t *)x->kv->data + (size_t)j->local[i] * bb + off;
+    j->gets_left++;
+    j->bytes += len;
+    count(x, &x->stats.gets_issued);
+    duet_status st =
+        kvu_get(p->up, kvl_region(x->link), local, len, (uint64_t)r0 * bb + off, get_done, j);
+    if (st != DUET_OK) {
+        j->gets_left--;
+        job_fail(j, "KV read could not start: %s", duet_strerror(st));
+    }
+}
+
 /* Reads the pinned blocks. Direct: into the cache, runs where both the remote ids and the local
  * blocks are consecutive as one read each, those readable now (all, unless the prefill is
  * still computing the prompt: then each Ready issues the next ones). Staged: chunk by chunk
  * through lanes (job_advance); without free staging slots it tries again a little later. */
 static void job_start_reads(kvpull *x, kvpull_job *j) {
-    kvpull_peer *p = j->peer;
     j->retry_at = 0;
     if (j->staged) {
         job_advance(x, j);
         return;
     }
     int avail = job_avail(j);
-    if (avail <= j->issued) { /* Ready messages will come, or everything is read */
-        if (j->gets_left == 0 && j->issued == j->n_blocks) job_finish(x, j);
-        return;
-    }
+    /* the chunk under way (read in place): blocks [avail, part) have their first j->layers
+     * layers written */
+    long pa = (long)j->partial - j->skip;
+    int part = j->layers > 0 && pa > avail ? (pa > j->n_blocks ? j->n_blocks : (int)pa) : avail;
     const uint32_t *remote = j->remote_ids;
     be_kv *kv = x->kv;
-    size_t bb = kv->block_bytes;
+    size_t bb = kv->block_bytes, lb = bb / (size_t)kv->n_layers;
     j->gets_left++; /* held until every read is issued */
-    for (int i = j->issued; i < avail;) {
+    /* whole blocks not read yet: runs where both the remote ids and the local blocks are
+     * consecutive as one read each */
+    for (int i = j->issued; i < avail && !j->failed;) {
         const int32_t *dst = j->local;
         int k = i + 1;
-        while (k < avail && remote[j->skip + k] == remote[j->skip + k - 1] + 1 &&
-               dst[k] == dst[k - 1] + 1)
+        while (k < avail && !j->lread[i] && !j->lread[k] &&
+               remote[j->skip + k] == remote[j->skip + k - 1] + 1 && dst[k] == dst[k - 1] + 1)
             k++;
-        uint32_t r0 = remote[j->skip + i];
-        if ((uint64_t)r0 + (uint64_t)(k - i) > p->remote_blocks) {
-            job_fail(j, "the prefill worker pinned block ids outside its pool%s", "");
-            break;
-        }
-        size_t len = (size_t)(k - i) * bb;
-        uint8_t *local = (uint8_t *)kv->data + (size_t)dst[i] * bb;
-        j->gets_left++;
-        j->bytes += len;
-        count(x, &x->stats.gets_issued);
-        duet_status st =
-            kvu_get(p->up, kvl_region(x->link), local, len, (uint64_t)r0 * bb, get_done, j);
-        if (st != DUET_OK) {
-            j->gets_left--;
-            job_fail(j, "KV read could not start: %s", duet_strerror(st));
-            break;
-        }
+        /* a block whose first layers were read while it was computed: the rest of it */
+        size_t off = (size_t)j->lread[i] * lb;
+        if (off < (size_t)(k - i) * bb) job_get(x, j, i, k, off, (size_t)(k - i) * bb - off);
+        for (int b = i; b < k; b++) j->lread[b] = (uint16_t)kv->n_layers;
         i = k;
     }
-    j->issued = avail;
+    if (avail > j->issued) j->issued = avail;
+    /* the chunk under way: each block's layers not read yet, up to those written */
+    for (int b = avail; b < part && !j->failed; b++) {
+        int l0 = j->lread[b], l1 = j->layers < kv->n_layers ? j->layers : kv->n_layers;
+        if (l1 <= l0) continue;
+        job_get(x, j, b, b + 1, (size_t)l0 * lb, (size_t)(l1 - l0) * lb);
+        j->lread[b] = (uint16_t)l1;
+        count(x, &x->stats.layer_reads);
+    }
     if (--j->gets_left == 0 && (j->failed || j->issued == j->n_blocks)) {
         job_finish(x, j);
         return;
@@ -430,6 +452,8 @@ static bool job_take_ids(kvpull *x, kvpull_job *j, const uint32_t *remote, size_
         if (remote[j->skip + i] >= j->peer->ipc_blocks)
             why = "the prefill worker pinned block ids outside its pool%s";
     if (!why && !(j->remote_ids = malloc((n_remote ? n_remote : 1) * sizeof(uint32_t))))
+        why = "out of memory%s";
+    if (!why && !(j->lread = calloc((size_t)(j->n_blocks ? j->n_blocks : 1), sizeof *j->lread)))
         why = "out of memory%s";
     if (why) {
         job_fail(j, why, "");
@@ -622,6 +646,10 @@ static void peer_got(kvpull_peer *p, Duet__Kv__Envelope *env) {
             }
             j->pinned = true;
             if (r->streamed) count(x, &x->stats.pins_streamed);
+            if (r->streamed && r->layers > 0 && r->partial > r->ready) {
+                j->partial = r->partial;
+                j->layers = (int)r->layers;
+            }
             job_read(x, j, r->block_ids, r->n_block_ids, r->streamed ? r->ready : r->n_block_ids);
             return;
         }
@@ -637,8 +665,10 @@ static void peer_got(kvpull_peer *p, Duet__Kv__Envelope *env) {
                          p->host, p->port, (unsigned long long)j->rem.lease,
                          r->error ? r->error : "?");
                 job_fail(j, "%s", why);
-            } else if (r->ready > j->ready) {
-                j->ready = r->ready < j->n_remote ? r->ready : j->n_remote;
+            } else if (r->ready > j->ready || (r->layers > 0 && r->partial > r->ready)) {
+                if (r->ready > j->ready) j->ready = r->ready < j->n_remote ? r->ready : j->n_remote;
+                j->partial = r->layers > 0 && r->partial > r->ready ? r->partial : j->ready;
+                j->layers = r->layers > 0 && r->partial > r->ready ? (int)r->layers : 0;
                 /* the prefill (or its copies) moves on: the deadline counts from here */
                 j->deadline = clock_now_s() + x->timeout_s;
             }
@@ -968,10 +998,15 @@ static char *x_metrics_text(void *state, const char *label) {
              "# HELP duet_kv_peers_refused_total Side-channel peers refused (authentication, "
              "layout).\n"
              "# TYPE duet_kv_peers_refused_total counter\n"
-             "duet_kv_peers_refused_total{%s} %llu\n",
+             "duet_kv_peers_refused_total{%s} %llu\n"
+             "# HELP duet_kv_pull_layer_reads_total Reads of a block's first layers while the "
+             "prefill was still computing it (layer-wise pulls).\n"
+             "# TYPE duet_kv_pull_layer_reads_total counter\n"
+             "duet_kv_pull_layer_reads_total{%s} %llu\n",
              label, (unsigned long long)st.fetches_ok, label, (unsigned long long)st.fetches_failed,
              label, (unsigned long long)st.bytes_read, label, (unsigned long long)st.gets_issued,
-             label, st.fetch_seconds_total, label, (unsigned long long)st.peers_refused);
+             label, st.fetch_seconds_total, label, (unsigned long long)st.peers_refused, label,
+             (unsigned long long)st.layer_reads);
     return t;
 }
 

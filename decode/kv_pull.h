@@ -19,6 +19,7 @@ typedef struct kvpull_stats {
     uint64_t peers_refused;
     uint64_t pins_streamed; /* pins whose blocks became readable chunk by chunk (Ready) */
     uint64_t ready_waits;   /* times a staged pull waited for the prefill's next chunk */
+    uint64_t layer_reads;   /* reads of a block's first layers while the prefill computed it */
     double fetch_seconds_total;
 } kvpull_stats;
 

@@ -26,7 +26,9 @@ typedef struct kvlease_pin {
     int32_t *slots;  /* staged: the copy's slots, [n]; NULL: the reader reads the lease's blocks */
     int32_t *blocks; /* staged: the lease's blocks, [n] (where the copies come from) */
     int n;
-    int computed;   /* blocks [0, computed) hold their whole KV (n once the prompt is done) */
+    int computed;        /* blocks [0, computed) hold their whole KV (n once the prompt is done) */
+    int partial, layers; /* read in place: blocks [computed, partial) hold `layers` layers */
+    int partial_sent, layers_sent;
     int queued;     /* staged: blocks [0, queued) have their copies queued */
     void **tickets; /* [n_tickets] device->host copies in flight, in order */
     int *ends;      /* [n_tickets] blocks [0, ends[k]) are copied once ticket k is done */
@@ -221,11 +223,14 @@ static duet_status pin_queue_copies(kvlease *x, kvlease_pin *pin) {
     return DUET_OK;
 }
 
-static void send_ready(kvlease_conn *c, uint64_t seq, int ready, const char *error) {
+static void send_ready(kvlease_conn *c, uint64_t seq, int ready, int partial, int layers,
+                       const char *error) {
     Duet__Kv__Ready r = DUET__KV__READY__INIT;
     r.seq = seq;
     r.ok = error == NULL;
     r.ready = (uint32_t)ready;
+    r.partial = (uint32_t)(layers > 0 && partial > ready ? partial : ready);
+    r.layers = (uint32_t)(layers > 0 && partial > ready ? layers : 0);
     r.error = (char *)error;
     Duet__Kv__Envelope out = DUET__KV__ENVELOPE__INIT;
     out.msg_case = DUET__KV__ENVELOPE__MSG_READY;
@@ -238,15 +243,15 @@ static void pin_stream_fail(kvlease_conn *c, kvlease_pin *pin, const char *why) 
     pin_drain(c->x, pin);
     LOG_WARN("kv: lease %llu: %s", (unsigned long long)pin->lease, why);
     pin->ready_sent = -1; /* no further Ready for this pin */
-    send_ready(c, pin->seq, 0, why);
+    send_ready(c, pin->seq, 0, 0, 0, why);
 }
 
 /* A pin of a prompt still being computed: the engine's progress, and (staged) the copies
  * it allows. False when the stream ended in an error. */
 static bool pin_compute_progress(kvlease_conn *c, kvlease_pin *pin) {
     kvlease *x = c->x;
-    int ready = 0;
-    duet_status st = eng_lease_progress(kvl_context(x->link)->engine, pin->lease, &ready);
+    eng_lease_ready rd;
+    duet_status st = eng_lease_progress(kvl_context(x->link)->engine, pin->lease, &rd);
     if (st != DUET_OK) {
         pin_stream_fail(c, pin,
                         st == DUET_ERR_CANCELED
@@ -254,7 +259,9 @@ static bool pin_compute_progress(kvlease_conn *c, kvlease_pin *pin) {
                             : "the lease is gone (expired or released) while being read");
         return false;
     }
-    if (ready > pin->n) ready = pin->n;
+    int ready = rd.ready < pin->n ? rd.ready : pin->n;
+    pin->partial = rd.partial < pin->n ? rd.partial : pin->n;
+    pin->layers = rd.layers;
     if (ready <= pin->computed) return true;
     pin->computed = ready;
     if (pin->slots && pin_queue_copies(x, pin) != DUET_OK) {
@@ -273,9 +280,13 @@ static bool pin_progress(kvlease_conn *c, kvlease_pin *pin) {
     if (pin->ready_sent < 0) return false;
     if (pin->computed < pin->n && !pin_compute_progress(c, pin)) return false;
     if (!pin->slots) { /* the reader reads the lease's own blocks: computed is ready */
-        if (pin->computed > pin->ready_sent) {
+        bool more_layers = pin->computed < pin->n && pin->partial > pin->computed &&
+                           (pin->partial != pin->partial_sent || pin->layers > pin->layers_sent);
+        if (pin->computed > pin->ready_sent || more_layers) {
             pin->ready_sent = pin->computed;
-            send_ready(c, pin->seq, pin->computed, NULL);
+            pin->partial_sent = pin->partial;
+            pin->layers_sent = pin->layers;
+            send_ready(c, pin->seq, pin->computed, pin->partial, pin->layers, NULL);
         }
         return false;
     }
@@ -296,7 +307,7 @@ static bool pin_progress(kvlease_conn *c, kvlease_pin *pin) {
     }
     if (pin->ready_sent >= 0 && ready > pin->ready_sent) {
         pin->ready_sent = ready;
-        send_ready(c, pin->seq, ready, NULL);
+        send_ready(c, pin->seq, ready, 0, 0, NULL);
     }
     return pin->next_ticket < pin->n_tickets;
 }
@@ -312,12 +323,14 @@ static void conn_pin(kvlease_conn *c, const Duet__Kv__Pin *pin_msg) {
     Duet__Kv__PinReply r = DUET__KV__PIN_REPLY__INIT;
     r.seq = pin_msg->seq;
     int cap = ctx->kv->n_blocks, n = 0, computed = 0;
+    eng_lease_ready rd = {0, 0, 0};
     int32_t *blocks = malloc((size_t)cap * sizeof(int32_t));
     uint32_t *ids = malloc((size_t)cap * sizeof(uint32_t));
     kvlease_pin *pin = NULL;
     duet_status st = blocks && ids
-                         ? eng_lease_pin(ctx->engine, pin_msg->lease, blocks, cap, &n, &computed)
+                         ? eng_lease_pin(ctx->engine, pin_msg->lease, blocks, cap, &n, &rd)
                          : DUET_ERR_NO_MEMORY;
+    computed = rd.ready;
     const void *ipc;
     size_t ipc_len;
     kvl_ipc_handle(l, &ipc, &ipc_len);
@@ -378,7 +391,15 @@ static void conn_pin(kvlease_conn *c, const Duet__Kv__Pin *pin_msg) {
         /* streamed: Ready messages follow; a direct read of a prompt being computed may start
          * on the blocks computed so far */
         r.ready = streamed && !staged ? (uint32_t)computed : 0;
-        if (pin && streamed && !staged) pin->ready_sent = computed;
+        if (pin && streamed && !staged) {
+            pin->ready_sent = computed;
+            if (rd.layers > 0 && rd.partial > computed) { /* the chunk under way, so far */
+                pin->partial = pin->partial_sent = rd.partial < n ? rd.partial : n;
+                pin->layers = pin->layers_sent = rd.layers;
+                r.partial = (uint32_t)pin->partial;
+                r.layers = (uint32_t)rd.layers;
+            }
+        }
     } else {
         r.ok = false;
         r.busy = st == DUET_ERR_BUSY;

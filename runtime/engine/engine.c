@@ -44,10 +44,12 @@ typedef struct lease {
     int n_blocks;
     int n_tokens;     /* the prompt's tokens */
     int ready_tokens; /* tokens [0, ready_tokens) have their KV written */
-    double deadline;  /* once not computing */
-    bool computing;   /* its request is still computing the prompt */
-    bool failed;      /* its request failed or was aborted before the prompt was computed */
-    bool pinned;      /* a reader pinned it */
+    int step_hi;      /* in_step: the step under way computes tokens [ready_tokens, step_hi) */
+    bool in_step;
+    double deadline; /* once not computing */
+    bool computing;  /* its request is still computing the prompt */
+    bool failed;     /* its request failed or was aborted before the prompt was computed */
+    bool pinned;     /* a reader pinned it */
     bool released;
     struct lease *next;
 } lease;
@@ -465,14 +467,27 @@ void eng_lease_release(eng_engine *e, uint64_t id) {
     eng_wake(e);
 }
 
-/* Blocks [0, n) of l whose KV is all written (lease_mu held). */
-static int lease_ready_blocks(const eng_engine *e, const lease *l) {
-    if (!l->computing) return l->failed ? 0 : l->n_blocks;
-    return l->ready_tokens / e->cfg.block_size;
+/* How far l's KV is written (lease_mu held: the step range and the model's layer marks are
+ * set under it, so the layers counted are this step's). */
+static eng_lease_ready lease_ready(const eng_engine *e, const lease *l) {
+    eng_lease_ready r = {0, 0, 0};
+    if (!l->computing) {
+        r.ready = r.partial = l->failed ? 0 : l->n_blocks;
+        return r;
+    }
+    r.ready = r.partial = l->ready_tokens / e->cfg.block_size;
+    if (l->in_step) {
+        int layers = mdl_layers_done(e->model);
+        if (layers > 0) {
+            r.partial = l->step_hi / e->cfg.block_size;
+            r.layers = layers;
+        }
+    }
+    return r;
 }
 
 duet_status eng_lease_pin(eng_engine *e, uint64_t id, int32_t *blocks, int cap, int *n_p,
-                          int *ready_p) {
+                          eng_lease_ready *ready_p) {
     duet_status st = DUET_ERR_NOT_FOUND;
     pthread_mutex_lock(&e->lease_mu);
     for (lease *l = e->leases; l; l = l->next) {
@@ -487,7 +502,7 @@ duet_status eng_lease_pin(eng_engine *e, uint64_t id, int32_t *blocks, int cap, 
         }
         memcpy(blocks, l->blocks, (size_t)l->n_blocks * sizeof(int32_t));
         *n_p = l->n_blocks;
-        *ready_p = lease_ready_blocks(e, l);
+        *ready_p = lease_ready(e, l);
         l->pinned = true;
         /* the reader has this long to finish before the blocks may be reused */
         l->deadline = clock_now_s() + e->cfg.lease_timeout_s;
@@ -498,13 +513,13 @@ duet_status eng_lease_pin(eng_engine *e, uint64_t id, int32_t *blocks, int cap, 
     return st;
 }
 
-duet_status eng_lease_progress(eng_engine *e, uint64_t id, int *ready_p) {
+duet_status eng_lease_progress(eng_engine *e, uint64_t id, eng_lease_ready *ready_p) {
     duet_status st = DUET_ERR_NOT_FOUND;
     pthread_mutex_lock(&e->lease_mu);
     for (lease *l = e->leases; l; l = l->next) {
         if (l->id != id || l->released) continue;
         st = l->failed ? DUET_ERR_CANCELED : DUET_OK;
-        *ready_p = lease_ready_blocks(e, l);
+        *ready_p = lease_ready(e, l);
         break;
     }
     pthread_mutex_unlock(&e->lease_mu);
@@ -655,6 +670,30 @@ static void lease_advance(eng_engine *e, ereq *r) {
     lease *l = r->lease;
     pthread_mutex_lock(&e->lease_mu);
     l->ready_tokens = r->n_computed < l->n_tokens ? r->n_computed : l->n_tokens;
+    l->in_step = false;
+    pthread_mutex_unlock(&e->lease_mu);
+}
+
+/* Before a step that computes chunks of leased prompts: their leases learn the step's range
+ * and the model notes each layer as its KV is written, so a reader can take a chunk's first
+ * layers before the step ends (under lease_mu: a reader's view of the marks is this step's). */
+static void leases_step_begin(eng_engine *e, int n) {
+    bool any = false;
+    for (int i = 0; i < n && !any; i++) {
+        const ereq *r = e->sched[i];
+        any = r->lease && r->n_computed < r->lease->n_tokens;
+    }
+    if (!any) return;
+    pthread_mutex_lock(&e->lease_mu);
+    for (int i = 0; i < n; i++) {
+        const ereq *r = e->sched[i];
+        lease *l = r->lease;
+        if (!l || r->n_computed >= l->n_tokens) continue;
+        int hi = r->n_computed + r->n_sched;
+        l->step_hi = hi < l->n_tokens ? hi : l->n_tokens;
+        l->in_step = true;
+    }
+    mdl_layer_marks(e->model, true);
     pthread_mutex_unlock(&e->lease_mu);
 }
 
@@ -1329,6 +1368,7 @@ duet_status eng_step(eng_engine *e, bool *busy_p) {
         rows += nl;
     }
     e->row0[n] = rows;
+    leases_step_begin(e, n);
     /* the logits stay in backend memory: mdl_sample and mdl_logits_rows read them there */
     st = par_step(e->inst, e->kv, e->seqs, n, NULL);
     if (st != DUET_OK) return step_failed(e, n, st, "step failed");

@@ -167,6 +167,15 @@ duet_status eng_submit(eng_engine *e, const eng_request *req, char *err, size_t 
 /* Any thread; unknown ids are ignored. The request finishes with ENG_FINISH_ABORT and its
  * blocks are freed at the next step. */
 void eng_abort(eng_engine *e, uint64_t id);
+/* How far a leased prompt's KV is written: blocks [0, ready) of the lease hold all of it; while
+ * an engine step computes the prompt's next chunk, blocks [ready, partial) (those the chunk
+ * fills to their end) already hold their first `layers` layers (the model's, never the MTP
+ * module's, which is written after the step), where the backend can tell (mdl_layers_done);
+ * partial == ready and layers == 0 otherwise. */
+typedef struct eng_lease_ready {
+    int ready, partial, layers;
+} eng_lease_ready;
+
 /* Any thread (prefill side): the decode side is about to read lease id. Copies its block ids
  * (at most cap) and restarts its deadline, so the blocks stay put while the reader works;
  * *ready_p: blocks [0, ready) hold their whole KV now (all of them once the prompt is
@@ -176,10 +185,10 @@ void eng_abort(eng_engine *e, uint64_t id);
  * release a lease it pinned). A lease exists from its request's admission (the lease_open
  * event) on. */
 duet_status eng_lease_pin(eng_engine *e, uint64_t id, int32_t *blocks, int cap, int *n_p,
-                          int *ready_p);
-/* Any thread (prefill side): how far a pinned lease's prompt has come (*ready_p as in
- * eng_lease_pin); the same errors. */
-duet_status eng_lease_progress(eng_engine *e, uint64_t id, int *ready_p);
+                          eng_lease_ready *ready_p);
+/* Any thread (prefill side): how far a pinned lease's prompt has come (as in eng_lease_pin);
+ * the same errors. */
+duet_status eng_lease_progress(eng_engine *e, uint64_t id, eng_lease_ready *ready_p);
 /* Engine thread; benchmarks and tests of the transfer path only: takes blocks for n_tokens
  * and leases them under id as if a prefill of that length had just finished (their contents
  * are whatever the pool held: callers fill them). The ids go to blocks (at most cap). */

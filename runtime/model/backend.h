@@ -254,6 +254,15 @@ typedef struct be_ops {
      * where that means nothing). */
     duet_status (*host_pin)(be_backend *be, void *ptr, size_t bytes);
     void (*host_unpin)(be_backend *be, void *ptr);
+    /* Optional, all three or none: how far the current forward has come, for the KV transfer's
+     * layer-wise progress (a decode reads a prompt's layers as the prefill writes them).
+     * layer_marks_reset (engine thread, before a forward) starts over; layer_mark (engine
+     * thread) is called after the ops of layer `layer` are queued and notes "layer `layer`'s KV
+     * is written" once they have run; layers_done (any thread) says how many layers, from the
+     * first, have been noted so since the reset. */
+    void (*layer_marks_reset)(be_backend *be);
+    void (*layer_mark)(be_backend *be, int layer);
+    int (*layers_done)(be_backend *be);
 
     /* RoPE frequencies (half = rope_dim / 2 of them) and the cos/sin magnitude; once */
     duet_status (*rope_setup)(be_backend *be, const float *inv_freq, int half, float attn_factor);

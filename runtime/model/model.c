@@ -63,9 +63,11 @@ struct mdl_model {
     mdl_step step;
     mdl_buffers buf;
     mdl_graphs graphs;
-    int spec_tokens; /* MTP drafts per step (0: no MTP module loaded) */
-    int n_kv_layers; /* num_hidden_layers, + 1 for the MTP module's own cache */
-    int last_T;      /* tokens of the last mdl_forward (rows of buf.hid) */
+    int spec_tokens;  /* MTP drafts per step (0: no MTP module loaded) */
+    bool marks_on;    /* mdl_layer_marks: the next forward notes its layers */
+    bool marks_armed; /* ... this one does (eager, not a graph) */
+    int n_kv_layers;  /* num_hidden_layers, + 1 for the MTP module's own cache */
+    int last_T;       /* tokens of the last mdl_forward (rows of buf.hid) */
     /* MTP drafts are the module's argmax, taken where the logits are (the backend's sampling
      * ops, greedy rows): no row of logits comes to the host */
     be_sampler *draft_smp;
@@ -564,8 +566,10 @@ static duet_status compute(mdl_model *m, be_kv *kv, int T, int n_out) {
     const mdl_layer *ly = m->w->layers;
     if (st == DUET_OK && n_layers > 0)
         o->rmsnorm(be, m->buf.xn, D, m->buf.h, D, ly[0].attn_norm, T, D, c->rms_norm_eps);
-    for (int l = 0; l < n_layers && st == DUET_OK; l++)
+    for (int l = 0; l < n_layers && st == DUET_OK; l++) {
         st = decoder_layer(m, kv, l, &ly[l], T, l + 1 < n_layers ? ly[l + 1].attn_norm : NULL);
+        if (st == DUET_OK && m->marks_armed) o->layer_mark(be, l);
+    }
     if (st != DUET_OK) return st;
     if (m->spec_tokens > 0) {
         /* MTP drafts from every token's final-normed hidden state: all rows are kept (row by
@@ -590,6 +594,17 @@ static int graph_bucket(const mdl_model *m, const mdl_seq *seqs, int n) {
     for (int b = 0; k_graph_sizes[b]; b++)
         if (k_graph_sizes[b] >= n) return k_graph_sizes[b] <= m->buf.cap_out ? b : -1;
     return -1;
+}
+
+void mdl_layer_marks(mdl_model *m, bool on) {
+    const be_ops *o = m->be->ops;
+    m->marks_on = on && o->layer_mark && o->layer_marks_reset && o->layers_done;
+    if (m->marks_on) o->layer_marks_reset(m->be);
+}
+
+int mdl_layers_done(const mdl_model *m) {
+    const be_ops *o = m->be->ops;
+    return o->layers_done ? o->layers_done(m->be) : 0;
 }
 
 bool mdl_graphs_on(const mdl_model *m) {
@@ -623,6 +638,8 @@ duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs
     m->out_logits = NULL;
     m->n_out = 0;
     m->last_T = 0;
+    bool marks = m->marks_on; /* for this forward only */
+    m->marks_on = false;
     duet_status st = reserve(m, T, n_out);
     if (st != DUET_OK) return st;
     /* device routing under EP: one agreement per step on the all-to-alls' block size */
@@ -641,7 +658,9 @@ duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs
     int bucket = graph_bucket(m, seqs, n_seqs);
     if (bucket < 0) {
         st = prepare_batch(m, kv, seqs, n_seqs, T, 0, 0);
+        m->marks_armed = marks;
         if (st == DUET_OK) st = compute(m, kv, T, n_out);
+        m->marks_armed = false;
         /* before any wait without a deadline: a dead peer must not hang the stream's sync */
         if (ep_dev) {
             duet_status est = mdl_coll_ep_end(m->coll);

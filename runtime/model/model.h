@@ -65,6 +65,13 @@ duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs
 /* Whether decode steps are recorded and replayed (CUDA graphs), and how many recordings and
  * replays happened so far. */
 bool mdl_graphs_on(const mdl_model *m);
+/* Layer-wise progress (the KV transfer reads a prompt's layers as they are written), where the
+ * backend can tell (be_ops.layer_mark): mdl_layer_marks(m, true) before a forward (engine
+ * thread) makes that forward note each layer as its KV is written, unless it is replayed as a
+ * graph; mdl_layers_done (any thread) is how many layers, from the first, are written since
+ * then (0 without marks). The MTP module's layer is never counted. */
+void mdl_layer_marks(mdl_model *m, bool on);
+int mdl_layers_done(const mdl_model *m);
 void mdl_graph_counts(const mdl_model *m, uint64_t *recorded, uint64_t *launched);
 /* After mdl_forward(..., NULL), on the rank that samples (the TP leader): queues the sampling
  * of s->rows[0..n) (each naming its row of the step's logits, in the order above) with the

@@ -77,13 +77,14 @@ static duet_status lb_fetch(void *user, uint64_t id, void *remote, const int32_t
     const srv_kv_params *rem = remote;
     (void)n_tokens;
     int32_t *src = malloc((size_t)lb->kv->n_blocks * sizeof(int32_t));
-    int n = 0, ready = 0;
+    int n = 0;
+    eng_lease_ready ready = {0, 0, 0};
     if (!src) return DUET_ERR_NO_MEMORY;
     duet_status st = strcmp(rem->engine_id, lb->tag) != 0
                          ? DUET_ERR_NOT_FOUND
                          : eng_lease_pin(lb->eng, rem->lease, src, lb->kv->n_blocks, &n, &ready);
     /* this copy is synchronous: a prompt still being computed counts as not there */
-    if (st != DUET_OK || skip_blocks + n_blocks > ready) {
+    if (st != DUET_OK || skip_blocks + n_blocks > ready.ready) {
         free(src);
         eng_lease_release(lb->eng, rem->lease);
         eng_kv_fetched(lb->eng, id, false, "loopback: no such lease, or too short");

@@ -161,6 +161,37 @@ static rec *pd_request(side *p, side *d, int id, const golden_case *k, int sleep
     return &R[id + 32];
 }
 
+/* Layer-wise pulls made certain: the prefill side's backend ops with a layer_mark that, once
+ * armed, stops its forward after the second layer until the decode side has issued a read of
+ * a block's first layers (or 2 s pass). Without it the forward of a tiny model's chunk is too
+ * quick for the transfer thread's 1 ms polls to see it half done, sometimes. */
+static be_ops g_hook_ops;
+static const be_ops *g_hook_orig;
+static side *g_hook_d;
+static volatile bool g_hook_armed;
+
+static void hooked_layer_mark(be_backend *be, int layer) {
+    g_hook_orig->layer_mark(be, layer);
+    if (!g_hook_armed || layer != 1) return;
+    g_hook_armed = false;
+    kvpull_stats st0, st;
+    kvpull_get_stats(&g_hook_d->plug, &st0);
+    for (int i = 0; i < 2000; i++) {
+        kvpull_get_stats(&g_hook_d->plug, &st);
+        if (st.layer_reads > st0.layer_reads) break;
+        usleep(1000);
+    }
+}
+
+static void hook_layers(side *p, side *d) {
+    be_backend *be = mdl_backend(par_model(p->inst));
+    g_hook_orig = be->ops;
+    g_hook_ops = *be->ops;
+    g_hook_ops.layer_mark = hooked_layer_mark;
+    be->ops = &g_hook_ops;
+    g_hook_d = d;
+}
+
 /* The decode pulls while the prefill computes the prompt (a chunk a step: the test steps the
  * prefill engine itself). The prefill computes its first chunk, which also admits it and
  * announces its lease; the decode request is submitted with the lease's params at once and
@@ -184,6 +215,7 @@ static rec *pd_overlap(side *p, side *d, int id, const golden_case *k, int abort
     CHECK_MSG(ls.pins_computing == ls0.pins_computing + 1 && R[id].n_final == 0,
               "the decode did not pin the lease while its prompt was computed (%llu)",
               (unsigned long long)(ls.pins_computing - ls0.pins_computing));
+    if (g_hook_d) g_hook_armed = true; /* the next chunk waits for a layer read */
     for (int i = 0; i < abort_after; i++) step(p);
     if (abort_after >= 0) eng_abort(p->eng, (uint64_t)id);
     for (int i = 0; i < 5000 && !R[id + 32].n_final; i++) {
@@ -410,6 +442,44 @@ int main(int argc, char **argv) {
         CHECK_MSG(st.pins_streamed - st0.pins_streamed == (uint64_t)n_long,
                   "%llu streamed pins for %d overlapped pulls",
                   (unsigned long long)(st.pins_streamed - st0.pins_streamed), n_long);
+        for (int i = 0; i < 200 && leased(&p) > 0; i++) step(&p);
+        CHECK(leased(&p) == 0 && free_blocks(&p) == pf && free_blocks(&d) == df);
+    }
+
+    /* layer-wise: while a chunk is computed the decode reads its blocks' first layers (direct
+     * reads of the cache in place; staged copies go block by block), then the rest of each
+     * block once it is whole: golden ids, and every byte of the prompt's blocks read exactly
+     * once (no layer twice, none skipped) */
+    if (strcmp(g_staging, "on") != 0) {
+        free_side(&p);
+        free_side(&d);
+        g_port += 2;
+        g_budget = 16;
+        CHECK(make_side(&p, SRV_ROLE_PREFILL, 16, 64, "s3cret", 30) == 0);
+        CHECK(make_side(&d, SRV_ROLE_DECODE, 16, 64, "s3cret", 30) == 0);
+        g_budget = 0;
+        hook_layers(&p, &d);
+        int n_long = 0;
+        for (int i = 0; i < G.n; i++) {
+            const golden_case *k = &G.cases[i];
+            if (k->n_prompt <= 48) continue;
+            n_long++;
+            kvpull_stats s0, s1;
+            kvpull_get_stats(&d.plug, &s0);
+            rec *r = pd_overlap(&p, &d, 24 + i % 8, k, -1);
+            kvpull_get_stats(&d.plug, &s1);
+            CHECK_MSG(r->finish == ENG_FINISH_LENGTH && r->n_out == k->n_greedy &&
+                          !memcmp(r->out, k->greedy, 4 * (size_t)k->n_greedy),
+                      "%s, layer-wise: finish %d %s", k->name, r->finish, r->error);
+            uint64_t want = (uint64_t)((k->n_prompt - 1 + 15) / 16) * eng_kv(d.eng)->block_bytes;
+            CHECK_MSG(s1.layer_reads > s0.layer_reads && s1.bytes_read - s0.bytes_read == want,
+                      "%s: %llu layer reads, %llu bytes read for %llu", k->name,
+                      (unsigned long long)(s1.layer_reads - s0.layer_reads),
+                      (unsigned long long)(s1.bytes_read - s0.bytes_read),
+                      (unsigned long long)want);
+        }
+        CHECK(n_long >= 2);
+        g_hook_d = NULL;
         for (int i = 0; i < 200 && leased(&p) > 0; i++) step(&p);
         CHECK(leased(&p) == 0 && free_blocks(&p) == pf && free_blocks(&d) == df);
     }

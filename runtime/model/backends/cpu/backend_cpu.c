@@ -54,6 +54,7 @@ typedef struct cpu_backend {
     size_t scratch_cap;
     duet_status err; /* first op failure since the last sync */
     bool bf16;       /* emulate the CUDA backend's bf16 storage */
+    int marks;       /* layers of the current forward done (ops run at once here) */
 } cpu_backend;
 
 static cpu_backend *cpu(be_backend *be) {
@@ -191,6 +192,19 @@ static duet_status cpu_vec_create(be_backend *be, const float *v, int n, void **
     memcpy(d, v, (size_t)n * sizeof(float));
     *dev_p = d;
     return DUET_OK;
+}
+
+/* The ops run when called: a layer is done once its mark is called. */
+static void cpu_layer_marks_reset(be_backend *be) {
+    __atomic_store_n(&((cpu_backend *)be)->marks, 0, __ATOMIC_RELEASE);
+}
+
+static void cpu_layer_mark(be_backend *be, int layer) {
+    __atomic_store_n(&((cpu_backend *)be)->marks, layer + 1, __ATOMIC_RELEASE);
+}
+
+static int cpu_layers_done(be_backend *be) {
+    return __atomic_load_n(&((cpu_backend *)be)->marks, __ATOMIC_ACQUIRE);
 }
 
 static duet_status cpu_kv_create(be_backend *be, int n_blocks, int n_layers, int block_size,
@@ -819,6 +833,9 @@ static const be_ops g_cpu_ops = {
     .vec_create = cpu_vec_create,
     .kv_create = cpu_kv_create,
     .kv_destroy = cpu_kv_destroy,
+    .layer_marks_reset = cpu_layer_marks_reset,
+    .layer_mark = cpu_layer_mark,
+    .layers_done = cpu_layers_done,
     .rope_setup = cpu_rope_setup,
     .set_batch = cpu_set_batch,
     .embed = cpu_embed,

@@ -294,6 +294,8 @@ static void cuda_destroy(be_backend *be) {
     cudaFree(c->blas_ws);
     for (int i = 0; i < SCR_COUNT; i++) cudaFree(c->scr[i]);
     cuda_moe_cleanup(c);
+    for (int i = 0; i < CUDA_MAX_MARKS; i++)
+        if (c->mark_ev[i]) cudaEventDestroy(c->mark_ev[i]);
     cudaFree(c->d_batch);
     cudaFree(c->d_inv_freq);
     if (c->blas) cublasDestroy(c->blas);
@@ -592,6 +594,35 @@ static duet_status cuda_kv_copy_device_start(be_backend *be, be_kv *kv, const in
     return copy_ticket(e, s, "queueing a KV device copy", ticket_p);
 }
 
+/* Layer-wise progress: an event after each marked layer; the last one found complete (in
+ * stream order, so every earlier one is too) says how far the forward has come. */
+static void cuda_layer_marks_reset(be_backend *be) {
+    __atomic_store_n(&cuda_be(be)->n_marked, 0, __ATOMIC_RELEASE);
+}
+
+static void cuda_layer_mark(be_backend *be, int layer) {
+    cuda_backend *c = cuda_be(be);
+    if (layer < 0 || layer >= CUDA_MAX_MARKS || layer != c->n_marked) return;
+    if (!c->mark_ev[layer] &&
+        CUDA_CHECK(c, cudaEventCreateWithFlags(&c->mark_ev[layer], cudaEventDisableTiming)) !=
+            DUET_OK)
+        return;
+    if (CUDA_CHECK(c, cudaEventRecord(c->mark_ev[layer], c->stream)) != DUET_OK) return;
+    __atomic_store_n(&c->n_marked, layer + 1, __ATOMIC_RELEASE);
+}
+
+static int cuda_layers_done(be_backend *be) {
+    cuda_backend *c = cuda_be(be);
+    int n = __atomic_load_n(&c->n_marked, __ATOMIC_ACQUIRE);
+    if (n == 0 || cudaSetDevice(c->device) != cudaSuccess) return 0;
+    for (int j = n - 1; j >= 0; j--) {
+        cudaError_t e = cudaEventQuery(c->mark_ev[j]);
+        if (e == cudaSuccess) return j + 1;
+        (void)cudaGetLastError(); /* not ready (or failed): an earlier one may be done */
+    }
+    return 0;
+}
+
 static duet_status cuda_host_pin(be_backend *be, void *ptr, size_t bytes) {
     cuda_backend *c = cuda_be(be);
     cudaError_t e = cudaSetDevice(c->device);
@@ -756,8 +787,10 @@ static duet_status cuda_comm_attach(be_backend *be, comm_group *g) {
         .kv_copy_poll = cuda_kv_copy_poll, .ipc_export = cuda_ipc_export,                          \
         .ipc_open = cuda_ipc_open, .ipc_close = cuda_ipc_close,                                    \
         .kv_copy_device_start = cuda_kv_copy_device_start, .host_pin = cuda_host_pin,              \
-        .host_unpin = cuda_host_unpin, .rope_setup = cuda_rope_setup, .set_batch = cuda_set_batch, \
-        .embed = cuda_embed, .linear = cuda_linear, .rmsnorm = cuda_rmsnorm, .add = cuda_add,      \
+        .host_unpin = cuda_host_unpin, .layer_marks_reset = cuda_layer_marks_reset,                \
+        .layer_mark = cuda_layer_mark, .layers_done = cuda_layers_done,                            \
+        .rope_setup = cuda_rope_setup, .set_batch = cuda_set_batch, .embed = cuda_embed,           \
+        .linear = cuda_linear, .rmsnorm = cuda_rmsnorm, .add = cuda_add,                           \
         .add_rmsnorm = cuda_add_rmsnorm, .silu_mul = cuda_silu_mul, .rope = cuda_rope,             \
         .kv_write = cuda_kv_write, .rope_kv_write = cuda_rope_kv_write,                            \
         .mla_attention = cuda_mla_attention, .moe_route = cuda_moe_route,                          \

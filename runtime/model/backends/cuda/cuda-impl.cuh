@@ -63,6 +63,8 @@ enum cuda_scratch {
     SCR_COUNT
 };
 
+#define CUDA_MAX_MARKS 256 /* layers a forward can mark */
+
 typedef struct cuda_backend {
     be_backend base;
     int device;
@@ -106,6 +108,11 @@ typedef struct cuda_backend {
     size_t scr_bytes[SCR_COUNT];
     void *host_tmp; /* host staging for index tables, grown on demand */
     size_t host_tmp_bytes;
+    /* layer-wise progress of the current forward (backend.h layer_mark): an event recorded
+     * on the stream after each marked layer's ops; n_marked, set after the record, says how
+     * many of them belong to this forward */
+    cudaEvent_t mark_ev[CUDA_MAX_MARKS];
+    int n_marked;
 
     struct cuda_mla *mla; /* mla.cu's state (host memory, made at first use; freed by destroy) */
     /* moe.cu: device tables of expert weight pointers, one per expert set (layer) seen */
