@@ -226,15 +226,16 @@ duet_status mplan_mtp_weights_count(const cfg_model *c, const mdl_plan *plan, mp
                 .bo = c->fp8 ? c->fp8_block[0] : 128,
                 .bi = c->fp8 ? c->fp8_block[1] : 128};
     long long D = c->hidden_size;
-    /* embed_tokens and shared_head.head: this rank's vocabulary rows, as the main ones */
-    count_linear(&ww, MPLAN_EMBED_HEAD, true, plan->vocab0, plan->vocab_local, 0, D);
-    count_linear(&ww, MPLAN_EMBED_HEAD, true, plan->vocab0, plan->vocab_local, 0, D);
+    /* embed_tokens and shared_head.head: this rank's vocabulary rows, as the main ones; these
+     * and eh_proj are uploaded in the activation type */
+    count_linear(&ww, MPLAN_EMBED_HEAD, false, plan->vocab0, plan->vocab_local, 0, D);
+    count_linear(&ww, MPLAN_EMBED_HEAD, false, plan->vocab0, plan->vocab_local, 0, D);
     count_f32(&ww, MPLAN_NORMS_ROUTER, D); /* enorm */
     count_f32(&ww, MPLAN_NORMS_ROUTER, D); /* hnorm */
     count_f32(&ww, MPLAN_NORMS_ROUTER, D); /* shared_head.norm */
     /* eh_proj [D, 2D], whole on every rank, as its two column halves */
-    count_linear(&ww, MPLAN_MTP, true, 0, D, 0, D);
-    count_linear(&ww, MPLAN_MTP, true, 0, D, D, D);
+    count_linear(&ww, MPLAN_MTP, false, 0, D, 0, D);
+    count_linear(&ww, MPLAN_MTP, false, 0, D, D, D);
     count_layer(&ww, plan, c->n_routed_experts > 0);
     for (int k = 0; k < MPLAN_KIND_COUNT; k++) ww.w.total += ww.w.bytes[k];
     *w_p = ww.w;
