@@ -499,7 +499,8 @@ static void test_v3_mtp_verdict(void) {
     mplan p0, p1;
     if (!plan(&g_v3, &in, &p0)) return;
     /* a device whose 0.9 holds the weights, the activations and two sequences of 8192 tokens
-     * (one block more than that, for the padding) without MTP: the module's 6.7 GiB do not fit */
+     * without MTP (two blocks more: the padding block and rounding); the module's 6.7 GiB do
+     * not fit */
     long long need = 8192 / 64 * p0.kv_block_bytes;
     in.gpu_memory =
         (long long)((double)(p0.w.total + p0.act_total + 2 * need + 2 * p0.kv_block_bytes) / 0.9) +
