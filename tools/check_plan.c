@@ -9,6 +9,7 @@
 #include "plan_opts.h"
 #include "model/config.h"
 #include "model/memplan.h"
+#include "server/options.h"
 
 /* the model's name in messages: the directory's last component */
 static const char *dir_name(const char *dir, char *buf, size_t len) {
@@ -18,6 +19,11 @@ static const char *dir_name(const char *dir, char *buf, size_t len) {
     while (s > 0 && dir[s - 1] != '/') s--;
     snprintf(buf, len, "%.*s", (int)(n - s), dir + s);
     return buf;
+}
+
+/* --speculative-config, read by the workers' own parser */
+static duet_status parse_spec(const opt_spec *spec, const char *v, char *err, size_t len) {
+    return srv_config_parse_spec(v, NULL, 0, (int *)spec->dest, err, len);
 }
 
 int check_plan_main(int argc, char **argv) {
@@ -117,6 +123,14 @@ int check_plan_main(int argc, char **argv) {
          .type = OPT_FLAG,
          .dest = &eager,
          .help = "no CUDA graphs (no allowance for them)"},
+        {.name = "--speculative-config",
+         .type = OPT_CUSTOM,
+         .parse = parse_spec,
+         .dest = &in.spec_tokens,
+         .metavar = "JSON",
+         .help = "as the workers take it, {\"method\": \"deepseek_mtp\", "
+                 "\"num_speculative_tokens\": N}: plans the MTP module, its KV layer and the "
+                 "verify step's rows"},
     };
     opt_allow_positional(op, 1, "DIR");
     int rc = 2;

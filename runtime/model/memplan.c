@@ -27,6 +27,9 @@
  * times its even share of tokens: a step's routing is not balanced, and EP staging and the
  * experts' scratch must hold the busiest rank's rows. */
 #define EP_SKEW 2.0
+/* A sampler row's parameters, result and top logprobs on the device (be_sample_row,
+ * be_sample_out, be_sample_top: 216 + 8 + 160 bytes). */
+#define SAMPLE_ROW_BYTES 384
 
 /* A size as people read it: "94.1 GiB", "416 MiB", "3.5 MiB", "12 KiB". Returned by value so
  * several can sit in one printf (a struct member of a call's result lives to the end of the
@@ -96,8 +99,8 @@ const char *mplan_weight_format_name(mplan_weight_format f) {
 
 const char *mplan_kind_name(mplan_kind k) {
     static const char *names[MPLAN_KIND_COUNT] = {
-        "attention",      "dense MLP",           "shared experts",
-        "routed experts", "embedding + lm_head", "norms + router",
+        "attention",           "dense MLP",      "shared experts", "routed experts",
+        "embedding + lm_head", "norms + router", "MTP module",
     };
     return k >= 0 && k < MPLAN_KIND_COUNT ? names[k] : "?";
 }
@@ -153,7 +156,8 @@ static void count_ffn(wwalk *ww, mplan_kind k, long long i0, long long n, bool r
     count_linear_as(ww, k, true, resident, 0, D, i0, n);
 }
 
-static void count_layer(wwalk *ww, const mdl_plan *pl, int l) {
+/* A decoder layer; moe: its MLP is the experts' */
+static void count_layer(wwalk *ww, const mdl_plan *pl, bool moe) {
     const cfg_model *c = ww->c;
     long long D = c->hidden_size, L = c->kv_lora_rank, R = c->qk_rope_head_dim;
     long long qk = cfg_qk_head_dim(c), nv = c->qk_nope_head_dim + c->v_head_dim;
@@ -172,7 +176,7 @@ static void count_layer(wwalk *ww, const mdl_plan *pl, int l) {
     count_f32(ww, MPLAN_NORMS_ROUTER, L);
     count_linear_as(ww, MPLAN_ATTENTION, true, false, h0 * nv, Hl * nv, 0, L); /* kv_b: bf16 */
     count_linear(ww, MPLAN_ATTENTION, true, 0, D, h0 * c->v_head_dim, Hl * c->v_head_dim);
-    if (!cfg_layer_is_moe(c, l)) {
+    if (!moe) {
         long long i0 = (long long)pl->shard.tp_rank * pl->inter_local;
         count_ffn(ww, MPLAN_DENSE_MLP, i0, pl->inter_local,
                   mplan_fp8_ffn_resident(c, i0, pl->inter_local));
@@ -204,7 +208,35 @@ duet_status mplan_weights_count(const cfg_model *c, const mdl_plan *plan, mplan_
     count_linear(&ww, MPLAN_EMBED_HEAD, false, plan->vocab0, plan->vocab_local, 0, D);
     count_linear(&ww, MPLAN_EMBED_HEAD, false, plan->vocab0, plan->vocab_local, 0, D);
     count_f32(&ww, MPLAN_NORMS_ROUTER, D); /* model.norm */
-    for (int l = 0; l < c->num_hidden_layers; l++) count_layer(&ww, plan, l);
+    for (int l = 0; l < c->num_hidden_layers; l++) count_layer(&ww, plan, cfg_layer_is_moe(c, l));
+    for (int k = 0; k < MPLAN_KIND_COUNT; k++) ww.w.total += ww.w.bytes[k];
+    *w_p = ww.w;
+    return DUET_OK;
+}
+
+duet_status mplan_mtp_weights_count(const cfg_model *c, const mdl_plan *plan, mplan_weight_format f,
+                                    dt_dtype act, mplan_weights *w_p) {
+    if (f == MPLAN_WEIGHTS_FP8 && !c->fp8) return DUET_ERR_INVALID;
+    if (act != DT_F32 && act != DT_BF16) return DUET_ERR_INVALID;
+    if (c->num_nextn_predict_layers < 1) return DUET_ERR_INVALID;
+    /* weights.c's MTP loader offers nothing to the FP8 path: every projection is dequantized */
+    wwalk ww = {.c = c,
+                .f = f == MPLAN_WEIGHTS_FP8 ? MPLAN_WEIGHTS_BF16 : f,
+                .act = act,
+                .bo = c->fp8 ? c->fp8_block[0] : 128,
+                .bi = c->fp8 ? c->fp8_block[1] : 128};
+    long long D = c->hidden_size;
+    /* embed_tokens and shared_head.head: this rank's vocabulary rows, as the main ones; these
+     * and eh_proj are uploaded in the activation type */
+    count_linear(&ww, MPLAN_EMBED_HEAD, false, plan->vocab0, plan->vocab_local, 0, D);
+    count_linear(&ww, MPLAN_EMBED_HEAD, false, plan->vocab0, plan->vocab_local, 0, D);
+    count_f32(&ww, MPLAN_NORMS_ROUTER, D); /* enorm */
+    count_f32(&ww, MPLAN_NORMS_ROUTER, D); /* hnorm */
+    count_f32(&ww, MPLAN_NORMS_ROUTER, D); /* shared_head.norm */
+    /* eh_proj [D, 2D], whole on every rank, as its two column halves */
+    count_linear(&ww, MPLAN_MTP, false, 0, D, 0, D);
+    count_linear(&ww, MPLAN_MTP, false, 0, D, D, D);
+    count_layer(&ww, plan, c->n_routed_experts > 0);
     for (int k = 0; k < MPLAN_KIND_COUNT; k++) ww.w.total += ww.w.bytes[k];
     *w_p = ww.w;
     return DUET_OK;
@@ -271,6 +303,17 @@ static duet_status check_inputs(const cfg_model *c, const mplan_inputs *in, char
              "block-scaled e4m3)");
         return DUET_ERR_INVALID;
     }
+    if (in->spec_tokens < 0) {
+        fail(err, len, "num_speculative_tokens must not be negative (got %d; 0: no MTP)",
+             in->spec_tokens);
+        return DUET_ERR_INVALID;
+    }
+    if (in->spec_tokens > 0 && c->num_nextn_predict_layers < 1) {
+        fail(err, len,
+             "MTP speculative decoding needs the checkpoint's MTP layer, and config.json's "
+             "num_nextn_predict_layers is 0: leave --speculative-config out");
+        return DUET_ERR_INVALID;
+    }
     if ((long long)in->tp * in->dp > 1 << 20) {
         fail(err, len, "an instance of %d x %d ranks is beyond duet's limits", in->tp, in->dp);
         return DUET_ERR_INVALID;
@@ -296,8 +339,11 @@ static void layout_text(const mplan *p, char *buf, size_t len) {
 static void setting_text(const mplan *p, char *buf, size_t len) {
     char lay[64];
     layout_text(p, lay, sizeof lay);
-    snprintf(buf, len, "%s on %d GPU%s of %s with %s", p->name, p->ranks, p->ranks == 1 ? "" : "s",
-             sz(p->in.gpu_memory).s, lay);
+    int k = p->in.spec_tokens;
+    char mtp[48] = "";
+    if (k > 0) snprintf(mtp, sizeof mtp, " and MTP (%d draft%s a step)", k, k == 1 ? "" : "s");
+    snprintf(buf, len, "%s on %d GPU%s of %s with %s%s", p->name, p->ranks,
+             p->ranks == 1 ? "" : "s", sz(p->in.gpu_memory).s, lay, mtp);
 }
 
 /* Probability that one token's top-k (k of E experts, distinct) hits at least one of the El
@@ -326,8 +372,11 @@ static void plan_activations(const cfg_model *c, mplan *p) {
     const mdl_plan *pl = &p->shard;
     long long a = (long long)dt_size(in->act_dtype);
     long long T = in->max_num_batched_tokens, S = in->max_num_seqs;
-    /* logits rows of a step: one per sequence (prompt_logprobs can ask for more) */
-    long long O = llmin(S, T);
+    /* logits rows of a step: one per sequence (prompt_logprobs can ask for more); with MTP a
+     * verify step has one after the last token and after each draft, the drafts counting
+     * against the step's tokens */
+    long long k = in->spec_tokens;
+    long long O = llmin(S * (1 + k), T);
     long long D = c->hidden_size, Hl = pl->n_heads_local, qk = cfg_qk_head_dim(c);
     long long kvd = (long long)c->kv_lora_rank + c->qk_rope_head_dim;
     long long Vl = pl->vocab_local, tp = in->tp;
@@ -385,7 +434,19 @@ static void plan_activations(const cfg_model *c, mplan *p) {
     p->act_fixed =
         CUBLAS_WORKSPACE + batch + comms * NCCL_ALLOWANCE + (in->graphs ? GRAPHS_ALLOWANCE : 0);
 
-    p->act_total = p->act_model + p->act_ep + p->act_scratch + p->act_fixed;
+    /* MTP: model.c keeps every token's final-normed hidden state and the module's output rows
+     * (hid, mtp_prev [T, D], allocated with the other buffers at load); the draft sampler
+     * (be_sampler_create, at the first draft) holds float32 probabilities of the logits rows
+     * (O) and one penalty slot. The module's passes run over the step's tokens in the same
+     * buffers, scratch and EP staging as a forward (one decoder layer of the same shapes). */
+    p->act_mtp = 0;
+    if (k > 0) {
+        long long V = c->vocab_size, hidden = 2 * T * D * a;
+        p->act_mtp = hidden + O * V * 4 + V * 4 + (V + 31) / 32 * 4 + O * SAMPLE_ROW_BYTES;
+        p->act_at_load += hidden;
+    }
+
+    p->act_total = p->act_model + p->act_ep + p->act_scratch + p->act_fixed + p->act_mtp;
     p->act_late = p->act_total - p->act_at_load - CUBLAS_WORKSPACE;
 }
 
@@ -400,9 +461,16 @@ static duet_status plan_weights(const cfg_model *c, mplan *p) {
         mplan_weights w;
         duet_status st = mdl_shard_plan(c, &sh, &pl);
         if (st == DUET_OK) st = mplan_weights_count(c, &pl, in->weights, in->act_dtype, &w);
+        mplan_weights mtp = {0};
+        if (st == DUET_OK && in->spec_tokens > 0)
+            st = mplan_mtp_weights_count(c, &pl, in->weights, in->act_dtype, &mtp);
         if (st != DUET_OK) return st;
+        w.bytes[MPLAN_MTP] = mtp.total;
+        w.total += mtp.total;
+        w.tensors += mtp.tensors;
         if (w.total > p->w.total) {
             p->w = w;
+            p->mtp = mtp;
             p->shard = pl;
         }
         /* without FP8 every rank holds the same bytes */
@@ -424,9 +492,12 @@ static void plan_verdict(mplan *p) {
                  in->gpu_memory_utilization, sz(in->gpu_memory).s);
     long long need_blocks = (in->max_model_len + in->block_size - 1) / in->block_size;
     p->fits = false;
+    char mtp[64] = "";
+    if (in->spec_tokens > 0)
+        snprintf(mtp, sizeof mtp, " (the MTP module's %s included)", sz(p->w.bytes[MPLAN_MTP]).s);
     if (p->w.total > p->budget) {
-        snprintf(p->verdict, sizeof p->verdict, "%s: %s of weights per rank exceed %s", who,
-                 sz(p->w.total).s, budget);
+        snprintf(p->verdict, sizeof p->verdict, "%s: %s of weights per rank%s exceed %s", who,
+                 sz(p->w.total).s, mtp, budget);
     } else if (p->w.total + p->act_total > p->budget) {
         snprintf(p->verdict, sizeof p->verdict,
                  "%s: %s of weights and %s of activations per rank exceed %s by %s "
@@ -480,22 +551,25 @@ duet_status mplan_compute(const cfg_model *c, const mplan_inputs *in, mplan *pla
     p.fp8_block[1] = c->fp8 ? c->fp8_block[1] : 128;
     plan_activations(c, &p);
 
-    p.kv_bytes_per_token = (long long)c->num_hidden_layers *
-                           (c->kv_lora_rank + c->qk_rope_head_dim) *
+    /* with MTP every block holds the module's layer too (model.c: n_kv_layers) */
+    p.kv_layers = c->num_hidden_layers + (in->spec_tokens > 0 ? 1 : 0);
+    p.kv_bytes_per_token = (long long)p.kv_layers * (c->kv_lora_rank + c->qk_rope_head_dim) *
                            (long long)dt_size(in->kv_dtype);
     p.kv_block_bytes = p.kv_bytes_per_token * in->block_size;
+    /* the backend adds one padding block to the blocks it is asked for */
     if (in->kv_cache_memory > 0) {
-        /* a fixed cache: vLLM then sets the utilization aside, the whole device is the limit */
+        /* a fixed cache: vLLM then sets the utilization aside, the whole device is the limit.
+         * The workers ask for kv_cache_memory / block bytes blocks, the padding block on top
+         * (server.c, mplan_kv_after_load) */
         p.budget = in->gpu_memory;
-        p.kv_budget = in->kv_cache_memory;
-        if (p.w.total + p.act_total + p.kv_budget > p.budget)
-            p.kv_budget = p.budget - p.w.total - p.act_total;
+        p.kv_budget =
+            llmin(in->kv_cache_memory, p.budget - p.w.total - p.act_total - p.kv_block_bytes);
+        p.kv_blocks = p.kv_budget > 0 ? p.kv_budget / p.kv_block_bytes : 0;
     } else {
         p.budget = (long long)((double)in->gpu_memory * in->gpu_memory_utilization);
         p.kv_budget = p.budget - p.w.total - p.act_total;
+        p.kv_blocks = p.kv_budget > 0 ? p.kv_budget / p.kv_block_bytes - 1 : 0;
     }
-    /* the backend adds one padding block to the blocks it is asked for */
-    p.kv_blocks = p.kv_budget > 0 ? p.kv_budget / p.kv_block_bytes - 1 : 0;
     if (p.kv_blocks < 0) p.kv_blocks = 0;
     p.kv_tokens = p.kv_blocks * in->block_size;
     plan_verdict(&p);
@@ -529,6 +603,7 @@ void mplan_print(const mplan *p, FILE *f) {
                 mplan_weight_format_name(in->weights));
     const mdl_plan *s = &p->shard;
     for (int k = 0; k < MPLAN_KIND_COUNT; k++) {
+        if (k == MPLAN_MTP && in->spec_tokens <= 0) continue;
         fprintf(f, "    %-22s %10s", mplan_kind_name((mplan_kind)k), sz(p->w.bytes[k]).s);
         switch (k) {
         case MPLAN_ATTENTION:
@@ -552,6 +627,13 @@ void mplan_print(const mplan *p, FILE *f) {
         case MPLAN_EMBED_HEAD:
             fprintf(f, "   %d of %d vocabulary rows, twice", s->vocab_local, p->vocab_size);
             break;
+        case MPLAN_MTP:
+            /* the module's own layer, with the main layers' slices, none of it FP8 */
+            fprintf(f, "   layer %d, %s: embedding + head %s, eh_proj %s, layer + norms %s",
+                    p->n_layers, in->weights == MPLAN_WEIGHTS_F32 ? "float32" : act,
+                    sz(p->mtp.bytes[MPLAN_EMBED_HEAD]).s, sz(p->mtp.bytes[MPLAN_MTP]).s,
+                    sz(p->mtp.total - p->mtp.bytes[MPLAN_EMBED_HEAD] - p->mtp.bytes[MPLAN_MTP]).s);
+            break;
         default:
             break;
         }
@@ -571,13 +653,19 @@ void mplan_print(const mplan *p, FILE *f) {
             in->tp > 1 || p->ep_size > 1
                 ? (in->graphs ? ", NCCL and graphs (allowances)" : ", NCCL (allowance)")
                 : (in->graphs ? ", graphs (allowance)" : ""));
+    if (in->spec_tokens > 0)
+        fprintf(
+            f, "    %-22s %10s   hidden rows kept for it, draft sampler; %lld logits rows\n", "MTP",
+            sz(p->act_mtp).s,
+            llmin((long long)in->max_num_seqs * (1 + in->spec_tokens), in->max_num_batched_tokens));
     fprintf(f, "    %-22s %10s\n", "total", sz(p->act_total).s);
 
-    fprintf(f, "  KV cache (%s, %lld bytes per token, blocks of %d tokens):\n",
+    fprintf(f, "  KV cache (%s, %lld bytes per token, blocks of %d tokens, %d layers%s):\n",
             in->kv_dtype == DT_F8_E4M3 ? "fp8"
             : in->kv_dtype == DT_F32   ? "float32"
                                        : "bf16",
-            p->kv_bytes_per_token, in->block_size);
+            p->kv_bytes_per_token, in->block_size, p->kv_layers,
+            in->spec_tokens > 0 ? " with the MTP module's" : "");
     fprintf(f, "    %-22s %10s\n", "left for it", sz(p->kv_budget).s);
     long long seqs = p->kv_tokens / in->max_model_len;
     fprintf(f, "    %-22s %10lld   = %lld tokens, %lld sequence%s of max_model_len %d\n", "blocks",

@@ -56,6 +56,7 @@ typedef enum mplan_kind {
     MPLAN_ROUTED_EXPERTS, /* this rank's routed experts */
     MPLAN_EMBED_HEAD,     /* embedding and lm_head rows of this rank's vocabulary slice */
     MPLAN_NORMS_ROUTER,   /* RMSNorm weights, router gates and their score-correction bias */
+    MPLAN_MTP,            /* the MTP module, whole (mplan_inputs.spec_tokens > 0) */
     MPLAN_KIND_COUNT
 } mplan_kind;
 const char *mplan_kind_name(mplan_kind k);
@@ -68,9 +69,19 @@ typedef struct mplan_weights {
 } mplan_weights;
 
 /* Bytes of plan's slices of c stored as format f with activations of type act (DT_F32 or
- * DT_BF16). DUET_ERR_INVALID when f is FP8 and c is not an FP8 checkpoint. */
+ * DT_BF16): the model without its MTP module (bytes[MPLAN_MTP] is 0), what mdl_weights_load
+ * creates. DUET_ERR_INVALID when f is FP8 and c is not an FP8 checkpoint. */
 duet_status mplan_weights_count(const cfg_model *c, const mdl_plan *plan, mplan_weight_format f,
                                 dt_dtype act, mplan_weights *w_p);
+/* The MTP module (layer num_hidden_layers) as mdl_weights_load_mtp creates it for plan's slices:
+ * its embedding and head copies (the vocabulary split over TP), enorm, hnorm, eh_proj,
+ * shared_head.norm and one decoder layer (experts whenever the model has them, placed and split
+ * like the main layers'), by kind (bytes[MPLAN_MTP]: eh_proj, which only the module has). The
+ * loader keeps none of it FP8: its linear weights are in the activation type (bf16 for format
+ * FP8), router and norms float32.
+ * DUET_ERR_INVALID as mplan_weights_count, and when c has no MTP layer. */
+duet_status mplan_mtp_weights_count(const cfg_model *c, const mdl_plan *plan, mplan_weight_format f,
+                                    dt_dtype act, mplan_weights *w_p);
 
 /* ---- the plan of an instance ---- */
 
@@ -91,6 +102,11 @@ typedef struct mplan_inputs {
     int max_model_len; /* 0: min(max_position_embeddings, 8192), the worker's default */
     int max_num_seqs, max_num_batched_tokens, block_size;
     bool graphs; /* decode steps may be recorded as CUDA graphs (not --enforce-eager) */
+    /* MTP speculative decoding: drafts a step (--speculative-config's num_speculative_tokens,
+     * duet-run's --num-speculative-tokens); 0: off. Above 0 the plan counts the MTP module's
+     * weights, its KV layer (every block holds num_hidden_layers + 1 layers), the verify step's
+     * logits rows (one after the last token and after each draft) and the drafting buffers. */
+    int spec_tokens;
     /* --kv-cache-memory: > 0 fixes the KV cache at this many bytes and, as in vLLM, sets the
      * utilization aside: the budget is then the whole device */
     long long kv_cache_memory;
@@ -107,7 +123,8 @@ typedef struct mplan {
     int ranks, nodes;
     int ep_size;              /* ranks the experts are spread over (1 without EP) */
     mdl_plan shard;           /* the slices of the rank with the most weight bytes */
-    mplan_weights w;          /* that rank's weights */
+    mplan_weights w;          /* that rank's weights (the MTP module's in bytes[MPLAN_MTP]) */
+    mplan_weights mtp;        /* the MTP module on that rank by kind (spec_tokens > 0) */
     int n_layers, moe_layers; /* layers, and those with routed experts */
     int n_heads, vocab_size;  /* of the whole model */
     int fp8_block[2];         /* the checkpoint's FP8 scale block (128x128 without one) */
@@ -116,17 +133,28 @@ typedef struct mplan {
     long long act_ep;      /* EP dispatch/combine staging (0 without EP) */
     long long act_scratch; /* the backend's scratch: prefill attention, experts, routing */
     long long act_fixed;   /* cuBLAS workspace, step metadata, NCCL buffers, CUDA graphs */
+    /* MTP (spec_tokens > 0): the hidden rows every forward keeps for the module (buf.hid,
+     * buf.mtp_prev) and the draft sampler over the logits rows; 0 without */
+    long long act_mtp;
     long long act_total;
-    long long act_at_load; /* of act_model: what mdl_load allocates (buffers, one logits row) */
+    /* of act_model and act_mtp: what mdl_load allocates (buffers, one logits row, MTP's
+     * hidden rows) */
+    long long act_at_load;
     /* of act_total: what only the first steps allocate (logits rows, EP staging, scratch,
-     * step metadata, NCCL, graphs), so a reading of the device after loading misses it */
+     * step metadata, NCCL, graphs, the draft sampler), so a reading of the device after
+     * loading misses it */
     long long act_late;
     /* KV cache */
-    long long kv_bytes_per_token; /* all layers */
+    long long kv_bytes_per_token; /* all layers, the MTP module's own with spec_tokens > 0 */
+    int kv_layers;                /* num_hidden_layers (+ 1 with spec_tokens > 0) */
     long long kv_block_bytes;
-    long long budget;    /* gpu_memory * gpu_memory_utilization (gpu_memory with kv_cache_memory) */
-    long long kv_budget; /* budget - weights - activations; negative when they do not fit */
-    long long kv_blocks; /* whole blocks in kv_budget, the backend's padding block left out */
+    long long budget; /* gpu_memory * gpu_memory_utilization (gpu_memory with kv_cache_memory) */
+    /* budget - weights - activations, negative when they do not fit; with kv_cache_memory
+     * that size, or what the device has left for it beside the padding block where less */
+    long long kv_budget;
+    /* whole blocks in kv_budget, the backend's padding block left out (with kv_cache_memory
+     * on top, as the workers ask for kv_cache_memory / kv_block_bytes blocks) */
+    long long kv_blocks;
     long long kv_tokens; /* kv_blocks * block_size */
     bool fits;
     /* "KV cache: N blocks = M tokens (X GiB), S sequences of max_model_len L" when it fits;

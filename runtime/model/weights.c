@@ -577,7 +577,7 @@ duet_status mdl_weights_load_mtp(const char *dir, const cfg_model *c, const mdl_
     if (!t) return DUET_ERR_NO_MEMORY;
     loader ld = {
         .c = c, .dir = dir, .plan = plan, .source = source, .dummy_seed = dummy_seed, .be = w->be};
-    /* the memory plan does not count the module: no periodic progress lines, one at the end */
+    /* a small part of the load (mplan_mtp_weights_count): no periodic lines, one at the end */
     ld.prog.interval = 1e30;
     duet_status st = DUET_OK;
     if (source == MDL_WEIGHTS_CHECKPOINT) st = st_open_dir(dir, &ld.st);

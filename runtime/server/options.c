@@ -130,15 +130,14 @@ static duet_status parse_strings(const opt_spec *spec, const char *v, char *err,
     return st;
 }
 
-/* --speculative-config '{"method": "mtp", "num_speculative_tokens": 1}' */
-static duet_status parse_spec_config(const opt_spec *spec, const char *v, char *err, size_t len) {
-    srv_config *c = spec->user;
-    cJSON *o = parse_json_object(v, err, len);
+duet_status srv_config_parse_spec(const char *json, char *method, size_t method_len, int *tokens_p,
+                                  char *err, size_t len) {
+    cJSON *o = parse_json_object(json, err, len);
     if (!o) return DUET_ERR_INVALID;
     duet_status st = DUET_OK;
     const cJSON *x;
-    c->spec_method[0] = '\0';
-    c->spec_tokens = 0;
+    char m[32] = "";
+    int k = 0;
     cJSON_ArrayForEach(x, o) {
         long long n;
         if (!strcmp(x->string, "method")) {
@@ -150,7 +149,7 @@ static duet_status parse_spec_config(const opt_spec *spec, const char *v, char *
                          cJSON_IsString(x) ? x->valuestring : "a non-string");
                 break;
             }
-            snprintf(c->spec_method, sizeof c->spec_method, "%s", x->valuestring);
+            snprintf(m, sizeof m, "%s", x->valuestring);
         } else if (!strcmp(x->string, "num_speculative_tokens")) {
             if (!json_int(x, 0, MDL_MAX_DRAFT, &n)) {
                 st = bad(err, len,
@@ -159,17 +158,26 @@ static duet_status parse_spec_config(const opt_spec *spec, const char *v, char *
                          MDL_MAX_DRAFT, MDL_MAX_DRAFT);
                 break;
             }
-            c->spec_tokens = (int)n;
+            k = (int)n;
         } else {
             st = bad(err, len, "unknown key '%s' (duet reads method and num_speculative_tokens)",
                      x->string);
             break;
         }
     }
-    if (st == DUET_OK && c->spec_tokens > 0 && !c->spec_method[0])
-        st = bad(err, len, "method is required (\"mtp\")");
+    if (st == DUET_OK && k > 0 && !m[0]) st = bad(err, len, "method is required (\"mtp\")");
     cJSON_Delete(o);
-    return st;
+    if (st != DUET_OK) return st;
+    if (method && method_len) snprintf(method, method_len, "%s", m);
+    *tokens_p = k;
+    return DUET_OK;
+}
+
+/* --speculative-config '{"method": "mtp", "num_speculative_tokens": 1}' */
+static duet_status parse_spec_config(const opt_spec *spec, const char *v, char *err, size_t len) {
+    srv_config *c = spec->user;
+    return srv_config_parse_spec(v, c->spec_method, sizeof c->spec_method, &c->spec_tokens, err,
+                                 len);
 }
 
 /* --compilation-config '{"cudagraph_capture_sizes": [...], "cudagraph_mode": "..."}', or vLLM's

@@ -110,6 +110,14 @@ int srv_config_check_instance(const srv_config *c, const char *prog, int dp_rank
  * (--data-parallel-rank), or --port + (dp_rank - --data-parallel-start-rank). 0 stays 0. */
 int srv_config_http_port(const srv_config *c, int dp_rank);
 
+/* --speculative-config's JSON as the workers read it ({"method": "deepseek_mtp" or "mtp",
+ * "num_speculative_tokens": 0..MDL_MAX_DRAFT}), for every program that takes the flag (the
+ * workers, duet-check plan): *tokens_p the drafts a step (0: off) and method (method_len bytes,
+ * may be NULL) the method, both set only on success; DUET_ERR_INVALID with one line in err
+ * otherwise. Any thread. */
+duet_status srv_config_parse_spec(const char *json, char *method, size_t method_len, int *tokens_p,
+                                  char *err, size_t err_len);
+
 /* The CORS settings for the HTTP server (pointers into c). */
 void srv_config_cors(const srv_config *c, http_cors *cors);
 

@@ -197,7 +197,8 @@ static void test_other_refusals(void) {
     in.kv_cache_memory = 10 * GIB;
     if (plan(&g_lite, &in, &p)) {
         CHECK_EQ_INT(p.budget, H200);
-        CHECK_EQ_INT(p.kv_blocks, 10 * GIB / 1990656 - 1);
+        /* the workers ask for that many blocks, the backend's padding block on top */
+        CHECK_EQ_INT(p.kv_blocks, 10 * GIB / 1990656);
         CHECK(p.fits);
     }
 }
@@ -424,6 +425,143 @@ static void test_print(void) {
     free(text);
 }
 
+/* ---- MTP (--speculative-config) ---- */
+
+/* DeepSeek-V3's MTP module (layer 61) as mdl_weights_load_mtp creates it, worked out from the
+ * tensor shapes of DeepSeek's checkpoint; the loader keeps none of it FP8 (bf16, router and
+ * norms float32). tp: heads 128 / tp, vocabulary 129280 / tp rows, shared expert 2048 / tp; ep:
+ * 256 / ep whole experts, otherwise all 256 with their intermediate 2048 / tp. By hand:
+ *   embed_tokens + shared_head.head: 2 x vocab_local x 7168 x 2
+ *   enorm, hnorm, shared_head.norm: 3 x 7168 x 4 = 86,016
+ *   eh_proj [7168, 14336]: 205,520,896
+ *   layer norms 2 x 7168 x 4; q_a 1536 x 7168 x 2 + its norm 1536 x 4; q_b H x 192 x 1536 x 2;
+ *     kv_a 576 x 7168 x 2 + its norm 512 x 4; kv_b H x 256 x 512 x 2; o 7168 x H x 128 x 2
+ *   router gate 256 x 7168 x 4 + bias 256 x 4 = 7,341,056
+ *   experts n x 3 x 7168 x inter x 2; shared expert 3 x 7168 x (2048 / tp) x 2
+ * DP8+EP8 (tp 1): 3,706,716,160 + 86,016 + 205,520,896 + 374,276,096 (attention) + 7,341,056
+ *   + 32 x 88,080,384 = 2,818,572,288 + 88,080,384 = 7,200,592,896 bytes, 117 tensors
+ * TP8: 463,339,520 + 86,016 + 205,520,896 + 73,334,784 + 7,341,056 + 256 x 11,010,048 =
+ *   2,818,572,288 + 11,010,048 = 3,579,204,608 bytes, 789 tensors */
+static long long v3_mtp_bytes(int tp, int ep, long long *tensors_p) {
+    const long long D = 7168, V = 129280, H = 128 / tp;
+    long long vocab_local = (V + tp - 1) / tp;
+    long long n_experts = ep > 1 ? 256 / ep : 256, inter = ep > 1 ? 2048 : 2048 / tp;
+    long long attn = 2 * D * 4 + 1536 * D * 2 + 1536 * 4 + H * 192 * 1536 * 2 + 576 * D * 2 +
+                     512 * 4 + H * 256 * 512 * 2 + D * H * 128 * 2;
+    *tensors_p = 2 + 3 + 2 + 9 + 2 + 3 * n_experts + 3;
+    return 2 * vocab_local * D * 2 + 3 * D * 4 + D * 2 * D * 2 + attn + 256 * D * 4 + 256 * 4 +
+           n_experts * 3 * D * inter * 2 + 3 * D * (2048 / tp) * 2;
+}
+
+/* The module adds exactly its bytes to every rank, in DP8+EP8 and TP8 on 8 H200s (FP8), and the
+ * KV cache one layer of 61: 62 / 61 the bytes per token. */
+static void test_v3_mtp_weights_kv(void) {
+    const int layouts[2][3] = {{1, 8, 1}, {8, 1, 0}}; /* tp, dp, ep */
+    for (int i = 0; i < 2; i++) {
+        int tp = layouts[i][0], dp = layouts[i][1];
+        bool ep = layouts[i][2];
+        mplan_inputs in = inputs(tp, dp, ep, H200, MPLAN_WEIGHTS_FP8);
+        mplan p0, p1;
+        if (!plan(&g_v3, &in, &p0)) return;
+        in.spec_tokens = 1;
+        if (!plan(&g_v3, &in, &p1)) return;
+        long long tensors;
+        long long want = v3_mtp_bytes(tp, ep ? tp * dp : 1, &tensors);
+        CHECK_EQ_INT(want, i == 0 ? 7200592896LL : 3579204608LL);
+        CHECK_EQ_INT(p0.w.bytes[MPLAN_MTP], 0);
+        CHECK_EQ_INT(p1.w.bytes[MPLAN_MTP], want);
+        CHECK_EQ_INT(p1.w.total - p0.w.total, want);
+        CHECK_EQ_INT(p1.w.tensors - p0.w.tensors, tensors);
+        for (int k = 0; k < MPLAN_KIND_COUNT; k++)
+            if (k != MPLAN_MTP) CHECK_EQ_INT(p1.w.bytes[k], p0.w.bytes[k]);
+        /* 61 layers x 576 x 2 = 70,272 bytes a token; with the module's layer 71,424 */
+        CHECK_EQ_INT(p0.kv_bytes_per_token, 70272);
+        CHECK_EQ_INT(p1.kv_bytes_per_token, 71424);
+        CHECK_EQ_INT(p1.kv_bytes_per_token * 61, p0.kv_bytes_per_token * 62);
+        CHECK_EQ_INT(p1.kv_layers, 62);
+        CHECK_EQ_INT(p1.kv_block_bytes, 71424LL * 64);
+        /* the verify step's rows: 256 sequences x 2 logits rows, and the drafting buffers */
+        CHECK(p1.act_mtp > 0 && p0.act_mtp == 0);
+        CHECK(p1.act_model > p0.act_model);
+        CHECK(p1.act_total > p0.act_total + p1.act_mtp);
+        CHECK(p1.act_at_load == p0.act_at_load + 2LL * 2048 * 7168 * 2); /* hid, mtp_prev */
+        CHECK(p1.fits && p1.kv_blocks < p0.kv_blocks);
+        /* the KV budget is what weights and activations leave, in blocks of 62 layers */
+        CHECK_EQ_INT(p1.kv_budget, p1.budget - p1.w.total - p1.act_total);
+        CHECK_EQ_INT(p1.kv_blocks, p1.kv_budget / p1.kv_block_bytes - 1);
+    }
+}
+
+/* Layouts that fit without MTP and not with it: the module's weights, then its KV layer. */
+static void test_v3_mtp_verdict(void) {
+    mplan_inputs in = inputs(1, 8, true, H200, MPLAN_WEIGHTS_FP8);
+    in.model_name = "DeepSeek-V3";
+    mplan p0, p1;
+    if (!plan(&g_v3, &in, &p0)) return;
+    /* a device whose 0.9 holds the weights, the activations and two sequences of 8192 tokens
+     * without MTP (two blocks more: the padding block and rounding); the module's 6.7 GiB do
+     * not fit */
+    long long need = 8192 / 64 * p0.kv_block_bytes;
+    in.gpu_memory =
+        (long long)((double)(p0.w.total + p0.act_total + 2 * need + 2 * p0.kv_block_bytes) / 0.9) +
+        1;
+    if (!plan(&g_v3, &in, &p0)) return;
+    CHECK_MSG(p0.fits, "%s", p0.verdict);
+    in.spec_tokens = 1;
+    if (!plan(&g_v3, &in, &p1)) return;
+    CHECK(!p1.fits);
+    check_has(p1.verdict, "DeepSeek-V3 on 8 GPUs of 112.6 GiB");
+    check_has(p1.verdict, "with DP8+EP8 and MTP (1 draft a step): 101.8 GiB of weights per rank "
+                          "(the MTP module's 6.7 GiB included) exceed 101.4 GiB");
+    /* a fixed cache of exactly one sequence of 8192 tokens without MTP: with the module's
+     * layer the same bytes hold 61/62 of it */
+    in = inputs(1, 8, true, H200, MPLAN_WEIGHTS_FP8);
+    in.kv_cache_memory = need;
+    if (!plan(&g_v3, &in, &p0)) return;
+    CHECK_MSG(p0.fits && p0.kv_blocks == 128, "%lld blocks: %s", p0.kv_blocks, p0.verdict);
+    in.spec_tokens = 3;
+    if (!plan(&g_v3, &in, &p1)) return;
+    CHECK(!p1.fits);
+    CHECK_EQ_INT(p1.kv_blocks, need / (71424LL * 64)); /* 125 */
+    check_has(p1.verdict, "no room for one sequence of max_model_len 8192");
+    check_has(p1.verdict, "MTP (3 drafts a step)");
+    /* no MTP layer in V2-Lite's checkpoint; a negative count */
+    in = inputs(1, 1, false, H200, MPLAN_WEIGHTS_BF16);
+    in.spec_tokens = 1;
+    expect_invalid(&g_lite, &in, "num_nextn_predict_layers is 0: leave --speculative-config out");
+    in.spec_tokens = -1;
+    expect_invalid(&g_lite, &in, "num_speculative_tokens must not be negative");
+}
+
+static void test_mtp_print(void) {
+    mplan_inputs in = inputs(1, 8, true, H200, MPLAN_WEIGHTS_FP8);
+    in.model_name = "DeepSeek-V3";
+    in.spec_tokens = 1;
+    mplan p;
+    if (!plan(&g_v3, &in, &p)) return;
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    mplan_print(&p, f);
+    fclose(f);
+    check_has(text, "with DP8+EP8 and MTP (1 draft a step)");
+    check_has(text, "MTP module                6.7 GiB   layer 61, bf16: embedding + head 3.5 GiB, "
+                    "eh_proj 196 MiB, layer + norms 3.1 GiB");
+    check_has(text, "101.8 GiB   6536 tensors");
+    check_has(text, "512 logits rows");
+    check_has(text, "71424 bytes per token, blocks of 64 tokens, 62 layers with the MTP module's");
+    free(text);
+    /* without MTP no such line */
+    in.spec_tokens = 0;
+    if (!plan(&g_v3, &in, &p)) return;
+    f = open_memstream(&text, &len);
+    mplan_print(&p, f);
+    fclose(f);
+    CHECK(!strstr(text, "MTP"));
+    check_has(text, "61 layers):");
+    free(text);
+}
+
 /* ---- the plan against a real load ---- */
 
 /* The CPU backend with every weight, vector and buffer it is asked for counted: a device
@@ -435,6 +573,7 @@ typedef struct counting {
     long long f32_bytes;  /* weights and vectors as float32 (the CPU, --dtype float32) */
     long long bf16_bytes; /* as the CUDA backend keeps them with bf16 activations */
     long long buf_elems;  /* activation elements */
+    int kv_layers, kv_block_size, kv_dim; /* of the last KV cache created */
 } counting;
 
 static counting *cnt(be_backend *be) {
@@ -475,6 +614,19 @@ static duet_status c_rope_setup(be_backend *be, const float *inv_freq, int half,
     return cnt(be)->inner->ops->rope_setup(cnt(be)->inner, inv_freq, half, attn);
 }
 
+static duet_status c_kv_create(be_backend *be, int n_blocks, int n_layers, int block_size,
+                               int kv_dim, be_kv **kv_p) {
+    counting *c = cnt(be);
+    c->kv_layers = n_layers;
+    c->kv_block_size = block_size;
+    c->kv_dim = kv_dim;
+    return c->inner->ops->kv_create(c->inner, n_blocks, n_layers, block_size, kv_dim, kv_p);
+}
+
+static void c_kv_destroy(be_backend *be, be_kv *kv) {
+    cnt(be)->inner->ops->kv_destroy(cnt(be)->inner, kv);
+}
+
 static void c_destroy(be_backend *be) {
     be_destroy(cnt(be)->inner);
     free(be);
@@ -495,15 +647,18 @@ static counting *counting_create(void) {
                       .weight_create = c_weight_create,
                       .weight_destroy = c_weight_destroy,
                       .vec_create = c_vec_create,
+                      .kv_create = c_kv_create,
+                      .kv_destroy = c_kv_destroy,
                       .rope_setup = c_rope_setup};
     c->base.ops = &c->ops;
     return c;
 }
 
-/* Loads dir's dummy weights as rank (tp_rank, ep_rank) of tp x dp (EP over all when ep) and
- * compares what was created with the plan of that layout. */
+/* Loads dir's dummy weights as rank (tp_rank, ep_rank) of tp x dp (EP over all when ep), with
+ * the MTP module for spec > 0 drafts, and compares what was created with the plan of that
+ * layout: weights, load-time buffers, and the KV cache's bytes per token and per block. */
 static void compare_load(const char *what, const char *dir, int tp, int dp, bool ep, int tp_rank,
-                         int ep_rank) {
+                         int ep_rank, int spec) {
     cfg_model c;
     if (cfg_load(dir, &c) != DUET_OK) {
         CHECK_MSG(0, "%s: config", what);
@@ -512,14 +667,17 @@ static void compare_load(const char *what, const char *dir, int tp, int dp, bool
     const int T = 48;
     mplan_inputs in = inputs(tp, dp, ep, 1LL << 40, MPLAN_WEIGHTS_F32);
     in.act_dtype = DT_F32;
+    in.kv_dtype = DT_F32; /* the backends keep the cache in the activation type */
     in.max_num_batched_tokens = T;
+    in.spec_tokens = spec;
     mplan p;
     if (!plan(&c, &in, &p)) return;
     counting *cb = counting_create();
     if (!cb) return;
     int ep_size = ep ? tp * dp : 1;
     mdl_shard shard = {.tp_rank = tp_rank, .tp_size = tp, .ep_rank = ep_rank, .ep_size = ep_size};
-    mdl_load_opts lo = {.source = MDL_WEIGHTS_DUMMY, .dummy_seed = 1, .max_tokens = T};
+    mdl_load_opts lo = {
+        .source = MDL_WEIGHTS_DUMMY, .dummy_seed = 1, .max_tokens = T, .spec_tokens = spec};
     mdl_model *m = NULL;
     duet_status st = mdl_load(dir, &cb->base, &shard, &lo, &m);
     CHECK_MSG(st == DUET_OK, "%s: load: %s", what, duet_strerror(st));
@@ -528,15 +686,31 @@ static void compare_load(const char *what, const char *dir, int tp, int dp, bool
                   what, cb->f32_bytes, p.w.total);
         /* bf16 storage, counted for this very rank's slices */
         mdl_plan pl;
-        mplan_weights wb;
+        mplan_weights wb, wm = {0};
         if (mdl_shard_plan(&c, &shard, &pl) == DUET_OK &&
-            mplan_weights_count(&c, &pl, MPLAN_WEIGHTS_BF16, DT_BF16, &wb) == DUET_OK)
-            CHECK_MSG(cb->bf16_bytes == wb.total, "%s: bf16 %lld, plan %lld", what, cb->bf16_bytes,
-                      wb.total);
+            mplan_weights_count(&c, &pl, MPLAN_WEIGHTS_BF16, DT_BF16, &wb) == DUET_OK &&
+            (spec == 0 ||
+             mplan_mtp_weights_count(&c, &pl, MPLAN_WEIGHTS_BF16, DT_BF16, &wm) == DUET_OK))
+            CHECK_MSG(cb->bf16_bytes == wb.total + wm.total, "%s: bf16 %lld, plan %lld", what,
+                      cb->bf16_bytes, wb.total + wm.total);
+        else
+            CHECK_MSG(0, "%s: bf16 count", what);
         CHECK_MSG(cb->buf_elems * 4 == p.act_at_load,
                   "%s: mdl_load allocated %lld bytes of activations, plan %lld", what,
                   cb->buf_elems * 4, p.act_at_load);
-        CHECK(p.act_at_load <= p.act_model);
+        CHECK(p.act_at_load <= p.act_model + p.act_mtp);
+        CHECK_MSG(spec == 0 || p.w.bytes[MPLAN_MTP] > 0, "%s: no MTP module planned", what);
+        /* the KV cache the model creates: as many layers and bytes per block as planned */
+        CHECK_MSG((long long)mdl_kv_bytes_per_token(m) == p.kv_bytes_per_token,
+                  "%s: the model's KV holds %zu bytes a token, plan %lld", what,
+                  mdl_kv_bytes_per_token(m), p.kv_bytes_per_token);
+        be_kv *kv = NULL;
+        CHECK(mdl_kv_create(m, 4, in.block_size, &kv) == DUET_OK);
+        CHECK_EQ_INT(cb->kv_layers, c.num_hidden_layers + (spec > 0));
+        CHECK_MSG((long long)cb->kv_layers * cb->kv_block_size * cb->kv_dim * 4 == p.kv_block_bytes,
+                  "%s: a KV block of %d layers x %d tokens x %d is not the plan's %lld bytes", what,
+                  cb->kv_layers, cb->kv_block_size, cb->kv_dim, p.kv_block_bytes);
+        mdl_kv_destroy(m, kv);
     }
     mdl_destroy(m);
     be_destroy(&cb->base);
@@ -564,17 +738,21 @@ static void test_against_load(const char *root) {
     char d3[4096], d2[4096];
     snprintf(d3, sizeof d3, "%s/v3", root);
     snprintf(d2, sizeof d2, "%s/v2", root);
+    /* both with an MTP layer (duet-mkmodel --mtp), loaded with and without the module */
+    v3.cfg.num_nextn_predict_layers = 1;
+    v2.cfg.num_nextn_predict_layers = 1;
     mk_spec_fit(&v3);
     mk_spec_fit(&v2);
     CHECK(mk_write(&v3, d3) == DUET_OK);
     CHECK(mk_write(&v2, d2) == DUET_OK);
     const char *dirs[2] = {d3, d2};
-    for (int i = 0; i < 2; i++) {
-        compare_load("TP1", dirs[i], 1, 1, false, 0, 0);
-        compare_load("TP2 rank 1", dirs[i], 2, 1, false, 1, 0);
-        compare_load("DP4+EP4 rank 2", dirs[i], 1, 4, true, 0, 2);
-        compare_load("TP2xDP2+EP4 rank 3", dirs[i], 2, 2, true, 1, 3);
-    }
+    for (int i = 0; i < 2; i++)
+        for (int k = 0; k <= 2; k += 2) {
+            compare_load("TP1", dirs[i], 1, 1, false, 0, 0, k);
+            compare_load("TP2 rank 1", dirs[i], 2, 1, false, 1, 0, k);
+            compare_load("DP4+EP4 rank 2", dirs[i], 1, 4, true, 0, 2, k);
+            compare_load("TP2xDP2+EP4 rank 3", dirs[i], 2, 2, true, 1, 3, k);
+        }
 }
 
 /* par_instance_create with a plan (the CPU backend reports no device memory: the test gives
@@ -646,6 +824,9 @@ int main(void) {
     test_kv_after_load();
     test_kv_neighbours();
     test_print();
+    test_v3_mtp_weights_kv();
+    test_v3_mtp_verdict();
+    test_mtp_print();
     test_instance();
     char *root = tu_mkdtemp("memplan");
     if (root) {
