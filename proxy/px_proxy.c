@@ -555,6 +555,9 @@ static void fan_event(px_fan *fan, px_job *job, const char *ev, size_t len) {
 static void fan_part_data(px_fan *fan, px_job *job, const char *data, size_t len) {
     if (!fan->req || !fan_start_stream(fan)) return;
     strbuf *b = &fan->pending[job->part];
+    /* what was pending holds no event end: the search starts where the new bytes could make
+     * one, so an event arriving in many small reads costs linear time */
+    size_t from = b->len ? b->len - 1 : 0;
     strbuf_add(b, data, len);
     if (b->oom) {
         fan_part_failed(fan, job, 500, "out of memory");
@@ -563,7 +566,8 @@ static void fan_part_data(px_fan *fan, px_job *job, const char *data, size_t len
     /* events end with an empty line */
     size_t at = 0;
     for (;;) {
-        char *end = b->len > at ? memmem(b->p + at, b->len - at, "\n\n", 2) : NULL;
+        size_t s0 = at > from ? at : from;
+        char *end = b->len > s0 ? memmem(b->p + s0, b->len - s0, "\n\n", 2) : NULL;
         if (!end) break;
         size_t n = (size_t)(end - (b->p + at));
         fan_event(fan, job, b->p + at, n);

@@ -218,6 +218,7 @@ static duet_status plan_memory(par_instance *p, const par_options *o, const char
     if (mo->block_size > 0) in.block_size = mo->block_size;
     in.graphs = !o->eager;
     in.kv_cache_memory = mo->kv_cache_memory;
+    in.spec_tokens = o->spec_tokens; /* the MTP module, its KV layer, the verify step's rows */
     st = mplan_compute(&c, &in, &p->mem, err, sizeof err);
     if (st != DUET_OK) {
         if (rank0) LOG_ERROR("memory plan: %s", err);

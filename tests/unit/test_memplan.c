@@ -562,6 +562,33 @@ static void test_mtp_print(void) {
     free(text);
 }
 
+/* An instance with MTP plans what it loads: the module in the weights, its layer in the KV
+ * cache's bytes per token (par_instance_create passes spec_tokens to the plan). */
+static void test_instance_mtp(const char *dir) {
+    par_options po;
+    par_options_init(&po);
+    po.max_tokens = 64;
+    po.load_format = MDL_WEIGHTS_DUMMY;
+    po.spec_tokens = 1;
+    po.mem = (par_memory){.utilization = 0.9,
+                          .max_model_len = 256,
+                          .max_num_seqs = 16,
+                          .block_size = 16,
+                          .device_memory = 1LL << 40};
+    int argc = 0;
+    char **argv = NULL;
+    par_instance *inst = NULL;
+    CHECK(par_instance_create(&po, dir, &argc, &argv, &inst) == DUET_OK);
+    const mplan *p = inst ? par_memory_plan(inst) : NULL;
+    CHECK(p != NULL);
+    if (p) {
+        CHECK_EQ_INT(p->in.spec_tokens, 1);
+        CHECK(p->w.bytes[MPLAN_MTP] > 0);
+        CHECK_EQ_INT(p->kv_bytes_per_token, (long long)mdl_kv_bytes_per_token(par_model(inst)));
+    }
+    par_instance_destroy(inst);
+}
+
 /* ---- the plan against a real load ---- */
 
 /* The CPU backend with every weight, vector and buffer it is asked for counted: a device
@@ -753,6 +780,7 @@ static void test_against_load(const char *root) {
             compare_load("DP4+EP4 rank 2", dirs[i], 1, 4, true, 0, 2, k);
             compare_load("TP2xDP2+EP4 rank 3", dirs[i], 2, 2, true, 1, 3, k);
         }
+    test_instance_mtp(d3);
 }
 
 /* par_instance_create with a plan (the CPU backend reports no device memory: the test gives
