@@ -44,7 +44,7 @@ static duet_status open_regular(const char *path, int *fd_p, struct stat *sb_p) 
 }
 
 duet_status fio_read_text(const char *path, size_t max_bytes, char **text_p) {
-    int fd;
+    int fd = -1;
     struct stat sb;
     duet_status st = open_regular(path, &fd, &sb);
     if (st != DUET_OK) return st;
@@ -78,7 +78,7 @@ duet_status fio_read_text(const char *path, size_t max_bytes, char **text_p) {
 }
 
 duet_status fio_map_file(const char *path, fio_map *map_p) {
-    int fd;
+    int fd = -1;
     struct stat sb;
     duet_status st = open_regular(path, &fd, &sb);
     if (st != DUET_OK) return st;
