@@ -496,7 +496,7 @@ static void test_prefill_stream(void) {
     CHECK(!px_sse_may_be_whole("data: {}\ndata: {", 16, 9));
     CHECK(!px_sse_may_be_whole("data: {}\n\r", 10, 9));
     /* only the new bytes (and two before) are looked at: old ones held no event */
-    CHECK(!px_sse_may_be_whole("\n\n  data", 10, 8));
+    CHECK(!px_sse_may_be_whole("\n\n  data", 8, 6));
 
     /* What an event is. */
     const char *early = "data: {\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"choices\":[],"
