@@ -405,16 +405,23 @@ static void test_kv_neighbours(void) {
                    "loading");
 }
 
+/* What mplan_print writes for p (heap text, or NULL without memory). */
+static char *printed(const mplan *p) {
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    if (!f) return NULL;
+    mplan_print(p, f);
+    fclose(f);
+    return text;
+}
+
 static void test_print(void) {
     mplan_inputs in = inputs(1, 8, true, H200, MPLAN_WEIGHTS_FP8);
     in.model_name = "DeepSeek-V3";
     mplan p;
     if (!plan(&g_v3, &in, &p)) return;
-    char *text = NULL;
-    size_t len = 0;
-    FILE *f = open_memstream(&text, &len);
-    mplan_print(&p, f);
-    fclose(f);
+    char *text = printed(&p);
     check_has(text, "Memory plan: DeepSeek-V3 on 8 GPUs of 140.4 GiB with DP8+EP8");
     check_has(text, "0.90 of 140.4 GiB = 126.4 GiB");
     check_has(text, "routed experts");
@@ -539,11 +546,7 @@ static void test_mtp_print(void) {
     in.spec_tokens = 1;
     mplan p;
     if (!plan(&g_v3, &in, &p)) return;
-    char *text = NULL;
-    size_t len = 0;
-    FILE *f = open_memstream(&text, &len);
-    mplan_print(&p, f);
-    fclose(f);
+    char *text = printed(&p);
     check_has(text, "with DP8+EP8 and MTP (1 draft a step)");
     check_has(text, "MTP module                6.7 GiB   layer 61, bf16: embedding + head 3.5 GiB, "
                     "eh_proj 196 MiB, layer + norms 3.1 GiB");
@@ -554,10 +557,8 @@ static void test_mtp_print(void) {
     /* without MTP no such line */
     in.spec_tokens = 0;
     if (!plan(&g_v3, &in, &p)) return;
-    f = open_memstream(&text, &len);
-    mplan_print(&p, f);
-    fclose(f);
-    CHECK(!strstr(text, "MTP"));
+    text = printed(&p);
+    CHECK(text && !strstr(text, "MTP"));
     check_has(text, "61 layers):");
     free(text);
 }
