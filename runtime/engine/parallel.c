@@ -356,7 +356,7 @@ static bool host_available(long long *bytes_p, const char **what_p) {
     return true;
 }
 
-duet_status par_kv_fixed_check(par_instance *p, long long bytes) {
+duet_status par_kv_fixed_check(par_instance *p, long long bytes, const char *flag) {
     char err[512] = "";
     duet_status st = DUET_OK;
     long long total = 0, free_b = 0, avail = 0;
@@ -364,6 +364,7 @@ duet_status par_kv_fixed_check(par_instance *p, long long bytes) {
     if (p->planned && p->measured) {
         mplan m = p->mem;
         m.in.kv_cache_memory = bytes;
+        snprintf(m.in.kv_flag, sizeof m.in.kv_flag, "%s", flag ? flag : "");
         long long kv;
         st = mplan_kv_after_load(&m, &p->readings, &kv, err, sizeof err);
     } else if (p->planned) {
@@ -371,18 +372,18 @@ duet_status par_kv_fixed_check(par_instance *p, long long bytes) {
         const mplan *m = &p->mem;
         st = mplan_check_kv_fixed(
             bytes, 1, m->in.gpu_memory - m->w.total - m->act_total - m->kv_block_bytes,
-            "the device", "left after the plan's weights and activations", err, sizeof err);
+            "the device", "left after the plan's weights and activations", flag, err, sizeof err);
     } else if (p->opt.mem.device_memory > 0) {
         /* a device size given but no plan asked for: nothing to hold it to */
     } else if (be_mem_info(p->be, &total, &free_b) == DUET_OK) {
-        st = mplan_check_kv_fixed(bytes, 1, free_b, "the device", "free", err, sizeof err);
+        st = mplan_check_kv_fixed(bytes, 1, free_b, "the device", "free", flag, err, sizeof err);
     } else if (host_available(&avail, &what)) {
         /* host memory: every rank of the instance on this host allocates a cache of its own */
-        st = mplan_check_kv_fixed(bytes, p->world.local_size, avail, "the host", what, err,
+        st = mplan_check_kv_fixed(bytes, p->world.local_size, avail, "the host", what, flag, err,
                                   sizeof err);
     } else {
         LOG_WARN("memory plan: cannot read the host's available memory (/proc/meminfo); "
-                 "--kv-cache-memory is taken unchecked");
+                 "the fixed KV cache size is taken unchecked");
     }
     /* one verdict for the instance, and one line: the lowest rank that does not fit says why */
     long long first = st == DUET_OK ? 0 : p->world.size - p->world.rank;

@@ -84,9 +84,10 @@ duet_status par_kv_budget(par_instance *inst, long long *bytes_p);
  * after weights and activations; on a device without readings or plan, its free memory;
  * on the CPU backend, the host's available memory (MemAvailable, lowered to what the cgroup's
  * limit leaves) shared by this host's ranks. DUET_ERR_NO_MEMORY when it does not fit on some
- * rank: every rank returns it, and the first such rank logs one line naming --kv-cache-memory,
- * the size asked and what is free. */
-duet_status par_kv_fixed_check(par_instance *inst, long long bytes);
+ * rank: every rank returns it, and the first such rank logs one line naming --kv-cache-memory
+ * (or flag, as mplan_inputs.kv_flag: "--num-gpu-blocks-override N"), the size asked and what
+ * is free. */
+duet_status par_kv_fixed_check(par_instance *inst, long long bytes, const char *flag);
 
 /* The memory plan par_instance_create computed, or NULL when none was asked for (or the
  * backend has no device memory to plan against); and the device's readings before and after

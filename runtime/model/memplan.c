@@ -38,6 +38,23 @@ typedef struct size_str {
     char s[24];
 } size_str;
 
+static size_str sz(long long b);
+
+/* How a fixed KV cache of b bytes was asked for: "--kv-cache-memory 4.0 GiB", or with a
+ * flag "--num-gpu-blocks-override 5000 (4.0 GiB)". */
+typedef struct asked_str {
+    char s[112];
+} asked_str;
+
+static asked_str asked(const char *flag, long long b) {
+    asked_str r;
+    if (flag && *flag)
+        snprintf(r.s, sizeof r.s, "%s (%s)", flag, sz(b).s);
+    else
+        snprintf(r.s, sizeof r.s, "--kv-cache-memory %s", sz(b).s);
+    return r;
+}
+
 static size_str sz(long long b) {
     size_str r;
     double a = (double)(b < 0 ? -b : b);
@@ -736,17 +753,17 @@ duet_status mplan_kv_after_load(const mplan *p, const mplan_measured *m, long lo
     if (p->in.kv_cache_memory > 0) {
         if (p->in.kv_cache_memory > kv) {
             fail(err, err_len,
-                 "--kv-cache-memory %s does not fit: of the device's %s, %s %s and the "
-                 "first steps need %s more",
-                 sz(p->in.kv_cache_memory).s, sz(m->total).s, took, sz(used).s, sz(p->act_late).s);
+                 "%s does not fit: of the device's %s, %s %s and the first steps need %s more",
+                 asked(p->in.kv_flag, p->in.kv_cache_memory).s, sz(m->total).s, took, sz(used).s,
+                 sz(p->act_late).s);
             return DUET_ERR_NO_MEMORY;
         }
         if (p->in.kv_cache_memory > room) {
             fail(err, err_len,
-                 "--kv-cache-memory %s does not fit: the device has %s free after loading "
-                 "(other processes hold %s) and the first steps need %s of it",
-                 sz(p->in.kv_cache_memory).s, sz(m->free_after_load).s, sz(others).s,
-                 sz(p->act_late).s);
+                 "%s does not fit: the device has %s free after loading (other processes hold "
+                 "%s) and the first steps need %s of it",
+                 asked(p->in.kv_flag, p->in.kv_cache_memory).s, sz(m->free_after_load).s,
+                 sz(others).s, sz(p->act_late).s);
             return DUET_ERR_NO_MEMORY;
         }
         kv = p->in.kv_cache_memory;
@@ -786,22 +803,22 @@ duet_status mplan_kv_after_load(const mplan *p, const mplan_measured *m, long lo
     return DUET_OK;
 }
 
-duet_status mplan_check_kv_fixed(long long asked, int n_ranks, long long available,
-                                 const char *where, const char *available_what, char *err,
-                                 size_t err_len) {
+duet_status mplan_check_kv_fixed(long long asked_b, int n_ranks, long long available,
+                                 const char *where, const char *available_what, const char *flag,
+                                 char *err, size_t err_len) {
     if (err_len) err[0] = '\0';
     if (n_ranks < 1) n_ranks = 1;
-    /* asked is at most 9e18 (opt_parse_size): in double the product cannot wrap */
-    double need = (double)asked * n_ranks;
+    /* asked_b is at most 9e18 (opt_parse_size): in double the product cannot wrap */
+    double need = (double)asked_b * n_ranks;
     if (need <= (double)available) return DUET_OK;
     if (n_ranks == 1)
-        fail(err, err_len, "--kv-cache-memory %s does not fit: %s has %s %s", sz(asked).s, where,
+        fail(err, err_len, "%s does not fit: %s has %s %s", asked(flag, asked_b).s, where,
              sz(available).s, available_what);
     else
         fail(err, err_len,
-             "--kv-cache-memory %s does not fit: the %d ranks on %s need %s for their KV caches, "
-             "%s has %s %s",
-             sz(asked).s, n_ranks, where, sz(need < 9e18 ? (long long)need : (long long)9e18).s,
-             where, sz(available).s, available_what);
+             "%s does not fit: the %d ranks on %s need %s for their KV caches, %s has %s %s",
+             asked(flag, asked_b).s, n_ranks, where,
+             sz(need < 9e18 ? (long long)need : (long long)9e18).s, where, sz(available).s,
+             available_what);
     return DUET_ERR_NO_MEMORY;
 }

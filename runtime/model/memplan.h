@@ -110,6 +110,10 @@ typedef struct mplan_inputs {
     /* --kv-cache-memory: > 0 fixes the KV cache at this many bytes and, as in vLLM, sets the
      * utilization aside: the budget is then the whole device */
     long long kv_cache_memory;
+    /* how kv_cache_memory was asked for, for messages: "" is --kv-cache-memory; a worker
+     * given --num-gpu-blocks-override N sets "--num-gpu-blocks-override N" (the refusal then
+     * names that flag and the bytes its blocks take) */
+    char kv_flag[64];
 } mplan_inputs;
 
 /* The worker's defaults: one rank, utilization 0.9, bf16 weights/activations/KV, 256
@@ -213,15 +217,16 @@ duet_status mplan_check_start(const mplan *p, const mplan_measured *m, char *err
 duet_status mplan_kv_after_load(const mplan *p, const mplan_measured *m, long long *kv_bytes_p,
                                 char *err, size_t err_len);
 
-/* A fixed KV cache (--kv-cache-memory) of asked bytes per rank where there is no plan with
+/* A fixed KV cache (--kv-cache-memory) of asked_b bytes per rank where there is no plan with
  * device readings to hold it to (mplan_kv_after_load does that): n_ranks ranks that each
  * allocate one share memory with available bytes left (the CPU backend: the instance's ranks
  * on one host and the host's available memory; a device: 1 and its free memory). where names
  * the memory ("the host", "the device") and available_what how it was read ("available
  * (MemAvailable)", "free"). Refuses (DUET_ERR_NO_MEMORY, one line in err naming the flag, the
- * size asked and what is there) when n_ranks * asked exceeds available. Arithmetic only. */
-duet_status mplan_check_kv_fixed(long long asked, int n_ranks, long long available,
-                                 const char *where, const char *available_what, char *err,
-                                 size_t err_len);
+ * size asked and what is there) when n_ranks * asked exceeds available. flag: how the size
+ * was asked for, as mplan_inputs.kv_flag (NULL or "": --kv-cache-memory). Arithmetic only. */
+duet_status mplan_check_kv_fixed(long long asked_b, int n_ranks, long long available,
+                                 const char *where, const char *available_what, const char *flag,
+                                 char *err, size_t err_len);
 
 #endif

@@ -459,6 +459,14 @@ static duet_status size_kv(srv_server *s) {
     const cfg_model *mc = mdl_config(par_model(s->inst));
     size_t per_token = mdl_kv_bytes_per_token(par_model(s->inst));
     if (s->cfg.num_gpu_blocks_override > 0) {
+        /* held to what the device (or the host) has, as a --kv-cache-memory of its bytes */
+        char flag[64];
+        snprintf(flag, sizeof flag, "--num-gpu-blocks-override %d", s->cfg.num_gpu_blocks_override);
+        duet_status st = par_kv_fixed_check(s->inst,
+                                            (long long)s->cfg.num_gpu_blocks_override *
+                                                s->cfg.block_size * (long long)per_token,
+                                            flag);
+        if (st != DUET_OK) return st;
         s->n_blocks = s->cfg.num_gpu_blocks_override;
     } else {
         /* --kv-cache-memory; else what --gpu-memory-utilization of the device leaves after
@@ -466,7 +474,7 @@ static duet_status size_kv(srv_server *s) {
         long long budget = s->cfg.kv_cache_memory;
         if (budget > 0) {
             /* the size asked, held to what the device (or the host) has, as below */
-            duet_status st = par_kv_fixed_check(s->inst, budget);
+            duet_status st = par_kv_fixed_check(s->inst, budget, NULL);
             if (st != DUET_OK) return st;
         } else {
             duet_status st = par_kv_budget(s->inst, &budget);

@@ -2,7 +2,8 @@
 # --kv-cache-memory is held to what the memory can give (CPU backend: the host's available
 # memory) before the cache is allocated:
 # - duet-decode and duet-prefill asked for 10T: exit 1 at start-up, before any allocation,
-#   with exactly one error line naming the flag, the size asked and what the host has;
+#   with exactly one error line naming the flag, the size asked and what the host has; the
+#   same for --num-gpu-blocks-override (the line names that flag and the bytes of its blocks);
 # - the same under mpirun (DP2: two ranks on this host): one error line for the instance, every
 #   rank ending, exit nonzero within the time limit;
 # - a size that fits (64M): the worker starts, answers /health and a completion, stops on
@@ -25,7 +26,9 @@ fail() {
 }
 common=(--model "$model" --tokenizer "$tokdir" --host 127.0.0.1 --port 0)
 
-# too_big NAME CMD...: the command must end with the one-line refusal of 10T
+# too_big NAME CMD...: the command must end with the one-line refusal of 10T (or of what
+# $want names)
+want='--kv-cache-memory 10240.0 GiB does not fit: '
 too_big() {
     local name="$1"
     shift
@@ -34,7 +37,7 @@ too_big() {
     local lines
     lines=$(grep -c ' E ' "$tmp/$name.out")
     if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && [ "$lines" = 1 ] &&
-        grep ' E ' "$tmp/$name.out" | grep -q -- '--kv-cache-memory 10240.0 GiB does not fit: ' &&
+        grep ' E ' "$tmp/$name.out" | grep -q -- "$want" &&
         grep ' E ' "$tmp/$name.out" | grep -q 'the host has [0-9.]* [GM]iB available' &&
         ! grep -q 'cannot allocate' "$tmp/$name.out"; then
         echo "ok   $name: exit $rc, $(grep ' E ' "$tmp/$name.out" | sed 's/.* E //')"
@@ -52,6 +55,12 @@ if grep ' E ' "$tmp/decode-dp2-10T.out" | grep -q 'the 2 ranks on the host need 
 else
     fail "decode-dp2-10T: the line does not count both ranks"
 fi
+# the same check for a size asked in blocks (vLLM's flag): the line names it and its bytes
+want='--num-gpu-blocks-override 1073741823 ([0-9.]* [GT]iB) does not fit: '
+too_big decode-blocks "$decode" "${common[@]}" --num-gpu-blocks-override 1073741823
+want='--num-gpu-blocks-override 40000000 ([0-9.]* [GT]iB) does not fit: the 2 ranks on the host'
+too_big decode-dp2-blocks mpirun --oversubscribe -np 2 "$decode" "${common[@]}" -dp 2 \
+    --num-gpu-blocks-override 40000000
 
 # a size that fits: the worker starts and serves
 "$decode" "${common[@]}" --kv-cache-memory 64M >"$tmp/fits.out" 2>&1 </dev/null &

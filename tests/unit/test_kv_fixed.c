@@ -31,34 +31,41 @@ static void test_arith(void) {
     char err[512];
     /* exactly what is there fits, one byte more does not */
     CHECK_EQ_INT(
-        mplan_check_kv_fixed(8 * GIB, 1, 8 * GIB, "the host", "available", err, sizeof err),
+        mplan_check_kv_fixed(8 * GIB, 1, 8 * GIB, "the host", "available", NULL, err, sizeof err),
         DUET_OK);
     CHECK(err[0] == '\0');
-    CHECK_EQ_INT(
-        mplan_check_kv_fixed(8 * GIB + 1, 1, 8 * GIB, "the host", "available", err, sizeof err),
-        DUET_ERR_NO_MEMORY);
+    CHECK_EQ_INT(mplan_check_kv_fixed(8 * GIB + 1, 1, 8 * GIB, "the host", "available", NULL, err,
+                                      sizeof err),
+                 DUET_ERR_NO_MEMORY);
     check_has(err, "--kv-cache-memory 8.0 GiB does not fit: the host has 8.0 GiB available");
     CHECK(strchr(err, '\n') == NULL);
     /* four ranks on the host each allocate their own cache */
     CHECK_EQ_INT(
-        mplan_check_kv_fixed(2 * GIB, 4, 8 * GIB, "the host", "available", err, sizeof err),
+        mplan_check_kv_fixed(2 * GIB, 4, 8 * GIB, "the host", "available", NULL, err, sizeof err),
         DUET_OK);
     CHECK_EQ_INT(
-        mplan_check_kv_fixed(3 * GIB, 4, 8 * GIB, "the host", "available", err, sizeof err),
+        mplan_check_kv_fixed(3 * GIB, 4, 8 * GIB, "the host", "available", NULL, err, sizeof err),
         DUET_ERR_NO_MEMORY);
     check_has(err, "--kv-cache-memory 3.0 GiB does not fit: the 4 ranks on the host need 12.0 "
                    "GiB for their KV caches, the host has 8.0 GiB available");
     /* on a device, and sizes at the edges: 10 TiB, the largest size the flag takes times 4096
      * ranks (no overflow), nothing available */
-    CHECK_EQ_INT(
-        mplan_check_kv_fixed(10 * 1024 * GIB, 1, 140 * GIB, "the device", "free", err, sizeof err),
-        DUET_ERR_NO_MEMORY);
+    CHECK_EQ_INT(mplan_check_kv_fixed(10 * 1024 * GIB, 1, 140 * GIB, "the device", "free", NULL,
+                                      err, sizeof err),
+                 DUET_ERR_NO_MEMORY);
     check_has(err, "--kv-cache-memory 10240.0 GiB does not fit: the device has 140.0 GiB free");
     CHECK_EQ_INT(mplan_check_kv_fixed(9000000000000000000LL, 4096, 140 * GIB, "the host",
-                                      "available", err, sizeof err),
+                                      "available", NULL, err, sizeof err),
                  DUET_ERR_NO_MEMORY);
     check_has(err, "the 4096 ranks on the host need ");
-    CHECK_EQ_INT(mplan_check_kv_fixed(1, 1, 0, "the host", "available", err, sizeof err),
+    /* a size asked in blocks names its flag and what the blocks take */
+    CHECK_EQ_INT(mplan_check_kv_fixed(16 * GIB, 1, 8 * GIB, "the device", "free",
+                                      "--num-gpu-blocks-override 4096", err, sizeof err),
+                 DUET_ERR_NO_MEMORY);
+    check_has(err, "--num-gpu-blocks-override 4096 (16.0 GiB) does not fit: the device has 8.0 GiB "
+                   "free");
+    CHECK_MSG(!strstr(err, "--kv-cache-memory"), "names the wrong flag: %s", err);
+    CHECK_EQ_INT(mplan_check_kv_fixed(1, 1, 0, "the host", "available", NULL, err, sizeof err),
                  DUET_ERR_NO_MEMORY);
 }
 
@@ -96,7 +103,7 @@ static par_instance *instance(long long device) {
 static duet_status fixed(par_instance *inst, long long bytes, char **log_p) {
     log_set_level(LOG_LEVEL_INFO);
     tu_capture_begin();
-    duet_status st = par_kv_fixed_check(inst, bytes);
+    duet_status st = par_kv_fixed_check(inst, bytes, NULL);
     *log_p = tu_capture_end();
     log_set_level(LOG_LEVEL_WARN);
     return st;
