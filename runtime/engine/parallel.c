@@ -278,9 +278,16 @@ duet_status par_kv_budget(par_instance *p, long long *bytes_p) {
     char err[512];
     long long kv = 0;
     duet_status st = mplan_kv_after_load(&p->mem, &p->readings, &kv, err, sizeof err);
-    if (st != DUET_OK) {
-        LOG_ERROR("memory plan: %s", err);
-        return st;
+    /* one verdict for the instance, as par_kv_fixed_check: a rank that fits must not go on
+     * to the KV agreement while another ends (it would wait there for its deadline) */
+    long long first = st == DUET_OK ? 0 : p->world.size - p->world.rank;
+    if (p->world.size > 1) {
+        duet_status cst = comm_allreduce_i64(p->world_group, &first, 1, true);
+        if (cst != DUET_OK) return cst;
+    }
+    if (first) {
+        if (p->world.size - first == p->world.rank) LOG_ERROR("memory plan: %s", err);
+        return DUET_ERR_NO_MEMORY;
     }
     if (err[0]) LOG_WARN("memory plan: %s", err); /* a neighbour holds more than its share */
     const mplan_measured *m = &p->readings;

@@ -74,7 +74,8 @@ bool par_lockstep(const par_instance *inst);
  * (mplan_kv_after_load): what o->mem.utilization of the device leaves after loading and after
  * what the first steps will allocate. DUET_ERR_UNSUPPORTED when there are no readings (the
  * CPU backend, no plan asked for, or o->mem.device_memory given): the caller keeps its own
- * default. DUET_ERR_NO_MEMORY, logged, when one sequence of max_model_len does not fit. */
+ * default. All ranks: DUET_ERR_NO_MEMORY on every rank when one sequence of max_model_len does
+ * not fit on some rank (or its start-up reading refuses), logged once by the first such rank. */
 duet_status par_kv_budget(par_instance *inst, long long *bytes_p);
 
 /* All ranks, before a fixed KV cache (--kv-cache-memory) of bytes per rank is allocated: the
