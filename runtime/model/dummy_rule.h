@@ -79,8 +79,8 @@ static inline int dummy_kind_of(const char *name) {
 }
 
 /* The whole rule of a slice: the fields above for tensor name with seed. */
-static inline dummy_slice dummy_slice_of(const char *name, uint64_t seed, int full_out,
-                                         int full_in, int r0, int c0) {
+static inline dummy_slice dummy_slice_of(const char *name, uint64_t seed, int full_out, int full_in,
+                                         int r0, int c0) {
     dummy_slice s;
     s.key = dummy_key(name, seed);
     s.kind = dummy_kind_of(name);

@@ -34,8 +34,7 @@ static unsigned char *weight_bytes(be_backend *be, const be_weight *w, size_t *n
     return h;
 }
 
-static void same_weight(be_backend *be, const be_weight *a, const be_weight *b,
-                        const char *what) {
+static void same_weight(be_backend *be, const be_weight *a, const be_weight *b, const char *what) {
     if (!a || !b) {
         CHECK_MSG(!a && !b, "%s: on one side only", what);
         return;
@@ -100,8 +99,7 @@ static void check_case(be_backend *be, const wcase *k, uint64_t seed) {
         float *sc = malloc((size_t)rb * cb * sizeof(float));
         for (size_t i = 0; i < n; i++) q[i] = dummy_e4m3(v[i] * dummy_fp8_inv());
         for (int i = 0; i < rb * cb; i++) sc[i] = dummy_fp8_scale();
-        sh = be->ops->weight_create_fp8(be, q, sc, k->parts * k->n_rows, k->n_in, k->n_rows,
-                                        &host);
+        sh = be->ops->weight_create_fp8(be, q, sc, k->parts * k->n_rows, k->n_in, k->n_rows, &host);
         free(q);
         free(sc);
     } else {
@@ -237,8 +235,8 @@ static void check_load(be_backend *be, const char *dir, int tp, int rank) {
             same_layer(be, &c, &plan, &wh->mtp->layer, &wd->mtp->layer);
         }
     }
-    printf("%s backend: a whole dummy load, tp %d rank %d: compared\n",
-           dt_name(be->ops->act_dtype), tp, rank);
+    printf("%s backend: a whole dummy load, tp %d rank %d: compared\n", dt_name(be->ops->act_dtype),
+           tp, rank);
     mdl_weights_destroy(wh);
     mdl_weights_destroy(wd);
 }

@@ -97,19 +97,22 @@ static void test_rule(void) {
     };
     for (size_t i = 0; i < sizeof gold / sizeof gold[0]; i++) {
         /* as a slice that starts elsewhere: (r0 + i, c0 + j) is the same element */
-        dummy_slice s = dummy_slice_of(gold[i].name, gold[i].seed, gold[i].row + 1,
-                                       gold[i].full_in, gold[i].row / 2, gold[i].col / 3);
+        dummy_slice s = dummy_slice_of(gold[i].name, gold[i].seed, gold[i].row + 1, gold[i].full_in,
+                                       gold[i].row / 2, gold[i].col / 3);
         float v = dummy_at(&s, gold[i].row - gold[i].row / 2, gold[i].col - gold[i].col / 3);
-        CHECK_MSG(bits(v) == gold[i].bits, "%s (%d, %d): %08x, the loader made %08x",
-                  gold[i].name, gold[i].row, gold[i].col, bits(v), gold[i].bits);
+        CHECK_MSG(bits(v) == gold[i].bits, "%s (%d, %d): %08x, the loader made %08x", gold[i].name,
+                  gold[i].row, gold[i].col, bits(v), gold[i].bits);
         CHECK(bits(old_value(gold[i].name, gold[i].seed, gold[i].full_in, gold[i].row,
                              gold[i].col)) == gold[i].bits);
     }
-    static const char *names[] = {
-        "model.layers.1.mlp.experts.3.down_proj.weight", "model.norm.weight",
-        "model.layers.0.input_layernorm.weight", "model.layers.2.mlp.gate.e_score_correction_bias",
-        "model.layers.5.self_attn.kv_a_proj_with_mqa.weight", "x.norm.weight", "enorm.weight",
-        "model.layers.4.hnorm.weight"};
+    static const char *names[] = {"model.layers.1.mlp.experts.3.down_proj.weight",
+                                  "model.norm.weight",
+                                  "model.layers.0.input_layernorm.weight",
+                                  "model.layers.2.mlp.gate.e_score_correction_bias",
+                                  "model.layers.5.self_attn.kv_a_proj_with_mqa.weight",
+                                  "x.norm.weight",
+                                  "enorm.weight",
+                                  "model.layers.4.hnorm.weight"};
     int bad = 0;
     for (int t = 0; t < 200000; t++) {
         const char *name = names[next64() % 8];
@@ -169,7 +172,7 @@ static void test_roundings(void) {
 
 /* ---- the loader through the op ---- */
 
-static const be_ops *g_cpu; /* the CPU backend's own table */
+static const be_ops *g_cpu;  /* the CPU backend's own table */
 static be_ops g_host, g_dev; /* + FP8 weights; + the dummy ops too */
 static long long g_bytes, g_dummy_calls, g_bad;
 static long long g_outside; /* host-path creations the loader called itself, not the op */
@@ -289,8 +292,7 @@ static void same_linear(be_backend *a, be_backend *b, const be_weight *wa, const
 static void same_vec(const void *a, const void *b, int n, const char *what, int layer) {
     CHECK_MSG((!a) == (!b), "%s of layer %d: on one side only", what, layer);
     if (a && b) /* CPU vectors are host float32 */
-        CHECK_MSG(!memcmp(a, b, (size_t)n * sizeof(float)), "%s of layer %d differs", what,
-                  layer);
+        CHECK_MSG(!memcmp(a, b, (size_t)n * sizeof(float)), "%s of layer %d differs", what, layer);
 }
 
 static void same_ffn(be_backend *a, be_backend *b, const be_ffn *fa, const be_ffn *fb, int D,

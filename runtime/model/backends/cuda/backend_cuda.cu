@@ -373,9 +373,12 @@ static duet_status cuda_sync(be_backend *be) {
  * rank of a host (a V3 embedding is 1.8 GB in bf16). */
 #define WSTAGE_MAX ((size_t)64 << 20)
 
-/* The weight staging area of at least bytes (<= WSTAGE_MAX), or NULL (out of host memory). */
+/* The weight staging area of at least bytes (<= WSTAGE_MAX), or NULL (out of host memory).
+ * Grown at least twofold each time, so weights of slowly growing sizes page-lock few times. */
 static void *weight_stage(cuda_backend *c, size_t bytes) {
     if (bytes <= c->wstage_bytes) return c->wstage;
+    if (bytes < 2 * c->wstage_bytes) bytes = 2 * c->wstage_bytes;
+    if (bytes > WSTAGE_MAX) bytes = WSTAGE_MAX;
     if (c->wstage_pinned)
         cudaFreeHost(c->wstage);
     else
@@ -391,6 +394,7 @@ static void *weight_stage(cuda_backend *c, size_t bytes) {
                  bytes);
     }
     c->wstage_bytes = c->wstage ? bytes : 0;
+    if (!c->wstage) LOG_ERROR("cuda backend: cannot allocate %zu bytes of host staging", bytes);
     return c->wstage;
 }
 

@@ -40,8 +40,15 @@ __global__ void dummy_const_kernel(float *dst, float v, int n) {
     if (i < n) dst[i] = v;
 }
 
-static duet_status fill(cuda_backend *c, void *dst, int out, const dummy_slice *parts,
-                        int n_parts, int n_rows, int n_in) {
+/* an FP8 weight's one-group table {w, scale} (a kernel, not a copy from the host stack: a copy
+ * from pageable memory would wait for the stream) */
+__global__ void dummy_tab_kernel(void **tab, void *w, float *scale) {
+    tab[0] = w;
+    tab[1] = scale;
+}
+
+static duet_status fill(cuda_backend *c, void *dst, int out, const dummy_slice *parts, int n_parts,
+                        int n_rows, int n_in) {
     int rows = n_parts * n_rows;
     if (rows == 0 || n_in == 0) return DUET_OK;
     const dummy_slice &s1 = parts[n_parts > 1 ? 1 : 0];
@@ -83,14 +90,13 @@ static duet_status create_fp8(cuda_backend *c, const dummy_slice *parts, int n_p
     if (st == DUET_OK) {
         int ns = (int)(rb * cb);
         dummy_const_kernel<<<(ns + 255) / 256, 256, 0, c->stream>>>(bw->scale, dummy_fp8_scale(),
-                                                                     ns);
+                                                                    ns);
         st = CUDA_LAUNCHED(c, "dummy_const_kernel");
     }
-    /* from pageable memory the copy is staged before the call returns: tab may go */
-    void *tab[2] = {bw->w, bw->scale};
-    if (st == DUET_OK)
-        st = CUDA_CHECK(c, cudaMemcpyAsync(bw->tab, tab, sizeof tab, cudaMemcpyHostToDevice,
-                                           c->stream));
+    if (st == DUET_OK) {
+        dummy_tab_kernel<<<1, 1, 0, c->stream>>>(bw->tab, bw->w, bw->scale);
+        st = CUDA_LAUNCHED(c, "dummy_tab_kernel");
+    }
     if (st != DUET_OK) {
         cudaFree(bw->w);
         cudaFree(bw->scale);
