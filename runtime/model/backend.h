@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include "model/config.h"
+#include "model/dummy_rule.h"
 #include "base/dtype.h"
 #include "base/status.h"
 
@@ -218,6 +219,21 @@ typedef struct be_ops {
     duet_status (*weight_create_fp8)(be_backend *be, const uint8_t *q, const float *scales,
                                      int n_out, int n_in, int split, be_weight **w_p);
     duet_status (*vec_create)(be_backend *be, const float *v, int n, void **dev_p); /* f32 */
+    /* optional: dummy weights (--load-format dummy) made where they live, from the rule of
+     * model/dummy_rule.h instead of host data: n_parts (1, or 2 for gate and up fused) parts
+     * of n_rows rows each, part p rows [parts[p].r0, + n_rows) and columns [parts[p].c0, +
+     * n_in) of its tensor (rows at or past its full_out zero), stacked [n_parts * n_rows,
+     * n_in]. fp8 false: bit for bit what weight_create (with keep_f32) makes of the rule's
+     * float32 values; fp8 true: what weight_create_fp8 makes of the codes dummy_e4m3(value *
+     * dummy_fp8_inv()) with every block's scale dummy_fp8_scale() and split n_rows, and
+     * DUET_ERR_UNSUPPORTED where weight_create_fp8 would answer that. NULL: the loader fills
+     * host memory and calls those. */
+    duet_status (*weight_create_dummy)(be_backend *be, const dummy_slice *parts, int n_parts,
+                                       int n_rows, int n_in, bool keep_f32, bool fp8,
+                                       be_weight **w_p);
+    /* optional, with weight_create_dummy: vec_create of rows [0, n) of a dummy vector (the
+     * slice's full_in 0, r0 and c0 0), the same float32 bits */
+    duet_status (*vec_create_dummy)(be_backend *be, const dummy_slice *s, int n, void **dev_p);
 
     duet_status (*kv_create)(be_backend *be, int n_blocks, int n_layers, int block_size, int kv_dim,
                              be_kv **kv_p);

@@ -3,7 +3,8 @@
  * weight_scale_inv blocks where the backend computes with them (be_ops.weight_create_fp8, the
  * slices memplan.h's mplan_fp8_resident allows), dequantized otherwise, every shape checked
  * against config.json. Dummy weights
- * (--load-format dummy) follow the same path with values from a hash of (name, row, col).
+ * (--load-format dummy) follow the same path with values from a hash of (name, row, col)
+ * (model/dummy_rule.h), made by the backend itself where it has be_ops.weight_create_dummy.
  * Which slices to take is shard.c's decision, what to compute with them model.c's. Progress is
  * logged against totals the memory plan counts up front (memplan.h). */
 #include "model/weights.h"
@@ -14,8 +15,8 @@
 #include <string.h>
 
 #include "base/clock.h"
-#include "base/hash.h"
 #include "base/log.h"
+#include "model/dummy_rule.h"
 #include "model/memplan.h"
 #include "model/safetensors.h"
 
@@ -99,63 +100,22 @@ static float *tmp_get(loader *ld, size_t n) {
     return ld->tmp;
 }
 
-/* What a tensor's values are when no checkpoint is read: norms are ones, the router bias
- * zero, everything else uniform with the config's usual 0.02 standard deviation. */
+/* What a tensor's values are when no checkpoint is read (model/dummy_rule.h): norms are
+ * ones, the router bias zero, everything else uniform with the config's usual 0.02 standard
+ * deviation. Rows of a big tensor in parallel (big models' dummy weights would otherwise take
+ * minutes on one core); backends with weight_create_dummy make them on the device instead. */
 static void dummy_fill(loader *ld, const char *name, int full_in, int r0, int nrows, int c0,
                        int ncols, float *dst) {
-    size_t len = strlen(name);
-    int is_norm = len > 11 && strstr(name, "norm.weight") != NULL;
-    int is_bias = strstr(name, "e_score_correction_bias") != NULL;
-    uint64_t h = hash_fnv1a_str(name) ^ hash_mix64(ld->dummy_seed + 0x9e3779b97f4a7c15ull);
-    const float a = 0.02f * 1.7320508f; /* uniform [-a, a] has std 0.02 */
-    /* every value depends only on (name, row, col): rows in parallel (big models' dummy
-     * weights would otherwise take minutes on one core) */
+    const dummy_slice s = dummy_slice_of(name, ld->dummy_seed, r0 + nrows, full_in, r0, c0);
 #pragma omp parallel for schedule(static) if ((size_t)nrows * ncols > 65536)
     for (int i = 0; i < nrows; i++)
-        for (int j = 0; j < ncols; j++) {
-            float v;
-            if (is_norm)
-                v = 1.0f;
-            else if (is_bias)
-                v = 0.0f;
-            else {
-                uint64_t k = hash_mix64(h + (uint64_t)(r0 + i) * (uint64_t)(full_in ? full_in : 1) +
-                                        (uint64_t)(c0 + j));
-                v = ((float)(k >> 40) / 16777216.0f * 2.0f - 1.0f) * a;
-            }
-            dst[(size_t)i * ncols + j] = v;
-        }
+        for (int j = 0; j < ncols; j++) dst[(size_t)i * ncols + j] = dummy_at(&s, i, j);
 }
 
 /* ---- FP8 kept as FP8 ---- */
 
 static int cdiv(int a, int b) {
     return (a + b - 1) / b;
-}
-
-/* Nearest e4m3 code of f (ties to the even code), saturating at 448: a binary search over the
- * codes, which grow with their value (dt_f32_to_e4m3 scans all of them: too slow for GBs). */
-static uint8_t e4m3_quant(float f) {
-    static float tab[127];
-    static bool ready; /* the loader's thread fills it before any parallel loop uses it */
-    if (!ready) {
-        for (int i = 0; i < 127; i++) tab[i] = dt_e4m3_to_f32((uint8_t)i);
-        ready = true;
-    }
-    uint8_t sign = signbit(f) ? 0x80 : 0;
-    float a = fabsf(f);
-    if (!(a < 448.0f)) return sign | 0x7e;
-    int lo = 0, hi = 126; /* tab[lo] <= a < tab[hi] */
-    while (hi - lo > 1) {
-        int mid = (lo + hi) / 2;
-        if (tab[mid] <= a)
-            lo = mid;
-        else
-            hi = mid;
-    }
-    float dl = a - tab[lo], dh = tab[hi] - a;
-    int c = dl < dh || (dl == dh && (lo & 1) == 0) ? lo : hi;
-    return sign | (uint8_t)c;
 }
 
 /* Staging for an FP8 weight of n bytes and ns scales. */
@@ -189,13 +149,12 @@ static duet_status load_slice_fp8(loader *ld, const char *name, int full_out, in
         if (!buf) return DUET_ERR_NO_MEMORY;
         duet_status st = load_slice(ld, name, full_out, full_in, r0, nrows, c0, ncols, buf);
         if (st != DUET_OK) return st;
-        const float scale = 0.02f * 1.7320508f / 448.0f, inv = 1.0f / scale;
+        const float scale = dummy_fp8_scale(), inv = dummy_fp8_inv();
         for (int i = 0; i < rb * cb; i++) s[i] = scale;
-        (void)e4m3_quant(0.0f); /* its table filled here, not by the threads below */
 #pragma omp parallel for schedule(static) if ((size_t)nrows * ncols > 65536)
         for (int i = 0; i < nrows; i++)
             for (int j = 0; j < ncols; j++)
-                q[(size_t)i * ncols + j] = e4m3_quant(buf[(size_t)i * ncols + j] * inv);
+                q[(size_t)i * ncols + j] = dummy_e4m3(buf[(size_t)i * ncols + j] * inv);
         return DUET_OK;
     }
     const st_tensor *t = st_find(ld->st, name);
@@ -237,6 +196,28 @@ static duet_status load_slice_fp8(loader *ld, const char *name, int full_out, in
     return DUET_OK;
 }
 
+/* Dummy weights the backend makes itself (be_ops.weight_create_dummy): no host values, no
+ * copy; the same bits as the host fill and upload (model/dummy_rule.h). */
+static bool dev_dummy(const loader *ld) {
+    return ld->source == MDL_WEIGHTS_DUMMY && ld->be->ops->weight_create_dummy != NULL;
+}
+
+/* parts (1, or 2: gate and up) tensors names[p], rows [r0, r0 + nrows) and columns [c0, c0 +
+ * ncols) of each, as one weight made by the backend from the dummy rule (not FP8) */
+static duet_status dummy_weight(loader *ld, const char *const names[2], int parts, int full_out,
+                                int full_in, int r0, int nrows, int c0, int ncols, bool keep_f32,
+                                be_weight **w_p) {
+    dummy_slice s[2];
+    for (int p = 0; p < parts; p++)
+        s[p] = dummy_slice_of(names[p], ld->dummy_seed, full_out, full_in, r0, c0);
+    progress_add(&ld->prog, parts, 0);
+    duet_status st =
+        ld->be->ops->weight_create_dummy(ld->be, s, parts, nrows, ncols, keep_f32, false, w_p);
+    size_t es = keep_f32 ? sizeof(float) : dt_size(ld->be->ops->act_dtype);
+    if (st == DUET_OK) progress_add(&ld->prog, 0, (long long)parts * nrows * ncols * (long long)es);
+    return st;
+}
+
 /* One or two parts (gate and up) of FP8 rows, then the backend's FP8 weight. *done false:
  * the checkpoint or the backend said no, nothing was created, the caller dequantizes. */
 static duet_status load_fp8_parts(loader *ld, const char *const names[2], int full_out, int full_in,
@@ -245,6 +226,22 @@ static duet_status load_fp8_parts(loader *ld, const char *const names[2], int fu
     *done = false;
     if (!ld->fp8 || !mplan_fp8_resident(ld->c, r0, c0, ncols)) return DUET_OK;
     size_t cb = (size_t)cdiv(ncols, 128), rb = (size_t)cdiv(nrows, 128);
+    long long n = (long long)parts * nrows * ncols;
+    long long bytes = ld->fp8_plan ? n + 4LL * parts * (long long)(rb * cb)
+                                   : n * (long long)dt_size(ld->be->ops->act_dtype);
+    if (dev_dummy(ld)) {
+        dummy_slice s[2];
+        for (int p = 0; p < parts; p++)
+            s[p] = dummy_slice_of(names[p], ld->dummy_seed, full_out, full_in, r0, c0);
+        duet_status st =
+            ld->be->ops->weight_create_dummy(ld->be, s, parts, nrows, ncols, false, true, w_p);
+        if (st == DUET_ERR_UNSUPPORTED) ld->fp8 = false; /* as for weight_create_fp8 below */
+        if (st != DUET_OK) return st == DUET_ERR_UNSUPPORTED ? DUET_OK : st;
+        *done = true;
+        progress_add(&ld->prog, parts, 0);
+        progress_add(&ld->prog, 0, bytes);
+        return DUET_OK;
+    }
     if (!q_get(ld, (size_t)parts * nrows * ncols, parts * rb * cb)) return DUET_ERR_NO_MEMORY;
     for (int p = 0; p < parts; p++) {
         duet_status st =
@@ -264,10 +261,7 @@ static duet_status load_fp8_parts(loader *ld, const char *const names[2], int fu
     if (st != DUET_OK) return st;
     *done = true;
     if (ld->source != MDL_WEIGHTS_DUMMY) progress_add(&ld->prog, parts, 0); /* dummy: counted */
-    long long n = (long long)parts * nrows * ncols;
-    progress_add(&ld->prog, 0,
-                 ld->fp8_plan ? n + 4LL * parts * (long long)(rb * cb)
-                              : n * (long long)dt_size(ld->be->ops->act_dtype));
+    progress_add(&ld->prog, 0, bytes);
     return DUET_OK;
 }
 
@@ -366,6 +360,10 @@ static duet_status load_linear_as(loader *ld, const char *name, int full_out, in
             load_fp8_parts(ld, names, full_out, full_in, r0, nrows, c0, ncols, 1, w_p, &done);
         if (st != DUET_OK || done) return st;
     }
+    if (dev_dummy(ld)) {
+        const char *names[2] = {name, NULL};
+        return dummy_weight(ld, names, 1, full_out, full_in, r0, nrows, c0, ncols, keep_f32, w_p);
+    }
     float *buf = tmp_get(ld, (size_t)nrows * ncols);
     if (!buf) return DUET_ERR_NO_MEMORY;
     duet_status st = load_slice(ld, name, full_out, full_in, r0, nrows, c0, ncols, buf);
@@ -381,6 +379,13 @@ static duet_status load_linear(loader *ld, const char *name, int full_out, int f
 }
 
 static duet_status load_vec(loader *ld, const char *name, int n, void **dev_p) {
+    if (dev_dummy(ld) && ld->be->ops->vec_create_dummy) {
+        const dummy_slice s = dummy_slice_of(name, ld->dummy_seed, n, 0, 0, 0);
+        progress_add(&ld->prog, 1, 0);
+        duet_status st = ld->be->ops->vec_create_dummy(ld->be, &s, n, dev_p);
+        if (st == DUET_OK) progress_add(&ld->prog, 0, (long long)n * (long long)sizeof(float));
+        return st;
+    }
     float *buf = tmp_get(ld, (size_t)n);
     if (!buf) return DUET_ERR_NO_MEMORY;
     duet_status st = load_slice(ld, name, n, 0, 0, n, 0, 1, buf);
@@ -410,6 +415,17 @@ static duet_status load_ffn(loader *ld, const char *prefix, int full_i, int i0, 
             snprintf(name, sizeof name, "%s.down_proj.weight", prefix);
             return load_linear(ld, name, D, full_i, 0, D, i0, n, false, &f->down);
         }
+    }
+    if (dev_dummy(ld)) {
+        char gname[512], uname[512];
+        snprintf(gname, sizeof gname, "%s.gate_proj.weight", prefix);
+        snprintf(uname, sizeof uname, "%s.up_proj.weight", prefix);
+        const char *names[2] = {gname, uname};
+        duet_status st = dummy_weight(ld, names, 2, full_i, D, i0, n, 0, D, false, &f->gate_up);
+        snprintf(name, sizeof name, "%s.down_proj.weight", prefix);
+        if (st == DUET_OK)
+            st = load_linear_as(ld, name, D, full_i, 0, D, i0, n, false, false, &f->down);
+        return st;
     }
     float *buf = tmp_get(ld, (size_t)2 * n * D > (size_t)D * n ? (size_t)2 * n * D : (size_t)D * n);
     if (!buf) return DUET_ERR_NO_MEMORY;
@@ -548,6 +564,9 @@ duet_status mdl_weights_load(const char *dir, const cfg_model *c, const mdl_plan
     }
     for (int l = 0; st == DUET_OK && l < c->num_hidden_layers; l++)
         st = load_layer(&ld, &w->layers[l], l, cfg_layer_is_moe(c, l));
+    /* weights the backend made itself may still be in its queue: the time and rate logged
+     * are of weights that are there */
+    if (st == DUET_OK && dev_dummy(&ld) && be->ops->sync) st = be->ops->sync(be);
     if (st == DUET_OK) progress_end(&ld.prog);
     free(ld.tmp);
     free(ld.q);
@@ -599,6 +618,7 @@ duet_status mdl_weights_load_mtp(const char *dir, const cfg_model *c, const mdl_
         st = load_linear(&ld, NAME("eh_proj.weight"), D, 2 * D, 0, D, D, D, false, &t->eh_h);
 #undef NAME
     if (st == DUET_OK) st = load_layer(&ld, &t->layer, l, c->n_routed_experts > 0);
+    if (st == DUET_OK && dev_dummy(&ld) && w->be->ops->sync) st = w->be->ops->sync(w->be);
     if (st == DUET_OK)
         LOG_INFO("weights: MTP module (layer %d) loaded, %.2f GiB", l,
                  (double)ld.prog.bytes / (1 << 30));

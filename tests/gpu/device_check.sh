@@ -67,6 +67,7 @@ quick)
     # against its emulation, and the memory plan against a V2-Lite-sized dummy load
     TMO=150 run op-test test_backend_ops
     TMO=120 run sample-test test_sample
+    TMO=120 run dummy-test test_dummy_device
     # bf16 is held to the smooth-routing goldens below; on tiny-v3 and tiny-v3-fp8 bf16
     # rounding flips experts at their tiny routing margins (docs/cuda.md), so float32 only
     for c in tiny-v3 tiny-v3-fp8; do
@@ -87,6 +88,7 @@ quick)
 single)
     run op-test test_backend_ops
     run sample-test test_sample
+    run dummy-test test_dummy_device
     run sample-bench bash -c "set -o pipefail; bench_sample cuda | tee $out/bench_sample.txt"
     for c in tiny-v3 tiny-v3-fp8; do
         for dt in float32 bfloat16; do

@@ -305,6 +305,10 @@ static void cuda_destroy(be_backend *be) {
         if (c->xfer[i]) cudaStreamDestroy(c->xfer[i]);
     free(c->h_batch);
     free(c->host_tmp);
+    if (c->wstage_pinned)
+        cudaFreeHost(c->wstage);
+    else
+        free(c->wstage);
     free(c->mla);
     free(c);
 }
@@ -364,35 +368,65 @@ static duet_status cuda_sync(be_backend *be) {
     return CUDA_CHECK(c, cudaStreamSynchronize(c->stream));
 }
 
+/* Weight uploads go through one host staging area of at most this many bytes, a chunk at a
+ * time: big enough that each copy runs at the link's speed, small enough to page-lock on every
+ * rank of a host (a V3 embedding is 1.8 GB in bf16). */
+#define WSTAGE_MAX ((size_t)64 << 20)
+
+/* The weight staging area of at least bytes (<= WSTAGE_MAX), or NULL (out of host memory).
+ * Grown at least twofold each time, so weights of slowly growing sizes page-lock few times. */
+static void *weight_stage(cuda_backend *c, size_t bytes) {
+    if (bytes <= c->wstage_bytes) return c->wstage;
+    if (bytes < 2 * c->wstage_bytes) bytes = 2 * c->wstage_bytes;
+    if (bytes > WSTAGE_MAX) bytes = WSTAGE_MAX;
+    if (c->wstage_pinned)
+        cudaFreeHost(c->wstage);
+    else
+        free(c->wstage);
+    c->wstage = NULL;
+    c->wstage_bytes = 0;
+    c->wstage_pinned = cudaHostAlloc(&c->wstage, bytes, cudaHostAllocDefault) == cudaSuccess;
+    if (!c->wstage_pinned) {
+        (void)cudaGetLastError(); /* not sticky: pageable memory does the same, slower */
+        c->wstage = malloc(bytes);
+        LOG_WARN("cuda backend: cannot page-lock %zu bytes of host staging; weights are "
+                 "copied from pageable memory",
+                 bytes);
+    }
+    c->wstage_bytes = c->wstage ? bytes : 0;
+    if (!c->wstage) LOG_ERROR("cuda backend: cannot allocate %zu bytes of host staging", bytes);
+    return c->wstage;
+}
+
 static duet_status cuda_weight_create(be_backend *be, const float *w, int n_out, int n_in,
                                       bool keep_f32, be_weight **w_p) {
     cuda_backend *c = cuda_be(be);
     if (c->err != DUET_OK) return c->err;
     size_t n = (size_t)n_out * (size_t)n_in;
     dt_dtype t = keep_f32 ? DT_F32 : c->act;
+    size_t es = dt_size(t), bytes = n * es;
     be_weight *bw = (be_weight *)calloc(1, sizeof *bw);
-    void *host = NULL;
-    const void *src = w;
     if (!bw) return DUET_ERR_NO_MEMORY;
-    if (t == DT_BF16) {
-        /* round to nearest even, as torch's .to(bfloat16) */
-        uint16_t *h = (uint16_t *)malloc((n ? n : 1) * sizeof(uint16_t));
-        if (!h) {
-            free(bw);
-            return DUET_ERR_NO_MEMORY;
-        }
-        /* rows of big weights in parallel: loading is otherwise bound by this loop */
-#pragma omp parallel for schedule(static) if (n > (1u << 20))
-        for (size_t i = 0; i < n; i++) h[i] = dt_f32_to_bf16(w[i]);
-        host = h;
-        src = h;
-    }
-    size_t bytes = n * dt_size(t);
     duet_status st = CUDA_CHECK(c, cudaMalloc(&bw->w, bytes ? bytes : 1));
-    /* a synchronous copy: the loader reuses its staging buffer for the next weight */
-    if (st == DUET_OK && bytes)
-        st = CUDA_CHECK(c, cudaMemcpy(bw->w, src, bytes, cudaMemcpyHostToDevice));
-    free(host);
+    /* chunks of whole elements through the staging area: converted there (bf16: nearest even,
+     * as torch's .to(bfloat16)), then a synchronous copy, so the area and the loader's buffer
+     * are free again when the call returns */
+    size_t chunk = bytes < WSTAGE_MAX ? bytes : WSTAGE_MAX;
+    void *stage = st == DUET_OK && bytes ? weight_stage(c, chunk) : NULL;
+    if (st == DUET_OK && bytes && !stage) st = DUET_ERR_NO_MEMORY;
+    for (size_t i0 = 0; st == DUET_OK && i0 < n; i0 += chunk / es) {
+        size_t m = n - i0 < chunk / es ? n - i0 : chunk / es;
+        if (t == DT_BF16) {
+            uint16_t *h = (uint16_t *)stage;
+            /* in parallel: loading is otherwise bound by this loop */
+#pragma omp parallel for schedule(static) if (m > (1u << 20))
+            for (size_t i = 0; i < m; i++) h[i] = dt_f32_to_bf16(w[i0 + i]);
+        } else {
+            memcpy(stage, w + i0, m * es);
+        }
+        st = CUDA_CHECK(c,
+                        cudaMemcpy((char *)bw->w + i0 * es, stage, m * es, cudaMemcpyHostToDevice));
+    }
     if (st != DUET_OK) {
         if (bw->w) cudaFree(bw->w);
         free(bw);
@@ -403,6 +437,16 @@ static duet_status cuda_weight_create(be_backend *be, const float *w, int n_out,
     bw->dtype = t;
     *w_p = bw;
     return DUET_OK;
+}
+
+extern "C" void be_cuda_weight_view_of(const be_weight *w, be_cuda_weight_view *v_p) {
+    be_cuda_weight_view v = {w->dtype, w->n_out, w->n_in, w->split, w->w, NULL, 0};
+    if (w->dtype == DT_F8_E4M3) {
+        v.scales = w->scale;
+        v.n_scales = (size_t)((w->split + 127) / 128 + (w->n_out - w->split + 127) / 128) *
+                     (size_t)((w->n_in + 127) / 128);
+    }
+    *v_p = v;
 }
 
 static void cuda_weight_destroy(be_backend *be, be_weight *w) {
@@ -782,10 +826,11 @@ static duet_status cuda_comm_attach(be_backend *be, comm_group *g) {
         .buf_alloc = cuda_buf_alloc, .buf_free = cuda_buf_free, .upload = cuda_upload,             \
         .download = cuda_download, .sync = cuda_sync, .weight_create = cuda_weight_create,         \
         .weight_destroy = cuda_weight_destroy, .weight_create_fp8 = cuda_weight_create_fp8,        \
-        .vec_create = cuda_vec_create, .kv_create = cuda_kv_create, .kv_destroy = cuda_kv_destroy, \
-        .kv_copy_host = cuda_kv_copy_host, .kv_copy_start = cuda_kv_copy_start,                    \
-        .kv_copy_poll = cuda_kv_copy_poll, .ipc_export = cuda_ipc_export,                          \
-        .ipc_open = cuda_ipc_open, .ipc_close = cuda_ipc_close,                                    \
+        .vec_create = cuda_vec_create, .weight_create_dummy = cuda_weight_create_dummy,            \
+        .vec_create_dummy = cuda_vec_create_dummy, .kv_create = cuda_kv_create,                    \
+        .kv_destroy = cuda_kv_destroy, .kv_copy_host = cuda_kv_copy_host,                          \
+        .kv_copy_start = cuda_kv_copy_start, .kv_copy_poll = cuda_kv_copy_poll,                    \
+        .ipc_export = cuda_ipc_export, .ipc_open = cuda_ipc_open, .ipc_close = cuda_ipc_close,     \
         .kv_copy_device_start = cuda_kv_copy_device_start, .host_pin = cuda_host_pin,              \
         .host_unpin = cuda_host_unpin, .layer_marks_reset = cuda_layer_marks_reset,                \
         .layer_mark = cuda_layer_mark, .layers_done = cuda_layers_done,                            \

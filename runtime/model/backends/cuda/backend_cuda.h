@@ -25,6 +25,19 @@ int be_cuda_device_count(void);
  * ops with events on it or capture them into a CUDA graph. */
 void *be_cuda_stream(be_backend *be);
 
+/* A weight as the backend holds it, for tests that compare weights bit for bit: its element
+ * type (DT_BF16, DT_F32 or DT_F8_E4M3), device addresses of its [n_out, n_in] elements and,
+ * FP8 only (else NULL, 0), of its block scales and their count; read them with
+ * be_ops.mem_download. */
+typedef struct be_cuda_weight_view {
+    dt_dtype dtype;
+    int n_out, n_in, split;
+    const void *data;
+    const float *scales;
+    size_t n_scales;
+} be_cuda_weight_view;
+void be_cuda_weight_view_of(const be_weight *w, be_cuda_weight_view *v_p);
+
 /* The FP8 tensor-core GEMM meant for prefill, not yet used by the linear op (docs/kernels/
  * fp8.md): y [T, n_out] (bf16, y_stride) = q(x) @ W^T for an FP8 weight w, x [T, n_in] (bf16,
  * rows x_stride apart) quantized per token and 128 columns to e4m3 (scale = amax / 448, the

@@ -108,6 +108,11 @@ typedef struct cuda_backend {
     size_t scr_bytes[SCR_COUNT];
     void *host_tmp; /* host staging for index tables, grown on demand */
     size_t host_tmp_bytes;
+    /* host staging of weight uploads (weight_create): page-locked (cudaHostAlloc) unless the
+     * host refused, then malloc'ed; grown to at most a chunk, freed by destroy */
+    void *wstage;
+    size_t wstage_bytes;
+    bool wstage_pinned;
     /* layer-wise progress of the current forward (backend.h layer_mark): an event recorded
      * on the stream after each marked layer's ops; n_marked, set after the record, says how
      * many of them belong to this forward */
@@ -211,6 +216,13 @@ duet_status cuda_weight_create_fp8(be_backend *be, const uint8_t *q, const float
                                    int n_in, int split, be_weight **w_p);
 void cuda_linear_fp8(cuda_backend *c, void *y, int y_stride, const void *x, int x_stride, int T,
                      const be_weight *w);
+
+/* dummy.cu: be_ops.weight_create_dummy / vec_create_dummy (the rule of model/dummy_rule.h
+ * computed on the device, straight into the weight's memory) */
+duet_status cuda_weight_create_dummy(be_backend *be, const dummy_slice *parts, int n_parts,
+                                     int n_rows, int n_in, bool keep_f32, bool fp8,
+                                     be_weight **w_p);
+duet_status cuda_vec_create_dummy(be_backend *be, const dummy_slice *s, int n, void **dev_p);
 
 /* kernels.cu */
 void cuda_embed(be_backend *be, void *out, const int32_t *ids, int T, const be_weight *table,
