@@ -1,0 +1,242 @@
+/* Recorded steps (model.h: mdl_graph_shape_of) on the CPU. 1. The key rule as a pure function:
+ * which batches are recorded (one-token decode, verify steps of w tokens, uniform MTP draft
+ * passes), their bucket, padding and key. 2. The padded batches the recordings run: the CPU
+ * backend does not record, so a stand-in with graph ops that run the ops as they are called
+ * (every "recording" is the padded batch run eagerly, its "replay" a no-op) makes the model
+ * take its recorded path; verify logits and MTP drafts through it equal those of the same
+ * model without graphs. Replay itself (device memory at fixed addresses) needs the GPU:
+ * tests/gpu/mtp_check.sh. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "check.h"
+#include "base/log.h"
+#include "mkmodel.h"
+#include "model/model.h"
+#include "testmodel.h"
+#include "testutil.h"
+
+#define VOCAB 512
+
+static mdl_seq seq(int n_tokens, int n_logits, int n_blocks) {
+    static const int32_t toks[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    static const int32_t table[64] = {0};
+    return (mdl_seq){.tokens = toks,
+                     .n_tokens = n_tokens,
+                     .block_table = table,
+                     .n_blocks = n_blocks,
+                     .n_logits = n_logits};
+}
+
+static void key_rule(void) {
+    mdl_seq s[300];
+    mdl_graph_shape g;
+    /* one-token decode: the smallest bucket holding the batch */
+    for (int i = 0; i < 300; i++) s[i] = seq(1, 1, 3);
+    CHECK(mdl_graph_shape_of(MDL_GRAPH_STEP, s, 3, 256, 16, &g) && g.rows == 4 && g.w == 1 &&
+          g.wlog == 2);
+    CHECK(mdl_graph_shape_of(MDL_GRAPH_STEP, s, 1, 256, 16, &g) && g.rows == 1 && g.bucket == 0);
+    CHECK(mdl_graph_shape_of(MDL_GRAPH_STEP, s, 65, 256, 16, &g) && g.rows == 96);
+    CHECK(mdl_graph_shape_of(MDL_GRAPH_STEP, s, 256, 256, 16, &g) && g.rows == 256);
+    CHECK(!mdl_graph_shape_of(MDL_GRAPH_STEP, s, 257, 4096, 16, &g)); /* past the buckets */
+    CHECK(!mdl_graph_shape_of(MDL_GRAPH_STEP, s, 0, 256, 16, &g));
+    CHECK(!mdl_graph_shape_of(MDL_GRAPH_STEP, s, 65, 64, 16, &g)); /* 96 rows > reserved 64 */
+    /* verify steps: w tokens, w logits rows each; rows * w within the reserved rows */
+    for (int w = 2; w <= MDL_GRAPH_MAX_W; w++) {
+        for (int i = 0; i < 300; i++) s[i] = seq(w, w, 5);
+        CHECK(mdl_graph_shape_of(MDL_GRAPH_STEP, s, 64, 256, 16, &g) && g.rows == 64 &&
+              g.w == w && g.wlog == 3);
+        CHECK(mdl_graph_shape_of(MDL_GRAPH_STEP, s, 20, 256, 16, &g) && g.rows == 24);
+        CHECK(mdl_graph_shape_of(MDL_GRAPH_STEP, s, 64, 64 * w, 16, &g));
+        CHECK(!mdl_graph_shape_of(MDL_GRAPH_STEP, s, 64, 64 * w - 1, 16, &g));
+        CHECK(!mdl_graph_shape_of(MDL_GRAPH_STEP, s, 4, 256, w - 1, &g)); /* padding block */
+        CHECK(!mdl_graph_shape_of(MDL_GRAPH_DRAFT, s, 4, 256, 16, &g));   /* w logits rows */
+    }
+    /* not uniform: mixed widths, logits on fewer rows, too many tokens */
+    for (int i = 0; i < 8; i++) s[i] = seq(2, 2, 1);
+    s[5] = seq(3, 3, 1);
+    CHECK(!mdl_graph_shape_of(MDL_GRAPH_STEP, s, 8, 256, 16, &g));
+    s[5] = seq(2, 1, 1);
+    CHECK(!mdl_graph_shape_of(MDL_GRAPH_STEP, s, 8, 256, 16, &g));
+    for (int i = 0; i < 8; i++) s[i] = seq(MDL_GRAPH_MAX_W + 1, MDL_GRAPH_MAX_W + 1, 1);
+    CHECK(!mdl_graph_shape_of(MDL_GRAPH_STEP, s, 8, 256, 16, &g));
+    /* draft passes: w positions, the last one's logits */
+    for (int i = 0; i < 8; i++) s[i] = seq(3, 1, 9);
+    CHECK(mdl_graph_shape_of(MDL_GRAPH_DRAFT, s, 7, 256, 16, &g) && g.rows == 8 && g.w == 3 &&
+          g.wlog == 4);
+    s[2] = seq(3, 0, 9); /* a sequence that only writes the module's KV */
+    CHECK(!mdl_graph_shape_of(MDL_GRAPH_DRAFT, s, 7, 256, 16, &g));
+    /* keys: one per (kind, w, rows, width) */
+    uint64_t keys[2 * MDL_GRAPH_MAX_W * 3 * 2];
+    int n_keys = 0;
+    for (int k = 0; k < 2; k++)
+        for (int w = 1; w <= MDL_GRAPH_MAX_W; w++)
+            for (int n = 1; n <= 3; n++)
+                for (int nb = 1; nb <= 2; nb++) {
+                    mdl_seq q[3];
+                    for (int i = 0; i < 3; i++) q[i] = seq(w, k == MDL_GRAPH_STEP ? w : 1, nb);
+                    CHECK(mdl_graph_shape_of((mdl_graph_kind)k, q, n, 256, 16, &g));
+                    keys[n_keys++] = g.key;
+                }
+    int dup = 0;
+    for (int i = 0; i < n_keys; i++)
+        for (int j = 0; j < i; j++) dup += keys[i] == keys[j];
+    /* n = 3 and n = 4 would share a bucket; 1, 2, 3 -> buckets 1, 2, 4: all distinct */
+    CHECK_MSG(dup == 0, "%d duplicate keys", dup);
+}
+
+/* ---- the recorded path on the CPU, through stand-in graph ops ---- */
+
+static be_ops g_fake_ops;
+static int g_recordings;
+
+static duet_status fake_begin(be_backend *be) {
+    (void)be;
+    return DUET_OK;
+}
+
+static duet_status fake_end(be_backend *be, uint64_t key) {
+    (void)be;
+    (void)key;
+    g_recordings++;
+    return DUET_OK;
+}
+
+static bool fake_ready(be_backend *be, uint64_t key) {
+    (void)be;
+    (void)key;
+    return false; /* every use "records" again: the padded batch runs each time */
+}
+
+static duet_status fake_launch(be_backend *be, uint64_t key) {
+    (void)be;
+    (void)key;
+    return DUET_OK;
+}
+
+static mdl_model *load(const char *dir, bool fake_graphs, be_backend **be_p) {
+    CHECK(be_create("cpu", 0, be_p) == DUET_OK);
+    if (fake_graphs) {
+        g_fake_ops = *(*be_p)->ops;
+        g_fake_ops.graph_begin = fake_begin;
+        g_fake_ops.graph_end = fake_end;
+        g_fake_ops.graph_ready = fake_ready;
+        g_fake_ops.graph_launch = fake_launch;
+        (*be_p)->ops = &g_fake_ops;
+    }
+    mdl_shard shard = {.tp_rank = 0, .tp_size = 1, .ep_rank = 0, .ep_size = 1};
+    mdl_load_opts lo = {.source = MDL_WEIGHTS_CHECKPOINT, .max_tokens = 64, .spec_tokens = 3};
+    mdl_model *m = NULL;
+    CHECK(mdl_load(dir, *be_p, &shard, &lo, &m) == DUET_OK);
+    if (m) CHECK(mdl_graphs_on(m) == fake_graphs);
+    return m;
+}
+
+enum { NS = 5, BS = 16, NB = 3, MAXT = NS * NB * BS, W_MAX = MDL_GRAPH_MAX_W };
+
+/* The same script on a model: prompts of different lengths for NS sequences, then verify
+ * steps of w = 1..4 tokens each (all logits rows into lg) and a draft round after each (pass
+ * 1 over the verify's w positions, then 2 more passes), drafts into dr. */
+static int script(mdl_model *m, float *lg, int32_t *dr) {
+    be_kv *kv = NULL;
+    CHECK(mdl_kv_create(m, NS * NB + 1, BS, &kv) == DUET_OK);
+    if (!kv) return -1;
+    static int32_t toks[NS][NB * BS], table[NS][NB];
+    for (int s = 0; s < NS; s++) {
+        tm_prompt(toks[s], NB * BS, VOCAB, 100u + (uint32_t)s);
+        for (int b = 0; b < NB; b++) table[s][b] = NS * NB - 1 - (s * NB + b); /* scattered */
+    }
+    mdl_seq q[NS];
+    mdl_draft_seq d[NS];
+    int pos[NS], n_lg = 0, n_dr = 0, rc = 0;
+    for (int s = 0; s < NS; s++) {
+        pos[s] = 5 + 2 * s;
+        q[s] = (mdl_seq){.tokens = toks[s], .n_tokens = pos[s], .block_table = table[s],
+                         .n_blocks = NB, .n_logits = 1};
+    }
+    if (mdl_forward(m, kv, q, NS, NULL) != DUET_OK) rc = -1;
+    /* twice each width: the first use of a key runs eagerly, the second "records" */
+    for (int it = 0; it < 2 * W_MAX && !rc; it++) {
+        int w = 1 + it / 2;
+        for (int s = 0; s < NS; s++)
+            q[s] = (mdl_seq){.tokens = toks[s] + pos[s], .n_tokens = w, .pos0 = pos[s],
+                             .block_table = table[s], .n_blocks = NB, .n_logits = w};
+        float *out = lg + (size_t)n_lg * VOCAB;
+        if (mdl_forward(m, kv, q, NS, out) != DUET_OK) rc = -1;
+        n_lg += NS * w;
+        /* the sequences in the other order: hidden rows gathered, not taken in place */
+        for (int i = 0; i < NS; i++) {
+            int s = NS - 1 - i;
+            d[i] = (mdl_draft_seq){.tokens = toks[s] + pos[s] + 1, .n_tokens = w,
+                                   .pos0 = pos[s], .hid0 = s * w, .block_table = table[s],
+                                   .n_blocks = NB, .n_draft = 3};
+        }
+        int32_t drafts[NS * MDL_MAX_DRAFT];
+        if (!rc && mdl_draft(m, kv, d, NS, drafts) != DUET_OK) rc = -1;
+        memcpy(dr + n_dr, drafts, sizeof drafts);
+        n_dr += NS * MDL_MAX_DRAFT;
+        for (int s = 0; s < NS; s++) pos[s] += w;
+    }
+    mdl_kv_destroy(m, kv);
+    return rc ? rc : n_lg;
+}
+
+static void padded_path(const char *dir) {
+    static float lg_ref[MAXT * VOCAB], lg[MAXT * VOCAB];
+    static int32_t dr_ref[2 * W_MAX * NS * MDL_MAX_DRAFT], dr[2 * W_MAX * NS * MDL_MAX_DRAFT];
+    be_backend *be = NULL, *be2 = NULL;
+    mdl_model *m = load(dir, false, &be);
+    int n_ref = m ? script(m, lg_ref, dr_ref) : -1;
+    mdl_destroy(m);
+    be_destroy(be);
+    g_recordings = 0;
+    m = load(dir, true, &be2);
+    int n = m ? script(m, lg, dr) : -1;
+    uint64_t rec[MDL_GRAPH_USES] = {0}, launched[MDL_GRAPH_USES] = {0};
+    for (int u = 0; m && u < MDL_GRAPH_USES; u++)
+        mdl_graph_counts_of(m, (mdl_graph_use)u, &rec[u], &launched[u]);
+    mdl_destroy(m);
+    be_destroy(be2);
+    CHECK(n_ref > 0 && n == n_ref);
+    /* w = 1: one decode recording; w = 2..4: one verify recording each; drafts: pass 1 of w
+     * positions (w = 1..4) and passes 2, 3 of one (w = 1: the same key as pass 1 of w = 1) */
+    CHECK_MSG(rec[MDL_GRAPH_USE_DECODE] == 1 && rec[MDL_GRAPH_USE_VERIFY] == W_MAX - 1,
+              "recorded: %llu decode, %llu verify", (unsigned long long)rec[0],
+              (unsigned long long)rec[1]);
+    CHECK_MSG(rec[MDL_GRAPH_USE_DRAFT] >= (uint64_t)W_MAX && g_recordings > 0,
+              "recorded: %llu draft passes", (unsigned long long)rec[2]);
+    double worst = 0;
+    for (int i = 0; n > 0 && i < n * VOCAB; i++) {
+        double e = fabs((double)lg[i] - lg_ref[i]);
+        worst = e > worst || isnan(e) ? e : worst;
+    }
+    CHECK_MSG(worst < 1e-4, "verify logits differ with padding by %g", worst);
+    int mism = 0;
+    for (int i = 0; i < 2 * W_MAX * NS * MDL_MAX_DRAFT; i++) mism += dr[i] != dr_ref[i];
+    CHECK_MSG(mism == 0, "%d of %d drafts differ through the recorded path", mism,
+              2 * W_MAX * NS * MDL_MAX_DRAFT);
+}
+
+int main(void) {
+    log_set_level(LOG_LEVEL_WARN);
+    key_rule();
+    char *root = tu_mkdtemp("graph-shape");
+    if (!root) return 1;
+    char dir[4200];
+    snprintf(dir, sizeof dir, "%s/mtp", root);
+    mk_spec s;
+    mk_preset("tiny", &s);
+    s.cfg.vocab_size = VOCAB;
+    s.cfg.n_routed_experts = 8;
+    s.cfg.moe_intermediate_size = 64;
+    s.cfg.num_nextn_predict_layers = 1;
+    s.seed = 17;
+    mk_spec_fit(&s);
+    duet_status st = mk_write(&s, dir);
+    CHECK_MSG(st == DUET_OK, "writing %s: %s", dir, duet_strerror(st));
+    if (st == DUET_OK) padded_path(dir);
+    tu_rmtree(root);
+    free(root);
+    CHECK_DONE();
+}
