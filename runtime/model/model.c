@@ -769,6 +769,9 @@ duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs
     mdl_graph_shape g;
     bool graphed = m->graphs.on && mdl_graph_shape_of(MDL_GRAPH_STEP, seqs, n_seqs,
                                                       graph_cap_rows(m), kv->block_size, &g);
+    /* a step of several tokens a sequence that wants layer marks is a prompt chunk the KV
+     * transfer follows (prompt logprobs give it every row): op by op, as before */
+    if (graphed && marks && g.w > 1) graphed = false;
     if (!graphed) {
         st = prepare_batch(m, kv, seqs, n_seqs, T, 0, 0, 0, 0);
         m->marks_armed = marks;
