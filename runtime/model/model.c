@@ -34,18 +34,21 @@ typedef struct mdl_buffers {
     float *d_weights;
 } mdl_buffers;
 
-/* Decode steps (one new token per sequence) are recorded once per (batch bucket, block-table
- * bucket) and replayed (CUDA graphs on backends that record): the launch of ~30 ops per layer
- * becomes one. A bucket is recorded on its second use; its first runs eagerly and grows every
- * scratch area the recording will refer to. */
+/* Steps of w new tokens per sequence (decode: 1; MTP verify: k + 1) and the MTP module's
+ * draft passes are recorded once per (kind, w, batch bucket, block-table bucket) and replayed
+ * (CUDA graphs on backends that record): the launch of ~30 ops per layer becomes one. A key is
+ * recorded on its second use; its first runs eagerly and grows every scratch area the
+ * recording will refer to. */
 #define MDL_GRAPH_BUCKETS 16
 static const int k_graph_sizes[MDL_GRAPH_BUCKETS] = {1,  2,  4,   8,   16,  24,  32,  48,
                                                      64, 96, 128, 160, 192, 224, 256, 0};
 
 typedef struct mdl_graphs {
-    bool on;                             /* the backend records and the model's ops all can be */
-    uint8_t seen[MDL_GRAPH_BUCKETS][32]; /* eager runs of (size, log2 table width) so far */
-    uint64_t launched, recorded;         /* replays and recordings, for tests and logs */
+    bool on; /* the backend records and the model's ops all can be */
+    /* eager runs of (kind, w, size, log2 table width) so far */
+    uint8_t seen[2][MDL_GRAPH_MAX_W + 1][MDL_GRAPH_BUCKETS][32];
+    /* replays and recordings by mdl_graph_use, for tests and logs */
+    uint64_t launched[MDL_GRAPH_USES], recorded[MDL_GRAPH_USES];
 } mdl_graphs;
 
 struct mdl_model {
@@ -292,8 +295,9 @@ duet_status mdl_load(const char *dir, be_backend *be, const mdl_shard *shard,
     if (st == DUET_OK) st = reserve(m, opts->max_tokens > 0 ? opts->max_tokens : 256, 1);
     if (st == DUET_OK) {
         const be_ops *o = be->ops;
-        /* every op of a decode step must take its inputs from device memory: the MoE layers
-         * only can when the backend routes on the device; collectives wait on the host */
+        /* every op of a recorded step or draft pass must take its inputs from device memory:
+         * the MoE layers only can when the backend routes on the device; collectives wait on
+         * the host */
         bool moe_dev = !m->cfg.n_routed_experts || mdl_moe_on_device(m);
         m->graphs.on = !opts->eager && o->graph_begin && o->graph_end && o->graph_ready &&
                        o->graph_launch && moe_dev && m->plan.shard.tp_size == 1 &&
@@ -315,6 +319,18 @@ duet_status mdl_load(const char *dir, be_backend *be, const mdl_shard *shard,
 
 void mdl_destroy(mdl_model *m) {
     if (!m) return;
+    const mdl_graphs *g = &m->graphs;
+    uint64_t any = 0;
+    for (int u = 0; u < MDL_GRAPH_USES; u++) any += g->recorded[u];
+    if (any)
+        LOG_INFO("model: graphs recorded/replayed: decode %llu/%llu, verify %llu/%llu, drafts "
+                 "%llu/%llu",
+                 (unsigned long long)g->recorded[MDL_GRAPH_USE_DECODE],
+                 (unsigned long long)g->launched[MDL_GRAPH_USE_DECODE],
+                 (unsigned long long)g->recorded[MDL_GRAPH_USE_VERIFY],
+                 (unsigned long long)g->launched[MDL_GRAPH_USE_VERIFY],
+                 (unsigned long long)g->recorded[MDL_GRAPH_USE_DRAFT],
+                 (unsigned long long)g->launched[MDL_GRAPH_USE_DRAFT]);
     buffers_free(m);
     if (m->draft_smp) be_sampler_destroy(m->be, m->draft_smp);
     mdl_coll_destroy(m->coll);
@@ -324,17 +340,20 @@ void mdl_destroy(mdl_model *m) {
 }
 
 /* Fills the host-side batch description and hands it to the backend. pad_to > n_seqs (a
- * recorded decode step): rows n_seqs..pad_to-1 are padding sequences of one token in the
- * cache's padding block, each with a logits row; table_width > 0 fixes the block table's
- * width. */
+ * recorded step): rows n_seqs..pad_to-1 are padding sequences of pad_w tokens at positions
+ * 0..pad_w-1 of the cache's padding block (pad_w <= block_size), the last pad_logits of them
+ * with a logits row each; table_width > 0 fixes the block table's width. */
 static duet_status prepare_batch(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs, int T,
-                                 int pad_to, int table_width) {
+                                 int pad_to, int table_width, int pad_w, int pad_logits) {
     mdl_step *s = &m->step;
     int bs = kv->block_size, max_blocks = 1;
     for (int i = 0; i < n_seqs; i++)
         max_blocks = seqs[i].n_blocks > max_blocks ? seqs[i].n_blocks : max_blocks;
     if (table_width > 0) max_blocks = table_width;
-    int n_all = pad_to > n_seqs ? pad_to : n_seqs, T_all = T + (n_all - n_seqs);
+    if (pad_to > n_seqs && (pad_w < 1 || pad_w > bs || pad_logits < 0 || pad_logits > pad_w))
+        return DUET_ERR_INTERNAL; /* mdl_graph_shape_of admits no such batch */
+    int n_all = pad_to > n_seqs ? pad_to : n_seqs;
+    int T_all = T + (n_all - n_seqs) * (pad_to > n_seqs ? pad_w : 0);
     duet_status st = step_reserve(s, T_all, n_all, max_blocks);
     if (st != DUET_OK) return st;
     int t = 0, r = 0;
@@ -373,14 +392,17 @@ static duet_status prepare_batch(mdl_model *m, be_kv *kv, const mdl_seq *seqs, i
         memcpy(s->block_table + (size_t)i * max_blocks, q->block_table,
                (size_t)q->n_blocks * sizeof(int32_t));
     }
-    for (int i = n_seqs; i < n_all; i++, t++) {
-        /* padding: token 0 at position 0 of the padding block, its own logits row */
-        s->tokens[t] = 0;
-        s->token_pos[t] = 0;
-        s->token_slot[t] = kv->pad_block * bs;
-        s->out_rows[r++] = t;
-        s->seq_start[i + 1] = t + 1;
-        s->seq_ctx[i] = 1;
+    for (int i = n_seqs; i < n_all; i++) {
+        /* padding: token 0 at positions 0..pad_w-1 of the padding block (every padding
+         * sequence writes the same values there, and only padding reads that block) */
+        for (int j = 0; j < pad_w; j++, t++) {
+            s->tokens[t] = 0;
+            s->token_pos[t] = j;
+            s->token_slot[t] = kv->pad_block * bs + j;
+        }
+        for (int k = pad_logits; k > 0; k--) s->out_rows[r++] = t - k;
+        s->seq_start[i + 1] = t;
+        s->seq_ctx[i] = pad_w;
         s->block_table[(size_t)i * max_blocks] = kv->pad_block;
     }
     be_batch b = {
@@ -586,14 +608,93 @@ static duet_status compute(mdl_model *m, be_kv *kv, int T, int n_out) {
     return DUET_OK;
 }
 
-/* The recording bucket of a decode step of n sequences, or -1. */
-static int graph_bucket(const mdl_model *m, const mdl_seq *seqs, int n) {
-    if (!m->graphs.on || n <= 0) return -1;
-    for (int i = 0; i < n; i++)
-        if (seqs[i].n_tokens != 1 || seqs[i].n_logits != 1) return -1;
-    for (int b = 0; k_graph_sizes[b]; b++)
-        if (k_graph_sizes[b] >= n) return k_graph_sizes[b] <= m->buf.cap_out ? b : -1;
-    return -1;
+bool mdl_graph_shape_of(mdl_graph_kind kind, const mdl_seq *seqs, int n, int cap_rows,
+                        int block_size, mdl_graph_shape *shape_p) {
+    if (n <= 0 || (kind != MDL_GRAPH_STEP && kind != MDL_GRAPH_DRAFT)) return false;
+    int w = seqs[0].n_tokens, width = 1, wlog = 0;
+    /* the CUDA MLA takes up to 8 new tokens a sequence in its absorbed form (MLA_ABS_MAX_Q in
+     * backends/cuda/mla.cu), whose launch shapes depend on the batch's shape only */
+    if (w < 1 || w > MDL_GRAPH_MAX_W || w > block_size) return false;
+    for (int i = 0; i < n; i++) {
+        if (seqs[i].n_tokens != w || seqs[i].n_logits != (kind == MDL_GRAPH_STEP ? w : 1))
+            return false;
+        while (width < seqs[i].n_blocks) {
+            if (wlog >= 30) return false;
+            width *= 2;
+            wlog++;
+        }
+    }
+    for (int b = 0; k_graph_sizes[b]; b++) {
+        if (k_graph_sizes[b] < n) continue;
+        int rows = k_graph_sizes[b];
+        if ((int64_t)rows * w > cap_rows) return false;
+        *shape_p = (mdl_graph_shape){.bucket = b,
+                                     .rows = rows,
+                                     .w = w,
+                                     .wlog = wlog,
+                                     .key = (uint64_t)kind << 40 | (uint64_t)w << 32 |
+                                            (uint64_t)rows << 8 | (uint64_t)wlog};
+        return true;
+    }
+    return false;
+}
+
+/* The most rows a recorded batch may have: activations and logits, as reserved at load. */
+static int graph_cap_rows(const mdl_model *m) {
+    return m->buf.cap_tokens < m->buf.cap_out ? m->buf.cap_tokens : m->buf.cap_out;
+}
+
+static mdl_graph_use graph_use(mdl_graph_kind kind, const mdl_graph_shape *g) {
+    if (kind == MDL_GRAPH_DRAFT) return MDL_GRAPH_USE_DRAFT;
+    return g->w > 1 ? MDL_GRAPH_USE_VERIFY : MDL_GRAPH_USE_DECODE;
+}
+
+static duet_status compute(mdl_model *m, be_kv *kv, int T, int n_out);
+static duet_status mtp_compute(mdl_model *m, be_kv *kv, int T, int n_out);
+
+/* The recordable part of a padded batch of shape g (set_batch done): a step's ops up to its
+ * logits (every row has one), or a draft pass's up to its head's logits (one a sequence). */
+static duet_status graph_body(mdl_model *m, be_kv *kv, mdl_graph_kind kind,
+                              const mdl_graph_shape *g) {
+    int T = g->rows * g->w;
+    return kind == MDL_GRAPH_DRAFT ? mtp_compute(m, kv, T, g->rows) : compute(m, kv, T, T);
+}
+
+/* Replays g's recording, or runs the batch eagerly on the key's first use, or records it on
+ * its second (and replays it). */
+static duet_status graph_run(mdl_model *m, be_kv *kv, mdl_graph_kind kind,
+                             const mdl_graph_shape *g) {
+    const be_ops *o = m->be->ops;
+    be_backend *be = m->be;
+    mdl_graph_use use = graph_use(kind, g);
+    uint8_t *seen = &m->graphs.seen[kind][g->w][g->bucket][g->wlog];
+    duet_status st;
+    if (o->graph_ready(be, g->key)) {
+        st = o->graph_launch(be, g->key);
+        m->graphs.launched[use]++;
+        return st;
+    }
+    if (*seen == 0) {
+        *seen = 1; /* first use: eagerly, growing what it needs */
+        return graph_body(m, kv, kind, g);
+    }
+    st = o->graph_begin(be);
+    if (st == DUET_OK) {
+        duet_status cst = graph_body(m, kv, kind, g);
+        st = o->graph_end(be, g->key);
+        if (cst != DUET_OK) st = cst;
+    }
+    if (st == DUET_OK) {
+        m->graphs.recorded[use]++;
+        st = o->graph_launch(be, g->key);
+        m->graphs.launched[use]++;
+    } else if (st == DUET_ERR_UNSUPPORTED) {
+        /* this batch cannot be recorded on this backend: stop trying (nothing ran while
+         * recording, so the inputs are still in place) */
+        m->graphs.on = false;
+        st = graph_body(m, kv, kind, g);
+    }
+    return st;
 }
 
 void mdl_layer_marks(mdl_model *m, bool on) {
@@ -612,8 +713,18 @@ bool mdl_graphs_on(const mdl_model *m) {
 }
 
 void mdl_graph_counts(const mdl_model *m, uint64_t *recorded, uint64_t *launched) {
-    *recorded = m->graphs.recorded;
-    *launched = m->graphs.launched;
+    *recorded = *launched = 0;
+    for (int u = 0; u < MDL_GRAPH_USES; u++) {
+        *recorded += m->graphs.recorded[u];
+        *launched += m->graphs.launched[u];
+    }
+}
+
+void mdl_graph_counts_of(const mdl_model *m, mdl_graph_use use, uint64_t *recorded,
+                         uint64_t *launched) {
+    bool ok = use >= 0 && use < MDL_GRAPH_USES;
+    *recorded = ok ? m->graphs.recorded[use] : 0;
+    *launched = ok ? m->graphs.launched[use] : 0;
 }
 
 /* The step's n_out rows of logits: gathered over TP into logits (host), or with logits NULL
@@ -655,9 +766,14 @@ duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs
         if (st == DUET_OK && ep_dev) st = mdl_coll_ep_end(m->coll);
         return st;
     }
-    int bucket = graph_bucket(m, seqs, n_seqs);
-    if (bucket < 0) {
-        st = prepare_batch(m, kv, seqs, n_seqs, T, 0, 0);
+    mdl_graph_shape g;
+    bool graphed = m->graphs.on && mdl_graph_shape_of(MDL_GRAPH_STEP, seqs, n_seqs,
+                                                      graph_cap_rows(m), kv->block_size, &g);
+    /* a step of several tokens a sequence that wants layer marks is a prompt chunk the KV
+     * transfer follows (prompt logprobs give it every row): op by op, as before */
+    if (graphed && marks && g.w > 1) graphed = false;
+    if (!graphed) {
+        st = prepare_batch(m, kv, seqs, n_seqs, T, 0, 0, 0, 0);
         m->marks_armed = marks;
         if (st == DUET_OK) st = compute(m, kv, T, n_out);
         m->marks_armed = false;
@@ -672,38 +788,10 @@ duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs
         if (st != DUET_OK || n_out == 0) return st;
         return finish_logits(m, n_out, logits);
     }
-    /* a decode step of a recorded size (graphs are on only without EP: ep_dev is false here):
-     * padded to B rows, block tables to a power of two */
-    int B = k_graph_sizes[bucket], width = 1, wlog = 0;
-    for (int i = 0; i < n_seqs; i++)
-        while (width < seqs[i].n_blocks) width *= 2, wlog++;
-    if (wlog >= 32) return DUET_ERR_TOO_LONG;
-    uint64_t key = (uint64_t)B << 8 | (uint64_t)wlog;
-    st = prepare_batch(m, kv, seqs, n_seqs, T, B, width);
-    if (st != DUET_OK) return st;
-    if (o->graph_ready(be, key)) {
-        st = o->graph_launch(be, key);
-        m->graphs.launched++;
-    } else if (m->graphs.seen[bucket][wlog] == 0) {
-        m->graphs.seen[bucket][wlog] = 1; /* first use: eagerly, growing what it needs */
-        st = compute(m, kv, B, B);
-    } else {
-        st = o->graph_begin(be);
-        if (st == DUET_OK) {
-            duet_status cst = compute(m, kv, B, B);
-            st = o->graph_end(be, key);
-            if (cst != DUET_OK) st = cst;
-        }
-        if (st == DUET_OK) {
-            m->graphs.recorded++;
-            st = o->graph_launch(be, key);
-            m->graphs.launched++;
-        } else if (st == DUET_ERR_UNSUPPORTED) {
-            /* this step cannot be recorded on this backend: stop trying */
-            m->graphs.on = false;
-            st = compute(m, kv, B, B);
-        }
-    }
+    /* a step of a recorded shape (graphs are on only without EP: ep_dev is false here): padded
+     * to g.rows sequences of g.w tokens, block tables to a power of two */
+    st = prepare_batch(m, kv, seqs, n_seqs, T, g.rows, 1 << g.wlog, g.w, g.w);
+    if (st == DUET_OK) st = graph_run(m, kv, MDL_GRAPH_STEP, &g);
     if (st == DUET_OK) st = o->sync(be);
     if (st != DUET_OK) return st;
     m->last_T = T;
@@ -737,20 +825,19 @@ int mdl_spec_tokens(const mdl_model *m) {
     return m->spec_tokens;
 }
 
-/* One pass of the MTP module over the batch already set (T tokens, n_out logits rows):
- * x = eh_proj [enorm(embed(token)) | hnorm(hidden)], hidden rows taken from src at host
- * indices rows[T]; the decoder layer on its own cache layer; the output rows (pre-norm) kept
- * in buf.mtp_prev; shared_head on them; the greedy token of each row into out[n_out]. */
-static duet_status mtp_pass(mdl_model *m, be_kv *kv, int T, int n_out, const void *src,
-                            const int32_t *rows, int32_t *out) {
+/* The recordable part of a pass of the MTP module over the batch already set (T tokens,
+ * n_out logits rows), with buf.xn holding the hidden rows it starts from (mtp_gather):
+ * x = eh_proj [enorm(embed(token)) | hnorm(hidden)]; the decoder layer on its own cache layer;
+ * the output rows (pre-norm) kept in buf.mtp_prev; shared_head on them into buf.logits. Every
+ * input comes from device memory (the batch's ids and out_rows), so a uniform pass can be
+ * replayed as a graph. */
+static duet_status mtp_compute(mdl_model *m, be_kv *kv, int T, int n_out) {
     const be_ops *o = m->be->ops;
     const cfg_model *c = &m->cfg;
     const mdl_mtp *t = m->w->mtp;
     be_backend *be = m->be;
-    int D = c->hidden_size, V = c->vocab_size;
+    int D = c->hidden_size;
     float eps = c->rms_norm_eps;
-    /* hidden rows first: src may be buf.mtp_prev, which this pass overwrites */
-    o->gather_rows(be, m->buf.xn, src, rows, T, D);
     o->rmsnorm(be, m->buf.xn, D, m->buf.xn, D, t->hnorm, T, D, eps);
     o->embed(be, m->buf.h, NULL, T, t->embed, m->plan.vocab0);
     duet_status st = mdl_coll_allreduce(m->coll, m->buf.h, (size_t)T * D);
@@ -760,7 +847,8 @@ static duet_status mtp_pass(mdl_model *m, be_kv *kv, int T, int n_out, const voi
     o->linear(be, m->buf.h, m->buf.o, D, T, t->eh_e);
     o->linear(be, m->buf.o2, m->buf.xn, D, T, t->eh_h);
     be_add_rmsnorm(be, m->buf.xn, m->buf.h, m->buf.o2, t->layer.attn_norm, T, D, eps);
-    /* device routing under EP: the pass is a step of its own for the all-to-alls' capacity */
+    /* device routing under EP: the pass is a step of its own for the all-to-alls' capacity
+     * (never in a recording: graphs are off under EP) */
     bool ep_dev = m->moe_dev && m->plan.shard.ep_size > 1 && t->layer.moe;
     if (ep_dev) st = mdl_coll_ep_begin(m->coll, T);
     if (st == DUET_OK) st = decoder_layer(m, kv, c->num_hidden_layers, &t->layer, T, NULL);
@@ -769,21 +857,27 @@ static duet_status mtp_pass(mdl_model *m, be_kv *kv, int T, int n_out, const voi
         duet_status est = mdl_coll_ep_end(m->coll);
         if (st == DUET_OK) st = est;
     }
-    if (st != DUET_OK || n_out == 0) return st == DUET_OK ? o->sync(be) : st;
+    if (st != DUET_OK || n_out == 0) return st;
     o->gather_rows(be, m->buf.mtp_prev, m->buf.h, NULL, n_out, D);
     o->rmsnorm(be, m->buf.xn, D, m->buf.mtp_prev, D, t->head_norm, n_out, D, eps);
     o->linear(be, m->buf.logits, m->buf.xn, D, n_out, t->head);
-    /* the rows gathered over TP in backend memory (collective), then one greedy sampling
-     * call: the device's argmax, n_out tokens downloaded */
+    return DUET_OK;
+}
+
+/* The greedy token of each of the first n_out rows of the MTP head's logits into out[n_out]:
+ * the rows gathered over TP in backend memory (collective), then one sampling call (the
+ * device's argmax; n_out tokens downloaded). Outside any recording, as mdl_sample_queue is. */
+static duet_status mtp_sample(mdl_model *m, int n_out, int32_t *out) {
+    be_backend *be = m->be;
     const void *rows_dev;
     int stride;
-    st = mdl_coll_logits_gather(m->coll, m->buf.logits, n_out, &rows_dev, &stride);
+    duet_status st = mdl_coll_logits_gather(m->coll, m->buf.logits, n_out, &rows_dev, &stride);
     if (st != DUET_OK) return st;
     if (n_out > m->cap_draft) {
         if (m->draft_smp) be_sampler_destroy(be, m->draft_smp);
         m->draft_smp = NULL;
         m->cap_draft = 0;
-        st = be_sampler_create(be, m->buf.cap_out, V, 0, &m->draft_smp);
+        st = be_sampler_create(be, m->buf.cap_out, m->cfg.vocab_size, 0, &m->draft_smp);
         if (st != DUET_OK) return st;
         m->cap_draft = m->buf.cap_out;
     }
@@ -795,6 +889,40 @@ static duet_status mtp_pass(mdl_model *m, be_kv *kv, int T, int n_out, const voi
     st = be_sample(be, smp, rows_dev, stride, n_out, n_out);
     for (int r = 0; st == DUET_OK && r < n_out; r++) out[r] = smp->out[r].token;
     return st;
+}
+
+/* One pass of the MTP module over n sequences (T tokens, n_out of them wanting a draft):
+ * hidden rows from src at host indices rows[T] (rows has room for the padded batch of a
+ * recorded pass), then mtp_compute (replayed as a graph when the batch's shape allows), then
+ * the drafts into out[n_out]. The gather of the hidden rows runs before, outside the
+ * recording: its indices come from the host. */
+static duet_status draft_pass(mdl_model *m, be_kv *kv, const mdl_seq *ms, int n, int T, int n_out,
+                              const void *src, int32_t *rows, int32_t *out) {
+    const be_ops *o = m->be->ops;
+    be_backend *be = m->be;
+    int D = m->cfg.hidden_size;
+    mdl_graph_shape g;
+    bool graphed =
+        m->graphs.on && n_out == n &&
+        mdl_graph_shape_of(MDL_GRAPH_DRAFT, ms, n, graph_cap_rows(m), kv->block_size, &g);
+    duet_status st;
+    if (!graphed) {
+        st = prepare_batch(m, kv, ms, n, T, 0, 0, 0, 0);
+        if (st != DUET_OK) return st;
+        /* hidden rows first: src may be buf.mtp_prev, which the pass overwrites */
+        o->gather_rows(be, m->buf.xn, src, rows, T, D);
+        st = mtp_compute(m, kv, T, n_out);
+    } else {
+        int T_all = g.rows * g.w;
+        for (int t = T; t < T_all; t++) rows[t] = 0; /* padding: any valid row */
+        st = prepare_batch(m, kv, ms, n, T, g.rows, 1 << g.wlog, g.w, 1);
+        if (st != DUET_OK) return st;
+        o->gather_rows(be, m->buf.xn, src, rows, T_all, D);
+        st = graph_run(m, kv, MDL_GRAPH_DRAFT, &g);
+    }
+    if (st == DUET_OK) st = o->sync(be);
+    if (st != DUET_OK || n_out == 0) return st;
+    return mtp_sample(m, n_out, out);
 }
 
 /* A pass of the MTP module with no tokens on this rank: only the MoE layer's all-to-alls,
@@ -845,7 +973,9 @@ duet_status mdl_draft_joined(mdl_model *m, be_kv *kv, const mdl_draft_seq *seqs,
     /* within what the last forward used: growing the buffers would lose buf.hid */
     if (T > m->buf.cap_tokens || n_out > m->buf.cap_out) return DUET_ERR_INVALID;
     mdl_seq *ms = calloc((size_t)n_seqs, sizeof *ms);
-    int32_t *rows = malloc((size_t)T * sizeof *rows), *tok = malloc((size_t)T * sizeof *tok);
+    /* rows: room for a recorded pass's padding too (mdl_graph_shape_of: within cap_tokens) */
+    size_t n_rows = (size_t)(T > m->buf.cap_tokens ? T : m->buf.cap_tokens);
+    int32_t *rows = malloc(n_rows * sizeof *rows), *tok = malloc((size_t)T * sizeof *tok);
     int32_t *got = malloc((size_t)(n_out + 1) * sizeof *got);
     int *who = malloc((size_t)(n_out + 1) * sizeof *who);
     if (!ms || !rows || !tok || !got || !who) {
@@ -865,8 +995,7 @@ duet_status mdl_draft_joined(mdl_model *m, be_kv *kv, const mdl_draft_seq *seqs,
         for (int j = 0; j < q->n_tokens; j++) rows[t++] = q->hid0 + j;
         if (q->n_draft > 0) who[r++] = i;
     }
-    st = prepare_batch(m, kv, ms, n_seqs, T, 0, 0);
-    if (st == DUET_OK) st = mtp_pass(m, kv, T, n_out, m->buf.hid, rows, got);
+    st = draft_pass(m, kv, ms, n_seqs, T, n_out, m->buf.hid, rows, got);
     done = 1;
     for (int k = 0; st == DUET_OK && k < n_out; k++)
         drafts[(size_t)who[k] * MDL_MAX_DRAFT] = got[k];
@@ -889,8 +1018,7 @@ duet_status mdl_draft_joined(mdl_model *m, be_kv *kv, const mdl_draft_seq *seqs,
         }
         /* (who is compacted in place: entry n <= k is written after entry k is read) */
         n_out = n;
-        st = prepare_batch(m, kv, ms, n, n, 0, 0);
-        if (st == DUET_OK) st = mtp_pass(m, kv, n, n, m->buf.mtp_prev, rows, got);
+        st = draft_pass(m, kv, ms, n, n, n, m->buf.mtp_prev, rows, got);
         for (int k = 0; st == DUET_OK && k < n; k++)
             drafts[(size_t)who[k] * MDL_MAX_DRAFT + d] = got[k];
         done++;

@@ -62,8 +62,11 @@ typedef struct mdl_seq {
  * [0, vocab_size) are refused with DUET_ERR_INVALID before anything runs. */
 duet_status mdl_forward(mdl_model *m, be_kv *kv, const mdl_seq *seqs, int n_seqs, float *logits);
 
-/* Whether decode steps are recorded and replayed (CUDA graphs), and how many recordings and
- * replays happened so far. */
+/* Whether steps are recorded and replayed (CUDA graphs), and how many recordings and
+ * replays happened so far. Recorded (per batch bucket, tokens per sequence and block-table
+ * width) are the steps where every sequence has the same n_tokens == n_logits == w, 1 <= w <=
+ * MDL_GRAPH_MAX_W (one-token decode steps and MTP verify steps), and the MTP module's draft
+ * passes where every sequence runs the same number of positions (see mdl_graph_shape_of). */
 bool mdl_graphs_on(const mdl_model *m);
 /* Layer-wise progress (the KV transfer reads a prompt's layers as they are written), where the
  * backend can tell (be_ops.layer_mark): mdl_layer_marks(m, true) before a forward (engine
@@ -73,6 +76,38 @@ bool mdl_graphs_on(const mdl_model *m);
 void mdl_layer_marks(mdl_model *m, bool on);
 int mdl_layers_done(const mdl_model *m);
 void mdl_graph_counts(const mdl_model *m, uint64_t *recorded, uint64_t *launched);
+
+/* The recordings by use: one-token decode steps, verify steps (w > 1), MTP draft passes. */
+typedef enum mdl_graph_use {
+    MDL_GRAPH_USE_DECODE,
+    MDL_GRAPH_USE_VERIFY,
+    MDL_GRAPH_USE_DRAFT,
+    MDL_GRAPH_USES
+} mdl_graph_use;
+void mdl_graph_counts_of(const mdl_model *m, mdl_graph_use use, uint64_t *recorded,
+                         uint64_t *launched);
+
+/* What a recording is keyed by; a pure function of the batch, for the model and its tests. A
+ * step (MDL_GRAPH_STEP) qualifies when every sequence has n_tokens == n_logits == w; a draft
+ * pass (MDL_GRAPH_DRAFT: the MTP module's batch, one logits row a sequence) when every
+ * sequence has n_tokens == w and n_logits == 1. Either needs n >= 1, 1 <= w <=
+ * MDL_GRAPH_MAX_W (within what the CUDA MLA's absorbed form takes per sequence, 8), w <=
+ * block_size (the padding sequences' w positions lie in the cache's one padding block) and
+ * rows * w <= cap_rows (the activation rows and logits rows reserved at load: padding rows get
+ * logits too). rows is the smallest batch bucket >= n (1, 2, 4, 8, 16, 24, 32, 48, 64, 96,
+ * 128, 160, 192, 224, 256), wlog the log2 of the block table's width rounded up to a power
+ * of two. False (nothing set) when the batch is not recorded: it then runs op by op. */
+#define MDL_GRAPH_MAX_W (MDL_MAX_DRAFT + 1)
+typedef enum mdl_graph_kind { MDL_GRAPH_STEP, MDL_GRAPH_DRAFT } mdl_graph_kind;
+typedef struct mdl_graph_shape {
+    int bucket;   /* index of rows among the bucket sizes */
+    int rows;     /* sequences after padding */
+    int w;        /* tokens per sequence */
+    int wlog;     /* block table width 1 << wlog */
+    uint64_t key; /* the backend's recording key: kind, w, rows, wlog */
+} mdl_graph_shape;
+bool mdl_graph_shape_of(mdl_graph_kind kind, const mdl_seq *seqs, int n, int cap_rows,
+                        int block_size, mdl_graph_shape *shape_p);
 /* After mdl_forward(..., NULL), on the rank that samples (the TP leader): queues the sampling
  * of s->rows[0..n) (each naming its row of the step's logits, in the order above) with the
  * backend's sampling op (model/backend.h: be_sample_queue); after be_sample_wait s->out and

@@ -7,8 +7,11 @@
  * bytes read + written) unless --copy-gbps gives it.
  * With --spec K (an MTP checkpoint, e.g. duet-mkmodel --mtp --config-only with --load-format
  * dummy) it also times the verify step of MTP speculative decoding (K + 1 tokens per sequence,
- * a logits row each) and the K drafts after it (mdl_draft), and prints the speed-up they give
- * at given acceptance rates: random weights accept nearly nothing, so acceptance is an input.
+ * a logits row each, sampled on the device as the engine does) and the K drafts after it
+ * (mdl_draft), both after warm-up steps, so with graphs on they are timed as replays of their
+ * recordings, and prints the speed-up they give at given acceptance rates: random weights
+ * accept nearly nothing, so acceptance is an input. The last lines count the recordings and
+ * replays, also by use (one-token decode, verify, draft passes).
  * Usage: bench_step --model DIR [--load-format dummy] [--backend cuda] [--batch 1,16,64]
  *                   [--ctx 1024] [--steps 50] [--enforce-eager] [--dtype bfloat16]
  *                   [--spec K] [--profile]
@@ -341,16 +344,17 @@ int main(int argc, char **argv) {
 
     int32_t *tables = malloc((size_t)max_b * per_seq * sizeof(int32_t));
     int32_t *tokens = malloc((size_t)(ctx > max_b ? ctx : max_b) * sizeof(int32_t));
-    float *logits = malloc((size_t)max_b * (spec + 1) * c->vocab_size * sizeof(float));
     mdl_draft_seq *dseqs = calloc((size_t)max_b, sizeof *dseqs);
     int32_t *drafts = calloc((size_t)max_b * MDL_MAX_DRAFT, sizeof *drafts);
     if (!dseqs || !drafts) return 1;
     mdl_seq *seqs = calloc((size_t)max_b, sizeof *seqs);
     be_sampler *smp = NULL;
+    /* rows: a one-token step's, or a verify step's spec + 1 a sequence */
+    int max_rows = max_b * (spec + 1);
     if (!tables || !tokens || !seqs ||
-        be_sampler_create(mdl_backend(m), max_b, c->vocab_size, 0, &smp) != DUET_OK)
+        be_sampler_create(mdl_backend(m), max_rows, c->vocab_size, 0, &smp) != DUET_OK)
         return 1;
-    for (int i = 0; i < max_b; i++) {
+    for (int i = 0; i < max_rows; i++) {
         be_sample_row_init(&smp->rows[i]);
         smp->rows[i].logits_row = i;
     }
@@ -431,8 +435,12 @@ int main(int argc, char **argv) {
                                         .block_table = tables + (size_t)s * per_seq,
                                         .n_blocks = per_seq,
                                         .n_logits = spec + 1};
+                /* the engine's verify: logits stay on the device, every row sampled there */
                 double a = clock_now_s();
-                if (mdl_forward(m, kv, seqs, B, logits) != DUET_OK) rc = 1;
+                if (mdl_forward(m, kv, seqs, B, NULL) != DUET_OK ||
+                    mdl_sample_queue(m, smp, B * (spec + 1)) != DUET_OK ||
+                    be_sample_wait(mdl_backend(m), smp) != DUET_OK)
+                    rc = 1;
                 double b = clock_now_s();
                 for (int s = 0; s < B; s++)
                     dseqs[s] = (mdl_draft_seq){.tokens = tokens + (s + it + 1) % (ctx - spec),
@@ -470,10 +478,16 @@ int main(int argc, char **argv) {
     mdl_graph_counts(m, &rec, &launched);
     printf("graphs: %llu recorded, %llu replays\n", (unsigned long long)rec,
            (unsigned long long)launched);
+    static const char *const uses[MDL_GRAPH_USES] = {"decode", "verify", "drafts"};
+    printf("graphs by use (recorded/replays):");
+    for (int u = 0; u < MDL_GRAPH_USES; u++) {
+        mdl_graph_counts_of(m, (mdl_graph_use)u, &rec, &launched);
+        printf(" %s %llu/%llu", uses[u], (unsigned long long)rec, (unsigned long long)launched);
+    }
+    printf("\n");
     free(tables);
     free(tokens);
     be_sampler_destroy(mdl_backend(m), smp);
-    free(logits);
     free(seqs);
     free(dseqs);
     free(drafts);
