@@ -544,7 +544,7 @@ static void test_mla(tb *t, const mla_case *mc) {
     bt_seq1 hb;
     kv_pair_fill(t, kv, mc->n_layers, n_slots, kv_dim + 3, all_pos, all_slot, &hb);
     size_t kv_n = (size_t)n_blocks * kv[0]->block_bytes / sizeof(float);
-    char name[96];
+    char name[192];
     snprintf(name, sizeof name, "kv_write (%s)", mc->name);
     compare_raw(t, name, kv[CPU]->data, kv[GPU]->data, kv_n, 0);
 
@@ -605,6 +605,31 @@ static void test_mla(tb *t, const mla_case *mc) {
         CHECK_MSG(info.prefill_tc == chunks, "%s: the tensor-core prefill kernel %s", mc->name,
                   chunks ? "did not run" : "ran without prompt chunks");
         if (info.prefill_tc != chunks) t->failed++;
+        /* every other decode variant of the kernel (docs/kernels/mla.md) against the same CPU
+         * output, with the same forced split or its own choice */
+        for (int var = 1; var < BE_CUDA_MLA_VARIANTS; var++) {
+            CHECK(be_cuda_mla_variant(t->be[GPU], var) == DUET_OK);
+            CHECK(be_cuda_mla_tune(t->be[GPU], mc->split, 0) == DUET_OK);
+            t->be[GPU]->ops->mla_attention(t->be[GPU], out.b[GPU], q.b[GPU], kv[GPU], mc->layer,
+                                           kvb.w[GPU], H, nope, R, v, scale);
+            be_cuda_mla_info vi = {0};
+            CHECK(be_cuda_mla_last(t->be[GPU], &vi) == DUET_OK);
+            CHECK(be_cuda_mla_tune(t->be[GPU], 0, 0) == DUET_OK);
+            CHECK(be_cuda_mla_variant(t->be[GPU], 0) == DUET_OK);
+            snprintf(name, sizeof name,
+                     "mla_attention (%s; variant %d: kernel %d, tile %d x %d, "
+                     "%d/SM, %d splits)",
+                     mc->name, var, vi.kernel_variant, vi.tile, vi.stages, vi.blocks_per_sm,
+                     vi.n_split);
+            compare(t, name, &out, t->tol);
+            CHECK_MSG(vi.tensor_cores && vi.variant == var && vi.kernel_variant <= var,
+                      "%s: variant %d did not run (ran %d, kernel %d)", mc->name, var, vi.variant,
+                      vi.kernel_variant);
+            if (!(vi.tensor_cores && vi.variant == var && vi.kernel_variant <= var)) t->failed++;
+            if (mc->split > 0) CHECK_EQ_INT(vi.n_split, mc->split);
+        }
+        CHECK(be_cuda_mla_variant(t->be[GPU], BE_CUDA_MLA_VARIANTS) == DUET_ERR_INVALID);
+        CHECK(be_cuda_mla_variant(t->be[GPU], -1) == DUET_ERR_INVALID);
     }
 
     pbuf_free(t, &kva);
