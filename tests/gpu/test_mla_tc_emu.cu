@@ -358,6 +358,20 @@ struct emu_kernel {
     { EMU_K(MT, 0), EMU_K(MT, 1), EMU_K(MT, 2), EMU_K(MT, 3), EMU_K(MT, 4) }
 static_assert(TC_N_VARIANTS == 5, "EMU_KS lists every variant");
 static const emu_kernel k_emu[3][TC_N_VARIANTS] = {EMU_KS(1), EMU_KS(2), EMU_KS(4)};
+/* the kernels each variant runs, as docs/kernels/mla.md's table says: every variant has its
+ * own for 16 rows; for 32, v2 is v1's shape and v3 (two blocks per SM) does not fit; for 64,
+ * none but v0 fits */
+static_assert(tc_canon(1, 1) == 1 && tc_canon(2, 1) == 2 && tc_canon(3, 1) == 3 &&
+                  tc_canon(4, 1) == 4,
+              "MT 1");
+static_assert(tc_canon(1, 2) == 1 && tc_canon(2, 2) == 1 && tc_canon(3, 2) == 0 &&
+                  tc_canon(4, 2) == 4,
+              "MT 2");
+static_assert(tc_canon(1, 4) == 0 && tc_canon(2, 4) == 0 && tc_canon(3, 4) == 0 &&
+                  tc_canon(4, 4) == 0,
+              "MT 4");
+static_assert(tc_cfg<1, 3>::MINB == 2 && 2 * tc_cfg<1, 3>::SMEM + 2048 <= 228 * 1024,
+              "two blocks of v3 on one SM");
 
 static int mt_index(int MT) {
     return MT == 1 ? 0 : MT == 2 ? 1 : 2;
