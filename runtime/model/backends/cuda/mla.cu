@@ -271,8 +271,12 @@ static int tc_prepare(cuda_backend *c, cuda_mla *m, int mt_idx, int v) {
     const tc_kernel &k = k_tc_kernels[mt_idx][v];
     int *occ = &m->occ[mt_idx][k.canon];
     if (*occ) return *occ;
+    /* all of L1 as shared memory: the carve-out is otherwise the driver's choice, which need
+     * not fit two blocks of a two-blocks-per-SM variant */
     if (CUDA_CHECK(c, cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           k.smem)) != DUET_OK)
+                                           k.smem)) != DUET_OK ||
+        CUDA_CHECK(c, cudaFuncSetAttribute(k.fn, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                           (int)cudaSharedmemCarveoutMaxShared)) != DUET_OK)
         return 0;
     int n = 0;
     if (CUDA_CHECK(c, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k.fn, TC_THREADS,
