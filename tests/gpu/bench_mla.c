@@ -5,9 +5,11 @@
  * are timed by difference (be_cuda_mla_tune leaves them out). Then prompt chunks (the expanded
  * form: latents gathered and expanded by kv_b, then the tensor-core prefill kernel), timed
  * eagerly, next to a large dense bf16 GEMM (the backend's linear op, 8192^3) measured in the
- * same run. No engine, no model.
- * Usage: bench_mla [replays] [decode|prefill]   (exit 77 without a device). docs/kernels/mla.md
- * reads the tables. */
+ * same run. No engine, no model. The sweep mode times every decode variant of the kernel (and
+ * a few forced split counts) on issue 12's cases, checks each one's output against variant
+ * 0's, and names the fastest per case.
+ * Usage: bench_mla [replays] [decode|prefill|sweep]   (exit 77 without a device).
+ * docs/kernels/mla.md reads the tables. */
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdio.h>
@@ -135,11 +137,11 @@ static void run_layers(setup *s) {
                                   s->scale);
 }
 
-/* Median microseconds of one op (a graph of `layers` ops, replayed), with phases `skip` left
- * out; -1 on failure. */
-static double time_variant(setup *s, unsigned skip, int reps) {
+/* Median microseconds of one op (a graph of `layers` ops, replayed), with `split` KV splits
+ * (0: the backend's choice) and phases `skip` left out; -1 on failure. */
+static double time_variant(setup *s, int split, unsigned skip, int reps) {
     cudaStream_t st = (cudaStream_t)be_cuda_stream(s->be);
-    if (be_cuda_mla_tune(s->be, 0, skip) != DUET_OK) return -1;
+    if (be_cuda_mla_tune(s->be, split, skip) != DUET_OK) return -1;
     run_layers(s); /* eager first: scratch grows outside the capture */
     if (s->be->ops->sync(s->be) != DUET_OK) return -1;
     cudaGraph_t graph = NULL;
@@ -232,73 +234,231 @@ static duet_status set_tail_batch(be_backend *be, int B, int nq, int ctx_len, in
     return st;
 }
 
-static bench_res bench_one(be_backend *be, bench_cfg c, int reps) {
-    bench_res r = {.c = c};
+/* A case's cache (enough layers that one replay reads >= 512 MB: the cache cannot answer from
+ * L2), queries, kv_b and batch on the backend; s->kv NULL when even the cache failed. 0, or -1
+ * with g_fail set (setup_free undoes what was made). */
+static int case_setup(be_backend *be, bench_cfg c, setup *s, float **qh_p, float **wh_p) {
     const be_ops *o = be->ops;
     int nb = (c.ctx + BS - 1) / BS, T = c.B * c.nq, H = c.H;
     double set_bytes = (double)c.B * nb * BS * (L_ + R_) * 2;
-    /* enough layers that one replay reads >= 512 MB: the cache cannot answer from L2 */
     int layers = (int)ceil(512e6 / set_bytes);
     layers = layers < 1 ? 1 : layers > 64 ? 64 : layers;
     int n_blocks = c.B * nb + 1;
-    setup s = {.be = be, .layers = layers, .T = T, .H = H, .scale = 1.0f / sqrtf(NOPE + R_)};
-    r.layers = layers;
-    if (o->kv_create(be, n_blocks, layers, BS, L_ + R_, &s.kv) != DUET_OK) return r;
-
-    fill_latents(be, s.kv, n_blocks);
-
+    *s = (setup){.be = be, .layers = layers, .T = T, .H = H, .scale = 1.0f / sqrtf(NOPE + R_)};
+    *qh_p = *wh_p = NULL;
+    if (o->kv_create(be, n_blocks, layers, BS, L_ + R_, &s->kv) != DUET_OK) {
+        s->kv = NULL;
+        g_fail = 1;
+        return -1;
+    }
+    fill_latents(be, s->kv, n_blocks);
     size_t qn = (size_t)T * H * (NOPE + R_), wn = (size_t)H * (NOPE + V_) * L_;
-    float *qh = NULL, *wh = NULL;
-    if (setup_q_kvb(&s, qn, wn, 0.1f, &qh, &wh) != 0) goto done;
+    if (setup_q_kvb(s, qn, wn, 0.1f, qh_p, wh_p) != 0) return -1;
+    if (set_tail_batch(be, c.B, c.nq, c.ctx, n_blocks) != DUET_OK) {
+        g_fail = 1;
+        return -1;
+    }
+    return 0;
+}
 
-    duet_status st = set_tail_batch(be, c.B, c.nq, c.ctx, n_blocks);
-    if (st != DUET_OK) {
+/* One (variant, split) of a set-up case: the op once eagerly (its output into out_h, T * H *
+ * V_ floats, which must be finite), then the three timings. r->ok on success. */
+static void case_measure(setup *s, bench_cfg c, int variant, int split, int reps, bench_res *r,
+                         float *out_h) {
+    const be_ops *o = s->be->ops;
+    *r = (bench_res){.c = c, .layers = s->layers};
+    if (be_cuda_mla_variant(s->be, variant) != DUET_OK ||
+        be_cuda_mla_tune(s->be, split, 0) != DUET_OK) {
+        g_fail = 1;
+        return;
+    }
+    run_layers(s);
+    size_t on = (size_t)s->T * s->H * V_;
+    if (o->sync(s->be) != DUET_OK || be_cuda_mla_last(s->be, &r->info) != DUET_OK ||
+        o->download(s->be, out_h, s->out, 0, on) != DUET_OK) {
         g_fail = 1;
         goto done;
     }
-
-    run_layers(&s);
-    if (o->sync(be) != DUET_OK || be_cuda_mla_last(be, &r.info) != DUET_OK) {
-        g_fail = 1;
-        goto done;
-    }
-    /* the full op's output must be finite */
-    size_t on = (size_t)T * H * V_;
-    float *oh = malloc(on * sizeof *oh);
-    int bad = o->download(be, oh, s.out, 0, on) != DUET_OK;
-    for (size_t i = 0; i < on && !bad; i++) bad = !isfinite(oh[i]);
-    free(oh);
-    if (bad) {
-        fprintf(stderr, "bench_mla: %s: non-finite output\n", c.name);
-        g_fail = 1;
-        goto done;
-    }
-
-    r.us_full = time_variant(&s, 0, reps);
-    r.us_attn = time_variant(
-        &s, BE_CUDA_MLA_SKIP_QABS | BE_CUDA_MLA_SKIP_COMBINE | BE_CUDA_MLA_SKIP_OUTABS, reps);
-    r.us_comb = r.info.n_split > 1
-                    ? time_variant(&s, BE_CUDA_MLA_SKIP_QABS | BE_CUDA_MLA_SKIP_OUTABS, reps)
-                    : r.us_attn;
-    r.ok = r.us_full > 0 && r.us_attn > 0 && r.us_comb > 0;
+    for (size_t i = 0; i < on; i++)
+        if (!isfinite(out_h[i])) {
+            fprintf(stderr, "bench_mla: %s H=%d B=%d ctx=%d, variant %d: non-finite output\n",
+                    c.name, c.H, c.B, c.ctx, variant);
+            g_fail = 1;
+            goto done;
+        }
+    r->us_full = time_variant(s, split, 0, reps);
+    r->us_attn = time_variant(
+        s, split, BE_CUDA_MLA_SKIP_QABS | BE_CUDA_MLA_SKIP_COMBINE | BE_CUDA_MLA_SKIP_OUTABS, reps);
+    r->us_comb = r->info.n_split > 1
+                     ? time_variant(s, split, BE_CUDA_MLA_SKIP_QABS | BE_CUDA_MLA_SKIP_OUTABS, reps)
+                     : r->us_attn;
+    r->ok = r->us_full > 0 && r->us_attn > 0 && r->us_comb > 0;
 
     /* bytes: each cached latent once; q, q_lat and o_lat written and read, the split
      * partials written and read, kv_b read twice (W_uk, W_uv), out written */
-    r.kv_bytes = (double)c.B * c.ctx * (L_ + R_) * 2;
-    double lat = (double)T * H * L_ * 2;
-    double part = r.info.n_split > 1 ? 2.0 * c.B * r.info.n_split * r.info.n_groups *
-                                           r.info.rows_per_block * (L_ + 1) * 4
-                                     : 0;
-    r.all_bytes =
-        r.kv_bytes + (double)qn * 2 + 4 * lat + part + 2.0 * wn * 2 + (double)T * H * V_ * 2;
+    size_t qn = (size_t)s->T * s->H * (NOPE + R_), wn = (size_t)s->H * (NOPE + V_) * L_;
+    r->kv_bytes = (double)c.B * c.ctx * (L_ + R_) * 2;
+    double lat = (double)s->T * s->H * L_ * 2;
+    double part = r->info.n_split > 1 ? 2.0 * c.B * r->info.n_split * r->info.n_groups *
+                                            r->info.rows_per_block * (L_ + 1) * 4
+                                      : 0;
+    r->all_bytes =
+        r->kv_bytes + (double)qn * 2 + 4 * lat + part + 2.0 * wn * 2 + (double)s->T * s->H * V_ * 2;
     /* scores over 576 dims and P V over 512, for every (row, head) and visible position */
     double vis = 0;
     for (int i = 0; i < c.nq; i++) vis += c.ctx - c.nq + i + 1;
-    r.attn_flops = (double)c.B * H * vis * (L_ + R_ + L_) * 2;
-
+    r->attn_flops = (double)c.B * c.H * vis * (L_ + R_ + L_) * 2;
 done:
-    setup_free(&s, qh, wh);
+    be_cuda_mla_variant(s->be, 0);
+    be_cuda_mla_tune(s->be, 0, 0);
+}
+
+static bench_res bench_one(be_backend *be, bench_cfg c, int reps) {
+    bench_res r = {.c = c};
+    setup s;
+    float *qh = NULL, *wh = NULL;
+    if (case_setup(be, c, &s, &qh, &wh) == 0) {
+        float *oh = malloc((size_t)s.T * s.H * V_ * sizeof *oh);
+        if (oh) case_measure(&s, c, 0, 0, reps, &r, oh);
+        free(oh);
+    }
+    if (s.kv) setup_free(&s, qh, wh);
     return r;
+}
+
+/* ---- the decode variants, side by side ---- */
+
+/* max |a - b| over n values, and the relative L2 of a - b against b */
+static void diff_of(const float *a, const float *b, size_t n, double *max_abs, double *rel_l2) {
+    double mx = 0, num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        mx = d > mx ? d : mx;
+        num += d * d;
+        den += (double)b[i] * b[i];
+    }
+    *max_abs = mx;
+    *rel_l2 = sqrt(num / (den > 0 ? den : 1));
+}
+
+typedef struct sweep_best {
+    int variant, split, n_split;
+    double us_attn, us_comb, us_full, pct;
+} sweep_best;
+
+/* Every variant with the backend's split count and a few forced ones on one case; rows of the
+ * table, and the fastest (attention with its combine: what the op pays for it) into *best. */
+static void sweep_case(be_backend *be, bench_cfg c, int reps, double copy, sweep_best *best) {
+    setup s;
+    float *qh = NULL, *wh = NULL;
+    best->variant = -1;
+    if (case_setup(be, c, &s, &qh, &wh) != 0) {
+        printf("%-8s %4d %4d %5d | setup failed\n", c.name, c.H, c.B, c.ctx);
+        if (s.kv) setup_free(&s, qh, wh);
+        return;
+    }
+    size_t on = (size_t)s.T * s.H * V_;
+    float *ref = malloc(on * sizeof *ref), *got = malloc(on * sizeof *got);
+    /* forced splits around what the backend picks: 2 to 4 at batch 64+, 8 at batch 1 x 1k */
+    const int forced_big[] = {1, 2, 4, 8}, forced_one[] = {8, 16, 64};
+    const int *forced = c.B >= 64 ? forced_big : forced_one;
+    const int n_forced = c.B >= 64 ? 4 : 3;
+    /* (kernel variant, split count) pairs already timed: a variant that runs another's
+     * kernel at the same split is that one's row */
+    int seen_k[BE_CUDA_MLA_VARIANTS * 8], seen_s[BE_CUDA_MLA_VARIANTS * 8], n_seen = 0;
+    bool have_ref = false; /* variant 0 with the backend's split ran */
+    for (int v = 0; v < BE_CUDA_MLA_VARIANTS && ref && got; v++) {
+        for (int f = -1; f < n_forced; f++) {
+            const int split = f < 0 ? 0 : forced[f];
+            bench_res r;
+            case_measure(&s, c, v, split, reps, &r, v == 0 && f < 0 ? ref : got);
+            if (v == 0 && f < 0) have_ref = r.ok;
+            if (!r.ok) {
+                printf("%-8s %4d %4d %5d | v%d %-5s | failed\n", c.name, c.H, c.B, c.ctx, v,
+                       split ? "forced" : "auto");
+                continue;
+            }
+            int dup = -1;
+            for (int i = 0; i < n_seen; i++)
+                if (seen_k[i] == r.info.kernel_variant && seen_s[i] == r.info.n_split) dup = i;
+            if (dup >= 0 && r.info.kernel_variant != v) continue; /* v runs another's kernel */
+            if (n_seen < BE_CUDA_MLA_VARIANTS * 8) {
+                seen_k[n_seen] = r.info.kernel_variant;
+                seen_s[n_seen++] = r.info.n_split;
+            }
+            double mx = 0, rel = 0;
+            if (!(v == 0 && f < 0)) {
+                if (have_ref)
+                    diff_of(got, ref, on, &mx, &rel);
+                else
+                    mx = rel = NAN; /* nothing to compare with: printed as nan */
+            }
+            const bool wrong = rel > 1e-2; /* false for nan: no reference, said so below */
+            if (wrong) g_fail = 1;
+            double attn_gbs = r.kv_bytes / (r.us_attn * 1e-6) / 1e9;
+            double full_gbs = r.kv_bytes / (r.us_full * 1e-6) / 1e9;
+            double pct = copy > 0 ? 100 * attn_gbs / copy : 0;
+            printf("%-8s %4d %4d %5d | v%d k%d %3d %d %d | %-6s %3d | %8.1f %8.1f %8.1f | %9.0f "
+                   "%5.1f | %9.0f %5.1f | %8.2e %8.2e %s\n",
+                   c.name, c.H, c.B, c.ctx, v, r.info.kernel_variant, r.info.tile, r.info.stages,
+                   r.info.blocks_per_sm, split ? "forced" : "auto", r.info.n_split, r.us_attn,
+                   r.us_comb, r.us_full, attn_gbs, pct, full_gbs,
+                   copy > 0 ? 100 * full_gbs / copy : 0, mx, rel,
+                   wrong        ? "WRONG"
+                   : isnan(rel) ? "unchecked"
+                                : "ok");
+            fflush(stdout);
+            if (!wrong && (best->variant < 0 || r.us_comb < best->us_comb)) {
+                best->variant = v;
+                best->split = split;
+                best->n_split = r.info.n_split;
+                best->us_attn = r.us_attn;
+                best->us_comb = r.us_comb;
+                best->us_full = r.us_full;
+                best->pct = pct;
+            }
+        }
+    }
+    free(ref);
+    free(got);
+    setup_free(&s, qh, wh);
+}
+
+static void sweep_section(be_backend *be, int reps, double copy) {
+    bench_cfg cfgs[] = {
+        {"V2-Lite", 16, 1, 1024, 1},   {"V2-Lite", 16, 64, 1024, 1}, {"V2-Lite", 16, 64, 4096, 1},
+        {"V2-Lite", 16, 128, 4096, 1}, {"V3", 128, 64, 4096, 1},
+    };
+    const int n = (int)(sizeof cfgs / sizeof cfgs[0]);
+    sweep_best best[8];
+    printf(
+        "\ndecode variants (docs/kernels/mla.md), per op (one layer), median of %d graph "
+        "replays; v = variant asked for, k = the variant whose kernel ran (k < v: v does not fit "
+        "these rows and runs k's; rows identical to k's are left out), tile positions, "
+        "stages, blocks per SM; diff = the output against v0 auto (max abs, rel L2)\n",
+        reps);
+    printf("%-8s %4s %4s %5s | %-2s %-2s %3s %s %s | %-6s %3s | %8s %8s %8s | %9s %5s | %9s %5s | "
+           "%8s %8s\n",
+           "model", "H", "B", "ctx", "v", "k", "til", "s", "o", "split", "n", "attn_us", "+comb_us",
+           "full_us", "attn_GB/s", "%copy", "full_GB/s", "%copy", "max_abs", "rel_l2");
+    for (int i = 0; i < n; i++) {
+        sweep_case(be, cfgs[i], reps, copy, &best[i]);
+        fprintf(stderr, "swept %s H=%d B=%d ctx=%d\n", cfgs[i].name, cfgs[i].H, cfgs[i].B,
+                cfgs[i].ctx);
+    }
+    printf("best per case (attention + combine; %%copy of the kernel alone):");
+    for (int i = 0; i < n; i++) {
+        if (best[i].variant < 0) {
+            printf(" | %s H%d %dx%d: none", cfgs[i].name, cfgs[i].H, cfgs[i].B, cfgs[i].ctx);
+            continue;
+        }
+        printf(" | %s H%d %dx%d: v%d %s %d splits, attn %.1f us (%.1f%% copy), +comb %.1f us, "
+               "full %.1f us",
+               cfgs[i].name, cfgs[i].H, cfgs[i].B, cfgs[i].ctx, best[i].variant,
+               best[i].split ? "forced" : "auto", best[i].n_split, best[i].us_attn, best[i].pct,
+               best[i].us_comb, best[i].us_full);
+    }
+    printf("\n");
 }
 
 /* ---- prompt chunks ---- */
@@ -446,6 +606,10 @@ int main(int argc, char **argv) {
     int reps = argc > 1 ? atoi(argv[1]) : 30;
     if (reps < 3) reps = 3;
     const char *only = argc > 2 ? argv[2] : NULL;
+    if (only && strcmp(only, "decode") && strcmp(only, "prefill") && strcmp(only, "sweep")) {
+        fprintf(stderr, "usage: bench_mla [replays] [decode|prefill|sweep]\n");
+        return 2;
+    }
     if (be_cuda_device_count() < 1) {
         fprintf(stderr, "no CUDA device: skipped\n");
         return 77;
@@ -457,6 +621,12 @@ int main(int argc, char **argv) {
     if (only && !strcmp(only, "prefill")) {
         prefill_section(be, reps);
         be_destroy(be);
+        return g_fail;
+    }
+    if (only && !strcmp(only, "sweep")) {
+        sweep_section(be, reps, copy);
+        be_destroy(be);
+        if (g_fail) printf("FAIL: a variant failed or its output differs from variant 0's\n");
         return g_fail;
     }
     bench_cfg cfgs[] = {

@@ -544,7 +544,7 @@ static void test_mla(tb *t, const mla_case *mc) {
     bt_seq1 hb;
     kv_pair_fill(t, kv, mc->n_layers, n_slots, kv_dim + 3, all_pos, all_slot, &hb);
     size_t kv_n = (size_t)n_blocks * kv[0]->block_bytes / sizeof(float);
-    char name[96];
+    char name[192];
     snprintf(name, sizeof name, "kv_write (%s)", mc->name);
     compare_raw(t, name, kv[CPU]->data, kv[GPU]->data, kv_n, 0);
 
@@ -605,6 +605,31 @@ static void test_mla(tb *t, const mla_case *mc) {
         CHECK_MSG(info.prefill_tc == chunks, "%s: the tensor-core prefill kernel %s", mc->name,
                   chunks ? "did not run" : "ran without prompt chunks");
         if (info.prefill_tc != chunks) t->failed++;
+        /* every other decode variant of the kernel (docs/kernels/mla.md) against the same CPU
+         * output, with the same forced split or its own choice */
+        for (int var = 1; var < BE_CUDA_MLA_VARIANTS; var++) {
+            CHECK(be_cuda_mla_variant(t->be[GPU], var) == DUET_OK);
+            CHECK(be_cuda_mla_tune(t->be[GPU], mc->split, 0) == DUET_OK);
+            t->be[GPU]->ops->mla_attention(t->be[GPU], out.b[GPU], q.b[GPU], kv[GPU], mc->layer,
+                                           kvb.w[GPU], H, nope, R, v, scale);
+            be_cuda_mla_info vi = {0};
+            CHECK(be_cuda_mla_last(t->be[GPU], &vi) == DUET_OK);
+            CHECK(be_cuda_mla_tune(t->be[GPU], 0, 0) == DUET_OK);
+            CHECK(be_cuda_mla_variant(t->be[GPU], 0) == DUET_OK);
+            snprintf(name, sizeof name,
+                     "mla_attention (%s; variant %d: kernel %d, tile %d x %d, "
+                     "%d/SM, %d splits)",
+                     mc->name, var, vi.kernel_variant, vi.tile, vi.stages, vi.blocks_per_sm,
+                     vi.n_split);
+            compare(t, name, &out, t->tol);
+            CHECK_MSG(vi.tensor_cores && vi.variant == var && vi.kernel_variant <= var,
+                      "%s: variant %d did not run (ran %d, kernel %d)", mc->name, var, vi.variant,
+                      vi.kernel_variant);
+            if (!(vi.tensor_cores && vi.variant == var && vi.kernel_variant <= var)) t->failed++;
+            if (mc->split > 0) CHECK_EQ_INT(vi.n_split, mc->split);
+        }
+        CHECK(be_cuda_mla_variant(t->be[GPU], BE_CUDA_MLA_VARIANTS) == DUET_ERR_INVALID);
+        CHECK(be_cuda_mla_variant(t->be[GPU], -1) == DUET_ERR_INVALID);
     }
 
     pbuf_free(t, &kva);
@@ -692,6 +717,67 @@ static void test_mla_decode(tb *t) {
     memcpy(v3.n_tok, tok2, sizeof tok2);
     memcpy(v3.pos0, pos2, sizeof pos2);
     test_mla(t, &v3);
+}
+
+/* DUET_MLA_DECODE_VARIANT, read when a backend makes its MLA state (its first MLA op): a value
+ * in range is the decode variant that op runs; one outside, or not a number, fails the op (the
+ * backend's sync reports DUET_ERR_INVALID). One V2-Lite decode token on a fresh backend each. */
+static void test_mla_env(void) {
+    const char *vals[3] = {"3", "9", "2x"};
+    const int want[3] = {3, -1, -1};
+    enum { H = 16, QW = 192, BS_ = 64 };
+    for (int i = 0; i < 3; i++) {
+        setenv("DUET_MLA_DECODE_VARIANT", vals[i], 1);
+        be_backend *g = NULL;
+        CHECK(be_cuda_create(0, DT_BF16, &g) == DUET_OK);
+        if (!g) continue;
+        const be_ops *o = g->ops;
+        be_kv *kv = NULL;
+        be_weight *w = NULL;
+        float *qh = rand_vec((size_t)H * QW, 1.0f), *wh = rand_vec((size_t)H * 256 * 512, 0.1f);
+        float *zeros = calloc((size_t)BS_ * 576, sizeof(float));
+        void *q = o->buf_alloc(g, (size_t)H * QW), *out = o->buf_alloc(g, (size_t)H * 128);
+        int32_t pos[1] = {5}, slot[1] = {5}, start[2] = {0, 1}, ctx[1] = {6}, table[1] = {0};
+        be_batch b = {.n_tokens = 1,
+                      .n_seqs = 1,
+                      .token_pos = pos,
+                      .token_slot = slot,
+                      .seq_start = start,
+                      .seq_ctx = ctx,
+                      .block_table = table,
+                      .max_blocks = 1};
+        CHECK(zeros && q && out);
+        CHECK(o->kv_create(g, 1, 1, BS_, 576, &kv) == DUET_OK);
+        CHECK(o->weight_create(g, wh, H * 256, 512, false, &w) == DUET_OK);
+        if (zeros && q && out && kv && w) {
+            CHECK(o->upload(g, kv->data, 0, zeros, (size_t)BS_ * 576) == DUET_OK);
+            CHECK(o->upload(g, q, 0, qh, (size_t)H * QW) == DUET_OK);
+            CHECK(o->set_batch(g, &b) == DUET_OK);
+            o->mla_attention(g, out, q, kv, 0, w, H, 128, 64, 128, 0.07f);
+            duet_status st = o->sync(g);
+            if (want[i] >= 0) {
+                CHECK_MSG(st == DUET_OK, "DUET_MLA_DECODE_VARIANT=%s: %s", vals[i],
+                          duet_strerror(st));
+                be_cuda_mla_info info = {0};
+                CHECK(be_cuda_mla_last(g, &info) == DUET_OK);
+                CHECK_MSG(info.tensor_cores && info.variant == want[i],
+                          "DUET_MLA_DECODE_VARIANT=%s ran variant %d", vals[i], info.variant);
+            } else {
+                CHECK_MSG(st == DUET_ERR_INVALID, "DUET_MLA_DECODE_VARIANT=%s: %s", vals[i],
+                          duet_strerror(st));
+            }
+        }
+        if (w) o->weight_destroy(g, w);
+        o->buf_free(g, q);
+        o->buf_free(g, out);
+        o->kv_destroy(g, kv);
+        be_destroy(g);
+        free(qh);
+        free(wh);
+        free(zeros);
+    }
+    unsetenv("DUET_MLA_DECODE_VARIANT");
+    printf("  DUET_MLA_DECODE_VARIANT: 3 (must run variant 3), 9 and 2x (must fail) tried\n");
 }
 
 /* ---- MoE ---- */
@@ -1299,6 +1385,7 @@ int main(void) {
     g_xs = seed ? strtoull(seed, NULL, 10) : (uint64_t)time(NULL) * 2654435761u;
     if (!g_xs) g_xs = 1;
     printf("seed %llu (DUET_TEST_SEED repeats it)\n", (unsigned long long)g_xs);
+    unsetenv("DUET_MLA_DECODE_VARIANT"); /* the cases choose their variants themselves */
     int failed = 0;
     dt_dtype dts[2] = {DT_BF16, DT_F32};
     for (int i = 0; i < 2; i++) {
@@ -1314,6 +1401,7 @@ int main(void) {
         be_destroy(t.be[CPU]);
         be_destroy(t.be[GPU]);
     }
+    test_mla_env();
     printf("%s: %d op checks failed\n", failed ? "FAIL" : "PASS", failed);
     CHECK_DONE();
 }

@@ -4,7 +4,9 @@
  * cp.async as an immediate copy checked against the buffers it may read. Shared memory starts
  * as NaN, outputs too. Checks the kernels' own indexing (rows and heads, pages, layers, splits,
  * causal limits, the combine) against a float64 reference, with no GPU: suite 'unit'. What it
- * cannot check is the hardware's side (real layouts, async copies, timing): the GPU op test. */
+ * cannot check is the hardware's side (real layouts, async copies, timing): the GPU op test.
+ * Usage: test_mla_tc_emu [variant]: the decode cases over one decode variant (each MT that has
+ * a shape of its own in it; 0, the default, also runs the prefill cases), or all of them. */
 #define MLA_TC_EMULATE
 #include "model/backends/cuda/mla-prefill.cuh"
 #include "model/backends/cuda/mla-tc.cuh"
@@ -341,11 +343,42 @@ static tc_args g_args;
 static tc_combine_args g_cargs;
 static int g_block, g_row, g_seq;
 
-template <int MT> static void block_body(int tid) {
-    tc_block<MT>(g_args, g_smem, tid, g_block);
+template <int MT, int V> static void block_body(int tid) {
+    tc_block<MT, tc_canon(V, MT)>(g_args, g_smem, tid, g_block);
 }
 
-static void run_case(const emu_case &ec) {
+/* each decode variant's block body and shared bytes, by MT (1, 2, 4) */
+struct emu_kernel {
+    void (*body)(int);
+    size_t smem;
+};
+#define EMU_K(MT, V)                                                                               \
+    { block_body<MT, V>, tc_cfg<MT, V>::SMEM }
+#define EMU_KS(MT)                                                                                 \
+    { EMU_K(MT, 0), EMU_K(MT, 1), EMU_K(MT, 2), EMU_K(MT, 3), EMU_K(MT, 4) }
+static_assert(TC_N_VARIANTS == 5, "EMU_KS lists every variant");
+static const emu_kernel k_emu[3][TC_N_VARIANTS] = {EMU_KS(1), EMU_KS(2), EMU_KS(4)};
+/* the kernels each variant runs, as docs/kernels/mla.md's table says: every variant has its
+ * own for 16 rows; for 32, v2 is v1's shape and v3 (two blocks per SM) does not fit; for 64,
+ * none but v0 fits */
+static_assert(tc_canon(1, 1) == 1 && tc_canon(2, 1) == 2 && tc_canon(3, 1) == 3 &&
+                  tc_canon(4, 1) == 4,
+              "MT 1");
+static_assert(tc_canon(1, 2) == 1 && tc_canon(2, 2) == 1 && tc_canon(3, 2) == 0 &&
+                  tc_canon(4, 2) == 4,
+              "MT 2");
+static_assert(tc_canon(1, 4) == 0 && tc_canon(2, 4) == 0 && tc_canon(3, 4) == 0 &&
+                  tc_canon(4, 4) == 0,
+              "MT 4");
+static_assert(tc_cfg<1, 3>::MINB == 2 && 2 * tc_cfg<1, 3>::SMEM + 2048 <= 228 * 1024,
+              "two blocks of v3 on one SM");
+
+static int mt_index(int MT) {
+    return MT == 1 ? 0 : MT == 2 ? 1 : 2;
+}
+
+/* variant: the decode variant whose kernel body runs the case */
+static void run_case(const emu_case &ec, int variant) {
     const int H = ec.H, ns = (int)ec.nq.size(), bs = ec.bs, RT = 16 * ec.MT;
     const int qw = 128 + TC_R;
     /* batch layout and scrambled blocks */
@@ -400,11 +433,12 @@ static void run_case(const emu_case &ec) {
                   {(const char *)qlat.data(), (const char *)(qlat.data() + qlat.size())},
                   {(const char *)q.data(), (const char *)(q.data() + q.size())}};
 
-    g_smem_bytes = ec.MT == 1 ? tc_cfg<1>::SMEM : ec.MT == 2 ? tc_cfg<2>::SMEM : tc_cfg<4>::SMEM;
+    const emu_kernel &k = k_emu[mt_index(ec.MT)][variant];
+    g_smem_bytes = k.smem;
     for (int b = 0; b < ns * ec.n_split * n_groups; b++) {
         memset(g_smem, 0xff, g_smem_bytes); /* NaN in bf16 and float */
         g_block = b;
-        run_block(ec.MT == 1 ? block_body<1> : ec.MT == 2 ? block_body<2> : block_body<4>);
+        run_block(k.body);
     }
     if (ec.n_split > 1) {
         g_cargs = {opart.data(), lse.data(), olat.data(), start.data(), H, ec.n_split, rows_pad, 8};
@@ -453,7 +487,9 @@ static void run_case(const emu_case &ec) {
             }
         }
     }
-    rc.verdict(ec.name);
+    char name[96];
+    snprintf(name, sizeof name, "v%d %s", variant, ec.name);
+    rc.verdict(name);
 }
 
 /* ---- the prefill kernel (mla-prefill.cuh) ---- */
@@ -567,34 +603,73 @@ static void run_fp_case(const fp_case &fc) {
     rc.verdict(fc.name);
 }
 
-int main(void) {
-    size_t most = tc_cfg<1>::SMEM > tc_cfg<2>::SMEM ? tc_cfg<1>::SMEM : tc_cfg<2>::SMEM;
-    most = most > tc_cfg<4>::SMEM ? most : tc_cfg<4>::SMEM;
-    most = most > FP_SMEM ? most : FP_SMEM;
+/* Which MT a variant's kernel body runs: tc_canon(v, MT) == v (the others run a lower
+ * variant's body, tested under that variant). */
+static bool variant_has(int v, int MT) {
+    return MT == 1 ? tc_canon(v, 1) == v : MT == 2 ? tc_canon(v, 2) == v : tc_canon(v, 4) == v;
+}
+
+int main(int argc, char **argv) {
+    int v_lo = 0, v_hi = TC_N_VARIANTS - 1;
+    if (argc > 1) {
+        char *end = NULL;
+        long v = strtol(argv[1], &end, 10);
+        if (*end || v < 0 || v >= TC_N_VARIANTS) {
+            fprintf(stderr, "usage: test_mla_tc_emu [variant 0 .. %d]\n", TC_N_VARIANTS - 1);
+            return 2;
+        }
+        v_lo = v_hi = (int)v;
+    }
+    size_t most = FP_SMEM;
+    for (int m = 0; m < 3; m++)
+        for (int v = 0; v < TC_N_VARIANTS; v++)
+            most = k_emu[m][v].smem > most ? k_emu[m][v].smem : most;
     g_stacks = (char *)malloc((size_t)N_THREADS * STACK);
     g_smem = (unsigned char *)malloc(most);
     if (!g_stacks || !g_smem) return 1;
-    printf("tensor-core MLA decode kernels, emulated on the CPU:\n");
-    /* 16 heads, one row: 16-row blocks, Q in registers; direct write and split + combine;
-     * an empty sequence and a prompt chunk (left to the expanded form) among them */
-    run_case({"16 heads, 1 row, 1 split", 16, 1, 1, 64, 1, 0, {1, 1, 1, 1}, {1, 17, 100, 300}});
-    run_case({"16 heads, 1 row, 3 splits, empty + chunk",
-              16,
-              1,
-              3,
-              64,
-              2,
-              1,
-              {1, 0, 12, 1, 1},
-              {33, 5, 40, 130, 64}});
-    /* 2 rows of 16 heads: 32-row blocks; 16-position blocks, tiles straddle them */
-    run_case({"16 heads, 2 rows, 2 splits, bs 16", 16, 2, 2, 16, 1, 0, {2, 2, 1}, {2, 40, 129}});
-    /* 3 rows: 48 of 64 rows used */
-    run_case({"16 heads, 3 rows, 4 splits", 16, 4, 4, 64, 1, 0, {3, 3, 3}, {3, 70, 200}});
-    /* 128 heads: two 64-row groups per sequence */
-    run_case({"128 heads, 1 row, 2 splits", 128, 4, 2, 64, 1, 0, {1, 1, 1}, {1, 65, 150}});
-    /* 32 heads x 3 rows = 96 rows: the second group half used */
-    run_case({"32 heads, 3 rows, 1 split", 32, 4, 1, 32, 2, 0, {3, 2}, {5, 90}});
+    const emu_case cases[] = {
+        /* 16 heads, one row: 16-row blocks, Q in registers; direct write and split + combine;
+         * an empty sequence and a prompt chunk (left to the expanded form) among them */
+        {"16 heads, 1 row, 1 split", 16, 1, 1, 64, 1, 0, {1, 1, 1, 1}, {1, 17, 100, 300}},
+        {"16 heads, 1 row, 3 splits, empty + chunk",
+         16,
+         1,
+         3,
+         64,
+         2,
+         1,
+         {1, 0, 12, 1, 1},
+         {33, 5, 40, 130, 64}},
+        /* pages of 16 inside every tile; 5 splits of a short context: splits with a partial
+         * tile, splits with none (a 64-position tile makes more of them empty) */
+        {"16 heads, 1 row, 5 splits, bs 16", 16, 1, 5, 16, 1, 0, {1, 1, 1}, {65, 200, 7}},
+        /* 2 rows of 16 heads: 32-row blocks; 16-position blocks, tiles straddle them */
+        {"16 heads, 2 rows, 2 splits, bs 16", 16, 2, 2, 16, 1, 0, {2, 2, 1}, {2, 40, 129}},
+        /* 3 rows: 48 of 64 rows used */
+        {"16 heads, 3 rows, 4 splits", 16, 4, 4, 64, 1, 0, {3, 3, 3}, {3, 70, 200}},
+        /* MLA_ABS_MAX_Q = 8 rows of 16 heads: two 64-row groups */
+        {"16 heads, 8 rows, 2 splits, bs 32", 16, 4, 2, 32, 1, 0, {8, 1}, {140, 9}},
+        /* 128 heads: two 64-row groups per sequence */
+        {"128 heads, 1 row, 2 splits", 128, 4, 2, 64, 1, 0, {1, 1, 1}, {1, 65, 150}},
+        /* 32 heads x 3 rows = 96 rows: the second group half used */
+        {"32 heads, 3 rows, 1 split", 32, 4, 1, 32, 2, 0, {3, 2}, {5, 90}},
+    };
+    for (int v = v_lo; v <= v_hi; v++) {
+        printf("tensor-core MLA decode kernels, variant %d, emulated on the CPU:\n", v);
+        int ran = 0;
+        for (const emu_case &ec : cases)
+            if (variant_has(v, ec.MT)) {
+                run_case(ec, v);
+                ran++;
+            }
+        EXPECT(ran > 0, "variant %d has no kernel of its own", v);
+    }
+    if (v_lo != 0) {
+        free(g_stacks);
+        free(g_smem);
+        printf("%s\n", g_failures ? "FAIL" : "PASS");
+        return g_failures ? 1 : 0;
+    }
     printf("tensor-core MLA prefill kernel, emulated on the CPU:\n");
     /* one partial query tile, one partial position tile */
     run_fp_case({"2 heads, one chunk of 20", 2, 16, 1, 0, 0, {20}, {20}});

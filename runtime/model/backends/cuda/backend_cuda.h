@@ -72,12 +72,26 @@ typedef struct be_cuda_mla_info {
     bool prefill_tc;      /* prompt chunks ran on the tensor-core prefill kernel */
     int prefill_launches; /* its launches (groups of sequences) */
     int prefill_blocks;   /* its blocks, all launches */
+    int variant;          /* the decode variant asked for (be_cuda_mla_variant) */
+    int kernel_variant;   /* the variant whose kernel ran: the lowest with the same shape for
+                             these rows (a variant that does not fit runs variant 0's) */
+    int tile;             /* its positions per tile */
+    int stages;           /* its cp.async ring depth (tiles) */
+    int blocks_per_sm;    /* its occupancy, which the split count was sized by */
 } be_cuda_mla_info;
+
+/* Decode variants of the tensor-core MLA kernel (docs/kernels/mla.md, "Decode variants"), for
+ * benchmarks to time side by side; 0 is the default. */
+#define BE_CUDA_MLA_VARIANTS 5
 
 /* n_split > 0 forces the KV split count of later mla_attention calls (0: the backend
  * chooses); skip is a mask of BE_CUDA_MLA_SKIP_*. DUET_ERR_INVALID for n_split outside [0, 4096].
  */
 duet_status be_cuda_mla_tune(be_backend *be, int n_split, unsigned skip);
+/* The decode variant of later mla_attention calls, 0 .. BE_CUDA_MLA_VARIANTS - 1
+ * (DUET_ERR_INVALID otherwise). The environment variable DUET_MLA_DECODE_VARIANT sets the
+ * starting value for a whole program (a value outside that range fails the first MLA op). */
+duet_status be_cuda_mla_variant(be_backend *be, int variant);
 duet_status be_cuda_mla_last(be_backend *be, be_cuda_mla_info *info_p);
 
 #ifdef __cplusplus

@@ -13,43 +13,117 @@
 
 /* One block: one sequence, one KV split, RT = 16 * MT (query row, head) pairs; row r of a
  * sequence is (query row r / H, head r % H), so up to 64 rows share every cached byte read.
- * Per tile of TC_TN positions, copied into shared memory with cp.async NSTAGE - 1 tiles ahead:
+ * Per tile of TN positions, copied into shared memory with cp.async NSTAGE - 1 tiles ahead:
  * S = Q K^T (mma.sync m16n8k16: M = rows, N = positions, K = 576), an online softmax in
- * float32 (base 2, one warp per row, one lane per position), O = diag(alpha) O + P V with V the
- * tile's first 512 dims (M = rows, N = 512: 64 per warp, K = positions). */
+ * float32 (base 2, one warp per row, TN / 32 positions per lane), O = diag(alpha) O + P V with
+ * V the tile's first 512 dims (M = rows, N = 512: 64 per warp, K = positions).
+ *
+ * Decode variants (docs/kernels/mla.md, "Decode variants"): the same body over other tile
+ * widths, ring depths and warp splits, so that one GPU run can time them side by side.
+ * Variant 0 is the default. A variant whose shape does not fit a block's shared memory for
+ * some MT (or, for a two-blocks-per-SM variant, half an SM's) runs variant 0's shape there:
+ * tc_canon names the variant whose kernel actually runs. */
 
 constexpr int TC_L = 512, TC_R = 64, TC_D = TC_L + TC_R; /* latent, rope, cached row */
-constexpr int TC_TN = 32;         /* positions per tile: one per lane in the softmax */
-constexpr int TC_LDK = TC_D + 8;  /* shared row pitch of tiles and queries, in elements: 16
-                                     bytes of padding put the 8 rows one ldmatrix reads in 8
-                                     different bank groups */
-constexpr int TC_LDS = TC_TN + 8; /* scores (float) */
-constexpr int TC_LDP = TC_TN + 8; /* probabilities (bf16): 80-byte rows, no bank conflicts */
-constexpr int TC_THREADS = 256;   /* 8 warps */
+constexpr int TC_LDK = TC_D + 8; /* shared row pitch of tiles and queries, in elements: 16
+                                    bytes of padding put the 8 rows one ldmatrix reads in 8
+                                    different bank groups */
+constexpr int TC_THREADS = 256;  /* 8 warps */
 constexpr int TC_KSTEPS = TC_D / 16;
 constexpr int TC_COMBINE_THREADS = TC_L / 4; /* 4 dims each */
+constexpr int TC_N_VARIANTS = 5;
+constexpr size_t TC_SMEM_MAX = 227 * 1024;  /* one block's opt-in shared memory (sm_90) */
+constexpr size_t TC_SMEM_HALF = 113 * 1024; /* each of two blocks on one SM (228 KB, 1 KB
+                                               reserved per block) */
 
-template <int MT> struct tc_cfg {
+/* A kernel's shape: positions per tile, cp.async ring depth, halves of the 576 dims the S warps
+ * split (2: partial scores summed in the softmax), Q fragments kept in registers for the
+ * block's life (MT 1 only), and the blocks per SM asked of the compiler (launch bounds). */
+struct tc_shape {
+    int tn, nstage, ksplit, qreg, minb;
+};
+
+constexpr bool tc_shape_eq(tc_shape a, tc_shape b) {
+    return a.tn == b.tn && a.nstage == b.nstage && a.ksplit == b.ksplit && a.qreg == b.qreg &&
+           a.minb == b.minb;
+}
+
+/* shared bytes of a shape for 16 * MT rows: the ring, Q, scores, P, per-row state */
+constexpr size_t tc_shape_smem(tc_shape sh, int MT) {
+    return (size_t)sh.nstage * sh.tn * TC_LDK * 2 + (size_t)16 * MT * TC_LDK * 2 +
+           (size_t)sh.ksplit * 16 * MT * (sh.tn + 8) * 4 + (size_t)16 * MT * (sh.tn + 8) * 2 +
+           (size_t)4 * 16 * MT * 4;
+}
+
+/* the shape variant v asks for with 16 * MT rows */
+constexpr tc_shape tc_shape_want(int v, int MT) {
+    const tc_shape v0 = {32, MT == 4 ? 3 : 4, MT == 1 ? 2 : 1, MT == 1, 1};
+    switch (v) {
+    case 1: /* 64-position tiles, two stages (one tile in flight): half the barriers and
+               softmax rounds per position */
+        return {64, 2, MT == 1 ? 2 : 1, MT == 1, 1};
+    case 2: /* 64-position tiles, S split over positions only: 8 warps x 8 positions over all
+               576 dims, no partial-score sum; Q read from shared memory */
+        return {64, 2, 1, 0, 1};
+    case 3: /* two blocks per SM: 32-position tiles, two stages, Q from shared memory; one
+               block's barriers and softmax overlap the other's copies and MMAs */
+        return {32, 2, MT == 1 ? 2 : 1, 0, 2};
+    case 4: /* a deeper ring: five stages of 32 positions (four tiles in flight) */
+        return {32, 5, MT == 1 ? 2 : 1, MT == 1, 1};
+    default:
+        return v0;
+    }
+}
+
+constexpr bool tc_shape_fits(tc_shape sh, int MT) {
+    const int warps_s = sh.ksplit * MT; /* warps over rows and k halves; the rest over n */
+    return TC_THREADS / 32 % warps_s == 0 && sh.tn / 8 % (TC_THREADS / 32 / warps_s) == 0 &&
+           TC_KSTEPS / sh.ksplit % 2 == 0 && (!sh.qreg || MT == 1) && sh.nstage >= 2 &&
+           tc_shape_smem(sh, MT) <= (sh.minb >= 2 ? TC_SMEM_HALF : TC_SMEM_MAX);
+}
+
+/* the shape variant v runs with 16 * MT rows: its own where it fits, variant 0's otherwise */
+constexpr tc_shape tc_shape_of(int v, int MT) {
+    return tc_shape_fits(tc_shape_want(v, MT), MT) ? tc_shape_want(v, MT) : tc_shape_want(0, MT);
+}
+
+/* the lowest variant with the same shape as v for MT: the kernel instance that runs */
+constexpr int tc_canon(int v, int MT) {
+    for (int u = 0; u < v; u++)
+        if (tc_shape_eq(tc_shape_of(u, MT), tc_shape_of(v, MT))) return u;
+    return v;
+}
+
+template <int MT, int V = 0> struct tc_cfg {
+    static constexpr tc_shape SH = tc_shape_of(V, MT);
     static constexpr int RT = 16 * MT;
-    static constexpr int NSTAGE = MT == 4 ? 3 : 4;
-    /* the 8 warps over S [RT, 32]: KSPLIT halves of the 576 dims (partial scores summed in
+    static constexpr int TN = SH.tn;         /* positions per tile */
+    static constexpr int NPL = TN / 32;      /* positions per lane in the softmax */
+    static constexpr int NSTAGE = SH.nstage; /* ring of NSTAGE tiles: NSTAGE - 1 in flight */
+    static constexpr int MINB = SH.minb;
+    static constexpr int LDS = TN + 8; /* scores (float) */
+    static constexpr int LDP = TN + 8; /* probabilities (bf16): rows an odd multiple of 16
+                                          bytes apart, no ldmatrix bank conflicts */
+    /* the 8 warps over S [RT, TN]: KSPLIT halves of the 576 dims (partial scores summed in
      * the softmax), NWN slices of NTW n8 tiles along the positions, MT m16 tiles of rows */
-    static constexpr int KSPLIT = MT == 1 ? 2 : 1;
-    static constexpr int NTW = MT == 4 ? 2 : 1;
-    static constexpr int NWN = 4 / NTW;
+    static constexpr int KSPLIT = SH.ksplit;
+    static constexpr int NWN = TC_THREADS / 32 / (KSPLIT * MT);
+    static constexpr int NTW = TN / 8 / NWN;
     static constexpr int KSW = TC_KSTEPS / KSPLIT; /* k16 steps per warp */
-    /* with 16 rows a warp's share of Q (18 k16 steps) stays in 72 registers for the block's
+    /* with 16 rows a warp's share of Q (18 k16 steps) can stay in 72 registers for the block's
      * life instead of being re-read from shared memory every tile */
-    static constexpr bool QREG = MT == 1;
-    static constexpr size_t STAGE_B = (size_t)TC_TN * TC_LDK * 2;
+    static constexpr bool QREG = SH.qreg != 0;
+    static constexpr size_t STAGE_B = (size_t)TN * TC_LDK * 2;
     static constexpr size_t OFF_Q = NSTAGE * STAGE_B;
     static constexpr size_t OFF_S = OFF_Q + (size_t)RT * TC_LDK * 2;
-    static constexpr size_t OFF_P = OFF_S + (size_t)KSPLIT * RT * TC_LDS * 4;
-    static constexpr size_t OFF_ROW = OFF_P + (size_t)RT * TC_LDP * 2; /* alpha, m, l, lim */
+    static constexpr size_t OFF_P = OFF_S + (size_t)KSPLIT * RT * LDS * 4;
+    static constexpr size_t OFF_ROW = OFF_P + (size_t)RT * LDP * 2; /* alpha, m, l, lim */
     static constexpr size_t SMEM = OFF_ROW + (size_t)4 * RT * 4;
+    static_assert(SMEM == tc_shape_smem(SH, MT), "the carving is the shape's size");
+    static_assert(tc_shape_fits(SH, MT), "a shape that fits");
     static_assert(KSPLIT * NWN * MT == TC_THREADS / 32, "one (k half, n slice, m tile) per warp");
+    static_assert(NWN * NTW * 8 == TN && TN % 32 == 0, "n8 tiles cover the tile; whole lanes");
     static_assert(KSW % 2 == 0, "k16 steps go in pairs");
-    static_assert(SMEM <= 227 * 1024, "shared memory of one block");
     static_assert(STAGE_B % 16 == 0 && OFF_S % 16 == 0 && OFF_P % 16 == 0 && OFF_ROW % 16 == 0,
                   "16-byte aligned carving");
 };
@@ -144,13 +218,13 @@ TC_FN float tc_warp_sum(float v) {
 }
 
 /* ---- the attention block ---- */
-template <int MT>
+template <int MT, int V = 0>
 TC_FN void tc_block(const tc_args &a, unsigned char *smem, const int tid, const int block) {
-    using C = tc_cfg<MT>;
-    constexpr int RT = C::RT;
+    using C = tc_cfg<MT, V>;
+    constexpr int RT = C::RT, TN = C::TN;
     __nv_bfloat16 *sQ = (__nv_bfloat16 *)(smem + C::OFF_Q); /* [RT][TC_LDK] */
-    float *sS = (float *)(smem + C::OFF_S);                 /* [KSPLIT][RT][TC_LDS] */
-    __nv_bfloat16 *sP = (__nv_bfloat16 *)(smem + C::OFF_P); /* [RT][TC_LDP] */
+    float *sS = (float *)(smem + C::OFF_S);                 /* [KSPLIT][RT][LDS] */
+    __nv_bfloat16 *sP = (__nv_bfloat16 *)(smem + C::OFF_P); /* [RT][LDP] */
     float *sAlpha = (float *)(smem + C::OFF_ROW);           /* per row: this tile's rescale, */
     float *sM = sAlpha + RT, *sL = sM + RT;                 /* running max (base 2), sum, */
     int *sLim = (int *)(sL + RT); /* and the end of its causal range in the split */
@@ -168,9 +242,9 @@ TC_FN void tc_block(const tc_args &a, unsigned char *smem, const int tid, const 
     int kv_end = 0;
     for (int i = 0; i < nq; i++) kv_end = tc_imax(kv_end, a.pos[t0 + i] + 1);
     kv_end = tc_imin(kv_end, a.max_blocks * a.bs); /* never past the block table */
-    const int chunk = ((kv_end + a.n_split - 1) / a.n_split + TC_TN - 1) / TC_TN * TC_TN;
+    const int chunk = ((kv_end + a.n_split - 1) / a.n_split + TN - 1) / TN * TN;
     const int begin = sp * chunk, end = tc_imin(kv_end, begin + chunk);
-    const int n_tiles = end > begin ? (end - begin + TC_TN - 1) / TC_TN : 0;
+    const int n_tiles = end > begin ? (end - begin + TN - 1) / TN : 0;
 
     if (tid < RT) {
         const int rg = r0 + tid;
@@ -191,26 +265,30 @@ TC_FN void tc_block(const tc_args &a, unsigned char *smem, const int tid, const 
     }
     tc_cp_async_commit();
 
-    /* tile `it`: 8 threads per position, 9 16-byte pieces each; positions past the split, or
-     * in a block id outside the pool, become zeros (their scores are masked) */
+    /* tile `it`: 8 threads per position (32 positions a pass, TN / 32 passes), 9 16-byte
+     * pieces each; positions past the split, or in a block id outside the pool, become zeros
+     * (their scores are masked) */
     const __nv_bfloat16 *lay = a.cache + (size_t)a.layer * a.bs * TC_D;
     const size_t blk_elems = (size_t)a.n_layers * a.bs * TC_D;
     const int32_t *tab = a.table + (size_t)s * a.max_blocks;
     auto load_tile = [&](int it) {
-        const int j = begin + it * TC_TN + (tid >> 3);
-        const uint32_t dst = tc_smem_u32(smem + (size_t)(it % C::NSTAGE) * C::STAGE_B) +
-                             (uint32_t)((tid >> 3) * TC_LDK * 2);
-        const __nv_bfloat16 *src = a.cache;
-        bool ok = j < end;
-        if (ok) {
-            const int blk = tab[j / a.bs];
-            ok = blk >= 0 && blk < a.n_blocks;
-            if (ok) src = lay + (size_t)blk * blk_elems + (size_t)(j % a.bs) * TC_D;
-        }
+        const uint32_t stage = tc_smem_u32(smem + (size_t)(it % C::NSTAGE) * C::STAGE_B);
         TC_UNROLL
-        for (int k = 0; k < TC_D / 64; k++) {
-            const int piece = (tid & 7) + 8 * k;
-            tc_cp_async16(dst + piece * 16, src + piece * 8, ok);
+        for (int pass = 0; pass < TN / 32; pass++) {
+            const int pp = (tid >> 3) + 32 * pass, j = begin + it * TN + pp;
+            const uint32_t dst = stage + (uint32_t)(pp * TC_LDK * 2);
+            const __nv_bfloat16 *src = a.cache;
+            bool ok = j < end;
+            if (ok) {
+                const int blk = tab[j / a.bs];
+                ok = blk >= 0 && blk < a.n_blocks;
+                if (ok) src = lay + (size_t)blk * blk_elems + (size_t)(j % a.bs) * TC_D;
+            }
+            TC_UNROLL
+            for (int k = 0; k < TC_D / 64; k++) {
+                const int piece = (tid & 7) + 8 * k;
+                tc_cp_async16(dst + piece * 16, src + piece * 8, ok);
+            }
         }
     };
     TC_UNROLL
@@ -283,36 +361,49 @@ TC_FN void tc_block(const tc_args &a, unsigned char *smem, const int tid, const 
             }
         }
         {
-            float *ss = sS + (size_t)kh * RT * TC_LDS;
+            float *ss = sS + (size_t)kh * RT * C::LDS;
             const int row = wm * 16 + gq;
             TC_UNROLL
             for (int n = 0; n < C::NTW; n++) {
                 const int col = (wn * C::NTW + n) * 8 + 2 * qq;
-                *(float2 *)&ss[row * TC_LDS + col] =
+                *(float2 *)&ss[row * C::LDS + col] =
                     make_float2(sacc[n][0][0] + sacc[n][1][0], sacc[n][0][1] + sacc[n][1][1]);
-                *(float2 *)&ss[(row + 8) * TC_LDS + col] =
+                *(float2 *)&ss[(row + 8) * C::LDS + col] =
                     make_float2(sacc[n][0][2] + sacc[n][1][2], sacc[n][0][3] + sacc[n][1][3]);
             }
         }
         tc_sync_block();
 
-        /* online softmax, base 2: warp w owns rows w, w + 8, ...; lane = position */
-        const int j = begin + it * TC_TN + lane;
+        /* online softmax, base 2: warp w owns rows w, w + 8, ...; lane owns positions lane,
+         * lane + 32, ... of the tile */
+        const int j = begin + it * TN + lane;
         TC_UNROLL
         for (int i = 0; i < RT / 8; i++) {
             const int r = warp + 8 * i;
-            float x = sS[r * TC_LDS + lane];
-            if constexpr (C::KSPLIT == 2) x += sS[(RT + r) * TC_LDS + lane];
-            const bool ok = j < sLim[r];
-            x = ok ? x * a.scale_log2 : -INFINITY;
+            float x[C::NPL];
+            bool ok[C::NPL];
+            float xmax = -INFINITY;
+            TC_UNROLL
+            for (int c = 0; c < C::NPL; c++) {
+                x[c] = sS[r * C::LDS + lane + 32 * c];
+                if constexpr (C::KSPLIT == 2) x[c] += sS[(RT + r) * C::LDS + lane + 32 * c];
+                ok[c] = j + 32 * c < sLim[r];
+                x[c] = ok[c] ? x[c] * a.scale_log2 : -INFINITY;
+                xmax = fmaxf(xmax, x[c]);
+            }
             const float m_old = sM[r];
-            const float m_new = fmaxf(m_old, tc_warp_max(x));
+            const float m_new = fmaxf(m_old, tc_warp_max(xmax));
             const float m_use = m_new == -INFINITY ? 0.0f : m_new; /* nothing seen yet */
-            const __nv_bfloat16 p = __float2bfloat16_rn(ok ? exp2f(x - m_use) : 0.0f);
-            const float alpha = exp2f(m_old - m_use);            /* first scores: exp2(-inf) = 0 */
-            const float psum = tc_warp_sum(__bfloat162float(p)); /* what P V adds */
-            sP[r * TC_LDP + lane] = p;
-            tc_sync_warp(); /* every lane has read sM[r] */
+            float pl = 0.0f;
+            TC_UNROLL
+            for (int c = 0; c < C::NPL; c++) {
+                const __nv_bfloat16 p = __float2bfloat16_rn(ok[c] ? exp2f(x[c] - m_use) : 0.0f);
+                pl += __bfloat162float(p);
+                sP[r * C::LDP + lane + 32 * c] = p;
+            }
+            const float alpha = exp2f(m_old - m_use); /* first scores: exp2(-inf) = 0 */
+            const float psum = tc_warp_sum(pl);       /* what P V adds */
+            tc_sync_warp();                           /* every lane has read sM[r] */
             if (lane == 0) {
                 sAlpha[r] = alpha;
                 sM[r] = m_new;
@@ -321,7 +412,7 @@ TC_FN void tc_block(const tc_args &a, unsigned char *smem, const int tid, const 
         }
         tc_sync_block();
 
-        /* O [RT, this warp's 64 dims] = diag(alpha) O + P [RT, 32] V [32, 64] */
+        /* O [RT, this warp's 64 dims] = diag(alpha) O + P [RT, TN] V [TN, 64] */
         TC_UNROLL
         for (int m = 0; m < MT; m++) {
             const float lo = sAlpha[m * 16 + gq], hi = sAlpha[m * 16 + gq + 8];
@@ -335,12 +426,12 @@ TC_FN void tc_block(const tc_args &a, unsigned char *smem, const int tid, const 
         }
         const uint32_t sPa = tc_smem_u32(sP);
         TC_UNROLL
-        for (int kk = 0; kk < TC_TN / 16; kk++) {
+        for (int kk = 0; kk < TN / 16; kk++) {
             uint32_t pf[MT][4];
             TC_UNROLL
             for (int m = 0; m < MT; m++)
                 tc_ldsm_x4(pf[m],
-                           sPa + (uint32_t)((m * 16 + a_row) * TC_LDP + kk * 16 + a_col) * 2);
+                           sPa + (uint32_t)((m * 16 + a_row) * C::LDP + kk * 16 + a_col) * 2);
             TC_UNROLL
             for (int np = 0; np < 4; np++) {
                 uint32_t b[4];

@@ -180,13 +180,36 @@ static size_t mla_smem(int A, int rope, int Vd) {
 
 /* ---- the tensor-core decode kernels (bodies in mla-tc.cuh) ---- */
 
-constexpr int MLA_MIN_SPLIT = 128; /* fewest positions worth a split of their own */
+constexpr int MLA_MIN_SPLIT = 128; /* fewest positions worth a split of their own (rounded up
+                                      to the kernel's whole tiles) */
 constexpr int MLA_MAX_SPLIT = 128;
+static_assert(TC_N_VARIANTS == BE_CUDA_MLA_VARIANTS, "backend_cuda.h counts the variants");
 
-template <int MT> __global__ void __launch_bounds__(TC_THREADS, 1) mla_decode_tc(tc_args a) {
+template <int MT, int V>
+__global__ void __launch_bounds__(TC_THREADS, tc_cfg<MT, V>::MINB) mla_decode_tc(tc_args a) {
     extern __shared__ __align__(16) unsigned char smem[];
-    tc_block<MT>(a, smem, (int)threadIdx.x, (int)blockIdx.x);
+    tc_block<MT, V>(a, smem, (int)threadIdx.x, (int)blockIdx.x);
 }
+
+/* One decode kernel as the host sees it: variant v's kernel for 16 * MT rows (only the
+ * variants with a shape of their own are instantiated: tc_canon). */
+struct tc_kernel {
+    const void *fn;
+    int smem, tn, nstage, minb, canon;
+};
+#define TC_KERNEL(MT, V)                                                                           \
+    {                                                                                              \
+        (const void *)mla_decode_tc<MT, tc_canon(V, MT)>, (int)tc_cfg<MT, tc_canon(V, MT)>::SMEM,  \
+            tc_cfg<MT, tc_canon(V, MT)>::TN, tc_cfg<MT, tc_canon(V, MT)>::NSTAGE,                  \
+            tc_cfg<MT, tc_canon(V, MT)>::MINB, tc_canon(V, MT)                                     \
+    }
+#define TC_KERNELS(MT)                                                                             \
+    { TC_KERNEL(MT, 0), TC_KERNEL(MT, 1), TC_KERNEL(MT, 2), TC_KERNEL(MT, 3), TC_KERNEL(MT, 4) }
+static_assert(TC_N_VARIANTS == 5, "TC_KERNELS lists every variant");
+static const tc_kernel k_tc_kernels[3][TC_N_VARIANTS] = {TC_KERNELS(1), TC_KERNELS(2),
+                                                         TC_KERNELS(4)};
+#undef TC_KERNELS
+#undef TC_KERNEL
 
 __global__ void __launch_bounds__(TC_COMBINE_THREADS) mla_combine(tc_combine_args a) {
     tc_combine(a, (int)threadIdx.x, (int)blockIdx.x, (int)blockIdx.y);
@@ -203,7 +226,8 @@ __global__ void __launch_bounds__(FP_THREADS, 1) mla_prefill_tc(fp_args a) {
 
 struct cuda_mla {
     int n_sm;
-    int occ[3];    /* blocks per SM of mla_decode_tc<1, 2, 4>; 0 until first used */
+    int occ[3][TC_N_VARIANTS]; /* blocks per SM of each decode kernel; 0 until first used */
+    int variant;   /* the decode variant (DUET_MLA_DECODE_VARIANT, be_cuda_mla_variant) */
     bool fp_ready; /* mla_prefill_tc's shared-memory opt-in done */
     int force_split;
     unsigned skip;
@@ -223,36 +247,49 @@ static cuda_mla *mla_state(cuda_backend *c) {
         free(m);
         return NULL;
     }
+    /* a benchmark's choice for whole programs (docs/kernels/mla.md, "Decode variants") */
+    const char *e = getenv("DUET_MLA_DECODE_VARIANT");
+    if (e && *e) {
+        char *end = NULL;
+        long v = strtol(e, &end, 10);
+        if (*end || v < 0 || v >= TC_N_VARIANTS) {
+            LOG_ERROR("cuda backend: DUET_MLA_DECODE_VARIANT=%s: want a variant 0 .. %d", e,
+                      TC_N_VARIANTS - 1);
+            c->err = DUET_ERR_INVALID;
+            free(m);
+            return NULL;
+        }
+        m->variant = (int)v;
+    }
     c->mla = m;
     return m;
 }
 
-/* Once per kernel: the shared-memory opt-in, and how many blocks fit on one SM. */
-template <int MT> static int tc_prepare(cuda_backend *c, cuda_mla *m) {
-    const int idx = MT == 1 ? 0 : MT == 2 ? 1 : 2;
-    if (m->occ[idx]) return m->occ[idx];
-    const int smem = (int)tc_cfg<MT>::SMEM;
-    if (CUDA_CHECK(c, cudaFuncSetAttribute(mla_decode_tc<MT>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) !=
-        DUET_OK)
+/* Once per kernel: the shared-memory opt-in, and how many blocks fit on one SM (what the
+ * split count is sized by). */
+static int tc_prepare(cuda_backend *c, cuda_mla *m, int mt_idx, int v) {
+    const tc_kernel &k = k_tc_kernels[mt_idx][v];
+    int *occ = &m->occ[mt_idx][k.canon];
+    if (*occ) return *occ;
+    /* all of L1 as shared memory: the carve-out is otherwise the driver's choice, which need
+     * not fit two blocks of a two-blocks-per-SM variant */
+    if (CUDA_CHECK(c, cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           k.smem)) != DUET_OK ||
+        CUDA_CHECK(c, cudaFuncSetAttribute(k.fn, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                           (int)cudaSharedmemCarveoutMaxShared)) != DUET_OK)
         return 0;
     int n = 0;
-    if (CUDA_CHECK(c, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, mla_decode_tc<MT>,
-                                                                    TC_THREADS, smem)) != DUET_OK)
+    if (CUDA_CHECK(c, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k.fn, TC_THREADS,
+                                                                    (size_t)k.smem)) != DUET_OK)
         return 0;
     if (n < 1) {
-        LOG_ERROR("cuda backend: mla_decode_tc<%d> (%d bytes of shared memory) fits no SM", MT,
-                  smem);
+        LOG_ERROR("cuda backend: mla_decode_tc<%d, %d> (%d bytes of shared memory) fits no SM",
+                  16 << mt_idx, k.canon, k.smem);
         c->err = DUET_ERR_DEVICE;
         return 0;
     }
-    m->occ[idx] = n;
+    *occ = n;
     return n;
-}
-
-template <int MT> static void tc_launch(cuda_backend *c, const tc_args &a, int n_blocks) {
-    mla_decode_tc<MT><<<n_blocks, TC_THREADS, tc_cfg<MT>::SMEM, c->stream>>>(a);
-    CUDA_LAUNCHED(c, "mla_decode_tc");
 }
 
 static char *carve(char **p, size_t bytes) {
@@ -271,18 +308,20 @@ static void mla_decode_tc_run(cuda_backend *c, bf16 *out, const bf16 *q, const b
     if (!m) return;
     const int rows = qmax * H;
     const int MT = rows <= 16 ? 1 : rows <= 32 ? 2 : 4, RT = 16 * MT;
+    const int mt_idx = MT == 1 ? 0 : MT == 2 ? 1 : 2;
     const int n_groups = (rows + RT - 1) / RT, rows_pad = n_groups * RT;
-    const int occ = MT == 1   ? tc_prepare<1>(c, m)
-                    : MT == 2 ? tc_prepare<2>(c, m)
-                              : tc_prepare<4>(c, m);
+    const tc_kernel &kern = k_tc_kernels[mt_idx][m->variant];
+    const int occ = tc_prepare(c, m, mt_idx, m->variant);
     if (!occ) return;
 
-    /* splits: enough blocks for one full wave, none shorter than MLA_MIN_SPLIT positions of
-     * the longest context the block table can hold; host values fixed for a batch shape */
+    /* splits: enough blocks for one full wave of this kernel (its blocks per SM), none
+     * shorter than MLA_MIN_SPLIT positions in its whole tiles of the longest context the block
+     * table can hold; host values fixed for a batch shape */
     const int per_split = c->n_seqs * n_groups;
     int n_split = m->n_sm * occ / per_split;
     const int longest = c->max_blocks * kv->block_size;
-    n_split = min(n_split, (longest + MLA_MIN_SPLIT - 1) / MLA_MIN_SPLIT);
+    const int min_split = (MLA_MIN_SPLIT + kern.tn - 1) / kern.tn * kern.tn;
+    n_split = min(n_split, (longest + min_split - 1) / min_split);
     n_split = max(1, min(n_split, MLA_MAX_SPLIT));
     if (m->force_split > 0) n_split = m->force_split;
 
@@ -334,13 +373,10 @@ static void mla_decode_tc_run(cuda_backend *c, bf16 *out, const bf16 *q, const b
     a.scale_log2 = scale * 1.4426950408889634f;
     const int n_blocks = c->n_seqs * n_split * n_groups;
     if (!(m->skip & BE_CUDA_MLA_SKIP_ATTN)) {
-        if (MT == 1)
-            tc_launch<1>(c, a, n_blocks);
-        else if (MT == 2)
-            tc_launch<2>(c, a, n_blocks);
-        else
-            tc_launch<4>(c, a, n_blocks);
-        if (c->err != DUET_OK) return;
+        void *args[] = {&a};
+        if (CUDA_CHECK(c, cudaLaunchKernel(kern.fn, dim3((unsigned)n_blocks), dim3(TC_THREADS),
+                                           args, (size_t)kern.smem, c->stream)) != DUET_OK)
+            return;
     }
     if (n_split > 1 && !(m->skip & BE_CUDA_MLA_SKIP_COMBINE)) {
         const tc_combine_args ca = {opart, lse,     olat,     c->d_start,
@@ -364,6 +400,11 @@ static void mla_decode_tc_run(cuda_backend *c, bf16 *out, const bf16 *q, const b
     m->last.rows_per_block = RT;
     m->last.n_groups = n_groups;
     m->last.n_blocks = n_blocks;
+    m->last.variant = m->variant;
+    m->last.kernel_variant = kern.canon;
+    m->last.tile = kern.tn;
+    m->last.stages = kern.nstage;
+    m->last.blocks_per_sm = occ;
 }
 
 /* The expanded form on tensor cores for the batch's prompt chunks (more than MLA_ABS_MAX_Q
@@ -555,6 +596,15 @@ extern "C" duet_status be_cuda_mla_tune(be_backend *be, int n_split, unsigned sk
     if (!m) return c->err;
     m->force_split = n_split;
     m->skip = skip;
+    return DUET_OK;
+}
+
+extern "C" duet_status be_cuda_mla_variant(be_backend *be, int variant) {
+    cuda_backend *c = cuda_be(be);
+    if (variant < 0 || variant >= TC_N_VARIANTS) return DUET_ERR_INVALID;
+    cuda_mla *m = mla_state(c);
+    if (!m) return c->err;
+    m->variant = variant;
     return DUET_OK;
 }
 
