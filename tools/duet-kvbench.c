@@ -114,7 +114,8 @@ static int make_side(side *s, const char *model, srv_role role, const bench_opts
                           .http_port = o->port - 1000,
                           .dp_size = 1,
                           .tp_size = 1,
-                          .served_model_name = "kvbench"};
+                          .served_model_name = "kvbench",
+                          .max_model_len = c.max_model_len};
     return s->plug.start(s->plug.state, &ctx) == DUET_OK ? 0 : -1;
 }
 

@@ -78,8 +78,9 @@ duet_status kvl_options_add(opt_parser *p, kvl_options *o) {
         {.name = "--kv-staging-bytes",
          .type = OPT_SIZE,
          .dest = &o->staging_bytes,
-         .def = "256M",
-         .help = "size of the staging area"},
+         .def = "0",
+         .help = "size of the staging area, where a prefill holds each staged lease whole "
+                 "(0: room for one prompt of --max-model-len, at least 256M)"},
         {.name = "--kv-chunk-bytes",
          .type = OPT_SIZE,
          .dest = &o->chunk_bytes,
@@ -339,6 +340,25 @@ static void thread_main(void *arg) {
     uv_run(&l->loop, UV_RUN_DEFAULT);
 }
 
+size_t kvl_staging_blocks(long long asked, int max_model_len, int block_size, size_t block_bytes,
+                          int n_blocks, bool *short_p) {
+    size_t lease = max_model_len > 0 && block_size > 0
+                       ? ((size_t)max_model_len + (size_t)block_size - 1) / (size_t)block_size
+                       : 0;
+    size_t slots;
+    if (asked > 0) {
+        slots = block_bytes ? (size_t)asked / block_bytes : 0;
+    } else {
+        slots = block_bytes ? (size_t)KVL_STAGING_MIN / block_bytes : 0;
+        if (slots < lease) slots = lease;
+    }
+    if (n_blocks > 0 && slots > (size_t)n_blocks) slots = (size_t)n_blocks;
+    if (slots < 1) slots = 1;
+    /* short only where the pool itself could hold such a lease */
+    *short_p = slots < lease && (n_blocks <= 0 || slots < (size_t)n_blocks);
+    return slots;
+}
+
 static duet_status setup_memory(kvl_link *l) {
     be_kv *kv = l->ctx.kv;
     bool direct = !kv->on_device || kvu_supports_device_memory(l->ucx);
@@ -358,9 +378,15 @@ static duet_status setup_memory(kvl_link *l) {
                      kv->on_device ? "; UCX reports CUDA memory support" : "");
         return st;
     }
-    size_t slots = (size_t)l->opt.staging_bytes / kv->block_bytes;
-    if (slots > (size_t)kv->n_blocks) slots = (size_t)kv->n_blocks;
-    if (slots < 1) slots = 1;
+    /* a prefill holds staged leases whole; a decode stages chunks in flight only */
+    bool too_short = false;
+    int lease_len = l->ctx.role == SRV_ROLE_PREFILL ? l->ctx.max_model_len : 0;
+    size_t slots = kvl_staging_blocks(l->opt.staging_bytes, lease_len, kv->block_size,
+                                      kv->block_bytes, kv->n_blocks, &too_short);
+    if (too_short)
+        LOG_WARN("kv: --kv-staging-bytes %lld holds %zu blocks, fewer than one prompt of "
+                 "--max-model-len %d: longer prompts' leases are refused on the staged path",
+                 l->opt.staging_bytes, slots, l->ctx.max_model_len);
     l->stage_slots = (int)slots;
     l->stage_used = calloc(slots, 1);
     void *base = NULL;

@@ -22,7 +22,7 @@
 typedef struct kvl_options {
     const char *secret;      /* --kv-secret / DUET_KV_SECRET; NULL: none (warned) */
     int staging_mode;        /* KVL_STAGE_* */
-    long long staging_bytes; /* --kv-staging-bytes */
+    long long staging_bytes; /* --kv-staging-bytes; 0: kvl_staging_size's choice */
     long long chunk_bytes;   /* --kv-chunk-bytes: staged transfers move chunks of this size */
     int chunks_in_flight;    /* --kv-chunks-in-flight: per transfer, each in its own buffer */
     bool cuda_ipc;           /* --kv-cuda-ipc: same-host device-to-device copies */
@@ -33,6 +33,15 @@ typedef struct kvl_options {
 enum { KVL_STAGE_AUTO = 0, KVL_STAGE_ON = 1, KVL_STAGE_OFF = 2 };
 
 duet_status kvl_options_add(opt_parser *p, kvl_options *o);
+
+/* The staging area's blocks. A prefill pins a staged lease whole into the area, so a lease
+ * larger than it is refused: asked (--kv-staging-bytes) 0 sizes it for one lease of
+ * max_model_len tokens and at least KVL_STAGING_MIN bytes; any size is held to n_blocks (the
+ * pool) and at least one block. *short_p: the area holds fewer blocks than one lease of
+ * max_model_len (an explicit size too small: the caller warns). Arithmetic only. */
+#define KVL_STAGING_MIN (256LL << 20)
+size_t kvl_staging_blocks(long long asked, int max_model_len, int block_size, size_t block_bytes,
+                          int n_blocks, bool *short_p);
 
 typedef struct kvl_link kvl_link;
 

@@ -43,6 +43,7 @@ typedef struct srv_kv_context {
     int dp_rank, dp_size;
     int tp_size;
     const char *served_model_name;
+    int max_model_len; /* the longest prompt a lease may hold (0: unknown) */
 } srv_kv_context;
 
 /* All hooks optional (NULL). state is the plug-in's own. */

@@ -693,7 +693,8 @@ int srv_main(int argc, char **argv, srv_role role, const srv_kv_plugin *plugin) 
                               .dp_rank = par_dp_rank(s->inst),
                               .dp_size = par_dp_size(s->inst),
                               .tp_size = par_tp_size(s->inst),
-                              .served_model_name = c->served_name};
+                              .served_model_name = c->served_name,
+                              .max_model_len = s->max_model_len};
         ok = plugin->start(plugin->state, &ctx) == DUET_OK;
         s->plugin_started = ok;
         if (!ok) LOG_ERROR("server: the KV transfer plug-in did not start");

@@ -17,6 +17,7 @@
 
 #include "base/opt.h"
 #include "check.h"
+#include "kv_link.h"
 #include "kv_wire.h"
 #include "golden.h"
 #include "kv_lease.h"
@@ -358,8 +359,34 @@ static int free_port(void) {
     return 21000 + (int)(getpid() % 2000) * 2;
 }
 
+/* The staging area's size: a prefill pins a staged lease whole, so by default the area holds
+ * one prompt of max_model_len (V3: 8,192 tokens of 64-token blocks of 4,497,408 bytes are 128
+ * blocks, 576 MB, more than the old fixed 256M's 59: those prompts were refused). */
+static void test_staging_size(void) {
+    const size_t v3 = 4497408;
+    bool s;
+    CHECK_EQ_INT((int)kvl_staging_blocks(0, 8192, 64, v3, 8402, &s), 128);
+    CHECK(!s);
+    /* at least 256M when one prompt needs less */
+    CHECK_EQ_INT((int)kvl_staging_blocks(0, 1024, 64, v3, 8402, &s), 59);
+    CHECK(!s);
+    /* an explicit size is kept, and said short when it cannot hold one prompt */
+    CHECK_EQ_INT((int)kvl_staging_blocks(256LL << 20, 8192, 64, v3, 8402, &s), 59);
+    CHECK(s);
+    CHECK_EQ_INT((int)kvl_staging_blocks(1LL << 30, 8192, 64, v3, 8402, &s), 238);
+    CHECK(!s);
+    /* never more than the pool, never less than one block; a decode (no lease length) */
+    CHECK_EQ_INT((int)kvl_staging_blocks(0, 8192, 64, v3, 100, &s), 100);
+    CHECK(!s);
+    CHECK_EQ_INT((int)kvl_staging_blocks(1, 8192, 64, v3, 8402, &s), 1);
+    CHECK(s);
+    CHECK_EQ_INT((int)kvl_staging_blocks(0, 0, 64, v3, 8402, &s), 59);
+    CHECK(!s);
+}
+
 int main(int argc, char **argv) {
     if (argc > 1 && !strcmp(argv[1], "staging")) g_staging = "on", g_ipc = true;
+    test_staging_size();
     if (golden_load(GOLDEN_DIR "/tiny-v3", 2048, &G) != 0) return 1;
     g_port = free_port();
     side p, d;
