@@ -104,7 +104,10 @@ cat >"$out/run.sh" <<'RUN'
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 prefix=${DUET_BUNDLE_PREFIX:-/tmp/duet-bundle-prefix}
-if [ ! -f "$prefix/.unpacked" ]; then
+# the marker names this bundle's package list: another bundle unpacked into the same prefix
+# (a different set of .debs) does not count as this one's
+mark=$prefix/.unpacked-$(cksum <"$here/debs/manifest" | cut -d' ' -f1)
+if [ ! -f "$mark" ]; then
     mkdir -p "$prefix"
     have=$(ldconfig -p)
     while read -r deb sos; do
@@ -115,7 +118,7 @@ if [ ! -f "$prefix/.unpacked" ]; then
             echo "run.sh: unpacked $deb" >&2
         fi
     done <"$here/debs/manifest"
-    touch "$prefix/.unpacked"
+    touch "$mark"
 fi
 lib=$prefix/usr/lib/x86_64-linux-gnu
 libs=$lib:$lib/openblas-pthread:$prefix/lib/x86_64-linux-gnu
