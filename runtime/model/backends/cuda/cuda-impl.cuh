@@ -47,9 +47,11 @@ struct be_weight {
     float *scale; /* FP8 only */
     int split;    /* FP8 only */
     void **tab;   /* FP8 only: device {w, scale}, the one-group table the grouped GEMM reads */
-    /* FP8 only, NULL until be_cuda_fp8_gemm_lt first runs on the weight: the scales
-     * [n_in / 128][ceil(n_out / 128)] as the cuBLASLt block-scaled GEMM reads them */
+    /* FP8 only, NULL until be_cuda_fp8_gemm_lt first runs on the weight: the scales laid out
+     * as the cuBLASLt block-scaled GEMM reads them (fp8.cu, DUET_FP8_LT_LAYOUT), and which
+     * layout that was (remade when it changes) */
     float *scale_lt;
+    int scale_lt_layout;
 };
 
 /* Scratch areas: each op family owns one, so an op never reuses memory an op it calls is

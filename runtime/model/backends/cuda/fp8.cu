@@ -5,6 +5,8 @@
  * bf16 (no activation quantization): the CPU reference with bf16 emulation computes the same
  * products. What the loader hands over is weights.c's; the GEMM kernels are moe_gemm.cu's. */
 #include <cuda_fp8.h>
+#include <stdio.h>
+#include <stdlib.h>
 
 #include "model/backends/cuda/moe-impl.cuh"
 
@@ -219,13 +221,59 @@ void cuda_linear_fp8(cuda_backend *c, void *y, int y_stride, const void *x, int 
 }
 
 /* ---- prefill: FP8 tensor cores through cuBLASLt's block-scaled mode ----
- * Scale layouts (to confirm with bench_fp8's probe on a device): x's scales [K / 128][T], T
- * contiguous; W's [K / 128][ceil(N / 128)], N blocks contiguous (weight.scale_lt). */
+ * cuBLASLt computes column-major y^T [N, T] = A^T B with A = W as [K, N] column-major (the
+ * weight's rows as they are, transposed by the op) and B = q(x) as [K, T] column-major (x's
+ * rows as they are), W's scales per 128x128 block (A, BLK128x128_32F) and x's per token and 128
+ * columns (B, VEC128_32F). The scale tensors' layouts, as tools/fp8-lt-probe read them back
+ * from the GEMM on an H200 (cuBLASLt 13.1.0; kb = k / 128, nb = n / 128, KB = K / 128,
+ * NB = ceil(N / 128)):
+ *   W 2: [NB][roundup(KB, 4)]  the checkpoint's own order, rows padded to 16 bytes (measured)
+ *   X 0: [KB][T]               token-contiguous (measured; T is a multiple of 4 here)
+ * The other candidates stay selectable for the probe (DUET_FP8_LT_LAYOUT="W,X", read at every
+ * call; a weight's scales are laid out again when it changes):
+ *   W 0: [KB][NB]  W 1: [NB][KB]  W 3: [KB][roundup(NB, 4)]  X 1: [T][KB]
+ *   X 2: [KB][roundup(T, 4)]
+ * cuBLASLt takes no T that is not a multiple of 4 (no algorithm at T = 1 or 33): T rounded down
+ * to a multiple of 4 runs first, then the last 4 rows again with their own scale tensor
+ * [KB][4] (the rows they share with the first GEMM get the same values). */
+
+enum { FP8_LT_W_LAYOUTS = 4, FP8_LT_X_LAYOUTS = 3 };
+#define FP8_LT_DEFAULT_W 2
+#define FP8_LT_DEFAULT_X 0
+
+static int round4(int v) {
+    return (v + 3) / 4 * 4;
+}
+
+/* DUET_FP8_LT_LAYOUT as w * 16 + x; -1 (logged once) when it is not "W,X" in range */
+static int fp8_lt_layout(void) {
+    const char *e = getenv("DUET_FP8_LT_LAYOUT");
+    if (!e || !*e) return FP8_LT_DEFAULT_W * 16 + FP8_LT_DEFAULT_X;
+    int wl = -1, xl = -1;
+    char tail = 0;
+    if (sscanf(e, "%d,%d%c", &wl, &xl, &tail) != 2 || wl < 0 || wl >= FP8_LT_W_LAYOUTS || xl < 0 ||
+        xl >= FP8_LT_X_LAYOUTS) {
+        static bool told;
+        if (!told)
+            LOG_ERROR("DUET_FP8_LT_LAYOUT=%s: expected \"W,X\" with W in 0..%d and X in 0..%d "
+                      "(docs/kernels/fp8.md)",
+                      e, FP8_LT_W_LAYOUTS - 1, FP8_LT_X_LAYOUTS - 1);
+        told = true;
+        return -1;
+    }
+    return wl * 16 + xl;
+}
+
+/* x's scale for (t, kb) of a T-row GEMM in layout xl */
+__device__ __forceinline__ long long fp8_xs_index(int xl, int t, int kb, int T, int kbn) {
+    return xl == 1 ? (long long)t * kbn + kb : (long long)kb * (xl == 2 ? (T + 3) / 4 * 4 : T) + t;
+}
 
 /* One warp per (row, 128 columns): amax, scale = amax / 448 (1 for an all-zero block), e4m3 of
- * x / scale rounded to nearest (saturating). xq [T][K], xs [K / 128][T]. */
-__global__ void fp8_quant_1x128_kernel(uint8_t *xq, float *xs, const bf16 *x, int ldx, int T,
-                                       int K) {
+ * x / scale rounded to nearest (saturating). xq [T][K]; xs: the scales of rows [0, T4) in layout
+ * xl for a T4-row GEMM; xs_tail (T4 < T): those of rows [T - 4, T) for a 4-row GEMM. */
+__global__ void fp8_quant_1x128_kernel(uint8_t *xq, float *xs, float *xs_tail, const bf16 *x,
+                                       int ldx, int T, int T4, int K, int xl) {
     const int lane = threadIdx.x & 31;
     const long long wid = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int kbn = K / 128;
@@ -242,50 +290,43 @@ __global__ void fp8_quant_1x128_kernel(uint8_t *xq, float *xs, const bf16 *x, in
     uint8_t *dst = xq + (long long)t * K + kb * 128 + lane * 4;
     for (int j = 0; j < 4; j++)
         dst[j] = (uint8_t)__nv_cvt_float_to_fp8(v[j] / sc, __NV_SATFINITE, __NV_E4M3);
-    if (lane == 0) xs[(long long)kb * T + t] = sc;
+    if (lane == 0) {
+        if (t < T4) xs[fp8_xs_index(xl, t, kb, T4, kbn)] = sc;
+        if (T4 < T && t >= T - 4) xs_tail[fp8_xs_index(xl, t - (T - 4), kb, 4, kbn)] = sc;
+    }
 }
 
 #define LT_CHECK(c, call) cublas_status((c), (call), #call, __FILE__, __LINE__)
 
-/* dst [cb][rb] = src [rb][cb] */
-__global__ void fp8_scales_t_kernel(float *dst, const float *src, int rb, int cb) {
+/* src [rb][cb] (the weight's scales, one block grid) into dst in layout wl (above); padding
+ * stays as the caller cleared it */
+__global__ void fp8_scales_lt_kernel(float *dst, const float *src, int rb, int cb, int wl) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < rb * cb) dst[(i % cb) * rb + i / cb] = src[i];
+    if (i >= rb * cb) return;
+    const int r = i / cb, k = i % cb;
+    int o;
+    switch (wl) {
+    case 0:
+        o = k * rb + r;
+        break;
+    case 1:
+        o = r * cb + k;
+        break;
+    case 2:
+        o = r * ((cb + 3) / 4 * 4) + k;
+        break;
+    default:
+        o = k * ((rb + 3) / 4 * 4) + r;
+        break;
+    }
+    dst[o] = src[i];
 }
 
-duet_status be_cuda_fp8_gemm_lt(be_backend *be, void *y, int y_stride, const void *x, int x_stride,
-                                int T, const be_weight *w) {
-    cuda_backend *c = cuda_be(be);
-    if (c->err != DUET_OK) return c->err;
-    if (T <= 0) return DUET_OK;
+/* y [T][N] (y_stride) = xq [T][K] (e4m3, scales xs) . W^T through cuBLASLt; T a multiple of 4.
+ * DUET_ERR_UNSUPPORTED: no algorithm for it here. */
+static duet_status fp8_lt_matmul(cuda_backend *c, void *y, int y_stride, const uint8_t *xq,
+                                 const float *xs, int T, const be_weight *w) {
     const int N = w->n_out, K = w->n_in;
-    if (w->dtype != DT_F8_E4M3 || c->act != DT_BF16 || K % 128 || N % 16 || y_stride % 8 ||
-        (w->split % 128 && w->split != N))
-        return DUET_ERR_UNSUPPORTED; /* (two block grids are not one 128x128 grid) */
-    duet_status st = DUET_OK;
-    if (!w->scale_lt) {
-        /* the transposed scales, made at first use: only tests and benchmarks call this yet,
-         * so the memory plan does not count them */
-        be_weight *mw = (be_weight *)w;
-        const int rb = (N + 127) / 128, cb = K / 128;
-        st = CUDA_CHECK(c, cudaMalloc((void **)&mw->scale_lt, (size_t)rb * cb * sizeof(float)));
-        if (st != DUET_OK) return st;
-        fp8_scales_t_kernel<<<(rb * cb + 255) / 256, 256, 0, c->stream>>>(mw->scale_lt, w->scale,
-                                                                          rb, cb);
-        st = CUDA_LAUNCHED(c, "fp8_scales_t_kernel");
-        if (st != DUET_OK) return st;
-    }
-    size_t qbytes = ((size_t)T * K + 255) / 256 * 256;
-    uint8_t *xq = (uint8_t *)cuda_scratch(c, SCR_GEMM, qbytes + (size_t)T * (K / 128) * 4);
-    if (!xq) return c->err != DUET_OK ? c->err : DUET_ERR_NO_MEMORY;
-    float *xs = (float *)(xq + qbytes);
-    long long warps = (long long)T * (K / 128);
-    fp8_quant_1x128_kernel<<<(unsigned)((warps * 32 + 255) / 256), 256, 0, c->stream>>>(
-        xq, xs, (const bf16 *)x, x_stride, T, K);
-    st = CUDA_LAUNCHED(c, "fp8_quant_1x128_kernel");
-    if (st == DUET_OK && !c->lt) st = LT_CHECK(c, cublasLtCreate(&c->lt));
-    if (st != DUET_OK) return st;
-
     cublasLtMatmulDesc_t op = NULL;
     cublasLtMatrixLayout_t la = NULL, lb = NULL, ld = NULL;
     cublasLtMatmulPreference_t pref = NULL;
@@ -293,7 +334,6 @@ duet_status be_cuda_fp8_gemm_lt(be_backend *be, void *y, int y_stride, const voi
     int32_t ma = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;
     int32_t mb = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
     const void *sa = w->scale_lt, *sb = xs;
-    /* column-major: y^T [N, T] = W [K, N]^T (A, transposed) * q(x)^T [K, T] (B) */
     bool ok =
         cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS &&
         cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta) == 0 &&
@@ -318,17 +358,71 @@ duet_status be_cuda_fp8_gemm_lt(be_backend *be, void *y, int y_stride, const voi
          cublasLtMatmulAlgoGetHeuristic(c->lt, op, la, lb, ld, ld, pref, 1, &h, &found) ==
              CUBLAS_STATUS_SUCCESS &&
          found > 0;
+    duet_status st = DUET_ERR_UNSUPPORTED; /* this library or device has no such GEMM */
     if (ok) {
         const float one = 1.0f, zero = 0.0f;
         st = LT_CHECK(c, cublasLtMatmul(c->lt, op, &one, w->w, la, xq, lb, &zero, y, ld, y, ld,
                                         &h.algo, c->blas_ws, c->blas_ws_bytes, c->stream));
-    } else {
-        st = DUET_ERR_UNSUPPORTED; /* this library or device has no such GEMM */
     }
     if (pref) cublasLtMatmulPreferenceDestroy(pref);
     if (la) cublasLtMatrixLayoutDestroy(la);
     if (lb) cublasLtMatrixLayoutDestroy(lb);
     if (ld) cublasLtMatrixLayoutDestroy(ld);
     if (op) cublasLtMatmulDescDestroy(op);
+    return st;
+}
+
+duet_status be_cuda_fp8_gemm_lt(be_backend *be, void *y, int y_stride, const void *x, int x_stride,
+                                int T, const be_weight *w) {
+    cuda_backend *c = cuda_be(be);
+    if (c->err != DUET_OK) return c->err;
+    if (T <= 0) return DUET_OK;
+    const int N = w->n_out, K = w->n_in;
+    if (w->dtype != DT_F8_E4M3 || c->act != DT_BF16 || K % 128 || N % 16 || y_stride % 8 ||
+        (w->split % 128 && w->split != N) || T < 4)
+        return DUET_ERR_UNSUPPORTED; /* (two block grids are not one 128x128 grid) */
+    const int layout = fp8_lt_layout();
+    if (layout < 0) return DUET_ERR_INVALID;
+    const int wl = layout / 16, xl = layout % 16;
+    duet_status st = DUET_OK;
+    const int rb = (N + 127) / 128, cb = K / 128;
+    if (!w->scale_lt || w->scale_lt_layout != wl) {
+        /* the scales in the layout cuBLASLt reads, made at first use (room for every layout,
+         * padding zero): the opt-in path's own copy, which the memory plan does not count */
+        be_weight *mw = (be_weight *)w;
+        const size_t sbytes = (size_t)round4(rb) * round4(cb) * sizeof(float);
+        if (!w->scale_lt) {
+            st = CUDA_CHECK(c, cudaMalloc((void **)&mw->scale_lt, sbytes));
+            if (st != DUET_OK) return st;
+        }
+        st = CUDA_CHECK(c, cudaMemsetAsync(mw->scale_lt, 0, sbytes, c->stream));
+        if (st != DUET_OK) return st;
+        fp8_scales_lt_kernel<<<(rb * cb + 255) / 256, 256, 0, c->stream>>>(mw->scale_lt, w->scale,
+                                                                           rb, cb, wl);
+        st = CUDA_LAUNCHED(c, "fp8_scales_lt_kernel");
+        if (st != DUET_OK) return st;
+        mw->scale_lt_layout = wl;
+    }
+    /* scratch: xq [T][K] | xs [KB][round4(T)] | xs_tail [KB][4] */
+    const int T4 = T / 4 * 4;
+    const size_t qbytes = ((size_t)T * K + 255) / 256 * 256;
+    const size_t xsbytes = (size_t)round4(T) * cb * sizeof(float);
+    const size_t tbytes = (size_t)4 * cb * sizeof(float);
+    uint8_t *xq = (uint8_t *)cuda_scratch(c, SCR_GEMM, qbytes + xsbytes + tbytes);
+    if (!xq) return c->err != DUET_OK ? c->err : DUET_ERR_NO_MEMORY;
+    float *xs = (float *)(xq + qbytes), *xs_tail = (float *)(xq + qbytes + xsbytes);
+    if (xl == 2) { /* the padding rows read as zero, never as a stale scale */
+        st = CUDA_CHECK(c, cudaMemsetAsync(xs, 0, xsbytes, c->stream));
+        if (st != DUET_OK) return st;
+    }
+    long long warps = (long long)T * cb;
+    fp8_quant_1x128_kernel<<<(unsigned)((warps * 32 + 255) / 256), 256, 0, c->stream>>>(
+        xq, xs, xs_tail, (const bf16 *)x, x_stride, T, T4, K, xl);
+    st = CUDA_LAUNCHED(c, "fp8_quant_1x128_kernel");
+    if (st == DUET_OK && !c->lt) st = LT_CHECK(c, cublasLtCreate(&c->lt));
+    if (st == DUET_OK) st = fp8_lt_matmul(c, y, y_stride, xq, xs, T4, w);
+    if (st == DUET_OK && T4 < T)
+        st = fp8_lt_matmul(c, (bf16 *)y + (size_t)(T - 4) * y_stride, y_stride,
+                           xq + (size_t)(T - 4) * K, xs_tail, 4, w);
     return st;
 }
