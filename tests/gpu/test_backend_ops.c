@@ -1226,6 +1226,25 @@ static void test_moe_dev(tb *t) {
         for (int i = 0; i < nT; i++)
             test_experts_dev(t, "experts_dev fp8 V3 rank", &f8, Ts[i], 8, 0, 16, true);
         test_experts_dev(t, "experts_dev fp8 -sh", &f8, 64, 8, 0, 16, false);
+        /* the same through per-expert cuBLASLt GEMMs (DUET_FP8_MOE_LT_ROWS): x and the SiLU
+         * output quantized to e4m3 per 128 columns, each rounding ~2^-4 / sqrt(3) = 3.6% RMS
+         * per element, against the unquantized reference (4.3e-2 measured on the H200, so
+         * 6e-2 here; a wrong slot or scale gives O(1)); T = 7 leaves experts with 1-3 rows
+         * (padded blocks), T = 1 (under 4 rows) must fall back to the grouped kernel */
+        setenv("DUET_FP8_MOE_LT_ROWS", "1", 1);
+        static const int lt_T[4] = {300, 64, 7, 1};
+        double tol = t->tol;
+        t->tol = 6e-2;
+        for (int i = 0; i < 4; i++) {
+            long long runs = be_cuda_fp8_moe_lt_runs();
+            test_experts_dev(t, "experts_dev fp8 cuBLASLt", &f8, lt_T[i], 8, 0, 16, i != 1);
+            bool took = be_cuda_fp8_moe_lt_runs() > runs;
+            CHECK_MSG(took == (lt_T[i] >= 4), "T=%d: cuBLASLt experts %s", lt_T[i],
+                      took ? "ran" : "did not run");
+            if (took != (lt_T[i] >= 4)) t->failed++;
+        }
+        t->tol = tol;
+        unsetenv("DUET_FP8_MOE_LT_ROWS");
         be_route_params fp = v3_p;
         fp.n_experts = 16;
         fp.n_group = 1;

@@ -37,6 +37,10 @@ void *be_cuda_stream(be_backend *be);
 duet_status be_cuda_fp8_gemm_lt(be_backend *be, void *y, int y_stride, const void *x, int x_stride,
                                 int T, const be_weight *w);
 
+/* How many moe_experts_dev calls of this process ran their FP8 experts through per-expert
+ * cuBLASLt GEMMs (DUET_FP8_MOE_LT_ROWS, docs/kernels/fp8.md) instead of the grouped kernel. */
+long long be_cuda_fp8_moe_lt_runs(void);
+
 /* Phases of the MLA path that be_cuda_mla_tune can leave out. A run with any left out computes
  * garbage: the mask exists to time the phases by difference (and to time the CUDA-core prefill
  * kernel against the tensor-core one). */

@@ -62,6 +62,7 @@ enum cuda_scratch {
     SCR_XFER,   /* float32 staging of upload / download */
     SCR_IDX,    /* host index arrays copied for one op */
     SCR_ROUTE,  /* routing logits and results */
+    SCR_FP8LT,  /* fp8.cu's prefill experts through cuBLASLt: gathered rows and outputs */
     SCR_COUNT
 };
 
@@ -213,6 +214,18 @@ duet_status cuda_weight_create_fp8(be_backend *be, const uint8_t *q, const float
                                    int n_in, int split, be_weight **w_p);
 void cuda_linear_fp8(cuda_backend *c, void *y, int y_stride, const void *x, int x_stride, int T,
                      const be_weight *w);
+/* fp8.cu, for moe.cu: whether n rows of FP8 experts [2I, D] / [D, I] (shared: [2Is, D]) take
+ * per-expert cuBLASLt GEMMs (DUET_FP8_MOE_LT_ROWS=N set and n >= N, bf16 activations, not
+ * recording, D, I, Is multiples of 128; docs/kernels/fp8.md), and the run: the routed experts'
+ * gate_up, SiLU x up and down for the pairs moe_sort_kernel sorted (slot_row [pairs]: each
+ * slot's row of x; expert e's slots at the prefix sum of the counts before it) into y [pairs][D]
+ * by slot, and with shared the shared expert over all n rows into y_s [n][D]. Reads the routing
+ * ids back to the host (a stream sync). DUET_OK, or a status with nothing promised about y
+ * (DUET_ERR_UNSUPPORTED: the caller runs the grouped kernel instead). */
+bool cuda_moe_fp8_lt_wanted(const cuda_backend *c, int n, int D, int I, int Is);
+duet_status cuda_moe_fp8_lt_run(cuda_backend *c, const be_moe_rows *rows, const be_ffn *experts,
+                                int e0, int n_local, const be_ffn *shared, const int32_t *slot_row,
+                                void *y, void *y_s);
 
 /* kernels.cu */
 void cuda_embed(be_backend *be, void *out, const int32_t *ids, int T, const be_weight *table,

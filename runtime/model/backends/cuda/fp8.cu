@@ -352,17 +352,36 @@ static duet_status fp8_lt_matmul(cuda_backend *c, void *y, int y_stride, const u
         cublasLtMatmulPreferenceCreate(&pref) == 0 &&
         cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                              &c->blas_ws_bytes, sizeof c->blas_ws_bytes) == 0;
-    cublasLtMatmulHeuristicResult_t h;
-    int found = 0;
-    ok = ok &&
-         cublasLtMatmulAlgoGetHeuristic(c->lt, op, la, lb, ld, ld, pref, 1, &h, &found) ==
-             CUBLAS_STATUS_SUCCESS &&
-         found > 0;
+    /* the heuristic's pick per shape, remembered (the per-expert calls of a prefill step
+     * repeat shapes; the query costs more than a small GEMM) */
+    struct lt_pick {
+        const cuda_backend *c;
+        int N, K, T, ldy;
+        cublasLtMatmulAlgo_t algo;
+    };
+    static lt_pick picks[256];
+    static int n_picks;
+    lt_pick *pick = NULL;
+    for (int i = 0; i < n_picks && i < 256; i++)
+        if (picks[i].c == c && picks[i].N == N && picks[i].K == K && picks[i].T == T &&
+            picks[i].ldy == y_stride)
+            pick = &picks[i];
+    if (ok && !pick) {
+        cublasLtMatmulHeuristicResult_t h;
+        int found = 0;
+        ok = cublasLtMatmulAlgoGetHeuristic(c->lt, op, la, lb, ld, ld, pref, 1, &h, &found) ==
+                 CUBLAS_STATUS_SUCCESS &&
+             found > 0;
+        if (ok) {
+            pick = &picks[n_picks++ % 256];
+            *pick = lt_pick{c, N, K, T, y_stride, h.algo};
+        }
+    }
     duet_status st = DUET_ERR_UNSUPPORTED; /* this library or device has no such GEMM */
     if (ok) {
         const float one = 1.0f, zero = 0.0f;
         st = LT_CHECK(c, cublasLtMatmul(c->lt, op, &one, w->w, la, xq, lb, &zero, y, ld, y, ld,
-                                        &h.algo, c->blas_ws, c->blas_ws_bytes, c->stream));
+                                        &pick->algo, c->blas_ws, c->blas_ws_bytes, c->stream));
     }
     if (pref) cublasLtMatmulPreferenceDestroy(pref);
     if (la) cublasLtMatrixLayoutDestroy(la);
@@ -425,4 +444,151 @@ duet_status be_cuda_fp8_gemm_lt(be_backend *be, void *y, int y_stride, const voi
         st = fp8_lt_matmul(c, (bf16 *)y + (size_t)(T - 4) * y_stride, y_stride,
                            xq + (size_t)(T - 4) * K, xs_tail, 4, w);
     return st;
+}
+
+/* ---- prefill experts through cuBLASLt (DUET_FP8_MOE_LT_ROWS) ----
+ * The grouped kernel (moe_gemm.cu) dequantizes FP8 tiles to bf16 for mma.sync (~214 TFLOP/s at
+ * 4,096 tokens on a V3 EP rank); in an eager prefill step the host may read the routing back,
+ * so each expert's rows can go through be_cuda_fp8_gemm_lt instead: the rows gathered expert
+ * by expert, each expert's block padded to a multiple of 4 rows (cuBLASLt's granularity; pad
+ * rows are zero and never read back), gate_up, SiLU x up, down, and the outputs put back where
+ * the grouped kernel would have written them, so moe.cu's combine is unchanged. */
+
+static long long g_moe_lt_runs; /* calls that took the path (be_cuda_fp8_moe_lt_runs) */
+
+static int fp8_moe_lt_rows(void) {
+    const char *e = getenv("DUET_FP8_MOE_LT_ROWS");
+    if (!e || !*e) return 0;
+    char *end = NULL;
+    long v = strtol(e, &end, 10);
+    if (*end || v < 0 || v > (1L << 30)) {
+        static bool told;
+        if (!told) LOG_WARN("DUET_FP8_MOE_LT_ROWS=%s is not a row count: experts stay grouped", e);
+        told = true;
+        return 0;
+    }
+    return (int)v;
+}
+
+bool cuda_moe_fp8_lt_wanted(const cuda_backend *c, int n, int D, int I, int Is) {
+    const int rows = fp8_moe_lt_rows();
+    return rows > 0 && n >= rows && c->act == DT_BF16 && !c->capturing && D % 128 == 0 &&
+           I % 128 == 0 && Is % 128 == 0;
+}
+
+/* xg [P][D]: row p = x's row of slot src_of[p] (zero where src_of[p] < 0) */
+__global__ void fp8_lt_gather_kernel(bf16 *xg, const bf16 *x, int ldx, const int32_t *slot_row,
+                                     const int32_t *src_of, int P, int D) {
+    for (int p = blockIdx.x; p < P; p += gridDim.x) {
+        const int s = src_of[p];
+        bf16 *dst = xg + (long long)p * D;
+        const bf16 *src = s < 0 ? NULL : x + (long long)slot_row[s] * ldx;
+        for (int d = threadIdx.x; d < D; d += blockDim.x)
+            dst[d] = src ? src[d] : __float2bfloat16_rn(0.0f);
+    }
+}
+
+/* act [rows][I] = silu(h[:, :I]) * h[:, I:] (h [rows][2I]) */
+__global__ void fp8_lt_silu_kernel(bf16 *act, const bf16 *h, long long rows, int I) {
+    const long long n = rows * I;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / I, j = i - r * I;
+        const float g = __bfloat162float(h[r * 2 * I + j]),
+                    u = __bfloat162float(h[r * 2 * I + I + j]);
+        act[i] = __float2bfloat16_rn(g / (1.0f + __expf(-g)) * u);
+    }
+}
+
+/* y [slot] = yp [p] for every p with src_of[p] = slot >= 0 */
+__global__ void fp8_lt_scatter_kernel(bf16 *y, const bf16 *yp, const int32_t *src_of, int P,
+                                      int D) {
+    for (int p = blockIdx.x; p < P; p += gridDim.x) {
+        const int s = src_of[p];
+        if (s < 0) continue;
+        for (int d = threadIdx.x; d < D; d += blockDim.x)
+            y[(long long)s * D + d] = yp[(long long)p * D + d];
+    }
+}
+
+static unsigned fp8_lt_grid(long long n, int per) {
+    long long b = (n + per - 1) / per;
+    return (unsigned)(b < 1 ? 1 : b > 65535 ? 65535 : b);
+}
+
+duet_status cuda_moe_fp8_lt_run(cuda_backend *c, const be_moe_rows *rows, const be_ffn *experts,
+                                int e0, int n_local, const be_ffn *shared, const int32_t *slot_row,
+                                void *y, void *y_s) {
+    be_backend *be = &c->base;
+    const int n = rows->n, D = rows->D, K = rows->K, I = experts[0].n_inter;
+    const int Is = shared ? shared->n_inter : 0, ms = rows->meta_stride;
+    const long long pairs = (long long)n * K, cap = pairs + 3LL * n_local;
+    if (cap > (1LL << 30)) return DUET_ERR_UNSUPPORTED;
+    /* host: ids [n][ms] | count [n_local] | src_of [cap] */
+    int32_t *hid = (int32_t *)cuda_host_tmp(c, ((size_t)n * ms + (size_t)n_local + (size_t)cap) *
+                                                   sizeof(int32_t));
+    if (!hid) return c->err;
+    int32_t *cnt = hid + (size_t)n * ms, *src_of = cnt + n_local;
+    duet_status st = CUDA_CHECK(c, cudaMemcpyAsync(hid, rows->ids, (size_t)n * ms * sizeof(int32_t),
+                                                   cudaMemcpyDeviceToHost, c->stream));
+    if (st == DUET_OK) st = CUDA_CHECK(c, cudaStreamSynchronize(c->stream));
+    if (st != DUET_OK) return st;
+    for (int e = 0; e < n_local; e++) cnt[e] = 0;
+    for (int r = 0; r < n; r++)
+        for (int k = 0; k < K; k++) {
+            int e = hid[(size_t)r * ms + k] - e0;
+            if ((unsigned)e < (unsigned)n_local) cnt[e]++;
+        }
+    /* slots of expert e start at the prefix sum of the counts (moe_sort_kernel's order); its
+     * padded block at the prefix sum of the counts rounded up to 4 */
+    int P = 0;
+    for (int e = 0, off = 0; e < n_local; off += cnt[e], e++) {
+        for (int j = 0; j < round4(cnt[e]); j++) src_of[P + j] = j < cnt[e] ? off + j : -1;
+        P += round4(cnt[e]);
+    }
+    const size_t b_x = (size_t)P * D, b_h = (size_t)(P > n ? P : n) * 2 * (I > Is ? I : Is);
+    const size_t b_a = (size_t)(P > n ? P : n) * (I > Is ? I : Is), b_y = (size_t)P * D;
+    /* scratch: xg [P][D] | h [rows][2I] | act [rows][I] | yp [P][D] | src_of [P] (its own
+     * copy: SCR_IDX may hold what the caller's ids came in) */
+    const size_t b_all = (b_x + b_h + b_a + b_y) * sizeof(bf16);
+    bf16 *xg = (bf16 *)cuda_scratch(c, SCR_FP8LT, b_all + (size_t)P * sizeof(int32_t) + 16);
+    if (!xg) return c->err != DUET_OK ? c->err : DUET_ERR_NO_MEMORY;
+    bf16 *h = xg + b_x, *act = h + b_h, *yp = act + b_a;
+    int32_t *d_src = (int32_t *)((char *)xg + (b_all + 15) / 16 * 16);
+    if (shared) { /* every row, in row order, straight from x */
+        st = be_cuda_fp8_gemm_lt(be, h, 2 * Is, rows->x, rows->x_stride, n, shared->gate_up);
+        if (st != DUET_OK) return st;
+        fp8_lt_silu_kernel<<<fp8_lt_grid((long long)n * Is, 256), 256, 0, c->stream>>>(act, h, n,
+                                                                                       Is);
+        st = CUDA_LAUNCHED(c, "fp8_lt_silu_kernel");
+        if (st == DUET_OK) st = be_cuda_fp8_gemm_lt(be, y_s, D, act, Is, n, shared->down);
+        if (st != DUET_OK) return st;
+    }
+    if (P == 0) return DUET_OK;
+    st = CUDA_CHECK(c, cudaMemcpyAsync(d_src, src_of, (size_t)P * sizeof(int32_t),
+                                       cudaMemcpyHostToDevice, c->stream));
+    if (st != DUET_OK) return st;
+    fp8_lt_gather_kernel<<<fp8_lt_grid(P, 1), 256, 0, c->stream>>>(
+        xg, (const bf16 *)rows->x, rows->x_stride, slot_row, d_src, P, D);
+    st = CUDA_LAUNCHED(c, "fp8_lt_gather_kernel");
+    for (int e = 0, p = 0; st == DUET_OK && e < n_local; p += round4(cnt[e]), e++)
+        if (cnt[e])
+            st = be_cuda_fp8_gemm_lt(be, h + (size_t)p * 2 * I, 2 * I, xg + (size_t)p * D, D,
+                                     round4(cnt[e]), experts[e].gate_up);
+    if (st != DUET_OK) return st;
+    fp8_lt_silu_kernel<<<fp8_lt_grid((long long)P * I, 256), 256, 0, c->stream>>>(act, h, P, I);
+    st = CUDA_LAUNCHED(c, "fp8_lt_silu_kernel");
+    for (int e = 0, p = 0; st == DUET_OK && e < n_local; p += round4(cnt[e]), e++)
+        if (cnt[e])
+            st = be_cuda_fp8_gemm_lt(be, yp + (size_t)p * D, D, act + (size_t)p * I, I,
+                                     round4(cnt[e]), experts[e].down);
+    if (st != DUET_OK) return st;
+    fp8_lt_scatter_kernel<<<fp8_lt_grid(P, 1), 256, 0, c->stream>>>((bf16 *)y, yp, d_src, P, D);
+    st = CUDA_LAUNCHED(c, "fp8_lt_scatter_kernel");
+    if (st == DUET_OK) g_moe_lt_runs++;
+    return st;
+}
+
+long long be_cuda_fp8_moe_lt_runs(void) {
+    return g_moe_lt_runs;
 }
