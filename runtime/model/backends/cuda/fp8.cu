@@ -322,73 +322,91 @@ __global__ void fp8_scales_lt_kernel(float *dst, const float *src, int rb, int c
     dst[o] = src[i];
 }
 
-/* y [T][N] (y_stride) = xq [T][K] (e4m3, scales xs) . W^T through cuBLASLt; T a multiple of 4.
- * DUET_ERR_UNSUPPORTED: no algorithm for it here. */
-static duet_status fp8_lt_matmul(cuda_backend *c, void *y, int y_stride, const uint8_t *xq,
-                                 const float *xs, int T, const be_weight *w) {
-    const int N = w->n_out, K = w->n_in;
-    cublasLtMatmulDesc_t op = NULL;
-    cublasLtMatrixLayout_t la = NULL, lb = NULL, ld = NULL;
+/* A shape's matmul descriptor, layouts and the heuristic's algorithm, made once and kept (the
+ * per-expert calls of a prefill step repeat shapes; making them costs more than a small expert's
+ * GEMM). The scale pointers are set on the descriptor at each call. Engine thread only. */
+struct lt_plan {
+    const cuda_backend *c;
+    int N, K, T, ldy;
+    cublasLtMatmulDesc_t op;
+    cublasLtMatrixLayout_t la, lb, ld;
+    cublasLtMatmulAlgo_t algo;
+};
+
+static void lt_plan_drop(lt_plan *p) {
+    if (p->la) cublasLtMatrixLayoutDestroy(p->la);
+    if (p->lb) cublasLtMatrixLayoutDestroy(p->lb);
+    if (p->ld) cublasLtMatrixLayoutDestroy(p->ld);
+    if (p->op) cublasLtMatmulDescDestroy(p->op);
+    *p = lt_plan{};
+}
+
+/* the plan of this shape, made if new (with this call's scale pointers set: the heuristic
+ * finds no algorithm for block-scaled modes without them); NULL: cuBLASLt has no algorithm */
+static lt_plan *lt_plan_get(cuda_backend *c, int N, int K, int T, int y_stride, const void *sa,
+                            const void *sb) {
+    enum { PLANS = 256 };
+    static lt_plan plans[PLANS];
+    static unsigned n_plans;
+    for (unsigned i = 0; i < n_plans && i < PLANS; i++)
+        if (plans[i].c == c && plans[i].N == N && plans[i].K == K && plans[i].T == T &&
+            plans[i].ldy == y_stride)
+            return &plans[i];
+    lt_plan p = {c, N, K, T, y_stride, NULL, NULL, NULL, NULL, {}};
     cublasLtMatmulPreference_t pref = NULL;
     cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
     int32_t ma = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;
     int32_t mb = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
-    const void *sa = w->scale_lt, *sb = xs;
+    cublasLtMatmulHeuristicResult_t h;
+    int found = 0;
     bool ok =
-        cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS &&
-        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta) == 0 &&
-        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb) == 0 &&
-        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &ma, sizeof ma) ==
+        cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta) == 0 &&
+        cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb) == 0 &&
+        cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &ma, sizeof ma) ==
             0 &&
-        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mb, sizeof mb) ==
+        cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mb, sizeof mb) ==
             0 &&
-        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sa, sizeof sa) ==
-            0 &&
-        cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sb, sizeof sb) ==
-            0 &&
-        cublasLtMatrixLayoutCreate(&la, CUDA_R_8F_E4M3, K, N, K) == 0 &&
-        cublasLtMatrixLayoutCreate(&lb, CUDA_R_8F_E4M3, K, T, K) == 0 &&
-        cublasLtMatrixLayoutCreate(&ld, CUDA_R_16BF, N, T, y_stride) == 0 &&
+        cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sa,
+                                       sizeof sa) == 0 &&
+        cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sb,
+                                       sizeof sb) == 0 &&
+        cublasLtMatrixLayoutCreate(&p.la, CUDA_R_8F_E4M3, K, N, K) == 0 &&
+        cublasLtMatrixLayoutCreate(&p.lb, CUDA_R_8F_E4M3, K, T, K) == 0 &&
+        cublasLtMatrixLayoutCreate(&p.ld, CUDA_R_16BF, N, T, y_stride) == 0 &&
         cublasLtMatmulPreferenceCreate(&pref) == 0 &&
         cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                             &c->blas_ws_bytes, sizeof c->blas_ws_bytes) == 0;
-    /* the heuristic's pick per shape, remembered (the per-expert calls of a prefill step
-     * repeat shapes; the query costs more than a small GEMM) */
-    struct lt_pick {
-        const cuda_backend *c;
-        int N, K, T, ldy;
-        cublasLtMatmulAlgo_t algo;
-    };
-    static lt_pick picks[256];
-    static int n_picks;
-    lt_pick *pick = NULL;
-    for (int i = 0; i < n_picks && i < 256; i++)
-        if (picks[i].c == c && picks[i].N == N && picks[i].K == K && picks[i].T == T &&
-            picks[i].ldy == y_stride)
-            pick = &picks[i];
-    if (ok && !pick) {
-        cublasLtMatmulHeuristicResult_t h;
-        int found = 0;
-        ok = cublasLtMatmulAlgoGetHeuristic(c->lt, op, la, lb, ld, ld, pref, 1, &h, &found) ==
-                 CUBLAS_STATUS_SUCCESS &&
-             found > 0;
-        if (ok) {
-            pick = &picks[n_picks++ % 256];
-            *pick = lt_pick{c, N, K, T, y_stride, h.algo};
-        }
-    }
-    duet_status st = DUET_ERR_UNSUPPORTED; /* this library or device has no such GEMM */
-    if (ok) {
-        const float one = 1.0f, zero = 0.0f;
-        st = LT_CHECK(c, cublasLtMatmul(c->lt, op, &one, w->w, la, xq, lb, &zero, y, ld, y, ld,
-                                        &pick->algo, c->blas_ws, c->blas_ws_bytes, c->stream));
-    }
+                                             &c->blas_ws_bytes, sizeof c->blas_ws_bytes) == 0 &&
+        cublasLtMatmulAlgoGetHeuristic(c->lt, p.op, p.la, p.lb, p.ld, p.ld, pref, 1, &h, &found) ==
+            CUBLAS_STATUS_SUCCESS &&
+        found > 0;
     if (pref) cublasLtMatmulPreferenceDestroy(pref);
-    if (la) cublasLtMatrixLayoutDestroy(la);
-    if (lb) cublasLtMatrixLayoutDestroy(lb);
-    if (ld) cublasLtMatrixLayoutDestroy(ld);
-    if (op) cublasLtMatmulDescDestroy(op);
-    return st;
+    if (!ok) {
+        lt_plan_drop(&p);
+        return NULL;
+    }
+    p.algo = h.algo;
+    lt_plan *slot = &plans[n_plans++ % PLANS];
+    lt_plan_drop(slot);
+    *slot = p;
+    return slot;
+}
+
+/* y [T][N] (y_stride) = xq [T][K] (e4m3, scales xs) . W^T through cuBLASLt; T a multiple of 4.
+ * DUET_ERR_UNSUPPORTED: no algorithm for it here. */
+static duet_status fp8_lt_matmul(cuda_backend *c, void *y, int y_stride, const uint8_t *xq,
+                                 const float *xs, int T, const be_weight *w) {
+    const void *sa = w->scale_lt, *sb = xs;
+    lt_plan *p = lt_plan_get(c, w->n_out, w->n_in, T, y_stride, sa, sb);
+    if (!p) return DUET_ERR_UNSUPPORTED; /* this library or device has no such GEMM */
+    if (cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sa,
+                                       sizeof sa) != 0 ||
+        cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sb,
+                                       sizeof sb) != 0)
+        return DUET_ERR_UNSUPPORTED;
+    const float one = 1.0f, zero = 0.0f;
+    return LT_CHECK(c, cublasLtMatmul(c->lt, p->op, &one, w->w, p->la, xq, p->lb, &zero, y, p->ld,
+                                      y, p->ld, &p->algo, c->blas_ws, c->blas_ws_bytes, c->stream));
 }
 
 duet_status be_cuda_fp8_gemm_lt(be_backend *be, void *y, int y_stride, const void *x, int x_stride,
