@@ -32,7 +32,7 @@ progs=(tools/duet-check tools/duet-run tests/gpu/test_backend_ops tests/gpu/test
        tests/gpu/bench_sample tests/gpu/gpu_guard tests/gpu/bench_mla tests/gpu/bench_moe
        prefill/duet-prefill decode/duet-decode proxy/duet-proxy tools/duet-kvbench tools/duet-bench
        tests/gpu/bench_step tests/gpu/memplan_check tests/gpu/bench_fp8
-       tests/gpu/test_dummy_device tests/unit/test_graph_shape)
+       tests/gpu/test_dummy_device tests/unit/test_graph_shape tools/fp8-lt-probe)
 for p in "${progs[@]}"; do
     install -m 755 "build-bundle/$p" "$out/bin/"
     strip --strip-unneeded "$out/bin/$(basename "$p")"

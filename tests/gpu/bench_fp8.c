@@ -4,8 +4,10 @@
  * bf16 weights (cuBLAS); the grouped FP8 experts (moe_experts_dev) of one V3 EP rank; and at
  * prefill size (M = 4096) its TFLOP/s next to cuBLASLt's dense FP8 GEMM (per-tensor scales)
  * and, where the toolkit and device take it, cuBLASLt's block-scaled FP8 (1x128 activation,
- * 128x128 weight scales) on the same FLOPs, after a probe of the layout cuBLASLt reads those
- * block scales in. Exit 77 without a device.
+ * 128x128 weight scales) on the same FLOPs (the layouts: tools/fp8-lt-probe); and the grouped
+ * FP8 experts of a 4,096-token prefill, grouped kernel against per-expert cuBLASLt
+ * (DUET_FP8_MOE_LT_ROWS) next to a dense FP8 GEMM of the same FLOPs, on one V3 EP rank of 8
+ * (32 of 256 experts) and on one GPU holding all 256 (V3-12L). Exit 77 without a device.
  *   bench_fp8 [reps] */
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
@@ -209,126 +211,6 @@ static double lt_fp8_tflops(cudaStream_t s, int M, int N, int K, bool block) {
     return tflops;
 }
 
-/* Which layout cuBLASLt reads block scales in (for the prefill path still to be built): D [M, N]
- * = X [M, K] @ W [N, K]^T with W's scales per 128x128 block (A, BLK128x128_32F) and X's per
- * token and 128 columns (B, VEC128_32F), each scale buffer written four ways: W's [N/128][K/128]
- * or [K/128][N/128], X's [M][K/128] or [K/128][M]. The way whose result matches a host
- * reference is the layout; prints each way's relative L2 error. */
-static void lt_block_probe(cudaStream_t s) {
-    enum { M = 256, N = 256, K = 512, NB = N / 128, KB = K / 128 };
-    uint8_t *w = malloc((size_t)N * K), *x = malloc((size_t)M * K);
-    float sw[NB * KB], *sx = malloc((size_t)M * KB * sizeof(float));
-    float *ref = calloc((size_t)M * N, sizeof(float));
-    /* codes with exponents 6..8 (2^-1 .. 2^1) and any mantissa: values in [0.5, 3.75], either sign
-     */
-    for (int i = 0; i < N * K; i++)
-        w[i] = (uint8_t)((xs_next() & 0x87) | (0x30 + (xs_next() % 3) * 8));
-    for (int i = 0; i < M * K; i++)
-        x[i] = (uint8_t)((xs_next() & 0x87) | (0x30 + (xs_next() % 3) * 8));
-    for (int i = 0; i < NB * KB; i++) sw[i] = 0.5f + (float)(xs_next() % 1000) / 666.0f;
-    for (int i = 0; i < M * KB; i++) sx[i] = 0.5f + (float)(xs_next() % 1000) / 666.0f;
-    for (int m = 0; m < M; m++)
-        for (int n = 0; n < N; n++) {
-            double acc = 0;
-            for (int k = 0; k < K; k++)
-                acc += (double)dt_e4m3_to_f32(x[m * K + k]) * sx[m * KB + k / 128] *
-                       dt_e4m3_to_f32(w[n * K + k]) * sw[(n / 128) * KB + k / 128];
-            ref[m * N + n] = (float)acc;
-        }
-    void *dw = NULL, *dx = NULL, *dd = NULL, *dsw = NULL, *dsx = NULL, *ws = NULL;
-    size_t ws_bytes = (size_t)32 << 20;
-    CU(cudaMalloc(&dw, (size_t)N * K));
-    CU(cudaMalloc(&dx, (size_t)M * K));
-    CU(cudaMalloc(&dd, (size_t)M * N * 2));
-    CU(cudaMalloc(&dsw, sizeof sw));
-    CU(cudaMalloc(&dsx, (size_t)M * KB * sizeof(float)));
-    CU(cudaMalloc(&ws, ws_bytes));
-    if (g_failed) return;
-    CU(cudaMemcpy(dw, w, (size_t)N * K, cudaMemcpyHostToDevice));
-    CU(cudaMemcpy(dx, x, (size_t)M * K, cudaMemcpyHostToDevice));
-    printf("cuBLASLt block-scaled FP8 layout probe (M %d, N %d, K %d):", M, N, K);
-    uint16_t *d = malloc((size_t)M * N * 2);
-    float tw[NB * KB], *tx = malloc((size_t)M * KB * sizeof(float));
-    for (int way = 0; way < 4; way++) {
-        bool w_t = way & 1, x_t = way & 2;
-        for (int nb = 0; nb < NB; nb++)
-            for (int kb = 0; kb < KB; kb++)
-                tw[w_t ? kb * NB + nb : nb * KB + kb] = sw[nb * KB + kb];
-        for (int m = 0; m < M; m++)
-            for (int kb = 0; kb < KB; kb++) tx[x_t ? kb * M + m : m * KB + kb] = sx[m * KB + kb];
-        CU(cudaMemcpy(dsw, tw, sizeof tw, cudaMemcpyHostToDevice));
-        CU(cudaMemcpy(dsx, tx, (size_t)M * KB * sizeof(float), cudaMemcpyHostToDevice));
-        cublasLtHandle_t lt = NULL;
-        cublasLtMatmulDesc_t op = NULL;
-        cublasLtMatrixLayout_t la = NULL, lb = NULL, ld = NULL;
-        cublasLtMatmulPreference_t pref = NULL;
-        cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-        int32_t ma = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;
-        int32_t mb = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
-        cublasLtMatmulHeuristicResult_t h;
-        int found = 0;
-        bool ok =
-            cublasLtCreate(&lt) == 0 &&
-            cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F) == 0 &&
-            cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta) == 0 &&
-            cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb) == 0 &&
-            cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &ma, sizeof ma) ==
-                0 &&
-            cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mb, sizeof mb) ==
-                0 &&
-            cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &dsw,
-                                           sizeof dsw) == 0 &&
-            cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &dsx,
-                                           sizeof dsx) == 0 &&
-            cublasLtMatrixLayoutCreate(&la, CUDA_R_8F_E4M3, K, N, K) == 0 &&
-            cublasLtMatrixLayoutCreate(&lb, CUDA_R_8F_E4M3, K, M, K) == 0 &&
-            cublasLtMatrixLayoutCreate(&ld, CUDA_R_16BF, N, M, N) == 0 &&
-            cublasLtMatmulPreferenceCreate(&pref) == 0 &&
-            cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                 &ws_bytes, sizeof ws_bytes) == 0 &&
-            cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, ld, ld, pref, 1, &h, &found) == 0 &&
-            found > 0;
-        const float one = 1.0f, zero = 0.0f;
-        ok = ok && cublasLtMatmul(lt, op, &one, dw, la, dx, lb, &zero, dd, ld, dd, ld, &h.algo, ws,
-                                  ws_bytes, s) == 0;
-        ok = ok && cudaMemcpy(d, dd, (size_t)M * N * 2, cudaMemcpyDeviceToHost) == cudaSuccess;
-        if (ok) {
-            double num = 0, den = 0;
-            for (int i = 0; i < M * N; i++) {
-                uint32_t u = (uint32_t)d[i] << 16;
-                float f;
-                memcpy(&f, &u, 4);
-                num += ((double)f - ref[i]) * ((double)f - ref[i]);
-                den += (double)ref[i] * ref[i];
-            }
-            printf("  W %s, X %s: rel_l2 %.2e", w_t ? "[K/128][N/128]" : "[N/128][K/128]",
-                   x_t ? "[K/128][M]" : "[M][K/128]", sqrt(num / den));
-        } else {
-            printf("  way %d: not available", way);
-        }
-        if (pref) cublasLtMatmulPreferenceDestroy(pref);
-        if (la) cublasLtMatrixLayoutDestroy(la);
-        if (lb) cublasLtMatrixLayoutDestroy(lb);
-        if (ld) cublasLtMatrixLayoutDestroy(ld);
-        if (op) cublasLtMatmulDescDestroy(op);
-        if (lt) cublasLtDestroy(lt);
-        (void)cudaGetLastError();
-    }
-    printf("\n");
-    cudaFree(dw);
-    cudaFree(dx);
-    cudaFree(dd);
-    cudaFree(dsw);
-    cudaFree(dsx);
-    cudaFree(ws);
-    free(w);
-    free(x);
-    free(sx);
-    free(tx);
-    free(ref);
-    free(d);
-}
-
 /* ---- grouped FP8 experts (moe_experts_dev) ---- */
 
 typedef struct moe_arg {
@@ -344,6 +226,91 @@ static void moe_run(void *arg) {
     a->be->ops->moe_experts_dev(a->be, a->out, &a->rows, a->f, 0, a->n, &a->shared);
 }
 
+/* The issue's prefill target: FP8 grouped MoE GEMMs of T tokens (top-8 over n_total experts,
+ * the first E local, + the shared expert) at >= 60% of a dense FP8 GEMM's TFLOP/s on the same
+ * FLOPs. Times moe_experts_dev with the grouped kernel and with per-expert cuBLASLt calls
+ * (DUET_FP8_MOE_LT_ROWS=1), and be_cuda_fp8_gemm_lt (block-scaled, with its quantization) and
+ * cuBLASLt per-tensor on the dense gate_up + down of M = routed pairs + T rows. */
+static void moe_prefill_compare(be_backend *be, cudaStream_t s, void *x, void *y, const char *name,
+                                int E, int n_total, int T) {
+    const be_ops *o = be->ops;
+    const int D = 7168, I = 2048, K = 8;
+    be_ffn *f = calloc((size_t)E, sizeof *f);
+    for (int e = 0; e < E && !g_failed; e++)
+        f[e] = (be_ffn){fp8_weight(be, 2 * I, D, I), fp8_weight(be, D, I, D), I};
+    be_ffn sh = {fp8_weight(be, 2 * I, D, I), fp8_weight(be, D, I, D), I};
+    int32_t *ids = malloc((size_t)T * K * sizeof(int32_t));
+    float *wt = malloc((size_t)T * K * sizeof(float));
+    long long pairs = 0;
+    for (int t = 0; t < T; t++) {
+        int chosen[8], nc = 0;
+        while (nc < K) { /* K distinct experts a token */
+            int id = (int)(xs_next() % (uint64_t)n_total), dup = 0;
+            for (int j = 0; j < nc; j++) dup |= chosen[j] == id;
+            if (!dup) chosen[nc++] = id;
+        }
+        for (int k = 0; k < K; k++) {
+            ids[t * K + k] = chosen[k] < E ? chosen[k] : -1;
+            pairs += chosen[k] < E;
+            wt[t * K + k] = 0.1f;
+        }
+    }
+    void *di = o->mem_alloc(be, (size_t)T * K * 4), *dw = o->mem_alloc(be, (size_t)T * K * 4);
+    o->mem_upload(be, di, ids, (size_t)T * K * 4);
+    o->mem_upload(be, dw, wt, (size_t)T * K * 4);
+    moe_arg a = {
+        be,
+        y,
+        {.n = T, .D = D, .K = K, .x = x, .x_stride = D, .ids = di, .weights = dw, .meta_stride = K},
+        f,
+        sh,
+        E};
+    const double fl = 2.0 * 3.0 * I * D * (double)(pairs + T);
+    unsetenv("DUET_FP8_MOE_LT_ROWS");
+    float mg = g_failed ? 0 : time_ms(s, moe_run, &a);
+    setenv("DUET_FP8_MOE_LT_ROWS", "1", 1);
+    float ml = g_failed ? 0 : time_ms(s, moe_run, &a);
+    unsetenv("DUET_FP8_MOE_LT_ROWS");
+    /* dense: M rows through expert 0's gate_up and down */
+    const int M = (int)(pairs + T);
+    void *xd = o->buf_alloc(be, (size_t)M * D), *hd = o->buf_alloc(be, (size_t)M * 2 * I);
+    void *yd = o->buf_alloc(be, (size_t)M * D);
+    o->zero(be, xd, (size_t)M * D);
+    o->zero(be, hd, (size_t)M * 2 * I);
+    lin_arg ag = {be, hd, xd, M, D, f[0].gate_up, 2 * I}, ad = {be, yd, hd, M, I, f[0].down, D};
+    float mdg = 0, mdd = 0;
+    if (!g_failed && be_cuda_fp8_gemm_lt(be, hd, 2 * I, xd, D, M, f[0].gate_up) == DUET_OK &&
+        be_cuda_fp8_gemm_lt(be, yd, D, hd, I, M, f[0].down) == DUET_OK) {
+        mdg = time_ms(s, lt_gemm_run, &ag);
+        mdd = time_ms(s, lt_gemm_run, &ad);
+    }
+    double tg = fl / (mg * 1e-3) / 1e12, tl = fl / (ml * 1e-3) / 1e12;
+    double td = mdg > 0 ? fl / ((mdg + mdd) * 1e-3) / 1e12 : 0;
+    double pt_g = lt_fp8_tflops(s, M, 2 * I, D, false), pt_d = lt_fp8_tflops(s, M, D, I, false);
+    /* per-tensor dense: the two GEMMs' times from their TFLOP/s */
+    double tp =
+        pt_g > 0 && pt_d > 0
+            ? fl / ((2.0 * M * 2 * I * D / (pt_g * 1e12)) + (2.0 * M * D * I / (pt_d * 1e12))) /
+                  1e12
+            : 0;
+    printf("%-24s %5d %7lld %9.0f %9.0f %9.0f %9.0f %7.0f%% %7.0f%%\n", name, T, pairs, tg, tl, td,
+           tp, td > 0 ? 100.0 * tl / td : 0, tp > 0 ? 100.0 * tl / tp : 0);
+    o->buf_free(be, xd);
+    o->buf_free(be, hd);
+    o->buf_free(be, yd);
+    o->mem_free(be, di);
+    o->mem_free(be, dw);
+    free(ids);
+    free(wt);
+    for (int e = 0; e < E; e++) {
+        o->weight_destroy(be, f[e].gate_up);
+        o->weight_destroy(be, f[e].down);
+    }
+    o->weight_destroy(be, sh.gate_up);
+    o->weight_destroy(be, sh.down);
+    free(f);
+}
+
 int main(int argc, char **argv) {
     if (be_cuda_device_count() < 1) {
         fprintf(stderr, "no CUDA device: skipped\n");
@@ -356,7 +323,7 @@ int main(int argc, char **argv) {
     cudaStream_t s = (cudaStream_t)be_cuda_stream(be);
     double copy = copy_bandwidth(s);
     printf("ceilings: device copy %.0f GB/s (read + write)\n", copy / 1e9);
-    lt_block_probe(s);
+    printf("(the block-scale layouts: tools/fp8-lt-probe)\n");
 
     static const dshape shapes[] = {
         {"V2-Lite o_proj 2048x2048", 2048, 2048, 2048},
@@ -477,6 +444,13 @@ int main(int argc, char **argv) {
     o->weight_destroy(be, sh.gate_up);
     o->weight_destroy(be, sh.down);
     free(f);
+    printf(
+        "\nprefill MoE (TFLOP/s on routed + shared FLOPs; dense: the same FLOPs as one GEMM pair "
+        "of M = pairs + T rows; target: per-expert >= 60%% of dense)\n");
+    printf("%-24s %5s %7s %9s %9s %9s %9s %8s %8s\n", "case", "T", "pairs", "grouped", "per-exp",
+           "dense-blk", "dense-pt", "vs blk", "vs pt");
+    if (!g_failed) moe_prefill_compare(be, s, x, y, "V3 EP rank (32 of 256)", 32, 256, 4096);
+    if (!g_failed) moe_prefill_compare(be, s, x, y, "V3-12L one GPU (256)", 256, 256, 4096);
     o->buf_free(be, x);
     o->buf_free(be, y);
     if (o->sync(be) != DUET_OK) g_failed = 1;

@@ -198,11 +198,13 @@ static void test_linear_fp8_case(tb *t, const char *name, int T, int n_out, int 
     free(xh);
 }
 
-/* be_cuda_fp8_gemm_lt (the FP8 tensor-core GEMM for prefill, not yet used by linear) against
- * a host reference applying the same quantization of x: per token and 128 columns, scale =
- * amax / 448, e4m3 of x / scale rounded to nearest; W = e4m3 * its block's scale, unrounded. */
+/* be_cuda_fp8_gemm_lt (the FP8 tensor-core GEMM for prefill, DUET_FP8_PREFILL_ROWS) against
+ * a host float64 reference of the same dequantized operands: x quantized as the kernel does
+ * (per token and 128 columns, scale = amax / 448, e4m3 of x / scale rounded to nearest), W =
+ * e4m3 * its block's scale, unrounded. Prints each case's error; T < 4 and K not a multiple of
+ * 128 must be refused (DUET_ERR_UNSUPPORTED), not computed. */
 static void test_fp8_lt(tb *t, int T, int N, int K) {
-    int cb = K / 128, rb = (N + 127) / 128;
+    int cb = (K + 127) / 128, rb = (N + 127) / 128;
     uint8_t *q = malloc((size_t)N * K);
     float *s = malloc((size_t)rb * cb * sizeof(float));
     bt_rand_e4m3(q, (size_t)N * K);
@@ -217,27 +219,33 @@ static void test_fp8_lt(tb *t, int T, int N, int K) {
     duet_status st = w ? be_cuda_fp8_gemm_lt(g, y.b[GPU], N, x, K, T, w) : DUET_ERR_INTERNAL;
     char label[96];
     snprintf(label, sizeof label, "fp8 cuBLASLt T=%d %dx%d", T, N, K);
-    if (st == DUET_ERR_UNSUPPORTED) {
+    if (T < 4 || K % 128) {
+        CHECK_MSG(st == DUET_ERR_UNSUPPORTED, "%s: %s, expected refused", label, duet_strerror(st));
+        printf("  %-22s bf16  refused (%s)  %s\n", label, duet_strerror(st),
+               st == DUET_ERR_UNSUPPORTED ? "PASS" : "FAIL");
+        if (st != DUET_ERR_UNSUPPORTED) t->failed++;
+    } else if (st == DUET_ERR_UNSUPPORTED) {
         printf("  %-22s bf16  cuBLASLt has no block-scaled FP8 GEMM here: not run\n", label);
     } else if (st != DUET_OK) {
         CHECK_MSG(0, "%s: %s", label, duet_strerror(st));
         t->failed++;
     } else {
         /* the reference goes through the CPU side's buffer, so compare_raw can line them up */
-        float *ref = malloc((size_t)T * N * sizeof(float)), *xq = malloc((size_t)K * sizeof(float));
+        float *ref = malloc((size_t)T * N * sizeof(float));
+        double *xq = malloc((size_t)K * sizeof(double));
         for (int i = 0; i < T; i++) {
             for (int kb = 0; kb < cb; kb++) {
                 float a = 0;
                 for (int k = kb * 128; k < kb * 128 + 128; k++) a = fmaxf(a, fabsf(xh[i * K + k]));
                 float sc = a > 0 ? a / 448.0f : 1.0f;
                 for (int k = kb * 128; k < kb * 128 + 128; k++)
-                    xq[k] = dt_e4m3_to_f32(dt_f32_to_e4m3(xh[i * K + k] / sc)) * sc;
+                    xq[k] = (double)dt_e4m3_to_f32(dt_f32_to_e4m3(xh[i * K + k] / sc)) * sc;
             }
             for (int n = 0; n < N; n++) {
                 double acc = 0;
                 for (int k = 0; k < K; k++)
-                    acc += (double)xq[k] * dt_e4m3_to_f32(q[(size_t)n * K + k]) *
-                           s[(n / 128) * cb + k / 128];
+                    acc +=
+                        xq[k] * dt_e4m3_to_f32(q[(size_t)n * K + k]) * s[(n / 128) * cb + k / 128];
                 ref[(size_t)i * N + n] = (float)acc;
             }
         }
@@ -279,9 +287,13 @@ static void test_fp8(tb *t) {
     /* rows of x at an odd stride: unaligned rows in the one-pass kernel, the SIMT tiles */
     test_linear_fp8_case(t, "odd stride", 5, 136, 272, 136, 275);
     test_linear_fp8_case(t, "odd stride", 20, 136, 272, 136, 275);
-    test_fp8_lt(t, 300, 256, 1024);
-    test_fp8_lt(t, 64, 576, 7168);
-    test_fp8_lt(t, 1, 128, 512);
+    /* T, N, K multiples of 128 and not (N = 576: a partial last block row; T = 33, 301: the
+     * last 4 rows through a second GEMM); T = 1 and K = 1072 are refused */
+    static const int lt[][3] = {{256, 256, 512},  {128, 384, 1536}, {300, 256, 1024},
+                                {64, 576, 7168},  {100, 208, 640},  {33, 1536, 2048},
+                                {301, 576, 1024}, {1, 128, 512},    {64, 256, 1072}};
+    for (size_t i = 0; i < sizeof lt / sizeof *lt; i++)
+        test_fp8_lt(t, lt[i][0], lt[i][1], lt[i][2]);
 }
 
 /* ---- simple ops ---- */
@@ -1300,6 +1312,25 @@ static void test_moe_dev(tb *t) {
         for (int i = 0; i < nT; i++)
             test_experts_dev(t, "experts_dev fp8 V3 rank", &f8, Ts[i], 8, 0, 16, true);
         test_experts_dev(t, "experts_dev fp8 -sh", &f8, 64, 8, 0, 16, false);
+        /* the same through per-expert cuBLASLt GEMMs (DUET_FP8_MOE_LT_ROWS): x and the SiLU
+         * output quantized to e4m3 per 128 columns, each rounding ~2^-4 / sqrt(3) = 3.6% RMS
+         * per element, against the unquantized reference (4.3e-2 measured on the H200, so
+         * 6e-2 here; a wrong slot or scale gives O(1)); T = 7 leaves experts with 1-3 rows
+         * (padded blocks), T = 1 (under 4 rows) must fall back to the grouped kernel */
+        setenv("DUET_FP8_MOE_LT_ROWS", "1", 1);
+        static const int lt_T[4] = {300, 64, 7, 1};
+        double tol = t->tol;
+        t->tol = 6e-2;
+        for (int i = 0; i < 4; i++) {
+            long long runs = be_cuda_fp8_moe_lt_runs();
+            test_experts_dev(t, "experts_dev fp8 cuBLASLt", &f8, lt_T[i], 8, 0, 16, i != 1);
+            bool took = be_cuda_fp8_moe_lt_runs() > runs;
+            CHECK_MSG(took == (lt_T[i] >= 4), "T=%d: cuBLASLt experts %s", lt_T[i],
+                      took ? "ran" : "did not run");
+            if (took != (lt_T[i] >= 4)) t->failed++;
+        }
+        t->tol = tol;
+        unsetenv("DUET_FP8_MOE_LT_ROWS");
         be_route_params fp = v3_p;
         fp.n_experts = 16;
         fp.n_group = 1;

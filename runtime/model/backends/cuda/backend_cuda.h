@@ -38,15 +38,21 @@ typedef struct be_cuda_weight_view {
 } be_cuda_weight_view;
 void be_cuda_weight_view_of(const be_weight *w, be_cuda_weight_view *v_p);
 
-/* The FP8 tensor-core GEMM meant for prefill, not yet used by the linear op (docs/kernels/
- * fp8.md): y [T, n_out] (bf16, y_stride) = q(x) @ W^T for an FP8 weight w, x [T, n_in] (bf16,
- * rows x_stride apart) quantized per token and 128 columns to e4m3 (scale = amax / 448, the
- * quotient rounded to nearest), W with its 128x128 block scales, through cuBLASLt's
- * block-scaled FP8 mode (1x128 and 128x128 float32 scales), float32 accumulation. Queued on the
- * stream; DUET_ERR_UNSUPPORTED where the shapes or the library do not allow it (n_in a multiple
- * of 128, one block grid, n_out a multiple of 16). Not for a recorded step. */
+/* The FP8 tensor-core GEMM for prefill, which the linear op takes with DUET_FP8_PREFILL_ROWS
+ * (docs/kernels/fp8.md): y [T, n_out] (bf16, y_stride) = q(x) @ W^T for an FP8 weight w, x
+ * [T, n_in] (bf16, rows x_stride apart) quantized per token and 128 columns to e4m3 (scale =
+ * amax / 448, the quotient rounded to nearest), W with its 128x128 block scales, through
+ * cuBLASLt's block-scaled FP8 mode (1x128 and 128x128 float32 scales, in the layouts
+ * tools/fp8-lt-probe measured; DUET_FP8_LT_LAYOUT overrides them for the probe), float32
+ * accumulation. Queued on the stream; DUET_ERR_UNSUPPORTED where the shapes or the library do
+ * not allow it (T >= 4, n_in a multiple of 128, one block grid, n_out a multiple of 16);
+ * DUET_ERR_INVALID for a malformed DUET_FP8_LT_LAYOUT. Not for a recorded step. */
 duet_status be_cuda_fp8_gemm_lt(be_backend *be, void *y, int y_stride, const void *x, int x_stride,
                                 int T, const be_weight *w);
+
+/* How many moe_experts_dev calls of this process ran their FP8 experts through per-expert
+ * cuBLASLt GEMMs (DUET_FP8_MOE_LT_ROWS, docs/kernels/fp8.md) instead of the grouped kernel. */
+long long be_cuda_fp8_moe_lt_runs(void);
 
 /* Phases of the MLA path that be_cuda_mla_tune can leave out. A run with any left out computes
  * garbage: the mask exists to time the phases by difference (and to time the CUDA-core prefill

@@ -47,9 +47,11 @@ struct be_weight {
     float *scale; /* FP8 only */
     int split;    /* FP8 only */
     void **tab;   /* FP8 only: device {w, scale}, the one-group table the grouped GEMM reads */
-    /* FP8 only, NULL until be_cuda_fp8_gemm_lt first runs on the weight: the scales
-     * [n_in / 128][ceil(n_out / 128)] as the cuBLASLt block-scaled GEMM reads them */
+    /* FP8 only, NULL until be_cuda_fp8_gemm_lt first runs on the weight: the scales laid out
+     * as the cuBLASLt block-scaled GEMM reads them (fp8.cu, DUET_FP8_LT_LAYOUT), and which
+     * layout that was (remade when it changes) */
     float *scale_lt;
+    int scale_lt_layout;
 };
 
 /* Scratch areas: each op family owns one, so an op never reuses memory an op it calls is
@@ -60,6 +62,7 @@ enum cuda_scratch {
     SCR_XFER,   /* float32 staging of upload / download */
     SCR_IDX,    /* host index arrays copied for one op */
     SCR_ROUTE,  /* routing logits and results */
+    SCR_FP8LT,  /* fp8.cu's prefill experts through cuBLASLt: gathered rows and outputs */
     SCR_COUNT
 };
 
@@ -216,6 +219,18 @@ duet_status cuda_weight_create_fp8(be_backend *be, const uint8_t *q, const float
                                    int n_in, int split, be_weight **w_p);
 void cuda_linear_fp8(cuda_backend *c, void *y, int y_stride, const void *x, int x_stride, int T,
                      const be_weight *w);
+/* fp8.cu, for moe.cu: whether n rows of FP8 experts [2I, D] / [D, I] (shared: [2Is, D]) take
+ * per-expert cuBLASLt GEMMs (DUET_FP8_MOE_LT_ROWS=N set and n >= N, bf16 activations, not
+ * recording, D, I, Is multiples of 128; docs/kernels/fp8.md), and the run: the routed experts'
+ * gate_up, SiLU x up and down for the pairs moe_sort_kernel sorted (slot_row [pairs]: each
+ * slot's row of x; expert e's slots at the prefix sum of the counts before it) into y [pairs][D]
+ * by slot, and with shared the shared expert over all n rows into y_s [n][D]. Reads the routing
+ * ids back to the host (a stream sync). DUET_OK, or a status with nothing promised about y
+ * (DUET_ERR_UNSUPPORTED: the caller runs the grouped kernel instead). */
+bool cuda_moe_fp8_lt_wanted(const cuda_backend *c, int n, int D, int I, int Is);
+duet_status cuda_moe_fp8_lt_run(cuda_backend *c, const be_moe_rows *rows, const be_ffn *experts,
+                                int e0, int n_local, const be_ffn *shared, const int32_t *slot_row,
+                                void *y, void *y_s);
 
 /* dummy.cu: be_ops.weight_create_dummy / vec_create_dummy (the rule of model/dummy_rule.h
  * computed on the device, straight into the weight's memory) */

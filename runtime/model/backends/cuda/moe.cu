@@ -816,8 +816,16 @@ static void experts_dev_run(cuda_backend *c, void *out, const be_moe_rows *rows,
                                                    cv.tiles, cv.tiles_s, cv.counts);
     if (CUDA_LAUNCHED(c, "moe_sort_kernel") != DUET_OK) return;
     const int mt[2] = {(int)max_tiles, (int)max_tiles_s};
-    moe_gemm_run(c, &up, bm, tc, mt);
-    moe_gemm_run(c, &down, bm, tc, mt);
+    /* FP8 experts of a big eager step: per-expert cuBLASLt calls (fp8.cu), else grouped */
+    bool done = false;
+    if (fp8 && sizeof(T) == 2 && cuda_moe_fp8_lt_wanted(c, n, D, I, Is))
+        done = cuda_moe_fp8_lt_run(c, rows, experts, e0, n_local, shared, cv.slot_row, cv.y,
+                                   cv.y_s) == DUET_OK;
+    if (c->err != DUET_OK) return;
+    if (!done) {
+        moe_gemm_run(c, &up, bm, tc, mt);
+        moe_gemm_run(c, &down, bm, tc, mt);
+    }
     if (c->err != DUET_OK) return;
     const T *y = (const T *)cv.y, *ys = shared ? (const T *)cv.y_s : NULL;
     const bool aligned = ((uintptr_t)out & 15) == 0;
