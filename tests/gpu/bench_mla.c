@@ -309,7 +309,7 @@ static void case_measure(setup *s, bench_cfg c, int variant, int split, int reps
     for (int i = 0; i < c.nq; i++) vis += c.ctx - c.nq + i + 1;
     r->attn_flops = (double)c.B * c.H * vis * (L_ + R_ + L_) * 2;
 done:
-    be_cuda_mla_variant(s->be, 0);
+    be_cuda_mla_variant(s->be, BE_CUDA_MLA_DEFAULT_VARIANT);
     be_cuda_mla_tune(s->be, 0, 0);
 }
 

@@ -619,7 +619,8 @@ static void test_mla(tb *t, const mla_case *mc) {
         if (info.prefill_tc != chunks) t->failed++;
         /* every other decode variant of the kernel (docs/kernels/mla.md) against the same CPU
          * output, with the same forced split or its own choice */
-        for (int var = 1; var < BE_CUDA_MLA_VARIANTS; var++) {
+        for (int var = 0; var < BE_CUDA_MLA_VARIANTS; var++) {
+            if (var == BE_CUDA_MLA_DEFAULT_VARIANT) continue; /* ran above */
             CHECK(be_cuda_mla_variant(t->be[GPU], var) == DUET_OK);
             CHECK(be_cuda_mla_tune(t->be[GPU], mc->split, 0) == DUET_OK);
             t->be[GPU]->ops->mla_attention(t->be[GPU], out.b[GPU], q.b[GPU], kv[GPU], mc->layer,
@@ -627,7 +628,7 @@ static void test_mla(tb *t, const mla_case *mc) {
             be_cuda_mla_info vi = {0};
             CHECK(be_cuda_mla_last(t->be[GPU], &vi) == DUET_OK);
             CHECK(be_cuda_mla_tune(t->be[GPU], 0, 0) == DUET_OK);
-            CHECK(be_cuda_mla_variant(t->be[GPU], 0) == DUET_OK);
+            CHECK(be_cuda_mla_variant(t->be[GPU], BE_CUDA_MLA_DEFAULT_VARIANT) == DUET_OK);
             snprintf(name, sizeof name,
                      "mla_attention (%s; variant %d: kernel %d, tile %d x %d, "
                      "%d/SM, %d splits)",

@@ -87,8 +87,9 @@ typedef struct be_cuda_mla_info {
 } be_cuda_mla_info;
 
 /* Decode variants of the tensor-core MLA kernel (docs/kernels/mla.md, "Decode variants"), for
- * benchmarks to time side by side; 0 is the default. */
-#define BE_CUDA_MLA_VARIANTS 5
+ * benchmarks to time side by side; the default is the one the H200 sweep measured fastest. */
+#define BE_CUDA_MLA_VARIANTS        5
+#define BE_CUDA_MLA_DEFAULT_VARIANT 1
 
 /* n_split > 0 forces the KV split count of later mla_attention calls (0: the backend
  * chooses); skip is a mask of BE_CUDA_MLA_SKIP_*. DUET_ERR_INVALID for n_split outside [0, 4096].

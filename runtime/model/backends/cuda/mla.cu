@@ -250,7 +250,7 @@ static cuda_mla *mla_state(cuda_backend *c) {
     /* variant 1 (64-position tiles) measured fastest on every V2-Lite case of the sweep
      * (docs/kernels/mla.md, "Decode variants"); V3's 128 heads run variant 0's kernel under
      * any choice. The environment is a benchmark's choice for whole programs. */
-    m->variant = 1;
+    m->variant = BE_CUDA_MLA_DEFAULT_VARIANT;
     const char *e = getenv("DUET_MLA_DECODE_VARIANT");
     if (e && *e) {
         char *end = NULL;
