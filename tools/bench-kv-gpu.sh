@@ -145,8 +145,8 @@ for s in "${sections[@]}"; do
     pull | ttft)
         for p in "${paths[@]}"; do
             case "$p" in
-            auto) args=(--kv-staging auto) ;;
-            staged) args=(--kv-staging on) ;;
+            auto) args=(--kv-staging auto --no-kv-cuda-ipc) ;;
+            staged) args=(--kv-staging on --no-kv-cuda-ipc) ;;
             cuda-ipc) args=(--kv-cuda-ipc) ;;
             *)
                 say "unknown KV path $p"

@@ -88,12 +88,10 @@ static int make_side(side *s, const char *model, srv_role role, const bench_opts
                       chunk,
                       "--kv-chunks-in-flight",
                       in_flight,
-                      "--kv-cuda-ipc"};
+                      o->cuda_ipc ? "--kv-cuda-ipc" : "--no-kv-cuda-ipc"};
     opt_parser *op;
     if (opt_parser_create("duet-kvbench", NULL, NULL, &op) != DUET_OK) return -1;
-    int prc = s->plug.add_options(s->plug.state, op) == DUET_OK
-                  ? opt_parse(op, o->cuda_ipc ? 10 : 9, args)
-                  : 2;
+    int prc = s->plug.add_options(s->plug.state, op) == DUET_OK ? opt_parse(op, 10, args) : 2;
     opt_parser_destroy(op);
     if (prc != 0) return -1;
     eng_config c;
@@ -367,7 +365,9 @@ int main(int argc, char **argv) {
         {.name = "--kv-cuda-ipc",
          .type = OPT_FLAG,
          .dest = &o.cuda_ipc,
-         .help = "--kv-cuda-ipc on both workers (CUDA caches: device-to-device copies)"},
+         .flags = OPT_NEGATABLE,
+         .help = "--kv-cuda-ipc on both workers (CUDA caches: device-to-device copies); "
+                 "without it (or with --no-kv-cuda-ipc) both workers get --no-kv-cuda-ipc"},
         {.name = "--copy-reference",
          .type = OPT_FLAG,
          .dest = &o.copy_ref,

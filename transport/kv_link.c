@@ -91,9 +91,12 @@ duet_status kvl_options_add(opt_parser *p, kvl_options *o) {
         {.name = "--kv-cuda-ipc",
          .type = OPT_FLAG,
          .dest = &o->cuda_ipc,
+         .def = "true",
+         .flags = OPT_NEGATABLE,
          .help = "between workers on one host with CUDA caches: the decode maps the prefill's "
                  "cache (CUDA IPC) and copies device to device, no UCX and no staging (both "
-                 "sides need it; off: UCX, direct or staged)"},
+                 "sides need it; a cache that cannot be mapped falls back to UCX; "
+                 "--no-kv-cuda-ipc: UCX, direct or staged, always)"},
         {.name = "--kv-chunks-in-flight",
          .type = OPT_INT,
          .dest = &o->chunks_in_flight,
@@ -265,7 +268,8 @@ static void ipc_setup(kvl_link *l) {
         return;
     }
     if (!kvl_ipc_usable(l) || !l->boot_id[0]) {
-        if (l->opt.cuda_ipc)
+        /* on by default: a host cache (the CPU backend) declines without a word */
+        if (l->opt.cuda_ipc && l->ctx.kv->on_device)
             LOG_INFO("kv: --kv-cuda-ipc: not offered (%s)",
                      !l->ctx.kv->on_device ? "the cache is in host memory"
                      : !l->boot_id[0]      ? "no boot id"

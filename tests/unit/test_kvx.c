@@ -83,7 +83,7 @@ static int make_side(side *s, srv_role role, int block_size, int n_blocks, const
                       (char *)g_chunk_bytes,
                       "--kv-chunks-in-flight",
                       (char *)g_in_flight,
-                      "--kv-cuda-ipc"};
+                      g_ipc ? "--kv-cuda-ipc" : "--no-kv-cuda-ipc"};
     eng_config c;
     eng_config_default(&c);
     c.block_size = block_size;
@@ -92,8 +92,8 @@ static int make_side(side *s, srv_role role, int block_size, int n_blocks, const
     c.lease_timeout_s = lease_s;
     if (g_budget > 0) c.max_num_batched_tokens = g_budget;
     c.on_event = on_event;
-    return pd_side_start(s, role, GOLDEN_DIR "/tiny-v3/model", &po, "test_kvx", g_ipc ? 12 : 11,
-                         args, &c, g_port);
+    return pd_side_start(s, role, GOLDEN_DIR "/tiny-v3/model", &po, "test_kvx", 12, args, &c,
+                         g_port);
 }
 
 static void free_side(side *s) {
