@@ -122,12 +122,13 @@ static double num(const cJSON *root, const char *key) {
     return cJSON_IsNumber(x) ? x->valuedouble : NAN;
 }
 
-/* within 1% of the known value */
-#define CHECK_PCT(root, key, want)                                                                 \
+/* got within 0.5% of want, plus slack (the metric's share of how late a busy machine can
+ * deliver one scripted chunk) */
+#define CHECK_TIMED(root, key, want, slack)                                                        \
     do {                                                                                           \
-        double got_ = num(root, key), want_ = (want);                                              \
-        CHECK_MSG(fabs(got_ - want_) <= 0.01 * fabs(want_), "%s = %.4f, known %.4f", key, got_,    \
-                  want_);                                                                          \
+        double got_ = num(root, key), want_ = (want), slack_ = (slack);                            \
+        CHECK_MSG(fabs(got_ - want_) <= 0.005 * fabs(want_) + slack_,                              \
+                  "%s = %.4f, known %.4f (+- 0.5%% + %.4f)", key, got_, want_, slack_);            \
     } while (0)
 
 static const char *str(const cJSON *root, const char *key) {
@@ -175,29 +176,38 @@ static char *write_prompts(int n) {
 /* The script: first chunk 1000 ms after the request, then gaps of 80 and 240 ms in turn, 9
  * chunks of 2 tokens: E2EL 1000 + 4 * 80 + 4 * 240 = 2280 ms; 18 output tokens, so TPOT is
  * 1280 / 17 ms (counting chunks instead would give 160); ITL mean 160, median (80 + 240) / 2.
- * Times this long keep a few milliseconds of scheduling noise on a busy machine under 1%. */
+ * The server sends each chunk at its due time from the request's arrival, never early, but a
+ * busy machine (CI's two cores under parallel tests) can deliver one late: up to LATE_MS is
+ * allowed per chunk, which moves TTFT and E2EL by up to LATE_MS, TPOT by LATE_MS / 17 and the
+ * mean gap by LATE_MS / 8 (only the first and last chunks' lateness survives the differences).
+ * A wrong definition is off by far more (chunks for tokens: 2x TPOT). */
+#define LATE_MS 50.0
 static void check_timing(const cJSON *r, int n, int conc, const char *label) {
     fprintf(stderr, "-- %s\n", label);
     CHECK_EQ_INT(num(r, "completed"), n);
     CHECK_EQ_INT(num(r, "failed"), 0);
     CHECK_EQ_INT(num(r, "total_output_tokens"), 18 * n);
     CHECK_EQ_INT(num(r, "total_input_tokens"), 100 * n); /* usage.prompt_tokens */
-    CHECK_PCT(r, "mean_ttft_ms", 1000);
-    CHECK_PCT(r, "median_ttft_ms", 1000);
-    CHECK_PCT(r, "mean_tpot_ms", 1280.0 / 17);
-    CHECK_PCT(r, "p99_tpot_ms", 1280.0 / 17);
-    CHECK_PCT(r, "mean_itl_ms", 160);
-    CHECK_PCT(r, "median_itl_ms", 160);
-    CHECK_PCT(r, "mean_e2el_ms", 2280);
+    CHECK_TIMED(r, "mean_ttft_ms", 1000, LATE_MS);
+    CHECK_TIMED(r, "median_ttft_ms", 1000, LATE_MS);
+    CHECK_TIMED(r, "mean_tpot_ms", 1280.0 / 17, LATE_MS / 17);
+    CHECK_TIMED(r, "p99_tpot_ms", 1280.0 / 17, LATE_MS / 17);
+    CHECK_TIMED(r, "mean_itl_ms", 160, LATE_MS / 8);
+    CHECK_TIMED(r, "median_itl_ms", 160, LATE_MS);
+    CHECK_TIMED(r, "mean_e2el_ms", 2280, LATE_MS);
     /* one late chunk moves P99 of single gaps by its whole delay: a looser bound there */
     double p99 = num(r, "p99_itl_ms");
     CHECK_MSG(p99 >= 0.99 * 240 && p99 <= 240 + 15, "p99_itl_ms = %.3f, known 240", p99);
     /* requests back to back in conc slots */
     double rounds = (double)((n + conc - 1) / conc);
-    CHECK_PCT(r, "duration", rounds * 2.280);
-    CHECK_PCT(r, "request_throughput", n / (rounds * 2.280));
-    CHECK_PCT(r, "output_throughput", 18.0 * n / (rounds * 2.280));
-    CHECK_PCT(r, "total_token_throughput", 118.0 * n / (rounds * 2.280));
+    /* each round can end up to LATE_MS late: the duration's share, and the rates' */
+    const double late = LATE_MS / 2280.0;
+    CHECK_TIMED(r, "duration", rounds * 2.280, rounds * LATE_MS / 1000);
+    CHECK_TIMED(r, "request_throughput", n / (rounds * 2.280), late * n / (rounds * 2.280));
+    CHECK_TIMED(r, "output_throughput", 18.0 * n / (rounds * 2.280),
+                late * 18.0 * n / (rounds * 2.280));
+    CHECK_TIMED(r, "total_token_throughput", 118.0 * n / (rounds * 2.280),
+                late * 118.0 * n / (rounds * 2.280));
     CHECK_EQ_INT(num(r, "max_concurrent_requests"), conc);
     /* the peak counts chunks in one-second buckets: at least 3 of a stream share one */
     CHECK(num(r, "max_output_tokens_per_s") >= 3 * conc);
