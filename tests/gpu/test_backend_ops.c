@@ -419,8 +419,8 @@ static void test_rope(tb *t) {
 /* a KV cache of the same shape on each backend */
 static void kv_pair_new(tb *t, be_kv *kv[2], int n_blocks, int n_layers, int bs, int kv_dim) {
     for (int k = 0; k < 2; k++)
-        CHECK(t->be[k]->ops->kv_create(t->be[k], n_blocks, n_layers, bs, kv_dim, &kv[k]) ==
-              DUET_OK);
+        CHECK(t->be[k]->ops->kv_create(t->be[k], n_blocks, n_layers, bs, kv_dim,
+                                       t->be[k]->ops->act_dtype, &kv[k]) == DUET_OK);
 }
 
 /* The history: every one of n_slots slots of every layer gets random latents through
@@ -760,7 +760,7 @@ static void test_mla_env(void) {
                       .block_table = table,
                       .max_blocks = 1};
         CHECK(zeros && q && out);
-        CHECK(o->kv_create(g, 1, 1, BS_, 576, &kv) == DUET_OK);
+        CHECK(o->kv_create(g, 1, 1, BS_, 576, o->act_dtype, &kv) == DUET_OK);
         CHECK(o->weight_create(g, wh, H * 256, 512, false, &w) == DUET_OK);
         if (zeros && q && out && kv && w) {
             CHECK(o->upload(g, kv->data, 0, zeros, (size_t)BS_ * 576) == DUET_OK);

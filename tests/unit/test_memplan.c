@@ -643,12 +643,12 @@ static duet_status c_rope_setup(be_backend *be, const float *inv_freq, int half,
 }
 
 static duet_status c_kv_create(be_backend *be, int n_blocks, int n_layers, int block_size,
-                               int kv_dim, be_kv **kv_p) {
+                               int kv_dim, dt_dtype dtype, be_kv **kv_p) {
     counting *c = cnt(be);
     c->kv_layers = n_layers;
     c->kv_block_size = block_size;
     c->kv_dim = kv_dim;
-    return c->inner->ops->kv_create(c->inner, n_blocks, n_layers, block_size, kv_dim, kv_p);
+    return c->inner->ops->kv_create(c->inner, n_blocks, n_layers, block_size, kv_dim, dtype, kv_p);
 }
 
 static void c_kv_destroy(be_backend *be, be_kv *kv) {

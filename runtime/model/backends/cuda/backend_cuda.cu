@@ -475,9 +475,17 @@ static duet_status cuda_vec_create(be_backend *be, const float *v, int n, void *
 }
 
 static duet_status cuda_kv_create(be_backend *be, int n_blocks, int n_layers, int block_size,
-                                  int kv_dim, be_kv **kv_p) {
+                                  int kv_dim, dt_dtype dtype, be_kv **kv_p) {
     cuda_backend *c = cuda_be(be);
     if (c->err != DUET_OK) return c->err;
+    if (dtype != c->act) {
+        /* the KV write, decode and prefill kernels read and write the activation type only:
+         * an e4m3 cache would be read as bf16, so it is refused rather than computed wrong */
+        LOG_ERROR("cuda backend: a KV cache of %s is not supported yet (%s only; "
+                  "--kv-cache-dtype fp8 runs on the cpu backend)",
+                  dt_name(dtype), dt_name(c->act));
+        return DUET_ERR_UNSUPPORTED;
+    }
     be_kv *kv = (be_kv *)calloc(1, sizeof *kv);
     if (!kv) return DUET_ERR_NO_MEMORY;
     size_t block_bytes = (size_t)n_layers * (size_t)block_size * (size_t)kv_dim * act_size(c);
@@ -497,6 +505,7 @@ static duet_status cuda_kv_create(be_backend *be, int n_blocks, int n_layers, in
     kv->block_size = block_size;
     kv->kv_dim = kv_dim;
     kv->dtype = c->act;
+    kv->scale = 1.0f;
     kv->block_bytes = block_bytes;
     kv->on_device = true;
     *kv_p = kv;
