@@ -100,8 +100,7 @@ static float *test_write(be_backend *be, be_kv *kv, float *x, const int32_t *pos
     CHECK_MSG(mismatched == 0, "%d codes are not dt_f32_to_e4m3 of their value", mismatched);
     /* 3 mantissa bits: a relative step of 2^-3 at most, ~3.6% RMS for values spread evenly in
      * a binade; outside [1%, 6%] the cache is not e4m3 (float32 would be ~1e-8) */
-    printf("e4m3 KV rows: relative L2 error mean %.4f, max %.4f over %d rows\n", sum / T, worst,
-           T);
+    printf("e4m3 KV rows: relative L2 error mean %.4f, max %.4f over %d rows\n", sum / T, worst, T);
     CHECK(sum / T > 0.01 && worst < 0.06);
     return deq;
 }
@@ -137,9 +136,8 @@ static void test_attention(be_backend *be) {
         if (pass == 1)
             CHECK(be->ops->set_batch(be, bt_seq1_init(&b, 1, pos + T - 1, slot + T - 1, T)) ==
                   DUET_OK);
-        const char *qp = (const char *)q + (pass == 1 ? (size_t)(T - 1) * H * (NOPE + ROPE) *
-                                                            sizeof(float)
-                                                      : 0);
+        const char *qp =
+            (const char *)q + (pass == 1 ? (size_t)(T - 1) * H * (NOPE + ROPE) * sizeof(float) : 0);
         be->ops->mla_attention(be, o8, qp, q8, 1, kv_b, H, NOPE, ROPE, V, scale);
         be->ops->mla_attention(be, of, qp, f32, 1, kv_b, H, NOPE, ROPE, V, scale);
         be->ops->mla_attention(be, ox, qp, raw, 1, kv_b, H, NOPE, ROPE, V, scale);
