@@ -138,7 +138,7 @@ duet_status par_options_add(opt_parser *p, par_options *o) {
          .metavar = "{auto,fp8,fp8_e4m3}",
          .def = "auto",
          .help = "the KV cache's element type (auto: the activation type; fp8: e4m3 with a "
-                 "per-tensor scale of 1.0, half of bf16's bytes; cpu backend only for now)"},
+                 "per-tensor scale of 1.0, half of bf16's bytes)"},
         {.name = "--tensor-parallel-size",
          .alias = "-tp",
          .type = OPT_INT,

@@ -3,7 +3,7 @@
  * such a cache (the absorbed decode path and the expanded prefill path) equals, bit for bit,
  * attention on a float32 cache holding the decoded values. Also: the e4m3 rounding error of
  * latent rows (the number docs/memory.md quotes), and kv_create refusing a type it cannot hold.
- * tests/gpu/test_backend_ops.c would hold a CUDA fp8 cache to these ops once CUDA has one. */
+ * tests/gpu/test_backend_ops.c holds the CUDA fp8 cache to these ops. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
