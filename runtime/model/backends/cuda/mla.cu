@@ -579,7 +579,8 @@ static void mla_run(cuda_backend *c, void *out, const void *q, be_kv *kv, int la
 
 /* ---- fp8 caches: the batch's blocks of one layer decoded into the shadow ---- */
 
-/* One block per (block-table entry, sequence): entry jb of sequence s, when it holds positions
+/* One block per (sequence, block-table entry), s * max_blocks + jb in a 1-D grid (either count
+ * alone can pass a grid's y limit): entry jb of sequence s, when it holds positions
  * below the sequence's context, is decoded whole (code * scale) into the shadow's copy of that
  * block id; entries past the context and ids outside the pool (padding block included: it
  * is the shadow's last block) are left alone. Launch shape: the batch's, never the contexts. */
@@ -587,8 +588,9 @@ template <typename T>
 __global__ void kv_decode_layer(T *shadow, const uint8_t *cache, const int32_t *table,
                                 const int32_t *ctx, int max_blocks, int n_layers, int bs,
                                 int kv_dim, int layer, int n_ids, float scale) {
-    const int jb = blockIdx.x, s = blockIdx.y;
-    if (jb * bs >= ctx[s]) return;
+    const int s = (int)(blockIdx.x / (unsigned)max_blocks),
+              jb = (int)(blockIdx.x % (unsigned)max_blocks);
+    if ((long long)jb * bs >= ctx[s]) return;
     const int blk = table[(size_t)s * max_blocks + jb];
     if (blk < 0 || blk >= n_ids) return;
     const size_t n = (size_t)bs * kv_dim;
@@ -611,7 +613,7 @@ static duet_status kv_decoded_view(cuda_backend *c, const be_kv *kv, int layer, 
         return c->err = DUET_ERR_INTERNAL;
     }
     if (c->n_seqs > 0 && c->max_blocks > 0) {
-        const dim3 g((unsigned)c->max_blocks, (unsigned)c->n_seqs);
+        const unsigned g = (unsigned)c->max_blocks * (unsigned)c->n_seqs;
         if (c->act == DT_BF16)
             kv_decode_layer<bf16><<<g, 256, 0, c->stream>>>(
                 (bf16 *)c->kv_shadow, (const uint8_t *)kv->data, c->d_table, c->d_ctx,
