@@ -235,6 +235,7 @@ static duet_status plan_memory(par_instance *p, const par_options *o, const char
     in.weights = mplan_weight_format_auto(&c, act);
     in.act_dtype = act;
     in.kv_dtype = o->kv_dtype == DT_F8_E4M3 ? DT_F8_E4M3 : act; /* --kv-cache-dtype */
+    in.kv_decoded_layer = p->be->ops->kv_fp8_decoded_layer;
     in.max_model_len = mo->max_model_len;
     if (mo->max_num_seqs > 0) in.max_num_seqs = mo->max_num_seqs;
     if (o->max_tokens > 0) in.max_num_batched_tokens = o->max_tokens;

@@ -193,6 +193,10 @@ typedef struct be_ops {
     /* buffers, weights and the KV cache live in device memory the host cannot address: host
      * collectives (MPI) cannot move them, the device communicator attached by comm_attach must */
     bool on_device;
+    /* fp8 KV caches: the backend also keeps one layer of the pool decoded in act_dtype, (n_blocks
+     * + 1) x block_size x kv_dim elements beside the cache (the CUDA backend's attention reads
+     * that); mdl_kv_bytes_per_token and the memory plan count it as part of each block */
+    bool kv_fp8_decoded_layer;
 
     void (*destroy)(be_backend *be);
 

@@ -101,7 +101,11 @@ dt_dtype mdl_kv_dtype(const mdl_model *m) {
 }
 
 size_t mdl_kv_bytes_per_token(const mdl_model *m) {
-    return (size_t)m->n_kv_layers * (size_t)m->kv_dim * dt_size(mdl_kv_dtype(m));
+    size_t b = (size_t)m->n_kv_layers * (size_t)m->kv_dim * dt_size(mdl_kv_dtype(m));
+    /* a backend's decoded layer of an fp8 cache grows with the blocks: counted with them */
+    if (mdl_kv_dtype(m) == DT_F8_E4M3 && m->be->ops->kv_fp8_decoded_layer)
+        b += (size_t)m->kv_dim * dt_size(m->be->ops->act_dtype);
+    return b;
 }
 
 duet_status mdl_kv_create(mdl_model *m, int n_blocks, int block_size, be_kv **kv_p) {

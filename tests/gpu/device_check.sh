@@ -97,6 +97,8 @@ quick)
         --kv-cache-dtype fp8 --tol 0.13 --enforce-eager "$G/tiny-v3-smooth"
     TMO=240 run memplan-check memplan_check --model "$DUET_BUNDLE/models/v2-lite" \
         --backend cuda --load-format dummy
+    TMO=240 run memplan-check-kv-fp8 memplan_check --model "$DUET_BUNDLE/models/v2-lite" \
+        --backend cuda --load-format dummy --kv-cache-dtype fp8
     ;;
 single)
     run op-test test_backend_ops

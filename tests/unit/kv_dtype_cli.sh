@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # --kv-cache-dtype on the workers: a value duet does not store (fp8_e5m2, bf16) exits 2 with one
 # line naming the choices, on duet-decode and duet-prefill alike; a CPU duet-decode with fp8 and
-# a fixed --kv-cache-memory allocates the blocks `duet-check plan --kv-cache-dtype fp8` says, four
-# times the float32 cache's (one byte a value instead of four).
+# a fixed --kv-cache-memory allocates the blocks `duet-check plan --kv-cache-dtype fp8 --backend
+# cpu` says, four times the float32 cache's (one byte a value instead of four); the cuda plan
+# counts the CUDA backend's decoded layer (fewer blocks).
 # Usage: kv_dtype_cli.sh PATH_TO_duet-decode PATH_TO_duet-prefill PATH_TO_duet-check
 #        PATH_TO_duet-mkmodel TOKENIZER_DIR
 set -u
@@ -65,7 +66,15 @@ f32="$(dec_blocks)"
 [ -n "$f32" ] || { bad "duet-decode logged no KV cache line: $(cat "$tmp/dec.log")"; exit 1; }
 fp8="$(dec_blocks --kv-cache-dtype fp8)"
 [ -n "$fp8" ] || { bad "duet-decode fp8 logged no KV cache line: $(cat "$tmp/dec.log")"; exit 1; }
-plan="$(plan_blocks --kv-cache-dtype fp8)" || bad "duet-check plan --kv-cache-dtype fp8 failed"
+plan="$(plan_blocks --kv-cache-dtype fp8 --backend cpu)" ||
+    bad "duet-check plan --kv-cache-dtype fp8 --backend cpu failed"
+# the CUDA backend's decoded layer (one layer in the activation type) is counted: fewer blocks
+cuda="$(plan_blocks --kv-cache-dtype fp8)" || bad "duet-check plan --kv-cache-dtype fp8 failed"
+if [ -n "$cuda" ] && [ -n "$plan" ] && [ "$cuda" -lt "$plan" ]; then
+    ok "the cuda plan counts the decoded layer: $cuda blocks, the cpu plan $plan"
+else
+    bad "the cuda plan has '$cuda' blocks, the cpu plan '$plan' (want fewer)"
+fi
 if [ "$fp8" = "$plan" ]; then
     ok "duet-decode --kv-cache-dtype fp8 allocated $fp8 KV blocks, as the plan says"
 else

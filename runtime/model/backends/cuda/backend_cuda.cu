@@ -852,11 +852,12 @@ static duet_status cuda_comm_attach(be_backend *be, comm_group *g) {
 
 #define CUDA_OPS(act_type)                                                                         \
     {                                                                                              \
-        .name = "cuda", .act_dtype = act_type, .on_device = true, .destroy = cuda_destroy,         \
-        .buf_alloc = cuda_buf_alloc, .buf_free = cuda_buf_free, .upload = cuda_upload,             \
-        .download = cuda_download, .sync = cuda_sync, .weight_create = cuda_weight_create,         \
-        .weight_destroy = cuda_weight_destroy, .weight_create_fp8 = cuda_weight_create_fp8,        \
-        .vec_create = cuda_vec_create, .weight_create_dummy = cuda_weight_create_dummy,            \
+        .name = "cuda", .act_dtype = act_type, .on_device = true, .kv_fp8_decoded_layer = true,    \
+        .destroy = cuda_destroy, .buf_alloc = cuda_buf_alloc, .buf_free = cuda_buf_free,           \
+        .upload = cuda_upload, .download = cuda_download, .sync = cuda_sync,                       \
+        .weight_create = cuda_weight_create, .weight_destroy = cuda_weight_destroy,                \
+        .weight_create_fp8 = cuda_weight_create_fp8, .vec_create = cuda_vec_create,                \
+        .weight_create_dummy = cuda_weight_create_dummy,                                           \
         .vec_create_dummy = cuda_vec_create_dummy, .kv_create = cuda_kv_create,                    \
         .kv_destroy = cuda_kv_destroy, .kv_copy_host = cuda_kv_copy_host,                          \
         .kv_copy_start = cuda_kv_copy_start, .kv_copy_poll = cuda_kv_copy_poll,                    \
