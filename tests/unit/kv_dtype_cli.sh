@@ -3,15 +3,18 @@
 # line naming the choices, on duet-decode and duet-prefill alike; a CPU duet-decode with fp8 and
 # a fixed --kv-cache-memory allocates the blocks `duet-check plan --kv-cache-dtype fp8 --backend
 # cpu` says, four times the float32 cache's (one byte a value instead of four); the cuda plan
-# counts the CUDA backend's decoded layer (fewer blocks).
+# counts the CUDA backend's decoded layer (fewer blocks). MTP over an fp8 cache (the module's
+# layer is one more layer of each block): duet-run's greedy output with 2 drafts a step equals
+# its output without.
 # Usage: kv_dtype_cli.sh PATH_TO_duet-decode PATH_TO_duet-prefill PATH_TO_duet-check
-#        PATH_TO_duet-mkmodel TOKENIZER_DIR
+#        PATH_TO_duet-mkmodel TOKENIZER_DIR PATH_TO_duet-run
 set -u
 dec="$1"
 pre="$2"
 check="$3"
 mk="$4"
 tokdir="$5"
+run="$6"
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/duet-kvdtype-XXXXXX")"
 pid=
 cleanup() {
@@ -85,6 +88,19 @@ if [ "$fp8" -ge $((4 * f32)) ] && [ "$fp8" -le $((4 * f32 + 3)) ]; then
     ok "fp8: $fp8 blocks in the budget where float32 has $f32"
 else
     bad "fp8: $fp8 blocks in the budget where float32 has $f32 (want about 4x)"
+fi
+"$mk" --preset tiny --mtp --tokenizer "$tokdir" --out "$tmp/mtp" >/dev/null 2>&1 ||
+    { echo "FAIL duet-mkmodel --mtp"; exit 1; }
+for k in 0 2; do
+    timeout 120 "$run" --model "$tmp/mtp" --prompt "The quick brown fox jumps over the lazy dog" \
+        --max-tokens 40 --ignore-eos --temperature 0 --num-speculative-tokens "$k" \
+        --kv-cache-dtype fp8 >"$tmp/mtp$k" 2>"$tmp/mtp$k.err" ||
+        bad "duet-run --kv-cache-dtype fp8 --num-speculative-tokens $k: $(tail -3 "$tmp/mtp$k.err")"
+done
+if [ -s "$tmp/mtp0" ] && cmp -s "$tmp/mtp0" "$tmp/mtp2"; then
+    ok "fp8 KV with MTP (2 drafts a step): the same greedy output as without"
+else
+    bad "fp8 KV with MTP differs: '$(head -c 200 "$tmp/mtp0")' vs '$(head -c 200 "$tmp/mtp2")'"
 fi
 [ "$fails" -eq 0 ] || exit 1
 echo "all ok"
