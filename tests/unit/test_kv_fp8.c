@@ -38,14 +38,46 @@ static float *latents(void) {
     return x;
 }
 
+/* every code's neighbourhood: T * D values from 2^-14 to 2^9 in magnitude, either sign, through
+ * kv_write, each code equal to dt_f32_to_e4m3's (the checkpoint writer's exhaustive rounding) */
+static void test_codes(be_backend *be) {
+    be_kv *kv = NULL;
+    CHECK(be->ops->kv_create(be, 1, 1, BS, D, DT_F8_E4M3, &kv) == DUET_OK);
+    int32_t pos[T], slot[T];
+    for (int i = 0; i < T; i++) pos[i] = slot[i] = i;
+    for (int round = 0; round < 50; round++) {
+        float *x = xs_vec((size_t)T * D, 1.0f);
+        for (size_t i = 0; i < (size_t)T * D; i++)
+            x[i] = ldexpf(x[i] >= 0 ? 1.0f + x[i] : -1.0f + x[i], (int)(xs_next() % 24) - 14);
+        bt_seq1 b;
+        CHECK(be->ops->set_batch(be, bt_seq1_init(&b, T, pos, slot, T)) == DUET_OK);
+        void *k = upload(be, x, (size_t)T * D);
+        float *up = download(be, k, (size_t)T * D); /* the bf16 mode rounds uploads */
+        be->ops->kv_write(be, kv, 0, k, D);
+        CHECK(be->ops->sync(be) == DUET_OK);
+        const uint8_t *q = kv->data;
+        int bad = 0;
+        for (size_t i = 0; i < (size_t)T * D; i++) bad += q[i] != dt_f32_to_e4m3(up[i]);
+        CHECK_MSG(bad == 0, "round %d: %d codes differ from dt_f32_to_e4m3", round, bad);
+        be->ops->buf_free(be, k);
+        free(up);
+        free(x);
+    }
+    be->ops->kv_destroy(be, kv);
+}
+
 /* kv_create's answers: the type, the bytes, the scale; a type the backend cannot hold refused */
 static void test_create(be_backend *be) {
     be_kv *kv = NULL;
     CHECK(be->ops->kv_create(be, 3, 2, BS, D, DT_F8_E4M3, &kv) == DUET_OK);
     CHECK(kv->dtype == DT_F8_E4M3 && kv->scale == 1.0f);
     CHECK(kv->block_bytes == (size_t)2 * BS * D);
-    /* past e4m3's range: saturated to +-448, not NaN; the subnormal step 2^-9 kept */
-    float big[D] = {1000.0f, -1e30f, 448.0f, 0x1p-9f};
+    /* past e4m3's range: saturated to +-448, not NaN; the subnormal step 2^-9 kept; ties to
+     * the even code (1.0625 between 1 and 1.125, 2^-10 between 0 and 2^-9, 3 * 2^-10 between
+     * 2^-9 and 2^-8, 464 between 448 and 480 past the range); NaN kept NaN; a sweep of values
+     * from 2^-14 to 2^9 whose codes test_write compares with dt_f32_to_e4m3 */
+    float big[D] = {1000.0f,  -1e30f,    448.0f, 0x1p-9f, 1.0625f,  0x1p-10f,
+                    0x3p-10f, -0x3p-10f, 464.0f, NAN,     -0x1p-12f};
     int32_t pos = 0, slot = BS + 3; /* block 1, offset 3 */
     bt_seq1 b;
     CHECK(be->ops->set_batch(be, bt_seq1_init(&b, 1, &pos, &slot, 1)) == DUET_OK);
@@ -55,7 +87,12 @@ static void test_create(be_backend *be) {
     const uint8_t *q = (const uint8_t *)kv->data + kv->block_bytes + (size_t)3 * D;
     CHECK(dt_e4m3_to_f32(q[0]) == 448.0f && dt_e4m3_to_f32(q[1]) == -448.0f);
     CHECK(dt_e4m3_to_f32(q[2]) == 448.0f && dt_e4m3_to_f32(q[3]) == 0x1p-9f);
-    CHECK(q[4] == 0 && q[D - 1] == 0);
+    CHECK(dt_e4m3_to_f32(q[4]) == 1.0f && q[5] == 0 && dt_e4m3_to_f32(q[6]) == 0x1p-8f);
+    CHECK(dt_e4m3_to_f32(q[7]) == -0x1p-8f && dt_e4m3_to_f32(q[8]) == 448.0f && q[9] == 0x7f);
+    CHECK(q[10] == 0x80 && q[11] == 0 && q[D - 1] == 0);
+    for (int i = 0; i < 11; i++)
+        CHECK_MSG(q[i] == dt_f32_to_e4m3(big[i]), "value %d (%g): code %#x, dt_f32_to_e4m3 %#x", i,
+                  big[i], q[i], dt_f32_to_e4m3(big[i]));
     be->ops->buf_free(be, k);
     be_kv *f = NULL;
     CHECK(be->ops->kv_create(be, 3, 2, BS, D, be->ops->act_dtype, &f) == DUET_OK);
@@ -178,6 +215,7 @@ int main(void) {
         be_backend *be = NULL;
         CHECK(be_create_dtype("cpu", 0, dts[i], &be) == DUET_OK);
         test_create(be);
+        test_codes(be);
         test_attention(be);
         be_destroy(be);
     }

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "model/backends/cpu/backend_cpu.h"
+#include "model/dummy_rule.h"
 #include "base/dtype.h"
 #include "base/log.h"
 
@@ -454,10 +455,14 @@ static void cpu_kv_write(be_backend *be, be_kv *kv, int layer, const void *kva, 
             memcpy(kv_row(kv, layer, c->token_slot[t]), x, (size_t)kv->kv_dim * sizeof(float));
             continue;
         }
-        /* e4m3(x / scale): round to nearest even, saturating at +-448 */
+        /* e4m3(x / scale): round to nearest even, saturating at +-448 (dummy_rule.h's integer
+         * rounding, dt_f32_to_e4m3's codes); NaN stays NaN, as CUDA's satfinite conversion */
         uint8_t *q = kv_row(kv, layer, c->token_slot[t]);
         float inv = 1.0f / kv->scale;
-        for (int i = 0; i < kv->kv_dim; i++) q[i] = dt_f32_to_e4m3(x[i] * inv);
+        for (int i = 0; i < kv->kv_dim; i++) {
+            float v = x[i] * inv;
+            q[i] = isnan(v) ? 0x7f : dummy_e4m3(v);
+        }
     }
 }
 
