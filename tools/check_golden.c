@@ -371,6 +371,8 @@ static duet_status run_reference(const par_options *po, const char *model_dir, i
     gcase *cs = malloc((size_t)(n ? n : 1) * sizeof *cs);
     st = cs ? mdl_load(model_dir, be, &shard, &lo, &ref->m) : DUET_ERR_NO_MEMORY;
     ref->ref = ref->m;
+    /* the KV cache as the run under test keeps it (--kv-cache-dtype): like against like */
+    if (st == DUET_OK) st = mdl_set_kv_dtype(ref->m, po->kv_dtype);
     if (st == DUET_OK) st = mdl_kv_create(ref->m, ref->n_blocks, ref->block_size, &ref->kv);
     if (st == DUET_OK) st = ctx_buffers(ref, mine, n);
     if (st == DUET_OK) {

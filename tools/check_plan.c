@@ -30,7 +30,7 @@ int check_plan_main(int argc, char **argv) {
     mplan_inputs in;
     mplan_inputs_default(&in);
     const char *model = NULL;
-    int weights = 0, dtype = 0, kv_dtype = 0;
+    int weights = 0, dtype = 0, kv_dtype = 0, backend = 0;
     bool eager = false;
     opt_parser *op;
     if (opt_parser_create("duet-check plan", "--model DIR --gpu-memory SIZE [options]",
@@ -100,6 +100,13 @@ int check_plan_main(int argc, char **argv) {
          .def = "bfloat16",
          .choices = "bfloat16|float32|bf16=bfloat16|float=float32",
          .help = "activations (the CUDA backend's default is bfloat16)"},
+        {.name = "--backend",
+         .type = OPT_CHOICE,
+         .dest = &backend,
+         .def = "cuda",
+         .choices = "cuda|cpu",
+         .help = "whose KV cache: cuda keeps a decoded layer beside an fp8 cache (counted), cpu "
+                 "none"},
         {.name = "--kv-cache-dtype",
          .type = OPT_CHOICE,
          .dest = &kv_dtype,
@@ -158,6 +165,7 @@ int check_plan_main(int argc, char **argv) {
     in.act_dtype = dtype == 1 ? DT_F32 : DT_BF16;
     static const dt_dtype kv_types[] = {DT_COUNT, DT_BF16, DT_F8_E4M3, DT_F32};
     in.kv_dtype = kv_dtype == 0 ? in.act_dtype : kv_types[kv_dtype];
+    in.kv_decoded_layer = backend == 0; /* be_ops.kv_fp8_decoded_layer of the CUDA backend */
     static const mplan_weight_format formats[] = {MPLAN_WEIGHTS_BF16, MPLAN_WEIGHTS_BF16,
                                                   MPLAN_WEIGHTS_FP8, MPLAN_WEIGHTS_F32};
     in.weights = weights == 0 ? mplan_weight_format_auto(&c, in.act_dtype) : formats[weights];

@@ -102,6 +102,12 @@ bool kvw_pools_compatible(const Duet__Kv__PoolInfo *d, const Duet__Kv__PoolInfo 
                           size_t why_len) {
     const char *what = NULL;
     unsigned long long dv = 0, pv = 0;
+    /* the dtype first: it also changes the block bytes, and the dtype is what to fix */
+    if (strcmp(d->dtype ? d->dtype : "", p->dtype ? p->dtype : "") != 0) {
+        snprintf(why, why_len, "KV layouts differ: dtype %s on decode, %s on prefill",
+                 d->dtype ? d->dtype : "?", p->dtype ? p->dtype : "?");
+        return false;
+    }
     if (d->block_size != p->block_size)
         what = "block size", dv = d->block_size, pv = p->block_size;
     else if (d->n_layers != p->n_layers)
@@ -113,11 +119,6 @@ bool kvw_pools_compatible(const Duet__Kv__PoolInfo *d, const Duet__Kv__PoolInfo 
     if (what) {
         snprintf(why, why_len, "KV layouts differ: %s %llu on decode, %llu on prefill", what, dv,
                  pv);
-        return false;
-    }
-    if (strcmp(d->dtype ? d->dtype : "", p->dtype ? p->dtype : "") != 0) {
-        snprintf(why, why_len, "KV layouts differ: dtype %s on decode, %s on prefill",
-                 d->dtype ? d->dtype : "?", p->dtype ? p->dtype : "?");
         return false;
     }
     return true;

@@ -71,6 +71,20 @@ static duet_status parse_dtype(const opt_spec *s, const char *v, char *err, size
     return DUET_OK;
 }
 
+static duet_status parse_kv_dtype(const opt_spec *s, const char *v, char *err, size_t len) {
+    par_options *o = s->user;
+    if (!strcmp(v, "auto"))
+        o->kv_dtype = DT_COUNT;
+    else if (!strcmp(v, "fp8") || !strcmp(v, "fp8_e4m3"))
+        o->kv_dtype = DT_F8_E4M3;
+    else {
+        /* vLLM's fp8_e5m2 and fp8_inc have no kernels here: refused, not read as e4m3 */
+        snprintf(err, len, "expected auto, fp8 or fp8_e4m3, got '%s'", v);
+        return DUET_ERR_INVALID;
+    }
+    return DUET_OK;
+}
+
 static duet_status parse_load_format(const opt_spec *s, const char *v, char *err, size_t len) {
     par_options *o = s->user;
     if (!strcmp(v, "dummy"))
@@ -116,6 +130,15 @@ duet_status par_options_add(opt_parser *p, par_options *o) {
          .help =
              "weights and activations (auto: float32 on cpu, bfloat16 on cuda; bfloat16 on "
              "cpu emulates CUDA's bf16 storage in float32 arithmetic; float16 is read as auto)"},
+        {.name = "--kv-cache-dtype",
+         .type = OPT_CUSTOM,
+         .parse = parse_kv_dtype,
+         .user = o,
+         .dest = o,
+         .metavar = "{auto,fp8,fp8_e4m3}",
+         .def = "auto",
+         .help = "the KV cache's element type (auto: the activation type; fp8: e4m3 with a "
+                 "per-tensor scale of 1.0, half of bf16's bytes)"},
         {.name = "--tensor-parallel-size",
          .alias = "-tp",
          .type = OPT_INT,
@@ -211,7 +234,8 @@ static duet_status plan_memory(par_instance *p, const par_options *o, const char
     /* the FP8-resident loader changes what mplan_weight_format_auto answers, not this */
     in.weights = mplan_weight_format_auto(&c, act);
     in.act_dtype = act;
-    in.kv_dtype = act; /* the backends keep the cache in the activation type */
+    in.kv_dtype = o->kv_dtype == DT_F8_E4M3 ? DT_F8_E4M3 : act; /* --kv-cache-dtype */
+    in.kv_decoded_layer = p->be->ops->kv_fp8_decoded_layer;
     in.max_model_len = mo->max_model_len;
     if (mo->max_num_seqs > 0) in.max_num_seqs = mo->max_num_seqs;
     if (o->max_tokens > 0) in.max_num_batched_tokens = o->max_tokens;
@@ -403,6 +427,20 @@ duet_status par_kv_fixed_check(par_instance *p, long long bytes, const char *fla
     return DUET_ERR_NO_MEMORY;
 }
 
+/* --kv-cache-dtype fp8 on a backend that cannot hold it fails before any weight loads: a one-
+ * block cache of the type is asked for and freed (the backend's kv_create says why not). */
+static duet_status kv_dtype_probe(be_backend *be) {
+    be_kv *kv = NULL;
+    duet_status st = be->ops->kv_create(be, 1, 1, 1, 16, DT_F8_E4M3, &kv);
+    if (st != DUET_OK) {
+        LOG_ERROR("--kv-cache-dtype fp8: the %s backend cannot hold an fp8 KV cache",
+                  be->ops->name);
+        return st;
+    }
+    be->ops->kv_destroy(be, kv);
+    return DUET_OK;
+}
+
 duet_status par_instance_create(const par_options *o, const char *model_dir, int *argc,
                                 char ***argv, par_instance **inst_p) {
     par_instance *p = calloc(1, sizeof *p);
@@ -441,6 +479,7 @@ duet_status par_instance_create(const par_options *o, const char *model_dir, int
     shard.tp = p->tp;
     shard.ep = p->ep;
     if (st == DUET_OK) st = be_create_dtype(o->backend, p->world.local_rank, o->dtype, &p->be);
+    if (st == DUET_OK && o->kv_dtype == DT_F8_E4M3) st = kv_dtype_probe(p->be);
     /* before NCCL's buffers and the weights: the plan's verdict, and the free memory that
      * par_kv_budget measures loading against */
     if (st == DUET_OK) st = plan_memory(p, o, model_dir);
@@ -456,6 +495,7 @@ duet_status par_instance_create(const par_options *o, const char *model_dir, int
                         .eager = o->eager,
                         .spec_tokens = o->spec_tokens};
     if (st == DUET_OK) st = mdl_load(model_dir, p->be, &shard, &lo, &p->model);
+    if (st == DUET_OK) st = mdl_set_kv_dtype(p->model, o->kv_dtype);
     if (st == DUET_OK && p->measured) {
         long long total;
         p->measured = be_mem_info(p->be, &total, &p->readings.free_after_load) == DUET_OK;

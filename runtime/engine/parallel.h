@@ -29,9 +29,11 @@ typedef struct par_memory {
 typedef struct par_options {
     char backend[16]; /* "cpu" or "cuda" */
     dt_dtype dtype;   /* --dtype: DT_COUNT (auto: the backend's default), DT_BF16 or DT_F32 */
-    int tp, dp;       /* --tensor-parallel-size, --data-parallel-size */
-    bool ep;          /* --enable-expert-parallel */
-    bool eager;       /* --enforce-eager: no recorded (CUDA graph) steps */
+    /* --kv-cache-dtype: DT_COUNT (auto: the activation type) or DT_F8_E4M3 (fp8, fp8_e4m3) */
+    dt_dtype kv_dtype;
+    int tp, dp; /* --tensor-parallel-size, --data-parallel-size */
+    bool ep;    /* --enable-expert-parallel */
+    bool eager; /* --enforce-eager: no recorded (CUDA graph) steps */
     mdl_weights_source load_format;
     unsigned long long seed;
     int max_tokens;
@@ -43,8 +45,9 @@ typedef struct par_options {
 } par_options;
 
 void par_options_init(par_options *o);
-/* Adds the parallel and device options (--backend, --dtype, -tp, -dp, --enable-expert-parallel,
- * --load-format, --seed) to p, writing into o (which must outlive p's parse). */
+/* Adds the parallel and device options (--backend, --dtype, --kv-cache-dtype, -tp, -dp,
+ * --enable-expert-parallel, --load-format, --seed) to p, writing into o (which must outlive p's
+ * parse). */
 duet_status par_options_add(opt_parser *p, par_options *o);
 
 typedef struct par_instance par_instance;

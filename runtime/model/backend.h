@@ -34,7 +34,10 @@ typedef struct be_kv {
     /* one more block past n_blocks that nothing leases or transfers: padding rows of a step
      * (a batch rounded up to a captured size) write and read it */
     int pad_block;
-    dt_dtype dtype;
+    dt_dtype dtype; /* the activation type, or DT_F8_E4M3 (--kv-cache-dtype fp8) */
+    /* DT_F8_E4M3 only: values are stored as e4m3(value / scale) and read back as code * scale
+     * (vLLM's per-tensor k_scale; DeepSeek checkpoints carry none, so 1.0) */
+    float scale;
     void *data;         /* device address of block 0 */
     size_t block_bytes; /* bytes of one block, all layers */
     bool on_device;     /* false: host memory, readable by the CPU directly */
@@ -190,6 +193,10 @@ typedef struct be_ops {
     /* buffers, weights and the KV cache live in device memory the host cannot address: host
      * collectives (MPI) cannot move them, the device communicator attached by comm_attach must */
     bool on_device;
+    /* fp8 KV caches: the backend also keeps one layer of the pool decoded in act_dtype, (n_blocks
+     * + 1) x block_size x kv_dim elements beside the cache (the CUDA backend's attention reads
+     * that); mdl_kv_bytes_per_token and the memory plan count it as part of each block */
+    bool kv_fp8_decoded_layer;
 
     void (*destroy)(be_backend *be);
 
@@ -235,8 +242,10 @@ typedef struct be_ops {
      * slice's full_in 0, r0 and c0 0), the same float32 bits */
     duet_status (*vec_create_dummy)(be_backend *be, const dummy_slice *s, int n, void **dev_p);
 
+    /* dtype: the backend's act_dtype, or DT_F8_E4M3 where the backend stores e4m3 latents
+     * (DUET_ERR_UNSUPPORTED, with a line saying so, where it does not) */
     duet_status (*kv_create)(be_backend *be, int n_blocks, int n_layers, int block_size, int kv_dim,
-                             be_kv **kv_p);
+                             dt_dtype dtype, be_kv **kv_p);
     void (*kv_destroy)(be_backend *be, be_kv *kv);
     /* Optional; ANY thread (the KV transfer thread calls it): copies whole blocks between the
      * cache and host memory, block blocks[i] to or from host + i * block_bytes, and returns when

@@ -572,6 +572,9 @@ duet_status mplan_compute(const cfg_model *c, const mplan_inputs *in, mplan *pla
     p.kv_layers = c->num_hidden_layers + (in->spec_tokens > 0 ? 1 : 0);
     p.kv_bytes_per_token = (long long)p.kv_layers * (c->kv_lora_rank + c->qk_rope_head_dim) *
                            (long long)dt_size(in->kv_dtype);
+    if (in->kv_dtype == DT_F8_E4M3 && in->kv_decoded_layer) /* mdl_kv_bytes_per_token's rule */
+        p.kv_bytes_per_token +=
+            (long long)(c->kv_lora_rank + c->qk_rope_head_dim) * (long long)dt_size(in->act_dtype);
     p.kv_block_bytes = p.kv_bytes_per_token * in->block_size;
     /* the backend adds one padding block to the blocks it is asked for */
     if (in->kv_cache_memory > 0) {

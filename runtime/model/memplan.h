@@ -98,6 +98,9 @@ typedef struct mplan_inputs {
     mplan_weight_format weights;
     dt_dtype act_dtype; /* DT_BF16 or DT_F32 */
     dt_dtype kv_dtype;  /* DT_BF16, DT_F32 or DT_F8_E4M3 */
+    /* with DT_F8_E4M3: the backend keeps one layer decoded in act_dtype beside the cache
+     * (be_ops.kv_fp8_decoded_layer; the CUDA backend): counted in each block's bytes */
+    bool kv_decoded_layer;
     /* serving limits (the worker's flags of the same names) */
     int max_model_len; /* 0: min(max_position_embeddings, 8192), the worker's default */
     int max_num_seqs, max_num_batched_tokens, block_size;

@@ -66,11 +66,12 @@ struct mdl_model {
     mdl_step step;
     mdl_buffers buf;
     mdl_graphs graphs;
-    int spec_tokens;  /* MTP drafts per step (0: no MTP module loaded) */
-    bool marks_on;    /* mdl_layer_marks: the next forward notes its layers */
-    bool marks_armed; /* ... this one does (eager, not a graph) */
-    int n_kv_layers;  /* num_hidden_layers, + 1 for the MTP module's own cache */
-    int last_T;       /* tokens of the last mdl_forward (rows of buf.hid) */
+    int spec_tokens;   /* MTP drafts per step (0: no MTP module loaded) */
+    bool marks_on;     /* mdl_layer_marks: the next forward notes its layers */
+    bool marks_armed;  /* ... this one does (eager, not a graph) */
+    int n_kv_layers;   /* num_hidden_layers, + 1 for the MTP module's own cache */
+    dt_dtype kv_dtype; /* DT_COUNT: the activation type; DT_F8_E4M3 (mdl_set_kv_dtype) */
+    int last_T;        /* tokens of the last mdl_forward (rows of buf.hid) */
     /* MTP drafts are the module's argmax, taken where the logits are (the backend's sampling
      * ops, greedy rows): no row of logits comes to the host */
     be_sampler *draft_smp;
@@ -89,13 +90,28 @@ be_backend *mdl_backend(const mdl_model *m) {
     return m->be;
 }
 
+duet_status mdl_set_kv_dtype(mdl_model *m, dt_dtype t) {
+    if (t != DT_COUNT && t != DT_F8_E4M3) return DUET_ERR_INVALID;
+    m->kv_dtype = t;
+    return DUET_OK;
+}
+
+dt_dtype mdl_kv_dtype(const mdl_model *m) {
+    return m->kv_dtype == DT_F8_E4M3 ? DT_F8_E4M3 : m->be->ops->act_dtype;
+}
+
 size_t mdl_kv_bytes_per_token(const mdl_model *m) {
-    return (size_t)m->n_kv_layers * (size_t)m->kv_dim * dt_size(m->be->ops->act_dtype);
+    size_t b = (size_t)m->n_kv_layers * (size_t)m->kv_dim * dt_size(mdl_kv_dtype(m));
+    /* a backend's decoded layer of an fp8 cache grows with the blocks: counted with them */
+    if (mdl_kv_dtype(m) == DT_F8_E4M3 && m->be->ops->kv_fp8_decoded_layer)
+        b += (size_t)m->kv_dim * dt_size(m->be->ops->act_dtype);
+    return b;
 }
 
 duet_status mdl_kv_create(mdl_model *m, int n_blocks, int block_size, be_kv **kv_p) {
     if (n_blocks <= 0 || block_size <= 0) return DUET_ERR_INVALID;
-    return m->be->ops->kv_create(m->be, n_blocks, m->n_kv_layers, block_size, m->kv_dim, kv_p);
+    return m->be->ops->kv_create(m->be, n_blocks, m->n_kv_layers, block_size, m->kv_dim,
+                                 mdl_kv_dtype(m), kv_p);
 }
 
 void mdl_kv_destroy(mdl_model *m, be_kv *kv) {
@@ -266,6 +282,7 @@ duet_status mdl_load(const char *dir, be_backend *be, const mdl_shard *shard,
     mdl_model *m = calloc(1, sizeof *m);
     if (!m) return DUET_ERR_NO_MEMORY;
     m->be = be;
+    m->kv_dtype = DT_COUNT;
     duet_status st = cfg_load(dir, &m->cfg);
     if (st == DUET_OK) st = mdl_shard_plan(&m->cfg, shard, &m->plan);
     if (st == DUET_OK) st = setup(m, dir);

@@ -37,7 +37,14 @@ void mdl_destroy(mdl_model *m);
 
 const cfg_model *mdl_config(const mdl_model *m);
 be_backend *mdl_backend(const mdl_model *m);
-/* Bytes of KV cache per token over all layers, in the backend's KV dtype. */
+/* The KV cache's element type for mdl_kv_create and mdl_kv_bytes_per_token (--kv-cache-dtype):
+ * DT_COUNT (auto, the default) is the backend's activation type; DT_F8_E4M3 stores e4m3 with a
+ * per-tensor scale of 1.0. Anything else is DUET_ERR_INVALID. The backend's kv_create answers
+ * whether it can hold the type. Call before the first mdl_kv_create. */
+duet_status mdl_set_kv_dtype(mdl_model *m, dt_dtype t);
+dt_dtype mdl_kv_dtype(const mdl_model *m);
+/* Bytes of KV cache per token over all layers, in the KV dtype (with fp8, plus one layer in the
+ * activation type where the backend keeps one decoded: be_ops.kv_fp8_decoded_layer). */
 size_t mdl_kv_bytes_per_token(const mdl_model *m);
 /* Allocates a KV cache of n_blocks blocks of block_size tokens for this model. */
 duet_status mdl_kv_create(mdl_model *m, int n_blocks, int block_size, be_kv **kv_p);

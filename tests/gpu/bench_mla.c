@@ -246,7 +246,7 @@ static int case_setup(be_backend *be, bench_cfg c, setup *s, float **qh_p, float
     int n_blocks = c.B * nb + 1;
     *s = (setup){.be = be, .layers = layers, .T = T, .H = H, .scale = 1.0f / sqrtf(NOPE + R_)};
     *qh_p = *wh_p = NULL;
-    if (o->kv_create(be, n_blocks, layers, BS, L_ + R_, &s->kv) != DUET_OK) {
+    if (o->kv_create(be, n_blocks, layers, BS, L_ + R_, o->act_dtype, &s->kv) != DUET_OK) {
         s->kv = NULL;
         g_fail = 1;
         return -1;
@@ -535,7 +535,7 @@ static void bench_prefill(be_backend *be, prefill_cfg c, int reps, double dense)
     int nb = (c.ctx + BS - 1) / BS, T = c.B * c.nq, H = c.H, n_blocks = c.B * nb + 1;
     setup s = {.be = be, .layers = 1, .T = T, .H = H, .scale = 1.0f / sqrtf(NOPE + R_)};
     float *qh = NULL, *wh = NULL;
-    if (o->kv_create(be, n_blocks, 1, BS, L_ + R_, &s.kv) != DUET_OK) {
+    if (o->kv_create(be, n_blocks, 1, BS, L_ + R_, o->act_dtype, &s.kv) != DUET_OK) {
         g_fail = 1;
         return;
     }

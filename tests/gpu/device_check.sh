@@ -82,8 +82,23 @@ quick)
         run "golden-bf16-vs-emulated-$c" duet-check golden --backend cuda --dtype bfloat16 \
             --compare-to bf16-emulated --ratio-of p90 --per-row "$G/$c"
     done
+    # --kv-cache-dtype fp8 (e4m3 latents; CUDA decodes a layer's blocks before attention): within
+    # the bounds the CPU's fp8 goldens hold (tests/golden/meson.build), graphs and eager, and
+    # bf16 against the bf16-emulating CPU with the same fp8 cache
+    for c in tiny-v3-smooth tiny-v3-fp8-smooth; do
+        [ -d "$G/$c" ] || continue
+        run "golden-kv-fp8-float32-$c" duet-check golden --backend cuda --dtype float32 \
+            --kv-cache-dtype fp8 --tol 0.13 "$G/$c"
+        run "golden-kv-fp8-bf16-vs-emulated-$c" duet-check golden --backend cuda \
+            --dtype bfloat16 --kv-cache-dtype fp8 --tol 0.16 --compare-to bf16-emulated \
+            --ratio-of p90 --per-row "$G/$c"
+    done
+    run golden-kv-fp8-f32-eager duet-check golden --backend cuda --dtype float32 \
+        --kv-cache-dtype fp8 --tol 0.13 --enforce-eager "$G/tiny-v3-smooth"
     TMO=240 run memplan-check memplan_check --model "$DUET_BUNDLE/models/v2-lite" \
         --backend cuda --load-format dummy
+    TMO=240 run memplan-check-kv-fp8 memplan_check --model "$DUET_BUNDLE/models/v2-lite" \
+        --backend cuda --load-format dummy --kv-cache-dtype fp8
     ;;
 single)
     run op-test test_backend_ops
@@ -101,6 +116,22 @@ single)
             --compare-to bf16-emulated --ratio-of p90 --per-row "$G/$c"
     done
     run "golden-default-tiny-v3" duet-check golden --backend cuda "$G/tiny-v3"
+    # --kv-cache-dtype fp8 (e4m3 latents; CUDA decodes a layer's blocks before attention): within
+    # the bounds the CPU's fp8 goldens hold (tests/golden/meson.build), graphs and eager, and
+    # bf16 against the bf16-emulating CPU with the same fp8 cache
+    for c in tiny-v3-smooth tiny-v3-fp8-smooth; do
+        [ -d "$G/$c" ] || continue
+        run "golden-kv-fp8-float32-$c" duet-check golden --backend cuda --dtype float32 \
+            --kv-cache-dtype fp8 --tol 0.13 "$G/$c"
+        run "golden-kv-fp8-bf16-vs-emulated-$c" duet-check golden --backend cuda \
+            --dtype bfloat16 --kv-cache-dtype fp8 --tol 0.16 --compare-to bf16-emulated \
+            --ratio-of p90 --per-row "$G/$c"
+    done
+    run golden-kv-fp8-f32-eager duet-check golden --backend cuda --dtype float32 \
+        --kv-cache-dtype fp8 --tol 0.13 --enforce-eager "$G/tiny-v3-smooth"
+    TMO=200 run sanitizer-golden-kv-fp8 "$san" --tool memcheck --error-exitcode 9 \
+        duet-check golden --backend cuda --dtype bfloat16 --kv-cache-dtype fp8 --tol 0.16 \
+        "$G/tiny-v3-smooth"
     run mpi-cpu-tp2 "${mpi[@]}" duet-check golden -tp 2 "$G/tiny-v3"
     TMO=200 run sanitizer-golden-f32 "$san" --tool memcheck --error-exitcode 9 \
         duet-check golden --backend cuda --dtype float32 "$G/tiny-v3"

@@ -416,11 +416,54 @@ static void test_rope(tb *t) {
     free(qh);
 }
 
-/* a KV cache of the same shape on each backend */
-static void kv_pair_new(tb *t, be_kv *kv[2], int n_blocks, int n_layers, int bs, int kv_dim) {
+/* a KV cache of the same shape on each backend, in each one's activation type or, fp8, e4m3 */
+static void kv_pair_new_dt(tb *t, be_kv *kv[2], int n_blocks, int n_layers, int bs, int kv_dim,
+                           bool fp8) {
     for (int k = 0; k < 2; k++)
-        CHECK(t->be[k]->ops->kv_create(t->be[k], n_blocks, n_layers, bs, kv_dim, &kv[k]) ==
-              DUET_OK);
+        CHECK(t->be[k]->ops->kv_create(t->be[k], n_blocks, n_layers, bs, kv_dim,
+                                       fp8 ? DT_F8_E4M3 : t->be[k]->ops->act_dtype,
+                                       &kv[k]) == DUET_OK);
+}
+
+/* An fp8 cache's blocks on the host, as bytes (kv_copy_host for device caches) */
+static uint8_t *kv_host_bytes(tb *t, int k, const be_kv *kv) {
+    size_t bytes = (size_t)kv->n_blocks * kv->block_bytes;
+    uint8_t *h = malloc(bytes);
+    CHECK(h != NULL);
+    if (!kv->on_device) {
+        memcpy(h, kv->data, bytes);
+        return h;
+    }
+    int32_t *ids = malloc((size_t)kv->n_blocks * sizeof(int32_t));
+    for (int i = 0; i < kv->n_blocks; i++) ids[i] = i;
+    CHECK(t->be[k]->ops->kv_copy_host(t->be[k], (be_kv *)kv, ids, kv->n_blocks, h, true) ==
+          DUET_OK);
+    free(ids);
+    return h;
+}
+
+/* The e4m3 codes of two fp8 caches: identical from float32 activations; from bf16 ones (the
+ * CPU reference writes float32 values, CUDA their bf16 roundings) the decoded values within
+ * tol, relative L2 */
+static void compare_kv_fp8(tb *t, const char *op, be_kv *kv[2], double tol) {
+    uint8_t *ref = kv_host_bytes(t, CPU, kv[CPU]), *got = kv_host_bytes(t, GPU, kv[GPU]);
+    size_t n = (size_t)kv[CPU]->n_blocks * kv[CPU]->block_bytes, differ = 0;
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double a = dt_e4m3_to_f32(ref[i]), b = dt_e4m3_to_f32(got[i]);
+        differ += ref[i] != got[i];
+        num += (b - a) * (b - a);
+        den += a * a;
+    }
+    double err = den > 0 ? sqrt(num / den) : sqrt(num);
+    bool ok = kv[GPU]->block_bytes == kv[CPU]->block_bytes &&
+              (t->dt == DT_F32 ? differ == 0 : err <= tol);
+    printf("  %-22s %-5s rel_l2 %.3e  (%zu of %zu codes differ)  %s\n", op,
+           t->dt == DT_BF16 ? "bf16" : "f32", err, differ, n, ok ? "PASS" : "FAIL");
+    if (!ok) t->failed++;
+    CHECK_MSG(ok, "%s (%s): rel_l2 %.3e, %zu codes differ", op, dt_name(t->dt), err, differ);
+    free(ref);
+    free(got);
 }
 
 /* The history: every one of n_slots slots of every layer gets random latents through
@@ -445,11 +488,11 @@ static void kv_pair_fill(tb *t, be_kv *kv[2], int n_layers, int n_slots, int str
 /* rope on the shared key then the KV write, fused: cache rows of scattered slots (the rest
  * filled by kv_write first, so every byte compares) and kva's roped columns, at one token and
  * several, DeepSeek's widths (L 512, rope 64) and small ones; rows kv_dim + 6 apart */
-static void test_rope_kv_write_case(tb *t, int T, int L, int R) {
+static void test_rope_kv_write_case(tb *t, int T, int L, int R, bool fp8) {
     int kv_dim = L + R, bs = 4, n_layers = 2, layer = 1, n_blocks = (T + bs - 1) / bs + 2;
     int stride = kv_dim + 6, n_slots = n_blocks * bs;
     be_kv *kv[2];
-    kv_pair_new(t, kv, n_blocks, n_layers, bs, kv_dim);
+    kv_pair_new_dt(t, kv, n_blocks, n_layers, bs, kv_dim, fp8);
     int32_t *pos = calloc((size_t)n_slots, sizeof(int32_t)),
             *slot = malloc((size_t)n_slots * sizeof(int32_t));
     bt_seq1 hb;
@@ -471,9 +514,12 @@ static void test_rope_kv_write_case(tb *t, int T, int L, int R) {
     char name[64];
     snprintf(name, sizeof name, "rope_kv_write kva %dx%d", T, kv_dim);
     compare(t, name, &kva, t->tol);
-    snprintf(name, sizeof name, "rope_kv_write cache %dx%d", T, kv_dim);
-    compare_raw(t, name, kv[CPU]->data, kv[GPU]->data,
-                (size_t)n_blocks * kv[0]->block_bytes / sizeof(float), t->tol);
+    snprintf(name, sizeof name, "rope_kv_write cache %dx%d%s", T, kv_dim, fp8 ? " fp8" : "");
+    if (fp8)
+        compare_kv_fp8(t, name, kv, t->tol);
+    else
+        compare_raw(t, name, kv[CPU]->data, kv[GPU]->data,
+                    (size_t)n_blocks * kv[0]->block_bytes / sizeof(float), t->tol);
     for (int k = 0; k < 2; k++) t->be[k]->ops->kv_destroy(t->be[k], kv[k]);
     pbuf_free(t, &kva);
     free(kvah);
@@ -483,8 +529,9 @@ static void test_rope_kv_write_case(tb *t, int T, int L, int R) {
 
 static void test_rope_kv_write(tb *t) {
     CHECK(t->be[CPU]->ops->rope_kv_write && t->be[GPU]->ops->rope_kv_write);
-    test_rope_kv_write_case(t, 1, 32, 8);
-    test_rope_kv_write_case(t, 13, 32, 8);
+    test_rope_kv_write_case(t, 1, 32, 8, false);
+    test_rope_kv_write_case(t, 13, 32, 8, false);
+    test_rope_kv_write_case(t, 13, 32, 8, true); /* e4m3 codes of the roped rows */
 }
 
 static void test_rows(tb *t) {
@@ -525,6 +572,7 @@ typedef struct mla_case {
      * KV split count (0: the backend's choice) */
     bool want_tc;
     int split;
+    bool fp8; /* --kv-cache-dtype fp8: e4m3 caches on both backends */
 } mla_case;
 
 static void test_mla(tb *t, const mla_case *mc) {
@@ -547,7 +595,7 @@ static void test_mla(tb *t, const mla_case *mc) {
         for (int j = 0; j < nb; j++) table[s * max_blocks + j] = perm[at++];
     }
     be_kv *kv[2];
-    kv_pair_new(t, kv, n_blocks, mc->n_layers, bs, kv_dim);
+    kv_pair_new_dt(t, kv, n_blocks, mc->n_layers, bs, kv_dim, mc->fp8);
 
     /* 1. history: every slot of every layer gets random latents through kv_write (strided) */
     int n_slots = n_blocks * bs;
@@ -558,7 +606,10 @@ static void test_mla(tb *t, const mla_case *mc) {
     size_t kv_n = (size_t)n_blocks * kv[0]->block_bytes / sizeof(float);
     char name[192];
     snprintf(name, sizeof name, "kv_write (%s)", mc->name);
-    compare_raw(t, name, kv[CPU]->data, kv[GPU]->data, kv_n, 0);
+    if (mc->fp8)
+        compare_kv_fp8(t, name, kv, t->tol);
+    else
+        compare_raw(t, name, kv[CPU]->data, kv[GPU]->data, kv_n, 0);
 
     /* 2. the step: new tokens written at their slots, then attention */
     int T = 0;
@@ -588,7 +639,10 @@ static void test_mla(tb *t, const mla_case *mc) {
     for (int k = 0; k < 2; k++)
         t->be[k]->ops->kv_write(t->be[k], kv[k], mc->layer, kva.b[k], kv_dim);
     snprintf(name, sizeof name, "kv_write step (%s)", mc->name);
-    compare_raw(t, name, kv[CPU]->data, kv[GPU]->data, kv_n, 0);
+    if (mc->fp8)
+        compare_kv_fp8(t, name, kv, t->tol);
+    else
+        compare_raw(t, name, kv[CPU]->data, kv[GPU]->data, kv_n, 0);
 
     float *qh = rand_vec((size_t)T * H * (nope + R), 1.0f);
     pbuf q = pbuf_new(t, qh, (size_t)T * H * (nope + R), false);
@@ -730,6 +784,28 @@ static void test_mla_decode(tb *t) {
     memcpy(v3.n_tok, tok2, sizeof tok2);
     memcpy(v3.pos0, pos2, sizeof pos2);
     test_mla(t, &v3);
+
+    /* --kv-cache-dtype fp8: the same paths over e4m3 caches (CUDA decodes the batch's blocks of
+     * a layer, then runs them), against the CPU's fp8 cache; decodes, a chunk after a prefix
+     * and a fresh prompt, a decode among them, and V3's heads */
+    mla_case f8 = c;
+    f8.fp8 = true;
+    f8.name = "fp8 KV: V2-Lite prompts: 300 after 200, 130, decode";
+    test_mla(t, &f8);
+    f8.name = "fp8 KV: V2-Lite decode, 3 splits";
+    f8.n_seqs = 4;
+    f8.split = 3;
+    int tok_f[4] = {1, 1, 2, 1}, pos_f[4] = {0, 16, 298, 4099};
+    memcpy(f8.n_tok, tok_f, sizeof tok_f);
+    memcpy(f8.pos0, pos_f, sizeof pos_f);
+    test_mla(t, &f8);
+    v3.fp8 = true;
+    v3.split = 0;
+    v3.H = 128;
+    v3.name = "fp8 KV: V3 128 heads 3 rows";
+    memcpy(v3.n_tok, tok3, sizeof tok3);
+    memcpy(v3.pos0, pos3, sizeof pos3);
+    test_mla(t, &v3);
 }
 
 /* DUET_MLA_DECODE_VARIANT, read when a backend makes its MLA state (its first MLA op): a value
@@ -760,7 +836,7 @@ static void test_mla_env(void) {
                       .block_table = table,
                       .max_blocks = 1};
         CHECK(zeros && q && out);
-        CHECK(o->kv_create(g, 1, 1, BS_, 576, &kv) == DUET_OK);
+        CHECK(o->kv_create(g, 1, 1, BS_, 576, o->act_dtype, &kv) == DUET_OK);
         CHECK(o->weight_create(g, wh, H * 256, 512, false, &w) == DUET_OK);
         if (zeros && q && out && kv && w) {
             CHECK(o->upload(g, kv->data, 0, zeros, (size_t)BS_ * 576) == DUET_OK);
@@ -1387,8 +1463,9 @@ static void run_all(tb *t) {
                     .n_tok = {1, 40, 1},
                     .pos0 = {300, 100, 5}};
     test_mla(t, &big);
-    test_rope_kv_write_case(t, 1, 512, 64); /* DeepSeek's latent and rope widths */
-    test_rope_kv_write_case(t, 64, 512, 64);
+    test_rope_kv_write_case(t, 1, 512, 64, false); /* DeepSeek's latent and rope widths */
+    test_rope_kv_write_case(t, 64, 512, 64, false);
+    test_rope_kv_write_case(t, 64, 512, 64, true);
     test_mla_decode(t);
     test_route(t, "moe_route (V3)", bt_route_v3(64, 6, 3), true);
     be_route_params v2 = {.n_experts = 64,

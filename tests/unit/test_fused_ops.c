@@ -66,7 +66,8 @@ static void test_rope_kv_write(be_backend *be, int T, int L, int R, bool fallbac
     int kv_dim = L + R, stride = kv_dim + 3, bs = 4, n_blocks = T / bs + 2, n_slots = n_blocks * bs;
     be_kv *kv[2];
     for (int k = 0; k < 2; k++)
-        CHECK(be->ops->kv_create(be, n_blocks, 2, bs, kv_dim, &kv[k]) == DUET_OK);
+        CHECK(be->ops->kv_create(be, n_blocks, 2, bs, kv_dim, be->ops->act_dtype, &kv[k]) ==
+              DUET_OK);
     size_t kv_n = (size_t)n_blocks * kv[0]->block_bytes / sizeof(float);
     float *fill = xs_vec(kv_n, 1.0f);
     for (int k = 0; k < 2; k++) memcpy(kv[k]->data, fill, kv_n * sizeof(float)); /* host caches */

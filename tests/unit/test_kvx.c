@@ -4,7 +4,9 @@
  * are coalesced; a wrong secret, a different block size and an expired lease fail the request
  * cleanly and leave both pools full. With "staging", KV also moves through host staging areas,
  * and a decode whose area is a few blocks pulls large prompts as a pipeline of chunks; every
- * side also has --kv-cuda-ipc, which host caches must decline (UCX carries the KV). */
+ * side also has --kv-cuda-ipc, which host caches must decline (UCX carries the KV). With
+ * --kv-cache-dtype fp8 on both sides the e4m3 codes move and decode as the decode side's own
+ * prompt would; an fp8 prefill and a float32 decode refuse each other at the handshake. */
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -67,11 +69,13 @@ static const char *g_chunk_bytes = "16M";
 static const char *g_in_flight = "3";
 static bool g_ipc;   /* --kv-cuda-ipc on every side: host caches must fall back to UCX */
 static int g_budget; /* > 0: --max-num-batched-tokens of the sides made now */
+static dt_dtype g_kv_dtype = DT_COUNT; /* --kv-cache-dtype of the sides made now */
 
 static int make_side(side *s, srv_role role, int block_size, int n_blocks, const char *secret,
                      double lease_s) {
     par_options po;
     par_options_init(&po);
+    po.kv_dtype = g_kv_dtype;
     char *args[12] = {"x",
                       "--kv-secret",
                       (char *)secret,
@@ -384,6 +388,71 @@ static void test_staging_size(void) {
     CHECK(!s);
 }
 
+/* --kv-cache-dtype fp8 on both sides: every case's pulled e4m3 prompt decodes to the ids the
+ * decode side gets computing the prompt itself (the same codes); a float32 decode is refused at
+ * the handshake naming both dtypes, and nothing leaks. */
+static void test_fp8(int pf, int df) {
+    g_port += 2;
+    g_kv_dtype = DT_F8_E4M3;
+    side p, d;
+    CHECK(make_side(&p, SRV_ROLE_PREFILL, 16, 64, "s3cret", 30) == 0);
+    CHECK(make_side(&d, SRV_ROLE_DECODE, 16, 64, "s3cret", 30) == 0);
+    g_kv_dtype = DT_COUNT;
+    CHECK(eng_kv(p.eng)->dtype == DT_F8_E4M3 && eng_kv(d.eng)->dtype == DT_F8_E4M3);
+    CHECK(free_blocks(&p) == pf && free_blocks(&d) == df); /* the same blocks: --n-blocks */
+    for (int i = 0; i < G.n; i++) {
+        const golden_case *k = &G.cases[i];
+        /* the decode side alone, twice: the prompt computed there into its own fp8 cache, then
+         * again from its prefix cache (whole blocks), the same ids */
+        rec local;
+        eng_stats s0, s1;
+        eng_get_stats(d.eng, &s0);
+        for (int rep = 0; rep < 2; rep++) {
+            int id = 40 + i % 8;
+            memset(&R[id], 0, sizeof R[id]);
+            eng_request q = {.id = (uint64_t)id, .prompt = k->prompt, .n_prompt = k->n_prompt};
+            eng_sampling_default(&q.sampling);
+            q.sampling.smp.temperature = 0;
+            q.sampling.max_tokens = k->n_greedy;
+            q.sampling.ignore_eos = true;
+            char err[256];
+            CHECK_MSG(eng_submit(d.eng, &q, err, sizeof err) == DUET_OK, "%s", err);
+            for (int j = 0; j < 5000 && !R[id].n_final; j++) step(&d);
+            CHECK(R[id].n_final == 1 && R[id].n_out == k->n_greedy);
+            CHECK_MSG(rep == 0 || !memcmp(R[id].out, local.out, 4 * (size_t)local.n_out),
+                      "fp8 %s: a prefix-cache hit decodes differently", k->name);
+            local = R[id];
+        }
+        eng_get_stats(d.eng, &s1);
+        CHECK_MSG(k->n_prompt <= 16 || s1.prefix_hits > s0.prefix_hits,
+                  "fp8 %s: the repeated prompt of %d tokens hit no cached block", k->name,
+                  k->n_prompt);
+        rec *r = pd_request(&p, &d, 16 + i % 8, k, 0);
+        CHECK_MSG(r->n_final == 1 && r->finish == ENG_FINISH_LENGTH, "fp8 %s: finish %d %s",
+                  k->name, r->finish, r->error);
+        CHECK_MSG(r->n_out == local.n_out && !memcmp(r->out, local.out, 4 * (size_t)r->n_out),
+                  "fp8 %s: decode after the KV pull differs from the decode side's own", k->name);
+    }
+    for (int i = 0; i < 200 && leased(&p) > 0; i++) step(&p);
+    CHECK(leased(&p) == 0 && free_blocks(&p) == pf && free_blocks(&d) == df);
+    kvpull_stats st;
+    kvpull_get_stats(&d.plug, &st);
+    /* one byte a value: a quarter of the float32 pool's block */
+    const be_kv *kv = eng_kv(d.eng);
+    CHECK(st.fetches_ok > 0 && kv->block_bytes == (size_t)kv->n_layers * 16 * kv->kv_dim);
+    free_side(&d);
+
+    side f32;
+    CHECK(make_side(&f32, SRV_ROLE_DECODE, 16, 64, "s3cret", 30) == 0);
+    rec *r = pd_request(&p, &f32, 13, &G.cases[2], 0);
+    CHECK_MSG(r->finish == ENG_FINISH_ERROR && strstr(r->error, "dtype F32 on decode, F8_E4M3 on "
+                                                                "prefill"),
+              "error: %s", r->error);
+    CHECK(free_blocks(&f32) == df);
+    free_side(&f32);
+    free_side(&p);
+}
+
 int main(int argc, char **argv) {
     if (argc > 1 && !strcmp(argv[1], "staging")) g_staging = "on", g_ipc = true;
     test_staging_size();
@@ -539,6 +608,8 @@ int main(int argc, char **argv) {
     CHECK(leased(&p) == 0 && free_blocks(&p) == pf && free_blocks(&d) == df);
     free_side(&p);
     free_side(&d);
+
+    test_fp8(pf, df);
 
     if (!strcmp(g_staging, "on")) {
         /* a staging area of 2 blocks cannot carry a 9-block prompt: a clear error, no leak */

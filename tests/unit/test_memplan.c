@@ -89,6 +89,29 @@ static void test_v3_8xh200_dp8_ep8_fp8(void) {
     check_has(p.verdict, "KV cache: ");
 }
 
+/* --kv-cache-dtype fp8 on the same layout: 61 x 576 bytes a token, and with the CUDA backend's
+ * decoded layer (one layer of 576 bf16 values a token) 35,136 + 1,152 = 36,288; the tokens
+ * follow: about 70272 / 36288 = 1.94 times bf16's */
+static void test_v3_kv_fp8(void) {
+    mplan_inputs in = inputs(1, 8, true, H200, MPLAN_WEIGHTS_FP8);
+    mplan bf, f8, f8d;
+    if (!plan(&g_v3, &in, &bf)) return;
+    in.kv_dtype = DT_F8_E4M3;
+    if (!plan(&g_v3, &in, &f8)) return;
+    in.kv_decoded_layer = true;
+    if (!plan(&g_v3, &in, &f8d)) return;
+    CHECK_EQ_INT(f8.kv_bytes_per_token, 35136);
+    CHECK_EQ_INT(f8d.kv_bytes_per_token, 36288);
+    CHECK(f8.kv_budget == bf.kv_budget && f8d.kv_budget == bf.kv_budget);
+    CHECK(f8.kv_blocks >= 2 * bf.kv_blocks && f8.kv_blocks <= 2 * bf.kv_blocks + 2);
+    CHECK(f8d.kv_blocks < f8.kv_blocks && f8d.kv_blocks >= bf.kv_blocks * 70272 / 36288 - 1);
+    /* bf16 caches keep no decoded layer, whatever the backend says */
+    in.kv_dtype = DT_BF16;
+    mplan b2;
+    if (!plan(&g_v3, &in, &b2)) return;
+    CHECK_EQ_INT(b2.kv_bytes_per_token, 70272);
+}
+
 /* The same on 8 H100s: 95.1 GiB of weights per rank cannot fit 0.9 x 80 GiB = 72 GiB. */
 static void test_v3_8xh100_refused(void) {
     mplan_inputs in = inputs(1, 8, true, H100, MPLAN_WEIGHTS_FP8);
@@ -643,12 +666,12 @@ static duet_status c_rope_setup(be_backend *be, const float *inv_freq, int half,
 }
 
 static duet_status c_kv_create(be_backend *be, int n_blocks, int n_layers, int block_size,
-                               int kv_dim, be_kv **kv_p) {
+                               int kv_dim, dt_dtype dtype, be_kv **kv_p) {
     counting *c = cnt(be);
     c->kv_layers = n_layers;
     c->kv_block_size = block_size;
     c->kv_dim = kv_dim;
-    return c->inner->ops->kv_create(c->inner, n_blocks, n_layers, block_size, kv_dim, kv_p);
+    return c->inner->ops->kv_create(c->inner, n_blocks, n_layers, block_size, kv_dim, dtype, kv_p);
 }
 
 static void c_kv_destroy(be_backend *be, be_kv *kv) {
@@ -844,6 +867,7 @@ int main(void) {
           g_v3.n_routed_experts == 256 && g_v3.num_experts_per_tok == 8);
     CHECK(g_lite.num_hidden_layers == 27 && !g_lite.fp8 && g_lite.q_lora_rank == 0);
     test_v3_8xh200_dp8_ep8_fp8();
+    test_v3_kv_fp8();
     test_v3_8xh100_refused();
     test_v3_16xh100_dp16_ep16_fp8();
     test_v3_bf16_refused();

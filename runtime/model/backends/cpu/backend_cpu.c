@@ -9,10 +9,12 @@
  * token's experts). It is the reference for what bf16 costs (duet-check golden --compare-to). */
 #include <cblas.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "model/backends/cpu/backend_cpu.h"
+#include "model/dummy_rule.h"
 #include "base/dtype.h"
 #include "base/log.h"
 
@@ -207,11 +209,23 @@ static int cpu_layers_done(be_backend *be) {
     return __atomic_load_n(&((cpu_backend *)be)->marks, __ATOMIC_ACQUIRE);
 }
 
+/* e4m3 code -> float, built once (dt_e4m3_to_f32 per value would cost more than the dot) */
+static float e4m3_lut[256];
+static pthread_once_t e4m3_once = PTHREAD_ONCE_INIT;
+
+static void e4m3_lut_fill(void) {
+    for (int i = 0; i < 256; i++) e4m3_lut[i] = dt_e4m3_to_f32((uint8_t)i);
+}
+
 static duet_status cpu_kv_create(be_backend *be, int n_blocks, int n_layers, int block_size,
-                                 int kv_dim, be_kv **kv_p) {
-    (void)be;
+                                 int kv_dim, dt_dtype dtype, be_kv **kv_p) {
+    if (dtype != be->ops->act_dtype && dtype != DT_F8_E4M3) {
+        LOG_ERROR("cpu backend: a KV cache of %s: float32 or e4m3 (fp8) only", dt_name(dtype));
+        return DUET_ERR_UNSUPPORTED;
+    }
+    if (dtype == DT_F8_E4M3) pthread_once(&e4m3_once, e4m3_lut_fill);
     be_kv *kv = calloc(1, sizeof *kv);
-    size_t block_bytes = (size_t)n_layers * (size_t)block_size * (size_t)kv_dim * sizeof(float);
+    size_t block_bytes = (size_t)n_layers * (size_t)block_size * (size_t)kv_dim * dt_size(dtype);
     /* page-aligned so the region registers cleanly with UCX */
     void *data = NULL;
     /* one padding block past the pool (be_kv.pad_block) */
@@ -227,7 +241,8 @@ static duet_status cpu_kv_create(be_backend *be, int n_blocks, int n_layers, int
     kv->n_layers = n_layers;
     kv->block_size = block_size;
     kv->kv_dim = kv_dim;
-    kv->dtype = DT_F32;
+    kv->dtype = dtype;
+    kv->scale = 1.0f;
     kv->data = data;
     kv->block_bytes = block_bytes;
     kv->on_device = false;
@@ -424,19 +439,31 @@ static void cpu_rope(be_backend *be, void *x, int T, int row_stride, int n_heads
     }
 }
 
-/* The cache row of (layer, slot). */
-static float *kv_row(const be_kv *kv, int layer, int slot) {
+/* The cache row of (layer, slot): kv_dim floats, or kv_dim e4m3 codes in an fp8 cache. */
+static void *kv_row(const be_kv *kv, int layer, int slot) {
     int blk = slot / kv->block_size, off = slot % kv->block_size;
-    return (float *)kv->data +
+    return (char *)kv->data +
            (((size_t)blk * kv->n_layers + (size_t)layer) * kv->block_size + (size_t)off) *
-               kv->kv_dim;
+               kv->kv_dim * dt_size(kv->dtype);
 }
 
 static void cpu_kv_write(be_backend *be, be_kv *kv, int layer, const void *kva, int kv_stride) {
     cpu_backend *c = cpu(be);
-    for (int t = 0; t < c->n_tokens; t++)
-        memcpy(kv_row(kv, layer, c->token_slot[t]), (const float *)kva + (size_t)t * kv_stride,
-               (size_t)kv->kv_dim * sizeof(float));
+    for (int t = 0; t < c->n_tokens; t++) {
+        const float *x = (const float *)kva + (size_t)t * kv_stride;
+        if (kv->dtype != DT_F8_E4M3) {
+            memcpy(kv_row(kv, layer, c->token_slot[t]), x, (size_t)kv->kv_dim * sizeof(float));
+            continue;
+        }
+        /* e4m3(x / scale): round to nearest even, saturating at +-448 (dummy_rule.h's integer
+         * rounding, dt_f32_to_e4m3's codes); NaN stays NaN, as CUDA's satfinite conversion */
+        uint8_t *q = kv_row(kv, layer, c->token_slot[t]);
+        float inv = 1.0f / kv->scale;
+        for (int i = 0; i < kv->kv_dim; i++) {
+            float v = x[i] * inv;
+            q[i] = isnan(v) ? 0x7f : dummy_e4m3(v);
+        }
+    }
 }
 
 /* The reference of the fused op is the two ops themselves. */
@@ -446,10 +473,16 @@ static void cpu_rope_kv_write(be_backend *be, be_kv *kv, int layer, void *kva, i
     cpu_kv_write(be, kv, layer, kva, kv_stride);
 }
 
-/* Row j of sequence s's context in the cache. */
-static const float *ctx_row(const cpu_backend *c, const be_kv *kv, int layer, int s, int j) {
+/* Row j of sequence s's context in the cache as kv_dim floats: the row itself in a float32
+ * cache, else its e4m3 codes times the scale written into buf (kv_dim floats). */
+static const float *ctx_row(const cpu_backend *c, const be_kv *kv, int layer, int s, int j,
+                            float *buf) {
     int blk = c->block_table[(size_t)s * c->max_blocks + j / kv->block_size];
-    return kv_row(kv, layer, blk * kv->block_size + j % kv->block_size);
+    const void *row = kv_row(kv, layer, blk * kv->block_size + j % kv->block_size);
+    if (kv->dtype != DT_F8_E4M3) return row;
+    const uint8_t *q = row;
+    for (int i = 0; i < kv->kv_dim; i++) buf[i] = e4m3_lut[q[i]] * kv->scale;
+    return buf;
 }
 
 static void softmax_inplace(float *x, int n) {
@@ -469,7 +502,8 @@ static void attend_absorbed(const cpu_backend *c, const be_kv *kv, int layer, in
                             const float *q, const float *wkvb_h, int nope, int rope, int v,
                             float scale, float *out, float *tmp) {
     int L = kv->kv_dim - rope;
-    float *q_lat = tmp, *o_lat = tmp + L, *sc = tmp + 2 * L;
+    /* tmp: q_lat[L], o_lat[L], row[kv_dim] (an fp8 row decoded), sc[ctx] */
+    float *q_lat = tmp, *o_lat = tmp + L, *rbuf = tmp + 2 * L, *sc = rbuf + kv->kv_dim;
     /* q_lat[l] = sum_i q_nope[i] * W_uk[i][l] */
     for (int l = 0; l < L; l++) q_lat[l] = 0.0f;
     for (int i = 0; i < nope; i++) {
@@ -477,7 +511,7 @@ static void attend_absorbed(const cpu_backend *c, const be_kv *kv, int layer, in
         for (int l = 0; l < L; l++) q_lat[l] += q[i] * wr[l];
     }
     for (int j = 0; j < ctx; j++) {
-        const float *row = ctx_row(c, kv, layer, s, j);
+        const float *row = ctx_row(c, kv, layer, s, j, rbuf);
         float d = 0.0f;
         for (int l = 0; l < L; l++) d += q_lat[l] * row[l];
         for (int r = 0; r < rope; r++) d += q[nope + r] * row[L + r];
@@ -486,7 +520,7 @@ static void attend_absorbed(const cpu_backend *c, const be_kv *kv, int layer, in
     softmax_inplace(sc, ctx);
     for (int l = 0; l < L; l++) o_lat[l] = 0.0f;
     for (int j = 0; j < ctx; j++) {
-        const float *row = ctx_row(c, kv, layer, s, j);
+        const float *row = ctx_row(c, kv, layer, s, j, rbuf);
         for (int l = 0; l < L; l++) o_lat[l] += sc[j] * row[l];
     }
     for (int i = 0; i < v; i++) {
@@ -506,14 +540,19 @@ static void attend_expanded(cpu_backend *c, const be_kv *kv, int layer, int s, f
     int L = kv->kv_dim - rope, ctx = c->seq_ctx[s];
     int t0 = c->seq_start[s], n = c->seq_start[s + 1] - t0;
     int kvw = H * (nope + v), qw = H * (nope + rope);
-    size_t need = (size_t)ctx * L + (size_t)ctx * kvw + (size_t)omp_get_max_threads() * ctx;
+    int D = kv->kv_dim;
+    size_t need = (size_t)ctx * D + (size_t)ctx * kvw + (size_t)omp_get_max_threads() * ctx;
     float *lat = scratch_get(c, need);
     if (!lat) return;
-    float *kvx = lat + (size_t)ctx * L, *scores = kvx + (size_t)ctx * kvw;
-    for (int j = 0; j < ctx; j++)
-        memcpy(lat + (size_t)j * L, ctx_row(c, kv, layer, s, j), (size_t)L * sizeof(float));
-    /* kvx[ctx, H * (nope + v)] = lat[ctx, L] @ kv_b^T */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ctx, kvw, L, 1.0f, lat, L, kv_b->w, L,
+    float *kvx = lat + (size_t)ctx * D, *scores = kvx + (size_t)ctx * kvw;
+    /* lat[ctx, D]: the context's rows as floats (fp8 rows decoded once here) */
+    for (int j = 0; j < ctx; j++) {
+        float *dst = lat + (size_t)j * D;
+        const float *row = ctx_row(c, kv, layer, s, j, dst);
+        if (row != dst) memcpy(dst, row, (size_t)D * sizeof(float));
+    }
+    /* kvx[ctx, H * (nope + v)] = lat[ctx, :L] @ kv_b^T */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ctx, kvw, L, 1.0f, lat, D, kv_b->w, L,
                 0.0f, kvx, kvw);
     store_bf16(c, kvx, (size_t)ctx * kvw); /* CUDA's GEMM writes keys and values in bf16 */
 #pragma omp parallel for collapse(2) if ((size_t)n * H * ctx * (nope + rope) > PAR_MIN_WORK)
@@ -524,7 +563,7 @@ static void attend_expanded(cpu_backend *c, const be_kv *kv, int layer, int s, f
             int upto = c->token_pos[t0 + i] + 1; /* causal */
             for (int j = 0; j < upto; j++) {
                 const float *k = kvx + (size_t)j * kvw + (size_t)h * (nope + v);
-                const float *pe = ctx_row(c, kv, layer, s, j) + L;
+                const float *pe = lat + (size_t)j * D + L;
                 float d = 0.0f;
                 for (int e = 0; e < nope; e++) d += qh[e] * k[e];
                 for (int e = 0; e < rope; e++) d += qh[nope + e] * pe[e];
@@ -556,7 +595,7 @@ static void cpu_mla_attention(be_backend *be, void *out, const void *q, be_kv *k
             continue;
         }
         if (n == 0) continue;
-        size_t per = (size_t)2 * L + (size_t)max_ctx;
+        size_t per = (size_t)2 * L + (size_t)kv->kv_dim + (size_t)max_ctx;
         float *tmp = scratch_get(c, per * (size_t)omp_get_max_threads());
         if (!tmp) return;
         int ctx = c->token_pos[t0] + 1;

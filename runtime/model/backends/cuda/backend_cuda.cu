@@ -298,6 +298,7 @@ static void cuda_destroy(be_backend *be) {
         if (c->mark_ev[i]) cudaEventDestroy(c->mark_ev[i]);
     cudaFree(c->d_batch);
     cudaFree(c->d_inv_freq);
+    cudaFree(c->kv_shadow);
     if (c->blas) cublasDestroy(c->blas);
     if (c->lt) cublasLtDestroy(c->lt);
     if (c->stream) cudaStreamDestroy(c->stream);
@@ -475,12 +476,40 @@ static duet_status cuda_vec_create(be_backend *be, const float *v, int n, void *
 }
 
 static duet_status cuda_kv_create(be_backend *be, int n_blocks, int n_layers, int block_size,
-                                  int kv_dim, be_kv **kv_p) {
+                                  int kv_dim, dt_dtype dtype, be_kv **kv_p) {
     cuda_backend *c = cuda_be(be);
     if (c->err != DUET_OK) return c->err;
+    if (dtype != c->act && dtype != DT_F8_E4M3) {
+        LOG_ERROR("cuda backend: a KV cache of %s: %s or e4m3 (fp8) only", dt_name(dtype),
+                  dt_name(c->act));
+        return DUET_ERR_UNSUPPORTED;
+    }
+    if (dtype == DT_F8_E4M3) {
+        /* mla_attention decodes a layer's blocks into one layer of the activation type
+         * (mla.cu, kv_decoded_view): grown here, never during a step (a recording keeps the
+         * address; growing voids recordings) */
+        size_t need = ((size_t)n_blocks + 1) * block_size * kv_dim * act_size(c);
+        if (need > c->kv_shadow_bytes) {
+            void *p = NULL;
+            duet_status st = CUDA_CHECK(c, cudaMalloc(&p, need));
+            if (st != DUET_OK) {
+                LOG_ERROR("cuda backend: cannot allocate the decoded layer of an fp8 KV cache "
+                          "(%zu bytes)",
+                          need);
+                return st;
+            }
+            if (c->kv_shadow) {
+                CUDA_CHECK(c, cudaStreamSynchronize(c->stream));
+                cudaFree(c->kv_shadow);
+            }
+            c->kv_shadow = p;
+            c->kv_shadow_bytes = need;
+            c->mem_gen++;
+        }
+    }
     be_kv *kv = (be_kv *)calloc(1, sizeof *kv);
     if (!kv) return DUET_ERR_NO_MEMORY;
-    size_t block_bytes = (size_t)n_layers * (size_t)block_size * (size_t)kv_dim * act_size(c);
+    size_t block_bytes = (size_t)n_layers * (size_t)block_size * (size_t)kv_dim * dt_size(dtype);
     size_t bytes = block_bytes * ((size_t)n_blocks + 1); /* + the padding block */
     duet_status st = CUDA_CHECK(c, cudaMalloc(&kv->data, bytes ? bytes : 1));
     /* zeros, so a block read before it is written holds numbers, not garbage */
@@ -496,7 +525,8 @@ static duet_status cuda_kv_create(be_backend *be, int n_blocks, int n_layers, in
     kv->n_layers = n_layers;
     kv->block_size = block_size;
     kv->kv_dim = kv_dim;
-    kv->dtype = c->act;
+    kv->dtype = dtype;
+    kv->scale = 1.0f;
     kv->block_bytes = block_bytes;
     kv->on_device = true;
     *kv_p = kv;
@@ -822,11 +852,12 @@ static duet_status cuda_comm_attach(be_backend *be, comm_group *g) {
 
 #define CUDA_OPS(act_type)                                                                         \
     {                                                                                              \
-        .name = "cuda", .act_dtype = act_type, .on_device = true, .destroy = cuda_destroy,         \
-        .buf_alloc = cuda_buf_alloc, .buf_free = cuda_buf_free, .upload = cuda_upload,             \
-        .download = cuda_download, .sync = cuda_sync, .weight_create = cuda_weight_create,         \
-        .weight_destroy = cuda_weight_destroy, .weight_create_fp8 = cuda_weight_create_fp8,        \
-        .vec_create = cuda_vec_create, .weight_create_dummy = cuda_weight_create_dummy,            \
+        .name = "cuda", .act_dtype = act_type, .on_device = true, .kv_fp8_decoded_layer = true,    \
+        .destroy = cuda_destroy, .buf_alloc = cuda_buf_alloc, .buf_free = cuda_buf_free,           \
+        .upload = cuda_upload, .download = cuda_download, .sync = cuda_sync,                       \
+        .weight_create = cuda_weight_create, .weight_destroy = cuda_weight_destroy,                \
+        .weight_create_fp8 = cuda_weight_create_fp8, .vec_create = cuda_vec_create,                \
+        .weight_create_dummy = cuda_weight_create_dummy,                                           \
         .vec_create_dummy = cuda_vec_create_dummy, .kv_create = cuda_kv_create,                    \
         .kv_destroy = cuda_kv_destroy, .kv_copy_host = cuda_kv_copy_host,                          \
         .kv_copy_start = cuda_kv_copy_start, .kv_copy_poll = cuda_kv_copy_poll,                    \

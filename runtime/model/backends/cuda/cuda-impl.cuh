@@ -8,6 +8,8 @@
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -87,6 +89,12 @@ typedef struct cuda_backend {
     size_t cap_h_batch, cap_d_batch;
     int32_t *h_ids, *h_pos, *h_slot, *h_out, *h_start, *h_ctx, *h_table;
     int32_t *d_ids, *d_pos, *d_slot, *d_out, *d_start, *d_ctx, *d_table;
+
+    /* fp8 KV caches (--kv-cache-dtype fp8): one layer of the pool in the activation type,
+     * [n_blocks + 1][bs][kv_dim], that mla_attention decodes the batch's blocks of a layer into
+     * before the attention kernels read it (mla.cu); sized by the largest fp8 cache made */
+    void *kv_shadow;
+    size_t kv_shadow_bytes;
 
     /* recorded steps (CUDA graphs): a recording is valid while mem_gen (bumped whenever memory
      * an op refers to moves: scratch or the batch area regrown) equals the one it saw */
@@ -174,6 +182,16 @@ template <> __device__ __forceinline__ float from_f<float>(float x) {
 }
 template <> __device__ __forceinline__ bf16 from_f<bf16>(float x) {
     return __float2bfloat16_rn(x);
+}
+
+/* e4m3 <-> float for fp8 KV caches: saturating at +-448, round to nearest even, as the CPU's
+ * dt_f32_to_e4m3 / dt_e4m3_to_f32 */
+__device__ __forceinline__ uint8_t kv_to_e4m3(float x) {
+    return (uint8_t)__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3);
+}
+__device__ __forceinline__ float kv_from_e4m3(uint8_t v) {
+    __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)v, __NV_E4M3);
+    return __half2float(__half(h));
 }
 
 /* Block-wide sum of v over blockDim.x threads (a multiple of 32, at most 1024); every thread

@@ -250,16 +250,25 @@ void cuda_rope(be_backend *be, void *x, int T_, int row_stride, int n_heads, int
 }
 
 /* ---- KV cache: row of (layer, slot) at ((block * n_layers + layer) * bs + off) * kv_dim ---- */
-template <typename T>
-__global__ void kv_write_kernel(T *cache, const int32_t *slot, int n_tok, int n_layers, int bs,
-                                int kv_dim, int layer, const T *kva, int kv_stride) {
+/* a cache element: the value itself (C = T), or e4m3 of value * inv (C = uint8_t, fp8 caches;
+ * inv = 1 / be_kv.scale) */
+template <typename T> __device__ __forceinline__ void kv_put(T *dst, T v, float) {
+    *dst = v;
+}
+template <typename T> __device__ __forceinline__ void kv_put(uint8_t *dst, T v, float inv) {
+    *dst = kv_to_e4m3(to_f(v) * inv);
+}
+
+template <typename T, typename C>
+__global__ void kv_write_kernel(C *cache, const int32_t *slot, int n_tok, int n_layers, int bs,
+                                int kv_dim, int layer, const T *kva, int kv_stride, float inv) {
     size_t n = (size_t)n_tok * kv_dim;
     for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < n;
          k += (size_t)gridDim.x * blockDim.x) {
         int t = (int)(k / kv_dim), d = (int)(k % kv_dim);
         int s = slot[t], blk = s / bs, off = s % bs;
         size_t row = ((size_t)blk * n_layers + layer) * bs + off;
-        cache[row * kv_dim + d] = kva[(size_t)t * kv_stride + d];
+        kv_put(cache + row * kv_dim + d, kva[(size_t)t * kv_stride + d], inv);
     }
 }
 
@@ -267,20 +276,26 @@ void cuda_kv_write(be_backend *be, be_kv *kv, int layer, const void *kva, int kv
     cuda_backend *c = cuda_be(be);
     if (c->err != DUET_OK || c->n_tokens <= 0) return;
     size_t n = (size_t)c->n_tokens * kv->kv_dim;
-    ACT_DISPATCH(c, kv_write_kernel<T><<<grid_for(n, 256), 256, 0, c->stream>>>(
-                        (T *)kv->data, c->d_slot, c->n_tokens, kv->n_layers, kv->block_size,
-                        kv->kv_dim, layer, (const T *)kva, kv_stride));
+    if (kv->dtype == DT_F8_E4M3)
+        ACT_DISPATCH(c,
+                     kv_write_kernel<T, uint8_t><<<grid_for(n, 256), 256, 0, c->stream>>>(
+                         (uint8_t *)kv->data, c->d_slot, c->n_tokens, kv->n_layers, kv->block_size,
+                         kv->kv_dim, layer, (const T *)kva, kv_stride, 1.0f / kv->scale));
+    else
+        ACT_DISPATCH(c, kv_write_kernel<T, T><<<grid_for(n, 256), 256, 0, c->stream>>>(
+                            (T *)kv->data, c->d_slot, c->n_tokens, kv->n_layers, kv->block_size,
+                            kv->kv_dim, layer, (const T *)kva, kv_stride, 1.0f));
     CUDA_LAUNCHED(c, "kv_write_kernel");
 }
 
 /* ---- RoPE + KV write: one thread per column pair of a token's row; the pairs in the rope
  * columns rotate (the same arithmetic as rope_kernel) and go back to kva too, every pair goes
  * to the token's cache row ---- */
-template <typename T>
-__global__ void rope_kv_write_kernel(T *cache, const int32_t *slot, const int32_t *pos, int n_tok,
+template <typename T, typename C>
+__global__ void rope_kv_write_kernel(C *cache, const int32_t *slot, const int32_t *pos, int n_tok,
                                      int n_layers, int bs, int kv_dim, int layer, T *kva,
                                      int kv_stride, int col0, int half, const float *inv_freq,
-                                     float attn) {
+                                     float attn, float inv) {
     int npair = kv_dim / 2;
     size_t n = (size_t)n_tok * npair;
     for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < n;
@@ -301,9 +316,9 @@ __global__ void rope_kv_write_kernel(T *cache, const int32_t *slot, const int32_
             src[1] = o1;
         }
         int s = slot[t], blk = s / bs, off = s % bs;
-        T *dst = cache + (((size_t)blk * n_layers + layer) * bs + off) * kv_dim + 2 * p;
-        dst[0] = o0;
-        dst[1] = o1;
+        C *dst = cache + (((size_t)blk * n_layers + layer) * bs + off) * kv_dim + 2 * p;
+        kv_put(dst, o0, inv);
+        kv_put(dst + 1, o1, inv);
     }
 }
 
@@ -317,10 +332,16 @@ void cuda_rope_kv_write(be_backend *be, be_kv *kv, int layer, void *kva, int T_,
         return;
     }
     size_t n = (size_t)T_ * (kv->kv_dim / 2);
-    ACT_DISPATCH(c, rope_kv_write_kernel<T><<<grid_for(n, 256), 256, 0, c->stream>>>(
-                        (T *)kv->data, c->d_slot, c->d_pos, T_, kv->n_layers, kv->block_size,
-                        kv->kv_dim, layer, (T *)kva, kv_stride, col0, rope_dim / 2, c->d_inv_freq,
-                        c->rope_attn));
+    if (kv->dtype == DT_F8_E4M3)
+        ACT_DISPATCH(c, rope_kv_write_kernel<T, uint8_t><<<grid_for(n, 256), 256, 0, c->stream>>>(
+                            (uint8_t *)kv->data, c->d_slot, c->d_pos, T_, kv->n_layers,
+                            kv->block_size, kv->kv_dim, layer, (T *)kva, kv_stride, col0,
+                            rope_dim / 2, c->d_inv_freq, c->rope_attn, 1.0f / kv->scale));
+    else
+        ACT_DISPATCH(c, rope_kv_write_kernel<T, T><<<grid_for(n, 256), 256, 0, c->stream>>>(
+                            (T *)kv->data, c->d_slot, c->d_pos, T_, kv->n_layers, kv->block_size,
+                            kv->kv_dim, layer, (T *)kva, kv_stride, col0, rope_dim / 2,
+                            c->d_inv_freq, c->rope_attn, 1.0f));
     CUDA_LAUNCHED(c, "rope_kv_write_kernel");
 }
 

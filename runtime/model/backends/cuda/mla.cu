@@ -577,10 +577,76 @@ static void mla_run(cuda_backend *c, void *out, const void *q, be_kv *kv, int la
     }
 }
 
+/* ---- fp8 caches: the batch's blocks of one layer decoded into the shadow ---- */
+
+/* One block per (sequence, block-table entry), s * max_blocks + jb in a 1-D grid (either count
+ * alone can pass a grid's y limit): entry jb of sequence s, when it holds positions
+ * below the sequence's context, is decoded whole (code * scale) into the shadow's copy of that
+ * block id; entries past the context and ids outside the pool (padding block included: it
+ * is the shadow's last block) are left alone. Launch shape: the batch's, never the contexts. */
+template <typename T>
+__global__ void kv_decode_layer(T *shadow, const uint8_t *cache, const int32_t *table,
+                                const int32_t *ctx, int max_blocks, int n_layers, int bs,
+                                int kv_dim, int layer, int n_ids, float scale) {
+    const int s = (int)(blockIdx.x / (unsigned)max_blocks),
+              jb = (int)(blockIdx.x % (unsigned)max_blocks);
+    if ((long long)jb * bs >= ctx[s]) return;
+    const int blk = table[(size_t)s * max_blocks + jb];
+    if (blk < 0 || blk >= n_ids) return;
+    const size_t n = (size_t)bs * kv_dim;
+    const uint8_t *src = cache + ((size_t)blk * n_layers + layer) * n;
+    T *dst = shadow + (size_t)blk * n;
+    for (size_t i = threadIdx.x; i < n; i += blockDim.x)
+        dst[i] = from_f<T>(kv_from_e4m3(src[i]) * scale);
+}
+
+/* The view the attention kernels read for layer of an fp8 cache: the shadow as a one-layer
+ * cache in the activation type, the batch's blocks of layer decoded into it. Two sequences
+ * sharing a prefix block decode it twice, to the same values. */
+static duet_status kv_decoded_view(cuda_backend *c, const be_kv *kv, int layer, be_kv *view_p) {
+    const size_t es = c->act == DT_BF16 ? 2 : 4;
+    const size_t need = ((size_t)kv->n_blocks + 1) * kv->block_size * kv->kv_dim * es;
+    if (!c->kv_shadow || c->kv_shadow_bytes < need) {
+        LOG_ERROR("cuda backend: no decoded layer for this fp8 KV cache (%zu bytes wanted, %zu "
+                  "held)",
+                  need, c->kv_shadow_bytes);
+        return c->err = DUET_ERR_INTERNAL;
+    }
+    if (c->n_seqs > 0 && c->max_blocks > 0) {
+        const unsigned g = (unsigned)c->max_blocks * (unsigned)c->n_seqs;
+        if (c->act == DT_BF16)
+            kv_decode_layer<bf16><<<g, 256, 0, c->stream>>>(
+                (bf16 *)c->kv_shadow, (const uint8_t *)kv->data, c->d_table, c->d_ctx,
+                c->max_blocks, kv->n_layers, kv->block_size, kv->kv_dim, layer, kv->n_blocks + 1,
+                kv->scale);
+        else
+            kv_decode_layer<float><<<g, 256, 0, c->stream>>>(
+                (float *)c->kv_shadow, (const uint8_t *)kv->data, c->d_table, c->d_ctx,
+                c->max_blocks, kv->n_layers, kv->block_size, kv->kv_dim, layer, kv->n_blocks + 1,
+                kv->scale);
+        duet_status st = CUDA_LAUNCHED(c, "kv_decode_layer");
+        if (st != DUET_OK) return st;
+    }
+    *view_p = *kv;
+    view_p->n_layers = 1;
+    view_p->dtype = c->act;
+    view_p->scale = 1.0f;
+    view_p->data = c->kv_shadow;
+    view_p->block_bytes = (size_t)kv->block_size * kv->kv_dim * es;
+    return DUET_OK;
+}
+
 void cuda_mla_attention(be_backend *be, void *out, const void *q, be_kv *kv, int layer,
                         const be_weight *kv_b, int H, int nope, int rope, int v, float scale) {
     cuda_backend *c = cuda_be(be);
     if (c->err != DUET_OK || c->n_tokens <= 0 || H <= 0) return;
+    be_kv view;
+    if (kv->dtype == DT_F8_E4M3) {
+        /* decoded first, then every path below as for a cache in the activation type */
+        if (kv_decoded_view(c, kv, layer, &view) != DUET_OK) return;
+        kv = &view;
+        layer = 0;
+    }
     if (kv_b->dtype != c->act || kv->dtype != c->act) {
         LOG_ERROR("cuda backend: MLA needs kv_b and the KV cache in the activation type");
         c->err = DUET_ERR_INTERNAL;
