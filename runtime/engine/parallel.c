@@ -297,22 +297,29 @@ bool par_memory_readings(const par_instance *p, mplan_measured *readings_p) {
     return true;
 }
 
-duet_status par_kv_budget(par_instance *p, long long *bytes_p) {
-    if (!p->planned || !p->measured) return DUET_ERR_UNSUPPORTED;
-    char err[512];
-    long long kv = 0;
-    duet_status st = mplan_kv_after_load(&p->mem, &p->readings, &kv, err, sizeof err);
-    /* one verdict for the instance, as par_kv_fixed_check: a rank that fits must not go on
-     * to the KV agreement while another ends (it would wait there for its deadline) */
+/* One verdict for the instance from each rank's st (all ranks): DUET_OK where every rank's
+ * is, else DUET_ERR_NO_MEMORY on all of them, and one line: the lowest rank that does not fit
+ * logs its err. */
+static duet_status instance_verdict(par_instance *p, duet_status st, const char *err) {
     long long first = st == DUET_OK ? 0 : p->world.size - p->world.rank;
     if (p->world.size > 1) {
         duet_status cst = comm_allreduce_i64(p->world_group, &first, 1, true);
         if (cst != DUET_OK) return cst;
     }
-    if (first) {
-        if (p->world.size - first == p->world.rank) LOG_ERROR("memory plan: %s", err);
-        return DUET_ERR_NO_MEMORY;
-    }
+    if (!first) return DUET_OK;
+    if (p->world.size - first == p->world.rank) LOG_ERROR("memory plan: %s", err);
+    return DUET_ERR_NO_MEMORY;
+}
+
+duet_status par_kv_budget(par_instance *p, long long *bytes_p) {
+    if (!p->planned || !p->measured) return DUET_ERR_UNSUPPORTED;
+    char err[512];
+    long long kv = 0;
+    duet_status st = mplan_kv_after_load(&p->mem, &p->readings, &kv, err, sizeof err);
+    /* a rank that fits must not go on to the KV agreement while another ends (it would wait
+     * there for its deadline) */
+    st = instance_verdict(p, st, err);
+    if (st != DUET_OK) return st;
     if (err[0]) LOG_WARN("memory plan: %s", err); /* a neighbour holds more than its share */
     const mplan_measured *m = &p->readings;
     const double gib = (double)(1LL << 30);
@@ -416,15 +423,7 @@ duet_status par_kv_fixed_check(par_instance *p, long long bytes, const char *fla
         LOG_WARN("memory plan: cannot read the host's available memory (/proc/meminfo); "
                  "the fixed KV cache size is taken unchecked");
     }
-    /* one verdict for the instance, and one line: the lowest rank that does not fit says why */
-    long long first = st == DUET_OK ? 0 : p->world.size - p->world.rank;
-    if (p->world.size > 1) {
-        duet_status cst = comm_allreduce_i64(p->world_group, &first, 1, true);
-        if (cst != DUET_OK) return cst;
-    }
-    if (!first) return DUET_OK;
-    if (p->world.size - first == p->world.rank) LOG_ERROR("memory plan: %s", err);
-    return DUET_ERR_NO_MEMORY;
+    return instance_verdict(p, st, err);
 }
 
 /* --kv-cache-dtype fp8 on a backend that cannot hold it fails before any weight loads: a one-
