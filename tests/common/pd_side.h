@@ -5,7 +5,11 @@
 #ifndef DUET_TEST_PD_SIDE_H
 #define DUET_TEST_PD_SIDE_H
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "base/opt.h"
 #include "check.h"
@@ -18,6 +22,32 @@ typedef struct pd_side {
     srv_kv_plugin plug;
     srv_role role;
 } pd_side;
+
+/* Whether port on 127.0.0.1 can be bound now (0: the kernel picks one, stored in *got_p). */
+static inline bool pd_port_bind(int port, int *got_p) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) return false;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof a;
+    bool ok = bind(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
+              getsockname(fd, (struct sockaddr *)&a, &len) == 0;
+    if (ok && got_p) *got_p = ntohs(a.sin_port);
+    close(fd);
+    return ok;
+}
+
+/* An HTTP port for a new pair of sides: one the kernel hands out as free, whose prefill side
+ * channel (the port + 1000, kv_lease's default) is free too. Tests running side by side each
+ * get their own (fixed ranges stepped per side set collided under parallel runs). */
+static inline int pd_free_port(void) {
+    for (int i = 0; i < 100; i++) {
+        int p = 0;
+        if (pd_port_bind(0, &p) && p + 1000 < 65536 && pd_port_bind(p + 1000, NULL)) return p;
+    }
+    CHECK_MSG(0, "no free port pair (p, p + 1000) on 127.0.0.1");
+    return 0;
+}
 
 /* Starts a side of role on model_dir with instance options po: the plug-in takes its options
  * from args[0..n_args) (args[0] is the program's name; parsed under prog), the engine is

@@ -358,11 +358,6 @@ static void make_lease(side *p, int id, const golden_case *k) {
     CHECK(R[id].n_final == 1 && R[id].n_lease > 0);
 }
 
-static int free_port(void) {
-    /* a port in a range nothing else here uses, varied by pid to keep parallel runs apart */
-    return 21000 + (int)(getpid() % 2000) * 2;
-}
-
 /* The staging area's size: a prefill pins a staged lease whole, so by default the area holds
  * one prompt of max_model_len (V3: 8,192 tokens of 64-token blocks of 4,497,408 bytes are 128
  * blocks, 576 MB, more than the old fixed 256M's 59: those prompts were refused). */
@@ -392,7 +387,7 @@ static void test_staging_size(void) {
  * decode side gets computing the prompt itself (the same codes); a float32 decode is refused at
  * the handshake naming both dtypes, and nothing leaks. */
 static void test_fp8(int pf, int df) {
-    g_port += 2;
+    g_port = pd_free_port();
     g_kv_dtype = DT_F8_E4M3;
     side p, d;
     CHECK(make_side(&p, SRV_ROLE_PREFILL, 16, 64, "s3cret", 30) == 0);
@@ -457,7 +452,7 @@ int main(int argc, char **argv) {
     if (argc > 1 && !strcmp(argv[1], "staging")) g_staging = "on", g_ipc = true;
     test_staging_size();
     if (golden_load(GOLDEN_DIR "/tiny-v3", 2048, &G) != 0) return 1;
-    g_port = free_port();
+    g_port = pd_free_port();
     side p, d;
     if (make_side(&p, SRV_ROLE_PREFILL, 16, 64, "s3cret", 30) != 0) return 1;
     if (make_side(&d, SRV_ROLE_DECODE, 16, 64, "s3cret", 30) != 0) return 1;
@@ -497,7 +492,7 @@ int main(int argc, char **argv) {
     {
         free_side(&p);
         free_side(&d);
-        g_port += 2;
+        g_port = pd_free_port();
         g_budget = 16;
         const char *chunk = g_chunk_bytes;
         g_chunk_bytes = "20K"; /* 2 blocks of 10 KiB */
@@ -549,7 +544,7 @@ int main(int argc, char **argv) {
     if (strcmp(g_staging, "on") != 0) {
         free_side(&p);
         free_side(&d);
-        g_port += 2;
+        g_port = pd_free_port();
         g_budget = 16;
         CHECK(make_side(&p, SRV_ROLE_PREFILL, 16, 64, "s3cret", 30) == 0);
         CHECK(make_side(&d, SRV_ROLE_DECODE, 16, 64, "s3cret", 30) == 0);
@@ -582,7 +577,7 @@ int main(int argc, char **argv) {
 
     /* a decode worker with the wrong secret gets nothing */
     side bad;
-    g_port += 1;
+    g_port = pd_free_port();
     CHECK(make_side(&bad, SRV_ROLE_DECODE, 16, 64, "wrong", 30) == 0);
     rec *r = pd_request(&p, &bad, 10, &G.cases[1], 0);
     CHECK(r->finish == ENG_FINISH_ERROR && strstr(r->error, "authentication"));
@@ -600,7 +595,7 @@ int main(int argc, char **argv) {
     free_side(&d);
 
     /* a lease that expired before the pull: the request fails, nothing leaks */
-    g_port += 2;
+    g_port = pd_free_port();
     CHECK(make_side(&p, SRV_ROLE_PREFILL, 16, 64, "s3cret", 0.2) == 0);
     CHECK(make_side(&d, SRV_ROLE_DECODE, 16, 64, "s3cret", 30) == 0);
     r = pd_request(&p, &d, 12, &G.cases[3], 600);
@@ -613,7 +608,7 @@ int main(int argc, char **argv) {
 
     if (!strcmp(g_staging, "on")) {
         /* a staging area of 2 blocks cannot carry a 9-block prompt: a clear error, no leak */
-        g_port += 2;
+        g_port = pd_free_port();
         g_staging_bytes = "20K"; /* blocks of 16 tokens are 10 KiB here */
         CHECK(make_side(&p, SRV_ROLE_PREFILL, 16, 64, "s3cret", 30) == 0);
         g_staging_bytes = "256M";
@@ -633,7 +628,7 @@ int main(int argc, char **argv) {
 
         /* protocol versions: a staged pin streams (Ready messages up to every block) to a
          * version-2 reader only; a version-1 reader gets the plain reply and nothing more */
-        g_port += 2;
+        g_port = pd_free_port();
         CHECK(make_side(&p, SRV_ROLE_PREFILL, 16, 64, "s3cret", 30) == 0);
         const golden_case *k9 = &G.cases[0];
         for (int i = 0; i < G.n; i++)
@@ -655,7 +650,7 @@ int main(int argc, char **argv) {
 
         /* a version-2 reader that vanishes after pinning a streamed lease: the pin restarted
          * the lease clock, the lease expires after it, every block comes back */
-        g_port += 2;
+        g_port = pd_free_port();
         CHECK(make_side(&p, SRV_ROLE_PREFILL, 16, 64, "s3cret", 0.5) == 0);
         make_lease(&p, 16, k9);
         raw_result rr;
@@ -667,7 +662,7 @@ int main(int argc, char **argv) {
 
         /* a staged prefill streams to a direct decode (its cache read in place): the decode
          * reads once every block is ready; golden ids, nothing left */
-        g_port += 2;
+        g_port = pd_free_port();
         CHECK(make_side(&p, SRV_ROLE_PREFILL, 16, 64, "s3cret", 30) == 0);
         g_staging = "auto";
         CHECK(make_side(&d, SRV_ROLE_DECODE, 16, 64, "s3cret", 30) == 0);
@@ -693,7 +688,7 @@ int main(int argc, char **argv) {
          * decodes the golden ids; the slots and both pools are free afterwards */
         const char *areas[2][3] = {{"30K", "10K", "3"}, {"40K", "20K", "2"}};
         for (int a = 0; a < 2; a++) {
-            g_port += 2;
+            g_port = pd_free_port();
             CHECK(make_side(&p, SRV_ROLE_PREFILL, 16, 64, "s3cret", 30) == 0);
             g_staging_bytes = areas[a][0];
             g_chunk_bytes = areas[a][1];

@@ -131,7 +131,6 @@ int main(void) {
     s.seed = 13;
     mk_spec_fit(&s);
     if (mk_write(&s, g_dir) != DUET_OK) return 1;
-    g_port = 23000 + (int)(getpid() % 1000) * 2;
 
     int32_t prompts[NREQ][48];
     int lens[NREQ];
@@ -144,7 +143,7 @@ int main(void) {
     for (int k = 0; k <= MDL_MAX_DRAFT; k++) {
         for (int steer = 0; steer < (k ? 2 : 1); steer++) {
             pd_side p, d;
-            g_port += 2;
+            g_port = pd_free_port();
             if (make_side(&p, SRV_ROLE_PREFILL, k) != 0 || make_side(&d, SRV_ROLE_DECODE, k) != 0)
                 return 1;
             eng_stats p0, d0;
